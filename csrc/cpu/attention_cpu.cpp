@@ -1,0 +1,279 @@
+// CPU backend: FlashAttention-2 (Dao, 2023) on ATen.
+//
+// Forward (Algorithm 1): each work item owns Br query rows of one head and streams the
+// keys in tiles of Bc. Scores S = (scale*Q) K^T come from a BLAS GEMM; the online softmax
+// keeps a running row max m and row sum l; the output accumulator is left unnormalised and
+// only rescaled by exp(m_old - m_new); it is divided by l once at the end, and
+// lse = m + log(l) is saved for the backward pass. No Nq x Nk matrix is ever allocated:
+// the extra memory is a few tiles per thread.
+//
+// Backward (Algorithm 2, recomputation from lse): each work item owns a set of key tiles
+// of one kv head and loops over the query tiles of every query head in its group, so dK
+// and dV accumulate in registers-equivalent tile buffers and are written once, without
+// atomics. dQ is accumulated per key split into its own fp32 buffer and the splits are
+// summed in a fixed order afterwards, so the result is bitwise reproducible.
+//
+// fp16/bf16 tiles are converted to fp32 in per-thread buffers (fp32 accumulation);
+// float64 runs the same algorithm in double so gradcheck can verify it.
+#include "attention_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+#include "../kernels/mask.h"
+#include "rowops.h"
+
+namespace flash_cuda::cpu {
+namespace {
+
+// Tile sizes, measured on a 2-core Zen 4 against torch's CPU flash kernel (B=1, H=8,
+// N in {1024, 4096}, D in {64, 128}). Tall query tiles amortise each K/V tile over more
+// GEMM work: forward Br = 256 ran 1.3x faster than Br = 64. The fp32 score tile (512 KiB
+// forward, 256 KiB backward) plus its operands fits the 1 MiB L2.
+constexpr int64_t kFwdBr = 256;
+constexpr int64_t kFwdBc = 512;
+constexpr int64_t kBwdBr = 256;
+constexpr int64_t kBwdBc = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs work(item, scratch) for item in [0, n) on all intra-op threads. Items are handed
+// out dynamically (causal tiles differ in cost), which keeps results deterministic
+// because every item writes its own outputs and carries no state between items.
+// OpenMP workers do not inherit the dispatcher's thread-local state: without the guard
+// the tile ops below would run through autograd again on tensors that require grad.
+template <typename MakeScratch, typename Work>
+void parallel_items(int64_t n, MakeScratch make_scratch, Work work) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto scratch = make_scratch();
+    for (int64_t item = next++; item < n; item = next++) work(item, scratch);
+  });
+}
+
+// Rows [r0, r1) of a 2-D (N, D) slice as an acc_t tile: a view when the dtype already is
+// acc_t, else converted into `buf` (a (rows, D) scratch tensor).
+at::Tensor load_rows(const at::Tensor& x2d, int64_t r0, int64_t r1, const at::Tensor& buf) {
+  at::Tensor rows = x2d.slice(0, r0, r1);
+  if (rows.scalar_type() == buf.scalar_type()) return rows;
+  at::Tensor dst = buf.slice(0, 0, r1 - r0);
+  dst.copy_(rows);
+  return dst;
+}
+
+// Sets the scores of keys hidden from each row to -inf (only called for tiles that cross
+// the causal diagonal). s is (rows, cols) with leading dimension ld.
+template <typename acc_t>
+void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
+               const CausalMask& mask) {
+  for (int64_t r = 0; r < rows; ++r) {
+    // keys j > i + offset are hidden: local columns from (i0 + r + offset + 1 - j0)
+    const int64_t first_hidden = std::max<int64_t>(0, i0 + r + mask.offset + 1 - j0);
+    for (int64_t c = first_hidden; c < cols; ++c) s[r * ld + c] = -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+template <typename acc_t>
+void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+              at::Tensor& lse, double scale, const CausalMask& mask) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), group = Hq / Hkv;
+  const int64_t n_qtiles = ceil_div(Nq, kFwdBr);
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  struct Scratch {
+    at::Tensor sQ, sK, sV, sS, sO;  // (Br, D), (Bc, D), (Bc, D), (Br, Bc), (Br, D)
+    std::vector<acc_t> m, l;        // running row max and row sum, (Br)
+  };
+  auto make_scratch = [&] {
+    return Scratch{at::empty({kFwdBr, D}, acc_opts), at::empty({kFwdBc, D}, acc_opts),
+                   at::empty({kFwdBc, D}, acc_opts), at::empty({kFwdBr, kFwdBc}, acc_opts),
+                   at::empty({kFwdBr, D}, acc_opts), std::vector<acc_t>(kFwdBr),
+                   std::vector<acc_t>(kFwdBr)};
+  };
+  acc_t* lse_ptr = lse.data_ptr<acc_t>();
+
+  // Heaviest query tiles first (under a causal mask later rows see more keys).
+  parallel_items(B * Hq * n_qtiles, make_scratch, [&](int64_t item, Scratch& t) {
+    const int64_t bh = item % (B * Hq), qt = n_qtiles - 1 - item / (B * Hq);
+    const int64_t b = bh / Hq, h = bh % Hq, hkv = h / group;
+    const int64_t i0 = qt * kFwdBr, i1 = std::min(i0 + kFwdBr, Nq), br = i1 - i0;
+    const at::Tensor gK = k[b][hkv], gV = v[b][hkv];  // (Nk, D)
+
+    at::Tensor rQ = t.sQ.slice(0, 0, br);  // (br, D), scale folded in
+    rQ.copy_(q[b][h].slice(0, i0, i1));
+    rQ.mul_(scale);
+    at::Tensor rO = t.sO.slice(0, 0, br);  // (br, D), unnormalised
+    rO.zero_();
+    std::fill(t.m.begin(), t.m.end(), kNegInf);
+    std::fill(t.l.begin(), t.l.end(), acc_t(0));
+    acc_t* o = rO.data_ptr<acc_t>();
+    const int64_t ld_o = rO.stride(0);
+
+    const int64_t key_end = mask.key_end(i1, Nk);
+    for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBc) {
+      const int64_t j1 = std::min(j0 + kFwdBc, key_end), bc = j1 - j0;
+      at::Tensor rS = t.sS.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
+      at::mm_out(rS, rQ, load_rows(gK, j0, j1, t.sK).t());
+      acc_t* s = rS.data_ptr<acc_t>();
+      const int64_t ld_s = rS.stride(0);
+      if (mask.tile_needs_mask(i0, j1)) mask_tile(s, ld_s, br, bc, i0, j0, mask);
+
+      for (int64_t r = 0; r < br; ++r) {
+        const acc_t m_new = std::max(t.m[r], row_max(s + r * ld_s, bc));
+        // -inf guard: a row with no visible key so far keeps m = -inf; subtracting 0
+        // instead turns its masked scores into exp(-inf) = 0 rather than NaN.
+        const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;
+        const acc_t row_sum = exp_sub_sum(s + r * ld_s, bc, m_use);
+        const acc_t alpha = std::exp(t.m[r] - m_use);  // exp(-inf) = 0 on the first tile
+        if (alpha != acc_t(1)) scale_row(o + r * ld_o, D, alpha);
+        t.l[r] = t.l[r] * alpha + row_sum;
+        t.m[r] = m_new;
+      }
+      rO.addmm_(rS, load_rows(gV, j0, j1, t.sV));  // O += P V
+    }
+
+    for (int64_t r = 0; r < br; ++r) {
+      const bool empty = t.l[r] == acc_t(0);  // the row sees no key: out 0, lse -inf
+      scale_row(o + r * ld_o, D, empty ? acc_t(0) : acc_t(1) / t.l[r]);
+      lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : t.m[r] + std::log(t.l[r]);
+    }
+    out[b][h].slice(0, i0, i1).copy_(rO);
+  });
+}
+
+template <typename acc_t>
+void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double scale,
+              const CausalMask& mask) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), group = Hq / Hkv;
+  const int64_t n_ktiles = ceil_div(Nk, kBwdBc);
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
+  // dQ partial, summed in split order below.
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_splits =
+      std::max<int64_t>(1, std::min<int64_t>(n_ktiles, ceil_div(4 * threads, B * Hkv)));
+  at::Tensor dq_parts = at::zeros({n_splits, B, Hq, Nq, D}, acc_opts);
+  const acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  const acc_t* delta_ptr = delta.data_ptr<acc_t>();
+
+  struct Scratch {
+    at::Tensor sQ, sdO, sK, sV, sS, sdP, sdK, sdV;  // (Br|Bc, D) tiles, (Br, Bc) scores
+  };
+  auto make_scratch = [&] {
+    auto tile = [&](int64_t rows, int64_t cols) { return at::empty({rows, cols}, acc_opts); };
+    return Scratch{tile(kBwdBr, D), tile(kBwdBr, D), tile(kBwdBc, D), tile(kBwdBc, D),
+                   tile(kBwdBr, kBwdBc), tile(kBwdBr, kBwdBc), tile(kBwdBc, D), tile(kBwdBc, D)};
+  };
+
+  parallel_items(B * Hkv * n_splits, make_scratch, [&](int64_t item, Scratch& t) {
+    const int64_t split = item % n_splits, bhkv = item / n_splits;
+    const int64_t b = bhkv / Hkv, hkv = bhkv % Hkv;
+    // Key tiles are dealt round-robin to the splits, which balances causal work.
+    for (int64_t kt = split; kt < n_ktiles; kt += n_splits) {
+      const int64_t j0 = kt * kBwdBc, j1 = std::min(j0 + kBwdBc, Nk), bc = j1 - j0;
+      const at::Tensor rK = load_rows(k[b][hkv], j0, j1, t.sK);  // (bc, D)
+      const at::Tensor rV = load_rows(v[b][hkv], j0, j1, t.sV);  // (bc, D)
+      at::Tensor rdK = t.sdK.slice(0, 0, bc), rdV = t.sdV.slice(0, 0, bc);  // (bc, D)
+      rdK.zero_();
+      rdV.zero_();
+      // Query tiles before the first row that sees key j0 contribute nothing.
+      const int64_t i_first = mask.row_begin(j0, Nq) / kBwdBr * kBwdBr;
+
+      for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
+        at::Tensor gdQ = dq_parts[split][b][h];  // (Nq, D), unscaled dS K
+        for (int64_t i0 = i_first; i0 < Nq; i0 += kBwdBr) {
+          const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
+          at::Tensor rQ = t.sQ.slice(0, 0, br);  // (br, D), scale folded in
+          rQ.copy_(q[b][h].slice(0, i0, i1));
+          rQ.mul_(scale);
+          const at::Tensor rdO = load_rows(dout[b][h], i0, i1, t.sdO);  // (br, D)
+
+          at::Tensor rP = t.sS.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
+          at::mm_out(rP, rQ, rK.t());
+          acc_t* p = rP.data_ptr<acc_t>();
+          const int64_t ld = rP.stride(0);
+          if (mask.tile_needs_mask(i0, j1)) mask_tile(p, ld, br, bc, i0, j0, mask);
+          const int64_t row0 = (b * Hq + h) * Nq + i0;
+          for (int64_t r = 0; r < br; ++r) {
+            const acc_t l = lse_ptr[row0 + r];
+            // -inf guard: a row that sees no key has P = 0 (and lse = -inf).
+            // (Filled, not scaled by 0: its masked scores are -inf, and -inf * 0 is NaN.)
+            if (l == -std::numeric_limits<acc_t>::infinity())
+              std::fill(p + r * ld, p + r * ld + bc, acc_t(0));
+            else
+              exp_sub_sum(p + r * ld, bc, l);  // P = exp(S - lse)
+          }
+          rdV.addmm_(rP.t(), rdO);  // dV += P^T dO
+
+          at::Tensor rdS = t.sdP.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
+          at::mm_out(rdS, rdO, rV.t());                            // dP = dO V^T
+          acc_t* ds = rdS.data_ptr<acc_t>();
+          for (int64_t r = 0; r < br; ++r)
+            softmax_grad_row(ds + r * ld, p + r * ld, bc, delta_ptr[row0 + r]);  // dS
+          rdK.addmm_(rdS.t(), rQ);                  // dK += dS^T (scale Q)
+          gdQ.slice(0, i0, i1).addmm_(rdS, rK);     // dQ += dS K (scaled at the end)
+        }
+      }
+      dk[b][hkv].slice(0, j0, j1).copy_(rdK);
+      dv[b][hkv].slice(0, j0, j1).copy_(rdV);
+    }
+  });
+
+  at::Tensor dq_acc = dq_parts[0];
+  for (int64_t s = 1; s < n_splits; ++s) dq_acc.add_(dq_parts[s]);  // fixed order
+  dq.copy_(dq_acc.mul_(scale));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    double scale, bool causal, bool bottom_right) {
+  const auto acc = at::toOpMathType(q.scalar_type());
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
+  const CausalMask mask = CausalMask::make(causal, bottom_right, q.size(2), k.size(2));
+  if (q.numel() == 0) return {out, lse};
+  if (acc == at::kDouble)
+    fwd_impl<double>(q, k, v, out, lse, scale, mask);
+  else
+    fwd_impl<float>(q, k, v, out, lse, scale, mask);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    double scale, bool causal, bool bottom_right) {
+  const auto acc = at::toOpMathType(q.scalar_type());
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv};
+  }
+  // D_i = rowsum(dO o O); a gradient flowing into lse enters as D_i - dlse_i, because
+  // d lse_i / d s_ij = P_ij gives dS_ij = P_ij (dP_ij - D_i + dlse_i).
+  at::Tensor delta = (dout.to(acc) * out.to(acc)).sum(-1);
+  if (dlse.has_value()) delta.sub_(*dlse);
+  const CausalMask mask = CausalMask::make(causal, bottom_right, q.size(2), k.size(2));
+  if (acc == at::kDouble)
+    bwd_impl<double>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, scale, mask);
+  else
+    bwd_impl<float>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, scale, mask);
+  return {dq, dk, dv};
+}
+
+}  // namespace flash_cuda::cpu

@@ -1,0 +1,22 @@
+// CPU backend: the FlashAttention-2 algorithm on ATen tile GEMMs (see attention_cpu.cpp).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace flash_cuda::cpu {
+
+// q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D), each with stride(-1) == 1.
+// Returns out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) in the accumulation dtype.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    double scale, bool causal, bool bottom_right);
+
+// Gradients of out (and, when dlse is given, of lse) with respect to q, k and v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    double scale, bool causal, bool bottom_right);
+
+}  // namespace flash_cuda::cpu

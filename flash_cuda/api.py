@@ -1,0 +1,166 @@
+"""Public API: argument checking and normalisation, then torch.ops.flash_cuda.fwd.
+
+Every invalid argument raises TypeError (wrong type or dtype), ValueError (wrong shape or
+value), RuntimeError (device problems) or NotImplementedError (a torch SDPA feature not
+supported yet), with a message naming the argument and what is expected.
+"""
+import math
+
+import torch
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+_HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("flash_cuda::fwd", "CUDA")
+
+
+def has_cuda_kernels():
+    """True when this build of flash_cuda contains the CUDA kernels."""
+    return _HAS_CUDA_KERNELS
+
+
+def _shape(x):
+    return tuple(x.shape)
+
+
+def _check_tensors(fn, names, tensors):
+    """Type, dtype and device of q, k, v (or query, key, value)."""
+    for name, x in zip(names, tensors):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    first, q = names[0], tensors[0]
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"{fn}: {first} must have dtype {_DTYPE_NAMES}, got {q.dtype}")
+    for name, x in zip(names[1:], tensors[1:]):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} must have the dtype of {first} ({q.dtype}), got {x.dtype}")
+    for name, x in zip(names[1:], tensors[1:]):
+        if x.device != q.device:
+            raise RuntimeError(
+                f"{fn}: {name} must be on the device of {first} ({q.device}), got {x.device}")
+    if q.device.type == "cuda":
+        if not _HAS_CUDA_KERNELS:
+            raise RuntimeError(
+                f"{fn}: {first} is a CUDA tensor but this build of flash_cuda has no CUDA kernels "
+                "(it was built without a CUDA toolkit or without CUDA sources); use CPU tensors "
+                "or reinstall with a CUDA toolkit")
+        if q.dtype == torch.float64:
+            raise TypeError(f"{fn}: {first} has dtype float64, which is supported on CPU only; "
+                            "use float16, bfloat16 or float32 on CUDA")
+    elif q.device.type not in ("cpu", "meta"):
+        raise RuntimeError(f"{fn}: {first} is on device '{q.device}'; expected cpu or cuda")
+
+
+def _check_shapes(fn, names, q, k, v):
+    """q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0 and 1 <= D <= 256."""
+    qn, kn, vn = names
+    for name, x, dims in ((qn, q, "(B, Hq, Nq, D)"), (kn, k, "(B, Hkv, Nk, D)"),
+                          (vn, v, "(B, Hkv, Nk, D)")):
+        if x.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D {dims}, got shape {_shape(x)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{fn}: {kn} must have the batch size of {qn} ({q.shape[0]}), "
+                         f"got {kn} of shape {_shape(k)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{fn}: {kn} must have the head dim of {qn} ({q.shape[3]}), "
+                         f"got {kn} of shape {_shape(k)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{fn}: {vn} must have the shape of {kn} {_shape(k)} "
+                         f"(same batch, kv heads, length and head dim), got {_shape(v)}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{fn}: the number of query heads ({hq}) must be a positive multiple "
+                         f"of the number of key/value heads ({hkv})")
+    d = q.shape[3]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head dim D (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {d}")
+
+
+def _check_scale(fn, scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_flag(fn, name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """Exact attention softmax(scale * q k^T) v, computed by FlashAttention.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (query head h uses kv head
+    h // (Hq // Hkv)); any strides with stride(-1) == 1 are used without a copy, so a
+    (B, N, H, D) tensor x is passed as x.transpose(1, 2). dtypes float16, bfloat16, float32
+    (and float64 on CPU); 1 <= D <= 256.
+
+    causal: aligned to the bottom-right corner, query i sees keys j <= i + Nk - Nq; rows that
+        see no key (Nq > Nk) give 0 and lse = -inf.
+    scale: defaults to 1 / sqrt(D).
+    return_lse: also return lse (B, Hq, Nq), the natural log of the softmax denominator with
+        the scale included, in float32 (float64 for float64 inputs). Gradients flow through it.
+    """
+    fn = "flash_cuda.attention"
+    _check_tensors(fn, ("q", "k", "v"), (q, k, v))
+    _check_shapes(fn, ("q", "k", "v"), q, k, v)
+    _check_flag(fn, "causal", causal)
+    _check_flag(fn, "return_lse", return_lse)
+    scale = _check_scale(fn, scale, q.shape[-1])
+    out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    Same semantics: shapes (..., L, E) with the head dim at -3, causal masks aligned to the
+    top-left corner (query i sees keys j <= i), enable_gqa as in torch (query heads a multiple
+    of key/value heads; without it the head counts must match, or key/value have one head,
+    which broadcasts). Not supported yet, with a NotImplementedError: attn_mask, dropout_p > 0,
+    a value head dim different from the query's, and broadcasting of batch dims.
+    """
+    fn = "flash_cuda.scaled_dot_product_attention"
+    if attn_mask is not None:
+        raise NotImplementedError(f"{fn}: attn_mask is not supported yet; pass attn_mask=None "
+                                  "(is_causal=True covers causal masks)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{fn}: dropout_p must be a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"{fn}: dropout_p must be 0.0 (dropout is not supported yet), "
+                                  f"got {dropout_p}")
+    _check_flag(fn, "is_causal", is_causal)
+    _check_flag(fn, "enable_gqa", enable_gqa)
+    names = ("query", "key", "value")
+    _check_tensors(fn, names, (query, key, value))
+    for name, x in zip(names, (query, key, value)):
+        if x.dim() < 2:
+            raise ValueError(f"{fn}: {name} must have at least 2 dims (..., L, E), got shape {_shape(x)}")
+    if value.shape[-1] != query.shape[-1]:
+        raise NotImplementedError(f"{fn}: value must have the head dim of query ({query.shape[-1]}); "
+                                  f"a different value head dim is not supported yet, got {value.shape[-1]}")
+    batch = query.shape[:-3]
+    for name, x in (("key", key), ("value", value)):
+        if x.shape[:-3] != batch or (x.dim() < 3) != (query.dim() < 3):
+            raise NotImplementedError(
+                f"{fn}: {name} must have the batch dims of query {tuple(batch)}; broadcasting "
+                f"of batch dims is not supported yet, got {name} of shape {_shape(x)}")
+    if query.dim() >= 3 and not enable_gqa and key.shape[-3] not in (1, query.shape[-3]):
+        raise ValueError(f"{fn}: key must have as many heads as query ({query.shape[-3]}) or one, "
+                         f"got {key.shape[-3]}; pass enable_gqa=True for grouped-query attention")
+
+    def as_4d(x):  # (..., H, L, E) -> (B, H, L, E); 2-D and 3-D gain unit dims
+        while x.dim() < 4:
+            x = x.unsqueeze(0)
+        return x.reshape(-1, *x.shape[-3:]) if x.dim() > 4 else x
+
+    q, k, v = as_4d(query), as_4d(key), as_4d(value)
+    _check_shapes(fn, names, q, k, v)
+    scale = _check_scale(fn, scale, q.shape[-1])
+    out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False)
+    return out.reshape(query.shape)

@@ -1,0 +1,68 @@
+"""Build flash_cuda._C: the CPU backend always; CUDA kernels with nvcc when a CUDA toolkit,
+a CUDA build of torch and CUDA sources (csrc/cuda/*.cu) are all present.
+
+    pip install --no-build-isolation .        # or -e .; MAX_JOBS=N limits parallel compiles
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def find_cuda_home():
+    """CUDA_HOME if set, else /usr/local/cuda. torch's own guess (from the nvcc on PATH) can
+    point at /usr/local, which is wrong on machines with a symlinked nvcc."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
+def extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/**/*.cu")
+    # -fopenmp: at::parallel_for is a header template whose "omp parallel" compiles in this
+    # extension; without the flag it silently runs on one thread. The libgomp it links
+    # resolves to the one torch already loaded (same soname), so there is one runtime.
+    cxx_flags = ["-O3", "-fno-strict-aliasing", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+
+    cuda_home = find_cuda_home()
+    if cuda_home and torch.version.cuda and cuda_sources:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home  # torch read its guess at import time
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        return cpp_extension.CUDAExtension(
+            "flash_cuda._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DFLASH_CUDA_WITH_CUDA"],
+                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_link_args=link_flags,
+        )
+    return cpp_extension.CppExtension("flash_cuda._C", cpp_sources,
+                                      extra_compile_args={"cxx": cxx_flags},
+                                      extra_link_args=link_flags)
+
+
+def build_ext_cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+    return {"build_ext": BuildExtension}
+
+
+setup(
+    name="flash_cuda",
+    version="0.1.0",
+    description="FlashAttention for PyTorch: CUDA kernels, a CPU backend and a SIMT emulator",
+    packages=["flash_cuda"],
+    ext_modules=[extension()],
+    cmdclass=build_ext_cmdclass(),
+    python_requires=">=3.9",
+    zip_safe=False,
+)
