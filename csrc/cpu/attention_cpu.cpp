@@ -265,8 +265,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     return {dq, dk, dv};
   }
   // D_i = rowsum(dO o O); a gradient flowing into lse enters as D_i - dlse_i, because
-  // d lse_i / d s_ij = P_ij gives dS_ij = P_ij (dP_ij - D_i + dlse_i).
-  at::Tensor delta = (dout.to(acc) * out.to(acc)).sum(-1);
+  // d lse_i / d s_ij = P_ij gives dS_ij = P_ij (dP_ij - D_i + dlse_i). D_i is summed in
+  // float64 (O(N*D) work, against O(N^2*D) for the GEMMs): dS cancels dP against D_i, and
+  // a correctly rounded D_i halves the residue that otherwise accumulates into dK over
+  // long sequences (e.g. Nk = 1, where P = 1 and the exact dS is 0).
+  at::Tensor delta = (dout.to(at::kDouble) * out.to(at::kDouble)).sum(-1).to(acc);
   if (dlse.has_value()) delta.sub_(*dlse);
   const CausalMask mask = CausalMask::make(causal, bottom_right, q.size(2), k.size(2));
   if (acc == at::kDouble)

@@ -1,0 +1,16 @@
+"""Tests run on every available backend: CPU always, CUDA when this build has the kernels."""
+import pytest
+import torch
+
+import flash_cuda
+
+BACKENDS = ["cpu"] + (["cuda"] if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request):
+    return request.param
+
+
+def dtypes_for(device):
+    return [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if device == "cpu" else [])

@@ -1,0 +1,55 @@
+"""Independent reference attention in plain torch, and FlashAttention's tolerance rule.
+
+`attention_ref` computes softmax(scale * q k^T + mask) v with no tiling and no online
+softmax: in float64 it is the reference; in float16/bfloat16 it is "the same computation
+in plain torch at that precision" that the tolerance rule compares against.
+"""
+import math
+
+import torch
+
+
+def causal_hidden(nq, nk, bottom_right, device):
+    """(nq, nk) bool mask, True where key j is hidden from query i."""
+    offset = nk - nq if bottom_right else 0
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return j > i + offset
+
+
+def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=torch.float64):
+    """Returns (out, lse) computed in `dtype`; GQA by repeating k/v heads.
+
+    Rows that see no key give out = 0 and lse = -inf (flash_cuda's documented convention).
+    """
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    nq, nk = q.shape[2], k.shape[2]
+    hidden = (causal_hidden(nq, nk, bottom_right, q.device) if causal
+              else torch.zeros(nq, nk, dtype=torch.bool, device=q.device))
+    empty = hidden.all(-1)[:, None]  # (nq, 1): rows that see no key
+    s = s.masked_fill(hidden, float("-inf")).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s.to(torch.float64), dim=-1).masked_fill(empty[:, 0], float("-inf"))
+    out = (torch.softmax(s, dim=-1) @ v).masked_fill(empty, 0.0)
+    return out, lse
+
+
+def max_err(x, ref):
+    return (x.to(torch.float64) - ref.to(torch.float64)).abs().max().item() if x.numel() else 0.0
+
+
+def assert_fa_rule(name, ours, plain, ref, factor):
+    """FlashAttention's rule: err(ours) <= factor * err(plain torch, same dtype) + 1e-5."""
+    e_ours, e_plain = max_err(ours, ref), max_err(plain, ref)
+    assert e_ours <= factor * e_plain + 1e-5, (
+        f"{name}: max abs error {e_ours:.3g} > {factor} x plain torch's {e_plain:.3g} + 1e-5")
+
+
+def assert_close_fp(name, ours, ref, rtol=2e-5):
+    """float32/float64: error within rtol of the reference's magnitude."""
+    bound = rtol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    e = max_err(ours, ref)
+    assert e <= bound, f"{name}: max abs error {e:.3g} > {bound:.3g}"

@@ -1,0 +1,88 @@
+"""Autograd, dispatcher and compiler integration: gradcheck in float64 (also through lse),
+opcheck of both ops, torch.compile(fullgraph=True) forward and backward, determinism."""
+import pytest
+import torch
+
+import flash_cuda
+from reference import assert_close_fp
+
+
+def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+
+@pytest.mark.parametrize("Hq,Hkv,Nq,Nk,causal", [
+    (2, 2, 7, 7, False), (2, 2, 7, 7, True), (4, 2, 5, 9, True), (3, 1, 9, 5, True), (2, 2, 6, 11, False),
+])
+def test_gradcheck_float64(Hq, Hkv, Nq, Nk, causal):
+    """Gradients of out and of lse (which the FlashAttention backward gets via D - dlse)."""
+    q = rand(2, Hq, Nq, 6, seed=1).requires_grad_()
+    k = rand(2, Hkv, Nk, 6, seed=2).requires_grad_()
+    v = rand(2, Hkv, Nk, 6, seed=3).requires_grad_()
+
+    def f(q, k, v):
+        out, lse = flash_cuda.attention(q, k, v, causal=causal, return_lse=True)
+        return out, lse.masked_fill(torch.isinf(lse), 0.0)  # rows without keys: lse = -inf
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def op_args(device, dtype, requires_grad):
+    q = rand(2, 4, 33, 16, dtype=dtype, device=device, seed=1).requires_grad_(requires_grad)
+    k = rand(2, 2, 40, 16, dtype=dtype, device=device, seed=2).requires_grad_(requires_grad)
+    v = rand(2, 2, 40, 16, dtype=dtype, device=device, seed=3).requires_grad_(requires_grad)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_fwd(device, dtype, causal):
+    for requires_grad in (False, True):
+        args = (*op_args(device, dtype, requires_grad), 0.25, causal, True)
+        torch.library.opcheck(torch.ops.flash_cuda.fwd.default, args)
+
+
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_opcheck_bwd(device, with_dlse):
+    q, k, v = op_args(device, torch.float32, False)
+    out, lse = torch.ops.flash_cuda.fwd(q, k, v, 0.25, True, True)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if with_dlse else None
+    torch.library.opcheck(torch.ops.flash_cuda.bwd.default, (dout, q, k, v, out, lse, dlse, 0.25, True, True))
+
+
+def test_torch_compile_fullgraph(device):
+    def loss_fn(q, k, v):
+        out, lse = flash_cuda.attention(q, k, v, causal=True, return_lse=True)
+        return (out * out).sum() + lse.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    results = []
+    for fn in (loss_fn, compiled):
+        leaves = [x.detach().requires_grad_() for x in op_args(device, torch.float32, False)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in leaves]))
+    (eager_loss, eager_grads), (comp_loss, comp_grads) = results
+    assert_close_fp("loss", comp_loss, eager_loss)
+    for e, c in zip(eager_grads, comp_grads):
+        assert_close_fp("grad", c, e)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv", [(1, 1, 1), (2, 6, 2), (1, 8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic(device, B, Hq, Hkv, dtype):
+    """Bitwise identical outputs and gradients run to run (B*Hkv = 1 exercises the dQ
+    partials of several key splits, summed in a fixed order)."""
+    runs = []
+    for _ in range(3):
+        q = rand(B, Hq, 300, 64, dtype=dtype, device=device, seed=1).requires_grad_()
+        k = rand(B, Hkv, 700, 64, dtype=dtype, device=device, seed=2).requires_grad_()
+        v = rand(B, Hkv, 700, 64, dtype=dtype, device=device, seed=3).requires_grad_()
+        out, lse = flash_cuda.attention(q, k, v, causal=True, return_lse=True)
+        out.backward(rand(*out.shape, dtype=dtype, device=device, seed=4))
+        runs.append([out, lse, q.grad, k.grad, v.grad])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)

@@ -1,0 +1,172 @@
+"""Bad input raises a Python exception naming the argument and what is expected (one test
+per case), and empty sequences give their documented result: no NaN, no crash."""
+import math
+
+import pytest
+import torch
+
+import flash_cuda
+
+attention = flash_cuda.attention
+sdpa = flash_cuda.scaled_dot_product_attention
+
+
+def qkv(Hq=4, Hkv=2, Nq=8, Nk=8, D=16, B=2, dtype=torch.float32, device="cpu"):
+    return (torch.randn(B, Hq, Nq, D, dtype=dtype, device=device),
+            torch.randn(B, Hkv, Nk, D, dtype=dtype, device=device),
+            torch.randn(B, Hkv, Nk, D, dtype=dtype, device=device))
+
+
+def test_not_a_tensor():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"k must be a torch.Tensor, got list"):
+        attention(q, [1.0], v)
+
+
+def test_wrong_ndim():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q must be 4-D \(B, Hq, Nq, D\), got shape \(4, 8, 16\)"):
+        attention(q[0], k, v)
+
+
+def test_mismatched_batch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"k must have the batch size of q \(2\)"):
+        attention(q, k[:1], v[:1])
+
+
+def test_mismatched_head_dim():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"k must have the head dim of q \(16\)"):
+        attention(q, k[..., :8], v[..., :8])
+
+
+def test_mismatched_kv_lengths():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"v must have the shape of k \(2, 2, 8, 16\)"):
+        attention(q, k, v[:, :, :5])
+
+
+def test_heads_not_divisible():
+    q, k, v = qkv(Hq=6, Hkv=4)
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a positive multiple of the number of key/value heads \(4\)"):
+        attention(q, k, v)
+
+
+def test_mismatched_dtypes():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"v must have the dtype of q \(torch.float32\), got torch.float16"):
+        attention(q, k, v.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
+def test_unsupported_dtype(dtype):
+    q, k, v = (x.to(dtype) for x in qkv())
+    with pytest.raises(TypeError, match=r"q must have dtype float16, bfloat16, float32 or float64"):
+        attention(q, k, v)
+
+
+def test_different_devices():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match=r"k must be on the device of q \(cpu\), got meta"):
+        attention(q, k.to("meta"), v)
+
+
+@pytest.mark.parametrize("D", [0, 257, 512])
+def test_head_dim_out_of_range(D):
+    q, k, v = qkv(D=D)
+    with pytest.raises(ValueError, match=rf"head dim D \(last dim of q\) must be in \[1, 256\], got {D}"):
+        attention(q, k, v)
+
+
+@pytest.mark.parametrize("scale,exc,msg", [
+    ("0.1", TypeError, "scale must be a float or None, got str"),
+    (True, TypeError, "scale must be a float or None, got bool"),
+    (math.inf, ValueError, "scale must be finite, got inf"),
+    (math.nan, ValueError, "scale must be finite, got nan"),
+])
+def test_bad_scale(scale, exc, msg):
+    with pytest.raises(exc, match=msg):
+        attention(*qkv(), scale=scale)
+
+
+def test_causal_not_bool():
+    with pytest.raises(TypeError, match=r"causal must be a bool, got int"):
+        attention(*qkv(), causal=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float64():
+    if not flash_cuda.has_cuda_kernels():
+        with pytest.raises(RuntimeError, match=r"has no CUDA kernels"):
+            attention(*qkv(device="cuda"))
+    else:
+        with pytest.raises(TypeError, match=r"float64, which is supported on CPU only"):
+            attention(*qkv(dtype=torch.float64, device="cuda"))
+
+
+# The drop-in's unsupported arguments.
+
+def test_sdpa_attn_mask_unsupported():
+    q, k, v = qkv(Hkv=4)
+    with pytest.raises(NotImplementedError, match=r"attn_mask is not supported yet"):
+        sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+
+
+def test_sdpa_dropout_unsupported():
+    with pytest.raises(NotImplementedError, match=r"dropout_p must be 0.0 \(dropout is not supported yet\), got 0.1"):
+        sdpa(*qkv(Hkv=4), dropout_p=0.1)
+
+
+def test_sdpa_value_head_dim_unsupported():
+    q, k, v = qkv(Hkv=4)
+    with pytest.raises(NotImplementedError, match=r"value must have the head dim of query \(16\)"):
+        sdpa(q, k, torch.randn(2, 4, 8, 32))
+
+
+def test_sdpa_batch_broadcast_unsupported():
+    q, k, v = qkv(Hkv=4)
+    with pytest.raises(NotImplementedError, match=r"key must have the batch dims of query \(2,\); broadcasting"):
+        sdpa(q, k[:1], v[:1])
+
+
+def test_sdpa_heads_without_enable_gqa():
+    with pytest.raises(ValueError, match=r"pass enable_gqa=True for grouped-query attention"):
+        sdpa(*qkv(Hq=4, Hkv=2))
+
+
+def test_sdpa_gqa_not_divisible():
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a positive multiple"):
+        sdpa(*qkv(Hq=6, Hkv=4), enable_gqa=True)
+
+
+def test_sdpa_bad_ndim():
+    q, k, v = qkv(Hkv=4)
+    with pytest.raises(ValueError, match=r"query must have at least 2 dims \(..., L, E\)"):
+        sdpa(q[0, 0, 0], k, v)
+
+
+# Empty sequences: documented results, no NaN.
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_query_sequence(device, causal):
+    q, k, v = (x.requires_grad_() for x in qkv(Nq=0, device=device))
+    out, lse = attention(q, k, v, causal=causal, return_lse=True)
+    assert out.shape == (2, 4, 0, 16) and lse.shape == (2, 4, 0)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_key_sequence(device, causal):
+    """Nk = 0: every row sees no key, so out = 0, lse = -inf and dq = 0."""
+    q, k, v = (x.requires_grad_() for x in qkv(Nk=0, device=device))
+    out, lse = attention(q, k, v, causal=causal, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q)) and k.grad.shape == k.shape
+
+
+def test_empty_batch(device):
+    q, k, v = qkv(B=0, device=device)
+    assert attention(q, k, v).shape == (0, 4, 8, 16)

@@ -1,0 +1,127 @@
+"""flash_cuda.attention against the float64 reference: outputs, lse and gradients over odd
+sizes, Nq != Nk, GQA/MQA, causal and not, many (batch, head) pairs, FlashAttention layout.
+
+float32/float64 are held to a tight relative bound; float16/bfloat16 to FlashAttention's
+rule (2x plain torch's error for the output, 3x for gradients, plus 1e-5).
+"""
+import pytest
+import torch
+
+import flash_cuda
+from conftest import dtypes_for
+from reference import assert_close_fp, assert_fa_rule, attention_ref
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def make_qkv(device, dtype, B, Hq, Hkv, Nq, Nk, D, fa_layout=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(h, n):
+        if fa_layout:  # (B, N, H, D) memory, passed as a (B, H, N, D) view
+            return torch.randn(B, n, h, D, generator=g).to(device, dtype).transpose(1, 2)
+        return torch.randn(B, h, n, D, generator=g).to(device, dtype)
+
+    return rand(Hq, Nq), rand(Hkv, Nk), rand(Hkv, Nk)
+
+
+def check_case(device, dtype, B, Hq, Hkv, Nq, Nk, D, causal, fa_layout=False):
+    q, k, v = make_qkv(device, dtype, B, Hq, Hkv, Nq, Nk, D, fa_layout)
+    dout = torch.randn(B, Hq, Nq, D, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out, lse = flash_cuda.attention(*leaves, causal=causal, return_lse=True)
+    out.backward(dout)
+    grads = [x.grad for x in leaves]
+
+    ref_leaves = [x.detach().to(torch.float64).requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*ref_leaves, causal=causal)
+    ref_out.backward(dout.to(torch.float64))
+    ref_grads = [x.grad for x in ref_leaves]
+
+    assert out.dtype == dtype and out.shape == (B, Hq, Nq, D)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g_).all() for g_ in grads)
+    # lse: -inf exactly where the reference has no key, else close to it
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert_close_fp("lse", lse[fin], ref_lse[fin], rtol=1e-5 if dtype != torch.float64 else 1e-12)
+
+    names = ("dq", "dk", "dv")
+    if dtype in LOW_PRECISION:
+        plain_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        plain_out, _ = attention_ref(*plain_leaves, causal=causal, dtype=dtype)
+        plain_out.backward(dout)
+        assert_fa_rule("out", out, plain_out, ref_out, 2)
+        for name, g_, pl, rg in zip(names, grads, plain_leaves, ref_grads):
+            assert_fa_rule(name, g_, pl.grad, rg, 3)
+    else:
+        rtol = 1e-12 if dtype == torch.float64 else 2e-5
+        assert_close_fp("out", out, ref_out, rtol)
+        for name, g_, rg in zip(names, grads, ref_grads):
+            assert_close_fp(name, g_, rg, 10 * rtol)
+
+
+@pytest.mark.parametrize("N", [1, 17, 97, 113, 203, 1025])
+@pytest.mark.parametrize("D", [8, 40, 59, 64, 80, 96, 111, 128, 256])
+def test_odd_sizes_fp32(device, N, D):
+    check_case(device, torch.float32, 1, 2, 2, N, N, D, causal=(N + D) % 2 == 1)
+
+
+@pytest.mark.parametrize("N", [17, 113, 1025])
+@pytest.mark.parametrize("D", [40, 64, 111, 256])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_odd_sizes_low_precision(device, N, D, dtype, causal):
+    check_case(device, dtype, 1, 2, 2, N, N, D, causal)
+
+
+@pytest.mark.parametrize("Nq,Nk", [(17, 203), (203, 17), (1, 1025), (1025, 1), (113, 97), (97, 113)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unequal_lengths(device, Nq, Nk, causal):
+    for dtype in dtypes_for(device):
+        check_case(device, dtype, 1, 2, 2, Nq, Nk, 64, causal)
+
+
+@pytest.mark.parametrize("Hkv", [1, 2, 3, 6])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(device, Hkv, causal):
+    for dtype in dtypes_for(device):
+        check_case(device, dtype, 2, 6, Hkv, 97, 113, 40, causal)
+
+
+def test_many_batch_heads(device):
+    """B*H far above the thread count: every (batch, head) pair is a separate work item."""
+    threads = torch.get_num_threads()
+    check_case(device, torch.float32, 3, 4 * threads, 2 * threads, 65, 70, 32, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attention_layout(device, causal):
+    """(B, N, H, D) tensors passed as x.transpose(1, 2)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check_case(device, dtype, 2, 4, 2, 203, 97, 64, causal, fa_layout=True)
+    q, k, v = make_qkv(device, torch.float32, 2, 4, 2, 33, 33, 16, fa_layout=True)
+    out = flash_cuda.attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # out keeps q's memory layout
+
+
+def test_rows_without_keys_give_zero(device):
+    """Bottom-right causal with Nq > Nk: the first Nq - Nk rows see no key."""
+    q, k, v = make_qkv(device, torch.float32, 1, 2, 2, 9, 4, 16)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    out, lse = flash_cuda.attention(*leaves, causal=True, return_lse=True)
+    out.sum().backward()
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    assert torch.isneginf(lse[:, :, :5]).all() and torch.isfinite(lse[:, :, 5:]).all()
+    assert torch.equal(q.grad[:, :, :5], torch.zeros_like(q.grad[:, :, :5]))
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_scale(device):
+    for scale in (0.0, 0.37, -1.5, 3.0):
+        q, k, v = make_qkv(device, torch.float32, 1, 2, 1, 50, 60, 24)
+        out, lse = flash_cuda.attention(q, k, v, scale=scale, causal=True, return_lse=True)
+        ref_out, ref_lse = attention_ref(q, k, v, causal=True, scale=scale)
+        assert_close_fp("out", out, ref_out)
+        assert_close_fp("lse", lse, ref_lse)
