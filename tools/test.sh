@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Everything needed to run the test suite on a fresh machine: set-up, build, pytest.
+# Extra arguments go to pytest (e.g. tools/test.sh -k gqa).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source tools/setup.sh
+python3 -m pytest -q -ra "$@"
