@@ -26,9 +26,11 @@ Presets (--preset)
 
 Measurements
     time      --warmup calls, then the median of --reps calls (time.perf_counter; on CUDA,
-              CUDA events). By default the number of reps adapts to the cost of one call:
-              CPU 3-10 reps (about 2 s per measurement), or 1-3 when one call takes more
-              than 1 s; CUDA 10-100 reps.
+              CUDA events). The timed calls of the implementations at a point are
+              interleaved round robin, so drifts of a busy machine hit all of them alike.
+              By default the number of reps adapts to the cost of one call: CPU 3-10 reps
+              (about 2 s per measurement), or 1-3 when one call takes more than 1 s;
+              CUDA 10-100 reps.
     TFLOP/s   FlashAttention's convention: forward 4*B*H*Nq*Nk*D FLOPs, halved when causal;
               backward 2.5x forward, so forward+backward 3.5x forward.
     memory    peak memory of one extra call, as an increase over what was allocated before
@@ -96,6 +98,7 @@ PRESETS = {
                    "dtypes": ["float32", "bfloat16"]},
 }
 ERR_ROWS = 256
+NO_KERNEL_MESSAGES = ("No available kernel", "No viable backend")  # CUDA, CPU wording
 MATH_BUDGET_FRACTION = {"cpu": 0.25, "cuda": 0.80}
 MIB = 2 ** 20
 GIB = 2 ** 30
@@ -197,7 +200,7 @@ def synchronize(device):
 
 
 def time_call(step, device):
-    """Seconds taken by one call (reset excluded)."""
+    """Seconds taken by one call; resetting the grads before and after is not timed."""
     step.reset()
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -206,10 +209,13 @@ def time_call(step, device):
         step()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    step()
-    return time.perf_counter() - t0
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+    step.reset()
+    return seconds
 
 
 def auto_reps(seconds, device):
@@ -346,7 +352,7 @@ def first_call(step, device):
         except torch.OutOfMemoryError:
             return None, "oom"
         except RuntimeError as e:
-            if "No available kernel" not in str(e):
+            if not any(m in str(e) for m in NO_KERNEL_MESSAGES):
                 return None, f"error: {str(e).splitlines()[0][:200]}"
             why = [str(w.message).splitlines()[0] for w in caught if "kernel" in str(w.message).lower()
                    or "requires" in str(w.message).lower()]
@@ -355,25 +361,55 @@ def first_call(step, device):
             step.reset()
 
 
-def measure(fn, q, k, v, point, mode, grad, args, ref):
-    """Time, memory and error of one implementation at one point; a dict for the JSON."""
+def prepare(fn, q, k, v, point, mode, grad, args, ref):
+    """Warm up one implementation, measure its memory and error.
+
+    Returns (result dict, step, reps); step is None when the implementation cannot run.
+    """
     device = args.device
     step = Step(fn, q, k, v, point["causal"], mode, grad)
     seconds, reason = first_call(step, device)
     if reason:
-        return {"status": reason}
+        return {"status": reason}, None, 0
     for _ in range(args.warmup - 1):
-        seconds = time_call(step, device)
+        seconds = min(seconds, time_call(step, device))
+    t0 = time.perf_counter()
     out, mem = measure_memory(step, device)
+    seconds = min(seconds, time.perf_counter() - t0)
     err = max_error(out, ref)
     del out
-    reps = args.reps or auto_reps(seconds, device)
-    times = [time_call(step, device) for _ in range(reps)]
     step.reset()
-    ms = statistics.median(times) * 1e3
-    return {"status": "ok", "ms": ms, "times_ms": [t * 1e3 for t in times], "reps": reps,
-            "tflops": flops(point, mode) / (ms * 1e-3) / 1e12,
-            "peak_mem_mib": mem / MIB, "max_err": err}
+    reps = args.reps or auto_reps(seconds, device)
+    return {"status": "ok", "peak_mem_mib": mem / MIB, "max_err": err, "reps": reps}, step, reps
+
+
+def measure_point(impl_fns, q, k, v, point, mode, grad, args, ref, budget):
+    """Results of every implementation at one point and mode.
+
+    Warmup, memory and error are taken one implementation after the other; the timed
+    repetitions are then interleaved (round robin) so that slow drifts of the machine
+    affect all implementations alike.
+    """
+    results, steps = {}, {}
+    for name, fn in impl_fns.items():
+        need = math_need(point, mode)
+        if name == "sdpa-math" and need > budget:
+            results[name] = {"status": f"skipped: needs {need / GIB:.2f} GiB "
+                                       f"> budget {budget / GIB:.2f} GiB"}
+            continue
+        results[name], step, reps = prepare(fn, q, k, v, point, mode, grad, args, ref)
+        if step is not None:
+            steps[name] = (step, reps)
+    times = {name: [] for name in steps}
+    for rep in range(max((reps for _, reps in steps.values()), default=0)):
+        for name, (step, reps) in steps.items():
+            if rep < reps:
+                times[name].append(time_call(step, args.device))
+    for name, ts in times.items():
+        ms = statistics.median(ts) * 1e3
+        results[name].update(ms=ms, times_ms=[t * 1e3 for t in ts],
+                             tflops=flops(point, mode) / (ms * 1e-3) / 1e12)
+    return results
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -427,14 +463,7 @@ def run_sweep(args):
             for mode in args.modes:
                 i += 1
                 t0 = time.perf_counter()
-                impls = {}
-                for name, fn in impl_fns.items():
-                    need = math_need(point, mode)
-                    if name == "sdpa-math" and need > budget:
-                        impls[name] = {"status": f"skipped: needs {need / GIB:.1f} GiB "
-                                                 f"> budget {budget / GIB:.1f} GiB"}
-                        continue
-                    impls[name] = measure(fn, q, k, v, point, mode, grad, args, ref)
+                impls = measure_point(impl_fns, q, k, v, point, mode, grad, args, ref, budget)
                 release_free_memory(args.device)
                 print(progress_line(i, total, point, mode, impls, time.perf_counter() - t0),
                       flush=True)
@@ -539,7 +568,16 @@ def metadata(args):
     }
 
 
-def write_plot(results, path, impl_names):
+def n_tick_labels(results):
+    """N values for the x axis, with the batch size under each when B changes with N."""
+    ns = sorted({r["N"] for r in results})
+    batches = [sorted({r["B"] for r in results if r["N"] == n}) for n in ns]
+    if len({tuple(b) for b in batches}) == 1:
+        return ns, [str(n) for n in ns]
+    return ns, [f"{n}\nB={','.join(map(str, b))}" for n, b in zip(ns, batches)]
+
+
+def write_plot(results, path, impl_names, meta):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -552,8 +590,9 @@ def write_plot(results, path, impl_names):
     dims = sorted({r["D"] for r in results})
     dtypes = sorted({r["dtype"] for r in results})
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(len(panels), len(dims), squeeze=False, sharex=True,
-                             figsize=(5.5 * len(dims), 3.6 * len(panels)))
+    ticks, tick_labels = n_tick_labels(results)
+    fig, axes = plt.subplots(len(panels), len(dims), squeeze=False,
+                             figsize=(5.5 * len(dims), 3.8 * len(panels)))
     for row, (mode, causal) in enumerate(panels):
         for col, d in enumerate(dims):
             ax = axes[row][col]
@@ -567,14 +606,17 @@ def write_plot(results, path, impl_names):
                         ax.plot(ns, tf, styles[si % len(styles)], marker="o", color=f"C{ci}",
                                 label=name + (f" {dt}" if len(dtypes) > 1 else ""))
             ax.set_xscale("log", base=2)
-            ns = sorted({r["N"] for r in results})
-            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.set_xticks(ticks, tick_labels)
+            ax.minorticks_off()
             ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}, D={d}")
             ax.set_xlabel("sequence length N")
             ax.set_ylabel("TFLOP/s")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+    fig.suptitle(f"flash_cuda vs torch SDPA: {meta['device_name']} ({meta['device']}, "
+                 f"{meta['threads']} threads), preset {meta['preset']}, "
+                 f"{','.join(meta['dtypes'])}, torch {meta['torch_version']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -612,7 +654,7 @@ def main(argv=None):
         json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"\nwrote {stem}.json")
     if not args.no_plot:
-        png = write_plot(results, f"{stem}.png", [FLASH_CUDA] + sdpa_names)
+        png = write_plot(results, f"{stem}.png", [FLASH_CUDA] + sdpa_names, meta)
         if png:
             print(f"wrote {png}")
     print(f"total {meta['elapsed_s']:.0f} s")
