@@ -102,12 +102,14 @@ NO_KERNEL_MESSAGES = ("No available kernel", "No viable backend")  # CUDA, CPU w
 MATH_BUDGET_FRACTION = {"cpu": 0.25, "cuda": 0.80}
 MIB = 2 ** 20
 GIB = 2 ** 30
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------- arguments
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="where to run (default: cuda if torch.cuda.is_available() and "
@@ -119,11 +121,12 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="fwd,fwdbwd",
                    help="comma list of fwd, fwdbwd (default: %(default)s)")
     p.add_argument("--reps", type=int, default=None,
-                   help="timed repetitions per measurement (default: adaptive, see above)")
+                   help="timed repetitions per measurement (default: adaptive, see below)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls before timing, at least 1 (default: 1 on cpu, 3 on cuda)")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="directory for the JSON and PNG (default: %(default)s)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="directory for the JSON and PNG (default: benchmarks/results next to "
+                        "this script)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     args = p.parse_args(argv)
 
@@ -591,7 +594,7 @@ def write_plot(results, path, impl_names, meta):
     dtypes = sorted({r["dtype"] for r in results})
     styles = ["-", "--", ":", "-."]
     ticks, tick_labels = n_tick_labels(results)
-    fig, axes = plt.subplots(len(panels), len(dims), squeeze=False,
+    fig, axes = plt.subplots(len(panels), len(dims), squeeze=False, constrained_layout=True,
                              figsize=(5.5 * len(dims), 3.8 * len(panels)))
     for row, (mode, causal) in enumerate(panels):
         for col, d in enumerate(dims):
@@ -617,7 +620,6 @@ def write_plot(results, path, impl_names, meta):
     fig.suptitle(f"flash_cuda vs torch SDPA: {meta['device_name']} ({meta['device']}, "
                  f"{meta['threads']} threads), preset {meta['preset']}, "
                  f"{','.join(meta['dtypes'])}, torch {meta['torch_version']}")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
