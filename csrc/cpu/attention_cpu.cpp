@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // float64 (O(N*D) work, against O(N^2*D) for the GEMMs): dS cancels dP against D_i, and
   // a correctly rounded D_i halves the residue that otherwise accumulates into dK over
   // long sequences (e.g. Nk = 1, where P = 1 and the exact dS is 0).
-  at::Tensor delta = (dout.to(at::kDouble) * out.to(at::kDouble)).sum(-1).to(acc);
+  at::Tensor delta = (dout.to(at::kDouble) * out).sum(-1).to(acc);  // out promotes exactly
   if (dlse.has_value()) delta.sub_(*dlse);
   const CausalMask mask = CausalMask::make(causal, bottom_right, q.size(2), k.size(2));
   if (acc == at::kDouble)
