@@ -21,12 +21,28 @@ def find_cuda_home():
     return None
 
 
+def find_cuda_headers(cuda_home):
+    """A directory with cuda_fp16.h / cuda_bf16.h for the emulator build (host compiler only):
+    the toolkit's, else the one pip installs with CUDA builds of torch (nvidia/cu13/include)."""
+    candidates = [os.path.join(cuda_home, "include")] if cuda_home else []
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            candidates += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    for inc in candidates:
+        if os.path.exists(os.path.join(inc, "cuda_fp16.h")) and os.path.exists(os.path.join(inc, "cuda_bf16.h")):
+            return inc
+    return None
+
+
 def extension():
     import torch
     from torch.utils import cpp_extension
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/emu/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/**/*.cu")
     # -fopenmp: at::parallel_for is a header template whose "omp parallel" compiles in this
     # extension; without the flag it silently runs on one thread. The libgomp it links
@@ -35,6 +51,13 @@ def extension():
     link_flags = ["-fopenmp"]
 
     cuda_home = find_cuda_home()
+    # The SIMT emulator compiles the CUDA kernel headers with the host compiler against the CUDA
+    # fp16/bf16 headers; it needs no GPU and no nvcc.
+    cuda_headers = find_cuda_headers(cuda_home)
+    if cuda_headers is None:
+        raise RuntimeError("flash_cuda needs the CUDA headers cuda_fp16.h and cuda_bf16.h (for its SIMT emulator): "
+                           "set CUDA_HOME to a CUDA toolkit, or pip install nvidia-cuda-runtime")
+    include_dirs = [os.path.join(ROOT, "csrc"), cuda_headers]
     if cuda_home and torch.version.cuda and cuda_sources:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home  # torch read its guess at import time
@@ -42,11 +65,12 @@ def extension():
         return cpp_extension.CUDAExtension(
             "flash_cuda._C",
             cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DFLASH_CUDA_WITH_CUDA"],
                                 "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
             extra_link_args=link_flags,
         )
-    return cpp_extension.CppExtension("flash_cuda._C", cpp_sources,
+    return cpp_extension.CppExtension("flash_cuda._C", cpp_sources, include_dirs=include_dirs,
                                       extra_compile_args={"cxx": cxx_flags},
                                       extra_link_args=link_flags)
 

@@ -1,0 +1,143 @@
+/* Torch side of the emulator: the session switch and launch records that flash_cuda.emulate
+ * uses, and the self-test kernels as ops (torch.ops.flash_cuda._emu_*), for tests. Every op
+ * registers its tensors' footprints as the global memory its launch may touch. */
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "emu_session.h"
+#include "runtime.h"
+#include "selftest_kernels.h"
+
+namespace flash_cuda {
+namespace {
+
+std::atomic<bool> g_active{false};
+
+// [data_ptr, data_ptr + extent) where extent covers the last element the strides reach.
+emu::Buffer footprint(const at::Tensor& t, bool writable) {
+  size_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 0) last += static_cast<size_t>(t.size(d) - 1) * static_cast<size_t>(t.stride(d));
+  const size_t bytes = t.numel() == 0 ? 0 : (last + 1) * t.element_size();
+  return {t.data_ptr(), bytes, writable};
+}
+
+void configure(bool active, std::string order, int64_t seed, bool check, int64_t workers) {
+  emu::Options o;
+  if (order == "forward") o.order = emu::Order::forward;
+  else if (order == "reverse") o.order = emu::Order::reverse;
+  else if (order == "random") o.order = emu::Order::random;
+  else TORCH_CHECK(false, "emulate: order must be 'forward', 'reverse' or 'random', got '", order, "'");
+  TORCH_CHECK(workers >= 1, "emulate: workers must be >= 1, got ", workers);
+  o.seed = static_cast<uint64_t>(seed);
+  o.check = check;
+  o.workers = static_cast<int>(workers);
+  emu::set_options(o);
+  g_active = active;
+}
+
+std::string records() { return emu::records_json(emu::take_records()); }
+
+at::Tensor checked(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.numel() == numel,
+              name, ": expected a CPU ", dtype, " tensor of ", numel, " elements");
+  return t.contiguous();
+}
+
+at::Tensor ldmatrix_probe(const at::Tensor& tile, const at::Tensor& row_offset, int64_t num, bool trans) {
+  TORCH_CHECK(num == 1 || num == 2 || num == 4, "num must be 1, 2 or 4");
+  auto t = checked(tile, at::kShort, tile.numel(), "tile");
+  auto r = checked(row_offset, at::kInt, 32, "row_offset");
+  auto out = at::zeros({32, num}, tile.options().dtype(at::kInt));
+  emu::set_buffers({footprint(t, false), footprint(r, false), footprint(out, true)});
+  selftest::ldmatrix_probe(reinterpret_cast<const uint16_t*>(t.data_ptr()), static_cast<int>(t.numel()),
+                           r.data_ptr<int32_t>(), static_cast<int>(num), trans,
+                           reinterpret_cast<uint32_t*>(out.data_ptr()));
+  return out;
+}
+
+at::Tensor mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool bf16) {
+  auto a_ = checked(a, at::kInt, 128, "a"), b_ = checked(b, at::kInt, 64, "b"), c_ = checked(c, at::kFloat, 128, "c");
+  auto d = at::empty({32, 4}, c.options());
+  emu::set_buffers({footprint(a_, false), footprint(b_, false), footprint(c_, false), footprint(d, true)});
+  selftest::mma_probe(reinterpret_cast<const uint32_t*>(a_.data_ptr()), reinterpret_cast<const uint32_t*>(b_.data_ptr()),
+                      c_.data_ptr<float>(), bf16, d.data_ptr<float>());
+  return d;
+}
+
+at::Tensor shfl_probe(const at::Tensor& values, int64_t mode, int64_t b, int64_t width, int64_t mask, bool wide) {
+  auto v = checked(values, at::kInt, 32, "values");
+  auto out = at::empty({32}, v.options().dtype(at::kLong));
+  emu::set_buffers({footprint(v, false), footprint(out, true)});
+  selftest::shfl_probe(reinterpret_cast<const uint32_t*>(v.data_ptr()), static_cast<int>(mode), static_cast<int>(b),
+                       static_cast<int>(width), static_cast<unsigned>(mask), wide,
+                       reinterpret_cast<uint64_t*>(out.data_ptr()));
+  return out;
+}
+
+void shared_load_probe(const at::Tensor& offsets, int64_t width, int64_t smem_bytes) {
+  auto o = checked(offsets, at::kInt, 32, "offsets");
+  auto sink = at::empty({32}, o.options());
+  emu::set_buffers({footprint(o, false), footprint(sink, true)});
+  selftest::shared_load_probe(o.data_ptr<int32_t>(), static_cast<int>(width), static_cast<int>(smem_bytes),
+                              reinterpret_cast<uint32_t*>(sink.data_ptr()));
+}
+
+at::Tensor cp_async_trace(const at::Tensor& src) {
+  auto s = checked(src, at::kByte, 256, "src");
+  auto out = at::zeros({40}, s.options());
+  emu::set_buffers({footprint(s, false), footprint(out, true)});
+  selftest::cp_async_trace(s.data_ptr<uint8_t>(), out.data_ptr<uint8_t>());
+  return out;
+}
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool swizzle) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "gemm: a [M,K] and b [N,K]");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16),
+              "gemm: fp16 or bf16 inputs of one dtype");
+  TORCH_CHECK(a.size(1) % 8 == 0, "gemm: K must be a multiple of 8 (16-byte rows for cp.async)");
+  auto a_ = a.contiguous(), b_ = b.contiguous();
+  auto c = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kFloat));
+  emu::set_buffers({footprint(a_, false), footprint(b_, false), footprint(c, true)});
+  selftest::gemm(a_.data_ptr(), b_.data_ptr(), c.data_ptr<float>(), static_cast<int>(a.size(0)),
+                 static_cast<int>(b.size(0)), static_cast<int>(a.size(1)), a.scalar_type() == at::kBFloat16, swizzle);
+  return c;
+}
+
+at::Tensor block_reduce(const at::Tensor& x) {
+  auto x_ = checked(x, at::kFloat, x.numel(), "x");
+  auto out = at::zeros({1}, x.options());
+  emu::set_buffers({footprint(x_, false), footprint(out, true)});
+  selftest::block_reduce(x_.data_ptr<float>(), static_cast<int>(x_.numel()), out.data_ptr<float>());
+  return out;
+}
+
+void planted_bug(std::string name, const at::Tensor& buf) {
+  const int which = selftest::bug_index(name.c_str());
+  TORCH_CHECK(which >= 0, "unknown planted bug '", name, "'");
+  TORCH_CHECK(buf.is_contiguous() && buf.scalar_type() == at::kFloat, "buf: contiguous float32");
+  emu::set_buffers({footprint(buf, true)});
+  selftest::planted_bug(which, buf.data_ptr<float>(), static_cast<int>(buf.numel()));
+}
+
+}  // namespace
+
+bool emu_active() { return g_active; }
+
+}  // namespace flash_cuda
+
+TORCH_LIBRARY_FRAGMENT(flash_cuda, m) {
+  using namespace flash_cuda;
+  m.def("_emu_configure(bool active, str order, int seed, bool check, int workers) -> ()", &configure);
+  m.def("_emu_records() -> str", &records);
+  m.def("_emu_ldmatrix_probe(Tensor tile, Tensor row_offset, int num, bool trans) -> Tensor", &ldmatrix_probe);
+  m.def("_emu_mma_probe(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor", &mma_probe);
+  m.def("_emu_shfl_probe(Tensor values, int mode, int b, int width, int mask, bool wide) -> Tensor", &shfl_probe);
+  m.def("_emu_shared_load_probe(Tensor offsets, int width, int smem_bytes) -> ()", &shared_load_probe);
+  m.def("_emu_cp_async_trace(Tensor src) -> Tensor", &cp_async_trace);
+  m.def("_emu_gemm(Tensor a, Tensor b, bool swizzle) -> Tensor", &gemm);
+  m.def("_emu_block_reduce(Tensor x) -> Tensor", &block_reduce);
+  m.def("_emu_planted_bug(str name, Tensor(a!) buf) -> ()", &planted_bug);
+}

@@ -1,0 +1,136 @@
+/* SIMT emulator runtime: runs CUDA kernel source on the CPU.
+ *
+ * A launch runs a grid of blocks. Each block's threads are cooperatively scheduled fibers on
+ * one OS thread; blocks run in parallel on a few OS threads. A fiber runs until it reaches a
+ * synchronisation point (__syncthreads, a warp collective, a wait it cannot pass), so the
+ * order of the fibers between two such points is the emulator's choice: forward, reverse or
+ * random, selected per launch, which is how tests show a kernel does not depend on it.
+ *
+ * Everything a kernel does to memory goes through hooks here (the PTX wrappers in
+ * csrc/kernels/ptx.h call them), which is how the emulator
+ *   - checks: shared-memory races, out-of-bounds global and shared accesses, cp.async
+ *     destinations read before their wait, collectives and barriers not reached by all;
+ *   - counts: global bytes and 32-byte sectors per warp request, shared-memory wavefronts per
+ *     warp request by the bank model of ../shared/ptx-oracle, mma instructions, barriers.
+ *
+ * This header is torch-free; csrc/emu/cuda_host.h builds the CUDA device API on top of it.
+ */
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+enum class Order { forward, reverse, random };
+
+struct Options {
+  Order order = Order::forward;
+  uint64_t seed = 0;   // for Order::random
+  bool check = true;   // race checker and poisoning of uninitialised/in-flight shared memory
+  int workers = 1;     // OS threads running blocks in parallel
+};
+
+// A global-memory range a launch may touch (a tensor's footprint).
+struct Buffer {
+  const void* ptr;
+  size_t bytes;
+  bool writable;
+};
+
+// Where in the kernel source an access or collective comes from. Wrappers take a defaulted
+// `Site site = {}` argument: the builtins in the constructor's default arguments then name
+// the wrapper's caller (written as Site{__builtin_FILE(), ...} instead, g++ 12 gives the
+// wrapper's own line inside templates).
+struct Site {
+  const char* file;
+  int line;
+  constexpr Site(const char* f = __builtin_FILE(), int l = __builtin_LINE()) : file(f), line(l) {}
+};
+
+// Per-launch counters (what Nsight Compute would report).
+struct Counters {
+  uint64_t global_bytes_read = 0, global_bytes_written = 0;
+  // Warp-level global requests (one per instruction per warp) and the 32-byte sectors they
+  // touch; ideal = ceil(distinct bytes / 32) per request, so sectors == ideal means coalesced.
+  uint64_t global_requests = 0, global_sectors = 0, global_sectors_ideal = 0;
+  // Shared-memory requests and wavefronts, split by instruction kind (see SharedKind).
+  uint64_t shared_requests[4] = {}, shared_wavefronts[4] = {}, shared_wavefronts_ideal[4] = {};
+  uint64_t mma = 0;        // warp-level mma.sync instructions
+  uint64_t barriers = 0;   // __syncthreads completed, summed over blocks
+  void add(const Counters& o);
+};
+
+enum class SharedKind { ldmatrix = 0, cp_async = 1, load = 2, store = 3 };
+inline const char* shared_kind_name(int k) {
+  static const char* names[] = {"ldmatrix", "cp_async", "load", "store"};
+  return names[k];
+}
+
+struct LaunchRecord {
+  std::string kernel;
+  Dim3 grid, block;
+  size_t dynamic_smem = 0;
+  Counters counters;
+  std::vector<std::string> errors;  // empty for a clean launch
+};
+
+// ---- session (set from Python by flash_cuda.emulate) ----
+void set_options(const Options& o);
+Options options();
+std::vector<LaunchRecord> take_records();  // records since the last call
+std::string records_json(const std::vector<LaunchRecord>& records);
+
+// Global-memory ranges for the launches that follow on this OS thread (set by the launcher
+// from the tensors it passes; a launch with none registered cannot touch global memory).
+void set_buffers(std::vector<Buffer> buffers);
+
+// Run kernel_body once per thread of every block. Throws std::runtime_error listing the
+// problems found (races, out-of-bounds accesses, deadlocks) after the launch completes.
+void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem,
+            const std::function<void()>& kernel_body);
+
+// ---- the device side, called from kernel code through cuda_host.h and ptx.h ----
+const Dim3& thread_idx();
+const Dim3& block_idx();
+const Dim3& block_dim();
+const Dim3& grid_dim();
+void* dynamic_shared();
+void syncthreads(Site s);
+void syncwarp(unsigned mask, Site s);
+
+// Shuffle of one 32-bit word: mode 0 up, 1 down, 2 bfly (xor), 3 idx; c as in PTX shfl.sync.
+uint32_t shfl(int mode, unsigned mask, uint32_t value, int b, int c, Site s);
+
+// Memory accesses by the calling thread. Each returns false (and records an error) when the
+// access must not happen (out of bounds); the caller then skips it.
+bool global_access(const void* p, size_t bytes, bool write, Site s);
+bool shared_access(const void* p, size_t bytes, bool write, SharedKind kind, Site s);
+void global_load(void* dst, const void* src, size_t bytes, Site s);
+void global_store(void* dst, const void* src, size_t bytes, Site s);
+void shared_load(void* dst, const void* src, size_t bytes, Site s);
+void shared_store(void* dst, const void* src, size_t bytes, Site s);
+float atomic_add_f32(float* p, float v, Site s);  // returns the old value
+
+// Warp-level matrix instructions (all 32 lanes must execute them together).
+// mma.m16n8k16 row.col, f32 accumulate: a[4], b[2] packed 16-bit pairs, c/d[4] floats.
+void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                  bool bf16, Site s);
+// ldmatrix.m8n8.x{num}[.trans].b16: lanes 8m..8m+7 give the row addresses of matrix m.
+void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr, Site s);
+
+// cp.async.{ca,cg}.shared.global, cp_size 4/8/16 (cg: 16 only), src_size 0..cp_size.
+void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cg, Site s);
+void cp_async_commit();
+void cp_async_wait_group(int n, Site s);
+void cp_async_wait_all(Site s);
+
+void report(const std::string& what, Site s);  // a checker error from kernel-side code
+
+}  // namespace emu

@@ -1,0 +1,32 @@
+/* Kernel launch, written once for both builds: <<<>>> on the current stream under nvcc, the
+ * emulator's launch on the host. Launchers call launch_kernel and nothing else, so the grid,
+ * block and shared-memory size the emulator runs are exactly the ones a GPU would get. */
+#pragma once
+#include <utility>
+
+#include "platform.h"
+
+namespace flash_cuda {
+
+// Dynamic shared memory above 48 KiB needs an opt-in per kernel on the GPU.
+constexpr size_t kDefaultSmemLimit = 48 * 1024;
+
+template <class... Params, class... Args>
+inline cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, Args&&... args) {
+#if defined(__CUDACC__)
+  (void)name;
+  if (smem > kDefaultSmemLimit) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+#else
+  (void)stream;
+  ::emu::launch(name, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, [&] { kernel(args...); });
+  return cudaSuccess;
+#endif
+}
+
+}  // namespace flash_cuda

@@ -1,0 +1,204 @@
+/* Thin wrappers around the PTX the kernels use: inline asm under nvcc, the emulator on the
+ * host (csrc/emu/runtime.h). Kernel code calls only these for tensor-core math, shared-memory
+ * matrix loads, async copies and every global/shared memory access, so the emulator sees
+ * (and checks, and counts) everything the kernel does. Semantics and layouts:
+ * ../shared/ptx-oracle/README.md; links to the PTX ISA at each wrapper.
+ *
+ * In the emulator build each wrapper takes the caller's source location as a last, defaulted
+ * argument (FC_SITE), which is how race and bounds reports point into the kernel.
+ */
+#pragma once
+#include <type_traits>
+
+#include "platform.h"
+
+#if defined(__CUDACC__)
+#define FC_SITE
+#define FC_SITE_ONLY
+#else
+#define FC_SITE , ::emu::Site site = EMU_HERE
+#define FC_SITE_ONLY ::emu::Site site = EMU_HERE
+#endif
+
+namespace flash_cuda {
+
+#if defined(__CUDACC__)
+FC_DEVICE uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+#endif
+
+// D = A*B + C on tensor cores, one warp: A 16x16 (row), B 16x8 (col), C/D 16x8 in fp32.
+// Fragments per lane (g = lane/4, t = lane%4): a[4] and b[2] hold 16-bit pairs, c/d[4] floats.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#warp-level-matrix-fragment-mma-16816-float
+template <class T>  // __half or __nv_bfloat16
+FC_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                            const float (&c)[4] FC_SITE) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "f16 or bf16 inputs");
+#if defined(__CUDACC__)
+#define FC_MMA_OPERANDS                                                                      \
+  : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                           \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), \
+    "f"(c[2]), "f"(c[3])
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n" FC_MMA_OPERANDS);
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n" FC_MMA_OPERANDS);
+#undef FC_MMA_OPERANDS
+#else
+  ::emu::mma_m16n8k16(d, a, b, c, std::is_same<T, __nv_bfloat16>::value, site);
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{N}[.trans].shared.b16: N 8x8 matrices of 16-bit values; lanes
+// 8m..8m+7 pass the (16-byte aligned) row addresses of matrix m, register m of every lane
+// receives its part of matrix m (the mma A/B fragment shape; .trans gives the transpose).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#warp-level-matrix-instructions-ldmatrix
+template <int N, bool Trans = false>
+FC_DEVICE void ldmatrix(uint32_t (&r)[N], const void* s_row FC_SITE) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#if defined(__CUDACC__)
+  const uint32_t addr = smem_u32(s_row);
+  if constexpr (N == 1 && !Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
+  else if constexpr (N == 1)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
+  else if constexpr (N == 2 && !Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+  else if constexpr (N == 2)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+  else if constexpr (!Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+#else
+  ::emu::ldmatrix(r, N, Trans, s_row, site);
+#endif
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: an asynchronous 16-byte copy that
+// bypasses L1; only the first src_bytes (0..16) are read, the rest of dst is zero-filled, so
+// a tile edge is a predicate, not a branch. 16-byte aligned dst and src.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cp-async
+FC_DEVICE void cp_async_cg16(void* s_dst, const void* g_src, int src_bytes FC_SITE) {
+#if defined(__CUDACC__)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(s_dst)), "l"(g_src), "r"(src_bytes));
+#else
+  ::emu::cp_async(s_dst, g_src, 16, src_bytes, true, site);
+#endif
+}
+
+// cp.async.ca.shared.global [dst], [src], Bytes, src_bytes (Bytes 4, 8 or 16; cached in L1).
+template <int Bytes>
+FC_DEVICE void cp_async_ca(void* s_dst, const void* g_src, int src_bytes FC_SITE) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(__CUDACC__)
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(s_dst)), "l"(g_src), "n"(Bytes),
+               "r"(src_bytes));
+#else
+  ::emu::cp_async(s_dst, g_src, Bytes, src_bytes, false, site);
+#endif
+}
+
+// cp.async.commit_group: this thread's uncommitted copies become one group.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cp-async-commit-group
+FC_DEVICE void cp_async_commit() {
+#if defined(__CUDACC__)
+  asm volatile("cp.async.commit_group;\n" ::);
+#else
+  ::emu::cp_async_commit();
+#endif
+}
+
+// cp.async.wait_group N: all but the N most recent committed groups are complete (and visible
+// to this thread; other threads need a __syncthreads after their own waits).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cp-async-wait-group
+template <int N>
+FC_DEVICE void cp_async_wait(FC_SITE_ONLY) {
+#if defined(__CUDACC__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#else
+  ::emu::cp_async_wait_group(N, site);
+#endif
+}
+
+// cp.async.wait_all = commit_group + wait_group 0: unlike wait_group 0 it also waits for
+// copies that were never committed.
+FC_DEVICE void cp_async_wait_all(FC_SITE_ONLY) {
+#if defined(__CUDACC__)
+  asm volatile("cp.async.wait_all;\n" ::);
+#else
+  ::emu::cp_async_wait_all(site);
+#endif
+}
+
+// ex2.approx.ftz.f32: 2^x in one MUFU instruction (max 2 ulp error); ex2(-inf) = +0, which is
+// what masked scores rely on. The emulator uses exp2f (correctly rounded or within 1 ulp).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#floating-point-instructions-ex2
+FC_DEVICE float ex2_approx(float x) {
+#if defined(__CUDACC__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);
+#endif
+}
+
+// Plain loads and stores. On the GPU they compile to ld/st.{global,shared} of sizeof(T)
+// (T of 16 bytes, e.g. uint4, gives the 128-bit access); in the emulator they are checked
+// for bounds and races and counted.
+template <class T>
+FC_DEVICE T ld_global(const T* g_p FC_SITE) {
+#if defined(__CUDACC__)
+  return *g_p;
+#else
+  T v;
+  ::emu::global_load(&v, g_p, sizeof(T), site);
+  return v;
+#endif
+}
+
+template <class T>
+FC_DEVICE void st_global(T* g_p, const T& v FC_SITE) {
+#if defined(__CUDACC__)
+  *g_p = v;
+#else
+  ::emu::global_store(g_p, &v, sizeof(T), site);
+#endif
+}
+
+template <class T>
+FC_DEVICE T ld_shared(const T* s_p FC_SITE) {
+#if defined(__CUDACC__)
+  return *s_p;
+#else
+  T v;
+  ::emu::shared_load(&v, s_p, sizeof(T), site);
+  return v;
+#endif
+}
+
+template <class T>
+FC_DEVICE void st_shared(T* s_p, const T& v FC_SITE) {
+#if defined(__CUDACC__)
+  *s_p = v;
+#else
+  ::emu::shared_store(s_p, &v, sizeof(T), site);
+#endif
+}
+
+// The block's dynamic shared memory (the launch's third <<<>>> argument), 16-byte aligned.
+template <class T>
+FC_DEVICE T* dynamic_smem() {
+#if defined(__CUDACC__)
+  extern __shared__ __align__(16) char fc_dynamic_smem[];
+  return reinterpret_cast<T*>(fc_dynamic_smem);
+#else
+  return static_cast<T*>(::emu::dynamic_shared());
+#endif
+}
+
+}  // namespace flash_cuda

@@ -1,0 +1,395 @@
+"""The SIMT emulator (csrc/emu/): every primitive against ../shared/ptx-oracle, then small
+CUDA kernels against torch, then each checker with a planted bug, then the Python surface.
+
+The oracle is vendored in tests/ptx_oracle/ (so the suite runs on any clone); when the
+project's ../shared/ptx-oracle is present, the copy must be identical to it.
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flash_cuda
+from flash_cuda import emulate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORACLE_DIR = os.path.join(ROOT, "tests", "ptx_oracle")
+SHARED_ORACLE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "ptx-oracle")
+ORDERS = ("forward", "reverse", "random")
+ops = torch.ops.flash_cuda
+
+
+def _load_oracle():
+    spec = importlib.util.spec_from_file_location("ptx_oracle_layouts", os.path.join(ORACLE_DIR, "layouts.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with open(os.path.join(ORACLE_DIR, "layouts.json")) as f:
+        return mod, json.load(f)
+
+
+oracle, LAYOUTS = _load_oracle()
+
+
+def run(fn, *args, order="forward", check=True):
+    """fn(*args) inside emulate(); returns (result, launch records)."""
+    with emulate(order=order, check=check) as emu:
+        out = fn(*args)
+    return out, emu.launches
+
+
+# ---------------------------------------------------------------- the oracle itself
+@pytest.mark.parametrize("oracle_dir", [ORACLE_DIR, SHARED_ORACLE_DIR])
+def test_oracle_self_check(oracle_dir):
+    if not os.path.isdir(oracle_dir):
+        pytest.skip(f"{oracle_dir} is not on this machine")
+    res = subprocess.run([sys.executable, "layouts.py", "--check"], cwd=oracle_dir, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 failed" in res.stdout
+
+
+def test_vendored_oracle_matches_shared():
+    if not os.path.isdir(SHARED_ORACLE_DIR):
+        pytest.skip("../shared/ptx-oracle is not on this machine")
+    for name in ("layouts.py", "layouts.json"):
+        with open(os.path.join(ORACLE_DIR, name), "rb") as a, open(os.path.join(SHARED_ORACLE_DIR, name), "rb") as b:
+            assert a.read() == b.read(), f"tests/ptx_oracle/{name} differs from ../shared/ptx-oracle/{name}"
+
+
+# ---------------------------------------------------------------- mma.sync m16n8k16
+def _bits16(x, bf16):
+    return oracle.bf16_bits(x) if bf16 else oracle.f16_bits(x)
+
+
+def _pack_fragments(matrix, by_lane, bf16):
+    """matrix[row][col] -> per-lane 32-bit registers, element i in register i//2 (even i low)."""
+    regs = []
+    for lane in range(32):
+        elems = [_bits16(matrix[r][c], bf16) for r, c in by_lane[lane]]
+        regs.append([oracle.pack_x2(elems[i], elems[i + 1]) for i in range(0, len(elems), 2)])
+    return torch.tensor(regs, dtype=torch.int64).to(torch.int32)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f16", "bf16"])
+@pytest.mark.parametrize("values", ["identity", "coords", "random"])
+def test_mma_every_lane_and_register(bf16, values):
+    lay = LAYOUTS["mma"]["m16n8k16"]
+    g = torch.Generator().manual_seed(0)
+    if values == "identity":  # D = B + C: any misplaced element of B or C shows
+        A = torch.eye(16)
+        B = torch.arange(128, dtype=torch.float32).reshape(16, 8) - 64
+    elif values == "coords":  # small integers: every product and sum is exact
+        A = (torch.arange(256, dtype=torch.float32).reshape(16, 16) % 7) - 3
+        B = (torch.arange(128, dtype=torch.float32).reshape(16, 8) % 5) - 2
+    else:
+        A = torch.randn(16, 16, generator=g)
+        B = torch.randn(16, 8, generator=g)
+    dt = torch.bfloat16 if bf16 else torch.float16
+    A, B = A.to(dt).float(), B.to(dt).float()  # representable inputs
+    C = torch.arange(128, dtype=torch.float32).reshape(16, 8) * 0.25
+    a = _pack_fragments(A.tolist(), lay["A"]["by_lane"], bf16)
+    b = _pack_fragments(B.tolist(), lay["B"]["by_lane"], bf16)
+    c = torch.tensor([[C[r][col] for r, col in lay["C_D"]["by_lane"][lane]] for lane in range(32)])
+    d, launches = run(ops._emu_mma_probe, a, b, c, bf16)
+    D = torch.empty(16, 8)
+    for lane in range(32):
+        for i, (r, col) in enumerate(lay["C_D"]["by_lane"][lane]):
+            D[r][col] = d[lane][i]
+    ref = A.double() @ B.double() + C.double()
+    if values == "random":
+        torch.testing.assert_close(D.double(), ref, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(D.double(), ref)
+    assert launches[0]["mma"] == 1 and launches[0]["errors"] == []
+
+
+def test_mma_matches_oracle_functional_model():
+    """The oracle's own mma_sync on the same fragments gives the same D, lane by lane."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randint(-4, 5, (16, 16), generator=g).float().tolist()
+    B = torch.randint(-4, 5, (16, 8), generator=g).float().tolist()
+    C = torch.randint(-4, 5, (16, 8), generator=g).float().tolist()
+    lay = LAYOUTS["mma"]["m16n8k16"]
+    a_frag = oracle.mma_scatter("m16n8k16", "A", A)
+    b_frag = oracle.mma_scatter("m16n8k16", "B", B)
+    c_frag = oracle.mma_scatter("m16n8k16", "C", C)
+    expected = oracle.mma_sync("m16n8k16", a_frag, b_frag, c_frag)
+    d, _ = run(ops._emu_mma_probe, _pack_fragments(A, lay["A"]["by_lane"], False),
+               _pack_fragments(B, lay["B"]["by_lane"], False), torch.tensor(c_frag, dtype=torch.float32), False)
+    assert d.tolist() == [[float(x) for x in lane] for lane in expected]
+
+
+# ---------------------------------------------------------------- ldmatrix
+def _ldmatrix(tile, row_offsets, num, trans):
+    return run(ops._emu_ldmatrix_probe, tile.to(torch.int16), torch.tensor(row_offsets, dtype=torch.int32), num, trans)
+
+
+@pytest.mark.parametrize("num", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+def test_ldmatrix_every_lane_and_register(num, trans):
+    """Matrix m, row r, element c holds m*64 + r*8 + c; rows sit 3 rows apart (the rows
+    need not be contiguous), so any wrong address or lane mapping shows."""
+    pitch = 8 * 3
+    tile = torch.zeros(4 * 8 * pitch, dtype=torch.int32)
+    for m in range(4):
+        for r in range(8):
+            for c in range(8):
+                tile[(m * 8 + r) * pitch + c] = m * 64 + r * 8 + c
+    lanes = LAYOUTS["ldmatrix_m8n8_b16"]["address_lanes"][f"x{num}"]
+    offsets = [0] * 32
+    for m in range(num):
+        for r, lane in enumerate(lanes[f"matrix{m}"]):
+            offsets[lane] = (m * 8 + r) * pitch
+    out, launches = _ldmatrix(tile, offsets, num, trans)
+    by_lane = LAYOUTS["ldmatrix_m8n8_b16"]["trans_by_lane" if trans else "non_trans_by_lane"]
+    for lane in range(32):
+        for m in range(num):
+            reg = int(out[lane][m]) & 0xFFFFFFFF
+            for half, (r, c) in enumerate(by_lane[lane]):
+                assert (reg >> (16 * half)) & 0xFFFF == m * 64 + r * 8 + c, (lane, m, half)
+    assert launches[0]["shared"]["ldmatrix"]["requests"] == 1
+
+
+@pytest.mark.parametrize("name", ["A_x4", "Bt_x2", "Bt_x4", "Bk_x2_trans", "Bk_x4_trans"])
+def test_ldmatrix_compositions_give_mma_fragments(name):
+    """The oracle's address patterns turn a tile into mma A/B registers: checked against the
+    mma fragment layout, register by register."""
+    comp = LAYOUTS["ldmatrix_m8n8_b16"]["compositions_for_mma_m16n8k16"][name]
+    rows, cols = comp["tile_rows_cols"]
+    value = lambda r, c: r * 16 + c + 1
+    tile = torch.tensor([[value(r, c) for c in range(cols)] for r in range(rows)], dtype=torch.int32).flatten()
+    offsets = [0 if rc is None else rc[0] * cols + rc[1] for rc in comp["address_of_lane_tile_row_col"]]
+    num = int(re.search(r"x(\d)", comp["instruction"]).group(1))
+    out, _ = _ldmatrix(tile, offsets, num, ".trans" in comp["instruction"])
+    frag = LAYOUTS["mma"]["m16n8k16"]["A" if name == "A_x4" else "B"]["by_lane"]
+    for lane in range(32):
+        for reg in range(num):
+            got = int(out[lane][reg]) & 0xFFFFFFFF
+            for half in range(2):
+                if name == "A_x4":
+                    r, c = frag[lane][2 * reg + half]  # A[m][k] stored [m][k]
+                else:
+                    k, n = frag[lane][2 * (reg % 2) + half]  # B[k][n]; regs 2,3 are n-tile 1
+                    n += 8 * (reg // 2)
+                    r, c = (n, k) if name.startswith("Bt") else (k, n)
+                assert (got >> (16 * half)) & 0xFFFF == value(r, c), (name, lane, reg, half)
+
+
+# ---------------------------------------------------------------- shfl.sync
+@pytest.mark.parametrize("mode_name,mode", [("up", 0), ("down", 1), ("bfly", 2), ("idx", 3)])
+@pytest.mark.parametrize("width", [32, 16, 8, 4])
+def test_shfl_every_lane_against_oracle_tables(mode_name, mode, width):
+    table = LAYOUTS["shfl_sync"]["tables"][f"{mode_name}_width{width}"]["source_lane[b][lane]"]
+    values = torch.arange(32, dtype=torch.int32) * 3 + 100
+    for b in range(32):
+        out, _ = run(ops._emu_shfl_probe, values, mode, b, width, 0xFFFFFFFF, b % 2 == 1)
+        for lane in range(32):
+            src = table[b][lane]
+            v = 100 + 3 * src
+            expected = v | (v + 1) << 32 if b % 2 == 1 else v  # odd b: the 64-bit shuffle
+            assert int(out[lane]) == expected, (mode_name, width, b, lane)
+
+
+@pytest.mark.parametrize("mask", [0x0000FFFF, 0xFFFF0000, 0x00FF00FF])
+def test_shfl_partial_mask_against_oracle_model(mask):
+    """Lanes outside the mask do not take part; inside it, the PTX pseudo-code decides."""
+    values = list(range(7, 39))
+    for mode_name, mode in (("bfly", 2), ("down", 1), ("idx", 3)):
+        b = {2: 1, 1: 2, 3: 5}[mode]
+        c = oracle.cuda_shfl_c(mode_name if mode_name != "bfly" else "bfly", 16)
+        expected, _ = oracle.ptx_shfl_sync(mode_name, values, b, c, mask)
+        if any(e is None for lane, e in enumerate(expected) if mask >> lane & 1):
+            continue  # a source lane outside the mask: undefined, reported (test below)
+        out, launches = run(ops._emu_shfl_probe, torch.tensor(values, dtype=torch.int32), mode, b, 16, mask, False)
+        for lane in range(32):
+            assert int(out[lane]) == (expected[lane] if mask >> lane & 1 else values[lane])
+        assert launches[0]["errors"] == []
+
+
+def test_shfl_from_lane_outside_mask_is_reported():
+    with pytest.raises(RuntimeError, match="not in the mask"):
+        run(ops._emu_shfl_probe, torch.arange(32, dtype=torch.int32), 2, 16, 32, 0x0000FFFF, False)
+
+
+# ---------------------------------------------------------------- cp.async
+def test_cp_async_groups_match_oracle_trace():
+    trace = LAYOUTS["cp_async"]["example_trace"]["memory"]
+    out, launches = run(ops._emu_cp_async_trace, torch.arange(256, dtype=torch.uint8))
+    after_wait0 = next(v for k, v in trace.items() if k.startswith("dst[32:48] after wait_group 0"))
+    assert out[:8].tolist() == trace["dst[0:8]"]
+    assert out[8:24].tolist() == trace["dst[16:32]"]
+    assert out[24:40].tolist() == after_wait0
+    assert launches[0]["errors"] == []
+    assert launches[0]["global_bytes_read"] == 8 + 16 + 5  # src-size bytes only
+
+
+# ---------------------------------------------------------------- bank model
+@pytest.mark.parametrize("name", sorted(LAYOUTS["shared_memory_banks"]["examples"]))
+def test_bank_model_examples(name):
+    """Wavefronts counted by the emulator equal the oracle's for each worked example."""
+    expected = LAYOUTS["shared_memory_banks"]["examples"][name]["wavefronts"]
+    if name.startswith("ldmatrix"):
+        variant = name[len("ldmatrix_x4_A_"):]
+        addr_of = oracle._ldsm_tile_address_variants()[variant]
+        byte_addrs = [addr_of(*oracle.ldsm_addr_A_x4(lane)) for lane in range(32)]
+        tile = torch.zeros(max(byte_addrs) // 2 + 8, dtype=torch.int32)
+        _, launches = _ldmatrix(tile, [a // 2 for a in byte_addrs], 4, False)
+        counted = launches[0]["shared"]["ldmatrix"]
+    else:
+        width = int(re.match(r"lds(\d+)", name).group(1)) // 8
+        addrs = {
+            "lds32_consecutive": [4 * l for l in range(32)],
+            "lds32_stride2words": [8 * l for l in range(32)],
+            "lds32_all_same_word": [0] * 32,
+            "lds32_stride32words": [128 * l for l in range(32)],
+            "lds64_consecutive": [8 * l for l in range(32)],
+            "lds128_consecutive": [16 * l for l in range(32)],
+            "lds128_row_pitch_128B_one_row_per_lane": [128 * l for l in range(32)],
+            "lds128_lane_mod4": [16 * (l % 4) for l in range(32)],
+        }[name]
+        # the same addresses the oracle used (its _bank_examples), re-derived and cross-checked
+        assert oracle.smem_wavefronts(addrs, width)[0] == expected
+        with emulate() as emu:
+            ops._emu_shared_load_probe(torch.tensor(addrs, dtype=torch.int32), width, max(addrs) + 16)
+        counted = emu.launches[0]["shared"]["load"]
+    assert counted["requests"] == 1
+    assert counted["wavefronts"] == expected
+
+
+# ---------------------------------------------------------------- kernels vs torch
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(64, 64, 64), (100, 70, 72), (1, 130, 8), (129, 1, 200)])
+def test_gemm_matches_torch_in_every_order(dtype, M, N, K):
+    g = torch.Generator().manual_seed(M * N + K)
+    a = torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(N, K, generator=g).to(dtype)
+    ref = a.double() @ b.double().T
+    results = []
+    for order in ORDERS:
+        c, launches = run(ops._emu_gemm, a, b, True, order=order)
+        assert launches[0]["errors"] == []
+        torch.testing.assert_close(c.double(), ref, atol=1e-4 * K ** 0.5, rtol=1e-4)
+        results.append(c)
+    assert all(torch.equal(results[0], r) for r in results[1:])  # thread order does not matter
+
+
+def test_gemm_counters():
+    M, N, K = 128, 192, 128
+    a, b = torch.randn(M, K).half(), torch.randn(N, K).half()
+    _, (swz,) = run(ops._emu_gemm, a, b, True)
+    _, (plain,) = run(ops._emu_gemm, a, b, False)
+    blocks, k_tiles = (M // 64) * (N // 64), K // 64
+    # 4 warps x 4 k-steps x 8 n-tiles per k tile: one mma per 16x8x16 product
+    assert swz["mma"] == M * N * K // (16 * 8 * 16) == blocks * k_tiles * 4 * 4 * 8
+    assert swz["barriers"] == blocks * 2 * k_tiles
+    assert swz["global_bytes_read"] == blocks * k_tiles * 2 * 64 * 64 * 2
+    assert swz["global_bytes_written"] == M * N * 4
+    assert swz["global_sectors"] == swz["global_sectors_ideal"]  # 16-byte loads, float2 stores
+    lds, cpa = swz["shared"]["ldmatrix"], swz["shared"]["cp_async"]
+    assert lds["wavefronts"] == lds["ideal"] == 4 * lds["requests"]  # swizzled: conflict-free
+    assert cpa["wavefronts"] == cpa["ideal"] == 4 * cpa["requests"]
+    # unswizzled 128-byte rows: the 8 rows of an ldmatrix phase share banks, 8-way conflicts
+    assert plain["shared"]["ldmatrix"]["wavefronts"] == 8 * plain["shared"]["ldmatrix"]["ideal"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("n", [1, 255, 256, 100_000])
+def test_block_reduce(order, n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    s, launches = run(ops._emu_block_reduce, x, order=order)
+    torch.testing.assert_close(s.double(), x.double().sum().reshape(1), atol=1e-4 * n ** 0.5, rtol=1e-5)
+    assert launches[0]["errors"] == [] and launches[0]["barriers"] == launches[0]["grid"][0]
+
+
+# ---------------------------------------------------------------- checkers
+BUGS = {
+    # which access of a racing pair comes second depends on the thread order, so either may be reported
+    "race_read": r"shared-memory race: thread \(\d+,0,0\) of block \(0,0,0\) at selftest_kernels\.cpp:\d+ "
+                 r"(reads a byte written|writes a byte read), with no __syncthreads between, by thread \(\d+,0,0\)",
+    "race_write": r"shared-memory race: .* (writes a byte read|reads a byte written), with no __syncthreads between",
+    "uninitialised": r"uninitialised shared memory: thread \(\d+,0,0\) of block \(0,0,0\) at selftest_kernels\.cpp:\d+ "
+                     r"reads shared memory that nothing in this block has written",
+    "oob_global": r"out-of-bounds global read of 4 bytes .* at selftest_kernels\.cpp:\d+",
+    "oob_shared": r"out-of-bounds shared write of 4 bytes at offset \d+ \(dynamic shared memory is 528 bytes\)",
+    "missing_wait": r"accesses a cp\.async destination before the wait that completes it",
+    "wait_group_uncommitted": r"accesses a cp\.async destination before the wait that completes it",
+    "divergent_shfl": r"deadlock: warp collective at selftest_kernels\.cpp:\d+ \(mask 0xffffffff\) is never reached "
+                      r"by lane\(s\) 16 \(exited\)",
+    "divergent_syncthreads": r"deadlock: __syncthreads at selftest_kernels\.cpp:\d+ is never reached by 64 thread\(s\) "
+                             r"that exited",
+    "ldmatrix_misaligned": r"ldmatrix at selftest_kernels\.cpp:\d+: row address of lane \d+ is not 16-byte aligned",
+}
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+@pytest.mark.parametrize("bug", sorted(BUGS))
+def test_checker_reports_planted_bug(bug, order):
+    buf = torch.zeros(256)
+    with pytest.raises(RuntimeError, match=BUGS[bug]):
+        with emulate(order=order):
+            ops._emu_planted_bug(bug, buf)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("twin", ["none", "warp_ordered", "wait_all_uncommitted"])
+def test_checker_passes_correct_twin(twin, order):
+    buf = torch.arange(256, dtype=torch.float32)
+    with emulate(order=order) as emu:
+        ops._emu_planted_bug(twin, buf)
+    assert emu.launches[0]["errors"] == []
+    if twin == "warp_ordered":
+        lanes = torch.arange(128)
+        assert torch.equal(buf[:128], ((lanes & ~31) | ((lanes % 32 + 1) % 32)).float())
+    else:
+        assert torch.equal(buf[:128], ((torch.arange(128) + 1) % 128).float())
+
+
+def test_check_false_skips_race_checking_but_not_bounds():
+    with emulate(check=False) as emu:
+        ops._emu_planted_bug("race_read", torch.zeros(256))
+    assert emu.launches[0]["errors"] == []
+    with pytest.raises(RuntimeError, match="out-of-bounds global read"):
+        with emulate(check=False):
+            ops._emu_planted_bug("oob_global", torch.zeros(256))
+
+
+def test_failed_launch_is_recorded_with_its_errors():
+    with pytest.raises(RuntimeError):
+        with emulate() as emu:
+            ops._emu_planted_bug("race_read", torch.zeros(256))
+    (rec,) = emu.launches
+    assert rec["kernel"] == "planted_bug" and any("shared-memory race" in e for e in rec["errors"])
+
+
+# ---------------------------------------------------------------- Python surface
+def test_emulate_records_launches():
+    with emulate(order="random", seed=3) as emu:
+        ops._emu_block_reduce(torch.ones(1000))
+        assert len(emu.launches) == 1  # readable inside the context too
+        ops._emu_gemm(torch.ones(64, 64).half(), torch.ones(64, 64).half(), True)
+    names = [r["kernel"] for r in emu.launches]
+    assert names == ["block_reduce", "gemm"]
+    rec = emu.launches[1]
+    assert rec["grid"] == [1, 1, 1] and rec["block"] == [128, 1, 1] and rec["threads_per_block"] == 128
+    assert rec["dynamic_smem"] == 4 * 64 * 64 * 2
+    for key in ("global_bytes_read", "global_bytes_written", "global_requests", "global_sectors",
+                "global_sectors_ideal", "mma", "barriers", "shared", "errors"):
+        assert key in rec
+
+
+def test_emulate_arguments():
+    with pytest.raises(ValueError, match="order must be one of"):
+        emulate(order="sideways")
+    with pytest.raises(TypeError, match="check must be a bool"):
+        emulate(check=1)
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        emulate(workers=0)
+    with emulate():
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with emulate():
+                pass
+    assert flash_cuda.emulate is emulate
