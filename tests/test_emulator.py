@@ -215,6 +215,26 @@ def test_shfl_from_lane_outside_mask_is_reported():
         run(ops._emu_shfl_probe, torch.arange(32, dtype=torch.int32), 2, 16, 32, 0x0000FFFF, False)
 
 
+# ---------------------------------------------------------------- fp16 / bf16 on the host
+def test_host_fp16_bf16_round_to_nearest_even():
+    """The CUDA headers' host conversions and the supplied __hfma agree with torch's RNE
+    conversions, on ties, subnormals, overflow, infinities and random values."""
+    g = torch.Generator().manual_seed(0)
+    special = [0.0, -0.0, 1.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 2 ** -24, 2 ** -25,
+               3 * 2 ** -26, 65504.0, 65520.0, 1e9, -1e9, float("inf"), float("-inf"), 1 / 3, -2.5e-6]
+    x = torch.cat([torch.tensor(special), torch.randn(2000, generator=g) * 10 ** torch.randint(-6, 5, (2000,), generator=g)])
+    out, _ = run(ops._emu_convert_probe, x)
+    bits = lambda t: t.view(torch.int16).to(torch.int64) & 0xFFFF
+    assert torch.equal(out[:, 0].to(torch.int64), bits(x.half()))
+    assert torch.equal(out[:, 1].to(torch.int64), bits(x.bfloat16()))
+    packed = out[:, 2].to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(packed & 0xFFFF, bits(x.half()))  # __floats2half2_rn(a, b): a in the low half
+    assert torch.equal(packed >> 16, bits(torch.ones_like(x).half()))
+    h = x.half().double()
+    finite = torch.isfinite(h * h + h)
+    assert torch.equal(out[finite, 3].to(torch.int64), bits((h * h + h)[finite].half()))  # one rounding
+
+
 # ---------------------------------------------------------------- cp.async
 def test_cp_async_groups_match_oracle_trace():
     trace = LAYOUTS["cp_async"]["example_trace"]["memory"]

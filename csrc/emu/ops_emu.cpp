@@ -85,6 +85,14 @@ void shared_load_probe(const at::Tensor& offsets, int64_t width, int64_t smem_by
                               reinterpret_cast<uint32_t*>(sink.data_ptr()));
 }
 
+at::Tensor convert_probe(const at::Tensor& x) {
+  auto x_ = checked(x, at::kFloat, x.numel(), "x");
+  auto out = at::empty({x.numel(), 4}, x.options().dtype(at::kInt));
+  emu::set_buffers({footprint(x_, false), footprint(out, true)});
+  selftest::convert_probe(x_.data_ptr<float>(), static_cast<int>(x_.numel()), reinterpret_cast<uint32_t*>(out.data_ptr()));
+  return out;
+}
+
 at::Tensor cp_async_trace(const at::Tensor& src) {
   auto s = checked(src, at::kByte, 256, "src");
   auto out = at::zeros({40}, s.options());
@@ -136,6 +144,7 @@ TORCH_LIBRARY_FRAGMENT(flash_cuda, m) {
   m.def("_emu_mma_probe(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor", &mma_probe);
   m.def("_emu_shfl_probe(Tensor values, int mode, int b, int width, int mask, bool wide) -> Tensor", &shfl_probe);
   m.def("_emu_shared_load_probe(Tensor offsets, int width, int smem_bytes) -> ()", &shared_load_probe);
+  m.def("_emu_convert_probe(Tensor x) -> Tensor", &convert_probe);
   m.def("_emu_cp_async_trace(Tensor src) -> Tensor", &cp_async_trace);
   m.def("_emu_gemm(Tensor a, Tensor b, bool swizzle) -> Tensor", &gemm);
   m.def("_emu_block_reduce(Tensor x) -> Tensor", &block_reduce);

@@ -70,6 +70,26 @@ __global__ void shared_load_probe_kernel(const int32_t* g_offset, int smem_bytes
   st_global(&g_sink[lane], first);
 }
 
+__global__ void convert_probe_kernel(const float* __restrict__ g_x, int n, uint32_t* __restrict__ g_out) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = ld_global(&g_x[i]);
+    const __half h = __float2half_rn(x);
+    const __nv_bfloat16 b = __float2bfloat16_rn(x);
+    const __half2 h2 = __floats2half2_rn(x, 1.0f);
+    const __half f = __hfma(h, h, h);
+    uint16_t hb, bb, fb;
+    uint32_t h2b;
+    std::memcpy(&hb, &h, 2);
+    std::memcpy(&bb, &b, 2);
+    std::memcpy(&h2b, &h2, 4);
+    std::memcpy(&fb, &f, 2);
+    st_global(&g_out[4 * i], uint32_t(hb));
+    st_global(&g_out[4 * i + 1], uint32_t(bb));
+    st_global(&g_out[4 * i + 2], h2b);
+    st_global(&g_out[4 * i + 3], uint32_t(fb));
+  }
+}
+
 __global__ void cp_async_trace_kernel(const uint8_t* g_src, uint8_t* g_out) {
   uint8_t* s_dst = dynamic_smem<uint8_t>();  // [256]
   for (int i = 0; i < 64; ++i) st_shared(reinterpret_cast<uint32_t*>(s_dst) + i, 0u);
@@ -280,6 +300,10 @@ void shared_load_probe(const int32_t* g_offset, int width, int smem_bytes, uint3
   auto k = width == 4 ? shared_load_probe_kernel<uint32_t> : width == 8 ? shared_load_probe_kernel<uint2>
                                                                         : shared_load_probe_kernel<uint4>;
   launch_kernel("shared_load_probe", k, dim3(1), dim3(32), size_t(smem_bytes), nullptr, g_offset, smem_bytes, g_sink);
+}
+
+void convert_probe(const float* g_x, int n, uint32_t* g_out) {
+  launch_kernel("convert_probe", convert_probe_kernel, dim3(1), dim3(64), 0, nullptr, g_x, n, g_out);
 }
 
 void cp_async_trace(const uint8_t* g_src, uint8_t* g_out) {

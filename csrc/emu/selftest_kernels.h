@@ -25,6 +25,11 @@ void shfl_probe(const uint32_t* g_in, int mode, int b, int width, unsigned mask,
 // shared buffer of smem_bytes, for counting wavefronts.
 void shared_load_probe(const int32_t* g_offset, int width, int smem_bytes, uint32_t* g_sink);
 
+// One block: g_out[4*i + 0..3] = bits of __float2half_rn(x[i]), __float2bfloat16_rn(x[i]),
+// __floats2half2_rn(x[i], 1) (as 32 bits: x[i] in the low half) and __hfma(h, h, h) with
+// h = __float2half_rn(x[i]) - the host conversions and the 16-bit math the emulator supplies.
+void convert_probe(const float* g_x, int n, uint32_t* g_out);
+
 // One thread replays ptx-oracle's cp.async example (three groups, wait_group 1, wait_group 0)
 // from g_src[256]; g_out[0:8] = dst[0:8] and g_out[8:24] = dst[16:32] after wait_group 1,
 // g_out[24:40] = dst[32:48] after wait_group 0.
