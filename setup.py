@@ -42,7 +42,7 @@ def extension():
     from torch.utils import cpp_extension
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/emu/*.cpp")
+    cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/emu/*.cpp") + rel("csrc/emu/generated/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/**/*.cu")
     # -fopenmp: at::parallel_for is a header template whose "omp parallel" compiles in this
     # extension; without the flag it silently runs on one thread. The libgomp it links

@@ -8,6 +8,8 @@
 #include <ATen/OpMathType.h>
 
 #include "cpu/attention_cpu.h"
+#include "emu/emu_session.h"
+#include "kernel_launch.h"
 
 namespace flash_cuda {
 namespace {
@@ -61,6 +63,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& v, double scale, bool causal,
                                            bool bottom_right) {
   check_qkv(q, k, v);
+  if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
+    return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), scale, causal, bottom_right,
+                       Executor::emu);
   return cpu::attention_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
                             scale, causal, bottom_right);
 }
@@ -94,6 +99,17 @@ TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {
   m.impl("fwd", &fwd_cpu);
   m.impl("bwd", &bwd_cpu);
 }
+
+#if defined(FLASH_CUDA_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            double scale, bool causal, bool bottom_right) {
+  check_qkv(q, k, v);
+  return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), scale, causal, bottom_right,
+                     Executor::cuda);
+}
+
+TORCH_LIBRARY_IMPL(flash_cuda, CUDA, m) { m.impl("fwd", &fwd_cuda); }
+#endif
 
 }  // namespace flash_cuda
 

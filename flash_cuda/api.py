@@ -8,9 +8,12 @@ import math
 
 import torch
 
+from .emulate import emulate
+
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("flash_cuda::fwd", "CUDA")
 
 
@@ -44,11 +47,12 @@ def _check_tensors(fn, names, tensors):
                 f"{fn}: {first} is a CUDA tensor but this build of flash_cuda has no CUDA kernels "
                 "(it was built without a CUDA toolkit or without CUDA sources); use CPU tensors "
                 "or reinstall with a CUDA toolkit")
-        if q.dtype == torch.float64:
-            raise TypeError(f"{fn}: {first} has dtype float64, which is supported on CPU only; "
-                            "use float16, bfloat16 or float32 on CUDA")
     elif q.device.type not in ("cpu", "meta"):
         raise RuntimeError(f"{fn}: {first} is on device '{q.device}'; expected cpu or cuda")
+    if (q.device.type == "cuda" or (q.device.type == "cpu" and emulate._active)) and q.dtype not in _KERNEL_DTYPES:
+        where = "on CUDA" if q.device.type == "cuda" else "inside flash_cuda.emulate()"
+        raise TypeError(f"{fn}: {first} has dtype {q.dtype}; the CUDA kernels take float16 or bfloat16 "
+                        f"{where} (float32 and float64 run on CPU tensors outside flash_cuda.emulate())")
 
 
 def _check_shapes(fn, names, q, k, v):

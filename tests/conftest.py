@@ -13,4 +13,6 @@ def device(request):
 
 
 def dtypes_for(device):
-    return [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if device == "cpu" else [])
+    if device == "cuda":  # the CUDA kernels are 16-bit (tensor cores)
+        return [torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -96,13 +96,29 @@ def test_causal_not_bool():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_float64():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernels_take_16_bit(dtype):
     if not flash_cuda.has_cuda_kernels():
         with pytest.raises(RuntimeError, match=r"has no CUDA kernels"):
             attention(*qkv(device="cuda"))
     else:
-        with pytest.raises(TypeError, match=r"float64, which is supported on CPU only"):
-            attention(*qkv(dtype=torch.float64, device="cuda"))
+        with pytest.raises(TypeError, match=r"the CUDA kernels take float16 or bfloat16 on CUDA"):
+            attention(*qkv(dtype=dtype, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_kernels_take_16_bit(dtype):
+    with flash_cuda.emulate():
+        with pytest.raises(TypeError, match=r"the CUDA kernels take float16 or bfloat16 inside flash_cuda\.emulate\(\)"):
+            attention(*qkv(dtype=dtype))
+
+
+def test_emulated_kernels_check_in_cpp_too():
+    """A direct op call bypasses the Python checks; the launcher refuses float32 itself."""
+    q, k, v = qkv(dtype=torch.float32)
+    with flash_cuda.emulate():
+        with pytest.raises(RuntimeError, match=r"the CUDA kernels \(emulated\) take float16 or bfloat16 inputs"):
+            torch.ops.flash_cuda.fwd(q, k, v, 0.125, False, True)
 
 
 # The drop-in's unsupported arguments.

@@ -1,6 +1,7 @@
 /* The one place that knows which compiler builds the kernels: nvcc gets the CUDA headers,
  * the host compiler gets the emulator's version of the CUDA device API. Kernel headers
- * include this and nothing CUDA-specific of their own. */
+ * include this and nothing CUDA-specific of their own. Both builds link into one module, so
+ * launch code lives in namespace flash_cuda::FC_BACKEND (cuda_backend or emu_backend). */
 #pragma once
 #include <cstdint>
 
@@ -9,7 +10,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #define FC_DEVICE __device__ __forceinline__
+#define FC_BACKEND cuda_backend
 #else
 #include "../emu/cuda_host.h"
 #define FC_DEVICE inline
+#define FC_BACKEND emu_backend
 #endif

@@ -50,6 +50,21 @@ FC_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 #endif
 }
 
+// Two fp32 values rounded to one register of two 16-bit values, lo in bits 15:0 (the mma
+// fragment order; cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32 underneath).
+template <class T>
+FC_DEVICE uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&r, &h, 4);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &h, 4);
+  }
+  return r;
+}
+
 // ldmatrix.sync.aligned.m8n8.x{N}[.trans].shared.b16: N 8x8 matrices of 16-bit values; lanes
 // 8m..8m+7 pass the (16-byte aligned) row addresses of matrix m, register m of every lane
 // receives its part of matrix m (the mma A/B fragment shape; .trans gives the transpose).

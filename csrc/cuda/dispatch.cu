@@ -1,0 +1,2 @@
+// The CUDA build's dispatch point (see csrc/kernels/dispatch.h).
+#include "kernels/dispatch.h"

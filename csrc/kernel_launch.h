@@ -1,0 +1,15 @@
+// Host side of the attention kernels (CUDA build and emulator): see kernel_launch.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace flash_cuda {
+
+enum class Executor { cuda, emu };
+
+// q, k, v: (B, H, N, D) fp16/bf16 with unit stride in D, checked by the caller (ops.cpp).
+std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               double scale, bool causal, bool bottom_right, Executor executor);
+
+}  // namespace flash_cuda

@@ -1,0 +1,25 @@
+/* What the host side (csrc/kernel_launch.cpp) calls: one entry point per backend, with the
+ * same signature. No torch and no CUDA headers, so torch code can include it. */
+#pragma once
+#include "params.h"
+
+namespace flash_cuda {
+
+// Head dims the kernels are instantiated for; a head dim d runs in the smallest that fits.
+constexpr int kFwdHeadDims[] = {32, 64, 96, 128, 192, 256};
+inline int fwd_head_dim_bucket(int d) {
+  for (int h : kFwdHeadDims)
+    if (d <= h) return h;
+  return -1;
+}
+
+// Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator).
+// Returns nullptr on success, else the launch error's text. Emulator check failures throw.
+namespace cuda_backend {
+const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream);
+}
+namespace emu_backend {
+const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream);
+}
+
+}  // namespace flash_cuda

@@ -1,0 +1,84 @@
+/* Tile copies between global and shared memory (whole block cooperating), and the
+ * shared-to-register fragment loads that feed the mma (one warp).
+ *
+ * Global rows are predicated: rows past the sequence end and columns past the real head dim
+ * are zero-filled, so partial tiles and padded head dims need no special path in the math.
+ */
+#pragma once
+#include "layout.h"
+#include "ptx.h"
+
+namespace flash_cuda {
+
+// Rows [row0, row0 + kRows) of a [n_rows, d] matrix (row stride in elements) into a swizzled
+// shared tile. vec: 16-byte cp.async per chunk (asynchronous: the caller commits and waits);
+// otherwise plain 2-byte loads and stores (synchronous), for rows that are not 16-byte aligned.
+template <class Layout, int kThreads, class T>
+FC_DEVICE void load_tile(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d, bool vec) {
+  const uint16_t* g_raw = reinterpret_cast<const uint16_t*>(g_m);
+  uint16_t* s_raw = reinterpret_cast<uint16_t*>(s_tile);
+  for (int id = threadIdx.x; id < Layout::kTotalChunks; id += kThreads) {
+    int row, col;
+    Layout::chunk_coord(id, row, col);
+    const int g_row = row0 + row;
+    const int valid = g_row < n_rows ? max(0, min(8, d - col)) : 0;  // elements to read
+    uint16_t* dst = s_raw + Layout::offset(row, col);
+    const uint16_t* src = g_raw + g_row * row_stride + col;
+    if (vec) {
+      cp_async_cg16(dst, valid > 0 ? src : g_raw, 2 * valid);  // src-size 0: zero fill, no read
+    } else {
+      for (int e = 0; e < 8; ++e) st_shared(dst + e, e < valid ? ld_global(src + e) : uint16_t(0));
+    }
+  }
+}
+
+// Rows [0, 16) of a warp's slice of a shared tile (starting at tile row row0) to global rows
+// [g_row0, g_row0 + 16) of a [n_rows, d] matrix, 16 bytes per lane per step (128-bit stores,
+// 4 or 8 lanes per row: coalesced), element by element where a chunk is partial or unaligned.
+template <class Layout, class T>
+FC_DEVICE void store_warp_rows(T* g_m, int64_t row_stride, const T* s_tile, int row0, int g_row0, int n_rows, int d,
+                               bool vec, int lane) {
+  using Rows16 = SmemLayout<16, Layout::kCols>;  // the copy order of a 16-row tile
+  uint16_t* g_raw = reinterpret_cast<uint16_t*>(g_m);
+  const uint16_t* s_raw = reinterpret_cast<const uint16_t*>(s_tile);
+  for (int id = lane; id < Rows16::kTotalChunks; id += 32) {
+    int row, col;
+    Rows16::chunk_coord(id, row, col);
+    const int g_row = g_row0 + row;
+    if (g_row >= n_rows || col >= d) continue;
+    const uint4 chunk = ld_shared(reinterpret_cast<const uint4*>(s_raw + Layout::offset(row0 + row, col)));
+    uint16_t* dst = g_raw + g_row * row_stride + col;
+    if (vec && col + 8 <= d) {
+      st_global(reinterpret_cast<uint4*>(dst), chunk);
+    } else {
+      uint16_t e16[8];
+      memcpy(e16, &chunk, 16);
+      for (int e = 0; e < 8 && col + e < d; ++e) st_global(dst + e, e16[e]);
+    }
+  }
+}
+
+// ---- fragments (ptx-oracle "compositions_for_mma_m16n8k16") ----
+
+// A operand 16x16 at (row0, col0) of a [m][k] tile: ldmatrix.x4, lane L addresses row
+// row0 + L % 16, column col0 + 8 * (L / 16).
+template <class Layout, class T>
+FC_DEVICE void load_a_frag(uint32_t (&rA)[4], const T* s_tile, int row0, int col0, int lane) {
+  ldmatrix<4>(rA, s_tile + Layout::offset(row0 + lane % 16, col0 + 8 * (lane / 16)));
+}
+
+// B operands of two n-tiles (n0..n0+16) for k0..k0+16 from a tile stored [n][k] (K for
+// S = Q K^T): ldmatrix.x4 without .trans. rB[0..1]: n-tile n0, rB[2..3]: n-tile n0 + 8.
+template <class Layout, class T>
+FC_DEVICE void load_b_frags_nk(uint32_t (&rB)[4], const T* s_tile, int n0, int k0, int lane) {
+  ldmatrix<4>(rB, s_tile + Layout::offset(n0 + lane % 8 + 8 * (lane / 16), k0 + 8 * ((lane / 8) % 2)));
+}
+
+// B operands of two n-tiles (n0..n0+16) for k0..k0+16 from a tile stored [k][n] (V for
+// O = P V): ldmatrix.x4.trans. rB[0..1]: n-tile n0, rB[2..3]: n-tile n0 + 8.
+template <class Layout, class T>
+FC_DEVICE void load_b_frags_kn(uint32_t (&rB)[4], const T* s_tile, int k0, int n0, int lane) {
+  ldmatrix<4, true>(rB, s_tile + Layout::offset(k0 + lane % 16, n0 + 8 * (lane / 16)));
+}
+
+}  // namespace flash_cuda

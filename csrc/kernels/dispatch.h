@@ -1,0 +1,62 @@
+/* The one dispatch point: dtype, then head dim, then causal, to an instantiation of
+ * run_fwd. Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
+ * instantiations themselves are compiled in their own generated files. */
+#pragma once
+#include "api.h"
+#include "platform.h"
+
+#define FC_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                 \
+    if (COND) {                         \
+      constexpr bool NAME = true;       \
+      return __VA_ARGS__();             \
+    } else {                            \
+      constexpr bool NAME = false;      \
+      return __VA_ARGS__();             \
+    }                                   \
+  }()
+
+#define FC_DTYPE_SWITCH(IS_BF16, T, ...) \
+  [&] {                                  \
+    if (IS_BF16) {                       \
+      using T = __nv_bfloat16;           \
+      return __VA_ARGS__();              \
+    } else {                             \
+      using T = __half;                  \
+      return __VA_ARGS__();              \
+    }                                    \
+  }()
+
+#define FC_HEADDIM_SWITCH(D, NAME, ...)                                   \
+  [&] {                                                                   \
+    if (D <= 32) { constexpr int NAME = 32; return __VA_ARGS__(); }       \
+    else if (D <= 64) { constexpr int NAME = 64; return __VA_ARGS__(); }  \
+    else if (D <= 96) { constexpr int NAME = 96; return __VA_ARGS__(); }  \
+    else if (D <= 128) { constexpr int NAME = 128; return __VA_ARGS__(); } \
+    else if (D <= 192) { constexpr int NAME = 192; return __VA_ARGS__(); } \
+    else { constexpr int NAME = 256; return __VA_ARGS__(); }              \
+  }()
+
+namespace flash_cuda {
+namespace FC_BACKEND {
+
+template <class T, int kHeadDim, bool kCausal>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream);  // generated instantiations
+
+const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream) {
+  const cudaError_t e = FC_DTYPE_SWITCH(bf16, T, [&] {
+    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+      return FC_BOOL_SWITCH(causal, kCausal, [&] {
+        return run_fwd<T, kHeadDim, kCausal>(p, static_cast<cudaStream_t>(stream));
+      });
+    });
+  });
+#if defined(__CUDACC__)
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+#else
+  return e == cudaSuccess ? nullptr : "emulated launch failed";
+#endif
+}
+
+}  // namespace FC_BACKEND
+}  // namespace flash_cuda

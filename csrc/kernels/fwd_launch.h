@@ -1,0 +1,22 @@
+/* Launch of one forward instantiation: grid, block and shared memory from the traits. The
+ * generated files csrc/cuda/fwd_*.cu and csrc/emu/generated/fwd_*.cpp instantiate it once each. */
+#pragma once
+#include <string>
+
+#include "fwd_kernel.h"
+#include "launch.h"
+
+namespace flash_cuda {
+namespace FC_BACKEND {
+
+template <class T, int kHeadDim, bool kCausal>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Kt = FwdTraits<T, kHeadDim, fwd_block_n<kHeadDim>()>;
+  static const std::string name = std::string("flash_fwd<") + (sizeof(T) == 2 && std::is_same<T, __half>::value ? "fp16" : "bf16") +
+                                  ",hdim" + std::to_string(kHeadDim) + (kCausal ? ",causal>" : ">");
+  const dim3 grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);
+  return launch_kernel(name.c_str(), flash_fwd_kernel<Kt, kCausal>, grid, dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+}
+
+}  // namespace FC_BACKEND
+}  // namespace flash_cuda

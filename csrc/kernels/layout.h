@@ -1,0 +1,43 @@
+/* Shared-memory tile layout: a [kRows][kCols] tile of 16-bit values, kCols a multiple of 32,
+ * stored in column blocks of 64 (or 32) values with an XOR swizzle on 16-byte chunks.
+ *
+ * Why: ldmatrix reads 8 rows at the same column chunk in one phase, and cp.async writes 8
+ * consecutive chunks of a row in one phase (ptx-oracle bank model: 16-byte accesses are served
+ * 8 lanes at a time). Unswizzled 128-byte rows put all 8 rows of an ldmatrix phase in the same
+ * banks (8-way conflict). Swizzling chunk c of row r to c ^ (r % 8) (CuTe Swizzle<3,3,3>, as in
+ * FlashAttention-2) gives every row of the phase its own 16 bytes of the 128-byte bank cycle.
+ * With 64-byte block rows (head dims 32 and 96) two rows share a bank cycle, so the swizzle is
+ * c ^ ((r / 2) % 4) (Swizzle<2,3,3>): rows r and r+1 differ in bank half, pairs in chunk.
+ * Column blocks keep every row of a block 128 (or 64) bytes, whatever kCols is.
+ */
+#pragma once
+#include "platform.h"
+
+namespace flash_cuda {
+
+template <int kRows_, int kCols_>
+struct SmemLayout {
+  static constexpr int kRows = kRows_, kCols = kCols_;
+  static_assert(kCols % 32 == 0, "tile columns come in 16-byte chunks within 32- or 64-wide blocks");
+  static constexpr int kBlockCols = kCols % 64 == 0 ? 64 : 32;
+  static constexpr int kChunks = kBlockCols / 8;  // 16-byte chunks per block row
+  static constexpr int kElems = kRows * kCols;
+  static constexpr int kTotalChunks = kElems / 8;
+
+  // Element offset of (row, col).
+  FC_DEVICE static int offset(int row, int col) {
+    const int chunk = (col % kBlockCols) / 8;
+    const int swizzled = kBlockCols == 64 ? chunk ^ (row % 8) : chunk ^ ((row / 2) % 4);
+    return (col / kBlockCols) * (kRows * kBlockCols) + row * kBlockCols + swizzled * 8 + col % 8;
+  }
+  // The id-th 16-byte chunk in copy order (block, then row, then chunk): 8 consecutive ids
+  // are 128 contiguous bytes of one block row (or of two 64-byte rows), the conflict-free
+  // order for cp.async and 128-bit shared loads.
+  FC_DEVICE static void chunk_coord(int id, int& row, int& col) {
+    const int block = id / (kRows * kChunks), rem = id % (kRows * kChunks);
+    row = rem / kChunks;
+    col = block * kBlockCols + (rem % kChunks) * 8;
+  }
+};
+
+}  // namespace flash_cuda
