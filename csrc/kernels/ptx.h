@@ -179,7 +179,14 @@ FC_DEVICE T ld_global(const T* g_p FC_SITE) {
 template <class T>
 FC_DEVICE void st_global(T* g_p, const T& v FC_SITE) {
 #if defined(__CUDACC__)
-  *g_p = v;
+  if constexpr (sizeof(T) == 16) {  // a struct assignment would be split into 32-bit stores
+    uint32_t w[4];
+    memcpy(w, &v, 16);
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(g_p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+    *g_p = v;
+  }
 #else
   ::emu::global_store(g_p, &v, sizeof(T), site);
 #endif

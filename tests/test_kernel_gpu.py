@@ -1,0 +1,82 @@
+"""The CUDA kernels on a real GPU (skipped without one): against the float64 reference under
+FlashAttention's rule and against torch SDPA, on the current stream, allocating nothing but
+the outputs. The same kernel source is tested without a GPU in test_kernel_fwd.py /
+test_kernel_bwd.py (emulator)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flash_cuda
+from reference import assert_fa_rule, attention_ref
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and flash_cuda.has_cuda_kernels()),
+                                reason="needs a CUDA GPU and a build with the CUDA kernels")
+
+
+def make(B, Hq, Hkv, Nq, Nk, D, dtype, requires_grad=False):
+    g = torch.Generator(device="cuda").manual_seed(B * 1000 + Nq + D)
+    mk = lambda h, n: torch.randn(B, h, n, D, device="cuda", dtype=dtype, generator=g).requires_grad_(requires_grad)
+    return mk(Hq, Nq), mk(Hkv, Nk), mk(Hkv, Nk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 192, 256, 40, 59])
+@pytest.mark.parametrize("Nq,Nk", [(1, 1), (113, 203), (1025, 1025), (203, 17)])
+def test_forward_vs_reference_and_sdpa(dtype, causal, D, Nq, Nk):
+    q, k, v = make(2, 4, 2, Nq, Nk, D, dtype)
+    out, lse = flash_cuda.attention(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = attention_ref(q, k, v, causal=causal)
+    plain, _ = attention_ref(q, k, v, causal=causal, dtype=dtype)
+    assert_fa_rule("out", out, plain, ref, 2)
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-3)
+    if not causal or Nq == Nk:  # SDPA's causal is top-left; equal lengths make both agree
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        assert (out.float() - sdpa.float()).abs().max() <= 2 * (plain.float() - ref.float()).abs().max() + 1e-3
+
+
+def test_forward_on_a_side_stream_allocates_only_outputs():
+    q, k, v = make(2, 4, 4, 512, 512, 64, torch.float16)
+    expected = flash_cuda.attention(q, k, v)
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.cuda.stream(stream):
+        out, lse = flash_cuda.attention(q, k, v, return_lse=True)
+        assert torch.cuda.memory_allocated() - before == out.numel() * 2 + lse.numel() * 4
+    stream.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128, 59])
+def test_backward_vs_reference_and_sdpa(dtype, causal, D):
+    q, k, v = make(2, 4, 2, 203, 203, D, dtype, requires_grad=True)
+    out = flash_cuda.attention(q, k, v, causal=causal)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = attention_ref(*leaves, causal=causal)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    plain_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    plain, _ = attention_ref(*plain_leaves, causal=causal, dtype=dtype)
+    plain_grads = torch.autograd.grad(plain, plain_leaves, dout)
+    for name, g, pg, rg in zip("qkv", grads, plain_grads, ref_grads):
+        assert_fa_rule("d" + name, g, pg, rg, 3)
+    sdpa_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    sdpa = F.scaled_dot_product_attention(*sdpa_leaves, is_causal=causal, enable_gqa=True)
+    sdpa_grads = torch.autograd.grad(sdpa, sdpa_leaves, dout)
+    for g, sg, pg, rg in zip(grads, sdpa_grads, plain_grads, ref_grads):
+        assert (g.float() - sg.float()).abs().max() <= 3 * (pg.float() - rg.float()).abs().max() + 1e-3
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    q, k, v = make(1, 8, 2, 777, 777, 128, torch.bfloat16, requires_grad=True)
+    runs = []
+    for _ in range(3):
+        out = flash_cuda.attention(q, k, v, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for later in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
