@@ -30,49 +30,59 @@ emu::Buffer footprint(const at::Tensor& t, bool writable) {
   return {t.data_ptr(), t.numel() == 0 ? 0 : (last + 1) * t.element_size(), writable};
 }
 
+void check_kernel_inputs(const at::Tensor& q, Executor executor) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "flash_cuda: the CUDA kernels",
+              executor == Executor::emu ? " (emulated)" : "", " take float16 or bfloat16 inputs, got ", q.scalar_type());
+}
+
+TensorRef ref(const at::Tensor& x) {
+  TORCH_CHECK(x.stride(-1) == 1, "flash_cuda: the kernels need unit stride in the head dim");
+  return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// Sizes, scale, mask and the vector-path flag shared by the forward and backward params.
+AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right,
+                     std::initializer_list<const at::Tensor*> all) {
+  const int64_t Nq = q.size(2), Nk = k.size(2);
+  TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && q.size(0) <= 65535 && q.size(1) <= 65535,
+              "flash_cuda: sequence lengths must be < 2^31 and B, H <= 65535 for the CUDA kernels");
+  AttnShape s{};
+  s.b = static_cast<int>(q.size(0));
+  s.hq = static_cast<int>(q.size(1));
+  s.hkv = static_cast<int>(k.size(1));
+  s.nq = static_cast<int>(Nq);
+  s.nk = static_cast<int>(Nk);
+  s.d = static_cast<int>(q.size(3));
+  s.scale = static_cast<float>(scale);
+  s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  s.mask = CausalMask::make(causal, bottom_right, Nq, Nk);
+  s.vec_aligned = true;
+  for (const at::Tensor* x : all) s.vec_aligned = s.vec_aligned && row_starts_aligned(*x);
+  return s;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                double scale, bool causal, bool bottom_right, Executor executor) {
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || q.scalar_type() == at::kHalf, "flash_cuda: the CUDA kernels", executor == Executor::emu ? " (emulated)" : "",
-              " take float16 or bfloat16 inputs, got ", q.scalar_type());
-  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1, "flash_cuda: unit stride in the head dim");
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
-  TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && B <= 65535 && Hq <= 65535,
-              "flash_cuda: sequence lengths must be < 2^31 and B, H <= 65535 for the CUDA kernels");
+  check_kernel_inputs(q, executor);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   auto out = at::empty({B, Hq, Nq, D}, q.options());
   auto lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  if (Nk == 0) {  // no key at all: every row is empty
+  if (k.size(2) == 0) {  // no key at all: every row is empty
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-
   FwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.o = out.data_ptr();
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, causal, bottom_right, {&q, &k, &v, &out});
+  p.q = ref(q);
+  p.k = ref(k);
+  p.v = ref(v);
+  p.o = ref(out);
   p.lse = lse.data_ptr<float>();
-  const at::Tensor* views[] = {&q, &k, &v, &out};
-  int64_t* strides[] = {&p.q_batch_stride, &p.k_batch_stride, &p.v_batch_stride, &p.o_batch_stride};
-  for (int i = 0; i < 4; ++i) {
-    strides[i][0] = views[i]->stride(0);
-    strides[i][1] = views[i]->stride(1);
-    strides[i][2] = views[i]->stride(2);
-  }
-  p.b = static_cast<int>(B);
-  p.hq = static_cast<int>(Hq);
-  p.hkv = static_cast<int>(Hkv);
-  p.nq = static_cast<int>(Nq);
-  p.nk = static_cast<int>(Nk);
-  p.d = static_cast<int>(D);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.mask = CausalMask::make(causal, bottom_right, Nq, Nk);
-  p.vec_aligned = row_starts_aligned(q) && row_starts_aligned(k) && row_starts_aligned(v) && row_starts_aligned(out);
-
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
   const char* err = nullptr;
   if (executor == Executor::emu) {
     emu::set_buffers({footprint(q, false), footprint(k, false), footprint(v, false), footprint(out, true),
@@ -88,6 +98,69 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Te
   }
   TORCH_CHECK(err == nullptr, "flash_cuda: forward kernel launch failed: ", err);
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dout, const at::Tensor& q,
+                                                           const at::Tensor& k, const at::Tensor& v,
+                                                           const at::Tensor& out, const at::Tensor& lse,
+                                                           const std::optional<at::Tensor>& dlse, double scale,
+                                                           bool causal, bool bottom_right, bool deterministic,
+                                                           Executor executor) {
+  check_kernel_inputs(q, executor);
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0) {  // nothing to propagate through
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  BwdParams p{};
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, causal, bottom_right, {&q, &k, &v, &out, &dout, &dq, &dk, &dv});
+  p.q = ref(q);
+  p.k = ref(k);
+  p.v = ref(v);
+  p.o = ref(out);
+  p.dout = ref(dout);
+  p.dq = ref(dq);
+  p.dk = ref(dk);
+  p.dv = ref(dv);
+  const auto lse_c = lse.contiguous();
+  const auto dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
+  p.lse = lse_c.data_ptr<float>();
+  p.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
+  auto di = at::empty(lse.sizes(), lse.options());
+  p.di = di.data_ptr<float>();
+  const bool emulated = executor == Executor::emu;
+  const size_t accum_floats = deterministic ? 0 : (emulated ? emu_backend::bwd_dq_accum_floats(p)
+#if defined(FLASH_CUDA_WITH_CUDA)
+                                                             : cuda_backend::bwd_dq_accum_floats(p));
+#else
+                                                             : 0);
+#endif
+  auto dq_accum = at::empty({static_cast<int64_t>(accum_floats)}, lse.options());
+  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  const char* err = nullptr;
+  if (emulated) {
+    std::vector<emu::Buffer> buffers = {footprint(dout, false), footprint(q, false),    footprint(k, false),
+                                        footprint(v, false),    footprint(out, false),  footprint(lse_c, false),
+                                        footprint(dq, true),    footprint(dk, true),    footprint(dv, true),
+                                        footprint(di, true),    footprint(dq_accum, true)};
+    if (p.dlse) buffers.push_back(footprint(dlse_c, false));
+    emu::set_buffers(std::move(buffers));
+    err = emu_backend::bwd(p, bf16, causal, deterministic, nullptr);
+  } else {
+#if defined(FLASH_CUDA_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(q.device());
+    err = cuda_backend::bwd(p, bf16, causal, deterministic, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "flash_cuda: this build has no CUDA kernels");
+#endif
+  }
+  TORCH_CHECK(err == nullptr, "flash_cuda: backward kernel launch failed: ", err);
+  return {dq, dk, dv};
 }
 
 }  // namespace flash_cuda

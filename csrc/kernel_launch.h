@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace flash_cuda {
@@ -11,5 +12,13 @@ enum class Executor { cuda, emu };
 // q, k, v: (B, H, N, D) fp16/bf16 with unit stride in D, checked by the caller (ops.cpp).
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                double scale, bool causal, bool bottom_right, Executor executor);
+
+// Gradients of fwd_kernels' (out, lse); deterministic: dQ without atomics (bitwise repeatable).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dout, const at::Tensor& q,
+                                                           const at::Tensor& k, const at::Tensor& v,
+                                                           const at::Tensor& out, const at::Tensor& lse,
+                                                           const std::optional<at::Tensor>& dlse, double scale,
+                                                           bool causal, bool bottom_right, bool deterministic,
+                                                           Executor executor);
 
 }  // namespace flash_cuda

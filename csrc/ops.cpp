@@ -61,7 +61,7 @@ void check_lse(const at::Tensor& x, const at::Tensor& q, const char* name) {
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, double scale, bool causal,
-                                           bool bottom_right) {
+                                           bool bottom_right, bool /*deterministic: for bwd*/) {
   check_qkv(q, k, v);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
     return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), scale, causal, bottom_right,
@@ -70,29 +70,58 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                             scale, causal, bottom_right);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-    double scale, bool causal, bool bottom_right) {
+void check_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse) {
   check_qkv(q, k, v);
   check_like(dout, q, "dout");
   check_like(out, q, "out");
   check_lse(lse, q, "lse");
   if (dlse.has_value()) check_lse(*dlse, q, "dlse");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    double scale, bool causal, bool bottom_right, bool deterministic) {
+  check_bwd(dout, q, k, v, out, lse, dlse);
+  if (emu_active())
+    return bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
+                       unit_last_stride(out), lse, dlse, scale, causal, bottom_right, deterministic, Executor::emu);
+  // The CPU backend is deterministic for a fixed thread count either way.
   return cpu::attention_bwd(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k),
                             unit_last_stride(v), unit_last_stride(out), lse, dlse, scale,
                             causal, bottom_right);
 }
 
+#if defined(FLASH_CUDA_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            double scale, bool causal, bool bottom_right, bool /*deterministic*/) {
+  check_qkv(q, k, v);
+  return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), scale, causal, bottom_right,
+                     Executor::cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    double scale, bool causal, bool bottom_right, bool deterministic) {
+  check_bwd(dout, q, k, v, out, lse, dlse);
+  return bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
+                     unit_last_stride(out), lse, dlse, scale, causal, bottom_right, deterministic, Executor::cuda);
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(flash_cuda, m) {
   // causal: key j is visible to query i iff j <= i + (bottom_right ? Nk - Nq : 0).
-  m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, bool bottom_right)"
-        " -> (Tensor out, Tensor lse)");
+  // deterministic: for the backward of this call (a bitwise repeatable dQ on CUDA).
+  m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, bool bottom_right,"
+        " bool deterministic=False) -> (Tensor out, Tensor lse)");
   // dlse: optional gradient flowing into lse (None when lse was not used).
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
-        " float scale, bool causal, bool bottom_right) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " float scale, bool causal, bool bottom_right, bool deterministic=False)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {
@@ -101,14 +130,10 @@ TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {
 }
 
 #if defined(FLASH_CUDA_WITH_CUDA)
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            double scale, bool causal, bool bottom_right) {
-  check_qkv(q, k, v);
-  return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), scale, causal, bottom_right,
-                     Executor::cuda);
+TORCH_LIBRARY_IMPL(flash_cuda, CUDA, m) {
+  m.impl("fwd", &fwd_cuda);
+  m.impl("bwd", &bwd_cuda);
 }
-
-TORCH_LIBRARY_IMPL(flash_cuda, CUDA, m) { m.impl("fwd", &fwd_cuda); }
 #endif
 
 }  // namespace flash_cuda

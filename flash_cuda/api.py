@@ -95,7 +95,7 @@ def _check_flag(fn, name, value):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, deterministic=False):
     """Exact attention softmax(scale * q k^T) v, computed by FlashAttention.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (query head h uses kv head
@@ -108,14 +108,18 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     scale: defaults to 1 / sqrt(D).
     return_lse: also return lse (B, Hq, Nq), the natural log of the softmax denominator with
         the scale included, in float32 (float64 for float64 inputs). Gradients flow through it.
+    deterministic: make the backward bitwise repeatable on CUDA (dQ from a second pass over the
+        key tiles instead of atomic adds: about 7/5 of the backward's tensor-core work). The
+        CPU backend is deterministic either way (for a fixed number of threads).
     """
     fn = "flash_cuda.attention"
     _check_tensors(fn, ("q", "k", "v"), (q, k, v))
     _check_shapes(fn, ("q", "k", "v"), q, k, v)
     _check_flag(fn, "causal", causal)
     _check_flag(fn, "return_lse", return_lse)
+    _check_flag(fn, "deterministic", deterministic)
     scale = _check_scale(fn, scale, q.shape[-1])
-    out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True)
+    out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True, deterministic)
     return (out, lse) if return_lse else out
 
 

@@ -19,22 +19,22 @@ def _unit_last_stride(x):
 
 
 @torch.library.register_fake("flash_cuda::fwd")
-def _fwd_fake(q, k, v, scale, causal, bottom_right):
+def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False):
     out = torch.empty_like(_unit_last_stride(q))
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("flash_cuda::bwd")
-def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right):
+def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, deterministic=False):
     return tuple(torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, bottom_right = inputs
+    q, k, v, scale, causal, bottom_right, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (scale, causal, bottom_right)
+    ctx.args = (scale, causal, bottom_right, bool(rest[0]) if rest else False)
 
 
 def _backward(ctx, dout, dlse):
@@ -42,7 +42,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.flash_cuda.bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_setup_context)

@@ -1,6 +1,8 @@
 /* What the host side (csrc/kernel_launch.cpp) calls: one entry point per backend, with the
  * same signature. No torch and no CUDA headers, so torch code can include it. */
 #pragma once
+#include <stddef.h>
+
 #include "params.h"
 
 namespace flash_cuda {
@@ -15,11 +17,18 @@ inline int fwd_head_dim_bucket(int d) {
 
 // Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator).
 // Returns nullptr on success, else the launch error's text. Emulator check failures throw.
+// Launch the backward kernels (deterministic: the dQ pass instead of atomics). p.dq_accum
+// must hold bwd_dq_accum_floats(p) floats unless deterministic.
+#define FC_BACKEND_API                                                                        \
+  const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream);                 \
+  const char* bwd(const BwdParams& p, bool bf16, bool causal, bool deterministic, void* stream); \
+  size_t bwd_dq_accum_floats(const BwdParams& p);
 namespace cuda_backend {
-const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream);
+FC_BACKEND_API
 }
 namespace emu_backend {
-const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream);
+FC_BACKEND_API
 }
+#undef FC_BACKEND_API
 
 }  // namespace flash_cuda

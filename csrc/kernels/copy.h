@@ -67,6 +67,15 @@ FC_DEVICE void load_a_frag(uint32_t (&rA)[4], const T* s_tile, int row0, int col
   ldmatrix<4>(rA, s_tile + Layout::offset(row0 + lane % 16, col0 + 8 * (lane / 16)));
 }
 
+// A operand 16x16 (m0.., k0..) from a tile stored transposed, [k][m] (dS^T for dQ = dS K):
+// ldmatrix.x4.trans; matrix r = L / 8 of lane L covers stored rows k0 + 8 (r / 2).. and
+// columns m0 + 8 (r % 2).., which .trans turns into a0a1, a2a3, a4a5, a6a7.
+template <class Layout, class T>
+FC_DEVICE void load_a_frag_trans(uint32_t (&rA)[4], const T* s_tile, int m0, int k0, int lane) {
+  const int r = lane / 8;
+  ldmatrix<4, true>(rA, s_tile + Layout::offset(k0 + lane % 8 + 8 * (r / 2), m0 + 8 * (r % 2)));
+}
+
 // B operands of two n-tiles (n0..n0+16) for k0..k0+16 from a tile stored [n][k] (K for
 // S = Q K^T): ldmatrix.x4 without .trans. rB[0..1]: n-tile n0, rB[2..3]: n-tile n0 + 8.
 template <class Layout, class T>

@@ -1,9 +1,10 @@
 /* The one dispatch point: dtype, then head dim, then causal, to an instantiation of
- * run_fwd. Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
+ * run_fwd / run_bwd. Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
  * instantiations themselves are compiled in their own generated files. */
 #pragma once
 #include "api.h"
 #include "platform.h"
+#include "traits.h"
 
 #define FC_BOOL_SWITCH(COND, NAME, ...) \
   [&] {                                 \
@@ -40,22 +41,45 @@
 namespace flash_cuda {
 namespace FC_BACKEND {
 
+// Generated instantiations (csrc/cuda/*_hdim*.cu, csrc/emu/generated/*.cpp).
 template <class T, int kHeadDim, bool kCausal>
-cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream);  // generated instantiations
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream);
+template <class T, int kHeadDim, bool kCausal>
+cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream);
 
-const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream) {
-  const cudaError_t e = FC_DTYPE_SWITCH(bf16, T, [&] {
-    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-      return FC_BOOL_SWITCH(causal, kCausal, [&] {
-        return run_fwd<T, kHeadDim, kCausal>(p, static_cast<cudaStream_t>(stream));
-      });
-    });
-  });
+inline const char* error_text(cudaError_t e) {
 #if defined(__CUDACC__)
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 #else
   return e == cudaSuccess ? nullptr : "emulated launch failed";
 #endif
+}
+
+const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream) {
+  return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
+    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+      return FC_BOOL_SWITCH(causal, kCausal, [&] {
+        return run_fwd<T, kHeadDim, kCausal>(p, static_cast<cudaStream_t>(stream));
+      });
+    });
+  }));
+}
+
+const char* bwd(const BwdParams& p, bool bf16, bool causal, bool deterministic, void* stream) {
+  return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
+    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+      return FC_BOOL_SWITCH(causal, kCausal, [&] {
+        return run_bwd<T, kHeadDim, kCausal>(p, deterministic, static_cast<cudaStream_t>(stream));
+      });
+    });
+  }));
+}
+
+size_t bwd_dq_accum_floats(const BwdParams& p) {  // size of the dQ accumulator the kernels expect
+  return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+    using Kt = BwdTraits<__half, kHeadDim>;
+    return size_t(p.b) * p.hq * ((p.nq + Kt::kBlockM - 1) / Kt::kBlockM * 4) * Kt::kAccumTileFloats;
+  });
 }
 
 }  // namespace FC_BACKEND

@@ -35,10 +35,10 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FwdParams
   T* sQ = dynamic_smem<T>();       // [kBlockM][kHeadDim], swizzled; reused to stage O
   T* sK = sQ + QLayout::kElems;    // [kBlockN][kHeadDim]
   T* sV = sK + KVLayout::kElems;   // [kBlockN][kHeadDim]
-  const T* gQ = static_cast<const T*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
-  const T* gK = static_cast<const T*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
-  const T* gV = static_cast<const T*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
-  T* gO = static_cast<T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+  const T* gQ = head_ptr<const T>(p.q, batch, head);
+  const T* gK = head_ptr<const T>(p.k, batch, kv_head);
+  const T* gV = head_ptr<const T>(p.v, batch, kv_head);
+  T* gO = head_ptr<T>(p.o, batch, head);
   float* gLse = p.lse + (int64_t(batch) * p.hq + head) * p.nq;
 
   // Causal: key tiles entirely above the diagonal of this query tile are never visited.
@@ -48,15 +48,15 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FwdParams
   float rO[kDTiles][4] = {};  // 16 x kHeadDim output rows of this warp, fp32
   OnlineSoftmax softmax;
 
-  load_tile<QLayout, kThreads>(sQ, gQ, p.q_row_stride, m0, p.nq, p.d, p.vec_aligned);
-  if (n_tiles > 0) load_tile<KVLayout, kThreads>(sK, gK, p.k_row_stride, 0, p.nk, p.d, p.vec_aligned);
+  load_tile<QLayout, kThreads>(sQ, gQ, p.q.row_stride, m0, p.nq, p.d, p.vec_aligned);
+  if (n_tiles > 0) load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, 0, p.nk, p.d, p.vec_aligned);
   cp_async_commit();
 
   for (int j = 0; j < n_tiles; ++j) {
     const int n0 = j * kBlockN;
     cp_async_wait<0>();
     __syncthreads();  // K_j (and Q) visible to all; every warp is done reading V_{j-1}
-    load_tile<KVLayout, kThreads>(sV, gV, p.v_row_stride, n0, p.nk, p.d, p.vec_aligned);
+    load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride, n0, p.nk, p.d, p.vec_aligned);
     cp_async_commit();  // V_j lands while S = Q K_j^T computes
 
     float rS[kNTiles][4] = {};  // 16 x kBlockN scores of this warp, fp32
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FwdParams
 
     cp_async_wait<0>();
     __syncthreads();  // V_j visible to all; every warp is done reading K_j
-    if (j + 1 < n_tiles) load_tile<KVLayout, kThreads>(sK, gK, p.k_row_stride, n0 + kBlockN, p.nk, p.d, p.vec_aligned);
+    if (j + 1 < n_tiles) load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, n0 + kBlockN, p.nk, p.d, p.vec_aligned);
     cp_async_commit();  // K_{j+1} lands while O += P V_j computes
 
     for (int k0 = 0; k0 < kBlockN; k0 += 16) {
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FwdParams
                 pack2<T>(rO[dt][2 * half], rO[dt][2 * half + 1]));
     }
   __syncwarp();
-  store_warp_rows<QLayout>(gO, p.o_row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d, p.vec_aligned, lane);
+  store_warp_rows<QLayout>(gO, p.o.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d, p.vec_aligned, lane);
 }
 
 }  // namespace flash_cuda

@@ -65,6 +65,10 @@ FC_DEVICE uint32_t pack2(float lo, float hi) {
   return r;
 }
 
+// One 16-bit value to fp32 (explicit: torch builds with __CUDA_NO_HALF_CONVERSIONS__).
+FC_DEVICE float to_float(__half x) { return __half2float(x); }
+FC_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 // ldmatrix.sync.aligned.m8n8.x{N}[.trans].shared.b16: N 8x8 matrices of 16-bit values; lanes
 // 8m..8m+7 pass the (16-byte aligned) row addresses of matrix m, register m of every lane
 // receives its part of matrix m (the mma A/B fragment shape; .trans gives the transpose).

@@ -35,3 +35,61 @@ template <int kHeadDim>
 constexpr int fwd_block_n() { return kHeadDim <= 64 ? 128 : 64; }
 
 }  // namespace flash_cuda
+
+namespace flash_cuda {
+
+// Backward (FlashAttention-2 Algorithm 2): a block owns one 64-key tile of K and V and walks
+// the 64-row query tiles of every query head of its kv group. 8 warps:
+//   S^T = K Q^T and dP^T = V dO^T: warp (wk, wq) = (warp % 4, warp / 4) computes keys
+//     16 wk.. x queries 32 wq.. (16 x 32, 16 fp32 registers each);
+//   P^T and dS^T go through shared memory (16-bit), because the next products need them in
+//     other warps' shapes;
+//   dV += P^T dO and dK += dS^T Q: warp owns keys 16 wk.. x head-dim columns (D/2) wq..,
+//     so each thread keeps D/4 + D/4 fp32 accumulators for the whole walk;
+//   dQ_i = dS K: warp owns queries 16 wk.. x columns (D/2) wq.., added atomically.
+template <class T_, int kHeadDim_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 64, kBlockN = 64;  // query rows, keys
+  static constexpr int kHalfD = kHeadDim / 2;       // head-dim columns per warp in dV/dK/dQ
+  static_assert(kHalfD % 16 == 0, "each warp's half of the head dim is whole 16-column ldmatrix.x4 pairs");
+  static_assert(kBlockN == 16 * (kWarps / 2) && kBlockM == 32 * 2, "the 4 x 2 warp grid covers the 64 x 64 tile");
+  using QLayout = SmemLayout<kBlockM, kHeadDim>;    // Q_i and dO_i
+  using KVLayout = SmemLayout<kBlockN, kHeadDim>;   // K_j and V_j
+  using PLayout = SmemLayout<kBlockN, kBlockM>;     // P^T and dS^T, [key][query]
+  static constexpr size_t kTileBytes = QLayout::kElems * sizeof(T);
+  static constexpr size_t kFixedBytes = 2 * KVLayout::kElems * sizeof(T) + 2 * PLayout::kElems * sizeof(T);
+  // Q_i, dO_i (+ lse, Di rows) double-buffered where it fits sm_80's 163 KiB per block: the
+  // next query tile loads while this one computes. Head dim 256 has one buffer, refilled
+  // after this tile's last use of it.
+  static constexpr int kStages = kFixedBytes + 2 * (2 * kTileBytes + 2 * kBlockM * 4) <= 163 * 1024 ? 2 : 1;
+  static constexpr size_t kStageBytes = 2 * kTileBytes + 2 * kBlockM * sizeof(float);
+  static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
+  static_assert(kSmemBytes <= 163 * 1024, "fits sm_80's shared memory per block");
+  // dQ accumulator: [B, Hq, row blocks of 16, kHeadDim / 8 n-tiles, 4 elements, 32 lanes] fp32,
+  // the mma accumulator order, so a warp's atomics for one element index are 128 contiguous
+  // bytes (coalesced). Rows are padded to a multiple of kBlockM.
+  static constexpr int kAccumTileFloats = 16 * kHeadDim;  // one 16-row block
+};
+
+// The deterministic dQ pass: the forward's shape (4 warps x 16 query rows, loop over key
+// tiles) computing S, P, dP, dS and dQ += dS K in registers, no atomics.
+template <class T_, int kHeadDim_>
+struct BwdDqTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;  // dQ (D/2) + S and dP (kBlockN/2 each)
+  static constexpr int kNTiles = kBlockN / 8, kDTiles = kHeadDim / 8;
+  static_assert(kHeadDim / 2 + kBlockN <= 160, "accumulators must leave room in 255 registers");
+  using QLayout = SmemLayout<kBlockM, kHeadDim>;
+  using KVLayout = SmemLayout<kBlockN, kHeadDim>;
+  static constexpr size_t kSmemBytes = (2 * QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T);
+};
+
+}  // namespace flash_cuda

@@ -1,0 +1,121 @@
+/* The deterministic dQ pass (deterministic=True): dQ without atomics.
+ *
+ * The forward's shape: grid (query tile, query head, batch), 4 warps of 16 query rows, a loop
+ * over the key tiles the rows see. Per key tile, in registers:
+ *   S = Q K_j^T,  P = exp2(S scale log2e - lse2),  dP = dO V_j^T,  dS = P (dP - D),
+ *   dQ += dS K_j  (dS straight from the accumulators into A registers, K by ldmatrix.trans).
+ * Each dQ row is owned by one warp and summed in a fixed order, so the result is bitwise
+ * repeatable. Cost: S and dP are recomputed (3 products per tile here instead of 1 in the
+ * main kernel), so deterministic=True does 7/5 of the mma work of the atomic path.
+ */
+#pragma once
+#include "copy.h"
+#include "params.h"
+#include "traits.h"
+
+namespace flash_cuda {
+
+template <class Kt, bool kCausal>
+__global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdParams p) {
+  using T = typename Kt::T;
+  using QLayout = typename Kt::QLayout;
+  using KVLayout = typename Kt::KVLayout;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
+  constexpr int kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles, kThreads = Kt::kThreads;
+
+  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = head / (p.hq / p.hkv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m0 = m_block * kBlockM, warp_row0 = warp * 16;
+
+  T* sQ = dynamic_smem<T>();       // [kBlockM][kHeadDim]; reused to stage dQ
+  T* sdO = sQ + QLayout::kElems;   // [kBlockM][kHeadDim]
+  T* sK = sdO + QLayout::kElems;   // [kBlockN][kHeadDim]
+  T* sV = sK + KVLayout::kElems;   // [kBlockN][kHeadDim]
+  const T* gK = head_ptr<const T>(p.k, batch, kv_head);
+  const T* gV = head_ptr<const T>(p.v, batch, kv_head);
+
+  load_tile<QLayout, kThreads>(sQ, head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d, p.vec_aligned);
+  load_tile<QLayout, kThreads>(sdO, head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d,
+                               p.vec_aligned);
+  cp_async_commit();
+
+  // lse (base 2) and D of this thread's rows g and g + 8; rows that must not contribute get
+  // lse2 = +inf (probabilities exactly 0), as in the main kernel.
+  const int64_t stats = (int64_t(batch) * p.hq + head) * p.nq;
+  float lse2[2], di[2];
+  for (int half = 0; half < 2; ++half) {
+    const int row = m0 + warp_row0 + lane / 4 + 8 * half;
+    const float lse = row < p.nq ? ld_global(&p.lse[stats + row]) : -INFINITY;
+    lse2[half] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+    di[half] = row < p.nq ? ld_global(&p.di[stats + row]) : 0.0f;
+  }
+
+  const int n_end = kCausal ? int(p.mask.key_end(min(m0 + kBlockM, p.nq), p.nk)) : p.nk;
+  const int n_tiles = (n_end + kBlockN - 1) / kBlockN;
+  float rdQ[kDTiles][4] = {};  // 16 x kHeadDim of dQ for this warp's rows, fp32
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int n0 = j * kBlockN;
+    __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
+    load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, n0, p.nk, p.d, p.vec_aligned);
+    load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride, n0, p.nk, p.d, p.vec_aligned);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();  // K_j, V_j (and Q, dO) visible
+
+    float rS[kNTiles][4] = {}, rdP[kNTiles][4] = {};  // 16 x kBlockN each, fp32
+    for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
+      uint32_t rQ[4], rdO[4];  // A: 16 rows x 16 head-dim columns
+      load_a_frag<QLayout>(rQ, sQ, warp_row0, k0, lane);
+      load_a_frag<QLayout>(rdO, sdO, warp_row0, k0, lane);
+      for (int nt = 0; nt < kNTiles; nt += 2) {
+        uint32_t rK[4], rV[4];  // B: head-dim k0.. x 16 keys, from [key][d] storage
+        load_b_frags_nk<KVLayout>(rK, sK, nt * 8, k0, lane);
+        load_b_frags_nk<KVLayout>(rV, sV, nt * 8, k0, lane);
+        mma_m16n8k16<T>(rS[nt], rQ, {rK[0], rK[1]}, rS[nt]);
+        mma_m16n8k16<T>(rS[nt + 1], rQ, {rK[2], rK[3]}, rS[nt + 1]);
+        mma_m16n8k16<T>(rdP[nt], rdO, {rV[0], rV[1]}, rdP[nt]);
+        mma_m16n8k16<T>(rdP[nt + 1], rdO, {rV[2], rV[3]}, rdP[nt + 1]);
+      }
+    }
+
+    const bool needs_mask = n0 + kBlockN > p.nk || (kCausal && p.mask.tile_needs_mask(m0, n0 + kBlockN));
+    for (int nt = 0; nt < kNTiles; ++nt)
+      for (int e = 0; e < 4; ++e) {
+        float pe = ex2_approx(rS[nt][e] * p.scale_log2 - lse2[e / 2]);
+        if (needs_mask) {
+          const int row = m0 + warp_row0 + lane / 4 + 8 * (e / 2), col = n0 + nt * 8 + 2 * (lane % 4) + e % 2;
+          if (col >= p.nk || (kCausal && !p.mask.visible(row, col))) pe = 0.0f;
+        }
+        rdP[nt][e] = pe * (rdP[nt][e] - di[e / 2]);  // dS
+      }
+
+    for (int k0 = 0; k0 < kBlockN; k0 += 16) {
+      const float(&s0)[4] = rdP[k0 / 8];
+      const float(&s1)[4] = rdP[k0 / 8 + 1];
+      const uint32_t rdS[4] = {pack2<T>(s0[0], s0[1]), pack2<T>(s0[2], s0[3]), pack2<T>(s1[0], s1[1]),
+                               pack2<T>(s1[2], s1[3])};  // A: dS for keys k0.., from the accumulators
+      for (int dt = 0; dt < kDTiles; dt += 2) {
+        uint32_t rK[4];  // B: 16 keys x 16 head-dim columns of K, [key][d] (.trans)
+        load_b_frags_kn<KVLayout>(rK, sK, k0, dt * 8, lane);
+        mma_m16n8k16<T>(rdQ[dt], rdS, {rK[0], rK[1]}, rdQ[dt]);
+        mma_m16n8k16<T>(rdQ[dt + 1], rdS, {rK[2], rK[3]}, rdQ[dt + 1]);
+      }
+    }
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();  // (blocks with no key tile: Q copies by other threads may still be landing)
+  for (int dt = 0; dt < kDTiles; ++dt)
+    for (int half = 0; half < 2; ++half) {
+      const int row = warp_row0 + lane / 4 + 8 * half, col = dt * 8 + 2 * (lane % 4);
+      st_shared(reinterpret_cast<uint32_t*>(sQ + QLayout::offset(row, col)),
+                pack2<T>(rdQ[dt][2 * half] * p.scale, rdQ[dt][2 * half + 1] * p.scale));
+    }
+  __syncwarp();
+  store_warp_rows<QLayout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d,
+                           p.vec_aligned, lane);
+}
+
+}  // namespace flash_cuda

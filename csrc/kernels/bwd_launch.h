@@ -1,0 +1,43 @@
+/* Launch of one backward instantiation: preprocess (Di, zeroed dQ accumulator), the main
+ * kernel, then either the dQ postprocess (atomic path) or the deterministic dQ pass. All on
+ * one stream, in order. */
+#pragma once
+#include <string>
+
+#include "bwd_dq_kernel.h"
+#include "bwd_kernel.h"
+#include "bwd_preprocess.h"
+#include "launch.h"
+
+namespace flash_cuda {
+namespace FC_BACKEND {
+
+template <class T, int kHeadDim, bool kCausal>
+cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
+  using Kt = BwdTraits<T, kHeadDim>;
+  using Dq = BwdDqTraits<T, kHeadDim>;
+  static const std::string suffix = std::string("<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") + ",hdim" +
+                                    std::to_string(kHeadDim) + (kCausal ? ",causal>" : ">");
+  static const std::string pre = "flash_bwd_preprocess" + suffix, main = "flash_bwd" + suffix,
+                           post = "flash_bwd_postprocess" + suffix, dq = "flash_bwd_dq" + suffix;
+  const dim3 q_grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);
+  cudaError_t e = launch_kernel(pre.c_str(), flash_bwd_preprocess_kernel<Kt>, q_grid, dim3(128), 0, stream, p);
+  if (e != cudaSuccess) return e;
+  const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN, p.hkv, p.b);
+  if (deterministic) {
+    e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kCausal, false>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
+                      stream, p);
+    if (e != cudaSuccess) return e;
+    const dim3 dq_grid((p.nq + Dq::kBlockM - 1) / Dq::kBlockM, p.hq, p.b);
+    return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kCausal>, dq_grid, dim3(Dq::kThreads), Dq::kSmemBytes,
+                         stream, p);
+  }
+  e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kCausal, true>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
+                    stream, p);
+  if (e != cudaSuccess) return e;
+  return launch_kernel(post.c_str(), flash_bwd_postprocess_kernel<Kt>, q_grid, dim3(128),
+                       size_t(Kt::kBlockM) * kHeadDim * sizeof(T), stream, p);
+}
+
+}  // namespace FC_BACKEND
+}  // namespace flash_cuda

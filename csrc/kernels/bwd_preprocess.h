@@ -1,0 +1,88 @@
+/* Backward pre- and post-processing (FlashAttention-2 Algorithm 2, lines 4 and 22).
+ *   preprocess:  Di = rowsum(dO * O) - dlse (fp32), and zeroing of the fp32 dQ accumulator;
+ *   postprocess: dQ = scale * accumulator, rounded to the input dtype, 128-bit stores.
+ * Grid (query tile of 64 rows, query head, batch), 4 warps of 16 rows each.
+ */
+#pragma once
+#include "copy.h"
+#include "params.h"
+#include "traits.h"
+
+namespace flash_cuda {
+
+template <class Kt>
+__global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdParams p) {
+  using T = typename Kt::T;
+  constexpr int kChunks = Kt::kHeadDim / 8;  // 16-byte chunks per row
+  // Lanes per row: a power of two >= kChunks, so a row's lanes are an aligned xor group.
+  constexpr int kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+  constexpr int kRowsPerPass = 32 / kLanesPerRow;
+  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint16_t* gO = head_ptr<const uint16_t>(p.o, batch, head);
+  const uint16_t* gdO = head_ptr<const uint16_t>(p.dout, batch, head);
+  const int64_t row_base = (int64_t(batch) * p.hq + head) * p.nq;
+  const int chunk = lane % kLanesPerRow, col = chunk * 8;
+
+  for (int r0 = 0; r0 < 16; r0 += kRowsPerPass) {
+    const int row = m_block * Kt::kBlockM + warp * 16 + r0 + lane / kLanesPerRow;
+    float dot = 0.0f;
+    if (row < p.nq && chunk < kChunks && col < p.d) {
+      T o[8], d_o[8];
+      const uint16_t* src_o = gO + row * p.o.row_stride + col;
+      const uint16_t* src_do = gdO + row * p.dout.row_stride + col;
+      if (p.vec_aligned && col + 8 <= p.d) {
+        const uint4 vo = ld_global(reinterpret_cast<const uint4*>(src_o));
+        const uint4 vdo = ld_global(reinterpret_cast<const uint4*>(src_do));
+        memcpy(o, &vo, 16);
+        memcpy(d_o, &vdo, 16);
+      } else {
+        for (int e = 0; e < 8; ++e) {
+          const uint16_t a = col + e < p.d ? ld_global(src_o + e) : uint16_t(0);
+          const uint16_t b = col + e < p.d ? ld_global(src_do + e) : uint16_t(0);
+          memcpy(&o[e], &a, 2);
+          memcpy(&d_o[e], &b, 2);
+        }
+      }
+      for (int e = 0; e < 8; ++e) dot += to_float(o[e]) * to_float(d_o[e]);
+    }
+    for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    if (row < p.nq && chunk == 0) {
+      if (p.dlse) dot -= ld_global(&p.dlse[row_base + row]);
+      st_global(&p.di[row_base + row], dot);
+    }
+  }
+
+  if (p.dq_accum) {  // this block's 64 rows of the accumulator: 4 x 16 x kHeadDim floats
+    const int64_t n_row_blocks = (p.nq + Kt::kBlockM - 1) / Kt::kBlockM * 4;
+    float4* acc = reinterpret_cast<float4*>(
+        p.dq_accum + ((int64_t(batch) * p.hq + head) * n_row_blocks + m_block * 4) * Kt::kAccumTileFloats);
+    for (int i = threadIdx.x; i < 4 * Kt::kAccumTileFloats / 4; i += 128) st_global(&acc[i], make_float4(0.f, 0.f, 0.f, 0.f));
+  }
+}
+
+template <class Kt>
+__global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdParams p) {
+  using T = typename Kt::T;
+  using Layout = SmemLayout<Kt::kBlockM, Kt::kHeadDim>;
+  constexpr int kDTiles = Kt::kHeadDim / 8;
+  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T* sdQ = dynamic_smem<T>();  // [64][kHeadDim] staging, each warp its own 16 rows
+  const int64_t n_row_blocks = (p.nq + Kt::kBlockM - 1) / Kt::kBlockM * 4;
+  const float* acc = p.dq_accum + ((int64_t(batch) * p.hq + head) * n_row_blocks + m_block * 4 + warp) * Kt::kAccumTileFloats;
+  for (int nt = 0; nt < kDTiles; ++nt)
+    for (int half = 0; half < 2; ++half) {
+      // element i = 2 half + e of this lane: row g + 8 half, column 8 nt + 2 t + e
+      const float lo = ld_global(&acc[(nt * 4 + 2 * half) * 32 + lane]) * p.scale;
+      const float hi = ld_global(&acc[(nt * 4 + 2 * half + 1) * 32 + lane]) * p.scale;
+      const int row = warp * 16 + lane / 4 + 8 * half, col = nt * 8 + 2 * (lane % 4);
+      st_shared(reinterpret_cast<uint32_t*>(sdQ + Layout::offset(row, col)), pack2<T>(lo, hi));
+    }
+  __syncwarp();
+  const int m0 = m_block * Kt::kBlockM + warp * 16;
+  store_warp_rows<Layout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sdQ, warp * 16, m0, p.nq, p.d,
+                          p.vec_aligned, lane);
+}
+
+}  // namespace flash_cuda
