@@ -51,7 +51,27 @@ def tool(name):
     sys.exit(f"{name} not found: set CUDA_HOME or pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
 
 
+ROLES = (("flash_bwd_preprocess_kernel", "bwd preprocess"), ("flash_bwd_postprocess_kernel", "bwd postprocess"),
+         ("flash_bwd_dq_kernel", "bwd dQ pass (deterministic)"), ("flash_fwd_kernel", "fwd"))
+
+
+def role(demangled):
+    for key, name in ROLES:
+        if key + "<" in demangled:
+            return name
+    if "flash_bwd_kernel<" in demangled:  # template flags <Traits, kCausal, kAtomicDq>
+        return "bwd main (atomic dQ)" if demangled.rstrip().endswith("true>(flash_cuda::BwdParams)") else \
+            "bwd main (deterministic)"
+    return demangled
+
+
+def demangle(names):
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
 def compile_one(src, arch, nvcc, cuobjdump):
+    """{kernel role: {regs, spills, stack, SASS mix}} for every kernel in one generated file."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         cmd = [nvcc, "-std=c++17", "-O3", "--use_fast_math", f"-arch=sm_{arch}", "-cubin", "-Xptxas=-v",
@@ -59,16 +79,21 @@ def compile_one(src, arch, nvcc, cuobjdump):
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(res.stderr)
-        # the kernel's own ptxas block (the launcher's host stub has none)
-        m = re.search(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                      r"(\d+) bytes spill loads\s*\n.*?Used (\d+) registers", res.stderr, re.S)
+        ptxas = {m.group(1): {"stack": int(m.group(2)), "spill_st": int(m.group(3)), "spill_ld": int(m.group(4)),
+                              "regs": int(m.group(5))}
+                 for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes "
+                                      r"spill stores, (\d+) bytes spill loads\s*\n.*?Used (\d+) registers",
+                                      res.stderr, re.S)}
         env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True, env=env).stdout
-        instrs = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
-        mix = {k: sum(bool(re.search(p, l)) for l in instrs) for k, p in SASS_OPS.items()}
-        mix["total"] = len(instrs)
-        return {"stack": int(m.group(2)), "spill_st": int(m.group(3)), "spill_ld": int(m.group(4)),
-                "regs": int(m.group(5)), "mix": mix}
+        for section in re.split(r"\n\s*Function : ", sass)[1:]:
+            name = section.split()[0]
+            instrs = [l for l in section.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
+            mix = {k: sum(bool(re.search(p, l)) for l in instrs) for k, p in SASS_OPS.items()}
+            mix["total"] = len(instrs)
+            ptxas[name]["mix"] = mix
+        names = demangle(list(ptxas))
+        return {role(names[n]): v for n, v in ptxas.items()}
 
 
 def occupancy(regs, threads, smem, arch):
@@ -81,22 +106,27 @@ def occupancy(regs, threads, smem, arch):
     return blocks, blocks * warps / (a["threads"] // 32)
 
 
-def launch_shape(name):
-    """(threads, dynamic smem) of an instantiation, from one tiny emulated launch."""
+def launch_shapes(name):
+    """{kernel role: (threads, dynamic smem)} of an instantiation's kernels, from emulated
+    launches through the real launcher (forward, backward, deterministic backward)."""
     import torch
     import flash_cuda
     m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_causal)?", name)
     kind, d, dtype, causal = m.group(1), int(m.group(2)), m.group(3), bool(m.group(4))
     dt = torch.float16 if dtype == "fp16" else torch.bfloat16
-    q = torch.randn(1, 1, 8, d, dtype=dt, requires_grad=kind == "bwd")
-    k = torch.randn(1, 1, 8, d, dtype=dt, requires_grad=kind == "bwd")
-    v = torch.randn(1, 1, 8, d, dtype=dt, requires_grad=kind == "bwd")
-    with flash_cuda.emulate() as emu:
-        out = flash_cuda.attention(q, k, v, causal=causal)
-        if kind == "bwd":
+    shapes = {}
+    for deterministic in (False, True):
+        q, k, v = (torch.randn(1, 1, 8, d, dtype=dt, requires_grad=True) for _ in range(3))
+        with flash_cuda.emulate() as emu:
+            out = flash_cuda.attention(q, k, v, causal=causal, deterministic=deterministic)
             out.sum().backward()
-    recs = [r for r in emu.launches if r["kernel"].startswith(f"flash_{kind}<")]
-    return recs[0]["threads_per_block"], recs[0]["dynamic_smem"]
+        for r in emu.launches:
+            base = r["kernel"].split("<")[0]
+            key = {"flash_fwd": "fwd", "flash_bwd_preprocess": "bwd preprocess", "flash_bwd_postprocess": "bwd postprocess",
+                   "flash_bwd_dq": "bwd dQ pass (deterministic)",
+                   "flash_bwd": "bwd main (deterministic)" if deterministic else "bwd main (atomic dQ)"}[base]
+            shapes[key] = (r["threads_per_block"], r["dynamic_smem"])
+    return shapes
 
 
 def main():
@@ -113,20 +143,22 @@ def main():
         for f in cf.as_completed(futs):
             jobs[futs[f]] = f.result()
 
-    head = ["instantiation", "arch", "regs", "spill st/ld (B)", "threads", "smem/block", "blocks/SM",
+    head = ["instantiation", "kernel", "arch", "regs", "spill st/ld (B)", "threads", "smem/block", "blocks/SM",
             "occupancy"] + list(SASS_OPS) + ["total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     spills = 0
     for s in srcs:
         name = os.path.basename(s)[:-3]
-        threads, smem = launch_shape(name)
+        shapes = launch_shapes(name)
         for a in args.arch:
-            r = jobs[(s, a)]
-            spills += r["spill_st"] + r["spill_ld"]
-            blocks, occ = occupancy(r["regs"], threads, smem, a)
-            row = [name, f"sm_{a} ({ARCH[a]['name']})", r["regs"], f"{r['spill_st']}/{r['spill_ld']}", threads,
-                   f"{smem // 1024} KiB", blocks, f"{occ:.0%}"] + [r["mix"][k] for k in SASS_OPS] + [r["mix"]["total"]]
-            lines.append("| " + " | ".join(str(x) for x in row) + " |")
+            for kernel, r in sorted(jobs[(s, a)].items()):
+                threads, smem = shapes[kernel]
+                spills += r["spill_st"] + r["spill_ld"]
+                blocks, occ = occupancy(r["regs"], threads, smem, a)
+                row = [name, kernel, f"sm_{a} ({ARCH[a]['name']})", r["regs"], f"{r['spill_st']}/{r['spill_ld']}",
+                       threads, f"{smem / 1024:.1f} KiB", blocks, f"{occ:.0%}"] + \
+                      [r["mix"][k] for k in SASS_OPS] + [r["mix"]["total"]]
+                lines.append("| " + " | ".join(str(x) for x in row) + " |")
     report = "\n".join(lines) + f"\n\nTotal spill bytes over all instantiations and architectures: {spills}\n"
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "kernel_report.md"), "w") as f:

@@ -19,7 +19,7 @@
 namespace flash_cuda {
 
 template <class Kt, bool kCausal>
-__global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams p) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;

@@ -24,6 +24,12 @@ struct FwdTraits {
   // Registers per thread: O is 16 x kHeadDim fp32 over 32 lanes, S is 16 x kBlockN.
   static_assert(kHeadDim / 2 + kBlockN / 2 <= 160, "accumulators must leave room in 255 registers");
 
+  // Blocks per SM the register allocation must allow (__launch_bounds__): 3 caps registers at
+  // 168 where the accumulators fit, so three 4-warp blocks share an SM; above head dim 128
+  // the O accumulator alone needs more, and one block per SM is the honest target. (Without a
+  // minimum, ptxas sometimes settles at 128 registers and spills a few bytes.)
+  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;
+
   using QLayout = SmemLayout<kBlockM, kHeadDim>;   // Q tile; reused to stage O
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;  // one K and one V tile
   static constexpr size_t kSmemBytes = (QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T);
