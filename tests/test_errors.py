@@ -186,3 +186,8 @@ def test_empty_key_sequence(device, causal):
 def test_empty_batch(device):
     q, k, v = qkv(B=0, device=device)
     assert attention(q, k, v).shape == (0, 4, 8, 16)
+
+
+def test_deterministic_not_bool():
+    with pytest.raises(TypeError, match=r"deterministic must be a bool"):
+        attention(*qkv(), deterministic="yes")

@@ -2,9 +2,10 @@
  *
  * A fiber is a stack plus a saved stack pointer; switching saves the callee-saved registers
  * on the current stack and restores them from the other one. On x86-64 this is a dozen
- * instructions of assembly (fiber.cpp), the same technique as Boost.Context's fcontext, about
- * as fast (a few ns per switch) and without a system dependency. Elsewhere it falls back to
- * POSIX ucontext (about 30x slower: swapcontext makes a sigprocmask syscall).
+ * instructions of assembly (fiber.cpp), the technique of Boost.Context's fcontext, without a
+ * system package to install. Measured here (2-core Zen 4, resume/suspend ping-pong): 11 ns per
+ * switch; the issue quotes about 7 ns for Boost.Context and 240 ns for ucontext, whose
+ * swapcontext makes a sigprocmask syscall. Other architectures fall back to ucontext.
  *
  * Fibers never migrate between OS threads: a block's fibers are created, run and finished
  * by the one OS thread that runs the block, so thread_local data stays valid inside them.
