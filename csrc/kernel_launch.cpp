@@ -22,14 +22,6 @@ bool row_starts_aligned(const at::Tensor& x) {  // every (b, h, n) row 16-byte a
          x.stride(1) % kElems == 0 && x.stride(2) % kElems == 0;
 }
 
-// [data_ptr, last element reached by the strides]: the global memory a launch may touch.
-emu::Buffer footprint(const at::Tensor& t, bool writable) {
-  size_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) > 0) last += static_cast<size_t>(t.size(d) - 1) * static_cast<size_t>(t.stride(d));
-  return {t.data_ptr(), t.numel() == 0 ? 0 : (last + 1) * t.element_size(), writable};
-}
-
 void check_kernel_inputs(const at::Tensor& q, Executor executor) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "flash_cuda: the CUDA kernels",
               executor == Executor::emu ? " (emulated)" : "", " take float16 or bfloat16 inputs, got ", q.scalar_type());
@@ -63,6 +55,13 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, boo
 
 }  // namespace
 
+emu::Buffer tensor_footprint(const at::Tensor& t, bool writable) {
+  size_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 0) last += static_cast<size_t>(t.size(d) - 1) * static_cast<size_t>(t.stride(d));
+  return {t.data_ptr(), t.numel() == 0 ? 0 : (last + 1) * t.element_size(), writable};
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                double scale, bool causal, bool bottom_right, Executor executor) {
   check_kernel_inputs(q, executor);
@@ -85,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Te
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const char* err = nullptr;
   if (executor == Executor::emu) {
-    emu::set_buffers({footprint(q, false), footprint(k, false), footprint(v, false), footprint(out, true),
-                      footprint(lse, true)});
+    emu::set_buffers({tensor_footprint(q, false), tensor_footprint(k, false), tensor_footprint(v, false),
+                      tensor_footprint(out, true), tensor_footprint(lse, true)});
     err = emu_backend::fwd(p, bf16, causal, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
@@ -144,11 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dou
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const char* err = nullptr;
   if (emulated) {
-    std::vector<emu::Buffer> buffers = {footprint(dout, false), footprint(q, false),    footprint(k, false),
-                                        footprint(v, false),    footprint(out, false),  footprint(lse_c, false),
-                                        footprint(dq, true),    footprint(dk, true),    footprint(dv, true),
-                                        footprint(di, true),    footprint(dq_accum, true)};
-    if (p.dlse) buffers.push_back(footprint(dlse_c, false));
+    std::vector<emu::Buffer> buffers;
+    for (const at::Tensor* x : {&dout, &q, &k, &v, &out, &lse_c}) buffers.push_back(tensor_footprint(*x, false));
+    for (const at::Tensor* x : {&dq, &dk, &dv, &di, &dq_accum}) buffers.push_back(tensor_footprint(*x, true));
+    if (p.dlse) buffers.push_back(tensor_footprint(dlse_c, false));
     emu::set_buffers(std::move(buffers));
     err = emu_backend::bwd(p, bf16, causal, deterministic, nullptr);
   } else {

@@ -5,9 +5,15 @@
 #include <optional>
 #include <tuple>
 
+#include "emu/runtime.h"
+
 namespace flash_cuda {
 
 enum class Executor { cuda, emu };
+
+// The global memory a tensor's strides reach, [data_ptr, last element]: what an emulated launch
+// may touch (emu::set_buffers).
+emu::Buffer tensor_footprint(const at::Tensor& t, bool writable);
 
 // q, k, v: (B, H, N, D) fp16/bf16 with unit stride in D, checked by the caller (ops.cpp).
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

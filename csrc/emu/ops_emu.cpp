@@ -6,6 +6,7 @@
 
 #include <atomic>
 
+#include "../kernel_launch.h"
 #include "emu_session.h"
 #include "runtime.h"
 #include "selftest_kernels.h"
@@ -14,15 +15,6 @@ namespace flash_cuda {
 namespace {
 
 std::atomic<bool> g_active{false};
-
-// [data_ptr, data_ptr + extent) where extent covers the last element the strides reach.
-emu::Buffer footprint(const at::Tensor& t, bool writable) {
-  size_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) > 0) last += static_cast<size_t>(t.size(d) - 1) * static_cast<size_t>(t.stride(d));
-  const size_t bytes = t.numel() == 0 ? 0 : (last + 1) * t.element_size();
-  return {t.data_ptr(), bytes, writable};
-}
 
 void configure(bool active, std::string order, int64_t seed, bool check, int64_t workers) {
   emu::Options o;
@@ -51,7 +43,7 @@ at::Tensor ldmatrix_probe(const at::Tensor& tile, const at::Tensor& row_offset, 
   auto t = checked(tile, at::kShort, tile.numel(), "tile");
   auto r = checked(row_offset, at::kInt, 32, "row_offset");
   auto out = at::zeros({32, num}, tile.options().dtype(at::kInt));
-  emu::set_buffers({footprint(t, false), footprint(r, false), footprint(out, true)});
+  emu::set_buffers({tensor_footprint(t, false), tensor_footprint(r, false), tensor_footprint(out, true)});
   selftest::ldmatrix_probe(reinterpret_cast<const uint16_t*>(t.data_ptr()), static_cast<int>(t.numel()),
                            r.data_ptr<int32_t>(), static_cast<int>(num), trans,
                            reinterpret_cast<uint32_t*>(out.data_ptr()));
@@ -61,7 +53,7 @@ at::Tensor ldmatrix_probe(const at::Tensor& tile, const at::Tensor& row_offset, 
 at::Tensor mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool bf16) {
   auto a_ = checked(a, at::kInt, 128, "a"), b_ = checked(b, at::kInt, 64, "b"), c_ = checked(c, at::kFloat, 128, "c");
   auto d = at::empty({32, 4}, c.options());
-  emu::set_buffers({footprint(a_, false), footprint(b_, false), footprint(c_, false), footprint(d, true)});
+  emu::set_buffers({tensor_footprint(a_, false), tensor_footprint(b_, false), tensor_footprint(c_, false), tensor_footprint(d, true)});
   selftest::mma_probe(reinterpret_cast<const uint32_t*>(a_.data_ptr()), reinterpret_cast<const uint32_t*>(b_.data_ptr()),
                       c_.data_ptr<float>(), bf16, d.data_ptr<float>());
   return d;
@@ -70,7 +62,7 @@ at::Tensor mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
 at::Tensor shfl_probe(const at::Tensor& values, int64_t mode, int64_t b, int64_t width, int64_t mask, bool wide) {
   auto v = checked(values, at::kInt, 32, "values");
   auto out = at::empty({32}, v.options().dtype(at::kLong));
-  emu::set_buffers({footprint(v, false), footprint(out, true)});
+  emu::set_buffers({tensor_footprint(v, false), tensor_footprint(out, true)});
   selftest::shfl_probe(reinterpret_cast<const uint32_t*>(v.data_ptr()), static_cast<int>(mode), static_cast<int>(b),
                        static_cast<int>(width), static_cast<unsigned>(mask), wide,
                        reinterpret_cast<uint64_t*>(out.data_ptr()));
@@ -80,7 +72,7 @@ at::Tensor shfl_probe(const at::Tensor& values, int64_t mode, int64_t b, int64_t
 void shared_load_probe(const at::Tensor& offsets, int64_t width, int64_t smem_bytes) {
   auto o = checked(offsets, at::kInt, 32, "offsets");
   auto sink = at::empty({32}, o.options());
-  emu::set_buffers({footprint(o, false), footprint(sink, true)});
+  emu::set_buffers({tensor_footprint(o, false), tensor_footprint(sink, true)});
   selftest::shared_load_probe(o.data_ptr<int32_t>(), static_cast<int>(width), static_cast<int>(smem_bytes),
                               reinterpret_cast<uint32_t*>(sink.data_ptr()));
 }
@@ -88,7 +80,7 @@ void shared_load_probe(const at::Tensor& offsets, int64_t width, int64_t smem_by
 at::Tensor convert_probe(const at::Tensor& x) {
   auto x_ = checked(x, at::kFloat, x.numel(), "x");
   auto out = at::empty({x.numel(), 4}, x.options().dtype(at::kInt));
-  emu::set_buffers({footprint(x_, false), footprint(out, true)});
+  emu::set_buffers({tensor_footprint(x_, false), tensor_footprint(out, true)});
   selftest::convert_probe(x_.data_ptr<float>(), static_cast<int>(x_.numel()), reinterpret_cast<uint32_t*>(out.data_ptr()));
   return out;
 }
@@ -96,7 +88,7 @@ at::Tensor convert_probe(const at::Tensor& x) {
 at::Tensor cp_async_trace(const at::Tensor& src) {
   auto s = checked(src, at::kByte, 256, "src");
   auto out = at::zeros({40}, s.options());
-  emu::set_buffers({footprint(s, false), footprint(out, true)});
+  emu::set_buffers({tensor_footprint(s, false), tensor_footprint(out, true)});
   selftest::cp_async_trace(s.data_ptr<uint8_t>(), out.data_ptr<uint8_t>());
   return out;
 }
@@ -108,7 +100,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool swizzle) {
   TORCH_CHECK(a.size(1) % 8 == 0, "gemm: K must be a multiple of 8 (16-byte rows for cp.async)");
   auto a_ = a.contiguous(), b_ = b.contiguous();
   auto c = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kFloat));
-  emu::set_buffers({footprint(a_, false), footprint(b_, false), footprint(c, true)});
+  emu::set_buffers({tensor_footprint(a_, false), tensor_footprint(b_, false), tensor_footprint(c, true)});
   selftest::gemm(a_.data_ptr(), b_.data_ptr(), c.data_ptr<float>(), static_cast<int>(a.size(0)),
                  static_cast<int>(b.size(0)), static_cast<int>(a.size(1)), a.scalar_type() == at::kBFloat16, swizzle);
   return c;
@@ -117,7 +109,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, bool swizzle) {
 at::Tensor block_reduce(const at::Tensor& x) {
   auto x_ = checked(x, at::kFloat, x.numel(), "x");
   auto out = at::zeros({1}, x.options());
-  emu::set_buffers({footprint(x_, false), footprint(out, true)});
+  emu::set_buffers({tensor_footprint(x_, false), tensor_footprint(out, true)});
   selftest::block_reduce(x_.data_ptr<float>(), static_cast<int>(x_.numel()), out.data_ptr<float>());
   return out;
 }
@@ -126,7 +118,7 @@ void planted_bug(std::string name, const at::Tensor& buf) {
   const int which = selftest::bug_index(name.c_str());
   TORCH_CHECK(which >= 0, "unknown planted bug '", name, "'");
   TORCH_CHECK(buf.is_contiguous() && buf.scalar_type() == at::kFloat, "buf: contiguous float32");
-  emu::set_buffers({footprint(buf, true)});
+  emu::set_buffers({tensor_footprint(buf, true)});
   selftest::planted_bug(which, buf.data_ptr<float>(), static_cast<int>(buf.numel()));
 }
 

@@ -107,12 +107,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
 
   cp_async_wait<0>();
   __syncthreads();  // (blocks with no key tile: Q copies by other threads may still be landing)
-  for (int dt = 0; dt < kDTiles; ++dt)
-    for (int half = 0; half < 2; ++half) {
-      const int row = warp_row0 + lane / 4 + 8 * half, col = dt * 8 + 2 * (lane % 4);
-      st_shared(reinterpret_cast<uint32_t*>(sQ + QLayout::offset(row, col)),
-                pack2<T>(rdQ[dt][2 * half] * p.scale, rdQ[dt][2 * half + 1] * p.scale));
-    }
+  stage_accumulators<QLayout>(sQ, rdQ, warp_row0, 0, p.scale, lane);  // dQ = scale * dS K
   __syncwarp();
   store_warp_rows<QLayout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d,
                            p.vec_aligned, lane);

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wk = warp % 4, wq = warp / 4;  // 16-row group (keys, or queries for dQ), and half
-  const int g = lane / 4, t = lane % 4;
+  const int g = lane / 4, t = lane % 4;  // mma accumulator row group and column pair
   const int n0 = n_block * kBlockN;
   const int dcol0 = wq * kHalfD;  // this warp's head-dim columns in dV, dK, dQ
 
@@ -189,12 +189,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   // write 16 rows of dK each and warps 4-7 16 rows of dV, 16 bytes per lane.
   cp_async_wait<0>();
   __syncthreads();
-  for (int dt = 0; dt < kHalfDTiles; ++dt)
-    for (int half = 0; half < 2; ++half) {
-      const int off = KVLayout::offset(16 * wk + g + 8 * half, dcol0 + dt * 8 + 2 * t);
-      st_shared(reinterpret_cast<uint32_t*>(sK + off), pack2<T>(rdK[dt][2 * half] * p.scale, rdK[dt][2 * half + 1] * p.scale));
-      st_shared(reinterpret_cast<uint32_t*>(sV + off), pack2<T>(rdV[dt][2 * half], rdV[dt][2 * half + 1]));
-    }
+  stage_accumulators<KVLayout>(sK, rdK, 16 * wk, dcol0, p.scale, lane);
+  stage_accumulators<KVLayout>(sV, rdV, 16 * wk, dcol0, 1.0f, lane);
   __syncthreads();
   const TensorRef& out = wq == 0 ? p.dk : p.dv;
   store_warp_rows<KVLayout>(head_ptr<T>(out, batch, kv_head), out.row_stride, wq == 0 ? sK : sV, 16 * wk, n0 + 16 * wk,

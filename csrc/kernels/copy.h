@@ -58,6 +58,20 @@ FC_DEVICE void store_warp_rows(T* g_m, int64_t row_stride, const T* s_tile, int 
   }
 }
 
+// A warp's fp32 accumulator tiles (16 rows x 8 kTiles columns, mma C layout: rows g and g + 8,
+// columns 2t, 2t + 1 of each n-tile) times `scale`, rounded to T, into rows row0.. and columns
+// col0.. of a swizzled shared tile: 32-bit stores, conflict-free (8 rows hit 8 chunks).
+template <class Layout, class T, int kTiles>
+FC_DEVICE void stage_accumulators(T* s_tile, const float (&rAcc)[kTiles][4], int row0, int col0, float scale,
+                                  int lane) {
+  for (int nt = 0; nt < kTiles; ++nt)
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + lane / 4 + 8 * half, col = col0 + nt * 8 + 2 * (lane % 4);
+      st_shared(reinterpret_cast<uint32_t*>(s_tile + Layout::offset(row, col)),
+                pack2<T>(rAcc[nt][2 * half] * scale, rAcc[nt][2 * half + 1] * scale));
+    }
+}
+
 // ---- fragments (ptx-oracle "compositions_for_mma_m16n8k16") ----
 
 // A operand 16x16 at (row0, col0) of a [m][k] tile: ldmatrix.x4, lane L addresses row

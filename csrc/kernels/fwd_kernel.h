@@ -119,12 +119,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   // whose Q copies by other threads may still be landing in these rows.
   cp_async_wait<0>();
   __syncthreads();
-  for (int dt = 0; dt < kDTiles; ++dt)
-    for (int half = 0; half < 2; ++half) {
-      const int row = warp_row0 + lane / 4 + 8 * half, col = dt * 8 + 2 * (lane % 4);
-      st_shared(reinterpret_cast<uint32_t*>(sQ + QLayout::offset(row, col)),
-                pack2<T>(rO[dt][2 * half], rO[dt][2 * half + 1]));
-    }
+  stage_accumulators<QLayout>(sQ, rO, warp_row0, 0, 1.0f, lane);
   __syncwarp();
   store_warp_rows<QLayout>(gO, p.o.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d, p.vec_aligned, lane);
 }
