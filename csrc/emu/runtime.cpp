@@ -865,11 +865,6 @@ void cp_async_wait_all(Site s) {
   cp_async_wait_group(0, s);
 }
 
-void report(const std::string& what, Site s) {
-  BlockRunner& R = runner();
-  R.error(what + " (" + R.who(R.cur->linear) + " at " + where(s) + ")", false);
-}
-
 std::string records_json(const std::vector<LaunchRecord>& records) {
   std::ostringstream o;
   auto dim = [&](const Dim3& d) { o << "[" << d.x << "," << d.y << "," << d.z << "]"; };

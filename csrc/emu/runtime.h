@@ -131,6 +131,4 @@ void cp_async_commit();
 void cp_async_wait_group(int n, Site s);
 void cp_async_wait_all(Site s);
 
-void report(const std::string& what, Site s);  // a checker error from kernel-side code
-
 }  // namespace emu

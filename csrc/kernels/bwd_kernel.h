@@ -64,7 +64,6 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   const int i0 = kCausal ? int(p.mask.row_begin(n0, p.nq)) / kBlockM : 0;  // first tile that sees key n0
   const int tiles_per_head = max(0, m_tiles - i0);
   const int total = group * tiles_per_head;
-  const int64_t n_row_blocks = int64_t(m_tiles) * 4;  // 16-row blocks of the dQ accumulator
 
   // The walk: query head h = kv_head * group + it / tiles_per_head, tile i = i0 + it % tiles_per_head.
   auto load_query_tile = [&](int it, int s) {
@@ -173,7 +172,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
           mma_m16n8k16<T>(rdQ[dt + 1], rdS, {rK[2], rK[3]}, rdQ[dt + 1]);
         }
       }
-      float* acc = p.dq_accum + ((int64_t(batch) * p.hq + head) * n_row_blocks + m0 / 16 + wk) * Kt::kAccumTileFloats;
+      float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m0 / 16 + wk);
       for (int dt = 0; dt < kHalfDTiles; ++dt)
         for (int i = 0; i < 4; ++i) atomicAdd(&acc[((dcol0 / 8 + dt) * 4 + i) * 32 + lane], rdQ[dt][i]);
     }

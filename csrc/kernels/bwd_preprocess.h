@@ -54,9 +54,7 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
   }
 
   if (p.dq_accum) {  // this block's 64 rows of the accumulator: 4 x 16 x kHeadDim floats
-    const int64_t n_row_blocks = (p.nq + Kt::kBlockM - 1) / Kt::kBlockM * 4;
-    float4* acc = reinterpret_cast<float4*>(
-        p.dq_accum + ((int64_t(batch) * p.hq + head) * n_row_blocks + m_block * 4) * Kt::kAccumTileFloats);
+    float4* acc = reinterpret_cast<float4*>(p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m_block * 4));
     for (int i = threadIdx.x; i < 4 * Kt::kAccumTileFloats / 4; i += 128) st_global(&acc[i], make_float4(0.f, 0.f, 0.f, 0.f));
   }
 }
@@ -69,8 +67,7 @@ __global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdPar
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   T* sdQ = dynamic_smem<T>();  // [64][kHeadDim] staging, each warp its own 16 rows
-  const int64_t n_row_blocks = (p.nq + Kt::kBlockM - 1) / Kt::kBlockM * 4;
-  const float* acc = p.dq_accum + ((int64_t(batch) * p.hq + head) * n_row_blocks + m_block * 4 + warp) * Kt::kAccumTileFloats;
+  const float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m_block * 4 + warp);
   for (int nt = 0; nt < kDTiles; ++nt)
     for (int half = 0; half < 2; ++half) {
       // element i = 2 half + e of this lane: row g + 8 half, column 8 nt + 2 t + e

@@ -77,8 +77,7 @@ const char* bwd(const BwdParams& p, bool bf16, bool causal, bool deterministic, 
 
 size_t bwd_dq_accum_floats(const BwdParams& p) {  // size of the dQ accumulator the kernels expect
   return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-    using Kt = BwdTraits<__half, kHeadDim>;
-    return size_t(p.b) * p.hq * ((p.nq + Kt::kBlockM - 1) / Kt::kBlockM * 4) * Kt::kAccumTileFloats;
+    return static_cast<size_t>(BwdTraits<__half, kHeadDim>::accum_offset(p.nq, p.hq, p.b, 0, 0));
   });
 }
 

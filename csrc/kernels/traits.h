@@ -2,6 +2,7 @@
  * memory. Every number a kernel or launcher needs comes from here. */
 #pragma once
 #include "layout.h"
+#include "mask.h"
 
 namespace flash_cuda {
 
@@ -79,6 +80,11 @@ struct BwdTraits {
   // the mma accumulator order, so a warp's atomics for one element index are 128 contiguous
   // bytes (coalesced). Rows are padded to a multiple of kBlockM.
   static constexpr int kAccumTileFloats = 16 * kHeadDim;  // one 16-row block
+  // Offset of 16-row block rb of (batch, head); (b, 0, 0) gives the size of the whole buffer.
+  FC_HOST_DEVICE static int64_t accum_offset(int nq, int hq, int batch, int head, int64_t rb) {
+    const int64_t row_blocks = int64_t((nq + kBlockM - 1) / kBlockM) * 4;
+    return ((int64_t(batch) * hq + head) * row_blocks + rb) * kAccumTileFloats;
+  }
 };
 
 // The deterministic dQ pass: the forward's shape (4 warps x 16 query rows, loop over key
