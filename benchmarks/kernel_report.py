@@ -92,6 +92,7 @@ def compile_one(src, arch, nvcc, cuobjdump):
             mix = {k: sum(bool(re.search(p, l)) for l in instrs) for k, p in SASS_OPS.items()}
             mix["total"] = len(instrs)
             ptxas[name]["mix"] = mix
+            ptxas[name]["sass"] = section
         names = demangle(list(ptxas))
         return {role(names[n]): v for n, v in ptxas.items()}
 
@@ -106,9 +107,15 @@ def occupancy(regs, threads, smem, arch):
     return blocks, blocks * warps / (a["threads"] // 32)
 
 
-def launch_shapes(name):
+def launch_shapes(name, n=8):
     """{kernel role: (threads, dynamic smem)} of an instantiation's kernels, from emulated
     launches through the real launcher (forward, backward, deterministic backward)."""
+    return {k: v[:2] for k, v in launch_records(name, n).items()}
+
+
+def launch_records(name, n=8):
+    """{kernel role: (threads, dynamic smem, grid, mma count)} of an instantiation's kernels for
+    B = H = 1, Nq = Nk = n, emulated through the real launcher without the checkers."""
     import torch
     import flash_cuda
     m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_causal)?", name)
@@ -116,8 +123,8 @@ def launch_shapes(name):
     dt = torch.float16 if dtype == "fp16" else torch.bfloat16
     shapes = {}
     for deterministic in (False, True):
-        q, k, v = (torch.randn(1, 1, 8, d, dtype=dt, requires_grad=True) for _ in range(3))
-        with flash_cuda.emulate() as emu:
+        q, k, v = (torch.randn(1, 1, n, d, dtype=dt, requires_grad=True) for _ in range(3))
+        with flash_cuda.emulate(check=False) as emu:
             out = flash_cuda.attention(q, k, v, causal=causal, deterministic=deterministic)
             out.sum().backward()
         for r in emu.launches:
@@ -125,7 +132,7 @@ def launch_shapes(name):
             key = {"flash_fwd": "fwd", "flash_bwd_preprocess": "bwd preprocess", "flash_bwd_postprocess": "bwd postprocess",
                    "flash_bwd_dq": "bwd dQ pass (deterministic)",
                    "flash_bwd": "bwd main (deterministic)" if deterministic else "bwd main (atomic dQ)"}[base]
-            shapes[key] = (r["threads_per_block"], r["dynamic_smem"])
+            shapes[key] = (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"])
     return shapes
 
 

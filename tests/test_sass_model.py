@@ -1,0 +1,93 @@
+"""The static SASS model behind benchmarks/sass_compare.py, on hand-written SASS: loop finding,
+inner-loop trip counts, per-unit counts and the cycle terms (no GPU, no nvcc needed)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import sass_model as sm  # noqa: E402
+
+
+def sass(lines):
+    """cuobjdump-style text from (opcode and operands) lines, 16 bytes apart."""
+    return "\n".join(f"        /*{16 * i:04x}*/                   {text} ;   /* 0x0 */" for i, text in enumerate(lines))
+
+
+# prologue; outer loop [2, 12] holding an inner k loop [4, 8] (4 trips: R9 = 0, += 1, != 4) with
+# 2 HMMAs, plus 2 HMMAs, an LDSM.x4, an MUFU and a BAR outside it
+KERNEL = [
+    "MOV R1, c[0x0][0x28]",          # 0
+    "MOV R2, RZ",                    # 1
+    "LDSM.16.M88.4 R20, [R3]",       # 2  outer head
+    "MOV R9, RZ",                    # 3
+    "HMMA.16816.F32.BF16 R4, R20, R24, R4",   # 4 inner head
+    "HMMA.16816.F32.BF16 R8, R20, R26, R8",   # 5
+    "IADD3 R9, R9, 0x1, RZ",         # 6
+    "ISETP.NE.AND P0, PT, R9, 0x4, PT",  # 7
+    "@P0 BRA 0x40",                  # 8  back to 4
+    "HMMA.16816.F32.BF16 R12, R20, R28, R12",  # 9
+    "MUFU.EX2 R30, R31",             # 10
+    "BAR.SYNC.DEFER_BLOCKING 0x0",   # 11
+    "@P1 BRA 0x20",                  # 12 back to 2
+    "STG.E.128 [R40.64], R4",        # 13
+    "EXIT",                          # 14
+]
+
+
+def test_parse_and_loops():
+    ins = sm.parse_sass(sass(KERNEL))
+    assert [op for _a, _p, op, _x in ins][:3] == ["MOV", "MOV", "LDSM.16.M88.4"]
+    assert ins[8][1] == "@P0" and ins[8][2] == "BRA"
+    assert sorted(sm._loops(ins)) == [(2, 12), (4, 8)]
+    assert sm._trip_count(ins, 4, 8) == 4
+
+
+def test_main_loop_weights_inner_trips():
+    ins = sm.parse_sass(sass(KERNEL))
+    s, e, w, solved = sm.main_loop(ins, expected_hmma=9)  # 2 x 4 in the k loop + 1
+    assert (s, e, solved) == (2, 12, False)
+    assert w[4 - s] == 4 and w[9 - s] == 1
+    assert sm.main_loop(ins, expected_hmma=8) is None  # no loop issues exactly 8
+
+
+def test_unresolved_trip_count_is_solved_from_hmma():
+    kernel = list(KERNEL)
+    kernel[7] = "ISETP.NE.AND P0, PT, R9, R10, PT"  # limit in a register: pattern not found
+    ins = sm.parse_sass(sass(kernel))
+    s, e, w, solved = sm.main_loop(ins, expected_hmma=9)
+    assert solved and w[4 - s] == pytest.approx(4)
+
+
+def test_analyse_counts_per_unit_and_cycles():
+    a = sm.analyse(sass(KERNEL), expected_hmma=9, warps=4, units=2.0, arch="80")
+    per = 4 / 2.0  # warp-instructions per unit per instruction executed once per iteration
+    c = a["counts_per_unit"]
+    assert c["HMMA"] == 9 * per and c["LDSM"] == per and c["MUFU.EX2"] == per and c["BAR"] == per
+    assert c["STG"] == 0  # outside the loop
+    # instructions per iteration: 1 + 1 + 4 x 5 (k loop) + 4 = 26
+    assert a["instructions_per_unit"] == 26 * per
+    p = a["pipe_cycles_per_unit"]
+    assert p["tensor"] == pytest.approx(9 * per * 2)   # A100: 2048 FMA / 1024 per clock
+    assert p["mem"] == pytest.approx(4 * per)           # LDSM.x4: four 128-byte wavefronts
+    assert p["mufu"] == pytest.approx(per * 32 / 16)
+    assert a["issue_cycles_per_unit"] == pytest.approx(26 * per / 4)
+    h = sm.analyse(sass(KERNEL), 9, 4, 2.0, "90")["pipe_cycles_per_unit"]["tensor"]
+    assert h == pytest.approx(9 * per * 1.5)            # H100 mma.sync: 2/3 of 2048 FMA per clock
+
+
+def test_wavefronts_and_pipes():
+    assert sm._wavefronts("LDSM.16.MT88.4") == 4 and sm._wavefronts("LDSM.16.M88.2") == 2
+    assert sm._wavefronts("LDGSTS.E.BYPASS.LTC128B.128") == 4 and sm._wavefronts("LDS.64") == 2
+    assert sm._wavefronts("STS.U16") == 1 and sm._wavefronts("RED.E.ADD.F32.FTZ.RN.STRONG.GPU") == 1
+    assert sm.pipe_of("FFMA.FTZ") == "fp32" and sm.pipe_of("F2FP.BF16.F32.PACK_AB") == "conv"
+    assert sm.pipe_of("IMAD.WIDE") == "alu" and sm.pipe_of("BAR.SYNC") is None
+
+
+def test_predict_between_roofline_and_serial():
+    a = {"pipe_cycles_per_unit": {"tensor": 100.0, "fp32": 60.0, "alu": 0.0, "mufu": 40.0, "conv": 0.0,
+                                  "shfl": 0.0, "mem": 0.0}, "issue_cycles_per_unit": 50.0}
+    assert sm.predict(a, 1.0) == (100.0, 1.0)       # perfect overlap: the tensor pipe bounds
+    assert sm.predict(a, 0.0) == (200.0, 0.5)       # no overlap: the sum of the pipes
+    t, f = sm.predict(a, 0.5)
+    assert t == 150.0 and f == pytest.approx(2 / 3)
