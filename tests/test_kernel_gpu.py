@@ -1,7 +1,11 @@
-"""The CUDA kernels on a real GPU (skipped without one): against the float64 reference under
-FlashAttention's rule and against torch SDPA, on the current stream, allocating nothing but
-the outputs. The same kernel source is tested without a GPU in test_kernel_fwd.py /
-test_kernel_bwd.py (emulator)."""
+"""The CUDA kernels on a real GPU (skipped without one): every instantiation (head dims 32, 64,
+96, 128, 192, 256, fp16/bf16, causal and not, forward, backward and the deterministic pass)
+against the float64 reference under FlashAttention's rule and against torch SDPA, on the current
+stream, allocating nothing but the outputs. The same kernel source is tested without a GPU in
+test_kernel_fwd.py / test_kernel_bwd.py (emulator), and test_gpu_paths_fake.py runs these very
+test functions on CPU tensors inside flash_cuda.emulate() so that they are not dead on arrival.
+
+Each test takes `dev`, the device its tensors live on: "cuda" here, "cpu" under the fake."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,22 +13,28 @@ import torch.nn.functional as F
 import flash_cuda
 from reference import assert_fa_rule, attention_ref
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and flash_cuda.has_cuda_kernels()),
-                                reason="needs a CUDA GPU and a build with the CUDA kernels")
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # every instantiated head dim
 
 
-def make(B, Hq, Hkv, Nq, Nk, D, dtype, requires_grad=False):
-    g = torch.Generator(device="cuda").manual_seed(B * 1000 + Nq + D)
-    mk = lambda h, n: torch.randn(B, h, n, D, device="cuda", dtype=dtype, generator=g).requires_grad_(requires_grad)
+@pytest.fixture
+def dev():
+    if not (torch.cuda.is_available() and flash_cuda.has_cuda_kernels()):
+        pytest.skip("needs a CUDA GPU and a build with the CUDA kernels")
+    return "cuda"
+
+
+def make(dev, B, Hq, Hkv, Nq, Nk, D, dtype, requires_grad=False):
+    g = torch.Generator(device=dev).manual_seed(B * 1000 + Nq + D)
+    mk = lambda h, n: torch.randn(B, h, n, D, device=dev, dtype=dtype, generator=g).requires_grad_(requires_grad)
     return mk(Hq, Nq), mk(Hkv, Nk), mk(Hkv, Nk)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("D", [32, 64, 96, 128, 192, 256, 40, 59])
+@pytest.mark.parametrize("D", HEAD_DIMS + (40, 59))
 @pytest.mark.parametrize("Nq,Nk", [(1, 1), (113, 203), (1025, 1025), (203, 17)])
-def test_forward_vs_reference_and_sdpa(dtype, causal, D, Nq, Nk):
-    q, k, v = make(2, 4, 2, Nq, Nk, D, dtype)
+def test_forward_vs_reference_and_sdpa(dev, dtype, causal, D, Nq, Nk):
+    q, k, v = make(dev, 2, 4, 2, Nq, Nk, D, dtype)
     out, lse = flash_cuda.attention(q, k, v, causal=causal, return_lse=True)
     ref, ref_lse = attention_ref(q, k, v, causal=causal)
     plain, _ = attention_ref(q, k, v, causal=causal, dtype=dtype)
@@ -36,8 +46,8 @@ def test_forward_vs_reference_and_sdpa(dtype, causal, D, Nq, Nk):
         assert (out.float() - sdpa.float()).abs().max() <= 2 * (plain.float() - ref.float()).abs().max() + 1e-3
 
 
-def test_forward_on_a_side_stream_allocates_only_outputs():
-    q, k, v = make(2, 4, 4, 512, 512, 64, torch.float16)
+def test_forward_on_a_side_stream_allocates_only_outputs(dev):
+    q, k, v = make(dev, 2, 4, 4, 512, 512, 64, torch.float16)
     expected = flash_cuda.attention(q, k, v)
     stream = torch.cuda.Stream()
     torch.cuda.synchronize()
@@ -51,10 +61,11 @@ def test_forward_on_a_side_stream_allocates_only_outputs():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("D", [64, 128, 59])
-def test_backward_vs_reference_and_sdpa(dtype, causal, D):
-    q, k, v = make(2, 4, 2, 203, 203, D, dtype, requires_grad=True)
-    out = flash_cuda.attention(q, k, v, causal=causal)
+@pytest.mark.parametrize("D", HEAD_DIMS + (59,))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_vs_reference_and_sdpa(dev, dtype, causal, D, deterministic, N=203):
+    q, k, v = make(dev, 2, 4, 2, N, N, D, dtype, requires_grad=True)
+    out = flash_cuda.attention(q, k, v, causal=causal, deterministic=deterministic)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -72,8 +83,8 @@ def test_backward_vs_reference_and_sdpa(dtype, causal, D):
         assert (g.float() - sg.float()).abs().max() <= 3 * (pg.float() - rg.float()).abs().max() + 1e-3
 
 
-def test_deterministic_backward_is_bitwise_repeatable():
-    q, k, v = make(1, 8, 2, 777, 777, 128, torch.bfloat16, requires_grad=True)
+def test_deterministic_backward_is_bitwise_repeatable(dev, N=777):
+    q, k, v = make(dev, 1, 8, 2, N, N, 128, torch.bfloat16, requires_grad=True)
     runs = []
     for _ in range(3):
         out = flash_cuda.attention(q, k, v, causal=True, deterministic=True)

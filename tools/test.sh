@@ -3,5 +3,5 @@
 # Extra arguments go to pytest (e.g. tools/test.sh -k gqa).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source tools/setup.sh
+source tools/setup.sh matplotlib  # matplotlib: the benchmark plot, written by a test under a fake GPU
 python3 -m pytest -q -ra "$@"

@@ -1,0 +1,132 @@
+"""The code that only runs on a GPU, run here under a fake so it is not dead on arrival:
+
+- tests/test_kernel_gpu.py's test functions on CPU tensors inside flash_cuda.emulate(), which
+  routes them through the same launcher and CUDA kernel source (small shapes, one or two per
+  test; the real run covers every instantiation);
+- benchmarks/bench_sdpa.py's CUDA path (`--device cuda`, the fa preset's sweep against SDPA's
+  flash, efficient, cuDNN and math backends, TFLOP/s, ratios, JSON and plot) with torch.cuda's
+  device queries, events and memory statistics faked and the input tensors made on the CPU.
+  SDPA's efficient and cuDNN backends have no CPU kernel, so the fake also exercises the
+  benchmark's "n/a" path.
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from unittest import mock
+
+import pytest
+import torch
+
+import flash_cuda
+import test_kernel_gpu as gpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_forward_test_runs_emulated(dtype):
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_forward_vs_reference_and_sdpa("cpu", dtype, True, 64, 113, 203)
+        gpu.test_forward_vs_reference_and_sdpa("cpu", dtype, False, 59, 17, 17)
+    assert {r["kernel"].split("<")[0] for r in emu.launches} == {"flash_fwd"}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_backward_test_runs_emulated(deterministic):
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_backward_vs_reference_and_sdpa("cpu", torch.bfloat16, True, 96, deterministic, N=37)
+    kernels = {r["kernel"].split("<")[0] for r in emu.launches}
+    assert "flash_bwd" in kernels and ("flash_bwd_dq" in kernels) == deterministic
+
+
+def test_gpu_deterministic_test_runs_emulated():
+    with flash_cuda.emulate(check=False, order="random", workers=2):
+        gpu.test_deterministic_backward_is_bitwise_repeatable("cpu", N=33)
+
+
+def test_gpu_tests_cover_every_instantiation():
+    params = lambda f: {m.args[0]: tuple(m.args[1]) for m in f.pytestmark if m.name == "parametrize"}
+    fwd, bwd = params(gpu.test_forward_vs_reference_and_sdpa), params(gpu.test_backward_vs_reference_and_sdpa)
+    assert set(gpu.HEAD_DIMS) <= set(fwd["D"]) and set(gpu.HEAD_DIMS) <= set(bwd["D"])
+    assert bwd["deterministic"] == (False, True)
+    for p in (fwd, bwd):
+        assert p["dtype"] == (torch.float16, torch.bfloat16) and p["causal"] == (False, True)
+    generated = {f.split("_")[1] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_hdim" in f}
+    assert generated == {f"hdim{d}" for d in gpu.HEAD_DIMS}
+
+
+class FakeEvent:
+    """torch.cuda.Event on the host clock."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+@contextlib.contextmanager
+def fake_cuda(bench):
+    props = mock.Mock(total_memory=24 * 2 ** 30, name="fake", multi_processor_count=108)
+    real_make = bench.make_inputs
+    with contextlib.ExitStack() as stack:
+        for name, value in {"is_available": lambda: True, "synchronize": lambda *a: None,
+                            "empty_cache": lambda: None, "reset_peak_memory_stats": lambda *a: None,
+                            "memory_allocated": lambda *a: 0, "max_memory_allocated": lambda *a: 0,
+                            "mem_get_info": lambda *a: (16 * 2 ** 30, 24 * 2 ** 30),
+                            "get_device_properties": lambda *a: props,
+                            "get_device_name": lambda *a: "fake CUDA device (CPU tensors)",
+                            "Event": FakeEvent}.items():
+            stack.enter_context(mock.patch.object(torch.cuda, name, value))
+        stack.enter_context(mock.patch.object(flash_cuda, "has_cuda_kernels", lambda: True))
+        stack.enter_context(mock.patch.object(bench, "make_inputs", lambda group, device, seed=0: real_make(group, "cpu", seed)))
+        yield
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_sdpa", os.path.join(ROOT, "benchmarks", "bench_sdpa.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_cuda_defaults_and_fa_sweep_construct():
+    bench = load_bench()
+    with fake_cuda(bench):
+        args = bench.parse_args([])
+        assert (args.device, args.preset, args.warmup) == ("cuda", "fa", 3)
+        points = list(bench.sweep_points(args))
+        assert len(points) == 12 and all(p["B"] * p["N"] == 16384 and p["H"] * p["D"] == 2048 for p in points)
+        assert set(bench.implementations("cuda")) == {"flash_cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+                                                      "sdpa-math"}
+        for p in points:  # every point's inputs construct (shape and dtype only: meta tensors)
+            q = torch.empty(p["B"], p["H"], p["N"], p["D"], dtype=p["dtype"], device="meta")
+            assert bench.flops(dict(p, causal=True), "fwdbwd") > 0 and bench.math_need(dict(p, causal=False), "fwd") > 0
+            assert q.shape[-1] == p["D"]
+
+
+def test_bench_cuda_path_end_to_end(tmp_path, capsys):
+    bench = load_bench()
+    tiny = {"shapes": [(1, 64, 2, 64)], "dtypes": ["bfloat16"]}
+    with fake_cuda(bench), mock.patch.dict(bench.PRESETS, {"fa": tiny}):
+        plot = importlib.util.find_spec("matplotlib") is not None
+        bench.main(["--reps", "1", "--warmup", "1", "--out", str(tmp_path)] + ([] if plot else ["--no-plot"]))
+    out = capsys.readouterr().out
+    assert "device cuda (fake CUDA device (CPU tensors))" in out and "r:flash" in out and "fc TF/s" in out
+    data = json.loads((tmp_path / "bench_cuda_fa.json").read_text())
+    assert data["meta"]["device"] == "cuda" and len(data["results"]) == 4  # causal x modes
+    for r in data["results"]:
+        impls = r["impls"]
+        assert impls["flash_cuda"]["ms"] > 0 and impls["sdpa-flash"]["ms"] > 0 and impls["sdpa-math"]["ms"] > 0
+        assert all(impls[n]["status"].startswith("n/a: no available kernel") for n in ("sdpa-efficient", "sdpa-cudnn"))
+    if plot:
+        assert (tmp_path / "bench_cuda_fa.png").stat().st_size > 0
