@@ -1,6 +1,6 @@
 // Host side of the attention kernels, shared by the CUDA build and the emulator: tensors to
-// FwdParams (strides, GQA, causal alignment, alignment of the vector path), output
-// allocation, and the call into one backend's dispatch (csrc/kernels/dispatch.h).
+// FwdParams (strides, GQA, causal alignment), row alignment, output allocation, and the call
+// into one backend's dispatch (csrc/kernels/dispatch.h).
 #include "kernel_launch.h"
 
 #include <ATen/ATen.h>
@@ -22,6 +22,36 @@ bool row_starts_aligned(const at::Tensor& x) {  // every (b, h, n) row 16-byte a
          x.stride(1) % kElems == 0 && x.stride(2) % kElems == 0;
 }
 
+// The kernels move every tile in whole 16-byte chunks (cp.async, 128-bit loads and stores), so
+// every (b, h, n) row must start 16-byte aligned and the head dim they see is d rounded up to a
+// multiple of 8. A tensor that is not like that (a head dim that is not a multiple of 8, such
+// strides, an offset view) is copied into rows padded to a multiple of 8 elements with zeros,
+// as FlashAttention-2 pads head dims: zero columns add nothing to Q K^T, dO V^T or rowsum(dO O),
+// and the outputs' padding columns are computed in a scratch copy and dropped. Aligned tensors
+// with a head dim that is a multiple of 8 (the usual case) are used as they are, with no copy.
+bool kernel_ready(const at::Tensor& x) { return x.size(3) % 8 == 0 && row_starts_aligned(x); }
+
+at::Tensor padded_rows(const at::Tensor& x) {
+  const int64_t d = x.size(3);
+  return at::empty({x.size(0), x.size(1), x.size(2), (d + 7) / 8 * 8}, x.options());
+}
+
+at::Tensor aligned_input(const at::Tensor& x) {
+  if (kernel_ready(x)) return x;
+  auto padded = padded_rows(x);
+  const int64_t d = x.size(3);
+  padded.narrow(3, d, padded.size(3) - d).zero_();
+  return padded.narrow(3, 0, d).copy_(x);
+}
+
+at::Tensor aligned_output(const at::Tensor& x) {
+  return kernel_ready(x) ? x : padded_rows(x).narrow(3, 0, x.size(3));
+}
+
+void copy_back(const at::Tensor& dst, const at::Tensor& src) {
+  if (!src.is_same(dst)) dst.copy_(src);
+}
+
 void check_kernel_inputs(const at::Tensor& q, Executor executor) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "flash_cuda: the CUDA kernels",
               executor == Executor::emu ? " (emulated)" : "", " take float16 or bfloat16 inputs, got ", q.scalar_type());
@@ -32,9 +62,8 @@ TensorRef ref(const at::Tensor& x) {
   return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-// Sizes, scale, mask and the vector-path flag shared by the forward and backward params.
-AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right,
-                     std::initializer_list<const at::Tensor*> all) {
+// Sizes, scale and mask shared by the forward and backward params.
+AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right) {
   const int64_t Nq = q.size(2), Nk = k.size(2);
   TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && q.size(0) <= 65535 && q.size(1) <= 65535,
               "flash_cuda: sequence lengths must be < 2^31 and B, H <= 65535 for the CUDA kernels");
@@ -44,12 +73,10 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, boo
   s.hkv = static_cast<int>(k.size(1));
   s.nq = static_cast<int>(Nq);
   s.nk = static_cast<int>(Nk);
-  s.d = static_cast<int>(q.size(3));
+  s.d = static_cast<int>((q.size(3) + 7) / 8 * 8);  // aligned_input/aligned_output pad to it
   s.scale = static_cast<float>(scale);
   s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   s.mask = CausalMask::make(causal, bottom_right, Nq, Nk);
-  s.vec_aligned = true;
-  for (const at::Tensor* x : all) s.vec_aligned = s.vec_aligned && row_starts_aligned(*x);
   return s;
 }
 
@@ -62,30 +89,46 @@ emu::Buffer tensor_footprint(const at::Tensor& t, bool writable) {
   return {t.data_ptr(), t.numel() == 0 ? 0 : (last + 1) * t.element_size(), writable};
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               double scale, bool causal, bool bottom_right, Executor executor) {
-  check_kernel_inputs(q, executor);
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  auto out = at::empty({B, Hq, Nq, D}, q.options());
-  auto lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+// What the kernels may touch of a tensor they get: its rows with the head dim rounded up to a
+// multiple of 8 (inside the storage: aligned_input / aligned_output made it so).
+emu::Buffer kernel_footprint(const at::Tensor& x, bool writable) {
+  if (x.dim() != 4 || x.size(3) % 8 == 0) return tensor_footprint(x, writable);
+  return tensor_footprint(x.as_strided({x.size(0), x.size(1), x.size(2), (x.size(3) + 7) / 8 * 8}, x.strides()),
+                          writable);
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at::Tensor& k_in,
+                                               const at::Tensor& v_in, double scale, bool causal, bool bottom_right,
+                                               Executor executor) {
+  check_kernel_inputs(q_in, executor);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
+  auto out = at::empty({B, Hq, Nq, D}, q_in.options());
+  auto lse = at::empty({B, Hq, Nq}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  if (k.size(2) == 0) {  // no key at all: every row is empty
+  if (k_in.size(2) == 0) {  // no key at all: every row is empty
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
+  // The forward's softmax needs a positive scale (csrc/kernels/softmax.h: the row max is taken
+  // on the raw scores). scale * (q . k) = |scale| * (-q . k) exactly, and scale 0 is uniform
+  // attention, which zero scores give at any scale: a copy of q in these rare cases.
+  const at::Tensor q_pos = scale > 0 ? q_in : (scale < 0 ? q_in.neg() : at::zeros_like(q_in));
+  const double scale_pos = scale > 0 ? scale : (scale < 0 ? -scale : 1.0);
+  const at::Tensor q = aligned_input(q_pos), k = aligned_input(k_in), v = aligned_input(v_in);
+  at::Tensor o = aligned_output(out);
   FwdParams p{};
-  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, causal, bottom_right, {&q, &k, &v, &out});
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale_pos, causal, bottom_right);
   p.q = ref(q);
   p.k = ref(k);
   p.v = ref(v);
-  p.o = ref(out);
+  p.o = ref(o);
   p.lse = lse.data_ptr<float>();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const char* err = nullptr;
   if (executor == Executor::emu) {
-    emu::set_buffers({tensor_footprint(q, false), tensor_footprint(k, false), tensor_footprint(v, false),
-                      tensor_footprint(out, true), tensor_footprint(lse, true)});
+    emu::set_buffers({kernel_footprint(q, false), kernel_footprint(k, false), kernel_footprint(v, false),
+                      kernel_footprint(o, true), tensor_footprint(lse, true)});
     err = emu_backend::fwd(p, bf16, causal, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
@@ -96,27 +139,31 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Te
 #endif
   }
   TORCH_CHECK(err == nullptr, "flash_cuda: forward kernel launch failed: ", err);
+  copy_back(out, o);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dout, const at::Tensor& q,
-                                                           const at::Tensor& k, const at::Tensor& v,
-                                                           const at::Tensor& out, const at::Tensor& lse,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                           const at::Tensor& k_in, const at::Tensor& v_in,
+                                                           const at::Tensor& out_in, const at::Tensor& lse,
                                                            const std::optional<at::Tensor>& dlse, double scale,
                                                            bool causal, bool bottom_right, bool deterministic,
                                                            Executor executor) {
-  check_kernel_inputs(q, executor);
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
-  if (q.numel() == 0 || k.numel() == 0) {  // nothing to propagate through
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
+  check_kernel_inputs(q_in, executor);
+  auto dq_out = at::empty(q_in.sizes(), q_in.options());
+  auto dk_out = at::empty(k_in.sizes(), k_in.options());
+  auto dv_out = at::empty(v_in.sizes(), v_in.options());
+  if (q_in.numel() == 0 || k_in.numel() == 0) {  // nothing to propagate through
+    dq_out.zero_();
+    dk_out.zero_();
+    dv_out.zero_();
+    return {dq_out, dk_out, dv_out};
   }
+  const at::Tensor q = aligned_input(q_in), k = aligned_input(k_in), v = aligned_input(v_in);
+  const at::Tensor out = aligned_input(out_in), dout = aligned_input(dout_in);
+  const at::Tensor dq = aligned_output(dq_out), dk = aligned_output(dk_out), dv = aligned_output(dv_out);
   BwdParams p{};
-  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, causal, bottom_right, {&q, &k, &v, &out, &dout, &dq, &dk, &dv});
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, causal, bottom_right);
   p.q = ref(q);
   p.k = ref(k);
   p.v = ref(v);
@@ -144,8 +191,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dou
   const char* err = nullptr;
   if (emulated) {
     std::vector<emu::Buffer> buffers;
-    for (const at::Tensor* x : {&dout, &q, &k, &v, &out, &lse_c}) buffers.push_back(tensor_footprint(*x, false));
-    for (const at::Tensor* x : {&dq, &dk, &dv, &di, &dq_accum}) buffers.push_back(tensor_footprint(*x, true));
+    for (const at::Tensor* x : {&dout, &q, &k, &v, &out, &lse_c}) buffers.push_back(kernel_footprint(*x, false));
+    for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&dq, &dk, &dv, &di, &dq_accum})
+      buffers.push_back(kernel_footprint(*x, true));
     if (p.dlse) buffers.push_back(tensor_footprint(dlse_c, false));
     emu::set_buffers(std::move(buffers));
     err = emu_backend::bwd(p, bf16, causal, deterministic, nullptr);
@@ -158,7 +206,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dou
 #endif
   }
   TORCH_CHECK(err == nullptr, "flash_cuda: backward kernel launch failed: ", err);
-  return {dq, dk, dv};
+  copy_back(dq_out, dq);
+  copy_back(dk_out, dk);
+  copy_back(dv_out, dv);
+  return {dq_out, dk_out, dv_out};
 }
 
 }  // namespace flash_cuda

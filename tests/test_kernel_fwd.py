@@ -121,13 +121,13 @@ def test_random_order_and_block_parallelism():
 
 # ---------------------------------------------------------------- counters
 def tile_config(D):
-    """(kBlockM, kBlockN) of csrc/kernels/traits.h for an instantiated head dim."""
-    return 64, (128 if D <= 64 else 64)
+    """(kBlockM, kBlockN, threads) of csrc/kernels/traits.h (FwdTraits) for an instantiated head dim."""
+    return 128, 64, (128 if D <= 128 else 256)
 
 
 def key_tiles(Nq, Nk, D, causal):
     """Key tiles each query tile visits (causal: up to the bottom-right diagonal)."""
-    bm, bn = tile_config(D)
+    bm, bn, _ = tile_config(D)
     tiles = []
     for m0 in range(0, Nq, bm):
         end = min(Nk, min(m0 + bm, Nq) + Nk - Nq) if causal else Nk
@@ -141,10 +141,10 @@ def test_counters(D, causal):
     B, H, Nq, Nk = 1, 2, 256, 320
     q, k, v = make_qkv(B, H, H, Nq, Nk, D, torch.float16)
     _, _, rec = emulated(q, k, v, causal)
-    bm, bn = tile_config(D)
+    bm, bn, threads = tile_config(D)
     tiles = key_tiles(Nq, Nk, D, causal)
-    # Launch shape: (query tile, head, batch), 4 warps, Q + K + V tiles of shared memory.
-    assert rec["grid"] == [Nq // bm, H, B] and rec["block"] == [128, 1, 1]
+    # Launch shape: (query tile, head, batch), 4 or 8 warps, Q + K + V tiles of shared memory.
+    assert rec["grid"] == [Nq // bm, H, B] and rec["block"] == [threads, 1, 1]
     assert rec["dynamic_smem"] == (bm + 2 * bn) * D * 2
     # Q read and O written exactly once; K and V read once per query tile that needs them
     # (causal: fewer, by the skipped tiles; a partial last tile reads only the real rows).

@@ -1,7 +1,10 @@
 """Memory is O(N), not O(N^2): forward + backward at B=1, H=1, N=32768, D=64 in float32,
 where the score matrix alone would take 4 GiB, stays under 1 GiB of peak resident memory.
 
-Runs in a child process so the peak resident set measured is this computation's alone.
+Runs in a child process so the peak resident set measured is this computation's alone: the
+child reads its own high-water mark, VmHWM of /proc/self/status, which belongs to the address
+space it runs in. (getrusage's ru_maxrss would not do: Linux carries the parent's high-water
+mark across fork and exec, so a child of a large pytest process reports the parent's size.)
 """
 import json
 import subprocess
@@ -14,7 +17,12 @@ q, k, v = (torch.randn(1, 1, n, 64, requires_grad=True) for _ in range(3))
 out = flash_cuda.attention(q, k, v)
 out.backward(torch.randn_like(out))
 ok = all(torch.isfinite(x).all().item() for x in (out, q.grad, k.grad, v.grad))
-print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "finite": ok}))
+try:
+    with open("/proc/self/status") as f:
+        peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+except OSError:  # not Linux: the rusage figure (an upper bound there too)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kib": peak_kib, "finite": ok}))
 """
 
 

@@ -35,9 +35,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   const T* gK = head_ptr<const T>(p.k, batch, kv_head);
   const T* gV = head_ptr<const T>(p.v, batch, kv_head);
 
-  load_tile<QLayout, kThreads>(sQ, head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d, p.vec_aligned);
-  load_tile<QLayout, kThreads>(sdO, head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d,
-                               p.vec_aligned);
+  load_tile<QLayout, kThreads>(sQ, head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
+  load_tile<QLayout, kThreads>(sdO, head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
   cp_async_commit();
 
   // lse (base 2) and D of this thread's rows g and g + 8; rows that must not contribute get
@@ -58,8 +57,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   for (int j = 0; j < n_tiles; ++j) {
     const int n0 = j * kBlockN;
     __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
-    load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, n0, p.nk, p.d, p.vec_aligned);
-    load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride, n0, p.nk, p.d, p.vec_aligned);
+    load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, n0, p.nk, p.d);
+    load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride, n0, p.nk, p.d);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();  // K_j, V_j (and Q, dO) visible
@@ -109,8 +108,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   __syncthreads();  // (blocks with no key tile: Q copies by other threads may still be landing)
   stage_accumulators<QLayout>(sQ, rdQ, warp_row0, 0, p.scale, lane);  // dQ = scale * dS K
   __syncwarp();
-  store_warp_rows<QLayout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d,
-                           p.vec_aligned, lane);
+  store_warp_rows<QLayout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d, lane);
 }
 
 }  // namespace flash_cuda

@@ -69,14 +69,13 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   auto load_query_tile = [&](int it, int s) {
     const int head = kv_head * group + it / tiles_per_head, m0 = (i0 + it % tiles_per_head) * kBlockM;
     const int64_t rows = (int64_t(batch) * p.hq + head) * p.nq;
-    load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d, p.vec_aligned);
-    load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d,
-                                 p.vec_aligned);
+    load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
+    load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
     load_row_stats<kBlockM>(sLse2(s), sDi(s), p.lse + rows, p.di + rows, m0, p.nq);
   };
 
-  load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head), p.k.row_stride, n0, p.nk, p.d, p.vec_aligned);
-  load_tile<KVLayout, kThreads>(sV, head_ptr<const T>(p.v, batch, kv_head), p.v.row_stride, n0, p.nk, p.d, p.vec_aligned);
+  load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head), p.k.row_stride, n0, p.nk, p.d);
+  load_tile<KVLayout, kThreads>(sV, head_ptr<const T>(p.v, batch, kv_head), p.v.row_stride, n0, p.nk, p.d);
   if (total > 0) load_query_tile(0, 0);
   cp_async_commit();
 
@@ -193,7 +192,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   __syncthreads();
   const TensorRef& out = wq == 0 ? p.dk : p.dv;
   store_warp_rows<KVLayout>(head_ptr<T>(out, batch, kv_head), out.row_stride, wq == 0 ? sK : sV, 16 * wk, n0 + 16 * wk,
-                            p.nk, p.d, p.vec_aligned, lane);
+                            p.nk, p.d, lane);
 }
 
 }  // namespace flash_cuda

@@ -31,19 +31,10 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
       T o[8], d_o[8];
       const uint16_t* src_o = gO + row * p.o.row_stride + col;
       const uint16_t* src_do = gdO + row * p.dout.row_stride + col;
-      if (p.vec_aligned && col + 8 <= p.d) {
-        const uint4 vo = ld_global(reinterpret_cast<const uint4*>(src_o));
-        const uint4 vdo = ld_global(reinterpret_cast<const uint4*>(src_do));
-        memcpy(o, &vo, 16);
-        memcpy(d_o, &vdo, 16);
-      } else {
-        for (int e = 0; e < 8; ++e) {
-          const uint16_t a = col + e < p.d ? ld_global(src_o + e) : uint16_t(0);
-          const uint16_t b = col + e < p.d ? ld_global(src_do + e) : uint16_t(0);
-          memcpy(&o[e], &a, 2);
-          memcpy(&d_o[e], &b, 2);
-        }
-      }
+      const uint4 vo = ld_global(reinterpret_cast<const uint4*>(src_o));
+      const uint4 vdo = ld_global(reinterpret_cast<const uint4*>(src_do));
+      memcpy(o, &vo, 16);
+      memcpy(d_o, &vdo, 16);
       for (int e = 0; e < 8; ++e) dot += to_float(o[e]) * to_float(d_o[e]);
     }
     for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
@@ -78,8 +69,7 @@ __global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdPar
     }
   __syncwarp();
   const int m0 = m_block * Kt::kBlockM + warp * 16;
-  store_warp_rows<Layout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sdQ, warp * 16, m0, p.nq, p.d,
-                          p.vec_aligned, lane);
+  store_warp_rows<Layout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sdQ, warp * 16, m0, p.nq, p.d, lane);
 }
 
 }  // namespace flash_cuda

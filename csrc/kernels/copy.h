@@ -11,50 +11,48 @@
 namespace flash_cuda {
 
 // Rows [row0, row0 + kRows) of a [n_rows, d] matrix (row stride in elements) into a swizzled
-// shared tile. vec: 16-byte cp.async per chunk (asynchronous: the caller commits and waits);
-// otherwise plain 2-byte loads and stores (synchronous), for rows that are not 16-byte aligned.
+// shared tile, one 16-byte cp.async per chunk (asynchronous: the caller commits and waits);
+// rows past n_rows and columns past d are zero-filled. The launcher guarantees 16-byte aligned
+// row starts and d a multiple of 8 (zero-padded), so every chunk is whole.
 template <class Layout, int kThreads, class T>
-FC_DEVICE void load_tile(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d, bool vec) {
-  const uint16_t* g_raw = reinterpret_cast<const uint16_t*>(g_m);
-  uint16_t* s_raw = reinterpret_cast<uint16_t*>(s_tile);
-  for (int id = threadIdx.x; id < Layout::kTotalChunks; id += kThreads) {
-    int row, col;
-    Layout::chunk_coord(id, row, col);
-    const int g_row = row0 + row;
-    const int valid = g_row < n_rows ? max(0, min(8, d - col)) : 0;  // elements to read
-    uint16_t* dst = s_raw + Layout::offset(row, col);
-    const uint16_t* src = g_raw + g_row * row_stride + col;
-    if (vec) {
-      cp_async_cg16(dst, valid > 0 ? src : g_raw, 2 * valid);  // src-size 0: zero fill, no read
-    } else {
-      for (int e = 0; e < 8; ++e) st_shared(dst + e, e < valid ? ld_global(src + e) : uint16_t(0));
-    }
+FC_DEVICE void load_tile(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d) {
+  // Unrolled over the thread's chunks (Layout::CopyPlan): each chunk's shared offset, row and
+  // column are the thread's own plus compile-time steps, so a chunk costs an address, a
+  // predicate and one LDGSTS, and the tile no loop control.
+  using Plan = typename Layout::template CopyPlan<kThreads>;
+  const int row_t = threadIdx.x / Layout::kChunks, col_t = 8 * (threadIdx.x % Layout::kChunks);
+  const int64_t pass_stride = Plan::kRowsPerPass * row_stride;  // elements from a pass to the next
+  const T* g_t = g_m + int64_t(row0 + row_t) * row_stride + col_t;
+  T* s_t = s_tile + Layout::offset(row_t, col_t);
+  const int rows_left = n_rows - row0 - row_t;
+  const T* src = g_t;
+#pragma unroll
+  for (int i = 0; i < Plan::kIters; ++i) {
+    if (i > 0) src = Plan::col_step(i) != Plan::col_step(i - 1) ? g_t + Plan::col_step(i) : src + pass_stride;
+    // A zero-filled chunk reads nothing, so its (possibly out-of-range) address is harmless.
+    cp_async_cg16_zfill(s_t + Plan::offset_step(i), src,
+                        Plan::row_step(i) < rows_left && col_t + Plan::col_step(i) < d);
   }
 }
 
 // Rows [0, 16) of a warp's slice of a shared tile (starting at tile row row0) to global rows
 // [g_row0, g_row0 + 16) of a [n_rows, d] matrix, 16 bytes per lane per step (128-bit stores,
-// 4 or 8 lanes per row: coalesced), element by element where a chunk is partial or unaligned.
+// 4 or 8 lanes per row: coalesced; d a multiple of 8, as for load_tile).
 template <class Layout, class T>
 FC_DEVICE void store_warp_rows(T* g_m, int64_t row_stride, const T* s_tile, int row0, int g_row0, int n_rows, int d,
-                               bool vec, int lane) {
+                               int lane) {
   using Rows16 = SmemLayout<16, Layout::kCols>;  // the copy order of a 16-row tile
   uint16_t* g_raw = reinterpret_cast<uint16_t*>(g_m);
   const uint16_t* s_raw = reinterpret_cast<const uint16_t*>(s_tile);
-  for (int id = lane; id < Rows16::kTotalChunks; id += 32) {
+  static_assert(Rows16::kTotalChunks % 32 == 0, "every lane stores the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < Rows16::kTotalChunks / 32; ++i) {
     int row, col;
-    Rows16::chunk_coord(id, row, col);
+    Rows16::chunk_coord(lane + 32 * i, row, col);
     const int g_row = g_row0 + row;
     if (g_row >= n_rows || col >= d) continue;
     const uint4 chunk = ld_shared(reinterpret_cast<const uint4*>(s_raw + Layout::offset(row0 + row, col)));
-    uint16_t* dst = g_raw + g_row * row_stride + col;
-    if (vec && col + 8 <= d) {
-      st_global(reinterpret_cast<uint4*>(dst), chunk);
-    } else {
-      uint16_t e16[8];
-      memcpy(e16, &chunk, 16);
-      for (int e = 0; e < 8 && col + e < d; ++e) st_global(dst + e, e16[e]);
-    }
+    st_global(reinterpret_cast<uint4*>(g_raw + g_row * row_stride + col), chunk);
   }
 }
 

@@ -11,7 +11,7 @@ namespace FC_BACKEND {
 
 template <class T, int kHeadDim, bool kCausal>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Kt = FwdTraits<T, kHeadDim, fwd_block_n<kHeadDim>()>;
+  using Kt = FwdTraits<T, kHeadDim>;
   static const std::string name = std::string("flash_fwd<") + (sizeof(T) == 2 && std::is_same<T, __half>::value ? "fp16" : "bf16") +
                                   ",hdim" + std::to_string(kHeadDim) + (kCausal ? ",causal>" : ">");
   const dim3 grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);

@@ -30,6 +30,25 @@ struct SmemLayout {
     const int swizzled = kBlockCols == 64 ? chunk ^ (row % 8) : chunk ^ ((row / 2) % 4);
     return (col / kBlockCols) * (kRows * kBlockCols) + row * kBlockCols + swizzled * 8 + col % 8;
   }
+  // How kThreads threads copy the tile, chunk by chunk in copy order (chunk_coord): thread t's
+  // i-th chunk is chunk t + i kThreads, at row (t / kChunks) + row_step(i), column
+  // 8 (t % kChunks) + col_step(i), and shared offset offset(t's first chunk) + offset_step(i).
+  // The steps are compile-time constants: a pass of kThreads covers kRowsPerPass whole block
+  // rows, a multiple of 8, so a chunk keeps the swizzle of the thread's first chunk.
+  template <int kThreads>
+  struct CopyPlan {
+    static constexpr int kRowsPerPass = kThreads / kChunks;
+    static constexpr int kIters = kTotalChunks / kThreads;
+    static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0 && kRowsPerPass % 8 == 0,
+                  "a pass of the threads covers whole block rows, 8 at a time, and tiles the block");
+    static_assert(kTotalChunks % kThreads == 0, "every thread copies the same number of chunks");
+    FC_DEVICE static constexpr int row_step(int i) { return (i * kRowsPerPass) % kRows; }
+    FC_DEVICE static constexpr int col_step(int i) { return (i * kRowsPerPass) / kRows * kBlockCols; }
+    FC_DEVICE static constexpr int offset_step(int i) {
+      return (i * kRowsPerPass) / kRows * (kRows * kBlockCols) + row_step(i) * kBlockCols;
+    }
+  };
+
   // The id-th 16-byte chunk in copy order (block, then row, then chunk): 8 consecutive ids
   // are 128 contiguous bytes of one block row (or of two 64-byte rows), the conflict-free
   // order for cp.async and 128-bit shared loads.

@@ -25,6 +25,8 @@ struct CausalMask {
     return CausalMask{causal, (causal && bottom_right) ? nk - nq : 0};
   }
   FC_HOST_DEVICE bool visible(int64_t i, int64_t j) const { return !causal || j <= i + offset; }
+  // The last key query i sees when causal (may be negative: none).
+  FC_HOST_DEVICE int64_t last_key(int64_t i) const { return i + offset; }
   // Last key (exclusive) any row of [row_begin, row_end) can see, clamped to [0, nk].
   FC_HOST_DEVICE int64_t key_end(int64_t row_end, int64_t nk) const {
     if (!causal) return nk;
@@ -36,6 +38,15 @@ struct CausalMask {
     if (!causal) return 0;
     int64_t r = key_begin - offset;
     return r < 0 ? 0 : (r > nq ? nq : r);
+  }
+  // Leading key tiles (of `tile` keys) that every row from row_begin on sees entirely: the
+  // tiles a query tile starting at row_begin walks without a per-element predicate.
+  FC_HOST_DEVICE int64_t unmasked_key_tiles(int64_t row_begin, int tile, int64_t nk) const {
+    const int64_t full = nk / tile;  // tiles inside the sequence
+    if (!causal) return full;
+    const int64_t e = row_begin + offset + 1;  // keys every row sees: [0, e)
+    const int64_t t = e <= 0 ? 0 : e / tile;
+    return t < full ? t : full;
   }
   // True when some key of [key_begin, key_end) is hidden from some row of [row_begin, row_end).
   FC_HOST_DEVICE bool tile_needs_mask(int64_t row_begin, int64_t key_end) const {

@@ -7,7 +7,8 @@
 
 namespace flash_cuda {
 
-// A [B, H, N, D] tensor of 16-bit values with unit stride in D; strides in elements.
+// A [B, H, N, D] tensor of 16-bit values with unit stride in D; strides in elements. Every
+// (b, h, n) row starts 16-byte aligned (the launcher copies a tensor whose rows do not).
 struct TensorRef {
   void* ptr;
   int64_t batch_stride, head_stride, row_stride;
@@ -16,13 +17,11 @@ struct TensorRef {
 // Fields both kernels read.
 struct AttnShape {
   int b, hq, hkv, nq, nk;
-  int d;              // the real head dim; the kernel's instantiation may be wider (zero padded)
+  int d;              // the head dim rounded up to a multiple of 8 (the launcher zero-pads to
+                      // it); the kernel's instantiation may be wider still (zero filled)
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): scores go to the base-2 domain in one multiply
   CausalMask mask;
-  // Every row start of every TensorRef is 16-byte aligned, so tiles move as 16-byte cp.async
-  // and 128-bit stores; otherwise (e.g. an odd, packed head dim) element by element.
-  bool vec_aligned;
 };
 
 struct FwdParams : AttnShape {

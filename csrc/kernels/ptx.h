@@ -109,6 +109,21 @@ FC_DEVICE void cp_async_cg16(void* s_dst, const void* g_src, int src_bytes FC_SI
 #endif
 }
 
+// cp.async.cg.shared.global [dst], [src], 16, ignore-src: 16 bytes when `fill`, else 16 zero
+// bytes without reading src. The all-or-nothing form compiles to one predicated LDGSTS.ZFILL;
+// a register src-size (above) costs a dozen instructions of byte-count arithmetic per copy.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cp-async
+FC_DEVICE void cp_async_cg16_zfill(void* s_dst, const void* g_src, bool fill FC_SITE) {
+#if defined(__CUDACC__)
+  asm volatile(
+      "{\n .reg .pred p;\n setp.eq.u32 p, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, p;\n}\n" ::"r"(
+          smem_u32(s_dst)),
+      "l"(g_src), "r"(uint32_t(fill)));
+#else
+  ::emu::cp_async(s_dst, g_src, 16, fill ? 16 : 0, true, site);
+#endif
+}
+
 // cp.async.ca.shared.global [dst], [src], Bytes, src_bytes (Bytes 4, 8 or 16; cached in L1).
 template <int Bytes>
 FC_DEVICE void cp_async_ca(void* s_dst, const void* g_src, int src_bytes FC_SITE) {

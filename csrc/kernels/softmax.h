@@ -2,10 +2,11 @@
  * 16-row score tile (rows g and g + 8 of the mma accumulator layout, g = lane / 4), and the
  * four lanes of a quad together hold a row, so row reductions are two xor-shuffles.
  *
- * Scores arrive already in the base-2 domain (S * scale * log2(e)), so every exponential is
- * one ex2.approx. The scale is applied before the max, not folded into the exponent's FMA
- * as in FlashAttention-2, because that folding assumes scale > 0: torch accepts any scale,
- * and for scale < 0 the max of S is not the max of S * scale.
+ * Scores arrive raw (Q K^T, masked ones -inf) with the scale in the base-2 domain,
+ * c = scale * log2(e), which must be > 0: the launcher makes it so (for scale <= 0 it runs the
+ * kernel on -Q or zeros, see kernel_launch.cpp). Then max(c S) = c max(S), so the row max is
+ * taken on the raw scores and each probability is one FFMA and one ex2.approx:
+ * exp2(S c - max). The running max and the lse are kept in the scaled domain.
  */
 #pragma once
 #include "ptx.h"
@@ -28,27 +29,33 @@ struct OnlineSoftmax {
 
   FC_DEVICE OnlineSoftmax() : row_max{-INFINITY, -INFINITY}, row_sum{0.0f, 0.0f} {}
 
-  // rS: base-2 scores of one key tile (masked ones -inf) -> unnormalised probabilities P.
-  // rO is rescaled by exp2(old max - new max), the only correction a new tile needs.
+  // rS: raw scores of one key tile (masked ones -inf) -> unnormalised probabilities P; c > 0
+  // the base-2 scale. rO is rescaled by exp2(old max - new max), the only correction a new
+  // tile needs.
   template <int kNTiles, int kDTiles>
-  FC_DEVICE void update(float (&rS)[kNTiles][4], float (&rO)[kDTiles][4]) {
+  FC_DEVICE void update(float (&rS)[kNTiles][4], float (&rO)[kDTiles][4], const float c) {
+#pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float m = row_max[i];
+      float m = -INFINITY;
+#pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) m = fmaxf(m, fmaxf(rS[nt][2 * i], rS[nt][2 * i + 1]));
-      m = quad_max(m);
+      m = fmaxf(row_max[i], quad_max(m) * c);  // c > 0: -inf stays -inf
       // -inf guard: a row that has seen no visible key keeps max -inf; subtracting 0 instead
       // gives exp2(-inf) = 0 for its (masked) scores rather than exp2(-inf - -inf) = NaN.
       const float m_sub = m == -INFINITY ? 0.0f : m;
       const float alpha = ex2_approx(row_max[i] - m_sub);  // 0 on the first visible tile
       row_max[i] = m;
       row_sum[i] *= alpha;
+#pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         rO[dt][2 * i] *= alpha;
         rO[dt][2 * i + 1] *= alpha;
       }
+#pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float p = ex2_approx(rS[nt][2 * i + e] - m_sub);
+          const float p = ex2_approx(fmaf(rS[nt][2 * i + e], c, -m_sub));
           rS[nt][2 * i + e] = p;
           row_sum[i] += p;
         }
@@ -59,9 +66,11 @@ struct OnlineSoftmax {
   // A row that saw no key has sum 0: its output stays 0 and its lse is -inf.
   template <int kDTiles>
   FC_DEVICE void finalize(float (&rO)[kDTiles][4], float (&lse)[2]) {
+#pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float sum = quad_sum(row_sum[i]);
       const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         rO[dt][2 * i] *= inv;
         rO[dt][2 * i + 1] *= inv;

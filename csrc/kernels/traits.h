@@ -6,40 +6,46 @@
 
 namespace flash_cuda {
 
-template <class T_, int kHeadDim_, int kBlockN_>
+// Forward: a block owns a 128-row query tile and walks the key tiles. Head dims up to 128:
+// 4 warps x two 16-row m-tiles each, so every K and V fragment a warp loads from shared memory
+// feeds two mma (half the ldmatrix traffic of one m-tile per warp; FlashAttention-2's 128-row
+// tiles do the same). Above 128 the O accumulator alone is kHeadDim / 2 registers per m-tile:
+// 8 warps x one m-tile.
+template <class T_, int kHeadDim_>
 struct FwdTraits {
   using T = T_;  // __half or __nv_bfloat16
   static constexpr int kHeadDim = kHeadDim_;  // instantiated head dim (real d <= kHeadDim)
-  static constexpr int kWarps = 4;
+  static constexpr int kMTiles = kHeadDim <= 128 ? 2 : 1;  // 16-row m-tiles per warp
+  static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
-  // Each warp owns 16 query rows (one mma m-tile): no communication between warps in the
-  // main loop, and the 4-lane row reductions of the softmax stay inside a quad.
-  static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr int kNTiles = kBlockN / 8;   // S accumulator n-tiles per warp (16 x 8 each)
-  static constexpr int kDTiles = kHeadDim / 8;  // O accumulator n-tiles per warp
+  // Each warp owns 16 kMTiles query rows: no communication between warps in the main loop, and
+  // the 4-lane row reductions of the softmax stay inside a quad.
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kBlockM = kWarpRows * kWarps;
+  static constexpr int kBlockN = 64;
+  static constexpr int kNTiles = kBlockN / 8;   // S accumulator n-tiles per m-tile (16 x 8 each)
+  static constexpr int kDTiles = kHeadDim / 8;  // O accumulator n-tiles per m-tile
+  // Unroll of S = Q K^T's k loop: whole, except with two m-tiles at head dims 96 and 128 (160
+  // and 192 accumulator registers), where whole unrolling makes ptxas hold every step's
+  // ldmatrix addresses and spill; by 2 it needs none (measured: benchmarks/sass_compare.py).
+  static constexpr int kQKUnroll = kMTiles == 2 && kHeadDim >= 96 ? 2 : kHeadDim / 16;
 
   static_assert(sizeof(T) == 2, "tensor-core inputs are 16-bit");
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are instantiated in multiples of 32 up to 256");
   static_assert(kBlockN % 16 == 0, "P V consumes keys 16 at a time (one mma k-step)");
-  // Registers per thread: O is 16 x kHeadDim fp32 over 32 lanes, S is 16 x kBlockN.
-  static_assert(kHeadDim / 2 + kBlockN / 2 <= 160, "accumulators must leave room in 255 registers");
+  static_assert(kBlockM == 128, "one query tile size for every head dim");
+  // Registers per thread: O is kMTiles x 16 x kHeadDim fp32 over 32 lanes, S kMTiles x 16 x kBlockN.
+  static_assert(kMTiles * (kHeadDim / 2 + kBlockN / 2) <= 192, "accumulators must leave room in 255 registers");
 
-  // Blocks per SM the register allocation must allow (__launch_bounds__): 3 caps registers at
-  // 168 where the accumulators fit, so three 4-warp blocks share an SM; above head dim 128
-  // the O accumulator alone needs more, and one block per SM is the honest target. (Without a
-  // minimum, ptxas sometimes settles at 128 registers and spills a few bytes.)
-  static constexpr int kMinBlocksPerSm = kHeadDim <= 128 ? 3 : 1;
+  // Blocks per SM the register allocation must allow (__launch_bounds__): 2 lets ptxas use up
+  // to 255 registers per thread (4 warps) or 128 (8 warps x 2 would not fit: 1).
+  static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
 
   using QLayout = SmemLayout<kBlockM, kHeadDim>;   // Q tile; reused to stage O
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;  // one K and one V tile
   static constexpr size_t kSmemBytes = (QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T);
-  static_assert(kSmemBytes <= 227 * 1024, "fits sm_90's shared memory");
+  static_assert(kSmemBytes <= 163 * 1024, "fits sm_80's shared memory per block");
 };
-
-// Key tile width per head dim: 128 where S fits beside O in registers, 64 above head dim 64.
-template <int kHeadDim>
-constexpr int fwd_block_n() { return kHeadDim <= 64 ? 128 : 64; }
 
 }  // namespace flash_cuda
 
