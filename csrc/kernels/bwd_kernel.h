@@ -65,9 +65,9 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   const int tiles_per_head = max(0, m_tiles - i0);
   const int total = group * tiles_per_head;
 
-  // The walk: query head h = kv_head * group + it / tiles_per_head, tile i = i0 + it % tiles_per_head.
-  auto load_query_tile = [&](int it, int s) {
-    const int head = kv_head * group + it / tiles_per_head, m0 = (i0 + it % tiles_per_head) * kBlockM;
+  // The walk: step it is query head kv_head * group + it / tiles_per_head, tile
+  // i0 + it % tiles_per_head; (head, m0) of a step are carried, not divided out.
+  auto load_query_tile = [&](int head, int m0, int s) {
     const int64_t rows = (int64_t(batch) * p.hq + head) * p.nq;
     load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
     load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
@@ -76,19 +76,21 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
 
   load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head), p.k.row_stride, n0, p.nk, p.d);
   load_tile<KVLayout, kThreads>(sV, head_ptr<const T>(p.v, batch, kv_head), p.v.row_stride, n0, p.nk, p.d);
-  if (total > 0) load_query_tile(0, 0);
+  if (total > 0) load_query_tile(kv_head * group, i0 * kBlockM, 0);
   cp_async_commit();
 
   float rdK[kHalfDTiles][4] = {};  // keys 16 wk.. x columns dcol0.. of dK_j, fp32
   float rdV[kHalfDTiles][4] = {};  // the same of dV_j
 
+  int head = kv_head * group, m0 = i0 * kBlockM;  // of step it
   for (int it = 0; it < total; ++it) {
-    const int head = kv_head * group + it / tiles_per_head, m0 = (i0 + it % tiles_per_head) * kBlockM;
     const int s = kStages == 2 ? it % 2 : 0;
+    const bool last_tile = m0 + kBlockM >= m_tiles * kBlockM;  // of this head: the next step starts the next
+    const int next_head = last_tile ? head + 1 : head, next_m0 = last_tile ? i0 * kBlockM : m0 + kBlockM;
     cp_async_wait<0>();
     __syncthreads();  // tile it visible to all; every warp is done with tile it - 1 (its stage, sP, sdS)
     if (kStages == 2) {
-      if (it + 1 < total) load_query_tile(it + 1, 1 - s);  // lands while this tile computes
+      if (it + 1 < total) load_query_tile(next_head, next_m0, 1 - s);  // lands while this tile computes
       cp_async_commit();
     }
     const T* sQs = sQ(s);
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
     float rS[4][4] = {}, rdP[4][4] = {};  // 4 n-tiles of 8 queries, fp32
     // Loops over k are kept rolled (here and below): unrolled, nvcc hoists every step's
     // fragments and runs out of registers (spills at head dim 128 and 256).
-#pragma unroll 1
+#pragma unroll
     for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
       uint32_t rK[4], rV[4];  // A: 16 keys x 16 head-dim columns
       load_a_frag<KVLayout>(rK, sK, 16 * wk, k0, lane);
@@ -119,28 +121,39 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
     // P^T = exp2(S^T scale log2e - lse2) (0 where masked), dS^T = P^T (dP^T - D); both to
     // shared memory as 16-bit pairs, in the [key][query] layout the next products read.
     const bool needs_mask = n0 + kBlockN > p.nk || (kCausal && p.mask.tile_needs_mask(m0, n0 + kBlockN));
+    float rLse2[4][2], rDi[4][2];  // of this thread's 8 queries 32 wq + 8 nt + 2 t + e
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const float2 l = ld_shared(reinterpret_cast<const float2*>(lse2 + 32 * wq + nt * 8 + 2 * t));
+      const float2 d = ld_shared(reinterpret_cast<const float2*>(di + 32 * wq + nt * 8 + 2 * t));
+      rLse2[nt][0] = l.x;
+      rLse2[nt][1] = l.y;
+      rDi[nt][0] = d.x;
+      rDi[nt][1] = d.y;
+    }
+#pragma unroll
     for (int nt = 0; nt < 4; ++nt)
       for (int half = 0; half < 2; ++half) {
         const int key_local = 16 * wk + g + 8 * half;
         float pv[2], dsv[2];
         for (int e = 0; e < 2; ++e) {
           const int q_local = 32 * wq + nt * 8 + 2 * t + e;
-          float pe = ex2_approx(rS[nt][2 * half + e] * p.scale_log2 - lse2[q_local]);
+          float pe = ex2_approx(rS[nt][2 * half + e] * p.scale_log2 - rLse2[nt][e]);
           if (needs_mask) {
             const int key = n0 + key_local, row = m0 + q_local;
             if (key >= p.nk || (kCausal && !p.mask.visible(row, key))) pe = 0.0f;
           }
           pv[e] = pe;
-          dsv[e] = pe * (rdP[nt][2 * half + e] - di[q_local]);
+          dsv[e] = pe * (rdP[nt][2 * half + e] - rDi[nt][e]);
         }
-        const int off = PLayout::offset(key_local, 32 * wq + nt * 8 + 2 * t);
+        const int off = PLayout::offset_from(PLayout::offset(16 * wk + g, 32 * wq + 2 * t), 8 * half, 8 * nt);
         st_shared(reinterpret_cast<uint32_t*>(sP + off), pack2<T>(pv[0], pv[1]));
         st_shared(reinterpret_cast<uint32_t*>(sdS + off), pack2<T>(dsv[0], dsv[1]));
       }
     __syncthreads();  // P^T and dS^T of the whole tile visible
 
     // dV += P^T dO and dK += dS^T Q: keys 16 wk.. x columns dcol0.. of this warp.
-#pragma unroll 1
+#pragma unroll
     for (int k0 = 0; k0 < kBlockM; k0 += 16) {
       uint32_t rP[4], rdS[4];  // A: 16 keys x 16 queries
       load_a_frag<PLayout>(rP, sP, 16 * wk, k0, lane);
@@ -160,7 +173,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
       // dQ_i += dS K_j: queries 16 wk.. x columns dcol0.., added to the fp32 accumulator in
       // fragment order: element i of every lane is 128 contiguous bytes, one coalesced request.
       float rdQ[kHalfDTiles][4] = {};
-#pragma unroll 1
+#pragma unroll
       for (int k0 = 0; k0 < kBlockN; k0 += 16) {
         uint32_t rdS[4];  // A: 16 queries x 16 keys, from dS^T by ldmatrix.trans
         load_a_frag_trans<PLayout>(rdS, sdS, 16 * wk, k0, lane);
@@ -171,16 +184,20 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
           mma_m16n8k16<T>(rdQ[dt + 1], rdS, {rK[2], rK[3]}, rdQ[dt + 1]);
         }
       }
-      float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m0 / 16 + wk);
+      float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m0 / 16 + wk) + (dcol0 / 8) * 128 + lane;
+#pragma unroll
       for (int dt = 0; dt < kHalfDTiles; ++dt)
-        for (int i = 0; i < 4; ++i) atomicAdd(&acc[((dcol0 / 8 + dt) * 4 + i) * 32 + lane], rdQ[dt][i]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) atomicAdd(acc + (dt * 4 + i) * 32, rdQ[dt][i]);  // element (dt, i) of every lane
     }
 
     if (kStages == 1) {
       __syncthreads();  // every warp is done with Q_i and dO_i: refill the one buffer
-      if (it + 1 < total) load_query_tile(it + 1, 0);
+      if (it + 1 < total) load_query_tile(next_head, next_m0, 0);
       cp_async_commit();
     }
+    head = next_head;
+    m0 = next_m0;
   }
 
   // dK = scale * accumulator, dV as is: staged through sK / sV (free now), then warps 0-3

@@ -71,12 +71,13 @@ FC_DEVICE void stage_accumulators(T* s_tile, const float (&rAcc)[kTiles][4], int
 }
 
 // ---- fragments (ptx-oracle "compositions_for_mma_m16n8k16") ----
+// Tile origins (row0, col0 below) are multiples of 8 rows and 16 columns (SmemLayout::offset_from).
 
 // A operand 16x16 at (row0, col0) of a [m][k] tile: ldmatrix.x4, lane L addresses row
 // row0 + L % 16, column col0 + 8 * (L / 16).
 template <class Layout, class T>
 FC_DEVICE void load_a_frag(uint32_t (&rA)[4], const T* s_tile, int row0, int col0, int lane) {
-  ldmatrix<4>(rA, s_tile + Layout::offset(row0 + lane % 16, col0 + 8 * (lane / 16)));
+  ldmatrix<4>(rA, s_tile + Layout::offset_from(Layout::offset(lane % 16, 8 * (lane / 16)), row0, col0));
 }
 
 // A operand 16x16 (m0.., k0..) from a tile stored transposed, [k][m] (dS^T for dQ = dS K):
@@ -85,21 +86,21 @@ FC_DEVICE void load_a_frag(uint32_t (&rA)[4], const T* s_tile, int row0, int col
 template <class Layout, class T>
 FC_DEVICE void load_a_frag_trans(uint32_t (&rA)[4], const T* s_tile, int m0, int k0, int lane) {
   const int r = lane / 8;
-  ldmatrix<4, true>(rA, s_tile + Layout::offset(k0 + lane % 8 + 8 * (r / 2), m0 + 8 * (r % 2)));
+  ldmatrix<4, true>(rA, s_tile + Layout::offset_from(Layout::offset(lane % 8 + 8 * (r / 2), 8 * (r % 2)), k0, m0));
 }
 
 // B operands of two n-tiles (n0..n0+16) for k0..k0+16 from a tile stored [n][k] (K for
 // S = Q K^T): ldmatrix.x4 without .trans. rB[0..1]: n-tile n0, rB[2..3]: n-tile n0 + 8.
 template <class Layout, class T>
 FC_DEVICE void load_b_frags_nk(uint32_t (&rB)[4], const T* s_tile, int n0, int k0, int lane) {
-  ldmatrix<4>(rB, s_tile + Layout::offset(n0 + lane % 8 + 8 * (lane / 16), k0 + 8 * ((lane / 8) % 2)));
+  ldmatrix<4>(rB, s_tile + Layout::offset_from(Layout::offset(lane % 8 + 8 * (lane / 16), 8 * ((lane / 8) % 2)), n0, k0));
 }
 
 // B operands of two n-tiles (n0..n0+16) for k0..k0+16 from a tile stored [k][n] (V for
 // O = P V): ldmatrix.x4.trans. rB[0..1]: n-tile n0, rB[2..3]: n-tile n0 + 8.
 template <class Layout, class T>
 FC_DEVICE void load_b_frags_kn(uint32_t (&rB)[4], const T* s_tile, int k0, int n0, int lane) {
-  ldmatrix<4, true>(rB, s_tile + Layout::offset(k0 + lane % 16, n0 + 8 * (lane / 16)));
+  ldmatrix<4, true>(rB, s_tile + Layout::offset_from(Layout::offset(lane % 16, 8 * (lane / 16)), k0, n0));
 }
 
 }  // namespace flash_cuda

@@ -30,6 +30,15 @@ struct SmemLayout {
     const int swizzled = kBlockCols == 64 ? chunk ^ (row % 8) : chunk ^ ((row / 2) % 4);
     return (col / kBlockCols) * (kRows * kBlockCols) + row * kBlockCols + swizzled * 8 + col % 8;
   }
+  // offset(row0 + lr, col0 + lc) from lane_off = offset(lr, lc), for row0 a multiple of 8, lc
+  // inside one column block, and col0 a multiple of 8 whose 16-byte chunk bits within a block
+  // do not meet lc's (fragment loads: col0 a multiple of 16, lc in {0, 8}): the swizzle of
+  // row0 + lr is lr's, and col0 enters by one XOR, the rest by adds. With lane_off computed once
+  // (it is loop-invariant), an access costs one LOP3 instead of the whole swizzle arithmetic.
+  FC_DEVICE static int offset_from(int lane_off, int row0, int col0) {
+    return (lane_off ^ (col0 % kBlockCols)) + (col0 / kBlockCols) * (kRows * kBlockCols) + row0 * kBlockCols;
+  }
+
   // How kThreads threads copy the tile, chunk by chunk in copy order (chunk_coord): thread t's
   // i-th chunk is chunk t + i kThreads, at row (t / kChunks) + row_step(i), column
   // 8 (t % kChunks) + col_step(i), and shared offset offset(t's first chunk) + offset_step(i).
