@@ -12,7 +12,10 @@ body holding exactly that many. A body may hold inner loops (a k loop nvcc kept 
 instructions are counted once per trip, the trip count read from the loop's own compare of an
 induction register against an immediate; where that pattern is not found the inner trip count
 is solved from the HMMA total, one common count for all such loops that issue HMMAs (reported
-as `trips_solved`); an unresolved loop without HMMAs counts once. Counts are static: both sides of a
+as `trips_solved`); an unresolved loop without HMMAs counts once. A loop that a second back
+edge enters from below (a rotated loop: one iteration's path runs through both) is merged with
+it. Instructions predicated on !PT (never executed: ptxas pads with them) take an issue slot
+and nothing else. Counts are static: both sides of a
 branch inside the body are counted (masking code a steady-state iteration skips included), so a
 kernel with the masked tiles peeled out of its main loop is credited for it.
 
@@ -155,13 +158,33 @@ def _weights(instrs, start, end, expected_hmma):
 
 def main_loop(instrs, expected_hmma):
     """(start, end, weights, trips_solved) of the smallest loop executing expected_hmma HMMAs
-    per iteration, or None."""
-    best = None
-    for s, e in _loops(instrs):
+    per iteration, or None. A loop that another back edge enters from below (nvcc's rotated
+    loops: the path of an iteration runs through both) is merged with it while the HMMA count
+    of the union stays that of one iteration."""
+    loops = _loops(instrs)
+
+    def hmma_of(s, e):
         w, solved = _weights(instrs, s, e, expected_hmma)
-        hmma = sum(wk for k, wk in zip(range(s, e + 1), w) if instrs[k][2].startswith("HMMA"))
+        return sum(wk for k, wk in zip(range(s, e + 1), w) if instrs[k][2].startswith("HMMA")), w, solved
+
+    best = None
+    for s, e in loops:
+        hmma, w, solved = hmma_of(s, e)
         if abs(hmma - expected_hmma) < 0.5 and (best is None or sum(w) < sum(best[2])):
             best = (s, e, w, solved)
+    if best is None:
+        return None
+    s, e = best[0], best[1]
+    grown = True
+    while grown:
+        grown = False
+        for s2, e2 in loops:
+            if (s2 < s <= e2 < e or s < s2 <= e < e2) and abs(hmma_of(min(s, s2), max(e, e2))[0] - expected_hmma) < 0.5:
+                s, e = min(s, s2), max(e, e2)
+                grown = True
+    if (s, e) != best[:2]:
+        _h, w, solved = hmma_of(s, e)
+        best = (s, e, w, solved)
     return best
 
 
@@ -210,6 +233,8 @@ def analyse(sass_text, expected_hmma, warps, units, arch):
         op = instrs[k][2]
         n = w[k - s] * scale
         total += n
+        if instrs[k][1] == "@!PT":
+            continue  # never executed (ptxas pads with such): an issue slot, no pipe, not counted
         for kind, prefixes in KINDS.items():
             if op.startswith(prefixes) and not (kind == "LDS" and op.startswith(("LDSM",))) \
                     and not (kind == "LDG" and op.startswith("LDGSTS")) and not (kind == "LDG" and op.startswith("LDGDEPBAR")):

@@ -91,3 +91,31 @@ def test_predict_between_roofline_and_serial():
     assert sm.predict(a, 0.0) == (200.0, 0.5)       # no overlap: the sum of the pipes
     t, f = sm.predict(a, 0.5)
     assert t == 150.0 and f == pytest.approx(2 / 3)
+
+
+def test_predicated_off_instructions_take_no_pipe():
+    kernel = ["MOV R1, RZ",                  # 0
+              "@!PT LDS RZ, [RZ]",           # 1 loop head: ptxas padding, never executed
+              "HMMA.16816.F32.BF16 R4, R8, R12, R4",  # 2
+              "LDGSTS.E.BYPASS.128 [R0], [R2.64], P0",  # 3
+              "@P1 BRA 0x10"]                # 4 back to 1
+    a = sm.analyse(sass(kernel), expected_hmma=1, warps=1, units=1.0, arch="80")
+    assert a["counts_per_unit"]["LDS"] == 0 and a["instructions_per_unit"] == 4
+    assert a["pipe_cycles_per_unit"]["mem"] == 4  # the LDGSTS's four wavefronts only
+
+
+def test_rotated_loop_is_merged():
+    # the iteration's path: 1..4 (K prefetch), 5..8 (HMMAs), back edge 8 -> 2 and a second one,
+    # 6 -> 1, entering the first loop from below: one iteration runs through [1, 8]
+    kernel = ["MOV R1, RZ",                  # 0
+              "LDGSTS.E.BYPASS.128 [R0], [R2.64], P0",   # 1
+              "HMMA.16816.F32.BF16 R4, R8, R12, R4",     # 2
+              "IADD3 R1, R1, 0x1, RZ",       # 3
+              "ISETP.NE.AND P1, PT, R1, R5, PT",         # 4
+              "HMMA.16816.F32.BF16 R6, R8, R12, R6",     # 5
+              "@P2 BRA 0x10",                # 6 back to 1
+              "NOP",                         # 7
+              "@P1 BRA 0x20"]                # 8 back to 2
+    ins = sm.parse_sass(sass(kernel))
+    s, e, _w, _solved = sm.main_loop(ins, expected_hmma=2)
+    assert (s, e) == (1, 8)

@@ -100,8 +100,6 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
 
     // S^T = K Q^T and dP^T = V dO^T: keys 16 wk.. x queries 32 wq.. of this warp.
     float rS[4][4] = {}, rdP[4][4] = {};  // 4 n-tiles of 8 queries, fp32
-    // Loops over k are kept rolled (here and below): unrolled, nvcc hoists every step's
-    // fragments and runs out of registers (spills at head dim 128 and 256).
 #pragma unroll
     for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
       uint32_t rK[4], rV[4];  // A: 16 keys x 16 head-dim columns

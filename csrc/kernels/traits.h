@@ -27,8 +27,8 @@ struct FwdTraits {
   static constexpr int kDTiles = kHeadDim / 8;  // O accumulator n-tiles per m-tile
   // Unroll of S = Q K^T's k loop: whole, except with two m-tiles at head dims 96 and 128 (160
   // and 192 accumulator registers), where whole unrolling makes ptxas hold every step's
-  // ldmatrix addresses and spill; by 2 it needs none (measured: benchmarks/sass_compare.py).
-  static constexpr int kQKUnroll = kMTiles == 2 && kHeadDim >= 96 ? 2 : kHeadDim / 16;
+  // ldmatrix addresses and spill; by 4 it needs none (measured: benchmarks/sass_compare.py).
+  static constexpr int kQKUnroll = kMTiles == 2 && kHeadDim >= 96 ? 4 : kHeadDim / 16;
 
   static_assert(sizeof(T) == 2, "tensor-core inputs are 16-bit");
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are instantiated in multiples of 32 up to 256");
