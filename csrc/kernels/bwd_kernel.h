@@ -13,6 +13,8 @@
  * key tile j are skipped. dK = scale * accumulator (the softmax scale of S).
  */
 #pragma once
+#include <type_traits>
+
 #include "copy.h"
 #include "params.h"
 #include "traits.h"
@@ -65,8 +67,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   const int tiles_per_head = max(0, m_tiles - i0);
   const int total = group * tiles_per_head;
 
-  // The walk: step it is query head kv_head * group + it / tiles_per_head, tile
-  // i0 + it % tiles_per_head; (head, m0) of a step are carried, not divided out.
+  // The walk: the query tiles i0.. of every query head of the kv group, head by head; step it
+  // prefetches step it + 1's tiles.
   auto load_query_tile = [&](int head, int m0, int s) {
     const int64_t rows = (int64_t(batch) * p.hq + head) * p.nq;
     load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
@@ -82,8 +84,10 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
   float rdK[kHalfDTiles][4] = {};  // keys 16 wk.. x columns dcol0.. of dK_j, fp32
   float rdV[kHalfDTiles][4] = {};  // the same of dV_j
 
-  int head = kv_head * group, m0 = i0 * kBlockM;  // of step it
-  for (int it = 0; it < total; ++it) {
+  // One step of the walk: query tile m0 of query head `head`, step number it; kMask: some
+  // key of this tile is past the sequence end or above the diagonal for some of its rows.
+  auto step = [&](const int it, const int head, const int m0, auto mask_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value;
     const int s = kStages == 2 ? it % 2 : 0;
     const bool last_tile = m0 + kBlockM >= m_tiles * kBlockM;  // of this head: the next step starts the next
     const int next_head = last_tile ? head + 1 : head, next_m0 = last_tile ? i0 * kBlockM : m0 + kBlockM;
@@ -118,7 +122,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
 
     // P^T = exp2(S^T scale log2e - lse2) (0 where masked), dS^T = P^T (dP^T - D); both to
     // shared memory as 16-bit pairs, in the [key][query] layout the next products read.
-    const bool needs_mask = n0 + kBlockN > p.nk || (kCausal && p.mask.tile_needs_mask(m0, n0 + kBlockN));
+    const int key_lim = p.nk - n0;
+    const int diag = kCausal ? int(p.mask.last_key(m0) - n0) : 0;
     float rLse2[4][2], rDi[4][2];  // of this thread's 8 queries 32 wq + 8 nt + 2 t + e
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
@@ -137,10 +142,9 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
         for (int e = 0; e < 2; ++e) {
           const int q_local = 32 * wq + nt * 8 + 2 * t + e;
           float pe = ex2_approx(rS[nt][2 * half + e] * p.scale_log2 - rLse2[nt][e]);
-          if (needs_mask) {
-            const int key = n0 + key_local, row = m0 + q_local;
-            if (key >= p.nk || (kCausal && !p.mask.visible(row, key))) pe = 0.0f;
-          }
+          // key n0 + key_local is hidden from row m0 + q_local iff it is past the end or
+          // key_local - q_local > last_key(m0) - n0: one compare each, in 32 bits
+          if (kMask && (key_local >= key_lim || (kCausal && key_local - q_local > diag))) pe = 0.0f;
           pv[e] = pe;
           dsv[e] = pe * (rdP[nt][2 * half + e] - rDi[nt][e]);
         }
@@ -194,8 +198,20 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams
       if (it + 1 < total) load_query_tile(next_head, next_m0, 0);
       cp_async_commit();
     }
-    head = next_head;
-    m0 = next_m0;
+  };
+
+  // Per query head: the tiles near the diagonal need the mask (all of them when this key tile
+  // crosses the sequence end); the rest, the steady state of a long walk, run in a loop of
+  // their own without any per-element predicate.
+  const int i_unmasked = n0 + kBlockN > p.nk ? m_tiles
+                         : kCausal ? max(i0, min(m_tiles, int(p.mask.first_unmasked_row_tile(n0 + kBlockN, kBlockM))))
+                                   : i0;
+  int it = 0;
+  for (int h = 0; h < group; ++h) {
+    const int head = kv_head * group + h;
+    int i = i0;
+    for (; i < i_unmasked; ++i, ++it) step(it, head, i * kBlockM, std::true_type{});
+    for (; i < m_tiles; ++i, ++it) step(it, head, i * kBlockM, std::false_type{});
   }
 
   // dK = scale * accumulator, dV as is: staged through sK / sV (free now), then warps 0-3

@@ -48,6 +48,13 @@ struct CausalMask {
     const int64_t t = e <= 0 ? 0 : e / tile;
     return t < full ? t : full;
   }
+  // First tile of `tile` rows whose every row sees every key before key_end (causal: all tiles
+  // from there on need no mask for the keys up to key_end).
+  FC_HOST_DEVICE int64_t first_unmasked_row_tile(int64_t key_end, int tile) const {
+    if (!causal) return 0;
+    const int64_t r = key_end - 1 - offset;  // first row that sees key key_end - 1
+    return r <= 0 ? 0 : (r + tile - 1) / tile;
+  }
   // True when some key of [key_begin, key_end) is hidden from some row of [row_begin, row_end).
   FC_HOST_DEVICE bool tile_needs_mask(int64_t row_begin, int64_t key_end) const {
     return causal && key_end - 1 > row_begin + offset;
