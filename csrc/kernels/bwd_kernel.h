@@ -26,7 +26,8 @@ namespace flash_cuda {
 // recomputed probabilities are exactly 0.
 template <int kRows>
 FC_DEVICE void load_row_stats(float* s_lse2, float* s_di, const float* g_lse, const float* g_di, int m0, int nq) {
-  for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
+  const int r = threadIdx.x;  // the block has at least kRows threads (BwdTraits)
+  if (r < kRows) {
     const int row = m0 + r;
     const float lse = row < nq ? ld_global(&g_lse[row]) : -INFINITY;
     st_shared(&s_lse2[r], lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f);
