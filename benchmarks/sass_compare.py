@@ -24,6 +24,7 @@ where the launcher allows it (head dim <= 128). Each chosen kernel must exist in
 the script stops with the missing name otherwise.
 
     python benchmarks/sass_compare.py [--arch 80 90] [--filter hdim64] [--json PATH] [--jobs 2]
+    python benchmarks/sass_compare.py --summary PATH [--before EARLIER]   # the README's table
 
 Writes benchmarks/results/sass_compare.md (and --json) and prints it. Needs nvcc (CUDA_HOME),
 cuobjdump and nvdisasm (the toolkit's, or pip install nvidia-cuda-cuobjdump
@@ -280,6 +281,42 @@ def fit_eta(rows):
     return etas, calib
 
 
+def summary(path, before_path=None, head_dims=(64, 128, 256), dtype="bf16"):
+    """The README's table from a --json file: flash_cuda beside torch per (arch, pass, head dim,
+    causal), with the proxies the retune must win (no stack or spills, instructions per unit <=
+    torch's, occupancy >= torch's, predicted tensor fraction >= torch's), and optionally the
+    instructions and prediction of an earlier run (--before)."""
+    rows = json.load(open(path))
+    before = {}
+    if before_path:
+        before = {(r["side"], r["arch"], r["pass"], r["head_dim"], r["dtype"], r["causal"]): r
+                  for r in json.load(open(before_path))}
+    key = lambda r: (r["arch"], r["pass"], r["head_dim"], r["dtype"], r["causal"])
+    torch_rows = {key(r): r for r in rows if r["side"] == "torch"}
+    head = ["arch", "pass", "D", "causal", "tile ours / torch", "regs", "stack B", "occ A100", "occ H100",
+            "instr/unit" + (" (before)" if before else ""), "pred. tensor" + (" (before)" if before else ""),
+            "proxies lost"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted((r for r in rows if r["side"] == "flash_cuda" and r["dtype"] == dtype and r["head_dim"] in head_dims),
+                    key=lambda r: (r["pass"] != "fwd", r["arch"], r["head_dim"], r["causal"])):
+        t = torch_rows[key(r)]
+        b = before.get(("flash_cuda",) + key(r))
+        lost = [name for name, ok in (
+            ("stack/spills", r["stack_bytes"] == 0 and r["spill_bytes"] == 0),
+            ("instructions", r["instructions_per_unit"] <= t["instructions_per_unit"]),
+            ("occupancy", r["occupancy_a100"] >= t["occupancy_a100"] and r["occupancy_h100"] >= t["occupancy_h100"]),
+            ("prediction", r["predicted_tensor_fraction"] >= t["predicted_tensor_fraction"])) if not ok]
+        was = lambda k, f: f" ({format(b[k], f)})" if b else ""
+        out.append("| " + " | ".join(str(x) for x in [
+            r["arch"], r["pass"], r["head_dim"], "yes" if r["causal"] else "no", f"{r['tile']} / {t['tile']}",
+            f"{r['registers']} / {t['registers']}", f"{r['stack_bytes']} / {t['stack_bytes']}",
+            f"{r['occupancy_a100']:.0%} / {t['occupancy_a100']:.0%}", f"{r['occupancy_h100']:.0%} / {t['occupancy_h100']:.0%}",
+            f"{r['instructions_per_unit']:.0f}{was('instructions_per_unit', '.0f')} / {t['instructions_per_unit']:.0f}",
+            f"{r['predicted_tensor_fraction']:.1%}{was('predicted_tensor_fraction', '.1%')} / "
+            f"{t['predicted_tensor_fraction']:.1%}", ", ".join(lost) or "none"]) + " |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=["80", "90"], choices=sorted(sm.ARCHS))
@@ -288,7 +325,12 @@ def main():
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--eta", type=float, nargs=2, metavar=("FWD", "BWD"),
                     help="use these overlap efficiencies instead of fitting them")
+    ap.add_argument("--summary", metavar="JSON", help="print the README's summary table of a --json file and exit")
+    ap.add_argument("--before", metavar="JSON", help="with --summary: an earlier run's --json, shown in parentheses")
     args = ap.parse_args()
+    if args.summary:
+        print(summary(args.summary, args.before))
+        return 0
     nvcc, cuobjdump = tool("nvcc"), tool("cuobjdump")
     tool("nvdisasm")
     lib = torch_library()

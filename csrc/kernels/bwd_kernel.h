@@ -26,8 +26,7 @@ namespace flash_cuda {
 // recomputed probabilities are exactly 0.
 template <int kRows>
 FC_DEVICE void load_row_stats(float* s_lse2, float* s_di, const float* g_lse, const float* g_di, int m0, int nq) {
-  const int r = threadIdx.x;  // the block has at least kRows threads (BwdTraits)
-  if (r < kRows) {
+  for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
     const int row = m0 + r;
     const float lse = row < nq ? ld_global(&g_lse[row]) : -INFINITY;
     st_shared(&s_lse2[r], lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f);
@@ -36,7 +35,7 @@ FC_DEVICE void load_row_stats(float* s_lse2, float* s_di, const float* g_lse, co
 }
 
 template <class Kt, bool kCausal, bool kAtomicDq>
-__global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_kernel(const BwdParams p) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;

@@ -67,10 +67,13 @@ struct BwdTraits {
   static constexpr int kWarps = 8;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 64, kBlockN = 64;  // query rows, keys
+  // Blocks per SM the register allocation must allow (__launch_bounds__): 2 (at most 128
+  // registers) where the accumulators leave room, else 1; without it ptxas settles at 128
+  // registers at head dim 96 on sm_90 and spills.
+  static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
   static constexpr int kHalfD = kHeadDim / 2;       // head-dim columns per warp in dV/dK/dQ
   static_assert(kHalfD % 16 == 0, "each warp's half of the head dim is whole 16-column ldmatrix.x4 pairs");
   static_assert(kBlockN == 16 * (kWarps / 2) && kBlockM == 32 * 2, "the 4 x 2 warp grid covers the 64 x 64 tile");
-  static_assert(kThreads >= kBlockM, "one thread per query row loads the row statistics");
   using QLayout = SmemLayout<kBlockM, kHeadDim>;    // Q_i and dO_i
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;   // K_j and V_j
   using PLayout = SmemLayout<kBlockN, kBlockM>;     // P^T and dS^T, [key][query]
