@@ -153,7 +153,7 @@ def main():
     head = ["instantiation", "kernel", "arch", "regs", "spill st/ld (B)", "threads", "smem/block", "blocks/SM",
             "occupancy"] + list(SASS_OPS) + ["total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    spills = 0
+    spills = stack = 0
     for s in srcs:
         name = os.path.basename(s)[:-3]
         shapes = launch_shapes(name)
@@ -161,17 +161,19 @@ def main():
             for kernel, r in sorted(jobs[(s, a)].items()):
                 threads, smem = shapes[kernel]
                 spills += r["spill_st"] + r["spill_ld"]
+                stack += r["stack"]
                 blocks, occ = occupancy(r["regs"], threads, smem, a)
                 row = [name, kernel, f"sm_{a} ({ARCH[a]['name']})", r["regs"], f"{r['spill_st']}/{r['spill_ld']}",
                        threads, f"{smem / 1024:.1f} KiB", blocks, f"{occ:.0%}"] + \
                       [r["mix"][k] for k in SASS_OPS] + [r["mix"]["total"]]
                 lines.append("| " + " | ".join(str(x) for x in row) + " |")
-    report = "\n".join(lines) + f"\n\nTotal spill bytes over all instantiations and architectures: {spills}\n"
+    report = "\n".join(lines) + (f"\n\nTotal spill bytes over all instantiations and architectures: {spills}\n"
+                                  f"Total stack frame bytes over all instantiations and architectures: {stack}\n")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "kernel_report.md"), "w") as f:
         f.write(report)
     print(report)
-    return 1 if spills else 0
+    return 1 if spills or stack else 0
 
 
 if __name__ == "__main__":
