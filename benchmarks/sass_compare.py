@@ -44,7 +44,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import sass_model as sm  # noqa: E402
-from kernel_report import ROOT, compile_one, demangle, launch_records, tool  # noqa: E402
+from kernel_report import ROOT, compile_one, demangle, launch_records, occupancy, tool  # noqa: E402
 
 # torch's tile configurations without dropout (launch templates named above):
 #   fwd: Flash_fwd_kernel_traits<D, kBlockM, kBlockN, warps>
@@ -109,6 +109,12 @@ def cache_dir():
     return d
 
 
+def lib_tag(lib):
+    """A key of this build of the library, for the cache."""
+    st = os.stat(lib)
+    return hashlib.sha1(f"{lib}:{st.st_size}:{st.st_mtime}".encode()).hexdigest()[:12]
+
+
 def torch_library():
     try:
         import torch
@@ -123,9 +129,7 @@ def torch_library():
 
 def torch_resources(lib, cuobjdump):
     """{demangled name: {arch: (elf index, mangled, regs, stack)}} for pytorch_flash kernels."""
-    st = os.stat(lib)
-    key = hashlib.sha1(f"{lib}:{st.st_size}:{st.st_mtime}".encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir(), f"resusage-{key}.json")
+    path = os.path.join(cache_dir(), f"resusage-{lib_tag(lib)}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -157,9 +161,7 @@ def torch_sass(lib, cuobjdump, wanted):
     """{(elf index, mangled): SASS} for the wanted kernels; ELF files extracted once and cached."""
     env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
     elfs = sorted({e for e, _ in wanted})
-    st = os.stat(lib)
-    tag = hashlib.sha1(f"{lib}:{st.st_size}:{st.st_mtime}".encode()).hexdigest()[:12]
-    d = os.path.join(cache_dir(), tag)
+    d = os.path.join(cache_dir(), lib_tag(lib))
     os.makedirs(d, exist_ok=True)
     listing = subprocess.run([cuobjdump, "-lelf", lib], capture_output=True, text=True, check=True).stdout
     files = {int(m.group(1)): m.group(2) for m in re.finditer(r"ELF file\s+(\d+): (\S+)", listing)}
@@ -175,16 +177,6 @@ def torch_sass(lib, cuobjdump, wanted):
             if ee == e:
                 out[(e, mangled)] = funcs[mangled]
     return out
-
-
-def occupancy(regs, threads, smem, arch):
-    a = sm.ARCHS[arch]
-    warps = threads // 32
-    regs_per_warp = -(-regs * 32 // 256) * 256
-    by_regs = (a["regs"] // regs_per_warp) // warps
-    by_smem = a["smem"] // (smem + 1024) if smem else a["blocks"]
-    blocks = min(by_regs, by_smem, a["threads"] // threads, a["blocks"])
-    return blocks * warps / (a["threads"] // 32)
 
 
 def spill_instructions(sass):
@@ -241,7 +233,7 @@ def our_rows(archs, filt, jobs, nvcc, cuobjdump):
     return rows
 
 
-def torch_rows(archs, filt, lib, cuobjdump, ours):
+def torch_rows(archs, lib, cuobjdump, ours):
     res = torch_resources(lib, cuobjdump)
     rows, wanted = [], set()
     keys = sorted({(r["pass_"], r["head_dim"], r["dtype"], r["causal"]) for r in ours})
@@ -292,14 +284,14 @@ def summary(path, before_path=None, head_dims=(64, 128, 256), dtype="bf16"):
         before = {(r["side"], r["arch"], r["pass"], r["head_dim"], r["dtype"], r["causal"]): r
                   for r in json.load(open(before_path))}
     key = lambda r: (r["arch"], r["pass"], r["head_dim"], r["dtype"], r["causal"])
-    torch_rows = {key(r): r for r in rows if r["side"] == "torch"}
+    theirs = {key(r): r for r in rows if r["side"] == "torch"}
     head = ["arch", "pass", "D", "causal", "tile ours / torch", "regs", "stack B", "occ A100", "occ H100",
             "instr/unit" + (" (before)" if before else ""), "pred. tensor" + (" (before)" if before else ""),
             "proxies lost"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted((r for r in rows if r["side"] == "flash_cuda" and r["dtype"] == dtype and r["head_dim"] in head_dims),
                     key=lambda r: (r["pass"] != "fwd", r["arch"], r["head_dim"], r["causal"])):
-        t = torch_rows[key(r)]
+        t = theirs[key(r)]
         b = before.get(("flash_cuda",) + key(r))
         lost = [name for name, ok in (
             ("stack/spills", r["stack_bytes"] == 0 and r["spill_bytes"] == 0),
@@ -337,14 +329,14 @@ def main():
     ours = our_rows(args.arch, args.filter, args.jobs, nvcc, cuobjdump)
     if not ours:
         sys.exit(f"no instantiation matches --filter {args.filter!r}")
-    theirs = torch_rows(args.arch, args.filter, lib, cuobjdump, ours)
+    theirs = torch_rows(args.arch, lib, cuobjdump, ours)
     rows = ours + theirs
     for r in rows:
         a = r["arch"][3:]
         r["analysis"] = sm.analyse(r["sass"], r["hmma"], r["warps"], r["units"], a)
         r["spill_instructions"] = spill_instructions(r["sass"])
-        r["occupancy_a100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "80")
-        r["occupancy_h100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "90")
+        r["occupancy_a100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "80")[1]
+        r["occupancy_h100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "90")[1]
     calib = []
     if args.eta is not None:
         eta = {"fwd": args.eta[0], "bwd": args.eta[1]}
@@ -353,7 +345,7 @@ def main():
         need = [r for r in rows if r["side"] == "torch"]
         eta, calib = fit_eta(need)
         if eta is None:
-            extra = torch_rows(["80"], "", lib, cuobjdump,
+            extra = torch_rows(["80"], lib, cuobjdump,
                                [dict(pass_=k, head_dim=d, dtype="fp16", causal=False) for k, d in CALIBRATION])
             for r in extra:
                 r["analysis"] = sm.analyse(r["sass"], r["hmma"], r["warps"], r["units"], "80")

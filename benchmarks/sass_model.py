@@ -45,11 +45,9 @@ import re
 
 ARCHS = {
     "80": {"name": "A100", "tensor_fma": 1024.0, "fp32": 64, "alu": 64, "mufu": 16, "conv": 16, "shfl": 32,
-           "mem_bytes": 128, "issue": 4, "regs": 65536, "threads": 2048, "blocks": 32, "smem": 164 * 1024,
-           "smem_block": 163 * 1024},
+           "mem_bytes": 128, "issue": 4},
     "90": {"name": "H100", "tensor_fma": 2048.0 * 2 / 3, "fp32": 128, "alu": 64, "mufu": 16, "conv": 64,
-           "shfl": 32, "mem_bytes": 128, "issue": 4, "regs": 65536, "threads": 2048, "blocks": 32,
-           "smem": 228 * 1024, "smem_block": 227 * 1024},
+           "shfl": 32, "mem_bytes": 128, "issue": 4},
 }
 PIPES = ("tensor", "fp32", "alu", "mufu", "conv", "shfl", "mem")
 # Counted instruction kinds (the issue's list), by opcode prefix.
