@@ -176,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dou
   const auto dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   p.lse = lse_c.data_ptr<float>();
   p.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
-  auto di = at::empty(lse.sizes(), lse.options());
-  p.di = di.data_ptr<float>();
+  auto row_stats = at::empty({row_stats_offset(p.nq, p.hq, p.b, 0)}, lse.options());
+  p.row_stats = row_stats.data_ptr<float>();
   const bool emulated = executor == Executor::emu;
   const size_t accum_floats = deterministic ? 0 : (emulated ? emu_backend::bwd_dq_accum_floats(p)
 #if defined(FLASH_CUDA_WITH_CUDA)
@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dou
   if (emulated) {
     std::vector<emu::Buffer> buffers;
     for (const at::Tensor* x : {&dout, &q, &k, &v, &out, &lse_c}) buffers.push_back(kernel_footprint(*x, false));
-    for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&dq, &dk, &dv, &di, &dq_accum})
+    for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&dq, &dk, &dv, &row_stats, &dq_accum})
       buffers.push_back(kernel_footprint(*x, true));
     if (p.dlse) buffers.push_back(tensor_footprint(dlse_c, false));
     emu::set_buffers(std::move(buffers));

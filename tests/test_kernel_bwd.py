@@ -10,7 +10,9 @@ from flash_cuda import emulate
 from reference import assert_fa_rule, attention_ref
 from test_kernel_fwd import HEAD_DIMS, make_qkv
 
-BWD_TILE = 64  # BwdTraits: 64 keys x 64 query rows per step
+# BwdTraits per head dim: (keys per block, query rows per step, warps)
+BWD_TILES = {32: (128, 32, 4), 64: (128, 32, 4), 96: (128, 64, 8), 128: (128, 64, 8), 192: (64, 64, 8),
+             256: (64, 64, 8)}
 
 
 def emulated_grads(q, k, v, dout, causal, order="forward", deterministic=False, use_lse=False, seed=0, workers=1):
@@ -95,31 +97,32 @@ def test_deterministic_is_bitwise_repeatable(D):
 
 
 # ---------------------------------------------------------------- counters
-def visited_tile_pairs(Nq, Nk, causal):
-    """(64-key tile, 64-query tile) pairs the main kernel visits, per (batch, query head)."""
+def visited_tile_pairs(Nq, Nk, causal, bn, bm):
+    """(bn-key tile, bm-query tile) pairs the main kernel visits, per (batch, query head)."""
     pairs = 0
-    for n0 in range(0, Nk, BWD_TILE):
+    for n0 in range(0, Nk, bn):
         first_row = max(0, n0 - (Nk - Nq)) if causal else 0
-        pairs += max(0, -(-Nq // BWD_TILE) - first_row // BWD_TILE)
+        pairs += max(0, -(-Nq // bm) - first_row // bm)
     return pairs
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
 def test_counters(D, causal):
     B, Hq, Hkv, N = 1, 2, 1, 256
     q, k, v = make_qkv(B, Hq, Hkv, N, N, D, torch.float16)
     dout = torch.randn(q.shape).half()
     _, launches = emulated_grads(q, k, v, dout, causal)
     fwd, pre, main, post = launches
-    pairs = B * Hq * visited_tile_pairs(N, N, causal)
-    # Five products per (64 keys x 64 queries) pair, each 64 * 64 * D MACs: 2.5x the forward's
-    # two for the same tiles (the forward of one such pair: 2 * 64 * 64 * D / 2048 mma).
-    fwd_mma_same_tiles = pairs * 2 * (64 * 64 * D) // (16 * 8 * 16)
+    bn, bm, warps = BWD_TILES[D]
+    pairs = B * Hq * visited_tile_pairs(N, N, causal, bn, bm)
+    # Five products per (bn keys x bm queries) pair, each bn * bm * D MACs: 2.5x the forward's
+    # two for the same tiles (the forward of one such pair: 2 * bn * bm * D / 2048 mma).
+    fwd_mma_same_tiles = pairs * 2 * (bn * bm * D) // (16 * 8 * 16)
     assert main["mma"] * 2 == 5 * fwd_mma_same_tiles
     if not causal:
-        assert main["mma"] * 2 == 5 * fwd["mma"]  # same tiles when nothing is skipped
-    assert main["grid"] == [N // 64, Hkv, B] and main["block"] == [256, 1, 1]
+        assert main["mma"] * 2 == 5 * fwd["mma"]  # same work when nothing is skipped
+    assert main["grid"] == [N // bn, Hkv, B] and main["block"] == [32 * warps, 1, 1]
     for rec in launches:
         assert rec["global_sectors"] == rec["global_sectors_ideal"], rec["kernel"]  # coalesced, atomics too
         for kind in ("ldmatrix", "cp_async", "store", "load"):
@@ -128,7 +131,7 @@ def test_counters(D, causal):
     assert main["shared"]["ldmatrix"]["requests"] > 0 and main["shared"]["cp_async"]["requests"] > 0
     # K and V read once per block; Q and dO once per visited pair; dK, dV written once.
     assert main["global_bytes_written"] >= 2 * B * Hkv * N * D * 2
-    qdo_bytes = pairs * 2 * 64 * D * 2
+    qdo_bytes = pairs * 2 * bm * D * 2
     kv_bytes = 2 * B * Hkv * N * D * 2
-    stats_bytes = pairs * 2 * 64 * 4  # lse and D rows
+    stats_bytes = pairs * 2 * bm * 4  # lse and D rows
     assert main["global_bytes_read"] == qdo_bytes + kv_bytes + stats_bytes + main["global_bytes_written"] - 2 * B * Hkv * N * D * 2

@@ -39,15 +39,14 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   load_tile<QLayout, kThreads>(sdO, head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
   cp_async_commit();
 
-  // lse (base 2) and D of this thread's rows g and g + 8; rows that must not contribute get
-  // lse2 = +inf (probabilities exactly 0), as in the main kernel.
-  const int64_t stats = (int64_t(batch) * p.hq + head) * p.nq;
+  // lse2 and D of this thread's rows g and g + 8 (padded row stats: rows that must not
+  // contribute have lse2 = +inf, probabilities exactly 0).
+  const float* g_stats = p.row_stats + row_stats_offset(p.nq, p.hq, batch, head);
   float lse2[2], di[2];
   for (int half = 0; half < 2; ++half) {
     const int row = m0 + warp_row0 + lane / 4 + 8 * half;
-    const float lse = row < p.nq ? ld_global(&p.lse[stats + row]) : -INFINITY;
-    lse2[half] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
-    di[half] = row < p.nq ? ld_global(&p.di[stats + row]) : 0.0f;
+    lse2[half] = ld_global(&g_stats[row]);
+    di[half] = ld_global(&g_stats[stats_rows(p.nq) + row]);
   }
 
   const int n_end = kCausal ? int(p.mask.key_end(min(m0 + kBlockM, p.nq), p.nk)) : p.nk;

@@ -1,16 +1,18 @@
 /* FlashAttention-2 backward kernel (Dao, 2023, Algorithm 2), with recomputation.
  *
- * Grid (key tile j, kv head, batch); 8 warps (see BwdTraits). K_j and V_j stay in shared
- * memory; dK_j and dV_j accumulate in fp32 registers over every query tile i of every query
- * head of the kv group (GQA: summed in registers, K/V never repeated). Per (head, i):
+ * Grid (key tile j, kv head, batch); warp grids per head dim in BwdTraits. K_j and V_j stay in
+ * shared memory; dK_j and dV_j accumulate in fp32 registers over every query tile i of every
+ * query head of the kv group (GQA: summed in registers, K/V never repeated). Per (head, i):
  *   S^T  = K_j Q_i^T                P^T = exp2(S^T scale log2e - lse2_i)   (recomputed)
  *   dP^T = V_j dO_i^T               dS^T = P^T * (dP^T - D_i)
  *   dV  += P^T dO_i                 dK  += dS^T Q_i
  *   dQ_i += dS K_j                  atomically into the fp32 accumulator (kAtomicDq), or not
  *                                   at all: the deterministic dQ pass computes it instead.
- * All five products run on mma.m16n8k16. Q_i, dO_i, lse_i, D_i are double-buffered (cp.async)
- * where shared memory allows. Causal: query tiles entirely before the first row that sees
- * key tile j are skipped. dK = scale * accumulator (the softmax scale of S).
+ * All five products run on mma.m16n8k16. P^T and dS^T reach dV and dK from registers
+ * (kPInRegs) or through shared memory; dS^T reaches dQ through shared memory. Q_i, dO_i, lse_i,
+ * D_i are double-buffered (cp.async) where shared memory allows. Causal: query tiles entirely
+ * before the first row that sees key tile j are skipped. dK = scale * accumulator (the softmax
+ * scale of S).
  */
 #pragma once
 #include <type_traits>
@@ -21,17 +23,15 @@
 
 namespace flash_cuda {
 
-// lse (in base 2) and D of query rows [m0, m0 + kRows) into shared memory. Rows that must not
-// contribute (past the end, or without any visible key: lse = -inf) get lse2 = +inf, so their
-// recomputed probabilities are exactly 0.
-template <int kRows>
-FC_DEVICE void load_row_stats(float* s_lse2, float* s_di, const float* g_lse, const float* g_di, int m0, int nq) {
-  for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
-    const int row = m0 + r;
-    const float lse = row < nq ? ld_global(&g_lse[row]) : -INFINITY;
-    st_shared(&s_lse2[r], lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f);
-    st_shared(&s_di[r], row < nq ? ld_global(&g_di[row]) : 0.0f);
-  }
+// The A fragment (16 rows x 16 k-columns, k-step kk) from the 16-bit pairs of mma C tiles of
+// the same 16 rows: n-tiles 2 kk and 2 kk + 1 hold exactly the pairs a0..a3 need (rows g and
+// g + 8, columns 2t, 2t + 1 and 2t + 8, 2t + 9).
+template <int kNTiles>
+FC_DEVICE void a_frag_from_pairs(uint32_t (&rA)[4], const uint32_t (&rPairs)[kNTiles][2], int kk) {
+  rA[0] = rPairs[2 * kk][0];
+  rA[1] = rPairs[2 * kk][1];
+  rA[2] = rPairs[2 * kk + 1][0];
+  rA[3] = rPairs[2 * kk + 1][1];
 }
 
 template <class Kt, bool kCausal, bool kAtomicDq>
@@ -40,22 +40,27 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;
   using PLayout = typename Kt::PLayout;
-  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kHalfD = Kt::kHalfD;
-  constexpr int kThreads = Kt::kThreads, kStages = Kt::kStages;
-  constexpr int kHalfDTiles = kHalfD / 8;
+  constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
+  constexpr int kThreads = Kt::kThreads, kStages = Kt::kStages, kWarps = Kt::kWarps;
+  constexpr bool kPInRegs = Kt::kPInRegs;
+  constexpr int kSMT = Kt::kSdpRows / 16, kSNT = Kt::kSdpCols / 8;  // S^T, dP^T warp tile in mma tiles
+  constexpr int kKvMT = Kt::kKvRows / 16, kKvNT = Kt::kKvCols / 8;  // dV, dK warp tile
+  constexpr int kQMT = Kt::kDqRows / 16, kQNT = Kt::kDqCols / 8;    // dQ warp tile
 
   const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wk = warp % 4, wq = warp / 4;  // 16-row group (keys, or queries for dQ), and half
   const int g = lane / 4, t = lane % 4;  // mma accumulator row group and column pair
   const int n0 = n_block * kBlockN;
-  const int dcol0 = wq * kHalfD;  // this warp's head-dim columns in dV, dK, dQ
+  // This warp's origin in each grid: keys x queries, keys x head dim, queries x head dim.
+  const int sdp_key0 = (warp % Kt::kSdpWarpsN) * Kt::kSdpRows, sdp_q0 = (warp / Kt::kSdpWarpsN) * Kt::kSdpCols;
+  const int kv_key0 = (warp % Kt::kKvWarpsN) * Kt::kKvRows, kv_d0 = (warp / Kt::kKvWarpsN) * Kt::kKvCols;
+  const int dq_q0 = (warp % Kt::kDqWarpsM) * Kt::kDqRows, dq_d0 = (warp / Kt::kDqWarpsM) * Kt::kDqCols;
 
-  T* sK = dynamic_smem<T>();                    // [kBlockN][kHeadDim]
-  T* sV = sK + KVLayout::kElems;                // [kBlockN][kHeadDim]
-  T* sP = sV + KVLayout::kElems;                // [kBlockN][kBlockM]: P^T, 16-bit
-  T* sdS = sP + PLayout::kElems;                // [kBlockN][kBlockM]: dS^T, 16-bit
-  char* stage_base = reinterpret_cast<char*>(sdS + PLayout::kElems);
+  T* sK = dynamic_smem<T>();                             // [kBlockN][kHeadDim]
+  T* sV = sK + KVLayout::kElems;                         // [kBlockN][kHeadDim]
+  T* sdS = sV + KVLayout::kElems;                        // [kBlockN][kBlockM]: dS^T, 16-bit
+  T* sP = kPInRegs ? nullptr : sdS + PLayout::kElems;    // [kBlockN][kBlockM]: P^T, 16-bit
+  char* stage_base = reinterpret_cast<char*>(sdS + (kPInRegs ? 1 : 2) * PLayout::kElems);
   auto sQ = [&](int s) { return reinterpret_cast<T*>(stage_base + s * Kt::kStageBytes); };  // [kBlockM][kHeadDim]
   auto sdO = [&](int s) { return sQ(s) + QLayout::kElems; };                                 // [kBlockM][kHeadDim]
   auto sLse2 = [&](int s) { return reinterpret_cast<float*>(sdO(s) + QLayout::kElems); };   // [kBlockM]
@@ -70,10 +75,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // The walk: the query tiles i0.. of every query head of the kv group, head by head; step it
   // prefetches step it + 1's tiles.
   auto load_query_tile = [&](int head, int m0, int s) {
-    const int64_t rows = (int64_t(batch) * p.hq + head) * p.nq;
+    const int64_t stats = row_stats_offset(p.nq, p.hq, batch, head);
     load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
     load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
-    load_row_stats<kBlockM>(sLse2(s), sDi(s), p.lse + rows, p.di + rows, m0, p.nq);
+    // lse2 and D rows [m0, m0 + kBlockM): kBlockM / 4 chunks each, in bounds (padded stats)
+    constexpr int kStatChunks = kBlockM / 4;
+    if (threadIdx.x < 2 * kStatChunks) {
+      const int row = threadIdx.x / kStatChunks, chunk = threadIdx.x % kStatChunks;
+      cp_async_cg16(sLse2(s) + row * kBlockM + 4 * chunk, p.row_stats + stats + row * stats_rows(p.nq) + m0 + 4 * chunk, 16);
+    }
   };
 
   load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head), p.k.row_stride, n0, p.nk, p.d);
@@ -81,16 +91,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   if (total > 0) load_query_tile(kv_head * group, i0 * kBlockM, 0);
   cp_async_commit();
 
-  float rdK[kHalfDTiles][4] = {};  // keys 16 wk.. x columns dcol0.. of dK_j, fp32
-  float rdV[kHalfDTiles][4] = {};  // the same of dV_j
+  float rdK[kKvMT][kKvNT][4] = {};  // keys kv_key0.. x columns kv_d0.. of dK_j, fp32
+  float rdV[kKvMT][kKvNT][4] = {};  // the same of dV_j
 
-  // One step of the walk: query tile m0 of query head `head`, step number it; kMask: some
-  // key of this tile is past the sequence end or above the diagonal for some of its rows.
-  auto step = [&](const int it, const int head, const int m0, auto mask_tag) {
+  // One step of the walk: query tile m0 of query head `head`, step number it, prefetching the
+  // next step's tile (next_head, next_m0); kMask: some key of this tile is past the sequence
+  // end or above the diagonal for some of its rows.
+  auto step = [&](const int it, const int head, const int m0, const int next_head, const int next_m0, auto mask_tag) {
     constexpr bool kMask = decltype(mask_tag)::value;
     const int s = kStages == 2 ? it % 2 : 0;
-    const bool last_tile = m0 + kBlockM >= m_tiles * kBlockM;  // of this head: the next step starts the next
-    const int next_head = last_tile ? head + 1 : head, next_m0 = last_tile ? i0 * kBlockM : m0 + kBlockM;
     cp_async_wait<0>();
     __syncthreads();  // tile it visible to all; every warp is done with tile it - 1 (its stage, sP, sdS)
     if (kStages == 2) {
@@ -102,95 +111,177 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     const float* lse2 = sLse2(s);
     const float* di = sDi(s);
 
-    // S^T = K Q^T and dP^T = V dO^T: keys 16 wk.. x queries 32 wq.. of this warp.
-    float rS[4][4] = {}, rdP[4][4] = {};  // 4 n-tiles of 8 queries, fp32
+    // S^T = K Q^T, then dP^T = V dO^T: keys sdp_key0.. x queries sdp_q0.. of this warp.
+    auto kv_times_q = [&](float(&rC)[kSMT][kSNT][4], const T* sA, const T* sB) {  // C += A B^T, A [key][d], B [query][d]
+#pragma unroll(kMask || !kAtomicDq ? Kt::kSdpUnrollMasked : Kt::kSdpUnroll)
+      for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
+        uint32_t rA[kSMT][4];  // 16 keys x 16 head-dim columns per m-tile
 #pragma unroll
-    for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
-      uint32_t rK[4], rV[4];  // A: 16 keys x 16 head-dim columns
-      load_a_frag<KVLayout>(rK, sK, 16 * wk, k0, lane);
-      load_a_frag<KVLayout>(rV, sV, 16 * wk, k0, lane);
-      for (int nt = 0; nt < 4; nt += 2) {
-        uint32_t rQ[4], rdO[4];  // B: head-dim k0.. x 16 queries, from [query][d] storage
-        load_b_frags_nk<QLayout>(rQ, sQs, 32 * wq + nt * 8, k0, lane);
-        load_b_frags_nk<QLayout>(rdO, sdOs, 32 * wq + nt * 8, k0, lane);
-        mma_m16n8k16<T>(rS[nt], rK, {rQ[0], rQ[1]}, rS[nt]);
-        mma_m16n8k16<T>(rS[nt + 1], rK, {rQ[2], rQ[3]}, rS[nt + 1]);
-        mma_m16n8k16<T>(rdP[nt], rV, {rdO[0], rdO[1]}, rdP[nt]);
-        mma_m16n8k16<T>(rdP[nt + 1], rV, {rdO[2], rdO[3]}, rdP[nt + 1]);
+        for (int mt = 0; mt < kSMT; ++mt) load_a_frag<KVLayout>(rA[mt], sA, sdp_key0 + 16 * mt, k0, lane);
+#pragma unroll
+        for (int nt = 0; nt < kSNT; nt += 2) {
+          uint32_t rB[4];  // head-dim k0.. x 16 queries, from [query][d] storage
+          load_b_frags_nk<QLayout>(rB, sB, sdp_q0 + nt * 8, k0, lane);
+#pragma unroll
+          for (int mt = 0; mt < kSMT; ++mt) {
+            mma_m16n8k16<T>(rC[mt][nt], rA[mt], {rB[0], rB[1]}, rC[mt][nt]);
+            mma_m16n8k16<T>(rC[mt][nt + 1], rA[mt], {rB[2], rB[3]}, rC[mt][nt + 1]);
+          }
+        }
       }
-    }
-
-    // P^T = exp2(S^T scale log2e - lse2) (0 where masked), dS^T = P^T (dP^T - D); both to
-    // shared memory as 16-bit pairs, in the [key][query] layout the next products read.
+    };
+    // P^T = exp2(S^T scale log2e - lse2), 0 where masked; dS^T = P^T (dP^T - D) in fp32; both
+    // rounded to 16-bit pairs (rP, rdS), the A operands of dV = P^T dO and dK = dS^T Q.
+    // kRoundPFirst: P^T is rounded before dP^T is computed, and dS^T uses the rounded P^T that
+    // dV sees; holding the pairs (half the registers of fp32 values) through the dP^T product is
+    // what lets it unroll without spilling where the accumulators leave least room.
     const int key_lim = p.nk - n0;
     const int diag = kCausal ? int(p.mask.last_key(m0) - n0) : 0;
-    float rLse2[4][2], rDi[4][2];  // of this thread's 8 queries 32 wq + 8 nt + 2 t + e
+    auto probability = [&](float s_acc, float lse2_q, int mt, int nt, int i) {  // element i of C tile (mt, nt)
+      const int key_local = sdp_key0 + 16 * mt + g + 8 * (i / 2), q_local = sdp_q0 + nt * 8 + 2 * t + i % 2;
+      const float pe = ex2_approx(s_acc * p.scale_log2 - lse2_q);
+      // key n0 + key_local is hidden from row m0 + q_local iff it is past the end or
+      // key_local - q_local > last_key(m0) - n0: one compare each, in 32 bits
+      return kMask && (key_local >= key_lim || (kCausal && key_local - q_local > diag)) ? 0.0f : pe;
+    };
+    auto lse2_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(lse2 + sdp_q0 + nt * 8 + 2 * t)); };
+    auto di_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t)); };
+    uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];  // pairs of each C tile: (row g: elements 0, 1), (row g + 8: 2, 3)
+    float rS[kSMT][kSNT][4] = {};                    // fp32
+    kv_times_q(rS, sK, sQs);
+    if constexpr (Kt::kRoundPFirst) {
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const float2 l = ld_shared(reinterpret_cast<const float2*>(lse2 + 32 * wq + nt * 8 + 2 * t));
-      const float2 d = ld_shared(reinterpret_cast<const float2*>(di + 32 * wq + nt * 8 + 2 * t));
-      rLse2[nt][0] = l.x;
-      rLse2[nt][1] = l.y;
-      rDi[nt][0] = d.x;
-      rDi[nt][1] = d.y;
-    }
+      for (int nt = 0; nt < kSNT; ++nt) {
+        const float2 l = lse2_of(nt);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-      for (int half = 0; half < 2; ++half) {
-        const int key_local = 16 * wk + g + 8 * half;
-        float pv[2], dsv[2];
-        for (int e = 0; e < 2; ++e) {
-          const int q_local = 32 * wq + nt * 8 + 2 * t + e;
-          float pe = ex2_approx(rS[nt][2 * half + e] * p.scale_log2 - rLse2[nt][e]);
-          // key n0 + key_local is hidden from row m0 + q_local iff it is past the end or
-          // key_local - q_local > last_key(m0) - n0: one compare each, in 32 bits
-          if (kMask && (key_local >= key_lim || (kCausal && key_local - q_local > diag))) pe = 0.0f;
-          pv[e] = pe;
-          dsv[e] = pe * (rdP[nt][2 * half + e] - rDi[nt][e]);
-        }
-        const int off = PLayout::offset_from(PLayout::offset(16 * wk + g, 32 * wq + 2 * t), 8 * half, 8 * nt);
-        st_shared(reinterpret_cast<uint32_t*>(sP + off), pack2<T>(pv[0], pv[1]));
-        st_shared(reinterpret_cast<uint32_t*>(sdS + off), pack2<T>(dsv[0], dsv[1]));
+        for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            rP[mt][nt][h] = pack2<T>(probability(rS[mt][nt][2 * h], l.x, mt, nt, 2 * h),
+                                     probability(rS[mt][nt][2 * h + 1], l.y, mt, nt, 2 * h + 1));
       }
-    __syncthreads();  // P^T and dS^T of the whole tile visible
-
-    // dV += P^T dO and dK += dS^T Q: keys 16 wk.. x columns dcol0.. of this warp.
+      float rdP[kSMT][kSNT][4] = {};  // fp32
+      kv_times_q(rdP, sV, sdOs);
 #pragma unroll
-    for (int k0 = 0; k0 < kBlockM; k0 += 16) {
-      uint32_t rP[4], rdS[4];  // A: 16 keys x 16 queries
-      load_a_frag<PLayout>(rP, sP, 16 * wk, k0, lane);
-      load_a_frag<PLayout>(rdS, sdS, 16 * wk, k0, lane);
-      for (int dt = 0; dt < kHalfDTiles; dt += 2) {
-        uint32_t rdO[4], rQ[4];  // B: 16 queries x 16 head-dim columns, from [query][d] (.trans)
-        load_b_frags_kn<QLayout>(rdO, sdOs, k0, dcol0 + dt * 8, lane);
-        load_b_frags_kn<QLayout>(rQ, sQs, k0, dcol0 + dt * 8, lane);
-        mma_m16n8k16<T>(rdV[dt], rP, {rdO[0], rdO[1]}, rdV[dt]);
-        mma_m16n8k16<T>(rdV[dt + 1], rP, {rdO[2], rdO[3]}, rdV[dt + 1]);
-        mma_m16n8k16<T>(rdK[dt], rdS, {rQ[0], rQ[1]}, rdK[dt]);
-        mma_m16n8k16<T>(rdK[dt + 1], rdS, {rQ[2], rQ[3]}, rdK[dt + 1]);
+      for (int nt = 0; nt < kSNT; ++nt) {
+        const float2 d = di_of(nt);
+#pragma unroll
+        for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            rdS[mt][nt][h] = mul2<T>(rP[mt][nt][h], pack2<T>(rdP[mt][nt][2 * h] - d.x, rdP[mt][nt][2 * h + 1] - d.y));
+      }
+    } else {
+      float rdP[kSMT][kSNT][4] = {};  // fp32
+      kv_times_q(rdP, sV, sdOs);
+#pragma unroll
+      for (int nt = 0; nt < kSNT; ++nt) {
+        const float2 l = lse2_of(nt), d = di_of(nt);
+#pragma unroll
+        for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float p0 = probability(rS[mt][nt][2 * h], l.x, mt, nt, 2 * h);
+            const float p1 = probability(rS[mt][nt][2 * h + 1], l.y, mt, nt, 2 * h + 1);
+            rP[mt][nt][h] = pack2<T>(p0, p1);
+            rdS[mt][nt][h] = pack2<T>(p0 * (rdP[mt][nt][2 * h] - d.x), p1 * (rdP[mt][nt][2 * h + 1] - d.y));
+          }
+      }
+    }
+
+    // dS^T (and P^T unless it stays in registers) to shared memory, in the [key][query] layout
+    // the products after the barrier read.
+    const int p_lane_off = PLayout::offset(sdp_key0 + g, sdp_q0 + 2 * t);
+#pragma unroll
+    for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kSNT; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int off = PLayout::offset_from(p_lane_off, 16 * mt + 8 * half, 8 * nt);
+          if (kAtomicDq || !kPInRegs) st_shared(reinterpret_cast<uint32_t*>(sdS + off), rdS[mt][nt][half]);
+          if (!kPInRegs) st_shared(reinterpret_cast<uint32_t*>(sP + off), rP[mt][nt][half]);
+        }
+
+    // dV += P^T dO and dK += dS^T Q: keys kv_key0.. x columns kv_d0.. of this warp.
+    if constexpr (kPInRegs) {
+      // The warp's S^T rows are its dV/dK rows and its S^T columns all the step's queries: the
+      // A operands come from the accumulators, no barrier needed.
+      auto acc_times_b = [&](float(&rC)[kKvMT][kKvNT][4], const uint32_t(&rPairs)[kSMT][kSNT][2], const T* sB) {
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) {
+          uint32_t rA[kKvMT][4];  // 16 keys x 16 queries per m-tile
+#pragma unroll
+          for (int mt = 0; mt < kKvMT; ++mt) a_frag_from_pairs(rA[mt], rPairs[mt], kk);
+#pragma unroll
+          for (int dt = 0; dt < kKvNT; dt += 2) {
+            uint32_t rB[4];  // 16 queries x 16 head-dim columns, from [query][d] (.trans)
+            load_b_frags_kn<QLayout>(rB, sB, 16 * kk, kv_d0 + dt * 8, lane);
+#pragma unroll
+            for (int mt = 0; mt < kKvMT; ++mt) {
+              mma_m16n8k16<T>(rC[mt][dt], rA[mt], {rB[0], rB[1]}, rC[mt][dt]);
+              mma_m16n8k16<T>(rC[mt][dt + 1], rA[mt], {rB[2], rB[3]}, rC[mt][dt + 1]);
+            }
+          }
+        }
+      };
+      acc_times_b(rdV, rP, sdOs);
+      acc_times_b(rdK, rdS, sQs);
+      if (kAtomicDq) __syncthreads();  // dS^T of the whole tile visible to dQ
+    } else {
+      __syncthreads();  // P^T and dS^T of the whole tile visible
+#pragma unroll
+      for (int k0 = 0; k0 < kBlockM; k0 += 16) {
+        uint32_t rP[kKvMT][4], rdS[kKvMT][4];  // A: 16 keys x 16 queries per m-tile
+#pragma unroll
+        for (int mt = 0; mt < kKvMT; ++mt) {
+          load_a_frag<PLayout>(rP[mt], sP, kv_key0 + 16 * mt, k0, lane);
+          load_a_frag<PLayout>(rdS[mt], sdS, kv_key0 + 16 * mt, k0, lane);
+        }
+#pragma unroll
+        for (int dt = 0; dt < kKvNT; dt += 2) {
+          uint32_t rdO[4], rQ[4];  // B: 16 queries x 16 head-dim columns, from [query][d] (.trans)
+          load_b_frags_kn<QLayout>(rdO, sdOs, k0, kv_d0 + dt * 8, lane);
+          load_b_frags_kn<QLayout>(rQ, sQs, k0, kv_d0 + dt * 8, lane);
+#pragma unroll
+          for (int mt = 0; mt < kKvMT; ++mt) {
+            mma_m16n8k16<T>(rdV[mt][dt], rP[mt], {rdO[0], rdO[1]}, rdV[mt][dt]);
+            mma_m16n8k16<T>(rdV[mt][dt + 1], rP[mt], {rdO[2], rdO[3]}, rdV[mt][dt + 1]);
+            mma_m16n8k16<T>(rdK[mt][dt], rdS[mt], {rQ[0], rQ[1]}, rdK[mt][dt]);
+            mma_m16n8k16<T>(rdK[mt][dt + 1], rdS[mt], {rQ[2], rQ[3]}, rdK[mt][dt + 1]);
+          }
+        }
       }
     }
 
     if constexpr (kAtomicDq) {
-      // dQ_i += dS K_j: queries 16 wk.. x columns dcol0.., added to the fp32 accumulator in
+      // dQ_i += dS K_j: queries dq_q0.. x columns dq_d0.., added to the fp32 accumulator in
       // fragment order: element i of every lane is 128 contiguous bytes, one coalesced request.
-      float rdQ[kHalfDTiles][4] = {};
-#pragma unroll
+      float rdQ[kQMT][kQNT][4] = {};
+#pragma unroll(kMask ? Kt::kDqUnrollMasked : Kt::kDqUnroll)
       for (int k0 = 0; k0 < kBlockN; k0 += 16) {
-        uint32_t rdS[4];  // A: 16 queries x 16 keys, from dS^T by ldmatrix.trans
-        load_a_frag_trans<PLayout>(rdS, sdS, 16 * wk, k0, lane);
-        for (int dt = 0; dt < kHalfDTiles; dt += 2) {
+        uint32_t rdS[kQMT][4];  // A: 16 queries x 16 keys per m-tile, from dS^T by ldmatrix.trans
+#pragma unroll
+        for (int mt = 0; mt < kQMT; ++mt) load_a_frag_trans<PLayout>(rdS[mt], sdS, dq_q0 + 16 * mt, k0, lane);
+#pragma unroll
+        for (int dt = 0; dt < kQNT; dt += 2) {
           uint32_t rK[4];  // B: 16 keys x 16 head-dim columns, from [key][d] (.trans)
-          load_b_frags_kn<KVLayout>(rK, sK, k0, dcol0 + dt * 8, lane);
-          mma_m16n8k16<T>(rdQ[dt], rdS, {rK[0], rK[1]}, rdQ[dt]);
-          mma_m16n8k16<T>(rdQ[dt + 1], rdS, {rK[2], rK[3]}, rdQ[dt + 1]);
+          load_b_frags_kn<KVLayout>(rK, sK, k0, dq_d0 + dt * 8, lane);
+#pragma unroll
+          for (int mt = 0; mt < kQMT; ++mt) {
+            mma_m16n8k16<T>(rdQ[mt][dt], rdS[mt], {rK[0], rK[1]}, rdQ[mt][dt]);
+            mma_m16n8k16<T>(rdQ[mt][dt + 1], rdS[mt], {rK[2], rK[3]}, rdQ[mt][dt + 1]);
+          }
         }
       }
-      float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m0 / 16 + wk) + (dcol0 / 8) * 128 + lane;
+      float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, (m0 + dq_q0) / 16) + (dq_d0 / 8) * 128 + lane;
 #pragma unroll
-      for (int dt = 0; dt < kHalfDTiles; ++dt)
+      for (int mt = 0; mt < kQMT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) atomicAdd(acc + (dt * 4 + i) * 32, rdQ[dt][i]);  // element (dt, i) of every lane
+        for (int dt = 0; dt < kQNT; ++dt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)  // element (dt, i) of every lane of 16-row block mt
+            atomicAdd(acc + mt * Kt::kAccumTileFloats + (dt * 4 + i) * 32, rdQ[mt][dt][i]);
     }
 
     if (kStages == 1) {
@@ -200,30 +291,43 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     }
   };
 
-  // Per query head: the tiles near the diagonal need the mask (all of them when this key tile
-  // crosses the sequence end); the rest, the steady state of a long walk, run in a loop of
-  // their own without any per-element predicate.
+  // The walk in two phases: first the tiles that need the mask, [i0, i_unmasked) of every
+  // query head (near the diagonal; all of them when this key tile crosses the sequence end),
+  // then the rest, [i_unmasked, m_tiles) of every head: the steady state of a long walk, in a
+  // loop of its own without any per-element predicate.
   const int i_unmasked = n0 + kBlockN > p.nk ? m_tiles
                          : kCausal ? max(i0, min(m_tiles, int(p.mask.first_unmasked_row_tile(n0 + kBlockN, kBlockM))))
                                    : i0;
-  int it = 0;
-  for (int h = 0; h < group; ++h) {
-    const int head = kv_head * group + h;
-    int i = i0;
-    for (; i < i_unmasked; ++i, ++it) step(it, head, i * kBlockM, std::true_type{});
-    for (; i < m_tiles; ++i, ++it) step(it, head, i * kBlockM, std::false_type{});
+  const int head_begin = kv_head * group, masked_steps = group * (i_unmasked - i0);
+  for (int it = 0, head = head_begin, i = i0; it < masked_steps; ++it) {
+    int next_head = head, next_i = i + 1;  // the masked phase ends at (head_begin, i_unmasked)
+    if (next_i == i_unmasked) next_i = ++next_head == head_begin + group ? (next_head = head_begin, i_unmasked) : i0;
+    step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::true_type{});
+    head = next_head, i = next_i;
+  }
+  for (int it = masked_steps, head = head_begin, i = i_unmasked; it < total; ++it) {
+    int next_head = head, next_i = i + 1;
+    if (next_i == m_tiles) next_i = i_unmasked, ++next_head;
+    step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::false_type{});
+    head = next_head, i = next_i;
   }
 
-  // dK = scale * accumulator, dV as is: staged through sK / sV (free now), then warps 0-3
-  // write 16 rows of dK each and warps 4-7 16 rows of dV, 16 bytes per lane.
+  // dK = scale * accumulator, dV as is: staged through sK / sV (free now), then written 16
+  // rows per warp at a time, 16 bytes per lane.
   cp_async_wait<0>();
   __syncthreads();
-  stage_accumulators<KVLayout>(sK, rdK, 16 * wk, dcol0, p.scale, lane);
-  stage_accumulators<KVLayout>(sV, rdV, 16 * wk, dcol0, 1.0f, lane);
+#pragma unroll
+  for (int mt = 0; mt < kKvMT; ++mt) {
+    stage_accumulators<KVLayout>(sK, rdK[mt], kv_key0 + 16 * mt, kv_d0, p.scale, lane);
+    stage_accumulators<KVLayout>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, 1.0f, lane);
+  }
   __syncthreads();
-  const TensorRef& out = wq == 0 ? p.dk : p.dv;
-  store_warp_rows<KVLayout>(head_ptr<T>(out, batch, kv_head), out.row_stride, wq == 0 ? sK : sV, 16 * wk, n0 + 16 * wk,
-                            p.nk, p.d, lane);
+  T* gdK = head_ptr<T>(p.dk, batch, kv_head);
+  T* gdV = head_ptr<T>(p.dv, batch, kv_head);
+  for (int r0 = 16 * warp; r0 < kBlockN; r0 += 16 * kWarps) {
+    store_warp_rows<KVLayout>(gdK, p.dk.row_stride, sK, r0, n0 + r0, p.nk, p.d, lane);
+    store_warp_rows<KVLayout>(gdV, p.dv.row_stride, sV, r0, n0 + r0, p.nk, p.d, lane);
+  }
 }
 
 }  // namespace flash_cuda

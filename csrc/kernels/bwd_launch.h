@@ -20,7 +20,7 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
                                     std::to_string(kHeadDim) + (kCausal ? ",causal>" : ">");
   static const std::string pre = "flash_bwd_preprocess" + suffix, main = "flash_bwd" + suffix,
                            post = "flash_bwd_postprocess" + suffix, dq = "flash_bwd_dq" + suffix;
-  const dim3 q_grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);
+  const dim3 q_grid((p.nq + Kt::kPrepRows - 1) / Kt::kPrepRows, p.hq, p.b);
   cudaError_t e = launch_kernel(pre.c_str(), flash_bwd_preprocess_kernel<Kt>, q_grid, dim3(128), 0, stream, p);
   if (e != cudaSuccess) return e;
   const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN, p.hkv, p.b);
@@ -36,7 +36,7 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
                     stream, p);
   if (e != cudaSuccess) return e;
   return launch_kernel(post.c_str(), flash_bwd_postprocess_kernel<Kt>, q_grid, dim3(128),
-                       size_t(Kt::kBlockM) * kHeadDim * sizeof(T), stream, p);
+                       size_t(Kt::kPrepRows) * kHeadDim * sizeof(T), stream, p);
 }
 
 }  // namespace FC_BACKEND

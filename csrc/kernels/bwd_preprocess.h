@@ -1,5 +1,6 @@
 /* Backward pre- and post-processing (FlashAttention-2 Algorithm 2, lines 4 and 22).
- *   preprocess:  Di = rowsum(dO * O) - dlse (fp32), and zeroing of the fp32 dQ accumulator;
+ *   preprocess:  Di = rowsum(dO * O) - dlse and lse2 = lse log2(e) (fp32) into the padded
+ *                row stats (params.h), and zeroing of the fp32 dQ accumulator;
  *   postprocess: dQ = scale * accumulator, rounded to the input dtype, 128-bit stores.
  * Grid (query tile of 64 rows, query head, batch), 4 warps of 16 rows each.
  */
@@ -22,10 +23,11 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
   const uint16_t* gO = head_ptr<const uint16_t>(p.o, batch, head);
   const uint16_t* gdO = head_ptr<const uint16_t>(p.dout, batch, head);
   const int64_t row_base = (int64_t(batch) * p.hq + head) * p.nq;
+  float* g_stats = p.row_stats + row_stats_offset(p.nq, p.hq, batch, head);  // lse2 row, then D row
   const int chunk = lane % kLanesPerRow, col = chunk * 8;
 
   for (int r0 = 0; r0 < 16; r0 += kRowsPerPass) {
-    const int row = m_block * Kt::kBlockM + warp * 16 + r0 + lane / kLanesPerRow;
+    const int row = m_block * Kt::kPrepRows + warp * 16 + r0 + lane / kLanesPerRow;
     float dot = 0.0f;
     if (row < p.nq && chunk < kChunks && col < p.d) {
       T o[8], d_o[8];
@@ -38,9 +40,15 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
       for (int e = 0; e < 8; ++e) dot += to_float(o[e]) * to_float(d_o[e]);
     }
     for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-    if (row < p.nq && chunk == 0) {
-      if (p.dlse) dot -= ld_global(&p.dlse[row_base + row]);
-      st_global(&p.di[row_base + row], dot);
+    if (chunk == 0) {  // every row of the padded tile: past nq, lse2 = +inf and D = 0
+      float lse2 = INFINITY;
+      if (row < p.nq) {
+        const float lse = ld_global(&p.lse[row_base + row]);
+        if (lse != -INFINITY) lse2 = lse * 1.4426950408889634f;
+        if (p.dlse) dot -= ld_global(&p.dlse[row_base + row]);
+      }
+      st_global(&g_stats[row], lse2);
+      st_global(&g_stats[stats_rows(p.nq) + row], dot);
     }
   }
 
@@ -53,7 +61,7 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
 template <class Kt>
 __global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdParams p) {
   using T = typename Kt::T;
-  using Layout = SmemLayout<Kt::kBlockM, Kt::kHeadDim>;
+  using Layout = SmemLayout<Kt::kPrepRows, Kt::kHeadDim>;
   constexpr int kDTiles = Kt::kHeadDim / 8;
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -68,7 +76,7 @@ __global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdPar
       st_shared(reinterpret_cast<uint32_t*>(sdQ + Layout::offset(row, col)), pack2<T>(lo, hi));
     }
   __syncwarp();
-  const int m0 = m_block * Kt::kBlockM + warp * 16;
+  const int m0 = m_block * Kt::kPrepRows + warp * 16;
   store_warp_rows<Layout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sdQ, warp * 16, m0, p.nq, p.d, lane);
 }
 

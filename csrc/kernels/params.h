@@ -33,10 +33,23 @@ struct BwdParams : AttnShape {
   TensorRef q, k, v, o, dout, dq, dk, dv;
   const float* lse;   // [B, Hq, Nq] from the forward
   const float* dlse;  // [B, Hq, Nq] gradient flowing into lse, or nullptr
-  float* di;          // [B, Hq, Nq] scratch: rowsum(dO * O) - dlse
+  float* row_stats;   // scratch written by the preprocess, per (batch, query head) 2 rows of
+                      // stats_rows(nq) floats (row_stats_offset): lse2, the lse in base 2
+                      // (+inf where the row sees no key and past nq: probabilities exactly 0),
+                      // then D = rowsum(dO * O) - dlse (0 past nq). Padded so that the kernels
+                      // copy whole 16-byte chunks of either without a bounds check.
   float* dq_accum;    // fp32 dQ in mma fragment order (see bwd_kernel.h), or nullptr when
                       // dQ is computed by the deterministic pass instead of atomics
 };
+
+// Rows of each row_stats row: nq rounded up to the 64-row tiles of the preprocess.
+constexpr int kStatsRowTile = 64;
+FC_HOST_DEVICE int64_t stats_rows(int nq) { return int64_t(nq + kStatsRowTile - 1) / kStatsRowTile * kStatsRowTile; }
+// Offset of the lse2 row of (batch, head) in row_stats (D follows at + stats_rows(nq));
+// (b, 0) gives the size of the whole buffer.
+FC_HOST_DEVICE int64_t row_stats_offset(int nq, int hq, int batch, int head) {
+  return (int64_t(batch) * hq + head) * 2 * stats_rows(nq);
+}
 
 // The (batch, head) slice of t, as T*.
 template <class T>

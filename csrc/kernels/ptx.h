@@ -69,6 +69,38 @@ FC_DEVICE uint32_t pack2(float lo, float hi) {
 FC_DEVICE float to_float(__half x) { return __half2float(x); }
 FC_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// The inverse of pack2: both 16-bit values of a register, exactly, as fp32.
+template <class T>
+FC_DEVICE void unpack2(uint32_t r, float& lo, float& hi) {
+  T h[2];
+  memcpy(h, &r, 4);
+  lo = to_float(h[0]);
+  hi = to_float(h[1]);
+}
+
+// Elementwise product of two registers of two 16-bit values, rounded once to nearest
+// (https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#half-precision-floating-point-instructions-mul,
+// #half-precision-floating-point-instructions-fma).
+// The product of two 16-bit floats is exact in fp32, so the host's fp32 multiply and one
+// rounding give the same bits.
+template <class T>
+FC_DEVICE uint32_t mul2(uint32_t a, uint32_t b) {
+#if defined(__CUDACC__)
+  uint32_t r;
+  if constexpr (std::is_same<T, __half>::value)
+    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
+  else
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));  // a b + (-0): sm_80 has no mul.bf16x2
+  return r;
+#else
+  float a0, a1, b0, b1;
+  unpack2<T>(a, a0, a1);
+  unpack2<T>(b, b0, b1);
+  return pack2<T>(a0 * b0, a1 * b1);
+#endif
+}
+
+
 // ldmatrix.sync.aligned.m8n8.x{N}[.trans].shared.b16: N 8x8 matrices of 16-bit values; lanes
 // 8m..8m+7 pass the (16-byte aligned) row addresses of matrix m, register m of every lane
 // receives its part of matrix m (the mma A/B fragment shape; .trans gives the transpose).

@@ -1,6 +1,8 @@
-/* Compile-time configuration of the forward kernel per head dim: tile sizes, warps, shared
+/* Compile-time configuration of the kernels per head dim: tile sizes, warp grids, shared
  * memory. Every number a kernel or launcher needs comes from here. */
 #pragma once
+#include <type_traits>
+
 #include "layout.h"
 #include "mask.h"
 
@@ -51,48 +53,98 @@ struct FwdTraits {
 
 namespace flash_cuda {
 
-// Backward (FlashAttention-2 Algorithm 2): a block owns one 64-key tile of K and V and walks
-// the 64-row query tiles of every query head of its kv group. 8 warps:
-//   S^T = K Q^T and dP^T = V dO^T: warp (wk, wq) = (warp % 4, warp / 4) computes keys
-//     16 wk.. x queries 32 wq.. (16 x 32, 16 fp32 registers each);
-//   P^T and dS^T go through shared memory (16-bit), because the next products need them in
-//     other warps' shapes;
-//   dV += P^T dO and dK += dS^T Q: warp owns keys 16 wk.. x head-dim columns (D/2) wq..,
-//     so each thread keeps D/4 + D/4 fp32 accumulators for the whole walk;
-//   dQ_i = dS K: warp owns queries 16 wk.. x columns (D/2) wq.., added atomically.
+// Backward (FlashAttention-2 Algorithm 2): a block owns kBlockN keys of K and V (and their dK,
+// dV accumulators) and walks the kBlockM-row query tiles of every query head of its kv group.
+// Each of the three product families has its own warp grid, chosen per head dim so that every
+// ldmatrix feeds as many mma as the registers allow (benchmarks/sass_compare.py measures it):
+//   S^T = K Q^T, dP^T = V dO^T   kSdpWarpsN warps along keys x the rest along queries
+//   dV += P^T dO, dK += dS^T Q   kKvWarpsN along keys x the rest along the head dim
+//   dQ_i += dS K                 kDqWarpsM along queries x the rest along the head dim
+// A warp's tile of each is (block extent / warps along it) in both directions, 16-row m-tiles
+// by 8-column n-tiles. With kPInRegs (one warp spans all the step's queries in S^T and the whole
+// head dim in dV/dK, over the same keys) P^T and dS^T are the A operands of dV and dK straight
+// from the S^T and dP^T accumulators (the register layout of an mma C tile is that of an A
+// fragment: FlashAttention-2's P V in the forward), and only dS^T goes through shared memory,
+// for dQ. Otherwise both go through shared memory, as in FlashAttention-2's backward.
+template <int kWarps_, int kBlockN_, int kBlockM_, int kSdpWarpsN_, int kKvWarpsN_, int kDqWarpsM_>
+struct BwdConfig {
+  static constexpr int kWarps = kWarps_, kBlockN = kBlockN_, kBlockM = kBlockM_;
+  static constexpr int kSdpWarpsN = kSdpWarpsN_, kKvWarpsN = kKvWarpsN_, kDqWarpsM = kDqWarpsM_;
+};
+
+// Per head dim (mma per ldmatrix.x4 in parentheses, S/dP, dV/dK, dQ; torch's FlashAttention-2
+// gets 2.7, 2, 2 at head dim 64, 2, 2.7, 2 at 128 and 1.3, 2.7, 2.7 at 256):
+//   <= 64: 4 warps, 128 keys x 32 queries, each warp 32 keys: P^T in registers (2, 4, 1.3);
+//          4 warps of up to 255 registers leave 2 blocks per SM (8 warps, as torch's 1 x 8)
+//   96, 128: 8 warps, 128 keys x 64 queries, 32 x 32 S^T tiles, 32 keys x D/2 of dV/dK (2, 2.7, 2)
+//   192, 256: 8 warps, 64 x 64: 16 x 32 S^T tiles, 32 keys x D/4 of dV/dK and 32 queries x D/4
+//          of dQ (1.3, 2.7, 2.7); the dK, dV accumulators (D/2 registers) leave no room for more
+template <int kHeadDim>
+using BwdConfigFor = std::conditional_t<(kHeadDim <= 64), BwdConfig<4, 128, 32, 4, 4, 2>,
+                     std::conditional_t<(kHeadDim <= 128), BwdConfig<8, 128, 64, 4, 4, kHeadDim == 128 ? 2 : 4>,
+                                        BwdConfig<8, 64, 64, 4, 2, 2>>>;
+
 template <class T_, int kHeadDim_>
 struct BwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kWarps = 8;
+  using Config = BwdConfigFor<kHeadDim>;
+  static constexpr int kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 64, kBlockN = 64;  // query rows, keys
-  // Blocks per SM the register allocation must allow (__launch_bounds__): 2 (at most 128
-  // registers) where the accumulators leave room, else 1; without it ptxas settles at 128
-  // registers at head dim 96 on sm_90 and spills.
-  static constexpr int kMinBlocksPerSm = kHeadDim <= 64 ? 2 : 1;
-  static constexpr int kHalfD = kHeadDim / 2;       // head-dim columns per warp in dV/dK/dQ
-  static_assert(kHalfD % 16 == 0, "each warp's half of the head dim is whole 16-column ldmatrix.x4 pairs");
-  static_assert(kBlockN == 16 * (kWarps / 2) && kBlockM == 32 * 2, "the 4 x 2 warp grid covers the 64 x 64 tile");
+  static constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;  // query rows per step, keys
+  // Warp tiles: S^T/dP^T kSdpRows keys x kSdpCols queries; dV/dK kKvRows keys x kKvCols head-dim
+  // columns; dQ kDqRows queries x kDqCols columns.
+  static constexpr int kSdpWarpsN = Config::kSdpWarpsN, kKvWarpsN = Config::kKvWarpsN, kDqWarpsM = Config::kDqWarpsM;
+  static constexpr int kSdpRows = kBlockN / kSdpWarpsN, kSdpCols = kBlockM / (kWarps / kSdpWarpsN);
+  static constexpr int kKvRows = kBlockN / kKvWarpsN, kKvCols = kHeadDim / (kWarps / kKvWarpsN);
+  static constexpr int kDqRows = kBlockM / kDqWarpsM, kDqCols = kHeadDim / (kWarps / kDqWarpsM);
+  static constexpr bool kPInRegs = kSdpCols == kBlockM && kKvCols == kHeadDim && kKvWarpsN == kSdpWarpsN;
+  static_assert(kWarps % kSdpWarpsN == 0 && kWarps % kKvWarpsN == 0 && kWarps % kDqWarpsM == 0,
+                "each warp grid uses every warp");
+  static_assert(kSdpRows % 16 == 0 && kKvRows % 16 == 0 && kDqRows % 16 == 0, "warp tiles are whole 16-row m-tiles");
+  static_assert(kSdpCols % 16 == 0 && kKvCols % 16 == 0 && kDqCols % 16 == 0,
+                "warp tiles are whole 16-column ldmatrix.x4 pairs of n-tiles");
+  static_assert(64 % kBlockM == 0, "query tiles nest in the 64-row tiles of the pre/postprocess and the dQ accumulator");
+  // Accumulator registers per thread (fp32): dV and dK for the whole walk, S^T and dP^T per step.
+  static constexpr int kAccRegs = 2 * kKvRows * kKvCols / 32 + 2 * kSdpRows * kSdpCols / 32;
+  static_assert(kAccRegs <= 192, "accumulators must leave room in 255 registers");
+  // Unroll of the k loops of S^T/dP^T (over the head dim) and of dQ (over the keys) in the
+  // steady state: whole, except dQ's at head dims up to 64, by 4. Steps with the mask and the
+  // deterministic kernel's (more live values) unroll S^T/dP^T by 2 and dQ by 4. Whole unrolling
+  // lets ptxas hoist every ldmatrix and hold its addresses, and where the accumulators leave
+  // least room it spills; these are the largest without (measured: benchmarks/kernel_report.py).
+  static constexpr int kSdpUnroll = kHeadDim / 16, kDqUnroll = kHeadDim <= 64 ? 4 : kBlockN / 16;
+  static constexpr int kSdpUnrollMasked = 2, kDqUnrollMasked = 4;
+  // Round P^T to 16 bits before dP^T is computed and take dS^T = P^T (dP^T - D) from the rounded
+  // P^T (as dV sees it; one mul.f16x2 / fma.bf16x2 per pair): the pairs hold half the registers
+  // of fp32 P^T through the dP^T product. Where S^T, dP^T and dV, dK take 192 accumulator
+  // registers without P^T in registers (head dims 96 to 128), fp32 P^T spills.
+  static constexpr bool kRoundPFirst = !kPInRegs && kAccRegs == 192;
+  // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
+  // registers fit twice in an SM's 64K registers; 8 warps once.
+  static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
   using QLayout = SmemLayout<kBlockM, kHeadDim>;    // Q_i and dO_i
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;   // K_j and V_j
   using PLayout = SmemLayout<kBlockN, kBlockM>;     // P^T and dS^T, [key][query]
+  static_assert(PLayout::kBlockCols % kSdpCols == 0, "a warp's S^T columns stay inside one swizzle block");
   static constexpr size_t kTileBytes = QLayout::kElems * sizeof(T);
-  static constexpr size_t kFixedBytes = 2 * KVLayout::kElems * sizeof(T) + 2 * PLayout::kElems * sizeof(T);
+  static constexpr size_t kFixedBytes = (2 * KVLayout::kElems + (kPInRegs ? 1 : 2) * PLayout::kElems) * sizeof(T);
   // Q_i, dO_i (+ lse, Di rows) double-buffered where it fits sm_80's 163 KiB per block: the
-  // next query tile loads while this one computes. Head dim 256 has one buffer, refilled
-  // after this tile's last use of it.
-  static constexpr int kStages = kFixedBytes + 2 * (2 * kTileBytes + 2 * kBlockM * 4) <= 163 * 1024 ? 2 : 1;
+  // next query tile loads while this one computes. Otherwise one buffer, refilled after this
+  // tile's last use of it.
   static constexpr size_t kStageBytes = 2 * kTileBytes + 2 * kBlockM * sizeof(float);
+  static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= 163 * 1024 ? 2 : 1;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
   static_assert(kSmemBytes <= 163 * 1024, "fits sm_80's shared memory per block");
+  // The pre/postprocess kernels (and the dQ accumulator's padding) work in 64-row tiles.
+  static constexpr int kPrepRows = 64;
   // dQ accumulator: [B, Hq, row blocks of 16, kHeadDim / 8 n-tiles, 4 elements, 32 lanes] fp32,
   // the mma accumulator order, so a warp's atomics for one element index are 128 contiguous
-  // bytes (coalesced). Rows are padded to a multiple of kBlockM.
+  // bytes (coalesced). Rows are padded to a multiple of kPrepRows.
   static constexpr int kAccumTileFloats = 16 * kHeadDim;  // one 16-row block
   // Offset of 16-row block rb of (batch, head); (b, 0, 0) gives the size of the whole buffer.
   FC_HOST_DEVICE static int64_t accum_offset(int nq, int hq, int batch, int head, int64_t rb) {
-    const int64_t row_blocks = int64_t((nq + kBlockM - 1) / kBlockM) * 4;
+    const int64_t row_blocks = int64_t((nq + kPrepRows - 1) / kPrepRows) * (kPrepRows / 16);
     return ((int64_t(batch) * hq + head) * row_blocks + rb) * kAccumTileFloats;
   }
 };
