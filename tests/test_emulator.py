@@ -235,6 +235,30 @@ def test_host_fp16_bf16_round_to_nearest_even():
     assert torch.equal(out[finite, 3].to(torch.int64), bits((h * h + h)[finite].half()))  # one rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_pair_math_matches_torch(dtype):
+    """unpack2 (two 16-bit values of a register as fp32, exactly) and mul2 (their elementwise
+    product, rounded once: the backward's dS = P (dP - D) at head dims 96 to 128) against
+    torch's own 16-bit multiply, on random, tiny, huge and special values."""
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 2 ** -14, 2 ** -24, 3e-5, 1 + 2 ** -7, 1 + 2 ** -10, 60000.0, 300.0,
+                            float("inf"), float("-inf")])
+    n = 4000
+    x = torch.cat([special, torch.randn(n, generator=g) * 10 ** torch.randint(-8, 4, (n,), generator=g)]).to(dtype)
+    y = torch.cat([special.flip(0), torch.randn(n, generator=g) * 10 ** torch.randint(-8, 4, (n,), generator=g)]).to(dtype)
+    words = lambda lo, hi: ((hi.view(torch.int16).to(torch.int64) & 0xFFFF) << 16 | (lo.view(torch.int16).to(torch.int64) & 0xFFFF))
+    half = (x.numel() // 2) * 2
+    a_lo, a_hi, b_lo, b_hi = x[:half:2], x[1:half:2], y[:half:2], y[1:half:2]
+    a = words(a_lo, a_hi).to(torch.int32)
+    b = words(b_lo, b_hi).to(torch.int32)
+    out, _ = run(ops._emu_pair_math_probe, a, b, dtype == torch.bfloat16)
+    assert torch.equal(out[:, 1].view(torch.float32), a_lo.float()) and torch.equal(out[:, 2].view(torch.float32), a_hi.float())
+    prod = out[:, 0].to(torch.int64) & 0xFFFFFFFF
+    expect = words(a_lo * b_lo, a_hi * b_hi)  # torch: the exact product rounded once
+    nan = torch.isnan(a_lo * b_lo) | torch.isnan(a_hi * b_hi)
+    assert not nan.all() and torch.equal(prod[~nan], expect[~nan])
+
+
 # ---------------------------------------------------------------- cp.async
 def test_cp_async_groups_match_oracle_trace():
     trace = LAYOUTS["cp_async"]["example_trace"]["memory"]

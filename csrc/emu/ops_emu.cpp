@@ -85,6 +85,16 @@ at::Tensor convert_probe(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor pair_math_probe(const at::Tensor& a, const at::Tensor& b, bool bf16) {
+  auto a_ = checked(a, at::kInt, a.numel(), "a");
+  auto b_ = checked(b, at::kInt, a.numel(), "b");
+  auto out = at::empty({a.numel(), 3}, a.options());
+  emu::set_buffers({tensor_footprint(a_, false), tensor_footprint(b_, false), tensor_footprint(out, true)});
+  selftest::pair_math_probe(reinterpret_cast<const uint32_t*>(a_.data_ptr()), reinterpret_cast<const uint32_t*>(b_.data_ptr()),
+                            static_cast<int>(a_.numel()), bf16, reinterpret_cast<uint32_t*>(out.data_ptr()));
+  return out;
+}
+
 at::Tensor cp_async_trace(const at::Tensor& src) {
   auto s = checked(src, at::kByte, 256, "src");
   auto out = at::zeros({40}, s.options());
@@ -137,6 +147,7 @@ TORCH_LIBRARY_FRAGMENT(flash_cuda, m) {
   m.def("_emu_shfl_probe(Tensor values, int mode, int b, int width, int mask, bool wide) -> Tensor", &shfl_probe);
   m.def("_emu_shared_load_probe(Tensor offsets, int width, int smem_bytes) -> ()", &shared_load_probe);
   m.def("_emu_convert_probe(Tensor x) -> Tensor", &convert_probe);
+  m.def("_emu_pair_math_probe(Tensor a, Tensor b, bool bf16) -> Tensor", &pair_math_probe);
   m.def("_emu_cp_async_trace(Tensor src) -> Tensor", &cp_async_trace);
   m.def("_emu_gemm(Tensor a, Tensor b, bool swizzle) -> Tensor", &gemm);
   m.def("_emu_block_reduce(Tensor x) -> Tensor", &block_reduce);

@@ -90,6 +90,22 @@ __global__ void convert_probe_kernel(const float* __restrict__ g_x, int n, uint3
   }
 }
 
+template <class T>
+__global__ void pair_math_probe_kernel(const uint32_t* __restrict__ g_a, const uint32_t* __restrict__ g_b, int n,
+                                       uint32_t* __restrict__ g_out) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint32_t a = ld_global(&g_a[i]);
+    float lo, hi;
+    unpack2<T>(a, lo, hi);
+    uint32_t lo_bits, hi_bits;
+    std::memcpy(&lo_bits, &lo, 4);
+    std::memcpy(&hi_bits, &hi, 4);
+    st_global(&g_out[3 * i], mul2<T>(a, ld_global(&g_b[i])));
+    st_global(&g_out[3 * i + 1], lo_bits);
+    st_global(&g_out[3 * i + 2], hi_bits);
+  }
+}
+
 __global__ void cp_async_trace_kernel(const uint8_t* g_src, uint8_t* g_out) {
   uint8_t* s_dst = dynamic_smem<uint8_t>();  // [256]
   for (int i = 0; i < 64; ++i) st_shared(reinterpret_cast<uint32_t*>(s_dst) + i, 0u);
@@ -304,6 +320,13 @@ void shared_load_probe(const int32_t* g_offset, int width, int smem_bytes, uint3
 
 void convert_probe(const float* g_x, int n, uint32_t* g_out) {
   launch_kernel("convert_probe", convert_probe_kernel, dim3(1), dim3(64), 0, nullptr, g_x, n, g_out);
+}
+
+void pair_math_probe(const uint32_t* g_a, const uint32_t* g_b, int n, bool bf16, uint32_t* g_out) {
+  if (bf16)
+    launch_kernel("pair_math_probe", pair_math_probe_kernel<__nv_bfloat16>, dim3(1), dim3(64), 0, nullptr, g_a, g_b, n, g_out);
+  else
+    launch_kernel("pair_math_probe", pair_math_probe_kernel<__half>, dim3(1), dim3(64), 0, nullptr, g_a, g_b, n, g_out);
 }
 
 void cp_async_trace(const uint8_t* g_src, uint8_t* g_out) {

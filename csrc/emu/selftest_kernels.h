@@ -30,6 +30,11 @@ void shared_load_probe(const int32_t* g_offset, int width, int smem_bytes, uint3
 // h = __float2half_rn(x[i]) - the host conversions and the 16-bit math the emulator supplies.
 void convert_probe(const float* g_x, int n, uint32_t* g_out);
 
+// One block: for registers a[i], b[i] of two 16-bit values (fp16, or bf16 if bf16),
+// g_out[3*i] = mul2(a[i], b[i]) and g_out[3*i + 1], g_out[3*i + 2] = the fp32 bits of
+// unpack2(a[i]) (low, high): the pair math of the backward kernel.
+void pair_math_probe(const uint32_t* g_a, const uint32_t* g_b, int n, bool bf16, uint32_t* g_out);
+
 // One thread replays ptx-oracle's cp.async example (three groups, wait_group 1, wait_group 0)
 // from g_src[256]; g_out[0:8] = dst[0:8] and g_out[8:24] = dst[16:32] after wait_group 1,
 // g_out[24:40] = dst[32:48] after wait_group 0.

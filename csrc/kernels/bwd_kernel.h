@@ -78,11 +78,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     const int64_t stats = row_stats_offset(p.nq, p.hq, batch, head);
     load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
     load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
-    // lse2 and D rows [m0, m0 + kBlockM): kBlockM / 4 chunks each, in bounds (padded stats)
+    // lse2 and D rows [m0, m0 + kBlockM) (sDi follows sLse2): kBlockM / 4 chunks each, in
+    // bounds (padded stats)
     constexpr int kStatChunks = kBlockM / 4;
     if (threadIdx.x < 2 * kStatChunks) {
       const int row = threadIdx.x / kStatChunks, chunk = threadIdx.x % kStatChunks;
-      cp_async_cg16(sLse2(s) + row * kBlockM + 4 * chunk, p.row_stats + stats + row * stats_rows(p.nq) + m0 + 4 * chunk, 16);
+      cp_async_cg16(sLse2(s) + 4 * threadIdx.x, p.row_stats + stats + row * stats_rows(p.nq) + m0 + 4 * chunk, 16);
     }
   };
 

@@ -108,18 +108,18 @@ struct BwdTraits {
   // Accumulator registers per thread (fp32): dV and dK for the whole walk, S^T and dP^T per step.
   static constexpr int kAccRegs = 2 * kKvRows * kKvCols / 32 + 2 * kSdpRows * kSdpCols / 32;
   static_assert(kAccRegs <= 192, "accumulators must leave room in 255 registers");
-  // Unroll of the k loops of S^T/dP^T (over the head dim) and of dQ (over the keys) in the
-  // steady state: whole, except dQ's at head dims up to 64, by 4. Steps with the mask and the
-  // deterministic kernel's (more live values) unroll S^T/dP^T by 2 and dQ by 4. Whole unrolling
-  // lets ptxas hoist every ldmatrix and hold its addresses, and where the accumulators leave
-  // least room it spills; these are the largest without (measured: benchmarks/kernel_report.py).
-  static constexpr int kSdpUnroll = kHeadDim / 16, kDqUnroll = kHeadDim <= 64 ? 4 : kBlockN / 16;
+  // Unroll of the k loops of S^T/dP^T (over the head dim) and of dQ (over the keys): whole in
+  // the steady state; by 2 and 4 in the steps with the mask and in the deterministic kernel's
+  // (more live values there). Whole unrolling lets ptxas hoist every ldmatrix and hold its
+  // addresses, which spills where the accumulators leave least room unless P^T is rounded
+  // early (below) (measured: benchmarks/kernel_report.py).
+  static constexpr int kSdpUnroll = kHeadDim / 16, kDqUnroll = kBlockN / 16;
   static constexpr int kSdpUnrollMasked = 2, kDqUnrollMasked = 4;
   // Round P^T to 16 bits before dP^T is computed and take dS^T = P^T (dP^T - D) from the rounded
   // P^T (as dV sees it; one mul.f16x2 / fma.bf16x2 per pair): the pairs hold half the registers
-  // of fp32 P^T through the dP^T product. Where S^T, dP^T and dV, dK take 192 accumulator
-  // registers without P^T in registers (head dims 96 to 128), fp32 P^T spills.
-  static constexpr bool kRoundPFirst = !kPInRegs && kAccRegs == 192;
+  // of fp32 P^T through the dP^T product. Where S^T, dP^T, dV and dK take 192 accumulator
+  // registers (head dims 64 and 128), that is what lets the loops unroll whole without spills.
+  static constexpr bool kRoundPFirst = kAccRegs == 192;
   // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
   // registers fit twice in an SM's 64K registers; 8 warps once.
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
