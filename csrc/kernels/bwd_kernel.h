@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   const int tiles_per_head = max(0, m_tiles - i0);
   const int total = group * tiles_per_head;
 
-  // The walk: the query tiles i0.. of every query head of the kv group, head by head; step it
-  // prefetches step it + 1's tiles.
+  // Q, dO, lse2 and D of query tile m0 of query head `head` into stage s. The walk (below) visits
+  // the query tiles i0.. of every query head of the kv group; step it prefetches step it + 1's.
   auto load_query_tile = [&](int head, int m0, int s) {
     const int64_t stats = row_stats_offset(p.nq, p.hq, batch, head);
     load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
