@@ -11,7 +11,7 @@ from reference import assert_fa_rule, attention_ref
 from test_kernel_fwd import HEAD_DIMS, make_qkv
 
 # BwdTraits per head dim: (keys per block, query rows per step, warps)
-BWD_TILES = {32: (128, 32, 4), 64: (128, 32, 4), 96: (128, 64, 8), 128: (128, 64, 8), 192: (64, 64, 8),
+BWD_TILES = {32: (128, 32, 4), 64: (128, 32, 4), 96: (64, 64, 8), 128: (128, 64, 8), 192: (64, 64, 8),
              256: (64, 64, 8)}
 
 

@@ -76,13 +76,17 @@ struct BwdConfig {
 // gets 2.7, 2, 2 at head dim 64, 2, 2.7, 2 at 128 and 1.3, 2.7, 2.7 at 256):
 //   <= 64: 4 warps, 128 keys x 32 queries, each warp 32 keys: P^T in registers (2, 4, 1.3);
 //          4 warps of up to 255 registers leave 2 blocks per SM (8 warps, as torch's 1 x 8)
-//   96, 128: 8 warps, 128 keys x 64 queries, 32 x 32 S^T tiles, 32 keys x D/2 of dV/dK (2, 2.7, 2)
+//   96: 8 warps, 64 x 64, 16 x 32 S^T tiles, 16 keys x D/2 of dV/dK, 16 queries x D/2 of dQ
+//          (1.3, 1.5, 1.5): 89 KiB of shared memory, inside the 99 KiB per block of sm_86/89
+//          (128 keys, as at 128, would take 129 KiB)
+//   128: 8 warps, 128 keys x 64 queries, 32 x 32 S^T tiles, 32 keys x D/2 of dV/dK (2, 2.7, 2)
 //   192, 256: 8 warps, 64 x 64: 16 x 32 S^T tiles, 32 keys x D/4 of dV/dK and 32 queries x D/4
 //          of dQ (1.3, 2.7, 2.7); the dK, dV accumulators (D/2 registers) leave no room for more
 template <int kHeadDim>
 using BwdConfigFor = std::conditional_t<(kHeadDim <= 64), BwdConfig<4, 128, 32, 4, 4, 2>,
-                     std::conditional_t<(kHeadDim <= 128), BwdConfig<8, 128, 64, 4, 4, kHeadDim == 128 ? 2 : 4>,
-                                        BwdConfig<8, 64, 64, 4, 2, 2>>>;
+                     std::conditional_t<(kHeadDim == 96), BwdConfig<8, 64, 64, 4, 4, 4>,
+                     std::conditional_t<(kHeadDim == 128), BwdConfig<8, 128, 64, 4, 4, 2>,
+                                        BwdConfig<8, 64, 64, 4, 2, 2>>>>;
 
 template <class T_, int kHeadDim_>
 struct BwdTraits {
