@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     // dV += P^T dO and dK += dS^T Q: keys kv_key0.. x columns kv_d0.. of this warp.
     if constexpr (kPInRegs) {
       // The warp's S^T rows are its dV/dK rows and its S^T columns all the step's queries: the
-      // A operands come from the accumulators, no barrier needed.
+      // A operands are the accumulators' 16-bit pairs, no barrier needed.
       auto acc_times_b = [&](float(&rC)[kKvMT][kKvNT][4], const uint32_t(&rPairs)[kSMT][kSNT][2], const T* sB) {
 #pragma unroll
         for (int kk = 0; kk < kBlockM / 16; ++kk) {
