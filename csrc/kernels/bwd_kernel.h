@@ -148,46 +148,33 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     auto lse2_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(lse2 + sdp_q0 + nt * 8 + 2 * t)); };
     auto di_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t)); };
     uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];  // pairs of each C tile: (row g: elements 0, 1), (row g + 8: 2, 3)
-    float rS[kSMT][kSNT][4] = {};                    // fp32
+    float rS[kSMT][kSNT][4] = {}, rdP[kSMT][kSNT][4] = {};  // fp32; rS becomes P^T in place
     kv_times_q(rS, sK, sQs);
-    if constexpr (Kt::kRoundPFirst) {
+    if constexpr (!Kt::kRoundPFirst) kv_times_q(rdP, sV, sdOs);
 #pragma unroll
-      for (int nt = 0; nt < kSNT; ++nt) {
-        const float2 l = lse2_of(nt);
+    for (int nt = 0; nt < kSNT; ++nt) {
+      const float2 l = lse2_of(nt);
 #pragma unroll
-        for (int mt = 0; mt < kSMT; ++mt)
+      for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            rP[mt][nt][h] = pack2<T>(probability(rS[mt][nt][2 * h], l.x, mt, nt, 2 * h),
-                                     probability(rS[mt][nt][2 * h + 1], l.y, mt, nt, 2 * h + 1));
-      }
-      float rdP[kSMT][kSNT][4] = {};  // fp32
-      kv_times_q(rdP, sV, sdOs);
+        for (int i = 0; i < 4; ++i) rS[mt][nt][i] = probability(rS[mt][nt][i], i % 2 ? l.y : l.x, mt, nt, i);
 #pragma unroll
-      for (int nt = 0; nt < kSNT; ++nt) {
-        const float2 d = di_of(nt);
+      for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
-        for (int mt = 0; mt < kSMT; ++mt)
+        for (int h = 0; h < 2; ++h) rP[mt][nt][h] = pack2<T>(rS[mt][nt][2 * h], rS[mt][nt][2 * h + 1]);
+    }
+    if constexpr (Kt::kRoundPFirst) kv_times_q(rdP, sV, sdOs);
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            rdS[mt][nt][h] = mul2<T>(rP[mt][nt][h], pack2<T>(rdP[mt][nt][2 * h] - d.x, rdP[mt][nt][2 * h + 1] - d.y));
-      }
-    } else {
-      float rdP[kSMT][kSNT][4] = {};  // fp32
-      kv_times_q(rdP, sV, sdOs);
+    for (int nt = 0; nt < kSNT; ++nt) {
+      const float2 d = di_of(nt);
 #pragma unroll
-      for (int nt = 0; nt < kSNT; ++nt) {
-        const float2 l = lse2_of(nt), d = di_of(nt);
+      for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
-        for (int mt = 0; mt < kSMT; ++mt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float p0 = probability(rS[mt][nt][2 * h], l.x, mt, nt, 2 * h);
-            const float p1 = probability(rS[mt][nt][2 * h + 1], l.y, mt, nt, 2 * h + 1);
-            rP[mt][nt][h] = pack2<T>(p0, p1);
-            rdS[mt][nt][h] = pack2<T>(p0 * (rdP[mt][nt][2 * h] - d.x), p1 * (rdP[mt][nt][2 * h + 1] - d.y));
-          }
-      }
+        for (int h = 0; h < 2; ++h) {
+          const float ds0 = rdP[mt][nt][2 * h] - d.x, ds1 = rdP[mt][nt][2 * h + 1] - d.y;  // dP^T - D
+          rdS[mt][nt][h] = Kt::kRoundPFirst ? mul2<T>(rP[mt][nt][h], pack2<T>(ds0, ds1))
+                                            : pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
+        }
     }
 
     // dS^T (and P^T unless it stays in registers) to shared memory, in the [key][query] layout
