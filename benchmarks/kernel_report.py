@@ -118,14 +118,16 @@ def launch_records(name, n=8):
     B = H = 1, Nq = Nk = n, emulated through the real launcher without the checkers."""
     import torch
     import flash_cuda
-    m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_causal)?", name)
-    kind, d, dtype, causal = m.group(1), int(m.group(2)), m.group(3), bool(m.group(4))
+    m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band|_mod)?$", name)
+    kind, d, dtype, variant = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
+    # what makes the dispatcher pick the variant (csrc/kernels/dispatch.h)
+    kwargs = {"": {}, "_band": dict(causal=True), "_mod": dict(causal=True, softcap=30.0)}[variant]
     dt = torch.float16 if dtype == "fp16" else torch.bfloat16
     shapes = {}
     for deterministic in (False, True):
         q, k, v = (torch.randn(1, 1, n, d, dtype=dt, requires_grad=True) for _ in range(3))
         with flash_cuda.emulate(check=False) as emu:
-            out = flash_cuda.attention(q, k, v, causal=causal, deterministic=deterministic)
+            out = flash_cuda.attention(q, k, v, deterministic=deterministic, **kwargs)
             out.sum().backward()
         for r in emu.launches:
             base = r["kernel"].split("<")[0]

@@ -62,8 +62,9 @@ TensorRef ref(const at::Tensor& x) {
   return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-// Sizes, scale and mask shared by the forward and backward params.
-AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right) {
+// Sizes, scale, band and modifiers shared by the forward and backward params (the tensors in
+// `o` stay alive for the call: the params point into them).
+AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, const AttnOptions& o) {
   const int64_t Nq = q.size(2), Nk = k.size(2);
   TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && q.size(0) <= 65535 && q.size(1) <= 65535,
               "flash_cuda: sequence lengths must be < 2^31 and B, H <= 65535 for the CUDA kernels");
@@ -76,8 +77,46 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, boo
   s.d = static_cast<int>((q.size(3) + 7) / 8 * 8);  // aligned_input/aligned_output pad to it
   s.scale = static_cast<float>(scale);
   s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  s.mask = CausalMask::make(causal, bottom_right, Nq, Nk);
+  s.mask = o.band(Nq, Nk);
+  s.mod.softcap = static_cast<float>(o.softcap);
+  if (o.alibi) {
+    s.mod.alibi = o.alibi->data_ptr<float>();
+    s.mod.alibi_bstride = o.alibi->size(0) == 1 ? 0 : o.alibi->size(1);
+  }
+  if (o.bias) {
+    s.mod.bias = o.bias->data_ptr<float>();
+    for (int d = 0; d < 4; ++d) s.mod.bias_stride[d] = o.bias->stride(d);
+  }
   return s;
+}
+
+// The bias as the kernels read it (bias_tile.h: 16-byte cp.async chunks along the keys): unit key
+// stride and every row 16-byte aligned. Anything else (a mask broadcast over keys, a transposed
+// or offset view, Nk not a multiple of 4 with rows packed) is copied once into rows padded to a
+// multiple of 4 floats, keeping its broadcast batch, head and query dims at size 1 (stride 0).
+at::Tensor kernel_bias(const at::Tensor& b) {
+  bool ready = reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0 && b.stride(3) == 1;
+  for (int d = 0; d < 3; ++d) ready = ready && b.stride(d) % 4 == 0;
+  if (ready) return b;
+  at::Tensor src = b;
+  for (int d = 0; d < 3; ++d)
+    if (b.stride(d) == 0) src = src.narrow(d, 0, 1);
+  const int64_t nk = b.size(3), nk_pad = (nk + 3) / 4 * 4;
+  at::Tensor rows = at::zeros({src.size(0), src.size(1), src.size(2), nk_pad}, b.options());
+  rows.narrow(3, 0, nk).copy_(src);
+  return rows.narrow(3, 0, nk).expand(b.sizes());
+}
+
+AttnOptions kernel_options(const AttnOptions& o) {
+  AttnOptions k = o;
+  if (k.bias) k.bias = kernel_bias(*k.bias);
+  return k;
+}
+
+// The modifier tensors an emulated launch may read.
+void add_mod_buffers(std::vector<emu::Buffer>& buffers, const AttnOptions& o) {
+  if (o.alibi) buffers.push_back(tensor_footprint(*o.alibi, false));
+  if (o.bias) buffers.push_back(tensor_footprint(*o.bias, false));
 }
 
 }  // namespace
@@ -98,8 +137,9 @@ emu::Buffer kernel_footprint(const at::Tensor& x, bool writable) {
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at::Tensor& k_in,
-                                               const at::Tensor& v_in, double scale, bool causal, bool bottom_right,
-                                               Executor executor) {
+                                               const at::Tensor& v_in, const AttnOptions& opt_in, Executor executor) {
+  const AttnOptions opt = kernel_options(opt_in);
+  const double scale = opt.scale;
   check_kernel_inputs(q_in, executor);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   auto out = at::empty({B, Hq, Nq, D}, q_in.options());
@@ -118,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   const at::Tensor q = aligned_input(q_pos), k = aligned_input(k_in), v = aligned_input(v_in);
   at::Tensor o = aligned_output(out);
   FwdParams p{};
-  static_cast<AttnShape&>(p) = attn_shape(q, k, scale_pos, causal, bottom_right);
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale_pos, opt);
   p.q = ref(q);
   p.k = ref(k);
   p.v = ref(v);
@@ -127,13 +167,15 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const char* err = nullptr;
   if (executor == Executor::emu) {
-    emu::set_buffers({kernel_footprint(q, false), kernel_footprint(k, false), kernel_footprint(v, false),
-                      kernel_footprint(o, true), tensor_footprint(lse, true)});
-    err = emu_backend::fwd(p, bf16, causal, nullptr);
+    std::vector<emu::Buffer> buffers{kernel_footprint(q, false), kernel_footprint(k, false),
+                                     kernel_footprint(v, false), kernel_footprint(o, true), tensor_footprint(lse, true)};
+    add_mod_buffers(buffers, opt);
+    emu::set_buffers(std::move(buffers));
+    err = emu_backend::fwd(p, bf16, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
-    err = cuda_backend::fwd(p, bf16, causal, c10::cuda::getCurrentCUDAStream().stream());
+    err = cuda_backend::fwd(p, bf16, c10::cuda::getCurrentCUDAStream().stream());
 #else
     TORCH_CHECK(false, "flash_cuda: this build has no CUDA kernels");
 #endif
@@ -143,27 +185,36 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dout_in, const at::Tensor& q_in,
-                                                           const at::Tensor& k_in, const at::Tensor& v_in,
-                                                           const at::Tensor& out_in, const at::Tensor& lse,
-                                                           const std::optional<at::Tensor>& dlse, double scale,
-                                                           bool causal, bool bottom_right, bool deterministic,
-                                                           Executor executor) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt_in,
+    bool deterministic, Executor executor) {
+  const AttnOptions opt = kernel_options(opt_in);
   check_kernel_inputs(q_in, executor);
+  const double scale = opt.scale;
   auto dq_out = at::empty(q_in.sizes(), q_in.options());
   auto dk_out = at::empty(k_in.sizes(), k_in.options());
   auto dv_out = at::empty(v_in.sizes(), v_in.options());
+  // dL/d bias, dense and transposed as the kernels write it ([B][Hq][Nk][Nq rounded up to 8]:
+  // ScoreMod::dbias), returned as a (B, Hq, Nq, Nk) view; elements in tiles the band skips are
+  // never written: zeros
+  const int64_t nq_pad = (q_in.size(2) + 7) / 8 * 8;
+  at::Tensor dbias_t = opt.bias_grad ? at::zeros({q_in.size(0), q_in.size(1), k_in.size(2), nq_pad}, lse.options())
+                                     : at::Tensor();
+  at::Tensor dbias = opt.bias_grad ? dbias_t.narrow(3, 0, q_in.size(2)).transpose(2, 3) : at::Tensor();
   if (q_in.numel() == 0 || k_in.numel() == 0) {  // nothing to propagate through
     dq_out.zero_();
     dk_out.zero_();
     dv_out.zero_();
-    return {dq_out, dk_out, dv_out};
+    return {dq_out, dk_out, dv_out, dbias};
   }
   const at::Tensor q = aligned_input(q_in), k = aligned_input(k_in), v = aligned_input(v_in);
   const at::Tensor out = aligned_input(out_in), dout = aligned_input(dout_in);
   const at::Tensor dq = aligned_output(dq_out), dk = aligned_output(dk_out), dv = aligned_output(dv_out);
   BwdParams p{};
-  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, causal, bottom_right);
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, opt);
+  p.mod.dbias = dbias_t.defined() ? dbias_t.data_ptr<float>() : nullptr;
+  p.mod.dbias_stride = nq_pad;
   p.q = ref(q);
   p.k = ref(k);
   p.v = ref(v);
@@ -195,12 +246,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dou
     for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&dq, &dk, &dv, &row_stats, &dq_accum})
       buffers.push_back(kernel_footprint(*x, true));
     if (p.dlse) buffers.push_back(tensor_footprint(dlse_c, false));
+    if (dbias_t.defined()) buffers.push_back(tensor_footprint(dbias_t, true));
+    add_mod_buffers(buffers, opt);
     emu::set_buffers(std::move(buffers));
-    err = emu_backend::bwd(p, bf16, causal, deterministic, nullptr);
+    err = emu_backend::bwd(p, bf16, deterministic, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
-    err = cuda_backend::bwd(p, bf16, causal, deterministic, c10::cuda::getCurrentCUDAStream().stream());
+    err = cuda_backend::bwd(p, bf16, deterministic, c10::cuda::getCurrentCUDAStream().stream());
 #else
     TORCH_CHECK(false, "flash_cuda: this build has no CUDA kernels");
 #endif
@@ -209,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dou
   copy_back(dq_out, dq);
   copy_back(dk_out, dk);
   copy_back(dv_out, dv);
-  return {dq_out, dk_out, dv_out};
+  return {dq_out, dk_out, dv_out, dbias};
 }
 
 }  // namespace flash_cuda

@@ -5,6 +5,7 @@
 #include <optional>
 #include <tuple>
 
+#include "attn_options.h"
 #include "emu/runtime.h"
 
 namespace flash_cuda {
@@ -16,15 +17,15 @@ enum class Executor { cuda, emu };
 emu::Buffer tensor_footprint(const at::Tensor& t, bool writable);
 
 // q, k, v: (B, H, N, D) fp16/bf16 with unit stride in D, checked by the caller (ops.cpp).
+// opt.bias (if any) is float32.
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               double scale, bool causal, bool bottom_right, Executor executor);
+                                               const AttnOptions& opt, Executor executor);
 
-// Gradients of fwd_kernels' (out, lse); deterministic: dQ without atomics (bitwise repeatable).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernels(const at::Tensor& dout, const at::Tensor& q,
-                                                           const at::Tensor& k, const at::Tensor& v,
-                                                           const at::Tensor& out, const at::Tensor& lse,
-                                                           const std::optional<at::Tensor>& dlse, double scale,
-                                                           bool causal, bool bottom_right, bool deterministic,
-                                                           Executor executor);
+// Gradients of fwd_kernels' (out, lse), and of the bias when opt.bias_grad (dense float32
+// (B, Hq, Nq, Nk); else undefined); deterministic: dQ without atomics (bitwise repeatable).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt, bool deterministic,
+    Executor executor);
 
 }  // namespace flash_cuda

@@ -7,6 +7,9 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <cmath>
+
+#include "attn_options.h"
 #include "cpu/attention_cpu.h"
 #include "emu/emu_session.h"
 #include "kernel_launch.h"
@@ -59,15 +62,54 @@ void check_lse(const at::Tensor& x, const at::Tensor& q, const char* name) {
               x.sizes(), " ", x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, double scale, bool causal,
-                                           bool bottom_right, bool /*deterministic: for bwd*/) {
+// The op arguments beyond q, k, v, checked for what a direct torch.ops call could get wrong.
+AttnOptions make_options(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right,
+                         int64_t window_left, int64_t window_right, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& bias,
+                         bool bias_grad) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flash_cuda: window bounds must be >= -1, got (",
+              window_left, ", ", window_right, ")");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_cuda: softcap must be finite and >= 0, got ", softcap);
+  AttnOptions o;
+  o.scale = scale;
+  o.causal = causal;
+  o.bottom_right = bottom_right;
+  o.window_left = window_left;
+  o.window_right = window_right;
+  o.softcap = softcap;
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = k.size(2);
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.scalar_type() == at::kFloat && a.device() == q.device() && a.dim() == 2 &&
+                    (a.size(0) == 1 || a.size(0) == B) && a.size(1) == Hq,
+                "flash_cuda: alibi_slopes must be float32 (1 or B, Hq) on q's device, got ", a.sizes(), " ",
+                a.scalar_type());
+    o.alibi = a.contiguous();
+  }
+  if (bias.has_value()) {
+    const at::Tensor& m = *bias;
+    TORCH_CHECK(m.scalar_type() == at::toOpMathType(q.scalar_type()) && m.device() == q.device() &&
+                    m.sizes() == at::IntArrayRef({B, Hq, Nq, Nk}),
+                "flash_cuda: bias must be (B, Hq, Nq, Nk) = (", B, ", ", Hq, ", ", Nq, ", ", Nk,
+                ") in the accumulation dtype on q's device (broadcast dims may have stride 0), got ", m.sizes(), " ",
+                m.scalar_type());
+    o.bias = m;
+  }
+  o.bias_grad = bias_grad && bias.has_value();
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                           bool causal, bool bottom_right, bool /*deterministic: for bwd*/,
+                                           int64_t window_left, int64_t window_right, double softcap,
+                                           const std::optional<at::Tensor>& alibi_slopes,
+                                           const std::optional<at::Tensor>& bias) {
   check_qkv(q, k, v);
+  const AttnOptions o =
+      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
-    return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), scale, causal, bottom_right,
-                       Executor::emu);
-  return cpu::attention_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
-                            scale, causal, bottom_right);
+    return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o, Executor::emu);
+  return cpu::attention_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o);
 }
 
 void check_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -79,35 +121,56 @@ void check_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   if (dlse.has_value()) check_lse(*dlse, q, "dlse");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-    double scale, bool causal, bool bottom_right, bool deterministic) {
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// dbias as the op returns it: the gradient when asked for, else an empty tensor.
+BwdResult with_dbias(BwdResult r, const at::Tensor& q) {
+  if (!std::get<3>(r).defined()) std::get<3>(r) = at::empty({0}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  return r;
+}
+
+BwdResult bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, double scale,
+                  bool causal, bool bottom_right, bool deterministic, int64_t window_left, int64_t window_right,
+                  double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& bias,
+                  bool bias_grad) {
   check_bwd(dout, q, k, v, out, lse, dlse);
+  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                     alibi_slopes, bias, bias_grad);
   if (emu_active())
-    return bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
-                       unit_last_stride(out), lse, dlse, scale, causal, bottom_right, deterministic, Executor::emu);
+    return with_dbias(bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k),
+                                  unit_last_stride(v), unit_last_stride(out), lse, dlse, o, deterministic,
+                                  Executor::emu),
+                      q);
   // The CPU backend is deterministic for a fixed thread count either way.
-  return cpu::attention_bwd(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k),
-                            unit_last_stride(v), unit_last_stride(out), lse, dlse, scale,
-                            causal, bottom_right);
+  return with_dbias(cpu::attention_bwd(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k),
+                                       unit_last_stride(v), unit_last_stride(out), lse, dlse, o),
+                    q);
 }
 
 #if defined(FLASH_CUDA_WITH_CUDA)
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            double scale, bool causal, bool bottom_right, bool /*deterministic*/) {
+                                            double scale, bool causal, bool bottom_right, bool /*deterministic*/,
+                                            int64_t window_left, int64_t window_right, double softcap,
+                                            const std::optional<at::Tensor>& alibi_slopes,
+                                            const std::optional<at::Tensor>& bias) {
   check_qkv(q, k, v);
-  return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), scale, causal, bottom_right,
-                     Executor::cuda);
+  const AttnOptions o =
+      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false);
+  return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o, Executor::cuda);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-    double scale, bool causal, bool bottom_right, bool deterministic) {
+BwdResult bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, double scale,
+                   bool causal, bool bottom_right, bool deterministic, int64_t window_left, int64_t window_right,
+                   double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                   const std::optional<at::Tensor>& bias, bool bias_grad) {
   check_bwd(dout, q, k, v, out, lse, dlse);
-  return bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
-                     unit_last_stride(out), lse, dlse, scale, causal, bottom_right, deterministic, Executor::cuda);
+  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                     alibi_slopes, bias, bias_grad);
+  return with_dbias(bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
+                                unit_last_stride(out), lse, dlse, o, deterministic, Executor::cuda),
+                    q);
 }
 #endif
 
@@ -116,12 +179,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
 TORCH_LIBRARY(flash_cuda, m) {
   // causal: key j is visible to query i iff j <= i + (bottom_right ? Nk - Nq : 0).
   // deterministic: for the backward of this call (a bitwise repeatable dQ on CUDA).
+  // window_left/right: the sliding window (-1: unbounded; causal sets right to 0); softcap: 0
+  // = off; alibi_slopes: float32 (1 or B, Hq); bias: additive, a (B, Hq, Nq, Nk) view (stride
+  // 0 on broadcast dims) in the accumulation dtype (csrc/attn_options.h).
   m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, bool bottom_right,"
-        " bool deterministic=False) -> (Tensor out, Tensor lse)");
-  // dlse: optional gradient flowing into lse (None when lse was not used).
+        " bool deterministic=False, int window_left=-1, int window_right=-1, float softcap=0.0,"
+        " Tensor? alibi_slopes=None, Tensor? bias=None) -> (Tensor out, Tensor lse)");
+  // dlse: optional gradient flowing into lse (None when lse was not used). dbias: dL/d bias,
+  // dense (B, Hq, Nq, Nk), when bias_grad; else an empty tensor.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
-        " float scale, bool causal, bool bottom_right, bool deterministic=False)"
-        " -> (Tensor dq, Tensor dk, Tensor dv)");
+        " float scale, bool causal, bool bottom_right, bool deterministic=False,"
+        " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
+        " Tensor? bias=None, bool bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }
 
 TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {

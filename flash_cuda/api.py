@@ -95,16 +95,91 @@ def _check_flag(fn, name, value):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False, deterministic=False):
-    """Exact attention softmax(scale * q k^T) v, computed by FlashAttention.
+def _check_window(fn, window):
+    """(left, right) with -1 = unbounded, or None (no window)."""
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
+        raise TypeError(f"{fn}: window must be a pair of ints (left, right) or None, got {window!r}")
+    left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"{fn}: window entries must be >= -1 (-1 = unbounded on that side), got {tuple(window)}")
+    return int(left), int(right)
+
+
+def _check_softcap(fn, softcap):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{fn}: softcap must be a float (0.0 disables it), got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"{fn}: softcap must be finite and >= 0 (0.0 disables it), got {softcap}")
+    return float(softcap)
+
+
+def _check_alibi(fn, slopes, q):
+    """float32 (Hq,) or (B, Hq) on q's device -> (1 or B, Hq)."""
+    if slopes is None:
+        return None
+    B, hq = q.shape[0], q.shape[1]
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"{fn}: alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"{fn}: alibi_slopes must be float32, got {slopes.dtype}")
+    if slopes.device != q.device:
+        raise RuntimeError(f"{fn}: alibi_slopes must be on the device of q ({q.device}), got {slopes.device}")
+    if _shape(slopes) not in ((hq,), (B, hq)):
+        raise ValueError(f"{fn}: alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({B}, {hq}), "
+                         f"got {_shape(slopes)}")
+    return slopes.reshape(-1, hq)
+
+
+def _mask_to_bias(fn, name, mask, q, nk, full_shape):
+    """attn_mask (bool: True = takes part; floating: added to the scores), broadcastable to
+    full_shape (..., Nq, Nk) -> an additive bias in the accumulation dtype, broadcast (not
+    materialised) to (B, Hq, Nq, Nk). A floating mask keeps its autograd history."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be bool (True = takes part) or floating (added to the scores), "
+                        f"got {mask.dtype}")
+    if mask.device != q.device:
+        raise RuntimeError(f"{fn}: {name} must be on the device of the queries ({q.device}), got {mask.device}")
+    ok = mask.dim() <= len(full_shape) and all(m in (1, f) for m, f in zip(reversed(mask.shape), reversed(full_shape)))
+    if not ok:
+        raise ValueError(f"{fn}: {name} of shape {_shape(mask)} is not broadcastable to {tuple(full_shape)}")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=acc, device=mask.device).masked_fill_(~mask, float("-inf"))
+    else:
+        bias = mask.to(acc)
+    bias = bias.expand(tuple(full_shape))
+    return bias.reshape(q.shape[0], q.shape[1], q.shape[2], nk) if bias.dim() != 4 else bias
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None, attn_mask=None,
+              return_lse=False, deterministic=False):
+    """Exact attention softmax(scale * q k^T + modifiers) v, computed by FlashAttention.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (query head h uses kv head
     h // (Hq // Hkv)); any strides with stride(-1) == 1 are used without a copy, so a
     (B, N, H, D) tensor x is passed as x.transpose(1, 2). dtypes float16, bfloat16, float32
     (and float64 on CPU); 1 <= D <= 256.
 
-    causal: aligned to the bottom-right corner, query i sees keys j <= i + Nk - Nq; rows that
-        see no key (Nq > Nk) give 0 and lse = -inf.
+    With s = scale * q_i . k_j and d = j - (i + Nk - Nq), the key's offset from the query's
+    bottom-right diagonal:
+    causal: query i sees keys with d <= 0 (window right = 0).
+    window: (left, right): query i sees key j only if -left <= d <= right; -1 = unbounded on
+        that side (FlashAttention-2's window_size). Combines with causal (right becomes 0). Key
+        tiles outside the band are skipped: the cost grows with N x window, not N^2.
+    softcap: c > 0 replaces s by c * tanh(s / c) before the rest (Gemma 2's logit softcap).
+    alibi_slopes: float32 (Hq,) or (B, Hq); adds -slope * |d| to s (ALiBi).
+    attn_mask: broadcastable to (B, Hq, Nq, Nk): bool (True = takes part) or floating (added to
+        s), as in torch SDPA; broadcast dims are read with stride 0. A floating mask that
+        requires grad gets its gradient (summed over broadcast dims); the backward then holds a
+        dense (B, Hq, Nq, Nk) float32 gradient before summing.
+    Rows that see no key (e.g. causal with Nq > Nk, or fully masked) give 0 and lse = -inf.
     scale: defaults to 1 / sqrt(D).
     return_lse: also return lse (B, Hq, Nq), the natural log of the softmax denominator with
         the scale included, in float32 (float64 for float64 inputs). Gradients flow through it.
@@ -119,7 +194,13 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False, determinis
     _check_flag(fn, "return_lse", return_lse)
     _check_flag(fn, "deterministic", deterministic)
     scale = _check_scale(fn, scale, q.shape[-1])
-    out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True, deterministic)
+    left, right = _check_window(fn, window)
+    softcap = _check_softcap(fn, softcap)
+    slopes = _check_alibi(fn, alibi_slopes, q)
+    B, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, nk, (B, hq, nq, nk))
+    out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True, deterministic, left, right, softcap, slopes,
+                                        bias)
     return (out, lse) if return_lse else out
 
 
@@ -130,13 +211,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Same semantics: shapes (..., L, E) with the head dim at -3, causal masks aligned to the
     top-left corner (query i sees keys j <= i), enable_gqa as in torch (query heads a multiple
     of key/value heads; without it the head counts must match, or key/value have one head,
-    which broadcasts). Not supported yet, with a NotImplementedError: attn_mask, dropout_p > 0,
-    a value head dim different from the query's, and broadcasting of batch dims.
+    which broadcasts), attn_mask broadcastable to (..., L, S): bool (True = takes part) or
+    floating (added to the scores), not together with is_causal (torch rejects it too); a row
+    whose keys are all masked gives 0, as torch does. Not supported yet, with a
+    NotImplementedError: dropout_p > 0, a value head dim different from the query's, and
+    broadcasting of batch dims.
     """
     fn = "flash_cuda.scaled_dot_product_attention"
-    if attn_mask is not None:
-        raise NotImplementedError(f"{fn}: attn_mask is not supported yet; pass attn_mask=None "
-                                  "(is_causal=True covers causal masks)")
+    if attn_mask is not None and is_causal is True:
+        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
+                         "too); fold the causal mask into attn_mask instead")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"{fn}: dropout_p must be a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
@@ -170,5 +254,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q, k, v = as_4d(query), as_4d(key), as_4d(value)
     _check_shapes(fn, names, q, k, v)
     scale = _check_scale(fn, scale, q.shape[-1])
-    out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False)
+    full = tuple(query.shape[:-1]) + (key.shape[-2],)
+    bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, k.shape[2], full)
+    out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias)
     return out.reshape(query.shape)

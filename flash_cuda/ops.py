@@ -19,30 +19,43 @@ def _unit_last_stride(x):
 
 
 @torch.library.register_fake("flash_cuda::fwd")
-def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False):
+def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False, window_left=-1, window_right=-1,
+              softcap=0.0, alibi_slopes=None, bias=None):
     out = torch.empty_like(_unit_last_stride(q))
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
 
 
 @torch.library.register_fake("flash_cuda::bwd")
-def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, deterministic=False):
-    return tuple(torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
+def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, deterministic=False, window_left=-1,
+              window_right=-1, softcap=0.0, alibi_slopes=None, bias=None, bias_grad=False):
+    dq, dk, dv = (torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
+    acc = accumulation_dtype(q.dtype)
+    dbias = (q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dtype=acc) if bias_grad and bias is not None
+             else q.new_empty((0,), dtype=acc))
+    return dq, dk, dv, dbias
+
+
+_BIAS = 11  # index of `bias` in fwd's inputs
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, causal, bottom_right, *rest = inputs
+    q, k, v = inputs[:3]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (scale, causal, bottom_right, bool(rest[0]) if rest else False)
+    inputs = list(inputs) + [None] * (12 - len(inputs))
+    scale, causal, bottom_right, deterministic, wl, wr, softcap, alibi, bias = inputs[3:]
+    ctx.save_for_backward(q, k, v, out, lse, alibi, bias)
+    ctx.args = (scale, causal, bottom_right, bool(deterministic) if deterministic is not None else False,
+                -1 if wl is None else wl, -1 if wr is None else wr, 0.0 if softcap is None else softcap)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi, bias = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.flash_cuda.bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
+    dq, dk, dv, dbias = torch.ops.flash_cuda.bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi, bias, bias_grad)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, dbias if bias_grad else None
 
 
 torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_setup_context)

@@ -17,8 +17,27 @@ def causal_hidden(nq, nk, bottom_right, device):
     return j > i + offset
 
 
-def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=torch.float64):
-    """Returns (out, lse) computed in `dtype`; GQA by repeating k/v heads.
+def band_hidden(nq, nk, window, causal, bottom_right, device):
+    """(nq, nk) bool, True where key j is outside query i's window (left, right) (-1: open;
+    causal: right = 0), with d = j - (i + offset) as in flash_cuda.attention."""
+    offset = nk - nq if bottom_right else 0
+    d = torch.arange(nk, device=device)[None, :] - (torch.arange(nq, device=device)[:, None] + offset)
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0
+    hidden = torch.zeros(nq, nk, dtype=torch.bool, device=device)
+    if left >= 0:
+        hidden |= d < -left
+    if right >= 0:
+        hidden |= d > right
+    return hidden, d
+
+
+def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=torch.float64, window=None, softcap=0.0,
+                  alibi_slopes=None, attn_mask=None):
+    """Returns (out, lse) computed in `dtype`; GQA by repeating k/v heads. The modifiers follow
+    flash_cuda.attention's documented semantics, written out elementwise on the full score
+    matrix: softcap, then ALiBi (-slope |d|), then the mask (bool: False hides; floating: added).
 
     Rows that see no key give out = 0 and lse = -inf (flash_cuda's documented convention).
     """
@@ -28,11 +47,22 @@ def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=to
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = (q @ k.transpose(-1, -2)) * scale
     nq, nk = q.shape[2], k.shape[2]
-    hidden = (causal_hidden(nq, nk, bottom_right, q.device) if causal
-              else torch.zeros(nq, nk, dtype=torch.bool, device=q.device))
-    empty = hidden.all(-1)[:, None]  # (nq, 1): rows that see no key
-    s = s.masked_fill(hidden, float("-inf")).masked_fill(empty, 0.0)
-    lse = torch.logsumexp(s.to(torch.float64), dim=-1).masked_fill(empty[:, 0], float("-inf"))
+    hidden, d = band_hidden(nq, nk, window, causal, bottom_right, q.device)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype).reshape(-1, q.shape[1])[:, :, None, None]  # (1 or B, Hq, 1, 1)
+        s = s - slopes * d.abs().to(dtype)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            hidden = hidden | ~attn_mask
+        else:
+            s = s + attn_mask.to(dtype)
+    hidden = hidden.expand(s.shape)
+    s = s.masked_fill(hidden, float("-inf"))
+    empty = (s == float("-inf")).all(-1, keepdim=True)  # rows that see no key
+    s = s.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s.to(torch.float64), dim=-1).masked_fill(empty[..., 0], float("-inf"))
     out = (torch.softmax(s, dim=-1) @ v).masked_fill(empty, 0.0)
     return out, lse
 

@@ -123,10 +123,10 @@ def test_emulated_kernels_check_in_cpp_too():
 
 # The drop-in's unsupported arguments.
 
-def test_sdpa_attn_mask_unsupported():
+def test_sdpa_attn_mask_not_broadcastable():
     q, k, v = qkv(Hkv=4)
-    with pytest.raises(NotImplementedError, match=r"attn_mask is not supported yet"):
-        sdpa(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 8\) is not broadcastable to \(2, 4, 8, 8\)"):
+        sdpa(q, k, v, attn_mask=torch.ones(3, 8, dtype=torch.bool))
 
 
 def test_sdpa_dropout_unsupported():
@@ -191,3 +191,88 @@ def test_empty_batch(device):
 def test_deterministic_not_bool():
     with pytest.raises(TypeError, match=r"deterministic must be a bool"):
         attention(*qkv(), deterministic="yes")
+
+
+# Masks and score modifiers (flash_cuda.attention's window, softcap, alibi_slopes, attn_mask).
+
+@pytest.mark.parametrize("window", [5, (1, 2, 3), (1.0, 2), ("a", 1), (True, 1)])
+def test_window_not_a_pair_of_ints(window):
+    with pytest.raises(TypeError, match=r"window must be a pair of ints \(left, right\) or None"):
+        attention(*qkv(), window=window)
+
+
+@pytest.mark.parametrize("window", [(-2, 0), (3, -5)])
+def test_window_entries_below_minus_one(window):
+    with pytest.raises(ValueError, match=r"window entries must be >= -1 \(-1 = unbounded on that side\)"):
+        attention(*qkv(), window=window)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, math.inf, math.nan])
+def test_softcap_negative_or_not_finite(softcap):
+    with pytest.raises(ValueError, match=r"softcap must be finite and >= 0 \(0.0 disables it\)"):
+        attention(*qkv(), softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", ["1", True, None])
+def test_softcap_not_a_number(softcap):
+    with pytest.raises(TypeError, match=r"softcap must be a float \(0.0 disables it\)"):
+        attention(*qkv(), softcap=softcap)
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (4, 2), (1, 2, 4)])
+def test_alibi_slopes_wrong_shape(shape):
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(Hq,\) = \(4,\) or \(B, Hq\) = \(2, 4\)"):
+        attention(*qkv(), alibi_slopes=torch.ones(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int64])
+def test_alibi_slopes_wrong_dtype(dtype):
+    with pytest.raises(TypeError, match=r"alibi_slopes must be float32, got"):
+        attention(*qkv(), alibi_slopes=torch.ones(4, dtype=dtype))
+
+
+def test_alibi_slopes_wrong_device():
+    with pytest.raises(RuntimeError, match=r"alibi_slopes must be on the device of q \(cpu\), got meta"):
+        attention(*qkv(), alibi_slopes=torch.ones(4, device="meta"))
+
+
+def test_alibi_slopes_not_a_tensor():
+    with pytest.raises(TypeError, match=r"alibi_slopes must be a torch.Tensor or None, got list"):
+        attention(*qkv(), alibi_slopes=[1.0] * 4)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 3, 8, 8), (1, 2, 4, 8, 8), (8, 9)])
+def test_attn_mask_not_broadcastable(shape):
+    with pytest.raises(ValueError, match=r"attn_mask of shape .* is not broadcastable to \(2, 4, 8, 8\)"):
+        attention(*qkv(), attn_mask=torch.ones(shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int64])
+def test_attn_mask_integer_dtype(dtype):
+    with pytest.raises(TypeError, match=r"attn_mask must be bool \(True = takes part\) or floating \(added to the "
+                                        r"scores\), got torch.(int|uint)"):
+        attention(*qkv(), attn_mask=torch.ones(8, 8, dtype=dtype))
+
+
+def test_attn_mask_other_device():
+    with pytest.raises(RuntimeError, match=r"attn_mask must be on the device of the queries \(cpu\), got meta"):
+        attention(*qkv(), attn_mask=torch.ones(8, 8, device="meta"))
+
+
+def test_attn_mask_not_a_tensor():
+    with pytest.raises(TypeError, match=r"attn_mask must be a torch.Tensor or None, got list"):
+        attention(*qkv(), attn_mask=[[True] * 8] * 8)
+
+
+def test_ops_check_modifiers_in_cpp_too():
+    """A direct torch.ops call with bad modifier arguments gets a clear error, not a crash."""
+    q, k, v = qkv()
+    fwd = torch.ops.flash_cuda.fwd
+    with pytest.raises(RuntimeError, match=r"window bounds must be >= -1"):
+        fwd(q, k, v, 0.25, False, True, False, -3, 0)
+    with pytest.raises(RuntimeError, match=r"softcap must be finite and >= 0"):
+        fwd(q, k, v, 0.25, False, True, False, -1, -1, -2.0)
+    with pytest.raises(RuntimeError, match=r"alibi_slopes must be float32 \(1 or B, Hq\)"):
+        fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"bias must be \(B, Hq, Nq, Nk\) = \(2, 4, 8, 8\)"):
+        fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, torch.ones(8, 8))

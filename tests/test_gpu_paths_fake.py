@@ -42,6 +42,13 @@ def test_gpu_backward_test_runs_emulated(deterministic):
     assert "flash_bwd" in kernels and ("flash_bwd_dq" in kernels) == deterministic
 
 
+@pytest.mark.parametrize("variant", ["band", "mod"])
+def test_gpu_variant_test_runs_emulated(variant):
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_variants_forward_backward_vs_reference("cpu", torch.float16, variant, 64, False, Nq=37, Nk=45)
+    assert any(f",{variant}>" in r["kernel"] for r in emu.launches)
+
+
 def test_gpu_deterministic_test_runs_emulated():
     with flash_cuda.emulate(check=False, order="random", workers=2):
         gpu.test_deterministic_backward_is_bitwise_repeatable("cpu", N=33)
@@ -56,6 +63,12 @@ def test_gpu_tests_cover_every_instantiation():
         assert p["dtype"] == (torch.float16, torch.bfloat16) and p["causal"] == (False, True)
     generated = {f.split("_")[1] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_hdim" in f}
     assert generated == {f"hdim{d}" for d in gpu.HEAD_DIMS}
+    variants = params(gpu.test_variants_forward_backward_vs_reference)
+    assert set(variants["D"]) == set(gpu.HEAD_DIMS) and set(variants["variant"]) == {"band", "mod"}
+    assert variants["deterministic"] == (False, True) and variants["dtype"] == (torch.float16, torch.bfloat16)
+    suffixes = {f[:-3].split("_", 3)[3] if f.count("_") == 3 else "" for f in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
+                if "_hdim" in f}
+    assert suffixes == {"", "band", "mod"}
 
 
 class FakeEvent:

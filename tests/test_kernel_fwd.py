@@ -50,7 +50,7 @@ def check_against_reference(q, k, v, out, lse, causal, scale=None, bottom_right=
 def test_every_instantiation_in_two_orders(D, dtype, causal):
     q, k, v = make_qkv(1, 2, 2, 113, 203, D, dtype, seed=D)
     out, lse, rec = emulated(q, k, v, causal)
-    assert rec["kernel"] == f"flash_fwd<{'fp16' if dtype == torch.float16 else 'bf16'},hdim{D}{',causal' if causal else ''}>"
+    assert rec["kernel"] == f"flash_fwd<{'fp16' if dtype == torch.float16 else 'bf16'},hdim{D}{',band' if causal else ''}>"
     check_against_reference(q, k, v, out, lse, causal)
     out_r, lse_r, _ = emulated(q, k, v, causal, order="reverse")
     assert torch.equal(out, out_r) and torch.equal(lse, lse_r)

@@ -1,5 +1,6 @@
 """The CUDA kernels on a real GPU (skipped without one): every instantiation (head dims 32, 64,
-96, 128, 192, 256, fp16/bf16, causal and not, forward, backward and the deterministic pass)
+96, 128, 192, 256, fp16/bf16, the dense, band (causal, window) and modifier (softcap, ALiBi,
+attn_mask) variants, forward, backward and the deterministic pass)
 against the float64 reference under FlashAttention's rule and against torch SDPA, on the current
 stream, allocating nothing but the outputs. The same kernel source is tested without a GPU in
 test_kernel_fwd.py / test_kernel_bwd.py (emulator), and test_gpu_paths_fake.py runs these very
@@ -91,3 +92,41 @@ def test_deterministic_backward_is_bitwise_repeatable(dev, N=777):
         runs.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     for later in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
+
+
+# Each variant's features (csrc/kernels/dispatch.h): band = causal / sliding window; mod =
+# softcap, ALiBi and an additive mask, with a window, the mask's gradient included.
+VARIANT_FEATURES = {"band": dict(window=(37, 0)), "mod": dict(window=(50, 9), softcap=4.0, alibi=True, mask=True)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(VARIANT_FEATURES))
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_variants_forward_backward_vs_reference(dev, dtype, variant, D, deterministic, Nq=203, Nk=230):
+    B, Hq = 2, 4
+    q, k, v = make(dev, B, Hq, 2, Nq, Nk, D, dtype, requires_grad=True)
+    feats = dict(VARIANT_FEATURES[variant])
+    kw = dict(window=feats["window"], softcap=feats.get("softcap", 0.0))
+    g = torch.Generator(device=dev).manual_seed(7)
+    if feats.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(Hq, device=dev, generator=g) * 0.1
+    wrt = [q, k, v]
+    if feats.get("mask"):
+        kw["attn_mask"] = torch.randn(1, Hq, Nq, Nk, device=dev, generator=g).requires_grad_()
+        wrt.append(kw["attn_mask"])
+    out = flash_cuda.attention(q, k, v, deterministic=deterministic, **kw)
+    dout = torch.randn(out.shape, device=dev, generator=g).to(dtype)
+    grads = torch.autograd.grad(out, wrt, dout)
+
+    def reference(dtype_):
+        leaves = [x.detach().to(dtype_).requires_grad_() for x in wrt]
+        ref_kw = dict(kw, attn_mask=leaves[3]) if len(leaves) == 4 else kw
+        out_, _ = attention_ref(*leaves[:3], dtype=dtype_, **ref_kw)
+        return out_, torch.autograd.grad(out_, leaves, dout.to(dtype_))
+
+    ref, ref_grads = reference(torch.float64)
+    plain, plain_grads = reference(dtype)
+    assert_fa_rule("out", out, plain, ref, 2)
+    for name, g_, pg, rg in zip(("dq", "dk", "dv", "dmask"), grads, plain_grads, ref_grads):
+        assert_fa_rule(name, g_, pg, rg, 3)

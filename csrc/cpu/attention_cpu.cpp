@@ -26,6 +26,7 @@
 #include <limits>
 
 #include "../kernels/mask.h"
+#include "../kernels/score_mod.h"
 #include "rowops.h"
 
 namespace flash_cuda::cpu {
@@ -69,26 +70,63 @@ at::Tensor load_rows(const at::Tensor& x2d, int64_t r0, int64_t r1, const at::Te
   return dst;
 }
 
-// Sets the scores of keys hidden from each row to -inf (only called for tiles that cross
-// the causal diagonal). s is (rows, cols) with leading dimension ld.
+// The score modifiers of one call in the accumulation type (csrc/kernels/score_mod.h).
 template <typename acc_t>
-void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
-               const CausalMask& mask) {
+struct Mods {
+  acc_t softcap = 0;
+  const float* alibi = nullptr;  // slopes, [1 or B][Hq]
+  int64_t alibi_bstride = 0;
+  const acc_t* bias = nullptr;   // [B][Hq][Nq][Nk] with strides bs (0 on broadcast dims)
+  int64_t bs[4] = {0, 0, 0, 0};
+  acc_t* dbias = nullptr;        // dense [B][Hq][Nq][Nk], or nullptr
+  bool any = false;
+
+  Mods(const AttnOptions& o, int64_t hq) {
+    softcap = static_cast<acc_t>(o.softcap);
+    if (o.alibi) alibi = o.alibi->data_ptr<float>(), alibi_bstride = o.alibi->size(0) == 1 ? 0 : hq;
+    if (o.bias) {
+      bias = o.bias->data_ptr<acc_t>();
+      for (int d = 0; d < 4; ++d) bs[d] = o.bias->stride(d);
+    }
+    any = o.has_mods();
+  }
+};
+
+// Scores s (rows, cols; leading dimension ld) of queries i0.. and keys j0.. of (b, h), scale
+// included: keys outside the band become -inf (when `band_mask`), the rest get the modifiers.
+// dcap (same layout), when given, receives d(capped)/ds of each score.
+template <typename acc_t>
+void modify_tile(acc_t* s, acc_t* dcap, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b,
+                 int64_t h, const BandMask& band, bool band_mask, const Mods<acc_t>& mods) {
+  const acc_t slope = mods.alibi ? static_cast<acc_t>(mods.alibi[b * mods.alibi_bstride + h]) : acc_t(0);
   for (int64_t r = 0; r < rows; ++r) {
-    // keys j > i + offset are hidden: local columns from (i0 + r + offset + 1 - j0)
-    const int64_t first_hidden = std::max<int64_t>(0, i0 + r + mask.offset + 1 - j0);
-    for (int64_t c = first_hidden; c < cols; ++c) s[r * ld + c] = -std::numeric_limits<acc_t>::infinity();
+    const int64_t i = i0 + r;
+    const acc_t* bias = mods.bias ? mods.bias + b * mods.bs[0] + h * mods.bs[1] + i * mods.bs[2] : nullptr;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t j = j0 + c;
+      acc_t& x = s[r * ld + c];
+      acc_t d = 1;
+      if (band_mask && !band.visible(i, j))
+        x = -std::numeric_limits<acc_t>::infinity();
+      else if (mods.any)
+        x = modify_score<acc_t>(x, mods.softcap, slope, j - (i + band.offset), bias ? bias[j * mods.bs[3]] : acc_t(0),
+                                &d);
+      if (dcap) dcap[r * ld + c] = d;
+    }
   }
 }
 
 template <typename acc_t>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-              at::Tensor& lse, double scale, const CausalMask& mask) {
+              at::Tensor& lse, const AttnOptions& opt) {
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), group = Hq / Hkv;
   const int64_t n_qtiles = ceil_div(Nq, kFwdBr);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const double scale = opt.scale;
+  const BandMask band = opt.band(Nq, Nk);
+  const Mods<acc_t> mods(opt, Hq);
 
   struct Scratch {
     at::Tensor sQ, sK, sV, sS, sO;  // (Br, D), (Bc, D), (Bc, D), (Br, Bc), (Br, D)
@@ -119,14 +157,16 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     acc_t* o = rO.data_ptr<acc_t>();
     const int64_t ld_o = rO.stride(0);
 
-    const int64_t key_end = mask.key_end(i1, Nk);
-    for (int64_t j0 = 0; j0 < key_end; j0 += kFwdBc) {
+    // Only the keys some row of the tile sees (a window: a band of width left + right + br).
+    const int64_t key_end = band.key_end(i1, Nk);
+    for (int64_t j0 = band.key_begin(i0, Nk); j0 < key_end; j0 += kFwdBc) {
       const int64_t j1 = std::min(j0 + kFwdBc, key_end), bc = j1 - j0;
       at::Tensor rS = t.sS.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
       at::mm_out(rS, rQ, load_rows(gK, j0, j1, t.sK).t());
       acc_t* s = rS.data_ptr<acc_t>();
       const int64_t ld_s = rS.stride(0);
-      if (mask.tile_needs_mask(i0, j1)) mask_tile(s, ld_s, br, bc, i0, j0, mask);
+      const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
+      if (band_mask || mods.any) modify_tile<acc_t>(s, nullptr, ld_s, br, bc, i0, j0, b, h, band, band_mask, mods);
 
       for (int64_t r = 0; r < br; ++r) {
         const acc_t m_new = std::max(t.m[r], row_max(s + r * ld_s, bc));
@@ -154,11 +194,15 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 template <typename acc_t>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double scale,
-              const CausalMask& mask) {
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const at::Tensor& dbias,
+              const AttnOptions& opt) {
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), group = Hq / Hkv;
   const int64_t n_ktiles = ceil_div(Nk, kBwdBc);
+  const double scale = opt.scale;
+  const BandMask band = opt.band(Nq, Nk);
+  Mods<acc_t> mods(opt, Hq);
+  mods.dbias = dbias.defined() ? dbias.data_ptr<acc_t>() : nullptr;
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
@@ -171,12 +215,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
   struct Scratch {
-    at::Tensor sQ, sdO, sK, sV, sS, sdP, sdK, sdV;  // (Br|Bc, D) tiles, (Br, Bc) scores
+    at::Tensor sQ, sdO, sK, sV, sS, sdP, sdK, sdV, sCap;  // (Br|Bc, D) tiles, (Br, Bc) scores
   };
   auto make_scratch = [&] {
     auto tile = [&](int64_t rows, int64_t cols) { return at::empty({rows, cols}, acc_opts); };
     return Scratch{tile(kBwdBr, D), tile(kBwdBr, D), tile(kBwdBc, D), tile(kBwdBc, D),
-                   tile(kBwdBr, kBwdBc), tile(kBwdBr, kBwdBc), tile(kBwdBc, D), tile(kBwdBc, D)};
+                   tile(kBwdBr, kBwdBc), tile(kBwdBr, kBwdBc), tile(kBwdBc, D), tile(kBwdBc, D),
+                   opt.softcap > 0 ? tile(kBwdBr, kBwdBc) : at::Tensor()};
   };
 
   parallel_items(B * Hkv * n_splits, make_scratch, [&](int64_t item, Scratch& t) {
@@ -190,12 +235,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       at::Tensor rdK = t.sdK.slice(0, 0, bc), rdV = t.sdV.slice(0, 0, bc);  // (bc, D)
       rdK.zero_();
       rdV.zero_();
-      // Query tiles before the first row that sees key j0 contribute nothing.
-      const int64_t i_first = mask.row_begin(j0, Nq) / kBwdBr * kBwdBr;
+      // Only the query rows that see some key of the tile (a window: a band).
+      const int64_t i_first = band.row_begin(j0, Nq) / kBwdBr * kBwdBr, i_end = band.row_end(j1, Nq);
 
       for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
         at::Tensor gdQ = dq_parts[split][b][h];  // (Nq, D), unscaled dS K
-        for (int64_t i0 = i_first; i0 < Nq; i0 += kBwdBr) {
+        for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
           at::Tensor rQ = t.sQ.slice(0, 0, br);  // (br, D), scale folded in
           rQ.copy_(q[b][h].slice(0, i0, i1));
@@ -206,7 +251,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           at::mm_out(rP, rQ, rK.t());
           acc_t* p = rP.data_ptr<acc_t>();
           const int64_t ld = rP.stride(0);
-          if (mask.tile_needs_mask(i0, j1)) mask_tile(p, ld, br, bc, i0, j0, mask);
+          acc_t* cap = opt.softcap > 0 ? t.sCap.template data_ptr<acc_t>() : nullptr;  // d(capped)/ds, ld as p
+          const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
+          if (band_mask || mods.any) modify_tile<acc_t>(p, cap, ld, br, bc, i0, j0, b, h, band, band_mask, mods);
           const int64_t row0 = (b * Hq + h) * Nq + i0;
           for (int64_t r = 0; r < br; ++r) {
             const acc_t l = lse_ptr[row0 + r];
@@ -223,7 +270,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           at::mm_out(rdS, rdO, rV.t());                            // dP = dO V^T
           acc_t* ds = rdS.data_ptr<acc_t>();
           for (int64_t r = 0; r < br; ++r)
-            softmax_grad_row(ds + r * ld, p + r * ld, bc, delta_ptr[row0 + r]);  // dS
+            softmax_grad_row(ds + r * ld, p + r * ld, bc, delta_ptr[row0 + r]);  // dS' = dL/d(modified s)
+          if (mods.dbias)  // dL/d bias = dS'; every (b, h, i, j) is visited once: plain stores
+            for (int64_t r = 0; r < br; ++r)
+              std::copy(ds + r * ld, ds + r * ld + bc, mods.dbias + ((b * Hq + h) * Nq + i0 + r) * Nk + j0);
+          if (cap)  // dS = dS' d(capped)/ds
+            for (int64_t r = 0; r < br; ++r)
+              for (int64_t c = 0; c < bc; ++c) ds[r * ld + c] *= cap[r * ld + c];
           rdK.addmm_(rdS.t(), rQ);                  // dK += dS^T (scale Q)
           gdQ.slice(0, i0, i1).addmm_(rdS, rK);     // dQ += dS K (scaled at the end)
         }
@@ -240,30 +293,30 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    double scale, bool causal, bool bottom_right) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const AttnOptions& opt) {
   const auto acc = at::toOpMathType(q.scalar_type());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
-  const CausalMask mask = CausalMask::make(causal, bottom_right, q.size(2), k.size(2));
   if (q.numel() == 0) return {out, lse};
   if (acc == at::kDouble)
-    fwd_impl<double>(q, k, v, out, lse, scale, mask);
+    fwd_impl<double>(q, k, v, out, lse, opt);
   else
-    fwd_impl<float>(q, k, v, out, lse, scale, mask);
+    fwd_impl<float>(q, k, v, out, lse, opt);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-    double scale, bool causal, bool bottom_right) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt) {
   const auto acc = at::toOpMathType(q.scalar_type());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  // dL/d bias: dense; entries of keys a row never visits (outside the band) stay 0
+  at::Tensor dbias = opt.bias_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options().dtype(acc))
+                                   : at::Tensor();
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dbias};
   }
   // D_i = rowsum(dO o O); a gradient flowing into lse enters as D_i - dlse_i, because
   // d lse_i / d s_ij = P_ij gives dS_ij = P_ij (dP_ij - D_i + dlse_i). D_i is summed in
@@ -272,12 +325,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // long sequences (e.g. Nk = 1, where P = 1 and the exact dS is 0).
   at::Tensor delta = (dout.to(at::kDouble) * out).sum(-1).to(acc);  // out promotes exactly
   if (dlse.has_value()) delta.sub_(*dlse);
-  const CausalMask mask = CausalMask::make(causal, bottom_right, q.size(2), k.size(2));
   if (acc == at::kDouble)
-    bwd_impl<double>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, scale, mask);
+    bwd_impl<double>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, dbias, opt);
   else
-    bwd_impl<float>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, scale, mask);
-  return {dq, dk, dv};
+    bwd_impl<float>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, dbias, opt);
+  return {dq, dk, dv, dbias};
 }
 
 }  // namespace flash_cuda::cpu

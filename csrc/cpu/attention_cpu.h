@@ -5,18 +5,19 @@
 #include <optional>
 #include <tuple>
 
+#include "../attn_options.h"
+
 namespace flash_cuda::cpu {
 
 // q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D), each with stride(-1) == 1.
 // Returns out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq) in the accumulation dtype.
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    double scale, bool causal, bool bottom_right);
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const AttnOptions& opt);
 
-// Gradients of out (and, when dlse is given, of lse) with respect to q, k and v.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-    double scale, bool causal, bool bottom_right);
+// Gradients of out (and, when dlse is given, of lse) with respect to q, k, v, and the bias
+// (dense (B, Hq, Nq, Nk) in the accumulation dtype when opt.bias_grad, else undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt);
 
 }  // namespace flash_cuda::cpu

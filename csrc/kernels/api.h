@@ -18,10 +18,11 @@ inline int fwd_head_dim_bucket(int d) {
 // Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator).
 // Returns nullptr on success, else the launch error's text. Emulator check failures throw.
 // Launch the backward kernels (deterministic: the dQ pass instead of atomics). p.dq_accum
-// must hold bwd_dq_accum_floats(p) floats unless deterministic.
-#define FC_BACKEND_API                                                                        \
-  const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream);                 \
-  const char* bwd(const BwdParams& p, bool bf16, bool causal, bool deterministic, void* stream); \
+// must hold bwd_dq_accum_floats(p) floats unless deterministic. The instantiation is picked
+// from p: the band one when p.mask is banded, the modifier one when p.mod has any modifier.
+#define FC_BACKEND_API                                                                  \
+  const char* fwd(const FwdParams& p, bool bf16, void* stream);                         \
+  const char* bwd(const BwdParams& p, bool bf16, bool deterministic, void* stream);     \
   size_t bwd_dq_accum_floats(const BwdParams& p);
 namespace cuda_backend {
 FC_BACKEND_API

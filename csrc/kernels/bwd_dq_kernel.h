@@ -5,7 +5,9 @@
  *   S = Q K_j^T,  P = exp2(S scale log2e - lse2),  dP = dO V_j^T,  dS = P (dP - D),
  *   dQ += dS K_j  (dS straight from the accumulators into A registers, K by ldmatrix.trans).
  * Each dQ row is owned by one warp and summed in a fixed order, so the result is bitwise
- * repeatable. Cost: S and dP are recomputed (3 products per tile here instead of 1 in the
+ * repeatable. kBand visits only the key tiles that intersect the band; kMod applies the score
+ * modifiers and the softcap's derivative (the bias gradient comes from the main kernel).
+ * Cost: S and dP are recomputed (3 products per tile here instead of 1 in the
  * main kernel), so deterministic=True does 7/5 of the mma work of the atomic path.
  */
 #pragma once
@@ -15,7 +17,7 @@
 
 namespace flash_cuda {
 
-template <class Kt, bool kCausal>
+template <class Kt, bool kBand, bool kMod>
 __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdParams p) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
@@ -32,6 +34,9 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   T* sdO = sQ + QLayout::kElems;   // [kBlockM][kHeadDim]
   T* sK = sdO + QLayout::kElems;   // [kBlockN][kHeadDim]
   T* sV = sK + KVLayout::kElems;   // [kBlockN][kHeadDim]
+  float* sBias = reinterpret_cast<float*>(sV + KVLayout::kElems);  // kMod: [kBlockM][kBlockN] of the bias
+  using Bias = typename Kt::Bias;
+  static_assert(Kt::kMod == kMod, "traits of this variant");
   const T* gK = head_ptr<const T>(p.k, batch, kv_head);
   const T* gV = head_ptr<const T>(p.v, batch, kv_head);
 
@@ -49,18 +54,23 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
     di[half] = ld_global(&g_stats[stats_rows(p.nq) + row]);
   }
 
-  const int n_end = kCausal ? int(p.mask.key_end(min(m0 + kBlockM, p.nq), p.nk)) : p.nk;
-  const int n_tiles = (n_end + kBlockN - 1) / kBlockN;
+  const int m_end = min(m0 + kBlockM, p.nq);
+  const int j_begin = kBand ? int(p.mask.key_begin(m0, p.nk)) / kBlockN : 0;
+  const int j_end = ((kBand ? int(p.mask.key_end(m_end, p.nk)) : p.nk) + kBlockN - 1) / kBlockN;
+  const float slope = kMod ? p.mod.slope(batch, head, p.hq) : 0.0f;
+  const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
+  const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
   float rdQ[kDTiles][4] = {};  // 16 x kHeadDim of dQ for this warp's rows, fp32
 
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = j_begin; j < j_end; ++j) {
     const int n0 = j * kBlockN;
     __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
     load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, n0, p.nk, p.d);
     load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride, n0, p.nk, p.d);
+    if (kMod && gBias) Bias::template load<kThreads>(sBias, gBias, p.mod.bias_stride[2], m0, n0, p.nq, p.nk);
     cp_async_commit();
     cp_async_wait<0>();
-    __syncthreads();  // K_j, V_j (and Q, dO) visible
+    __syncthreads();  // K_j, V_j, the bias (and Q, dO) visible
 
     float rS[kNTiles][4] = {}, rdP[kNTiles][4] = {};  // 16 x kBlockN each, fp32
     for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
@@ -78,15 +88,23 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
       }
     }
 
-    const bool needs_mask = n0 + kBlockN > p.nk || (kCausal && p.mask.tile_needs_mask(m0, n0 + kBlockN));
+    const bool needs_mask = n0 + kBlockN > p.nk || (kBand && p.mask.tile_needs_mask(m0, m_end, n0, n0 + kBlockN));
+#pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float pe = ex2_approx(rS[nt][e] * p.scale_log2 - lse2[e / 2]);
-        if (needs_mask) {
-          const int row = m0 + warp_row0 + lane / 4 + 8 * (e / 2), col = n0 + nt * 8 + 2 * (lane % 4) + e % 2;
-          if (col >= p.nk || (kCausal && !p.mask.visible(row, col))) pe = 0.0f;
+        const int r = warp_row0 + lane / 4 + 8 * (e / 2), c = nt * 8 + 2 * (lane % 4) + e % 2;
+        const int row = m0 + r, col = n0 + c;
+        float s2 = rS[nt][e] * p.scale_log2, dcap = 1.0f;  // base-2 score
+        if (kMod) {
+          const float bias = gBias ? Bias::at(sBias, bias_row_broadcast, r, c) : 0.0f;
+          s2 = modify_score<float>(rS[nt][e] * p.scale, p.mod.softcap, slope, col - (row + int(p.mask.offset)), bias,
+                                   &dcap) *
+               1.4426950408889634f;
         }
-        rdP[nt][e] = pe * (rdP[nt][e] - di[e / 2]);  // dS
+        float pe = ex2_approx(s2 - lse2[e / 2]);
+        if (needs_mask && (col >= p.nk || (kBand && !p.mask.visible(row, col)))) pe = 0.0f;
+        rdP[nt][e] = pe * (rdP[nt][e] - di[e / 2]) * dcap;  // dS
       }
 
     for (int k0 = 0; k0 < kBlockN; k0 += 16) {

@@ -10,9 +10,11 @@
  *                                   at all: the deterministic dQ pass computes it instead.
  * All five products run on mma.m16n8k16. P^T and dS^T reach dV and dK from registers
  * (kPInRegs) or through shared memory; dS^T reaches dQ through shared memory. Q_i, dO_i, lse_i,
- * D_i are double-buffered (cp.async) where shared memory allows. Causal: query tiles entirely
- * before the first row that sees key tile j are skipped. dK = scale * accumulator (the softmax
- * scale of S).
+ * D_i are double-buffered (cp.async) where shared memory allows. kBand (causal, sliding
+ * window): only the query tiles whose rows see some key of tile j are visited. kMod (softcap,
+ * ALiBi, bias): P^T is computed from the modified scores, dS^T' = P^T (dP^T - D) is the bias
+ * gradient (stored when asked for) and dS^T = dS^T' times the softcap's derivative.
+ * dK = scale * accumulator (the softmax scale of S).
  */
 #pragma once
 #include <type_traits>
@@ -34,7 +36,7 @@ FC_DEVICE void a_frag_from_pairs(uint32_t (&rA)[4], const uint32_t (&rPairs)[kNT
   rA[3] = rPairs[2 * kk + 1][1];
 }
 
-template <class Kt, bool kCausal, bool kAtomicDq>
+template <class Kt, bool kBand, bool kMod, bool kAtomicDq>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_kernel(const BwdParams p) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
@@ -43,6 +45,11 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
   constexpr int kThreads = Kt::kThreads, kStages = Kt::kStages, kWarps = Kt::kWarps;
   constexpr bool kPInRegs = Kt::kPInRegs;
+  // kMod computes P^T, dS^T' and dS^T of an element together (it needs the cap's derivative):
+  // both products first, then one elementwise pass.
+  constexpr bool kRoundPFirst = Kt::kRoundPFirst;
+  static_assert(Kt::kMod == kMod, "traits of this variant");
+  using Bias = typename Kt::Bias;
   constexpr int kSMT = Kt::kSdpRows / 16, kSNT = Kt::kSdpCols / 8;  // S^T, dP^T warp tile in mma tiles
   constexpr int kKvMT = Kt::kKvRows / 16, kKvNT = Kt::kKvCols / 8;  // dV, dK warp tile
   constexpr int kQMT = Kt::kDqRows / 16, kQNT = Kt::kDqCols / 8;    // dQ warp tile
@@ -65,12 +72,25 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   auto sdO = [&](int s) { return sQ(s) + QLayout::kElems; };                                 // [kBlockM][kHeadDim]
   auto sLse2 = [&](int s) { return reinterpret_cast<float*>(sdO(s) + QLayout::kElems); };   // [kBlockM]
   auto sDi = [&](int s) { return sLse2(s) + kBlockM; };                                     // [kBlockM]
+  auto sBias = [&](int s) { return sDi(s) + kBlockM; };  // kMod: [kBlockM][kBlockN], queries x keys
 
   const int group = p.hq / p.hkv;
   const int m_tiles = (p.nq + kBlockM - 1) / kBlockM;
-  const int i0 = kCausal ? int(p.mask.row_begin(n0, p.nq)) / kBlockM : 0;  // first tile that sees key n0
-  const int tiles_per_head = max(0, m_tiles - i0);
-  const int total = group * tiles_per_head;
+  // Query tiles [i0, i_end) have rows that see some key of this tile (kBand); of those, [u0, u1)
+  // see all of its keys, which lie inside the sequence: they need no mask.
+  const int key_end = min(n0 + kBlockN, p.nk);
+  int i0 = 0, i_end = m_tiles, u0 = 0, u1 = n0 + kBlockN > p.nk ? 0 : m_tiles;
+  if (kBand) {
+    i0 = int(p.mask.row_begin(n0, p.nq)) / kBlockM;
+    i_end = max(i0, (int(p.mask.row_end(key_end, p.nq)) + kBlockM - 1) / kBlockM);
+    int64_t b0, b1;
+    p.mask.unmasked_row_tiles(n0, n0 + kBlockN, kBlockM, m_tiles, &b0, &b1);
+    if (n0 + kBlockN > p.nk) b0 = b1 = i0;
+    u0 = min(max(int(b0), i0), i_end), u1 = min(max(int(b1), u0), i_end);
+  } else if (n0 + kBlockN > p.nk) {
+    u1 = 0;
+  }
+  const int total = group * (i_end - i0);
 
   // Q, dO, lse2 and D of query tile m0 of query head `head` into stage s. The walk (below) visits
   // the query tiles i0.. of every query head of the kv group; step it prefetches step it + 1's.
@@ -85,11 +105,14 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       const int row = threadIdx.x / kStatChunks, chunk = threadIdx.x % kStatChunks;
       cp_async_cg16(sLse2(s) + 4 * threadIdx.x, p.row_stats + stats + row * stats_rows(p.nq) + m0 + 4 * chunk, 16);
     }
+    if (kMod && p.mod.bias)
+      Bias::template load<kThreads>(sBias(s), p.mod.bias_head(batch, head), p.mod.bias_stride[2], m0, n0, p.nq, p.nk);
   };
 
   load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head), p.k.row_stride, n0, p.nk, p.d);
   load_tile<KVLayout, kThreads>(sV, head_ptr<const T>(p.v, batch, kv_head), p.v.row_stride, n0, p.nk, p.d);
-  if (total > 0) load_query_tile(kv_head * group, i0 * kBlockM, 0);
+  const int first_masked = i0 < u0 ? i0 : u1;  // the walk's first tile (masked ones first)
+  if (total > 0) load_query_tile(kv_head * group, (first_masked < i_end ? first_masked : u0) * kBlockM, 0);
   cp_async_commit();
 
   float rdK[kKvMT][kKvNT][4] = {};  // keys kv_key0.. x columns kv_d0.. of dK_j, fp32
@@ -114,7 +137,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
 
     // S^T = K Q^T, then dP^T = V dO^T: keys sdp_key0.. x queries sdp_q0.. of this warp.
     auto kv_times_q = [&](float(&rC)[kSMT][kSNT][4], const T* sA, const T* sB) {  // C += A B^T, A [key][d], B [query][d]
-#pragma unroll(kMask || !kAtomicDq ? Kt::kSdpUnrollMasked : Kt::kSdpUnroll)
+#pragma unroll(kMask || kMod || !kAtomicDq ? Kt::kSdpUnrollMasked : Kt::kSdpUnroll)
       for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
         uint32_t rA[kSMT][4];  // 16 keys x 16 head-dim columns per m-tile
 #pragma unroll
@@ -136,45 +159,94 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     // kRoundPFirst: P^T is rounded before dP^T is computed, and dS^T uses the rounded P^T that
     // dV sees; holding the pairs (half the registers of fp32 values) through the dP^T product is
     // what lets it unroll without spilling where the accumulators leave least room.
+    // key n0 + key_local is hidden from row m0 + q_local iff it is past the end or
+    // key_local - q_local is outside [lo, hi] (the band, relative to this tile): 32-bit compares
     const int key_lim = p.nk - n0;
-    const int diag = kCausal ? int(p.mask.last_key(m0) - n0) : 0;
-    auto probability = [&](float s_acc, float lse2_q, int mt, int nt, int i) {  // element i of C tile (mt, nt)
-      const int key_local = sdp_key0 + 16 * mt + g + 8 * (i / 2), q_local = sdp_q0 + nt * 8 + 2 * t + i % 2;
+    const int hi = kBand ? p.mask.hi_diag(m0, n0) : 0, lo = kBand ? p.mask.lo_diag(m0, n0) : 0;
+    auto key_of = [&](int mt, int i) { return sdp_key0 + 16 * mt + g + 8 * (i / 2); };  // element i of C tile (mt, nt)
+    auto query_of = [&](int nt, int i) { return sdp_q0 + nt * 8 + 2 * t + i % 2; };
+    auto hidden = [&](int mt, int nt, int i) {
+      const int key_local = key_of(mt, i), d = key_local - query_of(nt, i);
+      return key_local >= key_lim || (kBand && ((p.mask.has_hi() && d > hi) || (p.mask.has_lo() && d < lo)));
+    };
+    auto probability = [&](float s_acc, float lse2_q, int mt, int nt, int i) {
       const float pe = ex2_approx(s_acc * p.scale_log2 - lse2_q);
-      // key n0 + key_local is hidden from row m0 + q_local iff it is past the end or
-      // key_local - q_local > last_key(m0) - n0: one compare each, in 32 bits
-      return kMask && (key_local >= key_lim || (kCausal && key_local - q_local > diag)) ? 0.0f : pe;
+      return kMask && hidden(mt, nt, i) ? 0.0f : pe;
     };
     auto lse2_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(lse2 + sdp_q0 + nt * 8 + 2 * t)); };
     auto di_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t)); };
     uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];  // pairs of each C tile: (row g: elements 0, 1), (row g + 8: 2, 3)
     float rS[kSMT][kSNT][4] = {}, rdP[kSMT][kSNT][4] = {};  // fp32; rS becomes P^T in place
     kv_times_q(rS, sK, sQs);
-    if constexpr (!Kt::kRoundPFirst) kv_times_q(rdP, sV, sdOs);
-#pragma unroll
-    for (int nt = 0; nt < kSNT; ++nt) {
-      const float2 l = lse2_of(nt);
-#pragma unroll
-      for (int mt = 0; mt < kSMT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) rS[mt][nt][i] = probability(rS[mt][nt][i], i % 2 ? l.y : l.x, mt, nt, i);
-#pragma unroll
-      for (int mt = 0; mt < kSMT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) rP[mt][nt][h] = pack2<T>(rS[mt][nt][2 * h], rS[mt][nt][2 * h + 1]);
-    }
-    if constexpr (Kt::kRoundPFirst) kv_times_q(rdP, sV, sdOs);
-#pragma unroll
-    for (int nt = 0; nt < kSNT; ++nt) {
-      const float2 d = di_of(nt);
+    if constexpr (!kRoundPFirst) kv_times_q(rdP, sV, sdOs);
+    if constexpr (kMod) {
+      // Per element: s = modified(scale S^T), P^T = exp(s - lse), dS^T' = P^T (dP^T - D) (the
+      // bias gradient), dS^T = dS^T' d(capped)/ds. The bias comes from the stage's tile; the
+      // gradient goes to the kernels' transposed dbias ([key][query], ScoreMod::dbias): a C
+      // tile's element pair is two adjacent queries of one key, one 8-byte store, and every
+      // element of (b, h) is computed once here: plain stores, written only inside [0, nk) x
+      // [0, nq) (the pair's second query may be padding: its dS^T' is 0).
+      const float slope = p.mod.slope(batch, head, p.hq);
+      const float* sBiasS = sBias(s);
+      const bool has_bias = p.mod.bias != nullptr, bias_row_broadcast = p.mod.bias_stride[2] == 0;
+      float* gdBias = p.mod.dbias ? p.mod.dbias + ((int64_t(batch) * p.hq + head) * p.nk + n0 + key_of(0, 0)) *
+                                                       p.mod.dbias_stride + m0 + query_of(0, 0)
+                                  : nullptr;  // this lane's (key, query) of C tile (0, 0)
+      const int offset_local = n0 - m0 - int(p.mask.offset);  // ALiBi: d = key_local - q_local + this
 #pragma unroll
       for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float ds0 = rdP[mt][nt][2 * h] - d.x, ds1 = rdP[mt][nt][2 * h + 1] - d.y;  // dP^T - D
-          rdS[mt][nt][h] = Kt::kRoundPFirst ? mul2<T>(rP[mt][nt][h], pack2<T>(ds0, ds1))
-                                            : pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
+          const int key_local = key_of(mt, 2 * h);
+          float* gdBiasRow = gdBias ? gdBias + int64_t(16 * mt + 8 * h) * p.mod.dbias_stride : nullptr;
+#pragma unroll
+          for (int nt = 0; nt < kSNT; ++nt) {
+            const float2 l = lse2_of(nt), d = di_of(nt);
+            float pe[2], dsp[2], ds[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int i = 2 * h + e, q_local = query_of(nt, i);
+              const float bias = has_bias ? Bias::at(sBiasS, bias_row_broadcast, q_local, key_local) : 0.0f;
+              float dcap;
+              const float sm = modify_score<float>(rS[mt][nt][i] * p.scale, p.mod.softcap, slope,
+                                                   key_local - q_local + offset_local, bias, &dcap);
+              pe[e] = ex2_approx(sm * 1.4426950408889634f - (e ? l.y : l.x));
+              if (kMask && hidden(mt, nt, i)) pe[e] = 0.0f;
+              dsp[e] = pe[e] * (rdP[mt][nt][i] - (e ? d.y : d.x));
+              ds[e] = dsp[e] * dcap;
+            }
+            if (gdBiasRow && n0 + key_local < p.nk && m0 + query_of(nt, 2 * h) < p.nq)
+              st_global(reinterpret_cast<float2*>(gdBiasRow + nt * 8), make_float2(dsp[0], dsp[1]));
+            rP[mt][nt][h] = pack2<T>(pe[0], pe[1]);
+            rdS[mt][nt][h] = pack2<T>(ds[0], ds[1]);
+          }
         }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kSNT; ++nt) {
+        const float2 l = lse2_of(nt);
+#pragma unroll
+        for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) rS[mt][nt][i] = probability(rS[mt][nt][i], i % 2 ? l.y : l.x, mt, nt, i);
+#pragma unroll
+        for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) rP[mt][nt][h] = pack2<T>(rS[mt][nt][2 * h], rS[mt][nt][2 * h + 1]);
+      }
+      if constexpr (kRoundPFirst) kv_times_q(rdP, sV, sdOs);
+#pragma unroll
+      for (int nt = 0; nt < kSNT; ++nt) {
+        const float2 d = di_of(nt);
+#pragma unroll
+        for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float ds0 = rdP[mt][nt][2 * h] - d.x, ds1 = rdP[mt][nt][2 * h + 1] - d.y;  // dP^T - D
+            rdS[mt][nt][h] = kRoundPFirst ? mul2<T>(rP[mt][nt][h], pack2<T>(ds0, ds1))
+                                          : pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
+          }
+      }
     }
 
     // dS^T (and P^T unless it stays in registers) to shared memory, in the [key][query] layout
@@ -246,7 +318,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       // dQ_i += dS K_j: queries dq_q0.. x columns dq_d0.., added to the fp32 accumulator in
       // fragment order: element i of every lane is 128 contiguous bytes, one coalesced request.
       float rdQ[kQMT][kQNT][4] = {};
-#pragma unroll(kMask ? Kt::kDqUnrollMasked : Kt::kDqUnroll)
+#pragma unroll(kMask || kMod ? Kt::kDqUnrollMasked : Kt::kDqUnroll)
       for (int k0 = 0; k0 < kBlockN; k0 += 16) {
         uint32_t rdS[kQMT][4];  // A: 16 queries x 16 keys per m-tile, from dS^T by ldmatrix.trans
 #pragma unroll
@@ -279,23 +351,22 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     }
   };
 
-  // The walk in two phases: first the tiles that need the mask, [i0, i_unmasked) of every
-  // query head (near the diagonal; all of them when this key tile crosses the sequence end),
-  // then the rest, [i_unmasked, m_tiles) of every head: the steady state of a long walk, in a
-  // loop of its own without any per-element predicate.
-  const int i_unmasked = n0 + kBlockN > p.nk ? m_tiles
-                         : kCausal ? max(i0, min(m_tiles, int(p.mask.first_unmasked_row_tile(n0 + kBlockN, kBlockM))))
-                                   : i0;
-  const int head_begin = kv_head * group, masked_steps = group * (i_unmasked - i0);
-  for (int it = 0, head = head_begin, i = i0; it < masked_steps; ++it) {
-    int next_head = head, next_i = i + 1;  // the masked phase ends at (head_begin, i_unmasked)
-    if (next_i == i_unmasked) next_i = ++next_head == head_begin + group ? (next_head = head_begin, i_unmasked) : i0;
+  // The walk in two phases: first the tiles that need the mask, [i0, u0) and [u1, i_end) of
+  // every query head (at the band's edges; all of them when this key tile crosses the sequence
+  // end), then the rest, [u0, u1) of every head: the steady state of a long walk, in a loop of
+  // its own without any per-element predicate.
+  const int head_begin = kv_head * group, masked_steps = group * ((u0 - i0) + (i_end - u1));
+  for (int it = 0, head = head_begin, i = first_masked; it < masked_steps; ++it) {
+    int next_head = head, next_i = i + 1;
+    if (next_i == u0) next_i = u1;  // skip the unmasked middle
+    if (next_i >= i_end) next_i = first_masked, ++next_head;
+    if (it + 1 == masked_steps) next_head = head_begin, next_i = u0;  // the unmasked phase's first
     step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::true_type{});
     head = next_head, i = next_i;
   }
-  for (int it = masked_steps, head = head_begin, i = i_unmasked; it < total; ++it) {
+  for (int it = masked_steps, head = head_begin, i = u0; it < total; ++it) {
     int next_head = head, next_i = i + 1;
-    if (next_i == m_tiles) next_i = i_unmasked, ++next_head;
+    if (next_i == u1) next_i = u0, ++next_head;
     step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::false_type{});
     head = next_head, i = next_i;
   }

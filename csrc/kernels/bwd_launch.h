@@ -12,12 +12,12 @@
 namespace flash_cuda {
 namespace FC_BACKEND {
 
-template <class T, int kHeadDim, bool kCausal>
+template <class T, int kHeadDim, bool kBand, bool kMod>
 cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
-  using Kt = BwdTraits<T, kHeadDim>;
-  using Dq = BwdDqTraits<T, kHeadDim>;
+  using Kt = BwdTraits<T, kHeadDim, kMod>;
+  using Dq = BwdDqTraits<T, kHeadDim, kMod>;
   static const std::string suffix = std::string("<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") + ",hdim" +
-                                    std::to_string(kHeadDim) + (kCausal ? ",causal>" : ">");
+                                    std::to_string(kHeadDim) + variant_suffix(kBand, kMod) + ">";
   static const std::string pre = "flash_bwd_preprocess" + suffix, main = "flash_bwd" + suffix,
                            post = "flash_bwd_postprocess" + suffix, dq = "flash_bwd_dq" + suffix;
   const dim3 q_grid((p.nq + Kt::kPrepRows - 1) / Kt::kPrepRows, p.hq, p.b);
@@ -25,14 +25,14 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   if (e != cudaSuccess) return e;
   const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN, p.hkv, p.b);
   if (deterministic) {
-    e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kCausal, false>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
+    e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, false>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
                       stream, p);
     if (e != cudaSuccess) return e;
     const dim3 dq_grid((p.nq + Dq::kBlockM - 1) / Dq::kBlockM, p.hq, p.b);
-    return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kCausal>, dq_grid, dim3(Dq::kThreads), Dq::kSmemBytes,
+    return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kBand, kMod>, dq_grid, dim3(Dq::kThreads), Dq::kSmemBytes,
                          stream, p);
   }
-  e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kCausal, true>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
+  e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
                     stream, p);
   if (e != cudaSuccess) return e;
   return launch_kernel(post.c_str(), flash_bwd_postprocess_kernel<Kt>, q_grid, dim3(128),

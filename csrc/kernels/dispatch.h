@@ -1,5 +1,9 @@
-/* The one dispatch point: dtype, then head dim, then causal, to an instantiation of
- * run_fwd / run_bwd. Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
+/* The one dispatch point: dtype, then head dim, then the variant, to an instantiation of
+ * run_fwd / run_bwd. Variants (kBand, kMod): dense (false, false); band (true, false): causal
+ * and sliding windows, the mask applied only on the tiles at the band's edges; modifiers (true,
+ * true): softcap, ALiBi and bias, each a runtime branch, with any band. Three instantiations
+ * instead of one per feature combination: the features inside a variant are uniform branches
+ * over a whole launch, and what each costs is measured in the README. Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
  * instantiations themselves are compiled in their own generated files. */
 #pragma once
 #include "api.h"
@@ -28,6 +32,14 @@
     }                                    \
   }()
 
+// (kBand, kMod) from the params: modifiers imply the band variant (any band, open included).
+#define FC_VARIANT_SWITCH(P, BAND, MOD, ...)                                       \
+  [&] {                                                                            \
+    if ((P).mod.any()) { constexpr bool BAND = true, MOD = true; return __VA_ARGS__(); }      \
+    else if ((P).mask.banded()) { constexpr bool BAND = true, MOD = false; return __VA_ARGS__(); } \
+    else { constexpr bool BAND = false, MOD = false; return __VA_ARGS__(); }                 \
+  }()
+
 #define FC_HEADDIM_SWITCH(D, NAME, ...)                                   \
   [&] {                                                                   \
     if (D <= 32) { constexpr int NAME = 32; return __VA_ARGS__(); }       \
@@ -42,9 +54,9 @@ namespace flash_cuda {
 namespace FC_BACKEND {
 
 // Generated instantiations (csrc/cuda/*_hdim*.cu, csrc/emu/generated/*.cpp).
-template <class T, int kHeadDim, bool kCausal>
+template <class T, int kHeadDim, bool kBand, bool kMod>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream);
-template <class T, int kHeadDim, bool kCausal>
+template <class T, int kHeadDim, bool kBand, bool kMod>
 cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream);
 
 inline const char* error_text(cudaError_t e) {
@@ -55,21 +67,21 @@ inline const char* error_text(cudaError_t e) {
 #endif
 }
 
-const char* fwd(const FwdParams& p, bool bf16, bool causal, void* stream) {
+const char* fwd(const FwdParams& p, bool bf16, void* stream) {
   return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-      return FC_BOOL_SWITCH(causal, kCausal, [&] {
-        return run_fwd<T, kHeadDim, kCausal>(p, static_cast<cudaStream_t>(stream));
+      return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
+        return run_fwd<T, kHeadDim, kBand, kMod>(p, static_cast<cudaStream_t>(stream));
       });
     });
   }));
 }
 
-const char* bwd(const BwdParams& p, bool bf16, bool causal, bool deterministic, void* stream) {
+const char* bwd(const BwdParams& p, bool bf16, bool deterministic, void* stream) {
   return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-      return FC_BOOL_SWITCH(causal, kCausal, [&] {
-        return run_bwd<T, kHeadDim, kCausal>(p, deterministic, static_cast<cudaStream_t>(stream));
+      return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
+        return run_bwd<T, kHeadDim, kBand, kMod>(p, deterministic, static_cast<cudaStream_t>(stream));
       });
     });
   }));

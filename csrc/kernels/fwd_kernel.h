@@ -10,8 +10,9 @@
  *   O /= rowsum, lse; O staged through shared memory for 128-bit coalesced stores.
  * K and V tiles alternate in flight: V_j loads while S = Q K_j^T computes, K_{j+1} while
  * O += P V_j computes (cp.async), two barriers per key tile.
- * The key tiles that need no mask (inside the sequence, and for causal entirely below the
- * diagonal: all but the last one or two of a long row) run in a loop of their own with no
+ * kBand (causal, sliding window): only the key tiles that intersect the band of this query
+ * tile are visited. The key tiles that need no mask (inside the sequence and entirely inside the
+ * band: all but one or two at each edge of a long row) run in a loop of their own with no
  * per-element predicate; the rest run the same body with it.
  */
 #pragma once
@@ -24,7 +25,7 @@
 
 namespace flash_cuda {
 
-template <class Kt, bool kCausal>
+template <class Kt, bool kBand, bool kMod>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams p) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
@@ -41,35 +42,59 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   T* sQ = dynamic_smem<T>();       // [kBlockM][kHeadDim], swizzled; reused to stage O
   T* sK = sQ + QLayout::kElems;    // [kBlockN][kHeadDim]
   T* sV = sK + KVLayout::kElems;   // [kBlockN][kHeadDim]
+  float* sBias = reinterpret_cast<float*>(sV + KVLayout::kElems);  // kMod: [kBlockM][kBlockN] of the bias
+  using Bias = typename Kt::Bias;
+  static_assert(Kt::kMod == kMod, "traits of this variant");
   const T* gQ = head_ptr<const T>(p.q, batch, head);
   const T* gK = head_ptr<const T>(p.k, batch, kv_head);
   const T* gV = head_ptr<const T>(p.v, batch, kv_head);
   T* gO = head_ptr<T>(p.o, batch, head);
   float* gLse = p.lse + (int64_t(batch) * p.hq + head) * p.nq;
 
-  // Causal: key tiles entirely above the diagonal of this query tile are never visited.
-  const int n_end = kCausal ? int(p.mask.key_end(min(m0 + kBlockM, p.nq), p.nk)) : p.nk;
-  const int n_tiles = (n_end + kBlockN - 1) / kBlockN;
-  const int n_unmasked = min(n_tiles, int(p.mask.unmasked_key_tiles(m0, kBlockN, p.nk)));
+  // Key tiles [j_begin, j_end) intersect the band of rows [m0, m_end); of those, [u0, u1) lie
+  // entirely inside it (and inside the sequence). They are visited in the order [u0, u1), then
+  // the masked ones at the band's edges, [j_begin, u0) and [u1, j_end): two loops, one body each.
+  const int m_end = min(m0 + kBlockM, p.nq);
+  int j_begin = 0, j_end = (p.nk + kBlockN - 1) / kBlockN, u0 = 0, u1 = p.nk / kBlockN;
+  if (kBand) {
+    j_begin = int(p.mask.key_begin(m0, p.nk)) / kBlockN;
+    j_end = (int(p.mask.key_end(m_end, p.nk)) + kBlockN - 1) / kBlockN;
+    int64_t b0, b1;
+    p.mask.unmasked_key_tiles(m0, m_end, kBlockN, p.nk, &b0, &b1);
+    u0 = min(max(int(b0), j_begin), j_end), u1 = min(max(int(b1), u0), j_end);
+  }
+  // kMod: scores are modified in natural units, so the softmax's base-2 scale is log2(e) alone.
+  const float softmax_scale = kMod ? 1.4426950408889634f : p.scale_log2;
+  const float slope = kMod ? p.mod.slope(batch, head, p.hq) : 0.0f;
+  const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
+  const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
+  // kMod: the bias of key tile j travels with K_j
+  auto load_key_tile = [&](int j) {
+    load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, j * kBlockN, p.nk, p.d);
+    if (kMod && gBias) Bias::template load<kThreads>(sBias, gBias, p.mod.bias_stride[2], m0, j * kBlockN, p.nq, p.nk);
+  };
 
   float rO[kMTiles][kDTiles][4] = {};  // per m-tile: 16 x kHeadDim output rows of this warp, fp32
   OnlineSoftmax softmax[kMTiles];
 
   load_tile<QLayout, kThreads>(sQ, gQ, p.q.row_stride, m0, p.nq, p.d);
-  if (n_tiles > 0) load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, 0, p.nk, p.d);
+  const int first_masked = j_begin < u0 ? j_begin : (u1 < j_end ? u1 : -1);  // -1: none
+  if (u0 < u1) load_key_tile(u0);
+  else if (first_masked >= 0) load_key_tile(first_masked);
   cp_async_commit();
 
-  // One key tile; kMask: scores past the sequence end or above the diagonal become -inf.
-  auto key_tile = [&](const int j, auto mask_tag) {
+  // One key tile; kMask: scores past the sequence end or outside the band become -inf.
+  // One key tile j, prefetching K (and the bias) of tile next_j (-1: none).
+  auto key_tile = [&](const int j, const int next_j, auto mask_tag) {
     constexpr bool kMask = decltype(mask_tag)::value;
     const int n0 = j * kBlockN;
     cp_async_wait<0>();
-    __syncthreads();  // K_j (and Q) visible to all; every warp is done reading V_{j-1}
+    __syncthreads();  // K_j (and Q, the bias) visible to all; every warp is done reading V_{j-1}
     load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride, n0, p.nk, p.d);
     cp_async_commit();  // V_j lands while S = Q K_j^T computes
 
     float rS[kMTiles][kNTiles][4] = {};  // per m-tile: 16 x kBlockN scores of this warp, fp32
-#pragma unroll(Kt::kQKUnroll)
+#pragma unroll(kMask ? Kt::kQKUnrollMasked : Kt::kQKUnroll)
     for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
       uint32_t rQ[kMTiles][4];  // A: 16 x 16 of Q per m-tile
 #pragma unroll
@@ -86,11 +111,30 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
       }
     }
 
-    // Masked tiles: -inf where a key is past the end or above the diagonal. Element e of n-tile
-    // nt in m-tile mt is key n0 + 2 (lane % 4) + c, c = 8 nt + e % 2, of row
-    // m0 + warp_row0 + 16 mt + lane / 4 + 8 (e / 2): both tests compare c with one number.
-    const int key_lim = p.nk - n0 - 2 * (lane % 4);  // c >= key_lim: past the sequence end
-    const int diag = kCausal ? int(p.mask.last_key(m0 + warp_row0 + lane / 4) - n0 - 2 * (lane % 4)) : 0;
+    // Element e of n-tile nt in m-tile mt is key n0 + 2 (lane % 4) + c, c = 8 nt + e % 2, of row
+    // m0 + warp_row0 + 16 mt + lane / 4 + 8 (e / 2).
+    const int row_t = m0 + warp_row0 + lane / 4, key_t = n0 + 2 * (lane % 4);
+    const int key_lim = p.nk - key_t;  // c >= key_lim: past the sequence end
+    if constexpr (kMod) {
+      // s <- modified(scale s), the bias from the tile (zero past the sequence ends)
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = warp_row0 + 16 * mt + lane / 4 + 8 * h, c = 8 * nt + 2 * (lane % 4);
+            const float2 bias = gBias ? Bias::pair_at(sBias, bias_row_broadcast, r, c) : make_float2(0.0f, 0.0f);
+            const int dist = n0 + c - (m0 + r + int(p.mask.offset));  // j - (i + offset), element 2 h
+            float dcap;
+            rS[mt][nt][2 * h] = modify_score<float>(rS[mt][nt][2 * h] * p.scale, p.mod.softcap, slope, dist, bias.x, &dcap);
+            rS[mt][nt][2 * h + 1] =
+                modify_score<float>(rS[mt][nt][2 * h + 1] * p.scale, p.mod.softcap, slope, dist + 1, bias.y, &dcap);
+          }
+    }
+    // Masked tiles: -inf where a key is past the end or outside the band [lo, hi] of its row:
+    // each test compares c with one number.
+    const int hi = kBand ? p.mask.hi_diag(row_t, key_t) : 0, lo = kBand ? p.mask.lo_diag(row_t, key_t) : 0;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
       if (kMask) {
@@ -98,11 +142,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int c = 8 * nt + e % 2;
-            if (c >= key_lim || (kCausal && c > diag + 16 * mt + 8 * (e / 2))) rS[mt][nt][e] = -INFINITY;
+            const int c = 8 * nt + e % 2, r = 16 * mt + 8 * (e / 2);
+            if (c >= key_lim || (kBand && ((p.mask.has_hi() && c > hi + r) || (p.mask.has_lo() && c < lo + r))))
+              rS[mt][nt][e] = -INFINITY;
           }
       }
-      softmax[mt].update(rS[mt], rO[mt], p.scale_log2);
+      softmax[mt].update(rS[mt], rO[mt], softmax_scale);
     }
     // P rounded to 16 bit, in mma A-operand order: keys 16 k..16 k + 16 of m-tile mt are the S
     // accumulators of n-tiles 2 k and 2 k + 1 (ptx-oracle accumulator_to_A_reuse), so P goes
@@ -122,7 +167,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
 
     cp_async_wait<0>();
     __syncthreads();  // V_j visible to all; every warp is done reading K_j
-    if (j + 1 < n_tiles) load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, n0 + kBlockN, p.nk, p.d);
+    if (next_j >= 0) load_key_tile(next_j);  // every warp is done reading the bias of tile j too
     cp_async_commit();  // K_{j+1} lands while O += P V_j computes
 
 #pragma unroll
@@ -140,9 +185,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     }
   };
 
-  int j = 0;
-  for (; j < n_unmasked; ++j) key_tile(j, std::false_type{});
-  for (; j < n_tiles; ++j) key_tile(j, std::true_type{});
+  for (int j = u0; j < u1; ++j) key_tile(j, j + 1 < u1 ? j + 1 : first_masked, std::false_type{});
+  for (int j = first_masked; j >= 0;) {
+    int next_j = j + 1 == u0 ? u1 : j + 1;  // skip the unmasked middle
+    if (next_j >= j_end) next_j = -1;
+    key_tile(j, next_j, std::true_type{});
+    j = next_j;
+  }
 
   // Stage this warp's rows of O in its own rows of sQ (only this warp ever read them), then
   // write them out 16 bytes per lane. The barrier covers blocks that ran no key tile, whose Q

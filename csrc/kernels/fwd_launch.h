@@ -9,13 +9,13 @@
 namespace flash_cuda {
 namespace FC_BACKEND {
 
-template <class T, int kHeadDim, bool kCausal>
+template <class T, int kHeadDim, bool kBand, bool kMod>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Kt = FwdTraits<T, kHeadDim>;
-  static const std::string name = std::string("flash_fwd<") + (sizeof(T) == 2 && std::is_same<T, __half>::value ? "fp16" : "bf16") +
-                                  ",hdim" + std::to_string(kHeadDim) + (kCausal ? ",causal>" : ">");
+  using Kt = FwdTraits<T, kHeadDim, kMod>;
+  static const std::string name = std::string("flash_fwd<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") +
+                                  ",hdim" + std::to_string(kHeadDim) + variant_suffix(kBand, kMod) + ">";
   const dim3 grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);
-  return launch_kernel(name.c_str(), flash_fwd_kernel<Kt, kCausal>, grid, dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+  return launch_kernel(name.c_str(), flash_fwd_kernel<Kt, kBand, kMod>, grid, dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
 }
 
 }  // namespace FC_BACKEND

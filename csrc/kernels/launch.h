@@ -8,6 +8,9 @@
 
 namespace flash_cuda {
 
+// The variant part of a launch's name (kernel reports, emulator records): "", ",band", ",mod".
+inline const char* variant_suffix(bool band, bool mod) { return mod ? ",mod" : (band ? ",band" : ""); }
+
 // Dynamic shared memory above 48 KiB needs an opt-in per kernel on the GPU.
 constexpr size_t kDefaultSmemLimit = 48 * 1024;
 

@@ -1,11 +1,16 @@
-// Causal masking rule shared by every executor (CPU backend, CUDA kernels, emulator).
+// Which keys each query sees: the causal / sliding-window band, shared by every executor (CPU
+// backend, CUDA kernels, emulator). Torch-free on purpose: compiled by the host compiler and nvcc.
 //
-// Torch-free on purpose: this header is compiled by the host compiler and by nvcc.
-// Key j is visible to query i iff j <= i + offset, where
+// With d = j - (i + offset), the key's offset from query i's diagonal, key j is visible to
+// query i iff  (left < 0 || d >= -left) && (right < 0 || d <= right)  (FlashAttention-2's
+// window_size; -1 = unbounded on that side). causal is right = 0. The diagonal is
 //   bottom_right: offset = Nk - Nq  (FlashAttention >= 2.1, KV-cache decoding)
 //   top_left:     offset = 0        (torch.nn.functional.scaled_dot_product_attention)
-// With bottom_right and Nq > Nk the first Nq - Nk rows see no key: their output is 0
-// and their lse is -inf.
+// A row that sees no key (e.g. causal with Nq > Nk) gives output 0 and lse -inf.
+//
+// Tile helpers answer the questions the tiled loops ask: which key tiles a query tile visits
+// (the others are skipped: cost proportional to the band), which query tiles a key tile visits,
+// and whether a tile lies entirely inside the band (no per-element predicate needed).
 #pragma once
 #include <stdint.h>
 
@@ -17,48 +22,76 @@
 
 namespace flash_cuda {
 
-struct CausalMask {
-  bool causal;
-  int64_t offset;  // key j visible to query i iff !causal || j <= i + offset
+struct BandMask {
+  int64_t offset;       // query i's diagonal is key i + offset (also ALiBi's distance origin)
+  int64_t left, right;  // visible iff -left <= d <= right; a negative bound is unbounded
 
-  FC_HOST_DEVICE static CausalMask make(bool causal, bool bottom_right, int64_t nq, int64_t nk) {
-    return CausalMask{causal, (causal && bottom_right) ? nk - nq : 0};
+  FC_HOST_DEVICE static BandMask make(bool causal, bool bottom_right, int64_t nq, int64_t nk, int64_t left = -1,
+                                      int64_t right = -1) {
+    return BandMask{bottom_right ? nk - nq : 0, left < 0 ? -1 : left, causal ? 0 : (right < 0 ? -1 : right)};
   }
-  FC_HOST_DEVICE bool visible(int64_t i, int64_t j) const { return !causal || j <= i + offset; }
-  // The last key query i sees when causal (may be negative: none).
-  FC_HOST_DEVICE int64_t last_key(int64_t i) const { return i + offset; }
-  // Last key (exclusive) any row of [row_begin, row_end) can see, clamped to [0, nk].
-  FC_HOST_DEVICE int64_t key_end(int64_t row_end, int64_t nk) const {
-    if (!causal) return nk;
-    int64_t e = row_end + offset;  // (row_end - 1) + offset + 1
-    return e < 0 ? 0 : (e > nk ? nk : e);
+  FC_HOST_DEVICE bool banded() const { return left >= 0 || right >= 0; }
+  FC_HOST_DEVICE bool visible(int64_t i, int64_t j) const {
+    const int64_t d = j - (i + offset);
+    return (left < 0 || d >= -left) && (right < 0 || d <= right);
   }
-  // First query row that sees key `key_begin`, clamped to [0, nq].
+  // First and last key query i may see (unclamped; a bound that is open gives +-2^62).
+  FC_HOST_DEVICE int64_t first_key(int64_t i) const { return left < 0 ? -(int64_t(1) << 62) : i + offset - left; }
+  FC_HOST_DEVICE int64_t last_key(int64_t i) const { return right < 0 ? (int64_t(1) << 62) : i + offset + right; }
+
+  // Keys [key_begin, key_end) some row of [row_begin, row_end) sees, clamped to [0, nk].
+  FC_HOST_DEVICE int64_t key_begin(int64_t row_begin, int64_t nk) const { return clamp(first_key(row_begin), nk); }
+  FC_HOST_DEVICE int64_t key_end(int64_t row_end, int64_t nk) const { return clamp(last_key(row_end - 1) + 1, nk); }
+  // Rows [row_begin, row_end) that see some key of [key_begin, key_end), clamped to [0, nq].
   FC_HOST_DEVICE int64_t row_begin(int64_t key_begin, int64_t nq) const {
-    if (!causal) return 0;
-    int64_t r = key_begin - offset;
-    return r < 0 ? 0 : (r > nq ? nq : r);
+    return right < 0 ? 0 : clamp(key_begin - offset - right, nq);
   }
-  // Leading key tiles (of `tile` keys) that every row from row_begin on sees entirely: the
-  // tiles a query tile starting at row_begin walks without a per-element predicate.
-  FC_HOST_DEVICE int64_t unmasked_key_tiles(int64_t row_begin, int tile, int64_t nk) const {
-    const int64_t full = nk / tile;  // tiles inside the sequence
-    if (!causal) return full;
-    const int64_t e = row_begin + offset + 1;  // keys every row sees: [0, e)
-    const int64_t t = e <= 0 ? 0 : e / tile;
-    return t < full ? t : full;
+  FC_HOST_DEVICE int64_t row_end(int64_t key_end, int64_t nq) const {
+    return left < 0 ? nq : clamp(key_end - 1 - offset + left + 1, nq);
   }
-  // First tile of `tile` rows whose every row sees every key before key_end (causal: all tiles
-  // from there on need no mask for the keys up to key_end).
-  FC_HOST_DEVICE int64_t first_unmasked_row_tile(int64_t key_end, int tile) const {
-    if (!causal) return 0;
-    const int64_t r = key_end - 1 - offset;  // first row that sees key key_end - 1
-    return r <= 0 ? 0 : (r + tile - 1) / tile;
+
+  // True when some key of [key_begin, key_end) is hidden from some row of [row_begin, row_end)
+  // by the band (sequence ends are the caller's business).
+  FC_HOST_DEVICE bool tile_needs_mask(int64_t row_begin, int64_t row_end, int64_t key_begin, int64_t key_end) const {
+    return (right >= 0 && key_end - 1 > last_key(row_begin)) || (left >= 0 && key_begin < first_key(row_end - 1));
   }
-  // True when some key of [key_begin, key_end) is hidden from some row of [row_begin, row_end).
-  FC_HOST_DEVICE bool tile_needs_mask(int64_t row_begin, int64_t key_end) const {
-    return causal && key_end - 1 > row_begin + offset;
+  // Key tiles [*begin, *end) (of `tile` keys, whole and inside [0, nk)) that every row of
+  // [row_begin, row_end) sees entirely.
+  FC_HOST_DEVICE void unmasked_key_tiles(int64_t row_begin, int64_t row_end, int tile, int64_t nk, int64_t* begin,
+                                         int64_t* end) const {
+    const int64_t full = nk / tile;
+    const int64_t lo = key_begin(row_end - 1, nk), hi = key_end(row_begin + 1, nk);  // keys all rows see: [lo, hi)
+    *begin = (lo + tile - 1) / tile;
+    *end = hi / tile < full ? hi / tile : full;
+    if (*end < *begin) *end = *begin;
   }
+  // Query tiles [*begin, *end) (of `tile` rows, within [0, m_tiles)) whose every row sees every
+  // key of [key_begin, key_end).
+  FC_HOST_DEVICE void unmasked_row_tiles(int64_t key_begin, int64_t key_end, int tile, int64_t m_tiles,
+                                         int64_t* begin, int64_t* end) const {
+    // row i sees all of them iff last_key(i) >= key_end - 1 and first_key(i) <= key_begin
+    const int64_t r0 = right < 0 ? 0 : key_end - 1 - offset - right;
+    *begin = r0 <= 0 ? 0 : (r0 + tile - 1) / tile;
+    if (*begin > m_tiles) *begin = m_tiles;
+    if (left < 0) {
+      *end = m_tiles;
+    } else {
+      const int64_t r1 = key_begin - offset + left + 1;  // rows [r0, r1)
+      *end = r1 <= 0 ? 0 : r1 / tile;
+      if (*end > m_tiles) *end = m_tiles;
+    }
+    if (*end < *begin) *end = *begin;
+  }
+  // last_key(i) - n0 and first_key(i) - n0 as ints, for the kernels' 32-bit compares against
+  // local key offsets; meaningful only when that side is bounded (has_hi / has_lo), which the
+  // kernels test first (a uniform predicate; an open side costs no compare).
+  FC_HOST_DEVICE bool has_hi() const { return right >= 0; }
+  FC_HOST_DEVICE bool has_lo() const { return left >= 0; }
+  FC_HOST_DEVICE int hi_diag(int i, int n0) const { return i + int(offset + right) - n0; }
+  FC_HOST_DEVICE int lo_diag(int i, int n0) const { return i + int(offset - left) - n0; }
+
+ private:
+  FC_HOST_DEVICE static int64_t clamp(int64_t x, int64_t hi) { return x < 0 ? 0 : (x > hi ? hi : x); }
 };
 
 }  // namespace flash_cuda

@@ -4,6 +4,7 @@
 #include <stdint.h>
 
 #include "mask.h"
+#include "score_mod.h"
 
 namespace flash_cuda {
 
@@ -21,7 +22,8 @@ struct AttnShape {
                       // it); the kernel's instantiation may be wider still (zero filled)
   float scale;        // softmax scale
   float scale_log2;   // scale * log2(e): scores go to the base-2 domain in one multiply
-  CausalMask mask;
+  BandMask mask;      // causal / sliding window (read by the kBand instantiations)
+  ScoreMod mod;       // softcap, ALiBi, bias (read by the kMod instantiations)
 };
 
 struct FwdParams : AttnShape {

@@ -3,6 +3,7 @@
 #pragma once
 #include <type_traits>
 
+#include "bias_tile.h"
 #include "layout.h"
 #include "mask.h"
 
@@ -12,25 +13,34 @@ namespace flash_cuda {
 // 4 warps x two 16-row m-tiles each, so every K and V fragment a warp loads from shared memory
 // feeds two mma (half the ldmatrix traffic of one m-tile per warp; FlashAttention-2's 128-row
 // tiles do the same). Above 128 the O accumulator alone is kHeadDim / 2 registers per m-tile:
-// 8 warps x one m-tile.
-template <class T_, int kHeadDim_>
+// 8 warps x one m-tile. kMod (the score-modifier variant) holds a few more live values per score
+// (the modifiers' operands) and stages the bias tile in shared memory.
+template <class T_, int kHeadDim_, bool kMod_ = false>
 struct FwdTraits {
   using T = T_;  // __half or __nv_bfloat16
   static constexpr int kHeadDim = kHeadDim_;  // instantiated head dim (real d <= kHeadDim)
-  static constexpr int kMTiles = kHeadDim <= 128 ? 2 : 1;  // 16-row m-tiles per warp
-  static constexpr int kWarps = kHeadDim <= 128 ? 4 : 8;
+  static constexpr bool kMod = kMod_;
+  // 16-row m-tiles per warp; kMod above 64: one (two spill even with 32-key tiles)
+  static constexpr int kMTiles = kHeadDim <= 64 || (kHeadDim <= 128 && !kMod) ? 2 : 1;
+  static constexpr int kWarps = kMTiles == 2 ? 4 : 8;
   static constexpr int kThreads = 32 * kWarps;
   // Each warp owns 16 kMTiles query rows: no communication between warps in the main loop, and
   // the 4-lane row reductions of the softmax stay inside a quad.
   static constexpr int kWarpRows = 16 * kMTiles;
   static constexpr int kBlockM = kWarpRows * kWarps;
-  static constexpr int kBlockN = 64;
+  // Keys per tile: 64; 32 for kMod with two m-tiles per warp (head dims up to 64), where the
+  // modifiers' operands (the bias pairs, tanh) for 2 x 64 scores per thread do not fit beside O
+  // and S without spilling (measured with ptxas -v), and at 256, where the bias tile of 64 keys
+  // would take the shared memory past sm_80's 163 KiB.
+  static constexpr int kBlockN = kMod && (kMTiles == 2 || kHeadDim == 256) ? 32 : 64;
   static constexpr int kNTiles = kBlockN / 8;   // S accumulator n-tiles per m-tile (16 x 8 each)
   static constexpr int kDTiles = kHeadDim / 8;  // O accumulator n-tiles per m-tile
   // Unroll of S = Q K^T's k loop: whole, except with two m-tiles at head dims 96 and 128 (160
   // and 192 accumulator registers), where whole unrolling makes ptxas hold every step's
   // ldmatrix addresses and spill; by 4 it needs none (measured: benchmarks/sass_compare.py).
   static constexpr int kQKUnroll = kMTiles == 2 && kHeadDim >= 96 ? 4 : kHeadDim / 16;
+  // In the masked tiles (the band's edges, the sequence end) the mask's operands are live too: by 2.
+  static constexpr int kQKUnrollMasked = kMTiles == 2 && kHeadDim >= 96 ? 2 : kQKUnroll;
 
   static_assert(sizeof(T) == 2, "tensor-core inputs are 16-bit");
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are instantiated in multiples of 32 up to 256");
@@ -45,7 +55,8 @@ struct FwdTraits {
 
   using QLayout = SmemLayout<kBlockM, kHeadDim>;   // Q tile; reused to stage O
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;  // one K and one V tile
-  static constexpr size_t kSmemBytes = (QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T);
+  using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 8>;  // kMod: the bias of one key tile
+  static constexpr size_t kSmemBytes = (QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T) + (kMod ? Bias::kBytes : 0);
   static_assert(kSmemBytes <= 163 * 1024, "fits sm_80's shared memory per block");
 };
 
@@ -88,11 +99,27 @@ using BwdConfigFor = std::conditional_t<(kHeadDim <= 64), BwdConfig<4, 128, 32, 
                      std::conditional_t<(kHeadDim == 128), BwdConfig<8, 128, 64, 4, 4, 2>,
                                         BwdConfig<8, 64, 64, 4, 2, 2>>>>;
 
-template <class T_, int kHeadDim_>
+// The score-modifier variant (kMod) computes P^T, dS^T' and dS^T of an element together, with
+// S^T and dP^T both in fp32 and the modifiers' operands live (the bias, the bias gradient's
+// address, tanh): it needs smaller accumulators than the dense configuration (measured with
+// ptxas -v at sm_80 and sm_90: 0 spills):
+//   32: head dim 96's shape, 8 warps, 64 x 64, 16 x 32 S^T tiles: 48 accumulator registers
+//   64: 8 warps of 16 keys x 32 queries (P^T still in registers): 96
+//   128: 64 keys x 64 queries, 16 x 32 S^T tiles and 16 keys x D/2 of dV/dK: 96
+//   256: 32 keys x 64 queries, 16 x 16 S^T tiles and 16 keys x D/4 of dV/dK: 80
+//   96, 192: the dense configuration (0 spills with kMod too)
+template <int kHeadDim>
+using BwdModConfigFor = std::conditional_t<(kHeadDim == 32), BwdConfig<8, 64, 64, 4, 4, 4>,
+                        std::conditional_t<(kHeadDim == 64), BwdConfig<8, 128, 32, 8, 8, 2>,
+                        std::conditional_t<(kHeadDim == 128), BwdConfig<8, 64, 64, 4, 4, 2>,
+                        std::conditional_t<(kHeadDim == 256), BwdConfig<8, 32, 64, 2, 2, 2>, BwdConfigFor<kHeadDim>>>>>;
+
+template <class T_, int kHeadDim_, bool kMod_ = false>
 struct BwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
-  using Config = BwdConfigFor<kHeadDim>;
+  static constexpr bool kMod = kMod_;  // the score-modifier variant: a bias tile per step
+  using Config = std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>;
   static constexpr int kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;  // query rows per step, keys
@@ -123,7 +150,8 @@ struct BwdTraits {
   // P^T (as dV sees it; one mul.f16x2 / fma.bf16x2 per pair): the pairs hold half the registers
   // of fp32 P^T through the dP^T product. Where S^T, dP^T, dV and dK take 192 accumulator
   // registers (head dims 64 and 128), that is what lets the loops unroll whole without spills.
-  static constexpr bool kRoundPFirst = kAccRegs == 192;
+  // (Not with kMod: it computes P^T and dS^T of an element together, bwd_kernel.h.)
+  static constexpr bool kRoundPFirst = kAccRegs == 192 && !kMod;
   // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
   // registers fit twice in an SM's 64K registers; 8 warps once.
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
@@ -136,7 +164,9 @@ struct BwdTraits {
   // Q_i, dO_i (+ lse, Di rows) double-buffered where it fits sm_80's 163 KiB per block: the
   // next query tile loads while this one computes. Otherwise one buffer, refilled after this
   // tile's last use of it.
-  static constexpr size_t kStageBytes = 2 * kTileBytes + 2 * kBlockM * sizeof(float);
+  // kMod: the step's bias tile ([query][key] fp32) is part of the stage.
+  using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 4>;
+  static constexpr size_t kStageBytes = 2 * kTileBytes + 2 * kBlockM * sizeof(float) + (kMod ? Bias::kBytes : 0);
   static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= 163 * 1024 ? 2 : 1;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
   static_assert(kSmemBytes <= 163 * 1024, "fits sm_80's shared memory per block");
@@ -155,10 +185,11 @@ struct BwdTraits {
 
 // The deterministic dQ pass: the forward's shape (4 warps x 16 query rows, loop over key
 // tiles) computing S, P, dP, dS and dQ += dS K in registers, no atomics.
-template <class T_, int kHeadDim_>
+template <class T_, int kHeadDim_, bool kMod_ = false>
 struct BwdDqTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kMod = kMod_;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;
@@ -167,7 +198,8 @@ struct BwdDqTraits {
   static_assert(kHeadDim / 2 + kBlockN <= 160, "accumulators must leave room in 255 registers");
   using QLayout = SmemLayout<kBlockM, kHeadDim>;
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;
-  static constexpr size_t kSmemBytes = (2 * QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T);
+  using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 8>;  // kMod: the bias of one key tile
+  static constexpr size_t kSmemBytes = (2 * QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T) + (kMod ? Bias::kBytes : 0);
 };
 
 }  // namespace flash_cuda
