@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // Query tiles [i0, i_end) have rows that see some key of this tile (kBand); of those, [u0, u1)
   // see all of its keys, which lie inside the sequence: they need no mask.
   const int key_end = min(n0 + kBlockN, p.nk);
-  int i0 = 0, i_end = m_tiles, u0 = 0, u1 = n0 + kBlockN > p.nk ? 0 : m_tiles;
+  // (Without a band: all tiles masked when this key tile crosses the sequence end, else none.)
+  int i0 = 0, i_end = m_tiles, u0 = n0 + kBlockN > p.nk ? m_tiles : 0, u1 = m_tiles;
   if (kBand) {
     i0 = int(p.mask.row_begin(n0, p.nq)) / kBlockM;
     i_end = max(i0, (int(p.mask.row_end(key_end, p.nq)) + kBlockM - 1) / kBlockM);
@@ -87,8 +88,6 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     p.mask.unmasked_row_tiles(n0, n0 + kBlockN, kBlockM, m_tiles, &b0, &b1);
     if (n0 + kBlockN > p.nk) b0 = b1 = i0;
     u0 = min(max(int(b0), i0), i_end), u1 = min(max(int(b1), u0), i_end);
-  } else if (n0 + kBlockN > p.nk) {
-    u1 = 0;
   }
   const int total = group * (i_end - i0);
 
@@ -358,8 +357,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   const int head_begin = kv_head * group, masked_steps = group * ((u0 - i0) + (i_end - u1));
   for (int it = 0, head = head_begin, i = first_masked; it < masked_steps; ++it) {
     int next_head = head, next_i = i + 1;
-    if (next_i == u0) next_i = u1;  // skip the unmasked middle
-    if (next_i >= i_end) next_i = first_masked, ++next_head;
+    if (kBand && next_i == u0) next_i = u1;  // skip the unmasked middle (none without a band)
+    if (next_i >= (kBand ? i_end : u0)) next_i = first_masked, ++next_head;
     if (it + 1 == masked_steps) next_head = head_begin, next_i = u0;  // the unmasked phase's first
     step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::true_type{});
     head = next_head, i = next_i;
