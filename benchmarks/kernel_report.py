@@ -88,7 +88,7 @@ def compile_one(src, arch, nvcc, cuobjdump):
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True, env=env).stdout
         for section in re.split(r"\n\s*Function : ", sass)[1:]:
             name = section.split()[0]
-            instrs = [l for l in section.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
+            instrs = [l for l in section.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", l)]
             mix = {k: sum(bool(re.search(p, l)) for l in instrs) for k, p in SASS_OPS.items()}
             mix["total"] = len(instrs)
             ptxas[name]["mix"] = mix
