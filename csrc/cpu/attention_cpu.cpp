@@ -26,7 +26,6 @@
 #include <limits>
 
 #include "../kernels/mask.h"
-#include "../kernels/score_mod.h"
 #include "rowops.h"
 
 namespace flash_cuda::cpu {
@@ -70,7 +69,8 @@ at::Tensor load_rows(const at::Tensor& x2d, int64_t r0, int64_t r1, const at::Te
   return dst;
 }
 
-// The score modifiers of one call in the accumulation type (csrc/kernels/score_mod.h).
+// The score modifiers of one call in the accumulation type (the semantics of
+// csrc/kernels/score_mod.h, applied a row at a time by modify_tile).
 template <typename acc_t>
 struct Mods {
   acc_t softcap = 0;
@@ -93,26 +93,33 @@ struct Mods {
 };
 
 // Scores s (rows, cols; leading dimension ld) of queries i0.. and keys j0.. of (b, h), scale
-// included: keys outside the band become -inf (when `band_mask`), the rest get the modifiers.
-// dcap (same layout), when given, receives d(capped)/ds of each score.
+// included: keys outside the band become -inf (when `band_mask`), the visible ones get the
+// modifiers, a row at a time in simple passes (rowops.h). dcap (same layout), when given,
+// receives d(capped)/ds of each score.
 template <typename acc_t>
 void modify_tile(acc_t* s, acc_t* dcap, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b,
                  int64_t h, const BandMask& band, bool band_mask, const Mods<acc_t>& mods) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t slope = mods.alibi ? static_cast<acc_t>(mods.alibi[b * mods.alibi_bstride + h]) : acc_t(0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
-    const acc_t* bias = mods.bias ? mods.bias + b * mods.bs[0] + h * mods.bs[1] + i * mods.bs[2] : nullptr;
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t j = j0 + c;
-      acc_t& x = s[r * ld + c];
-      acc_t d = 1;
-      if (band_mask && !band.visible(i, j))
-        x = -std::numeric_limits<acc_t>::infinity();
-      else if (mods.any)
-        x = modify_score<acc_t>(x, mods.softcap, slope, j - (i + band.offset), bias ? bias[j * mods.bs[3]] : acc_t(0),
-                                &d);
-      if (dcap) dcap[r * ld + c] = d;
+    acc_t* x = s + r * ld;
+    // visible columns [c0, c1) of this row
+    int64_t c0 = 0, c1 = cols;
+    if (band_mask) {
+      c0 = std::min<int64_t>(cols, std::max<int64_t>(0, band.first_key(i) - j0));
+      c1 = std::max<int64_t>(c0, std::min<int64_t>(cols, band.last_key(i) + 1 - j0));
+      std::fill(x, x + c0, kNegInf);
+      std::fill(x + c1, x + cols, kNegInf);
     }
+    acc_t* d = dcap ? dcap + r * ld : nullptr;
+    if (d) std::fill(d, d + cols, acc_t(1));
+    if (!mods.any || c1 == c0) continue;
+    if (mods.softcap > 0) softcap_row(x + c0, d ? d + c0 : nullptr, c1 - c0, mods.softcap);
+    if (mods.alibi) alibi_row(x + c0, c1 - c0, slope, j0 + c0 - (i + band.offset));
+    if (mods.bias)
+      add_row(x + c0, mods.bias + b * mods.bs[0] + h * mods.bs[1] + i * mods.bs[2] + (j0 + c0) * mods.bs[3], mods.bs[3],
+              c1 - c0);
   }
 }
 

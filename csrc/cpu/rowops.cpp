@@ -109,4 +109,41 @@ void softmax_grad_row(double* dp, const double* p, int64_t n, double d) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
 }
 
+namespace {
+template <typename T>
+inline void softcap_row_impl(T* x, T* dcap, int64_t n, T c) {
+  const T inv = T(1) / c;
+  for (int64_t j = 0; j < n; ++j) {
+    const T t = std::tanh(x[j] * inv);
+    x[j] = c * t;
+    if (dcap) dcap[j] = T(1) - t * t;
+  }
+}
+template <typename T>
+inline void alibi_row_impl(T* x, int64_t n, T slope, int64_t d0) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t d = d0 + j;
+    x[j] -= slope * static_cast<T>(d < 0 ? -d : d);
+  }
+}
+template <typename T>
+inline void add_row_impl(T* x, const T* b, int64_t stride, int64_t n) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < n; ++j) x[j] += b[j];
+  } else if (stride == 0) {
+    const T v = b[0];
+    for (int64_t j = 0; j < n; ++j) x[j] += v;
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] += b[j * stride];
+  }
+}
+}  // namespace
+
+FC_MULTIVERSION void softcap_row(float* x, float* dcap, int64_t n, float c) { softcap_row_impl(x, dcap, n, c); }
+void softcap_row(double* x, double* dcap, int64_t n, double c) { softcap_row_impl(x, dcap, n, c); }
+FC_MULTIVERSION void alibi_row(float* x, int64_t n, float slope, int64_t d0) { alibi_row_impl(x, n, slope, d0); }
+void alibi_row(double* x, int64_t n, double slope, int64_t d0) { alibi_row_impl(x, n, slope, d0); }
+FC_MULTIVERSION void add_row(float* x, const float* b, int64_t stride, int64_t n) { add_row_impl(x, b, stride, n); }
+void add_row(double* x, const double* b, int64_t stride, int64_t n) { add_row_impl(x, b, stride, n); }
+
 }  // namespace flash_cuda::cpu

@@ -25,4 +25,15 @@ void scale_row(double* x, int64_t n, double a);
 void softmax_grad_row(float* dp, const float* p, int64_t n, float d);
 void softmax_grad_row(double* dp, const double* p, int64_t n, double d);
 
+// Score modifiers on one row (csrc/kernels/score_mod.h's order), each a simple vectorisable pass:
+// x[j] = c tanh(x[j] / c) and dcap[j] = 1 - tanh^2 (dcap may be null);
+void softcap_row(float* x, float* dcap, int64_t n, float c);
+void softcap_row(double* x, double* dcap, int64_t n, double c);
+// x[j] -= slope * |d0 + j| (ALiBi; d0: the row's distance of its first key);
+void alibi_row(float* x, int64_t n, float slope, int64_t d0);
+void alibi_row(double* x, int64_t n, double slope, int64_t d0);
+// x[j] += b[j * stride] (the bias; stride 0: one value for the row).
+void add_row(float* x, const float* b, int64_t stride, int64_t n);
+void add_row(double* x, const double* b, int64_t stride, int64_t n);
+
 }  // namespace flash_cuda::cpu
