@@ -279,7 +279,7 @@ def test_compile_fullgraph_every_feature():
         return a + b
 
     leaves = [x.clone().requires_grad_() for x in (q, k, v)] + [mask]
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True)
     out = compiled(*leaves)
     grads = torch.autograd.grad(out.sum(), leaves)
     ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]

@@ -13,6 +13,10 @@
 // dQ is accumulated per key split into its own fp32 buffer and the splits are summed in
 // a fixed order afterwards, so the result is bitwise reproducible.
 //
+// Causal masks and sliding windows (mask.h) limit the keys a query tile visits and the query
+// rows a key tile visits; softcap, ALiBi and the additive bias are applied to each score tile
+// after its GEMM (modify_tile), and the backward writes the bias gradient tile by tile.
+//
 // fp16/bf16 tiles are converted to fp32 in per-thread buffers (fp32 accumulation);
 // float64 runs the same algorithm in double so gradcheck can verify it.
 #include "attention_cpu.h"

@@ -2,14 +2,15 @@
  *
  * Grid (query tile of 128 rows, query head, batch); each warp owns kMTiles 16-row m-tiles
  * (FwdTraits). Per block:
- *   Q tile -> shared memory once; for each key tile j (causal: only up to the diagonal):
+ *   Q tile -> shared memory once; for each key tile j (kBand: those intersecting the band):
  *     S = Q K_j^T        (mma.m16n8k16, K by ldmatrix: one fragment feeds every m-tile)
- *     scale, mask, online softmax: S becomes P, O rescaled by exp2(m_old - m_new)
+ *     kMod: scale and modifiers (softcap, ALiBi, the bias tile staged with K_j)
+ *     mask, online softmax: S becomes P, O rescaled by exp2(m_old - m_new)
  *     O += P V_j          (P straight from the S accumulators into A registers, V by
  *                          ldmatrix.trans, again one fragment for every m-tile)
  *   O /= rowsum, lse; O staged through shared memory for 128-bit coalesced stores.
- * K and V tiles alternate in flight: V_j loads while S = Q K_j^T computes, K_{j+1} while
- * O += P V_j computes (cp.async), two barriers per key tile.
+ * K and V tiles alternate in flight: V_j loads while S = Q K_j^T computes, the next key tile's
+ * K while O += P V_j computes (cp.async), two barriers per key tile.
  * kBand (causal, sliding window): only the key tiles that intersect the band of this query
  * tile are visited. The key tiles that need no mask (inside the sequence and entirely inside the
  * band: all but one or two at each edge of a long row) run in a loop of their own with no
@@ -83,8 +84,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   else if (first_masked >= 0) load_key_tile(first_masked);
   cp_async_commit();
 
-  // One key tile; kMask: scores past the sequence end or outside the band become -inf.
-  // One key tile j, prefetching K (and the bias) of tile next_j (-1: none).
+  // One key tile j, prefetching K (and the bias) of tile next_j (-1: none); kMask: scores past
+  // the sequence end or outside the band become -inf.
   auto key_tile = [&](const int j, const int next_j, auto mask_tag) {
     constexpr bool kMask = decltype(mask_tag)::value;
     const int n0 = j * kBlockN;
