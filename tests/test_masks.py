@@ -342,3 +342,22 @@ def test_randomised_against_reference(seed):
         extra = 2 * st.abs().max().item() if st is not None and st.numel() else 0.0
         e, ep = max_err(a, b), max_err(pg, b)
         assert e <= 3 * ep + extra + 1e-5, f"{name}: {e:.3g} > 3 x {ep:.3g} + {extra:.3g} + 1e-5 ({kw})"
+
+
+def test_bench_masks_runs(tmp_path):
+    """benchmarks/bench_masks.py end to end (its quick points, every case): not dead on arrival.
+    Its rows carry the measured ratio, peak memory and both implementations' errors."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_masks.py")
+    spec = importlib.util.spec_from_file_location("bench_masks", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "masks.json"
+    rows = bench.main(["--device", "cpu", "--quick", "--json", str(out)])
+    assert {r["case"] for r in rows} == {"window", "padded", "scaling"}
+    for r in rows:
+        if r["case"] != "scaling":
+            assert r["speed_ratio_sdpa_over_ours"] > 0 and r["flash_cuda_err"] < 1e-4 and r["sdpa_err"] < 1e-4
+    assert json.loads(out.read_text())["meta"]["device"]
