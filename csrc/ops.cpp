@@ -8,9 +8,11 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <vector>
 
 #include "attn_options.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/varlen_cpu.h"
 #include "emu/emu_session.h"
 #include "kernel_launch.h"
 
@@ -62,11 +64,11 @@ void check_lse(const at::Tensor& x, const at::Tensor& q, const char* name) {
               x.sizes(), " ", x.scalar_type());
 }
 
-// The op arguments beyond q, k, v, checked for what a direct torch.ops call could get wrong.
-AttnOptions make_options(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right,
+// The options every op shares (scale, band, softcap, ALiBi for `batch` sequences of q's heads),
+// checked for what a direct torch.ops call could get wrong.
+AttnOptions base_options(const at::Tensor& q, int64_t batch, double scale, bool causal, bool bottom_right,
                          int64_t window_left, int64_t window_right, double softcap,
-                         const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& bias,
-                         bool bias_grad) {
+                         const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "flash_cuda: window bounds must be >= -1, got (",
               window_left, ", ", window_right, ")");
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_cuda: softcap must be finite and >= 0, got ", softcap);
@@ -77,15 +79,25 @@ AttnOptions make_options(const at::Tensor& q, const at::Tensor& k, double scale,
   o.window_left = window_left;
   o.window_right = window_right;
   o.softcap = softcap;
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = k.size(2);
   if (alibi_slopes.has_value()) {
     const at::Tensor& a = *alibi_slopes;
     TORCH_CHECK(a.scalar_type() == at::kFloat && a.device() == q.device() && a.dim() == 2 &&
-                    (a.size(0) == 1 || a.size(0) == B) && a.size(1) == Hq,
+                    (a.size(0) == 1 || a.size(0) == batch) && a.size(1) == q.size(1),
                 "flash_cuda: alibi_slopes must be float32 (1 or B, Hq) on q's device, got ", a.sizes(), " ",
                 a.scalar_type());
     o.alibi = a.contiguous();
   }
+  return o;
+}
+
+// The op arguments beyond q, k, v of the (B, H, N, D) ops: base_options and the bias.
+AttnOptions make_options(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right,
+                         int64_t window_left, int64_t window_right, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& bias,
+                         bool bias_grad) {
+  AttnOptions o = base_options(q, q.size(0), scale, causal, bottom_right, window_left, window_right, softcap,
+                               alibi_slopes);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = k.size(2);
   if (bias.has_value()) {
     const at::Tensor& m = *bias;
     TORCH_CHECK(m.scalar_type() == at::toOpMathType(q.scalar_type()) && m.device() == q.device() &&
@@ -174,6 +186,82 @@ BwdResult bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 }
 #endif
 
+// ---- packed sequences (varlen) ----
+
+void check_packed_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "flash_cuda: packed q, k, v must be 3-D (total, H, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  check_qkv(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0));
+}
+
+// The validated cumulative sequence lengths (host values): int32 (B + 1,), starting at 0,
+// non-decreasing, ending at total; each length at most max_seqlen.
+std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 1, "flash_cuda: ", name,
+              " must be a 1-D int32 tensor of B + 1 entries, got ", cu.sizes(), " ", cu.scalar_type());
+  const at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
+  std::vector<int64_t> v(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  TORCH_CHECK(v[0] == 0, "flash_cuda: ", name, " must start at 0, got ", v[0]);
+  for (size_t b = 0; b + 1 < v.size(); ++b) {
+    TORCH_CHECK(v[b + 1] >= v[b], "flash_cuda: ", name, " must be non-decreasing, got ", v[b], " then ", v[b + 1],
+                " at index ", b + 1);
+    TORCH_CHECK(v[b + 1] - v[b] <= max_seqlen, "flash_cuda: sequence ", b, " has ", v[b + 1] - v[b],
+                " tokens, more than max_seqlen (", max_seqlen, ") for ", name);
+  }
+  TORCH_CHECK(v.back() == total, "flash_cuda: the last entry of ", name, " must be the total number of tokens (",
+              total, "), got ", v.back());
+  return v;
+}
+
+// Both cu_seqlens checked (their host values into vq, vk) and the options of a varlen op.
+AttnOptions varlen_options(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                           int64_t max_q, int64_t max_k, double scale, bool causal, int64_t window_left,
+                           int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                           std::vector<int64_t>& vq, std::vector<int64_t>& vk) {
+  TORCH_CHECK(cu_q.numel() == cu_k.numel(), "flash_cuda: cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+              cu_q.numel(), " and ", cu_k.numel());
+  vq = check_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q);
+  vk = check_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k);
+  TORCH_CHECK(!emu_active(), "flash_cuda: packed sequences (varlen) do not run in the CUDA kernels yet");
+  return base_options(q, int64_t(vq.size()) - 1, scale, causal, true, window_left, window_right, softcap,
+                      alibi_slopes);
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                                                  int64_t max_k, double scale, bool causal, bool /*deterministic*/,
+                                                  int64_t window_left, int64_t window_right, double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes) {
+  check_packed_qkv(q, k, v);
+  std::vector<int64_t> vq, vk;
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, vq, vk);
+  return cpu::varlen_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), vq, vk, o);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    int64_t max_q, int64_t max_k, double scale, bool causal, bool /*deterministic*/, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_packed_qkv(q, k, v);
+  check_like(dout, q, "dout");
+  check_like(out, q, "out");
+  auto check_packed_lse = [&](const at::Tensor& x, const char* name) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == q.size(1) && x.size(1) == q.size(0) &&
+                    x.scalar_type() == at::toOpMathType(q.scalar_type()) && x.device() == q.device(),
+                "flash_cuda: ", name, " must be (Hq, total_q) in the accumulation dtype, got ", x.sizes(), " ",
+                x.scalar_type());
+  };
+  check_packed_lse(lse, "lse");
+  if (dlse) check_packed_lse(*dlse, "dlse");
+  std::vector<int64_t> vq, vk;
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, vq, vk);
+  return cpu::varlen_bwd(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
+                         unit_last_stride(out), lse, dlse, vq, vk, o);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flash_cuda, m) {
@@ -191,11 +279,23 @@ TORCH_LIBRARY(flash_cuda, m) {
         " float scale, bool causal, bool bottom_right, bool deterministic=False,"
         " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
         " Tensor? bias=None, bool bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // Packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D); sequence b is rows
+  // [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q against [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k, v
+  // (int32, B + 1 entries), bottom-right causal per sequence; lse (Hq, total_q).
+  m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+        " int max_seqlen_k, float scale, bool causal, bool deterministic=False, int window_left=-1,"
+        " int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+  m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal,"
+        " bool deterministic=False, int window_left=-1, int window_right=-1, float softcap=0.0,"
+        " Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {
   m.impl("fwd", &fwd_cpu);
   m.impl("bwd", &bwd_cpu);
+  m.impl("varlen_fwd", &varlen_fwd_cpu);
+  m.impl("varlen_bwd", &varlen_bwd_cpu);
 }
 
 #if defined(FLASH_CUDA_WITH_CUDA)

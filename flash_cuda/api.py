@@ -116,17 +116,16 @@ def _check_softcap(fn, softcap):
     return float(softcap)
 
 
-def _check_alibi(fn, slopes, q):
+def _check_alibi(fn, slopes, B, hq, device):
     """float32 (Hq,) or (B, Hq) on q's device -> (1 or B, Hq)."""
     if slopes is None:
         return None
-    B, hq = q.shape[0], q.shape[1]
     if not isinstance(slopes, torch.Tensor):
         raise TypeError(f"{fn}: alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
     if slopes.dtype != torch.float32:
         raise TypeError(f"{fn}: alibi_slopes must be float32, got {slopes.dtype}")
-    if slopes.device != q.device:
-        raise RuntimeError(f"{fn}: alibi_slopes must be on the device of q ({q.device}), got {slopes.device}")
+    if slopes.device != device:
+        raise RuntimeError(f"{fn}: alibi_slopes must be on the device of q ({device}), got {slopes.device}")
     if _shape(slopes) not in ((hq,), (B, hq)):
         raise ValueError(f"{fn}: alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({B}, {hq}), "
                          f"got {_shape(slopes)}")
@@ -156,6 +155,17 @@ def _mask_to_bias(fn, name, mask, q, nk, full_shape):
         bias = mask.to(acc)
     bias = bias.expand(tuple(full_shape))
     return bias.reshape(q.shape[0], q.shape[1], q.shape[2], nk) if bias.dim() != 4 else bias
+
+
+def _check_options(fn, q, batch, causal, return_lse, deterministic, scale, window, softcap, alibi_slopes):
+    """The arguments attention and varlen_attention share -> (scale, left, right, softcap, slopes)."""
+    _check_flag(fn, "causal", causal)
+    _check_flag(fn, "return_lse", return_lse)
+    _check_flag(fn, "deterministic", deterministic)
+    scale = _check_scale(fn, scale, q.shape[-1])
+    left, right = _check_window(fn, window)
+    softcap = _check_softcap(fn, softcap)
+    return scale, left, right, softcap, _check_alibi(fn, alibi_slopes, batch, q.shape[1], q.device)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None, attn_mask=None,
@@ -190,13 +200,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
     fn = "flash_cuda.attention"
     _check_tensors(fn, ("q", "k", "v"), (q, k, v))
     _check_shapes(fn, ("q", "k", "v"), q, k, v)
-    _check_flag(fn, "causal", causal)
-    _check_flag(fn, "return_lse", return_lse)
-    _check_flag(fn, "deterministic", deterministic)
-    scale = _check_scale(fn, scale, q.shape[-1])
-    left, right = _check_window(fn, window)
-    softcap = _check_softcap(fn, softcap)
-    slopes = _check_alibi(fn, alibi_slopes, q)
+    scale, left, right, softcap, slopes = _check_options(fn, q, q.shape[0], causal, return_lse, deterministic, scale,
+                                                         window, softcap, alibi_slopes)
     B, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, nk, (B, hq, nq, nk))
     out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True, deterministic, left, right, softcap, slopes,
@@ -258,3 +263,90 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, k.shape[2], full)
     out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias)
     return out.reshape(query.shape)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
+                     window=None, softcap=0.0, alibi_slopes=None, return_lse=False, deterministic=False):
+    """Attention over packed variable-length sequences (FlashAttention's varlen interface).
+
+    q: (total_q, Hq, D); k, v: (total_k, Hkv, D), every sequence's tokens back to back (any
+    strides with stride(-1) == 1). cu_seqlens_q, cu_seqlens_k: int32 (B + 1,), starting at 0,
+    non-decreasing, ending at total_q / total_k: sequence b is queries
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] against keys cu_seqlens_k[b]:cu_seqlens_k[b+1], and
+    nothing else. max_seqlen_q/k: ints at least every sequence's length. causal (bottom-right
+    per sequence), scale, window, softcap and alibi_slopes ((Hq,) or (B, Hq)) as in attention().
+    Zero-length sequences are allowed; queries of a sequence without keys give 0 and lse -inf.
+
+    Returns out (total_q, Hq, D), and with return_lse also lse (Hq, total_q) float32 (float64 for
+    float64 inputs). CPU tensors (the CUDA kernels do not take packed sequences yet).
+    """
+    fn = "flash_cuda.varlen_attention"
+    _check_tensors(fn, ("q", "k", "v"), (q, k, v))
+    for name, x, dims in (("q", q, "(total_q, Hq, D)"), ("k", k, "(total_k, Hkv, D)"), ("v", v, "(total_k, Hkv, D)")):
+        if x.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D {dims}, got shape {_shape(x)}")
+    _check_shapes(fn, ("q", "k", "v"), *(x.transpose(0, 1)[None] for x in (q, k, v)))
+    if q.device.type == "cuda" or emulate._active:
+        raise NotImplementedError(f"{fn}: packed sequences run on the CPU backend only so far (the CUDA kernels "
+                                  "do not take cu_seqlens yet); use CPU tensors outside flash_cuda.emulate()")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{fn}: {name} must be int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{fn}: {name} must be 1-D with B + 1 entries, got shape {_shape(cu)}")
+        if cu.device != q.device:
+            raise RuntimeError(f"{fn}: {name} must be on the device of q ({q.device}), got {cu.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise TypeError(f"{fn}: {name} must be a non-negative int, got {m!r}")
+    for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        if torch.compiler.is_compiling():
+            break  # values are data: the op checks them when it runs
+        c = cu.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{fn}: {name} must start at 0, got {c[0]}")
+        lengths = [b - a for a, b in zip(c, c[1:])]
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"{fn}: {name} must be non-decreasing, got {c}")
+        if c[-1] != total:
+            raise ValueError(f"{fn}: the last entry of {name} must be the total number of tokens ({total}), "
+                             f"got {c[-1]}")
+        if lengths and max(lengths) > mx:
+            raise ValueError(f"{fn}: max_seqlen {mx} is smaller than the longest sequence ({max(lengths)}) of {name}")
+    scale, left, right, softcap, slopes = _check_options(fn, q, cu_seqlens_q.numel() - 1, causal, return_lse,
+                                                         deterministic, scale, window, softcap, alibi_slopes)
+    out, lse = torch.ops.flash_cuda.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                               causal, deterministic, left, right, softcap, slopes)
+    return (out, lse) if return_lse else out
+
+
+def unpad_input(x, attention_mask):
+    """A padded batch x (B, S, ...) and its (B, S) mask (bool or int, nonzero = a real token) ->
+    (x_unpad (total, ...), indices (total,) int64 into the flattened B * S tokens, cu_seqlens
+    (B + 1,) int32, max_seqlen int), for varlen_attention. Differentiable in x."""
+    fn = "flash_cuda.unpad_input"
+    if not isinstance(x, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"{fn}: x and attention_mask must be torch.Tensors")
+    if attention_mask.dim() != 2 or x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
+        raise ValueError(f"{fn}: attention_mask must be (B, S) matching x's first two dims, got {_shape(attention_mask)} "
+                         f"for x of shape {_shape(x)}")
+    keep = attention_mask.reshape(-1) != 0
+    indices = torch.nonzero(keep).flatten()
+    lengths = (attention_mask != 0).sum(1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(lengths.max().item()) if lengths.numel() else 0
+    return x.reshape(-1, *x.shape[2:])[indices], indices, cu_seqlens, max_seqlen
+
+
+def pad_input(x_unpad, indices, batch, seqlen):
+    """Inverse of unpad_input: (total, ...) -> (batch, seqlen, ...) with zeros at the padding.
+    Differentiable in x_unpad."""
+    out = x_unpad.new_zeros(batch * seqlen, *x_unpad.shape[1:])
+    out = out.index_put((indices,), x_unpad)
+    return out.reshape(batch, seqlen, *x_unpad.shape[1:])

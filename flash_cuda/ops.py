@@ -59,3 +59,39 @@ def _backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("flash_cuda::varlen_fwd")
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                     deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
+    out = torch.empty_like(_unit_last_stride(q))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("flash_cuda::varlen_bwd")
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                     causal, deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
+    return tuple(torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    inputs = list(inputs) + [None] * (14 - len(inputs))
+    q, k, v, cu_q, cu_k = inputs[:5]
+    out, lse = output
+    alibi = inputs[13]
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+    max_q, max_k, scale, causal, deterministic, wl, wr, softcap = inputs[5:13]
+    ctx.args = (max_q, max_k, scale, causal, bool(deterministic) if deterministic is not None else False,
+                -1 if wl is None else wl, -1 if wr is None else wr, 0.0 if softcap is None else softcap)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.flash_cuda.varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args, alibi)
+    return (dq, dk, dv) + (None,) * 11
+
+
+torch.library.register_autograd("flash_cuda::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)

@@ -1,0 +1,204 @@
+"""Packed variable-length sequences on the CPU backend: flash_cuda.varlen_attention against a
+per-sequence float64 reference (lengths 0, 1, 17, 113, 130 mixed, lens_q != lens_k, GQA, causal,
+window, softcap, ALiBi), outputs and gradients (through lse too); unpad_input / pad_input;
+opcheck and torch.compile; bad cu_seqlens. (The CUDA kernels do not take packed sequences yet.)"""
+import pytest
+import torch
+
+import flash_cuda
+from reference import assert_close_fp, assert_fa_rule, attention_ref
+
+LENS_Q = [17, 0, 113, 1, 130]
+LENS_K = [20, 5, 113, 0, 97]
+
+
+def packed(dtype, lens_q, lens_k, hq=4, hkv=2, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, hq, d, generator=g).to(dtype)
+    k = torch.randn(tk, hkv, d, generator=g).to(dtype)
+    v = torch.randn(tk, hkv, d, generator=g).to(dtype)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32)  # noqa: E731
+    return q, k, v, cu(lens_q), cu(lens_k)
+
+
+def reference(q, k, v, cu_q, cu_k, dtype, **kw):
+    """Per-sequence attention_ref, packed back: (out (total_q, Hq, D), lse (Hq, total_q))."""
+    outs, lses = [], []
+    slopes = kw.pop("alibi_slopes", None)
+    for b in range(cu_q.numel() - 1):
+        qs, qe, ks, ke = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
+        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b])
+        o, l = attention_ref(q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None],
+                             v[ks:ke].transpose(0, 1)[None], dtype=dtype, alibi_slopes=sl, **kw)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+FEATURES = {"plain": {}, "causal": dict(causal=True), "window": dict(causal=True, window=(9, -1)),
+            "softcap_alibi": dict(softcap=2.0, alibi="batch")}
+
+
+def resolve(feats, B, hq):
+    kw = dict(feats)
+    if kw.get("alibi"):
+        kw.pop("alibi")
+        kw["alibi_slopes"] = torch.rand(B, hq, generator=torch.Generator().manual_seed(1)) * 0.3
+    return kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_against_per_sequence_reference(name, dtype):
+    q, k, v, cu_q, cu_k = packed(dtype, LENS_Q, LENS_K)
+    kw = resolve(FEATURES[name], len(LENS_Q), q.shape[1])
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(LENS_Q), max(LENS_K), return_lse=True, **kw)
+    assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grads = torch.autograd.grad((out * dout).sum() + 0.1 * lse.nan_to_num(neginf=0).sum(), leaves)
+
+    def ref_grads(dt):
+        ls = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        o, l = reference(*ls, cu_q, cu_k, dt, **dict(kw))
+        return o, l, torch.autograd.grad((o * dout.to(dt)).sum() + 0.1 * l.nan_to_num(neginf=0).sum(), ls)
+
+    ref_out, ref_lse, rg = ref_grads(torch.float64)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # the sequence without keys: -inf
+    fin = torch.isfinite(ref_lse)
+    if dtype == torch.float32:
+        assert_close_fp("out", out, ref_out)
+        assert_close_fp("lse", lse[fin], ref_lse[fin])
+        for name_, a, b in zip("qkv", grads, rg):
+            assert_close_fp("d" + name_, a, b, 1e-4)
+    else:
+        plain_out, _, pg = ref_grads(dtype)
+        assert_fa_rule("out", out, plain_out, ref_out, 2)
+        for name_, a, p, b in zip("qkv", grads, pg, rg):
+            assert_fa_rule("d" + name_, a, p, b, 3)
+
+
+def test_unpad_pad_round_trip_and_equivalence():
+    """A padded batch through unpad -> varlen -> pad equals attention on each sequence alone."""
+    B, S, H, D = 3, 40, 2, 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, S, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    lengths = [40, 7, 0]
+    mask = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
+    xu, idx, cu, mx = flash_cuda.unpad_input(x, mask)
+    assert xu.shape == (sum(lengths), H, D) and cu.tolist() == [0, 40, 47, 47] and mx == 40
+    back = flash_cuda.pad_input(xu, idx, B, S)
+    assert torch.equal(back, x * mask[:, :, None, None])
+    out = flash_cuda.pad_input(flash_cuda.varlen_attention(xu, xu, xu, cu, cu, mx, mx, causal=True), idx, B, S)
+    for b, n in enumerate(lengths):
+        if n:
+            xb = x[b, :n].transpose(0, 1)[None]
+            ref = flash_cuda.attention(xb, xb, xb, causal=True)[0].transpose(0, 1)
+            torch.testing.assert_close(out[b, :n], ref, atol=1e-12, rtol=1e-10)
+        assert out[b, n:].abs().max() == 0 if n < S else True
+    assert torch.autograd.gradcheck(lambda t: flash_cuda.pad_input(flash_cuda.unpad_input(t, mask)[0] * 2, idx, B, S),
+                                    (x[:, :, :1, :2].detach().clone().requires_grad_(),))
+
+
+def test_gradcheck_float64():
+    q, k, v, cu_q, cu_k = packed(torch.float64, [3, 0, 5], [4, 2, 6], hq=2, hkv=1, d=4)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: flash_cuda.varlen_attention(q, k, v, cu_q, cu_k, 5, 6, causal=True, softcap=1.5), (q, k, v))
+
+
+def test_opcheck_and_compile():
+    q, k, v, cu_q, cu_k = packed(torch.float32, [5, 9], [7, 3], hq=2, hkv=1, d=8)
+    args = (q, k, v, cu_q, cu_k, 9, 7, 0.3, True, False, 4, -1, 0.0, None)
+    torch.library.opcheck(torch.ops.flash_cuda.varlen_fwd.default, args)
+    out, lse = torch.ops.flash_cuda.varlen_fwd(*args)
+    torch.library.opcheck(torch.ops.flash_cuda.varlen_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, None, cu_q, cu_k, 9, 7, 0.3, True, False, 4, -1,
+                           0.0, None))
+
+    def f(q, k, v):
+        return flash_cuda.varlen_attention(q, k, v, cu_q, cu_k, 9, 7, causal=True)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = f(*ref_leaves)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, torch.autograd.grad(ref.sum(), ref_leaves)):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ bad input, one test each
+def args(**over):
+    q, k, v, cu_q, cu_k = packed(torch.float32, [3, 4], [5, 2], hq=2, hkv=1, d=8)
+    a = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=4, max_seqlen_k=5)
+    a.update(over)
+    return a
+
+
+def call(**over):
+    a = args(**over)
+    return flash_cuda.varlen_attention(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("cu_seqlens_q"),
+                                       a.pop("cu_seqlens_k"), a.pop("max_seqlen_q"), a.pop("max_seqlen_k"), **a)
+
+
+def test_cu_seqlens_wrong_dtype():
+    with pytest.raises(TypeError, match=r"cu_seqlens_q must be int32, got torch.int64"):
+        call(cu_seqlens_q=torch.tensor([0, 3, 7]))
+
+
+def test_cu_seqlens_not_starting_at_zero():
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must start at 0, got 1"):
+        call(cu_seqlens_k=torch.tensor([1, 5, 7], dtype=torch.int32))
+
+
+def test_cu_seqlens_decreasing():
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing"):
+        call(cu_seqlens_q=torch.tensor([0, 5, 3, 7], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 2, 5, 7],
+                                                                                                    dtype=torch.int32))
+
+
+def test_cu_seqlens_last_entry_not_total():
+    with pytest.raises(ValueError, match=r"the last entry of cu_seqlens_q must be the total number of tokens \(7\), "
+                                         r"got 6"):
+        call(cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32))
+
+
+def test_cu_seqlens_of_different_lengths():
+    with pytest.raises(ValueError, match=r"cu_seqlens_q and cu_seqlens_k must have the same length"):
+        call(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32))
+
+
+def test_max_seqlen_smaller_than_a_sequence():
+    with pytest.raises(ValueError, match=r"max_seqlen 3 is smaller than the longest sequence \(4\) of cu_seqlens_q"):
+        call(max_seqlen_q=3)
+
+
+def test_packed_tensors_wrong_rank():
+    q = args()["q"]
+    with pytest.raises(ValueError, match=r"q must be 3-D \(total_q, Hq, D\)"):
+        call(q=q[None])
+
+
+def test_packed_heads_not_divisible():
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a positive multiple of the number of key/value "
+                                         r"heads \(2\)"):
+        call(q=torch.randn(7, 3, 8), k=torch.randn(7, 2, 8), v=torch.randn(7, 2, 8),
+             cu_seqlens_k=torch.tensor([0, 5, 7], dtype=torch.int32))
+
+
+def test_ops_check_cu_seqlens_in_cpp_too():
+    a = args()
+    with pytest.raises(RuntimeError, match=r"cu_seqlens_q must be non-decreasing"):
+        torch.ops.flash_cuda.varlen_fwd(a["q"], a["k"], a["v"], torch.tensor([0, 5, 3, 7], dtype=torch.int32),
+                                        torch.tensor([0, 2, 5, 7], dtype=torch.int32), 9, 9, 0.3, False)
+
+
+def test_kernels_not_yet():
+    a = args(q=args()["q"].half(), k=args()["k"].half(), v=args()["v"].half())
+    with flash_cuda.emulate():
+        with pytest.raises(NotImplementedError, match=r"packed sequences run on the CPU backend only so far"):
+            call(**a)
