@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   const int m_end = min(m0 + kBlockM, p.nq);
   const int j_begin = kBand ? int(p.mask.key_begin(m0, p.nk)) / kBlockN : 0;
   const int j_end = ((kBand ? int(p.mask.key_end(m_end, p.nk)) : p.nk) + kBlockN - 1) / kBlockN;
-  const float slope = kMod ? p.mod.slope(batch, head, p.hq) : 0.0f;
+  const float slope = kMod ? p.mod.slope(batch, head) : 0.0f;
   const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
   const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
   float rdQ[kDTiles][4] = {};  // 16 x kHeadDim of dQ for this warp's rows, fp32

@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       // tile's element pair is two adjacent queries of one key, one 8-byte store, and every
       // element of (b, h) is computed once here: plain stores, written only inside [0, nk) x
       // [0, nq) (the pair's second query may be padding: its dS^T' is 0).
-      const float slope = p.mod.slope(batch, head, p.hq);
+      const float slope = p.mod.slope(batch, head);
       const float* sBiasS = sBias(s);
       const bool has_bias = p.mod.bias != nullptr, bias_row_broadcast = p.mod.bias_stride[2] == 0;
       float* gdBias = p.mod.dbias ? p.mod.dbias + ((int64_t(batch) * p.hq + head) * p.nk + n0 + key_of(0, 0)) *

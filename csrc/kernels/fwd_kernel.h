@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   }
   // kMod: scores are modified in natural units, so the softmax's base-2 scale is log2(e) alone.
   const float softmax_scale = kMod ? 1.4426950408889634f : p.scale_log2;
-  const float slope = kMod ? p.mod.slope(batch, head, p.hq) : 0.0f;
+  const float slope = kMod ? p.mod.slope(batch, head) : 0.0f;
   const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
   const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
   // kMod: the bias of key tile j travels with K_j

@@ -7,9 +7,9 @@
 // and their backward: with dS' = dL/ds after the cap (the bias gradient itself),
 // dL/ds = dS' (1 - tanh^2(s / c)).
 //
-// Shared by every executor (CPU backend in float or double, CUDA kernels, emulator);
-// torch-free. The elementwise functions take the indices of one score, so a kernel calls them
-// on its fp32 fragments in registers and the CPU backend on its tiles.
+// Torch-free. The kernels (on a GPU and in the emulator) call modify_score on their fp32 score
+// fragments in registers; the CPU backend applies the same formulas a row at a time
+// (csrc/cpu/rowops.cpp: softcap_row, alibi_row, add_row).
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -29,7 +29,7 @@ struct ScoreMod {
   int64_t dbias_stride;
 
   FC_HOST_DEVICE bool any() const { return softcap > 0.0f || alibi != nullptr || bias != nullptr; }
-  FC_HOST_DEVICE float slope(int b, int h, int hq) const { return alibi ? alibi[b * alibi_bstride + h] : 0.0f; }
+  FC_HOST_DEVICE float slope(int b, int h) const { return alibi ? alibi[b * alibi_bstride + h] : 0.0f; }
   FC_HOST_DEVICE const float* bias_head(int b, int h) const {
     return bias ? bias + b * bias_stride[0] + h * bias_stride[1] : nullptr;
   }
