@@ -9,14 +9,6 @@ import math
 import torch
 
 
-def causal_hidden(nq, nk, bottom_right, device):
-    """(nq, nk) bool mask, True where key j is hidden from query i."""
-    offset = nk - nq if bottom_right else 0
-    i = torch.arange(nq, device=device)[:, None]
-    j = torch.arange(nk, device=device)[None, :]
-    return j > i + offset
-
-
 def band_hidden(nq, nk, window, causal, bottom_right, device):
     """(nq, nk) bool, True where key j is outside query i's window (left, right) (-1: open;
     causal: right = 0), with d = j - (i + offset) as in flash_cuda.attention."""
