@@ -16,3 +16,14 @@ def dtypes_for(device):
     if device == "cuda":  # the CUDA kernels are 16-bit (tensor cores)
         return [torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def widest_dtype(device):
+    """float32 on CPU; bfloat16 on CUDA, whose kernels take 16-bit inputs only."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def skip_unless_supported(device, dtype):
+    """float32/float64 CUDA tensors raise TypeError (test_errors.py checks that): skip them."""
+    if dtype not in dtypes_for(device):
+        pytest.skip(f"the {device} kernels do not take {dtype}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flash_cuda
+from conftest import widest_dtype
 
 attention = flash_cuda.attention
 sdpa = flash_cuda.scaled_dot_product_attention
@@ -166,7 +167,7 @@ def test_sdpa_bad_ndim():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_empty_query_sequence(device, causal):
-    q, k, v = (x.requires_grad_() for x in qkv(Nq=0, device=device))
+    q, k, v = (x.requires_grad_() for x in qkv(Nq=0, device=device, dtype=widest_dtype(device)))
     out, lse = attention(q, k, v, causal=causal, return_lse=True)
     assert out.shape == (2, 4, 0, 16) and lse.shape == (2, 4, 0)
     out.sum().backward()
@@ -176,7 +177,7 @@ def test_empty_query_sequence(device, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_empty_key_sequence(device, causal):
     """Nk = 0: every row sees no key, so out = 0, lse = -inf and dq = 0."""
-    q, k, v = (x.requires_grad_() for x in qkv(Nk=0, device=device))
+    q, k, v = (x.requires_grad_() for x in qkv(Nk=0, device=device, dtype=widest_dtype(device)))
     out, lse = attention(q, k, v, causal=causal, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     out.sum().backward()
@@ -184,7 +185,7 @@ def test_empty_key_sequence(device, causal):
 
 
 def test_empty_batch(device):
-    q, k, v = qkv(B=0, device=device)
+    q, k, v = qkv(B=0, device=device, dtype=widest_dtype(device))
     assert attention(q, k, v).shape == (0, 4, 8, 16)
 
 

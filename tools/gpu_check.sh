@@ -41,10 +41,10 @@ stage() {  # stage NAME CAP_S CMD...: CMD under min(CAP_S, time left); its outpu
     python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
     nvcc --version | tail -n 2; lscpu | grep -m1 'Model name'; nproc
 } >> "$LOG" 2>&1
-CC=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+ARCH=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
 
-stage build 300 env TORCH_CUDA_ARCH_LIST="$CC" MAX_JOBS="$(nproc)" python3 setup.py -q build_ext --inplace
+stage build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" python3 setup.py -q build_ext --inplace
 python3 -c "import flash_cuda; assert flash_cuda.has_cuda_kernels(), 'no CUDA kernels in this build'" >> "$LOG" 2>&1 \
     || { echo "== the build has no CUDA kernels: stopping" | tee -a "$LOG"; exit 1; }
 stage test_kernel_gpu 150 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_kernel_gpu.py
