@@ -57,23 +57,45 @@ void check_kernel_inputs(const at::Tensor& q, Executor executor) {
               executor == Executor::emu ? " (emulated)" : "", " take float16 or bfloat16 inputs, got ", q.scalar_type());
 }
 
-TensorRef ref(const at::Tensor& x) {
+// A tensor as the kernels address it; a packed sequence's rows start at its cu_seqlens entry,
+// whatever the batch index: batch stride 0.
+TensorRef ref(const at::Tensor& x, const std::optional<Packed>& packed) {
   TORCH_CHECK(x.stride(-1) == 1, "flash_cuda: the kernels need unit stride in the head dim");
-  return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)};
+  return {x.data_ptr(), packed ? 0 : x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// An output like x: (B, H, N, D) contiguous, or packed: a (1, H, total, D) view of (total, H, D).
+at::Tensor empty_output(const at::Tensor& x, const std::optional<Packed>& packed) {
+  if (!packed) return at::empty(x.sizes(), x.options());
+  return at::empty({x.size(2), x.size(1), x.size(3)}, x.options()).permute({1, 0, 2}).unsqueeze(0);
 }
 
 // Sizes, scale, band and modifiers shared by the forward and backward params (the tensors in
-// `o` stay alive for the call: the params point into them).
-AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, const AttnOptions& o) {
-  const int64_t Nq = q.size(2), Nk = k.size(2);
-  TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && q.size(0) <= 65535 && q.size(1) <= 65535,
+// `o` and `packed` stay alive for the call: the params point into them).
+AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, const AttnOptions& o,
+                     const std::optional<Packed>& packed) {
+  // Packed: the grid covers the longest sequence (at least one tile: blocks past their
+  // sequence's end exit), the batch is the number of sequences.
+  const int64_t Nq = packed ? std::max<int64_t>(packed->max_q, 1) : q.size(2);
+  const int64_t Nk = packed ? std::max<int64_t>(packed->max_k, 1) : k.size(2);
+  const int64_t B = packed ? packed->batch() : q.size(0);
+  TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && q.size(2) < (int64_t(1) << 31) &&
+                  k.size(2) < (int64_t(1) << 31) && B <= 65535 && q.size(1) <= 65535,
               "flash_cuda: sequence lengths must be < 2^31 and B, H <= 65535 for the CUDA kernels");
   AttnShape s{};
-  s.b = static_cast<int>(q.size(0));
+  s.b = static_cast<int>(B);
   s.hq = static_cast<int>(q.size(1));
   s.hkv = static_cast<int>(k.size(1));
   s.nq = static_cast<int>(Nq);
   s.nk = static_cast<int>(Nk);
+  s.total_q = static_cast<int>(q.size(2));
+  s.total_k = static_cast<int>(k.size(2));
+  if (packed) {
+    s.cu_seqlens_q = packed->cu_q.data_ptr<int>();
+    s.cu_seqlens_k = packed->cu_k.data_ptr<int>();
+  }
+  s.lse_batch_stride = packed ? 0 : s.hq * Nq;  // lse: (B, Hq, Nq), packed (Hq, total_q)
+  s.lse_head_stride = packed ? q.size(2) : Nq;
   s.d = static_cast<int>((q.size(3) + 7) / 8 * 8);  // aligned_input/aligned_output pad to it
   s.scale = static_cast<float>(scale);
   s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
@@ -114,9 +136,13 @@ AttnOptions kernel_options(const AttnOptions& o) {
 }
 
 // The modifier tensors an emulated launch may read.
-void add_mod_buffers(std::vector<emu::Buffer>& buffers, const AttnOptions& o) {
+void add_mod_buffers(std::vector<emu::Buffer>& buffers, const AttnOptions& o, const std::optional<Packed>& packed) {
   if (o.alibi) buffers.push_back(tensor_footprint(*o.alibi, false));
   if (o.bias) buffers.push_back(tensor_footprint(*o.bias, false));
+  if (packed) {
+    buffers.push_back(tensor_footprint(packed->cu_q, false));
+    buffers.push_back(tensor_footprint(packed->cu_k, false));
+  }
 }
 
 }  // namespace
@@ -137,12 +163,13 @@ emu::Buffer kernel_footprint(const at::Tensor& x, bool writable) {
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at::Tensor& k_in,
-                                               const at::Tensor& v_in, const AttnOptions& opt_in, Executor executor) {
+                                               const at::Tensor& v_in, const AttnOptions& opt_in, Executor executor,
+                                               const std::optional<Packed>& packed) {
   const AttnOptions opt = kernel_options(opt_in);
   const double scale = opt.scale;
   check_kernel_inputs(q_in, executor);
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
-  auto out = at::empty({B, Hq, Nq, D}, q_in.options());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2);
+  auto out = empty_output(q_in, packed);
   auto lse = at::empty({B, Hq, Nq}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   if (k_in.size(2) == 0) {  // no key at all: every row is empty
@@ -158,18 +185,18 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   const at::Tensor q = aligned_input(q_pos), k = aligned_input(k_in), v = aligned_input(v_in);
   at::Tensor o = aligned_output(out);
   FwdParams p{};
-  static_cast<AttnShape&>(p) = attn_shape(q, k, scale_pos, opt);
-  p.q = ref(q);
-  p.k = ref(k);
-  p.v = ref(v);
-  p.o = ref(o);
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale_pos, opt, packed);
+  p.q = ref(q, packed);
+  p.k = ref(k, packed);
+  p.v = ref(v, packed);
+  p.o = ref(o, packed);
   p.lse = lse.data_ptr<float>();
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const char* err = nullptr;
   if (executor == Executor::emu) {
     std::vector<emu::Buffer> buffers{kernel_footprint(q, false), kernel_footprint(k, false),
                                      kernel_footprint(v, false), kernel_footprint(o, true), tensor_footprint(lse, true)};
-    add_mod_buffers(buffers, opt);
+    add_mod_buffers(buffers, opt, packed);
     emu::set_buffers(std::move(buffers));
     err = emu_backend::fwd(p, bf16, nullptr);
   } else {
@@ -188,13 +215,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt_in,
-    bool deterministic, Executor executor) {
+    bool deterministic, Executor executor, const std::optional<Packed>& packed) {
   const AttnOptions opt = kernel_options(opt_in);
   check_kernel_inputs(q_in, executor);
   const double scale = opt.scale;
-  auto dq_out = at::empty(q_in.sizes(), q_in.options());
-  auto dk_out = at::empty(k_in.sizes(), k_in.options());
-  auto dv_out = at::empty(v_in.sizes(), v_in.options());
+  auto dq_out = empty_output(q_in, packed);
+  auto dk_out = empty_output(k_in, packed);
+  auto dv_out = empty_output(v_in, packed);
   // dL/d bias, dense and transposed as the kernels write it ([B][Hq][Nk][Nq rounded up to 8]:
   // ScoreMod::dbias), returned as a (B, Hq, Nq, Nk) view; elements in tiles the band skips are
   // never written: zeros
@@ -212,22 +239,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
   const at::Tensor out = aligned_input(out_in), dout = aligned_input(dout_in);
   const at::Tensor dq = aligned_output(dq_out), dk = aligned_output(dk_out), dv = aligned_output(dv_out);
   BwdParams p{};
-  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, opt);
+  static_cast<AttnShape&>(p) = attn_shape(q, k, scale, opt, packed);
   p.mod.dbias = dbias_t.defined() ? dbias_t.data_ptr<float>() : nullptr;
   p.mod.dbias_stride = nq_pad;
-  p.q = ref(q);
-  p.k = ref(k);
-  p.v = ref(v);
-  p.o = ref(out);
-  p.dout = ref(dout);
-  p.dq = ref(dq);
-  p.dk = ref(dk);
-  p.dv = ref(dv);
+  p.q = ref(q, packed);
+  p.k = ref(k, packed);
+  p.v = ref(v, packed);
+  p.o = ref(out, packed);
+  p.dout = ref(dout, packed);
+  p.dq = ref(dq, packed);
+  p.dk = ref(dk, packed);
+  p.dv = ref(dv, packed);
   const auto lse_c = lse.contiguous();
   const auto dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   p.lse = lse_c.data_ptr<float>();
   p.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
-  auto row_stats = at::empty({row_stats_offset(p.nq, p.hq, p.b, 0)}, lse.options());
+  p.set_scratch_layout();
+  auto row_stats = at::empty({2 * p.scratch_rows}, lse.options());
   p.row_stats = row_stats.data_ptr<float>();
   const bool emulated = executor == Executor::emu;
   const size_t accum_floats = deterministic ? 0 : (emulated ? emu_backend::bwd_dq_accum_floats(p)
@@ -247,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
       buffers.push_back(kernel_footprint(*x, true));
     if (p.dlse) buffers.push_back(tensor_footprint(dlse_c, false));
     if (dbias_t.defined()) buffers.push_back(tensor_footprint(dbias_t, true));
-    add_mod_buffers(buffers, opt);
+    add_mod_buffers(buffers, opt, packed);
     emu::set_buffers(std::move(buffers));
     err = emu_backend::bwd(p, bf16, deterministic, nullptr);
   } else {

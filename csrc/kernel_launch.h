@@ -16,16 +16,28 @@ enum class Executor { cuda, emu };
 // may touch (emu::set_buffers).
 emu::Buffer tensor_footprint(const at::Tensor& t, bool writable);
 
-// q, k, v: (B, H, N, D) fp16/bf16 with unit stride in D, checked by the caller (ops.cpp).
-// opt.bias (if any) is float32.
+// Packed sequences (varlen_attention): the kernels get (1, H, total, D) views of the packed
+// (total, H, D) tensors and read sequence b's rows from cu_seqlens (int32, B + 1 entries, on the
+// tensors' device; clamped in the kernels, never read on the host); max_q, max_k size the grid.
+struct Packed {
+  at::Tensor cu_q, cu_k;
+  int64_t max_q, max_k;
+  int64_t batch() const { return cu_q.numel() - 1; }
+};
+
+// q, k, v: (B, H, N, D) fp16/bf16 with unit stride in D, checked by the caller (ops.cpp);
+// packed: B = 1 views of the packed tensors, out and lse then (1, Hq, total_q, D) and
+// (1, Hq, total_q) views of (total_q, Hq, D) and (Hq, total_q) tensors. opt.bias (if any) is
+// float32 (dense batches only).
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const AttnOptions& opt, Executor executor);
+                                               const AttnOptions& opt, Executor executor,
+                                               const std::optional<Packed>& packed = std::nullopt);
 
 // Gradients of fwd_kernels' (out, lse), and of the bias when opt.bias_grad (dense float32
 // (B, Hq, Nq, Nk); else undefined); deterministic: dQ without atomics (bitwise repeatable).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt, bool deterministic,
-    Executor executor);
+    Executor executor, const std::optional<Packed>& packed = std::nullopt);
 
 }  // namespace flash_cuda

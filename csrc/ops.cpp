@@ -194,12 +194,17 @@ void check_packed_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   check_qkv(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0));
 }
 
-// The validated cumulative sequence lengths (host values): int32 (B + 1,), starting at 0,
-// non-decreasing, ending at total; each length at most max_seqlen.
-std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
+void check_cu_seqlens_tensor(const at::Tensor& cu, const char* name, const at::Tensor& q) {
   TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 1, "flash_cuda: ", name,
               " must be a 1-D int32 tensor of B + 1 entries, got ", cu.sizes(), " ", cu.scalar_type());
-  const at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
+  TORCH_CHECK(cu.device() == q.device(), "flash_cuda: ", name, " must be on q's device (", q.device(), "), got ",
+              cu.device());
+}
+
+// The validated cumulative sequence lengths of a CPU tensor (host values): int32 (B + 1,),
+// starting at 0, non-decreasing, ending at total; each length at most max_seqlen.
+std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
+  const at::Tensor c = cu.to(at::kLong).contiguous();
   std::vector<int64_t> v(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
   TORCH_CHECK(v[0] == 0, "flash_cuda: ", name, " must start at 0, got ", v[0]);
   for (size_t b = 0; b + 1 < v.size(); ++b) {
@@ -213,18 +218,44 @@ std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, const char* name, in
   return v;
 }
 
-// Both cu_seqlens checked (their host values into vq, vk) and the options of a varlen op.
+// Both cu_seqlens checked and the options of a varlen op. CPU tensors (the CPU backend and the
+// emulator): their values too, into vq, vk. CUDA tensors: dtype, shape and device only (their
+// values stay on the GPU; the kernels clamp them, csrc/kernels/seqlen.h).
 AttnOptions varlen_options(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q, const at::Tensor& cu_k,
                            int64_t max_q, int64_t max_k, double scale, bool causal, int64_t window_left,
                            int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                           std::vector<int64_t>& vq, std::vector<int64_t>& vk) {
+                           std::vector<int64_t>* vq, std::vector<int64_t>* vk) {
+  check_cu_seqlens_tensor(cu_q, "cu_seqlens_q", q);
+  check_cu_seqlens_tensor(cu_k, "cu_seqlens_k", q);
   TORCH_CHECK(cu_q.numel() == cu_k.numel(), "flash_cuda: cu_seqlens_q and cu_seqlens_k must have the same length, got ",
               cu_q.numel(), " and ", cu_k.numel());
-  vq = check_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q);
-  vk = check_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k);
-  TORCH_CHECK(!emu_active(), "flash_cuda: packed sequences (varlen) do not run in the CUDA kernels yet");
-  return base_options(q, int64_t(vq.size()) - 1, scale, causal, true, window_left, window_right, softcap,
-                      alibi_slopes);
+  TORCH_CHECK(max_q >= 0 && max_k >= 0, "flash_cuda: max_seqlen_q and max_seqlen_k must be >= 0, got ", max_q, " and ",
+              max_k);
+  if (vq) {
+    *vq = check_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q);
+    *vk = check_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k);
+  }
+  return base_options(q, cu_q.numel() - 1, scale, causal, true, window_left, window_right, softcap, alibi_slopes);
+}
+
+// (total, H, D) -> the (1, H, total, D) view the kernels take, and back.
+at::Tensor kernel_view(const at::Tensor& x) { return unit_last_stride(x).transpose(0, 1).unsqueeze(0); }
+at::Tensor packed_view(const at::Tensor& x) { return x.squeeze(0).transpose(0, 1); }
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_kernels(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const AttnOptions& o, const Packed& packed, Executor executor) {
+  auto [out, lse] = fwd_kernels(kernel_view(q), kernel_view(k), kernel_view(v), o, executor, packed);
+  return {packed_view(out), lse.squeeze(0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_kernels(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& o, const Packed& packed,
+    bool deterministic, Executor executor) {
+  const std::optional<at::Tensor> dlse4 = dlse ? std::optional<at::Tensor>(dlse->unsqueeze(0)) : std::nullopt;
+  auto [dq, dk, dv, dbias] = bwd_kernels(kernel_view(dout), kernel_view(q), kernel_view(k), kernel_view(v),
+                                         kernel_view(out), lse.unsqueeze(0), dlse4, o, deterministic, executor, packed);
+  return {packed_view(dq), packed_view(dk), packed_view(dv)};
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -235,15 +266,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
   check_packed_qkv(q, k, v);
   std::vector<int64_t> vq, vk;
   const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
-                                       softcap, alibi_slopes, vq, vk);
+                                       softcap, alibi_slopes, &vq, &vk);
+  if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
+    return varlen_fwd_kernels(q, k, v, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, Executor::emu);
   return cpu::varlen_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), vq, vk, o);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_q, const at::Tensor& cu_k,
-    int64_t max_q, int64_t max_k, double scale, bool causal, bool /*deterministic*/, int64_t window_left,
-    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+void check_varlen_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse) {
   check_packed_qkv(q, k, v);
   check_like(dout, q, "dout");
   check_like(out, q, "out");
@@ -255,12 +285,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   };
   check_packed_lse(lse, "lse");
   if (dlse) check_packed_lse(*dlse, "dlse");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    int64_t max_q, int64_t max_k, double scale, bool causal, bool deterministic, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_varlen_bwd(dout, q, k, v, out, lse, dlse);
   std::vector<int64_t> vq, vk;
   const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
-                                       softcap, alibi_slopes, vq, vk);
+                                       softcap, alibi_slopes, &vq, &vk);
+  if (emu_active())
+    return varlen_bwd_kernels(dout, q, k, v, out, lse, dlse, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, deterministic,
+                              Executor::emu);
+  // The CPU backend is deterministic for a fixed thread count either way.
   return cpu::varlen_bwd(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
                          unit_last_stride(out), lse, dlse, vq, vk, o);
 }
+
+#if defined(FLASH_CUDA_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                                                   int64_t max_k, double scale, bool causal, bool /*deterministic*/,
+                                                   int64_t window_left, int64_t window_right, double softcap,
+                                                   const std::optional<at::Tensor>& alibi_slopes) {
+  check_packed_qkv(q, k, v);
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, nullptr, nullptr);
+  return varlen_fwd_kernels(q, k, v, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, Executor::cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    int64_t max_q, int64_t max_k, double scale, bool causal, bool deterministic, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  check_varlen_bwd(dout, q, k, v, out, lse, dlse);
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, nullptr, nullptr);
+  return varlen_bwd_kernels(dout, q, k, v, out, lse, dlse, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k},
+                            deterministic, Executor::cuda);
+}
+#endif
 
 }  // namespace
 
@@ -302,6 +369,8 @@ TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {
 TORCH_LIBRARY_IMPL(flash_cuda, CUDA, m) {
   m.impl("fwd", &fwd_cuda);
   m.impl("bwd", &bwd_cuda);
+  m.impl("varlen_fwd", &varlen_fwd_cuda);
+  m.impl("varlen_bwd", &varlen_bwd_cuda);
 }
 #endif
 

@@ -54,6 +54,16 @@ def test_gpu_deterministic_test_runs_emulated():
         gpu.test_deterministic_backward_is_bitwise_repeatable("cpu", N=33)
 
 
+@pytest.mark.parametrize("feature", ["causal", "softcap_alibi"])
+def test_gpu_varlen_test_runs_emulated(feature):
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_varlen_vs_per_sequence_reference("cpu", torch.bfloat16, feature, 128)
+    kernels = {r["kernel"].split("<")[0] for r in emu.launches}
+    assert {"flash_fwd", "flash_bwd", "flash_bwd_dq"} <= kernels  # D = 128: the deterministic pass
+    with pytest.raises(pytest.skip.Exception):
+        gpu.test_varlen_wrong_cu_seqlens_stay_in_bounds("cpu")
+
+
 def test_gpu_tests_cover_every_instantiation():
     params = lambda f: {m.args[0]: tuple(m.args[1]) for m in f.pytestmark if m.name == "parametrize"}
     fwd, bwd = params(gpu.test_forward_vs_reference_and_sdpa), params(gpu.test_backward_vs_reference_and_sdpa)
@@ -69,6 +79,8 @@ def test_gpu_tests_cover_every_instantiation():
     suffixes = {f[:-3].split("_", 3)[3] if f.count("_") == 3 else "" for f in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
                 if "_hdim" in f}
     assert suffixes == {"", "band", "mod"}
+    varlen = params(gpu.test_varlen_vs_per_sequence_reference)
+    assert set(varlen["D"]) == set(gpu.HEAD_DIMS) and varlen["dtype"] == (torch.float16, torch.bfloat16)
 
 
 class FakeEvent:

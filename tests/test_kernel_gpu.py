@@ -130,3 +130,53 @@ def test_variants_forward_backward_vs_reference(dev, dtype, variant, D, determin
     assert_fa_rule("out", out, plain, ref, 2)
     for name, g_, pg, rg in zip(("dq", "dk", "dv", "dmask"), grads, plain_grads, ref_grads):
         assert_fa_rule(name, g_, pg, rg, 3)
+
+
+# Packed sequences (varlen_attention): the same kernels reading cu_seqlens.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap_alibi"])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_varlen_vs_per_sequence_reference(dev, dtype, feature, D):
+    """Lengths 17, 0, 113, 1, 130 (queries) against 20, 5, 113, 0, 97 (keys), GQA, every head dim,
+    out, lse and gradients against the per-sequence float64 reference; deterministic at D >= 128."""
+    import test_varlen as vl
+    q, k, v, cu_q, cu_k = (x.to(dev) for x in vl.packed(dtype, vl.LENS_Q, vl.LENS_K, d=D))
+    kw = vl.resolve(vl.FEATURES[feature], len(vl.LENS_Q), q.shape[1])
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = kw["alibi_slopes"].to(dev)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(vl.LENS_Q), max(vl.LENS_K), return_lse=True,
+                                           deterministic=D >= 128, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dev, dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    def ref(dt):
+        ls = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        o, l = vl.reference(*ls, cu_q.cpu(), cu_k.cpu(), dt, **dict(kw))
+        return o, l, torch.autograd.grad(o, ls, dout.to(dt))
+
+    ref_out, ref_lse, ref_grads = ref(torch.float64)
+    plain_out, _, plain_grads = ref(dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max() <= 1e-4 * ref_lse[fin].abs().max().clamp(min=1)
+    assert_fa_rule("out", out, plain_out, ref_out, 2)
+    for name, g_, pg, rg in zip(("dq", "dk", "dv"), grads, plain_grads, ref_grads):
+        assert_fa_rule(name, g_, pg, rg, 3)
+
+
+def test_varlen_wrong_cu_seqlens_stay_in_bounds(dev):
+    """CUDA cu_seqlens are not validated (that would synchronise); whatever they hold, the kernels
+    clamp them to the tensors: no illegal access, no error, the call completes. (CPU tensors are
+    validated instead: test_varlen.py.)"""
+    if dev != "cuda":
+        pytest.skip("CPU tensors are validated before any work")
+    q, k, v = (torch.randn(n, h, 64, device=dev, dtype=torch.float16, requires_grad=True)
+               for n, h in ((50, 4), (40, 2), (40, 2)))
+    for cu_q, cu_k in (([0, 30, 10, 9999], [0, -5, 40, 41]), ([-7, 2 ** 31 - 1, 3, 50], [40, 0, 0, 7]),
+                       ([0, 50, 50, 50], [0, 0, 0, 0])):
+        cq, ck = (torch.tensor(c, dtype=torch.int32, device=dev) for c in (cu_q, cu_k))
+        for deterministic in (False, True):
+            out = flash_cuda.varlen_attention(q, k, v, cq, ck, 64, 64, causal=True, deterministic=deterministic)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            torch.cuda.synchronize()

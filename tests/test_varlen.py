@@ -1,7 +1,8 @@
 """Packed variable-length sequences on the CPU backend: flash_cuda.varlen_attention against a
 per-sequence float64 reference (lengths 0, 1, 17, 113, 130 mixed, lens_q != lens_k, GQA, causal,
 window, softcap, ALiBi), outputs and gradients (through lse too); unpad_input / pad_input;
-opcheck and torch.compile; bad cu_seqlens. (The CUDA kernels do not take packed sequences yet.)"""
+opcheck and torch.compile; bad cu_seqlens. The same through the CUDA kernels in the emulator, and
+the tiles they run: only the sequences' own."""
 import pytest
 import torch
 
@@ -48,13 +49,14 @@ def resolve(feats, B, hq):
     return kw
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("name", list(FEATURES))
-def test_against_per_sequence_reference(name, dtype):
+def check_against_reference(name, dtype, deterministic=False):
+    """varlen_attention on LENS_Q / LENS_K against the per-sequence reference, out, lse and the
+    gradients through both (fp32 tight, fp16/bf16 under FlashAttention's rule)."""
     q, k, v, cu_q, cu_k = packed(dtype, LENS_Q, LENS_K)
     kw = resolve(FEATURES[name], len(LENS_Q), q.shape[1])
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(LENS_Q), max(LENS_K), return_lse=True, **kw)
+    out, lse = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(LENS_Q), max(LENS_K), return_lse=True,
+                                           deterministic=deterministic, **kw)
     assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     grads = torch.autograd.grad((out * dout).sum() + 0.1 * lse.nan_to_num(neginf=0).sum(), leaves)
@@ -75,8 +77,53 @@ def test_against_per_sequence_reference(name, dtype):
     else:
         plain_out, _, pg = ref_grads(dtype)
         assert_fa_rule("out", out, plain_out, ref_out, 2)
+        assert_close_fp("lse", lse[fin], ref_lse[fin], rtol=1e-4)
         for name_, a, p, b in zip("qkv", grads, pg, rg):
             assert_fa_rule("d" + name_, a, p, b, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_against_per_sequence_reference(name, dtype):
+    check_against_reference(name, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_cuda_kernels_emulated(name, dtype):
+    """The CUDA kernels on packed sequences, run by the emulator with its checkers on (bounds,
+    races, cp.async, collectives), fp16 in reverse thread order, half the cases through the
+    deterministic dQ pass."""
+    deterministic = name in ("causal", "softcap_alibi")
+    with flash_cuda.emulate(order="reverse" if dtype == torch.float16 else "forward", check=True) as emu:
+        check_against_reference(name, dtype, deterministic)
+    assert emu.launches and all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    kernels = {r["kernel"].split("<")[0] for r in emu.launches}
+    assert {"flash_fwd", "flash_bwd_preprocess", "flash_bwd"} <= kernels
+    assert ("flash_bwd_dq" if deterministic else "flash_bwd_postprocess") in kernels
+
+
+def test_packing_costs_only_the_sequences_tiles():
+    """One 256-token sequence and three 16-token ones, D = 64: the forward runs 8 query tiles of
+    128 rows x 4 key tiles of 64 for the long sequence and one tile each for the short ones,
+    11 tiles (22 in 64 x 64 units), where the padded batch (4 x 256) runs 32 (64 units). The
+    backward main kernel, likewise, only its sequences' tiles."""
+    lens = [256, 16, 16, 16]
+    q, k, v, cu, _ = packed(torch.float16, lens, lens, hq=1, hkv=1, d=64)
+    qp, kp, vp = (torch.zeros(4, 1, 256, 64, dtype=torch.float16) for _ in range(3))
+    for b, n in enumerate(lens):
+        for dst, src in ((qp, q), (kp, k), (vp, v)):
+            dst[b, 0, :n] = src[cu[b]:cu[b] + n, 0]
+    mma = {}
+    for name, run in {"packed": lambda: flash_cuda.varlen_attention(*leaves, cu, cu, 256, 256),
+                      "padded": lambda: flash_cuda.attention(*leaves)}.items():
+        leaves = [x.clone().requires_grad_() for x in ((q, k, v) if name == "packed" else (qp, kp, vp))]
+        with flash_cuda.emulate(check=False) as emu:
+            run().float().sum().backward()
+        mma[name] = {r["kernel"].split("<")[0]: r["mma"] for r in emu.launches}
+    per_tile = 2 * 128 * 64 * 64 // (16 * 8 * 16)  # mma.m16n8k16 per 128 x 64 tile: S = Q K^T, O += P V
+    assert mma["packed"]["flash_fwd"] == 11 * per_tile and mma["padded"]["flash_fwd"] == 32 * per_tile
+    assert mma["packed"]["flash_bwd"] * 64 <= mma["padded"]["flash_bwd"] * 22 + 1
 
 
 def test_unpad_pad_round_trip_and_equivalence():
@@ -197,8 +244,14 @@ def test_ops_check_cu_seqlens_in_cpp_too():
                                         torch.tensor([0, 2, 5, 7], dtype=torch.int32), 9, 9, 0.3, False)
 
 
-def test_kernels_not_yet():
+def test_emulated_kernels_check_cu_seqlens_before_any_work():
+    """CPU tensors are validated before any kernel runs, in the emulator too (on the GPU the
+    kernels clamp instead: tests/test_kernel_gpu.py)."""
     a = args(q=args()["q"].half(), k=args()["k"].half(), v=args()["v"].half())
-    with flash_cuda.emulate():
-        with pytest.raises(NotImplementedError, match=r"packed sequences run on the CPU backend only so far"):
-            call(**a)
+    bad = torch.tensor([0, 4, 3], dtype=torch.int32)
+    with flash_cuda.emulate() as emu:
+        with pytest.raises(ValueError, match=r"cu_seqlens_q must be non-decreasing"):
+            call(**dict(a, cu_seqlens_q=bad))
+        with pytest.raises(RuntimeError, match=r"cu_seqlens_q must be non-decreasing"):
+            torch.ops.flash_cuda.varlen_fwd(a["q"], a["k"], a["v"], bad, a["cu_seqlens_k"], 9, 9, 0.3, False)
+    assert emu.launches == []

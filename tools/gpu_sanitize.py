@@ -8,7 +8,8 @@ cudaMalloc and an access one element past it is reported:
 
 Each case runs the forward, the backward and the deterministic backward of one instantiation
 (head dim, dtype, variant) on tensors whose sizes are not multiples of any tile, with GQA and
-Nq != Nk. It checks nothing itself beyond finiteness; the sanitizer does the checking, and
+Nq != Nk, and packed sequences (varlen), with cu_seqlens that do not match the tensors on
+the GPU. It checks nothing itself beyond finiteness; the sanitizer does the checking, and
 tests/test_kernel_gpu.py checks the values.
 """
 import argparse
@@ -43,6 +44,24 @@ def run_case(dev, D, dtype, variant, B=1, Hq=2, Hkv=1, Nq=77, Nk=131):
         assert all(torch.isfinite(x).all() for x in (out, *grads)), (D, dtype, variant)
 
 
+def run_varlen(dev, D, dtype, lens_q=(17, 0, 113, 1), lens_k=(20, 5, 0, 9)):
+    """Packed sequences, then cu_seqlens that do not match the tensors (CUDA: clamped, never
+    validated on the host)."""
+    g = torch.Generator(device=dev).manual_seed(D)
+    mk = lambda n, h: torch.randn(n, h, D, device=dev, dtype=dtype, generator=g).requires_grad_()
+    q, k, v = mk(sum(lens_q), 2), mk(sum(lens_k), 1), mk(sum(lens_k), 1)
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=dev)
+    cases = [(cu(lens_q), cu(lens_k))]
+    if dev == "cuda":
+        cases.append((torch.tensor([0, 90, 30, 10 ** 6, -3], dtype=torch.int32, device=dev),
+                      torch.tensor([5, 0, 34, 2, 34], dtype=torch.int32, device=dev)))
+    for cq, ck in cases:
+        for deterministic in (False, True):
+            out = flash_cuda.varlen_attention(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=True,
+                                              deterministic=deterministic)
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="head dims 64 and 128, bf16 only (for racecheck)")
@@ -61,6 +80,13 @@ def main():
                 else:
                     run_case(dev, D, dtype, variant)
                 print(f"ok D={D} {str(dtype)[6:]} {variant} ({time.time() - t0:.1f} s)", flush=True)
+            t0 = time.time()
+            if args.emulate:
+                with flash_cuda.emulate(check=True):
+                    run_varlen(dev, D, dtype)
+            else:
+                run_varlen(dev, D, dtype)
+            print(f"ok D={D} {str(dtype)[6:]} varlen ({time.time() - t0:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

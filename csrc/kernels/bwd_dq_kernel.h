@@ -13,12 +13,13 @@
 #pragma once
 #include "copy.h"
 #include "params.h"
+#include "seqlen.h"
 #include "traits.h"
 
 namespace flash_cuda {
 
-template <class Kt, bool kBand, bool kMod>
-__global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdParams p) {
+template <class Kt, bool kBand, bool kMod, bool kVarlen>
+__global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdParams params) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;
@@ -26,9 +27,11 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   constexpr int kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles, kThreads = Kt::kThreads;
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const BwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
+  const int m0 = m_block * kBlockM;
+  if (kVarlen && m0 >= p.nq) return;  // past a packed sequence's end
   const int kv_head = head / (p.hq / p.hkv);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m0 = m_block * kBlockM, warp_row0 = warp * 16;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warp_row0 = warp * 16;
 
   T* sQ = dynamic_smem<T>();       // [kBlockM][kHeadDim]; reused to stage dQ
   T* sdO = sQ + QLayout::kElems;   // [kBlockM][kHeadDim]
@@ -37,21 +40,21 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   float* sBias = reinterpret_cast<float*>(sV + KVLayout::kElems);  // kMod: [kBlockM][kBlockN] of the bias
   using Bias = typename Kt::Bias;
   static_assert(Kt::kMod == kMod, "traits of this variant");
-  const T* gK = head_ptr<const T>(p.k, batch, kv_head);
-  const T* gV = head_ptr<const T>(p.v, batch, kv_head);
+  const T* gK = head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p));
+  const T* gV = head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p));
 
-  load_tile<QLayout, kThreads>(sQ, head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
-  load_tile<QLayout, kThreads>(sdO, head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
+  load_tile<QLayout, kThreads>(sQ, head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)), p.q.row_stride, m0, p.nq, p.d);
+  load_tile<QLayout, kThreads>(sdO, head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p)), p.dout.row_stride, m0, p.nq, p.d);
   cp_async_commit();
 
   // lse2 and D of this thread's rows g and g + 8 (padded row stats: rows that must not
   // contribute have lse2 = +inf, probabilities exactly 0).
-  const float* g_stats = p.row_stats + row_stats_offset(p.nq, p.hq, batch, head);
+  const float* g_stats = p.row_stats + p.template scratch_row<kVarlen>(batch, head);
   float lse2[2], di[2];
   for (int half = 0; half < 2; ++half) {
     const int row = m0 + warp_row0 + lane / 4 + 8 * half;
     lse2[half] = ld_global(&g_stats[row]);
-    di[half] = ld_global(&g_stats[stats_rows(p.nq) + row]);
+    di[half] = ld_global(&g_stats[p.scratch_rows + row]);
   }
 
   const int m_end = min(m0 + kBlockM, p.nq);
@@ -125,7 +128,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   __syncthreads();  // (blocks with no key tile: Q copies by other threads may still be landing)
   stage_accumulators<QLayout>(sQ, rdQ, warp_row0, 0, p.scale, lane);  // dQ = scale * dS K
   __syncwarp();
-  store_warp_rows<QLayout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d, lane);
+  store_warp_rows<QLayout>(head_ptr<T>(p.dq, batch, head, q_row0<kVarlen>(p)), p.dq.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d, lane);
 }
 
 }  // namespace flash_cuda

@@ -21,6 +21,7 @@
 
 #include "copy.h"
 #include "params.h"
+#include "seqlen.h"
 #include "traits.h"
 
 namespace flash_cuda {
@@ -36,8 +37,8 @@ FC_DEVICE void a_frag_from_pairs(uint32_t (&rA)[4], const uint32_t (&rPairs)[kNT
   rA[3] = rPairs[2 * kk + 1][1];
 }
 
-template <class Kt, bool kBand, bool kMod, bool kAtomicDq>
-__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_kernel(const BwdParams p) {
+template <class Kt, bool kBand, bool kMod, bool kAtomicDq, bool kVarlen>
+__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_kernel(const BwdParams params) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;
@@ -55,9 +56,11 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   constexpr int kQMT = Kt::kDqRows / 16, kQNT = Kt::kDqCols / 8;    // dQ warp tile
 
   const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  const BwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
+  const int n0 = n_block * kBlockN;
+  if (kVarlen && n0 >= p.nk) return;  // past a packed sequence's end
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;  // mma accumulator row group and column pair
-  const int n0 = n_block * kBlockN;
   // This warp's origin in each grid: keys x queries, keys x head dim, queries x head dim.
   const int sdp_key0 = (warp % Kt::kSdpWarpsN) * Kt::kSdpRows, sdp_q0 = (warp / Kt::kSdpWarpsN) * Kt::kSdpCols;
   const int kv_key0 = (warp % Kt::kKvWarpsN) * Kt::kKvRows, kv_d0 = (warp / Kt::kKvWarpsN) * Kt::kKvCols;
@@ -94,22 +97,22 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // Q, dO, lse2 and D of query tile m0 of query head `head` into stage s. The walk (below) visits
   // the query tiles i0.. of every query head of the kv group; step it prefetches step it + 1's.
   auto load_query_tile = [&](int head, int m0, int s) {
-    const int64_t stats = row_stats_offset(p.nq, p.hq, batch, head);
-    load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head), p.q.row_stride, m0, p.nq, p.d);
-    load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head), p.dout.row_stride, m0, p.nq, p.d);
+    const int64_t stats = p.template scratch_row<kVarlen>(batch, head);
+    load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)), p.q.row_stride, m0, p.nq, p.d);
+    load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p)), p.dout.row_stride, m0, p.nq, p.d);
     // lse2 and D rows [m0, m0 + kBlockM) (sDi follows sLse2): kBlockM / 4 chunks each, in
     // bounds (padded stats)
     constexpr int kStatChunks = kBlockM / 4;
     if (threadIdx.x < 2 * kStatChunks) {
       const int row = threadIdx.x / kStatChunks, chunk = threadIdx.x % kStatChunks;
-      cp_async_cg16(sLse2(s) + 4 * threadIdx.x, p.row_stats + stats + row * stats_rows(p.nq) + m0 + 4 * chunk, 16);
+      cp_async_cg16(sLse2(s) + 4 * threadIdx.x, p.row_stats + stats + row * p.scratch_rows + m0 + 4 * chunk, 16);
     }
     if (kMod && p.mod.bias)
       Bias::template load<kThreads>(sBias(s), p.mod.bias_head(batch, head), p.mod.bias_stride[2], m0, n0, p.nq, p.nk);
   };
 
-  load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head), p.k.row_stride, n0, p.nk, p.d);
-  load_tile<KVLayout, kThreads>(sV, head_ptr<const T>(p.v, batch, kv_head), p.v.row_stride, n0, p.nk, p.d);
+  load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p)), p.k.row_stride, n0, p.nk, p.d);
+  load_tile<KVLayout, kThreads>(sV, head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p)), p.v.row_stride, n0, p.nk, p.d);
   const int first_masked = i0 < u0 ? i0 : u1;  // the walk's first tile (masked ones first)
   if (total > 0) load_query_tile(kv_head * group, (first_masked < i_end ? first_masked : u0) * kBlockM, 0);
   cp_async_commit();
@@ -333,7 +336,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
           }
         }
       }
-      float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, (m0 + dq_q0) / 16) + (dq_d0 / 8) * 128 + lane;
+      float* acc = p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, (m0 + dq_q0) / 16) + (dq_d0 / 8) * 128 + lane;
 #pragma unroll
       for (int mt = 0; mt < kQMT; ++mt)
 #pragma unroll
@@ -380,8 +383,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     stage_accumulators<KVLayout>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, 1.0f, lane);
   }
   __syncthreads();
-  T* gdK = head_ptr<T>(p.dk, batch, kv_head);
-  T* gdV = head_ptr<T>(p.dv, batch, kv_head);
+  const int k_row0 = first_key_row<kVarlen>(params, batch);  // reloaded: nothing held through the walk
+  T* gdK = head_ptr<T>(p.dk, batch, kv_head, k_row0);
+  T* gdV = head_ptr<T>(p.dv, batch, kv_head, k_row0);
   for (int r0 = 16 * warp; r0 < kBlockN; r0 += 16 * kWarps) {
     store_warp_rows<KVLayout>(gdK, p.dk.row_stride, sK, r0, n0 + r0, p.nk, p.d, lane);
     store_warp_rows<KVLayout>(gdV, p.dv.row_stride, sV, r0, n0 + r0, p.nk, p.d, lane);

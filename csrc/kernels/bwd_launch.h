@@ -24,17 +24,20 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   cudaError_t e = launch_kernel(pre.c_str(), flash_bwd_preprocess_kernel<Kt>, q_grid, dim3(128), 0, stream, p);
   if (e != cudaSuccess) return e;
   const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN, p.hkv, p.b);
-  if (deterministic) {
-    e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, false>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
-                      stream, p);
-    if (e != cudaSuccess) return e;
-    const dim3 dq_grid((p.nq + Dq::kBlockM - 1) / Dq::kBlockM, p.hq, p.b);
-    return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kBand, kMod>, dq_grid, dim3(Dq::kThreads), Dq::kSmemBytes,
-                         stream, p);
-  }
-  e = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true>, kv_grid, dim3(Kt::kThreads), Kt::kSmemBytes,
-                    stream, p);
-  if (e != cudaSuccess) return e;
+  e = with_varlen(p, [&](auto varlen) {
+    constexpr bool kVarlen = decltype(varlen)::value;
+    if (deterministic) {
+      cudaError_t e2 = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, false, kVarlen>, kv_grid,
+                                     dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+      if (e2 != cudaSuccess) return e2;
+      const dim3 dq_grid((p.nq + Dq::kBlockM - 1) / Dq::kBlockM, p.hq, p.b);
+      return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kBand, kMod, kVarlen>, dq_grid, dim3(Dq::kThreads),
+                           Dq::kSmemBytes, stream, p);
+    }
+    return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true, kVarlen>, kv_grid, dim3(Kt::kThreads),
+                         Kt::kSmemBytes, stream, p);
+  });
+  if (e != cudaSuccess || deterministic) return e;
   return launch_kernel(post.c_str(), flash_bwd_postprocess_kernel<Kt>, q_grid, dim3(128),
                        size_t(Kt::kPrepRows) * kHeadDim * sizeof(T), stream, p);
 }

@@ -7,23 +7,27 @@
 #pragma once
 #include "copy.h"
 #include "params.h"
+#include "seqlen.h"
 #include "traits.h"
 
 namespace flash_cuda {
 
 template <class Kt>
-__global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdParams params) {
   using T = typename Kt::T;
   constexpr int kChunks = Kt::kHeadDim / 8;  // 16-byte chunks per row
   // Lanes per row: a power of two >= kChunks, so a row's lanes are an aligned xor group.
   constexpr int kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
   constexpr int kRowsPerPass = 32 / kLanesPerRow;
+  constexpr bool kVarlen = true;  // registers to spare: one instantiation for dense and packed batches
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const BwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
+  if (m_block * Kt::kPrepRows >= p.nq) return;      // past a packed sequence's end
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint16_t* gO = head_ptr<const uint16_t>(p.o, batch, head);
-  const uint16_t* gdO = head_ptr<const uint16_t>(p.dout, batch, head);
-  const int64_t row_base = (int64_t(batch) * p.hq + head) * p.nq;
-  float* g_stats = p.row_stats + row_stats_offset(p.nq, p.hq, batch, head);  // lse2 row, then D row
+  const uint16_t* gO = head_ptr<const uint16_t>(p.o, batch, head, q_row0<kVarlen>(p));
+  const uint16_t* gdO = head_ptr<const uint16_t>(p.dout, batch, head, q_row0<kVarlen>(p));
+  const int64_t row_base = batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
+  float* g_stats = p.row_stats + p.template scratch_row<kVarlen>(batch, head);  // lse2 plane; D at + scratch_rows
   const int chunk = lane % kLanesPerRow, col = chunk * 8;
 
   for (int r0 = 0; r0 < 16; r0 += kRowsPerPass) {
@@ -48,25 +52,28 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
         if (p.dlse) dot -= ld_global(&p.dlse[row_base + row]);
       }
       st_global(&g_stats[row], lse2);
-      st_global(&g_stats[stats_rows(p.nq) + row], dot);
+      st_global(&g_stats[p.scratch_rows + row], dot);
     }
   }
 
   if (p.dq_accum) {  // this block's 64 rows of the accumulator: 4 x 16 x kHeadDim floats
-    float4* acc = reinterpret_cast<float4*>(p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m_block * 4));
+    float4* acc = reinterpret_cast<float4*>(p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, m_block * 4));
     for (int i = threadIdx.x; i < 4 * Kt::kAccumTileFloats / 4; i += 128) st_global(&acc[i], make_float4(0.f, 0.f, 0.f, 0.f));
   }
 }
 
 template <class Kt>
-__global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdParams params) {
   using T = typename Kt::T;
   using Layout = SmemLayout<Kt::kPrepRows, Kt::kHeadDim>;
   constexpr int kDTiles = Kt::kHeadDim / 8;
+  constexpr bool kVarlen = true;  // as in the preprocess
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const BwdParams& p = for_sequence<kVarlen>(params, batch);
+  if (m_block * Kt::kPrepRows >= p.nq) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   T* sdQ = dynamic_smem<T>();  // [64][kHeadDim] staging, each warp its own 16 rows
-  const float* acc = p.dq_accum + Kt::accum_offset(p.nq, p.hq, batch, head, m_block * 4 + warp);
+  const float* acc = p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, m_block * 4 + warp);
   for (int nt = 0; nt < kDTiles; ++nt)
     for (int half = 0; half < 2; ++half) {
       // element i = 2 half + e of this lane: row g + 8 half, column 8 nt + 2 t + e
@@ -77,7 +84,7 @@ __global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdPar
     }
   __syncwarp();
   const int m0 = m_block * Kt::kPrepRows + warp * 16;
-  store_warp_rows<Layout>(head_ptr<T>(p.dq, batch, head), p.dq.row_stride, sdQ, warp * 16, m0, p.nq, p.d, lane);
+  store_warp_rows<Layout>(head_ptr<T>(p.dq, batch, head, q_row0<kVarlen>(p)), p.dq.row_stride, sdQ, warp * 16, m0, p.nq, p.d, lane);
 }
 
 }  // namespace flash_cuda

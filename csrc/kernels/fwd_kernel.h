@@ -21,13 +21,14 @@
 
 #include "copy.h"
 #include "params.h"
+#include "seqlen.h"
 #include "softmax.h"
 #include "traits.h"
 
 namespace flash_cuda {
 
-template <class Kt, bool kBand, bool kMod>
-__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams p) {
+template <class Kt, bool kBand, bool kMod, bool kVarlen>
+__global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams params) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;
@@ -35,9 +36,11 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   constexpr int kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles, kThreads = Kt::kThreads;
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const FwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
+  const int m0 = m_block * kBlockM;
+  if (kVarlen && m0 >= p.nq) return;  // past a packed sequence's end
   const int kv_head = head / (p.hq / p.hkv);  // GQA: query heads share kv heads in groups
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m0 = m_block * kBlockM;
   const int warp_row0 = warp * Kt::kWarpRows;  // this warp's rows within the tile: m-tile mt at + 16 mt
 
   T* sQ = dynamic_smem<T>();       // [kBlockM][kHeadDim], swizzled; reused to stage O
@@ -46,11 +49,11 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   float* sBias = reinterpret_cast<float*>(sV + KVLayout::kElems);  // kMod: [kBlockM][kBlockN] of the bias
   using Bias = typename Kt::Bias;
   static_assert(Kt::kMod == kMod, "traits of this variant");
-  const T* gQ = head_ptr<const T>(p.q, batch, head);
-  const T* gK = head_ptr<const T>(p.k, batch, kv_head);
-  const T* gV = head_ptr<const T>(p.v, batch, kv_head);
-  T* gO = head_ptr<T>(p.o, batch, head);
-  float* gLse = p.lse + (int64_t(batch) * p.hq + head) * p.nq;
+  const T* gQ = head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p));
+  const T* gK = head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p));
+  const T* gV = head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p));
+  T* gO = head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p));
+  float* gLse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
 
   // Key tiles [j_begin, j_end) intersect the band of rows [m0, m_end); of those, [u0, u1) lie
   // entirely inside it (and inside the sequence). They are visited in the order [u0, u1), then

@@ -15,7 +15,10 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   static const std::string name = std::string("flash_fwd<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") +
                                   ",hdim" + std::to_string(kHeadDim) + variant_suffix(kBand, kMod) + ">";
   const dim3 grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);
-  return launch_kernel(name.c_str(), flash_fwd_kernel<Kt, kBand, kMod>, grid, dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+  return with_varlen(p, [&](auto varlen) {
+    return launch_kernel(name.c_str(), flash_fwd_kernel<Kt, kBand, kMod, decltype(varlen)::value>, grid,
+                         dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+  });
 }
 
 }  // namespace FC_BACKEND

@@ -2,14 +2,30 @@
  * emulator's launch on the host. Launchers call launch_kernel and nothing else, so the grid,
  * block and shared-memory size the emulator runs are exactly the ones a GPU would get. */
 #pragma once
+#include <type_traits>
 #include <utility>
 
+#include "params.h"
 #include "platform.h"
 
 namespace flash_cuda {
 
 // The variant part of a launch's name (kernel reports, emulator records): "", ",band", ",mod".
 inline const char* variant_suffix(bool band, bool mod) { return mod ? ",mod" : (band ? ",band" : ""); }
+
+// Calls f(std::bool_constant<kVarlen>): the instantiation of the forward, backward and dQ
+// kernels for p (seqlen.h). On the GPU dense batches get their own (no narrowing, no registers
+// spent on it); the emulator runs the kVarlen one for both, whose narrowing is the identity on
+// dense params, so its host build compiles each kernel once.
+template <class F>
+cudaError_t with_varlen(const AttnShape& p, F&& f) {
+#if defined(__CUDACC__)
+  if (p.cu_seqlens_q == nullptr) return f(std::false_type{});
+#else
+  (void)p;
+#endif
+  return f(std::true_type{});
+}
 
 // Dynamic shared memory above 48 KiB needs an opt-in per kernel on the GPU.
 constexpr size_t kDefaultSmemLimit = 48 * 1024;

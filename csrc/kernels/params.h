@@ -24,39 +24,68 @@ struct AttnShape {
   float scale_log2;   // scale * log2(e): scores go to the base-2 domain in one multiply
   BandMask mask;      // causal / sliding window (read by the kBand instantiations)
   ScoreMod mod;       // softcap, ALiBi, bias (read by the kMod instantiations)
+  // lse (and dlse) of (batch, head) start at batch * lse_batch_stride + head * lse_head_stride.
+  int64_t lse_batch_stride, lse_head_stride;
+  // Packed sequences (varlen_attention), else nullptr: sequence b is rows cu_seqlens_q[b] ..
+  // cu_seqlens_q[b + 1] of q, o, lse against rows cu_seqlens_k[b] .. of k, v (every tensor's
+  // batch_stride 0); nq, nk are the longest lengths (they size the grid) and total_q, total_k the
+  // tensors' rows, to which every entry is clamped (seqlen.h). Bottom-right aligned per sequence.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int total_q, total_k;
+  int q_row0, k_row0;  // this sequence's first query and key rows (seqlen.h); 0 for dense batches
 };
 
 struct FwdParams : AttnShape {
   TensorRef q, k, v, o;
-  float* lse;  // [B, Hq, Nq] contiguous, natural log, softmax scale included
+  float* lse;  // [B, Hq, Nq] (packed: [Hq, total_q]), natural log, softmax scale included
 };
+
+// Rows of the padded scratch of one (batch, head): nq rounded up to the 64-row tiles of the
+// preprocess, so that the kernels copy whole 16-byte chunks without a bounds check.
+constexpr int kStatsRowTile = 64;
+FC_HOST_DEVICE int64_t stats_rows(int64_t nq) { return (nq + kStatsRowTile - 1) / kStatsRowTile * kStatsRowTile; }
+// Packed sequences share one scratch slice per head: sequence b's rows start at
+// packed_scratch_row0(cu_seqlens_q[b], b), 64-row aligned and at least stats_rows(its length)
+// after the previous sequence's start, whatever the lengths (clamped or not), inside
+// packed_scratch_rows(total_q, B) rows.
+FC_HOST_DEVICE int64_t packed_scratch_row0(int64_t q_row0, int batch) {
+  return stats_rows(q_row0) + 2 * kStatsRowTile * int64_t(batch);
+}
+FC_HOST_DEVICE int64_t packed_scratch_rows(int64_t total_q, int b) { return packed_scratch_row0(total_q, b); }
 
 struct BwdParams : AttnShape {
   TensorRef q, k, v, o, dout, dq, dk, dv;
-  const float* lse;   // [B, Hq, Nq] from the forward
-  const float* dlse;  // [B, Hq, Nq] gradient flowing into lse, or nullptr
-  float* row_stats;   // scratch written by the preprocess, per (batch, query head) 2 rows of
-                      // stats_rows(nq) floats (row_stats_offset): lse2, the lse in base 2
-                      // (+inf where the row sees no key and past nq: probabilities exactly 0),
-                      // then D = rowsum(dO * O) - dlse (0 past nq). Padded so that the kernels
-                      // copy whole 16-byte chunks of either without a bounds check.
+  const float* lse;   // [B, Hq, Nq] (packed: [Hq, total_q]) from the forward
+  const float* dlse;  // the gradient flowing into lse, laid out as lse, or nullptr
+  // Scratch written by the preprocess, per (batch, query head) stats_rows(nq) padded rows from
+  // scratch_row(batch, head): row_stats holds two planes of scratch_rows floats, lse2 (the lse
+  // in base 2; +inf where the row sees no key and past nq: probabilities exactly 0), then
+  // D = rowsum(dO * O) - dlse (0 past nq); dq_accum holds kHeadDim floats per row.
+  float* row_stats;
   float* dq_accum;    // fp32 dQ in mma fragment order (see bwd_kernel.h), or nullptr when
                       // dQ is computed by the deterministic pass instead of atomics
+  int64_t scratch_batch_stride, scratch_head_stride, scratch_rows;
+
+  // (kVarlen: the kernel may run a packed batch, narrowed to `batch` by seqlen.h)
+  template <bool kVarlen>
+  FC_HOST_DEVICE int64_t scratch_row(int batch, int head) const {
+    const int64_t row0 = kVarlen && cu_seqlens_q ? packed_scratch_row0(q_row0, batch) : 0;
+    return batch * scratch_batch_stride + head * scratch_head_stride + row0;
+  }
+  // The scratch layout for p's shape (nq, hq, b, and total_q when packed).
+  FC_HOST_DEVICE void set_scratch_layout() {
+    const int64_t head_rows = cu_seqlens_q ? packed_scratch_rows(total_q, b) : stats_rows(nq);
+    scratch_head_stride = head_rows;
+    scratch_batch_stride = cu_seqlens_q ? 0 : head_rows * hq;
+    scratch_rows = cu_seqlens_q ? head_rows * hq : head_rows * hq * b;
+  }
 };
 
-// Rows of each row_stats row: nq rounded up to the 64-row tiles of the preprocess.
-constexpr int kStatsRowTile = 64;
-FC_HOST_DEVICE int64_t stats_rows(int nq) { return int64_t(nq + kStatsRowTile - 1) / kStatsRowTile * kStatsRowTile; }
-// Offset of the lse2 row of (batch, head) in row_stats (D follows at + stats_rows(nq));
-// (b, 0) gives the size of the whole buffer.
-FC_HOST_DEVICE int64_t row_stats_offset(int nq, int hq, int batch, int head) {
-  return (int64_t(batch) * hq + head) * 2 * stats_rows(nq);
-}
-
-// The (batch, head) slice of t, as T*.
+// The (batch, head) slice of t from row row0 (a packed sequence's first row; 0 otherwise), as T*.
 template <class T>
-FC_HOST_DEVICE T* head_ptr(const TensorRef& t, int batch, int head) {
-  return static_cast<T*>(t.ptr) + batch * t.batch_stride + head * t.head_stride;
+FC_HOST_DEVICE T* head_ptr(const TensorRef& t, int batch, int head, int row0) {
+  return static_cast<T*>(t.ptr) + batch * t.batch_stride + head * t.head_stride + int64_t(row0) * t.row_stride;
 }
 
 }  // namespace flash_cuda

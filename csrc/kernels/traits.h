@@ -6,6 +6,7 @@
 #include "bias_tile.h"
 #include "layout.h"
 #include "mask.h"
+#include "params.h"
 
 namespace flash_cuda {
 
@@ -176,10 +177,12 @@ struct BwdTraits {
   // the mma accumulator order, so a warp's atomics for one element index are 128 contiguous
   // bytes (coalesced). Rows are padded to a multiple of kPrepRows.
   static constexpr int kAccumTileFloats = 16 * kHeadDim;  // one 16-row block
-  // Offset of 16-row block rb of (batch, head); (b, 0, 0) gives the size of the whole buffer.
-  FC_HOST_DEVICE static int64_t accum_offset(int nq, int hq, int batch, int head, int64_t rb) {
-    const int64_t row_blocks = int64_t((nq + kPrepRows - 1) / kPrepRows) * (kPrepRows / 16);
-    return ((int64_t(batch) * hq + head) * row_blocks + rb) * kAccumTileFloats;
+  // Offset of 16-row block rb of (batch, head): the accumulator has kHeadDim floats per row of
+  // the padded scratch (params.h), a 16-row block in mma fragment order.
+  static_assert(kPrepRows == kStatsRowTile, "the preprocess covers the scratch's padded row tiles");
+  template <bool kVarlen, class P>
+  FC_HOST_DEVICE static int64_t accum_offset(const P& p, int batch, int head, int64_t rb) {
+    return p.template scratch_row<kVarlen>(batch, head) * kHeadDim + rb * kAccumTileFloats;
   }
 };
 
