@@ -92,6 +92,11 @@ def test_strided_layouts():
     out, lse, rec = emulated(q, k, v, causal=False)
     check_against_reference(q, k, v, out, lse, causal=False)
     assert rec["shared"]["cp_async"]["requests"] > 0  # 16-byte aligned rows: the vector path
+    assert out.transpose(1, 2).is_contiguous()  # the output keeps q's (B, N, H, D) memory layout
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with emulate():
+        flash_cuda.attention(*leaves).sum().backward()
+    assert leaves[0].grad.transpose(1, 2).is_contiguous()
 
 
 def test_top_left_causal_and_rows_without_keys():
