@@ -18,7 +18,7 @@ helpers: CUDA events / perf_counter, peak allocated / sampled RSS increase), tok
 and the max |out - ref| over the real tokens of the first sequence against a float64 reference.
 The machine (CPU model and ISA flags, or GPU) is printed first and stored in the JSON.
 
-    python benchmarks/bench_varlen.py [--device cpu|cuda] [--json PATH] [--tokens N]
+    python benchmarks/bench_varlen.py [--device cpu|cuda] [--json PATH] [--tokens N] [--skip NAME,...]
 """
 import argparse
 import json
@@ -104,10 +104,13 @@ def implementations(lengths, H, D, device, dtype, causal):
     return impls, ref
 
 
-def run_point(lengths, H, D, device, dtype, causal, mode, reps):
+def run_point(lengths, H, D, device, dtype, causal, mode, reps, skip=()):
     impls, ref = implementations(lengths, H, D, device, dtype, causal)
     steps, res = {}, {}
     for name, (fn, loss, inputs, first) in impls.items():
+        if name in skip:
+            res[name] = {"status": "not run (--skip)"}
+            continue
         step = LossStep(fn, loss, inputs, mode)
         try:
             bs.time_call(step, device)
@@ -134,6 +137,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--tokens", type=int, default=16384, help="tokens in the batch (default: %(default)s)")
+    ap.add_argument("--skip", default="", help="comma list of sdpa-padded, sdpa-nested not to run (reported as such)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage.*")
     device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
@@ -147,7 +151,8 @@ def main(argv=None):
     rows = []
     for causal in (False, True):
         for mode in ("fwd", "fwdbwd"):
-            res = run_point(lengths, H, D, device, dtype, causal, mode, reps=5 if device == "cpu" else 30)
+            res = run_point(lengths, H, D, device, dtype, causal, mode, reps=5 if device == "cpu" else 30,
+                            skip=args.skip.split(","))
             rows.append({"causal": causal, "mode": mode, "results": res})
             ours = res["flash_cuda"]
             line = [f"causal={str(causal):5s} {mode:7s} flash_cuda {ours['seconds'] * 1e3:8.2f} ms "

@@ -65,19 +65,19 @@ struct BwdParams : AttnShape {
   float* row_stats;
   float* dq_accum;    // fp32 dQ in mma fragment order (see bwd_kernel.h), or nullptr when
                       // dQ is computed by the deterministic pass instead of atomics
-  int64_t scratch_batch_stride, scratch_head_stride, scratch_rows;
+  int64_t scratch_head_stride;  // rows per (batch, head) slice (dense) or per head (packed)
+  int64_t scratch_rows;         // rows of one plane, all slices
 
   // (kVarlen: the kernel may run a packed batch, narrowed to `batch` by seqlen.h)
   template <bool kVarlen>
   FC_HOST_DEVICE int64_t scratch_row(int batch, int head) const {
-    const int64_t row0 = kVarlen && cu_seqlens_q ? packed_scratch_row0(q_row0, batch) : 0;
-    return batch * scratch_batch_stride + head * scratch_head_stride + row0;
+    if (!kVarlen || cu_seqlens_q == nullptr) return (int64_t(batch) * hq + head) * scratch_head_stride;
+    return head * scratch_head_stride + packed_scratch_row0(q_row0, batch);
   }
   // The scratch layout for p's shape (nq, hq, b, and total_q when packed).
   FC_HOST_DEVICE void set_scratch_layout() {
     const int64_t head_rows = cu_seqlens_q ? packed_scratch_rows(total_q, b) : stats_rows(nq);
     scratch_head_stride = head_rows;
-    scratch_batch_stride = cu_seqlens_q ? 0 : head_rows * hq;
     scratch_rows = cu_seqlens_q ? head_rows * hq : head_rows * hq * b;
   }
 };
