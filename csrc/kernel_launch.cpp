@@ -256,8 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
   const auto dlse_c = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   p.lse = lse_c.data_ptr<float>();
   p.dlse = dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr;
-  p.set_scratch_layout();
-  auto row_stats = at::empty({2 * p.scratch_rows}, lse.options());
+  auto row_stats = at::empty({2 * p.scratch_rows_total()}, lse.options());
   p.row_stats = row_stats.data_ptr<float>();
   const bool emulated = executor == Executor::emu;
   const size_t accum_floats = deterministic ? 0 : (emulated ? emu_backend::bwd_dq_accum_floats(p)

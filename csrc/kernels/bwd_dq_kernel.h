@@ -49,12 +49,12 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
 
   // lse2 and D of this thread's rows g and g + 8 (padded row stats: rows that must not
   // contribute have lse2 = +inf, probabilities exactly 0).
-  const float* g_stats = p.row_stats + p.template scratch_row<kVarlen>(batch, head);
+  const float* g_stats = p.row_stats + p.template stats_offset<kVarlen>(batch, head);
   float lse2[2], di[2];
   for (int half = 0; half < 2; ++half) {
     const int row = m0 + warp_row0 + lane / 4 + 8 * half;
     lse2[half] = ld_global(&g_stats[row]);
-    di[half] = ld_global(&g_stats[p.scratch_rows + row]);
+    di[half] = ld_global(&g_stats[p.template scratch_slice_rows<kVarlen>() + row]);
   }
 
   const int m_end = min(m0 + kBlockM, p.nq);

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // Q, dO, lse2 and D of query tile m0 of query head `head` into stage s. The walk (below) visits
   // the query tiles i0.. of every query head of the kv group; step it prefetches step it + 1's.
   auto load_query_tile = [&](int head, int m0, int s) {
-    const int64_t stats = p.template scratch_row<kVarlen>(batch, head);
+    const int64_t stats = p.template stats_offset<kVarlen>(batch, head);
     load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)), p.q.row_stride, m0, p.nq, p.d);
     load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p)), p.dout.row_stride, m0, p.nq, p.d);
     // lse2 and D rows [m0, m0 + kBlockM) (sDi follows sLse2): kBlockM / 4 chunks each, in
@@ -105,7 +105,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     constexpr int kStatChunks = kBlockM / 4;
     if (threadIdx.x < 2 * kStatChunks) {
       const int row = threadIdx.x / kStatChunks, chunk = threadIdx.x % kStatChunks;
-      cp_async_cg16(sLse2(s) + 4 * threadIdx.x, p.row_stats + stats + row * p.scratch_rows + m0 + 4 * chunk, 16);
+      cp_async_cg16(sLse2(s) + 4 * threadIdx.x, p.row_stats + stats + row * p.template scratch_slice_rows<kVarlen>() + m0 + 4 * chunk,
+                    16);
     }
     if (kMod && p.mod.bias)
       Bias::template load<kThreads>(sBias(s), p.mod.bias_head(batch, head), p.mod.bias_stride[2], m0, n0, p.nq, p.nk);

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
   const uint16_t* gO = head_ptr<const uint16_t>(p.o, batch, head, q_row0<kVarlen>(p));
   const uint16_t* gdO = head_ptr<const uint16_t>(p.dout, batch, head, q_row0<kVarlen>(p));
   const int64_t row_base = batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
-  float* g_stats = p.row_stats + p.template scratch_row<kVarlen>(batch, head);  // lse2 plane; D at + scratch_rows
+  float* g_stats = p.row_stats + p.template stats_offset<kVarlen>(batch, head);  // lse2 row, then D row
   const int chunk = lane % kLanesPerRow, col = chunk * 8;
 
   for (int r0 = 0; r0 < 16; r0 += kRowsPerPass) {
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
         if (p.dlse) dot -= ld_global(&p.dlse[row_base + row]);
       }
       st_global(&g_stats[row], lse2);
-      st_global(&g_stats[p.scratch_rows + row], dot);
+      st_global(&g_stats[p.template scratch_slice_rows<kVarlen>() + row], dot);
     }
   }
 

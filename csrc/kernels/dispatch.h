@@ -89,7 +89,7 @@ const char* bwd(const BwdParams& p, bool bf16, bool deterministic, void* stream)
 
 size_t bwd_dq_accum_floats(const BwdParams& p) {  // size of the dQ accumulator the kernels expect
   return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-    return static_cast<size_t>(p.scratch_rows * kHeadDim);
+    return static_cast<size_t>(p.scratch_rows_total() * kHeadDim);
   });
 }
 

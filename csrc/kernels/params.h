@@ -44,41 +44,51 @@ struct FwdParams : AttnShape {
 // Rows of the padded scratch of one (batch, head): nq rounded up to the 64-row tiles of the
 // preprocess, so that the kernels copy whole 16-byte chunks without a bounds check.
 constexpr int kStatsRowTile = 64;
-FC_HOST_DEVICE int64_t stats_rows(int64_t nq) { return (nq + kStatsRowTile - 1) / kStatsRowTile * kStatsRowTile; }
+FC_HOST_DEVICE int64_t stats_rows(int nq) { return int64_t(nq + kStatsRowTile - 1) / kStatsRowTile * kStatsRowTile; }
 // Packed sequences share one scratch slice per head: sequence b's rows start at
 // packed_scratch_row0(cu_seqlens_q[b], b), 64-row aligned and at least stats_rows(its length)
 // after the previous sequence's start, whatever the lengths (clamped or not), inside
 // packed_scratch_rows(total_q, B) rows.
-FC_HOST_DEVICE int64_t packed_scratch_row0(int64_t q_row0, int batch) {
+FC_HOST_DEVICE int64_t packed_scratch_row0(int q_row0, int batch) {
   return stats_rows(q_row0) + 2 * kStatsRowTile * int64_t(batch);
 }
-FC_HOST_DEVICE int64_t packed_scratch_rows(int64_t total_q, int b) { return packed_scratch_row0(total_q, b); }
+FC_HOST_DEVICE int64_t packed_scratch_rows(int total_q, int b) { return packed_scratch_row0(total_q, b); }
 
 struct BwdParams : AttnShape {
   TensorRef q, k, v, o, dout, dq, dk, dv;
   const float* lse;   // [B, Hq, Nq] (packed: [Hq, total_q]) from the forward
   const float* dlse;  // the gradient flowing into lse, laid out as lse, or nullptr
-  // Scratch written by the preprocess, per (batch, query head) stats_rows(nq) padded rows from
-  // scratch_row(batch, head): row_stats holds two planes of scratch_rows floats, lse2 (the lse
-  // in base 2; +inf where the row sees no key and past nq: probabilities exactly 0), then
-  // D = rowsum(dO * O) - dlse (0 past nq); dq_accum holds kHeadDim floats per row.
+  // Scratch written by the preprocess: slices of scratch_slice_rows() padded rows, one per
+  // (batch, query head), or per query head for a packed batch (its sequences at
+  // packed_scratch_row0 within). row_stats holds per slice a row of lse2 (the lse in base 2;
+  // +inf where the row sees no key and past nq: probabilities exactly 0) and then a row of
+  // D = rowsum(dO * O) - dlse (0 past nq), from stats_offset(batch, head); dq_accum holds
+  // kHeadDim floats per scratch row (traits.h accum_offset).
   float* row_stats;
   float* dq_accum;    // fp32 dQ in mma fragment order (see bwd_kernel.h), or nullptr when
                       // dQ is computed by the deterministic pass instead of atomics
-  int64_t scratch_head_stride;  // rows per (batch, head) slice (dense) or per head (packed)
-  int64_t scratch_rows;         // rows of one plane, all slices
 
-  // (kVarlen: the kernel may run a packed batch, narrowed to `batch` by seqlen.h)
+  // kVarlen: the kernel may run a packed batch, narrowed to `batch` by seqlen.h. Without it the
+  // dense formulas alone are compiled.
+  template <bool kVarlen>
+  FC_HOST_DEVICE int64_t scratch_slice_rows() const {
+    return kVarlen && cu_seqlens_q ? packed_scratch_rows(total_q, b) : stats_rows(nq);
+  }
+  // The first scratch row of (batch, head)'s rows.
   template <bool kVarlen>
   FC_HOST_DEVICE int64_t scratch_row(int batch, int head) const {
-    if (!kVarlen || cu_seqlens_q == nullptr) return (int64_t(batch) * hq + head) * scratch_head_stride;
-    return head * scratch_head_stride + packed_scratch_row0(q_row0, batch);
+    if (!kVarlen || cu_seqlens_q == nullptr) return (int64_t(batch) * hq + head) * stats_rows(nq);
+    return head * scratch_slice_rows<kVarlen>() + packed_scratch_row0(q_row0, batch);
   }
-  // The scratch layout for p's shape (nq, hq, b, and total_q when packed).
-  FC_HOST_DEVICE void set_scratch_layout() {
-    const int64_t head_rows = cu_seqlens_q ? packed_scratch_rows(total_q, b) : stats_rows(nq);
-    scratch_head_stride = head_rows;
-    scratch_rows = cu_seqlens_q ? head_rows * hq : head_rows * hq * b;
+  // Offset of (batch, head)'s lse2 row in row_stats; its D row follows at + scratch_slice_rows().
+  template <bool kVarlen>
+  FC_HOST_DEVICE int64_t stats_offset(int batch, int head) const {
+    if (!kVarlen || cu_seqlens_q == nullptr) return (int64_t(batch) * hq + head) * 2 * stats_rows(nq);
+    return head * 2 * scratch_slice_rows<kVarlen>() + packed_scratch_row0(q_row0, batch);
+  }
+  // Rows of scratch in all (host: buffer sizes; 2 floats per row of row_stats).
+  FC_HOST_DEVICE int64_t scratch_rows_total() const {
+    return scratch_slice_rows<true>() * hq * (cu_seqlens_q ? 1 : b);
   }
 };
 

@@ -182,6 +182,10 @@ struct BwdTraits {
   static_assert(kPrepRows == kStatsRowTile, "the preprocess covers the scratch's padded row tiles");
   template <bool kVarlen, class P>
   FC_HOST_DEVICE static int64_t accum_offset(const P& p, int batch, int head, int64_t rb) {
+    if (!kVarlen || p.cu_seqlens_q == nullptr) {  // dense: (batch, head) slices of whole 16-row blocks
+      const int64_t row_blocks = int64_t((p.nq + kPrepRows - 1) / kPrepRows) * (kPrepRows / 16);
+      return ((int64_t(batch) * p.hq + head) * row_blocks + rb) * kAccumTileFloats;
+    }
     return p.template scratch_row<kVarlen>(batch, head) * kHeadDim + rb * kAccumTileFloats;
   }
 };
