@@ -103,6 +103,23 @@ def test_cuda_kernels_emulated(name, dtype):
     assert ("flash_bwd_dq" if deterministic else "flash_bwd_postprocess") in kernels
 
 
+@pytest.mark.parametrize("d", [64, 40])
+def test_cuda_kernels_emulated_strided_views(d):
+    """q, k, v sliced out of one packed (total, 3, H, D) tensor (FlashAttention's qkvpacked
+    layout): strides go to the kernels as they are at D = 64, through an aligned copy at D = 40."""
+    lens = [33, 0, 70, 5]
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(sum(lens), 3, 2, d, generator=g).to(torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    with flash_cuda.emulate(check=True) as emu:
+        out = flash_cuda.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    assert all(r["errors"] == [] for r in emu.launches)
+    ref, _ = reference(q, k, v, cu, cu, torch.float64, causal=True)
+    plain, _ = reference(q, k, v, cu, cu, torch.bfloat16, causal=True)
+    assert_fa_rule("out", out, plain, ref, 2)
+
+
 def test_packing_costs_only_the_sequences_tiles():
     """One 256-token sequence and three 16-token ones, D = 64: the forward runs 8 query tiles of
     128 rows x 4 key tiles of 64 for the long sequence and one tile each for the short ones,
