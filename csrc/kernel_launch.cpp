@@ -81,9 +81,11 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, con
   const int64_t Nq = packed ? std::max<int64_t>(packed->max_q, 1) : q.size(2);
   const int64_t Nk = packed ? std::max<int64_t>(packed->max_k, 1) : k.size(2);
   const int64_t B = packed ? packed->batch() : q.size(0);
-  TORCH_CHECK(Nq < (int64_t(1) << 31) && Nk < (int64_t(1) << 31) && q.size(2) < (int64_t(1) << 31) &&
-                  k.size(2) < (int64_t(1) << 31) && B <= 65535 && q.size(1) <= 65535,
-              "flash_cuda: sequence lengths must be < 2^31 and B, H <= 65535 for the CUDA kernels");
+  // (2^31 - 256: the kernels round lengths up to whole tiles in 32-bit arithmetic)
+  constexpr int64_t kMaxLen = (int64_t(1) << 31) - 256;
+  TORCH_CHECK(Nq < kMaxLen && Nk < kMaxLen && q.size(2) < kMaxLen && k.size(2) < kMaxLen && B <= 65535 &&
+                  q.size(1) <= 65535,
+              "flash_cuda: sequence lengths must be < 2^31 - 256 and B, H <= 65535 for the CUDA kernels");
   AttnShape s{};
   s.b = static_cast<int>(B);
   s.hq = static_cast<int>(q.size(1));

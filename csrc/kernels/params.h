@@ -74,17 +74,15 @@ struct BwdParams : AttnShape {
   FC_HOST_DEVICE int64_t scratch_slice_rows() const {
     return kVarlen && cu_seqlens_q ? packed_scratch_rows(total_q, b) : stats_rows(nq);
   }
-  // The first scratch row of (batch, head)'s rows.
-  template <bool kVarlen>
-  FC_HOST_DEVICE int64_t scratch_row(int batch, int head) const {
-    if (!kVarlen || cu_seqlens_q == nullptr) return (int64_t(batch) * hq + head) * stats_rows(nq);
-    return head * scratch_slice_rows<kVarlen>() + packed_scratch_row0(q_row0, batch);
+  // A packed batch's first scratch row of (sequence batch, head).
+  FC_HOST_DEVICE int64_t packed_scratch_row(int batch, int head) const {
+    return head * packed_scratch_rows(total_q, b) + packed_scratch_row0(q_row0, batch);
   }
   // Offset of (batch, head)'s lse2 row in row_stats; its D row follows at + scratch_slice_rows().
   template <bool kVarlen>
   FC_HOST_DEVICE int64_t stats_offset(int batch, int head) const {
     if (!kVarlen || cu_seqlens_q == nullptr) return (int64_t(batch) * hq + head) * 2 * stats_rows(nq);
-    return head * 2 * scratch_slice_rows<kVarlen>() + packed_scratch_row0(q_row0, batch);
+    return packed_scratch_row(batch, head) + head * packed_scratch_rows(total_q, b);  // 2 rows per head
   }
   // Rows of scratch in all (host: buffer sizes; 2 floats per row of row_stats).
   FC_HOST_DEVICE int64_t scratch_rows_total() const {

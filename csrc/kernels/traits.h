@@ -186,7 +186,7 @@ struct BwdTraits {
       const int64_t row_blocks = int64_t((p.nq + kPrepRows - 1) / kPrepRows) * (kPrepRows / 16);
       return ((int64_t(batch) * p.hq + head) * row_blocks + rb) * kAccumTileFloats;
     }
-    return p.template scratch_row<kVarlen>(batch, head) * kHeadDim + rb * kAccumTileFloats;
+    return p.packed_scratch_row(batch, head) * kHeadDim + rb * kAccumTileFloats;
   }
 };
 
