@@ -9,8 +9,8 @@ cudaMalloc and an access one element past it is reported:
 Each case runs the forward, the backward and the deterministic backward of one instantiation
 (head dim, dtype, variant) on tensors whose sizes are not multiples of any tile, with GQA and
 Nq != Nk, and packed sequences (varlen), with cu_seqlens that do not match the tensors on
-the GPU. It checks nothing itself beyond finiteness; the sanitizer does the checking, and
-tests/test_kernel_gpu.py checks the values.
+the GPU. It checks nothing itself beyond the finiteness of the dense cases; the sanitizer does
+the checking, and tests/test_kernel_gpu.py checks the values.
 """
 import argparse
 import time

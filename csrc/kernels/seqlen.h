@@ -11,7 +11,8 @@
  * at once (their rows do not exist). Causal and windows are bottom-right aligned per sequence.
  *
  * Only scalars change (lengths, diagonal offset, first rows): the pointers stay the params'
- * own and the first rows enter the addresses where they are formed (head_ptr, scratch_row).
+ * own and the first rows enter the addresses where they are formed (head_ptr,
+ * packed_scratch_row).
  * Those scalars live in registers all through a kernel, which the largest kernels cannot
  * spare: the forward, backward and dQ kernels are instantiated with kVarlen (packed batches)
  * and without it (dense batches: the narrowing and the first rows compile away, and the kernel
