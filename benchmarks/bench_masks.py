@@ -59,6 +59,13 @@ def machine(device):
     return {"device": name, "isa": [f for f in ISA_FLAGS if f in flags], "threads": torch.get_num_threads()}
 
 
+def save_json(path, meta, results):
+    """The benchmark's JSON: the machine (and torch version) and one dict per point."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": dict(meta, torch=torch.__version__), "results": results}, f, indent=1)
+
+
 def window_mask(n, w, device):
     i = torch.arange(n, device=device)
     d = i[None, :] - i[:, None]
@@ -176,9 +183,7 @@ def main(argv=None):
     results = []
     for case in args.cases.split(","):
         results += {"window": case_window, "padded": case_padded, "scaling": case_scaling}[case](device, dtype, args.quick)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": dict(meta, torch=torch.__version__), "results": results}, f, indent=1)
+    save_json(args.json, meta, results)
     return results
 
 

@@ -113,6 +113,7 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, con
     s.mod.bias = o.bias->data_ptr<float>();
     for (int d = 0; d < 4; ++d) s.mod.bias_stride[d] = o.bias->stride(d);
   }
+  s.drop = o.kernel_dropout();
   return s;
 }
 
@@ -143,6 +144,7 @@ AttnOptions kernel_options(const AttnOptions& o) {
 void add_mod_buffers(std::vector<emu::Buffer>& buffers, const AttnOptions& o, const std::optional<Packed>& packed) {
   if (o.alibi) buffers.push_back(tensor_footprint(*o.alibi, false));
   if (o.bias) buffers.push_back(tensor_footprint(*o.bias, false));
+  if (o.dropout()) buffers.push_back(tensor_footprint(*o.rng_state, false));
   if (packed) {
     buffers.push_back(tensor_footprint(packed->cu_q, false));
     buffers.push_back(tensor_footprint(packed->cu_k, false));

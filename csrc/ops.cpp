@@ -111,14 +111,32 @@ AttnOptions make_options(const at::Tensor& q, const at::Tensor& k, double scale,
   return o;
 }
 
+// Dropout's arguments into o: p in [0, 1) and, when p > 0, the int64 (seed, offset) on q's device
+// that philox_state made (csrc/kernels/philox.h).
+AttnOptions with_dropout(AttnOptions o, const at::Tensor& q, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0,
+              "flash_cuda: dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return o;
+  TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
+                  rng_state->dim() == 1 && rng_state->device() == q.device(),
+              "flash_cuda: rng_state must be an int64 tensor (seed, offset) of 2 entries on q's device when dropout_p > 0",
+              rng_state.has_value() ? ", got a tensor " : ", got None",
+              rng_state.has_value() ? c10::str(rng_state->sizes(), " ", rng_state->scalar_type(), " on ", rng_state->device()) : "");
+  o.dropout_p = dropout_p;
+  o.rng_state = rng_state->contiguous();
+  return o;
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                            bool causal, bool bottom_right, bool /*deterministic: for bwd*/,
                                            int64_t window_left, int64_t window_right, double softcap,
                                            const std::optional<at::Tensor>& alibi_slopes,
-                                           const std::optional<at::Tensor>& bias) {
+                                           const std::optional<at::Tensor>& bias, double dropout_p,
+                                           const std::optional<at::Tensor>& rng_state) {
   check_qkv(q, k, v);
-  const AttnOptions o =
-      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false);
+  const AttnOptions o = with_dropout(
+      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false), q,
+      dropout_p, rng_state);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
     return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o, Executor::emu);
   return cpu::attention_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o);
@@ -145,10 +163,11 @@ BwdResult bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, double scale,
                   bool causal, bool bottom_right, bool deterministic, int64_t window_left, int64_t window_right,
                   double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& bias,
-                  bool bias_grad) {
+                  bool bias_grad, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   check_bwd(dout, q, k, v, out, lse, dlse);
-  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
-                                     alibi_slopes, bias, bias_grad);
+  const AttnOptions o = with_dropout(make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                                  alibi_slopes, bias, bias_grad),
+                                     q, dropout_p, rng_state);
   if (emu_active())
     return with_dbias(bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k),
                                   unit_last_stride(v), unit_last_stride(out), lse, dlse, o, deterministic,
@@ -165,10 +184,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             double scale, bool causal, bool bottom_right, bool /*deterministic*/,
                                             int64_t window_left, int64_t window_right, double softcap,
                                             const std::optional<at::Tensor>& alibi_slopes,
-                                            const std::optional<at::Tensor>& bias) {
+                                            const std::optional<at::Tensor>& bias, double dropout_p,
+                                            const std::optional<at::Tensor>& rng_state) {
   check_qkv(q, k, v);
-  const AttnOptions o =
-      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false);
+  const AttnOptions o = with_dropout(
+      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false), q,
+      dropout_p, rng_state);
   return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o, Executor::cuda);
 }
 
@@ -176,10 +197,12 @@ BwdResult bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, double scale,
                    bool causal, bool bottom_right, bool deterministic, int64_t window_left, int64_t window_right,
                    double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                   const std::optional<at::Tensor>& bias, bool bias_grad) {
+                   const std::optional<at::Tensor>& bias, bool bias_grad, double dropout_p,
+                   const std::optional<at::Tensor>& rng_state) {
   check_bwd(dout, q, k, v, out, lse, dlse);
-  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
-                                     alibi_slopes, bias, bias_grad);
+  const AttnOptions o = with_dropout(make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                                  alibi_slopes, bias, bias_grad),
+                                     q, dropout_p, rng_state);
   return with_dbias(bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
                                 unit_last_stride(out), lse, dlse, o, deterministic, Executor::cuda),
                     q);
@@ -262,11 +285,13 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
                                                   int64_t max_k, double scale, bool causal, bool /*deterministic*/,
                                                   int64_t window_left, int64_t window_right, double softcap,
-                                                  const std::optional<at::Tensor>& alibi_slopes) {
+                                                  const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                                  const std::optional<at::Tensor>& rng_state) {
   check_packed_qkv(q, k, v);
   std::vector<int64_t> vq, vk;
-  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
-                                       softcap, alibi_slopes, &vq, &vk);
+  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
+                                                    window_right, softcap, alibi_slopes, &vq, &vk),
+                                     q, dropout_p, rng_state);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
     return varlen_fwd_kernels(q, k, v, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, Executor::emu);
   return cpu::varlen_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), vq, vk, o);
@@ -291,11 +316,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_q, const at::Tensor& cu_k,
     int64_t max_q, int64_t max_k, double scale, bool causal, bool deterministic, int64_t window_left,
-    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   check_varlen_bwd(dout, q, k, v, out, lse, dlse);
   std::vector<int64_t> vq, vk;
-  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
-                                       softcap, alibi_slopes, &vq, &vk);
+  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
+                                                    window_right, softcap, alibi_slopes, &vq, &vk),
+                                     q, dropout_p, rng_state);
   if (emu_active())
     return varlen_bwd_kernels(dout, q, k, v, out, lse, dlse, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, deterministic,
                               Executor::emu);
@@ -309,10 +336,12 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                                                    const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
                                                    int64_t max_k, double scale, bool causal, bool /*deterministic*/,
                                                    int64_t window_left, int64_t window_right, double softcap,
-                                                   const std::optional<at::Tensor>& alibi_slopes) {
+                                                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                                   const std::optional<at::Tensor>& rng_state) {
   check_packed_qkv(q, k, v);
-  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
-                                       softcap, alibi_slopes, nullptr, nullptr);
+  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
+                                                    window_right, softcap, alibi_slopes, nullptr, nullptr),
+                                     q, dropout_p, rng_state);
   return varlen_fwd_kernels(q, k, v, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, Executor::cuda);
 }
 
@@ -320,10 +349,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_q, const at::Tensor& cu_k,
     int64_t max_q, int64_t max_k, double scale, bool causal, bool deterministic, int64_t window_left,
-    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_state) {
   check_varlen_bwd(dout, q, k, v, out, lse, dlse);
-  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
-                                       softcap, alibi_slopes, nullptr, nullptr);
+  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
+                                                    window_right, softcap, alibi_slopes, nullptr, nullptr),
+                                     q, dropout_p, rng_state);
   return varlen_bwd_kernels(dout, q, k, v, out, lse, dlse, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k},
                             deterministic, Executor::cuda);
 }
@@ -339,23 +370,35 @@ TORCH_LIBRARY(flash_cuda, m) {
   // 0 on broadcast dims) in the accumulation dtype (csrc/attn_options.h).
   m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, bool bottom_right,"
         " bool deterministic=False, int window_left=-1, int window_right=-1, float softcap=0.0,"
-        " Tensor? alibi_slopes=None, Tensor? bias=None) -> (Tensor out, Tensor lse)");
+        " Tensor? alibi_slopes=None, Tensor? bias=None, float dropout_p=0.0, Tensor? rng_state=None)"
+        " -> (Tensor out, Tensor lse)");
   // dlse: optional gradient flowing into lse (None when lse was not used). dbias: dL/d bias,
   // dense (B, Hq, Nq, Nk), when bias_grad; else an empty tensor.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
         " float scale, bool causal, bool bottom_right, bool deterministic=False,"
         " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
-        " Tensor? bias=None, bool bias_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+        " Tensor? bias=None, bool bias_grad=False, float dropout_p=0.0, Tensor? rng_state=None)"
+        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   // Packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D); sequence b is rows
   // [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q against [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k, v
   // (int32, B + 1 entries), bottom-right causal per sequence; lse (Hq, total_q).
   m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, float scale, bool causal, bool deterministic=False, int window_left=-1,"
-        " int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+        " int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0,"
+        " Tensor? rng_state=None) -> (Tensor out, Tensor lse)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal,"
         " bool deterministic=False, int window_left=-1, int window_right=-1, float softcap=0.0,"
-        " Tensor? alibi_slopes=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Dropout (csrc/kernels/philox.h): rng_state is (seed, offset), int64 on q's device, from
+  // philox_state, which reserves `increment` of the generator's offset (CUDA: read on the device,
+  // safe under CUDA graph capture; CPU: a fresh seed from the CPU generator, offset 0).
+  m.def("philox_state(Tensor like, int increment, Generator? generator=None) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
+  // The keep mask of (rng_state, dropout_p) as a bool (B, H, Nq, Nk) tensor on rng_state's device;
+  // with cu_seqlens (packed sequences) positions past a sequence's lengths are False.
+  m.def("dropout_mask(Tensor rng_state, float dropout_p, int batch, int heads, int nq, int nk,"
+        " Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {

@@ -1,7 +1,8 @@
 """flash_cuda: FlashAttention for PyTorch.
 
     flash_cuda.attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0,
-                         alibi_slopes=None, attn_mask=None, return_lse=False, deterministic=False)
+                         alibi_slopes=None, attn_mask=None, dropout_p=0.0, generator=None,
+                         return_lse=False, return_dropout_mask=False, deterministic=False)
     flash_cuda.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
     flash_cuda.unpad_input(x, attention_mask), flash_cuda.pad_input(x_unpad, indices, B, S)
     flash_cuda.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,

@@ -157,6 +157,37 @@ def _mask_to_bias(fn, name, mask, q, nk, full_shape):
     return bias.reshape(q.shape[0], q.shape[1], q.shape[2], nk) if bias.dim() != 4 else bias
 
 
+def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device):
+    """dropout_p a float in [0, 1); generator None or a torch.Generator of q's device."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{fn}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        gd = generator.device
+        if gd.type != device.type or (gd.index is not None and device.index is not None and gd.index != device.index):
+            raise ValueError(f"{fn}: generator must be a torch.Generator of q's device ({device}), got one of {gd}")
+    _check_flag(fn, "return_dropout_mask", return_dropout_mask)
+    return float(dropout_p)
+
+
+def _rng_state(q, nk, dropout_p, generator):
+    """(seed, offset) for one call with dropout (csrc/kernels/philox.h), or None without; reserves
+    32 ceil(nk / 16) of the generator's offset."""
+    if dropout_p == 0.0:
+        return None
+    return torch.ops.flash_cuda.philox_state(q, 32 * ((nk + 15) // 16), generator)
+
+
+def _dropout_mask(rng_state, dropout_p, shape, device, cu_seqlens_q=None, cu_seqlens_k=None):
+    """The keep mask a call used, materialised as bool `shape` (B, H, Nq, Nk)."""
+    if rng_state is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return torch.ops.flash_cuda.dropout_mask(rng_state, dropout_p, *shape, cu_seqlens_q, cu_seqlens_k)
+
+
 def _check_options(fn, q, batch, causal, return_lse, deterministic, scale, window, softcap, alibi_slopes):
     """The arguments attention and varlen_attention share -> (scale, left, right, softcap, slopes)."""
     _check_flag(fn, "causal", causal)
@@ -169,7 +200,7 @@ def _check_options(fn, q, batch, causal, return_lse, deterministic, scale, windo
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None, attn_mask=None,
-              return_lse=False, deterministic=False):
+              dropout_p=0.0, generator=None, return_lse=False, return_dropout_mask=False, deterministic=False):
     """Exact attention softmax(scale * q k^T + modifiers) v, computed by FlashAttention.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (query head h uses kv head
@@ -191,8 +222,16 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
         dense (B, Hq, Nq, Nk) float32 gradient before summing.
     Rows that see no key (e.g. causal with Nq > Nk, or fully masked) give 0 and lse = -inf.
     scale: defaults to 1 / sqrt(D).
+    dropout_p: attention dropout, applied whenever > 0 (pass 0.0 in eval, as with torch SDPA):
+        out = (softmax(s) * keep / (1 - dropout_p)) v, lse unaffected. The keep mask is a pure
+        function of (seed, offset, b, h, i, j) by Philox4x32-10 (README "Dropout"), never stored:
+        the backward regenerates it. (seed, offset) come from `generator` (a torch.Generator of
+        q's device) or the default generator of q's device, so torch.manual_seed makes a step
+        repeatable; on CUDA they are read on the device (safe under CUDA graph capture).
     return_lse: also return lse (B, Hq, Nq), the natural log of the softmax denominator with
         the scale included, in float32 (float64 for float64 inputs). Gradients flow through it.
+    return_dropout_mask: also return the keep mask, bool (B, Hq, Nq, Nk), materialised (memory
+        hungry: for tests and debugging), last: out, [lse,] keep.
     deterministic: make the backward bitwise repeatable on CUDA (dQ from a second pass over the
         key tiles instead of atomic adds: about 7/5 of the backward's tensor-core work). The
         CPU backend is deterministic either way (for a fixed number of threads).
@@ -202,11 +241,16 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
     _check_shapes(fn, ("q", "k", "v"), q, k, v)
     scale, left, right, softcap, slopes = _check_options(fn, q, q.shape[0], causal, return_lse, deterministic, scale,
                                                          window, softcap, alibi_slopes)
+    dropout_p = _check_dropout(fn, dropout_p, generator, return_dropout_mask, q.device)
     B, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, nk, (B, hq, nq, nk))
+    rng_state = _rng_state(q, nk, dropout_p, generator)
     out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True, deterministic, left, right, softcap, slopes,
-                                        bias)
-    return (out, lse) if return_lse else out
+                                        bias, dropout_p, rng_state)
+    result = (out, lse) if return_lse else (out,)
+    if return_dropout_mask:
+        result += (_dropout_mask(rng_state, dropout_p, (B, hq, nq, nk), q.device),)
+    return result if len(result) > 1 else out
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -218,19 +262,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     of key/value heads; without it the head counts must match, or key/value have one head,
     which broadcasts), attn_mask broadcastable to (..., L, S): bool (True = takes part) or
     floating (added to the scores), not together with is_causal (torch rejects it too); a row
-    whose keys are all masked gives 0, as torch does. Not supported yet, with a
-    NotImplementedError: dropout_p > 0, a value head dim different from the query's, and
-    broadcasting of batch dims.
+    whose keys are all masked gives 0, as torch does; dropout_p > 0 applies dropout as
+    attention() does (torch semantics: whenever dropout_p > 0, from the default generator of
+    query's device). Not supported yet, with a NotImplementedError: a value head dim different
+    from the query's, and broadcasting of batch dims.
     """
     fn = "flash_cuda.scaled_dot_product_attention"
     if attn_mask is not None and is_causal is True:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
                          "too); fold the causal mask into attn_mask instead")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"{fn}: dropout_p must be a float, got {type(dropout_p).__name__}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"{fn}: dropout_p must be 0.0 (dropout is not supported yet), "
-                                  f"got {dropout_p}")
+    dropout_p = _check_dropout(fn, dropout_p, None, False, getattr(query, "device", None))
     _check_flag(fn, "is_causal", is_causal)
     _check_flag(fn, "enable_gqa", enable_gqa)
     names = ("query", "key", "value")
@@ -261,12 +302,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = _check_scale(fn, scale, q.shape[-1])
     full = tuple(query.shape[:-1]) + (key.shape[-2],)
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, k.shape[2], full)
-    out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias)
+    rng_state = _rng_state(q, k.shape[2], dropout_p, None)
+    out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias, dropout_p,
+                                      rng_state)
     return out.reshape(query.shape)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
-                     window=None, softcap=0.0, alibi_slopes=None, return_lse=False, deterministic=False):
+                     window=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0, generator=None, return_lse=False,
+                     return_dropout_mask=False, deterministic=False):
     """Attention over packed variable-length sequences (FlashAttention's varlen interface).
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D), every sequence's tokens back to back (any
@@ -274,7 +318,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     non-decreasing, ending at total_q / total_k: sequence b is queries
     cu_seqlens_q[b]:cu_seqlens_q[b+1] against keys cu_seqlens_k[b]:cu_seqlens_k[b+1], and
     nothing else. max_seqlen_q/k: ints at least every sequence's length. causal (bottom-right
-    per sequence), scale, window, softcap and alibi_slopes ((Hq,) or (B, Hq)) as in attention().
+    per sequence), scale, window, softcap, alibi_slopes ((Hq,) or (B, Hq)) and dropout_p / generator
+    as in attention() (the keep mask of sequence b is that of batch entry b, rows and columns
+    counted within the sequence; return_dropout_mask gives it as (B, Hq, max_seqlen_q,
+    max_seqlen_k), False past each sequence's lengths).
     Zero-length sequences are allowed; queries of a sequence without keys give 0 and lse -inf.
 
     Returns out (total_q, Hq, D), and with return_lse also lse (Hq, total_q) float32 (float64 for
@@ -320,9 +367,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             raise ValueError(f"{fn}: max_seqlen {mx} is smaller than the longest sequence ({max(lengths)}) of {name}")
     scale, left, right, softcap, slopes = _check_options(fn, q, cu_seqlens_q.numel() - 1, causal, return_lse,
                                                          deterministic, scale, window, softcap, alibi_slopes)
+    dropout_p = _check_dropout(fn, dropout_p, generator, return_dropout_mask, q.device)
+    rng_state = _rng_state(q, max_seqlen_k, dropout_p, generator)
     out, lse = torch.ops.flash_cuda.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                               causal, deterministic, left, right, softcap, slopes)
-    return (out, lse) if return_lse else out
+                                               causal, deterministic, left, right, softcap, slopes, dropout_p,
+                                               rng_state)
+    result = (out, lse) if return_lse else (out,)
+    if return_dropout_mask:
+        shape = (cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+        result += (_dropout_mask(rng_state, dropout_p, shape, q.device, cu_seqlens_q, cu_seqlens_k),)
+    return result if len(result) > 1 else out
 
 
 def unpad_input(x, attention_mask):

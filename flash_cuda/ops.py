@@ -1,4 +1,4 @@
-"""Fake (shape) and autograd registrations of the flash_cuda::fwd / flash_cuda::bwd ops.
+"""Fake (shape) and autograd registrations of the flash_cuda ops (attention, varlen, dropout).
 
 The ops themselves are defined in C++ (csrc/ops.cpp, TORCH_LIBRARY); importing
 flash_cuda._C registers them with the dispatcher.
@@ -20,7 +20,7 @@ def _unit_last_stride(x):
 
 @torch.library.register_fake("flash_cuda::fwd")
 def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False, window_left=-1, window_right=-1,
-              softcap=0.0, alibi_slopes=None, bias=None):
+              softcap=0.0, alibi_slopes=None, bias=None, dropout_p=0.0, rng_state=None):
     out = torch.empty_like(_unit_last_stride(q))
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
@@ -28,7 +28,8 @@ def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False, window_
 
 @torch.library.register_fake("flash_cuda::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, deterministic=False, window_left=-1,
-              window_right=-1, softcap=0.0, alibi_slopes=None, bias=None, bias_grad=False):
+              window_right=-1, softcap=0.0, alibi_slopes=None, bias=None, bias_grad=False, dropout_p=0.0,
+              rng_state=None):
     dq, dk, dv = (torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
     acc = accumulation_dtype(q.dtype)
     dbias = (q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dtype=acc) if bias_grad and bias is not None
@@ -37,25 +38,28 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, determ
 
 
 _BIAS = 11  # index of `bias` in fwd's inputs
+_FWD_INPUTS = 14
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
     out, lse = output
-    inputs = list(inputs) + [None] * (12 - len(inputs))
-    scale, causal, bottom_right, deterministic, wl, wr, softcap, alibi, bias = inputs[3:]
-    ctx.save_for_backward(q, k, v, out, lse, alibi, bias)
+    inputs = list(inputs) + [None] * (_FWD_INPUTS - len(inputs))
+    scale, causal, bottom_right, deterministic, wl, wr, softcap, alibi, bias, dropout_p, rng_state = inputs[3:]
+    ctx.save_for_backward(q, k, v, out, lse, alibi, bias, rng_state)
     ctx.args = (scale, causal, bottom_right, bool(deterministic) if deterministic is not None else False,
                 -1 if wl is None else wl, -1 if wr is None else wr, 0.0 if softcap is None else softcap)
+    ctx.dropout_p = 0.0 if dropout_p is None else dropout_p
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi, bias = ctx.saved_tensors
+    q, k, v, out, lse, alibi, bias, rng_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
-    dq, dk, dv, dbias = torch.ops.flash_cuda.bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi, bias, bias_grad)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, dbias if bias_grad else None
+    dq, dk, dv, dbias = torch.ops.flash_cuda.bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi, bias, bias_grad,
+                                                 ctx.dropout_p, rng_state)
+    return (dq, dk, dv) + (None,) * 8 + (dbias if bias_grad else None, None, None)
 
 
 torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_setup_context)
@@ -63,7 +67,8 @@ torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_set
 
 @torch.library.register_fake("flash_cuda::varlen_fwd")
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                     deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
+                     deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                     dropout_p=0.0, rng_state=None):
     out = torch.empty_like(_unit_last_stride(q))
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype))
     return out, lse
@@ -71,27 +76,43 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 @torch.library.register_fake("flash_cuda::varlen_bwd")
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                     causal, deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
+                     causal, deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                     dropout_p=0.0, rng_state=None):
     return tuple(torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
 
 
+_VARLEN_FWD_INPUTS = 16
+
+
 def _varlen_setup_context(ctx, inputs, output):
-    inputs = list(inputs) + [None] * (14 - len(inputs))
+    inputs = list(inputs) + [None] * (_VARLEN_FWD_INPUTS - len(inputs))
     q, k, v, cu_q, cu_k = inputs[:5]
     out, lse = output
-    alibi = inputs[13]
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+    alibi, dropout_p, rng_state = inputs[13:16]
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, rng_state)
     max_q, max_k, scale, causal, deterministic, wl, wr, softcap = inputs[5:13]
     ctx.args = (max_q, max_k, scale, causal, bool(deterministic) if deterministic is not None else False,
                 -1 if wl is None else wl, -1 if wr is None else wr, 0.0 if softcap is None else softcap)
+    ctx.dropout_p = 0.0 if dropout_p is None else dropout_p
 
 
 def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi, rng_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.flash_cuda.varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args, alibi)
-    return (dq, dk, dv) + (None,) * 11
+    dq, dk, dv = torch.ops.flash_cuda.varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args, alibi,
+                                                 ctx.dropout_p, rng_state)
+    return (dq, dk, dv) + (None,) * (_VARLEN_FWD_INPUTS - 3)
 
 
 torch.library.register_autograd("flash_cuda::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)
+
+
+@torch.library.register_fake("flash_cuda::philox_state")
+def _philox_state_fake(like, increment, generator=None):
+    return like.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("flash_cuda::dropout_mask")
+def _dropout_mask_fake(rng_state, dropout_p, batch, heads, nq, nk, cu_seqlens_q=None, cu_seqlens_k=None):
+    return rng_state.new_empty((batch, heads, nq, nk), dtype=torch.bool)

@@ -26,10 +26,12 @@ def band_hidden(nq, nk, window, causal, bottom_right, device):
 
 
 def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=torch.float64, window=None, softcap=0.0,
-                  alibi_slopes=None, attn_mask=None):
+                  alibi_slopes=None, attn_mask=None, dropout_mask=None, dropout_p=0.0):
     """Returns (out, lse) computed in `dtype`; GQA by repeating k/v heads. The modifiers follow
     flash_cuda.attention's documented semantics, written out elementwise on the full score
     matrix: softcap, then ALiBi (-slope |d|), then the mask (bool: False hides; floating: added).
+    Dropout with a given keep mask (bool, broadcastable to (B, Hq, Nq, Nk)): out =
+    (softmax * keep / (1 - dropout_p)) v; lse unaffected.
 
     Rows that see no key give out = 0 and lse = -inf (flash_cuda's documented convention).
     """
@@ -55,7 +57,10 @@ def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=to
     empty = (s == float("-inf")).all(-1, keepdim=True)  # rows that see no key
     s = s.masked_fill(empty, 0.0)
     lse = torch.logsumexp(s.to(torch.float64), dim=-1).masked_fill(empty[..., 0], float("-inf"))
-    out = (torch.softmax(s, dim=-1) @ v).masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(dtype) / (1.0 - dropout_p)
+    out = (p @ v).masked_fill(empty, 0.0)
     return out, lse
 
 

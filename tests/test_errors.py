@@ -130,11 +130,6 @@ def test_sdpa_attn_mask_not_broadcastable():
         sdpa(q, k, v, attn_mask=torch.ones(3, 8, dtype=torch.bool))
 
 
-def test_sdpa_dropout_unsupported():
-    with pytest.raises(NotImplementedError, match=r"dropout_p must be 0.0 \(dropout is not supported yet\), got 0.1"):
-        sdpa(*qkv(Hkv=4), dropout_p=0.1)
-
-
 def test_sdpa_value_head_dim_unsupported():
     q, k, v = qkv(Hkv=4)
     with pytest.raises(NotImplementedError, match=r"value must have the head dim of query \(16\)"):

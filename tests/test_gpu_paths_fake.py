@@ -42,6 +42,13 @@ def test_gpu_backward_test_runs_emulated(deterministic):
     assert "flash_bwd" in kernels and ("flash_bwd_dq" in kernels) == deterministic
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_dropout_test_runs_emulated(deterministic):
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_dropout_vs_reference_with_its_mask("cpu", torch.bfloat16, 64, deterministic, Nq=37, Nk=45)
+    assert any(",mod>" in r["kernel"] for r in emu.launches)
+
+
 @pytest.mark.parametrize("variant", ["band", "mod"])
 def test_gpu_variant_test_runs_emulated(variant):
     with flash_cuda.emulate(check=False) as emu:

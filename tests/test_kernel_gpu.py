@@ -1,6 +1,6 @@
 """The CUDA kernels on a real GPU (skipped without one): every instantiation (head dims 32, 64,
 96, 128, 192, 256, fp16/bf16, the dense, band (causal, window) and modifier (softcap, ALiBi,
-attn_mask) variants, forward, backward and the deterministic pass)
+attn_mask, dropout) variants, forward, backward and the deterministic pass)
 against the float64 reference under FlashAttention's rule and against torch SDPA, on the current
 stream, allocating nothing but the outputs. The same kernel source is tested without a GPU in
 test_kernel_fwd.py / test_kernel_bwd.py (emulator), and test_gpu_paths_fake.py runs these very
@@ -180,3 +180,59 @@ def test_varlen_wrong_cu_seqlens_stay_in_bounds(dev):
             out = flash_cuda.varlen_attention(q, k, v, cq, ck, 64, 64, causal=True, deterministic=deterministic)
             torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
             torch.cuda.synchronize()
+
+
+# Dropout: the modifier kernels drawing the keep mask in registers (csrc/kernels/dropout.h).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dropout_vs_reference_with_its_mask(dev, dtype, D, deterministic, Nq=203, Nk=230):
+    """out and gradients against the float64 reference computed with the mask the call returns;
+    causal GQA with a sliding window at odd lengths."""
+    B, Hq, p = 2, 4, 0.17
+    q, k, v = make(dev, B, Hq, 2, Nq, Nk, D, dtype, requires_grad=True)
+    kw = dict(causal=True, window=(150, -1))
+    torch.manual_seed(D)
+    out, keep = flash_cuda.attention(q, k, v, dropout_p=p, return_dropout_mask=True, deterministic=deterministic,
+                                     **kw)
+    g = torch.Generator(device=dev).manual_seed(3)
+    dout = torch.randn(out.shape, device=dev, generator=g).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+
+    def reference(dtype_):
+        leaves = [x.detach().to(dtype_).requires_grad_() for x in (q, k, v)]
+        out_, _ = attention_ref(*leaves, dtype=dtype_, dropout_mask=keep, dropout_p=p, **kw)
+        return out_, torch.autograd.grad(out_, leaves, dout.to(dtype_))
+
+    ref, ref_grads = reference(torch.float64)
+    plain, plain_grads = reference(dtype)
+    assert_fa_rule("out", out, plain, ref, 2)
+    for name, g_, pg, rg in zip(("dq", "dk", "dv"), grads, plain_grads, ref_grads):
+        assert_fa_rule(name, g_, pg, rg, 3)
+
+
+def test_dropout_under_cuda_graph_capture(dev):
+    """The (seed, offset) are read on the device: each replay of a captured step draws a fresh
+    mask, and each replay's output is exact with the mask it drew."""
+    if dev != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    q, k, v = make(dev, 1, 2, 2, 150, 150, 64, torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        flash_cuda.attention(q, k, v, dropout_p=0.3, return_dropout_mask=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, keep = flash_cuda.attention(q, k, v, dropout_p=0.3, return_dropout_mask=True)
+    results = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append((out.clone(), keep.clone()))
+    assert not torch.equal(results[0][1], results[1][1])
+    for o, m in results:
+        ref, _ = attention_ref(q, k, v, dropout_mask=m, dropout_p=0.3)
+        plain, _ = attention_ref(q, k, v, dtype=torch.float16, dropout_mask=m, dropout_p=0.3)
+        assert_fa_rule("out", o, plain, ref, 2)

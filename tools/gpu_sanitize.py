@@ -8,8 +8,8 @@ cudaMalloc and an access one element past it is reported:
 
 Each case runs the forward, the backward and the deterministic backward of one instantiation
 (head dim, dtype, variant) on tensors whose sizes are not multiples of any tile, with GQA and
-Nq != Nk, and packed sequences (varlen), with cu_seqlens that do not match the tensors on
-the GPU. It checks nothing itself beyond the finiteness of the dense cases; the sanitizer does
+Nq != Nk (dropout included), and packed sequences (varlen), with cu_seqlens that do not match
+the tensors on the GPU. It checks nothing itself beyond the finiteness of the dense cases; the sanitizer does
 the checking, and tests/test_kernel_gpu.py checks the values.
 """
 import argparse
@@ -22,7 +22,8 @@ import flash_cuda
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # The kernel variants (csrc/kernels/dispatch.h) and features that select them.
 VARIANTS = {"dense": {}, "band": dict(causal=True, window=(37, 5)),
-            "mod": dict(window=(50, 9), softcap=4.0, alibi=True, mask=True)}
+            "mod": dict(window=(50, 9), softcap=4.0, alibi=True, mask=True),
+            "dropout": dict(causal=True, dropout_p=0.2)}
 
 
 def run_case(dev, D, dtype, variant, B=1, Hq=2, Hkv=1, Nq=77, Nk=131):
@@ -58,7 +59,7 @@ def run_varlen(dev, D, dtype, lens_q=(17, 0, 113, 1), lens_k=(20, 5, 0, 9)):
     for cq, ck in cases:
         for deterministic in (False, True):
             out = flash_cuda.varlen_attention(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=True,
-                                              deterministic=deterministic)
+                                              deterministic=deterministic, dropout_p=0.1 if deterministic else 0.0)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
 
 

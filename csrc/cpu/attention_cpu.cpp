@@ -16,6 +16,8 @@
 // Causal masks and sliding windows (mask.h) limit the keys a query tile visits and the query
 // rows a key tile visits; softcap, ALiBi and the additive bias are applied to each score tile
 // after its GEMM (modify_tile), and the backward writes the bias gradient tile by tile.
+// Dropout multiplies each probability tile by its keep mask / (1 - p) (philox.h, the bits the
+// CUDA kernels draw) after the row sums, so lse is unaffected; the backward regenerates it.
 //
 // fp16/bf16 tiles are converted to fp32 in per-thread buffers (fp32 accumulation);
 // float64 runs the same algorithm in double so gradcheck can verify it.
@@ -30,6 +32,7 @@
 #include <limits>
 
 #include "../kernels/mask.h"
+#include "dropout_cpu.h"
 #include "rowops.h"
 
 namespace flash_cuda::cpu {
@@ -127,6 +130,28 @@ void modify_tile(acc_t* s, acc_t* dcap, int64_t ld, int64_t rows, int64_t cols, 
   }
 }
 
+// Dropout of one call: the stream of (b, h) and the multiplier of kept values.
+template <typename acc_t>
+struct Drop {
+  bool on = false;
+  uint64_t seed = 0, offset = 0;
+  uint32_t threshold = 0;
+  int64_t batch0 = 0, hq = 1;
+  acc_t scale = 1;
+
+  Drop(const AttnOptions& o, int64_t heads) : on(o.dropout()), batch0(o.dropout_batch0), hq(heads) {
+    if (!on) return;
+    const int64_t* st = o.rng_state->data_ptr<int64_t>();  // a CPU tensor here
+    seed = uint64_t(st[0]), offset = uint64_t(st[1]);
+    threshold = dropout_threshold(o.dropout_p);
+    scale = acc_t(1.0 / (1.0 - o.dropout_p));
+  }
+  // z (rows x cols, leading dimension ld) = the multipliers of queries i0.., keys j0.. of (b, h)
+  void tile(acc_t* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b, int64_t h) const {
+    dropout_tile(z, ld, rows, cols, i0, j0, PhiloxStream::make(seed, offset, (batch0 + b) * hq + h, threshold), scale);
+  }
+};
+
 template <typename acc_t>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
               at::Tensor& lse, const AttnOptions& opt) {
@@ -138,16 +163,17 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const double scale = opt.scale;
   const BandMask band = opt.band(Nq, Nk);
   const Mods<acc_t> mods(opt, Hq);
+  const Drop<acc_t> drop(opt, Hq);
 
   struct Scratch {
-    at::Tensor sQ, sK, sV, sS, sO;  // (Br, D), (Bc, D), (Bc, D), (Br, Bc), (Br, D)
-    std::vector<acc_t> m, l;        // running row max and row sum, (Br)
+    at::Tensor sQ, sK, sV, sS, sO, sZ;  // (Br, D), (Bc, D), (Bc, D), (Br, Bc), (Br, D), dropout (Br, Bc)
+    std::vector<acc_t> m, l;            // running row max and row sum, (Br)
   };
   auto make_scratch = [&] {
     return Scratch{at::empty({kFwdBr, D}, acc_opts), at::empty({kFwdBc, D}, acc_opts),
                    at::empty({kFwdBc, D}, acc_opts), at::empty({kFwdBr, kFwdBc}, acc_opts),
-                   at::empty({kFwdBr, D}, acc_opts), std::vector<acc_t>(kFwdBr),
-                   std::vector<acc_t>(kFwdBr)};
+                   at::empty({kFwdBr, D}, acc_opts), drop.on ? at::empty({kFwdBr, kFwdBc}, acc_opts) : at::Tensor(),
+                   std::vector<acc_t>(kFwdBr), std::vector<acc_t>(kFwdBr)};
   };
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
 
@@ -190,6 +216,11 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         t.l[r] = t.l[r] * alpha + row_sum;
         t.m[r] = m_new;
       }
+      if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
+        acc_t* z = t.sZ.template data_ptr<acc_t>();
+        drop.tile(z, kFwdBc, br, bc, i0, j0, b, h);
+        for (int64_t r = 0; r < br; ++r) mul_row(s + r * ld_s, z + r * kFwdBc, bc);
+      }
       rO.addmm_(rS, load_rows(gV, j0, j1, t.sV));  // O += P V
     }
 
@@ -214,6 +245,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const BandMask band = opt.band(Nq, Nk);
   Mods<acc_t> mods(opt, Hq);
   mods.dbias = dbias.defined() ? dbias.data_ptr<acc_t>() : nullptr;
+  const Drop<acc_t> drop(opt, Hq);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
@@ -226,13 +258,14 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
   struct Scratch {
-    at::Tensor sQ, sdO, sK, sV, sS, sdP, sdK, sdV, sCap;  // (Br|Bc, D) tiles, (Br, Bc) scores
+    at::Tensor sQ, sdO, sK, sV, sS, sdP, sdK, sdV, sCap, sZ;  // (Br|Bc, D) tiles, (Br, Bc) scores
   };
   auto make_scratch = [&] {
     auto tile = [&](int64_t rows, int64_t cols) { return at::empty({rows, cols}, acc_opts); };
     return Scratch{tile(kBwdBr, D), tile(kBwdBr, D), tile(kBwdBc, D), tile(kBwdBc, D),
                    tile(kBwdBr, kBwdBc), tile(kBwdBr, kBwdBc), tile(kBwdBc, D), tile(kBwdBc, D),
-                   opt.softcap > 0 ? tile(kBwdBr, kBwdBc) : at::Tensor()};
+                   opt.softcap > 0 ? tile(kBwdBr, kBwdBc) : at::Tensor(),
+                   drop.on ? tile(kBwdBr, kBwdBc) : at::Tensor()};
   };
 
   parallel_items(B * Hkv * n_splits, make_scratch, [&](int64_t item, Scratch& t) {
@@ -275,13 +308,20 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             else
               exp_sub_sum(p + r * ld, bc, l);  // P = exp(S - lse)
           }
-          rdV.addmm_(rP.t(), rdO);  // dV += P^T dO
 
           at::Tensor rdS = t.sdP.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
           at::mm_out(rdS, rdO, rV.t());                            // dP = dO V^T
           acc_t* ds = rdS.data_ptr<acc_t>();
+          acc_t* z = drop.on ? t.sZ.template data_ptr<acc_t>() : nullptr;  // dropout multipliers Z, ld as p
+          if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
+            drop.tile(z, ld, br, bc, i0, j0, b, h);
+            for (int64_t r = 0; r < br; ++r) mul_row(ds + r * ld, z + r * ld, bc);
+          }
           for (int64_t r = 0; r < br; ++r)
             softmax_grad_row(ds + r * ld, p + r * ld, bc, delta_ptr[row0 + r]);  // dS' = dL/d(modified s)
+          if (z)
+            for (int64_t r = 0; r < br; ++r) mul_row(p + r * ld, z + r * ld, bc);
+          rdV.addmm_(rP.t(), rdO);  // dV += (P Z)^T dO
           if (mods.dbias)  // dL/d bias = dS'; every (b, h, i, j) is visited once: plain stores
             for (int64_t r = 0; r < br; ++r)
               std::copy(ds + r * ld, ds + r * ld + bc, mods.dbias + ((b * Hq + h) * Nq + i0 + r) * Nk + j0);

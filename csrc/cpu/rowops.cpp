@@ -5,11 +5,8 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FC_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FC_MULTIVERSION
-#endif
+#include "multiversion.h"
+
 
 namespace flash_cuda::cpu {
 namespace {

@@ -14,10 +14,12 @@ namespace {
 // Rows [s, e) of a packed (total, H, D) tensor as a (1, H, e - s, D) view.
 at::Tensor seq_view(const at::Tensor& x, int64_t s, int64_t e) { return x.narrow(0, s, e - s).transpose(0, 1).unsqueeze(0); }
 
-// The options of sequence b: its ALiBi slopes when they are per sequence.
+// The options of sequence b: its ALiBi slopes when they are per sequence, and its batch index
+// for dropout's keep mask.
 AttnOptions seq_options(const AttnOptions& o, int64_t b) {
   AttnOptions s = o;
   if (o.alibi && o.alibi->size(0) > 1) s.alibi = o.alibi->narrow(0, b, 1);
+  s.dropout_batch0 = o.dropout_batch0 + b;
   return s;
 }
 

@@ -13,13 +13,16 @@
  * D_i are double-buffered (cp.async) where shared memory allows. kBand (causal, sliding
  * window): only the query tiles whose rows see some key of tile j are visited. kMod (softcap,
  * ALiBi, bias): P^T is computed from the modified scores, dS^T' = P^T (dP^T - D) is the bias
- * gradient (stored when asked for) and dS^T = dS^T' times the softcap's derivative.
+ * gradient (stored when asked for) and dS^T = dS^T' times the softcap's derivative. kMod with
+ * dropout (keep mask Z, regenerated in registers, dropout.h): dV += (Z P)^T dO (times 1 / (1 - p)
+ * at the end) and dS^T' = P^T (Z dP^T / (1 - p) - D).
  * dK = scale * accumulator (the softmax scale of S).
  */
 #pragma once
 #include <type_traits>
 
 #include "copy.h"
+#include "dropout.h"
 #include "params.h"
 #include "seqlen.h"
 #include "traits.h"
@@ -196,6 +199,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
                                                        p.mod.dbias_stride + m0 + query_of(0, 0)
                                   : nullptr;  // this lane's (key, query) of C tile (0, 0)
       const int offset_local = n0 - m0 - int(p.mask.offset);  // ALiBi: d = key_local - q_local + this
+      KeepBits<kSMT, kSNT> keep;  // dropout's keep mask of this warp's S^T (all kept without)
+      if (p.drop.enabled) keep.generate_key_rows(dropout_stream(p.drop, batch, p.hq, head), n0 + sdp_key0, m0 + sdp_q0, lane);
+      else keep.keep_all();
 #pragma unroll
       for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
@@ -215,8 +221,10 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
                                                    key_local - q_local + offset_local, bias, &dcap);
               pe[e] = ex2_approx(sm * 1.4426950408889634f - (e ? l.y : l.x));
               if (kMask && hidden(mt, nt, i)) pe[e] = 0.0f;
-              dsp[e] = pe[e] * (rdP[mt][nt][i] - (e ? d.y : d.x));
+              const bool kept = keep(mt, nt, i);
+              dsp[e] = pe[e] * ((kept ? rdP[mt][nt][i] * p.drop.scale : 0.0f) - (e ? d.y : d.x));
               ds[e] = dsp[e] * dcap;
+              if (!kept) pe[e] = 0.0f;  // dV sees the dropped P
             }
             if (gdBiasRow && n0 + key_local < p.nk && m0 + query_of(nt, 2 * h) < p.nq)
               st_global(reinterpret_cast<float2*>(gdBiasRow + nt * 8), make_float2(dsp[0], dsp[1]));
@@ -381,7 +389,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
 #pragma unroll
   for (int mt = 0; mt < kKvMT; ++mt) {
     stage_accumulators<KVLayout>(sK, rdK[mt], kv_key0 + 16 * mt, kv_d0, p.scale, lane);
-    stage_accumulators<KVLayout>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, 1.0f, lane);
+    stage_accumulators<KVLayout>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kMod ? p.drop.scale : 1.0f, lane);
   }
   __syncthreads();
   const int k_row0 = first_key_row<kVarlen>(params, batch);  // reloaded: nothing held through the walk

@@ -4,6 +4,7 @@
 #include <stdint.h>
 
 #include "mask.h"
+#include "philox.h"
 #include "score_mod.h"
 
 namespace flash_cuda {
@@ -24,6 +25,7 @@ struct AttnShape {
   float scale_log2;   // scale * log2(e): scores go to the base-2 domain in one multiply
   BandMask mask;      // causal / sliding window (read by the kBand instantiations)
   ScoreMod mod;       // softcap, ALiBi, bias (read by the kMod instantiations)
+  Dropout drop;       // attention dropout (philox.h; read by the kMod instantiations)
   // lse (and dlse) of (batch, head) start at batch * lse_batch_stride + head * lse_head_stride.
   int64_t lse_batch_stride, lse_head_stride;
   // Packed sequences (varlen_attention), else nullptr: sequence b is rows cu_seqlens_q[b] ..

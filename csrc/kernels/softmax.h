@@ -62,14 +62,14 @@ struct OnlineSoftmax {
     }
   }
 
-  // O /= rowsum (once, at the end) and lse = ln(sum exp(scores)) = (max + log2(sum)) * ln 2.
-  // A row that saw no key has sum 0: its output stays 0 and its lse is -inf.
+  // O *= out_scale / rowsum (once, at the end) and lse = ln(sum exp(scores)) = (max +
+  // log2(sum)) * ln 2. A row that saw no key has sum 0: its output stays 0 and its lse is -inf.
   template <int kDTiles>
-  FC_DEVICE void finalize(float (&rO)[kDTiles][4], float (&lse)[2]) {
+  FC_DEVICE void finalize(float (&rO)[kDTiles][4], float (&lse)[2], float out_scale = 1.0f) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float sum = quad_sum(row_sum[i]);
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const float inv = sum > 0.0f ? out_scale / sum : 0.0f;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         rO[dt][2 * i] *= inv;

@@ -1,0 +1,435 @@
+"""Attention dropout (issue 12): the keep mask, its documented Philox4x32-10 mapping reproduced by
+an independent implementation, exactness of out and gradients against the float64 reference with
+that mask (CPU backend on every device; the CUDA kernels in the emulator), statistics of the mask,
+reproducibility (torch.manual_seed, consecutive calls, deterministic=True), gradcheck, the
+compiler, the drop-in, packed sequences, the emulator's counters and bad input."""
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flash_cuda
+from conftest import dtypes_for, skip_unless_supported
+from flash_cuda import emulate
+from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms
+
+# ---------------------------------------------------------------- an independent Philox4x32-10
+# Written from Salmon et al. (SC 2011), vectorised over numpy uint64 arrays holding 32-bit words.
+M0, M1, W0, W1, MASK32 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
+
+
+def philox(ctr, key, rounds=10):
+    c = [np.asarray(x, dtype=np.uint64) for x in ctr]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for r in range(rounds):
+        if r:
+            k0, k1 = np.uint64((int(k0) + W0) & MASK32), np.uint64((int(k1) + W1) & MASK32)
+        p0, p1 = c[0] * np.uint64(M0), c[2] * np.uint64(M1)
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & np.uint64(MASK32), (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+             p0 & np.uint64(MASK32)]
+    return c
+
+
+def test_philox_known_answers():
+    """Random123's kat_vectors for philox4x32 with 10 rounds."""
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((MASK32,) * 4, (MASK32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for ctr, key, want in cases:
+        assert tuple(int(x) for x in philox(ctr, key)) == want
+
+
+def keep_mask_ref(rng_state, p, B, H, nq, nk):
+    """The README's mapping: key = seed, counter = (n lo, n hi, ui, b H + h) with n = offset // 4 +
+    uj, ui = 8 (i // 16) + i % 8 (uj likewise), draw = output 2 ((i // 8) % 2) + (j // 8) % 2,
+    keep iff draw >= floor(p 2^32)."""
+    seed, offset = (int(x) & (2**64 - 1) for x in rng_state.cpu().tolist())
+    i, j = np.arange(nq)[None, :, None], np.arange(nk)[None, None, :]
+    ui, uj = 8 * (i >> 4) + (i & 7), 8 * (j >> 4) + (j & 7)
+    n = (np.uint64(offset // 4) + uj.astype(np.uint64))  # no wrap for these sizes unless offset is near 2^64
+    bh = np.arange(B * H)[:, None, None]
+    shape = (B * H, nq, nk)
+    ctr = [np.broadcast_to(x, shape).astype(np.uint64) for x in (n & np.uint64(MASK32), n >> np.uint64(32), ui, bh)]
+    out = philox(ctr, (seed & MASK32, seed >> 32))
+    sel = np.broadcast_to(2 * ((i >> 3) & 1) + ((j >> 3) & 1), shape)
+    draw = np.choose(sel, out)
+    threshold = min(math.floor(p * 2.0**32), 2**32 - 1)
+    return torch.from_numpy(draw >= threshold).reshape(B, H, nq, nk)
+
+
+# ---------------------------------------------------------------- helpers
+def make(B, Hq, Hkv, Nq, Nk, D, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=g)
+    k = torch.randn(B, Hkv, Nk, D, generator=g)
+    v = torch.randn(B, Hkv, Nk, D, generator=g)
+    dout = torch.randn(B, Hq, Nq, D, generator=g)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, dout)]
+
+
+def run(q, k, v, dout, p, seed=0, deterministic=False, **kw):
+    """out, lse, keep and (dq, dk, dv[, dmask]) of one call with dropout, the seed reset first."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+    torch.manual_seed(seed)
+    out, lse, keep = flash_cuda.attention(*leaves, dropout_p=p, return_lse=True, return_dropout_mask=True,
+                                          deterministic=deterministic, **kw)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), wrt)
+    return out, lse, keep, grads
+
+
+def reference(q, k, v, dout, keep, p, dtype, **kw):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    ref_mask = mask.detach().clone().requires_grad_() if mask is not None and mask.requires_grad else mask
+    ref_kw = dict(kw, attn_mask=ref_mask) if mask is not None else kw
+    out, lse = attention_ref(*leaves, dtype=dtype, dropout_mask=keep, dropout_p=p, **ref_kw)
+    wrt = leaves + ([ref_mask] if ref_mask is not None and ref_mask.requires_grad else [])
+    return out, lse, torch.autograd.grad((out * dout.to(dtype)).sum(), wrt)
+
+
+def check_exact(q, k, v, dout, p, out, lse, keep, grads, **kw):
+    """out, lse and gradients against the float64 reference computed with the returned mask:
+    float32/float64 tight, float16/bfloat16 under FlashAttention's rule."""
+    ref_out, ref_lse, ref_grads = reference(*(x.cpu() for x in (q, k, v, dout)), keep.cpu(), p, torch.float64,
+                                            **_cpu(kw))
+    names = ("dq", "dk", "dv", "dmask")
+    if q.dtype in (torch.float32, torch.float64):
+        assert_close_fp("out", out.cpu(), ref_out)
+        for name, g, r in zip(names, grads, ref_grads):
+            assert_close_fp(name, g.cpu(), r, rtol=1e-4)
+    else:
+        plain_out, _, plain_grads = reference(q, k, v, dout, keep, p, q.dtype, **kw)
+        assert_fa_rule("out", out.cpu(), plain_out.cpu(), ref_out, 2)
+        for name, g, pg, r in zip(names, grads, plain_grads, ref_grads):
+            assert_fa_rule(name, g.cpu(), pg.cpu(), r, 3)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert (lse.cpu().double()[finite] - ref_lse[finite]).abs().max() < 1e-4
+
+
+def _cpu(kw):
+    return {k: (v.detach().cpu().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+            for k, v in kw.items()}
+
+
+FEATURES = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "window_softcap": dict(window=(40, 9), softcap=4.0),
+    "alibi_mask": dict(alibi=True, mask=True),
+}
+
+
+def features(name, B, Hq, Nq, Nk, device):
+    g = torch.Generator().manual_seed(5)
+    kw = dict(FEATURES[name])
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = (torch.rand(Hq, generator=g) * 0.3).to(device)
+    if kw.pop("mask", False):
+        kw["attn_mask"] = torch.randn(1, Hq, Nq, Nk, generator=g).to(device).requires_grad_()
+    return kw
+
+
+# ---------------------------------------------------------------- the mask and its mapping
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_follows_the_documented_mapping(device, p):
+    """The op's mask, the mask a call returns and an independent implementation of the README's
+    mapping agree bit for bit (odd sizes: partial 16 x 16 units at the edges)."""
+    B, H, nq, nk = 2, 3, 37, 45
+    rng = torch.tensor([0x0123456789ABCDEF, 4 * 12345], dtype=torch.int64, device=device)
+    ours = torch.ops.flash_cuda.dropout_mask(rng, p, B, H, nq, nk)
+    assert ours.dtype == torch.bool and ours.shape == (B, H, nq, nk) and ours.device.type == device
+    assert torch.equal(ours.cpu(), keep_mask_ref(rng, p, B, H, nq, nk))
+
+
+def test_mask_of_a_call_is_the_mapping_of_its_generator_state(device):
+    """CPU: a call's (seed, offset) is a fresh 64-bit draw of the CPU generator and 0. CUDA: the
+    generator's seed and offset, which the call advances by 32 ceil(Nk / 16). Either way the
+    call's mask is the mapping of exactly that state."""
+    B, H, nq, nk = 1, 2, 50, 70
+    q, k, v, _ = make(B, H, H, nq, nk, 16, torch.float32 if device == "cpu" else torch.float16, device)
+    torch.manual_seed(3)
+    if device == "cpu":
+        state = torch.ops.flash_cuda.philox_state(q, 0)
+        assert state[1].item() == 0
+        torch.manual_seed(3)
+    else:
+        gen = torch.cuda.default_generators[q.device.index or 0]
+        state = torch.tensor([gen.initial_seed(), gen.get_offset()], dtype=torch.int64)
+    _, keep = flash_cuda.attention(q, k, v, dropout_p=0.3, return_dropout_mask=True)
+    assert torch.equal(keep.cpu(), keep_mask_ref(state, 0.3, B, H, nq, nk))
+    if device == "cuda":
+        assert gen.get_offset() == state[1].item() + 32 * ((nk + 15) // 16)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_fraction_and_independence(p):
+    """Keep fraction within 5 sigma of 1 - p; neighbouring rows, columns, heads (and the 8-apart
+    elements one Philox call serves) independent by a chi-square test of their 2 x 2 table
+    (1 dof, p-value 1e-6: chi2 < 24); runs along rows as expected for independent bits."""
+    B, H, n = 2, 4, 256
+    rng = torch.tensor([987654321, 4 * 77], dtype=torch.int64)
+    keep = torch.ops.flash_cuda.dropout_mask(rng, p, B, H, n, n).numpy()
+    total = keep.size
+    frac = keep.mean()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / total)
+
+    def chi2(a, b):
+        a, b = a.ravel(), b.ravel()
+        table = np.array([[np.sum(~a & ~b), np.sum(~a & b)], [np.sum(a & ~b), np.sum(a & b)]], dtype=np.float64)
+        expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+        return ((table - expected) ** 2 / expected).sum()
+
+    pairs = {"columns": (keep[..., :-1], keep[..., 1:]), "rows": (keep[..., :-1, :], keep[..., 1:, :]),
+             "heads": (keep[:, :-1], keep[:, 1:]), "batch": (keep[:-1], keep[1:]),
+             "same call (+8 columns)": (keep[..., :-8], keep[..., 8:]),
+             "same call (+8 rows)": (keep[..., :-8, :], keep[..., 8:, :])}
+    for name, (a, b) in pairs.items():
+        assert chi2(a, b) < 24, name
+    # runs along the rows: each of the n - 1 neighbour pairs of a row changes value with
+    # probability c = 2 f (1 - f) for independent bits (f the keep fraction); consecutive change
+    # indicators share a bit (covariance f (1 - f) (1 - 2 c)): 5 sigma of their sum
+    changes, pairs_n = np.sum(keep[..., 1:] != keep[..., :-1]), B * H * n * (n - 1)
+    c = 2 * frac * (1 - frac)
+    var = pairs_n * (c * (1 - c) + 2 * frac * (1 - frac) * (1 - 2 * c))
+    assert abs(changes - pairs_n * c) < 5 * math.sqrt(var)
+
+
+# ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_exact_with_its_mask(device, name):
+    """Odd shapes, GQA: out, lse and every gradient against the float64 reference that uses the
+    returned mask (float32 tight, float16/bfloat16 under the FA rule); on CUDA the kernels."""
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 67, 91, 40
+    for dtype in dtypes_for(device):
+        if dtype == torch.float64:
+            continue
+        q, k, v, dout = make(B, Hq, Hkv, Nq, Nk, D, dtype, device, seed=7)
+        kw = features(name, B, Hq, Nq, Nk, device)
+        out, lse, keep, grads = run(q, k, v, dout, 0.3, **kw)
+        assert 0.6 < keep.float().mean().item() < 0.8
+        check_exact(q, k, v, dout, 0.3, out, lse, keep, grads, **kw)
+
+
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_emulated_kernels_exact_and_same_mask_as_cpu(D, dtype):
+    """The CUDA kernels (forward, backward with atomic dQ, the deterministic dQ pass) in the
+    emulator with the race checker on: exact with their mask, which is the CPU backend's for the
+    same seed; the mask is never loaded or stored (global writes as without dropout)."""
+    B, Hq, Hkv, Nq, Nk = 1, 2, 1, 83, 70
+    q, k, v, dout = make(B, Hq, Hkv, Nq, Nk, D, dtype, seed=D)
+    kw = dict(causal=True) if D == 64 else dict(window=(30, 20)) if D == 128 else {}
+    _, _, keep_cpu, _ = run(q, k, v, dout, 0.2, seed=11, **kw)
+    for deterministic in (False, True):
+        with emulate(check=True) as emu:
+            out, lse, keep, grads = run(q, k, v, dout, 0.2, seed=11, deterministic=deterministic, **kw)
+        assert all(r["errors"] == [] for r in emu.launches)
+        assert all(r["kernel"].endswith(",mod>") for r in emu.launches if r["kernel"].startswith("flash_fwd<")
+                   or r["kernel"].startswith("flash_bwd<"))
+        assert torch.equal(keep, keep_cpu)
+        check_exact(q, k, v, dout, 0.2, out, lse, keep, grads, **kw)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_emulator_counters_show_no_mask_traffic(deterministic):
+    """The modifier kernels without dropout and with p = 0.25 and 0.75: identical global writes
+    (no mask stored), mma counts and shared-memory traffic; global reads the same for both p (no
+    mask loaded: the bits depend on p, the traffic does not) and above no dropout's only by the
+    (seed, offset) pair, 16 bytes per thread where a kernel draws (once per tile: an L1 hit,
+    cheaper than holding four registers through the loop)."""
+    B, H, N, D = 1, 2, 256, 64
+    q, k, v, dout = make(B, H, H, N, N, D, torch.float16)
+    records = {}
+    for p in (0.0, 0.25, 0.75):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with emulate(check=False) as emu:
+            out = flash_cuda.attention(*leaves, softcap=10.0, dropout_p=p, deterministic=deterministic)
+            out.backward(dout)
+        records[p] = {r["kernel"]: r for r in emu.launches}
+    assert records[0.0].keys() == records[0.25].keys() == records[0.75].keys()
+    for name, c0 in records[0.0].items():
+        c1, c2 = records[0.25][name], records[0.75][name]
+        for c in (c1, c2):
+            assert c["global_bytes_written"] == c0["global_bytes_written"], name
+            assert c["mma"] == c0["mma"] and c["shared"] == c0["shared"], name
+        assert c1["global_bytes_read"] == c2["global_bytes_read"], name
+        extra = c1["global_bytes_read"] - c0["global_bytes_read"]
+        assert extra >= 0 and extra % (16 * c0["threads_per_block"]) == 0, name
+
+
+# ---------------------------------------------------------------- reproducibility
+def test_seed_reproducibility_and_fresh_masks(device):
+    dtype = dtypes_for(device)[-1] if device == "cpu" else torch.bfloat16
+    q, k, v, _ = make(1, 2, 2, 64, 64, 32, dtype, device)
+    torch.manual_seed(0)
+    a, ka = flash_cuda.attention(q, k, v, dropout_p=0.5, return_dropout_mask=True)
+    b, kb = flash_cuda.attention(q, k, v, dropout_p=0.5, return_dropout_mask=True)
+    torch.manual_seed(0)
+    c, kc = flash_cuda.attention(q, k, v, dropout_p=0.5, return_dropout_mask=True)
+    assert torch.equal(a, c) and torch.equal(ka, kc)
+    assert not torch.equal(ka, kb) and not torch.equal(a, b)
+    g1, g2 = (torch.Generator(device=device).manual_seed(9) for _ in range(2))
+    x = flash_cuda.attention(q, k, v, dropout_p=0.5, generator=g1)
+    y = flash_cuda.attention(q, k, v, dropout_p=0.5, generator=g2)
+    assert torch.equal(x, y)
+
+
+def test_deterministic_backward_with_dropout_is_bitwise_repeatable():
+    q, k, v, dout = make(1, 2, 1, 70, 90, 64, torch.bfloat16)
+    with emulate(check=False, order="random", seed=1):
+        g1 = run(q, k, v, dout, 0.4, seed=4, deterministic=True)[3]
+    with emulate(check=False, order="reverse"):
+        g2 = run(q, k, v, dout, 0.4, seed=4, deterministic=True)[3]
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    c1, c2 = (run(q.float(), k.float(), v.float(), dout.float(), 0.4, seed=4, deterministic=True)[3] for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(c1, c2))
+
+
+def test_gradcheck_float64_fixed_seed():
+    """Gradients against finite differences of the same-mask forward."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (9, 13, 13))
+    bias = torch.randn(1, 2, 9, 13, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, bias):
+        torch.manual_seed(123)
+        out, lse = flash_cuda.attention(q, k, v, attn_mask=bias, dropout_p=0.4, causal=True, return_lse=True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
+def test_torch_compile_fullgraph_with_dropout():
+    q, k, v, dout = make(1, 2, 2, 40, 40, 16, torch.float32)
+
+    def step(q, k, v):
+        return flash_cuda.attention(q, k, v, dropout_p=0.3, causal=True)
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(5)
+        out = fn(*leaves)
+        out.backward(dout)
+        results.append((out.detach(), *(x.grad for x in leaves)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    torch.manual_seed(5)
+    first = compiled(q, k, v)
+    assert not torch.equal(first, compiled(q, k, v))  # the state is an op's output, not a constant
+
+
+def test_opcheck_fwd_bwd_with_rng_state():
+    q, k, v, dout = make(1, 2, 1, 20, 24, 16, torch.float32)
+    rng = torch.tensor([42, 0], dtype=torch.int64)
+    for requires_grad in (False, True):
+        args = (*(x.detach().requires_grad_(requires_grad) for x in (q, k, v)), 0.25, True, True, False, -1, -1, 0.0,
+                None, None, 0.3, rng)
+        torch.library.opcheck(torch.ops.flash_cuda.fwd.default, args)
+    out, lse = torch.ops.flash_cuda.fwd(q, k, v, 0.25, True, True, False, -1, -1, 0.0, None, None, 0.3, rng)
+    torch.library.opcheck(torch.ops.flash_cuda.bwd.default,
+                          (dout, q, k, v, out, lse, None, 0.25, True, True, False, -1, -1, 0.0, None, None, False, 0.3,
+                           rng))
+    torch.library.opcheck(torch.ops.flash_cuda.dropout_mask.default, (rng, 0.3, 1, 2, 20, 24))
+
+
+# ---------------------------------------------------------------- drop-in and packed sequences
+def test_sdpa_dropin_dropout_matches_attention(device):
+    dtype = dtypes_for(device)[0]
+    q, k, v, _ = make(2, 2, 2, 30, 30, 32, dtype, device)
+    torch.manual_seed(8)
+    a = flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True)
+    torch.manual_seed(8)
+    b = flash_cuda.attention(q, k, v, dropout_p=0.2, causal=True)  # Nq == Nk: same diagonal
+    assert torch.equal(a, b)
+    assert not torch.equal(a, flash_cuda.attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+def test_varlen_dropout(emulated):
+    """Packed sequences: sequence b's mask is batch entry b's (rows within the sequence); out and
+    gradients against the per-sequence reference with the returned mask."""
+    lens_q, lens_k, Hq, Hkv, D = [17, 0, 40, 33], [20, 5, 40, 1], 2, 1, 32
+    dtype = torch.bfloat16 if emulated else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lens_q), Hq, D, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(sum(lens_k), Hkv, D, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(sum(lens_k), Hkv, D, generator=g).to(dtype).requires_grad_()
+    dout = torch.randn(q.shape, generator=g).to(dtype)
+    cu = lambda lens: torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    torch.manual_seed(2)
+    with emulate(check=True) if emulated else contextlib.nullcontext():
+        out, keep = flash_cuda.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                                dropout_p=0.35, return_dropout_mask=True)
+        dq, dk, dv = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v))
+    assert keep.shape == (4, Hq, max(lens_q), max(lens_k))
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        assert not keep[b, :, lq:].any() and not keep[b, :, :, lk:].any()
+    qs, ks = 0, 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        if lq and lk:
+            sl_q, sl_k = slice(qs, qs + lq), slice(ks, ks + lk)
+            seq = [x[s].transpose(0, 1)[None] for x, s in ((q, sl_q), (k, sl_k), (v, sl_k), (dout, sl_q))]
+            mask_b = keep[b:b + 1, :, :lq, :lk]
+            r_out, _, (rq, rk, rv) = reference(*seq, mask_b, 0.35, torch.float64, causal=True)
+            p_out, _, (pq, pk, pv) = reference(*seq, mask_b, 0.35, dtype, causal=True)
+            ours = [x[s].transpose(0, 1)[None] for x, s in ((out, sl_q), (dq, sl_q), (dk, sl_k), (dv, sl_k))]
+            # a one-key sequence's softmax is saturated: its gradients carry D_i's error on the rounded O
+            sat = [None] + list(saturation_terms(ours[0], dict(causal=True, dropout_mask=mask_b, dropout_p=0.35),
+                                                 seq[3], *seq[:3]))
+            for name, o, pl, r, st in zip(("out", "dq", "dk", "dv"), ours, (p_out, pq, pk, pv), (r_out, rq, rk, rv),
+                                          sat):
+                if dtype == torch.float32:
+                    assert_close_fp(name, o, r, rtol=1e-4)
+                else:
+                    assert_fa_rule(name, o, pl, r, 2 if name == "out" else 3, saturation=st)
+        qs, ks = qs + lq, ks + lk
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_dropout_arguments():
+    q, k, v, _ = make(1, 1, 1, 8, 8, 16, torch.float32)
+    for p, exc, msg in ((-0.1, ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
+                        (1.0, ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+                        (float("nan"), ValueError, r"dropout_p must be in \[0, 1\), got nan"),
+                        ("0.1", TypeError, r"dropout_p must be a float in \[0, 1\), got str"),
+                        (True, TypeError, r"dropout_p must be a float in \[0, 1\), got bool")):
+        with pytest.raises(exc, match=msg):
+            flash_cuda.attention(q, k, v, dropout_p=p)
+        with pytest.raises(exc, match=msg):
+            flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        flash_cuda.attention(q, k, v, dropout_p=0.1, generator=3)
+    meta = [x.to("meta") for x in (q, k, v)]
+    with pytest.raises(ValueError, match=r"generator must be a torch.Generator of q's device \(meta\), got one of cpu"):
+        flash_cuda.attention(*meta, dropout_p=0.1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="return_dropout_mask must be a bool"):
+        flash_cuda.attention(q, k, v, dropout_p=0.1, return_dropout_mask=1)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        torch.ops.flash_cuda.fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, None, 1.5, None)
+    with pytest.raises(RuntimeError, match="rng_state must be an int64 tensor"):
+        torch.ops.flash_cuda.fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, None, 0.5, None)
+    with pytest.raises(RuntimeError, match="rng_state must be an int64 tensor"):
+        torch.ops.flash_cuda.fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, None, 0.5, torch.zeros(3).long())
+
+
+def test_generator_of_another_device_on_gpu():
+    if not torch.cuda.is_available() or not flash_cuda.has_cuda_kernels():
+        pytest.skip("needs a GPU")
+    q, k, v, _ = make(1, 1, 1, 8, 8, 16, torch.float16, "cuda")
+    with pytest.raises(ValueError, match=r"generator must be a torch.Generator of q's device"):
+        flash_cuda.attention(q, k, v, dropout_p=0.1, generator=torch.Generator())
+
+
+def test_meta_tensors_with_dropout():
+    q, k, v, _ = make(2, 2, 1, 8, 9, 16, torch.float16)
+    out, lse, keep = flash_cuda.attention(*(x.to("meta") for x in (q, k, v)), dropout_p=0.2, return_lse=True,
+                                          return_dropout_mask=True)
+    assert out.shape == q.shape and keep.shape == (2, 2, 8, 9) and keep.device.type == "meta"
