@@ -5,6 +5,7 @@ reproducibility (torch.manual_seed, consecutive calls, deterministic=True), grad
 compiler, the drop-in, packed sequences, the emulator's counters and bad input."""
 import contextlib
 import math
+import random
 
 import numpy as np
 import pytest
@@ -263,6 +264,57 @@ def test_emulator_counters_show_no_mask_traffic(deterministic):
         assert extra >= 0 and extra % (16 * c0["threads_per_block"]) == 0, name
 
 
+# ---------------------------------------------------------------- randomised differential test
+@pytest.mark.parametrize("seed", range(20))
+def test_randomised_against_reference(seed):
+    """Random shapes (Nk = 1 included), GQA ratios, dtypes, layouts (FlashAttention's (B, N, H, D)
+    views, sliced views), p and feature combinations against the float64 reference with the
+    returned mask; the CPU backend, and the CUDA kernels in the emulator for every fourth seed.
+    Low precision uses the saturated-softmax term of the standard."""
+    rnd = random.Random(seed)
+    emulated = seed % 4 == 3
+    dtype = rnd.choice([torch.float16, torch.bfloat16] if emulated else [torch.float32, torch.float16, torch.bfloat16])
+    hkv = rnd.choice([1, 2])
+    hq = hkv * rnd.choice([1, 2, 3])
+    B, Nq, Nk = rnd.randint(1, 3), rnd.randint(1, 70), rnd.choice([1, rnd.randint(1, 90)])
+    D = rnd.choice([8, 16, 40, 64, 96] if emulated else [8, 16, 40, 64])
+    g = torch.Generator().manual_seed(seed)
+
+    def tensor(h, n):
+        if rnd.random() < 0.5:  # FlashAttention layout, a transposed view
+            return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(B, h, n + 3, D, generator=g).to(dtype)[:, :, 2:n + 2]  # a sliced view
+
+    q, k, v = tensor(hq, Nq), tensor(hkv, Nk), tensor(hkv, Nk)
+    dout = torch.randn(B, hq, Nq, D, generator=g).to(dtype)
+    p = rnd.choice([0.05, 0.3, 0.6, 0.9])
+    kw = {"scale": rnd.choice([None, 0.05, 1.0, 3.0])}
+    if rnd.random() < 0.5:
+        kw["causal"] = True
+    if rnd.random() < 0.4:
+        kw["window"] = (rnd.choice([-1, 0, 3, 17]), rnd.choice([-1, 0, 5]))
+    if rnd.random() < 0.4:
+        kw["softcap"] = rnd.choice([0.5, 5.0, 30.0])
+    if rnd.random() < 0.4:
+        kw["alibi_slopes"] = torch.rand(hq, generator=g) * 0.3
+    if rnd.random() < 0.4:
+        kw["attn_mask"] = torch.randn(1, hq, Nq, Nk, generator=g).requires_grad_()
+    with emulate(check=True) if emulated else contextlib.nullcontext():
+        out, lse, keep, grads = run(q, k, v, dout, p, seed=seed, **kw)
+    ref_out, _, ref_grads = reference(q, k, v, dout, keep, p, torch.float64, **kw)
+    names = ("dq", "dk", "dv", "dmask")
+    if dtype == torch.float32:
+        assert_close_fp("out", out, ref_out, 2e-5)
+        for name, a, b in zip(names, grads, ref_grads):
+            assert_close_fp(name, a, b, 2e-4)
+        return
+    plain_out, _, plain_grads = reference(q, k, v, dout, keep, p, dtype, **kw)
+    assert_fa_rule("out", out, plain_out, ref_out, 2)
+    sat = saturation_terms(out, dict(kw, dropout_mask=keep, dropout_p=p), dout, q, k, v)
+    for name, a, pg, b, st in zip(names, grads, plain_grads, ref_grads, sat):
+        assert_fa_rule(f"{name} ({kw}, p={p})", a, pg, b, 3, saturation=st)
+
+
 # ---------------------------------------------------------------- reproducibility
 def test_seed_reproducibility_and_fresh_masks(device):
     dtype = dtypes_for(device)[-1] if device == "cpu" else torch.bfloat16
@@ -305,8 +357,8 @@ def test_gradcheck_float64_fixed_seed():
     assert torch.autograd.gradcheck(f, (q, k, v, bias))
 
 
-def test_torch_compile_fullgraph_with_dropout():
-    q, k, v, dout = make(1, 2, 2, 40, 40, 16, torch.float32)
+def test_torch_compile_fullgraph_with_dropout(device):
+    q, k, v, dout = make(1, 2, 2, 40, 40, 16, torch.float32 if device == "cpu" else torch.bfloat16, device)
 
     def step(q, k, v):
         return flash_cuda.attention(q, k, v, dropout_p=0.3, causal=True)
