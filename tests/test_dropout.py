@@ -231,28 +231,31 @@ def test_emulated_kernels_exact_and_same_mask_as_cpu(D, dtype):
         with emulate(check=True) as emu:
             out, lse, keep, grads = run(q, k, v, dout, 0.2, seed=11, deterministic=deterministic, **kw)
         assert all(r["errors"] == [] for r in emu.launches)
-        assert all(r["kernel"].endswith(",mod>") for r in emu.launches if r["kernel"].startswith("flash_fwd<")
-                   or r["kernel"].startswith("flash_bwd<"))
+        assert all(r["kernel"].endswith(",band>") for r in emu.launches if r["kernel"].startswith("flash_fwd<")
+                   or r["kernel"].startswith("flash_bwd<"))  # dropout alone runs in the band variant
         assert torch.equal(keep, keep_cpu)
         check_exact(q, k, v, dout, 0.2, out, lse, keep, grads, **kw)
 
 
+@pytest.mark.parametrize("variant", ["band", "mod"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_emulator_counters_show_no_mask_traffic(deterministic):
-    """The modifier kernels without dropout and with p = 0.25 and 0.75: identical global writes
-    (no mask stored), mma counts and shared-memory traffic; global reads the same for both p (no
-    mask loaded: the bits depend on p, the traffic does not) and above no dropout's only by the
-    (seed, offset) pair, 16 bytes per thread where a kernel draws (once per tile: an L1 hit,
-    cheaper than holding four registers through the loop)."""
+def test_emulator_counters_show_no_mask_traffic(deterministic, variant):
+    """The band (causal) and modifier (softcap) kernels without dropout and with p = 0.25 and
+    0.75: identical global writes (no mask stored), mma counts and shared-memory traffic; global
+    reads the same for both p (no mask loaded: the bits depend on p, the traffic does not) and
+    above no dropout's only by the (seed, offset) pair, 16 bytes per thread where a kernel draws
+    (once per tile: an L1 hit, cheaper than holding four registers through the loop)."""
     B, H, N, D = 1, 2, 256, 64
     q, k, v, dout = make(B, H, H, N, N, D, torch.float16)
     records = {}
     for p in (0.0, 0.25, 0.75):
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         with emulate(check=False) as emu:
-            out = flash_cuda.attention(*leaves, softcap=10.0, dropout_p=p, deterministic=deterministic)
+            feature = dict(causal=True) if variant == "band" else dict(softcap=10.0)
+            out = flash_cuda.attention(*leaves, dropout_p=p, deterministic=deterministic, **feature)
             out.backward(dout)
         records[p] = {r["kernel"]: r for r in emu.launches}
+        assert any(name.endswith(f",{variant}>") for name in records[p])
     assert records[0.0].keys() == records[0.25].keys() == records[0.75].keys()
     for name, c0 in records[0.0].items():
         c1, c2 = records[0.25][name], records[0.75][name]
@@ -403,24 +406,29 @@ def test_sdpa_dropin_dropout_matches_attention(device):
     assert not torch.equal(a, flash_cuda.attention(q, k, v, causal=True))
 
 
-@pytest.mark.parametrize("emulated", [False, True])
-def test_varlen_dropout(emulated):
+@pytest.mark.parametrize("mode", ["cpu", "emulated", "cuda"])
+def test_varlen_dropout(mode):
     """Packed sequences: sequence b's mask is batch entry b's (rows within the sequence); out and
-    gradients against the per-sequence reference with the returned mask."""
+    gradients against the per-sequence reference with the returned mask (CPU backend, the CUDA
+    kernels in the emulator, and on a GPU when there is one)."""
+    if mode == "cuda" and not (torch.cuda.is_available() and flash_cuda.has_cuda_kernels()):
+        pytest.skip("needs a GPU")
     lens_q, lens_k, Hq, Hkv, D = [17, 0, 40, 33], [20, 5, 40, 1], 2, 1, 32
-    dtype = torch.bfloat16 if emulated else torch.float32
+    dtype = torch.float32 if mode == "cpu" else torch.bfloat16
+    dev = "cuda" if mode == "cuda" else "cpu"
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(sum(lens_q), Hq, D, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(sum(lens_k), Hkv, D, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(sum(lens_k), Hkv, D, generator=g).to(dtype).requires_grad_()
-    dout = torch.randn(q.shape, generator=g).to(dtype)
-    cu = lambda lens: torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(lens_q), Hq, D, generator=g).to(dev, dtype).requires_grad_()
+    k = torch.randn(sum(lens_k), Hkv, D, generator=g).to(dev, dtype).requires_grad_()
+    v = torch.randn(sum(lens_k), Hkv, D, generator=g).to(dev, dtype).requires_grad_()
+    dout = torch.randn(q.shape, generator=g).to(dev, dtype)
+    cu = lambda lens: torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32, device=dev)
     cu_q, cu_k = cu(lens_q), cu(lens_k)
     torch.manual_seed(2)
-    with emulate(check=True) if emulated else contextlib.nullcontext():
+    with emulate(check=True) if mode == "emulated" else contextlib.nullcontext():
         out, keep = flash_cuda.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
                                                 dropout_p=0.35, return_dropout_mask=True)
         dq, dk, dv = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v))
+    q, k, v, dout, out, keep, dq, dk, dv = (x.detach().cpu() for x in (q, k, v, dout, out, keep, dq, dk, dv))
     assert keep.shape == (4, Hq, max(lens_q), max(lens_k))
     for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
         assert not keep[b, :, lq:].any() and not keep[b, :, :, lk:].any()
@@ -485,3 +493,19 @@ def test_meta_tensors_with_dropout():
     out, lse, keep = flash_cuda.attention(*(x.to("meta") for x in (q, k, v)), dropout_p=0.2, return_lse=True,
                                           return_dropout_mask=True)
     assert out.shape == q.shape and keep.shape == (2, 2, 8, 9) and keep.device.type == "meta"
+
+
+def test_bench_dropout_runs(tmp_path):
+    """benchmarks/bench_dropout.py end to end on its quick point: not dead on arrival."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_dropout.py")
+    spec = importlib.util.spec_from_file_location("bench_dropout", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "d.json"
+    rows = bench.main(["--device", "cpu", "--quick", "--json", str(out)])
+    assert [r["mode"] for r in rows] == ["fwd", "fwdbwd"]
+    assert all(r["flash_cuda_err_vs_own_mask"] < 1e-5 and r["flash_cuda_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["meta"]["device"]

@@ -6,8 +6,9 @@
  *   dQ += dS K_j  (dS straight from the accumulators into A registers, K by ldmatrix.trans).
  * Each dQ row is owned by one warp and summed in a fixed order, so the result is bitwise
  * repeatable. kBand visits only the key tiles that intersect the band; kMod applies the score
- * modifiers and the softcap's derivative (the bias gradient comes from the main kernel), and
- * dropout: dS = P (Z dP / (1 - p) - D) with the keep mask Z regenerated here (dropout.h).
+ * modifiers and the softcap's derivative (the bias gradient comes from the main kernel); kBand
+ * and kMod apply dropout: dS = P (Z dP / (1 - p) - D), the keep mask Z regenerated here
+ * (dropout.h).
  * Cost: S and dP are recomputed (3 products per tile here instead of 1 in the
  * main kernel), so deterministic=True does 7/5 of the mma work of the atomic path.
  */
@@ -94,8 +95,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
     }
 
     const bool needs_mask = n0 + kBlockN > p.nk || (kBand && p.mask.tile_needs_mask(m0, m_end, n0, n0 + kBlockN));
-    // kMod with dropout: dP of the dropped elements -> 0, the kept ones / (1 - p) (dropout.h)
-    const bool drop = kMod && p.drop.enabled;
+    // Dropout: dP of the dropped elements -> 0, the kept ones / (1 - p) (dropout.h)
+    const bool drop = kBand && p.drop.enabled;
     if (drop) {
       const PhiloxStream stream = dropout_stream(p.drop, batch, p.hq, head);
 #pragma unroll
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
         }
         float pe = ex2_approx(s2 - lse2[e / 2]);
         if (needs_mask && (col >= p.nk || (kBand && !p.mask.visible(row, col)))) pe = 0.0f;
-        rdP[nt][e] = pe * ((kMod ? rdP[nt][e] * p.drop.scale : rdP[nt][e]) - di[e / 2]) * dcap;  // dS
+        rdP[nt][e] = pe * ((kBand ? rdP[nt][e] * p.drop.scale : rdP[nt][e]) - di[e / 2]) * dcap;  // dS
       }
 
     for (int k0 = 0; k0 < kBlockN; k0 += 16) {

@@ -13,9 +13,9 @@
  * D_i are double-buffered (cp.async) where shared memory allows. kBand (causal, sliding
  * window): only the query tiles whose rows see some key of tile j are visited. kMod (softcap,
  * ALiBi, bias): P^T is computed from the modified scores, dS^T' = P^T (dP^T - D) is the bias
- * gradient (stored when asked for) and dS^T = dS^T' times the softcap's derivative. kMod with
- * dropout (keep mask Z, regenerated in registers, dropout.h): dV += (Z P)^T dO (times 1 / (1 - p)
- * at the end) and dS^T' = P^T (Z dP^T / (1 - p) - D).
+ * gradient (stored when asked for) and dS^T = dS^T' times the softcap's derivative. Dropout
+ * (kBand and kMod; keep mask Z, regenerated in registers, dropout.h): dV += (Z P)^T dO (times
+ * 1 / (1 - p) at the end) and dS^T' = P^T (Z dP^T / (1 - p) - D).
  * dK = scale * accumulator (the softmax scale of S).
  */
 #pragma once
@@ -246,6 +246,14 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
           for (int h = 0; h < 2; ++h) rP[mt][nt][h] = pack2<T>(rS[mt][nt][2 * h], rS[mt][nt][2 * h + 1]);
       }
       if constexpr (kRoundPFirst) kv_times_q(rdP, sV, sdOs);
+      // kBand with dropout: dS^T = P^T (Z dP^T / (1 - p) - D) from the undropped P^T, then the
+      // pairs dV sees are dropped (16-bit halves cleared)
+      const bool drop = kBand && p.drop.enabled;
+      KeepBits<kSMT, kSNT> keep;
+      if (drop) keep.generate_key_rows(dropout_stream(p.drop, batch, p.hq, head), n0 + sdp_key0, m0 + sdp_q0, lane);
+      auto dropped_dp = [&](int mt, int nt, int i) {
+        return !drop ? rdP[mt][nt][i] : (keep(mt, nt, i) ? rdP[mt][nt][i] * p.drop.scale : 0.0f);
+      };
 #pragma unroll
       for (int nt = 0; nt < kSNT; ++nt) {
         const float2 d = di_of(nt);
@@ -253,10 +261,19 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
         for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float ds0 = rdP[mt][nt][2 * h] - d.x, ds1 = rdP[mt][nt][2 * h + 1] - d.y;  // dP^T - D
+            const float ds0 = dropped_dp(mt, nt, 2 * h) - d.x, ds1 = dropped_dp(mt, nt, 2 * h + 1) - d.y;  // dP^T - D
             rdS[mt][nt][h] = kRoundPFirst ? mul2<T>(rP[mt][nt][h], pack2<T>(ds0, ds1))
                                           : pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
           }
+      }
+      if (drop) {
+#pragma unroll
+        for (int mt = 0; mt < kSMT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kSNT; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              rP[mt][nt][h] &= (keep(mt, nt, 2 * h) ? 0xFFFFu : 0u) | (keep(mt, nt, 2 * h + 1) ? 0xFFFF0000u : 0u);
       }
     }
 
@@ -389,7 +406,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
 #pragma unroll
   for (int mt = 0; mt < kKvMT; ++mt) {
     stage_accumulators<KVLayout>(sK, rdK[mt], kv_key0 + 16 * mt, kv_d0, p.scale, lane);
-    stage_accumulators<KVLayout>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kMod ? p.drop.scale : 1.0f, lane);
+    stage_accumulators<KVLayout>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kBand ? p.drop.scale : 1.0f, lane);
   }
   __syncthreads();
   const int k_row0 = first_key_row<kVarlen>(params, batch);  // reloaded: nothing held through the walk

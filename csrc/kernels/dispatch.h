@@ -1,7 +1,8 @@
 /* The one dispatch point: dtype, then head dim, then the variant, to an instantiation of
  * run_fwd / run_bwd. Variants (kBand, kMod): dense (false, false); band (true, false): causal
  * and sliding windows, the mask applied only on the tiles at the band's edges; modifiers (true,
- * true): softcap, ALiBi, bias and dropout, each a runtime branch, with any band. Three instantiations
+ * true): softcap, ALiBi and bias, each a runtime branch, with any band; dropout is a runtime branch
+ * of both the band and the modifier variants. Three instantiations
  * instead of one per feature combination: the features inside a variant are uniform branches
  * over a whole launch, and what each costs is measured in the README. Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
  * instantiations themselves are compiled in their own generated files. */
@@ -32,11 +33,12 @@
     }                                    \
   }()
 
-// (kBand, kMod) from the params: modifiers and dropout imply the band variant (any band, open included).
+// (kBand, kMod) from the params: modifiers imply the band variant (any band, open included);
+// dropout runs in the band variant (or the modifier one, with modifiers).
 #define FC_VARIANT_SWITCH(P, BAND, MOD, ...)                                       \
   [&] {                                                                            \
-    if ((P).mod.any() || (P).drop.enabled) { constexpr bool BAND = true, MOD = true; return __VA_ARGS__(); }      \
-    else if ((P).mask.banded()) { constexpr bool BAND = true, MOD = false; return __VA_ARGS__(); } \
+    if ((P).mod.any()) { constexpr bool BAND = true, MOD = true; return __VA_ARGS__(); }      \
+    else if ((P).mask.banded() || (P).drop.enabled) { constexpr bool BAND = true, MOD = false; return __VA_ARGS__(); } \
     else { constexpr bool BAND = false, MOD = false; return __VA_ARGS__(); }                 \
   }()
 

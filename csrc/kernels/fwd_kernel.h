@@ -6,7 +6,7 @@
  *     S = Q K_j^T        (mma.m16n8k16, K by ldmatrix: one fragment feeds every m-tile)
  *     kMod: scale and modifiers (softcap, ALiBi, the bias tile staged with K_j)
  *     mask, online softmax: S becomes P, O rescaled by exp2(m_old - m_new)
- *     kMod with dropout: dropped elements of P zeroed (after the row sums: lse is unaffected)
+ *     dropout (kBand, kMod): dropped elements of P zeroed (after the row sums: lse is unaffected)
  *     O += P V_j          (P straight from the S accumulators into A registers, V by
  *                          ldmatrix.trans, again one fragment for every m-tile)
  *   O /= rowsum (times 1 / (1 - p) with dropout), lse; O staged through shared memory for
@@ -159,9 +159,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     // P rounded to 16 bit, in mma A-operand order: keys 16 k..16 k + 16 of m-tile mt are the S
     // accumulators of n-tiles 2 k and 2 k + 1 (ptx-oracle accumulator_to_A_reuse), so P goes
     // to the next mma without a shared-memory round trip and S's fp32 registers die here.
-    // kMod with dropout: each 16 x 16 block's dropped elements are zeroed just before (after the
-    // row sums: lse is unaffected; dropout.h: drawn here, never stored).
-    const bool drop = kMod && p.drop.enabled;
+    // Dropout (kBand, kMod): each 16 x 16 block's dropped elements are zeroed just before (after
+    // the row sums: lse is unaffected; dropout.h: drawn here, never stored).
+    const bool drop = kBand && p.drop.enabled;
     PhiloxStream drop_stream{};
     if (drop) drop_stream = dropout_stream(p.drop, batch, p.hq, head);
     uint32_t rP[kMTiles][kBlockN / 16][4];
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   for (int mt = 0; mt < kMTiles; ++mt) {
     const int r0 = warp_row0 + 16 * mt;
     float lse[2];  // rows g and g + 8
-    softmax[mt].finalize(rO[mt], lse, kMod ? p.drop.scale : 1.0f);  // kept values / (1 - p)
+    softmax[mt].finalize(rO[mt], lse, kBand ? p.drop.scale : 1.0f);  // kept values / (1 - p)
     const int row_g = m0 + r0 + lane / 4;
     if (lane % 4 == 0) {
       if (row_g < p.nq) st_global(&gLse[row_g], lse[0]);
