@@ -1,0 +1,176 @@
+"""FlashAttention-2's Python interface (`flash_attn.flash_attn_interface`, v2.6+) on flash_cuda, so
+that code written for FlashAttention-2 switches with one import:
+
+    from flash_cuda.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+
+Same signatures, argument order and defaults, same layouts: q (B, Nq, H, D), k and v (B, Nk, Hkv, D);
+packed qkv (B, N, 3, H, D) and kv (B, Nk, 2, Hkv, D); varlen q (total_q, H, D) with cu_seqlens int32.
+The (B, N, H, D) tensors reach flash_cuda.attention as transposed views (no copy) and the output is
+(B, Nq, H, D) in that memory layout; packed tensors are split into views, so the gradients of qkv/kv
+are written into one tensor by autograd. Causal masks and windows are bottom-right aligned, ALiBi
+is -slope |i + Nk - Nq - j|, as in FlashAttention-2 >= 2.1.
+
+Every argument is honoured or rejected with an exception naming it:
+- return_attn_probs=True returns (out, softmax_lse, S_dmask). softmax_lse is exactly
+  FlashAttention's ((B, H, Nq) float32; varlen (H, total_q)). S_dmask is (B, H, Nq, Nk) (varlen:
+  (B, H, max_seqlen_q, max_seqlen_k)) float32 in FlashAttention's sign convention for the dropout
+  pattern, +1 where kept and -1 where dropped (all +1 without dropout): flash_cuda does not
+  materialise probabilities (FlashAttention documents its S_dmask as "for testing only, not
+  guaranteed to have the right scaling"); use flash_cuda.attention(return_dropout_mask=True) for
+  the boolean mask.
+- block_table (paged KV cache) and flash_attn_with_kvcache raise NotImplementedError: KV-cache
+  attention is not implemented yet.
+"""
+import torch
+
+from .api import _shape, attention, varlen_attention
+
+
+def _window(fn, window_size):
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
+    left, right = window_size
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def _check_dims(fn, named, dims, layout):
+    for name, x in named:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != dims:
+            raise ValueError(f"{fn}: {name} must be {dims}-D {layout[name]}, got shape {_shape(x)}")
+
+
+def _s_dmask(keep):
+    """FlashAttention's sign convention for the dropout pattern: +1 kept, -1 dropped."""
+    return keep.to(torch.float32) * 2 - 1
+
+
+def _finish(result, return_attn_probs):
+    if not return_attn_probs:
+        return result
+    out, lse, keep = result
+    return out, lse, _s_dmask(keep)
+
+
+def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+           return_attn_probs):
+    """q (B, Nq, H, D), k and v (B, Nk, Hkv, D): flash_cuda.attention on (B, H, N, D) views."""
+    window = _window(fn, window_size)
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"{fn}: return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    for name, x, other in (("k", k, q), ("v", v, k)):
+        if x.shape[0] != other.shape[0] or x.shape[3] != q.shape[3] or (name == "v" and x.shape != k.shape):
+            raise ValueError(f"{fn}: {name} must be (batch, seqlen_k, nheads_k, headdim) matching q "
+                             f"{_shape(q)} and k, got {_shape(x)}")
+    result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale,
+                       window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                       return_lse=return_attn_probs, return_dropout_mask=return_attn_probs,
+                       deterministic=deterministic)
+    if return_attn_probs:
+        out, lse, keep = result
+        return out.transpose(1, 2), lse, _s_dmask(keep)
+    return result.transpose(1, 2)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads a
+    multiple of nheads_k. Returns out (batch, seqlen_q, nheads, headdim) [, softmax_lse, S_dmask]."""
+    fn = "flash_attn_func"
+    _check_dims(fn, (("q", q), ("k", k), ("v", v)), 4, {"q": "(batch, seqlen_q, nheads, headdim)",
+                                                          "k": "(batch, seqlen_k, nheads_k, headdim)",
+                                                          "v": "(batch, seqlen_k, nheads_k, headdim)"})
+    return _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv: (batch, seqlen, 3, nheads, headdim)."""
+    fn = "flash_attn_qkvpacked_func"
+    _check_dims(fn, (("qkv", qkv),), 5, {"qkv": "(batch, seqlen, 3, nheads, headdim)"})
+    if qkv.shape[2] != 3:
+        raise ValueError(f"{fn}: qkv must be (batch, seqlen, 3, nheads, headdim), got {_shape(qkv)}")
+    return _dense(fn, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim)."""
+    fn = "flash_attn_kvpacked_func"
+    _check_dims(fn, (("q", q),), 4, {"q": "(batch, seqlen_q, nheads, headdim)"})
+    _check_dims(fn, (("kv", kv),), 5, {"kv": "(batch, seqlen_k, 2, nheads_k, headdim)"})
+    if kv.shape[2] != 2:
+        raise ValueError(f"{fn}: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {_shape(kv)}")
+    return _dense(fn, q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
+    window = _window(fn, window_size)
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"{fn}: return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                              scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                              dropout_p=dropout_p, return_lse=return_attn_probs,
+                              return_dropout_mask=return_attn_probs, deterministic=deterministic)
+    return _finish(result, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens int32 (batch + 1,).
+    block_table (a paged KV cache) is not supported yet: NotImplementedError."""
+    fn = "flash_attn_varlen_func"
+    if block_table is not None:
+        raise NotImplementedError(f"{fn}: block_table (a paged KV cache) is not supported yet; pass k and v as "
+                                  "packed (total_k, nheads_k, headdim) tensors")
+    _check_dims(fn, (("q", q), ("k", k), ("v", v)), 3, {"q": "(total_q, nheads, headdim)",
+                                                          "k": "(total_k, nheads_k, headdim)",
+                                                          "v": "(total_k, nheads_k, headdim)"})
+    return _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv: (total, 3, nheads, headdim)."""
+    fn = "flash_attn_varlen_qkvpacked_func"
+    _check_dims(fn, (("qkv", qkv),), 4, {"qkv": "(total, 3, nheads, headdim)"})
+    if qkv.shape[1] != 3:
+        raise ValueError(f"{fn}: qkv must be (total, 3, nheads, headdim), got {_shape(qkv)}")
+    return _varlen(fn, qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim)."""
+    fn = "flash_attn_varlen_kvpacked_func"
+    _check_dims(fn, (("q", q),), 3, {"q": "(total_q, nheads, headdim)"})
+    _check_dims(fn, (("kv", kv),), 4, {"kv": "(total_k, 2, nheads_k, headdim)"})
+    if kv.shape[1] != 2:
+        raise ValueError(f"{fn}: kv must be (total_k, 2, nheads_k, headdim), got {_shape(kv)}")
+    return _varlen(fn, q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Not supported yet: raises NotImplementedError (KV-cache attention with in-place append is
+    future work). For a cache without append, call flash_attn_func on the valid part of the cache."""
+    raise NotImplementedError("flash_attn_with_kvcache: KV-cache attention (in-place append, cache_seqlens, paged "
+                              "caches) is not supported yet by flash_cuda")
+
+
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]

@@ -1,0 +1,129 @@
+"""flash_cuda.flash_attn_interface: FlashAttention-2's functions on flash_cuda. Each against
+flash_cuda's own API on the equivalent (B, H, N, D) / packed call (the same op: equal outputs and
+gradients), FlashAttention's documented bottom-right causal example against the float64
+reference, the packed variants' gradients landing in one tensor, return_attn_probs (lse and the
+dropout pattern's signs), and every rejected argument."""
+import pytest
+import torch
+
+import flash_cuda
+from flash_cuda import flash_attn_interface as fa
+from reference import attention_ref
+
+
+def bnhd(B, N, H, D, seed, dtype=torch.float32):
+    return torch.randn(B, N, H, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def grads(out, leaves, seed=9):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, leaves, g)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(causal=True), dict(window_size=(5, 3), softcap=2.0),
+                                dict(causal=True, softmax_scale=0.3, deterministic=True)], ids=str)
+def test_flash_attn_func_is_attention_on_views(kw):
+    q, k, v = (bnhd(2, n, h, 32, s).requires_grad_() for n, h, s in ((17, 4, 0), (23, 2, 1), (23, 2, 2)))
+    out = fa.flash_attn_func(q, k, v, **kw)
+    assert out.shape == (2, 17, 4, 32)
+    mine = dict(causal=kw.get("causal", False), scale=kw.get("softmax_scale"), softcap=kw.get("softcap", 0.0),
+                window=kw.get("window_size"), deterministic=kw.get("deterministic", False))
+    ref = flash_cuda.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **mine).transpose(1, 2)
+    assert torch.equal(out, ref)
+    for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
+        assert torch.equal(a, b)
+
+
+def test_bottom_right_causal_as_documented():
+    """FlashAttention's docstring example: seqlen_q = 2, seqlen_k = 5, causal: row 0 sees keys 0..3,
+    row 1 all five; seqlen_q = 5, seqlen_k = 2: rows 0..2 see nothing (output 0)."""
+    for nq, nk in ((2, 5), (5, 2)):
+        q, k, v = bnhd(1, nq, 2, 16, 0), bnhd(1, nk, 2, 16, 1), bnhd(1, nk, 2, 16, 2)
+        out = fa.flash_attn_func(q, k, v, causal=True)
+        allowed = torch.tensor([[j <= i + nk - nq for j in range(nk)] for i in range(nq)])
+        ref, _ = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+        assert (out.transpose(1, 2).double() - ref).abs().max() < 1e-6
+    assert out[0, :3].abs().max() == 0
+
+
+def test_alibi_follows_flash_attention():
+    """-slope |i + Nk - Nq - j| added to the scores."""
+    q, k, v = bnhd(1, 6, 2, 16, 0), bnhd(1, 9, 2, 16, 1), bnhd(1, 9, 2, 16, 2)
+    slopes = torch.tensor([0.5, 0.25])
+    out = fa.flash_attn_func(q, k, v, alibi_slopes=slopes)
+    i, j = torch.arange(6)[:, None], torch.arange(9)[None, :]
+    bias = -slopes[:, None, None].double() * (i + 9 - 6 - j).abs()
+    ref, _ = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias[None])
+    assert (out.transpose(1, 2).double() - ref).abs().max() < 1e-6
+
+
+def test_packed_variants_and_their_gradients():
+    qkv = bnhd(2, 19, 3 * 4, 16, 0).reshape(2, 19, 3, 4, 16).requires_grad_()
+    out = fa.flash_attn_qkvpacked_func(qkv, causal=True)
+    q, k, v = (qkv[:, :, i].detach().clone().requires_grad_() for i in range(3))
+    ref = fa.flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(out, ref)
+    (dqkv,), dref = grads(out, (qkv,)), grads(ref, (q, k, v))
+    assert all(torch.equal(dqkv[:, :, i], dref[i]) for i in range(3))
+    qq = bnhd(2, 7, 4, 16, 3).requires_grad_()
+    kv = bnhd(2, 11, 2 * 2, 16, 4).reshape(2, 11, 2, 2, 16).requires_grad_()
+    out = fa.flash_attn_kvpacked_func(qq, kv)
+    ref = fa.flash_attn_func(qq, kv[:, :, 0], kv[:, :, 1])
+    assert torch.equal(out, ref) and grads(out, (kv,))[0].shape == kv.shape
+
+
+def test_varlen_functions():
+    lens_q, lens_k = [5, 0, 12], [7, 3, 12]
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lens_q), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lens_k), 2, 16, generator=g) for _ in range(2))
+    args = (cu(lens_q), cu(lens_k), max(lens_q), max(lens_k))
+    out, lse, s = fa.flash_attn_varlen_func(q, k, v, *args, causal=True, window_size=(4, 0), return_attn_probs=True)
+    ref, ref_lse = flash_cuda.varlen_attention(q, k, v, *args, causal=True, window=(4, 0), return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and lse.shape == (4, sum(lens_q))
+    assert s.shape == (3, 4, 12, 12) and bool((s == 1).all())  # no dropout: every element kept
+    kv = torch.stack([k, v], 1)
+    assert torch.equal(fa.flash_attn_varlen_kvpacked_func(q, kv, *args, causal=True, window_size=(4, 0)), ref)
+    qkv = torch.randn(sum(lens_q), 3, 2, 16, generator=g)
+    same = cu(lens_q), max(lens_q)
+    assert torch.equal(fa.flash_attn_varlen_qkvpacked_func(qkv, *same),
+                       flash_cuda.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], same[0], same[0], same[1], same[1]))
+
+
+def test_return_attn_probs_and_dropout():
+    """softmax_lse is flash_cuda's lse; S_dmask's signs are the dropout pattern (negative =
+    dropped), the same as flash_cuda.attention's mask for the same seed."""
+    q, k, v = bnhd(1, 40, 2, 16, 0), bnhd(1, 50, 2, 16, 1), bnhd(1, 50, 2, 16, 2)
+    torch.manual_seed(3)
+    out, lse, s = fa.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True)
+    torch.manual_seed(3)
+    ref, ref_lse, keep = flash_cuda.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              dropout_p=0.3, causal=True, return_lse=True, return_dropout_mask=True)
+    assert torch.equal(out, ref.transpose(1, 2)) and torch.equal(lse, ref_lse) and lse.shape == (1, 2, 40)
+    assert s.shape == (1, 2, 40, 50) and torch.equal(s >= 0, keep) and 0.6 < keep.float().mean() < 0.8
+
+
+def test_rejected_arguments():
+    q, k, v = bnhd(1, 8, 2, 16, 0), bnhd(1, 8, 2, 16, 1), bnhd(1, 8, 2, 16, 2)
+    with pytest.raises(ValueError, match=r"flash_attn_func: q must be 4-D \(batch, seqlen_q, nheads, headdim\)"):
+        fa.flash_attn_func(q[0], k, v)
+    with pytest.raises(ValueError, match=r"flash_attn_func: v must be \(batch, seqlen_k, nheads_k, headdim\)"):
+        fa.flash_attn_func(q, k, v[:, :5])
+    with pytest.raises(TypeError, match=r"window_size must be a pair of ints"):
+        fa.flash_attn_func(q, k, v, window_size=4)
+    with pytest.raises(TypeError, match="return_attn_probs must be a bool"):
+        fa.flash_attn_func(q, k, v, return_attn_probs=1)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        fa.flash_attn_func(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, nheads, headdim\)"):
+        fa.flash_attn_qkvpacked_func(torch.zeros(1, 8, 2, 2, 16))
+    with pytest.raises(ValueError, match=r"kv must be \(batch, seqlen_k, 2, nheads_k, headdim\)"):
+        fa.flash_attn_kvpacked_func(q, torch.zeros(1, 8, 3, 2, 16))
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"flash_attn_varlen_func: q must be 3-D"):
+        fa.flash_attn_varlen_func(q, k[0], v[0], cu, cu, 8, 8)
+    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache"):
+        fa.flash_attn_with_kvcache(q, k, v)
