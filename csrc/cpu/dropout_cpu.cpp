@@ -40,29 +40,46 @@ FC_MULTIVERSION void philox_batch(const PhiloxStream& s, uint32_t ui, uint32_t u
   }
 }
 
+// z[c] = keep(r[c]) ? scale : 0 for c < n: one run of 8 columns of a row (vectorisable).
+template <typename acc_t>
+inline void keep_run(acc_t* z, const uint32_t* r, int n, uint32_t threshold, acc_t scale) {
+  for (int c = 0; c < n; ++c) z[c] = r[c] >= threshold ? scale : acc_t(0);
+}
+
 template <typename acc_t>
 void dropout_tile_impl(acc_t* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
                        const PhiloxStream& s, acc_t scale) {
   if (rows <= 0 || cols <= 0) return;
   // Units: rows i0.. in 16-row groups [a0, a1], columns j0.. in 16-column groups [b0, b1]; the
-  // column units of groups b0..b1 are the consecutive uj = 8 b0 .. 8 b1 + 7.
+  // column units of groups b0..b1 are the consecutive uj = 8 b0 .. 8 b1 + 7, drawn in batches of
+  // kBatch (8 groups). Unit 8 b + c of row unit 8 a + ri gives r0, r1 for row 16 a + ri, columns
+  // 16 b + c and 16 b + 8 + c, and r2, r3 for row 16 a + ri + 8: runs of 8 columns per row.
   const int64_t a0 = i0 / 16, a1 = (i0 + rows - 1) / 16, b0 = j0 / 16, b1 = (j0 + cols - 1) / 16;
   const int64_t n_units = 8 * (b1 - b0 + 1);
   alignas(64) uint32_t r[4][kBatch];
   for (int64_t a = a0; a <= a1; ++a)
     for (int ri = 0; ri < 8; ++ri) {
       const int64_t row[2] = {16 * a + ri - i0, 16 * a + ri + 8 - i0};  // tile rows of r0/r1 and r2/r3
-      if ((row[0] < 0 || row[0] >= rows) && (row[1] < 0 || row[1] >= rows)) continue;
+      const bool in[2] = {row[0] >= 0 && row[0] < rows, row[1] >= 0 && row[1] < rows};
+      if (!in[0] && !in[1]) continue;
       for (int64_t u0 = 0; u0 < n_units; u0 += kBatch) {
         const int n = int(std::min<int64_t>(kBatch, n_units - u0));
         philox_batch(s, uint32_t(8 * a + ri), uint32_t(8 * b0 + u0), n, r[0], r[1], r[2], r[3]);
-        for (int u = 0; u < n; ++u) {
-          const int64_t unit = 8 * b0 + u0 + u, col = 16 * (unit / 8) + unit % 8 - j0;  // r0's column
+        for (int g = 0; g < n / 8; ++g) {  // 16-column group b0 + (u0 / 8) + g
+          const int64_t col = 16 * (b0 + u0 / 8 + g) - j0;  // its first column in the tile
           for (int h = 0; h < 2; ++h) {
-            if (row[h] < 0 || row[h] >= rows) continue;
+            if (!in[h]) continue;
             acc_t* zr = z + row[h] * ld;
-            if (col >= 0 && col < cols) zr[col] = s.keep(r[2 * h][u]) ? scale : acc_t(0);
-            if (col + 8 >= 0 && col + 8 < cols) zr[col + 8] = s.keep(r[2 * h + 1][u]) ? scale : acc_t(0);
+            for (int half = 0; half < 2; ++half) {  // columns col + 8 half .. + 8
+              const uint32_t* draws = r[2 * h + half] + 8 * g;
+              const int64_t c0 = col + 8 * half;
+              if (c0 >= 0 && c0 + 8 <= cols) {
+                keep_run(zr + c0, draws, 8, s.threshold, scale);
+              } else {
+                for (int c = 0; c < 8; ++c)
+                  if (c0 + c >= 0 && c0 + c < cols) zr[c0 + c] = s.keep(draws[c]) ? scale : acc_t(0);
+              }
+            }
           }
         }
       }
