@@ -64,11 +64,28 @@ void check_lse(const at::Tensor& x, const at::Tensor& q, const char* name) {
               x.sizes(), " ", x.scalar_type());
 }
 
-// The options every op shares (scale, band, softcap, ALiBi for `batch` sequences of q's heads),
-// checked for what a direct torch.ops call could get wrong.
+// Dropout's arguments into o: p in [0, 1) and, when p > 0, the int64 (seed, offset) on q's device
+// that philox_state made (csrc/kernels/philox.h).
+AttnOptions with_dropout(AttnOptions o, const at::Tensor& q, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0,
+              "flash_cuda: dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return o;
+  TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
+                  rng_state->dim() == 1 && rng_state->device() == q.device(),
+              "flash_cuda: rng_state must be an int64 tensor (seed, offset) of 2 entries on q's device when dropout_p > 0",
+              rng_state.has_value() ? ", got a tensor " : ", got None",
+              rng_state.has_value() ? c10::str(rng_state->sizes(), " ", rng_state->scalar_type(), " on ", rng_state->device()) : "");
+  o.dropout_p = dropout_p;
+  o.rng_state = rng_state->contiguous();
+  return o;
+}
+
+// The options every op shares (scale, band, softcap, ALiBi for `batch` sequences of q's heads,
+// dropout), checked for what a direct torch.ops call could get wrong.
 AttnOptions base_options(const at::Tensor& q, int64_t batch, double scale, bool causal, bool bottom_right,
                          int64_t window_left, int64_t window_right, double softcap,
-                         const std::optional<at::Tensor>& alibi_slopes) {
+                         const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                         const std::optional<at::Tensor>& rng_state) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "flash_cuda: window bounds must be >= -1, got (",
               window_left, ", ", window_right, ")");
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_cuda: softcap must be finite and >= 0, got ", softcap);
@@ -87,16 +104,17 @@ AttnOptions base_options(const at::Tensor& q, int64_t batch, double scale, bool 
                 a.scalar_type());
     o.alibi = a.contiguous();
   }
-  return o;
+  return with_dropout(o, q, dropout_p, rng_state);
 }
 
 // The op arguments beyond q, k, v of the (B, H, N, D) ops: base_options and the bias.
 AttnOptions make_options(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, bool bottom_right,
                          int64_t window_left, int64_t window_right, double softcap,
                          const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& bias,
-                         bool bias_grad) {
+                         bool bias_grad, double dropout_p,
+                         const std::optional<at::Tensor>& rng_state) {
   AttnOptions o = base_options(q, q.size(0), scale, causal, bottom_right, window_left, window_right, softcap,
-                               alibi_slopes);
+                               alibi_slopes, dropout_p, rng_state);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Nk = k.size(2);
   if (bias.has_value()) {
     const at::Tensor& m = *bias;
@@ -111,22 +129,6 @@ AttnOptions make_options(const at::Tensor& q, const at::Tensor& k, double scale,
   return o;
 }
 
-// Dropout's arguments into o: p in [0, 1) and, when p > 0, the int64 (seed, offset) on q's device
-// that philox_state made (csrc/kernels/philox.h).
-AttnOptions with_dropout(AttnOptions o, const at::Tensor& q, double dropout_p, const std::optional<at::Tensor>& rng_state) {
-  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0,
-              "flash_cuda: dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p == 0.0) return o;
-  TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
-                  rng_state->dim() == 1 && rng_state->device() == q.device(),
-              "flash_cuda: rng_state must be an int64 tensor (seed, offset) of 2 entries on q's device when dropout_p > 0",
-              rng_state.has_value() ? ", got a tensor " : ", got None",
-              rng_state.has_value() ? c10::str(rng_state->sizes(), " ", rng_state->scalar_type(), " on ", rng_state->device()) : "");
-  o.dropout_p = dropout_p;
-  o.rng_state = rng_state->contiguous();
-  return o;
-}
-
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                            bool causal, bool bottom_right, bool /*deterministic: for bwd*/,
                                            int64_t window_left, int64_t window_right, double softcap,
@@ -134,9 +136,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& bias, double dropout_p,
                                            const std::optional<at::Tensor>& rng_state) {
   check_qkv(q, k, v);
-  const AttnOptions o = with_dropout(
-      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false), q,
-      dropout_p, rng_state);
+  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                     alibi_slopes, bias, false, dropout_p, rng_state);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
     return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o, Executor::emu);
   return cpu::attention_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o);
@@ -165,9 +166,8 @@ BwdResult bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& bias,
                   bool bias_grad, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   check_bwd(dout, q, k, v, out, lse, dlse);
-  const AttnOptions o = with_dropout(make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
-                                                  alibi_slopes, bias, bias_grad),
-                                     q, dropout_p, rng_state);
+  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                     alibi_slopes, bias, bias_grad, dropout_p, rng_state);
   if (emu_active())
     return with_dbias(bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k),
                                   unit_last_stride(v), unit_last_stride(out), lse, dlse, o, deterministic,
@@ -187,9 +187,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             const std::optional<at::Tensor>& bias, double dropout_p,
                                             const std::optional<at::Tensor>& rng_state) {
   check_qkv(q, k, v);
-  const AttnOptions o = with_dropout(
-      make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap, alibi_slopes, bias, false), q,
-      dropout_p, rng_state);
+  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                     alibi_slopes, bias, false, dropout_p, rng_state);
   return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o, Executor::cuda);
 }
 
@@ -200,9 +199,8 @@ BwdResult bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const std::optional<at::Tensor>& bias, bool bias_grad, double dropout_p,
                    const std::optional<at::Tensor>& rng_state) {
   check_bwd(dout, q, k, v, out, lse, dlse);
-  const AttnOptions o = with_dropout(make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
-                                                  alibi_slopes, bias, bias_grad),
-                                     q, dropout_p, rng_state);
+  const AttnOptions o = make_options(q, k, scale, causal, bottom_right, window_left, window_right, softcap,
+                                     alibi_slopes, bias, bias_grad, dropout_p, rng_state);
   return with_dbias(bwd_kernels(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
                                 unit_last_stride(out), lse, dlse, o, deterministic, Executor::cuda),
                     q);
@@ -247,7 +245,8 @@ std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, const char* name, in
 AttnOptions varlen_options(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q, const at::Tensor& cu_k,
                            int64_t max_q, int64_t max_k, double scale, bool causal, int64_t window_left,
                            int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                           std::vector<int64_t>* vq, std::vector<int64_t>* vk) {
+                           double dropout_p, const std::optional<at::Tensor>& rng_state, std::vector<int64_t>* vq,
+                           std::vector<int64_t>* vk) {
   check_cu_seqlens_tensor(cu_q, "cu_seqlens_q", q);
   check_cu_seqlens_tensor(cu_k, "cu_seqlens_k", q);
   TORCH_CHECK(cu_q.numel() == cu_k.numel(), "flash_cuda: cu_seqlens_q and cu_seqlens_k must have the same length, got ",
@@ -258,7 +257,8 @@ AttnOptions varlen_options(const at::Tensor& q, const at::Tensor& k, const at::T
     *vq = check_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q);
     *vk = check_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k);
   }
-  return base_options(q, cu_q.numel() - 1, scale, causal, true, window_left, window_right, softcap, alibi_slopes);
+  return base_options(q, cu_q.numel() - 1, scale, causal, true, window_left, window_right, softcap, alibi_slopes,
+                      dropout_p, rng_state);
 }
 
 // (total, H, D) -> the (1, H, total, D) view the kernels take, and back.
@@ -289,9 +289,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& rng_state) {
   check_packed_qkv(q, k, v);
   std::vector<int64_t> vq, vk;
-  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
-                                                    window_right, softcap, alibi_slopes, &vq, &vk),
-                                     q, dropout_p, rng_state);
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, dropout_p, rng_state, &vq, &vk);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
     return varlen_fwd_kernels(q, k, v, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, Executor::emu);
   return cpu::varlen_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), vq, vk, o);
@@ -320,9 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const std::optional<at::Tensor>& rng_state) {
   check_varlen_bwd(dout, q, k, v, out, lse, dlse);
   std::vector<int64_t> vq, vk;
-  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
-                                                    window_right, softcap, alibi_slopes, &vq, &vk),
-                                     q, dropout_p, rng_state);
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, dropout_p, rng_state, &vq, &vk);
   if (emu_active())
     return varlen_bwd_kernels(dout, q, k, v, out, lse, dlse, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, deterministic,
                               Executor::emu);
@@ -339,9 +337,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                                                    const std::optional<at::Tensor>& rng_state) {
   check_packed_qkv(q, k, v);
-  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
-                                                    window_right, softcap, alibi_slopes, nullptr, nullptr),
-                                     q, dropout_p, rng_state);
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, dropout_p, rng_state, nullptr, nullptr);
   return varlen_fwd_kernels(q, k, v, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, Executor::cuda);
 }
 
@@ -352,9 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
     const std::optional<at::Tensor>& rng_state) {
   check_varlen_bwd(dout, q, k, v, out, lse, dlse);
-  const AttnOptions o = with_dropout(varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
-                                                    window_right, softcap, alibi_slopes, nullptr, nullptr),
-                                     q, dropout_p, rng_state);
+  const AttnOptions o = varlen_options(q, k, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right,
+                                       softcap, alibi_slopes, dropout_p, rng_state, nullptr, nullptr);
   return varlen_bwd_kernels(dout, q, k, v, out, lse, dlse, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k},
                             deterministic, Executor::cuda);
 }

@@ -97,3 +97,11 @@ def assert_close_fp(name, ours, ref, rtol=2e-5):
     bound = rtol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
     e = max_err(ours, ref)
     assert e <= bound, f"{name}: max abs error {e:.3g} > {bound:.3g}"
+
+
+def random_layout(rnd, g, B, h, n, D, dtype):
+    """A random (B, h, n, D) tensor in one of the layouts users pass: FlashAttention's (B, N, H, D)
+    memory as a transposed view, or a view sliced out of longer rows (randomised tests)."""
+    if rnd.random() < 0.5:
+        return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2)
+    return torch.randn(B, h, n + 3, D, generator=g).to(dtype)[:, :, 2:n + 2]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import flash_cuda
-from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms
+from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms, random_layout
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -287,12 +287,7 @@ def test_randomised_against_reference(seed):
     B, Nq, Nk, D = rnd.randint(1, 3), rnd.randint(1, 70), rnd.randint(1, 70), rnd.choice([8, 16, 40, 64])
     g = torch.Generator().manual_seed(seed)
 
-    def tensor(h, n):
-        if rnd.random() < 0.5:  # FlashAttention layout, a transposed view
-            return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2)
-        return torch.randn(B, h, n + 3, D, generator=g).to(dtype)[:, :, 2:n + 2]  # a sliced view
-
-    q, k, v = tensor(hq, Nq), tensor(hkv, Nk), tensor(hkv, Nk)
+    q, k, v = (random_layout(rnd, g, B, h, n, D, dtype) for h, n in ((hq, Nq), (hkv, Nk), (hkv, Nk)))
     scale = rnd.choice([None, 0.05, 1.0, 3.0])
     kw, ref_kw = {"scale": scale}, {"scale": scale}
     if rnd.random() < 0.5:
