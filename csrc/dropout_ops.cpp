@@ -3,7 +3,8 @@
 //
 // CPU (the CPU backend and the emulator): the seed is a fresh 64-bit draw of the CPU generator
 // and the offset 0, so torch.manual_seed makes a step repeatable and every call gets new bits.
-// CUDA: the generator's philox state, whose offset advances by the increment as torch's fused
+// CUDA: the generator's philox state, whose offset advances by what the call draws
+// (dropout_offset_increment of its keys per row) as torch's fused
 // kernels advance it; the values are resolved on the device (under CUDA graph capture they are
 // read from the generator's device memory at replay), never copied to the host.
 #include <ATen/ATen.h>
@@ -28,12 +29,10 @@
 namespace flash_cuda {
 namespace {
 
-void check_increment(int64_t increment) {
-  TORCH_CHECK(increment >= 0, "flash_cuda: philox_state increment must be >= 0, got ", increment);
-}
+void check_nk(int64_t nk) { TORCH_CHECK(nk >= 0, "flash_cuda: philox_state nk must be >= 0, got ", nk); }
 
-at::Tensor philox_state_cpu(const at::Tensor& like, int64_t increment, std::optional<at::Generator> generator) {
-  check_increment(increment);
+at::Tensor philox_state_cpu(const at::Tensor& like, int64_t nk, std::optional<at::Generator> generator) {
+  check_nk(nk);
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   uint64_t seed;
   {
@@ -86,15 +85,15 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, double p, int64_t batch
 }
 
 #if defined(FLASH_CUDA_WITH_CUDA)
-at::Tensor philox_state_cuda(const at::Tensor& like, int64_t increment, std::optional<at::Generator> generator) {
-  check_increment(increment);
+at::Tensor philox_state_cuda(const at::Tensor& like, int64_t nk, std::optional<at::Generator> generator) {
+  check_nk(nk);
   const c10::cuda::CUDAGuard guard(like.device());
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       generator, at::cuda::detail::getDefaultCUDAGenerator(like.device().index()));
   at::PhiloxCudaState st;
   {
     std::lock_guard<std::mutex> lock(gen->mutex_);
-    st = gen->philox_cuda_state(static_cast<uint64_t>(increment));
+    st = gen->philox_cuda_state(static_cast<uint64_t>(dropout_offset_increment(nk)));
   }
   cuda_backend::PhiloxSource src{};
   if (st.captured_) {

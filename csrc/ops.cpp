@@ -387,9 +387,10 @@ TORCH_LIBRARY(flash_cuda, m) {
         " bool deterministic=False, int window_left=-1, int window_right=-1, float softcap=0.0,"
         " Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Dropout (csrc/kernels/philox.h): rng_state is (seed, offset), int64 on q's device, from
-  // philox_state, which reserves `increment` of the generator's offset (CUDA: read on the device,
+  // philox_state, which reserves what a call with nk keys per row draws (philox.h
+  // dropout_offset_increment) of the generator's offset (CUDA: read on the device,
   // safe under CUDA graph capture; CPU: a fresh seed from the CPU generator, offset 0).
-  m.def("philox_state(Tensor like, int increment, Generator? generator=None) -> Tensor",
+  m.def("philox_state(Tensor like, int nk, Generator? generator=None) -> Tensor",
         {at::Tag::nondeterministic_seeded});
   // The keep mask of (rng_state, dropout_p) as a bool (B, H, Nq, Nk) tensor on rng_state's device;
   // with cu_seqlens (packed sequences) positions past a sequence's lengths are False.

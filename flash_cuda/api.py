@@ -174,11 +174,11 @@ def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device):
 
 
 def _rng_state(q, nk, dropout_p, generator):
-    """(seed, offset) for one call with dropout (csrc/kernels/philox.h), or None without; reserves
-    32 ceil(nk / 16) of the generator's offset."""
+    """(seed, offset) for one call with dropout and nk keys per row (csrc/kernels/philox.h), or None
+    without; the op reserves what the call draws of the generator's offset."""
     if dropout_p == 0.0:
         return None
-    return torch.ops.flash_cuda.philox_state(q, 32 * ((nk + 15) // 16), generator)
+    return torch.ops.flash_cuda.philox_state(q, nk, generator)
 
 
 def _dropout_mask(rng_state, dropout_p, shape, device, cu_seqlens_q=None, cu_seqlens_k=None):

@@ -47,13 +47,6 @@ def _s_dmask(keep):
     return keep.to(torch.float32) * 2 - 1
 
 
-def _finish(result, return_attn_probs):
-    if not return_attn_probs:
-        return result
-    out, lse, keep = result
-    return out, lse, _s_dmask(keep)
-
-
 def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs):
     """q (B, Nq, H, D), k and v (B, Nk, Hkv, D): flash_cuda.attention on (B, H, N, D) views."""
@@ -118,7 +111,10 @@ def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                               dropout_p=dropout_p, return_lse=return_attn_probs,
                               return_dropout_mask=return_attn_probs, deterministic=deterministic)
-    return _finish(result, return_attn_probs)
+    if not return_attn_probs:
+        return result
+    out, lse, keep = result
+    return out, lse, _s_dmask(keep)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

@@ -109,7 +109,7 @@ torch.library.register_autograd("flash_cuda::varlen_fwd", _varlen_backward, setu
 
 
 @torch.library.register_fake("flash_cuda::philox_state")
-def _philox_state_fake(like, increment, generator=None):
+def _philox_state_fake(like, nk, generator=None):
     return like.new_empty((2,), dtype=torch.int64)
 
 

@@ -1,4 +1,7 @@
 """Tests run on every available backend: CPU always, CUDA when this build has the kernels."""
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -27,3 +30,13 @@ def skip_unless_supported(device, dtype):
     """float32/float64 CUDA tensors raise TypeError (test_errors.py checks that): skip them."""
     if dtype not in dtypes_for(device):
         pytest.skip(f"the {device} kernels do not take {dtype}")
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package), so a test can
+    run its main() end to end."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench

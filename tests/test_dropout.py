@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flash_cuda
-from conftest import dtypes_for, skip_unless_supported
+from conftest import dtypes_for, load_benchmark
 from flash_cuda import emulate
 from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms, random_layout
 
@@ -492,13 +492,8 @@ def test_meta_tensors_with_dropout():
 
 def test_bench_dropout_runs(tmp_path):
     """benchmarks/bench_dropout.py end to end on its quick point: not dead on arrival."""
-    import importlib.util
     import json
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_dropout.py")
-    spec = importlib.util.spec_from_file_location("bench_dropout", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_dropout")
     out = tmp_path / "d.json"
     rows = bench.main(["--device", "cpu", "--quick", "--json", str(out)])
     assert [r["mode"] for r in rows] == ["fwd", "fwdbwd"]

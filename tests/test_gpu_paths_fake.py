@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import sys
 import time
 from unittest import mock
 
@@ -22,6 +21,7 @@ import torch
 
 import flash_cuda
 import test_kernel_gpu as gpu
+from conftest import load_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,10 +125,7 @@ def fake_cuda(bench):
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sdpa", os.path.join(ROOT, "benchmarks", "bench_sdpa.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_sdpa")
 
 
 def test_bench_cuda_defaults_and_fa_sweep_construct():

@@ -4,7 +4,6 @@ matrix): each feature alone and all combined, odd lengths, Nq != Nk both ways, G
 every gradient (the float mask's included, summed over its broadcast dims), gradcheck, the
 drop-in against torch SDPA's math backend, opcheck, torch.compile, and a seeded randomised
 differential test. CPU backend here; the emulated CUDA kernels in test_masks_kernels.py."""
-import math
 import random
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import flash_cuda
+from conftest import load_benchmark
 from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms, random_layout
 
 LOW = (torch.float16, torch.bfloat16)
@@ -324,13 +324,8 @@ def test_randomised_against_reference(seed):
 def test_bench_masks_runs(tmp_path):
     """benchmarks/bench_masks.py end to end (its quick points, every case): not dead on arrival.
     Its rows carry the measured ratio, peak memory and both implementations' errors."""
-    import importlib.util
     import json
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_masks.py")
-    spec = importlib.util.spec_from_file_location("bench_masks", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_masks")
     out = tmp_path / "masks.json"
     rows = bench.main(["--device", "cpu", "--quick", "--json", str(out)])
     assert {r["case"] for r in rows} == {"window", "padded", "scaling"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import flash_cuda
+from conftest import load_benchmark
 from reference import assert_close_fp, assert_fa_rule, attention_ref
 
 LENS_Q = [17, 0, 113, 1, 130]
@@ -277,13 +278,8 @@ def test_emulated_kernels_check_cu_seqlens_before_any_work():
 def test_bench_varlen_runs(tmp_path):
     """benchmarks/bench_varlen.py end to end on a small batch: not dead on arrival. Its rows carry
     every implementation's time, peak memory and error against the float64 reference."""
-    import importlib.util
     import json
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_varlen.py")
-    spec = importlib.util.spec_from_file_location("bench_varlen", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_varlen")
     out = tmp_path / "varlen.json"
     meta, rows = bench.main(["--device", "cpu", "--tokens", "1500", "--json", str(out)])
     assert meta["tokens"] == 1500 and meta["B"] == 4 and 0 < meta["padding_fraction"] < 1 and len(rows) == 4
