@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kernel report: what the compiled kernels are, per instantiation, with no GPU needed.
 
-For every generated instantiation (csrc/cuda/fwd_*.cu, bwd_*.cu) and each architecture:
+For every generated instantiation (csrc/cuda/fwd_*.cu, bwd_*.cu, fwd_kvcache_*.cu) and each architecture:
   - ptxas -v: registers per thread, spill stores/loads (must be 0), stack frame;
   - dynamic shared memory per block, from the emulator running the real launcher;
   - theoretical occupancy on A100 (sm_80) and H100 (sm_90) from registers, shared memory and
@@ -52,17 +52,20 @@ def tool(name):
 
 
 ROLES = (("flash_bwd_preprocess_kernel", "bwd preprocess"), ("flash_bwd_postprocess_kernel", "bwd postprocess"),
-         ("flash_bwd_dq_kernel", "bwd dQ pass (deterministic)"), ("flash_fwd_kernel", "fwd"))
+         ("flash_bwd_dq_kernel", "bwd dQ pass (deterministic)"), ("splitkv_combine_kernel", "fwd kvcache combine"))
 
 
 def role(demangled):
-    """The kernel's role; the forward, backward main and dQ kernels' last template flag is
-    kVarlen (csrc/kernels/seqlen.h): its packed-batch instantiations get " (packed)"."""
+    """The kernel's role; the backward main and dQ kernels' last template flag is kVarlen
+    (csrc/kernels/seqlen.h), the forward's the one before kCache (its KV-cache instantiation):
+    packed-batch instantiations get " (packed)"."""
     flags = re.findall(r"\b(true|false)\b", demangled.split("(flash_cuda::")[0])
     packed = " (packed)" if flags and flags[-1] == "true" else ""
+    if "flash_fwd_kernel<" in demangled:  # <Traits, kBand, kMod, kVarlen, kCache>
+        return "fwd kvcache" if flags[-1] == "true" else "fwd" + (" (packed)" if flags[-2] == "true" else "")
     for key, name in ROLES:
         if key + "<" in demangled:
-            return name + (packed if key in ("flash_fwd_kernel", "flash_bwd_dq_kernel") else "")
+            return name + (packed if key == "flash_bwd_dq_kernel" else "")
     if "flash_bwd_kernel<" in demangled:  # template flags <Traits, kBand, kMod, kAtomicDq, kVarlen>
         return ("bwd main (atomic dQ)" if flags[-2] == "true" else "bwd main (deterministic)") + packed
     return demangled
@@ -121,8 +124,10 @@ def launch_records(name, n=8):
     B = H = 1, Nq = Nk = n, emulated through the real launcher without the checkers."""
     import torch
     import flash_cuda
-    m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band|_mod)?$", name)
+    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16)(_band|_mod)?$", name)
     kind, d, dtype, variant = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
+    if kind == "fwd_kvcache":
+        return kvcache_launch_records(d, torch.float16 if dtype == "fp16" else torch.bfloat16, n)
     # what makes the dispatcher pick the variant (csrc/kernels/dispatch.h)
     kwargs = {"": {}, "_band": dict(causal=True), "_mod": dict(causal=True, softcap=30.0)}[variant]
     dt = torch.float16 if dtype == "fp16" else torch.bfloat16
@@ -139,6 +144,18 @@ def launch_records(name, n=8):
                    "flash_bwd": "bwd main (deterministic)" if deterministic else "bwd main (atomic dQ)"}[base]
             shapes[key] = (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"])
     return shapes
+
+
+def kvcache_launch_records(d, dt, n):
+    """The KV-cache forward and its merge, launched for one decoding step split in two."""
+    import torch
+    import flash_cuda
+    q, kc, vc = torch.randn(1, 2, 1, d, dtype=dt), torch.randn(1, 1, n, d, dtype=dt), torch.randn(1, 1, n, d, dtype=dt)
+    with flash_cuda.emulate(check=False) as emu:
+        flash_cuda.attention_with_kvcache(q, kc, vc, num_splits=2)
+    names = {"flash_fwd_kvcache": "fwd kvcache", "flash_fwd_kvcache_combine": "fwd kvcache combine"}
+    return {names[r["kernel"].split("<")[0]]: (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"])
+            for r in emu.launches}
 
 
 def main():
@@ -158,15 +175,15 @@ def main():
     head = ["instantiation", "kernel", "arch", "regs", "spill st/ld (B)", "threads", "smem/block", "blocks/SM",
             "occupancy"] + list(SASS_OPS) + ["total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    spills = {"dense": 0, "packed": 0}
-    stack = {"dense": 0, "packed": 0}
+    spills = {"dense": 0, "packed": 0, "kvcache": 0}
+    stack = {"dense": 0, "packed": 0, "kvcache": 0}
     for s in srcs:
         name = os.path.basename(s)[:-3]
         shapes = launch_shapes(name)
         for a in args.arch:
             for kernel, r in sorted(jobs[(s, a)].items()):
                 threads, smem = shapes[kernel.replace(" (packed)", "")]  # same launch as the dense one
-                batch = "packed" if kernel.endswith("(packed)") else "dense"
+                batch = "packed" if kernel.endswith("(packed)") else ("kvcache" if "kvcache" in kernel else "dense")
                 spills[batch] += r["spill_st"] + r["spill_ld"]
                 stack[batch] += r["stack"]
                 blocks, occ = occupancy(r["regs"], threads, smem, a)
@@ -176,8 +193,9 @@ def main():
                 lines.append("| " + " | ".join(str(x) for x in row) + " |")
     report = "\n".join(lines) + (
         f"\n\nTotal spill bytes over all instantiations and architectures: {spills['dense']} in the kernels of "
-        f"dense batches, {spills['packed']} in those of packed batches (kVarlen)\n"
-        f"Total stack frame bytes: {stack['dense']} dense, {stack['packed']} packed\n")
+        f"dense batches, {spills['packed']} in those of packed batches (kVarlen), {spills['kvcache']} in the "
+        f"KV-cache ones\n"
+        f"Total stack frame bytes: {stack['dense']} dense, {stack['packed']} packed, {stack['kvcache']} KV cache\n")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "kernel_report.md"), "w") as f:
         f.write(report)

@@ -206,10 +206,10 @@ def tile_from_launch(kind, d, grid_x, mma, causal):
 
 
 def our_rows(archs, filt, jobs, nvcc, cuobjdump):
-    # dense and band (causal) instantiations; the modifier variant (softcap, ALiBi, bias) has no
-    # counterpart among the kernels SDPA launches for a plain or causal problem
+    # dense and band (causal) instantiations; the modifier variant (softcap, ALiBi, bias) and the
+    # KV-cache one have no counterpart among the kernels SDPA launches for a plain or causal problem
     srcs = sorted(p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_hdim*.cu"))
-                  if filt in p and not p.endswith("_mod.cu"))
+                  if filt in p and not p.endswith("_mod.cu") and "_kvcache_" not in p)
     compiled = {}
     with cf.ThreadPoolExecutor(jobs) as ex:
         futs = {ex.submit(compile_one, s, a, nvcc, cuobjdump): (s, a) for s in srcs for a in archs}

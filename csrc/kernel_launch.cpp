@@ -298,4 +298,149 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
   return {dq_out, dk_out, dv_out, dbias};
 }
 
+// GQA on a KV cache: when nothing in the scores depends on the query head or position (no
+// ALiBi, no window, causal only with one query, where it is the identity), the query heads of
+// a kv group are packed into one query tile, rows (head in group, query), so that one read of
+// the cache serves the whole group: decoding is memory-bound (FlashAttention-2 packs the same
+// way for one query). Otherwise each query head is its own tile.
+namespace {
+bool pack_kv_groups(const at::Tensor& q, int64_t hkv, const AttnOptions& o) {
+  return q.size(1) > hkv && !o.alibi && o.window_left < 0 && o.window_right < 0 && (!o.causal || q.size(2) == 1);
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                                   const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new_in,
+                                                   const std::optional<at::Tensor>& v_new_in,
+                                                   const at::Tensor& cache_seqlens,
+                                                   const std::optional<at::Tensor>& block_table,
+                                                   const AttnOptions& opt_in, int64_t num_splits, Executor executor) {
+  check_kernel_inputs(q_in, executor);
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->size(3) % 8 == 0 && c->stride(3) == 1 && row_starts_aligned(*c),
+                "flash_cuda: the CUDA kernels need k_cache and v_cache with a head dim that is a multiple of 8, unit "
+                "stride in it and 16-byte aligned rows (the cache is written in place and cannot be copied), got "
+                "shape ", c->sizes(), " strides ", c->strides());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3), Hkv = k_cache.size(1);
+  const bool paged = block_table.has_value();
+  const int64_t capacity = paged ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
+  TORCH_CHECK(capacity < (int64_t(1) << 31) - 256, "flash_cuda: a KV cache must hold fewer than 2^31 - 256 keys per sequence");
+  const int64_t n_new = k_new_in && k_new_in->numel() > 0 ? k_new_in->size(2) : 0;
+  const at::Tensor seqlens = cache_seqlens.contiguous();
+  const at::Tensor table = paged ? block_table->contiguous() : at::Tensor();
+  KvCache cache{};
+  if (paged) {
+    cache.block_table = table.data_ptr<int>();
+    cache.block_table_stride = table.stride(0);
+    cache.page_size = static_cast<int>(k_cache.size(2));
+    cache.num_pages = static_cast<int>(k_cache.size(0));
+  }
+  const bool emulated = executor == Executor::emu;
+#if defined(FLASH_CUDA_WITH_CUDA)
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (!emulated) guard.emplace(q_in.device());
+  const cudaStream_t stream = emulated ? nullptr : c10::cuda::getCurrentCUDAStream().stream();
+#else
+  TORCH_CHECK(emulated, "flash_cuda: this build has no CUDA kernels");
+  void* const stream = nullptr;
+#endif
+  auto check = [](const char* err) { TORCH_CHECK(err == nullptr, "flash_cuda: KV-cache kernel launch failed: ", err); };
+  // The global memory a launch may touch (emulator); the caches writable when appending.
+  auto buffers = [&](std::vector<emu::Buffer> more) {
+    more.push_back(tensor_footprint(k_cache, n_new > 0));
+    more.push_back(tensor_footprint(v_cache, n_new > 0));
+    more.push_back(tensor_footprint(seqlens, false));
+    if (paged) more.push_back(tensor_footprint(table, false));
+    emu::set_buffers(std::move(more));
+  };
+
+  if (n_new > 0) {  // the append first, on the same stream
+    const at::Tensor k_new = aligned_input(*k_new_in), v_new = aligned_input(*v_new_in);
+    KvAppendParams a{};
+    a.k_new = ref(k_new, std::nullopt);
+    a.v_new = ref(v_new, std::nullopt);
+    a.k_cache = ref(k_cache, std::nullopt);
+    a.v_cache = ref(v_cache, std::nullopt);
+    a.cache = cache;
+    a.seqlens = seqlens.data_ptr<int>();
+    a.b = static_cast<int>(B);
+    a.hkv = static_cast<int>(Hkv);
+    a.n_new = static_cast<int>(n_new);
+    a.d = static_cast<int>(D);
+    a.capacity = static_cast<int>(capacity);
+    if (emulated) {
+      buffers({kernel_footprint(k_new, false), kernel_footprint(v_new, false)});
+      check(emu_backend::kv_append(a, nullptr));
+    } else {
+#if defined(FLASH_CUDA_WITH_CUDA)
+      check(cuda_backend::kv_append(a, stream));
+#endif
+    }
+  }
+
+  auto out = at::empty({B, Hq, Nq, D}, q_in.options());
+  auto lse = at::empty({B, Hq, Nq}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  AttnOptions opt = opt_in;
+  const bool pack = pack_kv_groups(q_in, Hkv, opt);
+  if (pack) opt.causal = false;  // only with one query, where causal (bottom-right) hides nothing
+  const int64_t group = pack ? Hq / Hkv : 1;
+  const double scale = opt.scale;  // a positive scale for the softmax: see fwd_kernels
+  const at::Tensor q_pos = scale > 0 ? q_in : (scale < 0 ? q_in.neg() : at::zeros_like(q_in));
+  // packed: (B, Hkv, group Nq, D), rows (head in group, query); contiguous, so they are uniformly strided
+  const at::Tensor q = pack ? q_pos.contiguous().view({B, Hkv, group * Nq, D}) : aligned_input(q_pos);
+  const at::Tensor o = pack ? out.view({B, Hkv, group * Nq, D}) : out;
+  const at::Tensor lse_k = pack ? lse.view({B, Hkv, group * Nq}) : lse;
+
+  FwdParams p{};
+  static_cast<AttnShape&>(p) = attn_shape(q, k_cache, scale > 0 ? scale : (scale < 0 ? -scale : 1.0), opt, std::nullopt);
+  p.nk = static_cast<int>(capacity);  // narrowed per sequence to cache_seqlens[b] + Nnew (seqlen.h)
+  p.total_k = p.nk;
+  p.mask = opt.band(p.nq, p.nk);
+  p.seqused_k = seqlens.data_ptr<int>();
+  p.seqused_k_add = static_cast<int>(n_new);
+  p.q = ref(q, std::nullopt);
+  p.k = ref(k_cache, std::nullopt);
+  p.v = ref(v_cache, std::nullopt);
+  p.o = ref(o, std::nullopt);
+  p.lse = lse_k.data_ptr<float>();
+  p.cache = cache;
+  int num_sms = kEmulatedSmCount;
+#if defined(FLASH_CUDA_WITH_CUDA)
+  if (!emulated)
+    TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()) == cudaSuccess,
+                "flash_cuda: could not read the device's SM count");
+#endif
+  if (num_splits == 0)
+    num_splits = emulated ? emu_backend::kvcache_num_splits(p, num_sms)
+#if defined(FLASH_CUDA_WITH_CUDA)
+                          : cuda_backend::kvcache_num_splits(p, num_sms);
+#else
+                          : 1;
+#endif
+  TORCH_CHECK(num_splits * ((p.nq + 127) / 128) < (int64_t(1) << 31), "flash_cuda: num_splits ", num_splits,
+              " is too large for the grid");
+  p.cache.num_splits = static_cast<int>(num_splits);
+  at::Tensor o_partial, lse_partial;
+  if (num_splits > 1) {
+    o_partial = at::empty({num_splits, B, p.hq, p.nq, p.d}, lse.options());
+    lse_partial = at::empty({num_splits, B, p.hq, p.nq}, lse.options());
+    p.cache.o_partial = o_partial.data_ptr<float>();
+    p.cache.lse_partial = lse_partial.data_ptr<float>();
+  }
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  if (emulated) {
+    std::vector<emu::Buffer> more{kernel_footprint(q, false), tensor_footprint(o, true), tensor_footprint(lse_k, true)};
+    if (num_splits > 1) more.push_back(tensor_footprint(o_partial, true)), more.push_back(tensor_footprint(lse_partial, true));
+    add_mod_buffers(more, opt, std::nullopt);
+    buffers(std::move(more));
+    check(emu_backend::fwd_kvcache(p, bf16, nullptr));
+  } else {
+#if defined(FLASH_CUDA_WITH_CUDA)
+    check(cuda_backend::fwd_kvcache(p, bf16, stream));
+#endif
+  }
+  return {out, lse};
+}
+
 }  // namespace flash_cuda

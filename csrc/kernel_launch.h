@@ -40,4 +40,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt, bool deterministic,
     Executor executor, const std::optional<Packed>& packed = std::nullopt);
 
+// KV-cache attention (attention_with_kvcache, csrc/kernels/kv_cache.h): q (B, Hq, Nq, D);
+// k_cache, v_cache contiguous (B, Hkv, capacity, D) or, with block_table (B, pages per
+// sequence) int32, a page pool (num_pages, Hkv, page_size, D); D a multiple of 8 and rows 16-byte
+// aligned (the cache is written in place, so it cannot be copied to fix either). k_new, v_new
+// (B, Hkv, Nnew, D) are written at positions cache_seqlens[b].. first. num_splits 0: chosen for
+// the device (the emulator: an A100's 108 SMs). All on q's device; checked by the caller.
+std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q, const at::Tensor& k_cache,
+                                                   const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+                                                   const std::optional<at::Tensor>& v_new,
+                                                   const at::Tensor& cache_seqlens,
+                                                   const std::optional<at::Tensor>& block_table,
+                                                   const AttnOptions& opt, int64_t num_splits, Executor executor);
+
+// SMs the emulator assumes when it picks a split count (an A100's).
+constexpr int kEmulatedSmCount = 108;
+
 }  // namespace flash_cuda

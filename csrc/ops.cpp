@@ -12,6 +12,7 @@
 
 #include "attn_options.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/kvcache_cpu.h"
 #include "cpu/varlen_cpu.h"
 #include "emu/emu_session.h"
 #include "kernel_launch.h"
@@ -356,6 +357,116 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
 }
 #endif
 
+// ---- KV cache (attention_with_kvcache) ----
+
+// Shapes, dtypes and devices of a KV-cache call (csrc/kernel_launch.h kvcache_kernels); returns
+// the capacity of a sequence's cache. CPU tensors: cache_seqlens and the pages they reach are
+// checked by value too (kvcache_lengths).
+int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+                      const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "flash_cuda: q, k_cache, v_cache must be 4-D, got ", q.sizes(), ", ", k_cache.sizes(), ", ",
+              v_cache.sizes());
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flash_cuda: k_cache and v_cache must have the same shape, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = q.size(0);
+  const bool paged = block_table.has_value();
+  if (paged) {
+    const at::Tensor& t = *block_table;
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.size(0) == B && t.device() == q.device(),
+                "flash_cuda: block_table must be an int32 (B, pages per sequence) tensor on q's device, got ",
+                t.sizes(), " ", t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(k_cache.size(0) >= 1 && k_cache.size(2) >= 1, "flash_cuda: a paged cache needs at least one page of "
+                "at least one key, got k_cache of shape ", k_cache.sizes());
+  }
+  // the checks of q against a (B, Hkv, *, D) cache
+  check_qkv(q, paged ? k_cache.narrow(0, 0, 1).expand({B, -1, -1, -1}) : k_cache,
+            paged ? v_cache.narrow(0, 0, 1).expand({B, -1, -1, -1}) : v_cache);
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "flash_cuda: k and v (the new keys and values) must be given "
+              "together or not at all");
+  if (k_new) {
+    const std::vector<int64_t> want{B, k_cache.size(1), k_new->dim() == 4 ? k_new->size(2) : -1, q.size(3)};
+    for (const at::Tensor* x : {&*k_new, &*v_new})
+      TORCH_CHECK(x->dim() == 4 && x->sizes() == at::IntArrayRef(want) && x->scalar_type() == q.scalar_type() &&
+                      x->device() == q.device(),
+                  "flash_cuda: k and v must be (B, Hkv, Nnew, D) = (", B, ", ", k_cache.size(1), ", Nnew, ", q.size(3),
+                  ") in q's dtype and device, the same shape for both, got ", x->sizes(), " ", x->scalar_type());
+  }
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  cache_seqlens.device() == q.device(),
+              "flash_cuda: cache_seqlens must be an int32 (B,) tensor on q's device, got ", cache_seqlens.sizes(), " ",
+              cache_seqlens.scalar_type(), " on ", cache_seqlens.device());
+  TORCH_CHECK(num_splits >= 0, "flash_cuda: num_splits must be >= 0 (0: chosen for the device), got ", num_splits);
+  return paged ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
+}
+
+// CPU tensors: the keys each sequence attends to (cache_seqlens[b] + Nnew), with every
+// length in [0, capacity - Nnew] and every page they reach inside the pool.
+std::vector<int64_t> kvcache_lengths(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                     int64_t n_new, int64_t capacity, int64_t num_pages, int64_t page_size) {
+  const at::Tensor s = cache_seqlens.to(at::kLong).contiguous();
+  std::vector<int64_t> n(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + s.numel());
+  const at::Tensor table = block_table ? block_table->to(at::kLong).contiguous() : at::Tensor();
+  for (size_t b = 0; b < n.size(); ++b) {
+    TORCH_CHECK(n[b] >= 0 && n[b] + n_new <= capacity, "flash_cuda: cache_seqlens[", b, "] = ", n[b],
+                n_new > 0 ? c10::str(" plus the ", n_new, " new keys") : std::string(),
+                " does not fit the cache of ", capacity, " keys per sequence",
+                n_new > 0 ? c10::str(": cache_seqlens must be in [0, ", capacity - n_new, "]")
+                          : c10::str(": cache_seqlens must be in [0, ", capacity, "]"));
+    n[b] += n_new;
+    if (!block_table) continue;
+    const int64_t* row = table.data_ptr<int64_t>() + b * table.size(1);
+    for (int64_t page = 0; page * page_size < n[b]; ++page)
+      TORCH_CHECK(row[page] >= 0 && row[page] < num_pages, "flash_cuda: block_table[", b, ", ", page, "] = ", row[page],
+                  " is outside the pool of ", num_pages, " pages (k_cache.shape[0])");
+  }
+  return n;
+}
+
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                   const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+                                                   const std::optional<at::Tensor>& v_new,
+                                                   const at::Tensor& cache_seqlens,
+                                                   const std::optional<at::Tensor>& block_table, double scale,
+                                                   bool causal, int64_t window_left, int64_t window_right,
+                                                   double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                                   int64_t num_splits) {
+  const int64_t capacity = check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, num_splits);
+  const AttnOptions o = base_options(q, q.size(0), scale, causal, true, window_left, window_right, softcap,
+                                     alibi_slopes, 0.0, std::nullopt);
+  // Inside flash_cuda.emulate(): the CUDA kernels, run by the emulator, which like a GPU do not
+  // read the lengths and the table on the host (they clamp them; flash_cuda's Python API checks
+  // CPU values before any op runs).
+  if (emu_active())
+    return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o,
+                           num_splits, Executor::emu);
+  const int64_t n_new = k_new ? k_new->size(2) : 0;
+  const std::vector<int64_t> n_keys =
+      kvcache_lengths(cache_seqlens, block_table, n_new, capacity, k_cache.size(0), k_cache.size(2));
+  std::vector<int64_t> seqlens(n_keys);
+  for (int64_t& n : seqlens) n -= n_new;
+  if (n_new > 0) cpu::kv_append(k_cache, v_cache, *k_new, *v_new, seqlens, block_table);
+  return cpu::kvcache_fwd(unit_last_stride(q), k_cache, v_cache, n_keys, block_table, o, num_splits);
+}
+
+#if defined(FLASH_CUDA_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+                                                    const std::optional<at::Tensor>& v_new,
+                                                    const at::Tensor& cache_seqlens,
+                                                    const std::optional<at::Tensor>& block_table, double scale,
+                                                    bool causal, int64_t window_left, int64_t window_right,
+                                                    double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                                    int64_t num_splits) {
+  check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, num_splits);
+  const AttnOptions o = base_options(q, q.size(0), scale, causal, true, window_left, window_right, softcap,
+                                     alibi_slopes, 0.0, std::nullopt);
+  return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o, num_splits,
+                         Executor::cuda);
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(flash_cuda, m) {
@@ -396,6 +507,14 @@ TORCH_LIBRARY(flash_cuda, m) {
   // with cu_seqlens (packed sequences) positions past a sequence's lengths are False.
   m.def("dropout_mask(Tensor rng_state, float dropout_p, int batch, int heads, int nq, int nk,"
         " Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> Tensor");
+  // KV cache (inference): q (B, Hq, Nq, D) against the first cache_seqlens[b] + Nnew keys of a
+  // contiguous (B, Hkv, capacity, D) cache, or of a page pool (num_pages, Hkv, page_size, D)
+  // through block_table (B, pages per sequence) int32; k, v (B, Hkv, Nnew, D) are first written
+  // into the cache in place at cache_seqlens[b].. (int32 (B,)). Causal is bottom-right aligned.
+  // num_splits: key splits per query tile (0: chosen for the device; 1: none).
+  m.def("kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens,"
+        " Tensor? block_table, float scale, bool causal, int window_left=-1, int window_right=-1,"
+        " float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=0) -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {
@@ -403,6 +522,7 @@ TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {
   m.impl("bwd", &bwd_cpu);
   m.impl("varlen_fwd", &varlen_fwd_cpu);
   m.impl("varlen_bwd", &varlen_bwd_cpu);
+  m.impl("kvcache_fwd", &kvcache_fwd_cpu);
 }
 
 #if defined(FLASH_CUDA_WITH_CUDA)
@@ -411,6 +531,7 @@ TORCH_LIBRARY_IMPL(flash_cuda, CUDA, m) {
   m.impl("bwd", &bwd_cuda);
   m.impl("varlen_fwd", &varlen_fwd_cuda);
   m.impl("varlen_bwd", &varlen_bwd_cuda);
+  m.impl("kvcache_fwd", &kvcache_fwd_cuda);
 }
 #endif
 

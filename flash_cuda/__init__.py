@@ -4,6 +4,8 @@
                          alibi_slopes=None, attn_mask=None, dropout_p=0.0, generator=None,
                          return_lse=False, return_dropout_mask=False, deterministic=False)
     flash_cuda.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
+    flash_cuda.attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None,
+                                      block_table=None, causal=False, ..., num_splits=0)
     flash_cuda.unpad_input(x, attention_mask), flash_cuda.pad_input(x_unpad, indices, B, S)
     flash_cuda.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                             is_causal=False, scale=None, enable_gqa=False)
@@ -11,10 +13,10 @@
         ...
 """
 from . import ops  # noqa: F401  (registers the ops, their fake and autograd functions)
-from .api import (attention, has_cuda_kernels, pad_input, scaled_dot_product_attention, unpad_input,
+from .api import (attention, attention_with_kvcache, has_cuda_kernels, pad_input, scaled_dot_product_attention, unpad_input,
                   varlen_attention)
 from .emulate import emulate
 
-__all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input",
+__all__ = ["attention", "attention_with_kvcache", "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input",
            "has_cuda_kernels", "emulate"]
 __version__ = "0.1.0"

@@ -379,6 +379,129 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return result if len(result) > 1 else out
 
 
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
+                           causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None, num_splits=0,
+                           return_lse=False):
+    """Attention of new queries to a KV cache, appending new keys and values in place (inference).
+
+    q: (B, Hq, Nq, D). The cache, in either layout (any strides with stride(-1) == 1, so
+    FlashAttention's and vLLM's (..., N, Hkv, D) caches are passed as .transpose(-3, -2) views):
+      contiguous: k_cache, v_cache (B, Hkv, capacity, D);
+      paged: k_cache, v_cache (num_pages, Hkv, page_size, D), a pool of pages, and block_table
+        int32 (B, pages per sequence): key n of sequence b is row n % page_size of page
+        block_table[b, n // page_size] (any page size; capacity = pages per sequence x page_size).
+    cache_seqlens: int32 (B,) tensor or an int for all: keys already in each sequence's cache
+        (None: the whole capacity, without k and v). k, v: (B, Hkv, Nnew, D) or None: written into the cache in
+        place at positions cache_seqlens[b] .. + Nnew (through block_table when paged); attention
+        then covers the first cache_seqlens[b] + Nnew keys of sequence b and nothing after them.
+        cache_seqlens itself is not updated (add Nnew for the next step).
+    causal: bottom-right aligned to each sequence's keys (query i of Nq sees keys up to
+        cache_seqlens[b] + Nnew - Nq + i), so prefill chunks and multi-token (speculative)
+        steps work. scale, window, softcap, alibi_slopes: as in attention().
+    num_splits: key splits per query tile (Flash-Decoding): 0 picks them from the shapes and the
+        device (README "KV cache"), 1 disables splitting; results agree up to fp32 rounding.
+    Inference only: no autograd (a RuntimeError if an input requires grad while grad is
+    enabled). fp16/bf16 on CUDA and in flash_cuda.emulate() (a cache head dim that is a multiple
+    of 8); every dtype on CPU.
+
+    Returns out (B, Hq, Nq, D), and with return_lse also lse (B, Hq, Nq). The values of CPU
+    cache_seqlens and block_table are checked; CUDA ones are not (that would synchronise with
+    the GPU): the kernels clamp them, so wrong ones give wrong values, never an illegal access.
+    """
+    fn = "flash_cuda.attention_with_kvcache"
+    _check_tensors(fn, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D, got shape {_shape(x)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{fn}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
+    B, hq, nq, d = q.shape
+    paged = block_table is not None
+    if paged:
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"{fn}: block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"{fn}: block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"{fn}: block_table must be (B, pages per sequence) = ({B}, ...), got "
+                             f"{_shape(block_table)}")
+        if block_table.device != q.device:
+            raise RuntimeError(f"{fn}: block_table must be on the device of q ({q.device}), got {block_table.device}")
+        if k_cache.shape[0] < 1 or k_cache.shape[2] < 1:
+            raise ValueError(f"{fn}: a paged k_cache (num_pages, Hkv, page_size, D) needs at least one page of at "
+                             f"least one key, got {_shape(k_cache)}")
+        capacity = block_table.shape[1] * k_cache.shape[2]
+    else:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"{fn}: k_cache must be (B, Hkv, capacity, D) with the batch size of q ({B}), got "
+                             f"{_shape(k_cache)} (a paged cache needs block_table)")
+        capacity = k_cache.shape[2]
+    hkv = k_cache.shape[1]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"{fn}: k_cache must have the head dim of q ({d}), got {_shape(k_cache)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{fn}: the number of query heads ({hq}) must be a positive multiple of the number of "
+                         f"key/value heads ({hkv})")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head dim D (last dim of q) must be in [1, {MAX_HEAD_DIM}], got {d}")
+    if (k is None) != (v is None):
+        raise ValueError(f"{fn}: k and v (the new keys and values) must be given together or both be None")
+    n_new = 0
+    if k is not None:
+        _check_tensors(fn, ("q", "k", "v"), (q, k, v))
+        for name, x in (("k", k), ("v", v)):
+            if x.dim() != 4 or x.shape[0] != B or x.shape[1] != hkv or x.shape[3] != d:
+                raise ValueError(f"{fn}: {name} must be (B, Hkv, Nnew, D) = ({B}, {hkv}, Nnew, {d}), got "
+                                 f"{_shape(x)}")
+        if v.shape != k.shape:
+            raise ValueError(f"{fn}: v must have the shape of k {_shape(k)}, got {_shape(v)}")
+        n_new = k.shape[2]
+    if cache_seqlens is None:
+        if n_new:
+            raise ValueError(f"{fn}: cache_seqlens is required when k and v are given (where to append them)")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor (B,), an int or None, got "
+                        f"{type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if _shape(cache_seqlens) != (B,):
+        raise ValueError(f"{fn}: cache_seqlens must have shape (B,) = ({B},), got {_shape(cache_seqlens)}")
+    if cache_seqlens.device != q.device:
+        raise RuntimeError(f"{fn}: cache_seqlens must be on the device of q ({q.device}), got {cache_seqlens.device}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"{fn}: num_splits must be an int >= 0 (0: chosen for the device, 1: no split), "
+                         f"got {num_splits!r}")
+    scale, left, right, softcap, slopes = _check_options(fn, q, B, causal, return_lse, False, scale, window, softcap,
+                                                         alibi_slopes)
+    if torch.is_grad_enabled():
+        for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+            if x is not None and x.requires_grad:
+                raise RuntimeError(f"{fn}: {name} requires grad, but attention_with_kvcache is inference only (no "
+                                   "autograd); call it under torch.no_grad() / torch.inference_mode() or pass "
+                                   "detached tensors")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        lengths = cache_seqlens.tolist()
+        for b, n in enumerate(lengths):
+            if not 0 <= n <= capacity - n_new:
+                room = f" with room for the {n_new} new keys" if n_new else ""
+                raise ValueError(f"{fn}: cache_seqlens[{b}] = {n} is out of range: it must be in "
+                                 f"[0, {capacity - n_new}] for a cache of {capacity} keys per sequence{room}")
+        if paged:
+            pages = block_table.tolist()
+            page_size, num_pages = k_cache.shape[2], k_cache.shape[0]
+            for b, n in enumerate(lengths):
+                for i in range((n + n_new + page_size - 1) // page_size):
+                    if not 0 <= pages[b][i] < num_pages:
+                        raise ValueError(f"{fn}: block_table[{b}, {i}] = {pages[b][i]} points outside the pool of "
+                                         f"{num_pages} pages (k_cache.shape[0]) but sequence {b} uses that page")
+    out, lse = torch.ops.flash_cuda.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
+                                                left, right, softcap, slopes, num_splits)
+    return (out, lse) if return_lse else out
+
+
 def unpad_input(x, attention_mask):
     """A padded batch x (B, S, ...) and its (B, S) mask (bool or int, nonzero = a real token) ->
     (x_unpad (total, ...), indices (total,) int64 into the flattened B * S tokens, cu_seqlens

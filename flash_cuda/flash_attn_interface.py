@@ -18,12 +18,13 @@ Every argument is honoured or rejected with an exception naming it:
   materialise probabilities (FlashAttention documents its S_dmask as "for testing only, not
   guaranteed to have the right scaling"); use flash_cuda.attention(return_dropout_mask=True) for
   the boolean mask.
-- block_table (paged KV cache) and flash_attn_with_kvcache raise NotImplementedError: KV-cache
-  attention is not implemented yet.
+- flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
+  split-KV); its rotary_cos/rotary_sin, cache_batch_idx and cache_leftpad raise NotImplementedError.
+  flash_attn_varlen_func's block_table (paged keys for packed sequences) raises NotImplementedError.
 """
 import torch
 
-from .api import _shape, attention, varlen_attention
+from .api import _shape, attention, attention_with_kvcache, varlen_attention
 
 
 def _window(fn, window_size):
@@ -162,10 +163,33 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
-    """Not supported yet: raises NotImplementedError (KV-cache attention with in-place append is
-    future work). For a cache without append, call flash_attn_func on the valid part of the cache."""
-    raise NotImplementedError("flash_attn_with_kvcache: KV-cache attention (in-place append, cache_seqlens, paged "
-                              "caches) is not supported yet by flash_cuda")
+    """q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, seqlen_cache, nheads_k, headdim),
+    or with block_table (batch, max_blocks) int32 a pool (num_blocks, page_block_size, nheads_k,
+    headdim); k, v: (batch, seqlen_new, nheads_k, headdim), written into the cache in place at
+    cache_seqlens (flash_cuda.attention_with_kvcache on (B, H, N, D) views of the same memory).
+    Returns out (batch, seqlen_q, nheads, headdim) and, with return_softmax_lse, lse (batch, nheads,
+    seqlen_q). rotary_cos/rotary_sin (apply the rotary embedding to q and k before the call),
+    cache_batch_idx and cache_leftpad are not supported: NotImplementedError."""
+    fn = "flash_attn_with_kvcache"
+    for name, arg in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
+                      ("cache_leftpad", cache_leftpad)):
+        if arg is not None:
+            hint = " (apply the rotary embedding to q and k before the call)" if name.startswith("rotary") else ""
+            raise NotImplementedError(f"{fn}: {name} is not supported by flash_cuda{hint}")
+    layout = {"q": "(batch, seqlen_q, nheads, headdim)", "k_cache": "(batch or num_blocks, seqlen, nheads_k, headdim)",
+              "v_cache": "(batch or num_blocks, seqlen, nheads_k, headdim)", "k": "(batch, seqlen_new, nheads_k, headdim)",
+              "v": "(batch, seqlen_new, nheads_k, headdim)"}
+    _check_dims(fn, [(n, x) for n, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v))
+                     if x is not None or n in ("q", "k_cache", "v_cache")], 4, layout)
+    if not isinstance(return_softmax_lse, bool):
+        raise TypeError(f"{fn}: return_softmax_lse must be a bool, got {type(return_softmax_lse).__name__}")
+    t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
+    out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
+                                      block_table=block_table, causal=causal, scale=softmax_scale,
+                                      window=_window(fn, window_size), softcap=softcap, alibi_slopes=alibi_slopes,
+                                      num_splits=num_splits, return_lse=True)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_softmax_lse else out
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",

@@ -1,4 +1,4 @@
-"""Fake (shape) and autograd registrations of the flash_cuda ops (attention, varlen, dropout).
+"""Fake (shape) and autograd registrations of the flash_cuda ops (attention, varlen, dropout, KV cache).
 
 The ops themselves are defined in C++ (csrc/ops.cpp, TORCH_LIBRARY); importing
 flash_cuda._C registers them with the dispatcher.
@@ -116,3 +116,11 @@ def _philox_state_fake(like, nk, generator=None):
 @torch.library.register_fake("flash_cuda::dropout_mask")
 def _dropout_mask_fake(rng_state, dropout_p, batch, heads, nq, nk, cu_seqlens_q=None, cu_seqlens_k=None):
     return rng_state.new_empty((batch, heads, nq, nk), dtype=torch.bool)
+
+
+@torch.library.register_fake("flash_cuda::kvcache_fwd")
+def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window_left=-1,
+                      window_right=-1, softcap=0.0, alibi_slopes=None, num_splits=0):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+    return out, lse

@@ -125,5 +125,29 @@ def test_rejected_arguments():
         fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"flash_attn_varlen_func: q must be 3-D"):
         fa.flash_attn_varlen_func(q, k[0], v[0], cu, cu, 8, 8)
-    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache"):
-        fa.flash_attn_with_kvcache(q, k, v)
+    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: rotary_cos"):
+        fa.flash_attn_with_kvcache(q, k, v, rotary_cos=torch.zeros(8, 8), rotary_sin=torch.zeros(8, 8))
+    with pytest.raises(NotImplementedError, match="cache_batch_idx"):
+        fa.flash_attn_with_kvcache(q, k, v, cache_batch_idx=torch.zeros(1, dtype=torch.int32))
+
+
+def test_with_kvcache_bnhd_paged():
+    """flash_attn_with_kvcache on FlashAttention's (B, N, H, D) layouts, a paged pool included:
+    the append lands in the caller's memory and the output matches attention on the valid keys."""
+    g = torch.Generator().manual_seed(3)
+    B, N, H, Hkv, D, ps = 2, 40, 4, 2, 16, 16
+    pool_k, pool_v = (torch.randn(6, ps, Hkv, D, generator=g) for _ in range(2))
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32)
+    q = torch.randn(B, 1, H, D, generator=g)
+    k, v = (torch.randn(B, 1, Hkv, D, generator=g) for _ in range(2))
+    seqlens = torch.tensor([17, 30], dtype=torch.int32)
+    out, lse = fa.flash_attn_with_kvcache(q, pool_k, pool_v, k, v, cache_seqlens=seqlens, block_table=table,
+                                          causal=True, return_softmax_lse=True)
+    assert out.shape == (B, 1, H, D) and lse.shape == (B, H, 1)
+    for b in range(B):
+        n = seqlens[b].item() + 1
+        keys = pool_k[table[b].long()].reshape(-1, Hkv, D)[:n]
+        vals = pool_v[table[b].long()].reshape(-1, Hkv, D)[:n]
+        assert torch.equal(keys[-1], k[b, 0]) and torch.equal(vals[-1], v[b, 0])
+        ref, _ = attention_ref(q[b:b + 1].transpose(1, 2), keys.transpose(0, 1)[None], vals.transpose(0, 1)[None])
+        torch.testing.assert_close(out[b:b + 1].transpose(1, 2), ref.float(), rtol=1e-5, atol=1e-6)

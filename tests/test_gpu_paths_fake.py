@@ -71,6 +71,13 @@ def test_gpu_varlen_test_runs_emulated(feature):
         gpu.test_varlen_wrong_cu_seqlens_stay_in_bounds("cpu")
 
 
+def test_gpu_kvcache_test_runs_emulated():
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_kvcache_vs_reference("cpu", torch.bfloat16, 64, "paged16", capacity=200)
+    kernels = {r["kernel"].split("<")[0] for r in emu.launches}
+    assert {"flash_fwd_kvcache", "flash_fwd_kvcache_combine", "kv_append"} <= kernels
+
+
 def test_gpu_tests_cover_every_instantiation():
     params = lambda f: {m.args[0]: tuple(m.args[1]) for m in f.pytestmark if m.name == "parametrize"}
     fwd, bwd = params(gpu.test_forward_vs_reference_and_sdpa), params(gpu.test_backward_vs_reference_and_sdpa)
@@ -78,14 +85,18 @@ def test_gpu_tests_cover_every_instantiation():
     assert bwd["deterministic"] == (False, True)
     for p in (fwd, bwd):
         assert p["dtype"] == (torch.float16, torch.bfloat16) and p["causal"] == (False, True)
-    generated = {f.split("_")[1] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_hdim" in f}
+    files = [f for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_hdim" in f and "_kvcache_" not in f]
+    generated = {f.split("_")[1] for f in files}
     assert generated == {f"hdim{d}" for d in gpu.HEAD_DIMS}
     variants = params(gpu.test_variants_forward_backward_vs_reference)
     assert set(variants["D"]) == set(gpu.HEAD_DIMS) and set(variants["variant"]) == {"band", "mod"}
     assert variants["deterministic"] == (False, True) and variants["dtype"] == (torch.float16, torch.bfloat16)
-    suffixes = {f[:-3].split("_", 3)[3] if f.count("_") == 3 else "" for f in os.listdir(os.path.join(ROOT, "csrc", "cuda"))
-                if "_hdim" in f}
+    suffixes = {f[:-3].split("_", 3)[3] if f.count("_") == 3 else "" for f in files}
     assert suffixes == {"", "band", "mod"}
+    kvcache_files = {f[:-3] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_kvcache_" in f}
+    kv = params(gpu.test_kvcache_vs_reference)
+    assert kvcache_files == {f"fwd_kvcache_hdim{d}_{t}" for d in gpu.HEAD_DIMS for t in ("fp16", "bf16")}
+    assert set(gpu.HEAD_DIMS) <= set(kv["D"]) and kv["dtype"] == (torch.float16, torch.bfloat16)
     varlen = params(gpu.test_varlen_vs_per_sequence_reference)
     assert set(varlen["D"]) == set(gpu.HEAD_DIMS) and varlen["dtype"] == (torch.float16, torch.bfloat16)
 

@@ -236,3 +236,34 @@ def test_dropout_under_cuda_graph_capture(dev):
         ref, _ = attention_ref(q, k, v, dropout_mask=m, dropout_p=0.3)
         plain, _ = attention_ref(q, k, v, dtype=torch.float16, dropout_mask=m, dropout_p=0.3)
         assert_fa_rule("out", o, plain, ref, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", HEAD_DIMS + (40,))
+@pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged256"])
+def test_kvcache_vs_reference(dev, dtype, D, layout, capacity=700):
+    """attention_with_kvcache: every KV-cache instantiation, decoding (GQA packed, split chosen
+    by the device and forced to 3) and a causal 5-token step with ALiBi (heads apart), the append
+    bitwise (tests/test_kvcache.py's run_case, tensors on `dev`)."""
+    import test_kvcache as kv
+    ps = {"contiguous": None, "paged16": 16, "paged256": 256}[layout]
+    for splits in (0, 3):
+        kv.run_case(dtype, B=3, hq=8, hkv=2, nq=1, n_new=1, D=D, capacity=capacity, page_size=ps,
+                    num_splits=splits, dev=dev)
+    kv.run_case(dtype, B=3, hq=8, hkv=2, nq=5, n_new=5, D=D, capacity=capacity, page_size=ps, causal=True,
+                alibi_slopes=torch.rand(8) * 0.2, dev=dev)
+
+
+def test_kvcache_wrong_lengths_stay_in_bounds(dev):
+    """CUDA cache_seqlens and table entries are not read on the host: lengths past the capacity,
+    negative ones and pages past the pool are clamped in the kernels (run under compute-sanitizer
+    by tools/gpu_sanitize.py for the proof; here: no error, finite outputs)."""
+    if dev != "cuda":
+        pytest.skip("the emulated twin is tests/test_kvcache.py::test_emulated_bad_lengths_stay_in_bounds")
+    kc, vc = (torch.randn(6, 2, 16, 64, device=dev, dtype=torch.float16) for _ in range(2))
+    table = torch.tensor([[0, 1, 2], [3, 1000, -4]], dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(2, h, 1, 64, device=dev, dtype=torch.float16) for h in (4, 2, 2))
+    out = torch.ops.flash_cuda.kvcache_fwd(q, kc, vc, k, v, torch.tensor([-5, 900], dtype=torch.int32, device=dev),
+                                           table, 0.125, True)[0]
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()

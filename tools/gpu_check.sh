@@ -52,6 +52,7 @@ stage test_kernel_gpu 150 python3 -m pytest -q -ra -p no:cacheprovider $XDIST te
 stage tests_cuda 90 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests -k cuda --ignore=tests/test_kernel_gpu.py
 stage memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 20 python3 tools/gpu_sanitize.py
+stage bench_kvcache 45 python3 benchmarks/bench_kvcache.py --device cuda --json "$OUTDIR/bench_kvcache_cuda.json"
 stage bench_dropout 60 python3 benchmarks/bench_dropout.py --device cuda --json "$OUTDIR/bench_dropout_cuda.json"
 stage bench_sdpa 150 python3 benchmarks/bench_sdpa.py --device cuda --preset fa --reps "${BENCH_REPS:-20}" --out "$OUTDIR"
 stage bench_varlen 60 python3 benchmarks/bench_varlen.py --device cuda --json "$OUTDIR/bench_varlen_cuda.json"

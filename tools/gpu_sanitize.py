@@ -8,8 +8,9 @@ cudaMalloc and an access one element past it is reported:
 
 Each case runs the forward, the backward and the deterministic backward of one instantiation
 (head dim, dtype, variant) on tensors whose sizes are not multiples of any tile, with GQA and
-Nq != Nk (dropout included), and packed sequences (varlen), with cu_seqlens that do not match
-the tensors on the GPU. It checks nothing itself beyond the finiteness of the dense cases; the sanitizer does
+Nq != Nk (dropout included), packed sequences (varlen), with cu_seqlens that do not match
+the tensors on the GPU, and KV caches (paged and contiguous, with appends, splits, and lengths and
+block tables that do not match the cache). It checks nothing itself beyond the finiteness of the dense cases; the sanitizer does
 the checking, and tests/test_kernel_gpu.py checks the values.
 """
 import argparse
@@ -63,6 +64,30 @@ def run_varlen(dev, D, dtype, lens_q=(17, 0, 113, 1), lens_k=(20, 5, 0, 9)):
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
 
 
+def run_kvcache(dev, D, dtype):
+    """KV cache: a paged pool (page size 16, pages shuffled) and a contiguous cache, appends, split
+    and unsplit, decoding (GQA packed) and a causal 5-token step; then lengths past the capacity,
+    negative ones and table entries past the pool, which the kernels must clamp (direct op calls:
+    the Python API would reject them)."""
+    g = torch.Generator(device=dev).manual_seed(D)
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=g)  # noqa: E731
+    kp, vp = mk(13, 2, 16, D), mk(13, 2, 16, D)
+    table = torch.randperm(13, device=dev, generator=g)[:12].reshape(3, 4).to(torch.int32)
+    kc, vc = mk(3, 2, 61, D), mk(3, 2, 61, D)
+    for nq, splits in ((1, 0), (1, 3), (5, 1)):
+        q, k, v = mk(3, 4, nq, D), mk(3, 2, nq, D), mk(3, 2, nq, D)
+        seqlens = torch.tensor([0, 17, 61 - nq], dtype=torch.int32, device=dev)
+        flash_cuda.attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=seqlens, block_table=table, causal=True,
+                                          num_splits=splits)
+        flash_cuda.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, causal=True, num_splits=splits)
+    bad_table = table.clone()
+    bad_table[1, 1], bad_table[2, 0] = 1000, -3
+    bad_lengths = torch.tensor([-5, 70, 2 ** 30], dtype=torch.int32, device=dev)
+    q, k, v = mk(3, 4, 1, D), mk(3, 2, 1, D), mk(3, 2, 1, D)
+    torch.ops.flash_cuda.kvcache_fwd(q, kp, vp, k, v, bad_lengths, bad_table, 0.1, True, num_splits=2)
+    torch.ops.flash_cuda.kvcache_fwd(q, kc, vc, k, v, bad_lengths, None, 0.1, False)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="head dims 64 and 128, bf16 only (for racecheck)")
@@ -71,23 +96,22 @@ def main():
     dims = (64, 128) if args.quick else HEAD_DIMS
     dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16)
     dev = "cpu" if args.emulate else "cuda"
+
+    def run(name, fn, *a):
+        t0 = time.time()
+        if args.emulate:
+            with flash_cuda.emulate(check=True):
+                fn(dev, *a)
+        else:
+            fn(dev, *a)
+        print(f"ok D={a[0]} {str(a[1])[6:]} {name} ({time.time() - t0:.1f} s)", flush=True)
+
     for dtype in dtypes:
         for D in dims:
             for variant in VARIANTS:
-                t0 = time.time()
-                if args.emulate:
-                    with flash_cuda.emulate(check=True):
-                        run_case(dev, D, dtype, variant)
-                else:
-                    run_case(dev, D, dtype, variant)
-                print(f"ok D={D} {str(dtype)[6:]} {variant} ({time.time() - t0:.1f} s)", flush=True)
-            t0 = time.time()
-            if args.emulate:
-                with flash_cuda.emulate(check=True):
-                    run_varlen(dev, D, dtype)
-            else:
-                run_varlen(dev, D, dtype)
-            print(f"ok D={D} {str(dtype)[6:]} varlen ({time.time() - t0:.1f} s)", flush=True)
+                run(variant, run_case, D, dtype, variant)
+            run("varlen", run_varlen, D, dtype)
+            run("kvcache", run_kvcache, D, dtype)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,16 @@ inline int fwd_head_dim_bucket(int d) {
 // Launch the backward kernels (deterministic: the dQ pass instead of atomics). p.dq_accum
 // must hold bwd_dq_accum_floats(p) floats unless deterministic. The instantiation is picked
 // from p: the band one when p.mask is banded, the modifier one when p.mod has any modifier.
+// KV cache (kv_cache.h): fwd_kvcache runs the split forward and the merge (p.cache's partials
+// hold p.cache.num_splits splits when more than 1); kv_append writes new keys and values into
+// the cache first; kvcache_num_splits is the split count chosen for p on num_sms SMs.
 #define FC_BACKEND_API                                                                  \
   const char* fwd(const FwdParams& p, bool bf16, void* stream);                         \
   const char* bwd(const BwdParams& p, bool bf16, bool deterministic, void* stream);     \
-  size_t bwd_dq_accum_floats(const BwdParams& p);
+  size_t bwd_dq_accum_floats(const BwdParams& p);                                       \
+  const char* fwd_kvcache(const FwdParams& p, bool bf16, void* stream);                 \
+  const char* kv_append(const KvAppendParams& p, void* stream);                         \
+  int kvcache_num_splits(const FwdParams& p, int num_sms);
 namespace cuda_backend {
 FC_BACKEND_API
 }

@@ -8,6 +8,7 @@
  * instantiations themselves are compiled in their own generated files. */
 #pragma once
 #include "api.h"
+#include "kv_append.h"
 #include "platform.h"
 #include "traits.h"
 
@@ -60,6 +61,8 @@ template <class T, int kHeadDim, bool kBand, bool kMod>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream);
 template <class T, int kHeadDim, bool kBand, bool kMod>
 cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream);
+template <class T, int kHeadDim>
+cudaError_t run_fwd_kvcache(const FwdParams& p, cudaStream_t stream);
 
 inline const char* error_text(cudaError_t e) {
 #if defined(__CUDACC__)
@@ -87,6 +90,24 @@ const char* bwd(const BwdParams& p, bool bf16, bool deterministic, void* stream)
       });
     });
   }));
+}
+
+const char* fwd_kvcache(const FwdParams& p, bool bf16, void* stream) {
+  return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
+    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_fwd_kvcache<T, kHeadDim>(p, static_cast<cudaStream_t>(stream)); });
+  }));
+}
+
+const char* kv_append(const KvAppendParams& p, void* stream) {
+  return error_text(run_kv_append(p, static_cast<cudaStream_t>(stream)));
+}
+
+int kvcache_num_splits(const FwdParams& p, int num_sms) {
+  return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+    using Kt = FwdTraits<__half, kHeadDim, true>;  // the KV-cache instantiation's tiles (either dtype's)
+    const int64_t blocks = int64_t((p.nq + Kt::kBlockM - 1) / Kt::kBlockM) * p.hq * p.b;
+    return choose_num_splits(blocks, (p.nk + Kt::kBlockN - 1) / Kt::kBlockN, num_sms);
+  });
 }
 
 size_t bwd_dq_accum_floats(const BwdParams& p) {  // size of the dQ accumulator the kernels expect

@@ -23,6 +23,7 @@
 
 #include "copy.h"
 #include "dropout.h"
+#include "kv_cache.h"
 #include "params.h"
 #include "seqlen.h"
 #include "softmax.h"
@@ -30,7 +31,7 @@
 
 namespace flash_cuda {
 
-template <class Kt, bool kBand, bool kMod, bool kVarlen>
+template <class Kt, bool kBand, bool kMod, bool kVarlen, bool kCache = false>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams params) {
   using T = typename Kt::T;
   using QLayout = typename Kt::QLayout;
@@ -38,7 +39,11 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kMTiles = Kt::kMTiles;
   constexpr int kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles, kThreads = Kt::kThreads;
 
-  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  static_assert(!kCache || kVarlen, "a KV cache narrows each sequence's key count (seqlen.h)");
+  // kCache: blockIdx.x runs over (query tile, key split) pairs, the splits of a tile adjacent
+  const int num_splits = kCache ? params.cache.num_splits : 1;
+  const int m_block = blockIdx.x / num_splits, split = blockIdx.x % num_splits;
+  const int head = blockIdx.y, batch = blockIdx.z;
   const FwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
   const int m0 = m_block * kBlockM;
   if (kVarlen && m0 >= p.nq) return;  // past a packed sequence's end
@@ -53,7 +58,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   using Bias = typename Kt::Bias;
   static_assert(Kt::kMod == kMod, "traits of this variant");
   const T* gQ = head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p));
-  const T* gK = head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p));
+  const T* gK = head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p));  // (kCache: via load_kv)
   const T* gV = head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p));
   T* gO = head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p));
   float* gLse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
@@ -70,14 +75,27 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     p.mask.unmasked_key_tiles(m0, m_end, kBlockN, p.nk, &b0, &b1);
     u0 = min(max(int(b0), j_begin), j_end), u1 = min(max(int(b1), u0), j_end);
   }
+  if (kCache) {  // this block's split of the key tiles (kv_cache.h)
+    int s0, s1;
+    split_key_tiles((p.nk + kBlockN - 1) / kBlockN, split, num_splits, &s0, &s1);
+    j_begin = max(j_begin, s0), j_end = max(min(j_end, s1), j_begin);
+    u0 = min(max(u0, j_begin), j_end), u1 = min(max(u1, u0), j_end);
+  }
   // kMod: scores are modified in natural units, so the softmax's base-2 scale is log2(e) alone.
   const float softmax_scale = kMod ? 1.4426950408889634f : p.scale_log2;
   const float slope = kMod ? p.mod.slope(batch, head) : 0.0f;
   const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
   const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
+  // Key or value rows [n0, n0 + kBlockN) into a shared tile: a cache's through kv_cache.h.
+  auto load_kv = [&](T* s_tile, const TensorRef& t, const T* g_head, int n0) {
+    if constexpr (kCache)
+      load_cache_tile<KVLayout, kThreads>(s_tile, t, p.cache, batch, kv_head, n0, p.nk, p.d);
+    else
+      load_tile<KVLayout, kThreads>(s_tile, g_head, t.row_stride, n0, p.nk, p.d);
+  };
   // kMod: the bias of key tile j travels with K_j
   auto load_key_tile = [&](int j) {
-    load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride, j * kBlockN, p.nk, p.d);
+    load_kv(sK, p.k, gK, j * kBlockN);
     if (kMod && gBias) Bias::template load<kThreads>(sBias, gBias, p.mod.bias_stride[2], m0, j * kBlockN, p.nq, p.nk);
   };
 
@@ -97,7 +115,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     const int n0 = j * kBlockN;
     cp_async_wait<0>();
     __syncthreads();  // K_j (and Q, the bias) visible to all; every warp is done reading V_{j-1}
-    load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride, n0, p.nk, p.d);
+    load_kv(sV, p.v, gV, n0);
     cp_async_commit();  // V_j lands while S = Q K_j^T computes
 
     float rS[kMTiles][kNTiles][4] = {};  // per m-tile: 16 x kBlockN scores of this warp, fp32
@@ -206,6 +224,27 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     j = next_j;
   }
 
+  if (kCache && num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
+    cp_async_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      float lse[2];
+      softmax[mt].finalize(rO[mt], lse);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + warp_row0 + 16 * mt + lane / 4 + 8 * h;
+        if (row >= p.nq) continue;
+        if (lane % 4 == 0) st_global(partial_lse(p, split, batch, head, row), lse[h]);
+        float* gOp = partial_out_row(p, split, batch, head, row);
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          const int col = 8 * dt + 2 * (lane % 4);
+          if (col < p.d) st_global(reinterpret_cast<float2*>(gOp + col), make_float2(rO[mt][dt][2 * h], rO[mt][dt][2 * h + 1]));
+        }
+      }
+    }
+    return;
+  }
   // Stage this warp's rows of O in its own rows of sQ (only this warp ever read them), then
   // write them out 16 bytes per lane. The barrier covers blocks that ran no key tile, whose Q
   // copies by other threads may still be landing in these rows.

@@ -36,11 +36,37 @@ struct AttnShape {
   const int* cu_seqlens_k;
   int total_q, total_k;
   int q_row0, k_row0;  // this sequence's first query and key rows (seqlen.h); 0 for dense batches
+  // KV cache (attention_with_kvcache), else nullptr: sequence b of a dense batch attends to its
+  // first seqused_k[b] + seqused_k_add keys, clamped to [0, nk] (nk: the cache's capacity).
+  const int* seqused_k;
+  int seqused_k_add;
+};
+
+// The keys and values of a KV-cache launch (kv_cache.h): contiguous, [B][Hkv][capacity][d], or
+// paged, [num_pages][Hkv][page_size][d] with a block table; and the split of the keys.
+struct KvCache {
+  const int* block_table;  // paged: [B][pages per sequence] physical page of each logical page, else nullptr
+  int64_t block_table_stride;  // entries from one sequence's row of the table to the next
+  int page_size, num_pages;    // paged: keys per page, pages in the pool (entries are clamped to it)
+  int num_splits;              // key splits per query tile (1: no split, out and lse written directly)
+  float* o_partial;            // num_splits > 1: [num_splits][B][Hq][Nq][d] fp32, each split's output
+  float* lse_partial;          //   normalised by its own row sum, and [num_splits][B][Hq][Nq] its lse
 };
 
 struct FwdParams : AttnShape {
   TensorRef q, k, v, o;
   float* lse;  // [B, Hq, Nq] (packed: [Hq, total_q]), natural log, softmax scale included
+  KvCache cache;  // read by the KV-cache instantiation only (kCache)
+};
+
+// The append of new keys and values to a cache (kv_append.h).
+struct KvAppendParams {
+  TensorRef k_new, v_new;  // [B][Hkv][n_new][d]
+  TensorRef k_cache, v_cache;
+  KvCache cache;           // the paging (block_table, page_size, num_pages)
+  const int* seqlens;      // [B] keys already in each sequence's cache
+  int b, hkv, n_new, d;    // d: a multiple of 8
+  int capacity;            // keys a sequence's cache holds
 };
 
 // Rows of the padded scratch of one (batch, head): nq rounded up to the 64-row tiles of the

@@ -10,6 +10,9 @@
  * the longest sequence (max_seqlen, not trusted either); blocks past their sequence's end exit
  * at once (their rows do not exist). Causal and windows are bottom-right aligned per sequence.
  *
+ * A KV-cache launch (seqused_k, kv_cache.h) narrows the key count alone: sequence b attends to
+ * the first seqused_k[b] + seqused_k_add keys of its cache, clamped to the capacity.
+ *
  * Only scalars change (lengths, diagonal offset, first rows): the pointers stay the params'
  * own and the first rows enter the addresses where they are formed (head_ptr,
  * packed_scratch_row).
@@ -38,6 +41,12 @@ FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params,
     return params;
   } else {
     P p = params;
+    if (p.seqused_k != nullptr) {  // a KV cache: dense queries, this sequence's valid keys
+      const int64_t used = int64_t(ld_global(&p.seqused_k[batch])) + p.seqused_k_add;
+      p.nk = int(used < 0 ? 0 : (used > p.nk ? p.nk : used));
+      p.mask.offset = p.nk - p.nq;  // bottom-right, per sequence
+      return p;
+    }
     if (p.cu_seqlens_q == nullptr) return p;
     const int q_begin = clamp_index(ld_global(&p.cu_seqlens_q[batch]), 0, p.total_q);
     const int q_end = clamp_index(ld_global(&p.cu_seqlens_q[batch + 1]), q_begin, p.total_q);

@@ -1,0 +1,134 @@
+"""Decoding with a KV cache: flash_cuda.attention_with_kvcache against torch SDPA, side by side in
+one process.
+
+Each point is one decoding step: B sequences, one new query token each (Nq = 1), 32 query heads
+over 8 kv heads (GQA), head dim 128, every sequence's cache holding Nk keys, contiguous
+(B, Hkv, Nk, D). Implementations, on the same tensors:
+
+    flash_cuda   attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=Nk): split-KV with the
+                 query heads of a kv group packed into one tile (num_splits chosen for the device)
+    sdpa         torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache,
+                 enable_gqa=True): whichever backend torch picks for it
+
+Reported: median time of interleaved calls after a warm-up (bench_sdpa.py's timing), tokens per
+second (B / time), and the bandwidth achieved on the cache, 2 B Hkv Nk D bytes per step (the
+bytes decoding must read), against the machine's: on a GPU its peak from the device properties
+(memory clock x bus width x 2), on the CPU a plain streaming read (sum of a tensor of the same
+size) measured in the same run. The max |out - ref| against a float64 reference on sequence 0.
+Points whose inputs do not fit the memory budget are skipped and listed. The machine (CPU model
+and ISA flags, or GPU) is printed first and stored in the JSON.
+
+    python benchmarks/bench_kvcache.py [--device cpu|cuda] [--json PATH] [--quick]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_masks as bm  # noqa: E402
+import bench_sdpa as bs  # noqa: E402
+
+import flash_cuda  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+
+
+def points(device, quick):
+    if quick:
+        return [(torch.float32, 1, 1024), (torch.bfloat16, 2, 1024)]
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.bfloat16, torch.float32]
+    return [(dt, b, n) for dt in dtypes for b in (1, 8, 64) for n in (1024, 8192, 32768)]
+
+
+def budget_bytes(device):
+    """Inputs a point may allocate: both caches once (SDPA's GQA may expand them on the fly)."""
+    return bs.total_memory(device) // 8
+
+
+class Call:
+    """A no-grad call in bench_sdpa's Step interface (time_call resets around it)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def reset(self):
+        pass
+
+    def __call__(self):
+        with torch.inference_mode():
+            return self.fn()
+
+
+def median_time(calls, device, reps):
+    for c in calls.values():  # warm-up
+        bs.time_call(c, device)
+    times = {n: [] for n in calls}
+    for _ in range(reps):
+        for n, c in calls.items():
+            times[n].append(bs.time_call(c, device))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def peak_bandwidth(device, nbytes):
+    """Bytes per second the machine reads: the GPU's peak, or a streaming read measured here."""
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        clock_khz = getattr(p, "memory_clock_rate", 0)
+        bus_bits = getattr(p, "memory_bus_width", 0)
+        if clock_khz and bus_bits:
+            return 2 * clock_khz * 1e3 * bus_bits / 8, "peak (memory clock x bus width x 2)"
+    x = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
+    t = median_time({"read": Call(lambda: x.sum())}, device, reps=5)["read"]
+    return x.numel() * 4 / t, "streaming read (sum) of the same bytes, measured here"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="two small points (CI smoke run)")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
+    meta = bm.machine(device)
+    print("machine:", json.dumps(meta), flush=True)
+    results, skipped = [], []
+    for dtype, B, N in points(device, args.quick):
+        cache_bytes = 2 * B * HKV * N * D * torch.finfo(dtype).bits // 8
+        if cache_bytes > budget_bytes(device):
+            skipped.append(dict(B=B, Nk=N, dtype=str(dtype).split(".")[-1], cache_gib=cache_bytes / 2 ** 30))
+            continue
+        q = torch.randn(B, HQ, 1, D, device=device, dtype=dtype)
+        kc, vc = (torch.randn(B, HKV, N, D, device=device, dtype=dtype) for _ in range(2))
+        calls = {"flash_cuda": Call(lambda: flash_cuda.attention_with_kvcache(q, kc, vc, cache_seqlens=N)),
+                 "sdpa": Call(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True))}
+        out = calls["flash_cuda"]()
+        ref = F.scaled_dot_product_attention(q[:1].double(), kc[:1].double(), vc[:1].double(), enable_gqa=True)
+        err = (out[:1].double() - ref).abs().max().item()
+        reps = 5 if args.quick else (10 if device == "cpu" else 50)
+        t = median_time(calls, device, reps)
+        peak, how = peak_bandwidth(device, cache_bytes)
+        r = {"dtype": str(dtype).split(".")[-1], "B": B, "Hq": HQ, "Hkv": HKV, "Nk": N, "D": D,
+             "ours_ms": t["flash_cuda"] * 1e3, "sdpa_ms": t["sdpa"] * 1e3,
+             "speed_ratio_sdpa_over_ours": t["sdpa"] / t["flash_cuda"],
+             "ours_tokens_per_s": B / t["flash_cuda"], "sdpa_tokens_per_s": B / t["sdpa"],
+             "ours_gbps": cache_bytes / t["flash_cuda"] / 1e9, "sdpa_gbps": cache_bytes / t["sdpa"] / 1e9,
+             "machine_gbps": peak / 1e9, "machine_bandwidth": how, "max_err": err}
+        results.append(r)
+        print(f"{r['dtype']:8s} B={B:<3d} Nk={N:<6d} ours {r['ours_ms']:8.3f} ms  sdpa {r['sdpa_ms']:8.3f} ms  "
+              f"ratio {r['speed_ratio_sdpa_over_ours']:5.2f}x  tokens/s ours {r['ours_tokens_per_s']:9.0f} "
+              f"sdpa {r['sdpa_tokens_per_s']:9.0f}  GB/s ours {r['ours_gbps']:7.1f} sdpa {r['sdpa_gbps']:7.1f} "
+              f"machine {r['machine_gbps']:7.1f}  err {err:.1e}", flush=True)
+    for s in skipped:
+        print(f"skipped (cache of {s['cache_gib']:.1f} GiB over the memory budget): {s}", flush=True)
+    meta["skipped"] = skipped
+    bm.save_json(args.json, meta, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+// CPU backend of KV-cache attention: the semantics of the CUDA kernels (csrc/kernels/kv_cache.h)
+// with the CPU backend's tiles (attention_cpu.cpp).
+//
+// Work items are (batch, kv head, key split). An item takes the queries of every query head of
+// its kv group at once, (heads in group x Nq) rows, so each key and value tile is read (and,
+// for fp16/bf16, converted) once for the group: decoding is bound by the bytes of the cache.
+// The band and the modifiers are applied per head's rows (modify_tile). Each item keeps its own
+// online softmax and writes its rows normalised by its own sum with their lse; the splits are
+// then merged in a fixed order (lse = log sum exp lse_s, out = sum exp(lse_s - lse) out_s).
+// The split count depends on the shapes alone, so results do not depend on the thread count.
+#include "kvcache_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+
+#include "tiles.h"
+
+namespace flash_cuda::cpu {
+namespace {
+
+constexpr int64_t kBc = 512;            // keys per tile (attention_cpu.cpp's forward tile)
+constexpr int64_t kTargetItems = 32;    // items a launch aims for when it picks the splits
+constexpr int64_t kMinSplitKeys = 1024; // keys per split at least
+
+// Rows [r0, r1) of sequence b's cache (kv head h) as an acc_t (rows, D) tile: a view of a
+// contiguous cache already in acc_t, else gathered (page by page) and converted into buf.
+at::Tensor gather_rows(const at::Tensor& cache, const int32_t* table, int64_t table_stride, int64_t b, int64_t h,
+                       int64_t r0, int64_t r1, const at::Tensor& buf) {
+  if (table == nullptr) return load_rows(cache[b][h], r0, r1, buf);
+  const int64_t page_size = cache.size(2);
+  for (int64_t r = r0; r < r1;) {
+    const int64_t page = table[b * table_stride + r / page_size], off = r % page_size;
+    const int64_t n = std::min(r1 - r, page_size - off);
+    buf.slice(0, r - r0, r - r0 + n).copy_(cache[page][h].slice(0, off, off + n));
+    r += n;
+  }
+  return buf.slice(0, 0, r1 - r0);
+}
+
+template <typename acc_t>
+void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const std::vector<int64_t>& n_keys, const std::optional<at::Tensor>& block_table,
+                  const AttnOptions& opt, int64_t splits, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
+  const int64_t group = Hq / Hkv, rows = group * Nq;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor table = block_table ? block_table->contiguous() : at::Tensor();
+  const int32_t* table_ptr = block_table ? table.data_ptr<int32_t>() : nullptr;
+  const int64_t table_stride = block_table ? table.stride(0) : 0;
+  const Mods<acc_t> mods(opt, Hq);
+  // Each split's rows (normalised by its own sum) and lse; with one split, out and lse themselves.
+  at::Tensor o_part = splits > 1 ? at::empty({splits, B, Hq, Nq, D}, acc_opts) : at::Tensor();
+  at::Tensor lse_part = splits > 1 ? at::empty({splits, B, Hq, Nq}, acc_opts) : at::Tensor();
+
+  struct Scratch {
+    at::Tensor sQ, sK, sV, sS, sO;  // (rows, D), (Bc, D), (Bc, D), (rows, Bc), (rows, D)
+    std::vector<acc_t> m, l;        // running row max and row sum, (rows)
+  };
+  auto make_scratch = [&] {
+    return Scratch{at::empty({rows, D}, acc_opts), at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts),
+                   at::empty({rows, kBc}, acc_opts), at::empty({rows, D}, acc_opts), std::vector<acc_t>(rows),
+                   std::vector<acc_t>(rows)};
+  };
+  parallel_items(B * Hkv * splits, make_scratch, [&](int64_t item, Scratch& t) {
+    const int64_t split = item % splits, bh = item / splits, b = bh / Hkv, hkv = bh % Hkv;
+    const int64_t nk = n_keys[b];
+    const BandMask band = opt.band(Nq, nk);
+    // this split's keys: its share of the key tiles, within the band of the queries
+    const int64_t tiles = ceil_div(nk, kBc), per = ceil_div(tiles, splits);
+    const int64_t k_begin = std::max(std::min(split * per, tiles) * kBc, band.key_begin(0, nk));
+    const int64_t k_end = std::min(std::min((split + 1) * per, tiles) * kBc, band.key_end(Nq, nk));
+
+    at::Tensor rQ = t.sQ;  // the group's queries, rows (head in group, query), scale folded in
+    rQ.view({group, Nq, D}).copy_(q[b].slice(0, hkv * group, (hkv + 1) * group));
+    rQ.mul_(opt.scale);
+    at::Tensor rO = t.sO;
+    rO.zero_();
+    std::fill(t.m.begin(), t.m.end(), kNegInf);
+    std::fill(t.l.begin(), t.l.end(), acc_t(0));
+    acc_t* o = rO.data_ptr<acc_t>();
+    for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
+      const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
+      const at::Tensor rK = gather_rows(k_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sK);
+      const at::Tensor rV = gather_rows(v_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sV);
+      at::Tensor rS = t.sS.slice(1, 0, bc);  // (rows, bc)
+      at::mm_out(rS, rQ, rK.t());
+      acc_t* s = rS.data_ptr<acc_t>();
+      const int64_t ld_s = rS.stride(0);
+      const bool band_mask = band.tile_needs_mask(0, Nq, j0, j1);
+      if (band_mask || mods.any)
+        for (int64_t g = 0; g < group; ++g)
+          modify_tile<acc_t>(s + g * Nq * ld_s, nullptr, ld_s, Nq, bc, 0, j0, b, hkv * group + g, band, band_mask, mods);
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t m_new = std::max(t.m[r], row_max(s + r * ld_s, bc));
+        const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // a row with no visible key yet
+        const acc_t row_sum = exp_sub_sum(s + r * ld_s, bc, m_use);
+        const acc_t alpha = std::exp(t.m[r] - m_use);
+        if (alpha != acc_t(1)) scale_row(o + r * D, D, alpha);
+        t.l[r] = t.l[r] * alpha + row_sum;
+        t.m[r] = m_new;
+      }
+      rO.addmm_(rS, rV);  // O += P V
+    }
+    at::Tensor dst_o = splits > 1 ? o_part[split][b] : out[b];  // (Hq, Nq, D)
+    acc_t* dst_lse = (splits > 1 ? lse_part[split][b] : lse[b]).data_ptr<acc_t>();  // (Hq, Nq), contiguous
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool empty = t.l[r] == acc_t(0);  // no visible key: out 0, lse -inf
+      scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / t.l[r]);
+      const acc_t row_lse = empty ? kNegInf : t.m[r] + std::log(t.l[r]);
+      const int64_t h = hkv * group + r / Nq, i = r % Nq;
+      dst_lse[h * Nq + i] = row_lse;
+    }
+    dst_o.slice(0, hkv * group, (hkv + 1) * group).copy_(rO.view({group, Nq, D}));
+  });
+  if (splits == 1) return;
+  // The merge, in split order.
+  const at::Tensor m = std::get<0>(lse_part.max(0));                         // (B, Hq, Nq)
+  const at::Tensor m_use = at::where(at::isinf(m), at::zeros_like(m), m);    // all splits empty: -inf
+  const at::Tensor w = (lse_part - m_use).exp();                             // (S, B, Hq, Nq)
+  const at::Tensor sum = w.sum(0);
+  lse.copy_(at::where(sum > 0, m_use + sum.log(), at::full_like(m, kNegInf)));
+  const at::Tensor wn = w / at::where(sum > 0, sum, at::ones_like(sum));
+  out.copy_((o_part * wn.unsqueeze(-1)).sum(0));
+}
+
+}  // namespace
+
+void kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
+               const std::vector<int64_t>& seqlens, const std::optional<at::Tensor>& block_table) {
+  const int64_t n_new = k_new.size(2);
+  const at::Tensor table = block_table ? block_table->contiguous() : at::Tensor();
+  for (int64_t b = 0; b < k_new.size(0); ++b) {
+    const int64_t s = seqlens[b];
+    if (!block_table) {
+      k_cache[b].slice(1, s, s + n_new).copy_(k_new[b]);
+      v_cache[b].slice(1, s, s + n_new).copy_(v_new[b]);
+      continue;
+    }
+    const int64_t page_size = k_cache.size(2);
+    const int32_t* row = table.data_ptr<int32_t>() + b * table.stride(0);
+    for (int64_t n = 0; n < n_new;) {  // runs of positions within one page
+      const int64_t pos = s + n, page = row[pos / page_size], off = pos % page_size;
+      const int64_t len = std::min(n_new - n, page_size - off);
+      k_cache[page].slice(1, off, off + len).copy_(k_new[b].slice(1, n, n + len));
+      v_cache[page].slice(1, off, off + len).copy_(v_new[b].slice(1, n, n + len));
+      n += len;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const std::vector<int64_t>& n_keys,
+                                               const std::optional<at::Tensor>& block_table, const AttnOptions& opt,
+                                               int64_t num_splits) {
+  const auto acc = at::toOpMathType(q.scalar_type());
+  const int64_t B = q.size(0), Hkv = k_cache.size(1);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, q.size(1), q.size(2)}, q.options().dtype(acc));
+  if (out.numel() == 0) return {out, lse};
+  if (num_splits == 0) {  // enough items for the machines we know, each split at least kMinSplitKeys keys
+    const int64_t longest = n_keys.empty() ? 0 : *std::max_element(n_keys.begin(), n_keys.end());
+    num_splits = std::max<int64_t>(1, std::min(ceil_div(kTargetItems, B * Hkv), longest / kMinSplitKeys));
+  }
+  AT_DISPATCH_SWITCH(acc, "kvcache_fwd",
+                     AT_DISPATCH_CASE(at::kFloat, [&] {
+                       kvcache_impl<float>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, out, lse);
+                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
+                       kvcache_impl<double>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, out, lse);
+                     }));
+  return {out, lse};
+}
+
+}  // namespace flash_cuda::cpu

@@ -1,0 +1,64 @@
+/* The merge of split-KV partial results (kv_cache.h): for each query row,
+ *   lse = log sum_s exp(lse_s),   O = sum_s exp(lse_s - lse) O_s,
+ * O_s each split's output normalised by its own softmax sum. Splits without keys have
+ * lse_s = -inf and weigh nothing; a row no split saw gets O = 0 and lse = -inf, as the
+ * unsplit kernel gives it. One warp per row: the lanes share the splits' lse (a max and a sum
+ * over the splits, strided by 32, then across the warp) and own column pairs of O.
+ */
+#pragma once
+#include "params.h"
+#include "ptx.h"
+
+namespace flash_cuda {
+
+constexpr int kCombineWarps = 4;  // rows per block
+
+FC_DEVICE float warp_max(float v) {
+#pragma unroll
+  for (int m = 16; m >= 1; m /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+FC_DEVICE float warp_sum(float v) {
+#pragma unroll
+  for (int m = 16; m >= 1; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+// Grid: ceil(B Hq Nq / kCombineWarps) blocks of 32 kCombineWarps threads; p's o and lse are the
+// final outputs, p.cache the partials.
+template <class T>
+__global__ void __launch_bounds__(32 * kCombineWarps) splitkv_combine_kernel(const FwdParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row_id = int64_t(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  if (row_id >= int64_t(p.b) * p.hq * p.nq) return;  // whole warps exit together
+  const int row = int(row_id % p.nq), head = int(row_id / p.nq % p.hq), batch = int(row_id / (int64_t(p.nq) * p.hq));
+  const int splits = p.cache.num_splits;
+  const int64_t split_stride = int64_t(p.b) * p.hq * p.nq;  // between one split's partials and the next's
+  const float* gLse = p.cache.lse_partial + row_id;
+  const float* gOp = p.cache.o_partial + row_id * p.d;
+
+  float m = -INFINITY;
+  for (int s = lane; s < splits; s += 32) m = fmaxf(m, ld_global(gLse + s * split_stride));
+  m = warp_max(m);
+  float sum = 0.0f;
+  if (m != -INFINITY)
+    for (int s = lane; s < splits; s += 32) sum += __expf(ld_global(gLse + s * split_stride) - m);
+  sum = warp_sum(sum);
+  const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
+  if (lane == 0) st_global(&p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + row], lse);
+
+  T* gO = head_ptr<T>(p.o, batch, head, row);
+  for (int col = 2 * lane; col < p.d; col += 64) {  // d is a multiple of 8
+    float2 acc = make_float2(0.0f, 0.0f);
+    if (lse != -INFINITY)
+      for (int s = 0; s < splits; ++s) {
+        const float w = __expf(ld_global(gLse + s * split_stride) - lse);  // 0 for an empty split
+        const float2 o = ld_global(reinterpret_cast<const float2*>(gOp + s * split_stride * p.d + col));
+        acc.x = fmaf(w, o.x, acc.x);
+        acc.y = fmaf(w, o.y, acc.y);
+      }
+    st_global(reinterpret_cast<uint32_t*>(gO + col), pack2<T>(acc.x, acc.y));
+  }
+}
+
+}  // namespace flash_cuda

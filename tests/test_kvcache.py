@@ -1,0 +1,424 @@
+"""KV-cache attention (flash_cuda.attention_with_kvcache): against a float64 reference over the
+valid part of the cache (sequences with cache_seqlens 0, partial and full; Nq in {1, 4, 17} with
+Nnew in {0, 1, 4}; GQA and MQA; causal, window, softcap, ALiBi; contiguous and paged caches with
+page sizes 16 and 256 and shuffled pages; num_splits 0, 1, 3, 16), the in-place append (exactly
+the new positions written, the rest of the cache bitwise untouched), a generation loop against
+full causal attention, bad input; then the same through the CUDA kernels in the emulator (race
+checker on), the split grid the heuristic launches and the cache bytes the kernels read."""
+import random
+
+import pytest
+import torch
+
+import flash_cuda
+from conftest import load_benchmark
+from reference import assert_close_fp, assert_fa_rule, attention_ref
+
+FN = flash_cuda.attention_with_kvcache
+
+
+def make_cache(dtype, B, hkv, capacity, D, page_size=None, seed=0, bnhd=False):
+    """(k_cache, v_cache, block_table or None). Paged: a pool with 3 spare pages, each sequence's
+    pages a shuffled selection of it. bnhd: FlashAttention's (B, N, H, D) memory, transposed."""
+    g = torch.Generator().manual_seed(seed)
+    if page_size is None:
+        shape = (B, capacity, hkv, D) if bnhd else (B, hkv, capacity, D)
+        kc, vc = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+        return (kc.transpose(1, 2), vc.transpose(1, 2), None) if bnhd else (kc, vc, None)
+    pages = -(-capacity // page_size)
+    num_pages = B * pages + 3
+    shape = (num_pages, page_size, hkv, D) if bnhd else (num_pages, hkv, page_size, D)
+    kc, vc = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+    if bnhd:
+        kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
+    perm = torch.randperm(num_pages, generator=g)[:B * pages]
+    return kc, vc, perm.reshape(B, pages).to(torch.int32)
+
+
+def logical(cache, table, capacity):
+    """The cache as (B, Hkv, capacity, D), pages gathered through the table."""
+    if table is None:
+        return cache
+    pages = cache[table.long()]  # (B, pages, Hkv, page_size, D)
+    B, P, H, S, D = pages.shape
+    return pages.permute(0, 2, 1, 3, 4).reshape(B, H, P * S, D)[:, :, :capacity]
+
+
+def expected_pool(cache, table, new, seqlens):
+    """The cache after writing new (B, Hkv, Nnew, D) at positions seqlens[b].., written here
+    element by element through the table."""
+    out = cache.clone()
+    if new is None:
+        return out
+    for b in range(new.shape[0]):
+        for n in range(new.shape[2]):
+            pos = seqlens[b] + n
+            if table is None:
+                out[b, :, pos] = new[b, :, n]
+            else:
+                ps = cache.shape[2]
+                out[table[b, pos // ps].item(), :, pos % ps] = new[b, :, n]
+    return out
+
+
+def reference(q, k_log, v_log, k_new, v_new, seqlens, dtype, **kw):
+    """Per sequence: attention_ref of q[b] to the cache's first seqlens[b] keys and the new ones."""
+    outs, lses = [], []
+    slopes = kw.pop("alibi_slopes", None)
+    for b in range(q.shape[0]):
+        kb, vb = k_log[b:b + 1, :, :seqlens[b]], v_log[b:b + 1, :, :seqlens[b]]
+        if k_new is not None:
+            kb, vb = torch.cat([kb, k_new[b:b + 1]], 2), torch.cat([vb, v_new[b:b + 1]], 2)
+        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b])
+        o, l = attention_ref(q[b:b + 1], kb, vb, dtype=dtype, alibi_slopes=sl, **kw)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def run_case(dtype, B=3, hq=4, hkv=2, nq=1, n_new=0, D=32, capacity=300, page_size=None, seqlens=None,
+             num_splits=0, seed=0, bnhd=False, check_append=True, dev="cpu", **kw):
+    """One call against the reference (fp32/fp64 tight, fp16/bf16 by FlashAttention's rule) and,
+    with new keys, the append checked bitwise; the call's tensors on `dev`, made and checked on
+    the CPU. Returns (out, lse) on the CPU."""
+    g = torch.Generator().manual_seed(seed + 100)
+    kc, vc, table = make_cache(dtype, B, hkv, capacity, D, page_size, seed, bnhd)
+    if seqlens is None:  # empty, partial and full (room left for the new keys)
+        seqlens = [0, min(37, capacity - n_new), capacity - n_new][:B]
+    q = torch.randn(B, hq, nq, D, generator=g).to(dtype)
+    k_new = torch.randn(B, hkv, n_new, D, generator=g).to(dtype) if n_new else None
+    v_new = torch.randn(B, hkv, n_new, D, generator=g).to(dtype) if n_new else None
+    k_log, v_log = logical(kc, table, capacity).clone(), logical(vc, table, capacity).clone()
+    want_k, want_v = expected_pool(kc, table, k_new, seqlens), expected_pool(vc, table, v_new, seqlens)
+    to = lambda x: None if x is None else x.to(dev)  # noqa: E731
+    dkc, dvc = to(kc), to(vc)
+    dkw = {k_: to(v_) if isinstance(v_, torch.Tensor) else v_ for k_, v_ in kw.items()}
+    out, lse = FN(to(q), dkc, dvc, to(k_new), to(v_new), cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=dev),
+                  block_table=to(table), num_splits=num_splits, return_lse=True, **dkw)
+    out, lse, kc, vc = out.cpu(), lse.cpu(), dkc.cpu(), dvc.cpu()
+    if check_append:
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v), "the append wrote outside the new positions"
+    ref_kw = {k: v for k, v in kw.items()}
+    ref_o, ref_l = reference(q, k_log, v_log, k_new, v_new, seqlens, torch.float64, **dict(ref_kw))
+    if dtype in (torch.float32, torch.float64):
+        assert_close_fp("out", out, ref_o)
+        assert_close_fp("lse", lse.masked_fill(torch.isinf(lse), 0), ref_l.masked_fill(torch.isinf(ref_l), 0))
+    else:
+        plain_o, _ = reference(q, k_log, v_log, k_new, v_new, seqlens, dtype, **dict(ref_kw))
+        assert_fa_rule("out", out, plain_o, ref_o, 2)
+        assert max((lse - ref_l).masked_fill(torch.isinf(ref_l), 0).abs().max().item(), 0) < 1e-3
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_l)), "rows without keys: lse -inf"
+    return out, lse
+
+
+LAYOUTS = {"contiguous": None, "paged16": 16, "paged256": 256}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("nq,n_new", [(1, 0), (1, 1), (4, 4), (17, 1), (17, 0), (4, 1), (1, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_grid(layout, nq, n_new, causal):
+    for hkv in (2, 1):  # GQA and MQA
+        run_case(torch.float32, hkv=hkv, nq=nq, n_new=n_new, page_size=LAYOUTS[layout], causal=causal,
+                 seed=hkv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_dtypes(dtype, layout):
+    run_case(dtype, nq=4, n_new=4, page_size=LAYOUTS[layout], causal=True)
+
+
+FEATURES = {"window": dict(causal=True, window=(20, -1)), "softcap": dict(softcap=3.0),
+            "alibi": dict(causal=True, alibi="batch"), "scale": dict(scale=0.3)}
+
+
+def resolve(feats, B, hq, seed=1):
+    kw = dict(feats)
+    if kw.pop("alibi", None):
+        kw["alibi_slopes"] = torch.rand(B, hq, generator=torch.Generator().manual_seed(seed)) * 0.3
+    return kw
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+def test_cpu_features(feature, layout):
+    run_case(torch.float32, nq=4, n_new=1, page_size=LAYOUTS[layout], **resolve(FEATURES[feature], 3, 4))
+
+
+def test_split_counts_agree():
+    """num_splits 0, 1, 3, 16 give the same result up to fp32 rounding of the merge."""
+    outs = [run_case(torch.float32, nq=4, n_new=1, capacity=3000, page_size=16, num_splits=s, causal=True)
+            for s in (0, 1, 3, 16)]
+    for o, l in outs[1:]:
+        torch.testing.assert_close(o, outs[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(l, outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_layouts_bnhd_views():
+    """FlashAttention's (B, N, H, D) and vLLM's (pages, page_size, H, D) caches as transposed views."""
+    run_case(torch.float32, nq=1, n_new=1, bnhd=True)
+    run_case(torch.bfloat16, nq=1, n_new=4, page_size=16, bnhd=True)
+
+
+def test_int_and_default_seqlens():
+    kc, vc, _ = make_cache(torch.float32, 2, 2, 50, 16)
+    q = torch.randn(2, 4, 1, 16)
+    full = FN(q, kc, vc)  # None: the whole cache
+    ref, _ = attention_ref(q, kc, vc)
+    assert_close_fp("full cache", full, ref)
+    part = FN(q, kc, vc, cache_seqlens=20)
+    ref, _ = attention_ref(q, kc[:, :, :20], vc[:, :, :20])
+    assert_close_fp("int cache_seqlens", part, ref)
+
+
+def test_thread_count_does_not_change_bits():
+    args = dict(nq=4, n_new=0, capacity=5000, page_size=16, causal=True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        o1, l1 = run_case(torch.bfloat16, **args)
+        torch.set_num_threads(max(2, before))
+        o2, l2 = run_case(torch.bfloat16, **args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+def generation_loop(dtype, steps, D=32, hq=4, hkv=2, prompt=11, page_size=None, atol=None):
+    """Prefill with attention(), then `steps` decode steps with attention_with_kvcache, each
+    step's query, key and value computed from the previous step's output (a real loop), against
+    recomputing full causal attention over the whole sequence at every step."""
+    g = torch.Generator().manual_seed(7)
+    B, capacity = 2, prompt + steps + 5
+    wq, wk, wv = (torch.randn(hq * D, hq * D, generator=g) / (hq * D) ** 0.5 for _ in range(3))
+    kc, vc, table = make_cache(dtype, B, hkv, capacity, D, page_size)
+    kc.zero_(), vc.zero_()
+    x = torch.randn(B, hq, prompt, D, generator=g).to(dtype)
+    proj = lambda w, x, h: (x.transpose(1, 2).reshape(B, -1, hq * D).float() @ w)[..., :h * D].reshape(  # noqa: E731
+        B, -1, h, D).transpose(1, 2).to(dtype)
+    q, k, v = proj(wq, x, hq), proj(wk, x, hkv), proj(wv, x, hkv)
+    out = flash_cuda.attention(q, k, v, causal=True)
+    seqlens = torch.zeros(B, dtype=torch.int32)
+    FN(q[:, :, :0], kc, vc, k, v, cache_seqlens=seqlens, block_table=table)  # the prompt into the cache
+    seqlens += prompt
+    all_q, all_k, all_v = q, k, v
+    x = out[:, :, -1:]
+    for _ in range(steps):
+        q, k, v = proj(wq, x, hq), proj(wk, x, hkv), proj(wv, x, hkv)
+        out = FN(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, causal=True)
+        seqlens += 1
+        all_q, all_k, all_v = (torch.cat([a, b], 2) for a, b in ((all_q, q), (all_k, k), (all_v, v)))
+        full = flash_cuda.attention(all_q, all_k, all_v, causal=True)[:, :, -1:]
+        torch.testing.assert_close(out, full, rtol=0, atol=atol)
+        x = out
+    assert torch.equal(logical(kc, table, capacity)[:, :, :prompt + steps], all_k)
+
+
+def test_generation_loop_cpu():
+    generation_loop(torch.float32, 32, atol=2e-6)
+    generation_loop(torch.float32, 32, page_size=16, atol=2e-6)
+
+
+# ---- bad input ----
+
+def bad_call(**over):
+    kc, vc, table = make_cache(torch.float32, 2, 2, 64, 16, page_size=16)
+    args = dict(q=torch.randn(2, 4, 1, 16), k_cache=kc, v_cache=vc, k=torch.randn(2, 2, 1, 16),
+                v=torch.randn(2, 2, 1, 16), cache_seqlens=torch.tensor([3, 10], dtype=torch.int32),
+                block_table=table)
+    args.update(over)
+    q, kc, vc = args.pop("q"), args.pop("k_cache"), args.pop("v_cache")
+    return FN(q, kc, vc, args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32)), ValueError, r"cache_seqlens\[0\] = -1"),
+    (dict(cache_seqlens=torch.tensor([3, 65], dtype=torch.int32)), ValueError, r"cache_seqlens\[1\] = 65"),
+    (dict(cache_seqlens=torch.tensor([3, 64], dtype=torch.int32)), ValueError, r"room for the 1 new keys"),
+    (dict(cache_seqlens=torch.tensor([3, 4])), TypeError, "cache_seqlens must be int32"),
+    (dict(cache_seqlens=torch.tensor([3], dtype=torch.int32)), ValueError, r"cache_seqlens must have shape \(B,\)"),
+    (dict(cache_seqlens=3.0), TypeError, "cache_seqlens must be an int32 tensor"),
+    (dict(block_table=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 99]], dtype=torch.int32),
+          cache_seqlens=torch.tensor([3, 60], dtype=torch.int32)), ValueError, r"block_table\[1, 3\] = 99"),
+    (dict(block_table=torch.tensor([[0, -1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32),
+          cache_seqlens=torch.tensor([20, 3], dtype=torch.int32)), ValueError, r"block_table\[0, 1\] = -1"),
+    (dict(block_table=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "block_table must be int32"),
+    (dict(block_table=torch.zeros(3, 4, dtype=torch.int32)), ValueError, r"block_table must be \(B, pages"),
+    (dict(k=torch.randn(2, 2, 1, 8), v=torch.randn(2, 2, 1, 8)), ValueError, r"k must be \(B, Hkv, Nnew, D\)"),
+    (dict(k=torch.randn(2, 4, 1, 16), v=torch.randn(2, 4, 1, 16)), ValueError, r"k must be \(B, Hkv, Nnew, D\)"),
+    (dict(v=torch.randn(2, 2, 2, 16)), ValueError, "v must have the shape of k"),
+    (dict(v=None), ValueError, "k and v .* together"),
+    (dict(k=torch.randn(2, 2, 1, 16).double(), v=torch.randn(2, 2, 1, 16).double()), TypeError, "k must have the dtype"),
+    (dict(num_splits=-1), ValueError, "num_splits must be an int >= 0"),
+    (dict(num_splits=1.5), ValueError, "num_splits must be an int >= 0"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(q=torch.randn(2, 3, 1, 16)), ValueError, "multiple of the number of key/value heads"),
+    (dict(q=torch.randn(2, 4, 1, 8)), ValueError, "head dim of q"),
+    (dict(q=torch.randn(2, 4, 16)), ValueError, "q must be 4-D"),
+])
+def test_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        bad_call(**over)
+
+
+def test_bad_contiguous_cache():
+    kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 16)
+    with pytest.raises(ValueError, match="batch size of q"):
+        FN(torch.randn(3, 4, 1, 16), kc, vc)
+    with pytest.raises(ValueError, match="v_cache must have the shape of k_cache"):
+        FN(torch.randn(2, 4, 1, 16), kc, vc[:, :, :4])
+    new = (torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 8 .* room for the 1 new keys"):
+        FN(torch.randn(2, 4, 1, 16), kc, vc, *new, cache_seqlens=8)  # a full cache
+    with pytest.raises(ValueError, match="cache_seqlens is required when k and v are given"):
+        FN(torch.randn(2, 4, 1, 16), kc, vc, *new)
+
+
+def test_requires_grad_is_an_error():
+    kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 16)
+    q = torch.randn(2, 4, 1, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="q requires grad.*inference only"):
+        FN(q, kc, vc)
+    with torch.no_grad():
+        FN(q, kc, vc)
+
+
+def test_op_checks_direct_calls():
+    """A direct torch.ops call with inconsistent arguments gets a clear error, not a crash."""
+    kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 16)
+    op = torch.ops.flash_cuda.kvcache_fwd
+    q = torch.randn(2, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="cache_seqlens must be an int32"):
+        op(q, kc, vc, None, None, torch.zeros(3, dtype=torch.int32), None, 1.0, False)
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[1\] = 9"):
+        op(q, kc, vc, None, None, torch.tensor([1, 9], dtype=torch.int32), None, 1.0, False)
+
+
+def test_opcheck_and_compile():
+    kc, vc, table = make_cache(torch.float32, 2, 2, 64, 16, page_size=16)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    seqlens = torch.tensor([3, 10], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.flash_cuda.kvcache_fwd, (q, kc.clone(), vc.clone(), k, v, seqlens, table, 0.25, True))
+
+    @torch.compile(fullgraph=True)
+    def step(q, kc, vc, k, v, seqlens, table):
+        return FN(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, causal=True)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = step(q, kc2, vc2, k, v, seqlens, table)
+    ref = FN(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, causal=True)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+
+
+def test_randomised():
+    """Random shapes, GQA ratios, dtypes, layouts, page sizes, lengths, splits and options."""
+    rnd = random.Random(1234)
+    for trial in range(25):
+        hkv = rnd.choice([1, 2, 3])
+        hq = hkv * rnd.choice([1, 2, 4])
+        nq, n_new = rnd.choice([1, 1, 2, 5, 17]), rnd.choice([0, 1, 3])
+        capacity = rnd.randint(n_new + 1, 700)
+        B = rnd.randint(1, 4)
+        seqlens = [rnd.choice([0, capacity - n_new, rnd.randint(0, capacity - n_new)]) for _ in range(B)]
+        kw = {}
+        if rnd.random() < 0.5:
+            kw["causal"] = True
+        if rnd.random() < 0.2:
+            kw["window"] = (rnd.randint(0, 50), rnd.choice([-1, 0, 3]))
+        if rnd.random() < 0.2:
+            kw["softcap"] = 4.0
+        if rnd.random() < 0.2:
+            kw["alibi_slopes"] = torch.rand(hq) * 0.2
+        run_case(rnd.choice([torch.float32, torch.bfloat16, torch.float16]), B=B, hq=hq, hkv=hkv, nq=nq, n_new=n_new,
+                 D=rnd.choice([8, 24, 64]), capacity=capacity, page_size=rnd.choice([None, 1, 16, 33, 256]),
+                 seqlens=seqlens, num_splits=rnd.choice([0, 1, 2, 5]), seed=trial, bnhd=rnd.random() < 0.3, **kw)
+
+
+# ---- the CUDA kernels, emulated ----
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+@pytest.mark.parametrize("nq,n_new,num_splits", [(1, 1, 0), (1, 0, 3), (17, 4, 1), (4, 1, 3)])
+def test_emulated(dtype, layout, nq, n_new, num_splits):
+    with flash_cuda.emulate(workers=2) as emu:
+        run_case(dtype, nq=nq, n_new=n_new, D=64, capacity=200, page_size=LAYOUTS[layout], num_splits=num_splits,
+                 causal=True)
+    names = [l["kernel"] for l in emu.launches]
+    assert any(n.startswith("flash_fwd_kvcache<") for n in names)
+    assert ("kv_append" in names) == (n_new > 0)
+    assert all(l["errors"] == [] for l in emu.launches)
+
+
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi"])
+def test_emulated_features(feature):
+    """Options that keep the query heads apart (window, ALiBi) and one that packs them (softcap)."""
+    with flash_cuda.emulate(workers=2):
+        run_case(torch.bfloat16, nq=4, n_new=1, D=32, capacity=150, page_size=16, num_splits=2,
+                 **resolve(FEATURES[feature], 3, 4))
+
+
+def test_emulated_generation_loop():
+    with flash_cuda.emulate(workers=2):
+        generation_loop(torch.bfloat16, 32, D=32, page_size=16, atol=2e-2)
+
+
+def test_emulated_split_grid_fills_the_sms():
+    """Decoding at B=1, 32 query heads over 8 kv heads, 16k keys: the heuristic's grid fills an
+    A100's 108 SMs (the query heads of a group share one tile), and splitting changes nothing
+    beyond fp32 rounding."""
+    B, hq, hkv, n, D = 1, 32, 8, 16384, 32
+    kc, vc, _ = make_cache(torch.bfloat16, B, hkv, n, D)
+    q = torch.randn(B, hq, 1, D).to(torch.bfloat16)
+    with flash_cuda.emulate(workers=2, check=False) as emu:
+        out = FN(q, kc, vc)
+    (main,) = [l for l in emu.launches if l["kernel"].startswith("flash_fwd_kvcache<")]
+    blocks = main["grid"][0] * main["grid"][1] * main["grid"][2]
+    assert main["grid"][1] == hkv and blocks >= 108, main["grid"]
+    assert any(l["kernel"].startswith("flash_fwd_kvcache_combine") for l in emu.launches)
+    ref, _ = attention_ref(q, kc, vc)
+    plain, _ = attention_ref(q, kc, vc, dtype=torch.bfloat16)
+    assert_fa_rule("split decode", out, plain, ref, 2)
+
+
+def test_emulated_reads_the_cache_once_per_kv_head():
+    """Decoding with GQA: the kernel reads each kv head's valid keys and values once (the query
+    heads of its group packed into one tile), not once per query head as with ALiBi, which
+    keeps the heads apart."""
+    B, hq, hkv, n, D = 2, 8, 2, 512, 64
+    kc, vc, _ = make_cache(torch.float16, B, hkv, n, D)
+    q = torch.randn(B, hq, 1, D).to(torch.float16)
+    valid = 300
+    cache_bytes = 2 * B * hkv * valid * D * 2  # K and V
+    read = {}
+    for name, kw in (("packed", {}), ("per head", dict(alibi_slopes=torch.full((hq,), 1e-9)))):
+        with flash_cuda.emulate(workers=2) as emu:
+            FN(q, kc, vc, cache_seqlens=valid, num_splits=1, **kw)
+        (main,) = [l for l in emu.launches if l["kernel"].startswith("flash_fwd_kvcache<")]
+        read[name] = main["global_bytes_read"]
+    assert cache_bytes <= read["packed"] <= 1.1 * cache_bytes, read
+    assert read["per head"] >= (hq // hkv) * cache_bytes, read
+
+
+def test_emulated_bad_lengths_stay_in_bounds():
+    """The kernels clamp what they cannot check without a synchronising copy on a GPU: lengths
+    past the capacity and table entries past the pool (a direct op call, whose CPU values the
+    emulator, like a GPU, does not validate) give wrong values, never an out-of-bounds access
+    (the emulator's bounds checker would raise)."""
+    kc, vc, table = make_cache(torch.float16, 2, 2, 64, 16, page_size=16)
+    table[1, 2] = 1000
+    table[0, 0] = -5
+    q, k, v = (torch.randn(2, h, 1, 16).half() for h in (4, 2, 2))
+    seqlens = torch.tensor([-7, 90], dtype=torch.int32)
+    with flash_cuda.emulate(workers=2) as emu:
+        out = torch.ops.flash_cuda.kvcache_fwd(q, kc, vc, k, v, seqlens, table, 0.25, True)[0]
+        torch.ops.flash_cuda.kvcache_fwd(q, kc[:2], vc[:2], k, v, seqlens, None, 0.25, False)
+    assert torch.isfinite(out).all()
+    assert all(l["errors"] == [] for l in emu.launches)
+
+
+def test_bench_smoke():
+    bench = load_benchmark("bench_kvcache")
+    rows = bench.main(["--quick"])
+    assert rows and all(r["ours_ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
