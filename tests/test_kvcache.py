@@ -380,6 +380,21 @@ def test_emulated_split_grid_fills_the_sms():
     ref, _ = attention_ref(q, kc, vc)
     plain, _ = attention_ref(q, kc, vc, dtype=torch.bfloat16)
     assert_fa_rule("split decode", out, plain, ref, 2)
+    with flash_cuda.emulate(workers=2, check=False):
+        unsplit = FN(q, kc, vc, num_splits=1)
+    assert_fa_rule("unsplit decode", unsplit, plain, ref, 2)
+    # the same up to fp32 rounding of the merge, then one bf16 rounding of the output
+    torch.testing.assert_close(out.float(), unsplit.float(), rtol=2 ** -7, atol=1e-4)
+
+
+def test_emulated_no_split_when_the_grid_is_full():
+    """112 (batch, kv head) tiles already fill 80% of 108 SMs: the heuristic does not split."""
+    kc, vc, _ = make_cache(torch.float16, 14, 8, 2048, 32)
+    q = torch.randn(14, 32, 1, 32).half()
+    with flash_cuda.emulate(workers=2, check=False) as emu:
+        FN(q, kc, vc, cache_seqlens=100)
+    assert [l["kernel"].split("<")[0] for l in emu.launches] == ["flash_fwd_kvcache"]
+    assert emu.launches[0]["grid"] == [1, 8, 14]
 
 
 def test_emulated_reads_the_cache_once_per_kv_head():

@@ -17,6 +17,10 @@
  * tile are visited. The key tiles that need no mask (inside the sequence and entirely inside the
  * band: all but one or two at each edge of a long row) run in a loop of their own with no
  * per-element predicate; the rest run the same body with it.
+ * kCache (KV-cache attention, kv_cache.h; the modifier variant only): the keys come from a
+ * contiguous or paged cache, each sequence's count from cache_seqlens, and blockIdx.x also
+ * selects a split of the key tiles; with several splits the block's rows go out in fp32,
+ * normalised by its own sum, with their lse, for splitkv_combine.h to merge.
  */
 #pragma once
 #include <type_traits>
@@ -41,8 +45,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
 
   static_assert(!kCache || kVarlen, "a KV cache narrows each sequence's key count (seqlen.h)");
   // kCache: blockIdx.x runs over (query tile, key split) pairs, the splits of a tile adjacent
-  const int num_splits = kCache ? params.cache.num_splits : 1;
-  const int m_block = blockIdx.x / num_splits, split = blockIdx.x % num_splits;
+  const int m_block = kCache ? blockIdx.x / params.cache.num_splits : blockIdx.x;
   const int head = blockIdx.y, batch = blockIdx.z;
   const FwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
   const int m0 = m_block * kBlockM;
@@ -58,7 +61,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   using Bias = typename Kt::Bias;
   static_assert(Kt::kMod == kMod, "traits of this variant");
   const T* gQ = head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p));
-  const T* gK = head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p));  // (kCache: via load_kv)
+  const T* gK = head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p));  // (kCache: unused, see load_kv)
   const T* gV = head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p));
   T* gO = head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p));
   float* gLse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   }
   if (kCache) {  // this block's split of the key tiles (kv_cache.h)
     int s0, s1;
-    split_key_tiles((p.nk + kBlockN - 1) / kBlockN, split, num_splits, &s0, &s1);
+    split_key_tiles((p.nk + kBlockN - 1) / kBlockN, blockIdx.x % p.cache.num_splits, p.cache.num_splits, &s0, &s1);
     j_begin = max(j_begin, s0), j_end = max(min(j_end, s1), j_begin);
     u0 = min(max(u0, j_begin), j_end), u1 = min(max(u1, u0), j_end);
   }
@@ -224,7 +227,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     j = next_j;
   }
 
-  if (kCache && num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
+  if (kCache && p.cache.num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
+    // (the split is taken from the block index again: holding it through the loop spills)
+    const int split = blockIdx.x % p.cache.num_splits;
     cp_async_wait<0>();
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
