@@ -228,7 +228,6 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   }
 
   if (kCache && p.cache.num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
-    // (the split is taken from the block index again: holding it through the loop spills)
     const int split = blockIdx.x % p.cache.num_splits;
     cp_async_wait<0>();
 #pragma unroll
