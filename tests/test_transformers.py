@@ -270,3 +270,110 @@ def test_unsupported_features_raise():
     ids, mask = batch()
     with pytest.raises(ValueError, match="output_attentions=True is not supported"):
         ours(input_ids=ids, attention_mask=mask, output_attentions=True)
+
+
+# ---- encoder-decoder models (issue 19): BART, Marian, T5 ----
+
+def tiny_seq2seq(family):
+    common = dict(vocab_size=V, pad_token_id=0, decoder_start_token_id=2)
+    if family == "bart":
+        cfg = transformers.BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                      decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
+                                      max_position_embeddings=64, init_std=0.3, dropout=0.0, attention_dropout=0.0,
+                                      forced_eos_token_id=None, **common)
+        return transformers.BartForConditionalGeneration, cfg
+    if family == "marian":
+        cfg = transformers.MarianConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
+                                        max_position_embeddings=64, init_std=0.3, dropout=0.0, **common)
+        return transformers.MarianMTModel, cfg
+    cfg = transformers.T5Config(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
+                                dropout_rate=0.0, initializer_factor=3.0, **common)
+    return transformers.T5ForConditionalGeneration, cfg
+
+
+def seq2seq_models(family):
+    """sdpa (fp32 and a float64 copy, the reference) and flash_cuda models of `family`, same weights."""
+    cls, cfg = tiny_seq2seq(family)
+    torch.manual_seed(0)
+    models = {}
+    for impl in ("sdpa", "float64", "flash_cuda"):
+        models[impl] = cls(copy.deepcopy(cfg)).eval()
+        if impl != "sdpa":
+            models[impl].load_state_dict(models["sdpa"].state_dict())
+        models[impl].set_attn_implementation("sdpa" if impl == "float64" else impl)
+    models["float64"].double()
+    assert models["flash_cuda"].config._attn_implementation == "flash_cuda"
+    assert models["sdpa"].config._attn_implementation == "sdpa"
+    return models
+
+
+def fa_rule(name, ours, plain, exact, factor, scale):
+    """FlashAttention's rule on a model's outputs in fp32: flash_cuda's error against the float64
+    model at most `factor` x that of the same model on sdpa in fp32, + 1e-6 of the quantity's scale."""
+    e_ours, e_plain = max_err(ours, exact), max_err(plain, exact)
+    assert e_ours <= factor * e_plain + 1e-6 * scale, f"{name}: {e_ours:.3g} vs sdpa's {e_plain:.3g}"
+
+
+def seq2seq_batch():
+    """Padded sources (11, 7, 4 tokens) and padded decoder inputs (9, 6, 9), Nq != Nk in cross-attention."""
+    g = torch.Generator().manual_seed(4)
+    src_mask = (torch.arange(11)[None] < torch.tensor([11, 7, 4])[:, None]).long()
+    tgt_mask = (torch.arange(9)[None] < torch.tensor([9, 6, 9])[:, None]).long()
+    src = torch.randint(3, V, (3, 11), generator=g) * src_mask
+    tgt = torch.randint(3, V, (3, 9), generator=g) * tgt_mask
+    return src, src_mask, tgt, tgt_mask
+
+
+@pytest.mark.parametrize("family", ["bart", "marian", "t5"])
+def test_seq2seq_logits_grads_and_generate(family):
+    """Padded encoder batches, padded decoder inputs, cross-attention with the encoder's padding mask
+    (T5: its relative position bias as flash_cuda's float mask), fp32: logits (2x) and every parameter
+    gradient (3x) under FlashAttention's rule against the float64 model, sdpa in fp32 the plain
+    computation; greedy and beam generate() give sdpa's tokens."""
+    models = seq2seq_models(family)
+    src, src_mask, tgt, tgt_mask = seq2seq_batch()
+    keep = tgt_mask.bool()
+    res = {}
+    for impl, m in models.items():
+        m.zero_grad()
+        logits = m(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask).logits
+        (logits * tgt_mask[..., None]).square().sum().backward()
+        res[impl] = (logits.detach()[keep], {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    (l_ref, g_ref), (l_exact, g_exact), (l_ours, g_ours) = res["sdpa"], res["float64"], res["flash_cuda"]
+    fa_rule("logits", l_ours, l_ref, l_exact, 2, l_exact.abs().max().item())
+    assert g_ref.keys() == g_ours.keys()
+    scale = max(g.abs().max().item() for g in g_exact.values())
+    for name, g in g_exact.items():
+        fa_rule(name, g_ours[name], g_ref[name], g, 3, scale)
+    for beams in (1, 3):
+        kw = dict(attention_mask=src_mask, max_new_tokens=8, do_sample=False, num_beams=beams)
+        assert torch.equal(models["flash_cuda"].generate(src, **kw), models["sdpa"].generate(src, **kw))
+
+
+def test_t5_relative_bias_trains_like_sdpa():
+    """T5 training steps with padding: the losses (2x) and the relative_attention_bias weights after
+    the steps (3x) under FlashAttention's rule against the float64 run (sdpa in fp32 the plain
+    computation), so the bias gradient flows through flash_cuda."""
+    models = seq2seq_models("t5")
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    w0 = models["sdpa"].state_dict()[bias].clone()
+    src, src_mask, tgt, tgt_mask = seq2seq_batch()
+    labels = tgt.masked_fill(tgt_mask == 0, -100)
+    losses, weights = {}, {}
+    for impl, m in models.items():
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        losses[impl] = []
+        for _ in range(3):
+            loss = m(input_ids=src, attention_mask=src_mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[impl].append(loss.item())
+        weights[impl] = dict(m.named_parameters())[bias].detach()
+    assert (weights["sdpa"] - w0).abs().max() > 1e-3  # the steps moved it
+    fa_rule("losses", torch.tensor(losses["flash_cuda"]), torch.tensor(losses["sdpa"]),
+            torch.tensor(losses["float64"]), 2, max(losses["float64"]))
+    fa_rule("relative_attention_bias", weights["flash_cuda"], weights["sdpa"], weights["float64"], 3,
+            weights["float64"].abs().max().item())

@@ -15,7 +15,9 @@ functions. flash_cuda is one, so it takes that role whole:
   (so `torch.compile(fullgraph=True)` traces it): a padding mask becomes a key-padding mask (no
   unpadding), a static cache's unused tail is sliced off by shape, `cu_seq_lens_*` go to
   `varlen_attention`; causal masks are bottom-right aligned (prefill, chunked prefill, decode),
-  sliding windows are `(sliding_window - 1, 0)` (transformers' convention), GQA stays GQA;
+  sliding windows are `(sliding_window - 1, 0)` (transformers' convention), GQA stays GQA, and T5's
+  relative position bias (`position_bias`) becomes flash_cuda's float attention mask (with its
+  gradient);
 - the mask function (registered with `AttentionMaskInterface`) is transformers' FlashAttention
   mask without its host read (outside compilation an all-ones mask still becomes None, so unpadded
   batches run the dense kernels);
@@ -116,10 +118,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                   dropout_p=float(dropout or 0.0))
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     position_ids = kwargs.get("position_ids")
+    # T5's relative position bias: an additive float bias (1 or B, H, Nq, Nk) that is a function of a
+    # learned parameter; it goes in as flash_cuda's float attn_mask, which gets its gradient
+    position_bias = kwargs.get("position_bias")
+    packed = (cu_q is not None and cu_k is not None) or (attention_mask is None and
+                                                          _is_packed(position_ids, B, Nq, k.shape[2]))
+    if position_bias is not None and packed:
+        raise NotImplementedError(f"{fn}: a position bias (T5) with packed sequences is not supported")
     if cu_q is not None and cu_k is not None:  # packed sequences, lengths given (DataCollatorWithFlattening)
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         out = _varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, common)
-    elif attention_mask is None and _is_packed(position_ids, B, Nq, k.shape[2]):
+    elif packed:
         cu, n = _packed_from_position_ids(position_ids, Nq)
         out = _varlen(q, k, v, cu, cu, n, n, common)
     else:
@@ -133,6 +142,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         elif attention_mask is not None:  # a custom 4-D mask: it carries the causal structure itself
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(torch.float32)
             common["causal"] = False
+        if position_bias is not None:
+            bias = position_bias[..., :k.shape[2]].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+            if mask is None:
+                mask = bias
+            elif mask.dtype == torch.bool:
+                mask = bias.masked_fill(~mask, float("-inf"))
+            else:
+                mask = bias + mask
         out = api.attention(q, k, v, attn_mask=mask, **common)
         out = out.transpose(1, 2)
     return out.to(out_dtype), None
