@@ -38,3 +38,16 @@ def test_minilm_embeddings():
     pytest.importorskip("all_minilm_l6_v2")
     emb = load("minilm_embeddings").main([])
     assert (emb["flash_cuda"] - emb["sdpa"]).abs().max().item() < 1e-5
+
+
+def test_seq2seq_transformer(tmp_path, capsys):
+    """The encoder-decoder Transformer's --quick run: at least 99% exact-match greedy accuracy on the
+    held-out set (decoded through attention_with_kvcache), its SDPA twin's losses within 1e-4 of
+    flash_cuda's over the first 50 steps, and the documented last line."""
+    pytest.importorskip("matplotlib")
+    res = load("seq2seq_transformer").main(["--quick", "--plot", str(tmp_path / "loss.png")])
+    fc, sd = res["flash_cuda"], res["sdpa"]
+    assert fc["accuracy"] >= 0.99
+    assert max(abs(a - b) for a, b in zip(fc["losses"][:50], sd["losses"][:50])) < 1e-4
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"exact-match accuracy: {fc['accuracy']:.4f}"
