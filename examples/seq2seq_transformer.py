@@ -173,17 +173,19 @@ class Seq2Seq(nn.Module):
         mem, keep = self.encode(src)
         cross_kv = [(l.cross.split(l.cross.k(mem)), l.cross.split(l.cross.v(mem))) for l in self.dec]
         heads, dh = self.dec[0].self_attn.heads, self.d // self.dec[0].self_attn.heads
-        caches = [(torch.zeros(B, heads, max_new, dh, device=dev, dtype=mem.dtype),
-                   torch.zeros(B, heads, max_new, dh, device=dev, dtype=mem.dtype)) for _ in self.dec]
+        caches = [None] * len(self.dec)  # allocated at the first step, in the projections' dtype (autocast's)
         seqlens = torch.zeros(B, dtype=torch.int32, device=dev)
         tok = torch.full((B, 1), BOS, device=dev)
         out = []
         for t in range(max_new):
             y = self.embed(tok, start=t)
-            for layer, (kc, vc), (ck, cv) in zip(self.dec, caches, cross_kv):
+            for i, (layer, (ck, cv)) in enumerate(zip(self.dec, cross_kv)):
                 a = layer.self_attn
                 h = layer.ln1(y)
                 q, k, v = a.split(a.q(h)), a.split(a.k(h)), a.split(a.v(h))
+                if caches[i] is None:
+                    caches[i] = tuple(torch.zeros(B, heads, max_new, dh, device=dev, dtype=k.dtype) for _ in range(2))
+                kc, vc = caches[i]
                 if a.backend == "flash_cuda":
                     att = flash_cuda.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens)
                 else:  # SDPA has no cache API: write the new K/V, attend to the prefix
