@@ -342,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
   const cudaStream_t stream = emulated ? nullptr : c10::cuda::getCurrentCUDAStream().stream();
 #else
   TORCH_CHECK(emulated, "flash_cuda: this build has no CUDA kernels");
-  void* const stream = nullptr;
+  [[maybe_unused]] void* const stream = nullptr;  // (the emulator takes none)
 #endif
   auto check = [](const char* err) { TORCH_CHECK(err == nullptr, "flash_cuda: KV-cache kernel launch failed: ", err); };
   // The global memory a launch may touch (emulator); the caches writable when appending.
