@@ -110,7 +110,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out_dtype, dtype = query.dtype, _kernel_dtype(query)
     q, k, v = (x.to(dtype) for x in (query, key, value))
-    B, Hq, Nq, D = q.shape
+    B, Nq = q.shape[0], q.shape[2]
     window = None
     if sliding_window is not None and sliding_window > 0:
         window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
