@@ -359,10 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
 
 // ---- KV cache (attention_with_kvcache) ----
 
-// Shapes, dtypes and devices of a KV-cache call (csrc/kernel_launch.h kvcache_kernels); returns
-// the capacity of a sequence's cache. CPU tensors: cache_seqlens and the pages they reach are
-// checked by value too (kvcache_lengths).
-int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+// Shapes, dtypes and devices of a KV-cache call (csrc/kernel_launch.h kvcache_kernels). CPU
+// tensors: cache_seqlens and the pages they reach are checked by value too (kvcache_seqlens).
+void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, int64_t num_splits) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
@@ -398,12 +397,22 @@ int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::
               "flash_cuda: cache_seqlens must be an int32 (B,) tensor on q's device, got ", cache_seqlens.sizes(), " ",
               cache_seqlens.scalar_type(), " on ", cache_seqlens.device());
   TORCH_CHECK(num_splits >= 0, "flash_cuda: num_splits must be >= 0 (0: chosen for the device), got ", num_splits);
-  return paged ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
 }
 
-// CPU tensors: the keys each sequence attends to (cache_seqlens[b] + Nnew), with every
-// length in [0, capacity - Nnew] and every page they reach inside the pool.
-std::vector<int64_t> kvcache_lengths(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+// The checked arguments of a KV-cache call as the options every backend takes (no dropout).
+AttnOptions kvcache_options(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+                            const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, double scale,
+                            bool causal, int64_t window_left, int64_t window_right, double softcap,
+                            const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
+  check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, num_splits);
+  return base_options(q, q.size(0), scale, causal, true, window_left, window_right, softcap, alibi_slopes, 0.0,
+                      std::nullopt);
+}
+
+// CPU tensors: cache_seqlens' values, each in [0, capacity - Nnew], with every page the first
+// cache_seqlens[b] + Nnew keys reach inside the pool.
+std::vector<int64_t> kvcache_seqlens(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                                      int64_t n_new, int64_t capacity, int64_t num_pages, int64_t page_size) {
   const at::Tensor s = cache_seqlens.to(at::kLong).contiguous();
   std::vector<int64_t> n(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + s.numel());
@@ -414,10 +423,9 @@ std::vector<int64_t> kvcache_lengths(const at::Tensor& cache_seqlens, const std:
                 " does not fit the cache of ", capacity, " keys per sequence",
                 n_new > 0 ? c10::str(": cache_seqlens must be in [0, ", capacity - n_new, "]")
                           : c10::str(": cache_seqlens must be in [0, ", capacity, "]"));
-    n[b] += n_new;
     if (!block_table) continue;
     const int64_t* row = table.data_ptr<int64_t>() + b * table.size(1);
-    for (int64_t page = 0; page * page_size < n[b]; ++page)
+    for (int64_t page = 0; page * page_size < n[b] + n_new; ++page)
       TORCH_CHECK(row[page] >= 0 && row[page] < num_pages, "flash_cuda: block_table[", b, ", ", page, "] = ", row[page],
                   " is outside the pool of ", num_pages, " pages (k_cache.shape[0])");
   }
@@ -432,9 +440,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at
                                                    bool causal, int64_t window_left, int64_t window_right,
                                                    double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                                    int64_t num_splits) {
-  const int64_t capacity = check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, num_splits);
-  const AttnOptions o = base_options(q, q.size(0), scale, causal, true, window_left, window_right, softcap,
-                                     alibi_slopes, 0.0, std::nullopt);
+  const AttnOptions o = kvcache_options(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale, causal,
+                                        window_left, window_right, softcap, alibi_slopes, num_splits);
   // Inside flash_cuda.emulate(): the CUDA kernels, run by the emulator, which like a GPU do not
   // read the lengths and the table on the host (they clamp them; flash_cuda's Python API checks
   // CPU values before any op runs).
@@ -442,10 +449,11 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at
     return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o,
                            num_splits, Executor::emu);
   const int64_t n_new = k_new ? k_new->size(2) : 0;
-  const std::vector<int64_t> n_keys =
-      kvcache_lengths(cache_seqlens, block_table, n_new, capacity, k_cache.size(0), k_cache.size(2));
-  std::vector<int64_t> seqlens(n_keys);
-  for (int64_t& n : seqlens) n -= n_new;
+  const int64_t capacity = block_table ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
+  const std::vector<int64_t> seqlens =
+      kvcache_seqlens(cache_seqlens, block_table, n_new, capacity, k_cache.size(0), k_cache.size(2));
+  std::vector<int64_t> n_keys(seqlens);  // what each sequence attends to: its cache and the new keys
+  for (int64_t& n : n_keys) n += n_new;
   if (n_new > 0) cpu::kv_append(k_cache, v_cache, *k_new, *v_new, seqlens, block_table);
   return cpu::kvcache_fwd(unit_last_stride(q), k_cache, v_cache, n_keys, block_table, o, num_splits);
 }
@@ -459,9 +467,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cuda(const at::Tensor& q, const a
                                                     bool causal, int64_t window_left, int64_t window_right,
                                                     double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                                     int64_t num_splits) {
-  check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, num_splits);
-  const AttnOptions o = base_options(q, q.size(0), scale, causal, true, window_left, window_right, softcap,
-                                     alibi_slopes, 0.0, std::nullopt);
+  const AttnOptions o = kvcache_options(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale, causal,
+                                        window_left, window_right, softcap, alibi_slopes, num_splits);
   return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o, num_splits,
                          Executor::cuda);
 }

@@ -32,11 +32,15 @@ def skip_unless_supported(device, dtype):
         pytest.skip(f"the {device} kernels do not take {dtype}")
 
 
-def load_benchmark(name):
-    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package), so a test can
-    run its main() end to end."""
+def load_script(folder, name):
+    """<folder>/<name>.py of the repository as a module (benchmarks and examples are scripts, not
+    packages), so a test can run its main() end to end."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_benchmark(name):
+    return load_script("benchmarks", name)

@@ -1,21 +1,15 @@
 """The examples in examples/, run end to end at their smoke sizes: each trains or encodes with
 flash_cuda and with torch SDPA from the same weights and must agree with it."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import flash_cuda
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_script
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples", name)
 
 
 def test_gpt_train(tmp_path):

@@ -6,8 +6,7 @@
  * over the splits, strided by 32, then across the warp) and own column pairs of O.
  */
 #pragma once
-#include "params.h"
-#include "ptx.h"
+#include "kv_cache.h"
 
 namespace flash_cuda {
 
@@ -33,16 +32,14 @@ __global__ void __launch_bounds__(32 * kCombineWarps) splitkv_combine_kernel(con
   if (row_id >= int64_t(p.b) * p.hq * p.nq) return;  // whole warps exit together
   const int row = int(row_id % p.nq), head = int(row_id / p.nq % p.hq), batch = int(row_id / (int64_t(p.nq) * p.hq));
   const int splits = p.cache.num_splits;
-  const int64_t split_stride = int64_t(p.b) * p.hq * p.nq;  // between one split's partials and the next's
-  const float* gLse = p.cache.lse_partial + row_id;
-  const float* gOp = p.cache.o_partial + row_id * p.d;
+  auto lse_of = [&](int s) { return ld_global(partial_lse(p, s, batch, head, row)); };
 
   float m = -INFINITY;
-  for (int s = lane; s < splits; s += 32) m = fmaxf(m, ld_global(gLse + s * split_stride));
+  for (int s = lane; s < splits; s += 32) m = fmaxf(m, lse_of(s));
   m = warp_max(m);
   float sum = 0.0f;
   if (m != -INFINITY)
-    for (int s = lane; s < splits; s += 32) sum += __expf(ld_global(gLse + s * split_stride) - m);
+    for (int s = lane; s < splits; s += 32) sum += __expf(lse_of(s) - m);
   sum = warp_sum(sum);
   const float lse = m == -INFINITY ? -INFINITY : m + __logf(sum);
   if (lane == 0) st_global(&p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + row], lse);
@@ -52,8 +49,8 @@ __global__ void __launch_bounds__(32 * kCombineWarps) splitkv_combine_kernel(con
     float2 acc = make_float2(0.0f, 0.0f);
     if (lse != -INFINITY)
       for (int s = 0; s < splits; ++s) {
-        const float w = __expf(ld_global(gLse + s * split_stride) - lse);  // 0 for an empty split
-        const float2 o = ld_global(reinterpret_cast<const float2*>(gOp + s * split_stride * p.d + col));
+        const float w = __expf(lse_of(s) - lse);  // 0 for an empty split
+        const float2 o = ld_global(reinterpret_cast<const float2*>(partial_out_row(p, s, batch, head, row) + col));
         acc.x = fmaf(w, o.x, acc.x);
         acc.y = fmaf(w, o.y, acc.y);
       }

@@ -31,6 +31,7 @@ same way); the CPU backend runs every dtype as it is. Unsupported features raise
 probabilities (`output_attentions`), attention sinks (`s_aux`), paged continuous batching.
 """
 import functools
+import warnings
 
 import torch
 
@@ -40,15 +41,10 @@ from ..emulate import emulate
 NAME = "flash_cuda"
 
 
-def _warn_once(msg):
-    import warnings
-    warnings.warn(msg, stacklevel=3)
-
-
-@functools.lru_cache(None)
+@functools.lru_cache(None)  # once per dtype
 def _fp32_cast_warning(dtype):
-    _warn_once(f"flash_cuda: float32 attention inputs on CUDA run in {dtype} (the CUDA kernels take float16 and "
-               "bfloat16); the output is cast back to float32")
+    warnings.warn(f"flash_cuda: float32 attention inputs on CUDA run in {dtype} (the CUDA kernels take float16 and "
+               "bfloat16); the output is cast back to float32", stacklevel=4)
 
 
 def _kernel_dtype(q):
