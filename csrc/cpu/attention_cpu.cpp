@@ -30,10 +30,13 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "../kernels/mask.h"
 #include "dropout_cpu.h"
 #include "rowops.h"
+#include "tile_gemm.h"
 #include "tiles.h"
 
 namespace flash_cuda::cpu {
@@ -71,27 +74,72 @@ struct Drop {
   }
 };
 
-template <typename acc_t>
+// GEMM operands, prepared once per call in O(N D): in the GEMM dtype, rows with unit stride.
+at::Tensor rows_operand(const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor y = x.to(dtype);
+  return y.stride(3) == 1 ? y : y.contiguous();
+}
+// x (B, H, N, D) as (B, H, D, N), contiguous: the right operand of Q K^T and dO V^T, the left one of
+// Q^T dS and dO^T P.
+at::Tensor transposed_operand(const at::Tensor& x, at::ScalarType dtype) {
+  return x.to(dtype).transpose(2, 3).contiguous();
+}
+// Row `row` of head (b, h) of a (B, H, N, D) operand, or column `row` of a transposed one.
+template <typename T>
+const T* at_row(const at::Tensor& x, int64_t b, int64_t h, int64_t row) {
+  return x.data_ptr<T>() + b * x.stride(0) + h * x.stride(1) + row * x.stride(2);
+}
+template <typename T>
+const T* at_col(const at::Tensor& xt, int64_t b, int64_t h, int64_t col) {
+  return xt.data_ptr<T>() + b * xt.stride(0) + h * xt.stride(1) + col;
+}
+
+// The tile x (rows, cols; ld) as an in_t GEMM operand: x itself when in_t is its type, else
+// rounded into buf (ld as x), as the CUDA kernels round P and dS before their GEMMs.
+template <typename in_t, typename acc_t>
+const in_t* gemm_operand(const acc_t* x, int64_t ld, int64_t rows, int64_t cols, std::vector<in_t>& buf) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    return x;
+  } else {
+    auto* y = reinterpret_cast<uint16_t*>(buf.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      if constexpr (std::is_same_v<in_t, c10::BFloat16>)
+        round_bf16(x + r * ld, cols, y + r * ld);
+      else
+        round_fp16(x + r * ld, cols, y + r * ld);
+    }
+    return buf.data();
+  }
+}
+
+// in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
+// the softmax (float, or double for double).
+template <typename in_t>
 void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
               at::Tensor& lse, const AttnOptions& opt) {
+  using acc_t = at::opmath_type<in_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), group = Hq / Hkv;
   const int64_t n_qtiles = ceil_div(Nq, kFwdBr);
-  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const double scale = opt.scale;
+  const acc_t scale = static_cast<acc_t>(opt.scale);
   const BandMask band = opt.band(Nq, Nk);
   const Mods<acc_t> mods(opt, Hq);
   const Drop<acc_t> drop(opt, Hq);
+  const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
+  const at::Tensor gQ = rows_operand(q, in_dtype), gKt = transposed_operand(k, in_dtype),
+                   gV = rows_operand(v, in_dtype);  // (B, H, N, D), (B, Hkv, D, Nk), (B, Hkv, Nk, D)
+  const int64_t ld_q = gQ.stride(2), ld_v = gV.stride(2);
 
   struct Scratch {
-    at::Tensor sQ, sK, sV, sS, sO, sZ;  // (Br, D), (Bc, D), (Bc, D), (Br, Bc), (Br, D), dropout (Br, Bc)
-    std::vector<acc_t> m, l;            // running row max and row sum, (Br)
+    std::vector<acc_t> S, O, Z;  // scores (Br, Bc), unnormalised out (Br, D), dropout (Br, Bc)
+    std::vector<in_t> P;         // probabilities as the P V operand (Br, Bc), when in_t != acc_t
+    std::vector<acc_t> m, l;     // running row max and row sum, (Br)
   };
   auto make_scratch = [&] {
-    return Scratch{at::empty({kFwdBr, D}, acc_opts), at::empty({kFwdBc, D}, acc_opts),
-                   at::empty({kFwdBc, D}, acc_opts), at::empty({kFwdBr, kFwdBc}, acc_opts),
-                   at::empty({kFwdBr, D}, acc_opts), drop.on ? at::empty({kFwdBr, kFwdBc}, acc_opts) : at::Tensor(),
+    return Scratch{std::vector<acc_t>(kFwdBr * kFwdBc), std::vector<acc_t>(kFwdBr * D),
+                   std::vector<acc_t>(drop.on ? kFwdBr * kFwdBc : 0),
+                   std::vector<in_t>(std::is_same_v<in_t, acc_t> ? 0 : kFwdBr * kFwdBc),
                    std::vector<acc_t>(kFwdBr), std::vector<acc_t>(kFwdBr)};
   };
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
@@ -101,71 +149,79 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     const int64_t bh = item % (B * Hq), qt = n_qtiles - 1 - item / (B * Hq);
     const int64_t b = bh / Hq, h = bh % Hq, hkv = h / group;
     const int64_t i0 = qt * kFwdBr, i1 = std::min(i0 + kFwdBr, Nq), br = i1 - i0;
-    const at::Tensor gK = k[b][hkv], gV = v[b][hkv];  // (Nk, D)
-
-    at::Tensor rQ = t.sQ.slice(0, 0, br);  // (br, D), scale folded in
-    rQ.copy_(q[b][h].slice(0, i0, i1));
-    rQ.mul_(scale);
-    at::Tensor rO = t.sO.slice(0, 0, br);  // (br, D), unnormalised
-    rO.zero_();
+    const in_t* gQi = at_row<in_t>(gQ, b, h, i0);  // (br, D)
+    acc_t* o = t.O.data();                         // (br, D), unnormalised
+    std::fill(o, o + br * D, acc_t(0));
     std::fill(t.m.begin(), t.m.end(), kNegInf);
     std::fill(t.l.begin(), t.l.end(), acc_t(0));
-    acc_t* o = rO.data_ptr<acc_t>();
-    const int64_t ld_o = rO.stride(0);
+    constexpr int64_t ld_s = kFwdBc;
+    acc_t* s = t.S.data();  // (br, bc)
 
     // Only the keys some row of the tile sees (a window: a band of width left + right + br).
     const int64_t key_end = band.key_end(i1, Nk);
     for (int64_t j0 = band.key_begin(i0, Nk); j0 < key_end; j0 += kFwdBc) {
       const int64_t j1 = std::min(j0 + kFwdBc, key_end), bc = j1 - j0;
-      at::Tensor rS = t.sS.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
-      at::mm_out(rS, rQ, load_rows(gK, j0, j1, t.sK).t());
-      acc_t* s = rS.data_ptr<acc_t>();
-      const int64_t ld_s = rS.stride(0);
+      gemm(br, bc, D, gQi, ld_q, at_col<in_t>(gKt, b, hkv, j0), Nk, s, ld_s, false);  // S = Q K^T
       const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
-      if (band_mask || mods.any) modify_tile<acc_t>(s, nullptr, ld_s, br, bc, i0, j0, b, h, band, band_mask, mods);
+      const bool modified = band_mask || mods.any;
+      if (modified) {
+        for (int64_t r = 0; r < br; ++r) scale_row(s + r * ld_s, bc, scale);
+        modify_tile<acc_t>(s, nullptr, ld_s, br, bc, i0, j0, b, h, band, band_mask, mods);
+      }
 
       for (int64_t r = 0; r < br; ++r) {
-        const acc_t m_new = std::max(t.m[r], row_max(s + r * ld_s, bc));
+        acc_t* x = s + r * ld_s;
+        const acc_t m_new = std::max(t.m[r], modified ? row_max(x, bc) : scale_row_max(x, bc, scale));
         // -inf guard: a row with no visible key so far keeps m = -inf; subtracting 0
         // instead turns its masked scores into exp(-inf) = 0 rather than NaN.
         const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;
-        const acc_t row_sum = exp_sub_sum(s + r * ld_s, bc, m_use);
+        const acc_t row_sum = exp_sub_sum(x, bc, m_use);
         const acc_t alpha = std::exp(t.m[r] - m_use);  // exp(-inf) = 0 on the first tile
-        if (alpha != acc_t(1)) scale_row(o + r * ld_o, D, alpha);
+        if (alpha != acc_t(1)) scale_row(o + r * D, D, alpha);
         t.l[r] = t.l[r] * alpha + row_sum;
         t.m[r] = m_new;
       }
       if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
-        acc_t* z = t.sZ.template data_ptr<acc_t>();
+        acc_t* z = t.Z.data();
         drop.tile(z, kFwdBc, br, bc, i0, j0, b, h);
         for (int64_t r = 0; r < br; ++r) mul_row(s + r * ld_s, z + r * kFwdBc, bc);
       }
-      rO.addmm_(rS, load_rows(gV, j0, j1, t.sV));  // O += P V
+      const in_t* p = gemm_operand<in_t>(s, ld_s, br, bc, t.P);
+      gemm(br, D, bc, p, ld_s, at_row<in_t>(gV, b, hkv, j0), ld_v, o, D, true);  // O += P V
     }
 
     for (int64_t r = 0; r < br; ++r) {
       const bool empty = t.l[r] == acc_t(0);  // the row sees no key: out 0, lse -inf
-      scale_row(o + r * ld_o, D, empty ? acc_t(0) : acc_t(1) / t.l[r]);
+      scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / t.l[r]);
       lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : t.m[r] + std::log(t.l[r]);
     }
-    out[b][h].slice(0, i0, i1).copy_(rO);
+    out[b][h].slice(0, i0, i1).copy_(at::from_blob(o, {br, D}, out.options().dtype(lse.scalar_type())));
   });
 }
 
-template <typename acc_t>
+template <typename in_t>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const at::Tensor& dbias,
               const AttnOptions& opt) {
+  using acc_t = at::opmath_type<in_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), group = Hq / Hkv;
   const int64_t n_ktiles = ceil_div(Nk, kBwdBc);
-  const double scale = opt.scale;
+  const acc_t scale = static_cast<acc_t>(opt.scale);
   const BandMask band = opt.band(Nq, Nk);
   Mods<acc_t> mods(opt, Hq);
   mods.dbias = dbias.defined() ? dbias.data_ptr<acc_t>() : nullptr;
   const Drop<acc_t> drop(opt, Hq);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
+  // Every GEMM below multiplies row-major operands, so the transposed ones are made once here:
+  //   S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K.
+  const at::Tensor gQ = rows_operand(q, in_dtype), gQt = transposed_operand(q, in_dtype);      // (.., Nq, D), (.., D, Nq)
+  const at::Tensor gdO = rows_operand(dout, in_dtype), gdOt = transposed_operand(dout, in_dtype);
+  const at::Tensor gK = rows_operand(k, in_dtype), gKt = transposed_operand(k, in_dtype);      // (.., Nk, D), (.., D, Nk)
+  const at::Tensor gVt = transposed_operand(v, in_dtype);
+  const int64_t ld_q = gQ.stride(2), ld_do = gdO.stride(2), ld_k = gK.stride(2);
 
   // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
   // dQ partial, summed in split order below.
@@ -177,46 +233,45 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
   struct Scratch {
-    at::Tensor sQ, sdO, sK, sV, sS, sdP, sdK, sdV, sCap, sZ;  // (Br|Bc, D) tiles, (Br, Bc) scores
+    std::vector<acc_t> S, dP, dKt, dVt, Cap, Z;  // (Br, Bc) tiles, dK^T and dV^T (D, Bc)
+    std::vector<in_t> P, dS;                     // P and dS as GEMM operands (Br, Bc), when in_t != acc_t
   };
+  const bool rounded = !std::is_same_v<in_t, acc_t>;
   auto make_scratch = [&] {
-    auto tile = [&](int64_t rows, int64_t cols) { return at::empty({rows, cols}, acc_opts); };
-    return Scratch{tile(kBwdBr, D), tile(kBwdBr, D), tile(kBwdBc, D), tile(kBwdBc, D),
-                   tile(kBwdBr, kBwdBc), tile(kBwdBr, kBwdBc), tile(kBwdBc, D), tile(kBwdBc, D),
-                   opt.softcap > 0 ? tile(kBwdBr, kBwdBc) : at::Tensor(),
-                   drop.on ? tile(kBwdBr, kBwdBc) : at::Tensor()};
+    constexpr int64_t tile = kBwdBr * kBwdBc;
+    return Scratch{std::vector<acc_t>(tile), std::vector<acc_t>(tile), std::vector<acc_t>(D * kBwdBc),
+                   std::vector<acc_t>(D * kBwdBc), std::vector<acc_t>(opt.softcap > 0 ? tile : 0),
+                   std::vector<acc_t>(drop.on ? tile : 0), std::vector<in_t>(rounded ? tile : 0),
+                   std::vector<in_t>(rounded ? tile : 0)};
   };
 
   parallel_items(B * Hkv * n_splits, make_scratch, [&](int64_t item, Scratch& t) {
     const int64_t split = item % n_splits, bhkv = item / n_splits;
     const int64_t b = bhkv / Hkv, hkv = bhkv % Hkv;
+    constexpr int64_t ld = kBwdBc;      // of every (Br, Bc) tile
+    acc_t* dKt = t.dKt.data();          // (D, bc), unscaled Q^T dS
+    acc_t* dVt = t.dVt.data();          // (D, bc)
     // Key tiles are dealt round-robin to the splits, which balances causal work.
     for (int64_t kt = split; kt < n_ktiles; kt += n_splits) {
       const int64_t j0 = kt * kBwdBc, j1 = std::min(j0 + kBwdBc, Nk), bc = j1 - j0;
-      const at::Tensor rK = load_rows(k[b][hkv], j0, j1, t.sK);  // (bc, D)
-      const at::Tensor rV = load_rows(v[b][hkv], j0, j1, t.sV);  // (bc, D)
-      at::Tensor rdK = t.sdK.slice(0, 0, bc), rdV = t.sdV.slice(0, 0, bc);  // (bc, D)
-      rdK.zero_();
-      rdV.zero_();
+      std::fill(t.dKt.begin(), t.dKt.end(), acc_t(0));
+      std::fill(t.dVt.begin(), t.dVt.end(), acc_t(0));
       // Only the query rows that see some key of the tile (a window: a band).
       const int64_t i_first = band.row_begin(j0, Nq) / kBwdBr * kBwdBr, i_end = band.row_end(j1, Nq);
 
       for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
-        at::Tensor gdQ = dq_parts[split][b][h];  // (Nq, D), unscaled dS K
+        acc_t* gdQ = dq_parts[split][b][h].data_ptr<acc_t>();  // (Nq, D), unscaled dS K
         for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
-          at::Tensor rQ = t.sQ.slice(0, 0, br);  // (br, D), scale folded in
-          rQ.copy_(q[b][h].slice(0, i0, i1));
-          rQ.mul_(scale);
-          const at::Tensor rdO = load_rows(dout[b][h], i0, i1, t.sdO);  // (br, D)
-
-          at::Tensor rP = t.sS.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
-          at::mm_out(rP, rQ, rK.t());
-          acc_t* p = rP.data_ptr<acc_t>();
-          const int64_t ld = rP.stride(0);
-          acc_t* cap = opt.softcap > 0 ? t.sCap.template data_ptr<acc_t>() : nullptr;  // d(capped)/ds, ld as p
+          acc_t* p = t.S.data();  // (br, bc)
+          gemm(br, bc, D, at_row<in_t>(gQ, b, h, i0), ld_q, at_col<in_t>(gKt, b, hkv, j0), Nk, p, ld, false);  // S = Q K^T
+          acc_t* cap = opt.softcap > 0 ? t.Cap.data() : nullptr;  // d(capped)/ds, ld as p
           const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
-          if (band_mask || mods.any) modify_tile<acc_t>(p, cap, ld, br, bc, i0, j0, b, h, band, band_mask, mods);
+          const bool modified = band_mask || mods.any;
+          if (modified) {
+            for (int64_t r = 0; r < br; ++r) scale_row(p + r * ld, bc, scale);
+            modify_tile<acc_t>(p, cap, ld, br, bc, i0, j0, b, h, band, band_mask, mods);
+          }
           const int64_t row0 = (b * Hq + h) * Nq + i0;
           for (int64_t r = 0; r < br; ++r) {
             const acc_t l = lse_ptr[row0 + r];
@@ -225,13 +280,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             if (l == -std::numeric_limits<acc_t>::infinity())
               std::fill(p + r * ld, p + r * ld + bc, acc_t(0));
             else
-              exp_sub_sum(p + r * ld, bc, l);  // P = exp(S - lse)
+              exp_affine(p + r * ld, bc, modified ? acc_t(1) : scale, l);  // P = exp(S - lse)
           }
 
-          at::Tensor rdS = t.sdP.slice(0, 0, br).slice(1, 0, bc);  // (br, bc)
-          at::mm_out(rdS, rdO, rV.t());                            // dP = dO V^T
-          acc_t* ds = rdS.data_ptr<acc_t>();
-          acc_t* z = drop.on ? t.sZ.template data_ptr<acc_t>() : nullptr;  // dropout multipliers Z, ld as p
+          acc_t* ds = t.dP.data();  // (br, bc)
+          gemm(br, bc, D, at_row<in_t>(gdO, b, h, i0), ld_do, at_col<in_t>(gVt, b, hkv, j0), Nk, ds, ld, false);  // dP = dO V^T
+          acc_t* z = drop.on ? t.Z.data() : nullptr;  // dropout multipliers Z, ld as p
           if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
             drop.tile(z, ld, br, bc, i0, j0, b, h);
             for (int64_t r = 0; r < br; ++r) mul_row(ds + r * ld, z + r * ld, bc);
@@ -240,25 +294,40 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             softmax_grad_row(ds + r * ld, p + r * ld, bc, delta_ptr[row0 + r]);  // dS' = dL/d(modified s)
           if (z)
             for (int64_t r = 0; r < br; ++r) mul_row(p + r * ld, z + r * ld, bc);
-          rdV.addmm_(rP.t(), rdO);  // dV += (P Z)^T dO
+          gemm(D, bc, br, at_col<in_t>(gdOt, b, h, i0), Nq, gemm_operand<in_t>(p, ld, br, bc, t.P), ld, dVt, ld,
+               true);  // dV^T += dO^T (P Z)
           if (mods.dbias)  // dL/d bias = dS'; every (b, h, i, j) is visited once: plain stores
             for (int64_t r = 0; r < br; ++r)
               std::copy(ds + r * ld, ds + r * ld + bc, mods.dbias + ((b * Hq + h) * Nq + i0 + r) * Nk + j0);
           if (cap)  // dS = dS' d(capped)/ds
             for (int64_t r = 0; r < br; ++r)
               for (int64_t c = 0; c < bc; ++c) ds[r * ld + c] *= cap[r * ld + c];
-          rdK.addmm_(rdS.t(), rQ);                  // dK += dS^T (scale Q)
-          gdQ.slice(0, i0, i1).addmm_(rdS, rK);     // dQ += dS K (scaled at the end)
+          const in_t* dS = gemm_operand<in_t>(ds, ld, br, bc, t.dS);
+          gemm(D, bc, br, at_col<in_t>(gQt, b, h, i0), Nq, dS, ld, dKt, ld, true);     // dK^T += Q^T dS
+          gemm(br, D, bc, dS, ld, at_row<in_t>(gK, b, hkv, j0), ld_k, gdQ + i0 * D, D, true);  // dQ += dS K
         }
       }
-      dk[b][hkv].slice(0, j0, j1).copy_(rdK);
-      dv[b][hkv].slice(0, j0, j1).copy_(rdV);
+      scale_row(dKt, D * ld, scale);  // dS was taken with respect to the scaled scores
+      dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dKt, {D, bc}, {ld, 1}, acc_opts).t());
+      dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dVt, {D, bc}, {ld, 1}, acc_opts).t());
     }
   });
 
   at::Tensor dq_acc = dq_parts[0];
   for (int64_t s = 1; s < n_splits; ++s) dq_acc.add_(dq_parts[s]);  // fixed order
   dq.copy_(dq_acc.mul_(scale));
+}
+
+// The dtype of the tile GEMMs for inputs of `dtype`: fp16/bf16 themselves where the CPU
+// multiplies them natively (tile_gemm.h), else float (the inputs converted once per call).
+template <typename Fn>
+void with_gemm_type(at::ScalarType dtype, Fn fn) {
+  switch (dtype) {
+    case at::kDouble: return fn(double{});
+    case at::kBFloat16: return native_lowp_gemm(dtype) ? fn(c10::BFloat16{}) : fn(float{});
+    case at::kHalf: return native_lowp_gemm(dtype) ? fn(c10::Half{}) : fn(float{});
+    default: return fn(float{});
+  }
 }
 
 }  // namespace
@@ -269,10 +338,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
-  if (acc == at::kDouble)
-    fwd_impl<double>(q, k, v, out, lse, opt);
-  else
-    fwd_impl<float>(q, k, v, out, lse, opt);
+  with_gemm_type(q.scalar_type(), [&](auto in) { fwd_impl<decltype(in)>(q, k, v, out, lse, opt); });
   return {out, lse};
 }
 
@@ -295,10 +361,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // long sequences (e.g. Nk = 1, where P = 1 and the exact dS is 0).
   at::Tensor delta = (dout.to(at::kDouble) * out).sum(-1).to(acc);  // out promotes exactly
   if (dlse.has_value()) delta.sub_(*dlse);
-  if (acc == at::kDouble)
-    bwd_impl<double>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, dbias, opt);
-  else
-    bwd_impl<float>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, dbias, opt);
+  with_gemm_type(q.scalar_type(), [&](auto in) {
+    bwd_impl<decltype(in)>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, dbias, opt);
+  });
   return {dq, dk, dv, dbias};
 }
 

@@ -92,6 +92,40 @@ double exp_sub_sum(double* x, int64_t n, double m) {
   return exp_sub_sum_impl(x, n, m, [](double v) { return std::exp(v); });
 }
 
+FC_MULTIVERSION void exp_affine(float* x, int64_t n, float a, float m) {
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_poly(a * x[j] - m);
+}
+void exp_affine(double* x, int64_t n, double a, double m) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(a * x[j] - m);
+}
+
+namespace {
+template <typename T>
+inline T scale_row_max_impl(T* x, int64_t n, T a) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+  return row_max_impl(x, n);
+}
+}  // namespace
+FC_MULTIVERSION float scale_row_max(float* x, int64_t n, float a) { return scale_row_max_impl(x, n, a); }
+double scale_row_max(double* x, int64_t n, double a) { return scale_row_max_impl(x, n, a); }
+
+// Round to nearest even on the bits (the carry of the rounding increment propagates into the
+// exponent, which also rounds to infinity correctly); NaN stays a quiet NaN.
+FC_MULTIVERSION void round_bf16(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u;
+    __builtin_memcpy(&u, x + j, sizeof(u));
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    y[j] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u) : r);
+  }
+}
+FC_MULTIVERSION void round_fp16(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t j = 0; j < n; ++j) {
+    const _Float16 h = static_cast<_Float16>(x[j]);  // IEEE round to nearest even (F16C where present)
+    __builtin_memcpy(y + j, &h, sizeof(h));
+  }
+}
+
 FC_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }

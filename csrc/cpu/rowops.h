@@ -17,9 +17,23 @@ double row_max(const double* x, int64_t n);
 float exp_sub_sum(float* x, int64_t n, float m);
 double exp_sub_sum(double* x, int64_t n, double m);
 
+// x[j] = exp(a x[j] - m) in place (no sum: the backward's P from the saved lse m, finite).
+void exp_affine(float* x, int64_t n, float a, float m);
+void exp_affine(double* x, int64_t n, double a, double m);
+
 // x[j] *= a.
 void scale_row(float* x, int64_t n, float a);
 void scale_row(double* x, int64_t n, double a);
+
+// x[j] *= a in place and returns max_j x[j] (-inf for an empty row): scaling and the row max
+// of the forward's scores in one pass.
+float scale_row_max(float* x, int64_t n, float a);
+double scale_row_max(double* x, int64_t n, double a);
+
+// y[j] = x[j] rounded to nearest even as bfloat16 / IEEE half bits: P and dS as the operands of
+// the low-precision tile GEMMs (tile_gemm.h), rounded exactly as the CUDA kernels round them.
+void round_bf16(const float* x, int64_t n, uint16_t* y);
+void round_fp16(const float* x, int64_t n, uint16_t* y);
 
 // dp[j] = p[j] * (dp[j] - d): the softmax backward dS = P o (dP - D) for one row.
 void softmax_grad_row(float* dp, const float* p, int64_t n, float d);
