@@ -112,6 +112,20 @@ const in_t* gemm_operand(const acc_t* x, int64_t ld, int64_t rows, int64_t cols,
   }
 }
 
+// x[r][c] = 0 for the rows r < rows of a tile with leading dimension ld.
+template <typename T>
+void zero_column(T* x, int64_t ld, int64_t rows, int64_t c) {
+  for (int64_t r = 0; r < rows; ++r) x[r * ld + c] = T(0);
+}
+
+// exp(a x - m) of a row rounded into the fp16/bf16 row y (exp_affine_sum_bf16/fp16).
+inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::BFloat16* y) {
+  return exp_affine_sum_bf16(x, n, a, m, reinterpret_cast<uint16_t*>(y));
+}
+inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::Half* y) {
+  return exp_affine_sum_fp16(x, n, a, m, reinterpret_cast<uint16_t*>(y));
+}
+
 // in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
 // the softmax (float, or double for double).
 template <typename in_t>
@@ -127,9 +141,12 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const Mods<acc_t> mods(opt, Hq);
   const Drop<acc_t> drop(opt, Hq);
   const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
-  const at::Tensor gQ = rows_operand(q, in_dtype), gKt = transposed_operand(k, in_dtype),
-                   gV = rows_operand(v, in_dtype);  // (B, H, N, D), (B, Hkv, D, Nk), (B, Hkv, Nk, D)
-  const int64_t ld_q = gQ.stride(2), ld_v = gV.stride(2);
+  const at::Tensor gQ = rows_operand(q, in_dtype);  // (B, Hq, Nq, D)
+  const int64_t ld_q = gQ.stride(2);
+  // K^T (D x Nk) and V (Nk x D) per head; K^T packed only for an even D (Q rows have no zero
+  // column to pad an odd one with).
+  const RightOperand<in_t> gKt(transposed_operand(k, in_dtype), D % 2 == 0), gV(rows_operand(v, in_dtype), true);
+  constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at packed blocks
 
   struct Scratch {
     std::vector<acc_t> S, O, Z;  // scores (Br, Bc), unnormalised out (Br, D), dropout (Br, Bc)
@@ -159,23 +176,34 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 
     // Only the keys some row of the tile sees (a window: a band of width left + right + br).
     const int64_t key_end = band.key_end(i1, Nk);
-    for (int64_t j0 = band.key_begin(i0, Nk); j0 < key_end; j0 += kFwdBc) {
+    for (int64_t j0 = band.key_begin(i0, Nk) / kKeyAlign * kKeyAlign; j0 < key_end; j0 += kFwdBc) {
       const int64_t j1 = std::min(j0 + kFwdBc, key_end), bc = j1 - j0;
-      gemm(br, bc, D, gQi, ld_q, at_col<in_t>(gKt, b, hkv, j0), Nk, s, ld_s, false);  // S = Q K^T
+      gKt.gemm(b, hkv, br, gQi, ld_q, 0, D, j0, bc, s, ld_s, false);  // S = Q K^T
+      // The scale is folded into the exponent (exp(scale s - m)) unless the modifiers need the
+      // scaled scores or a scale <= 0 turns the row max into a row min.
       const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
-      const bool modified = band_mask || mods.any;
-      if (modified) {
+      const bool prescaled = band_mask || mods.any || !(scale > 0);
+      if (prescaled) {
         for (int64_t r = 0; r < br; ++r) scale_row(s + r * ld_s, bc, scale);
-        modify_tile<acc_t>(s, nullptr, ld_s, br, bc, i0, j0, b, h, band, band_mask, mods);
+        if (band_mask || mods.any) modify_tile<acc_t>(s, nullptr, ld_s, br, bc, i0, j0, b, h, band, band_mask, mods);
       }
+      const acc_t a = prescaled ? acc_t(1) : scale;
+      // fp16/bf16: P goes straight into the P V operand when nothing multiplies it first (dropout).
+      bool round_in_exp = false;
+      if constexpr (!std::is_same_v<in_t, acc_t>) round_in_exp = !drop.on;
 
       for (int64_t r = 0; r < br; ++r) {
         acc_t* x = s + r * ld_s;
-        const acc_t m_new = std::max(t.m[r], modified ? row_max(x, bc) : scale_row_max(x, bc, scale));
+        const acc_t m_new = std::max(t.m[r], a * row_max(x, bc));  // a > 0: max(a x) = a max(x)
         // -inf guard: a row with no visible key so far keeps m = -inf; subtracting 0
         // instead turns its masked scores into exp(-inf) = 0 rather than NaN.
         const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;
-        const acc_t row_sum = exp_sub_sum(x, bc, m_use);
+        acc_t row_sum;
+        if constexpr (std::is_same_v<in_t, acc_t>)
+          row_sum = exp_affine_sum(x, bc, a, m_use);
+        else
+          row_sum = round_in_exp ? exp_affine_sum_to(x, bc, a, m_use, t.P.data() + r * ld_s)
+                                 : exp_affine_sum(x, bc, a, m_use);
         const acc_t alpha = std::exp(t.m[r] - m_use);  // exp(-inf) = 0 on the first tile
         if (alpha != acc_t(1)) scale_row(o + r * D, D, alpha);
         t.l[r] = t.l[r] * alpha + row_sum;
@@ -186,8 +214,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         drop.tile(z, kFwdBc, br, bc, i0, j0, b, h);
         for (int64_t r = 0; r < br; ++r) mul_row(s + r * ld_s, z + r * kFwdBc, bc);
       }
-      const in_t* p = gemm_operand<in_t>(s, ld_s, br, bc, t.P);
-      gemm(br, D, bc, p, ld_s, at_row<in_t>(gV, b, hkv, j0), ld_v, o, D, true);  // O += P V
+      const in_t* p = round_in_exp ? t.P.data() : gemm_operand<in_t>(s, ld_s, br, bc, t.P);
+      if (bc % 2 && !t.P.empty()) zero_column(t.P.data(), ld_s, br, bc);  // the packed V's pad row
+      gV.gemm(b, hkv, br, p, ld_s, j0, bc, 0, D, o, D, true);  // O += P V
     }
 
     for (int64_t r = 0; r < br; ++r) {
@@ -217,11 +246,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
   // Every GEMM below multiplies row-major operands, so the transposed ones are made once here:
   //   S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K.
+  // The right operands shared by every tile (K^T, V^T, K) are RightOperands (packed on AMX).
   const at::Tensor gQ = rows_operand(q, in_dtype), gQt = transposed_operand(q, in_dtype);      // (.., Nq, D), (.., D, Nq)
   const at::Tensor gdO = rows_operand(dout, in_dtype), gdOt = transposed_operand(dout, in_dtype);
-  const at::Tensor gK = rows_operand(k, in_dtype), gKt = transposed_operand(k, in_dtype);      // (.., Nk, D), (.., D, Nk)
-  const at::Tensor gVt = transposed_operand(v, in_dtype);
-  const int64_t ld_q = gQ.stride(2), ld_do = gdO.stride(2), ld_k = gK.stride(2);
+  const RightOperand<in_t> gKt(transposed_operand(k, in_dtype), D % 2 == 0),  // (D, Nk) per head
+      gVt(transposed_operand(v, in_dtype), D % 2 == 0), gK(rows_operand(k, in_dtype), true);  // (D, Nk), (Nk, D)
+  const int64_t ld_q = gQ.stride(2), ld_do = gdO.stride(2);
+  static_assert(kBwdBc % RightOperand<in_t>::kBlock == 0, "key tiles start at packed blocks");
 
   // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
   // dQ partial, summed in split order below.
@@ -264,7 +295,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
         for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
           acc_t* p = t.S.data();  // (br, bc)
-          gemm(br, bc, D, at_row<in_t>(gQ, b, h, i0), ld_q, at_col<in_t>(gKt, b, hkv, j0), Nk, p, ld, false);  // S = Q K^T
+          gKt.gemm(b, hkv, br, at_row<in_t>(gQ, b, h, i0), ld_q, 0, D, j0, bc, p, ld, false);  // S = Q K^T
           acc_t* cap = opt.softcap > 0 ? t.Cap.data() : nullptr;  // d(capped)/ds, ld as p
           const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
           const bool modified = band_mask || mods.any;
@@ -284,7 +315,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           }
 
           acc_t* ds = t.dP.data();  // (br, bc)
-          gemm(br, bc, D, at_row<in_t>(gdO, b, h, i0), ld_do, at_col<in_t>(gVt, b, hkv, j0), Nk, ds, ld, false);  // dP = dO V^T
+          gVt.gemm(b, hkv, br, at_row<in_t>(gdO, b, h, i0), ld_do, 0, D, j0, bc, ds, ld, false);  // dP = dO V^T
           acc_t* z = drop.on ? t.Z.data() : nullptr;  // dropout multipliers Z, ld as p
           if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
             drop.tile(z, ld, br, bc, i0, j0, b, h);
@@ -303,8 +334,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             for (int64_t r = 0; r < br; ++r)
               for (int64_t c = 0; c < bc; ++c) ds[r * ld + c] *= cap[r * ld + c];
           const in_t* dS = gemm_operand<in_t>(ds, ld, br, bc, t.dS);
-          gemm(D, bc, br, at_col<in_t>(gQt, b, h, i0), Nq, dS, ld, dKt, ld, true);     // dK^T += Q^T dS
-          gemm(br, D, bc, dS, ld, at_row<in_t>(gK, b, hkv, j0), ld_k, gdQ + i0 * D, D, true);  // dQ += dS K
+          gemm(D, bc, br, at_col<in_t>(gQt, b, h, i0), Nq, dS, ld, dKt, ld, true);  // dK^T += Q^T dS
+          if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);             // the packed K's pad row
+          gK.gemm(b, hkv, br, dS, ld, j0, bc, 0, D, gdQ + i0 * D, D, true);        // dQ += dS K
         }
       }
       scale_row(dKt, D * ld, scale);  // dS was taken with respect to the scaled scores

@@ -96,7 +96,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t m_new = std::max(t.m[r], row_max(s + r * ld_s, bc));
         const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // a row with no visible key yet
-        const acc_t row_sum = exp_sub_sum(s + r * ld_s, bc, m_use);
+        const acc_t row_sum = exp_affine_sum(s + r * ld_s, bc, acc_t(1), m_use);
         const acc_t alpha = std::exp(t.m[r] - m_use);
         if (alpha != acc_t(1)) scale_row(o + r * D, D, alpha);
         t.l[r] = t.l[r] * alpha + row_sum;

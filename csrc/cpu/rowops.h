@@ -12,10 +12,15 @@ namespace flash_cuda::cpu {
 float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 
-// x[j] = exp(x[j] - m) in place and returns sum_j x[j]. Requires m finite (callers pass
-// 0 for a row whose max is -inf, so masked entries give exp(-inf) = 0, never NaN).
-float exp_sub_sum(float* x, int64_t n, float m);
-double exp_sub_sum(double* x, int64_t n, double m);
+// x[j] = exp(a x[j] - m) in place and returns sum_j x[j] (the forward's P with the scale a
+// folded into the exponent). Requires m finite (callers pass 0 for a row whose max is -inf, so
+// masked entries give exp(-inf) = 0, never NaN).
+float exp_affine_sum(float* x, int64_t n, float a, float m);
+double exp_affine_sum(double* x, int64_t n, double a, double m);
+// y[j] = exp(a x[j] - m) rounded to nearest even as bfloat16 / IEEE half bits, x untouched;
+// returns the sum of the unrounded values: P written straight into the P V operand.
+float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y);
+float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y);
 
 // x[j] = exp(a x[j] - m) in place (no sum: the backward's P from the saved lse m, finite).
 void exp_affine(float* x, int64_t n, float a, float m);
@@ -24,11 +29,6 @@ void exp_affine(double* x, int64_t n, double a, double m);
 // x[j] *= a.
 void scale_row(float* x, int64_t n, float a);
 void scale_row(double* x, int64_t n, double a);
-
-// x[j] *= a in place and returns max_j x[j] (-inf for an empty row): scaling and the row max
-// of the forward's scores in one pass.
-float scale_row_max(float* x, int64_t n, float a);
-double scale_row_max(double* x, int64_t n, double a);
 
 // y[j] = x[j] rounded to nearest even as bfloat16 / IEEE half bits: P and dS as the operands of
 // the low-precision tile GEMMs (tile_gemm.h), rounded exactly as the CUDA kernels round them.

@@ -2,11 +2,15 @@
 #include "tile_gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace flash_cuda::cpu {
 namespace {
@@ -78,5 +82,63 @@ bool native_lowp_gemm(at::ScalarType dtype) {
   static const bool fp16 = cpu_has("amx_fp16");
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : false;
 }
+
+template <typename T>
+RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N_(x.size(3)) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  packed_ = pack && !std::is_same_v<T, at::opmath_type<T>> && x.numel() > 0 && at::native::cpublas::could_pack(dtype);
+  if (!packed_) {
+    data_ = x.stride(3) == 1 ? x : x.contiguous();
+    return;
+  }
+  // Zero padding: rows to an even count (the VNNI layout interleaves row pairs), columns to a
+  // multiple of 16 (the packing accepts no other widths; the GEMMs compute the real columns only).
+  K_even_ = K_ + K_ % 2;
+  N16_ = (N_ + 15) / 16 * 16;
+  const int64_t B = x.size(0), H = x.size(1), blocks = (N_ + kBlock - 1) / kBlock;
+  at::Tensor src = x;
+  if (K_even_ != K_ || N16_ != N_ || x.stride(3) != 1 || x.stride(2) != N_) {
+    src = at::zeros({B, H, K_even_, N16_}, x.options());
+    src.slice(2, 0, K_).slice(3, 0, N_).copy_(x);
+  }
+  data_ = at::empty({B, H, blocks, K_even_, kBlock}, x.options());
+  const T* in = src.data_ptr<T>();
+  T* out = data_.data_ptr<T>();
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bh = i / blocks, blk = i % blocks, n0 = blk * kBlock, w = std::min(kBlock, N16_ - n0);
+      at::native::cpublas::pack(K_even_, w, N16_, w, dtype, dtype, in + bh * K_even_ * N16_ + n0,
+                                out + i * K_even_ * kBlock);
+    }
+  });
+}
+
+template <typename T>
+void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t lda, int64_t k0, int64_t kn,
+                           int64_t n0, int64_t nn, at::opmath_type<T>* C, int64_t ldc, bool accumulate) const {
+  if (!packed_) {
+    const T* B = data_.data_ptr<T>() + b * data_.stride(0) + h * data_.stride(1) + k0 * data_.stride(2) + n0;
+    flash_cuda::cpu::gemm(M, nn, kn, A, lda, B, data_.stride(2), C, ldc, accumulate);
+    return;
+  }
+  if constexpr (!std::is_same_v<T, at::opmath_type<T>>) {
+    const int64_t kk = kn + kn % 2, blocks = data_.size(2);
+    const T* base = data_.data_ptr<T>() + (b * data_.size(1) + h) * blocks * K_even_ * kBlock;
+    for (int64_t n = n0; n < n0 + nn; n += kBlock) {
+      const int64_t blk = n / kBlock, w = std::min(kBlock, N16_ - n);  // the block's packed width
+      const T* B = base + blk * K_even_ * kBlock + k0 * w;           // row k0 of the VNNI block
+      at::native::cpublas::brgemm(M, std::min(w, n0 + nn - n), kk, lda, w, ldc, accumulate, A, B, C + (n - n0),
+                                  /*is_vnni=*/true);
+    }
+    // The micro-kernel keeps the AMX tile configuration of its last shape; release it so the
+    // unpacked GEMMs (oneDNN/MKL, which configure tiles on their own) start from a clean state.
+    at::native::cpublas::brgemm_release(true);
+  }
+}
+
+template class RightOperand<float>;
+template class RightOperand<double>;
+template class RightOperand<c10::BFloat16>;
+template class RightOperand<c10::Half>;
 
 }  // namespace flash_cuda::cpu
