@@ -35,6 +35,7 @@
 
 #include "../kernels/mask.h"
 #include "dropout_cpu.h"
+#include "online_softmax.h"
 #include "rowops.h"
 #include "tile_gemm.h"
 #include "tiles.h"
@@ -119,11 +120,13 @@ void zero_column(T* x, int64_t ld, int64_t rows, int64_t c) {
 }
 
 // exp(a x - m) of a row rounded into the fp16/bf16 row y (exp_affine_sum_bf16/fp16).
-inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::BFloat16* y) {
-  return exp_affine_sum_bf16(x, n, a, m, reinterpret_cast<uint16_t*>(y));
+inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::BFloat16* y, float* x_max,
+                               float* rounded_sum) {
+  return exp_affine_sum_bf16(x, n, a, m, reinterpret_cast<uint16_t*>(y), x_max, rounded_sum);
 }
-inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::Half* y) {
-  return exp_affine_sum_fp16(x, n, a, m, reinterpret_cast<uint16_t*>(y));
+inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::Half* y, float* x_max,
+                               float* rounded_sum) {
+  return exp_affine_sum_fp16(x, n, a, m, reinterpret_cast<uint16_t*>(y), x_max, rounded_sum);
 }
 
 // in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
@@ -148,16 +151,20 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const RightOperand<in_t> gKt(transposed_operand(k, in_dtype), D % 2 == 0), gV(rows_operand(v, in_dtype), true);
   constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at packed blocks
 
+  // Probabilities: rounded straight into P for fp16/bf16 GEMMs, else in fp32 Pf (also where
+  // dropout multiplies them before the rounding). The scores S stay intact for a redone row.
+  constexpr bool rounded = !std::is_same_v<in_t, acc_t>;
+  const bool round_in_exp = rounded && !drop.on;
   struct Scratch {
-    std::vector<acc_t> S, O, Z;  // scores (Br, Bc), unnormalised out (Br, D), dropout (Br, Bc)
-    std::vector<in_t> P;         // probabilities as the P V operand (Br, Bc), when in_t != acc_t
-    std::vector<acc_t> m, l;     // running row max and row sum, (Br)
+    std::vector<acc_t> S, Pf, O, Z;  // scores, probabilities (Br, Bc), unnormalised out (Br, D), dropout (Br, Bc)
+    std::vector<in_t> P;             // probabilities as the P V operand (Br, Bc), when in_t != acc_t
+    std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (Br)
   };
   auto make_scratch = [&] {
-    return Scratch{std::vector<acc_t>(kFwdBr * kFwdBc), std::vector<acc_t>(kFwdBr * D),
-                   std::vector<acc_t>(drop.on ? kFwdBr * kFwdBc : 0),
-                   std::vector<in_t>(std::is_same_v<in_t, acc_t> ? 0 : kFwdBr * kFwdBc),
-                   std::vector<acc_t>(kFwdBr), std::vector<acc_t>(kFwdBr)};
+    constexpr int64_t tile = kFwdBr * kFwdBc;
+    return Scratch{std::vector<acc_t>(tile), std::vector<acc_t>(round_in_exp ? 0 : tile),
+                   std::vector<acc_t>(kFwdBr * D), std::vector<acc_t>(drop.on ? tile : 0),
+                   std::vector<in_t>(rounded ? tile : 0), std::vector<SoftmaxRow<acc_t>>(kFwdBr)};
   };
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
 
@@ -169,10 +176,10 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     const in_t* gQi = at_row<in_t>(gQ, b, h, i0);  // (br, D)
     acc_t* o = t.O.data();                         // (br, D), unnormalised
     std::fill(o, o + br * D, acc_t(0));
-    std::fill(t.m.begin(), t.m.end(), kNegInf);
-    std::fill(t.l.begin(), t.l.end(), acc_t(0));
+    std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
     constexpr int64_t ld_s = kFwdBc;
-    acc_t* s = t.S.data();  // (br, bc)
+    acc_t* s = t.S.data();    // (br, bc)
+    acc_t* pf = t.Pf.data();  // (br, bc), unless round_in_exp
 
     // Only the keys some row of the tile sees (a window: a band of width left + right + br).
     const int64_t key_end = band.key_end(i1, Nk);
@@ -188,41 +195,32 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         if (band_mask || mods.any) modify_tile<acc_t>(s, nullptr, ld_s, br, bc, i0, j0, b, h, band, band_mask, mods);
       }
       const acc_t a = prescaled ? acc_t(1) : scale;
-      // fp16/bf16: P goes straight into the P V operand when nothing multiplies it first (dropout).
-      bool round_in_exp = false;
-      if constexpr (!std::is_same_v<in_t, acc_t>) round_in_exp = !drop.on;
 
       for (int64_t r = 0; r < br; ++r) {
-        acc_t* x = s + r * ld_s;
-        const acc_t m_new = std::max(t.m[r], a * row_max(x, bc));  // a > 0: max(a x) = a max(x)
-        // -inf guard: a row with no visible key so far keeps m = -inf; subtracting 0
-        // instead turns its masked scores into exp(-inf) = 0 rather than NaN.
-        const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;
-        acc_t row_sum;
-        if constexpr (std::is_same_v<in_t, acc_t>)
-          row_sum = exp_affine_sum(x, bc, a, m_use);
-        else
-          row_sum = round_in_exp ? exp_affine_sum_to(x, bc, a, m_use, t.P.data() + r * ld_s)
-                                 : exp_affine_sum(x, bc, a, m_use);
-        const acc_t alpha = std::exp(t.m[r] - m_use);  // exp(-inf) = 0 on the first tile
-        if (alpha != acc_t(1)) scale_row(o + r * D, D, alpha);
-        t.l[r] = t.l[r] * alpha + row_sum;
-        t.m[r] = m_new;
+        const acc_t* x = s + r * ld_s;
+        online_softmax_row(t.rows[r], o + r * D, D, a, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+          if constexpr (rounded)
+            if (round_in_exp) return exp_affine_sum_to(x, bc, a, m_ref, t.P.data() + r * ld_s, x_max, lp);
+          const acc_t l = exp_affine_sum(x, bc, a, m_ref, pf + r * ld_s, x_max);
+          *lp = l;  // dropout multiplies P after the sums, as on the GPU
+          return l;
+        });
       }
       if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
         acc_t* z = t.Z.data();
         drop.tile(z, kFwdBc, br, bc, i0, j0, b, h);
-        for (int64_t r = 0; r < br; ++r) mul_row(s + r * ld_s, z + r * kFwdBc, bc);
+        for (int64_t r = 0; r < br; ++r) mul_row(pf + r * ld_s, z + r * kFwdBc, bc);
       }
-      const in_t* p = round_in_exp ? t.P.data() : gemm_operand<in_t>(s, ld_s, br, bc, t.P);
+      const in_t* p = round_in_exp ? t.P.data() : gemm_operand<in_t>(pf, ld_s, br, bc, t.P);
       if (bc % 2 && !t.P.empty()) zero_column(t.P.data(), ld_s, br, bc);  // the packed V's pad row
       gV.gemm(b, hkv, br, p, ld_s, j0, bc, 0, D, o, D, true);  // O += P V
     }
 
     for (int64_t r = 0; r < br; ++r) {
-      const bool empty = t.l[r] == acc_t(0);  // the row sees no key: out 0, lse -inf
-      scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / t.l[r]);
-      lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : t.m[r] + std::log(t.l[r]);
+      const SoftmaxRow<acc_t>& row = t.rows[r];
+      const bool empty = row.l == acc_t(0);  // the row sees no key: out 0, lse -inf
+      scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
+      lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : row.m + std::log(row.l);
     }
     out[b][h].slice(0, i0, i1).copy_(at::from_blob(o, {br, D}, out.options().dtype(lse.scalar_type())));
   });

@@ -15,6 +15,7 @@
 
 #include <cmath>
 
+#include "online_softmax.h"
 #include "tiles.h"
 
 namespace flash_cuda::cpu {
@@ -56,13 +57,13 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   at::Tensor lse_part = splits > 1 ? at::empty({splits, B, Hq, Nq}, acc_opts) : at::Tensor();
 
   struct Scratch {
-    at::Tensor sQ, sK, sV, sS, sO;  // (rows, D), (Bc, D), (Bc, D), (rows, Bc), (rows, D)
-    std::vector<acc_t> m, l;        // running row max and row sum, (rows)
+    at::Tensor sQ, sK, sV, sS, sP, sO;  // (rows, D), (Bc, D), (Bc, D), scores and P (rows, Bc), (rows, D)
+    std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (rows)
   };
   auto make_scratch = [&] {
     return Scratch{at::empty({rows, D}, acc_opts), at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts),
-                   at::empty({rows, kBc}, acc_opts), at::empty({rows, D}, acc_opts), std::vector<acc_t>(rows),
-                   std::vector<acc_t>(rows)};
+                   at::empty({rows, kBc}, acc_opts), at::empty({rows, kBc}, acc_opts), at::empty({rows, D}, acc_opts),
+                   std::vector<SoftmaxRow<acc_t>>(rows)};
   };
   parallel_items(B * Hkv * splits, make_scratch, [&](int64_t item, Scratch& t) {
     const int64_t split = item % splits, bh = item / splits, b = bh / Hkv, hkv = bh % Hkv;
@@ -78,8 +79,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     rQ.mul_(opt.scale);
     at::Tensor rO = t.sO;
     rO.zero_();
-    std::fill(t.m.begin(), t.m.end(), kNegInf);
-    std::fill(t.l.begin(), t.l.end(), acc_t(0));
+    std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
     acc_t* o = rO.data_ptr<acc_t>();
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
       const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
@@ -93,23 +93,21 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       if (band_mask || mods.any)
         for (int64_t g = 0; g < group; ++g)
           modify_tile<acc_t>(s + g * Nq * ld_s, nullptr, ld_s, Nq, bc, 0, j0, b, hkv * group + g, band, band_mask, mods);
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t m_new = std::max(t.m[r], row_max(s + r * ld_s, bc));
-        const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // a row with no visible key yet
-        const acc_t row_sum = exp_affine_sum(s + r * ld_s, bc, acc_t(1), m_use);
-        const acc_t alpha = std::exp(t.m[r] - m_use);
-        if (alpha != acc_t(1)) scale_row(o + r * D, D, alpha);
-        t.l[r] = t.l[r] * alpha + row_sum;
-        t.m[r] = m_new;
-      }
-      rO.addmm_(rS, rV);  // O += P V
+      at::Tensor rP = t.sP.slice(1, 0, bc);  // (rows, bc), ld as rS
+      acc_t* p = rP.data_ptr<acc_t>();
+      for (int64_t r = 0; r < rows; ++r)
+        online_softmax_row(t.rows[r], o + r * D, D, acc_t(1), [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+          return *lp = exp_affine_sum(s + r * ld_s, bc, acc_t(1), m_ref, p + r * ld_s, x_max);
+        });
+      rO.addmm_(rP, rV);  // O += P V
     }
     at::Tensor dst_o = splits > 1 ? o_part[split][b] : out[b];  // (Hq, Nq, D)
     acc_t* dst_lse = (splits > 1 ? lse_part[split][b] : lse[b]).data_ptr<acc_t>();  // (Hq, Nq), contiguous
     for (int64_t r = 0; r < rows; ++r) {
-      const bool empty = t.l[r] == acc_t(0);  // no visible key: out 0, lse -inf
-      scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / t.l[r]);
-      const acc_t row_lse = empty ? kNegInf : t.m[r] + std::log(t.l[r]);
+      const SoftmaxRow<acc_t>& row = t.rows[r];
+      const bool empty = row.l == acc_t(0);  // no visible key: out 0, lse -inf
+      scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
+      const acc_t row_lse = empty ? kNegInf : row.m + std::log(row.l);
       const int64_t h = hkv * group + r / Nq, i = r % Nq;
       dst_lse[h * Nq + i] = row_lse;
     }

@@ -11,6 +11,10 @@
 namespace flash_cuda::cpu {
 namespace {
 
+// Every helper is inlined into the per-ISA clones that call it: a helper compiled on its own
+// would get the baseline ISA (SSE2, no FMA) whatever the caller's clone.
+#define FC_INLINE inline __attribute__((always_inline))
+
 // Independent partial results per reduction. Without -ffast-math the compiler may not
 // reorder a floating-point reduction; spelling out kLanes accumulators fixes the order
 // explicitly, so the loop vectorises and gives the same bits run after run.
@@ -24,20 +28,20 @@ using v16i = int32_t __attribute__((vector_size(64)));
 using v16u = uint32_t __attribute__((vector_size(64)));
 using v16h = uint16_t __attribute__((vector_size(32)));
 
-template <typename T> inline T splat(float c) { return T{} + c; }
-template <> inline float splat<float>(float c) { return c; }
+template <typename T> FC_INLINE T splat(float c) { return T{} + c; }
+template <> FC_INLINE float splat<float>(float c) { return c; }
 // max / min that keep a NaN in `a` (a NaN score must give a NaN probability, not 0)
-inline float max_of(float a, float b) { return a < b ? b : a; }
-inline v16f max_of(v16f a, v16f b) { return a < b ? b : a; }
-inline float min_of(float a, float b) { return a > b ? b : a; }
-inline v16f min_of(v16f a, v16f b) { return a > b ? b : a; }
-inline float pow2i(float n) {  // 2^n for an integral n in [-127, 128]
+FC_INLINE float max_of(float a, float b) { return a < b ? b : a; }
+FC_INLINE v16f max_of(v16f a, v16f b) { return a < b ? b : a; }
+FC_INLINE float min_of(float a, float b) { return a > b ? b : a; }
+FC_INLINE v16f min_of(v16f a, v16f b) { return a > b ? b : a; }
+FC_INLINE float pow2i(float n) {  // 2^n for an integral n in [-127, 128]
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float r;
   __builtin_memcpy(&r, &bits, sizeof(r));
   return r;
 }
-inline v16f pow2i(v16f n) { return reinterpret_cast<v16f>((__builtin_convertvector(n, v16i) + 127) << 23); }
+FC_INLINE v16f pow2i(v16f n) { return reinterpret_cast<v16f>((__builtin_convertvector(n, v16i) + 127) << 23); }
 
 // exp(x) for float (T = float or v16f). x = n*ln2 + r with n = round(x*log2(e)) and
 // |r| <= ln2/2; r is formed with ln2 split in a high part exact in float and a low part
@@ -46,7 +50,7 @@ inline v16f pow2i(v16f n) { return reinterpret_cast<v16f>((__builtin_convertvect
 // [-88.5, 88.5]: below, n = -127 writes a zero exponent field with |r| small, so inputs
 // past the float range and -inf (a masked score) give exactly +0.
 template <typename T>
-inline T exp_poly(T x) {
+FC_INLINE T exp_poly(T x) {
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr float kLn2Hi = 0.693145751953125f;  // 12 significant bits: n * kLn2Hi is exact
   constexpr float kLn2Lo = 1.428606765330187e-06f;
@@ -67,15 +71,15 @@ inline T exp_poly(T x) {
   return p * pow2i(n);
 }
 
-inline v16f load16(const float* x) {
+FC_INLINE v16f load16(const float* x) {
   v16f v;
   __builtin_memcpy(&v, x, sizeof(v));
   return v;
 }
-inline void store16(float* y, v16f v) { __builtin_memcpy(y, &v, sizeof(v)); }
+FC_INLINE void store16(float* y, v16f v) { __builtin_memcpy(y, &v, sizeof(v)); }
 
 template <typename T>
-inline T row_max_impl(const T* x, int64_t n) {
+FC_INLINE T row_max_impl(const T* x, int64_t n) {
   T acc[kLanes];
   for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
@@ -89,42 +93,64 @@ inline T row_max_impl(const T* x, int64_t n) {
 
 // Rounds to nearest even on the bits (the carry of the rounding increment propagates into the
 // exponent, which also rounds to infinity correctly); NaN stays a quiet NaN.
-inline uint16_t bf16_bits(float v) {
+FC_INLINE uint16_t bf16_bits(float v) {
   uint32_t u;
   __builtin_memcpy(&u, &v, sizeof(u));
   const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u) : r);
 }
-inline v16h bf16_bits(v16f v) {
+FC_INLINE v16h bf16_bits(v16f v) {
   const v16u u = reinterpret_cast<v16u>(v);
   const v16u r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return __builtin_convertvector((u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u) : r, v16h);
 }
-inline uint16_t fp16_bits(float v) {
+FC_INLINE float bf16_value(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float v;
+  __builtin_memcpy(&v, &u, sizeof(v));
+  return v;
+}
+FC_INLINE v16f bf16_value(v16h h) { return reinterpret_cast<v16f>(__builtin_convertvector(h, v16u) << 16); }
+FC_INLINE float fp16_value(uint16_t h) {
+  _Float16 v;
+  __builtin_memcpy(&v, &h, sizeof(v));
+  return static_cast<float>(v);
+}
+FC_INLINE uint16_t fp16_bits(float v) {
   const _Float16 h = static_cast<_Float16>(v);  // IEEE round to nearest even (F16C where present)
   uint16_t y;
   __builtin_memcpy(&y, &h, sizeof(y));
   return y;
 }
 
-// sum_j e_j with e_j = exp(a x[j] - m), each handed to store(j, e_j); for float, 16 at a time
-// as a v16f (store16(j, e)) with 16 partial sums (a fixed order: same bits run after run).
+// sum_j e_j with e_j = exp(a x[j] - m), each handed to store(j, e_j), which returns the value
+// stored (e_j, or e_j rounded); their sum goes to *stored_sum and max_j x[j] to *x_max. For float,
+// 16 at a time as a v16f (store16(j, e)) with 16 partial sums and maxima (a fixed order: the
+// same bits run after run). Each x[j] is read before e_j is stored (y may be x).
 template <typename Store, typename Store16>
-inline float exp_affine_sum_impl(const float* x, int64_t n, float a, float m, Store store, Store16 store16) {
-  v16f acc = {};
+FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m, float* x_max, float* stored_sum,
+                                    Store store, Store16 store16) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  v16f acc = {}, acc_stored = {}, mx = splat<v16f>(kNegInf);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const v16f e = exp_poly(a * load16(x + j) - m);
-    store16(j, e);
+    const v16f v = load16(x + j);
+    mx = mx < v ? v : mx;
+    const v16f e = exp_poly(a * v - m);
+    acc_stored += store16(j, e);
     acc += e;
   }
-  float s = 0;
+  float s = 0, ss = 0, mj = kNegInf;
   for (; j < n; ++j) {
-    const float e = exp_poly(a * x[j] - m);
-    store(j, e);
+    const float v = x[j];
+    mj = mj < v ? v : mj;
+    const float e = exp_poly(a * v - m);
+    ss += store(j, e);
     s += e;
   }
-  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (int l = 0; l < 16; ++l) s += acc[l], ss += acc_stored[l], mj = mj < mx[l] ? mx[l] : mj;
+  *x_max = mj;
+  *stored_sum = ss;
   return s;
 }
 
@@ -133,28 +159,50 @@ inline float exp_affine_sum_impl(const float* x, int64_t n, float a, float m, St
 FC_MULTIVERSION float row_max(const float* x, int64_t n) { return row_max_impl(x, n); }
 double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
 
-FC_MULTIVERSION float exp_affine_sum(float* x, int64_t n, float a, float m) {
+FC_MULTIVERSION float exp_affine_sum(const float* x, int64_t n, float a, float m, float* y, float* x_max) {
+  float unused;
   return exp_affine_sum_impl(
-      x, n, a, m, [x](int64_t j, float e) { x[j] = e; }, [x](int64_t j, v16f e) { store16(x + j, e); });
+      x, n, a, m, x_max, &unused, [y](int64_t j, float e) { return y[j] = e; },
+      [y](int64_t j, v16f e) {
+        store16(y + j, e);
+        return e;
+      });
 }
-double exp_affine_sum(double* x, int64_t n, double a, double m) {
-  double s = 0;
-  for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(a * x[j] - m));
+double exp_affine_sum(const double* x, int64_t n, double a, double m, double* y, double* x_max) {
+  double s = 0, mx = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    mx = mx < x[j] ? x[j] : mx;
+    s += (y[j] = std::exp(a * x[j] - m));
+  }
+  *x_max = mx;
   return s;
 }
-FC_MULTIVERSION float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y) {
+FC_MULTIVERSION float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
+                                          float* rounded_sum) {
   return exp_affine_sum_impl(
-      x, n, a, m, [y](int64_t j, float e) { y[j] = bf16_bits(e); },
+      x, n, a, m, x_max, rounded_sum,
+      [y](int64_t j, float e) {
+        y[j] = bf16_bits(e);
+        return bf16_value(y[j]);
+      },
       [y](int64_t j, v16f e) {
         const v16h h = bf16_bits(e);
         __builtin_memcpy(y + j, &h, sizeof(h));
+        return bf16_value(h);
       });
 }
-FC_MULTIVERSION float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y) {
+FC_MULTIVERSION float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
+                                          float* rounded_sum) {
   return exp_affine_sum_impl(
-      x, n, a, m, [y](int64_t j, float e) { y[j] = fp16_bits(e); },
+      x, n, a, m, x_max, rounded_sum,
+      [y](int64_t j, float e) {
+        y[j] = fp16_bits(e);
+        return fp16_value(y[j]);
+      },
       [y](int64_t j, v16f e) {
-        for (int l = 0; l < 16; ++l) y[j + l] = fp16_bits(e[l]);
+        v16f r;
+        for (int l = 0; l < 16; ++l) y[j + l] = fp16_bits(e[l]), r[l] = fp16_value(y[j + l]);
+        return r;
       });
 }
 

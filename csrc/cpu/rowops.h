@@ -12,15 +12,16 @@ namespace flash_cuda::cpu {
 float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 
-// x[j] = exp(a x[j] - m) in place and returns sum_j x[j] (the forward's P with the scale a
-// folded into the exponent). Requires m finite (callers pass 0 for a row whose max is -inf, so
-// masked entries give exp(-inf) = 0, never NaN).
-float exp_affine_sum(float* x, int64_t n, float a, float m);
-double exp_affine_sum(double* x, int64_t n, double a, double m);
-// y[j] = exp(a x[j] - m) rounded to nearest even as bfloat16 / IEEE half bits, x untouched;
-// returns the sum of the unrounded values: P written straight into the P V operand.
-float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y);
-float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y);
+// y[j] = exp(a x[j] - m) (y may be x) and returns sum_j y[j]; *x_max = max_j x[j] of the input
+// (-inf for an empty row), taken in the same pass (online_softmax.h). Requires m finite
+// (callers pass 0 for a row whose max is -inf, so masked entries give exp(-inf) = 0, never NaN).
+float exp_affine_sum(const float* x, int64_t n, float a, float m, float* y, float* x_max);
+double exp_affine_sum(const double* x, int64_t n, double a, double m, double* y, double* x_max);
+// The same with y[j] rounded to nearest even as bfloat16 / IEEE half bits (P written straight
+// into the P V operand): returns the sum of the unrounded values, *rounded_sum gets the sum of
+// the rounded ones.
+float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max, float* rounded_sum);
+float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max, float* rounded_sum);
 
 // x[j] = exp(a x[j] - m) in place (no sum: the backward's P from the saved lse m, finite).
 void exp_affine(float* x, int64_t n, float a, float m);

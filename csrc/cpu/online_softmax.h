@@ -1,0 +1,65 @@
+// The online softmax of one query row across its key tiles (FlashAttention-2, Algorithm 1),
+// shared by the CPU backend's forward and KV-cache loops.
+//
+// The row keeps a reference max m, the sum l = sum_j exp(s_j - m) (for lse = m + log l), the sum
+// lp of the probabilities as the P V GEMM used them (rounded to fp16/bf16 there, else lp = l)
+// and the unnormalised output O = sum_j p_j v_j; out = O / lp, so the weights of the output sum
+// to one exactly and a row saturated on one key returns that key's value unchanged, whatever m.
+//
+// A tile's probabilities are taken against the current m while its max is found in the same
+// pass (exp_affine_sum's x_max); only a tile whose max exceeds m by more than kMargin is redone
+// against its own max, with l, lp and O rescaled. So most tiles cost one pass over the scores
+// instead of two. m stays within kMargin of the row's running max: the probabilities lie below
+// e^kMargin (no overflow) and the largest above e^-kMargin (no underflow that matters).
+#pragma once
+#include <cmath>
+#include <limits>
+
+#include "rowops.h"
+
+namespace flash_cuda::cpu {
+
+template <typename acc_t>
+struct SoftmaxRow {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();  // -inf before the row's first visible key
+  acc_t l = 0, lp = 0;
+};
+
+// exp_row(m_ref, &x_max, &lp_sum) writes the row's probabilities exp(a s_j - m_ref) wherever
+// the caller keeps them and returns their sum; x_max gets the row's max input s_j and lp_sum the
+// sum of the probabilities as stored. o: the row's unnormalised output (D). a > 0.
+template <typename acc_t, typename ExpRow>
+inline void online_softmax_row(SoftmaxRow<acc_t>& row, acc_t* o, int64_t D, acc_t a, ExpRow exp_row) {
+  constexpr acc_t kMargin = 8;  // e^8 ~ 3e3: far from the float range
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t x_max, lp;
+  if (row.m == kNegInf) {
+    // The first tile with a visible key: tried against m = 0 (usable when its max is within the
+    // margin of 0, the common case of unit-scale scores; a masked score gives exp(-inf) = 0,
+    // never NaN), else redone against its max.
+    const acc_t l0 = exp_row(acc_t(0), &x_max, &lp);
+    const acc_t m_tile = a * x_max;
+    if (m_tile == kNegInf) return;  // nothing visible yet: P = 0, the row unchanged
+    if (m_tile >= -kMargin && m_tile <= kMargin) {
+      row = {acc_t(0), l0, lp};
+    } else {
+      row.m = m_tile;
+      row.l = exp_row(m_tile, &x_max, &row.lp);
+    }
+    return;
+  }
+  const acc_t l_tile = exp_row(row.m, &x_max, &lp);
+  const acc_t m_tile = a * x_max;
+  if (!(m_tile > row.m + kMargin)) {
+    row.l += l_tile;
+    row.lp += lp;
+    return;
+  }
+  const acc_t alpha = std::exp(row.m - m_tile);
+  row.l = row.l * alpha + exp_row(m_tile, &x_max, &lp);
+  row.lp = row.lp * alpha + lp;
+  scale_row(o, D, alpha);
+  row.m = m_tile;
+}
+
+}  // namespace flash_cuda::cpu
