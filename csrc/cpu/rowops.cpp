@@ -47,33 +47,28 @@ FC_INLINE float pow2i(float n) {  // 2^n for an integral n in [-127, 128]
 }
 FC_INLINE v16f pow2i(v16f n) { return reinterpret_cast<v16f>((__builtin_convertvector(n, v16i) + 127) << 23); }
 
-// exp(x) for float (T = float or v16f). x = n*ln2 + r with n = round(x*log2(e)) and
-// |r| <= ln2/2; r is formed with ln2 split in a high part exact in float and a low part
-// (Cody-Waite), so large |x| loses no accuracy. e^r by its degree-7 Taylor polynomial
-// (truncation error < 1e-8 relative), 2^n by writing the exponent bits. x is clamped to
-// [-88.5, 88.5]: below, n = -127 writes a zero exponent field with |r| small, so inputs
-// past the float range and -inf (a masked score) give exactly +0.
+// 2^t for float (T = float or v16f): t = n + f with n = round(t), |f| <= 1/2; 2^f = e^(f ln2) by
+// its degree-6 Taylor polynomial (truncation error < 1.3e-7 relative), 2^n by the exponent bits.
+// t is clamped to [-127, 127]: n = -127 writes a zero exponent field, so -inf (a masked score)
+// and anything below the float range give exactly +0. The exponent passes take exp(a x - m) as
+// 2^(a log2(e) x - m log2(e)): one FMA, no Cody-Waite reduction (the forward and the backward
+// alike, so both see the same probabilities).
 template <typename T>
-FC_INLINE T exp_poly(T x) {
-  constexpr float kLog2e = 1.4426950408889634f;
-  constexpr float kLn2Hi = 0.693145751953125f;  // 12 significant bits: n * kLn2Hi is exact
-  constexpr float kLn2Lo = 1.428606765330187e-06f;
+FC_INLINE T exp2_poly(T t) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  x = min_of(max_of(x, splat<T>(-88.5f)), splat<T>(88.5f));
-  const T t = max_of(x * kLog2e, splat<T>(-127.0f));
+  t = min_of(max_of(t, splat<T>(-127.0f)), splat<T>(127.0f));
   const T n = (t + kRound) - kRound;
-  T r = x - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  T p = splat<T>(1.9841269841269841e-4f);  // 1/7!
-  p = p * r + 1.3888888888888889e-3f;
-  p = p * r + 8.3333333333333333e-3f;
-  p = p * r + 4.1666666666666667e-2f;
-  p = p * r + 1.6666666666666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const T f = t - n;
+  T p = splat<T>(1.5403530393381606e-4f);  // ln2^6 / 6!
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
   return p * pow2i(n);
 }
+constexpr float kLog2e = 1.4426950408889634f;
 
 FC_INLINE v16f load16(const float* x) {
   v16f v;
@@ -136,12 +131,13 @@ template <typename Store, typename Store16>
 FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m, float* x_max, float* stored_sum,
                                     Store store, Store16 store16) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const float a2 = a * kLog2e, m2 = m * kLog2e;
   v16f acc = {}, acc_stored = {}, mx = splat<v16f>(kNegInf);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     const v16f v = load16(x + j);
     mx = mx < v ? v : mx;
-    const v16f e = exp_poly(a * v - m);
+    const v16f e = exp2_poly(a2 * v - m2);
     store16(j, e, acc_stored);
     acc += e;
   }
@@ -149,7 +145,7 @@ FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m,
   for (; j < n; ++j) {
     const float v = x[j];
     mj = mj < v ? v : mj;
-    const float e = exp_poly(a * v - m);
+    const float e = exp2_poly(a2 * v - m2);
     ss += store(j, e);
     s += e;
   }
@@ -183,14 +179,20 @@ double exp_affine_sum(const double* x, int64_t n, double a, double m, double* y,
   return s;
 }
 namespace {
+// The scalar tail's store of the bf16 exponent passes: y[j] = e rounded, returning its value.
+struct StoreBf16 {
+  uint16_t* y;
+  FC_INLINE float operator()(int64_t j, float e) const {
+    y[j] = bf16_bits(e);
+    return bf16_value(y[j]);
+  }
+};
+
 FC_MULTIVERSION float exp_affine_sum_bf16_generic(const float* x, int64_t n, float a, float m, uint16_t* y,
                                                   float* x_max, float* rounded_sum) {
   return exp_affine_sum_impl(
       x, n, a, m, x_max, rounded_sum,
-      [y](int64_t j, float e) {
-        y[j] = bf16_bits(e);
-        return bf16_value(y[j]);
-      },
+      StoreBf16{y},
       [y](int64_t j, v16f e, v16f& stored) {
         const v16h h = bf16_bits(e);
         __builtin_memcpy(y + j, &h, sizeof(h));
@@ -201,14 +203,11 @@ FC_MULTIVERSION float exp_affine_sum_bf16_generic(const float* x, int64_t n, flo
 // AVX512-BF16's vcvtneps2bf16 rounds 16 floats to nearest even in one instruction (inputs that
 // are subnormal count as zero), a third of the exponent pass's work in the generic version.
 #define FC_TARGET_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
-FC_TARGET_BF16 float exp_affine_sum_bf16_avx512(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
-                                 float* rounded_sum) {
+FC_TARGET_BF16 float exp_affine_sum_bf16_avx512(const float* x, int64_t n, float a, float m, uint16_t* y,
+                                                float* x_max, float* rounded_sum) {
   return exp_affine_sum_impl(
       x, n, a, m, x_max, rounded_sum,
-      [y](int64_t j, float e) {
-        y[j] = bf16_bits(e);
-        return bf16_value(y[j]);
-      },
+      StoreBf16{y},
       [y](int64_t j, v16f e, v16f& stored) FC_TARGET_BF16 {
         const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(e));
         __builtin_memcpy(y + j, &h, sizeof(h));
@@ -245,8 +244,9 @@ FC_MULTIVERSION float exp_affine_sum_fp16(const float* x, int64_t n, float a, fl
 
 FC_MULTIVERSION void exp_affine(float* x, int64_t n, float a, float m) {
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) store16(x + j, exp_poly(a * load16(x + j) - m));
-  for (; j < n; ++j) x[j] = exp_poly(a * x[j] - m);
+  const float a2 = a * kLog2e, m2 = m * kLog2e;  // the forward's exponent (exp2_poly)
+  for (; j + 16 <= n; j += 16) store16(x + j, exp2_poly(a2 * load16(x + j) - m2));
+  for (; j < n; ++j) x[j] = exp2_poly(a2 * x[j] - m2);
 }
 void exp_affine(double* x, int64_t n, double a, double m) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(a * x[j] - m);
