@@ -35,6 +35,7 @@
 
 #include "../kernels/mask.h"
 #include "dropout_cpu.h"
+#include "kvcache_cpu.h"
 #include "online_softmax.h"
 #include "rowops.h"
 #include "tile_gemm.h"
@@ -368,6 +369,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
+  // Few query rows per kv group (decoding, short prompts): the KV-cache loop reads each kv head's
+  // K and V once for all the query heads of its group and splits the keys across the threads
+  // (kvcache_cpu.cpp), where the tiled loop would read them once per query head and prepare
+  // its operands (O(Nk D) work) for as little work again.
+  if (!opt.dropout() && q.size(2) * (q.size(1) / k.size(1)) <= kFwdBr) {
+    auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
+    out.copy_(o);
+    return {out, l};
+  }
   with_gemm_type(q.scalar_type(), [&](auto in) { fwd_impl<decltype(in)>(q, k, v, out, lse, opt); });
   return {out, lse};
 }
