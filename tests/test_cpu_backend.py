@@ -1,0 +1,133 @@
+"""The CPU backend's machine-dependent paths, each forced on this machine and checked against the
+float64 reference: fp16/bf16 tile GEMMs in their own precision (oneDNN; AMX-packed operands where
+the CPU has AMX) and after a conversion to float (FLASH_CUDA_CPU_GEMM=native | float); the online
+softmax's one-pass tiles and the rows it redoes; the KV-cache loop that few query rows per kv
+group take.
+
+Shapes are picked for the edges of the packed layout: head dims that are odd (K^T left unpacked)
+or not a multiple of 16 (padded packing widths), key counts that are odd (the zero pad row of
+the packed V and K), windows whose first key is not on a 64-key block.
+"""
+import pytest
+import torch
+
+import flash_cuda
+from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms
+
+LOW = (torch.bfloat16, torch.float16)
+SHAPES = [  # B, Hq, Hkv, Nq, Nk, D, causal, window
+    (1, 2, 2, 300, 333, 64, False, None),
+    (2, 4, 2, 257, 600, 40, True, None),
+    (1, 3, 1, 300, 77, 59, False, None),
+    (1, 2, 1, 520, 700, 128, True, (100, 7)),
+    (1, 2, 2, 300, 1, 96, False, None),
+]
+
+
+def run(q, k, v, dout, **kw):
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out, lse = flash_cuda.attention(*leaves, return_lse=True, **kw)
+    out.backward(dout)
+    return out, lse, [x.grad for x in leaves]
+
+
+def ref_kw(causal, window):
+    return dict(causal=causal, window=window)
+
+
+@pytest.mark.parametrize("path", ["native", "float"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
+def test_gemm_paths_fa_rule(monkeypatch, path, dtype, shape):
+    """Both fp16/bf16 GEMM paths meet FlashAttention's rule on every shape (forward, lse and
+    gradients, with the saturated-softmax term where Nk = 1)."""
+    monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
+    B, Hq, Hkv, Nq, Nk, D, causal, window = shape
+    g = torch.Generator().manual_seed(Nq + D)
+    q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
+    dout = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
+    kw = dict(causal=causal, window=window)
+    out, lse, grads = run(q, k, v, dout, **kw)
+
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*ref_leaves, **ref_kw(causal, window))
+    ref_out.backward(dout.double())
+    plain_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    plain_out, _ = attention_ref(*plain_leaves, dtype=dtype, **ref_kw(causal, window))
+    plain_out.backward(dout)
+
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert_close_fp("lse", lse[fin], ref_lse[fin], rtol=1e-5)
+    assert_fa_rule("out", out, plain_out, ref_out, 2)
+    sat = saturation_terms(out, ref_kw(causal, window), dout, q, k, v)
+    for name, g_, pl, rl, st in zip(("dq", "dk", "dv"), grads, plain_leaves, ref_leaves, sat):
+        assert_fa_rule(name, g_, pl.grad, rl.grad, 3, saturation=st)
+
+
+@pytest.mark.parametrize("path", ["native", "float"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("hot_score", [5.0, 40.0])
+def test_saturated_rows_return_the_value(monkeypatch, path, dtype, hot_score):
+    """A row saturated on one key returns that key's value exactly: the output is normalised by
+    the probabilities as its GEMM used them. With the hot score 5 the online softmax keeps its
+    reference 0 (the hot probability e^5 is not a float that fp16/bf16 hold exactly); with 40
+    the tile is redone against its max."""
+    monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
+    g = torch.Generator().manual_seed(0)
+    q = torch.zeros(1, 2, 300, 64, dtype=dtype)  # 300 query rows: the tiled loop
+    k, v = (torch.randn(1, 2, 700, 64, generator=g).to(dtype) for _ in range(2))
+    hot = torch.randint(0, 700, (300,), generator=g)  # the key each row attends to
+    bias = torch.full((1, 1, 300, 700), -60.0, dtype=dtype)
+    bias[0, 0, torch.arange(300), hot] = hot_score
+    out = flash_cuda.attention(q, k, v, attn_mask=bias)
+    assert torch.equal(out, v[:, :, hot])
+
+
+@pytest.mark.parametrize("case", ["later_tile_far_above", "first_tile_far_below", "first_tile_far_above"])
+def test_online_softmax_redone_rows(case):
+    """Tiles whose max leaves the reference by more than the margin are redone: a later key
+    tile 60 above the first, a first tile 300 below zero (its probabilities against 0 would
+    underflow) and one 300 above (they would overflow). float32 and float64, tight."""
+    g = torch.Generator().manual_seed(1)
+    Nq, Nk, D = 300, 1100, 32
+    bias = torch.zeros(1, 1, Nq, Nk, dtype=torch.float64)
+    if case == "later_tile_far_above":
+        bias[..., 600:] = 60.0
+    elif case == "first_tile_far_below":
+        bias -= 300.0
+    else:
+        bias += 300.0
+    for dtype, rtol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
+        q, k, v = (torch.randn(1, 2, n, D, generator=g, dtype=torch.float64).to(dtype) for n in (Nq, Nk, Nk))
+        out, lse = flash_cuda.attention(q, k, v, attn_mask=bias.to(dtype), return_lse=True)
+        ref_out, ref_lse = attention_ref(q, k, v, attn_mask=bias)
+        assert_close_fp("out", out, ref_out, rtol)
+        assert_close_fp("lse", lse, ref_lse, rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_few_query_rows_take_the_kvcache_loop_and_agree(dtype):
+    """Decoding shapes (Nq x group <= 256, no dropout) run the KV-cache loop: forward, lse and
+    gradients against the reference, and an output that keeps q's memory layout."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 8, 32, 64, generator=g).to(dtype).transpose(1, 2)  # FlashAttention's (B, N, H, D) memory
+    k, v = (torch.randn(2, 8, 3000, 64, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(2, 32, 8, 64, generator=g).to(dtype)
+    out, lse, grads = run(q, k, v, dout, causal=True)
+    assert out.transpose(1, 2).is_contiguous()  # out keeps q's memory layout
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*ref_leaves, causal=True)
+    ref_out.backward(dout.double())
+    assert_close_fp("lse", lse, ref_lse, 1e-5)
+    if dtype == torch.float32:
+        assert_close_fp("out", out, ref_out, 2e-5)
+        for name, g_, rl in zip(("dq", "dk", "dv"), grads, ref_leaves):
+            assert_close_fp(name, g_, rl.grad, 2e-4)
+    else:
+        plain = [x.detach().requires_grad_() for x in (q, k, v)]
+        plain_out, _ = attention_ref(*plain, causal=True, dtype=dtype)
+        plain_out.backward(dout)
+        assert_fa_rule("out", out, plain_out, ref_out, 2)
+        for name, g_, pl, rl in zip(("dq", "dk", "dv"), grads, plain, ref_leaves):
+            assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
