@@ -40,23 +40,11 @@ import bench_sdpa as bs  # noqa: E402
 
 import flash_cuda  # noqa: E402
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
-
-
 def machine(device):
     name = bs.device_name(device)
     if device == "cuda":
         return {"device": name}
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {"device": name, "isa": [f for f in ISA_FLAGS if f in flags], "threads": torch.get_num_threads()}
+    return {"device": name, "isa": bs.cpu_isa(), "threads": torch.get_num_threads()}
 
 
 def save_json(path, meta, results):

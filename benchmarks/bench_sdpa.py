@@ -23,6 +23,9 @@ Presets (--preset)
                 fwdbwd: 16 measurements per implementation, about 2-3 minutes on 2 CPU cores.
     cpu-accept  the CPU acceptance grid: B=1, H=8, N in {1024, 4096}, D in {64, 128},
                 causal and not, float32 and bfloat16.
+    cpu-full    issue 15's CPU grid: B=1, H=8, N in {1024, 2048, 4096}, D in {64, 128}, causal
+                and not, float32, float16 and bfloat16 (SDPA's flash backend only: with
+                --sdpa default, about 15 minutes on 2 cores).
 
 Measurements
     time      --warmup calls, then the median of --reps calls (time.perf_counter; on CUDA,
@@ -96,7 +99,11 @@ PRESETS = {
               "dtypes": ["bfloat16"]},
     "cpu-accept": {"shapes": [(1, n, 8, d) for d in (64, 128) for n in (1024, 4096)],
                    "dtypes": ["float32", "bfloat16"]},
+    "cpu-full": {"shapes": [(1, n, 8, d) for d in (64, 128) for n in (1024, 2048, 4096)],
+                 "dtypes": ["float32", "float16", "bfloat16"], "sdpa": ["flash"]},
 }
+# The CPU features that decide which kernels torch and flash_cuda pick (printed with every run).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 ERR_ROWS = 256
 NO_KERNEL_MESSAGES = ("No available kernel", "No viable backend")  # CUDA, CPU wording
 MATH_BUDGET_FRACTION = {"cpu": 0.25, "cuda": 0.80}
@@ -128,6 +135,9 @@ def parse_args(argv=None):
                    help="directory for the JSON and PNG (default: benchmarks/results next to "
                         "this script)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    p.add_argument("--sdpa", default=None,
+                   help="comma list of the SDPA backends to time (default: the preset's, else all: "
+                        "flash,math on cpu; flash,efficient,cudnn,math on cuda)")
     args = p.parse_args(argv)
 
     if args.device is None:
@@ -136,6 +146,10 @@ def parse_args(argv=None):
         p.error("--device cuda needs a CUDA GPU and a flash_cuda build with CUDA kernels")
     if args.preset is None:
         args.preset = "fa" if args.device == "cuda" else "quick"
+    known = list(SDPA_BACKENDS[args.device])
+    args.sdpa = args.sdpa.split(",") if args.sdpa else PRESETS[args.preset].get("sdpa", known)
+    if any(b not in known for b in args.sdpa):
+        p.error(f"--sdpa: expected a comma list of {', '.join(known)}, got {','.join(args.sdpa)}")
     names = args.dtype.split(",") if args.dtype else PRESETS[args.preset]["dtypes"]
     unknown = [n for n in names if n not in DTYPES]
     if unknown:
@@ -166,10 +180,10 @@ def sdpa_fn(backend):
     return fn
 
 
-def implementations(device):
+def implementations(device, sdpa_backends):
     impls = {FLASH_CUDA: flash_cuda_fn}
-    for name, backend in SDPA_BACKENDS[device].items():
-        impls[f"sdpa-{name}"] = sdpa_fn(backend)
+    for name in sdpa_backends:
+        impls[f"sdpa-{name}"] = sdpa_fn(SDPA_BACKENDS[device][name])
     return impls
 
 
@@ -453,7 +467,7 @@ def progress_line(i, total, point, mode, impls, seconds):
 
 
 def run_sweep(args):
-    impl_fns = implementations(args.device)
+    impl_fns = implementations(args.device, args.sdpa)
     groups = list(sweep_points(args))
     total = len(groups) * 2 * len(args.modes)
     budget = math_budget(args.device)
@@ -539,6 +553,19 @@ def summary_lines(results, modes, sdpa_names):
     return lines
 
 
+def cpu_isa():
+    """The ISA_FLAGS /proc/cpuinfo lists (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in ISA_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -555,6 +582,7 @@ def device_name(device):
 def metadata(args):
     return {
         "device": args.device, "device_name": device_name(args.device),
+        "isa": cpu_isa() if args.device == "cpu" else None, "sdpa_backends": args.sdpa,
         "torch_version": torch.__version__, "flash_cuda_version": flash_cuda.__version__,
         "cuda_version": torch.version.cuda if args.device == "cuda" else None,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -617,7 +645,8 @@ def write_plot(results, path, impl_names, meta):
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"flash_cuda vs torch SDPA: {meta['device_name']} ({meta['device']}, "
+    fig.suptitle(f"flash_cuda vs torch SDPA: {meta['device_name']} ({meta['device']}"
+                 + (f", {' '.join(meta['isa'])}" if meta.get("isa") else "") + ", "
                  f"{meta['threads']} threads), preset {meta['preset']}, "
                  f"{','.join(meta['dtypes'])}, torch {meta['torch_version']}")
     fig.savefig(path, dpi=110)
@@ -627,9 +656,10 @@ def write_plot(results, path, impl_names, meta):
 
 def main(argv=None):
     args = parse_args(argv)
-    sdpa_names = [f"sdpa-{n}" for n in SDPA_BACKENDS[args.device]]
+    sdpa_names = [f"sdpa-{n}" for n in args.sdpa]
     meta = metadata(args)
-    print(f"device {args.device} ({meta['device_name']}), torch {meta['torch_version']}, "
+    isa = f", ISA {' '.join(meta['isa'])}" if meta["isa"] is not None else ""
+    print(f"device {args.device} ({meta['device_name']}{isa}), torch {meta['torch_version']}, "
           f"{meta['threads']} threads, preset {args.preset}, dtypes {','.join(meta['dtypes'])}, "
           f"modes {','.join(args.modes)}, reps {meta['reps']}, warmup {args.warmup}", flush=True)
     t0 = time.perf_counter()

@@ -39,12 +39,14 @@ def test_minilm_embeddings():
 def test_seq2seq_transformer(tmp_path, capsys):
     """The encoder-decoder Transformer's --quick run: at least 99% exact-match greedy accuracy on the
     held-out set (decoded through attention_with_kvcache), its SDPA twin's losses within 1e-4 of
-    flash_cuda's over the first 50 steps, and the documented last line."""
+    flash_cuda's over the first 25 steps, and the documented last line. (Two fp32 trainings whose
+    attention differs at the rounding level drift apart exponentially here: measured 2.4e-7 at step
+    8, 2.5e-5 at step 33, 8.9e-4 at step 48; both reach the same loss and accuracy.)"""
     pytest.importorskip("matplotlib")
     res = load("seq2seq_transformer").main(["--quick", "--plot", str(tmp_path / "loss.png")])
     fc, sd = res["flash_cuda"], res["sdpa"]
     assert fc["accuracy"] >= 0.99
-    assert max(abs(a - b) for a, b in zip(fc["losses"][:50], sd["losses"][:50])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(fc["losses"][:25], sd["losses"][:25])) < 1e-4
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"exact-match accuracy: {fc['accuracy']:.4f}"
 

@@ -146,8 +146,8 @@ def test_bench_cuda_defaults_and_fa_sweep_construct():
         assert (args.device, args.preset, args.warmup) == ("cuda", "fa", 3)
         points = list(bench.sweep_points(args))
         assert len(points) == 12 and all(p["B"] * p["N"] == 16384 and p["H"] * p["D"] == 2048 for p in points)
-        assert set(bench.implementations("cuda")) == {"flash_cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
-                                                      "sdpa-math"}
+        assert set(bench.implementations("cuda", args.sdpa)) == {"flash_cuda", "sdpa-flash", "sdpa-efficient",
+                                                                "sdpa-cudnn", "sdpa-math"}
         for p in points:  # every point's inputs construct (shape and dtype only: meta tensors)
             q = torch.empty(p["B"], p["H"], p["N"], p["D"], dtype=p["dtype"], device="meta")
             assert bench.flops(dict(p, causal=True), "fwdbwd") > 0 and bench.math_need(dict(p, causal=False), "fwd") > 0
