@@ -120,16 +120,6 @@ void zero_column(T* x, int64_t ld, int64_t rows, int64_t c) {
   for (int64_t r = 0; r < rows; ++r) x[r * ld + c] = T(0);
 }
 
-// exp(a x - m) of a row rounded into the fp16/bf16 row y (exp_affine_sum_bf16/fp16).
-inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::BFloat16* y, float* x_max,
-                               float* rounded_sum) {
-  return exp_affine_sum_bf16(x, n, a, m, reinterpret_cast<uint16_t*>(y), x_max, rounded_sum);
-}
-inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::Half* y, float* x_max,
-                               float* rounded_sum) {
-  return exp_affine_sum_fp16(x, n, a, m, reinterpret_cast<uint16_t*>(y), x_max, rounded_sum);
-}
-
 // in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
 // the softmax (float, or double for double).
 template <typename in_t>
@@ -347,18 +337,6 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   at::Tensor dq_acc = dq_parts[0];
   for (int64_t s = 1; s < n_splits; ++s) dq_acc.add_(dq_parts[s]);  // fixed order
   dq.copy_(dq_acc.mul_(scale));
-}
-
-// The dtype of the tile GEMMs for inputs of `dtype`: fp16/bf16 themselves where the CPU
-// multiplies them natively (tile_gemm.h), else float (the inputs converted once per call).
-template <typename Fn>
-void with_gemm_type(at::ScalarType dtype, Fn fn) {
-  switch (dtype) {
-    case at::kDouble: return fn(double{});
-    case at::kBFloat16: return native_lowp_gemm(dtype) ? fn(c10::BFloat16{}) : fn(float{});
-    case at::kHalf: return native_lowp_gemm(dtype) ? fn(c10::Half{}) : fn(float{});
-    default: return fn(float{});
-  }
 }
 
 }  // namespace

@@ -2,8 +2,10 @@
 // with the CPU backend's tiles (attention_cpu.cpp).
 //
 // Work items are (batch, kv head, key split). An item takes the queries of every query head of
-// its kv group at once, (heads in group x Nq) rows, so each key and value tile is read (and,
-// for fp16/bf16, converted) once for the group: decoding is bound by the bytes of the cache.
+// its kv group at once, (heads in group x Nq) rows, so each key and value tile is read once for
+// the group: decoding is bound by the bytes of the cache. Where the CPU multiplies fp16/bf16
+// natively (tile_gemm.h) the GEMMs read the cache rows in place; else each tile is converted to
+// fp32 first. attention_cpu.cpp sends its decoding-like calls here too.
 // The band and the modifiers are applied per head's rows (modify_tile). Each item keeps its own
 // online softmax and writes its rows normalised by its own sum with their lse; the splits are
 // then merged in a fixed order (lse = log sum exp lse_s, out = sum exp(lse_s - lse) out_s).
@@ -16,6 +18,7 @@
 #include <cmath>
 
 #include "online_softmax.h"
+#include "tile_gemm.h"
 #include "tiles.h"
 
 namespace flash_cuda::cpu {
@@ -40,10 +43,34 @@ at::Tensor gather_rows(const at::Tensor& cache, const int32_t* table, int64_t ta
   return buf.slice(0, 0, r1 - r0);
 }
 
-template <typename acc_t>
+// Calls fn(row offset, first row, count) for the runs of rows [r0, r1) of sequence b's cache
+// (kv head h) that are contiguous in memory: one run, or one per page when paged.
+template <typename Fn>
+void for_each_run(const at::Tensor& cache, const int32_t* table, int64_t table_stride, int64_t b, int64_t h,
+                  int64_t r0, int64_t r1, Fn fn) {
+  if (table == nullptr) {
+    fn(b * cache.stride(0) + h * cache.stride(1) + r0 * cache.stride(2), r0, r1 - r0);
+    return;
+  }
+  const int64_t page_size = cache.size(2);
+  for (int64_t r = r0; r < r1;) {
+    const int64_t page = table[b * table_stride + r / page_size], off = r % page_size;
+    const int64_t n = std::min(r1 - r, page_size - off);
+    fn(page * cache.stride(0) + h * cache.stride(1) + off * cache.stride(2), r, n);
+    r += n;
+  }
+}
+
+// in_t: the tile GEMMs' operand dtype (tile_gemm.h). fp16/bf16 multiplied natively read K and V
+// straight from the cache: S^T = K Q^T (the cache rows as the left operand, so no transposed
+// copy), transposed in the tile to S, and O += P V with P rounded to the cache's dtype. float:
+// the tiles gathered and converted, ATen's fp32 GEMMs.
+template <typename in_t>
 void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const std::vector<int64_t>& n_keys, const std::optional<at::Tensor>& block_table,
                   const AttnOptions& opt, int64_t splits, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<in_t>;
+  constexpr bool native = !std::is_same_v<in_t, acc_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
   const int64_t group = Hq / Hkv, rows = group * Nq;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -56,15 +83,23 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   at::Tensor o_part = splits > 1 ? at::empty({splits, B, Hq, Nq, D}, acc_opts) : at::Tensor();
   at::Tensor lse_part = splits > 1 ? at::empty({splits, B, Hq, Nq}, acc_opts) : at::Tensor();
 
+  const acc_t scale = static_cast<acc_t>(opt.scale);
   struct Scratch {
     at::Tensor sQ, sK, sV, sS, sP, sO;  // (rows, D), (Bc, D), (Bc, D), scores and P (rows, Bc), (rows, D)
     std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (rows)
+    std::vector<acc_t> St;               // native: S^T (Bc, rows)
+    std::vector<in_t> Pn;                // native: P rounded, (rows, Bc)
   };
   auto make_scratch = [&] {
-    return Scratch{at::empty({rows, D}, acc_opts), at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts),
-                   at::empty({rows, kBc}, acc_opts), at::empty({rows, kBc}, acc_opts), at::empty({rows, D}, acc_opts),
-                   std::vector<SoftmaxRow<acc_t>>(rows)};
+    const bool f = !native;  // the float path's converted tiles
+    return Scratch{at::empty({rows, D}, acc_opts), at::empty({f ? kBc : 0, D}, acc_opts),
+                   at::empty({f ? kBc : 0, D}, acc_opts), at::empty({rows, kBc}, acc_opts),
+                   at::empty({f ? rows : 0, kBc}, acc_opts), at::empty({rows, D}, acc_opts),
+                   std::vector<SoftmaxRow<acc_t>>(rows), std::vector<acc_t>(native ? kBc * rows : 0),
+                   std::vector<in_t>(native ? rows * kBc : 0)};
   };
+  const in_t* k_base = native ? k_cache.data_ptr<in_t>() : nullptr;
+  const in_t* v_base = native ? v_cache.data_ptr<in_t>() : nullptr;
   parallel_items(B * Hkv * splits, make_scratch, [&](int64_t item, Scratch& t) {
     const int64_t split = item % splits, bh = item / splits, b = bh / Hkv, hkv = bh % Hkv;
     const int64_t nk = n_keys[b];
@@ -74,32 +109,64 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     const int64_t k_begin = std::max(std::min(split * per, tiles) * kBc, band.key_begin(0, nk));
     const int64_t k_end = std::min(std::min((split + 1) * per, tiles) * kBc, band.key_end(Nq, nk));
 
-    at::Tensor rQ = t.sQ;  // the group's queries, rows (head in group, query), scale folded in
-    rQ.view({group, Nq, D}).copy_(q[b].slice(0, hkv * group, (hkv + 1) * group));
-    rQ.mul_(opt.scale);
     at::Tensor rO = t.sO;
     rO.zero_();
     std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
     acc_t* o = rO.data_ptr<acc_t>();
+    const at::Tensor group_q = q[b].slice(0, hkv * group, (hkv + 1) * group).reshape({rows, D});  // rows (head, query)
+    at::Tensor rQ, rQt;
+    if constexpr (native) {
+      rQt = group_q.t().contiguous();  // (D, rows), unscaled: the scale goes into the exponent
+    } else {
+      rQ = t.sQ;  // scale folded in
+      rQ.copy_(group_q);
+      rQ.mul_(opt.scale);
+    }
+    acc_t* s = t.sS.template data_ptr<acc_t>();  // (rows, bc)
+    constexpr int64_t ld_s = kBc;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
       const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
-      const at::Tensor rK = gather_rows(k_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sK);
-      const at::Tensor rV = gather_rows(v_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sV);
-      at::Tensor rS = t.sS.slice(1, 0, bc);  // (rows, bc)
-      at::mm_out(rS, rQ, rK.t());
-      acc_t* s = rS.data_ptr<acc_t>();
-      const int64_t ld_s = rS.stride(0);
+      at::Tensor rV;
+      if constexpr (native) {
+        for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+          gemm(n, rows, D, k_base + off, k_cache.stride(2), rQt.data_ptr<in_t>(), rows, t.St.data() + (r - j0) * rows,
+               rows, false);  // S^T = K Q^T
+        });
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < bc; ++j) s[i * ld_s + j] = t.St[j * rows + i];
+      } else {
+        const at::Tensor rK = gather_rows(k_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sK);
+        rV = gather_rows(v_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sV);
+        at::Tensor rS = t.sS.slice(1, 0, bc);  // (rows, bc)
+        at::mm_out(rS, rQ, rK.t());
+      }
       const bool band_mask = band.tile_needs_mask(0, Nq, j0, j1);
+      // native: the scale is folded into the exponent unless the modifiers need scaled scores
+      const bool prescaled = !native || band_mask || mods.any || !(scale > 0);
+      if (native && prescaled)
+        for (int64_t r = 0; r < rows; ++r) scale_row(s + r * ld_s, bc, scale);
       if (band_mask || mods.any)
         for (int64_t g = 0; g < group; ++g)
           modify_tile<acc_t>(s + g * Nq * ld_s, nullptr, ld_s, Nq, bc, 0, j0, b, hkv * group + g, band, band_mask, mods);
-      at::Tensor rP = t.sP.slice(1, 0, bc);  // (rows, bc), ld as rS
-      acc_t* p = rP.data_ptr<acc_t>();
-      for (int64_t r = 0; r < rows; ++r)
-        online_softmax_row(t.rows[r], o + r * D, D, acc_t(1), [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
-          return *lp = exp_affine_sum(s + r * ld_s, bc, acc_t(1), m_ref, p + r * ld_s, x_max);
+      const acc_t a = prescaled ? acc_t(1) : scale;
+      if constexpr (native) {
+        in_t* p = t.Pn.data();  // (rows, bc), ld as s
+        for (int64_t r = 0; r < rows; ++r)
+          online_softmax_row(t.rows[r], o + r * D, D, a, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+            return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
+          });
+        for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+          gemm(rows, D, n, p + (r - j0), ld_s, v_base + off, v_cache.stride(2), o, D, true);  // O += P V
         });
-      rO.addmm_(rP, rV);  // O += P V
+      } else {
+        at::Tensor rP = t.sP.slice(1, 0, bc);  // (rows, bc), ld as s
+        acc_t* p = rP.data_ptr<acc_t>();
+        for (int64_t r = 0; r < rows; ++r)
+          online_softmax_row(t.rows[r], o + r * D, D, a, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+            return *lp = exp_affine_sum(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max);
+          });
+        rO.addmm_(rP, rV);  // O += P V
+      }
     }
     at::Tensor dst_o = splits > 1 ? o_part[split][b] : out[b];  // (Hq, Nq, D)
     acc_t* dst_lse = (splits > 1 ? lse_part[split][b] : lse[b]).data_ptr<acc_t>();  // (Hq, Nq), contiguous
@@ -162,12 +229,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
     const int64_t longest = n_keys.empty() ? 0 : *std::max_element(n_keys.begin(), n_keys.end());
     num_splits = std::max<int64_t>(1, std::min(ceil_div(kTargetItems, B * Hkv), longest / kMinSplitKeys));
   }
-  AT_DISPATCH_SWITCH(acc, "kvcache_fwd",
-                     AT_DISPATCH_CASE(at::kFloat, [&] {
-                       kvcache_impl<float>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, out, lse);
-                     }) AT_DISPATCH_CASE(at::kDouble, [&] {
-                       kvcache_impl<double>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, out, lse);
-                     }));
+  with_gemm_type(q.scalar_type(), [&](auto in) {
+    kvcache_impl<decltype(in)>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, out, lse);
+  });
   return {out, lse};
 }
 

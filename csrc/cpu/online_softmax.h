@@ -12,6 +12,9 @@
 // instead of two. m stays within kMargin of the row's running max: the probabilities lie below
 // e^kMargin (no overflow) and the largest above e^-kMargin (no underflow that matters).
 #pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <limits>
 
@@ -60,6 +63,16 @@ inline void online_softmax_row(SoftmaxRow<acc_t>& row, acc_t* o, int64_t D, acc_
   row.lp = row.lp * alpha + lp;
   scale_row(o, D, alpha);
   row.m = m_tile;
+}
+
+// exp(a x - m) of a row rounded into the fp16/bf16 row y (exp_affine_sum_bf16/fp16).
+inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::BFloat16* y, float* x_max,
+                               float* rounded_sum) {
+  return exp_affine_sum_bf16(x, n, a, m, reinterpret_cast<uint16_t*>(y), x_max, rounded_sum);
+}
+inline float exp_affine_sum_to(const float* x, int64_t n, float a, float m, c10::Half* y, float* x_max,
+                               float* rounded_sum) {
+  return exp_affine_sum_fp16(x, n, a, m, reinterpret_cast<uint16_t*>(y), x_max, rounded_sum);
 }
 
 }  // namespace flash_cuda::cpu

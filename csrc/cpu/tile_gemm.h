@@ -36,6 +36,18 @@ void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, cons
 // overrides the choice (tests run both paths on every machine).
 bool native_lowp_gemm(at::ScalarType dtype);
 
+// The dtype of the tile GEMMs for inputs of `dtype`: fp16/bf16 themselves where the CPU
+// multiplies them natively (tile_gemm.h), else float (the inputs converted once per call).
+template <typename Fn>
+inline void with_gemm_type(at::ScalarType dtype, Fn fn) {
+  switch (dtype) {
+    case at::kDouble: return fn(double{});
+    case at::kBFloat16: return native_lowp_gemm(dtype) ? fn(c10::BFloat16{}) : fn(float{});
+    case at::kHalf: return native_lowp_gemm(dtype) ? fn(c10::Half{}) : fn(float{});
+    default: return fn(float{});
+  }
+}
+
 // The right operand B (K x N) of one (b, h) of a (B, H, K, N) tensor, for GEMMs over a range of
 // its rows and columns. Packed (AMX, even K) or row-major with unit column stride.
 template <typename T>
