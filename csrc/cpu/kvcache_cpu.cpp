@@ -16,6 +16,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <optional>
 
 #include "online_softmax.h"
 #include "tile_gemm.h"
@@ -114,9 +115,12 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
     acc_t* o = rO.data_ptr<acc_t>();
     const at::Tensor group_q = q[b].slice(0, hkv * group, (hkv + 1) * group).reshape({rows, D});  // rows (head, query)
-    at::Tensor rQ, rQt;
+    at::Tensor rQ;
+    std::optional<RightOperand<in_t>> rQt;  // Q^T (D, rows), unscaled: the scale goes into the exponent
     if constexpr (native) {
-      rQt = group_q.t().contiguous();  // (D, rows), unscaled: the scale goes into the exponent
+      // Packed for AMX where it can be (an even D), so the micro-kernel reads the cache rows as
+      // they are; else MKL's GEMM, which copies them into its own layout first.
+      rQt.emplace(group_q.t().unsqueeze(0).unsqueeze(0), D % 2 == 0);
     } else {
       rQ = t.sQ;  // scale folded in
       rQ.copy_(group_q);
@@ -129,8 +133,8 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       at::Tensor rV;
       if constexpr (native) {
         for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
-          gemm(n, rows, D, k_base + off, k_cache.stride(2), rQt.data_ptr<in_t>(), rows, t.St.data() + (r - j0) * rows,
-               rows, false);  // S^T = K Q^T
+          rQt->gemm(0, 0, n, k_base + off, k_cache.stride(2), 0, D, 0, rows, t.St.data() + (r - j0) * rows, rows,
+                    false);  // S^T = K Q^T
         });
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < bc; ++j) s[i * ld_s + j] = t.St[j * rows + i];
