@@ -1,6 +1,7 @@
 """The CPU backend's machine-dependent paths, each forced on this machine and checked against the
 float64 reference: fp16/bf16 tile GEMMs in their own precision (oneDNN; AMX-packed operands where
-the CPU has AMX) and after a conversion to float (FLASH_CUDA_CPU_GEMM=native | float); the online
+the CPU has AMX) and after a conversion to float (FLASH_CUDA_CPU_GEMM=native | float), the bf16
+exponent pass with and without AVX512-BF16 instructions (FLASH_CUDA_CPU_GENERIC_BF16); the online
 softmax's one-pass tiles and the rows it redoes; the KV-cache loop that few query rows per kv
 group take.
 
@@ -8,6 +9,10 @@ Shapes are picked for the edges of the packed layout: head dims that are odd (K^
 or not a multiple of 16 (padded packing widths), key counts that are odd (the zero pad row of
 the packed V and K), windows whose first key is not on a 64-key block.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -131,3 +136,13 @@ def test_few_query_rows_take_the_kvcache_loop_and_agree(dtype):
         assert_fa_rule("out", out, plain_out, ref_out, 2)
         for name, g_, pl, rl in zip(("dq", "dk", "dv"), grads, plain, ref_leaves):
             assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
+
+
+def test_generic_bf16_exponent_pass():
+    """The bf16 exponent pass without AVX512-BF16 (the version machines without it run; chosen once
+    per process, so in a child process): the GEMM-path and saturation tests above pass with it."""
+    env = dict(os.environ, FLASH_CUDA_CPU_GENERIC_BF16="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "bfloat16 and (fa_rule or saturated)"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
