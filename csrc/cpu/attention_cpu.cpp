@@ -189,7 +189,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 
       for (int64_t r = 0; r < br; ++r) {
         const acc_t* x = s + r * ld_s;
-        online_softmax_row(t.rows[r], o + r * D, D, a, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+        online_softmax_row(t.rows[r], o + r * D, D, a, x, bc, rounded, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
           if constexpr (rounded)
             if (round_in_exp) return exp_affine_sum_to(x, bc, a, m_ref, t.P.data() + r * ld_s, x_max, lp);
           const acc_t l = exp_affine_sum(x, bc, a, m_ref, pf + r * ld_s, x_max);

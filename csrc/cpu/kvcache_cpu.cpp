@@ -156,7 +156,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       if constexpr (native) {
         in_t* p = t.Pn.data();  // (rows, bc), ld as s
         for (int64_t r = 0; r < rows; ++r)
-          online_softmax_row(t.rows[r], o + r * D, D, a, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+          online_softmax_row(t.rows[r], o + r * D, D, a, s + r * ld_s, bc, true, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
           });
         for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
@@ -166,7 +166,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         at::Tensor rP = t.sP.slice(1, 0, bc);  // (rows, bc), ld as s
         acc_t* p = rP.data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r)
-          online_softmax_row(t.rows[r], o + r * D, D, a, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+          online_softmax_row(t.rows[r], o + r * D, D, a, s + r * ld_s, bc, false, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return *lp = exp_affine_sum(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max);
           });
         rO.addmm_(rP, rV);  // O += P V
