@@ -1,11 +1,13 @@
 // CPU backend: FlashAttention-2 (Dao, 2023) on ATen.
 //
 // Forward (Algorithm 1): each work item owns Br query rows of one head and streams the
-// keys in tiles of Bc. Scores S = (scale*Q) K^T come from a BLAS GEMM; the online softmax
-// keeps a running row max m and row sum l; the output accumulator is left unnormalised and
-// only rescaled by exp(m_old - m_new); it is divided by l once at the end, and
-// lse = m + log(l) is saved for the backward pass. No Nq x Nk matrix is ever allocated:
-// the extra memory is a few tiles per thread.
+// keys in tiles of Bc. Scores S = Q K^T come from a tile GEMM (tile_gemm.h); the online
+// softmax (online_softmax.h) folds the scale into the exponent and keeps a reference max m,
+// the row sum l and the unnormalised output, rescaled by exp(m_old - m_new) only when m moves;
+// it is divided by the row sum once at the end, and lse = m + log(l) is saved for the
+// backward pass. No Nq x Nk matrix is ever allocated: the extra memory is a few tiles per
+// thread and the GEMM operands prepared once per call (O(N D)). Few query rows per kv group
+// go through the KV-cache loop instead (attention_fwd).
 //
 // Backward (Algorithm 2, recomputation from lse): each work item owns a set of key tiles
 // of one kv head and loops over the query tiles of every query head in its group, so dK
@@ -19,8 +21,10 @@
 // Dropout multiplies each probability tile by its keep mask / (1 - p) (philox.h, the bits the
 // CUDA kernels draw) after the row sums, so lse is unaffected; the backward regenerates it.
 //
-// fp16/bf16 tiles are converted to fp32 in per-thread buffers (fp32 accumulation);
-// float64 runs the same algorithm in double so gradcheck can verify it.
+// fp16/bf16 tiles are multiplied in their own precision with fp32 accumulation where the CPU
+// has native dot products for them (P and dS rounded to the input dtype before their GEMMs, as
+// the CUDA kernels round them), else converted to fp32 once per call; float64 runs the same
+// algorithm in double so gradcheck can verify it.
 #include "attention_cpu.h"
 
 #include <ATen/ATen.h>
@@ -86,7 +90,7 @@ at::Tensor rows_operand(const at::Tensor& x, at::ScalarType dtype) {
 at::Tensor transposed_operand(const at::Tensor& x, at::ScalarType dtype) {
   return x.to(dtype).transpose(2, 3).contiguous();
 }
-// Row `row` of head (b, h) of a (B, H, N, D) operand, or column `row` of a transposed one.
+// Row `row` of head (b, h) of a (B, H, N, D) operand; column `col` of a transposed (B, H, D, N) one.
 template <typename T>
 const T* at_row(const at::Tensor& x, int64_t b, int64_t h, int64_t row) {
   return x.data_ptr<T>() + b * x.stride(0) + h * x.stride(1) + row * x.stride(2);
