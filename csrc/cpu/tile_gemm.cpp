@@ -97,7 +97,7 @@ RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N
   N16_ = (N_ + 15) / 16 * 16;
   const int64_t B = x.size(0), H = x.size(1), blocks = (N_ + kBlock - 1) / kBlock;
   at::Tensor src = x;
-  if (K_even_ != K_ || N16_ != N_ || x.stride(3) != 1 || x.stride(2) != N_) {
+  if (K_even_ != K_ || N16_ != N_ || !x.is_contiguous()) {  // the packing reads (B, H, K, N) densely
     src = at::zeros({B, H, K_even_, N16_}, x.options());
     src.slice(2, 0, K_).slice(3, 0, N_).copy_(x);
   }
