@@ -5,6 +5,7 @@ a CUDA build of torch and CUDA sources (csrc/cuda/*.cu) are all present.
 """
 import glob
 import os
+import re
 
 from setuptools import setup
 
@@ -62,11 +63,16 @@ def extension():
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home  # torch read its guess at import time
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        # The launcher refuses, with this list in the message, a GPU it has no code for. Passed
+        # as bare tokens joined by ':' (stringised in kernel_launch.cpp): build commands go
+        # through a shell, where quotes and ';' would not survive.
+        arch_tokens = re.sub(r"[;\s]+", ":", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
+        arch_define = [f"-DFLASH_CUDA_ARCH_LIST={arch_tokens}"] if re.fullmatch(r"[0-9A-Za-z.+:]+", arch_tokens) else []
         return cpp_extension.CUDAExtension(
             "flash_cuda._C",
             cpp_sources + cuda_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags + ["-DFLASH_CUDA_WITH_CUDA"],
+            extra_compile_args={"cxx": cxx_flags + ["-DFLASH_CUDA_WITH_CUDA"] + arch_define,
                                 "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
             extra_link_args=link_flags,
         )

@@ -4,13 +4,15 @@
 For every generated instantiation (csrc/cuda/fwd_*.cu, bwd_*.cu, fwd_kvcache_*.cu) and each architecture:
   - ptxas -v: registers per thread, spill stores/loads (must be 0), stack frame;
   - dynamic shared memory per block, from the emulator running the real launcher;
-  - theoretical occupancy on A100 (sm_80) and H100 (sm_90) from registers, shared memory and
-    threads (CUDA occupancy rules: registers allocated per warp in units of 256, 1 KiB of
-    shared memory reserved per block);
+  - theoretical occupancy on the architecture's card (sm_80 A100, sm_86 A10, sm_89 L4, sm_90
+    H100) from registers, shared memory and threads (CUDA occupancy rules: registers allocated
+    per warp in units of 256, 1 KiB of shared memory reserved per block; 0 where the block's
+    shared memory exceeds the card's per-block maximum: the dispatcher never launches it there);
   - the SASS instruction mix (cuobjdump -sass): tensor-core HMMA, LDSM (ldmatrix), LDGSTS
     (cp.async), MUFU.EX2, SHFL, BAR, 128-bit global stores, and the total.
 
     python benchmarks/kernel_report.py [--arch 80 90] [--filter hdim64] [--jobs 2]
+    python benchmarks/kernel_report.py --arch 80 86 89 --filter 99kib   # the compact configurations
 
 Writes benchmarks/results/kernel_report.md and prints it. Needs nvcc (CUDA_HOME) and
 cuobjdump with nvdisasm beside it (the toolkit's, or
@@ -27,10 +29,16 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH = {  # per-SM limits (CUDA C++ Programming Guide, compute capability tables)
-    "80": {"name": "A100", "regs": 65536, "threads": 2048, "blocks": 32, "smem": 164 * 1024},
-    "90": {"name": "H100", "regs": 65536, "threads": 2048, "blocks": 32, "smem": 228 * 1024},
+ARCH = {  # per-SM limits and shared memory per block (CUDA C++ Programming Guide, compute capability tables)
+    "80": {"name": "A100", "regs": 65536, "threads": 2048, "blocks": 32, "smem": 164 * 1024, "smem_block": 163 * 1024},
+    "86": {"name": "A10", "regs": 65536, "threads": 1536, "blocks": 16, "smem": 100 * 1024, "smem_block": 99 * 1024},
+    "89": {"name": "L4", "regs": 65536, "threads": 1536, "blocks": 24, "smem": 100 * 1024, "smem_block": 99 * 1024},
+    "90": {"name": "H100", "regs": 65536, "threads": 2048, "blocks": 32, "smem": 228 * 1024, "smem_block": 227 * 1024},
 }
+# The emulator profile whose dispatch launches an instantiation's budget (csrc/kernels/device.h):
+# the compact (99 KiB) ones run on sm_86/89/120 cards; with the default build they run there as
+# sm_80 SASS (sm_86 and sm_89 execute sm_80 code), so their sm_80 build is the one users get.
+BUDGET_DEVICE = {"": "a100", "_99kib": "l4"}
 SASS_OPS = {"HMMA": r"\bHMMA\.", "LDSM": r"\bLDSM\.", "LDGSTS": r"\bLDGSTS\.", "EX2": r"\bMUFU\.EX2\b",
             "SHFL": r"\bSHFL\.", "BAR": r"\bBAR\.SYNC", "STG.128": r"\bSTG\.E\.128\b", "LDS.128": r"\bLDS\.128\b"}
 
@@ -104,7 +112,10 @@ def compile_one(src, arch, nvcc, cuobjdump):
 
 
 def occupancy(regs, threads, smem, arch):
+    """(blocks per SM, occupancy); (0, 0.0) for a block the architecture cannot launch."""
     a = ARCH[arch]
+    if smem > a["smem_block"]:
+        return 0, 0.0
     warps = threads // 32
     regs_per_warp = -(-regs * 32 // 256) * 256
     by_regs = (a["regs"] // regs_per_warp) // warps
@@ -124,17 +135,18 @@ def launch_records(name, n=8):
     B = H = 1, Nq = Nk = n, emulated through the real launcher without the checkers."""
     import torch
     import flash_cuda
-    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16)(_band|_mod)?$", name)
+    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16)(_band|_mod)?(_99kib)?$", name)
     kind, d, dtype, variant = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
+    device = BUDGET_DEVICE[m.group(5) or ""]
     if kind == "fwd_kvcache":
-        return kvcache_launch_records(d, torch.float16 if dtype == "fp16" else torch.bfloat16, n)
+        return kvcache_launch_records(d, torch.float16 if dtype == "fp16" else torch.bfloat16, n, device)
     # what makes the dispatcher pick the variant (csrc/kernels/dispatch.h)
     kwargs = {"": {}, "_band": dict(causal=True), "_mod": dict(causal=True, softcap=30.0)}[variant]
     dt = torch.float16 if dtype == "fp16" else torch.bfloat16
     shapes = {}
     for deterministic in (False, True):
         q, k, v = (torch.randn(1, 1, n, d, dtype=dt, requires_grad=True) for _ in range(3))
-        with flash_cuda.emulate(check=False) as emu:
+        with flash_cuda.emulate(check=False, device=device) as emu:
             out = flash_cuda.attention(q, k, v, deterministic=deterministic, **kwargs)
             out.sum().backward()
         for r in emu.launches:
@@ -146,12 +158,12 @@ def launch_records(name, n=8):
     return shapes
 
 
-def kvcache_launch_records(d, dt, n):
+def kvcache_launch_records(d, dt, n, device="a100"):
     """The KV-cache forward and its merge, launched for one decoding step split in two."""
     import torch
     import flash_cuda
     q, kc, vc = torch.randn(1, 2, 1, d, dtype=dt), torch.randn(1, 1, n, d, dtype=dt), torch.randn(1, 1, n, d, dtype=dt)
-    with flash_cuda.emulate(check=False) as emu:
+    with flash_cuda.emulate(check=False, device=device) as emu:
         flash_cuda.attention_with_kvcache(q, kc, vc, num_splits=2)
     names = {"flash_fwd_kvcache": "fwd kvcache", "flash_fwd_kvcache_combine": "fwd kvcache combine"}
     return {names[r["kernel"].split("<")[0]]: (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"])

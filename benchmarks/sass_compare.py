@@ -65,7 +65,21 @@ TORCH_CONFIGS = {
            "bwd": {32: (128, 128, 8, 4, 4, 4, True, False), 64: (128, 128, 8, 4, 4, 4, False, False),
                    96: (64, 128, 8, 2, 4, 4, True, False), 128: (64, 128, 8, 2, 4, 2, False, False),
                    192: (64, 64, 8, 4, 2, 2, False, False), 256: (64, 64, 8, 4, 2, 2, False, False)}},
+    # sm_86 (A10, RTX 3090; sm_89 takes the same branches): 99 KiB per block and the launcher's
+    # is_sm8x branches: forward 96 and 128 pick square 64x64 tiles when causal (a dict by
+    # causal), 128 picks 128x32 otherwise, 256 64x64 x 4 warps; backward the < 144 / 116 / 136 /
+    # 144 KiB branches: V in registers (and no double buffer at 192, 256: 64 queries x 32 keys).
+    "86": {"fwd": {32: (128, 128, 4), 64: (128, 128, 4), 96: {False: (128, 64, 4), True: (64, 64, 4)},
+                   128: {False: (128, 32, 4), True: (64, 64, 4)}, 192: (128, 64, 8), 256: (64, 64, 4)},
+           "bwd": {32: (128, 128, 8, 4, 4, 4, True, False), 64: (64, 128, 8, 2, 4, 4, True, False),
+                   96: (64, 128, 8, 2, 4, 4, True, False), 128: (64, 64, 8, 4, 2, 2, True, False),
+                   192: (64, 64, 8, 4, 2, 2, True, True), 256: (64, 32, 8, 4, 1, 2, True, True)}},
 }
+
+
+def torch_config(arch, kind, d, causal):
+    cfg = TORCH_CONFIGS[arch][kind][d]
+    return cfg[causal] if isinstance(cfg, dict) else cfg
 CUTLASS = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
 # FlashAttention-2's published A100 results (Dao 2023, "FlashAttention-2", abstract and
 # section 4.1: forward up to 73% of the 312 TFLOP/s peak, backward up to 63%, 50-73% overall;
@@ -80,7 +94,7 @@ def b(x):
 def torch_kernel(arch, kind, d, dtype, causal):
     """(demangled name pattern, threads, smem bytes, expected HMMA per warp per iteration, units
     per block-iteration) of the kernel SDPA launches."""
-    cfg = TORCH_CONFIGS[arch][kind][d]
+    cfg = torch_config(arch, kind, d, causal)
     el = CUTLASS[dtype]
     even_mn = d <= 128
     if kind == "fwd":
@@ -205,34 +219,43 @@ def tile_from_launch(kind, d, grid_x, mma, causal):
     raise RuntimeError(f"cannot infer the tile of {kind} hdim {d} from grid {grid_x} and {mma} mma")
 
 
+def sources_for(arch, filt):
+    """The instantiations the dispatcher launches on arch's card: dense and band (causal) ones;
+    on sm_86 (99 KiB per block) the compact ones where they exist. The modifier variant
+    (softcap, ALiBi, bias) and the KV-cache one have no counterpart among the kernels SDPA
+    launches for a plain or causal problem."""
+    srcs = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_hdim*.cu"))
+            if filt in os.path.basename(p) and not p.endswith(("_mod.cu", "_mod_99kib.cu")) and "_kvcache_" not in p}
+    wide = sorted(n for n in srcs if not n.endswith("_99kib"))
+    if arch != "86":
+        return [srcs[n] for n in wide]
+    return [srcs.get(n + "_99kib", srcs[n]) for n in wide]
+
+
 def our_rows(archs, filt, jobs, nvcc, cuobjdump):
-    # dense and band (causal) instantiations; the modifier variant (softcap, ALiBi, bias) and the
-    # KV-cache one have no counterpart among the kernels SDPA launches for a plain or causal problem
-    srcs = sorted(p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_hdim*.cu"))
-                  if filt in p and not p.endswith("_mod.cu") and "_kvcache_" not in p)
+    jobs_list = [(s, a) for a in archs for s in sources_for(a, filt)]
     compiled = {}
     with cf.ThreadPoolExecutor(jobs) as ex:
-        futs = {ex.submit(compile_one, s, a, nvcc, cuobjdump): (s, a) for s in srcs for a in archs}
+        futs = {ex.submit(compile_one, s, a, nvcc, cuobjdump): (s, a) for s, a in jobs_list}
         for f in cf.as_completed(futs):
             compiled[futs[f]] = f.result()
     rows = []
-    for s in srcs:
+    for s, a in jobs_list:
         name = os.path.basename(s)[:-3]
-        m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band)?$", name)
+        m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band)?(_99kib)?$", name)
         kind, d, dtype, causal = m.group(1), int(m.group(2)), m.group(3), bool(m.group(4))
         rec = launch_records(name, N_PROBE)
-        for a in archs:
-            role = "fwd" if kind == "fwd" else "bwd main (atomic dQ)"
-            r = compiled[(s, a)][role]
-            threads, smem, grid, mma = rec[role]
-            bm, bn = tile_from_launch(kind, d, grid[0], mma, causal)
-            # HMMA per warp per iteration: the 64x64-tile work (fwd 2 GEMMs, bwd 5) over the warps
-            hmma = (2 if kind == "fwd" else 5) * bm * bn * d // (2048 * (threads // 32))
-            units = bm * bn / 4096
-            rows.append(dict(side="flash_cuda", arch=f"sm_{a}", kernel=f"{name} ({role})", pass_=kind, head_dim=d,
-                             dtype=dtype, causal=causal, registers=r["regs"], stack_bytes=r["stack"],
-                             spill_bytes=r["spill_st"] + r["spill_ld"], smem_bytes=smem, threads=threads,
-                             sass=r["sass"], hmma=hmma, warps=threads // 32, units=units, tile=f"{bm}x{bn}"))
+        role = "fwd" if kind == "fwd" else "bwd main (atomic dQ)"
+        r = compiled[(s, a)][role]
+        threads, smem, grid, mma = rec[role]
+        bm, bn = tile_from_launch(kind, d, grid[0], mma, causal)
+        # HMMA per warp per iteration: the 64x64-tile work (fwd 2 GEMMs, bwd 5) over the warps
+        hmma = (2 if kind == "fwd" else 5) * bm * bn * d // (2048 * (threads // 32))
+        units = bm * bn / 4096
+        rows.append(dict(side="flash_cuda", arch=f"sm_{a}", kernel=f"{name} ({role})", pass_=kind, head_dim=d,
+                         dtype=dtype, causal=causal, registers=r["regs"], stack_bytes=r["stack"],
+                         spill_bytes=r["spill_st"] + r["spill_ld"], smem_bytes=smem, threads=threads,
+                         sass=r["sass"], hmma=hmma, warps=threads // 32, units=units, tile=f"{bm}x{bn}"))
     return rows
 
 
@@ -248,7 +271,7 @@ def torch_rows(archs, lib, cuobjdump, ours):
                          f"TORCH_CONFIGS does not match this torch version)")
             elf, mangled, regs, stack = res[name][a]
             wanted.add((elf, mangled))
-            cfg = TORCH_CONFIGS[a][kind][d]
+            cfg = torch_config(a, kind, d, causal)
             rows.append(dict(side="torch", arch=f"sm_{a}", kernel=name.split("(")[0].replace("void ", ""), pass_=kind,
                              head_dim=d, dtype=dtype, causal=causal, registers=regs, stack_bytes=stack,
                              spill_bytes=None, smem_bytes=smem, threads=threads, key=(elf, mangled), hmma=hmma,
@@ -340,6 +363,7 @@ def main():
         r["spill_instructions"] = spill_instructions(r["sass"])
         r["occupancy_a100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "80")[1]
         r["occupancy_h100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "90")[1]
+        r["occupancy_a10"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "86")[1]
     calib = []
     if args.eta is not None:
         eta = {"fwd": args.eta[0], "bwd": args.eta[1]}
@@ -370,7 +394,7 @@ def main():
                          "registers": r["registers"], "stack_bytes": r["stack_bytes"], "spill_bytes": r["spill_bytes"],
                          "spill_instructions": r["spill_instructions"], "smem_bytes": r["smem_bytes"],
                          "threads": r["threads"], "occupancy_a100": r["occupancy_a100"],
-                         "occupancy_h100": r["occupancy_h100"],
+                         "occupancy_h100": r["occupancy_h100"], "occupancy_a10": r["occupancy_a10"],
                          "instructions_per_unit": an.get("instructions_per_unit"),
                          "hmma_per_unit": (an.get("counts_per_unit") or {}).get("HMMA"),
                          "counts_per_unit": an.get("counts_per_unit"),
@@ -401,7 +425,7 @@ def render(rows, eta, calib):
                    "(absolute fraction of peak)")
     out.append("")
     head = ["arch", "pass", "D", "dtype", "causal", "side", "tile", "regs", "stack B", "spill", "smem KiB", "threads",
-            "occ A100", "occ H100", "instr/unit", "HMMA", "LDSM", "LDGSTS", "LDG+STG", "FP32 ops", "FMNMX", "EX2",
+            "occ A100", "occ H100", "occ A10", "instr/unit", "HMMA", "LDSM", "LDGSTS", "LDG+STG", "FP32 ops", "FMNMX", "EX2",
             "SHFL", "BAR", "pred. tensor"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     key = lambda r: (r["arch"], r["pass_"], r["head_dim"], r["dtype"], r["causal"], r["side"] != "flash_cuda")
@@ -412,7 +436,8 @@ def render(rows, eta, calib):
         spill = r["spill_bytes"] if r["side"] == "flash_cuda" else f"{r['spill_instructions']} STL/LDL"
         row = [r["arch"], r["pass_"], r["head_dim"], r["dtype"], "yes" if r["causal"] else "no", r["side"], r["tile"],
                r["registers"], r["stack_bytes"], spill, f"{r['smem_bytes'] / 1024:.1f}", r["threads"],
-               f"{r['occupancy_a100']:.0%}", f"{r['occupancy_h100']:.0%}", fmt(an and an["instructions_per_unit"], ".0f"),
+               f"{r['occupancy_a100']:.0%}", f"{r['occupancy_h100']:.0%}", f"{r['occupancy_a10']:.0%}",
+               fmt(an and an["instructions_per_unit"], ".0f"),
                fmt(g("HMMA"), ".0f"), fmt(g("LDSM"), ".0f"), fmt(g("LDGSTS"), ".0f"),
                fmt(an and c["LDG"] + c["STG"], ".0f"), fmt(an and c["FFMA"] + c["FMUL"] + c["FADD"], ".0f"),
                fmt(g("FMNMX"), ".0f"), fmt(g("MUFU.EX2"), ".0f"), fmt(g("SHFL"), ".0f"), fmt(g("BAR"), ".1f"),

@@ -24,11 +24,14 @@ per-SM throughput (results per clock per SM, CUDA C++ Programming Guide, "Arithm
 Instructions" table; tensor cores from the A100 and H100 whitepapers):
     tensor   HMMA.16816 = 2048 multiply-adds: A100 1024 FMA/clk/SM (312 TFLOP/s dense fp16 at
              1410 MHz, 108 SMs); H100 mma.sync reaches about 2/3 of the 2048 FMA/clk/SM that
-             wgmma does (FlashAttention-3 paper, Shah et al. 2024, section 1), so 1365.
-    fp32     FFMA/FMUL/FADD: 64/clk (sm_80), 128/clk (sm_90)
+             wgmma does (FlashAttention-3 paper, Shah et al. 2024, section 1), so 1365. sm_86
+             is modelled as an A10 (the data-center GA102: fp32 accumulation at full rate):
+             125 TFLOP/s dense fp16 at 1695 MHz on 72 SMs = 512 FMA/clk/SM (GeForce GA102
+             cards accumulate fp32 at half that).
+    fp32     FFMA/FMUL/FADD: 64/clk (sm_80), 128/clk (sm_86, sm_90)
     alu      integer, compare, min/max, select, logic, moves: 64/clk
     mufu     MUFU.EX2/RCP/LG2...: 16/clk
-    conv     F2F/F2FP/I2F/F2I conversions: 16/clk (sm_80), 64/clk (sm_90)
+    conv     F2F/F2FP/I2F/F2I conversions: 16/clk (sm_80, sm_86), 64/clk (sm_90)
     shfl     SHFL: 32/clk
     mem      shared memory and L1 data path, 128 bytes/clk: wavefronts (128 B each) of LDSM,
              LDS/STS, LDGSTS (its shared-memory side), LDG/STG/RED/ATOM (their L1 side)
@@ -48,6 +51,8 @@ ARCHS = {
            "mem_bytes": 128, "issue": 4},
     "90": {"name": "H100", "tensor_fma": 2048.0 * 2 / 3, "fp32": 128, "alu": 64, "mufu": 16, "conv": 64,
            "shfl": 32, "mem_bytes": 128, "issue": 4},
+    "86": {"name": "A10", "tensor_fma": 512.0, "fp32": 128, "alu": 64, "mufu": 16, "conv": 16, "shfl": 32,
+           "mem_bytes": 128, "issue": 4},
 }
 PIPES = ("tensor", "fp32", "alu", "mufu", "conv", "shfl", "mem")
 # Counted instruction kinds (the issue's list), by opcode prefix.

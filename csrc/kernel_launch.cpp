@@ -5,10 +5,16 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <utility>
+
 #include "emu/runtime.h"
 #include "kernels/api.h"
 
 #if defined(FLASH_CUDA_WITH_CUDA)
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
@@ -55,6 +61,54 @@ void copy_back(const at::Tensor& dst, const at::Tensor& src) {
 void check_kernel_inputs(const at::Tensor& q, Executor executor) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "flash_cuda: the CUDA kernels",
               executor == Executor::emu ? " (emulated)" : "", " take float16 or bfloat16 inputs, got ", q.scalar_type());
+}
+
+// The device q's kernels run on (kernels/device.h): the current GPU's properties, or the
+// emulated profile. A device older than the kernels, or a GPU this build has no code for, is
+// refused here, before any allocation, with what to do about it.
+DeviceLimits device_limits(const at::Tensor& q, Executor executor) {
+  DeviceLimits dev;
+  std::string name;
+  if (executor == Executor::emu) {
+    const emu::Device d = emu::options().device;
+    dev.cc = d.cc;
+    dev.sm_count = d.sm_count;
+    dev.smem_per_block = d.smem_per_block;
+    name = "the emulated " + d.name;
+  } else {
+#if defined(FLASH_CUDA_WITH_CUDA)
+    const int index = q.device().index();
+    int major = 0, minor = 0, sms = 0, smem = 0;
+    for (auto [attr, value] : {std::pair{cudaDevAttrComputeCapabilityMajor, &major},
+                               {cudaDevAttrComputeCapabilityMinor, &minor}, {cudaDevAttrMultiProcessorCount, &sms},
+                               {cudaDevAttrMaxSharedMemoryPerBlockOptin, &smem}})
+      TORCH_CHECK(cudaDeviceGetAttribute(value, attr, index) == cudaSuccess,
+                  "flash_cuda: could not read the properties of cuda:", index);
+    dev.cc = major * 10 + minor;
+    dev.sm_count = sms;
+    dev.smem_per_block = static_cast<size_t>(smem);
+    name = "cuda:" + std::to_string(index);
+#endif
+  }
+  // FLASH_CUDA_SMEM_PER_BLOCK=<bytes> lowers the shared memory the dispatcher may use: the
+  // compact configurations then run on a larger GPU (how the GPU tests cover them).
+  if (const char* cap = std::getenv("FLASH_CUDA_SMEM_PER_BLOCK")) {
+    char* end = nullptr;
+    const long long bytes = std::strtoll(cap, &end, 10);
+    TORCH_CHECK(end != cap && *end == '\0' && bytes > 0, "flash_cuda: FLASH_CUDA_SMEM_PER_BLOCK must be a positive "
+                "number of bytes, got '", cap, "'");
+    dev.smem_per_block = std::min(dev.smem_per_block, static_cast<size_t>(bytes));
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(dev.cc >= kMinComputeCapability, "flash_cuda: the CUDA kernels need compute capability ",
+                              kMinComputeCapability / 10, ".", kMinComputeCapability % 10, " or newer (cp.async, bf16 "
+                              "mma); ", name, " has ", dev.cc / 10, ".", dev.cc % 10);
+  // (the emulator runs the kernels' source, whatever the build's list)
+  const char* archs = executor == Executor::emu ? nullptr : cuda_arch_list();
+  TORCH_CHECK(archs == nullptr || arch_list_covers(archs, dev.cc), "flash_cuda: this build has no kernels for ", name,
+              " (compute capability ", dev.cc / 10, ".", dev.cc % 10, "): it was built for TORCH_CUDA_ARCH_LIST=\"",
+              archs, "\"; reinstall with TORCH_CUDA_ARCH_LIST including ", dev.cc / 10, ".", dev.cc % 10,
+              " (or an older one of the same major version, or a +PTX entry of an older one)");
+  return dev;
 }
 
 // A tensor as the kernels address it; a packed sequence's rows start at its cu_seqlens entry,
@@ -153,6 +207,43 @@ void add_mod_buffers(std::vector<emu::Buffer>& buffers, const AttnOptions& o, co
 
 }  // namespace
 
+#define FC_STRINGIFY2(x) #x
+#define FC_STRINGIFY(x) FC_STRINGIFY2(x)
+const char* cuda_arch_list() {
+#if defined(FLASH_CUDA_ARCH_LIST)
+  return FC_STRINGIFY(FLASH_CUDA_ARCH_LIST);  // setup.py: the entries joined by ':'
+#else
+  return nullptr;
+#endif
+}
+
+// Entries "M.m", "M.m+PTX" (and the arch-specific "M.ma" / "M.mf"), separated by ';', ':' or
+// spaces.
+// SASS for M.m runs on M.m' with m' >= m (not the arch-specific kind: on M.m alone); PTX for
+// M.m is compiled by the driver for any later device. A name torch also accepts ("Ampere")
+// is not judged here: the launch will say.
+bool arch_list_covers(const std::string& list, int cc) {
+  size_t pos = 0;
+  while (pos < list.size()) {
+    size_t end = list.find_first_of(";: ", pos);
+    if (end == std::string::npos) end = list.size();
+    std::string entry = list.substr(pos, end - pos);
+    pos = end + 1;
+    if (entry.empty()) continue;
+    const bool ptx = entry.size() > 4 && entry.compare(entry.size() - 4, 4, "+PTX") == 0;
+    if (ptx) entry.resize(entry.size() - 4);
+    const bool specific = !entry.empty() && (entry.back() == 'a' || entry.back() == 'f');
+    if (specific) entry.pop_back();
+    const size_t dot = entry.find('.');
+    if (dot == std::string::npos || dot == 0 || dot + 2 != entry.size() || !isdigit(entry[dot + 1])) return true;
+    for (size_t i = 0; i < dot; ++i)
+      if (!isdigit(entry[i])) return true;
+    const int arch = std::stoi(entry.substr(0, dot)) * 10 + (entry[dot + 1] - '0');
+    if (arch == cc || (!specific && arch / 10 == cc / 10 && arch < cc) || (ptx && arch < cc)) return true;
+  }
+  return false;
+}
+
 emu::Buffer tensor_footprint(const at::Tensor& t, bool writable) {
   size_t last = 0;
   for (int64_t d = 0; d < t.dim(); ++d)
@@ -174,6 +265,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   const AttnOptions opt = kernel_options(opt_in);
   const double scale = opt.scale;
   check_kernel_inputs(q_in, executor);
+  const DeviceLimits dev = device_limits(q_in, executor);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2);
   auto out = empty_output(q_in, packed);
   auto lse = at::empty({B, Hq, Nq}, q_in.options().dtype(at::kFloat));
@@ -204,11 +296,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
                                      kernel_footprint(v, false), kernel_footprint(o, true), tensor_footprint(lse, true)};
     add_mod_buffers(buffers, opt, packed);
     emu::set_buffers(std::move(buffers));
-    err = emu_backend::fwd(p, bf16, nullptr);
+    err = emu_backend::fwd(p, bf16, dev, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
-    err = cuda_backend::fwd(p, bf16, c10::cuda::getCurrentCUDAStream().stream());
+    err = cuda_backend::fwd(p, bf16, dev, c10::cuda::getCurrentCUDAStream().stream());
 #else
     TORCH_CHECK(false, "flash_cuda: this build has no CUDA kernels");
 #endif
@@ -224,6 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     bool deterministic, Executor executor, const std::optional<Packed>& packed) {
   const AttnOptions opt = kernel_options(opt_in);
   check_kernel_inputs(q_in, executor);
+  const DeviceLimits dev = device_limits(q_in, executor);
   const double scale = opt.scale;
   auto dq_out = empty_output(q_in, packed);
   auto dk_out = empty_output(k_in, packed);
@@ -282,11 +375,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     if (dbias_t.defined()) buffers.push_back(tensor_footprint(dbias_t, true));
     add_mod_buffers(buffers, opt, packed);
     emu::set_buffers(std::move(buffers));
-    err = emu_backend::bwd(p, bf16, deterministic, nullptr);
+    err = emu_backend::bwd(p, bf16, deterministic, dev, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
-    err = cuda_backend::bwd(p, bf16, deterministic, c10::cuda::getCurrentCUDAStream().stream());
+    err = cuda_backend::bwd(p, bf16, deterministic, dev, c10::cuda::getCurrentCUDAStream().stream());
 #else
     TORCH_CHECK(false, "flash_cuda: this build has no CUDA kernels");
 #endif
@@ -316,6 +409,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
                                                    const std::optional<at::Tensor>& block_table,
                                                    const AttnOptions& opt_in, int64_t num_splits, Executor executor) {
   check_kernel_inputs(q_in, executor);
+  const DeviceLimits dev = device_limits(q_in, executor);
   for (const at::Tensor* c : {&k_cache, &v_cache})
     TORCH_CHECK(c->size(3) % 8 == 0 && c->stride(3) == 1 && row_starts_aligned(*c),
                 "flash_cuda: the CUDA kernels need k_cache and v_cache with a head dim that is a multiple of 8, unit "
@@ -405,20 +499,15 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
   p.o = ref(o, std::nullopt);
   p.lse = lse_k.data_ptr<float>();
   p.cache = cache;
-  int num_sms = kEmulatedSmCount;
-#if defined(FLASH_CUDA_WITH_CUDA)
-  if (!emulated)
-    TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, q.device().index()) == cudaSuccess,
-                "flash_cuda: could not read the device's SM count");
-#endif
   if (num_splits == 0)
-    num_splits = emulated ? emu_backend::kvcache_num_splits(p, num_sms)
+    num_splits = emulated ? emu_backend::kvcache_num_splits(p, dev)
 #if defined(FLASH_CUDA_WITH_CUDA)
-                          : cuda_backend::kvcache_num_splits(p, num_sms);
+                          : cuda_backend::kvcache_num_splits(p, dev);
 #else
                           : 1;
 #endif
-  TORCH_CHECK(num_splits * ((p.nq + 127) / 128) < (int64_t(1) << 31), "flash_cuda: num_splits ", num_splits,
+  // (query tiles have 64 rows or more: the grid's x is at most num_splits x that many tiles)
+  TORCH_CHECK(num_splits * ((p.nq + 63) / 64) < (int64_t(1) << 31), "flash_cuda: num_splits ", num_splits,
               " is too large for the grid");
   p.cache.num_splits = static_cast<int>(num_splits);
   at::Tensor o_partial, lse_partial;
@@ -434,10 +523,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
     if (num_splits > 1) more.push_back(tensor_footprint(o_partial, true)), more.push_back(tensor_footprint(lse_partial, true));
     add_mod_buffers(more, opt, std::nullopt);
     buffers(std::move(more));
-    check(emu_backend::fwd_kvcache(p, bf16, nullptr));
+    check(emu_backend::fwd_kvcache(p, bf16, dev, nullptr));
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
-    check(cuda_backend::fwd_kvcache(p, bf16, stream));
+    check(cuda_backend::fwd_kvcache(p, bf16, dev, stream));
 #endif
   }
   return {out, lse};

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "attn_options.h"
@@ -45,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
 // sequence) int32, a page pool (num_pages, Hkv, page_size, D); D a multiple of 8 and rows 16-byte
 // aligned (the cache is written in place, so it cannot be copied to fix either). k_new, v_new
 // (B, Hkv, Nnew, D) are written at positions cache_seqlens[b].. first. num_splits 0: chosen for
-// the device (the emulator: an A100's 108 SMs). All on q's device; checked by the caller.
+// the device (the emulator: the profile's SM count). All on q's device; checked by the caller.
 std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q, const at::Tensor& k_cache,
                                                    const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
                                                    const std::optional<at::Tensor>& v_new,
@@ -53,7 +54,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& block_table,
                                                    const AttnOptions& opt, int64_t num_splits, Executor executor);
 
-// SMs the emulator assumes when it picks a split count (an A100's).
-constexpr int kEmulatedSmCount = 108;
+// The TORCH_CUDA_ARCH_LIST this extension's CUDA kernels were built for (nullptr: no CUDA
+// build), and whether such a list has code that runs on compute capability cc (major x 10 +
+// minor).
+const char* cuda_arch_list();
+bool arch_list_covers(const std::string& list, int cc);
 
 }  // namespace flash_cuda

@@ -522,6 +522,14 @@ TORCH_LIBRARY(flash_cuda, m) {
   m.def("kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens,"
         " Tensor? block_table, float scale, bool causal, int window_left=-1, int window_right=-1,"
         " float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=0) -> (Tensor out, Tensor lse)");
+  // The build's TORCH_CUDA_ARCH_LIST ("" without CUDA kernels), and whether a list has code for
+  // compute capability cc (major x 10 + minor): what the launcher checks before a launch.
+  m.def("_cuda_arch_list() -> str", [] {
+    const char* a = cuda_arch_list();
+    return std::string(a ? a : "");
+  });
+  m.def("_arch_list_covers(str arch_list, int cc) -> bool",
+        [](std::string list, int64_t cc) { return arch_list_covers(list, static_cast<int>(cc)); });
 }
 
 TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {

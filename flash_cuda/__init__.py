@@ -9,14 +9,17 @@
     flash_cuda.unpad_input(x, attention_mask), flash_cuda.pad_input(x_unpad, indices, B, S)
     flash_cuda.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                             is_causal=False, scale=None, enable_gqa=False)
-    with flash_cuda.emulate(order="forward", check=True) as emu:   # the CUDA kernels, on the CPU
+    with flash_cuda.emulate(order="forward", check=True, device="a100") as emu:   # the CUDA kernels, on the CPU
         ...
+    flash_cuda.EMULATED_DEVICES, flash_cuda.DeviceProfile: the GPUs emulate(device=...) knows
+    flash_cuda.cuda_arch_list(): the TORCH_CUDA_ARCH_LIST the CUDA kernels were built for
 """
 from . import ops  # noqa: F401  (registers the ops, their fake and autograd functions)
-from .api import (attention, attention_with_kvcache, has_cuda_kernels, pad_input, scaled_dot_product_attention, unpad_input,
-                  varlen_attention)
-from .emulate import emulate
+from .api import (attention, attention_with_kvcache, cuda_arch_list, has_cuda_kernels, pad_input,
+                  scaled_dot_product_attention, unpad_input, varlen_attention)
+from .emulate import DEVICES as EMULATED_DEVICES
+from .emulate import DeviceProfile, emulate
 
 __all__ = ["attention", "attention_with_kvcache", "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input",
-           "has_cuda_kernels", "emulate"]
+           "has_cuda_kernels", "cuda_arch_list", "emulate", "DeviceProfile", "EMULATED_DEVICES"]
 __version__ = "0.1.0"

@@ -22,6 +22,13 @@ def has_cuda_kernels():
     return _HAS_CUDA_KERNELS
 
 
+def cuda_arch_list():
+    """The TORCH_CUDA_ARCH_LIST the CUDA kernels were built for, entries joined by ';' (None
+    without CUDA kernels). A GPU it has no code for is refused at the first launch, naming it."""
+    archs = torch.ops.flash_cuda._cuda_arch_list()
+    return archs.replace(":", ";") if archs else None
+
+
 def _shape(x):
     return tuple(x.shape)
 

@@ -78,6 +78,19 @@ def test_gpu_kvcache_test_runs_emulated():
     assert {"flash_fwd_kvcache", "flash_fwd_kvcache_combine", "kv_append"} <= kernels
 
 
+def test_gpu_compact_test_runs_the_compact_kernels(monkeypatch):
+    """The GPU test of the 99 KiB configurations, emulated on an A100 profile: the variable
+    lowers the dispatcher's limit and the compact kernels run."""
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_compact_configurations_vs_reference("cpu", monkeypatch, torch.float16, "causal", 128, True)
+    assert {r["kernel"] for r in emu.launches} >= {"flash_bwd<fp16,hdim128,band,99KiB>",
+                                                   "flash_bwd_dq<fp16,hdim128,band,99KiB>"}
+    monkeypatch.setenv("FLASH_CUDA_SMEM_PER_BLOCK", "lots")
+    with flash_cuda.emulate(), pytest.raises(RuntimeError, match="FLASH_CUDA_SMEM_PER_BLOCK must be a positive "
+                                                                 "number of bytes, got 'lots'"):
+        flash_cuda.attention(*(torch.randn(1, 1, 8, 64).half() for _ in range(3)))
+
+
 def test_gpu_tests_cover_every_instantiation():
     params = lambda f: {m.args[0]: tuple(m.args[1]) for m in f.pytestmark if m.name == "parametrize"}
     fwd, bwd = params(gpu.test_forward_vs_reference_and_sdpa), params(gpu.test_backward_vs_reference_and_sdpa)
@@ -91,11 +104,19 @@ def test_gpu_tests_cover_every_instantiation():
     variants = params(gpu.test_variants_forward_backward_vs_reference)
     assert set(variants["D"]) == set(gpu.HEAD_DIMS) and set(variants["variant"]) == {"band", "mod"}
     assert variants["deterministic"] == (False, True) and variants["dtype"] == (torch.float16, torch.bfloat16)
-    suffixes = {f[:-3].split("_", 3)[3] if f.count("_") == 3 else "" for f in files}
+    wide = [f.replace("_99kib", "") for f in files]
+    suffixes = {f[:-3].split("_", 3)[3] if f.count("_") == 3 else "" for f in wide}
     assert suffixes == {"", "band", "mod"}
+    # the compact (99 KiB) instantiations: every head dim that has one is in the compact GPU test
+    compact = params(gpu.test_compact_configurations_vs_reference)
+    assert {int(f.split("_")[1][4:]) for f in files if f.endswith("_99kib.cu")} <= set(compact["D"])
+    assert set(compact["variant"]) == {"dense", "causal", "mod"} and compact["deterministic"] == (False, True)
     kvcache_files = {f[:-3] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_kvcache_" in f}
     kv = params(gpu.test_kvcache_vs_reference)
-    assert kvcache_files == {f"fwd_kvcache_hdim{d}_{t}" for d in gpu.HEAD_DIMS for t in ("fp16", "bf16")}
+    assert {f.replace("_99kib", "") for f in kvcache_files} == {
+        f"fwd_kvcache_hdim{d}_{t}" for d in gpu.HEAD_DIMS for t in ("fp16", "bf16")}
+    assert {int(f.split("_")[2][4:]) for f in kvcache_files if f.endswith("_99kib")} <= set(
+        params(gpu.test_compact_kvcache_vs_reference)["D"])
     assert set(gpu.HEAD_DIMS) <= set(kv["D"]) and kv["dtype"] == (torch.float16, torch.bfloat16)
     varlen = params(gpu.test_varlen_vs_per_sequence_reference)
     assert set(varlen["D"]) == set(gpu.HEAD_DIMS) and varlen["dtype"] == (torch.float16, torch.bfloat16)

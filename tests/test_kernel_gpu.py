@@ -1,6 +1,7 @@
 """The CUDA kernels on a real GPU (skipped without one): every instantiation (head dims 32, 64,
 96, 128, 192, 256, fp16/bf16, the dense, band (causal, window) and modifier (softcap, ALiBi,
-attn_mask, dropout) variants, forward, backward and the deterministic pass)
+attn_mask, dropout) variants, forward, backward and the deterministic pass, in both shared-memory
+budgets: the compact ones of sm_86/89/120 forced on a larger GPU)
 against the float64 reference under FlashAttention's rule and against torch SDPA, on the current
 stream, allocating nothing but the outputs. The same kernel source is tested without a GPU in
 test_kernel_fwd.py / test_kernel_bwd.py (emulator), and test_gpu_paths_fake.py runs these very
@@ -130,6 +131,30 @@ def test_variants_forward_backward_vs_reference(dev, dtype, variant, D, determin
     assert_fa_rule("out", out, plain, ref, 2)
     for name, g_, pg, rg in zip(("dq", "dk", "dv", "dmask"), grads, plain_grads, ref_grads):
         assert_fa_rule(name, g_, pg, rg, 3)
+
+
+# The compact (99 KiB) configurations that sm_86/89/120 cards run (csrc/kernels/traits.h):
+# FLASH_CUDA_SMEM_PER_BLOCK lowers the dispatcher's limit to theirs, so a larger GPU runs them.
+COMPACT_SMEM = 99 * 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["dense", "causal", "mod"])
+@pytest.mark.parametrize("D", (96, 128, 192, 256))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_compact_configurations_vs_reference(dev, monkeypatch, dtype, variant, D, deterministic):
+    monkeypatch.setenv("FLASH_CUDA_SMEM_PER_BLOCK", str(COMPACT_SMEM))
+    if variant == "mod":
+        test_variants_forward_backward_vs_reference(dev, dtype, "mod", D, deterministic)
+    else:
+        test_backward_vs_reference_and_sdpa(dev, dtype, variant == "causal", D, deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", (128, 192, 256))
+def test_compact_kvcache_vs_reference(dev, monkeypatch, dtype, D):
+    monkeypatch.setenv("FLASH_CUDA_SMEM_PER_BLOCK", str(COMPACT_SMEM))
+    test_kvcache_vs_reference(dev, dtype, D, "paged16")
 
 
 # Packed sequences (varlen_attention): the same kernels reading cu_seqlens.

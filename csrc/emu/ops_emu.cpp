@@ -16,8 +16,13 @@ namespace {
 
 std::atomic<bool> g_active{false};
 
-void configure(bool active, std::string order, int64_t seed, bool check, int64_t workers) {
+void configure(bool active, std::string order, int64_t seed, bool check, int64_t workers, std::string device, int64_t cc,
+               int64_t sm_count, int64_t smem_per_block, int64_t threads_per_block, int64_t regs_per_block) {
   emu::Options o;
+  TORCH_CHECK(cc > 0 && sm_count > 0 && smem_per_block >= 0 && threads_per_block > 0 && regs_per_block > 0,
+              "emulate: device limits must be positive");
+  o.device = {device, static_cast<int>(cc), static_cast<int>(sm_count), static_cast<size_t>(smem_per_block),
+              static_cast<int>(threads_per_block), static_cast<int>(regs_per_block)};
   if (order == "forward") o.order = emu::Order::forward;
   else if (order == "reverse") o.order = emu::Order::reverse;
   else if (order == "random") o.order = emu::Order::random;
@@ -140,7 +145,8 @@ bool emu_active() { return g_active; }
 
 TORCH_LIBRARY_FRAGMENT(flash_cuda, m) {
   using namespace flash_cuda;
-  m.def("_emu_configure(bool active, str order, int seed, bool check, int workers) -> ()", &configure);
+  m.def("_emu_configure(bool active, str order, int seed, bool check, int workers, str device, int cc, int sm_count, "
+        "int smem_per_block, int threads_per_block, int regs_per_block) -> ()", &configure);
   m.def("_emu_records() -> str", &records);
   m.def("_emu_ldmatrix_probe(Tensor tile, Tensor row_offset, int num, bool trans) -> Tensor", &ldmatrix_probe);
   m.def("_emu_mma_probe(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor", &mma_probe);

@@ -40,7 +40,6 @@ void Counters::add(const Counters& o) {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90 opt-in maximum per block
 constexpr size_t kSmemGuard = 64 * 1024;        // accesses this close to the arena are OOB
 constexpr size_t kMaxErrors = 16;
 constexpr uint8_t kPoison = 0xFF;  // NaN as f32, f16 and bf16: uninitialised data shows up
@@ -671,19 +670,33 @@ std::vector<LaunchRecord> take_records() {
 
 void set_buffers(std::vector<Buffer> buffers) { g_buffers = std::move(buffers); }
 
-void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, const std::function<void()>& body) {
+void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int max_regs_per_thread,
+            const std::function<void()>& body) {
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
-  if (nthreads == 0 || nthreads > 1024) throw std::runtime_error(std::string(name) + ": block of " + std::to_string(nthreads) + " threads (1..1024 allowed)");
+  const Options opt = options();
+  const Device& dev = opt.device;
+  // What the driver rejects at launch ("too many resources requested", "invalid argument"),
+  // against the emulated card's limits.
+  auto refuse = [&](const std::string& why) {
+    throw std::runtime_error(std::string(name) + ": launch exceeds the " + dev.name + "'s limits: " + why);
+  };
+  if (nthreads == 0 || nthreads > uint64_t(dev.threads_per_block))
+    refuse("a block of " + std::to_string(nthreads) + " threads (1.." + std::to_string(dev.threads_per_block) + ")");
   if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error(std::string(name) + ": grid.y and grid.z must be <= 65535");
-  if (dynamic_smem > kMaxDynamicSmem) throw std::runtime_error(std::string(name) + ": " + std::to_string(dynamic_smem) + " bytes of dynamic shared memory (at most 227 KiB)");
+  if (dynamic_smem > dev.smem_per_block)
+    refuse(std::to_string(dynamic_smem) + " bytes of dynamic shared memory per block (at most " +
+           std::to_string(dev.smem_per_block) + ")");
+  if (nthreads * uint64_t(max_regs_per_thread) > uint64_t(dev.regs_per_block))
+    refuse(std::to_string(nthreads) + " threads x up to " + std::to_string(max_regs_per_thread) + " registers (at most " +
+           std::to_string(dev.regs_per_block) + " registers per block)");
 
   LaunchCtx L;
   L.name = name;
   L.grid = grid;
   L.block = block;
   L.smem = dynamic_smem;
-  L.opt = options();
+  L.opt = opt;
   L.buffers = g_buffers;
   L.body = &body;
 
@@ -708,7 +721,7 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, const 
     for (auto& t : pool) t.join();
   }
 
-  LaunchRecord rec{name, grid, block, dynamic_smem, L.counters, L.errors};
+  LaunchRecord rec{name, dev.name, grid, block, dynamic_smem, L.counters, L.errors};
   if (L.error_count > L.errors.size())
     rec.errors.push_back("... and " + std::to_string(L.error_count - L.errors.size()) + " more");
   {
@@ -883,6 +896,8 @@ std::string records_json(const std::vector<LaunchRecord>& records) {
     const Counters& c = r.counters;
     o << (i ? "," : "") << "{\"kernel\":";
     str(r.kernel);
+    o << ",\"device\":";
+    str(r.device);
     o << ",\"grid\":";
     dim(r.grid);
     o << ",\"block\":";

@@ -30,11 +30,24 @@ struct Dim3 {
 
 enum class Order { forward, reverse, random };
 
+// The GPU a session emulates (flash_cuda.emulate(device=...)): the limits a launch must keep
+// (a launch past them fails as it would on that card) and what the dispatcher picks from.
+// Default: an A100.
+struct Device {
+  std::string name = "a100";
+  int cc = 80;                     // compute capability, major x 10 + minor
+  int sm_count = 108;
+  size_t smem_per_block = 166912;  // opt-in maximum of dynamic shared memory per block, bytes
+  int threads_per_block = 1024;
+  int regs_per_block = 65536;      // 32-bit registers
+};
+
 struct Options {
   Order order = Order::forward;
   uint64_t seed = 0;   // for Order::random
   bool check = true;   // race checker and poisoning of uninitialised/in-flight shared memory
   int workers = 1;     // OS threads running blocks in parallel
+  Device device;
 };
 
 // A global-memory range a launch may touch (a tensor's footprint).
@@ -75,6 +88,7 @@ inline const char* shared_kind_name(int k) {
 
 struct LaunchRecord {
   std::string kernel;
+  std::string device;  // the profile's name
   Dim3 grid, block;
   size_t dynamic_smem = 0;
   Counters counters;
@@ -91,9 +105,12 @@ std::string records_json(const std::vector<LaunchRecord>& records);
 // from the tensors it passes; a launch with none registered cannot touch global memory).
 void set_buffers(std::vector<Buffer> buffers);
 
-// Run kernel_body once per thread of every block. Throws std::runtime_error listing the
-// problems found (races, out-of-bounds accesses, deadlocks) after the launch completes.
-void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem,
+// Run kernel_body once per thread of every block. Throws std::runtime_error before it starts
+// when the launch exceeds the session's device (threads, dynamic shared memory, or registers:
+// max_regs_per_thread is the most the kernel may use, which __launch_bounds__ makes ptxas
+// keep to), and after it completes listing the problems found (races, out-of-bounds accesses,
+// deadlocks).
+void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int max_regs_per_thread,
             const std::function<void()>& kernel_body);
 
 // ---- the device side, called from kernel code through cuda_host.h and ptx.h ----

@@ -3,6 +3,7 @@
 #pragma once
 #include <stddef.h>
 
+#include "device.h"
 #include "params.h"
 
 namespace flash_cuda {
@@ -15,21 +16,22 @@ inline int fwd_head_dim_bucket(int d) {
   return -1;
 }
 
-// Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator).
-// Returns nullptr on success, else the launch error's text. Emulator check failures throw.
+// Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator), in
+// the tile configuration that fits dev (device.h). Returns nullptr on success, else the launch
+// error's text (or why no configuration fits dev). Emulator check failures throw.
 // Launch the backward kernels (deterministic: the dQ pass instead of atomics). p.dq_accum
 // must hold bwd_dq_accum_floats(p) floats unless deterministic. The instantiation is picked
 // from p: the band one when p.mask is banded, the modifier one when p.mod has any modifier.
 // KV cache (kv_cache.h): fwd_kvcache runs the split forward and the merge (p.cache's partials
 // hold p.cache.num_splits splits when more than 1); kv_append writes new keys and values into
-// the cache first; kvcache_num_splits is the split count chosen for p on num_sms SMs.
-#define FC_BACKEND_API                                                                  \
-  const char* fwd(const FwdParams& p, bool bf16, void* stream);                         \
-  const char* bwd(const BwdParams& p, bool bf16, bool deterministic, void* stream);     \
-  size_t bwd_dq_accum_floats(const BwdParams& p);                                       \
-  const char* fwd_kvcache(const FwdParams& p, bool bf16, void* stream);                 \
-  const char* kv_append(const KvAppendParams& p, void* stream);                         \
-  int kvcache_num_splits(const FwdParams& p, int num_sms);
+// the cache first; kvcache_num_splits is the split count chosen for p on dev.
+#define FC_BACKEND_API                                                                                  \
+  const char* fwd(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream);                \
+  const char* bwd(const BwdParams& p, bool bf16, bool deterministic, const DeviceLimits& dev, void* stream); \
+  size_t bwd_dq_accum_floats(const BwdParams& p);                                                       \
+  const char* fwd_kvcache(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream);        \
+  const char* kv_append(const KvAppendParams& p, void* stream);                                         \
+  int kvcache_num_splits(const FwdParams& p, const DeviceLimits& dev);
 namespace cuda_backend {
 FC_BACKEND_API
 }

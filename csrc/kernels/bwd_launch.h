@@ -12,12 +12,15 @@
 namespace flash_cuda {
 namespace FC_BACKEND {
 
-template <class T, int kHeadDim, bool kBand, bool kMod>
+template <class T, int kHeadDim, bool kBand, bool kMod, int kSmemKiB>
 cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
-  using Kt = BwdTraits<T, kHeadDim, kMod>;
-  using Dq = BwdDqTraits<T, kHeadDim, kMod>;
+  using Kt = BwdTraits<T, kHeadDim, kMod, kSmemKiB>;
+  using Dq = BwdDqTraits<T, kHeadDim, kMod, kSmemKiB>;
+  static_assert(kSmemKiB == kSmemKiBWide || bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>() > kSmemKiBCompact * 1024,
+                "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
   static const std::string suffix = std::string("<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") + ",hdim" +
-                                    std::to_string(kHeadDim) + variant_suffix(kBand, kMod) + ">";
+                                    std::to_string(kHeadDim) + variant_suffix(kBand, kMod) +
+                                    budget_suffix(kSmemKiB) + ">";
   static const std::string pre = "flash_bwd_preprocess" + suffix, main = "flash_bwd" + suffix,
                            post = "flash_bwd_postprocess" + suffix, dq = "flash_bwd_dq" + suffix;
   const dim3 q_grid((p.nq + Kt::kPrepRows - 1) / Kt::kPrepRows, p.hq, p.b);

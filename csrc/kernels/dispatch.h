@@ -4,9 +4,13 @@
  * true): softcap, ALiBi and bias, each a runtime branch, with any band; dropout is a runtime branch
  * of both the band and the modifier variants. Three instantiations
  * instead of one per feature combination: the features inside a variant are uniform branches
- * over a whole launch, and what each costs is measured in the README. Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
+ * over a whole launch, and what each costs is measured in the README. Then the shared-memory
+ * budget the device allows (device.h). Included once per backend (csrc/cuda/dispatch.cu, csrc/emu/dispatch.cpp); the
  * instantiations themselves are compiled in their own generated files. */
 #pragma once
+#include <string>
+#include <type_traits>
+
 #include "api.h"
 #include "kv_append.h"
 #include "platform.h"
@@ -57,11 +61,11 @@ namespace flash_cuda {
 namespace FC_BACKEND {
 
 // Generated instantiations (csrc/cuda/*_hdim*.cu, csrc/emu/generated/*.cpp).
-template <class T, int kHeadDim, bool kBand, bool kMod>
+template <class T, int kHeadDim, bool kBand, bool kMod, int kSmemKiB>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream);
-template <class T, int kHeadDim, bool kBand, bool kMod>
+template <class T, int kHeadDim, bool kBand, bool kMod, int kSmemKiB>
 cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream);
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, int kSmemKiB>
 cudaError_t run_fwd_kvcache(const FwdParams& p, cudaStream_t stream);
 
 inline const char* error_text(cudaError_t e) {
@@ -72,41 +76,76 @@ inline const char* error_text(cudaError_t e) {
 #endif
 }
 
-const char* fwd(const FwdParams& p, bool bf16, void* stream) {
-  return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
-    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-      return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
-        return run_fwd<T, kHeadDim, kBand, kMod>(p, static_cast<cudaStream_t>(stream));
-      });
-    });
-  }));
+// The configuration for the device: the wide one (kSmemWide bytes of shared memory per block)
+// where the device allows it, else the compact one (kSmemCompact), which is instantiated only
+// where the wide one needs more than kSmemKiBCompact. f(std::integral_constant<int, budget>)
+// launches; an error names what does not fit when neither does.
+template <size_t kSmemWide, size_t kSmemCompact, class F>
+const char* with_smem_budget(const DeviceLimits& dev, const char* kernel, F&& f) {
+  if (kSmemWide <= dev.smem_per_block) return error_text(f(std::integral_constant<int, kSmemKiBWide>{}));
+  constexpr bool kHasCompact = kSmemWide > size_t(kSmemKiBCompact) * 1024;
+  if constexpr (kHasCompact)
+    if (kSmemCompact <= dev.smem_per_block) return error_text(f(std::integral_constant<int, kSmemKiBCompact>{}));
+  thread_local std::string message;
+  message = std::string("no configuration of ") + kernel + " fits the device's " + std::to_string(dev.smem_per_block) +
+            " bytes of shared memory per block (the smallest needs " +
+            std::to_string(kHasCompact ? kSmemCompact : kSmemWide) + ")";
+  return message.c_str();
 }
 
-const char* bwd(const BwdParams& p, bool bf16, bool deterministic, void* stream) {
-  return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
+const char* fwd(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream) {
+  return FC_DTYPE_SWITCH(bf16, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
-        return run_bwd<T, kHeadDim, kBand, kMod>(p, deterministic, static_cast<cudaStream_t>(stream));
+        return with_smem_budget<fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
+                                fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(dev, "the forward", [&](auto kib) {
+          return run_fwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream));
+        });
       });
     });
-  }));
+  });
 }
 
-const char* fwd_kvcache(const FwdParams& p, bool bf16, void* stream) {
-  return error_text(FC_DTYPE_SWITCH(bf16, T, [&] {
-    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] { return run_fwd_kvcache<T, kHeadDim>(p, static_cast<cudaStream_t>(stream)); });
-  }));
+const char* bwd(const BwdParams& p, bool bf16, bool deterministic, const DeviceLimits& dev, void* stream) {
+  return FC_DTYPE_SWITCH(bf16, T, [&] {
+    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+      return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
+        return with_smem_budget<bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
+                                bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(dev, "the backward", [&](auto kib) {
+          return run_bwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(p, deterministic,
+                                                                        static_cast<cudaStream_t>(stream));
+        });
+      });
+    });
+  });
+}
+
+const char* fwd_kvcache(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream) {
+  return FC_DTYPE_SWITCH(bf16, T, [&] {
+    return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
+      return with_smem_budget<fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>(),
+                              fwd_smem_bytes<T, kHeadDim, true, kSmemKiBCompact>()>(dev, "the KV-cache forward", [&](auto kib) {
+        return run_fwd_kvcache<T, kHeadDim, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream));
+      });
+    });
+  });
 }
 
 const char* kv_append(const KvAppendParams& p, void* stream) {
   return error_text(run_kv_append(p, static_cast<cudaStream_t>(stream)));
 }
 
-int kvcache_num_splits(const FwdParams& p, int num_sms) {
+int kvcache_num_splits(const FwdParams& p, const DeviceLimits& dev) {
   return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-    using Kt = FwdTraits<__half, kHeadDim, true>;  // the KV-cache instantiation's tiles (either dtype's)
-    const int64_t blocks = int64_t((p.nq + Kt::kBlockM - 1) / Kt::kBlockM) * p.hq * p.b;
-    return choose_num_splits(blocks, (p.nk + Kt::kBlockN - 1) / Kt::kBlockN, num_sms);
+    // the tiles of the configuration fwd_kvcache runs on dev (either dtype's: they are the same)
+    auto splits = [&](auto kib) {
+      using Kt = KvCacheTraits<__half, kHeadDim, decltype(kib)::value>;
+      const int64_t blocks = int64_t((p.nq + Kt::kBlockM - 1) / Kt::kBlockM) * p.hq * p.b;
+      return choose_num_splits(blocks, (p.nk + Kt::kBlockN - 1) / Kt::kBlockN, dev.sm_count);
+    };
+    if (fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBWide>() <= dev.smem_per_block)
+      return splits(std::integral_constant<int, kSmemKiBWide>{});
+    return splits(std::integral_constant<int, kSmemKiBCompact>{});
   });
 }
 

@@ -2,7 +2,7 @@
  * instantiation over (query tile x key split, head, batch), then, with more than one split, the
  * merge (splitkv_combine.h). It is the modifier variant (softcap and ALiBi are runtime branches;
  * causal and windows run through its band), so one instantiation per dtype and head dim covers
- * every option. Generated files csrc/cuda/fwd_kvcache_*.cu and csrc/emu/generated/ instantiate it. */
+ * every option (per shared-memory budget: device.h). Generated files csrc/cuda/fwd_kvcache_*.cu and csrc/emu/generated/ instantiate it. */
 #pragma once
 #include <string>
 
@@ -13,14 +13,13 @@
 namespace flash_cuda {
 namespace FC_BACKEND {
 
-template <class T, int kHeadDim>
-using KvCacheTraits = FwdTraits<T, kHeadDim, true>;
-
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, int kSmemKiB>
 cudaError_t run_fwd_kvcache(const FwdParams& p, cudaStream_t stream) {
-  using Kt = KvCacheTraits<T, kHeadDim>;
+  using Kt = KvCacheTraits<T, kHeadDim, kSmemKiB>;
+  static_assert(kSmemKiB == kSmemKiBWide || fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>() > kSmemKiBCompact * 1024,
+                "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
   static const std::string suffix = std::string("<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") + ",hdim" +
-                                    std::to_string(kHeadDim) + ">";
+                                    std::to_string(kHeadDim) + budget_suffix(kSmemKiB) + ">";
   static const std::string name = "flash_fwd_kvcache" + suffix, combine = "flash_fwd_kvcache_combine" + suffix;
   const int m_blocks = (p.nq + Kt::kBlockM - 1) / Kt::kBlockM;
   const dim3 grid(m_blocks * p.cache.num_splits, p.hq, p.b);

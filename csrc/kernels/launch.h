@@ -2,6 +2,7 @@
  * emulator's launch on the host. Launchers call launch_kernel and nothing else, so the grid,
  * block and shared-memory size the emulator runs are exactly the ones a GPU would get. */
 #pragma once
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 
@@ -43,7 +44,11 @@ inline cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), di
   return cudaGetLastError();
 #else
   (void)stream;
-  ::emu::launch(name, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, [&] { kernel(args...); });
+  // Every kernel has __launch_bounds__(its block size): ptxas keeps it to 64K registers per
+  // block, at most 255 per thread, allocated in units of 8.
+  const unsigned threads = block.x * block.y * block.z;
+  const int max_regs = threads == 0 ? 255 : static_cast<int>(std::min<unsigned>(255, 65536 / threads / 8 * 8));
+  ::emu::launch(name, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, max_regs, [&] { kernel(args...); });
   return cudaSuccess;
 #endif
 }

@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "bias_tile.h"
+#include "device.h"
 #include "layout.h"
 #include "mask.h"
 #include "params.h"
@@ -16,24 +17,51 @@ namespace flash_cuda {
 // tiles do the same). Above 128 the O accumulator alone is kHeadDim / 2 registers per m-tile:
 // 8 warps x one m-tile. kMod (the score-modifier variant) holds a few more live values per score
 // (the modifiers' operands) and stages the bias tile in shared memory.
-template <class T_, int kHeadDim_, bool kMod_ = false>
+// Forward configurations: (16-row m-tiles per warp, warps, keys per tile).
+template <int kMTiles_, int kWarps_, int kBlockN_>
+struct FwdConfig {
+  static constexpr int kMTiles = kMTiles_, kWarps = kWarps_, kBlockN = kBlockN_;
+};
+
+// Wide (sm_80's 163 KiB). Head dims up to 128: 4 warps x two 16-row m-tiles each, so every K
+// and V fragment a warp loads from shared memory feeds two mma (half the ldmatrix traffic of
+// one m-tile per warp; FlashAttention-2's 128-row tiles do the same). Above 128 the O
+// accumulator alone is kHeadDim / 2 registers per m-tile: 8 warps x one m-tile. kMod (the
+// score-modifier variant) holds a few more live values per score (the modifiers' operands) and
+// stages the bias tile in shared memory: one m-tile above 64 (two spill even with 32-key
+// tiles), and 32-key tiles with two m-tiles per warp (head dims up to 64), where the modifiers'
+// operands (the bias pairs, tanh) for 2 x 64 scores per thread do not fit beside O and S
+// without spilling (measured with ptxas -v), and at 256, where the bias tile of 64 keys would
+// take the shared memory past 163 KiB.
+template <int kHeadDim, bool kMod>
+using FwdWideConfigFor =
+    std::conditional_t<(kHeadDim <= 64 || (kHeadDim <= 128 && !kMod)), FwdConfig<2, 4, kMod ? 32 : 64>,
+                       FwdConfig<1, 8, kMod && kHeadDim == 256 ? 32 : 64>>;
+// Compact (99 KiB), where the wide one needs more: 32-key tiles (the 128-row query tile keeps
+// every Q fragment's reuse; K, V and the bias tile halve), and at 256 with modifiers 4 warps
+// of one m-tile (64 query rows: the Q tile alone is 64 KiB at 128 rows). FlashAttention-2's
+// sm_86/89 forward likewise keeps 128-row tiles where they fit and drops to 64 at head dim 256.
+template <int kHeadDim, bool kMod>
+using FwdCompactConfigFor = std::conditional_t<(kMod && kHeadDim == 256), FwdConfig<1, 4, 32>,
+                                               FwdConfig<FwdWideConfigFor<kHeadDim, kMod>::kMTiles,
+                                                         FwdWideConfigFor<kHeadDim, kMod>::kWarps, 32>>;
+
+// Forward: a block owns a query tile and walks the key tiles; each warp owns 16 kMTiles query
+// rows: no communication between warps in the main loop, and the 4-lane row reductions of the
+// softmax stay inside a quad.
+template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct FwdTraits {
   using T = T_;  // __half or __nv_bfloat16
   static constexpr int kHeadDim = kHeadDim_;  // instantiated head dim (real d <= kHeadDim)
   static constexpr bool kMod = kMod_;
-  // 16-row m-tiles per warp; kMod above 64: one (two spill even with 32-key tiles)
-  static constexpr int kMTiles = kHeadDim <= 64 || (kHeadDim <= 128 && !kMod) ? 2 : 1;
-  static constexpr int kWarps = kMTiles == 2 ? 4 : 8;
+  static constexpr int kSmemKiB = kSmemKiB_;  // the shared-memory budget (device.h)
+  using Config = std::conditional_t<kSmemKiB == kSmemKiBWide, FwdWideConfigFor<kHeadDim, kMod>,
+                                    FwdCompactConfigFor<kHeadDim, kMod>>;
+  static constexpr int kMTiles = Config::kMTiles, kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
-  // Each warp owns 16 kMTiles query rows: no communication between warps in the main loop, and
-  // the 4-lane row reductions of the softmax stay inside a quad.
   static constexpr int kWarpRows = 16 * kMTiles;
   static constexpr int kBlockM = kWarpRows * kWarps;
-  // Keys per tile: 64; 32 for kMod with two m-tiles per warp (head dims up to 64), where the
-  // modifiers' operands (the bias pairs, tanh) for 2 x 64 scores per thread do not fit beside O
-  // and S without spilling (measured with ptxas -v), and at 256, where the bias tile of 64 keys
-  // would take the shared memory past sm_80's 163 KiB.
-  static constexpr int kBlockN = kMod && (kMTiles == 2 || kHeadDim == 256) ? 32 : 64;
+  static constexpr int kBlockN = Config::kBlockN;
   static constexpr int kNTiles = kBlockN / 8;   // S accumulator n-tiles per m-tile (16 x 8 each)
   static constexpr int kDTiles = kHeadDim / 8;  // O accumulator n-tiles per m-tile
   // Unroll of S = Q K^T's k loop: whole, except with two m-tiles at head dims 96 and 128 (160
@@ -46,7 +74,8 @@ struct FwdTraits {
   static_assert(sizeof(T) == 2, "tensor-core inputs are 16-bit");
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are instantiated in multiples of 32 up to 256");
   static_assert(kBlockN % 16 == 0, "P V consumes keys 16 at a time (one mma k-step)");
-  static_assert(kBlockM == 128, "one query tile size for every head dim");
+  static_assert(kBlockM == 128 || kBlockM == 64, "query tiles of 128 rows (64 where 99 KiB allow no more)");
+  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBCompact, "one of the budgets of device.h");
   // Registers per thread: O is kMTiles x 16 x kHeadDim fp32 over 32 lanes, S kMTiles x 16 x kBlockN.
   static_assert(kMTiles * (kHeadDim / 2 + kBlockN / 2) <= 192, "accumulators must leave room in 255 registers");
 
@@ -58,7 +87,7 @@ struct FwdTraits {
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;  // one K and one V tile
   using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 8>;  // kMod: the bias of one key tile
   static constexpr size_t kSmemBytes = (QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T) + (kMod ? Bias::kBytes : 0);
-  static_assert(kSmemBytes <= 163 * 1024, "fits sm_80's shared memory per block");
+  static_assert(kSmemBytes <= kSmemKiB * 1024, "fits the budget's shared memory per block");
 };
 
 }  // namespace flash_cuda
@@ -115,12 +144,33 @@ using BwdModConfigFor = std::conditional_t<(kHeadDim == 32), BwdConfig<8, 64, 64
                         std::conditional_t<(kHeadDim == 128), BwdConfig<8, 64, 64, 4, 4, 2>,
                         std::conditional_t<(kHeadDim == 256), BwdConfig<8, 32, 64, 2, 2, 2>, BwdConfigFor<kHeadDim>>>>>;
 
-template <class T_, int kHeadDim_, bool kMod_ = false>
+// Compact (99 KiB), where the wide configuration needs more (measured with ptxas -v at sm_86:
+// 0 spills). One buffer of Q_i and dO_i in each (the next query tile's loads start after this
+// one's last use), and:
+//   96 with modifiers: the wide configuration
+//   128: 64 keys x 64 queries, the modifier variant's shape (80.5 KiB; with modifiers 97.5)
+//   192: 64 keys x 32 queries (a step's Q_i and dO_i are 24 KiB): 16 x 16 S^T tiles, 32 keys x
+//        D/4 of dV/dK, 16 queries x D/4 of dQ (80.25 KiB; with modifiers 88.75)
+//   256: 4 warps, 32 keys x 32 queries: 16 x 16 S^T tiles, 16 keys x D/2 of dV/dK and 16 queries
+//        x D/2 of dQ (68.25 KiB; with modifiers 72.75); at 64 keys, or 64 queries, the K, V or
+//        Q, dO tiles alone take 64 KiB
+// (FlashAttention-2's sm_86/89 backward keeps V in registers to fit 64 x 64 at 192 and 64 x 32
+// at 256; here the tiles shrink instead, which costs more Q and dO traffic per key.)
+template <int kHeadDim, bool kMod>
+using BwdCompactConfigFor =
+    std::conditional_t<(kHeadDim == 128), BwdConfig<8, 64, 64, 4, 4, 2>,
+    std::conditional_t<(kHeadDim == 192), BwdConfig<8, 64, 32, 4, 2, 2>,
+    std::conditional_t<(kHeadDim == 256), BwdConfig<4, 32, 32, 2, 2, 2>,
+                       std::conditional_t<kMod, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>>>;
+
+template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kMod = kMod_;  // the score-modifier variant: a bias tile per step
-  using Config = std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>;
+  static constexpr int kSmemKiB = kSmemKiB_;  // the shared-memory budget (device.h)
+  using Config = std::conditional_t<kSmemKiB != kSmemKiBWide, BwdCompactConfigFor<kHeadDim, kMod>,
+                                    std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>;
   static constexpr int kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;  // query rows per step, keys
@@ -162,15 +212,14 @@ struct BwdTraits {
   static_assert(PLayout::kBlockCols % kSdpCols == 0, "a warp's S^T columns stay inside one swizzle block");
   static constexpr size_t kTileBytes = QLayout::kElems * sizeof(T);
   static constexpr size_t kFixedBytes = (2 * KVLayout::kElems + (kPInRegs ? 1 : 2) * PLayout::kElems) * sizeof(T);
-  // Q_i, dO_i (+ lse, Di rows) double-buffered where it fits sm_80's 163 KiB per block: the
-  // next query tile loads while this one computes. Otherwise one buffer, refilled after this
-  // tile's last use of it.
+  // Q_i, dO_i (+ lse, Di rows) double-buffered where it fits the budget: the next query tile
+  // loads while this one computes. Otherwise one buffer, refilled after this tile's last use.
   // kMod: the step's bias tile ([query][key] fp32) is part of the stage.
   using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 4>;
   static constexpr size_t kStageBytes = 2 * kTileBytes + 2 * kBlockM * sizeof(float) + (kMod ? Bias::kBytes : 0);
-  static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= 163 * 1024 ? 2 : 1;
+  static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= kSmemKiB * 1024 ? 2 : 1;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
-  static_assert(kSmemBytes <= 163 * 1024, "fits sm_80's shared memory per block");
+  static_assert(kSmemBytes <= kSmemKiB * 1024, "fits the budget's shared memory per block");
   // The pre/postprocess kernels (and the dQ accumulator's padding) work in 64-row tiles.
   static constexpr int kPrepRows = 64;
   // dQ accumulator: [B, Hq, row blocks of 16, kHeadDim / 8 n-tiles, 4 elements, 32 lanes] fp32,
@@ -192,21 +241,44 @@ struct BwdTraits {
 
 // The deterministic dQ pass: the forward's shape (4 warps x 16 query rows, loop over key
 // tiles) computing S, P, dP, dS and dQ += dS K in registers, no atomics.
-template <class T_, int kHeadDim_, bool kMod_ = false>
+// Keys per tile: 64, 32 above head dim 128 (dQ takes D/2 registers, S and dP kBlockN/2 each),
+// 16 in the compact budget at 256 with modifiers (Q_i and dO_i take 64 KiB, the bias 6 KiB).
+template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdDqTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kMod = kMod_;
+  static constexpr int kSmemKiB = kSmemKiB_;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;  // dQ (D/2) + S and dP (kBlockN/2 each)
+  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : (kSmemKiB != kSmemKiBWide && kMod && kHeadDim == 256 ? 16 : 32);
   static constexpr int kNTiles = kBlockN / 8, kDTiles = kHeadDim / 8;
   static_assert(kHeadDim / 2 + kBlockN <= 160, "accumulators must leave room in 255 registers");
   using QLayout = SmemLayout<kBlockM, kHeadDim>;
   using KVLayout = SmemLayout<kBlockN, kHeadDim>;
   using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 8>;  // kMod: the bias of one key tile
   static constexpr size_t kSmemBytes = (2 * QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T) + (kMod ? Bias::kBytes : 0);
+  static_assert(kSmemBytes <= kSmemKiB * 1024, "fits the budget's shared memory per block");
 };
+
+// The KV-cache forward (fwd_kvcache_launch.h) is the modifier variant's instantiation.
+template <class T, int kHeadDim, int kSmemKiB>
+using KvCacheTraits = FwdTraits<T, kHeadDim, true, kSmemKiB>;
+
+// Shared memory per block of each kernel family at a budget: what the dispatcher compares with
+// the device's limit (the backward: the most of its kernels; the postprocess stages 64 rows).
+template <class T, int kHeadDim, bool kMod, int kSmemKiB>
+constexpr size_t fwd_smem_bytes() {
+  return FwdTraits<T, kHeadDim, kMod, kSmemKiB>::kSmemBytes;
+}
+template <class T, int kHeadDim, bool kMod, int kSmemKiB>
+constexpr size_t bwd_smem_bytes() {
+  using Kt = BwdTraits<T, kHeadDim, kMod, kSmemKiB>;
+  using Dq = BwdDqTraits<T, kHeadDim, kMod, kSmemKiB>;
+  const size_t post = size_t(Kt::kPrepRows) * kHeadDim * sizeof(T);
+  return Kt::kSmemBytes > Dq::kSmemBytes ? (Kt::kSmemBytes > post ? Kt::kSmemBytes : post)
+                                          : (Dq::kSmemBytes > post ? Dq::kSmemBytes : post);
+}
 
 }  // namespace flash_cuda

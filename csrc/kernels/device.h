@@ -1,0 +1,31 @@
+/* The device a launch runs on, as the dispatcher sees it: what picks a kernel's tile
+ * configuration (shared memory per block), the KV-cache split count (SMs) and whether the
+ * kernels run at all (compute capability). On a GPU the host reads them from the device's
+ * properties; in the emulator they come from the profile of flash_cuda.emulate(device=...).
+ *
+ * The configurations come in two shared-memory budgets (traits.h): the wide one, sized for the
+ * 163 KiB per block of sm_80 and sm_87 (A100, Orin; sm_90 and sm_100 allow 227 KiB), and the
+ * compact one for the 99 KiB of sm_86, sm_89 and sm_120 (A10, RTX 3090/4090, L4, L40S, RTX 5090),
+ * instantiated only where the wide one needs more than 99 KiB. Limits per compute capability:
+ * CUDA C++ Programming Guide, "Technical Specifications per Compute Capability".
+ */
+#pragma once
+#include <stddef.h>
+
+namespace flash_cuda {
+
+struct DeviceLimits {
+  int cc = 80;                      // compute capability, major x 10 + minor
+  int sm_count = 108;               // streaming multiprocessors
+  size_t smem_per_block = 166912;   // opt-in maximum of shared memory per block, bytes
+};
+
+constexpr int kSmemKiBWide = 163;     // sm_80, sm_87
+constexpr int kSmemKiBCompact = 99;   // sm_86, sm_89, sm_120
+// The kernels use cp.async and bf16 mma.sync (sm_80); older GPUs have no configuration.
+constexpr int kMinComputeCapability = 80;
+
+// The launch-name suffix of a configuration's budget: "" (wide) or ",99KiB".
+inline const char* budget_suffix(int smem_kib) { return smem_kib == kSmemKiBWide ? "" : ",99KiB"; }
+
+}  // namespace flash_cuda

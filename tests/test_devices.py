@@ -1,0 +1,242 @@
+"""Every GPU users own, without one: the emulator's device profiles and the dispatch that picks a
+kernel's tile configuration from the device's limits (csrc/kernels/device.h, dispatch.h).
+
+Layers: the profiles and their argument checks; what a launch past a profile's limits does (it
+fails before it runs, as the driver refuses it); which configuration each profile gets for every
+head dim and variant, forward, backward and KV cache; every compact (99 KiB) configuration
+against the float64 reference under FlashAttention's rule on an L4 profile with the race checker
+on (atomic and deterministic dQ, two thread orders); the KV-cache split count from the profile's
+SMs; GPUs the kernels cannot run on; and the build's arch list."""
+import pytest
+import torch
+
+import flash_cuda
+from flash_cuda import DeviceProfile, emulate
+from reference import assert_fa_rule, attention_ref
+from test_kernel_fwd import HEAD_DIMS, make_qkv
+from test_masks_kernels import check as check_all, features
+
+KIB = 1024
+# The kernels whose wide configuration (sized for sm_80's 163 KiB) needs more than 99 KiB of
+# shared memory per block, as (head dim, variant): on sm_86/89/120 they run a compact one.
+COMPACT = {
+    "fwd": {(256, "dense"), (256, "band"), (128, "mod"), (192, "mod"), (256, "mod")},
+    "bwd": {(d, v) for d in (128, 192, 256) for v in ("dense", "band")} | {(d, "mod") for d in (96, 128, 192, 256)},
+    "kvcache": {128, 192, 256},
+}
+VARIANT_KW = {"dense": {}, "band": dict(causal=True), "mod": dict(softcap=5.0)}
+
+
+def run(device, q, k, v, kw, dout=None, deterministic=False, order="forward", check=True):
+    """out, grads (None without dout) and launch records of one emulated call on `device`."""
+    leaves = [x.detach().requires_grad_(dout is not None) for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+    with emulate(device=device, order=order, check=check) as emu:
+        out, lse = flash_cuda.attention(*leaves, return_lse=True, deterministic=deterministic, **kw)
+        grads = torch.autograd.grad((out.float() * dout.float()).sum(), wrt) if dout is not None else None
+    assert all(r["errors"] == [] for r in emu.launches)
+    return out, lse, grads, emu.launches
+
+
+# ---------------------------------------------------------------- profiles and their checks
+def test_profiles():
+    devices = flash_cuda.EMULATED_DEVICES
+    for name in ("a100", "h100", "l4", "rtx4090", "t4", "a10", "rtx3090", "l40s", "h200", "b200", "rtx5090"):
+        assert devices[name].name == name
+    # published per-block shared memory (opt-in) by compute capability
+    smem = {(7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 9): 99, (9, 0): 227, (10, 0): 227, (12, 0): 99}
+    for d in devices.values():
+        assert d.smem_per_block == smem[d.compute_capability] * KIB, d
+        assert d.threads_per_block == 1024 and d.regs_per_block == 65536
+    with emulate() as emu:  # the default: an A100
+        flash_cuda.attention(*make_qkv(1, 1, 1, 8, 8, 32, torch.float16))
+    assert emu.device.name == "a100" and emu.launches[0]["device"] == "a100"
+
+
+@pytest.mark.parametrize("device,exc,match", [
+    ("v100", ValueError, r"emulate: device must be one of \[.*'a100'.*\] or a DeviceProfile, got 'v100'"),
+    (80, TypeError, "emulate: device must be a str or a DeviceProfile, got int"),
+    (None, TypeError, "emulate: device must be a str or a DeviceProfile, got NoneType"),
+])
+def test_bad_device(device, exc, match):
+    with pytest.raises(exc, match=match):
+        emulate(device=device)
+
+
+# ---------------------------------------------------------------- launches past the limits
+def test_launch_past_the_profiles_shared_memory_fails_before_it_runs():
+    offsets = torch.arange(32, dtype=torch.int32) * 4
+    with emulate(device="l4"):
+        torch.ops.flash_cuda._emu_shared_load_probe(offsets, 4, 99 * KIB)  # at the limit: runs
+        with pytest.raises(RuntimeError, match=r"shared_load_probe: launch exceeds the l4's limits: 101377 bytes of "
+                                               r"dynamic shared memory per block \(at most 101376\)"):
+            torch.ops.flash_cuda._emu_shared_load_probe(offsets, 4, 99 * KIB + 1)
+    with emulate(device="a100"):
+        torch.ops.flash_cuda._emu_shared_load_probe(offsets, 4, 163 * KIB)
+        with pytest.raises(RuntimeError, match="exceeds the a100's limits"):
+            torch.ops.flash_cuda._emu_shared_load_probe(offsets, 4, 163 * KIB + 16)
+
+
+def test_launch_past_the_profiles_threads_or_registers_fails():
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 256, torch.float16)  # the forward at 256: 8 warps
+    small = DeviceProfile("tiny", (8, 0), 4, 163 * KIB, threads_per_block=128)
+    with emulate(device=small), pytest.raises(RuntimeError, match=r"flash_fwd<fp16,hdim256>: launch exceeds the "
+                                                                  r"tiny's limits: a block of 256 threads \(1..128\)"):
+        flash_cuda.attention(q, k, v)
+    # 256 threads may take 255 registers each under __launch_bounds__(256): 65280 > 32768
+    few_regs = DeviceProfile("few_regs", (8, 0), 4, 163 * KIB, regs_per_block=32768)
+    with emulate(device=few_regs), pytest.raises(RuntimeError, match=r"256 threads x up to 255 registers \(at most "
+                                                                     r"32768 registers per block\)"):
+        flash_cuda.attention(q, k, v)
+
+
+def test_no_configuration_fits():
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 256, torch.float16)
+    tiny = DeviceProfile("tiny", (8, 0), 4, 48 * KIB)
+    with emulate(device=tiny), pytest.raises(RuntimeError, match=r"no configuration of the forward fits the device's "
+                                                                 r"49152 bytes of shared memory per block \(the "
+                                                                 r"smallest needs 98304\)"):
+        flash_cuda.attention(q, k, v)
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 64, torch.float16)
+    with emulate(device=tiny), pytest.raises(RuntimeError, match=r"no configuration of the backward fits .* \(the "
+                                                                 r"smallest needs 57856\)"):
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        flash_cuda.attention(*leaves).sum().backward()  # the forward (32 KiB) fits
+
+
+@pytest.mark.parametrize("fn", ["attention", "kvcache"])
+def test_gpus_older_than_the_kernels_are_refused(fn):
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float16)
+    with emulate(device="t4"), pytest.raises(NotImplementedError, match=r"the CUDA kernels need compute capability "
+                                                                        r"8.0 or newer .*; the emulated t4 has 7.5"):
+        if fn == "attention":
+            flash_cuda.attention(q, k, v)
+        else:
+            flash_cuda.attention_with_kvcache(q, k, v, cache_seqlens=16)
+
+
+# ---------------------------------------------------------------- which configuration each profile gets
+def expected_budget(profile, kind, key):
+    """True when `profile` runs the compact configuration of that kernel."""
+    return profile.smem_per_block < 163 * KIB and key in COMPACT[kind]
+
+
+@pytest.mark.parametrize("device", ["a100", "h100", "l4", "rtx4090", "a10", "rtx5090", "b200"])
+def test_dispatch_per_profile(device):
+    profile = flash_cuda.EMULATED_DEVICES[device]
+    for D in HEAD_DIMS:
+        q, k, v = make_qkv(1, 2, 1, 24, 40, D, torch.bfloat16, seed=D)
+        dout = torch.randn(q.shape).to(torch.bfloat16)
+        for variant, kw in VARIANT_KW.items():
+            _, _, _, launches = run(device, q, k, v, kw, dout, check=False)
+            compact = {"fwd": expected_budget(profile, "fwd", (D, variant)),
+                       "bwd": expected_budget(profile, "bwd", (D, variant))}
+            suffix = "" if variant == "dense" else f",{variant}"
+            names = [r["kernel"] for r in launches]
+            assert names == [f"flash_fwd<bf16,hdim{D}{suffix}{',99KiB' if compact['fwd'] else ''}>"] + [
+                f"{n}<bf16,hdim{D}{suffix}{',99KiB' if compact['bwd'] else ''}>"
+                for n in ("flash_bwd_preprocess", "flash_bwd", "flash_bwd_postprocess")], (device, names)
+            for r in launches:
+                assert r["device"] == device and r["dynamic_smem"] <= profile.smem_per_block, r
+        kc, vc, _ = make_qkv(1, 1, 1, 64, 64, D, torch.bfloat16)
+        with emulate(device=device, check=False) as emu:
+            flash_cuda.attention_with_kvcache(q[:, :, :1], kc, vc, cache_seqlens=64)
+        main = emu.launches[0]
+        assert main["kernel"] == f"flash_fwd_kvcache<bf16,hdim{D}{',99KiB' if expected_budget(profile, 'kvcache', D) else ''}>"
+        assert main["dynamic_smem"] <= profile.smem_per_block
+
+
+# ---------------------------------------------------------------- the compact configurations' numerics
+CASES = sorted({("fwd", d, v) for d, v in COMPACT["fwd"]} | {("bwd", d, v) for d, v in COMPACT["bwd"]})
+
+
+@pytest.mark.parametrize("kind,D,variant", CASES, ids=[f"{k}-{d}-{v}" for k, d, v in CASES])
+def test_compact_configurations(kind, D, variant):
+    """On an L4 profile: out and lse (and dq, dk, dv, the mask's gradient) against the float64
+    reference under the FA rule, race checker on; the mod variant with every modifier."""
+    B, Hq, Nq, Nk = 1, 2, 77, 150
+    dtype = torch.float16 if D % 128 else torch.bfloat16
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, D, dtype, seed=D)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    kw = {"dense": {}, "band": dict(causal=True), "mod": features("mod", B, Hq, Nq, Nk)}[variant]
+    out, lse, grads, launches = run("l4", q, k, v, kw, dout if kind == "bwd" else None)
+    budgets = {r["kernel"].split("<")[0]: r["kernel"].endswith(",99KiB>") for r in launches}
+    assert budgets["flash_fwd"] == (kind == "fwd" or (D, variant) in COMPACT["fwd"])
+    if kind == "bwd":
+        assert budgets["flash_bwd"]
+        check_all(q, k, v, kw, dout, out, lse, grads)
+        det_out, _, det_grads, det_launches = run("l4", q, k, v, kw, dout, deterministic=True, order="reverse")
+        assert any(r["kernel"].startswith("flash_bwd_dq<") and r["kernel"].endswith(",99KiB>") for r in det_launches)
+        check_all(q, k, v, kw, dout, det_out, lse, det_grads)
+    else:
+        ref_out, ref_lse = attention_ref(q, k, v, **kw)
+        plain_out, plain_lse = attention_ref(q, k, v, dtype=dtype, **kw)
+        assert_fa_rule("out", out, plain_out, ref_out, 2)
+        assert_fa_rule("lse", lse, plain_lse.float(), ref_lse, 2)
+        out_r, lse_r, _, _ = run("l4", q, k, v, kw, order="reverse")
+        assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
+
+
+@pytest.mark.parametrize("D", sorted(COMPACT["kvcache"]))
+def test_compact_kvcache(D):
+    """The KV-cache forward's compact configuration on an RTX 4090 profile, split and unsplit,
+    with a paged cache and an append, against the float64 reference."""
+    B, Hq, Hkv, page, pages = 2, 4, 2, 16, 12
+    g = torch.Generator().manual_seed(D)
+    kc = torch.randn(B * pages, Hkv, page, D, generator=g).half()
+    vc = torch.randn(B * pages, Hkv, page, D, generator=g).half()
+    table = torch.randperm(B * pages, generator=g).to(torch.int32).view(B, pages)
+    seqlens = torch.tensor([150, 97], dtype=torch.int32)
+    q = torch.randn(B, Hq, 3, D, generator=g).half()
+    k_new, v_new = (torch.randn(B, Hkv, 3, D, generator=g).half() for _ in range(2))
+    for splits in (1, 3):
+        kcc, vcc = kc.clone(), vc.clone()
+        with emulate(device="rtx4090") as emu:
+            out = flash_cuda.attention_with_kvcache(q, kcc, vcc, k_new, v_new, cache_seqlens=seqlens,
+                                                    block_table=table, causal=True, num_splits=splits)
+        assert f"flash_fwd_kvcache<fp16,hdim{D},99KiB>" in [r["kernel"] for r in emu.launches]
+        for b in range(B):
+            n = int(seqlens[b]) + 3
+            keys = kcc[table[b].long()].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[None, :, :n]
+            vals = vcc[table[b].long()].permute(1, 0, 2, 3).reshape(Hkv, -1, D)[None, :, :n]
+            ref, _ = attention_ref(q[b:b + 1], keys, vals, causal=True)
+            plain, _ = attention_ref(q[b:b + 1], keys, vals, causal=True, dtype=torch.float16)
+            assert_fa_rule(f"kvcache b={b} splits={splits}", out[b:b + 1], plain, ref, 2)
+
+
+# ---------------------------------------------------------------- split count from the SMs
+def test_kvcache_splits_follow_the_profiles_sm_count():
+    """112 (batch, kv head) tiles fill 80% of an A100's 108 SMs (no split) but not of a B200's
+    148 (ceil(148 / 112) = 2 splits), as choose_num_splits (kv_cache.h) says."""
+    g = torch.Generator().manual_seed(0)
+    kc, vc = (torch.randn(14, 8, 2048, 32, generator=g).half() for _ in range(2))
+    q = torch.randn(14, 32, 1, 32, generator=g).half()
+    grids = {}
+    for device in ("a100", "b200"):
+        with emulate(device=device, workers=2, check=False) as emu:
+            flash_cuda.attention_with_kvcache(q, kc, vc, cache_seqlens=2048)
+        grids[device] = [r["grid"] for r in emu.launches if r["kernel"].startswith("flash_fwd_kvcache<")][0]
+    assert grids == {"a100": [1, 8, 14], "b200": [2, 8, 14]}
+
+
+# ---------------------------------------------------------------- the build's arch list
+@pytest.mark.parametrize("arch_list,cc,runs", [
+    ("8.0;9.0+PTX", 80, True), ("8.0;9.0+PTX", 86, True), ("8.0;9.0+PTX", 89, True),
+    ("8.0;9.0+PTX", 90, True), ("8.0;9.0+PTX", 100, True), ("8.0;9.0+PTX", 120, True),
+    ("8.0;9.0+PTX", 75, False), ("8.0;9.0", 100, False), ("8.0;9.0", 120, False), ("8.6", 80, False),
+    ("8.0 8.6", 89, True), ("9.0a", 90, True), ("9.0a", 100, False), ("8.0:9.0+PTX", 120, True),
+    ("7.5;8.0", 87, True), ("Ampere", 80, True),
+])
+def test_arch_list_covers(arch_list, cc, runs):
+    """SASS runs on the same major version at an equal or later minor (an arch-specific 'a'
+    build on its own version only), PTX on any later device; names are left to the driver."""
+    assert torch.ops.flash_cuda._arch_list_covers(arch_list, cc) is runs
+
+
+def test_cuda_arch_list():
+    archs = flash_cuda.cuda_arch_list()
+    if not flash_cuda.has_cuda_kernels():
+        assert archs is None
+    else:
+        assert archs and all(torch.ops.flash_cuda._arch_list_covers(archs, cc) is False for cc in (70, 75))
