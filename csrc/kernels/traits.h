@@ -195,14 +195,18 @@ struct BwdTraits {
   // (more live values there). Whole unrolling lets ptxas hoist every ldmatrix and hold its
   // addresses, which spills where the accumulators leave least room unless P^T is rounded
   // early (below) (measured: benchmarks/kernel_report.py).
-  static constexpr int kSdpUnroll = kHeadDim / 16, kDqUnroll = kBlockN / 16;
+  // The compact configuration at 256 (4 warps: dK and dV alone take 128 registers, dQ_i's warp
+  // tile 64 more) unrolls S^T/dP^T by 2 and rounds P^T first (below): with either alone its
+  // atomic-dQ kernel spills 4 to 24 bytes (ptxas, sm_80), with both none.
+  static constexpr bool kTightest = kSmemKiB != kSmemKiBWide && kHeadDim == 256;
+  static constexpr int kSdpUnroll = kTightest ? 2 : kHeadDim / 16, kDqUnroll = kBlockN / 16;
   static constexpr int kSdpUnrollMasked = 2, kDqUnrollMasked = 4;
   // Round P^T to 16 bits before dP^T is computed and take dS^T = P^T (dP^T - D) from the rounded
   // P^T (as dV sees it; one mul.f16x2 / fma.bf16x2 per pair): the pairs hold half the registers
   // of fp32 P^T through the dP^T product. Where S^T, dP^T, dV and dK take 192 accumulator
   // registers (head dims 64 and 128), that is what lets the loops unroll whole without spills.
   // (Not with kMod: it computes P^T and dS^T of an element together, bwd_kernel.h.)
-  static constexpr bool kRoundPFirst = kAccRegs == 192 && !kMod;
+  static constexpr bool kRoundPFirst = (kAccRegs == 192 || kTightest) && !kMod;
   // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
   // registers fit twice in an SM's 64K registers; 8 warps once.
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
