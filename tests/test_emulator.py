@@ -437,3 +437,149 @@ def test_emulate_arguments():
             with emulate():
                 pass
     assert flash_cuda.emulate is emulate
+
+
+# ---------------------------------------------------------------- mma.m16n8k8: f16/bf16 (sm_75's shape) and tf32
+def _mma_k8(A, B, C, type_, a_by_lane, b_by_lane, a_regs):
+    """One emulated m16n8k8 of A (16x8), B (8x8), C (16x8) given per-lane operand registers."""
+    lay_c = LAYOUTS["mma"]["m16n8k16"]["C_D"]["by_lane"]
+    c = torch.tensor([[C[r][col] for r, col in lay_c[lane]] for lane in range(32)], dtype=torch.float32)
+    a, b = a_regs(A, a_by_lane), a_regs(B, b_by_lane)
+    a = torch.nn.functional.pad(a, (0, 4 - a.shape[1]))
+    b = torch.nn.functional.pad(b, (0, 2 - b.shape[1]))
+    d, launches = run(ops._emu_mma_k8_probe, a, b, c, type_)
+    D = torch.empty(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        for i, (r, col) in enumerate(lay_c[lane]):
+            D[r][col] = float(d[lane][i])
+    return D, launches
+
+
+def _check_mma_k8(values, type_, representable, a_by_lane, b_by_lane, a_regs):
+    """A (16x8) and B (8x8) of one kind of values, made representable in the operand type, through
+    one emulated m16n8k8 against A B + C: exact for small integers and the identity (D = B + C
+    on the first 8 rows: a misplaced element of B or C shows), within fp32 rounding for random."""
+    g = torch.Generator().manual_seed(0)
+    if values == "identity":
+        A, B = torch.eye(16, 8), torch.arange(64, dtype=torch.float32).reshape(8, 8) - 32
+    elif values == "coords":
+        A = (torch.arange(128, dtype=torch.float32).reshape(16, 8) % 7) - 3
+        B = (torch.arange(64, dtype=torch.float32).reshape(8, 8) % 5) - 2
+    else:
+        A, B = torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g)
+    A, B = representable(A), representable(B)
+    C = torch.arange(128, dtype=torch.float32).reshape(16, 8) * 0.25
+    D, launches = _mma_k8(A.tolist(), B.tolist(), C.tolist(), type_, a_by_lane, b_by_lane, a_regs)
+    ref = A.double() @ B.double() + C.double()
+    if values == "random":
+        torch.testing.assert_close(D, ref, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(D, ref)
+    assert launches[0]["mma"] == 1 and launches[0]["errors"] == []
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f16", "bf16"])
+@pytest.mark.parametrize("values", ["identity", "coords", "random"])
+def test_mma_k8_every_lane_and_register(bf16, values):
+    """m16n8k8 .f16/.bf16 against the oracle's fragment tables (PTX ISA 9.7.14.5.7)."""
+    lay = LAYOUTS["mma"]["m16n8k8"]
+    assert lay["A"]["elements_per_lane"] == 4 and lay["B"]["elements_per_lane"] == 2
+    dt = torch.bfloat16 if bf16 else torch.float16
+    _check_mma_k8(values, "bf16" if bf16 else "f16", lambda M: M.to(dt).float(), lay["A"]["by_lane"],
+                  lay["B"]["by_lane"], lambda M, by_lane: _pack_fragments(M, by_lane, bf16))
+
+
+def _cute_layout(shape, stride, rows):
+    """A CuTe thread-value layout ((4, 8), (2, 2)) : strides, evaluated as CuTe does (thread index
+    t = t0 + 4 t1, value index v = v0 + 2 v1, colexicographic), to (row, col) of an M-major
+    codomain m + rows k: by_lane[lane][v]."""
+    (t0n, t1n), vshape = shape
+    (s0, s1), vstride = stride
+    vshape = vshape if isinstance(vshape, tuple) else (vshape,)
+    vstride = vstride if isinstance(vstride, tuple) else (vstride,)
+    nv = 1
+    for n in vshape:
+        nv *= n
+    out = []
+    for lane in range(t0n * t1n):
+        t0, t1 = lane % t0n, lane // t0n
+        row = []
+        for v in range(nv):
+            idx, rem = t0 * s0 + t1 * s1, v
+            for n, s in zip(vshape, vstride):
+                idx += (rem % n) * s
+                rem //= n
+            row.append((idx % rows, idx // rows))
+        out.append(row)
+    return out
+
+
+# m16n8k8 .tf32 fragments, two independent transcriptions: the PTX ISA's tables (9.7.14.5.7:
+# a0, a2 in row groupID, a1, a3 in groupID + 8; a0, a1 in column threadID_in_group, a2, a3 in
+# + 4; b0 in row threadID_in_group, b1 in + 4, column groupID) and CuTe's
+# MMA_Traits<SM80_16x8x8_F32TF32TF32F32_TN> (ALayout ((4,8),(2,2)):((16,1),(8,64)) over
+# m + 16 k; BLayout ((4,8),2):((8,1),32) over n + 8 k).
+TF32_A_PTX = [[(l // 4 + 8 * (i % 2), l % 4 + 4 * (i // 2)) for i in range(4)] for l in range(32)]
+TF32_B_PTX = [[(l % 4 + 4 * i, l // 4) for i in range(2)] for l in range(32)]
+
+
+def test_tf32_fragment_tables_agree():
+    assert TF32_A_PTX == _cute_layout(((4, 8), (2, 2)), ((16, 1), (8, 64)), 16)
+    cute_b = _cute_layout(((4, 8), 2), ((8, 1), 32), 8)  # (n, k) pairs over n + 8 k
+    assert TF32_B_PTX == [[(k, n) for n, k in lane] for lane in cute_b]
+    for table, (rows, cols) in ((TF32_A_PTX, (16, 8)), (TF32_B_PTX, (8, 8))):  # each element exactly once
+        assert sorted(rc for lane in table for rc in lane) == [(r, c) for r in range(rows) for c in range(cols)]
+
+
+def _tf32_regs(M, by_lane):
+    bits = lambda x: int(torch.tensor([x], dtype=torch.float32).view(torch.int32))
+    return torch.tensor([[bits(M[r][c]) for r, c in lane] for lane in by_lane], dtype=torch.int32)
+
+
+def _round_tf32(x):
+    """Independent of the emulator: the nearest value with 11 significant bits (10 stored), ties
+    away from zero, at fp32's exponent range (subnormal spacing 2^-136)."""
+    import math
+    if x == 0 or not math.isfinite(x):
+        return x
+    _, e = math.frexp(x)
+    unit = max(2.0 ** (e - 11), 2.0 ** -136)
+    q = abs(x) / unit
+    return math.copysign(math.floor(q + 0.5) * unit, x)
+
+
+@pytest.mark.parametrize("values", ["identity", "coords", "random"])
+def test_mma_k8_tf32_every_lane_and_register(values):
+    """tf32 values (products of 11-bit significands are exact in fp32) in the PTX ISA's
+    fragments."""
+    tf32 = lambda M: torch.tensor([[_round_tf32(x) for x in r] for r in M.tolist()])
+    _check_mma_k8(values, "tf32", tf32, TF32_A_PTX, TF32_B_PTX, _tf32_regs)
+
+
+def test_mma_tf32_operand_that_is_not_tf32_is_an_error():
+    """What the tensor cores do with an fp32 operand's low 13 bits is not specified: the kernels
+    must round with cvt.rna.tf32.f32 first, and the emulator says where they did not."""
+    A = [[1.0 + 2 ** -20 if (r, c) == (3, 5) else 0.0 for c in range(8)] for r in range(16)]
+    B = [[1.0] * 8 for _ in range(8)]
+    C = [[0.0] * 8 for _ in range(16)]
+    with pytest.raises(RuntimeError, match=r"mma.sync .tf32 at .*an operand is not a tf32 value"):
+        _mma_k8(A, B, C, "tf32", TF32_A_PTX, TF32_B_PTX, _tf32_regs)
+
+
+def test_cvt_rna_tf32():
+    import math
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(2000, generator=g) * torch.exp2(torch.randint(-140, 120, (2000,), generator=g).float())
+    ties = [1.0 + 2 ** -11, -(1.0 + 3 * 2 ** -11), 1.0 + 2 ** -11 + 2 ** -23, 3 * 2 ** -137, 2 ** -149]
+    special = [0.0, -0.0, float("inf"), float("-inf"), 3.4028235e38, 1.1754943e-38, 1e-45]
+    x = torch.cat([xs, torch.tensor(ties + special)]).to(torch.float32)
+    out, launches = run(ops._emu_tf32_probe, x)
+    got = out.view(torch.float32).tolist()
+    for xi, gi in zip(x.tolist(), got):
+        expect = _round_tf32(xi)
+        if abs(expect) > 3.4028235e38:  # rounds past the largest float: infinity
+            expect = math.copysign(float("inf"), xi)
+        assert gi == expect or (math.isnan(gi) and math.isnan(expect)), (xi, gi, expect)
+    assert ((out & 0x1FFF) == 0).all()  # tf32 in a 32-bit register: the low 13 bits clear
+    nan = run(ops._emu_tf32_probe, torch.tensor([float("nan")]))[0].view(torch.float32)
+    assert torch.isnan(nan).all()

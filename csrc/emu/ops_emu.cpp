@@ -64,6 +64,25 @@ at::Tensor mma_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   return d;
 }
 
+at::Tensor mma_k8_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, std::string type) {
+  const int t = type == "f16" ? 0 : type == "bf16" ? 1 : type == "tf32" ? 2 : -1;
+  TORCH_CHECK(t >= 0, "type must be 'f16', 'bf16' or 'tf32', got '", type, "'");
+  auto a_ = checked(a, at::kInt, 128, "a"), b_ = checked(b, at::kInt, 64, "b"), c_ = checked(c, at::kFloat, 128, "c");
+  auto d = at::empty({32, 4}, c.options());
+  emu::set_buffers({tensor_footprint(a_, false), tensor_footprint(b_, false), tensor_footprint(c_, false), tensor_footprint(d, true)});
+  selftest::mma_k8_probe(reinterpret_cast<const uint32_t*>(a_.data_ptr()), reinterpret_cast<const uint32_t*>(b_.data_ptr()),
+                         c_.data_ptr<float>(), t, d.data_ptr<float>());
+  return d;
+}
+
+at::Tensor tf32_probe(const at::Tensor& x) {
+  auto x_ = checked(x, at::kFloat, x.numel(), "x");
+  auto out = at::empty({x.numel()}, x.options().dtype(at::kInt));
+  emu::set_buffers({tensor_footprint(x_, false), tensor_footprint(out, true)});
+  selftest::tf32_probe(x_.data_ptr<float>(), static_cast<int>(x_.numel()), reinterpret_cast<uint32_t*>(out.data_ptr()));
+  return out;
+}
+
 at::Tensor shfl_probe(const at::Tensor& values, int64_t mode, int64_t b, int64_t width, int64_t mask, bool wide) {
   auto v = checked(values, at::kInt, 32, "values");
   auto out = at::empty({32}, v.options().dtype(at::kLong));
@@ -150,6 +169,8 @@ TORCH_LIBRARY_FRAGMENT(flash_cuda, m) {
   m.def("_emu_records() -> str", &records);
   m.def("_emu_ldmatrix_probe(Tensor tile, Tensor row_offset, int num, bool trans) -> Tensor", &ldmatrix_probe);
   m.def("_emu_mma_probe(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor", &mma_probe);
+  m.def("_emu_mma_k8_probe(Tensor a, Tensor b, Tensor c, str type) -> Tensor", &mma_k8_probe);
+  m.def("_emu_tf32_probe(Tensor x) -> Tensor", &tf32_probe);
   m.def("_emu_shfl_probe(Tensor values, int mode, int b, int width, int mask, bool wide) -> Tensor", &shfl_probe);
   m.def("_emu_shared_load_probe(Tensor offsets, int width, int smem_bytes) -> ()", &shared_load_probe);
   m.def("_emu_convert_probe(Tensor x) -> Tensor", &convert_probe);

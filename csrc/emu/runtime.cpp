@@ -76,6 +76,8 @@ struct Coll {
   const float* cfrag = nullptr;
   float* d = nullptr;
   bool bf16 = false;
+  int mma_k = 16;                       // 16, or 8 (m16n8k8)
+  MmaK8Type k8_type = MmaK8Type::f16;
   const char* addr = nullptr;  // ldmatrix
   uint32_t* r = nullptr;
   int num = 0;
@@ -431,24 +433,49 @@ void BlockRunner::resolve(Warp& w, unsigned mask, CollKind kind) {
   } else if (kind == CollKind::mma) {
     if (mask != ~0u) error("mma.sync at " + where(site) + " needs all 32 lanes", true);
     ++counters.mma;
-    // Fragments (ptx-oracle mma_m16n8k16_a/_b, mma_m16n8_c): g = lane>>2, t = lane%4.
+    // Fragments (ptx-oracle mma_m16n8k16_a/_b, mma_m16n8k8 a/b, mma_m16n8_c; tf32: PTX ISA
+    // "Matrix Fragments for mma.m16n8k8", .tf32 rows): g = lane>>2, t = lane%4.
     float A[16][16], B[16][8], C[16][8];
+    const int K = lanes[0]->mma_k;
+    const MmaK8Type type = lanes[0]->k8_type;
     const bool bf16 = lanes[0]->bf16;
+    for (int l = 1; l < kWarp; ++l)
+      if (lanes[l]->mma_k != K || lanes[l]->bf16 != bf16 || (K == 8 && lanes[l]->k8_type != type))
+        error("mma.sync at " + where(site) + ": lanes execute different mma shapes or types", true);
+    bool bad_tf32 = false;
     for (int lane = 0; lane < kWarp; ++lane) {
       const int g = lane >> 2, t = lane & 3;
       const Coll* c = lanes[lane];
-      for (int i = 0; i < 8; ++i)
-        A[g + 8 * ((i >> 1) & 1)][2 * t + (i & 1) + 8 * (i >= 4)] = half_bits_to_float(c->a[i / 2], i & 1, bf16);
-      for (int i = 0; i < 4; ++i)
-        B[2 * t + (i & 1) + 8 * (i >= 2)][g] = half_bits_to_float(c->bfrag[i / 2], i & 1, bf16);
+      if (K == 16) {
+        for (int i = 0; i < 8; ++i)
+          A[g + 8 * ((i >> 1) & 1)][2 * t + (i & 1) + 8 * (i >= 4)] = half_bits_to_float(c->a[i / 2], i & 1, bf16);
+        for (int i = 0; i < 4; ++i)
+          B[2 * t + (i & 1) + 8 * (i >= 2)][g] = half_bits_to_float(c->bfrag[i / 2], i & 1, bf16);
+      } else if (type != MmaK8Type::tf32) {
+        for (int i = 0; i < 4; ++i) A[g + 8 * (i >= 2)][2 * t + (i & 1)] = half_bits_to_float(c->a[i / 2], i & 1, bf16);
+        for (int i = 0; i < 2; ++i) B[2 * t + i][g] = half_bits_to_float(c->bfrag[0], i, bf16);
+      } else {
+        auto tf32 = [&](uint32_t bits) {
+          bad_tf32 |= (bits & 0x1FFFu) != 0 && (bits & 0x7F800000u) != 0x7F800000u;
+          float f;
+          std::memcpy(&f, &bits, 4);
+          return f;
+        };
+        for (int i = 0; i < 4; ++i) A[g + 8 * (i & 1)][t + 4 * (i >= 2)] = tf32(c->a[i]);
+        for (int i = 0; i < 2; ++i) B[t + 4 * i][g] = tf32(c->bfrag[i]);
+      }
       for (int i = 0; i < 4; ++i) C[g + 8 * (i >= 2)][2 * t + (i & 1)] = c->cfrag[i];
     }
+    if (bad_tf32)
+      error("mma.sync .tf32 at " + where(site) + ": an operand is not a tf32 value (low 13 bits set): round it with "
+            "cvt.rna.tf32.f32 first", false);
     for (int lane = 0; lane < kWarp; ++lane) {
       const int g = lane >> 2, t = lane & 3;
       for (int i = 0; i < 4; ++i) {
         const int m = g + 8 * (i >= 2), n = 2 * t + (i & 1);
-        float acc = C[m][n];  // products of 16-bit inputs are exact in fp32; sum in k order
-        for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
+        // 16-bit products are exact in fp32, tf32 ones (11 x 11 significant bits) too; sum in k order
+        float acc = C[m][n];
+        for (int k = 0; k < K; ++k) acc += A[m][k] * B[k][n];
         lanes[lane]->d[i] = acc;
       }
     }
@@ -806,16 +833,40 @@ float atomic_add_f32(float* p, float v, Site s) {
   return previous;
 }
 
-void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], bool bf16, Site s) {
-  Coll k{CollKind::mma, ~0u, s};
+namespace {
+// One warp-wide mma of shape m16n8k{k}: the collective computes every lane's d from all lanes'
+// fragments.
+void mma_collective(float d[4], const uint32_t* a, const uint32_t* b, const float c[4], int k, bool bf16,
+                    MmaK8Type k8_type, Site s) {
+  Coll coll{CollKind::mma, ~0u, s};
   float out[4];
-  k.a = a;
-  k.bfrag = b;
-  k.cfrag = c;
-  k.d = out;  // c and d may alias: write d only after every lane's c has been read
-  k.bf16 = bf16;
-  runner().collective(k);
+  coll.a = a;
+  coll.bfrag = b;
+  coll.cfrag = c;
+  coll.d = out;  // c and d may alias: write d only after every lane's c has been read
+  coll.bf16 = bf16;
+  coll.mma_k = k;
+  coll.k8_type = k8_type;
+  runner().collective(coll);
   std::memcpy(d, out, sizeof(out));
+}
+}  // namespace
+
+void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4], bool bf16, Site s) {
+  mma_collective(d, a, b, c, 16, bf16, MmaK8Type::f16, s);
+}
+
+void mma_m16n8k8(float d[4], const uint32_t* a, const uint32_t* b, const float c[4], MmaK8Type type, Site s) {
+  mma_collective(d, a, b, c, 8, type == MmaK8Type::bf16, type, s);
+}
+
+uint32_t cvt_rna_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7F800000u) == 0x7F800000u) return bits;  // NaN, infinity: as they are
+  // nearest, ties away from zero: add half of the dropped unit to the magnitude, then truncate
+  // (a carry into the exponent is the correct rounding, to infinity included)
+  return (bits + 0x1000u) & ~0x1FFFu;
 }
 
 void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr, Site s) {

@@ -139,6 +139,15 @@ float atomic_add_f32(float* p, float v, Site s);  // returns the old value
 // mma.m16n8k16 row.col, f32 accumulate: a[4], b[2] packed 16-bit pairs, c/d[4] floats.
 void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
                   bool bf16, Site s);
+// mma.m16n8k8 row.col, f32 accumulate (sm_75's f16 shape; tf32 on sm_80+): A 16x8, B 8x8.
+// .f16/.bf16: a[2], b[1] packed 16-bit pairs; .tf32: a[4], b[2] tf32 values in 32-bit registers,
+// which must be tf32 (low 13 bits zero: cvt.rna.tf32.f32 output), else an error is recorded
+// (what the tensor cores do with the other bits is not specified).
+enum class MmaK8Type { f16, bf16, tf32 };
+void mma_m16n8k8(float d[4], const uint32_t* a, const uint32_t* b, const float c[4], MmaK8Type type, Site s);
+// cvt.rna.tf32.f32: x rounded to tf32 (10 mantissa bits), nearest with ties away from zero;
+// NaN and infinities kept (PTX ISA, cvt).
+uint32_t cvt_rna_tf32(float x);
 // ldmatrix.m8n8.x{num}[.trans].b16: lanes 8m..8m+7 give the row addresses of matrix m.
 void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr, Site s);
 

@@ -38,6 +38,29 @@ __global__ void mma_probe_kernel(const uint32_t* g_a, const uint32_t* g_b, const
   for (int i = 0; i < 4; ++i) st_global(&g_d[lane * 4 + i], rD[i]);
 }
 
+template <int kType>  // 0 f16, 1 bf16, 2 tf32
+__global__ void mma_k8_probe_kernel(const uint32_t* g_a, const uint32_t* g_b, const float* g_c, float* g_d) {
+  const int lane = threadIdx.x;
+  float rC[4], rD[4];  // 16x8 accumulator fragments
+  for (int i = 0; i < 4; ++i) rC[i] = ld_global(&g_c[lane * 4 + i]);
+  if constexpr (kType == 2) {
+    uint32_t rA[4], rB[2];  // 16x8 A and 8x8 B fragments, tf32
+    for (int i = 0; i < 4; ++i) rA[i] = ld_global(&g_a[lane * 4 + i]);
+    for (int i = 0; i < 2; ++i) rB[i] = ld_global(&g_b[lane * 2 + i]);
+    mma_m16n8k8_tf32(rD, rA, rB, rC);
+  } else {
+    uint32_t rA[2], rB[1];  // 16x8 A and 8x8 B fragments, 16-bit pairs
+    for (int i = 0; i < 2; ++i) rA[i] = ld_global(&g_a[lane * 4 + i]);
+    rB[0] = ld_global(&g_b[lane * 2]);
+    mma_m16n8k8<std::conditional_t<kType == 0, __half, __nv_bfloat16>>(rD, rA, rB, rC);
+  }
+  for (int i = 0; i < 4; ++i) st_global(&g_d[lane * 4 + i], rD[i]);
+}
+
+__global__ void tf32_probe_kernel(const float* __restrict__ g_x, int n, uint32_t* __restrict__ g_out) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) st_global(&g_out[i], to_tf32(ld_global(&g_x[i])));
+}
+
 template <class T>
 __device__ T shuffle(int mode, unsigned mask, T v, int b, int width) {
   switch (mode) {
@@ -306,6 +329,15 @@ void ldmatrix_probe(const uint16_t* g_tile, int tile_elems, const int32_t* g_row
 void mma_probe(const uint32_t* g_a, const uint32_t* g_b, const float* g_c, bool bf16, float* g_d) {
   launch_kernel("mma_probe", bf16 ? mma_probe_kernel<__nv_bfloat16> : mma_probe_kernel<__half>, dim3(1), dim3(32), 0,
                 nullptr, g_a, g_b, g_c, g_d);
+}
+
+void mma_k8_probe(const uint32_t* g_a, const uint32_t* g_b, const float* g_c, int type, float* g_d) {
+  auto k = type == 0 ? mma_k8_probe_kernel<0> : type == 1 ? mma_k8_probe_kernel<1> : mma_k8_probe_kernel<2>;
+  launch_kernel("mma_k8_probe", k, dim3(1), dim3(32), 0, nullptr, g_a, g_b, g_c, g_d);
+}
+
+void tf32_probe(const float* g_x, int n, uint32_t* g_out) {
+  launch_kernel("tf32_probe", tf32_probe_kernel, dim3(1), dim3(64), 0, nullptr, g_x, n, g_out);
 }
 
 void shfl_probe(const uint32_t* g_in, int mode, int b, int width, unsigned mask, bool wide, uint64_t* g_out) {

@@ -16,6 +16,11 @@ void ldmatrix_probe(const uint16_t* g_tile, int tile_elems, const int32_t* g_row
 
 // One warp: d = mma.m16n8k16(a, b, c); fragments indexed [lane][register].
 void mma_probe(const uint32_t* g_a, const uint32_t* g_b, const float* g_c, bool bf16, float* g_d);
+// One mma.m16n8k8 (type 0 f16, 1 bf16, 2 tf32): g_a [32][4] (f16/bf16: the first 2 of each
+// lane), g_b [32][2] (f16/bf16: the first), g_c and g_d [32][4], per lane in fragment order.
+void mma_k8_probe(const uint32_t* g_a, const uint32_t* g_b, const float* g_c, int type, float* g_d);
+// cvt.rna.tf32.f32 of n values.
+void tf32_probe(const float* g_x, int n, uint32_t* g_out);
 
 // One warp: lanes in mask call the shuffle (mode 0 up, 1 down, 2 xor, 3 idx) with argument b
 // and width; the others keep their own value. A 64-bit variant shuffles (in[l], in[l] + 2^32).

@@ -50,6 +50,57 @@ FC_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 #endif
 }
 
+// D = A*B + C, one warp, the k = 8 shape: A 16x8 (row), B 8x8 (col), C/D 16x8 in fp32. sm_75's
+// f16 tensor-core shape (a[2], b[1]: 16-bit pairs; a_i at row g + 8 (i / 2), column 2t + i % 2),
+// and, on sm_80+, the tf32 one (mma_m16n8k8_tf32: a[4], b[2] tf32 values, a_i at row
+// g + 8 (i % 2), column t + 4 (i / 2); b_i at row t + 4 i, column g).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#warp-level-matrix-fragment-mma-1688
+template <class T>  // __half or __nv_bfloat16
+FC_DEVICE void mma_m16n8k8(float (&d)[4], const uint32_t (&a)[2], const uint32_t (&b)[1],
+                           const float (&c)[4] FC_SITE) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "f16 or bf16 inputs");
+#if defined(__CUDACC__)
+#define FC_MMA_OPERANDS                                                                                    \
+  : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                                         \
+  : "r"(a[0]), "r"(a[1]), "r"(b[0]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3])
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%8,%9,%10};\n" FC_MMA_OPERANDS);
+  else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%8,%9,%10};\n" FC_MMA_OPERANDS);
+#undef FC_MMA_OPERANDS
+#else
+  ::emu::mma_m16n8k8(d, a, b, c, std::is_same<T, __half>::value ? ::emu::MmaK8Type::f16 : ::emu::MmaK8Type::bf16,
+                     site);
+#endif
+}
+
+FC_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                const float (&c)[4] FC_SITE) {
+#if defined(__CUDACC__)
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+               : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+                 "f"(c[2]), "f"(c[3]));
+#else
+  ::emu::mma_m16n8k8(d, a, b, c, ::emu::MmaK8Type::tf32, site);
+#endif
+}
+
+// fp32 rounded to tf32 in a 32-bit register (nearest, ties away from zero), the mma's operand.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cvt
+FC_DEVICE uint32_t to_tf32(float x) {
+#if defined(__CUDACC__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#else
+  return ::emu::cvt_rna_tf32(x);
+#endif
+}
+
 // Two fp32 values rounded to one register of two 16-bit values, lo in bits 15:0 (the mma
 // fragment order; cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32 underneath).
 template <class T>
