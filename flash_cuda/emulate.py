@@ -62,6 +62,13 @@ def _device_profile(device):
     raise TypeError(f"emulate: device must be a str or a DeviceProfile, got {type(device).__name__}")
 
 
+def _configure(active, order, seed, check, workers, device):
+    major, minor = device.compute_capability
+    torch.ops.flash_cuda._emu_configure(active, order, seed, check, workers, device.name, 10 * major + minor,
+                                        device.sm_count, device.smem_per_block, device.threads_per_block,
+                                        device.regs_per_block)
+
+
 class emulate:
     """Context manager; see the module docstring.
 
@@ -91,18 +98,12 @@ class emulate:
         if emulate._active:
             raise RuntimeError("emulate: contexts do not nest")
         torch.ops.flash_cuda._emu_records()  # drop records of earlier launches
-        d = self.device
-        major, minor = d.compute_capability
-        torch.ops.flash_cuda._emu_configure(True, self.order, self.seed, self.check, self.workers, d.name,
-                                            10 * major + minor, d.sm_count, d.smem_per_block, d.threads_per_block,
-                                            d.regs_per_block)
+        _configure(True, self.order, self.seed, self.check, self.workers, self.device)
         emulate._active = True
         return self
 
     def __exit__(self, *exc):
-        a100 = DEVICES["a100"]
-        torch.ops.flash_cuda._emu_configure(False, "forward", 0, True, 1, a100.name, 80, a100.sm_count,
-                                            a100.smem_per_block, a100.threads_per_block, a100.regs_per_block)
+        _configure(False, "forward", 0, True, 1, DEVICES["a100"])
         emulate._active = False
         self._collect()
         return False

@@ -76,21 +76,28 @@ inline const char* error_text(cudaError_t e) {
 #endif
 }
 
-// The configuration for the device: the wide one (kSmemWide bytes of shared memory per block)
-// where the device allows it, else the compact one (kSmemCompact), which is instantiated only
-// where the wide one needs more than kSmemKiBCompact. f(std::integral_constant<int, budget>)
-// launches; an error names what does not fit when neither does.
-template <size_t kSmemWide, size_t kSmemCompact, class F>
-const char* with_smem_budget(const DeviceLimits& dev, const char* kernel, F&& f) {
-  if (kSmemWide <= dev.smem_per_block) return error_text(f(std::integral_constant<int, kSmemKiBWide>{}));
+// Calls f(std::integral_constant<int, budget>) with the budget whose configuration runs on dev:
+// the wide one where the device allows its kSmemWide bytes of shared memory per block, else the
+// compact one (kSmemCompact), which is instantiated only where the wide one needs more than
+// kSmemKiBCompact; none(bytes the smallest needs) when neither fits.
+template <size_t kSmemWide, size_t kSmemCompact, class F, class None>
+auto with_smem_budget(const DeviceLimits& dev, F&& f, None&& none) {
+  if (kSmemWide <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBWide>{});
   constexpr bool kHasCompact = kSmemWide > size_t(kSmemKiBCompact) * 1024;
   if constexpr (kHasCompact)
-    if (kSmemCompact <= dev.smem_per_block) return error_text(f(std::integral_constant<int, kSmemKiBCompact>{}));
-  thread_local std::string message;
-  message = std::string("no configuration of ") + kernel + " fits the device's " + std::to_string(dev.smem_per_block) +
-            " bytes of shared memory per block (the smallest needs " +
-            std::to_string(kHasCompact ? kSmemCompact : kSmemWide) + ")";
-  return message.c_str();
+    if (kSmemCompact <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBCompact>{});
+  return none(kHasCompact ? kSmemCompact : kSmemWide);
+}
+
+// A launch's none: the error naming what does not fit.
+inline auto no_configuration_fits(const char* kernel, const DeviceLimits& dev) {
+  return [kernel, &dev](size_t smallest) -> const char* {
+    thread_local std::string message;
+    message = std::string("no configuration of ") + kernel + " fits the device's " +
+              std::to_string(dev.smem_per_block) + " bytes of shared memory per block (the smallest needs " +
+              std::to_string(smallest) + ")";
+    return message.c_str();
+  };
 }
 
 const char* fwd(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream) {
@@ -98,9 +105,13 @@ const char* fwd(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* st
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
-                                fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(dev, "the forward", [&](auto kib) {
-          return run_fwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream));
-        });
+                                fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(
+            dev,
+            [&](auto kib) {
+              return error_text(
+                  run_fwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream)));
+            },
+            no_configuration_fits("the forward", dev));
       });
     });
   });
@@ -111,10 +122,13 @@ const char* bwd(const BwdParams& p, bool bf16, bool deterministic, const DeviceL
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
-                                bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(dev, "the backward", [&](auto kib) {
-          return run_bwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(p, deterministic,
-                                                                        static_cast<cudaStream_t>(stream));
-        });
+                                bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(
+            dev,
+            [&](auto kib) {
+              return error_text(run_bwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(
+                  p, deterministic, static_cast<cudaStream_t>(stream)));
+            },
+            no_configuration_fits("the backward", dev));
       });
     });
   });
@@ -124,9 +138,12 @@ const char* fwd_kvcache(const FwdParams& p, bool bf16, const DeviceLimits& dev, 
   return FC_DTYPE_SWITCH(bf16, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return with_smem_budget<fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>(),
-                              fwd_smem_bytes<T, kHeadDim, true, kSmemKiBCompact>()>(dev, "the KV-cache forward", [&](auto kib) {
-        return run_fwd_kvcache<T, kHeadDim, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream));
-      });
+                              fwd_smem_bytes<T, kHeadDim, true, kSmemKiBCompact>()>(
+          dev,
+          [&](auto kib) {
+            return error_text(run_fwd_kvcache<T, kHeadDim, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream)));
+          },
+          no_configuration_fits("the KV-cache forward", dev));
     });
   });
 }
@@ -137,15 +154,17 @@ const char* kv_append(const KvAppendParams& p, void* stream) {
 
 int kvcache_num_splits(const FwdParams& p, const DeviceLimits& dev) {
   return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-    // the tiles of the configuration fwd_kvcache runs on dev (either dtype's: they are the same)
-    auto splits = [&](auto kib) {
-      using Kt = KvCacheTraits<__half, kHeadDim, decltype(kib)::value>;
-      const int64_t blocks = int64_t((p.nq + Kt::kBlockM - 1) / Kt::kBlockM) * p.hq * p.b;
-      return choose_num_splits(blocks, (p.nk + Kt::kBlockN - 1) / Kt::kBlockN, dev.sm_count);
-    };
-    if (fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBWide>() <= dev.smem_per_block)
-      return splits(std::integral_constant<int, kSmemKiBWide>{});
-    return splits(std::integral_constant<int, kSmemKiBCompact>{});
+    // the tiles of the configuration fwd_kvcache runs on dev (either dtype's: they are the same);
+    // where none fits, fwd_kvcache says so
+    return with_smem_budget<fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBWide>(),
+                            fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBCompact>()>(
+        dev,
+        [&](auto kib) {
+          using Kt = KvCacheTraits<__half, kHeadDim, decltype(kib)::value>;
+          const int64_t blocks = int64_t((p.nq + Kt::kBlockM - 1) / Kt::kBlockM) * p.hq * p.b;
+          return choose_num_splits(blocks, (p.nk + Kt::kBlockN - 1) / Kt::kBlockN, dev.sm_count);
+        },
+        [](size_t) { return 1; });
   });
 }
 
