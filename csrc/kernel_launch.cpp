@@ -58,9 +58,13 @@ void copy_back(const at::Tensor& dst, const at::Tensor& src) {
   if (!src.is_same(dst)) dst.copy_(src);
 }
 
-void check_kernel_inputs(const at::Tensor& q, Executor executor) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "flash_cuda: the CUDA kernels",
-              executor == Executor::emu ? " (emulated)" : "", " take float16 or bfloat16 inputs, got ", q.scalar_type());
+// The kernels' dtype for q; fp32 (TF32 tensor cores) where the caller has an fp32 kernel.
+Dtype check_kernel_inputs(const at::Tensor& q, Executor executor, bool fp32 = false) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || (fp32 && t == at::kFloat), "flash_cuda: the CUDA kernels",
+              executor == Executor::emu ? " (emulated)" : "", " take float16 or bfloat16 inputs",
+              fp32 ? " (or float32)" : "", ", got ", t);
+  return t == at::kFloat ? Dtype::f32 : (t == at::kBFloat16 ? Dtype::bf16 : Dtype::f16);
 }
 
 // The device q's kernels run on (kernels/device.h): the current GPU's properties, or the
@@ -264,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
                                                const std::optional<Packed>& packed) {
   const AttnOptions opt = kernel_options(opt_in);
   const double scale = opt.scale;
-  check_kernel_inputs(q_in, executor);
+  const Dtype dtype = check_kernel_inputs(q_in, executor, /*fp32=*/true);
   const DeviceLimits dev = device_limits(q_in, executor);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2);
   auto out = empty_output(q_in, packed);
@@ -289,18 +293,20 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   p.v = ref(v, packed);
   p.o = ref(o, packed);
   p.lse = lse.data_ptr<float>();
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  // fp32: TF32 products where torch allows them for matmuls (torch.backends.cuda.matmul.allow_tf32),
+  // else 3xTF32 (kernels/tf32.h)
+  p.tf32x3 = !at::globalContext().allowTF32CuBLAS();
   const char* err = nullptr;
   if (executor == Executor::emu) {
     std::vector<emu::Buffer> buffers{kernel_footprint(q, false), kernel_footprint(k, false),
                                      kernel_footprint(v, false), kernel_footprint(o, true), tensor_footprint(lse, true)};
     add_mod_buffers(buffers, opt, packed);
     emu::set_buffers(std::move(buffers));
-    err = emu_backend::fwd(p, bf16, dev, nullptr);
+    err = emu_backend::fwd(p, dtype, dev, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
-    err = cuda_backend::fwd(p, bf16, dev, c10::cuda::getCurrentCUDAStream().stream());
+    err = cuda_backend::fwd(p, dtype, dev, c10::cuda::getCurrentCUDAStream().stream());
 #else
     TORCH_CHECK(false, "flash_cuda: this build has no CUDA kernels");
 #endif
@@ -315,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt_in,
     bool deterministic, Executor executor, const std::optional<Packed>& packed) {
   const AttnOptions opt = kernel_options(opt_in);
-  check_kernel_inputs(q_in, executor);
+  const Dtype dtype = check_kernel_inputs(q_in, executor);
   const DeviceLimits dev = device_limits(q_in, executor);
   const double scale = opt.scale;
   auto dq_out = empty_output(q_in, packed);
@@ -364,7 +370,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
 #endif
   auto dq_accum = at::empty({static_cast<int64_t>(accum_floats)}, lse.options());
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
   const char* err = nullptr;
   if (emulated) {
     std::vector<emu::Buffer> buffers;
@@ -375,11 +380,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     if (dbias_t.defined()) buffers.push_back(tensor_footprint(dbias_t, true));
     add_mod_buffers(buffers, opt, packed);
     emu::set_buffers(std::move(buffers));
-    err = emu_backend::bwd(p, bf16, deterministic, dev, nullptr);
+    err = emu_backend::bwd(p, dtype, deterministic, dev, nullptr);
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(q.device());
-    err = cuda_backend::bwd(p, bf16, deterministic, dev, c10::cuda::getCurrentCUDAStream().stream());
+    err = cuda_backend::bwd(p, dtype, deterministic, dev, c10::cuda::getCurrentCUDAStream().stream());
 #else
     TORCH_CHECK(false, "flash_cuda: this build has no CUDA kernels");
 #endif
@@ -408,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
                                                    const at::Tensor& cache_seqlens,
                                                    const std::optional<at::Tensor>& block_table,
                                                    const AttnOptions& opt_in, int64_t num_splits, Executor executor) {
-  check_kernel_inputs(q_in, executor);
+  const Dtype dtype = check_kernel_inputs(q_in, executor);
   const DeviceLimits dev = device_limits(q_in, executor);
   for (const at::Tensor* c : {&k_cache, &v_cache})
     TORCH_CHECK(c->size(3) % 8 == 0 && c->stride(3) == 1 && row_starts_aligned(*c),
@@ -517,16 +522,15 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
     p.cache.o_partial = o_partial.data_ptr<float>();
     p.cache.lse_partial = lse_partial.data_ptr<float>();
   }
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
   if (emulated) {
     std::vector<emu::Buffer> more{kernel_footprint(q, false), tensor_footprint(o, true), tensor_footprint(lse_k, true)};
     if (num_splits > 1) more.push_back(tensor_footprint(o_partial, true)), more.push_back(tensor_footprint(lse_partial, true));
     add_mod_buffers(more, opt, std::nullopt);
     buffers(std::move(more));
-    check(emu_backend::fwd_kvcache(p, bf16, dev, nullptr));
+    check(emu_backend::fwd_kvcache(p, dtype, dev, nullptr));
   } else {
 #if defined(FLASH_CUDA_WITH_CUDA)
-    check(cuda_backend::fwd_kvcache(p, bf16, dev, stream));
+    check(cuda_backend::fwd_kvcache(p, dtype, dev, stream));
 #endif
   }
   return {out, lse};

@@ -26,12 +26,13 @@ def band_hidden(nq, nk, window, causal, bottom_right, device):
 
 
 def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=torch.float64, window=None, softcap=0.0,
-                  alibi_slopes=None, attn_mask=None, dropout_mask=None, dropout_p=0.0):
+                  alibi_slopes=None, attn_mask=None, dropout_mask=None, dropout_p=0.0, matmul=None):
     """Returns (out, lse) computed in `dtype`; GQA by repeating k/v heads. The modifiers follow
     flash_cuda.attention's documented semantics, written out elementwise on the full score
     matrix: softcap, then ALiBi (-slope |d|), then the mask (bool: False hides; floating: added).
     Dropout with a given keep mask (bool, broadcastable to (B, Hq, Nq, Nk)): out =
-    (softmax * keep / (1 - dropout_p)) v; lse unaffected.
+    (softmax * keep / (1 - dropout_p)) v; lse unaffected. matmul: the product for q k^T and P V
+    (default torch.matmul; the TF32 reference passes tf32_matmul).
 
     Rows that see no key give out = 0 and lse = -inf (flash_cuda's documented convention).
     """
@@ -39,7 +40,8 @@ def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=to
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = (q @ k.transpose(-1, -2)) * scale
+    matmul = torch.matmul if matmul is None else matmul
+    s = matmul(q, k.transpose(-1, -2)) * scale
     nq, nk = q.shape[2], k.shape[2]
     hidden, d = band_hidden(nq, nk, window, causal, bottom_right, q.device)
     if softcap:
@@ -60,7 +62,7 @@ def attention_ref(q, k, v, causal=False, scale=None, bottom_right=True, dtype=to
     p = torch.softmax(s, dim=-1)
     if dropout_mask is not None:
         p = p * dropout_mask.to(dtype) / (1.0 - dropout_p)
-    out = (p @ v).masked_fill(empty, 0.0)
+    out = matmul(p, v).masked_fill(empty, 0.0)
     return out, lse
 
 
@@ -105,3 +107,31 @@ def random_layout(rnd, g, B, h, n, D, dtype):
     if rnd.random() < 0.5:
         return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2)
     return torch.randn(B, h, n + 3, D, generator=g).to(dtype)[:, :, 2:n + 2]
+
+
+def tf32(x):
+    """x rounded to tf32 (10 explicit mantissa bits), to nearest with ties away from zero, as
+    cvt.rna.tf32.f32 does; in float32."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+class _Tf32Matmul(torch.autograd.Function):
+    """a @ b in float32 with both operands rounded to tf32, as a TF32 tensor-core product; the
+    backward's products round theirs too (dA = tf32(dC) tf32(b)^T, dB = tf32(a)^T tf32(dC))."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return tf32(a) @ tf32(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g = tf32(g)
+        return g @ tf32(b).transpose(-1, -2), tf32(a).transpose(-1, -2) @ g
+
+
+def tf32_matmul(a, b):
+    """The products of "the same computation in plain torch at TF32 precision" (float32)."""
+    return _Tf32Matmul.apply(a.float(), b.float())

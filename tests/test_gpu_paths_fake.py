@@ -71,6 +71,13 @@ def test_gpu_varlen_test_runs_emulated(feature):
         gpu.test_varlen_wrong_cu_seqlens_stay_in_bounds("cpu")
 
 
+@pytest.mark.parametrize("precision", ["3xtf32", "tf32"])
+def test_gpu_fp32_test_runs_emulated(precision):
+    with flash_cuda.emulate() as emu:
+        gpu.test_fp32_forward_vs_reference("cpu", 64, "mod", precision, Nq=37, Nk=45)
+    assert [r["kernel"] for r in emu.launches] == ["flash_fwd<fp32,hdim64,mod>"]
+
+
 def test_gpu_kvcache_test_runs_emulated():
     with flash_cuda.emulate(check=False) as emu:
         gpu.test_kvcache_vs_reference("cpu", torch.bfloat16, 64, "paged16", capacity=200)
@@ -98,7 +105,14 @@ def test_gpu_tests_cover_every_instantiation():
     assert bwd["deterministic"] == (False, True)
     for p in (fwd, bwd):
         assert p["dtype"] == (torch.float16, torch.bfloat16) and p["causal"] == (False, True)
-    files = [f for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_hdim" in f and "_kvcache_" not in f]
+    all_files = [f for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_hdim" in f and "_kvcache_" not in f]
+    files = [f for f in all_files if "_fp32" not in f]
+    # the fp32 forwards (tf32.h): every head dim, variant and precision
+    fp32 = params(gpu.test_fp32_forward_vs_reference)
+    assert {f[:-3] for f in all_files if "_fp32" in f} == {
+        f"fwd_hdim{d}_fp32{s}" for d in gpu.HEAD_DIMS for s in ("", "_band", "_mod")}
+    assert set(fp32["D"]) == set(gpu.HEAD_DIMS) and set(fp32["variant"]) == {"dense", "band", "mod"}
+    assert set(fp32["precision"]) == {"tf32", "3xtf32"}
     generated = {f.split("_")[1] for f in files}
     assert generated == {f"hdim{d}" for d in gpu.HEAD_DIMS}
     variants = params(gpu.test_variants_forward_backward_vs_reference)

@@ -1,7 +1,7 @@
 """The CUDA kernels on a real GPU (skipped without one): every instantiation (head dims 32, 64,
 96, 128, 192, 256, fp16/bf16, the dense, band (causal, window) and modifier (softcap, ALiBi,
 attn_mask, dropout) variants, forward, backward and the deterministic pass, in both shared-memory
-budgets: the compact ones of sm_86/89/120 forced on a larger GPU)
+budgets: the compact ones of sm_86/89/120 forced on a larger GPU; fp32 forwards in TF32 and 3xTF32)
 against the float64 reference under FlashAttention's rule and against torch SDPA, on the current
 stream, allocating nothing but the outputs. The same kernel source is tested without a GPU in
 test_kernel_fwd.py / test_kernel_bwd.py (emulator), and test_gpu_paths_fake.py runs these very
@@ -46,6 +46,20 @@ def test_forward_vs_reference_and_sdpa(dev, dtype, causal, D, Nq, Nk):
     if not causal or Nq == Nk:  # SDPA's causal is top-left; equal lengths make both agree
         sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         assert (out.float() - sdpa.float()).abs().max() <= 2 * (plain.float() - ref.float()).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("precision", ["3xtf32", "tf32"])
+@pytest.mark.parametrize("variant", ["dense", "band", "mod"])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_fp32_forward_vs_reference(dev, D, variant, precision, Nq=203, Nk=331):
+    """fp32 on tf32 tensor cores (test_fp32_kernels.py: the rule of each precision)."""
+    from test_fp32_kernels import VARIANTS, allow_tf32, check
+    q, k, v = make(dev, 2, 4, 2, Nq, Nk, D, torch.float32)
+    kw = {name: x.to(dev) if isinstance(x, torch.Tensor) else x
+          for name, x in VARIANTS[variant](4, Nq, Nk, torch.Generator().manual_seed(D)).items()}
+    with allow_tf32(precision == "tf32"):
+        out, lse = flash_cuda.attention(q, k, v, return_lse=True, **kw)
+    check(q, k, v, kw, out, lse, precision)
 
 
 def test_forward_on_a_side_stream_allocates_only_outputs(dev):

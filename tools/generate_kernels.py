@@ -12,6 +12,9 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # keep in sync with kFwdHeadDims in csrc/kernels/api.h
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
+# fp32 inputs on tf32 tensor cores (csrc/kernels/tf32.h): the forward, one configuration per head
+# dim for every budget (it fits 99 KiB), so no compact instantiation
+FP32_KINDS = {"fwd": ("fp32", "float")}
 # file suffix: (kBand, kMod); see csrc/kernels/dispatch.h
 VARIANTS = {"": ("false", "false"), "_band": ("true", "false"), "_mod": ("true", "true")}
 KERNELS = {  # kind: the launcher's parameters after the template arguments
@@ -55,10 +58,11 @@ def main():
             if old.startswith(tuple(KERNELS)) and old.endswith(ext):
                 os.remove(os.path.join(directory, old))
         for kind, (fn, params) in KERNELS.items():
-            for dname, ctype in DTYPES.items():
+            dtypes = list(DTYPES.items()) + ([FP32_KINDS[kind]] if kind in FP32_KINDS else [])
+            for dname, ctype in dtypes:
                 for hdim in HEAD_DIMS:
                     for suffix, (band, mod) in VARIANTS.items():
-                        for bname, kib in budgets(kind, hdim, suffix):
+                        for bname, kib in budgets(kind, hdim, suffix) if ctype != "float" else [("", WIDE)]:
                             name = f"{kind}_hdim{hdim}_{dname}{suffix}{bname}{ext}"
                             with open(os.path.join(directory, name), "w") as f:
                                 f.write(TEMPLATE.format(kind=kind, fn=fn, ctype=ctype, hdim=hdim, params=params,

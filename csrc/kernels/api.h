@@ -16,6 +16,10 @@ inline int fwd_head_dim_bucket(int d) {
   return -1;
 }
 
+// The inputs' dtype. fp32 runs on tf32 tensor cores (tf32.h; p.tf32x3 picks the precision),
+// in the forward only so far: bwd and fwd_kvcache return an error for it.
+enum class Dtype { f16, bf16, f32 };
+
 // Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator), in
 // the tile configuration that fits dev (device.h). Returns nullptr on success, else the launch
 // error's text (or why no configuration fits dev). Emulator check failures throw.
@@ -26,10 +30,10 @@ inline int fwd_head_dim_bucket(int d) {
 // hold p.cache.num_splits splits when more than 1); kv_append writes new keys and values into
 // the cache first; kvcache_num_splits is the split count chosen for p on dev.
 #define FC_BACKEND_API                                                                                  \
-  const char* fwd(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream);                \
-  const char* bwd(const BwdParams& p, bool bf16, bool deterministic, const DeviceLimits& dev, void* stream); \
+  const char* fwd(const FwdParams& p, Dtype dtype, const DeviceLimits& dev, void* stream);              \
+  const char* bwd(const BwdParams& p, Dtype dtype, bool deterministic, const DeviceLimits& dev, void* stream); \
   size_t bwd_dq_accum_floats(const BwdParams& p);                                                       \
-  const char* fwd_kvcache(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream);        \
+  const char* fwd_kvcache(const FwdParams& p, Dtype dtype, const DeviceLimits& dev, void* stream);      \
   const char* kv_append(const KvAppendParams& p, void* stream);                                         \
   int kvcache_num_splits(const FwdParams& p, const DeviceLimits& dev);
 namespace cuda_backend {

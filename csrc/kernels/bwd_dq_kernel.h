@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
 
   cp_async_wait<0>();
   __syncthreads();  // (blocks with no key tile: Q copies by other threads may still be landing)
-  stage_accumulators<QLayout>(sQ, rdQ, warp_row0, 0, p.scale, lane);  // dQ = scale * dS K
+  stage_accumulators<QLayout, T>(sQ, rdQ, warp_row0, 0, p.scale, lane);  // dQ = scale * dS K
   __syncwarp();
   store_warp_rows<QLayout>(head_ptr<T>(p.dq, batch, head, q_row0<kVarlen>(p)), p.dq.row_stride, sQ, warp_row0, m0 + warp_row0, p.nq, p.d, lane);
 }

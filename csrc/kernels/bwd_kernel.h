@@ -405,8 +405,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   __syncthreads();
 #pragma unroll
   for (int mt = 0; mt < kKvMT; ++mt) {
-    stage_accumulators<KVLayout>(sK, rdK[mt], kv_key0 + 16 * mt, kv_d0, p.scale, lane);
-    stage_accumulators<KVLayout>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kBand ? p.drop.scale : 1.0f, lane);
+    stage_accumulators<KVLayout, T>(sK, rdK[mt], kv_key0 + 16 * mt, kv_d0, p.scale, lane);
+    stage_accumulators<KVLayout, T>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kBand ? p.drop.scale : 1.0f, lane);
   }
   __syncthreads();
   const int k_row0 = first_key_row<kVarlen>(params, batch);  // reloaded: nothing held through the walk

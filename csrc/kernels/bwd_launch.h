@@ -18,7 +18,7 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   using Dq = BwdDqTraits<T, kHeadDim, kMod, kSmemKiB>;
   static_assert(kSmemKiB == kSmemKiBWide || bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>() > kSmemKiBCompact * 1024,
                 "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
-  static const std::string suffix = std::string("<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") + ",hdim" +
+  static const std::string suffix = std::string("<") + Elem<T>::kName + ",hdim" +
                                     std::to_string(kHeadDim) + variant_suffix(kBand, kMod) +
                                     budget_suffix(kSmemKiB) + ">";
   static const std::string pre = "flash_bwd_preprocess" + suffix, main = "flash_bwd" + suffix,

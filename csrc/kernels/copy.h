@@ -7,6 +7,7 @@
 #pragma once
 #include "layout.h"
 #include "ptx.h"
+#include "tf32.h"
 
 namespace flash_cuda {
 
@@ -57,16 +58,20 @@ FC_DEVICE void store_warp_rows(T* g_m, int64_t row_stride, const T* s_tile, int 
 }
 
 // A warp's fp32 accumulator tiles (16 rows x 8 kTiles columns, mma C layout: rows g and g + 8,
-// columns 2t, 2t + 1 of each n-tile) times `scale`, rounded to T, into rows row0.. and columns
-// col0.. of a swizzled shared tile: 32-bit stores, conflict-free (8 rows hit 8 chunks).
+// columns 2t, 2t + 1 of each n-tile) times `scale`, as T, into rows row0.. and columns col0.. of
+// a swizzled shared tile of T's units (tf32.h): 32-bit stores of 16-bit pairs, conflict-free (8
+// rows hit 8 chunks); fp32 pairs as 64-bit stores (a pair's 8 bytes lie in one chunk).
 template <class Layout, class T, int kTiles>
-FC_DEVICE void stage_accumulators(T* s_tile, const float (&rAcc)[kTiles][4], int row0, int col0, float scale,
-                                  int lane) {
+FC_DEVICE void stage_accumulators(typename Elem<T>::Unit* s_tile, const float (&rAcc)[kTiles][4], int row0, int col0,
+                                  float scale, int lane) {
   for (int nt = 0; nt < kTiles; ++nt)
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + lane / 4 + 8 * half, col = col0 + nt * 8 + 2 * (lane % 4);
-      st_shared(reinterpret_cast<uint32_t*>(s_tile + Layout::offset(row, col)),
-                pack2<T>(rAcc[nt][2 * half] * scale, rAcc[nt][2 * half + 1] * scale));
+      const float lo = rAcc[nt][2 * half] * scale, hi = rAcc[nt][2 * half + 1] * scale;
+      if constexpr (Elem<T>::kTf32)
+        st_shared(reinterpret_cast<float2*>(s_tile + Layout::offset(row, 2 * col)), make_float2(lo, hi));
+      else
+        st_shared(reinterpret_cast<uint32_t*>(s_tile + Layout::offset(row, col)), pack2<T>(lo, hi));
     }
 }
 

@@ -27,15 +27,22 @@
     }                                   \
   }()
 
-#define FC_DTYPE_SWITCH(IS_BF16, T, ...) \
-  [&] {                                  \
-    if (IS_BF16) {                       \
-      using T = __nv_bfloat16;           \
-      return __VA_ARGS__();              \
-    } else {                             \
-      using T = __half;                  \
-      return __VA_ARGS__();              \
-    }                                    \
+// 16-bit dtypes (the caller handles Dtype::f32)
+#define FC_DTYPE_SWITCH(DTYPE, T, ...)      \
+  [&] {                                     \
+    if ((DTYPE) == Dtype::bf16) {           \
+      using T = __nv_bfloat16;              \
+      return __VA_ARGS__();                 \
+    } else {                                \
+      using T = __half;                     \
+      return __VA_ARGS__();                 \
+    }                                       \
+  }()
+// and fp32 (tf32.h)
+#define FC_DTYPE_SWITCH_F32(DTYPE, T, ...)                                   \
+  [&] {                                                                      \
+    if ((DTYPE) == Dtype::f32) { using T = float; return __VA_ARGS__(); }    \
+    return FC_DTYPE_SWITCH(DTYPE, T, __VA_ARGS__);                           \
   }()
 
 // (kBand, kMod) from the params: modifiers imply the band variant (any band, open included);
@@ -100,8 +107,8 @@ inline auto no_configuration_fits(const char* kernel, const DeviceLimits& dev) {
   };
 }
 
-const char* fwd(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream) {
-  return FC_DTYPE_SWITCH(bf16, T, [&] {
+const char* fwd(const FwdParams& p, Dtype dtype, const DeviceLimits& dev, void* stream) {
+  return FC_DTYPE_SWITCH_F32(dtype, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
@@ -117,8 +124,13 @@ const char* fwd(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* st
   });
 }
 
-const char* bwd(const BwdParams& p, bool bf16, bool deterministic, const DeviceLimits& dev, void* stream) {
-  return FC_DTYPE_SWITCH(bf16, T, [&] {
+// fp32 not yet: the fp32 products of the backward (dV = P^T dO, dK = dS^T Q, dQ = dS K) need
+// transposed fp32 fragments the 16-bit kernels load with ldmatrix.trans.
+constexpr const char* kNoFp32 = "fp32 inputs have no kernel here yet (the forward only)";
+
+const char* bwd(const BwdParams& p, Dtype dtype, bool deterministic, const DeviceLimits& dev, void* stream) {
+  if (dtype == Dtype::f32) return kNoFp32;
+  return FC_DTYPE_SWITCH(dtype, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
@@ -134,8 +146,9 @@ const char* bwd(const BwdParams& p, bool bf16, bool deterministic, const DeviceL
   });
 }
 
-const char* fwd_kvcache(const FwdParams& p, bool bf16, const DeviceLimits& dev, void* stream) {
-  return FC_DTYPE_SWITCH(bf16, T, [&] {
+const char* fwd_kvcache(const FwdParams& p, Dtype dtype, const DeviceLimits& dev, void* stream) {
+  if (dtype == Dtype::f32) return kNoFp32;
+  return FC_DTYPE_SWITCH(dtype, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return with_smem_budget<fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>(),
                               fwd_smem_bytes<T, kHeadDim, true, kSmemKiBCompact>()>(

@@ -11,6 +11,8 @@
  *                          ldmatrix.trans, again one fragment for every m-tile)
  *   O /= rowsum (times 1 / (1 - p) with dropout), lse; O staged through shared memory for
  *   128-bit coalesced stores.
+ * fp32 inputs (tf32.h) run the same steps on tf32 mma, k-steps of 8 values, P V from P's fp32
+ * accumulators with V's fragments by 32-bit loads; p.tf32x3 selects 3xTF32.
  * K and V tiles alternate in flight: V_j loads while S = Q K_j^T computes, the next key tile's
  * K while O += P V_j computes (cp.async), two barriers per key tile.
  * kBand (causal, sliding window): only the key tiles that intersect the band of this query
@@ -38,6 +40,8 @@ namespace flash_cuda {
 template <class Kt, bool kBand, bool kMod, bool kVarlen, bool kCache = false>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams params) {
   using T = typename Kt::T;
+  using U = typename Kt::Unit;  // shared tiles and the tile copies count 16-bit units (fp32: 2 per value)
+  constexpr int kUnits = Kt::kUnits;
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim, kMTiles = Kt::kMTiles;
@@ -54,16 +58,17 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_row0 = warp * Kt::kWarpRows;  // this warp's rows within the tile: m-tile mt at + 16 mt
 
-  T* sQ = dynamic_smem<T>();       // [kBlockM][kHeadDim], swizzled; reused to stage O
-  T* sK = sQ + QLayout::kElems;    // [kBlockN][kHeadDim]
-  T* sV = sK + KVLayout::kElems;   // [kBlockN][kHeadDim]
+  U* sQ = dynamic_smem<U>();       // [kBlockM][kHeadDim], swizzled; reused to stage O
+  U* sK = sQ + QLayout::kElems;    // [kBlockN][kHeadDim]
+  U* sV = sK + KVLayout::kElems;   // [kBlockN][kHeadDim]
   float* sBias = reinterpret_cast<float*>(sV + KVLayout::kElems);  // kMod: [kBlockM][kBlockN] of the bias
   using Bias = typename Kt::Bias;
   static_assert(Kt::kMod == kMod, "traits of this variant");
-  const T* gQ = head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p));
-  const T* gK = head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p));  // (kCache: unused, see load_kv)
-  const T* gV = head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p));
-  T* gO = head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p));
+  const U* gQ = reinterpret_cast<const U*>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)));
+  const U* gK = reinterpret_cast<const U*>(head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p)));  // (kCache: unused, see load_kv)
+  const U* gV = reinterpret_cast<const U*>(head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p)));
+  U* gO = reinterpret_cast<U*>(head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p)));
+  const int d_units = p.d * kUnits;
   float* gLse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
 
   // Key tiles [j_begin, j_end) intersect the band of rows [m0, m_end); of those, [u0, u1) lie
@@ -90,11 +95,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
   const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
   // Key or value rows [n0, n0 + kBlockN) into a shared tile: a cache's through kv_cache.h.
-  auto load_kv = [&](T* s_tile, const TensorRef& t, const T* g_head, int n0) {
-    if constexpr (kCache)
+  auto load_kv = [&](U* s_tile, const TensorRef& t, const U* g_head, int n0) {
+    if constexpr (kCache) {
+      static_assert(!Kt::kTf32, "KV caches hold 16-bit values");
       load_cache_tile<KVLayout, kThreads>(s_tile, t, p.cache, batch, kv_head, n0, p.nk, p.d);
-    else
-      load_tile<KVLayout, kThreads>(s_tile, g_head, t.row_stride, n0, p.nk, p.d);
+    } else {
+      load_tile<KVLayout, kThreads>(s_tile, g_head, t.row_stride * kUnits, n0, p.nk, d_units);
+    }
   };
   // kMod: the bias of key tile j travels with K_j
   auto load_key_tile = [&](int j) {
@@ -105,16 +112,16 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   float rO[kMTiles][kDTiles][4] = {};  // per m-tile: 16 x kHeadDim output rows of this warp, fp32
   OnlineSoftmax softmax[kMTiles];
 
-  load_tile<QLayout, kThreads>(sQ, gQ, p.q.row_stride, m0, p.nq, p.d);
+  load_tile<QLayout, kThreads>(sQ, gQ, p.q.row_stride * kUnits, m0, p.nq, d_units);
   const int first_masked = j_begin < u0 ? j_begin : (u1 < j_end ? u1 : -1);  // -1: none
   if (u0 < u1) load_key_tile(u0);
   else if (first_masked >= 0) load_key_tile(first_masked);
   cp_async_commit();
 
   // One key tile j, prefetching K (and the bias) of tile next_j (-1: none); kMask: scores past
-  // the sequence end or outside the band become -inf.
-  auto key_tile = [&](const int j, const int next_j, auto mask_tag) {
-    constexpr bool kMask = decltype(mask_tag)::value;
+  // the sequence end or outside the band become -inf; kX3: fp32 products in 3xTF32.
+  auto key_tile = [&](const int j, const int next_j, auto mask_tag, auto x3_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value, kX3 = decltype(x3_tag)::value;
     const int n0 = j * kBlockN;
     cp_async_wait<0>();
     __syncthreads();  // K_j (and Q, the bias) visible to all; every warp is done reading V_{j-1}
@@ -123,18 +130,23 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
 
     float rS[kMTiles][kNTiles][4] = {};  // per m-tile: 16 x kBlockN scores of this warp, fp32
 #pragma unroll(kMask ? Kt::kQKUnrollMasked : Kt::kQKUnroll)
-    for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
-      uint32_t rQ[kMTiles][4];  // A: 16 x 16 of Q per m-tile
+    for (int k0 = 0; k0 < kHeadDim * kUnits; k0 += 16) {  // 16 units: 16 values, or 8 fp32 ones
+      Operand<T, 4> rQ[kMTiles];  // A: 16 x 16 units of Q per m-tile
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) load_a_frag<QLayout>(rQ[mt], sQ, warp_row0 + 16 * mt, k0, lane);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        uint32_t raw[4];
+        load_a_frag<QLayout>(raw, sQ, warp_row0 + 16 * mt, k0, lane);
+        rQ[mt] = operand<T, kX3>(raw);
+      }
 #pragma unroll
       for (int nt = 0; nt < kNTiles; nt += 2) {
-        uint32_t rK[4];  // B: 16 x 16 of K^T as two n-tiles
+        uint32_t rK[4];  // B: 16 x 16 units of K^T as two n-tiles
         load_b_frags_nk<KVLayout>(rK, sK, nt * 8, k0, lane);
+        const Operand<T, 2> rK0 = operand<T, kX3>({rK[0], rK[1]}), rK1 = operand<T, kX3>({rK[2], rK[3]});
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          mma_m16n8k16<T>(rS[mt][nt], rQ[mt], {rK[0], rK[1]}, rS[mt][nt]);
-          mma_m16n8k16<T>(rS[mt][nt + 1], rQ[mt], {rK[2], rK[3]}, rS[mt][nt + 1]);
+          mma<T, kX3>(rS[mt][nt], rQ[mt], rK0, rS[mt][nt]);
+          mma<T, kX3>(rS[mt][nt + 1], rQ[mt], rK1, rS[mt][nt + 1]);
         }
       }
     }
@@ -179,13 +191,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     }
     // P rounded to 16 bit, in mma A-operand order: keys 16 k..16 k + 16 of m-tile mt are the S
     // accumulators of n-tiles 2 k and 2 k + 1 (ptx-oracle accumulator_to_A_reuse), so P goes
-    // to the next mma without a shared-memory round trip and S's fp32 registers die here.
+    // to the next mma without a shared-memory round trip and S's fp32 registers die here
+    // (fp32: P stays in the S registers, each n-tile one tf32 A operand, tf32.h).
     // Dropout (kBand, kMod): each 16 x 16 block's dropped elements are zeroed just before (after
     // the row sums: lse is unaffected; dropout.h: drawn here, never stored).
     const bool drop = kBand && p.drop.enabled;
     PhiloxStream drop_stream{};
     if (drop) drop_stream = dropout_stream(p.drop, batch, p.hq, head);
-    uint32_t rP[kMTiles][kBlockN / 16][4];
+    constexpr int kPTiles = Kt::kTf32 ? 1 : kBlockN / 16;  // 16-bit P: 16 x 16 A fragments
+    uint32_t rP[kMTiles][kPTiles][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -193,10 +207,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
         float(&s0)[4] = rS[mt][2 * k];
         float(&s1)[4] = rS[mt][2 * k + 1];
         if (drop) drop_block(drop_stream, m0 + warp_row0 + 16 * mt, n0 + 16 * k, lane, s0, s1);
-        rP[mt][k][0] = pack2<T>(s0[0], s0[1]);
-        rP[mt][k][1] = pack2<T>(s0[2], s0[3]);
-        rP[mt][k][2] = pack2<T>(s1[0], s1[1]);
-        rP[mt][k][3] = pack2<T>(s1[2], s1[3]);
+        if constexpr (!Kt::kTf32) {
+          rP[mt][k][0] = pack2<T>(s0[0], s0[1]);
+          rP[mt][k][1] = pack2<T>(s0[2], s0[3]);
+          rP[mt][k][2] = pack2<T>(s1[0], s1[1]);
+          rP[mt][k][3] = pack2<T>(s1[2], s1[3]);
+        }
       }
 
     cp_async_wait<0>();
@@ -204,27 +220,52 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     if (next_j >= 0) load_key_tile(next_j);  // every warp is done reading the bias of tile j too
     cp_async_commit();  // K_{j+1} lands while O += P V_j computes
 
+    if constexpr (Kt::kTf32) {
 #pragma unroll
-    for (int k0 = 0; k0 < kBlockN; k0 += 16) {
+      for (int nt = 0; nt < kNTiles; ++nt) {  // 8 keys per k-step
+        Operand<float, 4> rPt[kMTiles];
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; dt += 2) {
-        uint32_t rV[4];  // B: 16 keys x 16 head-dim columns of V, two n-tiles
-        load_b_frags_kn<KVLayout>(rV, sV, k0, dt * 8, lane);
+        for (int mt = 0; mt < kMTiles; ++mt) rPt[mt] = p_operand_tf32<kX3>(rS[mt][nt]);
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma_m16n8k16<T>(rO[mt][dt], rP[mt][k0 / 16], {rV[0], rV[1]}, rO[mt][dt]);
-          mma_m16n8k16<T>(rO[mt][dt + 1], rP[mt][k0 / 16], {rV[2], rV[3]}, rO[mt][dt + 1]);
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          uint32_t raw[2];  // B: 8 keys x 8 head-dim columns of V
+          load_b_frag_kn_tf32<KVLayout>(raw, sV, 8 * nt, 8 * dt, lane);
+          const Operand<float, 2> rV = operand<float, kX3>(raw);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) mma<float, kX3>(rO[mt][dt], rPt[mt], rV, rO[mt][dt]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int k0 = 0; k0 < kBlockN; k0 += 16) {
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; dt += 2) {
+          uint32_t rV[4];  // B: 16 keys x 16 head-dim columns of V, two n-tiles
+          load_b_frags_kn<KVLayout>(rV, sV, k0, dt * 8, lane);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_m16n8k16<T>(rO[mt][dt], rP[mt][k0 / 16], {rV[0], rV[1]}, rO[mt][dt]);
+            mma_m16n8k16<T>(rO[mt][dt + 1], rP[mt][k0 / 16], {rV[2], rV[3]}, rO[mt][dt + 1]);
+          }
         }
       }
     }
   };
 
-  for (int j = u0; j < u1; ++j) key_tile(j, j + 1 < u1 ? j + 1 : first_masked, std::false_type{});
-  for (int j = first_masked; j >= 0;) {
-    int next_j = j + 1 == u0 ? u1 : j + 1;  // skip the unmasked middle
-    if (next_j >= j_end) next_j = -1;
-    key_tile(j, next_j, std::true_type{});
-    j = next_j;
+  auto key_tiles = [&](auto x3_tag) {
+    for (int j = u0; j < u1; ++j) key_tile(j, j + 1 < u1 ? j + 1 : first_masked, std::false_type{}, x3_tag);
+    for (int j = first_masked; j >= 0;) {
+      int next_j = j + 1 == u0 ? u1 : j + 1;  // skip the unmasked middle
+      if (next_j >= j_end) next_j = -1;
+      key_tile(j, next_j, std::true_type{}, x3_tag);
+      j = next_j;
+    }
+  };
+  if constexpr (Kt::kTf32) {  // the precision: one branch around the loop (tf32.h)
+    if (p.tf32x3) key_tiles(std::true_type{});
+    else key_tiles(std::false_type{});
+  } else {
+    key_tiles(std::false_type{});
   }
 
   if (kCache && p.cache.num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
@@ -264,9 +305,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
       if (row_g < p.nq) st_global(&gLse[row_g], lse[0]);
       if (row_g + 8 < p.nq) st_global(&gLse[row_g + 8], lse[1]);
     }
-    stage_accumulators<QLayout>(sQ, rO[mt], r0, 0, 1.0f, lane);
+    stage_accumulators<QLayout, T>(sQ, rO[mt], r0, 0, 1.0f, lane);
     __syncwarp();
-    store_warp_rows<QLayout>(gO, p.o.row_stride, sQ, r0, m0 + r0, p.nq, p.d, lane);
+    store_warp_rows<QLayout>(gO, p.o.row_stride * kUnits, sQ, r0, m0 + r0, p.nq, d_units, lane);
   }
 }
 

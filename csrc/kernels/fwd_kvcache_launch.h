@@ -18,7 +18,7 @@ cudaError_t run_fwd_kvcache(const FwdParams& p, cudaStream_t stream) {
   using Kt = KvCacheTraits<T, kHeadDim, kSmemKiB>;
   static_assert(kSmemKiB == kSmemKiBWide || fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>() > kSmemKiBCompact * 1024,
                 "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
-  static const std::string suffix = std::string("<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") + ",hdim" +
+  static const std::string suffix = std::string("<") + Elem<T>::kName + ",hdim" +
                                     std::to_string(kHeadDim) + budget_suffix(kSmemKiB) + ">";
   static const std::string name = "flash_fwd_kvcache" + suffix, combine = "flash_fwd_kvcache_combine" + suffix;
   const int m_blocks = (p.nq + Kt::kBlockM - 1) / Kt::kBlockM;

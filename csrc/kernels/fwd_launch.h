@@ -15,7 +15,7 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   using Kt = FwdTraits<T, kHeadDim, kMod, kSmemKiB>;
   static_assert(kSmemKiB == kSmemKiBWide || fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>() > kSmemKiBCompact * 1024,
                 "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
-  static const std::string name = std::string("flash_fwd<") + (std::is_same<T, __half>::value ? "fp16" : "bf16") +
+  static const std::string name = std::string("flash_fwd<") + Elem<T>::kName +
                                   ",hdim" + std::to_string(kHeadDim) + variant_suffix(kBand, kMod) +
                                   budget_suffix(kSmemKiB) + ">";
   const dim3 grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);

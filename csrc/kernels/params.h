@@ -9,7 +9,7 @@
 
 namespace flash_cuda {
 
-// A [B, H, N, D] tensor of 16-bit values with unit stride in D; strides in elements. Every
+// A [B, H, N, D] tensor of 16-bit or fp32 values with unit stride in D; strides in elements. Every
 // (b, h, n) row starts 16-byte aligned (the launcher copies a tensor whose rows do not).
 struct TensorRef {
   void* ptr;
@@ -26,6 +26,7 @@ struct AttnShape {
   BandMask mask;      // causal / sliding window (read by the kBand instantiations)
   ScoreMod mod;       // softcap, ALiBi, bias (read by the kMod instantiations)
   Dropout drop;       // attention dropout (philox.h; read by the kMod instantiations)
+  bool tf32x3;        // fp32 inputs: each product as three TF32 mma (fp32-level), else one (tf32.h)
   // lse (and dlse) of (batch, head) start at batch * lse_batch_stride + head * lse_head_stride.
   int64_t lse_batch_stride, lse_head_stride;
   // Packed sequences (varlen_attention), else nullptr: sequence b is rows cu_seqlens_q[b] ..

@@ -8,6 +8,7 @@
 #include "layout.h"
 #include "mask.h"
 #include "params.h"
+#include "tf32.h"
 
 namespace flash_cuda {
 
@@ -46,17 +47,33 @@ using FwdCompactConfigFor = std::conditional_t<(kMod && kHeadDim == 256), FwdCon
                                                FwdConfig<FwdWideConfigFor<kHeadDim, kMod>::kMTiles,
                                                          FwdWideConfigFor<kHeadDim, kMod>::kWarps, 32>>;
 
+// fp32 inputs (TF32 / 3xTF32, tf32.h): the tiles take twice the bytes, and one configuration
+// per head dim fits 99 KiB, so every tensor-core GPU from sm_80 runs it: 4 warps of one m-tile
+// (64 query rows) with 64 keys up to head dim 96 (a 64 x 128 block of K or V is 32 KiB), fewer
+// keys above; at 256 with modifiers 2 warps (32 rows), where the bias tile would take a 64-row
+// block past 99 KiB.
+template <int kHeadDim, bool kMod>
+using FwdTf32ConfigFor =
+    std::conditional_t<(kHeadDim <= 96), FwdConfig<1, 4, 64>,
+    std::conditional_t<(kHeadDim == 128), FwdConfig<1, 4, kMod ? 32 : 64>,
+    std::conditional_t<(kHeadDim == 192), FwdConfig<1, 4, kMod ? 16 : 32>,
+                       FwdConfig<1, kMod ? 2 : 4, 16>>>>;
+
 // Forward: a block owns a query tile and walks the key tiles; each warp owns 16 kMTiles query
 // rows: no communication between warps in the main loop, and the 4-lane row reductions of the
 // softmax stay inside a quad.
 template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct FwdTraits {
-  using T = T_;  // __half or __nv_bfloat16
+  using T = T_;  // __half, __nv_bfloat16 or float (tf32.h)
+  using Unit = typename Elem<T>::Unit;  // the shared tiles' 16-bit units
+  static constexpr bool kTf32 = Elem<T>::kTf32;
+  static constexpr int kUnits = Elem<T>::kUnits;  // units per value
   static constexpr int kHeadDim = kHeadDim_;  // instantiated head dim (real d <= kHeadDim)
   static constexpr bool kMod = kMod_;
   static constexpr int kSmemKiB = kSmemKiB_;  // the shared-memory budget (device.h)
-  using Config = std::conditional_t<kSmemKiB == kSmemKiBWide, FwdWideConfigFor<kHeadDim, kMod>,
-                                    FwdCompactConfigFor<kHeadDim, kMod>>;
+  using Config = std::conditional_t<kTf32, FwdTf32ConfigFor<kHeadDim, kMod>,
+                 std::conditional_t<kSmemKiB == kSmemKiBWide, FwdWideConfigFor<kHeadDim, kMod>,
+                                    FwdCompactConfigFor<kHeadDim, kMod>>>;
   static constexpr int kMTiles = Config::kMTiles, kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kWarpRows = 16 * kMTiles;
@@ -71,10 +88,10 @@ struct FwdTraits {
   // In the masked tiles (the band's edges, the sequence end) the mask's operands are live too: by 2.
   static constexpr int kQKUnrollMasked = kMTiles == 2 && kHeadDim >= 96 ? 2 : kQKUnroll;
 
-  static_assert(sizeof(T) == 2, "tensor-core inputs are 16-bit");
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are instantiated in multiples of 32 up to 256");
-  static_assert(kBlockN % 16 == 0, "P V consumes keys 16 at a time (one mma k-step)");
-  static_assert(kBlockM == 128 || kBlockM == 64, "query tiles of 128 rows (64 where 99 KiB allow no more)");
+  static_assert(kBlockN % 16 == 0, "S = Q K^T loads keys 16 at a time (two n-tiles per ldmatrix)");
+  static_assert(kBlockM == 128 || kBlockM == 64 || (kTf32 && kBlockM == 32),
+                "query tiles of 128 rows (64 where 99 KiB allow no more; 32 for fp32 at 256 with modifiers)");
   static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBCompact, "one of the budgets of device.h");
   // Registers per thread: O is kMTiles x 16 x kHeadDim fp32 over 32 lanes, S kMTiles x 16 x kBlockN.
   static_assert(kMTiles * (kHeadDim / 2 + kBlockN / 2) <= 192, "accumulators must leave room in 255 registers");
@@ -83,11 +100,14 @@ struct FwdTraits {
   // to 255 registers per thread (4 warps) or 128 (8 warps x 2 would not fit: 1).
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
 
-  using QLayout = SmemLayout<kBlockM, kHeadDim>;   // Q tile; reused to stage O
-  using KVLayout = SmemLayout<kBlockN, kHeadDim>;  // one K and one V tile
+  // Tiles in units (fp32: two per value, twice the columns)
+  using QLayout = SmemLayout<kBlockM, kHeadDim * kUnits>;   // Q tile; reused to stage O
+  using KVLayout = SmemLayout<kBlockN, kHeadDim * kUnits>;  // one K and one V tile
   using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 8>;  // kMod: the bias of one key tile
-  static constexpr size_t kSmemBytes = (QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T) + (kMod ? Bias::kBytes : 0);
+  static constexpr size_t kSmemBytes =
+      (QLayout::kElems + 2 * KVLayout::kElems) * sizeof(Unit) + (kMod ? Bias::kBytes : 0);
   static_assert(kSmemBytes <= kSmemKiB * 1024, "fits the budget's shared memory per block");
+  static_assert(!kTf32 || kSmemBytes <= kSmemKiBCompact * 1024, "the fp32 configuration fits every sm_80+ GPU");
 };
 
 }  // namespace flash_cuda

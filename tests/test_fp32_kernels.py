@@ -1,0 +1,185 @@
+"""fp32 inputs on the CUDA kernels' forward (csrc/kernels/tf32.h), run by the emulator with the
+race checker on: TF32 (torch.backends.cuda.matmul.allow_tf32 = True) and 3xTF32 (the default).
+
+Layers: the tf32 rounding of the reference here against the emulator's cvt.rna.tf32; every head
+dim and variant in both precisions against the float64 reference (TF32: at most 2x the error of
+the same computation in plain torch at TF32 precision, inputs and P rounded to tf32, plus 1e-5;
+3xTF32: at most 4x the error of the CPU backend's fp32 attention, plus 1e-6); the precision
+follows allow_tf32 and costs exactly three mma per product; one configuration per head dim for
+every sm_80+ profile, inside 99 KiB; Turing refused; and a seeded randomised differential test
+over shapes, GQA, layouts, features, devices and both precisions."""
+import contextlib
+import random
+
+import pytest
+import torch
+
+import flash_cuda
+from flash_cuda import emulate
+from reference import attention_ref, random_layout, tf32, tf32_matmul
+from test_kernel_fwd import HEAD_DIMS, make_qkv
+
+KIB = 1024
+
+
+@contextlib.contextmanager
+def allow_tf32(flag):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = flag
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def emulated(q, k, v, kw, precision, device="a100"):
+    """(out, lse, launch records) of the fp32 forward in the emulator, race checker on."""
+    with allow_tf32(precision == "tf32"), emulate(device=device, check=True) as emu:
+        out, lse = flash_cuda.attention(q, k, v, return_lse=True, **kw)
+    assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    return out, lse, emu.launches
+
+
+def max_err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+def check(q, k, v, kw, out, lse, precision):
+    """The kernel's error against float64 within the precision's bound; returns (error, bound).
+    On CPU copies of any device's tensors (test_kernel_gpu.py uses it too)."""
+    cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x
+    q, k, v, out, lse = (cpu(x) for x in (q, k, v, out, lse))
+    kw = {name: cpu(x) for name, x in kw.items()}
+    ref, ref_lse = attention_ref(q, k, v, **kw)
+    finite = torch.isfinite(ref_lse)
+    lse_err = lambda x: (x.double()[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    if precision == "tf32":  # the same computation in plain torch at TF32 precision
+        plain, plain_lse = attention_ref(q, k, v, dtype=torch.float32, matmul=tf32_matmul, **kw)
+        bound, lse_bound = 2 * max_err(plain, ref) + 1e-5, 2 * lse_err(plain_lse) + 1e-5
+    else:  # the CPU backend's fp32 attention (plain torch's inside an emulate() context: the fake GPU tests)
+        cpu, cpu_lse = attention_ref(q, k, v, dtype=torch.float32, **kw) if emulate._active else \
+            flash_cuda.attention(q, k, v, return_lse=True, **kw)
+        bound, lse_bound = 4 * max_err(cpu, ref) + 1e-6, 4 * lse_err(cpu_lse) + 1e-6
+    err = max_err(out, ref)
+    assert err <= bound, (precision, err, bound)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert lse_err(lse) <= lse_bound, (precision, lse_err(lse), lse_bound)
+    return err, bound
+
+
+# ---------------------------------------------------------------- the rounding
+def test_tf32_rounding_matches_the_emulators_cvt():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, generator=g) * 10.0 ** torch.randint(-6, 6, (4000,), generator=g),
+                   torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -11), 0.0, -0.0, 65504.0])])
+    cvt = torch.ops.flash_cuda._emu_tf32_probe(x)
+    assert torch.equal(cvt.view(torch.int32), tf32(x).view(torch.int32))
+    assert tf32(torch.tensor([1 + 2 ** -11])).item() == 1 + 2 ** -10  # a tie goes away from zero
+
+
+# ---------------------------------------------------------------- every instantiation
+VARIANTS = {
+    "dense": lambda Hq, Nq, Nk, g: {},
+    "band": lambda Hq, Nq, Nk, g: dict(causal=True, window=(45, -1)),
+    "mod": lambda Hq, Nq, Nk, g: dict(window=(60, 7), softcap=3.0, alibi_slopes=torch.rand(Hq, generator=g) * 0.2,
+                                      attn_mask=torch.randn(1, Hq, Nq, Nk, generator=g)),
+}
+
+
+@pytest.mark.parametrize("precision", ["3xtf32", "tf32"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_every_instantiation(D, variant, precision):
+    B, Hq, Hkv, Nq, Nk = 1, 2, 1, 77, 91  # partial tiles at both ends, GQA
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, torch.float32, seed=D)
+    kw = VARIANTS[variant](Hq, Nq, Nk, torch.Generator().manual_seed(D))
+    out, lse, launches = emulated(q, k, v, kw, precision)
+    suffix = {"dense": "", "band": ",band", "mod": ",mod"}[variant]
+    assert [r["kernel"] for r in launches] == [f"flash_fwd<fp32,hdim{D}{suffix}>"]
+    check(q, k, v, kw, out, lse, precision)
+
+
+# ---------------------------------------------------------------- the precision
+def test_precision_follows_allow_tf32_and_3xtf32_costs_three_mma():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float32, seed=3)
+    out3, _, rec3 = emulated(q, k, v, {}, "3xtf32")
+    out1, _, rec1 = emulated(q, k, v, {}, "tf32")
+    assert rec3[0]["mma"] == 3 * rec1[0]["mma"] > 0
+    ref, _ = attention_ref(q, k, v)
+    err3, err1 = max_err(out3, ref), max_err(out1, ref)
+    assert err3 < 1e-5 < err1 and 50 * err3 < err1  # about 11 more bits per operand
+    # the default (allow_tf32 False, as in torch) is 3xTF32
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    with emulate():
+        assert torch.equal(flash_cuda.attention(q, k, v), out3)
+
+
+def test_sdpa_dropin_and_varlen_take_fp32():
+    q, k, v = make_qkv(2, 2, 2, 40, 40, 32, torch.float32, seed=5)
+    with emulate(check=True) as emu:
+        out = flash_cuda.scaled_dot_product_attention(q, k, v, is_causal=True)
+        cu = torch.tensor([0, 40, 80], dtype=torch.int32)
+        packed = flash_cuda.varlen_attention(q.transpose(1, 2).reshape(80, 2, 32), k.transpose(1, 2).reshape(80, 2, 32),
+                                             v.transpose(1, 2).reshape(80, 2, 32), cu, cu, 40, 40, causal=True)
+    assert all(r["errors"] == [] for r in emu.launches)
+    ref, _ = attention_ref(q, k, v, causal=True, bottom_right=False)
+    cpu = flash_cuda.attention(q, k, v, causal=True)
+    assert max_err(out, ref) <= 4 * max_err(cpu, ref) + 1e-6
+    assert torch.equal(packed.reshape(2, 40, 2, 32).transpose(1, 2), out)
+
+
+# ---------------------------------------------------------------- devices
+@pytest.mark.parametrize("device", ["a100", "h100", "l4", "rtx4090", "b200"])
+def test_one_configuration_for_every_sm80_device(device):
+    q, k, v = make_qkv(1, 1, 1, 40, 40, 256, torch.float32)
+    sizes = {}
+    for variant in VARIANTS:
+        kw = VARIANTS[variant](1, 40, 40, torch.Generator().manual_seed(0))
+        out, lse, launches = emulated(q, k, v, kw, "3xtf32", device=device)
+        assert launches[0]["device"] == device and ",99KiB" not in launches[0]["kernel"]
+        sizes[variant] = launches[0]["dynamic_smem"]
+        check(q, k, v, kw, out, lse, "3xtf32")
+    # head dim 256: 64 query rows x 16 keys, the bias tile too with modifiers at 32 rows
+    assert sizes == {"dense": (64 + 2 * 16) * 256 * 4, "band": (64 + 2 * 16) * 256 * 4,
+                     "mod": (32 + 2 * 16) * 256 * 4 + 32 * 24 * 4}
+    assert max(sizes.values()) <= 99 * KIB
+
+
+def test_turing_has_no_tf32():
+    q, k, v = make_qkv(1, 1, 1, 16, 16, 64, torch.float32)
+    with emulate(device="t4"):
+        with pytest.raises(NotImplementedError, match=r"compute capability 8.0 or newer .* has 7.5"):
+            flash_cuda.attention(q, k, v)
+
+
+# ---------------------------------------------------------------- randomised
+@pytest.mark.parametrize("seed", range(16))
+def test_randomised_differential(seed):
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    D = rnd.choice([rnd.randint(1, 256), rnd.choice(HEAD_DIMS)])
+    Hkv = rnd.randint(1, 2)
+    Hq = Hkv * rnd.choice([1, 2, 3])
+    B, Nq, Nk = rnd.randint(1, 2), rnd.randint(1, 150), rnd.randint(1, 150)
+    q = random_layout(rnd, g, B, Hq, Nq, D, torch.float32)
+    k = random_layout(rnd, g, B, Hkv, Nk, D, torch.float32)
+    v = random_layout(rnd, g, B, Hkv, Nk, D, torch.float32)
+    kw = {}
+    if rnd.random() < 0.4:
+        kw["causal"] = True
+    if rnd.random() < 0.3:
+        kw["window"] = (rnd.randint(0, 80), rnd.choice([-1, rnd.randint(0, 20)]))
+    if rnd.random() < 0.3:
+        kw["softcap"] = rnd.uniform(1.0, 20.0)
+    if rnd.random() < 0.3:
+        kw["alibi_slopes"] = torch.rand(Hq, generator=g) * 0.3
+    if rnd.random() < 0.3:
+        kw["attn_mask"] = torch.randn(B, 1, Nq, Nk, generator=g) if rnd.random() < 0.5 else \
+            torch.rand(B, 1, 1, Nk, generator=g) > 0.2
+    if rnd.random() < 0.3:
+        kw["scale"] = rnd.uniform(0.01, 1.0)
+    precision = rnd.choice(["3xtf32", "tf32"])
+    device = rnd.choice(["a100", "h100", "l4", "rtx4090"])
+    out, lse, launches = emulated(q, k, v, kw, precision, device=device)
+    assert launches[0]["kernel"].startswith("flash_fwd<fp32,")
+    check(q, k, v, kw, out, lse, precision)
