@@ -135,14 +135,14 @@ def launch_records(name, n=8):
     B = H = 1, Nq = Nk = n, emulated through the real launcher without the checkers."""
     import torch
     import flash_cuda
-    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16)(_band|_mod)?(_99kib)?$", name)
+    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16|fp32)(_band|_mod)?(_99kib)?$", name)
     kind, d, dtype, variant = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
     device = BUDGET_DEVICE[m.group(5) or ""]
     if kind == "fwd_kvcache":
         return kvcache_launch_records(d, torch.float16 if dtype == "fp16" else torch.bfloat16, n, device)
     # what makes the dispatcher pick the variant (csrc/kernels/dispatch.h)
     kwargs = {"": {}, "_band": dict(causal=True), "_mod": dict(causal=True, softcap=30.0)}[variant]
-    dt = torch.float16 if dtype == "fp16" else torch.bfloat16
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     shapes = {}
     for deterministic in (False, True):
         q, k, v = (torch.randn(1, 1, n, d, dtype=dt, requires_grad=True) for _ in range(3))
@@ -153,7 +153,8 @@ def launch_records(name, n=8):
             base = r["kernel"].split("<")[0]
             key = {"flash_fwd": "fwd", "flash_bwd_preprocess": "bwd preprocess", "flash_bwd_postprocess": "bwd postprocess",
                    "flash_bwd_dq": "bwd dQ pass (deterministic)",
-                   "flash_bwd": "bwd main (deterministic)" if deterministic else "bwd main (atomic dQ)"}[base]
+                   # (fp32: always the deterministic pass)
+                   "flash_bwd": "bwd main (deterministic)" if deterministic or dtype == "fp32" else "bwd main (atomic dQ)"}[base]
             shapes[key] = (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"])
     return shapes
 

@@ -172,6 +172,9 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, con
     for (int d = 0; d < 4; ++d) s.mod.bias_stride[d] = o.bias->stride(d);
   }
   s.drop = o.kernel_dropout();
+  // fp32: TF32 products where torch allows them for matmuls (torch.backends.cuda.matmul.allow_tf32),
+  // else 3xTF32 (kernels/tf32.h)
+  s.tf32x3 = !at::globalContext().allowTF32CuBLAS();
   return s;
 }
 
@@ -293,9 +296,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   p.v = ref(v, packed);
   p.o = ref(o, packed);
   p.lse = lse.data_ptr<float>();
-  // fp32: TF32 products where torch allows them for matmuls (torch.backends.cuda.matmul.allow_tf32),
-  // else 3xTF32 (kernels/tf32.h)
-  p.tf32x3 = !at::globalContext().allowTF32CuBLAS();
   const char* err = nullptr;
   if (executor == Executor::emu) {
     std::vector<emu::Buffer> buffers{kernel_footprint(q, false), kernel_footprint(k, false),
@@ -319,9 +319,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt_in,
-    bool deterministic, Executor executor, const std::optional<Packed>& packed) {
+    bool deterministic_in, Executor executor, const std::optional<Packed>& packed) {
   const AttnOptions opt = kernel_options(opt_in);
-  const Dtype dtype = check_kernel_inputs(q_in, executor);
+  const Dtype dtype = check_kernel_inputs(q_in, executor, /*fp32=*/true);
+  // fp32: dQ always from the deterministic pass (kernels/traits.h), no accumulator
+  const bool deterministic = deterministic_in || dtype == Dtype::f32;
   const DeviceLimits dev = device_limits(q_in, executor);
   const double scale = opt.scale;
   auto dq_out = empty_output(q_in, packed);

@@ -33,9 +33,9 @@ def _shape(x):
     return tuple(x.shape)
 
 
-def _check_tensors(fn, names, tensors, fp32_forward=False):
-    """Type, dtype and device of q, k, v (or query, key, value). fp32_forward: the call has a
-    float32 kernel (the forward, on TF32 tensor cores), with no backward yet."""
+def _check_tensors(fn, names, tensors, fp32=False):
+    """Type, dtype and device of q, k, v (or query, key, value). fp32: the call has float32
+    kernels (TF32 tensor cores)."""
     for name, x in zip(names, tensors):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -59,14 +59,8 @@ def _check_tensors(fn, names, tensors, fp32_forward=False):
         raise RuntimeError(f"{fn}: {first} is on device '{q.device}'; expected cpu or cuda")
     if q.device.type == "cuda" or (q.device.type == "cpu" and emulate._active):
         where = "on CUDA" if q.device.type == "cuda" else "inside flash_cuda.emulate()"
-        if q.dtype == torch.float32 and fp32_forward:
-            if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-                raise NotImplementedError(
-                    f"{fn}: float32 inputs that require grad {where}: the CUDA kernels' backward takes float16 "
-                    "or bfloat16 (float32 runs the forward only so far, in TF32 or 3xTF32); cast to bfloat16 "
-                    "or run under torch.no_grad()")
-        elif q.dtype not in _KERNEL_DTYPES:
-            took = "float16, bfloat16 or float32 (forward)" if fp32_forward else "float16 or bfloat16"
+        if q.dtype not in _KERNEL_DTYPES and not (fp32 and q.dtype == torch.float32):
+            took = "float16, bfloat16 or float32" if fp32 else "float16 or bfloat16"
             raise TypeError(f"{fn}: {first} has dtype {q.dtype}; the CUDA kernels take {took} "
                             f"{where} (float32 and float64 run on CPU tensors outside flash_cuda.emulate())")
 
@@ -253,7 +247,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
         CPU backend is deterministic either way (for a fixed number of threads).
     """
     fn = "flash_cuda.attention"
-    _check_tensors(fn, ("q", "k", "v"), (q, k, v), fp32_forward=True)
+    _check_tensors(fn, ("q", "k", "v"), (q, k, v), fp32=True)
     _check_shapes(fn, ("q", "k", "v"), q, k, v)
     scale, left, right, softcap, slopes = _check_options(fn, q, q.shape[0], causal, return_lse, deterministic, scale,
                                                          window, softcap, alibi_slopes)
@@ -291,7 +285,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_flag(fn, "is_causal", is_causal)
     _check_flag(fn, "enable_gqa", enable_gqa)
     names = ("query", "key", "value")
-    _check_tensors(fn, names, (query, key, value), fp32_forward=True)
+    _check_tensors(fn, names, (query, key, value), fp32=True)
     for name, x in zip(names, (query, key, value)):
         if x.dim() < 2:
             raise ValueError(f"{fn}: {name} must have at least 2 dims (..., L, E), got shape {_shape(x)}")
@@ -346,7 +340,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     values, never an illegal memory access.
     """
     fn = "flash_cuda.varlen_attention"
-    _check_tensors(fn, ("q", "k", "v"), (q, k, v), fp32_forward=True)
+    _check_tensors(fn, ("q", "k", "v"), (q, k, v), fp32=True)
     for name, x, dims in (("q", q, "(total_q, Hq, D)"), ("k", k, "(total_k, Hkv, D)"), ("v", v, "(total_k, Hkv, D)")):
         if x.dim() != 3:
             raise ValueError(f"{fn}: {name} must be 3-D {dims}, got shape {_shape(x)}")

@@ -16,18 +16,20 @@ def device(request):
 
 
 def dtypes_for(device):
-    if device == "cuda":  # the CUDA kernels are 16-bit (tensor cores)
+    if device == "cuda":  # the generic tests cover the 16-bit kernels (fp32: test_fp32_kernels.py)
         return [torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def widest_dtype(device):
-    """float32 on CPU; bfloat16 on CUDA, whose kernels take 16-bit inputs only."""
+    """float32 on CPU; bfloat16 on CUDA (the generic tests cover the 16-bit kernels there; the fp32
+    TF32 kernels have their own, test_fp32_kernels.py and test_kernel_gpu.py)."""
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def skip_unless_supported(device, dtype):
-    """float32/float64 CUDA tensors raise TypeError (test_errors.py checks that): skip them."""
+    """float64 CUDA tensors raise TypeError (test_errors.py checks that); float32 ones run the TF32
+    kernels, tested on their own (test_fp32_kernels.py): skip both here."""
     if dtype not in dtypes_for(device):
         pytest.skip(f"the {device} kernels do not take {dtype}")
 

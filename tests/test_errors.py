@@ -102,13 +102,13 @@ def test_cuda_kernels_take_16_bit_or_fp32():
         with pytest.raises(RuntimeError, match=r"has no CUDA kernels"):
             attention(*qkv(device="cuda"))
     else:
-        with pytest.raises(TypeError, match=r"the CUDA kernels take float16, bfloat16 or float32 \(forward\) on CUDA"):
+        with pytest.raises(TypeError, match=r"the CUDA kernels take float16, bfloat16 or float32 on CUDA"):
             attention(*qkv(dtype=torch.float64, device="cuda"))
 
 
 def test_emulated_kernels_take_16_bit_or_fp32():
     with flash_cuda.emulate():
-        with pytest.raises(TypeError, match=r"the CUDA kernels take float16, bfloat16 or float32 \(forward\) inside "
+        with pytest.raises(TypeError, match=r"the CUDA kernels take float16, bfloat16 or float32 inside "
                                             r"flash_cuda\.emulate\(\)"):
             attention(*qkv(dtype=torch.float64))
         with pytest.raises(TypeError, match=r"flash_cuda.attention_with_kvcache: q has dtype torch.float32; the CUDA "
@@ -116,30 +116,18 @@ def test_emulated_kernels_take_16_bit_or_fp32():
             flash_cuda.attention_with_kvcache(*qkv(dtype=torch.float32))
 
 
-def test_emulated_fp32_backward_not_built():
-    """fp32 has a forward kernel only: inputs that require grad are refused before it runs."""
-    q, k, v = qkv(dtype=torch.float32)
-    with flash_cuda.emulate():
-        with pytest.raises(NotImplementedError, match=r"flash_cuda.attention: float32 inputs that require grad inside "
-                                                      r"flash_cuda.emulate\(\): the CUDA kernels' backward takes "
-                                                      r"float16 or bfloat16"):
-            attention(q, k.requires_grad_(), v)
-        with torch.no_grad():
-            attention(q, k, v)  # inference runs
-
-
 def test_emulated_kernels_check_in_cpp_too():
     """A direct op call bypasses the Python checks; the launcher refuses float64 itself, and
-    float32 where it has no kernel (the backward)."""
+    float32 where it has no kernel (the KV cache)."""
     q, k, v = qkv(dtype=torch.float64)
     with flash_cuda.emulate():
         with pytest.raises(RuntimeError, match=r"the CUDA kernels \(emulated\) take float16 or bfloat16 inputs "
                                                r"\(or float32\), got Double"):
             torch.ops.flash_cuda.fwd(q, k, v, 0.125, False, True)
         q, k, v = qkv(dtype=torch.float32)
-        out, lse = torch.ops.flash_cuda.fwd(q, k, v, 0.125, False, True)
         with pytest.raises(RuntimeError, match=r"the CUDA kernels \(emulated\) take float16 or bfloat16 inputs, got Float"):
-            torch.ops.flash_cuda.bwd(out, q, k, v, out, lse, None, 0.125, False, True)
+            torch.ops.flash_cuda.kvcache_fwd(q, k, v, None, None, torch.zeros(2, dtype=torch.int32), None, 0.25,
+                                             False)
 
 
 # The drop-in's unsupported arguments.

@@ -1,13 +1,16 @@
-"""fp32 inputs on the CUDA kernels' forward (csrc/kernels/tf32.h), run by the emulator with the
-race checker on: TF32 (torch.backends.cuda.matmul.allow_tf32 = True) and 3xTF32 (the default).
+"""fp32 inputs on the CUDA kernels (csrc/kernels/tf32.h), forward and backward, run by the
+emulator with the race checker on: TF32 (torch.backends.cuda.matmul.allow_tf32 = True) and
+3xTF32 (the default).
 
-Layers: the tf32 rounding of the reference here against the emulator's cvt.rna.tf32; every head
-dim and variant in both precisions against the float64 reference (TF32: at most 2x the error of
-the same computation in plain torch at TF32 precision, inputs and P rounded to tf32, plus 1e-5;
-3xTF32: at most 4x the error of the CPU backend's fp32 attention, plus 1e-6); the precision
-follows allow_tf32 and costs exactly three mma per product; one configuration per head dim for
-every sm_80+ profile, inside 99 KiB; Turing refused; and a seeded randomised differential test
-over shapes, GQA, layouts, features, devices and both precisions."""
+Layers: the tf32 rounding of the reference (tests/reference.py) against the emulator's
+cvt.rna.tf32; every head dim and variant in both precisions against the float64 reference
+(TF32: at most 2x (outputs) or 3x (gradients) the error of the same computation in plain torch at
+TF32 precision, every product's operands rounded to tf32, plus 1e-5; 3xTF32: at most 4x the
+error of the CPU backend's fp32 attention, plus 1e-6); the precision follows allow_tf32 and costs
+exactly three mma per product; one configuration per head dim for every sm_80+ profile, inside
+99 KiB; Turing refused; the backward always deterministic, with dropout and the bias gradient;
+seeded randomised differential tests over shapes, GQA, layouts, features, devices and both
+precisions."""
 import contextlib
 import random
 
@@ -16,7 +19,7 @@ import torch
 
 import flash_cuda
 from flash_cuda import emulate
-from reference import attention_ref, random_layout, tf32, tf32_matmul
+from reference import attention_ref, random_layout, saturation_terms, tf32, tf32_matmul
 from test_kernel_fwd import HEAD_DIMS, make_qkv
 
 KIB = 1024
@@ -183,3 +186,131 @@ def test_randomised_differential(seed):
     out, lse, launches = emulated(q, k, v, kw, precision, device=device)
     assert launches[0]["kernel"].startswith("flash_fwd<fp32,")
     check(q, k, v, kw, out, lse, precision)
+
+
+# ---------------------------------------------------------------- the backward
+def run_grads(q, k, v, kw, dout, precision, device="a100", order="forward", deterministic=False):
+    """(out, grads of q, k, v [and the mask], launch records) of an emulated forward + backward."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+    with allow_tf32(precision == "tf32"), emulate(device=device, order=order, check=True) as emu:
+        out = flash_cuda.attention(*leaves, deterministic=deterministic, **kw)
+        grads = torch.autograd.grad((out * dout).sum(), wrt)
+    assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    return out, grads, emu.launches
+
+
+def grads_of(fn, q, k, v, kw, dout):
+    """Gradients of sum(fn(q, k, v, **kw) * dout) w.r.t. q, k, v and a mask that requires grad."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.requires_grad:
+        mask = mask.detach().clone().requires_grad_()
+        kw = dict(kw, attn_mask=mask)
+    out = fn(*leaves, **kw)
+    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+    return torch.autograd.grad((out * dout.to(out.dtype)).sum(), wrt)
+
+
+def check_grads(q, k, v, kw, dout, out, grads, precision):
+    """Each gradient's error against float64 within the precision's bound (TF32: 3x the same
+    computation in plain torch at TF32 precision + 1e-5; 3xTF32: 4x the CPU backend's fp32 +
+    1e-6), plus twice the saturated-softmax term of the rounded O (reference.saturation_terms)."""
+    cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x
+    q, k, v, dout, out = (cpu(x) for x in (q, k, v, dout, out))
+    grads = [cpu(g) for g in grads]
+    kw = {name: cpu(x) for name, x in kw.items()}
+    ref_kw = {n: x for n, x in kw.items() if n not in ("dropout_p", "keep")}
+    if "keep" in kw:
+        ref_kw.update(dropout_mask=kw["keep"], dropout_p=kw["dropout_p"])
+    ref = grads_of(lambda *a, **o: attention_ref(*a, dtype=torch.float64, **o)[0], q, k, v, ref_kw, dout)
+    if precision == "tf32":
+        plain = grads_of(lambda *a, **o: attention_ref(*a, dtype=torch.float32, matmul=tf32_matmul, **o)[0], q, k, v,
+                         ref_kw, dout)
+        factor, floor = 3, 1e-5
+    else:
+        # (plain torch's fp32 with a given dropout mask, or inside an emulate() context: the fake GPU tests)
+        plain = grads_of(lambda *a, **o: attention_ref(*a, dtype=torch.float32, **o)[0], q, k, v, ref_kw, dout) \
+            if "keep" in kw or emulate._active else grads_of(flash_cuda.attention, q, k, v, kw, dout)
+        factor, floor = 4, 1e-6
+    sat = saturation_terms(out, ref_kw, dout, q, k, v)
+    for name, g, pg, rg, st in zip(("dq", "dk", "dv", "dmask"), grads, plain, ref, sat):
+        err, plain_err = max_err(g, rg), max_err(pg, rg)
+        bound = factor * plain_err + floor + 2 * (st.abs().max().item() if st is not None else 0.0)
+        assert err <= bound, (name, precision, err, bound)
+
+
+@pytest.mark.parametrize("precision", ["3xtf32", "tf32"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_backward_every_instantiation(D, variant, precision):
+    B, Hq, Hkv, Nq, Nk = 1, 2, 1, 45, 71
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, torch.float32, seed=D + 1)
+    dout = torch.randn(B, Hq, Nq, D, generator=torch.Generator().manual_seed(D))
+    kw = VARIANTS[variant](Hq, Nq, Nk, torch.Generator().manual_seed(D))
+    if "attn_mask" in kw:
+        kw["attn_mask"].requires_grad_()
+    out, grads, launches = run_grads(q, k, v, kw, dout, precision)
+    suffix = {"dense": "", "band": ",band", "mod": ",mod"}[variant]
+    # always the deterministic dQ pass (no atomics, no postprocess); above 128, two blocks per key tile
+    names = [r["kernel"] for r in launches]
+    assert names[1:] == [f"flash_bwd_preprocess<fp32,hdim{D}{suffix}>", f"flash_bwd<fp32,hdim{D}{suffix}>",
+                         f"flash_bwd_dq<fp32,hdim{D}{suffix}>"]
+    key_tiles = {32: 2, 64: 2, 96: 2, 128: 2, 192: 3, 256: 3}[D]  # 64 keys per tile up to 128, 32 above
+    assert launches[2]["grid"][0] == key_tiles * (2 if D > 128 else 1)
+    check_grads(q, k, v, kw, dout, out, grads, precision)
+
+
+def test_backward_is_deterministic_whatever_the_flag():
+    q, k, v = make_qkv(1, 4, 2, 70, 90, 64, torch.float32, seed=11)
+    dout = torch.randn(1, 4, 70, 64, generator=torch.Generator().manual_seed(1))
+    runs = [run_grads(q, k, v, dict(causal=True), dout, "3xtf32", order=order, deterministic=det)
+            for order, det in (("forward", False), ("reverse", False), ("forward", True))]
+    for out, grads, launches in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
+    assert not any("postprocess" in r["kernel"] for r in runs[0][2])
+
+
+def test_backward_dropout_and_bias_gradient():
+    B, Hq, Nq, Nk, D = 2, 2, 50, 66, 64
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, D, torch.float32, seed=5)
+    g = torch.Generator().manual_seed(2)
+    dout = torch.randn(B, Hq, Nq, D, generator=g)
+    mask = torch.randn(B, Hq, Nq, Nk, generator=g).requires_grad_()
+    for precision in ("3xtf32", "tf32"):
+        for extra in (dict(softcap=4.0, attn_mask=mask), dict(causal=True)):
+            kw = dict(extra, dropout_p=0.2, generator=torch.Generator().manual_seed(9))
+            with allow_tf32(precision == "tf32"), emulate(check=True):
+                _, keep = flash_cuda.attention(q, k, v, return_dropout_mask=True, **kw)
+            kw["generator"] = torch.Generator().manual_seed(9)  # the same draw again
+            out, grads, _ = run_grads(q, k, v, kw, dout, precision)
+            check_kw = {n: x for n, x in kw.items() if n != "generator"}
+            check_grads(q, k, v, dict(check_kw, keep=keep), dout, out, grads, precision)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_backward_randomised_differential(seed):
+    rnd = random.Random(1000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    D = rnd.choice([rnd.randint(1, 256), rnd.choice(HEAD_DIMS)])
+    Hkv = rnd.randint(1, 2)
+    Hq = Hkv * rnd.choice([1, 2, 3])
+    B, Nq, Nk = rnd.randint(1, 2), rnd.randint(1, 90), rnd.randint(2, 110)
+    q, k, v = (random_layout(rnd, g, B, h, n, D, torch.float32) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
+    dout = torch.randn(B, Hq, Nq, D, generator=g)
+    kw = {"scale": rnd.choice([None, 0.05, 1.0])}
+    if rnd.random() < 0.4:
+        kw["causal"] = True
+    if rnd.random() < 0.3:
+        kw["window"] = (rnd.choice([-1, 3, 17]), rnd.choice([-1, 5]))
+    if rnd.random() < 0.3:
+        kw["softcap"] = rnd.choice([0.5, 5.0, 30.0])
+    if rnd.random() < 0.3:
+        kw["alibi_slopes"] = torch.rand(Hq, generator=g) * 0.3
+    if rnd.random() < 0.3:
+        kw["attn_mask"] = torch.randn(1, Hq, Nq, Nk, generator=g).requires_grad_()
+    precision = rnd.choice(["3xtf32", "tf32"])
+    out, grads, launches = run_grads(q, k, v, kw, dout, precision, device=rnd.choice(["a100", "l4", "h100"]),
+                                     order=rnd.choice(["forward", "reverse"]))
+    check_grads(q, k, v, kw, dout, out, grads, precision)

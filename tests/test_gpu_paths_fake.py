@@ -76,6 +76,10 @@ def test_gpu_fp32_test_runs_emulated(precision):
     with flash_cuda.emulate() as emu:
         gpu.test_fp32_forward_vs_reference("cpu", 64, "mod", precision, Nq=37, Nk=45)
     assert [r["kernel"] for r in emu.launches] == ["flash_fwd<fp32,hdim64,mod>"]
+    with flash_cuda.emulate() as emu:
+        gpu.test_fp32_backward_vs_reference("cpu", 64, "mod", precision, Nq=37, Nk=45)
+    assert [r["kernel"].split("<")[0] for r in emu.launches] == [
+        "flash_fwd", "flash_bwd_preprocess", "flash_bwd", "flash_bwd_dq"]
 
 
 def test_gpu_kvcache_test_runs_emulated():
@@ -110,9 +114,10 @@ def test_gpu_tests_cover_every_instantiation():
     # the fp32 forwards (tf32.h): every head dim, variant and precision
     fp32 = params(gpu.test_fp32_forward_vs_reference)
     assert {f[:-3] for f in all_files if "_fp32" in f} == {
-        f"fwd_hdim{d}_fp32{s}" for d in gpu.HEAD_DIMS for s in ("", "_band", "_mod")}
-    assert set(fp32["D"]) == set(gpu.HEAD_DIMS) and set(fp32["variant"]) == {"dense", "band", "mod"}
-    assert set(fp32["precision"]) == {"tf32", "3xtf32"}
+        f"{kind}_hdim{d}_fp32{s}" for kind in ("fwd", "bwd") for d in gpu.HEAD_DIMS for s in ("", "_band", "_mod")}
+    for fp32 in (fp32, params(gpu.test_fp32_backward_vs_reference)):
+        assert set(fp32["D"]) == set(gpu.HEAD_DIMS) and set(fp32["variant"]) == {"dense", "band", "mod"}
+        assert set(fp32["precision"]) == {"tf32", "3xtf32"}
     generated = {f.split("_")[1] for f in files}
     assert generated == {f"hdim{d}" for d in gpu.HEAD_DIMS}
     variants = params(gpu.test_variants_forward_backward_vs_reference)

@@ -62,6 +62,25 @@ def test_fp32_forward_vs_reference(dev, D, variant, precision, Nq=203, Nk=331):
     check(q, k, v, kw, out, lse, precision)
 
 
+@pytest.mark.parametrize("precision", ["3xtf32", "tf32"])
+@pytest.mark.parametrize("variant", ["dense", "band", "mod"])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_fp32_backward_vs_reference(dev, D, variant, precision, Nq=203, Nk=331):
+    """fp32 backward on tf32 tensor cores (test_fp32_kernels.py: the rule of each precision)."""
+    from test_fp32_kernels import VARIANTS, allow_tf32, check_grads
+    q, k, v = make(dev, 2, 4, 2, Nq, Nk, D, torch.float32, requires_grad=True)
+    kw = {name: x.to(dev) if isinstance(x, torch.Tensor) else x
+          for name, x in VARIANTS[variant](4, Nq, Nk, torch.Generator().manual_seed(D)).items()}
+    if "attn_mask" in kw:
+        kw["attn_mask"].requires_grad_()
+    dout = torch.randn(2, 4, Nq, D, device=dev, generator=torch.Generator(device=dev).manual_seed(D))
+    wrt = [q, k, v] + ([kw["attn_mask"]] if "attn_mask" in kw else [])
+    with allow_tf32(precision == "tf32"):
+        out = flash_cuda.attention(q, k, v, **kw)
+        grads = torch.autograd.grad((out * dout).sum(), wrt)
+    check_grads(q, k, v, kw, dout, out, grads, precision)
+
+
 def test_forward_on_a_side_stream_allocates_only_outputs(dev):
     q, k, v = make(dev, 2, 4, 4, 512, 512, 64, torch.float16)
     expected = flash_cuda.attention(q, k, v)

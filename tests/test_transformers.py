@@ -246,19 +246,19 @@ def test_emulated_cuda_kernels_forward_backward():
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
 
 
-def test_fp32_on_the_cuda_kernels_runs_in_bf16():
-    """The documented cast policy, on the CUDA kernels in the emulator: fp32 inputs run in bfloat16
-    (autocast's dtype when autocast is on), with a warning, and the output comes back in fp32."""
+def test_fp32_on_the_cuda_kernels():
+    """The documented dtype policy, on the CUDA kernels in the emulator: fp32 inputs run in fp32
+    (the TF32 path), or in autocast's dtype when autocast is on, the output back in fp32."""
     ref, ours = pair("llama")
     module = ours.model.layers[0].self_attn
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16,
                                                                                                       generator=g)
-    integration._fp32_cast_warning.cache_clear()
-    with pytest.warns(UserWarning, match="run in torch.bfloat16"), flash_cuda.emulate():
+    with flash_cuda.emulate() as emu:
         out, _ = integration.attention_forward(module, q, k, v, None, scaling=0.25)
-        want = flash_cuda.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, scale=0.25)
-    assert out.dtype == torch.float32 and torch.equal(out, want.transpose(1, 2).float())
+        want = flash_cuda.attention(q, k, v, causal=True, scale=0.25)
+    assert out.dtype == torch.float32 and torch.equal(out, want.transpose(1, 2))
+    assert all(r["kernel"].startswith("flash_fwd<fp32,") for r in emu.launches)
     with flash_cuda.emulate(), torch.autocast("cpu", dtype=torch.float16):
         out16, _ = integration.attention_forward(module, q, k, v, None, scaling=0.25)
         want16 = flash_cuda.attention(q.half(), k.half(), v.half(), causal=True, scale=0.25)

@@ -12,9 +12,9 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # keep in sync with kFwdHeadDims in csrc/kernels/api.h
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
-# fp32 inputs on tf32 tensor cores (csrc/kernels/tf32.h): the forward, one configuration per head
-# dim for every budget (it fits 99 KiB), so no compact instantiation
-FP32_KINDS = {"fwd": ("fp32", "float")}
+# fp32 inputs on tf32 tensor cores (csrc/kernels/tf32.h): forward and backward, one configuration
+# per head dim for every budget (it fits 99 KiB), so no compact instantiation
+FP32_KINDS = {"fwd": ("fp32", "float"), "bwd": ("fp32", "float")}
 # file suffix: (kBand, kMod); see csrc/kernels/dispatch.h
 VARIANTS = {"": ("false", "false"), "_band": ("true", "false"), "_mod": ("true", "true")}
 KERNELS = {  # kind: the launcher's parameters after the template arguments

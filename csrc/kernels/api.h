@@ -16,8 +16,8 @@ inline int fwd_head_dim_bucket(int d) {
   return -1;
 }
 
-// The inputs' dtype. fp32 runs on tf32 tensor cores (tf32.h; p.tf32x3 picks the precision),
-// in the forward only so far: bwd and fwd_kvcache return an error for it.
+// The inputs' dtype. fp32 runs on tf32 tensor cores (tf32.h; p.tf32x3 picks the precision) in
+// the forward and the backward (always deterministic); fwd_kvcache returns an error for it.
 enum class Dtype { f16, bf16, f32 };
 
 // Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator), in

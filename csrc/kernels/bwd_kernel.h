@@ -17,6 +17,9 @@
  * (kBand and kMod; keep mask Z, regenerated in registers, dropout.h): dV += (Z P)^T dO (times
  * 1 / (1 - p) at the end) and dS^T' = P^T (Z dP^T / (1 - p) - D).
  * dK = scale * accumulator (the softmax scale of S).
+ * fp32 inputs (tf32.h): the products on tf32 mma (p.tf32x3: 3xTF32), P^T and dS^T kept in fp32
+ * and fed to dV and dK from the accumulators, dQ from the deterministic pass (never atomics:
+ * traits.h); above head dim 128, kDSplit blocks per key tile share dV and dK's columns.
  */
 #pragma once
 #include <type_traits>
@@ -43,6 +46,10 @@ FC_DEVICE void a_frag_from_pairs(uint32_t (&rA)[4], const uint32_t (&rPairs)[kNT
 template <class Kt, bool kBand, bool kMod, bool kAtomicDq, bool kVarlen>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_kernel(const BwdParams params) {
   using T = typename Kt::T;
+  using U = typename Kt::Unit;  // shared tiles and the tile copies count 16-bit units (fp32: 2 per value)
+  constexpr int kUnits = Kt::kUnits;
+  constexpr bool kF32 = Kt::kTf32;
+  static_assert(!kF32 || !kAtomicDq, "fp32: dQ from the deterministic pass");
   using QLayout = typename Kt::QLayout;
   using KVLayout = typename Kt::KVLayout;
   using PLayout = typename Kt::PLayout;
@@ -58,7 +65,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   constexpr int kKvMT = Kt::kKvRows / 16, kKvNT = Kt::kKvCols / 8;  // dV, dK warp tile
   constexpr int kQMT = Kt::kDqRows / 16, kQNT = Kt::kDqCols / 8;    // dQ warp tile
 
-  const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  // kDSplit blocks per key tile: this one accumulates dV, dK columns [d_begin, d_begin + kHeadDim / kDSplit)
+  const int n_block = blockIdx.x / Kt::kDSplit, kv_head = blockIdx.y, batch = blockIdx.z;
+  const int d_begin = (blockIdx.x % Kt::kDSplit) * (kHeadDim / Kt::kDSplit);
   const BwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
   const int n0 = n_block * kBlockN;
   if (kVarlen && n0 >= p.nk) return;  // past a packed sequence's end
@@ -66,15 +75,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   const int g = lane / 4, t = lane % 4;  // mma accumulator row group and column pair
   // This warp's origin in each grid: keys x queries, keys x head dim, queries x head dim.
   const int sdp_key0 = (warp % Kt::kSdpWarpsN) * Kt::kSdpRows, sdp_q0 = (warp / Kt::kSdpWarpsN) * Kt::kSdpCols;
-  const int kv_key0 = (warp % Kt::kKvWarpsN) * Kt::kKvRows, kv_d0 = (warp / Kt::kKvWarpsN) * Kt::kKvCols;
+  const int kv_key0 = (warp % Kt::kKvWarpsN) * Kt::kKvRows, kv_d0 = d_begin + (warp / Kt::kKvWarpsN) * Kt::kKvCols;
   const int dq_q0 = (warp % Kt::kDqWarpsM) * Kt::kDqRows, dq_d0 = (warp / Kt::kDqWarpsM) * Kt::kDqCols;
 
-  T* sK = dynamic_smem<T>();                             // [kBlockN][kHeadDim]
-  T* sV = sK + KVLayout::kElems;                         // [kBlockN][kHeadDim]
-  T* sdS = sV + KVLayout::kElems;                        // [kBlockN][kBlockM]: dS^T, 16-bit
-  T* sP = kPInRegs ? nullptr : sdS + PLayout::kElems;    // [kBlockN][kBlockM]: P^T, 16-bit
-  char* stage_base = reinterpret_cast<char*>(sdS + (kPInRegs ? 1 : 2) * PLayout::kElems);
-  auto sQ = [&](int s) { return reinterpret_cast<T*>(stage_base + s * Kt::kStageBytes); };  // [kBlockM][kHeadDim]
+  U* sK = dynamic_smem<U>();                             // [kBlockN][kHeadDim]
+  U* sV = sK + KVLayout::kElems;                         // [kBlockN][kHeadDim]
+  U* sdS = sV + KVLayout::kElems;                        // [kBlockN][kBlockM]: dS^T, 16-bit (fp32: none)
+  U* sP = kPInRegs ? nullptr : sdS + PLayout::kElems;    // [kBlockN][kBlockM]: P^T, 16-bit
+  char* stage_base = reinterpret_cast<char*>(sdS + Kt::kPTiles * PLayout::kElems);
+  auto sQ = [&](int s) { return reinterpret_cast<U*>(stage_base + s * Kt::kStageBytes); };  // [kBlockM][kHeadDim]
   auto sdO = [&](int s) { return sQ(s) + QLayout::kElems; };                                 // [kBlockM][kHeadDim]
   auto sLse2 = [&](int s) { return reinterpret_cast<float*>(sdO(s) + QLayout::kElems); };   // [kBlockM]
   auto sDi = [&](int s) { return sLse2(s) + kBlockM; };                                     // [kBlockM]
@@ -101,8 +110,10 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // the query tiles i0.. of every query head of the kv group; step it prefetches step it + 1's.
   auto load_query_tile = [&](int head, int m0, int s) {
     const int64_t stats = p.template stats_offset<kVarlen>(batch, head);
-    load_tile<QLayout, kThreads>(sQ(s), head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)), p.q.row_stride, m0, p.nq, p.d);
-    load_tile<QLayout, kThreads>(sdO(s), head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p)), p.dout.row_stride, m0, p.nq, p.d);
+    load_tile<QLayout, kThreads>(sQ(s), units<U>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p))),
+                                 p.q.row_stride * kUnits, m0, p.nq, p.d * kUnits);
+    load_tile<QLayout, kThreads>(sdO(s), units<U>(head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p))),
+                                 p.dout.row_stride * kUnits, m0, p.nq, p.d * kUnits);
     // lse2 and D rows [m0, m0 + kBlockM) (sDi follows sLse2): kBlockM / 4 chunks each, in
     // bounds (padded stats)
     constexpr int kStatChunks = kBlockM / 4;
@@ -115,8 +126,10 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       Bias::template load<kThreads>(sBias(s), p.mod.bias_head(batch, head), p.mod.bias_stride[2], m0, n0, p.nq, p.nk);
   };
 
-  load_tile<KVLayout, kThreads>(sK, head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p)), p.k.row_stride, n0, p.nk, p.d);
-  load_tile<KVLayout, kThreads>(sV, head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p)), p.v.row_stride, n0, p.nk, p.d);
+  load_tile<KVLayout, kThreads>(sK, units<U>(head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p))),
+                                p.k.row_stride * kUnits, n0, p.nk, p.d * kUnits);
+  load_tile<KVLayout, kThreads>(sV, units<U>(head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p))),
+                                p.v.row_stride * kUnits, n0, p.nk, p.d * kUnits);
   const int first_masked = i0 < u0 ? i0 : u1;  // the walk's first tile (masked ones first)
   if (total > 0) load_query_tile(kv_head * group, (first_masked < i_end ? first_masked : u0) * kBlockM, 0);
   cp_async_commit();
@@ -127,8 +140,10 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // One step of the walk: query tile m0 of query head `head`, step number it, prefetching the
   // next step's tile (next_head, next_m0); kMask: some key of this tile is past the sequence
   // end or above the diagonal for some of its rows.
-  auto step = [&](const int it, const int head, const int m0, const int next_head, const int next_m0, auto mask_tag) {
-    constexpr bool kMask = decltype(mask_tag)::value;
+  // kX3: fp32 products in 3xTF32.
+  auto step = [&](const int it, const int head, const int m0, const int next_head, const int next_m0, auto mask_tag,
+                  auto x3_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value, kX3 = decltype(x3_tag)::value;
     const int s = kStages == 2 ? it % 2 : 0;
     cp_async_wait<0>();
     __syncthreads();  // tile it visible to all; every warp is done with tile it - 1 (its stage, sP, sdS)
@@ -136,16 +151,16 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       if (it + 1 < total) load_query_tile(next_head, next_m0, 1 - s);  // lands while this tile computes
       cp_async_commit();
     }
-    const T* sQs = sQ(s);
-    const T* sdOs = sdO(s);
+    const U* sQs = sQ(s);
+    const U* sdOs = sdO(s);
     const float* lse2 = sLse2(s);
     const float* di = sDi(s);
 
     // S^T = K Q^T, then dP^T = V dO^T: keys sdp_key0.. x queries sdp_q0.. of this warp.
-    auto kv_times_q = [&](float(&rC)[kSMT][kSNT][4], const T* sA, const T* sB) {  // C += A B^T, A [key][d], B [query][d]
+    auto kv_times_q = [&](float(&rC)[kSMT][kSNT][4], const U* sA, const U* sB) {  // C += A B^T, A [key][d], B [query][d]
 #pragma unroll(kMask || kMod || !kAtomicDq ? Kt::kSdpUnrollMasked : Kt::kSdpUnroll)
-      for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
-        uint32_t rA[kSMT][4];  // 16 keys x 16 head-dim columns per m-tile
+      for (int k0 = 0; k0 < kHeadDim * kUnits; k0 += 16) {  // 16 units: 16 values, or 8 fp32 ones
+        uint32_t rA[kSMT][4];  // 16 keys x 16 head-dim units per m-tile
 #pragma unroll
         for (int mt = 0; mt < kSMT; ++mt) load_a_frag<KVLayout>(rA[mt], sA, sdp_key0 + 16 * mt, k0, lane);
 #pragma unroll
@@ -153,9 +168,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
           uint32_t rB[4];  // head-dim k0.. x 16 queries, from [query][d] storage
           load_b_frags_nk<QLayout>(rB, sB, sdp_q0 + nt * 8, k0, lane);
 #pragma unroll
-          for (int mt = 0; mt < kSMT; ++mt) {
-            mma_m16n8k16<T>(rC[mt][nt], rA[mt], {rB[0], rB[1]}, rC[mt][nt]);
-            mma_m16n8k16<T>(rC[mt][nt + 1], rA[mt], {rB[2], rB[3]}, rC[mt][nt + 1]);
+          for (int mt = 0; mt < kSMT; ++mt) {  // (fp32: the roundings of B are common subexpressions)
+            mma<T, kX3>(rC[mt][nt], operand<T, kX3>(rA[mt]), operand<T, kX3>({rB[0], rB[1]}), rC[mt][nt]);
+            mma<T, kX3>(rC[mt][nt + 1], operand<T, kX3>(rA[mt]), operand<T, kX3>({rB[2], rB[3]}), rC[mt][nt + 1]);
           }
         }
       }
@@ -181,7 +196,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     };
     auto lse2_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(lse2 + sdp_q0 + nt * 8 + 2 * t)); };
     auto di_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t)); };
-    uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];  // pairs of each C tile: (row g: elements 0, 1), (row g + 8: 2, 3)
+    // 16-bit inputs: the pairs of each C tile, (row g: elements 0, 1), (row g + 8: 2, 3)
+    [[maybe_unused]] uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];
     float rS[kSMT][kSNT][4] = {}, rdP[kSMT][kSNT][4] = {};  // fp32; rS becomes P^T in place
     kv_times_q(rS, sK, sQs);
     if constexpr (!kRoundPFirst) kv_times_q(rdP, sV, sdOs);
@@ -228,8 +244,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
             }
             if (gdBiasRow && n0 + key_local < p.nk && m0 + query_of(nt, 2 * h) < p.nq)
               st_global(reinterpret_cast<float2*>(gdBiasRow + nt * 8), make_float2(dsp[0], dsp[1]));
-            rP[mt][nt][h] = pack2<T>(pe[0], pe[1]);
-            rdS[mt][nt][h] = pack2<T>(ds[0], ds[1]);
+            if constexpr (kF32) {  // P^T and dS^T stay fp32, in the accumulators
+              rS[mt][nt][2 * h] = pe[0], rS[mt][nt][2 * h + 1] = pe[1];
+              rdP[mt][nt][2 * h] = ds[0], rdP[mt][nt][2 * h + 1] = ds[1];
+            } else {
+              rP[mt][nt][h] = pack2<T>(pe[0], pe[1]);
+              rdS[mt][nt][h] = pack2<T>(ds[0], ds[1]);
+            }
           }
         }
     } else {
@@ -240,10 +261,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
         for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
           for (int i = 0; i < 4; ++i) rS[mt][nt][i] = probability(rS[mt][nt][i], i % 2 ? l.y : l.x, mt, nt, i);
+        if constexpr (!kF32) {
 #pragma unroll
-        for (int mt = 0; mt < kSMT; ++mt)
+          for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) rP[mt][nt][h] = pack2<T>(rS[mt][nt][2 * h], rS[mt][nt][2 * h + 1]);
+            for (int h = 0; h < 2; ++h) rP[mt][nt][h] = pack2<T>(rS[mt][nt][2 * h], rS[mt][nt][2 * h + 1]);
+        }
       }
       if constexpr (kRoundPFirst) kv_times_q(rdP, sV, sdOs);
       // kBand with dropout: dS^T = P^T (Z dP^T / (1 - p) - D) from the undropped P^T, then the
@@ -262,8 +285,12 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const float ds0 = dropped_dp(mt, nt, 2 * h) - d.x, ds1 = dropped_dp(mt, nt, 2 * h + 1) - d.y;  // dP^T - D
-            rdS[mt][nt][h] = kRoundPFirst ? mul2<T>(rP[mt][nt][h], pack2<T>(ds0, ds1))
-                                          : pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
+            if constexpr (kF32) {  // dS^T in fp32, in place of dP^T
+              rdP[mt][nt][2 * h] = rS[mt][nt][2 * h] * ds0, rdP[mt][nt][2 * h + 1] = rS[mt][nt][2 * h + 1] * ds1;
+            } else {
+              rdS[mt][nt][h] = kRoundPFirst ? mul2<T>(rP[mt][nt][h], pack2<T>(ds0, ds1))
+                                            : pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
+            }
           }
       }
       if (drop) {
@@ -272,27 +299,57 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
 #pragma unroll
           for (int nt = 0; nt < kSNT; ++nt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h)
-              rP[mt][nt][h] &= (keep(mt, nt, 2 * h) ? 0xFFFFu : 0u) | (keep(mt, nt, 2 * h + 1) ? 0xFFFF0000u : 0u);
+            for (int h = 0; h < 2; ++h) {
+              if constexpr (kF32) {
+                if (!keep(mt, nt, 2 * h)) rS[mt][nt][2 * h] = 0.0f;
+                if (!keep(mt, nt, 2 * h + 1)) rS[mt][nt][2 * h + 1] = 0.0f;
+              } else {
+                rP[mt][nt][h] &= (keep(mt, nt, 2 * h) ? 0xFFFFu : 0u) | (keep(mt, nt, 2 * h + 1) ? 0xFFFF0000u : 0u);
+              }
+            }
       }
     }
 
     // dS^T (and P^T unless it stays in registers) to shared memory, in the [key][query] layout
     // the products after the barrier read.
-    const int p_lane_off = PLayout::offset(sdp_key0 + g, sdp_q0 + 2 * t);
+    if constexpr (!kF32) {
+      const int p_lane_off = PLayout::offset(sdp_key0 + g, sdp_q0 + 2 * t);
 #pragma unroll
-    for (int mt = 0; mt < kSMT; ++mt)
+      for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kSNT; ++nt)
+        for (int nt = 0; nt < kSNT; ++nt)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int off = PLayout::offset_from(p_lane_off, 16 * mt + 8 * half, 8 * nt);
-          if (kAtomicDq || !kPInRegs) st_shared(reinterpret_cast<uint32_t*>(sdS + off), rdS[mt][nt][half]);
-          if (!kPInRegs) st_shared(reinterpret_cast<uint32_t*>(sP + off), rP[mt][nt][half]);
-        }
+          for (int half = 0; half < 2; ++half) {
+            const int off = PLayout::offset_from(p_lane_off, 16 * mt + 8 * half, 8 * nt);
+            if (kAtomicDq || !kPInRegs) st_shared(reinterpret_cast<uint32_t*>(sdS + off), rdS[mt][nt][half]);
+            if (!kPInRegs) st_shared(reinterpret_cast<uint32_t*>(sP + off), rP[mt][nt][half]);
+          }
+    }
 
     // dV += P^T dO and dK += dS^T Q: keys kv_key0.. x columns kv_d0.. of this warp.
-    if constexpr (kPInRegs) {
+    if constexpr (kF32) {
+      // The warp's S^T rows are its dV/dK rows and its S^T columns all the step's queries: the
+      // A operands are P^T and dS^T's fp32 accumulators, 8 queries per k-step (tf32.h: the
+      // accumulators' key order, matched by the B rows), no barrier needed.
+      auto acc_times_b = [&](float(&rC)[kKvMT][kKvNT][4], const float(&rAcc)[kSMT][kSNT][4], const U* sB) {
+#pragma unroll
+        for (int nt = 0; nt < kSNT; ++nt) {
+          Operand<float, 4> rA[kKvMT];  // 16 keys x 8 queries per m-tile
+#pragma unroll
+          for (int mt = 0; mt < kKvMT; ++mt) rA[mt] = p_operand_tf32<kX3>(rAcc[mt][nt]);
+#pragma unroll
+          for (int dt = 0; dt < kKvNT; ++dt) {
+            uint32_t raw[2];  // B: 8 queries x 8 head-dim columns, from [query][d]
+            load_b_frag_kn_tf32<QLayout>(raw, sB, 8 * nt, kv_d0 + 8 * dt, lane);
+            const Operand<float, 2> rB = operand<float, kX3>(raw);
+#pragma unroll
+            for (int mt = 0; mt < kKvMT; ++mt) mma<float, kX3>(rC[mt][dt], rA[mt], rB, rC[mt][dt]);
+          }
+        }
+      };
+      acc_times_b(rdV, rS, sdOs);
+      acc_times_b(rdK, rdP, sQs);
+    } else if constexpr (kPInRegs) {
       // The warp's S^T rows are its dV/dK rows and its S^T columns all the step's queries: the
       // A operands are the accumulators' 16-bit pairs, no barrier needed.
       auto acc_times_b = [&](float(&rC)[kKvMT][kKvNT][4], const uint32_t(&rPairs)[kSMT][kSNT][2], const T* sB) {
@@ -384,19 +441,27 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // end), then the rest, [u0, u1) of every head: the steady state of a long walk, in a loop of
   // its own without any per-element predicate.
   const int head_begin = kv_head * group, masked_steps = group * ((u0 - i0) + (i_end - u1));
-  for (int it = 0, head = head_begin, i = first_masked; it < masked_steps; ++it) {
-    int next_head = head, next_i = i + 1;
-    if (kBand && next_i == u0) next_i = u1;  // skip the unmasked middle (none without a band)
-    if (next_i >= (kBand ? i_end : u0)) next_i = first_masked, ++next_head;
-    if (it + 1 == masked_steps) next_head = head_begin, next_i = u0;  // the unmasked phase's first
-    step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::true_type{});
-    head = next_head, i = next_i;
-  }
-  for (int it = masked_steps, head = head_begin, i = u0; it < total; ++it) {
-    int next_head = head, next_i = i + 1;
-    if (next_i == u1) next_i = u0, ++next_head;
-    step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::false_type{});
-    head = next_head, i = next_i;
+  auto walk = [&](auto x3_tag) {
+    for (int it = 0, head = head_begin, i = first_masked; it < masked_steps; ++it) {
+      int next_head = head, next_i = i + 1;
+      if (kBand && next_i == u0) next_i = u1;  // skip the unmasked middle (none without a band)
+      if (next_i >= (kBand ? i_end : u0)) next_i = first_masked, ++next_head;
+      if (it + 1 == masked_steps) next_head = head_begin, next_i = u0;  // the unmasked phase's first
+      step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::true_type{}, x3_tag);
+      head = next_head, i = next_i;
+    }
+    for (int it = masked_steps, head = head_begin, i = u0; it < total; ++it) {
+      int next_head = head, next_i = i + 1;
+      if (next_i == u1) next_i = u0, ++next_head;
+      step(it, head, i * kBlockM, next_head, next_i * kBlockM, std::false_type{}, x3_tag);
+      head = next_head, i = next_i;
+    }
+  };
+  if constexpr (kF32) {  // the precision: one branch around the walk (tf32.h)
+    if (p.tf32x3) walk(std::true_type{});
+    else walk(std::false_type{});
+  } else {
+    walk(std::false_type{});
   }
 
   // dK = scale * accumulator, dV as is: staged through sK / sV (free now), then written 16
@@ -410,11 +475,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   }
   __syncthreads();
   const int k_row0 = first_key_row<kVarlen>(params, batch);  // reloaded: nothing held through the walk
-  T* gdK = head_ptr<T>(p.dk, batch, kv_head, k_row0);
-  T* gdV = head_ptr<T>(p.dv, batch, kv_head, k_row0);
+  U* gdK = units<U>(head_ptr<T>(p.dk, batch, kv_head, k_row0));
+  U* gdV = units<U>(head_ptr<T>(p.dv, batch, kv_head, k_row0));
+  // (kDSplit: this block's columns only)
+  const int c_begin = d_begin * kUnits, c_end = (d_begin + kHeadDim / Kt::kDSplit) * kUnits;
   for (int r0 = 16 * warp; r0 < kBlockN; r0 += 16 * kWarps) {
-    store_warp_rows<KVLayout>(gdK, p.dk.row_stride, sK, r0, n0 + r0, p.nk, p.d, lane);
-    store_warp_rows<KVLayout>(gdV, p.dv.row_stride, sV, r0, n0 + r0, p.nk, p.d, lane);
+    store_warp_rows<KVLayout>(gdK, p.dk.row_stride * kUnits, sK, r0, n0 + r0, p.nk, p.d * kUnits, lane, c_begin, c_end);
+    store_warp_rows<KVLayout>(gdV, p.dv.row_stride * kUnits, sV, r0, n0 + r0, p.nk, p.d * kUnits, lane, c_begin, c_end);
   }
 }
 

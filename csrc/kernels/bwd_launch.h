@@ -26,7 +26,10 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   const dim3 q_grid((p.nq + Kt::kPrepRows - 1) / Kt::kPrepRows, p.hq, p.b);
   cudaError_t e = launch_kernel(pre.c_str(), flash_bwd_preprocess_kernel<Kt>, q_grid, dim3(128), 0, stream, p);
   if (e != cudaSuccess) return e;
-  const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN, p.hkv, p.b);
+  // (kDSplit blocks per key tile: fp32 above head dim 128, traits.h)
+  const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN * Kt::kDSplit, p.hkv, p.b);
+  // fp32: always the deterministic pass (traits.h)
+  deterministic = deterministic || Kt::kTf32;
   e = with_varlen(p, [&](auto varlen) {
     constexpr bool kVarlen = decltype(varlen)::value;
     if (deterministic) {
@@ -37,12 +40,18 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
       return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kBand, kMod, kVarlen>, dq_grid, dim3(Dq::kThreads),
                            Dq::kSmemBytes, stream, p);
     }
-    return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true, kVarlen>, kv_grid, dim3(Kt::kThreads),
-                         Kt::kSmemBytes, stream, p);
+    if constexpr (Kt::kTf32) {
+      return cudaSuccess;  // (unreachable)
+    } else {
+      return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true, kVarlen>, kv_grid,
+                           dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+    }
   });
   if (e != cudaSuccess || deterministic) return e;
-  return launch_kernel(post.c_str(), flash_bwd_postprocess_kernel<Kt>, q_grid, dim3(128),
-                       size_t(Kt::kPrepRows) * kHeadDim * sizeof(T), stream, p);
+  if constexpr (!Kt::kTf32)
+    return launch_kernel(post.c_str(), flash_bwd_postprocess_kernel<Kt>, q_grid, dim3(128),
+                         size_t(Kt::kPrepRows) * kHeadDim * sizeof(T), stream, p);
+  return e;
 }
 
 }  // namespace FC_BACKEND

@@ -15,7 +15,8 @@ namespace flash_cuda {
 template <class Kt>
 __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdParams params) {
   using T = typename Kt::T;
-  constexpr int kChunks = Kt::kHeadDim / 8;  // 16-byte chunks per row
+  constexpr int kUnits = Elem<T>::kUnits;
+  constexpr int kChunks = Kt::kHeadDim * kUnits / 8;  // 16-byte chunks per row
   // Lanes per row: a power of two >= kChunks, so a row's lanes are an aligned xor group.
   constexpr int kLanesPerRow = kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
   constexpr int kRowsPerPass = 32 / kLanesPerRow;
@@ -24,24 +25,34 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
   const BwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
   if (m_block * Kt::kPrepRows >= p.nq) return;      // past a packed sequence's end
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint16_t* gO = head_ptr<const uint16_t>(p.o, batch, head, q_row0<kVarlen>(p));
-  const uint16_t* gdO = head_ptr<const uint16_t>(p.dout, batch, head, q_row0<kVarlen>(p));
+  // (strides count values of T: the head's start as T, then its 16-bit units)
+  const uint16_t* gO = units<uint16_t>(head_ptr<const T>(p.o, batch, head, q_row0<kVarlen>(p)));
+  const uint16_t* gdO = units<uint16_t>(head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p)));
   const int64_t row_base = batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
   float* g_stats = p.row_stats + p.template stats_offset<kVarlen>(batch, head);  // lse2 row, then D row
-  const int chunk = lane % kLanesPerRow, col = chunk * 8;
+  const int chunk = lane % kLanesPerRow;
 
   for (int r0 = 0; r0 < 16; r0 += kRowsPerPass) {
     const int row = m_block * Kt::kPrepRows + warp * 16 + r0 + lane / kLanesPerRow;
     float dot = 0.0f;
-    if (row < p.nq && chunk < kChunks && col < p.d) {
-      T o[8], d_o[8];
-      const uint16_t* src_o = gO + row * p.o.row_stride + col;
-      const uint16_t* src_do = gdO + row * p.dout.row_stride + col;
+    for (int c = chunk; c < kChunks; c += kLanesPerRow) {  // (fp32 at 256: two chunks per lane)
+      const int col = c * 8;  // in 16-bit units
+      if (row >= p.nq || col >= p.d * kUnits) break;
+      const uint16_t* src_o = gO + row * p.o.row_stride * kUnits + col;
+      const uint16_t* src_do = gdO + row * p.dout.row_stride * kUnits + col;
       const uint4 vo = ld_global(reinterpret_cast<const uint4*>(src_o));
       const uint4 vdo = ld_global(reinterpret_cast<const uint4*>(src_do));
-      memcpy(o, &vo, 16);
-      memcpy(d_o, &vdo, 16);
-      for (int e = 0; e < 8; ++e) dot += to_float(o[e]) * to_float(d_o[e]);
+      if constexpr (Elem<T>::kTf32) {
+        float o[4], d_o[4];
+        memcpy(o, &vo, 16);
+        memcpy(d_o, &vdo, 16);
+        for (int e = 0; e < 4; ++e) dot += o[e] * d_o[e];
+      } else {
+        T o[8], d_o[8];
+        memcpy(o, &vo, 16);
+        memcpy(d_o, &vdo, 16);
+        for (int e = 0; e < 8; ++e) dot += to_float(o[e]) * to_float(d_o[e]);
+      }
     }
     for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
     if (chunk == 0) {  // every row of the padded tile: past nq, lse2 = +inf and D = 0

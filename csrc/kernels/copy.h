@@ -38,10 +38,11 @@ FC_DEVICE void load_tile(T* s_tile, const T* g_m, int64_t row_stride, int row0, 
 
 // Rows [0, 16) of a warp's slice of a shared tile (starting at tile row row0) to global rows
 // [g_row0, g_row0 + 16) of a [n_rows, d] matrix, 16 bytes per lane per step (128-bit stores,
-// 4 or 8 lanes per row: coalesced; d a multiple of 8, as for load_tile).
+// 4 or 8 lanes per row: coalesced; d a multiple of 8, as for load_tile); only columns
+// [col_begin, col_end) (multiples of 8).
 template <class Layout, class T>
 FC_DEVICE void store_warp_rows(T* g_m, int64_t row_stride, const T* s_tile, int row0, int g_row0, int n_rows, int d,
-                               int lane) {
+                               int lane, int col_begin = 0, int col_end = Layout::kCols) {
   using Rows16 = SmemLayout<16, Layout::kCols>;  // the copy order of a 16-row tile
   uint16_t* g_raw = reinterpret_cast<uint16_t*>(g_m);
   const uint16_t* s_raw = reinterpret_cast<const uint16_t*>(s_tile);
@@ -51,7 +52,7 @@ FC_DEVICE void store_warp_rows(T* g_m, int64_t row_stride, const T* s_tile, int 
     int row, col;
     Rows16::chunk_coord(lane + 32 * i, row, col);
     const int g_row = g_row0 + row;
-    if (g_row >= n_rows || col >= d) continue;
+    if (g_row >= n_rows || col >= d || col < col_begin || col >= col_end) continue;
     const uint4 chunk = ld_shared(reinterpret_cast<const uint4*>(s_raw + Layout::offset(row0 + row, col)));
     st_global(reinterpret_cast<uint4*>(g_raw + g_row * row_stride + col), chunk);
   }

@@ -124,13 +124,11 @@ const char* fwd(const FwdParams& p, Dtype dtype, const DeviceLimits& dev, void* 
   });
 }
 
-// fp32 not yet: the fp32 products of the backward (dV = P^T dO, dK = dS^T Q, dQ = dS K) need
-// transposed fp32 fragments the 16-bit kernels load with ldmatrix.trans.
-constexpr const char* kNoFp32 = "fp32 inputs have no kernel here yet (the forward only)";
+// (the KV cache holds 16-bit values)
+constexpr const char* kNoFp32 = "the KV-cache kernels take 16-bit inputs";
 
 const char* bwd(const BwdParams& p, Dtype dtype, bool deterministic, const DeviceLimits& dev, void* stream) {
-  if (dtype == Dtype::f32) return kNoFp32;
-  return FC_DTYPE_SWITCH(dtype, T, [&] {
+  return FC_DTYPE_SWITCH_F32(dtype, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),

@@ -64,10 +64,10 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   float* sBias = reinterpret_cast<float*>(sV + KVLayout::kElems);  // kMod: [kBlockM][kBlockN] of the bias
   using Bias = typename Kt::Bias;
   static_assert(Kt::kMod == kMod, "traits of this variant");
-  const U* gQ = reinterpret_cast<const U*>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)));
-  const U* gK = reinterpret_cast<const U*>(head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p)));  // (kCache: unused, see load_kv)
-  const U* gV = reinterpret_cast<const U*>(head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p)));
-  U* gO = reinterpret_cast<U*>(head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p)));
+  const U* gQ = units<U>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)));
+  const U* gK = units<U>(head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p)));  // (kCache: unused, see load_kv)
+  const U* gV = units<U>(head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p)));
+  U* gO = units<U>(head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p)));
   const int d_units = p.d * kUnits;
   float* gLse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
 

@@ -41,6 +41,16 @@ struct Elem {
   static constexpr const char* kName = kTf32 ? "fp32" : (std::is_same<T, __half>::value ? "fp16" : "bf16");
 };
 
+// A global pointer to T values as 16-bit units (fp32: two per value; 16-bit types: themselves).
+template <class U, class T>
+FC_DEVICE const U* units(const T* g_p) {
+  return reinterpret_cast<const U*>(g_p);
+}
+template <class U, class T>
+FC_DEVICE U* units(T* g_p) {
+  return reinterpret_cast<U*>(g_p);
+}
+
 // An mma operand of N registers as the tensor cores take it: 16-bit pairs as loaded; for fp32,
 // tf32(x) (hi) and, with 3xTF32, tf32(x - hi) (lo).
 template <class T, int N>

@@ -183,14 +183,34 @@ using BwdCompactConfigFor =
     std::conditional_t<(kHeadDim == 256), BwdConfig<4, 32, 32, 2, 2, 2>,
                        std::conditional_t<kMod, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>>>;
 
+// fp32 inputs (tf32.h): dV and dK in the main kernel with P^T and dS^T straight from the
+// accumulators (kPInRegs: the warps split the keys only), dQ always from the deterministic pass
+// (the transposed dS a dQ product in the main kernel needs cannot be loaded with ldmatrix.trans
+// in fp32), one configuration per head dim within 99 KiB. Above 128 a warp cannot hold dK and dV
+// for 16 keys x the whole head dim (2 x D / 2 registers): kDSplit blocks per key tile each
+// accumulate half of the head dim (S^T and dP^T computed by both).
+//   <= 64: 4 warps, 64 keys x 32 queries; 96, 128: 4 warps, 64 x 16; 192, 256: 2 warps, 32 x 16,
+//   two blocks per key tile
+template <int kHeadDim>
+using BwdTf32ConfigFor = std::conditional_t<(kHeadDim <= 64), BwdConfig<4, 64, 32, 4, 4, 1>,
+                         std::conditional_t<(kHeadDim <= 128), BwdConfig<4, 64, 16, 4, 4, 1>,
+                                            BwdConfig<2, 32, 16, 2, 2, 1>>>;
+
 template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdTraits {
   using T = T_;
+  using Unit = typename Elem<T>::Unit;  // the shared tiles' 16-bit units
+  static constexpr bool kTf32 = Elem<T>::kTf32;
+  static constexpr int kUnits = Elem<T>::kUnits;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kMod = kMod_;  // the score-modifier variant: a bias tile per step
   static constexpr int kSmemKiB = kSmemKiB_;  // the shared-memory budget (device.h)
-  using Config = std::conditional_t<kSmemKiB != kSmemKiBWide, BwdCompactConfigFor<kHeadDim, kMod>,
-                                    std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>;
+  // fp32: one configuration within every sm_80+ GPU's shared memory
+  static constexpr int kBudgetKiB = kTf32 ? kSmemKiBCompact : kSmemKiB;
+  using Config = std::conditional_t<kTf32, BwdTf32ConfigFor<kHeadDim>,
+                 std::conditional_t<kSmemKiB != kSmemKiBWide, BwdCompactConfigFor<kHeadDim, kMod>,
+                                    std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>>;
+  static constexpr int kDSplit = kTf32 && kHeadDim > 128 ? 2 : 1;  // blocks per key tile, each kHeadDim / kDSplit of dV, dK
   static constexpr int kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;  // query rows per step, keys
@@ -198,13 +218,15 @@ struct BwdTraits {
   // columns; dQ kDqRows queries x kDqCols columns.
   static constexpr int kSdpWarpsN = Config::kSdpWarpsN, kKvWarpsN = Config::kKvWarpsN, kDqWarpsM = Config::kDqWarpsM;
   static constexpr int kSdpRows = kBlockN / kSdpWarpsN, kSdpCols = kBlockM / (kWarps / kSdpWarpsN);
-  static constexpr int kKvRows = kBlockN / kKvWarpsN, kKvCols = kHeadDim / (kWarps / kKvWarpsN);
+  static constexpr int kKvRows = kBlockN / kKvWarpsN, kKvCols = kHeadDim / kDSplit / (kWarps / kKvWarpsN);
   static constexpr int kDqRows = kBlockM / kDqWarpsM, kDqCols = kHeadDim / (kWarps / kDqWarpsM);
-  static constexpr bool kPInRegs = kSdpCols == kBlockM && kKvCols == kHeadDim && kKvWarpsN == kSdpWarpsN;
+  static constexpr bool kPInRegs = kSdpCols == kBlockM && kKvCols * kDSplit == kHeadDim && kKvWarpsN == kSdpWarpsN;
+  static_assert(!kTf32 || kPInRegs, "fp32: P^T and dS^T reach dV and dK from registers");
   static_assert(kWarps % kSdpWarpsN == 0 && kWarps % kKvWarpsN == 0 && kWarps % kDqWarpsM == 0,
                 "each warp grid uses every warp");
-  static_assert(kSdpRows % 16 == 0 && kKvRows % 16 == 0 && kDqRows % 16 == 0, "warp tiles are whole 16-row m-tiles");
-  static_assert(kSdpCols % 16 == 0 && kKvCols % 16 == 0 && kDqCols % 16 == 0,
+  static_assert(kSdpRows % 16 == 0 && kKvRows % 16 == 0 && (kTf32 || kDqRows % 16 == 0),
+                "warp tiles are whole 16-row m-tiles (fp32: no dQ product in this kernel)");
+  static_assert(kSdpCols % 16 == 0 && kKvCols % 16 == 0 && (kTf32 || kDqCols % 16 == 0),
                 "warp tiles are whole 16-column ldmatrix.x4 pairs of n-tiles");
   static_assert(64 % kBlockM == 0, "query tiles nest in the 64-row tiles of the pre/postprocess and the dQ accumulator");
   // Accumulator registers per thread (fp32): dV and dK for the whole walk, S^T and dP^T per step.
@@ -226,24 +248,28 @@ struct BwdTraits {
   // of fp32 P^T through the dP^T product. Where S^T, dP^T, dV and dK take 192 accumulator
   // registers (head dims 64 and 128), that is what lets the loops unroll whole without spills.
   // (Not with kMod: it computes P^T and dS^T of an element together, bwd_kernel.h.)
-  static constexpr bool kRoundPFirst = (kAccRegs == 192 || kTightest) && !kMod;
+  static constexpr bool kRoundPFirst = (kAccRegs == 192 || kTightest) && !kMod && !kTf32;
   // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
   // registers fit twice in an SM's 64K registers; 8 warps once.
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
-  using QLayout = SmemLayout<kBlockM, kHeadDim>;    // Q_i and dO_i
-  using KVLayout = SmemLayout<kBlockN, kHeadDim>;   // K_j and V_j
-  using PLayout = SmemLayout<kBlockN, kBlockM>;     // P^T and dS^T, [key][query]
-  static_assert(PLayout::kBlockCols % kSdpCols == 0, "a warp's S^T columns stay inside one swizzle block");
-  static constexpr size_t kTileBytes = QLayout::kElems * sizeof(T);
-  static constexpr size_t kFixedBytes = (2 * KVLayout::kElems + (kPInRegs ? 1 : 2) * PLayout::kElems) * sizeof(T);
+  // Tiles in units (fp32: two per value, twice the columns)
+  using QLayout = SmemLayout<kBlockM, kHeadDim * kUnits>;  // Q_i and dO_i
+  using KVLayout = SmemLayout<kBlockN, kHeadDim * kUnits>; // K_j and V_j
+  // P^T and dS^T, [key][query] (16-bit inputs; fp32 has none: a placeholder)
+  using PLayout = std::conditional_t<kTf32, SmemLayout<16, 32>, SmemLayout<kBlockN, kBlockM>>;
+  static_assert(kTf32 || PLayout::kBlockCols % kSdpCols == 0, "a warp's S^T columns stay inside one swizzle block");
+  static constexpr size_t kTileBytes = QLayout::kElems * sizeof(Unit);
+  // fp32: no dS^T tile (dQ comes from the deterministic pass)
+  static constexpr int kPTiles = kTf32 ? 0 : (kPInRegs ? 1 : 2);
+  static constexpr size_t kFixedBytes = (2 * KVLayout::kElems + kPTiles * PLayout::kElems) * sizeof(Unit);
   // Q_i, dO_i (+ lse, Di rows) double-buffered where it fits the budget: the next query tile
   // loads while this one computes. Otherwise one buffer, refilled after this tile's last use.
   // kMod: the step's bias tile ([query][key] fp32) is part of the stage.
   using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 4>;
   static constexpr size_t kStageBytes = 2 * kTileBytes + 2 * kBlockM * sizeof(float) + (kMod ? Bias::kBytes : 0);
-  static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= kSmemKiB * 1024 ? 2 : 1;
+  static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= kBudgetKiB * 1024 ? 2 : 1;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
-  static_assert(kSmemBytes <= kSmemKiB * 1024, "fits the budget's shared memory per block");
+  static_assert(kSmemBytes <= kBudgetKiB * 1024, "fits the budget's shared memory per block");
   // The pre/postprocess kernels (and the dQ accumulator's padding) work in 64-row tiles.
   static constexpr int kPrepRows = 64;
   // dQ accumulator: [B, Hq, row blocks of 16, kHeadDim / 8 n-tiles, 4 elements, 32 lanes] fp32,
@@ -267,23 +293,32 @@ struct BwdTraits {
 // tiles) computing S, P, dP, dS and dQ += dS K in registers, no atomics.
 // Keys per tile: 64, 32 above head dim 128 (dQ takes D/2 registers, S and dP kBlockN/2 each),
 // 16 in the compact budget at 256 with modifiers (Q_i and dO_i take 64 KiB, the bias 6 KiB).
+// fp32 (tf32.h; every fp32 backward takes this pass), within 99 KiB: keys per tile 64 up to head
+// dim 64, 32 at 96, 16 above, and 2 warps (32 query rows) above 128.
 template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdDqTraits {
   using T = T_;
+  using Unit = typename Elem<T>::Unit;
+  static constexpr bool kTf32 = Elem<T>::kTf32;
+  static constexpr int kUnits = Elem<T>::kUnits;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kMod = kMod_;
   static constexpr int kSmemKiB = kSmemKiB_;
-  static constexpr int kWarps = 4;
+  static constexpr int kBudgetKiB = kTf32 ? kSmemKiBCompact : kSmemKiB;
+  static constexpr int kWarps = kTf32 && kHeadDim > 128 ? 2 : 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : (kSmemKiB != kSmemKiBWide && kMod && kHeadDim == 256 ? 16 : 32);
+  static constexpr int kBlockN =
+      kTf32 ? (kHeadDim <= 64 ? 64 : kHeadDim == 96 ? 32 : 16)
+            : kHeadDim <= 128 ? 64 : (kSmemKiB != kSmemKiBWide && kMod && kHeadDim == 256 ? 16 : 32);
   static constexpr int kNTiles = kBlockN / 8, kDTiles = kHeadDim / 8;
   static_assert(kHeadDim / 2 + kBlockN <= 160, "accumulators must leave room in 255 registers");
-  using QLayout = SmemLayout<kBlockM, kHeadDim>;
-  using KVLayout = SmemLayout<kBlockN, kHeadDim>;
+  using QLayout = SmemLayout<kBlockM, kHeadDim * kUnits>;
+  using KVLayout = SmemLayout<kBlockN, kHeadDim * kUnits>;
   using Bias = BiasTile<kBlockM, kBlockN, kBlockN + 8>;  // kMod: the bias of one key tile
-  static constexpr size_t kSmemBytes = (2 * QLayout::kElems + 2 * KVLayout::kElems) * sizeof(T) + (kMod ? Bias::kBytes : 0);
-  static_assert(kSmemBytes <= kSmemKiB * 1024, "fits the budget's shared memory per block");
+  static constexpr size_t kSmemBytes =
+      (2 * QLayout::kElems + 2 * KVLayout::kElems) * sizeof(Unit) + (kMod ? Bias::kBytes : 0);
+  static_assert(kSmemBytes <= kBudgetKiB * 1024, "fits the budget's shared memory per block");
 };
 
 // The KV-cache forward (fwd_kvcache_launch.h) is the modifier variant's instantiation.
@@ -300,7 +335,7 @@ template <class T, int kHeadDim, bool kMod, int kSmemKiB>
 constexpr size_t bwd_smem_bytes() {
   using Kt = BwdTraits<T, kHeadDim, kMod, kSmemKiB>;
   using Dq = BwdDqTraits<T, kHeadDim, kMod, kSmemKiB>;
-  const size_t post = size_t(Kt::kPrepRows) * kHeadDim * sizeof(T);
+  const size_t post = Kt::kTf32 ? 0 : size_t(Kt::kPrepRows) * kHeadDim * sizeof(T);  // (fp32: no postprocess)
   return Kt::kSmemBytes > Dq::kSmemBytes ? (Kt::kSmemBytes > post ? Kt::kSmemBytes : post)
                                           : (Dq::kSmemBytes > post ? Dq::kSmemBytes : post);
 }

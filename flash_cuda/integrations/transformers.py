@@ -25,13 +25,12 @@ functions. flash_cuda is one, so it takes that role whole:
   with `flash_cuda.flash_attn_interface` (the one private hook: `_hook_flash_loader`, guarded by a
   test that fails when transformers changes it).
 
-fp32 inputs on CUDA, which the CUDA kernels do not take, run in the autocast dtype when autocast is
-on, else in bfloat16, and the output is cast back (transformers' FlashAttention wrapper casts the
-same way); the CPU backend runs every dtype as it is. Unsupported features raise: attention
+fp32 inputs on CUDA run in fp32 on the kernels' TF32 path (3xTF32 unless torch allows TF32), or in
+the autocast dtype when autocast is on, the output cast back (transformers' FlashAttention wrapper
+casts to the autocast dtype too); the CPU backend runs every dtype as it is. Unsupported features raise: attention
 probabilities (`output_attentions`), attention sinks (`s_aux`), paged continuous batching.
 """
 import functools
-import warnings
 
 import torch
 
@@ -41,25 +40,15 @@ from ..emulate import emulate
 NAME = "flash_cuda"
 
 
-@functools.lru_cache(None)  # once per dtype
-def _fp32_cast_warning(dtype):
-    warnings.warn(f"flash_cuda: float32 attention inputs on CUDA run in {dtype} (the CUDA kernels take float16 and "
-               "bfloat16); the output is cast back to float32", stacklevel=4)
-
-
 def _kernel_dtype(q):
     """The dtype the attention runs in: q's, or for fp32 on the CUDA kernels (a GPU, or the CPU inside
-    flash_cuda.emulate()) the autocast dtype, else bfloat16."""
+    flash_cuda.emulate()) under autocast to float16 / bfloat16, the autocast dtype."""
     on_kernels = q.device.type == "cuda" or (q.device.type == "cpu" and emulate._active)
-    if q.dtype != torch.float32 or not on_kernels:
-        return q.dtype
     dev = q.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.bfloat16
-    if dtype not in (torch.float16, torch.bfloat16):
-        dtype = torch.bfloat16
-    if not torch.compiler.is_compiling():
-        _fp32_cast_warning(dtype)
-    return dtype
+    if q.dtype != torch.float32 or not on_kernels or not torch.is_autocast_enabled(dev):
+        return q.dtype
+    dtype = torch.get_autocast_dtype(dev)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else q.dtype
 
 
 def _packed_from_position_ids(position_ids, n):
