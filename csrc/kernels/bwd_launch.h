@@ -28,27 +28,23 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   if (e != cudaSuccess) return e;
   // (kDSplit blocks per key tile: fp32 above head dim 128, traits.h)
   const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN * Kt::kDSplit, p.hkv, p.b);
-  // fp32: always the deterministic pass (traits.h)
-  deterministic = deterministic || Kt::kTf32;
+  const bool dq_pass = deterministic || Kt::kTf32;  // fp32: always the deterministic pass (traits.h)
   e = with_varlen(p, [&](auto varlen) {
     constexpr bool kVarlen = decltype(varlen)::value;
-    if (deterministic) {
-      cudaError_t e2 = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, false, kVarlen>, kv_grid,
-                                     dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
-      if (e2 != cudaSuccess) return e2;
-      const dim3 dq_grid((p.nq + Dq::kBlockM - 1) / Dq::kBlockM, p.hq, p.b);
-      return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kBand, kMod, kVarlen>, dq_grid, dim3(Dq::kThreads),
-                           Dq::kSmemBytes, stream, p);
+    if constexpr (!Kt::kTf32) {
+      if (!dq_pass)
+        return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true, kVarlen>, kv_grid,
+                             dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
     }
-    if constexpr (Kt::kTf32) {
-      return cudaSuccess;  // (unreachable)
-    } else {
-      return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true, kVarlen>, kv_grid,
-                           dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
-    }
+    const cudaError_t e2 = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, false, kVarlen>, kv_grid,
+                                         dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+    if (e2 != cudaSuccess) return e2;
+    const dim3 dq_grid((p.nq + Dq::kBlockM - 1) / Dq::kBlockM, p.hq, p.b);
+    return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kBand, kMod, kVarlen>, dq_grid, dim3(Dq::kThreads),
+                         Dq::kSmemBytes, stream, p);
   });
-  if (e != cudaSuccess || deterministic) return e;
-  if constexpr (!Kt::kTf32)
+  if (e != cudaSuccess || dq_pass) return e;
+  if constexpr (!Kt::kTf32)  // (fp32 never gets here)
     return launch_kernel(post.c_str(), flash_bwd_postprocess_kernel<Kt>, q_grid, dim3(128),
                          size_t(Kt::kPrepRows) * kHeadDim * sizeof(T), stream, p);
   return e;

@@ -13,8 +13,8 @@
  * Each fp32 value is rounded to tf32 in registers (cvt.rna) before its mma: the tensor cores'
  * tf32 operands must be tf32 values. 3xTF32 also keeps the rest, lo = tf32(x - hi), and forms
  * each product as lo*hi + hi*lo + hi*hi (the lo*lo term lies below fp32 rounding): about 22
- * significant bits of every operand instead of 11, at three times the mma (NVIDIA's CUTLASS
- * calls this fast fp32 emulation).
+ * significant bits of every operand instead of 11, at three times the mma (the split of NVIDIA
+ * CUTLASS's 3xTF32 GEMMs).
  *
  * P V needs one more step. P's accumulator registers hold keys 2t and 2t + 1 of each 8-key
  * n-tile where the tf32 A fragment wants columns t and t + 4. A k-step sums over its 8 keys in
