@@ -49,12 +49,13 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   static_assert(Kt::kMod == kMod, "traits of this variant");
   const U* gK = units<U>(head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p)));
   const U* gV = units<U>(head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p)));
-  const int d_units = p.d * kUnits;
+  // (p.d * kUnits written out at each use: held in a register, it cost the 16-bit kMod kernel at
+  // head dim 128 60 bytes of spills at sm_80)
 
   load_tile<QLayout, kThreads>(sQ, units<U>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p))),
-                               p.q.row_stride * kUnits, m0, p.nq, d_units);
+                               p.q.row_stride * kUnits, m0, p.nq, p.d * kUnits);
   load_tile<QLayout, kThreads>(sdO, units<U>(head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p))),
-                               p.dout.row_stride * kUnits, m0, p.nq, d_units);
+                               p.dout.row_stride * kUnits, m0, p.nq, p.d * kUnits);
   cp_async_commit();
 
   // lse2 and D of this thread's rows g and g + 8 (padded row stats: rows that must not
@@ -81,8 +82,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
     for (int j = j_begin; j < j_end; ++j) {
       const int n0 = j * kBlockN;
       __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
-      load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride * kUnits, n0, p.nk, d_units);
-      load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride * kUnits, n0, p.nk, d_units);
+      load_tile<KVLayout, kThreads>(sK, gK, p.k.row_stride * kUnits, n0, p.nk, p.d * kUnits);
+      load_tile<KVLayout, kThreads>(sV, gV, p.v.row_stride * kUnits, n0, p.nk, p.d * kUnits);
       if (kMod && gBias) Bias::template load<kThreads>(sBias, gBias, p.mod.bias_stride[2], m0, n0, p.nq, p.nk);
       cp_async_commit();
       cp_async_wait<0>();
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   stage_accumulators<QLayout, T>(sQ, rdQ, warp_row0, 0, p.scale, lane);  // dQ = scale * dS K
   __syncwarp();
   store_warp_rows<QLayout>(units<U>(head_ptr<T>(p.dq, batch, head, q_row0<kVarlen>(p))), p.dq.row_stride * kUnits, sQ,
-                           warp_row0, m0 + warp_row0, p.nq, d_units, lane);
+                           warp_row0, m0 + warp_row0, p.nq, p.d * kUnits, lane);
 }
 
 }  // namespace flash_cuda
