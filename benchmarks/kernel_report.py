@@ -4,15 +4,17 @@
 For every generated instantiation (csrc/cuda/fwd_*.cu, bwd_*.cu, fwd_kvcache_*.cu) and each architecture:
   - ptxas -v: registers per thread, spill stores/loads (must be 0), stack frame;
   - dynamic shared memory per block, from the emulator running the real launcher;
-  - theoretical occupancy on the architecture's card (sm_80 A100, sm_86 A10, sm_89 L4, sm_90
-    H100) from registers, shared memory and threads (CUDA occupancy rules: registers allocated
+  - theoretical occupancy on the architecture's card (sm_75 T4, sm_80 A100, sm_86 A10, sm_89 L4,
+    sm_90 H100) from registers, shared memory and threads (CUDA occupancy rules: registers allocated
     per warp in units of 256, 1 KiB of shared memory reserved per block; 0 where the block's
     shared memory exceeds the card's per-block maximum: the dispatcher never launches it there);
   - the SASS instruction mix (cuobjdump -sass): tensor-core HMMA, LDSM (ldmatrix), LDGSTS
-    (cp.async), MUFU.EX2, SHFL, BAR, 128-bit global stores, and the total.
+    (cp.async), 128-bit global loads (sm_75's tile copies), MUFU.EX2, SHFL, BAR, 128-bit global
+    stores, and the total.
 
     python benchmarks/kernel_report.py [--arch 80 90] [--filter hdim64] [--jobs 2]
     python benchmarks/kernel_report.py --arch 80 86 89 --filter 99kib   # the compact configurations
+    python benchmarks/kernel_report.py --arch 75 --filter sm75          # the Turing ones
 
 Writes benchmarks/results/kernel_report.md and prints it. Needs nvcc (CUDA_HOME) and
 cuobjdump with nvdisasm beside it (the toolkit's, or
@@ -30,6 +32,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {  # per-SM limits and shared memory per block (CUDA C++ Programming Guide, compute capability tables)
+    "75": {"name": "T4", "regs": 65536, "threads": 1024, "blocks": 16, "smem": 64 * 1024, "smem_block": 64 * 1024},
     "80": {"name": "A100", "regs": 65536, "threads": 2048, "blocks": 32, "smem": 164 * 1024, "smem_block": 163 * 1024},
     "86": {"name": "A10", "regs": 65536, "threads": 1536, "blocks": 16, "smem": 100 * 1024, "smem_block": 99 * 1024},
     "89": {"name": "L4", "regs": 65536, "threads": 1536, "blocks": 24, "smem": 100 * 1024, "smem_block": 99 * 1024},
@@ -38,8 +41,9 @@ ARCH = {  # per-SM limits and shared memory per block (CUDA C++ Programming Guid
 # The emulator profile whose dispatch launches an instantiation's budget (csrc/kernels/device.h):
 # the compact (99 KiB) ones run on sm_86/89/120 cards; with the default build they run there as
 # sm_80 SASS (sm_86 and sm_89 execute sm_80 code), so their sm_80 build is the one users get.
-BUDGET_DEVICE = {"": "a100", "_99kib": "l4"}
-SASS_OPS = {"HMMA": r"\bHMMA\.", "LDSM": r"\bLDSM\.", "LDGSTS": r"\bLDGSTS\.", "EX2": r"\bMUFU\.EX2\b",
+# The sm_75 ones (fp16, 64 KiB) run on T4s and RTX 20xx cards as sm_75 SASS.
+BUDGET_DEVICE = {"": "a100", "_99kib": "l4", "_sm75": "t4"}
+SASS_OPS = {"HMMA": r"\bHMMA\.", "LDSM": r"\bLDSM\.", "LDGSTS": r"\bLDGSTS\.", "LDG.128": r"\bLDG\.E\.128\b", "EX2": r"\bMUFU\.EX2\b",
             "SHFL": r"\bSHFL\.", "BAR": r"\bBAR\.SYNC", "STG.128": r"\bSTG\.E\.128\b", "LDS.128": r"\bLDS\.128\b"}
 
 
@@ -135,7 +139,7 @@ def launch_records(name, n=8):
     B = H = 1, Nq = Nk = n, emulated through the real launcher without the checkers."""
     import torch
     import flash_cuda
-    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16|fp32)(_band|_mod)?(_99kib)?$", name)
+    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16|fp32)(_band|_mod)?(_99kib|_sm75)?$", name)
     kind, d, dtype, variant = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
     device = BUDGET_DEVICE[m.group(5) or ""]
     if kind == "fwd_kvcache":

@@ -221,12 +221,16 @@ def tile_from_launch(kind, d, grid_x, mma, causal):
 
 def sources_for(arch, filt):
     """The instantiations the dispatcher launches on arch's card: dense and band (causal) ones;
-    on sm_86 (99 KiB per block) the compact ones where they exist. The modifier variant
+    on sm_86 (99 KiB per block) the compact ones where they exist; on sm_75 the Turing ones
+    (fp16; torch's FlashAttention-2 has no sm_75 kernels to set beside them). The modifier variant
     (softcap, ALiBi, bias) and the KV-cache one have no counterpart among the kernels SDPA
     launches for a plain or causal problem."""
     srcs = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_hdim*.cu"))
-            if filt in os.path.basename(p) and not p.endswith(("_mod.cu", "_mod_99kib.cu")) and "_kvcache_" not in p}
-    wide = sorted(n for n in srcs if not n.endswith("_99kib"))
+            if filt in os.path.basename(p) and not p.endswith(("_mod.cu", "_mod_99kib.cu", "_mod_sm75.cu"))
+            and "_kvcache_" not in p and "_fp32" not in p}
+    if arch == "75":
+        return [srcs[n] for n in sorted(srcs) if n.endswith("_sm75")]
+    wide = sorted(n for n in srcs if not n.endswith(("_99kib", "_sm75")))
     if arch != "86":
         return [srcs[n] for n in wide]
     return [srcs.get(n + "_99kib", srcs[n]) for n in wide]
@@ -242,15 +246,16 @@ def our_rows(archs, filt, jobs, nvcc, cuobjdump):
     rows = []
     for s, a in jobs_list:
         name = os.path.basename(s)[:-3]
-        m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band)?(_99kib)?$", name)
+        m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band)?(_99kib|_sm75)?$", name)
         kind, d, dtype, causal = m.group(1), int(m.group(2)), m.group(3), bool(m.group(4))
         rec = launch_records(name, N_PROBE)
         role = "fwd" if kind == "fwd" else "bwd main (atomic dQ)"
         r = compiled[(s, a)][role]
         threads, smem, grid, mma = rec[role]
-        bm, bn = tile_from_launch(kind, d, grid[0], mma, causal)
+        bm, bn = tile_from_launch(kind, d, grid[0], mma // 2 if a == "75" else mma, causal)  # (sm_75: two mma per k16)
         # HMMA per warp per iteration: the 64x64-tile work (fwd 2 GEMMs, bwd 5) over the warps
-        hmma = (2 if kind == "fwd" else 5) * bm * bn * d // (2048 * (threads // 32))
+        # (sm_75: HMMA.1688, half an m16n8k16's work each)
+        hmma = (2 if kind == "fwd" else 5) * bm * bn * d // ((1024 if a == "75" else 2048) * (threads // 32))
         units = bm * bn / 4096
         rows.append(dict(side="flash_cuda", arch=f"sm_{a}", kernel=f"{name} ({role})", pass_=kind, head_dim=d,
                          dtype=dtype, causal=causal, registers=r["regs"], stack_bytes=r["stack"],
@@ -264,6 +269,8 @@ def torch_rows(archs, lib, cuobjdump, ours):
     rows, wanted = [], set()
     keys = sorted({(r["pass_"], r["head_dim"], r["dtype"], r["causal"]) for r in ours})
     for a in archs:
+        if a == "75":
+            continue  # (no sm_75 FlashAttention-2 in torch)
         for kind, d, dtype, causal in keys:
             name, threads, smem, hmma, units = torch_kernel(a, kind, d, dtype, causal)
             if name not in res or a not in res[name]:
@@ -364,6 +371,7 @@ def main():
         r["occupancy_a100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "80")[1]
         r["occupancy_h100"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "90")[1]
         r["occupancy_a10"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "86")[1]
+        r["occupancy_t4"] = occupancy(r["registers"], r["threads"], r["smem_bytes"], "75")[1]
     calib = []
     if args.eta is not None:
         eta = {"fwd": args.eta[0], "bwd": args.eta[1]}
@@ -395,6 +403,7 @@ def main():
                          "spill_instructions": r["spill_instructions"], "smem_bytes": r["smem_bytes"],
                          "threads": r["threads"], "occupancy_a100": r["occupancy_a100"],
                          "occupancy_h100": r["occupancy_h100"], "occupancy_a10": r["occupancy_a10"],
+                         "occupancy_t4": r["occupancy_t4"],
                          "instructions_per_unit": an.get("instructions_per_unit"),
                          "hmma_per_unit": (an.get("counts_per_unit") or {}).get("HMMA"),
                          "counts_per_unit": an.get("counts_per_unit"),
@@ -425,7 +434,7 @@ def render(rows, eta, calib):
                    "(absolute fraction of peak)")
     out.append("")
     head = ["arch", "pass", "D", "dtype", "causal", "side", "tile", "regs", "stack B", "spill", "smem KiB", "threads",
-            "occ A100", "occ H100", "occ A10", "instr/unit", "HMMA", "LDSM", "LDGSTS", "LDG+STG", "FP32 ops", "FMNMX", "EX2",
+            "occ A100", "occ H100", "occ A10", "occ T4", "instr/unit", "HMMA", "LDSM", "LDGSTS", "LDG+STG", "FP32 ops", "FMNMX", "EX2",
             "SHFL", "BAR", "pred. tensor"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     key = lambda r: (r["arch"], r["pass_"], r["head_dim"], r["dtype"], r["causal"], r["side"] != "flash_cuda")
@@ -437,6 +446,7 @@ def render(rows, eta, calib):
         row = [r["arch"], r["pass_"], r["head_dim"], r["dtype"], "yes" if r["causal"] else "no", r["side"], r["tile"],
                r["registers"], r["stack_bytes"], spill, f"{r['smem_bytes'] / 1024:.1f}", r["threads"],
                f"{r['occupancy_a100']:.0%}", f"{r['occupancy_h100']:.0%}", f"{r['occupancy_a10']:.0%}",
+               f"{r['occupancy_t4']:.0%}",
                fmt(an and an["instructions_per_unit"], ".0f"),
                fmt(g("HMMA"), ".0f"), fmt(g("LDSM"), ".0f"), fmt(g("LDGSTS"), ".0f"),
                fmt(an and c["LDG"] + c["STG"], ".0f"), fmt(an and c["FFMA"] + c["FMUL"] + c["FADD"], ".0f"),

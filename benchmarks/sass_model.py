@@ -27,11 +27,13 @@ Instructions" table; tensor cores from the A100 and H100 whitepapers):
              wgmma does (FlashAttention-3 paper, Shah et al. 2024, section 1), so 1365. sm_86
              is modelled as an A10 (the data-center GA102: fp32 accumulation at full rate):
              125 TFLOP/s dense fp16 at 1695 MHz on 72 SMs = 512 FMA/clk/SM (GeForce GA102
-             cards accumulate fp32 at half that).
-    fp32     FFMA/FMUL/FADD: 64/clk (sm_80), 128/clk (sm_86, sm_90)
+             cards accumulate fp32 at half that). sm_75 is modelled as a T4: 65 TFLOP/s
+             fp16 with fp32 accumulation at 1590 MHz on 40 SMs = 512 FMA/clk/SM; its
+             HMMA.1688 (the only fp16 shape) is 1024 multiply-adds.
+    fp32     FFMA/FMUL/FADD: 64/clk (sm_75, sm_80), 128/clk (sm_86, sm_90)
     alu      integer, compare, min/max, select, logic, moves: 64/clk
     mufu     MUFU.EX2/RCP/LG2...: 16/clk
-    conv     F2F/F2FP/I2F/F2I conversions: 16/clk (sm_80, sm_86), 64/clk (sm_90)
+    conv     F2F/F2FP/I2F/F2I conversions: 16/clk (sm_75, sm_80, sm_86), 64/clk (sm_90)
     shfl     SHFL: 32/clk
     mem      shared memory and L1 data path, 128 bytes/clk: wavefronts (128 B each) of LDSM,
              LDS/STS, LDGSTS (its shared-memory side), LDG/STG/RED/ATOM (their L1 side)
@@ -53,7 +55,14 @@ ARCHS = {
            "shfl": 32, "mem_bytes": 128, "issue": 4},
     "86": {"name": "A10", "tensor_fma": 512.0, "fp32": 128, "alu": 64, "mufu": 16, "conv": 16, "shfl": 32,
            "mem_bytes": 128, "issue": 4},
+    "75": {"name": "T4", "tensor_fma": 512.0, "fp32": 64, "alu": 64, "mufu": 16, "conv": 16, "shfl": 32,
+           "mem_bytes": 128, "issue": 4},
 }
+
+
+def hmma_fma(op):
+    """Multiply-adds of one HMMA: m16n8k8 (sm_75's fp16 shape, tf32) 1024, m16n8k16 2048."""
+    return 1024 if op.startswith("HMMA.1688") else 2048
 PIPES = ("tensor", "fp32", "alu", "mufu", "conv", "shfl", "mem")
 # Counted instruction kinds (the issue's list), by opcode prefix.
 KINDS = {"HMMA": ("HMMA",), "LDSM": ("LDSM",), "LDGSTS": ("LDGSTS",), "LDG": ("LDG",), "STG": ("STG",),
@@ -244,7 +253,7 @@ def analyse(sass_text, expected_hmma, warps, units, arch):
                 counts[kind] += n
         p = pipe_of(op)
         if p == "tensor":
-            pipes[p] += n * 2048 / a["tensor_fma"]
+            pipes[p] += n * hmma_fma(op) / a["tensor_fma"]
         elif p == "mem":
             pipes[p] += n * _wavefronts(op) * 128 / a["mem_bytes"]
         elif p:

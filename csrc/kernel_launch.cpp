@@ -71,6 +71,7 @@ Dtype check_kernel_inputs(const at::Tensor& q, Executor executor, bool fp32 = fa
 // emulated profile. A device older than the kernels, or a GPU this build has no code for, is
 // refused here, before any allocation, with what to do about it.
 DeviceLimits device_limits(const at::Tensor& q, Executor executor) {
+  const auto dtype = q.scalar_type();
   DeviceLimits dev;
   std::string name;
   if (executor == Executor::emu) {
@@ -104,8 +105,12 @@ DeviceLimits device_limits(const at::Tensor& q, Executor executor) {
     dev.smem_per_block = std::min(dev.smem_per_block, static_cast<size_t>(bytes));
   }
   TORCH_CHECK_NOT_IMPLEMENTED(dev.cc >= kMinComputeCapability, "flash_cuda: the CUDA kernels need compute capability ",
-                              kMinComputeCapability / 10, ".", kMinComputeCapability % 10, " or newer (cp.async, bf16 "
-                              "mma); ", name, " has ", dev.cc / 10, ".", dev.cc % 10);
+                              kMinComputeCapability / 10, ".", kMinComputeCapability % 10, " or newer (mma.sync "
+                              "m16n8k8, ldmatrix); ", name, " has ", dev.cc / 10, ".", dev.cc % 10);
+  // sm_75's tensor cores multiply fp16 only (device.h)
+  TORCH_CHECK_NOT_IMPLEMENTED(dev.cc >= kSm80 || dtype == at::kHalf, "flash_cuda: ", dtype == at::kBFloat16 ? "bfloat16" : "float32",
+                              " inputs need compute capability 8.0 or newer (bf16 and tf32 tensor cores); ", name, " has ",
+                              dev.cc / 10, ".", dev.cc % 10, ": pass float16 q, k, v there");
   // (the emulator runs the kernels' source, whatever the build's list)
   const char* archs = executor == Executor::emu ? nullptr : cuda_arch_list();
   TORCH_CHECK(archs == nullptr || arch_list_covers(archs, dev.cc), "flash_cuda: this build has no kernels for ", name,

@@ -21,6 +21,7 @@ import torch
 
 import flash_cuda
 import test_kernel_gpu as gpu
+import test_sm75
 from conftest import load_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +111,13 @@ def test_gpu_tests_cover_every_instantiation():
     for p in (fwd, bwd):
         assert p["dtype"] == (torch.float16, torch.bfloat16) and p["causal"] == (False, True)
     all_files = [f for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_hdim" in f and "_kvcache_" not in f]
+    # The sm_75 instantiations run only on sm_75 (a GPU test on a later GPU cannot launch them):
+    # each is in test_sm75.py's emulated cases instead.
+    sm75 = {f[:-3] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith("_sm75.cu")}
+    variant_suffix = {"dense": "", "band": "_band", "mod": "_mod"}
+    assert sm75 == {f"{kind}_hdim{d}_fp16{variant_suffix[v]}_sm75" for kind, d, v in test_sm75.CASES} | {
+        f"fwd_kvcache_hdim{d}_fp16_sm75" for d in test_sm75.HEAD_DIMS}
+    all_files = [f for f in all_files if not f.endswith("_sm75.cu")]
     files = [f for f in all_files if "_fp32" not in f]
     # the fp32 forwards (tf32.h): every head dim, variant and precision
     fp32 = params(gpu.test_fp32_forward_vs_reference)
@@ -130,7 +138,7 @@ def test_gpu_tests_cover_every_instantiation():
     compact = params(gpu.test_compact_configurations_vs_reference)
     assert {int(f.split("_")[1][4:]) for f in files if f.endswith("_99kib.cu")} <= set(compact["D"])
     assert set(compact["variant"]) == {"dense", "causal", "mod"} and compact["deterministic"] == (False, True)
-    kvcache_files = {f[:-3] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_kvcache_" in f}
+    kvcache_files = {f[:-3] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_kvcache_" in f and "_sm75" not in f}
     kv = params(gpu.test_kvcache_vs_reference)
     assert {f.replace("_99kib", "") for f in kvcache_files} == {
         f"fwd_kvcache_hdim{d}_{t}" for d in gpu.HEAD_DIMS for t in ("fp16", "bf16")}

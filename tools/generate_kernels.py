@@ -25,7 +25,7 @@ KERNELS = {  # kind: the launcher's parameters after the template arguments
 # 163 KiB); in the compact one (99 KiB: sm_86, sm_89, sm_120) those whose wide configuration
 # needs more than 99 KiB, as (head dim, variant suffix). The launchers static_assert that a
 # compact one is needed; a missing one is an undefined symbol when the extension loads.
-WIDE, COMPACT = 163, 99
+WIDE, COMPACT, SM75 = 163, 99, 64
 COMPACT_INSTANCES = {
     "fwd": {(256, ""), (256, "_band"), (128, "_mod"), (192, "_mod"), (256, "_mod")},
     "bwd": {(h, v) for h in (128, 192, 256) for v in ("", "_band")} | {(h, "_mod") for h in (96, 128, 192, 256)},
@@ -45,9 +45,17 @@ template cudaError_t flash_cuda::FC_BACKEND::{fn}<{ctype}, {hdim}, {band}, {mod}
 """
 
 
-def budgets(kind, hdim, suffix):
+# sm_75 (T4, RTX 20xx; csrc/kernels/device.h): fp16 only, every kernel in a 64 KiB budget of its
+# own but the backward at head dim 256, for which no configuration fits.
+SM75_DTYPE = "fp16"
+
+
+def budgets(kind, hdim, suffix, dname):
     """(file-name suffix, KiB) of each budget instantiated for one kernel."""
-    return [("", WIDE)] + ([("_99kib", COMPACT)] if (hdim, suffix) in COMPACT_INSTANCES[kind] else [])
+    out = [("", WIDE)] + ([("_99kib", COMPACT)] if (hdim, suffix) in COMPACT_INSTANCES[kind] else [])
+    if dname == SM75_DTYPE and not (kind == "bwd" and hdim == 256):
+        out.append(("_sm75", SM75))
+    return out
 
 
 def main():
@@ -62,14 +70,14 @@ def main():
             for dname, ctype in dtypes:
                 for hdim in HEAD_DIMS:
                     for suffix, (band, mod) in VARIANTS.items():
-                        for bname, kib in budgets(kind, hdim, suffix) if ctype != "float" else [("", WIDE)]:
+                        for bname, kib in budgets(kind, hdim, suffix, dname) if ctype != "float" else [("", WIDE)]:
                             name = f"{kind}_hdim{hdim}_{dname}{suffix}{bname}{ext}"
                             with open(os.path.join(directory, name), "w") as f:
                                 f.write(TEMPLATE.format(kind=kind, fn=fn, ctype=ctype, hdim=hdim, params=params,
                                                         band=band, mod=mod, kib=kib))
         for dname, ctype in DTYPES.items():
             for hdim in HEAD_DIMS:
-                for bname, kib in budgets("fwd_kvcache", hdim, ""):
+                for bname, kib in budgets("fwd_kvcache", hdim, "", dname):
                     with open(os.path.join(directory, f"fwd_kvcache_hdim{hdim}_{dname}{bname}{ext}"), "w") as f:
                         f.write(KVCACHE_TEMPLATE.format(ctype=ctype, hdim=hdim, kib=kib))
 

@@ -54,6 +54,7 @@ using std::min;
 
 inline void __syncthreads(::emu::Site s = EMU_HERE) { ::emu::syncthreads(s); }
 inline void __syncwarp(unsigned mask = 0xffffffffu, ::emu::Site s = EMU_HERE) { ::emu::syncwarp(mask, s); }
+inline void __trap(::emu::Site s = EMU_HERE) { ::emu::trap(s); }
 
 namespace emu {
 // One shuffle of a value of 1 to 8 bytes, as the CUDA wrappers do it: 64-bit values move as

@@ -833,11 +833,29 @@ float atomic_add_f32(float* p, float v, Site s) {
   return previous;
 }
 
+int device_cc() { return runner().L->opt.device.cc; }
+
+void trap(Site s) { throw std::runtime_error("trap at " + where(s)); }  // ends the thread; the block aborts
+
 namespace {
+// An instruction sm_75 does not have, on a device below sm_80: an error (ptxas would refuse it).
+bool sm80_instruction(const char* what, Site s) {
+  BlockRunner& R = runner();
+  if (R.L->opt.device.cc >= 80) return true;
+  R.error(std::string(what) + " at " + where(s) + " needs sm_80; the emulated " + R.L->opt.device.name + " is sm_" +
+              std::to_string(R.L->opt.device.cc),
+          true);
+  return false;
+}
+
 // One warp-wide mma of shape m16n8k{k}: the collective computes every lane's d from all lanes'
 // fragments.
 void mma_collective(float d[4], const uint32_t* a, const uint32_t* b, const float c[4], int k, bool bf16,
                     MmaK8Type k8_type, Site s) {
+  if (k == 16 && !sm80_instruction("mma.m16n8k16", s)) return;
+  if (k == 8 && k8_type != MmaK8Type::f16 &&
+      !sm80_instruction(k8_type == MmaK8Type::tf32 ? "mma.m16n8k8.tf32" : "mma.m16n8k8.bf16", s))
+    return;
   Coll coll{CollKind::mma, ~0u, s};
   float out[4];
   coll.a = a;
@@ -881,6 +899,7 @@ void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr, Site s) {
 void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cg, Site s) {
   BlockRunner& R = runner();
   Thread& t = *R.cur;
+  if (!sm80_instruction("cp.async", s)) return;
   if ((cp_size != 4 && cp_size != 8 && cp_size != 16) || (cg && cp_size != 16) || src_size < 0 || src_size > cp_size) {
     R.error("cp.async at " + where(s) + ": cp-size " + std::to_string(cp_size) + " / src-size " +
                 std::to_string(src_size) + (cg ? " with .cg" : "") + " is not allowed", false);

@@ -121,6 +121,11 @@ const Dim3& grid_dim();
 void* dynamic_shared();
 void syncthreads(Site s);
 void syncwarp(unsigned mask, Site s);
+// The launch's device's compute capability (major x 10 + minor): what nvcc's __CUDA_ARCH__ / 10
+// is in the device code a GPU runs (ptx.h's wrappers take sm_75's instructions below 80).
+int device_cc();
+// __trap(): the launch fails with an error naming the site.
+void trap(Site s);
 
 // Shuffle of one 32-bit word: mode 0 up, 1 down, 2 bfly (xor), 3 idx; c as in PTX shfl.sync.
 uint32_t shfl(int mode, unsigned mask, uint32_t value, int b, int c, Site s);
@@ -151,6 +156,8 @@ uint32_t cvt_rna_tf32(float x);
 // ldmatrix.m8n8.x{num}[.trans].b16: lanes 8m..8m+7 give the row addresses of matrix m.
 void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr, Site s);
 
+// The instructions of sm_80 and later (cp.async, mma.m16n8k16, bf16 and tf32 mma) record an
+// error on a device below sm_80, where ptxas would refuse them.
 // cp.async.{ca,cg}.shared.global, cp_size 4/8/16 (cg: 16 only), src_size 0..cp_size.
 void cp_async(void* dst, const void* src, int cp_size, int src_size, bool cg, Site s);
 void cp_async_commit();

@@ -25,6 +25,10 @@ namespace flash_cuda {
 
 template <class Kt, bool kBand, bool kMod, bool kVarlen>
 __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdParams params) {
+  if (!kernel_arch_matches<Kt::kSm75>()) {  // (ptx.h)
+    __trap();
+    return;
+  }
   using T = typename Kt::T;
   using U = typename Kt::Unit;  // shared tiles and the tile copies count 16-bit units (fp32: 2 per value)
   constexpr int kUnits = Kt::kUnits;

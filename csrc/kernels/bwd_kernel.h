@@ -20,6 +20,9 @@
  * fp32 inputs (tf32.h): the products on tf32 mma (p.tf32x3: 3xTF32), P^T and dS^T kept in fp32
  * and fed to dV and dK from the accumulators, dQ from the deterministic pass (never atomics:
  * traits.h); above head dim 128, kDSplit blocks per key tile share dV and dK's columns.
+ * sm_75 (fp16; device.h): each m16n8k16 is two m16n8k8 (ptx.h); Q_i and dO_i reach shared
+ * memory through registers (copy.h's TileStage: loaded at the step's start, stored after the
+ * next step's wait) where they fit, else copied at once where the cp.async would be issued.
  */
 #pragma once
 #include <type_traits>
@@ -45,6 +48,10 @@ FC_DEVICE void a_frag_from_pairs(uint32_t (&rA)[4], const uint32_t (&rPairs)[kNT
 
 template <class Kt, bool kBand, bool kMod, bool kAtomicDq, bool kVarlen>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_kernel(const BwdParams params) {
+  if (!kernel_arch_matches<Kt::kSm75>()) {  // (ptx.h)
+    __trap();
+    return;
+  }
   using T = typename Kt::T;
   using U = typename Kt::Unit;  // shared tiles and the tile copies count 16-bit units (fp32: 2 per value)
   constexpr int kUnits = Kt::kUnits;
@@ -108,12 +115,14 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
 
   // Q, dO, lse2 and D of query tile m0 of query head `head` into stage s. The walk (below) visits
   // the query tiles i0.. of every query head of the kv group; step it prefetches step it + 1's.
+  // (sm_75: Q and dO landed by q_stage / do_stage after the step's wait, traits.h kQdoInRegs)
+  TileStage<QLayout, kThreads, U, Kt::kQdoInRegs> q_stage, do_stage;
   auto load_query_tile = [&](int head, int m0, int s) {
     const int64_t stats = p.template stats_offset<kVarlen>(batch, head);
-    load_tile<QLayout, kThreads>(sQ(s), units<U>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p))),
-                                 p.q.row_stride * kUnits, m0, p.nq, p.d * kUnits);
-    load_tile<QLayout, kThreads>(sdO(s), units<U>(head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p))),
-                                 p.dout.row_stride * kUnits, m0, p.nq, p.d * kUnits);
+    q_stage.load(sQ(s), units<U>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p))), p.q.row_stride * kUnits, m0,
+                 p.nq, p.d * kUnits);
+    do_stage.load(sdO(s), units<U>(head_ptr<const T>(p.dout, batch, head, q_row0<kVarlen>(p))),
+                  p.dout.row_stride * kUnits, m0, p.nq, p.d * kUnits);
     // lse2 and D rows [m0, m0 + kBlockM) (sDi follows sLse2): kBlockM / 4 chunks each, in
     // bounds (padded stats)
     constexpr int kStatChunks = kBlockM / 4;
@@ -146,6 +155,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     constexpr bool kMask = decltype(mask_tag)::value, kX3 = decltype(x3_tag)::value;
     const int s = kStages == 2 ? it % 2 : 0;
     cp_async_wait<0>();
+    q_stage.land();
+    do_stage.land();
     __syncthreads();  // tile it visible to all; every warp is done with tile it - 1 (its stage, sP, sdS)
     if (kStages == 2) {
       if (it + 1 < total) load_query_tile(next_head, next_m0, 1 - s);  // lands while this tile computes

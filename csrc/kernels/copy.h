@@ -11,15 +11,15 @@
 
 namespace flash_cuda {
 
-// Rows [row0, row0 + kRows) of a [n_rows, d] matrix (row stride in elements) into a swizzled
-// shared tile, one 16-byte cp.async per chunk (asynchronous: the caller commits and waits);
-// rows past n_rows and columns past d are zero-filled. The launcher guarantees 16-byte aligned
-// row starts and d a multiple of 8 (zero-padded), so every chunk is whole.
-template <class Layout, int kThreads, class T>
-FC_DEVICE void load_tile(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d) {
-  // Unrolled over the thread's chunks (Layout::CopyPlan): each chunk's shared offset, row and
-  // column are the thread's own plus compile-time steps, so a chunk costs an address, a
-  // predicate and one LDGSTS, and the tile no loop control.
+// The 16-byte chunks of rows [row0, row0 + kRows) of a [n_rows, d] matrix (row stride in
+// elements) that this thread copies into a swizzled shared tile: f(i, shared chunk, global
+// chunk, whether it lies inside the matrix) for each of its Plan::kIters chunks. The launcher
+// guarantees 16-byte aligned row starts and d a multiple of 8 (zero-padded), so every chunk is
+// whole. Unrolled over the thread's chunks (Layout::CopyPlan): each chunk's shared offset, row
+// and column are the thread's own plus compile-time steps, so a chunk costs an address, a
+// predicate and one copy instruction, and the tile no loop control.
+template <class Layout, int kThreads, class T, class F>
+FC_DEVICE void for_each_chunk(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d, F&& f) {
   using Plan = typename Layout::template CopyPlan<kThreads>;
   const int row_t = threadIdx.x / Layout::kChunks, col_t = 8 * (threadIdx.x % Layout::kChunks);
   const int64_t pass_stride = Plan::kRowsPerPass * row_stride;  // elements from a pass to the next
@@ -30,11 +30,53 @@ FC_DEVICE void load_tile(T* s_tile, const T* g_m, int64_t row_stride, int row0, 
 #pragma unroll
   for (int i = 0; i < Plan::kIters; ++i) {
     if (i > 0) src = Plan::col_step(i) != Plan::col_step(i - 1) ? g_t + Plan::col_step(i) : src + pass_stride;
-    // A zero-filled chunk reads nothing, so its (possibly out-of-range) address is harmless.
-    cp_async_cg16_zfill(s_t + Plan::offset_step(i), src,
-                        Plan::row_step(i) < rows_left && col_t + Plan::col_step(i) < d);
+    f(i, s_t + Plan::offset_step(i), src, Plan::row_step(i) < rows_left && col_t + Plan::col_step(i) < d);
   }
 }
+
+// A tile into shared memory, one 16-byte cp.async per chunk (asynchronous: the caller commits
+// and waits); rows past n_rows and columns past d are zero-filled.
+template <class Layout, int kThreads, class T>
+FC_DEVICE void load_tile(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d) {
+  for_each_chunk<Layout, kThreads>(s_tile, g_m, row_stride, row0, n_rows, d, [&](int, T* s_chunk, const T* g_chunk, bool fill) {
+    // A zero-filled chunk reads nothing, so its (possibly out-of-range) address is harmless.
+    cp_async_cg16_zfill(s_chunk, g_chunk, fill);
+  });
+}
+
+// A main loop's tile on its way into shared memory, one at a time: load() where the kernel
+// starts the copy, land() after its cp_async_wait, before the barrier that publishes it.
+// sm_80+ (kRegs false): load() is load_tile's cp.async, land() nothing. sm_75 (kRegs), which
+// has no cp.async: load() issues the thread's 16-byte global loads into registers and land()
+// stores them, so the loads are in flight while the math between the two runs, as the cp.async
+// are (the register double buffering of FlashAttention-1's pre-Ampere kernels); a copy through
+// registers at load() (ptx.h's stand-in for cp.async) would wait for them there.
+template <class Layout, int kThreads, class T, bool kRegs>
+struct TileStage {
+  FC_DEVICE void load(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d) {
+    load_tile<Layout, kThreads>(s_tile, g_m, row_stride, row0, n_rows, d);
+  }
+  FC_DEVICE void land() {}
+};
+
+template <class Layout, int kThreads, class T>
+struct TileStage<Layout, kThreads, T, true> {
+  using Plan = typename Layout::template CopyPlan<kThreads>;
+  static_assert(Plan::offset_step(0) == 0, "chunk 0 is the thread's first shared chunk");
+  uint4 r[Plan::kIters];  // 16 bytes per chunk in flight (4 registers)
+  T* s_first;             // the thread's chunk 0 in the shared tile
+
+  FC_DEVICE void load(T* s_tile, const T* g_m, int64_t row_stride, int row0, int n_rows, int d) {
+    for_each_chunk<Layout, kThreads>(s_tile, g_m, row_stride, row0, n_rows, d, [&](int i, T* s_chunk, const T* g_chunk, bool fill) {
+      if (i == 0) s_first = s_chunk;
+      r[i] = fill ? ld_global(reinterpret_cast<const uint4*>(g_chunk)) : make_uint4(0u, 0u, 0u, 0u);
+    });
+  }
+  FC_DEVICE void land() {
+#pragma unroll
+    for (int i = 0; i < Plan::kIters; ++i) st_shared(reinterpret_cast<uint4*>(s_first + Plan::offset_step(i)), r[i]);
+  }
+};
 
 // Rows [0, 16) of a warp's slice of a shared tile (starting at tile row row0) to global rows
 // [g_row0, g_row0 + 16) of a [n_rows, d] matrix, 16 bytes per lane per step (128-bit stores,

@@ -6,8 +6,11 @@
  * The configurations come in two shared-memory budgets (traits.h): the wide one, sized for the
  * 163 KiB per block of sm_80 and sm_87 (A100, Orin; sm_90 and sm_100 allow 227 KiB), and the
  * compact one for the 99 KiB of sm_86, sm_89 and sm_120 (A10, RTX 3090/4090, L4, L40S, RTX 5090),
- * instantiated only where the wide one needs more than 99 KiB. Limits per compute capability:
- * CUDA C++ Programming Guide, "Technical Specifications per Compute Capability".
+ * instantiated only where the wide one needs more than 99 KiB. sm_75 (T4, RTX 20xx: 64 KiB per
+ * block, no cp.async, no bf16 or tf32 tensor cores) runs fp16 only, in configurations of its own
+ * within 64 KiB whose code differs too (ptx.h: mma.m16n8k8 pairs; copy.h: copies staged in
+ * registers). Limits per compute capability: CUDA C++ Programming Guide, "Technical
+ * Specifications per Compute Capability".
  */
 #pragma once
 #include <stddef.h>
@@ -22,10 +25,15 @@ struct DeviceLimits {
 
 constexpr int kSmemKiBWide = 163;     // sm_80, sm_87
 constexpr int kSmemKiBCompact = 99;   // sm_86, sm_89, sm_120
-// The kernels use cp.async and bf16 mma.sync (sm_80); older GPUs have no configuration.
-constexpr int kMinComputeCapability = 80;
+constexpr int kSmemKiBSm75 = 64;      // sm_75: the Turing configurations (fp16)
+// mma.sync m16n8k8 and ldmatrix (sm_75); older GPUs have no configuration. bf16 and fp32 inputs
+// need sm_80 (kSm80).
+constexpr int kMinComputeCapability = 75;
+constexpr int kSm80 = 80;  // cp.async, mma.m16n8k16, bf16 and tf32 tensor cores
 
-// The launch-name suffix of a configuration's budget: "" (wide) or ",99KiB".
-inline const char* budget_suffix(int smem_kib) { return smem_kib == kSmemKiBWide ? "" : ",99KiB"; }
+// The launch-name suffix of a configuration's budget: "" (wide), ",99KiB" or ",sm75".
+inline const char* budget_suffix(int smem_kib) {
+  return smem_kib == kSmemKiBWide ? "" : (smem_kib == kSmemKiBSm75 ? ",sm75" : ",99KiB");
+}
 
 }  // namespace flash_cuda

@@ -84,17 +84,29 @@ inline const char* error_text(cudaError_t e) {
 }
 
 // Calls f(std::integral_constant<int, budget>) with the budget whose configuration runs on dev:
-// the wide one where the device allows its kSmemWide bytes of shared memory per block, else the
-// compact one (kSmemCompact), which is instantiated only where the wide one needs more than
-// kSmemKiBCompact; none(bytes the smallest needs) when neither fits.
-template <size_t kSmemWide, size_t kSmemCompact, class F, class None>
+// below sm_80 the sm_75 one (kSmemSm75 bytes; kHasSm75: the dtype has one, fp16); else the wide
+// one where the device allows its kSmemWide bytes of shared memory per block, else the compact
+// one (kSmemCompact), which is instantiated only where the wide one needs more than
+// kSmemKiBCompact; none(bytes the smallest needs) when none fits.
+template <size_t kSmemWide, size_t kSmemCompact, bool kHasSm75, size_t kSmemSm75, class F, class None>
 auto with_smem_budget(const DeviceLimits& dev, F&& f, None&& none) {
+  if (dev.cc < kSm80) {  // (the launcher refuses bf16 and fp32 there first)
+    if constexpr (kHasSm75)
+      if (kSmemSm75 <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBSm75>{});
+    return none(kSmemSm75);
+  }
   if (kSmemWide <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBWide>{});
   constexpr bool kHasCompact = kSmemWide > size_t(kSmemKiBCompact) * 1024;
   if constexpr (kHasCompact)
     if (kSmemCompact <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBCompact>{});
   return none(kHasCompact ? kSmemCompact : kSmemWide);
 }
+
+template <class T>
+constexpr bool kIsHalf = std::is_same<T, __half>::value;  // sm_75's one dtype
+// The sm_75 backward's head dims (traits.h: at 256 nothing fits 64 KiB)
+template <int kHeadDim>
+constexpr bool kSm75BwdHeadDim = kHeadDim <= 192;
 
 // A launch's none: the error naming what does not fit.
 inline auto no_configuration_fits(const char* kernel, const DeviceLimits& dev) {
@@ -112,7 +124,8 @@ const char* fwd(const FwdParams& p, Dtype dtype, const DeviceLimits& dev, void* 
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
-                                fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(
+                                fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>(), kIsHalf<T>,
+                                fwd_smem_bytes<__half, kHeadDim, kMod, kSmemKiBSm75>()>(
             dev,
             [&](auto kib) {
               return error_text(
@@ -132,7 +145,9 @@ const char* bwd(const BwdParams& p, Dtype dtype, bool deterministic, const Devic
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
-                                bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>()>(
+                                bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>(),
+                                kIsHalf<T> && kSm75BwdHeadDim<kHeadDim>,
+                                bwd_smem_bytes<__half, kHeadDim, kMod, kSmemKiBSm75>()>(
             dev,
             [&](auto kib) {
               return error_text(run_bwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(
@@ -149,7 +164,8 @@ const char* fwd_kvcache(const FwdParams& p, Dtype dtype, const DeviceLimits& dev
   return FC_DTYPE_SWITCH(dtype, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
       return with_smem_budget<fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>(),
-                              fwd_smem_bytes<T, kHeadDim, true, kSmemKiBCompact>()>(
+                              fwd_smem_bytes<T, kHeadDim, true, kSmemKiBCompact>(), kIsHalf<T>,
+                              fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBSm75>()>(
           dev,
           [&](auto kib) {
             return error_text(run_fwd_kvcache<T, kHeadDim, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream)));
@@ -168,7 +184,8 @@ int kvcache_num_splits(const FwdParams& p, const DeviceLimits& dev) {
     // the tiles of the configuration fwd_kvcache runs on dev (either dtype's: they are the same);
     // where none fits, fwd_kvcache says so
     return with_smem_budget<fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBWide>(),
-                            fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBCompact>()>(
+                            fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBCompact>(), true,
+                            fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBSm75>()>(
         dev,
         [&](auto kib) {
           using Kt = KvCacheTraits<__half, kHeadDim, decltype(kib)::value>;

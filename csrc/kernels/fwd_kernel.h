@@ -11,10 +11,13 @@
  *                          ldmatrix.trans, again one fragment for every m-tile)
  *   O /= rowsum (times 1 / (1 - p) with dropout), lse; O staged through shared memory for
  *   128-bit coalesced stores.
+ * sm_75 (fp16; device.h): each m16n8k16 is two m16n8k8 (ptx.h), the K/V tiles travel
+ * through registers (below).
  * fp32 inputs (tf32.h) run the same steps on tf32 mma, k-steps of 8 values, P V from P's fp32
  * accumulators with V's fragments by 32-bit loads; p.tf32x3 selects 3xTF32.
  * K and V tiles alternate in flight: V_j loads while S = Q K_j^T computes, the next key tile's
- * K while O += P V_j computes (cp.async), two barriers per key tile.
+ * K while O += P V_j computes (cp.async; sm_75: through registers, copy.h's TileStage), two
+ * barriers per key tile.
  * kBand (causal, sliding window): only the key tiles that intersect the band of this query
  * tile are visited. The key tiles that need no mask (inside the sequence and entirely inside the
  * band: all but one or two at each edge of a long row) run in a loop of their own with no
@@ -48,6 +51,10 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   constexpr int kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles, kThreads = Kt::kThreads;
 
   static_assert(!kCache || kVarlen, "a KV cache narrows each sequence's key count (seqlen.h)");
+  if (!kernel_arch_matches<Kt::kSm75>()) {  // (ptx.h)
+    __trap();
+    return;
+  }
   // kCache: blockIdx.x runs over (query tile, key split) pairs, the splits of a tile adjacent
   const int m_block = kCache ? blockIdx.x / params.cache.num_splits : blockIdx.x;
   const int head = blockIdx.y, batch = blockIdx.z;
@@ -94,13 +101,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   const float slope = kMod ? p.mod.slope(batch, head) : 0.0f;
   const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
   const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
-  // Key or value rows [n0, n0 + kBlockN) into a shared tile: a cache's through kv_cache.h.
+  // Key or value rows [n0, n0 + kBlockN) into a shared tile, landed by kv_stage.land() after
+  // the wait: a cache's through kv_cache.h (sm_75: copied at once, ptx.h).
+  TileStage<KVLayout, kThreads, U, Kt::kSm75 && !kCache> kv_stage;
   auto load_kv = [&](U* s_tile, const TensorRef& t, const U* g_head, int n0) {
     if constexpr (kCache) {
       static_assert(!Kt::kTf32, "KV caches hold 16-bit values");
       load_cache_tile<KVLayout, kThreads>(s_tile, t, p.cache, batch, kv_head, n0, p.nk, p.d);
     } else {
-      load_tile<KVLayout, kThreads>(s_tile, g_head, t.row_stride * kUnits, n0, p.nk, d_units);
+      kv_stage.load(s_tile, g_head, t.row_stride * kUnits, n0, p.nk, d_units);
     }
   };
   // kMod: the bias of key tile j travels with K_j
@@ -124,6 +133,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     constexpr bool kMask = decltype(mask_tag)::value, kX3 = decltype(x3_tag)::value;
     const int n0 = j * kBlockN;
     cp_async_wait<0>();
+    kv_stage.land();
     __syncthreads();  // K_j (and Q, the bias) visible to all; every warp is done reading V_{j-1}
     load_kv(sV, p.v, gV, n0);
     cp_async_commit();  // V_j lands while S = Q K_j^T computes
@@ -216,6 +226,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
       }
 
     cp_async_wait<0>();
+    kv_stage.land();
     __syncthreads();  // V_j visible to all; every warp is done reading K_j
     if (next_j >= 0) load_key_tile(next_j);  // every warp is done reading the bias of tile j too
     cp_async_commit();  // K_{j+1} lands while O += P V_j computes

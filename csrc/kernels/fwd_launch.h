@@ -13,7 +13,7 @@ namespace FC_BACKEND {
 template <class T, int kHeadDim, bool kBand, bool kMod, int kSmemKiB>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   using Kt = FwdTraits<T, kHeadDim, kMod, kSmemKiB>;
-  static_assert(kSmemKiB == kSmemKiBWide || fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>() > kSmemKiBCompact * 1024,
+  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBSm75 || fwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>() > kSmemKiBCompact * 1024,
                 "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
   static const std::string name = std::string("flash_fwd<") + Elem<T>::kName +
                                   ",hdim" + std::to_string(kHeadDim) + variant_suffix(kBand, kMod) +

@@ -59,6 +59,16 @@ using FwdTf32ConfigFor =
     std::conditional_t<(kHeadDim == 192), FwdConfig<1, 4, kMod ? 16 : 32>,
                        FwdConfig<1, kMod ? 2 : 4, 16>>>>;
 
+// sm_75 (fp16, 64 KiB; device.h): the compact configuration where it fits (two m-tiles per
+// warp), and 4 warps of one m-tile (64 query rows) with 32 keys with modifiers above 64 and at
+// 192, 16 keys at 256 (a 64 x 256 Q tile is 32 KiB). The K and V tiles also pass through
+// registers on their way to shared memory (copy.h's TileStage): 32-key tiles keep that to 4
+// registers per 32 columns.
+template <int kHeadDim, bool kMod>
+using FwdSm75ConfigFor =
+    std::conditional_t<(kHeadDim <= 64 || (kHeadDim <= 128 && !kMod)), FwdCompactConfigFor<kHeadDim, kMod>,
+                       FwdConfig<1, 4, kHeadDim == 256 ? 16 : 32>>;
+
 // Forward: a block owns a query tile and walks the key tiles; each warp owns 16 kMTiles query
 // rows: no communication between warps in the main loop, and the 4-lane row reductions of the
 // softmax stay inside a quad.
@@ -71,9 +81,11 @@ struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;  // instantiated head dim (real d <= kHeadDim)
   static constexpr bool kMod = kMod_;
   static constexpr int kSmemKiB = kSmemKiB_;  // the shared-memory budget (device.h)
+  static constexpr bool kSm75 = kSmemKiB == kSmemKiBSm75;  // sm_75's configuration and code
   using Config = std::conditional_t<kTf32, FwdTf32ConfigFor<kHeadDim, kMod>,
+                 std::conditional_t<kSm75, FwdSm75ConfigFor<kHeadDim, kMod>,
                  std::conditional_t<kSmemKiB == kSmemKiBWide, FwdWideConfigFor<kHeadDim, kMod>,
-                                    FwdCompactConfigFor<kHeadDim, kMod>>>;
+                                    FwdCompactConfigFor<kHeadDim, kMod>>>>;
   static constexpr int kMTiles = Config::kMTiles, kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kWarpRows = 16 * kMTiles;
@@ -92,7 +104,9 @@ struct FwdTraits {
   static_assert(kBlockN % 16 == 0, "S = Q K^T loads keys 16 at a time (two n-tiles per ldmatrix)");
   static_assert(kBlockM == 128 || kBlockM == 64 || (kTf32 && kBlockM == 32),
                 "query tiles of 128 rows (64 where 99 KiB allow no more; 32 for fp32 at 256 with modifiers)");
-  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBCompact, "one of the budgets of device.h");
+  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBCompact || kSmemKiB == kSmemKiBSm75,
+                "one of the budgets of device.h");
+  static_assert(!kSm75 || std::is_same<T, __half>::value, "sm_75's tensor cores take fp16 (no bf16, no tf32)");
   // Registers per thread: O is kMTiles x 16 x kHeadDim fp32 over 32 lanes, S kMTiles x 16 x kBlockN.
   static_assert(kMTiles * (kHeadDim / 2 + kBlockN / 2) <= 192, "accumulators must leave room in 255 registers");
 
@@ -196,6 +210,16 @@ using BwdTf32ConfigFor = std::conditional_t<(kHeadDim <= 64), BwdConfig<4, 64, 3
                          std::conditional_t<(kHeadDim <= 128), BwdConfig<4, 64, 16, 4, 4, 1>,
                                             BwdConfig<2, 32, 16, 2, 2, 1>>>;
 
+// sm_75 (fp16, 64 KiB): the configurations above that fit (32; with them the atomic dQ's
+// K/V tiles stay at 64 or 128 keys), else smaller query tiles:
+//   64, 96: 4 warps, 64 keys x 32 queries, P^T in registers, 16 x 32 S^T tiles (36.5, 52.5 KiB)
+//   128, 192: 4 warps, 32 x 32, 16 x 16 S^T tiles (52.5, 52.25 KiB; with modifiers one stage)
+// At 256 the K, V, Q_i and dO_i tiles of 32 x 32 alone take 64 KiB: no configuration.
+template <int kHeadDim, bool kMod>
+using BwdSm75ConfigFor =
+    std::conditional_t<(kHeadDim == 32), std::conditional_t<kMod, BwdModConfigFor<32>, BwdConfigFor<32>>,
+    std::conditional_t<(kHeadDim <= 96), BwdConfig<4, 64, 32, 4, 4, 2>, BwdConfig<4, 32, 32, 2, 2, 2>>>;
+
 template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdTraits {
   using T = T_;
@@ -207,9 +231,12 @@ struct BwdTraits {
   static constexpr int kSmemKiB = kSmemKiB_;  // the shared-memory budget (device.h)
   // fp32: one configuration within every sm_80+ GPU's shared memory
   static constexpr int kBudgetKiB = kTf32 ? kSmemKiBCompact : kSmemKiB;
+  static constexpr bool kSm75 = kSmemKiB == kSmemKiBSm75;  // sm_75's configuration and code
+  static_assert(!kSm75 || std::is_same<T, __half>::value, "sm_75's tensor cores take fp16 (no bf16, no tf32)");
   using Config = std::conditional_t<kTf32, BwdTf32ConfigFor<kHeadDim>,
+                 std::conditional_t<kSm75, BwdSm75ConfigFor<kHeadDim, kMod>,
                  std::conditional_t<kSmemKiB != kSmemKiBWide, BwdCompactConfigFor<kHeadDim, kMod>,
-                                    std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>>;
+                                    std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>>>;
   static constexpr int kDSplit = kTf32 && kHeadDim > 128 ? 2 : 1;  // blocks per key tile, each kHeadDim / kDSplit of dV, dK
   static constexpr int kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
@@ -240,7 +267,7 @@ struct BwdTraits {
   // The compact configuration at 256 (4 warps: dK and dV alone take 128 registers, dQ_i's warp
   // tile 64 more) unrolls S^T/dP^T by 2 and rounds P^T first (below): with either alone its
   // atomic-dQ kernel spills 4 to 24 bytes (ptxas, sm_80), with both none.
-  static constexpr bool kTightest = kSmemKiB != kSmemKiBWide && kHeadDim == 256;
+  static constexpr bool kTightest = kSmemKiB == kSmemKiBCompact && kHeadDim == 256;
   static constexpr int kSdpUnroll = kTightest ? 2 : kHeadDim / 16, kDqUnroll = kBlockN / 16;
   static constexpr int kSdpUnrollMasked = 2, kDqUnrollMasked = 4;
   // Round P^T to 16 bits before dP^T is computed and take dS^T = P^T (dP^T - D) from the rounded
@@ -269,7 +296,13 @@ struct BwdTraits {
   static constexpr size_t kStageBytes = 2 * kTileBytes + 2 * kBlockM * sizeof(float) + (kMod ? Bias::kBytes : 0);
   static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= kBudgetKiB * 1024 ? 2 : 1;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
-  static_assert(kSmemBytes <= kBudgetKiB * 1024, "fits the budget's shared memory per block");
+  // sm_75: the next step's Q_i and dO_i pass through registers while this step computes (copy.h's
+  // TileStage) where they are double-buffered and take at most 24 registers per thread (head
+  // dims up to 96); elsewhere they are copied when the cp.async would be issued (ptx.h).
+  static constexpr bool kQdoInRegs = kSm75 && kStages == 2 && 2 * kTileBytes / kThreads <= 96;
+  // (sm_75 at 256 does not fit: the dispatcher reports it, run_bwd asserts kFits)
+  static constexpr bool kFits = kSmemBytes <= kBudgetKiB * 1024;
+  static_assert(kFits || (kSm75 && kHeadDim == 256), "fits the budget's shared memory per block");
   // The pre/postprocess kernels (and the dQ accumulator's padding) work in 64-row tiles.
   static constexpr int kPrepRows = 64;
   // dQ accumulator: [B, Hq, row blocks of 16, kHeadDim / 8 n-tiles, 4 elements, 32 lanes] fp32,
@@ -294,7 +327,8 @@ struct BwdTraits {
 // Keys per tile: 64, 32 above head dim 128 (dQ takes D/2 registers, S and dP kBlockN/2 each),
 // 16 in the compact budget at 256 with modifiers (Q_i and dO_i take 64 KiB, the bias 6 KiB).
 // fp32 (tf32.h; every fp32 backward takes this pass), within 99 KiB: keys per tile 64 up to head
-// dim 64, 32 at 96, 16 above, and 2 warps (32 query rows) above 128.
+// dim 64, 32 at 96, 16 above, and 2 warps (32 query rows) above 128. sm_75 (64 KiB): 64 keys up
+// to 64, 32 up to 192, 16 at 256, and 2 warps above 128.
 template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdDqTraits {
   using T = T_;
@@ -305,11 +339,13 @@ struct BwdDqTraits {
   static constexpr bool kMod = kMod_;
   static constexpr int kSmemKiB = kSmemKiB_;
   static constexpr int kBudgetKiB = kTf32 ? kSmemKiBCompact : kSmemKiB;
-  static constexpr int kWarps = kTf32 && kHeadDim > 128 ? 2 : 4;
+  static constexpr bool kSm75 = kSmemKiB == kSmemKiBSm75;
+  static constexpr int kWarps = (kTf32 || kSm75) && kHeadDim > 128 ? 2 : 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;
   static constexpr int kBlockN =
       kTf32 ? (kHeadDim <= 64 ? 64 : kHeadDim == 96 ? 32 : 16)
+      : kSm75 ? (kHeadDim <= 64 ? 64 : kHeadDim <= 192 ? 32 : 16)
             : kHeadDim <= 128 ? 64 : (kSmemKiB != kSmemKiBWide && kMod && kHeadDim == 256 ? 16 : 32);
   static constexpr int kNTiles = kBlockN / 8, kDTiles = kHeadDim / 8;
   static_assert(kHeadDim / 2 + kBlockN <= 160, "accumulators must leave room in 255 registers");
