@@ -10,6 +10,9 @@ import re
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# sm_80 SASS (also run by sm_86/87/89) and compute_90 PTX (JIT-compiled for later GPUs). Turing
+# (T4, RTX 20xx) needs "7.5;8.0;9.0+PTX": its kernels compile only in the sm_75 pass (README,
+# "Turing"); the default stays lean for build time.
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 

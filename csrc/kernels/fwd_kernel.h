@@ -12,7 +12,7 @@
  *   O /= rowsum (times 1 / (1 - p) with dropout), lse; O staged through shared memory for
  *   128-bit coalesced stores.
  * sm_75 (fp16; device.h): each m16n8k16 is two m16n8k8 (ptx.h), the K/V tiles travel
- * through registers (below).
+ * through registers (below; at head dim 256 copied at once: traits.h kKvInRegs).
  * fp32 inputs (tf32.h) run the same steps on tf32 mma, k-steps of 8 values, P V from P's fp32
  * accumulators with V's fragments by 32-bit loads; p.tf32x3 selects 3xTF32.
  * K and V tiles alternate in flight: V_j loads while S = Q K_j^T computes, the next key tile's
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   const bool bias_row_broadcast = p.mod.bias_stride[2] == 0;
   // Key or value rows [n0, n0 + kBlockN) into a shared tile, landed by kv_stage.land() after
   // the wait: a cache's through kv_cache.h (sm_75: copied at once, ptx.h).
-  TileStage<KVLayout, kThreads, U, Kt::kSm75 && !kCache> kv_stage;
+  TileStage<KVLayout, kThreads, U, Kt::kKvInRegs && !kCache> kv_stage;
   auto load_kv = [&](U* s_tile, const TensorRef& t, const U* g_head, int n0) {
     if constexpr (kCache) {
       static_assert(!Kt::kTf32, "KV caches hold 16-bit values");
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     PhiloxStream drop_stream{};
     if (drop) drop_stream = dropout_stream(p.drop, batch, p.hq, head);
     constexpr int kPTiles = Kt::kTf32 ? 1 : kBlockN / 16;  // 16-bit P: 16 x 16 A fragments
-    uint32_t rP[kMTiles][kPTiles][4];
+    [[maybe_unused]] uint32_t rP[kMTiles][kPTiles][4];  // (fp32: unused, P stays in rS)
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll

@@ -10,6 +10,7 @@
 #pragma once
 #include <type_traits>
 
+#include "device.h"
 #include "platform.h"
 
 #if defined(__CUDACC__)
@@ -30,11 +31,13 @@
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define FC_SM75_PASS 1
 #endif
-constexpr int kSm80Cc = 80;
+
+namespace flash_cuda {
 
 // Whether a kernel built for sm_75 (kSm75) or for sm_80+ is in code compiled for the device it
-// runs on: the kernels return at once where not (an sm_80 kernel's instructions do not exist
-// in an sm_75 pass; a Turing kernel's are dead weight in an sm_80 one).
+// runs on: the kernels trap where not (the dispatcher never launches one there; an sm_80
+// kernel's instructions do not exist in an sm_75 pass, a Turing kernel's are dead weight in an
+// sm_80 one).
 template <bool kSm75>
 FC_DEVICE bool kernel_arch_matches() {
 #if defined(__CUDA_ARCH__)
@@ -42,11 +45,9 @@ FC_DEVICE bool kernel_arch_matches() {
 #elif defined(__CUDACC__)
   return true;
 #else
-  return kSm75 == (::emu::device_cc() < kSm80Cc);
+  return kSm75 == (::emu::device_cc() < kSm80);
 #endif
 }
-
-namespace flash_cuda {
 
 #if defined(__CUDACC__)
 FC_DEVICE uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
@@ -115,7 +116,7 @@ FC_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n" FC_MMA_OPERANDS);
 #undef FC_MMA_OPERANDS
 #else
-  if (::emu::device_cc() < kSm80Cc) as_two_k8();
+  if (::emu::device_cc() < kSm80) as_two_k8();
   else ::emu::mma_m16n8k16(d, a, b, c, std::is_same<T, __nv_bfloat16>::value, site);
 #endif
 }
@@ -323,7 +324,7 @@ FC_DEVICE void cp_async_cg16(void* s_dst, const void* g_src, int src_bytes FC_SI
 #elif defined(__CUDACC__)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(s_dst)), "l"(g_src), "r"(src_bytes));
 #else
-  if (::emu::device_cc() < kSm80Cc) copy_through_registers<16>(s_dst, g_src, src_bytes, site);
+  if (::emu::device_cc() < kSm80) copy_through_registers<16>(s_dst, g_src, src_bytes, site);
   else ::emu::cp_async(s_dst, g_src, 16, src_bytes, true, site);
 #endif
 }
@@ -341,7 +342,7 @@ FC_DEVICE void cp_async_cg16_zfill(void* s_dst, const void* g_src, bool fill FC_
           smem_u32(s_dst)),
       "l"(g_src), "r"(uint32_t(fill)));
 #else
-  if (::emu::device_cc() < kSm80Cc) copy_through_registers<16>(s_dst, g_src, fill ? 16 : 0, site);
+  if (::emu::device_cc() < kSm80) copy_through_registers<16>(s_dst, g_src, fill ? 16 : 0, site);
   else ::emu::cp_async(s_dst, g_src, 16, fill ? 16 : 0, true, site);
 #endif
 }
@@ -356,7 +357,7 @@ FC_DEVICE void cp_async_ca(void* s_dst, const void* g_src, int src_bytes FC_SITE
   asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(s_dst)), "l"(g_src), "n"(Bytes),
                "r"(src_bytes));
 #else
-  if (::emu::device_cc() < kSm80Cc) copy_through_registers<Bytes>(s_dst, g_src, src_bytes, site);
+  if (::emu::device_cc() < kSm80) copy_through_registers<Bytes>(s_dst, g_src, src_bytes, site);
   else ::emu::cp_async(s_dst, g_src, Bytes, src_bytes, false, site);
 #endif
 }
@@ -368,7 +369,7 @@ FC_DEVICE void cp_async_commit() {
 #elif defined(__CUDACC__)
   asm volatile("cp.async.commit_group;\n" ::);
 #else
-  if (::emu::device_cc() >= kSm80Cc) ::emu::cp_async_commit();
+  if (::emu::device_cc() >= kSm80) ::emu::cp_async_commit();
 #endif
 }
 
@@ -382,7 +383,7 @@ FC_DEVICE void cp_async_wait(FC_SITE_ONLY) {
 #elif defined(__CUDACC__)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #else
-  if (::emu::device_cc() >= kSm80Cc) ::emu::cp_async_wait_group(N, site);
+  if (::emu::device_cc() >= kSm80) ::emu::cp_async_wait_group(N, site);
 #endif
 }
 
@@ -393,7 +394,7 @@ FC_DEVICE void cp_async_wait_all(FC_SITE_ONLY) {
 #elif defined(__CUDACC__)
   asm volatile("cp.async.wait_all;\n" ::);
 #else
-  if (::emu::device_cc() >= kSm80Cc) ::emu::cp_async_wait_all(site);
+  if (::emu::device_cc() >= kSm80) ::emu::cp_async_wait_all(site);
 #endif
 }
 

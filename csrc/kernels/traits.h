@@ -62,8 +62,8 @@ using FwdTf32ConfigFor =
 // sm_75 (fp16, 64 KiB; device.h): the compact configuration where it fits (two m-tiles per
 // warp), and 4 warps of one m-tile (64 query rows) with 32 keys with modifiers above 64 and at
 // 192, 16 keys at 256 (a 64 x 256 Q tile is 32 KiB). The K and V tiles also pass through
-// registers on their way to shared memory (copy.h's TileStage): 32-key tiles keep that to 4
-// registers per 32 columns.
+// registers on their way to shared memory (copy.h's TileStage; FwdTraits::kKvInRegs): 32-key
+// tiles keep that to 4 registers per 32 columns.
 template <int kHeadDim, bool kMod>
 using FwdSm75ConfigFor =
     std::conditional_t<(kHeadDim <= 64 || (kHeadDim <= 128 && !kMod)), FwdCompactConfigFor<kHeadDim, kMod>,
@@ -107,6 +107,10 @@ struct FwdTraits {
   static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBCompact || kSmemKiB == kSmemKiBSm75,
                 "one of the budgets of device.h");
   static_assert(!kSm75 || std::is_same<T, __half>::value, "sm_75's tensor cores take fp16 (no bf16, no tf32)");
+  // sm_75: the K and V tiles pass through registers while the math runs (copy.h's TileStage),
+  // except at 256, where O's 128 accumulator registers leave no room (ptxas: 32 bytes of spills
+  // with them, 0 without; without, a tile is copied at once where the cp.async would start).
+  static constexpr bool kKvInRegs = kSm75 && kHeadDim < 256;
   // Registers per thread: O is kMTiles x 16 x kHeadDim fp32 over 32 lanes, S kMTiles x 16 x kBlockN.
   static_assert(kMTiles * (kHeadDim / 2 + kBlockN / 2) <= 192, "accumulators must leave room in 255 registers");
 
@@ -210,15 +214,16 @@ using BwdTf32ConfigFor = std::conditional_t<(kHeadDim <= 64), BwdConfig<4, 64, 3
                          std::conditional_t<(kHeadDim <= 128), BwdConfig<4, 64, 16, 4, 4, 1>,
                                             BwdConfig<2, 32, 16, 2, 2, 1>>>;
 
-// sm_75 (fp16, 64 KiB): the configurations above that fit (32; with them the atomic dQ's
-// K/V tiles stay at 64 or 128 keys), else smaller query tiles:
-//   64, 96: 4 warps, 64 keys x 32 queries, P^T in registers, 16 x 32 S^T tiles (36.5, 52.5 KiB)
-//   128, 192: 4 warps, 32 x 32, 16 x 16 S^T tiles (52.5, 52.25 KiB; with modifiers one stage)
+// sm_75 (fp16, 64 KiB; measured with ptxas -v at sm_75: 0 spills in the dense-batch kernels):
+//   32: the configurations above (they fit)
+//   64: 4 warps, 64 keys x 32 queries, P^T in registers, 16 x 32 S^T tiles (36.5 KiB)
+//   96, 128, 192: 4 warps, 32 x 32, 16 x 16 S^T tiles (40.5, 52.5, 52.25 KiB; the 64 x 32 of
+//       64 spills 68 to 88 bytes at 96)
 // At 256 the K, V, Q_i and dO_i tiles of 32 x 32 alone take 64 KiB: no configuration.
 template <int kHeadDim, bool kMod>
 using BwdSm75ConfigFor =
     std::conditional_t<(kHeadDim == 32), std::conditional_t<kMod, BwdModConfigFor<32>, BwdConfigFor<32>>,
-    std::conditional_t<(kHeadDim <= 96), BwdConfig<4, 64, 32, 4, 4, 2>, BwdConfig<4, 32, 32, 2, 2, 2>>>;
+    std::conditional_t<(kHeadDim == 64), BwdConfig<4, 64, 32, 4, 4, 2>, BwdConfig<4, 32, 32, 2, 2, 2>>>;
 
 template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdTraits {
@@ -297,9 +302,10 @@ struct BwdTraits {
   static constexpr int kStages = kFixedBytes + 2 * kStageBytes <= kBudgetKiB * 1024 ? 2 : 1;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
   // sm_75: the next step's Q_i and dO_i pass through registers while this step computes (copy.h's
-  // TileStage) where they are double-buffered and take at most 24 registers per thread (head
-  // dims up to 96); elsewhere they are copied when the cp.async would be issued (ptx.h).
-  static constexpr bool kQdoInRegs = kSm75 && kStages == 2 && 2 * kTileBytes / kThreads <= 96;
+  // TileStage) where they are double-buffered and take at most 32 registers per thread (head
+  // dims up to 128); at 192 (one buffer, 48 registers) they are copied when the cp.async would
+  // be issued (ptx.h).
+  static constexpr bool kQdoInRegs = kSm75 && kStages == 2 && 2 * kTileBytes / kThreads <= 128;
   // (sm_75 at 256 does not fit: the dispatcher reports it, run_bwd asserts kFits)
   static constexpr bool kFits = kSmemBytes <= kBudgetKiB * 1024;
   static_assert(kFits || (kSm75 && kHeadDim == 256), "fits the budget's shared memory per block");
