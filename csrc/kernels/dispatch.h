@@ -104,9 +104,6 @@ auto with_smem_budget(const DeviceLimits& dev, F&& f, None&& none) {
 
 template <class T>
 constexpr bool kIsHalf = std::is_same<T, __half>::value;  // sm_75's one dtype
-// The sm_75 backward's head dims (traits.h: at 256 nothing fits 64 KiB)
-template <int kHeadDim>
-constexpr bool kSm75BwdHeadDim = kHeadDim <= 192;
 
 // A launch's none: the error naming what does not fit.
 inline auto no_configuration_fits(const char* kernel, const DeviceLimits& dev) {
@@ -146,7 +143,7 @@ const char* bwd(const BwdParams& p, Dtype dtype, bool deterministic, const Devic
       return FC_VARIANT_SWITCH(p, kBand, kMod, [&] {
         return with_smem_budget<bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
                                 bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>(),
-                                kIsHalf<T> && kSm75BwdHeadDim<kHeadDim>,
+                                kIsHalf<T> && BwdTraits<__half, kHeadDim, kMod, kSmemKiBSm75>::kFits,  // (not 256)
                                 bwd_smem_bytes<__half, kHeadDim, kMod, kSmemKiBSm75>()>(
             dev,
             [&](auto kib) {

@@ -331,7 +331,9 @@ struct BwdTraits {
 // The deterministic dQ pass: the forward's shape (4 warps x 16 query rows, loop over key
 // tiles) computing S, P, dP, dS and dQ += dS K in registers, no atomics.
 // Keys per tile: 64, 32 above head dim 128 (dQ takes D/2 registers, S and dP kBlockN/2 each),
-// 16 in the compact budget at 256 with modifiers (Q_i and dO_i take 64 KiB, the bias 6 KiB).
+// 16 in the compact budget at 256 with modifiers (Q_i and dO_i take 64 KiB, the bias 6 KiB),
+// 32 in the compact budget at 96 with modifiers (with 64, ptxas spills 4 bytes at sm_80, 92 in
+// the packed-batch kernel; with 32, none at sm_80 and sm_86).
 // fp32 (tf32.h; every fp32 backward takes this pass), within 99 KiB: keys per tile 64 up to head
 // dim 64, 32 at 96, 16 above, and 2 warps (32 query rows) above 128. sm_75 (64 KiB): 64 keys up
 // to 64, 32 up to 192, 16 at 256, and 2 warps above 128.
@@ -352,7 +354,8 @@ struct BwdDqTraits {
   static constexpr int kBlockN =
       kTf32 ? (kHeadDim <= 64 ? 64 : kHeadDim == 96 ? 32 : 16)
       : kSm75 ? (kHeadDim <= 64 ? 64 : kHeadDim <= 192 ? 32 : 16)
-            : kHeadDim <= 128 ? 64 : (kSmemKiB != kSmemKiBWide && kMod && kHeadDim == 256 ? 16 : 32);
+            : kSmemKiB == kSmemKiBCompact && kMod && kHeadDim == 96 ? 32
+            : kHeadDim <= 128 ? 64 : (kSmemKiB == kSmemKiBCompact && kMod && kHeadDim == 256 ? 16 : 32);
   static constexpr int kNTiles = kBlockN / 8, kDTiles = kHeadDim / 8;
   static_assert(kHeadDim / 2 + kBlockN <= 160, "accumulators must leave room in 255 registers");
   using QLayout = SmemLayout<kBlockM, kHeadDim * kUnits>;
