@@ -1,6 +1,7 @@
 """The CPU backend's machine-dependent paths, each forced on this machine and checked against the
 float64 reference: fp16/bf16 tile GEMMs in their own precision (oneDNN; AMX-packed operands where
-the CPU has AMX) and after a conversion to float (FLASH_CUDA_CPU_GEMM=native | float), the bf16
+the CPU has AMX) and after a conversion to float (FLASH_CUDA_CPU_GEMM=native | float), bf16 through
+oneDNN and through the AVX512-BF16 micro-kernel (FLASH_CUDA_CPU_BF16_GEMM=onednn | dpbf16), the bf16
 exponent pass with and without AVX512-BF16 instructions (FLASH_CUDA_CPU_GENERIC_BF16); the online
 softmax's one-pass tiles and the rows it redoes; the KV-cache loop that few query rows per kv
 group take.
@@ -29,6 +30,30 @@ SHAPES = [  # B, Hq, Hkv, Nq, Nk, D, causal, window
 ]
 
 
+def has_cpu_flag(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+# "native" and "float": FLASH_CUDA_CPU_GEMM; "onednn" and "dpbf16": bf16 multiplied natively by
+# that GEMM (FLASH_CUDA_CPU_BF16_GEMM; dpbf16 needs AVX512-BF16).
+PATHS = ["native", "float", "onednn", "dpbf16"]
+
+
+def set_path(monkeypatch, path, dtype):
+    if path in ("onednn", "dpbf16"):
+        if dtype != torch.bfloat16:
+            pytest.skip("the bf16 GEMM choice applies to bf16 only")
+        if path == "dpbf16" and not has_cpu_flag("avx512_bf16"):
+            pytest.skip("the AVX512-BF16 micro-kernel needs avx512_bf16")
+        monkeypatch.setenv("FLASH_CUDA_CPU_BF16_GEMM", path)
+        path = "native"
+    monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
+
+
 def run(q, k, v, dout, **kw):
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out, lse = flash_cuda.attention(*leaves, return_lse=True, **kw)
@@ -40,13 +65,13 @@ def ref_kw(causal, window):
     return dict(causal=causal, window=window)
 
 
-@pytest.mark.parametrize("path", ["native", "float"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
 def test_gemm_paths_fa_rule(monkeypatch, path, dtype, shape):
-    """Both fp16/bf16 GEMM paths meet FlashAttention's rule on every shape (forward, lse and
+    """Every fp16/bf16 GEMM path meets FlashAttention's rule on every shape (forward, lse and
     gradients, with the saturated-softmax term where Nk = 1)."""
-    monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
+    set_path(monkeypatch, path, dtype)
     B, Hq, Hkv, Nq, Nk, D, causal, window = shape
     g = torch.Generator().manual_seed(Nq + D)
     q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
@@ -70,7 +95,7 @@ def test_gemm_paths_fa_rule(monkeypatch, path, dtype, shape):
         assert_fa_rule(name, g_, pl.grad, rl.grad, 3, saturation=st)
 
 
-@pytest.mark.parametrize("path", ["native", "float"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("hot_score", [5.0, 40.0])
 def test_saturated_rows_return_the_value(monkeypatch, path, dtype, hot_score):
@@ -78,7 +103,7 @@ def test_saturated_rows_return_the_value(monkeypatch, path, dtype, hot_score):
     the probabilities as its GEMM used them. With the hot score 5 the online softmax keeps its
     reference 0 (the hot probability e^5 is not a float that fp16/bf16 hold exactly); with 40
     the tile is redone against its max."""
-    monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
+    set_path(monkeypatch, path, dtype)
     g = torch.Generator().manual_seed(0)
     q = torch.zeros(1, 2, 300, 64, dtype=dtype)  # 300 query rows: the tiled loop
     k, v = (torch.randn(1, 2, 700, 64, generator=g).to(dtype) for _ in range(2))
@@ -111,10 +136,14 @@ def test_online_softmax_redone_rows(case):
         assert_close_fp("lse", lse, ref_lse, rtol)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_few_query_rows_take_the_kvcache_loop_and_agree(dtype):
+def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype):
     """Decoding shapes (Nq x group <= 256, no dropout) run the KV-cache loop: forward, lse and
     gradients against the reference, and an output that keeps q's memory layout."""
+    if dtype == torch.float32 and path != "native":
+        pytest.skip("float32 has one GEMM path")
+    set_path(monkeypatch, path, dtype)
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 8, 32, 64, generator=g).to(dtype).transpose(1, 2)  # FlashAttention's (B, N, H, D) memory
     k, v = (torch.randn(2, 8, 3000, 64, generator=g).to(dtype) for _ in range(2))
@@ -148,14 +177,14 @@ def test_generic_bf16_exponent_pass():
     assert " passed" in r.stdout and " failed" not in r.stdout
 
 
-@pytest.mark.parametrize("path", ["native", "float"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["sliced_rows", "flash_attention", "broadcast_batch"])
 def test_gemm_paths_on_views(monkeypatch, path, layout):
     """Inputs that are views (rows sliced out of longer ones, FlashAttention's (B, N, H, D) memory,
     a batch broadcast with stride 0) reach the prepared and packed operands with the right
     elements: bf16 through the tiled loop (Nq x group > 256), forward and gradients under the FA
     rule."""
-    monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
+    set_path(monkeypatch, path, torch.bfloat16)
     g = torch.Generator().manual_seed(5)
     B, H, Nq, Nk, D = 2, 2, 300, 334, 64  # an even Nk: no padded copy of V or K
 

@@ -11,6 +11,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
+
+#include "dpbf16_gemm.h"
 
 namespace flash_cuda::cpu {
 namespace {
@@ -66,7 +69,15 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const d
 }
 void gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate) {
-  brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (!use_dpbf16()) return brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (M == 0 || N == 0) return;
+  if (K == 0) return brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);  // C = 0 or unchanged
+  // B packed into the micro-kernel's layout (O(K N), against O(M K N) for the product).
+  thread_local std::vector<uint16_t> packed;
+  packed.resize(pairs_size(K, N));
+  pack_pairs_bf16(K, N, reinterpret_cast<const uint16_t*>(B), ldb, packed.data());
+  dpbf16_gemm(M, N, K, reinterpret_cast<const uint16_t*>(A), lda, packed.data(), pairs_panel_size(K), C, ldc,
+              accumulate);
 }
 void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, const c10::Half* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {
@@ -83,9 +94,35 @@ bool native_lowp_gemm(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : false;
 }
 
+bool use_dpbf16() {
+  if (!dpbf16_supported()) return false;
+  if (const char* env = std::getenv("FLASH_CUDA_CPU_BF16_GEMM")) {
+    if (std::strcmp(env, "dpbf16") == 0) return true;
+    if (std::strcmp(env, "onednn") == 0) return false;
+  }
+  static const bool amx = cpu_has("amx_bf16");
+  return !amx;
+}
+
 template <typename T>
 RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N_(x.size(3)) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (use_dpbf16()) {  // any K: the micro-kernel handles an odd one itself
+      const int64_t B = x.size(0), H = x.size(1), size = pairs_size(K_, N_);
+      const at::Tensor src = x.stride(3) == 1 ? x : x.contiguous();
+      data_ = at::empty({B, H, std::max<int64_t>(size, 1)}, x.options());
+      pairs_ = true;
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / H, h = i % H;
+          const auto* in = reinterpret_cast<const uint16_t*>(src.data_ptr<T>() + b * src.stride(0) + h * src.stride(1));
+          pack_pairs_bf16(K_, N_, in, src.stride(2), reinterpret_cast<uint16_t*>(data_.data_ptr<T>()) + i * data_.size(2));
+        }
+      });
+      return;
+    }
+  }
   packed_ = pack && !std::is_same_v<T, at::opmath_type<T>> && x.numel() > 0 && at::native::cpublas::could_pack(dtype);
   if (!packed_) {
     data_ = x.stride(3) == 1 ? x : x.contiguous();
@@ -116,6 +153,17 @@ RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N
 template <typename T>
 void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t lda, int64_t k0, int64_t kn,
                            int64_t n0, int64_t nn, at::opmath_type<T>* C, int64_t ldc, bool accumulate) const {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (pairs_) {
+      static_assert(kBlock == kPairsPanel, "a key tile starts at a panel of the pairs layout");
+      TORCH_INTERNAL_ASSERT(k0 % 2 == 0 && n0 % kPairsPanel == 0, "RightOperand: pairs from an even row, a whole panel");
+      if (kn == 0) return brgemm(M, nn, kn, A, lda, A, 0, C, ldc, accumulate);  // C = 0 or unchanged
+      const int64_t panel = pairs_panel_size(K_);
+      const auto* B = reinterpret_cast<const uint16_t*>(data_.data_ptr<T>()) + (b * data_.size(1) + h) * data_.size(2) +
+                      n0 / kPairsPanel * panel + k0 / 2 * kPairsRow;
+      return dpbf16_gemm(M, nn, kn, reinterpret_cast<const uint16_t*>(A), lda, B, panel, C, ldc, accumulate);
+    }
+  }
   if (!packed_) {
     const T* B = data_.data_ptr<T>() + b * data_.stride(0) + h * data_.stride(1) + k0 * data_.stride(2) + n0;
     flash_cuda::cpu::gemm(M, nn, kn, A, lda, B, data_.stride(2), C, ldc, accumulate);

@@ -1,0 +1,55 @@
+// A bf16 GEMM micro-kernel on AVX512-BF16 dot products (vdpbf16ps), for CPUs that have them but
+// no AMX (AMD Zen 4 and later, Intel Cooper Lake). No torch headers.
+//
+// On such a CPU ATen's brgemm falls back to a GEMM that ran no faster than fp32 sgemm (85 GFLOP/s
+// a core on a Zen 4, the same as MKL's sgemm), where vdpbf16ps does two products per fp32 lane:
+// oneDNN's bf16 matmul reached 190 GFLOP/s on the same core, but only with a bf16 output.
+// This kernel keeps the fp32 accumulator the tile GEMMs need.
+//
+// The right operand B (K x N) is multiplied from a "pairs" layout: panels of 64 columns, each
+// contiguous, in which row pair kk (rows 2kk and 2kk + 1) holds, for each column n, B[2kk][n]
+// then B[2kk+1][n] (128 bf16, 256 bytes), so one 64-byte load gives the pairs of 16 columns that
+// vdpbf16ps multiplies by a broadcast pair of A (A[i][2kk], A[i][2kk+1]). An odd K has a zero
+// second row in its last pair. Contiguous panels matter: with the rows of one long K x N operand
+// (a 2 KiB stride) the micro-kernel's panel fell into a few L1 sets and it ran at 37% of peak. Each product of two bf16 values is exact in
+// fp32 and the instruction adds with round to nearest even, denormal inputs and outputs flushed to
+// zero (the PTX ISA's bf16 mma also accumulates in fp32).
+#pragma once
+#include <stdint.h>
+
+namespace flash_cuda::cpu {
+
+// Whether this CPU runs the kernel (AVX512-BF16, checked once).
+bool dpbf16_supported();
+
+constexpr int64_t kPanelCols = 64;                  // columns per panel
+constexpr int64_t kPairsPanel = kPanelCols;
+constexpr int64_t kPairsRow = 2 * kPairsPanel;      // elements per row pair of a panel
+// Elements of one panel of a pairs-packed operand of K rows (the stride between panels), and of
+// the whole K x N operand.
+inline int64_t pairs_panel_size(int64_t K) { return (K + 1) / 2 * kPairsRow; }
+inline int64_t pairs_size(int64_t K, int64_t N) { return (N + kPairsPanel - 1) / kPairsPanel * pairs_panel_size(K); }
+
+// Bp (pairs layout, panel stride pairs_panel_size(K)) = B (K x N, row stride ldb), bf16 bits.
+void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bp);
+// The same from the transpose: B = At^T where At is N x K with row stride ld_at (K contiguous),
+// so a (N, K) row-major tensor is packed as its K x N transpose without a transposed copy.
+void pack_pairs_bf16_transposed(int64_t K, int64_t N, const uint16_t* At, int64_t ld_at, uint16_t* Bp);
+
+// C (M x N, row stride ldc) = A (M x K, row stride lda) B, or C += A B when `accumulate`. B in the
+// pairs layout: Bp points at row pair 0 of B's first panel, panels panel_stride elements apart
+// (so rows k0.. and columns n0.. of a larger packed operand, k0 even and n0 a multiple of 64, are
+// multiplied from the pointer to their first pair). Requires dpbf16_supported().
+void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                 int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
+
+// The same micro-kernel on fp32 with FMA (AVX-512F), B in panels of 64 columns, each contiguous
+// (row k of a panel: 64 floats). For the fp32 tile GEMMs where it beats the BLAS (tile_gemm.h).
+bool f32_gemm_supported();
+inline int64_t panels_f32_panel_size(int64_t K) { return K * kPanelCols; }
+inline int64_t panels_f32_size(int64_t K, int64_t N) { return (N + kPanelCols - 1) / kPanelCols * panels_f32_panel_size(K); }
+void pack_panels_f32(int64_t K, int64_t N, const float* B, int64_t ldb, float* Bp);
+void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t panel_stride,
+              float* C, int64_t ldc, bool accumulate);
+
+}  // namespace flash_cuda::cpu
