@@ -1,7 +1,8 @@
 """The CPU backend's machine-dependent paths, each forced on this machine and checked against the
 float64 reference: fp16/bf16 tile GEMMs in their own precision (oneDNN; AMX-packed operands where
 the CPU has AMX) and after a conversion to float (FLASH_CUDA_CPU_GEMM=native | float), bf16 through
-oneDNN and through the AVX512-BF16 micro-kernel (FLASH_CUDA_CPU_BF16_GEMM=onednn | dpbf16), the bf16
+oneDNN and through the AVX512-BF16 micro-kernel (FLASH_CUDA_CPU_BF16_GEMM=onednn | dpbf16), fp32
+through the BLAS and through the AVX-512 FMA micro-kernel (FLASH_CUDA_CPU_F32_GEMM), the bf16
 exponent pass with and without AVX512-BF16 instructions (FLASH_CUDA_CPU_GENERIC_BF16); the online
 softmax's one-pass tiles and the rows it redoes; the KV-cache loop that few query rows per kv
 group take.
@@ -93,6 +94,30 @@ def test_gemm_paths_fa_rule(monkeypatch, path, dtype, shape):
     sat = saturation_terms(out, ref_kw(causal, window), dout, q, k, v)
     for name, g_, pl, rl, st in zip(("dq", "dk", "dv"), grads, plain_leaves, ref_leaves, sat):
         assert_fa_rule(name, g_, pl.grad, rl.grad, 3, saturation=st)
+
+
+@pytest.mark.parametrize("f32_gemm", ["avx512", "blas"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
+def test_f32_gemm_paths(monkeypatch, f32_gemm, shape):
+    """fp32 inputs through either fp32 GEMM (the AVX-512 micro-kernel needs avx512f): forward, lse
+    and gradients close to the float64 reference on every edge shape."""
+    if f32_gemm == "avx512" and not has_cpu_flag("avx512f"):
+        pytest.skip("the fp32 micro-kernel needs avx512f")
+    monkeypatch.setenv("FLASH_CUDA_CPU_F32_GEMM", f32_gemm)
+    B, Hq, Hkv, Nq, Nk, D, causal, window = shape
+    g = torch.Generator().manual_seed(Nq + D + 1)
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
+    dout = torch.randn(B, Hq, Nq, D, generator=g)
+    out, lse, grads = run(q, k, v, dout, causal=causal, window=window)
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*ref_leaves, causal=causal, window=window)
+    ref_out.backward(dout.double())
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert_close_fp("lse", lse[fin], ref_lse[fin], 1e-5)
+    assert_close_fp("out", out, ref_out, 2e-5)
+    for name, g_, rl in zip(("dq", "dk", "dv"), grads, ref_leaves):
+        assert_close_fp(name, g_, rl.grad, 2e-4)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "dpbf16_gemm.h"
+#include "avx512_gemm.h"
 
 namespace flash_cuda::cpu {
 namespace {
@@ -57,11 +57,55 @@ void blas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
     at::mm_out(c, a, b);
 }
 
+// The micro-kernels multiply products of at least one vector of columns. Narrower ones (the last
+// key tile of an odd length, one key) go to oneDNN or the BLAS: the kernel would leave most lanes
+// idle, and its sequential fp32 sums along K (64 terms for dP = dO V^T at D = 64) measured a
+// larger error than MKL's there, enough to fail the FA rule on a one-key gradient (Nk = 1, where
+// dS = dP - D_i cancels exactly in plain torch).
+constexpr int64_t kMicroMinCols = 16;
+
+// The micro-kernels (avx512_gemm.h) by operand type: whether the CPU takes them, the size of a
+// packed K x N operand (of one panel with N = kPanelCols; of rows 0..k0 at an even k0), its packing
+// and its GEMM.
+template <typename T>
+bool use_micro_kernel() {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return use_dpbf16();
+  if constexpr (std::is_same_v<T, float>) return use_avx512_f32();
+  return false;
+}
+template <typename T>
+int64_t micro_size(int64_t K, int64_t N) {
+  return std::is_same_v<T, c10::BFloat16> ? pairs_size(K, N) : panels_f32_size(K, N);
+}
+void micro_pack(int64_t K, int64_t N, const c10::BFloat16* B, int64_t ldb, c10::BFloat16* Bp) {
+  pack_pairs_bf16(K, N, reinterpret_cast<const uint16_t*>(B), ldb, reinterpret_cast<uint16_t*>(Bp));
+}
+void micro_pack(int64_t K, int64_t N, const float* B, int64_t ldb, float* Bp) { pack_panels_f32(K, N, B, ldb, Bp); }
+template <typename T>
+void micro_pack(int64_t, int64_t, const T*, int64_t, T*) {}
+void micro_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* Bp,
+                int64_t panel, float* C, int64_t ldc, bool accumulate) {
+  dpbf16_gemm(M, N, K, reinterpret_cast<const uint16_t*>(A), lda, reinterpret_cast<const uint16_t*>(Bp), panel, C, ldc,
+              accumulate);
+}
+void micro_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t panel, float* C,
+                int64_t ldc, bool accumulate) {
+  f32_gemm(M, N, K, A, lda, Bp, panel, C, ldc, accumulate);
+}
+template <typename T, typename C>
+void micro_gemm(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, C*, int64_t, bool) {}
+
 }  // namespace
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {
-  blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (!use_avx512_f32() || M == 0 || N < kMicroMinCols || K == 0)
+    return blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  // B packed into the micro-kernel's panels (O(K N), against O(M K N) for the product).
+  thread_local std::vector<float> packed;
+  packed.resize(panels_f32_size(K, N));
+  pack_panels_f32(K, N, B, ldb, packed.data());
+  f32_gemm(M, N, K, A, lda, packed.data(), panels_f32_panel_size(K), C, ldc, accumulate);
 }
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
           int64_t ldc, bool accumulate) {
@@ -69,9 +113,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const d
 }
 void gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate) {
-  if (!use_dpbf16()) return brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  if (M == 0 || N == 0) return;
-  if (K == 0) return brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);  // C = 0 or unchanged
+  if (!use_dpbf16() || M == 0 || N < kMicroMinCols || K == 0) return brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   // B packed into the micro-kernel's layout (O(K N), against O(M K N) for the product).
   thread_local std::vector<uint16_t> packed;
   packed.resize(pairs_size(K, N));
@@ -104,24 +146,32 @@ bool use_dpbf16() {
   return !amx;
 }
 
+bool use_avx512_f32() {
+  if (!f32_gemm_supported()) return false;
+  if (const char* env = std::getenv("FLASH_CUDA_CPU_F32_GEMM")) {
+    if (std::strcmp(env, "avx512") == 0) return true;
+    if (std::strcmp(env, "blas") == 0) return false;
+  }
+  static const bool amx = cpu_has("amx_bf16");
+  return !amx;
+}
+
 template <typename T>
 RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N_(x.size(3)) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (use_dpbf16()) {  // any K: the micro-kernel handles an odd one itself
-      const int64_t B = x.size(0), H = x.size(1), size = pairs_size(K_, N_);
-      const at::Tensor src = x.stride(3) == 1 ? x : x.contiguous();
-      data_ = at::empty({B, H, std::max<int64_t>(size, 1)}, x.options());
-      pairs_ = true;
-      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / H, h = i % H;
-          const auto* in = reinterpret_cast<const uint16_t*>(src.data_ptr<T>() + b * src.stride(0) + h * src.stride(1));
-          pack_pairs_bf16(K_, N_, in, src.stride(2), reinterpret_cast<uint16_t*>(data_.data_ptr<T>()) + i * data_.size(2));
-        }
-      });
-      return;
-    }
+  if (use_micro_kernel<T>()) {  // any K: the bf16 kernel handles an odd one itself
+    const int64_t B = x.size(0), H = x.size(1), size = micro_size<T>(K_, N_);
+    const at::Tensor src = x.stride(3) == 1 ? x : x.contiguous();
+    micro_data_ = at::empty({B, H, std::max<int64_t>(size, 1)}, x.options());
+    data_ = src;  // for the GEMMs of fewer columns than a vector
+    micro_ = true;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const T* in = src.data_ptr<T>() + i / H * src.stride(0) + i % H * src.stride(1);
+        micro_pack(K_, N_, in, src.stride(2), micro_data_.data_ptr<T>() + i * micro_data_.size(2));
+      }
+    });
+    return;
   }
   packed_ = pack && !std::is_same_v<T, at::opmath_type<T>> && x.numel() > 0 && at::native::cpublas::could_pack(dtype);
   if (!packed_) {
@@ -153,16 +203,15 @@ RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N
 template <typename T>
 void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t lda, int64_t k0, int64_t kn,
                            int64_t n0, int64_t nn, at::opmath_type<T>* C, int64_t ldc, bool accumulate) const {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (pairs_) {
-      static_assert(kBlock == kPairsPanel, "a key tile starts at a panel of the pairs layout");
-      TORCH_INTERNAL_ASSERT(k0 % 2 == 0 && n0 % kPairsPanel == 0, "RightOperand: pairs from an even row, a whole panel");
-      if (kn == 0) return brgemm(M, nn, kn, A, lda, A, 0, C, ldc, accumulate);  // C = 0 or unchanged
-      const int64_t panel = pairs_panel_size(K_);
-      const auto* B = reinterpret_cast<const uint16_t*>(data_.data_ptr<T>()) + (b * data_.size(1) + h) * data_.size(2) +
-                      n0 / kPairsPanel * panel + k0 / 2 * kPairsRow;
-      return dpbf16_gemm(M, nn, kn, reinterpret_cast<const uint16_t*>(A), lda, B, panel, C, ldc, accumulate);
-    }
+  if (micro_ && nn >= kMicroMinCols) {
+    static_assert(kBlock == kPanelCols, "a key tile starts at a panel of the micro-kernel's layout");
+    TORCH_INTERNAL_ASSERT(k0 % 2 == 0 && n0 % kPanelCols == 0, "RightOperand: from an even row, a whole panel");
+    if (M == 0) return;
+    if (kn == 0) return flash_cuda::cpu::gemm(M, nn, kn, A, lda, A, 0, C, ldc, accumulate);  // C = 0 or unchanged
+    const int64_t panel = micro_size<T>(K_, kPanelCols);
+    const T* B = micro_data_.data_ptr<T>() + (b * micro_data_.size(1) + h) * micro_data_.size(2) +
+                 n0 / kPanelCols * panel + micro_size<T>(k0, kPanelCols);
+    return micro_gemm(M, nn, kn, A, lda, B, panel, C, ldc, accumulate);
   }
   if (!packed_) {
     const T* B = data_.data_ptr<T>() + b * data_.stride(0) + h * data_.stride(1) + k0 * data_.stride(2) + n0;

@@ -7,7 +7,7 @@
 // per call (and the float path taken) is decided from the CPU's ISA flags (native_lowp_gemm).
 //
 // bf16 on a CPU with AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake) goes through the
-// project's own micro-kernel instead (dpbf16_gemm.h): there ATen's brgemm ran no faster than fp32
+// project's own micro-kernel instead (avx512_gemm.h): there ATen's brgemm ran no faster than fp32
 // sgemm, the micro-kernel 2.5x faster (215 against 85 GFLOP/s a core on a Zen 4).
 //
 // A right operand that many tiles share (K^T, V, ...) is a RightOperand, prepared once per
@@ -40,10 +40,15 @@ void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, cons
 // alone measured no faster than float on a Xeon). FLASH_CUDA_CPU_GEMM=native or =float
 // overrides the choice (tests run both paths on every machine).
 bool native_lowp_gemm(at::ScalarType dtype);
-// Whether bf16 tiles go through the AVX512-BF16 micro-kernel (dpbf16_gemm.h): where the CPU has
+// Whether bf16 tiles go through the AVX512-BF16 micro-kernel (avx512_gemm.h): where the CPU has
 // AVX512-BF16 and no AMX-BF16. FLASH_CUDA_CPU_BF16_GEMM=dpbf16 or =onednn overrides the choice
 // (dpbf16 only where the CPU has the instructions).
 bool use_dpbf16();
+// Whether fp32 tiles go through the AVX-512 FMA micro-kernel (avx512_gemm.h) rather than the
+// BLAS: where the CPU has AVX-512 and no AMX (measured on a Zen 4: 110-116 GFLOP/s a core against
+// MKL's 93-100; on the Xeon with AMX the BLAS was kept, as measured before the kernel existed).
+// FLASH_CUDA_CPU_F32_GEMM=avx512 or =blas overrides the choice.
+bool use_avx512_f32();
 
 // The dtype of the tile GEMMs for inputs of `dtype`: fp16/bf16 themselves where the CPU
 // multiplies them natively (tile_gemm.h), else float (the inputs converted once per call).
@@ -58,8 +63,8 @@ inline void with_gemm_type(at::ScalarType dtype, Fn fn) {
 }
 
 // The right operand B (K x N) of one (b, h) of a (B, H, K, N) tensor, for GEMMs over a range of
-// its rows and columns. Packed (AMX, even K), in pairs (the bf16 micro-kernel, any K) or
-// row-major with unit column stride.
+// its rows and columns. Packed (AMX, even K), in the micro-kernels' panels (avx512_gemm.h: bf16
+// pairs or fp32, any K) or row-major with unit column stride.
 template <typename T>
 class RightOperand {
  public:
@@ -70,15 +75,16 @@ class RightOperand {
 
   // C (M x nn) (+)= A (M x kn) B[k0 : k0 + kn, n0 : n0 + nn] for head (b, h). Packed: k0 even;
   // an odd kn is rounded up, so A must then hold a zero column kn (the packed B has a zero row).
-  // In pairs: k0 even, n0 a multiple of kBlock.
+  // Micro-kernel panels: k0 even, n0 a multiple of kBlock.
   void gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t lda, int64_t k0, int64_t kn, int64_t n0, int64_t nn,
             at::opmath_type<T>* C, int64_t ldc, bool accumulate) const;
   bool packed() const { return packed_; }
 
  private:
-  at::Tensor data_;  // packed: (B, H, blocks, K_even, kBlock); pairs: (B, H, pairs_size); else the operand
+  at::Tensor data_;        // packed: (B, H, blocks, K_even, kBlock); else the operand (also when micro)
+  at::Tensor micro_data_;  // micro: (B, H, packed size)
   int64_t K_ = 0, N_ = 0, K_even_ = 0, N16_ = 0;
-  bool packed_ = false, pairs_ = false;
+  bool packed_ = false, micro_ = false;
 };
 
 }  // namespace flash_cuda::cpu

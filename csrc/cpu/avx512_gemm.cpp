@@ -1,7 +1,7 @@
-// The AVX512-BF16 GEMM micro-kernel (dpbf16_gemm.h). Compiled for the whole file's baseline; each
+// The AVX-512 GEMM micro-kernels (avx512_gemm.h). Compiled for the whole file's baseline; each
 // function that uses AVX-512 carries its own target attribute and runs only after
-// dpbf16_supported() said yes.
-#include "dpbf16_gemm.h"
+// dpbf16_supported() or f32_gemm_supported() said yes.
+#include "avx512_gemm.h"
 
 #include <algorithm>
 #include <array>

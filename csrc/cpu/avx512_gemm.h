@@ -1,19 +1,20 @@
-// A bf16 GEMM micro-kernel on AVX512-BF16 dot products (vdpbf16ps), for CPUs that have them but
-// no AMX (AMD Zen 4 and later, Intel Cooper Lake). No torch headers.
+// GEMM micro-kernels on AVX-512 for the CPU backend's tiles, with fp32 accumulators: bf16 on
+// AVX512-BF16 dot products (vdpbf16ps) and fp32 on FMA. One register tile (6 rows x 64 columns,
+// 24 zmm accumulators) over B packed into panels of 64 columns, each contiguous. No torch headers.
 //
-// On such a CPU ATen's brgemm falls back to a GEMM that ran no faster than fp32 sgemm (85 GFLOP/s
-// a core on a Zen 4, the same as MKL's sgemm), where vdpbf16ps does two products per fp32 lane:
-// oneDNN's bf16 matmul reached 190 GFLOP/s on the same core, but only with a bf16 output.
-// This kernel keeps the fp32 accumulator the tile GEMMs need.
+// Why: on a CPU with AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake) ATen's bf16 brgemm
+// falls back to a GEMM that ran no faster than fp32 sgemm (85 GFLOP/s a core on a Zen 4), where
+// vdpbf16ps does two products per fp32 lane (oneDNN's bf16 matmul reached 190 GFLOP/s there, but
+// only with a bf16 output); the bf16 kernel ran 210-229. The fp32 kernel ran 110-116 GFLOP/s on
+// the same core at the tile shapes, MKL's sgemm 93-100 (peaks: 231 and 117, one vdpbf16ps or FMA
+// on zmm a cycle).
 //
-// The right operand B (K x N) is multiplied from a "pairs" layout: panels of 64 columns, each
-// contiguous, in which row pair kk (rows 2kk and 2kk + 1) holds, for each column n, B[2kk][n]
-// then B[2kk+1][n] (128 bf16, 256 bytes), so one 64-byte load gives the pairs of 16 columns that
-// vdpbf16ps multiplies by a broadcast pair of A (A[i][2kk], A[i][2kk+1]). An odd K has a zero
-// second row in its last pair. Contiguous panels matter: with the rows of one long K x N operand
-// (a 2 KiB stride) the micro-kernel's panel fell into a few L1 sets and it ran at 37% of peak. Each product of two bf16 values is exact in
-// fp32 and the instruction adds with round to nearest even, denormal inputs and outputs flushed to
-// zero (the PTX ISA's bf16 mma also accumulates in fp32).
+// bf16 "pairs" layout: in each panel, row pair kk (rows 2kk and 2kk + 1) holds, for each column
+// n, B[2kk][n] then B[2kk+1][n] (128 bf16, 256 bytes), so one 64-byte load gives the pairs of 16
+// columns that vdpbf16ps multiplies by a broadcast pair of A (A[i][2kk], A[i][2kk+1]). An odd K
+// has a zero second row in its last pair. Each product of two bf16 values is exact in fp32 and
+// the instruction adds with round to nearest even, denormal inputs and outputs flushed to zero.
+// fp32 "panels" layout: row k of a panel is B[k][n0 .. n0 + 63] (64 floats, 256 bytes).
 #pragma once
 #include <stdint.h>
 
@@ -43,8 +44,7 @@ void pack_pairs_bf16_transposed(int64_t K, int64_t N, const uint16_t* At, int64_
 void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                  int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
 
-// The same micro-kernel on fp32 with FMA (AVX-512F), B in panels of 64 columns, each contiguous
-// (row k of a panel: 64 floats). For the fp32 tile GEMMs where it beats the BLAS (tile_gemm.h).
+// The fp32 kernel (AVX-512F), B in the panels layout.
 bool f32_gemm_supported();
 inline int64_t panels_f32_panel_size(int64_t K) { return K * kPanelCols; }
 inline int64_t panels_f32_size(int64_t K, int64_t N) { return (N + kPanelCols - 1) / kPanelCols * panels_f32_panel_size(K); }
