@@ -161,21 +161,6 @@ FC_TARGET void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t 
   }
 }
 
-void pack_pairs_bf16_transposed(int64_t K, int64_t N, const uint16_t* At, int64_t ld_at, uint16_t* Bp) {
-  // Pair kk of column n is At's 32-bit word (n, kk): a transpose of words, a panel at a time (its
-  // 64 source rows and its destination stay in L1).
-  const int64_t panel = pairs_panel_size(K), pairs = K / 2;
-  for (int64_t n0 = 0; n0 < N; n0 += kPairsPanel) {
-    uint16_t* y = Bp + n0 / kPairsPanel * panel;
-    const int64_t w = std::min(kPairsPanel, N - n0);
-    for (int64_t kk = 0; kk < pairs; ++kk)
-      for (int64_t c = 0; c < w; ++c) std::memcpy(y + kk * kPairsRow + 2 * c, At + (n0 + c) * ld_at + 2 * kk, 4);
-    if (K % 2)
-      for (int64_t c = 0; c < w; ++c)
-        y[pairs * kPairsRow + 2 * c] = At[(n0 + c) * ld_at + K - 1], y[pairs * kPairsRow + 2 * c + 1] = 0;
-  }
-}
-
 void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                  int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
   panel_gemm<Bf16Pairs>(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
@@ -197,7 +182,6 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 #else  // no AVX512-BF16 code on this compiler or architecture
 bool dpbf16_supported() { return false; }
 void pack_pairs_bf16(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
-void pack_pairs_bf16_transposed(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
 void dpbf16_gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
 bool f32_gemm_supported() { return false; }
 void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}

@@ -33,9 +33,6 @@ inline int64_t pairs_size(int64_t K, int64_t N) { return (N + kPairsPanel - 1) /
 
 // Bp (pairs layout, panel stride pairs_panel_size(K)) = B (K x N, row stride ldb), bf16 bits.
 void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bp);
-// The same from the transpose: B = At^T where At is N x K with row stride ld_at (K contiguous),
-// so a (N, K) row-major tensor is packed as its K x N transpose without a transposed copy.
-void pack_pairs_bf16_transposed(int64_t K, int64_t N, const uint16_t* At, int64_t ld_at, uint16_t* Bp);
 
 // C (M x N, row stride ldc) = A (M x K, row stride lda) B, or C += A B when `accumulate`. B in the
 // pairs layout: Bp points at row pair 0 of B's first panel, panels panel_stride elements apart

@@ -136,25 +136,22 @@ bool native_lowp_gemm(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : false;
 }
 
-bool use_dpbf16() {
-  if (!dpbf16_supported()) return false;
-  if (const char* env = std::getenv("FLASH_CUDA_CPU_BF16_GEMM")) {
-    if (std::strcmp(env, "dpbf16") == 0) return true;
-    if (std::strcmp(env, "onednn") == 0) return false;
+namespace {
+// A micro-kernel where the CPU supports it: the environment variable `var` set to `on` or `off`
+// decides, else the CPU's flags (no AMX: the class of CPU the kernels were measured to win on).
+bool choose_micro_kernel(bool supported, const char* var, const char* on, const char* off) {
+  if (!supported) return false;
+  if (const char* env = std::getenv(var)) {
+    if (std::strcmp(env, on) == 0) return true;
+    if (std::strcmp(env, off) == 0) return false;
   }
   static const bool amx = cpu_has("amx_bf16");
   return !amx;
 }
+}  // namespace
 
-bool use_avx512_f32() {
-  if (!f32_gemm_supported()) return false;
-  if (const char* env = std::getenv("FLASH_CUDA_CPU_F32_GEMM")) {
-    if (std::strcmp(env, "avx512") == 0) return true;
-    if (std::strcmp(env, "blas") == 0) return false;
-  }
-  static const bool amx = cpu_has("amx_bf16");
-  return !amx;
-}
+bool use_dpbf16() { return choose_micro_kernel(dpbf16_supported(), "FLASH_CUDA_CPU_BF16_GEMM", "dpbf16", "onednn"); }
+bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), "FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas"); }
 
 template <typename T>
 RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N_(x.size(3)) {
