@@ -161,6 +161,41 @@ FC_TARGET void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t 
   }
 }
 
+namespace {
+// One vector whose lane i is the sum of the lanes of v[i], i < 16 (v is overwritten): four
+// butterfly stages, the stage of bit h adding each pair (v[i], v[i + h]) into one vector whose
+// lanes with bit h clear fold v[i] and those with it set fold v[i + h]; 15 pairs, 45 operations.
+FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512* v) {
+  FC_UNROLL for (int h = 8; h >= 1; h /= 2) {
+    alignas(64) int32_t lo[16], hi[16];
+    for (int j = 0; j < 16; ++j) lo[j] = (j & h) ? 16 + j - h : j, hi[j] = (j & h) ? 16 + j : j + h;
+    const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+    FC_UNROLL for (int i = 0; i < h; ++i)
+      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[i], lo_idx, v[i + h]), _mm512_permutex2var_ps(v[i], hi_idx, v[i + h]));
+  }
+  return v[0];
+}
+}  // namespace
+
+FC_TARGET void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
+                               int64_t ldk, float* S, int64_t lds) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, n - j0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint16_t* q = Q + r * ldq;
+      __m512 acc[16];
+      FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < K; c += 32) {  // 32 elements (16 pairs) of the row at a time
+        const __mmask32 m = K - c >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (K - c)) - 1);
+        const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + c);
+        FC_UNROLL for (int i = 0; i < 16; ++i) if (i < nb)
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(m, Kr + (j0 + i) * ldk + c), qv);
+      }
+      _mm512_mask_storeu_ps(S + r * lds + j0, column_mask(nb), sum_lanes_16(acc));
+    }
+  }
+}
+
 void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                  int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
   panel_gemm<Bf16Pairs>(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
@@ -182,6 +217,7 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 #else  // no AVX512-BF16 code on this compiler or architecture
 bool dpbf16_supported() { return false; }
 void pack_pairs_bf16(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
+void dpbf16_rows_dot(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t) {}
 void dpbf16_gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
 bool f32_gemm_supported() { return false; }
 void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <optional>
 
+#include "avx512_gemm.h"
 #include "online_softmax.h"
 #include "tile_gemm.h"
 #include "tiles.h"
@@ -100,6 +101,10 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                    std::vector<in_t>(native ? rows * kBc : 0)};
   };
   const in_t* k_base = native ? k_cache.data_ptr<in_t>() : nullptr;
+  // bf16 on the AVX512-BF16 micro-kernel: the scores as dot products along the cache rows
+  // (avx512_gemm.h); the GEMM S^T = K Q^T would fill only `rows` of its 16 lanes (4 at Nq = 1 and
+  // 4 query heads per kv head), and with fewer than 16 it goes to oneDNN (tile_gemm.h).
+  const bool rows_dot = std::is_same_v<in_t, c10::BFloat16> && use_dpbf16();
   const in_t* v_base = native ? v_cache.data_ptr<in_t>() : nullptr;
   parallel_items(B * Hkv * splits, make_scratch, [&](int64_t item, Scratch& t) {
     const int64_t split = item % splits, bh = item / splits, b = bh / Hkv, hkv = bh % Hkv;
@@ -117,7 +122,9 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     const at::Tensor group_q = q[b].slice(0, hkv * group, (hkv + 1) * group).reshape({rows, D});  // rows (head, query)
     at::Tensor rQ;
     std::optional<RightOperand<in_t>> rQt;  // Q^T (D, rows), unscaled: the scale goes into the exponent
-    if constexpr (native) {
+    if (rows_dot) {
+      rQ = group_q.contiguous();  // (rows, D), unscaled
+    } else if constexpr (native) {
       // Packed for AMX where it can be (an even D), so the micro-kernel reads the cache rows as
       // they are; else MKL's GEMM, which copies them into its own layout first.
       rQt.emplace(group_q.t().unsqueeze(0).unsqueeze(0), D % 2 == 0);
@@ -131,7 +138,13 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
       const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
       at::Tensor rV;
-      if constexpr (native) {
+      if (rows_dot) {
+        if constexpr (std::is_same_v<in_t, c10::BFloat16>)  // (rows_dot is false for other types)
+          for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+            dpbf16_rows_dot(rows, n, D, reinterpret_cast<const uint16_t*>(rQ.data_ptr()), D,
+                            reinterpret_cast<const uint16_t*>(k_base + off), k_cache.stride(2), s + (r - j0), ld_s);
+          });  // S = Q K^T
+      } else if constexpr (native) {
         for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
           rQt->gemm(0, 0, n, k_base + off, k_cache.stride(2), 0, D, 0, rows, t.St.data() + (r - j0) * rows, rows,
                     false);  // S^T = K Q^T
