@@ -66,12 +66,27 @@ struct F32 {
   static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
 };
 
-// C[0:R, 0:n) (+)= A[0:R, 0:K) B[.., 0:n), n <= 16 V, K a multiple of Op::kStep; B one panel.
+// bf16 operands multiplied one row at a time in fp32 FMAs (the products of two bf16 values are
+// exact in fp32): for a row-major bf16 B read in place, each 16 columns widened in registers.
+struct Bf16AsF32 {
+  using E = uint16_t;
+  static constexpr int kStep = 1;
+  static FC_TARGET FC_INLINE __m512 load_b(const E* b, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b)), 16));
+  }
+  static FC_TARGET FC_INLINE __m512 broadcast_a(const E* a) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32(int(uint32_t(*a) << 16)));
+  }
+  static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
+};
+
+// C[0:R, 0:n) (+)= A[0:R, 0:K) B[.., 0:n), n <= 16 V, K a multiple of Op::kStep; B one panel, its
+// steps along K ldb elements apart (Op::kRow when packed; a row-major fp32 B's row stride).
 // kLastRow (bf16 pairs only): the product of A's column K and B's row K alone (the last row of
 // an odd K), A's pair being (A[i][K], 0) and B's second row masked to 0 (a 0 * inf would be NaN).
 template <typename Op, int R, int V, bool kLastRow>
 FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t lda, const typename Op::E* B,
-                          float* C, int64_t ldc, bool accumulate) {
+                          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   __mmask16 mask[V];
   FC_UNROLL for (int v = 0; v < V; ++v) mask[v] = column_mask(n - 16 * v);
   __m512 c[R][V];
@@ -80,7 +95,7 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t
       c[r][v] = accumulate ? _mm512_maskz_loadu_ps(mask[v], C + r * ldc + 16 * v) : _mm512_setzero_ps();
   if constexpr (kLastRow) {
     static_assert(Op::kStep == 2, "a last row is left over by row pairs only");
-    const typename Op::E* b = B + K / 2 * Op::kRow;
+    const typename Op::E* b = B + K / 2 * ldb;
     __m512 bv[V];
     FC_UNROLL for (int v = 0; v < V; ++v)
       bv[v] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(Op::load_b(b + 32 * v, mask[v])),
@@ -91,7 +106,7 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t
     }
   } else {
     for (int64_t k = 0; k < K; k += Op::kStep) {
-      const typename Op::E* b = B + k / Op::kStep * Op::kRow;
+      const typename Op::E* b = B + k / Op::kStep * ldb;
       __m512 bv[V];
       FC_UNROLL for (int v = 0; v < V; ++v) bv[v] = Op::load_b(b + 16 * Op::kStep * v, mask[v]);
       FC_UNROLL for (int r = 0; r < R; ++r) {
@@ -105,7 +120,8 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t
 }
 
 template <typename Op>
-using MicroTile = void (*)(int64_t, int64_t, const typename Op::E*, int64_t, const typename Op::E*, float*, int64_t, bool);
+using MicroTile = void (*)(int64_t, int64_t, const typename Op::E*, int64_t, const typename Op::E*, int64_t, float*,
+                           int64_t, bool);
 template <typename Op, bool kLastRow, int R, int... V>
 constexpr auto row_of_tiles(std::integer_sequence<int, V...>) {
   return std::array<MicroTile<Op>, sizeof...(V)>{&micro_tile<Op, R, V + 1, kLastRow>...};
@@ -121,10 +137,11 @@ constexpr std::array<std::array<std::array<MicroTile<Op>, kVecs>, kRows>, 2> kTi
     tile_table<Op, false>(std::make_integer_sequence<int, kRows>{}),
     tile_table<Op, Op::kStep == 2>(std::make_integer_sequence<int, kRows>{})};
 
-// C (+)= A B over whole panels of B (panel_stride elements apart), row blocks of kRows.
+// C (+)= A B over whole panels of B (panel_stride elements apart, steps along K ldb apart), row
+// blocks of kRows.
 template <typename Op>
 void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::E* A, int64_t lda, const typename Op::E* B,
-                int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
+                int64_t panel_stride, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
   const int64_t K_even = K - K % Op::kStep;
@@ -137,8 +154,8 @@ void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::E* A, int64_
       const int64_t rows = std::min<int64_t>(kRows, M - m0);
       const typename Op::E* a = A + m0 * lda;
       float* c = C + m0 * ldc + n0;
-      if (K_even > 0) kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, c, ldc, accumulate);
-      if (K_even < K) kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, c, ldc, accumulate || K_even > 0);
+      if (K_even > 0) kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate);
+      if (K_even < K) kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0);
     }
   }
 }
@@ -177,28 +194,51 @@ FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512* v) {
 }
 }  // namespace
 
-FC_TARGET void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
-                               int64_t ldk, float* S, int64_t lds) {
+// S (rows x n) = Q Kr^T as dot products along the rows, 16 keys at a time (avx512_gemm.h).
+// Op::dot_chunk(acc, q, k, c, K) adds the products of one chunk of the two rows from column c.
+template <typename Op, typename E>
+FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const E* Q, int64_t ldq, const E* Kr, int64_t ldk,
+                                  float* S, int64_t lds) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nb = std::min<int64_t>(16, n - j0);
     for (int64_t r = 0; r < rows; ++r) {
-      const uint16_t* q = Q + r * ldq;
       __m512 acc[16];
       FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < K; c += 32) {  // 32 elements (16 pairs) of the row at a time
-        const __mmask32 m = K - c >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (K - c)) - 1);
-        const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, q + c);
+      for (int64_t c = 0; c < K; c += Op::kChunk) {
+        const auto q = Op::load(Q + r * ldq + c, K - c);
         FC_UNROLL for (int i = 0; i < 16; ++i) if (i < nb)
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(m, Kr + (j0 + i) * ldk + c), qv);
+          acc[i] = Op::dot(acc[i], q, Op::load(Kr + (j0 + i) * ldk + c, K - c));
       }
       _mm512_mask_storeu_ps(S + r * lds + j0, column_mask(nb), sum_lanes_16(acc));
     }
   }
 }
+// bf16: 32 elements (16 pairs) a chunk, vdpbf16ps; fp32: 16, FMA. Loads past a row's end give 0.
+struct Bf16Dot {
+  static constexpr int64_t kChunk = 32;
+  static FC_TARGET FC_INLINE __m512bh load(const uint16_t* x, int64_t left) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1), x);
+  }
+  static FC_TARGET FC_INLINE __m512 dot(__m512 acc, __m512bh q, __m512bh k) { return _mm512_dpbf16_ps(acc, k, q); }
+};
+struct F32Dot {
+  static constexpr int64_t kChunk = 16;
+  static FC_TARGET FC_INLINE __m512 load(const float* x, int64_t left) { return _mm512_maskz_loadu_ps(column_mask(left), x); }
+  static FC_TARGET FC_INLINE __m512 dot(__m512 acc, __m512 q, __m512 k) { return _mm512_fmadd_ps(k, q, acc); }
+};
+
+FC_TARGET void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
+                               int64_t ldk, float* S, int64_t lds) {
+  rows_dot<Bf16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
+}
+FC_TARGET void f32_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const float* Kr, int64_t ldk,
+                            float* S, int64_t lds) {
+  rows_dot<F32Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
+}
 
 void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                  int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
-  panel_gemm<Bf16Pairs>(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+  panel_gemm<Bf16Pairs>(M, N, K, A, lda, Bp, panel_stride, kPairsRow, C, ldc, accumulate);
 }
 
 FC_TARGET void pack_panels_f32(int64_t K, int64_t N, const float* B, int64_t ldb, float* Bp) {
@@ -211,17 +251,30 @@ FC_TARGET void pack_panels_f32(int64_t K, int64_t N, const float* B, int64_t ldb
 
 void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t panel_stride,
               float* C, int64_t ldc, bool accumulate) {
-  panel_gemm<F32>(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+  panel_gemm<F32>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate);
+}
+
+void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                   int64_t ldc, bool accumulate) {
+  panel_gemm<F32>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);  // a panel: the next 64 columns
+}
+
+void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                    float* C, int64_t ldc, bool accumulate) {
+  panel_gemm<Bf16AsF32>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
 }
 
 #else  // no AVX512-BF16 code on this compiler or architecture
 bool dpbf16_supported() { return false; }
 void pack_pairs_bf16(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
 void dpbf16_rows_dot(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t) {}
+void f32_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 void dpbf16_gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
 bool f32_gemm_supported() { return false; }
 void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}
 void f32_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
+void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
+void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
 #endif
 
 }  // namespace flash_cuda::cpu

@@ -47,6 +47,9 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 // GEMM would need Kr transposed into pairs first. Requires dpbf16_supported().
 void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
                      int64_t ldk, float* S, int64_t lds);
+// The same in fp32 with FMA. Requires f32_gemm_supported().
+void f32_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const float* Kr, int64_t ldk,
+                  float* S, int64_t lds);
 
 // The fp32 kernel (AVX-512F), B in the panels layout.
 bool f32_gemm_supported();
@@ -55,5 +58,13 @@ inline int64_t panels_f32_size(int64_t K, int64_t N) { return (N + kPanelCols - 
 void pack_panels_f32(int64_t K, int64_t N, const float* B, int64_t ldb, float* Bp);
 void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t panel_stride,
               float* C, int64_t ldc, bool accumulate);
+// The fp32 kernel on a row-major B (row stride ldb) as it is, no packing: for B read once (the V
+// tiles of decoding), where packing would cost as much as the product.
+void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                   int64_t ldc, bool accumulate);
+// The same for bf16 A and B, multiplied in fp32 FMAs (each product exact), B widened in registers.
+// Requires f32_gemm_supported().
+void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                    float* C, int64_t ldc, bool accumulate);
 
 }  // namespace flash_cuda::cpu

@@ -154,8 +154,17 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       } else {
         const at::Tensor rK = gather_rows(k_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sK);
         rV = gather_rows(v_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sV);
-        at::Tensor rS = t.sS.slice(1, 0, bc);  // (rows, bc)
-        at::mm_out(rS, rQ, rK.t());
+        bool dotted = false;  // fp32 on the AVX-512 kernels: dot products along the rows, as for bf16
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (rK.stride(1) == 1 && use_avx512_f32()) {
+            f32_rows_dot(rows, bc, D, rQ.data_ptr<float>(), D, rK.data_ptr<float>(), rK.stride(0), s, ld_s);
+            dotted = true;
+          }
+        }
+        if (!dotted) {
+          at::Tensor rS = t.sS.slice(1, 0, bc);  // (rows, bc)
+          at::mm_out(rS, rQ, rK.t());
+        }
       }
       const bool band_mask = band.tile_needs_mask(0, Nq, j0, j1);
       // native: the scale is folded into the exponent unless the modifiers need scaled scores
@@ -173,6 +182,10 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
             return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
           });
         for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+          if constexpr (std::is_same_v<in_t, c10::BFloat16>)
+            if (rows_dot)  // V read in place (the pairs GEMM would pack each V tile first)
+              return bf16_gemm_rows(rows, D, n, reinterpret_cast<const uint16_t*>(p + (r - j0)), ld_s,
+                                    reinterpret_cast<const uint16_t*>(v_base + off), v_cache.stride(2), o, D, true);
           gemm(rows, D, n, p + (r - j0), ld_s, v_base + off, v_cache.stride(2), o, D, true);  // O += P V
         });
       } else {
@@ -182,7 +195,14 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           online_softmax_row(t.rows[r], o + r * D, D, a, s + r * ld_s, bc, false, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return *lp = exp_affine_sum(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max);
           });
-        rO.addmm_(rP, rV);  // O += P V
+        bool multiplied = false;  // O += P V
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (rV.stride(1) == 1 && use_avx512_f32()) {  // V read in place, no packing
+            f32_gemm_rows(rows, D, bc, p, ld_s, rV.data_ptr<float>(), rV.stride(0), o, D, true);
+            multiplied = true;
+          }
+        }
+        if (!multiplied) rO.addmm_(rP, rV);
       }
     }
     at::Tensor dst_o = splits > 1 ? o_part[split][b] : out[b];  // (Hq, Nq, D)
