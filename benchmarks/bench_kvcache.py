@@ -11,14 +11,18 @@ over 8 kv heads (GQA), head dim 128, every sequence's cache holding Nk keys, con
                  enable_gqa=True): whichever backend torch picks for it
 
 Reported: median time of interleaved calls after a warm-up (bench_sdpa.py's timing), tokens per
-second (B / time), and the bandwidth achieved on the cache, 2 B Hkv Nk D bytes per step (the
+second (B Nq / time), and the bandwidth achieved on the cache, 2 B Hkv Nk D bytes per step (the
 bytes decoding must read), against the machine's: on a GPU its peak from the device properties
 (memory clock x bus width x 2), on the CPU a plain streaming read (sum of a tensor of the same
 size) measured in the same run. The max |out - ref| against a float64 reference on sequence 0.
 Points whose inputs do not fit the memory budget are skipped and listed. The machine (CPU model
 and ISA flags, or GPU) is printed first and stored in the JSON.
 
-    python benchmarks/bench_kvcache.py [--device cpu|cuda] [--json PATH] [--quick]
+    python benchmarks/bench_kvcache.py [--device cpu|cuda] [--json PATH] [--quick | --grid decode]
+
+--grid decode: issue 15's decoding grid instead, B = 1, Nq in {1, 4} new query tokens (all of
+them attending to the whole cache: speculative decoding's verification step without its causal
+mask, which SDPA would align top-left), Nk in {2048, 8192, 32768}, bf16, fp16 and fp32.
 """
 import argparse
 import json
@@ -38,11 +42,15 @@ import flash_cuda  # noqa: E402
 HQ, HKV, D = 32, 8, 128
 
 
-def points(device, quick):
+def points(device, quick, grid=None):
+    """(dtype, B, Nq, Nk) of each point."""
     if quick:
-        return [(torch.float32, 1, 1024), (torch.bfloat16, 2, 1024)]
+        return [(torch.float32, 1, 1, 1024), (torch.bfloat16, 2, 1, 1024)]
+    if grid == "decode":
+        dtypes = [torch.bfloat16, torch.float16] + ([] if device == "cuda" else [torch.float32])
+        return [(dt, 1, nq, n) for dt in dtypes for nq in (1, 4) for n in (2048, 8192, 32768)]
     dtypes = [torch.bfloat16] if device == "cuda" else [torch.bfloat16, torch.float32]
-    return [(dt, b, n) for dt in dtypes for b in (1, 8, 64) for n in (1024, 8192, 32768)]
+    return [(dt, b, 1, n) for dt in dtypes for b in (1, 8, 64) for n in (1024, 8192, 32768)]
 
 
 def budget_bytes(device):
@@ -92,17 +100,18 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="two small points (CI smoke run)")
+    ap.add_argument("--grid", choices=("decode",), default=None, help="issue 15's decoding grid (Nq 1 and 4)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     meta = bm.machine(device)
     print("machine:", json.dumps(meta), flush=True)
     results, skipped = [], []
-    for dtype, B, N in points(device, args.quick):
+    for dtype, B, NQ, N in points(device, args.quick, args.grid):
         cache_bytes = 2 * B * HKV * N * D * torch.finfo(dtype).bits // 8
         if cache_bytes > budget_bytes(device):
             skipped.append(dict(B=B, Nk=N, dtype=str(dtype).split(".")[-1], cache_gib=cache_bytes / 2 ** 30))
             continue
-        q = torch.randn(B, HQ, 1, D, device=device, dtype=dtype)
+        q = torch.randn(B, HQ, NQ, D, device=device, dtype=dtype)
         kc, vc = (torch.randn(B, HKV, N, D, device=device, dtype=dtype) for _ in range(2))
         calls = {"flash_cuda": Call(lambda: flash_cuda.attention_with_kvcache(q, kc, vc, cache_seqlens=N)),
                  "sdpa": Call(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True))}
@@ -112,14 +121,14 @@ def main(argv=None):
         reps = 5 if args.quick else (10 if device == "cpu" else 50)
         t = median_time(calls, device, reps)
         peak, how = peak_bandwidth(device, cache_bytes)
-        r = {"dtype": str(dtype).split(".")[-1], "B": B, "Hq": HQ, "Hkv": HKV, "Nk": N, "D": D,
+        r = {"dtype": str(dtype).split(".")[-1], "B": B, "Hq": HQ, "Hkv": HKV, "Nq": NQ, "Nk": N, "D": D,
              "ours_ms": t["flash_cuda"] * 1e3, "sdpa_ms": t["sdpa"] * 1e3,
              "speed_ratio_sdpa_over_ours": t["sdpa"] / t["flash_cuda"],
-             "ours_tokens_per_s": B / t["flash_cuda"], "sdpa_tokens_per_s": B / t["sdpa"],
+             "ours_tokens_per_s": B * NQ / t["flash_cuda"], "sdpa_tokens_per_s": B * NQ / t["sdpa"],
              "ours_gbps": cache_bytes / t["flash_cuda"] / 1e9, "sdpa_gbps": cache_bytes / t["sdpa"] / 1e9,
              "machine_gbps": peak / 1e9, "machine_bandwidth": how, "max_err": err}
         results.append(r)
-        print(f"{r['dtype']:8s} B={B:<3d} Nk={N:<6d} ours {r['ours_ms']:8.3f} ms  sdpa {r['sdpa_ms']:8.3f} ms  "
+        print(f"{r['dtype']:8s} B={B:<3d} Nq={NQ} Nk={N:<6d} ours {r['ours_ms']:8.3f} ms  sdpa {r['sdpa_ms']:8.3f} ms  "
               f"ratio {r['speed_ratio_sdpa_over_ours']:5.2f}x  tokens/s ours {r['ours_tokens_per_s']:9.0f} "
               f"sdpa {r['sdpa_tokens_per_s']:9.0f}  GB/s ours {r['ours_gbps']:7.1f} sdpa {r['sdpa_gbps']:7.1f} "
               f"machine {r['machine_gbps']:7.1f}  err {err:.1e}", flush=True)

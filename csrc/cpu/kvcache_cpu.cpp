@@ -29,6 +29,10 @@ namespace {
 constexpr int64_t kBc = 512;            // keys per tile (attention_cpu.cpp's forward tile)
 constexpr int64_t kTargetItems = 32;    // items a launch aims for when it picks the splits
 constexpr int64_t kMinSplitKeys = 1024; // keys per split at least
+// Fewer query rows per kv group than this: scores as dot products along the cache rows on the
+// AVX-512 kernels (avx512_gemm.h); from one vector of rows on, the GEMM fills whole vectors while
+// the dot products would redo their 16-key reductions for every row.
+constexpr int64_t kDotRows = 16;
 
 // Rows [r0, r1) of sequence b's cache (kv head h) as an acc_t (rows, D) tile: a view of a
 // contiguous cache already in acc_t, else gathered (page by page) and converted into buf.
@@ -104,7 +108,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // bf16 on the AVX512-BF16 micro-kernel: the scores as dot products along the cache rows
   // (avx512_gemm.h); the GEMM S^T = K Q^T would fill only `rows` of its 16 lanes (4 at Nq = 1 and
   // 4 query heads per kv head), and with fewer than 16 it goes to oneDNN (tile_gemm.h).
-  const bool rows_dot = std::is_same_v<in_t, c10::BFloat16> && use_dpbf16();
+  const bool rows_dot = std::is_same_v<in_t, c10::BFloat16> && use_dpbf16() && rows < kDotRows;
   const in_t* v_base = native ? v_cache.data_ptr<in_t>() : nullptr;
   parallel_items(B * Hkv * splits, make_scratch, [&](int64_t item, Scratch& t) {
     const int64_t split = item % splits, bh = item / splits, b = bh / Hkv, hkv = bh % Hkv;
@@ -156,7 +160,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         rV = gather_rows(v_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sV);
         bool dotted = false;  // fp32 on the AVX-512 kernels: dot products along the rows, as for bf16
         if constexpr (std::is_same_v<acc_t, float>) {
-          if (rK.stride(1) == 1 && use_avx512_f32()) {
+          if (rK.stride(1) == 1 && rows < kDotRows && use_avx512_f32()) {
             f32_rows_dot(rows, bc, D, rQ.data_ptr<float>(), D, rK.data_ptr<float>(), rK.stride(0), s, ld_s);
             dotted = true;
           }
