@@ -99,8 +99,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="two small points (CI smoke run)")
-    ap.add_argument("--grid", choices=("decode",), default=None, help="issue 15's decoding grid (Nq 1 and 4)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="two small points (CI smoke run)")
+    which.add_argument("--grid", choices=("decode",), default=None, help="issue 15's decoding grid (Nq 1 and 4)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     meta = bm.machine(device)
@@ -109,7 +110,7 @@ def main(argv=None):
     for dtype, B, NQ, N in points(device, args.quick, args.grid):
         cache_bytes = 2 * B * HKV * N * D * torch.finfo(dtype).bits // 8
         if cache_bytes > budget_bytes(device):
-            skipped.append(dict(B=B, Nk=N, dtype=str(dtype).split(".")[-1], cache_gib=cache_bytes / 2 ** 30))
+            skipped.append(dict(B=B, Nq=NQ, Nk=N, dtype=str(dtype).split(".")[-1], cache_gib=cache_bytes / 2 ** 30))
             continue
         q = torch.randn(B, HQ, NQ, D, device=device, dtype=dtype)
         kc, vc = (torch.randn(B, HKV, N, D, device=device, dtype=dtype) for _ in range(2))

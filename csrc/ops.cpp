@@ -369,6 +369,9 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               v_cache.sizes());
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flash_cuda: k_cache and v_cache must have the same shape, got ",
               k_cache.sizes(), " and ", v_cache.sizes());
+  for (const at::Tensor* x : {&k_cache, &v_cache})  // read and appended to in place: never copied
+    TORCH_CHECK(x->size(3) <= 1 || x->stride(3) == 1, "flash_cuda: k_cache and v_cache must have unit stride in the "
+                "head dim (stride(-1) == 1), got strides ", x->strides());
   const int64_t B = q.size(0);
   const bool paged = block_table.has_value();
   if (paged) {

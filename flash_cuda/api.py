@@ -449,6 +449,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     hkv = k_cache.shape[1]
     if k_cache.shape[3] != d:
         raise ValueError(f"{fn}: k_cache must have the head dim of q ({d}), got {_shape(k_cache)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.shape[3] > 1 and x.stride(3) != 1:
+            raise ValueError(f"{fn}: {name} must have unit stride in the head dim (stride(-1) == 1: the cache is "
+                             f"read and appended to in place, never copied), got strides {tuple(x.stride())}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"{fn}: the number of query heads ({hq}) must be a positive multiple of the number of "
                          f"key/value heads ({hkv})")

@@ -39,19 +39,26 @@ def has_cpu_flag(flag):
         return False
 
 
-# "native" and "float": FLASH_CUDA_CPU_GEMM; "onednn" and "dpbf16": bf16 multiplied natively by
-# that GEMM (FLASH_CUDA_CPU_BF16_GEMM; dpbf16 needs AVX512-BF16).
+# "native" and "float": FLASH_CUDA_CPU_GEMM (fp16/bf16). The others force one GEMM for one dtype:
+# path -> (dtype, the CPU flag it needs, environment variable).
+CHOICES = {"onednn": (torch.bfloat16, None, "FLASH_CUDA_CPU_BF16_GEMM"),
+           "dpbf16": (torch.bfloat16, "avx512_bf16", "FLASH_CUDA_CPU_BF16_GEMM"),
+           "blas": (torch.float32, None, "FLASH_CUDA_CPU_F32_GEMM"),
+           "avx512": (torch.float32, "avx512bw", "FLASH_CUDA_CPU_F32_GEMM")}
 PATHS = ["native", "float", "onednn", "dpbf16"]
 
 
 def set_path(monkeypatch, path, dtype):
-    if path in ("onednn", "dpbf16"):
-        if dtype != torch.bfloat16:
-            pytest.skip("the bf16 GEMM choice applies to bf16 only")
-        if path == "dpbf16" and not has_cpu_flag("avx512_bf16"):
-            pytest.skip("the AVX512-BF16 micro-kernel needs avx512_bf16")
-        monkeypatch.setenv("FLASH_CUDA_CPU_BF16_GEMM", path)
+    if path in CHOICES:
+        want, flag, var = CHOICES[path]
+        if dtype != want:
+            pytest.skip(f"the {path} GEMM is a choice for {want} only")
+        if flag and not has_cpu_flag(flag):
+            pytest.skip(f"the {path} micro-kernel needs {flag}")
+        monkeypatch.setenv(var, path)
         path = "native"
+    elif dtype == torch.float32 and path != "native":
+        pytest.skip("fp32 inputs have no such path")
     monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
 
 
@@ -101,9 +108,7 @@ def test_gemm_paths_fa_rule(monkeypatch, path, dtype, shape):
 def test_f32_gemm_paths(monkeypatch, f32_gemm, shape):
     """fp32 inputs through either fp32 GEMM (the AVX-512 micro-kernel needs avx512f): forward, lse
     and gradients close to the float64 reference on every edge shape."""
-    if f32_gemm == "avx512" and not has_cpu_flag("avx512f"):
-        pytest.skip("the fp32 micro-kernel needs avx512f")
-    monkeypatch.setenv("FLASH_CUDA_CPU_F32_GEMM", f32_gemm)
+    set_path(monkeypatch, f32_gemm, torch.float32)
     B, Hq, Hkv, Nq, Nk, D, causal, window = shape
     g = torch.Generator().manual_seed(Nq + D + 1)
     q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
@@ -161,18 +166,19 @@ def test_online_softmax_redone_rows(case):
         assert_close_fp("lse", lse, ref_lse, rtol)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("nq", [8, 2])
+@pytest.mark.parametrize("path", PATHS + ["blas", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype):
+def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype, nq):
     """Decoding shapes (Nq x group <= 256, no dropout) run the KV-cache loop: forward, lse and
-    gradients against the reference, and an output that keeps q's memory layout."""
-    if dtype == torch.float32 and path != "native":
-        pytest.skip("float32 has one GEMM path")
+    gradients against the reference, and an output that keeps q's memory layout. Nq = 2 with 4
+    query heads per kv head: 8 rows, the scores as dot products along the cache rows on the
+    AVX-512 kernels; Nq = 8: 32 rows, the GEMM."""
     set_path(monkeypatch, path, dtype)
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 8, 32, 64, generator=g).to(dtype).transpose(1, 2)  # FlashAttention's (B, N, H, D) memory
+    q = torch.randn(2, 8, 32, 64, generator=g)[:, :nq].to(dtype).transpose(1, 2)  # FlashAttention's (B, N, H, D) memory
     k, v = (torch.randn(2, 8, 3000, 64, generator=g).to(dtype) for _ in range(2))
-    dout = torch.randn(2, 32, 8, 64, generator=g).to(dtype)
+    dout = torch.randn(2, 32, 8, 64, generator=g)[:, :, :nq].to(dtype)
     out, lse, grads = run(q, k, v, dout, causal=True)
     assert out.transpose(1, 2).is_contiguous()  # out keeps q's memory layout
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]

@@ -275,6 +275,20 @@ def test_bad_contiguous_cache():
         FN(torch.randn(2, 4, 1, 16), kc, vc, *new)
 
 
+def test_cache_without_unit_head_stride_is_an_error():
+    """The cache is read and appended to in place, so a head dim with stride != 1 (every other
+    element of a wider tensor) cannot be copied into shape: it is refused, by the API and by the op."""
+    kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 32)
+    q = torch.randn(2, 4, 1, 16)
+    with pytest.raises(ValueError, match=r"k_cache must have unit stride in the head dim"):
+        FN(q, kc[..., ::2], vc[..., ::2])
+    with pytest.raises(ValueError, match=r"v_cache must have unit stride in the head dim"):
+        FN(q, kc[..., :16], vc[..., ::2])
+    with pytest.raises(RuntimeError, match=r"unit stride in the head dim"):
+        torch.ops.flash_cuda.kvcache_fwd(q, kc[..., ::2], vc[..., ::2], None, None, torch.full((2,), 8, dtype=torch.int32),
+                                         None, 0.25, False)
+
+
 def test_requires_grad_is_an_error():
     kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 16)
     q = torch.randn(2, 4, 1, 16, requires_grad=True)

@@ -3,6 +3,10 @@
 // dpbf16_supported() or f32_gemm_supported() said yes.
 #include "avx512_gemm.h"
 
+// GCC's intrinsic headers start unmasked conversions and shifts from _mm512_undefined_*(), which
+// -Wmaybe-uninitialized reports once the register-tile loops are fully unrolled: a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -15,18 +19,21 @@
 #define FC_INLINE inline __attribute__((always_inline))
 // Every loop over the register tile unrolled: GCC left some rolled, indexed the accumulators and
 // kept them in memory, storing all 24 every iteration (85 GFLOP/s a core on a Zen 4, 215 unrolled).
-#define FC_UNROLL _Pragma("GCC unroll 8")
+#define FC_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 namespace flash_cuda::cpu {
 
 #ifdef FC_HAVE_DPBF16
-bool dpbf16_supported() {
-  static const bool yes = __builtin_cpu_supports("avx512bf16");
+// Every function here is compiled for x86-64-v4 (AVX512F, BW, DQ, VL: GCC uses BW's mask moves
+// even in the fp32 kernels), so all four are required, not AVX512F alone (Xeon Phi has no BW).
+bool f32_gemm_supported() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   return yes;
 }
-bool f32_gemm_supported() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+bool dpbf16_supported() {
+  static const bool yes = f32_gemm_supported() && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
 
@@ -43,8 +50,7 @@ FC_TARGET FC_INLINE __mmask16 column_mask(int64_t n) { return n >= 16 ? __mmask1
 // one row of fp32 (FMA). Both read 256-byte rows of a 64-column panel of B.
 struct Bf16Pairs {
   using E = uint16_t;
-  static constexpr int kStep = 2;             // rows of B per step
-  static constexpr int64_t kRow = kPairsRow;  // elements per step of a panel
+  static constexpr int kStep = 2;  // rows of B per step
   static FC_TARGET FC_INLINE __m512 load_b(const E* b, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, b));
   }
@@ -60,7 +66,6 @@ struct Bf16Pairs {
 struct F32 {
   using E = float;
   static constexpr int kStep = 1;
-  static constexpr int64_t kRow = kPanelCols;
   static FC_TARGET FC_INLINE __m512 load_b(const E* b, __mmask16 m) { return _mm512_maskz_loadu_ps(m, b); }
   static FC_TARGET FC_INLINE __m512 broadcast_a(const E* a) { return _mm512_set1_ps(*a); }
   static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
@@ -81,7 +86,8 @@ struct Bf16AsF32 {
 };
 
 // C[0:R, 0:n) (+)= A[0:R, 0:K) B[.., 0:n), n <= 16 V, K a multiple of Op::kStep; B one panel, its
-// steps along K ldb elements apart (Op::kRow when packed; a row-major fp32 B's row stride).
+// steps along K ldb elements apart (a packed panel's row: kPairsRow or kPanelCols; a row-major B's
+// row stride).
 // kLastRow (bf16 pairs only): the product of A's column K and B's row K alone (the last row of
 // an odd K), A's pair being (A[i][K], 0) and B's second row masked to 0 (a 0 * inf would be NaN).
 template <typename Op, int R, int V, bool kLastRow>
@@ -144,6 +150,11 @@ void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::E* A, int64_
                 int64_t panel_stride, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
+  if (K == 0) {  // C = 0 or unchanged
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+    return;
+  }
   const int64_t K_even = K - K % Op::kStep;
   // Panels outside, so one panel (K x 64: 16 KiB of bf16 at K = 128) stays in L1 or L2 while
   // every row block of A passes over it.
@@ -182,20 +193,26 @@ namespace {
 // One vector whose lane i is the sum of the lanes of v[i], i < 16 (v is overwritten): four
 // butterfly stages, the stage of bit h adding each pair (v[i], v[i + h]) into one vector whose
 // lanes with bit h clear fold v[i] and those with it set fold v[i + h]; 15 pairs, 45 operations.
-FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512* v) {
-  FC_UNROLL for (int h = 8; h >= 1; h /= 2) {
-    alignas(64) int32_t lo[16], hi[16];
-    for (int j = 0; j < 16; ++j) lo[j] = (j & h) ? 16 + j - h : j, hi[j] = (j & h) ? 16 + j : j + h;
-    const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
-    FC_UNROLL for (int i = 0; i < h; ++i)
-      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[i], lo_idx, v[i + h]), _mm512_permutex2var_ps(v[i], hi_idx, v[i + h]));
-  }
-  return v[0];
+template <int h>
+FC_TARGET FC_INLINE void fold_stage(__m512 (&v)[16]) {
+  alignas(64) static constexpr auto kIdx = [] {
+    std::array<std::array<int32_t, 16>, 2> idx{};
+    for (int j = 0; j < 16; ++j) idx[0][j] = (j & h) ? 16 + j - h : j, idx[1][j] = (j & h) ? 16 + j : j + h;
+    return idx;
+  }();
+  const __m512i lo_idx = _mm512_load_si512(kIdx[0].data()), hi_idx = _mm512_load_si512(kIdx[1].data());
+  FC_UNROLL for (int i = 0; i < h; ++i)
+    v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[i], lo_idx, v[i + h]), _mm512_permutex2var_ps(v[i], hi_idx, v[i + h]));
+}
+FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512 (&v)[16]) {
+  fold_stage<8>(v), fold_stage<4>(v), fold_stage<2>(v), fold_stage<1>(v);  // one stage per bit, no loop:
+  return v[0];  // a rolled loop over the stages indexed the array and kept it in memory
 }
 }  // namespace
 
 // S (rows x n) = Q Kr^T as dot products along the rows, 16 keys at a time (avx512_gemm.h).
-// Op::dot_chunk(acc, q, k, c, K) adds the products of one chunk of the two rows from column c.
+// Op::load(x, left) loads one chunk of a row (kChunk elements, zero past its end), Op::dot(acc, q, k)
+// adds the products of two chunks into acc.
 template <typename Op, typename E>
 FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const E* Q, int64_t ldq, const E* Kr, int64_t ldk,
                                   float* S, int64_t lds) {
@@ -206,8 +223,10 @@ FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const E* Q
       FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t c = 0; c < K; c += Op::kChunk) {
         const auto q = Op::load(Q + r * ldq + c, K - c);
-        FC_UNROLL for (int i = 0; i < 16; ++i) if (i < nb)
-          acc[i] = Op::dot(acc[i], q, Op::load(Kr + (j0 + i) * ldk + c, K - c));
+        // Past the last key (nb < 16) the last row again, its sums not stored: no branch in the loop,
+        // which kept the accumulators in memory.
+        FC_UNROLL for (int i = 0; i < 16; ++i)
+          acc[i] = Op::dot(acc[i], q, Op::load(Kr + (j0 + std::min<int64_t>(i, nb - 1)) * ldk + c, K - c));
       }
       _mm512_mask_storeu_ps(S + r * lds + j0, column_mask(nb), sum_lanes_16(acc));
     }

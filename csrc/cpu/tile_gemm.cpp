@@ -156,7 +156,7 @@ bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), "FLASH_
 template <typename T>
 RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N_(x.size(3)) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
-  if (use_micro_kernel<T>()) {  // any K: the bf16 kernel handles an odd one itself
+  if (use_micro_kernel<T>() && N_ >= kMicroMinCols) {  // any K: the bf16 kernel handles an odd one itself
     const int64_t B = x.size(0), H = x.size(1), size = micro_size<T>(K_, N_);
     const at::Tensor src = x.stride(3) == 1 ? x : x.contiguous();
     micro_data_ = at::empty({B, H, std::max<int64_t>(size, 1)}, x.options());
