@@ -95,17 +95,23 @@ void micro_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
 template <typename T, typename C>
 void micro_gemm(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, C*, int64_t, bool) {}
 
+// C (+)= A B through the micro-kernel with B (K x N, row stride ldb) packed here, into a per-thread
+// buffer (O(K N), against O(M K N) for the product): for the operands of one GEMM (P, dS).
+template <typename T>
+void micro_gemm_packing(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, float* C,
+                        int64_t ldc, bool accumulate) {
+  thread_local std::vector<T> packed;
+  packed.resize(micro_size<T>(K, N));
+  micro_pack(K, N, B, ldb, packed.data());
+  micro_gemm(M, N, K, A, lda, packed.data(), micro_size<T>(K, kPanelCols), C, ldc, accumulate);
+}
+
 }  // namespace
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {
-  if (!use_avx512_f32() || M == 0 || N < kMicroMinCols || K == 0)
-    return blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  // B packed into the micro-kernel's panels (O(K N), against O(M K N) for the product).
-  thread_local std::vector<float> packed;
-  packed.resize(panels_f32_size(K, N));
-  pack_panels_f32(K, N, B, ldb, packed.data());
-  f32_gemm(M, N, K, A, lda, packed.data(), panels_f32_panel_size(K), C, ldc, accumulate);
+  if (!use_avx512_f32() || N < kMicroMinCols) return blas_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  micro_gemm_packing(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
           int64_t ldc, bool accumulate) {
@@ -113,13 +119,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const d
 }
 void gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate) {
-  if (!use_dpbf16() || M == 0 || N < kMicroMinCols || K == 0) return brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  // B packed into the micro-kernel's layout (O(K N), against O(M K N) for the product).
-  thread_local std::vector<uint16_t> packed;
-  packed.resize(pairs_size(K, N));
-  pack_pairs_bf16(K, N, reinterpret_cast<const uint16_t*>(B), ldb, packed.data());
-  dpbf16_gemm(M, N, K, reinterpret_cast<const uint16_t*>(A), lda, packed.data(), pairs_panel_size(K), C, ldc,
-              accumulate);
+  if (!use_dpbf16() || N < kMicroMinCols) return brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  micro_gemm_packing(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, const c10::Half* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {
@@ -203,8 +204,6 @@ void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t 
   if (micro_ && nn >= kMicroMinCols) {
     static_assert(kBlock == kPanelCols, "a key tile starts at a panel of the micro-kernel's layout");
     TORCH_INTERNAL_ASSERT(k0 % 2 == 0 && n0 % kPanelCols == 0, "RightOperand: from an even row, a whole panel");
-    if (M == 0) return;
-    if (kn == 0) return flash_cuda::cpu::gemm(M, nn, kn, A, lda, A, 0, C, ldc, accumulate);  // C = 0 or unchanged
     const int64_t panel = micro_size<T>(K_, kPanelCols);
     const T* B = micro_data_.data_ptr<T>() + (b * micro_data_.size(1) + h) * micro_data_.size(2) +
                  n0 / kPanelCols * panel + micro_size<T>(k0, kPanelCols);
