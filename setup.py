@@ -4,8 +4,11 @@ a CUDA build of torch and CUDA sources (csrc/cuda/*.cu) are all present.
     pip install --no-build-isolation .        # or -e .; MAX_JOBS=N limits parallel compiles
 """
 import glob
+import gzip
+import json
 import os
 import re
+import shutil
 
 from setuptools import setup
 
@@ -14,6 +17,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # (T4, RTX 20xx) needs "7.5;8.0;9.0+PTX": its kernels compile only in the sm_75 pass (README,
 # "Turing"); the default stays lean for build time.
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# nvcc's intermediate files (--keep): among them X.compute_80.ptx (X.ptx when 8.0 is the only
+# architecture), the PTX that ptxas turned into the sm_80 SASS of csrc/cuda/X.cu. The build packages those (gzipped) as flash_cuda/ptx/X.ptx.gz
+# for the emulator's PTX executor (flash_cuda.emulate(executor="ptx")): it runs the very code
+# the sm_80 build runs, at no extra compile cost.
+KEEP_DIR = os.path.join(ROOT, "build", "nvcc-keep")
 
 
 def find_cuda_home():
@@ -71,12 +79,13 @@ def extension():
         # through a shell, where quotes and ';' would not survive.
         arch_tokens = re.sub(r"[;\s]+", ":", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
         arch_define = [f"-DFLASH_CUDA_ARCH_LIST={arch_tokens}"] if re.fullmatch(r"[0-9A-Za-z.+:]+", arch_tokens) else []
+        os.makedirs(KEEP_DIR, exist_ok=True)
         return cpp_extension.CUDAExtension(
             "flash_cuda._C",
             cpp_sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DFLASH_CUDA_WITH_CUDA"] + arch_define,
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "--keep", f"--keep-dir={KEEP_DIR}"]},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension("flash_cuda._C", cpp_sources, include_dirs=include_dirs,
@@ -84,9 +93,45 @@ def extension():
                                       extra_link_args=link_flags)
 
 
+def package_ptx(package_dir):
+    """Copy the kept sm_80 PTX of every csrc/cuda/X.cu into package_dir/ptx/X.ptx.gz (replacing
+    what an earlier build left there); remove nvcc's other intermediates (preprocessed sources,
+    cubins: about 5 MB per file)."""
+    out_dir = os.path.join(package_dir, "ptx")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if not os.path.isdir(KEEP_DIR):
+        return
+    sources = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "**", "*.cu"), recursive=True)}
+    index = {}  # entry (mangled kernel name) -> file
+    for path in sorted(glob.glob(os.path.join(KEEP_DIR, "*")), key=os.path.getmtime):  # the newest last
+        name = os.path.basename(path)
+        stem = name.split(".")[0]
+        if not name.endswith(".ptx"):
+            os.remove(path)
+            continue
+        with open(path, "rb") as src:
+            text = src.read()
+        # X.ptx (one architecture in the list) or X.compute_80.ptx (several): the sm_80 pass's
+        if stem in sources and re.search(rb"^\.target\s+sm_80\b", text, re.M):
+            os.makedirs(out_dir, exist_ok=True)
+            with gzip.GzipFile(os.path.join(out_dir, stem + ".ptx.gz"), "wb", mtime=0) as dst:
+                dst.write(text)
+            for entry in re.findall(rb"\.entry\s+([A-Za-z0-9_$]+)\s*\(", text):
+                index[entry.decode()] = stem + ".ptx.gz"
+    if index:
+        with open(os.path.join(out_dir, "index.json"), "w") as f:
+            json.dump(index, f, indent=0, sort_keys=True)
+
+
 def build_ext_cmdclass():
     from torch.utils.cpp_extension import BuildExtension
-    return {"build_ext": BuildExtension}
+
+    class BuildWithPtx(BuildExtension):
+        def run(self):
+            super().run()
+            package_ptx(os.path.dirname(self.get_ext_fullpath("flash_cuda._C")))
+
+    return {"build_ext": BuildWithPtx}
 
 
 setup(

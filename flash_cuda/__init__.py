@@ -18,8 +18,8 @@ from . import ops  # noqa: F401  (registers the ops, their fake and autograd fun
 from .api import (attention, attention_with_kvcache, cuda_arch_list, has_cuda_kernels, pad_input,
                   scaled_dot_product_attention, unpad_input, varlen_attention)
 from .emulate import DEVICES as EMULATED_DEVICES
-from .emulate import DeviceProfile, emulate
+from .emulate import DeviceProfile, emulate, ptx_kernels
 
 __all__ = ["attention", "attention_with_kvcache", "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input",
-           "has_cuda_kernels", "cuda_arch_list", "emulate", "DeviceProfile", "EMULATED_DEVICES"]
+           "has_cuda_kernels", "cuda_arch_list", "emulate", "ptx_kernels", "DeviceProfile", "EMULATED_DEVICES"]
 __version__ = "0.1.0"

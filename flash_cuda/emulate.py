@@ -9,6 +9,13 @@ choices, same grid) and the kernel source compiled by the host compiler; see csr
 launch whose checks fail (race, out-of-bounds access, missing cp.async wait, collective or
 barrier not reached by every thread) raises RuntimeError after it completes.
 
+executor: what runs each kernel launch. "source" (default): the kernel source compiled by the
+host compiler. "ptx": the PTX that nvcc emitted for that kernel in the extension's sm_80 build
+(packaged by setup.py from nvcc's intermediate files: the text ptxas compiled into the shipped
+SASS), parsed once and interpreted thread by thread, with the same checks and counters; see
+csrc/emu/ptx_program.h. ptx={entry: text} replaces a kernel's PTX inside the context (for
+experiments and planted-bug tests); ptx_kernels() lists the entries and their text.
+
 device: the GPU emulated, a name of DEVICES or a DeviceProfile. The dispatcher picks tile
 configurations and KV-cache splits from its limits exactly as it does from a real GPU's, and a
 launch past them (shared memory, threads or registers per block) fails before it runs, as the
@@ -16,11 +23,15 @@ driver would refuse it; a GPU older than the kernels' compute capability is refu
 launcher (NotImplementedError).
 """
 import dataclasses
+import gzip
 import json
+import os
+import re
 
 import torch
 
 ORDERS = ("forward", "reverse", "random")
+EXECUTORS = ("source", "ptx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +73,72 @@ def _device_profile(device):
     raise TypeError(f"emulate: device must be a str or a DeviceProfile, got {type(device).__name__}")
 
 
-def _configure(active, order, seed, check, workers, device):
+def _configure(active, order, seed, check, workers, device, executor="source"):
     major, minor = device.compute_capability
     torch.ops.flash_cuda._emu_configure(active, order, seed, check, workers, device.name, 10 * major + minor,
                                         device.sm_count, device.smem_per_block, device.threads_per_block,
-                                        device.regs_per_block)
+                                        device.regs_per_block, executor)
+
+
+# ---- the PTX the build packaged (setup.py: flash_cuda/ptx/<source>.ptx.gz and index.json) ----
+_PTX_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ptx")
+_ptx_index = None
+_ptx_modules = {}
+_ptx_replacements = {}  # the active context's ptx={...}
+
+
+def _index():
+    global _ptx_index
+    if _ptx_index is None:
+        path = os.path.join(_PTX_DIR, "index.json")
+        _ptx_index = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                _ptx_index = json.load(f)
+    return _ptx_index
+
+
+def _module(file):
+    if file not in _ptx_modules:
+        with gzip.open(os.path.join(_PTX_DIR, file), "rt") as f:
+            _ptx_modules[file] = f.read()
+    return _ptx_modules[file]
+
+
+_ENTRY_START = re.compile(r"^(?:\.visible\s+|\.weak\s+)?\.entry\s+([A-Za-z0-9_$]+)\s*\(", re.M)
+
+
+def _entry_text(module, entry):
+    """The module's preamble (.version, .target, module-level declarations) and this entry alone:
+    a module of one kernel, which is what ptx_kernels() gives and ptx={...} takes."""
+    starts = [(m.start(), m.group(1)) for m in _ENTRY_START.finditer(module)]
+    if not starts:
+        return None
+    preamble = module[: starts[0][0]]
+    for i, (pos, name) in enumerate(starts):
+        if name == entry:
+            end = starts[i + 1][0] if i + 1 < len(starts) else len(module)
+            return preamble + module[pos:end]
+    return None
+
+
+def _ptx_source(entry):
+    """The PTX module text for a kernel entry (called by the extension at a launch under the PTX
+    executor); "" when there is none."""
+    if entry in _ptx_replacements:
+        return _ptx_replacements[entry]
+    file = _index().get(entry)
+    if file is None:
+        return ""
+    return _entry_text(_module(file), entry) or ""
+
+
+def ptx_kernels():
+    """{entry: PTX text} for every kernel the PTX executor can run: each a module of one kernel,
+    as nvcc emitted it for the sm_80 build. The keys are the kernel functions' mangled names,
+    which launch records carry as "entry". Empty when the build has no PTX (built without nvcc,
+    or with a TORCH_CUDA_ARCH_LIST without 8.0)."""
+    return {entry: _ptx_source(entry) for entry in sorted(_index())}
 
 
 class emulate:
@@ -78,13 +150,29 @@ class emulate:
         Bounds checks and collective/barrier checks are always on.
     workers: OS threads running blocks in parallel (default: torch.get_num_threads()).
     device: the GPU emulated (see the module docstring); default "a100".
+    executor: "source" (default) or "ptx" (see the module docstring).
+    ptx: {entry: PTX text} replacing kernels' PTX under executor="ptx".
     """
 
     _active = False
 
-    def __init__(self, order="forward", check=True, seed=0, workers=None, device="a100"):
+    def __init__(self, order="forward", check=True, seed=0, workers=None, device="a100", executor="source", ptx=None):
         if order not in ORDERS:
             raise ValueError(f"emulate: order must be one of {ORDERS}, got {order!r}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"emulate: executor must be one of {EXECUTORS}, got {executor!r}")
+        if ptx is not None:
+            if executor != "ptx":
+                raise ValueError("emulate: ptx= replaces kernels' PTX and needs executor=\"ptx\"")
+            if not isinstance(ptx, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ptx.items()):
+                raise TypeError("emulate: ptx must be a dict {entry name: PTX text}")
+            unknown = sorted(set(ptx) - set(_index()))
+            if unknown:
+                raise ValueError(f"emulate: ptx names kernels this build does not have: {unknown[:3]} "
+                                 f"(flash_cuda.ptx_kernels() lists them)")
+            for entry, text in ptx.items():
+                torch.ops.flash_cuda._emu_ptx_check(text, entry)  # ValueError naming the line
+        self.executor, self.ptx = executor, dict(ptx or {})
         if not isinstance(check, bool):
             raise TypeError(f"emulate: check must be a bool, got {type(check).__name__}")
         workers = torch.get_num_threads() if workers is None else workers
@@ -98,12 +186,15 @@ class emulate:
         if emulate._active:
             raise RuntimeError("emulate: contexts do not nest")
         torch.ops.flash_cuda._emu_records()  # drop records of earlier launches
-        _configure(True, self.order, self.seed, self.check, self.workers, self.device)
+        _ptx_replacements.clear()
+        _ptx_replacements.update(self.ptx)
+        _configure(True, self.order, self.seed, self.check, self.workers, self.device, self.executor)
         emulate._active = True
         return self
 
     def __exit__(self, *exc):
         _configure(False, "forward", 0, True, 1, DEVICES["a100"])
+        _ptx_replacements.clear()
         emulate._active = False
         self._collect()
         return False

@@ -2,12 +2,15 @@
  * uses, and the self-test kernels as ops (torch.ops.flash_cuda._emu_*), for tests. Every op
  * registers its tensors' footprints as the global memory its launch may touch. */
 #include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <stdexcept>
 
 #include "../kernel_launch.h"
 #include "emu_session.h"
+#include "ptx_program.h"
 #include "runtime.h"
 #include "selftest_kernels.h"
 
@@ -17,7 +20,8 @@ namespace {
 std::atomic<bool> g_active{false};
 
 void configure(bool active, std::string order, int64_t seed, bool check, int64_t workers, std::string device, int64_t cc,
-               int64_t sm_count, int64_t smem_per_block, int64_t threads_per_block, int64_t regs_per_block) {
+               int64_t sm_count, int64_t smem_per_block, int64_t threads_per_block, int64_t regs_per_block,
+               std::string executor) {
   emu::Options o;
   TORCH_CHECK(cc > 0 && sm_count > 0 && smem_per_block >= 0 && threads_per_block > 0 && regs_per_block > 0,
               "emulate: device limits must be positive");
@@ -31,11 +35,61 @@ void configure(bool active, std::string order, int64_t seed, bool check, int64_t
   o.seed = static_cast<uint64_t>(seed);
   o.check = check;
   o.workers = static_cast<int>(workers);
+  if (executor == "source") o.executor = emu::Executor::source;
+  else if (executor == "ptx") o.executor = emu::Executor::ptx;
+  else TORCH_CHECK_VALUE(false, "emulate: executor must be 'source' or 'ptx', got '", executor, "'");
   emu::set_options(o);
   g_active = active;
 }
 
 std::string records() { return emu::records_json(emu::take_records()); }
+
+// The PTX executor's source of kernels' PTX: flash_cuda.emulate._ptx_source(entry), which reads
+// what the build packaged and applies emulate(ptx={...}) replacements. Called on the launching
+// thread, once per kernel and session.
+std::string ptx_source(const std::string& entry) {
+  namespace py = pybind11;
+  py::gil_scoped_acquire gil;
+  try {
+    return py::module_::import("flash_cuda.emulate").attr("_ptx_source")(entry).cast<std::string>();
+  } catch (py::error_already_set& e) {
+    throw std::runtime_error(std::string("PTX executor: reading the PTX of ") + entry + " failed: " + e.what());
+  }
+}
+
+const bool g_provider_set = [] {
+  emu::ptx::set_source_provider(&ptx_source);
+  return true;
+}();
+
+// Parses a PTX module's entry as the executor would; a ValueError naming the line if it cannot.
+void ptx_check(std::string text, std::string entry) {
+  try {
+    emu::ptx::parse(text, entry);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+std::vector<std::string> ptx_entries(std::string text) { return emu::ptx::entries(text); }
+
+// Runs entry of a PTX module on (blocks) x (threads) with one parameter, the address of buf: for
+// the executor's per-instruction tests, whose kernels read inputs from and write results to buf.
+void ptx_run(std::string text, std::string entry, const at::Tensor& buf, int64_t threads, int64_t blocks, int64_t smem) {
+  TORCH_CHECK(buf.is_contiguous(), "buf: contiguous");
+  TORCH_CHECK(threads >= 1 && blocks >= 1 && smem >= 0, "threads, blocks >= 1, smem >= 0");
+  std::shared_ptr<emu::ptx::Program> program;
+  try {
+    program = emu::ptx::parse(text, entry);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  TORCH_CHECK_VALUE(program->param_bytes == 8, "the test kernel takes one .u64 parameter, has ", program->param_bytes, " bytes");
+  void* const param = buf.data_ptr();
+  emu::set_buffers({tensor_footprint(buf, true)});
+  emu::launch(entry.c_str(), {static_cast<unsigned>(blocks), 1, 1}, {static_cast<unsigned>(threads), 1, 1},
+              static_cast<size_t>(smem), 255, [&] { emu::ptx::run(*program, &param, sizeof(param)); });
+}
 
 at::Tensor checked(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.numel() == numel,
@@ -165,7 +219,10 @@ bool emu_active() { return g_active; }
 TORCH_LIBRARY_FRAGMENT(flash_cuda, m) {
   using namespace flash_cuda;
   m.def("_emu_configure(bool active, str order, int seed, bool check, int workers, str device, int cc, int sm_count, "
-        "int smem_per_block, int threads_per_block, int regs_per_block) -> ()", &configure);
+        "int smem_per_block, int threads_per_block, int regs_per_block, str executor) -> ()", &configure);
+  m.def("_emu_ptx_check(str text, str entry) -> ()", &ptx_check);
+  m.def("_emu_ptx_entries(str text) -> str[]", &ptx_entries);
+  m.def("_emu_ptx_run(str text, str entry, Tensor(a!) buf, int threads, int blocks, int smem) -> ()", &ptx_run);
   m.def("_emu_records() -> str", &records);
   m.def("_emu_ldmatrix_probe(Tensor tile, Tensor row_offset, int num, bool trans) -> Tensor", &ldmatrix_probe);
   m.def("_emu_mma_probe(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor", &mma_probe);

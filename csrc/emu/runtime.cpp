@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "fiber.h"
+#include "ptx_program.h"
 
 namespace emu {
 
@@ -681,8 +682,11 @@ void BlockRunner::complete(Thread& t, const std::vector<CpOp>& group) {
 
 // ---------------------------------------------------------------- public API
 void set_options(const Options& o) {
-  std::lock_guard<std::mutex> g(g_session_mutex);
-  g_options = o;
+  {
+    std::lock_guard<std::mutex> g(g_session_mutex);
+    g_options = o;
+  }
+  ptx::clear_cache();  // a new session may replace kernels' PTX
 }
 
 Options options() {
@@ -698,7 +702,7 @@ std::vector<LaunchRecord> take_records() {
 void set_buffers(std::vector<Buffer> buffers) { g_buffers = std::move(buffers); }
 
 void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int max_regs_per_thread,
-            const std::function<void()>& body) {
+            const std::function<void()>& source_body, const void* kernel_fn, const void* params, size_t params_bytes) {
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
   const Options opt = options();
@@ -717,6 +721,19 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int ma
   if (nthreads * uint64_t(max_regs_per_thread) > uint64_t(dev.regs_per_block))
     refuse(std::to_string(nthreads) + " threads x up to " + std::to_string(max_regs_per_thread) + " registers (at most " +
            std::to_string(dev.regs_per_block) + " registers per block)");
+
+  // The PTX executor runs the kernel's PTX entry, found (and parsed, once) before any block runs.
+  const std::string entry = ptx::symbol_name(kernel_fn);
+  std::function<void()> ptx_body;
+  if (opt.executor == Executor::ptx) {
+    if (kernel_fn == nullptr) throw std::runtime_error(std::string(name) + ": the PTX executor needs the kernel function of the launch");
+    std::shared_ptr<const ptx::Program> program = ptx::program_for(kernel_fn);
+    if (program->param_bytes != params_bytes)
+      throw std::runtime_error(std::string(name) + ": PTX entry takes " + std::to_string(program->param_bytes) +
+                               " bytes of parameters, the launch passes " + std::to_string(params_bytes));
+    ptx_body = [program, params, params_bytes] { ptx::run(*program, params, params_bytes); };
+  }
+  const std::function<void()>& body = opt.executor == Executor::ptx ? ptx_body : source_body;
 
   LaunchCtx L;
   L.name = name;
@@ -748,7 +765,8 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int ma
     for (auto& t : pool) t.join();
   }
 
-  LaunchRecord rec{name, dev.name, grid, block, dynamic_smem, L.counters, L.errors};
+  LaunchRecord rec{name, entry, opt.executor == Executor::ptx ? "ptx" : "source", dev.name, grid, block, dynamic_smem,
+                   L.counters, L.errors};
   if (L.error_count > L.errors.size())
     rec.errors.push_back("... and " + std::to_string(L.error_count - L.errors.size()) + " more");
   {
@@ -767,6 +785,13 @@ const Dim3& block_idx() { return runner().bidx; }
 const Dim3& block_dim() { return runner().L->block; }
 const Dim3& grid_dim() { return runner().L->grid; }
 void* dynamic_shared() { return runner().smem; }
+size_t dynamic_shared_bytes() { return runner().L->smem; }
+int lane_id() { return runner().cur->lane; }
+
+void thread_error(const std::string& what, bool fatal) {
+  BlockRunner& R = runner();
+  R.error(what + " (" + R.who(R.cur->linear) + ")", fatal);
+}
 
 void syncthreads(Site s) { runner().wait_here(State::at_barrier, s); }
 
@@ -966,6 +991,10 @@ std::string records_json(const std::vector<LaunchRecord>& records) {
     const Counters& c = r.counters;
     o << (i ? "," : "") << "{\"kernel\":";
     str(r.kernel);
+    o << ",\"entry\":";
+    str(r.entry);
+    o << ",\"executor\":";
+    str(r.executor);
     o << ",\"device\":";
     str(r.device);
     o << ",\"grid\":";

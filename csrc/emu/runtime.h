@@ -30,6 +30,11 @@ struct Dim3 {
 
 enum class Order { forward, reverse, random };
 
+// What runs a kernel launch: its source compiled by the host compiler (the kernel body
+// function), or the PTX that nvcc produced for it in the sm_80 build (ptx_exec.h), looked up by
+// the kernel function's mangled name, which is the PTX entry's name.
+enum class Executor { source, ptx };
+
 // The GPU a session emulates (flash_cuda.emulate(device=...)): the limits a launch must keep
 // (a launch past them fails as it would on that card) and what the dispatcher picks from.
 // Default: an A100.
@@ -48,6 +53,7 @@ struct Options {
   bool check = true;   // race checker and poisoning of uninitialised/in-flight shared memory
   int workers = 1;     // OS threads running blocks in parallel
   Device device;
+  Executor executor = Executor::source;
 };
 
 // A global-memory range a launch may touch (a tensor's footprint).
@@ -88,6 +94,8 @@ inline const char* shared_kind_name(int k) {
 
 struct LaunchRecord {
   std::string kernel;
+  std::string entry;   // the kernel function's mangled name (the PTX entry), where known
+  std::string executor;  // "source" or "ptx"
   std::string device;  // the profile's name
   Dim3 grid, block;
   size_t dynamic_smem = 0;
@@ -110,8 +118,12 @@ void set_buffers(std::vector<Buffer> buffers);
 // max_regs_per_thread is the most the kernel may use, which __launch_bounds__ makes ptxas
 // keep to), and after it completes listing the problems found (races, out-of-bounds accesses,
 // deadlocks).
+// kernel_fn and params (the kernel function and its one parameter's bytes) identify the kernel
+// for the PTX executor: under Executor::ptx the launch runs the PTX entry named as kernel_fn's
+// symbol instead of kernel_body; without them such a launch is refused.
 void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int max_regs_per_thread,
-            const std::function<void()>& kernel_body);
+            const std::function<void()>& kernel_body, const void* kernel_fn = nullptr,
+            const void* params = nullptr, size_t params_bytes = 0);
 
 // ---- the device side, called from kernel code through cuda_host.h and ptx.h ----
 const Dim3& thread_idx();
@@ -119,11 +131,16 @@ const Dim3& block_idx();
 const Dim3& block_dim();
 const Dim3& grid_dim();
 void* dynamic_shared();
+size_t dynamic_shared_bytes();
+int lane_id();
 void syncthreads(Site s);
 void syncwarp(unsigned mask, Site s);
 // The launch's device's compute capability (major x 10 + minor): what nvcc's __CUDA_ARCH__ / 10
 // is in the device code a GPU runs (ptx.h's wrappers take sm_75's instructions below 80).
 int device_cc();
+// An error of the calling thread ("<what> (thread (x,y,z) of block (x,y,z))"); a fatal one ends
+// its block, as a trap does.
+void thread_error(const std::string& what, bool fatal);
 // __trap(): the launch fails with an error naming the site.
 void trap(Site s);
 

@@ -18,8 +18,10 @@ namespace flash_cuda {
 constexpr int kAppendThreads = 64;  // 32 lanes for the key row, 32 for the value row (d <= 256)
 
 // Grid (n_new, Hkv, B): one new row of keys and values per block.
-// static: the CUDA build and the emulator each compile their own (one translation unit each)
-static __global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(const KvAppendParams p) {
+// A template, like every kernel: its symbol is weak (the CUDA build and the emulator both
+// define it) and visible, which is how the PTX executor finds its entry by name.
+template <int kAppendThreadsT = kAppendThreads>
+__global__ void __launch_bounds__(kAppendThreadsT) kv_append_kernel(const KvAppendParams p) {
   const int n = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int64_t pos = int64_t(ld_global(&p.seqlens[batch])) + n;
   if (pos - n < 0 || pos >= p.capacity) return;
@@ -36,7 +38,7 @@ namespace FC_BACKEND {
 
 inline cudaError_t run_kv_append(const KvAppendParams& p, cudaStream_t stream) {
   if (p.n_new == 0 || p.b == 0 || p.hkv == 0) return cudaSuccess;
-  return launch_kernel("kv_append", kv_append_kernel, dim3(p.n_new, p.hkv, p.b), dim3(kAppendThreads), 0, stream, p);
+  return launch_kernel("kv_append", kv_append_kernel<>, dim3(p.n_new, p.hkv, p.b), dim3(kAppendThreads), 0, stream, p);
 }
 
 }  // namespace FC_BACKEND

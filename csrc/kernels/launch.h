@@ -3,6 +3,7 @@
  * block and shared-memory size the emulator runs are exactly the ones a GPU would get. */
 #pragma once
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -48,7 +49,17 @@ inline cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), di
   // block, at most 255 per thread, allocated in units of 8.
   const unsigned threads = block.x * block.y * block.z;
   const int max_regs = threads == 0 ? 255 : static_cast<int>(std::min<unsigned>(255, 65536 / threads / 8 * 8));
-  ::emu::launch(name, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, max_regs, [&] { kernel(args...); });
+  if constexpr (sizeof...(Params) == 1) {
+    // The one parameter (a params struct) as the kernel receives it: its bytes are the .param
+    // space of the PTX entry when the PTX executor runs the launch.
+    using P = std::decay_t<std::tuple_element_t<0, std::tuple<Params...>>>;
+    static_assert(std::is_trivially_copyable_v<P>, "a kernel's params are copied byte for byte to the GPU");
+    const P params(std::forward<Args>(args)...);
+    ::emu::launch(name, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, max_regs, [&] { kernel(params); },
+                  reinterpret_cast<const void*>(kernel), &params, sizeof(P));
+  } else {  // the emulator's self-test kernels (no PTX: the PTX executor refuses them)
+    ::emu::launch(name, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, max_regs, [&] { kernel(args...); });
+  }
   return cudaSuccess;
 #endif
 }
