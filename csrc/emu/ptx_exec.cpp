@@ -12,8 +12,8 @@
  * the extern array, at shared address 0); cvta converts between the two. Param space is the
  * bytes of the kernel's params struct.
  *
- * Checks beyond the runtime's: a register read before anything wrote it, integer division by
- * zero, an access to param space past the parameters, shared addresses outside the block's
+ * Checks beyond the runtime's: a value computed from a register that nothing wrote reaching an
+ * address, memory, a branch or a collective (Thread::defined_), integer division by zero, an access to param space past the parameters, shared addresses outside the block's
  * shared memory. Semantics are from the PTX ISA
  * (https://docs.nvidia.com/cuda/parallel-thread-execution/), section named at each case.
  */
@@ -106,7 +106,7 @@ inline float fmin_ptx(float a, float b) {
 class Thread {
  public:
   Thread(const Program& p, const char* params, size_t params_bytes)
-      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), written_(p.nregs, 0) {
+      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), defined_(p.nregs, 0) {
     smem_ = static_cast<char*>(::emu::dynamic_shared());
     smem_bytes_ = ::emu::dynamic_shared_bytes();
   }
@@ -118,7 +118,12 @@ class Thread {
   const char* params_;
   size_t params_bytes_;
   std::vector<uint64_t> r_;
-  std::vector<uint8_t> written_;
+  // Whether a register holds a defined value: written by an instruction none of whose sources
+  // was undefined. nvcc's if-conversion computes with registers that a skipped branch would
+  // have written (legal: the result is then unused), so reading one is no error; an undefined
+  // value reaching an address, memory, a branch or a warp collective is (sink()).
+  std::vector<uint8_t> defined_;
+  bool undef_ = false;  // the current instruction has read an undefined register
   char* smem_;
   size_t smem_bytes_;
 
@@ -134,9 +139,9 @@ class Thread {
   uint64_t get(const Operand& o, const Instr& in) {
     switch (o.kind) {
       case Operand::Kind::reg: {
-        if (!written_[o.reg]) {
-          written_[o.reg] = 1;  // reported once per register
-          error(in, "reads register " + P.reg_names[o.reg] + " before any instruction wrote it");
+        if (!defined_[o.reg]) {
+          if (!undef_) first_undef_ = o.reg;
+          undef_ = true;
         }
         const uint64_t v = r_[o.reg];
         return o.negate ? !v : v;
@@ -150,7 +155,16 @@ class Thread {
     if (o.kind == Operand::Kind::none) return;  // "_" sink
     if (o.kind != Operand::Kind::reg) fatal(in, "destination is not a register");
     r_[o.reg] = v;
-    written_[o.reg] = 1;
+    defined_[o.reg] = !undef_;
+  }
+  uint32_t first_undef_ = 0;
+  // An instruction whose effect leaves the thread (memory, control flow, collectives): its
+  // operands must be defined. Clears the taint, so that what it loads is defined.
+  void sink(const Instr& in, const char* what) {
+    if (undef_)
+      error(in, std::string(what) + " depends on register " + P.reg_names[first_undef_] +
+                    ", which no instruction wrote (or was computed from such a register)");
+    undef_ = false;
   }
 
   uint64_t special(Special s) {
@@ -253,7 +267,9 @@ class Thread {
     const int eb = std::max(1, type_bits(in.type) / 8);
     const size_t n = static_cast<size_t>(eb) * in.vec;
     uint8_t buf[64];
-    load(in, buf, address(in.o[1], in), n);
+    const uint64_t addr = address(in.o[1], in);
+    sink(in, "the address");
+    load(in, buf, addr, n);
     const Operand& d = in.o[0];
     for (int i = 0; i < in.vec; ++i) {
       uint64_t v = 0;
@@ -271,12 +287,15 @@ class Thread {
       const uint64_t x = get(in.vec == 1 ? v : elem(v, i), in);
       std::memcpy(buf + i * eb, &x, eb);
     }
-    store(in, buf, address(in.o[0], in), n);
+    const uint64_t addr = address(in.o[0], in);
+    sink(in, "the stored value or the address");
+    store(in, buf, addr, n);
   }
   // atom/red .add.f32 (PTX ISA, atom): global through the runtime's atomic; shared as a
   // read-modify-write (a block's threads run on one OS thread, one at a time).
   float atomic_add(const Instr& in, uint64_t addr, float v) {
     if (in.type != Type::f32 || in.mode != 0) fatal(in, "only .add.f32 is supported");
+    sink(in, "the atomic's value or address");
     switch (resolve(in.space, &addr)) {
       case Space::global: return ::emu::atomic_add_f32(reinterpret_cast<float*>(addr), v, in.site);
       case Space::shared: {
@@ -542,6 +561,7 @@ void Thread::exec_mma(const Instr& in) {
   for (uint32_t i = 0; i < na; ++i) ra[i] = static_cast<uint32_t>(get(elem(a, i), in));
   for (uint32_t i = 0; i < nbv; ++i) rb[i] = static_cast<uint32_t>(get(elem(b, i), in));
   for (int i = 0; i < 4; ++i) rc[i] = f32(get(elem(c, i), in));
+  sink(in, "a fragment");
   if (in.mode == 16) {
     ::emu::mma_m16n8k16(rd, ra, rb, rc, in.type2 == Type::bf16, in.site);
   } else {
@@ -560,6 +580,7 @@ void Thread::exec_shfl(const Instr& in) {
   const int b = static_cast<int>(get(in.o[2 + k], in));
   const int c = static_cast<int>(get(in.o[3 + k], in));
   const unsigned mask = static_cast<unsigned>(get(in.o[4 + k], in));
+  sink(in, "the shuffled value, lane or mask");
   const uint32_t v = ::emu::shfl(in.mode, mask, a, b, c, in.site);
   set(in.o[0], v, in);
   if (has_pred) {
@@ -582,8 +603,12 @@ void Thread::run() {
   size_t pc = 0;
   while (pc < ncode) {
     const Instr& in = code[pc++];
+    undef_ = false;
     if (in.guard != kNoReg) {
       const bool g = get(Operand{Operand::Kind::reg, false, in.guard}, in) != 0;
+      // An undefined guard makes an arithmetic result undefined; an instruction with an effect
+      // beyond the thread's registers (every op from ld on) must not depend on one.
+      if (in.op >= Op::ld) sink(in, "the guard predicate");
       if (g == in.guard_negate) continue;
     }
     switch (in.op) {
@@ -792,7 +817,7 @@ void Thread::run() {
       case Op::st: exec_st(in); break;
       case Op::atom: set(in.o[0], bits(atomic_add(in, address(in.o[1], in), f32(get(in.o[2], in)))), in); break;
       case Op::red: atomic_add(in, address(in.o[0], in), f32(get(in.o[1], in))); break;
-      case Op::bra: pc = in.target; break;
+      case Op::bra: pc = in.target; break;  // (a guard was checked above)
       case Op::ret: case Op::exit: return;
       case Op::trap: ::emu::trap(in.site); return;
       case Op::bar_sync:
@@ -800,7 +825,12 @@ void Thread::run() {
           fatal(in, "only bar.sync 0 (all threads of the block) is supported");
         ::emu::syncthreads(in.site);
         break;
-      case Op::bar_warp_sync: ::emu::syncwarp(static_cast<unsigned>(get(in.o[0], in)), in.site); break;
+      case Op::bar_warp_sync: {
+        const unsigned mask = static_cast<unsigned>(get(in.o[0], in));
+        sink(in, "the member mask");
+        ::emu::syncwarp(mask, in.site);
+        break;
+      }
       case Op::membar: break;  // the emulator's memory is sequentially consistent
       case Op::shfl: exec_shfl(in); break;
       case Op::vote_ballot:
@@ -808,6 +838,7 @@ void Thread::run() {
       case Op::mma: exec_mma(in); break;
       case Op::ldmatrix: {  // PTX ISA, ldmatrix: lanes give row addresses; the runtime's collective
         const uint64_t a = address(in.o[1], in);
+        sink(in, "the row address");
         char* p = a < smem_bytes_ ? smem_ + a : smem_ + smem_bytes_;  // outside: the runtime reports it
         uint32_t rr[4];
         const Operand& d = in.o[0];
@@ -825,6 +856,7 @@ void Thread::run() {
           if (x.kind == Operand::Kind::reg && P.reg_types[x.reg] == Type::pred) src_size = get(x, in) ? 0 : cp_size;
           else src_size = static_cast<int>(get(x, in));
         }
+        sink(in, "the addresses or the source size");
         char* p = shared_ptr(dst, cp_size, in, true);
         if (!p) break;
         ::emu::cp_async(p, reinterpret_cast<const void*>(src), cp_size, src_size, in.flags & kCg, in.site);
