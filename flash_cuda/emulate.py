@@ -180,6 +180,11 @@ class emulate:
             raise ValueError(f"emulate: workers must be a positive int, got {workers!r}")
         self.order, self.check, self.seed, self.workers = order, check, int(seed), workers
         self.device = _device_profile(device)
+        if executor == "ptx" and tuple(self.device.compute_capability) < (8, 0):
+            raise ValueError(f"emulate: executor=\"ptx\" runs the sm_80 pass's PTX (the code path of every GPU from "
+                             f"sm_80 on); device {self.device.name!r} is sm_"
+                             f"{self.device.compute_capability[0]}{self.device.compute_capability[1]}: use "
+                             f"executor=\"source\" for it")
         self._launches = []
 
     def __enter__(self):

@@ -106,12 +106,14 @@ inline float fmin_ptx(float a, float b) {
 class Thread {
  public:
   Thread(const Program& p, const char* params, size_t params_bytes)
-      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), defined_(p.nregs, 0) {
+      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), defined_(p.nregs, 0), origin_(p.nregs) {
+    for (uint32_t i = 0; i < p.nregs; ++i) origin_[i] = i;
     smem_ = static_cast<char*>(::emu::dynamic_shared());
     smem_bytes_ = ::emu::dynamic_shared_bytes();
   }
 
   void run();
+  uint64_t executed[6] = {};  // instructions issued, by InstrClass (predicated-off included)
 
  private:
   const Program& P;
@@ -123,6 +125,9 @@ class Thread {
   // have written (legal: the result is then unused), so reading one is no error; an undefined
   // value reaching an address, memory, a branch or a warp collective is (sink()).
   std::vector<uint8_t> defined_;
+  // For an undefined register: the register nothing wrote that its value comes from (itself
+  // when nothing wrote it), so that errors name the root.
+  std::vector<uint32_t> origin_;
   bool undef_ = false;  // the current instruction has read an undefined register
   char* smem_;
   size_t smem_bytes_;
@@ -140,7 +145,7 @@ class Thread {
     switch (o.kind) {
       case Operand::Kind::reg: {
         if (!defined_[o.reg]) {
-          if (!undef_) first_undef_ = o.reg;
+          if (!undef_) first_undef_ = origin_[o.reg], first_read_ = o.reg;
           undef_ = true;
         }
         const uint64_t v = r_[o.reg];
@@ -156,14 +161,15 @@ class Thread {
     if (o.kind != Operand::Kind::reg) fatal(in, "destination is not a register");
     r_[o.reg] = v;
     defined_[o.reg] = !undef_;
+    if (undef_) origin_[o.reg] = first_undef_;
   }
-  uint32_t first_undef_ = 0;
+  uint32_t first_undef_ = 0, first_read_ = 0;
   // An instruction whose effect leaves the thread (memory, control flow, collectives): its
   // operands must be defined. Clears the taint, so that what it loads is defined.
   void sink(const Instr& in, const char* what) {
     if (undef_)
-      error(in, std::string(what) + " depends on register " + P.reg_names[first_undef_] +
-                    ", which no instruction wrote (or was computed from such a register)");
+      error(in, std::string(what) + " depends on register " + P.reg_names[first_undef_] + ", which no instruction wrote" +
+                    (first_read_ != first_undef_ ? " (through " + P.reg_names[first_read_] + ")" : std::string()));
     undef_ = false;
   }
 
@@ -603,6 +609,7 @@ void Thread::run() {
   size_t pc = 0;
   while (pc < ncode) {
     const Instr& in = code[pc++];
+    ++executed[in.cls];
     undef_ = false;
     if (in.guard != kNoReg) {
       const bool g = get(Operand{Operand::Kind::reg, false, in.guard}, in) != 0;
@@ -891,6 +898,7 @@ void run(const Program& program, const void* params, size_t params_bytes) {
                              " bytes of parameters; the launch passes " + std::to_string(params_bytes));
   Thread t(program, static_cast<const char*>(params), params_bytes);
   t.run();
+  ::emu::add_instructions(t.executed);
 }
 
 void set_source_provider(std::function<std::string(const std::string&)> provider) {

@@ -27,6 +27,24 @@ int type_bits(Type t) {
   }
 }
 bool is_signed(Type t) { return t == Type::s8 || t == Type::s16 || t == Type::s32 || t == Type::s64; }
+// The class an instruction counts under (runtime.h's InstrClass).
+InstrClass classify(const Instr& in) {
+  switch (in.op) {
+    case Op::mma: return InstrClass::tensor;
+    case Op::ld: case Op::st: case Op::atom: case Op::red: case Op::ldmatrix: case Op::cp_async:
+      return InstrClass::memory;
+    case Op::bra: case Op::ret: case Op::exit: case Op::trap: return InstrClass::control;
+    case Op::bar_sync: case Op::bar_warp_sync: case Op::membar: case Op::shfl: case Op::vote_ballot:
+    case Op::activemask: case Op::cp_async_commit: case Op::cp_async_wait_group: case Op::cp_async_wait_all:
+      return InstrClass::sync;
+    case Op::mov: case Op::cvta: return InstrClass::integer;
+    default: break;
+  }
+  auto fp = [](Type t) { return is_float(t) || t == Type::f16x2 || t == Type::bf16x2; };
+  if (in.op == Op::and_ || in.op == Op::or_ || in.op == Op::xor_ || in.op == Op::not_) return InstrClass::integer;
+  return fp(in.type) || fp(in.type2) ? InstrClass::fp : InstrClass::integer;
+}
+
 bool is_float(Type t) {
   return t == Type::f16 || t == Type::bf16 || t == Type::tf32 || t == Type::f32 || t == Type::f64;
 }
@@ -501,6 +519,7 @@ class Parser {
     if (in.op == Op::bra) {
       if (ops.size() != 1) fail(line_, "bra takes one label");
       branch_fixups_.emplace_back(prog_->code.size(), ops[0]);
+      in.cls = static_cast<uint8_t>(InstrClass::control);
       prog_->code.push_back(in);
       return;
     }
@@ -520,6 +539,7 @@ class Parser {
     in.n = static_cast<uint8_t>(expanded.size());
     for (size_t i = 0; i < expanded.size(); ++i) in.o[i] = operand(expanded[i], in);
     check_shape(in, opcode);
+    in.cls = static_cast<uint8_t>(classify(in));
     prog_->code.push_back(in);
   }
 

@@ -92,6 +92,7 @@ struct Instr {
   uint8_t n = 0;            // operands used
   Operand o[6];
   Site site;                // the PTX file and line, for errors and the counters' request keys
+  uint8_t cls = 0;          // InstrClass (runtime.h), for Counters::instructions
 };
 
 struct Program {

@@ -36,6 +36,7 @@ void Counters::add(const Counters& o) {
   }
   mma += o.mma;
   barriers += o.barriers;
+  for (int k = 0; k < 6; ++k) instructions[k] += o.instructions[k];
 }
 
 namespace {
@@ -795,6 +796,10 @@ void thread_error(const std::string& what, bool fatal) {
 
 void syncthreads(Site s) { runner().wait_here(State::at_barrier, s); }
 
+void add_instructions(const uint64_t (&per_class)[6]) {
+  for (int k = 0; k < 6; ++k) runner().counters.instructions[k] += per_class[k];
+}
+
 void syncwarp(unsigned mask, Site s) {
   Coll c{CollKind::syncwarp, mask, s};
   runner().collective(c);
@@ -1009,6 +1014,8 @@ std::string records_json(const std::vector<LaunchRecord>& records) {
     for (int k = 0; k < 4; ++k)
       o << (k ? "," : "") << "\"" << shared_kind_name(k) << "\":{\"requests\":" << c.shared_requests[k]
         << ",\"wavefronts\":" << c.shared_wavefronts[k] << ",\"ideal\":" << c.shared_wavefronts_ideal[k] << "}";
+    o << "},\"instructions\":{";
+    for (int k = 0; k < 6; ++k) o << (k ? "," : "") << "\"" << instr_class_name(k) << "\":" << c.instructions[k];
     o << "},\"errors\":[";
     for (size_t e = 0; e < r.errors.size(); ++e) {
       if (e) o << ",";

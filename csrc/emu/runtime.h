@@ -83,12 +83,25 @@ struct Counters {
   uint64_t shared_requests[4] = {}, shared_wavefronts[4] = {}, shared_wavefronts_ideal[4] = {};
   uint64_t mma = 0;        // warp-level mma.sync instructions
   uint64_t barriers = 0;   // __syncthreads completed, summed over blocks
+  // PTX executor only: thread instructions executed (predicated-off ones included, as on the
+  // hardware they issue), by class (InstrClass); the source executor leaves them 0.
+  uint64_t instructions[6] = {};
   void add(const Counters& o);
 };
 
 enum class SharedKind { ldmatrix = 0, cp_async = 1, load = 2, store = 3 };
 inline const char* shared_kind_name(int k) {
   static const char* names[] = {"ldmatrix", "cp_async", "load", "store"};
+  return names[k];
+}
+
+// Classes of PTX instructions for Counters::instructions: tensor (mma), fp (arithmetic, compare,
+// select and conversion on floating-point types, including ex2/lg2/rcp), integer (the rest of the
+// arithmetic, logic, moves and address conversion), memory (ld/st/atom/red, ldmatrix, cp.async),
+// control (bra, ret, exit) and sync (bar, bar.warp.sync, shfl, vote, cp.async commit/wait, membar).
+enum class InstrClass { tensor = 0, fp = 1, integer = 2, memory = 3, control = 4, sync = 5 };
+inline const char* instr_class_name(int k) {
+  static const char* names[] = {"tensor", "fp", "integer", "memory", "control", "sync"};
   return names[k];
 }
 
@@ -133,6 +146,9 @@ const Dim3& grid_dim();
 void* dynamic_shared();
 size_t dynamic_shared_bytes();
 int lane_id();
+// The PTX executor's per-thread instruction counts (by InstrClass), added to the launch's
+// counters when the thread finishes.
+void add_instructions(const uint64_t (&per_class)[6]);
 void syncthreads(Site s);
 void syncwarp(unsigned mask, Site s);
 // The launch's device's compute capability (major x 10 + minor): what nvcc's __CUDA_ARCH__ / 10

@@ -1,0 +1,549 @@
+"""The PTX executor (csrc/emu/ptx_parse.cpp, ptx_exec.cpp): the PTX nvcc emitted for the shipped
+sm_80 build, run thread by thread on the CPU through the emulator's runtime.
+
+Layers: single instructions in hand-written PTX against hand-computed values (ftz, NaN and inf,
+shifts past the width, signed division, cvt rounding and saturation, predication, divergence
+before a collective, undefined registers); then every instantiation of the build, forward and
+backward, against the float64 reference under FlashAttention's rule in two thread orders with
+the race checker on, and against the source executor; the feature kernels (dropout,
+deterministic dQ, packed batches, the KV cache); bad input; and planted bugs that only the
+PTX executor can see: an mma with swapped operands, and a cp.async wait without its "memory"
+clobber compiled by nvcc."""
+import collections
+import os
+import re
+import shutil
+import struct
+import subprocess
+
+import pytest
+import torch
+
+import flash_cuda
+from flash_cuda import emulate
+from reference import assert_fa_rule, attention_ref, max_err
+from test_kernel_fwd import HEAD_DIMS, make_qkv
+from test_masks_kernels import check as check_features, features
+
+KERNELS = flash_cuda.ptx_kernels()
+needs_ptx = pytest.mark.skipif(not KERNELS, reason="this build packaged no PTX (built without an sm_80 pass)")
+
+
+# ---- single instructions ------------------------------------------------------------------------
+
+def module(body, regs=""):
+    """A PTX module of one kernel `t` taking the address of a buffer, as %rd1 (global)."""
+    return f""".version 8.0
+.target sm_80
+.address_size 64
+
+.visible .entry t(.param .u64 t_param_0)
+{{
+  .reg .pred %p<8>;
+  .reg .b16 %h<8>;
+  .reg .b32 %r<40>;
+  .reg .f32 %f<40>;
+  .reg .b64 %rd<8>;
+{regs}
+  ld.param.u64 %rd0, [t_param_0];
+  cvta.to.global.u64 %rd1, %rd0;
+{body}
+  ret;
+}}
+"""
+
+
+def run(body, buf, threads=1, blocks=1, smem=0, regs=""):
+    torch.ops.flash_cuda._emu_ptx_run(module(body, regs), "t", buf, threads, blocks, smem)
+    return buf
+
+
+def f32_bits(x):
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def words(*xs):
+    """An int32 buffer: floats by their bits, ints as they are."""
+    return torch.tensor([f32_bits(x) if isinstance(x, float) else x for x in xs], dtype=torch.int64).to(torch.int32)
+
+
+def as_f32(buf):
+    return buf.view(torch.float32)
+
+
+def load_f(n, at=0):
+    return "\n".join(f"  ld.global.f32 %f{i}, [%rd1+{4 * (at + i)}];" for i in range(n))
+
+
+def load_r(n, at=0):
+    return "\n".join(f"  ld.global.u32 %r{i}, [%rd1+{4 * (at + i)}];" for i in range(n))
+
+
+def test_ftz_flushes_subnormal_inputs_and_results():
+    sub = 1e-40  # subnormal in fp32
+    buf = run(load_f(2) + """
+  add.ftz.f32 %f10, %f0, 0f00000000;
+  add.f32 %f11, %f0, 0f00000000;
+  mul.ftz.f32 %f12, %f1, %f1;
+  mul.rn.f32 %f13, %f1, %f1;
+  st.global.f32 [%rd1+8], %f10;
+  st.global.f32 [%rd1+12], %f11;
+  st.global.f32 [%rd1+16], %f12;
+  st.global.f32 [%rd1+20], %f13;""", words(sub, 1e-20, 0, 0, 0, 0))
+    got = as_f32(buf)
+    assert got[2].item() == 0.0 and got[3].item() == torch.tensor(sub).item()  # flushed / kept
+    assert got[4].item() == 0.0 and got[5].item() == (torch.tensor(1e-20) * torch.tensor(1e-20)).item() != 0
+
+
+def test_nan_and_inf_through_max_min_and_ex2():
+    nan, inf = float("nan"), float("inf")
+    buf = run(load_f(4) + """
+  max.f32 %f10, %f0, %f1;
+  min.f32 %f11, %f1, %f0;
+  max.f32 %f12, %f0, %f0;
+  ex2.approx.ftz.f32 %f13, %f2;
+  neg.f32 %f20, %f2;
+  ex2.approx.ftz.f32 %f14, %f20;
+  ex2.approx.ftz.f32 %f15, %f0;
+  ex2.approx.ftz.f32 %f16, %f3;
+  ex2.approx.ftz.f32 %f17, 0fC2FE0000;
+  ex2.approx.f32 %f18, 0fC2FE0000;
+  ex2.approx.ftz.f32 %f19, 0f3F800000;""" + "".join(
+        f"\n  st.global.f32 [%rd1+{4 * (4 + i)}], %f{10 + i};" for i in range(10)),
+        words(nan, 1.5, inf, -0.0, *[0] * 10))
+    got = as_f32(buf)[4:].tolist()
+    assert got[0] == 1.5 and got[1] == 1.5  # max/min: the non-NaN operand (PTX ISA, max)
+    assert got[2] != got[2]  # both NaN: NaN
+    assert got[3] == inf and got[4] == 0.0 and got[5] != got[5]  # ex2(+inf), ex2(-inf), ex2(NaN)
+    assert got[6] == 1.0  # ex2(-0)
+    assert got[7] == 0.0 and got[8] == 2.0 ** -127  # 2^-127 is subnormal: .ftz flushes it
+    assert got[9] == 2.0
+
+
+def test_shifts_of_the_width_or_more_clamp():
+    """PTX ISA, shl/shr: shift amounts greater than the register width are clamped to it."""
+    buf = run(load_r(2) + """
+  shl.b32 %r10, %r0, 32;
+  shl.b32 %r11, %r0, 40;
+  shr.u32 %r12, %r1, 33;
+  shr.s32 %r13, %r1, 40;
+  shr.s32 %r14, %r1, 4;
+  shl.b32 %r15, %r0, 31;""" + "".join(
+        f"\n  st.global.u32 [%rd1+{4 * (2 + i)}], %r{10 + i};" for i in range(6)), words(3, -256, *[7] * 6))
+    assert buf[2:].tolist() == [0, 0, 0, -1, -16, -2 ** 31]
+
+
+def test_signed_division_and_remainder():
+    buf = run(load_r(4) + """
+  div.s32 %r10, %r0, %r1;
+  rem.s32 %r11, %r0, %r1;
+  div.u32 %r12, %r0, %r1;
+  div.s32 %r13, %r2, %r3;
+  rem.s32 %r14, %r2, %r3;""" + "".join(
+        f"\n  st.global.u32 [%rd1+{4 * (4 + i)}], %r{10 + i};" for i in range(5)),
+        words(-7, 2, -2 ** 31, -1, *[0] * 5))
+    # truncation toward zero; -7 as unsigned is 4294967289; INT_MIN / -1 wraps (no trap)
+    assert buf[4:].tolist() == [-3, -1, (2 ** 32 - 7) // 2, -2 ** 31, 0]
+    with pytest.raises(RuntimeError, match="division by zero"):
+        run(load_r(2) + "\n  div.s32 %r10, %r0, %r1;\n  st.global.u32 [%rd1+8], %r10;", words(5, 0, 0))
+
+
+def test_cvt_rounding_ties_and_saturation():
+    tie_even, tie_odd = f32_bits(1 + 2 ** -8), f32_bits(1 + 3 * 2 ** -8)  # halfway between bf16 neighbours
+    buf = run(load_f(8) + """
+  cvt.rn.bf16x2.f32 %r20, %f0, %f1;
+  cvt.rni.s32.f32 %r21, %f2;
+  cvt.rni.s32.f32 %r22, %f3;
+  cvt.rni.s32.f32 %r23, %f4;
+  cvt.rni.s32.f32 %r24, %f5;
+  cvt.rzi.s32.f32 %r25, %f6;
+  cvt.rni.s32.f32 %r26, %f7;
+  cvt.rn.f16.f32 %h1, %f2;
+  cvt.u32.u16 %r27, %h1;""" + "".join(
+        f"\n  st.global.u32 [%rd1+{4 * (8 + i)}], %r{20 + i};" for i in range(8)),
+        words(tie_even, tie_odd, 2.5, -2.5, 3e9, float("nan"), -2.7, -3e9, *[0] * 8))
+    got = [x & 0xFFFFFFFF for x in buf[8:].tolist()]
+    # a goes to the upper half (PTX ISA, cvt with two sources); ties round to the even mantissa
+    assert got[0] == (0x3F80 << 16 | 0x3F82)
+    assert [torch.tensor(x).to(torch.int32).item() for x in got[1:7]] == [2, -2, 2 ** 31 - 1, 0, -2, -2 ** 31]
+    assert got[7] == 0x4100  # 2.5 in fp16
+
+
+def test_predicated_off_instructions_have_no_effect():
+    buf = run(load_r(1) + """
+  setp.eq.u32 %p1, %r0, 0;
+  @%p1 st.global.u32 [%rd1+4], 7;
+  @!%p1 st.global.u32 [%rd1+8], 9;
+  @%p1 bra SKIP;
+  st.global.u32 [%rd1+12], 11;
+SKIP:
+  ld.global.u32 %r1, [%rd1+4];""", words(1, 5, 6, 0))
+    assert buf.tolist() == [1, 5, 9, 11]
+
+
+BRANCHY = """
+  mov.u32 %r0, %tid.x;
+  setp.lt.u32 %p1, %r0, 16;
+  @%p1 bra LOW;
+  add.u32 %r1, %r0, 100;
+  bra.uni JOIN;
+LOW:
+  shl.b32 %r1, %r0, 1;
+JOIN:
+"""
+
+
+def test_divergent_branches_reconverge_before_a_shuffle():
+    buf = run(BRANCHY + """
+  shfl.sync.bfly.b32 %r2, %r1, 16, 31, -1;
+  mul.wide.u32 %rd2, %r0, 4;
+  add.s64 %rd3, %rd1, %rd2;
+  st.global.u32 [%rd3], %r2;""", torch.zeros(32, dtype=torch.int32), threads=32)
+    x = [2 * l if l < 16 else l + 100 for l in range(32)]
+    assert buf.tolist() == [x[l ^ 16] for l in range(32)]
+
+
+def test_collective_member_mask_must_match_the_lanes_that_reach_it():
+    # half the warp skips a full-mask shuffle: its lanes never arrive
+    with pytest.raises(RuntimeError, match="mask|never|deadlock"):
+        run(BRANCHY + """
+  @%p1 bra END;
+  shfl.sync.bfly.b32 %r2, %r1, 1, 31, -1;
+END:""", torch.zeros(32, dtype=torch.int32), threads=32)
+    # every lane reaches a shuffle whose mask names only the lower half
+    with pytest.raises(RuntimeError, match="not in its mask"):
+        run("  mov.u32 %r1, %tid.x;\n  shfl.sync.bfly.b32 %r2, %r1, 1, 31, 65535;",
+            torch.zeros(32, dtype=torch.int32), threads=32)
+
+
+def test_undefined_registers():
+    """A register nothing wrote may feed arithmetic whose result is unused (nvcc's if-conversion
+    does that); reaching memory it is an error naming the register."""
+    buf = run("  add.u32 %r5, %r30, 1;\n  st.global.u32 [%rd1], 3;", torch.zeros(1, dtype=torch.int32))
+    assert buf.tolist() == [3]
+    with pytest.raises(RuntimeError, match=r"%r30"):
+        run("  add.u32 %r5, %r30, 1;\n  st.global.u32 [%rd1], %r5;", torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"%r31"):
+        run("  mul.wide.u32 %rd2, %r31, 4;\n  add.s64 %rd3, %rd1, %rd2;\n  st.global.u32 [%rd3], 1;",
+            torch.zeros(1, dtype=torch.int32))
+
+
+def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
+    text = module("  frobnicate.u32 %r1, %r2;")
+    line = text.splitlines().index("  frobnicate.u32 %r1, %r2;") + 1
+    with pytest.raises(ValueError, match=rf"frobnicate.*|.*:{line}:"):
+        torch.ops.flash_cuda._emu_ptx_check(text, "t")
+    with pytest.raises(ValueError, match=str(line)):
+        torch.ops.flash_cuda._emu_ptx_check(text, "t")
+    with pytest.raises(ValueError):
+        torch.ops.flash_cuda._emu_ptx_check(module("  add.u32 %r1, %r2"), "t")  # no ';'
+    with pytest.raises(ValueError):
+        torch.ops.flash_cuda._emu_ptx_check(module("  add.u32 %r1, %nope, 1;"), "t")  # undeclared register
+
+
+# ---- every instantiation -------------------------------------------------------------------------
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# the variant kernels: plain, band (causal and sliding windows), mod (softcap, ALiBi, a bias)
+VARIANT_ARGS = {"plain": None, "band": "band", "mod": "mod"}
+
+
+def fwd_bwd(q, k, v, kw, dout, executor, order="forward", **emu_kw):
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+    with emulate(order=order, check=True, executor=executor, **emu_kw) as emu:
+        out, lse = flash_cuda.attention(*leaves, return_lse=True, **kw)
+        grads = torch.autograd.grad((out.float() * dout.float()).sum(), wrt)
+    assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    return out, lse, grads, emu.launches
+
+
+def assert_agree(ptx, source, grads=False):
+    """The PTX executor's result against the source executor's: within an output ulp (the
+    softmax's row sums differ by nvcc's contraction, see test_forward_differences_are_nvccs_
+    contraction), gradients within what that changes."""
+    tol = 2e-3 if grads else 2 * torch.finfo(source.dtype).eps
+    assert max_err(ptx, source.double()) <= tol * source.abs().max().item() + 1e-6
+
+
+@needs_ptx
+@pytest.mark.parametrize("variant", list(VARIANT_ARGS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_every_instantiation_against_the_reference_and_the_source_executor(D, dtype, variant):
+    B, Hq, Nq, Nk = 1, 2, 37, 83
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, D, DTYPES[dtype], seed=D)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+    kw = features(VARIANT_ARGS[variant], B, Hq, Nq, Nk) if VARIANT_ARGS[variant] else {}
+    if dtype == "fp32":
+        kw.pop("attn_mask", None)  # (the bias gradient of fp32 is test_fp32_kernels.py's)
+    out, lse, grads, launches = fwd_bwd(q, k, v, kw, dout, "ptx")
+    assert {r["executor"] for r in launches} == {"ptx"} and all(r["entry"] in KERNELS for r in launches)
+    suffix = {"plain": ">", "band": ",band>", "mod": ",mod>"}[variant]
+    assert {r["kernel"].split("<")[0] for r in launches} >= {"flash_fwd", "flash_bwd"}
+    assert all(r["kernel"].endswith(suffix) for r in launches if r["kernel"].startswith(("flash_fwd<", "flash_bwd<")))
+    assert all(r["instructions"]["tensor"] == 32 * r["mma"] for r in launches)
+    if dtype == "fp32":
+        import test_fp32_kernels
+        test_fp32_kernels.check(q, k, v, kw, out, lse, "3xtf32")
+    else:
+        check_features(q, k, v, kw, dout, out, lse, grads)
+    # the other thread order: the same output; dK, dV bitwise (sums in registers), dQ by atomics
+    out_r, lse_r, grads_r, _ = fwd_bwd(q, k, v, kw, dout, "ptx", order="reverse")
+    assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
+    assert torch.equal(grads[1], grads_r[1]) and torch.equal(grads[2], grads_r[2])
+    # the source executor: the same launches and mma counts, the same output up to nvcc's
+    # contraction of the softmax's row_sum * alpha + p into one fma (see
+    # test_forward_differences_are_nvccs_contraction): an fp32 ulp or so in the row sums, which
+    # may flip an output's last bit, and what that changes in the gradients
+    s_out, s_lse, s_grads, s_launches = fwd_bwd(q, k, v, kw, dout, "source")
+    assert [(r["kernel"], r["grid"], r["mma"], r["barriers"]) for r in s_launches] == \
+           [(r["kernel"], r["grid"], r["mma"], r["barriers"]) for r in launches]
+    assert max_err(lse, s_lse.double()) <= 4 * 2 ** -24 * s_lse.abs().max().item()
+    assert_agree(out, s_out)
+    for g, s_g in zip(grads, s_grads):
+        assert_agree(g, s_g, grads=True)
+
+
+FMA = re.compile(r"fma\.rn\.ftz\.f32\s+(%f\d+),\s*(\S+),\s*(\S+),\s*(\S+);")
+
+
+def without_contraction(text):
+    """The PTX with every fma that is not the source's fmaf(score, c, -max) (the one multiplier
+    c they share) split into mul.rn + add.rn: what the host compiler computes for
+    row_sum * alpha + p, which nvcc (--use_fast_math implies --fmad=true) contracts."""
+    ops = FMA.findall(text)
+    c = collections.Counter(o[2] for o in ops).most_common(1)[0][0]
+    split = lambda m: m.group(0) if m.group(3) == c else (
+        f"mul.rn.ftz.f32 %ftmp, {m.group(2)}, {m.group(3)};\n\tadd.rn.ftz.f32 {m.group(1)}, %ftmp, {m.group(4)};")
+    return FMA.sub(split, text).replace(".reg .pred", ".reg .f32 %ftmp;\n\t.reg .pred", 1), sum(o[2] != c for o in ops)
+
+
+@needs_ptx
+@pytest.mark.parametrize("D,dtype,kw", [(128, torch.bfloat16, dict(window=(37, 5))), (64, torch.float32, {}),
+                                        (128, torch.float32, dict(causal=True))], ids=["bf16_window", "fp32", "fp32_causal"])
+def test_forward_differences_are_nvccs_contraction(D, dtype, kw):
+    """The forward's differences between the executors (an lse off by an ulp, fp32 outputs off
+    by a few) all come from nvcc's fma contraction: split those fma and the PTX executor's
+    output and lse equal the source executor's bit for bit."""
+    q, k, v = make_qkv(1, 2, 1, 37, 83, D, dtype, seed=D)
+    with emulate(executor="source"):
+        s_out, s_lse = flash_cuda.attention(q, k, v, return_lse=True, **kw)
+    with emulate(executor="ptx") as emu:
+        out, lse = flash_cuda.attention(q, k, v, return_lse=True, **kw)
+    assert not (torch.equal(out, s_out) and torch.equal(lse, s_lse))
+    entry = emu.launches[0]["entry"]
+    text, n = without_contraction(KERNELS[entry])
+    assert n == 8  # row_sum * alpha + p: 2 rows, in the masked and the unmasked loop, both copies
+    with emulate(executor="ptx", ptx={entry: text}):
+        u_out, u_lse = flash_cuda.attention(q, k, v, return_lse=True, **kw)
+    assert torch.equal(u_out, s_out) and torch.equal(u_lse, s_lse)
+
+
+# ---- feature kernels ------------------------------------------------------------------------------
+
+@needs_ptx
+def test_dropout_deterministic_and_99kib_kernels_agree_with_the_source_executor():
+    q, k, v = make_qkv(1, 2, 1, 45, 70, 64, torch.bfloat16, seed=5)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.dtype)
+    for kw, emu_kw in ((dict(dropout_p=0.3, causal=True), {}),
+                       (dict(causal=True, deterministic=True), {}),
+                       (dict(softcap=20.0, window=(30, 4)), dict(device="l4")),
+                       (dict(causal=True), dict(device="h100"))):
+        torch.manual_seed(0)
+        out, lse, grads, launches = fwd_bwd(q, k, v, kw, dout, "ptx", **emu_kw)
+        torch.manual_seed(0)
+        s_out, s_lse, s_grads, s_launches = fwd_bwd(q, k, v, kw, dout, "source", **emu_kw)
+        assert [r["kernel"] for r in launches] == [r["kernel"] for r in s_launches]
+        assert_agree(out, s_out)
+        for g, s_g in zip(grads, s_grads):
+            assert_agree(g, s_g, grads=True)
+        if kw.get("deterministic"):
+            assert "flash_bwd_dq" in {r["kernel"].split("<")[0] for r in launches}
+            _, _, grads_r, _ = fwd_bwd(q, k, v, kw, dout, "ptx", order="reverse", **emu_kw)
+            assert all(torch.equal(a, b) for a, b in zip(grads, grads_r))  # bitwise in any order
+
+
+@needs_ptx
+def test_packed_batches_agree_with_the_source_executor():
+    D, lens = 64, [5, 70, 33]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(sum(lens), 2, D, generator=g).to(torch.float16) for _ in range(3))
+    outs = []
+    for executor in ("ptx", "source"):
+        with emulate(executor=executor) as emu:
+            outs.append(flash_cuda.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=True))
+        assert all(r["errors"] == [] for r in emu.launches)
+    assert_agree(*outs)
+
+
+@needs_ptx
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_kvcache_kernels(D, dtype):
+    """Contiguous and paged caches, split-KV with its combine kernel and the in-place append."""
+    g = torch.Generator().manual_seed(D)
+    B, Hq, Hkv, N, bs = 2, 4, 2, 96, 16
+    q = torch.randn(B, Hq, 3, D, generator=g).to(dtype)
+    kn, vn = (torch.randn(B, Hkv, 2, D, generator=g).to(dtype) for _ in range(2))
+    pool_k, pool_v = (torch.randn(B * N // bs, Hkv, bs, D, generator=g).to(dtype) for _ in range(2))
+    table = torch.randperm(B * N // bs, generator=g).to(torch.int32).view(B, N // bs)
+    lens = torch.tensor([50, 77], dtype=torch.int32)
+    results = []
+    for executor in ("ptx", "source"):
+        kc, vc = pool_k.clone(), pool_v.clone()
+        with emulate(executor=executor) as emu:
+            out = flash_cuda.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table,
+                                                    causal=True, num_splits=3)
+        assert all(r["errors"] == [] for r in emu.launches)
+        assert {r["kernel"].split("<")[0] for r in emu.launches} >= {"flash_fwd_kvcache", "flash_fwd_kvcache_combine"}
+        results.append((out, kc, vc))
+    assert_agree(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])  # the append
+    # and against the float64 reference over each sequence's valid keys
+    out, kc, vc = results[0]
+    for b in range(B):
+        n = int(lens[b]) + 2
+        keys = torch.cat([kc[i] for i in table[b]], dim=1)[:, :n][None]
+        vals = torch.cat([vc[i] for i in table[b]], dim=1)[:, :n][None]
+        ref, _ = attention_ref(q[b:b + 1], keys, vals, causal=True)
+        plain, _ = attention_ref(q[b:b + 1], keys, vals, causal=True, dtype=dtype)
+        assert_fa_rule("out", out[b:b + 1], plain, ref, 2)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="executor"):
+        emulate(executor="sass")
+    with pytest.raises(ValueError, match="executor"):
+        emulate(ptx={})
+    with pytest.raises(TypeError, match="ptx"):
+        emulate(executor="ptx", ptx={"x": 3})
+    with pytest.raises(ValueError, match="sm_80"):
+        emulate(executor="ptx", device="t4")
+
+
+@needs_ptx
+def test_bad_replacements():
+    entry = next(iter(KERNELS))
+    with pytest.raises(ValueError, match="does not have"):
+        emulate(executor="ptx", ptx={"_Z9no_kernelv": KERNELS[entry]})
+    with pytest.raises(ValueError):
+        emulate(executor="ptx", ptx={entry: KERNELS[entry].replace("ld.param", "ld.parm", 1)})
+    with pytest.raises(ValueError):
+        emulate(executor="ptx", ptx={entry: "not ptx at all"})
+
+
+@needs_ptx
+def test_ptx_kernels_are_the_launched_entries():
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 64, torch.float16)
+    with emulate(executor="ptx") as emu:
+        flash_cuda.attention(q, k, v)
+    (rec,) = emu.launches
+    assert rec["executor"] == "ptx" and rec["entry"] in KERNELS
+    text = KERNELS[rec["entry"]]
+    assert ".target sm_80" in text and len(torch.ops.flash_cuda._emu_ptx_entries(text)) == 1
+    assert sum(rec["instructions"].values()) > 0
+    with emulate() as emu:
+        flash_cuda.attention(q, k, v)
+    assert emu.launches[0]["executor"] == "source" and sum(emu.launches[0]["instructions"].values()) == 0
+
+
+# ---- planted bugs ---------------------------------------------------------------------------------
+
+MMA = re.compile(r"mma\.sync\.aligned\.m16n8k16\S*\s+\{[^}]*\},\s*\{([^}]*)\}")
+
+
+@needs_ptx
+def test_swapped_mma_operands_are_caught():
+    """What nvcc emits for an asm string with {%4,%6,%5,%7} in place of {%4,%5,%6,%7}: the A
+    fragment's second and third registers swapped in the first mma. The source executor never
+    reads asm strings; the PTX executor's output is wrong against the reference."""
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 64, torch.bfloat16, seed=9)
+    with emulate(executor="ptx") as emu:
+        flash_cuda.attention(q, k, v)
+    entry = emu.launches[0]["entry"]
+    text = KERNELS[entry]
+    m = MMA.search(text)
+    a = [x.strip() for x in m.group(1).split(",")]
+    assert len(a) == 4 and a[1] != a[2]
+    planted = text[:m.start(1)] + ", ".join([a[0], a[2], a[1], a[3]]) + text[m.end(1):]
+    with emulate(executor="ptx", ptx={entry: planted}):
+        out = flash_cuda.attention(q, k, v)
+    ref, _ = attention_ref(q, k, v)
+    plain, _ = attention_ref(q, k, v, dtype=q.dtype)
+    with pytest.raises(AssertionError):
+        assert_fa_rule("out", out, plain, ref, 2)
+    with emulate(executor="ptx"):
+        good = flash_cuda.attention(q, k, v)
+    assert_fa_rule("out", good, plain, ref, 2)
+
+
+PLANTED_SOURCE = r"""
+// A shared-memory load written as inline asm, the way ptx.h's wrappers are. QUALIFIERS is
+// "volatile" with a "memory" clobber (ptx.h's rule) or neither: then nvcc takes the asm for a
+// pure function of its operands.
+__device__ __forceinline__ float lds(unsigned addr) {
+  float x;
+  asm VOLATILE("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(addr) CLOBBER);
+  return x;
+}
+// Each of 4 steps copies a word per thread into shared memory with cp.async, waits, and adds
+// the neighbour's word.
+extern "C" __global__ void t(float* buf) {
+  extern __shared__ float s[];
+  const unsigned i = threadIdx.x;
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(s + i));
+  float acc = 0.0f;
+#pragma unroll 1
+  for (int k = 0; k < 4; ++k) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(buf + 32 * k + i) : "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads();
+    acc += lds(dst ^ 4);
+    __syncthreads();
+  }
+  buf[128 + i] = acc;
+}
+"""
+
+
+def nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+@pytest.mark.skipif(nvcc() is None, reason="needs nvcc")
+@pytest.mark.parametrize("wrapper", ["volatile_memory", "plain"])
+def test_asm_load_without_volatile_or_memory_clobber(tmp_path, wrapper):
+    """Compiled by nvcc for sm_80, as the extension is: with a plain asm load nvcc hoists it out
+    of the loop, above the first cp.async, its wait and the barrier (loop-invariant code motion
+    of what it takes for a pure function), so it reads shared memory nothing has written yet;
+    the PTX executor reports that. With volatile and "memory" the load stays after the wait and
+    the kernel is clean and right. The source executor cannot see this: in it the wrapper is a
+    C++ function whose effects the host compiler knows."""
+    src = tmp_path / "planted.cu"
+    good = wrapper == "volatile_memory"
+    src.write_text(PLANTED_SOURCE.replace("VOLATILE", "volatile" if good else "")
+                   .replace("CLOBBER", ': "memory"' if good else ""))
+    out = tmp_path / "planted.ptx"
+    subprocess.run([nvcc(), "-arch=sm_80", "-O3", "-ptx", str(src), "-o", str(out)], check=True)
+    text = out.read_text()
+    body = text[text.index(".entry t"):]
+    wait, load = body.index("cp.async.wait_group"), body.index("ld.shared.f32")
+    buf = torch.zeros(160, dtype=torch.float32)
+    buf[:128] = torch.arange(128, dtype=torch.float32) + 1
+    expected = [sum(buf[32 * k + (i ^ 1)].item() for k in range(4)) for i in range(32)]
+    if good:
+        assert wait < load
+        torch.ops.flash_cuda._emu_ptx_run(text, "t", buf, 32, 1, 128)  # (always the PTX executor)
+        assert buf[128:].tolist() == expected
+    else:
+        assert load < wait  # nvcc's reordering, in its own output
+        with pytest.raises(RuntimeError, match="uninitialised shared memory"):
+            torch.ops.flash_cuda._emu_ptx_run(text, "t", buf, 32, 1, 128)
