@@ -134,23 +134,24 @@ def launch_shapes(name, n=8):
     return {k: v[:2] for k, v in launch_records(name, n).items()}
 
 
-def launch_records(name, n=8):
-    """{kernel role: (threads, dynamic smem, grid, mma count)} of an instantiation's kernels for
-    B = H = 1, Nq = Nk = n, emulated through the real launcher without the checkers."""
+def launch_records(name, n=8, executor="source"):
+    """{kernel role: (threads, dynamic smem, grid, mma count, PTX instructions by class)} of an
+    instantiation's kernels for B = H = 1, Nq = Nk = n, emulated through the real launcher
+    without the checkers (the instruction counts: under executor="ptx")."""
     import torch
     import flash_cuda
     m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16|fp32)(_band|_mod)?(_99kib|_sm75)?$", name)
     kind, d, dtype, variant = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
     device = BUDGET_DEVICE[m.group(5) or ""]
     if kind == "fwd_kvcache":
-        return kvcache_launch_records(d, torch.float16 if dtype == "fp16" else torch.bfloat16, n, device)
+        return kvcache_launch_records(d, torch.float16 if dtype == "fp16" else torch.bfloat16, n, device, executor)
     # what makes the dispatcher pick the variant (csrc/kernels/dispatch.h)
     kwargs = {"": {}, "_band": dict(causal=True), "_mod": dict(causal=True, softcap=30.0)}[variant]
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     shapes = {}
     for deterministic in (False, True):
         q, k, v = (torch.randn(1, 1, n, d, dtype=dt, requires_grad=True) for _ in range(3))
-        with flash_cuda.emulate(check=False, device=device) as emu:
+        with flash_cuda.emulate(check=False, device=device, executor=executor) as emu:
             out = flash_cuda.attention(q, k, v, deterministic=deterministic, **kwargs)
             if kind == "bwd":  # (a forward's file has only the forward: sm_75 has no backward at 256)
                 out.sum().backward()
@@ -160,20 +161,34 @@ def launch_records(name, n=8):
                    "flash_bwd_dq": "bwd dQ pass (deterministic)",
                    # (fp32: always the deterministic pass)
                    "flash_bwd": "bwd main (deterministic)" if deterministic or dtype == "fp32" else "bwd main (atomic dQ)"}[base]
-            shapes[key] = (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"])
+            shapes[key] = (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"], r["instructions"])
     return shapes
 
 
-def kvcache_launch_records(d, dt, n, device="a100"):
+def kvcache_launch_records(d, dt, n, device="a100", executor="source"):
     """The KV-cache forward and its merge, launched for one decoding step split in two."""
     import torch
     import flash_cuda
     q, kc, vc = torch.randn(1, 2, 1, d, dtype=dt), torch.randn(1, 1, n, d, dtype=dt), torch.randn(1, 1, n, d, dtype=dt)
-    with flash_cuda.emulate(check=False, device=device) as emu:
+    with flash_cuda.emulate(check=False, device=device, executor=executor) as emu:
         flash_cuda.attention_with_kvcache(q, kc, vc, num_splits=2)
     names = {"flash_fwd_kvcache": "fwd kvcache", "flash_fwd_kvcache_combine": "fwd kvcache combine"}
-    return {names[r["kernel"].split("<")[0]]: (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"])
-            for r in emu.launches}
+    return {names[r["kernel"].split("<")[0]]: (r["threads_per_block"], r["dynamic_smem"], tuple(r["grid"]), r["mma"],
+                                               r["instructions"]) for r in emu.launches}
+
+
+PTX_CLASSES = ("tensor", "fp", "integer", "memory", "control", "sync")
+
+
+def ptx_per_warp(rec):
+    """The PTX executor's thread instructions of a launch by class, over 32 x its warps: warp
+    instructions per warp where the warp's lanes stay converged."""
+    if rec is None:
+        return ""
+    threads, _, grid, _, instr = rec
+    warps = (threads + 31) // 32 * grid[0] * grid[1] * grid[2]
+    per = [instr[c] / (32 * warps) for c in PTX_CLASSES]
+    return "/".join(f"{x:.0f}" for x in per) + f" ({sum(per):.0f})"
 
 
 def main():
@@ -181,6 +196,9 @@ def main():
     ap.add_argument("--arch", nargs="+", default=["80", "90"], choices=sorted(ARCH))
     ap.add_argument("--filter", default="", help="substring of the instantiation file name")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--ptx-counts", type=int, metavar="N", default=0,
+                    help="add the PTX executor's dynamic instruction counts per warp by class for B = H = 1, "
+                         "Nq = Nk = N (e.g. 128: one key tile), beside the static SASS counts")
     args = ap.parse_args()
     nvcc, cuobjdump = tool("nvcc"), tool("cuobjdump")
     srcs = sorted(p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_hdim*.cu")) if args.filter in p)
@@ -191,13 +209,15 @@ def main():
             jobs[futs[f]] = f.result()
 
     head = ["instantiation", "kernel", "arch", "regs", "spill st/ld (B)", "threads", "smem/block", "blocks/SM",
-            "occupancy"] + list(SASS_OPS) + ["total"]
+            "occupancy"] + list(SASS_OPS) + ["total"] + (
+        [f"PTX executed per warp at N={args.ptx_counts}: " + "/".join(PTX_CLASSES) + " (total)"] if args.ptx_counts else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     spills = {"dense": 0, "packed": 0, "kvcache": 0}
     stack = {"dense": 0, "packed": 0, "kvcache": 0}
     for s in srcs:
         name = os.path.basename(s)[:-3]
         shapes = launch_shapes(name)
+        dynamic = launch_records(name, args.ptx_counts, "ptx") if args.ptx_counts else {}
         for a in args.arch:
             for kernel, r in sorted(jobs[(s, a)].items()):
                 threads, smem = shapes[kernel.replace(" (packed)", "")]  # same launch as the dense one
@@ -208,6 +228,9 @@ def main():
                 row = [name, kernel, f"sm_{a} ({ARCH[a]['name']})", r["regs"], f"{r['spill_st']}/{r['spill_ld']}",
                        threads, f"{smem / 1024:.1f} KiB", blocks, f"{occ:.0%}"] + \
                       [r["mix"][k] for k in SASS_OPS] + [r["mix"]["total"]]
+                if args.ptx_counts:
+                    row.append(ptx_per_warp(dynamic.get(kernel.replace(" (packed)", ""))) if not
+                               kernel.endswith("(packed)") else "")
                 lines.append("| " + " | ".join(str(x) for x in row) + " |")
     report = "\n".join(lines) + (
         f"\n\nTotal spill bytes over all instantiations and architectures: {spills['dense']} in the kernels of "

@@ -251,7 +251,7 @@ def our_rows(archs, filt, jobs, nvcc, cuobjdump):
         rec = launch_records(name, N_PROBE)
         role = "fwd" if kind == "fwd" else "bwd main (atomic dQ)"
         r = compiled[(s, a)][role]
-        threads, smem, grid, mma = rec[role]
+        threads, smem, grid, mma = rec[role][:4]
         bm, bn = tile_from_launch(kind, d, grid[0], mma // 2 if a == "75" else mma, causal)  # (sm_75: two mma per k16)
         # HMMA per warp per iteration: the 64x64-tile work (fwd 2 GEMMs, bwd 5) over the warps
         # (sm_75: HMMA.1688, half an m16n8k16's work each)

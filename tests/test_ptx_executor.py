@@ -341,6 +341,80 @@ def test_forward_differences_are_nvccs_contraction(D, dtype, kw):
     assert torch.equal(u_out, s_out) and torch.equal(u_lse, s_lse)
 
 
+# Every packaged forward/backward entry: dense batches (as a GPU runs them: the kVarlen = false
+# kernels, which the source executor never runs) and packed ones, atomic and deterministic dQ,
+# on an A100 and on a 99 KiB card (the compact instantiations), each call against the float64
+# reference and the source executor.
+VARIANT_KW = {"plain": {}, "band": dict(causal=True, window=(40, -1)), "mod": dict(window=(30, 9), softcap=4.0)}
+TRAITS_DTYPE = {"fp16": "6__half", "bf16": "13__nv_bfloat16", "fp32": "f"}
+
+
+def packed_call(q, k, v, lens_q, lens_k, kw, deterministic):
+    cq = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
+    ck = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
+    return flash_cuda.varlen_attention(q, k, v, cq, ck, max(lens_q), max(lens_k), deterministic=deterministic, **kw)
+
+
+def coverage_call(dtype, D, variant, packed, deterministic, device, executor):
+    """(out, grads, launch records) of one forward + backward; packed: two sequences."""
+    g = torch.Generator().manual_seed(D)
+    kw = VARIANT_KW[variant]
+    if packed:
+        lens_q, lens_k = [19, 30], [41, 25]
+        q, k, v = (torch.randn(sum(lens), 2, D, generator=g).to(dtype).requires_grad_()
+                   for lens in (lens_q, lens_k, lens_k))
+    else:
+        q, k, v = (torch.randn(1, 2, n, D, generator=g).to(dtype).requires_grad_() for n in (30, 45, 45))
+    dout = torch.randn(q.shape, generator=g).to(dtype)
+    with emulate(check=True, device=device, executor=executor) as emu:
+        out = packed_call(q, k, v, lens_q, lens_k, kw, deterministic) if packed else \
+            flash_cuda.attention(q, k, v, deterministic=deterministic, **kw)
+        grads = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v))
+    assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    if packed:  # the reference per sequence
+        refs, plains = [], []
+        for b in range(2):
+            sq, sk = slice(sum(lens_q[:b]), sum(lens_q[:b + 1])), slice(sum(lens_k[:b]), sum(lens_k[:b + 1]))
+            qb, kb, vb = (x.detach()[s].transpose(0, 1)[None] for x, s in ((q, sq), (k, sk), (v, sk)))
+            refs.append(attention_ref(qb, kb, vb, **kw)[0][0].transpose(0, 1))
+            plains.append(attention_ref(qb, kb, vb, dtype=dtype, **kw)[0][0].transpose(0, 1))
+        ref, plain = torch.cat(refs), torch.cat(plains)
+    else:
+        ref, plain = attention_ref(q.detach(), k.detach(), v.detach(), **kw)[0], \
+            attention_ref(q.detach(), k.detach(), v.detach(), dtype=dtype, **kw)[0]
+    if dtype == torch.float32:  # 3xTF32: within a few times fp32 attention's error
+        assert max_err(out, ref) <= 4 * max_err(plain, ref) + 1e-6
+    else:
+        assert_fa_rule("out", out, plain, ref, 2)
+    return out, grads, emu.launches
+
+
+@needs_ptx
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_every_packaged_kernel_runs(dtype):
+    launched = set()
+    for D in HEAD_DIMS:
+        for variant in VARIANT_KW:
+            for device in ("a100", "l4") if D >= 96 else ("a100",):
+                for packed in (False, True):
+                    for deterministic in (False, True) if dtype != "fp32" else (True,):
+                        args = (DTYPES[dtype], D, variant, packed, deterministic, device)
+                        out, grads, launches = coverage_call(*args, "ptx")
+                        s_out, s_grads, s_launches = coverage_call(*args, "source")
+                        assert [r["kernel"] for r in launches] == [r["kernel"] for r in s_launches]
+                        assert_agree(out, s_out)
+                        for a, b in zip(grads, s_grads):
+                            assert_agree(a, b, grads=True)
+                        launched |= {r["entry"] for r in launches}
+    families = ("flash_fwd_kernel", "flash_bwd_kernel", "flash_bwd_dq_kernel", "flash_bwd_preprocess_kernel",
+                "flash_bwd_postprocess_kernel")
+    wanted = {e for e in KERNELS if any(f"{len(f)}{f}I" in e for f in families)
+              and f"TraitsI{TRAITS_DTYPE[dtype]}Li" in e
+              and not e.endswith("ELb1ELb1ELb1ELb1EEEvNS_9FwdParamsE")  # (the KV-cache forward: test_kvcache_kernels)
+              and "ELi64EE" not in e}  # (the Turing instantiations: a T4 runs their sm_75 code, never this PTX)
+    assert wanted and wanted <= launched, sorted(wanted - launched)[:5]
+
+
 # ---- feature kernels ------------------------------------------------------------------------------
 
 @needs_ptx
@@ -363,6 +437,60 @@ def test_dropout_deterministic_and_99kib_kernels_agree_with_the_source_executor(
             assert "flash_bwd_dq" in {r["kernel"].split("<")[0] for r in launches}
             _, _, grads_r, _ = fwd_bwd(q, k, v, kw, dout, "ptx", order="reverse", **emu_kw)
             assert all(torch.equal(a, b) for a, b in zip(grads, grads_r))  # bitwise in any order
+
+
+def param_bytes(text, values):
+    """The .param space of a module's one entry, filled from values in declaration order: an
+    int, or a tensor (its address), or bytes for a .b8 array."""
+    decls = re.findall(r"\.param\s+(?:\.align\s+(\d+)\s+)?\.(\w+)\s+\w+(?:\[(\d+)\])?", text)
+    out = bytearray()
+    for (align, kind, count), value in zip(decls, values, strict=True):
+        size = int(count) if count else int(kind[1:]) // 8
+        align = int(align) if align else size
+        out += bytes(-len(out) % align)
+        if isinstance(value, torch.Tensor):
+            value = value.data_ptr()
+        out += value if isinstance(value, bytes) else (value % 2 ** (8 * size)).to_bytes(size, "little")
+    return torch.frombuffer(bytearray(out), dtype=torch.uint8)
+
+
+def cuda_only_kernel(name):
+    (entry,) = [e for e in KERNELS if name in e]
+    return entry, KERNELS[entry]
+
+
+@needs_ptx
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_dropout_mask_kernel(packed):
+    """The CUDA build's keep-mask kernel (behind return_dropout_mask on a GPU; its PTX keeps a
+    16-byte local frame), which the emulator's launcher does not launch: run from its PTX with
+    the op's arguments, it writes the CPU backend's mask bit for bit."""
+    entry, text = cuda_only_kernel("dropout_mask_kernel")
+    B, H, nq, nk, p = 2, 3, 19, 37, 0.3
+    state = torch.tensor([0x1234_5678_9ABC, 64], dtype=torch.int64)
+    cu_q, cu_k = (torch.tensor([0, 11, 30], dtype=torch.int32), torch.tensor([0, 37, 50], dtype=torch.int32)) \
+        if packed else (None, None)
+    expected = torch.ops.flash_cuda.dropout_mask(state, p, B, H, nq, nk, cu_q, cu_k)
+    out = torch.zeros(B, H, nq, nk, dtype=torch.bool)
+    total, threshold = out.numel(), int(p * 2 ** 32)
+    params = param_bytes(text, [out, state, threshold, H, nq, nk, total, cu_q if packed else 0, cu_k if packed else 0])
+    buffers = [out, state] + ([cu_q, cu_k] if packed else [])
+    torch.ops.flash_cuda._emu_ptx_launch(text, entry, buffers, params, [(total + 255) // 256, 1, 1], [256, 1, 1], 0)
+    assert torch.equal(out, expected)
+    assert 0.6 < out.float().mean().item() < 0.8 if not packed else not out[0, :, 11:].any()
+
+
+@needs_ptx
+def test_philox_state_kernel():
+    """The CUDA build's (seed, offset) kernel: by value, and through the pointers a CUDA graph
+    capture passes (offset + the intra-graph increment)."""
+    entry, text = cuda_only_kernel("philox_state_kernel")
+    out, seed, offset = torch.zeros(2, dtype=torch.int64), torch.tensor([77]), torch.tensor([1000])
+    pack = lambda *xs: b"".join((x.data_ptr() if isinstance(x, torch.Tensor) else x).to_bytes(8, "little") for x in xs)
+    for source, want in ((pack(5, 96, 0, 0, 0), [5, 96]), (pack(0, 0, seed, offset, 32), [77, 1032])):
+        torch.ops.flash_cuda._emu_ptx_launch(text, entry, [out, seed, offset], param_bytes(text, [out, source]),
+                                             [1, 1, 1], [1, 1, 1], 0)
+        assert out.tolist() == want
 
 
 @needs_ptx
@@ -424,6 +552,14 @@ def test_bad_arguments():
         emulate(executor="ptx", ptx={"x": 3})
     with pytest.raises(ValueError, match="sm_80"):
         emulate(executor="ptx", device="t4")
+
+
+@needs_ptx
+def test_every_packaged_kernel_parses():
+    """Every opcode any kernel of the build emits is implemented: parsing fails on one that is
+    not, naming it and its PTX line."""
+    for entry, text in KERNELS.items():
+        torch.ops.flash_cuda._emu_ptx_check(text, entry)
 
 
 @needs_ptx

@@ -91,6 +91,34 @@ void ptx_run(std::string text, std::string entry, const at::Tensor& buf, int64_t
               static_cast<size_t>(smem), 255, [&] { emu::ptx::run(*program, &param, sizeof(param)); });
 }
 
+// Runs entry of a PTX module on grid x block with params (a uint8 tensor: the bytes of its
+// .param space) and buffers as the global memory it may touch: for kernels of the CUDA build
+// the emulator's launcher does not launch (the dropout mask and Philox state kernels).
+void ptx_launch(std::string text, std::string entry, std::vector<at::Tensor> buffers, const at::Tensor& params,
+                std::vector<int64_t> grid, std::vector<int64_t> block, int64_t smem) {
+  TORCH_CHECK(grid.size() == 3 && block.size() == 3, "grid, block: three sizes each");
+  TORCH_CHECK(params.scalar_type() == at::kByte && params.is_contiguous(), "params: contiguous uint8");
+  std::shared_ptr<emu::ptx::Program> program;
+  try {
+    program = emu::ptx::parse(text, entry);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  TORCH_CHECK_VALUE(program->param_bytes == static_cast<size_t>(params.numel()), "params: ", entry, " takes ",
+                    program->param_bytes, " bytes of parameters, got ", params.numel());
+  std::vector<emu::Buffer> footprints;
+  for (const auto& b : buffers) {
+    TORCH_CHECK(b.is_contiguous(), "buffers: contiguous");
+    footprints.push_back(tensor_footprint(b, true));
+  }
+  emu::set_buffers(std::move(footprints));
+  const void* bytes = params.data_ptr();
+  const size_t n = static_cast<size_t>(params.numel());
+  emu::launch(entry.c_str(), {static_cast<unsigned>(grid[0]), static_cast<unsigned>(grid[1]), static_cast<unsigned>(grid[2])},
+              {static_cast<unsigned>(block[0]), static_cast<unsigned>(block[1]), static_cast<unsigned>(block[2])},
+              static_cast<size_t>(smem), 255, [&] { emu::ptx::run(*program, bytes, n); });
+}
+
 at::Tensor checked(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.numel() == numel,
               name, ": expected a CPU ", dtype, " tensor of ", numel, " elements");
@@ -223,6 +251,8 @@ TORCH_LIBRARY_FRAGMENT(flash_cuda, m) {
   m.def("_emu_ptx_check(str text, str entry) -> ()", &ptx_check);
   m.def("_emu_ptx_entries(str text) -> str[]", &ptx_entries);
   m.def("_emu_ptx_run(str text, str entry, Tensor(a!) buf, int threads, int blocks, int smem) -> ()", &ptx_run);
+  m.def("_emu_ptx_launch(str text, str entry, Tensor(a!)[] buffers, Tensor params, int[] grid, int[] block, int smem) -> ()",
+        &ptx_launch);
   m.def("_emu_records() -> str", &records);
   m.def("_emu_ldmatrix_probe(Tensor tile, Tensor row_offset, int num, bool trans) -> Tensor", &ldmatrix_probe);
   m.def("_emu_mma_probe(Tensor a, Tensor b, Tensor c, bool bf16) -> Tensor", &mma_probe);

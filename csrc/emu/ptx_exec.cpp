@@ -106,7 +106,7 @@ inline float fmin_ptx(float a, float b) {
 class Thread {
  public:
   Thread(const Program& p, const char* params, size_t params_bytes)
-      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), defined_(p.nregs, 0), origin_(p.nregs) {
+      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), local_(p.local_bytes, 0), defined_(p.nregs, 0), origin_(p.nregs) {
     for (uint32_t i = 0; i < p.nregs; ++i) origin_[i] = i;
     smem_ = static_cast<char*>(::emu::dynamic_shared());
     smem_bytes_ = ::emu::dynamic_shared_bytes();
@@ -124,6 +124,7 @@ class Thread {
   // was undefined. nvcc's if-conversion computes with registers that a skipped branch would
   // have written (legal: the result is then unused), so reading one is no error; an undefined
   // value reaching an address, memory, a branch or a warp collective is (sink()).
+  std::vector<char> local_;  // .local frame
   std::vector<uint8_t> defined_;
   // For an undefined register: the register nothing wrote that its value comes from (itself
   // when nothing wrote it), so that errors name the root.
@@ -253,8 +254,18 @@ class Thread {
         if (addr + n > params_bytes_) fatal(in, "reads past the kernel's parameters (" + std::to_string(params_bytes_) + " bytes)");
         std::memcpy(dst, params_ + addr, n);
         return;
-      default: fatal(in, "local and constant memory are not supported");
+      case Space::local:
+        std::memcpy(dst, local_ptr(addr, n, in), n);
+        return;
+      default: fatal(in, "constant memory is not supported");
     }
+  }
+  // Local memory: the thread's own frame (no other thread can see it, so no race checks).
+  char* local_ptr(uint64_t addr, size_t n, const Instr& in) {
+    if (addr > local_.size() || n > local_.size() - addr)
+      fatal(in, "local access of " + std::to_string(n) + " bytes at " + std::to_string(addr) + " outside the " +
+                    std::to_string(local_.size()) + "-byte frame");
+    return local_.data() + addr;
   }
   void store(const Instr& in, const void* src, uint64_t addr, size_t n) {
     const Site s = in.site;
@@ -265,7 +276,8 @@ class Thread {
         if (p) ::emu::shared_store(p, src, n, s);
         return;
       }
-      default: fatal(in, "stores only to global and shared memory are supported");
+      case Space::local: std::memcpy(local_ptr(addr, n, in), src, n); return;
+      default: fatal(in, "stores only to global, shared and local memory are supported");
     }
   }
 
@@ -918,9 +930,24 @@ std::string symbol_name(const void* kernel_fn) {
   return info.dli_sname;
 }
 
-std::shared_ptr<const Program> program_for(const void* kernel_fn) {
-  const std::string entry = symbol_name(kernel_fn);
-  if (entry.empty()) throw std::runtime_error("PTX executor: the kernel function has no exported symbol to name its PTX entry");
+std::string dense_entry(const std::string& entry) {
+  // A function template specialisation in a namespace mangles as _ZN...I<args>EEv<params>: its
+  // trailing bool arguments are the tokens Lb0E / Lb1E just before "EEv".
+  const size_t end = entry.rfind("EEv");
+  if (end == std::string::npos) return entry;
+  size_t pos = end;
+  while (pos >= 4 && (entry.compare(pos - 4, 4, "Lb0E") == 0 || entry.compare(pos - 4, 4, "Lb1E") == 0)) {
+    pos -= 4;
+    if (entry[pos + 2] == '1') {
+      std::string dense = entry;
+      dense[pos + 2] = '0';
+      return dense;
+    }
+  }
+  return entry;
+}
+
+std::shared_ptr<const Program> program_for(const std::string& entry) {
   std::function<std::string(const std::string&)> provider;
   {
     std::lock_guard<std::mutex> g(session().mutex);

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <regex>
 #include <sstream>
 #include <stdexcept>
 #include <unordered_map>
@@ -352,7 +353,17 @@ class Parser {
       }
       return;
     }
-    if (d == ".local" || d == ".shared") fail(line_, "local and shared variables inside a kernel are not supported: " + s);
+    if (d == ".local") {  // .local .align A .b8 name[N]: the thread's stack frame (nvcc's __local_depot)
+      std::smatch m;
+      static const std::regex re(R"(^\.local\s+\.align\s+(\d+)\s+\.b8\s+([A-Za-z_$%][A-Za-z0-9_$]*)\[(\d+)\]\s*;?$)");
+      if (!std::regex_match(s, m, re)) fail(line_, "expects .local .align A .b8 name[N]: " + s);
+      const size_t align = std::stoul(m[1]), bytes = std::stoul(m[3]);
+      const size_t at = (prog_->local_bytes + align - 1) / align * align;
+      symbols_[m[2]] = {Space::local, static_cast<int64_t>(at)};
+      prog_->local_bytes = at + bytes;
+      return;
+    }
+    if (d == ".shared") fail(line_, "shared variables inside a kernel are not supported: " + s);
     fail(line_, "unsupported directive: " + s);
   }
 
@@ -490,7 +501,8 @@ class Parser {
     }
     auto sym = symbols_.find(s);
     if (sym != symbols_.end()) {
-      // a shared variable's shared address, or a kernel parameter's param-space address
+      // a shared variable's shared address, a local one's local address (an offset into the
+      // thread's frame), or a kernel parameter's param-space address
       o.kind = Operand::Kind::imm;
       o.imm = sym->second.address;
       return o;

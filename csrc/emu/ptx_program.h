@@ -99,6 +99,7 @@ struct Program {
   std::string entry;       // the .entry name (the kernel function's mangled name)
   std::string site_file;   // "<entry>.ptx": what Site::file points to
   size_t param_bytes = 0;  // .param space of the entry
+  size_t local_bytes = 0;  // .local variables of the entry (each thread's own frame)
   uint32_t nregs = 0;      // register slots (scoped declarations in inline-asm blocks get their own)
   std::vector<std::string> reg_names;
   std::vector<Type> reg_types;
@@ -122,7 +123,10 @@ void run(const Program& program, const void* params, size_t params_bytes);
 void set_source_provider(std::function<std::string(const std::string& entry)> provider);
 // The parsed program for a kernel function under the PTX executor (cached until the session's
 // options change). Throws std::runtime_error when it has no PTX.
-std::shared_ptr<const Program> program_for(const void* kernel_fn);
+std::shared_ptr<const Program> program_for(const std::string& entry);
+// The entry with the last true template flag of a kernel's template arguments set to false
+// (runtime.h's DenseBatch); entry itself when it has no true flag.
+std::string dense_entry(const std::string& entry);
 // The mangled symbol name of a kernel function (empty if not found).
 std::string symbol_name(const void* kernel_fn);
 void clear_cache();

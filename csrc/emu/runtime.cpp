@@ -702,6 +702,12 @@ std::vector<LaunchRecord> take_records() {
 
 void set_buffers(std::vector<Buffer> buffers) { g_buffers = std::move(buffers); }
 
+namespace {
+thread_local bool g_dense_batch = false;
+}
+DenseBatch::DenseBatch(bool dense) : prev_(g_dense_batch) { g_dense_batch = dense; }
+DenseBatch::~DenseBatch() { g_dense_batch = prev_; }
+
 void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int max_regs_per_thread,
             const std::function<void()>& source_body, const void* kernel_fn, const void* params, size_t params_bytes) {
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
@@ -723,12 +729,15 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int ma
     refuse(std::to_string(nthreads) + " threads x up to " + std::to_string(max_regs_per_thread) + " registers (at most " +
            std::to_string(dev.regs_per_block) + " registers per block)");
 
-  // The PTX executor runs the kernel's PTX entry, found (and parsed, once) before any block runs.
-  const std::string entry = ptx::symbol_name(kernel_fn);
+  // The PTX executor runs the kernel's PTX entry (for a dense batch the dense kernel's, see
+  // DenseBatch), found (and parsed, once) before any block runs.
+  std::string entry = ptx::symbol_name(kernel_fn);
   std::function<void()> ptx_body;
   if (opt.executor == Executor::ptx) {
     if (kernel_fn == nullptr) throw std::runtime_error(std::string(name) + ": the PTX executor needs the kernel function of the launch");
-    std::shared_ptr<const ptx::Program> program = ptx::program_for(kernel_fn);
+    if (entry.empty()) throw std::runtime_error(std::string(name) + ": the kernel function has no exported symbol to name its PTX entry");
+    if (g_dense_batch) entry = ptx::dense_entry(entry);
+    std::shared_ptr<const ptx::Program> program = ptx::program_for(entry);
     if (program->param_bytes != params_bytes)
       throw std::runtime_error(std::string(name) + ": PTX entry takes " + std::to_string(program->param_bytes) +
                                " bytes of parameters, the launch passes " + std::to_string(params_bytes));

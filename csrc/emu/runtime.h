@@ -138,6 +138,22 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int ma
             const std::function<void()>& kernel_body, const void* kernel_fn = nullptr,
             const void* params = nullptr, size_t params_bytes = 0);
 
+// The emulator's host build instantiates only the kVarlen = true forward, backward and dQ
+// kernels and runs dense batches on them too (launch.h's with_varlen); a GPU runs a dense batch
+// on the kVarlen = false kernel. While a DenseBatch(true) lives on this thread, the PTX executor
+// runs that kernel's PTX: the entry with the last true template flag of the launched kernel
+// (kVarlen: the last true flag of every kernel with_varlen launches) set to false.
+class DenseBatch {
+ public:
+  explicit DenseBatch(bool dense);
+  ~DenseBatch();
+  DenseBatch(const DenseBatch&) = delete;
+  DenseBatch& operator=(const DenseBatch&) = delete;
+
+ private:
+  bool prev_;
+};
+
 // ---- the device side, called from kernel code through cuda_host.h and ptx.h ----
 const Dim3& thread_idx();
 const Dim3& block_idx();

@@ -17,14 +17,15 @@ inline const char* variant_suffix(bool band, bool mod) { return mod ? ",mod" : (
 
 // Calls f(std::bool_constant<kVarlen>): the instantiation of the forward, backward and dQ
 // kernels for p (seqlen.h). On the GPU dense batches get their own (no narrowing, no registers
-// spent on it); the emulator runs the kVarlen one for both, whose narrowing is the identity on
-// dense params, so its host build compiles each kernel once.
+// spent on it); the emulator's source executor runs the kVarlen one for both, whose narrowing
+// is the identity on dense params, so its host build compiles each kernel once. The PTX
+// executor runs the dense kernel's PTX for a dense batch, as a GPU does (runtime.h).
 template <class F>
 cudaError_t with_varlen(const AttnShape& p, F&& f) {
 #if defined(__CUDACC__)
   if (p.cu_seqlens_q == nullptr) return f(std::false_type{});
 #else
-  (void)p;
+  const ::emu::DenseBatch dense(p.cu_seqlens_q == nullptr);
 #endif
   return f(std::true_type{});
 }
