@@ -7,8 +7,8 @@ before a collective, undefined registers); then every instantiation of the build
 backward, against the float64 reference under FlashAttention's rule in two thread orders with
 the race checker on, and against the source executor; the feature kernels (dropout,
 deterministic dQ, packed batches, the KV cache); bad input; and planted bugs that only the
-PTX executor can see: an mma with swapped operands, and a cp.async wait without its "memory"
-clobber compiled by nvcc."""
+PTX executor can see: an mma with swapped operands, a cp.async wait without its "memory"
+clobber compiled by nvcc, and a 32-bit batch offset in the dense kernels only nvcc compiles."""
 import collections
 import os
 import re
@@ -683,3 +683,48 @@ def test_asm_load_without_volatile_or_memory_clobber(tmp_path, wrapper):
         assert load < wait  # nvcc's reordering, in its own output
         with pytest.raises(RuntimeError, match="uninitialised shared memory"):
             torch.ops.flash_cuda._emu_ptx_run(text, "t", buf, 32, 1, 128)
+
+
+# The dense forward's batch term of q's address, batch * q.batch_stride, as nvcc emits it: the
+# batch (ctaid.z) widened, the int64 stride loaded, a 64-bit product.
+BATCH_TERM = re.compile(r"mov\.u32\s+(%r\d+), %ctaid\.z;\s*cvt\.s64\.s32\s+(%rd\d+), \1;\s*"
+                        r"ld\.param\.u64\s+(%rd\d+), \[([^\]]+)\];\s*mul\.lo\.s64\s+(%rd\d+), \3, \2;")
+
+
+@needs_ptx
+def test_32_bit_batch_offset_is_caught():
+    """A 32-bit overflow in an address computation that exists only in nvcc's build: the dense
+    (kVarlen = false) forward kernels are compiled for the GPU alone (the source executor runs
+    the packed-batch kernels, which take a dense batch at run time). The planted PTX is what nvcc
+    emits for head_ptr's batch term written batch * int(t.batch_stride): the stride's low half
+    and a 32-bit mul.lo.s32, sign-extended. On q with 2^30 + 4096 elements between batches
+    (a 4 GiB view, untouched but for its rows), batch 2's offset passes 2^31 and wraps 4 GiB
+    below q: the PTX executor reports the read outside every tensor. The shipped PTX and the
+    source executor get the right output on the same q."""
+    b, h, n, d = 3, 1, 64, 64
+    stride = (1 << 30) + n * d
+    storage = torch.empty(2 * stride + n * d, dtype=torch.bfloat16)  # 4 GiB of address space
+    q = storage.as_strided((b, h, n, d), (stride, n * d, d, 1))
+    q0, k, v = make_qkv(b, h, h, n, n, d, torch.bfloat16, seed=11)
+    q.copy_(q0)
+    ref, _ = attention_ref(q0, k, v)
+    plain, _ = attention_ref(q0, k, v, dtype=q0.dtype)
+    with emulate(executor="ptx") as emu:
+        out = flash_cuda.attention(q, k, v)
+    assert_fa_rule("out", out, plain, ref, 2)  # 64-bit offsets past 4 GiB, as shipped
+    entry = emu.launches[0]["entry"]
+    assert entry.endswith("Lb0ELb0ELb0ELb0EEEvNS_9FwdParamsE")  # the dense kernel (kVarlen = false)
+    with emulate():
+        assert_fa_rule("out", flash_cuda.attention(q, k, v), plain, ref, 2)
+
+    text = KERNELS[entry]
+    m = BATCH_TERM.search(text)
+    assert m is not None, "the batch term of q's address was not found in the dense forward's PTX"
+    batch, _, wide_stride, param, product = m.groups()
+    planted = (text[:m.start()] + m.group(0)[:m.group(0).rindex("mul.lo.s64")]
+               + f"ld.param.u32 %rovf, [{param}];\n\tmul.lo.s32 %rovf, %rovf, {batch};\n\t"
+               + f"cvt.s64.s32 {product}, %rovf;" + text[m.end():])
+    planted = planted.replace(".reg .b64", ".reg .b32 %rovf;\n\t.reg .b64", 1)
+    with emulate(executor="ptx", ptx={entry: planted}):
+        with pytest.raises(RuntimeError, match=r"out-of-bounds global read .*outside every tensor.* block \(\d+,\d+,2\)"):
+            flash_cuda.attention(q, k, v)
