@@ -57,6 +57,8 @@ constexpr int64_t kFwdBr = 256;
 constexpr int64_t kFwdBc = 512;
 constexpr int64_t kBwdBr = 256;
 constexpr int64_t kBwdBc = 256;
+// Packed blocks of the operands with D columns (V, K): every head dim up to 256 in one block.
+constexpr int64_t kMaxBlockD = 256;
 
 // Dropout of one call: the stream of (b, h) and the multiplier of kept values.
 template <typename acc_t>
@@ -89,6 +91,11 @@ at::Tensor rows_operand(const at::Tensor& x, at::ScalarType dtype) {
 // Q^T dS and dO^T P.
 at::Tensor transposed_operand(const at::Tensor& x, at::ScalarType dtype) {
   return x.to(dtype).transpose(2, 3).contiguous();
+}
+// x (B, H, N, D) as a (B, H, D, N) view of its rows in the GEMM dtype (unit stride in D): a
+// RightOperand packs it for AMX straight from the rows and copies it only for the other paths.
+at::Tensor transposed_view(const at::Tensor& x, at::ScalarType dtype) {
+  return rows_operand(x, dtype).transpose(2, 3);
 }
 // Row `row` of head (b, h) of a (B, H, N, D) operand; column `col` of a transposed (B, H, D, N) one.
 template <typename T>
@@ -143,8 +150,9 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const int64_t ld_q = gQ.stride(2);
   // K^T (D x Nk) and V (Nk x D) per head; K^T packed only for an even D (Q rows have no zero
   // column to pad an odd one with).
-  const RightOperand<in_t> gKt(transposed_operand(k, in_dtype), D % 2 == 0), gV(rows_operand(v, in_dtype), true);
-  constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at packed blocks
+  const RightOperand<in_t> gKt(transposed_view(k, in_dtype), D % 2 == 0, kFwdBc),
+      gV(rows_operand(v, in_dtype), true, kMaxBlockD);
+  constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at micro-kernel panels
 
   // Probabilities: rounded straight into P for fp16/bf16 GEMMs, else in fp32 Pf (also where
   // dropout multiplies them before the rounding). The scores S stay intact for a redone row.
@@ -242,10 +250,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   // The right operands shared by every tile (K^T, V^T, K) are RightOperands (packed on AMX).
   const at::Tensor gQ = rows_operand(q, in_dtype), gQt = transposed_operand(q, in_dtype);      // (.., Nq, D), (.., D, Nq)
   const at::Tensor gdO = rows_operand(dout, in_dtype), gdOt = transposed_operand(dout, in_dtype);
-  const RightOperand<in_t> gKt(transposed_operand(k, in_dtype), D % 2 == 0),  // (D, Nk) per head
-      gVt(transposed_operand(v, in_dtype), D % 2 == 0), gK(rows_operand(k, in_dtype), true);  // (D, Nk), (Nk, D)
+  const RightOperand<in_t> gKt(transposed_view(k, in_dtype), D % 2 == 0, kBwdBc),  // (D, Nk) per head
+      gVt(transposed_view(v, in_dtype), D % 2 == 0, kBwdBc),                         // (D, Nk)
+      gK(rows_operand(k, in_dtype), true, kMaxBlockD);                               // (Nk, D)
   const int64_t ld_q = gQ.stride(2), ld_do = gdO.stride(2);
-  static_assert(kBwdBc % RightOperand<in_t>::kBlock == 0, "key tiles start at packed blocks");
+  static_assert(kBwdBc % RightOperand<in_t>::kBlock == 0, "key tiles start at micro-kernel panels");
 
   // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
   // dQ partial, summed in split order below.

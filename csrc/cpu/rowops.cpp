@@ -70,6 +70,41 @@ FC_INLINE T exp2_poly(T t) {
   return p * pow2i(n);
 }
 constexpr float kLog2e = 1.4426950408889634f;
+struct Exp2Poly {
+  FC_INLINE v16f operator()(v16f t) const { return exp2_poly(t); }
+};
+
+#ifdef FC_AVX512_BF16
+#define FC_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+// exp2_poly on AVX-512 in 15 instructions instead of 21, with the same bits: the clamp as
+// vmaxps/vminps (which return their second operand, t, when it is a NaN: a NaN stays a NaN),
+// n = round(t) by vrndscaleps (nearest even, as adding and subtracting 1.5 * 2^23 does), the same
+// polynomial in the same FMA order, and p * 2^n by vscalefps; n = -127, where exp2_poly writes a
+// zero exponent field (exactly +0 for -inf, a masked score), is zeroed by the mask (NaN passes).
+struct Exp2Avx512 {
+  FC_TARGET_V4 v16f operator()(v16f tv) const {
+    __m512 t = reinterpret_cast<__m512>(tv);
+    t = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), t));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __mmask16 normal = _mm512_cmp_ps_mask(n, _mm512_set1_ps(-127.0f), _CMP_NLE_UQ);
+    return reinterpret_cast<v16f>(_mm512_maskz_scalef_ps(normal, p, n));
+  }
+};
+// Whether the CPU runs the x86-64-v4 (AVX-512 F, BW, DQ, VL) code of this file.
+bool avx512_v4() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+#endif
 
 FC_INLINE v16f load16(const float* x) {
   v16f v;
@@ -128,9 +163,9 @@ FC_INLINE uint16_t fp16_bits(float v) {
 // 16 at a time as a v16f (store16(j, e, stored_acc) adds what it stored into stored_acc) with 16
 // partial sums and maxima (a fixed order: the same bits run after run). Each x[j] is read before
 // e_j is stored (y may be x).
-template <typename Store, typename Store16>
+template <typename Store, typename Store16, typename Exp16 = decltype(Exp2Poly{})>
 FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m, float* x_max, float* stored_sum,
-                                    Store store, Store16 store16) {
+                                    Store store, Store16 store16, Exp16 exp16 = Exp2Poly{}) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const float a2 = a * kLog2e, m2 = m * kLog2e;
   v16f acc = {}, acc_stored = {}, mx = splat<v16f>(kNegInf);
@@ -138,7 +173,7 @@ FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m,
   for (; j + 16 <= n; j += 16) {
     const v16f v = load16(x + j);
     mx = mx < v ? v : mx;
-    const v16f e = exp2_poly(a2 * v - m2);
+    const v16f e = exp16(a2 * v - m2);
     store16(j, e, acc_stored);
     acc += e;
   }
@@ -158,17 +193,63 @@ FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m,
 
 }  // namespace
 
-FC_MULTIVERSION float row_max(const float* x, int64_t n) { return row_max_impl(x, n); }
+// The float row max 16 at a time as a v16f (the scalar accumulators of row_max_impl were not
+// vectorised: 16 vmaxss per 16 scores), with the exponent passes' comparison.
+FC_MULTIVERSION float row_max(const float* x, int64_t n) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  v16f mx = splat<v16f>(kNegInf);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16f v = load16(x + j);
+    mx = mx < v ? v : mx;
+  }
+  float m = kNegInf;
+  for (; j < n; ++j) m = m < x[j] ? x[j] : m;
+  for (int l = 0; l < 16; ++l) m = m < mx[l] ? mx[l] : m;
+  return m;
+}
 double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
 
-FC_MULTIVERSION float exp_affine_sum(const float* x, int64_t n, float a, float m, float* y, float* x_max) {
+namespace {
+template <typename Exp16>
+FC_INLINE float exp_affine_sum_f32(const float* x, int64_t n, float a, float m, float* y, float* x_max, Exp16 exp16) {
   float unused;
   return exp_affine_sum_impl(
       x, n, a, m, x_max, &unused, [y](int64_t j, float e) { return y[j] = e; },
       [y](int64_t j, v16f e, v16f& stored) {
         store16(y + j, e);
         stored += e;
-      });
+      },
+      exp16);
+}
+FC_MULTIVERSION float exp_affine_sum_generic(const float* x, int64_t n, float a, float m, float* y, float* x_max) {
+  return exp_affine_sum_f32(x, n, a, m, y, x_max, Exp2Poly{});
+}
+template <typename Exp16>
+FC_INLINE void exp_affine_f32(float* x, int64_t n, float a, float m, Exp16 exp16) {
+  int64_t j = 0;
+  const float a2 = a * kLog2e, m2 = m * kLog2e;  // the forward's exponent (exp2_poly)
+  for (; j + 16 <= n; j += 16) store16(x + j, exp16(a2 * load16(x + j) - m2));
+  for (; j < n; ++j) x[j] = exp2_poly(a2 * x[j] - m2);
+}
+FC_MULTIVERSION void exp_affine_generic(float* x, int64_t n, float a, float m) {
+  exp_affine_f32(x, n, a, m, Exp2Poly{});
+}
+#ifdef FC_AVX512_BF16
+FC_TARGET_V4 float exp_affine_sum_avx512(const float* x, int64_t n, float a, float m, float* y, float* x_max) {
+  return exp_affine_sum_f32(x, n, a, m, y, x_max, Exp2Avx512{});
+}
+FC_TARGET_V4 void exp_affine_avx512(float* x, int64_t n, float a, float m) {
+  exp_affine_f32(x, n, a, m, Exp2Avx512{});
+}
+#endif
+}  // namespace
+
+float exp_affine_sum(const float* x, int64_t n, float a, float m, float* y, float* x_max) {
+#ifdef FC_AVX512_BF16
+  if (avx512_v4()) return exp_affine_sum_avx512(x, n, a, m, y, x_max);
+#endif
+  return exp_affine_sum_generic(x, n, a, m, y, x_max);
 }
 double exp_affine_sum(const double* x, int64_t n, double a, double m, double* y, double* x_max) {
   double s = 0, mx = -std::numeric_limits<double>::infinity();
@@ -217,7 +298,8 @@ FC_TARGET_BF16 float exp_affine_sum_bf16_avx512(const float* x, int64_t n, float
         const __m512bh pairs = reinterpret_cast<__m512bh>(_mm512_zextsi256_si512(reinterpret_cast<__m256i>(h)));
         const __m512bh ones = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3F80));
         stored = reinterpret_cast<v16f>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(stored), pairs, ones));
-      });
+      },
+      Exp2Avx512{});
 }
 #endif
 }  // namespace
@@ -245,11 +327,11 @@ FC_MULTIVERSION float exp_affine_sum_fp16(const float* x, int64_t n, float a, fl
       });
 }
 
-FC_MULTIVERSION void exp_affine(float* x, int64_t n, float a, float m) {
-  int64_t j = 0;
-  const float a2 = a * kLog2e, m2 = m * kLog2e;  // the forward's exponent (exp2_poly)
-  for (; j + 16 <= n; j += 16) store16(x + j, exp2_poly(a2 * load16(x + j) - m2));
-  for (; j < n; ++j) x[j] = exp2_poly(a2 * x[j] - m2);
+void exp_affine(float* x, int64_t n, float a, float m) {
+#ifdef FC_AVX512_BF16
+  if (avx512_v4()) return exp_affine_avx512(x, n, a, m);
+#endif
+  exp_affine_generic(x, n, a, m);
 }
 void exp_affine(double* x, int64_t n, double a, double m) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(a * x[j] - m);

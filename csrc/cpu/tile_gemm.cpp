@@ -12,8 +12,12 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "avx512_gemm.h"
+#include "multiversion.h"
 
 namespace flash_cuda::cpu {
 namespace {
@@ -106,6 +110,85 @@ void micro_gemm_packing(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda
   micro_gemm(M, N, K, A, lda, packed.data(), micro_size<T>(K, kPanelCols), C, ldc, accumulate);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FC_WORD_TRANSPOSE_AVX512 1
+// dst[j * w + i] = word j of row i (at b + i cs, in 16-bit units) for a 16 x 16 block of 32-bit
+// words: two rounds of unpacks within 128-bit lanes, two of lane shuffles (vshufi32x4 0x88 takes
+// lanes 0 and 2 of each source, 0xdd lanes 1 and 3).
+__attribute__((target("arch=x86-64-v4"))) void transpose_words16(const uint16_t* b, int64_t cs, uint32_t* dst,
+                                                                  int64_t w) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(b + i * cs);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + m]: lane L holds word 4L + m of rows i .. i + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8)  // t[h + m]: words m, m + 8 (t[h + 4 + m]: m + 4, m + 12) of rows h .. h + 7
+    for (int m = 0; m < 4; ++m) {
+      t[h + m] = _mm512_shuffle_i32x4(r[h + m], r[h + 4 + m], 0x88);
+      t[h + 4 + m] = _mm512_shuffle_i32x4(r[h + m], r[h + 4 + m], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_si512(dst + j * w, _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88));
+    _mm512_storeu_si512(dst + (j + 8) * w, _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd));
+  }
+}
+#endif
+
+FC_MULTIVERSION void pack_vnni_scalar(const uint16_t* b, int64_t ks, int64_t cs, int64_t K, int64_t n, int64_t width,
+                                      int64_t w, uint32_t* dst);
+
+// One block of w columns of B (K x n columns with data, element (k, c) at b[k ks + c cs], 16-bit)
+// in the VNNI layout of brgemm's packed operands, [K/2][w][2] as 32-bit words: word (p, c) holds
+// (B[2p][c], B[2p + 1][c]); columns n.. w and an odd K's last row are zero. A transposed view
+// (ks = 1: the pair is one word of the rows, as for K^T from K) is a transpose of 32-bit words
+// (16 x 16 blocks by AVX-512 where the CPU has it); rows (cs = 1) interleave two rows.
+void pack_vnni(const uint16_t* b, int64_t ks, int64_t cs, int64_t K, int64_t n, int64_t w, uint32_t* dst) {
+#ifdef FC_WORD_TRANSPOSE_AVX512
+  if (ks == 1 && K % 2 == 0 && f32_gemm_supported()) {  // whole 16 x 16 blocks of words by AVX-512
+    const int64_t pairs = K / 2, n16 = n / 16 * 16, p16 = pairs / 16 * 16;
+    for (int64_t c0 = 0; c0 < n16; c0 += 16)
+      for (int64_t p0 = 0; p0 < p16; p0 += 16) transpose_words16(b + c0 * cs + 2 * p0, cs, dst + p0 * w + c0, w);
+    if (p16 < pairs)  // the last pairs of every column
+      for (int64_t c = 0; c < n16; ++c)
+        for (int64_t p = p16; p < pairs; ++p) std::memcpy(&dst[p * w + c], b + c * cs + 2 * p, 4);
+    pack_vnni_scalar(b + n16 * cs, ks, cs, K, n - n16, w - n16, w, dst + n16);  // the last columns, the padding
+    return;
+  }
+#endif
+  pack_vnni_scalar(b, ks, cs, K, n, w, w, dst);
+}
+
+// pack_vnni on any CPU, into columns 0 .. width of rows of w words.
+FC_MULTIVERSION void pack_vnni_scalar(const uint16_t* b, int64_t ks, int64_t cs, int64_t K, int64_t n, int64_t width,
+                                      int64_t w, uint32_t* dst) {
+  const int64_t pairs = (K + 1) / 2;
+  if (ks == 1 && K % 2 == 0) {  // a transpose of words, 16 columns at a time: 16 row streams in, whole lines out
+    for (int64_t c0 = 0; c0 < n; c0 += 16) {
+      const int64_t c1 = std::min(c0 + 16, n);
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t c = c0; c < c1; ++c) std::memcpy(&dst[p * w + c], b + c * cs + 2 * p, 4);
+    }
+  } else {
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* lo = b + 2 * p * ks;
+      const uint16_t* hi = 2 * p + 1 < K ? b + (2 * p + 1) * ks : nullptr;
+      uint32_t* row = dst + p * w;
+      if (hi)
+        for (int64_t c = 0; c < n; ++c) row[c] = uint32_t(lo[c * cs]) | uint32_t(hi[c * cs]) << 16;
+      else
+        for (int64_t c = 0; c < n; ++c) row[c] = lo[c * cs];
+    }
+  }
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int64_t c = n; c < width; ++c) dst[p * w + c] = 0;
+}
 }  // namespace
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
@@ -155,7 +238,8 @@ bool use_dpbf16() { return choose_micro_kernel(dpbf16_supported(), "FLASH_CUDA_C
 bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), "FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas"); }
 
 template <typename T>
-RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N_(x.size(3)) {
+RightOperand<T>::RightOperand(const at::Tensor& x, bool pack, int64_t block)
+    : K_(x.size(2)), N_(x.size(3)), block_((std::max<int64_t>(block, 16) + 15) / 16 * 16) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   if (use_micro_kernel<T>() && N_ >= kMicroMinCols) {  // any K: the bf16 kernel handles an odd one itself
     const int64_t B = x.size(0), H = x.size(1), size = micro_size<T>(K_, N_);
@@ -177,25 +261,22 @@ RightOperand<T>::RightOperand(const at::Tensor& x, bool pack) : K_(x.size(2)), N
     return;
   }
   // Zero padding: rows to an even count (the VNNI layout interleaves row pairs), columns to a
-  // multiple of 16 (the packing accepts no other widths; the GEMMs compute the real columns only).
+  // multiple of 16 (the widths brgemm's VNNI operands come in; the GEMMs compute the real columns).
   K_even_ = K_ + K_ % 2;
   N16_ = (N_ + 15) / 16 * 16;
-  const int64_t B = x.size(0), H = x.size(1), blocks = (N_ + kBlock - 1) / kBlock;
-  at::Tensor src = x;
-  if (K_even_ != K_ || N16_ != N_ || !x.is_contiguous()) {  // the packing reads (B, H, K, N) densely
-    src = at::zeros({B, H, K_even_, N16_}, x.options());
-    src.slice(2, 0, K_).slice(3, 0, N_).copy_(x);
+  const int64_t B = x.size(0), H = x.size(1), blocks = (N_ + block_ - 1) / block_;
+  data_ = at::empty({B, H, blocks, K_even_, block_}, x.options());
+  if constexpr (sizeof(T) == 2) {  // packed_ holds for fp16/bf16 only
+    T* out = data_.data_ptr<T>();
+    at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bh = i / blocks, blk = i % blocks, n0 = blk * block_, w = std::min(block_, N16_ - n0);
+        const T* src = x.data_ptr<T>() + bh / H * x.stride(0) + bh % H * x.stride(1) + n0 * x.stride(3);
+        pack_vnni(reinterpret_cast<const uint16_t*>(src), x.stride(2), x.stride(3), K_, std::min(w, N_ - n0), w,
+                  reinterpret_cast<uint32_t*>(out + i * K_even_ * block_));
+      }
+    });
   }
-  data_ = at::empty({B, H, blocks, K_even_, kBlock}, x.options());
-  const T* in = src.data_ptr<T>();
-  T* out = data_.data_ptr<T>();
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bh = i / blocks, blk = i % blocks, n0 = blk * kBlock, w = std::min(kBlock, N16_ - n0);
-      at::native::cpublas::pack(K_even_, w, N16_, w, dtype, dtype, in + bh * K_even_ * N16_ + n0,
-                                out + i * K_even_ * kBlock);
-    }
-  });
 }
 
 template <typename T>
@@ -216,12 +297,14 @@ void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t 
   }
   if constexpr (!std::is_same_v<T, at::opmath_type<T>>) {
     const int64_t kk = kn + kn % 2, blocks = data_.size(2);
-    const T* base = data_.data_ptr<T>() + (b * data_.size(1) + h) * blocks * K_even_ * kBlock;
-    for (int64_t n = n0; n < n0 + nn; n += kBlock) {
-      const int64_t blk = n / kBlock, w = std::min(kBlock, N16_ - n);  // the block's packed width
-      const T* B = base + blk * K_even_ * kBlock + k0 * w;           // row k0 of the VNNI block
-      at::native::cpublas::brgemm(M, std::min(w, n0 + nn - n), kk, lda, w, ldc, accumulate, A, B, C + (n - n0),
-                                  /*is_vnni=*/true);
+    const T* base = data_.data_ptr<T>() + (b * data_.size(1) + h) * blocks * K_even_ * block_;
+    for (int64_t n = n0; n < n0 + nn;) {  // the columns of each block the range covers
+      const int64_t blk = n / block_, start = blk * block_, w = std::min(block_, N16_ - start);  // packed width
+      const int64_t cols = std::min(start + block_, n0 + nn) - n;
+      // VNNI: [k/2][w][2], so row k0 (even) starts at k0 w and column c at 2 c within it.
+      const T* B = base + blk * K_even_ * block_ + k0 * w + 2 * (n - start);
+      at::native::cpublas::brgemm(M, cols, kk, lda, w, ldc, accumulate, A, B, C + (n - n0), /*is_vnni=*/true);
+      n += cols;
     }
     // The micro-kernel keeps the AMX tile configuration of its last shape; release it so the
     // unpacked GEMMs (oneDNN/MKL, which configure tiles on their own) start from a clean state.

@@ -12,9 +12,10 @@
 //
 // A right operand that many tiles share (K^T, V, ...) is a RightOperand, prepared once per
 // call: where the CPU has AMX for its dtype it is packed into the VNNI layout of oneDNN's
-// brgemm micro-kernel, in blocks of 64 columns (measured 1.5x to 2.3x faster than the unpacked
-// GEMM at the forward's tile shapes on a Xeon with AMX); for the bf16 micro-kernel, into its
-// pairs layout. A right operand of one GEMM only (P, dS) is packed into that layout per call.
+// brgemm micro-kernel (measured 1.5x to 2.3x faster than the unpacked GEMM at the forward's tile
+// shapes on a Xeon with AMX), by our own packing, in blocks as wide as the GEMMs that use it (a
+// whole key tile of K^T: one brgemm call per tile); for the bf16 micro-kernel, into its pairs
+// layout. A right operand of one GEMM only (P, dS) is packed into that layout per call.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
@@ -68,22 +69,26 @@ inline void with_gemm_type(at::ScalarType dtype, Fn fn) {
 template <typename T>
 class RightOperand {
  public:
-  static constexpr int64_t kBlock = 64;  // packed column block; a packed n0 must be a multiple
+  static constexpr int64_t kBlock = 64;  // the micro-kernels' panel width; their n0 must be a multiple
 
-  // x: (B, H, K, N) in T. pack: use the packed layout where the CPU supports it.
-  RightOperand(const at::Tensor& x, bool pack);
+  // x: (B, H, K, N) in T; a view with unit stride along K (the transpose of rows, e.g. K^T of K)
+  // is packed for AMX without a dense copy. pack: use the packed layout where the CPU supports it.
+  // block: columns per packed AMX block, the widest product one brgemm call computes (a GEMM
+  // over a whole key tile in one call reads its left operand once; blocks of 64 columns made the
+  // forward's Q K^T eight calls per 512-key tile).
+  RightOperand(const at::Tensor& x, bool pack, int64_t block = kBlock);
 
-  // C (M x nn) (+)= A (M x kn) B[k0 : k0 + kn, n0 : n0 + nn] for head (b, h). Packed: k0 even;
-  // an odd kn is rounded up, so A must then hold a zero column kn (the packed B has a zero row).
+  // C (M x nn) (+)= A (M x kn) B[k0 : k0 + kn, n0 : n0 + nn] for head (b, h). Packed: k0 even, any
+  // n0; an odd kn is rounded up, so A must then hold a zero column kn (the packed B has a zero row).
   // Micro-kernel panels: k0 even, n0 a multiple of kBlock.
   void gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t lda, int64_t k0, int64_t kn, int64_t n0, int64_t nn,
             at::opmath_type<T>* C, int64_t ldc, bool accumulate) const;
   bool packed() const { return packed_; }
 
  private:
-  at::Tensor data_;        // packed: (B, H, blocks, K_even, kBlock); else the operand (also when micro)
+  at::Tensor data_;        // packed: (B, H, blocks, K_even, block_); else the operand (also when micro)
   at::Tensor micro_data_;  // micro: (B, H, packed size)
-  int64_t K_ = 0, N_ = 0, K_even_ = 0, N16_ = 0;
+  int64_t K_ = 0, N_ = 0, K_even_ = 0, N16_ = 0, block_ = kBlock;
   bool packed_ = false, micro_ = false;
 };
 
