@@ -110,7 +110,7 @@ const T* at_col(const at::Tensor& xt, int64_t b, int64_t h, int64_t col) {
 // The tile x (rows, cols; ld) as an in_t GEMM operand: x itself when in_t is its type, else
 // rounded into buf (ld as x), as the CUDA kernels round P and dS before their GEMMs.
 template <typename in_t, typename acc_t>
-const in_t* gemm_operand(const acc_t* x, int64_t ld, int64_t rows, int64_t cols, std::vector<in_t>& buf) {
+const in_t* gemm_operand(const acc_t* x, int64_t ld, int64_t rows, int64_t cols, TileVector<in_t>& buf) {
   if constexpr (std::is_same_v<in_t, acc_t>) {
     return x;
   } else {
@@ -159,15 +159,15 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   constexpr bool rounded = !std::is_same_v<in_t, acc_t>;
   const bool round_in_exp = rounded && !drop.on;
   struct Scratch {
-    std::vector<acc_t> S, Pf, O, Z;  // scores, probabilities (Br, Bc), unnormalised out (Br, D), dropout (Br, Bc)
-    std::vector<in_t> P;             // probabilities as the P V operand (Br, Bc), when in_t != acc_t
+    TileVector<acc_t> S, Pf, O, Z;  // scores, probabilities (Br, Bc), unnormalised out (Br, D), dropout (Br, Bc)
+    TileVector<in_t> P;             // probabilities as the P V operand (Br, Bc), when in_t != acc_t
     std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (Br)
   };
   auto make_scratch = [&] {
     constexpr int64_t tile = kFwdBr * kFwdBc;
-    return Scratch{std::vector<acc_t>(tile), std::vector<acc_t>(round_in_exp ? 0 : tile),
-                   std::vector<acc_t>(kFwdBr * D), std::vector<acc_t>(drop.on ? tile : 0),
-                   std::vector<in_t>(rounded ? tile : 0), std::vector<SoftmaxRow<acc_t>>(kFwdBr)};
+    return Scratch{TileVector<acc_t>(tile), TileVector<acc_t>(round_in_exp ? 0 : tile), TileVector<acc_t>(kFwdBr * D),
+                   TileVector<acc_t>(drop.on ? tile : 0), TileVector<in_t>(rounded ? tile : 0),
+                   std::vector<SoftmaxRow<acc_t>>(kFwdBr)};
   };
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
 
@@ -266,16 +266,16 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
   struct Scratch {
-    std::vector<acc_t> S, dP, dKt, dVt, Cap, Z;  // (Br, Bc) tiles, dK^T and dV^T (D, Bc)
-    std::vector<in_t> P, dS;                     // P and dS as GEMM operands (Br, Bc), when in_t != acc_t
+    TileVector<acc_t> S, dP, dKt, dVt, Cap, Z;  // (Br, Bc) tiles, dK^T and dV^T (D, Bc)
+    TileVector<in_t> P, dS;                     // P and dS as GEMM operands (Br, Bc), when in_t != acc_t
   };
   const bool rounded = !std::is_same_v<in_t, acc_t>;
   auto make_scratch = [&] {
     constexpr int64_t tile = kBwdBr * kBwdBc;
-    return Scratch{std::vector<acc_t>(tile), std::vector<acc_t>(tile), std::vector<acc_t>(D * kBwdBc),
-                   std::vector<acc_t>(D * kBwdBc), std::vector<acc_t>(opt.softcap > 0 ? tile : 0),
-                   std::vector<acc_t>(drop.on ? tile : 0), std::vector<in_t>(rounded ? tile : 0),
-                   std::vector<in_t>(rounded ? tile : 0)};
+    return Scratch{TileVector<acc_t>(tile), TileVector<acc_t>(tile), TileVector<acc_t>(D * kBwdBc),
+                   TileVector<acc_t>(D * kBwdBc), TileVector<acc_t>(opt.softcap > 0 ? tile : 0),
+                   TileVector<acc_t>(drop.on ? tile : 0), TileVector<in_t>(rounded ? tile : 0),
+                   TileVector<in_t>(rounded ? tile : 0)};
   };
 
   parallel_items(B * Hkv * n_splits, make_scratch, [&](int64_t item, Scratch& t) {

@@ -42,10 +42,12 @@ bool cpu_has(const char* flag) {
   return it != caps.end() && it->second.isBool() && it->second.toBool();
 }
 
-// float and double: ATen's mm (the BLAS sgemm/dgemm) on views of the tiles.
+// float and double: ATen's mm (the BLAS sgemm/dgemm) on views of the tiles. b_col: B's column
+// stride (1, or ldb's role swapped for a transposed B: element (k, n) at B[k + n b_col], ldb = 1),
+// which the BLAS takes as a transpose flag, no copy.
 template <typename T>
 void blas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
-               bool accumulate) {
+               bool accumulate, int64_t b_col = 1) {
   if (M == 0 || N == 0) return;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
@@ -54,7 +56,7 @@ void blas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
     return;
   }
   const at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  const at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  const at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, b_col}, opts);
   if (accumulate)
     c.addmm_(a, b);
   else
@@ -257,7 +259,9 @@ RightOperand<T>::RightOperand(const at::Tensor& x, bool pack, int64_t block)
   }
   packed_ = pack && !std::is_same_v<T, at::opmath_type<T>> && x.numel() > 0 && at::native::cpublas::could_pack(dtype);
   if (!packed_) {
-    data_ = x.stride(3) == 1 ? x : x.contiguous();
+    // float/double with unit stride along K (K^T of K's rows): the BLAS reads the transpose as it is
+    transposed_ = std::is_same_v<T, at::opmath_type<T>> && x.stride(3) != 1 && x.stride(2) == 1;
+    data_ = x.stride(3) == 1 || transposed_ ? x : x.contiguous();
     return;
   }
   // Zero padding: rows to an even count (the VNNI layout interleaves row pairs), columns to a
@@ -291,7 +295,10 @@ void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t 
     return micro_gemm(M, nn, kn, A, lda, B, panel, C, ldc, accumulate);
   }
   if (!packed_) {
-    const T* B = data_.data_ptr<T>() + b * data_.stride(0) + h * data_.stride(1) + k0 * data_.stride(2) + n0;
+    const T* B = data_.data_ptr<T>() + b * data_.stride(0) + h * data_.stride(1) + k0 * data_.stride(2) +
+                 n0 * data_.stride(3);
+    if constexpr (std::is_same_v<T, at::opmath_type<T>>)
+      if (transposed_) return blas_gemm(M, nn, kn, A, lda, B, int64_t(1), C, ldc, accumulate, data_.stride(3));
     flash_cuda::cpu::gemm(M, nn, kn, A, lda, B, data_.stride(2), C, ldc, accumulate);
     return;
   }

@@ -90,6 +90,7 @@ class RightOperand {
   at::Tensor micro_data_;  // micro: (B, H, packed size)
   int64_t K_ = 0, N_ = 0, K_even_ = 0, N16_ = 0, block_ = kBlock;
   bool packed_ = false, micro_ = false;
+  bool transposed_ = false;  // float/double: data_ is a view with unit stride along K (the BLAS transposes)
 };
 
 }  // namespace flash_cuda::cpu
