@@ -166,14 +166,16 @@ def test_online_softmax_redone_rows(case):
         assert_close_fp("lse", lse, ref_lse, rtol)
 
 
-@pytest.mark.parametrize("nq", [8, 2])
+@pytest.mark.parametrize("nq", [8, 4, 2])
 @pytest.mark.parametrize("path", PATHS + ["blas", "avx512"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype, nq):
     """Decoding shapes (Nq x group <= 256, no dropout) run the KV-cache loop: forward, lse and
     gradients against the reference, and an output that keeps q's memory layout. Nq = 2 with 4
     query heads per kv head: 8 rows, the scores as dot products along the cache rows on the
-    AVX-512 kernels; Nq = 8: 32 rows, the GEMM."""
+    AVX-512 kernels (fp16 caches widened in registers where fp16 is not multiplied natively);
+    Nq = 4: 16 rows, one whole 16 x 16 block of the S^T transposition on AMX; Nq = 8: 32 rows,
+    the GEMM."""
     set_path(monkeypatch, path, dtype)
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 8, 32, 64, generator=g)[:, :nq].to(dtype).transpose(1, 2)  # FlashAttention's (B, N, H, D) memory

@@ -49,12 +49,13 @@ FC_TARGET FC_INLINE __mmask16 column_mask(int64_t n) { return n >= 16 ? __mmask1
 // What a micro-tile multiplies, per step along K: a row pair of bf16 (vdpbf16ps on pairs) or
 // one row of fp32 (FMA). Both read 256-byte rows of a 64-column panel of B.
 struct Bf16Pairs {
-  using E = uint16_t;
+  using EA = uint16_t;
+  using EB = uint16_t;
   static constexpr int kStep = 2;  // rows of B per step
-  static FC_TARGET FC_INLINE __m512 load_b(const E* b, __mmask16 m) {
+  static FC_TARGET FC_INLINE __m512 load_b(const EB* b, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, b));
   }
-  static FC_TARGET FC_INLINE __m512 broadcast_a(const E* a) {  // the pair (a[0], a[1])
+  static FC_TARGET FC_INLINE __m512 broadcast_a(const EA* a) {  // the pair (a[0], a[1])
     uint32_t v;
     std::memcpy(&v, a, sizeof(v));
     return _mm512_castsi512_ps(_mm512_set1_epi32(int(v)));
@@ -64,24 +65,39 @@ struct Bf16Pairs {
   }
 };
 struct F32 {
-  using E = float;
+  using EA = float;
+  using EB = float;
   static constexpr int kStep = 1;
-  static FC_TARGET FC_INLINE __m512 load_b(const E* b, __mmask16 m) { return _mm512_maskz_loadu_ps(m, b); }
-  static FC_TARGET FC_INLINE __m512 broadcast_a(const E* a) { return _mm512_set1_ps(*a); }
+  static FC_TARGET FC_INLINE __m512 load_b(const EB* b, __mmask16 m) { return _mm512_maskz_loadu_ps(m, b); }
+  static FC_TARGET FC_INLINE __m512 broadcast_a(const EA* a) { return _mm512_set1_ps(*a); }
   static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
 };
 
 // bf16 operands multiplied one row at a time in fp32 FMAs (the products of two bf16 values are
 // exact in fp32): for a row-major bf16 B read in place, each 16 columns widened in registers.
 struct Bf16AsF32 {
-  using E = uint16_t;
+  using EA = uint16_t;
+  using EB = uint16_t;
   static constexpr int kStep = 1;
-  static FC_TARGET FC_INLINE __m512 load_b(const E* b, __mmask16 m) {
+  static FC_TARGET FC_INLINE __m512 load_b(const EB* b, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b)), 16));
   }
-  static FC_TARGET FC_INLINE __m512 broadcast_a(const E* a) {
+  static FC_TARGET FC_INLINE __m512 broadcast_a(const EA* a) {
     return _mm512_castsi512_ps(_mm512_set1_epi32(int(uint32_t(*a) << 16)));
   }
+  static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
+};
+
+// fp32 A against an IEEE half B read in place (decoding's V rows), each 16 columns widened exactly
+// in registers (vcvtph2ps), fp32 FMAs.
+struct F32ByF16 {
+  using EA = float;
+  using EB = uint16_t;
+  static constexpr int kStep = 1;
+  static FC_TARGET FC_INLINE __m512 load_b(const EB* b, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, b));
+  }
+  static FC_TARGET FC_INLINE __m512 broadcast_a(const EA* a) { return _mm512_set1_ps(*a); }
   static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
 };
 
@@ -91,7 +107,7 @@ struct Bf16AsF32 {
 // kLastRow (bf16 pairs only): the product of A's column K and B's row K alone (the last row of
 // an odd K), A's pair being (A[i][K], 0) and B's second row masked to 0 (a 0 * inf would be NaN).
 template <typename Op, int R, int V, bool kLastRow>
-FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t lda, const typename Op::E* B,
+FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
                           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   __mmask16 mask[V];
   FC_UNROLL for (int v = 0; v < V; ++v) mask[v] = column_mask(n - 16 * v);
@@ -101,7 +117,7 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t
       c[r][v] = accumulate ? _mm512_maskz_loadu_ps(mask[v], C + r * ldc + 16 * v) : _mm512_setzero_ps();
   if constexpr (kLastRow) {
     static_assert(Op::kStep == 2, "a last row is left over by row pairs only");
-    const typename Op::E* b = B + K / 2 * ldb;
+    const typename Op::EB* b = B + K / 2 * ldb;
     __m512 bv[V];
     FC_UNROLL for (int v = 0; v < V; ++v)
       bv[v] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(Op::load_b(b + 32 * v, mask[v])),
@@ -112,7 +128,7 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t
     }
   } else {
     for (int64_t k = 0; k < K; k += Op::kStep) {
-      const typename Op::E* b = B + k / Op::kStep * ldb;
+      const typename Op::EB* b = B + k / Op::kStep * ldb;
       __m512 bv[V];
       FC_UNROLL for (int v = 0; v < V; ++v) bv[v] = Op::load_b(b + 16 * Op::kStep * v, mask[v]);
       FC_UNROLL for (int r = 0; r < R; ++r) {
@@ -126,7 +142,7 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::E* A, int64_t
 }
 
 template <typename Op>
-using MicroTile = void (*)(int64_t, int64_t, const typename Op::E*, int64_t, const typename Op::E*, int64_t, float*,
+using MicroTile = void (*)(int64_t, int64_t, const typename Op::EA*, int64_t, const typename Op::EB*, int64_t, float*,
                            int64_t, bool);
 template <typename Op, bool kLastRow, int R, int... V>
 constexpr auto row_of_tiles(std::integer_sequence<int, V...>) {
@@ -146,7 +162,7 @@ constexpr std::array<std::array<std::array<MicroTile<Op>, kVecs>, kRows>, 2> kTi
 // C (+)= A B over whole panels of B (panel_stride elements apart, steps along K ldb apart), row
 // blocks of kRows.
 template <typename Op>
-void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::E* A, int64_t lda, const typename Op::E* B,
+void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
                 int64_t panel_stride, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
@@ -160,10 +176,10 @@ void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::E* A, int64_
   // every row block of A passes over it.
   for (int64_t n0 = 0; n0 < N; n0 += kCols) {
     const int64_t n = std::min<int64_t>(kCols, N - n0), vecs = (n + 15) / 16;
-    const typename Op::E* b = B + n0 / kCols * panel_stride;
+    const typename Op::EB* b = B + n0 / kCols * panel_stride;
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, M - m0);
-      const typename Op::E* a = A + m0 * lda;
+      const typename Op::EA* a = A + m0 * lda;
       float* c = C + m0 * ldc + n0;
       if (K_even > 0) kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate);
       if (K_even < K) kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0);
@@ -211,10 +227,10 @@ FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512 (&v)[16]) {
 }  // namespace
 
 // S (rows x n) = Q Kr^T as dot products along the rows, 16 keys at a time (avx512_gemm.h).
-// Op::load(x, left) loads one chunk of a row (kChunk elements, zero past its end), Op::dot(acc, q, k)
-// adds the products of two chunks into acc.
-template <typename Op, typename E>
-FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const E* Q, int64_t ldq, const E* Kr, int64_t ldk,
+// Op::load(x, left) loads one chunk of a row of Q or of Kr (kChunk elements, zero past its end; by
+// the row's element type), Op::dot(acc, q, k) adds the products of two chunks into acc.
+template <typename Op, typename EQ, typename EK>
+FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const EQ* Q, int64_t ldq, const EK* Kr, int64_t ldk,
                                   float* S, int64_t lds) {
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nb = std::min<int64_t>(16, n - j0);
@@ -246,6 +262,16 @@ struct F32Dot {
   static FC_TARGET FC_INLINE __m512 dot(__m512 acc, __m512 q, __m512 k) { return _mm512_fmadd_ps(k, q, acc); }
 };
 
+// fp32 Q against IEEE half key rows, widened exactly as they are loaded (vcvtph2ps).
+struct F32ByF16Dot {
+  static constexpr int64_t kChunk = 16;
+  static FC_TARGET FC_INLINE __m512 load(const float* x, int64_t left) { return _mm512_maskz_loadu_ps(column_mask(left), x); }
+  static FC_TARGET FC_INLINE __m512 load(const uint16_t* x, int64_t left) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(column_mask(left), x));
+  }
+  static FC_TARGET FC_INLINE __m512 dot(__m512 acc, __m512 q, __m512 k) { return _mm512_fmadd_ps(k, q, acc); }
+};
+
 FC_TARGET void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
                                int64_t ldk, float* S, int64_t lds) {
   rows_dot<Bf16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
@@ -253,6 +279,11 @@ FC_TARGET void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_
 FC_TARGET void f32_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const float* Kr, int64_t ldk,
                             float* S, int64_t lds) {
   rows_dot<F32Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
+}
+
+FC_TARGET void f32_f16_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const uint16_t* Kr,
+                                int64_t ldk, float* S, int64_t lds) {
+  rows_dot<F32ByF16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
 }
 
 void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
@@ -283,6 +314,11 @@ void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t 
   panel_gemm<Bf16AsF32>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
 }
 
+void f32_f16_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                       float* C, int64_t ldc, bool accumulate) {
+  panel_gemm<F32ByF16>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
+}
+
 #else  // no AVX512-BF16 code on this compiler or architecture
 bool dpbf16_supported() { return false; }
 void pack_pairs_bf16(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
@@ -294,6 +330,8 @@ void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}
 void f32_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
+void f32_f16_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t) {}
+void f32_f16_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
 #endif
 
 }  // namespace flash_cuda::cpu

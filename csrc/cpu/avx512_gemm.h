@@ -66,5 +66,12 @@ void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
 // Requires f32_gemm_supported().
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                     float* C, int64_t ldc, bool accumulate);
+// fp32 Q or A against IEEE half rows read in place (decoding's K and V where fp16 is not multiplied
+// natively), each half widened exactly in registers: S = Q Kr^T as f32_rows_dot, C (+)= A B as
+// f32_gemm_rows. Requires f32_gemm_supported() (AVX-512F converts halves).
+void f32_f16_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const uint16_t* Kr,
+                      int64_t ldk, float* S, int64_t lds);
+void f32_f16_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                       float* C, int64_t ldc, bool accumulate);
 
 }  // namespace flash_cuda::cpu

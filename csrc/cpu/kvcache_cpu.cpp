@@ -67,10 +67,52 @@ void for_each_run(const at::Tensor& cache, const int32_t* table, int64_t table_s
   }
 }
 
+// Row `row` of out (rows of D elements, contiguous, out's own dtype) = x, rounded to nearest even.
+template <typename acc_t>
+void store_row(const acc_t* x, const at::Tensor& out, int64_t row, int64_t D) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "store_row", [&] {
+    scalar_t* y = out.data_ptr<scalar_t>() + row * D;
+    for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(x[d]);
+  });
+}
+
+// The splits' rows merged in split order: lse = m + log sum_s exp(lse_s - m) (m = max_s lse_s) and
+// out = sum_s exp(lse_s - lse) out_s; a row no split saw (every lse_s = -inf) gets out 0, lse -inf.
+// o_part (splits, rows, D) and lse_part (splits, rows); rows independent, so any thread count
+// gives the same bits.
+template <typename acc_t>
+void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, int64_t n_rows, int64_t D,
+                  const at::Tensor& out, acc_t* lse) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, n_rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> row(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t m = kNegInf;
+      for (int64_t s = 0; s < splits; ++s) m = std::max(m, lse_part[s * n_rows + r]);
+      std::fill(row.begin(), row.end(), acc_t(0));
+      if (m == kNegInf) {
+        lse[r] = kNegInf;
+        store_row(row.data(), out, r, D);
+        continue;
+      }
+      acc_t sum = 0;
+      for (int64_t s = 0; s < splits; ++s) sum += std::exp(lse_part[s * n_rows + r] - m);
+      for (int64_t s = 0; s < splits; ++s) {
+        const acc_t w = std::exp(lse_part[s * n_rows + r] - m) / sum;
+        const acc_t* o = o_part + (s * n_rows + r) * D;
+        for (int64_t d = 0; d < D; ++d) row[d] += w * o[d];
+      }
+      lse[r] = m + std::log(sum);
+      store_row(row.data(), out, r, D);
+    }
+  });
+}
+
 // in_t: the tile GEMMs' operand dtype (tile_gemm.h). fp16/bf16 multiplied natively read K and V
 // straight from the cache: S^T = K Q^T (the cache rows as the left operand, so no transposed
 // copy), transposed in the tile to S, and O += P V with P rounded to the cache's dtype. float:
-// the tiles gathered and converted, ATen's fp32 GEMMs.
+// fp32 and fp16 caches on the AVX-512 kernels read in place (fp16 widened in registers), else the
+// tiles gathered and converted, ATen's fp32 GEMMs.
 template <typename in_t>
 void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const std::vector<int64_t>& n_keys, const std::optional<at::Tensor>& block_table,
@@ -78,38 +120,57 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   using acc_t = at::opmath_type<in_t>;
   constexpr bool native = !std::is_same_v<in_t, acc_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
-  const int64_t group = Hq / Hkv, rows = group * Nq;
+  const int64_t group = Hq / Hkv, rows = group * Nq, n_rows = B * Hq * Nq;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor table = block_table ? block_table->contiguous() : at::Tensor();
   const int32_t* table_ptr = block_table ? table.data_ptr<int32_t>() : nullptr;
   const int64_t table_stride = block_table ? table.stride(0) : 0;
   const Mods<acc_t> mods(opt, Hq);
-  // Each split's rows (normalised by its own sum) and lse; with one split, out and lse themselves.
-  at::Tensor o_part = splits > 1 ? at::empty({splits, B, Hq, Nq, D}, acc_opts) : at::Tensor();
-  at::Tensor lse_part = splits > 1 ? at::empty({splits, B, Hq, Nq}, acc_opts) : at::Tensor();
-
   const acc_t scale = static_cast<acc_t>(opt.scale);
-  struct Scratch {
-    at::Tensor sQ, sK, sV, sS, sP, sO;  // (rows, D), (Bc, D), (Bc, D), scores and P (rows, Bc), (rows, D)
-    std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (rows)
-    std::vector<acc_t> St;               // native: S^T (Bc, rows)
-    std::vector<in_t> Pn;                // native: P rounded, (rows, Bc)
-  };
-  auto make_scratch = [&] {
-    const bool f = !native;  // the float path's converted tiles
-    return Scratch{at::empty({rows, D}, acc_opts), at::empty({f ? kBc : 0, D}, acc_opts),
-                   at::empty({f ? kBc : 0, D}, acc_opts), at::empty({rows, kBc}, acc_opts),
-                   at::empty({f ? rows : 0, kBc}, acc_opts), at::empty({rows, D}, acc_opts),
-                   std::vector<SoftmaxRow<acc_t>>(rows), std::vector<acc_t>(native ? kBc * rows : 0),
-                   std::vector<in_t>(native ? rows * kBc : 0)};
-  };
-  const in_t* k_base = native ? k_cache.data_ptr<in_t>() : nullptr;
+  // Q once for all items, (B, Hq, Nq, D) contiguous so a kv group's rows (head, query) are one
+  // (rows, D) block: native in its dtype, unscaled (the scale goes into the exponent); float in
+  // acc_t with the scale folded in.
+  const at::Tensor qc = native ? q.contiguous() : q.to(acc_opts.dtype()).mul(opt.scale).contiguous();
+  // Each split's rows (normalised by its own sum) and lse, merged after the items; with one
+  // split the items write out and lse themselves.
+  std::vector<acc_t> o_part(splits > 1 ? splits * n_rows * D : 0), lse_part(splits > 1 ? splits * n_rows : 0);
+  acc_t* lse_ptr = lse.data_ptr<acc_t>();  // (B, Hq, Nq), contiguous
+
   // bf16 on the AVX512-BF16 micro-kernel: the scores as dot products along the cache rows
   // (avx512_gemm.h); the GEMM S^T = K Q^T would fill only `rows` of its 16 lanes (4 at Nq = 1 and
   // 4 query heads per kv head), and with fewer than 16 it goes to oneDNN (tile_gemm.h).
   const bool rows_dot = std::is_same_v<in_t, c10::BFloat16> && use_dpbf16() && rows < kDotRows;
-  const in_t* v_base = native ? v_cache.data_ptr<in_t>() : nullptr;
+  // fp32 and fp16 caches in the float path on the AVX-512 kernels, read in place (fp16 widened in
+  // registers): no gathered, converted copy of each tile.
+  const bool f32_rows = !native && std::is_same_v<acc_t, float> && rows < kDotRows && f32_gemm_supported() &&
+                        (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf);
+  const bool f16_cache = k_cache.scalar_type() == at::kHalf;
+  // native on AMX (an even D; bf16 unless the micro-kernel is chosen): S^T = K Q^T with the cache
+  // rows as brgemm's left operand, in place, and Q^T packed once per item (RowsTransposed).
+  const bool amx_s = [&] {
+    if constexpr (native)
+      return !rows_dot && !(std::is_same_v<in_t, c10::BFloat16> && use_dpbf16()) && RowsTransposed<in_t>::supported(D);
+    return false;
+  }();
+  struct Scratch {
+    TileVector<acc_t> S, P, O;      // scores (rows, Bc), float P (rows, Bc), output (rows, D)
+    std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (rows)
+    TileVector<acc_t> St;           // native: S^T (Bc, rows)
+    TileVector<in_t> Pn;            // native: P rounded, (rows, Bc)
+    RowsTransposed<in_t> Qt;        // native on AMX: Q^T packed
+    at::Tensor sK, sV;              // the gathered float path: converted tiles (Bc, D)
+  };
+  const bool gathered = !native && !f32_rows;
+  auto make_scratch = [&] {
+    return Scratch{TileVector<acc_t>(rows * kBc), TileVector<acc_t>(native ? 0 : rows * kBc), TileVector<acc_t>(rows * D),
+                   std::vector<SoftmaxRow<acc_t>>(rows), TileVector<acc_t>(native ? kBc * rows : 0),
+                   TileVector<in_t>(native ? rows * kBc : 0), RowsTransposed<in_t>{},
+                   at::empty({gathered ? kBc : 0, D}, acc_opts), at::empty({gathered ? kBc : 0, D}, acc_opts)};
+  };
+  const char* k_base = static_cast<const char*>(k_cache.data_ptr());
+  const char* v_base = static_cast<const char*>(v_cache.data_ptr());
+  const int64_t elem = k_cache.element_size();
   parallel_items(B * Hkv * splits, make_scratch, [&](int64_t item, Scratch& t) {
     const int64_t split = item % splits, bh = item / splits, b = bh / Hkv, hkv = bh % Hkv;
     const int64_t nk = n_keys[b];
@@ -119,56 +180,57 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     const int64_t k_begin = std::max(std::min(split * per, tiles) * kBc, band.key_begin(0, nk));
     const int64_t k_end = std::min(std::min((split + 1) * per, tiles) * kBc, band.key_end(Nq, nk));
 
-    at::Tensor rO = t.sO;
-    rO.zero_();
+    acc_t* o = t.O.data();  // (rows, D)
+    std::fill(t.O.begin(), t.O.end(), acc_t(0));
     std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
-    acc_t* o = rO.data_ptr<acc_t>();
-    const at::Tensor group_q = q[b].slice(0, hkv * group, (hkv + 1) * group).reshape({rows, D});  // rows (head, query)
-    at::Tensor rQ;
+    const int64_t q_row0 = (b * Hq + hkv * group) * Nq;  // the group's first row of qc
+    const auto* gq = qc.data_ptr<std::conditional_t<native, in_t, acc_t>>() + q_row0 * D;  // (rows, D)
     std::optional<RightOperand<in_t>> rQt;  // Q^T (D, rows), unscaled: the scale goes into the exponent
-    if (rows_dot) {
-      rQ = group_q.contiguous();  // (rows, D), unscaled
-    } else if constexpr (native) {
-      // Packed for AMX where it can be (an even D), so the micro-kernel reads the cache rows as
-      // they are; else MKL's GEMM, which copies them into its own layout first.
-      rQt.emplace(group_q.t().unsqueeze(0).unsqueeze(0), D % 2 == 0);
-    } else {
-      rQ = t.sQ;  // scale folded in
-      rQ.copy_(group_q);
-      rQ.mul_(opt.scale);
+    if constexpr (native) {
+      if (amx_s)
+        t.Qt.pack(rows, D, gq, D);
+      else if (!rows_dot)  // the micro-kernel's layout, or MKL's GEMM (which copies the cache rows first)
+        rQt.emplace(qc.view({B * Hq * Nq, D}).slice(0, q_row0, q_row0 + rows).t().unsqueeze(0).unsqueeze(0), false);
     }
-    acc_t* s = t.sS.template data_ptr<acc_t>();  // (rows, bc)
+    acc_t* s = t.S.data();  // (rows, bc)
     constexpr int64_t ld_s = kBc;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
       const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
       at::Tensor rV;
       if (rows_dot) {
-        if constexpr (std::is_same_v<in_t, c10::BFloat16>)  // (rows_dot is false for other types)
+        if constexpr (std::is_same_v<in_t, c10::BFloat16>) {  // (rows_dot is false for other types)
           for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
-            dpbf16_rows_dot(rows, n, D, reinterpret_cast<const uint16_t*>(rQ.data_ptr()), D,
-                            reinterpret_cast<const uint16_t*>(k_base + off), k_cache.stride(2), s + (r - j0), ld_s);
+            dpbf16_rows_dot(rows, n, D, reinterpret_cast<const uint16_t*>(gq), D,
+                            reinterpret_cast<const uint16_t*>(k_base + off * elem), k_cache.stride(2), s + (r - j0),
+                            ld_s);
           });  // S = Q K^T
+        }
       } else if constexpr (native) {
         for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
-          rQt->gemm(0, 0, n, k_base + off, k_cache.stride(2), 0, D, 0, rows, t.St.data() + (r - j0) * rows, rows,
-                    false);  // S^T = K Q^T
+          const in_t* k = reinterpret_cast<const in_t*>(k_base + off * elem);
+          acc_t* st = t.St.data() + (r - j0) * rows;  // S^T = K Q^T
+          if (amx_s)
+            t.Qt.gemm(n, k, k_cache.stride(2), st, rows);
+          else
+            rQt->gemm(0, 0, n, k, k_cache.stride(2), 0, D, 0, rows, st, rows, false);
         });
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < bc; ++j) s[i * ld_s + j] = t.St[j * rows + i];
+        transpose(bc, rows, t.St.data(), rows, s, ld_s);
+      } else if (f32_rows) {
+        if constexpr (std::is_same_v<acc_t, float>)
+          for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+            if (f16_cache)
+              f32_f16_rows_dot(rows, n, D, gq, D, reinterpret_cast<const uint16_t*>(k_base + off * elem),
+                               k_cache.stride(2), s + (r - j0), ld_s);
+            else
+              f32_rows_dot(rows, n, D, gq, D, reinterpret_cast<const float*>(k_base + off * elem), k_cache.stride(2),
+                           s + (r - j0), ld_s);
+          });  // S = Q K^T
       } else {
         const at::Tensor rK = gather_rows(k_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sK);
         rV = gather_rows(v_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sV);
-        bool dotted = false;  // fp32 on the AVX-512 kernels: dot products along the rows, as for bf16
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (rK.stride(1) == 1 && rows < kDotRows && use_avx512_f32()) {
-            f32_rows_dot(rows, bc, D, rQ.data_ptr<float>(), D, rK.data_ptr<float>(), rK.stride(0), s, ld_s);
-            dotted = true;
-          }
-        }
-        if (!dotted) {
-          at::Tensor rS = t.sS.slice(1, 0, bc);  // (rows, bc)
-          at::mm_out(rS, rQ, rK.t());
-        }
+        const at::Tensor rQ = at::from_blob(const_cast<acc_t*>(gq), {rows, D}, acc_opts);
+        at::Tensor rS = at::from_blob(s, {rows, bc}, {ld_s, 1}, acc_opts);
+        at::mm_out(rS, rQ, rK.t());
       }
       const bool band_mask = band.tile_needs_mask(0, Nq, j0, j1);
       // native: the scale is folded into the exponent unless the modifiers need scaled scores
@@ -186,50 +248,54 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
             return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
           });
         for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+          const in_t* v = reinterpret_cast<const in_t*>(v_base + off * elem);
+          // bf16, few rows: V read in place, widened in registers, fp32 FMAs. On AMX too: MKL's GEMM
+          // copies each V tile into its own layout first, and V interleaved for AMX by us measured no
+          // faster than that; the FMAs keep up with the cache's bytes there.
           if constexpr (std::is_same_v<in_t, c10::BFloat16>)
-            if (rows_dot)  // V read in place (the pairs GEMM would pack each V tile first)
+            if (rows < kDotRows && f32_gemm_supported())
               return bf16_gemm_rows(rows, D, n, reinterpret_cast<const uint16_t*>(p + (r - j0)), ld_s,
-                                    reinterpret_cast<const uint16_t*>(v_base + off), v_cache.stride(2), o, D, true);
-          gemm(rows, D, n, p + (r - j0), ld_s, v_base + off, v_cache.stride(2), o, D, true);  // O += P V
+                                    reinterpret_cast<const uint16_t*>(v), v_cache.stride(2), o, D, true);
+          gemm(rows, D, n, p + (r - j0), ld_s, v, v_cache.stride(2), o, D, true);  // O += P V
         });
       } else {
-        at::Tensor rP = t.sP.slice(1, 0, bc);  // (rows, bc), ld as s
-        acc_t* p = rP.data_ptr<acc_t>();
+        acc_t* p = t.P.data();  // (rows, bc), ld as s
         for (int64_t r = 0; r < rows; ++r)
           online_softmax_row(t.rows[r], o + r * D, D, a, s + r * ld_s, bc, false, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return *lp = exp_affine_sum(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max);
           });
-        bool multiplied = false;  // O += P V
-        if constexpr (std::is_same_v<acc_t, float>) {
-          if (rV.stride(1) == 1 && use_avx512_f32()) {  // V read in place, no packing
-            f32_gemm_rows(rows, D, bc, p, ld_s, rV.data_ptr<float>(), rV.stride(0), o, D, true);
-            multiplied = true;
-          }
+        if (f32_rows) {  // O += P V, V read in place, no packing
+          if constexpr (std::is_same_v<acc_t, float>)
+            for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+              if (f16_cache)
+                f32_f16_gemm_rows(rows, D, n, p + (r - j0), ld_s, reinterpret_cast<const uint16_t*>(v_base + off * elem),
+                                  v_cache.stride(2), o, D, true);
+              else
+                f32_gemm_rows(rows, D, n, p + (r - j0), ld_s, reinterpret_cast<const float*>(v_base + off * elem),
+                              v_cache.stride(2), o, D, true);
+            });
+        } else {
+          at::Tensor rO = at::from_blob(o, {rows, D}, acc_opts);
+          rO.addmm_(at::from_blob(p, {rows, bc}, {ld_s, 1}, acc_opts), rV);
         }
-        if (!multiplied) rO.addmm_(rP, rV);
       }
     }
-    at::Tensor dst_o = splits > 1 ? o_part[split][b] : out[b];  // (Hq, Nq, D)
-    acc_t* dst_lse = (splits > 1 ? lse_part[split][b] : lse[b]).data_ptr<acc_t>();  // (Hq, Nq), contiguous
     for (int64_t r = 0; r < rows; ++r) {
       const SoftmaxRow<acc_t>& row = t.rows[r];
       const bool empty = row.l == acc_t(0);  // no visible key: out 0, lse -inf
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       const acc_t row_lse = empty ? kNegInf : row.m + std::log(row.l);
-      const int64_t h = hkv * group + r / Nq, i = r % Nq;
-      dst_lse[h * Nq + i] = row_lse;
+      const int64_t out_row = q_row0 + r;  // row (b, head, query) of out and lse
+      if (splits > 1) {
+        std::copy(o + r * D, o + (r + 1) * D, o_part.data() + (split * n_rows + out_row) * D);
+        lse_part[split * n_rows + out_row] = row_lse;
+      } else {
+        store_row(o + r * D, out, out_row, D);
+        lse_ptr[out_row] = row_lse;
+      }
     }
-    dst_o.slice(0, hkv * group, (hkv + 1) * group).copy_(rO.view({group, Nq, D}));
   });
-  if (splits == 1) return;
-  // The merge, in split order.
-  const at::Tensor m = std::get<0>(lse_part.max(0));                         // (B, Hq, Nq)
-  const at::Tensor m_use = at::where(at::isinf(m), at::zeros_like(m), m);    // all splits empty: -inf
-  const at::Tensor w = (lse_part - m_use).exp();                             // (S, B, Hq, Nq)
-  const at::Tensor sum = w.sum(0);
-  lse.copy_(at::where(sum > 0, m_use + sum.log(), at::full_like(m, kNegInf)));
-  const at::Tensor wn = w / at::where(sum > 0, sum, at::ones_like(sum));
-  out.copy_((o_part * wn.unsqueeze(-1)).sum(0));
+  if (splits > 1) merge_splits(o_part.data(), lse_part.data(), splits, n_rows, D, out, lse_ptr);
 }
 
 }  // namespace

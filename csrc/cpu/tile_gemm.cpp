@@ -212,6 +212,21 @@ void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, cons
   brgemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
+void transpose(int64_t n, int64_t m, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  int64_t n16 = 0, m16 = 0;
+#ifdef FC_WORD_TRANSPOSE_AVX512
+  if (f32_gemm_supported()) {  // whole 16 x 16 blocks of 32-bit words
+    n16 = n / 16 * 16, m16 = m / 16 * 16;
+    for (int64_t i0 = 0; i0 < n16; i0 += 16)
+      for (int64_t j0 = 0; j0 < m16; j0 += 16)
+        transpose_words16(reinterpret_cast<const uint16_t*>(src + i0 * lds + j0), 2 * lds,
+                          reinterpret_cast<uint32_t*>(dst + j0 * ldd + i0), ldd);
+  }
+#endif
+  for (int64_t j = 0; j < m; ++j)  // the rest: the columns past the blocks, then the rows past them
+    for (int64_t i = j < m16 ? n16 : 0; i < n; ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+
 bool native_lowp_gemm(at::ScalarType dtype) {
   if (const char* env = std::getenv("FLASH_CUDA_CPU_GEMM")) {
     if (std::strcmp(env, "native") == 0) return true;
@@ -318,6 +333,31 @@ void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t 
     at::native::cpublas::brgemm_release(true);
   }
 }
+
+template <typename T>
+bool RowsTransposed<T>::supported(int64_t K) {
+  static const bool amx = at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
+  return amx && K % 2 == 0;
+}
+
+template <typename T>
+void RowsTransposed<T>::pack(int64_t N, int64_t K, const T* B, int64_t ldb) {
+  N_ = N, K_ = K, w_ = (N + 15) / 16 * 16;
+  data_.assign(K / 2 * w_, 0);  // columns N .. w stay zero
+  for (int64_t c = 0; c < N; ++c)  // word (p, c) = (B[c][2p], B[c][2p + 1]): one word of row c
+    for (int64_t p = 0; p < K / 2; ++p) std::memcpy(&data_[p * w_ + c], B + c * ldb + 2 * p, 4);
+}
+
+template <typename T>
+void RowsTransposed<T>::gemm(int64_t M, const T* A, int64_t lda, float* C, int64_t ldc) const {
+  if (M == 0) return;
+  at::native::cpublas::brgemm(M, N_, K_, lda, w_, ldc, false, A, reinterpret_cast<const T*>(data_.data()), C,
+                              /*is_vnni=*/true);
+  at::native::cpublas::brgemm_release(true);
+}
+
+template class RowsTransposed<c10::BFloat16>;
+template class RowsTransposed<c10::Half>;
 
 template class RightOperand<float>;
 template class RightOperand<double>;

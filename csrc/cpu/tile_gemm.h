@@ -24,6 +24,8 @@
 
 #include <stdint.h>
 
+#include <vector>
+
 namespace flash_cuda::cpu {
 
 // C (M x N, row stride ldc) = A (M x K, lda) B (K x N, ldb), or C += A B when `accumulate`.
@@ -35,6 +37,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, 
           float* C, int64_t ldc, bool accumulate);
 void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, const c10::Half* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate);
+// dst (m x n, row stride ldd) = src (n x m, row stride lds)^T, 16 x 16 blocks on AVX-512.
+void transpose(int64_t n, int64_t m, const float* src, int64_t lds, float* dst, int64_t ldd);
 
 // Whether fp16/bf16 tiles of this dtype are multiplied in their own precision: when the CPU has
 // native dot products for it (bf16: AMX-BF16 or AVX512-BF16; fp16: AMX-FP16; AVX512-FP16
@@ -91,6 +95,22 @@ class RightOperand {
   int64_t K_ = 0, N_ = 0, K_even_ = 0, N16_ = 0, block_ = kBlock;
   bool packed_ = false, micro_ = false;
   bool transposed_ = false;  // float/double: data_ is a view with unit stride along K (the BLAS transposes)
+};
+
+// B^T for a few fp16/bf16 rows B (N x K: decoding's query rows), packed once into brgemm's VNNI
+// layout and multiplied on AMX by many row-major left operands read in place (the cache's key
+// rows): C (M x N) = A (M x K) B^T. Plain memory, no tensors: it is packed once per work item.
+template <typename T>
+class RowsTransposed {
+ public:
+  // Whether the CPU has AMX for T and K is even (the VNNI layout pairs K).
+  static bool supported(int64_t K);
+  void pack(int64_t N, int64_t K, const T* B, int64_t ldb);
+  void gemm(int64_t M, const T* A, int64_t lda, float* C, int64_t ldc) const;
+
+ private:
+  std::vector<uint32_t> data_;  // [K / 2][w][2] in 16-bit units, w = N rounded up to 16
+  int64_t N_ = 0, K_ = 0, w_ = 0;
 };
 
 }  // namespace flash_cuda::cpu
