@@ -67,14 +67,25 @@ void for_each_run(const at::Tensor& cache, const int32_t* table, int64_t table_s
   }
 }
 
-// Row `row` of out (rows of D elements, contiguous, out's own dtype) = x, rounded to nearest even.
+// The rows of D elements of a contiguous output in its own dtype: store(x, row) writes row `row`
+// = x rounded to nearest even (the low-precision ones by rowops' vector passes).
 template <typename acc_t>
-void store_row(const acc_t* x, const at::Tensor& out, int64_t row, int64_t D) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "store_row", [&] {
-    scalar_t* y = out.data_ptr<scalar_t>() + row * D;
-    for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(x[d]);
-  });
-}
+struct OutRows {
+  void* base;
+  at::ScalarType dtype;
+  int64_t D;
+  explicit OutRows(const at::Tensor& out) : base(out.data_ptr()), dtype(out.scalar_type()), D(out.size(-1)) {}
+  void store(const acc_t* x, int64_t row) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (dtype == at::kBFloat16) return round_bf16(x, D, static_cast<uint16_t*>(base) + row * D);
+      if (dtype == at::kHalf) return round_fp16(x, D, static_cast<uint16_t*>(base) + row * D);
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "store_row", [&] {
+      scalar_t* y = static_cast<scalar_t*>(base) + row * D;
+      for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(x[d]);
+    });
+  }
+};
 
 // The splits' rows merged in split order: lse = m + log sum_s exp(lse_s - m) (m = max_s lse_s) and
 // out = sum_s exp(lse_s - lse) out_s; a row no split saw (every lse_s = -inf) gets out 0, lse -inf.
@@ -84,6 +95,7 @@ template <typename acc_t>
 void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, int64_t n_rows, int64_t D,
                   const at::Tensor& out, acc_t* lse) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const OutRows<acc_t> out_rows(out);
   at::parallel_for(0, n_rows, 64, [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> row(D);
     for (int64_t r = r0; r < r1; ++r) {
@@ -92,7 +104,7 @@ void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, in
       std::fill(row.begin(), row.end(), acc_t(0));
       if (m == kNegInf) {
         lse[r] = kNegInf;
-        store_row(row.data(), out, r, D);
+        out_rows.store(row.data(), r);
         continue;
       }
       acc_t sum = 0;
@@ -103,7 +115,7 @@ void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, in
         for (int64_t d = 0; d < D; ++d) row[d] += w * o[d];
       }
       lse[r] = m + std::log(sum);
-      store_row(row.data(), out, r, D);
+      out_rows.store(row.data(), r);
     }
   });
 }
@@ -136,6 +148,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // split the items write out and lse themselves.
   std::vector<acc_t> o_part(splits > 1 ? splits * n_rows * D : 0), lse_part(splits > 1 ? splits * n_rows : 0);
   acc_t* lse_ptr = lse.data_ptr<acc_t>();  // (B, Hq, Nq), contiguous
+  const OutRows<acc_t> out_rows(out);
 
   // bf16 on the AVX512-BF16 micro-kernel: the scores as dot products along the cache rows
   // (avx512_gemm.h); the GEMM S^T = K Q^T would fill only `rows` of its 16 lanes (4 at Nq = 1 and
@@ -153,20 +166,25 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       return !rows_dot && !(std::is_same_v<in_t, c10::BFloat16> && use_dpbf16()) && RowsTransposed<in_t>::supported(D);
     return false;
   }();
-  struct Scratch {
+  // Each thread's buffers, kept from call to call (decoding calls this once per token); they
+  // are written before they are read, so they are only resized.
+  struct Buffers {
     TileVector<acc_t> S, P, O;      // scores (rows, Bc), float P (rows, Bc), output (rows, D)
     std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (rows)
     TileVector<acc_t> St;           // native: S^T (Bc, rows)
     TileVector<in_t> Pn;            // native: P rounded, (rows, Bc)
     RowsTransposed<in_t> Qt;        // native on AMX: Q^T packed
+  };
+  struct Scratch {
+    Buffers& b;
     at::Tensor sK, sV;              // the gathered float path: converted tiles (Bc, D)
   };
   const bool gathered = !native && !f32_rows;
   auto make_scratch = [&] {
-    return Scratch{TileVector<acc_t>(rows * kBc), TileVector<acc_t>(native ? 0 : rows * kBc), TileVector<acc_t>(rows * D),
-                   std::vector<SoftmaxRow<acc_t>>(rows), TileVector<acc_t>(native ? kBc * rows : 0),
-                   TileVector<in_t>(native ? rows * kBc : 0), RowsTransposed<in_t>{},
-                   at::empty({gathered ? kBc : 0, D}, acc_opts), at::empty({gathered ? kBc : 0, D}, acc_opts)};
+    thread_local Buffers b;
+    b.S.resize(rows * kBc), b.P.resize(native ? 0 : rows * kBc), b.O.resize(rows * D), b.rows.resize(rows);
+    b.St.resize(native ? kBc * rows : 0), b.Pn.resize(native ? rows * kBc : 0);
+    return Scratch{b, at::empty({gathered ? kBc : 0, D}, acc_opts), at::empty({gathered ? kBc : 0, D}, acc_opts)};
   };
   const char* k_base = static_cast<const char*>(k_cache.data_ptr());
   const char* v_base = static_cast<const char*>(v_cache.data_ptr());
@@ -180,19 +198,19 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     const int64_t k_begin = std::max(std::min(split * per, tiles) * kBc, band.key_begin(0, nk));
     const int64_t k_end = std::min(std::min((split + 1) * per, tiles) * kBc, band.key_end(Nq, nk));
 
-    acc_t* o = t.O.data();  // (rows, D)
-    std::fill(t.O.begin(), t.O.end(), acc_t(0));
-    std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
+    acc_t* o = t.b.O.data();  // (rows, D)
+    std::fill(t.b.O.begin(), t.b.O.end(), acc_t(0));
+    std::fill(t.b.rows.begin(), t.b.rows.end(), SoftmaxRow<acc_t>{});
     const int64_t q_row0 = (b * Hq + hkv * group) * Nq;  // the group's first row of qc
     const auto* gq = qc.data_ptr<std::conditional_t<native, in_t, acc_t>>() + q_row0 * D;  // (rows, D)
     std::optional<RightOperand<in_t>> rQt;  // Q^T (D, rows), unscaled: the scale goes into the exponent
     if constexpr (native) {
       if (amx_s)
-        t.Qt.pack(rows, D, gq, D);
+        t.b.Qt.pack(rows, D, gq, D);
       else if (!rows_dot)  // the micro-kernel's layout, or MKL's GEMM (which copies the cache rows first)
         rQt.emplace(qc.view({B * Hq * Nq, D}).slice(0, q_row0, q_row0 + rows).t().unsqueeze(0).unsqueeze(0), false);
     }
-    acc_t* s = t.S.data();  // (rows, bc)
+    acc_t* s = t.b.S.data();  // (rows, bc)
     constexpr int64_t ld_s = kBc;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
       const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
@@ -208,13 +226,13 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       } else if constexpr (native) {
         for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
           const in_t* k = reinterpret_cast<const in_t*>(k_base + off * elem);
-          acc_t* st = t.St.data() + (r - j0) * rows;  // S^T = K Q^T
+          acc_t* st = t.b.St.data() + (r - j0) * rows;  // S^T = K Q^T
           if (amx_s)
-            t.Qt.gemm(n, k, k_cache.stride(2), st, rows);
+            t.b.Qt.gemm(n, k, k_cache.stride(2), st, rows);
           else
             rQt->gemm(0, 0, n, k, k_cache.stride(2), 0, D, 0, rows, st, rows, false);
         });
-        transpose(bc, rows, t.St.data(), rows, s, ld_s);
+        transpose(bc, rows, t.b.St.data(), rows, s, ld_s);
       } else if (f32_rows) {
         if constexpr (std::is_same_v<acc_t, float>)
           for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
@@ -242,9 +260,9 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           modify_tile<acc_t>(s + g * Nq * ld_s, nullptr, ld_s, Nq, bc, 0, j0, b, hkv * group + g, band, band_mask, mods);
       const acc_t a = prescaled ? acc_t(1) : scale;
       if constexpr (native) {
-        in_t* p = t.Pn.data();  // (rows, bc), ld as s
+        in_t* p = t.b.Pn.data();  // (rows, bc), ld as s
         for (int64_t r = 0; r < rows; ++r)
-          online_softmax_row(t.rows[r], o + r * D, D, a, s + r * ld_s, bc, true, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+          online_softmax_row(t.b.rows[r], o + r * D, D, a, s + r * ld_s, bc, true, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
           });
         for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
@@ -259,9 +277,9 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           gemm(rows, D, n, p + (r - j0), ld_s, v, v_cache.stride(2), o, D, true);  // O += P V
         });
       } else {
-        acc_t* p = t.P.data();  // (rows, bc), ld as s
+        acc_t* p = t.b.P.data();  // (rows, bc), ld as s
         for (int64_t r = 0; r < rows; ++r)
-          online_softmax_row(t.rows[r], o + r * D, D, a, s + r * ld_s, bc, false, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+          online_softmax_row(t.b.rows[r], o + r * D, D, a, s + r * ld_s, bc, false, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return *lp = exp_affine_sum(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max);
           });
         if (f32_rows) {  // O += P V, V read in place, no packing
@@ -281,7 +299,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const SoftmaxRow<acc_t>& row = t.rows[r];
+      const SoftmaxRow<acc_t>& row = t.b.rows[r];
       const bool empty = row.l == acc_t(0);  // no visible key: out 0, lse -inf
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       const acc_t row_lse = empty ? kNegInf : row.m + std::log(row.l);
@@ -290,7 +308,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         std::copy(o + r * D, o + (r + 1) * D, o_part.data() + (split * n_rows + out_row) * D);
         lse_part[split * n_rows + out_row] = row_lse;
       } else {
-        store_row(o + r * D, out, out_row, D);
+        out_rows.store(o + r * D, out_row);
         lse_ptr[out_row] = row_lse;
       }
     }
