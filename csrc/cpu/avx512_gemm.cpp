@@ -226,28 +226,50 @@ FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512 (&v)[16]) {
 }
 }  // namespace
 
-// S (rows x n) = Q Kr^T as dot products along the rows, 16 keys at a time (avx512_gemm.h).
-// Op::load(x, left) loads one chunk of a row of Q or of Kr (kChunk elements, zero past its end; by
-// the row's element type), Op::dot(acc, q, k) adds the products of two chunks into acc.
+// S (rows x n) = Q Kr^T as dot products along the rows (avx512_gemm.h), in blocks of R <= 4 query
+// rows by 4 keys: each chunk of a key row is loaded (and widened, for fp16) once for the block's
+// rows, into 4 R accumulators whose sums are reduced together (sum_lanes_16, the lanes of missing
+// rows fed zeros). Measured on a Xeon against one row at a time with 16 keys' sums reduced
+// together (1.0x-2.1x faster from 1 to 15 rows; fp16 most, whose widening is two uops a chunk).
+// Op::load(x, left) loads one chunk of a row of Q or of Kr (kChunk elements, zero past its end;
+// by the row's element type), Op::dot(acc, q, k) adds the products of two chunks into acc.
+template <int R, typename Op, typename EQ, typename EK>
+FC_TARGET void rows_dot_block(int64_t n, int64_t K, const EQ* Q, int64_t ldq, const EK* Kr, int64_t ldk, float* S,
+                              int64_t lds) {
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const int64_t nb = std::min<int64_t>(4, n - j0);
+    __m512 acc[16];
+    FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += Op::kChunk) {
+      decltype(Op::load(Kr, 0)) kv[4];
+      // past the last key (nb < 4) the last row again, its sums not stored
+      FC_UNROLL for (int i = 0; i < 4; ++i) kv[i] = Op::load(Kr + (j0 + std::min<int64_t>(i, nb - 1)) * ldk + c, K - c);
+      FC_UNROLL for (int r = 0; r < R; ++r) {
+        const auto q = Op::load(Q + r * ldq + c, K - c);
+        FC_UNROLL for (int i = 0; i < 4; ++i) acc[4 * r + i] = Op::dot(acc[4 * r + i], q, kv[i]);
+      }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, sum_lanes_16(acc));  // lane 4 r + i: row r, key j0 + i
+    FC_UNROLL for (int r = 0; r < R; ++r)
+      for (int64_t i = 0; i < nb; ++i) S[r * lds + j0 + i] = sums[4 * r + i];
+  }
+}
 template <typename Op, typename EQ, typename EK>
 FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const EQ* Q, int64_t ldq, const EK* Kr, int64_t ldk,
                                   float* S, int64_t lds) {
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int64_t nb = std::min<int64_t>(16, n - j0);
-    for (int64_t r = 0; r < rows; ++r) {
-      __m512 acc[16];
-      FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < K; c += Op::kChunk) {
-        const auto q = Op::load(Q + r * ldq + c, K - c);
-        // Past the last key (nb < 16) the last row again, its sums not stored: no branch in the loop,
-        // which kept the accumulators in memory.
-        FC_UNROLL for (int i = 0; i < 16; ++i)
-          acc[i] = Op::dot(acc[i], q, Op::load(Kr + (j0 + std::min<int64_t>(i, nb - 1)) * ldk + c, K - c));
-      }
-      _mm512_mask_storeu_ps(S + r * lds + j0, column_mask(nb), sum_lanes_16(acc));
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const EQ* q = Q + r0 * ldq;
+    float* s = S + r0 * lds;
+    switch (std::min<int64_t>(4, rows - r0)) {
+      case 1: rows_dot_block<1, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
+      case 2: rows_dot_block<2, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
+      case 3: rows_dot_block<3, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
+      default: rows_dot_block<4, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
     }
   }
 }
+
 // bf16: 32 elements (16 pairs) a chunk, vdpbf16ps; fp32: 16, FMA. Loads past a row's end give 0.
 struct Bf16Dot {
   static constexpr int64_t kChunk = 32;

@@ -43,8 +43,9 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 
 // S (rows x n, row stride lds) = Q (rows x K) Kr^T for n row-major rows Kr (row stride ldk),
 // bf16: each score a dot product along the rows (vdpbf16ps on pairs, masked at the end of a row),
-// 16 keys' sums reduced together. For few query rows against many keys (decoding), where the
-// GEMM would need Kr transposed into pairs first. Requires dpbf16_supported().
+// blocks of up to 4 query rows by 4 keys reduced together. For few query rows against many keys
+// (decoding), where the GEMM would need Kr transposed into pairs first. Requires
+// dpbf16_supported().
 void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
                      int64_t ldk, float* S, int64_t lds);
 // The same in fp32 with FMA. Requires f32_gemm_supported().
