@@ -13,6 +13,7 @@
 #include "attn_options.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/kvcache_cpu.h"
+#include "cpu/rowops.h"
 #include "cpu/varlen_cpu.h"
 #include "emu/emu_session.h"
 #include "kernel_launch.h"
@@ -533,6 +534,16 @@ TORCH_LIBRARY(flash_cuda, m) {
   });
   m.def("_arch_list_covers(str arch_list, int cc) -> bool",
         [](std::string list, int64_t cc) { return arch_list_covers(list, static_cast<int>(cc)); });
+  // 2^x by the CPU backend's exponent passes (rowops.h): the portable polynomial (generic) or the
+  // version this CPU runs, for the tests that compare their bits.
+  m.def("_cpu_exp2(Tensor x, bool generic) -> Tensor", [](const at::Tensor& x, bool generic) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "flash_cuda._cpu_exp2: x must be a float32 CPU "
+                "tensor, got ", x.scalar_type(), " on ", x.device());
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty_like(xc);
+    cpu::exp2_row(xc.data_ptr<float>(), xc.numel(), y.data_ptr<float>(), generic);
+    return y;
+  });
 }
 
 TORCH_LIBRARY_IMPL(flash_cuda, CPU, m) {

@@ -77,15 +77,18 @@ struct Exp2Poly {
 
 #ifdef FC_AVX512_BF16
 #define FC_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
-// exp2_poly on AVX-512 in 12 vector instructions instead of 17, with the same bits: the clamp as
-// vmaxps/vminps (which return their second operand, t, when it is a NaN: a NaN stays a NaN),
+// exp2_poly on AVX-512 in 11 vector instructions instead of 17, with the same bits: the upper
+// clamp as vminps (which returns its second operand, t, when it is a NaN: a NaN stays a NaN),
 // n = round(t) by vrndscaleps (nearest even, as adding and subtracting 1.5 * 2^23 does), the same
-// polynomial in the same FMA order, and p * 2^n by vscalefps; n = -127, where exp2_poly writes a
-// zero exponent field (exactly +0 for -inf, a masked score), is zeroed by the mask (NaN passes).
+// polynomial in the same FMA order, and p * 2^n by vscalefps. Every n <= -127 (where exp2_poly
+// clamps t to -127 and writes a zero exponent field: exactly +0, also for -inf, a masked score)
+// is zeroed by the mask instead of a lower clamp (NaN passes); that n = -inf makes p a NaN does
+// not matter there. tests/test_cpu_backend.py checks the bits against exp2_poly (a dense grid, the
+// rounding edges, +-inf, NaN). Without the lower clamp: 11% faster a vector, measured on a Xeon.
 struct Exp2Avx512 {
   FC_TARGET_V4 v16f operator()(v16f tv) const {
     __m512 t = reinterpret_cast<__m512>(tv);
-    t = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), t));
+    t = _mm512_min_ps(_mm512_set1_ps(127.0f), t);
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
@@ -332,6 +335,26 @@ void exp_affine(double* x, int64_t n, double a, double m) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(a * x[j] - m);
 }
 
+
+namespace {
+template <typename Exp16>
+FC_INLINE void exp2_row_impl(const float* x, int64_t n, float* y, Exp16 exp16) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) store16(y + j, exp16(load16(x + j)));
+  for (; j < n; ++j) y[j] = exp2_poly(x[j]);
+}
+FC_MULTIVERSION void exp2_row_generic(const float* x, int64_t n, float* y) { exp2_row_impl(x, n, y, Exp2Poly{}); }
+#ifdef FC_AVX512_BF16
+FC_TARGET_V4 void exp2_row_avx512(const float* x, int64_t n, float* y) { exp2_row_impl(x, n, y, Exp2Avx512{}); }
+#endif
+}  // namespace
+
+void exp2_row(const float* x, int64_t n, float* y, bool generic) {
+#ifdef FC_AVX512_BF16
+  if (!generic && f32_gemm_supported()) return exp2_row_avx512(x, n, y);
+#endif
+  exp2_row_generic(x, n, y);
+}
 
 FC_MULTIVERSION void round_bf16(const float* x, int64_t n, uint16_t* y) {
   for (int64_t j = 0; j < n; ++j) y[j] = bf16_bits(x[j]);

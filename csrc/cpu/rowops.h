@@ -27,6 +27,11 @@ float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t*
 void exp_affine(float* x, int64_t n, float a, float m);
 void exp_affine(double* x, int64_t n, double a, double m);
 
+// y[j] = 2^x[j] by the exponent passes' exp2: generic = the portable polynomial (exp2_poly),
+// else the one the passes run on this CPU (AVX-512's where present). For the tests, which check
+// that both give the same bits.
+void exp2_row(const float* x, int64_t n, float* y, bool generic);
+
 // x[j] *= a.
 void scale_row(float* x, int64_t n, float a);
 void scale_row(double* x, int64_t n, double a);
