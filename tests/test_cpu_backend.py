@@ -222,6 +222,21 @@ def test_exp2_versions_agree_bit_for_bit():
     assert ((generic[normal].double() - ref).abs() / ref).max().item() < 2.5e-7
 
 
+@pytest.mark.parametrize("nq", [1, 4])
+def test_bf16_decoding_follows_the_mkldnn_switch(nq):
+    """torch.backends.mkldnn.flags(enabled=False) after a first call: the AMX paths (which brgemm
+    refuses then) are not taken, bf16 decoding (4 and 16 rows per kv group) still meets the FA rule."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8, nq, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, 1000, 64, generator=g).bfloat16() for _ in range(2))
+    flash_cuda.attention_with_kvcache(q, k, v)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = flash_cuda.attention_with_kvcache(q, k, v)
+    ref, _ = attention_ref(q.double(), k.double(), v.double())
+    plain, _ = attention_ref(q, k, v, dtype=torch.bfloat16)
+    assert_fa_rule("out", out, plain, ref, 2)
+
+
 def test_generic_bf16_exponent_pass():
     """The bf16 exponent pass without AVX512-BF16 (the version machines without it run; chosen once
     per process, so in a child process): the GEMM-path and saturation tests above pass with it."""

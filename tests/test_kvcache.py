@@ -167,6 +167,29 @@ def test_split_counts_agree():
         torch.testing.assert_close(l, outs[0][1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_query_row_is_nan_for_every_split_count(dtype):
+    """A NaN in one query row makes that row's output NaN whether the keys are split or not (the
+    merge keeps the NaN, as one split does); lse and every other row agree between split counts."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 8, 2, 64, generator=g).to(dtype)
+    q[0, 5, 1, 7] = float("nan")
+    kc, vc = (torch.randn(1, 2, 3000, 64, generator=g).to(dtype) for _ in range(2))
+    outs = [FN(q, kc, vc, cache_seqlens=3000, num_splits=s, return_lse=True) for s in (1, 3)]
+    for out, lse in outs:
+        assert torch.isnan(out[0, 5, 1]).all()
+        finite = torch.ones_like(out, dtype=torch.bool)
+        finite[0, 5, 1] = False
+        assert torch.isfinite(out[finite]).all()
+    (o1, l1), (o3, l3) = outs
+    assert torch.equal(l1[0, 5, 1], l3[0, 5, 1]) or (torch.isnan(l1[0, 5, 1]) and torch.isnan(l3[0, 5, 1]))
+    keep = torch.ones_like(l1, dtype=torch.bool)
+    keep[0, 5, 1] = False
+    torch.testing.assert_close(l1[keep], l3[keep], rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(o1[finite].float(), o3[finite].float(), rtol=tol, atol=tol)
+
+
 def test_layouts_bnhd_views():
     """FlashAttention's (B, N, H, D) and vLLM's (pages, page_size, H, D) caches as transposed views."""
     run_case(torch.float32, nq=1, n_new=1, bnhd=True)

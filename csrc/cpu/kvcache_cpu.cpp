@@ -3,9 +3,10 @@
 //
 // Work items are (batch, kv head, key split). An item takes the queries of every query head of
 // its kv group at once, (heads in group x Nq) rows, so each key and value tile is read once for
-// the group: decoding is bound by the bytes of the cache. Where the CPU multiplies fp16/bf16
-// natively (tile_gemm.h) the GEMMs read the cache rows in place; else each tile is converted to
-// fp32 first. attention_cpu.cpp sends its decoding-like calls here too.
+// the group: decoding is bound by the bytes of the cache. The cache rows are read in place where
+// a kernel takes them in their dtype (AMX and the AVX-512 kernels below; kvcache_impl lists the
+// paths); else each tile is converted to fp32 first. attention_cpu.cpp sends its decoding-like
+// calls here too.
 // The band and the modifiers are applied per head's rows (modify_tile). Each item keeps its own
 // online softmax and writes its rows normalised by its own sum with their lse; the splits are
 // then merged in a fixed order (lse = log sum exp lse_s, out = sum exp(lse_s - lse) out_s).
@@ -16,6 +17,7 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <memory>
 #include <optional>
 
 #include "avx512_gemm.h"
@@ -29,11 +31,12 @@ namespace {
 constexpr int64_t kBc = 512;            // keys per tile (attention_cpu.cpp's forward tile)
 constexpr int64_t kTargetItems = 32;    // items a launch aims for when it picks the splits
 constexpr int64_t kMinSplitKeys = 1024; // keys per split at least
-// Fewer query rows per kv group than this: scores as dot products along the cache rows on the
-// AVX-512 kernels (avx512_gemm.h); from one vector of rows on, the GEMM fills whole vectors while
-// the dot products would redo their 16-key reductions for every row.
+// Fewer query rows per kv group than this: scores as dot products along the cache rows and P V
+// with V widened in registers, on the AVX-512 kernels (avx512_gemm.h); from one vector of rows on,
+// the GEMMs fill whole vectors while the dot products would reduce every (row, key) on its own.
 constexpr int64_t kDotRows = 16;
 constexpr int64_t kPanelRows = 32;  // up to this many rows, fp32/fp16 caches on the fp32 micro-kernel
+constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its buffers between calls
 
 // Rows [r0, r1) of sequence b's cache (kv head h) as an acc_t (rows, D) tile: a view of a
 // contiguous cache already in acc_t, else gathered (page by page) and converted into buf.
@@ -81,6 +84,10 @@ struct OutRows {
       if (dtype == at::kBFloat16) return round_bf16(x, D, static_cast<uint16_t*>(base) + row * D);
       if (dtype == at::kHalf) return round_fp16(x, D, static_cast<uint16_t*>(base) + row * D);
     }
+    if (dtype == c10::CppTypeToScalarType<acc_t>::value) {
+      std::copy(x, x + D, static_cast<acc_t*>(base) + row * D);
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "store_row", [&] {
       scalar_t* y = static_cast<scalar_t*>(base) + row * D;
       for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(x[d]);
@@ -90,8 +97,9 @@ struct OutRows {
 
 // The splits' rows merged in split order: lse = m + log sum_s exp(lse_s - m) (m = max_s lse_s) and
 // out = sum_s exp(lse_s - lse) out_s; a row no split saw (every lse_s = -inf) gets out 0, lse -inf.
-// o_part (splits, rows, D) and lse_part (splits, rows); rows independent, so any thread count
-// gives the same bits.
+// A NaN goes through as with one split: a NaN lse_s makes m, lse and out NaN, and a row no split
+// saw keeps the NaN of an out_s (0 * out_s, as each item scales such a row by 0). o_part (splits,
+// rows, D) and lse_part (splits, rows); rows independent, so any thread count gives the same bits.
 template <typename acc_t>
 void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, int64_t n_rows, int64_t D,
                   const at::Tensor& out, acc_t* lse) {
@@ -101,9 +109,15 @@ void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, in
     std::vector<acc_t> row(D);
     for (int64_t r = r0; r < r1; ++r) {
       acc_t m = kNegInf;
-      for (int64_t s = 0; s < splits; ++s) m = std::max(m, lse_part[s * n_rows + r]);
+      for (int64_t s = 0; s < splits; ++s) {
+        const acc_t x = lse_part[s * n_rows + r];
+        m = x > m || std::isnan(x) ? x : m;  // a NaN stays
+        if (std::isnan(m)) break;
+      }
       std::fill(row.begin(), row.end(), acc_t(0));
       if (m == kNegInf) {
+        for (int64_t s = 0; s < splits; ++s)
+          for (int64_t d = 0; d < D; ++d) row[d] += acc_t(0) * o_part[(s * n_rows + r) * D + d];
         lse[r] = kNegInf;
         out_rows.store(row.data(), r);
         continue;
@@ -147,7 +161,9 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const at::Tensor qc = native ? q.contiguous() : q.to(acc_opts.dtype()).mul(opt.scale).contiguous();
   // Each split's rows (normalised by its own sum) and lse, merged after the items; with one
   // split the items write out and lse themselves.
-  std::vector<acc_t> o_part(splits > 1 ? splits * n_rows * D : 0), lse_part(splits > 1 ? splits * n_rows : 0);
+  // (each entry written by its item before the merge reads it)
+  const std::unique_ptr<acc_t[]> o_part(splits > 1 ? new acc_t[splits * n_rows * D] : nullptr);
+  const std::unique_ptr<acc_t[]> lse_part(splits > 1 ? new acc_t[splits * n_rows] : nullptr);
   acc_t* lse_ptr = lse.data_ptr<acc_t>();  // (B, Hq, Nq), contiguous
   const OutRows<acc_t> out_rows(out);
 
@@ -157,7 +173,8 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const bool rows_dot = std::is_same_v<in_t, c10::BFloat16> && use_dpbf16() && rows < kDotRows;
   // fp32 and fp16 caches in the float path on the AVX-512 kernels, read in place (fp16 widened in
   // registers): no gathered, converted copy of each tile.
-  const bool f32_rows = !native && std::is_same_v<acc_t, float> && rows < kDotRows && f32_gemm_supported() &&
+  const bool f32_rows = !native && std::is_same_v<acc_t, float> && rows < kDotRows &&
+                        rows_kernels_allowed(at::kFloat) &&
                         (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf);
   const bool f16_cache = k_cache.scalar_type() == at::kHalf;
   // The same caches with 16 to kPanelRows rows: S^T = K Q^T on the fp32 micro-kernel, the key rows
@@ -165,7 +182,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // P V as above. Measured on a Xeon against MKL's GEMMs (which pack K and V first): 3% to 12%
   // faster at 16 rows, 4% to 7% at 32, no better at 64.
   const bool f32_panels = !native && std::is_same_v<acc_t, float> && !f32_rows && rows <= kPanelRows &&
-                          f32_gemm_supported() && (k_cache.scalar_type() == at::kFloat || f16_cache);
+                          rows_kernels_allowed(at::kFloat) && (k_cache.scalar_type() == at::kFloat || f16_cache);
   const bool v_in_place = f32_rows || f32_panels;
   // native on AMX (an even D; bf16 unless the micro-kernel is chosen): S^T = K Q^T with the cache
   // rows as brgemm's left operand, in place, and Q^T packed once per item (RowsTransposed).
@@ -174,28 +191,32 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       return !rows_dot && !(std::is_same_v<in_t, c10::BFloat16> && use_dpbf16()) && RowsTransposed<in_t>::supported(D);
     return false;
   }();
-  // Each thread's buffers, kept from call to call (decoding calls this once per token); they
-  // are written before they are read, so they are only resized.
+  // Each thread's buffers, kept from call to call up to kKeptRows rows (decoding calls this once
+  // per token); they are written before they are read, so they are only resized.
   struct Buffers {
     TileVector<acc_t> S, P, O;      // scores (rows, Bc), float P (rows, Bc), output (rows, D)
     std::vector<SoftmaxRow<acc_t>> rows;  // online_softmax.h, (rows)
-    TileVector<acc_t> St;           // native: S^T (Bc, rows)
+    TileVector<acc_t> St;           // native and f32_panels: S^T (Bc, rows)
     TileVector<in_t> Pn;            // native: P rounded, (rows, Bc)
     RowsTransposed<in_t> Qt;        // native on AMX: Q^T packed
     TileVector<float> Qtmp, Qp;     // f32_panels: Q^T (D, rows), packed into the micro-kernel's panels
   };
   struct Scratch {
+    std::unique_ptr<Buffers> owned;  // a call's own buffers (more rows than a thread keeps)
     Buffers& b;
-    at::Tensor sK, sV;              // the gathered float path: converted tiles (Bc, D)
+    at::Tensor sK, sV;              // converted tiles (Bc, D): K gathered or f32_panels on fp16, V gathered
   };
   const bool gathered = !native && !v_in_place;
   const bool k_converted = gathered || (f32_panels && f16_cache);
   auto make_scratch = [&] {
-    thread_local Buffers b;
+    thread_local Buffers kept;  // decoding's sizes, kept between calls; larger ones freed after the call
+    std::unique_ptr<Buffers> owned = rows <= kKeptRows ? nullptr : std::make_unique<Buffers>();
+    Buffers& b = owned ? *owned : kept;
     b.S.resize(rows * kBc), b.P.resize(native ? 0 : rows * kBc), b.O.resize(rows * D), b.rows.resize(rows);
     b.St.resize(native || f32_panels ? kBc * rows : 0), b.Pn.resize(native ? rows * kBc : 0);
     b.Qtmp.resize(f32_panels ? D * rows : 0), b.Qp.resize(f32_panels ? panels_f32_size(D, rows) : 0);
-    return Scratch{b, at::empty({k_converted ? kBc : 0, D}, acc_opts), at::empty({gathered ? kBc : 0, D}, acc_opts)};
+    return Scratch{std::move(owned), b, at::empty({k_converted ? kBc : 0, D}, acc_opts),
+                   at::empty({gathered ? kBc : 0, D}, acc_opts)};
   };
   const char* k_base = static_cast<const char*>(k_cache.data_ptr());
   const char* v_base = static_cast<const char*>(v_cache.data_ptr());
@@ -302,7 +323,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           // copies each V tile into its own layout first, and V interleaved for AMX by us measured no
           // faster than that; the FMAs keep up with the cache's bytes there.
           if constexpr (std::is_same_v<in_t, c10::BFloat16>)
-            if (rows < kDotRows && f32_gemm_supported())
+            if (rows < kDotRows && rows_kernels_allowed(at::kBFloat16))
               return bf16_gemm_rows(rows, D, n, reinterpret_cast<const uint16_t*>(p + (r - j0)), ld_s,
                                     reinterpret_cast<const uint16_t*>(v), v_cache.stride(2), o, D, true);
           gemm(rows, D, n, p + (r - j0), ld_s, v, v_cache.stride(2), o, D, true);  // O += P V
@@ -336,7 +357,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       const acc_t row_lse = empty ? kNegInf : row.m + std::log(row.l);
       const int64_t out_row = q_row0 + r;  // row (b, head, query) of out and lse
       if (splits > 1) {
-        std::copy(o + r * D, o + (r + 1) * D, o_part.data() + (split * n_rows + out_row) * D);
+        std::copy(o + r * D, o + (r + 1) * D, o_part.get() + (split * n_rows + out_row) * D);
         lse_part[split * n_rows + out_row] = row_lse;
       } else {
         out_rows.store(o + r * D, out_row);
@@ -344,7 +365,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       }
     }
   });
-  if (splits > 1) merge_splits(o_part.data(), lse_part.data(), splits, n_rows, D, out, lse_ptr);
+  if (splits > 1) merge_splits(o_part.get(), lse_part.get(), splits, n_rows, D, out, lse_ptr);
 }
 
 }  // namespace

@@ -252,6 +252,13 @@ bool choose_micro_kernel(bool supported, const char* var, const char* on, const 
 }  // namespace
 
 bool use_dpbf16() { return choose_micro_kernel(dpbf16_supported(), "FLASH_CUDA_CPU_BF16_GEMM", "dpbf16", "onednn"); }
+
+bool rows_kernels_allowed(at::ScalarType dtype) {
+  if (!f32_gemm_supported()) return false;
+  const bool bf16 = dtype == at::kBFloat16;
+  const char* env = std::getenv(bf16 ? "FLASH_CUDA_CPU_BF16_GEMM" : "FLASH_CUDA_CPU_F32_GEMM");
+  return !(env && std::strcmp(env, bf16 ? "onednn" : "blas") == 0);
+}
 bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), "FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas"); }
 
 template <typename T>
@@ -336,8 +343,8 @@ void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t 
 
 template <typename T>
 bool RowsTransposed<T>::supported(int64_t K) {
-  static const bool amx = at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
-  return amx && K % 2 == 0;
+  // asked each call: could_pack follows torch.backends.mkldnn's switch, as brgemm's own check does
+  return K % 2 == 0 && at::native::cpublas::could_pack(c10::CppTypeToScalarType<T>::value);
 }
 
 template <typename T>

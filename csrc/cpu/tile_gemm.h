@@ -55,6 +55,12 @@ bool use_dpbf16();
 // FLASH_CUDA_CPU_F32_GEMM=avx512 or =blas overrides the choice.
 bool use_avx512_f32();
 
+// Whether the decoding loop's in-place AVX-512 kernels (row dot products, P V with V widened in
+// registers: kvcache_cpu.cpp) may run for operands of `dtype` (fp32 or bf16): where the CPU has
+// AVX-512, unless FLASH_CUDA_CPU_F32_GEMM=blas (fp32 and widened fp16) or
+// FLASH_CUDA_CPU_BF16_GEMM=onednn (bf16) forces the library GEMMs there too.
+bool rows_kernels_allowed(at::ScalarType dtype);
+
 // The dtype of the tile GEMMs for inputs of `dtype`: fp16/bf16 themselves where the CPU
 // multiplies them natively (tile_gemm.h), else float (the inputs converted once per call).
 template <typename Fn>
