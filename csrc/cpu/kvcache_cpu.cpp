@@ -159,9 +159,9 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // (rows, D) block: native in its dtype, unscaled (the scale goes into the exponent); float in
   // acc_t with the scale folded in.
   const at::Tensor qc = native ? q.contiguous() : q.to(acc_opts.dtype()).mul(opt.scale).contiguous();
-  // Each split's rows (normalised by its own sum) and lse, merged after the items; with one
-  // split the items write out and lse themselves.
-  // (each entry written by its item before the merge reads it)
+  // Each split's rows (normalised by its own sum) and lse, merged after the items (every entry is
+  // written by its item first, so they start uninitialised); with one split the items write out
+  // and lse themselves.
   const std::unique_ptr<acc_t[]> o_part(splits > 1 ? new acc_t[splits * n_rows * D] : nullptr);
   const std::unique_ptr<acc_t[]> lse_part(splits > 1 ? new acc_t[splits * n_rows] : nullptr);
   acc_t* lse_ptr = lse.data_ptr<acc_t>();  // (B, Hq, Nq), contiguous
