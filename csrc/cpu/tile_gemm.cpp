@@ -350,9 +350,9 @@ bool RowsTransposed<T>::supported(int64_t K) {
 template <typename T>
 void RowsTransposed<T>::pack(int64_t N, int64_t K, const T* B, int64_t ldb) {
   N_ = N, K_ = K, w_ = (N + 15) / 16 * 16;
-  data_.assign(K / 2 * w_, 0);  // columns N .. w stay zero
-  for (int64_t c = 0; c < N; ++c)  // word (p, c) = (B[c][2p], B[c][2p + 1]): one word of row c
-    for (int64_t p = 0; p < K / 2; ++p) std::memcpy(&data_[p * w_ + c], B + c * ldb + 2 * p, 4);
+  data_.resize(K / 2 * w_);
+  // B^T as a transposed view (unit stride along K): word (p, c) is word p of B's row c
+  pack_vnni(reinterpret_cast<const uint16_t*>(B), 1, ldb, K, N, w_, data_.data());
 }
 
 template <typename T>
