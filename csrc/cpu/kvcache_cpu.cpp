@@ -78,20 +78,17 @@ struct OutRows {
   void* base;
   at::ScalarType dtype;
   int64_t D;
-  explicit OutRows(const at::Tensor& out) : base(out.data_ptr()), dtype(out.scalar_type()), D(out.size(-1)) {}
+  // out's dtype is acc_t itself, or fp16/bf16 with acc_t = float (at::opmath_type)
+  explicit OutRows(const at::Tensor& out) : base(out.data_ptr()), dtype(out.scalar_type()), D(out.size(-1)) {
+    TORCH_INTERNAL_ASSERT(dtype == c10::CppTypeToScalarType<acc_t>::value ||
+                          (std::is_same_v<acc_t, float> && (dtype == at::kBFloat16 || dtype == at::kHalf)));
+  }
   void store(const acc_t* x, int64_t row) const {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (dtype == at::kBFloat16) return round_bf16(x, D, static_cast<uint16_t*>(base) + row * D);
       if (dtype == at::kHalf) return round_fp16(x, D, static_cast<uint16_t*>(base) + row * D);
     }
-    if (dtype == c10::CppTypeToScalarType<acc_t>::value) {
-      std::copy(x, x + D, static_cast<acc_t*>(base) + row * D);
-      return;
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "store_row", [&] {
-      scalar_t* y = static_cast<scalar_t*>(base) + row * D;
-      for (int64_t d = 0; d < D; ++d) y[d] = static_cast<scalar_t>(x[d]);
-    });
+    std::copy(x, x + D, static_cast<acc_t*>(base) + row * D);
   }
 };
 

@@ -252,6 +252,7 @@ bool choose_micro_kernel(bool supported, const char* var, const char* on, const 
 }  // namespace
 
 bool use_dpbf16() { return choose_micro_kernel(dpbf16_supported(), "FLASH_CUDA_CPU_BF16_GEMM", "dpbf16", "onednn"); }
+bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), "FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas"); }
 
 bool rows_kernels_allowed(at::ScalarType dtype) {
   if (!f32_gemm_supported()) return false;
@@ -259,7 +260,6 @@ bool rows_kernels_allowed(at::ScalarType dtype) {
   const char* env = std::getenv(bf16 ? "FLASH_CUDA_CPU_BF16_GEMM" : "FLASH_CUDA_CPU_F32_GEMM");
   return !(env && std::strcmp(env, bf16 ? "onednn" : "blas") == 0);
 }
-bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), "FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas"); }
 
 template <typename T>
 RightOperand<T>::RightOperand(const at::Tensor& x, bool pack, int64_t block)
