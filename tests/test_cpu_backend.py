@@ -222,6 +222,46 @@ def test_exp2_versions_agree_bit_for_bit():
     assert ((generic[normal].double() - ref).abs() / ref).max().item() < 2.5e-7
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rounded_exponent_passes_agree_bit_for_bit(dtype):
+    """P = exp(a x - m) rounded to fp16/bf16 as the P V operand: the version this CPU runs (vector
+    conversions where it has them) gives the bits, the row max and both sums (of the values and of
+    the rounded values) of the portable version, which rounds lane by lane; those bits are the
+    float64 exponent rounded by torch, within one unit in the last place (the float polynomial's
+    error can cross a rounding boundary). Scores of many magnitudes (probabilities that overflow
+    fp16 and ones that underflow it), a tail shorter than a vector and -inf (a masked score:
+    exactly 0); none whose probability is a subnormal float, which AVX512-BF16's conversion counts
+    as zero (documented there)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4093, generator=g) * 6, torch.tensor([float("-inf"), 0.0, 20.0, -200.0])])
+    tdtype = getattr(torch, dtype)
+    for a, m in [(1.0, 0.0), (0.125, 3.0), (2.0, -1.5)]:
+        y0, s0 = torch.ops.flash_cuda._cpu_round_row(x, "exp", dtype, a, m, True)
+        y1, s1 = torch.ops.flash_cuda._cpu_round_row(x, "exp", dtype, a, m, False)
+        assert torch.equal(y0, y1) and torch.equal(s0, s1)
+        assert s0[1].item() == x.max().item()
+        ref = torch.exp(a * x.double() - m).to(tdtype).view(torch.int16).int()
+        assert (y0.int() - ref).abs().max().item() <= 1
+        assert y0[4093].item() == 0  # -inf: exactly +0
+        assert s0[2].item() == pytest.approx(y0.view(tdtype).double().sum().item(), rel=1e-6)
+
+
+def test_fp16_rounding_pass_agrees_with_torch():
+    """round_fp16 (P and dS as fp16 GEMM operands): the vector version and the portable one give
+    torch's round-to-nearest-even bits, ties included, and inf and NaN where torch gives them."""
+    g = torch.Generator().manual_seed(1)
+    halves = torch.randn(2000, generator=g).half()
+    up = torch.nextafter(halves, torch.tensor(float("inf"), dtype=torch.half))
+    ties = (halves.float() + up.float()) / 2  # exactly halfway between two halves
+    x = torch.cat([torch.randn(2001, generator=g) * 100, ties, torch.tensor([70000.0, -1e-8, 3e-6, float("nan")])])
+    ref = x.half().view(torch.int16)
+    for generic in (True, False):
+        y, _ = torch.ops.flash_cuda._cpu_round_row(x, "round", "float16", 0.0, 0.0, generic)
+        nan = torch.isnan(ref.view(torch.half))
+        assert torch.equal(torch.isnan(y.view(torch.half)), nan)
+        assert torch.equal(y[~nan], ref[~nan])
+
+
 @pytest.mark.parametrize("nq", [1, 4])
 def test_bf16_decoding_follows_the_mkldnn_switch(nq):
     """torch.backends.mkldnn.flags(enabled=False) after a first call: the AMX paths (which brgemm

@@ -259,14 +259,18 @@ double exp_affine_sum(const double* x, int64_t n, double a, double m, double* y,
   return s;
 }
 namespace {
-// The scalar tail's store of the bf16 exponent passes: y[j] = e rounded, returning its value.
-struct StoreBf16 {
+// The scalar tail's store of the rounded exponent passes: y[j] = e rounded to bf16 or fp16 bits,
+// returning the rounded value.
+template <bool kBf16>
+struct StoreRounded {
   uint16_t* y;
   FC_INLINE float operator()(int64_t j, float e) const {
-    y[j] = bf16_bits(e);
-    return bf16_value(y[j]);
+    y[j] = kBf16 ? bf16_bits(e) : fp16_bits(e);
+    return kBf16 ? bf16_value(y[j]) : fp16_value(y[j]);
   }
 };
+using StoreBf16 = StoreRounded<true>;
+using StoreFp16 = StoreRounded<false>;
 
 FC_MULTIVERSION float exp_affine_sum_bf16_generic(const float* x, int64_t n, float a, float m, uint16_t* y,
                                                   float* x_max, float* rounded_sum) {
@@ -302,26 +306,49 @@ FC_TARGET_BF16 float exp_affine_sum_bf16_avx512(const float* x, int64_t n, float
 }  // namespace
 
 float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
-                          float* rounded_sum) {
+                          float* rounded_sum, bool generic) {
 #ifdef FC_AVX512_BF16
   // FLASH_CUDA_CPU_GENERIC_BF16=1 (read once) takes the generic version here too: how the tests
   // check it on machines that have AVX512-BF16.
   static const bool avx512_bf16 = __builtin_cpu_supports("avx512bf16") && !std::getenv("FLASH_CUDA_CPU_GENERIC_BF16");
-  if (avx512_bf16) return exp_affine_sum_bf16_avx512(x, n, a, m, y, x_max, rounded_sum);
+  if (avx512_bf16 && !generic) return exp_affine_sum_bf16_avx512(x, n, a, m, y, x_max, rounded_sum);
 #endif
   return exp_affine_sum_bf16_generic(x, n, a, m, y, x_max, rounded_sum);
 }
-FC_MULTIVERSION float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
-                                          float* rounded_sum) {
+namespace {
+FC_MULTIVERSION float exp_affine_sum_fp16_generic(const float* x, int64_t n, float a, float m, uint16_t* y,
+                                                  float* x_max, float* rounded_sum) {
   return exp_affine_sum_impl(
       x, n, a, m, x_max, rounded_sum,
-      [y](int64_t j, float e) {
-        y[j] = fp16_bits(e);
-        return fp16_value(y[j]);
-      },
+      StoreFp16{y},
       [y](int64_t j, v16f e, v16f& stored) {
         for (int l = 0; l < 16; ++l) y[j + l] = fp16_bits(e[l]), stored[l] += fp16_value(y[j + l]);
       });
+}
+#ifdef FC_AVX512_BF16
+// vcvtps2ph rounds 16 floats to halves (nearest even) and vcvtph2ps widens them back, exactly: the
+// generic version converts one lane at a time.
+FC_TARGET_V4 float exp_affine_sum_fp16_avx512(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
+                                              float* rounded_sum) {
+  return exp_affine_sum_impl(
+      x, n, a, m, x_max, rounded_sum,
+      StoreFp16{y},
+      [y](int64_t j, v16f e, v16f& stored) FC_TARGET_V4 {
+        const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), h);
+        stored += reinterpret_cast<v16f>(_mm512_cvtph_ps(h));
+      },
+      Exp2Avx512{});
+}
+#endif
+}  // namespace
+
+float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
+                          float* rounded_sum, bool generic) {
+#ifdef FC_AVX512_BF16
+  if (f32_gemm_supported() && !generic) return exp_affine_sum_fp16_avx512(x, n, a, m, y, x_max, rounded_sum);
+#endif
+  return exp_affine_sum_fp16_generic(x, n, a, m, y, x_max, rounded_sum);
 }
 
 void exp_affine(float* x, int64_t n, float a, float m) {
@@ -358,8 +385,25 @@ void exp2_row(const float* x, int64_t n, float* y, bool generic) {
 FC_MULTIVERSION void round_bf16(const float* x, int64_t n, uint16_t* y) {
   for (int64_t j = 0; j < n; ++j) y[j] = bf16_bits(x[j]);
 }
-FC_MULTIVERSION void round_fp16(const float* x, int64_t n, uint16_t* y) {
+namespace {
+FC_MULTIVERSION void round_fp16_generic(const float* x, int64_t n, uint16_t* y) {
   for (int64_t j = 0; j < n; ++j) y[j] = fp16_bits(x[j]);
+}
+#ifdef FC_AVX512_BF16
+FC_TARGET_V4 void round_fp16_avx512(const float* x, int64_t n, uint16_t* y) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; j < n; ++j) y[j] = fp16_bits(x[j]);
+}
+#endif
+}  // namespace
+void round_fp16(const float* x, int64_t n, uint16_t* y, bool generic) {
+#ifdef FC_AVX512_BF16
+  if (f32_gemm_supported() && !generic) return round_fp16_avx512(x, n, y);
+#endif
+  round_fp16_generic(x, n, y);
 }
 
 FC_MULTIVERSION void scale_row(float* x, int64_t n, float a) {

@@ -19,9 +19,12 @@ float exp_affine_sum(const float* x, int64_t n, float a, float m, float* y, floa
 double exp_affine_sum(const double* x, int64_t n, double a, double m, double* y, double* x_max);
 // The same with y[j] rounded to nearest even as bfloat16 / IEEE half bits (P written straight
 // into the P V operand): returns the sum of the unrounded values, *rounded_sum gets the sum of
-// the rounded ones.
-float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max, float* rounded_sum);
-float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max, float* rounded_sum);
+// the rounded ones. generic: the portable version (the tests compare its bits with the vector
+// instructions' version this CPU runs otherwise).
+float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max, float* rounded_sum,
+                          bool generic = false);
+float exp_affine_sum_fp16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max, float* rounded_sum,
+                          bool generic = false);
 
 // x[j] = exp(a x[j] - m) in place (no sum: the backward's P from the saved lse m, finite).
 void exp_affine(float* x, int64_t n, float a, float m);
@@ -38,8 +41,9 @@ void scale_row(double* x, int64_t n, double a);
 
 // y[j] = x[j] rounded to nearest even as bfloat16 / IEEE half bits: P and dS as the operands of
 // the low-precision tile GEMMs (tile_gemm.h), rounded exactly as the CUDA kernels round them.
+// generic: as for exp_affine_sum_fp16.
 void round_bf16(const float* x, int64_t n, uint16_t* y);
-void round_fp16(const float* x, int64_t n, uint16_t* y);
+void round_fp16(const float* x, int64_t n, uint16_t* y, bool generic = false);
 
 // dp[j] = p[j] * (dp[j] - d): the softmax backward dS = P o (dP - D) for one row.
 void softmax_grad_row(float* dp, const float* p, int64_t n, float d);
