@@ -544,30 +544,35 @@ TORCH_LIBRARY(flash_cuda, m) {
     cpu::exp2_row(xc.data_ptr<float>(), xc.numel(), y.data_ptr<float>(), generic);
     return y;
   });
-  // The rounding passes of the low-precision GEMM operands (rowops.h) on one row x: exp_affine_sum_*
-  // (P = exp(a x - m) rounded) with (sum, max x, sum of the rounded values), or round_fp16 (a, m
-  // unused; no stats), to `dtype` ("float16" or "bfloat16") bits as int16; generic as for _cpu_exp2.
+  // The exponent and rounding passes of the GEMM operands (rowops.h) on one row x: exp_affine_sum_*
+  // (P = exp(a x - m), rounded to fp16/bf16 bits as int16, or in float32) with (sum, max x, sum of
+  // the rounded values), or round_fp16 (a, m unused; no stats); generic as for _cpu_exp2 (fp16 and
+  // bf16; float32 runs the version this CPU runs).
   m.def("_cpu_round_row(Tensor x, str op, str dtype, float a, float m, bool generic) -> Tensor[]",
         [](const at::Tensor& x, const std::string& op, const std::string& dtype, double a, double mm, bool generic) {
           TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1,
                       "flash_cuda._cpu_round_row: x must be a 1-D float32 CPU tensor");
-          TORCH_CHECK(dtype == "float16" || dtype == "bfloat16", "flash_cuda._cpu_round_row: dtype must be float16 "
-                      "or bfloat16, got ", dtype);
+          TORCH_CHECK(dtype == "float16" || dtype == "bfloat16" || dtype == "float32",
+                      "flash_cuda._cpu_round_row: dtype must be float16, bfloat16 or float32, got ", dtype);
           TORCH_CHECK(op == "exp" || (op == "round" && dtype == "float16"), "flash_cuda._cpu_round_row: op must be "
-                      "'exp' or 'round' (float16), got ", op);
+                      "'exp', or 'round' with dtype float16, got op ", op, " with dtype ", dtype);
           const at::Tensor xc = x.contiguous();
-          at::Tensor y = at::empty(xc.sizes(), xc.options().dtype(at::kShort));
-          at::Tensor stats = at::zeros({3}, xc.options());
-          auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<int16_t>());
-          float* st = stats.data_ptr<float>();
           const int64_t n = xc.numel();
-          if (op == "round") {
-            cpu::round_fp16(xc.data_ptr<float>(), n, yp, generic);
-          } else if (dtype == "float16") {
-            st[0] = cpu::exp_affine_sum_fp16(xc.data_ptr<float>(), n, float(a), float(mm), yp, st + 1, st + 2, generic);
-          } else {
-            st[0] = cpu::exp_affine_sum_bf16(xc.data_ptr<float>(), n, float(a), float(mm), yp, st + 1, st + 2, generic);
+          at::Tensor stats = at::zeros({3}, xc.options());
+          float* st = stats.data_ptr<float>();
+          if (dtype == "float32") {
+            at::Tensor y = at::empty_like(xc);
+            st[0] = cpu::exp_affine_sum(xc.data_ptr<float>(), n, float(a), float(mm), y.data_ptr<float>(), st + 1);
+            return std::vector<at::Tensor>{y, stats};
           }
+          at::Tensor y = at::empty(xc.sizes(), xc.options().dtype(at::kShort));
+          auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<int16_t>());
+          if (op == "round")
+            cpu::round_fp16(xc.data_ptr<float>(), n, yp, generic);
+          else if (dtype == "float16")
+            st[0] = cpu::exp_affine_sum_fp16(xc.data_ptr<float>(), n, float(a), float(mm), yp, st + 1, st + 2, generic);
+          else
+            st[0] = cpu::exp_affine_sum_bf16(xc.data_ptr<float>(), n, float(a), float(mm), yp, st + 1, st + 2, generic);
           return std::vector<at::Tensor>{y, stats};
         });
 }

@@ -5,12 +5,14 @@ oneDNN and through the AVX512-BF16 micro-kernel (FLASH_CUDA_CPU_BF16_GEMM=onednn
 through the BLAS and through the AVX-512 FMA micro-kernel (FLASH_CUDA_CPU_F32_GEMM), the bf16
 exponent pass with and without AVX512-BF16 instructions (FLASH_CUDA_CPU_GENERIC_BF16); the online
 softmax's one-pass tiles and the rows it redoes; the KV-cache loop that few query rows per kv
-group take.
+group take; the exponent and rounding passes' AVX-512 versions against their portable ones, bit for
+bit (test-only ops _cpu_exp2 and _cpu_round_row).
 
 Shapes are picked for the edges of the packed layout: head dims that are odd (K^T left unpacked)
 or not a multiple of 16 (padded packing widths), key counts that are odd (the zero pad row of
 the packed V and K), windows whose first key is not on a 64-key block.
 """
+import math
 import os
 import subprocess
 import sys
@@ -222,42 +224,58 @@ def test_exp2_versions_agree_bit_for_bit():
     assert ((generic[normal].double() - ref).abs() / ref).max().item() < 2.5e-7
 
 
+def has_vector_rounding(dtype):
+    """Whether rowops has an AVX-512 version of the rounding passes for `dtype` on this CPU."""
+    avx512 = all(has_cpu_flag(f) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+    return avx512 and (dtype != "bfloat16" or has_cpu_flag("avx512_bf16"))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_rounded_exponent_passes_agree_bit_for_bit(dtype):
-    """P = exp(a x - m) rounded to fp16/bf16 as the P V operand: the version this CPU runs (vector
-    conversions where it has them) gives the bits, the row max and both sums (of the values and of
-    the rounded values) of the portable version, which rounds lane by lane; those bits are the
-    float64 exponent rounded by torch, within one unit in the last place (the float polynomial's
-    error can cross a rounding boundary). Scores of many magnitudes (probabilities that overflow
-    fp16 and ones that underflow it), a tail shorter than a vector and -inf (a masked score:
-    exactly 0); none whose probability is a subnormal float, which AVX512-BF16's conversion counts
-    as zero (documented there)."""
+    """P = exp(a x - m) rounded to fp16/bf16 as the P V operand: the vector version (AVX-512) gives
+    the bits, the row max and both sums (of the values and of the rounded values) of the portable
+    one, which rounds lane by lane; its bits are the float32 pass's values rounded by torch,
+    exactly, and its sum of the values is that pass's sum. Scores of many magnitudes (probabilities
+    that overflow fp16 and ones that underflow it), the row's own max as m (every P <= 1, as in the
+    attention loops), -inf (a masked score: exactly 0), special values inside the vector part and a
+    tail shorter than a vector; none whose probability is a subnormal float, which AVX512-BF16's
+    conversion counts as zero (documented there)."""
+    if not has_vector_rounding(dtype):
+        pytest.skip(f"no AVX-512 version of the {dtype} exponent pass on this CPU to compare")
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(4093, generator=g) * 6, torch.tensor([float("-inf"), 0.0, 20.0, -200.0])])
+    special = torch.tensor([float("-inf"), 0.0, 20.0, -200.0]).repeat(4)
+    x = torch.cat([special, torch.randn(4000, generator=g) * 6, torch.randn(13, generator=g)])
     tdtype = getattr(torch, dtype)
-    for a, m in [(1.0, 0.0), (0.125, 3.0), (2.0, -1.5)]:
+    for a, m in [(1.0, 0.0), (0.125, 3.0), (2.0, -1.5), (1.0, x.max().item())]:
         y0, s0 = torch.ops.flash_cuda._cpu_round_row(x, "exp", dtype, a, m, True)
         y1, s1 = torch.ops.flash_cuda._cpu_round_row(x, "exp", dtype, a, m, False)
         assert torch.equal(y0, y1) and torch.equal(s0, s1)
-        assert s0[1].item() == x.max().item()
-        ref = torch.exp(a * x.double() - m).to(tdtype).view(torch.int16).int()
-        assert (y0.int() - ref).abs().max().item() <= 1
-        assert y0[4093].item() == 0  # -inf: exactly +0
-        assert s0[2].item() == pytest.approx(y0.view(tdtype).double().sum().item(), rel=1e-6)
+        e, se = torch.ops.flash_cuda._cpu_round_row(x, "exp", "float32", a, m, False)
+        assert torch.equal(y1, e.to(tdtype).view(torch.int16))
+        assert s1[0].item() == se[0].item() and s1[1].item() == x.max().item()
+        assert y1[0].item() == 0  # -inf: exactly +0
+        rounded = y1.view(tdtype).double().sum().item()
+        if math.isfinite(rounded):
+            assert s1[2].item() == pytest.approx(rounded, rel=1e-6)
 
 
 def test_fp16_rounding_pass_agrees_with_torch():
-    """round_fp16 (P and dS as fp16 GEMM operands): the vector version and the portable one give
-    torch's round-to-nearest-even bits, ties included, and inf and NaN where torch gives them."""
+    """round_fp16 (P and dS as fp16 GEMM operands): the vector version (AVX-512) and the portable one
+    give torch's round-to-nearest-even bits: ties, overflow to inf, underflow to subnormals and to
+    -0, +-inf, NaN (in the vector part and in the tail)."""
+    if not has_vector_rounding("float16"):
+        pytest.skip("no AVX-512 version of round_fp16 on this CPU to compare")
     g = torch.Generator().manual_seed(1)
     halves = torch.randn(2000, generator=g).half()
     up = torch.nextafter(halves, torch.tensor(float("inf"), dtype=torch.half))
     ties = (halves.float() + up.float()) / 2  # exactly halfway between two halves
-    x = torch.cat([torch.randn(2001, generator=g) * 100, ties, torch.tensor([70000.0, -1e-8, 3e-6, float("nan")])])
+    special = torch.tensor([70000.0, -70000.0, 65520.0, 65519.0, -1e-8, 3e-6, 1e-7, float("nan"), float("inf"),
+                            float("-inf"), 0.0, -0.0, 2.0 ** -25, 3 * 2.0 ** -26, 1.0, -1.0])
+    x = torch.cat([special, torch.randn(2000, generator=g) * 100, ties, special[:9]])
     ref = x.half().view(torch.int16)
+    nan = torch.isnan(x)
     for generic in (True, False):
         y, _ = torch.ops.flash_cuda._cpu_round_row(x, "round", "float16", 0.0, 0.0, generic)
-        nan = torch.isnan(ref.view(torch.half))
         assert torch.equal(torch.isnan(y.view(torch.half)), nan)
         assert torch.equal(y[~nan], ref[~nan])
 

@@ -295,9 +295,10 @@ FC_TARGET_BF16 float exp_affine_sum_bf16_avx512(const float* x, int64_t n, float
       [y](int64_t j, v16f e, v16f& stored) FC_TARGET_BF16 {
         const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(e));
         __builtin_memcpy(y + j, &h, sizeof(h));
-        // The stored values widened back (their bits shifted up: exact) and summed. A bf16 dot
-        // product with ones into the sum was one instruction for two, but a dependent chain of
-        // vdpbf16ps, slow on a Xeon with AMX: 2% of the whole forward, measured in-process there.
+        // The stored values widened back (their bits shifted up: exact) and added lane by lane, as
+        // the portable version adds them (the same bits for the rounded sum). A bf16 dot product
+        // with ones was one instruction for these three, but a dependent chain of vdpbf16ps, slow
+        // on a Xeon with AMX: the widening is 2% faster over a whole forward, measured there.
         stored += reinterpret_cast<v16f>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(h)), 16));
       },
       Exp2Avx512{});
@@ -310,7 +311,7 @@ float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t*
 #ifdef FC_AVX512_BF16
   // FLASH_CUDA_CPU_GENERIC_BF16=1 (read once) takes the generic version here too: how the tests
   // check it on machines that have AVX512-BF16.
-  static const bool avx512_bf16 = __builtin_cpu_supports("avx512bf16") && !std::getenv("FLASH_CUDA_CPU_GENERIC_BF16");
+  static const bool avx512_bf16 = dpbf16_supported() && !std::getenv("FLASH_CUDA_CPU_GENERIC_BF16");
   if (avx512_bf16 && !generic) return exp_affine_sum_bf16_avx512(x, n, a, m, y, x_max, rounded_sum);
 #endif
   return exp_affine_sum_bf16_generic(x, n, a, m, y, x_max, rounded_sum);
@@ -326,7 +327,8 @@ FC_MULTIVERSION float exp_affine_sum_fp16_generic(const float* x, int64_t n, flo
       });
 }
 #ifdef FC_AVX512_BF16
-// vcvtps2ph rounds 16 floats to halves (nearest even) and vcvtph2ps widens them back, exactly: the
+// vcvtps2ph rounds 16 floats to halves in the current rounding mode (nearest even unless a caller
+// changed it), as the portable conversion does, and vcvtph2ps widens them back, exactly: the
 // generic version converts one lane at a time.
 FC_TARGET_V4 float exp_affine_sum_fp16_avx512(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
                                               float* rounded_sum) {
@@ -334,7 +336,7 @@ FC_TARGET_V4 float exp_affine_sum_fp16_avx512(const float* x, int64_t n, float a
       x, n, a, m, x_max, rounded_sum,
       StoreFp16{y},
       [y](int64_t j, v16f e, v16f& stored) FC_TARGET_V4 {
-        const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(e), _MM_FROUND_CUR_DIRECTION);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), h);
         stored += reinterpret_cast<v16f>(_mm512_cvtph_ps(h));
       },
@@ -394,7 +396,7 @@ FC_TARGET_V4 void round_fp16_avx512(const float* x, int64_t n, uint16_t* y) {
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + j), _MM_FROUND_CUR_DIRECTION));
   for (; j < n; ++j) y[j] = fp16_bits(x[j]);
 }
 #endif

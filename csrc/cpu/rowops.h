@@ -1,7 +1,8 @@
 // Row operations of the online softmax on one score tile row (CPU backend).
 //
 // The float versions are compiled once per x86 ISA level (AVX-512, AVX2, baseline) with
-// GCC's target_clones and picked at load time, so one build is fast on every machine.
+// GCC's target_clones and picked at load time, so one build is fast on every machine; some also
+// have a version written with AVX-512 intrinsics, picked when the CPU has them.
 // The double versions exist for gradcheck and favour accuracy over speed.
 #pragma once
 #include <stdint.h>
@@ -41,7 +42,7 @@ void scale_row(double* x, int64_t n, double a);
 
 // y[j] = x[j] rounded to nearest even as bfloat16 / IEEE half bits: P and dS as the operands of
 // the low-precision tile GEMMs (tile_gemm.h), rounded exactly as the CUDA kernels round them.
-// generic: as for exp_affine_sum_fp16.
+// round_fp16's generic: as for exp_affine_sum_fp16.
 void round_bf16(const float* x, int64_t n, uint16_t* y);
 void round_fp16(const float* x, int64_t n, uint16_t* y, bool generic = false);
 
