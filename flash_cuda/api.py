@@ -389,6 +389,36 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return result if len(result) > 1 else out
 
 
+def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits):
+    """attention_with_kvcache's common CPU call (no window, softcap or ALiBi) straight to the op, or
+    None when it takes the checked path. Decoding calls it once per token and layer, and each call
+    reads the whole cache: the Python checks then run on an evicted cache and took 50-65 us a step
+    (of ~500 at 2k keys, B = 1, 8 kv heads; README "KV cache"). The op checks every shape, dtype,
+    device and CPU value the backend relies on before it writes the cache (csrc/ops.cpp
+    check_kvcache, kvcache_seqlens); when it refuses, the caller's checks run and say exactly what
+    is wrong. Not on CUDA or inside flash_cuda.emulate(), whose kernels do not check the values of
+    cache_seqlens and block_table (the Python checks do, on CPU tensors)."""
+    try:
+        if q.device.type != "cpu" or emulate._active or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
+            return None  # the checked path raises
+        if type(num_splits) is not int or not (scale is None or type(scale) is float and math.isfinite(scale)):
+            return None
+        if type(cache_seqlens) is int:
+            cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32)
+        elif not isinstance(cache_seqlens, torch.Tensor):
+            return None
+        return _kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+                            1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal, -1, -1, 0.0, None,
+                            num_splits)
+    except Exception:  # noqa: BLE001 (any refusal: the checked path names the argument)
+        return None
+
+
+_kvcache_fwd = torch.ops.flash_cuda.kvcache_fwd.default
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None, num_splits=0,
                            return_lse=False):
@@ -418,6 +448,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     cache_seqlens and block_table are checked; CUDA ones are not (that would synchronise with
     the GPU): the kernels clamp them, so wrong ones give wrong values, never an illegal access.
     """
+    if (window is None and alibi_slopes is None and type(softcap) is float and softcap == 0.0
+            and (causal is False or causal is True) and (return_lse is False or return_lse is True)):
+        result = _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale,
+                                        num_splits)
+        if result is not None:
+            return result if return_lse else result[0]
     fn = "flash_cuda.attention_with_kvcache"
     _check_tensors(fn, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):

@@ -333,6 +333,36 @@ def test_requires_grad_is_an_error():
         FN(q, kc, vc)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+def test_common_call_skips_the_python_checks(layout, monkeypatch):
+    """The common CPU call (no window, softcap or ALiBi) goes straight to the op, which checks it
+    (api._kvcache_checked_by_op): the same bits, append included, as the checked path (taken here
+    by an explicit unbounded window); refused input still gets the checked path's exception and
+    leaves the cache as it was."""
+    B, hkv, cap, D = 2, 2, 40, 16
+    q = torch.randn(B, 4, 3, D, dtype=torch.bfloat16)
+    new = [torch.randn(B, hkv, 2, D, dtype=torch.bfloat16) for _ in range(2)]
+    lens = torch.tensor([0, 31], dtype=torch.int32)
+    kc, vc, table = make_cache(torch.bfloat16, B, hkv, cap, D, page_size=16 if layout == "paged16" else None)
+    caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+    ref = FN(q, *caches[0], *new, cache_seqlens=lens, block_table=table, causal=True, window=(-1, -1), return_lse=True)
+
+    def checked(*args, **kwargs):
+        raise AssertionError("the checked path ran")
+    monkeypatch.setattr(flash_cuda.api, "_check_tensors", checked)
+    got = FN(q, *caches[1], *new, cache_seqlens=lens, block_table=table, causal=True, return_lse=True)
+    for a, b in zip(got + caches[1], ref + caches[0]):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+
+    kc1, vc1 = (x.clone() for x in caches[1])
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 47 is out of range"):
+        FN(q, *caches[1], *new, cache_seqlens=torch.tensor([0, 47], dtype=torch.int32), block_table=table)
+    assert torch.equal(caches[1][0], kc1) and torch.equal(caches[1][1], vc1)
+    with pytest.raises(RuntimeError, match="q requires grad"):
+        FN(q.float().requires_grad_(), *(x.float() for x in caches[1]), cache_seqlens=3, block_table=table)
+
+
 def test_op_checks_direct_calls():
     """A direct torch.ops call with inconsistent arguments gets a clear error, not a crash."""
     kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 16)
