@@ -69,18 +69,30 @@ ROLES = (("flash_bwd_preprocess_kernel", "bwd preprocess"), ("flash_bwd_postproc
 
 def role(demangled):
     """The kernel's role; the backward main and dQ kernels' last template flag is kVarlen
-    (csrc/kernels/seqlen.h), the forward's the one before kCache (its KV-cache instantiation):
-    packed-batch instantiations get " (packed)"."""
+    (csrc/kernels/seqlen.h), the forward's the one before kCache (its KV-cache instantiation),
+    kDropout the one before kVarlen (csrc/kernels/dropout.h; the dQ kernel has none):
+    packed-batch instantiations get " (packed)", the kernels with dropout's code " (dropout)"
+    (see split_roles)."""
     flags = re.findall(r"\b(true|false)\b", demangled.split("(flash_cuda::")[0])
-    packed = " (packed)" if flags and flags[-1] == "true" else ""
-    if "flash_fwd_kernel<" in demangled:  # <Traits, kBand, kMod, kVarlen, kCache>
-        return "fwd kvcache" if flags[-1] == "true" else "fwd" + (" (packed)" if flags[-2] == "true" else "")
+    if "flash_fwd_kernel<" in demangled:  # <Traits, kBand, kMod, kDropout, kVarlen, kCache>
+        if flags[-1] == "true":
+            return "fwd kvcache"
+        return "fwd" + (" (packed)" if flags[-2] == "true" else "") + (" (dropout)" if flags[-3] == "true" else "")
     for key, name in ROLES:
         if key + "<" in demangled:
-            return name + (packed if key == "flash_bwd_dq_kernel" else "")
-    if "flash_bwd_kernel<" in demangled:  # template flags <Traits, kBand, kMod, kAtomicDq, kVarlen>
-        return ("bwd main (atomic dQ)" if flags[-2] == "true" else "bwd main (deterministic)") + packed
+            return name + (" (packed)" if key == "flash_bwd_dq_kernel" and flags[-1] == "true" else "")
+    if "flash_bwd_kernel<" in demangled:  # template flags <Traits, kBand, kMod, kAtomicDq, kDropout, kVarlen>
+        return (("bwd main (atomic dQ)" if flags[-3] == "true" else "bwd main (deterministic)") +
+                (" (packed)" if flags[-1] == "true" else "") + (" (dropout)" if flags[-2] == "true" else ""))
     return demangled
+
+
+def split_roles(kernels):
+    """{role: v} with " (dropout)" kept only where the same role exists without it: where an
+    instantiation's only kernel of a role has dropout's code (modifier variant, fp32), it is that
+    role's kernel and runs every call."""
+    return {(r[:-len(" (dropout)")] if r.endswith(" (dropout)") and r[:-len(" (dropout)")] not in kernels else r): v
+            for r, v in kernels.items()}
 
 
 def demangle(names):
@@ -112,7 +124,7 @@ def compile_one(src, arch, nvcc, cuobjdump):
             ptxas[name]["mix"] = mix
             ptxas[name]["sass"] = section
         names = demangle(list(ptxas))
-        return {role(names[n]): v for n, v in ptxas.items()}
+        return split_roles({role(names[n]): v for n, v in ptxas.items()})
 
 
 def occupancy(regs, threads, smem, arch):
@@ -220,7 +232,8 @@ def main():
         dynamic = launch_records(name, args.ptx_counts, "ptx") if args.ptx_counts else {}
         for a in args.arch:
             for kernel, r in sorted(jobs[(s, a)].items()):
-                threads, smem = shapes[kernel.replace(" (packed)", "")]  # same launch as the dense one
+                launch = kernel.replace(" (packed)", "").replace(" (dropout)", "")
+                threads, smem = shapes[launch]  # same launch as the dense kernel without dropout
                 batch = "packed" if kernel.endswith("(packed)") else ("kvcache" if "kvcache" in kernel else "dense")
                 spills[batch] += r["spill_st"] + r["spill_ld"]
                 stack[batch] += r["stack"]
@@ -229,8 +242,7 @@ def main():
                        threads, f"{smem / 1024:.1f} KiB", blocks, f"{occ:.0%}"] + \
                       [r["mix"][k] for k in SASS_OPS] + [r["mix"]["total"]]
                 if args.ptx_counts:
-                    row.append(ptx_per_warp(dynamic.get(kernel.replace(" (packed)", ""))) if not
-                               kernel.endswith("(packed)") else "")
+                    row.append(ptx_per_warp(dynamic.get(kernel)) if kernel == launch else "")
                 lines.append("| " + " | ".join(str(x) for x in row) + " |")
     report = "\n".join(lines) + (
         f"\n\nTotal spill bytes over all instantiations and architectures: {spills['dense']} in the kernels of "

@@ -6,8 +6,10 @@ compiler, the drop-in, packed sequences, the emulator's counters and bad input."
 import contextlib
 import math
 import random
+import re
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -265,6 +267,27 @@ def test_emulator_counters_show_no_mask_traffic(deterministic, variant):
         assert c1["global_bytes_read"] == c2["global_bytes_read"], name
         extra = c1["global_bytes_read"] - c0["global_bytes_read"]
         assert extra >= 0 and extra % (16 * c0["threads_per_block"]) == 0, name
+
+
+def test_band_calls_without_dropout_run_kernels_without_its_code():
+    """csrc/kernels/dropout.h: the band variant's forward and backward main kernels come without
+    dropout's code (template flag kDropout = false) for calls without dropout, and with it for
+    calls with it; the modifier variant has only the latter and the dense one only the former.
+    Read from the mangled entries the emulator's launch records carry (kDropout is the flag before
+    kVarlen, and kCache in the forward's)."""
+    q, k, v, dout = make(1, 2, 2, 128, 128, 64, torch.float16)
+    flag = re.compile(r"Lb([01])ELb[01]E(?:Lb[01]EEEvNS_9FwdParamsE|EEvNS_9BwdParamsE)$")
+    cases = [(dict(causal=True), 0.0, "0"), (dict(causal=True), 0.25, "1"), (dict(window=(32, 0)), 0.0, "0"),
+             (dict(), 0.25, "1"), (dict(softcap=10.0), 0.0, "1"), (dict(softcap=10.0), 0.25, "1"), (dict(), 0.0, "0")]
+    for feature, p, want in cases:
+        for deterministic in (False, True):
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            with emulate(check=False) as emu:
+                flash_cuda.attention(*leaves, dropout_p=p, deterministic=deterministic, **feature).backward(dout)
+            mains = [r for r in emu.launches if r["kernel"].split("<")[0] in ("flash_fwd", "flash_bwd")]
+            assert len(mains) == 2, (feature, p)
+            for r in mains:
+                assert flag.search(r["entry"]).group(1) == want, (feature, p, deterministic, r["kernel"], r["entry"])
 
 
 # ---------------------------------------------------------------- randomised differential test

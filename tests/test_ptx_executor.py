@@ -345,7 +345,10 @@ def test_forward_differences_are_nvccs_contraction(D, dtype, kw):
 # kernels, which the source executor never runs) and packed ones, atomic and deterministic dQ,
 # on an A100 and on a 99 KiB card (the compact instantiations), each call against the float64
 # reference and the source executor.
-VARIANT_KW = {"plain": {}, "band": dict(causal=True, window=(40, -1)), "mod": dict(window=(30, 9), softcap=4.0)}
+# "dropout": the band variant's kernels with dropout's code (csrc/kernels/dropout.h), against the
+# source executor alone (the reference has no mask; test_dropout.py checks them against it)
+VARIANT_KW = {"plain": {}, "band": dict(causal=True, window=(40, -1)), "mod": dict(window=(30, 9), softcap=4.0),
+              "dropout": dict(causal=True, window=(40, -1), dropout_p=0.3)}
 TRAITS_DTYPE = {"fp16": "6__half", "bf16": "13__nv_bfloat16", "fp32": "f"}
 
 
@@ -359,6 +362,8 @@ def coverage_call(dtype, D, variant, packed, deterministic, device, executor):
     """(out, grads, launch records) of one forward + backward; packed: two sequences."""
     g = torch.Generator().manual_seed(D)
     kw = VARIANT_KW[variant]
+    if "dropout_p" in kw:  # the same mask under both executors
+        kw = dict(kw, generator=torch.Generator().manual_seed(D + 1))
     if packed:
         lens_q, lens_k = [19, 30], [41, 25]
         q, k, v = (torch.randn(sum(lens), 2, D, generator=g).to(dtype).requires_grad_()
@@ -371,6 +376,8 @@ def coverage_call(dtype, D, variant, packed, deterministic, device, executor):
             flash_cuda.attention(q, k, v, deterministic=deterministic, **kw)
         grads = torch.autograd.grad((out.float() * dout.float()).sum(), (q, k, v))
     assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    if "dropout_p" in kw:
+        return out, grads, emu.launches
     if packed:  # the reference per sequence
         refs, plains = [], []
         for b in range(2):
@@ -410,7 +417,7 @@ def test_every_packaged_kernel_runs(dtype):
                 "flash_bwd_postprocess_kernel")
     wanted = {e for e in KERNELS if any(f"{len(f)}{f}I" in e for f in families)
               and f"TraitsI{TRAITS_DTYPE[dtype]}Li" in e
-              and not e.endswith("ELb1ELb1ELb1ELb1EEEvNS_9FwdParamsE")  # (the KV-cache forward: test_kvcache_kernels)
+              and not e.endswith("ELb1ELb1ELb0ELb1ELb1EEEvNS_9FwdParamsE")  # (the KV-cache forward: test_kvcache_kernels)
               and "ELi64EE" not in e}  # (the Turing instantiations: a T4 runs their sm_75 code, never this PTX)
     assert wanted and wanted <= launched, sorted(wanted - launched)[:5]
 
@@ -713,7 +720,7 @@ def test_32_bit_batch_offset_is_caught():
         out = flash_cuda.attention(q, k, v)
     assert_fa_rule("out", out, plain, ref, 2)  # 64-bit offsets past 4 GiB, as shipped
     entry = emu.launches[0]["entry"]
-    assert entry.endswith("Lb0ELb0ELb0ELb0EEEvNS_9FwdParamsE")  # the dense kernel (kVarlen = false)
+    assert entry.endswith("Lb0ELb0ELb0ELb0ELb0EEEvNS_9FwdParamsE")  # the dense kernel (kVarlen = false)
     with emulate():
         assert_fa_rule("out", flash_cuda.attention(q, k, v), plain, ref, 2)
 

@@ -14,7 +14,7 @@
  * window): only the query tiles whose rows see some key of tile j are visited. kMod (softcap,
  * ALiBi, bias): P^T is computed from the modified scores, dS^T' = P^T (dP^T - D) is the bias
  * gradient (stored when asked for) and dS^T = dS^T' times the softcap's derivative. Dropout
- * (kBand and kMod; keep mask Z, regenerated in registers, dropout.h): dV += (Z P)^T dO (times
+ * (the kDropout kernels, dropout.h; keep mask Z, regenerated in registers): dV += (Z P)^T dO (times
  * 1 / (1 - p) at the end) and dS^T' = P^T (Z dP^T / (1 - p) - D).
  * dK = scale * accumulator (the softmax scale of S).
  * fp32 inputs (tf32.h): the products on tf32 mma (p.tf32x3: 3xTF32), P^T and dS^T kept in fp32
@@ -46,7 +46,7 @@ FC_DEVICE void a_frag_from_pairs(uint32_t (&rA)[4], const uint32_t (&rPairs)[kNT
   rA[3] = rPairs[2 * kk + 1][1];
 }
 
-template <class Kt, bool kBand, bool kMod, bool kAtomicDq, bool kVarlen>
+template <class Kt, bool kBand, bool kMod, bool kAtomicDq, bool kDropout, bool kVarlen>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_kernel(const BwdParams params) {
   if (!kernel_arch_matches<Kt::kSm75>()) {  // (ptx.h)
     __trap();
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
                                   : nullptr;  // this lane's (key, query) of C tile (0, 0)
       const int offset_local = n0 - m0 - int(p.mask.offset);  // ALiBi: d = key_local - q_local + this
       KeepBits<kSMT, kSNT> keep;  // dropout's keep mask of this warp's S^T (all kept without)
-      if (p.drop.enabled) keep.generate_key_rows(dropout_stream(p.drop, batch, p.hq, head), n0 + sdp_key0, m0 + sdp_q0, lane);
+      if (kDropout && p.drop.enabled) keep.generate_key_rows(dropout_stream(p.drop, batch, p.hq, head), n0 + sdp_key0, m0 + sdp_q0, lane);
       else keep.keep_all();
 #pragma unroll
       for (int mt = 0; mt < kSMT; ++mt)
@@ -280,9 +280,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
         }
       }
       if constexpr (kRoundPFirst) kv_times_q(rdP, sV, sdOs);
-      // kBand with dropout: dS^T = P^T (Z dP^T / (1 - p) - D) from the undropped P^T, then the
+      // dropout (kDropout kernels): dS^T = P^T (Z dP^T / (1 - p) - D) from the undropped P^T, then the
       // pairs dV sees are dropped (16-bit halves cleared)
-      const bool drop = kBand && p.drop.enabled;
+      const bool drop = kDropout && p.drop.enabled;
       KeepBits<kSMT, kSNT> keep;
       if (drop) keep.generate_key_rows(dropout_stream(p.drop, batch, p.hq, head), n0 + sdp_key0, m0 + sdp_q0, lane);
       auto dropped_dp = [&](int mt, int nt, int i) {
@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
 #pragma unroll
   for (int mt = 0; mt < kKvMT; ++mt) {
     stage_accumulators<KVLayout, T>(sK, rdK[mt], kv_key0 + 16 * mt, kv_d0, p.scale, lane);
-    stage_accumulators<KVLayout, T>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kBand ? p.drop.scale : 1.0f, lane);
+    stage_accumulators<KVLayout, T>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kDropout ? p.drop.scale : 1.0f, lane);
   }
   __syncthreads();
   const int k_row0 = first_key_row<kVarlen>(params, batch);  // reloaded: nothing held through the walk

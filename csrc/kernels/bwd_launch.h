@@ -32,14 +32,18 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   const bool dq_pass = deterministic || Kt::kTf32;  // fp32: always the deterministic pass (traits.h)
   e = with_varlen(p, [&](auto varlen) {
     constexpr bool kVarlen = decltype(varlen)::value;
-    if constexpr (!Kt::kTf32) {
-      if (!dq_pass)
-        return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true, kVarlen>, kv_grid,
-                             dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
-    }
-    const cudaError_t e2 = launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, false, kVarlen>, kv_grid,
-                                         dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
-    if (e2 != cudaSuccess) return e2;
+    // the main kernel with dropout's code or without it (dropout.h)
+    const cudaError_t e2 = with_dropout_kernel<kBand, kBand && !kMod && !Kt::kTf32>(p.drop.enabled, [&](auto dropout) {
+      constexpr bool kDropout = decltype(dropout)::value;
+      if constexpr (!Kt::kTf32) {
+        if (!dq_pass)
+          return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, true, kDropout, kVarlen>, kv_grid,
+                               dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+      }
+      return launch_kernel(main.c_str(), flash_bwd_kernel<Kt, kBand, kMod, false, kDropout, kVarlen>, kv_grid,
+                           dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);
+    });
+    if (e2 != cudaSuccess || !dq_pass) return e2;
     const dim3 dq_grid((p.nq + Dq::kBlockM - 1) / Dq::kBlockM, p.hq, p.b);
     return launch_kernel(dq.c_str(), flash_bwd_dq_kernel<Dq, kBand, kMod, kVarlen>, dq_grid, dim3(Dq::kThreads),
                          Dq::kSmemBytes, stream, p);

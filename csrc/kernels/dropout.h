@@ -1,6 +1,14 @@
 /* Dropout in the kernels: the keep bits of a warp's mma score fragments, generated in
  * registers from the mapping of philox.h (one Philox call per four elements a thread holds),
- * never loaded or stored. Run by the modifier instantiations (kMod) when Dropout::enabled.
+ * never loaded or stored. Run by the band and modifier instantiations when Dropout::enabled.
+ *
+ * Which kernels hold dropout's code (template flag kDropout of the forward and backward main
+ * kernels; with_dropout_kernel picks one at launch): the band variant's 16-bit instantiations
+ * come twice, a kernel without it for every call without dropout (causal and windowed ones: the
+ * loop the retune shaped, benchmarks/sass_compare.py, with no Philox code or registers in it) and
+ * one that tests the flag where it draws. The modifier variant and the fp32 kernels (whose walk is
+ * already compiled twice, by precision) have only the second; the dense variant and the KV-cache
+ * kernels only the first (no call of theirs has dropout). The dQ pass tests the flag (one kernel).
  *
  * Two orientations of a 16 x 16 block of scores (C tiles nt = 2k, 2k + 1 of m-tile mt; lane
  * g = lane / 4, t = lane % 4):
@@ -13,10 +21,25 @@
  * thread's own; only which of them is the query decides the order of the four.
  */
 #pragma once
+#include <type_traits>
+
 #include "philox.h"
 #include "ptx.h"
 
 namespace flash_cuda {
+
+// f(std::bool_constant<kDropout>) for the kernel a launch with dropout `enabled` runs: kCan (the
+// variant may run dropout) and kSplit (it has a kernel without dropout's code too), as above.
+template <bool kCan, bool kSplit, class F>
+auto with_dropout_kernel(bool enabled, F&& f) {
+  if constexpr (!kCan) {
+    return f(std::false_type{});
+  } else {
+    if constexpr (kSplit)
+      if (!enabled) return f(std::false_type{});
+    return f(std::true_type{});
+  }
+}
 
 // The draws of (batch, head) for this launch; the seed and offset are read from rng_state.
 FC_DEVICE PhiloxStream dropout_stream(const Dropout& d, int batch, int hq, int head) {

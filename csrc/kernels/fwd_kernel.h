@@ -6,7 +6,7 @@
  *     S = Q K_j^T        (mma.m16n8k16, K by ldmatrix: one fragment feeds every m-tile)
  *     kMod: scale and modifiers (softcap, ALiBi, the bias tile staged with K_j)
  *     mask, online softmax: S becomes P, O rescaled by exp2(m_old - m_new)
- *     dropout (kBand, kMod): dropped elements of P zeroed (after the row sums: lse is unaffected)
+ *     dropout (the kDropout kernels, dropout.h): dropped elements of P zeroed (after the row sums: lse is unaffected)
  *     O += P V_j          (P straight from the S accumulators into A registers, V by
  *                          ldmatrix.trans, again one fragment for every m-tile)
  *   O /= rowsum (times 1 / (1 - p) with dropout), lse; O staged through shared memory for
@@ -40,7 +40,7 @@
 
 namespace flash_cuda {
 
-template <class Kt, bool kBand, bool kMod, bool kVarlen, bool kCache = false>
+template <class Kt, bool kBand, bool kMod, bool kDropout, bool kVarlen, bool kCache = false>
 __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_kernel(const FwdParams params) {
   using T = typename Kt::T;
   using U = typename Kt::Unit;  // shared tiles and the tile copies count 16-bit units (fp32: 2 per value)
@@ -203,9 +203,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     // accumulators of n-tiles 2 k and 2 k + 1 (ptx-oracle accumulator_to_A_reuse), so P goes
     // to the next mma without a shared-memory round trip and S's fp32 registers die here
     // (fp32: P stays in the S registers, each n-tile one tf32 A operand, tf32.h).
-    // Dropout (kBand, kMod): each 16 x 16 block's dropped elements are zeroed just before (after
+    // Dropout (kDropout): each 16 x 16 block's dropped elements are zeroed just before (after
     // the row sums: lse is unaffected; dropout.h: drawn here, never stored).
-    const bool drop = kBand && p.drop.enabled;
+    const bool drop = kDropout && p.drop.enabled;
     PhiloxStream drop_stream{};
     if (drop) drop_stream = dropout_stream(p.drop, batch, p.hq, head);
     constexpr int kPTiles = Kt::kTf32 ? 1 : kBlockN / 16;  // 16-bit P: 16 x 16 A fragments
@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   for (int mt = 0; mt < kMTiles; ++mt) {
     const int r0 = warp_row0 + 16 * mt;
     float lse[2];  // rows g and g + 8
-    softmax[mt].finalize(rO[mt], lse, kBand ? p.drop.scale : 1.0f);  // kept values / (1 - p)
+    softmax[mt].finalize(rO[mt], lse, kDropout ? p.drop.scale : 1.0f);  // kept values / (1 - p)
     const int row_g = m0 + r0 + lane / 4;
     if (lane % 4 == 0) {
       if (row_g < p.nq) st_global(&gLse[row_g], lse[0]);

@@ -23,7 +23,7 @@ cudaError_t run_fwd_kvcache(const FwdParams& p, cudaStream_t stream) {
   static const std::string name = "flash_fwd_kvcache" + suffix, combine = "flash_fwd_kvcache_combine" + suffix;
   const int m_blocks = (p.nq + Kt::kBlockM - 1) / Kt::kBlockM;
   const dim3 grid(m_blocks * p.cache.num_splits, p.hq, p.b);
-  cudaError_t e = launch_kernel(name.c_str(), flash_fwd_kernel<Kt, true, true, true, true>, grid, dim3(Kt::kThreads),
+  cudaError_t e = launch_kernel(name.c_str(), flash_fwd_kernel<Kt, true, true, false, true, true>, grid, dim3(Kt::kThreads),
                                 Kt::kSmemBytes, stream, p);
   if (e != cudaSuccess || p.cache.num_splits == 1) return e;
   const int64_t rows = int64_t(p.b) * p.hq * p.nq;

@@ -274,7 +274,10 @@ struct BwdTraits {
   // atomic-dQ kernel spills 4 to 24 bytes (ptxas, sm_80), with both none.
   static constexpr bool kTightest = kSmemKiB == kSmemKiBCompact && kHeadDim == 256;
   static constexpr int kSdpUnroll = kTightest ? 2 : kHeadDim / 16, kDqUnroll = kBlockN / 16;
-  static constexpr int kSdpUnrollMasked = 2, kDqUnrollMasked = 4;
+  // At 256 without modifiers the masked steps unroll S^T/dP^T by 4: by 2, the band variant's
+  // atomic-dQ kernels without dropout's code (dropout.h) spilled 8 to 24 bytes at sm_80 (wide and
+  // compact), with 4 none (ptxas -v, measured when the dropout kernels were split off).
+  static constexpr int kSdpUnrollMasked = kHeadDim == 256 && !kMod ? 4 : 2, kDqUnrollMasked = 4;
   // Round P^T to 16 bits before dP^T is computed and take dS^T = P^T (dP^T - D) from the rounded
   // P^T (as dV sees it; one mul.f16x2 / fma.bf16x2 per pair): the pairs hold half the registers
   // of fp32 P^T through the dP^T product. Where S^T, dP^T, dV and dK take 192 accumulator
