@@ -13,12 +13,13 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# sm_80 SASS (also run by sm_86/87/89) and compute_90 PTX (JIT-compiled for later GPUs). Turing
+# sm_80 SASS (also run by sm_86/87/89), sm_90 SASS and PTX (compute_80, gencode_flags; the
+# driver JIT-compiles it for later GPUs). Turing
 # (T4, RTX 20xx) needs "7.5;8.0;9.0+PTX": its kernels compile only in the sm_75 pass (README,
 # "Turing"); the default stays lean for build time.
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
-# nvcc's intermediate files (--keep): among them X.compute_80.ptx (X.ptx when 8.0 is the only
-# architecture), the PTX that ptxas turned into the sm_80 SASS of csrc/cuda/X.cu. The build packages those (gzipped) as flash_cuda/ptx/X.ptx.gz
+# nvcc's intermediate files (--keep): among them X.ptx (X.compute_80.ptx when 7.5 is in the list
+# too: two PTX levels), the PTX that ptxas turned into the sm_80 SASS of csrc/cuda/X.cu. The build packages those (gzipped) as flash_cuda/ptx/X.ptx.gz
 # for the emulator's PTX executor (flash_cuda.emulate(executor="ptx")): it runs the very code
 # the sm_80 build runs, at no extra compile cost.
 KEEP_DIR = os.path.join(ROOT, "build", "nvcc-keep")
@@ -49,6 +50,40 @@ def find_cuda_headers(cuda_home):
     return None
 
 
+def needs_sm75_sources(arch_list):
+    """Whether TORCH_CUDA_ARCH_LIST asks for code below sm_80 (Turing's kernels, csrc/cuda/*_sm75.cu).
+    An entry that is not a number (a name such as "Turing") counts as yes."""
+    for token in re.split(r"[;\s]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)[af]?(\+PTX)?", token)
+        if token and (m is None or (int(m.group(1)), int(m.group(2))) < (8, 0)):
+            return True
+    return False
+
+
+def gencode_flags(arch_list):
+    """nvcc's -gencode flags for TORCH_CUDA_ARCH_LIST, with one PTX per feature level of the kernels:
+    compute_75 for sm_75 (Turing's instructions) and compute_80 for every newer entry. The kernels
+    use nothing newer than sm_80's instructions (mma.sync, ldmatrix, cp.async), so nvcc's front end
+    and optimiser (cicc, most of a file's compile time) run once and ptxas makes each SASS from the
+    same PTX; "+PTX" embeds its level's PTX, which the driver compiles for any later GPU (a
+    compute_80 PTX runs wherever a compute_90 one would). None (torch's own flags) for a list
+    this does not read: names ("Ampere"), arch-specific targets ("9.0a"), anything below 7.5."""
+    entries = set()
+    for token in re.split(r"[;\s]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d)(\+PTX)?", token)
+        if token and (m is None or int(m.group(1) + m.group(2)) < 75):
+            return None
+        if token:
+            entries.add((int(m.group(1) + m.group(2)), bool(m.group(3))))
+    flags = []
+    for level in (75, 80):
+        mine = sorted(e for e in entries if (e[0] < 80) == (level == 75))
+        flags += [f"-gencode=arch=compute_{level},code=sm_{cc}" for cc in sorted({cc for cc, _ in mine})]
+        if any(ptx for _, ptx in mine):
+            flags.append(f"-gencode=arch=compute_{level},code=compute_{level}")
+    return flags
+
+
 def extension():
     import torch
     from torch.utils import cpp_extension
@@ -59,7 +94,9 @@ def extension():
     # -fopenmp: at::parallel_for is a header template whose "omp parallel" compiles in this
     # extension; without the flag it silently runs on one thread. The libgomp it links
     # resolves to the one torch already loaded (same soname), so there is one runtime.
-    cxx_flags = ["-O3", "-fno-strict-aliasing", "-fopenmp"]
+    # -g0: torch's build passes Python's own CFLAGS, -g among them; the debug information of the
+    # emulator's kernel instantiations cost a third of their compile time and 110 MB of the .so.
+    cxx_flags = ["-O3", "-g0", "-fno-strict-aliasing", "-fopenmp"]
     link_flags = ["-fopenmp"]
 
     cuda_home = find_cuda_home()
@@ -79,13 +116,22 @@ def extension():
         # through a shell, where quotes and ';' would not survive.
         arch_tokens = re.sub(r"[;\s]+", ":", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
         arch_define = [f"-DFLASH_CUDA_ARCH_LIST={arch_tokens}"] if re.fullmatch(r"[0-9A-Za-z.+:]+", arch_tokens) else []
+        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "--keep", f"--keep-dir={KEEP_DIR}"]
+        # (torch adds its own -gencode flags only when none are given)
+        nvcc_flags += gencode_flags(os.environ["TORCH_CUDA_ARCH_LIST"]) or []
+        if not needs_sm75_sources(os.environ["TORCH_CUDA_ARCH_LIST"]):
+            # Their kernels are compiled in the sm_75 pass alone; an sm_80+ pass makes empty ones
+            # (3 s of host compilation each, 39 files). The dispatch then has no sm_75 branch
+            # (the launcher refuses a GPU the arch list does not cover, a T4 included).
+            cuda_sources = [s for s in cuda_sources if not s.endswith("_sm75.cu")]
+            nvcc_flags.append("-DFLASH_CUDA_NO_SM75")
         os.makedirs(KEEP_DIR, exist_ok=True)
         return cpp_extension.CUDAExtension(
             "flash_cuda._C",
             cpp_sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DFLASH_CUDA_WITH_CUDA"] + arch_define,
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "--keep", f"--keep-dir={KEEP_DIR}"]},
+                                "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension("flash_cuda._C", cpp_sources, include_dirs=include_dirs,
@@ -111,7 +157,7 @@ def package_ptx(package_dir):
             continue
         with open(path, "rb") as src:
             text = src.read()
-        # X.ptx (one architecture in the list) or X.compute_80.ptx (several): the sm_80 pass's
+        # X.ptx (one PTX level: gencode_flags) or X.compute_80.ptx (two, with 7.5): the sm_80 pass's
         if stem in sources and re.search(rb"^\.target\s+sm_80\b", text, re.M):
             os.makedirs(out_dir, exist_ok=True)
             with gzip.GzipFile(os.path.join(out_dir, stem + ".ptx.gz"), "wb", mtime=0) as dst:
@@ -134,13 +180,14 @@ def build_ext_cmdclass():
     return {"build_ext": BuildWithPtx}
 
 
-setup(
-    name="flash_cuda",
-    version="0.1.0",
-    description="FlashAttention for PyTorch: CUDA kernels, a CPU backend and a SIMT emulator",
-    packages=["flash_cuda", "flash_cuda.integrations"],
-    ext_modules=[extension()],
-    cmdclass=build_ext_cmdclass(),
-    python_requires=">=3.9",
-    zip_safe=False,
-)
+if __name__ == "__main__":  # (pip and `python setup.py` run it so; tests import the helpers above)
+    setup(
+        name="flash_cuda",
+        version="0.1.0",
+        description="FlashAttention for PyTorch: CUDA kernels, a CPU backend and a SIMT emulator",
+        packages=["flash_cuda", "flash_cuda.integrations"],
+        ext_modules=[extension()],
+        cmdclass=build_ext_cmdclass(),
+        python_requires=">=3.9",
+        zip_safe=False,
+    )

@@ -100,11 +100,17 @@ def demangle(names):
     return dict(zip(names, out.splitlines()))
 
 
+def gencode(arch):
+    """The target as the build compiles it (setup.py's gencode_flags): SASS for sm_<arch> from
+    the PTX of its feature level, compute_75 below sm_80, compute_80 from there on."""
+    return f"-gencode=arch=compute_{75 if int(arch) < 80 else 80},code=sm_{arch}"
+
+
 def compile_one(src, arch, nvcc, cuobjdump):
     """{kernel role: {regs, spills, stack, SASS mix}} for every kernel in one generated file."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
-        cmd = [nvcc, "-std=c++17", "-O3", "--use_fast_math", f"-arch=sm_{arch}", "-cubin", "-Xptxas=-v",
+        cmd = [nvcc, "-std=c++17", "-O3", "--use_fast_math", gencode(arch), "-cubin", "-Xptxas=-v",
                "-I", os.path.join(ROOT, "csrc"), src, "-o", cubin]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:

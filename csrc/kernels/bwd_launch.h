@@ -33,7 +33,7 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   e = with_varlen(p, [&](auto varlen) {
     constexpr bool kVarlen = decltype(varlen)::value;
     // the main kernel with dropout's code or without it (dropout.h)
-    const cudaError_t e2 = with_dropout_kernel<kBand, kBand && !kMod && !Kt::kTf32>(p.drop.enabled, [&](auto dropout) {
+    const cudaError_t e2 = with_dropout_kernel<Kt, kBand, kMod>(p.drop.enabled, [&](auto dropout) {
       constexpr bool kDropout = decltype(dropout)::value;
       if constexpr (!Kt::kTf32) {
         if (!dq_pass)

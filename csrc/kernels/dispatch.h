@@ -83,6 +83,15 @@ inline const char* error_text(cudaError_t e) {
 #endif
 }
 
+// Turing's instantiations are in the build (csrc/cuda/*_sm75.cu) unless its arch list has nothing
+// below sm_80: setup.py then leaves them out and defines FLASH_CUDA_NO_SM75 for nvcc (the emulator
+// keeps them); the launcher refuses such a GPU before it gets here.
+#if defined(FLASH_CUDA_NO_SM75)
+constexpr bool kBuiltSm75 = false;
+#else
+constexpr bool kBuiltSm75 = true;
+#endif
+
 // Calls f(std::integral_constant<int, budget>) with the budget whose configuration runs on dev:
 // below sm_80 the sm_75 one (kSmemSm75 bytes; kHasSm75: the dtype has one, fp16); else the wide
 // one where the device allows its kSmemWide bytes of shared memory per block, else the compact
@@ -91,7 +100,7 @@ inline const char* error_text(cudaError_t e) {
 template <size_t kSmemWide, size_t kSmemCompact, bool kHasSm75, size_t kSmemSm75, class F, class None>
 auto with_smem_budget(const DeviceLimits& dev, F&& f, None&& none) {
   if (dev.cc < kSm80) {  // (the launcher refuses bf16 and fp32 there first)
-    if constexpr (kHasSm75)
+    if constexpr (kHasSm75 && kBuiltSm75)
       if (kSmemSm75 <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBSm75>{});
     return none(kSmemSm75);
   }

@@ -28,10 +28,13 @@
 
 namespace flash_cuda {
 
-// f(std::bool_constant<kDropout>) for the kernel a launch with dropout `enabled` runs: kCan (the
-// variant may run dropout) and kSplit (it has a kernel without dropout's code too), as above.
-template <bool kCan, bool kSplit, class F>
+// f(std::bool_constant<kDropout>) for the kernel a launch of variant (kBand, kMod) with traits Kt
+// runs, dropout `enabled` or not: the variants that may draw (kBand: band and modifier) and,
+// of those, the ones with a kernel without dropout's code too (the band variant's 16-bit ones),
+// as above.
+template <class Kt, bool kBand, bool kMod, class F>
 auto with_dropout_kernel(bool enabled, F&& f) {
+  constexpr bool kCan = kBand, kSplit = kBand && !kMod && !Kt::kTf32;
   if constexpr (!kCan) {
     return f(std::false_type{});
   } else {

@@ -21,7 +21,7 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid((p.nq + Kt::kBlockM - 1) / Kt::kBlockM, p.hq, p.b);
   return with_varlen(p, [&](auto varlen) {
     // the kernel with dropout's code or without it (dropout.h)
-    return with_dropout_kernel<kBand, kBand && !kMod && !Kt::kTf32>(p.drop.enabled, [&](auto dropout) {
+    return with_dropout_kernel<Kt, kBand, kMod>(p.drop.enabled, [&](auto dropout) {
       return launch_kernel(name.c_str(),
                            flash_fwd_kernel<Kt, kBand, kMod, decltype(dropout)::value, decltype(varlen)::value>,
                            grid, dim3(Kt::kThreads), Kt::kSmemBytes, stream, p);

@@ -2,3 +2,5 @@
 #include "kernels/bwd_launch.h"
 
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<float, 192, false, false, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<float, 192, true, false, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<float, 192, true, true, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);

@@ -2,3 +2,8 @@
 #include "kernels/bwd_launch.h"
 
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__half, 64, false, false, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__half, 64, false, false, 64>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__half, 64, true, false, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__half, 64, true, false, 64>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__half, 64, true, true, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__half, 64, true, true, 64>(const flash_cuda::BwdParams&, bool, cudaStream_t);

@@ -2,3 +2,9 @@
 #include "kernels/fwd_launch.h"
 
 template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__half, 128, false, false, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__half, 128, false, false, 64>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__half, 128, true, false, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__half, 128, true, false, 64>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__half, 128, true, true, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__half, 128, true, true, 99>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__half, 128, true, true, 64>(const flash_cuda::FwdParams&, cudaStream_t);

@@ -2,3 +2,6 @@
 #include "kernels/fwd_launch.h"
 
 template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__nv_bfloat16, 192, false, false, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__nv_bfloat16, 192, true, false, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__nv_bfloat16, 192, true, true, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__nv_bfloat16, 192, true, true, 99>(const flash_cuda::FwdParams&, cudaStream_t);

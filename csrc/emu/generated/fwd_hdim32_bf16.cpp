@@ -2,3 +2,5 @@
 #include "kernels/fwd_launch.h"
 
 template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__nv_bfloat16, 32, false, false, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__nv_bfloat16, 32, true, false, 163>(const flash_cuda::FwdParams&, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_fwd<__nv_bfloat16, 32, true, true, 163>(const flash_cuda::FwdParams&, cudaStream_t);

@@ -1,0 +1,85 @@
+"""The build's own logic: the nvcc targets setup.py derives from TORCH_CUDA_ARCH_LIST, the sources
+it leaves out, and the generated instantiation files matching tools/generate_kernels.py."""
+import importlib.util
+import os
+import re
+
+import pytest
+
+import flash_cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # (setup.py calls setup() only as __main__)
+    return module
+
+
+setup_py = load("flash_cuda_setup", "setup.py")
+generate = load("flash_cuda_generate_kernels", os.path.join("tools", "generate_kernels.py"))
+
+
+@pytest.mark.parametrize("arch_list, flags", [
+    ("8.0", ["-gencode=arch=compute_80,code=sm_80"]),
+    # the default: one PTX (compute_80) for the sm_80 and sm_90 SASS, embedded for later GPUs
+    ("8.0;9.0+PTX", ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=sm_90",
+                     "-gencode=arch=compute_80,code=compute_80"]),
+    ("7.5;8.0;8.6;9.0+PTX", ["-gencode=arch=compute_75,code=sm_75", "-gencode=arch=compute_80,code=sm_80",
+                             "-gencode=arch=compute_80,code=sm_86", "-gencode=arch=compute_80,code=sm_90",
+                             "-gencode=arch=compute_80,code=compute_80"]),
+    ("9.0 8.0 9.0", ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=sm_90"]),
+    ("7.5+PTX", ["-gencode=arch=compute_75,code=sm_75", "-gencode=arch=compute_75,code=compute_75"]),
+    ("10.0;12.0+PTX", ["-gencode=arch=compute_80,code=sm_100", "-gencode=arch=compute_80,code=sm_120",
+                       "-gencode=arch=compute_80,code=compute_80"]),
+    # what it does not read goes to torch's own flags
+    ("Ampere", None), ("9.0a", None), ("7.0;8.0", None),
+])
+def test_gencode_flags(arch_list, flags):
+    assert setup_py.gencode_flags(arch_list) == flags
+
+
+@pytest.mark.parametrize("arch_list, needed", [
+    ("8.0", False), ("8.0;9.0+PTX", False), ("8.6 8.9", False), ("9.0a", False),
+    ("7.5;8.0", True), ("7.5+PTX", True), ("Turing", True), ("Ampere", True),  # (a name: kept)
+])
+def test_sm75_sources_only_where_the_list_asks(arch_list, needed):
+    assert setup_py.needs_sm75_sources(arch_list) == needed
+
+
+def test_generated_files_are_the_generators():
+    """Every instantiation has its nvcc file (one each) and its line in the emulator's file of its
+    kind, head dim and dtype, and nothing else is there: a change to the list without rerunning
+    tools/generate_kernels.py fails here rather than as an undefined symbol at import."""
+    every = generate.instances()
+    cuda_dir, emu_dir = os.path.join(ROOT, "csrc", "cuda"), os.path.join(ROOT, "csrc", "emu", "generated")
+    kinds = tuple(generate.KERNELS)
+    on_disk = {f[:-3] for f in os.listdir(cuda_dir) if f.endswith(".cu") and f.startswith(kinds)}
+    assert on_disk == {stem for stem, _g, _h, _l in every}
+    for stem, _group, header, line in every:
+        with open(os.path.join(cuda_dir, stem + ".cu")) as f:
+            assert f.read() == generate.HEADER + f'#include "{header}"\n\n' + line
+    groups = {}
+    for _stem, group, header, line in every:
+        groups.setdefault(group, (header, []))[1].append(line)
+    assert {f[:-4] for f in os.listdir(emu_dir) if f.endswith(".cpp")} == set(groups)
+    assert len(groups) < len(every) / 3  # (grouped: a second per file of parsing saved)
+    for group, (header, lines) in groups.items():
+        with open(os.path.join(emu_dir, group + ".cpp")) as f:
+            assert f.read() == generate.HEADER + f'#include "{header}"\n\n' + "".join(lines)
+
+
+@pytest.mark.skipif(not flash_cuda.has_cuda_kernels(), reason="a CPU-only build packages no PTX")
+def test_the_build_packaged_what_its_arch_list_asked_for():
+    """The packaged PTX (the sm_80 pass of every compiled .cu) has Turing's files exactly when the
+    list asked for sm_75 code, and every other instantiation's."""
+    arch_list = flash_cuda.cuda_arch_list().replace(":", ";")
+    ptx_dir = os.path.join(os.path.dirname(flash_cuda.__file__), "ptx")
+    packaged = {f[:-len(".ptx.gz")] for f in os.listdir(ptx_dir) if f.endswith(".ptx.gz")}
+    stems = {stem for stem, _g, _h, _l in generate.instances()}
+    sm75 = {s for s in stems if s.endswith("_sm75")}
+    want = stems if setup_py.needs_sm75_sources(arch_list) else stems - sm75
+    assert {p for p in packaged if p in stems} == want
+    assert re.fullmatch(r"[0-9.;+A-Za-z]+", arch_list)
