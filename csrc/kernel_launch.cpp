@@ -232,8 +232,10 @@ const char* cuda_arch_list() {
 // Entries "M.m", "M.m+PTX" (and the arch-specific "M.ma" / "M.mf"), separated by ';', ':' or
 // spaces.
 // SASS for M.m runs on M.m' with m' >= m (not the arch-specific kind: on M.m alone); PTX for
-// M.m is compiled by the driver for any later device. A name torch also accepts ("Ampere")
-// is not judged here: the launch will say.
+// M.m is compiled by the driver for any later device, but below 8.0 only for devices below 8.0:
+// a compute_75 PTX holds the Turing kernels alone (the sm_80+ ones are empty there, ptx.h's
+// kernel_arch_matches), and the dispatcher picks sm_80 configurations on an sm_80+ device. A
+// name torch also accepts ("Ampere") is not judged here: the launch will say.
 bool arch_list_covers(const std::string& list, int cc) {
   size_t pos = 0;
   while (pos < list.size()) {
@@ -251,7 +253,8 @@ bool arch_list_covers(const std::string& list, int cc) {
     for (size_t i = 0; i < dot; ++i)
       if (!isdigit(entry[i])) return true;
     const int arch = std::stoi(entry.substr(0, dot)) * 10 + (entry[dot + 1] - '0');
-    if (arch == cc || (!specific && arch / 10 == cc / 10 && arch < cc) || (ptx && arch < cc)) return true;
+    if (arch == cc || (!specific && arch / 10 == cc / 10 && arch < cc) || (ptx && arch < cc && (arch >= kSm80) == (cc >= kSm80)))
+      return true;
   }
   return false;
 }

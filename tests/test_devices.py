@@ -240,10 +240,13 @@ def test_kvcache_splits_follow_the_profiles_sm_count():
     ("8.0;9.0+PTX", 75, False), ("8.0;9.0", 100, False), ("8.0;9.0", 120, False), ("8.6", 80, False),
     ("8.0 8.6", 89, True), ("9.0a", 90, True), ("9.0a", 100, False), ("8.0:9.0+PTX", 120, True),
     ("7.5;8.0", 87, True), ("Ampere", 80, True),
+    # a compute_75 PTX has only Turing's kernels: no sm_80+ device runs them
+    ("7.5+PTX", 75, True), ("7.5+PTX", 80, False), ("7.5+PTX", 90, False), ("7.5+PTX;8.0", 86, True),
 ])
 def test_arch_list_covers(arch_list, cc, runs):
     """SASS runs on the same major version at an equal or later minor (an arch-specific 'a'
-    build on its own version only), PTX on any later device; names are left to the driver."""
+    build on its own version only), PTX on any later device (below 8.0: any later device below
+    8.0); names are left to the driver."""
     assert torch.ops.flash_cuda._arch_list_covers(arch_list, cc) is runs
 
 
