@@ -240,7 +240,7 @@ def main():
             for kernel, r in sorted(jobs[(s, a)].items()):
                 launch = kernel.replace(" (packed)", "").replace(" (dropout)", "")
                 threads, smem = shapes[launch]  # same launch as the dense kernel without dropout
-                batch = "packed" if kernel.endswith("(packed)") else ("kvcache" if "kvcache" in kernel else "dense")
+                batch = "packed" if "(packed)" in kernel else ("kvcache" if "kvcache" in kernel else "dense")
                 spills[batch] += r["spill_st"] + r["spill_ld"]
                 stack[batch] += r["stack"]
                 blocks, occ = occupancy(r["regs"], threads, smem, a)
