@@ -50,16 +50,6 @@ def find_cuda_headers(cuda_home):
     return None
 
 
-def needs_sm75_sources(arch_list):
-    """Whether TORCH_CUDA_ARCH_LIST asks for code below sm_80 (Turing's kernels, csrc/cuda/*_sm75.cu).
-    An entry that is not a number (a name such as "Turing") counts as yes."""
-    for token in re.split(r"[;\s]+", arch_list.strip()):
-        m = re.fullmatch(r"(\d+)\.(\d+)[af]?(\+PTX)?", token)
-        if token and (m is None or (int(m.group(1)), int(m.group(2))) < (8, 0)):
-            return True
-    return False
-
-
 def gencode_flags(arch_list):
     """nvcc's -gencode flags for TORCH_CUDA_ARCH_LIST, with one PTX per feature level of the kernels:
     compute_75 for sm_75 (Turing's instructions) and compute_80 for every newer entry. The kernels
@@ -82,6 +72,14 @@ def gencode_flags(arch_list):
         if any(ptx for _, ptx in mine):
             flags.append(f"-gencode=arch=compute_{level},code=compute_{level}")
     return flags
+
+
+def needs_sm75_sources(arch_list):
+    """Whether the build has an sm_75 pass, the only one in which Turing's kernels
+    (csrc/cuda/*_sm75.cu) are more than empty stubs: a 7.5 entry, or a list gencode_flags leaves
+    to torch (a name such as "Turing" may mean one)."""
+    flags = gencode_flags(arch_list)
+    return flags is None or any("compute_75" in f for f in flags)
 
 
 def extension():
