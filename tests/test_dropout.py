@@ -9,7 +9,6 @@ import random
 import re
 
 import numpy as np
-
 import pytest
 import torch
 
