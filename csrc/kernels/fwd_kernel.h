@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     cp_async_commit();  // V_j lands while S = Q K_j^T computes
 
     float rS[kMTiles][kNTiles][4] = {};  // per m-tile: 16 x kBlockN scores of this warp, fp32
-#pragma unroll(kMask ? Kt::kQKUnrollMasked : Kt::kQKUnroll)
+#pragma unroll(kMask ? (kVarlen ? Kt::kQKUnrollMaskedPacked : Kt::kQKUnrollMasked) : Kt::kQKUnroll)
     for (int k0 = 0; k0 < kHeadDim * kUnits; k0 += 16) {  // 16 units: 16 values, or 8 fp32 ones
       Operand<T, 4> rQ[kMTiles];  // A: 16 x 16 units of Q per m-tile
 #pragma unroll
@@ -279,8 +279,19 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     key_tiles(std::false_type{});
   }
 
-  if (kCache && p.cache.num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
-    const int split = blockIdx.x % p.cache.num_splits;
+  // After the walk the modifier variant's kernels (the KV cache's among them) read the
+  // sequence's scalars again (seqlen.h) rather than hold them through it: otherwise their packed
+  // kernels spilled 8 bytes at head dims 64 and 128 (sm_80) and the KV cache's 8 to 12 at 256 in
+  // the compact configuration (sm_80/86; ptxas -v). The other variants keep theirs (reading
+  // again spilled 168 bytes in the packed band forward at head dim 128, sm_80).
+  constexpr bool kAgain = kVarlen && (kCache || kMod);
+  const auto& pe = narrowed_again<kAgain, kVarlen>(p, params, batch);
+  if constexpr (kAgain) {
+    gO = units<U>(head_ptr<T>(pe.o, batch, head, q_row0<kVarlen>(pe)));
+    gLse = pe.lse + batch * pe.lse_batch_stride + head * pe.lse_head_stride + q_row0<kVarlen>(pe);
+  }
+  if (kCache && pe.cache.num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
+    const int split = blockIdx.x % pe.cache.num_splits;
     cp_async_wait<0>();
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
@@ -289,13 +300,13 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = m0 + warp_row0 + 16 * mt + lane / 4 + 8 * h;
-        if (row >= p.nq) continue;
-        if (lane % 4 == 0) st_global(partial_lse(p, split, batch, head, row), lse[h]);
-        float* gOp = partial_out_row(p, split, batch, head, row);
+        if (row >= pe.nq) continue;
+        if (lane % 4 == 0) st_global(partial_lse(pe, split, batch, head, row), lse[h]);
+        float* gOp = partial_out_row(pe, split, batch, head, row);
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           const int col = 8 * dt + 2 * (lane % 4);
-          if (col < p.d) st_global(reinterpret_cast<float2*>(gOp + col), make_float2(rO[mt][dt][2 * h], rO[mt][dt][2 * h + 1]));
+          if (col < pe.d) st_global(reinterpret_cast<float2*>(gOp + col), make_float2(rO[mt][dt][2 * h], rO[mt][dt][2 * h + 1]));
         }
       }
     }
@@ -310,15 +321,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   for (int mt = 0; mt < kMTiles; ++mt) {
     const int r0 = warp_row0 + 16 * mt;
     float lse[2];  // rows g and g + 8
-    softmax[mt].finalize(rO[mt], lse, kDropout ? p.drop.scale : 1.0f);  // kept values / (1 - p)
+    softmax[mt].finalize(rO[mt], lse, kDropout ? pe.drop.scale : 1.0f);  // kept values / (1 - p)
     const int row_g = m0 + r0 + lane / 4;
     if (lane % 4 == 0) {
-      if (row_g < p.nq) st_global(&gLse[row_g], lse[0]);
-      if (row_g + 8 < p.nq) st_global(&gLse[row_g + 8], lse[1]);
+      if (row_g < pe.nq) st_global(&gLse[row_g], lse[0]);
+      if (row_g + 8 < pe.nq) st_global(&gLse[row_g + 8], lse[1]);
     }
     stage_accumulators<QLayout, T>(sQ, rO[mt], r0, 0, 1.0f, lane);
     __syncwarp();
-    store_warp_rows<QLayout>(gO, p.o.row_stride * kUnits, sQ, r0, m0 + r0, p.nq, d_units, lane);
+    store_warp_rows<QLayout>(gO, pe.o.row_stride * kUnits, sQ, r0, m0 + r0, pe.nq, d_units, lane);
   }
 }
 

@@ -17,7 +17,9 @@
  * own and the first rows enter the addresses where they are formed (head_ptr,
  * packed_scratch_row).
  * Those scalars live in registers all through a kernel, which the largest kernels cannot
- * spare: the forward, backward and dQ kernels are instantiated with kVarlen (packed batches)
+ * spare: code after a long loop narrows again (ld_boundary's loads are never merged with the
+ * first ones, so nothing derived from them is held through the loop), and the forward,
+ * backward and dQ kernels are instantiated with kVarlen (packed batches)
  * and without it (dense batches: the narrowing and the first rows compile away, and the kernel
  * is what it was before packed batches existed). launch.h's with_varlen picks one per launch.
  */
@@ -31,6 +33,17 @@ namespace flash_cuda {
 
 FC_DEVICE int clamp_index(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
+// A load of a sequence's boundary that the compiler may not merge with an earlier load of the
+// same entry (volatile): a kernel that reads the boundaries again after or inside a long loop
+// (an L1 hit) then holds nothing derived from them in registers through the loop.
+FC_DEVICE int ld_boundary(const int* g_p) {
+#if defined(__CUDACC__)
+  return *static_cast<const volatile int*>(g_p);
+#else
+  return ld_global(g_p);
+#endif
+}
+
 // p narrowed to sequence `batch` of a packed batch; a dense batch's p as it is (kVarlen
 // instantiations take both: the emulator runs them for dense batches too). Without kVarlen it
 // returns p itself, not a copy: a copy of the whole struct costs the largest kernels spills.
@@ -42,16 +55,16 @@ FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params,
   } else {
     P p = params;
     if (p.seqused_k != nullptr) {  // a KV cache: dense queries, this sequence's valid keys
-      const int64_t used = int64_t(ld_global(&p.seqused_k[batch])) + p.seqused_k_add;
+      const int64_t used = int64_t(ld_boundary(&p.seqused_k[batch])) + p.seqused_k_add;
       p.nk = int(used < 0 ? 0 : (used > p.nk ? p.nk : used));
       p.mask.offset = p.nk - p.nq;  // bottom-right, per sequence
       return p;
     }
     if (p.cu_seqlens_q == nullptr) return p;
-    const int q_begin = clamp_index(ld_global(&p.cu_seqlens_q[batch]), 0, p.total_q);
-    const int q_end = clamp_index(ld_global(&p.cu_seqlens_q[batch + 1]), q_begin, p.total_q);
-    const int k_begin = clamp_index(ld_global(&p.cu_seqlens_k[batch]), 0, p.total_k);
-    const int k_end = clamp_index(ld_global(&p.cu_seqlens_k[batch + 1]), k_begin, p.total_k);
+    const int q_begin = clamp_index(ld_boundary(&p.cu_seqlens_q[batch]), 0, p.total_q);
+    const int q_end = clamp_index(ld_boundary(&p.cu_seqlens_q[batch + 1]), q_begin, p.total_q);
+    const int k_begin = clamp_index(ld_boundary(&p.cu_seqlens_k[batch]), 0, p.total_k);
+    const int k_end = clamp_index(ld_boundary(&p.cu_seqlens_k[batch + 1]), k_begin, p.total_k);
     p.nq = q_end - q_begin;
     p.nk = k_end - k_begin;
     p.mask.offset = p.nk - p.nq;  // bottom-right, per sequence (also ALiBi's distance origin)
@@ -59,6 +72,15 @@ FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params,
     p.k_row0 = k_begin;
     return p;
   }
+}
+
+// The params for code after a long loop: p itself, or with kAgain the sequence narrowed again
+// from params (ld_boundary: new loads), so that nothing derived from the narrowing is held in
+// registers through the loop for that code.
+template <bool kAgain, bool kVarlen, class P>
+FC_DEVICE std::conditional_t<kAgain && kVarlen, P, const P&> narrowed_again(const P& p, const P& params, int batch) {
+  if constexpr (kAgain && kVarlen) return for_sequence<true>(params, batch);
+  else return p;
 }
 
 // The first query / key row of the narrowed sequence: a compile-time 0 without kVarlen.
@@ -72,7 +94,7 @@ FC_DEVICE int k_row0(const AttnShape& p) { return kVarlen ? p.k_row0 : 0; }
 template <bool kVarlen>
 FC_DEVICE int first_key_row(const AttnShape& params, int batch) {
   if (!kVarlen || params.cu_seqlens_k == nullptr) return 0;
-  return clamp_index(ld_global(&params.cu_seqlens_k[batch]), 0, params.total_k);
+  return clamp_index(ld_boundary(&params.cu_seqlens_k[batch]), 0, params.total_k);
 }
 
 }  // namespace flash_cuda

@@ -99,6 +99,10 @@ struct FwdTraits {
   static constexpr int kQKUnroll = kMTiles == 2 && kHeadDim >= 96 ? 4 : kHeadDim / 16;
   // In the masked tiles (the band's edges, the sequence end) the mask's operands are live too: by 2.
   static constexpr int kQKUnrollMasked = kMTiles == 2 && kHeadDim >= 96 ? 2 : kQKUnroll;
+  // The packed-batch kernels' masked tiles (the narrowed sequence's scalars live too): by 4 at
+  // 256 (unrolled whole, the band kernels spilled 52 to 108 bytes at sm_80, sm_86 and sm_90, wide
+  // and compact configurations; ptxas -v).
+  static constexpr int kQKUnrollMaskedPacked = kHeadDim == 256 ? 4 : kQKUnrollMasked;
 
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are instantiated in multiples of 32 up to 256");
   static_assert(kBlockN % 16 == 0, "S = Q K^T loads keys 16 at a time (two n-tiles per ldmatrix)");

@@ -1,0 +1,44 @@
+"""ptxas's register allocation of the kernels the 99 KiB cards run (sm_86/89: A10, RTX 3090/4090,
+L4, L40S), at head dim 256, where their registers are tightest: no spills, dense and packed
+batches, with dropout's code and without (issue 16's compact configurations; every compact file at
+sm_80, sm_86 and sm_89: `python benchmarks/kernel_report.py --arch 80 86 89 --filter 99kib`).
+Needs nvcc, not a GPU; skipped without nvcc."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")
+
+
+# The files and how many kernels each holds: the band variant's forward (dense and packed, each
+# with and without dropout's code) and backward (its main kernels, the dQ pass, pre- and
+# postprocess), and the KV cache's forward with its split combine. Until 2026-12-01 their
+# packed-batch kernels spilled 4 to 68 bytes here.
+FILES = {"fwd_hdim256_bf16_band_99kib.cu": 4, "bwd_hdim256_bf16_band_99kib.cu": 12,
+         "fwd_kvcache_hdim256_bf16_99kib.cu": 2}
+ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_86'\s*\n.*?(\d+) bytes stack frame, "
+                   r"(\d+) bytes spill stores, (\d+) bytes spill loads", re.S)
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_compact_kernels_at_256_do_not_spill(name, tmp_path):
+    # as the build compiles them for an sm_86 entry (setup.py's gencode_flags: SASS from compute_80)
+    cmd = [find_nvcc(), "-std=c++17", "-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_86", "-cubin",
+           "-Xptxas=-v", "-I", os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "cuda", name),
+           "-o", str(tmp_path / "k.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    kernels = ENTRY.findall(res.stderr)
+    assert len(kernels) == FILES[name], res.stderr
+    spilling = {k: (int(stack), int(st), int(ld)) for k, stack, st, ld in kernels if int(stack) or int(st) or int(ld)}
+    assert not spilling, f"stack, spill stores, spill loads (bytes): {spilling}"
