@@ -1,6 +1,7 @@
 """Tests run on every available backend: CPU always, CUDA when this build has the kernels."""
 import importlib.util
 import os
+import shutil
 
 import pytest
 import torch
@@ -46,3 +47,11 @@ def load_script(folder, name):
 
 def load_benchmark(name):
     return load_script("benchmarks", name)
+
+
+def find_nvcc():
+    """The CUDA toolkit's nvcc (CUDA_HOME, else /usr/local/cuda, else PATH), or None: the tests
+    that compile kernel sources themselves skip without it."""
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else shutil.which("nvcc")

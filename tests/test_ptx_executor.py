@@ -12,7 +12,6 @@ clobber compiled by nvcc, and a 32-bit batch offset in the dense kernels only nv
 import collections
 import os
 import re
-import shutil
 import struct
 import subprocess
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import flash_cuda
+from conftest import find_nvcc
 from flash_cuda import emulate
 from reference import assert_fa_rule, attention_ref, max_err
 from test_kernel_fwd import HEAD_DIMS, make_qkv
@@ -655,13 +655,7 @@ extern "C" __global__ void t(float* buf) {
 """
 
 
-def nvcc():
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    path = os.path.join(home, "bin", "nvcc")
-    return path if os.path.exists(path) else shutil.which("nvcc")
-
-
-@pytest.mark.skipif(nvcc() is None, reason="needs nvcc")
+@pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc")
 @pytest.mark.parametrize("wrapper", ["volatile_memory", "plain"])
 def test_asm_load_without_volatile_or_memory_clobber(tmp_path, wrapper):
     """Compiled by nvcc for sm_80, as the extension is: with a plain asm load nvcc hoists it out
@@ -675,7 +669,7 @@ def test_asm_load_without_volatile_or_memory_clobber(tmp_path, wrapper):
     src.write_text(PLANTED_SOURCE.replace("VOLATILE", "volatile" if good else "")
                    .replace("CLOBBER", ': "memory"' if good else ""))
     out = tmp_path / "planted.ptx"
-    subprocess.run([nvcc(), "-arch=sm_80", "-O3", "-ptx", str(src), "-o", str(out)], check=True)
+    subprocess.run([find_nvcc(), "-arch=sm_80", "-O3", "-ptx", str(src), "-o", str(out)], check=True)
     text = out.read_text()
     body = text[text.index(".entry t"):]
     wait, load = body.index("cp.async.wait_group"), body.index("ld.shared.f32")

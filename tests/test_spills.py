@@ -5,18 +5,13 @@ sm_80, sm_86 and sm_89: `python benchmarks/kernel_report.py --arch 80 86 89 --fi
 Needs nvcc, not a GPU; skipped without nvcc."""
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 
+from conftest import find_nvcc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def find_nvcc():
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    path = os.path.join(home, "bin", "nvcc")
-    return path if os.path.exists(path) else shutil.which("nvcc")
 
 
 # The files and how many kernels each holds: the band variant's forward (dense and packed, each

@@ -74,9 +74,14 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   const U* gQ = units<U>(head_ptr<const T>(p.q, batch, head, q_row0<kVarlen>(p)));
   const U* gK = units<U>(head_ptr<const T>(p.k, batch, kv_head, k_row0<kVarlen>(p)));  // (kCache: unused, see load_kv)
   const U* gV = units<U>(head_ptr<const T>(p.v, batch, kv_head, k_row0<kVarlen>(p)));
-  U* gO = units<U>(head_ptr<T>(p.o, batch, head, q_row0<kVarlen>(p)));
+  // This (batch, head)'s rows of O and of lse, from the params narrowed to its sequence
+  auto o_rows = [&](const FwdParams& q) { return units<U>(head_ptr<T>(q.o, batch, head, q_row0<kVarlen>(q))); };
+  auto lse_rows = [&](const FwdParams& q) {
+    return q.lse + batch * q.lse_batch_stride + head * q.lse_head_stride + q_row0<kVarlen>(q);
+  };
+  U* gO = o_rows(p);
   const int d_units = p.d * kUnits;
-  float* gLse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_row0<kVarlen>(p);
+  float* gLse = lse_rows(p);
 
   // Key tiles [j_begin, j_end) intersect the band of rows [m0, m_end); of those, [u0, u1) lie
   // entirely inside it (and inside the sequence). They are visited in the order [u0, u1), then
@@ -286,10 +291,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   // again spilled 168 bytes in the packed band forward at head dim 128, sm_80).
   constexpr bool kAgain = kVarlen && (kCache || kMod);
   const auto& pe = narrowed_again<kAgain, kVarlen>(p, params, batch);
-  if constexpr (kAgain) {
-    gO = units<U>(head_ptr<T>(pe.o, batch, head, q_row0<kVarlen>(pe)));
-    gLse = pe.lse + batch * pe.lse_batch_stride + head * pe.lse_head_stride + q_row0<kVarlen>(pe);
-  }
+  if constexpr (kAgain) gO = o_rows(pe), gLse = lse_rows(pe);
   if (kCache && pe.cache.num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
     const int split = blockIdx.x % pe.cache.num_splits;
     cp_async_wait<0>();
