@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // kDSplit blocks per key tile: this one accumulates dV, dK columns [d_begin, d_begin + kHeadDim / kDSplit)
   const int n_block = blockIdx.x / Kt::kDSplit, kv_head = blockIdx.y, batch = blockIdx.z;
   const int d_begin = (blockIdx.x % Kt::kDSplit) * (kHeadDim / Kt::kDSplit);
-  const BwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
+  const BwdParams& p = for_sequence<kVarlen, Kt::kVolatileBoundaries>(params, batch);  // packed batches: this block's sequence
   const int n0 = n_block * kBlockN;
   if (kVarlen && n0 >= p.nk) return;  // past a packed sequence's end
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     stage_accumulators<KVLayout, T>(sV, rdV[mt], kv_key0 + 16 * mt, kv_d0, kDropout ? p.drop.scale : 1.0f, lane);
   }
   __syncthreads();
-  const int k_row0 = first_key_row<kVarlen>(params, batch);  // reloaded: nothing held through the walk
+  const int k_row0 = first_key_row<kVarlen, Kt::kVolatileBoundaries>(params, batch);  // reloaded: nothing held through the walk
   U* gdK = units<U>(head_ptr<T>(p.dk, batch, kv_head, k_row0));
   U* gdV = units<U>(head_ptr<T>(p.dv, batch, kv_head, k_row0));
   // (kDSplit: this block's columns only)

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   // kCache: blockIdx.x runs over (query tile, key split) pairs, the splits of a tile adjacent
   const int m_block = kCache ? blockIdx.x / params.cache.num_splits : blockIdx.x;
   const int head = blockIdx.y, batch = blockIdx.z;
-  const FwdParams& p = for_sequence<kVarlen>(params, batch);  // packed batches: this block's sequence
+  const FwdParams& p = for_sequence<kVarlen, true>(params, batch);  // packed batches: this block's sequence (volatile loads: traits.h)
   const int m0 = m_block * kBlockM;
   if (kVarlen && m0 >= p.nq) return;  // past a packed sequence's end
   const int kv_head = head / (p.hq / p.hkv);  // GQA: query heads share kv heads in groups

@@ -17,7 +17,7 @@
  * own and the first rows enter the addresses where they are formed (head_ptr,
  * packed_scratch_row).
  * Those scalars live in registers all through a kernel, which the largest kernels cannot
- * spare: code after a long loop narrows again (ld_boundary's loads are never merged with the
+ * spare: code after a long loop may narrow again (with volatile loads, never merged with the
  * first ones, so nothing derived from them is held through the loop), and the forward,
  * backward and dQ kernels are instantiated with kVarlen (packed batches)
  * and without it (dense batches: the narrowing and the first rows compile away, and the kernel
@@ -33,38 +33,39 @@ namespace flash_cuda {
 
 FC_DEVICE int clamp_index(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-// A load of a sequence's boundary that the compiler may not merge with an earlier load of the
-// same entry (volatile): a kernel that reads the boundaries again after or inside a long loop
-// (an L1 hit) then holds nothing derived from them in registers through the loop.
+// A load of a sequence's boundary; kVolatile: one the compiler may not merge with an earlier
+// load of the same entry, so a kernel that reads the boundaries again after a long loop (an L1
+// hit) holds nothing derived from them in registers through the loop. Which kernels take it is
+// measured (ptxas -v): it moves the register allocation both ways (traits.h).
+template <bool kVolatile>
 FC_DEVICE int ld_boundary(const int* g_p) {
 #if defined(__CUDACC__)
-  return *static_cast<const volatile int*>(g_p);
-#else
-  return ld_global(g_p);
+  if constexpr (kVolatile) return *static_cast<const volatile int*>(g_p);
 #endif
+  return ld_global(g_p);
 }
 
 // p narrowed to sequence `batch` of a packed batch; a dense batch's p as it is (kVarlen
 // instantiations take both: the emulator runs them for dense batches too). Without kVarlen it
 // returns p itself, not a copy: a copy of the whole struct costs the largest kernels spills.
 // Bind the result to a const reference (a copy's lifetime is extended).
-template <bool kVarlen, class P>
+template <bool kVarlen, bool kVolatile = false, class P>
 FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params, int batch) {
   if constexpr (!kVarlen) {
     return params;
   } else {
     P p = params;
     if (p.seqused_k != nullptr) {  // a KV cache: dense queries, this sequence's valid keys
-      const int64_t used = int64_t(ld_boundary(&p.seqused_k[batch])) + p.seqused_k_add;
+      const int64_t used = int64_t(ld_boundary<kVolatile>(&p.seqused_k[batch])) + p.seqused_k_add;
       p.nk = int(used < 0 ? 0 : (used > p.nk ? p.nk : used));
       p.mask.offset = p.nk - p.nq;  // bottom-right, per sequence
       return p;
     }
     if (p.cu_seqlens_q == nullptr) return p;
-    const int q_begin = clamp_index(ld_boundary(&p.cu_seqlens_q[batch]), 0, p.total_q);
-    const int q_end = clamp_index(ld_boundary(&p.cu_seqlens_q[batch + 1]), q_begin, p.total_q);
-    const int k_begin = clamp_index(ld_boundary(&p.cu_seqlens_k[batch]), 0, p.total_k);
-    const int k_end = clamp_index(ld_boundary(&p.cu_seqlens_k[batch + 1]), k_begin, p.total_k);
+    const int q_begin = clamp_index(ld_boundary<kVolatile>(&p.cu_seqlens_q[batch]), 0, p.total_q);
+    const int q_end = clamp_index(ld_boundary<kVolatile>(&p.cu_seqlens_q[batch + 1]), q_begin, p.total_q);
+    const int k_begin = clamp_index(ld_boundary<kVolatile>(&p.cu_seqlens_k[batch]), 0, p.total_k);
+    const int k_end = clamp_index(ld_boundary<kVolatile>(&p.cu_seqlens_k[batch + 1]), k_begin, p.total_k);
     p.nq = q_end - q_begin;
     p.nk = k_end - k_begin;
     p.mask.offset = p.nk - p.nq;  // bottom-right, per sequence (also ALiBi's distance origin)
@@ -79,7 +80,7 @@ FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params,
 // registers through the loop for that code.
 template <bool kAgain, bool kVarlen, class P>
 FC_DEVICE std::conditional_t<kAgain && kVarlen, P, const P&> narrowed_again(const P& p, const P& params, int batch) {
-  if constexpr (kAgain && kVarlen) return for_sequence<true>(params, batch);
+  if constexpr (kAgain && kVarlen) return for_sequence<true, true>(params, batch);
   else return p;
 }
 
@@ -91,10 +92,10 @@ FC_DEVICE int k_row0(const AttnShape& p) { return kVarlen ? p.k_row0 : 0; }
 
 // The first key row of sequence `batch` read again from cu_seqlens_k, for code after a long
 // loop, where holding it in a register all through the loop would cost more than the load.
-template <bool kVarlen>
+template <bool kVarlen, bool kVolatile = false>
 FC_DEVICE int first_key_row(const AttnShape& params, int batch) {
   if (!kVarlen || params.cu_seqlens_k == nullptr) return 0;
-  return clamp_index(ld_boundary(&params.cu_seqlens_k[batch]), 0, params.total_k);
+  return clamp_index(ld_boundary<kVolatile>(&params.cu_seqlens_k[batch]), 0, params.total_k);
 }
 
 }  // namespace flash_cuda

@@ -288,6 +288,11 @@ struct BwdTraits {
   // registers (head dims 64 and 128), that is what lets the loops unroll whole without spills.
   // (Not with kMod: it computes P^T and dS^T of an element together, bwd_kernel.h.)
   static constexpr bool kRoundPFirst = (kAccRegs == 192 || kTightest) && !kMod && !kTf32;
+  // The packed-batch narrowing's loads volatile (seqlen.h) in the compact configuration at 256:
+  // with plain ones its band atomic-dQ kernel spilled 4 bytes (sm_80/86/89), while the wide
+  // configurations' atomic-dQ kernels at 64, 128 and 256 spill 4 to 12 bytes more at sm_80 with
+  // volatile ones (ptxas -v). (The forward takes them everywhere: fwd_kernel.h.)
+  static constexpr bool kVolatileBoundaries = kTightest;
   // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
   // registers fit twice in an SM's 64K registers; 8 warps once.
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
