@@ -9,6 +9,16 @@
  * With 64-byte block rows (head dims 32 and 96) two rows share a bank cycle, so the swizzle is
  * c ^ ((r / 2) % 4) (Swizzle<2,3,3>): rows r and r+1 differ in bank half, pairs in chunk.
  * Column blocks keep every row of a block 128 (or 64) bytes, whatever kCols is.
+ *
+ * PaddedLayout (the backward's tiles in its wide configuration at head dim 64, traits.h): rows
+ * of kCols + 8 values instead, unswizzled. Why: a fragment's column enters a swizzled address by
+ * an XOR with the lane's row bits, one instruction per ldmatrix of each k step unless its
+ * offset is held in a register per k step, which the backward's tightest kernels cannot spare
+ * (ptxas rebuilt the offsets inside the loop); with padded rows every fragment of a tile is
+ * the lane's offset plus a compile-time constant. Conflict-free as well: the pitch is an odd
+ * number of 16-byte chunks, so 8 rows at one column (an ldmatrix phase) start in 8 different
+ * chunks of the 128-byte bank cycle, and a phase of 8 consecutive chunks of one row (cp.async,
+ * 128-bit loads) is 128 contiguous bytes. Costs one chunk per row of shared memory.
  */
 #pragma once
 #include "platform.h"
@@ -65,6 +75,49 @@ struct SmemLayout {
     const int block = id / (kRows * kChunks), rem = id % (kRows * kChunks);
     row = rem / kChunks;
     col = block * kBlockCols + (rem % kChunks) * 8;
+  }
+};
+
+// Rows of kCols + 8 values, unswizzled (the docblock above); the interface of SmemLayout.
+template <int kRows_, int kCols_>
+struct PaddedLayout {
+  static constexpr int kRows = kRows_, kCols = kCols_;
+  static_assert(kCols % 16 == 0, "an even number of chunks per row: the pitch is odd");
+  // Tiles copied chunk by chunk (CopyPlan, chunk_coord) need whole 128-byte row segments, so
+  // every copy phase stays inside one row: with 4-chunk rows a phase covers two rows, whose
+  // chunks no odd pitch keeps apart. (32-column tiles written by 32-bit stores and read by
+  // ldmatrix, as P^T and dS^T, are fine.)
+  static constexpr bool kCopyable = kCols % 64 == 0;
+  static constexpr int kBlockCols = kCols;  // one block: the whole row
+  static constexpr int kPitch = kCols + 8;  // an odd number of 16-byte chunks
+  static constexpr int kChunks = kCols / 8;
+  static constexpr int kElems = kRows * kPitch;
+  static constexpr int kTotalChunks = kRows * kCols / 8;
+
+  FC_DEVICE static int offset(int row, int col) { return row * kPitch + col; }
+  // offset(row0 + lr, col0 + lc) from lane_off = offset(lr, lc): adds only.
+  FC_DEVICE static int offset_from(int lane_off, int row0, int col0) { return lane_off + row0 * kPitch + col0; }
+
+  // As SmemLayout::CopyPlan: thread t's i-th chunk is chunk t + i kThreads, kRowsPerPass whole
+  // rows a pass.
+  template <int kThreads>
+  struct CopyPlan {
+    static constexpr int kRowsPerPass = kThreads / kChunks;
+    static constexpr int kIters = kTotalChunks / kThreads;
+    static_assert(kCopyable, "copied tiles have whole 128-byte row segments");
+    static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0,
+                  "a pass of the threads covers whole rows and tiles the tile");
+    static_assert(kTotalChunks % kThreads == 0, "every thread copies the same number of chunks");
+    FC_DEVICE static constexpr int row_step(int i) { return i * kRowsPerPass; }
+    FC_DEVICE static constexpr int col_step(int) { return 0; }
+    FC_DEVICE static constexpr int offset_step(int i) { return row_step(i) * kPitch; }
+  };
+
+  // The id-th 16-byte chunk in copy order (row, then chunk).
+  FC_DEVICE static void chunk_coord(int id, int& row, int& col) {
+    static_assert(kCopyable, "copied tiles have whole 128-byte row segments");
+    row = id / kChunks;
+    col = (id % kChunks) * 8;
   }
 };
 

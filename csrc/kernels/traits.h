@@ -288,20 +288,32 @@ struct BwdTraits {
   // registers (head dims 64 and 128), that is what lets the loops unroll whole without spills.
   // (Not with kMod: it computes P^T and dS^T of an element together, bwd_kernel.h.)
   static constexpr bool kRoundPFirst = (kAccRegs == 192 || kTightest) && !kMod && !kTf32;
-  // The packed-batch narrowing's loads volatile (seqlen.h) in the compact configuration at 256:
-  // with plain ones its band atomic-dQ kernel spilled 4 bytes (sm_80/86/89), while the wide
-  // configurations' atomic-dQ kernels at 64, 128 and 256 spill 4 to 12 bytes more at sm_80 with
-  // volatile ones (ptxas -v). (The forward takes them everywhere: fwd_kernel.h.)
-  static constexpr bool kVolatileBoundaries = kTightest;
   // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
   // registers fit twice in an SM's 64K registers; 8 warps once.
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
-  // Tiles in units (fp32: two per value, twice the columns)
-  using QLayout = SmemLayout<kBlockM, kHeadDim * kUnits>;  // Q_i and dO_i
-  using KVLayout = SmemLayout<kBlockN, kHeadDim * kUnits>; // K_j and V_j
+  // Tiles in units (fp32: two per value, twice the columns). Padded rows (layout.h) for the
+  // 16-bit tiles of the wide configuration at head dim 64: its atomic-dQ kernel holds 255
+  // registers and rebuilt the swizzled fragment offsets inside the loop; padded, an ldmatrix
+  // address is the lane's offset plus a constant (benchmarks/sass_compare.py, 2026-12-01, bf16
+  // at sm_90: 840 -> 756 ALU instructions per unit of work; shared memory 56.5 -> 64.5 KiB).
+  // Not at 128, where it would save more (940 -> 624) but its 12 KiB do not fit beside two
+  // Q_i/dO_i stages in 163 KiB (the second stage would go).
+  static constexpr bool kPaddedTiles = !kTf32 && kSmemKiB == kSmemKiBWide && kHeadDim == 64;
+  template <int kRows>
+  using TileLayout = std::conditional_t<kPaddedTiles, PaddedLayout<kRows, kHeadDim * kUnits>,
+                                        SmemLayout<kRows, kHeadDim * kUnits>>;
+  using QLayout = TileLayout<kBlockM>;   // Q_i and dO_i
+  using KVLayout = TileLayout<kBlockN>;  // K_j and V_j
   // P^T and dS^T, [key][query] (16-bit inputs; fp32 has none: a placeholder)
-  using PLayout = std::conditional_t<kTf32, SmemLayout<16, 32>, SmemLayout<kBlockN, kBlockM>>;
+  using PLayout = std::conditional_t<kTf32, SmemLayout<16, 32>,
+                                     std::conditional_t<kPaddedTiles, PaddedLayout<kBlockN, kBlockM>, SmemLayout<kBlockN, kBlockM>>>;
   static_assert(kTf32 || PLayout::kBlockCols % kSdpCols == 0, "a warp's S^T columns stay inside one swizzle block");
+  // The packed-batch narrowing's loads volatile (seqlen.h) in the compact configuration at 256
+  // and the wide one at 64: with plain ones their atomic-dQ kernels spilled 4 bytes (the compact
+  // band kernel at 256, sm_80/86/89) and 8 to 16 (at 64 with padded tiles, sm_80 and sm_90),
+  // while the wide configurations' atomic-dQ kernels at 128 and 256 spill 4 to 12 bytes more at
+  // sm_80 with volatile ones (ptxas -v). (The forward takes them everywhere: fwd_kernel.h.)
+  static constexpr bool kVolatileBoundaries = kTightest || kPaddedTiles;
   static constexpr size_t kTileBytes = QLayout::kElems * sizeof(Unit);
   // fp32: no dS^T tile (dQ comes from the deterministic pass)
   static constexpr int kPTiles = kTf32 ? 0 : (kPInRegs ? 1 : 2);
