@@ -299,14 +299,12 @@ struct BwdTraits {
   // Not at 128, where it would save more (940 -> 624) but its 12 KiB do not fit beside two
   // Q_i/dO_i stages in 163 KiB (the second stage would go).
   static constexpr bool kPaddedTiles = !kTf32 && kSmemKiB == kSmemKiBWide && kHeadDim == 64;
-  template <int kRows>
-  using TileLayout = std::conditional_t<kPaddedTiles, PaddedLayout<kRows, kHeadDim * kUnits>,
-                                        SmemLayout<kRows, kHeadDim * kUnits>>;
-  using QLayout = TileLayout<kBlockM>;   // Q_i and dO_i
-  using KVLayout = TileLayout<kBlockN>;  // K_j and V_j
+  template <int kRows, int kCols>
+  using TileLayout = std::conditional_t<kPaddedTiles, PaddedLayout<kRows, kCols>, SmemLayout<kRows, kCols>>;
+  using QLayout = TileLayout<kBlockM, kHeadDim * kUnits>;   // Q_i and dO_i
+  using KVLayout = TileLayout<kBlockN, kHeadDim * kUnits>;  // K_j and V_j
   // P^T and dS^T, [key][query] (16-bit inputs; fp32 has none: a placeholder)
-  using PLayout = std::conditional_t<kTf32, SmemLayout<16, 32>,
-                                     std::conditional_t<kPaddedTiles, PaddedLayout<kBlockN, kBlockM>, SmemLayout<kBlockN, kBlockM>>>;
+  using PLayout = std::conditional_t<kTf32, SmemLayout<16, 32>, TileLayout<kBlockN, kBlockM>>;
   static_assert(kTf32 || PLayout::kBlockCols % kSdpCols == 0, "a warp's S^T columns stay inside one swizzle block");
   // The packed-batch narrowing's loads volatile (seqlen.h) in the compact configuration at 256
   // and the wide one at 64: with plain ones their atomic-dQ kernels spilled 4 bytes (the compact
