@@ -14,6 +14,7 @@
 #include "cpu/attention_cpu.h"
 #include "cpu/kvcache_cpu.h"
 #include "cpu/rowops.h"
+#include "cpu/tile_gemm.h"
 #include "cpu/varlen_cpu.h"
 #include "emu/emu_session.h"
 #include "kernel_launch.h"
@@ -543,6 +544,15 @@ TORCH_LIBRARY(flash_cuda, m) {
     at::Tensor y = at::empty_like(xc);
     cpu::exp2_row(xc.data_ptr<float>(), xc.numel(), y.data_ptr<float>(), generic);
     return y;
+  });
+  // The in-place kernels the CPU decoding loop runs for a cache of `dtype` in its float path
+  // (tile_gemm.h, float_rows_kernels): "avx512", "avx2" or "none", for the tests and benchmarks.
+  m.def("_cpu_rows_kernels(ScalarType dtype) -> str", [](at::ScalarType dtype) {
+    switch (cpu::float_rows_kernels(dtype)) {
+      case cpu::RowsKernels::kAvx512: return std::string("avx512");
+      case cpu::RowsKernels::kAvx2: return std::string("avx2");
+      default: return std::string("none");
+    }
   });
   // The exponent and rounding passes of the GEMM operands (rowops.h) on one row x: exp_affine_sum_*
   // (P = exp(a x - m), rounded to fp16/bf16 bits as int16, or in float32) with (sum, max x, sum of

@@ -51,7 +51,12 @@ PATHS = ["native", "float", "onednn", "dpbf16"]
 
 
 def set_path(monkeypatch, path, dtype):
-    if path in CHOICES:
+    if path == "avx2":  # the decoding loop's AVX2 kernels (any dtype, in the float path)
+        if not all(has_cpu_flag(f) for f in ("avx2", "fma", "f16c")):
+            pytest.skip("the AVX2 kernels need avx2, fma and f16c")
+        monkeypatch.setenv("FLASH_CUDA_CPU_ROWS", "avx2")
+        path = "float" if dtype != torch.float32 else "native"
+    elif path in CHOICES:
         want, flag, var = CHOICES[path]
         if dtype != want:
             pytest.skip(f"the {path} GEMM is a choice for {want} only")
@@ -169,13 +174,14 @@ def test_online_softmax_redone_rows(case):
 
 
 @pytest.mark.parametrize("nq", [8, 4, 2])
-@pytest.mark.parametrize("path", PATHS + ["blas", "avx512"])
+@pytest.mark.parametrize("path", PATHS + ["blas", "avx512", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype, nq):
     """Decoding shapes (Nq x group <= 256, no dropout) run the KV-cache loop: forward, lse and
     gradients against the reference, and an output that keeps q's memory layout. Nq = 2 with 4
     query heads per kv head: 8 rows, the scores as dot products along the cache rows on the
-    AVX-512 kernels (fp16 caches widened in registers where fp16 is not multiplied natively);
+    AVX-512 kernels (fp16 caches widened in registers where fp16 is not multiplied natively), or
+    the AVX2 ones (path "avx2", fp16 and bf16 in the float path);
     Nq = 4: 16 rows, one whole 16 x 16 block of the S^T transposition on AMX; Nq = 8: 32 rows,
     the GEMM."""
     set_path(monkeypatch, path, dtype)

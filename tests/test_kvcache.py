@@ -141,6 +141,51 @@ def test_cpu_rows_per_group(dtype, layout, nq):
              causal=True, num_splits=2)
 
 
+def cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return all(flag in line.split() for flag in flags)
+
+
+@pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="the AVX2 kernels need avx2, fma and f16c")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])
+@pytest.mark.parametrize("hq,nq,D", [(8, 1, 128), (6, 1, 59), (8, 3, 40), (8, 8, 64)])
+def test_cpu_avx2_rows_kernels(monkeypatch, dtype, layout, hq, nq, D):
+    """The AVX2 decoding kernels (csrc/cpu/avx2_rows.h: the scores as dot products along the cache
+    rows, P V with V read in place, fp16 and bf16 widened in registers), forced on any CPU that
+    runs them (FLASH_CUDA_CPU_ROWS=avx2; FLASH_CUDA_CPU_GEMM=float sends fp16/bf16 to the float
+    path they serve) and checked to be the ones chosen: 4, 3 and 12 rows per kv group (whole and
+    partial blocks of 4 rows), head dims with columns past the last 16 (40) and past the last 8
+    (59), pages of 33 keys (runs of odd length), FlashAttention's (B, N, H, D) cache memory,
+    several key tiles and two splits."""
+    monkeypatch.setenv("FLASH_CUDA_CPU_ROWS", "avx2")
+    monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", "float")
+    assert torch.ops.flash_cuda._cpu_rows_kernels(dtype) == "avx2"
+    run_case(dtype, hq=hq, hkv=2, nq=nq, n_new=1, D=D, capacity=1300, page_size=33 if layout == "paged33" else None,
+             bnhd=layout == "bnhd", causal=True, num_splits=2)
+
+
+def test_cpu_rows_kernels_choice(monkeypatch):
+    """Which in-place kernels the float path of the decoding loop picks: AVX-512 for fp32 and fp16
+    caches where the CPU has it, AVX2 for bf16 (and everything on a CPU without AVX-512), none with
+    FLASH_CUDA_CPU_ROWS=off or FLASH_CUDA_CPU_F32_GEMM=blas, and none for float64."""
+    avx512 = cpu_has("avx512f", "avx512bw", "avx512dq", "avx512vl")
+    avx2 = cpu_has("avx2", "fma", "f16c")
+    pick = torch.ops.flash_cuda._cpu_rows_kernels
+    for dtype in (torch.float32, torch.float16):
+        assert pick(dtype) == ("avx512" if avx512 else "avx2" if avx2 else "none")
+    assert pick(torch.bfloat16) == ("avx2" if avx2 else "none")
+    assert pick(torch.float64) == "none"
+    for var, value in (("FLASH_CUDA_CPU_ROWS", "off"), ("FLASH_CUDA_CPU_F32_GEMM", "blas")):
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            assert all(pick(d) == "none" for d in (torch.float32, torch.float16, torch.bfloat16))
+
+
 FEATURES = {"window": dict(causal=True, window=(20, -1)), "softcap": dict(softcap=3.0),
             "alibi": dict(causal=True, alibi="batch"), "scale": dict(scale=0.3)}
 

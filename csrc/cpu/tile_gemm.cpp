@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx2_rows.h"
 #include "avx512_gemm.h"
 #include "multiversion.h"
 
@@ -259,6 +260,18 @@ bool rows_kernels_allowed(at::ScalarType dtype) {
   const bool bf16 = dtype == at::kBFloat16;
   const char* env = std::getenv(bf16 ? "FLASH_CUDA_CPU_BF16_GEMM" : "FLASH_CUDA_CPU_F32_GEMM");
   return !(env && std::strcmp(env, bf16 ? "onednn" : "blas") == 0);
+}
+
+RowsKernels float_rows_kernels(at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return RowsKernels::kNone;
+  const char* rows_env = std::getenv("FLASH_CUDA_CPU_ROWS");
+  const char* f32_env = std::getenv("FLASH_CUDA_CPU_F32_GEMM");
+  const bool avx2 = avx2_rows_supported();
+  if (rows_env && std::strcmp(rows_env, "avx2") == 0) return avx2 ? RowsKernels::kAvx2 : RowsKernels::kNone;
+  if ((rows_env && std::strcmp(rows_env, "off") == 0) || (f32_env && std::strcmp(f32_env, "blas") == 0))
+    return RowsKernels::kNone;
+  if (dtype != at::kBFloat16 && f32_gemm_supported()) return RowsKernels::kAvx512;
+  return avx2 ? RowsKernels::kAvx2 : RowsKernels::kNone;
 }
 
 template <typename T>

@@ -61,6 +61,15 @@ bool use_avx512_f32();
 // FLASH_CUDA_CPU_BF16_GEMM=onednn (bf16) forces the library GEMMs there too.
 bool rows_kernels_allowed(at::ScalarType dtype);
 
+// The decoding loop's in-place kernels for fp32 query rows against a cache of `dtype` (its rows
+// read where they are, fp16 and bf16 widened in registers; kvcache_cpu.cpp): the AVX-512 ones for
+// fp32 and fp16 caches where rows_kernels_allowed(kFloat), else the AVX2 ones (avx2_rows.h: any
+// CPU with AVX2, FMA and F16C), else none (each tile converted to fp32 for the BLAS).
+// FLASH_CUDA_CPU_F32_GEMM=blas or FLASH_CUDA_CPU_ROWS=off take none; FLASH_CUDA_CPU_ROWS=avx2
+// the AVX2 ones wherever the CPU runs them (tests use it on AVX-512 machines).
+enum class RowsKernels { kNone, kAvx512, kAvx2 };
+RowsKernels float_rows_kernels(at::ScalarType dtype);
+
 // The dtype of the tile GEMMs for inputs of `dtype`: fp16/bf16 themselves where the CPU
 // multiplies them natively (tile_gemm.h), else float (the inputs converted once per call).
 template <typename Fn>

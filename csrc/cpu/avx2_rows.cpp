@@ -1,0 +1,211 @@
+// The AVX2 decoding kernels (avx2_rows.h). Compiled for the whole file's baseline; each function
+// that uses AVX2 carries its own target attribute and runs only after avx2_rows_supported() said
+// yes.
+#include "avx2_rows.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FC_HAVE_AVX2_ROWS 1
+// Only what avx2_rows_supported() checks: "arch=x86-64-v3" would also let GCC use BMI2 and MOVBE.
+#define FC_TARGET __attribute__((target("avx2,fma,f16c")))
+#define FC_INLINE inline __attribute__((always_inline))
+#define FC_UNROLL _Pragma("GCC unroll 8")
+#endif
+
+namespace flash_cuda::cpu {
+
+#ifdef FC_HAVE_AVX2_ROWS
+bool avx2_rows_supported() {
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+
+namespace {
+
+// A cache row's elements widened to fp32, exactly: 8 at a time (load8) or one (load1).
+struct F32Row {
+  using E = float;
+  static FC_TARGET FC_INLINE __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+  static FC_TARGET FC_INLINE float load1(const float* x) { return *x; }
+};
+struct F16Row {  // IEEE half: F16C's vcvtph2ps
+  using E = uint16_t;
+  static FC_TARGET FC_INLINE __m256 load8(const uint16_t* x) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  }
+  static FC_TARGET FC_INLINE float load1(const uint16_t* x) { return _cvtsh_ss(*x); }
+};
+struct Bf16Row {  // bf16: the upper half of an fp32
+  using E = uint16_t;
+  static FC_TARGET FC_INLINE __m256 load8(const uint16_t* x) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static FC_TARGET FC_INLINE float load1(const uint16_t* x) {
+    const uint32_t bits = uint32_t(*x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+};
+
+// The cache lines of [p, p + bytes) fetched into L1 ahead of their use (a prefetch never faults).
+// Measured on a Zen 3: without them the loads of the next rows of V stalled the P V loop, 70% of
+// its cycles on the one load instruction of a row's columns (its 64-row blocks step through
+// memory a row stride at a time, which the hardware prefetchers did not follow).
+FC_TARGET FC_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
+}
+
+// One vector whose lane i is the sum of the lanes of v[i]: two rounds of pairwise adds within
+// 128-bit halves (hadd), then the two halves of each sum added.
+FC_TARGET FC_INLINE __m256 sum_lanes_8(const __m256 (&v)[8]) {
+  const __m256 v01 = _mm256_hadd_ps(v[0], v[1]), v23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 v45 = _mm256_hadd_ps(v[4], v[5]), v67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 lo = _mm256_hadd_ps(v01, v23), hi = _mm256_hadd_ps(v45, v67);  // v0..3 (v4..7): lanes 0-3 | 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+constexpr int64_t kAheadKeys = 16;  // rows_dot_block prefetches the key rows this far ahead
+
+// S (R x n) = Q Kr^T for R <= 4 query rows: per pair of keys and chunk of 8 elements, the two key
+// chunks are loaded (and widened) once for the R rows, into 2 R accumulators reduced together
+// (the lanes of missing rows are zeros). The K % 8 last elements are added after the reduction.
+template <int R, typename Row>
+FC_TARGET void rows_dot_block(int64_t n, int64_t K, const float* Q, int64_t ldq, const typename Row::E* Kr,
+                              int64_t ldk, float* S, int64_t lds) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t j0 = 0; j0 < n; j0 += 2) {
+    const int64_t nb = std::min<int64_t>(2, n - j0);
+    for (int64_t j = j0 + kAheadKeys; j < std::min(j0 + kAheadKeys + 2, n); ++j)
+      prefetch_bytes(Kr + j * ldk, K * sizeof(typename Row::E));
+    const typename Row::E* key[2] = {Kr + j0 * ldk, Kr + (j0 + nb - 1) * ldk};  // one key: its row twice, once stored
+    __m256 acc[8];
+    FC_UNROLL for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < K8; c += 8) {
+      const __m256 k0 = Row::load8(key[0] + c), k1 = Row::load8(key[1] + c);
+      FC_UNROLL for (int r = 0; r < R; ++r) {
+        const __m256 q = _mm256_loadu_ps(Q + r * ldq + c);
+        acc[2 * r] = _mm256_fmadd_ps(q, k0, acc[2 * r]);
+        acc[2 * r + 1] = _mm256_fmadd_ps(q, k1, acc[2 * r + 1]);
+      }
+    }
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, sum_lanes_8(acc));  // lane 2 r + i: row r, key j0 + i
+    for (int r = 0; r < R; ++r)
+      for (int64_t i = 0; i < nb; ++i) {
+        float s = sums[2 * r + i];
+        for (int64_t c = K8; c < K; ++c) s += Q[r * ldq + c] * Row::load1(key[i] + c);
+        S[r * lds + j0 + i] = s;
+      }
+  }
+}
+template <typename Row>
+FC_TARGET void rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const typename Row::E* Kr,
+                        int64_t ldk, float* S, int64_t lds) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const float* q = Q + r0 * ldq;
+    float* s = S + r0 * lds;
+    switch (std::min<int64_t>(4, rows - r0)) {
+      case 1: rows_dot_block<1, Row>(n, K, q, ldq, Kr, ldk, s, lds); break;
+      case 2: rows_dot_block<2, Row>(n, K, q, ldq, Kr, ldk, s, lds); break;
+      case 3: rows_dot_block<3, Row>(n, K, q, ldq, Kr, ldk, s, lds); break;
+      default: rows_dot_block<4, Row>(n, K, q, ldq, Kr, ldk, s, lds); break;
+    }
+  }
+}
+
+// C (R x 8 V) += A (R x K) B (K x 8 V) for R <= 4 rows and V <= 2 vectors of columns, the tile in
+// 2 R accumulators at most, each B row loaded (widened) once for the R rows.
+template <int R, int V, typename Row>
+FC_TARGET FC_INLINE void gemm_tile(int64_t K, const float* A, int64_t lda, const typename Row::E* B, int64_t ldb,
+                                   float* C, int64_t ldc) {
+  __m256 acc[R][V];
+  FC_UNROLL for (int r = 0; r < R; ++r)
+    FC_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_loadu_ps(C + r * ldc + 8 * v);
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[V];
+    FC_UNROLL for (int v = 0; v < V; ++v) b[v] = Row::load8(B + k * ldb + 8 * v);
+    FC_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      FC_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  FC_UNROLL for (int r = 0; r < R; ++r)
+    FC_UNROLL for (int v = 0; v < V; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
+}
+template <int V, typename Row>
+FC_TARGET void gemm_tiles(int64_t M, int64_t K, const float* A, int64_t lda, const typename Row::E* B, int64_t ldb,
+                          float* C, int64_t ldc) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* a = A + m0 * lda;
+    float* c = C + m0 * ldc;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: gemm_tile<1, V, Row>(K, a, lda, B, ldb, c, ldc); break;
+      case 2: gemm_tile<2, V, Row>(K, a, lda, B, ldb, c, ldc); break;
+      case 3: gemm_tile<3, V, Row>(K, a, lda, B, ldb, c, ldc); break;
+      default: gemm_tile<4, V, Row>(K, a, lda, B, ldb, c, ldc); break;
+    }
+  }
+}
+
+constexpr int64_t kKBlock = 32;  // rows of B per block, held in L1 (8 KiB of bf16 rows of 128) with the next
+
+template <typename Row>
+FC_TARGET void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const typename Row::E* B,
+                         int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (!accumulate)
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t kn = std::min(kKBlock, K - k0);
+    const float* a = A + k0;
+    const typename Row::E* b = B + k0 * ldb;
+    for (int64_t k = k0 + kKBlock; k < std::min(k0 + 2 * kKBlock, K); ++k)  // the next block's rows
+      prefetch_bytes(B + k * ldb, N * sizeof(typename Row::E));
+    int64_t n0 = 0;
+    for (; n0 + 16 <= N; n0 += 16) gemm_tiles<2, Row>(M, kn, a, lda, b + n0, ldb, C + n0, ldc);
+    for (; n0 + 8 <= N; n0 += 8) gemm_tiles<1, Row>(M, kn, a, lda, b + n0, ldb, C + n0, ldc);
+    for (; n0 < N; ++n0)  // the N % 8 last columns
+      for (int64_t m = 0; m < M; ++m) {
+        float s = C[m * ldc + n0];
+        for (int64_t k = 0; k < kn; ++k) s += a[m * lda + k] * Row::load1(b + k * ldb + n0);
+        C[m * ldc + n0] = s;
+      }
+  }
+}
+
+}  // namespace
+
+void avx2_rows_dot(RowType t, int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const void* Kr,
+                   int64_t ldk, float* S, int64_t lds) {
+  const auto* k16 = static_cast<const uint16_t*>(Kr);
+  switch (t) {
+    case RowType::kF32: return rows_dot<F32Row>(rows, n, K, Q, ldq, static_cast<const float*>(Kr), ldk, S, lds);
+    case RowType::kF16: return rows_dot<F16Row>(rows, n, K, Q, ldq, k16, ldk, S, lds);
+    case RowType::kBF16: return rows_dot<Bf16Row>(rows, n, K, Q, ldq, k16, ldk, S, lds);
+  }
+}
+
+void avx2_gemm_rows(RowType t, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const auto* b16 = static_cast<const uint16_t*>(B);
+  switch (t) {
+    case RowType::kF32:
+      return gemm_rows<F32Row>(M, N, K, A, lda, static_cast<const float*>(B), ldb, C, ldc, accumulate);
+    case RowType::kF16: return gemm_rows<F16Row>(M, N, K, A, lda, b16, ldb, C, ldc, accumulate);
+    case RowType::kBF16: return gemm_rows<Bf16Row>(M, N, K, A, lda, b16, ldb, C, ldc, accumulate);
+  }
+}
+
+#else  // no AVX2 code on this compiler or architecture
+bool avx2_rows_supported() { return false; }
+void avx2_rows_dot(RowType, int64_t, int64_t, int64_t, const float*, int64_t, const void*, int64_t, float*, int64_t) {}
+void avx2_gemm_rows(RowType, int64_t, int64_t, int64_t, const float*, int64_t, const void*, int64_t, float*, int64_t,
+                    bool) {}
+#endif
+
+}  // namespace flash_cuda::cpu

@@ -1,0 +1,32 @@
+// Decoding's in-place kernels on AVX2 (x86-64-v3: AVX2, FMA, F16C), for CPUs without AVX-512
+// (AMD Zen 2 and 3, Intel client cores, ...) and for bf16 caches on AVX-512 CPUs without
+// AVX512-BF16: fp32 query rows against the cache's key and value rows read where they are, fp32,
+// fp16 or bf16, each element widened exactly in registers, fp32 FMAs. No torch headers.
+//
+// Why: without them, each key and value tile of a fp16/bf16 cache is converted into an fp32 copy
+// before the BLAS multiplies it (and the BLAS copies it again into its own layout): decoding is
+// bound by the bytes of the cache, and those passes read and write them two more times.
+#pragma once
+#include <stdint.h>
+
+namespace flash_cuda::cpu {
+
+enum class RowType { kF32, kF16, kBF16 };  // the cache rows' element type
+
+// Whether this CPU runs the kernels (AVX2, FMA and F16C, checked once).
+bool avx2_rows_supported();
+
+// S (rows x n, row stride lds) = Q (rows x K, fp32, row stride ldq) Kr^T for n rows Kr (row stride
+// ldk elements, of type t): each score a dot product along the rows, 8 lanes at a time, blocks of
+// 4 query rows by 2 keys reduced together. Requires avx2_rows_supported().
+void avx2_rows_dot(RowType t, int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const void* Kr,
+                   int64_t ldk, float* S, int64_t lds);
+
+// C (M x N, row stride ldc) = A (M x K, fp32, row stride lda) B, or C += A B when `accumulate`,
+// for a row-major B (K x N, row stride ldb elements, of type t) read in place: register tiles of
+// 4 rows by 16 columns over blocks of 64 rows of B (which stay in L1 while every tile uses them).
+// Requires avx2_rows_supported().
+void avx2_gemm_rows(RowType t, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate);
+
+}  // namespace flash_cuda::cpu
