@@ -50,14 +50,15 @@ def find_cuda_headers(cuda_home):
     return None
 
 
-def gencode_flags(arch_list):
+def gencode_flags(arch_list, ptx_only=False):
     """nvcc's -gencode flags for TORCH_CUDA_ARCH_LIST, with one PTX per feature level of the kernels:
     compute_75 for sm_75 (Turing's instructions) and compute_80 for every newer entry. The kernels
     use nothing newer than sm_80's instructions (mma.sync, ldmatrix, cp.async), so nvcc's front end
     and optimiser (cicc, most of a file's compile time) run once and ptxas makes each SASS from the
     same PTX; "+PTX" embeds its level's PTX, which the driver compiles for any later GPU (a
     compute_80 PTX runs wherever a compute_90 one would). None (torch's own flags) for a list
-    this does not read: names ("Ampere"), arch-specific targets ("9.0a"), anything below 7.5."""
+    this does not read: names ("Ampere"), arch-specific targets ("9.0a"), anything below 7.5.
+    ptx_only: each level's PTX alone, no SASS (ptxas skipped: see FLASH_CUDA_PTX_ONLY)."""
     entries = set()
     for token in re.split(r"[;\s]+", arch_list.strip()):
         m = re.fullmatch(r"(\d+)\.(\d)(\+PTX)?", token)
@@ -68,8 +69,9 @@ def gencode_flags(arch_list):
     flags = []
     for level in (75, 80):
         mine = sorted(e for e in entries if (e[0] < 80) == (level == 75))
-        flags += [f"-gencode=arch=compute_{level},code=sm_{cc}" for cc in sorted({cc for cc, _ in mine})]
-        if any(ptx for _, ptx in mine):
+        if not ptx_only:
+            flags += [f"-gencode=arch=compute_{level},code=sm_{cc}" for cc in sorted({cc for cc, _ in mine})]
+        if mine and (ptx_only or any(ptx for _, ptx in mine)):
             flags.append(f"-gencode=arch=compute_{level},code=compute_{level}")
     return flags
 
@@ -115,8 +117,12 @@ def extension():
         arch_tokens = re.sub(r"[;\s]+", ":", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
         arch_define = [f"-DFLASH_CUDA_ARCH_LIST={arch_tokens}"] if re.fullmatch(r"[0-9A-Za-z.+:]+", arch_tokens) else []
         nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "--keep", f"--keep-dir={KEEP_DIR}"]
-        # (torch adds its own -gencode flags only when none are given)
-        nvcc_flags += gencode_flags(os.environ["TORCH_CUDA_ARCH_LIST"]) or []
+        # (torch adds its own -gencode flags only when none are given.) FLASH_CUDA_PTX_ONLY=1 (CI,
+        # which has no GPU): the PTX of each level alone, no SASS, which skips ptxas (a fifth to a
+        # quarter of a file's compile time); the packaged PTX, the emulator and the PTX executor are
+        # the same, and a GPU would JIT-compile the PTX at load time.
+        ptx_only = os.environ.get("FLASH_CUDA_PTX_ONLY") == "1"
+        nvcc_flags += gencode_flags(os.environ["TORCH_CUDA_ARCH_LIST"], ptx_only) or []
         if not needs_sm75_sources(os.environ["TORCH_CUDA_ARCH_LIST"]):
             # Their kernels are compiled in the sm_75 pass alone; an sm_80+ pass makes empty ones
             # (3 s of host compilation each, 39 files). The dispatch then has no sm_75 branch

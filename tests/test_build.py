@@ -41,6 +41,17 @@ def test_gencode_flags(arch_list, flags):
     assert setup_py.gencode_flags(arch_list) == flags
 
 
+@pytest.mark.parametrize("arch_list, flags", [
+    ("8.0", ["-gencode=arch=compute_80,code=compute_80"]),
+    ("8.0;9.0+PTX", ["-gencode=arch=compute_80,code=compute_80"]),
+    ("7.5;8.0", ["-gencode=arch=compute_75,code=compute_75", "-gencode=arch=compute_80,code=compute_80"]),
+    ("Ampere", None),
+])
+def test_gencode_flags_ptx_only(arch_list, flags):
+    """FLASH_CUDA_PTX_ONLY's build (CI): each level's PTX alone, so ptxas never runs."""
+    assert setup_py.gencode_flags(arch_list, ptx_only=True) == flags
+
+
 @pytest.mark.parametrize("arch_list, needed", [
     ("8.0", False), ("8.0;9.0+PTX", False), ("8.6 8.9", False), ("7.5;8.0", True), ("7.5+PTX", True),
     ("Turing", True), ("Ampere", True), ("9.0a", True),  # (lists left to torch: kept)
