@@ -30,8 +30,20 @@ Instructions" table; tensor cores from the A100 and H100 whitepapers):
              cards accumulate fp32 at half that). sm_75 is modelled as a T4: 65 TFLOP/s
              fp16 with fp32 accumulation at 1590 MHz on 40 SMs = 512 FMA/clk/SM; its
              HMMA.1688 (the only fp16 shape) is 1024 multiply-adds.
-    fp32     FFMA/FMUL/FADD: 64/clk (sm_75, sm_80), 128/clk (sm_86, sm_90)
-    alu      integer, compare, min/max, select, logic, moves: 64/clk
+    fma      FFMA/FMUL/FADD and the integer multiplies IMAD (with its MOV/SHL/IADD forms)/IMUL/IDP,
+             which run on the FMA pipe, not the ALU (NVIDIA on its forums for GV100, GA100 and
+             GH100: https://forums.developer.nvidia.com/t/108729/4 and /t/302018/7; Nsight
+             Compute's pipe metrics count them as fma): sm_75, sm_80 one pipe of 64/clk; sm_86,
+             sm_90 an FMA-heavy and an FMA-lite pipe of 64/clk each, FP32 on both (128/clk),
+             integer multiplies on the heavy one alone:
+             t_fma = max(imad / 64, (fp32 + imad [+ fp16x2]) / 128) x 32
+    fp16     HFMA2/HMUL2/HADD2: on sm_75 and sm_80 a pipe of its own that shares its dispatch
+             port with the tensor pipe (the same posts), 64 (sm_75) and 128 (sm_80) lanes/clk
+             (128 and 256 results, the Programming Guide's 16-bit rows), so it is added to the
+             tensor pipe's time for the bound; on sm_86 and sm_90 dual-issued to both FMA pipes
+    alu      integer add/compare/min/max/select/logic/shift, LEA, moves: 64/clk
+    uniform  the uniform datapath's scalar instructions (U*: UIADD3, UIMAD, ULDC, ...): a unit
+             of its own per SM sub-partition, one warp instruction per clock (4 per SM)
     mufu     MUFU.EX2/RCP/LG2...: 16/clk
     conv     F2F/F2FP/I2F/F2I conversions: 16/clk (sm_75, sm_80, sm_86), 64/clk (sm_90)
     shfl     SHFL: 32/clk
@@ -39,8 +51,12 @@ Instructions" table; tensor cores from the A100 and H100 whitepapers):
              LDS/STS, LDGSTS (its shared-memory side), LDG/STG/RED/ATOM (their L1 side)
     issue    4 warp instructions/clk (one scheduler per SM sub-partition)
 t_p = warp instructions on pipe p x 32 / throughput_p (mem: wavefronts). A perfectly
-overlapped SM would take max(t_issue, max_p t_p); a fully serial one sum_p t_p. The estimate is
+overlapped SM would take max(t_issue, max_p t_p) (the tensor and fp16 pipes as one, where they
+share a port); a fully serial one sum_p t_p. The estimate is
     T = B + (1 - eta) * (sum_p t_p - B),   B = max(t_issue, max_p t_p),
+(Until 2026-12-02 IMAD and the uniform instructions were counted on the ALU pipe and FP16x2 on
+the FP32 pipe at every architecture; the corrected model moves every kernel's prediction, torch's
+included, and was refitted.)
 with one parameter per pass (forward, backward), the overlap efficiency eta, fitted once so that
 torch's FlashAttention-2 kernels reproduce FlashAttention-2's published A100 results (see
 sass_compare.py, which prints the fit and its residuals). predicted tensor fraction = t_tensor / T. It is a prediction: it
@@ -49,21 +65,23 @@ knows nothing of latency chains, barriers stalls, memory-bound phases or the tai
 import re
 
 ARCHS = {
-    "80": {"name": "A100", "tensor_fma": 1024.0, "fp32": 64, "alu": 64, "mufu": 16, "conv": 16, "shfl": 32,
+    "80": {"name": "A100", "tensor_fma": 1024.0, "fp32": 64, "imad": 64, "fp16": 128, "fp16_with_tensor": True,
+           "alu": 64, "uniform": 128, "mufu": 16, "conv": 16, "shfl": 32, "mem_bytes": 128, "issue": 4},
+    "90": {"name": "H100", "tensor_fma": 2048.0 * 2 / 3, "fp32": 128, "imad": 64, "fp16": 128,
+           "fp16_with_tensor": False, "alu": 64, "uniform": 128, "mufu": 16, "conv": 64, "shfl": 32,
            "mem_bytes": 128, "issue": 4},
-    "90": {"name": "H100", "tensor_fma": 2048.0 * 2 / 3, "fp32": 128, "alu": 64, "mufu": 16, "conv": 64,
-           "shfl": 32, "mem_bytes": 128, "issue": 4},
-    "86": {"name": "A10", "tensor_fma": 512.0, "fp32": 128, "alu": 64, "mufu": 16, "conv": 16, "shfl": 32,
-           "mem_bytes": 128, "issue": 4},
-    "75": {"name": "T4", "tensor_fma": 512.0, "fp32": 64, "alu": 64, "mufu": 16, "conv": 16, "shfl": 32,
-           "mem_bytes": 128, "issue": 4},
+    "86": {"name": "A10", "tensor_fma": 512.0, "fp32": 128, "imad": 64, "fp16": 128, "fp16_with_tensor": False,
+           "alu": 64, "uniform": 128, "mufu": 16, "conv": 16, "shfl": 32, "mem_bytes": 128, "issue": 4},
+    "75": {"name": "T4", "tensor_fma": 512.0, "fp32": 64, "imad": 64, "fp16": 64, "fp16_with_tensor": True,
+           "alu": 64, "uniform": 128, "mufu": 16, "conv": 16, "shfl": 32, "mem_bytes": 128, "issue": 4},
 }
+# ("uniform": one warp instruction per clock per sub-partition, written as 32-lane units: 4 x 32)
 
 
 def hmma_fma(op):
     """Multiply-adds of one HMMA: m16n8k8 (sm_75's fp16 shape, tf32) 1024, m16n8k16 2048."""
     return 1024 if op.startswith("HMMA.1688") else 2048
-PIPES = ("tensor", "fp32", "alu", "mufu", "conv", "shfl", "mem")
+PIPES = ("tensor", "fp16", "fma", "alu", "uniform", "mufu", "conv", "shfl", "mem")
 # Counted instruction kinds (the issue's list), by opcode prefix.
 KINDS = {"HMMA": ("HMMA",), "LDSM": ("LDSM",), "LDGSTS": ("LDGSTS",), "LDG": ("LDG",), "STG": ("STG",),
          "LDS": ("LDS",), "STS": ("STS",), "RED/ATOM": ("RED", "ATOM"),
@@ -209,10 +227,17 @@ def _wavefronts(op):
 
 
 def pipe_of(op):
+    """The instruction class of an opcode: "tensor", "fp32", "imad", "fp16" (FP16x2), "alu",
+    "uniform", "mufu", "conv", "shfl", "mem", or None (an issue slot only). analyse maps the
+    classes to pipes per architecture (fp32 and imad share the FMA pipes)."""
     if op.startswith("HMMA"):
         return "tensor"
-    if op.startswith(("FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2")):
+    if op.startswith(("FFMA", "FMUL", "FADD")):
         return "fp32"
+    if op.startswith(("IMAD", "IMUL", "IDP")):
+        return "imad"
+    if op.startswith(("HFMA2", "HMUL2", "HADD2")):
+        return "fp16"
     if op.startswith("MUFU"):
         return "mufu"
     if op.startswith(("F2F", "F2FP", "I2F", "F2I", "FRND")):
@@ -224,6 +249,8 @@ def pipe_of(op):
     if op.startswith(("BAR", "BRA", "EXIT", "NOP", "DEPBAR", "WARPSYNC", "BSYNC", "BSSY", "YIELD", "RET", "CALL",
                       "LDGDEPBAR", "MEMBAR", "ERRBAR", "CCTL")):
         return None  # issue slot only
+    if op.startswith("U") or op.startswith(("R2UR", "S2UR")):
+        return "uniform"
     return "alu"
 
 
@@ -240,6 +267,7 @@ def analyse(sass_text, expected_hmma, warps, units, arch):
     scale = warps / units  # warp-instructions per unit
     counts = {k: 0.0 for k in KINDS}
     pipes = {p: 0.0 for p in PIPES}
+    lanes = {}  # thread-instructions per class (pipe_of), before the pipes
     total = 0.0
     for k in range(s, e + 1):
         op = instrs[k][2]
@@ -251,22 +279,34 @@ def analyse(sass_text, expected_hmma, warps, units, arch):
             if op.startswith(prefixes) and not (kind == "LDS" and op.startswith(("LDSM",))) \
                     and not (kind == "LDG" and op.startswith("LDGSTS")) and not (kind == "LDG" and op.startswith("LDGDEPBAR")):
                 counts[kind] += n
-        p = pipe_of(op)
-        if p == "tensor":
-            pipes[p] += n * hmma_fma(op) / a["tensor_fma"]
-        elif p == "mem":
-            pipes[p] += n * _wavefronts(op) * 128 / a["mem_bytes"]
-        elif p:
-            pipes[p] += n * 32 / a[p]
+        c = pipe_of(op)
+        if c == "tensor":
+            pipes["tensor"] += n * hmma_fma(op) / a["tensor_fma"]
+        elif c == "mem":
+            pipes["mem"] += n * _wavefronts(op) * 128 / a["mem_bytes"]
+        elif c:
+            lanes[c] = lanes.get(c, 0.0) + n * 32
+    # the FMA pipes: integer multiplies on the heavy one (64/clk), FP32 (and FP16x2 where it is
+    # dual-issued) on both
+    h2 = 0.0 if a["fp16_with_tensor"] else lanes.get("fp16", 0.0)
+    pipes["fma"] = max(lanes.get("imad", 0.0) / a["imad"],
+                       (lanes.get("fp32", 0.0) + lanes.get("imad", 0.0) + h2) / a["fp32"])
+    if a["fp16_with_tensor"]:
+        pipes["fp16"] = lanes.get("fp16", 0.0) / a["fp16"]
+    for c in ("alu", "uniform", "mufu", "conv", "shfl"):
+        pipes[c] = lanes.get(c, 0.0) / a[c]
     t_issue = total / a["issue"]
     return {"loop_instructions": e - s + 1, "trips_solved": solved, "instructions_per_unit": total,
             "counts_per_unit": counts, "pipe_cycles_per_unit": pipes, "issue_cycles_per_unit": t_issue}
 
 
 def predict(analysis, eta):
-    """Predicted cycles per unit and tensor fraction under overlap efficiency eta."""
+    """Predicted cycles per unit and tensor fraction under overlap efficiency eta. The tensor
+    and fp16 pipes share a dispatch port (sm_75, sm_80): their sum is one pipe for the bound."""
     pipes = analysis["pipe_cycles_per_unit"]
-    bound = max(analysis["issue_cycles_per_unit"], max(pipes.values()))
+    busiest = max([v for k, v in pipes.items() if k not in ("tensor", "fp16")]
+                  + [pipes["tensor"] + pipes.get("fp16", 0.0)])
+    bound = max(analysis["issue_cycles_per_unit"], busiest)
     serial = sum(pipes.values())
     t = bound + (1 - eta) * max(0.0, serial - bound)
     return t, pipes["tensor"] / t

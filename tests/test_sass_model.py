@@ -81,16 +81,51 @@ def test_wavefronts_and_pipes():
     assert sm._wavefronts("LDGSTS.E.BYPASS.LTC128B.128") == 4 and sm._wavefronts("LDS.64") == 2
     assert sm._wavefronts("STS.U16") == 1 and sm._wavefronts("RED.E.ADD.F32.FTZ.RN.STRONG.GPU") == 1
     assert sm.pipe_of("FFMA.FTZ") == "fp32" and sm.pipe_of("F2FP.BF16.F32.PACK_AB") == "conv"
-    assert sm.pipe_of("IMAD.WIDE") == "alu" and sm.pipe_of("BAR.SYNC") is None
+    assert sm.pipe_of("BAR.SYNC") is None and sm.pipe_of("LOP3.LUT") == "alu" and sm.pipe_of("LEA.HI.X") == "alu"
+    # integer multiplies run on the FMA pipe, the uniform datapath on its own, FP16x2 apart
+    assert sm.pipe_of("IMAD.WIDE") == "imad" and sm.pipe_of("IMAD.MOV.U32") == "imad"
+    assert sm.pipe_of("UIADD3") == "uniform" and sm.pipe_of("ULDC.64") == "uniform" and sm.pipe_of("USHF.L.U32") == "uniform"
+    assert sm.pipe_of("HMUL2.BF16_V2") == "fp16" and sm.pipe_of("HFMA2.MMA") == "fp16"
+
+
+def loop_of(body):
+    """A one-HMMA loop around body (one warp, one unit): its pipe cycles at each architecture."""
+    kernel = ["MOV R1, RZ", "HMMA.16816.F32.BF16 R4, R8, R12, R4"] + body + ["@P1 BRA 0x10"]
+    return {a: sm.analyse(sass(kernel), expected_hmma=1, warps=1, units=1.0, arch=a) for a in ("80", "90")}
+
+
+def test_fma_pipes_take_fp32_and_integer_multiplies():
+    # 4 FFMA + 4 IMAD: sm_80 one FMA pipe of 64 lanes/clk, 8 x 32 / 64 = 4 cycles
+    a = loop_of(["FFMA R1, R2, R3, R1"] * 4 + ["IMAD R5, R6, R7, R5"] * 4)
+    assert a["80"]["pipe_cycles_per_unit"]["fma"] == pytest.approx(4.0)
+    assert a["80"]["pipe_cycles_per_unit"]["alu"] == 0.0
+    # sm_90: FP32 on both halves (128/clk), IMAD on the heavy one (64/clk): max(4 x 32 / 64, 8 x 32 / 128) = 2
+    assert a["90"]["pipe_cycles_per_unit"]["fma"] == pytest.approx(2.0)
+    b = loop_of(["IMAD R5, R6, R7, R5"] * 8)  # the heavy half bounds: 8 x 32 / 64 = 4
+    assert b["90"]["pipe_cycles_per_unit"]["fma"] == pytest.approx(4.0)
+
+
+def test_uniform_and_fp16_pipes():
+    a = loop_of(["UIADD3 UR4, UR4, 0x1, URZ"] * 8 + ["HMUL2 R1, R2, R3"] * 4)
+    for arch in ("80", "90"):
+        p = a[arch]["pipe_cycles_per_unit"]
+        assert p["uniform"] == pytest.approx(8 * 32 / 128) and p["alu"] == 0.0
+    # sm_80: FP16x2 has its own pipe (128 lanes/clk) on the tensor pipe's dispatch port
+    assert a["80"]["pipe_cycles_per_unit"]["fp16"] == pytest.approx(1.0) and a["80"]["pipe_cycles_per_unit"]["fma"] == 0
+    # sm_90: dual-issued to the FMA pipes
+    assert a["90"]["pipe_cycles_per_unit"]["fp16"] == 0 and a["90"]["pipe_cycles_per_unit"]["fma"] == pytest.approx(1.0)
 
 
 def test_predict_between_roofline_and_serial():
-    a = {"pipe_cycles_per_unit": {"tensor": 100.0, "fp32": 60.0, "alu": 0.0, "mufu": 40.0, "conv": 0.0,
-                                  "shfl": 0.0, "mem": 0.0}, "issue_cycles_per_unit": 50.0}
+    a = {"pipe_cycles_per_unit": {"tensor": 100.0, "fp16": 0.0, "fma": 60.0, "alu": 0.0, "uniform": 0.0,
+                                  "mufu": 40.0, "conv": 0.0, "shfl": 0.0, "mem": 0.0}, "issue_cycles_per_unit": 50.0}
     assert sm.predict(a, 1.0) == (100.0, 1.0)       # perfect overlap: the tensor pipe bounds
     assert sm.predict(a, 0.0) == (200.0, 0.5)       # no overlap: the sum of the pipes
     t, f = sm.predict(a, 0.5)
     assert t == 150.0 and f == pytest.approx(2 / 3)
+    # FP16x2 sharing the tensor pipe's port (sm_80): the two bound together
+    a["pipe_cycles_per_unit"].update(fp16=30.0, fma=0.0, mufu=0.0)
+    assert sm.predict(a, 1.0) == (130.0, pytest.approx(100 / 130))
 
 
 def test_predicated_off_instructions_take_no_pipe():
