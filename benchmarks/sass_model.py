@@ -43,7 +43,9 @@ Instructions" table; tensor cores from the A100 and H100 whitepapers):
              tensor pipe's time for the bound; on sm_86 and sm_90 dual-issued to both FMA pipes
     alu      integer add/compare/min/max/select/logic/shift, LEA, moves: 64/clk
     uniform  the uniform datapath's scalar instructions (U*: UIADD3, UIMAD, ULDC, ...): a unit
-             of its own per SM sub-partition, one warp instruction per clock (4 per SM)
+             of its own beside the vector pipes (Nsight Compute's "uniform" pipe; NVIDIA on its
+             forums, https://forums.developer.nvidia.com/t/261562); its rate is not published:
+             taken as one warp instruction per clock per sub-partition (4 per SM)
     mufu     MUFU.EX2/RCP/LG2...: 16/clk
     conv     F2F/F2FP/I2F/F2I conversions: 16/clk (sm_75, sm_80, sm_86), 64/clk (sm_90)
     shfl     SHFL: 32/clk
