@@ -56,13 +56,13 @@ t_p = warp instructions on pipe p x 32 / throughput_p (mem: wavefronts). A perfe
 overlapped SM would take max(t_issue, max_p t_p) (the tensor and fp16 pipes as one, where they
 share a port); a fully serial one sum_p t_p. The estimate is
     T = B + (1 - eta) * (sum_p t_p - B),   B = max(t_issue, max_p t_p),
-(Until 2026-12-02 IMAD and the uniform instructions were counted on the ALU pipe and FP16x2 on
-the FP32 pipe at every architecture; the corrected model moves every kernel's prediction, torch's
-included, and was refitted.)
 with one parameter per pass (forward, backward), the overlap efficiency eta, fitted once so that
 torch's FlashAttention-2 kernels reproduce FlashAttention-2's published A100 results (see
 sass_compare.py, which prints the fit and its residuals). predicted tensor fraction = t_tensor / T. It is a prediction: it
 knows nothing of latency chains, barriers stalls, memory-bound phases or the tail of the grid.
+(Until 2026-12-02 IMAD and the uniform instructions were counted on the ALU pipe and FP16x2 on
+the FP32 pipe at every architecture; the corrected model moves every kernel's prediction, torch's
+included, and was refitted: the fit came out the same.)
 """
 import re
 
@@ -77,7 +77,6 @@ ARCHS = {
     "75": {"name": "T4", "tensor_fma": 512.0, "fp32": 64, "imad": 64, "fp16": 64, "fp16_with_tensor": True,
            "alu": 64, "uniform": 128, "mufu": 16, "conv": 16, "shfl": 32, "mem_bytes": 128, "issue": 4},
 }
-# ("uniform": one warp instruction per clock per sub-partition, written as 32-lane units: 4 x 32)
 
 
 def hmma_fma(op):
