@@ -56,19 +56,18 @@ FC_INLINE v16f pow2i(v16f n) { return reinterpret_cast<v16f>((__builtin_convertv
 // and anything below the float range give exactly +0. The exponent passes take exp(a x - m) as
 // 2^(a log2(e) x - m log2(e)): one FMA, no Cody-Waite reduction (the forward and the backward
 // alike, so both see the same probabilities).
+// 2^f on [-0.5, 0.5] by its Taylor polynomial, Horner order: ln2^k / k!, k = 6 down to 0. One
+// table for every ISA's version, which must give the same bits.
+constexpr float kExp2Poly[7] = {1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                                5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
 template <typename T>
 FC_INLINE T exp2_poly(T t) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   t = min_of(max_of(t, splat<T>(-127.0f)), splat<T>(127.0f));
   const T n = (t + kRound) - kRound;
   const T f = t - n;
-  T p = splat<T>(1.5403530393381606e-4f);  // ln2^6 / 6!
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
+  T p = splat<T>(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = p * f + kExp2Poly[i];
   return p * pow2i(n);
 }
 constexpr float kLog2e = 1.4426950408889634f;
@@ -92,13 +91,8 @@ struct Exp2Avx512 {
     t = _mm512_min_ps(_mm512_set1_ps(127.0f), t);
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+    for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
     const __mmask16 normal = _mm512_cmp_ps_mask(n, _mm512_set1_ps(-127.0f), _CMP_NLE_UQ);
     return reinterpret_cast<v16f>(_mm512_maskz_scalef_ps(normal, p, n));
   }
@@ -246,13 +240,8 @@ struct Exp2Avx2 {
     const __m256 round = _mm256_set1_ps(12582912.0f);
     const __m256 n = _mm256_sub_ps(_mm256_add_ps(t, round), round);
     const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+    for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
