@@ -245,7 +245,10 @@ def test_emulator_counters_show_no_mask_traffic(deterministic, variant):
     0.75: identical global writes (no mask stored), mma counts and shared-memory traffic; global
     reads the same for both p (no mask loaded: the bits depend on p, the traffic does not) and
     above no dropout's only by the (seed, offset) pair, 16 bytes per thread where a kernel draws
-    (once per tile: an L1 hit, cheaper than holding four registers through the loop)."""
+    (once per tile: an L1 hit, cheaper than holding four registers through the loop). The band
+    variant's backward main kernel is the exception for the comparison with no dropout: its
+    dropout kernel copies lse and D into shared memory, the one without loads them per lane from
+    global memory (bwd_kernel.h kStatsFromGlobal); it is compared between the two p in full."""
     B, H, N, D = 1, 2, 256, 64
     q, k, v, dout = make(B, H, H, N, N, D, torch.float16)
     records = {}
@@ -262,8 +265,11 @@ def test_emulator_counters_show_no_mask_traffic(deterministic, variant):
         c1, c2 = records[0.25][name], records[0.75][name]
         for c in (c1, c2):
             assert c["global_bytes_written"] == c0["global_bytes_written"], name
-            assert c["mma"] == c0["mma"] and c["shared"] == c0["shared"], name
-        assert c1["global_bytes_read"] == c2["global_bytes_read"], name
+            assert c["mma"] == c0["mma"], name
+        assert c1["global_bytes_read"] == c2["global_bytes_read"] and c1["shared"] == c2["shared"], name
+        if variant == "band" and name.startswith("flash_bwd<"):
+            continue  # lse and D move differently (docstring)
+        assert c1["shared"] == c0["shared"], name
         extra = c1["global_bytes_read"] - c0["global_bytes_read"]
         assert extra >= 0 and extra % (16 * c0["threads_per_block"]) == 0, name
 

@@ -133,5 +133,10 @@ def test_counters(D, causal):
     assert main["global_bytes_written"] >= 2 * B * Hkv * N * D * 2
     qdo_bytes = pairs * 2 * bm * D * 2
     kv_bytes = 2 * B * Hkv * N * D * 2
-    stats_bytes = pairs * 2 * bm * 4  # lse and D rows
+    # lse and D: each lane loads those of its own S^T columns (global memory, as FlashAttention-2
+    # does): the 8 row groups of a warp and the 4 warps of a query column block (kSdpWarpsN = 4 in
+    # every configuration tested here) request the same bytes, served by one sector per request
+    # (global_sectors == ideal, above); the counter sums the lanes' requests. At head dim 256 one
+    # copy per step into shared memory (bwd_kernel.h kStatsFromGlobal).
+    stats_bytes = pairs * 2 * bm * 4 * (1 if D == 256 else 8 * 4)
     assert main["global_bytes_read"] == qdo_bytes + kv_bytes + stats_bytes + main["global_bytes_written"] - 2 * B * Hkv * N * D * 2

@@ -9,8 +9,10 @@
  *   dQ_i += dS K_j                  atomically into the fp32 accumulator (kAtomicDq), or not
  *                                   at all: the deterministic dQ pass computes it instead.
  * All five products run on mma.m16n8k16. P^T and dS^T reach dV and dK from registers
- * (kPInRegs) or through shared memory; dS^T reaches dQ through shared memory. Q_i, dO_i, lse_i,
- * D_i are double-buffered (cp.async) where shared memory allows. kBand (causal, sliding
+ * (kPInRegs) or through shared memory; dS^T reaches dQ through shared memory. Q_i and dO_i are
+ * double-buffered (cp.async) where shared memory allows; each lane loads the lse_i and D_i of
+ * its own S^T columns from global memory (kStatsFromGlobal; packed batches, dropout, fp32 and
+ * head dim 256 copy them into the stage with Q_i). kBand (causal, sliding
  * window): only the query tiles whose rows see some key of tile j are visited. kMod (softcap,
  * ALiBi, bias): P^T is computed from the modified scores, dS^T' = P^T (dP^T - D) is the bias
  * gradient (stored when asked for) and dS^T = dS^T' times the softcap's derivative. Dropout
@@ -66,6 +68,18 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   // kMod computes P^T, dS^T' and dS^T of an element together (it needs the cap's derivative):
   // both products first, then one elementwise pass.
   constexpr bool kRoundPFirst = Kt::kRoundPFirst;
+  // lse2 and D of a step's query tile: each lane loads its S^T columns' from global memory (L2),
+  // as FlashAttention-2 does, rather than from a cp.async copy in the stage, which the 8 row
+  // groups of a warp re-read (8 times the shared-memory bytes, on the pipe that bounds this
+  // kernel in the static model). Not in the packed-batch, dropout or fp32 kernels nor at head
+  // dim 256, where the loads' registers made ptxas spill, or spill more (ptxas -v, bytes of
+  // spill stores + loads: packed at 128, sm_80, 20; band with dropout at 128, sm_90, 8; dense at
+  // 256, sm_80, 44; the compact 256's packed ones, sm_86, 8; fp32 at 128, sm_80, 356 -> 404);
+  // the stage keeps room for the copy either way. The emulator's source executor runs the
+  // packed-batch kernel for dense batches too (launch.h with_varlen); its packed kernel takes
+  // the dense kernels' way, so that both ways run emulated: the loads in every launch without
+  // dropout below 256 (fp16/bf16), the copy in the dropout, fp32 and head dim 256 kernels.
+  constexpr bool kStatsFromGlobal = (!kVarlen || FC_HOST_BUILD) && !kDropout && !Kt::kTf32 && kHeadDim != 256;
   static_assert(Kt::kMod == kMod, "traits of this variant");
   using Bias = typename Kt::Bias;
   constexpr int kSMT = Kt::kSdpRows / 16, kSNT = Kt::kSdpCols / 8;  // S^T, dP^T warp tile in mma tiles
@@ -97,6 +111,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
   auto sBias = [&](int s) { return sDi(s) + kBlockM; };  // kMod: [kBlockM][kBlockN], queries x keys
 
   const int group = p.hq / p.hkv;
+  // + stats_offset: this lane's first S^T column's lse2 (kStatsFromGlobal)
+  const float* g_stats_lane = kStatsFromGlobal ? p.row_stats + sdp_q0 + 2 * t : nullptr;
   const int m_tiles = (p.nq + kBlockM - 1) / kBlockM;
   // Query tiles [i0, i_end) have rows that see some key of this tile (kBand); of those, [u0, u1)
   // see all of its keys, which lie inside the sequence: they need no mask.
@@ -126,7 +142,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     // lse2 and D rows [m0, m0 + kBlockM) (sDi follows sLse2): kBlockM / 4 chunks each, in
     // bounds (padded stats)
     constexpr int kStatChunks = kBlockM / 4;
-    if (threadIdx.x < 2 * kStatChunks) {
+    if (!kStatsFromGlobal && threadIdx.x < 2 * kStatChunks) {
       const int row = threadIdx.x / kStatChunks, chunk = threadIdx.x % kStatChunks;
       cp_async_cg16(sLse2(s) + 4 * threadIdx.x, p.row_stats + stats + row * p.template scratch_slice_rows<kVarlen>() + m0 + 4 * chunk,
                     16);
@@ -164,8 +180,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     }
     const U* sQs = sQ(s);
     const U* sdOs = sdO(s);
-    const float* lse2 = sLse2(s);
-    const float* di = sDi(s);
+    [[maybe_unused]] const float* lse2 = sLse2(s);  // (!kStatsFromGlobal)
+    [[maybe_unused]] const float* di = sDi(s);
 
     // S^T = K Q^T, then dP^T = V dO^T: keys sdp_key0.. x queries sdp_q0.. of this warp.
     auto kv_times_q = [&](float(&rC)[kSMT][kSNT][4], const U* sA, const U* sB) {  // C += A B^T, A [key][d], B [query][d]
@@ -205,8 +221,19 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       const float pe = ex2_approx(s_acc * p.scale_log2 - lse2_q);
       return kMask && hidden(mt, nt, i) ? 0.0f : pe;
     };
-    auto lse2_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(lse2 + sdp_q0 + nt * 8 + 2 * t)); };
-    auto di_of = [&](int nt) { return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t)); };
+    // lse2 and D of this lane's S^T columns (queries m0 + query_of(nt, 0..1)): from the
+    // preprocess's scratch (padded to whole row tiles: in bounds past nq), or the stage's copy
+    [[maybe_unused]] const float* gLse2 =
+        kStatsFromGlobal ? g_stats_lane + p.template stats_offset<kVarlen>(batch, head) + m0 : nullptr;
+    [[maybe_unused]] const float* gDi = kStatsFromGlobal ? gLse2 + p.template scratch_slice_rows<kVarlen>() : nullptr;
+    auto lse2_of = [&](int nt) {
+      if constexpr (kStatsFromGlobal) return ld_global(reinterpret_cast<const float2*>(gLse2 + nt * 8));
+      else return ld_shared(reinterpret_cast<const float2*>(lse2 + sdp_q0 + nt * 8 + 2 * t));
+    };
+    auto di_of = [&](int nt) {
+      if constexpr (kStatsFromGlobal) return ld_global(reinterpret_cast<const float2*>(gDi + nt * 8));
+      else return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t));
+    };
     // 16-bit inputs: the pairs of each C tile, (row g: elements 0, 1), (row g + 8: 2, 3)
     [[maybe_unused]] uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];
     float rS[kSMT][kSNT][4] = {}, rdP[kSMT][kSNT][4] = {};  // fp32; rS becomes P^T in place

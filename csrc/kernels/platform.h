@@ -11,8 +11,10 @@
 #include <cuda_runtime.h>
 #define FC_DEVICE __device__ __forceinline__
 #define FC_BACKEND cuda_backend
+#define FC_HOST_BUILD false
 #else
 #include "../emu/cuda_host.h"
 #define FC_DEVICE inline
 #define FC_BACKEND emu_backend
+#define FC_HOST_BUILD true  // the emulator's source executor: no register file to fit
 #endif
