@@ -2,7 +2,8 @@
 L4, L40S), at head dim 256, where their registers are tightest: no spills, dense and packed
 batches, with dropout's code and without (issue 16's compact configurations; every compact file at
 sm_80, sm_86 and sm_89: `python benchmarks/kernel_report.py --arch 80 86 89 --filter 99kib`); and
-of the wide backward at head dim 64 (padded tiles, traits.h) at sm_80 and sm_90.
+of the wide backward at head dim 64 (padded tiles, traits.h) and the dense kernels of the one at
+128 (lse and D loaded per lane, bwd_kernel.h) at sm_80 and sm_90.
 Needs nvcc, not a GPU; skipped without nvcc."""
 import os
 import re
@@ -54,3 +55,16 @@ def test_compact_kernels_at_256_do_not_spill(name, tmp_path):
 def test_wide_backward_at_64_does_not_spill(arch, tmp_path):
     spilling = spilling_kernels("bwd_hdim64_bf16.cu", arch, 8, tmp_path)
     assert not spilling, f"stack, spill stores, spill loads (bytes): {spilling}"
+
+
+# The wide backward at head dim 128, whose dense main kernels load lse and D per lane from
+# global memory (bwd_kernel.h kStatsFromGlobal) at 255 registers: its dense kernels (main with
+# atomic dQ and deterministic, the dQ pass, pre- and postprocess) spill nothing. (Its packed
+# atomic-dQ kernel spills 20 bytes at sm_90, as it did before those loads: README, "The CUDA
+# kernels, as compiled"; packed kernels end in kVarlen = true, the last template flag.)
+@pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_wide_backward_at_128_dense_kernels_do_not_spill(arch, tmp_path):
+    spilling = spilling_kernels("bwd_hdim128_bf16.cu", arch, 8, tmp_path)
+    dense = {k: v for k, v in spilling.items() if not k.endswith("Lb1EEEvNS_9BwdParamsE")}
+    assert not dense, f"stack, spill stores, spill loads (bytes): {dense}"
