@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # "Turing"); the default stays lean for build time.
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # nvcc's intermediate files (--keep): among them X.ptx (X.compute_80.ptx when 7.5 is in the list
-# too: two PTX levels), the PTX that ptxas turned into the sm_80 SASS of csrc/cuda/X.cu. The build packages those (gzipped) as flash_cuda/ptx/X.ptx.gz
+# too: two PTX levels), the PTX that ptxas turned into the sm_80 SASS of the compiled file X.cu
+# (csrc/cuda/groups/group_*.cu, dispatch.cu, ...). The build packages those (gzipped) as flash_cuda/ptx/X.ptx.gz
 # for the emulator's PTX executor (flash_cuda.emulate(executor="ptx")): it runs the very code
 # the sm_80 build runs, at no extra compile cost.
 KEEP_DIR = os.path.join(ROOT, "build", "nvcc-keep")
@@ -84,13 +85,23 @@ def needs_sm75_sources(arch_list):
     return flags is None or any("compute_75" in f for f in flags)
 
 
+def compiled_cuda_sources():
+    """The .cu files nvcc compiles (absolute paths): the kernel instantiations in groups
+    (tools/generate_kernels.py: csrc/cuda/groups/group_*.cu, each including single-instantiation
+    files csrc/cuda/{fwd,bwd}_*.cu), sharing nvcc's fixed cost per file (the single files are for
+    tools that compile one at a time), and the other csrc/cuda files."""
+    singles = ("fwd_", "bwd_")
+    return sorted([p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) if not os.path.basename(p).startswith(singles)]
+                  + glob.glob(os.path.join(ROOT, "csrc", "cuda", "groups", "*.cu")))
+
+
 def extension():
     import torch
     from torch.utils import cpp_extension
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     cpp_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/emu/*.cpp") + rel("csrc/emu/generated/*.cpp")
-    cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/**/*.cu")
+    cuda_sources = [os.path.relpath(p, ROOT) for p in compiled_cuda_sources()]
     # -fopenmp: at::parallel_for is a header template whose "omp parallel" compiles in this
     # extension; without the flag it silently runs on one thread. The libgomp it links
     # resolves to the one torch already loaded (same soname), so there is one runtime.
@@ -144,19 +155,19 @@ def extension():
 
 
 def package_ptx(package_dir):
-    """Copy the kept sm_80 PTX of every csrc/cuda/X.cu into package_dir/ptx/X.ptx.gz (replacing
+    """Copy the kept sm_80 PTX of every compiled csrc/cuda/**/X.cu into package_dir/ptx/X.ptx.gz (replacing
     what an earlier build left there); remove nvcc's other intermediates (preprocessed sources,
     cubins: about 5 MB per file)."""
     out_dir = os.path.join(package_dir, "ptx")
     shutil.rmtree(out_dir, ignore_errors=True)
     if not os.path.isdir(KEEP_DIR):
         return
-    sources = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "**", "*.cu"), recursive=True)}
+    sources = {os.path.splitext(os.path.basename(p))[0] for p in compiled_cuda_sources()}
     index = {}  # entry (mangled kernel name) -> file
     for path in sorted(glob.glob(os.path.join(KEEP_DIR, "*")), key=os.path.getmtime):  # the newest last
         name = os.path.basename(path)
         stem = name.split(".")[0]
-        if not name.endswith(".ptx"):
+        if not name.endswith(".ptx") or stem not in sources:  # (or a file no longer compiled)
             os.remove(path)
             continue
         with open(path, "rb") as src:

@@ -1,6 +1,7 @@
 """The build's own logic: the nvcc targets setup.py derives from TORCH_CUDA_ARCH_LIST, the sources
 it leaves out, and the generated instantiation files matching tools/generate_kernels.py."""
 import importlib.util
+import json
 import os
 import re
 
@@ -70,18 +71,38 @@ def test_generated_files_are_the_generators():
         with open(os.path.join(ROOT, path)) as f:
             assert f.read() == text, path
     emu = [p for p in files if p.startswith(generate.EMU_DIR)]
-    assert len(files) - len(emu) == len(generate.instances()) > 3 * len(emu)  # (grouped)
+    groups = [p for p in files if p.startswith(generate.GROUP_DIR)]
+    singles = [p for p in files if os.path.dirname(p) == generate.CUDA_DIR]
+    assert len(singles) == len(generate.instances()) > 3 * len(emu)  # (grouped)
+    assert len(files) == len(singles) + len(groups) + len(emu)
+    # every single file is in exactly one nvcc group, Turing's in groups of their own (an sm_80+
+    # list compiles none of them), and the groups are what setup.py compiles
+    included = [line.split('"')[1] for p in groups for line in files[p].splitlines() if line.startswith("#include")]
+    assert sorted(included) == sorted(os.path.relpath(p, "csrc") for p in singles)
+    for p in groups:
+        turing = {inc.endswith("_sm75.cu\"") for inc in files[p].splitlines() if inc.startswith("#include")}
+        assert turing == {p.endswith("_sm75.cu")}, p
+    compiled = {os.path.relpath(p, ROOT) for p in setup_py.compiled_cuda_sources()}
+    assert set(groups) <= compiled and not compiled & set(singles)
 
 
 @pytest.mark.skipif(not flash_cuda.has_cuda_kernels(), reason="a CPU-only build packages no PTX")
 def test_the_build_packaged_what_its_arch_list_asked_for():
-    """The packaged PTX (the sm_80 pass of every compiled .cu) has Turing's files exactly when the
-    list asked for sm_75 code, and every other instantiation's."""
+    """The packaged PTX (the sm_80 pass of every compiled .cu: the instantiations in groups) has
+    Turing's groups exactly when the list asked for sm_75 code, and every other group, each with
+    the kernels of all of its instantiations indexed."""
     arch_list = flash_cuda.cuda_arch_list().replace(":", ";")
     ptx_dir = os.path.join(os.path.dirname(flash_cuda.__file__), "ptx")
     packaged = {f[:-len(".ptx.gz")] for f in os.listdir(ptx_dir) if f.endswith(".ptx.gz")}
-    stems = {stem for stem, _g, _h, _l in generate.instances()}
-    sm75 = {s for s in stems if s.endswith("_sm75")}
-    want = stems if setup_py.needs_sm75_sources(arch_list) else stems - sm75
-    assert {p for p in packaged if p in stems} == want
+    groups = {os.path.basename(p)[:-3]: text for p, text in generate.generated_files().items()
+              if p.startswith(generate.GROUP_DIR)}
+    sm75 = {g for g in groups if g.endswith("_sm75")}
+    want = set(groups) if setup_py.needs_sm75_sources(arch_list) else set(groups) - sm75
+    assert {p for p in packaged if p in groups} == want
+    assert not {p for p in packaged if p.startswith(("fwd_", "bwd_"))}  # (single files are not compiled)
+    with open(os.path.join(ptx_dir, "index.json")) as f:
+        index = json.load(f)
+    for g in want:  # one launcher per instantiation, and at least one kernel each
+        entries = [e for e, file in index.items() if file == g + ".ptx.gz"]
+        assert len(entries) >= groups[g].count("#include"), g
     assert re.fullmatch(r"[0-9.;+A-Za-z]+", arch_list)
