@@ -98,28 +98,26 @@ def _index():
     return _ptx_index
 
 
-def _module(file):
-    if file not in _ptx_modules:
-        with gzip.open(os.path.join(_PTX_DIR, file), "rt") as f:
-            _ptx_modules[file] = f.read()
-    return _ptx_modules[file]
-
-
 _ENTRY_START = re.compile(r"^(?:\.visible\s+|\.weak\s+)?\.entry\s+([A-Za-z0-9_$]+)\s*\(", re.M)
 
 
-def _entry_text(module, entry):
-    """The module's preamble (.version, .target, module-level declarations) and this entry alone:
-    a module of one kernel, which is what ptx_kernels() gives and ptx={...} takes."""
+def _entry_texts(module):
+    """{entry: the module's preamble (.version, .target, module-level declarations) and this entry
+    alone}: modules of one kernel, which is what ptx_kernels() gives and ptx={...} takes."""
     starts = [(m.start(), m.group(1)) for m in _ENTRY_START.finditer(module)]
     if not starts:
-        return None
+        return {}
     preamble = module[: starts[0][0]]
-    for i, (pos, name) in enumerate(starts):
-        if name == entry:
-            end = starts[i + 1][0] if i + 1 < len(starts) else len(module)
-            return preamble + module[pos:end]
-    return None
+    ends = [pos for pos, _ in starts[1:]] + [len(module)]
+    return {name: preamble + module[pos:end] for (pos, name), end in zip(starts, ends)}
+
+
+def _module(file):
+    """A packaged file's entries (a group of instantiations: several kernels each), read once."""
+    if file not in _ptx_modules:
+        with gzip.open(os.path.join(_PTX_DIR, file), "rt") as f:
+            _ptx_modules[file] = _entry_texts(f.read())
+    return _ptx_modules[file]
 
 
 def _ptx_source(entry):
@@ -130,7 +128,7 @@ def _ptx_source(entry):
     file = _index().get(entry)
     if file is None:
         return ""
-    return _entry_text(_module(file), entry) or ""
+    return _module(file).get(entry, "")
 
 
 def ptx_kernels():
