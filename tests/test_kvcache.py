@@ -153,15 +153,16 @@ def cpu_has(*flags):
 @pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="the AVX2 kernels need avx2, fma and f16c")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])
-@pytest.mark.parametrize("hq,nq,D", [(8, 1, 128), (6, 1, 59), (8, 3, 40), (8, 8, 64)])
+@pytest.mark.parametrize("hq,nq,D", [(8, 1, 128), (6, 1, 59), (8, 3, 40), (8, 4, 128), (6, 8, 59), (8, 8, 64)])
 def test_cpu_avx2_rows_kernels(monkeypatch, dtype, layout, hq, nq, D):
     """The AVX2 decoding kernels (csrc/cpu/avx2_rows.h: the scores as dot products along the cache
     rows, P V with V read in place, fp16 and bf16 widened in registers), forced on any CPU that
     runs them (FLASH_CUDA_CPU_ROWS=avx2; FLASH_CUDA_CPU_GEMM=float sends fp16/bf16 to the float
-    path they serve) and checked to be the ones chosen: 4, 3 and 12 rows per kv group (whole and
-    partial blocks of 4 rows), head dims with columns past the last 16 (40) and past the last 8
-    (59), pages of 33 keys (runs of odd length), FlashAttention's (B, N, H, D) cache memory,
-    several key tiles and two splits."""
+    path they serve) and checked to be the ones chosen: 4, 3 and 12 rows per kv group (the dot
+    products: whole and partial blocks of 4 rows), 16, 24 and 32 (the staged tiles and the panel
+    GEMM: whole and partial register tiles of 6 rows, 16 and 8 columns), head dims with columns
+    past the last 16 (40) and past the last 8 (59), pages of 33 keys (runs of odd length),
+    FlashAttention's (B, N, H, D) cache memory, several key tiles and two splits."""
     monkeypatch.setenv("FLASH_CUDA_CPU_ROWS", "avx2")
     monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", "float")
     assert torch.ops.flash_cuda._cpu_rows_kernels(dtype) == "avx2"

@@ -3,6 +3,8 @@
 // yes.
 #include "avx2_rows.h"
 
+#include "avx512_gemm.h"  // the panels layout (kPanelCols)
+
 #include <algorithm>
 #include <cstring>
 
@@ -178,7 +180,99 @@ FC_TARGET void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_
   }
 }
 
+// 8 floats, or (masked) the lanes of `mask` and zeros; `masked` is a constant once the tile's loops
+// are unrolled.
+FC_TARGET FC_INLINE __m256 load_cols(const float* x, bool masked, __m256i mask) {
+  return masked ? _mm256_maskload_ps(x, mask) : _mm256_loadu_ps(x);
+}
+
+// C (R x n) (+)= A (R x K) B (K x n) for R <= 6 rows and n <= 8 V columns of one panel of B
+// (rows ldb apart): the register tile of 12 accumulators at most, each B row loaded once for the
+// R rows, each A element broadcast once for the V vectors. kTail: the last vector holds
+// n - 8 (V - 1) < 8 columns, loaded and stored masked (a masked load reads no memory past them).
+template <int R, int V, bool kTail>
+FC_TARGET void panel_tile(int64_t K, int64_t n, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                          int64_t ldc, bool accumulate) {
+  const __m256i tail =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - 8 * (V - 1))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 acc[R][V];
+  FC_UNROLL for (int r = 0; r < R; ++r)
+    FC_UNROLL for (int v = 0; v < V; ++v)
+      acc[r][v] = accumulate ? load_cols(C + r * ldc + 8 * v, kTail && v == V - 1, tail) : _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[V];
+    FC_UNROLL for (int v = 0; v < V; ++v) b[v] = load_cols(B + k * ldb + 8 * v, kTail && v == V - 1, tail);
+    FC_UNROLL for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      FC_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  FC_UNROLL for (int r = 0; r < R; ++r)
+    FC_UNROLL for (int v = 0; v < V; ++v) {
+      if (kTail && v == V - 1)
+        _mm256_maskstore_ps(C + r * ldc + 8 * v, tail, acc[r][v]);
+      else
+        _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
+    }
+}
+// panel_tile for R rows and n <= 16 columns: whole or partial vectors.
+template <int R>
+FC_TARGET void panel_tile_cols(int64_t K, int64_t n, const float* A, int64_t lda, const float* B, int64_t ldb,
+                               float* C, int64_t ldc, bool accumulate) {
+  if (n == 16) return panel_tile<R, 2, false>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+  if (n > 8) return panel_tile<R, 2, true>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+  if (n == 8) return panel_tile<R, 1, false>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+  panel_tile<R, 1, true>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+}
+
 }  // namespace
+
+FC_TARGET void avx2_panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+                               int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t kTileRows = 6, kTileCols = 16;
+  for (int64_t n0 = 0; n0 < N; n0 += kPanelCols) {
+    const float* panel = Bp + n0 / kPanelCols * panel_stride;
+    // Row blocks outside: each block's rows of A (6 x K) stay in L1 while the panel's columns
+    // pass over them, and A (the key rows of decoding, read from memory) is read once.
+    for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+      const float* a = A + m0 * lda;
+      for (int64_t c0 = n0; c0 < std::min(N, n0 + kPanelCols); c0 += kTileCols) {
+        const int64_t n = std::min(kTileCols, N - c0);
+        const float* b = panel + (c0 - n0);
+        float* c = C + m0 * ldc + c0;
+        switch (std::min(kTileRows, M - m0)) {
+          case 1: panel_tile_cols<1>(K, n, a, lda, b, kPanelCols, c, ldc, accumulate); break;
+          case 2: panel_tile_cols<2>(K, n, a, lda, b, kPanelCols, c, ldc, accumulate); break;
+          case 3: panel_tile_cols<3>(K, n, a, lda, b, kPanelCols, c, ldc, accumulate); break;
+          case 4: panel_tile_cols<4>(K, n, a, lda, b, kPanelCols, c, ldc, accumulate); break;
+          case 5: panel_tile_cols<5>(K, n, a, lda, b, kPanelCols, c, ldc, accumulate); break;
+          default: panel_tile_cols<6>(K, n, a, lda, b, kPanelCols, c, ldc, accumulate); break;
+        }
+      }
+    }
+  }
+}
+
+// dst (n x K, row stride ldd) = the rows of src widened to fp32.
+template <typename Row>
+FC_TARGET void stage_rows(int64_t n, int64_t K, const typename Row::E* src, int64_t lds, float* dst, int64_t ldd) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t i = 0; i < n; ++i) {
+    const typename Row::E* x = src + i * lds;
+    float* y = dst + i * ldd;
+    for (int64_t c = 0; c < K8; c += 8) _mm256_storeu_ps(y + c, Row::load8(x + c));
+    for (int64_t c = K8; c < K; ++c) y[c] = Row::load1(x + c);
+  }
+}
+
+void avx2_stage_rows(RowType t, int64_t n, int64_t K, const void* src, int64_t lds, float* dst, int64_t ldd) {
+  const auto* s16 = static_cast<const uint16_t*>(src);
+  switch (t) {
+    case RowType::kF32: return stage_rows<F32Row>(n, K, static_cast<const float*>(src), lds, dst, ldd);
+    case RowType::kF16: return stage_rows<F16Row>(n, K, s16, lds, dst, ldd);
+    case RowType::kBF16: return stage_rows<Bf16Row>(n, K, s16, lds, dst, ldd);
+  }
+}
 
 void avx2_rows_dot(RowType t, int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const void* Kr,
                    int64_t ldk, float* S, int64_t lds) {
@@ -206,6 +300,7 @@ bool avx2_rows_supported() { return false; }
 void avx2_rows_dot(RowType, int64_t, int64_t, int64_t, const float*, int64_t, const void*, int64_t, float*, int64_t) {}
 void avx2_gemm_rows(RowType, int64_t, int64_t, int64_t, const float*, int64_t, const void*, int64_t, float*, int64_t,
                     bool) {}
+void avx2_panel_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 #endif
 
 }  // namespace flash_cuda::cpu
