@@ -33,9 +33,10 @@ void avx2_gemm_rows(RowType t, int64_t M, int64_t N, int64_t K, const float* A, 
 // C (M x N, row stride ldc) = A (M x K, fp32, row stride lda) B, or C += A B when `accumulate`, for
 // B in the fp32 panels layout of avx512_gemm.h (panels of 64 columns, panel_stride elements apart,
 // rows 64 floats apart): register tiles of 6 rows by 16 columns (12 of the 16 ymm registers as
-// accumulators), each A element broadcast. Decoding's S^T = K Q^T with 16 to 64 query rows: the
-// key rows (A) read once, where the dot products above would read them once per 4 query rows and
-// reduce every score on its own. Requires avx2_rows_supported().
+// accumulators), each A element broadcast. Decoding's S^T = K Q^T from 16 query rows per kv group
+// (kvcache_cpu.cpp: up to 32, Q^T one panel): the key rows (A) read once, where the dot products
+// above would read them once per 4 query rows and reduce every score on its own. Requires
+// avx2_rows_supported().
 void avx2_panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                      int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
 

@@ -220,7 +220,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   struct Scratch {
     std::unique_ptr<Buffers> owned;  // a call's own buffers (more rows than a thread keeps)
     Buffers& b;
-    at::Tensor sK, sV;              // converted tiles (Bc, D): K gathered or f32_panels on fp16, V gathered
+    at::Tensor sK, sV;              // converted tiles (Bc, D): K gathered or avx512_panels on fp16, V gathered
   };
   const bool gathered = !native && !v_in_place;
   const bool k_converted = gathered || (avx512_panels && f16_cache);
