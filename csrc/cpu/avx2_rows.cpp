@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -121,24 +122,47 @@ FC_TARGET void rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int6
   }
 }
 
-// C (R x 8 V) += A (R x K) B (K x 8 V) for R <= 4 rows and V <= 2 vectors of columns, the tile in
-// 2 R accumulators at most, each B row loaded (widened) once for the R rows.
-template <int R, int V, typename Row>
-FC_TARGET FC_INLINE void gemm_tile(int64_t K, const float* A, int64_t lda, const typename Row::E* B, int64_t ldb,
-                                   float* C, int64_t ldc) {
+// 8 floats, or (masked) the lanes of `mask` and zeros; `masked` is a constant once the tile's loops
+// are unrolled.
+FC_TARGET FC_INLINE __m256 load_cols(const float* x, bool masked, __m256i mask) {
+  return masked ? _mm256_maskload_ps(x, mask) : _mm256_loadu_ps(x);
+}
+
+// The register tile of both GEMMs below: C (R x n) (+)= A (R x K) B (K x n) for R <= 6 rows and
+// n <= 8 V columns, B's rows ldb elements apart, in R V <= 12 accumulators; each B row loaded
+// (widened) once for the R rows, each A element broadcast once for the V vectors. kTail (fp32 B):
+// the last vector holds n - 8 (V - 1) < 8 columns, loaded and stored masked (a masked load reads
+// no memory past them).
+template <int R, int V, bool kTail, typename Row>
+FC_TARGET FC_INLINE void gemm_tile(int64_t K, int64_t n, const float* A, int64_t lda, const typename Row::E* B,
+                                   int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  static_assert(!kTail || std::is_same_v<Row, F32Row>, "masked columns of fp32 rows only");
+  const __m256i tail =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - 8 * (V - 1))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256 acc[R][V];
   FC_UNROLL for (int r = 0; r < R; ++r)
-    FC_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_loadu_ps(C + r * ldc + 8 * v);
+    FC_UNROLL for (int v = 0; v < V; ++v)
+      acc[r][v] = accumulate ? load_cols(C + r * ldc + 8 * v, kTail && v == V - 1, tail) : _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m256 b[V];
-    FC_UNROLL for (int v = 0; v < V; ++v) b[v] = Row::load8(B + k * ldb + 8 * v);
+    FC_UNROLL for (int v = 0; v < V; ++v) {
+      if constexpr (kTail)
+        b[v] = load_cols(B + k * ldb + 8 * v, v == V - 1, tail);
+      else
+        b[v] = Row::load8(B + k * ldb + 8 * v);
+    }
     FC_UNROLL for (int r = 0; r < R; ++r) {
       const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
       FC_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
     }
   }
   FC_UNROLL for (int r = 0; r < R; ++r)
-    FC_UNROLL for (int v = 0; v < V; ++v) _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
+    FC_UNROLL for (int v = 0; v < V; ++v) {
+      if (kTail && v == V - 1)
+        _mm256_maskstore_ps(C + r * ldc + 8 * v, tail, acc[r][v]);
+      else
+        _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
+    }
 }
 template <int V, typename Row>
 FC_TARGET void gemm_tiles(int64_t M, int64_t K, const float* A, int64_t lda, const typename Row::E* B, int64_t ldb,
@@ -147,10 +171,10 @@ FC_TARGET void gemm_tiles(int64_t M, int64_t K, const float* A, int64_t lda, con
     const float* a = A + m0 * lda;
     float* c = C + m0 * ldc;
     switch (std::min<int64_t>(4, M - m0)) {
-      case 1: gemm_tile<1, V, Row>(K, a, lda, B, ldb, c, ldc); break;
-      case 2: gemm_tile<2, V, Row>(K, a, lda, B, ldb, c, ldc); break;
-      case 3: gemm_tile<3, V, Row>(K, a, lda, B, ldb, c, ldc); break;
-      default: gemm_tile<4, V, Row>(K, a, lda, B, ldb, c, ldc); break;
+      case 1: gemm_tile<1, V, false, Row>(K, 8 * V, a, lda, B, ldb, c, ldc, true); break;
+      case 2: gemm_tile<2, V, false, Row>(K, 8 * V, a, lda, B, ldb, c, ldc, true); break;
+      case 3: gemm_tile<3, V, false, Row>(K, 8 * V, a, lda, B, ldb, c, ldc, true); break;
+      default: gemm_tile<4, V, false, Row>(K, 8 * V, a, lda, B, ldb, c, ldc, true); break;
     }
   }
 }
@@ -180,49 +204,14 @@ FC_TARGET void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_
   }
 }
 
-// 8 floats, or (masked) the lanes of `mask` and zeros; `masked` is a constant once the tile's loops
-// are unrolled.
-FC_TARGET FC_INLINE __m256 load_cols(const float* x, bool masked, __m256i mask) {
-  return masked ? _mm256_maskload_ps(x, mask) : _mm256_loadu_ps(x);
-}
-
-// C (R x n) (+)= A (R x K) B (K x n) for R <= 6 rows and n <= 8 V columns of one panel of B
-// (rows ldb apart): the register tile of 12 accumulators at most, each B row loaded once for the
-// R rows, each A element broadcast once for the V vectors. kTail: the last vector holds
-// n - 8 (V - 1) < 8 columns, loaded and stored masked (a masked load reads no memory past them).
-template <int R, int V, bool kTail>
-FC_TARGET void panel_tile(int64_t K, int64_t n, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                          int64_t ldc, bool accumulate) {
-  const __m256i tail =
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - 8 * (V - 1))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256 acc[R][V];
-  FC_UNROLL for (int r = 0; r < R; ++r)
-    FC_UNROLL for (int v = 0; v < V; ++v)
-      acc[r][v] = accumulate ? load_cols(C + r * ldc + 8 * v, kTail && v == V - 1, tail) : _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 b[V];
-    FC_UNROLL for (int v = 0; v < V; ++v) b[v] = load_cols(B + k * ldb + 8 * v, kTail && v == V - 1, tail);
-    FC_UNROLL for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      FC_UNROLL for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
-    }
-  }
-  FC_UNROLL for (int r = 0; r < R; ++r)
-    FC_UNROLL for (int v = 0; v < V; ++v) {
-      if (kTail && v == V - 1)
-        _mm256_maskstore_ps(C + r * ldc + 8 * v, tail, acc[r][v]);
-      else
-        _mm256_storeu_ps(C + r * ldc + 8 * v, acc[r][v]);
-    }
-}
-// panel_tile for R rows and n <= 16 columns: whole or partial vectors.
+// gemm_tile on fp32 B for R rows and n <= 16 columns: whole or partial vectors.
 template <int R>
 FC_TARGET void panel_tile_cols(int64_t K, int64_t n, const float* A, int64_t lda, const float* B, int64_t ldb,
                                float* C, int64_t ldc, bool accumulate) {
-  if (n == 16) return panel_tile<R, 2, false>(K, n, A, lda, B, ldb, C, ldc, accumulate);
-  if (n > 8) return panel_tile<R, 2, true>(K, n, A, lda, B, ldb, C, ldc, accumulate);
-  if (n == 8) return panel_tile<R, 1, false>(K, n, A, lda, B, ldb, C, ldc, accumulate);
-  panel_tile<R, 1, true>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+  if (n == 16) return gemm_tile<R, 2, false, F32Row>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+  if (n > 8) return gemm_tile<R, 2, true, F32Row>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+  if (n == 8) return gemm_tile<R, 1, false, F32Row>(K, n, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_tile<R, 1, true, F32Row>(K, n, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 }  // namespace
