@@ -261,6 +261,13 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     if constexpr (!native && std::is_same_v<acc_t, float>) {
       if (f32_panels) transpose(rows, D, gq, D, t.b.Qp.data(), kPanelCols);  // row d of the panel: Q[:, d]
     }
+    // avx2_panels: rows j0 .. j1 of this sequence's cache (kv head hkv) widened into dst, (j1 - j0, D) fp32
+    const auto stage_tile = [&](const at::Tensor& cache, const char* base, int64_t j0, int64_t j1, float* dst) {
+      for_each_run(cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+        avx2_stage_rows(row_type, n, D, base + off * elem, cache.stride(2), dst + (r - j0) * D, D);
+      });
+      return dst;
+    };
     acc_t* s = t.b.S.data();  // (rows, bc)
     constexpr int64_t ld_s = kBc;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
@@ -309,11 +316,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               f32_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
           };
           if (avx2_panels) {
-            float* kf = t.b.Stage.data();
-            for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
-              avx2_stage_rows(row_type, n, D, k_base + off * elem, k_cache.stride(2), kf + (r - j0) * D, D);
-            });
-            st_gemm(bc, kf, D, t.b.St.data());
+            st_gemm(bc, stage_tile(k_cache, k_base, j0, j1, t.b.Stage.data()), D, t.b.St.data());
           } else if (k_converted) {
             const at::Tensor rK = gather_rows(k_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sK);  // (bc, D) fp32
             st_gemm(bc, rK.data_ptr<float>(), rK.stride(0), t.b.St.data());
@@ -366,10 +369,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           });
         if (avx2_panels) {  // O += P V, V staged in fp32
           if constexpr (std::is_same_v<acc_t, float>) {
-            float* vf = t.b.Stage.data();
-            for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
-              avx2_stage_rows(row_type, n, D, v_base + off * elem, v_cache.stride(2), vf + (r - j0) * D, D);
-            });
+            const float* vf = stage_tile(v_cache, v_base, j0, j1, t.b.Stage.data());
             avx2_gemm_rows(RowType::kF32, rows, D, bc, p, ld_s, vf, D, o, D, true);
           }
         } else if (v_in_place) {  // O += P V, V read in place, no packing
