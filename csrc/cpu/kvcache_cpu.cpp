@@ -184,19 +184,22 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                                                                     : RowType::kF32;
   const bool f16_cache = k_cache.scalar_type() == at::kHalf;
   // The same caches with 16 to kPanelRows rows: S^T = K Q^T on an fp32 micro-kernel, the key rows
-  // as its broadcast operand, Q^T packed once per item. AVX-512 (fp32 and fp16 caches): K in place
-  // (fp16 converted per tile), P V as above; measured on a Xeon against MKL's GEMMs (which pack K
-  // and V first), 3% to 12% faster at 16 rows, 4% to 7% at 32, no better at 64. AVX2
-  // (avx2_panel_gemm; any cache dtype): each K tile, then each V tile, staged in fp32 (one
-  // streaming pass over the cache's bytes, widened on the way) and multiplied from cache. Measured
-  // on a Zen 3 against the row dot products (which read each key row once per 4 query rows and
-  // reduce every score alone), GQA 32/8, D 128, 8k and 32k keys: 16 rows 1.2x faster in fp32,
-  // 0.95x to 1.07x in fp16/bf16; 32 rows 1.12x to 1.27x.
+  // as its broadcast operand, Q^T packed once per item. AVX-512 (fp32 and fp16 caches): fp32 K and
+  // V in place, P V as above; measured on a Xeon against MKL's GEMMs (which pack K and V first), 3%
+  // to 12% faster at 16 rows, 4% to 7% at 32, no better at 64. AVX2 (avx2_panel_gemm; any cache
+  // dtype) and fp16 on AVX-512: each K tile, then each V tile, staged in fp32 (one streaming pass
+  // over the cache's bytes, widened on the way; avx2_stage_rows) and multiplied from cache.
+  // Measured on a Zen 3 against the row dot products (which read each key row once per 4 query rows
+  // and reduce every score alone), GQA 32/8, D 128, 8k and 32k keys: 16 rows 1.2x faster in fp32,
+  // 0.95x to 1.07x in fp16/bf16; 32 rows 1.12x to 1.27x. On a Xeon with AMX (in-process A/B, same
+  // shapes and 2k keys): fp16 staged 1.01x to 1.09x faster at 16 rows and 1.08x to 1.11x at 32 than
+  // K converted per tile by ATen and V widened in registers; fp32 staged 0.99x to 1.04x, so in place.
   const bool avx512_panels = !native && std::is_same_v<acc_t, float> && !f32_rows && !avx2_rows &&
                              rows <= kPanelRows && rows_kernels_allowed(at::kFloat) &&
-                             (k_cache.scalar_type() == at::kFloat || f16_cache);
+                             (k_cache.scalar_type() == at::kFloat || (f16_cache && avx2_rows_supported()));
   const bool avx2_panels = rows_isa == RowsKernels::kAvx2 && !avx2_rows;
   const bool f32_panels = avx512_panels || avx2_panels;
+  const bool staged = avx2_panels || (avx512_panels && f16_cache);
   static_assert(kPanelRows <= kPanelCols, "Q^T of an item is one panel");
   const bool v_in_place = f32_rows || f32_panels || avx2_rows;
   // native on AMX (an even D; bf16 unless the micro-kernel is chosen): S^T = K Q^T with the cache
@@ -215,23 +218,22 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     TileVector<in_t> Pn;            // native: P rounded, (rows, Bc)
     RowsTransposed<in_t> Qt;        // native on AMX: Q^T packed
     TileVector<float> Qp;           // f32_panels: Q^T (D, rows) as one panel of the micro-kernels
-    TileVector<float> Stage;        // avx2_panels: the K tile, then the V tile, in fp32 (Bc, D)
+    TileVector<float> Stage;        // staged: the K tile, then the V tile, in fp32 (Bc, D)
   };
   struct Scratch {
     std::unique_ptr<Buffers> owned;  // a call's own buffers (more rows than a thread keeps)
     Buffers& b;
-    at::Tensor sK, sV;              // converted tiles (Bc, D): K gathered or avx512_panels on fp16, V gathered
+    at::Tensor sK, sV;              // gathered: the K and V tiles converted to acc_t (Bc, D)
   };
   const bool gathered = !native && !v_in_place;
-  const bool k_converted = gathered || (avx512_panels && f16_cache);
   auto make_scratch = [&] {
     thread_local Buffers kept;  // decoding's sizes, kept between calls; larger ones freed after the call
     std::unique_ptr<Buffers> owned = rows <= kKeptRows ? nullptr : std::make_unique<Buffers>();
     Buffers& b = owned ? *owned : kept;
     b.S.resize(rows * kBc), b.P.resize(native ? 0 : rows * kBc), b.O.resize(rows * D), b.rows.resize(rows);
     b.St.resize(native || f32_panels ? kBc * rows : 0), b.Pn.resize(native ? rows * kBc : 0);
-    b.Qp.resize(f32_panels ? panels_f32_size(D, rows) : 0), b.Stage.resize(avx2_panels ? kBc * D : 0);
-    return Scratch{std::move(owned), b, at::empty({k_converted ? kBc : 0, D}, acc_opts),
+    b.Qp.resize(f32_panels ? panels_f32_size(D, rows) : 0), b.Stage.resize(staged ? kBc * D : 0);
+    return Scratch{std::move(owned), b, at::empty({gathered ? kBc : 0, D}, acc_opts),
                    at::empty({gathered ? kBc : 0, D}, acc_opts)};
   };
   const char* k_base = static_cast<const char*>(k_cache.data_ptr());
@@ -261,7 +263,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     if constexpr (!native && std::is_same_v<acc_t, float>) {
       if (f32_panels) transpose(rows, D, gq, D, t.b.Qp.data(), kPanelCols);  // row d of the panel: Q[:, d]
     }
-    // avx2_panels: rows j0 .. j1 of this sequence's cache (kv head hkv) widened into dst, (j1 - j0, D) fp32
+    // staged: rows j0 .. j1 of this sequence's cache (kv head hkv) widened into dst, (j1 - j0, D) fp32
     const auto stage_tile = [&](const at::Tensor& cache, const char* base, int64_t j0, int64_t j1, float* dst) {
       for_each_run(cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
         avx2_stage_rows(row_type, n, D, base + off * elem, cache.stride(2), dst + (r - j0) * D, D);
@@ -315,11 +317,8 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
             else
               f32_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
           };
-          if (avx2_panels) {
+          if (staged) {
             st_gemm(bc, stage_tile(k_cache, k_base, j0, j1, t.b.Stage.data()), D, t.b.St.data());
-          } else if (k_converted) {
-            const at::Tensor rK = gather_rows(k_cache, table_ptr, table_stride, b, hkv, j0, j1, t.sK);  // (bc, D) fp32
-            st_gemm(bc, rK.data_ptr<float>(), rK.stride(0), t.b.St.data());
           } else {
             for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
               st_gemm(n, reinterpret_cast<const float*>(k_base + off * elem), k_cache.stride(2),
@@ -367,10 +366,13 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           online_softmax_row(t.b.rows[r], o + r * D, D, a, s + r * ld_s, bc, false, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return *lp = exp_affine_sum(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max);
           });
-        if (avx2_panels) {  // O += P V, V staged in fp32
+        if (staged) {  // O += P V, V staged in fp32
           if constexpr (std::is_same_v<acc_t, float>) {
             const float* vf = stage_tile(v_cache, v_base, j0, j1, t.b.Stage.data());
-            avx2_gemm_rows(RowType::kF32, rows, D, bc, p, ld_s, vf, D, o, D, true);
+            if (avx2_panels)
+              avx2_gemm_rows(RowType::kF32, rows, D, bc, p, ld_s, vf, D, o, D, true);
+            else
+              f32_gemm_rows(rows, D, bc, p, ld_s, vf, D, o, D, true);
           }
         } else if (v_in_place) {  // O += P V, V read in place, no packing
           if constexpr (std::is_same_v<acc_t, float>)
