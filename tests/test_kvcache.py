@@ -150,6 +150,21 @@ def cpu_has(*flags):
     return all(flag in line.split() for flag in flags)
 
 
+@pytest.mark.parametrize("choice", ["onednn", "dpbf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])
+@pytest.mark.parametrize("nq,D", [(1, 128), (1, 59), (3, 40), (5, 64)])
+def test_cpu_bf16_scores_choice(monkeypatch, choice, layout, nq, D):
+    """bf16 below 16 rows per kv group: the scores as AVX512-BF16 dot products along the cache rows
+    (the default wherever the CPU has avx512_bf16, AMX or not) and through oneDNN's GEMM
+    (FLASH_CUDA_CPU_BF16_GEMM=onednn: on AMX its brgemm), 4, 12 and 20 rows, odd head dims, pages
+    of 33 keys, (B, N, H, D) caches, two splits."""
+    if choice == "dpbf16" and not cpu_has("avx512_bf16", "avx512bw"):
+        pytest.skip("the dot products need avx512_bf16")
+    monkeypatch.setenv("FLASH_CUDA_CPU_BF16_GEMM", choice)
+    run_case(torch.bfloat16, hq=8, hkv=2, nq=nq, n_new=1, D=D, capacity=1300,
+             page_size=33 if layout == "paged33" else None, bnhd=layout == "bnhd", causal=True, num_splits=2)
+
+
 @pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="the AVX2 kernels need avx2, fma and f16c")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])

@@ -242,13 +242,15 @@ FC_TARGET void avx2_panel_gemm(int64_t M, int64_t N, int64_t K, const float* A, 
   }
 }
 
-// dst (n x K, row stride ldd) = the rows of src widened to fp32.
+// dst (n x K, row stride ldd) = the rows of src widened to fp32, the rows kAheadKeys ahead fetched
+// as it goes (on a Xeon, fp16 decoding at 16 and 32 rows: 1.06x to 1.10x faster than without).
 template <typename Row>
 FC_TARGET void stage_rows(int64_t n, int64_t K, const typename Row::E* src, int64_t lds, float* dst, int64_t ldd) {
   const int64_t K8 = K / 8 * 8;
   for (int64_t i = 0; i < n; ++i) {
     const typename Row::E* x = src + i * lds;
     float* y = dst + i * ldd;
+    if (i + kAheadKeys < n) prefetch_bytes(src + (i + kAheadKeys) * lds, K * sizeof(typename Row::E));
     for (int64_t c = 0; c < K8; c += 8) _mm256_storeu_ps(y + c, Row::load8(x + c));
     for (int64_t c = K8; c < K; ++c) y[c] = Row::load1(x + c);
   }

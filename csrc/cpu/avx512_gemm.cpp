@@ -159,11 +159,26 @@ constexpr std::array<std::array<std::array<MicroTile<Op>, kVecs>, kRows>, 2> kTi
     tile_table<Op, false>(std::make_integer_sequence<int, kRows>{}),
     tile_table<Op, Op::kStep == 2>(std::make_integer_sequence<int, kRows>{})};
 
+// The cache lines of a row of `bytes` fetched into L1 ahead of its use (a prefetch never faults).
+// The decoding kernels read each cache row once from memory; without these the hardware
+// prefetchers left them waiting on its latency. Measured on a Xeon with AMX (in-process A/B, GQA
+// 32/8, D 128, 2k to 32k keys, outputs bit-identical): the key rows ahead in rows_dot_block 1.29x
+// to 1.42x faster at Nq = 1 (fp32, fp16), A's rows ahead in f32_gemm_stream_a 1.13x to 1.22x at
+// Nq = 4 (fp32), rows_gemm against panel_gemm 1.07x to 1.24x at Nq = 1.
+FC_TARGET FC_INLINE void prefetch_row(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
+}
+constexpr int64_t kAheadKeys = 16;   // rows_dot_block: key rows fetched this far ahead
+constexpr int64_t kKBlock = 32;      // rows_gemm: rows of B per block (16 KiB of fp32 rows of 128)
+constexpr int64_t kAheadBlocks = 2;  // panel_gemm streaming A: row blocks of A fetched this far ahead
+
 // C (+)= A B over whole panels of B (panel_stride elements apart, steps along K ldb apart), row
-// blocks of kRows.
-template <typename Op>
-void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
-                int64_t panel_stride, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+// blocks of kRows. kStreamA: A's rows are read once from memory (decoding's cache rows), each row
+// block's fetched kAheadBlocks blocks ahead.
+template <typename Op, bool kStreamA = false>
+FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
+                          const typename Op::EB* B, int64_t panel_stride, int64_t ldb, float* C, int64_t ldc,
+                          bool accumulate) {
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
   if (K == 0) {  // C = 0 or unchanged
@@ -181,8 +196,35 @@ void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64
       const int64_t rows = std::min<int64_t>(kRows, M - m0);
       const typename Op::EA* a = A + m0 * lda;
       float* c = C + m0 * ldc + n0;
+      if constexpr (kStreamA)
+        for (int64_t i = m0 + kAheadBlocks * kRows; i < std::min(M, m0 + (kAheadBlocks + 1) * kRows); ++i)
+          prefetch_row(A + i * lda, K * sizeof(typename Op::EA));
       if (K_even > 0) kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate);
       if (K_even < K) kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0);
+    }
+  }
+}
+
+// C (+)= A B for a row-major B read once from memory (decoding's V tiles), no packing: K in
+// blocks of kKBlock rows, each block's rows staying in L1 across every panel and row block of A
+// while the next block's rows are fetched (panel_gemm would pass over B once per 64-column panel,
+// reading part of each row at a time, nothing ahead).
+template <typename Op>
+FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
+                         const typename Op::EB* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  static_assert(Op::kStep == 1, "B's rows one at a time: a block may end on any row");
+  if (M <= 0 || N <= 0 || K == 0) return panel_gemm<Op>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t kn = std::min(kKBlock, K - k0);
+    for (int64_t k = k0 + kKBlock; k < std::min(k0 + 2 * kKBlock, K); ++k)  // the next block's rows
+      prefetch_row(B + k * ldb, N * sizeof(typename Op::EB));
+    for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+      const int64_t n = std::min<int64_t>(kCols, N - n0), vecs = (n + 15) / 16;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t rows = std::min<int64_t>(kRows, M - m0);
+        kTiles<Op>[0][rows - 1][vecs - 1](kn, n, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, C + m0 * ldc + n0,
+                                          ldc, accumulate || k0 > 0);
+      }
     }
   }
 }
@@ -238,6 +280,8 @@ FC_TARGET void rows_dot_block(int64_t n, int64_t K, const EQ* Q, int64_t ldq, co
                               int64_t lds) {
   for (int64_t j0 = 0; j0 < n; j0 += 4) {
     const int64_t nb = std::min<int64_t>(4, n - j0);
+    for (int64_t j = j0 + kAheadKeys; j < std::min(j0 + kAheadKeys + 4, n); ++j)
+      prefetch_row(Kr + j * ldk, K * sizeof(EK));
     __m512 acc[16];
     FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += Op::kChunk) {
@@ -326,19 +370,24 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
   panel_gemm<F32>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate);
 }
 
+void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
+  panel_gemm<F32, true>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate);
+}
+
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                    int64_t ldc, bool accumulate) {
-  panel_gemm<F32>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);  // a panel: the next 64 columns
+  rows_gemm<F32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);  // a panel: the next 64 columns
 }
 
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                     float* C, int64_t ldc, bool accumulate) {
-  panel_gemm<Bf16AsF32>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
+  rows_gemm<Bf16AsF32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 void f32_f16_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
                        float* C, int64_t ldc, bool accumulate) {
-  panel_gemm<F32ByF16>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
+  rows_gemm<F32ByF16>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 #else  // no AVX512-BF16 code on this compiler or architecture
@@ -350,6 +399,7 @@ void dpbf16_gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint
 bool f32_gemm_supported() { return false; }
 void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}
 void f32_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
+void f32_gemm_stream_a(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
 void f32_f16_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t) {}

@@ -59,8 +59,13 @@ inline int64_t panels_f32_size(int64_t K, int64_t N) { return (N + kPanelCols - 
 void pack_panels_f32(int64_t K, int64_t N, const float* B, int64_t ldb, float* Bp);
 void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t panel_stride,
               float* C, int64_t ldc, bool accumulate);
+// The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
+// operand of S^T = K Q^T): each block of A's rows fetched ahead of its use.
+void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
 // The fp32 kernel on a row-major B (row stride ldb) as it is, no packing: for B read once (the V
-// tiles of decoding), where packing would cost as much as the product.
+// tiles of decoding), where packing would cost as much as the product; B's rows in blocks, the
+// next block fetched ahead.
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                    int64_t ldc, bool accumulate);
 // The same for bf16 A and B, multiplied in fp32 FMAs (each product exact), B widened in registers.
