@@ -377,7 +377,7 @@ void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
 
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                    int64_t ldc, bool accumulate) {
-  rows_gemm<F32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);  // a panel: the next 64 columns
+  rows_gemm<F32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
