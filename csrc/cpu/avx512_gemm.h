@@ -34,6 +34,22 @@ inline int64_t pairs_size(int64_t K, int64_t N) { return (N + kPairsPanel - 1) /
 // Bp (pairs layout, panel stride pairs_panel_size(K)) = B (K x N, row stride ldb), bf16 bits.
 void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bp);
 
+// Rows fetched into L2 alongside a streaming pass (decoding: the next tile's key rows while the
+// value rows of this one are staged): `rows` rows of `bytes`, `stride` bytes apart.
+struct RowsAhead {
+  const char* base = nullptr;
+  int64_t stride = 0, rows = 0, bytes = 0;
+};
+// Rows r0 .. r0 + n of a K x N operand in the pairs layout (panel stride panel_stride), written
+// one row at a time from n row-major 16-bit rows (row stride lds), each row's half of its pairs
+// only, so a tile's rows may come in runs of any length (a paged cache's); the rows 16 ahead are
+// fetched as it goes (the rows are read once from memory), and row r of `also` with row r of the
+// operand. Requires f32_gemm_supported().
+void stage_rows_pairs(int64_t n, int64_t N, const uint16_t* src, int64_t lds, int64_t r0, uint16_t* Bp,
+                      int64_t panel_stride, const RowsAhead& also = {});
+// Zeroes the second half of row pair r / 2 (an odd K's missing row) of every panel.
+void zero_pair_half(int64_t r, int64_t N, uint16_t* Bp, int64_t panel_stride);
+
 // C (M x N, row stride ldc) = A (M x K, row stride lda) B, or C += A B when `accumulate`. B in the
 // pairs layout: Bp points at row pair 0 of B's first panel, panels panel_stride elements apart
 // (so rows k0.. and columns n0.. of a larger packed operand, k0 even and n0 a multiple of 64, are

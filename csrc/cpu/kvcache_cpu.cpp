@@ -212,6 +212,14 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       return !rows_dot && !(std::is_same_v<in_t, c10::BFloat16> && use_dpbf16()) && RowsTransposed<in_t>::supported(D);
     return false;
   }();
+  // amx_s: each V tile staged into the pairs layout, which is brgemm's VNNI layout panel by panel
+  // (stage_rows_pairs: the rows streamed once from memory, fetched ahead, with the next tile's key
+  // rows fetched into L2 alongside), and P V on AMX from there; the key rows of a tile that no
+  // staging fetched (the first, a paged cache's later runs) fetched into L2 before S^T. Measured
+  // on a Xeon with AMX (in-process A/B, GQA 32/8, D 128, Nq = 4, bit-identical outputs): 1.27x to
+  // 1.40x faster at 8k and 32k keys than MKL's GEMM (which copies V into its own layout first, the
+  // cache rows waiting on memory there and in S^T's brgemm).
+  const bool amx_v = amx_s && f32_gemm_supported();
   // Each thread's buffers, kept from call to call up to kKeptRows rows (decoding calls this once
   // per token); they are written before they are read, so they are only resized.
   struct Buffers {
@@ -222,6 +230,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     RowsTransposed<in_t> Qt;        // native on AMX: Q^T packed
     TileVector<float> Qp;           // f32_panels: Q^T (D, rows) as one panel of the micro-kernels
     TileVector<float> Stage;        // staged: the K tile, then the V tile, in fp32 (Bc, D)
+    TileVector<in_t> Vp;            // amx_v: the V tile in the pairs layout (avx512_gemm.h)
   };
   struct Scratch {
     std::unique_ptr<Buffers> owned;  // a call's own buffers (more rows than a thread keeps)
@@ -236,6 +245,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     b.S.resize(rows * kBc), b.P.resize(native ? 0 : rows * kBc), b.O.resize(rows * D), b.rows.resize(rows);
     b.St.resize(native || f32_panels ? kBc * rows : 0), b.Pn.resize(native ? rows * kBc : 0);
     b.Qp.resize(f32_panels ? panels_f32_size(D, rows) : 0), b.Stage.resize(staged ? kBc * D : 0);
+    b.Vp.resize(amx_v ? pairs_size(kBc, D) : 0);
     return Scratch{std::move(owned), b, at::empty({gathered ? kBc : 0, D}, acc_opts),
                    at::empty({gathered ? kBc : 0, D}, acc_opts)};
   };
@@ -275,6 +285,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     };
     acc_t* s = t.b.S.data();  // (rows, bc)
     constexpr int64_t ld_s = kBc;
+    int64_t k_fetched = k_begin;  // amx_v: the key rows up to here were fetched by the last tile's staging
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
       const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
       at::Tensor rV;
@@ -290,6 +301,10 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
           const in_t* k = reinterpret_cast<const in_t*>(k_base + off * elem);
           acc_t* st = t.b.St.data() + (r - j0) * rows;  // S^T = K Q^T
+          if (amx_v)  // the rows of this run no staging fetched, into L2
+            for (int64_t i = std::max<int64_t>(k_fetched - r, 0); i < n; ++i)
+              for (int64_t o = 0; o < D * elem; o += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(k + i * k_cache.stride(2)) + o, 0, 2);
           if (amx_s)
             t.b.Qt.gemm(n, k, k_cache.stride(2), st, rows);
           else
@@ -354,11 +369,32 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           online_softmax_row(t.b.rows[r], o + r * D, D, a, s + r * ld_s, bc, true, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
           });
+        if (amx_v) {  // O += P V, V staged into the pairs layout, the next tile's first key rows fetched
+          auto* vp = reinterpret_cast<uint16_t*>(t.b.Vp.data());
+          const int64_t panel = pairs_panel_size(kBc);
+          RowsAhead next_keys;
+          for_each_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end),
+                       [&](int64_t off, int64_t, int64_t n) {
+                         if (!next_keys.base) next_keys = {k_base + off * elem, k_cache.stride(2) * elem, n, D * elem};
+                       });
+          k_fetched = j1 + next_keys.rows;
+          for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+            stage_rows_pairs(n, D, reinterpret_cast<const uint16_t*>(v_base + off * elem), v_cache.stride(2), r - j0,
+                             vp, panel, next_keys);
+          });
+          if (bc % 2) {  // K of the GEMM rounded up to even: a zero row of V, a zero column of P
+            zero_pair_half(bc, D, vp, panel);
+            for (int64_t r = 0; r < rows; ++r) p[r * ld_s + bc] = in_t(0);
+          }
+          amx_gemm_pairs(rows, D, bc + bc % 2, p, ld_s, t.b.Vp.data(), panel, o, D, true);
+          continue;
+        }
         for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
           const in_t* v = reinterpret_cast<const in_t*>(v_base + off * elem);
           // bf16, few rows: V read in place, widened in registers, fp32 FMAs. On AMX too: MKL's GEMM
-          // copies each V tile into its own layout first, and V interleaved for AMX by us measured no
-          // faster than that; the FMAs keep up with the cache's bytes there.
+          // copies each V tile into its own layout first, and V interleaved for AMX by us (before
+          // amx_v's staging, which fetches the rows ahead) measured no faster than that; the FMAs
+          // keep up with the cache's bytes there.
           if constexpr (std::is_same_v<in_t, c10::BFloat16>)
             if (rows < kDotRows && rows_kernels_allowed(at::kBFloat16))
               return bf16_gemm_rows(rows, D, n, reinterpret_cast<const uint16_t*>(p + (r - j0)), ld_s,

@@ -376,6 +376,20 @@ void RowsTransposed<T>::gemm(int64_t M, const T* A, int64_t lda, float* C, int64
   at::native::cpublas::brgemm_release(true);
 }
 
+template <typename T>
+void amx_gemm_pairs(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp, int64_t panel_stride,
+                    float* C, int64_t ldc, bool accumulate) {
+  if (M == 0) return;
+  for (int64_t n0 = 0; n0 < N; n0 += kPairsPanel)
+    at::native::cpublas::brgemm(M, std::min(kPairsPanel, N - n0), K, lda, kPairsPanel, ldc, accumulate, A,
+                                Bp + n0 / kPairsPanel * panel_stride, C + n0, /*is_vnni=*/true);
+  at::native::cpublas::brgemm_release(true);
+}
+template void amx_gemm_pairs<c10::BFloat16>(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
+                                            const c10::BFloat16*, int64_t, float*, int64_t, bool);
+template void amx_gemm_pairs<c10::Half>(int64_t, int64_t, int64_t, const c10::Half*, int64_t, const c10::Half*,
+                                        int64_t, float*, int64_t, bool);
+
 template class RowsTransposed<c10::BFloat16>;
 template class RowsTransposed<c10::Half>;
 

@@ -112,6 +112,14 @@ class RightOperand {
   bool transposed_ = false;  // float/double: data_ is a view with unit stride along K (the BLAS transposes)
 };
 
+// C (M x N) (+)= A (M x K) B on AMX, B in the micro-kernels' pairs layout (avx512_gemm.h: panels
+// of 64 columns, panel_stride elements apart, each brgemm's VNNI layout with a row of 64 pairs); K
+// even (an odd K's A padded with a zero column, B with a zero row). Requires
+// RowsTransposed<T>::supported(K).
+template <typename T>
+void amx_gemm_pairs(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bp, int64_t panel_stride,
+                    float* C, int64_t ldc, bool accumulate);
+
 // B^T for a few fp16/bf16 rows B (N x K: decoding's query rows), packed once into brgemm's VNNI
 // layout and multiplied on AMX by many row-major left operands read in place (the cache's key
 // rows): C (M x N) = A (M x K) B^T. Plain memory, no tensors: it is packed once per work item.
