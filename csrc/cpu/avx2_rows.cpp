@@ -4,6 +4,7 @@
 #include "avx2_rows.h"
 
 #include "avx512_gemm.h"  // the panels layout (kPanelCols)
+#include "prefetch.h"
 
 #include <algorithm>
 #include <cstring>
@@ -56,14 +57,6 @@ struct Bf16Row {  // bf16: the upper half of an fp32
   }
 };
 
-// The cache lines of [p, p + bytes) fetched into L1 ahead of their use (a prefetch never faults).
-// Measured on a Zen 3: without them the loads of the next rows of V stalled the P V loop, 70% of
-// its cycles on the one load instruction of a row's columns (its 64-row blocks step through
-// memory a row stride at a time, which the hardware prefetchers did not follow).
-FC_TARGET FC_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
-}
-
 // One vector whose lane i is the sum of the lanes of v[i]: two rounds of pairwise adds within
 // 128-bit halves (hadd), then the two halves of each sum added.
 FC_TARGET FC_INLINE __m256 sum_lanes_8(const __m256 (&v)[8]) {
@@ -73,6 +66,10 @@ FC_TARGET FC_INLINE __m256 sum_lanes_8(const __m256 (&v)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
+// Rows are fetched into L1 ahead of their use (prefetch.h). Measured on a Zen 3: without them the
+// loads of the next rows of V stalled the P V loop, 70% of its cycles on the one load instruction
+// of a row's columns (its 64-row blocks step through memory a row stride at a time, which the
+// hardware prefetchers did not follow).
 constexpr int64_t kAheadKeys = 16;  // rows_dot_block prefetches the key rows this far ahead
 
 // S (R x n) = Q Kr^T for R <= 4 query rows: per pair of keys and chunk of 8 elements, the two key
@@ -85,7 +82,7 @@ FC_TARGET void rows_dot_block(int64_t n, int64_t K, const float* Q, int64_t ldq,
   for (int64_t j0 = 0; j0 < n; j0 += 2) {
     const int64_t nb = std::min<int64_t>(2, n - j0);
     for (int64_t j = j0 + kAheadKeys; j < std::min(j0 + kAheadKeys + 2, n); ++j)
-      prefetch_bytes(Kr + j * ldk, K * sizeof(typename Row::E));
+      prefetch_l1(Kr + j * ldk, K * sizeof(typename Row::E));
     const typename Row::E* key[2] = {Kr + j0 * ldk, Kr + (j0 + nb - 1) * ldk};  // one key: its row twice, once stored
     __m256 acc[8];
     FC_UNROLL for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
@@ -191,7 +188,7 @@ FC_TARGET void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_
     const float* a = A + k0;
     const typename Row::E* b = B + k0 * ldb;
     for (int64_t k = k0 + kKBlock; k < std::min(k0 + 2 * kKBlock, K); ++k)  // the next block's rows
-      prefetch_bytes(B + k * ldb, N * sizeof(typename Row::E));
+      prefetch_l1(B + k * ldb, N * sizeof(typename Row::E));
     int64_t n0 = 0;
     for (; n0 + 16 <= N; n0 += 16) gemm_tiles<2, Row>(M, kn, a, lda, b + n0, ldb, C + n0, ldc);
     for (; n0 + 8 <= N; n0 += 8) gemm_tiles<1, Row>(M, kn, a, lda, b + n0, ldb, C + n0, ldc);
@@ -250,7 +247,7 @@ FC_TARGET void stage_rows(int64_t n, int64_t K, const typename Row::E* src, int6
   for (int64_t i = 0; i < n; ++i) {
     const typename Row::E* x = src + i * lds;
     float* y = dst + i * ldd;
-    if (i + kAheadKeys < n) prefetch_bytes(src + (i + kAheadKeys) * lds, K * sizeof(typename Row::E));
+    if (i + kAheadKeys < n) prefetch_l1(src + (i + kAheadKeys) * lds, K * sizeof(typename Row::E));
     for (int64_t c = 0; c < K8; c += 8) _mm256_storeu_ps(y + c, Row::load8(x + c));
     for (int64_t c = K8; c < K; ++c) y[c] = Row::load1(x + c);
   }

@@ -2,6 +2,7 @@
 // function that uses AVX-512 carries its own target attribute and runs only after
 // dpbf16_supported() or f32_gemm_supported() said yes.
 #include "avx512_gemm.h"
+#include "prefetch.h"
 
 // GCC's intrinsic headers start unmasked conversions and shifts from _mm512_undefined_*(), which
 // -Wmaybe-uninitialized reports once the register-tile loops are fully unrolled: a false positive.
@@ -178,16 +179,12 @@ constexpr std::array<std::array<std::array<MicroTile<Op>, kVecs>, kRows>, 2> kTi
     tile_table<Op, false, kAhead>(std::make_integer_sequence<int, kRows>{}),
     tile_table<Op, Op::kStep == 2, Ahead::kNone>(std::make_integer_sequence<int, kRows>{})};
 
-// The cache lines of a row of `bytes` fetched into L1 ahead of its use (a prefetch never faults).
-// The decoding kernels read each cache row once from memory; without these the hardware
-// prefetchers left them waiting on its latency. Measured on a Xeon with AMX (in-process A/B, GQA
-// 32/8, D 128, 2k to 32k keys, outputs bit-identical): the key rows ahead in rows_dot_block 1.29x
-// to 1.42x faster at Nq = 1 (fp32, fp16), A's rows ahead in f32_gemm_stream_a 1.13x to 1.22x at
-// Nq = 4 (fp32), rows_gemm against panel_gemm 1.07x to 1.24x at Nq = 1 (those two fetched in a
-// burst then; now inside the micro-tiles, Ahead above).
-FC_TARGET FC_INLINE void prefetch_row(const void* p, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
-}
+// Rows fetched ahead of their use (prefetch.h): the decoding kernels read each cache row once from
+// memory; without these the hardware prefetchers left them waiting on its latency. Measured on a
+// Xeon with AMX (in-process A/B, GQA 32/8, D 128, 2k to 32k keys, outputs bit-identical): the key
+// rows ahead in rows_dot_block 1.29x to 1.42x faster at Nq = 1 (fp32, fp16), A's rows ahead in
+// f32_gemm_stream_a 1.13x to 1.22x at Nq = 4 (fp32), rows_gemm against panel_gemm 1.07x to 1.24x
+// at Nq = 1 (those two fetched in a burst then; now inside the micro-tiles, Ahead above).
 constexpr int64_t kAheadKeys = 16;   // rows_dot_block: key rows fetched this far ahead
 constexpr int64_t kKBlock = 32;      // rows_gemm: rows of B per block (16 KiB of fp32 rows of 128)
 constexpr int64_t kAheadBlocks = 2;  // panel_gemm streaming A: row blocks of A fetched this far ahead
@@ -243,7 +240,7 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
     // the next block's rows fetched by the first row block of A, while it multiplies this block's
     const bool ahead = k0 + 2 * kKBlock <= K;
     if (!ahead)  // a last, shorter block: its rows at once
-      for (int64_t k = k0 + kKBlock; k < K; ++k) prefetch_row(B + k * ldb, N * sizeof(typename Op::EB));
+      for (int64_t k = k0 + kKBlock; k < K; ++k) prefetch_l1(B + k * ldb, N * sizeof(typename Op::EB));
     for (int64_t n0 = 0; n0 < N; n0 += kCols) {
       const int64_t n = std::min<int64_t>(kCols, N - n0), vecs = (n + 15) / 16;
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
@@ -308,7 +305,7 @@ FC_TARGET void rows_dot_block(int64_t n, int64_t K, const EQ* Q, int64_t ldq, co
   for (int64_t j0 = 0; j0 < n; j0 += 4) {
     const int64_t nb = std::min<int64_t>(4, n - j0);
     for (int64_t j = j0 + kAheadKeys; j < std::min(j0 + kAheadKeys + 4, n); ++j)
-      prefetch_row(Kr + j * ldk, K * sizeof(EK));
+      prefetch_l1(Kr + j * ldk, K * sizeof(EK));
     __m512 acc[16];
     FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += Op::kChunk) {
@@ -383,8 +380,8 @@ FC_TARGET void stage_rows_pairs(int64_t n, int64_t N, const uint16_t* src, int64
                                 int64_t panel_stride, const RowsAhead& also) {
   for (int64_t i = 0; i < n; ++i) {
     if (r0 + i < also.rows)  // also's row of the same index, into L2
-      for (int64_t o = 0; o < also.bytes; o += 64) _mm_prefetch(also.base + (r0 + i) * also.stride + o, _MM_HINT_T1);
-    if (i + kAheadKeys < n) prefetch_row(src + (i + kAheadKeys) * lds, N * sizeof(uint16_t));
+      prefetch_l2(also.base + (r0 + i) * also.stride, also.bytes);
+    if (i + kAheadKeys < n) prefetch_l1(src + (i + kAheadKeys) * lds, N * sizeof(uint16_t));
     const int64_t r = r0 + i;
     const __mmask32 half = r % 2 ? 0xAAAAAAAAu : 0x55555555u;  // this row's 16-bit half of each pair
     uint16_t* row = Bp + r / 2 * kPairsRow;

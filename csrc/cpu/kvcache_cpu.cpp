@@ -23,6 +23,7 @@
 #include "avx2_rows.h"
 #include "avx512_gemm.h"
 #include "online_softmax.h"
+#include "prefetch.h"
 #include "tile_gemm.h"
 #include "tiles.h"
 
@@ -302,9 +303,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           const in_t* k = reinterpret_cast<const in_t*>(k_base + off * elem);
           acc_t* st = t.b.St.data() + (r - j0) * rows;  // S^T = K Q^T
           if (amx_v)  // the rows of this run no staging fetched, into L2
-            for (int64_t i = std::max<int64_t>(k_fetched - r, 0); i < n; ++i)
-              for (int64_t o = 0; o < D * elem; o += 64)
-                __builtin_prefetch(reinterpret_cast<const char*>(k + i * k_cache.stride(2)) + o, 0, 2);
+            for (int64_t i = std::max<int64_t>(k_fetched - r, 0); i < n; ++i) prefetch_l2(k + i * k_cache.stride(2), D * elem);
           if (amx_s)
             t.b.Qt.gemm(n, k, k_cache.stride(2), st, rows);
           else

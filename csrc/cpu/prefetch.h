@@ -1,0 +1,22 @@
+// Software prefetch of whole cache lines, for rows the decoding kernels read once from memory
+// (kvcache_cpu.cpp and its AVX2/AVX-512 kernels): plain inline functions, no target attribute,
+// so both ISA files and the portable code share them. A prefetch never faults; on a CPU other
+// than x86 __builtin_prefetch may do nothing.
+#pragma once
+#include <stdint.h>
+
+namespace flash_cuda::cpu {
+
+constexpr int64_t kCacheLine = 64;  // bytes
+
+// The lines of [p, p + bytes) fetched into L1 (prefetcht0 on x86).
+inline void prefetch_l1(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += kCacheLine) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 3);
+}
+// The lines of [p, p + bytes) fetched into L2 (prefetcht1 on x86): rows used after more than L1
+// holds has been read.
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += kCacheLine) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 2);
+}
+
+}  // namespace flash_cuda::cpu
