@@ -47,7 +47,7 @@ struct RowsAhead {
 // operand. Requires f32_gemm_supported().
 void stage_rows_pairs(int64_t n, int64_t N, const uint16_t* src, int64_t lds, int64_t r0, uint16_t* Bp,
                       int64_t panel_stride, const RowsAhead& also = {});
-// Zeroes the second half of row pair r / 2 (an odd K's missing row) of every panel.
+// Zeroes row r's half of row pair r / 2 in every panel (r = K for an odd K: the missing row).
 void zero_pair_half(int64_t r, int64_t N, uint16_t* Bp, int64_t panel_stride);
 
 // C (M x N, row stride ldc) = A (M x K, row stride lda) B, or C += A B when `accumulate`. B in the
