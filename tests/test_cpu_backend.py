@@ -338,3 +338,35 @@ def test_gemm_paths_on_views(monkeypatch, path, layout):
     assert_fa_rule("out", out, plain_out, ref_out, 2)
     for name, g_, pl, rl in zip(("dq", "dk", "dv"), grads, plain_leaves, ref_leaves):
         assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_tiles_handed_between_our_gemms_and_torchs(threads):
+    """The packed (AMX) GEMMs keep brgemm's tile configuration across a worker's tiles and release
+    it when the worker is done and before oneDNN's own GEMMs run (release_tiles). Interleaved in
+    one thread: bf16 attention with an even head dim (packed K^T and V), torch's bf16 matmul
+    (oneDNN, configures the tiles itself), attention with an odd head dim (K^T through oneDNN's
+    unpacked GEMM between the packed P V of every tile), decoding (packed Q^T): every result keeps
+    the FA rule against the float64 reference, and the matmul its own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(11)
+        a, b = (torch.randn(96, 96, generator=g).bfloat16() for _ in range(2))
+        for _ in range(2):
+            for D in (64, 59):
+                q, k, v = (torch.randn(1, 2, 300, D, generator=g).bfloat16() for _ in range(3))
+                out = flash_cuda.attention(q, k, v)
+                ref, _ = attention_ref(q.double(), k.double(), v.double())
+                plain, _ = attention_ref(q, k, v, dtype=torch.bfloat16)
+                assert_fa_rule("out", out, plain, ref, 2)
+                mm = a @ b
+                assert_fa_rule("matmul", mm, (a.float() @ b.float()).bfloat16(), a.double() @ b.double(), 2)
+            q = torch.randn(1, 8, 4, 64, generator=g).bfloat16()
+            k, v = (torch.randn(1, 2, 500, 64, generator=g).bfloat16() for _ in range(2))
+            out = flash_cuda.attention_with_kvcache(q, k, v)
+            ref, _ = attention_ref(q.double(), k.double(), v.double())
+            plain, _ = attention_ref(q, k, v, dtype=torch.bfloat16)
+            assert_fa_rule("decode", out, plain, ref, 2)
+    finally:
+        torch.set_num_threads(before)

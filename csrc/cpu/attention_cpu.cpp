@@ -131,6 +131,30 @@ void zero_column(T* x, int64_t ld, int64_t rows, int64_t c) {
   for (int64_t r = 0; r < rows; ++r) x[r * ld + c] = T(0);
 }
 
+// Rows i0 .. i0 + rows of head (b, h) of out (unit stride in D) = o (rows x D, acc_t) in out's
+// dtype, rounded to nearest even as a tensor copy rounds. Plain loops: a slice and a copy per
+// work item (tensors made, the dispatcher run) measured 1.04x-1.06x slower forwards at N = 1024.
+template <typename acc_t>
+void store_rows(const acc_t* o, int64_t rows, int64_t D, at::Tensor& out, int64_t b, int64_t h, int64_t i0) {
+  TORCH_INTERNAL_ASSERT(out.stride(3) == 1, "store_rows: unit stride in D");
+  const int64_t ld = out.stride(2);
+  const int64_t offset = b * out.stride(0) + h * out.stride(1) + i0 * ld;
+  const auto dtype = out.scalar_type();
+  if (dtype == c10::CppTypeToScalarType<acc_t>::value) {
+    acc_t* y = out.data_ptr<acc_t>() + offset;
+    for (int64_t r = 0; r < rows; ++r) std::copy(o + r * D, o + (r + 1) * D, y + r * ld);
+  } else if constexpr (std::is_same_v<acc_t, float>) {
+    TORCH_INTERNAL_ASSERT(dtype == at::kBFloat16 || dtype == at::kHalf, "store_rows: a 16-bit output");
+    auto* y = static_cast<uint16_t*>(out.data_ptr()) + offset;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (dtype == at::kBFloat16)
+        round_bf16(o + r * D, D, y + r * ld);
+      else
+        round_fp16(o + r * D, D, y + r * ld);
+    }
+  }
+}
+
 // in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
 // the softmax (float, or double for double).
 template <typename in_t>
@@ -225,7 +249,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : row.m + std::log(row.l);
     }
-    out[b][h].slice(0, i0, i1).copy_(at::from_blob(o, {br, D}, out.options().dtype(lse.scalar_type())));
+    store_rows(o, br, D, out, b, h, i0);
   });
 }
 
@@ -357,7 +381,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const AttnOptions& opt) {
   const auto acc = at::toOpMathType(q.scalar_type());
-  at::Tensor out = at::empty_like(q);
+  // q's layout where it has unit stride in D (store_rows writes rows), else a contiguous one
+  at::Tensor out = q.stride(3) == 1 ? at::empty_like(q) : at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
   // Few query rows per kv group (decoding, short prompts): the KV-cache loop reads each kv head's

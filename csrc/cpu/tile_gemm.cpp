@@ -22,13 +22,26 @@
 
 namespace flash_cuda::cpu {
 namespace {
+// Whether this thread's last packed brgemm call left its AMX tile configuration loaded.
+thread_local bool tiles_held = false;
+}  // namespace
+
+void release_tiles() {
+  if (!tiles_held) return;
+  at::native::cpublas::brgemm_release(true);
+  tiles_held = false;
+}
+
+namespace {
 
 // is_vnni = false: B is plain row-major, no packing; brgemm then runs oneDNN's GEMM for these
-// types (C += A B with the C++ types' own precision, accumulated in float).
+// types (C += A B with the C++ types' own precision, accumulated in float), which configures the
+// AMX tiles itself.
 template <typename T>
 void brgemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, float* C, int64_t ldc,
             bool accumulate) {
   if (M == 0 || N == 0) return;
+  release_tiles();
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
@@ -50,6 +63,7 @@ template <typename T>
 void blas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
                bool accumulate, int64_t b_col = 1) {
   if (M == 0 || N == 0) return;
+  release_tiles();  // at::mm may run oneDNN, which configures the AMX tiles itself
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
   if (K == 0) {
@@ -348,9 +362,7 @@ void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t 
       at::native::cpublas::brgemm(M, cols, kk, lda, w, ldc, accumulate, A, B, C + (n - n0), /*is_vnni=*/true);
       n += cols;
     }
-    // The micro-kernel keeps the AMX tile configuration of its last shape; release it so the
-    // unpacked GEMMs (oneDNN/MKL, which configure tiles on their own) start from a clean state.
-    at::native::cpublas::brgemm_release(true);
+    tiles_held = true;
   }
 }
 
@@ -373,7 +385,7 @@ void RowsTransposed<T>::gemm(int64_t M, const T* A, int64_t lda, float* C, int64
   if (M == 0) return;
   at::native::cpublas::brgemm(M, N_, K_, lda, w_, ldc, false, A, reinterpret_cast<const T*>(data_.data()), C,
                               /*is_vnni=*/true);
-  at::native::cpublas::brgemm_release(true);
+  tiles_held = true;
 }
 
 template <typename T>
@@ -383,7 +395,7 @@ void amx_gemm_pairs(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   for (int64_t n0 = 0; n0 < N; n0 += kPairsPanel)
     at::native::cpublas::brgemm(M, std::min(kPairsPanel, N - n0), K, lda, kPairsPanel, ldc, accumulate, A,
                                 Bp + n0 / kPairsPanel * panel_stride, C + n0, /*is_vnni=*/true);
-  at::native::cpublas::brgemm_release(true);
+  tiles_held = true;
 }
 template void amx_gemm_pairs<c10::BFloat16>(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
                                             const c10::BFloat16*, int64_t, float*, int64_t, bool);

@@ -13,6 +13,7 @@
 #include "../attn_options.h"
 #include "../kernels/mask.h"
 #include "rowops.h"
+#include "tile_gemm.h"
 
 namespace flash_cuda::cpu {
 
@@ -39,13 +40,17 @@ using TileVector = std::vector<T, CacheLineAllocator<T>>;
 // out dynamically (causal tiles differ in cost), which keeps results deterministic
 // because every item writes its own outputs and carries no state between items.
 // OpenMP workers do not inherit the dispatcher's thread-local state: without the guard
-// the tile ops below would run through autograd again on tensors that require grad.
+// the tile ops below would run through autograd again on tensors that require grad. Each
+// worker releases the AMX tiles its GEMMs held (release_tiles, tile_gemm.h) when it is done.
 template <typename MakeScratch, typename Work>
 inline void parallel_items(int64_t n, MakeScratch make_scratch, Work work) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    struct ReleaseTiles {  // also when an item throws
+      ~ReleaseTiles() { release_tiles(); }
+    } release;
     auto scratch = make_scratch();
     for (int64_t item = next++; item < n; item = next++) work(item, scratch);
   });
