@@ -389,13 +389,14 @@ at::Tensor row_dots(const at::Tensor& dout, const at::Tensor& out, at::ScalarTyp
     const scalar_t* g = dout.data_ptr<scalar_t>();
     const scalar_t* o = out.data_ptr<scalar_t>();
     acc_t* d = delta.data_ptr<acc_t>();
+    const auto gs = dout.strides(), os = out.strides();
     at::parallel_for(0, B * H * N, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / (H * N), h = r / N % H, i = r % N;
-        const scalar_t* gr = g + b * dout.stride(0) + h * dout.stride(1) + i * dout.stride(2);
-        const scalar_t* orow = o + b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
+        const scalar_t* gr = g + b * gs[0] + h * gs[1] + i * gs[2];
+        const scalar_t* orow = o + b * os[0] + h * os[1] + i * os[2];
         double sum = 0;
-        for (int64_t c = 0; c < D; ++c) sum += double(gr[c * dout.stride(3)]) * double(orow[c * out.stride(3)]);
+        for (int64_t c = 0; c < D; ++c) sum += double(gr[c * gs[3]]) * double(orow[c * os[3]]);
         d[r] = acc_t(sum);
       }
     });
