@@ -8,9 +8,9 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
-#include <limits>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 #if defined(__x86_64__)
