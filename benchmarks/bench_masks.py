@@ -23,7 +23,7 @@ and the ratio SDPA time / flash_cuda time (> 1: flash_cuda faster). The machine 
 its ISA flags, or GPU) is printed first and stored in the JSON.
 
     python benchmarks/bench_masks.py [--device cpu|cuda] [--cases window,padded,scaling]
-                                     [--json PATH] [--quick]
+                                     [--json PATH] [--quick] [--reps N]
 """
 import argparse
 import json
@@ -86,7 +86,7 @@ def run_point(impls, q, k, v, mode, device, reps):
     return {name: (statistics.median(times[name]), out[name][1], out[name][0]) for name in steps}
 
 
-def case_window(device, dtype, quick):
+def case_window(device, dtype, quick, reps=None):
     H = 32 if device == "cuda" else 8
     ns = (4096,) if quick else (4096, 8192, 16384)
     rows = []
@@ -100,13 +100,13 @@ def case_window(device, dtype, quick):
                      "sdpa": lambda q, k, v, m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m)}
             ref = reference_rows(q, k, v, mask[-128:])
             for mode in ("fwd", "fwdbwd"):
-                res = run_point(impls, q, k, v, mode, device, reps=3 if device == "cpu" else 20)
+                res = run_point(impls, q, k, v, mode, device, reps=reps or (3 if device == "cpu" else 20))
                 rows.append(row("window", dict(N=n, W=w, H=H, D=128), mode, dtype, res, ref))
                 print(fmt_row(rows[-1]), flush=True)
     return rows
 
 
-def case_padded(device, dtype, quick):
+def case_padded(device, dtype, quick, reps=None):
     B, N, H, D = 8, 512, 12, 64
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(64, N + 1, (B,), generator=g)
@@ -117,20 +117,20 @@ def case_padded(device, dtype, quick):
     ref = reference_rows(q, k, v, mask[0, 0].expand(128, N))
     rows = []
     for mode in ("fwd", "fwdbwd"):
-        res = run_point(impls, q, k, v, mode, device, reps=5 if device == "cpu" else 30)
+        res = run_point(impls, q, k, v, mode, device, reps=reps or (5 if device == "cpu" else 30))
         rows.append(row("padded", dict(B=B, N=N, H=H, D=D), mode, dtype, res, ref))
         print(fmt_row(rows[-1]), flush=True)
     return rows
 
 
-def case_scaling(device, dtype, quick):
+def case_scaling(device, dtype, quick, reps=None):
     H, D, W = 8, 128, 512
     rows = []
     for n in ((1024, 2048, 4096) if quick else (1024, 2048, 4096, 8192, 16384)):
         q, k, v = (torch.randn(1, H, n, D, device=device, dtype=dtype) for _ in range(3))
         impls = {"flash_cuda": lambda q, k, v: flash_cuda.attention(q, k, v, causal=True, window=(W - 1, 0))}
         for mode in ("fwd", "fwdbwd"):
-            res = run_point(impls, q, k, v, mode, device, reps=3)
+            res = run_point(impls, q, k, v, mode, device, reps=reps or 3)
             t = res["flash_cuda"][0]
             rows.append({"case": "scaling", "shape": dict(N=n, W=W, H=H, D=D), "mode": mode,
                          "dtype": str(dtype).split(".")[-1], "flash_cuda_s": t, "us_per_row": t / n * 1e6,
@@ -163,14 +163,19 @@ def main(argv=None):
     ap.add_argument("--cases", default="window,padded,scaling")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer points (CI smoke run)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per implementation and point, median reported (default: per case, 3-5 on CPU)")
     args = ap.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        ap.error("--reps must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     meta = machine(device)
     print("machine:", json.dumps(meta), flush=True)
     results = []
     for case in args.cases.split(","):
-        results += {"window": case_window, "padded": case_padded, "scaling": case_scaling}[case](device, dtype, args.quick)
+        run_case = {"window": case_window, "padded": case_padded, "scaling": case_scaling}[case]
+        results += run_case(device, dtype, args.quick, args.reps)
     save_json(args.json, meta, results)
     return results
 

@@ -18,7 +18,7 @@ helpers: CUDA events / perf_counter, peak allocated / sampled RSS increase), tok
 and the max |out - ref| over the real tokens of the first sequence against a float64 reference.
 The machine (CPU model and ISA flags, or GPU) is printed first and stored in the JSON.
 
-    python benchmarks/bench_varlen.py [--device cpu|cuda] [--json PATH] [--tokens N] [--skip NAME,...]
+    python benchmarks/bench_varlen.py [--device cpu|cuda] [--json PATH] [--tokens N] [--reps N] [--skip NAME,...]
 """
 import argparse
 import json
@@ -137,8 +137,12 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--tokens", type=int, default=16384, help="tokens in the batch (default: %(default)s)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per implementation and point, median reported (default: 5 on CPU, 30 on CUDA)")
     ap.add_argument("--skip", default="", help="comma list of sdpa-padded, sdpa-nested not to run (reported as such)")
     args = ap.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        ap.error("--reps must be >= 1")
     warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage.*")
     device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -151,7 +155,7 @@ def main(argv=None):
     rows = []
     for causal in (False, True):
         for mode in ("fwd", "fwdbwd"):
-            res = run_point(lengths, H, D, device, dtype, causal, mode, reps=5 if device == "cpu" else 30,
+            res = run_point(lengths, H, D, device, dtype, causal, mode, reps=args.reps or (5 if device == "cpu" else 30),
                             skip=args.skip.split(","))
             rows.append({"causal": causal, "mode": mode, "results": res})
             ours = res["flash_cuda"]

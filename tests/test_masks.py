@@ -327,7 +327,7 @@ def test_bench_masks_runs(tmp_path):
     import json
     bench = load_benchmark("bench_masks")
     out = tmp_path / "masks.json"
-    rows = bench.main(["--device", "cpu", "--quick", "--json", str(out)])
+    rows = bench.main(["--device", "cpu", "--quick", "--reps", "1", "--json", str(out)])
     assert {r["case"] for r in rows} == {"window", "padded", "scaling"}
     for r in rows:
         if r["case"] != "scaling":

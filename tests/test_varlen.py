@@ -281,7 +281,7 @@ def test_bench_varlen_runs(tmp_path):
     import json
     bench = load_benchmark("bench_varlen")
     out = tmp_path / "varlen.json"
-    meta, rows = bench.main(["--device", "cpu", "--tokens", "1500", "--json", str(out)])
+    meta, rows = bench.main(["--device", "cpu", "--tokens", "1500", "--reps", "1", "--json", str(out)])
     assert meta["tokens"] == 1500 and meta["B"] == 4 and 0 < meta["padding_fraction"] < 1 and len(rows) == 4
     for r in rows:
         ours, padded = r["results"]["flash_cuda"], r["results"]["sdpa-padded"]
