@@ -301,7 +301,8 @@ def test_randomised_against_reference(seed):
     """Random shapes (Nk = 1 included), GQA ratios, dtypes, layouts (FlashAttention's (B, N, H, D)
     views, sliced views), p and feature combinations against the float64 reference with the
     returned mask; the CPU backend, and the CUDA kernels in the emulator for every fourth seed.
-    Low precision uses the saturated-softmax term of the standard."""
+    Low precision uses the saturated-softmax term of the standard. Draws where every row sees one
+    key can exceed the bounds (test_randomised_known_excess)."""
     rnd = random.Random(seed)
     emulated = seed % 4 == 3
     dtype = rnd.choice([torch.float16, torch.bfloat16] if emulated else [torch.float32, torch.float16, torch.bfloat16])
@@ -340,6 +341,18 @@ def test_randomised_against_reference(seed):
     for name, a, pg, b, st in zip(names, grads, plain_grads, ref_grads, sat):
         assert_fa_rule(f"{name} ({kw}, p={p})", a, pg, b, 3, saturation=st)
 
+
+
+# A soak over seeds 2000-2549 (2026-12-03) found one draw outside the fp32 bound: Nk = 1 (one key
+# per row), p = 0.9, scale 3.0 on the CPU backend, the known excess of test_one_key_rows
+# (test_devices.py). Pinned so a fix or change shows.
+@pytest.mark.xfail(strict=True, reason="known: with one key per row the exact dQ and dK are 0, while dS = P (dP - D) "
+                                       "subtracts two fp32 dot products of different orders (dP by the tile GEMM, "
+                                       "D = rowsum(dO O) in float64); dropout's 1/(1-p) = 10 and scale 3.0 make "
+                                       "the residue 2.4e-4 (dQ) and 3.1e-4 (dK), over fp32's 2e-4")
+@pytest.mark.parametrize("seed", [2378])
+def test_randomised_known_excess(seed):
+    test_randomised_against_reference(seed)
 
 # ---------------------------------------------------------------- reproducibility
 def test_seed_reproducibility_and_fresh_masks(device):

@@ -279,7 +279,8 @@ def test_compile_fullgraph_every_feature():
 def test_randomised_against_reference(seed):
     """Random shapes, GQA ratios, dtypes, layouts (FlashAttention's (B, N, H, D) views, sliced
     views) and feature combinations against the float64 reference. Low precision uses the
-    saturated-softmax term of the standard (random scales and Nk = 1 make one-hot rows)."""
+    saturated-softmax term of the standard (random scales and Nk = 1 make one-hot rows); draws where
+    every row sees at most one key can exceed it (test_randomised_known_excess)."""
     rnd = random.Random(seed)
     dtype = rnd.choice([torch.float32, torch.float16, torch.bfloat16])
     hkv = rnd.choice([1, 2])
@@ -320,6 +321,18 @@ def test_randomised_against_reference(seed):
     for name, a, pg, b, st in zip(names, grads, plain_grads, ref_grads, sat):
         assert_fa_rule(f"{name} ({kw})", a, pg, b, 3, saturation=st)
 
+
+
+# A soak over seeds 2000-2549 (2026-12-03) found three draws outside the rule, each one where every
+# row sees at most one key (a window of left 0 with causal or right 0) at scale 3.0: the known excess
+# of test_devices.py::test_one_key_rows, on the CPU backend here. Pinned so a fix or change shows.
+@pytest.mark.xfail(strict=True, reason="known: with one key per row plain torch's dQ and dK are exactly 0, while "
+                                       "dS = P (dP - D) subtracts two fp32 dot products of different orders (dP "
+                                       "by the tile GEMM, D = rowsum(dO O) in float64); at scale 3.0 the residue "
+                                       "exceeds 1e-5 (soak: dQ 1.5e-5 to 4.4e-5)")
+@pytest.mark.parametrize("seed", [2024, 2033, 2407])
+def test_randomised_known_excess(seed):
+    test_randomised_against_reference(seed)
 
 def test_bench_masks_runs(tmp_path):
     """benchmarks/bench_masks.py end to end (its quick points, every case): not dead on arrival.
