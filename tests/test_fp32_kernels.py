@@ -188,13 +188,13 @@ def test_randomised_differential(seed):
 
 
 
-# A soak of these randomised tests over 550 further seeds each (2026-12-03: seeds 2000-2549) found
-# 11 backward draws and 1 forward draw outside the 3xTF32 bound; three of the worst are pinned
-# here (and the forward), so that a change which fixes or worsens them shows.
+# A soak of these randomised tests over 756 further seeds each (2026-12-03: seeds 2000-2755) found
+# 17 backward draws and 1 forward draw outside the 3xTF32 bound; four of them are pinned here
+# (and the forward), so that a change which fixes or worsens them shows.
 KNOWN_EXCESS = ("known: 3xTF32 exceeds 4x plain fp32's error + 1e-6 in ~2% of randomised draws (soak, seeds "
-                "2000-2549: gradients up to 18x plain fp32's error, most at scale 1.0 but also at 0.05 and "
+                "2000-2755: gradients up to 53x plain fp32's error, most at scale 1.0 but also at 0.05 and "
                 "1/sqrt(D); one output 15x, D 253, scale 0.45). Plain torch in 3xTF32 arithmetic (three tf32 "
-                "hi/lo products per GEMM) has 1.2x-4.5x fp32's error on those draws, the rest is the "
+                "hi/lo products per GEMM) has 1.1x-5.5x fp32's error on those draws, the rest is the "
                 "kernel's own arithmetic: in part P recomputed from the fp32 lse (twice that rounding's "
                 "effect covers 4 of 5 dV excesses examined); the rest not analysed")
 
@@ -332,6 +332,6 @@ def test_backward_randomised_differential(seed):
 
 
 @pytest.mark.xfail(strict=True, reason=KNOWN_EXCESS)
-@pytest.mark.parametrize("seed", [2413, 2478, 2506])
+@pytest.mark.parametrize("seed", [2413, 2478, 2506, 2689])
 def test_backward_randomised_differential_known_excess(seed):
     test_backward_randomised_differential(seed)

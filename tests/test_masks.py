@@ -323,14 +323,14 @@ def test_randomised_against_reference(seed):
 
 
 
-# A soak over seeds 2000-2549 (2026-12-03) found three draws outside the rule, each one where every
-# row sees at most one key (a window of left 0 with causal or right 0) at scale 3.0: the known excess
+# A soak over seeds 2000-2755 (2026-12-03) found four draws outside the rule, each one where every
+# row sees at most one key (Nk = 1, a window of left 0 with causal or right 0) at scale 3.0: the known excess
 # of test_devices.py::test_one_key_rows, on the CPU backend here. Pinned so a fix or change shows.
 @pytest.mark.xfail(strict=True, reason="known: with one key per row plain torch's dQ and dK are exactly 0, while "
                                        "dS = P (dP - D) subtracts two fp32 dot products of different orders (dP "
                                        "by the tile GEMM, D = rowsum(dO O) in float64); at scale 3.0 the residue "
                                        "exceeds 1e-5 (soak: dQ 1.5e-5 to 4.4e-5)")
-@pytest.mark.parametrize("seed", [2024, 2033, 2407])
+@pytest.mark.parametrize("seed", [2024, 2033, 2407, 2578])
 def test_randomised_known_excess(seed):
     test_randomised_against_reference(seed)
 
