@@ -135,16 +135,23 @@ def test_scale(device):
             assert_close_fp("lse", lse, ref_lse)
 
 
-def test_soak_tool_reports_failing_draws():
+def test_soak_tool_reports_failing_draws(monkeypatch):
     """tools/soak.py (the randomised tests over further seeds) runs a draw of each test it names and
-    returns the failing ones with their seeds: a pinned known excess (test_dropout's seed 2378)
-    fails, CI's first KV-cache draw passes."""
+    returns the failing ones with their seeds: real KV-cache draws pass, and a draw made to fail
+    (the test replaced for seed 1) is reported with its seed."""
     import importlib.util
     import os
+    import test_kvcache
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "soak.py")
     spec = importlib.util.spec_from_file_location("flash_cuda_soak", path)
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
-    assert soak.main(["--start", "2378", "--count", "1", "--only", "test_dropout"]) == [
-        ("test_dropout", "test_randomised_against_reference", 2378)]
     assert soak.main(["--start", "0", "--count", "1", "--only", "test_kvcache"]) == []
+    real = test_kvcache.test_randomised
+
+    def fails_at_1(seed):
+        assert seed != 1, "planted failure"
+        real(seed)
+    monkeypatch.setattr(test_kvcache, "test_randomised", fails_at_1)
+    failing = soak.main(["--start", "0", "--count", "2", "--only", "test_kvcache"])
+    assert failing == [("test_kvcache", "test_randomised", 1)]

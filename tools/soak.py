@@ -41,8 +41,9 @@ def main(argv=None):
         ap.error(f"--only matches none of {sorted({m for m, _ in TESTS} | {f for _, f in TESTS})}")
     modules = {m: importlib.import_module(m) for m, _ in tests}
     t0, seed, runs, failures = time.time(), args.start, 0, []
-    while (args.count is None and time.time() - t0 < 60 * args.minutes) or \
-            (args.count is not None and seed < args.start + args.count):
+    more = (lambda: seed < args.start + args.count) if args.count is not None else \
+        (lambda: time.time() - t0 < 60 * args.minutes)
+    while more():
         for m, f in tests:
             try:
                 getattr(modules[m], f)(seed)
