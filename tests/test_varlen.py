@@ -1,14 +1,17 @@
 """Packed variable-length sequences on the CPU backend: flash_cuda.varlen_attention against a
 per-sequence float64 reference (lengths 0, 1, 17, 113, 130 mixed, lens_q != lens_k, GQA, causal,
-window, softcap, ALiBi), outputs and gradients (through lse too); unpad_input / pad_input;
-opcheck and torch.compile; bad cu_seqlens. The same through the CUDA kernels in the emulator, and
+window, softcap, ALiBi), outputs and gradients (through lse too); a seeded randomised
+differential test (random lengths, shapes, layouts and features; CPU or emulated kernels);
+unpad_input / pad_input; opcheck and torch.compile; bad cu_seqlens. The same through the CUDA kernels in the emulator, and
 the tiles they run: only the sequences' own."""
+import random
+
 import pytest
 import torch
 
 import flash_cuda
 from conftest import load_benchmark
-from reference import assert_close_fp, assert_fa_rule, attention_ref
+from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms
 
 LENS_Q = [17, 0, 113, 1, 130]
 LENS_K = [20, 5, 113, 0, 97]
@@ -194,6 +197,132 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads, torch.autograd.grad(ref.sum(), ref_leaves)):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ randomised differential test
+def random_packed(rnd, g, lens, h, D, dtype):
+    """(total, h, D) packed tokens in a layout users pass: contiguous, sliced out of FlashAttention's
+    qkvpacked (total, 3, h, D), or out of longer rows (unit stride in D only)."""
+    kind, total = rnd.choice(["contiguous", "qkvpacked", "wide"]), sum(lens)
+    if kind == "contiguous":
+        return torch.randn(total, h, D, generator=g).to(dtype)
+    if kind == "qkvpacked":
+        return torch.randn(total, 3, h, D, generator=g).to(dtype)[:, rnd.randrange(3)]
+    return torch.randn(total, h, D + 5, generator=g).to(dtype)[:, :, 3:D + 3]
+
+
+def per_sequence(x, cu, b):
+    """Sequence b of packed (total, H, D) x as (1, H, n, D)."""
+    return x[cu[b].item():cu[b + 1].item()].transpose(0, 1)[None]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_randomised_against_reference(seed):
+    """Random batches of packed sequences (lengths 0 to 130, lens_q != lens_k or self-attention),
+    GQA ratios, dtypes, head dims, layouts (qkvpacked and sliced views), scales and feature
+    combinations (causal, window, softcap, ALiBi per head or per sequence, dropout, deterministic)
+    on the CPU backend or the CUDA kernels in the emulator (checkers on), against a per-sequence
+    float64 reference: out and lse, gradients through both. fp32 within 2e-5 (out) / 2e-4
+    (gradients) of the magnitude; fp16/bf16 under the FA rule with the saturated-softmax term.
+    No sequence has exactly one key and no window leaves one key per row (the known excess of
+    test_devices.py::test_one_key_rows)."""
+    rnd = random.Random(seed)
+    emulated = rnd.random() < 0.5
+    dtype = rnd.choice([torch.float16, torch.bfloat16] + ([] if emulated else [torch.float32]))
+    hkv = rnd.choice([1, 2])
+    hq = hkv * rnd.choice([1, 2, 3])
+    B, D = rnd.randint(1, 4), rnd.choice([8, 16, 40, 64, 96, 128] if not emulated else [16, 40, 64, 128])
+    draw = lambda lo: 0 if rnd.random() < 0.15 else rnd.randint(lo, rnd.choice([20, 130]))  # noqa: E731
+    lens_q = [draw(1) for _ in range(B)]
+    lens_k = list(lens_q) if rnd.random() < 0.4 else [draw(2) for _ in range(B)]
+    lens_k = [n if n != 1 else 2 for n in lens_k]
+    if not any(nq and nk for nq, nk in zip(lens_q, lens_k)):  # at least one sequence with work
+        lens_q[0], lens_k[0] = rnd.randint(1, 90), rnd.randint(2, 90)
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    g = torch.Generator().manual_seed(seed)
+    q = random_packed(rnd, g, lens_q, hq, D, dtype)
+    k, v = (random_packed(rnd, g, lens_k, hkv, D, dtype) for _ in range(2))
+
+    kw = {"scale": rnd.choice([None, 0.05, 1.0, 3.0])}
+    if rnd.random() < 0.5:
+        kw["causal"] = True
+    if rnd.random() < 0.5:
+        kw["window"] = (rnd.choice([-1, 3, 17]), rnd.choice([-1, 5] if kw.get("causal") else [-1, 0, 5]))
+    if rnd.random() < 0.4:
+        kw["softcap"] = rnd.choice([0.5, 5.0, 30.0])
+    slopes = None
+    if rnd.random() < 0.4:
+        base = torch.tensor([2.0 ** (-8.0 * (h + 1) / hq) for h in range(hq)])
+        slopes = base if rnd.random() < 0.5 else torch.stack([base * (1 + 0.5 * b) for b in range(B)])
+    p = rnd.choice([0.0, 0.0, 0.3, 0.8])
+    deterministic = rnd.random() < 0.5
+
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    call = dict(kw, alibi_slopes=slopes, dropout_p=p, return_lse=True, return_dropout_mask=p > 0,
+                deterministic=deterministic, generator=torch.Generator().manual_seed(seed) if p > 0 else None)
+    if emulated:
+        with flash_cuda.emulate(check=True, order=rnd.choice(["forward", "reverse"])) as emu:
+            res = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), **call)
+            out, lse = res[0], res[1]
+            dout = torch.randn(out.shape, generator=g).to(dtype)
+            grads = torch.autograd.grad((out * dout).sum() + 0.1 * lse.nan_to_num(neginf=0).sum(), leaves)
+        assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    else:
+        res = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), **call)
+        out, lse = res[0], res[1]
+        dout = torch.randn(out.shape, generator=g).to(dtype)
+        grads = torch.autograd.grad((out * dout).sum() + 0.1 * lse.nan_to_num(neginf=0).sum(), leaves)
+    keep = res[2] if p > 0 else None
+    assert out.shape == q.shape and lse.shape == (hq, q.shape[0])
+
+    def sequence_kw(b):
+        kb = dict(kw)
+        if slopes is not None:
+            kb["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b]
+        if keep is not None:
+            kb.update(dropout_mask=keep[b:b + 1, :, :lens_q[b], :lens_k[b]], dropout_p=p)
+        return kb
+
+    def reference_run(dt):
+        """Per-sequence out (total_q, Hq, D), lse (Hq, total_q) and gradients, in dtype dt."""
+        ls = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        outs, lses = [], []
+        for b in range(B):
+            o, l_ = attention_ref(per_sequence(ls[0], cu_q, b), per_sequence(ls[1], cu_k, b),
+                                  per_sequence(ls[2], cu_k, b), dtype=dt, **sequence_kw(b))
+            outs.append(o[0].transpose(0, 1))
+            lses.append(l_[0])
+        o, l_ = torch.cat(outs), torch.cat(lses, dim=1)
+        loss = (o * dout.to(dt)).sum() + 0.1 * l_.nan_to_num(neginf=0).sum()
+        return o, l_, torch.autograd.grad(loss, ls, allow_unused=True)
+
+    ref_out, ref_lse, ref_grads = reference_run(torch.float64)
+    ref_grads = [torch.zeros_like(x, dtype=torch.float64) if gr is None else gr for x, gr in zip((q, k, v), ref_grads)]
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    names = ["dq", "dk", "dv"]
+    if dtype == torch.float32:
+        assert_close_fp("out", out, ref_out, 2e-5)
+        assert_close_fp("lse", lse[fin], ref_lse[fin], 2e-5)
+        for name, a, b in zip(names, grads, ref_grads):
+            assert_close_fp(name, a, b, 2e-4)
+        return
+    plain_out, _, plain_grads = reference_run(dtype)
+    plain_grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip((q, k, v), plain_grads)]
+    assert_fa_rule(f"out ({kw}, p={p}, lens {lens_q} {lens_k})", out, plain_out, ref_out, 2)
+    assert_close_fp("lse", lse[fin], ref_lse[fin], 1e-4)
+    # the saturated-softmax term, per sequence, packed back
+    sat = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
+    for b in range(B):
+        if lens_q[b] and lens_k[b]:
+            terms = saturation_terms(per_sequence(out, cu_q, b), sequence_kw(b), per_sequence(dout, cu_q, b),
+                                     per_sequence(q, cu_q, b), per_sequence(k, cu_k, b), per_sequence(v, cu_k, b))
+            for dst, t, c in zip(sat, terms, (cu_q, cu_k, cu_k)):
+                if t is not None:
+                    dst[c[b].item():c[b + 1].item()] = t[0].transpose(0, 1)
+    for name, a, pg, b, st in zip(names, grads, plain_grads, ref_grads, sat):
+        assert_fa_rule(f"{name} ({kw}, p={p}, lens {lens_q} {lens_k})", a, pg, b, 3, saturation=st)
 
 
 # ------------------------------------------------------------------ bad input, one test each
