@@ -1,13 +1,15 @@
 """flash_cuda.scaled_dot_product_attention reproduces torch.nn.functional.scaled_dot_product_attention
 (math backend) for every argument combination it supports: shapes with 2 to 5 dims, top-left
 causal alignment with Nq != Nk, custom scale, enable_gqa and the one-kv-head broadcast."""
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_cuda
-from reference import assert_close_fp, max_err
+from reference import assert_close_fp, assert_fa_rule, attention_ref, max_err, saturation_terms
 
 CASES = [  # (query shape, key/value shape, enable_gqa)
     ((2, 4, 33, 16), (2, 4, 33, 16), False),
@@ -59,3 +61,118 @@ def test_matches_torch_sdpa_bf16(qs, ks, gqa):
 def test_empty_key_sequence_matches_torch():
     ours, theirs = run_both((1, 2, 5, 8), (1, 2, 0, 8), torch.float32)
     assert torch.equal(ours[0], theirs[0])  # both all zeros
+
+
+# ------------------------------------------------------------------ randomised differential test
+def random_sdpa_args(rnd, g, dtype):
+    """query, key, value, attn_mask and keyword arguments of one random drop-in call: 2-D to 5-D,
+    GQA through enable_gqa or the one-kv-head broadcast, FlashAttention-layout or sliced views,
+    bool or floating masks (with a gradient or not) in their broadcastable shapes, or is_causal."""
+    ndim = rnd.choice([2, 3, 4, 4, 5])
+    L, S, E = rnd.randint(1, 70), rnd.randint(2, 70), rnd.choice([8, 16, 40, 64, 96])
+    hkv = rnd.choice([1, 2]) if ndim >= 3 else 1
+    hq = hkv * rnd.choice([1, 2, 3]) if ndim >= 3 else 1
+    gqa = hq != hkv and (hkv > 1 or rnd.random() < 0.5)  # (one kv head also broadcasts without it)
+    batch = {2: (), 3: (), 4: (rnd.randint(1, 3),), 5: (rnd.randint(1, 2), rnd.randint(1, 2))}[ndim]
+    head = (hq,) if ndim >= 3 else ()
+
+    def tensor(h, n):
+        shape = batch + ((h,) if ndim >= 3 else ()) + (n, E)
+        if ndim == 4 and rnd.random() < 0.5:  # (B, N, H, E) memory, as FlashAttention lays it out
+            return torch.randn(batch + (n, h, E), generator=g).to(dtype).transpose(1, 2)
+        if rnd.random() < 0.5:  # sliced out of longer rows
+            return torch.randn(shape[:-1] + (E + 6,), generator=g).to(dtype)[..., 2:E + 2]
+        return torch.randn(shape, generator=g).to(dtype)
+
+    q, k, v = tensor(hq, L), tensor(hkv, S), tensor(hkv, S)
+    kw = {"scale": rnd.choice([None, 0.3, 1.0]), "enable_gqa": gqa}
+    mask = None
+    kind = rnd.choice(["none", "causal", "bool", "float"])
+    if kind == "causal":
+        kw["is_causal"] = True
+    elif kind != "none":
+        shape = rnd.choice([(L, S), batch + head + (L, S)] + ([batch + (1, L, S)] if ndim >= 3 else []))
+        if kind == "bool":
+            mask = torch.rand(shape, generator=g) < 0.8
+        else:
+            mask = (2 * torch.randn(shape, generator=g)).to(dtype)
+            if rnd.random() < 0.5:
+                mask.requires_grad_()
+    return q, k, v, mask, kw
+
+
+def as_4d(x):
+    """An SDPA operand (..., [H,] N, E) as attention_ref's (B, H, N, E) (batch dims flattened)."""
+    if x.dim() == 2:
+        return x[None, None]
+    return x[None] if x.dim() == 3 else x.reshape((-1,) + tuple(x.shape[-3:]))
+
+
+def plain_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
+    """The drop-in's semantics written out elementwise (reference.attention_ref, top-left causal)
+    in the inputs' dtype: "the same computation in plain torch at that precision". (Torch's math
+    backend is no such thing on the CPU: in fp16/bf16 it reached fp32 accuracy but for the
+    rounding of its inputs and output.)"""
+    m = None
+    if attn_mask is not None:
+        m = as_4d(attn_mask.expand(q.shape[:-2] + attn_mask.shape[-2:]).expand(q.shape[:-1] + (k.shape[-2],)))
+    out, _ = attention_ref(as_4d(q), as_4d(k), as_4d(v), causal=is_causal, bottom_right=False, scale=scale,
+                           dtype=q.dtype, attn_mask=m)
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_randomised_against_reference(seed):
+    """Random drop-in calls (random_sdpa_args) in fp32, bf16 and fp16, on the CPU backend or the
+    CUDA kernels in the emulator, against torch's math backend in float64: out and the gradients
+    of q, k, v and a floating mask. fp32 within 5e-5 of the magnitude (gradients 2e-4); fp16/bf16
+    under the FA rule (plain torch: plain_attention in that dtype) with the saturated-softmax
+    term. Rows a bool mask hides entirely give 0 (torch's math backend: NaN)."""
+    rnd = random.Random(seed)
+    emulated = rnd.random() < 0.4
+    dtype = rnd.choice([torch.float16, torch.bfloat16] + ([] if emulated else [torch.float32]))
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, mask, kw = random_sdpa_args(rnd, g, dtype)
+    dout = torch.randn(q.shape, generator=g).to(dtype)
+
+    def run(fn, dt):
+        leaves = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        m = None if mask is None else mask.detach().to(dt if mask.is_floating_point() else torch.bool)
+        if m is not None and mask.requires_grad:
+            m.requires_grad_()
+        out = fn(*leaves, attn_mask=m, **kw)
+        wrt = leaves + ([m] if m is not None and m.requires_grad else [])
+        return out, list(torch.autograd.grad((out * dout.to(dt)).sum(), wrt))
+
+    if emulated:
+        with flash_cuda.emulate(check=True, order=rnd.choice(["forward", "reverse"])) as emu:
+            out, grads = run(flash_cuda.scaled_dot_product_attention, dtype)
+        assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
+    else:
+        out, grads = run(flash_cuda.scaled_dot_product_attention, dtype)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_out, ref_grads = run(F.scaled_dot_product_attention, torch.float64)
+    hidden = torch.isnan(ref_out)  # torch's math backend: NaN where a bool mask hides a whole row
+    ref_out = ref_out.nan_to_num(0.0)
+    ref_grads = [x.nan_to_num(0.0) for x in ref_grads]
+    assert out.shape == ref_out.shape and out.dtype == dtype
+    assert not torch.isnan(out).any() and (out[hidden] == 0).all()
+    names = ["dq", "dk", "dv", "dmask"]
+    desc = f"({q.shape}, {k.shape}, mask {None if mask is None else (mask.dtype, tuple(mask.shape))}, {kw})"
+    if dtype == torch.float32:
+        assert_close_fp("out " + desc, out, ref_out, 5e-5)
+        for name, a, b in zip(names, grads, ref_grads):
+            assert_close_fp(f"{name} {desc}", a, b, 2e-4)
+        return
+    plain_out, plain_grads = run(plain_attention, dtype)
+    assert_fa_rule("out " + desc, out, plain_out, ref_out, 2)
+    # the saturated-softmax term of q, k, v (a floating mask's has none: scales here stay <= 1)
+    m4 = None
+    if mask is not None:
+        m4 = mask.detach().to(torch.float64 if mask.is_floating_point() else torch.bool)
+        m4 = as_4d(m4.expand(q.shape[:-2] + m4.shape[-2:]).expand(q.shape[:-1] + (k.shape[-2],)))
+    ref_kw = dict(scale=kw["scale"], causal=kw.get("is_causal", False), bottom_right=False, attn_mask=m4)
+    sat = saturation_terms(as_4d(out), ref_kw, as_4d(dout), as_4d(q), as_4d(k), as_4d(v))
+    sat = [None if x is None else x.reshape(y.shape) for x, y in zip(sat, (q, k, v))] + [None]  # (v: none)
+    for name, a, pg, b, st in zip(names, grads, plain_grads, ref_grads, sat):
+        assert_fa_rule(f"{name} {desc}", a, pg, b, 3, saturation=st)
