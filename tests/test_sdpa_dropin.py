@@ -108,14 +108,17 @@ def as_4d(x):
     return x[None] if x.dim() == 3 else x.reshape((-1,) + tuple(x.shape[-3:]))
 
 
+def mask_4d(mask, q, k):
+    """An SDPA attn_mask broadcast to the call's (..., Hq, L, S), as_4d."""
+    return as_4d(mask.expand(q.shape[:-2] + mask.shape[-2:]).expand(q.shape[:-1] + (k.shape[-2],)))
+
+
 def plain_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, enable_gqa=False):
     """The drop-in's semantics written out elementwise (reference.attention_ref, top-left causal)
     in the inputs' dtype: "the same computation in plain torch at that precision". (Torch's math
     backend is no such thing on the CPU: in fp16/bf16 it reached fp32 accuracy but for the
     rounding of its inputs and output.)"""
-    m = None
-    if attn_mask is not None:
-        m = as_4d(attn_mask.expand(q.shape[:-2] + attn_mask.shape[-2:]).expand(q.shape[:-1] + (k.shape[-2],)))
+    m = None if attn_mask is None else mask_4d(attn_mask, q, k)
     out, _ = attention_ref(as_4d(q), as_4d(k), as_4d(v), causal=is_causal, bottom_right=False, scale=scale,
                            dtype=q.dtype, attn_mask=m)
     return out.reshape(q.shape)
@@ -167,10 +170,8 @@ def test_randomised_against_reference(seed):
     plain_out, plain_grads = run(plain_attention, dtype)
     assert_fa_rule("out " + desc, out, plain_out, ref_out, 2)
     # the saturated-softmax term of q, k, v (a floating mask's has none: scales here stay <= 1)
-    m4 = None
-    if mask is not None:
-        m4 = mask.detach().to(torch.float64 if mask.is_floating_point() else torch.bool)
-        m4 = as_4d(m4.expand(q.shape[:-2] + m4.shape[-2:]).expand(q.shape[:-1] + (k.shape[-2],)))
+    m4 = None if mask is None else mask_4d(mask.detach().to(torch.float64 if mask.is_floating_point() else torch.bool),
+                                           q, k)
     ref_kw = dict(scale=kw["scale"], causal=kw.get("is_causal", False), bottom_right=False, attn_mask=m4)
     sat = saturation_terms(as_4d(out), ref_kw, as_4d(dout), as_4d(q), as_4d(k), as_4d(v))
     sat = [None if x is None else x.reshape(y.shape) for x, y in zip(sat, (q, k, v))] + [None]  # (v: none)

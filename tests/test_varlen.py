@@ -17,14 +17,18 @@ LENS_Q = [17, 0, 113, 1, 130]
 LENS_K = [20, 5, 113, 0, 97]
 
 
+def cu_seqlens(lens):
+    """int32 (B + 1,) offsets of sequences of these lengths packed back to back."""
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
 def packed(dtype, lens_q, lens_k, hq=4, hkv=2, d=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
     q = torch.randn(tq, hq, d, generator=g).to(dtype)
     k = torch.randn(tk, hkv, d, generator=g).to(dtype)
     v = torch.randn(tk, hkv, d, generator=g).to(dtype)
-    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32)  # noqa: E731
-    return q, k, v, cu(lens_q), cu(lens_k)
+    return q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k)
 
 
 def reference(q, k, v, cu_q, cu_k, dtype, **kw):
@@ -115,7 +119,7 @@ def test_cuda_kernels_emulated_strided_views(d):
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(sum(lens), 3, 2, d, generator=g).to(torch.bfloat16)
     q, k, v = qkv.unbind(1)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    cu = cu_seqlens(lens)
     with flash_cuda.emulate(check=True) as emu:
         out = flash_cuda.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), causal=True)
     assert all(r["errors"] == [] for r in emu.launches)
@@ -238,8 +242,7 @@ def test_randomised_against_reference(seed):
     lens_k = [n if n != 1 else 2 for n in lens_k]
     if not any(nq and nk for nq, nk in zip(lens_q, lens_k)):  # at least one sequence with work
         lens_q[0], lens_k[0] = rnd.randint(1, 90), rnd.randint(2, 90)
-    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
-    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
     g = torch.Generator().manual_seed(seed)
     q = random_packed(rnd, g, lens_q, hq, D, dtype)
     k, v = (random_packed(rnd, g, lens_k, hkv, D, dtype) for _ in range(2))
