@@ -2,9 +2,10 @@
 per-sequence float64 reference (lengths 0, 1, 17, 113, 130 mixed, lens_q != lens_k, GQA, causal,
 window, softcap, ALiBi), outputs and gradients (through lse too); a seeded randomised
 differential test (random lengths, shapes, layouts and features; CPU or emulated kernels);
-unpad_input / pad_input; opcheck and torch.compile; bad cu_seqlens. The same through the CUDA kernels in the emulator, and
-the tiles they run: only the sequences' own."""
+unpad_input / pad_input; opcheck and torch.compile; bad cu_seqlens. The same through the CUDA
+kernels in the emulator, and the tiles they run: only the sequences' own."""
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -31,15 +32,29 @@ def packed(dtype, lens_q, lens_k, hq=4, hkv=2, d=24, seed=0):
     return q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k)
 
 
+def per_sequence(x, cu, b):
+    """Sequence b of packed (total, H, D) x as (1, H, n, D)."""
+    return x[cu[b].item():cu[b + 1].item()].transpose(0, 1)[None]
+
+
+def sequence_kw(kw, b, cu_q, cu_k):
+    """attention_ref's keywords for sequence b of a varlen call's: ALiBi slopes of shape (B, Hq)
+    and a dropout keep mask (B, Hq, max_seqlen_q, max_seqlen_k) sliced to the sequence."""
+    kb = dict(kw)
+    slopes, keep = kb.get("alibi_slopes"), kb.get("dropout_mask")
+    if slopes is not None and slopes.dim() == 2:
+        kb["alibi_slopes"] = slopes[b]
+    if keep is not None:
+        kb["dropout_mask"] = keep[b:b + 1, :, :int(cu_q[b + 1] - cu_q[b]), :int(cu_k[b + 1] - cu_k[b])]
+    return kb
+
+
 def reference(q, k, v, cu_q, cu_k, dtype, **kw):
     """Per-sequence attention_ref, packed back: (out (total_q, Hq, D), lse (Hq, total_q))."""
     outs, lses = [], []
-    slopes = kw.pop("alibi_slopes", None)
     for b in range(cu_q.numel() - 1):
-        qs, qe, ks, ke = cu_q[b].item(), cu_q[b + 1].item(), cu_k[b].item(), cu_k[b + 1].item()
-        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b])
-        o, l = attention_ref(q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None],
-                             v[ks:ke].transpose(0, 1)[None], dtype=dtype, alibi_slopes=sl, **kw)
+        o, l = attention_ref(per_sequence(q, cu_q, b), per_sequence(k, cu_k, b), per_sequence(v, cu_k, b),
+                             dtype=dtype, **sequence_kw(kw, b, cu_q, cu_k))
         outs.append(o[0].transpose(0, 1))
         lses.append(l[0])
     return torch.cat(outs), torch.cat(lses, dim=1)
@@ -215,11 +230,6 @@ def random_packed(rnd, g, lens, h, D, dtype):
     return torch.randn(total, h, D + 5, generator=g).to(dtype)[:, :, 3:D + 3]
 
 
-def per_sequence(x, cu, b):
-    """Sequence b of packed (total, H, D) x as (1, H, n, D)."""
-    return x[cu[b].item():cu[b + 1].item()].transpose(0, 1)[None]
-
-
 @pytest.mark.parametrize("seed", range(24))
 def test_randomised_against_reference(seed):
     """Random batches of packed sequences (lengths 0 to 130, lens_q != lens_k or self-attention),
@@ -264,39 +274,23 @@ def test_randomised_against_reference(seed):
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     call = dict(kw, alibi_slopes=slopes, dropout_p=p, return_lse=True, return_dropout_mask=p > 0,
                 deterministic=deterministic, generator=torch.Generator().manual_seed(seed) if p > 0 else None)
-    if emulated:
-        with flash_cuda.emulate(check=True, order=rnd.choice(["forward", "reverse"])) as emu:
-            res = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), **call)
-            out, lse = res[0], res[1]
-            dout = torch.randn(out.shape, generator=g).to(dtype)
-            grads = torch.autograd.grad((out * dout).sum() + 0.1 * lse.nan_to_num(neginf=0).sum(), leaves)
-        assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
-    else:
+    executor = flash_cuda.emulate(check=True, order=rnd.choice(["forward", "reverse"])) if emulated else nullcontext()
+    with executor as emu:
         res = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), **call)
         out, lse = res[0], res[1]
         dout = torch.randn(out.shape, generator=g).to(dtype)
         grads = torch.autograd.grad((out * dout).sum() + 0.1 * lse.nan_to_num(neginf=0).sum(), leaves)
-    keep = res[2] if p > 0 else None
+    if emulated:
+        assert all(r["errors"] == [] for r in emu.launches), [r["errors"] for r in emu.launches]
     assert out.shape == q.shape and lse.shape == (hq, q.shape[0])
-
-    def sequence_kw(b):
-        kb = dict(kw)
-        if slopes is not None:
-            kb["alibi_slopes"] = slopes if slopes.dim() == 1 else slopes[b]
-        if keep is not None:
-            kb.update(dropout_mask=keep[b:b + 1, :, :lens_q[b], :lens_k[b]], dropout_p=p)
-        return kb
+    ref_kw = dict(kw, alibi_slopes=slopes)
+    if p > 0:
+        ref_kw.update(dropout_mask=res[2], dropout_p=p)
 
     def reference_run(dt):
-        """Per-sequence out (total_q, Hq, D), lse (Hq, total_q) and gradients, in dtype dt."""
+        """reference() in dtype dt and the gradients of the same loss."""
         ls = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
-        outs, lses = [], []
-        for b in range(B):
-            o, l_ = attention_ref(per_sequence(ls[0], cu_q, b), per_sequence(ls[1], cu_k, b),
-                                  per_sequence(ls[2], cu_k, b), dtype=dt, **sequence_kw(b))
-            outs.append(o[0].transpose(0, 1))
-            lses.append(l_[0])
-        o, l_ = torch.cat(outs), torch.cat(lses, dim=1)
+        o, l_ = reference(*ls, cu_q, cu_k, dt, **ref_kw)
         loss = (o * dout.to(dt)).sum() + 0.1 * l_.nan_to_num(neginf=0).sum()
         return o, l_, torch.autograd.grad(loss, ls, allow_unused=True)
 
@@ -319,7 +313,8 @@ def test_randomised_against_reference(seed):
     sat = [torch.zeros(x.shape, dtype=torch.float64) for x in (q, k, v)]
     for b in range(B):
         if lens_q[b] and lens_k[b]:
-            terms = saturation_terms(per_sequence(out, cu_q, b), sequence_kw(b), per_sequence(dout, cu_q, b),
+            terms = saturation_terms(per_sequence(out, cu_q, b), sequence_kw(ref_kw, b, cu_q, cu_k),
+                                     per_sequence(dout, cu_q, b),
                                      per_sequence(q, cu_q, b), per_sequence(k, cu_k, b), per_sequence(v, cu_k, b))
             for dst, t, c in zip(sat, terms, (cu_q, cu_k, cu_k)):
                 if t is not None:
