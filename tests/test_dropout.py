@@ -218,6 +218,16 @@ def test_exact_with_its_mask(device, name):
         check_exact(q, k, v, dout, 0.3, out, lse, keep, grads, **kw)
 
 
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window=(150, 20))], ids=["causal", "window"])
+def test_exact_with_its_mask_band_edge_blocks(kw):
+    """The CPU forward's band-edge tiles in blocks of 64 rows (attention_cpu.cpp): the keep mask at
+    every block's offsets is the one the mapping gives, out and gradients exact against it."""
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, dout = make(1, 2, 1, 600, 700, 64, dtype, seed=11)
+        out, lse, keep, grads = run(q, k, v, dout, 0.2, **kw)
+        check_exact(q, k, v, dout, 0.2, out, lse, keep, grads, **kw)
+
+
 @pytest.mark.parametrize("D", [32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_emulated_kernels_exact_and_same_mask_as_cpu(D, dtype):

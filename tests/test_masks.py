@@ -126,6 +126,18 @@ def test_lengths(name, Nq, Nk):
     check(torch.float32, 1, 2, 1, Nq, Nk, 16, FEATURES[name])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("feats", [dict(causal=True), dict(causal=True, window=(130, -1)), dict(window=(100, 30)),
+                                   dict(window=(-1, 70), softcap=5.0, alibi="heads")],
+                         ids=["causal", "causal_window", "window", "right_window_mods"])
+@pytest.mark.parametrize("Nq,Nk", [(700, 900), (600, 600), (900, 520)])
+def test_band_edge_blocks(feats, Nq, Nk, dtype):
+    """Sequences long enough that the CPU forward's tiles on the band's edge (256 query rows by 512
+    keys) go in several blocks of 64 rows, each over the keys its rows see from a 64-key boundary
+    (causal diagonals bottom-right aligned with Nq < Nk, Nq = Nk and Nq > Nk, window sides)."""
+    check(dtype, 1, 2, 1, Nq, Nk, 64, feats, seed=4)
+
+
 def test_window_equals_explicit_band_mask():
     """window=(l, r) is exactly the boolean band mask (bottom-right aligned), and causal=True is
     window right = 0."""

@@ -57,6 +57,10 @@ constexpr int64_t kFwdBr = 256;
 constexpr int64_t kFwdBc = 512;
 constexpr int64_t kBwdBr = 256;
 constexpr int64_t kBwdBc = 256;
+// A forward tile on the band's edge (a causal diagonal, a window's sides) goes in blocks of this
+// many query rows, each multiplying and exponentiating only the keys its rows may see (from a
+// panel boundary): a causal diagonal tile then costs about half of a whole one.
+constexpr int64_t kFwdEdgeRows = 64;
 // Packed blocks of the operands with D columns (V, K): every head dim up to 256 in one block.
 constexpr int64_t kMaxBlockD = 256;
 
@@ -214,36 +218,50 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
     // Only the keys some row of the tile sees (a window: a band of width left + right + br).
     const int64_t key_end = band.key_end(i1, Nk);
     for (int64_t j0 = band.key_begin(i0, Nk) / kKeyAlign * kKeyAlign; j0 < key_end; j0 += kFwdBc) {
-      const int64_t j1 = std::min(j0 + kFwdBc, key_end), bc = j1 - j0;
-      gKt.gemm(b, hkv, br, gQi, ld_q, 0, D, j0, bc, s, ld_s, false);  // S = Q K^T
+      const int64_t j1 = std::min(j0 + kFwdBc, key_end);
+      const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
       // The scale is folded into the exponent (exp(scale s - m)) unless the modifiers need the
       // scaled scores or a scale <= 0 turns the row max into a row min.
-      const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
       const bool prescaled = band_mask || mods.any || !(scale > 0);
-      if (prescaled) {
-        for (int64_t r = 0; r < br; ++r) scale_row(s + r * ld_s, bc, scale);
-        if (band_mask || mods.any) modify_tile<acc_t>(s, nullptr, ld_s, br, bc, i0, j0, b, h, band, band_mask, mods);
-      }
       const acc_t a = prescaled ? acc_t(1) : scale;
-
-      for (int64_t r = 0; r < br; ++r) {
-        const acc_t* x = s + r * ld_s;
-        online_softmax_row(t.rows[r], o + r * D, D, a, x, bc, rounded, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
-          if constexpr (rounded)
-            if (round_in_exp) return exp_affine_sum_to(x, bc, a, m_ref, t.P.data() + r * ld_s, x_max, lp);
-          const acc_t l = exp_affine_sum(x, bc, a, m_ref, pf + r * ld_s, x_max);
-          *lp = l;  // dropout multiplies P after the sums, as on the GPU
-          return l;
-        });
+      const int64_t block_rows = band_mask ? kFwdEdgeRows : br;
+      for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
+        // rows r0 .. r0 + rows of the tile against the keys c0 .. c1 of it that some of them see
+        const int64_t rows = std::min(block_rows, br - r0);
+        const int64_t c0 = band_mask ? std::max(j0, band.key_begin(i0 + r0, Nk) / kKeyAlign * kKeyAlign) - j0 : 0;
+        const int64_t c1 = band_mask ? std::min(j1, band.key_end(i0 + r0 + rows, Nk)) - j0 : j1 - j0;
+        if (c1 <= c0) continue;  // none of these rows sees a key of this tile
+        const int64_t cols = c1 - c0, jb = j0 + c0;
+        acc_t* sb = s + r0 * ld_s + c0;  // (rows, cols)
+        gKt.gemm(b, hkv, rows, gQi + r0 * ld_q, ld_q, 0, D, jb, cols, sb, ld_s, false);  // S = Q K^T
+        if (prescaled) {
+          for (int64_t r = 0; r < rows; ++r) scale_row(sb + r * ld_s, cols, scale);
+          if (band_mask || mods.any)
+            modify_tile<acc_t>(sb, nullptr, ld_s, rows, cols, i0 + r0, jb, b, h, band, band_mask, mods);
+        }
+        const int64_t at = r0 * ld_s + c0;  // the block in the (Br, Bc) tiles
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t* x = sb + r * ld_s;
+          online_softmax_row(t.rows[r0 + r], o + (r0 + r) * D, D, a, x, cols, rounded,
+                             [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+                               if constexpr (rounded)
+                                 if (round_in_exp)
+                                   return exp_affine_sum_to(x, cols, a, m_ref, t.P.data() + at + r * ld_s, x_max, lp);
+                               const acc_t l = exp_affine_sum(x, cols, a, m_ref, pf + at + r * ld_s, x_max);
+                               *lp = l;  // dropout multiplies P after the sums, as on the GPU
+                               return l;
+                             });
+        }
+        if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
+          acc_t* z = t.Z.data() + at;
+          drop.tile(z, kFwdBc, rows, cols, i0 + r0, jb, b, h);
+          for (int64_t r = 0; r < rows; ++r) mul_row(pf + at + r * ld_s, z + r * kFwdBc, cols);
+        }
+        // (rows, cols): in P where the exponent pass rounded it, else rounded here (to P's top rows)
+        const in_t* p = round_in_exp ? t.P.data() + at : gemm_operand<in_t>(pf + at, ld_s, rows, cols, t.P);
+        if (cols % 2 && !t.P.empty()) zero_column(const_cast<in_t*>(p), ld_s, rows, cols);  // the packed V's pad row
+        gV.gemm(b, hkv, rows, p, ld_s, jb, cols, 0, D, o + r0 * D, D, true);  // O += P V
       }
-      if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
-        acc_t* z = t.Z.data();
-        drop.tile(z, kFwdBc, br, bc, i0, j0, b, h);
-        for (int64_t r = 0; r < br; ++r) mul_row(pf + r * ld_s, z + r * kFwdBc, bc);
-      }
-      const in_t* p = round_in_exp ? t.P.data() : gemm_operand<in_t>(pf, ld_s, br, bc, t.P);
-      if (bc % 2 && !t.P.empty()) zero_column(t.P.data(), ld_s, br, bc);  // the packed V's pad row
-      gV.gemm(b, hkv, br, p, ld_s, j0, bc, 0, D, o, D, true);  // O += P V
     }
 
     for (int64_t r = 0; r < br; ++r) {
