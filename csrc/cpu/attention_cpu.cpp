@@ -31,10 +31,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../kernels/mask.h"
@@ -57,10 +59,25 @@ constexpr int64_t kFwdBr = 256;
 constexpr int64_t kFwdBc = 512;
 constexpr int64_t kBwdBr = 256;
 constexpr int64_t kBwdBc = 256;
-// A forward tile on the band's edge (a causal diagonal, a window's sides) goes in blocks of this
-// many query rows, each multiplying and exponentiating only the keys its rows may see (from a
-// panel boundary): a causal diagonal tile then costs about half of a whole one.
-constexpr int64_t kFwdEdgeRows = 64;
+// A tile on the band's edge (a causal diagonal, a window's sides) goes in blocks of this many
+// query rows, each multiplying and exponentiating only the keys its rows may see (from a
+// boundary of as many keys: a micro-kernel panel): a causal diagonal tile then costs about half
+// of a whole one. The backward's products over rows (dV, dK) go in blocks of as many keys.
+constexpr int64_t kEdgeRows = 64;
+// Keys [c0, c1) of a tile of keys [j0, j1) (offsets in it) that some of the query rows [r0, r1)
+// see, c0 on a kEdgeRows boundary; empty (c0 == c1) when they see none.
+std::pair<int64_t, int64_t> edge_keys(const BandMask& band, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+                                      int64_t nk) {
+  const int64_t c0 = std::clamp(band.key_begin(r0, nk) / kEdgeRows * kEdgeRows, j0, j1);
+  return {c0 - j0, std::clamp(band.key_end(r1, nk), c0, j1) - j0};
+}
+// Query rows [ra, rb) of a tile of rows [i0, i1) (offsets in it) that see some of the keys [k0, k1).
+std::pair<int64_t, int64_t> edge_rows(const BandMask& band, int64_t k0, int64_t k1, int64_t i0, int64_t i1,
+                                      int64_t nq) {
+  const int64_t ra = std::clamp(band.row_begin(k0, nq), i0, i1);
+  return {ra - i0, std::clamp(band.row_end(k1, nq), ra, i1) - i0};
+}
+
 // Packed blocks of the operands with D columns (V, K): every head dim up to 256 in one block.
 constexpr int64_t kMaxBlockD = 256;
 
@@ -181,6 +198,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const RightOperand<in_t> gKt(transposed_view(k, in_dtype), D % 2 == 0, kFwdBc),
       gV(rows_operand(v, in_dtype), true, kMaxBlockD);
   constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at micro-kernel panels
+  static_assert(kEdgeRows % kKeyAlign == 0, "an edge block's keys start at a micro-kernel panel");
 
   // Probabilities: rounded straight into P for fp16/bf16 GEMMs, else in fp32 Pf (also where
   // dropout multiplies them before the rounding). The scores S stay intact for a redone row.
@@ -224,13 +242,13 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       // scaled scores or a scale <= 0 turns the row max into a row min.
       const bool prescaled = band_mask || mods.any || !(scale > 0);
       const acc_t a = prescaled ? acc_t(1) : scale;
-      const int64_t block_rows = band_mask ? kFwdEdgeRows : br;
+      const int64_t block_rows = band_mask ? kEdgeRows : br;
       for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
         // rows r0 .. r0 + rows of the tile against the keys c0 .. c1 of it that some of them see
         const int64_t rows = std::min(block_rows, br - r0);
-        const int64_t c0 = band_mask ? std::max(j0, band.key_begin(i0 + r0, Nk) / kKeyAlign * kKeyAlign) - j0 : 0;
-        const int64_t c1 = band_mask ? std::min(j1, band.key_end(i0 + r0 + rows, Nk)) - j0 : j1 - j0;
-        if (c1 <= c0) continue;  // none of these rows sees a key of this tile
+        const auto [c0, c1] = band_mask ? edge_keys(band, i0 + r0, i0 + r0 + rows, j0, j1, Nk)
+                                        : std::pair<int64_t, int64_t>(0, j1 - j0);
+        if (c1 == c0) continue;  // none of these rows sees a key of this tile
         const int64_t cols = c1 - c0, jb = j0 + c0;
         acc_t* sb = s + r0 * ld_s + c0;  // (rows, cols)
         gKt.gemm(b, hkv, rows, gQi + r0 * ld_q, ld_q, 0, D, jb, cols, sb, ld_s, false);  // S = Q K^T
@@ -300,6 +318,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       gK(rows_operand(k, in_dtype), true, kMaxBlockD);                               // (Nk, D)
   const int64_t ld_q = gQ.stride(2), ld_do = gdO.stride(2);
   static_assert(kBwdBc % RightOperand<in_t>::kBlock == 0, "key tiles start at micro-kernel panels");
+  static_assert(kEdgeRows % RightOperand<in_t>::kBlock == 0, "an edge block's keys start at a micro-kernel panel");
 
   // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
   // dQ partial, summed in split order below.
@@ -341,49 +360,79 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
         acc_t* gdQ = dq_parts[split][b][h].data_ptr<acc_t>();  // (Nq, D), unscaled dS K
         for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
-          acc_t* p = t.S.data();  // (br, bc)
-          gKt.gemm(b, hkv, br, at_row<in_t>(gQ, b, h, i0), ld_q, 0, D, j0, bc, p, ld, false);  // S = Q K^T
-          acc_t* cap = opt.softcap > 0 ? t.Cap.data() : nullptr;  // d(capped)/ds, ld as p
           const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
           const bool modified = band_mask || mods.any;
-          if (modified) {
-            for (int64_t r = 0; r < br; ++r) scale_row(p + r * ld, bc, scale);
-            modify_tile<acc_t>(p, cap, ld, br, bc, i0, j0, b, h, band, band_mask, mods);
-          }
           const int64_t row0 = (b * Hq + h) * Nq + i0;
-          for (int64_t r = 0; r < br; ++r) {
-            const acc_t l = lse_ptr[row0 + r];
-            // -inf guard: a row that sees no key has P = 0 (and lse = -inf).
-            // (Filled, not scaled by 0: its masked scores are -inf, and -inf * 0 is NaN.)
-            if (l == -std::numeric_limits<acc_t>::infinity())
-              std::fill(p + r * ld, p + r * ld + bc, acc_t(0));
-            else
-              exp_affine(p + r * ld, bc, modified ? acc_t(1) : scale, l);  // P = exp(S - lse)
+          acc_t* p = t.S.data();                                   // (br, bc): S, then P
+          acc_t* ds = t.dP.data();                                 // (br, bc): dP, then dS
+          acc_t* cap = opt.softcap > 0 ? t.Cap.data() : nullptr;  // d(capped)/ds, ld as p
+          acc_t* z = drop.on ? t.Z.data() : nullptr;              // dropout multipliers Z, ld as p
+          // A tile on the band's edge in blocks of kEdgeRows query rows over the keys they see (as
+          // the forward); P and dS are 0 outside them, for the products over the whole tile.
+          const int64_t block_rows = band_mask ? kEdgeRows : br;
+          for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
+            const int64_t rows = std::min(block_rows, br - r0);
+            const auto [c0, c1] = band_mask ? edge_keys(band, i0 + r0, i0 + r0 + rows, j0, j1, Nk)
+                                            : std::pair<int64_t, int64_t>(0, bc);
+            const int64_t cols = c1 - c0, jb = j0 + c0, at = r0 * ld + c0;
+            if (band_mask)
+              for (int64_t r = r0; r < r0 + rows; ++r) {
+                std::fill(p + r * ld, p + r * ld + c0, acc_t(0)), std::fill(p + r * ld + c1, p + r * ld + bc, acc_t(0));
+                std::fill(ds + r * ld, ds + r * ld + c0, acc_t(0)), std::fill(ds + r * ld + c1, ds + r * ld + bc, acc_t(0));
+              }
+            if (cols == 0) continue;
+            gKt.gemm(b, hkv, rows, at_row<in_t>(gQ, b, h, i0 + r0), ld_q, 0, D, jb, cols, p + at, ld, false);  // S = Q K^T
+            if (modified) {
+              for (int64_t r = 0; r < rows; ++r) scale_row(p + at + r * ld, cols, scale);
+              modify_tile<acc_t>(p + at, cap ? cap + at : nullptr, ld, rows, cols, i0 + r0, jb, b, h, band, band_mask,
+                                 mods);
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t l = lse_ptr[row0 + r0 + r];
+              // -inf guard: a row that sees no key has P = 0 (and lse = -inf).
+              // (Filled, not scaled by 0: its masked scores are -inf, and -inf * 0 is NaN.)
+              if (l == -std::numeric_limits<acc_t>::infinity())
+                std::fill(p + at + r * ld, p + at + r * ld + cols, acc_t(0));
+              else
+                exp_affine(p + at + r * ld, cols, modified ? acc_t(1) : scale, l);  // P = exp(S - lse)
+            }
+            gVt.gemm(b, hkv, rows, at_row<in_t>(gdO, b, h, i0 + r0), ld_do, 0, D, jb, cols, ds + at, ld,
+                     false);  // dP = dO V^T
+            if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
+              drop.tile(z + at, ld, rows, cols, i0 + r0, jb, b, h);
+              for (int64_t r = 0; r < rows; ++r) mul_row(ds + at + r * ld, z + at + r * ld, cols);
+            }
+            for (int64_t r = 0; r < rows; ++r)  // dS' = dL/d(modified s)
+              softmax_grad_row(ds + at + r * ld, p + at + r * ld, cols, delta_ptr[row0 + r0 + r]);
+            if (z)
+              for (int64_t r = 0; r < rows; ++r) mul_row(p + at + r * ld, z + at + r * ld, cols);
           }
-
-          acc_t* ds = t.dP.data();  // (br, bc)
-          gVt.gemm(b, hkv, br, at_row<in_t>(gdO, b, h, i0), ld_do, 0, D, j0, bc, ds, ld, false);  // dP = dO V^T
-          acc_t* z = drop.on ? t.Z.data() : nullptr;  // dropout multipliers Z, ld as p
-          if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
-            drop.tile(z, ld, br, bc, i0, j0, b, h);
-            for (int64_t r = 0; r < br; ++r) mul_row(ds + r * ld, z + r * ld, bc);
-          }
-          for (int64_t r = 0; r < br; ++r)
-            softmax_grad_row(ds + r * ld, p + r * ld, bc, delta_ptr[row0 + r]);  // dS' = dL/d(modified s)
-          if (z)
-            for (int64_t r = 0; r < br; ++r) mul_row(p + r * ld, z + r * ld, bc);
-          gemm(D, bc, br, at_col<in_t>(gdOt, b, h, i0), Nq, gemm_operand<in_t>(p, ld, br, bc, t.P), ld, dVt, ld,
-               true);  // dV^T += dO^T (P Z)
           if (mods.dbias)  // dL/d bias = dS'; every (b, h, i, j) is visited once: plain stores
             for (int64_t r = 0; r < br; ++r)
               std::copy(ds + r * ld, ds + r * ld + bc, mods.dbias + ((b * Hq + h) * Nq + i0 + r) * Nk + j0);
-          if (cap)  // dS = dS' d(capped)/ds
+          if (cap)  // dS = dS' d(capped)/ds (0 where dS' is)
             for (int64_t r = 0; r < br; ++r)
               for (int64_t c = 0; c < bc; ++c) ds[r * ld + c] *= cap[r * ld + c];
+          const in_t* gP = gemm_operand<in_t>(p, ld, br, bc, t.P);
           const in_t* dS = gemm_operand<in_t>(ds, ld, br, bc, t.dS);
-          gemm(D, bc, br, at_col<in_t>(gQt, b, h, i0), Nq, dS, ld, dKt, ld, true);  // dK^T += Q^T dS
-          if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);             // the packed K's pad row
-          gK.gemm(b, hkv, br, dS, ld, j0, bc, 0, D, gdQ + i0 * D, D, true);        // dQ += dS K
+          // dV^T += dO^T (P Z), dK^T += Q^T dS: on the band's edge in blocks of kEdgeRows keys over
+          // the rows that see them (P and dS are 0 above and below)
+          for (int64_t c0 = 0; c0 < bc; c0 += band_mask ? kEdgeRows : bc) {
+            const int64_t cols = std::min(band_mask ? kEdgeRows : bc, bc - c0);
+            const auto [ra, rb] = band_mask ? edge_rows(band, j0 + c0, j0 + c0 + cols, i0, i1, Nq)
+                                            : std::pair<int64_t, int64_t>(0, br);
+            if (rb == ra) continue;
+            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dVt + c0, ld, true);
+            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dKt + c0, ld, true);
+          }
+          if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);  // the packed K's pad row
+          for (int64_t r0 = 0; r0 < br; r0 += band_mask ? kEdgeRows : br) {  // dQ += dS K, the keys each block sees
+            const int64_t rows = std::min(band_mask ? kEdgeRows : br, br - r0);
+            const auto [c0, c1] = band_mask ? edge_keys(band, i0 + r0, i0 + r0 + rows, j0, j1, Nk)
+                                            : std::pair<int64_t, int64_t>(0, bc);
+            if (c1 > c0)
+              gK.gemm(b, hkv, rows, dS + r0 * ld + c0, ld, j0 + c0, c1 - c0, 0, D, gdQ + (i0 + r0) * D, D, true);
+          }
         }
       }
       scale_row(dKt, D * ld, scale);  // dS was taken with respect to the scaled scores
