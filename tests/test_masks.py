@@ -138,6 +138,27 @@ def test_band_edge_blocks(feats, Nq, Nk, dtype):
     check(dtype, 1, 2, 1, Nq, Nk, 64, feats, seed=4)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_randomised_band_edge_blocks(seed):
+    """Random long shapes (Nq, Nk 150 to 800, either longer), GQA ratios, dtypes, head dims and band
+    shapes (causal, windows of random sides, with softcap or ALiBi) against the float64 reference:
+    the CPU passes' edge tiles split into 64-row and 64-key blocks at every offset."""
+    rnd = random.Random(seed)
+    dtype = rnd.choice([torch.float32, torch.float16, torch.bfloat16])
+    hkv = rnd.choice([1, 2])
+    Nq, Nk, D = rnd.randint(150, 800), rnd.randint(150, 800), rnd.choice([16, 40, 64, 96])
+    feats = {}
+    if rnd.random() < 0.5:
+        feats["causal"] = True
+    if not feats or rnd.random() < 0.5:
+        feats["window"] = (rnd.choice([-1, rnd.randint(0, 300)]), -1 if feats else rnd.choice([-1, rnd.randint(0, 300)]))
+    if rnd.random() < 0.3:
+        feats["softcap"] = rnd.choice([2.0, 20.0])
+    if rnd.random() < 0.3:
+        feats["alibi"] = rnd.choice(["heads", "batch"])
+    check(dtype, rnd.randint(1, 2), hkv * rnd.choice([1, 2]), hkv, Nq, Nk, D, feats, seed=seed, saturation=True)
+
+
 def test_window_equals_explicit_band_mask():
     """window=(l, r) is exactly the boolean band mask (bottom-right aligned), and causal=True is
     window right = 0."""

@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (module, function): each takes the seed its draws come from.
 TESTS = [("test_masks", "test_randomised_against_reference"),
+         ("test_masks", "test_randomised_band_edge_blocks"),
          ("test_dropout", "test_randomised_against_reference"),
          ("test_fp32_kernels", "test_randomised_differential"),
          ("test_fp32_kernels", "test_backward_randomised_differential"),
