@@ -65,15 +65,19 @@ constexpr int64_t kBwdBc = 256;
 // of a whole one. The backward's products over rows (dV, dK) go in blocks of as many keys.
 constexpr int64_t kEdgeRows = 64;
 // Keys [c0, c1) of a tile of keys [j0, j1) (offsets in it) that some of the query rows [r0, r1)
-// see, c0 on a kEdgeRows boundary; empty (c0 == c1) when they see none.
-std::pair<int64_t, int64_t> edge_keys(const BandMask& band, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
-                                      int64_t nk) {
+// see, c0 on a kEdgeRows boundary, on the band's edge (`edge`); empty (c0 == c1) when they see
+// none. Inside the band, the whole tile.
+std::pair<int64_t, int64_t> edge_keys(bool edge, const BandMask& band, int64_t r0, int64_t r1, int64_t j0,
+                                      int64_t j1, int64_t nk) {
+  if (!edge) return {0, j1 - j0};
   const int64_t c0 = std::clamp(band.key_begin(r0, nk) / kEdgeRows * kEdgeRows, j0, j1);
   return {c0 - j0, std::clamp(band.key_end(r1, nk), c0, j1) - j0};
 }
-// Query rows [ra, rb) of a tile of rows [i0, i1) (offsets in it) that see some of the keys [k0, k1).
-std::pair<int64_t, int64_t> edge_rows(const BandMask& band, int64_t k0, int64_t k1, int64_t i0, int64_t i1,
-                                      int64_t nq) {
+// Query rows [ra, rb) of a tile of rows [i0, i1) (offsets in it) that see some of the keys [k0, k1)
+// on the band's edge; inside the band, the whole tile.
+std::pair<int64_t, int64_t> edge_rows(bool edge, const BandMask& band, int64_t k0, int64_t k1, int64_t i0,
+                                      int64_t i1, int64_t nq) {
+  if (!edge) return {0, i1 - i0};
   const int64_t ra = std::clamp(band.row_begin(k0, nq), i0, i1);
   return {ra - i0, std::clamp(band.row_end(k1, nq), ra, i1) - i0};
 }
@@ -246,8 +250,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
         // rows r0 .. r0 + rows of the tile against the keys c0 .. c1 of it that some of them see
         const int64_t rows = std::min(block_rows, br - r0);
-        const auto [c0, c1] = band_mask ? edge_keys(band, i0 + r0, i0 + r0 + rows, j0, j1, Nk)
-                                        : std::pair<int64_t, int64_t>(0, j1 - j0);
+        const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
         if (c1 == c0) continue;  // none of these rows sees a key of this tile
         const int64_t cols = c1 - c0, jb = j0 + c0;
         acc_t* sb = s + r0 * ld_s + c0;  // (rows, cols)
@@ -369,11 +372,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           acc_t* z = drop.on ? t.Z.data() : nullptr;              // dropout multipliers Z, ld as p
           // A tile on the band's edge in blocks of kEdgeRows query rows over the keys they see (as
           // the forward); P and dS are 0 outside them, for the products over the whole tile.
-          const int64_t block_rows = band_mask ? kEdgeRows : br;
+          const int64_t block_rows = band_mask ? kEdgeRows : br, block_keys = band_mask ? kEdgeRows : bc;
           for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
             const int64_t rows = std::min(block_rows, br - r0);
-            const auto [c0, c1] = band_mask ? edge_keys(band, i0 + r0, i0 + r0 + rows, j0, j1, Nk)
-                                            : std::pair<int64_t, int64_t>(0, bc);
+            const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
             const int64_t cols = c1 - c0, jb = j0 + c0, at = r0 * ld + c0;
             if (band_mask)
               for (int64_t r = r0; r < r0 + rows; ++r) {
@@ -417,19 +419,17 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           const in_t* dS = gemm_operand<in_t>(ds, ld, br, bc, t.dS);
           // dV^T += dO^T (P Z), dK^T += Q^T dS: on the band's edge in blocks of kEdgeRows keys over
           // the rows that see them (P and dS are 0 above and below)
-          for (int64_t c0 = 0; c0 < bc; c0 += band_mask ? kEdgeRows : bc) {
-            const int64_t cols = std::min(band_mask ? kEdgeRows : bc, bc - c0);
-            const auto [ra, rb] = band_mask ? edge_rows(band, j0 + c0, j0 + c0 + cols, i0, i1, Nq)
-                                            : std::pair<int64_t, int64_t>(0, br);
+          for (int64_t c0 = 0; c0 < bc; c0 += block_keys) {
+            const int64_t cols = std::min(block_keys, bc - c0);
+            const auto [ra, rb] = edge_rows(band_mask, band, j0 + c0, j0 + c0 + cols, i0, i1, Nq);
             if (rb == ra) continue;
             gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dVt + c0, ld, true);
             gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dKt + c0, ld, true);
           }
           if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);  // the packed K's pad row
-          for (int64_t r0 = 0; r0 < br; r0 += band_mask ? kEdgeRows : br) {  // dQ += dS K, the keys each block sees
-            const int64_t rows = std::min(band_mask ? kEdgeRows : br, br - r0);
-            const auto [c0, c1] = band_mask ? edge_keys(band, i0 + r0, i0 + r0 + rows, j0, j1, Nk)
-                                            : std::pair<int64_t, int64_t>(0, bc);
+          for (int64_t r0 = 0; r0 < br; r0 += block_rows) {  // dQ += dS K, the keys each block sees
+            const int64_t rows = std::min(block_rows, br - r0);
+            const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
             if (c1 > c0)
               gK.gemm(b, hkv, rows, dS + r0 * ld + c0, ld, j0 + c0, c1 - c0, 0, D, gdQ + (i0 + r0) * D, D, true);
           }
