@@ -41,12 +41,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt, bool deterministic,
     Executor executor, const std::optional<Packed>& packed = std::nullopt);
 
+// The most key splits a KV-cache call takes (FlashAttention-2's limit, and the most the kernels'
+// heuristic picks: kernels/kv_cache.h kMaxSplits); the partial outputs are num_splits times out.
+constexpr int64_t kMaxNumSplits = 128;
+
 // KV-cache attention (attention_with_kvcache, csrc/kernels/kv_cache.h): q (B, Hq, Nq, D);
 // k_cache, v_cache contiguous (B, Hkv, capacity, D) or, with block_table (B, pages per
 // sequence) int32, a page pool (num_pages, Hkv, page_size, D); D a multiple of 8 and rows 16-byte
 // aligned (the cache is written in place, so it cannot be copied to fix either). k_new, v_new
 // (B, Hkv, Nnew, D) are written at positions cache_seqlens[b].. first. num_splits 0: chosen for
-// the device (the emulator: the profile's SM count). All on q's device; checked by the caller.
+// the device (the emulator: the profile's SM count), at most kMaxNumSplits. All on q's device;
+// checked by the caller.
 std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q, const at::Tensor& k_cache,
                                                    const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
                                                    const std::optional<at::Tensor>& v_new,

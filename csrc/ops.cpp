@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 
 #include <cmath>
@@ -92,12 +93,16 @@ AttnOptions base_options(const at::Tensor& q, int64_t batch, double scale, bool 
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "flash_cuda: window bounds must be >= -1, got (",
               window_left, ", ", window_right, ")");
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_cuda: softcap must be finite and >= 0, got ", softcap);
+  // A bound past every key offset hides nothing: unbounded (d = j - (i + Nk - Nq) lies in
+  // (-Nk, Nq), lengths below 2^31). Near 2^63 the band's int64 arithmetic (i + offset + right)
+  // would overflow and hide every key; the CUDA kernels compare offsets in 32 bits.
+  constexpr int64_t kUnboundedFrom = int64_t(1) << 31;
   AttnOptions o;
   o.scale = scale;
   o.causal = causal;
   o.bottom_right = bottom_right;
-  o.window_left = window_left;
-  o.window_right = window_right;
+  o.window_left = window_left >= kUnboundedFrom ? -1 : window_left;
+  o.window_right = window_right >= kUnboundedFrom ? -1 : window_right;
   o.softcap = softcap;
   if (alibi_slopes.has_value()) {
     const at::Tensor& a = *alibi_slopes;
@@ -401,7 +406,16 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                   cache_seqlens.device() == q.device(),
               "flash_cuda: cache_seqlens must be an int32 (B,) tensor on q's device, got ", cache_seqlens.sizes(), " ",
               cache_seqlens.scalar_type(), " on ", cache_seqlens.device());
-  TORCH_CHECK(num_splits >= 0, "flash_cuda: num_splits must be >= 0 (0: chosen for the device), got ", num_splits);
+  TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxNumSplits, "flash_cuda: num_splits must be in [0, ",
+              kMaxNumSplits, "] (0: chosen for the device), got ", num_splits);
+  if (k_new) {  // written in place: every position of the caches its own memory, and k's apart from v's
+    for (const auto& [name, x] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
+      TORCH_CHECK(at::has_internal_overlap(*x) != at::MemOverlap::Yes, "flash_cuda: ", name, " has positions that "
+                  "share memory (an expanded view, stride 0, of strides ", x->strides(), "), so appending k and v "
+                  "would overwrite other positions; pass a cache with memory of its own (e.g. .contiguous())");
+    TORCH_CHECK(at::get_overlap_status(k_cache, v_cache) == at::MemOverlapStatus::No, "flash_cuda: k_cache and "
+                "v_cache share memory, so appending v would overwrite keys; pass separate caches");
+  }
 }
 
 // The checked arguments of a KV-cache call as the options every backend takes (no dropout).

@@ -11,6 +11,7 @@ import torch
 from .emulate import emulate
 
 MAX_HEAD_DIM = 256
+MAX_NUM_SPLITS = 128  # attention_with_kvcache: FlashAttention-2's limit (csrc/kernel_launch.h kMaxNumSplits)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_NAMES = "float16, bfloat16, float32 or float64"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -90,13 +91,18 @@ def _check_shapes(fn, names, q, k, v):
         raise ValueError(f"{fn}: head dim D (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
-def _check_scale(fn, scale, head_dim):
+def _check_scale(fn, scale, head_dim, dtype=torch.float64):
+    """A finite float, in float32's range unless the inputs are float64 (the kernels and the
+    CPU backend take it in the accumulation dtype)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    if dtype != torch.float64 and abs(scale) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{fn}: scale must be finite in float32 (|scale| <= {torch.finfo(torch.float32).max:.4g}) "
+                         f"for {dtype} inputs, got {scale}")
     return float(scale)
 
 
@@ -105,16 +111,21 @@ def _check_flag(fn, name, value):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
 
 
-def _check_window(fn, window):
+_INT64_MAX = 2**63 - 1  # the ops take int64 arguments
+_INT32_MAX = 2**31 - 1
+
+
+def _check_window(fn, window, name="window"):
     """(left, right) with -1 = unbounded, or None (no window)."""
     if window is None:
         return -1, -1
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
-        raise TypeError(f"{fn}: window must be a pair of ints (left, right) or None, got {window!r}")
+        raise TypeError(f"{fn}: {name} must be a pair of ints (left, right) or None, got {window!r}")
     left, right = window
-    if left < -1 or right < -1:
-        raise ValueError(f"{fn}: window entries must be >= -1 (-1 = unbounded on that side), got {tuple(window)}")
+    if not (-1 <= left <= _INT64_MAX and -1 <= right <= _INT64_MAX):
+        raise ValueError(f"{fn}: {name} entries must be in [-1, 2**63 - 1] (-1 = unbounded on that side), "
+                         f"got {tuple(window)}")
     return int(left), int(right)
 
 
@@ -139,6 +150,9 @@ def _check_alibi(fn, slopes, B, hq, device):
     if _shape(slopes) not in ((hq,), (B, hq)):
         raise ValueError(f"{fn}: alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({B}, {hq}), "
                          f"got {_shape(slopes)}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: alibi_slopes requires grad, but no gradient flows to it (the slopes are "
+                         "constants, as in FlashAttention); pass alibi_slopes.detach()")
     return slopes.reshape(-1, hq)
 
 
@@ -203,7 +217,7 @@ def _check_options(fn, q, batch, causal, return_lse, deterministic, scale, windo
     _check_flag(fn, "causal", causal)
     _check_flag(fn, "return_lse", return_lse)
     _check_flag(fn, "deterministic", deterministic)
-    scale = _check_scale(fn, scale, q.shape[-1])
+    scale = _check_scale(fn, scale, q.shape[-1], q.dtype)
     left, right = _check_window(fn, window)
     softcap = _check_softcap(fn, softcap)
     return scale, left, right, softcap, _check_alibi(fn, alibi_slopes, batch, q.shape[1], q.device)
@@ -309,7 +323,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     q, k, v = as_4d(query), as_4d(key), as_4d(value)
     _check_shapes(fn, names, q, k, v)
-    scale = _check_scale(fn, scale, q.shape[-1])
+    scale = _check_scale(fn, scale, q.shape[-1], q.dtype)
     full = tuple(query.shape[:-1]) + (key.shape[-2],)
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, k.shape[2], full)
     rng_state = _rng_state(q, k.shape[2], dropout_p, None)
@@ -360,6 +374,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise TypeError(f"{fn}: {name} must be a non-negative int, got {m!r}")
+        if m > _INT32_MAX:
+            raise ValueError(f"{fn}: {name} must be at most 2**31 - 1 (lengths are int32, as cu_seqlens), got {m}")
     for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                 ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         if torch.compiler.is_compiling() or cu.device.type != "cpu":
@@ -406,6 +422,8 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
         if type(num_splits) is not int or not (scale is None or type(scale) is float and math.isfinite(scale)):
             return None
         if type(cache_seqlens) is int:
+            if not 0 <= cache_seqlens <= _INT32_MAX:
+                return None
             cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32)
         elif not isinstance(cache_seqlens, torch.Tensor):
             return None
@@ -434,12 +452,14 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         (None: the whole capacity, without k and v). k, v: (B, Hkv, Nnew, D) or None: written into the cache in
         place at positions cache_seqlens[b] .. + Nnew (through block_table when paged); attention
         then covers the first cache_seqlens[b] + Nnew keys of sequence b and nothing after them.
-        cache_seqlens itself is not updated (add Nnew for the next step).
+        cache_seqlens itself is not updated (add Nnew for the next step). With k and v, no two
+        positions of k_cache and v_cache may share memory (no expanded views).
     causal: bottom-right aligned to each sequence's keys (query i of Nq sees keys up to
         cache_seqlens[b] + Nnew - Nq + i), so prefill chunks and multi-token (speculative)
         steps work. scale, window, softcap, alibi_slopes: as in attention().
-    num_splits: key splits per query tile (Flash-Decoding): 0 picks them from the shapes and the
-        device (README "KV cache"), 1 disables splitting; results agree up to fp32 rounding.
+    num_splits: key splits per query tile (Flash-Decoding), at most 128: 0 picks them from the
+        shapes and the device (README "KV cache"), 1 disables splitting; results agree up to fp32
+        rounding. The CPU backend takes at most one split per 512-key tile.
     Inference only: no autograd (a RuntimeError if an input requires grad while grad is
     enabled). fp16/bf16 on CUDA and in flash_cuda.emulate() (a cache head dim that is a multiple
     of 8); every dtype on CPU.
@@ -511,6 +531,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError(f"{fn}: cache_seqlens is required when k and v are given (where to append them)")
         cache_seqlens = capacity
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= _INT32_MAX:
+            raise ValueError(f"{fn}: cache_seqlens must be in [0, {capacity - n_new}] for a cache of {capacity} keys "
+                             f"per sequence, got {cache_seqlens}")
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor (B,), an int or None, got "
@@ -521,9 +544,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         raise ValueError(f"{fn}: cache_seqlens must have shape (B,) = ({B},), got {_shape(cache_seqlens)}")
     if cache_seqlens.device != q.device:
         raise RuntimeError(f"{fn}: cache_seqlens must be on the device of q ({q.device}), got {cache_seqlens.device}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"{fn}: num_splits must be an int >= 0 (0: chosen for the device, 1: no split), "
-                         f"got {num_splits!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_NUM_SPLITS:
+        raise ValueError(f"{fn}: num_splits must be an int in [0, {MAX_NUM_SPLITS}] (0: chosen for the device, "
+                         f"1: no split), got {num_splits!r}")
     scale, left, right, softcap, slopes = _check_options(fn, q, B, causal, return_lse, False, scale, window, softcap,
                                                          alibi_slopes)
     if torch.is_grad_enabled():
@@ -572,7 +595,27 @@ def unpad_input(x, attention_mask):
 
 def pad_input(x_unpad, indices, batch, seqlen):
     """Inverse of unpad_input: (total, ...) -> (batch, seqlen, ...) with zeros at the padding.
-    Differentiable in x_unpad."""
+    Differentiable in x_unpad. The values of CPU indices are checked (each in [0, batch * seqlen));
+    CUDA ones are not (that would synchronise with the GPU)."""
+    fn = "flash_cuda.pad_input"
+    if not isinstance(x_unpad, torch.Tensor) or not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{fn}: x_unpad and indices must be torch.Tensors, got {type(x_unpad).__name__} and "
+                        f"{type(indices).__name__}")
+    for name, n in (("batch", batch), ("seqlen", seqlen)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TypeError(f"{fn}: {name} must be a non-negative int, got {n!r}")
+    if x_unpad.dim() < 1:
+        raise ValueError(f"{fn}: x_unpad must be (total, ...), got a 0-d tensor")
+    if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x_unpad.shape[0]:
+        raise ValueError(f"{fn}: indices must be int64 (total,) = ({x_unpad.shape[0]},) as unpad_input returns "
+                         f"them, got {indices.dtype} of shape {_shape(indices)}")
+    if indices.device != x_unpad.device:
+        raise RuntimeError(f"{fn}: indices must be on the device of x_unpad ({x_unpad.device}), got {indices.device}")
+    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= batch * seqlen:
+            raise ValueError(f"{fn}: indices must be in [0, batch * seqlen) = [0, {batch * seqlen}), got values in "
+                             f"[{lo}, {hi}]")
     out = x_unpad.new_zeros(batch * seqlen, *x_unpad.shape[1:])
     out = out.index_put((indices,), x_unpad)
     return out.reshape(batch, seqlen, *x_unpad.shape[1:])

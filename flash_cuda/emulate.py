@@ -65,6 +65,15 @@ DEVICES = {p.name: p for p in (
 
 def _device_profile(device):
     if isinstance(device, DeviceProfile):
+        cc = device.compute_capability
+        if (not isinstance(device.name, str) or not isinstance(cc, tuple) or len(cc) != 2
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 100 for c in cc)):
+            raise ValueError(f"emulate: a DeviceProfile needs a str name and compute_capability (major, minor) of "
+                             f"ints, got name {device.name!r}, compute_capability {cc!r}")
+        for field in ("sm_count", "smem_per_block", "threads_per_block", "regs_per_block"):
+            v = getattr(device, field)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
+                raise ValueError(f"emulate: DeviceProfile.{field} must be an int in [1, 2**31), got {v!r}")
         return device
     if isinstance(device, str):
         if device not in DEVICES:
@@ -174,9 +183,11 @@ class emulate:
         if not isinstance(check, bool):
             raise TypeError(f"emulate: check must be a bool, got {type(check).__name__}")
         workers = torch.get_num_threads() if workers is None else workers
-        if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"emulate: workers must be a positive int, got {workers!r}")
-        self.order, self.check, self.seed, self.workers = order, check, int(seed), workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 4096:
+            raise ValueError(f"emulate: workers must be an int in [1, 4096] (OS threads), got {workers!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"emulate: seed must be an int in [0, 2**63), got {seed!r}")
+        self.order, self.check, self.seed, self.workers = order, check, seed, workers
         self.device = _device_profile(device)
         if executor == "ptx" and tuple(self.device.compute_capability) < (8, 0):
             raise ValueError(f"emulate: executor=\"ptx\" runs the sm_80 pass's PTX (the code path of every GPU from "

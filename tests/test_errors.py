@@ -207,8 +207,61 @@ def test_window_not_a_pair_of_ints(window):
 
 @pytest.mark.parametrize("window", [(-2, 0), (3, -5)])
 def test_window_entries_below_minus_one(window):
-    with pytest.raises(ValueError, match=r"window entries must be >= -1 \(-1 = unbounded on that side\)"):
+    with pytest.raises(ValueError, match=r"window entries must be in \[-1, 2\*\*63 - 1\] \(-1 = unbounded on that side\)"):
         attention(*qkv(), window=window)
+
+
+def test_window_entries_past_int64():
+    """The ops take int64: a larger Python int is refused here, not by the dispatcher's cast."""
+    with pytest.raises(ValueError, match=r"window entries must be in \[-1, 2\*\*63 - 1\]"):
+        attention(*qkv(), window=(2**63, 0))
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in qkv(B=1))
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"flash_cuda.varlen_attention: window entries must be in"):
+        flash_cuda.varlen_attention(q, k, v, cu, cu, 8, 8, window=(0, 2**64))
+
+
+@pytest.mark.parametrize("window", [(0, 2**63 - 1), (2**63 - 1, 0), (2**31, 2**40)])
+def test_window_bounds_past_every_key(window):
+    """A bound past every key offset hides nothing, as -1 does: near 2**63 the band's int64
+    arithmetic overflowed and hid every key (out 0, lse -inf), silently."""
+    for nq, nk in ((9, 11), (11, 9), (300, 560), (560, 300)):
+        q, k, v = qkv(Nq=nq, Nk=nk)
+        unbounded = tuple(-1 if w >= 2**31 else w for w in window)
+        out, lse = attention(q, k, v, window=window, return_lse=True)
+        ref, ref_lse = attention(q, k, v, window=unbounded, return_lse=True)
+        assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in qkv(B=1, Nq=9, Nk=9))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    assert torch.equal(flash_cuda.varlen_attention(q, k, v, cu, cu, 5, 5, window=window),
+                       flash_cuda.varlen_attention(q, k, v, cu, cu, 5, 5, window=unbounded))
+    q, k, v = qkv(Nq=1, Nk=16)
+    assert torch.equal(flash_cuda.attention_with_kvcache(q, k, v, cache_seqlens=10, window=window),
+                       flash_cuda.attention_with_kvcache(q, k, v, cache_seqlens=10, window=unbounded))
+
+
+def test_scale_outside_float32():
+    """fp32/fp16/bf16 inputs take the scale in float32: one that overflows it is refused (it made
+    every output NaN); float64 inputs take any finite scale."""
+    with pytest.raises(ValueError, match=r"scale must be finite in float32 .* for torch.float32 inputs, got 1e\+39"):
+        attention(*qkv(), scale=1e39)
+    with pytest.raises(ValueError, match=r"scale must be finite in float32"):
+        sdpa(*qkv(Hkv=4), scale=-1e39)
+    q, k, v = qkv(dtype=torch.float64)
+    assert torch.isfinite(attention(q * 1e-37, k, v, scale=1e39)).all()
+
+
+def test_alibi_slopes_requiring_grad():
+    """No gradient flows to the slopes (as in FlashAttention): slopes that require grad would
+    silently get none, so they are refused while grad is enabled, and taken under no_grad."""
+    slopes = torch.full((4,), 0.5, requires_grad=True)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"alibi_slopes requires grad, but no gradient flows to it .* "
+                                         r"alibi_slopes.detach\(\)"):
+        attention(q, k, v, alibi_slopes=slopes)
+    out = attention(q, k, v, alibi_slopes=slopes.detach())
+    with torch.no_grad():
+        assert torch.equal(attention(q, k, v, alibi_slopes=slopes), out)
 
 
 @pytest.mark.parametrize("softcap", [-1.0, math.inf, math.nan])
@@ -280,3 +333,54 @@ def test_ops_check_modifiers_in_cpp_too():
         fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, torch.ones(3))
     with pytest.raises(RuntimeError, match=r"bias must be \(B, Hq, Nq, Nk\) = \(2, 4, 8, 8\)"):
         fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, torch.ones(8, 8))
+
+
+# pad_input (unpad_input's inverse)
+
+def unpadded():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    return flash_cuda.unpad_input(torch.randn(2, 3, 4), mask)[:2]
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    (lambda xu, idx: ([1, 2], idx, 2, 3), TypeError, r"x_unpad and indices must be torch.Tensors, got list"),
+    (lambda xu, idx: (xu, idx.tolist(), 2, 3), TypeError, r"x_unpad and indices must be torch.Tensors"),
+    (lambda xu, idx: (xu, idx, 2.0, 3), TypeError, r"batch must be a non-negative int, got 2.0"),
+    (lambda xu, idx: (xu, idx, -2, 3), TypeError, r"batch must be a non-negative int, got -2"),
+    (lambda xu, idx: (xu, idx, 2, True), TypeError, r"seqlen must be a non-negative int, got True"),
+    (lambda xu, idx: (xu, idx.float(), 2, 3), ValueError, r"indices must be int64 \(total,\) = \(3,\)"),
+    (lambda xu, idx: (xu, idx[:2], 2, 3), ValueError, r"indices must be int64 \(total,\) = \(3,\) .* shape \(2,\)"),
+    (lambda xu, idx: (xu, idx, 1, 2), ValueError, r"indices must be in \[0, batch \* seqlen\) = \[0, 2\), got values "
+                                                  r"in \[0, 3\]"),
+    (lambda xu, idx: (xu, idx - 1, 2, 3), ValueError, r"indices must be in \[0, batch \* seqlen\) = \[0, 6\)"),
+    (lambda xu, idx: (xu[0, 0], idx, 2, 3), ValueError, r"x_unpad must be \(total, ...\), got a 0-d tensor"),
+    (lambda xu, idx: (xu, idx.to("meta"), 2, 3), RuntimeError, r"indices must be on the device of x_unpad \(cpu\)"),
+])
+def test_pad_input_bad_arguments(args, exc, match):
+    xu, idx = unpadded()
+    with pytest.raises(exc, match=r"flash_cuda.pad_input: " + match):
+        flash_cuda.pad_input(*args(xu, idx))
+
+
+# flash_cuda.emulate's arguments
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seed="abc"), r"seed must be an int in \[0, 2\*\*63\), got 'abc'"),
+    (dict(seed=None), r"seed must be an int"),
+    (dict(seed=1.7), r"seed must be an int"),
+    (dict(seed=2**70), r"seed must be an int in \[0, 2\*\*63\)"),
+    (dict(seed=-1), r"seed must be an int"),
+    (dict(workers=True), r"workers must be an int in \[1, 4096\]"),
+    (dict(workers=2**40), r"workers must be an int in \[1, 4096\]"),
+    (dict(workers=0), r"workers must be an int in \[1, 4096\]"),
+    (dict(device=flash_cuda.DeviceProfile("x", (8,), 10, 1000)), r"compute_capability \(major, minor\) of ints, got"),
+    (dict(device=flash_cuda.DeviceProfile("x", ("8", "0"), 10, 1000)), r"compute_capability \(major, minor\)"),
+    (dict(device=flash_cuda.DeviceProfile(5, (8, 0), 10, 1000)), r"needs a str name"),
+    (dict(device=flash_cuda.DeviceProfile("x", (8, 0), 0, 1000)), r"DeviceProfile.sm_count must be an int in \[1, 2\*\*31\)"),
+    (dict(device=flash_cuda.DeviceProfile("x", (8, 0), 10, 2**40)), r"DeviceProfile.smem_per_block must be an int"),
+    (dict(device=flash_cuda.DeviceProfile("x", (8, 0), 10, 1000, threads_per_block=1.5)),
+     r"DeviceProfile.threads_per_block must be an int"),
+])
+def test_emulate_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=r"emulate: .*" + match):
+        flash_cuda.emulate(**kw)

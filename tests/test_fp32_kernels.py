@@ -198,7 +198,9 @@ KNOWN_EXCESS = ("known: 3xTF32 exceeds 4x plain fp32's error + 1e-6 in ~2% of ra
                 "effect covers 4 of 5 dV excesses examined); the rest not analysed")
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_EXCESS)
+# Not strict: the bound is relative to plain fp32 torch's error on the machine, and on an AMD Zen 3
+# (MKL's AVX2 kernels, 2026-12-03) plain fp32's error on this draw is larger and the draw passes.
+@pytest.mark.xfail(strict=False, reason=KNOWN_EXCESS)
 @pytest.mark.parametrize("seed", [2509])
 def test_randomised_differential_known_excess(seed):
     test_randomised_differential(seed)

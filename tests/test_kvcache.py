@@ -346,8 +346,13 @@ def bad_call(**over):
     (dict(v=torch.randn(2, 2, 2, 16)), ValueError, "v must have the shape of k"),
     (dict(v=None), ValueError, "k and v .* together"),
     (dict(k=torch.randn(2, 2, 1, 16).double(), v=torch.randn(2, 2, 1, 16).double()), TypeError, "k must have the dtype"),
-    (dict(num_splits=-1), ValueError, "num_splits must be an int >= 0"),
-    (dict(num_splits=1.5), ValueError, "num_splits must be an int >= 0"),
+    (dict(num_splits=-1), ValueError, r"num_splits must be an int in \[0, 128\]"),
+    (dict(num_splits=1.5), ValueError, r"num_splits must be an int in \[0, 128\]"),
+    (dict(num_splits=129), ValueError, r"num_splits must be an int in \[0, 128\]"),
+    (dict(num_splits=2**62), ValueError, r"num_splits must be an int in \[0, 128\]"),  # it crashed the process
+    (dict(num_splits=2**63), ValueError, r"num_splits must be an int in \[0, 128\]"),
+    (dict(cache_seqlens=2**40), ValueError, r"cache_seqlens must be in \[0, 63\] for a cache of 64 keys"),
+    (dict(cache_seqlens=-3), ValueError, r"cache_seqlens must be in \[0, 63\]"),
     (dict(causal=1), TypeError, "causal must be a bool"),
     (dict(q=torch.randn(2, 3, 1, 16)), ValueError, "multiple of the number of key/value heads"),
     (dict(q=torch.randn(2, 4, 1, 8)), ValueError, "head dim of q"),
@@ -383,6 +388,38 @@ def test_cache_without_unit_head_stride_is_an_error():
     with pytest.raises(RuntimeError, match=r"unit stride in the head dim"):
         torch.ops.flash_cuda.kvcache_fwd(q, kc[..., ::2], vc[..., ::2], None, None, torch.full((2,), 8, dtype=torch.int32),
                                          None, 0.25, False)
+
+
+def test_num_splits_past_the_tiles():
+    """Splits past the key tiles would be empty: the CPU backend takes at most one per 512-key tile
+    (each split holds a partial output as large as out), the same bits as without them; the op
+    refuses more than 128 itself."""
+    kc, vc, _ = make_cache(torch.float32, 2, 2, 700, 16)
+    q = torch.randn(2, 4, 3, 16)
+    lengths = torch.tensor([700, 300], dtype=torch.int32)
+    two = FN(q, kc, vc, cache_seqlens=lengths, num_splits=2)
+    assert torch.equal(FN(q, kc, vc, cache_seqlens=lengths, num_splits=128), two)
+    with pytest.raises(RuntimeError, match=r"num_splits must be in \[0, 128\]"):
+        torch.ops.flash_cuda.kvcache_fwd(q, kc, vc, None, None, lengths, None, 0.25, False, -1, -1, 0.0, None, 2**62)
+
+
+def test_append_to_a_cache_whose_positions_share_memory():
+    """k and v are written into the cache in place: an expanded cache (stride 0: every position the
+    same memory) or k_cache and v_cache sharing memory would overwrite other positions, so the op
+    refuses them (before writing anything); reading such a cache without appending is fine."""
+    q, new = torch.randn(1, 2, 1, 8), (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    ke = torch.zeros(1, 2, 1, 8).expand(1, 2, 16, 8)
+    vc = torch.randn(1, 2, 16, 8)
+    for kc, v_cache, match in ((ke, vc, r"k_cache has positions that share memory"),
+                               (vc.clone(), torch.zeros(1, 2, 1, 8).expand(1, 2, 16, 8), r"v_cache has positions that share memory"),
+                               (vc, vc, r"k_cache and v_cache share memory")):
+        before = (kc.clone(), v_cache.clone())
+        with pytest.raises(RuntimeError, match=match):
+            FN(q, kc, v_cache, *new, cache_seqlens=3)
+        assert torch.equal(kc, before[0]) and torch.equal(v_cache, before[1])
+    out = FN(q, ke, vc, cache_seqlens=5)
+    ref, _ = attention_ref(q, ke[:, :, :5], vc[:, :, :5])
+    assert_close_fp("out", out, ref)
 
 
 def test_requires_grad_is_an_error():

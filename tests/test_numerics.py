@@ -155,3 +155,93 @@ def test_soak_tool_reports_failing_draws(monkeypatch):
     monkeypatch.setattr(test_kvcache, "test_randomised", fails_at_1)
     failing = soak.main(["--start", "0", "--count", "2", "--only", "test_kvcache"])
     assert failing == [("test_kvcache", "test_randomised", 1)]
+
+
+# ---- scores far from 0 (CPU backend: rowops.h exp2_arg, online_softmax.h kFoldedScaleMax) ----
+
+@pytest.mark.parametrize("dtype,mult", [(torch.float32, 1e5), (torch.float32, 3e4), (torch.bfloat16, 1e5),
+                                        (torch.float16, 5e3), (torch.float64, 1e5)])
+@pytest.mark.parametrize("N", [4, 130, 700])  # few rows: the KV-cache loop; more: the tiled forward
+@pytest.mark.parametrize("gemm", ["default", "native"])
+def test_huge_scores(dtype, mult, N, gemm, monkeypatch):
+    """Scaled scores up to ~1e10 (one-hot rows): exp(scale s - m) with the scale folded in put the
+    rounding of m = scale max(s) into every exponent, e^64 and more from 2^31 on, and rows came out
+    0 with lse -inf, or inf; such rows now run prescaled (exactly 1 at the max). Against the float64
+    reference: out within 2e-5 (float32/float64) or 2^-8 (fp16/bf16: its rounding) of its magnitude,
+    lse within 1e-6, both finite."""
+    if gemm == "native":
+        if dtype not in (torch.float16, torch.bfloat16):
+            pytest.skip("the native path is for fp16/bf16")
+        monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", "native")
+    g = torch.Generator().manual_seed(N)
+    q, k, v = (torch.randn(1, 2, N, 64, generator=g) for _ in range(3))
+    q, k, v = (q * mult).to(dtype), (k * mult).to(dtype), v.to(dtype)
+    out, lse = flash_cuda.attention(q, k, v, return_lse=True)
+    ref_out, ref_lse = attention_ref(q, k, v)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    # one-hot rows: out is a row of V, exact but for its rounding to fp16/bf16 (plain torch's fp16
+    # scores overflow here: it is no yardstick)
+    assert_close_fp("out", out, ref_out, rtol=2**-8 if dtype in LOW_PRECISION else 2e-5)
+    assert_close_fp("lse", lse, ref_lse, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, -1e30, -1e4])
+@pytest.mark.parametrize("N", [40, 300, 700])
+def test_rows_fully_masked_by_a_finite_mask(dtype, value, N):
+    """A floating attn_mask of finfo.min or -1e30 (torch's and many models' mask values) on every
+    key of a row: torch gives the plain average of V there (all its scores round to the mask
+    value), and so do we; the exponent's log2(e) folded into the row max made it -inf (finfo.min)
+    or garbage, and the row NaN. Other rows partly masked, -1e4 (BERT's value) as a control.
+    Outputs by FlashAttention's rule (float32 too); gradients too where dO is 0 on the fully masked rows (a
+    padding query's, as in training). With dO there, their lse cannot hold log(row sum) next to
+    the mask value in float32, so their P in the backward is off by that factor, as in torch
+    SDPA's CPU flash kernel (README "Masks"): only finite values are checked then."""
+    g = torch.Generator().manual_seed(N)
+    q, k, v, dout = (torch.randn(1, 2, N, 64, generator=g).to(dtype) for _ in range(4))
+    masked = N // 6
+    mask = torch.zeros(1, 1, N, N)
+    mask[..., :masked, :] = value
+    mask[..., masked:, N // 2:] = value
+    dout[:, :, :masked] = 0
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = flash_cuda.attention(*leaves, attn_mask=mask)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = attention_ref(*ref_leaves, attn_mask=mask.double())[0]
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dout.double())
+    plain_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    plain = attention_ref(*plain_leaves, attn_mask=mask, dtype=dtype)[0]
+    plain_grads = torch.autograd.grad(plain, plain_leaves, dout)
+    # FlashAttention's rule in float32 too: a score next to -1e4 is rounded to 2^-11 in float32,
+    # plain torch's as much as ours
+    assert_fa_rule("out", out, plain, ref, 2)
+    for name, a, p, r in zip(("dq", "dk", "dv"), grads, plain_grads, ref_grads):
+        assert_fa_rule(name, a, p, r, 3)
+    dout[:, :, :masked] = 1
+    assert all(torch.isfinite(x).all() for x in torch.autograd.grad(flash_cuda.attention(*leaves, attn_mask=mask),
+                                                                      leaves, dout))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("N", [9, 400])
+def test_rows_of_nan_scores(dtype, N):
+    """A NaN in a query row makes every score of the row NaN: its output, lse and (through its
+    P = exp(s - lse)) dV are NaN as in torch (logsumexp NaN; SDPA's dV NaN). Such a row has no max
+    (NaN never wins a comparison) and was taken for one that sees no key: lse -inf, and its NaN
+    left out of dV. The other rows' outputs stay finite and match torch."""
+    g = torch.Generator().manual_seed(N)
+    q, k, v = (torch.randn(1, 2, N, 16, generator=g).to(dtype) for _ in range(3))
+    q[0, 1, 2, 0] = float("nan")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = flash_cuda.attention(*leaves, return_lse=True)
+    out.sum().backward()
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = attention_ref(*ref_leaves)
+    ref.sum().backward()
+    for name, ours, theirs in (("out", out, ref), ("lse", lse, ref_lse)) + tuple(
+            (n, a.grad, b.grad) for n, a, b in zip(("dq", "dk", "dv"), leaves, ref_leaves)):
+        assert torch.equal(torch.isnan(ours), torch.isnan(theirs)), name
+    assert torch.isnan(lse[0, 1, 2]) and torch.isnan(leaves[2].grad[0, 1]).all()
+    fine = ~torch.isnan(ref)
+    assert (out[fine].double() - ref[fine]).abs().max() < (2e-2 if dtype == torch.bfloat16 else 2e-5)

@@ -181,10 +181,12 @@ void store_rows(const acc_t* o, int64_t rows, int64_t D, at::Tensor& out, int64_
 }
 
 // in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
-// the softmax (float, or double for double).
+// the softmax (float, or double for double). prescale: the scale applied to every score tile
+// first. Returns whether a row's max score exceeded kFoldedScaleMax with the scale folded into
+// the exponent (the caller then runs it again prescaled).
 template <typename in_t>
-void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-              at::Tensor& lse, const AttnOptions& opt) {
+bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+              at::Tensor& lse, const AttnOptions& opt, bool prescale) {
   using acc_t = at::opmath_type<in_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), group = Hq / Hkv;
@@ -220,6 +222,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
                    std::vector<SoftmaxRow<acc_t>>(kFwdBr)};
   };
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  std::atomic<bool> too_large{false};
 
   // Head by head, so the items a thread takes in turn read the same head's K^T and V (from its
   // L2, not L3: 1.06x-1.07x faster bf16 forwards at D = 128 on a Xeon with AMX than items taken
@@ -244,7 +247,7 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
       // The scale is folded into the exponent (exp(scale s - m)) unless the modifiers need the
       // scaled scores or a scale <= 0 turns the row max into a row min.
-      const bool prescaled = band_mask || mods.any || !(scale > 0);
+      const bool prescaled = prescale || band_mask || mods.any || !(scale > 0);
       const acc_t a = prescaled ? acc_t(1) : scale;
       const int64_t block_rows = band_mask ? kEdgeRows : br;
       for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
@@ -290,9 +293,11 @@ void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const bool empty = row.l == acc_t(0);  // the row sees no key: out 0, lse -inf
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : row.m + std::log(row.l);
+      if (!prescale && std::abs(row.m) > kFoldedScaleMax) too_large = true;
     }
     store_rows(o, br, D, out, b, h, i0);
   });
+  return too_large;
 }
 
 template <typename in_t>
@@ -489,7 +494,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     out.copy_(o);
     return {out, l};
   }
-  with_gemm_type(q.scalar_type(), [&](auto in) { fwd_impl<decltype(in)>(q, k, v, out, lse, opt); });
+  with_gemm_type(q.scalar_type(), [&](auto in) {
+    if (fwd_impl<decltype(in)>(q, k, v, out, lse, opt, false)) fwd_impl<decltype(in)>(q, k, v, out, lse, opt, true);
+  });
   return {out, lse};
 }
 

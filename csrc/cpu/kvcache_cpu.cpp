@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -139,10 +140,13 @@ void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, in
 // copy), transposed in the tile to S, and O += P V with P rounded to the cache's dtype. float:
 // fp32 and fp16 caches on the AVX-512 kernels read in place (fp16 widened in registers), else the
 // tiles gathered and converted, ATen's fp32 GEMMs.
+// prescale: the native path's scores scaled first, as the float path's always are (its Q carries
+// the scale). Returns whether a row's max score exceeded kFoldedScaleMax with the scale folded into
+// the exponent (the caller then runs it again prescaled).
 template <typename in_t>
-void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const std::vector<int64_t>& n_keys, const std::optional<at::Tensor>& block_table,
-                  const AttnOptions& opt, int64_t splits, at::Tensor& out, at::Tensor& lse) {
+                  const AttnOptions& opt, int64_t splits, bool prescale, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<in_t>;
   constexpr bool native = !std::is_same_v<in_t, acc_t>;
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
@@ -165,6 +169,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const std::unique_ptr<acc_t[]> lse_part(splits > 1 ? new acc_t[splits * n_rows] : nullptr);
   acc_t* lse_ptr = lse.data_ptr<acc_t>();  // (B, Hq, Nq), contiguous
   const OutRows<acc_t> out_rows(out);
+  std::atomic<bool> too_large{false};
 
   // bf16 below kDotRows rows where the CPU has AVX512-BF16, AMX or not: the scores as dot
   // products along the cache rows (avx512_gemm.h), the rows ahead fetched as they go. The GEMM
@@ -356,7 +361,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       }
       const bool band_mask = band.tile_needs_mask(0, Nq, j0, j1);
       // native: the scale is folded into the exponent unless the modifiers need scaled scores
-      const bool prescaled = !native || band_mask || mods.any || !(scale > 0);
+      const bool prescaled = !native || prescale || band_mask || mods.any || !(scale > 0);
       if (native && prescaled)
         for (int64_t r = 0; r < rows; ++r) scale_row(s + r * ld_s, bc, scale);
       if (band_mask || mods.any)
@@ -439,6 +444,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       const bool empty = row.l == acc_t(0);  // no visible key: out 0, lse -inf
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       const acc_t row_lse = empty ? kNegInf : row.m + std::log(row.l);
+      if (native && !prescale && std::abs(row.m) > kFoldedScaleMax) too_large = true;
       const int64_t out_row = q_row0 + r;  // row (b, head, query) of out and lse
       if (splits > 1) {
         std::copy(o + r * D, o + (r + 1) * D, o_part.get() + (split * n_rows + out_row) * D);
@@ -450,6 +456,7 @@ void kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     }
   });
   if (splits > 1) merge_splits(o_part.get(), lse_part.get(), splits, n_rows, D, out, lse_ptr);
+  return too_large;
 }
 
 }  // namespace
@@ -486,12 +493,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({B, q.size(1), q.size(2)}, q.options().dtype(acc));
   if (out.numel() == 0) return {out, lse};
-  if (num_splits == 0) {  // enough items for the machines we know, each split at least kMinSplitKeys keys
-    const int64_t longest = n_keys.empty() ? 0 : *std::max_element(n_keys.begin(), n_keys.end());
+  const int64_t longest = n_keys.empty() ? 0 : *std::max_element(n_keys.begin(), n_keys.end());
+  if (num_splits == 0)  // enough items for the machines we know, each split at least kMinSplitKeys keys
     num_splits = std::max<int64_t>(1, std::min(ceil_div(kTargetItems, B * Hkv), longest / kMinSplitKeys));
-  }
+  // Splits past the longest sequence's key tiles would be empty (the same bits without them) but
+  // each holds a partial output as large as out.
+  num_splits = std::min(num_splits, std::max<int64_t>(1, ceil_div(longest, kBc)));
   with_gemm_type(q.scalar_type(), [&](auto in) {
-    kvcache_impl<decltype(in)>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, out, lse);
+    using T = decltype(in);
+    if (kvcache_impl<T>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, false, out, lse))
+      kvcache_impl<T>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, true, out, lse);
   });
   return {out, lse};
 }

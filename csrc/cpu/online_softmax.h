@@ -24,6 +24,13 @@
 
 namespace flash_cuda::cpu {
 
+// Scaled scores above this magnitude go through the prescaled path (the scale applied to S, then
+// exp(s - m) with m a score itself: exactly 1 at the row's max, at any magnitude; rowops.h
+// exp2_arg). With the scale folded into the exponent, exp(scale s - m) at the max is exp of the
+// rounding of m = scale s_max, up to half an ulp of m: e^64 and more from 2^31 on, which over- or
+// underflows fp32. The loops report such rows and their callers run them again prescaled.
+constexpr double kFoldedScaleMax = 1 << 24;
+
 template <typename acc_t>
 struct SoftmaxRow {
   acc_t m = -std::numeric_limits<acc_t>::infinity();  // -inf before the row's first visible key
@@ -45,11 +52,17 @@ inline void online_softmax_row(SoftmaxRow<acc_t>& row, acc_t* o, int64_t D, acc_
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr acc_t margin = 8;  // e^8 ~ 3e3: far from the float range
   acc_t x_max, lp;
+  // A row whose scores so far are all NaN has no max (NaN never wins a comparison) but is not
+  // empty: it becomes NaN (m, l: its lse NaN, as torch's logsumexp gives, so the backward's P of
+  // the row is NaN too, not the 0 of a row that sees no key).
+  const auto nan_or_empty = [&](acc_t l) {
+    if (l != l) row = {l, l, l};
+  };
   if (row.m == kNegInf) {
     if (rounded) {  // against the tile's max
       const acc_t m_tile = a * row_max(x, n);
       if (m_tile == kNegInf) {
-        exp_row(acc_t(0), &x_max, &lp);  // nothing visible yet: P = 0, the row unchanged
+        nan_or_empty(exp_row(acc_t(0), &x_max, &lp));  // nothing visible yet: P = 0, the row unchanged
         return;
       }
       row.m = m_tile;
@@ -61,7 +74,7 @@ inline void online_softmax_row(SoftmaxRow<acc_t>& row, acc_t* o, int64_t D, acc_
     // never NaN), else redone against its max.
     const acc_t l0 = exp_row(acc_t(0), &x_max, &lp);
     const acc_t m_tile = a * x_max;
-    if (m_tile == kNegInf) return;  // nothing visible yet: P = 0, the row unchanged
+    if (m_tile == kNegInf) return nan_or_empty(l0);  // nothing visible yet: P = 0, the row unchanged
     if (m_tile >= -margin && m_tile <= margin) {
       row = {acc_t(0), l0, lp};
     } else {

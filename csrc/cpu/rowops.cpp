@@ -71,6 +71,17 @@ FC_INLINE T exp2_poly(T t) {
   return p * pow2i(n);
 }
 constexpr float kLog2e = 1.4426950408889634f;
+// The base-2 argument of exp(a x - m): the difference first, then log2(e) (one FMA and a multiply).
+// Where m is a row's max score times a (m = a x_max, as the online softmax and lse give it), the
+// argument is 0 at that score up to the rounding of a x_max itself (exactly 0 for a = 1, the
+// prescaled scores), at any magnitude. log2(e) folded into a and m (a2 x - m2) left the rounding
+// of m2 = m log2(e) in every argument: at a fully masked row's m = -3.4e38 (finite masks of
+// finfo.min: torch's mask value) m2 overflowed to -inf and the row came out NaN, and at |m| above
+// ~2^31 the rows over- or underflowed. Vector (v16f, with a and m broadcast) or scalar.
+template <typename T>
+FC_INLINE T exp2_arg(T x, float a, float m) {
+  return (a * x - m) * kLog2e;
+}
 struct Exp2Poly {
   FC_INLINE v16f operator()(v16f t) const { return exp2_poly(t); }
 };
@@ -160,13 +171,12 @@ template <typename Store, typename Store16, typename Exp16 = Exp2Poly>
 FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m, float* x_max, float* stored_sum,
                                     Store store, Store16 store16, Exp16 exp16 = Exp2Poly{}) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const float a2 = a * kLog2e, m2 = m * kLog2e;
   v16f acc = {}, acc_stored = {}, mx = splat<v16f>(kNegInf);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     const v16f v = load16(x + j);
     mx = mx < v ? v : mx;
-    const v16f e = exp16(a2 * v - m2);
+    const v16f e = exp16(exp2_arg(v, a, m));
     store16(j, e, acc_stored);
     acc += e;
   }
@@ -174,7 +184,7 @@ FC_INLINE float exp_affine_sum_impl(const float* x, int64_t n, float a, float m,
   for (; j < n; ++j) {
     const float v = x[j];
     mj = mj < v ? v : mj;
-    const float e = exp2_poly(a2 * v - m2);
+    const float e = exp2_poly(exp2_arg(v, a, m));
     ss += store(j, e);
     s += e;
   }
@@ -220,10 +230,9 @@ FC_MULTIVERSION float exp_affine_sum_generic(const float* x, int64_t n, float a,
 }
 template <typename Exp16>
 FC_INLINE void exp_affine_f32(float* x, int64_t n, float a, float m, Exp16 exp16) {
-  int64_t j = 0;
-  const float a2 = a * kLog2e, m2 = m * kLog2e;  // the forward's exponent (exp2_poly)
-  for (; j + 16 <= n; j += 16) store16(x + j, exp16(a2 * load16(x + j) - m2));
-  for (; j < n; ++j) x[j] = exp2_poly(a2 * x[j] - m2);
+  int64_t j = 0;  // the forward's exponent (exp2_poly)
+  for (; j + 16 <= n; j += 16) store16(x + j, exp16(exp2_arg(load16(x + j), a, m)));
+  for (; j < n; ++j) x[j] = exp2_poly(exp2_arg(x[j], a, m));
 }
 FC_MULTIVERSION void exp_affine_generic(float* x, int64_t n, float a, float m) {
   exp_affine_f32(x, n, a, m, Exp2Poly{});
@@ -251,8 +260,7 @@ struct Exp2Avx2 {
 // the stack on AVX2 too.
 FC_TARGET_AVX2 float exp_affine_sum_avx2(const float* x, int64_t n, float a, float m, float* y, float* x_max) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const float a2 = a * kLog2e, m2 = m * kLog2e;
-  const __m256 va = _mm256_set1_ps(a2), vm = _mm256_set1_ps(m2);
+  const __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m), vlog2e = _mm256_set1_ps(kLog2e);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   __m256 mx[2] = {_mm256_set1_ps(kNegInf), _mm256_set1_ps(kNegInf)};
   int64_t j = 0;
@@ -260,7 +268,7 @@ FC_TARGET_AVX2 float exp_affine_sum_avx2(const float* x, int64_t n, float a, flo
     for (int h = 0; h < 2; ++h) {
       const __m256 v = _mm256_loadu_ps(x + j + 8 * h);
       mx[h] = _mm256_blendv_ps(mx[h], v, _mm256_cmp_ps(mx[h], v, _CMP_LT_OQ));  // mx < v ? v : mx
-      const __m256 e = Exp2Avx2::half(_mm256_fmsub_ps(va, v, vm));
+      const __m256 e = Exp2Avx2::half(_mm256_mul_ps(_mm256_fmsub_ps(va, v, vm), vlog2e));  // exp2_arg
       _mm256_storeu_ps(y + j + 8 * h, e);
       acc[h] = _mm256_add_ps(acc[h], e);
     }
@@ -268,7 +276,7 @@ FC_TARGET_AVX2 float exp_affine_sum_avx2(const float* x, int64_t n, float a, flo
   for (; j < n; ++j) {
     const float v = x[j];
     mj = mj < v ? v : mj;
-    s += (y[j] = exp2_poly(a2 * v - m2));
+    s += (y[j] = exp2_poly(exp2_arg(v, a, m)));
   }
   alignas(32) float lanes[16], maxes[16];
   for (int h = 0; h < 2; ++h) _mm256_store_ps(lanes + 8 * h, acc[h]), _mm256_store_ps(maxes + 8 * h, mx[h]);
@@ -277,11 +285,11 @@ FC_TARGET_AVX2 float exp_affine_sum_avx2(const float* x, int64_t n, float a, flo
   return s;
 }
 FC_TARGET_AVX2 void exp_affine_avx2(float* x, int64_t n, float a, float m) {
-  const float a2 = a * kLog2e, m2 = m * kLog2e;
-  const __m256 va = _mm256_set1_ps(a2), vm = _mm256_set1_ps(m2);
+  const __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m), vlog2e = _mm256_set1_ps(kLog2e);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, Exp2Avx2::half(_mm256_fmsub_ps(va, _mm256_loadu_ps(x + j), vm)));
-  for (; j < n; ++j) x[j] = exp2_poly(a2 * x[j] - m2);
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(x + j, Exp2Avx2::half(_mm256_mul_ps(_mm256_fmsub_ps(va, _mm256_loadu_ps(x + j), vm), vlog2e)));
+  for (; j < n; ++j) x[j] = exp2_poly(exp2_arg(x[j], a, m));
 }
 
 FC_TARGET_V4 float exp_affine_sum_avx512(const float* x, int64_t n, float a, float m, float* y, float* x_max) {
