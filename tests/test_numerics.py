@@ -196,7 +196,7 @@ def test_rows_fully_masked_by_a_finite_mask(dtype, value, N):
     Outputs by FlashAttention's rule (float32 too); gradients too where dO is 0 on the fully masked rows (a
     padding query's, as in training). With dO there, their lse cannot hold log(row sum) next to
     the mask value in float32, so their P in the backward is off by that factor, as in torch
-    SDPA's CPU flash kernel (README "Masks"): only finite values are checked then."""
+    SDPA's CPU flash kernel (README "Semantics"): only finite values are checked then."""
     g = torch.Generator().manual_seed(N)
     q, k, v, dout = (torch.randn(1, 2, N, 64, generator=g).to(dtype) for _ in range(4))
     masked = N // 6

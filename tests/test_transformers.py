@@ -197,6 +197,22 @@ def test_generate_greedy_like_sdpa(family, cache):
     assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+def test_static_cache_without_a_mask_like_sdpa():
+    """A static cache and no attention_mask (a prefill of 6 tokens, then 2 more): the cache's 20
+    slots are not all keys yet. transformers' FlashAttention path (and flash_cuda's before its mask
+    function covered this) attended to the empty slots too: logits 10.5 off SDPA's."""
+    ref, ours = pair("llama")
+    ids = torch.randint(1, V, (2, 8), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for name, m in (("sdpa", ref), ("flash_cuda", ours)):
+        cache = transformers.StaticCache(config=m.config, max_cache_len=20)
+        with torch.no_grad():
+            first = m(input_ids=ids[:, :6], past_key_values=cache, use_cache=True).logits
+            second = m(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
+        logits[name] = torch.cat([first, second], 1)
+    assert max_err(logits["flash_cuda"], logits["sdpa"]) <= 1e-5 * max(1.0, logits["sdpa"].abs().max().item())
+
+
 def test_compile_fullgraph_with_a_mask():
     """torch.compile(fullgraph=True) of a forward with a padding mask: no graph break, eager's output."""
     ref, ours = pair("llama")

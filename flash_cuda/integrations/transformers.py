@@ -156,8 +156,17 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                   **kwargs):
     """transformers' FlashAttention mask (`masking_utils.flash_attention_mask`) without host reads when
     compiling: the 2-D padding mask's last kv_length columns, or None when there is no mask (or,
-    outside compilation, when it is all ones over exactly kv_length keys)."""
+    outside compilation, when it is all ones over exactly kv_length keys); without a mask, outside
+    compilation, ones over the keys seen so far when a static cache holds more slots."""
     if attention_mask is None:
+        # No padding mask, but maybe a static cache: kv_length then counts all its slots, filled or
+        # not, and the keys seen so far are q_offset + q_length. transformers' FlashAttention path
+        # attends to every slot there (the empty ones as keys, the causal diagonal at the last
+        # one); a mask of ones over the seen keys makes attention_forward take those alone.
+        if not torch.compiler.is_compiling() and int(kv_offset) == 0:
+            seen = int(q_offset) + q_length
+            if seen < kv_length:
+                return torch.ones(batch_size, seen, dtype=torch.bool, device=kwargs.get("device"))
         return None
     attention_mask = attention_mask[:, -kv_length:]
     if (attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling()
