@@ -222,6 +222,9 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
                    std::vector<SoftmaxRow<acc_t>>(kFwdBr)};
   };
   acc_t* lse_ptr = lse.data_ptr<acc_t>();
+  // Whether some tile may fold the scale into the exponent (else every tile is prescaled already:
+  // a fully masked row's max at a mask of finfo.min needs no second run).
+  const bool may_fold = !prescale && !mods.any && scale > 0;
   std::atomic<bool> too_large{false};
 
   // Head by head, so the items a thread takes in turn read the same head's K^T and V (from its
@@ -293,7 +296,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
       const bool empty = row.l == acc_t(0);  // the row sees no key: out 0, lse -inf
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : row.m + std::log(row.l);
-      if (!prescale && std::abs(row.m) > kFoldedScaleMax) too_large = true;
+      if (may_fold && std::abs(row.m) > kFoldedScaleMax) too_large = true;
     }
     store_rows(o, br, D, out, b, h, i0);
   });

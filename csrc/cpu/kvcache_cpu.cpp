@@ -169,6 +169,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const std::unique_ptr<acc_t[]> lse_part(splits > 1 ? new acc_t[splits * n_rows] : nullptr);
   acc_t* lse_ptr = lse.data_ptr<acc_t>();  // (B, Hq, Nq), contiguous
   const OutRows<acc_t> out_rows(out);
+  const bool may_fold = native && !prescale && !mods.any && scale > 0;  // else every tile is prescaled
   std::atomic<bool> too_large{false};
 
   // bf16 below kDotRows rows where the CPU has AVX512-BF16, AMX or not: the scores as dot
@@ -444,7 +445,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       const bool empty = row.l == acc_t(0);  // no visible key: out 0, lse -inf
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       const acc_t row_lse = empty ? kNegInf : row.m + std::log(row.l);
-      if (native && !prescale && std::abs(row.m) > kFoldedScaleMax) too_large = true;
+      if (may_fold && std::abs(row.m) > kFoldedScaleMax) too_large = true;
       const int64_t out_row = q_row0 + r;  // row (b, head, query) of out and lse
       if (splits > 1) {
         std::copy(o + r * D, o + (r + 1) * D, o_part.get() + (split * n_rows + out_row) * D);
