@@ -9,7 +9,7 @@ import torch
 
 import flash_cuda
 from flash_cuda import emulate
-from reference import assert_fa_rule, attention_ref
+from reference import assert_close_fp, assert_fa_rule, attention_ref
 from test_kernel_fwd import HEAD_DIMS, make_qkv
 
 VARIANTS = {
@@ -108,6 +108,47 @@ def test_rows_without_keys_and_top_left_mask_dropin():
     assert emu.launches[0]["errors"] == [] and ours[:, :, 5].abs().max() == 0
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     assert (ours.double() - ref).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "dq_pass"])
+@pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, -1e30, -1e9, -1e4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_rows_fully_masked_by_a_finite_mask(dtype, value, deterministic):
+    """A floating attn_mask of finfo.min, -1e30 or -1e9 on every key of a row (the values torch
+    and many models pad with): torch gives the plain average of V there, and so do the kernels
+    (the modifier variant's softmax subtracts the row max before scaling to base 2; with
+    s log2(e) - fl(max log2(e)) these rows were NaN at -1e30 and 0 at finfo.min). Other rows
+    partly masked. Gradients by FlashAttention's rule where the fully masked rows' dO is 0 (a
+    padding query's); with dO there, finite (their lse cannot hold log(Nk) next to the mask
+    value in float32, as on the CPU backend: README "Semantics")."""
+    B, Hq, N, D = 1, 2, 100, 64
+    q, k, v = make_qkv(B, Hq, 1, N, N, D, dtype, seed=5)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    masked = N // 6
+    mask = torch.zeros(1, 1, N, N)
+    mask[..., :masked, :] = value
+    mask[..., masked:, N // 2:] = value
+    dout[:, :, :masked] = 0
+    kw = dict(attn_mask=mask)
+    out, lse, grads, launches = emulated_run(q, k, v, kw, dout, deterministic=deterministic)
+    assert all(r["kernel"].endswith(",mod>") for r in launches)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref_out, _, ref_grads = reference(q, k, v, kw, dout, torch.float64)
+    plain_out, _, plain_grads = reference(q, k, v, kw, dout, dtype)
+    # the fully masked rows against float32 scores (torch's on fp32 inputs; -1e9 and below leave
+    # every such score equal to the mask value there, and the row is the plain average of V),
+    # to the output's and P's rounding
+    f32_out = reference(q, k, v, kw, dout, torch.float32)[0]
+    assert_close_fp("out (fully masked rows)", out[:, :, :masked].double(), f32_out[:, :, :masked].double(),
+                    rtol=2**-8 if dtype == torch.bfloat16 else 2**-10)
+    # plain torch in fp16/bf16 turns the larger mask values into -inf and has no row to average:
+    # the rule on the other rows; the gradients all (dO is 0 on the fully masked rows)
+    assert_fa_rule("out", out[:, :, masked:], plain_out[:, :, masked:], ref_out[:, :, masked:], 2)
+    for name, g, pg, rg in zip(("dq", "dk", "dv"), grads, plain_grads, ref_grads):
+        assert_fa_rule(name, g, pg, rg, 3)
+    dout[:, :, :masked] = 1
+    _, _, grads, _ = emulated_run(q, k, v, kw, dout, deterministic=deterministic)
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 # ---------------------------------------------------------------- counters

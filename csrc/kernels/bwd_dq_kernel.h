@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
   cp_async_commit();
 
   // lse2 and D of this thread's rows g and g + 8 (padded row stats: rows that must not
-  // contribute have lse2 = +inf, probabilities exactly 0).
+  // contribute have lse2 = +inf, probabilities exactly 0; kMod: the lse itself, not base 2).
   const float* g_stats = p.row_stats + p.template stats_offset<kVarlen>(batch, head);
   float lse2[2], di[2];
   for (int half = 0; half < 2; ++half) {
@@ -124,14 +124,15 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
         for (int e = 0; e < 4; ++e) {
           const int r = warp_row0 + lane / 4 + 8 * (e / 2), c = nt * 8 + 2 * (lane % 4) + e % 2;
           const int row = m0 + r, col = n0 + c;
-          float s2 = rS[nt][e] * p.scale_log2, dcap = 1.0f;  // base-2 score
-          if (kMod) {
+          float dcap = 1.0f, pe;
+          if (kMod) {  // natural units, the difference first (the row stats hold the lse itself)
             const float bias = gBias ? Bias::at(sBias, bias_row_broadcast, r, c) : 0.0f;
-            s2 = modify_score<float>(rS[nt][e] * p.scale, p.mod.softcap, slope, col - (row + int(p.mask.offset)), bias,
-                                     &dcap) *
-                 1.4426950408889634f;
+            const float sm = modify_score<float>(rS[nt][e] * p.scale, p.mod.softcap, slope,
+                                                 col - (row + int(p.mask.offset)), bias, &dcap);
+            pe = ex2_approx((sm - lse2[e / 2]) * 1.4426950408889634f);
+          } else {
+            pe = ex2_approx(rS[nt][e] * p.scale_log2 - lse2[e / 2]);  // base-2 score and lse
           }
-          float pe = ex2_approx(s2 - lse2[e / 2]);
           if (needs_mask && (col >= p.nk || (kBand && !p.mask.visible(row, col)))) pe = 0.0f;
           rdP[nt][e] = pe * ((kBand ? rdP[nt][e] * p.drop.scale : rdP[nt][e]) - di[e / 2]) * dcap;  // dS
         }

@@ -240,7 +240,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     kv_times_q(rS, sK, sQs);
     if constexpr (!kRoundPFirst) kv_times_q(rdP, sV, sdOs);
     if constexpr (kMod) {
-      // Per element: s = modified(scale S^T), P^T = exp(s - lse), dS^T' = P^T (dP^T - D) (the
+      // Per element: s = modified(scale S^T), P^T = exp2((s - lse) log2(e)) (the difference first,
+      // as the forward; the row stats hold the lse itself here), dS^T' = P^T (dP^T - D) (the
       // bias gradient), dS^T = dS^T' d(capped)/ds. The bias comes from the stage's tile; the
       // gradient goes to the kernels' transposed dbias ([key][query], ScoreMod::dbias): a C
       // tile's element pair is two adjacent queries of one key, one 8-byte store, and every
@@ -273,7 +274,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
               float dcap;
               const float sm = modify_score<float>(rS[mt][nt][i] * p.scale, p.mod.softcap, slope,
                                                    key_local - q_local + offset_local, bias, &dcap);
-              pe[e] = ex2_approx(sm * 1.4426950408889634f - (e ? l.y : l.x));
+              pe[e] = ex2_approx((sm - (e ? l.y : l.x)) * 1.4426950408889634f);  // (l: the lse itself here)
               if (kMask && hidden(mt, nt, i)) pe[e] = 0.0f;
               const bool kept = keep(mt, nt, i);
               dsp[e] = pe[e] * ((kept ? rdP[mt][nt][i] * p.drop.scale : 0.0f) - (e ? d.y : d.x));

@@ -1,6 +1,9 @@
 /* Backward pre- and post-processing (FlashAttention-2 Algorithm 2, lines 4 and 22).
  *   preprocess:  Di = rowsum(dO * O) - dlse and lse2 = lse log2(e) (fp32) into the padded
- *                row stats (params.h), and zeroing of the fp32 dQ accumulator;
+ *                row stats (params.h), and zeroing of the fp32 dQ accumulator. The modifier
+ *                variant (Kt::kMod) keeps the lse itself there: its kernels take the
+ *                difference s - lse first, as the forward's softmax did (softmax.h), since
+ *                fl(lse log2(e)) at a finite mask's -1e30 is off by up to 2^76;
  *   postprocess: dQ = scale * accumulator, rounded to the input dtype, 128-bit stores.
  * Grid (query tile of 64 rows, query head, batch), 4 warps of 16 rows each.
  */
@@ -59,7 +62,7 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
       float lse2 = INFINITY;
       if (row < p.nq) {
         const float lse = ld_global(&p.lse[row_base + row]);
-        if (lse != -INFINITY) lse2 = lse * 1.4426950408889634f;
+        if (lse != -INFINITY) lse2 = Kt::kMod ? lse : lse * 1.4426950408889634f;
         if (p.dlse) dot -= ld_global(&p.dlse[row_base + row]);
       }
       st_global(&g_stats[row], lse2);

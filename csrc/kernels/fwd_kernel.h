@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     j_begin = max(j_begin, s0), j_end = max(min(j_end, s1), j_begin);
     u0 = min(max(u0, j_begin), j_end), u1 = min(max(u1, u0), j_end);
   }
-  // kMod: scores are modified in natural units, so the softmax's base-2 scale is log2(e) alone.
+  // kMod: scores are modified in natural units, so the softmax's base-2 scale is log2(e) alone,
+  // and it subtracts the row max before scaling (softmax.h: finite masks far below the scores).
   const float softmax_scale = kMod ? 1.4426950408889634f : p.scale_log2;
   const float slope = kMod ? p.mod.slope(batch, head) : 0.0f;
   const float* gBias = kMod ? p.mod.bias_head(batch, head) : nullptr;
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   };
 
   float rO[kMTiles][kDTiles][4] = {};  // per m-tile: 16 x kHeadDim output rows of this warp, fp32
-  OnlineSoftmax softmax[kMTiles];
+  OnlineSoftmax<kMod> softmax[kMTiles];
 
   load_tile<QLayout, kThreads>(sQ, gQ, p.q.row_stride * kUnits, m0, p.nq, d_units);
   const int first_masked = j_begin < u0 ? j_begin : (u1 < j_end ? u1 : -1);  // -1: none

@@ -90,7 +90,7 @@ struct BwdParams : AttnShape {
   // Scratch written by the preprocess: slices of scratch_slice_rows() padded rows, one per
   // (batch, query head), or per query head for a packed batch (its sequences at
   // packed_scratch_row0 within). row_stats holds per slice a row of lse2 (the lse in base 2;
-  // +inf where the row sees no key and past nq: probabilities exactly 0) and then a row of
+  // the modifier variant's: the lse itself, bwd_preprocess.h; +inf where the row sees no key and past nq: probabilities exactly 0) and then a row of
   // D = rowsum(dO * O) - dlse (0 past nq), from stats_offset(batch, head); dq_accum holds
   // kHeadDim floats per scratch row (traits.h accum_offset).
   float* row_stats;
