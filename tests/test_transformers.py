@@ -213,6 +213,49 @@ def test_static_cache_without_a_mask_like_sdpa():
     assert max_err(logits["flash_cuda"], logits["sdpa"]) <= 1e-5 * max(1.0, logits["sdpa"].abs().max().item())
 
 
+def test_custom_4d_mask_on_a_sliding_window_model_like_sdpa():
+    """A custom 4-D mask (two sequences packed block-diagonally, bool and float) on Mistral with a
+    window of 3: sdpa and eager apply the mask as it is, and so does flash_cuda (it applied the
+    model's window on top until 2026-12-03: logits 1.1 relative off sdpa's)."""
+    ref, ours = pair("mistral", sliding_window=3)
+    N = 10
+    seg = torch.tensor([0] * 6 + [1] * 4)
+    allowed = (torch.tril(torch.ones(N, N, dtype=torch.bool)) & (seg[:, None] == seg[None, :]))[None, None]
+    ids = torch.randint(3, V, (2, N), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(6), torch.arange(4)])[None].expand(2, N)
+    for mask in (allowed.expand(2, 1, N, N),
+                 torch.zeros(2, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)):
+        with torch.no_grad():
+            a, b = (m(input_ids=ids, attention_mask=mask, position_ids=pos).logits for m in (ours, ref))
+        assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_mla_value_head_dim_like_sdpa():
+    """Multi-head latent attention (DeepSeek-V3: query/key head dim 24, value 8) on a left-padded
+    batch: the value is padded to the query's head dim and the output cropped, as transformers'
+    FlashAttention wrapper does (it raised flash_cuda's shape error before); logits and gradients
+    of sdpa's."""
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip("this transformers has no DeepSeek-V3")
+    cfg = transformers.DeepseekV3Config(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                        v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                        topk_group=1, first_k_dense_replace=2, initializer_range=0.3)
+    torch.manual_seed(0)
+    ref = transformers.DeepseekV3ForCausalLM(copy.deepcopy(cfg)).eval()
+    ref.set_attn_implementation("sdpa")
+    ours = transformers.DeepseekV3ForCausalLM(copy.deepcopy(cfg)).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation("flash_cuda")
+    ids, mask = batch(pad="left")
+    (a, ga), (b, gb) = (logits_and_grads(m, ids, mask) for m in (ours, ref))  # at the real tokens
+    assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+    assert len(ga) == len(gb)
+    for x, y in zip(ga, gb):
+        assert max_err(x, y) <= 1e-4 * max(1.0, y.abs().max().item())
+
+
 def test_compile_fullgraph_with_a_mask():
     """torch.compile(fullgraph=True) of a forward with a padding mask: no graph break, eager's output."""
     ref, ours = pair("llama")
@@ -365,6 +408,22 @@ def test_seq2seq_logits_grads_and_generate(family):
     for beams in (1, 3):
         kw = dict(attention_mask=src_mask, max_new_tokens=8, do_sample=False, num_beams=beams)
         assert torch.equal(models["flash_cuda"].generate(src, **kw), models["sdpa"].generate(src, **kw))
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_seq2seq_without_an_encoder_mask(family):
+    """No attention_mask for the source (image-to-text models never have one), a decoder shorter
+    than the source: cross-attention sees every encoder token. The static-cache branch of the mask
+    function took the decoder's q_length keys alone until 2026-12-03 (BART logits 2.9 off sdpa's,
+    other tokens from generate())."""
+    models = seq2seq_models(family)
+    src = torch.randint(3, V, (2, 11), generator=torch.Generator().manual_seed(4))
+    tgt = torch.randint(3, V, (2, 4), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = (models[i](input_ids=src, decoder_input_ids=tgt).logits for i in ("flash_cuda", "sdpa"))
+    assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+    kw = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(models["flash_cuda"].generate(src, **kw), models["sdpa"].generate(src, **kw))
 
 
 def test_t5_relative_bias_trains_like_sdpa():

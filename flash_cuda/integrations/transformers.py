@@ -95,6 +95,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out_dtype, dtype = query.dtype, _kernel_dtype(query)
     q, k, v = (x.to(dtype) for x in (query, key, value))
+    # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3: the value head dim differs from the
+    # query's): flash_cuda takes one head dim, so the narrower side is padded with zeros (zeros in
+    # q and k add nothing to the scores; zero value columns give zero output columns, cropped below),
+    # as transformers' FlashAttention wrapper pads the value
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    if d_v != d_qk:
+        scaling = scaling if scaling is not None else d_qk ** -0.5
+        if d_v < d_qk:
+            v = torch.nn.functional.pad(v, [0, d_qk - d_v])
+        else:
+            q, k = (torch.nn.functional.pad(x, [0, d_v - d_qk]) for x in (q, k))
     B, Nq = q.shape[0], q.shape[2]
     window = None
     if sliding_window is not None and sliding_window > 0:
@@ -124,9 +135,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             n_keys = attention_mask.shape[1]
             k, v = k[:, :, :n_keys], v[:, :, :n_keys]
             mask = attention_mask[:, None, None, :].to(torch.bool)
-        elif attention_mask is not None:  # a custom 4-D mask: it carries the causal structure itself
+        elif attention_mask is not None:
+            # a custom 4-D mask carries the causal structure and any window itself: sdpa and eager
+            # apply it as it is (a window on top would hide keys the mask shows)
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(torch.float32)
-            common["causal"] = False
+            common["causal"], common["window"] = False, None
         if position_bias is not None:
             bias = position_bias[..., :k.shape[2]].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
             if mask is None:
@@ -137,7 +150,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                 mask = bias + mask
         out = api.attention(q, k, v, attn_mask=mask, **common)
         out = out.transpose(1, 2)
-    return out.to(out_dtype), None
+    return out[..., :d_v].to(out_dtype), None
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, common):
@@ -152,6 +165,20 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, common):
     return out[None]
 
 
+def _hides_future_keys(mask_fn, seen):
+    """Whether transformers' mask function hides key `seen` from query `seen - 1` (causal masks,
+    sliding or chunked; None is the interface's default, causal): asked of the function itself with
+    scalar index tensors, as transformers calls it. One it cannot answer counts as not hiding (all
+    keys visible, transformers' own FlashAttention behaviour)."""
+    if mask_fn is None:
+        return True
+    try:
+        zero = torch.tensor(0)
+        return not bool(mask_fn(zero, zero, torch.tensor(seen - 1), torch.tensor(seen)))
+    except Exception:  # noqa: BLE001 (any failure: no answer)
+        return False
+
+
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                   **kwargs):
     """transformers' FlashAttention mask (`masking_utils.flash_attention_mask`) without host reads when
@@ -162,10 +189,12 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
         # No padding mask, but maybe a static cache: kv_length then counts all its slots, filled or
         # not, and the keys seen so far are q_offset + q_length. transformers' FlashAttention path
         # attends to every slot there (the empty ones as keys, the causal diagonal at the last
-        # one); a mask of ones over the seen keys makes attention_forward take those alone.
+        # one); a mask of ones over the seen keys makes attention_forward take those alone. Only
+        # for masks that hide future keys: cross-attention (a bidirectional mask over the encoder's
+        # kv_length keys, q_length decoder queries) sees every key.
         if not torch.compiler.is_compiling() and int(kv_offset) == 0:
             seen = int(q_offset) + q_length
-            if seen < kv_length:
+            if seen < kv_length and _hides_future_keys(mask_function, seen):
                 return torch.ones(batch_size, seen, dtype=torch.bool, device=kwargs.get("device"))
         return None
     attention_mask = attention_mask[:, -kv_length:]
