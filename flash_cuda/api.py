@@ -181,12 +181,14 @@ def _mask_to_bias(fn, name, mask, q, nk, full_shape):
     return bias.reshape(q.shape[0], q.shape[1], q.shape[2], nk) if bias.dim() != 4 else bias
 
 
-def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device):
-    """dropout_p a float in [0, 1); generator None or a torch.Generator of q's device."""
+def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device, closed=False):
+    """dropout_p a float in [0, 1) ([0, 1] when closed: the drop-in, as torch); generator None or a
+    torch.Generator of q's device."""
+    interval = "[0, 1]" if closed else "[0, 1)"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"{fn}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise TypeError(f"{fn}: dropout_p must be a float in {interval}, got {type(dropout_p).__name__}")
+    if not (0.0 <= dropout_p <= 1.0 if closed else 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{fn}: dropout_p must be in {interval}, got {dropout_p}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -288,14 +290,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     floating (added to the scores), not together with is_causal (torch rejects it too); a row
     whose keys are all masked gives 0, as torch does; dropout_p > 0 applies dropout as
     attention() does (torch semantics: whenever dropout_p > 0, from the default generator of
-    query's device). Not supported yet, with a NotImplementedError: a value head dim different
+    query's device); dropout_p = 1 drops every probability, the output is 0 (as torch).
+    Not supported yet, with a NotImplementedError: a value head dim different
     from the query's, and broadcasting of batch dims.
     """
     fn = "flash_cuda.scaled_dot_product_attention"
     if attn_mask is not None and is_causal is True:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
                          "too); fold the causal mask into attn_mask instead")
-    dropout_p = _check_dropout(fn, dropout_p, None, False, getattr(query, "device", None))
+    # torch accepts dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
+    dropout_p = _check_dropout(fn, dropout_p, None, False, getattr(query, "device", None), closed=True)
+    drop_all = dropout_p == 1.0
+    dropout_p = 0.0 if drop_all else dropout_p
     _check_flag(fn, "is_causal", is_causal)
     _check_flag(fn, "enable_gqa", enable_gqa)
     names = ("query", "key", "value")
@@ -329,6 +335,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     rng_state = _rng_state(q, k.shape[2], dropout_p, None)
     out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias, dropout_p,
                                       rng_state)
+    if drop_all:  # torch's P * 0: zeros (NaN where P or V has one), gradients 0
+        out = out * 0.0
     return out.reshape(query.shape)
 
 

@@ -69,7 +69,7 @@ torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_set
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                      deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
                      dropout_p=0.0, rng_state=None):
-    out = torch.empty_like(_unit_last_stride(q))
+    out = q.new_empty(q.shape)  # contiguous (total, H, D) on every path, whatever q's layout
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype))
     return out, lse
 
@@ -78,7 +78,7 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                      causal, deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
                      dropout_p=0.0, rng_state=None):
-    return tuple(torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
+    return tuple(x.new_empty(x.shape) for x in (q, k, v))  # contiguous, as the forward's out
 
 
 _VARLEN_FWD_INPUTS = 16
@@ -106,6 +106,19 @@ def _varlen_backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("flash_cuda::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("flash_cuda: gradients of its gradients (double backward, create_graph=True and a second "
+                       "backward through them) are not supported; for second derivatives use torch's math "
+                       "attention (torch.nn.attention.sdpa_kernel(SDPBackend.MATH))")
+
+
+# The backward ops' own autograd: without one, autograd's fallback treats them as constants and a
+# second derivative through them came out as silent zeros. They raise when differentiated, as torch
+# SDPA's fused kernels do.
+for _op in ("flash_cuda::bwd", "flash_cuda::varlen_bwd"):
+    torch.library.register_autograd(_op, _no_double_backward)
 
 
 @torch.library.register_fake("flash_cuda::philox_state")

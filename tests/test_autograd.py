@@ -5,7 +5,7 @@ import torch
 
 import flash_cuda
 from conftest import skip_unless_supported, widest_dtype
-from reference import assert_close_fp
+from reference import assert_close_fp, attention_ref
 
 
 def rand(*shape, dtype=torch.float64, device="cpu", seed=0):
@@ -75,6 +75,25 @@ def test_torch_compile_fullgraph(device):
     assert_close_fp("loss", comp_loss, eager_loss)
     for e, c in zip(eager_grads, comp_grads):
         assert_close_fp("grad", c, e)
+
+
+def test_double_backward_raises():
+    """Gradients of gradients: the backward ops had no autograd kernel, so autograd's fallback took
+    them for constants and a second derivative came out as silent zeros (torch's math attention:
+    nonzero). Now a RuntimeError when a second backward goes through them, dense and packed; a
+    first backward with create_graph=True alone still works."""
+    q, k, v = (torch.randn(1, 2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i),
+                           requires_grad=True) for i in range(3))
+    g, = torch.autograd.grad((flash_cuda.attention(q, k, v) ** 2).sum(), q, create_graph=True)
+    ref, = torch.autograd.grad((attention_ref(q, k, v)[0] ** 2).sum(), q)
+    assert_close_fp("dq", g, ref)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.pow(2).sum(), (q, k, v))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    packed = [x[0].transpose(0, 1) for x in (q, k, v)]
+    g, = torch.autograd.grad((flash_cuda.varlen_attention(*packed, cu, cu, 4, 4) ** 2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.pow(2).sum(), (q, k, v))
 
 
 @pytest.mark.parametrize("B,Hq,Hkv", [(1, 1, 1), (2, 6, 2), (1, 8, 1)])

@@ -499,6 +499,18 @@ def test_varlen_dropout(mode):
         qs, ks = qs + lq, ks + lk
 
 
+def test_dropin_drops_everything_at_one():
+    """torch's SDPA takes dropout_p = 1 and returns zeros (every probability dropped), with zero
+    gradients; so does the drop-in (it raised a ValueError, [0, 1) being attention()'s range)."""
+    q, k, v, _ = make(2, 3, 1, 9, 12, 16, torch.float32)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = flash_cuda.scaled_dot_product_attention(*leaves, dropout_p=1.0, enable_gqa=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=1.0, enable_gqa=True)
+    assert torch.equal(out, ref) and torch.equal(out, torch.zeros_like(q))
+    out.sum().backward()
+    assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in leaves)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_dropout_arguments():
     q, k, v, _ = make(1, 1, 1, 8, 8, 16, torch.float32)
@@ -509,8 +521,9 @@ def test_bad_dropout_arguments():
                         (True, TypeError, r"dropout_p must be a float in \[0, 1\), got bool")):
         with pytest.raises(exc, match=msg):
             flash_cuda.attention(q, k, v, dropout_p=p)
-        with pytest.raises(exc, match=msg):
-            flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        if p != 1.0:  # the drop-in takes [0, 1], as torch (test_dropin_drops_everything_at_one)
+            with pytest.raises(exc, match=msg.replace(r"1\)", r"1\]")):
+                flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=p)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         flash_cuda.attention(q, k, v, dropout_p=0.1, generator=3)
     meta = [x.to("meta") for x in (q, k, v)]

@@ -218,6 +218,35 @@ def test_opcheck_and_compile():
         torch.testing.assert_close(a, b)
 
 
+def test_transposed_packed_inputs_compile_and_opcheck():
+    """Packed q and k as transposed views (an SDPA-layout (1, H, N, D) tensor's [0].transpose(0, 1)):
+    every path returns contiguous (total, H, D) outputs and gradients, and the fake kernels say so
+    (they took q's strides: torch.compile with inductor failed its stride assertion, opcheck's
+    fake-tensor test failed)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 7, 4, generator=g).transpose(0, 1)
+    k = torch.randn(2, 9, 4, generator=g).transpose(0, 1)
+    v = torch.randn(9, 2, 4, generator=g)
+    cu_q, cu_k = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 5, 9], dtype=torch.int32)
+    args = (q, k, v, cu_q, cu_k, 4, 5, 0.5, True)
+    torch.library.opcheck(torch.ops.flash_cuda.varlen_fwd.default, args)
+    out, lse = torch.ops.flash_cuda.varlen_fwd(*args)
+    torch.library.opcheck(torch.ops.flash_cuda.varlen_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, None, cu_q, cu_k, 4, 5, 0.5, True))
+
+    def f(q, k, v):
+        return flash_cuda.varlen_attention(q, k, v, cu_q, cu_k, 4, 5).reshape(7, 8) + 1
+
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    compiled = torch.compile(f, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(compiled.sum(), leaves)
+    eager_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    eager = f(*eager_leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(grads, torch.autograd.grad(eager.sum(), eager_leaves)):
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------ randomised differential test
 def random_packed(rnd, g, lens, h, D, dtype):
     """(total, h, D) packed tokens in a layout users pass: contiguous, sliced out of FlashAttention's
