@@ -420,10 +420,14 @@ def test_seq2seq_without_an_encoder_mask(family):
     src = torch.randint(3, V, (2, 11), generator=torch.Generator().manual_seed(4))
     tgt = torch.randint(3, V, (2, 4), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        a, b = (models[i](input_ids=src, decoder_input_ids=tgt).logits for i in ("flash_cuda", "sdpa"))
-    assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
-    kw = dict(max_new_tokens=8, do_sample=False)
-    assert torch.equal(models["flash_cuda"].generate(src, **kw), models["sdpa"].generate(src, **kw))
+        ours, plain, exact = (models[i](input_ids=src, decoder_input_ids=tgt).logits
+                              for i in ("flash_cuda", "sdpa", "float64"))
+    # The untrained T5 (no 1/sqrt(d) scaling) is ill-conditioned: sdpa in fp32 is 8e-3 off the
+    # float64 model here, so flash_cuda is held to FlashAttention's rule, not to sdpa's digits.
+    fa_rule("logits", ours, plain, exact, 2, exact.abs().max().item())
+    if family == "bart":  # T5's near-tied logits would make a token comparison a coin toss
+        kw = dict(max_new_tokens=8, do_sample=False)
+        assert torch.equal(models["flash_cuda"].generate(src, **kw), models["sdpa"].generate(src, **kw))
 
 
 def test_t5_relative_bias_trains_like_sdpa():
