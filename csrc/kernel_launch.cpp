@@ -135,6 +135,16 @@ at::Tensor empty_output(const at::Tensor& x, const std::optional<Packed>& packed
   return at::empty({x.size(2), x.size(1), x.size(3)}, x.options()).permute({1, 0, 2}).unsqueeze(0);
 }
 
+// The band for a launch over nq x nk (the longest sequences), whose diagonals the kernels compare
+// in 32 bits (mask.h): past 2^29 keys a window can leave that range.
+BandMask kernel_band(const AttnOptions& o, int64_t nq, int64_t nk) {
+  const BandMask m = o.band(nq, nk);
+  TORCH_CHECK(m.fits_32_bits(nq, nk), "flash_cuda: window (", o.window_left, ", ", o.window_right, ") with ", nq,
+              " queries and ", nk, " keys leaves the CUDA kernels' 32-bit diagonal offsets: 2 max(Nq, Nk) + ",
+              "the bound must be < 2^31");
+  return m;
+}
+
 // Sizes, scale, band and modifiers shared by the forward and backward params (the tensors in
 // `o` and `packed` stay alive for the call: the params point into them).
 AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, const AttnOptions& o,
@@ -166,7 +176,7 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, con
   s.d = static_cast<int>((q.size(3) + 7) / 8 * 8);  // aligned_input/aligned_output pad to it
   s.scale = static_cast<float>(scale);
   s.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  s.mask = o.band(Nq, Nk);
+  s.mask = kernel_band(o, Nq, Nk);
   s.mod.softcap = static_cast<float>(o.softcap);
   if (o.alibi) {
     s.mod.alibi = o.alibi->data_ptr<float>();
@@ -505,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
   static_cast<AttnShape&>(p) = attn_shape(q, k_cache, scale > 0 ? scale : (scale < 0 ? -scale : 1.0), opt, std::nullopt);
   p.nk = static_cast<int>(capacity);  // narrowed per sequence to cache_seqlens[b] + Nnew (seqlen.h)
   p.total_k = p.nk;
-  p.mask = opt.band(p.nq, p.nk);
+  p.mask = kernel_band(opt, p.nq, p.nk);
   p.seqused_k = seqlens.data_ptr<int>();
   p.seqused_k_add = static_cast<int>(n_new);
   p.q = ref(q, std::nullopt);

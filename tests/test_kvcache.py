@@ -203,7 +203,8 @@ def test_cpu_rows_kernels_choice(monkeypatch):
 
 
 FEATURES = {"window": dict(causal=True, window=(20, -1)), "softcap": dict(softcap=3.0),
-            "alibi": dict(causal=True, alibi="batch"), "scale": dict(scale=0.3)}
+            "alibi": dict(causal=True, alibi="batch"), "scale": dict(scale=0.3),
+            "window_near_2_31": dict(window=(2**31 - 1, 2**31 - 1))}  # wrapped in 32 bits until 2026-12-04
 
 
 def resolve(feats, B, hq, seed=1):
@@ -570,7 +571,7 @@ def test_emulated_thread_orders(order):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("feature", ["window", "softcap", "alibi"])
+@pytest.mark.parametrize("feature", ["window", "softcap", "alibi", "window_near_2_31"])
 def test_emulated_features(feature):
     """Options that keep the query heads apart (window, ALiBi) and one that packs them (softcap)."""
     with flash_cuda.emulate(workers=2):

@@ -110,6 +110,24 @@ def test_rows_without_keys_and_top_left_mask_dropin():
     assert (ours.double() - ref).abs().max() < 2e-3
 
 
+@pytest.mark.parametrize("window,causal", [((2**31 - 1, -1), False), ((-1, 2**31 - 1), False),
+                                           ((2**31 - 2, 2**31 - 1), False), ((2**31 - 1, 3), True),
+                                           ((2**30 + 5, 40), False)])
+def test_window_bounds_near_2_31(window, causal):
+    """Bounds past every key offset but below 2^31 (the ops map 2^31 and up to unbounded): the
+    kernels' per-tile diagonal (i + offset + bound - n0) wrapped around in 32 bits and hid keys
+    (output 0.27 off, no checker error) until 2026-12-04; a bound of Nq + Nk or more is now
+    unbounded (BandMask::make). Forward and both dQ paths against the float64 reference with the
+    same window."""
+    B, Hq, Nq, Nk, D = 1, 2, 97, 150, 64
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, D, torch.bfloat16, seed=7)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    kw = dict(window=window, causal=causal)
+    for deterministic in (False, True):
+        out, lse, grads, launches = emulated_run(q, k, v, kw, dout, deterministic=deterministic)
+        check(q, k, v, kw, dout, out, lse, grads)
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "dq_pass"])
 @pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, -1e30, -1e9, -1e4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -149,6 +167,17 @@ def test_rows_fully_masked_by_a_finite_mask(dtype, value, deterministic):
     dout[:, :, :masked] = 1
     _, _, grads, _ = emulated_run(q, k, v, kw, dout, deterministic=deterministic)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_window_past_the_kernels_32_bit_diagonals_is_an_error():
+    """Past 2^29 keys a window that is not past every key can leave the kernels' 32-bit
+    diagonals: an error naming the window, raised before any work (stride-0 inputs, nothing
+    allocated for them)."""
+    N, D = 2**29 + 10, 8
+    x = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(1, 1, N, D)
+    with emulate(check=False), pytest.raises(RuntimeError, match=r"window \(1073741824, -1\) with 536870922 "
+                                                                   r"queries .* must be < 2\^31"):
+        flash_cuda.attention(x, x, x, window=(2**30, -1))
 
 
 # ---------------------------------------------------------------- counters

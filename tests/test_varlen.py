@@ -61,7 +61,8 @@ def reference(q, k, v, cu_q, cu_k, dtype, **kw):
 
 
 FEATURES = {"plain": {}, "causal": dict(causal=True), "window": dict(causal=True, window=(9, -1)),
-            "softcap_alibi": dict(softcap=2.0, alibi="batch")}
+            "softcap_alibi": dict(softcap=2.0, alibi="batch"),
+            "window_near_2_31": dict(window=(2**31 - 1, 2**31 - 2))}  # wrapped in 32 bits until 2026-12-04
 
 
 def resolve(feats, B, hq):

@@ -26,9 +26,14 @@ struct BandMask {
   int64_t offset;       // query i's diagonal is key i + offset (also ALiBi's distance origin)
   int64_t left, right;  // visible iff -left <= d <= right; a negative bound is unbounded
 
+  // A bound of nq + nk or more hides nothing (|d| < max(nq, nk) for every pair, and for every
+  // sequence no longer than nq, nk): unbounded, which keeps the kernels' 32-bit diagonals
+  // (hi_diag, lo_diag) in range; a window of 2^31 - 1 wrapped around there and hid keys.
   FC_HOST_DEVICE static BandMask make(bool causal, bool bottom_right, int64_t nq, int64_t nk, int64_t left = -1,
                                       int64_t right = -1) {
-    return BandMask{bottom_right ? nk - nq : 0, left < 0 ? -1 : left, causal ? 0 : (right < 0 ? -1 : right)};
+    const int64_t open_from = nq + nk;
+    return BandMask{bottom_right ? nk - nq : 0, left < 0 || left >= open_from ? -1 : left,
+                    causal ? 0 : (right < 0 || right >= open_from ? -1 : right)};
   }
   FC_HOST_DEVICE bool banded() const { return left >= 0 || right >= 0; }
   FC_HOST_DEVICE bool visible(int64_t i, int64_t j) const {
@@ -84,11 +89,17 @@ struct BandMask {
   }
   // last_key(i) - n0 and first_key(i) - n0 as ints, for the kernels' 32-bit compares against
   // local key offsets; meaningful only when that side is bounded (has_hi / has_lo), which the
-  // kernels test first (a uniform predicate; an open side costs no compare).
+  // kernels test first (a uniform predicate; an open side costs no compare). In range when
+  // fits_32_bits() (the launchers check it).
   FC_HOST_DEVICE bool has_hi() const { return right >= 0; }
   FC_HOST_DEVICE bool has_lo() const { return left >= 0; }
   FC_HOST_DEVICE int hi_diag(int i, int n0) const { return i + int(offset + right) - n0; }
   FC_HOST_DEVICE int lo_diag(int i, int n0) const { return i + int(offset - left) - n0; }
+  // For rows i < nq and key tiles n0 < nk: |i - n0| < max(nq, nk) and |offset| <= max(nq, nk).
+  FC_HOST_DEVICE bool fits_32_bits(int64_t nq, int64_t nk) const {
+    const int64_t n = nq > nk ? nq : nk, bound = left > right ? left : right;
+    return 2 * n + (bound > 0 ? bound : 0) < (int64_t(1) << 31);
+  }
 
  private:
   FC_HOST_DEVICE static int64_t clamp(int64_t x, int64_t hi) { return x < 0 ? 0 : (x > hi ? hi : x); }
