@@ -466,7 +466,8 @@ def progress_line(i, total, point, mode, impls, seconds):
     return " | ".join(parts) + f"  [{seconds:.1f} s]"
 
 
-def run_sweep(args):
+def run_sweep(args, on_point=lambda results: None):
+    """Every point of the sweep; on_point(results so far) after each one."""
     impl_fns = implementations(args.device, args.sdpa)
     groups = list(sweep_points(args))
     total = len(groups) * 2 * len(args.modes)
@@ -486,6 +487,7 @@ def run_sweep(args):
                       flush=True)
                 results.append({**point, "dtype": SHORT_DTYPE[group["dtype"]], "mode": mode,
                                 "flops": flops(point, mode), "impls": impls})
+                on_point(results)
         del q, k, v, grad
     return results
 
@@ -662,8 +664,18 @@ def main(argv=None):
     print(f"device {args.device} ({meta['device_name']}{isa}), torch {meta['torch_version']}, "
           f"{meta['threads']} threads, preset {args.preset}, dtypes {','.join(meta['dtypes'])}, "
           f"modes {','.join(args.modes)}, reps {meta['reps']}, warmup {args.warmup}", flush=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench_{args.device}_{args.preset}"
+
+    def save(results, complete):
+        # after every point too, so a run stopped by a time limit keeps what it measured
+        tmp = Path(f"{stem}.json.tmp")
+        tmp.write_text(json.dumps({"meta": dict(meta, complete=complete), "results": results}, indent=1))
+        tmp.replace(f"{stem}.json")
+
     t0 = time.perf_counter()
-    results = run_sweep(args)
+    results = run_sweep(args, on_point=lambda results: save(results, False))
     meta["elapsed_s"] = time.perf_counter() - t0
 
     print()
@@ -679,11 +691,7 @@ def main(argv=None):
     for line in summary_lines(results, args.modes, sdpa_names):
         print(line)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"bench_{args.device}_{args.preset}"
-    with open(f"{stem}.json", "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+    save(results, True)
     print(f"\nwrote {stem}.json")
     if not args.no_plot:
         png = write_plot(results, f"{stem}.png", [FLASH_CUDA] + sdpa_names, meta)

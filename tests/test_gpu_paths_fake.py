@@ -216,5 +216,26 @@ def test_bench_cuda_path_end_to_end(tmp_path, capsys):
         impls = r["impls"]
         assert impls["flash_cuda"]["ms"] > 0 and impls["sdpa-flash"]["ms"] > 0 and impls["sdpa-math"]["ms"] > 0
         assert all(impls[n]["status"].startswith("n/a: no available kernel") for n in ("sdpa-efficient", "sdpa-cudnn"))
+    assert data["meta"]["complete"] is True
     if plot:
         assert (tmp_path / "bench_cuda_fa.png").stat().st_size > 0
+
+
+def test_bench_keeps_the_points_of_a_stopped_run(tmp_path):
+    """A sweep killed by a time limit (tools/gpu_check.sh's stage caps) leaves a JSON of the
+    points it measured, marked incomplete."""
+    bench = load_bench()
+    tiny = {"shapes": [(1, 64, 2, 64)], "dtypes": ["bfloat16"]}
+    real_measure, calls = bench.measure_point, []
+
+    def stop_at_the_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run stops mid-sweep
+        return real_measure(*a, **kw)
+
+    with fake_cuda(bench), mock.patch.dict(bench.PRESETS, {"fa": tiny}), \
+            mock.patch.object(bench, "measure_point", stop_at_the_third), pytest.raises(KeyboardInterrupt):
+        bench.main(["--reps", "1", "--warmup", "1", "--out", str(tmp_path), "--no-plot"])
+    data = json.loads((tmp_path / "bench_cuda_fa.json").read_text())
+    assert data["meta"]["complete"] is False and len(data["results"]) == 2

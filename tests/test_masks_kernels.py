@@ -180,6 +180,33 @@ def test_window_past_the_kernels_32_bit_diagonals_is_an_error():
         flash_cuda.attention(x, x, x, window=(2**30, -1))
 
 
+def test_mask_gradient_compiles_and_passes_opcheck():
+    """The CUDA kernels return dL/d mask as a transposed view of what they write ([B][Hq][Nk][Nq
+    rounded up to 8]); the fake kernel says so (it said contiguous, and torch.compile's backward
+    failed its stride assertion until 2026-12-04): compiled = eager bitwise, and opcheck of bwd."""
+    B, Hq, Nq, Nk, D = 1, 2, 9, 11, 16
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, D, torch.float16, seed=9)
+    mask = torch.randn(B, Hq, Nq, Nk, generator=torch.Generator().manual_seed(10))
+
+    def f(q, k, v, mask):
+        return flash_cuda.attention(q, k, v, attn_mask=mask)
+
+    with emulate(check=False):
+        runs = []
+        for fn in (f, torch.compile(f, fullgraph=True)):
+            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, mask)]
+            out = fn(*leaves)
+            runs.append((out, torch.autograd.grad(out.float().square().sum(), leaves)))
+        out, lse = torch.ops.flash_cuda.fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, mask)
+        torch.library.opcheck(torch.ops.flash_cuda.bwd.default,
+                              (torch.randn_like(out), q, k, v, out, lse, None, 0.25, False, True, False, -1, -1, 0.0,
+                               None, mask, True))
+    (eager, eager_grads), (compiled, compiled_grads) = runs
+    assert torch.equal(eager, compiled)
+    assert all(torch.equal(a, b) for a, b in zip(eager_grads, compiled_grads))
+    assert eager_grads[3].abs().sum() > 0
+
+
 # ---------------------------------------------------------------- counters
 def fwd_tiles(D, mod):
     """(query rows, keys) per forward tile (csrc/kernels/traits.h FwdTraits)."""

@@ -49,7 +49,9 @@ stage build 300 env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" python3 set
 python3 -c "import flash_cuda; assert flash_cuda.has_cuda_kernels(), 'no CUDA kernels in this build'" >> "$LOG" 2>&1 \
     || { echo "== the build has no CUDA kernels: stopping" | tee -a "$LOG"; exit 1; }
 stage test_kernel_gpu 150 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_kernel_gpu.py
-stage tests_cuda 90 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests -k cuda --ignore=tests/test_kernel_gpu.py
+# the tests with a cuda device parameter or a GPU of their own, not those that emulate the kernels
+GPU_TESTS="(cuda or gpu) and not emulated and not on_the_cuda_kernels and not gpu_paths_fake and not cuda_arch_list"
+stage tests_cuda 90 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests -k "$GPU_TESTS" --ignore=tests/test_kernel_gpu.py
 stage memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 20 python3 tools/gpu_sanitize.py
 stage bench_kvcache 45 python3 benchmarks/bench_kvcache.py --device cuda --json "$OUTDIR/bench_kvcache_cuda.json"
