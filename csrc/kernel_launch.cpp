@@ -136,12 +136,12 @@ at::Tensor empty_output(const at::Tensor& x, const std::optional<Packed>& packed
 }
 
 // The band for a launch over nq x nk (the longest sequences), whose diagonals the kernels compare
-// in 32 bits (mask.h): past 2^29 keys a window can leave that range.
+// in 32 bits (mask.h): past 2^30 keys a window can leave that range.
 BandMask kernel_band(const AttnOptions& o, int64_t nq, int64_t nk) {
   const BandMask m = o.band(nq, nk);
   TORCH_CHECK(m.fits_32_bits(nq, nk), "flash_cuda: window (", o.window_left, ", ", o.window_right, ") with ", nq,
-              " queries and ", nk, " keys leaves the CUDA kernels' 32-bit diagonal offsets: 2 max(Nq, Nk) + ",
-              "the bound must be < 2^31");
+              " queries and ", nk, " keys leaves the CUDA kernels' 32-bit diagonal offsets: max(Nq, Nk) + ",
+              "the bound + 256 must be < 2^31");
   return m;
 }
 

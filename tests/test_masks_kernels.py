@@ -170,12 +170,12 @@ def test_rows_fully_masked_by_a_finite_mask(dtype, value, deterministic):
 
 
 def test_window_past_the_kernels_32_bit_diagonals_is_an_error():
-    """Past 2^29 keys a window that is not past every key can leave the kernels' 32-bit
+    """Past 2^30 keys a window that is not past every key can leave the kernels' 32-bit
     diagonals: an error naming the window, raised before any work (stride-0 inputs, nothing
     allocated for them)."""
-    N, D = 2**29 + 10, 8
+    N, D = 2**30 + 10, 8
     x = torch.zeros(1, 1, 1, D, dtype=torch.float16).expand(1, 1, N, D)
-    with emulate(check=False), pytest.raises(RuntimeError, match=r"window \(1073741824, -1\) with 536870922 "
+    with emulate(check=False), pytest.raises(RuntimeError, match=r"window \(1073741824, -1\) with 1073741834 "
                                                                    r"queries .* must be < 2\^31"):
         flash_cuda.attention(x, x, x, window=(2**30, -1))
 

@@ -95,10 +95,13 @@ struct BandMask {
   FC_HOST_DEVICE bool has_lo() const { return left >= 0; }
   FC_HOST_DEVICE int hi_diag(int i, int n0) const { return i + int(offset + right) - n0; }
   FC_HOST_DEVICE int lo_diag(int i, int n0) const { return i + int(offset - left) - n0; }
-  // For rows i < nq and key tiles n0 < nk: |i - n0| < max(nq, nk) and |offset| <= max(nq, nk).
+  // Only a bounded side computes its diagonal. For rows i < nq + 128 (a tile's padding) and key
+  // tiles 0 <= n0 < nk, i - n0 + offset lies in (-max(nq, nk), max(nq, nk) + 128) for either
+  // diagonal and for every sequence no longer than nq, nk; the kernels add local offsets < 128.
   FC_HOST_DEVICE bool fits_32_bits(int64_t nq, int64_t nk) const {
+    if (!banded()) return true;
     const int64_t n = nq > nk ? nq : nk, bound = left > right ? left : right;
-    return 2 * n + (bound > 0 ? bound : 0) < (int64_t(1) << 31);
+    return n + bound + 256 < (int64_t(1) << 31);
   }
 
  private:
