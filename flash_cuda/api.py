@@ -5,6 +5,7 @@ value), RuntimeError (device problems) or NotImplementedError (a torch SDPA feat
 supported yet), with a message naming the argument and what is expected.
 """
 import math
+import numbers
 
 import torch
 
@@ -208,9 +209,15 @@ def _rng_state(q, nk, dropout_p, generator):
 
 
 def _dropout_mask(rng_state, dropout_p, shape, device, cu_seqlens_q=None, cu_seqlens_k=None):
-    """The keep mask a call used, materialised as bool `shape` (B, H, Nq, Nk)."""
+    """The keep mask a call used, materialised as bool `shape` (B, H, Nq, Nk); packed sequences:
+    False past each sequence's lengths, with or without dropout."""
     if rng_state is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
+        if cu_seqlens_q is None:
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        lq, lk = (c[1:] - c[:-1] for c in (cu_seqlens_q, cu_seqlens_k))  # on their device: no host read
+        rows = torch.arange(shape[2], device=device)[:, None] < lq[:, None, None]  # (B, Nq, 1)
+        cols = torch.arange(shape[3], device=device) < lk[:, None, None]  # (B, 1, Nk)
+        return (rows & cols)[:, None].expand(shape).contiguous()
     return torch.ops.flash_cuda.dropout_mask(rng_state, dropout_p, *shape, cu_seqlens_q, cu_seqlens_k)
 
 
@@ -298,7 +305,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None and is_causal is True:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
                          "too); fold the causal mask into attn_mask instead")
-    # torch accepts dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
+    # torch takes any real number (a numpy float, a bool, a 0-d tensor) as the float it converts to,
+    # and dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
+    if isinstance(dropout_p, numbers.Real) or (isinstance(dropout_p, torch.Tensor) and dropout_p.dim() == 0):
+        dropout_p = float(dropout_p)
     dropout_p = _check_dropout(fn, dropout_p, None, False, getattr(query, "device", None), closed=True)
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else dropout_p

@@ -4,6 +4,7 @@ that mask (CPU backend on every device; the CUDA kernels in the emulator), stati
 reproducibility (torch.manual_seed, consecutive calls, deterministic=True), gradcheck, the
 compiler, the drop-in, packed sequences, the emulator's counters and bad input."""
 import contextlib
+import itertools
 import math
 import random
 import re
@@ -509,6 +510,38 @@ def test_dropin_drops_everything_at_one():
     assert torch.equal(out, ref) and torch.equal(out, torch.zeros_like(q))
     out.sum().backward()
     assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in leaves)
+
+
+def test_dropin_takes_the_rates_torch_takes():
+    """torch's SDPA converts any real number to its float dropout_p: numpy scalars, 0-d tensors,
+    ints and bools (True: 1.0, every probability dropped); so does the drop-in (it raised a
+    TypeError on all but int and float until 2026-12-04)."""
+    q, k, v, _ = make(1, 2, 1, 6, 7, 16, torch.float32)
+    F = torch.nn.functional.scaled_dot_product_attention
+    for p in (np.float32(0.0), np.float64(1.0), torch.tensor(0.0), torch.tensor(1.0, dtype=torch.float64), True, False, 0):
+        torch.testing.assert_close(flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=p), F(q, k, v, dropout_p=p),
+                                   rtol=1e-6, atol=1e-6)
+    outs = []
+    for p in (0.3, np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):  # the same rate, the same mask
+        torch.manual_seed(5)
+        outs.append(flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=p))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_varlen_mask_marks_the_padding_without_dropout_too():
+    """varlen_attention's returned mask is False past each sequence's lengths at dropout_p = 0 as
+    at p > 0 (it was all True at 0 until 2026-12-04): against a mask built from the lengths."""
+    lens_q, lens_k, hq, d = [2, 3, 0, 4], [3, 1, 2, 4], 2, 8
+    cu_q, cu_k = (torch.tensor([0] + list(itertools.accumulate(x)), dtype=torch.int32) for x in (lens_q, lens_k))
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(sum(lens_q), hq, d, generator=g), torch.randn(sum(lens_k), 1, d, generator=g)
+    nq, nk = max(lens_q), max(lens_k)
+    want = torch.zeros(len(lens_q), hq, nq, nk, dtype=torch.bool)
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        want[b, :, :lq, :lk] = True
+    _, m0 = flash_cuda.varlen_attention(q, k, k, cu_q, cu_k, nq, nk, return_dropout_mask=True)
+    _, m1 = flash_cuda.varlen_attention(q, k, k, cu_q, cu_k, nq, nk, dropout_p=1e-9, return_dropout_mask=True)
+    assert torch.equal(m0, want) and torch.equal(m1, want)
 
 
 # ---------------------------------------------------------------- bad input

@@ -82,7 +82,11 @@ def test_varlen_functions():
     out, lse, s = fa.flash_attn_varlen_func(q, k, v, *args, causal=True, window_size=(4, 0), return_attn_probs=True)
     ref, ref_lse = flash_cuda.varlen_attention(q, k, v, *args, causal=True, window=(4, 0), return_lse=True)
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and lse.shape == (4, sum(lens_q))
-    assert s.shape == (3, 4, 12, 12) and bool((s == 1).all())  # no dropout: every element kept
+    # no dropout: every element of a sequence kept, the padding past its lengths not (as with dropout)
+    inside = torch.zeros(3, 1, 12, 12, dtype=torch.bool)
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        inside[b, :, :lq, :lk] = True
+    assert s.shape == (3, 4, 12, 12) and bool((s == 1).eq(inside).all())
     kv = torch.stack([k, v], 1)
     assert torch.equal(fa.flash_attn_varlen_kvpacked_func(q, kv, *args, causal=True, window_size=(4, 0)), ref)
     qkv = torch.randn(sum(lens_q), 3, 2, 16, generator=g)
