@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from .emulate import emulate
+from .emulate import emulate, runs_cuda_kernels
 
 MAX_HEAD_DIM = 256
 MAX_NUM_SPLITS = 128  # attention_with_kvcache: FlashAttention-2's limit (csrc/kernel_launch.h kMaxNumSplits)
@@ -59,7 +59,7 @@ def _check_tensors(fn, names, tensors, fp32=False):
                 "or reinstall with a CUDA toolkit")
     elif q.device.type not in ("cpu", "meta"):
         raise RuntimeError(f"{fn}: {first} is on device '{q.device}'; expected cpu or cuda")
-    if q.device.type == "cuda" or (q.device.type == "cpu" and emulate._active):
+    if runs_cuda_kernels(q):
         where = "on CUDA" if q.device.type == "cuda" else "inside flash_cuda.emulate()"
         if q.dtype not in _KERNEL_DTYPES and not (fp32 and q.dtype == torch.float32):
             took = "float16, bfloat16 or float32" if fp32 else "float16 or bfloat16"

@@ -222,3 +222,8 @@ class emulate:
         if emulate._active:
             self._collect()
         return list(self._launches)
+
+
+def runs_cuda_kernels(x):
+    """Whether flash_cuda runs its CUDA kernels on tensor x: on a GPU, or emulated inside emulate()."""
+    return x.device.type == "cuda" or (x.device.type == "cpu" and emulate._active)

@@ -6,7 +6,7 @@ flash_cuda._C registers them with the dispatcher.
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.flash_cuda)
-from .emulate import emulate
+from .emulate import runs_cuda_kernels
 
 
 def accumulation_dtype(dtype):
@@ -36,16 +36,12 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, determ
     B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if not (bias_grad and bias is not None):
         dbias = q.new_empty((0,), dtype=acc)
-    elif _runs_cuda_kernels(q):
+    elif runs_cuda_kernels(q):
         # as csrc/kernel_launch.cpp returns it: written transposed, [B][Hq][Nk][Nq rounded up to 8]
         dbias = q.new_empty((B, H, Nk, (Nq + 7) // 8 * 8), dtype=acc)[..., :Nq].transpose(2, 3)
     else:
         dbias = q.new_empty((B, H, Nq, Nk), dtype=acc)
     return dq, dk, dv, dbias
-
-
-def _runs_cuda_kernels(q):
-    return q.device.type == "cuda" or (q.device.type == "cpu" and emulate._active)
 
 
 _BIAS = 11  # index of `bias` in fwd's inputs

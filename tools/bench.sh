@@ -3,7 +3,8 @@
 # torch SDPA (quick preset on CPU, the FlashAttention sweep on CUDA) and the long-sequence
 # memory check. Extra arguments go to benchmarks/bench_sdpa.py (e.g. --preset cpu-accept).
 # A checkout already built for this machine (setup.py build_ext --inplace, or tools/gpu_check.sh;
-# with kernels for its GPU) is used as it is: an editable install would rebuild every kernel in a temporary folder.
+# with kernels for its GPU) is used as it is: an editable install would rebuild every kernel in
+# a temporary folder.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
