@@ -53,8 +53,8 @@ on CUDA.
 Output: one progress line per measured point, a final table, a summary per mode (min and
 geometric-mean speed ratio vs each SDPA backend), <out>/bench_<device>_<preset>.json with
 all raw numbers (rewritten after every point, with meta.complete false until the sweep ends,
-so a run stopped by a time limit keeps its points), and <out>/bench_<device>_<preset>.png (needs matplotlib; skipped with a
-note if it is missing).
+so a run stopped by a time limit keeps its points), and <out>/bench_<device>_<preset>.png
+(needs matplotlib; skipped with a note if it is missing).
 
 Examples
     python benchmarks/bench_sdpa.py                        # quick on CPU, fa on CUDA
