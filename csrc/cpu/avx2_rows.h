@@ -10,6 +10,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "prefetch.h"  // RowsAhead
+
 namespace flash_cuda::cpu {
 
 enum class RowType { kF32, kF16, kBF16 };  // the cache rows' element type
@@ -19,16 +21,18 @@ bool avx2_rows_supported();
 
 // S (rows x n, row stride lds) = Q (rows x K, fp32, row stride ldq) Kr^T for n rows Kr (row stride
 // ldk elements, of type t): each score a dot product along the rows, 8 lanes at a time, blocks of
-// 4 query rows by 2 keys reduced together. Requires avx2_rows_supported().
+// 4 query rows by 2 keys reduced together; row j of `also` fetched into L2 with key row j.
+// Requires avx2_rows_supported().
 void avx2_rows_dot(RowType t, int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const void* Kr,
-                   int64_t ldk, float* S, int64_t lds);
+                   int64_t ldk, float* S, int64_t lds, const RowsAhead& also = {});
 
 // C (M x N, row stride ldc) = A (M x K, fp32, row stride lda) B, or C += A B when `accumulate`,
 // for a row-major B (K x N, row stride ldb elements, of type t) read in place: register tiles of
-// 4 rows by 16 columns over blocks of 64 rows of B (which stay in L1 while every tile uses them).
+// 4 rows by 16 columns over blocks of 32 rows of B (which stay in L1 while every tile uses them),
+// the next block's rows fetched as they go; row k of `also` fetched into L2 with row k of B.
 // Requires avx2_rows_supported().
 void avx2_gemm_rows(RowType t, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* B,
-                    int64_t ldb, float* C, int64_t ldc, bool accumulate);
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 
 // C (M x N, row stride ldc) = A (M x K, fp32, row stride lda) B, or C += A B when `accumulate`, for
 // B in the fp32 panels layout of avx512_gemm.h (panels of 64 columns, panel_stride elements apart,

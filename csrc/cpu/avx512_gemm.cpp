@@ -379,8 +379,7 @@ FC_TARGET void f32_f16_rows_dot(int64_t rows, int64_t n, int64_t K, const float*
 FC_TARGET void stage_rows_pairs(int64_t n, int64_t N, const uint16_t* src, int64_t lds, int64_t r0, uint16_t* Bp,
                                 int64_t panel_stride, const RowsAhead& also) {
   for (int64_t i = 0; i < n; ++i) {
-    if (r0 + i < also.rows)  // also's row of the same index, into L2
-      prefetch_l2(also.base + (r0 + i) * also.stride, also.bytes);
+    also.fetch(r0 + i);  // also's row of the same index, into L2
     if (i + kAheadKeys < n) prefetch_l1(src + (i + kAheadKeys) * lds, N * sizeof(uint16_t));
     const int64_t r = r0 + i;
     const __mmask32 half = r % 2 ? 0xAAAAAAAAu : 0x55555555u;  // this row's 16-bit half of each pair

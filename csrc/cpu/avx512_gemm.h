@@ -18,6 +18,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "prefetch.h"  // RowsAhead
+
 namespace flash_cuda::cpu {
 
 // Whether this CPU runs the kernel (AVX512-BF16, checked once).
@@ -34,12 +36,6 @@ inline int64_t pairs_size(int64_t K, int64_t N) { return (N + kPairsPanel - 1) /
 // Bp (pairs layout, panel stride pairs_panel_size(K)) = B (K x N, row stride ldb), bf16 bits.
 void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bp);
 
-// Rows fetched into L2 alongside a streaming pass (decoding: the next tile's key rows while the
-// value rows of this one are staged): `rows` rows of `bytes`, `stride` bytes apart.
-struct RowsAhead {
-  const char* base = nullptr;
-  int64_t stride = 0, rows = 0, bytes = 0;
-};
 // Rows r0 .. r0 + n of a K x N operand in the pairs layout (panel stride panel_stride), written
 // one row at a time from n row-major 16-bit rows (row stride lds), each row's half of its pairs
 // only, so a tile's rows may come in runs of any length (a paged cache's); the rows 16 ahead are

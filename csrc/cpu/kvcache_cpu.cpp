@@ -330,8 +330,10 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       } else if (avx2_rows) {
         if constexpr (std::is_same_v<acc_t, float>)
           for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
-            avx2_rows_dot(row_type, rows, n, D, gq, D, k_base + off * elem, k_cache.stride(2), s + (r - j0), ld_s);
-          });  // S = Q K^T
+            const RowsAhead v_rows{v_base + off * elem, v_cache.stride(2) * elem, n, D * elem};
+            avx2_rows_dot(row_type, rows, n, D, gq, D, k_base + off * elem, k_cache.stride(2), s + (r - j0), ld_s,
+                          v_rows);
+          });  // S = Q K^T, this run's value rows fetched into L2 alongside
       } else if (f32_panels) {
         if constexpr (std::is_same_v<acc_t, float>) {
           const int64_t panel = panels_f32_panel_size(D);
@@ -422,11 +424,18 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               f32_gemm_rows(rows, D, bc, p, ld_s, vf, D, o, D, true);
           }
         } else if (v_in_place) {  // O += P V, V read in place, no packing
+          // avx2_rows: the next tile's first run of key rows fetched into L2 alongside
+          RowsAhead next_keys;
+          if (avx2_rows)
+            for_each_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end),
+                         [&](int64_t off, int64_t, int64_t n) {
+                           if (!next_keys.base) next_keys = {k_base + off * elem, k_cache.stride(2) * elem, n, D * elem};
+                         });
           if constexpr (std::is_same_v<acc_t, float>)
             for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
               if (avx2_rows)
                 avx2_gemm_rows(row_type, rows, D, n, p + (r - j0), ld_s, v_base + off * elem, v_cache.stride(2), o, D,
-                               true);
+                               true, r == j0 ? next_keys : RowsAhead{});
               else if (f16_cache)
                 f32_f16_gemm_rows(rows, D, n, p + (r - j0), ld_s, reinterpret_cast<const uint16_t*>(v_base + off * elem),
                                   v_cache.stride(2), o, D, true);

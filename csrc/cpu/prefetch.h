@@ -19,4 +19,15 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += kCacheLine) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 2);
 }
 
+// Rows fetched into L2 alongside a pass over other rows (decoding: a tile's value rows while its
+// key rows are multiplied, the next tile's key rows while the value rows are): `rows` rows of
+// `bytes`, `stride` bytes apart; fetch(r) fetches row r, if there is one.
+struct RowsAhead {
+  const char* base = nullptr;
+  int64_t stride = 0, rows = 0, bytes = 0;
+  void fetch(int64_t r) const {
+    if (r < rows) prefetch_l2(base + r * stride, bytes);
+  }
+};
+
 }  // namespace flash_cuda::cpu
