@@ -439,6 +439,10 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
             return None  # the checked path raises
         if type(num_splits) is not int or not (scale is None or type(scale) is float and math.isfinite(scale)):
             return None
+        if cache_seqlens is None:  # the whole capacity (the checked path refuses it with k and v)
+            if k is not None or v is not None:
+                return None
+            cache_seqlens = k_cache.shape[2] if block_table is None else block_table.shape[1] * k_cache.shape[2]
         if type(cache_seqlens) is int:
             if not 0 <= cache_seqlens <= _INT32_MAX:
                 return None

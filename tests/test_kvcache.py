@@ -436,8 +436,8 @@ def test_requires_grad_is_an_error():
 def test_common_call_skips_the_python_checks(layout, monkeypatch):
     """The common CPU call (no window, softcap or ALiBi) goes straight to the op, which checks it
     (api._kvcache_checked_by_op): the same bits, append included, as the checked path (taken here
-    by an explicit unbounded window); refused input still gets the checked path's exception and
-    leaves the cache as it was."""
+    by an explicit unbounded window), with cache_seqlens or without (the whole capacity); refused
+    input still gets the checked path's exception and leaves the cache as it was."""
     B, hkv, cap, D = 2, 2, 40, 16
     q = torch.randn(B, 4, 3, D, dtype=torch.bfloat16)
     new = [torch.randn(B, hkv, 2, D, dtype=torch.bfloat16) for _ in range(2)]
@@ -445,6 +445,7 @@ def test_common_call_skips_the_python_checks(layout, monkeypatch):
     kc, vc, table = make_cache(torch.bfloat16, B, hkv, cap, D, page_size=16 if layout == "paged16" else None)
     caches = [(kc.clone(), vc.clone()) for _ in range(2)]
     ref = FN(q, *caches[0], *new, cache_seqlens=lens, block_table=table, causal=True, window=(-1, -1), return_lse=True)
+    ref_whole = FN(q, *caches[0], block_table=table, window=(-1, -1))  # no cache_seqlens: the whole capacity
 
     def checked(*args, **kwargs):
         raise AssertionError("the checked path ran")
@@ -452,6 +453,7 @@ def test_common_call_skips_the_python_checks(layout, monkeypatch):
     got = FN(q, *caches[1], *new, cache_seqlens=lens, block_table=table, causal=True, return_lse=True)
     for a, b in zip(got + caches[1], ref + caches[0]):
         assert torch.equal(a, b)
+    assert torch.equal(FN(q, *caches[1], block_table=table), ref_whole)
     monkeypatch.undo()
 
     kc1, vc1 = (x.clone() for x in caches[1])
