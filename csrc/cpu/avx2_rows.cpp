@@ -68,7 +68,7 @@ FC_TARGET FC_INLINE __m256 sum_lanes_8(const __m256 (&v)[8]) {
 
 // Rows are fetched into L1 ahead of their use (prefetch.h). Measured on a Zen 3: without them the
 // loads of the next rows of V stalled the P V loop, 70% of its cycles on the one load instruction
-// of a row's columns (its 64-row blocks step through memory a row stride at a time, which the
+// of a row's columns (its blocks of rows step through memory a row stride at a time, which the
 // hardware prefetchers did not follow). The callers may also name rows to fetch into L2 as they go
 // (RowsAhead): decoding's value rows while their key rows are multiplied, the next tile's key rows
 // while the value rows are (2026-12-04, Zen 3, bf16, GQA 32/8, D 128, Nq 1, 32k keys: 13.1 to
@@ -197,9 +197,9 @@ FC_TARGET void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_
     for (int64_t k = k0; k < k0 + kn; ++k) also.fetch(k);
     const float* a = A + k0;
     const typename Row::E* b = B + k0 * ldb;
-    // The next block's rows, each column tile fetching its own columns row by row as it goes:
-    // fetched all at once at the start of the block, a burst of 128 to 256 lines, the prefetches
-    // themselves stalled on the full miss buffers and the first loads of V waited on memory.
+    // The next block's rows, each column tile fetching its own columns row by row as it goes.
+    // (Fetched all at once at the start of each block, 128 to 256 lines, the prefetches stalled
+    // on the full miss buffers and the first loads of V still waited on memory.)
     const int64_t ahead = std::clamp<int64_t>(K - k0 - kKBlock, 0, kn);
     const typename Row::E* next = ahead ? b + kKBlock * ldb : b;
     int64_t n0 = 0;
