@@ -74,6 +74,19 @@ void for_each_run(const at::Tensor& cache, const int32_t* table, int64_t table_s
   }
 }
 
+// The first run of rows [r0, r1) (r0 <= r1) of sequence b's cache (kv head h), as rows to fetch
+// ahead (prefetch.h): decoding's next tile of key rows, fetched while this tile's values are used.
+RowsAhead first_run(const at::Tensor& cache, const int32_t* table, int64_t table_stride, int64_t b, int64_t h,
+                    int64_t r0, int64_t r1) {
+  const char* base = static_cast<const char*>(cache.data_ptr());
+  const int64_t elem = cache.element_size();
+  RowsAhead rows;
+  for_each_run(cache, table, table_stride, b, h, r0, r1, [&](int64_t off, int64_t, int64_t n) {
+    if (!rows.base) rows = {base + off * elem, cache.stride(2) * elem, n, cache.size(3) * elem};
+  });
+  return rows;
+}
+
 // The rows of D elements of a contiguous output in its own dtype: store(x, row) writes row `row`
 // = x rounded to nearest even (the low-precision ones by rowops' vector passes).
 template <typename acc_t>
@@ -380,11 +393,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         if (amx_v) {  // O += P V, V staged into the pairs layout, the next tile's first key rows fetched
           auto* vp = reinterpret_cast<uint16_t*>(t.b.Vp.data());
           const int64_t panel = pairs_panel_size(kBc);
-          RowsAhead next_keys;
-          for_each_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end),
-                       [&](int64_t off, int64_t, int64_t n) {
-                         if (!next_keys.base) next_keys = {k_base + off * elem, k_cache.stride(2) * elem, n, D * elem};
-                       });
+          const RowsAhead next_keys = first_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end));
           k_fetched = j1 + next_keys.rows;
           for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
             stage_rows_pairs(n, D, reinterpret_cast<const uint16_t*>(v_base + off * elem), v_cache.stride(2), r - j0,
@@ -425,12 +434,8 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           }
         } else if (v_in_place) {  // O += P V, V read in place, no packing
           // avx2_rows: the next tile's first run of key rows fetched into L2 alongside
-          RowsAhead next_keys;
-          if (avx2_rows)
-            for_each_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end),
-                         [&](int64_t off, int64_t, int64_t n) {
-                           if (!next_keys.base) next_keys = {k_base + off * elem, k_cache.stride(2) * elem, n, D * elem};
-                         });
+          const RowsAhead next_keys =
+              avx2_rows ? first_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end)) : RowsAhead{};
           if constexpr (std::is_same_v<acc_t, float>)
             for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
               if (avx2_rows)
