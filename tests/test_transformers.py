@@ -132,15 +132,20 @@ def logits_and_grads(model, ids, mask):
     return out.detach().float()[mask.bool()], [p.grad.float() for p in model.parameters() if p.grad is not None]
 
 
+CUDA = torch.cuda.is_available() and flash_cuda.has_cuda_kernels()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a flash_cuda build with CUDA kernels")
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
-def test_bf16_error_like_sdpa(family):
+def test_bf16_error_like_sdpa(family, dev="cpu"):
     """bf16: flash_cuda's error against the fp32 model at most 2x SDPA's in bf16 for the logits and 3x
     for each parameter gradient (FlashAttention's rule on the model's outputs), + 1e-3 of the
     magnitude."""
     ref32, _ = pair(family)
     ref, ours = pair(family, torch.bfloat16)
-    ids, mask = batch(pad="left")
-    (exact, g_exact), (plain, g_plain), (mine, g_mine) = (logits_and_grads(m, ids, mask) for m in (ref32, ref, ours))
+    ids, mask = (x.to(dev) for x in batch(pad="left"))
+    (exact, g_exact), (plain, g_plain), (mine, g_mine) = (logits_and_grads(m.to(dev), ids, mask)
+                                                          for m in (ref32, ref, ours))
     scale = exact.abs().max().item()
     assert max_err(mine, exact) <= 2 * max_err(plain, exact) + 1e-3 * scale
     for ge, gp, gm in zip(g_exact, g_plain, g_mine):
@@ -187,14 +192,29 @@ def test_dropout_in_training_is_seeded_and_applied():
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_greedy_like_sdpa(family, cache):
+def test_generate_greedy_like_sdpa(family, cache, dev="cpu"):
     """Left-padded batched greedy decoding: the same tokens as SDPA, with dynamic and static caches."""
-    ref, ours = pair(family)
-    ids, mask = batch(pad="left")
+    ref, ours = (m.to(dev) for m in pair(family))
+    ids, mask = (x.to(dev) for x in batch(pad="left"))
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     if cache == "static":
         kw["cache_implementation"] = "static"
     assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+# On a GPU: the same models through the CUDA kernels (bf16; fp32 generation on the TF32 kernels,
+# 3xTF32 unless allow_tf32, so greedy tokens stay those of SDPA's fp32).
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "bert"])
+def test_bf16_error_like_sdpa_on_cuda(family):
+    test_bf16_error_like_sdpa(family, dev="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_greedy_like_sdpa_on_cuda(family, cache):
+    test_generate_greedy_like_sdpa(family, cache, dev="cuda")
 
 
 def test_static_cache_without_a_mask_like_sdpa():

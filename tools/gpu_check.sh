@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared run on a machine with a GPU and no network: build for that GPU's arch alone,
-# the GPU tests, compute-sanitizer (memcheck, racecheck), then the benchmarks against SDPA.
+# the GPU tests, compute-sanitizer (memcheck, racecheck), the benchmarks against SDPA, and an
+# Nsight Compute profile of flash_cuda's and FA2's kernels at one shape (tools/gpu_profile.py).
 # Each stage gets min(its cap, the time left of BUDGET_S), so the run ends inside the budget
 # and the stages that matter most (build, tests) come first. Everything goes to one log and
 # the benchmarks' JSON and plot to OUTDIR.
 #
 #   tools/gpu_check.sh OUTDIR [BUDGET_S]
 #
-# BENCH_REPS (default 20): timed calls per point of the FlashAttention sweep.
+# BENCH_REPS (default 20): timed calls per point of the FlashAttention sweep; BENCH_SDPA_FLAGS:
+# more arguments for that sweep (e.g. --no-plot).
 # Uses the machine's python3, torch, pytest (pytest-xdist if present) and compute-sanitizer
 # as they are: it installs nothing.
 set -uo pipefail
@@ -52,13 +54,25 @@ stage test_kernel_gpu 150 python3 -m pytest -q -ra -p no:cacheprovider $XDIST te
 # the tests with a cuda device parameter or a GPU of their own, not those that emulate the kernels
 GPU_TESTS="(cuda or gpu) and not emulated and not on_the_cuda_kernels and not gpu_paths_fake and not cuda_arch_list"
 stage tests_cuda 90 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests -k "$GPU_TESTS" --ignore=tests/test_kernel_gpu.py
-stage memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 20 python3 tools/gpu_sanitize.py
 stage bench_kvcache 45 python3 benchmarks/bench_kvcache.py --device cuda --json "$OUTDIR/bench_kvcache_cuda.json"
-stage bench_dropout 60 python3 benchmarks/bench_dropout.py --device cuda --json "$OUTDIR/bench_dropout_cuda.json"
-stage bench_sdpa 150 python3 benchmarks/bench_sdpa.py --device cuda --preset fa --reps "${BENCH_REPS:-20}" --out "$OUTDIR"
-stage bench_varlen 60 python3 benchmarks/bench_varlen.py --device cuda --json "$OUTDIR/bench_varlen_cuda.json"
+stage bench_kvcache_grid 30 python3 benchmarks/bench_kvcache.py --device cuda --grid decode \
+    --json "$OUTDIR/bench_kvcache_cuda_grid.json"
 stage racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 9 \
     --print-limit 20 python3 tools/gpu_sanitize.py --quick
+stage bench_sdpa 150 python3 benchmarks/bench_sdpa.py --device cuda --preset fa --reps "${BENCH_REPS:-20}" --out "$OUTDIR" \
+    ${BENCH_SDPA_FLAGS:-}
+# where the time goes at the sweep's worst point, flash_cuda's kernels beside FA2's (if Nsight Compute is here)
+NCU=$(command -v ncu || ls "$CUDA_HOME"/bin/ncu "$CUDA_HOME"/nsight-compute*/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+if [ -n "$NCU" ]; then
+    stage ncu 60 "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --log-file "$OUTDIR/ncu.txt" python3 tools/gpu_profile.py
+else
+    echo "== ncu: not run (no Nsight Compute on this machine)" | tee -a "$LOG"
+fi
+stage bench_dropout 60 python3 benchmarks/bench_dropout.py --device cuda --json "$OUTDIR/bench_dropout_cuda.json"
+stage bench_varlen 60 python3 benchmarks/bench_varlen.py --device cuda --json "$OUTDIR/bench_varlen_cuda.json"
 stage bench_masks 60 python3 benchmarks/bench_masks.py --device cuda --json "$OUTDIR/bench_masks_cuda.json"
 grep "^== " "$LOG"

@@ -8,7 +8,7 @@ cudaMalloc and an access one element past it is reported:
 
 Each case runs the forward, the backward and the deterministic backward of one instantiation
 (head dim, dtype, variant) on tensors whose sizes are not multiples of any tile, with GQA and
-Nq != Nk (dropout included), packed sequences (varlen), with cu_seqlens that do not match
+Nq != Nk (dropout included), in fp16, bf16 and fp32 (TF32 kernels), packed sequences (varlen), with cu_seqlens that do not match
 the tensors on the GPU, and KV caches (paged and contiguous, with appends, splits, and lengths and
 block tables that do not match the cache). It checks nothing itself beyond the finiteness of the dense cases; the sanitizer does
 the checking, and tests/test_kernel_gpu.py checks the values.
@@ -94,7 +94,8 @@ def main():
     ap.add_argument("--emulate", action="store_true", help="CPU tensors in flash_cuda.emulate() (checks this script)")
     args = ap.parse_args()
     dims = (64, 128) if args.quick else HEAD_DIMS
-    dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16)
+    # float32: the TF32 / 3xTF32 kernels (attention and packed sequences; the KV cache takes 16-bit)
+    dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
     dev = "cpu" if args.emulate else "cuda"
 
     def run(name, fn, *a):
@@ -111,7 +112,8 @@ def main():
             for variant in VARIANTS:
                 run(variant, run_case, D, dtype, variant)
             run("varlen", run_varlen, D, dtype)
-            run("kvcache", run_kvcache, D, dtype)
+            if dtype != torch.float32:
+                run("kvcache", run_kvcache, D, dtype)
 
 
 if __name__ == "__main__":
