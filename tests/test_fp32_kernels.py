@@ -47,9 +47,20 @@ def max_err(x, ref):
     return (x.double() - ref).abs().max().item()
 
 
+# 3xTF32's bound on a real GPU: 8x plain fp32's error instead of the emulator's 4x. The hardware
+# rounds where the emulator does not: ex2.approx.f32 is within 2 ulp (the emulator's exp2f 1),
+# and the tensor cores truncate the sums of their products (Fasi, Higham, Mikaitis, Pranesh,
+# "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021: no round-to-nearest in the
+# accumulation), while the emulator rounds each mma's fp32 sum to nearest. On an H200 (2026-12-04)
+# the worst case of test_kernel_gpu.py's 36 3xTF32 cases was 1.71x the 4x bound (6.8x plain fp32's
+# error: dense, head dim 256, dV); TF32 stayed within 0.58x of its rule.
+GPU_3XTF32_FACTOR = 8
+
+
 def check(q, k, v, kw, out, lse, precision):
     """The kernel's error against float64 within the precision's bound; returns (error, bound).
     On CPU copies of any device's tensors (test_kernel_gpu.py uses it too)."""
+    factor = GPU_3XTF32_FACTOR if out.is_cuda else 4
     cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x
     q, k, v, out, lse = (cpu(x) for x in (q, k, v, out, lse))
     kw = {name: cpu(x) for name, x in kw.items()}
@@ -61,7 +72,7 @@ def check(q, k, v, kw, out, lse, precision):
         bound, lse_bound = 2 * max_err(plain, ref) + 1e-5, 2 * lse_err(plain_lse) + 1e-5
     else:  # plain torch's fp32 attention: the CPU backend's error depends on the kernels this CPU picks
         cpu, cpu_lse = attention_ref(q, k, v, dtype=torch.float32, **kw)
-        bound, lse_bound = 4 * max_err(cpu, ref) + 1e-6, 4 * lse_err(cpu_lse) + 1e-6
+        bound, lse_bound = factor * max_err(cpu, ref) + 1e-6, factor * lse_err(cpu_lse) + 1e-6
     err = max_err(out, ref)
     assert err <= bound, (precision, err, bound)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -233,8 +244,10 @@ def grads_of(fn, q, k, v, kw, dout):
 
 def check_grads(q, k, v, kw, dout, out, grads, precision):
     """Each gradient's error against float64 within the precision's bound (TF32: 3x the same
-    computation in plain torch at TF32 precision + 1e-5; 3xTF32: 4x plain torch's fp32 +
-    1e-6), plus twice the saturated-softmax term of the rounded O (reference.saturation_terms)."""
+    computation in plain torch at TF32 precision + 1e-5; 3xTF32: 4x plain torch's fp32 (8x on a
+    GPU: GPU_3XTF32_FACTOR) + 1e-6), plus twice the saturated-softmax term of the rounded O
+    (reference.saturation_terms)."""
+    on_gpu = out.is_cuda
     cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x
     q, k, v, dout, out = (cpu(x) for x in (q, k, v, dout, out))
     grads = [cpu(g) for g in grads]
@@ -249,7 +262,7 @@ def check_grads(q, k, v, kw, dout, out, grads, precision):
         factor, floor = 3, 1e-5
     else:
         plain = grads_of(lambda *a, **o: attention_ref(*a, dtype=torch.float32, **o)[0], q, k, v, ref_kw, dout)
-        factor, floor = 4, 1e-6
+        factor, floor = (GPU_3XTF32_FACTOR if on_gpu else 4), 1e-6
     sat = saturation_terms(out, ref_kw, dout, q, k, v)
     for name, g, pg, rg, st in zip(("dq", "dk", "dv", "dmask"), grads, plain, ref, sat):
         err, plain_err = max_err(g, rg), max_err(pg, rg)

@@ -53,6 +53,7 @@ python3 -c "import flash_cuda; assert flash_cuda.has_cuda_kernels(), 'no CUDA ke
 stage test_kernel_gpu 150 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_kernel_gpu.py
 # the tests with a cuda device parameter or a GPU of their own, not those that emulate the kernels
 GPU_TESTS="(cuda or gpu) and not emulated and not on_the_cuda_kernels and not gpu_paths_fake and not cuda_arch_list"
+GPU_TESTS="$GPU_TESTS and not older_than_the_kernels"  # (an emulated V100)
 stage tests_cuda 90 python3 -m pytest -q -ra -p no:cacheprovider $XDIST tests -k "$GPU_TESTS" --ignore=tests/test_kernel_gpu.py
 stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
     --print-limit 20 python3 tools/gpu_sanitize.py

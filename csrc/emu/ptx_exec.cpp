@@ -707,6 +707,14 @@ void Thread::run() {
         }
         break;
       }
+      case Op::copysign: {  // copysign.{f32,f64} d, a, b: b's magnitude with a's sign (libdevice's tanhf)
+        const uint64_t a = get(in.o[1], in), b = get(in.o[2], in);
+        const int nb = type_bits(in.type);
+        if (in.type != Type::f32 && in.type != Type::f64) fatal(in, "copysign takes f32 or f64");
+        const uint64_t sign = uint64_t(1) << (nb - 1);
+        set(in.o[0], (b & (sign - 1)) | (a & sign), in);
+        break;
+      }
       case Op::not_: {
         const uint64_t a = get(in.o[1], in);
         set(in.o[0], in.type == Type::pred ? !a : trunc(~a, type_bits(in.type)), in);

@@ -52,7 +52,7 @@ bool is_float(Type t) {
 
 const char* op_name(Op op) {
   static const char* names[] = {
-      "mov", "add", "sub", "mul", "mad", "fma", "div", "rem", "min", "max", "neg", "abs",
+      "mov", "add", "sub", "mul", "mad", "fma", "div", "rem", "min", "max", "neg", "abs", "copysign",
       "and", "or", "xor", "not", "shl", "shr", "bfi", "bfe", "prmt", "popc", "clz", "brev",
       "setp", "selp", "cvt", "cvta", "ex2", "lg2", "rcp", "sqrt", "rsqrt", "sin", "cos", "tanh",
       "ld", "st", "atom", "red", "bra", "ret", "exit", "trap", "bar.sync", "bar.warp.sync", "membar",
@@ -595,6 +595,7 @@ class Parser {
     static const std::map<std::string, Op> ops = {
         {"mov", Op::mov}, {"add", Op::add}, {"sub", Op::sub}, {"mul", Op::mul}, {"mad", Op::mad}, {"fma", Op::fma},
         {"div", Op::div}, {"rem", Op::rem}, {"min", Op::min}, {"max", Op::max}, {"neg", Op::neg}, {"abs", Op::abs},
+        {"copysign", Op::copysign},
         {"and", Op::and_}, {"or", Op::or_}, {"xor", Op::xor_}, {"not", Op::not_}, {"shl", Op::shl}, {"shr", Op::shr},
         {"bfi", Op::bfi}, {"bfe", Op::bfe}, {"prmt", Op::prmt}, {"popc", Op::popc}, {"clz", Op::clz}, {"brev", Op::brev},
         {"setp", Op::setp}, {"selp", Op::selp}, {"cvt", Op::cvt}, {"cvta", Op::cvta}, {"ex2", Op::ex2}, {"lg2", Op::lg2},

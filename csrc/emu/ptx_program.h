@@ -37,7 +37,7 @@ bool is_float(Type t);  // f16, bf16, tf32, f32, f64 (scalars)
 enum class Space : uint8_t { generic, global, shared, param, local, constant };
 
 enum class Op : uint8_t {
-  mov, add, sub, mul, mad, fma, div, rem, min, max, neg, abs,
+  mov, add, sub, mul, mad, fma, div, rem, min, max, neg, abs, copysign,
   and_, or_, xor_, not_, shl, shr, bfi, bfe, prmt, popc, clz, brev,
   setp, selp, cvt, cvta,
   ex2, lg2, rcp, sqrt, rsqrt, sin, cos, tanh,

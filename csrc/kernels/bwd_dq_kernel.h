@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
           float dcap = 1.0f, pe;
           if (kMod) {  // natural units, the difference first (the row stats hold the lse itself)
             const float bias = gBias ? Bias::at(sBias, bias_row_broadcast, r, c) : 0.0f;
-            const float sm = modify_score<float>(rS[nt][e] * p.scale, p.mod.softcap, slope,
+            const float sm = modify_score<float, Kt::kTf32>(rS[nt][e] * p.scale, p.mod.softcap, slope,
                                                  col - (row + int(p.mask.offset)), bias, &dcap);
             pe = ex2_approx((sm - lse2[e / 2]) * 1.4426950408889634f);
           } else {

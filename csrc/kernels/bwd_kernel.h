@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
               const int i = 2 * h + e, q_local = query_of(nt, i);
               const float bias = has_bias ? Bias::at(sBiasS, bias_row_broadcast, q_local, key_local) : 0.0f;
               float dcap;
-              const float sm = modify_score<float>(rS[mt][nt][i] * p.scale, p.mod.softcap, slope,
+              const float sm = modify_score<float, Kt::kTf32>(rS[mt][nt][i] * p.scale, p.mod.softcap, slope,
                                                    key_local - q_local + offset_local, bias, &dcap);
               pe[e] = ex2_approx((sm - (e ? l.y : l.x)) * 1.4426950408889634f);  // (l: the lse itself here)
               if (kMask && hidden(mt, nt, i)) pe[e] = 0.0f;

@@ -183,9 +183,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
             const float2 bias = gBias ? Bias::pair_at(sBias, bias_row_broadcast, r, c) : make_float2(0.0f, 0.0f);
             const int dist = n0 + c - (m0 + r + int(p.mask.offset));  // j - (i + offset), element 2 h
             float dcap;
-            rS[mt][nt][2 * h] = modify_score<float>(rS[mt][nt][2 * h] * p.scale, p.mod.softcap, slope, dist, bias.x, &dcap);
-            rS[mt][nt][2 * h + 1] =
-                modify_score<float>(rS[mt][nt][2 * h + 1] * p.scale, p.mod.softcap, slope, dist + 1, bias.y, &dcap);
+            const float s0 = rS[mt][nt][2 * h] * p.scale, s1 = rS[mt][nt][2 * h + 1] * p.scale;
+            rS[mt][nt][2 * h] = modify_score<float, Kt::kTf32>(s0, p.mod.softcap, slope, dist, bias.x, &dcap);
+            rS[mt][nt][2 * h + 1] = modify_score<float, Kt::kTf32>(s1, p.mod.softcap, slope, dist + 1, bias.y, &dcap);
           }
     }
     // Masked tiles: -inf where a key is past the end or outside the band [lo, hi] of its row:

@@ -35,14 +35,34 @@ struct ScoreMod {
   }
 };
 
+#if defined(__CUDA_ARCH__)
+extern "C" __device__ float __nv_tanhf(float);  // libdevice's tanhf
+#endif
+
+// tanh of a capped score. The build's --use_fast_math turns tanhf into tanh.approx.f32 (one MUFU
+// op, relative error up to 2^-10.987: PTX ISA, "tanh",
+// https://docs.nvidia.com/cuda/parallel-thread-execution/#floating-point-instructions-tanh),
+// far finer than fp16/bf16 inputs' rounding but 2^12 times fp32's: on an H200 it put the fp32
+// (3xTF32) softcap outputs at 4x-6x the error bound that the dense ones meet. So with fp32 inputs
+// (kExact) the kernels call libdevice's tanhf itself (about 15 FMA-pipe instructions, within 2
+// ulp). The emulator's source executor computes tanhf either way.
+template <bool kExact>
+FC_HOST_DEVICE float score_tanh(float x) {
+#if defined(__CUDA_ARCH__)
+  return kExact ? __nv_tanhf(x) : tanhf(x);
+#else
+  return tanhf(x);
+#endif
+}
+
 // One score: s (scale included) -> modified score; *dcap = d(capped)/ds = 1 - tanh^2 (1 without
 // a cap). slope: ALiBi slope of this head (0: none); dist = j - (i + offset); bias: the bias
-// element (0: none).
-template <class F>
+// element (0: none). kExactTanh: score_tanh's choice (the inputs are fp32).
+template <class F, bool kExactTanh = false>
 FC_HOST_DEVICE F modify_score(F s, F softcap, F slope, int64_t dist, F bias, F* dcap) {
   F d = F(1);
   if (softcap > F(0)) {
-    const F t = tanh(s / softcap);
+    const F t = score_tanh<kExactTanh>(s / softcap);
     s = softcap * t;
     d = F(1) - t * t;
   }
