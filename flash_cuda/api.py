@@ -9,6 +9,7 @@ import numbers
 
 import torch
 
+from . import ops
 from .emulate import emulate, runs_cuda_kernels
 
 MAX_HEAD_DIM = 256
@@ -278,8 +279,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
     B, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, nk, (B, hq, nq, nk))
     rng_state = _rng_state(q, nk, dropout_p, generator)
-    out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, causal, True, deterministic, left, right, softcap, slopes,
-                                        bias, dropout_p, rng_state)
+    out, lse = ops.fwd(q, k, v, scale, causal, True, deterministic, left, right, softcap, slopes, bias, dropout_p,
+                       rng_state)
     result = (out, lse) if return_lse else (out,)
     if return_dropout_mask:
         result += (_dropout_mask(rng_state, dropout_p, (B, hq, nq, nk), q.device),)
@@ -343,8 +344,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     full = tuple(query.shape[:-1]) + (key.shape[-2],)
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, k.shape[2], full)
     rng_state = _rng_state(q, k.shape[2], dropout_p, None)
-    out, _ = torch.ops.flash_cuda.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias, dropout_p,
-                                      rng_state)
+    out, _ = ops.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias, dropout_p, rng_state)
     if drop_all:  # torch's P * 0: zeros (NaN where P or V has one), gradients 0
         out = out * 0.0
     return out.reshape(query.shape)
@@ -413,9 +413,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                                          deterministic, scale, window, softcap, alibi_slopes)
     dropout_p = _check_dropout(fn, dropout_p, generator, return_dropout_mask, q.device)
     rng_state = _rng_state(q, max_seqlen_k, dropout_p, generator)
-    out, lse = torch.ops.flash_cuda.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                               causal, deterministic, left, right, softcap, slopes, dropout_p,
-                                               rng_state)
+    out, lse = ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                              deterministic, left, right, softcap, slopes, dropout_p, rng_state)
     result = (out, lse) if return_lse else (out,)
     if return_dropout_mask:
         shape = (cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
