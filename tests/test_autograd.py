@@ -63,8 +63,16 @@ def test_eager_calls_skip_torch_librarys_autograd_wrapper(monkeypatch, packed):
     assert len(calls) == 1  # the registered formula, through torch.library's wrapper
     assert all(torch.equal(g, w) for g, w in zip(grads, want))
     torch._dynamo.reset()
-    compiled = torch.autograd.grad(loss(*torch.compile(api, fullgraph=True)()), wrt)
+    graphs = []
+
+    def recording(gm, example_inputs):  # the graph dynamo traced, run as it is
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.autograd.grad(loss(*torch.compile(api, backend=recording, fullgraph=True)()), wrt)
     assert all(torch.allclose(g, w) for g, w in zip(compiled, want))
+    name = "varlen_fwd" if packed else "fwd"
+    assert len(graphs) == 1 and f"flash_cuda.{name}" in graphs[0] and "autograd_function" not in graphs[0]
 
 
 def op_args(device, dtype, requires_grad):
