@@ -165,6 +165,25 @@ def test_cpu_bf16_scores_choice(monkeypatch, choice, layout, nq, D):
              page_size=33 if layout == "paged33" else None, bnhd=layout == "bnhd", causal=True, num_splits=2)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged33", "paged16", "bnhd"])
+@pytest.mark.parametrize("nq,D", [(4, 128), (4, 59), (8, 64), (17, 40)])
+def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
+    """bf16 from 16 rows per kv group on the AVX512-BF16 micro-kernel (the default on a CPU with
+    avx512_bf16 and no AMX; forced here where the CPU has the instructions): S^T = K Q^T with the
+    key rows streamed and the value rows fetched alongside, V staged into the pairs layout (whole
+    pairs, and a row alone where a run of 33 keys starts or ends inside a pair), P V fetching the
+    next tile's key rows (contiguous caches; paged and (B, N, H, D) ones without). 16, 32 and 68
+    rows, odd head dims (an odd K of the packed Q^T), three key tiles of 512 and two splits."""
+    if not cpu_has("avx512_bf16", "avx512bw"):
+        pytest.skip("the micro-kernel needs avx512_bf16")
+    monkeypatch.setenv("FLASH_CUDA_CPU_BF16_GEMM", "dpbf16")
+    page = {"paged33": 33, "paged16": 16}.get(layout)
+    run_case(torch.bfloat16, hq=8, hkv=2, nq=nq, n_new=1, D=D, capacity=1300, page_size=page, bnhd=layout == "bnhd",
+             causal=True, num_splits=2)
+    run_case(torch.bfloat16, B=2, hq=8, hkv=2, nq=nq, n_new=0, D=D, capacity=1300, page_size=page,
+             bnhd=layout == "bnhd", seqlens=[1300, 1025], num_splits=1)
+
+
 @pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="the AVX2 kernels need avx2, fma and f16c")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])

@@ -35,12 +35,15 @@ inline int64_t pairs_size(int64_t K, int64_t N) { return (N + kPairsPanel - 1) /
 
 // Bp (pairs layout, panel stride pairs_panel_size(K)) = B (K x N, row stride ldb), bf16 bits.
 void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bp);
+// The same for B = Bt^T given as its N rows Bt of K elements (row stride ldbt): decoding's query
+// rows as the right operand of S^T = K Q^T, packed once per work item. No AVX-512 needed.
+void pack_pairs_bf16_transposed(int64_t K, int64_t N, const uint16_t* Bt, int64_t ldbt, uint16_t* Bp);
 
 // Rows r0 .. r0 + n of a K x N operand in the pairs layout (panel stride panel_stride), written
-// one row at a time from n row-major 16-bit rows (row stride lds), each row's half of its pairs
-// only, so a tile's rows may come in runs of any length (a paged cache's); the rows 16 ahead are
-// fetched as it goes (the rows are read once from memory), and row r of `also` with row r of the
-// operand. Requires f32_gemm_supported().
+// from n row-major 16-bit rows (row stride lds) a whole pair at a time, and a row's half of its
+// pair alone at an odd start or end, so a tile's rows may come in runs of any length (a paged
+// cache's); the rows 16 ahead are fetched as it goes (the rows are read once from memory), and row
+// r of `also` with row r of the operand. Requires f32_gemm_supported().
 void stage_rows_pairs(int64_t n, int64_t N, const uint16_t* src, int64_t lds, int64_t r0, uint16_t* Bp,
                       int64_t panel_stride, const RowsAhead& also = {});
 // Zeroes row r's half of row pair r / 2 in every panel (r = K for an odd K: the missing row).
@@ -50,8 +53,17 @@ void zero_pair_half(int64_t r, int64_t N, uint16_t* Bp, int64_t panel_stride);
 // pairs layout: Bp points at row pair 0 of B's first panel, panels panel_stride elements apart
 // (so rows k0.. and columns n0.. of a larger packed operand, k0 even and n0 a multiple of 64, are
 // multiplied from the pointer to their first pair). Requires dpbf16_supported().
+// stream: stream_bytes of memory from there fetched into L2 while it multiplies, two lines per
+// step along K of each micro-tile (decoding's next key rows, during P V), as far as its steps reach.
 void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
-                 int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
+                 int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const char* stream = nullptr,
+                 int64_t stream_bytes = 0);
+// The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
+// operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, as f32_gemm_stream_a,
+// and the rows of `also` with the same indices (the value rows, read after the scores) into L2
+// alongside, where also.base is set (also.rows is not checked: it holds M rows).
+void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                          int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 
 // S (rows x n, row stride lds) = Q (rows x K) Kr^T for n row-major rows Kr (row stride ldk),
 // bf16: each score a dot product along the rows (vdpbf16ps on pairs, masked at the end of a row),
@@ -74,7 +86,7 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 // The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
 // operand of S^T = K Q^T): each block of A's rows fetched ahead of its use.
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
-                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
+                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 // The fp32 kernel on a row-major B (row stride ldb) as it is, no packing: for B read once (the V
 // tiles of decoding), where packing would cost as much as the product; B's rows in blocks, the
 // next block fetched ahead.
