@@ -657,6 +657,29 @@ def test_emulated_reads_the_cache_once_per_kv_head():
     assert read["per head"] >= (hq // hkv) * cache_bytes, read
 
 
+def test_emulated_decoding_multiplies_only_the_rows_it_has():
+    """A decoding step's query tile holds a kv group's few rows (4 query heads x 1 token here):
+    only the warps with rows in it run the products (fwd_kernel.h: rows_live), the others copy
+    tiles and wait at the barriers. The mma count is then that of the live warps' 16-row m-tiles
+    over the key tiles (S = Q K^T and O += P V: 2 x 16 x kBlockN x D / (16 x 8 x 16) each); the
+    barrier count is unchanged (every warp still meets them) and the result matches the reference."""
+    B, hq, hkv, D, valid = 2, 8, 2, 128, 300
+    kc, vc, _ = make_cache(torch.float16, B, hkv, 512, D)
+    q = torch.randn(B, hq, 1, D).to(torch.float16)
+    with flash_cuda.emulate(workers=2) as emu:
+        out = FN(q, kc, vc, cache_seqlens=valid, num_splits=1)
+    (main,) = [l for l in emu.launches if l["kernel"].startswith("flash_fwd_kvcache<")]
+    assert main["errors"] == []
+    warps, block_n = main["block"][0] // 32, 64  # the a100 profile's head-dim-128 KV-cache tiles (traits.h)
+    rows = hq // hkv  # one 16-row m-tile of one warp holds them
+    key_tiles = -(-valid // block_n)
+    assert warps == 8 and rows <= 16
+    assert main["mma"] == B * hkv * key_tiles * 2 * 16 * block_n * D // (16 * 8 * 16), (main["mma"], warps)
+    ref, _ = attention_ref(q, kc[:, :, :valid], vc[:, :, :valid])
+    plain, _ = attention_ref(q, kc[:, :, :valid], vc[:, :, :valid], dtype=torch.float16)
+    assert_fa_rule("decode", out, plain, ref, 2)
+
+
 def test_emulated_bad_lengths_stay_in_bounds():
     """The kernels clamp what they cannot check without a synchronising copy on a GPU: lengths
     past the capacity and table entries past the pool (a direct op call, whose CPU values the

@@ -133,6 +133,14 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   else if (first_masked >= 0) load_key_tile(first_masked);
   cp_async_commit();
 
+  // kCache: whether this warp has a row inside the sequence. A decoding step's tile holds a kv
+  // group's few rows (4 query heads x 1 token fill one warp of 8), and the warps without any
+  // skip the products and the softmax, copying tiles and waiting at the barriers only. Only the
+  // KV-cache kernels test it: there ptxas -v at head dim 128 (bf16) went from 255 registers and
+  // 12 bytes of spills (sm_90; 8 at sm_80) to 255 and none; in the other forward kernels the
+  // branch made the dropout kernels at 128 spill 160 to 172 bytes (sm_90), and a partial last
+  // tile is one of many there.
+  const bool rows_live = !kCache || m0 + warp_row0 < p.nq;
   // One key tile j, prefetching K (and the bias) of tile next_j (-1: none); kMask: scores past
   // the sequence end or outside the band become -inf; kX3: fp32 products in 3xTF32.
   auto key_tile = [&](const int j, const int next_j, auto mask_tag, auto x3_tag) {
@@ -145,91 +153,93 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     cp_async_commit();  // V_j lands while S = Q K_j^T computes
 
     float rS[kMTiles][kNTiles][4] = {};  // per m-tile: 16 x kBlockN scores of this warp, fp32
+    constexpr int kPTiles = Kt::kTf32 ? 1 : kBlockN / 16;  // 16-bit P: 16 x 16 A fragments
+    [[maybe_unused]] uint32_t rP[kMTiles][kPTiles][4];  // (fp32: unused, P stays in rS)
+    if (rows_live) {  // (a warp whose rows all lie past the end only copies tiles and waits)
 #pragma unroll(kMask ? (kVarlen ? Kt::kQKUnrollMaskedPacked : Kt::kQKUnrollMasked) : Kt::kQKUnroll)
-    for (int k0 = 0; k0 < kHeadDim * kUnits; k0 += 16) {  // 16 units: 16 values, or 8 fp32 ones
-      Operand<T, 4> rQ[kMTiles];  // A: 16 x 16 units of Q per m-tile
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        uint32_t raw[4];
-        load_a_frag<QLayout>(raw, sQ, warp_row0 + 16 * mt, k0, lane);
-        rQ[mt] = operand<T, kX3>(raw);
-      }
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; nt += 2) {
-        uint32_t rK[4];  // B: 16 x 16 units of K^T as two n-tiles
-        load_b_frags_nk<KVLayout>(rK, sK, nt * 8, k0, lane);
-        const Operand<T, 2> rK0 = operand<T, kX3>({rK[0], rK[1]}), rK1 = operand<T, kX3>({rK[2], rK[3]});
+      for (int k0 = 0; k0 < kHeadDim * kUnits; k0 += 16) {  // 16 units: 16 values, or 8 fp32 ones
+        Operand<T, 4> rQ[kMTiles];  // A: 16 x 16 units of Q per m-tile
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          mma<T, kX3>(rS[mt][nt], rQ[mt], rK0, rS[mt][nt]);
-          mma<T, kX3>(rS[mt][nt + 1], rQ[mt], rK1, rS[mt][nt + 1]);
+          uint32_t raw[4];
+          load_a_frag<QLayout>(raw, sQ, warp_row0 + 16 * mt, k0, lane);
+          rQ[mt] = operand<T, kX3>(raw);
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; nt += 2) {
+          uint32_t rK[4];  // B: 16 x 16 units of K^T as two n-tiles
+          load_b_frags_nk<KVLayout>(rK, sK, nt * 8, k0, lane);
+          const Operand<T, 2> rK0 = operand<T, kX3>({rK[0], rK[1]}), rK1 = operand<T, kX3>({rK[2], rK[3]});
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma<T, kX3>(rS[mt][nt], rQ[mt], rK0, rS[mt][nt]);
+            mma<T, kX3>(rS[mt][nt + 1], rQ[mt], rK1, rS[mt][nt + 1]);
+          }
         }
       }
-    }
 
-    // Element e of n-tile nt in m-tile mt is key n0 + 2 (lane % 4) + c, c = 8 nt + e % 2, of row
-    // m0 + warp_row0 + 16 mt + lane / 4 + 8 (e / 2).
-    const int row_t = m0 + warp_row0 + lane / 4, key_t = n0 + 2 * (lane % 4);
-    const int key_lim = p.nk - key_t;  // c >= key_lim: past the sequence end
-    if constexpr (kMod) {
-      // s <- modified(scale s), the bias from the tile (zero past the sequence ends)
+      // Element e of n-tile nt in m-tile mt is key n0 + 2 (lane % 4) + c, c = 8 nt + e % 2, of row
+      // m0 + warp_row0 + 16 mt + lane / 4 + 8 (e / 2).
+      const int row_t = m0 + warp_row0 + lane / 4, key_t = n0 + 2 * (lane % 4);
+      const int key_lim = p.nk - key_t;  // c >= key_lim: past the sequence end
+      if constexpr (kMod) {
+        // s <- modified(scale s), the bias from the tile (zero past the sequence ends)
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int r = warp_row0 + 16 * mt + lane / 4 + 8 * h, c = 8 * nt + 2 * (lane % 4);
+              const float2 bias = gBias ? Bias::pair_at(sBias, bias_row_broadcast, r, c) : make_float2(0.0f, 0.0f);
+              const int dist = n0 + c - (m0 + r + int(p.mask.offset));  // j - (i + offset), element 2 h
+              float dcap;
+              const float s0 = rS[mt][nt][2 * h] * p.scale, s1 = rS[mt][nt][2 * h + 1] * p.scale;
+              rS[mt][nt][2 * h] = modify_score<float, Kt::kTf32>(s0, p.mod.softcap, slope, dist, bias.x, &dcap);
+              rS[mt][nt][2 * h + 1] = modify_score<float, Kt::kTf32>(s1, p.mod.softcap, slope, dist + 1, bias.y, &dcap);
+            }
+      }
+      // Masked tiles: -inf where a key is past the end or outside the band [lo, hi] of its row:
+      // each test compares c with one number.
+      const int hi = kBand ? p.mask.hi_diag(row_t, key_t) : 0, lo = kBand ? p.mask.lo_diag(row_t, key_t) : 0;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if (kMask) {
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int c = 8 * nt + e % 2, r = 16 * mt + 8 * (e / 2);
+              if (c >= key_lim || (kBand && ((p.mask.has_hi() && c > hi + r) || (p.mask.has_lo() && c < lo + r))))
+                rS[mt][nt][e] = -INFINITY;
+            }
+        }
+        softmax[mt].update(rS[mt], rO[mt], softmax_scale);
+      }
+      // P rounded to 16 bit, in mma A-operand order: keys 16 k..16 k + 16 of m-tile mt are the S
+      // accumulators of n-tiles 2 k and 2 k + 1 (ptx-oracle accumulator_to_A_reuse), so P goes
+      // to the next mma without a shared-memory round trip and S's fp32 registers die here
+      // (fp32: P stays in the S registers, each n-tile one tf32 A operand, tf32.h).
+      // Dropout (kDropout): each 16 x 16 block's dropped elements are zeroed just before (after
+      // the row sums: lse is unaffected; dropout.h: drawn here, never stored).
+      const bool drop = kDropout && p.drop.enabled;
+      PhiloxStream drop_stream{};
+      if (drop) drop_stream = dropout_stream(p.drop, batch, p.hq, head);
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = warp_row0 + 16 * mt + lane / 4 + 8 * h, c = 8 * nt + 2 * (lane % 4);
-            const float2 bias = gBias ? Bias::pair_at(sBias, bias_row_broadcast, r, c) : make_float2(0.0f, 0.0f);
-            const int dist = n0 + c - (m0 + r + int(p.mask.offset));  // j - (i + offset), element 2 h
-            float dcap;
-            const float s0 = rS[mt][nt][2 * h] * p.scale, s1 = rS[mt][nt][2 * h + 1] * p.scale;
-            rS[mt][nt][2 * h] = modify_score<float, Kt::kTf32>(s0, p.mod.softcap, slope, dist, bias.x, &dcap);
-            rS[mt][nt][2 * h + 1] = modify_score<float, Kt::kTf32>(s1, p.mod.softcap, slope, dist + 1, bias.y, &dcap);
+        for (int k = 0; k < kBlockN / 16; ++k) {
+          float(&s0)[4] = rS[mt][2 * k];
+          float(&s1)[4] = rS[mt][2 * k + 1];
+          if (drop) drop_block(drop_stream, m0 + warp_row0 + 16 * mt, n0 + 16 * k, lane, s0, s1);
+          if constexpr (!Kt::kTf32) {
+            rP[mt][k][0] = pack2<T>(s0[0], s0[1]);
+            rP[mt][k][1] = pack2<T>(s0[2], s0[3]);
+            rP[mt][k][2] = pack2<T>(s1[0], s1[1]);
+            rP[mt][k][3] = pack2<T>(s1[2], s1[3]);
           }
-    }
-    // Masked tiles: -inf where a key is past the end or outside the band [lo, hi] of its row:
-    // each test compares c with one number.
-    const int hi = kBand ? p.mask.hi_diag(row_t, key_t) : 0, lo = kBand ? p.mask.lo_diag(row_t, key_t) : 0;
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      if (kMask) {
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int c = 8 * nt + e % 2, r = 16 * mt + 8 * (e / 2);
-            if (c >= key_lim || (kBand && ((p.mask.has_hi() && c > hi + r) || (p.mask.has_lo() && c < lo + r))))
-              rS[mt][nt][e] = -INFINITY;
-          }
-      }
-      softmax[mt].update(rS[mt], rO[mt], softmax_scale);
-    }
-    // P rounded to 16 bit, in mma A-operand order: keys 16 k..16 k + 16 of m-tile mt are the S
-    // accumulators of n-tiles 2 k and 2 k + 1 (ptx-oracle accumulator_to_A_reuse), so P goes
-    // to the next mma without a shared-memory round trip and S's fp32 registers die here
-    // (fp32: P stays in the S registers, each n-tile one tf32 A operand, tf32.h).
-    // Dropout (kDropout): each 16 x 16 block's dropped elements are zeroed just before (after
-    // the row sums: lse is unaffected; dropout.h: drawn here, never stored).
-    const bool drop = kDropout && p.drop.enabled;
-    PhiloxStream drop_stream{};
-    if (drop) drop_stream = dropout_stream(p.drop, batch, p.hq, head);
-    constexpr int kPTiles = Kt::kTf32 ? 1 : kBlockN / 16;  // 16-bit P: 16 x 16 A fragments
-    [[maybe_unused]] uint32_t rP[kMTiles][kPTiles][4];  // (fp32: unused, P stays in rS)
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int k = 0; k < kBlockN / 16; ++k) {
-        float(&s0)[4] = rS[mt][2 * k];
-        float(&s1)[4] = rS[mt][2 * k + 1];
-        if (drop) drop_block(drop_stream, m0 + warp_row0 + 16 * mt, n0 + 16 * k, lane, s0, s1);
-        if constexpr (!Kt::kTf32) {
-          rP[mt][k][0] = pack2<T>(s0[0], s0[1]);
-          rP[mt][k][1] = pack2<T>(s0[2], s0[3]);
-          rP[mt][k][2] = pack2<T>(s1[0], s1[1]);
-          rP[mt][k][3] = pack2<T>(s1[2], s1[3]);
         }
-      }
+    }
 
     cp_async_wait<0>();
     kv_stage.land();
@@ -237,6 +247,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
     if (next_j >= 0) load_key_tile(next_j);  // every warp is done reading the bias of tile j too
     cp_async_commit();  // K_{j+1} lands while O += P V_j computes
 
+    if (!rows_live) return;
     if constexpr (Kt::kTf32) {
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {  // 8 keys per k-step
