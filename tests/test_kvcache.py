@@ -172,8 +172,9 @@ def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
     avx512_bf16 and no AMX; forced here where the CPU has the instructions): S^T = K Q^T with the
     key rows streamed and the value rows fetched alongside, V staged into the pairs layout (whole
     pairs, and a row alone where a run of 33 keys starts or ends inside a pair), P V fetching the
-    next tile's key rows (contiguous caches; paged and (B, N, H, D) ones without). 16, 32 and 68
-    rows, odd head dims (an odd K of the packed Q^T), three key tiles of 512 and two splits."""
+    next tile's first run of key rows (a contiguous cache or a page; (B, N, H, D) caches without).
+    16, 32 and 68 rows, odd head dims (an odd K of the packed Q^T), three key tiles of 512 (the
+    last of 275 keys: an odd K of P V, whose last row is multiplied alone) and two splits."""
     if not cpu_has("avx512_bf16", "avx512bw"):
         pytest.skip("the micro-kernel needs avx512_bf16")
     monkeypatch.setenv("FLASH_CUDA_CPU_BF16_GEMM", "dpbf16")
@@ -181,7 +182,7 @@ def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
     run_case(torch.bfloat16, hq=8, hkv=2, nq=nq, n_new=1, D=D, capacity=1300, page_size=page, bnhd=layout == "bnhd",
              causal=True, num_splits=2)
     run_case(torch.bfloat16, B=2, hq=8, hkv=2, nq=nq, n_new=0, D=D, capacity=1300, page_size=page,
-             bnhd=layout == "bnhd", seqlens=[1300, 1025], num_splits=1)
+             bnhd=layout == "bnhd", seqlens=[1299, 1025], num_splits=1)
 
 
 @pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="the AVX2 kernels need avx2, fma and f16c")
@@ -675,6 +676,7 @@ def test_emulated_decoding_multiplies_only_the_rows_it_has():
     key_tiles = -(-valid // block_n)
     assert warps == 8 and rows <= 16
     assert main["mma"] == B * hkv * key_tiles * 2 * 16 * block_n * D // (16 * 8 * 16), (main["mma"], warps)
+    assert main["barriers"] == B * hkv * (2 * key_tiles + 1)  # two a key tile, one before the output
     ref, _ = attention_ref(q, kc[:, :, :valid], vc[:, :, :valid])
     plain, _ = attention_ref(q, kc[:, :, :valid], vc[:, :, :valid], dtype=torch.float16)
     assert_fa_rule("decode", out, plain, ref, 2)

@@ -102,10 +102,13 @@ struct F32ByF16 {
   static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
 };
 
-// What a micro-tile fetches into L1 while it multiplies, for operands read once from memory
-// (decoding's cache rows), spread over its steps along K so that the memory's requests overlap the
-// FMAs: nothing; the rows of A `ahead` rows below its own, a line per 64 bytes of its steps; or,
-// each step, the columns it reads of B's row `ahead` rows below.
+// What a micro-tile fetches while it multiplies, for operands read once from memory (decoding's
+// cache rows), spread over its steps along K so that the memory's requests overlap the FMAs:
+// nothing; the rows of A `ahead` rows below its own into L1, a line per 64 bytes of its steps
+// (and, where given, the same lines of the partner rows of its own rows into L2: decoding's value
+// rows during S^T); each step, the columns it reads of B's row `ahead` rows below, into L1; or
+// (kStream) kStreamLines lines of a contiguous stream into L2 each step (the next key rows during
+// P V).
 // Measured on a Xeon with AMX (in-process A/B against the same lines fetched in a burst before
 // each row block or block of B's rows, GQA 32/8, D 128, outputs bit-identical): 1.13x to 1.18x
 // faster at fp32 Nq = 4 (2k to 32k keys), 1.08x to 1.16x at Nq = 1 (fp32, fp16, bf16). In a

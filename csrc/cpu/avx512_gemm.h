@@ -61,7 +61,9 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 // The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
 // operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, as f32_gemm_stream_a,
 // and the rows of `also` with the same indices (the value rows, read after the scores) into L2
-// alongside, where also.base is set (also.rows is not checked: it holds M rows).
+// alongside, where also.base is set (also.rows is not checked: it holds M rows). Both only in
+// the row blocks that stream (an even K, at least 2 blocks of rows below): a run's last 12 rows,
+// and all of a run of 12 or fewer (small pages), are left to the staging's own fetches.
 void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                           int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 
@@ -84,7 +86,8 @@ void pack_panels_f32(int64_t K, int64_t N, const float* B, int64_t ldb, float* B
 void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t panel_stride,
               float* C, int64_t ldc, bool accumulate);
 // The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
-// operand of S^T = K Q^T): each block of A's rows fetched ahead of its use.
+// operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, and `also` as in
+// dpbf16_gemm_stream_a.
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                        int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 // The fp32 kernel on a row-major B (row stride ldb) as it is, no packing: for B read once (the V

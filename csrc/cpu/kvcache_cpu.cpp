@@ -243,8 +243,10 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // bf16 on the AVX512-BF16 micro-kernel (no AMX) from kDotRows rows on: amx_s and amx_v's flow
   // on dpbf16 GEMMs, each phase's multiplies covering the next phase's memory reads. S^T = K Q^T
   // (Q^T packed once per item) fetches its key rows ahead into L1 and the same rows of V into L2
-  // (dpbf16_gemm_stream_a); V is staged into the pairs layout from there; P V fetches the next
-  // tile's key rows into L2 (a contiguous run: dpbf16_gemm's stream; else S^T's own fetches alone).
+  // (dpbf16_gemm_stream_a: the rows of a run but its last 12, for an even D); V is staged into the
+  // pairs layout from there; P V fetches the next tile's first run of key rows into L2 where its
+  // rows are contiguous (a contiguous cache, or one page: dpbf16_gemm's stream; (B, N, H, D)
+  // caches: S^T's own fetches alone).
   // Before, RightOperand's GEMM and V packed by pack_pairs_bf16 waited on memory in turn (half the
   // call in those two: perf on a Zen 4, GQA 32/8, D 128, Nq = 4, 8k keys). Measured there, in-process
   // A/B one step at a time on a 2-core VM whose bandwidth varied run to run: this flow with V
@@ -415,7 +417,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
             return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
           });
         if (pairs_v) {  // O += P V, V staged into the pairs layout, the next tile's first key rows fetched
-                        // (amx_v: by the staging; dpbf16_pairs: by P V)
+                        // (amx_v: by the staging; dpbf16_pairs: by P V, contiguous rows only)
           auto* vp = reinterpret_cast<uint16_t*>(t.b.Vp.data());
           const int64_t panel = pairs_panel_size(kBc);
           const RowsAhead next_keys = first_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end));
