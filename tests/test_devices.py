@@ -25,7 +25,7 @@ KIB = 1024
 COMPACT = {
     "fwd": {(256, "dense"), (256, "band"), (128, "mod"), (192, "mod"), (256, "mod")},
     "bwd": {(d, v) for d in (128, 192, 256) for v in ("dense", "band")} | {(d, "mod") for d in (96, 128, 192, 256)},
-    "kvcache": {128, 192, 256},
+    "kvcache": set(),  # one configuration within 99 KiB since 2026-12-04 (traits.h KvCacheConfigFor)
 }
 VARIANT_KW = {"dense": {}, "band": dict(causal=True), "mod": dict(softcap=5.0)}
 
@@ -185,11 +185,13 @@ def test_compact_configurations(kind, D, variant):
         assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
 
 
-@pytest.mark.parametrize("D", sorted(COMPACT["kvcache"]))
-def test_compact_kvcache(D):
-    """The KV-cache forward's compact configuration on an RTX 4090 profile, split and unsplit,
-    with a paged cache and an append, against the float64 reference."""
-    check_kvcache_on("rtx4090", D, f"flash_fwd_kvcache<fp16,hdim{D},99KiB>")
+@pytest.mark.parametrize("D", [128, 192, 256])
+def test_kvcache_on_a_99kib_card(D):
+    """The KV-cache forward on an RTX 4090 profile (99 KiB a block), split and unsplit, with a
+    paged cache and an append, against the float64 reference: its one configuration (4 warps of
+    64 query rows) fits there, so the 99 KiB cards run the same instantiation as an A100 (until
+    2026-12-04 these head dims had compact ones)."""
+    check_kvcache_on("rtx4090", D, f"flash_fwd_kvcache<fp16,hdim{D}>")
 
 
 def check_kvcache_on(device, D, kernel):

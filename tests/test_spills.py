@@ -18,10 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The files and how many kernels each holds: the band variant's forward (dense and packed, each
 # with and without dropout's code) and backward (its main kernels, the dQ pass, pre- and
-# postprocess), and the KV cache's forward with its split combine. Until 2026-12-01 their
+# postprocess), and the KV cache's forward with its split combine (one configuration for every
+# budget since 2026-12-04: traits.h KvCacheConfigFor fits 99 KiB). Until 2026-12-01 their
 # packed-batch kernels spilled 4 to 68 bytes here.
 FILES = {"fwd_hdim256_bf16_band_99kib.cu": 4, "bwd_hdim256_bf16_band_99kib.cu": 12,
-         "fwd_kvcache_hdim256_bf16_99kib.cu": 2}
+         "fwd_kvcache_hdim256_bf16.cu": 2}
 
 
 def spilling_kernels(name, arch, n_kernels, tmp_path):

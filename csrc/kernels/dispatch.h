@@ -169,9 +169,9 @@ const char* fwd_kvcache(const FwdParams& p, Dtype dtype, const DeviceLimits& dev
   if (dtype == Dtype::f32) return kNoFp32;
   return FC_DTYPE_SWITCH(dtype, T, [&] {
     return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
-      return with_smem_budget<fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>(),
-                              fwd_smem_bytes<T, kHeadDim, true, kSmemKiBCompact>(), kIsHalf<T>,
-                              fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBSm75>()>(
+      return with_smem_budget<kvcache_smem_bytes<T, kHeadDim, kSmemKiBWide>(),
+                              kvcache_smem_bytes<T, kHeadDim, kSmemKiBCompact>(), kIsHalf<T>,
+                              kvcache_smem_bytes<__half, kHeadDim, kSmemKiBSm75>()>(
           dev,
           [&](auto kib) {
             return error_text(run_fwd_kvcache<T, kHeadDim, decltype(kib)::value>(p, static_cast<cudaStream_t>(stream)));
@@ -189,9 +189,9 @@ int kvcache_num_splits(const FwdParams& p, const DeviceLimits& dev) {
   return FC_HEADDIM_SWITCH(p.d, kHeadDim, [&] {
     // the tiles of the configuration fwd_kvcache runs on dev (either dtype's: they are the same);
     // where none fits, fwd_kvcache says so
-    return with_smem_budget<fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBWide>(),
-                            fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBCompact>(), true,
-                            fwd_smem_bytes<__half, kHeadDim, true, kSmemKiBSm75>()>(
+    return with_smem_budget<kvcache_smem_bytes<__half, kHeadDim, kSmemKiBWide>(),
+                            kvcache_smem_bytes<__half, kHeadDim, kSmemKiBCompact>(), true,
+                            kvcache_smem_bytes<__half, kHeadDim, kSmemKiBSm75>()>(
         dev,
         [&](auto kib) {
           using Kt = KvCacheTraits<__half, kHeadDim, decltype(kib)::value>;

@@ -16,7 +16,7 @@ namespace FC_BACKEND {
 template <class T, int kHeadDim, int kSmemKiB>
 cudaError_t run_fwd_kvcache(const FwdParams& p, cudaStream_t stream) {
   using Kt = KvCacheTraits<T, kHeadDim, kSmemKiB>;
-  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBSm75 || fwd_smem_bytes<T, kHeadDim, true, kSmemKiBWide>() > kSmemKiBCompact * 1024,
+  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBSm75 || kvcache_smem_bytes<T, kHeadDim, kSmemKiBWide>() > kSmemKiBCompact * 1024,
                 "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
   static const std::string suffix = std::string("<") + Elem<T>::kName + ",hdim" +
                                     std::to_string(kHeadDim) + budget_suffix(kSmemKiB) + ">";

@@ -71,8 +71,9 @@ using FwdSm75ConfigFor =
 
 // Forward: a block owns a query tile and walks the key tiles; each warp owns 16 kMTiles query
 // rows: no communication between warps in the main loop, and the 4-lane row reductions of the
-// softmax stay inside a quad.
-template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
+// softmax stay inside a quad. Config_: a configuration of its own (the KV cache's, below) in
+// place of the budget's.
+template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide, class Config_ = void>
 struct FwdTraits {
   using T = T_;  // __half, __nv_bfloat16 or float (tf32.h)
   using Unit = typename Elem<T>::Unit;  // the shared tiles' 16-bit units
@@ -82,10 +83,11 @@ struct FwdTraits {
   static constexpr bool kMod = kMod_;
   static constexpr int kSmemKiB = kSmemKiB_;  // the shared-memory budget (device.h)
   static constexpr bool kSm75 = kSmemKiB == kSmemKiBSm75;  // sm_75's configuration and code
-  using Config = std::conditional_t<kTf32, FwdTf32ConfigFor<kHeadDim, kMod>,
+  using Config = std::conditional_t<!std::is_void<Config_>::value, Config_,
+                 std::conditional_t<kTf32, FwdTf32ConfigFor<kHeadDim, kMod>,
                  std::conditional_t<kSm75, FwdSm75ConfigFor<kHeadDim, kMod>,
                  std::conditional_t<kSmemKiB == kSmemKiBWide, FwdWideConfigFor<kHeadDim, kMod>,
-                                    FwdCompactConfigFor<kHeadDim, kMod>>>>;
+                                    FwdCompactConfigFor<kHeadDim, kMod>>>>>;
   static constexpr int kMTiles = Config::kMTiles, kWarps = Config::kWarps;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kWarpRows = 16 * kMTiles;
@@ -388,15 +390,30 @@ struct BwdDqTraits {
   static_assert(kSmemBytes <= kBudgetKiB * 1024, "fits the budget's shared memory per block");
 };
 
-// The KV-cache forward (fwd_kvcache_launch.h) is the modifier variant's instantiation.
+// The KV-cache forward (fwd_kvcache_launch.h) is the modifier variant's kernel in a configuration
+// of its own: 4 warps of one m-tile (64 query rows), 64 keys a tile up to head dim 192, the
+// modifier variant's 32 at 256; sm_75 keeps its own. Decoding's query tile holds a kv group's few
+// rows (4 at one token and 4 query heads a kv head), which the prefill configuration's 128-row
+// tiles of 8 warps at head dims 128 to 256 held with one block of 255-register threads per SM, little
+// of the cache in flight per SM (the GPU run of 2026-12-04 read 21% to 29% of the H200's bandwidth
+// at B = 64). 4 warps of up to 255 registers leave 2 blocks per SM (kMinBlocksPerSm), and every
+// head dim fits 99 KiB (no compact instantiation). FlashAttention-2's split-KV kernel also takes
+// 64-row tiles of 4 warps for every head dim.
+template <int kHeadDim>
+using KvCacheConfigFor = FwdConfig<1, 4, kHeadDim == 256 ? 32 : 64>;
 template <class T, int kHeadDim, int kSmemKiB>
-using KvCacheTraits = FwdTraits<T, kHeadDim, true, kSmemKiB>;
+using KvCacheTraits = FwdTraits<T, kHeadDim, true, kSmemKiB,
+                                std::conditional_t<kSmemKiB == kSmemKiBSm75, void, KvCacheConfigFor<kHeadDim>>>;
 
 // Shared memory per block of each kernel family at a budget: what the dispatcher compares with
 // the device's limit (the backward: the most of its kernels; the postprocess stages 64 rows).
 template <class T, int kHeadDim, bool kMod, int kSmemKiB>
 constexpr size_t fwd_smem_bytes() {
   return FwdTraits<T, kHeadDim, kMod, kSmemKiB>::kSmemBytes;
+}
+template <class T, int kHeadDim, int kSmemKiB>
+constexpr size_t kvcache_smem_bytes() {
+  return KvCacheTraits<T, kHeadDim, kSmemKiB>::kSmemBytes;
 }
 template <class T, int kHeadDim, bool kMod, int kSmemKiB>
 constexpr size_t bwd_smem_bytes() {

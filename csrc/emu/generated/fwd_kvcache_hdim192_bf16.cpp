@@ -2,4 +2,3 @@
 #include "kernels/fwd_kvcache_launch.h"
 
 template cudaError_t flash_cuda::FC_BACKEND::run_fwd_kvcache<__nv_bfloat16, 192, 163>(const flash_cuda::FwdParams&, cudaStream_t);
-template cudaError_t flash_cuda::FC_BACKEND::run_fwd_kvcache<__nv_bfloat16, 192, 99>(const flash_cuda::FwdParams&, cudaStream_t);

@@ -2,5 +2,4 @@
 #include "kernels/fwd_kvcache_launch.h"
 
 template cudaError_t flash_cuda::FC_BACKEND::run_fwd_kvcache<__half, 192, 163>(const flash_cuda::FwdParams&, cudaStream_t);
-template cudaError_t flash_cuda::FC_BACKEND::run_fwd_kvcache<__half, 192, 99>(const flash_cuda::FwdParams&, cudaStream_t);
 template cudaError_t flash_cuda::FC_BACKEND::run_fwd_kvcache<__half, 192, 64>(const flash_cuda::FwdParams&, cudaStream_t);
