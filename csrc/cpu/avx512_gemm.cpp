@@ -177,8 +177,8 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
       FC_UNROLL for (int v = 0; v < V; ++v) c[r][v] = Op::multiply_add(c[r][v], a, bv[v]);
     }
   } else {
-    int64_t k = 0;
-    for (; k < K; k += Op::kStep) micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, c);
+    for (int64_t k = 0; k < K; k += Op::kStep)
+      micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, c);
   }
   FC_UNROLL for (int r = 0; r < R; ++r)
     FC_UNROLL for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, mask[v], c[r][v]);
@@ -254,8 +254,8 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
                                                            stream_lines - call * steps * kStreamLines);
       else if (K_even > 0)
         kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate, 0, nullptr, 0);
-      if (K_even < K) kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0, 0, nullptr,
-                                                  0);
+      if (K_even < K)
+        kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0, 0, nullptr, 0);
     }
   }
 }
