@@ -185,6 +185,26 @@ def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
              bnhd=layout == "bnhd", seqlens=[1299, 1025], num_splits=1)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])
+@pytest.mark.parametrize("hq,hkv,nq,D", [(4, 4, 1, 128), (6, 2, 1, 59), (8, 2, 1, 40), (5, 1, 1, 16), (8, 2, 2, 96),
+                                         (7, 1, 2, 128), (6, 2, 5, 33)])
+def test_cpu_bf16_pv_pairs_in_registers(layout, hq, hkv, nq, D):
+    """bf16 below 16 rows per kv group on a CPU with avx512_bf16 (the default there): the scores as
+    dot products along the cache rows and P V on vdpbf16ps with V's row pairs interleaved in
+    registers (dpbf16_gemm_rows: 32 columns a block, back in column order at the end). 1, 3, 4, 5,
+    8, 14 and 15 rows (register tiles of 1 to 4 rows, whole and partial), head dims with a partial
+    block of 32 columns (59, 40, 96, 33), of 16 (one half-empty block), pages of 33 keys (runs of
+    odd length: a last row paired with zeros), (B, N, H, D) caches, three key tiles (the last of
+    275 keys) and two splits."""
+    if not cpu_has("avx512_bf16", "avx512bw"):
+        pytest.skip("the kernel needs avx512_bf16")
+    page = 33 if layout == "paged33" else None
+    run_case(torch.bfloat16, hq=hq, hkv=hkv, nq=nq, n_new=1, D=D, capacity=1300, page_size=page, bnhd=layout == "bnhd",
+             causal=True, num_splits=2)
+    run_case(torch.bfloat16, B=2, hq=hq, hkv=hkv, nq=nq, n_new=0, D=D, capacity=1300, page_size=page,
+             bnhd=layout == "bnhd", seqlens=[1299, 1025], num_splits=1)
+
+
 @pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="the AVX2 kernels need avx2, fma and f16c")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])

@@ -18,6 +18,7 @@
 #define FC_HAVE_DPBF16 1
 #define FC_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #define FC_INLINE inline __attribute__((always_inline))
+#define FC_TARGET_LAMBDA __attribute__((always_inline, target("arch=x86-64-v4,avx512bf16")))
 // Every loop over the register tile unrolled: GCC left some rolled, indexed the accumulators and
 // kept them in memory, storing all 24 every iteration (85 GFLOP/s a core on a Zen 4, 215 unrolled).
 #define FC_UNROLL _Pragma("GCC unroll 16")
@@ -266,11 +267,15 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
 // reading part of each row at a time, nothing ahead).
 template <typename Op>
 FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
-                         const typename Op::EB* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+                         const typename Op::EB* B, int64_t ldb, float* C, int64_t ldc, bool accumulate,
+                         int64_t far) {
   static_assert(Op::kStep == 1, "B's rows one at a time: a block may end on any row");
   if (M <= 0 || N <= 0 || K == 0) return panel_gemm<Op>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
   for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
     const int64_t kn = std::min(kKBlock, K - k0);
+    if (far > 0)
+      for (int64_t k = k0 + far; k < std::min(k0 + kn + far, K); ++k)
+        prefetch_l2(B + k * ldb, N * sizeof(typename Op::EB));
     // the next block's rows fetched by the first row block of A, while it multiplies this block's
     const bool ahead = k0 + 2 * kKBlock <= K;
     if (!ahead)  // a last, shorter block: its rows at once
@@ -286,6 +291,91 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
     }
   }
 }
+
+// Row pairs of a row-major bf16 B interleaved in registers, for vdpbf16ps without a packed copy:
+// unpacklo/unpackhi_epi16 of 32 columns of rows k and k + 1 give the pairs (B[k][c], B[k+1][c])
+// of the columns 8L + 0..3 (lo) and 8L + 4..7 (hi) of each 128-bit lane L. The accumulators keep
+// that column order; kFromPairs puts a block's two accumulators back in column order (columns
+// 0-15, then 16-31), kToPairs the other way.
+alignas(64) constexpr int32_t kFromPairs[2][16] = {{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
+                                                   {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31}};
+alignas(64) constexpr int32_t kToPairs[2][16] = {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+                                                 {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}};
+FC_TARGET FC_INLINE __mmask16 lanes16(int64_t n) { return n <= 0 ? __mmask16(0) : column_mask(n); }
+FC_TARGET FC_INLINE __mmask32 lanes32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
+}
+
+// C[0:R, 0:n) (+)= A[0:R, 0:K) B[0:K, 0:n), n <= 32 V, over the whole K: B's row pairs interleaved
+// as above, A's pairs broadcast, R x 2V accumulators; the rows `ahead` below fetched whole into L1
+// and those `far` below into L2 as it goes (each when > 0; N elements a row). An odd K's last row
+// is paired with zeros (and A's element with a zero, not with what follows it).
+template <int R, int V>
+FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                       int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t ahead, int64_t far,
+                                       int64_t N) {
+  const __m512i from0 = _mm512_load_si512(kFromPairs[0]), from1 = _mm512_load_si512(kFromPairs[1]);
+  __mmask32 mask[V];
+  __m512 acc[R][2 * V];
+  FC_UNROLL for (int v = 0; v < V; ++v) mask[v] = lanes32(n - 32 * v);
+  FC_UNROLL for (int r = 0; r < R; ++r)
+    FC_UNROLL for (int v = 0; v < V; ++v) {
+      if (accumulate) {
+        const __m512 c0 = _mm512_maskz_loadu_ps(lanes16(n - 32 * v), C + r * ldc + 32 * v);
+        const __m512 c1 = _mm512_maskz_loadu_ps(lanes16(n - 32 * v - 16), C + r * ldc + 32 * v + 16);
+        acc[r][2 * v] = _mm512_permutex2var_ps(c0, _mm512_load_si512(kToPairs[0]), c1);
+        acc[r][2 * v + 1] = _mm512_permutex2var_ps(c0, _mm512_load_si512(kToPairs[1]), c1);
+      } else {
+        acc[r][2 * v] = acc[r][2 * v + 1] = _mm512_setzero_ps();
+      }
+    }
+  const auto step = [&](const uint16_t* b0, const uint16_t* b1, const int32_t (&a)[R]) FC_TARGET_LAMBDA {
+    __m512i lo[V], hi[V];
+    FC_UNROLL for (int v = 0; v < V; ++v) {
+      const __m512i x0 = _mm512_maskz_loadu_epi16(mask[v], b0 + 32 * v);
+      const __m512i x1 = b1 ? _mm512_maskz_loadu_epi16(mask[v], b1 + 32 * v) : _mm512_setzero_si512();
+      lo[v] = _mm512_unpacklo_epi16(x0, x1), hi[v] = _mm512_unpackhi_epi16(x0, x1);
+    }
+    FC_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(a[r]);
+      FC_UNROLL for (int v = 0; v < V; ++v) {
+        acc[r][2 * v] = _mm512_dpbf16_ps(acc[r][2 * v], x, (__m512bh)lo[v]);
+        acc[r][2 * v + 1] = _mm512_dpbf16_ps(acc[r][2 * v + 1], x, (__m512bh)hi[v]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {
+    if (ahead > 0)
+      for (int64_t j = k + ahead; j < std::min(k + ahead + 2, K); ++j) prefetch_l1(B + j * ldb, N * sizeof(uint16_t));
+    if (far > 0)
+      for (int64_t j = k + far; j < std::min(k + far + 2, K); ++j) prefetch_l2(B + j * ldb, N * sizeof(uint16_t));
+    int32_t a[R];
+    FC_UNROLL for (int r = 0; r < R; ++r) std::memcpy(&a[r], A + r * lda + k, sizeof(int32_t));  // (A[r][k], A[r][k+1])
+    step(B + k * ldb, B + (k + 1) * ldb, a);
+  }
+  if (k < K) {
+    int32_t a[R];
+    FC_UNROLL for (int r = 0; r < R; ++r) a[r] = int32_t(A[r * lda + k]);  // (A[r][k], 0)
+    step(B + k * ldb, nullptr, a);
+  }
+  FC_UNROLL for (int r = 0; r < R; ++r)
+    FC_UNROLL for (int v = 0; v < V; ++v) {
+      _mm512_mask_storeu_ps(C + r * ldc + 32 * v, lanes16(n - 32 * v),
+                            _mm512_permutex2var_ps(acc[r][2 * v], from0, acc[r][2 * v + 1]));
+      _mm512_mask_storeu_ps(C + r * ldc + 32 * v + 16, lanes16(n - 32 * v - 16),
+                            _mm512_permutex2var_ps(acc[r][2 * v], from1, acc[r][2 * v + 1]));
+    }
+}
+
+using PairsTile = void (*)(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool,
+                           int64_t, int64_t, int64_t);
+constexpr int kPairsTileRows = 4;  // 4 rows x 2 blocks: 16 accumulators, 4 pair vectors
+constexpr PairsTile kPairsTiles[kPairsTileRows][2] = {
+    {&pairs_in_registers_tile<1, 1>, &pairs_in_registers_tile<1, 2>},
+    {&pairs_in_registers_tile<2, 1>, &pairs_in_registers_tile<2, 2>},
+    {&pairs_in_registers_tile<3, 1>, &pairs_in_registers_tile<3, 2>},
+    {&pairs_in_registers_tile<4, 1>, &pairs_in_registers_tile<4, 2>}};
 
 }  // namespace
 
@@ -344,11 +434,13 @@ FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512 (&v)[16]) {
 // by the row's element type), Op::dot(acc, q, k) adds the products of two chunks into acc.
 template <int R, typename Op, typename EQ, typename EK>
 FC_TARGET void rows_dot_block(int64_t n, int64_t K, const EQ* Q, int64_t ldq, const EK* Kr, int64_t ldk, float* S,
-                              int64_t lds) {
+                              int64_t lds, int64_t far) {
   for (int64_t j0 = 0; j0 < n; j0 += 4) {
     const int64_t nb = std::min<int64_t>(4, n - j0);
     for (int64_t j = j0 + kAheadKeys; j < std::min(j0 + kAheadKeys + 4, n); ++j)
       prefetch_l1(Kr + j * ldk, K * sizeof(EK));
+    if (far > 0)
+      for (int64_t j = j0 + far; j < std::min(j0 + far + 4, n); ++j) prefetch_l2(Kr + j * ldk, K * sizeof(EK));
     __m512 acc[16];
     FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += Op::kChunk) {
@@ -368,15 +460,16 @@ FC_TARGET void rows_dot_block(int64_t n, int64_t K, const EQ* Q, int64_t ldq, co
 }
 template <typename Op, typename EQ, typename EK>
 FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const EQ* Q, int64_t ldq, const EK* Kr, int64_t ldk,
-                                  float* S, int64_t lds) {
+                                  float* S, int64_t lds, int64_t far) {
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const EQ* q = Q + r0 * ldq;
     float* s = S + r0 * lds;
+    const int64_t f = r0 == 0 ? far : 0;  // fetched by the first pass over the keys
     switch (std::min<int64_t>(4, rows - r0)) {
-      case 1: rows_dot_block<1, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
-      case 2: rows_dot_block<2, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
-      case 3: rows_dot_block<3, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
-      default: rows_dot_block<4, Op>(n, K, q, ldq, Kr, ldk, s, lds); break;
+      case 1: rows_dot_block<1, Op>(n, K, q, ldq, Kr, ldk, s, lds, f); break;
+      case 2: rows_dot_block<2, Op>(n, K, q, ldq, Kr, ldk, s, lds, f); break;
+      case 3: rows_dot_block<3, Op>(n, K, q, ldq, Kr, ldk, s, lds, f); break;
+      default: rows_dot_block<4, Op>(n, K, q, ldq, Kr, ldk, s, lds, f); break;
     }
   }
 }
@@ -406,17 +499,17 @@ struct F32ByF16Dot {
 };
 
 FC_TARGET void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
-                               int64_t ldk, float* S, int64_t lds) {
-  rows_dot<Bf16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
+                               int64_t ldk, float* S, int64_t lds, int64_t far) {
+  rows_dot<Bf16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds, far);
 }
 FC_TARGET void f32_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const float* Kr, int64_t ldk,
-                            float* S, int64_t lds) {
-  rows_dot<F32Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
+                            float* S, int64_t lds, int64_t far) {
+  rows_dot<F32Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds, far);
 }
 
 FC_TARGET void f32_f16_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const uint16_t* Kr,
-                                int64_t ldk, float* S, int64_t lds) {
-  rows_dot<F32ByF16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds);
+                                int64_t ldk, float* S, int64_t lds, int64_t far) {
+  rows_dot<F32ByF16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds, far);
 }
 
 // Rows r0 + i and r0 + i + 1 of a run (r0 + i even): one whole row pair, each 16 columns widened
@@ -505,18 +598,39 @@ void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
 }
 
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                   int64_t ldc, bool accumulate) {
-  rows_gemm<F32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+                   int64_t ldc, bool accumulate, int64_t far) {
+  rows_gemm<F32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
 }
 
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                    float* C, int64_t ldc, bool accumulate) {
-  rows_gemm<Bf16AsF32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+                    float* C, int64_t ldc, bool accumulate, int64_t far) {
+  rows_gemm<Bf16AsF32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
+}
+
+// Panels of 64 columns outside, each tile over all of K: B's rows (a decoding tile's, at most
+// 512) pass from memory once, fetched whole by the first tile, and the later tiles find them in L2.
+FC_TARGET void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t far) {
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t n = std::min<int64_t>(64, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += kPairsTileRows) {
+      const int64_t rows = std::min<int64_t>(kPairsTileRows, M - m0);
+      const bool first = n0 == 0 && m0 == 0;  // the tile that reads B from memory
+      kPairsTiles[rows - 1][n > 32](K, n, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate,
+                                    first ? kAheadKeys : 0, first ? far : 0, N);
+    }
+  }
 }
 
 void f32_f16_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                       float* C, int64_t ldc, bool accumulate) {
-  rows_gemm<F32ByF16>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+                       float* C, int64_t ldc, bool accumulate, int64_t far) {
+  rows_gemm<F32ByF16>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
 }
 
 #else  // no AVX512-BF16 code on this compiler or architecture
@@ -525,8 +639,9 @@ void pack_pairs_bf16(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
 void pack_pairs_bf16_transposed(int64_t, int64_t, const uint16_t*, int64_t, uint16_t*) {}
 void stage_rows_pairs(int64_t, int64_t, const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, const RowsAhead&) {}
 void zero_pair_half(int64_t, int64_t, uint16_t*, int64_t) {}
-void dpbf16_rows_dot(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t) {}
-void f32_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
+void dpbf16_rows_dot(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                     int64_t) {}
+void f32_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t) {}
 void dpbf16_gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool,
                  const char*, int64_t) {}
 void dpbf16_gemm_stream_a(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
@@ -536,10 +651,16 @@ void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}
 void f32_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void f32_gemm_stream_a(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
                        const RowsAhead&) {}
-void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
-void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
-void f32_f16_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t) {}
-void f32_f16_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool) {}
+void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
+                   int64_t) {}
+void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                    bool, int64_t) {}
+void dpbf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                      bool, int64_t) {}
+void f32_f16_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                      int64_t) {}
+void f32_f16_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
+                       bool, int64_t) {}
 #endif
 
 }  // namespace flash_cuda::cpu

@@ -71,12 +71,14 @@ void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, in
 // bf16: each score a dot product along the rows (vdpbf16ps on pairs, masked at the end of a row),
 // blocks of up to 4 query rows by 4 keys reduced together. For few query rows against many keys
 // (decoding), where the GEMM would need Kr transposed into pairs first. Requires
-// dpbf16_supported().
+// dpbf16_supported(). Here and in the *_gemm_rows below, the rows read once from memory are
+// fetched 16 rows ahead into L1 and, when far > 0, far rows ahead into L2 as well (kvcache_cpu.cpp
+// sets it for caches larger than the last-level cache).
 void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
-                     int64_t ldk, float* S, int64_t lds);
+                     int64_t ldk, float* S, int64_t lds, int64_t far = 0);
 // The same in fp32 with FMA. Requires f32_gemm_supported().
 void f32_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const float* Kr, int64_t ldk,
-                  float* S, int64_t lds);
+                  float* S, int64_t lds, int64_t far = 0);
 
 // The fp32 kernel (AVX-512F), B in the panels layout.
 bool f32_gemm_supported();
@@ -94,17 +96,22 @@ void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
 // tiles of decoding), where packing would cost as much as the product; B's rows in blocks, the
 // next block fetched ahead.
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                   int64_t ldc, bool accumulate);
+                   int64_t ldc, bool accumulate, int64_t far = 0);
 // The same for bf16 A and B, multiplied in fp32 FMAs (each product exact), B widened in registers.
 // Requires f32_gemm_supported().
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                    float* C, int64_t ldc, bool accumulate);
+                    float* C, int64_t ldc, bool accumulate, int64_t far = 0);
+// The same product on vdpbf16ps (two products a lane, each exact; the sums rounded as
+// dpbf16_gemm's, denormals flushed), B's row pairs interleaved in registers rather than packed.
+// Requires dpbf16_supported().
+void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate, int64_t far = 0);
 // fp32 Q or A against IEEE half rows read in place (decoding's K and V where fp16 is not multiplied
 // natively), each half widened exactly in registers: S = Q Kr^T as f32_rows_dot, C (+)= A B as
 // f32_gemm_rows. Requires f32_gemm_supported() (AVX-512F converts halves).
 void f32_f16_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const uint16_t* Kr,
-                      int64_t ldk, float* S, int64_t lds);
+                      int64_t ldk, float* S, int64_t lds, int64_t far = 0);
 void f32_f16_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                       float* C, int64_t ldc, bool accumulate);
+                       float* C, int64_t ldc, bool accumulate, int64_t far = 0);
 
 }  // namespace flash_cuda::cpu
