@@ -187,13 +187,13 @@ def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])
 @pytest.mark.parametrize("hq,hkv,nq,D", [(4, 4, 1, 128), (6, 2, 1, 59), (8, 2, 1, 40), (5, 1, 1, 16), (8, 2, 2, 96),
-                                         (7, 1, 2, 128), (6, 2, 5, 33)])
+                                         (7, 1, 2, 128), (6, 2, 5, 33), (3, 1, 1, 24)])
 def test_cpu_bf16_pv_pairs_in_registers(layout, hq, hkv, nq, D):
     """bf16 below 16 rows per kv group on a CPU with avx512_bf16 (the default there): the scores as
     dot products along the cache rows and P V on vdpbf16ps with V's row pairs interleaved in
     registers (dpbf16_gemm_rows: 32 columns a block, back in column order at the end). 1, 3, 4, 5,
     8, 14 and 15 rows (register tiles of 1 to 4 rows, whole and partial), head dims with a partial
-    block of 32 columns (59, 40, 96, 33), of 16 (one half-empty block), pages of 33 keys (runs of
+    block of 32 columns (59, 40, 96, 33), of 16 and 24 (one block, partly empty), pages of 33 keys (runs of
     odd length: a last row paired with zeros), (B, N, H, D) caches, three key tiles (the last of
     275 keys) and two splits."""
     if not cpu_has("avx512_bf16", "avx512bw"):
@@ -203,6 +203,38 @@ def test_cpu_bf16_pv_pairs_in_registers(layout, hq, hkv, nq, D):
              causal=True, num_splits=2)
     run_case(torch.bfloat16, B=2, hq=hq, hkv=hkv, nq=nq, n_new=0, D=D, capacity=1300, page_size=page,
              bnhd=layout == "bnhd", seqlens=[1299, 1025], num_splits=1)
+
+
+def last_level_cache_bytes():
+    """The largest cache size sysfs lists for CPU 0, as kvcache_cpu.cpp reads it (32 MiB if none)."""
+    best = 0
+    for i in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{i}/size") as f:
+                size = f.read().strip()
+        except OSError:
+            break
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+        best = max(best, int(size.rstrip("KkMmGg")) * unit)
+    return best or 32 << 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged256"])
+@pytest.mark.parametrize("nq", [1, 4])
+def test_cpu_decoding_past_the_last_level_cache(dtype, layout, nq):
+    """A cache larger than the CPU's last-level cache, where the decoding kernels below 16 rows per
+    kv group also fetch the rows 128 ahead into L2 (kvcache_cpu.cpp: kFarRows): 4 rows (the dot
+    products and P V in place, with those fetches) and 16 (without), contiguous and in pages of
+    256 keys (the fetches stay inside each run), against the float64 reference. A fetch cannot
+    change a result: this checks that the calls on such caches are right, not their speed."""
+    llc = last_level_cache_bytes()
+    if llc > 128 << 20:
+        pytest.skip(f"a last-level cache of {llc >> 20} MiB: the test's cache would be too large")
+    hkv, D = 2, 64
+    capacity = llc // (2 * hkv * D * dtype.itemsize) * 5 // 4 + 1  # K and V: 1.25x the last-level cache
+    run_case(dtype, B=1, hq=8, hkv=hkv, nq=nq, n_new=1, D=D, capacity=capacity,
+             page_size=256 if layout == "paged256" else None, seqlens=[capacity - 1], num_splits=1)
 
 
 @pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="the AVX2 kernels need avx2, fma and f16c")

@@ -71,9 +71,9 @@ void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, in
 // bf16: each score a dot product along the rows (vdpbf16ps on pairs, masked at the end of a row),
 // blocks of up to 4 query rows by 4 keys reduced together. For few query rows against many keys
 // (decoding), where the GEMM would need Kr transposed into pairs first. Requires
-// dpbf16_supported(). Here and in the *_gemm_rows below, the rows read once from memory are
-// fetched 16 rows ahead into L1 and, when far > 0, far rows ahead into L2 as well (kvcache_cpu.cpp
-// sets it for caches larger than the last-level cache).
+// dpbf16_supported(). The key rows are fetched 16 ahead into L1 and, when far > 0, far rows ahead
+// into L2 as well (kvcache_cpu.cpp sets it for caches larger than the last-level cache); so are
+// B's rows in the *_gemm_rows below (dpbf16_gemm_rows 16 ahead, the others the next block of 32).
 void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
                      int64_t ldk, float* S, int64_t lds, int64_t far = 0);
 // The same in fp32 with FMA. Requires f32_gemm_supported().

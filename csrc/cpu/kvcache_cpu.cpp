@@ -44,12 +44,14 @@ constexpr int64_t kDotRows = 16;
 constexpr int64_t kPanelRows = 32;  // up to this many rows, fp32/fp16 caches on the fp32 micro-kernel
 constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its buffers between calls
 
-// The rows kernels (avx512_gemm.h: the dot products and P V with V in place, below kDotRows rows)
-// fetch the rows 16 ahead into L1; where a call's cache is larger than the last-level cache, the
-// rows kFarRows ahead also into L2, so more of the memory's latency is covered. Measured on a Zen 4
-// (2 cores, in-process A/B, two runs, GQA 32/8, D 128, Nq = 1, outputs bit-identical; 128 rows
-// against none): fp32 1.15x-1.22x at 8k and 32k keys, fp16 and bf16 0.98x-1.06x; at 2k keys,
-// whose 4-16 MB stayed in the 32 MB L3 between calls, 0.87x-0.95x, hence only past the last level.
+// The AVX-512 rows kernels below kDotRows rows (avx512_gemm.h: the dot products and P V with V in
+// place) fetch the rows just ahead into L1 (16 rows, or the next block of 32); where a call's cache
+// is larger than the last-level cache, also the rows kFarRows ahead into L2, so more of the memory's
+// latency is covered. Measured on a Zen 4 (2 cores, in-process A/B, two runs, GQA 32/8, D 128,
+// Nq = 1, outputs bit-identical; 128 rows against none): fp32 1.15x-1.22x at 8k and 32k keys, fp16
+// and bf16 0.98x-1.06x; at 2k keys, whose 8 MB (16 in fp32) stayed in the 32 MB L3 between calls,
+// 0.87x-0.95x, hence only past the last level; fp32 P V at 16 rows (Nq = 4) 0.98x-1.00x, hence
+// not there.
 constexpr int64_t kFarRows = 128;
 // The size of the largest cache level sysfs lists for CPU 0 (glibc's sysconf reported 10x lscpu's
 // L3 on a VM); 32 MiB if sysfs says nothing.
@@ -63,6 +65,7 @@ int64_t last_level_cache_bytes() {
       int64_t v = std::atoll(size.c_str());
       if (!size.empty() && (size.back() == 'K' || size.back() == 'k')) v <<= 10;
       if (!size.empty() && (size.back() == 'M' || size.back() == 'm')) v <<= 20;
+      if (!size.empty() && (size.back() == 'G' || size.back() == 'g')) v <<= 30;
       best = std::max(best, v);
     }
     return best > 0 ? best : int64_t(32) << 20;
@@ -213,11 +216,11 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const OutRows<acc_t> out_rows(out);
   const bool may_fold = native && !prescale && !mods.any && scale > 0;  // else every tile is prescaled
   std::atomic<bool> too_large{false};
-  // The rows kernels' second fetch, into L2 kFarRows ahead, where the call reads more of the
-  // cache than the last-level cache holds (below).
+  // The rows kernels' second fetch, into L2 kFarRows ahead, below kDotRows rows where the call
+  // reads more of the cache than the last-level cache holds (above).
   int64_t cache_bytes = 0;
   for (const int64_t n : n_keys) cache_bytes += 2 * n * Hkv * D * k_cache.element_size();
-  const int64_t far = cache_bytes > last_level_cache_bytes() ? kFarRows : 0;
+  const int64_t far = rows < kDotRows && cache_bytes > last_level_cache_bytes() ? kFarRows : 0;
 
   // bf16 below kDotRows rows where the CPU has AVX512-BF16, AMX or not: the scores as dot
   // products along the cache rows (avx512_gemm.h), the rows ahead fetched as they go. The GEMM
