@@ -216,12 +216,13 @@ constexpr int64_t kAheadBlocks = 2;  // panel_gemm streaming A: row blocks of A 
 // C (+)= A B over whole panels of B (panel_stride elements apart, steps along K ldb apart), row
 // blocks of kRows. kStreamA: A's rows are read once from memory (decoding's cache rows), each row
 // block's fetched kAheadBlocks blocks ahead, and the rows of `also` of the same indices into L2
-// alongside (decoding's value rows, read after the scores).
+// alongside (decoding's value rows, read after the scores); when far > 0, the rows far below each
+// block's into L2 as well.
 template <typename Op, bool kStreamA = false>
 FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
                           const typename Op::EB* B, int64_t panel_stride, int64_t ldb, float* C, int64_t ldc,
                           bool accumulate, const RowsAhead& also = {}, const char* stream = nullptr,
-                          int64_t stream_lines = 0) {
+                          int64_t stream_lines = 0, int64_t far = 0) {
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
   if (K == 0) {  // C = 0 or unchanged
@@ -242,6 +243,8 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
       // streaming A: the row block kAheadBlocks below fetched while this one multiplies (the
       // first panel only: the later ones find A's rows in cache)
       constexpr int64_t kAheadRows = kAheadBlocks * kRows;
+      if (kStreamA && n0 == 0 && far > 0)
+        for (int64_t i = m0 + far; i < std::min(m0 + far + rows, M); ++i) prefetch_l2(A + i * lda, K * sizeof(*A));
       if (kStreamA && n0 == 0 && m0 + kAheadRows < M && K_even == K) {
         kTiles<Op, Ahead::kRowsOfA>[0][rows - 1][vecs - 1](K, n, a, lda, b, ldb, c, ldc, accumulate, kAheadRows,
                                                              also.base ? also.base + m0 * also.stride : nullptr,
@@ -593,8 +596,9 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 }
 
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
-                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also) {
-  panel_gemm<F32, true>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate, also);
+                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also,
+                       int64_t far) {
+  panel_gemm<F32, true>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate, also, nullptr, 0, far);
 }
 
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
@@ -650,7 +654,7 @@ bool f32_gemm_supported() { return false; }
 void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}
 void f32_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void f32_gemm_stream_a(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
-                       const RowsAhead&) {}
+                       const RowsAhead&, int64_t) {}
 void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
                    int64_t) {}
 void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,

@@ -89,9 +89,10 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
               float* C, int64_t ldc, bool accumulate);
 // The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
 // operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, and `also` as in
-// dpbf16_gemm_stream_a.
+// dpbf16_gemm_stream_a; when far > 0, the rows far below each block's into L2 as well.
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
-                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
+                       int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {},
+                       int64_t far = 0);
 // The fp32 kernel on a row-major B (row stride ldb) as it is, no packing: for B read once (the V
 // tiles of decoding), where packing would cost as much as the product; B's rows in blocks, the
 // next block fetched ahead.

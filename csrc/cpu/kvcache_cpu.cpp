@@ -51,8 +51,12 @@ constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its b
 // Nq = 1, outputs bit-identical; 128 rows against none): fp32 1.15x-1.22x at 8k and 32k keys, fp16
 // and bf16 0.98x-1.06x; at 2k keys, whose 8 MB (16 in fp32) stayed in the 32 MB L3 between calls,
 // 0.87x-0.95x, hence only past the last level; fp32 P V at 16 rows (Nq = 4) 0.98x-1.00x, hence
-// not there.
+// not there. From 16 rows, fp32 S^T streams the key rows (f32_gemm_stream_a: two blocks of 6 rows
+// ahead into L1) and fetches those kFarKeyRows ahead into L2: at Nq = 4 (five runs, 8k and 32k
+// keys) 1.05x-1.16x with 64, 1.08x with 32, 1.05x-1.07x with 96; 0.96x-1.03x at 2k; the same for
+// bf16's S^T 0.99x-1.00x (its key rows are half the bytes for the same products), so not there.
 constexpr int64_t kFarRows = 128;
+constexpr int64_t kFarKeyRows = 64;
 // The size of the largest cache level sysfs lists for CPU 0 (glibc's sysconf reported 10x lscpu's
 // L3 on a VM); 32 MiB if sysfs says nothing.
 int64_t last_level_cache_bytes() {
@@ -216,11 +220,13 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const OutRows<acc_t> out_rows(out);
   const bool may_fold = native && !prescale && !mods.any && scale > 0;  // else every tile is prescaled
   std::atomic<bool> too_large{false};
-  // The rows kernels' second fetch, into L2 kFarRows ahead, below kDotRows rows where the call
-  // reads more of the cache than the last-level cache holds (above).
+  // The second fetches into L2 (above), where the call reads more of the cache than the
+  // last-level cache holds.
   int64_t cache_bytes = 0;
   for (const int64_t n : n_keys) cache_bytes += 2 * n * Hkv * D * k_cache.element_size();
-  const int64_t far = rows < kDotRows && cache_bytes > last_level_cache_bytes() ? kFarRows : 0;
+  const bool past_llc = cache_bytes > last_level_cache_bytes();
+  const int64_t far = rows < kDotRows && past_llc ? kFarRows : 0;
+  const int64_t far_keys = past_llc ? kFarKeyRows : 0;  // fp32 S^T from 16 rows (f32_gemm_stream_a)
 
   // bf16 below kDotRows rows where the CPU has AVX512-BF16, AMX or not: the scores as dot
   // products along the cache rows (avx512_gemm.h), the rows ahead fetched as they go. The GEMM
@@ -418,7 +424,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
             else if (staged)  // the tile just staged, in cache
               f32_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
             else  // the cache's rows, read once from memory
-              f32_gemm_stream_a(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false, v_rows);
+              f32_gemm_stream_a(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false, v_rows, far_keys);
           };
           if (staged) {
             st_gemm(bc, stage_tile(k_cache, k_base, j0, j1, t.b.Stage.data()), D, t.b.St.data(), {});
