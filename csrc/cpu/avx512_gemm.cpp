@@ -481,7 +481,7 @@ FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const EQ* 
 struct Bf16Dot {
   static constexpr int64_t kChunk = 32;
   static FC_TARGET FC_INLINE __m512bh load(const uint16_t* x, int64_t left) {
-    return (__m512bh)_mm512_maskz_loadu_epi16(left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1), x);
+    return (__m512bh)_mm512_maskz_loadu_epi16(lanes32(left), x);
   }
   static FC_TARGET FC_INLINE __m512 dot(__m512 acc, __m512bh q, __m512bh k) { return _mm512_dpbf16_ps(acc, k, q); }
 };

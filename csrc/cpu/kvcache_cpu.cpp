@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -67,9 +68,11 @@ int64_t last_level_cache_bytes() {
       std::string size;
       if (!(f >> size)) break;
       int64_t v = std::atoll(size.c_str());
-      if (!size.empty() && (size.back() == 'K' || size.back() == 'k')) v <<= 10;
-      if (!size.empty() && (size.back() == 'M' || size.back() == 'm')) v <<= 20;
-      if (!size.empty() && (size.back() == 'G' || size.back() == 'g')) v <<= 30;
+      switch (std::toupper(static_cast<unsigned char>(size.back()))) {  // "32768K", "1M": units of 1024
+        case 'G': v <<= 10; [[fallthrough]];
+        case 'M': v <<= 10; [[fallthrough]];
+        case 'K': v <<= 10;
+      }
       best = std::max(best, v);
     }
     return best > 0 ? best : int64_t(32) << 20;
