@@ -114,6 +114,12 @@ struct F32ByF16 {
 // each row block or block of B's rows, GQA 32/8, D 128, outputs bit-identical): 1.13x to 1.18x
 // faster at fp32 Nq = 4 (2k to 32k keys), 1.08x to 1.16x at Nq = 1 (fp32, fp16, bf16). In a
 // burst, the fetches beyond the core's fill buffers stalled it before the FMAs could start.
+// With far > 0 (kRowsOfA, kRowsOfB: caches past the last-level cache), the same lines of the rows
+// `far` below into L2 in the same steps. Fetched in a burst before each row block (A) or block of
+// B's rows, they stalled the core likewise (perf on a Zen 4: 7% of a decoding call's samples on
+// one prefetcht1 of that loop); in the steps, in-process A/B on that Zen 4 (GQA 32/8, D 128, two
+// runs, outputs bit-identical): fp32 1.03x to 1.08x at Nq = 1 and 4 (8k and 32k keys), fp16 1.07x
+// at Nq = 1 and 32k keys (its Nq = 4 and its 8k caches, which fit the L3, do not fetch far).
 enum class Ahead { kNone, kRowsOfA, kRowsOfB, kStream };
 // Ahead::kStream: lines fetched per step along K (a micro-tile's step of 6 x 4 vdpbf16ps reads
 // 2 lines of B).
@@ -123,7 +129,7 @@ constexpr int kStreamLines = 2;
 template <typename Op, int R, int V, Ahead kAhead>
 FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
                                     int64_t ldb, const __mmask16 (&mask)[V], int64_t ahead, const char* also,
-                                    int64_t ld_also, __m512 (&c)[R][V]) {
+                                    int64_t ld_also, int64_t far, __m512 (&c)[R][V]) {
   const typename Op::EB* b = B + k / Op::kStep * ldb;
   if constexpr (kAhead == Ahead::kRowsOfA) {
     constexpr int64_t kLine = 64 / sizeof(typename Op::EA);
@@ -133,6 +139,9 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
       if (also)  // the partner rows of this block's own rows (ld_also bytes apart), into L2
         FC_UNROLL for (int r = 0; r < R; ++r)
           _mm_prefetch(also + r * ld_also + k * sizeof(typename Op::EA), _MM_HINT_T1);
+      if (far)  // the rows far below, into L2
+        FC_UNROLL for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(A + (r + far) * lda + k), _MM_HINT_T1);
     }
   }
   if constexpr (kAhead == Ahead::kStream) {  // also: kStreamLines lines per step into L2, ld_also lines
@@ -140,9 +149,13 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
       if (k / Op::kStep * kStreamLines + i < ld_also)
         _mm_prefetch(also + (k / Op::kStep * kStreamLines + i) * 64, _MM_HINT_T1);
   }
-  if constexpr (kAhead == Ahead::kRowsOfB)
+  if constexpr (kAhead == Ahead::kRowsOfB) {
     FC_UNROLL for (int v = 0; v < V; ++v)
       _mm_prefetch(reinterpret_cast<const char*>(b + ahead * ldb + 16 * Op::kStep * v), _MM_HINT_T0);
+    if (far)  // and the row far below, into L2
+      FC_UNROLL for (int v = 0; v < V; ++v)
+        _mm_prefetch(reinterpret_cast<const char*>(b + far * ldb + 16 * Op::kStep * v), _MM_HINT_T1);
+  }
   __m512 bv[V];
   FC_UNROLL for (int v = 0; v < V; ++v) bv[v] = Op::load_b(b + 16 * Op::kStep * v, mask[v]);
   FC_UNROLL for (int r = 0; r < R; ++r) {
@@ -159,7 +172,7 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
 template <typename Op, int R, int V, bool kLastRow, Ahead kAhead = Ahead::kNone>
 FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
                           int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t ahead,
-                          const char* also = nullptr, int64_t ld_also = 0) {
+                          const char* also = nullptr, int64_t ld_also = 0, int64_t far = 0) {
   __mmask16 mask[V];
   FC_UNROLL for (int v = 0; v < V; ++v) mask[v] = column_mask(n - 16 * v);
   __m512 c[R][V];
@@ -179,7 +192,7 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
     }
   } else {
     for (int64_t k = 0; k < K; k += Op::kStep)
-      micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, c);
+      micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
   }
   FC_UNROLL for (int r = 0; r < R; ++r)
     FC_UNROLL for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, mask[v], c[r][v]);
@@ -187,7 +200,7 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
 
 template <typename Op>
 using MicroTile = void (*)(int64_t, int64_t, const typename Op::EA*, int64_t, const typename Op::EB*, int64_t, float*,
-                           int64_t, bool, int64_t, const char*, int64_t);
+                           int64_t, bool, int64_t, const char*, int64_t, int64_t);
 template <typename Op, bool kLastRow, Ahead kAhead, int R, int... V>
 constexpr auto row_of_tiles(std::integer_sequence<int, V...>) {
   return std::array<MicroTile<Op>, sizeof...(V)>{&micro_tile<Op, R, V + 1, kLastRow, kAhead>...};
@@ -243,23 +256,27 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
       // streaming A: the row block kAheadBlocks below fetched while this one multiplies (the
       // first panel only: the later ones find A's rows in cache)
       constexpr int64_t kAheadRows = kAheadBlocks * kRows;
-      if (kStreamA && n0 == 0 && far > 0)
+      // streaming A with far > 0: the rows far below fetched into L2 in the tile's steps, or at
+      // once where the tile does not stream (its own rows near M's end: the fetches stop at M)
+      const bool far_in_steps = m0 + far + rows <= M;
+      const bool streams = kStreamA && n0 == 0 && m0 + kAheadRows < M && K_even == K;
+      if (kStreamA && n0 == 0 && far > 0 && !(streams && far_in_steps))
         for (int64_t i = m0 + far; i < std::min(m0 + far + rows, M); ++i) prefetch_l2(A + i * lda, K * sizeof(*A));
-      if (kStreamA && n0 == 0 && m0 + kAheadRows < M && K_even == K) {
+      if (streams) {
         kTiles<Op, Ahead::kRowsOfA>[0][rows - 1][vecs - 1](K, n, a, lda, b, ldb, c, ldc, accumulate, kAheadRows,
                                                              also.base ? also.base + m0 * also.stride : nullptr,
-                                                             also.stride);
+                                                             also.stride, far_in_steps ? far : 0);
         continue;
       }
       const int64_t steps = K_even / Op::kStep, call = n0 / kCols * ((M + kRows - 1) / kRows) + m0 / kRows;
       if (K_even > 0 && stream && call * steps * kStreamLines < stream_lines)
         kTiles<Op, Ahead::kStream>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate, 0,
                                                            stream + call * steps * kStreamLines * 64,
-                                                           stream_lines - call * steps * kStreamLines);
+                                                           stream_lines - call * steps * kStreamLines, 0);
       else if (K_even > 0)
-        kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate, 0, nullptr, 0);
+        kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate, 0, nullptr, 0, 0);
       if (K_even < K)
-        kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0, 0, nullptr, 0);
+        kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0, 0, nullptr, 0, 0);
     }
   }
 }
@@ -276,11 +293,14 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
   if (M <= 0 || N <= 0 || K == 0) return panel_gemm<Op>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
   for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
     const int64_t kn = std::min(kKBlock, K - k0);
-    if (far > 0)
-      for (int64_t k = k0 + far; k < std::min(k0 + kn + far, K); ++k)
-        prefetch_l2(B + k * ldb, N * sizeof(typename Op::EB));
     // the next block's rows fetched by the first row block of A, while it multiplies this block's
     const bool ahead = k0 + 2 * kKBlock <= K;
+    // with far > 0, the rows far below too, into L2: in the same tile's steps, or at once where
+    // they would pass K (the fetches stop at K) or no tile fetches ahead
+    const bool far_in_steps = ahead && k0 + kn + far <= K;
+    if (far > 0 && !far_in_steps)
+      for (int64_t k = k0 + far; k < std::min(k0 + kn + far, K); ++k)
+        prefetch_l2(B + k * ldb, N * sizeof(typename Op::EB));
     if (!ahead)  // a last, shorter block: its rows at once
       for (int64_t k = k0 + kKBlock; k < K; ++k) prefetch_l1(B + k * ldb, N * sizeof(typename Op::EB));
     for (int64_t n0 = 0; n0 < N; n0 += kCols) {
@@ -289,7 +309,7 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
         const int64_t rows = std::min<int64_t>(kRows, M - m0);
         const auto& tiles = ahead && m0 == 0 ? kTiles<Op, Ahead::kRowsOfB> : kTiles<Op>;
         tiles[0][rows - 1][vecs - 1](kn, n, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, C + m0 * ldc + n0, ldc,
-                                     accumulate || k0 > 0, kKBlock, nullptr, 0);
+                                     accumulate || k0 > 0, kKBlock, nullptr, 0, far_in_steps && m0 == 0 ? far : 0);
       }
     }
   }
