@@ -223,11 +223,12 @@ def last_level_cache_bytes():
 @pytest.mark.parametrize("layout", ["contiguous", "paged256"])
 @pytest.mark.parametrize("nq", [1, 4])
 def test_cpu_decoding_past_the_last_level_cache(dtype, layout, nq):
-    """A cache larger than the CPU's last-level cache, where the decoding kernels below 16 rows per
-    kv group also fetch the rows 128 ahead into L2 (kvcache_cpu.cpp: kFarRows): 4 rows (the dot
-    products and P V in place, with those fetches) and 16 (without), contiguous and in pages of
-    256 keys (the fetches stay inside each run), against the float64 reference. A fetch cannot
-    change a result: this checks that the calls on such caches are right, not their speed."""
+    """A cache larger than the CPU's last-level cache, where the decoding kernels also fetch rows
+    far ahead into L2 (kvcache_cpu.cpp: kFarRows, kFarKeyRows): 4 rows per kv group (the dot
+    products and P V in place) and 16 (fp32's streamed scores; the others without), contiguous
+    (the fetches go on past each tile into the next) and in pages of 256 keys (they stop at each
+    run's end), against the float64 reference. A fetch cannot change a result: this checks that
+    the calls on such caches are right, not their speed."""
     llc = last_level_cache_bytes()
     if llc > 128 << 20:
         pytest.skip(f"a last-level cache of {llc >> 20} MiB: the test's cache would be too large")

@@ -235,7 +235,7 @@ template <typename Op, bool kStreamA = false>
 FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
                           const typename Op::EB* B, int64_t panel_stride, int64_t ldb, float* C, int64_t ldc,
                           bool accumulate, const RowsAhead& also = {}, const char* stream = nullptr,
-                          int64_t stream_lines = 0, int64_t far = 0) {
+                          int64_t stream_lines = 0, const FarRows& far = {}) {
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
   if (K == 0) {  // C = 0 or unchanged
@@ -256,16 +256,17 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
       // streaming A: the row block kAheadBlocks below fetched while this one multiplies (the
       // first panel only: the later ones find A's rows in cache)
       constexpr int64_t kAheadRows = kAheadBlocks * kRows;
-      // streaming A with far > 0: the rows far below fetched into L2 in the tile's steps, or at
-      // once where the tile does not stream (its own rows near M's end: the fetches stop at M)
-      const bool far_in_steps = m0 + far + rows <= M;
+      // streaming A with far.ahead > 0: the rows far below fetched into L2 in the tile's steps,
+      // or at once where the tile does not stream or its far rows reach far.end (they stop there)
+      const bool far_in_steps = m0 + far.ahead + rows <= far.end;
       const bool streams = kStreamA && n0 == 0 && m0 + kAheadRows < M && K_even == K;
-      if (kStreamA && n0 == 0 && far > 0 && !(streams && far_in_steps))
-        for (int64_t i = m0 + far; i < std::min(m0 + far + rows, M); ++i) prefetch_l2(A + i * lda, K * sizeof(*A));
+      if (kStreamA && n0 == 0 && far.ahead > 0 && !(streams && far_in_steps))
+        for (int64_t i = m0 + far.ahead; i < std::min(m0 + far.ahead + rows, far.end); ++i)
+          prefetch_l2(A + i * lda, K * sizeof(*A));
       if (streams) {
         kTiles<Op, Ahead::kRowsOfA>[0][rows - 1][vecs - 1](K, n, a, lda, b, ldb, c, ldc, accumulate, kAheadRows,
                                                              also.base ? also.base + m0 * also.stride : nullptr,
-                                                             also.stride, far_in_steps ? far : 0);
+                                                             also.stride, far_in_steps ? far.ahead : 0);
         continue;
       }
       const int64_t steps = K_even / Op::kStep, call = n0 / kCols * ((M + kRows - 1) / kRows) + m0 / kRows;
@@ -288,18 +289,18 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
 template <typename Op>
 FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
                          const typename Op::EB* B, int64_t ldb, float* C, int64_t ldc, bool accumulate,
-                         int64_t far) {
+                         const FarRows& far) {
   static_assert(Op::kStep == 1, "B's rows one at a time: a block may end on any row");
   if (M <= 0 || N <= 0 || K == 0) return panel_gemm<Op>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
   for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
     const int64_t kn = std::min(kKBlock, K - k0);
     // the next block's rows fetched by the first row block of A, while it multiplies this block's
     const bool ahead = k0 + 2 * kKBlock <= K;
-    // with far > 0, the rows far below too, into L2: in the same tile's steps, or at once where
-    // they would pass K (the fetches stop at K) or no tile fetches ahead
-    const bool far_in_steps = ahead && k0 + kn + far <= K;
-    if (far > 0 && !far_in_steps)
-      for (int64_t k = k0 + far; k < std::min(k0 + kn + far, K); ++k)
+    // with far.ahead > 0, the rows far below too, into L2: in the same tile's steps, or at once
+    // where they would reach far.end (they stop there) or no tile fetches ahead
+    const bool far_in_steps = ahead && k0 + kn + far.ahead <= far.end;
+    if (far.ahead > 0 && !far_in_steps)
+      for (int64_t k = k0 + far.ahead; k < std::min(k0 + kn + far.ahead, far.end); ++k)
         prefetch_l2(B + k * ldb, N * sizeof(typename Op::EB));
     if (!ahead)  // a last, shorter block: its rows at once
       for (int64_t k = k0 + kKBlock; k < K; ++k) prefetch_l1(B + k * ldb, N * sizeof(typename Op::EB));
@@ -309,7 +310,8 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
         const int64_t rows = std::min<int64_t>(kRows, M - m0);
         const auto& tiles = ahead && m0 == 0 ? kTiles<Op, Ahead::kRowsOfB> : kTiles<Op>;
         tiles[0][rows - 1][vecs - 1](kn, n, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, C + m0 * ldc + n0, ldc,
-                                     accumulate || k0 > 0, kKBlock, nullptr, 0, far_in_steps && m0 == 0 ? far : 0);
+                                     accumulate || k0 > 0, kKBlock, nullptr, 0,
+                                     far_in_steps && m0 == 0 ? far.ahead : 0);
       }
     }
   }
@@ -331,12 +333,12 @@ FC_TARGET FC_INLINE __mmask32 lanes32(int64_t n) {
 
 // C[0:R, 0:n) (+)= A[0:R, 0:K) B[0:K, 0:n), n <= 32 V, over the whole K: B's row pairs interleaved
 // as above, A's pairs broadcast, R x 2V accumulators; the rows `ahead` below fetched whole into L1
-// and those `far` below into L2 as it goes (each when > 0; N elements a row). An odd K's last row
+// and those far.ahead below into L2 (up to far.end) as it goes (N elements a row). An odd K's last row
 // is paired with zeros (and A's element with a zero, not with what follows it).
 template <int R, int V>
 FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, int64_t lda, const uint16_t* B,
-                                       int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t ahead, int64_t far,
-                                       int64_t N) {
+                                       int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t ahead,
+                                       const FarRows& far, int64_t N) {
   const __m512i from0 = _mm512_load_si512(kFromPairs[0]), from1 = _mm512_load_si512(kFromPairs[1]);
   __mmask32 mask[V];
   __m512 acc[R][2 * V];
@@ -371,8 +373,9 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
   for (; k + 1 < K; k += 2) {
     if (ahead > 0)
       for (int64_t j = k + ahead; j < std::min(k + ahead + 2, K); ++j) prefetch_l1(B + j * ldb, N * sizeof(uint16_t));
-    if (far > 0)
-      for (int64_t j = k + far; j < std::min(k + far + 2, K); ++j) prefetch_l2(B + j * ldb, N * sizeof(uint16_t));
+    if (far.ahead > 0)
+      for (int64_t j = k + far.ahead; j < std::min(k + far.ahead + 2, far.end); ++j)
+        prefetch_l2(B + j * ldb, N * sizeof(uint16_t));
     int32_t a[R];
     FC_UNROLL for (int r = 0; r < R; ++r) std::memcpy(&a[r], A + r * lda + k, sizeof(int32_t));  // (A[r][k], A[r][k+1])
     step(B + k * ldb, B + (k + 1) * ldb, a);
@@ -392,7 +395,7 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
 }
 
 using PairsTile = void (*)(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool,
-                           int64_t, int64_t, int64_t);
+                           int64_t, const FarRows&, int64_t);
 constexpr int kPairsTileRows = 4;  // 4 rows x 2 blocks: 16 accumulators, 4 pair vectors
 constexpr PairsTile kPairsTiles[kPairsTileRows][2] = {
     {&pairs_in_registers_tile<1, 1>, &pairs_in_registers_tile<1, 2>},
@@ -457,13 +460,14 @@ FC_TARGET FC_INLINE __m512 sum_lanes_16(__m512 (&v)[16]) {
 // by the row's element type), Op::dot(acc, q, k) adds the products of two chunks into acc.
 template <int R, typename Op, typename EQ, typename EK>
 FC_TARGET void rows_dot_block(int64_t n, int64_t K, const EQ* Q, int64_t ldq, const EK* Kr, int64_t ldk, float* S,
-                              int64_t lds, int64_t far) {
+                              int64_t lds, const FarRows& far) {
   for (int64_t j0 = 0; j0 < n; j0 += 4) {
     const int64_t nb = std::min<int64_t>(4, n - j0);
     for (int64_t j = j0 + kAheadKeys; j < std::min(j0 + kAheadKeys + 4, n); ++j)
       prefetch_l1(Kr + j * ldk, K * sizeof(EK));
-    if (far > 0)
-      for (int64_t j = j0 + far; j < std::min(j0 + far + 4, n); ++j) prefetch_l2(Kr + j * ldk, K * sizeof(EK));
+    if (far.ahead > 0)
+      for (int64_t j = j0 + far.ahead; j < std::min(j0 + far.ahead + 4, far.end); ++j)
+        prefetch_l2(Kr + j * ldk, K * sizeof(EK));
     __m512 acc[16];
     FC_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += Op::kChunk) {
@@ -483,11 +487,11 @@ FC_TARGET void rows_dot_block(int64_t n, int64_t K, const EQ* Q, int64_t ldq, co
 }
 template <typename Op, typename EQ, typename EK>
 FC_TARGET FC_INLINE void rows_dot(int64_t rows, int64_t n, int64_t K, const EQ* Q, int64_t ldq, const EK* Kr, int64_t ldk,
-                                  float* S, int64_t lds, int64_t far) {
+                                  float* S, int64_t lds, const FarRows& far) {
   for (int64_t r0 = 0; r0 < rows; r0 += 4) {
     const EQ* q = Q + r0 * ldq;
     float* s = S + r0 * lds;
-    const int64_t f = r0 == 0 ? far : 0;  // fetched by the first pass over the keys
+    const FarRows f = r0 == 0 ? far : FarRows{};  // fetched by the first pass over the keys
     switch (std::min<int64_t>(4, rows - r0)) {
       case 1: rows_dot_block<1, Op>(n, K, q, ldq, Kr, ldk, s, lds, f); break;
       case 2: rows_dot_block<2, Op>(n, K, q, ldq, Kr, ldk, s, lds, f); break;
@@ -522,16 +526,16 @@ struct F32ByF16Dot {
 };
 
 FC_TARGET void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
-                               int64_t ldk, float* S, int64_t lds, int64_t far) {
+                               int64_t ldk, float* S, int64_t lds, const FarRows& far) {
   rows_dot<Bf16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds, far);
 }
 FC_TARGET void f32_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const float* Kr, int64_t ldk,
-                            float* S, int64_t lds, int64_t far) {
+                            float* S, int64_t lds, const FarRows& far) {
   rows_dot<F32Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds, far);
 }
 
 FC_TARGET void f32_f16_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const uint16_t* Kr,
-                                int64_t ldk, float* S, int64_t lds, int64_t far) {
+                                int64_t ldk, float* S, int64_t lds, const FarRows& far) {
   rows_dot<F32ByF16Dot>(rows, n, K, Q, ldq, Kr, ldk, S, lds, far);
 }
 
@@ -617,24 +621,24 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                        int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also,
-                       int64_t far) {
+                       const FarRows& far) {
   panel_gemm<F32, true>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate, also, nullptr, 0, far);
 }
 
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                   int64_t ldc, bool accumulate, int64_t far) {
+                   int64_t ldc, bool accumulate, const FarRows& far) {
   rows_gemm<F32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
 }
 
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                    float* C, int64_t ldc, bool accumulate, int64_t far) {
+                    float* C, int64_t ldc, bool accumulate, const FarRows& far) {
   rows_gemm<Bf16AsF32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
 }
 
 // Panels of 64 columns outside, each tile over all of K: B's rows (a decoding tile's, at most
 // 512) pass from memory once, fetched whole by the first tile, and the later tiles find them in L2.
 FC_TARGET void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
-                                int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t far) {
+                                int64_t ldb, float* C, int64_t ldc, bool accumulate, const FarRows& far) {
   if (M <= 0 || N <= 0) return;
   if (K == 0) {
     if (!accumulate)
@@ -647,13 +651,13 @@ FC_TARGET void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t*
       const int64_t rows = std::min<int64_t>(kPairsTileRows, M - m0);
       const bool first = n0 == 0 && m0 == 0;  // the tile that reads B from memory
       kPairsTiles[rows - 1][n > 32](K, n, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate,
-                                    first ? kAheadKeys : 0, first ? far : 0, N);
+                                    first ? kAheadKeys : 0, first ? far : FarRows{}, N);
     }
   }
 }
 
 void f32_f16_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                       float* C, int64_t ldc, bool accumulate, int64_t far) {
+                       float* C, int64_t ldc, bool accumulate, const FarRows& far) {
   rows_gemm<F32ByF16>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
 }
 
@@ -664,8 +668,9 @@ void pack_pairs_bf16_transposed(int64_t, int64_t, const uint16_t*, int64_t, uint
 void stage_rows_pairs(int64_t, int64_t, const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, const RowsAhead&) {}
 void zero_pair_half(int64_t, int64_t, uint16_t*, int64_t) {}
 void dpbf16_rows_dot(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
-                     int64_t) {}
-void f32_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t) {}
+                     const FarRows&) {}
+void f32_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                  const FarRows&) {}
 void dpbf16_gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool,
                  const char*, int64_t) {}
 void dpbf16_gemm_stream_a(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
@@ -674,17 +679,17 @@ bool f32_gemm_supported() { return false; }
 void pack_panels_f32(int64_t, int64_t, const float*, int64_t, float*) {}
 void f32_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void f32_gemm_stream_a(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
-                       const RowsAhead&, int64_t) {}
+                       const RowsAhead&, const FarRows&) {}
 void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
-                   int64_t) {}
+                   const FarRows&) {}
 void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
-                    bool, int64_t) {}
+                    bool, const FarRows&) {}
 void dpbf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
-                      bool, int64_t) {}
+                      bool, const FarRows&) {}
 void f32_f16_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
-                      int64_t) {}
+                      const FarRows&) {}
 void f32_f16_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
-                       bool, int64_t) {}
+                       bool, const FarRows&) {}
 #endif
 
 }  // namespace flash_cuda::cpu

@@ -71,14 +71,15 @@ void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, in
 // bf16: each score a dot product along the rows (vdpbf16ps on pairs, masked at the end of a row),
 // blocks of up to 4 query rows by 4 keys reduced together. For few query rows against many keys
 // (decoding), where the GEMM would need Kr transposed into pairs first. Requires
-// dpbf16_supported(). The key rows are fetched 16 ahead into L1 and, when far > 0, far rows ahead
-// into L2 as well (kvcache_cpu.cpp sets it for caches larger than the last-level cache); so are
-// B's rows in the *_gemm_rows below (dpbf16_gemm_rows 16 ahead, the others the next block of 32).
+// dpbf16_supported(). The key rows are fetched 16 ahead into L1 and, when far.ahead > 0, far.ahead
+// rows ahead into L2 as well, up to row far.end (prefetch.h; kvcache_cpu.cpp sets it for caches
+// at least the last-level cache's size); so are B's rows in the *_gemm_rows below (dpbf16_gemm_rows
+// 16 ahead, the others the next block of 32).
 void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
-                     int64_t ldk, float* S, int64_t lds, int64_t far = 0);
+                     int64_t ldk, float* S, int64_t lds, const FarRows& far = {});
 // The same in fp32 with FMA. Requires f32_gemm_supported().
 void f32_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const float* Kr, int64_t ldk,
-                  float* S, int64_t lds, int64_t far = 0);
+                  float* S, int64_t lds, const FarRows& far = {});
 
 // The fp32 kernel (AVX-512F), B in the panels layout.
 bool f32_gemm_supported();
@@ -89,30 +90,30 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
               float* C, int64_t ldc, bool accumulate);
 // The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
 // operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, and `also` as in
-// dpbf16_gemm_stream_a; when far > 0, the rows far below each block's into L2 as well.
+// dpbf16_gemm_stream_a; when far.ahead > 0, the rows far.ahead below each block's into L2 as well.
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                        int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {},
-                       int64_t far = 0);
+                       const FarRows& far = {});
 // The fp32 kernel on a row-major B (row stride ldb) as it is, no packing: for B read once (the V
 // tiles of decoding), where packing would cost as much as the product; B's rows in blocks, the
 // next block fetched ahead.
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                   int64_t ldc, bool accumulate, int64_t far = 0);
+                   int64_t ldc, bool accumulate, const FarRows& far = {});
 // The same for bf16 A and B, multiplied in fp32 FMAs (each product exact), B widened in registers.
 // Requires f32_gemm_supported().
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                    float* C, int64_t ldc, bool accumulate, int64_t far = 0);
+                    float* C, int64_t ldc, bool accumulate, const FarRows& far = {});
 // The same product on vdpbf16ps (two products a lane, each exact; the sums rounded as
 // dpbf16_gemm's, denormals flushed), B's row pairs interleaved in registers rather than packed.
 // Requires dpbf16_supported().
 void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                      float* C, int64_t ldc, bool accumulate, int64_t far = 0);
+                      float* C, int64_t ldc, bool accumulate, const FarRows& far = {});
 // fp32 Q or A against IEEE half rows read in place (decoding's K and V where fp16 is not multiplied
 // natively), each half widened exactly in registers: S = Q Kr^T as f32_rows_dot, C (+)= A B as
 // f32_gemm_rows. Requires f32_gemm_supported() (AVX-512F converts halves).
 void f32_f16_rows_dot(int64_t rows, int64_t n, int64_t K, const float* Q, int64_t ldq, const uint16_t* Kr,
-                      int64_t ldk, float* S, int64_t lds, int64_t far = 0);
+                      int64_t ldk, float* S, int64_t lds, const FarRows& far = {});
 void f32_f16_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                       float* C, int64_t ldc, bool accumulate, int64_t far = 0);
+                       float* C, int64_t ldc, bool accumulate, const FarRows& far = {});
 
 }  // namespace flash_cuda::cpu

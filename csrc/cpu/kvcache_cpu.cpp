@@ -47,7 +47,7 @@ constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its b
 
 // The AVX-512 rows kernels below kDotRows rows (avx512_gemm.h: the dot products and P V with V in
 // place) fetch the rows just ahead into L1 (16 rows, or the next block of 32); where a call's cache
-// is larger than the last-level cache, also the rows kFarRows ahead into L2, so more of the memory's
+// is at least the last-level cache's size, also the rows kFarRows ahead into L2, so more of the memory's
 // latency is covered. Measured on a Zen 4 (2 cores, in-process A/B, two runs, GQA 32/8, D 128,
 // Nq = 1, outputs bit-identical; 128 rows against none): fp32 1.15x-1.22x at 8k and 32k keys, fp16
 // and bf16 0.98x-1.06x; at 2k keys, whose 8 MB (16 in fp32) stayed in the 32 MB L3 between calls,
@@ -56,6 +56,13 @@ constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its b
 // ahead into L1) and fetches those kFarKeyRows ahead into L2: at Nq = 4 (five runs, 8k and 32k
 // keys) 1.05x-1.16x with 64, 1.08x with 32, 1.05x-1.07x with 96; 0.96x-1.03x at 2k; the same for
 // bf16's S^T 0.99x-1.00x (its key rows are half the bytes for the same products), so not there.
+// In a contiguous cache the far fetches go on past a run's end into the item's next keys (so the
+// next tile's first rows are fetched too; a paged cache's runs stop at their page's end): in-process
+// A/B against stopping at the run's end, on a Zen 4 (two runs, outputs bit-identical): Nq = 1 fp32
+// 1.07x-1.10x, fp16 1.09x-1.10x and bf16 1.04x-1.05x at 32k keys; Nq = 4 fp32 1.02x-1.03x. With
+// these, the 16-bit caches of 8k keys (exactly the 32 MiB of that L3) fetching far against not:
+// Nq = 1 bf16 1.18x-1.19x, fp16 1.03x-1.08x (Nq = 4 0.99x-1.00x), hence "at least" the size; at
+// half the size (16 MiB: 4k keys, fp32 2k) 0.90x-0.94x, the cache staying in L3 between calls.
 constexpr int64_t kFarRows = 128;
 constexpr int64_t kFarKeyRows = 64;
 // The size of the largest cache level sysfs lists for CPU 0 (glibc's sysconf reported 10x lscpu's
@@ -223,11 +230,11 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const OutRows<acc_t> out_rows(out);
   const bool may_fold = native && !prescale && !mods.any && scale > 0;  // else every tile is prescaled
   std::atomic<bool> too_large{false};
-  // The second fetches into L2 (above), where the call reads more of the cache than the
+  // The second fetches into L2 (above), where the call reads at least as much of the cache as the
   // last-level cache holds.
   int64_t cache_bytes = 0;
   for (const int64_t n : n_keys) cache_bytes += 2 * n * Hkv * D * k_cache.element_size();
-  const bool past_llc = cache_bytes > last_level_cache_bytes();
+  const bool past_llc = cache_bytes >= last_level_cache_bytes();
   const int64_t far = rows < kDotRows && past_llc ? kFarRows : 0;
   const int64_t far_keys = past_llc ? kFarKeyRows : 0;  // fp32 S^T from 16 rows (f32_gemm_stream_a)
 
@@ -372,6 +379,11 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     };
     acc_t* s = t.b.S.data();  // (rows, bc)
     constexpr int64_t ld_s = kBc;
+    // far fetches `ahead` rows ahead of the run of rows that starts at key r and holds n: to this
+    // item's last key in a contiguous cache, to the run's end in a paged one
+    const auto far_from = [&](int64_t ahead, int64_t r, int64_t n) {
+      return FarRows{ahead, table_ptr ? n : k_end - r};
+    };
     int64_t k_fetched = k_begin;  // amx_v: the key rows up to here were fetched by the last tile's staging
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
       const int64_t j1 = std::min(j0 + kBc, k_end), bc = j1 - j0;
@@ -381,7 +393,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
             dpbf16_rows_dot(rows, n, D, reinterpret_cast<const uint16_t*>(gq), D,
                             reinterpret_cast<const uint16_t*>(k_base + off * elem), k_cache.stride(2), s + (r - j0),
-                            ld_s, far);
+                            ld_s, far_from(far, r, n));
           });  // S = Q K^T
         }
       } else if constexpr (native) {
@@ -406,10 +418,10 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
             if (f16_cache)
               f32_f16_rows_dot(rows, n, D, gq, D, reinterpret_cast<const uint16_t*>(k_base + off * elem),
-                               k_cache.stride(2), s + (r - j0), ld_s, far);
+                               k_cache.stride(2), s + (r - j0), ld_s, far_from(far, r, n));
             else
               f32_rows_dot(rows, n, D, gq, D, reinterpret_cast<const float*>(k_base + off * elem), k_cache.stride(2),
-                           s + (r - j0), ld_s, far);
+                           s + (r - j0), ld_s, far_from(far, r, n));
           });  // S = Q K^T
       } else if (avx2_rows) {
         if constexpr (std::is_same_v<acc_t, float>)
@@ -421,7 +433,9 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       } else if (f32_panels) {
         if constexpr (std::is_same_v<acc_t, float>) {
           const int64_t panel = panels_f32_panel_size(D);
-          const auto st_gemm = [&](int64_t n, const float* k, int64_t ldk, float* st, const RowsAhead& v_rows) {  // S^T (n, rows) = K Q^T
+          // S^T (n, rows) = K Q^T
+          const auto st_gemm = [&](int64_t n, const float* k, int64_t ldk, float* st, const RowsAhead& v_rows,
+                                   const FarRows& far_keys) {
             if (avx2_panels)
               avx2_panel_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
             else if (staged)  // the tile just staged, in cache
@@ -430,12 +444,12 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               f32_gemm_stream_a(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false, v_rows, far_keys);
           };
           if (staged) {
-            st_gemm(bc, stage_tile(k_cache, k_base, j0, j1, t.b.Stage.data()), D, t.b.St.data(), {});
+            st_gemm(bc, stage_tile(k_cache, k_base, j0, j1, t.b.Stage.data()), D, t.b.St.data(), {}, {});
           } else {
             for_each_run(k_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
               st_gemm(n, reinterpret_cast<const float*>(k_base + off * elem), k_cache.stride(2),
                       t.b.St.data() + (r - j0) * rows,
-                      first_run(v_cache, table_ptr, table_stride, b, hkv, r, r + n));
+                      first_run(v_cache, table_ptr, table_stride, b, hkv, r, r + n), far_from(far_keys, r, n));
             });
           }
           transpose(bc, rows, t.b.St.data(), rows, s, ld_s);  // S^T = K Q^T, then S
@@ -499,8 +513,8 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               const auto* pv = reinterpret_cast<const uint16_t*>(p + (r - j0));
               const auto* vv = reinterpret_cast<const uint16_t*>(v);
               if (rows_dot)
-                return dpbf16_gemm_rows(rows, D, n, pv, ld_s, vv, v_cache.stride(2), o, D, true, far);
-              return bf16_gemm_rows(rows, D, n, pv, ld_s, vv, v_cache.stride(2), o, D, true, far);
+                return dpbf16_gemm_rows(rows, D, n, pv, ld_s, vv, v_cache.stride(2), o, D, true, far_from(far, r, n));
+              return bf16_gemm_rows(rows, D, n, pv, ld_s, vv, v_cache.stride(2), o, D, true, far_from(far, r, n));
             }
           gemm(rows, D, n, p + (r - j0), ld_s, v, v_cache.stride(2), o, D, true);  // O += P V
         });
@@ -529,10 +543,10 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                                true, r == j0 ? next_keys : RowsAhead{});
               else if (f16_cache)
                 f32_f16_gemm_rows(rows, D, n, p + (r - j0), ld_s, reinterpret_cast<const uint16_t*>(v_base + off * elem),
-                                  v_cache.stride(2), o, D, true, far);
+                                  v_cache.stride(2), o, D, true, far_from(far, r, n));
               else
                 f32_gemm_rows(rows, D, n, p + (r - j0), ld_s, reinterpret_cast<const float*>(v_base + off * elem),
-                              v_cache.stride(2), o, D, true, far);
+                              v_cache.stride(2), o, D, true, far_from(far, r, n));
             });
         } else {
           at::Tensor rO = at::from_blob(o, {rows, D}, acc_opts);

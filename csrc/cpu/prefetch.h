@@ -30,4 +30,13 @@ struct RowsAhead {
   }
 };
 
+// Rows fetched far ahead into L2, besides the fetches just ahead, where a call reads at least as
+// much of the cache as the last-level cache holds: row i + ahead while row i is in use (none when
+// ahead is 0), below row `end`, counted from the operand's first row. end may pass the call's own
+// rows where the rows go on in memory (a contiguous cache's next tile), so that the next call
+// finds its first rows fetched too.
+struct FarRows {
+  int64_t ahead = 0, end = 0;
+};
+
 }  // namespace flash_cuda::cpu
