@@ -135,8 +135,9 @@ def test_cpu_dtypes(dtype, layout):
 def test_cpu_rows_per_group(dtype, layout, nq):
     """4 query heads per kv head: 4, 20 and 68 rows per kv group, the three ways the CPU loop
     multiplies a tile (row dot products below 16 rows; the fp32 micro-kernel with the key rows as
-    its broadcast operand up to 32, fp16 staged in fp32 per tile; GEMMs above), paged with a page size
-    that splits tiles, over several key tiles and splits."""
+    its broadcast operand up to 32, fp16's K tiles staged in fp32 and its V rows widened in
+    registers (on AVX-512; AVX2 stages both); GEMMs above), paged with a page size that splits
+    tiles, over several key tiles and splits."""
     run_case(dtype, hq=8, hkv=2, nq=nq, n_new=1, D=40, capacity=1300, page_size=33 if layout == "paged33" else None,
              causal=True, num_splits=2)
 

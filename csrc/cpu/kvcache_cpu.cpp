@@ -59,7 +59,7 @@ constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its b
 // In a contiguous cache the far fetches go on past a run's end into the item's next keys (so the
 // next tile's first rows are fetched too; a paged cache's runs stop at their page's end): in-process
 // A/B against stopping at the run's end, on a Zen 4 (two runs, outputs bit-identical): Nq = 1 fp32
-// 1.07x-1.10x, fp16 1.09x-1.10x and bf16 1.04x-1.05x at 32k keys; Nq = 4 fp32 1.02x-1.03x. With
+// 1.07x-1.12x, fp16 1.09x-1.10x and bf16 1.04x-1.05x at 32k keys; Nq = 4 fp32 1.02x-1.03x. With
 // these, the 16-bit caches of 8k keys (exactly the 32 MiB of that L3) fetching far against not:
 // Nq = 1 bf16 1.18x-1.19x, fp16 1.03x-1.08x (Nq = 4 0.99x-1.00x), hence "at least" the size; at
 // half the size (16 MiB: 4k keys, fp32 2k) 0.90x-0.94x, the cache staying in L3 between calls.
@@ -263,19 +263,25 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // as its broadcast operand, Q^T packed once per item. AVX-512 (fp32 and fp16 caches): fp32 K and
   // V in place, P V as above; measured on a Xeon against MKL's GEMMs (which pack K and V first), 3%
   // to 12% faster at 16 rows, 4% to 7% at 32, no better at 64. AVX2 (avx2_panel_gemm; any cache
-  // dtype) and fp16 on AVX-512: each K tile, then each V tile, staged in fp32 (one streaming pass
+  // dtype) and fp16 on AVX-512 (K only, below): each K tile, then each V tile, staged in fp32 (one streaming pass
   // over the cache's bytes, widened on the way; avx2_stage_rows) and multiplied from cache.
   // Measured on a Zen 3 against the row dot products (which read each key row once per 4 query rows
   // and reduce every score alone), GQA 32/8, D 128, 8k and 32k keys: 16 rows 1.2x faster in fp32,
   // 0.95x to 1.07x in fp16/bf16; 32 rows 1.12x to 1.27x. On a Xeon with AMX (in-process A/B, same
   // shapes and 2k keys): fp16 staged 1.01x to 1.09x faster at 16 rows and 1.08x to 1.11x at 32 than
   // K converted per tile by ATen and V widened in registers; fp32 staged 0.99x to 1.04x, so in place.
+  // fp16 on AVX-512 stages its K tiles only: P V widens V's rows in registers (f32_f16_gemm_rows),
+  // in-process A/B on a Zen 4 against V staged too (GQA 32/8, D 128, 2k to 32k keys, outputs
+  // bit-identical): 1.09x-1.13x faster at 16 rows, 1.04x-1.08x at 32 (the staging's write and
+  // reread of 256 KiB a tile saved); its scores as dot products along K's rows instead of K staged
+  // (f32_f16_rows_dot, 4 query rows at a time): 0.88x-0.95x at 16 rows, so K stays staged.
   const bool avx512_panels = !native && std::is_same_v<acc_t, float> && !f32_rows && !avx2_rows &&
                              rows <= kPanelRows && rows_kernels_allowed(at::kFloat) &&
                              (k_cache.scalar_type() == at::kFloat || (f16_cache && avx2_rows_supported()));
   const bool avx2_panels = rows_isa == RowsKernels::kAvx2 && !avx2_rows;
   const bool f32_panels = avx512_panels || avx2_panels;
-  const bool staged = avx2_panels || (avx512_panels && f16_cache);
+  const bool staged = avx2_panels || (avx512_panels && f16_cache);  // the K tiles
+  const bool v_staged = avx2_panels;
   static_assert(kPanelRows <= kPanelCols, "Q^T of an item is one panel");
   const bool v_in_place = f32_rows || f32_panels || avx2_rows;
   // native on AMX (an even D; bf16 unless the micro-kernel is chosen): S^T = K Q^T with the cache
@@ -320,7 +326,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     RowsTransposed<in_t> Qt;        // native on AMX: Q^T packed
     TileVector<in_t> Qtp;           // dpbf16_pairs: Q^T (D, rows) in the pairs layout
     TileVector<float> Qp;           // f32_panels: Q^T (D, rows) as one panel of the micro-kernels
-    TileVector<float> Stage;        // staged: the K tile, then the V tile, in fp32 (Bc, D)
+    TileVector<float> Stage;        // staged: the K tile (v_staged: then the V tile), in fp32 (Bc, D)
     TileVector<in_t> Vp;            // pairs_v: the V tile in the pairs layout (avx512_gemm.h)
   };
   struct Scratch {
@@ -524,7 +530,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           online_softmax_row(t.b.rows[r], o + r * D, D, a, s + r * ld_s, bc, false, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return *lp = exp_affine_sum(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max);
           });
-        if (staged) {  // O += P V, V staged in fp32
+        if (v_staged) {  // O += P V, V staged in fp32
           if constexpr (std::is_same_v<acc_t, float>) {
             const float* vf = stage_tile(v_cache, v_base, j0, j1, t.b.Stage.data());
             if (avx2_panels)
