@@ -226,9 +226,9 @@ def last_level_cache_bytes():
 def test_cpu_decoding_past_the_last_level_cache(dtype, layout, nq):
     """A cache larger than the CPU's last-level cache, where the decoding kernels also fetch rows
     far ahead into L2 (kvcache_cpu.cpp: kFarRows, kFarKeyRows): 4 rows per kv group (the dot
-    products and P V in place) and 16 (fp32's streamed scores, fp16's V rows; bf16 without), contiguous
-    (the fetches go on past each tile into the next) and in pages of 256 keys (they stop at each
-    run's end), against the float64 reference. A fetch cannot change a result: this checks that
+    products and P V in place) and 16 (fp32's streamed scores, fp16's V rows; bf16 without),
+    contiguous (the fetches go on past each tile into the next) and in pages of 256 keys (they
+    stop at each run's end), against the float64 reference. A fetch cannot change a result: this checks that
     the calls on such caches are right, not their speed."""
     llc = last_level_cache_bytes()
     if llc > 128 << 20:
