@@ -114,12 +114,13 @@ struct F32ByF16 {
 // each row block or block of B's rows, GQA 32/8, D 128, outputs bit-identical): 1.13x to 1.18x
 // faster at fp32 Nq = 4 (2k to 32k keys), 1.08x to 1.16x at Nq = 1 (fp32, fp16, bf16). In a
 // burst, the fetches beyond the core's fill buffers stalled it before the FMAs could start.
-// With far > 0 (kRowsOfA, kRowsOfB: caches past the last-level cache), the same lines of the rows
-// `far` below into L2 in the same steps. Fetched in a burst before each row block (A) or block of
+// With far > 0 (kRowsOfA, kRowsOfB: caches of at least the last-level cache's size), the same
+// lines of the rows `far` below into L2 in the same steps. Fetched in a burst before each row block (A) or block of
 // B's rows, they stalled the core likewise (perf on a Zen 4: 7% of a decoding call's samples on
 // one prefetcht1 of that loop); in the steps, in-process A/B on that Zen 4 (GQA 32/8, D 128, two
 // runs, outputs bit-identical): fp32 1.03x to 1.08x at Nq = 1 and 4 (8k and 32k keys), fp16 1.07x
-// at Nq = 1 and 32k keys (its Nq = 4 and its 8k caches, which fit the L3, do not fetch far).
+// at Nq = 1 and 32k keys (then, fp16 fetched nothing far at Nq = 4 or from its 8k caches: both
+// came after, kvcache_cpu.cpp).
 enum class Ahead { kNone, kRowsOfA, kRowsOfB, kStream };
 // Ahead::kStream: lines fetched per step along K (a micro-tile's step of 6 x 4 vdpbf16ps reads
 // 2 lines of B).
@@ -229,8 +230,8 @@ constexpr int64_t kAheadBlocks = 2;  // panel_gemm streaming A: row blocks of A 
 // C (+)= A B over whole panels of B (panel_stride elements apart, steps along K ldb apart), row
 // blocks of kRows. kStreamA: A's rows are read once from memory (decoding's cache rows), each row
 // block's fetched kAheadBlocks blocks ahead, and the rows of `also` of the same indices into L2
-// alongside (decoding's value rows, read after the scores); when far > 0, the rows far below each
-// block's into L2 as well.
+// alongside (decoding's value rows, read after the scores); when far.ahead > 0, the rows far.ahead
+// below each block's into L2 as well (below far.end), in the tile's steps where it streams.
 template <typename Op, bool kStreamA = false>
 FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
                           const typename Op::EB* B, int64_t panel_stride, int64_t ldb, float* C, int64_t ldc,

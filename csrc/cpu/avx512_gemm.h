@@ -18,7 +18,7 @@
 #pragma once
 #include <stdint.h>
 
-#include "prefetch.h"  // RowsAhead
+#include "prefetch.h"  // RowsAhead, FarRows
 
 namespace flash_cuda::cpu {
 

@@ -57,7 +57,8 @@ constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its b
 // keys) 1.05x-1.16x with 64, 1.08x with 32, 1.05x-1.07x with 96; 0.96x-1.03x at 2k; the same for
 // bf16's S^T 0.99x-1.00x (its key rows are half the bytes for the same products), so not there.
 // In a contiguous cache the far fetches go on past a run's end into the item's next keys (so the
-// next tile's first rows are fetched too; a paged cache's runs stop at their page's end): in-process
+// next tile's first rows are fetched far too; a paged cache's stop at each run's end, its page's or
+// its tile's): in-process
 // A/B against stopping at the run's end, on a Zen 4 (two runs, outputs bit-identical): Nq = 1 fp32
 // 1.07x-1.12x, fp16 1.09x-1.10x and bf16 1.04x-1.05x at 32k keys; Nq = 4 fp32 1.02x-1.03x. With
 // these, the 16-bit caches of 8k keys (exactly the 32 MiB of that L3) fetching far against not:
@@ -273,7 +274,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // fp16 on AVX-512 stages its K tiles only: P V widens V's rows in registers (f32_f16_gemm_rows),
   // in-process A/B on a Zen 4 against V staged too (GQA 32/8, D 128, 2k to 32k keys, outputs
   // bit-identical): 1.09x-1.13x faster at 16 rows, 1.04x-1.08x at 32 (the staging's write and
-  // reread of 256 KiB a tile saved); its scores as dot products along K's rows instead of K staged
+  // reread of 256 KiB a tile saved; not measured on the Xeon, which takes it too); its scores as dot products along K's rows instead of K staged
   // (f32_f16_rows_dot, 4 query rows at a time): 0.88x-0.95x at 16 rows, so K stays staged.
   const bool avx512_panels = !native && std::is_same_v<acc_t, float> && !f32_rows && !avx2_rows &&
                              rows <= kPanelRows && rows_kernels_allowed(at::kFloat) &&
@@ -444,13 +445,13 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           const int64_t panel = panels_f32_panel_size(D);
           // S^T (n, rows) = K Q^T
           const auto st_gemm = [&](int64_t n, const float* k, int64_t ldk, float* st, const RowsAhead& v_rows,
-                                   const FarRows& far_keys) {
+                                   const FarRows& far_k) {
             if (avx2_panels)
               avx2_panel_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
             else if (staged)  // the tile just staged, in cache
               f32_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
             else  // the cache's rows, read once from memory
-              f32_gemm_stream_a(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false, v_rows, far_keys);
+              f32_gemm_stream_a(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false, v_rows, far_k);
           };
           if (staged) {
             st_gemm(bc, stage_tile(k_cache, k_base, j0, j1, t.b.Stage.data()), D, t.b.St.data(), {}, {});
