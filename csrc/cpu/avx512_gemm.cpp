@@ -115,12 +115,12 @@ struct F32ByF16 {
 // faster at fp32 Nq = 4 (2k to 32k keys), 1.08x to 1.16x at Nq = 1 (fp32, fp16, bf16). In a
 // burst, the fetches beyond the core's fill buffers stalled it before the FMAs could start.
 // With far > 0 (kRowsOfA, kRowsOfB: caches of at least the last-level cache's size), the same
-// lines of the rows `far` below into L2 in the same steps. Fetched in a burst before each row block (A) or block of
-// B's rows, they stalled the core likewise (perf on a Zen 4: 7% of a decoding call's samples on
-// one prefetcht1 of that loop); in the steps, in-process A/B on that Zen 4 (GQA 32/8, D 128, two
-// runs, outputs bit-identical): fp32 1.03x to 1.08x at Nq = 1 and 4 (8k and 32k keys), fp16 1.07x
-// at Nq = 1 and 32k keys (then, fp16 fetched nothing far at Nq = 4 or from its 8k caches: both
-// came after, kvcache_cpu.cpp).
+// lines of the rows `far` below into L2 in the same steps. Fetched in a burst before each row
+// block (A) or block of B's rows, they stalled the core likewise (perf on a Zen 4: 7% of a
+// decoding call's samples on one prefetcht1 of that loop); in the steps, in-process A/B on that
+// Zen 4 (GQA 32/8, D 128, two runs, outputs bit-identical): fp32 1.03x to 1.08x at Nq = 1 and 4
+// (8k and 32k keys), fp16 1.07x at Nq = 1 and 32k keys (then, fp16 fetched nothing far at Nq = 4
+// or from its 8k caches: both came after, kvcache_cpu.cpp).
 enum class Ahead { kNone, kRowsOfA, kRowsOfB, kStream };
 // Ahead::kStream: lines fetched per step along K (a micro-tile's step of 6 x 4 vdpbf16ps reads
 // 2 lines of B).
@@ -278,7 +278,8 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
       else if (K_even > 0)
         kTiles<Op>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate, 0, nullptr, 0, 0);
       if (K_even < K)
-        kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0, 0, nullptr, 0, 0);
+        kTiles<Op>[1][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate || K_even > 0, 0, nullptr, 0,
+                                          0);
     }
   }
 }

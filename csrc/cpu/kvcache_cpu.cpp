@@ -47,8 +47,8 @@ constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its b
 
 // The AVX-512 rows kernels below kDotRows rows (avx512_gemm.h: the dot products and P V with V in
 // place) fetch the rows just ahead into L1 (16 rows, or the next block of 32); where a call's cache
-// is at least the last-level cache's size, also the rows kFarRows ahead into L2, so more of the memory's
-// latency is covered. Measured on a Zen 4 (2 cores, in-process A/B, two runs, GQA 32/8, D 128,
+// is at least the last-level cache's size, also the rows kFarRows ahead into L2, so more of the
+// memory's latency is covered. Measured on a Zen 4 (2 cores, in-process A/B, two runs, GQA 32/8, D 128,
 // Nq = 1, outputs bit-identical; 128 rows against none): fp32 1.15x-1.22x at 8k and 32k keys, fp16
 // and bf16 0.98x-1.06x; at 2k keys, whose 8 MB (16 in fp32) stayed in the 32 MB L3 between calls,
 // 0.87x-0.95x, hence only past the last level; fp32 P V at 16 rows (Nq = 4) 0.98x-1.00x, hence
@@ -57,13 +57,13 @@ constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its b
 // keys) 1.05x-1.16x with 64, 1.08x with 32, 1.05x-1.07x with 96; 0.96x-1.03x at 2k; the same for
 // bf16's S^T 0.99x-1.00x (its key rows are half the bytes for the same products), so not there.
 // In a contiguous cache the far fetches go on past a run's end into the item's next keys (so the
-// next tile's first rows are fetched far too; a paged cache's stop at each run's end, its page's or
-// its tile's): in-process
-// A/B against stopping at the run's end, on a Zen 4 (two runs, outputs bit-identical): Nq = 1 fp32
-// 1.07x-1.12x, fp16 1.09x-1.10x and bf16 1.04x-1.05x at 32k keys; Nq = 4 fp32 1.02x-1.03x. With
-// these, the 16-bit caches of 8k keys (exactly the 32 MiB of that L3) fetching far against not:
-// Nq = 1 bf16 1.18x-1.19x, fp16 1.03x-1.08x (Nq = 4 0.99x-1.00x), hence "at least" the size; at
-// half the size (16 MiB: 4k keys, fp32 2k) 0.90x-0.94x, the cache staying in L3 between calls.
+// next tile's first rows are fetched far too; a paged cache's stop at each run's end, its page's
+// or its tile's): in-process A/B against stopping at the run's end, on a Zen 4 (two runs, outputs
+// bit-identical): Nq = 1 fp32 1.07x-1.12x, fp16 1.09x-1.10x and bf16 1.04x-1.05x at 32k keys;
+// Nq = 4 fp32 1.02x-1.03x. With these, the 16-bit caches of 8k keys (exactly the 32 MiB of that
+// L3) fetching far against not: Nq = 1 bf16 1.18x-1.19x, fp16 1.03x-1.08x (Nq = 4 0.99x-1.00x),
+// hence "at least" the size; at half the size (16 MiB: 4k keys, fp32 2k) 0.90x-0.94x, the cache
+// staying in L3 between calls.
 constexpr int64_t kFarRows = 128;
 constexpr int64_t kFarKeyRows = 64;
 // The size of the largest cache level sysfs lists for CPU 0 (glibc's sysconf reported 10x lscpu's
@@ -264,8 +264,9 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // as its broadcast operand, Q^T packed once per item. AVX-512 (fp32 and fp16 caches): fp32 K and
   // V in place, P V as above; measured on a Xeon against MKL's GEMMs (which pack K and V first), 3%
   // to 12% faster at 16 rows, 4% to 7% at 32, no better at 64. AVX2 (avx2_panel_gemm; any cache
-  // dtype) and fp16 on AVX-512 (K only, below): each K tile, then each V tile, staged in fp32 (one streaming pass
-  // over the cache's bytes, widened on the way; avx2_stage_rows) and multiplied from cache.
+  // dtype) and fp16 on AVX-512 (K only, below): each K tile, then each V tile, staged in fp32 (one
+  // streaming pass over the cache's bytes, widened on the way; avx2_stage_rows) and multiplied from
+  // cache.
   // Measured on a Zen 3 against the row dot products (which read each key row once per 4 query rows
   // and reduce every score alone), GQA 32/8, D 128, 8k and 32k keys: 16 rows 1.2x faster in fp32,
   // 0.95x to 1.07x in fp16/bf16; 32 rows 1.12x to 1.27x. On a Xeon with AMX (in-process A/B, same
@@ -274,8 +275,9 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // fp16 on AVX-512 stages its K tiles only: P V widens V's rows in registers (f32_f16_gemm_rows),
   // in-process A/B on a Zen 4 against V staged too (GQA 32/8, D 128, 2k to 32k keys, outputs
   // bit-identical): 1.09x-1.13x faster at 16 rows, 1.04x-1.08x at 32 (the staging's write and
-  // reread of 256 KiB a tile saved; not measured on the Xeon, which takes it too); its scores as dot products along K's rows instead of K staged
-  // (f32_f16_rows_dot, 4 query rows at a time): 0.88x-0.95x at 16 rows, so K stays staged.
+  // reread of 256 KiB a tile saved; not measured on the Xeon, which takes it too); its scores as dot
+  // products along K's rows instead of K staged (f32_f16_rows_dot, 4 query rows at a time):
+  // 0.88x-0.95x at 16 rows, so K stays staged.
   const bool avx512_panels = !native && std::is_same_v<acc_t, float> && !f32_rows && !avx2_rows &&
                              rows <= kPanelRows && rows_kernels_allowed(at::kFloat) &&
                              (k_cache.scalar_type() == at::kFloat || (f16_cache && avx2_rows_supported()));
