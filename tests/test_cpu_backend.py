@@ -191,21 +191,27 @@ def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype
     dout = torch.randn(2, 32, 8, 64, generator=g)[:, :, :nq].to(dtype)
     out, lse, grads = run(q, k, v, dout, causal=True)
     assert out.transpose(1, 2).is_contiguous()  # out keeps q's memory layout
+    check_against_reference(q, k, v, dout, out, lse, grads, causal=True)
+
+
+def check_against_reference(q, k, v, dout, out, lse, grads, **kw):
+    """out, lse and the gradients of q, k, v against the float64 reference: fp32 close, fp16 and
+    bf16 under FlashAttention's rule (no saturated rows in the callers' draws)."""
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref_out, ref_lse = attention_ref(*ref_leaves, causal=True)
+    ref_out, ref_lse = attention_ref(*ref_leaves, **kw)
     ref_out.backward(dout.double())
     assert_close_fp("lse", lse, ref_lse, 1e-5)
-    if dtype == torch.float32:
+    if q.dtype == torch.float32:
         assert_close_fp("out", out, ref_out, 2e-5)
         for name, g_, rl in zip(("dq", "dk", "dv"), grads, ref_leaves):
             assert_close_fp(name, g_, rl.grad, 2e-4)
-    else:
-        plain = [x.detach().requires_grad_() for x in (q, k, v)]
-        plain_out, _ = attention_ref(*plain, causal=True, dtype=dtype)
-        plain_out.backward(dout)
-        assert_fa_rule("out", out, plain_out, ref_out, 2)
-        for name, g_, pl, rl in zip(("dq", "dk", "dv"), grads, plain, ref_leaves):
-            assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
+        return
+    plain = [x.detach().requires_grad_() for x in (q, k, v)]
+    plain_out, _ = attention_ref(*plain, dtype=q.dtype, **kw)
+    plain_out.backward(dout)
+    assert_fa_rule("out", out, plain_out, ref_out, 2)
+    for name, g_, pl, rl in zip(("dq", "dk", "dv"), grads, plain, ref_leaves):
+        assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
 
 
 def test_exp2_versions_agree_bit_for_bit():
@@ -338,6 +344,35 @@ def test_gemm_paths_on_views(monkeypatch, path, layout):
     assert_fa_rule("out", out, plain_out, ref_out, 2)
     for name, g_, pl, rl in zip(("dq", "dk", "dv"), grads, plain_leaves, ref_leaves):
         assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["tail_of_5_keys", "seven_keys", "odd_head_dim", "d_not_innermost",
+                                  "flash_attention_layout"])
+def test_operands_packed_from_the_key_rows(monkeypatch, dtype, case):
+    """K^T (and the backward's V^T) packed for the micro-kernels straight from the key rows, a
+    word transpose per panel; a key tile narrower than a vector gathered from those rows; dK and
+    dV stored through a transpose and store_rows, or by ATen where their rows are not unit-stride
+    in D; Q^T and dO^T transposed in parallel (fp32). Forward and gradients against the float64
+    reference (fp32: close; bf16: the FA rule), on the micro-kernel paths."""
+    set_path(monkeypatch, "avx512" if dtype == torch.float32 else "dpbf16", dtype)
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, Nq, Nk, D = {"tail_of_5_keys": (1, 4, 2, 300, 517, 64), "seven_keys": (2, 2, 1, 300, 7, 32),
+                             "odd_head_dim": (1, 2, 2, 300, 333, 59), "d_not_innermost": (1, 2, 2, 300, 200, 48),
+                             "flash_attention_layout": (2, 4, 2, 300, 290, 64)}[case]
+
+    def make(h, n):
+        if case == "d_not_innermost":  # (B, H, D, N) memory: unit stride along N
+            return torch.randn(B, h, D, n, generator=g).to(dtype).transpose(2, 3)
+        if case == "flash_attention_layout":
+            return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(B, h, n, D, generator=g).to(dtype)
+
+    q, k, v = make(Hq, Nq), make(Hkv, Nk), make(Hkv, Nk)
+    dout = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
+    out, lse, grads = run(q, k, v, dout)
+    assert grads[1].stride() == k.stride() and grads[2].stride() == v.stride()  # dK, dV in the inputs' layouts
+    check_against_reference(q, k, v, dout, out, lse, grads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
