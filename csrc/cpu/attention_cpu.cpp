@@ -130,7 +130,8 @@ at::Tensor transposed_operand(const at::Tensor& x, at::ScalarType dtype) {
   return y;
 }
 // x (B, H, N, D) as a (B, H, D, N) view of its rows in the GEMM dtype (unit stride in D): a
-// RightOperand packs it for AMX straight from the rows and copies it only for the other paths.
+// RightOperand packs it straight from the rows (for AMX, and for the micro-kernels where the rows
+// hold whole words) and copies it only for the other paths.
 at::Tensor transposed_view(const at::Tensor& x, at::ScalarType dtype) {
   return rows_operand(x, dtype).transpose(2, 3);
 }

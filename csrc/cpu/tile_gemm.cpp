@@ -136,10 +136,11 @@ void micro_pack(int64_t K, int64_t N, const float* B, int64_t ldb, float* Bp) { 
 template <typename T>
 void micro_pack(int64_t, int64_t, const T*, int64_t, T*) {}
 // The same from B's transpose, given as its N rows Bt of K elements (row stride ldbt): a head's
-// key rows as K^T. A word transpose per panel (transpose(): 16 x 16 blocks on AVX-512): a row of an
-// fp32 panel is one word of every row of Bt; a row pair of the bf16 pairs layout is the word
-// (Bt[n][2kk], Bt[n][2kk + 1]) of every row, so an even K on 4-byte aligned rows (below). Before, the key rows were first copied into a dense K^T by ATen (a
-// transposing copy on one thread: 1.5 ms of a 24 ms fp32 forward at N = 1024, D = 128 on a Zen 4).
+// key rows as K^T. A word transpose per panel (transpose(): 16 x 16 blocks on AVX-512): a row of
+// an fp32 panel is one word of every row of Bt; a row pair of the bf16 pairs layout is the word
+// (Bt[n][2kk], Bt[n][2kk + 1]) of every row, so an even K on 4-byte aligned rows (below). Before,
+// the key rows were first copied into a dense K^T by ATen (a transposing copy on one thread:
+// 1.5 ms of a 24 ms fp32 forward at N = 1024, D = 128 on a Zen 4).
 void micro_pack_transposed(int64_t K, int64_t N, const float* Bt, int64_t ldbt, float* Bp) {
   for (int64_t n0 = 0; n0 < N; n0 += kPanelCols)
     transpose(std::min(kPanelCols, N - n0), K, Bt + n0 * ldbt, ldbt, Bp + n0 / kPanelCols * panels_f32_panel_size(K),
