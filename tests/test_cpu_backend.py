@@ -346,33 +346,48 @@ def test_gemm_paths_on_views(monkeypatch, path, layout):
         assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
 
 
+CASES_FROM_ROWS = {  # B, Hq, Hkv, Nq, Nk, D, keyword arguments
+    "tail_of_5_keys": (1, 4, 2, 300, 517, 64, {}),
+    "band_edges": (1, 2, 1, 300, 333, 64, dict(causal=True, window=(40, 0))),
+    "odd_head_dim": (1, 2, 2, 300, 333, 59, {}),
+    "odd_row_stride": (2, 2, 2, 300, 200, 48, {}),
+    "unaligned_rows": (2, 2, 2, 300, 200, 48, {}),
+    "d_not_innermost": (1, 2, 2, 300, 200, 48, {}),
+    "flash_attention_layout": (2, 4, 2, 300, 290, 64, {}),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", ["tail_of_5_keys", "seven_keys", "odd_head_dim", "d_not_innermost",
-                                  "flash_attention_layout"])
+@pytest.mark.parametrize("case", list(CASES_FROM_ROWS))
 def test_operands_packed_from_the_key_rows(monkeypatch, dtype, case):
     """K^T (and the backward's V^T) packed for the micro-kernels straight from the key rows, a
-    word transpose per panel; a key tile narrower than a vector gathered from those rows; dK and
-    dV stored through a transpose and store_rows, or by ATen where their rows are not unit-stride
-    in D; Q^T and dO^T transposed in parallel (fp32). Forward and gradients against the float64
-    reference (fp32: close; bf16: the FA rule), on the micro-kernel paths."""
+    word transpose per panel (bf16: where the rows hold whole aligned words, else a dense copy
+    first: an odd head dim, rows an odd number of elements apart or half a word off); key blocks narrower than a
+    vector (a last tile of 5 keys, a band's edges) gathered from those rows; dK and dV stored
+    through a transpose and store_rows, or by ATen where their rows are not unit-stride in D; Q^T
+    and dO^T transposed in parallel (fp32). Forward and gradients against the float64 reference
+    (fp32: close; bf16: the FA rule), on the micro-kernel paths."""
     set_path(monkeypatch, "avx512" if dtype == torch.float32 else "dpbf16", dtype)
     g = torch.Generator().manual_seed(11)
-    B, Hq, Hkv, Nq, Nk, D = {"tail_of_5_keys": (1, 4, 2, 300, 517, 64), "seven_keys": (2, 2, 1, 300, 7, 32),
-                             "odd_head_dim": (1, 2, 2, 300, 333, 59), "d_not_innermost": (1, 2, 2, 300, 200, 48),
-                             "flash_attention_layout": (2, 4, 2, 300, 290, 64)}[case]
+    B, Hq, Hkv, Nq, Nk, D, kw = CASES_FROM_ROWS[case]
 
     def make(h, n):
         if case == "d_not_innermost":  # (B, H, D, N) memory: unit stride along N
             return torch.randn(B, h, D, n, generator=g).to(dtype).transpose(2, 3)
         if case == "flash_attention_layout":
             return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2)
+        if case == "odd_row_stride":  # rows D + 1 elements apart
+            return torch.randn(B, h, n, D + 1, generator=g).to(dtype)[..., :D]
+        if case == "unaligned_rows":  # rows D + 2 apart, from their second element (bf16: half a word in)
+            return torch.randn(B, h, n, D + 2, generator=g).to(dtype)[..., 1:D + 1]
         return torch.randn(B, h, n, D, generator=g).to(dtype)
 
     q, k, v = make(Hq, Nq), make(Hkv, Nk), make(Hkv, Nk)
     dout = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
-    out, lse, grads = run(q, k, v, dout)
-    assert grads[1].stride() == k.stride() and grads[2].stride() == v.stride()  # dK, dV in the inputs' layouts
-    check_against_reference(q, k, v, dout, out, lse, grads)
+    out, lse, grads = run(q, k, v, dout, **kw)
+    if case not in ("odd_row_stride", "unaligned_rows"):  # dK, dV in the inputs' layouts (a sliced input's are dense)
+        assert grads[1].stride() == k.stride() and grads[2].stride() == v.stride()
+    check_against_reference(q, k, v, dout, out, lse, grads, **kw)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -154,7 +154,8 @@ void micro_pack_transposed(int64_t K, int64_t N, const c10::BFloat16* Bt, int64_
 template <typename T>
 void micro_pack_transposed(int64_t, int64_t, const T*, int64_t, T*) {}
 // Whether x (B, H, K, N), the transpose of rows (unit stride along K), packs from its rows: bf16
-// pairs whole words in every head's rows.
+// pairs must be whole 4-byte words in every head's rows, so the batch, head and row strides even
+// and the first element aligned.
 template <typename T>
 bool transposed_pack_ok(const at::Tensor& x) {
   if (x.stride(2) != 1 || x.stride(3) == 1) return false;
@@ -411,7 +412,7 @@ void RightOperand<T>::gemm(int64_t b, int64_t h, int64_t M, const T* A, int64_t 
   if (!packed_) {
     const T* B = data_.data_ptr<T>() + b * data_.stride(0) + h * data_.stride(1) + k0 * data_.stride(2) +
                  n0 * data_.stride(3);
-    if (micro_ && data_.stride(3) != 1) {  // packed from rows: these few columns gathered (K^T's last keys)
+    if (micro_ && data_.stride(3) != 1) {  // packed from rows: these few columns (a band's edge, a last tile) gathered
       thread_local std::vector<T> narrow;
       narrow.resize(kn * nn);
       for (int64_t k = 0; k < kn; ++k)

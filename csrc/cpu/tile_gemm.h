@@ -93,14 +93,16 @@ inline void with_gemm_type(at::ScalarType dtype, Fn fn) {
 
 // The right operand B (K x N) of one (b, h) of a (B, H, K, N) tensor, for GEMMs over a range of
 // its rows and columns. Packed (AMX, even K), in the micro-kernels' panels (avx512_gemm.h: bf16
-// pairs or fp32, any K) or row-major with unit column stride.
+// pairs or fp32, any K) or row-major with unit column stride (or, float, the transposed view).
 template <typename T>
 class RightOperand {
  public:
   static constexpr int64_t kBlock = 64;  // the micro-kernels' panel width; their n0 must be a multiple
 
   // x: (B, H, K, N) in T; a view with unit stride along K (the transpose of rows, e.g. K^T of K)
-  // is packed for AMX without a dense copy. pack: use the packed layout where the CPU supports it.
+  // is packed for AMX, and for the micro-kernels where its rows hold whole words (fp32; bf16 at an
+  // even K on aligned rows), without a dense copy. pack: use the packed layout where the CPU
+  // supports it.
   // block: columns per packed AMX block, the widest product one brgemm call computes (a GEMM
   // over a whole key tile in one call reads its left operand once; blocks of 64 columns made the
   // forward's Q K^T eight calls per 512-key tile).
