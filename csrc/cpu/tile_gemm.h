@@ -93,7 +93,9 @@ inline void with_gemm_type(at::ScalarType dtype, Fn fn) {
 
 // The right operand B (K x N) of one (b, h) of a (B, H, K, N) tensor, for GEMMs over a range of
 // its rows and columns. Packed (AMX, even K), in the micro-kernels' panels (avx512_gemm.h: bf16
-// pairs or fp32, any K) or row-major with unit column stride (or, float, the transposed view).
+// pairs or fp32, any K) or row-major with unit column stride; a transposed view stays one where
+// float's BLAS reads it or the micro-kernels' panels were packed from its rows (their narrow
+// blocks are gathered from it).
 template <typename T>
 class RightOperand {
  public:
