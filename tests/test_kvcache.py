@@ -167,15 +167,19 @@ def test_cpu_bf16_scores_choice(monkeypatch, choice, layout, nq, D):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "paged16", "bnhd"])
-@pytest.mark.parametrize("nq,D", [(4, 128), (4, 59), (8, 64), (17, 40)])
+@pytest.mark.parametrize("nq,D", [(4, 128), (4, 59), (8, 64), (17, 40), (5, 96)])
 def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
     """bf16 from 16 rows per kv group on the AVX512-BF16 micro-kernel (the default on a CPU with
     avx512_bf16 and no AMX; forced here where the CPU has the instructions): S^T = K Q^T with the
-    key rows streamed and the value rows fetched alongside, V staged into the pairs layout (whole
-    pairs, and a row alone where a run of 33 keys starts or ends inside a pair), P V fetching the
-    next tile's first run of key rows (a contiguous cache or a page; (B, N, H, D) caches without).
-    16, 32 and 68 rows, odd head dims (an odd K of the packed Q^T), three key tiles of 512 (the
-    last of 275 keys: an odd K of P V, whose last row is multiplied alone) and two splits."""
+    key rows streamed and the value rows fetched alongside, P V fetching the next tile's first run
+    of key rows (a contiguous cache or a page; (B, N, H, D) caches without). Head dims that are a
+    multiple of 32 (128, 64, 96: blocks of 64 columns and one of 32) multiply V's row pairs
+    interleaved in registers, O held in the pairs order until the item ends (a run of 33 keys:
+    its last row paired with zeros); the others (59, 40) stage V into the pairs layout (whole
+    pairs, and a row alone where a run starts or ends inside a pair). 16, 20, 32 and 68 rows
+    (register tiles of 4 rows, whole and partial), odd head dims (an odd K of the packed Q^T),
+    three key tiles of 512 (the last of 275 keys: an odd K of P V, whose last row is multiplied
+    alone) and two splits."""
     if not cpu_has("avx512_bf16", "avx512bw"):
         pytest.skip("the micro-kernel needs avx512_bf16")
     monkeypatch.setenv("FLASH_CUDA_CPU_BF16_GEMM", "dpbf16")

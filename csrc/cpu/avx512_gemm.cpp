@@ -322,8 +322,8 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
 // Row pairs of a row-major bf16 B interleaved in registers, for vdpbf16ps without a packed copy:
 // unpacklo/unpackhi_epi16 of 32 columns of rows k and k + 1 give the pairs (B[k][c], B[k+1][c])
 // of the columns 8L + 0..3 (lo) and 8L + 4..7 (hi) of each 128-bit lane L. The accumulators keep
-// that column order; kFromPairs puts a block's two accumulators back in column order (columns
-// 0-15, then 16-31), kToPairs the other way.
+// that column order (the pairs order); kFromPairs puts a block's two accumulators back in column
+// order (columns 0-15, then 16-31), kToPairs the other way.
 alignas(64) constexpr int32_t kFromPairs[2][16] = {{0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23},
                                                    {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31}};
 alignas(64) constexpr int32_t kToPairs[2][16] = {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
@@ -335,12 +335,14 @@ FC_TARGET FC_INLINE __mmask32 lanes32(int64_t n) {
 
 // C[0:R, 0:n) (+)= A[0:R, 0:K) B[0:K, 0:n), n <= 32 V, over the whole K: B's row pairs interleaved
 // as above, A's pairs broadcast, R x 2V accumulators; the rows `ahead` below fetched whole into L1
-// and those far.ahead below into L2 (up to far.end) as it goes (N elements a row). An odd K's last row
-// is paired with zeros (and A's element with a zero, not with what follows it).
-template <int R, int V>
+// and those far.ahead below into L2 (up to far.end) as it goes (N elements a row), and one line of
+// `stream` a step into L2 (up to stream_lines). An odd K's last row is paired with zeros (and A's
+// element with a zero, not with what follows it). kPairsOrder: C's columns are held in the pairs
+// order (n a multiple of 32), loaded and stored as they are.
+template <int R, int V, bool kPairsOrder>
 FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, int64_t lda, const uint16_t* B,
                                        int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t ahead,
-                                       const FarRows& far, int64_t N) {
+                                       const FarRows& far, int64_t N, const char* stream, int64_t stream_lines) {
   const __m512i from0 = _mm512_load_si512(kFromPairs[0]), from1 = _mm512_load_si512(kFromPairs[1]);
   __mmask32 mask[V];
   __m512 acc[R][2 * V];
@@ -350,8 +352,8 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
       if (accumulate) {
         const __m512 c0 = _mm512_maskz_loadu_ps(lanes16(n - 32 * v), C + r * ldc + 32 * v);
         const __m512 c1 = _mm512_maskz_loadu_ps(lanes16(n - 32 * v - 16), C + r * ldc + 32 * v + 16);
-        acc[r][2 * v] = _mm512_permutex2var_ps(c0, _mm512_load_si512(kToPairs[0]), c1);
-        acc[r][2 * v + 1] = _mm512_permutex2var_ps(c0, _mm512_load_si512(kToPairs[1]), c1);
+        acc[r][2 * v] = kPairsOrder ? c0 : _mm512_permutex2var_ps(c0, _mm512_load_si512(kToPairs[0]), c1);
+        acc[r][2 * v + 1] = kPairsOrder ? c1 : _mm512_permutex2var_ps(c0, _mm512_load_si512(kToPairs[1]), c1);
       } else {
         acc[r][2 * v] = acc[r][2 * v + 1] = _mm512_setzero_ps();
       }
@@ -378,6 +380,7 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
     if (far.ahead > 0)
       for (int64_t j = k + far.ahead; j < std::min(k + far.ahead + 2, far.end); ++j)
         prefetch_l2(B + j * ldb, N * sizeof(uint16_t));
+    if (k / 2 < stream_lines) prefetch_l2(stream + k / 2 * kCacheLine, 1);
     int32_t a[R];
     FC_UNROLL for (int r = 0; r < R; ++r) std::memcpy(&a[r], A + r * lda + k, sizeof(int32_t));  // (A[r][k], A[r][k+1])
     step(B + k * ldb, B + (k + 1) * ldb, a);
@@ -390,20 +393,55 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
   FC_UNROLL for (int r = 0; r < R; ++r)
     FC_UNROLL for (int v = 0; v < V; ++v) {
       _mm512_mask_storeu_ps(C + r * ldc + 32 * v, lanes16(n - 32 * v),
-                            _mm512_permutex2var_ps(acc[r][2 * v], from0, acc[r][2 * v + 1]));
+                            kPairsOrder ? acc[r][2 * v]
+                                        : _mm512_permutex2var_ps(acc[r][2 * v], from0, acc[r][2 * v + 1]));
       _mm512_mask_storeu_ps(C + r * ldc + 32 * v + 16, lanes16(n - 32 * v - 16),
-                            _mm512_permutex2var_ps(acc[r][2 * v], from1, acc[r][2 * v + 1]));
+                            kPairsOrder ? acc[r][2 * v + 1]
+                                        : _mm512_permutex2var_ps(acc[r][2 * v], from1, acc[r][2 * v + 1]));
     }
 }
 
 using PairsTile = void (*)(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool,
-                           int64_t, const FarRows&, int64_t);
+                           int64_t, const FarRows&, int64_t, const char*, int64_t);
 constexpr int kPairsTileRows = 4;  // 4 rows x 2 blocks: 16 accumulators, 4 pair vectors
+// kPairsTiles<kPairsOrder>[R - 1][V - 1]
+template <bool kPairsOrder>
 constexpr PairsTile kPairsTiles[kPairsTileRows][2] = {
-    {&pairs_in_registers_tile<1, 1>, &pairs_in_registers_tile<1, 2>},
-    {&pairs_in_registers_tile<2, 1>, &pairs_in_registers_tile<2, 2>},
-    {&pairs_in_registers_tile<3, 1>, &pairs_in_registers_tile<3, 2>},
-    {&pairs_in_registers_tile<4, 1>, &pairs_in_registers_tile<4, 2>}};
+    {&pairs_in_registers_tile<1, 1, kPairsOrder>, &pairs_in_registers_tile<1, 2, kPairsOrder>},
+    {&pairs_in_registers_tile<2, 1, kPairsOrder>, &pairs_in_registers_tile<2, 2, kPairsOrder>},
+    {&pairs_in_registers_tile<3, 1, kPairsOrder>, &pairs_in_registers_tile<3, 2, kPairsOrder>},
+    {&pairs_in_registers_tile<4, 1, kPairsOrder>, &pairs_in_registers_tile<4, 2, kPairsOrder>}};
+
+// Panels of 64 columns outside, each tile over all of K, 4 rows at a time. Below 16 rows
+// (dpbf16_gemm_rows): B's rows (a decoding tile's, at most 512) pass from memory once, fetched
+// whole by the first tile, and the later tiles find them in L2. kPairsOrder (from 16 rows, B's rows
+// fetched into L2 before): the tiles fetch `stream` into L2 instead, one line a step, in the order
+// they run.
+template <bool kPairsOrder>
+FC_TARGET void pairs_rows_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                               int64_t ldb, float* C, int64_t ldc, bool accumulate, const FarRows& far,
+                               const char* stream, int64_t stream_bytes) {
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+    return;
+  }
+  const int64_t lines = stream ? (stream_bytes + kCacheLine - 1) / kCacheLine : 0;
+  int64_t fetched = 0;  // lines of stream fetched by the tiles so far
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t n = std::min<int64_t>(64, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += kPairsTileRows) {
+      const int64_t rows = std::min<int64_t>(kPairsTileRows, M - m0);
+      const bool first = !kPairsOrder && n0 == 0 && m0 == 0;  // the tile that reads B from memory
+      const int64_t tile_lines = std::clamp<int64_t>(lines - fetched, 0, K / 2);
+      kPairsTiles<kPairsOrder>[rows - 1][n > 32](K, n, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc,
+                                                 accumulate, first ? kAheadKeys : 0, first ? far : FarRows{}, N,
+                                                 stream + fetched * kCacheLine, tile_lines);
+      fetched += tile_lines;
+    }
+  }
+}
 
 }  // namespace
 
@@ -637,24 +675,22 @@ void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t 
   rows_gemm<Bf16AsF32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
 }
 
-// Panels of 64 columns outside, each tile over all of K: B's rows (a decoding tile's, at most
-// 512) pass from memory once, fetched whole by the first tile, and the later tiles find them in L2.
-FC_TARGET void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
-                                int64_t ldb, float* C, int64_t ldc, bool accumulate, const FarRows& far) {
-  if (M <= 0 || N <= 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-    return;
-  }
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int64_t n = std::min<int64_t>(64, N - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += kPairsTileRows) {
-      const int64_t rows = std::min<int64_t>(kPairsTileRows, M - m0);
-      const bool first = n0 == 0 && m0 == 0;  // the tile that reads B from memory
-      kPairsTiles[rows - 1][n > 32](K, n, A + m0 * lda, lda, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate,
-                                    first ? kAheadKeys : 0, first ? far : FarRows{}, N);
-    }
+void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate, const FarRows& far) {
+  pairs_rows_gemm<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far, nullptr, 0);
+}
+
+void dpbf16_gemm_rows_pairs_order(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                  int64_t ldb, float* C, int64_t ldc, const char* stream, int64_t stream_bytes) {
+  pairs_rows_gemm<true>(M, N, K, A, lda, B, ldb, C, ldc, true, {}, stream, stream_bytes);
+}
+
+FC_TARGET void pairs_order_to_columns(int64_t N, float* row) {
+  const __m512i from0 = _mm512_load_si512(kFromPairs[0]), from1 = _mm512_load_si512(kFromPairs[1]);
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    const __m512 c0 = _mm512_loadu_ps(row + n0), c1 = _mm512_loadu_ps(row + n0 + 16);
+    _mm512_storeu_ps(row + n0, _mm512_permutex2var_ps(c0, from0, c1));
+    _mm512_storeu_ps(row + n0 + 16, _mm512_permutex2var_ps(c0, from1, c1));
   }
 }
 
@@ -688,6 +724,9 @@ void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const u
                     bool, const FarRows&) {}
 void dpbf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
                       bool, const FarRows&) {}
+void dpbf16_gemm_rows_pairs_order(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*,
+                                  int64_t, const char*, int64_t) {}
+void pairs_order_to_columns(int64_t, float*) {}
 void f32_f16_rows_dot(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,
                       const FarRows&) {}
 void f32_f16_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t, float*, int64_t,

@@ -108,6 +108,14 @@ void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t 
 // Requires dpbf16_supported().
 void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                       float* C, int64_t ldc, bool accumulate, const FarRows& far = {});
+// C += A B as dpbf16_gemm_rows, with C's columns held in the pairs order (avx512_gemm.cpp: the order
+// the interleaved pairs give, within each 32 columns), so no C is permuted per call: for a product
+// accumulated over many calls (decoding's P V over the key tiles), put back in column order once
+// by pairs_order_to_columns. N a multiple of 32. While it multiplies, stream_bytes of `stream` are
+// fetched into L2 (the next key tile). Requires dpbf16_supported().
+void dpbf16_gemm_rows_pairs_order(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                  int64_t ldb, float* C, int64_t ldc, const char* stream, int64_t stream_bytes);
+void pairs_order_to_columns(int64_t N, float* row);
 // fp32 Q or A against IEEE half rows read in place (decoding's K and V where fp16 is not multiplied
 // natively), each half widened exactly in registers: S = Q Kr^T as f32_rows_dot, C (+)= A B as
 // f32_gemm_rows. Requires f32_gemm_supported() (AVX-512F converts halves).

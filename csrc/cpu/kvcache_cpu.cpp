@@ -308,10 +308,10 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // bf16 on the AVX512-BF16 micro-kernel (no AMX) from kDotRows rows on: amx_s and amx_v's flow
   // on dpbf16 GEMMs, each phase's multiplies covering the next phase's memory reads. S^T = K Q^T
   // (Q^T packed once per item) fetches its key rows ahead into L1 and the same rows of V into L2
-  // (dpbf16_gemm_stream_a: the rows of a run but its last 12, for an even D); V is staged into the
-  // pairs layout from there; P V fetches the next tile's first run of key rows into L2 where its
-  // rows are contiguous (a contiguous cache, or one page: dpbf16_gemm's stream; (B, N, H, D)
-  // caches: S^T's own fetches alone).
+  // (dpbf16_gemm_stream_a: the rows of a run but its last 12, for an even D); P V multiplies V from
+  // there (pv_pairs_in_registers, below; else V staged into the pairs layout first) and fetches the
+  // next tile's first run of key rows into L2 where its rows are contiguous (a contiguous cache, or
+  // one page: the GEMMs' stream; (B, N, H, D) caches: S^T's own fetches alone).
   // Before, RightOperand's GEMM and V packed by pack_pairs_bf16 waited on memory in turn (half the
   // call in those two: perf on a Zen 4, GQA 32/8, D 128, Nq = 4, 8k keys). Measured there, in-process
   // A/B one step at a time on a 2-core VM whose bandwidth varied run to run: this flow with V
@@ -321,7 +321,15 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     if constexpr (std::is_same_v<in_t, c10::BFloat16>) return !rows_dot && use_dpbf16();
     return false;
   }();
-  const bool pairs_v = amx_v || dpbf16_pairs;  // V staged into the pairs layout
+  // dpbf16_pairs with D a multiple of 32: P V with V's row pairs interleaved in registers (as below
+  // 16 rows) rather than staged into the pairs layout, the tiles accumulating O in the pairs order
+  // (no permutes per tile; put back in column order once per item) and streaming the next tile's
+  // first key rows as the staged GEMM did. In-process A/B on a Zen 4 against V staged (GQA 32/8,
+  // D 128, outputs bit-identical): Nq = 4 1.08x-1.12x at 2k, 8k and 32k keys (four runs), Nq = 8
+  // 1.05x-1.07x, Nq = 16 1.01x-1.03x (2k, 32k); register tiles of 8 rows x 32 columns or 6 x 64
+  // measured slower than 4 x 64, key blocks kept in L1 no faster (32 to 256 keys a block).
+  const bool pv_pairs_in_registers = dpbf16_pairs && D % 32 == 0;
+  const bool pairs_v = amx_v || (dpbf16_pairs && !pv_pairs_in_registers);  // V staged into the pairs layout
   // Each thread's buffers, kept from call to call up to kKeptRows rows (decoding calls this once
   // per token); they are written before they are read, so they are only resized.
   struct Buffers {
@@ -488,6 +496,18 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
           online_softmax_row(t.b.rows[r], o + r * D, D, a, s + r * ld_s, bc, true, [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
             return exp_affine_sum_to(s + r * ld_s, bc, a, m_ref, p + r * ld_s, x_max, lp);
           });
+        if (pv_pairs_in_registers) {  // O += P V, O in the pairs order, the next tile's first key rows fetched
+          const RowsAhead next_keys =
+              first_run(k_cache, table_ptr, table_stride, b, hkv, j1, std::min(j1 + kBc, k_end));
+          const bool contiguous = next_keys.stride == next_keys.bytes;
+          for_each_run(v_cache, table_ptr, table_stride, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
+            dpbf16_gemm_rows_pairs_order(rows, D, n, reinterpret_cast<const uint16_t*>(p + (r - j0)), ld_s,
+                                         reinterpret_cast<const uint16_t*>(v_base + off * elem), v_cache.stride(2), o,
+                                         D, contiguous && r == j0 ? next_keys.base : nullptr,
+                                         next_keys.rows * next_keys.bytes);
+          });
+          continue;
+        }
         if (pairs_v) {  // O += P V, V staged into the pairs layout, the next tile's first key rows fetched
                         // (amx_v: by the staging; dpbf16_pairs: by P V, contiguous rows only)
           auto* vp = reinterpret_cast<uint16_t*>(t.b.Vp.data());
@@ -568,6 +588,8 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     }
     for (int64_t r = 0; r < rows; ++r) {
       const SoftmaxRow<acc_t>& row = t.b.rows[r];
+      if constexpr (std::is_same_v<acc_t, float>)
+        if (pv_pairs_in_registers) pairs_order_to_columns(D, o + r * D);
       const bool empty = row.l == acc_t(0);  // no visible key: out 0, lse -inf
       scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
       const acc_t row_lse = empty ? kNegInf : row.m + std::log(row.l);
