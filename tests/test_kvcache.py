@@ -167,8 +167,9 @@ def test_cpu_bf16_scores_choice(monkeypatch, choice, layout, nq, D):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "paged16", "bnhd"])
-@pytest.mark.parametrize("nq,D", [(4, 128), (4, 59), (8, 64), (17, 40), (5, 96)])
-def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
+@pytest.mark.parametrize("hq,nq,D", [(8, 4, 128), (8, 4, 59), (8, 8, 64), (8, 17, 40), (8, 5, 96), (6, 7, 64),
+                                     (6, 6, 96), (2, 19, 128)])
+def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, hq, nq, D):
     """bf16 from 16 rows per kv group on the AVX512-BF16 micro-kernel (the default on a CPU with
     avx512_bf16 and no AMX; forced here where the CPU has the instructions): S^T = K Q^T with the
     key rows streamed and the value rows fetched alongside, P V fetching the next tile's first run
@@ -176,17 +177,17 @@ def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, nq, D):
     multiple of 32 (128, 64, 96: blocks of 64 columns and one of 32) multiply V's row pairs
     interleaved in registers, O held in the pairs order until the item ends (a run of 33 keys:
     its last row paired with zeros); the others (59, 40) stage V into the pairs layout (whole
-    pairs, and a row alone where a run starts or ends inside a pair). 16, 20, 32 and 68 rows
-    (register tiles of 4 rows, whole and partial), odd head dims (an odd K of the packed Q^T),
+    pairs, and a row alone where a run starts or ends inside a pair). 16, 18, 19, 20, 21, 32 and 68
+    rows (register tiles of 4 rows and partial ones of 1 to 3), odd head dims (an odd K of the packed Q^T),
     three key tiles of 512 (the last of 275 keys: an odd K of P V, whose last row is multiplied
     alone) and two splits."""
     if not cpu_has("avx512_bf16", "avx512bw"):
         pytest.skip("the micro-kernel needs avx512_bf16")
     monkeypatch.setenv("FLASH_CUDA_CPU_BF16_GEMM", "dpbf16")
     page = {"paged33": 33, "paged16": 16}.get(layout)
-    run_case(torch.bfloat16, hq=8, hkv=2, nq=nq, n_new=1, D=D, capacity=1300, page_size=page, bnhd=layout == "bnhd",
-             causal=True, num_splits=2)
-    run_case(torch.bfloat16, B=2, hq=8, hkv=2, nq=nq, n_new=0, D=D, capacity=1300, page_size=page,
+    run_case(torch.bfloat16, hq=hq, hkv=2, nq=nq, n_new=1, D=D, capacity=1300, page_size=page,
+             bnhd=layout == "bnhd", causal=True, num_splits=2)
+    run_case(torch.bfloat16, B=2, hq=hq, hkv=2, nq=nq, n_new=0, D=D, capacity=1300, page_size=page,
              bnhd=layout == "bnhd", seqlens=[1299, 1025], num_splits=1)
 
 

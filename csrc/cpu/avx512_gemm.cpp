@@ -415,8 +415,8 @@ constexpr PairsTile kPairsTiles[kPairsTileRows][2] = {
 // Panels of 64 columns outside, each tile over all of K, 4 rows at a time. Below 16 rows
 // (dpbf16_gemm_rows): B's rows (a decoding tile's, at most 512) pass from memory once, fetched
 // whole by the first tile, and the later tiles find them in L2. kPairsOrder (from 16 rows, B's rows
-// fetched into L2 before): the tiles fetch `stream` into L2 instead, one line a step, in the order
-// they run.
+// fetched into L2 before but a run's last few): the tiles fetch `stream` into L2 instead, one line
+// a step, in the order they run.
 template <bool kPairsOrder>
 FC_TARGET void pairs_rows_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
                                int64_t ldb, float* C, int64_t ldc, bool accumulate, const FarRows& far,

@@ -63,7 +63,8 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 // and the rows of `also` with the same indices (the value rows, read after the scores) into L2
 // alongside, where also.base is set (also.rows is not checked: it holds M rows). Both only in
 // the row blocks that stream (an even K, at least 2 blocks of rows below): a run's last 12 rows,
-// and all of a run of 12 or fewer (small pages), are left to the staging's own fetches.
+// and all of a run of 12 or fewer (small pages), are left to what reads them next (a staging's
+// own fetches; P V in registers reads them on demand).
 void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                           int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 
@@ -74,7 +75,8 @@ void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, in
 // dpbf16_supported(). The key rows are fetched 16 ahead into L1 and, when far.ahead > 0, far.ahead
 // rows ahead into L2 as well, up to row far.end (prefetch.h; kvcache_cpu.cpp sets it for caches
 // at least the last-level cache's size); so are B's rows in the *_gemm_rows below (dpbf16_gemm_rows
-// 16 ahead, the others the next block of 32).
+// 16 ahead, the others the next block of 32; dpbf16_gemm_rows_pairs_order none: its caller fetched
+// them into L2).
 void dpbf16_rows_dot(int64_t rows, int64_t n, int64_t K, const uint16_t* Q, int64_t ldq, const uint16_t* Kr,
                      int64_t ldk, float* S, int64_t lds, const FarRows& far = {});
 // The same in fp32 with FMA. Requires f32_gemm_supported().
@@ -112,9 +114,12 @@ void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
 // the interleaved pairs give, within each 32 columns), so no C is permuted per call: for a product
 // accumulated over many calls (decoding's P V over the key tiles), put back in column order once
 // by pairs_order_to_columns. N a multiple of 32. While it multiplies, stream_bytes of `stream` are
-// fetched into L2 (the next key tile). Requires dpbf16_supported().
+// fetched into L2 (the next key tile), one line per step along K of each register tile, as far as
+// its steps reach. Requires dpbf16_supported().
 void dpbf16_gemm_rows_pairs_order(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
                                   int64_t ldb, float* C, int64_t ldc, const char* stream, int64_t stream_bytes);
+// A row of N floats (a multiple of 32) from the pairs order back to column order. Requires
+// dpbf16_supported().
 void pairs_order_to_columns(int64_t N, float* row);
 // fp32 Q or A against IEEE half rows read in place (decoding's K and V where fp16 is not multiplied
 // natively), each half widened exactly in registers: S = Q Kr^T as f32_rows_dot, C (+)= A B as
