@@ -15,7 +15,10 @@ second (B Nq / time), and the bandwidth achieved on the cache, 2 B Hkv Nk D byte
 bytes decoding must read), against the machine's: on a GPU its peak from the device properties
 (memory clock x bus width x 2), on the CPU a plain streaming read (sum of a tensor of the same
 size) timed in the same interleaved rounds (a shared VM's bandwidth drifts within seconds). The
-max |out - ref| against a float64 reference on sequence 0.
+max |out - ref| against a float64 reference on sequence 0. On the CPU also the ceiling the
+multiplies put on the same bandwidth (multiply_peak.py: the cores' measured multiply-add rate over
+the point's multiply-adds a byte, 2 (Hq / Hkv) Nq D a key for 2 D elements), measured after the
+point's rounds: where it is below the read, no kernel on those instructions reaches the read.
 Points whose inputs do not fit the memory budget are skipped and listed. The machine (CPU model
 and ISA flags, or GPU) is printed first and stored in the JSON.
 
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_masks as bm  # noqa: E402
 import bench_sdpa as bs  # noqa: E402
+import multiply_peak as mp  # noqa: E402
 
 import flash_cuda  # noqa: E402
 
@@ -130,17 +134,25 @@ def main(argv=None):
         if peak is None:
             peak, how = read, "streaming read (sum) of the same bytes, timed in the same interleaved rounds"
         del x
+        # on the CPU, the cache bytes a second the multiplies allow (multiply_peak.py), measured
+        # after the point's rounds; None on a GPU, or where the probe has no kind
+        kind = mp.instruction_kind(dtype) if device == "cpu" else None
+        macs = mp.macs_per_second(kind) if kind else None
+        ceiling = mp.decode_ceiling(dtype, HQ // HKV, NQ, macs) if macs else None
         r = {"dtype": str(dtype).split(".")[-1], "B": B, "Hq": HQ, "Hkv": HKV, "Nq": NQ, "Nk": N, "D": D,
              "ours_ms": t["flash_cuda"] * 1e3, "sdpa_ms": t["sdpa"] * 1e3,
              "speed_ratio_sdpa_over_ours": t["sdpa"] / t["flash_cuda"],
              "ours_tokens_per_s": B * NQ / t["flash_cuda"], "sdpa_tokens_per_s": B * NQ / t["sdpa"],
              "ours_gbps": cache_bytes / t["flash_cuda"] / 1e9, "sdpa_gbps": cache_bytes / t["sdpa"] / 1e9,
-             "machine_gbps": peak / 1e9, "machine_bandwidth": how, "read_gbps": read / 1e9, "max_err": err}
+             "machine_gbps": peak / 1e9, "machine_bandwidth": how, "read_gbps": read / 1e9, "max_err": err,
+             "ceiling_gbps": ceiling / 1e9 if ceiling else None,
+             "ceiling_instruction": mp.KINDS[kind][2] if ceiling else None}
         results.append(r)
         print(f"{r['dtype']:8s} B={B:<3d} Nq={NQ} Nk={N:<6d} ours {r['ours_ms']:8.3f} ms  sdpa {r['sdpa_ms']:8.3f} ms  "
               f"ratio {r['speed_ratio_sdpa_over_ours']:5.2f}x  tokens/s ours {r['ours_tokens_per_s']:9.0f} "
               f"sdpa {r['sdpa_tokens_per_s']:9.0f}  GB/s ours {r['ours_gbps']:7.1f} sdpa {r['sdpa_gbps']:7.1f} "
-              f"machine {r['machine_gbps']:7.1f} read {r['read_gbps']:7.1f}  err {err:.1e}", flush=True)
+              f"machine {r['machine_gbps']:7.1f} read {r['read_gbps']:7.1f}"
+              + (f" ceiling {r['ceiling_gbps']:7.1f}" if ceiling else "") + f"  err {err:.1e}", flush=True)
     for s in skipped:
         print(f"skipped (cache of {s['cache_gib']:.1f} GiB over the memory budget): {s}", flush=True)
     meta["skipped"] = skipped
