@@ -17,8 +17,9 @@ bytes decoding must read), against the machine's: on a GPU its peak from the dev
 size) timed in the same interleaved rounds (a shared VM's bandwidth drifts within seconds). The
 max |out - ref| against a float64 reference on sequence 0. On the CPU also the ceiling the
 multiplies put on the same bandwidth (multiply_peak.py: the cores' measured multiply-add rate over
-the point's multiply-adds a byte, 2 (Hq / Hkv) Nq D a key for 2 D elements), measured after the
-point's rounds: where it is below the read, no kernel on those instructions reaches the read.
+the point's multiply-adds a byte, 2 (Hq / Hkv) Nq D a key for 2 D elements), the rate measured
+before and after the point's rounds and the larger kept: where the ceiling is below the read, no
+kernel on the backend's instructions reaches the read.
 Points whose inputs do not fit the memory budget are skipped and listed. The machine (CPU model
 and ISA flags, or GPU) is printed first and stored in the JSON.
 
@@ -126,18 +127,23 @@ def main(argv=None):
         # reads in practice (on a GPU, beside its peak)
         x = torch.ones(max(cache_bytes // 4, 1), dtype=torch.float32, device=device)
         calls["read"] = Call(lambda: x.sum())
+        # on the CPU, the multiply-add rate (multiply_peak.py) of the instruction the backend
+        # multiplies with here, measured before and after the point's rounds, the larger kept:
+        # the ceiling the multiplies put on the bandwidth (None on a GPU, or where the probe has
+        # no kind). Not inside the rounds: run between them it slowed the calls after it (2k
+        # keys: 2x, the threads woken anew), as it would any kernel timed beside it.
+        kind = mp.instruction_kind(dtype, HQ // HKV * NQ) if device == "cpu" else None
+        macs = mp.macs_per_second(kind) if kind else None
         reps = 5 if args.quick else (21 if device == "cpu" else 50)
         t = median_time(calls, device, reps)
+        if macs:
+            macs = max(macs, mp.macs_per_second(kind))
         read = x.numel() * 4 / t["read"]
         peak = device_peak_bandwidth(device)
         how = "peak (memory clock x bus width x 2)"
         if peak is None:
             peak, how = read, "streaming read (sum) of the same bytes, timed in the same interleaved rounds"
         del x
-        # on the CPU, the cache bytes a second the multiplies allow (multiply_peak.py), measured
-        # after the point's rounds; None on a GPU, or where the probe has no kind
-        kind = mp.instruction_kind(dtype) if device == "cpu" else None
-        macs = mp.macs_per_second(kind) if kind else None
         ceiling = mp.decode_ceiling(dtype, HQ // HKV, NQ, macs) if macs else None
         r = {"dtype": str(dtype).split(".")[-1], "B": B, "Hq": HQ, "Hkv": HKV, "Nq": NQ, "Nk": N, "D": D,
              "ours_ms": t["flash_cuda"] * 1e3, "sdpa_ms": t["sdpa"] * 1e3,

@@ -764,14 +764,15 @@ def test_bench_smoke():
     assert rows and all(r["ours_ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
     mp = load_benchmark("multiply_peak")
     for r in rows:  # the multiplies' ceiling beside each CPU point, where the probe has a kind
-        if mp.instruction_kind(getattr(torch, r["dtype"])) and mp.library() is not None:
+        if mp.instruction_kind(getattr(torch, r["dtype"]), r["Hq"] // r["Hkv"] * r["Nq"]) and mp.library():
             assert r["ceiling_gbps"] > 0 and r["ceiling_instruction"]
 
 
 def test_multiply_peak_ceiling():
     """The decoding ceiling's arithmetic against a count of one step's multiply-adds and bytes,
-    the kind each ISA gets, and the probe's rate: positive, and no more than one instruction a
-    cycle a thread at a clock below 10 GHz would allow times its issue width (4)."""
+    the kind each ISA and row count gets, and the probe's rate on one thread: positive, and at
+    most two instructions a cycle at 6 GHz (a loop the compiler shortened or removed would
+    exceed it)."""
     mp = load_benchmark("multiply_peak")
     for dtype, group, nq in ((torch.bfloat16, 4, 4), (torch.float16, 8, 1), (torch.float32, 1, 3)):
         D, keys, element = 128, 1000, torch.finfo(dtype).bits // 8
@@ -781,18 +782,21 @@ def test_multiply_peak_ceiling():
         assert mp.decode_ceiling(dtype, group, nq, rate) == pytest.approx(cache_bytes / (macs / rate))
     zen4 = {"avx2", "fma", "avx512f", "avx512_bf16"}
     spr = zen4 | {"amx_bf16", "amx_tile", "avx512_fp16"}
-    assert [mp.instruction_kind(d, zen4) for d in (torch.bfloat16, torch.float16, torch.float32)] == [
-        "dpbf16", "fma512", "fma512"]
-    assert [mp.instruction_kind(d, spr) for d in (torch.bfloat16, torch.float16, torch.float32)] == [
-        None, "fma512", "fma512"]
-    assert mp.instruction_kind(torch.float16, spr | {"amx_fp16"}) is None
-    assert mp.instruction_kind(torch.bfloat16, {"avx2", "fma"}) == "fma256"
-    assert mp.instruction_kind(torch.float32, {"sse4_2"}) is None
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    assert [mp.instruction_kind(d, 16, zen4) for d in dtypes] == ["dpbf16", "fma512", "fma512"]
+    # AMX machines: bf16 on vdpbf16ps below 16 rows a kv group, on AMX tiles from 16 (no kind)
+    assert [mp.instruction_kind(d, 4, spr) for d in dtypes] == ["dpbf16", "fma512", "fma512"]
+    assert [mp.instruction_kind(d, 16, spr) for d in dtypes] == [None, "fma512", "fma512"]
+    assert mp.instruction_kind(torch.float16, 4, spr | {"amx_fp16"}) is None
+    assert mp.instruction_kind(torch.bfloat16, 4, {"avx2", "fma"}) == "fma256"
+    assert mp.instruction_kind(torch.float32, 4, {"sse4_2"}) is None
     assert not mp.supported("dpbf16", {"avx512f"}) and mp.supported("fma256", {"avx2", "fma"})
     kinds = [k for k in mp.KINDS if mp.supported(k)]
     if not kinds or mp.library() is None:
         pytest.skip("no probe kind on this CPU, or no g++ to build the probe")
     for kind in kinds:
         macs = mp.macs_per_second(kind, threads=1, rounds=1)
+        if macs is None:  # vdpbf16ps left out by a compiler without avx512bf16
+            continue
         instructions = macs / mp.KINDS[kind][1]
-        assert 1e8 < instructions < 4 * 10e9, (kind, instructions)
+        assert 1e8 < instructions < 2 * 6e9, (kind, instructions)
