@@ -157,7 +157,10 @@ if __name__ == "__main__":
         if not supported(kind):
             print(f"{name:18s} not on this CPU")
             continue
+        if library() is None:
+            sys.exit("the probe could not be built or loaded (g++ missing?)")
         rate = macs_per_second(kind)
         if rate is None:
-            sys.exit("the probe could not be built (g++ missing?)")
+            print(f"{name:18s} not in the probe (built without it: the compiler lacks avx512bf16)")
+            continue
         print(f"{name:18s} {rate / macs / 1e9:6.2f} G instructions/s, {rate / 1e9:7.1f} G multiply-adds/s")
