@@ -64,6 +64,7 @@ Examples
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import math
@@ -556,17 +557,22 @@ def summary_lines(results, modes, sdpa_names):
     return lines
 
 
-def cpu_isa():
-    """The ISA_FLAGS /proc/cpuinfo lists (empty where it cannot be read)."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags():
+    """Every x86 ISA flag /proc/cpuinfo lists (empty where it cannot be read, or off x86)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in ISA_FLAGS if f in flags]
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return []
+    return frozenset()
+
+
+def cpu_isa():
+    """The ISA_FLAGS /proc/cpuinfo lists (empty where it cannot be read)."""
+    return [f for f in ISA_FLAGS if f in cpu_flags()]
 
 
 def device_name(device):

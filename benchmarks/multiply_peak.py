@@ -30,24 +30,15 @@ import threading
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_sdpa import cpu_flags  # noqa: E402  (the flags /proc/cpuinfo lists, read once)
+
 SOURCE = os.path.join(HERE, "cpu_harness", "multiply_peak.cpp")
 # kind: (the C function's kind, multiply-adds an instruction, the instruction)
 KINDS = {"dpbf16": (0, 32, "vdpbf16ps zmm"), "fma512": (1, 16, "vfmadd231ps zmm"),
          "fma256": (2, 8, "vfmadd231ps ymm")}
 ITERS = 8_000_000  # loop iterations of 12 to 16 instructions a call: about 30 ms at 4 G a second
 DOT_ROWS = 16  # kvcache_cpu.cpp's kDotRows
-
-
-def cpu_flags():
-    """The x86 ISA flags /proc/cpuinfo lists (empty elsewhere: no kind is picked)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def instruction_kind(dtype, rows, flags=None):
