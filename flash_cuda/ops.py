@@ -4,6 +4,7 @@ The ops themselves are defined in C++ (csrc/ops.cpp, TORCH_LIBRARY); importing
 flash_cuda._C registers them with the dispatcher.
 """
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (registers torch.ops.flash_cuda)
 from .emulate import runs_cuda_kernels
@@ -48,6 +49,55 @@ _BIAS = 11  # index of `bias` in fwd's inputs
 _FWD_INPUTS = 14
 
 
+def refuse_forward_ad(fn, names, inputs):
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad's dual tensors) has no formula in
+    flash_cuda: without this a tangent was dropped and jvp returned zeros. NotImplementedError, as
+    torch SDPA's fused kernels raise; reverse mode (backward, torch.func.grad / vjp) works."""
+    if _forward_ad._current_level < 0:  # no dual level entered: no input has a tangent
+        return
+    for name, x in zip(names, inputs):
+        if isinstance(x, torch.Tensor) and _forward_ad.unpack_dual(x).tangent is not None:
+            raise NotImplementedError(
+                f"{fn}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported: {name} has a "
+                "tangent, which the kernels would drop; use reverse mode (backward(), torch.func.grad / vjp) or "
+                "torch's math attention (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) for forward-mode AD")
+
+
+def _below_autograd(op):
+    """op called without its autograd layer: torch.library's autograd wrapper of a registration
+    below is Python, whose no-grad path (a dispatch key set built, then a redispatch) took about
+    5 us a call on an AMD Zen 4 core, for calls that need no graph: eager calls without gradients,
+    and the backward op inside a backward without create_graph. Compiled code (whose tracing
+    is left its usual path) and double backward (create_graph=True: the backward ops' own
+    registration must raise) keep the registration."""
+
+    names = _argument_names(op)
+
+    def call(*inputs):
+        if torch.compiler.is_compiling():
+            return op(*inputs)
+        refuse_forward_ad("flash_cuda", names, inputs)
+        if _needs_graph(inputs):
+            return op(*inputs)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*inputs)
+
+    return call
+
+
+def _argument_names(op):
+    """The op's argument names as the API calls them (the fwd op's bias is attention's attn_mask)."""
+    return ["attn_mask" if a.name == "bias" else a.name for a in op.default._schema.arguments]
+
+
+def _needs_graph(inputs):
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
+
+
+_bwd = _below_autograd(torch.ops.flash_cuda.bwd)
+_varlen_bwd = _below_autograd(torch.ops.flash_cuda.varlen_bwd)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
     out, lse = output
@@ -64,7 +114,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
-    dq, dk, dv, dbias = torch.ops.flash_cuda.bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi, bias, bias_grad,
+    dq, dk, dv, dbias = _bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi, bias, bias_grad,
                                                  ctx.dropout_p, rng_state)
     return (dq, dk, dv) + (None,) * 8 + (dbias if bias_grad else None, None, None)
 
@@ -107,7 +157,7 @@ def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, rng_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.flash_cuda.varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args, alibi,
+    dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args, alibi,
                                                  ctx.dropout_p, rng_state)
     return (dq, dk, dv) + (None,) * (_VARLEN_FWD_INPUTS - 3)
 
@@ -123,10 +173,12 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
     per argument): about 90 us a call for fwd's 14 arguments on an AMD Zen 4 core, time a GPU waits
     for at short sequences. torch.compile, opcheck and direct op calls keep the registration."""
 
+    no_grad_op = _below_autograd(op)
+
     class EagerFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = op(*inputs)  # (grad mode is off in here: the op's no-grad path)
+            output = no_grad_op(*inputs)  # (grad mode is off in here)
             setup_context(ctx, inputs, output)
             return output
 
@@ -134,12 +186,14 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
+    names = _argument_names(op)
+
     def call(*inputs):
         assert len(inputs) == n_inputs  # the backward returns one gradient per input of the op
-        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)):
+        if not torch.compiler.is_compiling() and _needs_graph(inputs):
+            refuse_forward_ad("flash_cuda", names, inputs)
             return EagerFunction.apply(*inputs)
-        return op(*inputs)
+        return no_grad_op(*inputs)
 
     return call
 
