@@ -64,20 +64,12 @@ def refuse_forward_ad(fn, names, inputs):
 
 
 def _below_autograd(op):
-    """op called without its autograd layer: torch.library's autograd wrapper of a registration
-    below is Python, whose no-grad path (a dispatch key set built, then a redispatch) took about
-    5 us a call on an AMD Zen 4 core, for calls that need no graph: eager calls without gradients,
-    and the backward op inside a backward without create_graph. Compiled code (whose tracing
-    is left its usual path) and double backward (create_graph=True: the backward ops' own
-    registration must raise) keep the registration."""
-
-    names = _argument_names(op)
+    """op called below autograd, for calls that build no graph (the caller has decided): as
+    torch.library's autograd layer does in its no-grad path, without that layer, which is Python
+    (about 5 us a call on an AMD Zen 4 core). Traced code (torch.compile) keeps the op's path."""
 
     def call(*inputs):
         if torch.compiler.is_compiling():
-            return op(*inputs)
-        refuse_forward_ad("flash_cuda", names, inputs)
-        if _needs_graph(inputs):
             return op(*inputs)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*inputs)
@@ -92,10 +84,6 @@ def _argument_names(op):
 
 def _needs_graph(inputs):
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
-
-
-_bwd = _below_autograd(torch.ops.flash_cuda.bwd)
-_varlen_bwd = _below_autograd(torch.ops.flash_cuda.varlen_bwd)
 
 
 def _setup_context(ctx, inputs, output):
@@ -166,12 +154,14 @@ torch.library.register_autograd("flash_cuda::varlen_fwd", _varlen_backward, setu
 
 
 def _eager_autograd(op, n_inputs, setup_context, backward):
-    """`op` for api.py's calls: the op itself, or, when an eager call needs gradients, the same
-    setup_context and backward as its registration above in an autograd.Function of our own.
-    torch.library's autograd wrapper fills in the op's default arguments on every such call
-    (torch._library.utils.fill_defaults reads op._schema.arguments, which builds a new list, once
-    per argument): about 90 us a call for fwd's 14 arguments on an AMD Zen 4 core, time a GPU waits
-    for at short sequences. torch.compile, opcheck and direct op calls keep the registration."""
+    """`op` for api.py's calls (and the backward ops for the backwards): below autograd when the
+    call builds no graph, else the same setup_context and backward as its registration in an
+    autograd.Function of our own. torch.library's autograd wrapper fills in the op's default
+    arguments on every call that builds one (torch._library.utils.fill_defaults reads
+    op._schema.arguments, which builds a new list, once per argument): about 90 us a call for
+    fwd's 14 arguments on an AMD Zen 4 core, time a GPU waits for at short sequences. A tangent
+    (forward-mode AD) on any input raises. torch.compile, opcheck and direct op calls keep the
+    registration."""
 
     no_grad_op = _below_autograd(op)
 
@@ -186,12 +176,34 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
+    # Under torch.func's transforms (grad, vjp, jacrev, vmap of them), which take only Functions
+    # with a separate setup_context; such a Function's apply binds its arguments through
+    # inspect.signature on every call (about 30 us), hence EagerFunction everywhere else.
+    class TransformFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*inputs):
+            return no_grad_op(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
     names = _argument_names(op)
 
     def call(*inputs):
         assert len(inputs) == n_inputs  # the backward returns one gradient per input of the op
-        if not torch.compiler.is_compiling() and _needs_graph(inputs):
-            refuse_forward_ad("flash_cuda", names, inputs)
+        if torch.compiler.is_compiling():
+            return op(*inputs)
+        refuse_forward_ad("flash_cuda", names, inputs)
+        if _needs_graph(inputs):
+            if torch._C._are_functorch_transforms_active():
+                return TransformFunction.apply(*inputs)
             return EagerFunction.apply(*inputs)
         return no_grad_op(*inputs)
 
@@ -214,6 +226,14 @@ def _no_double_backward(ctx, *grads):
 # SDPA's fused kernels do.
 for _op in ("flash_cuda::bwd", "flash_cuda::varlen_bwd"):
     torch.library.register_autograd(_op, _no_double_backward)
+
+# The backward ops as the backwards above call them: below autograd when no graph is needed;
+# when one is (create_graph=True, and torch.func.grad, whose backward always builds one), through
+# a Function of ours whose backward raises as the registration's does (torch.library's own
+# wrapper is an autograd.Function that torch.func's transforms refuse).
+_bwd, _varlen_bwd = (_eager_autograd(op, len(op.default._schema.arguments), lambda ctx, inputs, output: None,
+                                     _no_double_backward)
+                     for op in (torch.ops.flash_cuda.bwd, torch.ops.flash_cuda.varlen_bwd))
 
 
 @torch.library.register_fake("flash_cuda::philox_state")

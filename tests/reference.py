@@ -101,6 +101,15 @@ def assert_close_fp(name, ours, ref, rtol=2e-5):
     assert e <= bound, f"{name}: max abs error {e:.3g} > {bound:.3g}"
 
 
+def assert_close_fp_or_plain(name, ours, plain, ref, rtol, factor):
+    """float32: error within rtol of the reference's magnitude, or, where plain torch's own float32
+    error is larger (an ill-conditioned draw: scores of magnitude ~100 at scale 3.0 and D = 128),
+    within factor x that error + 1e-6, FlashAttention's rule at float32."""
+    bound = max(rtol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0), factor * max_err(plain, ref) + 1e-6)
+    e = max_err(ours, ref)
+    assert e <= bound, f"{name}: max abs error {e:.3g} > {bound:.3g}"
+
+
 def random_layout(rnd, g, B, h, n, D, dtype):
     """A random (B, h, n, D) tensor in one of the layouts users pass: FlashAttention's (B, N, H, D)
     memory as a transposed view, or a view sliced out of longer rows (randomised tests)."""

@@ -145,6 +145,38 @@ def test_forward_mode_ad_raises():
     assert_close_fp("dq", grad, ref)
 
 
+def test_torch_func_transforms():
+    """torch.func's reverse-mode transforms (grad, vjp, jacrev, vmap of grad) through attention
+    (a float mask and ALiBi slopes among the differentiated inputs) and varlen_attention, against
+    the float64 reference: before, each raised (flash_cuda's Function and torch.library's had no
+    separate setup_context, which those transforms require). Gradients of gradients still raise."""
+    q, k, v = (rand(2, 2, 5, 8, seed=i) for i in range(3))
+    mask = rand(2, 2, 5, 5, seed=3)
+    slopes = torch.rand(2, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float()
+    f = lambda q, k, v, m: flash_cuda.attention(q, k, v, causal=True, alibi_slopes=slopes, attn_mask=m)
+    ref = lambda q, k, v, m: attention_ref(q, k, v, causal=True, alibi_slopes=slopes, attn_mask=m)[0]
+    loss = lambda fn: lambda *x: (fn(*x) ** 2).sum()
+    for got, want in zip(torch.func.grad(loss(f), argnums=(0, 1, 2, 3))(q, k, v, mask),
+                         torch.func.grad(loss(ref), argnums=(0, 1, 2, 3))(q, k, v, mask)):
+        assert_close_fp("grad", got, want)
+    dout = rand(2, 2, 5, 8, seed=5)
+    for got, want in zip(torch.func.vjp(f, q, k, v, mask)[1](dout), torch.func.vjp(ref, q, k, v, mask)[1](dout)):
+        assert_close_fp("vjp", got, want)
+    assert_close_fp("jacrev", torch.func.jacrev(f)(q[:1], k[:1], v[:1], mask[:1]),
+                    torch.func.jacrev(ref)(q[:1], k[:1], v[:1], mask[:1]))
+    per_batch = torch.func.vmap(torch.func.grad(loss(f)))(q[:, None], k[:, None], v[:, None], mask[:, None])
+    assert_close_fp("vmap(grad)", per_batch[:, 0], torch.func.grad(loss(ref))(q, k, v, mask))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    flat = lambda x: x[0].transpose(0, 1)  # (1, H, N, D) -> (N, H, D)
+    packed = lambda q: flash_cuda.varlen_attention(q, flat(k), flat(v), cu, cu, 3, 3)
+    got = torch.func.grad(lambda x: (packed(x) ** 2).sum())(flat(q))
+    want = [torch.func.grad(lambda x: (attention_ref(x, k[:1, :, a:b], v[:1, :, a:b])[0] ** 2).sum())(q[:1, :, a:b])
+            for a, b in ((0, 2), (2, 5))]
+    assert_close_fp("varlen grad", got, flat(torch.cat(want, dim=2)))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.func.grad(lambda x: torch.func.grad(loss(f))(x, k, v, mask).sum())(q)
+
+
 def op_args(device, dtype, requires_grad):
     q = rand(2, 4, 33, 16, dtype=dtype, device=device, seed=1).requires_grad_(requires_grad)
     k = rand(2, 2, 40, 16, dtype=dtype, device=device, seed=2).requires_grad_(requires_grad)

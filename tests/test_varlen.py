@@ -12,7 +12,7 @@ import torch
 
 import flash_cuda
 from conftest import load_benchmark
-from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms
+from reference import assert_close_fp, assert_close_fp_or_plain, assert_fa_rule, attention_ref, saturation_terms
 
 LENS_Q = [17, 0, 113, 1, 130]
 LENS_K = [20, 5, 113, 0, 97]
@@ -267,7 +267,9 @@ def test_randomised_against_reference(seed):
     combinations (causal, window, softcap, ALiBi per head or per sequence, dropout, deterministic)
     on the CPU backend or the CUDA kernels in the emulator (checkers on), against a per-sequence
     float64 reference: out and lse, gradients through both. fp32 within 2e-5 (out) / 2e-4
-    (gradients) of the magnitude; fp16/bf16 under the FA rule with the saturated-softmax term.
+    (gradients) of the magnitude, or within 2x / 3x plain torch's fp32 error where that is larger
+    (seed 13780 of a soak: scale 3.0, D = 128, plain fp32's out error 1.22e-4 over the 2e-5
+    bound); fp16/bf16 under the FA rule with the saturated-softmax term.
     No sequence has exactly one key and no window leaves one key per row (the known excess of
     test_devices.py::test_one_key_rows)."""
     rnd = random.Random(seed)
@@ -330,10 +332,12 @@ def test_randomised_against_reference(seed):
     fin = torch.isfinite(ref_lse)
     names = ["dq", "dk", "dv"]
     if dtype == torch.float32:
-        assert_close_fp("out", out, ref_out, 2e-5)
-        assert_close_fp("lse", lse[fin], ref_lse[fin], 2e-5)
-        for name, a, b in zip(names, grads, ref_grads):
-            assert_close_fp(name, a, b, 2e-4)
+        plain_out, plain_lse, plain_grads = reference_run(torch.float32)
+        plain_grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip((q, k, v), plain_grads)]
+        assert_close_fp_or_plain("out", out, plain_out, ref_out, 2e-5, 2)
+        assert_close_fp_or_plain("lse", lse[fin], plain_lse[fin], ref_lse[fin], 2e-5, 2)
+        for name, a, pg, b in zip(names, grads, plain_grads, ref_grads):
+            assert_close_fp_or_plain(name, a, pg, b, 2e-4, 3)
         return
     plain_out, _, plain_grads = reference_run(dtype)
     plain_grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip((q, k, v), plain_grads)]
