@@ -489,8 +489,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     cache_seqlens and block_table are checked; CUDA ones are not (that would synchronise with
     the GPU): the kernels clamp them, so wrong ones give wrong values, never an illegal access.
     """
-    ops.refuse_forward_ad("flash_cuda.attention_with_kvcache", ("q", "k_cache", "v_cache", "k", "v"),
-                          (q, k_cache, v_cache, k, v))
+    ops.refuse_forward_ad("flash_cuda.attention_with_kvcache", ("q", "k_cache", "v_cache", "k", "v", "alibi_slopes"),
+                          (q, k_cache, v_cache, k, v, alibi_slopes))
     if (window is None and alibi_slopes is None and type(softcap) is float and softcap == 0.0
             and (causal is False or causal is True) and (return_lse is False or return_lse is True)):
         result = _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale,

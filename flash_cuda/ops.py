@@ -49,28 +49,43 @@ _BIAS = 11  # index of `bias` in fwd's inputs
 _FWD_INPUTS = 14
 
 
+def _forward_ad_error(fn, name):
+    return NotImplementedError(
+        f"{fn}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported: {name} has a "
+        "tangent, which the kernels would drop; use reverse mode (backward(), torch.func.grad / vjp) or "
+        "torch's math attention (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) for forward-mode AD")
+
+
 def refuse_forward_ad(fn, names, inputs):
     """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad's dual tensors) has no formula in
     flash_cuda: without this a tangent was dropped and jvp returned zeros. NotImplementedError, as
-    torch SDPA's fused kernels raise; reverse mode (backward, torch.func.grad / vjp) works."""
+    torch SDPA's fused kernels raise; reverse mode (backward, torch.func.grad / vjp) works. A
+    vmap-wrapped input cannot be looked at (no batching rule): there TransformFunction's jvp
+    raises instead."""
     if _forward_ad._current_level < 0:  # no dual level entered: no input has a tangent
         return
     for name, x in zip(names, inputs):
-        if isinstance(x, torch.Tensor) and _forward_ad.unpack_dual(x).tangent is not None:
-            raise NotImplementedError(
-                f"{fn}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported: {name} has a "
-                "tangent, which the kernels would drop; use reverse mode (backward(), torch.func.grad / vjp) or "
-                "torch's math attention (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) for forward-mode AD")
+        if not isinstance(x, torch.Tensor):
+            continue
+        try:
+            tangent = _forward_ad.unpack_dual(x).tangent
+        except RuntimeError:  # a vmap-wrapped tensor
+            if not torch._C._are_functorch_transforms_active():
+                raise
+            continue
+        if tangent is not None:
+            raise _forward_ad_error(fn, name)
+
+
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
 
 
 def _below_autograd(op):
     """op called below autograd, for calls that build no graph (the caller has decided): as
     torch.library's autograd layer does in its no-grad path, without that layer, which is Python
-    (about 5 us a call on an AMD Zen 4 core). Traced code (torch.compile) keeps the op's path."""
+    (about 5 us a call on an AMD Zen 4 core)."""
 
     def call(*inputs):
-        if torch.compiler.is_compiling():
-            return op(*inputs)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*inputs)
 
@@ -176,8 +191,8 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
-    # Under torch.func's transforms (grad, vjp, jacrev, vmap of them), which take only Functions
-    # with a separate setup_context; such a Function's apply binds its arguments through
+    # Under torch.func's transforms (grad, vjp, jacrev, vmap, functionalize), which take only
+    # Functions with a separate setup_context; such a Function's apply binds its arguments through
     # inspect.signature on every call (about 30 us), hence EagerFunction everywhere else.
     class TransformFunction(torch.autograd.Function):
         generate_vmap_rule = True
@@ -194,6 +209,10 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
+        @staticmethod
+        def jvp(ctx, *tangents):  # (where the check in call could not see the tangent: under vmap)
+            raise _forward_ad_error("flash_cuda", "an input")
+
     names = _argument_names(op)
 
     def call(*inputs):
@@ -201,9 +220,14 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
         if torch.compiler.is_compiling():
             return op(*inputs)
         refuse_forward_ad("flash_cuda", names, inputs)
+        # Under a transform always: a wrapped tensor (vmap, functionalize) hides whether the tensor
+        # it wraps requires grad, so _needs_graph could not tell, and a graph the caller needs
+        # around the transform would be lost below autograd.
+        if torch._C._are_functorch_transforms_active():
+            if torch._C._functorch.peek_interpreter_stack().key() == _FUNCTIONALIZE:
+                return op(*inputs)  # (no functionalize rule for a Function: the registration's path)
+            return TransformFunction.apply(*inputs)
         if _needs_graph(inputs):
-            if torch._C._are_functorch_transforms_active():
-                return TransformFunction.apply(*inputs)
             return EagerFunction.apply(*inputs)
         return no_grad_op(*inputs)
 

@@ -140,6 +140,12 @@ def test_forward_mode_ad_raises():
         with pytest.raises(NotImplementedError, match="attn_mask has a tangent"):
             flash_cuda.attention(qg, k, v, attn_mask=fwAD.make_dual(mask, torch.ones_like(mask)))
         out = flash_cuda.attention(qg, k, v, attn_mask=mask)  # no tangent anywhere: runs
+        batched = torch.func.vmap(flash_cuda.attention)(q[:, None], k[:, None], v[:, None])[:, 0]  # (vmap too)
+        assert_close_fp("vmap", batched, attention_ref(q, k, v)[0])
+        with pytest.raises(NotImplementedError, match="alibi_slopes has a tangent"):
+            flash_cuda.attention_with_kvcache(q, k, v, alibi_slopes=fwAD.make_dual(torch.rand(2), torch.ones(2)))
+    with pytest.raises(NotImplementedError, match="forward-mode AD .* has a tangent"):  # forward over reverse
+        torch.func.hessian(lambda x: flash_cuda.attention(x, k, v).sum())(q)
     grad, = torch.autograd.grad(out.sum(), qg)
     ref, = torch.autograd.grad(attention_ref(qg, k, v, attn_mask=mask)[0].sum(), qg)
     assert_close_fp("dq", grad, ref)
@@ -175,6 +181,16 @@ def test_torch_func_transforms():
     assert_close_fp("varlen grad", got, flat(torch.cat(want, dim=2)))
     with pytest.raises(RuntimeError, match="double backward"):
         torch.func.grad(lambda x: torch.func.grad(loss(f))(x, k, v, mask).sum())(q)
+    # vmap and functionalize inside an ordinary autograd graph: their wrapped tensors hide that q
+    # requires grad, and the gradient through them must not be lost (a review found it was)
+    qg = q.clone().requires_grad_()
+    batched = lambda fn: torch.func.vmap(fn)(qg[:, None], k[:, None], v[:, None], mask[:, None])[:, 0]
+    for name, out in (("vmap", batched(f)), ("functionalize", torch.func.functionalize(f)(qg, k, v, mask))):
+        got, = torch.autograd.grad(loss(lambda *x: x[0])(out), qg)
+        want, = torch.autograd.grad(loss(ref)(qg, k, v, mask), qg)
+        assert_close_fp(f"{name} under autograd", got, want)
+    with torch.no_grad():
+        assert not batched(f).requires_grad
 
 
 def op_args(device, dtype, requires_grad):
