@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flash_cuda
-from conftest import skip_unless_supported, widest_dtype
+from conftest import load_benchmark, skip_unless_supported, widest_dtype
 from reference import assert_close_fp, attention_ref
 
 
@@ -110,6 +110,14 @@ def test_calls_without_a_graph_skip_torch_librarys_autograd_layer():
     assert torch.equal(out, want) and torch.equal(packed, want_packed)
     assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
     assert not out.requires_grad and out.grad_fn is None
+
+
+def test_host_overhead_bench_smoke(tmp_path):
+    bench = load_benchmark("host_overhead")
+    rows = bench.main(["--calls", "3", "--rounds", "1", "--json", str(tmp_path / "rows.json")])
+    assert [r["call"] for r in rows] == ["forward, no gradients", "forward + backward", "KV-cache decoding step"]
+    assert all(r["ours_us"] > 0 and r["sdpa_us"] > 0 for r in rows)
+    assert (tmp_path / "rows.json").read_text().count("ours_us") == 3
 
 
 def test_forward_mode_ad_raises():
