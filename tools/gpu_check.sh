@@ -60,6 +60,8 @@ stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool 
 stage bench_kvcache 45 python3 benchmarks/bench_kvcache.py --device cuda --json "$OUTDIR/bench_kvcache_cuda.json"
 stage bench_kvcache_grid 30 python3 benchmarks/bench_kvcache.py --device cuda --grid decode \
     --json "$OUTDIR/bench_kvcache_cuda_grid.json"
+stage host_overhead 20 python3 benchmarks/host_overhead.py --device cuda --calls 500 --rounds 5 \
+    --json "$OUTDIR/host_overhead_cuda.json"
 stage racecheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 9 \
     --print-limit 20 python3 tools/gpu_sanitize.py --quick
 stage bench_sdpa 150 python3 benchmarks/bench_sdpa.py --device cuda --preset fa --reps "${BENCH_REPS:-20}" --out "$OUTDIR" \
