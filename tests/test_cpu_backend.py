@@ -194,6 +194,58 @@ def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype
     check_against_reference(q, k, v, dout, out, lse, grads, causal=True)
 
 
+@pytest.mark.parametrize("nq", [3, 300], ids=["kvcache_loop", "tiled_loop"])
+def test_out_layout_is_the_fakes(nq):
+    """out's strides are those of the op's fake (what torch.compile and opcheck assume): q's layout
+    where q has unit stride in D, else contiguous. The KV-cache loop writes a contiguous out and
+    returns it as is only where that is q's layout, else copies it; values against the float64
+    reference either way. Strides of size-1 dims are not compared (torch's own stride checks skip
+    them, and the fake's empty_like makes them contiguous where the real one keeps q's)."""
+
+    def significant_strides(x):
+        return [st for st, n in zip(x.stride(), x.shape) if n > 1]
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    g = torch.Generator().manual_seed(3)
+    layouts = {
+        "contiguous": torch.randn(1, 4, nq, 32, generator=g),
+        "flash_attention": torch.randn(1, nq, 4, 32, generator=g).transpose(1, 2),
+        "sliced_rows": torch.randn(1, 4, nq + 3, 32, generator=g)[:, :, 2:nq + 2],
+        "unit_dim_stride": torch.randn(4 * nq * 32, generator=g).as_strided((1, 4, nq, 32), (7, nq * 32, 32, 1)),
+        "d_not_innermost": torch.randn(1, 4, 32, nq, generator=g).transpose(2, 3),
+    }
+    k, v = torch.randn(2, 1, 2, 50, 32, generator=g).unbind(0)
+    op = torch.ops.flash_cuda.fwd.default
+    for name, q in layouts.items():
+        out, lse = op(q, k, v, 0.25, False, True)
+        with FakeTensorMode() as mode:
+            fake_out, fake_lse = op(*(mode.from_tensor(x) for x in (q, k, v)), 0.25, False, True)
+        assert significant_strides(out) == significant_strides(fake_out), name
+        assert significant_strides(lse) == significant_strides(fake_lse), name
+        ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), scale=0.25)
+        assert_close_fp(f"{name} out", out, ref_out)
+        assert_close_fp(f"{name} lse", lse, ref_lse)
+
+
+@pytest.mark.parametrize("nq", [3, 300], ids=["kvcache_loop", "tiled_loop"])
+def test_backward_without_lse_gradient_matches_a_zero_one(nq):
+    """An unused lse reaches the backward as None (no tensor of zeros made and subtracted): the
+    gradients are bitwise those with an explicit zero gradient of lse."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, nq, 32, generator=g)
+    k, v = torch.randn(2, 2, 2, 70, 32, generator=g).unbind(0)
+    dout = torch.randn(2, 4, nq, 32, generator=g)
+    grads = []
+    for with_lse in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = flash_cuda.attention(*leaves, return_lse=True)
+        torch.autograd.backward((out, lse) if with_lse else (out,),
+                                (dout, torch.zeros_like(lse)) if with_lse else (dout,))
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def check_against_reference(q, k, v, dout, out, lse, grads, **kw):
     """out, lse and the gradients of q, k, v against the float64 reference: fp32 close, fp16 and
     bf16 under FlashAttention's rule (no saturated rows in the callers' draws)."""

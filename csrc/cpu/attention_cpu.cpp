@@ -359,16 +359,19 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const bool fast_store = std::is_same_v<acc_t, float> && f32_gemm_supported() && dk.stride(3) == 1 &&
                           dv.stride(3) == 1;
   struct Scratch {
-    TileVector<acc_t> S, dP, dKt, dVt, Cap, Z;  // (Br, Bc) tiles, dK^T and dV^T (D, Bc)
+    TileVector<acc_t> S, dP, dKt, dVt, Cap, Z;  // (Br, Bc) tiles, dK^T and dV^T (D, ld_t)
     TileVector<float> T;                        // fast_store: dK or dV (Bc, D), transposed back
     TileVector<in_t> P, dS;                     // P and dS as GEMM operands (Br, Bc), when in_t != acc_t
   };
   const bool rounded = !std::is_same_v<in_t, acc_t>;
+  // Sized to the rows and keys a tile can have: at short sequences, allocating and zeroing whole
+  // (kBwdBr, kBwdBc) tiles (704 KiB at D = 64 in fp32) was most of the call.
+  const int64_t tile = std::min(kBwdBr, Nq) * kBwdBc, tile_keys = std::min(kBwdBc, Nk);
+  const int64_t ld_t = std::min(kBwdBc, ceil_div(Nk, 16) * 16);  // of dK^T and dV^T: a tile's keys, whole lines
   auto make_scratch = [&] {
-    constexpr int64_t tile = kBwdBr * kBwdBc;
-    return Scratch{TileVector<acc_t>(tile), TileVector<acc_t>(tile), TileVector<acc_t>(D * kBwdBc),
-                   TileVector<acc_t>(D * kBwdBc), TileVector<acc_t>(opt.softcap > 0 ? tile : 0),
-                   TileVector<acc_t>(drop.on ? tile : 0), TileVector<float>(fast_store ? kBwdBc * D : 0),
+    return Scratch{TileVector<acc_t>(tile), TileVector<acc_t>(tile), TileVector<acc_t>(D * ld_t),
+                   TileVector<acc_t>(D * ld_t), TileVector<acc_t>(opt.softcap > 0 ? tile : 0),
+                   TileVector<acc_t>(drop.on ? tile : 0), TileVector<float>(fast_store ? tile_keys * D : 0),
                    TileVector<in_t>(rounded ? tile : 0), TileVector<in_t>(rounded ? tile : 0)};
   };
 
@@ -376,8 +379,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const int64_t split = item % n_splits, bhkv = item / n_splits;
     const int64_t b = bhkv / Hkv, hkv = bhkv % Hkv;
     constexpr int64_t ld = kBwdBc;      // of every (Br, Bc) tile
-    acc_t* dKt = t.dKt.data();          // (D, bc), unscaled Q^T dS
-    acc_t* dVt = t.dVt.data();          // (D, bc)
+    acc_t* dKt = t.dKt.data();          // (D, bc), ld_t, unscaled Q^T dS
+    acc_t* dVt = t.dVt.data();          // (D, bc), ld_t
     // Key tiles are dealt round-robin to the splits, which balances causal work.
     for (int64_t kt = split; kt < n_ktiles; kt += n_splits) {
       const int64_t j0 = kt * kBwdBc, j1 = std::min(j0 + kBwdBc, Nk), bc = j1 - j0;
@@ -450,8 +453,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             const int64_t cols = std::min(block_keys, bc - c0);
             const auto [ra, rb] = edge_rows(band_mask, band, j0 + c0, j0 + c0 + cols, i0, i1, Nq);
             if (rb == ra) continue;
-            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dVt + c0, ld, true);
-            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dKt + c0, ld, true);
+            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dVt + c0, ld_t, true);
+            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dKt + c0, ld_t, true);
           }
           if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);  // the packed K's pad row
           for (int64_t r0 = 0; r0 < br; r0 += block_rows) {  // dQ += dS K, the keys each block sees
@@ -462,17 +465,17 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           }
         }
       }
-      scale_row(dKt, D * ld, scale);  // dS was taken with respect to the scaled scores
+      scale_row(dKt, D * ld_t, scale);  // dS was taken with respect to the scaled scores
       if constexpr (std::is_same_v<acc_t, float>)
         if (fast_store) {
-          transpose(D, bc, dKt, ld, t.T.data(), D);
+          transpose(D, bc, dKt, ld_t, t.T.data(), D);
           store_rows(t.T.data(), bc, D, dk, b, hkv, j0);
-          transpose(D, bc, dVt, ld, t.T.data(), D);
+          transpose(D, bc, dVt, ld_t, t.T.data(), D);
           store_rows(t.T.data(), bc, D, dv, b, hkv, j0);
           continue;
         }
-      dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dKt, {D, bc}, {ld, 1}, acc_opts).t());
-      dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dVt, {D, bc}, {ld, 1}, acc_opts).t());
+      dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dKt, {D, bc}, {ld_t, 1}, acc_opts).t());
+      dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dVt, {D, bc}, {ld_t, 1}, acc_opts).t());
     }
   });
 
@@ -511,19 +514,20 @@ at::Tensor row_dots(const at::Tensor& dout, const at::Tensor& out, at::ScalarTyp
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const AttnOptions& opt) {
   const auto acc = at::toOpMathType(q.scalar_type());
+  // Few query rows per kv group (decoding, short prompts): the KV-cache loop reads each kv head's
+  // K and V once for all the query heads of its group and splits the keys across the threads
+  // (kvcache_cpu.cpp), where the tiled loop would read them once per query head and prepare
+  // its operands (O(Nk D) work) for as little work again. Its out is contiguous: returned as is
+  // where that is the layout below, else copied.
+  if (!opt.dropout() && q.numel() > 0 && q.size(2) * (q.size(1) / k.size(1)) <= kFwdBr) {
+    auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
+    if (q.stride(3) != 1 || q.strides() == o.strides()) return {o, l};
+    return {at::empty_like(q).copy_(o), l};
+  }
   // q's layout where it has unit stride in D (store_rows writes rows), else a contiguous one
   at::Tensor out = q.stride(3) == 1 ? at::empty_like(q) : at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
-  // Few query rows per kv group (decoding, short prompts): the KV-cache loop reads each kv head's
-  // K and V once for all the query heads of its group and splits the keys across the threads
-  // (kvcache_cpu.cpp), where the tiled loop would read them once per query head and prepare
-  // its operands (O(Nk D) work) for as little work again.
-  if (!opt.dropout() && q.size(2) * (q.size(1) / k.size(1)) <= kFwdBr) {
-    auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
-    out.copy_(o);
-    return {out, l};
-  }
   with_gemm_type(q.scalar_type(), [&](auto in) {
     if (fwd_impl<decltype(in)>(q, k, v, out, lse, opt, false)) fwd_impl<decltype(in)>(q, k, v, out, lse, opt, true);
   });
