@@ -364,8 +364,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     TileVector<in_t> P, dS;                     // P and dS as GEMM operands (Br, Bc), when in_t != acc_t
   };
   const bool rounded = !std::is_same_v<in_t, acc_t>;
-  // Sized to the rows and keys a tile can have: at short sequences, allocating and zeroing whole
-  // (kBwdBr, kBwdBc) tiles (704 KiB at D = 64 in fp32) was most of the call.
+  // The (Br, Bc) tiles sized to the query rows a tile can have (still kBwdBc wide), dK^T, dV^T and
+  // T to its keys: at short sequences, allocating and zeroing whole tiles (704 KiB at D = 64 in
+  // fp32) was most of the call.
   const int64_t tile = std::min(kBwdBr, Nq) * kBwdBc, tile_keys = std::min(kBwdBc, Nk);
   const int64_t ld_t = std::min(kBwdBc, ceil_div(Nk, 16) * 16);  // of dK^T and dV^T: a tile's keys, whole lines
   auto make_scratch = [&] {
