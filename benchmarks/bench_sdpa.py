@@ -26,13 +26,18 @@ Presets (--preset)
     cpu-full    issue 15's CPU grid: B=1, H=8, N in {1024, 2048, 4096}, D in {64, 128}, causal
                 and not, float32, float16 and bfloat16 (SDPA's flash backend only: with
                 --sdpa default, about 15 minutes on 2 cores).
+    cpu-short   short self-attention as encoders and short prompts run it on a CPU: (B, N, H,
+                D) in (32,32,12,32) (32,128,12,32) (16,64,12,64) (8,128,12,64) (8,256,12,64)
+                (8,256,16,128), causal and not, float32, float16 and bfloat16 (SDPA's flash
+                backend only; about 10 minutes on 2 cores).
 
 Measurements
     time      --warmup calls, then the median of --reps calls (time.perf_counter; on CUDA,
               CUDA events). The timed calls of the implementations at a point are
               interleaved round robin, so drifts of a busy machine hit all of them alike.
               By default the number of reps adapts to the cost of one call: CPU 3-10 reps
-              (about 2 s per measurement), or 1-3 when one call takes more than 1 s;
+              (about 2 s per measurement), 10-200 when one call takes less than 20 ms
+              (about 1 s), 1-3 when it takes more than 1 s;
               CUDA 10-100 reps.
     TFLOP/s   FlashAttention's convention: forward 4*B*H*Nq*Nk*D FLOPs, halved when causal;
               backward 2.5x forward, so forward+backward 3.5x forward.
@@ -103,6 +108,9 @@ PRESETS = {
                    "dtypes": ["float32", "bfloat16"]},
     "cpu-full": {"shapes": [(1, n, 8, d) for d in (64, 128) for n in (1024, 2048, 4096)],
                  "dtypes": ["float32", "float16", "bfloat16"], "sdpa": ["flash"]},
+    "cpu-short": {"shapes": [(32, 32, 12, 32), (32, 128, 12, 32), (16, 64, 12, 64), (8, 128, 12, 64),
+                             (8, 256, 12, 64), (8, 256, 16, 128)],
+                  "dtypes": ["float32", "float16", "bfloat16"], "sdpa": ["flash"]},
 }
 # The CPU features that decide which kernels torch and flash_cuda pick (printed with every run).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
@@ -243,6 +251,8 @@ def auto_reps(seconds, device):
         return max(10, min(100, int(1.0 / max(seconds, 1e-6))))
     if seconds > 1.0:
         return max(1, min(3, int(3.0 / seconds)))
+    if seconds < 0.02:  # short calls: enough of them for a stable median (about 1 s)
+        return max(10, min(200, int(1.0 / seconds)))
     return max(3, min(10, int(2.0 / seconds)))
 
 

@@ -177,7 +177,8 @@ def test_online_softmax_redone_rows(case):
 @pytest.mark.parametrize("path", PATHS + ["blas", "avx512", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype, nq):
-    """Decoding shapes (Nq x group <= 256, no dropout) run the KV-cache loop: forward, lse and
+    """Decoding shapes (Nq x group <= 256, more than twice as many keys as queries, no dropout)
+    run the KV-cache loop: forward, lse and
     gradients against the reference, and an output that keeps q's memory layout. Nq = 2 with 4
     query heads per kv head: 8 rows, the scores as dot products along the cache rows on the
     AVX-512 kernels (fp16 caches widened in registers where fp16 is not multiplied natively), or
@@ -192,6 +193,24 @@ def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype
     out, lse, grads = run(q, k, v, dout, causal=True)
     assert out.transpose(1, 2).is_contiguous()  # out keeps q's memory layout
     check_against_reference(q, k, v, dout, out, lse, grads, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("nq,nk,group", [(15, 15, 1), (16, 32, 1), (16, 33, 1), (20, 20, 4), (32, 32, 4),
+                                         (33, 33, 4), (64, 64, 4), (130, 131, 1)])
+def test_both_sides_of_the_loops_boundary_agree(dtype, causal, nq, nk, group):
+    """attention_cpu.cpp's takes_kvcache_loop: up to 256 query rows per kv group, a call with at most
+    twice as many keys as queries from 16 queries on takes the tiled loop (fp16/bf16 converted to
+    fp32 from 128 rows per group, 128 itself only under a band), else the KV-cache loop. Shapes on
+    either side of each edge (15/16 queries, 2x/2x+1 keys, 128 rows per group with and without
+    causal, 129+ rows), forward and gradients against the float64 reference."""
+    g = torch.Generator().manual_seed(nq * 1000 + nk + group)
+    q = torch.randn(2, 2 * group, nq, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, nk, 32, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(2, 2 * group, nq, 32, generator=g).to(dtype)
+    out, lse, grads = run(q, k, v, dout, causal=causal)
+    check_against_reference(q, k, v, dout, out, lse, grads, causal=causal)
 
 
 @pytest.mark.parametrize("nq", [3, 300], ids=["kvcache_loop", "tiled_loop"])
