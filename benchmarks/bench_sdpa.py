@@ -29,7 +29,7 @@ Presets (--preset)
     cpu-short   short self-attention as encoders and short prompts run it on a CPU: (B, N, H,
                 D) in (32,32,12,32) (32,128,12,32) (16,64,12,64) (8,128,12,64) (8,256,12,64)
                 (8,256,16,128), causal and not, float32, float16 and bfloat16 (SDPA's flash
-                backend only; about 10 minutes on 2 cores).
+                backend only; about 3 minutes on 2 cores).
 
 Measurements
     time      --warmup calls, then the median of --reps calls (time.perf_counter; on CUDA,

@@ -178,8 +178,8 @@ def test_online_softmax_redone_rows(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype, nq):
     """Decoding shapes (Nq x group <= 256, more than twice as many keys as queries, no dropout)
-    run the KV-cache loop: forward, lse and
-    gradients against the reference, and an output that keeps q's memory layout. Nq = 2 with 4
+    run the KV-cache loop: forward, lse and gradients against the reference, and an output that
+    keeps q's memory layout. Nq = 2 with 4
     query heads per kv head: 8 rows, the scores as dot products along the cache rows on the
     AVX-512 kernels (fp16 caches widened in registers where fp16 is not multiplied natively), or
     the AVX2 ones (path "avx2", fp16 and bf16 in the float path);
@@ -196,15 +196,20 @@ def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype,path", [(torch.float32, "native"), (torch.bfloat16, "native"),
+                                        (torch.bfloat16, "float"), (torch.float16, "native"),
+                                        (torch.float16, "float")], ids=str)
 @pytest.mark.parametrize("nq,nk,group", [(15, 15, 1), (16, 32, 1), (16, 33, 1), (20, 20, 4), (32, 32, 4),
-                                         (33, 33, 4), (64, 64, 4), (130, 131, 1)])
-def test_both_sides_of_the_loops_boundary_agree(dtype, causal, nq, nk, group):
+                                         (33, 33, 4), (64, 64, 4), (130, 131, 1), (15, 15, 9), (16, 32, 9),
+                                         (16, 33, 9)])
+def test_both_sides_of_the_loops_boundary_agree(monkeypatch, dtype, path, causal, nq, nk, group):
     """attention_cpu.cpp's takes_kvcache_loop: up to 256 query rows per kv group, a call with at most
-    twice as many keys as queries from 16 queries on takes the tiled loop (fp16/bf16 converted to
-    fp32 from 128 rows per group, 128 itself only under a band), else the KV-cache loop. Shapes on
-    either side of each edge (15/16 queries, 2x/2x+1 keys, 128 rows per group with and without
-    causal, 129+ rows), forward and gradients against the float64 reference."""
+    twice as many keys as queries from 16 queries on takes the tiled loop (fp16/bf16 multiplied in
+    fp32, path "float": from 129 rows per group, or 128 under a band), else the KV-cache loop.
+    Shapes on either side of each edge (15/16 queries, 2x/2x+1 keys, 128/132 rows per group with
+    and without causal, 9 query heads a kv head for the float path's query and key edges), forward
+    and gradients against the float64 reference."""
+    set_path(monkeypatch, path, dtype)
     g = torch.Generator().manual_seed(nq * 1000 + nk + group)
     q = torch.randn(2, 2 * group, nq, 32, generator=g).to(dtype)
     k, v = (torch.randn(2, 2, nk, 32, generator=g).to(dtype) for _ in range(2))

@@ -177,10 +177,11 @@ def test_empty_query_sequence(device, causal):
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
+@pytest.mark.parametrize("Nq", [8, 16])  # on the CPU: the KV-cache loop, the tiled loop
 @pytest.mark.parametrize("causal", [False, True])
-def test_empty_key_sequence(device, causal):
+def test_empty_key_sequence(device, causal, Nq):
     """Nk = 0: every row sees no key, so out = 0, lse = -inf and dq = 0."""
-    q, k, v = (x.requires_grad_() for x in qkv(Nk=0, device=device, dtype=widest_dtype(device)))
+    q, k, v = (x.requires_grad_() for x in qkv(Nq=Nq, Nk=0, device=device, dtype=widest_dtype(device)))
     out, lse = attention(q, k, v, causal=causal, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     out.sum().backward()

@@ -120,7 +120,7 @@ def test_each_feature(name, dtype):
     check(dtype, 2, 4, 2, 37, 53, 24, FEATURES[name])
 
 
-@pytest.mark.parametrize("Nq,Nk", [(53, 37), (1, 40), (40, 1), (130, 130)])
+@pytest.mark.parametrize("Nq,Nk", [(53, 37), (1, 40), (40, 1), (130, 130), (40, 100)])  # (40, 100): the KV-cache loop's GEMMs
 @pytest.mark.parametrize("name", ["window", "causal_window", "all", "all_bool"])
 def test_lengths(name, Nq, Nk):
     check(torch.float32, 1, 2, 1, Nq, Nk, 16, FEATURES[name])

@@ -188,7 +188,7 @@ def test_huge_scores(dtype, mult, N, gemm, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, -1e30, -1e4])
-@pytest.mark.parametrize("N", [12, 40, 300, 700])  # 12: the KV-cache loop's forward; more: the tiled one
+@pytest.mark.parametrize("N", [12, 40, 300, 700])  # 12 (and 40 where fp16 is multiplied in fp32): the KV-cache loop
 def test_rows_fully_masked_by_a_finite_mask(dtype, value, N):
     """A floating attn_mask of finfo.min or -1e30 (torch's and many models' mask values) on every
     key of a row: torch gives the plain average of V there (all its scores round to the mask

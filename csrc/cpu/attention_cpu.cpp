@@ -7,7 +7,7 @@
 // it is divided by the row sum once at the end, and lse = m + log(l) is saved for the
 // backward pass. No Nq x Nk matrix is ever allocated: the extra memory is a few tiles per
 // thread and the GEMM operands prepared once per call (O(N D)). Few query rows per kv group
-// go through the KV-cache loop instead (attention_fwd).
+// against more keys go through the KV-cache loop instead (takes_kvcache_loop).
 //
 // Backward (Algorithm 2, recomputation from lse): each work item owns a set of key tiles
 // of one kv head and loops over the query tiles of every query head in its group, so dK
@@ -518,16 +518,13 @@ at::Tensor row_dots(const at::Tensor& dout, const at::Tensor& out, at::ScalarTyp
 // many keys as queries) from 16 queries on take the tiled loop: there its operands cost little
 // beside the work, its edge blocks skip the masked half of a causal diagonal (the KV-cache loop
 // exponentiates whole tiles and masks them), and its micro-kernels run where that loop's float
-// path multiplies more than 32 rows by ATen GEMMs tile by tile. fp16/bf16 converted to fp32 for
-// want of native GEMMs (fp16 on AVX-512 without AVX512-FP16 or AMX) from 129 rows per kv group,
-// or 128 under a band: below, the KV-cache loop widens the cache rows in registers while the
-// tiled loop converts Q, K and V first. In-process A/B on a 2-core Zen 4 against sending every
-// such call to the KV-cache loop (B x H 4 x 32 to 32 x 12, D 32 to 128, GQA 1 and 4, 16 to 256
-// queries, shuffled interleaved medians): forwards fp32 1.04x-1.62x faster, bf16 1.02x-1.49x,
-// converted fp16 1.05x-1.45x (causal 1.02x-1.62x); 8 queries ran 1.4x-1.7x slower tiled (a call's
-// fixed costs), fp16 below 128 rows 0.81x-0.97x, hence the edges.
+// path multiplies more than 32 rows by ATen GEMMs tile by tile. fp16/bf16 multiplied in fp32
+// (native_lowp_gemm false: fp16 without AMX-FP16, bf16 without AVX512-BF16 or AMX) only from 129
+// rows per kv group, or 128 under a band: below, the KV-cache loop widens the cache rows in
+// registers while the tiled loop converts Q, K and V first. 8 queries ran 1.4x-1.7x slower tiled
+// (a call's fixed costs), hence 16. Measured on a Zen 4: README, "Short sequences on the CPU".
 bool takes_kvcache_loop(const at::Tensor& q, const at::Tensor& k, const AttnOptions& opt) {
-  if (opt.dropout() || q.numel() == 0) return false;
+  if (opt.dropout() || q.numel() == 0) return false;  // (an empty q may have no kv head to divide by)
   const int64_t Nq = q.size(2), Nk = k.size(2), rows = Nq * (q.size(1) / k.size(1));
   if (rows > kFwdBr) return false;
   const auto t = q.scalar_type();
@@ -542,8 +539,8 @@ bool takes_kvcache_loop(const at::Tensor& q, const at::Tensor& k, const AttnOpti
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const AttnOptions& opt) {
   const auto acc = at::toOpMathType(q.scalar_type());
-  // The KV-cache loop's out is contiguous: returned as is where that is the layout below, else copied.
   if (takes_kvcache_loop(q, k, opt)) {
+    // its out is contiguous: returned as is where that is the tiled loop's layout (below), else copied
     auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
     if (q.stride(3) != 1 || q.strides() == o.strides()) return {o, l};
     return {at::empty_like(q).copy_(o), l};
