@@ -169,11 +169,17 @@ def test_randomised_against_reference(seed):
         return
     plain_out, plain_grads = run(plain_attention, dtype)
     assert_fa_rule("out " + desc, out, plain_out, ref_out, 2)
-    # the saturated-softmax term of q, k, v (a floating mask's has none: scales here stay <= 1)
+    # the saturated-softmax term of q, k, v and of a floating mask with a gradient (scale 1 at D = 64
+    # makes near one-hot rows too: dS = P (dP - D) carries D's error on the rounded O), the mask's
+    # summed over the dims it was broadcast along, as its gradient is
+    mask_grad = mask is not None and mask.requires_grad
     m4 = None if mask is None else mask_4d(mask.detach().to(torch.float64 if mask.is_floating_point() else torch.bool),
                                            q, k)
+    if mask_grad:
+        m4 = m4.clone().requires_grad_()
     ref_kw = dict(scale=kw["scale"], causal=kw.get("is_causal", False), bottom_right=False, attn_mask=m4)
     sat = saturation_terms(as_4d(out), ref_kw, as_4d(dout), as_4d(q), as_4d(k), as_4d(v))
-    sat = [None if x is None else x.reshape(y.shape) for x, y in zip(sat, (q, k, v))] + [None]  # (v: none)
+    sat_mask = sat[3].reshape(q.shape[:-1] + k.shape[-2:-1]).sum_to_size(mask.shape) if mask_grad else None
+    sat = [None if x is None else x.reshape(y.shape) for x, y in zip(sat, (q, k, v))] + [sat_mask]
     for name, a, pg, b, st in zip(names, grads, plain_grads, ref_grads, sat):
         assert_fa_rule(f"{name} {desc}", a, pg, b, 3, saturation=st)
