@@ -179,12 +179,11 @@ def test_online_softmax_redone_rows(case):
 def test_few_query_rows_take_the_kvcache_loop_and_agree(monkeypatch, path, dtype, nq):
     """Decoding shapes (Nq x group <= 256, more than twice as many keys as queries, no dropout)
     run the KV-cache loop: forward, lse and gradients against the reference, and an output that
-    keeps q's memory layout. Nq = 2 with 4
-    query heads per kv head: 8 rows, the scores as dot products along the cache rows on the
-    AVX-512 kernels (fp16 caches widened in registers where fp16 is not multiplied natively), or
-    the AVX2 ones (path "avx2", fp16 and bf16 in the float path);
-    Nq = 4: 16 rows, one whole 16 x 16 block of the S^T transposition on AMX; Nq = 8: 32 rows,
-    the GEMM."""
+    keeps q's memory layout. Nq = 2 with 4 query heads per kv head: 8 rows, the scores as dot
+    products along the cache rows on the AVX-512 kernels (fp16 caches widened in registers where
+    fp16 is not multiplied natively), or the AVX2 ones (path "avx2", fp16 and bf16 in the float
+    path); Nq = 4: 16 rows, one whole 16 x 16 block of the S^T transposition on AMX; Nq = 8: 32
+    rows, the GEMM."""
     set_path(monkeypatch, path, dtype)
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 8, 32, 64, generator=g)[:, :nq].to(dtype).transpose(1, 2)  # FlashAttention's (B, N, H, D) memory

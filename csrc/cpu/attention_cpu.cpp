@@ -529,8 +529,8 @@ bool takes_kvcache_loop(const at::Tensor& q, const at::Tensor& k, const AttnOpti
   if (rows > kFwdBr) return false;
   const auto t = q.scalar_type();
   const bool converted = (t == at::kHalf || t == at::kBFloat16) && !native_lowp_gemm(t);
-  const bool banded = opt.band(Nq, Nk).banded();
-  const bool self_like = Nq >= 16 && Nk <= 2 * Nq && (!converted || rows > 128 || (rows == 128 && banded));
+  const bool self_like = Nq >= 16 && Nk <= 2 * Nq &&
+                         (!converted || rows > 128 || (rows == 128 && opt.band(Nq, Nk).banded()));
   return !self_like;
 }
 
