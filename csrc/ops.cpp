@@ -15,6 +15,7 @@
 #include "cpu/attention_cpu.h"
 #include "cpu/kvcache_cpu.h"
 #include "cpu/rowops.h"
+#include "cpu/scratch.h"
 #include "cpu/tile_gemm.h"
 #include "cpu/varlen_cpu.h"
 #include "emu/emu_session.h"
@@ -559,6 +560,13 @@ TORCH_LIBRARY(flash_cuda, m) {
     cpu::exp2_row(xc.data_ptr<float>(), xc.numel(), y.data_ptr<float>(), generic);
     return y;
   });
+  // The CPU backend's cache of per-call temporaries (cpu/scratch.h): blocks served from it and
+  // allocated since the process started, bytes idle in it now; for the tests.
+  m.def("_cpu_scratch_stats() -> int[]", [] {
+    const cpu::ScratchStats s = cpu::scratch_stats();
+    return std::vector<int64_t>{s.hits, s.misses, s.idle_bytes};
+  });
+  m.def("_cpu_scratch_release() -> int", [] { return cpu::scratch_release(); });
   // The in-place kernels the CPU decoding loop runs for a cache of `dtype` in its float path
   // (tile_gemm.h, float_rows_kernels): "avx512", "avx2" or "none", for the tests and benchmarks.
   m.def("_cpu_rows_kernels(ScalarType dtype) -> str", [](at::ScalarType dtype) {

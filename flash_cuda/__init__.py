@@ -13,13 +13,14 @@
         ...
     flash_cuda.EMULATED_DEVICES, flash_cuda.DeviceProfile: the GPUs emulate(device=...) knows
     flash_cuda.cuda_arch_list(): the TORCH_CUDA_ARCH_LIST the CUDA kernels were built for
+    flash_cuda.empty_cpu_cache(): frees the blocks the CPU backend keeps for its next calls
 """
 from . import ops  # noqa: F401  (registers the ops, their fake and autograd functions)
-from .api import (attention, attention_with_kvcache, cuda_arch_list, has_cuda_kernels, pad_input,
+from .api import (attention, attention_with_kvcache, cuda_arch_list, empty_cpu_cache, has_cuda_kernels, pad_input,
                   scaled_dot_product_attention, unpad_input, varlen_attention)
 from .emulate import DEVICES as EMULATED_DEVICES
 from .emulate import DeviceProfile, emulate, ptx_kernels
 
 __all__ = ["attention", "attention_with_kvcache", "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input",
-           "has_cuda_kernels", "cuda_arch_list", "emulate", "ptx_kernels", "DeviceProfile", "EMULATED_DEVICES"]
+           "has_cuda_kernels", "cuda_arch_list", "empty_cpu_cache", "emulate", "ptx_kernels", "DeviceProfile", "EMULATED_DEVICES"]
 __version__ = "0.1.0"

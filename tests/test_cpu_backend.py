@@ -495,3 +495,37 @@ def test_amx_tiles_handed_between_our_gemms_and_torchs(threads):
             assert_fa_rule("decode", out, plain, ref, 2)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", ["native", "float"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scratch_cache_reuses_blocks_and_results_do_not_depend_on_them(monkeypatch, path, dtype):
+    """A call's temporaries (operands, dQ partials) come from blocks earlier calls freed
+    (csrc/cpu/scratch.h), holding whatever those calls left in them. The same call before and
+    after a call on other inputs of the same shape (the reused blocks then hold that call's
+    values) gives the same bits; the second and third calls are served from the cache (hits),
+    the cache stays within its 32 MiB, and empty_cpu_cache() frees what it holds."""
+    set_path(monkeypatch, path, dtype)
+    g = torch.Generator().manual_seed(5)
+    shape = (4, 6, 40, 32)  # the tiled loop (self-attention), operands of 120 KiB in fp32
+    x = [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
+    y = [torch.randn(shape, generator=g).to(dtype) * 3 for _ in range(4)]
+    flash_cuda.empty_cpu_cache()
+    assert torch.ops.flash_cuda._cpu_scratch_stats()[2] == 0
+    first = run(*x, causal=True)
+    hits, misses, idle = torch.ops.flash_cuda._cpu_scratch_stats()
+    assert 0 < idle <= 32 << 20
+    run(*y, causal=True)
+    again = run(*x, causal=True)
+    hits2, misses2, idle2 = torch.ops.flash_cuda._cpu_scratch_stats()
+    assert hits2 > hits and idle2 <= 32 << 20
+    for a, b in zip([first[0], first[1], *first[2]], [again[0], again[1], *again[2]]):
+        assert torch.equal(a, b)
+    ref, _ = attention_ref(*(t.double() for t in x[:3]), causal=True)
+    if dtype == torch.float32:
+        assert_close_fp("out", first[0], ref)
+    else:
+        plain, _ = attention_ref(*x[:3], causal=True, dtype=dtype)
+        assert_fa_rule("out", first[0], plain, ref, 2)
+    assert flash_cuda.empty_cpu_cache() == idle2
+    assert torch.ops.flash_cuda._cpu_scratch_stats()[2] == 0

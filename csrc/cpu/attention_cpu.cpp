@@ -45,6 +45,7 @@
 #include "kvcache_cpu.h"
 #include "online_softmax.h"
 #include "rowops.h"
+#include "scratch.h"
 #include "tile_gemm.h"
 #include "tiles.h"
 
@@ -108,21 +109,19 @@ struct Drop {
   }
 };
 
-// GEMM operands, prepared once per call in O(N D): in the GEMM dtype, rows with unit stride.
-at::Tensor rows_operand(const at::Tensor& x, at::ScalarType dtype) {
-  at::Tensor y = x.to(dtype);
-  return y.stride(3) == 1 ? y : y.contiguous();
-}
+// GEMM operands, prepared once per call in O(N D): in the GEMM dtype, rows with unit stride
+// (x itself where it has them, else a copy from the scratch cache, scratch.h).
+at::Tensor rows_operand(const at::Tensor& x, at::ScalarType dtype) { return scratch_rows(x, dtype); }
 // x (B, H, N, D) as (B, H, D, N), contiguous: the left operand of Q^T dS and dO^T P. fp32 on
 // AVX-512: transposed head by head in 16 x 16 blocks of words (transpose()), in parallel; ATen's
 // transposing copy ran on one thread (fp32 forward + backward at N = 1024, D = 128 on a Zen 4:
 // 4.9 ms of ATen copies in 80 ms, with those of dK and dV below).
 at::Tensor transposed_operand(const at::Tensor& x, at::ScalarType dtype) {
-  const at::Tensor xt = x.to(dtype).transpose(2, 3);
-  if (xt.is_contiguous() || dtype != at::kFloat || !f32_gemm_supported()) return xt.contiguous();
-  const at::Tensor rows = xt.stride(2) == 1 ? xt.transpose(2, 3) : xt.transpose(2, 3).contiguous();
+  if (x.scalar_type() == dtype && x.transpose(2, 3).is_contiguous()) return x.transpose(2, 3);
   const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
-  at::Tensor y = at::empty({B, H, D, N}, rows.options());
+  at::Tensor y = scratch_empty({B, H, D, N}, dtype);
+  if (dtype != at::kFloat || !f32_gemm_supported()) return y.copy_(x.transpose(2, 3));
+  const at::Tensor rows = rows_operand(x, dtype);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       transpose(N, D, rows.data_ptr<float>() + i / H * rows.stride(0) + i % H * rows.stride(1), rows.stride(2),
@@ -350,7 +349,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const int64_t threads = at::get_num_threads();
   const int64_t n_splits =
       std::max<int64_t>(1, std::min<int64_t>(n_ktiles, ceil_div(4 * threads, B * Hkv)));
-  at::Tensor dq_parts = at::zeros({n_splits, B, Hq, Nq, D}, acc_opts);
+  at::Tensor dq_parts = scratch_empty({n_splits, B, Hq, Nq, D}, c10::CppTypeToScalarType<acc_t>::value).zero_();
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 

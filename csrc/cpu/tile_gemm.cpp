@@ -20,6 +20,7 @@
 #include "avx2_rows.h"
 #include "avx512_gemm.h"
 #include "multiversion.h"
+#include "scratch.h"
 
 // MKL's (the BLAS's) Fortran sgemm, exported by torch's CPU library when it is built on MKL; weak,
 // so the extension still loads against a torch without it (mkl_sgemm then declines).
@@ -357,7 +358,7 @@ RightOperand<T>::RightOperand(const at::Tensor& x, bool pack, int64_t block)
     // a transpose of rows (K^T of the key rows): packed from the rows themselves where it can be
     const bool from_rows = transposed_pack_ok<T>(x);
     const at::Tensor src = x.stride(3) == 1 || from_rows ? x : x.contiguous();
-    micro_data_ = at::empty({B, H, std::max<int64_t>(size, 1)}, x.options());
+    micro_data_ = scratch_empty({B, H, std::max<int64_t>(size, 1)}, dtype);
     data_ = src;  // for the GEMMs of fewer columns than a vector
     micro_ = true;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -384,7 +385,7 @@ RightOperand<T>::RightOperand(const at::Tensor& x, bool pack, int64_t block)
   K_even_ = K_ + K_ % 2;
   N16_ = (N_ + 15) / 16 * 16;
   const int64_t B = x.size(0), H = x.size(1), blocks = (N_ + block_ - 1) / block_;
-  data_ = at::empty({B, H, blocks, K_even_, block_}, x.options());
+  data_ = scratch_empty({B, H, blocks, K_even_, block_}, dtype);
   if constexpr (sizeof(T) == 2) {  // packed_ holds for fp16/bf16 only
     T* out = data_.data_ptr<T>();
     at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {

@@ -1,0 +1,132 @@
+// The CPU backend's cache of temporaries (scratch.h).
+#include "scratch.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
+#include <list>
+#include <mutex>
+#include <vector>
+
+namespace flash_cuda::cpu {
+namespace {
+
+struct Block {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+// Idle blocks, most recently freed first. Shared by every thread (a block freed on a worker
+// thread serves the next call on any), under one lock held only to search and splice the list.
+class BlockCache {
+ public:
+  Block take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // The smallest idle block that fits, at most 1/8 larger: a request does not keep a much
+      // larger block from the request it was freed by.
+      auto best = idle_.end();
+      for (auto it = idle_.begin(); it != idle_.end(); ++it)
+        if (it->bytes >= bytes && it->bytes - bytes <= bytes / 8 && (best == idle_.end() || it->bytes < best->bytes))
+          best = it;
+      if (best != idle_.end()) {
+        const Block b = *best;
+        idle_.erase(best);
+        idle_bytes_ -= b.bytes;
+        ++hits_;
+        return b;
+      }
+      ++misses_;
+    }
+    return Block{c10::alloc_cpu(bytes), bytes};
+  }
+
+  void give_back(Block b) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      idle_.push_front(b);
+      idle_bytes_ += b.bytes;
+      while (idle_bytes_ > kScratchCacheBytes) {
+        evicted.push_back(idle_.back());
+        idle_bytes_ -= idle_.back().bytes;
+        idle_.pop_back();
+      }
+    }
+    for (const Block& e : evicted) c10::free_cpu(e.ptr);  // outside the lock
+  }
+
+  int64_t release_all() {
+    std::list<Block> idle;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      idle.swap(idle_);
+      idle_bytes_ = 0;
+    }
+    int64_t bytes = 0;
+    for (const Block& b : idle) bytes += static_cast<int64_t>(b.bytes), c10::free_cpu(b.ptr);
+    return bytes;
+  }
+
+  ScratchStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {hits_, misses_, static_cast<int64_t>(idle_bytes_)};
+  }
+
+ private:
+  std::mutex mu_;
+  std::list<Block> idle_;
+  size_t idle_bytes_ = 0;
+  int64_t hits_ = 0, misses_ = 0;
+};
+
+// Never destroyed: tensors may be freed while the process exits, after static destructors ran.
+BlockCache& block_cache() {
+  static BlockCache* cache = new BlockCache;
+  return *cache;
+}
+
+void give_back(void* ctx) {
+  Block* b = static_cast<Block*>(ctx);
+  block_cache().give_back(*b);
+  delete b;
+}
+
+class ScratchAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n == 0 || n > kScratchMaxBlock) return c10::GetCPUAllocator()->allocate(n);
+    const size_t bytes = (n + 4095) / 4096 * 4096;  // whole pages: sizes a few bytes apart share blocks
+    Block* b = new Block(block_cache().take(bytes));
+    return {b->ptr, b, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+c10::Allocator* scratch_allocator() {
+  static ScratchAllocator* allocator = new ScratchAllocator;
+  return allocator;
+}
+
+}  // namespace
+
+at::Tensor scratch_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_generic(sizes, scratch_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   std::nullopt);
+}
+
+at::Tensor scratch_rows(const at::Tensor& x, at::ScalarType dtype) {
+  if (x.scalar_type() == dtype && x.stride(-1) == 1) return x;
+  at::Tensor y = scratch_empty(x.sizes(), dtype);
+  y.copy_(x);
+  return y;
+}
+
+ScratchStats scratch_stats() { return block_cache().stats(); }
+int64_t scratch_release() { return block_cache().release_all(); }
+
+}  // namespace flash_cuda::cpu
