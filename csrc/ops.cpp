@@ -567,6 +567,9 @@ TORCH_LIBRARY(flash_cuda, m) {
     return std::vector<int64_t>{s.hits, s.misses, s.idle_bytes};
   });
   m.def("_cpu_scratch_release() -> int", [] { return cpu::scratch_release(); });
+  // Fills every block the cache hands out with NaN from now on (on) or not (off): a test that
+  // results never read temporaries no one wrote.
+  m.def("_cpu_scratch_poison(bool on) -> ()", [](bool on) { cpu::scratch_poison(on); });
   // The in-place kernels the CPU decoding loop runs for a cache of `dtype` in its float path
   // (tile_gemm.h, float_rows_kernels): "avx512", "avx2" or "none", for the tests and benchmarks.
   m.def("_cpu_rows_kernels(ScalarType dtype) -> str", [](at::ScalarType dtype) {

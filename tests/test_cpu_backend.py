@@ -69,6 +69,18 @@ def set_path(monkeypatch, path, dtype):
     monkeypatch.setenv("FLASH_CUDA_CPU_GEMM", path)
 
 
+@pytest.fixture
+def poisoned_scratch():
+    """Every temporary the CPU backend takes from its cache of freed blocks (csrc/cpu/scratch.h)
+    comes filled with NaN: a result that reads memory no step of the call wrote (a padding row or
+    column, a partial sum not zeroed) comes out NaN and fails the comparison."""
+    torch.ops.flash_cuda._cpu_scratch_poison(True)
+    try:
+        yield
+    finally:
+        torch.ops.flash_cuda._cpu_scratch_poison(False)
+
+
 def run(q, k, v, dout, **kw):
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out, lse = flash_cuda.attention(*leaves, return_lse=True, **kw)
@@ -83,9 +95,9 @@ def ref_kw(causal, window):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
-def test_gemm_paths_fa_rule(monkeypatch, path, dtype, shape):
+def test_gemm_paths_fa_rule(monkeypatch, poisoned_scratch, path, dtype, shape):
     """Every fp16/bf16 GEMM path meets FlashAttention's rule on every shape (forward, lse and
-    gradients, with the saturated-softmax term where Nk = 1)."""
+    gradients, with the saturated-softmax term where Nk = 1), its temporaries handed out as NaN."""
     set_path(monkeypatch, path, dtype)
     B, Hq, Hkv, Nq, Nk, D, causal, window = shape
     g = torch.Generator().manual_seed(Nq + D)
@@ -112,9 +124,10 @@ def test_gemm_paths_fa_rule(monkeypatch, path, dtype, shape):
 
 @pytest.mark.parametrize("f32_gemm", ["avx512", "blas"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
-def test_f32_gemm_paths(monkeypatch, f32_gemm, shape):
+def test_f32_gemm_paths(monkeypatch, poisoned_scratch, f32_gemm, shape):
     """fp32 inputs through either fp32 GEMM (the AVX-512 micro-kernel needs avx512f): forward, lse
-    and gradients close to the float64 reference on every edge shape."""
+    and gradients close to the float64 reference on every edge shape, its temporaries handed out
+    as NaN."""
     set_path(monkeypatch, f32_gemm, torch.float32)
     B, Hq, Hkv, Nq, Nk, D, causal, window = shape
     g = torch.Generator().manual_seed(Nq + D + 1)
@@ -498,34 +511,52 @@ def test_amx_tiles_handed_between_our_gemms_and_torchs(threads):
 
 
 @pytest.mark.parametrize("path", ["native", "float"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_scratch_cache_reuses_blocks_and_results_do_not_depend_on_them(monkeypatch, path, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 6, 6, 40, 40, 32, True), (1, 4, 2, 130, 600, 59, False)],
+                         ids=["short_causal", "key_splits_odd_d_gqa"])
+def test_scratch_cache_reuses_blocks_and_results_do_not_depend_on_them(monkeypatch, path, dtype, shape):
     """A call's temporaries (operands, dQ partials) come from blocks earlier calls freed
     (csrc/cpu/scratch.h), holding whatever those calls left in them. The same call before and
     after a call on other inputs of the same shape (the reused blocks then hold that call's
-    values) gives the same bits; the second and third calls are served from the cache (hits),
-    the cache stays within its 32 MiB, and empty_cpu_cache() frees what it holds."""
+    values) gives the same bits, and both meet the float64 reference; the later calls are served
+    from the cache (hits), the cache stays within its 32 MiB, and empty_cpu_cache() frees what it
+    holds. Shapes: 40 tokens (the tiled loop in fp32 and native bf16/fp16; the KV-cache loop's
+    forward where fp16/bf16 are multiplied in float), and 600 keys in three key tiles, split
+    across the threads (dQ partials summed), an odd head dim, 2 query heads a kv head."""
     set_path(monkeypatch, path, dtype)
+    B, Hq, Hkv, Nq, Nk, D, causal = shape
     g = torch.Generator().manual_seed(5)
-    shape = (4, 6, 40, 32)  # the tiled loop (self-attention), operands of 120 KiB in fp32
-    x = [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
-    y = [torch.randn(shape, generator=g).to(dtype) * 3 for _ in range(4)]
+
+    def inputs(mult):
+        return [torch.randn(B, h, n, D, generator=g).mul(mult).to(dtype)
+                for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk), (Hq, Nq))]
+
+    x, y = inputs(1), inputs(3)
     flash_cuda.empty_cpu_cache()
     assert torch.ops.flash_cuda._cpu_scratch_stats()[2] == 0
-    first = run(*x, causal=True)
+    first = run(*x, causal=causal)
     hits, misses, idle = torch.ops.flash_cuda._cpu_scratch_stats()
     assert 0 < idle <= 32 << 20
-    run(*y, causal=True)
-    again = run(*x, causal=True)
+    run(*y, causal=causal)
+    again = run(*x, causal=causal)
     hits2, misses2, idle2 = torch.ops.flash_cuda._cpu_scratch_stats()
     assert hits2 > hits and idle2 <= 32 << 20
     for a, b in zip([first[0], first[1], *first[2]], [again[0], again[1], *again[2]]):
         assert torch.equal(a, b)
-    ref, _ = attention_ref(*(t.double() for t in x[:3]), causal=True)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in x[:3]]
+    ref_out, _ = attention_ref(*ref_leaves, causal=causal)
+    ref_out.backward(x[3].double())
     if dtype == torch.float32:
-        assert_close_fp("out", first[0], ref)
+        assert_close_fp("out", first[0], ref_out)
+        for name, g_, rl in zip(("dq", "dk", "dv"), first[2], ref_leaves):
+            assert_close_fp(name, g_, rl.grad, 2e-4)
     else:
-        plain, _ = attention_ref(*x[:3], causal=True, dtype=dtype)
-        assert_fa_rule("out", first[0], plain, ref, 2)
+        plain_leaves = [t.detach().requires_grad_() for t in x[:3]]
+        plain_out, _ = attention_ref(*plain_leaves, causal=causal, dtype=dtype)
+        plain_out.backward(x[3])
+        assert_fa_rule("out", first[0], plain_out, ref_out, 2)
+        for name, g_, pl, rl in zip(("dq", "dk", "dv"), first[2], plain_leaves, ref_leaves):
+            assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
     assert flash_cuda.empty_cpu_cache() == idle2
     assert torch.ops.flash_cuda._cpu_scratch_stats()[2] == 0

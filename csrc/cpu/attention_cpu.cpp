@@ -112,16 +112,15 @@ struct Drop {
 // GEMM operands, prepared once per call in O(N D): in the GEMM dtype, rows with unit stride
 // (x itself where it has them, else a copy from the scratch cache, scratch.h).
 at::Tensor rows_operand(const at::Tensor& x, at::ScalarType dtype) { return scratch_rows(x, dtype); }
-// x (B, H, N, D) as (B, H, D, N), contiguous: the left operand of Q^T dS and dO^T P. fp32 on
-// AVX-512: transposed head by head in 16 x 16 blocks of words (transpose()), in parallel; ATen's
-// transposing copy ran on one thread (fp32 forward + backward at N = 1024, D = 128 on a Zen 4:
-// 4.9 ms of ATen copies in 80 ms, with those of dK and dV below).
-at::Tensor transposed_operand(const at::Tensor& x, at::ScalarType dtype) {
-  if (x.scalar_type() == dtype && x.transpose(2, 3).is_contiguous()) return x.transpose(2, 3);
-  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
-  at::Tensor y = scratch_empty({B, H, D, N}, dtype);
-  if (dtype != at::kFloat || !f32_gemm_supported()) return y.copy_(x.transpose(2, 3));
-  const at::Tensor rows = rows_operand(x, dtype);
+// rows (B, H, N, D), a rows_operand, as (B, H, D, N), contiguous: the left operand of Q^T dS and
+// dO^T P. fp32 on AVX-512: transposed head by head in 16 x 16 blocks of words (transpose()), in
+// parallel; ATen's transposing copy ran on one thread (fp32 forward + backward at N = 1024, D =
+// 128 on a Zen 4: 4.9 ms of ATen copies in 80 ms, with those of dK and dV below).
+at::Tensor transposed_operand(const at::Tensor& rows) {
+  if (rows.transpose(2, 3).is_contiguous()) return rows.transpose(2, 3);
+  const int64_t B = rows.size(0), H = rows.size(1), N = rows.size(2), D = rows.size(3);
+  at::Tensor y = scratch_empty({B, H, D, N}, rows.scalar_type());
+  if (rows.scalar_type() != at::kFloat || !f32_gemm_supported()) return y.copy_(rows.transpose(2, 3));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       transpose(N, D, rows.data_ptr<float>() + i / H * rows.stride(0) + i % H * rows.stride(1), rows.stride(2),
@@ -335,8 +334,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   // Every GEMM below multiplies row-major operands, so the transposed ones are made once here:
   //   S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K.
   // The right operands shared by every tile (K^T, V^T, K) are RightOperands (packed on AMX).
-  const at::Tensor gQ = rows_operand(q, in_dtype), gQt = transposed_operand(q, in_dtype);      // (.., Nq, D), (.., D, Nq)
-  const at::Tensor gdO = rows_operand(dout, in_dtype), gdOt = transposed_operand(dout, in_dtype);
+  const at::Tensor gQ = rows_operand(q, in_dtype), gQt = transposed_operand(gQ);      // (.., Nq, D), (.., D, Nq)
+  const at::Tensor gdO = rows_operand(dout, in_dtype), gdOt = transposed_operand(gdO);
   const RightOperand<in_t> gKt(transposed_view(k, in_dtype), D % 2 == 0, kBwdBc),  // (D, Nk) per head
       gVt(transposed_view(v, in_dtype), D % 2 == 0, kBwdBc),                         // (D, Nk)
       gK(rows_operand(k, in_dtype), true, kMaxBlockD);                               // (Nk, D)
@@ -484,6 +483,20 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   dq.copy_(dq_acc.mul_(scale));
 }
 
+// sum_d g_d o_d of one row with unit stride in float64, each product exact: fp32 rows by
+// dot_f64's vectors, fp16/bf16 ones widened (exactly) into `wide` (2 D floats) first.
+inline double row_dot(const float* g, const float* o, int64_t D, float*) { return dot_f64(g, o, D); }
+inline double row_dot(const double* g, const double* o, int64_t D, float*) {
+  double sum = 0;
+  for (int64_t c = 0; c < D; ++c) sum += g[c] * o[c];
+  return sum;
+}
+template <typename T>
+double row_dot(const T* g, const T* o, int64_t D, float* wide) {
+  std::copy(g, g + D, wide), std::copy(o, o + D, wide + D);
+  return dot_f64(wide, wide + D, D);
+}
+
 // D_i = sum_d dO_id O_id of every row (B, H, N) in float64 (the products of fp16/bf16/fp32 values
 // exact there), rounded once to acc: a loop over the rows, no float64 copies of dO and O.
 at::Tensor row_dots(const at::Tensor& dout, const at::Tensor& out, at::ScalarType acc) {
@@ -495,11 +508,17 @@ at::Tensor row_dots(const at::Tensor& dout, const at::Tensor& out, at::ScalarTyp
     const scalar_t* o = out.data_ptr<scalar_t>();
     acc_t* d = delta.data_ptr<acc_t>();
     const auto gs = dout.strides(), os = out.strides();
+    const bool unit_stride = gs[3] == 1 && os[3] == 1;
     at::parallel_for(0, B * H * N, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<float> wide(sizeof(scalar_t) == 2 && unit_stride ? 2 * D : 0);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / (H * N), h = r / N % H, i = r % N;
         const scalar_t* gr = g + b * gs[0] + h * gs[1] + i * gs[2];
         const scalar_t* orow = o + b * os[0] + h * os[1] + i * os[2];
+        if (unit_stride) {
+          d[r] = acc_t(row_dot(gr, orow, D, wide.data()));
+          continue;
+        }
         double sum = 0;
         for (int64_t c = 0; c < D; ++c) sum += double(gr[c * gs[3]]) * double(orow[c * os[3]]);
         d[r] = acc_t(sum);

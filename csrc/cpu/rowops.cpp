@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
@@ -473,6 +474,25 @@ FC_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
 }
 void scale_row(double* x, int64_t n, double a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+
+// As a v8d of partial sums: the scalar loop's one double accumulator was a chain of dependent
+// adds, 4.8% of an fp32 backward at N = 32, D = 32 (B 32, H 12) on a Zen 4. The widening loads
+// are exact, and the sums' order is fixed by the code, not by the ISA level's vector width.
+FC_MULTIVERSION double dot_f64(const float* x, const float* y, int64_t n) {
+  using v8d = double __attribute__((vector_size(64)));
+  using v8f = float __attribute__((vector_size(32)));
+  v8d acc = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    v8f a, b;
+    std::memcpy(&a, x + j, sizeof(a));
+    std::memcpy(&b, y + j, sizeof(b));
+    acc += __builtin_convertvector(a, v8d) * __builtin_convertvector(b, v8d);
+  }
+  double sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+  for (; j < n; ++j) sum += double(x[j]) * double(y[j]);
+  return sum;
 }
 
 FC_MULTIVERSION void softmax_grad_row(float* dp, const float* p, int64_t n, float d) {

@@ -46,6 +46,11 @@ void scale_row(double* x, int64_t n, double a);
 void round_bf16(const float* x, int64_t n, uint16_t* y);
 void round_fp16(const float* x, int64_t n, uint16_t* y, bool generic = false);
 
+// sum_j x[j] y[j] in float64, each product exact (two floats' product fits a double): the
+// backward's D_i = rowsum(dO o O). Eight interleaved partial sums, added in a fixed order (the
+// same result on every thread count and ISA level).
+double dot_f64(const float* x, const float* y, int64_t n);
+
 // dp[j] = p[j] * (dp[j] - d): the softmax backward dS = P o (dP - D) for one row.
 void softmax_grad_row(float* dp, const float* p, int64_t n, float d);
 void softmax_grad_row(double* dp, const double* p, int64_t n, double d);

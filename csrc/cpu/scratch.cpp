@@ -6,6 +6,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
+
+#include <atomic>
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <vector>
@@ -18,6 +22,14 @@ struct Block {
   size_t bytes = 0;
 };
 
+// Tests: every block handed out filled with 0xff bytes (NaN as fp32, fp16 and bf16), so a result
+// that read memory no one wrote comes out NaN (flash_cuda._C _cpu_scratch_poison).
+std::atomic<bool> g_poison{false};
+Block poisoned(Block b) {
+  if (g_poison.load(std::memory_order_relaxed)) std::memset(b.ptr, 0xff, b.bytes);
+  return b;
+}
+
 // Idle blocks, most recently freed first. Shared by every thread (a block freed on a worker
 // thread serves the next call on any), under one lock held only to search and splice the list.
 class BlockCache {
@@ -29,18 +41,20 @@ class BlockCache {
       // larger block from the request it was freed by.
       auto best = idle_.end();
       for (auto it = idle_.begin(); it != idle_.end(); ++it)
-        if (it->bytes >= bytes && it->bytes - bytes <= bytes / 8 && (best == idle_.end() || it->bytes < best->bytes))
+        if (it->bytes >= bytes && it->bytes - bytes <= bytes / 8 && (best == idle_.end() || it->bytes < best->bytes)) {
           best = it;
+          if (it->bytes == bytes) break;
+        }
       if (best != idle_.end()) {
         const Block b = *best;
         idle_.erase(best);
         idle_bytes_ -= b.bytes;
         ++hits_;
-        return b;
+        return poisoned(b);
       }
       ++misses_;
     }
-    return Block{c10::alloc_cpu(bytes), bytes};
+    return poisoned(Block{c10::alloc_cpu(bytes), bytes});
   }
 
   void give_back(Block b) {
@@ -83,9 +97,18 @@ class BlockCache {
 };
 
 // Never destroyed: tensors may be freed while the process exits, after static destructors ran.
+// A child process (fork) starts with a new, empty cache: the parent's lock may have been held by
+// one of its other threads at the fork, which the child does not have; its idle blocks stay
+// allocated, unused.
+std::atomic<BlockCache*> g_cache{nullptr};
 BlockCache& block_cache() {
-  static BlockCache* cache = new BlockCache;
-  return *cache;
+  static const bool once = [] {
+    g_cache = new BlockCache;
+    pthread_atfork(nullptr, nullptr, [] { g_cache = new BlockCache; });
+    return true;
+  }();
+  (void)once;
+  return *g_cache;
 }
 
 void give_back(void* ctx) {
@@ -97,7 +120,7 @@ void give_back(void* ctx) {
 class ScratchAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    if (n == 0 || n > kScratchMaxBlock) return c10::GetCPUAllocator()->allocate(n);
+    if (n < kScratchMinBlock || n > kScratchMaxBlock) return c10::GetCPUAllocator()->allocate(n);
     const size_t bytes = (n + 4095) / 4096 * 4096;  // whole pages: sizes a few bytes apart share blocks
     Block* b = new Block(block_cache().take(bytes));
     return {b->ptr, b, &give_back, c10::Device(c10::DeviceType::CPU)};
@@ -127,6 +150,7 @@ at::Tensor scratch_rows(const at::Tensor& x, at::ScalarType dtype) {
 }
 
 ScratchStats scratch_stats() { return block_cache().stats(); }
+void scratch_poison(bool on) { g_poison = on; }
 int64_t scratch_release() { return block_cache().release_all(); }
 
 }  // namespace flash_cuda::cpu
