@@ -349,6 +349,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const int64_t n_splits =
       std::max<int64_t>(1, std::min<int64_t>(n_ktiles, ceil_div(4 * threads, B * Hkv)));
   at::Tensor dq_parts = scratch_empty({n_splits, B, Hq, Nq, D}, c10::CppTypeToScalarType<acc_t>::value).zero_();
+  acc_t* dq_parts_ptr = dq_parts.data_ptr<acc_t>();  // contiguous (n_splits, B, Hq, Nq, D)
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
 
@@ -389,7 +390,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       const int64_t i_first = band.row_begin(j0, Nq) / kBwdBr * kBwdBr, i_end = band.row_end(j1, Nq);
 
       for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
-        acc_t* gdQ = dq_parts[split][b][h].data_ptr<acc_t>();  // (Nq, D), unscaled dS K
+        acc_t* gdQ = dq_parts_ptr + ((split * B + b) * Hq + h) * Nq * D;  // (Nq, D), unscaled dS K
         for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
           const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
