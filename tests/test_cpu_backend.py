@@ -560,3 +560,32 @@ def test_scratch_cache_reuses_blocks_and_results_do_not_depend_on_them(monkeypat
             assert_fa_rule(name, g_, pl.grad, rl.grad, 3)
     assert flash_cuda.empty_cpu_cache() == idle2
     assert torch.ops.flash_cuda._cpu_scratch_stats()[2] == 0
+
+
+def test_concurrent_calls_share_the_scratch_cache():
+    """Calls from several Python threads at once (torch releases the GIL inside the ops) take and
+    free blocks of the shared cache concurrently: each thread's forward and backward, repeated,
+    give the bits the same call gives alone."""
+    import threading
+    g = torch.Generator().manual_seed(9)
+    shapes = [(4, 6, 40, 32), (2, 4, 130, 64), (1, 8, 300, 40), (4, 6, 40, 32)]
+    cases = [[torch.randn(s, generator=g) for _ in range(4)] for s in shapes]
+    alone = [run(*c, causal=i % 2 == 1) for i, c in enumerate(cases)]
+    results, errors = [None] * len(cases), []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = run(*cases[i], causal=i % 2 == 1)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, alone):
+        for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+            assert torch.equal(a, b)
