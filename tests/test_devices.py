@@ -326,7 +326,8 @@ def test_randomised_profiles_against_reference(seed):
                                        "of different orders (dP by mma, D = rowsum(dO O) in the preprocess), whose "
                                        "rounding difference, summed over query rows into dK and scaled into dQ, "
                                        "exceeds the FA rule's 1e-5 where plain torch's gradient is exactly zero; "
-                                       "every configuration and the CPU backend alike")
+                                       "every configuration (the CPU backend takes P = 1 and D_i = dP_ij in a "
+                                       "one-hot row: test_cpu_backend.py::test_one_hot_rows_get_exact_gradients)")
 @pytest.mark.parametrize("D,scale", [(192, None), (64, 1.0)])
 @pytest.mark.parametrize("device", ["a100", "l4"])
 def test_one_key_rows(device, D, scale):

@@ -312,8 +312,8 @@ def test_compile_fullgraph_every_feature():
 def test_randomised_against_reference(seed):
     """Random shapes, GQA ratios, dtypes, layouts (FlashAttention's (B, N, H, D) views, sliced
     views) and feature combinations against the float64 reference. Low precision uses the
-    saturated-softmax term of the standard (random scales and Nk = 1 make one-hot rows); draws where
-    every row sees at most one key can exceed it (test_randomised_known_excess)."""
+    saturated-softmax term of the standard (random scales and Nk = 1 make one-hot rows; draws where
+    every row sees at most one key: test_randomised_one_key_rows)."""
     rnd = random.Random(seed)
     dtype = rnd.choice([torch.float32, torch.float16, torch.bfloat16])
     hkv = rnd.choice([1, 2])
@@ -355,15 +355,14 @@ def test_randomised_against_reference(seed):
         assert_fa_rule(f"{name} ({kw})", a, pg, b, 3, saturation=st)
 
 
-# A soak over seeds 2000-2755 (2026-12-03) found four draws outside the rule, each one where every
-# row sees at most one key (Nk = 1, a window of left 0 with causal or right 0) at scale 3.0: the known excess
-# of test_devices.py::test_one_key_rows, on the CPU backend here. Pinned so a fix or change shows.
-@pytest.mark.xfail(strict=True, reason="known: with one key per row plain torch's dQ and dK are exactly 0, while "
-                                       "dS = P (dP - D) subtracts two fp32 dot products of different orders (dP "
-                                       "by the tile GEMM, D = rowsum(dO O) in float64); at scale 3.0 the residue "
-                                       "exceeds 1e-5 (soak: dQ 1.5e-5 to 4.4e-5)")
-@pytest.mark.parametrize("seed", [2024, 2033, 2407, 2578])
-def test_randomised_known_excess(seed):
+# Soaks found these draws outside the rule (seeds 2000-2755 on 2026-12-03: 2024, 2033, 2407, 2578;
+# 18970-19219 on 2026-12-05: 18985, 19014), each one where every row sees at most one key (Nk = 1,
+# a window of left 0 with causal or right 0) at scale 3.0: dS = P (dP - D) left the difference of
+# two roundings of dP_ij where the exact dS (and plain torch's) is 0. The backward now takes P = 1
+# and D_i = dP_ij in a one-hot row (test_cpu_backend.py::test_one_hot_rows_get_exact_gradients);
+# kept as a regression test.
+@pytest.mark.parametrize("seed", [2024, 2033, 2407, 2578, 18985, 19014])
+def test_randomised_one_key_rows(seed):
     test_randomised_against_reference(seed)
 
 

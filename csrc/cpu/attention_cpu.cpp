@@ -317,7 +317,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 
 template <typename in_t>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+              const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& dlse,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const at::Tensor& dbias,
               const AttnOptions& opt) {
   using acc_t = at::opmath_type<in_t>;
@@ -352,6 +352,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   acc_t* dq_parts_ptr = dq_parts.data_ptr<acc_t>();  // contiguous (n_splits, B, Hq, Nq, D)
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
+  const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
 
   // dK and dV tiles (float, transposed) stored by transpose() and store_rows (one pass each on
   // AVX-512) where their rows have unit stride, else by ATen's transposing copy
@@ -434,8 +435,22 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               drop.tile(z + at, ld, rows, cols, i0 + r0, jb, b, h);
               for (int64_t r = 0; r < rows; ++r) mul_row(ds + at + r * ld, z + at + r * ld, cols);
             }
-            for (int64_t r = 0; r < rows; ++r)  // dS' = dL/d(modified s)
-              softmax_grad_row(ds + at + r * ld, p + at + r * ld, cols, delta_ptr[row0 + r0 + r]);
+            for (int64_t r = 0; r < rows; ++r) {  // dS' = dL/d(modified s)
+              const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
+              acc_t* dsr = ds + at + r * ld;
+              acc_t* pr = p + at + r * ld;
+              // A row whose keys all lie in this tile with one nonzero P (one key visible, or the
+              // others' exponentials 0) is one-hot: its exact P_ij is 1 (exp(s - lse) recomputed
+              // from the rounded lse misses it by the scores' rounding, ~1e-7 of |scale s|) and
+              // D_i = sum_j P_ij dP_ij is dP_ij, which D_i = rowsum(dO o O) misses by the rounding
+              // of this tile's dP GEMM; dS_ij = P_ij (dP_ij - D_i) would carry that into dQ and
+              // dK, whose exact gradient (and plain torch's) is 0 there, less what flows into lse.
+              const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
+              const int64_t one = whole_row ? single_nonzero(pr, cols) : -1;
+              if (one >= 0) pr[one] = acc_t(1);
+              const acc_t d = one < 0 ? delta_ptr[row] : dsr[one] - (dlse_ptr ? dlse_ptr[row] : acc_t(0));
+              softmax_grad_row(dsr, pr, cols, d);
+            }
             if (z)
               for (int64_t r = 0; r < rows; ++r) mul_row(p + at + r * ld, z + at + r * ld, cols);
           }
@@ -596,8 +611,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor delta = dout.scalar_type() == out.scalar_type() ? row_dots(dout, out, acc)
                                                              : (dout.to(at::kDouble) * out).sum(-1).to(acc);
   if (dlse.has_value()) delta.sub_(*dlse);
+  // (B, H, N) in acc, for the one-hot rows' D_i (bwd_impl)
+  const at::Tensor dlse_acc = dlse.has_value() ? dlse->to(acc).expand_as(delta).contiguous() : at::Tensor();
   with_gemm_type(q.scalar_type(), [&](auto in) {
-    bwd_impl<decltype(in)>(dout, q, k, v, lse.contiguous(), delta, dq, dk, dv, dbias, opt);
+    bwd_impl<decltype(in)>(dout, q, k, v, lse.contiguous(), delta, dlse_acc, dq, dk, dv, dbias, opt);
   });
   return {dq, dk, dv, dbias};
 }

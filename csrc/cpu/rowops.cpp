@@ -495,6 +495,20 @@ FC_MULTIVERSION double dot_f64(const float* x, const float* y, int64_t n) {
   return sum;
 }
 
+namespace {
+template <typename T>
+inline int64_t single_nonzero_impl(const T* x, int64_t n) {
+  int32_t count = 0;  // a count first (vectorised), the search only where it is 1
+  for (int64_t j = 0; j < n; ++j) count += x[j] != T(0);
+  if (count == 1)
+    for (int64_t j = 0; j < n; ++j)
+      if (x[j] != T(0)) return j;
+  return -1;
+}
+}  // namespace
+FC_MULTIVERSION int64_t single_nonzero(const float* x, int64_t n) { return single_nonzero_impl(x, n); }
+int64_t single_nonzero(const double* x, int64_t n) { return single_nonzero_impl(x, n); }
+
 FC_MULTIVERSION void softmax_grad_row(float* dp, const float* p, int64_t n, float d) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
 }

@@ -51,6 +51,11 @@ void round_fp16(const float* x, int64_t n, uint16_t* y, bool generic = false);
 // same result on every thread count and ISA level).
 double dot_f64(const float* x, const float* y, int64_t n);
 
+// The index of x's only nonzero entry, or -1 where it has none or several: the backward's test
+// for a one-hot row of P.
+int64_t single_nonzero(const float* x, int64_t n);
+int64_t single_nonzero(const double* x, int64_t n);
+
 // dp[j] = p[j] * (dp[j] - d): the softmax backward dS = P o (dP - D) for one row.
 void softmax_grad_row(float* dp, const float* p, int64_t n, float d);
 void softmax_grad_row(double* dp, const double* p, int64_t n, double d);
