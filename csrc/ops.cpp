@@ -507,7 +507,9 @@ TORCH_LIBRARY(flash_cuda, m) {
         " Tensor? alibi_slopes=None, Tensor? bias=None, float dropout_p=0.0, Tensor? rng_state=None)"
         " -> (Tensor out, Tensor lse)");
   // dlse: optional gradient flowing into lse (None when lse was not used). dbias: dL/d bias,
-  // dense (B, Hq, Nq, Nk), when bias_grad; else an empty tensor.
+  // dense (B, Hq, Nq, Nk), when bias_grad; else an empty tensor. out and lse may come from a
+  // forward over more keys than k and v (blockwise or ring attention: the chunks' gradients sum
+  // to the whole's); the CPU backend's exact one-hot rows check lse against the row's own keys.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
         " float scale, bool causal, bool bottom_right, bool deterministic=False,"
         " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"

@@ -634,3 +634,47 @@ def test_one_hot_rows_get_exact_gradients(dtype, case):
             assert_close_fp(name, a, r, 2e-4)
         else:
             assert_fa_rule(name, a, pl, r, 3)
+
+
+def test_one_hot_shortcut_keeps_nan_and_blockwise_lse():
+    """The backward's one-hot rows (P = 1, dS = dlse) only where lse is this row's own: a NaN in q
+    (lse NaN, P NaN) propagates to dq, dk and dv as plain torch's backward propagates it; and bwd
+    called per key chunk with the whole forward's out and lse (blockwise / ring attention: the
+    chunks' gradients sum to the whole's), where a chunk of one key gives rows with one nonzero P
+    below 1, matches the float64 gradients of the whole."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 9, 16, generator=g)
+    k, v = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+    q[0, 1, 4, 3] = float("nan")
+    dout = torch.randn(1, 2, 9, 16, generator=g)
+    _, _, ours = run(q, k, v, dout, scale=3.0)
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    attention_ref(*ref, scale=3.0)[0].backward(dout.double())
+    for name, a, r in zip(("dq", "dk", "dv"), ours, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(r.grad)), name
+        fin = ~torch.isnan(r.grad)
+        assert_close_fp(name, a[fin], r.grad[fin], 2e-4)
+
+    # two keys, the second holding 4.5e-5 to 6.7e-3 of each row's mass (scores 0 and -5 q_0, q_0 in
+    # [1, 2]): the whole's out and lse
+    q = torch.randn(1, 1, 6, 16, generator=g) * 0.01
+    q[..., 0] = 1 + torch.rand(1, 1, 6, generator=g)
+    k = torch.zeros(1, 1, 2, 16)
+    k[..., 1, 0] = -5.0
+    v, dout = torch.randn(1, 1, 2, 16, generator=g), torch.randn(1, 1, 6, 16, generator=g)
+    scale = 1.0
+    out, lse = torch.ops.flash_cuda.fwd(q, k, v, scale, False, True)
+    dq = torch.zeros_like(q)
+    dkv = []
+    for c in range(2):
+        gq, gk, gv, _ = torch.ops.flash_cuda.bwd(dout, q, k[:, :, c:c + 1], v[:, :, c:c + 1], out, lse, None, scale,
+                                                 False, True)
+        dq += gq
+        dkv.append((gk, gv))
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    attention_ref(*ref, scale=scale)[0].backward(dout.double())
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1)
+    assert 4e-5 < p[..., 1].min() and p[..., 1].max() < 0.01  # the one-key chunks' P is below 1
+    assert_close_fp("dq", dq, ref[0].grad, 1e-5)
+    assert_close_fp("dk", torch.cat([d[0] for d in dkv], 2), ref[1].grad, 1e-5)
+    assert_close_fp("dv", torch.cat([d[1] for d in dkv], 2), ref[2].grad, 1e-5)

@@ -440,13 +440,18 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               acc_t* dsr = ds + at + r * ld;
               acc_t* pr = p + at + r * ld;
               // A row whose keys all lie in this tile with one nonzero P (one key visible, or the
-              // others' exponentials 0) is one-hot: its exact P_ij is 1 (exp(s - lse) recomputed
-              // from the rounded lse misses it by the scores' rounding, ~1e-7 of |scale s|) and
-              // D_i = sum_j P_ij dP_ij is dP_ij, which D_i = rowsum(dO o O) misses by the rounding
-              // of this tile's dP GEMM; dS_ij = P_ij (dP_ij - D_i) would carry that into dQ and
-              // dK, whose exact gradient (and plain torch's) is 0 there, less what flows into lse.
+              // others' exponentials 0) is one-hot: its exact P_ij is 1 and D_i = sum_j P_ij dP_ij
+              // is dP_ij, which D_i = rowsum(dO o O) misses by the rounding of this tile's dP GEMM;
+              // dS_ij = P_ij (dP_ij - D_i) would carry that into dQ and dK, whose exact gradient
+              // (and plain torch's) is 0 there, less what flows into lse. P_ij recomputed as
+              // exp(s - lse) misses 1 by the scores' rounding between the forward and this GEMM
+              // (up to 36 eps |lse| in the soaks' draws); a P further from 1 (or NaN) means lse
+              // covered other keys (bwd called with another call's lse) and keeps the general form.
               const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
-              const int64_t one = whole_row ? single_nonzero(pr, cols) : -1;
+              int64_t one = whole_row ? single_nonzero(pr, cols) : -1;
+              constexpr acc_t kOneHotSlack = 128 * std::numeric_limits<acc_t>::epsilon();
+              if (one >= 0 && !(std::abs(pr[one] - acc_t(1)) <= kOneHotSlack * std::max(acc_t(1), std::abs(lse_ptr[row]))))
+                one = -1;
               if (one >= 0) pr[one] = acc_t(1);
               const acc_t d = one < 0 ? delta_ptr[row] : dsr[one] - (dlse_ptr ? dlse_ptr[row] : acc_t(0));
               softmax_grad_row(dsr, pr, cols, d);
