@@ -315,6 +315,25 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   return too_large;
 }
 
+// The D_i of row i's dS = P o (dP - D) (delta: rowsum(dO o O) - dlse), given the row's P and dP
+// over the keys of this tile (n) and whether those are all the keys the row sees (whole_row).
+// A one-hot row (one nonzero P: one key visible, or the others' exponentials 0) has an exact P_ij
+// of 1 and D_i = sum_j P_ij dP_ij = dP_ij, which rowsum(dO o O) misses by the rounding of this
+// tile's dP GEMM; dS_ij = P_ij (dP_ij - D_i) would carry that into dQ and dK, whose exact
+// gradient (and plain torch's) is 0 there, less what flows into lse. So there P_ij becomes 1 and
+// D_i dP_ij - dlse_i. P_ij recomputed as exp(s - lse) misses 1 by the scores' rounding between
+// the forward and the backward's GEMM (up to 36 eps |lse| in the soaks' draws); a P further from 1
+// (or NaN) means lse covered other keys (bwd per key chunk with the whole forward's lse, as ring
+// attention calls it) and keeps delta.
+template <typename acc_t>
+acc_t row_delta(acc_t* p, const acc_t* dp, int64_t n, bool whole_row, acc_t delta, acc_t lse, acc_t dlse) {
+  constexpr acc_t kOneHotSlack = 128 * std::numeric_limits<acc_t>::epsilon();
+  const int64_t one = whole_row ? single_nonzero(p, n) : -1;
+  if (one < 0 || !(std::abs(p[one] - acc_t(1)) <= kOneHotSlack * std::max(acc_t(1), std::abs(lse)))) return delta;
+  p[one] = acc_t(1);
+  return dp[one] - dlse;
+}
+
 template <typename in_t>
 void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& dlse,
@@ -437,24 +456,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             }
             for (int64_t r = 0; r < rows; ++r) {  // dS' = dL/d(modified s)
               const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
-              acc_t* dsr = ds + at + r * ld;
-              acc_t* pr = p + at + r * ld;
-              // A row whose keys all lie in this tile with one nonzero P (one key visible, or the
-              // others' exponentials 0) is one-hot: its exact P_ij is 1 and D_i = sum_j P_ij dP_ij
-              // is dP_ij, which D_i = rowsum(dO o O) misses by the rounding of this tile's dP GEMM;
-              // dS_ij = P_ij (dP_ij - D_i) would carry that into dQ and dK, whose exact gradient
-              // (and plain torch's) is 0 there, less what flows into lse. P_ij recomputed as
-              // exp(s - lse) misses 1 by the scores' rounding between the forward and this GEMM
-              // (up to 36 eps |lse| in the soaks' draws); a P further from 1 (or NaN) means lse
-              // covered other keys (bwd called with another call's lse) and keeps the general form.
               const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
-              int64_t one = whole_row ? single_nonzero(pr, cols) : -1;
-              constexpr acc_t kOneHotSlack = 128 * std::numeric_limits<acc_t>::epsilon();
-              if (one >= 0 && !(std::abs(pr[one] - acc_t(1)) <= kOneHotSlack * std::max(acc_t(1), std::abs(lse_ptr[row]))))
-                one = -1;
-              if (one >= 0) pr[one] = acc_t(1);
-              const acc_t d = one < 0 ? delta_ptr[row] : dsr[one] - (dlse_ptr ? dlse_ptr[row] : acc_t(0));
-              softmax_grad_row(dsr, pr, cols, d);
+              acc_t* dsr = ds + at + r * ld;
+              const acc_t d = row_delta(p + at + r * ld, dsr, cols, whole_row, delta_ptr[row], lse_ptr[row],
+                                        dlse_ptr ? dlse_ptr[row] : acc_t(0));
+              softmax_grad_row(dsr, p + at + r * ld, cols, d);
             }
             if (z)
               for (int64_t r = 0; r < rows; ++r) mul_row(p + at + r * ld, z + at + r * ld, cols);
