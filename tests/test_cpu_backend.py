@@ -30,6 +30,7 @@ SHAPES = [  # B, Hq, Hkv, Nq, Nk, D, causal, window
     (1, 3, 1, 300, 77, 59, False, None),
     (1, 2, 1, 520, 700, 128, True, (100, 7)),
     (1, 2, 2, 300, 1, 96, False, None),
+    (2, 4, 2, 45, 70, 8, True, None),  # a head narrower than a vector
 ]
 
 

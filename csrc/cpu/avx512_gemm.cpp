@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -75,6 +76,18 @@ struct F32 {
   static FC_TARGET FC_INLINE __m512 multiply_add(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
 };
 
+// fp32 with A given as its transpose: element (r, k) of A at A[k lda + r] (the backward's P and
+// dS tiles, whose transposes are the left operands of dV = P^T dO and dK = dS^T Q). The broadcasts
+// of a step read R consecutive floats of one row of the tile.
+struct F32TransposedA : F32 {};
+template <typename Op>
+constexpr bool kTransposedA = std::is_same_v<Op, F32TransposedA>;
+// The offset of element (r, k) of A.
+template <typename Op>
+FC_INLINE int64_t a_offset(int64_t r, int64_t k, int64_t lda) {
+  return kTransposedA<Op> ? k * lda + r : r * lda + k;
+}
+
 // bf16 operands multiplied one row at a time in fp32 FMAs (the products of two bf16 values are
 // exact in fp32): for a row-major bf16 B read in place, each 16 columns widened in registers.
 struct Bf16AsF32 {
@@ -133,6 +146,7 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
                                     int64_t ld_also, int64_t far, __m512 (&c)[R][V]) {
   const typename Op::EB* b = B + k / Op::kStep * ldb;
   if constexpr (kAhead == Ahead::kRowsOfA) {
+    static_assert(!kTransposedA<Op>, "A's rows are fetched where they are rows");
     constexpr int64_t kLine = 64 / sizeof(typename Op::EA);
     if (k % kLine < Op::kStep) {
       FC_UNROLL for (int r = 0; r < R; ++r)
@@ -160,7 +174,7 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
   __m512 bv[V];
   FC_UNROLL for (int v = 0; v < V; ++v) bv[v] = Op::load_b(b + 16 * Op::kStep * v, mask[v]);
   FC_UNROLL for (int r = 0; r < R; ++r) {
-    const __m512 a = Op::broadcast_a(A + r * lda + k);
+    const __m512 a = Op::broadcast_a(A + a_offset<Op>(r, k, lda));
     FC_UNROLL for (int v = 0; v < V; ++v) c[r][v] = Op::multiply_add(c[r][v], a, bv[v]);
   }
 }
@@ -264,12 +278,13 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
       if (kStreamA && n0 == 0 && far.ahead > 0 && !(streams && far_in_steps))
         for (int64_t i = m0 + far.ahead; i < std::min(m0 + far.ahead + rows, far.end); ++i)
           prefetch_l2(A + i * lda, K * sizeof(*A));
-      if (streams) {
-        kTiles<Op, Ahead::kRowsOfA>[0][rows - 1][vecs - 1](K, n, a, lda, b, ldb, c, ldc, accumulate, kAheadRows,
-                                                             also.base ? also.base + m0 * also.stride : nullptr,
-                                                             also.stride, far_in_steps ? far.ahead : 0);
-        continue;
-      }
+      if constexpr (kStreamA)
+        if (streams) {
+          kTiles<Op, Ahead::kRowsOfA>[0][rows - 1][vecs - 1](K, n, a, lda, b, ldb, c, ldc, accumulate, kAheadRows,
+                                                               also.base ? also.base + m0 * also.stride : nullptr,
+                                                               also.stride, far_in_steps ? far.ahead : 0);
+          continue;
+        }
       const int64_t steps = K_even / Op::kStep, call = n0 / kCols * ((M + kRows - 1) / kRows) + m0 / kRows;
       if (K_even > 0 && stream && call * steps * kStreamLines < stream_lines)
         kTiles<Op, Ahead::kStream>[0][rows - 1][vecs - 1](K_even, n, a, lda, b, ldb, c, ldc, accumulate, 0,
@@ -311,8 +326,8 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, M - m0);
         const auto& tiles = ahead && m0 == 0 ? kTiles<Op, Ahead::kRowsOfB> : kTiles<Op>;
-        tiles[0][rows - 1][vecs - 1](kn, n, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, C + m0 * ldc + n0, ldc,
-                                     accumulate || k0 > 0, kKBlock, nullptr, 0,
+        tiles[0][rows - 1][vecs - 1](kn, n, A + a_offset<Op>(m0, k0, lda), lda, B + k0 * ldb + n0, ldb,
+                                     C + m0 * ldc + n0, ldc, accumulate || k0 > 0, kKBlock, nullptr, 0,
                                      far_in_steps && m0 == 0 ? far.ahead : 0);
       }
     }
@@ -670,6 +685,11 @@ void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
   rows_gemm<F32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
 }
 
+void f32_gemm_at_rows(int64_t M, int64_t N, int64_t K, const float* At, int64_t ldat, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate) {
+  rows_gemm<F32TransposedA>(M, N, K, At, ldat, B, ldb, C, ldc, accumulate, {});
+}
+
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                     float* C, int64_t ldc, bool accumulate, const FarRows& far) {
   rows_gemm<Bf16AsF32>(M, N, K, A, lda, B, ldb, C, ldc, accumulate, far);
@@ -720,6 +740,7 @@ void f32_gemm_stream_a(int64_t, int64_t, int64_t, const float*, int64_t, const f
                        const RowsAhead&, const FarRows&) {}
 void f32_gemm_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool,
                    const FarRows&) {}
+void f32_gemm_at_rows(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, bool) {}
 void bf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,
                     bool, const FarRows&) {}
 void dpbf16_gemm_rows(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t,

@@ -101,6 +101,11 @@ void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
 // next block fetched ahead.
 void f32_gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                    int64_t ldc, bool accumulate, const FarRows& far = {});
+// C (M x N) (+)= A B for A given as its transpose At (K x M, row stride ldat) and a row-major B
+// as f32_gemm_rows: the backward's dV = P^T dO and dK = dS^T Q from the P and dS tiles as they are
+// and the rows of dO and Q, no transposed or packed copies. Requires f32_gemm_supported().
+void f32_gemm_at_rows(int64_t M, int64_t N, int64_t K, const float* At, int64_t ldat, const float* B, int64_t ldb,
+                      float* C, int64_t ldc, bool accumulate);
 // The same for bf16 A and B, multiplied in fp32 FMAs (each product exact), B widened in registers.
 // Requires f32_gemm_supported().
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
