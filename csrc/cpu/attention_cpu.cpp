@@ -350,7 +350,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const Drop<acc_t> drop(opt, Hq);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
-  // Every GEMM below multiplies row-major operands, so the transposed ones are made once here:
+  // Every GEMM below multiplies row-major operands, so the transposed ones are made once here
+  // (those that the products below use):
   //   S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K.
   // The right operands shared by every tile (K^T, V^T, K) are RightOperands (packed on AMX).
   // fp32 on the micro-kernel (rows_dkdv): dV += P^T dO and dK += dS^T Q instead, into (Bc, D) rows,
@@ -382,12 +383,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
   const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
 
-  // dK and dV tiles (float, transposed) stored by transpose() and store_rows (one pass each on
-  // AVX-512) where their rows have unit stride, else by ATen's transposing copy
+  // dK and dV tiles (float) stored by store_rows where their rows have unit stride (transposed
+  // back first by transpose(), one pass on AVX-512, unless rows_dkdv), else by ATen's copy
   const bool fast_store = std::is_same_v<acc_t, float> && f32_gemm_supported() && dk.stride(3) == 1 &&
                           dv.stride(3) == 1;
   struct Scratch {
-    TileVector<acc_t> S, dP, dKt, dVt, Cap, Z;  // (Br, Bc) tiles, dK^T and dV^T (D, ld_t; rows_dkdv: (Bc, D))
+    TileVector<acc_t> S, dP, dK, dV, Cap, Z;    // (Br, Bc) tiles, dK^T and dV^T (D, ld_t; rows_dkdv: (Bc, D))
     TileVector<float> T;                        // fast_store without rows_dkdv: dK or dV (Bc, D), transposed back
     TileVector<in_t> P, dS;                     // P and dS as GEMM operands (Br, Bc), when in_t != acc_t
   };
@@ -409,13 +410,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
     const int64_t split = item % n_splits, bhkv = item / n_splits;
     const int64_t b = bhkv / Hkv, hkv = bhkv % Hkv;
     constexpr int64_t ld = kBwdBc;      // of every (Br, Bc) tile
-    acc_t* dKt = t.dKt.data();          // (D, bc), ld_t, unscaled Q^T dS; rows_dkdv: dK (bc, D), dS^T Q
-    acc_t* dVt = t.dVt.data();          // (D, bc), ld_t; rows_dkdv: dV (bc, D)
+    acc_t* dK = t.dK.data();            // dK^T (D, bc), ld_t, unscaled Q^T dS; rows_dkdv: dK (bc, D), dS^T Q
+    acc_t* dV = t.dV.data();            // dV^T (D, bc), ld_t; rows_dkdv: dV (bc, D)
     // Key tiles are dealt round-robin to the splits, which balances causal work.
     for (int64_t kt = split; kt < n_ktiles; kt += n_splits) {
       const int64_t j0 = kt * kBwdBc, j1 = std::min(j0 + kBwdBc, Nk), bc = j1 - j0;
-      std::fill(t.dKt.begin(), t.dKt.end(), acc_t(0));
-      std::fill(t.dVt.begin(), t.dVt.end(), acc_t(0));
+      std::fill(t.dK.begin(), t.dK.end(), acc_t(0));
+      std::fill(t.dV.begin(), t.dV.end(), acc_t(0));
       // Only the query rows that see some key of the tile (a window: a band).
       const int64_t i_first = band.row_begin(j0, Nq) / kBwdBr * kBwdBr, i_end = band.row_end(j1, Nq);
 
@@ -493,13 +494,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             if constexpr (std::is_same_v<in_t, float>)
               if (rows_dkdv) {
                 f32_gemm_at_rows(cols, D, rb - ra, gP + ra * ld + c0, ld, at_row<float>(gdO, b, h, i0 + ra), ld_do,
-                                 dVt + c0 * D, D, true);
+                                 dV + c0 * D, D, true);
                 f32_gemm_at_rows(cols, D, rb - ra, dS + ra * ld + c0, ld, at_row<float>(gQ, b, h, i0 + ra), ld_q,
-                                 dKt + c0 * D, D, true);
+                                 dK + c0 * D, D, true);
                 continue;
               }
-            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dVt + c0, ld_t, true);
-            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dKt + c0, ld_t, true);
+            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dV + c0, ld_t, true);
+            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dK + c0, ld_t, true);
           }
           if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);  // the packed K's pad row
           for (int64_t r0 = 0; r0 < br; r0 += block_rows) {  // dQ += dS K, the keys each block sees
@@ -510,35 +511,35 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           }
         }
       }
-      scale_row(dKt, D * ld_t, scale);  // dS was taken with respect to the scaled scores
+      scale_row(dK, D * ld_t, scale);  // dS was taken with respect to the scaled scores
       if (rows_dkdv) {
         if constexpr (std::is_same_v<acc_t, float>)
           if (fast_store) {
-            store_rows(dKt, bc, D, dk, b, hkv, j0);
-            store_rows(dVt, bc, D, dv, b, hkv, j0);
+            store_rows(dK, bc, D, dk, b, hkv, j0);
+            store_rows(dV, bc, D, dv, b, hkv, j0);
             continue;
           }
-        dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dKt, {bc, D}, acc_opts));
-        dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dVt, {bc, D}, acc_opts));
+        dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dK, {bc, D}, acc_opts));
+        dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dV, {bc, D}, acc_opts));
         continue;
       }
       if constexpr (std::is_same_v<acc_t, float>)
         if (fast_store) {
-          transpose(D, bc, dKt, ld_t, t.T.data(), D);
+          transpose(D, bc, dK, ld_t, t.T.data(), D);
           store_rows(t.T.data(), bc, D, dk, b, hkv, j0);
-          transpose(D, bc, dVt, ld_t, t.T.data(), D);
+          transpose(D, bc, dV, ld_t, t.T.data(), D);
           store_rows(t.T.data(), bc, D, dv, b, hkv, j0);
           continue;
         }
-      dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dKt, {D, bc}, {ld_t, 1}, acc_opts).t());
-      dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dVt, {D, bc}, {ld_t, 1}, acc_opts).t());
+      dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dK, {D, bc}, {ld_t, 1}, acc_opts).t());
+      dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dV, {D, bc}, {ld_t, 1}, acc_opts).t());
     }
   });
 
   at::Tensor dq_acc = dq_parts[0];
   for (int64_t s = 1; s < n_splits; ++s) dq_acc.add_(dq_parts[s]);  // fixed order
-  if (dq.scalar_type() == dq_acc.scalar_type())
-    at::mul_out(dq, dq_acc, scale);  // one pass into dq's layout
+  if (dq.scalar_type() == dq_acc.scalar_type())  // one pass into dq's layout (the Tensor overload: Scalar's allocates)
+    at::mul_out(dq, dq_acc, at::scalar_tensor(scale, dq_acc.options()));
   else
     dq.copy_(dq_acc.mul_(scale));
 }

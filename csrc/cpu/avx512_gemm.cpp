@@ -251,6 +251,7 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
                           const typename Op::EB* B, int64_t panel_stride, int64_t ldb, float* C, int64_t ldc,
                           bool accumulate, const RowsAhead& also = {}, const char* stream = nullptr,
                           int64_t stream_lines = 0, const FarRows& far = {}) {
+  static_assert(!kTransposedA<Op>, "A's row blocks are addressed as rows");
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
   if (K == 0) {  // C = 0 or unchanged
@@ -308,7 +309,12 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
                          const typename Op::EB* B, int64_t ldb, float* C, int64_t ldc, bool accumulate,
                          const FarRows& far) {
   static_assert(Op::kStep == 1, "B's rows one at a time: a block may end on any row");
-  if (M <= 0 || N <= 0 || K == 0) return panel_gemm<Op>(M, N, K, A, lda, B, kPanelCols, ldb, C, ldc, accumulate);
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {  // C = 0 or unchanged
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+    return;
+  }
   for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
     const int64_t kn = std::min(kKBlock, K - k0);
     // the next block's rows fetched by the first row block of A, while it multiplies this block's
