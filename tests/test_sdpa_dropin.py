@@ -183,3 +183,13 @@ def test_randomised_against_reference(seed):
     sat = [None if x is None else x.reshape(y.shape) for x, y in zip(sat, (q, k, v))] + [sat_mask]
     for name, a, pg, b, st in zip(names, grads, plain_grads, ref_grads, sat):
         assert_fa_rule(f"{name} {desc}", a, pg, b, 3, saturation=st)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the CUDA kernels' excess on rows that see one key (test_devices.py::"
+                                       "test_one_key_rows): here an emulated fp16 call with is_causal at Nq = 1 "
+                                       "against 57 keys (top-left aligned: the row sees key 0 only), dQ 1.41e-5 off "
+                                       "where plain torch's and the float64 algorithm's error are 0; found by a soak "
+                                       "on 2026-12-05 (seeds 21588-23516)")
+@pytest.mark.parametrize("seed", [22918])
+def test_randomised_known_excess(seed):
+    test_randomised_against_reference(seed)
