@@ -599,6 +599,18 @@ def test_randomised(seed):
                  seqlens=seqlens, num_splits=rnd.choice([0, 1, 2, 5]), seed=trial, bnhd=rnd.random() < 0.3, **kw)
 
 
+@pytest.mark.xfail(strict=True, reason="known: the FA rule's max over one row of 8 outputs. Trial 8 of seed 26092 (bf16, "
+                                       "one query against the 3 keys it appends, D 8, softcap 4) returns exactly the "
+                                       "FlashAttention algorithm's output (P = exp(s - max) rounded to bf16 before P V, "
+                                       "as the CUDA kernels round it, the rest exact, the output rounded): 4.4e-3 from "
+                                       "float64, where plain bf16 torch (the normalised softmax rounded) is 9.7e-4 off "
+                                       "on that row by its roundings' luck; found by a soak on 2026-12-05 (seeds "
+                                       "23517-26294, 16668 runs)")
+@pytest.mark.parametrize("seed", [26092])
+def test_randomised_known_excess(seed):
+    test_randomised(seed)
+
+
 # ---- the CUDA kernels, emulated ----
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
