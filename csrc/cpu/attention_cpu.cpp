@@ -538,7 +538,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 
   at::Tensor dq_acc = dq_parts[0];
   for (int64_t s = 1; s < n_splits; ++s) dq_acc.add_(dq_parts[s]);  // fixed order
-  if (dq.scalar_type() == dq_acc.scalar_type())  // one pass into dq's layout (the Tensor overload: Scalar's allocates)
+  // one pass into dq's layout: mul_out's Tensor overload (its Scalar one makes a result, then copies it)
+  if (dq.scalar_type() == dq_acc.scalar_type())
     at::mul_out(dq, dq_acc, at::scalar_tensor(scale, dq_acc.options()));
   else
     dq.copy_(dq_acc.mul_(scale));

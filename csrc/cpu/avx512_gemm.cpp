@@ -241,6 +241,12 @@ constexpr int64_t kAheadKeys = 16;   // rows_dot_block: key rows fetched this fa
 constexpr int64_t kKBlock = 32;      // rows_gemm: rows of B per block (16 KiB of fp32 rows of 128)
 constexpr int64_t kAheadBlocks = 2;  // panel_gemm streaming A: row blocks of A fetched this far ahead
 
+// C (+)= A B over K = 0: C = 0, or unchanged when accumulating.
+inline void empty_product(int64_t M, int64_t N, float* C, int64_t ldc, bool accumulate) {
+  if (!accumulate)
+    for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+}
+
 // C (+)= A B over whole panels of B (panel_stride elements apart, steps along K ldb apart), row
 // blocks of kRows. kStreamA: A's rows are read once from memory (decoding's cache rows), each row
 // block's fetched kAheadBlocks blocks ahead, and the rows of `also` of the same indices into L2
@@ -254,11 +260,7 @@ FC_TARGET void panel_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA
   static_assert(!kTransposedA<Op>, "A's row blocks are addressed as rows");
   if (M <= 0 || N <= 0) return;
   static_assert(kCols == kPanelCols, "a micro-tile's columns are one panel");
-  if (K == 0) {  // C = 0 or unchanged
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-    return;
-  }
+  if (K == 0) return empty_product(M, N, C, ldc, accumulate);
   const int64_t K_even = K - K % Op::kStep;
   // Panels outside, so one panel (K x 64: 16 KiB of bf16 at K = 128) stays in L1 or L2 while
   // every row block of A passes over it.
@@ -310,11 +312,7 @@ FC_TARGET void rows_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA*
                          const FarRows& far) {
   static_assert(Op::kStep == 1, "B's rows one at a time: a block may end on any row");
   if (M <= 0 || N <= 0) return;
-  if (K == 0) {  // C = 0 or unchanged
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-    return;
-  }
+  if (K == 0) return empty_product(M, N, C, ldc, accumulate);
   for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
     const int64_t kn = std::min(kKBlock, K - k0);
     // the next block's rows fetched by the first row block of A, while it multiplies this block's
