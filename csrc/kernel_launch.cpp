@@ -156,9 +156,11 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, con
   const int64_t B = packed ? packed->batch() : q.size(0);
   // (2^31 - 256: the kernels round lengths up to whole tiles in 32-bit arithmetic)
   constexpr int64_t kMaxLen = (int64_t(1) << 31) - 256;
-  TORCH_CHECK(Nq < kMaxLen && Nk < kMaxLen && q.size(2) < kMaxLen && k.size(2) < kMaxLen && B <= 65535 &&
-                  q.size(1) <= 65535,
-              "flash_cuda: sequence lengths must be < 2^31 - 256 and B, H <= 65535 for the CUDA kernels");
+  TORCH_CHECK(Nq < kMaxLen && Nk < kMaxLen && q.size(2) < kMaxLen && k.size(2) < kMaxLen,
+              "flash_cuda: the CUDA kernels need sequence lengths below 2^31 - 256, got ",
+              packed ? "max_seqlen_q " : "Nq ", Nq, packed ? " and max_seqlen_k " : " and Nk ", Nk);
+  TORCH_CHECK(B <= 65535 && q.size(1) <= 65535, "flash_cuda: the CUDA kernels need at most 65535 ",
+              packed ? "sequences" : "batch entries", " and query heads, got ", B, " and ", q.size(1));
   AttnShape s{};
   s.b = static_cast<int>(B);
   s.hq = static_cast<int>(q.size(1));
@@ -439,7 +441,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
     TORCH_CHECK(c->size(3) % 8 == 0 && c->stride(3) == 1 && row_starts_aligned(*c),
                 "flash_cuda: the CUDA kernels need k_cache and v_cache with a head dim that is a multiple of 8, unit "
                 "stride in it and 16-byte aligned rows (the cache is written in place and cannot be copied), got "
-                "shape ", c->sizes(), " strides ", c->strides());
+                "shape ", c->sizes(), " strides ", c->strides(), " storage offset ", c->storage_offset(), " at address ",
+                c->data_ptr());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3), Hkv = k_cache.size(1);
   const bool paged = block_table.has_value();
   const int64_t capacity = paged ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);

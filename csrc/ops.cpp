@@ -8,7 +8,10 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <limits>
 #include <vector>
 
 #include "attn_options.h"
@@ -94,6 +97,10 @@ AttnOptions base_options(const at::Tensor& q, int64_t batch, double scale, bool 
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "flash_cuda: window bounds must be >= -1, got (",
               window_left, ", ", window_right, ")");
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_cuda: softcap must be finite and >= 0, got ", softcap);
+  // (the kernels and the CPU backend take scale in the accumulation dtype: float32 below float64)
+  TORCH_CHECK(std::isfinite(scale) && (q.scalar_type() == at::kDouble ||
+                                       std::abs(scale) <= double(std::numeric_limits<float>::max())),
+              "flash_cuda: scale must be finite", q.scalar_type() == at::kDouble ? "" : " in float32", ", got ", scale);
   // A bound past every key offset hides nothing: unbounded (d = j - (i + Nk - Nq) lies in
   // (-Nk, Nq), lengths below 2^31). Near 2^63 the band's int64 arithmetic (i + offset + right)
   // would overflow and hide every key; the CUDA kernels compare offsets in 32 bits.
@@ -367,6 +374,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
 
 // ---- KV cache (attention_with_kvcache) ----
 
+// Whether a position of cache a and one of cache b share memory. Views of different buffers, or
+// of disjoint bytes of one, never do. Two views of one buffer with the same sizes and strides
+// (FlashAttention's packed (B, N, 2, Hkv, D) cache seen as k and v; halves of one allocation,
+// padded rows) do iff the offsets' difference is sum_d c_d stride_d with |c_d| < size_d: searched
+// per dimension, largest stride first, keeping the c_d whose remainder the smaller dimensions can
+// still reach (one or two a dimension for a cache's nested strides; at most kMaxVisits in all).
+// at::get_overlap_status answers "too hard" for every view that is not dense, padded rows
+// included. Other pairs of views of one buffer count as overlapping.
+bool caches_may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  const int64_t item = a.element_size();
+  auto span = [&](const at::Tensor& x) {  // the bytes [begin, end) x's positions lie in
+    int64_t extent = 1;
+    for (int64_t d = 0; d < x.dim(); ++d) extent += (x.size(d) - 1) * x.stride(d);
+    const char* begin = static_cast<const char*>(x.data_ptr());
+    return std::pair{begin, begin + extent * item};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  if (a1 <= b0 || b1 <= a0) return false;
+  const int64_t delta_bytes = b0 - a0;
+  if (a.sizes() != b.sizes() || a.strides() != b.strides() || b.element_size() != item || delta_bytes % item) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions that move
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) == 0) return true;  // (expanded: refused before this)
+    if (a.size(d) > 1) dims.emplace_back(a.stride(d), a.size(d));
+  }
+  std::sort(dims.begin(), dims.end(), std::greater<>());
+  std::vector<int64_t> reach(dims.size() + 1, 0);  // reach[i]: the most dimensions i.. can add
+  for (size_t i = dims.size(); i-- > 0;) reach[i] = reach[i + 1] + (dims[i].second - 1) * dims[i].first;
+  constexpr int kMaxVisits = 1 << 12;
+  int visits = 0;
+  std::function<bool(size_t, int64_t)> reachable = [&](size_t i, int64_t rest) {
+    if (++visits > kMaxVisits) return true;  // (not settled: counted as overlapping)
+    if (i == dims.size()) return rest == 0;
+    const auto [stride, size] = dims[i];
+    auto floor_div = [](int64_t x, int64_t y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };  // (y > 0)
+    // |rest - c stride| <= reach[i + 1], |c| < size
+    const int64_t lo = std::max(-(size - 1), -floor_div(reach[i + 1] - rest, stride)),
+                  hi = std::min(size - 1, floor_div(rest + reach[i + 1], stride));
+    for (int64_t c = lo; c <= hi; ++c)
+      if (reachable(i + 1, rest - c * stride)) return true;
+    return false;
+  };
+  return reachable(0, delta_bytes / item);
+}
+
 // Shapes, dtypes and devices of a KV-cache call (csrc/kernel_launch.h kvcache_kernels). CPU
 // tensors: cache_seqlens and the pages they reach are checked by value too (kvcache_seqlens).
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -414,8 +468,9 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       TORCH_CHECK(at::has_internal_overlap(*x) != at::MemOverlap::Yes, "flash_cuda: ", name, " has positions that "
                   "share memory (an expanded view, stride 0, of strides ", x->strides(), "), so appending k and v "
                   "would overwrite other positions; pass a cache with memory of its own (e.g. .contiguous())");
-    TORCH_CHECK(at::get_overlap_status(k_cache, v_cache) == at::MemOverlapStatus::No, "flash_cuda: k_cache and "
-                "v_cache share memory, so appending v would overwrite keys; pass separate caches");
+    TORCH_CHECK(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or are views "
+                "of one buffer with different strides, which is not searched), so appending v could overwrite keys; "
+                "pass separate caches");
   }
 }
 

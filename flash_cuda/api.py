@@ -52,7 +52,7 @@ def _check_tensors(fn, names, tensors, fp32=False):
     kernels (TF32 tensor cores)."""
     for name, x in zip(names, tensors):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
     first, q = names[0], tensors[0]
     if q.dtype not in _DTYPES:
         raise TypeError(f"{fn}: {first} must have dtype {_DTYPE_NAMES}, got {q.dtype}")
@@ -79,22 +79,25 @@ def _check_tensors(fn, names, tensors, fp32=False):
                             f"{where} (float32 and float64 run on CPU tensors outside flash_cuda.emulate())")
 
 
-def _check_shapes(fn, names, q, k, v):
-    """q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0 and 1 <= D <= 256."""
+def _check_shapes(fn, names, q, k, v, shown=None):
+    """q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0 and 1 <= D <= 256; messages
+    give the shapes of `shown` (the caller's tensors, when q, k, v are views of them)."""
     qn, kn, vn = names
+    _, shown_k, shown_v = shown or (q, k, v)
     for name, x, dims in ((qn, q, "(B, Hq, Nq, D)"), (kn, k, "(B, Hkv, Nk, D)"),
                           (vn, v, "(B, Hkv, Nk, D)")):
         if x.dim() != 4:
             raise ValueError(f"{fn}: {name} must be 4-D {dims}, got shape {_shape(x)}")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"{fn}: {kn} must have the batch size of {qn} ({q.shape[0]}), "
-                         f"got {kn} of shape {_shape(k)}")
+                         f"got {kn} of shape {_shape(shown_k)}")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"{fn}: {kn} must have the head dim of {qn} ({q.shape[3]}), "
-                         f"got {kn} of shape {_shape(k)}")
+                         f"got {kn} of shape {_shape(shown_k)}")
     if v.shape != k.shape:
-        raise ValueError(f"{fn}: {vn} must have the shape of {kn} {_shape(k)} "
-                         f"(same batch, kv heads, length and head dim), got {_shape(v)}")
+        raise ValueError(f"{fn}: {vn} must have the shape of {kn} {_shape(shown_k)} "
+                         f"(same {'tokens, kv heads' if shown else 'batch, kv heads, length'} and head dim), "
+                         f"got {_shape(shown_v)}")
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"{fn}: the number of query heads ({hq}) must be a positive multiple "
@@ -104,15 +107,34 @@ def _check_shapes(fn, names, q, k, v):
         raise ValueError(f"{fn}: head dim D (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
+def _type_name(x):
+    """A value's type for messages: module-qualified outside the builtins (numpy.bool, not bool)."""
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _finite(x):
+    """math.isfinite for ints past float's range too (False there, where isfinite raises)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _number(x):
+    """A number for messages: an int past float's range by its size, not its thousand digits."""
+    return x if _finite(x) or not isinstance(x, int) else f"an int of {x.bit_length()} bits"
+
+
 def _check_scale(fn, scale, head_dim, dtype=torch.float64):
     """A finite float, in float32's range unless the inputs are float64 (the kernels and the
     CPU backend take it in the accumulation dtype)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+        raise TypeError(f"{fn}: scale must be a float or None, got {_type_name(scale)}")
+    if not _finite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {_number(scale)}")
     if dtype != torch.float64 and abs(scale) > torch.finfo(torch.float32).max:
         raise ValueError(f"{fn}: scale must be finite in float32 (|scale| <= {torch.finfo(torch.float32).max:.4g}) "
                          f"for {dtype} inputs, got {scale}")
@@ -121,10 +143,11 @@ def _check_scale(fn, scale, head_dim, dtype=torch.float64):
 
 def _check_flag(fn, name, value):
     if not isinstance(value, bool):
-        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{fn}: {name} must be a bool, got {_type_name(value)}")
 
 
 _INT64_MAX = 2**63 - 1  # the ops take int64 arguments
+_F32_MAX = torch.finfo(torch.float32).max
 _INT32_MAX = 2**31 - 1
 
 
@@ -144,9 +167,9 @@ def _check_window(fn, window, name="window"):
 
 def _check_softcap(fn, softcap):
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"{fn}: softcap must be a float (0.0 disables it), got {type(softcap).__name__}")
-    if not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"{fn}: softcap must be finite and >= 0 (0.0 disables it), got {softcap}")
+        raise TypeError(f"{fn}: softcap must be a float (0.0 disables it), got {_type_name(softcap)}")
+    if not _finite(softcap) or softcap < 0:
+        raise ValueError(f"{fn}: softcap must be finite and >= 0 (0.0 disables it), got {_number(softcap)}")
     return float(softcap)
 
 
@@ -155,7 +178,7 @@ def _check_alibi(fn, slopes, B, hq, device):
     if slopes is None:
         return None
     if not isinstance(slopes, torch.Tensor):
-        raise TypeError(f"{fn}: alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+        raise TypeError(f"{fn}: alibi_slopes must be a torch.Tensor or None, got {_type_name(slopes)}")
     if slopes.dtype != torch.float32:
         raise TypeError(f"{fn}: alibi_slopes must be float32, got {slopes.dtype}")
     if slopes.device != device:
@@ -176,7 +199,7 @@ def _mask_to_bias(fn, name, mask, q, nk, full_shape):
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {_type_name(mask)}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} must be bool (True = takes part) or floating (added to the scores), "
                         f"got {mask.dtype}")
@@ -199,12 +222,12 @@ def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device, closed
     torch.Generator of q's device."""
     interval = "[0, 1]" if closed else "[0, 1)"
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"{fn}: dropout_p must be a float in {interval}, got {type(dropout_p).__name__}")
+        raise TypeError(f"{fn}: dropout_p must be a float in {interval}, got {_type_name(dropout_p)}")
     if not (0.0 <= dropout_p <= 1.0 if closed else 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{fn}: dropout_p must be in {interval}, got {dropout_p}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {_type_name(generator)}")
         gd = generator.device
         if gd.type != device.type or (gd.index is not None and device.index is not None and gd.index != device.index):
             raise ValueError(f"{fn}: generator must be a torch.Generator of q's device ({device}), got one of {gd}")
@@ -387,10 +410,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     for name, x, dims in (("q", q, "(total_q, Hq, D)"), ("k", k, "(total_k, Hkv, D)"), ("v", v, "(total_k, Hkv, D)")):
         if x.dim() != 3:
             raise ValueError(f"{fn}: {name} must be 3-D {dims}, got shape {_shape(x)}")
-    _check_shapes(fn, ("q", "k", "v"), *(x.transpose(0, 1)[None] for x in (q, k, v)))
+    _check_shapes(fn, ("q", "k", "v"), *(x.transpose(0, 1)[None] for x in (q, k, v)), shown=(q, k, v))
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(cu).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(cu)}")
         if cu.dtype != torch.int32:
             raise TypeError(f"{fn}: {name} must be int32, got {cu.dtype}")
         if cu.dim() != 1 or cu.numel() < 1:
@@ -447,7 +470,7 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
             return None
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
             return None  # the checked path raises
-        if type(num_splits) is not int or not (scale is None or type(scale) is float and math.isfinite(scale)):
+        if type(num_splits) is not int or not (scale is None or type(scale) is float and abs(scale) <= _F32_MAX):
             return None
         if cache_seqlens is None:  # the whole capacity (the checked path refuses it with k and v)
             if k is not None or v is not None:
@@ -519,7 +542,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     paged = block_table is not None
     if paged:
         if not isinstance(block_table, torch.Tensor):
-            raise TypeError(f"{fn}: block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+            raise TypeError(f"{fn}: block_table must be a torch.Tensor or None, got {_type_name(block_table)}")
         if block_table.dtype != torch.int32:
             raise TypeError(f"{fn}: block_table must be int32, got {block_table.dtype}")
         if block_table.dim() != 2 or block_table.shape[0] != B:
@@ -571,7 +594,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor (B,), an int or None, got "
-                        f"{type(cache_seqlens).__name__}")
+                        f"{_type_name(cache_seqlens)}")
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if _shape(cache_seqlens) != (B,):
@@ -633,8 +656,8 @@ def pad_input(x_unpad, indices, batch, seqlen):
     CUDA ones are not (that would synchronise with the GPU)."""
     fn = "flash_cuda.pad_input"
     if not isinstance(x_unpad, torch.Tensor) or not isinstance(indices, torch.Tensor):
-        raise TypeError(f"{fn}: x_unpad and indices must be torch.Tensors, got {type(x_unpad).__name__} and "
-                        f"{type(indices).__name__}")
+        raise TypeError(f"{fn}: x_unpad and indices must be torch.Tensors, got {_type_name(x_unpad)} and "
+                        f"{_type_name(indices)}")
     for name, n in (("batch", batch), ("seqlen", seqlen)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TypeError(f"{fn}: {name} must be a non-negative int, got {n!r}")

@@ -20,9 +20,19 @@ def _unit_last_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _on_device_of(q, _ref="q", **tensors):
+    """The C++ ops' device check, in their fake kernels: an op given a meta tensor among real ones
+    dispatches to the fake kernel (Meta outranks CPU and CUDA), which would otherwise return
+    uninitialised real tensors; under FakeTensorMode every tensor keeps its device."""
+    for name, x in tensors.items():
+        if isinstance(x, torch.Tensor) and x.device != q.device:
+            raise RuntimeError(f"flash_cuda: {name} must be on {_ref}'s device ({q.device}), got {x.device}")
+
+
 @torch.library.register_fake("flash_cuda::fwd")
 def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False, window_left=-1, window_right=-1,
               softcap=0.0, alibi_slopes=None, bias=None, dropout_p=0.0, rng_state=None):
+    _on_device_of(q, k=k, v=v, alibi_slopes=alibi_slopes, bias=bias, rng_state=rng_state if dropout_p > 0 else None)
     out = torch.empty_like(_unit_last_stride(q))
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
@@ -32,6 +42,8 @@ def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False, window_
 def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, deterministic=False, window_left=-1,
               window_right=-1, softcap=0.0, alibi_slopes=None, bias=None, bias_grad=False, dropout_p=0.0,
               rng_state=None):
+    _on_device_of(q, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse, alibi_slopes=alibi_slopes, bias=bias,
+                  rng_state=rng_state if dropout_p > 0 else None)
     dq, dk, dv = (torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
     acc = accumulation_dtype(q.dtype)
     B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -143,6 +155,8 @@ torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_set
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                      deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
                      dropout_p=0.0, rng_state=None):
+    _on_device_of(q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
+                  rng_state=rng_state if dropout_p > 0 else None)
     out = q.new_empty(q.shape)  # contiguous (total, H, D) on every path, whatever q's layout
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype))
     return out, lse
@@ -152,6 +166,8 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                      causal, deterministic=False, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
                      dropout_p=0.0, rng_state=None):
+    _on_device_of(q, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse, cu_seqlens_q=cu_seqlens_q,
+                  cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, rng_state=rng_state if dropout_p > 0 else None)
     return tuple(x.new_empty(x.shape) for x in (q, k, v))  # contiguous, as the forward's out
 
 
@@ -285,12 +301,15 @@ def _philox_state_fake(like, nk, generator=None):
 
 @torch.library.register_fake("flash_cuda::dropout_mask")
 def _dropout_mask_fake(rng_state, dropout_p, batch, heads, nq, nk, cu_seqlens_q=None, cu_seqlens_k=None):
+    _on_device_of(rng_state, "rng_state", cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return rng_state.new_empty((batch, heads, nq, nk), dtype=torch.bool)
 
 
 @torch.library.register_fake("flash_cuda::kvcache_fwd")
 def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window_left=-1,
                       window_right=-1, softcap=0.0, alibi_slopes=None, num_splits=0):
+    _on_device_of(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
+                  alibi_slopes=alibi_slopes)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse

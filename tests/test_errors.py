@@ -385,3 +385,101 @@ def test_pad_input_bad_arguments(args, exc, match):
 def test_emulate_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=r"emulate: .*" + match):
         flash_cuda.emulate(**kw)
+
+
+# Found by a randomised bad-input fuzzer (2026-12-05): each of these returned garbage or named the
+# wrong thing before.
+
+def _ops_calls(q, k, v, scale):
+    """(name, thunk) of direct calls of the forward ops (and the backward) with this scale."""
+    F = torch.ops.flash_cuda
+    B, H, N, D = q.shape
+    t3 = lambda x: x.transpose(1, 2).reshape(B * N, x.shape[1], D)  # noqa: E731
+    cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)
+    return [("fwd", lambda: F.fwd(q, k, v, scale, False, True)),
+            ("bwd", lambda: F.bwd(q, q, k, v, q, torch.zeros(B, H, N, dtype=q.dtype), None, scale, False, True)),
+            ("varlen_fwd", lambda: F.varlen_fwd(t3(q), t3(k), t3(v), cu, cu, N, N, scale, False)),
+            ("kvcache_fwd", lambda: F.kvcache_fwd(q, k, v, None, None, torch.full((B,), N, dtype=torch.int32), None,
+                                                  scale, False))]
+
+
+@pytest.mark.parametrize("which", ["k", "v", "out", "lse", "cu_seqlens_q", "alibi_slopes", "bias"])
+def test_a_meta_tensor_among_cpu_tensors_is_an_error(which):
+    """A meta tensor among CPU ones dispatches a direct op call to its fake kernel (Meta outranks
+    CPU), which returned uninitialised CPU tensors: it names the tensor instead (ops.py
+    _on_device_of), as the C++ ops do for a real device mismatch."""
+    q, k, v = qkv()
+    F = torch.ops.flash_cuda
+    B, H, N, D = q.shape
+    lse, meta = torch.zeros(B, H, N), lambda x: x.to("meta")
+    match = rf"flash_cuda: {which} must be on q's device \(cpu\), got meta"
+    with pytest.raises(RuntimeError, match=match):
+        if which in ("k", "v"):
+            F.fwd(q, meta(k) if which == "k" else k, meta(v) if which == "v" else v, 0.25, False, True)
+        elif which in ("out", "lse"):
+            F.bwd(q, q, k, v, meta(q) if which == "out" else q, meta(lse) if which == "lse" else lse, None, 0.25,
+                  False, True)
+        elif which == "cu_seqlens_q":
+            t3 = lambda x: x.transpose(1, 2).reshape(B * N, x.shape[1], D)  # noqa: E731
+            cu = torch.arange(0, (B + 1) * N, N, dtype=torch.int32)
+            F.varlen_fwd(t3(q), t3(k), t3(v), meta(cu), cu, N, N, 0.25, False)
+        elif which == "alibi_slopes":
+            F.fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, meta(torch.ones(1, H)))
+        else:
+            F.fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, meta(torch.zeros(B, H, N, N)))
+    # all meta: the fake kernels' shapes, as torch.compile and FakeTensorMode use them
+    out, lse = F.fwd(meta(q), meta(k), meta(v), 0.25, False, True)
+    assert out.device.type == "meta" and out.shape == q.shape and lse.shape == (B, H, N)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 1e39])
+def test_ops_check_scale_in_cpp_too(scale):
+    """A direct op call with a scale the Python API refuses: an error, not NaN outputs (float64
+    inputs take any finite scale)."""
+    q, k, v = qkv()
+    for name, call in _ops_calls(q, k, v, scale):
+        with pytest.raises(RuntimeError, match=r"flash_cuda: scale must be finite in float32, got"):
+            call()
+    for name, call in _ops_calls(q.double(), k.double(), v.double(), scale):
+        if math.isfinite(scale):
+            call()
+        else:
+            with pytest.raises(RuntimeError, match=r"flash_cuda: scale must be finite, got"):
+                call()
+
+
+@pytest.mark.parametrize("name", ["scale", "softcap"])
+def test_int_past_floats_range(name):
+    with pytest.raises(ValueError, match=rf"{name} must be finite.*got an int of 1329 bits"):
+        attention(*qkv(), **{name: 10**400})
+
+
+@pytest.mark.parametrize("flag", ["causal", "return_lse", "deterministic"])
+def test_numpy_bool_flag_is_named_as_such(flag):
+    """A numpy bool is not a bool here (as torch's own bool arguments); the message says which type
+    it got rather than a bare "bool"."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=rf"{flag} must be a bool, got numpy\.bool"):
+        attention(*qkv(), **{flag: np.bool_(True)})
+
+
+def test_varlen_shape_errors_show_the_callers_shapes():
+    q, k, v = torch.randn(6, 2, 16), torch.randn(7, 2, 32), torch.randn(7, 2, 32)
+    cu_q, cu_k = torch.tensor([0, 6], dtype=torch.int32), torch.tensor([0, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"k must have the head dim of q \(16\), got k of shape \(7, 2, 32\)"):
+        flash_cuda.varlen_attention(q, k, v, cu_q, cu_k, 6, 7)
+    k = torch.randn(7, 2, 16)
+    with pytest.raises(ValueError, match=r"v must have the shape of k \(7, 2, 16\) \(same tokens, kv heads and head "
+                                         r"dim\), got \(8, 2, 16\)"):
+        flash_cuda.varlen_attention(q, k, torch.randn(8, 2, 16), cu_q, cu_k, 6, 7)
+
+
+def test_emulated_kernels_name_a_max_seqlen_past_their_range():
+    """varlen_attention takes max_seqlen up to 2**31 - 1; the CUDA kernels round lengths up to
+    whole tiles in 32 bits and need less than 2**31 - 256: their error names max_seqlen."""
+    q, k, v = (torch.randn(6, 2, 16, dtype=torch.float16) for _ in range(3))
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with flash_cuda.emulate(), pytest.raises(RuntimeError, match=r"the CUDA kernels need sequence lengths below "
+                                                                 r"2\^31 - 256, got max_seqlen_q 2147483647 and "
+                                                                 r"max_seqlen_k 6"):
+        flash_cuda.varlen_attention(q, k, v, cu, cu, 2**31 - 1, 6)

@@ -502,6 +502,59 @@ def test_append_to_a_cache_whose_positions_share_memory():
     assert_close_fp("out", out, ref)
 
 
+def test_append_to_caches_that_are_views_of_one_buffer_or_padded():
+    """Caches that are not dense (padded rows, FlashAttention's packed (B, N, 2, Hkv, D) kv cache
+    seen as k and v) but share no position take appends (at::get_overlap_status says "too hard"
+    for them, which was refused as sharing memory); views of one buffer that do share positions,
+    or whose strides differ, are refused before anything is written."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1, 8, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    padded = [torch.randn(2, 2, 16, 12, generator=g)[..., :8] for _ in range(2)]
+    kv = torch.randn(2, 16, 2, 2, 8, generator=g)  # (B, N, 2, Hkv, D)
+    packed = [kv[:, :, i].transpose(1, 2) for i in range(2)]
+    for kc, vc in (padded, packed):
+        ref_k, ref_v = kc.clone(), vc.clone()
+        out = FN(q, kc, vc, k, v, cache_seqlens=5)
+        ref_k[:, :, 5:6], ref_v[:, :, 5:6] = k, v
+        assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+        assert torch.equal(out, FN(q, ref_k.contiguous(), ref_v.contiguous(), cache_seqlens=6))
+    buf = torch.randn(2, 2, 17, 8, generator=g)
+    shifted = (buf[:, :, :16], buf[:, :, 1:])  # key row n + 1 is value row n
+    buf2 = torch.randn(2, 2, 16, 16, generator=g)
+    interleaved = (buf2[..., :8], buf2[..., 8:])  # disjoint columns of one buffer: fine
+    other_strides = (buf2[..., :8], buf2.view(2, 2, 32, 8)[:, :, :16])  # (not searched: refused)
+    for kc, vc in (shifted, (buf2[..., :8], buf2[..., 4:12]), other_strides):
+        before = (kc.clone(), vc.clone())
+        with pytest.raises(RuntimeError, match=r"k_cache and v_cache share memory"):
+            FN(q, kc, vc, k, v, cache_seqlens=3)
+        assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+    FN(q, *interleaved, k, v, cache_seqlens=3)
+    assert torch.equal(interleaved[0][:, :, 3:4], k) and torch.equal(interleaved[1][:, :, 3:4], v)
+
+
+@pytest.mark.parametrize("which", ["k_cache", "cache_seqlens", "block_table"])
+def test_a_meta_tensor_among_cpu_tensors_is_an_error(which):
+    """The fast path hands the call to the op, whose fake kernel a meta tensor among CPU ones
+    dispatches to: it returned uninitialised memory and wrote nothing; now an error names it."""
+    q, kc, vc = torch.randn(1, 2, 3, 16), torch.randn(4, 2, 8, 16), torch.randn(4, 2, 8, 16)
+    k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    lengths, table = torch.tensor([3], dtype=torch.int32), torch.tensor([[2, 0]], dtype=torch.int32)
+    args = dict(k_cache=kc, cache_seqlens=lengths, block_table=table)
+    args[which] = args[which].to("meta")
+    with pytest.raises(RuntimeError, match=rf"{which} must be on (q's device|the device of q) \(cpu\), got meta"):
+        FN(q, args["k_cache"], vc, k, v, cache_seqlens=args["cache_seqlens"], block_table=args["block_table"])
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e300])
+def test_scale_outside_float32_on_the_fast_path(scale):
+    """The common CPU call goes straight to the op (api.py _kvcache_checked_by_op): a scale past
+    float32's range gets the checked path's error there too, not NaN outputs."""
+    q, kc, vc = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    with pytest.raises(ValueError, match=r"scale must be finite in float32"):
+        FN(q, kc, vc, cache_seqlens=10, scale=scale)
+
+
 def test_requires_grad_is_an_error():
     kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 16)
     q = torch.randn(2, 4, 1, 16, requires_grad=True)
