@@ -17,7 +17,6 @@
 #pragma once
 #include "copy.h"
 #include "dropout.h"
-#include "one_hot.h"
 #include "params.h"
 #include "seqlen.h"
 #include "traits.h"
@@ -135,11 +134,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_dq_kernel(const BwdPar
             pe = ex2_approx(rS[nt][e] * p.scale_log2 - lse2[e / 2]);  // base-2 score and lse
           }
           if (needs_mask && (col >= p.nk || (kBand && !p.mask.visible(row, col)))) pe = 0.0f;
-          float diff = (kBand ? rdP[nt][e] * p.drop.scale : rdP[nt][e]) - di[e / 2];  // dP - D
-          if constexpr (!Kt::kTf32) {
-            if (needs_mask && !p.dlse && one_hot<T>(pe)) diff = 0.0f;  // a one-hot row (one_hot.h)
-          }
-          rdP[nt][e] = pe * diff * dcap;  // dS
+          rdP[nt][e] = pe * ((kBand ? rdP[nt][e] * p.drop.scale : rdP[nt][e]) - di[e / 2]) * dcap;  // dS
         }
 
       if constexpr (Kt::kTf32) {

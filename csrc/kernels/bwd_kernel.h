@@ -31,7 +31,6 @@
 
 #include "copy.h"
 #include "dropout.h"
-#include "one_hot.h"
 #include "params.h"
 #include "seqlen.h"
 #include "traits.h"
@@ -235,14 +234,6 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       if constexpr (kStatsFromGlobal) return ld_global(reinterpret_cast<const float2*>(gDi + nt * 8));
       else return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t));
     };
-    // dP^T - D of an element whose P^T is one-hot: 0 (one_hot.h; masked tiles, 16-bit inputs,
-    // no gradient into lse)
-    auto one_hot_aware = [&](float diff, bool one) {
-      if constexpr (kMask && !kF32) {
-        if (one && !p.dlse) return 0.0f;
-      }
-      return diff;
-    };
     // 16-bit inputs: the pairs of each C tile, (row g: elements 0, 1), (row g + 8: 2, 3)
     [[maybe_unused]] uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];
     float rS[kSMT][kSNT][4] = {}, rdP[kSMT][kSNT][4] = {};  // fp32; rS becomes P^T in place
@@ -286,9 +277,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
               pe[e] = ex2_approx((sm - (e ? l.y : l.x)) * 1.4426950408889634f);  // (l: the lse itself here)
               if (kMask && hidden(mt, nt, i)) pe[e] = 0.0f;
               const bool kept = keep(mt, nt, i);
-              bool one = false;
-              if constexpr (!kF32) one = one_hot<T>(pe[e]);
-              dsp[e] = pe[e] * one_hot_aware((kept ? rdP[mt][nt][i] * p.drop.scale : 0.0f) - (e ? d.y : d.x), one);
+              dsp[e] = pe[e] * ((kept ? rdP[mt][nt][i] * p.drop.scale : 0.0f) - (e ? d.y : d.x));
               ds[e] = dsp[e] * dcap;
               if (!kept) pe[e] = 0.0f;  // dV sees the dropped P
             }
@@ -334,10 +323,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
         for (int mt = 0; mt < kSMT; ++mt)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            bool one[2] = {};  // (16-bit inputs: P^T's pairs, rounded by now)
-            if constexpr (!kF32) one[0] = one_hot<T>(rP[mt][nt][h], 0), one[1] = one_hot<T>(rP[mt][nt][h], 1);
-            const float ds0 = one_hot_aware(dropped_dp(mt, nt, 2 * h) - d.x, one[0]);  // dP^T - D
-            const float ds1 = one_hot_aware(dropped_dp(mt, nt, 2 * h + 1) - d.y, one[1]);
+            const float ds0 = dropped_dp(mt, nt, 2 * h) - d.x, ds1 = dropped_dp(mt, nt, 2 * h + 1) - d.y;  // dP^T - D
             if constexpr (kF32) {  // dS^T in fp32, in place of dP^T
               rdP[mt][nt][2 * h] = rS[mt][nt][2 * h] * ds0, rdP[mt][nt][2 * h + 1] = rS[mt][nt][2 * h + 1] * ds1;
             } else {
