@@ -374,51 +374,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
 
 // ---- KV cache (attention_with_kvcache) ----
 
-// Whether a position of cache a and one of cache b share memory. Views of different buffers, or
-// of disjoint bytes of one, never do. Two views of one buffer with the same sizes and strides
-// (FlashAttention's packed (B, N, 2, Hkv, D) cache seen as k and v; halves of one allocation,
-// padded rows) do iff the offsets' difference is sum_d c_d stride_d with |c_d| < size_d: searched
-// per dimension, largest stride first, keeping the c_d whose remainder the smaller dimensions can
-// still reach (one or two a dimension for a cache's nested strides; at most kMaxVisits in all).
-// at::get_overlap_status answers "too hard" for every view that is not dense, padded rows
-// included. Other pairs of views of one buffer count as overlapping.
-bool caches_may_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
-  const int64_t item = a.element_size();
-  auto span = [&](const at::Tensor& x) {  // the bytes [begin, end) x's positions lie in
-    int64_t extent = 1;
-    for (int64_t d = 0; d < x.dim(); ++d) extent += (x.size(d) - 1) * x.stride(d);
-    const char* begin = static_cast<const char*>(x.data_ptr());
-    return std::pair{begin, begin + extent * item};
-  };
-  const auto [a0, a1] = span(a);
-  const auto [b0, b1] = span(b);
-  if (a1 <= b0 || b1 <= a0) return false;
-  const int64_t delta_bytes = b0 - a0;
-  if (a.sizes() != b.sizes() || a.strides() != b.strides() || b.element_size() != item || delta_bytes % item) return true;
+// Whether a view's positions meet those of the view with its sizes and strides `delta` elements
+// further: delta = sum_d c_d stride_d for some |c_d| < size_d (some c_d != 0 when `distinct`:
+// a view against itself). Searched per dimension, largest stride first, keeping the c_d whose
+// remainder the smaller dimensions can still reach (one or two a dimension for a cache's nested
+// strides; past kMaxVisits in all, counted as meeting).
+bool positions_meet(const at::Tensor& x, int64_t delta, bool distinct) {
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions that move
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) == 0) return true;  // (expanded: refused before this)
-    if (a.size(d) > 1) dims.emplace_back(a.stride(d), a.size(d));
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) > 1 && x.stride(d) == 0) return true;  // expanded
+    if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
   }
   std::sort(dims.begin(), dims.end(), std::greater<>());
   std::vector<int64_t> reach(dims.size() + 1, 0);  // reach[i]: the most dimensions i.. can add
   for (size_t i = dims.size(); i-- > 0;) reach[i] = reach[i + 1] + (dims[i].second - 1) * dims[i].first;
   constexpr int kMaxVisits = 1 << 12;
   int visits = 0;
-  std::function<bool(size_t, int64_t)> reachable = [&](size_t i, int64_t rest) {
-    if (++visits > kMaxVisits) return true;  // (not settled: counted as overlapping)
-    if (i == dims.size()) return rest == 0;
+  auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };  // (b > 0)
+  std::function<bool(size_t, int64_t, bool)> reachable = [&](size_t i, int64_t rest, bool moved) {
+    if (++visits > kMaxVisits) return true;
+    if (i == dims.size()) return rest == 0 && (moved || !distinct);
     const auto [stride, size] = dims[i];
-    auto floor_div = [](int64_t x, int64_t y) { return x >= 0 ? x / y : -((-x + y - 1) / y); };  // (y > 0)
     // |rest - c stride| <= reach[i + 1], |c| < size
     const int64_t lo = std::max(-(size - 1), -floor_div(reach[i + 1] - rest, stride)),
                   hi = std::min(size - 1, floor_div(rest + reach[i + 1], stride));
     for (int64_t c = lo; c <= hi; ++c)
-      if (reachable(i + 1, rest - c * stride)) return true;
+      if (reachable(i + 1, rest - c * stride, moved || c != 0)) return true;
     return false;
   };
-  return reachable(0, delta_bytes / item);
+  return reachable(0, delta, false);
+}
+
+// Whether two positions of cache x share memory (at::has_internal_overlap answers "too hard" for
+// every view that is not dense, and "yes" only for stride 0).
+bool cache_overlaps_itself(const at::Tensor& x) {
+  const at::MemOverlap status = at::has_internal_overlap(x);
+  return status == at::MemOverlap::Yes || (status == at::MemOverlap::TooHard && positions_meet(x, 0, true));
+}
+
+// Whether a position of cache a and one of cache b share memory. Views of disjoint bytes never do
+// (whatever their storages: two tensors made from one numpy array share memory, not storage);
+// two views with the same sizes and strides do iff positions_meet at their offsets' difference
+// (FlashAttention's packed (B, N, 2, Hkv, D) cache seen as k and v, halves of one allocation and
+// padded rows do not). Other pairs whose bytes interleave count as overlapping.
+bool caches_may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const int64_t item = a.element_size();
+  auto span = [&](const at::Tensor& x) {  // the bytes [begin, end) x's positions lie in
+    int64_t extent = 1;
+    for (int64_t d = 0; d < x.dim(); ++d) extent += (x.size(d) - 1) * x.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(x.data_ptr());
+    return std::pair{begin, begin + uintptr_t(extent * x.element_size())};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  if (a1 <= b0 || b1 <= a0) return false;
+  const int64_t delta_bytes = int64_t(b0 - a0);
+  if (a.sizes() != b.sizes() || a.strides() != b.strides() || b.element_size() != item || delta_bytes % item) return true;
+  return positions_meet(a, delta_bytes / item, false);
 }
 
 // Shapes, dtypes and devices of a KV-cache call (csrc/kernel_launch.h kvcache_kernels). CPU
@@ -465,11 +478,11 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               kMaxNumSplits, "] (0: chosen for the device), got ", num_splits);
   if (k_new) {  // written in place: every position of the caches its own memory, and k's apart from v's
     for (const auto& [name, x] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
-      TORCH_CHECK(at::has_internal_overlap(*x) != at::MemOverlap::Yes, "flash_cuda: ", name, " has positions that "
-                  "share memory (an expanded view, stride 0, of strides ", x->strides(), "), so appending k and v "
-                  "would overwrite other positions; pass a cache with memory of its own (e.g. .contiguous())");
-    TORCH_CHECK(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or are views "
-                "of one buffer with different strides, which is not searched), so appending v could overwrite keys; "
+      TORCH_CHECK(!cache_overlaps_itself(*x), "flash_cuda: ", name, " has positions that share memory (strides ",
+                  x->strides(), " for shape ", x->sizes(), ": an expanded view, or overlapping rows), so appending "
+                  "k and v would overwrite other positions; pass a cache with memory of its own (e.g. .contiguous())");
+    TORCH_CHECK(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or interleave "
+                "in memory with different strides, which is not searched), so appending v could overwrite keys; "
                 "pass separate caches");
   }
 }

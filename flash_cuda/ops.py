@@ -136,6 +136,9 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, causal, bottom_right, bool(deterministic) if deterministic is not None else False,
                 -1 if wl is None else wl, -1 if wr is None else wr, 0.0 if softcap is None else softcap)
     ctx.dropout_p = 0.0 if dropout_p is None else dropout_p
+    # An output without a gradient (lse, mostly) comes to backward as None, which the ops take,
+    # rather than a tensor of zeros made and subtracted (as in _eager_autograd's Functions).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
@@ -184,6 +187,7 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, scale, causal, bool(deterministic) if deterministic is not None else False,
                 -1 if wl is None else wl, -1 if wr is None else wr, 0.0 if softcap is None else softcap)
     ctx.dropout_p = 0.0 if dropout_p is None else dropout_p
+    ctx.set_materialize_grads(False)  # (as _setup_context)
 
 
 def _varlen_backward(ctx, dout, dlse):

@@ -533,6 +533,28 @@ def test_append_to_caches_that_are_views_of_one_buffer_or_padded():
     assert torch.equal(interleaved[0][:, :, 3:4], k) and torch.equal(interleaved[1][:, :, 3:4], v)
 
 
+def test_append_to_caches_that_share_memory_without_sharing_storage_or_stride_zero():
+    """Overlap is decided on memory, not storage: two tensors made from one numpy array (two
+    storages, one memory) are one cache; a cache whose rows overlap each other with nonzero
+    strides (as_strided) is refused like an expanded one. Both were accepted before, and the
+    append overwrote live keys (a review's reproducers)."""
+    np = pytest.importorskip("numpy")
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    a = np.random.default_rng(0).standard_normal((1, 2, 8, 16)).astype(np.float32)
+    kc, vc = torch.from_numpy(a), torch.from_numpy(a)  # two storages over one memory
+    before = kc.clone()
+    with pytest.raises(RuntimeError, match=r"k_cache and v_cache share memory"):
+        FN(q, kc, vc, k, v, cache_seqlens=1)
+    assert torch.equal(kc, before)
+    buf = torch.randn(2 * 16 * 16)
+    rows = torch.as_strided(buf, (1, 2, 16, 16), (16 * 16, 16 * 8, 8, 1))  # row n + 1 starts mid row n
+    for kc, vc, name in ((rows, torch.randn(1, 2, 16, 16), "k_cache"), (torch.randn(1, 2, 16, 16), rows, "v_cache")):
+        before = rows.clone()
+        with pytest.raises(RuntimeError, match=rf"{name} has positions that share memory"):
+            FN(q, kc, vc, k, v, cache_seqlens=1)
+        assert torch.equal(rows, before)
+
+
 @pytest.mark.parametrize("which", ["k_cache", "cache_seqlens", "block_table"])
 def test_a_meta_tensor_among_cpu_tensors_is_an_error(which):
     """The fast path hands the call to the op, whose fake kernel a meta tensor among CPU ones
