@@ -126,6 +126,9 @@ def _number(x):
     return x if _finite(x) or not isinstance(x, int) else f"an int of {x.bit_length()} bits"
 
 
+_F32_MAX = torch.finfo(torch.float32).max  # (scale's bound below float64 inputs; the ops check it too)
+
+
 def _check_scale(fn, scale, head_dim, dtype=torch.float64):
     """A finite float, in float32's range unless the inputs are float64 (the kernels and the
     CPU backend take it in the accumulation dtype)."""
@@ -135,8 +138,8 @@ def _check_scale(fn, scale, head_dim, dtype=torch.float64):
         raise TypeError(f"{fn}: scale must be a float or None, got {_type_name(scale)}")
     if not _finite(scale):
         raise ValueError(f"{fn}: scale must be finite, got {_number(scale)}")
-    if dtype != torch.float64 and abs(scale) > torch.finfo(torch.float32).max:
-        raise ValueError(f"{fn}: scale must be finite in float32 (|scale| <= {torch.finfo(torch.float32).max:.4g}) "
+    if dtype != torch.float64 and abs(scale) > _F32_MAX:
+        raise ValueError(f"{fn}: scale must be finite in float32 (|scale| <= {_F32_MAX:.4g}) "
                          f"for {dtype} inputs, got {scale}")
     return float(scale)
 
@@ -147,7 +150,6 @@ def _check_flag(fn, name, value):
 
 
 _INT64_MAX = 2**63 - 1  # the ops take int64 arguments
-_F32_MAX = torch.finfo(torch.float32).max
 _INT32_MAX = 2**31 - 1
 
 
