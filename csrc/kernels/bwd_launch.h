@@ -25,7 +25,8 @@ cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream)
   static const std::string pre = "flash_bwd_preprocess" + suffix, main = "flash_bwd" + suffix,
                            post = "flash_bwd_postprocess" + suffix, dq = "flash_bwd_dq" + suffix;
   const dim3 q_grid((p.nq + Kt::kPrepRows - 1) / Kt::kPrepRows, p.hq, p.b);
-  cudaError_t e = launch_kernel(pre.c_str(), flash_bwd_preprocess_kernel<Kt>, q_grid, dim3(128), 0, stream, p);
+  cudaError_t e = launch_kernel(pre.c_str(), flash_bwd_preprocess_kernel<Kt>, q_grid, dim3(128),
+                                preprocess_smem_bytes<Kt>(), stream, p);
   if (e != cudaSuccess) return e;
   // (kDSplit blocks per key tile: fp32 above head dim 128, traits.h)
   const dim3 kv_grid((p.nk + Kt::kBlockN - 1) / Kt::kBlockN * Kt::kDSplit, p.hkv, p.b);

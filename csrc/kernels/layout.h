@@ -10,7 +10,8 @@
  * c ^ ((r / 2) % 4) (Swizzle<2,3,3>): rows r and r+1 differ in bank half, pairs in chunk.
  * Column blocks keep every row of a block 128 (or 64) bytes, whatever kCols is.
  *
- * PaddedLayout (the backward's tiles in its wide configuration at head dim 64, traits.h): rows
+ * PaddedLayout (the backward's tiles in its wide configuration at head dim 64, traits.h, and the
+ * preprocess's 16 x 16 staging, bwd_preprocess.h): rows
  * of kCols + 8 values instead, unswizzled. Why: a fragment's column enters a swizzled address by
  * an XOR with the lane's row bits, one instruction per ldmatrix of each k step unless its
  * offset is held in a register per k step, which the backward's tightest kernels cannot spare
@@ -86,7 +87,7 @@ struct PaddedLayout {
   // Tiles copied chunk by chunk (CopyPlan, chunk_coord) need whole 128-byte row segments, so
   // every copy phase stays inside one row: with 4-chunk rows a phase covers two rows, whose
   // chunks no odd pitch keeps apart. (32-column tiles written by 32-bit stores and read by
-  // ldmatrix, as P^T and dS^T, are fine.)
+  // ldmatrix, as P^T and dS^T, are fine, and so are 16-column ones written a row per lane.)
   static constexpr bool kCopyable = kCols % 64 == 0;
   static constexpr int kBlockCols = kCols;  // one block: the whole row
   static constexpr int kPitch = kCols + 8;  // an odd number of 16-byte chunks
