@@ -57,6 +57,13 @@ def test_gpu_variant_test_runs_emulated(variant):
     assert any(f",{variant}>" in r["kernel"] for r in emu.launches)
 
 
+@pytest.mark.parametrize("case", ["one_key", "diagonal_window"])
+def test_gpu_one_key_rows_test_runs_emulated(case):
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_one_key_rows_get_exact_gradients("cpu", torch.float16, 64, True, case, Nq=37)
+    assert "flash_bwd_dq" in {r["kernel"].split("<")[0] for r in emu.launches}
+
+
 def test_gpu_deterministic_test_runs_emulated():
     with flash_cuda.emulate(check=False, order="random", workers=2):
         gpu.test_deterministic_backward_is_bitwise_repeatable("cpu", N=33)

@@ -118,6 +118,31 @@ def test_backward_vs_reference_and_sdpa(dev, dtype, causal, D, deterministic, N=
         assert (g.float() - sg.float()).abs().max() <= 3 * (pg.float() - rg.float()).abs().max() + 1e-3
 
 
+# Rows that see one key (Nk = 1; a diagonal window): plain torch's dQ and dK are exactly 0, and
+# so are the kernels' where the preprocess's D sums as the dP product does (bwd_preprocess.h
+# row_dots). That equality rests on the tensor cores summing an element alike wherever it sits in
+# the tile and whichever operand its products come from: the emulator does by construction, this
+# checks the hardware (not run on one yet: 2026-12-05).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", ["one_key", "diagonal_window"])
+def test_one_key_rows_get_exact_gradients(dev, dtype, D, deterministic, case, Nq=203):
+    Nk, kw = (1, {}) if case == "one_key" else (Nq, dict(window=(0, 0)))
+    q, k, v = make(dev, 2, 4, 2, Nq, Nk, D, dtype)
+    q, k, v = ((x * 4).requires_grad_() for x in (q, k, v))
+    out = flash_cuda.attention(q, k, v, scale=1.0, deterministic=deterministic, **kw)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert torch.count_nonzero(dq) == 0 and torch.count_nonzero(dk) == 0
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = attention_ref(*leaves, scale=1.0, **kw)
+    ref_dv = torch.autograd.grad(ref, leaves[2], dout.double())[0]
+    plain_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    plain, _ = attention_ref(*plain_leaves, scale=1.0, dtype=dtype, **kw)
+    assert_fa_rule("dv", dv, torch.autograd.grad(plain, plain_leaves[2], dout)[0], ref_dv, 3)
+
+
 def test_deterministic_backward_is_bitwise_repeatable(dev, N=777):
     q, k, v = make(dev, 1, 8, 2, N, N, 128, torch.bfloat16, requires_grad=True)
     runs = []
