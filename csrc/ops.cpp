@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <iomanip>
 #include <limits>
 #include <vector>
 
@@ -100,7 +101,9 @@ AttnOptions base_options(const at::Tensor& q, int64_t batch, double scale, bool 
   // (the kernels and the CPU backend take scale in the accumulation dtype: float32 below float64)
   TORCH_CHECK(std::isfinite(scale) && (q.scalar_type() == at::kDouble ||
                                        std::abs(scale) <= double(std::numeric_limits<float>::max())),
-              "flash_cuda: scale must be finite", q.scalar_type() == at::kDouble ? "" : " in float32", ", got ", scale);
+              "flash_cuda: scale must be finite",
+              q.scalar_type() == at::kDouble ? "" : " in float32 (|scale| <= 3.4028234663852886e+38)", ", got ",
+              std::setprecision(17), scale);  // (all digits: a refused scale can print as float32's max in 6)
   // A bound past every key offset hides nothing: unbounded (d = j - (i + Nk - Nq) lies in
   // (-Nk, Nq), lengths below 2^31). Near 2^63 the band's int64 arithmetic (i + offset + right)
   // would overflow and hide every key; the CUDA kernels compare offsets in 32 bits.

@@ -1,6 +1,7 @@
 """Bad input raises a Python exception naming the argument and what is expected (one test
 per case), and empty sequences give their documented result: no NaN, no crash."""
 import math
+import re
 
 import pytest
 import torch
@@ -432,13 +433,17 @@ def test_a_meta_tensor_among_cpu_tensors_is_an_error(which):
     assert out.device.type == "meta" and out.shape == q.shape and lse.shape == (B, H, N)
 
 
-@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 1e39])
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 1e39,
+                                   math.nextafter(3.4028234663852886e38, math.inf)])
 def test_ops_check_scale_in_cpp_too(scale):
     """A direct op call with a scale the Python API refuses: an error, not NaN outputs (float64
-    inputs take any finite scale)."""
+    inputs take any finite scale); the refused value in all its digits (the last one, the double
+    right after float32's max, printed as the max itself in 6)."""
     q, k, v = qkv()
+    shown = re.escape(f"{scale:.17g}") if math.isfinite(scale) else ""
     for name, call in _ops_calls(q, k, v, scale):
-        with pytest.raises(RuntimeError, match=r"flash_cuda: scale must be finite in float32, got"):
+        with pytest.raises(RuntimeError, match=r"flash_cuda: scale must be finite in float32 \(\|scale\| <= "
+                                               r"3\.4028234663852886e\+38\), got " + shown):
             call()
     for name, call in _ops_calls(q.double(), k.double(), v.double(), scale):
         if math.isfinite(scale):
