@@ -531,6 +531,29 @@ def test_packed_batches_agree_with_the_source_executor():
 
 
 @needs_ptx
+@pytest.mark.parametrize("dtype,D,deterministic,order", [(torch.float16, 64, False, "forward"),
+                                                         (torch.bfloat16, 128, True, "reverse")])
+def test_one_key_rows_get_exact_gradients(dtype, D, deterministic, order):
+    """Nk = 1: the preprocess's D sums as the dP product does (bwd_preprocess.h row_dots), so the
+    compiled kernels give dQ = dK = 0 exactly, as plain torch does (test_devices.py has the
+    source executor's cases)."""
+    q, k, v = make_qkv(1, 2, 1, 37, 1, D, dtype, seed=5)
+    leaves = [(x * 4).detach().requires_grad_() for x in (q, k, v)]
+    dout = torch.randn(1, 2, 37, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with emulate(executor="ptx", check=True, order=order) as emu:
+        out = flash_cuda.attention(*leaves, scale=1.0, deterministic=deterministic)
+        dq, dk, dv = torch.autograd.grad(out, leaves, dout)
+    assert all(r["errors"] == [] for r in emu.launches)
+    assert any(r["kernel"].startswith("flash_bwd_dq") for r in emu.launches) == deterministic
+    assert torch.count_nonzero(dq) == 0 and torch.count_nonzero(dk) == 0
+    ls = [x.detach().double().requires_grad_() for x in leaves]
+    ref_dv = torch.autograd.grad(attention_ref(*ls, scale=1.0)[0], ls[2], dout.double())[0]
+    plain = [x.detach().requires_grad_() for x in leaves]
+    plain_dv = torch.autograd.grad(attention_ref(*plain, scale=1.0, dtype=dtype)[0], plain[2], dout)[0]
+    assert_fa_rule("dv", dv, plain_dv, ref_dv, 3)
+
+
+@needs_ptx
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_kvcache_kernels(D, dtype):
