@@ -99,11 +99,12 @@ AttnOptions base_options(const at::Tensor& q, int64_t batch, double scale, bool 
               window_left, ", ", window_right, ")");
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "flash_cuda: softcap must be finite and >= 0, got ", softcap);
   // (the kernels and the CPU backend take scale in the accumulation dtype: float32 below float64)
-  TORCH_CHECK(std::isfinite(scale) && (q.scalar_type() == at::kDouble ||
-                                       std::abs(scale) <= double(std::numeric_limits<float>::max())),
+  // (printed in all digits: in 6 a refused scale can print as float32's max)
+  const bool in_f32 = q.scalar_type() != at::kDouble;
+  const double f32_max = std::numeric_limits<float>::max();
+  TORCH_CHECK(std::isfinite(scale) && (!in_f32 || std::abs(scale) <= f32_max), std::setprecision(17),
               "flash_cuda: scale must be finite",
-              q.scalar_type() == at::kDouble ? "" : " in float32 (|scale| <= 3.4028234663852886e+38)", ", got ",
-              std::setprecision(17), scale);  // (all digits: a refused scale can print as float32's max in 6)
+              in_f32 ? c10::str(std::setprecision(17), " in float32 (|scale| <= ", f32_max, ")") : "", ", got ", scale);
   // A bound past every key offset hides nothing: unbounded (d = j - (i + Nk - Nq) lies in
   // (-Nk, Nq), lengths below 2^31). Near 2^63 the band's int64 arithmetic (i + offset + right)
   // would overflow and hide every key; the CUDA kernels compare offsets in 32 bits.
