@@ -113,6 +113,15 @@ def _type_name(x):
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def _plain(x):
+    """numpy's real scalars (np.float32, np.int64, ...) as the Python float or int they hold, as
+    torch's own float and int arguments take them; anything else as it is, for the checks to
+    name its type. numpy's bool is not a number here (nor is Python's, by the checks)."""
+    if isinstance(x, (int, float)) or not isinstance(x, numbers.Real):
+        return x
+    return int(x) if isinstance(x, numbers.Integral) else float(x)
+
+
 def _finite(x):
     """math.isfinite for ints past float's range too (False there, where isfinite raises)."""
     try:
@@ -134,6 +143,7 @@ def _check_scale(fn, scale, head_dim, dtype=torch.float64):
     CPU backend take it in the accumulation dtype)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    scale = _plain(scale)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{fn}: scale must be a float or None, got {_type_name(scale)}")
     if not _finite(scale):
@@ -158,9 +168,9 @@ def _check_window(fn, window, name="window"):
     if window is None:
         return -1, -1
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) for w in window)):
+            or any(isinstance(w, bool) or not isinstance(_plain(w), int) for w in window)):
         raise TypeError(f"{fn}: {name} must be a pair of ints (left, right) or None, got {window!r}")
-    left, right = window
+    left, right = map(_plain, window)
     if not (-1 <= left <= _INT64_MAX and -1 <= right <= _INT64_MAX):
         raise ValueError(f"{fn}: {name} entries must be in [-1, 2**63 - 1] (-1 = unbounded on that side), "
                          f"got {tuple(window)}")
@@ -168,6 +178,7 @@ def _check_window(fn, window, name="window"):
 
 
 def _check_softcap(fn, softcap):
+    softcap = _plain(softcap)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"{fn}: softcap must be a float (0.0 disables it), got {_type_name(softcap)}")
     if not _finite(softcap) or softcap < 0:
@@ -223,6 +234,7 @@ def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device, closed
     """dropout_p a float in [0, 1) ([0, 1] when closed: the drop-in, as torch); generator None or a
     torch.Generator of q's device."""
     interval = "[0, 1]" if closed else "[0, 1)"
+    dropout_p = _plain(dropout_p)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"{fn}: dropout_p must be a float in {interval}, got {_type_name(dropout_p)}")
     if not (0.0 <= dropout_p <= 1.0 if closed else 0.0 <= dropout_p < 1.0):
@@ -342,10 +354,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None and is_causal is True:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
                          "too); fold the causal mask into attn_mask instead")
-    # torch takes any real number (a numpy float, a bool, a 0-d tensor) as the float it converts to,
-    # and dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
-    if isinstance(dropout_p, numbers.Real) or (isinstance(dropout_p, torch.Tensor) and dropout_p.dim() == 0):
-        dropout_p = float(dropout_p)
+    # torch takes any real number (a numpy float, a bool or numpy bool, a 0-d tensor) for dropout_p
+    # and scale as the float it converts to (an int past float's range is left for the checks to
+    # name), and dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
+    def as_float(x):
+        real = (isinstance(x, numbers.Real) or _type_name(x) == "numpy.bool"
+                or (isinstance(x, torch.Tensor) and x.dim() == 0))
+        return float(x) if real and (_finite(x) or not isinstance(x, int)) else x
+
+    dropout_p, scale = as_float(dropout_p), None if scale is None else as_float(scale)
     dropout_p = _check_dropout(fn, dropout_p, None, False, getattr(query, "device", None), closed=True)
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else dropout_p
@@ -425,6 +442,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    max_seqlen_q, max_seqlen_k = _plain(max_seqlen_q), _plain(max_seqlen_k)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise TypeError(f"{fn}: {name} must be a non-negative int, got {m!r}")
@@ -589,6 +607,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         if n_new:
             raise ValueError(f"{fn}: cache_seqlens is required when k and v are given (where to append them)")
         cache_seqlens = capacity
+    cache_seqlens = _plain(cache_seqlens)
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         if not 0 <= cache_seqlens <= _INT32_MAX:
             raise ValueError(f"{fn}: cache_seqlens must be in [0, {capacity - n_new}] for a cache of {capacity} keys "
@@ -603,6 +622,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         raise ValueError(f"{fn}: cache_seqlens must have shape (B,) = ({B},), got {_shape(cache_seqlens)}")
     if cache_seqlens.device != q.device:
         raise RuntimeError(f"{fn}: cache_seqlens must be on the device of q ({q.device}), got {cache_seqlens.device}")
+    num_splits = _plain(num_splits)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_NUM_SPLITS:
         raise ValueError(f"{fn}: num_splits must be an int in [0, {MAX_NUM_SPLITS}] (0: chosen for the device, "
                          f"1: no split), got {num_splits!r}")
@@ -660,6 +680,7 @@ def pad_input(x_unpad, indices, batch, seqlen):
     if not isinstance(x_unpad, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"{fn}: x_unpad and indices must be torch.Tensors, got {_type_name(x_unpad)} and "
                         f"{_type_name(indices)}")
+    batch, seqlen = _plain(batch), _plain(seqlen)
     for name, n in (("batch", batch), ("seqlen", seqlen)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TypeError(f"{fn}: {name} must be a non-negative int, got {n!r}")

@@ -488,3 +488,58 @@ def test_emulated_kernels_name_a_max_seqlen_past_their_range():
                                                                  r"2\^31 - 256, got max_seqlen_q 2147483647 and "
                                                                  r"max_seqlen_k 6"):
         flash_cuda.varlen_attention(q, k, v, cu, cu, 2**31 - 1, 6)
+
+
+# Numbers torch's own arguments take: numpy's real scalars are the numbers they hold
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
+    """np.float32 / np.int64 arguments (a scale from a config, a length from numpy) are taken as
+    the Python float / int they hold, as torch's float and int arguments take them: outputs equal
+    the Python-number call's bitwise, and the reference's."""
+    np = pytest.importorskip("numpy")
+    from reference import attention_ref
+    q, k, v = qkv(Nq=9, Nk=11)
+    ours = attention(q, k, v, scale=np.float32(0.3), softcap=np.float64(4.0), window=(np.int64(3), np.int32(0)))
+    plain = attention(q, k, v, scale=float(np.float32(0.3)), softcap=4.0, window=(3, 0))
+    assert torch.equal(ours, plain)
+    ref, _ = attention_ref(q, k, v, scale=float(np.float32(0.3)), softcap=4.0, window=(3, 0))
+    assert (ours.double() - ref).abs().max() < 1e-5
+    drops = [attention(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(5))
+             for p in (np.float32(0.25), 0.25)]
+    assert torch.equal(*drops) and not torch.equal(drops[0], plain)
+
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    qv, kv_, vv = (x[0].transpose(0, 1)[:9].contiguous() for x in (q, k, v))
+    assert torch.equal(flash_cuda.varlen_attention(qv, kv_, vv, cu, cu, np.int64(5), np.int32(5), causal=True),
+                       flash_cuda.varlen_attention(qv, kv_, vv, cu, cu, 5, 5, causal=True))
+
+    k_cache, v_cache = torch.zeros(2, 2, 16, 16), torch.zeros(2, 2, 16, 16)
+    k_cache[:, :, :11], v_cache[:, :, :11] = k, v
+    with torch.no_grad():
+        got = flash_cuda.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=np.int64(11),
+                                                num_splits=np.int64(2), scale=np.float32(0.5))
+        want = flash_cuda.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=11, num_splits=2,
+                                                 scale=float(np.float32(0.5)))
+    assert torch.equal(got, want)
+
+    xu, idx = unpadded()
+    assert torch.equal(flash_cuda.pad_input(xu, idx, np.int64(2), np.uint8(3)), flash_cuda.pad_input(xu, idx, 2, 3))
+
+
+@pytest.mark.parametrize("value,shown", [("bool", "numpy.bool"), ("array", "numpy.ndarray"),
+                                         ("float", None)])
+def test_numpy_values_that_are_not_numbers_here(value, shown):
+    """A numpy bool is not a number for attention() (nor is Python's bool), a 0-d array is not a
+    scalar (torch refuses both the array and, for its int arguments, a numpy bool)."""
+    np = pytest.importorskip("numpy")
+    x = {"bool": np.bool_(True), "array": np.array(0.5), "float": np.float32("nan")}[value]
+    if shown is None:
+        with pytest.raises(ValueError, match=r"scale must be finite, got nan"):
+            attention(*qkv(), scale=x)
+        return
+    with pytest.raises(TypeError, match=rf"scale must be a float or None, got {shown}"):
+        attention(*qkv(), scale=x)
+    with pytest.raises(TypeError, match=rf"softcap must be a float \(0.0 disables it\), got {shown}"):
+        attention(*qkv(), softcap=x)
+    with pytest.raises(TypeError, match=r"window must be a pair of ints"):
+        attention(*qkv(), window=(x, 0))

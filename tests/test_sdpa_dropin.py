@@ -59,6 +59,26 @@ def test_matches_torch_sdpa_bf16(qs, ks, gqa):
         assert max_err(ours[i], ref[i]) <= factor * max_err(theirs[i], ref[i]) + 1e-5, name
 
 
+def test_scale_of_every_type_torch_takes():
+    """torch takes any real number for scale (a numpy float or int, a bool or numpy bool, a 0-d
+    tensor) as the float it converts to, and so does the drop-in; what torch refuses (a 0-d numpy
+    array, a 1-element tensor), the drop-in refuses too, naming scale."""
+    np = pytest.importorskip("numpy")
+    for scale in (np.float32(0.3), np.float16(0.5), np.uint8(2), np.bool_(True), True, torch.tensor(0.25),
+                  torch.tensor(3, dtype=torch.int64)):
+        ours, theirs = run_both((2, 4, 33, 16), (2, 4, 57, 16), torch.float32, is_causal=True, scale=scale)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
+            assert_close_fp(name, a, b, rtol=5e-5)
+        plain, _ = run_both((2, 4, 33, 16), (2, 4, 57, 16), torch.float32, is_causal=True, scale=float(scale))
+        assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+    q = torch.randn(1, 2, 5, 8)
+    for scale in (np.array(0.5), torch.tensor([0.5])):
+        with pytest.raises(TypeError):
+            F.scaled_dot_product_attention(q, q, q, scale=scale)
+        with pytest.raises(TypeError, match=r"scale must be a float or None, got (numpy\.ndarray|torch\.Tensor)"):
+            flash_cuda.scaled_dot_product_attention(q, q, q, scale=scale)
+
+
 def test_empty_key_sequence_matches_torch():
     ours, theirs = run_both((1, 2, 5, 8), (1, 2, 0, 8), torch.float32)
     assert torch.equal(ours[0], theirs[0])  # both all zeros
