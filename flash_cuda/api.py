@@ -483,10 +483,14 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
     (of ~500 at 2k keys, B = 1, 8 kv heads; README "KV cache"). The op checks every shape, dtype,
     device and CPU value the backend relies on before it writes the cache (csrc/ops.cpp
     check_kvcache, kvcache_seqlens); when it refuses, the caller's checks run and say exactly what
-    is wrong. Not on CUDA or inside flash_cuda.emulate(), whose kernels do not check the values of
-    cache_seqlens and block_table (the Python checks do, on CPU tensors)."""
+    is wrong. CUDA calls take it too: the op checks what the Python checks do there (neither reads
+    CUDA values, which would synchronise), and a step's fixed cost is what a GPU waits for at small
+    batches. Not inside flash_cuda.emulate(), whose kernels do not check the values of
+    cache_seqlens and block_table (the Python checks do, on CPU tensors), nor for tensor
+    subclasses (fake tensors run the op's fake function, which checks devices only)."""
     try:
-        if q.device.type != "cpu" or emulate._active or torch.compiler.is_compiling():
+        if (type(q) is not torch.Tensor or q.device.type not in ("cpu", "cuda") or emulate._active
+                or torch.compiler.is_compiling()):
             return None
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
             return None  # the checked path raises
@@ -499,7 +503,7 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
         if type(cache_seqlens) is int:
             if not 0 <= cache_seqlens <= _INT32_MAX:
                 return None
-            cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32)
+            cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
         elif not isinstance(cache_seqlens, torch.Tensor):
             return None
         return _kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table,

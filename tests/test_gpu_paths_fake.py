@@ -97,6 +97,12 @@ def test_gpu_kvcache_test_runs_emulated():
     assert {"flash_fwd_kvcache", "flash_fwd_kvcache_combine", "kv_append"} <= kernels
 
 
+def test_gpu_kvcache_fast_path_test_runs_emulated(monkeypatch):
+    with flash_cuda.emulate(check=False) as emu:
+        gpu.test_kvcache_common_call_skips_the_python_checks("cpu", monkeypatch)
+    assert any(r["kernel"].startswith("flash_fwd_kvcache") for r in emu.launches)
+
+
 def test_gpu_compact_test_runs_the_compact_kernels(monkeypatch):
     """The GPU test of the 99 KiB configurations, emulated on an A100 profile: the variable
     lowers the dispatcher's limit and the compact kernels run."""

@@ -337,6 +337,36 @@ def test_kvcache_vs_reference(dev, dtype, D, layout, capacity=700):
                 alibi_slopes=torch.rand(8) * 0.2, dev=dev)
 
 
+def test_kvcache_common_call_skips_the_python_checks(dev, monkeypatch):
+    """A decoding step on CUDA (no window, softcap or ALiBi) goes straight to the op, which checks
+    it (api._kvcache_checked_by_op): a step's fixed cost is what the GPU waits for at small
+    batches. The same bits, append included, as the checked path (taken by an explicit unbounded
+    window); refused input still gets the checked path's message. Inside flash_cuda.emulate() (the
+    twin in test_gpu_paths_fake.py) the checked path runs: it checks the values there."""
+    B, hkv, cap, D = 2, 2, 48, 64
+    g = torch.Generator(device=dev).manual_seed(7)
+    q = torch.randn(B, 8, 1, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, hkv, 1, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    cache = torch.randn(2, B, hkv, cap, D, device=dev, dtype=torch.bfloat16, generator=g)
+    lens = torch.tensor([5, 40], dtype=torch.int32, device=dev)
+    caches = [(cache[0].clone(), cache[1].clone()) for _ in range(2)]
+    with torch.no_grad():
+        ref = flash_cuda.attention_with_kvcache(q, *caches[0], k, v, cache_seqlens=lens, window=(-1, -1),
+                                                return_lse=True)
+        checked_ran = []
+        check_tensors = flash_cuda.api._check_tensors
+        monkeypatch.setattr(flash_cuda.api, "_check_tensors", lambda *a, **kw: checked_ran.append(1) or
+                            check_tensors(*a, **kw))
+        got = flash_cuda.attention_with_kvcache(q, *caches[1], k, v, cache_seqlens=lens, return_lse=True)
+        assert bool(checked_ran) == (dev != "cuda")
+        for a, b in zip(got + caches[1], ref + caches[0]):
+            assert torch.equal(a, b)
+        with pytest.raises(RuntimeError, match=r"cache_seqlens must be on the device of q"):
+            flash_cuda.attention_with_kvcache(q, *caches[1], cache_seqlens=lens.to("meta"))
+        with pytest.raises(ValueError, match=r"k_cache must have the head dim of q \(64\)"):
+            flash_cuda.attention_with_kvcache(q, caches[1][0][..., :32], caches[1][1][..., :32], cache_seqlens=3)
+
+
 def test_kvcache_wrong_lengths_stay_in_bounds(dev):
     """CUDA cache_seqlens and table entries are not read on the host: lengths past the capacity,
     negative ones and pages past the pool are clamped in the kernels (run under compute-sanitizer

@@ -618,6 +618,21 @@ def test_common_call_skips_the_python_checks(layout, monkeypatch):
         FN(q.float().requires_grad_(), *(x.float() for x in caches[1]), cache_seqlens=3, block_table=table)
 
 
+def test_fake_tensors_take_the_checked_path():
+    """The fast path is for real tensors (CPU and CUDA): fake ones (FakeTensorMode, as shape
+    inference uses; here CUDA ones, made without a GPU) would reach the op's fake function, which
+    checks devices only, so they keep the Python checks and their errors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    device = "cuda"
+    with FakeTensorMode(), torch.no_grad():
+        q = torch.randn(1, 4, 1, 64, device=device, dtype=torch.bfloat16)
+        kc, vc = (torch.randn(1, 2, 16, 32, device=device, dtype=torch.bfloat16) for _ in range(2))
+        with pytest.raises(ValueError, match=r"k_cache must have the head dim of q \(64\)"):
+            FN(q, kc, vc, cache_seqlens=3)
+        kc, vc = (torch.randn(1, 2, 16, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+        assert FN(q, kc, vc, cache_seqlens=3).shape == q.shape
+
+
 def test_op_checks_direct_calls():
     """A direct torch.ops call with inconsistent arguments gets a clear error, not a crash."""
     kc, vc, _ = make_cache(torch.float32, 2, 2, 8, 16)
