@@ -145,6 +145,29 @@ BandMask kernel_band(const AttnOptions& o, int64_t nq, int64_t nk) {
   return m;
 }
 
+// What the grids and the kernels' 32-bit tile arithmetic take, checked before a call allocates or
+// writes anything (a refused KV-cache call leaves its cache as it was): lengths, and a packed
+// batch's token totals, below 2^31 - 256 (the kernels round them up to whole tiles in 32 bits); at
+// most 65535 batch entries (sequences) and heads (the grids' y and z). q, k: (B, H, N, D), packed
+// ones (1, H, total, D).
+void check_launch_limits(const at::Tensor& q, const at::Tensor& k, const std::optional<Packed>& packed) {
+  constexpr int64_t kMaxLen = (int64_t(1) << 31) - 256;
+  if (packed) {
+    TORCH_CHECK(packed->max_q < kMaxLen && packed->max_k < kMaxLen && q.size(2) < kMaxLen && k.size(2) < kMaxLen,
+                "flash_cuda: the CUDA kernels need sequence lengths and a packed batch's token totals below "
+                "2^31 - 256, got max_seqlen_q ", packed->max_q, " and max_seqlen_k ", packed->max_k, ", total_q ",
+                q.size(2), " and total_k ", k.size(2));
+  } else {
+    TORCH_CHECK(q.size(2) < kMaxLen && k.size(2) < kMaxLen,
+                "flash_cuda: the CUDA kernels need sequence lengths below 2^31 - 256, got Nq ", q.size(2), " and Nk ",
+                k.size(2));
+  }
+  const int64_t B = packed ? packed->batch() : q.size(0);
+  TORCH_CHECK(B <= 65535 && q.size(1) <= 65535 && k.size(1) <= 65535, "flash_cuda: the CUDA kernels need at most "
+              "65535 ", packed ? "sequences" : "batch entries", " and heads, got ", B, ", ", q.size(1),
+              " query heads and ", k.size(1), " key/value heads");
+}
+
 // Sizes, scale, band and modifiers shared by the forward and backward params (the tensors in
 // `o` and `packed` stay alive for the call: the params point into them).
 AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, const AttnOptions& o,
@@ -154,13 +177,7 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, con
   const int64_t Nq = packed ? std::max<int64_t>(packed->max_q, 1) : q.size(2);
   const int64_t Nk = packed ? std::max<int64_t>(packed->max_k, 1) : k.size(2);
   const int64_t B = packed ? packed->batch() : q.size(0);
-  // (2^31 - 256: the kernels round lengths up to whole tiles in 32-bit arithmetic)
-  constexpr int64_t kMaxLen = (int64_t(1) << 31) - 256;
-  TORCH_CHECK(Nq < kMaxLen && Nk < kMaxLen && q.size(2) < kMaxLen && k.size(2) < kMaxLen,
-              "flash_cuda: the CUDA kernels need sequence lengths below 2^31 - 256, got ",
-              packed ? "max_seqlen_q " : "Nq ", Nq, packed ? " and max_seqlen_k " : " and Nk ", Nk);
-  TORCH_CHECK(B <= 65535 && q.size(1) <= 65535, "flash_cuda: the CUDA kernels need at most 65535 ",
-              packed ? "sequences" : "batch entries", " and query heads, got ", B, " and ", q.size(1));
+  check_launch_limits(q, k, packed);
   AttnShape s{};
   s.b = static_cast<int>(B);
   s.hq = static_cast<int>(q.size(1));
@@ -289,9 +306,10 @@ emu::Buffer kernel_footprint(const at::Tensor& x, bool writable) {
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at::Tensor& k_in,
                                                const at::Tensor& v_in, const AttnOptions& opt_in, Executor executor,
                                                const std::optional<Packed>& packed) {
+  const Dtype dtype = check_kernel_inputs(q_in, executor, /*fp32=*/true);
+  if (q_in.numel() > 0 && k_in.size(2) > 0) check_launch_limits(q_in, k_in, packed);  // (else no launch)
   const AttnOptions opt = kernel_options(opt_in);
   const double scale = opt.scale;
-  const Dtype dtype = check_kernel_inputs(q_in, executor, /*fp32=*/true);
   const DeviceLimits dev = device_limits(q_in, executor);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2);
   auto out = empty_output(q_in, packed);
@@ -340,8 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt_in,
     bool deterministic_in, Executor executor, const std::optional<Packed>& packed) {
-  const AttnOptions opt = kernel_options(opt_in);
   const Dtype dtype = check_kernel_inputs(q_in, executor, /*fp32=*/true);
+  if (q_in.numel() > 0 && k_in.numel() > 0) check_launch_limits(q_in, k_in, packed);  // (else no launch)
+  const AttnOptions opt = kernel_options(opt_in);
   // fp32: dQ always from the deterministic pass (kernels/traits.h), no accumulator
   const bool deterministic = deterministic_in || dtype == Dtype::f32;
   const DeviceLimits dev = device_limits(q_in, executor);
@@ -476,7 +495,59 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
     emu::set_buffers(std::move(more));
   };
 
-  if (n_new > 0) {  // the append first, on the same stream
+  // Every check of the call, and its allocations, before the append, so that a refused call leaves
+  // the cache as it was (only the attention's own launch can fail after it).
+  auto out = at::empty({B, Hq, Nq, D}, q_in.options());
+  auto lse = at::empty({B, Hq, Nq}, q_in.options().dtype(at::kFloat));
+  AttnOptions opt = opt_in;
+  const bool pack = pack_kv_groups(q_in, Hkv, opt);
+  if (pack) opt.causal = false;  // only with one query, where causal (bottom-right) hides nothing
+  const int64_t group = pack ? Hq / Hkv : 1;
+  const double scale = opt.scale;  // a positive scale for the softmax: see fwd_kernels
+  const at::Tensor q_pos = scale > 0 ? q_in : (scale < 0 ? q_in.neg() : at::zeros_like(q_in));
+  // packed: (B, Hkv, group Nq, D), rows (head in group, query); contiguous, so they are uniformly strided
+  const at::Tensor q = pack ? q_pos.contiguous().view({B, Hkv, group * Nq, D}) : aligned_input(q_pos);
+  const at::Tensor o = pack ? out.view({B, Hkv, group * Nq, D}) : out;
+  const at::Tensor lse_k = pack ? lse.view({B, Hkv, group * Nq}) : lse;
+  // the grids of the append (B x Hkv) and the attention (B x query tiles' heads: Hkv when packed)
+  if (out.numel() > 0 || n_new > 0) check_launch_limits(q, k_cache, std::nullopt);
+
+  FwdParams p{};
+  at::Tensor o_partial, lse_partial;
+  if (out.numel() > 0) {
+    const double scale_pos = scale > 0 ? scale : (scale < 0 ? -scale : 1.0);
+    static_cast<AttnShape&>(p) = attn_shape(q, k_cache, scale_pos, opt, std::nullopt);
+    p.nk = static_cast<int>(capacity);  // narrowed per sequence to cache_seqlens[b] + Nnew (seqlen.h)
+    p.total_k = p.nk;
+    p.mask = kernel_band(opt, p.nq, p.nk);
+    p.seqused_k = seqlens.data_ptr<int>();
+    p.seqused_k_add = static_cast<int>(n_new);
+    p.q = ref(q, std::nullopt);
+    p.k = ref(k_cache, std::nullopt);
+    p.v = ref(v_cache, std::nullopt);
+    p.o = ref(o, std::nullopt);
+    p.lse = lse_k.data_ptr<float>();
+    p.cache = cache;
+    if (num_splits == 0)
+      num_splits = emulated ? emu_backend::kvcache_num_splits(p, dev)
+#if defined(FLASH_CUDA_WITH_CUDA)
+                            : cuda_backend::kvcache_num_splits(p, dev);
+#else
+                            : 1;
+#endif
+    // (query tiles have 64 rows or more: the grid's x is at most num_splits x that many tiles)
+    TORCH_CHECK(num_splits * ((p.nq + 63) / 64) < (int64_t(1) << 31), "flash_cuda: num_splits ", num_splits,
+                " is too large for the grid");
+    p.cache.num_splits = static_cast<int>(num_splits);
+    if (num_splits > 1) {
+      o_partial = at::empty({num_splits, B, p.hq, p.nq, p.d}, lse.options());
+      lse_partial = at::empty({num_splits, B, p.hq, p.nq}, lse.options());
+      p.cache.o_partial = o_partial.data_ptr<float>();
+      p.cache.lse_partial = lse_partial.data_ptr<float>();
+    }
+  }
+
+  if (n_new > 0) {  // the append, on the stream of the attention after it
     const at::Tensor k_new = aligned_input(*k_new_in), v_new = aligned_input(*v_new_in);
     KvAppendParams a{};
     a.k_new = ref(k_new, std::nullopt);
@@ -500,51 +571,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
     }
   }
 
-  auto out = at::empty({B, Hq, Nq, D}, q_in.options());
-  auto lse = at::empty({B, Hq, Nq}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  AttnOptions opt = opt_in;
-  const bool pack = pack_kv_groups(q_in, Hkv, opt);
-  if (pack) opt.causal = false;  // only with one query, where causal (bottom-right) hides nothing
-  const int64_t group = pack ? Hq / Hkv : 1;
-  const double scale = opt.scale;  // a positive scale for the softmax: see fwd_kernels
-  const at::Tensor q_pos = scale > 0 ? q_in : (scale < 0 ? q_in.neg() : at::zeros_like(q_in));
-  // packed: (B, Hkv, group Nq, D), rows (head in group, query); contiguous, so they are uniformly strided
-  const at::Tensor q = pack ? q_pos.contiguous().view({B, Hkv, group * Nq, D}) : aligned_input(q_pos);
-  const at::Tensor o = pack ? out.view({B, Hkv, group * Nq, D}) : out;
-  const at::Tensor lse_k = pack ? lse.view({B, Hkv, group * Nq}) : lse;
-
-  FwdParams p{};
-  static_cast<AttnShape&>(p) = attn_shape(q, k_cache, scale > 0 ? scale : (scale < 0 ? -scale : 1.0), opt, std::nullopt);
-  p.nk = static_cast<int>(capacity);  // narrowed per sequence to cache_seqlens[b] + Nnew (seqlen.h)
-  p.total_k = p.nk;
-  p.mask = kernel_band(opt, p.nq, p.nk);
-  p.seqused_k = seqlens.data_ptr<int>();
-  p.seqused_k_add = static_cast<int>(n_new);
-  p.q = ref(q, std::nullopt);
-  p.k = ref(k_cache, std::nullopt);
-  p.v = ref(v_cache, std::nullopt);
-  p.o = ref(o, std::nullopt);
-  p.lse = lse_k.data_ptr<float>();
-  p.cache = cache;
-  if (num_splits == 0)
-    num_splits = emulated ? emu_backend::kvcache_num_splits(p, dev)
-#if defined(FLASH_CUDA_WITH_CUDA)
-                          : cuda_backend::kvcache_num_splits(p, dev);
-#else
-                          : 1;
-#endif
-  // (query tiles have 64 rows or more: the grid's x is at most num_splits x that many tiles)
-  TORCH_CHECK(num_splits * ((p.nq + 63) / 64) < (int64_t(1) << 31), "flash_cuda: num_splits ", num_splits,
-              " is too large for the grid");
-  p.cache.num_splits = static_cast<int>(num_splits);
-  at::Tensor o_partial, lse_partial;
-  if (num_splits > 1) {
-    o_partial = at::empty({num_splits, B, p.hq, p.nq, p.d}, lse.options());
-    lse_partial = at::empty({num_splits, B, p.hq, p.nq}, lse.options());
-    p.cache.o_partial = o_partial.data_ptr<float>();
-    p.cache.lse_partial = lse_partial.data_ptr<float>();
-  }
   if (emulated) {
     std::vector<emu::Buffer> more{kernel_footprint(q, false), tensor_footprint(o, true), tensor_footprint(lse_k, true)};
     if (num_splits > 1) more.push_back(tensor_footprint(o_partial, true)), more.push_back(tensor_footprint(lse_partial, true));

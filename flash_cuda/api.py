@@ -119,7 +119,10 @@ def _plain(x):
     name its type. numpy's bool is not a number here (nor is Python's, by the checks)."""
     if isinstance(x, (int, float)) or not isinstance(x, numbers.Real):
         return x
-    return int(x) if isinstance(x, numbers.Integral) else float(x)
+    try:
+        return int(x) if isinstance(x, numbers.Integral) else float(x)
+    except (TypeError, ValueError):  # registered as a number but not one (np.timedelta64)
+        return x
 
 
 def _finite(x):
@@ -238,7 +241,7 @@ def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device, closed
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"{fn}: dropout_p must be a float in {interval}, got {_type_name(dropout_p)}")
     if not (0.0 <= dropout_p <= 1.0 if closed else 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"{fn}: dropout_p must be in {interval}, got {dropout_p}")
+        raise ValueError(f"{fn}: dropout_p must be in {interval}, got {_number(dropout_p)}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {_type_name(generator)}")
@@ -354,12 +357,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None and is_causal is True:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
                          "too); fold the causal mask into attn_mask instead")
-    # torch takes any real number (a numpy float, a bool or numpy bool, a 0-d tensor) for dropout_p
-    # and scale as the float it converts to (an int past float's range is left for the checks to
-    # name), and dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
+    # torch takes any real number (a numpy float, a bool or numpy bool, a 0-d tensor that requires
+    # no grad) for dropout_p and scale as the float it converts to (an int past float's range is
+    # left for the checks to name), and dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
     def as_float(x):
-        real = (isinstance(x, numbers.Real) or _type_name(x) == "numpy.bool"
-                or (isinstance(x, torch.Tensor) and x.dim() == 0))
+        real = (isinstance(x, numbers.Real) or _type_name(x) in ("numpy.bool", "numpy.bool_")
+                or (isinstance(x, torch.Tensor) and x.dim() == 0 and not x.requires_grad))
         return float(x) if real and (_finite(x) or not isinstance(x, int)) else x
 
     dropout_p, scale = as_float(dropout_p), None if scale is None else as_float(scale)

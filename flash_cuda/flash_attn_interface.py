@@ -24,12 +24,12 @@ Every argument is honoured or rejected with an exception naming it:
 """
 import torch
 
-from .api import _check_window, _shape, attention, attention_with_kvcache, varlen_attention
+from .api import _check_window, _plain, _shape, attention, attention_with_kvcache, varlen_attention
 
 
 def _window(fn, window_size):
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+            or any(isinstance(w, bool) or not isinstance(_plain(w), int) for w in window_size)):
         raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
     left, right = _check_window(fn, window_size, "window_size")
     return None if (left, right) == (-1, -1) else (left, right)

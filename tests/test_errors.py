@@ -484,10 +484,24 @@ def test_emulated_kernels_name_a_max_seqlen_past_their_range():
     whole tiles in 32 bits and need less than 2**31 - 256: their error names max_seqlen."""
     q, k, v = (torch.randn(6, 2, 16, dtype=torch.float16) for _ in range(3))
     cu = torch.tensor([0, 6], dtype=torch.int32)
-    with flash_cuda.emulate(), pytest.raises(RuntimeError, match=r"the CUDA kernels need sequence lengths below "
-                                                                 r"2\^31 - 256, got max_seqlen_q 2147483647 and "
-                                                                 r"max_seqlen_k 6"):
+    with flash_cuda.emulate(), pytest.raises(RuntimeError, match=r"the CUDA kernels need sequence lengths and a "
+                                                                 r"packed batch's token totals below 2\^31 - 256, "
+                                                                 r"got max_seqlen_q 2147483647 and max_seqlen_k 6, "
+                                                                 r"total_q 6 and total_k 6"):
         flash_cuda.varlen_attention(q, k, v, cu, cu, 2**31 - 1, 6)
+
+
+def test_emulated_kernels_name_a_packed_total_past_their_range():
+    """Short sequences whose packed total reaches 2**31 - 256 tokens: the error names the totals
+    (it named max_seqlen only), raised before the call allocates its outputs (here 32 GiB: the
+    inputs are one token expanded)."""
+    total = 2**31 - 1
+    q = torch.randn(1, 1, 8, dtype=torch.float16).expand(total, 1, 8)
+    cu = torch.tensor([0, 2**30, total], dtype=torch.int32)
+    with flash_cuda.emulate(), pytest.raises(RuntimeError, match=r"got max_seqlen_q 1073741824 and max_seqlen_k "
+                                                                 r"1073741824, total_q 2147483647 and total_k "
+                                                                 r"2147483647"):
+        flash_cuda.varlen_attention(q, q, q, cu, cu, 2**30, 2**30)
 
 
 # Numbers torch's own arguments take: numpy's real scalars are the numbers they hold
@@ -524,6 +538,11 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
 
     xu, idx = unpadded()
     assert torch.equal(flash_cuda.pad_input(xu, idx, np.int64(2), np.uint8(3)), flash_cuda.pad_input(xu, idx, 2, 3))
+
+    from flash_cuda.flash_attn_interface import flash_attn_func
+    qf, kf, vf = (x.transpose(1, 2) for x in (q, k, v))
+    assert torch.equal(flash_attn_func(qf, kf, vf, softmax_scale=np.float32(0.3), window_size=(np.int64(3), np.int8(0))),
+                       flash_attn_func(qf, kf, vf, softmax_scale=float(np.float32(0.3)), window_size=(3, 0)))
 
 
 @pytest.mark.parametrize("value,shown", [("bool", "numpy.bool"), ("array", "numpy.ndarray"),

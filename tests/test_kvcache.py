@@ -623,6 +623,8 @@ def test_fake_tensors_take_the_checked_path():
     inference uses; here CUDA ones, made without a GPU) would reach the op's fake function, which
     checks devices only, so they keep the Python checks and their errors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    if not flash_cuda.has_cuda_kernels():
+        pytest.skip("a build without CUDA kernels refuses CUDA tensors first")
     device = "cuda"
     with FakeTensorMode(), torch.no_grad():
         q = torch.randn(1, 4, 1, 64, device=device, dtype=torch.bfloat16)
@@ -860,6 +862,38 @@ def test_emulated_bad_lengths_stay_in_bounds():
         torch.ops.flash_cuda.kvcache_fwd(q, kc[:2], vc[:2], k, v, seqlens, None, 0.25, False)
     assert torch.isfinite(out).all()
     assert all(l["errors"] == [] for l in emu.launches)
+
+
+@pytest.mark.parametrize("case", ["heads", "batch", "kv_heads"])
+def test_emulated_refused_call_leaves_the_cache_as_it_was(case):
+    """The CUDA kernels check every limit of a call (grids of at most 65535 batch entries and
+    heads) before the append: a refused call leaves the cache as it was (65536 query heads over
+    one kv head, not packed because of ALiBi, appended first and then refused before), and names
+    what it refuses (the append's own grid refused 65536 batch entries or kv heads, naming none)."""
+    B, hq, hkv = {"heads": (1, 65536, 1), "batch": (65536, 1, 1), "kv_heads": (1, 65536, 65536)}[case]
+    kc, vc = (torch.randn(B, hkv, 16, 8, dtype=torch.float16) for _ in range(2))
+    q = torch.randn(B, hq, 1, 8, dtype=torch.float16)
+    k, v = (torch.randn(B, hkv, 1, 8, dtype=torch.float16) for _ in range(2))
+    before = kc.clone(), vc.clone()
+    want = {"heads": r"got 1, 65536 query heads and 1 key/value heads", "batch": r"got 65536, 1 query heads and 1 key/value heads",
+            "kv_heads": r"got 1, 65536 query heads and 65536 key/value heads"}[case]
+    with flash_cuda.emulate(), torch.no_grad(), pytest.raises(
+            RuntimeError, match=r"the CUDA kernels need at most 65535 batch entries and heads, " + want):
+        FN(q, kc, vc, k, v, cache_seqlens=3, alibi_slopes=torch.full((hq,), 0.5))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+def test_emulated_packed_gqa_heads_count_as_kv_heads():
+    """Packed GQA tiles (one query tile per kv group) put kv heads in the grid, not query heads:
+    65536 query heads over one kv head run (the limit is the grid's, not the call's)."""
+    hq = 65536
+    q = torch.randn(1, hq, 1, 8, dtype=torch.float16)
+    kc, vc = (torch.randn(1, 1, 16, 8, dtype=torch.float16) for _ in range(2))
+    with flash_cuda.emulate(check=False), torch.no_grad():
+        out = FN(q, kc, vc, cache_seqlens=5)
+    ref, _ = attention_ref(q, kc[:, :, :5], vc[:, :, :5])
+    plain, _ = attention_ref(q, kc[:, :, :5], vc[:, :, :5], dtype=torch.float16)
+    assert_fa_rule("out", out, plain, ref, 2)
 
 
 def test_bench_smoke():

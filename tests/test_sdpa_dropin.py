@@ -72,7 +72,7 @@ def test_scale_of_every_type_torch_takes():
         plain, _ = run_both((2, 4, 33, 16), (2, 4, 57, 16), torch.float32, is_causal=True, scale=float(scale))
         assert all(torch.equal(a, b) for a, b in zip(ours, plain))
     q = torch.randn(1, 2, 5, 8)
-    for scale in (np.array(0.5), torch.tensor([0.5])):
+    for scale in (np.array(0.5), torch.tensor([0.5]), torch.tensor(0.5, requires_grad=True)):
         with pytest.raises(TypeError):
             F.scaled_dot_product_attention(q, q, q, scale=scale)
         with pytest.raises(TypeError, match=r"scale must be a float or None, got (numpy\.ndarray|torch\.Tensor)"):
