@@ -260,17 +260,30 @@ def _rng_state(q, nk, dropout_p, generator):
     return torch.ops.flash_cuda.philox_state(q, nk, generator)
 
 
-def _dropout_mask(rng_state, dropout_p, shape, device, cu_seqlens_q=None, cu_seqlens_k=None):
+def _unallocatable(fn, what, shape, itemsize, err):
+    """An allocation's failure (out of memory, a size past the allocator's range), re-raised as its
+    own type with what was being made and how large."""
+    return type(err)(f"{fn}: {what} of shape {tuple(shape)} ({math.prod(shape) * itemsize} bytes) could not be "
+                     f"allocated: {err}")
+
+
+def _dropout_mask(fn, rng_state, dropout_p, shape, device, cu_seqlens_q=None, cu_seqlens_k=None):
     """The keep mask a call used, materialised as bool `shape` (B, H, Nq, Nk); packed sequences:
     False past each sequence's lengths, with or without dropout."""
-    if rng_state is None:
-        if cu_seqlens_q is None:
-            return torch.ones(shape, dtype=torch.bool, device=device)
-        lq, lk = (c[1:] - c[:-1] for c in (cu_seqlens_q, cu_seqlens_k))  # on their device: no host read
-        rows = torch.arange(shape[2], device=device)[:, None] < lq[:, None, None]  # (B, Nq, 1)
-        cols = torch.arange(shape[3], device=device) < lk[:, None, None]  # (B, 1, Nk)
-        return (rows & cols)[:, None].expand(shape).contiguous()
-    return torch.ops.flash_cuda.dropout_mask(rng_state, dropout_p, *shape, cu_seqlens_q, cu_seqlens_k)
+    try:
+        if rng_state is None:
+            if cu_seqlens_q is None:
+                return torch.ones(shape, dtype=torch.bool, device=device)
+            keep = torch.empty(shape, dtype=torch.bool, device=device)  # (first: the largest)
+            lq, lk = (c[1:] - c[:-1] for c in (cu_seqlens_q, cu_seqlens_k))  # on their device: no host read
+            rows = torch.arange(shape[2], device=device)[:, None] < lq[:, None, None]  # (B, Nq, 1)
+            cols = torch.arange(shape[3], device=device) < lk[:, None, None]  # (B, 1, Nk)
+            return keep.copy_((rows & cols)[:, None].expand(shape))
+        return torch.ops.flash_cuda.dropout_mask(rng_state, dropout_p, *shape, cu_seqlens_q, cu_seqlens_k)
+    except RuntimeError as err:
+        if torch.compiler.is_compiling():
+            raise
+        raise _unallocatable(fn, "return_dropout_mask's mask (B, Hq, Nq, Nk)", shape, 1, err) from err
 
 
 def _check_options(fn, q, batch, causal, return_lse, deterministic, scale, window, softcap, alibi_slopes):
@@ -334,7 +347,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
                        rng_state)
     result = (out, lse) if return_lse else (out,)
     if return_dropout_mask:
-        result += (_dropout_mask(rng_state, dropout_p, (B, hq, nq, nk), q.device),)
+        result += (_dropout_mask(fn, rng_state, dropout_p, (B, hq, nq, nk), q.device),)
     return result if len(result) > 1 else out
 
 
@@ -475,7 +488,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     result = (out, lse) if return_lse else (out,)
     if return_dropout_mask:
         shape = (cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
-        result += (_dropout_mask(rng_state, dropout_p, shape, q.device, cu_seqlens_q, cu_seqlens_k),)
+        result += (_dropout_mask(fn, rng_state, dropout_p, shape, q.device, cu_seqlens_q, cu_seqlens_k),)
     return result if len(result) > 1 else out
 
 
@@ -691,6 +704,9 @@ def pad_input(x_unpad, indices, batch, seqlen):
     for name, n in (("batch", batch), ("seqlen", seqlen)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TypeError(f"{fn}: {name} must be a non-negative int, got {n!r}")
+    if batch * seqlen > _INT64_MAX:
+        raise ValueError(f"{fn}: batch * seqlen must be at most 2**63 - 1 (the padded output's rows), got "
+                         f"{_number(batch)} * {_number(seqlen)}")
     if x_unpad.dim() < 1:
         raise ValueError(f"{fn}: x_unpad must be (total, ...), got a 0-d tensor")
     if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x_unpad.shape[0]:
@@ -703,6 +719,10 @@ def pad_input(x_unpad, indices, batch, seqlen):
         if lo < 0 or hi >= batch * seqlen:
             raise ValueError(f"{fn}: indices must be in [0, batch * seqlen) = [0, {batch * seqlen}), got values in "
                              f"[{lo}, {hi}]")
-    out = x_unpad.new_zeros(batch * seqlen, *x_unpad.shape[1:])
+    shape = (batch * seqlen, *x_unpad.shape[1:])
+    try:
+        out = x_unpad.new_zeros(shape)
+    except RuntimeError as err:
+        raise _unallocatable(fn, "the padded output (batch * seqlen, ...)", shape, x_unpad.element_size(), err) from err
     out = out.index_put((indices,), x_unpad)
     return out.reshape(batch, seqlen, *x_unpad.shape[1:])

@@ -11,13 +11,15 @@ are written into one tensor by autograd. Causal masks and windows are bottom-rig
 is -slope |i + Nk - Nq - j|, as in FlashAttention-2 >= 2.1.
 
 Every argument is honoured or rejected with an exception naming it:
-- return_attn_probs=True returns (out, softmax_lse, S_dmask). softmax_lse is exactly
-  FlashAttention's ((B, H, Nq) float32; varlen (H, total_q)). S_dmask is (B, H, Nq, Nk) (varlen:
-  (B, H, max_seqlen_q, max_seqlen_k)) float32 in FlashAttention's sign convention for the dropout
-  pattern, +1 where kept and -1 where dropped (all +1 without dropout): flash_cuda does not
+- return_attn_probs=True returns (out, softmax_lse, S_dmask). softmax_lse is FlashAttention's
+  ((B, H, Nq) float32; varlen (H, total_q)) but in rows that see no key, where it is -inf (the log
+  of an empty sum; FlashAttention-2's kernels write +inf there). With dropout S_dmask is
+  (B, H, Nq, Nk) (varlen: (B, H, max_seqlen_q, max_seqlen_k)) float32 in FlashAttention's sign
+  convention for the dropout pattern, +1 where kept and -1 where dropped: flash_cuda does not
   materialise probabilities (FlashAttention documents its S_dmask as "for testing only, not
   guaranteed to have the right scaling"); use flash_cuda.attention(return_dropout_mask=True) for
-  the boolean mask.
+  the boolean mask. Without dropout S_dmask is None and nothing is materialised, as in
+  FlashAttention (callers that want only softmax_lse, e.g. to merge blocks, pay nothing more).
 - flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
   split-KV); its rotary_cos/rotary_sin, cache_batch_idx and cache_leftpad raise NotImplementedError.
   flash_attn_varlen_func's block_table (paged keys for packed sequences) raises NotImplementedError.
@@ -48,23 +50,29 @@ def _s_dmask(keep):
     return keep.to(torch.float32) * 2 - 1
 
 
+def _with_mask(return_attn_probs, dropout_p):
+    """Whether S_dmask is made: with dropout only, as FlashAttention's return_softmax (a bad
+    dropout_p counts as dropout, so that flash_cuda's check names it)."""
+    return return_attn_probs and _plain(dropout_p) != 0
+
+
 def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs):
     """q (B, Nq, H, D), k and v (B, Nk, Hkv, D): flash_cuda.attention on (B, H, N, D) views."""
     window = _window(fn, window_size)
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"{fn}: return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    with_mask = _with_mask(return_attn_probs, dropout_p)
     for name, x, other in (("k", k, q), ("v", v, k)):
         if x.shape[0] != other.shape[0] or x.shape[3] != q.shape[3] or (name == "v" and x.shape != k.shape):
             raise ValueError(f"{fn}: {name} must be (batch, seqlen_k, nheads_k, headdim) matching q "
                              f"{_shape(q)} and k, got {_shape(x)}")
     result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale,
                        window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                       return_lse=return_attn_probs, return_dropout_mask=return_attn_probs,
-                       deterministic=deterministic)
+                       return_lse=return_attn_probs, return_dropout_mask=with_mask, deterministic=deterministic)
     if return_attn_probs:
-        out, lse, keep = result
-        return out.transpose(1, 2), lse, _s_dmask(keep)
+        out, lse, *keep = result
+        return out.transpose(1, 2), lse, _s_dmask(keep[0]) if with_mask else None
     return result.transpose(1, 2)
 
 
@@ -108,14 +116,15 @@ def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     window = _window(fn, window_size)
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"{fn}: return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    with_mask = _with_mask(return_attn_probs, dropout_p)
     result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                               scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                               dropout_p=dropout_p, return_lse=return_attn_probs,
-                              return_dropout_mask=return_attn_probs, deterministic=deterministic)
+                              return_dropout_mask=with_mask, deterministic=deterministic)
     if not return_attn_probs:
         return result
-    out, lse, keep = result
-    return out, lse, _s_dmask(keep)
+    out, lse, *keep = result
+    return out, lse, _s_dmask(keep[0]) if with_mask else None
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

@@ -364,6 +364,33 @@ def test_pad_input_bad_arguments(args, exc, match):
         flash_cuda.pad_input(*args(xu, idx))
 
 
+@pytest.mark.parametrize("batch,seqlen,exc,match", [
+    (2**40, 4, RuntimeError, r"the padded output \(batch \* seqlen, ...\) of shape \(4398046511104, 4\) "
+                             r"\(70368744177664 bytes\) could not be allocated: "),
+    (2**70, 2, ValueError, r"batch \* seqlen must be at most 2\*\*63 - 1 \(the padded output's rows\), got "
+                           r"1180591620717411303424 \* 2"),
+])
+def test_pad_input_past_memory(batch, seqlen, exc, match):
+    """A size no memory holds: the error names pad_input's output and its size (the allocator's
+    own message named neither, and 2**70 rows failed inside torch's argument parsing)."""
+    xu, idx = unpadded()
+    with pytest.raises(exc, match=r"flash_cuda.pad_input: " + match):
+        flash_cuda.pad_input(xu, idx, batch, seqlen)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.5])
+def test_dropout_mask_past_memory(dropout_p):
+    """return_dropout_mask materialises (B, Hq, max_seqlen_q, max_seqlen_k): at lengths no memory
+    holds the error names the mask and its size (the attention itself, over 5 tokens, runs)."""
+    q = torch.randn(5, 2, 8)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"flash_cuda.varlen_attention: return_dropout_mask's mask \(B, Hq, Nq, "
+                                           r"Nk\) of shape \(1, 2, 2147483647, 2147483647\) \(9223372028264841218 "
+                                           r"bytes\) could not be allocated: "):
+        flash_cuda.varlen_attention(q, q, q, cu, cu, 2**31 - 1, 2**31 - 1, dropout_p=dropout_p,
+                                    return_dropout_mask=True)
+
+
 # flash_cuda.emulate's arguments
 
 @pytest.mark.parametrize("kw,match", [

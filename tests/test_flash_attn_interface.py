@@ -82,11 +82,12 @@ def test_varlen_functions():
     out, lse, s = fa.flash_attn_varlen_func(q, k, v, *args, causal=True, window_size=(4, 0), return_attn_probs=True)
     ref, ref_lse = flash_cuda.varlen_attention(q, k, v, *args, causal=True, window=(4, 0), return_lse=True)
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and lse.shape == (4, sum(lens_q))
-    # no dropout: every element of a sequence kept, the padding past its lengths not (as with dropout)
-    inside = torch.zeros(3, 1, 12, 12, dtype=torch.bool)
-    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
-        inside[b, :, :lq, :lk] = True
-    assert s.shape == (3, 4, 12, 12) and bool((s == 1).eq(inside).all())
+    assert s is None  # no dropout: no S_dmask, as FlashAttention (nothing materialised)
+    torch.manual_seed(4)
+    s = fa.flash_attn_varlen_func(q, k, v, *args, dropout_p=0.25, causal=True, return_attn_probs=True)[2]
+    torch.manual_seed(4)
+    keep = flash_cuda.varlen_attention(q, k, v, *args, dropout_p=0.25, causal=True, return_dropout_mask=True)[1]
+    assert s.shape == (3, 4, 12, 12) and torch.equal(s >= 0, keep) and not bool(keep[1].any())  # (empty sequence)
     kv = torch.stack([k, v], 1)
     assert torch.equal(fa.flash_attn_varlen_kvpacked_func(q, kv, *args, causal=True, window_size=(4, 0)), ref)
     qkv = torch.randn(sum(lens_q), 3, 2, 16, generator=g)
@@ -106,6 +107,22 @@ def test_return_attn_probs_and_dropout():
                                               dropout_p=0.3, causal=True, return_lse=True, return_dropout_mask=True)
     assert torch.equal(out, ref.transpose(1, 2)) and torch.equal(lse, ref_lse) and lse.shape == (1, 2, 40)
     assert s.shape == (1, 2, 40, 50) and torch.equal(s >= 0, keep) and 0.6 < keep.float().mean() < 0.8
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0])
+def test_return_attn_probs_without_dropout_materialises_nothing(dropout_p, monkeypatch):
+    """Without dropout S_dmask is None, as FlashAttention's (which passes return_softmax only with
+    dropout): callers that want softmax_lse (to merge blocks) allocate no (B, H, Nq, Nk) tensor
+    (it was all +1 float32 here: 128 GiB at 32k tokens and 32 heads). The lse is the call's."""
+    q, k, v = bnhd(1, 40, 2, 16, 0), bnhd(1, 50, 2, 16, 1), bnhd(1, 50, 2, 16, 2)
+    made = []
+    monkeypatch.setattr(flash_cuda.api, "_dropout_mask", lambda *a, **kw: made.append(a))
+    out, lse, s = fa.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True, return_attn_probs=True)
+    ref, ref_lse = flash_cuda.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                        return_lse=True)
+    assert s is None and not made and torch.equal(out, ref.transpose(1, 2)) and torch.equal(lse, ref_lse)
+    with pytest.raises(TypeError, match=r"dropout_p must be a float"):
+        fa.flash_attn_func(q, k, v, dropout_p="0", return_attn_probs=True)
 
 
 def test_rejected_arguments():
