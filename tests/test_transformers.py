@@ -487,3 +487,119 @@ def test_t5_relative_bias_trains_like_sdpa():
                     grads["float64"][name].abs().max().item())
         opt.step()
     assert (exact.state_dict()[biases[0]] - w0).abs().max() > 1e-3  # the steps moved it
+
+
+def test_packed_positions_by_the_eager_rule():
+    """Packed sequences are split where a position does not follow the one before it by 1, as
+    transformers' eager and sdpa masks split them (a restart at 1 or at 2, as RoBERTa's positions
+    start at padding_idx + 1; a jump), in one row or in several without a mask: each sequence
+    attends to itself alone. Sequences used to start at position 0 only (positions restarting at 1
+    attended across sequences: logits off by 13.8), and only in a one-row batch."""
+    ref, ours = pair("llama")
+    g = torch.Generator().manual_seed(5)
+    cases = [[list(range(1, 7)), list(range(1, 7))],           # restarts at 1
+             [list(range(6)), list(range(10, 16))],            # a jump, no restart
+             [list(range(2, 8)), list(range(2, 5)), list(range(2, 7))]]
+    with torch.no_grad():
+        for lens in cases:
+            ids = [torch.randint(1, V, (1, len(p)), generator=g) for p in lens]
+            alone = torch.cat([ref(input_ids=i, position_ids=torch.tensor([p]), use_cache=False).logits
+                               for i, p in zip(ids, lens)], 1)
+            pos = torch.tensor([sum(lens, [])])
+            packed = ours(input_ids=torch.cat(ids, 1), position_ids=pos, use_cache=False).logits
+            assert max_err(packed, alone) < 2e-5, lens
+        # two rows, each packing its own sequences (no mask): as sdpa, which splits them too
+        pos = torch.tensor([list(range(6)) * 2, [0, 1, 2] + list(range(9))])
+        ids = torch.randint(1, V, (2, 12), generator=g)
+        want = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
+        alone = ref(input_ids=ids[1:, 3:], position_ids=pos[1:, 3:], use_cache=False).logits
+        assert max_err(want[1:, 3:], alone) < 2e-5  # (sdpa splits them)
+        assert max_err(ours(input_ids=ids, position_ids=pos, use_cache=False).logits, want) < 2e-5
+    # a bidirectional encoder with positions restarting at 2 (RoBERTa's convention)
+    ref, ours = pair("bert")
+    ids = torch.randint(1, V, (1, 11), generator=g)
+    pos = torch.tensor([list(range(2, 8)) + list(range(2, 7))])
+    with torch.no_grad():
+        alone = torch.cat([ref(input_ids=ids[:, :6], position_ids=pos[:, :6]).last_hidden_state,
+                           ref(input_ids=ids[:, 6:], position_ids=pos[:, 6:]).last_hidden_state], 1)
+        assert max_err(ref(input_ids=ids, position_ids=pos).last_hidden_state, alone) < 2e-5
+        assert max_err(ours(input_ids=ids, position_ids=pos).last_hidden_state, alone) < 2e-5
+
+
+@pytest.mark.parametrize("extra", ["or_prefix", "and_window"])
+def test_models_mask_functions_beyond_causal_like_sdpa(extra):
+    """A model that changes its mask with an or_mask_function (a prefix-LM such as PaliGemma, Gemma
+    3's bidirectional image tokens) or an and_mask_function (per-layer windows): flash_cuda's mask
+    function hands over sdpa's 4-D mask, and the attention equals sdpa's on it (the extra function
+    was dropped before: plain causal attention). transformers keeps its own FlashAttention off such
+    models; the name "flash_cuda" is not kept off them."""
+    from transformers.masking_utils import create_causal_mask
+    from flash_cuda.integrations.transformers import attention_forward
+    _, cfg = tiny("llama")
+    fns = {"or_prefix": dict(or_mask_function=lambda b, h, q, k: k < 5),
+           "and_window": dict(and_mask_function=lambda b, h, q, k: q - k < 3)}[extra]
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 2, 4, 12, 16
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    embeds = torch.zeros(B, N, 64)
+    pad = torch.ones(B, N, dtype=torch.long)
+    pad[1, :3] = 0  # left padding in the second row
+    masks = {}
+    for impl in ("sdpa", "flash_cuda"):
+        cfg._attn_implementation = impl
+        masks[impl] = create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=pad, cache=None, **fns)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks["sdpa"]).transpose(1, 2)
+    module = torch.nn.Module()
+    module.is_causal = True
+    got, _ = attention_forward(module, q, k, v, masks["flash_cuda"], scaling=D ** -0.5)
+    rows = torch.ones(B, N, dtype=torch.bool)
+    rows[1, :3] = False  # (rows of padding tokens: no query of interest)
+    assert max_err(got[rows], want[rows]) < 2e-6
+    plain, _ = attention_forward(module, q, k, v, pad, scaling=D ** -0.5)  # without the extra function
+    assert max_err(plain[rows], want[rows]) > 1e-2
+
+
+def test_more_unsupported_features_raise():
+    """Attention sinks passed as `sinks` (not only `s_aux`), and a padding mask beside packed
+    sequences' cu_seq_lens (whose mask was ignored), raise instead of computing without them."""
+    from flash_cuda.integrations.transformers import attention_forward
+    module = torch.nn.Module()
+    q = torch.randn(1, 4, 6, 16)
+    with pytest.raises(NotImplementedError, match=r"attention sinks \(sinks\) are not supported"):
+        attention_forward(module, q, q, q, None, sinks=torch.zeros(4))
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    with pytest.raises(NotImplementedError, match=r"a padding attention_mask together with packed sequences"):
+        attention_forward(module, q, q, q, mask, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=3,
+                          max_length_k=3)
+
+
+def test_paligemma_prefix_lm_like_eager():
+    """PaliGemma's prefix (image tokens and prompt) attends bidirectionally through a blockwise
+    overlay on the causal mask; its text model is otherwise non-causal. With a padding mask the
+    mask function hands over sdpa's 4-D mask: logits equal eager's (they were 10.7 off: the overlay
+    and the causality were both lost)."""
+    tc = transformers.GemmaConfig(vocab_size=V + 10, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=16, initializer_range=0.3)
+    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=16, patch_size=8)
+    cfg = transformers.PaliGemmaConfig(text_config=tc, vision_config=vc, image_token_index=V + 5, projection_dim=64)
+    cls = transformers.PaliGemmaForConditionalGeneration
+    torch.manual_seed(0)
+    ref = cls(copy.deepcopy(cfg)).eval()
+    ref.set_attn_implementation("eager")
+    ours = cls(copy.deepcopy(cfg)).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation("flash_cuda")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.full((2, 4), V + 5), torch.randint(3, V, (2, 10), generator=g)], 1)
+    token_type_ids = torch.zeros_like(ids)
+    token_type_ids[:, 8:] = 1  # prefix: 4 image tokens and 4 prompt tokens; then the suffix
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    inp = dict(input_ids=ids, pixel_values=torch.randn(2, 3, 16, 16, generator=g), token_type_ids=token_type_ids,
+               attention_mask=mask)
+    with torch.no_grad():
+        want, got = ref(**inp).logits, ours(**inp).logits
+    keep = mask.bool()
+    assert max_err(got[keep], want[keep]) < 1e-4 * want.abs().max()

@@ -13,14 +13,15 @@ functions. flash_cuda is one, so it takes that role whole:
 - the attention function (`attention_forward`, registered with `AttentionInterface`) gets what a
   FlashAttention implementation gets and runs flash_cuda on it, without host reads of mask values
   (so `torch.compile(fullgraph=True)` traces it): a padding mask becomes a key-padding mask (no
-  unpadding), a static cache's unused tail is sliced off by shape, `cu_seq_lens_*` go to
-  `varlen_attention`; causal masks are bottom-right aligned (prefill, chunked prefill, decode),
+  unpadding), a static cache's unused tail is sliced off by shape, `cu_seq_lens_*` and packed
+  position_ids (split by the eager rule, in every row) go to `varlen_attention`; causal masks are bottom-right aligned (prefill, chunked prefill, decode),
   sliding windows are `(sliding_window - 1, 0)` (transformers' convention), GQA stays GQA, and T5's
   relative position bias (`position_bias`) becomes flash_cuda's float attention mask (with its
   gradient);
 - the mask function (registered with `AttentionMaskInterface`) is transformers' FlashAttention
   mask without its host read (outside compilation an all-ones mask still becomes None, so unpadded
-  batches run the dense kernels);
+  batches run the dense kernels), and sdpa's 4-D mask for models whose masks go beyond causal,
+  sliding and padding;
 - transformers' loader of FlashAttention functions is taught the name "flash_cuda", answering
   with `flash_cuda.flash_attn_interface` (the one private hook: `_hook_flash_loader`, guarded by a
   test that fails when transformers changes it).
@@ -28,7 +29,7 @@ functions. flash_cuda is one, so it takes that role whole:
 fp32 inputs on CUDA run in fp32 on the kernels' TF32 path (3xTF32 unless torch allows TF32), or in
 the autocast dtype when autocast is on, the output cast back (transformers' FlashAttention wrapper
 casts to the autocast dtype too); the CPU backend runs every dtype as it is. Unsupported features raise: attention
-probabilities (`output_attentions`), attention sinks (`s_aux`), paged continuous batching.
+probabilities (`output_attentions`), attention sinks (`s_aux`, `sinks`), paged continuous batching.
 """
 import functools
 
@@ -51,32 +52,40 @@ def _kernel_dtype(q):
     return dtype if dtype in (torch.float16, torch.bfloat16) else q.dtype
 
 
-def _packed_from_position_ids(position_ids, n):
-    """cu_seqlens (int32) and max_seqlen of the sequences packed in one row whose positions restart
-    at 0, without a data-dependent shape when compiling: there every position is a potential start
-    and the unused entries are empty sequences at the end."""
-    pos = position_ids.reshape(-1)
-    starts = pos == 0
-    starts[0] = True
-    idx = torch.arange(n, device=pos.device, dtype=torch.int32)
+def _sequence_starts(position_ids, batch, n):
+    """(batch * n,) bool: where a sequence starts in the rows laid end to end. transformers' eager
+    and sdpa rule (`masking_utils.find_packed_sequence_indices`): a row's first token, and every
+    token whose position does not follow the one before it by 1 (a restart at 0, at 1, at
+    RoBERTa's padding_idx + 1, or a jump)."""
+    pos = position_ids.expand(batch, n)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    return starts.reshape(-1)
+
+
+def _packed_from_position_ids(position_ids, batch, n):
+    """cu_seqlens (int32) and max_seqlen of the sequences packed in `batch` rows of n tokens (rows
+    laid end to end), without a data-dependent shape when compiling: there every position is a
+    potential start, the unused entries are empty sequences at the end, and max_seqlen is n."""
+    total = batch * n
+    starts = _sequence_starts(position_ids, batch, n)
+    idx = torch.arange(total, device=starts.device, dtype=torch.int32)
+    end = torch.full((1,), total, dtype=torch.int32, device=starts.device)
     if torch.compiler.is_compiling():
-        begins = torch.sort(torch.where(starts, idx, torch.full_like(idx, n))).values
-    else:
-        begins = idx[starts]
-    cu = torch.cat([begins, torch.full((1,), n, dtype=torch.int32, device=pos.device)])
-    return cu, n
+        return torch.cat([torch.sort(torch.where(starts, idx, torch.full_like(idx, total))).values, end]), n
+    cu = torch.cat([idx[starts], end])
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def _is_packed(position_ids, batch, nq, nk):
-    """transformers' FlashAttention rule: one row, no cache, positions that restart (a host read,
-    outside compilation only; compiled, position_ids of one row are always treated as packing, which
-    is exact for a single sequence too)."""
-    if position_ids is None or batch != 1 or nq != nk or nq == 1:
+    """Packed sequences in the rows (no cache: nq == nk), by transformers' eager and sdpa rule: a
+    position that does not follow the one before it by 1 (a host read, outside compilation only;
+    compiled, position_ids are always taken as packing, which is exact for whole rows too)."""
+    if position_ids is None or nq != nk or nq == 1 or position_ids.shape[-1] != nq:
         return False
     if torch.compiler.is_compiling():
         return True
-    pos = position_ids.reshape(-1)
-    return bool((pos[1:] - pos[:-1] != 1).any())
+    return bool(_sequence_starts(position_ids, batch, nq).reshape(batch, nq)[:, 1:].any())
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -88,8 +97,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if kwargs.get("output_attentions", False):
         raise ValueError(f"{fn}: output_attentions=True is not supported (flash_cuda never materialises the "
                          "attention probabilities); load the model with attn_implementation='eager' for them")
-    if s_aux is not None:
-        raise NotImplementedError(f"{fn}: attention sinks (s_aux) are not supported")
+    if s_aux is not None or kwargs.get("sinks") is not None:
+        raise NotImplementedError(f"{fn}: attention sinks ({'s_aux' if s_aux is not None else 'sinks'}) are not "
+                                  "supported")
     if kwargs.get("block_table") is not None:
         raise NotImplementedError(f"{fn}: paged continuous batching (block_table) is not supported")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -122,10 +132,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if position_bias is not None and packed:
         raise NotImplementedError(f"{fn}: a position bias (T5) with packed sequences is not supported")
     if cu_q is not None and cu_k is not None:  # packed sequences, lengths given (DataCollatorWithFlattening)
+        if attention_mask is not None and not torch.compiler.is_compiling():  # (all ones became None)
+            raise NotImplementedError(f"{fn}: a padding attention_mask together with packed sequences "
+                                      "(cu_seq_lens_q/k) is not supported; pack the real tokens only")
+        if B != 1:
+            raise ValueError(f"{fn}: packed sequences (cu_seq_lens_q/k) need a batch of one row, got query of "
+                             f"shape {tuple(q.shape)}")
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         out = _varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, common)
     elif packed:
-        cu, n = _packed_from_position_ids(position_ids, Nq)
+        cu, n = _packed_from_position_ids(position_ids, B, Nq)
         out = _varlen(q, k, v, cu, cu, n, n, common)
     else:
         mask = None
@@ -154,15 +170,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, common):
-    """(1, H, total, D) views -> varlen_attention on (total, H, D) -> (1, total, H, D)."""
-    if q.shape[0] != 1:
-        raise ValueError(f"flash_cuda (transformers attention): packed sequences need a batch of one row, got "
-                         f"query of shape {tuple(q.shape)}")
-    max_q = int(max_q) if max_q is not None else q.shape[2]
-    max_k = int(max_k) if max_k is not None else k.shape[2]
-    out = api.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu_k, max_q,
-                               max_k, **common)
-    return out[None]
+    """(B, H, N, D) -> varlen_attention on the rows laid end to end, (B N, H, D) (views for one
+    row) -> (B, N, H, D)."""
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    max_q = int(max_q) if max_q is not None else Nq
+    max_k = int(max_k) if max_k is not None else Nk
+    rows = lambda x: x.transpose(1, 2).reshape(B * x.shape[2], x.shape[1], x.shape[3])
+    out = api.varlen_attention(rows(q), rows(k), rows(v), cu_q, cu_k, max_q, max_k, **common)
+    return out.reshape(B, Nq, *out.shape[1:])
 
 
 def _hides_future_keys(mask_fn, seen):
@@ -184,7 +199,21 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     """transformers' FlashAttention mask (`masking_utils.flash_attention_mask`) without host reads when
     compiling: the 2-D padding mask's last kv_length columns, or None when there is no mask (or,
     outside compilation, when it is all ones over exactly kv_length keys); without a mask, outside
-    compilation, ones over the keys seen so far when a static cache holds more slots."""
+    compilation, ones over the keys seen so far when a static cache holds more slots. A model that
+    changes the mask beyond causal, sliding and padding (an `or_mask_function` or
+    `and_mask_function`, or a blockwise overlay with a padding mask: a prefix-LM like PaliGemma,
+    Gemma 3's bidirectional image tokens, per-layer windows) gets sdpa's 4-D boolean mask, which attention_forward applies as it is
+    (transformers keeps its own FlashAttention off those models; their masks would be lost)."""
+    # masking_utils sets use_vmap exactly when it combined an or/and mask function; a blockwise
+    # overlay (PaliGemma's bidirectional prefix, `block_sequence_ids`) only clears
+    # allow_is_causal_skip, as packed sequences (no padding mask: attention_forward splits those
+    # itself) and compiled one-token decoding steps (q_length 1) do too
+    if kwargs.get("use_vmap") or (kwargs.get("allow_is_causal_skip") is False and attention_mask is not None
+                                  and q_length > 1):
+        from transformers.masking_utils import sdpa_mask
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+                         attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=True,
+                         device=kwargs.get("device", "cpu"))
     if attention_mask is None:
         # No padding mask, but maybe a static cache: kv_length then counts all its slots, filled or
         # not, and the keys seen so far are q_offset + q_length. transformers' FlashAttention path
