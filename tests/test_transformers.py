@@ -603,3 +603,20 @@ def test_paligemma_prefix_lm_like_eager():
         want, got = ref(**inp).logits, ours(**inp).logits
     keep = mask.bool()
     assert max_err(got[keep], want[keep]) < 1e-4 * want.abs().max()
+
+
+def test_masks_that_need_no_4d_expansion_stay_light():
+    """Only masks beyond causal, sliding and padding become sdpa's 4-D mask: a bidirectional
+    encoder's mask (whose builder always clears allow_is_causal_skip) stays None when all ones and
+    2-D when padded (a 4-D fp32 bias per layer cost 8x the memory at 4k tokens); 3-D multimodal
+    rotary positions (GLM-4.5V, Ernie-4.5-VL) are never taken as packing (expand failed on them)."""
+    from transformers.masking_utils import create_bidirectional_mask
+    _, cfg = tiny("bert")
+    cfg._attn_implementation = "flash_cuda"
+    embeds = torch.zeros(2, 7, 64)
+    ones = torch.ones(2, 7, dtype=torch.long)
+    assert create_bidirectional_mask(config=cfg, inputs_embeds=embeds, attention_mask=ones) is None
+    pad = ones.clone()
+    pad[1, 5:] = 0
+    assert create_bidirectional_mask(config=cfg, inputs_embeds=embeds, attention_mask=pad).shape == (2, 7)
+    assert not integration._is_packed(torch.zeros(3, 2, 9, dtype=torch.long), 2, 9, 9)

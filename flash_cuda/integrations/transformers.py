@@ -81,8 +81,8 @@ def _is_packed(position_ids, batch, nq, nk):
     """Packed sequences in the rows (no cache: nq == nk), by transformers' eager and sdpa rule: a
     position that does not follow the one before it by 1 (a host read, outside compilation only;
     compiled, position_ids are always taken as packing, which is exact for whole rows too)."""
-    if position_ids is None or nq != nk or nq == 1 or position_ids.shape[-1] != nq:
-        return False
+    if position_ids is None or position_ids.dim() > 2 or nq != nk or nq == 1 or position_ids.shape[-1] != nq:
+        return False  # (3-D: multimodal rotary positions, GLM-4.5V's, Ernie-4.5-VL's: eager splits none)
     if torch.compiler.is_compiling():
         return True
     return bool(_sequence_starts(position_ids, batch, nq).reshape(batch, nq)[:, 1:].any())
@@ -205,11 +205,12 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     Gemma 3's bidirectional image tokens, per-layer windows) gets sdpa's 4-D boolean mask, which attention_forward applies as it is
     (transformers keeps its own FlashAttention off those models; their masks would be lost)."""
     # masking_utils sets use_vmap exactly when it combined an or/and mask function; a blockwise
-    # overlay (PaliGemma's bidirectional prefix, `block_sequence_ids`) only clears
+    # overlay (PaliGemma's bidirectional prefix, `block_sequence_ids`) only clears a causal mask's
     # allow_is_causal_skip, as packed sequences (no padding mask: attention_forward splits those
-    # itself) and compiled one-token decoding steps (q_length 1) do too
+    # itself) and compiled one-token decoding steps (q_length 1) do too; bidirectional masks (they
+    # pass allow_is_bidirectional_skip) always clear it
     if kwargs.get("use_vmap") or (kwargs.get("allow_is_causal_skip") is False and attention_mask is not None
-                                  and q_length > 1):
+                                  and q_length > 1 and "allow_is_bidirectional_skip" not in kwargs):
         from transformers.masking_utils import sdpa_mask
         return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                          attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=True,
