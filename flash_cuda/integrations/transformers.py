@@ -194,6 +194,37 @@ def _hides_future_keys(mask_fn, seen):
         return False
 
 
+def _shows_the_next_key(mask_fn, batch_size, q_length, q_offset, device):
+    """Whether a causal mask function lets some query see the key right after it: a blockwise
+    overlay's bidirectional block (PaliGemma's prefix), which packed sequences' and sliding
+    functions never do. Asked of the function over the first superdiagonal with index tensors, as
+    transformers' own non-vmap masks call it (O(B N); a host read, so not when compiling). One it
+    cannot answer counts as not showing."""
+    try:
+        b = torch.arange(batch_size, device=device)[:, None]
+        q = torch.arange(q_length - 1, device=device)[None, :] + int(q_offset)
+        return bool(mask_fn(b, torch.zeros((), dtype=torch.long, device=device), q, q + 1).any())
+    except Exception:  # noqa: BLE001 (any failure: no answer)
+        return False
+
+
+def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_mask, kwargs):
+    """Whether the mask goes beyond causal, sliding and padding. masking_utils sets use_vmap exactly
+    when it combined an or/and mask function; a blockwise overlay (PaliGemma's bidirectional
+    prefix, `block_sequence_ids`) only clears a causal mask's allow_is_causal_skip, as packed
+    sequences (attention_forward splits those itself) and compiled one-token decoding steps
+    (q_length 1) do too: with a padding mask packing is off, without one the function is asked;
+    bidirectional masks (they pass allow_is_bidirectional_skip) always clear it."""
+    if kwargs.get("use_vmap"):
+        return True
+    if kwargs.get("allow_is_causal_skip") is not False or q_length <= 1 or "allow_is_bidirectional_skip" in kwargs:
+        return False
+    if attention_mask is not None:
+        return True
+    return (not torch.compiler.is_compiling()
+            and _shows_the_next_key(mask_function, batch_size, q_length, q_offset, kwargs.get("device", "cpu")))
+
+
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                   **kwargs):
     """transformers' FlashAttention mask (`masking_utils.flash_attention_mask`) without host reads when
@@ -201,16 +232,11 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     outside compilation, when it is all ones over exactly kv_length keys); without a mask, outside
     compilation, ones over the keys seen so far when a static cache holds more slots. A model that
     changes the mask beyond causal, sliding and padding (an `or_mask_function` or
-    `and_mask_function`, or a blockwise overlay with a padding mask: a prefix-LM like PaliGemma,
-    Gemma 3's bidirectional image tokens, per-layer windows) gets sdpa's 4-D boolean mask, which attention_forward applies as it is
-    (transformers keeps its own FlashAttention off those models; their masks would be lost)."""
-    # masking_utils sets use_vmap exactly when it combined an or/and mask function; a blockwise
-    # overlay (PaliGemma's bidirectional prefix, `block_sequence_ids`) only clears a causal mask's
-    # allow_is_causal_skip, as packed sequences (no padding mask: attention_forward splits those
-    # itself) and compiled one-token decoding steps (q_length 1) do too; bidirectional masks (they
-    # pass allow_is_bidirectional_skip) always clear it
-    if kwargs.get("use_vmap") or (kwargs.get("allow_is_causal_skip") is False and attention_mask is not None
-                                  and q_length > 1 and "allow_is_bidirectional_skip" not in kwargs):
+    `and_mask_function`, or a blockwise overlay: a prefix-LM like PaliGemma, Gemma 3's
+    bidirectional image tokens, per-layer windows) gets sdpa's 4-D boolean mask, which
+    attention_forward applies as it is (transformers keeps its own FlashAttention off those models;
+    their masks would be lost)."""
+    if _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_mask, kwargs):
         from transformers.masking_utils import sdpa_mask
         return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                          attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=True,
