@@ -176,8 +176,7 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, double scale, con
   // sequence's end exit), the batch is the number of sequences.
   const int64_t Nq = packed ? std::max<int64_t>(packed->max_q, 1) : q.size(2);
   const int64_t Nk = packed ? std::max<int64_t>(packed->max_k, 1) : k.size(2);
-  const int64_t B = packed ? packed->batch() : q.size(0);
-  check_launch_limits(q, k, packed);
+  const int64_t B = packed ? packed->batch() : q.size(0);  // (check_launch_limits: the callers, first)
   AttnShape s{};
   s.b = static_cast<int>(B);
   s.hq = static_cast<int>(q.size(1));

@@ -14,8 +14,8 @@ functions. flash_cuda is one, so it takes that role whole:
   FlashAttention implementation gets and runs flash_cuda on it, without host reads of mask values
   (so `torch.compile(fullgraph=True)` traces it): a padding mask becomes a key-padding mask (no
   unpadding), a static cache's unused tail is sliced off by shape, `cu_seq_lens_*` and packed
-  position_ids (split by the eager rule, in every row) go to `varlen_attention`; causal masks are bottom-right aligned (prefill, chunked prefill, decode),
-  sliding windows are `(sliding_window - 1, 0)` (transformers' convention), GQA stays GQA, and T5's
+  position_ids (split by the eager rule, in every row) go to `varlen_attention`; causal masks are
+  bottom-right aligned (prefill, chunked prefill, decode), sliding windows are `(sliding_window - 1, 0)` (transformers' convention), GQA stays GQA, and T5's
   relative position bias (`position_bias`) becomes flash_cuda's float attention mask (with its
   gradient);
 - the mask function (registered with `AttentionMaskInterface`) is transformers' FlashAttention
@@ -180,32 +180,23 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, common):
     return out.reshape(B, Nq, *out.shape[1:])
 
 
-def _hides_future_keys(mask_fn, seen):
-    """Whether transformers' mask function hides key `seen` from query `seen - 1` (causal masks,
-    sliding or chunked; None is the interface's default, causal): asked of the function itself with
-    scalar index tensors, as transformers calls it. One it cannot answer counts as not hiding (all
-    keys visible, transformers' own FlashAttention behaviour)."""
-    if mask_fn is None:
-        return True
-    try:
-        zero = torch.tensor(0)
-        return not bool(mask_fn(zero, zero, torch.tensor(seen - 1), torch.tensor(seen)))
-    except Exception:  # noqa: BLE001 (any failure: no answer)
-        return False
-
-
-def _shows_the_next_key(mask_fn, batch_size, q_length, q_offset, device):
-    """Whether a causal mask function lets some query see the key right after it: a blockwise
-    overlay's bidirectional block (PaliGemma's prefix), which packed sequences' and sliding
-    functions never do. Asked of the function over the first superdiagonal with index tensors, as
-    transformers' own non-vmap masks call it (O(B N); a host read, so not when compiling). One it
-    cannot answer counts as not showing."""
+def _sees_the_next_key(mask_fn, batch_size, q_length, q_offset, device):
+    """Whether transformers' mask function lets some query of the q_length from q_offset see the key
+    right after it, asked of the function itself over that superdiagonal with index tensors, as
+    transformers' own non-vmap masks call it (O(B N); a host read). None where it cannot answer."""
     try:
         b = torch.arange(batch_size, device=device)[:, None]
         q = torch.arange(q_length - 1, device=device)[None, :] + int(q_offset)
         return bool(mask_fn(b, torch.zeros((), dtype=torch.long, device=device), q, q + 1).any())
     except Exception:  # noqa: BLE001 (any failure: no answer)
-        return False
+        return None
+
+
+def _hides_future_keys(mask_fn, seen):
+    """Whether the mask function hides key `seen` from query `seen - 1` (causal masks, sliding or
+    chunked; None is the interface's default, causal). One it cannot answer counts as not hiding
+    (all keys visible, transformers' own FlashAttention behaviour)."""
+    return mask_fn is None or _sees_the_next_key(mask_fn, 1, 2, seen - 1, "cpu") is False
 
 
 def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_mask, kwargs):
@@ -213,8 +204,10 @@ def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_ma
     when it combined an or/and mask function; a blockwise overlay (PaliGemma's bidirectional
     prefix, `block_sequence_ids`) only clears a causal mask's allow_is_causal_skip, as packed
     sequences (attention_forward splits those itself) and compiled one-token decoding steps
-    (q_length 1) do too: with a padding mask packing is off, without one the function is asked;
-    bidirectional masks (they pass allow_is_bidirectional_skip) always clear it."""
+    (q_length 1) do too: with a padding mask packing is off, without one the function is asked
+    whether a query sees the key after it (an overlay's block does, packed sequences and sliding
+    windows never; not when compiling); bidirectional masks (they pass
+    allow_is_bidirectional_skip) always clear it."""
     if kwargs.get("use_vmap"):
         return True
     if kwargs.get("allow_is_causal_skip") is not False or q_length <= 1 or "allow_is_bidirectional_skip" in kwargs:
@@ -222,7 +215,7 @@ def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_ma
     if attention_mask is not None:
         return True
     return (not torch.compiler.is_compiling()
-            and _shows_the_next_key(mask_function, batch_size, q_length, q_offset, kwargs.get("device", "cpu")))
+            and _sees_the_next_key(mask_function, batch_size, q_length, q_offset, kwargs.get("device", "cpu")) is True)
 
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
