@@ -35,7 +35,7 @@ bool row_starts_aligned(const at::Tensor& x) {  // every (b, h, n) row 16-byte a
 // as FlashAttention-2 pads head dims: zero columns add nothing to Q K^T, dO V^T or rowsum(dO O),
 // and the outputs' padding columns are computed in a scratch copy and dropped. Aligned tensors
 // with a head dim that is a multiple of 8 (the usual case) are used as they are, with no copy.
-bool kernel_ready(const at::Tensor& x) { return x.size(3) % 8 == 0 && row_starts_aligned(x); }
+bool kernel_ready(const at::Tensor& x) { return x.size(3) % 8 == 0 && x.stride(3) == 1 && row_starts_aligned(x); }
 
 at::Tensor padded_rows(const at::Tensor& x) {
   const int64_t d = x.size(3);

@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 #include <iomanip>
@@ -503,25 +504,54 @@ AttnOptions kvcache_options(const at::Tensor& q, const at::Tensor& k_cache, cons
 }
 
 // CPU tensors: cache_seqlens' values, each in [0, capacity - Nnew], with every page the first
-// cache_seqlens[b] + Nnew keys reach inside the pool.
+// cache_seqlens[b] + Nnew keys reach inside the pool, and no page that takes new keys reached by
+// any other entry of the table (the append would overwrite keys in use, or race on a GPU); pages
+// only read may be shared (a common prefix).
 std::vector<int64_t> kvcache_seqlens(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                                      int64_t n_new, int64_t capacity, int64_t num_pages, int64_t page_size) {
   const at::Tensor s = cache_seqlens.to(at::kLong).contiguous();
   std::vector<int64_t> n(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + s.numel());
   const at::Tensor table = block_table ? block_table->to(at::kLong).contiguous() : at::Tensor();
   for (size_t b = 0; b < n.size(); ++b) {
-    TORCH_CHECK(n[b] >= 0 && n[b] + n_new <= capacity, "flash_cuda: cache_seqlens[", b, "] = ", n[b],
-                n_new > 0 ? c10::str(" plus the ", n_new, " new keys") : std::string(),
-                " does not fit the cache of ", capacity, " keys per sequence",
-                n_new > 0 ? c10::str(": cache_seqlens must be in [0, ", capacity - n_new, "]")
-                          : c10::str(": cache_seqlens must be in [0, ", capacity, "]"));
+    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] + n_new <= capacity, "flash_cuda: cache_seqlens[", b, "] = ", n[b],
+                      n_new > 0 ? c10::str(" plus the ", n_new, " new keys") : std::string(),
+                      " does not fit the cache of ", capacity, " keys per sequence",
+                      n_new > 0 ? c10::str(": cache_seqlens must be in [0, ", capacity - n_new, "]")
+                                : c10::str(": cache_seqlens must be in [0, ", capacity, "]"));
     if (!block_table) continue;
     const int64_t* row = table.data_ptr<int64_t>() + b * table.size(1);
     for (int64_t page = 0; page * page_size < n[b] + n_new; ++page)
-      TORCH_CHECK(row[page] >= 0 && row[page] < num_pages, "flash_cuda: block_table[", b, ", ", page, "] = ", row[page],
-                  " is outside the pool of ", num_pages, " pages (k_cache.shape[0])");
+      TORCH_CHECK_VALUE(row[page] >= 0 && row[page] < num_pages, "flash_cuda: block_table[", b, ", ", page, "] = ",
+                        row[page], " is outside the pool of ", num_pages, " pages (k_cache.shape[0])");
+  }
+  if (block_table && n_new > 0) {
+    // (page, b, entry) of every entry the new keys are written through, sorted by page
+    std::vector<std::array<int64_t, 3>> written;
+    for (size_t b = 0; b < n.size(); ++b)
+      for (int64_t e = n[b] / page_size; e * page_size < n[b] + n_new; ++e)
+        written.push_back({table.data_ptr<int64_t>()[b * table.size(1) + e], int64_t(b), e});
+    std::sort(written.begin(), written.end());
+    for (size_t b = 0; b < n.size(); ++b) {
+      const int64_t* row = table.data_ptr<int64_t>() + b * table.size(1);
+      for (int64_t e = 0; e * page_size < n[b] + n_new; ++e) {
+        auto w = std::lower_bound(written.begin(), written.end(), std::array<int64_t, 3>{row[e], -1, -1});
+        for (; w != written.end() && (*w)[0] == row[e]; ++w)
+          TORCH_CHECK_VALUE((*w)[1] == int64_t(b) && (*w)[2] == e, "flash_cuda: block_table[", b, ", ", e, "] = ",
+                            row[e], " is also block_table[", (*w)[1], ", ", (*w)[2], "], a page that sequence ",
+                            (*w)[1], "'s new keys are written into: the append would overwrite keys in use; give "
+                            "every page that takes new keys to one entry of the table");
+      }
+    }
   }
   return n;
+}
+
+// The caches are appended to in place: their version counters move, as ATen's in-place ops move
+// them, so that autograd refuses a graph that saved them (and an inference tensor outside
+// inference mode is refused here, before anything is written).
+void bump_cache_versions(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  k_cache.unsafeGetTensorImpl()->bump_version();
+  v_cache.unsafeGetTensorImpl()->bump_version();
 }
 
 std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
@@ -537,9 +567,11 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at
   // Inside flash_cuda.emulate(): the CUDA kernels, run by the emulator, which like a GPU do not
   // read the lengths and the table on the host (they clamp them; flash_cuda's Python API checks
   // CPU values before any op runs).
-  if (emu_active())
+  if (emu_active()) {
+    if (k_new && k_new->size(2) > 0) bump_cache_versions(k_cache, v_cache);
     return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o,
                            num_splits, Executor::emu);
+  }
   const int64_t n_new = k_new ? k_new->size(2) : 0;
   const int64_t capacity = block_table ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
   const std::vector<int64_t> seqlens =
@@ -561,6 +593,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cuda(const at::Tensor& q, const a
                                                     int64_t num_splits) {
   const AttnOptions o = kvcache_options(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale, causal,
                                         window_left, window_right, softcap, alibi_slopes, num_splits);
+  if (k_new && k_new->size(2) > 0) bump_cache_versions(k_cache, v_cache);
   return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o, num_splits,
                          Executor::cuda);
 }

@@ -6,6 +6,7 @@ supported yet), with a message naming the argument and what is expected.
 """
 import math
 import numbers
+import sys
 
 import torch
 
@@ -125,12 +126,26 @@ def _plain(x):
         return x
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
+def _index(x):
+    """An int argument as torch's int arguments (and FlashAttention's) take it: a Python int, a
+    numpy integer, or a 0-d integer tensor (e.g. max_seqlen = lengths.max(), a host read where
+    the tensor is on a GPU, as in FlashAttention)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and not x.is_complex() \
+            and x.dtype != torch.bool:
+        return int(x)
+    return _plain(x)
+
+
 def _finite(x):
-    """math.isfinite for ints past float's range too (False there, where isfinite raises)."""
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
+    """math.isfinite for ints past float's range too (False there, where isfinite raises), by
+    comparisons: torch.compile(dynamic=True) traces these numbers as symbols, which math.isfinite
+    does not take."""
+    if not isinstance(x, int):
+        x = float(x)  # (a numpy float compared in its own type would overflow the bound)
+    return -_FLOAT_MAX <= x <= _FLOAT_MAX
 
 
 def _number(x):
@@ -257,7 +272,21 @@ def _rng_state(q, nk, dropout_p, generator):
     without; the op reserves what the call draws of the generator's offset."""
     if dropout_p == 0.0:
         return None
+    if _in_vmap():
+        # a seed from torch's own random op, which follows vmap's `randomness`: the same mask in
+        # every slice ("same"), a mask of its own in each ("different", at every vmap level),
+        # torch's error ("error", vmap's default); the offset 0, as the CPU generator's states have
+        seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device, generator=generator)
+        return torch.cat([seed, torch.zeros_like(seed)])
     return torch.ops.flash_cuda.philox_state(q, nk, generator)
+
+
+def _in_vmap():
+    """Inside torch.func.vmap (eager: torch.compile traces vmap on its own)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    return any(i.key() == torch._C._functorch.TransformType.Vmap
+               for i in torch._C._functorch.get_interpreter_stack() or ())
 
 
 def _unallocatable(fn, what, shape, itemsize, err):
@@ -355,16 +384,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention.
 
-    Same semantics: shapes (..., L, E) with the head dim at -3, causal masks aligned to the
-    top-left corner (query i sees keys j <= i), enable_gqa as in torch (query heads a multiple
-    of key/value heads; without it the head counts must match, or key/value have one head,
-    which broadcasts), attn_mask broadcastable to (..., L, S): bool (True = takes part) or
-    floating (added to the scores), not together with is_causal (torch rejects it too); a row
-    whose keys are all masked gives 0, as torch does; dropout_p > 0 applies dropout as
-    attention() does (torch semantics: whenever dropout_p > 0, from the default generator of
-    query's device); dropout_p = 1 drops every probability, the output is 0 (as torch).
-    Not supported yet, with a NotImplementedError: a value head dim different
-    from the query's, and broadcasting of batch dims.
+    Same semantics: shapes (..., L, E) with the head dim at -3, the leading dims broadcast
+    between query, key and value as torch's matmuls broadcast them (broadcast dims are read
+    with stride 0), causal masks aligned to the top-left corner (query i sees keys j <= i),
+    enable_gqa as in torch (key and value heads each divide the query heads; without it the
+    head dim broadcasts like the others), attn_mask broadcastable to (..., L, S): bool (True =
+    takes part) or floating (added to the scores), not together with is_causal (torch rejects
+    it too); a row whose keys are all masked gives 0, as torch does; dropout_p > 0 applies
+    dropout as attention() does (torch semantics: whenever dropout_p > 0, from the default
+    generator of query's device); dropout_p = 1 drops every probability, the output is 0 (as
+    torch). Under torch.autocast, floating inputs other than float64 (the mask included) are
+    cast to its dtype first, as torch casts them for this op.
+    Not supported yet, with a NotImplementedError: a value head dim different from the query's.
     """
     fn = "flash_cuda.scaled_dot_product_attention"
     if attn_mask is not None and is_causal is True:
@@ -385,6 +416,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_flag(fn, "is_causal", is_causal)
     _check_flag(fn, "enable_gqa", enable_gqa)
     names = ("query", "key", "value")
+    for name, x in zip(names, (query, key, value)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     _check_tensors(fn, names, (query, key, value), fp32=True)
     for name, x in zip(names, (query, key, value)):
         if x.dim() < 2:
@@ -392,31 +427,96 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if value.shape[-1] != query.shape[-1]:
         raise NotImplementedError(f"{fn}: value must have the head dim of query ({query.shape[-1]}); "
                                   f"a different value head dim is not supported yet, got {value.shape[-1]}")
-    batch = query.shape[:-3]
-    for name, x in (("key", key), ("value", value)):
-        if x.shape[:-3] != batch or (x.dim() < 3) != (query.dim() < 3):
-            raise NotImplementedError(
-                f"{fn}: {name} must have the batch dims of query {tuple(batch)}; broadcasting "
-                f"of batch dims is not supported yet, got {name} of shape {_shape(x)}")
-    if query.dim() >= 3 and not enable_gqa and key.shape[-3] not in (1, query.shape[-3]):
-        raise ValueError(f"{fn}: key must have as many heads as query ({query.shape[-3]}) or one, "
-                         f"got {key.shape[-3]}; pass enable_gqa=True for grouped-query attention")
-
-    def as_4d(x):  # (..., H, L, E) -> (B, H, L, E); 2-D and 3-D gain unit dims
-        while x.dim() < 4:
-            x = x.unsqueeze(0)
-        return x.reshape(-1, *x.shape[-3:]) if x.dim() > 4 else x
-
-    q, k, v = as_4d(query), as_4d(key), as_4d(value)
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"{fn}: key must have the head dim of query ({query.shape[-1]}), got key of shape "
+                         f"{_shape(key)}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"{fn}: value must have the length of key ({key.shape[-2]}), got value of shape "
+                         f"{_shape(value)}")
+    batch, heads, (k, v) = _sdpa_heads(fn, query, key, value, enable_gqa)
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    out_shape = (*batch, heads, L, E) if max(x.dim() for x in (query, key, value)) >= 3 else (L, E)
+    B = math.prod(batch)
+    # (B, H, N, E) for the op: broadcast dims are stride-0 views (a copy only where several batch
+    # dims, some broadcast, cannot be merged); their gradients are summed by autograd
+    q = query.expand(*batch, heads, L, E).reshape(B, heads, L, E)
+    k, v = (x.expand(*batch, x.shape[-3], S, E).reshape(B, x.shape[-3], S, E) for x in (k, v))
+    if attn_mask is not None and isinstance(attn_mask, torch.Tensor):  # torch takes leading unit dims past L, S's
+        while attn_mask.dim() > len(out_shape) and attn_mask.shape[0] == 1:
+            attn_mask = attn_mask[0]
+    if heads == 0 or E == 0:  # nothing to compute; torch's empty output, gradients zeros
+        _check_scale(fn, scale, E or 1, q.dtype)
+        _mask_to_bias(fn, "attn_mask", attn_mask, q, S, out_shape[:-1] + (S,))  # (its checks)
+        parts = [x.sum() for x in (query, key, value) + ((attn_mask,) if attn_mask is not None
+                                                          and attn_mask.is_floating_point() else ())]
+        return query.new_zeros(out_shape) + sum(parts).to(query.dtype) * 0
     _check_shapes(fn, names, q, k, v)
     scale = _check_scale(fn, scale, q.shape[-1], q.dtype)
-    full = tuple(query.shape[:-1]) + (key.shape[-2],)
-    bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, k.shape[2], full)
-    rng_state = _rng_state(q, k.shape[2], dropout_p, None)
+    bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, S, out_shape[:-1] + (S,))
+    rng_state = _rng_state(q, S, dropout_p, None)
     out, _ = ops.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias, dropout_p, rng_state)
     if drop_all:  # torch's P * 0: zeros (NaN where P or V has one), gradients 0
         out = out * 0.0
-    return out.reshape(query.shape)
+    return out.reshape(out_shape)
+
+
+def _autocast(*tensors):
+    """torch's autocast rule for attention, an op autocast runs in lower precision: inside
+    torch.autocast for the inputs' device, floating tensors other than float64 are cast to its
+    dtype (outside it, or for None, as they are)."""
+    device = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+                 else x for x in tensors)
+
+
+def _sdpa_heads(fn, query, key, value, enable_gqa):
+    """torch SDPA's broadcasting of (..., H, L, E) inputs -> (batch dims, query heads, (key, value)
+    with one number of kv heads that divides the query heads). Without enable_gqa every leading
+    dim broadcasts, heads included (a one-head key or value serves every query head; a one-head
+    query is read by every kv head); with it, key and value heads must divide the query heads
+    (query head h reads kv head h // (Hq // Hkv)) and the dims before them broadcast."""
+    def lead(x):  # the dims before the head dim, and the head dim (1 where x has none)
+        dims = tuple(x.shape[:-2])
+        return dims[:-1] if dims else (), (dims[-1] if dims else 1)
+
+    leads = [lead(x) for x in (query, key, value)]
+    try:
+        batch = tuple(torch.broadcast_shapes(*(b for b, _ in leads)))
+    except RuntimeError:
+        raise ValueError(f"{fn}: the batch dims of query {_shape(query)[:-3]}, key {_shape(key)[:-3]} and value "
+                         f"{_shape(value)[:-3]} (before the head dim, -3) do not broadcast") from None
+    hq, hk, hv = (h for _, h in leads)
+    if enable_gqa:
+        if query.dim() < 3:
+            raise ValueError(f"{fn}: enable_gqa needs a head dim (-3) in query, got shape {_shape(query)}")
+        for name, h in (("key", hk), ("value", hv)):
+            if h == 0 and hq == 0:
+                continue
+            if h == 0 or hq % h:
+                raise ValueError(f"{fn}: with enable_gqa the number of {name} heads ({h}) must divide the number "
+                                 f"of query heads ({hq})")
+        heads = hq
+    else:
+        heads = max(hq, hk, hv) if 0 not in (hq, hk, hv) else 0
+        for name, h in (("key", hk), ("value", hv)):
+            if h not in (1, heads):
+                hint = "; pass enable_gqa=True for grouped-query attention" if hq and h and hq % h == 0 else ""
+                raise ValueError(f"{fn}: {name} must have as many heads as query ({hq}) or one, or query one "
+                                 f"(heads broadcast as torch's batch dims), got {h}{hint}")
+        if hq not in (1, heads):
+            raise ValueError(f"{fn}: query must have as many heads as key and value ({heads}) or one, got {hq}")
+    k, v = (x if x.dim() >= 3 else x.unsqueeze(0) for x in (key, value))
+    if hk != hv and heads:  # one kv head count for the op: the fewer heads repeated (each divides heads)
+        if hv % hk == 0:
+            k = k.repeat_interleave(hv // hk, dim=-3) if hk > 1 else k.expand(*k.shape[:-3], hv, *k.shape[-2:])
+        elif hk % hv == 0:
+            v = v.repeat_interleave(hk // hv, dim=-3) if hv > 1 else v.expand(*v.shape[:-3], hk, *v.shape[-2:])
+        else:
+            k, v = (x.repeat_interleave(heads // h, dim=-3) for x, h in ((k, hk), (v, hv)))
+    return batch, heads, (k, v)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
@@ -458,10 +558,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    max_seqlen_q, max_seqlen_k = _plain(max_seqlen_q), _plain(max_seqlen_k)
+    max_seqlen_q, max_seqlen_k = _index(max_seqlen_q), _index(max_seqlen_k)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise TypeError(f"{fn}: {name} must be a non-negative int, got {m!r}")
+            raise TypeError(f"{fn}: {name} must be a non-negative int (or a 0-d integer tensor), got {m!r}")
         if m > _INT32_MAX:
             raise ValueError(f"{fn}: {name} must be at most 2**31 - 1 (lengths are int32, as cu_seqlens), got {m}")
     for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
@@ -669,9 +769,29 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                     if not 0 <= pages[b][i] < num_pages:
                         raise ValueError(f"{fn}: block_table[{b}, {i}] = {pages[b][i]} points outside the pool of "
                                          f"{num_pages} pages (k_cache.shape[0]) but sequence {b} uses that page")
+            if n_new:
+                _check_pages_written_alone(fn, pages, lengths, n_new, page_size)
     out, lse = torch.ops.flash_cuda.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
                                                 left, right, softcap, slopes, num_splits)
     return (out, lse) if return_lse else out
+
+
+def _check_pages_written_alone(fn, pages, lengths, n_new, page_size):
+    """No page the new keys are written into is reached by another entry of the table (in use by
+    the same or another sequence): the append would overwrite keys in use (a race on a GPU). Pages
+    only read may be shared (a common prefix)."""
+    written = {}
+    for b, n in enumerate(lengths):
+        for i in range(n // page_size, (n + n_new + page_size - 1) // page_size):
+            written.setdefault(pages[b][i], []).append((b, i))
+    for b, n in enumerate(lengths):
+        for i in range((n + n_new + page_size - 1) // page_size):
+            for wb, wi in written.get(pages[b][i], ()):
+                if (wb, wi) != (b, i):
+                    raise ValueError(f"{fn}: block_table[{b}, {i}] = {pages[b][i]} is also block_table[{wb}, {wi}], "
+                                     f"a page that sequence {wb}'s new keys are written into: the append would "
+                                     "overwrite keys in use; give every page that takes new keys to one entry of "
+                                     "the table")
 
 
 def unpad_input(x, attention_mask):

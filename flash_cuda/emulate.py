@@ -149,7 +149,9 @@ def ptx_kernels():
 
 
 class emulate:
-    """Context manager; see the module docstring.
+    """Context manager; see the module docstring. Process-wide: while one is active, flash_cuda's
+    calls on CPU tensors from every thread run the emulated kernels (float64 ones are refused, as
+    on a GPU) and are recorded in its launches; contexts do not nest.
 
     order: the order in which a block's threads (and the grid's blocks) are run between
         synchronisation points: "forward", "reverse" or "random" (seeded by ``seed``).
@@ -162,6 +164,7 @@ class emulate:
     """
 
     _active = False
+    _current = None  # the active context, whose launches the records are
 
     def __init__(self, order="forward", check=True, seed=0, workers=None, device="a100", executor="source", ptx=None):
         if order not in ORDERS:
@@ -203,13 +206,13 @@ class emulate:
         _ptx_replacements.clear()
         _ptx_replacements.update(self.ptx)
         _configure(True, self.order, self.seed, self.check, self.workers, self.device, self.executor)
-        emulate._active = True
+        emulate._active, emulate._current = True, self
         return self
 
     def __exit__(self, *exc):
         _configure(False, "forward", 0, True, 1, DEVICES["a100"])
         _ptx_replacements.clear()
-        emulate._active = False
+        emulate._active, emulate._current = False, None
         self._collect()
         return False
 
@@ -219,7 +222,7 @@ class emulate:
     @property
     def launches(self):
         """One dict per kernel launch so far, in launch order."""
-        if emulate._active:
+        if emulate._current is self:
             self._collect()
         return list(self._launches)
 

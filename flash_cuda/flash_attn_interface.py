@@ -23,7 +23,11 @@ Every argument is honoured or rejected with an exception naming it:
 - flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
   split-KV); its rotary_cos/rotary_sin, cache_batch_idx and cache_leftpad raise NotImplementedError.
   flash_attn_varlen_func's block_table (paged keys for packed sequences) raises NotImplementedError.
+Errors from flash_cuda's checks name the function called and its argument (softmax_scale, qkv, kv,
+cu_seqlens, max_seqlen) where they name one of flash_cuda's.
 """
+import re
+
 import torch
 
 from .api import _check_window, _plain, _shape, attention, attention_with_kvcache, varlen_attention
@@ -35,6 +39,21 @@ def _window(fn, window_size):
         raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
     left, right = _check_window(fn, window_size, "window_size")
     return None if (left, right) == (-1, -1) else (left, right)
+
+
+_CHECKED = (TypeError, ValueError, RuntimeError, NotImplementedError)
+
+
+def _in_callers_terms(fn, err, renames):
+    """An error of flash_cuda's checks ("flash_cuda.attention: scale must be ...") as one of fn's
+    ("flash_attn_func: softmax_scale must be ..."); any other as it is."""
+    found = re.match(r"flash_cuda\.\w+: (\w+)(.*)", str(err), re.S) if type(err) in _CHECKED else None
+    if found is None:
+        return err
+    return type(err)(f"{fn}: {renames.get(found[1], found[1])}{found[2]}")
+
+
+_SCALE = {"scale": "softmax_scale"}
 
 
 def _check_dims(fn, named, dims, layout):
@@ -57,7 +76,7 @@ def _with_mask(return_attn_probs, dropout_p):
 
 
 def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-           return_attn_probs):
+           return_attn_probs, renames=_SCALE):
     """q (B, Nq, H, D), k and v (B, Nk, Hkv, D): flash_cuda.attention on (B, H, N, D) views."""
     window = _window(fn, window_size)
     if not isinstance(return_attn_probs, bool):
@@ -67,9 +86,13 @@ def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         if x.shape[0] != other.shape[0] or x.shape[3] != q.shape[3] or (name == "v" and x.shape != k.shape):
             raise ValueError(f"{fn}: {name} must be (batch, seqlen_k, nheads_k, headdim) matching q "
                              f"{_shape(q)} and k, got {_shape(x)}")
-    result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale,
-                       window=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                       return_lse=return_attn_probs, return_dropout_mask=with_mask, deterministic=deterministic)
+    try:
+        result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                           scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                           dropout_p=dropout_p, return_lse=return_attn_probs, return_dropout_mask=with_mask,
+                           deterministic=deterministic)
+    except _CHECKED as err:
+        raise _in_callers_terms(fn, err, renames) from None
     if return_attn_probs:
         out, lse, *keep = result
         return out.transpose(1, 2), lse, _s_dmask(keep[0]) if with_mask else None
@@ -96,7 +119,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     if qkv.shape[2] != 3:
         raise ValueError(f"{fn}: qkv must be (batch, seqlen, 3, nheads, headdim), got {_shape(qkv)}")
     return _dense(fn, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size, softcap,
-                  alibi_slopes, deterministic, return_attn_probs)
+                  alibi_slopes, deterministic, return_attn_probs, dict(_SCALE, q="qkv", k="qkv", v="qkv"))
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -108,19 +131,22 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     if kv.shape[2] != 2:
         raise ValueError(f"{fn}: kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {_shape(kv)}")
     return _dense(fn, q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
-                  alibi_slopes, deterministic, return_attn_probs)
+                  alibi_slopes, deterministic, return_attn_probs, dict(_SCALE, k="kv", v="kv"))
 
 
 def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, deterministic, return_attn_probs):
+            window_size, softcap, alibi_slopes, deterministic, return_attn_probs, renames=_SCALE):
     window = _window(fn, window_size)
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"{fn}: return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
     with_mask = _with_mask(return_attn_probs, dropout_p)
-    result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                              scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                              dropout_p=dropout_p, return_lse=return_attn_probs,
-                              return_dropout_mask=with_mask, deterministic=deterministic)
+    try:
+        result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                  scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                                  dropout_p=dropout_p, return_lse=return_attn_probs,
+                                  return_dropout_mask=with_mask, deterministic=deterministic)
+    except _CHECKED as err:
+        raise _in_callers_terms(fn, err, renames) from None
     if not return_attn_probs:
         return result
     out, lse, *keep = result
@@ -152,7 +178,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     if qkv.shape[1] != 3:
         raise ValueError(f"{fn}: qkv must be (total, 3, nheads, headdim), got {_shape(qkv)}")
     return _varlen(fn, qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                   dict(_SCALE, q="qkv", k="qkv", v="qkv", cu_seqlens_q="cu_seqlens", cu_seqlens_k="cu_seqlens",
+                        max_seqlen_q="max_seqlen", max_seqlen_k="max_seqlen"))
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -165,7 +193,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     if kv.shape[1] != 2:
         raise ValueError(f"{fn}: kv must be (total_k, 2, nheads_k, headdim), got {_shape(kv)}")
     return _varlen(fn, q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                   dict(_SCALE, k="kv", v="kv"))
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -197,7 +226,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                       block_table=block_table, causal=causal, scale=softmax_scale,
                                       window=_window(fn, window_size), softcap=softcap, alibi_slopes=alibi_slopes,
                                       num_splits=num_splits, return_lse=True)
-    out = out.transpose(1, 2)
+    # (batch, seqlen_q, nheads, headdim) contiguous, as FlashAttention returns it (callers view it as
+    # (batch, seqlen_q, nheads * headdim)); a copy only where seqlen_q > 1
+    out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_softmax_lse else out
 
 

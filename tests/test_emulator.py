@@ -583,3 +583,15 @@ def test_cvt_rna_tf32():
     assert ((out & 0x1FFF) == 0).all()  # tf32 in a 32-bit register: the low 13 bits clear
     nan = run(ops._emu_tf32_probe, torch.tensor([float("nan")]))[0].view(torch.float32)
     assert torch.isnan(nan).all()
+
+
+def test_launches_of_an_exited_context_are_its_own():
+    """Reading .launches of a context that has exited, while another is active, gives its own
+    launches and leaves the active one's records to it (it took them before)."""
+    q = torch.randn(1, 1, 8, 16, dtype=torch.float16)
+    with flash_cuda.emulate() as a:
+        flash_cuda.attention(q, q, q)
+    with flash_cuda.emulate() as b:
+        flash_cuda.attention(q, q, q)
+        assert len(a.launches) == 1
+    assert len(b.launches) == 1

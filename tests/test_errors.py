@@ -145,10 +145,14 @@ def test_sdpa_value_head_dim_unsupported():
         sdpa(q, k, torch.randn(2, 4, 8, 32))
 
 
-def test_sdpa_batch_broadcast_unsupported():
+def test_sdpa_batch_dims_that_do_not_broadcast():
+    """Leading dims broadcast as torch's (tests/test_sdpa_dropin.py); where they cannot, the error
+    names the three shapes' batch dims (torch's names none)."""
     q, k, v = qkv(Hkv=4)
-    with pytest.raises(NotImplementedError, match=r"key must have the batch dims of query \(2,\); broadcasting"):
-        sdpa(q, k[:1], v[:1])
+    k3, v3 = (torch.cat([x, x[:1]]) for x in (k, v))
+    with pytest.raises(ValueError, match=r"the batch dims of query \(2,\), key \(3,\) and value \(3,\) "
+                                         r"\(before the head dim, -3\) do not broadcast"):
+        sdpa(q, k3, v3)
 
 
 def test_sdpa_heads_without_enable_gqa():
@@ -157,7 +161,8 @@ def test_sdpa_heads_without_enable_gqa():
 
 
 def test_sdpa_gqa_not_divisible():
-    with pytest.raises(ValueError, match=r"query heads \(6\) must be a positive multiple"):
+    with pytest.raises(ValueError, match=r"with enable_gqa the number of key heads \(4\) must divide the number "
+                                         r"of query heads \(6\)"):
         sdpa(*qkv(Hq=6, Hkv=4), enable_gqa=True)
 
 

@@ -152,6 +152,24 @@ def test_rejected_arguments():
         fa.flash_attn_with_kvcache(q, k, v, cache_batch_idx=torch.zeros(1, dtype=torch.int32))
 
 
+def test_errors_name_the_callers_arguments():
+    """flash_cuda's checks named its own function and arguments (flash_cuda.varlen_attention:
+    scale, cu_seqlens_q, max_seqlen_q, k), which the caller of the drop-in never passed."""
+    q, k, v = bnhd(1, 8, 2, 16, 0), bnhd(1, 8, 2, 16, 1), bnhd(1, 8, 2, 16, 2)
+    with pytest.raises(ValueError, match=r"^flash_attn_func: softmax_scale must be finite"):
+        fa.flash_attn_func(q, k, v, softmax_scale=float("inf"))
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^flash_attn_varlen_func: softmax_scale must be finite"):
+        fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, softmax_scale=float("nan"))
+    qkv = torch.stack([q[0], k[0], v[0]], 1)
+    with pytest.raises(TypeError, match=r"^flash_attn_varlen_qkvpacked_func: cu_seqlens must be int32"):
+        fa.flash_attn_varlen_qkvpacked_func(qkv, cu.long(), 8)
+    with pytest.raises(TypeError, match=r"^flash_attn_varlen_qkvpacked_func: max_seqlen must be a non-negative int"):
+        fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 8.0)
+    with pytest.raises(ValueError, match=r"^flash_attn_varlen_kvpacked_func: kv must have the head dim of q"):
+        fa.flash_attn_varlen_kvpacked_func(q[0], torch.zeros(8, 2, 2, 8), cu, cu, 8, 8)
+
+
 def test_with_kvcache_bnhd_paged():
     """flash_attn_with_kvcache on FlashAttention's (B, N, H, D) layouts, a paged pool included:
     the append lands in the caller's memory and the output matches attention on the valid keys."""
@@ -172,3 +190,36 @@ def test_with_kvcache_bnhd_paged():
         assert torch.equal(keys[-1], k[b, 0]) and torch.equal(vals[-1], v[b, 0])
         ref, _ = attention_ref(q[b:b + 1].transpose(1, 2), keys.transpose(0, 1)[None], vals.transpose(0, 1)[None])
         torch.testing.assert_close(out[b:b + 1].transpose(1, 2), ref.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_max_seqlen_as_a_0d_tensor():
+    """FlashAttention's max_seqlen ints take 0-d integer tensors (torch's int arguments do; older
+    transformers passed position_ids.max() + 1): the same call as with the int. Float and bool
+    tensors stay refused, naming the argument."""
+    lens = [5, 3]
+    cu = torch.tensor([0, 5, 8], dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(8, 2, 16, generator=g) for _ in range(3))
+    want = fa.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+    m = torch.tensor(lens).max()
+    assert torch.equal(fa.flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True), want)
+    qkv = torch.stack([q, k, v], 1)
+    assert torch.equal(fa.flash_attn_varlen_qkvpacked_func(qkv, cu, m.to(torch.int32), causal=True), want)
+    assert torch.equal(flash_cuda.varlen_attention(q, k, v, cu, cu, m, m, causal=True), want)
+    for bad in (torch.tensor(5.0), torch.tensor(True), torch.tensor([5])):
+        with pytest.raises(TypeError, match="max_seqlen_q must be a non-negative int"):
+            fa.flash_attn_varlen_func(q, k, v, cu, cu, bad, 5)
+
+
+def test_with_kvcache_output_is_contiguous():
+    """Several queries (chunked prefill, speculative decoding): the output is a contiguous
+    (batch, seqlen_q, nheads, headdim) tensor, as FlashAttention's, so out.view(B, Nq, H * D)
+    works (it was a transposed view of (B, H, Nq, D) memory)."""
+    g = torch.Generator().manual_seed(6)
+    kc, vc = (torch.randn(2, 32, 2, 16, generator=g) for _ in range(2))
+    q = torch.randn(2, 3, 4, 16, generator=g)
+    k, v = (torch.randn(2, 3, 2, 16, generator=g) for _ in range(2))
+    out = fa.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([4, 9], dtype=torch.int32),
+                                     causal=True)
+    assert out.shape == (2, 3, 4, 16) and out.is_contiguous()
+    assert out.view(2, 3, 64).shape == (2, 3, 64)

@@ -212,3 +212,156 @@ def test_randomised_against_reference(seed):
 @pytest.mark.parametrize("seed", [22918])
 def test_randomised_one_key_row(seed):
     test_randomised_against_reference(seed)
+
+
+# ------------------------------------------------------------------ torch's broadcasting, autocast, vmap, compile
+BROADCASTS = [  # (query, key, value shapes, enable_gqa): each accepted by torch (2.14) and by the drop-in
+    ((2, 4, 5, 8), (1, 4, 6, 8), (1, 4, 6, 8), False),   # key/value batch 1 against query batch 2
+    ((2, 4, 5, 8), (4, 6, 8), (4, 6, 8), False),         # 4-D query, 3-D key/value
+    ((5, 8), (3, 6, 8), (3, 6, 8), False),               # 2-D query read by 3 key/value heads
+    ((2, 1, 5, 8), (2, 6, 6, 8), (2, 6, 6, 8), False),   # one query head, 6 key/value heads
+    ((2, 4, 5, 8), (2, 1, 6, 8), (2, 4, 6, 8), False),   # one key head, 4 value heads
+    ((4, 5, 8), (1, 6, 8), (2, 6, 8), True),             # GQA, key and value with their own head counts
+    ((6, 5, 8), (2, 6, 8), (3, 6, 8), True),             # ... neither dividing the other
+    ((2, 1, 4, 5, 8), (3, 4, 6, 8), (3, 4, 6, 8), False),  # 5-D query, 4-D key/value: batch (2, 3)
+    ((3, 2, 6, 5, 8), (3, 1, 2, 6, 8), (1, 2, 2, 6, 8), True),
+]
+
+
+@pytest.mark.parametrize("qs,ks,vs,gqa", BROADCASTS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_broadcasts_like_torch(qs, ks, vs, gqa, masked):
+    """Leading dims broadcast as torch's (its math backend: matmuls over broadcast batch dims, GQA by
+    repeat_interleave), forward and every gradient (summed over the broadcast dims) in float64;
+    with a float mask that requires grad (its gradient summed over the dims it broadcast along). The drop-in raised NotImplementedError or ValueError for each before 2026-12-05."""
+    g = torch.Generator().manual_seed(len(qs) + len(ks))
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in (qs, ks, vs))
+    mask = None
+    if masked:
+        out_dims = max(len(qs), len(ks), len(vs))
+        mask = torch.randn((1,) * (out_dims - 2) + (qs[-2], ks[-2]), generator=g, dtype=torch.float64)
+    results = []
+    for fn in (flash_cuda.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v) + ((mask,) if masked else ())]
+        with sdpa_kernel(SDPBackend.MATH):
+            out = fn(*leaves[:3], attn_mask=leaves[3] if masked else None, enable_gqa=gqa)
+        out.backward(torch.ones_like(out) + torch.arange(out.shape[-1], dtype=out.dtype))
+        results.append([out] + [x.grad for x in leaves])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), *results):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_mask_with_a_leading_unit_dim_past_the_query_like_torch():
+    """A 3-D call (H, L, E) with a (1, H, L, S) mask, which torch takes (was: not broadcastable)."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(4, n, 8, generator=g, dtype=torch.float64) for n in (5, 6, 6))
+    mask = torch.randn(1, 4, 5, 6, generator=g, dtype=torch.float64)
+    ours = flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-10, atol=1e-10)
+
+
+def test_gqa_head_counts_that_do_not_divide():
+    q, k = torch.randn(1, 5, 8), torch.randn(6, 6, 8)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"with enable_gqa the number of key heads \(6\) must divide the number of "
+                                         r"query heads \(1\)"):
+        flash_cuda.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"key must have as many heads as query \(4\) or one, or query one .* got 2; "
+                                         r"pass enable_gqa=True"):
+        flash_cuda.scaled_dot_product_attention(torch.randn(4, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 5, 8), (2, 3, 5, 0), (0, 2, 0, 5, 8)])
+def test_empty_heads_or_head_dim_like_torch(shape):
+    """No heads or a head dim of 0: torch's empty output, zero gradients (refused before, and the
+    5-D one with a reshape error naming nothing)."""
+    kv_shape = shape[:-2] + (7, shape[-1])
+    results = []
+    for fn in (flash_cuda.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        leaves = [torch.randn(s).requires_grad_() for s in (shape, kv_shape, kv_shape)]
+        out = fn(*leaves)
+        out.sum().backward()
+        results.append([out] + [x.grad for x in leaves])
+    for a, b in zip(*results):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_autocast_casts_like_torch():
+    """Under torch.autocast the drop-in casts query, key, value and a float mask to the autocast
+    dtype, as torch casts them for SDPA (all-fp32 inputs ran in fp32, a bf16 query beside fp32 key
+    and value raised a dtype error); gradients reach the fp32 leaves in fp32; float64 is left as it
+    is (and then refused beside bf16 tensors, as torch refuses it)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    mask = torch.randn(9, 9, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        for args in ((q, k, v), (q.to(dtype), k, v)):
+            leaves = [x.clone().requires_grad_() for x in args]
+            with torch.autocast("cpu", dtype=dtype):
+                out = flash_cuda.scaled_dot_product_attention(*leaves, attn_mask=mask)
+                theirs = F.scaled_dot_product_attention(*args, attn_mask=mask)
+            plain = flash_cuda.scaled_dot_product_attention(*(x.to(dtype) for x in args), attn_mask=mask.to(dtype))
+            assert out.dtype == theirs.dtype == dtype
+            assert torch.equal(out, plain)
+            out.float().sum().backward()
+            assert all(x.grad is not None and x.grad.dtype == x.dtype for x in leaves)
+        with torch.autocast("cpu", dtype=dtype):
+            assert flash_cuda.scaled_dot_product_attention(q.double(), k.double(), v.double()).dtype == torch.float64
+            with pytest.raises(TypeError, match="key must have the dtype of query"):
+                flash_cuda.scaled_dot_product_attention(q.double(), k, v)
+
+
+@pytest.mark.parametrize("randomness", ["error", "same", "different"])
+def test_vmap_dropout_follows_randomness(randomness):
+    """Dropout under torch.func.vmap follows its `randomness` as torch's does: "error" raises
+    torch's error, "same" gives every slice one mask, "different" each its own (the flag was
+    ignored: always "different"). With "different", every slice's output and gradients match the
+    float64 reference built from that slice's keep mask (return_dropout_mask), so the backward
+    regenerates each slice's own mask."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 3, 12, 8, generator=g, dtype=torch.float64).expand(4, 2, 3, 12, 8).contiguous()
+    w = torch.randn(2, 3, 12, 8, generator=g, dtype=torch.float64)
+    p = 0.4
+
+    def loss(q, k, v):
+        out, keep = flash_cuda.attention(q, k, v, dropout_p=p, return_dropout_mask=True)
+        return (out * w).sum(), (out, keep)
+
+    grad_fn = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2), has_aux=True), randomness=randomness)
+    if randomness == "error":
+        with pytest.raises(RuntimeError, match="randomness error mode"):
+            grad_fn(x, x, x)
+        with pytest.raises(RuntimeError, match="randomness error mode"):
+            torch.func.vmap(lambda q: flash_cuda.scaled_dot_product_attention(q, q, q, dropout_p=p))(x)
+        return
+    grads, (out, keep) = grad_fn(x, x, x)
+    same = [torch.equal(keep[0], keep[i]) for i in range(1, 4)]
+    assert all(same) if randomness == "same" else not any(same)
+    assert 0.45 < keep.double().mean() < 0.75
+    for i in range(4):
+        leaves = [x[i].clone().requires_grad_() for _ in range(3)]
+        s = leaves[0] @ leaves[1].transpose(-1, -2) / 8 ** 0.5
+        ref = (torch.softmax(s, -1) * keep[i] / (1 - p)) @ leaves[2]
+        (ref * w).sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-10, atol=1e-10)
+        for a, leaf in zip(grads, leaves):
+            torch.testing.assert_close(a[i], leaf.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_compiles_with_dynamic_shapes():
+    """torch.compile(fullgraph=True, dynamic=True): every entry point traced (math.isfinite on the
+    traced numbers made dynamo refuse each), equal to eager."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 4, 10, 16, generator=g) for _ in range(3))
+    calls = [lambda q, k, v: flash_cuda.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3),
+             lambda q, k, v: flash_cuda.attention(q, k, v, causal=True, softcap=5.0, window=(4, 0)),
+             lambda q, k, v: flash_cuda.varlen_attention(
+                 q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                 torch.tensor([0, 3, 10], dtype=torch.int32), torch.tensor([0, 4, 10], dtype=torch.int32), 7, 6,
+                 causal=True)]
+    for call in calls:
+        torch._dynamo.reset()
+        compiled = torch.compile(call, fullgraph=True, dynamic=True)
+        torch.testing.assert_close(compiled(q, k, v), call(q, k, v))
