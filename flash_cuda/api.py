@@ -416,10 +416,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_flag(fn, "is_causal", is_causal)
     _check_flag(fn, "enable_gqa", enable_gqa)
     names = ("query", "key", "value")
-    for name, x in zip(names, (query, key, value)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
-    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)  # (non-tensors: as they are)
     _check_tensors(fn, names, (query, key, value), fp32=True)
     for name, x in zip(names, (query, key, value)):
         if x.dim() < 2:
@@ -435,12 +432,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                          f"{_shape(value)}")
     batch, heads, (k, v) = _sdpa_heads(fn, query, key, value, enable_gqa)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
-    out_shape = (*batch, heads, L, E) if max(x.dim() for x in (query, key, value)) >= 3 else (L, E)
+    out_shape = (*batch, heads, L, E) if max(query.dim(), key.dim(), value.dim()) >= 3 else (L, E)
     B = math.prod(batch)
     # (B, H, N, E) for the op: broadcast dims are stride-0 views (a copy only where several batch
     # dims, some broadcast, cannot be merged); their gradients are summed by autograd
-    q = query.expand(*batch, heads, L, E).reshape(B, heads, L, E)
-    k, v = (x.expand(*batch, x.shape[-3], S, E).reshape(B, x.shape[-3], S, E) for x in (k, v))
+    def as_4d(x, h, n):  # (one batch dim already: as it is, the common call's cost)
+        if x.dim() == 4 and len(batch) == 1 and x.shape[0] == B and x.shape[1] == h:
+            return x
+        return x.expand(*batch, h, n, E).reshape(B, h, n, E)
+
+    q = as_4d(query, heads, L)
+    k, v = (as_4d(x, x.shape[-3], S) for x in (k, v))
     if attn_mask is not None and isinstance(attn_mask, torch.Tensor):  # torch takes leading unit dims past L, S's
         while attn_mask.dim() > len(out_shape) and attn_mask.shape[0] == 1:
             attn_mask = attn_mask[0]
@@ -464,6 +466,8 @@ def _autocast(*tensors):
     """torch's autocast rule for attention, an op autocast runs in lower precision: inside
     torch.autocast for the inputs' device, floating tensors other than float64 are cast to its
     dtype (outside it, or for None, as they are)."""
+    if not torch._C._is_any_autocast_enabled():  # (0.15 us; the per-device query below takes 1)
+        return tensors
     device = tensors[0].device.type if isinstance(tensors[0], torch.Tensor) else None
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
         return tensors
@@ -478,13 +482,20 @@ def _sdpa_heads(fn, query, key, value, enable_gqa):
     dim broadcasts, heads included (a one-head key or value serves every query head; a one-head
     query is read by every kv head); with it, key and value heads must divide the query heads
     (query head h reads kv head h // (Hq // Hkv)) and the dims before them broadcast."""
+    if query.dim() == key.dim() == value.dim() >= 3:  # the common call: one batch shape, kv heads dividing
+        hq, hk = query.shape[-3], key.shape[-3]
+        if (query.shape[:-3] == key.shape[:-3] == value.shape[:-3] and hk == value.shape[-3] and hq and hk
+                and (hq == hk or hk == 1 or (enable_gqa and hq % hk == 0))):
+            return tuple(query.shape[:-3]), hq, (key, value)
+
     def lead(x):  # the dims before the head dim, and the head dim (1 where x has none)
         dims = tuple(x.shape[:-2])
         return dims[:-1] if dims else (), (dims[-1] if dims else 1)
 
     leads = [lead(x) for x in (query, key, value)]
-    try:
-        batch = tuple(torch.broadcast_shapes(*(b for b, _ in leads)))
+    try:  # (broadcast_shapes takes 8 us; the common call has one batch shape)
+        batch = leads[0][0] if leads[0][0] == leads[1][0] == leads[2][0] else \
+            tuple(torch.broadcast_shapes(*(b for b, _ in leads)))
     except RuntimeError:
         raise ValueError(f"{fn}: the batch dims of query {_shape(query)[:-3]}, key {_shape(key)[:-3]} and value "
                          f"{_shape(value)[:-3]} (before the head dim, -3) do not broadcast") from None
