@@ -50,7 +50,11 @@ def _in_callers_terms(fn, err, renames):
     found = re.match(r"flash_cuda\.\w+: (\w+)(.*)", str(err), re.S) if type(err) in _CHECKED else None
     if found is None:
         return err
-    return type(err)(f"{fn}: {renames.get(found[1], found[1])}{found[2]}")
+    rest = found[2]
+    for name, callers in renames.items():  # (names of several letters anywhere; q, k, v where they lead)
+        if len(name) > 1:
+            rest = re.sub(rf"\b{name}\b", callers, rest)
+    return type(err)(f"{fn}: {renames.get(found[1], found[1])}{rest}")
 
 
 _SCALE = {"scale": "softmax_scale"}
@@ -222,10 +226,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not isinstance(return_softmax_lse, bool):
         raise TypeError(f"{fn}: return_softmax_lse must be a bool, got {type(return_softmax_lse).__name__}")
     t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
-    out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
-                                      block_table=block_table, causal=causal, scale=softmax_scale,
-                                      window=_window(fn, window_size), softcap=softcap, alibi_slopes=alibi_slopes,
-                                      num_splits=num_splits, return_lse=True)
+    window = _window(fn, window_size)
+    try:
+        out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
+                                          block_table=block_table, causal=causal, scale=softmax_scale, window=window,
+                                          softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
+                                          return_lse=True)
+    except _CHECKED as err:
+        raise _in_callers_terms(fn, err, _SCALE) from None
     # (batch, seqlen_q, nheads, headdim) contiguous, as FlashAttention returns it (callers view it as
     # (batch, seqlen_q, nheads * headdim)); a copy only where seqlen_q > 1
     out = out.transpose(1, 2).contiguous()

@@ -168,6 +168,11 @@ def test_errors_name_the_callers_arguments():
         fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 8.0)
     with pytest.raises(ValueError, match=r"^flash_attn_varlen_kvpacked_func: kv must have the head dim of q"):
         fa.flash_attn_varlen_kvpacked_func(q[0], torch.zeros(8, 2, 2, 8), cu, cu, 8, 8)
+    with pytest.raises(ValueError, match=r"^flash_attn_varlen_qkvpacked_func: max_seqlen 4 is smaller than the longest "
+                                         r"sequence \(8\) of cu_seqlens$"):
+        fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 4)
+    with pytest.raises(ValueError, match=r"^flash_attn_with_kvcache: softmax_scale must be finite"):
+        fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=3, softmax_scale=float("inf"))
 
 
 def test_with_kvcache_bnhd_paged():
