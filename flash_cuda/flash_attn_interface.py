@@ -201,6 +201,29 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                    dict(_SCALE, k="kv", v="kv"))
 
 
+def _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, paged):
+    """The shapes of flash_attn_with_kvcache's 4-D tensors against each other, in the caller's
+    (batch, seqlen, nheads, headdim) terms (flash_cuda's checks see the transposed views)."""
+    B, _, H, D = q.shape
+    if not paged and k_cache.shape[0] != B:
+        raise ValueError(f"{fn}: k_cache must be (batch, seqlen_cache, nheads_k, headdim) with the batch of q ({B}), "
+                         f"got {_shape(k_cache)} (a paged pool (num_blocks, page_block_size, nheads_k, headdim) "
+                         "needs block_table)")
+    if k_cache.shape[3] != D:
+        raise ValueError(f"{fn}: k_cache must have the headdim of q ({D}), got {_shape(k_cache)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{fn}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
+    hkv = k_cache.shape[2]
+    if hkv == 0 or H % hkv:
+        raise ValueError(f"{fn}: nheads of q ({H}, q is (batch, seqlen_q, nheads, headdim)) must be a positive "
+                         f"multiple of nheads_k of k_cache ({hkv}, k_cache is (..., nheads_k, headdim))")
+    for name, x in (("k", k), ("v", v)):
+        if x is not None and (x.shape[0] != B or x.shape[2:] != (hkv, D) or (name == "v" and k is not None
+                                                                            and x.shape != k.shape)):
+            raise ValueError(f"{fn}: {name} must be (batch, seqlen_new, nheads_k, headdim) = ({B}, seqlen_new, {hkv}, "
+                             f"{D}){', the shape of k' if name == 'v' else ''}, got {_shape(x)}")
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -225,6 +248,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                      if x is not None or n in ("q", "k_cache", "v_cache")], 4, layout)
     if not isinstance(return_softmax_lse, bool):
         raise TypeError(f"{fn}: return_softmax_lse must be a bool, got {type(return_softmax_lse).__name__}")
+    _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, block_table is not None)
     t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
     window = _window(fn, window_size)
     try:

@@ -175,6 +175,23 @@ def test_errors_name_the_callers_arguments():
         fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=3, softmax_scale=float("inf"))
 
 
+def test_with_kvcache_shape_errors_in_the_callers_layout():
+    """Shape errors describe the caller's (batch, seqlen, nheads, headdim) tensors (they gave the
+    transposed views' shapes in flash_cuda's (B, H, N, D) terms: a (2, 64, 2, 32) cache was
+    reported as (2, 2, 64, 32))."""
+    q, kc = torch.randn(3, 1, 4, 32), torch.randn(2, 64, 2, 32)
+    with pytest.raises(ValueError, match=r"k_cache must be \(batch, seqlen_cache, nheads_k, headdim\) with the batch "
+                                         r"of q \(3\), got \(2, 64, 2, 32\)"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=3)
+    with pytest.raises(ValueError, match=r"v_cache must have the shape of k_cache \(2, 64, 2, 32\), got \(2, 32, 2, 32\)"):
+        fa.flash_attn_with_kvcache(q[:2], kc, kc[:, :32], cache_seqlens=3)
+    with pytest.raises(ValueError, match=r"nheads of q \(1, q is \(batch, seqlen_q, nheads, headdim\)\) must be"):
+        fa.flash_attn_with_kvcache(q[:2].transpose(1, 2).contiguous(), kc, kc, cache_seqlens=3)
+    with pytest.raises(ValueError, match=r"k must be \(batch, seqlen_new, nheads_k, headdim\) = \(2, seqlen_new, 2, "
+                                         r"32\), got \(2, 1, 4, 32\)"):
+        fa.flash_attn_with_kvcache(q[:2], kc, kc, torch.randn(2, 1, 4, 32), torch.randn(2, 1, 4, 32), cache_seqlens=3)
+
+
 def test_with_kvcache_bnhd_paged():
     """flash_attn_with_kvcache on FlashAttention's (B, N, H, D) layouts, a paged pool included:
     the append lands in the caller's memory and the output matches attention on the valid keys."""
