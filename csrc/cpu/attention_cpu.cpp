@@ -616,23 +616,28 @@ bool takes_kvcache_loop(const at::Tensor& q, const at::Tensor& k, const AttnOpti
 
 }  // namespace
 
+// The tiled forward (fwd_impl), whose scores the backward's tiles recompute bit for bit.
+std::tuple<at::Tensor, at::Tensor> tiled_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const AttnOptions& opt) {
+  // q's layout where it has unit stride in D (store_rows writes rows), else a contiguous one
+  at::Tensor out = q.stride(3) == 1 ? at::empty_like(q) : at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (q.numel() == 0) return {out, lse};
+  with_gemm_type(q.scalar_type(), [&](auto in) {
+    if (fwd_impl<decltype(in)>(q, k, v, out, lse, opt, false)) fwd_impl<decltype(in)>(q, k, v, out, lse, opt, true);
+  });
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const AttnOptions& opt) {
-  const auto acc = at::toOpMathType(q.scalar_type());
   if (takes_kvcache_loop(q, k, opt)) {
     // its out is contiguous: returned as is where that is the tiled loop's layout (below), else copied
     auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
     if (q.stride(3) != 1 || q.strides() == o.strides()) return {o, l};
     return {at::empty_like(q).copy_(o), l};
   }
-  // q's layout where it has unit stride in D (store_rows writes rows), else a contiguous one
-  at::Tensor out = q.stride(3) == 1 ? at::empty_like(q) : at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc));
-  if (q.numel() == 0) return {out, lse};
-  with_gemm_type(q.scalar_type(), [&](auto in) {
-    if (fwd_impl<decltype(in)>(q, k, v, out, lse, opt, false)) fwd_impl<decltype(in)>(q, k, v, out, lse, opt, true);
-  });
-  return {out, lse};
+  return tiled_fwd(q, k, v, opt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
@@ -654,13 +659,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // long sequences (e.g. Nk = 1, where P = 1 and the exact dS is 0). A loop over the rows:
   // (dO.double() * O).sum(-1) made two float64 copies: forward+backward at N = 1024 ran 1.05x
   // (fp32) and 1.02x-1.13x (bf16) faster without them (in-process A/B on a Xeon with AMX).
-  at::Tensor delta = dout.scalar_type() == out.scalar_type() ? row_dots(dout, out, acc)
-                                                             : (dout.to(at::kDouble) * out).sum(-1).to(acc);
+  // An fp32 forward through the KV-cache loop scored its rows on that loop's micro-kernels, whose
+  // sums round differently from the tiles' here: exp(s - lse) then carried the difference, up to
+  // |s| ulps of it (dV 33x plain fp32 torch's error at scores of 60, 1000x at 200, found by an
+  // audit). Where lse is that forward's own (bitwise: the loop is deterministic), the backward
+  // takes lse (and O, for D) from the tiled forward instead: two more passes over K and V for few
+  // query rows. Any other lse is used as given: a blockwise (ring) caller's, the whole row's over
+  // several key chunks. (fp16/bf16: their roundings hide the difference; fp64: too small.)
+  at::Tensor out_t = out, lse_t = lse;
+  if (q.scalar_type() == at::kFloat && takes_kvcache_loop(q, k, opt)) {
+    const at::Tensor own_lse =
+        std::get<1>(kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0));
+    if (at::equal(own_lse, lse)) std::tie(out_t, lse_t) = tiled_fwd(q, k, v, opt);
+  }
+  at::Tensor delta = dout.scalar_type() == out_t.scalar_type() ? row_dots(dout, out_t, acc)
+                                                               : (dout.to(at::kDouble) * out_t).sum(-1).to(acc);
   if (dlse.has_value()) delta.sub_(*dlse);
   // (B, H, N) in acc, for the one-hot rows' D_i (bwd_impl)
   const at::Tensor dlse_acc = dlse.has_value() ? dlse->to(acc).expand_as(delta).contiguous() : at::Tensor();
   with_gemm_type(q.scalar_type(), [&](auto in) {
-    bwd_impl<decltype(in)>(dout, q, k, v, lse.contiguous(), delta, dlse_acc, dq, dk, dv, dbias, opt);
+    bwd_impl<decltype(in)>(dout, q, k, v, lse_t.contiguous(), delta, dlse_acc, dq, dk, dv, dbias, opt);
   });
   return {dq, dk, dv, dbias};
 }
