@@ -54,6 +54,9 @@ def _check_tensors(fn, names, tensors, fp32=False):
     for name, x in zip(names, tensors):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
+        if x.layout != torch.strided or x.is_nested:
+            raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got a "
+                            f"{'nested' if x.is_nested else x.layout} one")
     first, q = names[0], tensors[0]
     if q.dtype not in _DTYPES:
         raise TypeError(f"{fn}: {first} must have dtype {_DTYPE_NAMES}, got {q.dtype}")

@@ -594,3 +594,14 @@ def test_numpy_values_that_are_not_numbers_here(value, shown):
         attention(*qkv(), softcap=x)
     with pytest.raises(TypeError, match=r"window must be a pair of ints"):
         attention(*qkv(), window=(x, 0))
+
+
+def test_sparse_and_nested_inputs_name_the_argument():
+    """A sparse or nested q got torch's dispatcher error for flash_cuda::fwd, naming no argument."""
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(TypeError, match=r"flash_cuda.attention: k must be a dense \(strided\) tensor, got a "
+                                        r"torch.sparse_coo one"):
+        flash_cuda.attention(q, q.to_sparse(), q)
+    nested = torch.nested.nested_tensor([torch.randn(2, 8, 16), torch.randn(2, 5, 16)])
+    with pytest.raises(TypeError, match=r"query must be a dense \(strided\) tensor, got a nested one"):
+        flash_cuda.scaled_dot_product_attention(nested, nested, nested)
