@@ -660,8 +660,10 @@ def test_pages_that_take_new_keys_are_not_shared(where):
     q, k, v = (torch.randn(2, h, 1, 16).to(dtype) for h in (4, 2, 2))
     ctx = flash_cuda.emulate() if where == "emulated" else torch.no_grad()
     scale = 0.25 if where != "cpu checked" else __import__("numpy").float32(0.25)
-    bad = [(torch.tensor([[2, 2], [3, 4]], dtype=torch.int32), [5, 1], r"block_table\[0, 0\] = 2 is also block_table\[0, 1\]"),
-           (torch.tensor([[5, 0], [5, 1]], dtype=torch.int32), [0, 0], r"block_table\[0, 0\] = 5 is also block_table\[1, 0\]")]
+    bad = [(torch.tensor([[2, 2], [3, 4]], dtype=torch.int32), [5, 1],
+            r"block_table\[0, 0\] = 2 is also block_table\[0, 1\]"),
+           (torch.tensor([[5, 0], [5, 1]], dtype=torch.int32), [0, 0],
+            r"block_table\[0, 0\] = 5 is also block_table\[1, 0\]")]
     with ctx:
         for table, lens, msg in bad:
             before = kc.clone(), vc.clone()

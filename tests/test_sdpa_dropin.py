@@ -233,7 +233,8 @@ BROADCASTS = [  # (query, key, value shapes, enable_gqa): each accepted by torch
 def test_broadcasts_like_torch(qs, ks, vs, gqa, masked):
     """Leading dims broadcast as torch's (its math backend: matmuls over broadcast batch dims, GQA by
     repeat_interleave), forward and every gradient (summed over the broadcast dims) in float64;
-    with a float mask that requires grad (its gradient summed over the dims it broadcast along). The drop-in raised NotImplementedError or ValueError for each before 2026-12-05."""
+    with a float mask that requires grad (its gradient summed over the dims it broadcast along).
+    The drop-in raised NotImplementedError or ValueError for each before 2026-12-05."""
     g = torch.Generator().manual_seed(len(qs) + len(ks))
     q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in (qs, ks, vs))
     mask = None
