@@ -504,8 +504,9 @@ def _sdpa_heads(fn, query, key, value, enable_gqa):
                          f"{_shape(value)[:-3]} (before the head dim, -3) do not broadcast") from None
     hq, hk, hv = (h for _, h in leads)
     if enable_gqa:
-        if query.dim() < 3:
-            raise ValueError(f"{fn}: enable_gqa needs a head dim (-3) in query, got shape {_shape(query)}")
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.dim() < 3:  # (torch: an IndexError)
+                raise ValueError(f"{fn}: enable_gqa needs a head dim (-3) in {name}, got shape {_shape(x)}")
         for name, h in (("key", hk), ("value", hv)):
             if h == 0 and hq == 0:
                 continue

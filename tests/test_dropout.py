@@ -362,6 +362,17 @@ def test_randomised_one_key_rows(seed):
     test_randomised_against_reference(seed)
 
 
+@pytest.mark.xfail(strict=True, reason="known: the FA rule against plain fp16 torch's luck. Seed 40059 (emulated "
+                                       "fp16, 3 queries against 6 keys, p = 0.9, ALiBi and a float mask) returns "
+                                       "bit for bit the FlashAttention algorithm's output (P = exp(s - max) rounded "
+                                       "to fp16 before P V, as the CUDA kernels round it, the rest exact, times "
+                                       "1 / (1 - p) = 10): 5.5e-3 from float64, where plain fp16 torch is 2.4e-3 "
+                                       "off; found by a soak on 2026-12-05 (seeds 39624-40273)")
+@pytest.mark.parametrize("seed", [40059])
+def test_randomised_known_excess(seed):
+    test_randomised_against_reference(seed)
+
+
 # ---------------------------------------------------------------- reproducibility
 def test_seed_reproducibility_and_fresh_masks(device):
     dtype = dtypes_for(device)[-1] if device == "cpu" else torch.bfloat16

@@ -366,3 +366,82 @@ def test_compiles_with_dynamic_shapes():
         torch._dynamo.reset()
         compiled = torch.compile(call, fullgraph=True, dynamic=True)
         torch.testing.assert_close(compiled(q, k, v), call(q, k, v))
+
+
+def broadcast_reference(q, k, v, attn_mask=None, enable_gqa=False, **kw):
+    """torch's math attention on the inputs expanded to their common shape first (GQA heads
+    repeated as torch repeats them), gradients flowing back through the expansion; None where the
+    shapes do not broadcast (or, with enable_gqa, the heads do not divide)."""
+    mask = attn_mask
+    try:
+        if enable_gqa:
+            if min(x.dim() for x in (q, k, v)) < 3 or q.shape[-3] % k.shape[-3] or q.shape[-3] % v.shape[-3]:
+                return None
+            k, v = (x.repeat_interleave(q.shape[-3] // x.shape[-3], -3) for x in (k, v))
+        lead = torch.broadcast_shapes(*(x.shape[:-2] for x in (q, k, v)))
+        q, k, v = (x.expand(*lead, *x.shape[-2:]) for x in (q, k, v))
+        if mask is not None:
+            while mask.dim() > q.dim() and mask.shape[0] == 1:
+                mask = mask[0]
+            mask = mask.expand(*lead, q.shape[-2], k.shape[-2])
+    except RuntimeError:
+        return None
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_randomised_broadcasts(seed):
+    """Random leading dims for query, key and value (ranks 2 to 5, dims of 1 to 3, broadcast or
+    not), heads with and without enable_gqa, a float mask of a random broadcastable shape with a
+    gradient or is_causal, a random scale, in float64, against torch's math attention on the
+    inputs expanded to their common shape (torch on the calls as they are refuses some that
+    broadcast, its in-place mask add fixing the scores' shape before V's dims join): output, shape
+    and every gradient (1e-10); where the shapes do not broadcast, the drop-in raises (40 draws a
+    seed; tools/soak.py runs further seeds)."""
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        gqa = rnd.random() < 0.3
+        batch = [rnd.choice([1, 2, 3]) for _ in range(rnd.randint(0, 2))]
+        hq = rnd.choice([1, 2, 4, 6])
+        hk = rnd.choice([h for h in (1, 2, 3, 6) if h <= max(hq, 2)])
+        hv = hk if rnd.random() < 0.7 else rnd.choice([1, 2, 3, 6])
+        L, S, E = rnd.randint(1, 9), rnd.randint(1, 9), rnd.choice([4, 8])
+
+        def dims(h):  # this tensor's leading dims: a suffix of batch, some set to 1, and its heads
+            lead = [d if rnd.random() < 0.7 else 1 for d in batch[rnd.randint(0, len(batch)):]]
+            return lead + [h] if lead or rnd.random() < 0.8 else []
+
+        shapes = [dims(h) + [n, E] for h, n in ((hq, L), (hk, S), (hv, S))]
+        q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+        kw = dict(scale=rnd.choice([None, 0.3, 1.7]))
+        mask = None
+        if rnd.random() < 0.4:
+            rank = max(len(s) for s in shapes)
+            lead = [rnd.choice([1, 1, 2, 3]) for _ in range(rank - 2)]
+            mask = torch.randn(lead + [L, S], generator=g, dtype=torch.float64)
+        elif rnd.random() < 0.3:
+            kw["is_causal"] = True
+        desc = f"trial {trial}: shapes {shapes}, mask {None if mask is None else tuple(mask.shape)}, gqa {gqa}, {kw}"
+        results = []
+        for fn in (broadcast_reference, flash_cuda.scaled_dot_product_attention):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v) + ((mask,) if mask is not None else ())]
+            try:
+                out = fn(*leaves[:3], attn_mask=leaves[3] if mask is not None else None, enable_gqa=gqa, **kw)
+            except (ValueError, RuntimeError) as err:
+                assert fn is not broadcast_reference, f"{desc}: {err}"
+                out = err
+            if out is None or isinstance(out, Exception):
+                results.append(out)
+                continue
+            out.backward(torch.ones_like(out) + torch.arange(out.shape[-1], dtype=out.dtype))
+            results.append([out] + [x.grad for x in leaves])
+        ref, ours = results
+        if ref is None:
+            assert isinstance(ours, Exception), f"{desc}: the shapes do not broadcast, but the drop-in ran"
+            continue
+        assert not isinstance(ours, Exception), f"{desc}: the drop-in raised {ours!r}"
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), ours, ref):
+            assert a.shape == b.shape, (desc, name, a.shape, b.shape)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{desc}: {name}")

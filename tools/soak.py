@@ -27,7 +27,8 @@ TESTS = [("test_masks", "test_randomised_against_reference"),
          ("test_sm75", "test_randomised_t4_against_reference"),
          ("test_kvcache", "test_randomised"),
          ("test_varlen", "test_randomised_against_reference"),
-         ("test_sdpa_dropin", "test_randomised_against_reference")]
+         ("test_sdpa_dropin", "test_randomised_against_reference"),
+         ("test_sdpa_dropin", "test_randomised_broadcasts")]
 
 
 def main(argv=None):
