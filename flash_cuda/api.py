@@ -620,7 +620,7 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
     cache_seqlens and block_table (the Python checks do, on CPU tensors), nor for tensor
     subclasses (fake tensors run the op's fake function, which checks devices only)."""
     try:
-        if (type(q) is not torch.Tensor or q.device.type not in ("cpu", "cuda") or emulate._active
+        if (type(q) is not torch.Tensor or q.device.type not in ("cpu", "cuda") or emulate._current is not None
                 or torch.compiler.is_compiling()):
             return None
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):

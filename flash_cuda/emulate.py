@@ -163,8 +163,7 @@ class emulate:
     ptx: {entry: PTX text} replacing kernels' PTX under executor="ptx".
     """
 
-    _active = False
-    _current = None  # the active context, whose launches the records are
+    _current = None  # the active context (None: none), whose launches the records are
 
     def __init__(self, order="forward", check=True, seed=0, workers=None, device="a100", executor="source", ptx=None):
         if order not in ORDERS:
@@ -200,19 +199,19 @@ class emulate:
         self._launches = []
 
     def __enter__(self):
-        if emulate._active:
+        if emulate._current is not None:
             raise RuntimeError("emulate: contexts do not nest")
         torch.ops.flash_cuda._emu_records()  # drop records of earlier launches
         _ptx_replacements.clear()
         _ptx_replacements.update(self.ptx)
         _configure(True, self.order, self.seed, self.check, self.workers, self.device, self.executor)
-        emulate._active, emulate._current = True, self
+        emulate._current = self
         return self
 
     def __exit__(self, *exc):
         _configure(False, "forward", 0, True, 1, DEVICES["a100"])
         _ptx_replacements.clear()
-        emulate._active, emulate._current = False, None
+        emulate._current = None
         self._collect()
         return False
 
@@ -229,4 +228,4 @@ class emulate:
 
 def runs_cuda_kernels(x):
     """Whether flash_cuda runs its CUDA kernels on tensor x: on a GPU, or emulated inside emulate()."""
-    return x.device.type == "cuda" or (x.device.type == "cpu" and emulate._active)
+    return x.device.type == "cuda" or (x.device.type == "cpu" and emulate._current is not None)

@@ -36,7 +36,7 @@ import functools
 import torch
 
 from .. import api
-from ..emulate import emulate
+from ..emulate import runs_cuda_kernels
 
 NAME = "flash_cuda"
 
@@ -44,9 +44,8 @@ NAME = "flash_cuda"
 def _kernel_dtype(q):
     """The dtype the attention runs in: q's, or for fp32 on the CUDA kernels (a GPU, or the CPU inside
     flash_cuda.emulate()) under autocast to float16 / bfloat16, the autocast dtype."""
-    on_kernels = q.device.type == "cuda" or (q.device.type == "cpu" and emulate._active)
     dev = q.device.type
-    if q.dtype != torch.float32 or not on_kernels or not torch.is_autocast_enabled(dev):
+    if q.dtype != torch.float32 or not runs_cuda_kernels(q) or not torch.is_autocast_enabled(dev):
         return q.dtype
     dtype = torch.get_autocast_dtype(dev)
     return dtype if dtype in (torch.float16, torch.bfloat16) else q.dtype
