@@ -578,7 +578,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at
       kvcache_seqlens(cache_seqlens, block_table, n_new, capacity, k_cache.size(0), k_cache.size(2));
   std::vector<int64_t> n_keys(seqlens);  // what each sequence attends to: its cache and the new keys
   for (int64_t& n : n_keys) n += n_new;
-  if (n_new > 0) cpu::kv_append(k_cache, v_cache, *k_new, *v_new, seqlens, block_table);
+  if (n_new > 0) {
+    bump_cache_versions(k_cache, v_cache);  // first: the copies below would refuse an inference tensor half-way
+    cpu::kv_append(k_cache, v_cache, *k_new, *v_new, seqlens, block_table);
+  }
   return cpu::kvcache_fwd(unit_last_stride(q), k_cache, v_cache, n_keys, block_table, o, num_splits);
 }
 

@@ -243,6 +243,34 @@ def test_fp32_few_rows_gradients_at_larger_scores(nq, seed):
     assert err <= 2 * their_err + 1e-6, ("dv", err, their_err)
 
 
+@pytest.mark.parametrize("scale", [3e8, 1e12, -1e9, 1e30], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nq,nk,hq,hkv", [(4, 4, 2, 2), (64, 70, 4, 2), (3, 300, 4, 1)])
+def test_gradients_at_huge_scores(dtype, scale, nq, nk, hq, hkv):
+    """Scaled scores far past 2^24 (the forward runs them prescaled, online_softmax.h): the
+    backward recomputes P with the scores the forward rounded. Folding the scale into the
+    exponent there, P = exp(scale s - lse) missed by up to half an ulp of lse: dV off by 1.6e4 at
+    a scale of 1e8, inf and NaN gradients from 1e9 (audit by a helper), where the output was
+    exact. Now the FA rule against plain torch at the dtype, with the saturated-softmax term (the
+    rows are one-hot)."""
+    g = torch.Generator().manual_seed(nk)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g).to(dtype) for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
+    dout = torch.randn(1, hq, nq, 16, generator=g).to(dtype)
+    kw = dict(scale=scale)
+    out, lse, grads = run(q, k, v, dout, **kw)
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, _ = attention_ref(*ref_leaves, **kw)
+    ref_out.backward(dout.double())
+    plain_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    plain_out, _ = attention_ref(*plain_leaves, dtype=dtype, **kw)
+    plain_out.backward(dout)
+    assert_fa_rule("out", out, plain_out, ref_out, 2)
+    sat = saturation_terms(out, kw, dout, q, k, v)
+    for name, g_, pl, rl, st in zip(("dq", "dk", "dv"), grads, plain_leaves, ref_leaves, sat):
+        assert torch.isfinite(g_).all(), name
+        assert_fa_rule(name, g_, pl.grad, rl.grad, 3, saturation=st)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype,path", [(torch.float32, "native"), (torch.bfloat16, "native"),
                                         (torch.bfloat16, "float"), (torch.float16, "native"),

@@ -701,6 +701,22 @@ def test_emulated_append_moves_the_version_counters():
     assert torch.equal(kc_i, kc) and torch.equal(vc_i, vc)
 
 
+@pytest.mark.parametrize("kw", [{}, {"window": (4, 0)}], ids=["op", "checked"])
+def test_inference_caches_refused_before_anything_is_written(kw):
+    """Caches made under torch.inference_mode(), appended to outside it: torch's refusal comes
+    before the append, on the op's own path and on the Python-checked one. It used to come from
+    the copy into v_cache, after k_cache was written (audit by a helper)."""
+    q, k, v = (torch.randn(1, 2, 1, 4) for _ in range(3))
+    with torch.inference_mode():
+        kc, vc = torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        FN(q, kc, vc, k, v, cache_seqlens=0, **kw)
+    assert not kc.any() and not vc.any()
+    with torch.inference_mode():  # inside it the same call appends
+        FN(q, kc, vc, k, v, cache_seqlens=0, **kw)
+    assert torch.equal(kc[:, :, 0], k[:, :, 0]) and torch.equal(vc[:, :, 0], v[:, :, 0])
+
+
 def test_emulated_new_keys_with_a_strided_head_dim():
     """New keys and values whose head dim is not contiguous (a slice of a wider projection) are
     copied for the kernels, as q is; the emulated call raised an error naming no argument."""

@@ -316,19 +316,21 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 }
 
 // The D_i of row i's dS = P o (dP - D) (delta: rowsum(dO o O) - dlse), given the row's P and dP
-// over the keys of this tile (n) and whether those are all the keys the row sees (whole_row).
+// over the keys of this tile (n).
 // A one-hot row (one nonzero P: one key visible, or the others' exponentials 0) has an exact P_ij
 // of 1 and D_i = sum_j P_ij dP_ij = dP_ij, which rowsum(dO o O) misses by the rounding of this
 // tile's dP GEMM; dS_ij = P_ij (dP_ij - D_i) would carry that into dQ and dK, whose exact
 // gradient (and plain torch's) is 0 there, less what flows into lse. So there P_ij becomes 1 and
-// D_i dP_ij - dlse_i. P_ij recomputed as exp(s - lse) misses 1 by the scores' rounding between
-// the forward and the backward's GEMM (up to 36 eps |lse| in the soaks' draws); a P further from 1
-// (or NaN) means lse covered other keys (bwd per key chunk with the whole forward's lse, as ring
-// attention calls it) and keeps delta.
+// D_i dP_ij - dlse_i. The tile's one nonzero P within rounding of 1 says so even where the row
+// has keys in other tiles: their P sum to at most that rounding (exactly 0 at large scores, where
+// the residue times the scale grew to hundreds and more; audit). P_ij recomputed as exp(s - lse)
+// misses 1 by the scores' rounding between the forward and the backward's GEMM (up to 36 eps
+// |lse| in the soaks' draws); a P further from 1 (or NaN) means lse covered other keys (bwd per
+// key chunk with the whole forward's lse, as ring attention calls it) and keeps delta.
 template <typename acc_t>
-acc_t row_delta(acc_t* p, const acc_t* dp, int64_t n, bool whole_row, acc_t delta, acc_t lse, acc_t dlse) {
+acc_t row_delta(acc_t* p, const acc_t* dp, int64_t n, acc_t delta, acc_t lse, acc_t dlse) {
   constexpr acc_t kOneHotSlack = 128 * std::numeric_limits<acc_t>::epsilon();
-  const int64_t one = whole_row ? single_nonzero(p, n) : -1;
+  const int64_t one = single_nonzero(p, n);
   if (one < 0 || !(std::abs(p[one] - acc_t(1)) <= kOneHotSlack * std::max(acc_t(1), std::abs(lse)))) return delta;
   p[one] = acc_t(1);
   return dp[one] - dlse;
@@ -381,6 +383,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   acc_t* dq_parts_ptr = dq_parts.data_ptr<acc_t>();  // contiguous (n_splits, B, Hq, Nq, D)
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
+  // P = exp(S - lse) must be recomputed with the scores the forward rounded: it ran every tile
+  // prescaled (fwd_impl's second run) when some row's max passed kFoldedScaleMax, which an lse past
+  // it shows (within log Nk of the max, where both roundings are off by an ulp of 2^24 alike).
+  // Folded there, exp(scale s - lse) missed the forward's scores by up to half an ulp of lse:
+  // e^64 and more at 2^31, inf and NaN gradients.
+  const bool prescale = !(scale > 0) || mods.any || any_beyond(lse_ptr, lse.numel(), acc_t(kFoldedScaleMax));
   const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
 
   // dK and dV tiles (float) stored by store_rows where their rows have unit stride (transposed
@@ -426,6 +434,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
           const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
           const bool modified = band_mask || mods.any;
+          const bool prescaled = modified || prescale;
           const int64_t row0 = (b * Hq + h) * Nq + i0;
           acc_t* p = t.S.data();                                   // (br, bc): S, then P
           acc_t* ds = t.dP.data();                                 // (br, bc): dP, then dS
@@ -445,10 +454,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               }
             if (cols == 0) continue;
             gKt.gemm(b, hkv, rows, at_row<in_t>(gQ, b, h, i0 + r0), ld_q, 0, D, jb, cols, p + at, ld, false);  // S = Q K^T
-            if (modified) {
+            if (prescaled) {
               for (int64_t r = 0; r < rows; ++r) scale_row(p + at + r * ld, cols, scale);
-              modify_tile<acc_t>(p + at, cap ? cap + at : nullptr, ld, rows, cols, i0 + r0, jb, b, h, band, band_mask,
-                                 mods);
+              if (modified)
+                modify_tile<acc_t>(p + at, cap ? cap + at : nullptr, ld, rows, cols, i0 + r0, jb, b, h, band,
+                                   band_mask, mods);
             }
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t l = lse_ptr[row0 + r0 + r];
@@ -457,7 +467,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               if (l == -std::numeric_limits<acc_t>::infinity())
                 std::fill(p + at + r * ld, p + at + r * ld + cols, acc_t(0));
               else
-                exp_affine(p + at + r * ld, cols, modified ? acc_t(1) : scale, l);  // P = exp(S - lse)
+                exp_affine(p + at + r * ld, cols, prescaled ? acc_t(1) : scale, l);  // P = exp(S - lse)
             }
             gVt.gemm(b, hkv, rows, at_row<in_t>(gdO, b, h, i0 + r0), ld_do, 0, D, jb, cols, ds + at, ld,
                      false);  // dP = dO V^T
@@ -466,10 +476,9 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               for (int64_t r = 0; r < rows; ++r) mul_row(ds + at + r * ld, z + at + r * ld, cols);
             }
             for (int64_t r = 0; r < rows; ++r) {  // dS' = dL/d(modified s)
-              const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
-              const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
+              const int64_t row = row0 + r0 + r;
               acc_t* dsr = ds + at + r * ld;
-              const acc_t d = row_delta(p + at + r * ld, dsr, cols, whole_row, delta_ptr[row], lse_ptr[row],
+              const acc_t d = row_delta(p + at + r * ld, dsr, cols, delta_ptr[row], lse_ptr[row],
                                         dlse_ptr ? dlse_ptr[row] : acc_t(0));
               softmax_grad_row(dsr, p + at + r * ld, cols, d);
             }
@@ -659,15 +668,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // long sequences (e.g. Nk = 1, where P = 1 and the exact dS is 0). A loop over the rows:
   // (dO.double() * O).sum(-1) made two float64 copies: forward+backward at N = 1024 ran 1.05x
   // (fp32) and 1.02x-1.13x (bf16) faster without them (in-process A/B on a Xeon with AMX).
-  // An fp32 forward through the KV-cache loop scored its rows on that loop's micro-kernels, whose
+  // A forward through the KV-cache loop scored its rows on that loop's micro-kernels, whose
   // sums round differently from the tiles' here: exp(s - lse) then carried the difference, up to
   // |s| ulps of it (dV 33x plain fp32 torch's error at scores of 60, 1000x at 200, found by an
   // audit). Where lse is that forward's own (bitwise: the loop is deterministic), the backward
   // takes lse (and O, for D) from the tiled forward instead: two more passes over K and V for few
   // query rows. Any other lse is used as given: a blockwise (ring) caller's, the whole row's over
-  // several key chunks. (fp16/bf16: their roundings hide the difference; fp64: too small.)
+  // several key chunks. fp16/bf16 as fp32: their roundings hide the difference at moderate
+  // scores, not at large ones (exp of a score's ulp: inf gradients at 1e8). (fp64: too small.)
   at::Tensor out_t = out, lse_t = lse;
-  if (q.scalar_type() == at::kFloat && takes_kvcache_loop(q, k, opt)) {
+  if (q.scalar_type() != at::kDouble && takes_kvcache_loop(q, k, opt)) {
     const at::Tensor own_lse =
         std::get<1>(kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0));
     if (at::equal(own_lse, lse)) std::tie(out_t, lse_t) = tiled_fwd(q, k, v, opt);

@@ -31,6 +31,15 @@ namespace flash_cuda::cpu {
 // underflows fp32. The loops report such rows and their callers run them again prescaled.
 constexpr double kFoldedScaleMax = 1 << 24;
 
+// Whether some finite x_i passes +-limit (an lse of -inf, a row that sees no key, does not): how a
+// backward tells that its forward ran prescaled.
+template <typename acc_t>
+inline bool any_beyond(const acc_t* x, int64_t n, acc_t limit) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::abs(x[i]) > limit && std::isfinite(x[i])) return true;
+  return false;
+}
+
 template <typename acc_t>
 struct SoftmaxRow {
   acc_t m = -std::numeric_limits<acc_t>::infinity();  // -inf before the row's first visible key
