@@ -363,8 +363,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
     return_dropout_mask: also return the keep mask, bool (B, Hq, Nq, Nk), materialised (memory
         hungry: for tests and debugging), last: out, [lse,] keep.
     deterministic: make the backward bitwise repeatable on CUDA (dQ from a second pass over the
-        key tiles instead of atomic adds: about 7/5 of the backward's tensor-core work). The
-        CPU backend is deterministic either way (for a fixed number of threads).
+        key tiles instead of atomic adds: about 7/5 of the backward's tensor-core work); also on
+        under torch.use_deterministic_algorithms(True), as torch's flash backward. The CPU
+        backend is deterministic either way (for a fixed number of threads).
     """
     fn = "flash_cuda.attention"
     _check_tensors(fn, ("q", "k", "v"), (q, k, v), fp32=True)
@@ -375,8 +376,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
     B, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, nk, (B, hq, nq, nk))
     rng_state = _rng_state(q, nk, dropout_p, generator)
-    out, lse = ops.fwd(q, k, v, scale, causal, True, deterministic, left, right, softcap, slopes, bias, dropout_p,
-                       rng_state)
+    out, lse = ops.fwd(q, k, v, scale, causal, True, deterministic or torch.are_deterministic_algorithms_enabled(),
+                       left, right, softcap, slopes, bias, dropout_p, rng_state)
     result = (out, lse) if return_lse else (out,)
     if return_dropout_mask:
         result += (_dropout_mask(fn, rng_state, dropout_p, (B, hq, nq, nk), q.device),)
@@ -459,7 +460,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = _check_scale(fn, scale, q.shape[-1], q.dtype)
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, S, out_shape[:-1] + (S,))
     rng_state = _rng_state(q, S, dropout_p, None)
-    out, _ = ops.fwd(q, k, v, scale, is_causal, False, False, -1, -1, 0.0, None, bias, dropout_p, rng_state)
+    out, _ = ops.fwd(q, k, v, scale, is_causal, False, torch.are_deterministic_algorithms_enabled(), -1, -1, 0.0,
+                     None, bias, dropout_p, rng_state)
     if drop_all:  # torch's P * 0: zeros (NaN where P or V has one), gradients 0
         out = out * 0.0
     return out.reshape(out_shape)
@@ -599,7 +601,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     dropout_p = _check_dropout(fn, dropout_p, generator, return_dropout_mask, q.device)
     rng_state = _rng_state(q, max_seqlen_k, dropout_p, generator)
     out, lse = ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                              deterministic, left, right, softcap, slopes, dropout_p, rng_state)
+                              deterministic or torch.are_deterministic_algorithms_enabled(), left, right, softcap,
+                              slopes, dropout_p, rng_state)
     result = (out, lse) if return_lse else (out,)
     if return_dropout_mask:
         shape = (cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k)

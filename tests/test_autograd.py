@@ -285,3 +285,34 @@ def test_deterministic(device, B, Hq, Hkv, dtype):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("entry", ["attention", "varlen", "sdpa_dropin", "flash_attn_func"])
+def test_deterministic_algorithms_take_the_deterministic_dq(deterministic_algorithms, entry):
+    """torch.use_deterministic_algorithms(True) makes every entry point's CUDA backward take the
+    deterministic dQ pass (flash_bwd_dq, no atomic adds), as torch's flash backward does under
+    it; the SDPA drop-in, with no argument to ask for it, kept the atomic path (audit by a
+    helper). Seen in the emulated kernels' launches."""
+    from flash_cuda.flash_attn_interface import flash_attn_func
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 32, generator=g).bfloat16() for n in (16, 384, 384))
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32) for n in (16, 384))
+    calls = {"attention": lambda q: flash_cuda.attention(q, k, v),
+             "varlen": lambda q: flash_cuda.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                                             v[0].transpose(0, 1), cu_q, cu_k, 16, 384),
+             "sdpa_dropin": lambda q: flash_cuda.scaled_dot_product_attention(q, k, v),
+             "flash_attn_func": lambda q: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))}
+    x = q.clone().requires_grad_()
+    with flash_cuda.emulate(check=False) as emu:
+        calls[entry](x).float().sum().backward()
+    kernels = [launch["kernel"] for launch in emu.launches[1:]]
+    assert any("bwd_dq" in name for name in kernels), kernels
+    assert not any("postprocess" in name for name in kernels), kernels

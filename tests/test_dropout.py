@@ -604,3 +604,30 @@ def test_bench_dropout_runs(tmp_path):
     assert [r["mode"] for r in rows] == ["fwd", "fwdbwd"]
     assert all(r["flash_cuda_err_vs_own_mask"] < 1e-5 and r["flash_cuda_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
     assert json.loads(out.read_text())["meta"]["device"]
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("entry", ["attention", "sdpa_dropin"])
+def test_activation_checkpointing_recomputes_the_same_mask(use_reentrant, entry):
+    """torch.utils.checkpoint restores the default generator before recomputing the forward, so
+    dropout's mask (a seed drawn from it) and the gradients are bitwise those of the run without
+    checkpointing (README: a generator of one's own is not restored)."""
+    from torch.utils.checkpoint import checkpoint
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 40, 32, generator=g) for _ in range(3))
+    w = torch.randn(32, 32, generator=g) / 6
+    fn = {"attention": lambda q, k, v: flash_cuda.attention(q, k, v, dropout_p=0.3),
+          "sdpa_dropin": lambda q, k, v: flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=0.3)}[entry]
+    block = lambda q, k, v: fn(q @ w, k, v) @ w  # something to recompute around the attention
+
+    def grads(checkpointed):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(11)
+        out = checkpoint(block, *leaves, use_reentrant=use_reentrant) if checkpointed else block(*leaves)
+        out.pow(2).sum().backward()
+        return [out.detach()] + [x.grad for x in leaves]
+
+    plain, checkpointed = grads(False), grads(True)
+    assert not torch.equal(plain[0], block(q, k, v))  # a mask was drawn: another draw differs
+    for a, b in zip(plain, checkpointed):
+        assert torch.equal(a, b)
