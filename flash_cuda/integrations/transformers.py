@@ -20,8 +20,9 @@ functions. flash_cuda is one, so it takes that role whole:
   gradient);
 - the mask function (registered with `AttentionMaskInterface`) is transformers' FlashAttention
   mask without its host read (outside compilation an all-ones mask still becomes None, so unpadded
-  batches run the dense kernels), and sdpa's 4-D mask for models whose masks go beyond causal,
-  sliding and padding;
+  batches run the dense kernels), packed rows' sequence numbers where the model's layers do not
+  see position_ids, and sdpa's 4-D mask for models whose masks go beyond causal, sliding and
+  padding (compiled, also for packed sequences given by position_ids alone);
 - transformers' loader of FlashAttention functions is taught the name "flash_cuda", answering
   with `flash_cuda.flash_attn_interface` (the one private hook: `_hook_flash_loader`, guarded by a
   test that fails when transformers changes it).
@@ -32,6 +33,7 @@ casts to the autocast dtype too); the CPU backend runs every dtype as it is. Uns
 probabilities (`output_attentions`), attention sinks (`s_aux`, `sinks`), paged continuous batching.
 """
 import functools
+import os
 
 import torch
 
@@ -39,6 +41,24 @@ from .. import api
 from ..emulate import runs_cuda_kernels
 
 NAME = "flash_cuda"
+
+
+# The attribute that marks mask_function's (batch, n) sequence numbers of packed rows
+_SEGMENTS = "_flash_cuda_packed_sequences"
+
+
+def _collects_attentions():
+    """Whether the running model collects attention probabilities (output_attentions, passed to the
+    model or set in its config: transformers' output collector, which its layers' kwargs do not
+    show). Not when compiling (the collector is then a global of transformers' own)."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+        collected = _active_collector.get()
+    except Exception:  # noqa: BLE001 (a transformers without it: kwargs tell)
+        return False
+    return isinstance(collected, dict) and any(k in collected for k in ("attentions", "cross_attentions"))
 
 
 def _kernel_dtype(q):
@@ -62,12 +82,12 @@ def _sequence_starts(position_ids, batch, n):
     return starts.reshape(-1)
 
 
-def _packed_from_position_ids(position_ids, batch, n):
+def _packed_from_starts(starts, batch, n):
     """cu_seqlens (int32) and max_seqlen of the sequences packed in `batch` rows of n tokens (rows
-    laid end to end), without a data-dependent shape when compiling: there every position is a
-    potential start, the unused entries are empty sequences at the end, and max_seqlen is n."""
+    laid end to end; starts: (batch * n,) bool), without a data-dependent shape when compiling:
+    there every position is a potential start, the unused entries are empty sequences at the end,
+    and max_seqlen is n."""
     total = batch * n
-    starts = _sequence_starts(position_ids, batch, n)
     idx = torch.arange(total, device=starts.device, dtype=torch.int32)
     end = torch.full((1,), total, dtype=torch.int32, device=starts.device)
     if torch.compiler.is_compiling():
@@ -93,7 +113,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     mask from `mask_function` below (None, a 2-D padding mask (B, <= Nk) or a custom 4-D mask);
     returns (out (B, Nq, Hq, D), None)."""
     fn = "flash_cuda (transformers attention)"
-    if kwargs.get("output_attentions", False):
+    if kwargs.get("output_attentions", False) or _collects_attentions():
         raise ValueError(f"{fn}: output_attentions=True is not supported (flash_cuda never materialises the "
                          "attention probabilities); load the model with attn_implementation='eager' for them")
     if s_aux is not None or kwargs.get("sinks") is not None:
@@ -101,6 +121,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                   "supported")
     if kwargs.get("block_table") is not None:
         raise NotImplementedError(f"{fn}: paged continuous batching (block_table) is not supported")
+    for name in ("indices", "block_indices"):  # DeepSeek-V3.2's sparse attention: its top-k keys
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{fn}: sparse attention over selected keys ({name}) is not supported; "
+                                      "load the model with attn_implementation='sdpa'")
+    # transformers' FlashAttention path: the model's `deterministic` (ModernBERT's
+    # deterministic_flash_attn), else FLASH_ATTENTION_DETERMINISTIC=1 (Trainer's full_determinism);
+    # torch.use_deterministic_algorithms(True) is read by flash_cuda itself
+    deterministic = kwargs.get("deterministic")
+    if deterministic is None:
+        deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out_dtype, dtype = query.dtype, _kernel_dtype(query)
     q, k, v = (x.to(dtype) for x in (query, key, value))
@@ -120,14 +150,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if sliding_window is not None and sliding_window > 0:
         window = (sliding_window - 1, 0 if is_causal else sliding_window - 1)
     common = dict(causal=bool(is_causal), scale=scaling, window=window, softcap=softcap or 0.0,
-                  dropout_p=float(dropout or 0.0))
+                  dropout_p=float(dropout or 0.0), deterministic=bool(deterministic))
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     position_ids = kwargs.get("position_ids")
+    # packed sequences found by mask_function (models that do not pass position_ids down)
+    segments = attention_mask if getattr(attention_mask, _SEGMENTS, False) else None
+    if segments is not None:
+        attention_mask = None
     # T5's relative position bias: an additive float bias (1 or B, H, Nq, Nk) that is a function of a
     # learned parameter; it goes in as flash_cuda's float attn_mask, which gets its gradient
     position_bias = kwargs.get("position_bias")
-    packed = (cu_q is not None and cu_k is not None) or (attention_mask is None and
-                                                          _is_packed(position_ids, B, Nq, k.shape[2]))
+    packed = (cu_q is not None and cu_k is not None) or segments is not None or (
+        attention_mask is None and _is_packed(position_ids, B, Nq, k.shape[2]))
     if position_bias is not None and packed:
         raise NotImplementedError(f"{fn}: a position bias (T5) with packed sequences is not supported")
     if cu_q is not None and cu_k is not None:  # packed sequences, lengths given (DataCollatorWithFlattening)
@@ -140,7 +174,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         out = _varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, common)
     elif packed:
-        cu, n = _packed_from_position_ids(position_ids, B, Nq)
+        if segments is not None:
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            starts = starts.reshape(-1)
+        else:
+            starts = _sequence_starts(position_ids, B, Nq)
+        cu, n = _packed_from_starts(starts, B, Nq)
         out = _varlen(q, k, v, cu, cu, n, n, common)
     else:
         mask = None
@@ -153,7 +193,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         elif attention_mask is not None:
             # a custom 4-D mask carries the causal structure and any window itself: sdpa and eager
             # apply it as it is (a window on top would hide keys the mask shows)
-            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(torch.float32)
+            if attention_mask.dim() != 4:
+                raise ValueError(f"{fn}: attention_mask must be a 2-D padding mask (batch, keys) or a 4-D mask "
+                                 f"(batch, 1 or heads, queries, keys), got shape {tuple(attention_mask.shape)}")
+            if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+                raise TypeError(f"{fn}: a 4-D attention_mask must be bool (True = attend) or floating (added to "
+                                f"the scores), as for sdpa, got {attention_mask.dtype}")
+            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(acc)
             common["causal"], common["window"] = False, None
         if position_bias is not None:
             bias = position_bias[..., :k.shape[2]].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -205,7 +252,8 @@ def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_ma
     sequences (attention_forward splits those itself) and compiled one-token decoding steps
     (q_length 1) do too: with a padding mask packing is off, without one the function is asked
     whether a query sees the key after it (an overlay's block does, packed sequences and sliding
-    windows never; not when compiling); bidirectional masks (they pass
+    windows never; compiled, it cannot be asked, and sdpa's mask serves both: a prefix-LM's
+    overlay was lost there, found by an audit); bidirectional masks (they pass
     allow_is_bidirectional_skip) always clear it."""
     if kwargs.get("use_vmap"):
         return True
@@ -213,8 +261,38 @@ def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_ma
         return False
     if attention_mask is not None:
         return True
-    return (not torch.compiler.is_compiling()
-            and _sees_the_next_key(mask_function, batch_size, q_length, q_offset, kwargs.get("device", "cpu")) is True)
+    if torch.compiler.is_compiling():
+        # the function cannot be asked without a host read: packed sequences or an overlay, which
+        # only sdpa's mask covers both of (packed sequences given as cu_seq_lens still run varlen)
+        return True
+    return _sees_the_next_key(mask_function, batch_size, q_length, q_offset, kwargs.get("device", "cpu")) is True
+
+
+def _packed_sequences(mask_fn, batch_size, q_length, kv_length, q_offset, kv_offset, kwargs):
+    """(batch, n) int32 sequence numbers (from 1, marked with _SEGMENTS) of packed rows, asked of
+    the mask function where transformers cleared allow_is_causal_skip without a padding mask and
+    the function hides no next key (_needs_sdpa_mask): a query that does not see the key just
+    before it starts a sequence. attention_forward splits the rows there, also for models whose
+    layers do not pass position_ids down (GPTBigCode, Persimmon). None where nothing is packed or
+    the function cannot be asked (outside compilation only: a host read)."""
+    if (kwargs.get("allow_is_causal_skip") is not False or q_length <= 1 or kv_length != q_length
+            or int(q_offset) != 0 or int(kv_offset) != 0 or "allow_is_bidirectional_skip" in kwargs
+            or mask_fn is None):
+        return None
+    device = kwargs.get("device", "cpu")
+    try:
+        b = torch.arange(batch_size, device=device)[:, None]
+        q = torch.arange(1, q_length, device=device)[None, :]
+        sees_previous = mask_fn(b, torch.zeros((), dtype=torch.long, device=device), q, q - 1)
+        starts = torch.ones(batch_size, q_length, dtype=torch.bool, device=device)
+        starts[:, 1:] = ~sees_previous.expand(batch_size, q_length - 1)
+    except Exception:  # noqa: BLE001 (any failure: no answer)
+        return None
+    if not bool(starts[:, 1:].any()):
+        return None
+    segments = starts.cumsum(1, dtype=torch.int32)
+    setattr(segments, _SEGMENTS, True)
+    return segments
 
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
@@ -233,6 +311,10 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
         return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                          attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=True,
                          device=kwargs.get("device", "cpu"))
+    if attention_mask is None and not torch.compiler.is_compiling():
+        segments = _packed_sequences(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, kwargs)
+        if segments is not None:
+            return segments
     if attention_mask is None:
         # No padding mask, but maybe a static cache: kv_length then counts all its slots, filled or
         # not, and the keys seen so far are q_offset + q_length. transformers' FlashAttention path
