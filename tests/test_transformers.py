@@ -608,6 +608,10 @@ def test_paligemma_prefix_lm_like_eager():
         del inp["attention_mask"]
         want, got = ref(**inp, use_cache=False).logits, ours(**inp, use_cache=False).logits
         assert max_err(got, want) < 1e-4 * want.abs().max()
+        # compiled, where the function cannot be asked: sdpa's mask (the overlay was lost there,
+        # 9.7 off; audit by a helper)
+        compiled = torch.compile(ours, backend="eager")(**inp, use_cache=False).logits
+        assert max_err(compiled, want) < 1e-4 * want.abs().max()
 
 
 def test_masks_that_need_no_4d_expansion_stay_light():
@@ -625,3 +629,99 @@ def test_masks_that_need_no_4d_expansion_stay_light():
     pad[1, 5:] = 0
     assert create_bidirectional_mask(config=cfg, inputs_embeds=embeds, attention_mask=pad).shape == (2, 7)
     assert not integration._is_packed(torch.zeros(3, 2, 9, dtype=torch.long), 2, 9, 9)
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "persimmon"])
+def test_packing_on_models_that_drop_position_ids(family):
+    """Padding-free packing (position_ids restarting at 0, no mask) on models whose attention
+    layers never see position_ids: the mask function finds the sequences (a query that does not
+    see the key before it starts one) and attention_forward splits the rows there. Each sequence
+    attended across the others' (9.7 and 8.4 off; audit by a helper)."""
+    if family == "gpt_bigcode":
+        cls, cfg = transformers.GPTBigCodeForCausalLM, transformers.GPTBigCodeConfig(
+            vocab_size=V, n_embd=64, n_layer=2, n_head=4, initializer_range=0.3)
+    else:
+        cls, cfg = transformers.PersimmonForCausalLM, transformers.PersimmonConfig(
+            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            initializer_range=0.3)
+    torch.manual_seed(0)
+    ref = cls(copy.deepcopy(cfg)).eval()
+    ref.set_attn_implementation("sdpa")
+    ours = cls(copy.deepcopy(cfg)).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation("flash_cuda")
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, V, (1, n), generator=g) for n in (5, 4, 6)]
+    pos = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None]
+    with torch.no_grad():
+        alone = torch.cat([ref(input_ids=s, use_cache=False).logits for s in seqs], 1)
+        packed = ours(input_ids=torch.cat(seqs, 1), position_ids=pos, use_cache=False).logits
+        assert max_err(packed, alone) < 2e-5 * max(1.0, alone.abs().max().item())
+        whole = torch.cat(seqs, 1)  # unpacked (positions 0..n-1): one sequence, as sdpa sees it
+        assert max_err(ours(input_ids=whole, use_cache=False).logits, ref(input_ids=whole, use_cache=False).logits) \
+            < 2e-5 * max(1.0, alone.abs().max().item())
+
+
+def test_masks_and_kwargs_that_would_be_misread_raise():
+    """A 4-D integer mask (0/1, which an additive reading turns into +0/+1) and a mask of a rank
+    other than 2 or 4 raise as sdpa does; DeepSeek-V3.2's selected keys (indices, block_indices)
+    raise instead of running dense attention (all were computed without an error; audit)."""
+    from flash_cuda.integrations.transformers import attention_forward
+    module = torch.nn.Module()
+    q = torch.randn(2, 4, 6, 16)
+    with pytest.raises(TypeError, match=r"4-D attention_mask must be bool .* got torch.int64"):
+        attention_forward(module, q, q, q, torch.ones(2, 1, 6, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask must be a 2-D padding mask .* got shape \(2, 6, 6\)"):
+        attention_forward(module, q, q, q, torch.ones(2, 6, 6, dtype=torch.bool))
+    for name in ("indices", "block_indices"):
+        with pytest.raises(NotImplementedError, match=rf"selected keys \({name}\) is not supported"):
+            attention_forward(module, q, q, q, None, **{name: torch.zeros(2, 6, 2, dtype=torch.long)})
+
+
+def test_output_attentions_from_the_config_raises():
+    """output_attentions set in the config (or passed to a model that strips the kwarg before its
+    layers: GPT-2) reaches the layers only through transformers' output collector: it raises as
+    the kwarg does (the model returned an empty tuple; audit)."""
+    ids, _ = batch()
+    cls, cfg = tiny("llama", output_attentions=True)  # as from_pretrained(..., output_attentions=True)
+    model = cls(cfg).eval()
+    model.set_attn_implementation("flash_cuda")
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(input_ids=ids)
+    model(input_ids=ids, output_attentions=False)  # turned off for the call, it runs
+    _, gpt2 = pair("gpt2")
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        gpt2(input_ids=ids, output_attentions=True)
+
+
+def test_deterministic_reaches_flash_cuda(monkeypatch):
+    """The model's `deterministic` kwarg (ModernBERT's deterministic_flash_attn) and
+    FLASH_ATTENTION_DETERMINISTIC=1 (Trainer's full_determinism) reach flash_cuda as
+    transformers' FlashAttention path passes them (they were dropped; audit)."""
+    from flash_cuda.integrations.transformers import attention_forward
+    seen = []
+    real = flash_cuda.attention
+    monkeypatch.setattr(integration.api, "attention",
+                        lambda *a, **kw: seen.append(kw["deterministic"]) or real(*a, **kw))
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 5, 16)
+    monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    attention_forward(module, q, q, q, None)
+    attention_forward(module, q, q, q, None, deterministic=True)
+    monkeypatch.setenv("FLASH_ATTENTION_DETERMINISTIC", "1")
+    attention_forward(module, q, q, q, None)
+    attention_forward(module, q, q, q, None, deterministic=False)
+    assert seen == [False, True, True, False]
+
+
+def test_float64_4d_mask_keeps_float64():
+    """A float64 model's 4-D float mask is applied in float64 (it was cast to float32: 1.4e-7 off
+    torch's float64 sdpa, and finfo(float64).min became -inf; audit)."""
+    from flash_cuda.integrations.transformers import attention_forward
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(1, 1, 5, 5, generator=g, dtype=torch.float64) * 3
+    bias[..., 0, :] = torch.finfo(torch.float64).min  # a row that sees nothing: sdpa's mean of v
+    out, _ = attention_forward(torch.nn.Module(), q, k, v, bias, is_causal=False)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+    assert max_err(out, want) < 1e-13
