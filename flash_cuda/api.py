@@ -820,7 +820,7 @@ def _check_pages(fn, block_table, cache_seqlens, n_new, page_size, num_pages):
 
 
 def unpad_input(x, attention_mask):
-    """A padded batch x (B, S, ...) and its (B, S) mask (bool or int, nonzero = a real token) ->
+    """A padded batch x (B, S, ...) and its (B, S) mask (bool, int or 0/1 float; nonzero = a real token) ->
     (x_unpad (total, ...), indices (total,) int64 into the flattened B * S tokens, cu_seqlens
     (B + 1,) int32, max_seqlen int), for varlen_attention. Differentiable in x."""
     fn = "flash_cuda.unpad_input"
@@ -829,6 +829,13 @@ def unpad_input(x, attention_mask):
     if attention_mask.dim() != 2 or x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
         raise ValueError(f"{fn}: attention_mask must be (B, S) matching x's first two dims, got {_shape(attention_mask)} "
                          f"for x of shape {_shape(x)}")
+    if attention_mask.device != x.device:
+        raise RuntimeError(f"{fn}: attention_mask must be on x's device ({x.device}), got {attention_mask.device}")
+    # a floating mask of 0s and 1s is a padding mask; an additive one (0 = keep, -inf = hidden)
+    # would be read the other way round (nonzero = a real token)
+    if attention_mask.is_floating_point() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"{fn}: attention_mask must be a padding mask (bool, or 1 = a real token and 0 = padding), "
+                         "got a floating mask with values other than 0 and 1 (an additive mask?)")
     keep = attention_mask.reshape(-1) != 0
     indices = torch.nonzero(keep).flatten()
     lengths = (attention_mask != 0).sum(1, dtype=torch.int32)
@@ -845,10 +852,12 @@ def pad_input(x_unpad, indices, batch, seqlen):
     if not isinstance(x_unpad, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"{fn}: x_unpad and indices must be torch.Tensors, got {_type_name(x_unpad)} and "
                         f"{_type_name(indices)}")
-    batch, seqlen = _plain(batch), _plain(seqlen)
+    batch, seqlen = _index(batch), _index(seqlen)
     for name, n in (("batch", batch), ("seqlen", seqlen)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"{fn}: {name} must be a non-negative int, got {n!r}")
+        if n < 0:
+            raise ValueError(f"{fn}: {name} must be a non-negative int, got {n}")
     if batch * seqlen > _INT64_MAX:
         raise ValueError(f"{fn}: batch * seqlen must be at most 2**63 - 1 (the padded output's rows), got "
                          f"{_number(batch)} * {_number(seqlen)}")

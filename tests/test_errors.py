@@ -353,7 +353,9 @@ def unpadded():
     (lambda xu, idx: ([1, 2], idx, 2, 3), TypeError, r"x_unpad and indices must be torch.Tensors, got list"),
     (lambda xu, idx: (xu, idx.tolist(), 2, 3), TypeError, r"x_unpad and indices must be torch.Tensors"),
     (lambda xu, idx: (xu, idx, 2.0, 3), TypeError, r"batch must be a non-negative int, got 2.0"),
-    (lambda xu, idx: (xu, idx, -2, 3), TypeError, r"batch must be a non-negative int, got -2"),
+    (lambda xu, idx: (xu, idx, -2, 3), ValueError, r"batch must be a non-negative int, got -2"),
+    (lambda xu, idx: (xu, idx, 2, torch.tensor(-3)), ValueError, r"seqlen must be a non-negative int, got -3"),
+    (lambda xu, idx: (xu, idx, 2, torch.tensor(3.0)), TypeError, r"seqlen must be a non-negative int, got tensor"),
     (lambda xu, idx: (xu, idx, 2, True), TypeError, r"seqlen must be a non-negative int, got True"),
     (lambda xu, idx: (xu, idx.float(), 2, 3), ValueError, r"indices must be int64 \(total,\) = \(3,\)"),
     (lambda xu, idx: (xu, idx[:2], 2, 3), ValueError, r"indices must be int64 \(total,\) = \(3,\) .* shape \(2,\)"),
@@ -367,6 +369,31 @@ def test_pad_input_bad_arguments(args, exc, match):
     xu, idx = unpadded()
     with pytest.raises(exc, match=r"flash_cuda.pad_input: " + match):
         flash_cuda.pad_input(*args(xu, idx))
+
+
+def test_pad_input_takes_0d_integer_tensors():
+    """Sizes as 0-d integer tensors (lengths.max(), as varlen's max_seqlen takes them)."""
+    xu, idx = unpadded()
+    assert torch.equal(flash_cuda.pad_input(xu, idx, torch.tensor(2), torch.tensor(3, dtype=torch.int32)),
+                       flash_cuda.pad_input(xu, idx, 2, 3))
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    (torch.tensor([[0.0, 0.0, float("-inf")], [0.0, float("-inf"), float("-inf")]]), ValueError,
+     r"attention_mask must be a padding mask \(bool, or 1 = a real token and 0 = padding\), got a floating mask"),
+    (torch.ones(2, 3, dtype=torch.bool, device="meta"), RuntimeError,
+     r"attention_mask must be on x's device \(cpu\), got meta"),
+])
+def test_unpad_input_bad_masks(mask, exc, match):
+    """An additive float mask (0 = keep, -inf = hidden: flash_cuda's own float-mask convention)
+    was read as nonzero = a real token, keeping the padding and dropping the tokens; a mask on
+    another device gave indices there (audit by a helper)."""
+    with pytest.raises(exc, match=r"flash_cuda.unpad_input: " + match):
+        flash_cuda.unpad_input(torch.randn(2, 3, 4), mask)
+    float01 = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # 0/1 floats: a padding mask
+    x = torch.randn(2, 3, 4)
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+               for a, b in zip(flash_cuda.unpad_input(x, float01), flash_cuda.unpad_input(x, float01.bool())))
 
 
 @pytest.mark.parametrize("batch,seqlen,exc,match", [
