@@ -36,8 +36,8 @@ Measurements
               CUDA events). The timed calls of the implementations at a point are
               interleaved round robin, so drifts of a busy machine hit all of them alike.
               By default the number of reps adapts to the cost of one call: CPU 3-10 reps
-              (about 2 s per measurement), 10-200 when one call takes less than 20 ms
-              (about 1 s), 1-3 when it takes more than 1 s;
+              (about 2 s per measurement), 50-200 when one call takes less than 20 ms
+              (about 1 s), 1-2 when it takes more than 1 s;
               CUDA 10-100 reps.
     TFLOP/s   FlashAttention's convention: forward 4*B*H*Nq*Nk*D FLOPs, halved when causal;
               backward 2.5x forward, so forward+backward 3.5x forward.
@@ -114,7 +114,8 @@ PRESETS = {
                   "dtypes": ["float32", "float16", "bfloat16"], "sdpa": ["flash"]},
 }
 # The CPU features that decide which kernels torch and flash_cuda pick (printed with every run).
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_fp16")
 ERR_ROWS = 256
 NO_KERNEL_MESSAGES = ("No available kernel", "No viable backend")  # CUDA, CPU wording
 MATH_BUDGET_FRACTION = {"cpu": 0.25, "cuda": 0.80}
@@ -418,9 +419,9 @@ def prepare(fn, q, k, v, point, mode, grad, args, ref):
 def measure_point(impl_fns, q, k, v, point, mode, grad, args, ref, budget):
     """Results of every implementation at one point and mode.
 
-    Warmup, memory and error are taken one implementation after the other; the timed
-    repetitions are then interleaved (round robin) so that slow drifts of the machine
-    affect all implementations alike.
+    Warmup, memory and error are taken one implementation after the other; after one more
+    untimed round of calls, the timed repetitions are then interleaved (round robin) so that
+    slow drifts of the machine affect all implementations alike.
     """
     results, steps = {}, {}
     for name, fn in impl_fns.items():
@@ -432,6 +433,12 @@ def measure_point(impl_fns, q, k, v, point, mode, grad, args, ref, budget):
         results[name], step, reps = prepare(fn, q, k, v, point, mode, grad, args, ref)
         if step is not None:
             steps[name] = (step, reps)
+    # One untimed round first: each implementation's memory step above released the free memory
+    # and caches (release_free_memory) the ones before it had warmed up, so the first in line
+    # entered its timed calls cold (1.6x its median on the first call, the reported ratio 0.29x
+    # instead of 1.16x at --reps 1; an audit)
+    for step, _ in steps.values():
+        time_call(step, args.device)
     times = {name: [] for name in steps}
     for rep in range(max((reps for _, reps in steps.values()), default=0)):
         for name, (step, reps) in steps.items():

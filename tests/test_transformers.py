@@ -59,10 +59,15 @@ def pair(family, dtype=torch.float32, ref_impl="sdpa", **over):
     ref_impl implementation (eager for models without sdpa support, and for a softcap: Gemma 2
     declares sdpa support up to transformers 5.17 at least, and sdpa drops the softcap)."""
     cls, cfg = tiny(family, **over)
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    return pair_of(cls, cfg, ref_impl if cls._supports_sdpa and not softcap else "eager", dtype)
+
+
+def pair_of(cls, cfg, ref_impl, dtype=torch.float32):
+    """(reference model, flash_cuda model) of cls with the same weights; the reference runs ref_impl."""
     torch.manual_seed(0)
     ref = cls(copy.deepcopy(cfg)).eval().to(dtype)  # a config of its own: the implementation is set on it
-    softcap = getattr(cfg, "attn_logit_softcapping", None)
-    ref.set_attn_implementation(ref_impl if cls._supports_sdpa and not softcap else "eager")
+    ref.set_attn_implementation(ref_impl)
     ours = cls(copy.deepcopy(cfg)).eval().to(dtype)
     ours.load_state_dict(ref.state_dict())
     ours.set_attn_implementation("flash_cuda")
@@ -584,13 +589,7 @@ def test_paligemma_prefix_lm_like_eager():
     vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=2, image_size=16, patch_size=8)
     cfg = transformers.PaliGemmaConfig(text_config=tc, vision_config=vc, image_token_index=V + 5, projection_dim=64)
-    cls = transformers.PaliGemmaForConditionalGeneration
-    torch.manual_seed(0)
-    ref = cls(copy.deepcopy(cfg)).eval()
-    ref.set_attn_implementation("eager")
-    ours = cls(copy.deepcopy(cfg)).eval()
-    ours.load_state_dict(ref.state_dict())
-    ours.set_attn_implementation("flash_cuda")
+    ref, ours = pair_of(transformers.PaliGemmaForConditionalGeneration, cfg, "eager")
     g = torch.Generator().manual_seed(1)
     ids = torch.cat([torch.full((2, 4), V + 5), torch.randint(3, V, (2, 10), generator=g)], 1)
     token_type_ids = torch.zeros_like(ids)
@@ -644,12 +643,7 @@ def test_packing_on_models_that_drop_position_ids(family):
         cls, cfg = transformers.PersimmonForCausalLM, transformers.PersimmonConfig(
             vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             initializer_range=0.3)
-    torch.manual_seed(0)
-    ref = cls(copy.deepcopy(cfg)).eval()
-    ref.set_attn_implementation("sdpa")
-    ours = cls(copy.deepcopy(cfg)).eval()
-    ours.load_state_dict(ref.state_dict())
-    ours.set_attn_implementation("flash_cuda")
+    ref, ours = pair_of(cls, cfg, "sdpa")
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, V, (1, n), generator=g) for n in (5, 4, 6)]
     pos = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None]
