@@ -58,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer, smaller points (CI smoke run)")
     args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
+    device = bm.bs.pick_device(ap, args.device)
     meta = bm.machine(device)
     print("machine:", json.dumps(meta), flush=True)
     results = []

@@ -107,7 +107,7 @@ def main(argv=None):
     which.add_argument("--quick", action="store_true", help="two small points (CI smoke run)")
     which.add_argument("--grid", choices=("decode",), default=None, help="issue 15's decoding grid (Nq 1 and 4)")
     args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
+    device = bs.pick_device(ap, args.device)
     meta = bm.machine(device)
     print("machine:", json.dumps(meta), flush=True)
     results, skipped = [], []

@@ -170,14 +170,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         ap.error("--reps must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
+    cases = {"window": case_window, "padded": case_padded, "scaling": case_scaling}
+    unknown = [c for c in args.cases.split(",") if c not in cases]
+    if unknown:
+        ap.error(f"--cases: unknown {', '.join(unknown)} (choose from {', '.join(cases)})")
+    device = bs.pick_device(ap, args.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     meta = machine(device)
     print("machine:", json.dumps(meta), flush=True)
     results = []
     for case in args.cases.split(","):
-        run_case = {"window": case_window, "padded": case_padded, "scaling": case_scaling}[case]
-        results += run_case(device, dtype, args.quick, args.reps)
+        results += cases[case](device, dtype, args.quick, args.reps)
     save_json(args.json, meta, results)
     return results
 

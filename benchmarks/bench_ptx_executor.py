@@ -77,6 +77,8 @@ def main():
     ap.add_argument("--no-check", action="store_true", help="race checker and poisoning off")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if not flash_cuda.ptx_kernels():
         sys.exit("this build packaged no PTX (build with nvcc and 8.0 in TORCH_CUDA_ARCH_LIST)")
     check = not args.no_check

@@ -152,10 +152,7 @@ def parse_args(argv=None):
                         "flash,math on cpu; flash,efficient,cudnn,math on cuda)")
     args = p.parse_args(argv)
 
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu"
-    if args.device == "cuda" and not (torch.cuda.is_available() and flash_cuda.has_cuda_kernels()):
-        p.error("--device cuda needs a CUDA GPU and a flash_cuda build with CUDA kernels")
+    args.device = pick_device(p, args.device)
     if args.preset is None:
         args.preset = "fa" if args.device == "cuda" else "quick"
     known = list(SDPA_BACKENDS[args.device])
@@ -245,6 +242,20 @@ def time_call(step, device):
         seconds = time.perf_counter() - t0
     step.reset()
     return seconds
+
+
+def cuda_usable():
+    return torch.cuda.is_available() and flash_cuda.has_cuda_kernels()
+
+
+def pick_device(parser, device):
+    """The benchmarks' --device: cuda where a GPU and kernels for it are there, else cpu; an
+    explicit cuda without them is a usage error (not a driver traceback half-way)."""
+    if device is None:
+        return "cuda" if cuda_usable() else "cpu"
+    if device == "cuda" and not cuda_usable():
+        parser.error("--device cuda needs a CUDA GPU and a flash_cuda build with CUDA kernels")
+    return device
 
 
 def auto_reps(seconds, device):

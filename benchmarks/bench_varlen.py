@@ -146,7 +146,11 @@ def main(argv=None):
     if args.reps is not None and args.reps < 1:
         ap.error("--reps must be >= 1")
     warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage.*")
-    device = args.device or ("cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
+    skip = [name for name in args.skip.split(",") if name]
+    unknown = [name for name in skip if name not in ("sdpa-padded", "sdpa-nested")]
+    if unknown:  # flash_cuda is what the others are compared with: not skippable
+        ap.error(f"--skip: unknown {', '.join(unknown)} (choose from sdpa-padded, sdpa-nested)")
+    device = bs.pick_device(ap, args.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     H, D = (16, 128) if device == "cuda" else (8, 64)
     lengths = draw_lengths(args.tokens)
@@ -158,7 +162,7 @@ def main(argv=None):
     for causal in (False, True):
         for mode in ("fwd", "fwdbwd"):
             res = run_point(lengths, H, D, device, dtype, causal, mode, reps=args.reps or (5 if device == "cpu" else 30),
-                            skip=args.skip.split(","))
+                            skip=skip)
             rows.append({"causal": causal, "mode": mode, "results": res})
             ours = res["flash_cuda"]
             line = [f"causal={str(causal):5s} {mode:7s} flash_cuda {ours['seconds'] * 1e3:8.2f} ms "

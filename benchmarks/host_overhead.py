@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import flash_cuda  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sdpa import cpu_isa, device_name  # noqa: E402
+from bench_sdpa import cpu_isa, device_name, pick_device  # noqa: E402
 
 
 def per_call_us(fns, calls, rounds, sync):
@@ -83,8 +83,8 @@ def main(argv=None):
         ap.error("--calls and --rounds must be at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device")
+    if args.device == "cuda":
+        pick_device(ap, args.device)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     isa = cpu_isa() if args.device == "cpu" else None

@@ -83,13 +83,14 @@ def train(model, steps, B, N, vocab, device, compile_):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 200, 30 with --quick)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--plot", default="gpt_train_loss.png")
     ap.add_argument("--quick", action="store_true", help="30 steps of a smaller model (a smoke run)")
     args = ap.parse_args(argv)
-    steps, (B, N, d, layers) = (30, (8, 64, 64, 2)) if args.quick else (args.steps, (16, 256, 128, 4))
+    steps, (B, N, d, layers) = (30, (8, 64, 64, 2)) if args.quick else (200, (16, 256, 128, 4))
+    steps = args.steps or steps
     vocab, dtype = 32, torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)
     base = GPT(vocab, N, d, layers, 4, 2, "flash_cuda").to(args.device, dtype)

@@ -52,11 +52,11 @@ def run(model, steps, B, N, vocab, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 40, 10 with --quick)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     ap.add_argument("--quick", action="store_true", help="10 steps (a smoke run)")
     args = ap.parse_args(argv)
-    steps = 10 if args.quick else args.steps
+    steps = args.steps or (10 if args.quick else 40)
     vocab, B, N = 64, 8, 32
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

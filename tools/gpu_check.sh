@@ -24,8 +24,18 @@ if [ -z "${CUDA_HOME:-}" ]; then
     if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
     elif command -v nvcc > /dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
 fi
+if [ -z "${CUDA_HOME:-}" ]; then
+    echo "gpu_check.sh: no CUDA toolkit (no /usr/local/cuda/bin/nvcc, no nvcc on PATH; set CUDA_HOME)" | tee -a "$LOG"
+    exit 2
+fi
 export CUDA_HOME
 export PATH="$CUDA_HOME/bin:$PATH"
+# a run without a usable GPU would build without an arch and pass every stage by skipping its tests
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >> "$LOG" 2>&1; then
+    echo "gpu_check.sh: torch sees no usable CUDA GPU here (torch.cuda.is_available() is False): nothing to check" \
+        | tee -a "$LOG"
+    exit 2
+fi
 
 stage() {  # stage NAME CAP_S CMD...: CMD under min(CAP_S, time left); its output into the log
     local name=$1 cap=$2; shift 2

@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
+    if not (torch.cuda.is_available() and flash_cuda.has_cuda_kernels()):
+        ap.error("needs a CUDA GPU and a flash_cuda build with CUDA kernels")
     H = 2048 // args.D  # the sweep's hidden size of 2048
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(args.B, H, args.N, args.D, device="cuda", dtype=torch.bfloat16, generator=g)

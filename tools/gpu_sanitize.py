@@ -93,6 +93,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="head dims 64 and 128, bf16 only (for racecheck)")
     ap.add_argument("--emulate", action="store_true", help="CPU tensors in flash_cuda.emulate() (checks this script)")
     args = ap.parse_args()
+    if not args.emulate and not (torch.cuda.is_available() and flash_cuda.has_cuda_kernels()):
+        ap.error("needs a CUDA GPU and a flash_cuda build with CUDA kernels (or --emulate)")
     dims = (64, 128) if args.quick else HEAD_DIMS
     # float32: the TF32 / 3xTF32 kernels (attention and packed sequences; the KV cache takes 16-bit)
     dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
