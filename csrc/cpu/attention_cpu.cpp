@@ -674,10 +674,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // audit). Where lse is that forward's own (bitwise: the loop is deterministic), the backward
   // takes lse (and O, for D) from the tiled forward instead: two more passes over K and V for few
   // query rows. Any other lse is used as given: a blockwise (ring) caller's, the whole row's over
-  // several key chunks. fp16/bf16 as fp32: their roundings hide the difference at moderate
-  // scores, not at large ones (exp of a score's ulp: inf gradients at 1e8). (fp64: too small.)
+  // several key chunks. fp16/bf16 only where some |lse| passes 2^12: below, their rounding (2^-8)
+  // hides the difference (fp32's ulps of the scores), above it does not (exp of a score's ulp:
+  // inf gradients at 1e8), and the two forwards cost a few-row bf16 backward 1.4x-1.8x on a Zen 4.
+  // (fp64: too small.)
   at::Tensor out_t = out, lse_t = lse;
-  if (q.scalar_type() != at::kDouble && takes_kvcache_loop(q, k, opt)) {
+  if (q.scalar_type() != at::kDouble && takes_kvcache_loop(q, k, opt) &&
+      (q.scalar_type() == at::kFloat || any_beyond(lse.contiguous().data_ptr<float>(), lse.numel(), 4096.0f))) {
     const at::Tensor own_lse =
         std::get<1>(kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0));
     if (at::equal(own_lse, lse)) std::tie(out_t, lse_t) = tiled_fwd(q, k, v, opt);
