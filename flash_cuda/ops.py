@@ -202,7 +202,56 @@ def _varlen_backward(ctx, dout, dlse):
 torch.library.register_autograd("flash_cuda::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)
 
 
-def _eager_autograd(op, n_inputs, setup_context, backward):
+def _vmap_rule(op, batch_args, alibi_arg, dropout_arg):
+    """A torch.func.vmap rule for op (fwd, bwd): the vmapped dim folded into the batch dim of the
+    (B, ...) tensors at batch_args (unbatched ones expanded; the ALiBi slopes, (Hq,) or (B, Hq),
+    to (V B, Hq)), one call, the outputs unfolded. Without a rule torch looped over the slices
+    behind a warning, and jvp(vmap(attention)) failed in torch's own code rather than with
+    flash_cuda's forward-AD error (audit). With dropout each slice is a call of its own: the mask
+    is a function of the batch index, which folding would renumber (vmap's randomness="same"
+    means one mask for every slice)."""
+
+    def by_slices(info, in_dims, args):
+        outs = [op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
+                for i in range(info.batch_size)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+    defaults = [a.default_value for a in op._schema.arguments]
+
+    def rule(info, in_dims, *args):
+        args, in_dims = args + tuple(defaults[len(args):]), tuple(in_dims) + (None,) * (len(defaults) - len(args))
+        if args[dropout_arg] > 0 or info.batch_size == 0:
+            return by_slices(info, in_dims, args)
+        V, x, d = info.batch_size, args[batch_args[0]], in_dims[batch_args[0]]
+        B = x.shape[0] if d is None else x.movedim(d, 0).shape[1]
+        folded = list(args)
+        for i in batch_args:
+            x, d = args[i], in_dims[i]
+            if x is not None:
+                x = x.movedim(d, 0) if d is not None else x.expand(V, *x.shape)
+                folded[i] = x.reshape(V * B, *x.shape[2:])
+        slopes, d = args[alibi_arg], in_dims[alibi_arg]
+        if slopes is not None and (d is not None or slopes.dim() == 2):
+            slopes = slopes.movedim(d, 0) if d is not None else slopes.expand(V, *slopes.shape)
+            folded[alibi_arg] = slopes.reshape(V, -1, slopes.shape[-1]).expand(V, B, slopes.shape[-1]).reshape(
+                V * B, slopes.shape[-1])
+        outs = op(*folded)
+        # (an empty output, bwd's dbias without a bias gradient, is the same for every slice)
+        return (tuple(o.reshape(V, B, *o.shape[1:]) if o.dim() > 1 else o for o in outs),
+                tuple(0 if o.dim() > 1 else None for o in outs))
+
+    return rule
+
+
+# fwd: q, k, v, bias; alibi_slopes; dropout_p. bwd: dout, q, k, v, out, lse, dlse, bias;
+# alibi_slopes; dropout_p (the ops' schemas)
+_fwd_vmap = _vmap_rule(torch.ops.flash_cuda.fwd.default, (0, 1, 2, 11), 10, 12)
+_bwd_vmap = _vmap_rule(torch.ops.flash_cuda.bwd.default, (0, 1, 2, 3, 4, 5, 6, 15), 14, 17)
+torch.library.register_vmap("flash_cuda::fwd", _fwd_vmap)
+torch.library.register_vmap("flash_cuda::bwd", _bwd_vmap)
+
+
+def _eager_autograd(op, n_inputs, setup_context, backward, vmap_rule=None):
     """`op` for api.py's calls (and the backward ops for the backwards): below autograd when the
     call builds no graph, else the same setup_context and backward as its registration in an
     autograd.Function of our own. torch.library's autograd wrapper fills in the op's default
@@ -232,11 +281,21 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
     # Functions with a separate setup_context; such a Function's apply binds its arguments through
     # inspect.signature on every call (about 30 us), hence EagerFunction everywhere else.
     class TransformFunction(torch.autograd.Function):
-        generate_vmap_rule = True
+        # vmap_rule where the op has one (one call for every slice); else torch's generated rule
+        # (a loop over the slices)
+        generate_vmap_rule = vmap_rule is None
 
         @staticmethod
         def forward(*inputs):
             return no_grad_op(*inputs)
+
+        if vmap_rule is not None:
+            @staticmethod
+            def vmap(info, in_dims, *inputs):
+                # under jvp(vmap(...)) the inputs come here unwrapped to the jvp's level, where a
+                # tangent shows (call could not see it through the vmap wrappers)
+                refuse_forward_ad("flash_cuda", names, inputs)
+                return vmap_rule(info, in_dims, *inputs)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -272,7 +331,7 @@ def _eager_autograd(op, n_inputs, setup_context, backward):
     return call
 
 
-fwd = _eager_autograd(torch.ops.flash_cuda.fwd, _FWD_INPUTS, _setup_context, _backward)
+fwd = _eager_autograd(torch.ops.flash_cuda.fwd, _FWD_INPUTS, _setup_context, _backward, _fwd_vmap)
 varlen_fwd = _eager_autograd(torch.ops.flash_cuda.varlen_fwd, _VARLEN_FWD_INPUTS, _varlen_setup_context,
                              _varlen_backward)
 
@@ -294,8 +353,8 @@ for _op in ("flash_cuda::bwd", "flash_cuda::varlen_bwd"):
 # a Function of ours whose backward raises as the registration's does (torch.library's own
 # wrapper is an autograd.Function that torch.func's transforms refuse).
 _bwd, _varlen_bwd = (_eager_autograd(op, len(op.default._schema.arguments), lambda ctx, inputs, output: None,
-                                     _no_double_backward)
-                     for op in (torch.ops.flash_cuda.bwd, torch.ops.flash_cuda.varlen_bwd))
+                                     _no_double_backward, rule)
+                     for op, rule in ((torch.ops.flash_cuda.bwd, _bwd_vmap), (torch.ops.flash_cuda.varlen_bwd, None)))
 
 
 @torch.library.register_fake("flash_cuda::philox_state")

@@ -154,6 +154,15 @@ def test_forward_mode_ad_raises():
             flash_cuda.attention_with_kvcache(q, k, v, alibi_slopes=fwAD.make_dual(torch.rand(2), torch.ones(2)))
     with pytest.raises(NotImplementedError, match="forward-mode AD .* has a tangent"):  # forward over reverse
         torch.func.hessian(lambda x: flash_cuda.attention(x, k, v).sum())(q)
+    # jvp over vmap: the tangent shows in the vmap rule (it was torch's bare AssertionError; audit),
+    # and a jvp whose tangents never reach the attention still runs
+    with pytest.raises(NotImplementedError, match="forward-mode AD .* has a tangent"):
+        torch.func.jvp(torch.func.vmap(lambda x: flash_cuda.attention(x, k, v)), (q[:, None],),
+                       (torch.ones_like(q[:, None]),))
+    w = torch.tensor(2.0, dtype=torch.float64)
+    out_t, tangent = torch.func.jvp(lambda w: w * torch.func.vmap(lambda x: flash_cuda.attention(x, k, v))(q[:, None]),
+                                    (w,), (torch.ones_like(w),))
+    assert torch.equal(tangent, out_t / 2)
     grad, = torch.autograd.grad(out.sum(), qg)
     ref, = torch.autograd.grad(attention_ref(qg, k, v, attn_mask=mask)[0].sum(), qg)
     assert_close_fp("dq", grad, ref)
@@ -316,3 +325,27 @@ def test_deterministic_algorithms_take_the_deterministic_dq(deterministic_algori
     kernels = [launch["kernel"] for launch in emu.launches[1:]]
     assert any("bwd_dq" in name for name in kernels), kernels
     assert not any("postprocess" in name for name in kernels), kernels
+
+
+def test_vmap_folds_into_the_batch():
+    """torch.func.vmap runs one call with the vmapped dim folded into the batch (ops.py's vmap
+    rules for fwd and bwd): per-slice ALiBi slopes and masks, shared GQA keys, and vmap of grad
+    equal a loop over the slices, and torch's per-slice fallback (with its warning asking for a
+    batching rule) is not taken."""
+    import warnings
+    g = torch.Generator().manual_seed(0)
+    V, B, Hq, Hkv, N, D = 3, 2, 4, 2, 7, 16
+    q = torch.randn(V, B, Hq, N, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, N + 2, D, generator=g, dtype=torch.float64) for _ in range(2))
+    slopes = torch.rand(V, Hq, generator=g)
+    mask = torch.randn(V, 1, Hq, N, N + 2, generator=g, dtype=torch.float64)
+    f = lambda q, s, m: flash_cuda.attention(q, k, v, causal=True, alibi_slopes=s, attn_mask=m)
+    loss = lambda q, s, m: f(q, s, m).pow(2).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = torch.func.vmap(f)(q, slopes, mask)
+        grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 2)))(q, slopes, mask)
+    assert torch.equal(out, torch.stack([f(q[i], slopes[i], mask[i]) for i in range(V)]))
+    for i in range(V):
+        for a, b in zip(grads, torch.func.grad(loss, argnums=(0, 2))(q[i], slopes[i], mask[i])):
+            assert torch.allclose(a[i], b, rtol=0, atol=1e-12)
