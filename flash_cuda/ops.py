@@ -220,7 +220,7 @@ def _vmap_rule(op, batch_args, alibi_arg, dropout_arg):
 
     def rule(info, in_dims, *args):
         args, in_dims = args + tuple(defaults[len(args):]), tuple(in_dims) + (None,) * (len(defaults) - len(args))
-        if args[dropout_arg] > 0 or info.batch_size == 0:
+        if args[dropout_arg] > 0 and info.batch_size > 0:
             return by_slices(info, in_dims, args)
         V, x, d = info.batch_size, args[batch_args[0]], in_dims[batch_args[0]]
         B = x.shape[0] if d is None else x.movedim(d, 0).shape[1]

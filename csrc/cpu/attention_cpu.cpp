@@ -321,17 +321,20 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 // of 1 and D_i = sum_j P_ij dP_ij = dP_ij, which rowsum(dO o O) misses by the rounding of this
 // tile's dP GEMM; dS_ij = P_ij (dP_ij - D_i) would carry that into dQ and dK, whose exact
 // gradient (and plain torch's) is 0 there, less what flows into lse. So there P_ij becomes 1 and
-// D_i dP_ij - dlse_i. The tile's one nonzero P within rounding of 1 says so even where the row
-// has keys in other tiles: their P sum to at most that rounding (exactly 0 at large scores, where
-// the residue times the scale grew to hundreds and more; audit). P_ij recomputed as exp(s - lse)
-// misses 1 by the scores' rounding between the forward and the backward's GEMM (up to 36 eps
-// |lse| in the soaks' draws); a P further from 1 (or NaN) means lse covered other keys (bwd per
-// key chunk with the whole forward's lse, as ring attention calls it) and keeps delta.
+// D_i dP_ij - dlse_i. Where the tile holds all the keys the row sees (whole_row), P_ij recomputed
+// as exp(s - lse) misses 1 by the scores' rounding between the forward and the backward's GEMM (up
+// to 36 eps |lse| in the soaks' draws); a P further from 1 (or NaN) means lse covered other keys
+// (bwd per key chunk with the whole forward's lse, as ring attention calls it) and keeps delta.
+// Where the row has keys in other tiles too, a P near 1 may leave them weight (1 - P, which
+// exp(s - lse)'s slack at large |lse| hid: dQ 0.04 off at scores of 100, an audit), so there P
+// must be 1 within a few ulps: the others' P sum to no more (exactly 0 at huge scores, where the
+// residue times the scale grew to hundreds and more).
 template <typename acc_t>
-acc_t row_delta(acc_t* p, const acc_t* dp, int64_t n, acc_t delta, acc_t lse, acc_t dlse) {
-  constexpr acc_t kOneHotSlack = 128 * std::numeric_limits<acc_t>::epsilon();
+acc_t row_delta(acc_t* p, const acc_t* dp, int64_t n, bool whole_row, acc_t delta, acc_t lse, acc_t dlse) {
+  constexpr acc_t kEps = std::numeric_limits<acc_t>::epsilon();
+  const acc_t slack = whole_row ? 128 * kEps * std::max(acc_t(1), std::abs(lse)) : 4 * kEps;
   const int64_t one = single_nonzero(p, n);
-  if (one < 0 || !(std::abs(p[one] - acc_t(1)) <= kOneHotSlack * std::max(acc_t(1), std::abs(lse)))) return delta;
+  if (one < 0 || !(std::abs(p[one] - acc_t(1)) <= slack)) return delta;
   p[one] = acc_t(1);
   return dp[one] - dlse;
 }
@@ -476,9 +479,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               for (int64_t r = 0; r < rows; ++r) mul_row(ds + at + r * ld, z + at + r * ld, cols);
             }
             for (int64_t r = 0; r < rows; ++r) {  // dS' = dL/d(modified s)
-              const int64_t row = row0 + r0 + r;
+              const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
+              const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
               acc_t* dsr = ds + at + r * ld;
-              const acc_t d = row_delta(p + at + r * ld, dsr, cols, delta_ptr[row], lse_ptr[row],
+              const acc_t d = row_delta(p + at + r * ld, dsr, cols, whole_row, delta_ptr[row], lse_ptr[row],
                                         dlse_ptr ? dlse_ptr[row] : acc_t(0));
               softmax_grad_row(dsr, p + at + r * ld, cols, d);
             }

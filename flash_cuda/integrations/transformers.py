@@ -20,9 +20,9 @@ functions. flash_cuda is one, so it takes that role whole:
   gradient);
 - the mask function (registered with `AttentionMaskInterface`) is transformers' FlashAttention
   mask without its host read (outside compilation an all-ones mask still becomes None, so unpadded
-  batches run the dense kernels), packed rows' sequence numbers where the model's layers do not
+  batches run the dense kernels), packed rows' sequence starts where the model's layers do not
   see position_ids, and sdpa's 4-D mask for models whose masks go beyond causal, sliding and
-  padding (compiled, also for packed sequences given by position_ids alone);
+  padding;
 - transformers' loader of FlashAttention functions is taught the name "flash_cuda", answering
   with `flash_cuda.flash_attn_interface` (the one private hook: `_hook_flash_loader`, guarded by a
   test that fails when transformers changes it).
@@ -43,8 +43,11 @@ from ..emulate import runs_cuda_kernels
 NAME = "flash_cuda"
 
 
-# The attribute that marks mask_function's (batch, n) sequence numbers of packed rows
-_SEGMENTS = "_flash_cuda_packed_sequences"
+# mask_function's packed rows: (batch, n) int16, 1 where a sequence starts. A dtype no padding
+# mask has (transformers' are bool, users' int64, int32, uint8 or float), so the meaning survives
+# copies and device moves (an attribute on the tensor did not: a copy became an all-ones padding
+# mask; audit)
+_STARTS_DTYPE = torch.int16
 
 
 def _collects_attentions():
@@ -154,9 +157,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     position_ids = kwargs.get("position_ids")
     # packed sequences found by mask_function (models that do not pass position_ids down)
-    segments = attention_mask if getattr(attention_mask, _SEGMENTS, False) else None
-    if segments is not None:
-        attention_mask = None
+    segments = None
+    if attention_mask is not None and attention_mask.dtype == _STARTS_DTYPE and attention_mask.dim() == 2:
+        segments, attention_mask = attention_mask, None
     # T5's relative position bias: an additive float bias (1 or B, H, Nq, Nk) that is a function of a
     # learned parameter; it goes in as flash_cuda's float attn_mask, which gets its gradient
     position_bias = kwargs.get("position_bias")
@@ -175,9 +178,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         out = _varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, common)
     elif packed:
         if segments is not None:
-            starts = torch.ones_like(segments, dtype=torch.bool)
-            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-            starts = starts.reshape(-1)
+            starts = segments.reshape(-1) != 0
         else:
             starts = _sequence_starts(position_ids, B, Nq)
         cu, n = _packed_from_starts(starts, B, Nq)
@@ -245,6 +246,22 @@ def _hides_future_keys(mask_fn, seen):
     return mask_fn is None or _sees_the_next_key(mask_fn, 1, 2, seen - 1, "cpu") is False
 
 
+def _composes_an_or_mask(mask_fn, depth=0):
+    """Whether transformers' mask function is, or is built from, an `or_masks` (its inner function
+    `or_mask`; tests/test_transformers.py checks the name): a blockwise overlay where use_vmap is
+    False. Read from the closures, which dynamo traces as constants (no host read of data)."""
+    if not callable(mask_fn) or depth > 8:
+        return False
+    if getattr(mask_fn, "__name__", None) == "or_mask":
+        return True
+    for cell in getattr(mask_fn, "__closure__", None) or ():
+        inner = cell.cell_contents
+        for f in inner if isinstance(inner, (tuple, list)) else (inner,):
+            if callable(f) and _composes_an_or_mask(f, depth + 1):
+                return True
+    return False
+
+
 def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_mask, kwargs):
     """Whether the mask goes beyond causal, sliding and padding. masking_utils sets use_vmap exactly
     when it combined an or/and mask function; a blockwise overlay (PaliGemma's bidirectional
@@ -252,8 +269,8 @@ def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_ma
     sequences (attention_forward splits those itself) and compiled one-token decoding steps
     (q_length 1) do too: with a padding mask packing is off, without one the function is asked
     whether a query sees the key after it (an overlay's block does, packed sequences and sliding
-    windows never; compiled, it cannot be asked, and sdpa's mask serves both: a prefix-LM's
-    overlay was lost there, found by an audit); bidirectional masks (they pass
+    windows never); compiled, where it cannot be asked, by the function's composition (a
+    prefix-LM's overlay was lost there, found by an audit); bidirectional masks (they pass
     allow_is_bidirectional_skip) always clear it."""
     if kwargs.get("use_vmap"):
         return True
@@ -262,15 +279,15 @@ def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_ma
     if attention_mask is not None:
         return True
     if torch.compiler.is_compiling():
-        # the function cannot be asked without a host read: packed sequences or an overlay, which
-        # only sdpa's mask covers both of (packed sequences given as cu_seq_lens still run varlen)
-        return True
+        # the function cannot be asked without a host read (and compiled, transformers clears
+        # allow_is_causal_skip for every call with position_ids, its packing check being data):
+        # an overlay is told by its composition instead, an or_masks (use_vmap False here)
+        return _composes_an_or_mask(mask_function)
     return _sees_the_next_key(mask_function, batch_size, q_length, q_offset, kwargs.get("device", "cpu")) is True
 
 
 def _packed_sequences(mask_fn, batch_size, q_length, kv_length, q_offset, kv_offset, kwargs):
-    """(batch, n) int32 sequence numbers (from 1, marked with _SEGMENTS) of packed rows, asked of
-    the mask function where transformers cleared allow_is_causal_skip without a padding mask and
+    """(batch, n) _STARTS_DTYPE, 1 where a sequence starts, of packed rows, asked of the mask function where transformers cleared allow_is_causal_skip without a padding mask and
     the function hides no next key (_needs_sdpa_mask): a query that does not see the key just
     before it starts a sequence. attention_forward splits the rows there, also for models whose
     layers do not pass position_ids down (GPTBigCode, Persimmon). None where nothing is packed or
@@ -290,9 +307,7 @@ def _packed_sequences(mask_fn, batch_size, q_length, kv_length, q_offset, kv_off
         return None
     if not bool(starts[:, 1:].any()):
         return None
-    segments = starts.cumsum(1, dtype=torch.int32)
-    setattr(segments, _SEGMENTS, True)
-    return segments
+    return starts.to(_STARTS_DTYPE)
 
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
