@@ -349,3 +349,13 @@ def test_vmap_folds_into_the_batch():
     for i in range(V):
         for a, b in zip(grads, torch.func.grad(loss, argnums=(0, 2))(q[i], slopes[i], mask[i])):
             assert torch.allclose(a[i], b, rtol=0, atol=1e-12)
+
+
+def test_vmap_over_an_empty_dim():
+    """vmap over a dimension of size 0 gives the empty batched output (it raised an IndexError in
+    the vmap rule; review)."""
+    q, k, v = (torch.randn(0, 2, 4, 5, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8))
+    out = torch.func.vmap(flash_cuda.attention, in_dims=(0, None, None))(q, k, v)
+    assert out.shape == (0, 2, 4, 5, 8)
+    out = torch.func.vmap(flash_cuda.scaled_dot_product_attention, in_dims=(0, None, None))(q, k, v)
+    assert out.shape == (0, 2, 4, 5, 8)
