@@ -779,6 +779,10 @@ def test_randomised(seed):
 
 
 _KNOWN_EXCESS = {
+    43461: "trial 8 (bf16, one query against 343 keys, D 8, softcap 4, CPU backend): 4.35e-4 from float64, "
+           "bit for bit the FlashAttention algorithm's error in float64 with P = exp(s - running max) rounded to "
+           "bf16 over 256-key tiles and the output rounded to bf16 (4.35e-4), where plain bf16 torch is 1.39e-4 "
+           "off; found by a soak on 2026-12-06 (seeds 43374-43473, 700 runs)",
     26092: "trial 8 (bf16, one query against the 3 keys it appends, D 8, softcap 4) returns exactly the "
            "FlashAttention algorithm's output (P = exp(s - max) rounded to bf16 before P V, as the CUDA kernels "
            "round it, the rest exact, the output rounded): 4.4e-3 from float64, where plain bf16 torch (the "
