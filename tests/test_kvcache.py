@@ -779,6 +779,10 @@ def test_randomised(seed):
 
 
 _KNOWN_EXCESS = {
+    44712: "trial 4 (bf16, one query against 69 cached and 3 new keys in 5 splits, D 8, CPU backend): 9.0e-4 "
+           "from float64, bit for bit the FlashAttention algorithm's error in float64 with P rounded to bf16 over "
+           "the splits' 15 keys and the output rounded to bf16 (9.0e-4), where plain bf16 torch is 3.3e-4 off; "
+           "found by a soak on 2026-12-06 (seeds 43374-44973, 11200 runs)",
     43461: "trial 8 (bf16, one query against 343 keys, D 8, softcap 4, CPU backend): 4.35e-4 from float64, "
            "bit for bit the FlashAttention algorithm's error in float64 with P = exp(s - running max) rounded to "
            "bf16 over 256-key tiles and the output rounded to bf16 (4.35e-4), where plain bf16 torch is 1.39e-4 "
