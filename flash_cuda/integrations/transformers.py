@@ -227,16 +227,25 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, common):
     return out.reshape(B, Nq, *out.shape[1:])
 
 
-def _sees_the_next_key(mask_fn, batch_size, q_length, q_offset, device):
-    """Whether transformers' mask function lets some query of the q_length from q_offset see the key
-    right after it, asked of the function itself over that superdiagonal with index tensors, as
-    transformers' own non-vmap masks call it (O(B N); a host read). None where it cannot answer."""
+def _sees_key_beside(mask_fn, batch_size, q_length, q_offset, step, device):
+    """(batch, q_length - 1) bool: whether query q (the 1st to the (q_length-1)th from q_offset,
+    the 2nd on with step -1) sees key q + step, asked of transformers' mask function itself over
+    that diagonal with index tensors, as transformers' own non-vmap masks call it (O(B N)). None
+    where it cannot answer."""
     try:
         b = torch.arange(batch_size, device=device)[:, None]
-        q = torch.arange(q_length - 1, device=device)[None, :] + int(q_offset)
-        return bool(mask_fn(b, torch.zeros((), dtype=torch.long, device=device), q, q + 1).any())
+        q = torch.arange(q_length - 1, device=device)[None, :] + int(q_offset) + (1 if step < 0 else 0)
+        seen = mask_fn(b, torch.zeros((), dtype=torch.long, device=device), q, q + step)
+        return seen.expand(batch_size, q_length - 1)
     except Exception:  # noqa: BLE001 (any failure: no answer)
         return None
+
+
+def _sees_the_next_key(mask_fn, batch_size, q_length, q_offset, device):
+    """Whether some query of the q_length from q_offset sees the key right after it (a host read);
+    None where the function cannot answer."""
+    seen = _sees_key_beside(mask_fn, batch_size, q_length, q_offset, 1, device)
+    return None if seen is None else bool(seen.any())
 
 
 def _hides_future_keys(mask_fn, seen):
@@ -287,8 +296,9 @@ def _needs_sdpa_mask(batch_size, q_length, q_offset, mask_function, attention_ma
 
 
 def _packed_sequences(mask_fn, batch_size, q_length, kv_length, q_offset, kv_offset, kwargs):
-    """(batch, n) _STARTS_DTYPE, 1 where a sequence starts, of packed rows, asked of the mask function where transformers cleared allow_is_causal_skip without a padding mask and
-    the function hides no next key (_needs_sdpa_mask): a query that does not see the key just
+    """(batch, n) _STARTS_DTYPE, 1 where a sequence starts, of packed rows, asked of the mask
+    function where transformers cleared allow_is_causal_skip without a padding mask and the
+    function hides no next key (_needs_sdpa_mask): a query that does not see the key just
     before it starts a sequence. attention_forward splits the rows there, also for models whose
     layers do not pass position_ids down (GPTBigCode, Persimmon). None where nothing is packed or
     the function cannot be asked (outside compilation only: a host read)."""
@@ -296,18 +306,12 @@ def _packed_sequences(mask_fn, batch_size, q_length, kv_length, q_offset, kv_off
             or int(q_offset) != 0 or int(kv_offset) != 0 or "allow_is_bidirectional_skip" in kwargs
             or mask_fn is None):
         return None
-    device = kwargs.get("device", "cpu")
-    try:
-        b = torch.arange(batch_size, device=device)[:, None]
-        q = torch.arange(1, q_length, device=device)[None, :]
-        sees_previous = mask_fn(b, torch.zeros((), dtype=torch.long, device=device), q, q - 1)
-        starts = torch.ones(batch_size, q_length, dtype=torch.bool, device=device)
-        starts[:, 1:] = ~sees_previous.expand(batch_size, q_length - 1)
-    except Exception:  # noqa: BLE001 (any failure: no answer)
+    sees_previous = _sees_key_beside(mask_fn, batch_size, q_length, 0, -1, kwargs.get("device", "cpu"))
+    if sees_previous is None or bool(sees_previous.all()):
         return None
-    if not bool(starts[:, 1:].any()):
-        return None
-    return starts.to(_STARTS_DTYPE)
+    starts = torch.ones(batch_size, q_length, dtype=_STARTS_DTYPE, device=sees_previous.device)
+    starts[:, 1:] = ~sees_previous
+    return starts
 
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
