@@ -24,7 +24,7 @@ where the launcher allows it (head dim <= 128). Each chosen kernel must exist in
 the script stops with the missing name otherwise.
 
     python benchmarks/sass_compare.py [--arch 80 90] [--filter hdim64] [--json PATH] [--jobs 2]
-    python benchmarks/sass_compare.py --summary PATH [--before EARLIER]   # the README's table
+    python benchmarks/sass_compare.py --summary PATH [--before EARLIER] [--dtype fp16]   # the README's table
 
 Writes benchmarks/results/sass_compare.md (and --json) and prints it. Needs nvcc (CUDA_HOME),
 cuobjdump and nvdisasm (the toolkit's, or pip install nvidia-cuda-cuobjdump
@@ -318,13 +318,20 @@ def summary(path, before_path=None, head_dims=(64, 128, 256), dtype="bf16"):
                   for r in json.load(open(before_path))}
     key = lambda r: (r["arch"], r["pass"], r["head_dim"], r["dtype"], r["causal"])
     theirs = {key(r): r for r in rows if r["side"] == "torch"}
+    if not any(r["side"] == "flash_cuda" and r["dtype"] == dtype for r in rows):
+        sys.exit(f"{path} holds no flash_cuda rows in {dtype} (it has: "
+                 f"{', '.join(sorted({r['dtype'] for r in rows})) or 'no rows'})")
     head = ["arch", "pass", "D", "causal", "tile ours / torch", "regs", "stack B", "occ A100", "occ H100",
             "instr/unit" + (" (before)" if before else ""), "pred. tensor" + (" (before)" if before else ""),
             "proxies lost"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted((r for r in rows if r["side"] == "flash_cuda" and r["dtype"] == dtype and r["head_dim"] in head_dims),
                     key=lambda r: (r["pass"] != "fwd", r["arch"], r["head_dim"], r["causal"])):
-        t = theirs[key(r)]
+        t = theirs.get(key(r))
+        if t is None:  # a --filter run, or a torch library without this instantiation
+            out.append(f"| {r['arch']} | {r['pass']} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | "
+                       f"no torch kernel in {path} |" + " |" * (len(head) - 5))
+            continue
         b = before.get(("flash_cuda",) + key(r))
         lost = [name for name, ok in (
             ("stack/spills", r["stack_bytes"] == 0 and r["spill_bytes"] == 0),
@@ -352,9 +359,10 @@ def main():
                     help="use these overlap efficiencies instead of fitting them")
     ap.add_argument("--summary", metavar="JSON", help="print the README's summary table of a --json file and exit")
     ap.add_argument("--before", metavar="JSON", help="with --summary: an earlier run's --json, shown in parentheses")
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="with --summary: which dtype's rows")
     args = ap.parse_args()
     if args.summary:
-        print(summary(args.summary, args.before))
+        print(summary(args.summary, args.before, dtype=args.dtype))
         return 0
     nvcc, cuobjdump = tool("nvcc"), tool("cuobjdump")
     tool("nvdisasm")

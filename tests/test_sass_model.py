@@ -154,3 +154,24 @@ def test_rotated_loop_is_merged():
     ins = sm.parse_sass(sass(kernel))
     s, e, _w, _solved = sm.main_loop(ins, expected_hmma=2)
     assert (s, e) == (1, 8)
+
+
+def _row(side, dtype, head_dim, instr, regs=200, stack=0):
+    return {"side": side, "arch": "sm_80", "pass": "fwd", "head_dim": head_dim, "dtype": dtype, "causal": False,
+            "tile": "128x64", "registers": regs, "stack_bytes": stack, "spill_bytes": 0, "occupancy_a100": 0.125,
+            "occupancy_h100": 0.125, "instructions_per_unit": instr, "predicted_tensor_fraction": 0.7}
+
+
+def test_summary_table_per_dtype_and_without_torch_rows(tmp_path):
+    import json
+    import sass_compare
+    rows = [_row("flash_cuda", "fp16", 64, 1000), _row("torch", "fp16", 64, 900, stack=56),
+            _row("flash_cuda", "fp16", 128, 2000)]   # no torch kernel for 128: a --filter run
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(rows))
+    table = sass_compare.summary(str(path), dtype="fp16").splitlines()
+    assert len(table) == 4 and all(line.count("|") == table[0].count("|") for line in table)
+    assert table[2].endswith("| instructions |") and "1000 / 900" in table[2] and "0 / 56" in table[2]
+    assert "no torch kernel" in table[3]
+    with pytest.raises(SystemExit, match="no flash_cuda rows in bf16"):
+        sass_compare.summary(str(path))
