@@ -823,34 +823,51 @@ def unpad_input(x, attention_mask):
     """A padded batch x (B, S, ...) and its (B, S) mask (bool, int or 0/1 float; nonzero = a real token) ->
     (x_unpad (total, ...), indices (total,) int64 into the flattened B * S tokens, cu_seqlens
     (B + 1,) int32, max_seqlen int), for varlen_attention. Differentiable in x."""
-    fn = "flash_cuda.unpad_input"
-    if not isinstance(x, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"{fn}: x and attention_mask must be torch.Tensors")
-    if attention_mask.dim() != 2 or x.dim() < 2 or tuple(x.shape[:2]) != tuple(attention_mask.shape):
-        raise ValueError(f"{fn}: attention_mask must be (B, S) matching x's first two dims, got {_shape(attention_mask)} "
-                         f"for x of shape {_shape(x)}")
-    if attention_mask.device != x.device:
-        raise RuntimeError(f"{fn}: attention_mask must be on x's device ({x.device}), got {attention_mask.device}")
+    return _unpad("flash_cuda.unpad_input", x, attention_mask, None, ("x", "attention_mask"))[:4]
+
+
+def _check_padding_mask(fn, mask, name, x, x_name):
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(mask)}")
+    if mask.dim() != 2 or x.dim() < 2 or tuple(x.shape[:2]) != tuple(mask.shape):
+        raise ValueError(f"{fn}: {name} must be (B, S) matching {x_name}'s first two dims, got {_shape(mask)} "
+                         f"for {x_name} of shape {_shape(x)}")
+    if mask.device != x.device:
+        raise RuntimeError(f"{fn}: {name} must be on {x_name}'s device ({x.device}), got {mask.device}")
     # a floating mask of 0s and 1s is a padding mask; an additive one (0 = keep, -inf = hidden)
     # would be read the other way round (nonzero = a real token)
-    if attention_mask.is_floating_point() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError(f"{fn}: attention_mask must be a padding mask (bool, or 1 = a real token and 0 = padding), "
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{fn}: {name} must be a padding mask (bool, or 1 = a real token and 0 = padding), "
                          "got a floating mask with values other than 0 and 1 (an additive mask?)")
-    keep = attention_mask.reshape(-1) != 0
-    indices = torch.nonzero(keep).flatten()
-    lengths = (attention_mask != 0).sum(1, dtype=torch.int32)
+    return mask != 0
+
+
+def _unpad(fn, x, attention_mask, unused_mask, names):
+    """unpad_input, and FlashAttention's (flash_cuda.bert_padding) with unused_mask: the tokens
+    kept are those of either mask; -> (x_unpad, indices, cu_seqlens, max_seqlen, the lengths
+    (B,) int32 of attention_mask alone)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {names[0]} must be a torch.Tensor, got {_type_name(x)}")
+    used = _check_padding_mask(fn, attention_mask, names[1], x, names[0])
+    keep = used if unused_mask is None else used | _check_padding_mask(fn, unused_mask, "unused_mask", x, names[0])
+    indices = torch.nonzero(keep.reshape(-1)).flatten()
+    lengths = keep.sum(1, dtype=torch.int32)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     max_seqlen = int(lengths.max().item()) if lengths.numel() else 0
-    return x.reshape(-1, *x.shape[2:])[indices], indices, cu_seqlens, max_seqlen
+    return (x.reshape(-1, *x.shape[2:])[indices], indices, cu_seqlens, max_seqlen,
+            lengths if unused_mask is None else used.sum(1, dtype=torch.int32))
 
 
 def pad_input(x_unpad, indices, batch, seqlen):
     """Inverse of unpad_input: (total, ...) -> (batch, seqlen, ...) with zeros at the padding.
     Differentiable in x_unpad. The values of CPU indices are checked (each in [0, batch * seqlen));
     CUDA ones are not (that would synchronise with the GPU)."""
-    fn = "flash_cuda.pad_input"
+    return _pad("flash_cuda.pad_input", x_unpad, indices, batch, seqlen, "x_unpad")
+
+
+def _pad(fn, x_unpad, indices, batch, seqlen, x_name):
     if not isinstance(x_unpad, torch.Tensor) or not isinstance(indices, torch.Tensor):
-        raise TypeError(f"{fn}: x_unpad and indices must be torch.Tensors, got {_type_name(x_unpad)} and "
+        raise TypeError(f"{fn}: {x_name} and indices must be torch.Tensors, got {_type_name(x_unpad)} and "
                         f"{_type_name(indices)}")
     batch, seqlen = _index(batch), _index(seqlen)
     for name, n in (("batch", batch), ("seqlen", seqlen)):
@@ -862,12 +879,12 @@ def pad_input(x_unpad, indices, batch, seqlen):
         raise ValueError(f"{fn}: batch * seqlen must be at most 2**63 - 1 (the padded output's rows), got "
                          f"{_number(batch)} * {_number(seqlen)}")
     if x_unpad.dim() < 1:
-        raise ValueError(f"{fn}: x_unpad must be (total, ...), got a 0-d tensor")
+        raise ValueError(f"{fn}: {x_name} must be (total, ...), got a 0-d tensor")
     if indices.dtype != torch.int64 or indices.dim() != 1 or indices.shape[0] != x_unpad.shape[0]:
         raise ValueError(f"{fn}: indices must be int64 (total,) = ({x_unpad.shape[0]},) as unpad_input returns "
                          f"them, got {indices.dtype} of shape {_shape(indices)}")
     if indices.device != x_unpad.device:
-        raise RuntimeError(f"{fn}: indices must be on the device of x_unpad ({x_unpad.device}), got {indices.device}")
+        raise RuntimeError(f"{fn}: indices must be on the device of {x_name} ({x_unpad.device}), got {indices.device}")
     if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= batch * seqlen:

@@ -23,6 +23,10 @@ Every argument is honoured or rejected with an exception naming it:
 - flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
   split-KV); its rotary_cos/rotary_sin, cache_batch_idx and cache_leftpad raise NotImplementedError.
   flash_attn_varlen_func's block_table (paged keys for packed sequences) raises NotImplementedError.
+- Arguments are read as FlashAttention's bindings read them: flags also as numpy bools or ints
+  (return_attn_probs by its truth), any negative window_size entry as unbounded, softmax_scale
+  also as a 0-d tensor, alibi_slopes that require grad as constants; flash_attn_with_kvcache has
+  no autograd and reads tensors that require grad as constants, as FlashAttention's.
 Errors from flash_cuda's checks name the function called and its argument (softmax_scale, qkv, kv,
 cu_seqlens, max_seqlen) where they name one of flash_cuda's.
 """
@@ -30,15 +34,34 @@ import re
 
 import torch
 
-from .api import _check_window, _plain, _shape, attention, attention_with_kvcache, varlen_attention
+from .api import _check_window, _plain, _shape, _type_name, attention, attention_with_kvcache, varlen_attention
 
 
 def _window(fn, window_size):
+    """FlashAttention's window_size: any negative entry is unbounded on that side."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(w, bool) or not isinstance(_plain(w), int) for w in window_size)):
         raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
-    left, right = _check_window(fn, window_size, "window_size")
+    left, right = _check_window(fn, tuple(max(_plain(w), -1) for w in window_size), "window_size")
     return None if (left, right) == (-1, -1) else (left, right)
+
+
+def _flag(fn, name, value):
+    """A bool argument as FlashAttention's bindings take it: a bool, numpy bool or int."""
+    if isinstance(_plain(value), int) or _type_name(value) in ("numpy.bool", "numpy.bool_"):
+        return bool(value)
+    raise TypeError(f"{fn}: {name} must be a bool, got {_type_name(value)}")
+
+
+def _options(fn, softmax_scale, causal, deterministic, alibi_slopes):
+    """The arguments every function shares, as FlashAttention takes them: softmax_scale also a 0-d
+    tensor (its bindings read it as a float); bool flags also numpy bools or ints; alibi_slopes
+    that require grad read as constants (FlashAttention returns no gradient for them)."""
+    if isinstance(softmax_scale, torch.Tensor) and softmax_scale.dim() == 0 and softmax_scale.dtype.is_floating_point:
+        softmax_scale = float(softmax_scale)
+    if isinstance(alibi_slopes, torch.Tensor):
+        alibi_slopes = alibi_slopes.detach()
+    return softmax_scale, _flag(fn, "causal", causal), _flag(fn, "deterministic", deterministic), alibi_slopes
 
 
 _CHECKED = (TypeError, ValueError, RuntimeError, NotImplementedError)
@@ -83,8 +106,8 @@ def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
            return_attn_probs, renames=_SCALE):
     """q (B, Nq, H, D), k and v (B, Nk, Hkv, D): flash_cuda.attention on (B, H, N, D) views."""
     window = _window(fn, window_size)
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"{fn}: return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    softmax_scale, causal, deterministic, alibi_slopes = _options(fn, softmax_scale, causal, deterministic, alibi_slopes)
+    return_attn_probs = bool(return_attn_probs)  # (FlashAttention tests only its truth)
     with_mask = _with_mask(return_attn_probs, dropout_p)
     for name, x, other in (("k", k, q), ("v", v, k)):
         if x.shape[0] != other.shape[0] or x.shape[3] != q.shape[3] or (name == "v" and x.shape != k.shape):
@@ -141,8 +164,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, renames=_SCALE):
     window = _window(fn, window_size)
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"{fn}: return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    softmax_scale, causal, deterministic, alibi_slopes = _options(fn, softmax_scale, causal, deterministic, alibi_slopes)
+    return_attn_probs = bool(return_attn_probs)
     with_mask = _with_mask(return_attn_probs, dropout_p)
     try:
         result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
@@ -246,11 +269,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
               "v": "(batch, seqlen_new, nheads_k, headdim)"}
     _check_dims(fn, [(n, x) for n, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v))
                      if x is not None or n in ("q", "k_cache", "v_cache")], 4, layout)
-    if not isinstance(return_softmax_lse, bool):
-        raise TypeError(f"{fn}: return_softmax_lse must be a bool, got {type(return_softmax_lse).__name__}")
+    return_softmax_lse = bool(return_softmax_lse)
     _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, block_table is not None)
-    t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
+    # FlashAttention's kvcache call has no autograd: it reads tensors that require grad (q from a
+    # trainable projection in a decode loop outside no_grad) as constants, and so does this one
+    t = lambda x: None if x is None else x.detach().transpose(1, 2)  # noqa: E731
     window = _window(fn, window_size)
+    softmax_scale, causal, _, alibi_slopes = _options(fn, softmax_scale, causal, False, alibi_slopes)
     try:
         out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
                                           block_table=block_table, causal=causal, scale=softmax_scale, window=window,

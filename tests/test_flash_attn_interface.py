@@ -133,8 +133,8 @@ def test_rejected_arguments():
         fa.flash_attn_func(q, k, v[:, :5])
     with pytest.raises(TypeError, match=r"window_size must be a pair of ints"):
         fa.flash_attn_func(q, k, v, window_size=4)
-    with pytest.raises(TypeError, match="return_attn_probs must be a bool"):
-        fa.flash_attn_func(q, k, v, return_attn_probs=1)
+    with pytest.raises(TypeError, match="flash_attn_func: causal must be a bool, got str"):
+        fa.flash_attn_func(q, k, v, causal="yes")
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         fa.flash_attn_func(q, k, v, dropout_p=1.0)
     with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, nheads, headdim\)"):
@@ -245,3 +245,81 @@ def test_with_kvcache_output_is_contiguous():
                                      causal=True)
     assert out.shape == (2, 3, 4, 16) and out.is_contiguous()
     assert out.view(2, 3, 64).shape == (2, 3, 64)
+
+
+def test_arguments_as_flash_attention_takes_them():
+    """What FlashAttention-2's bindings accept runs unchanged: flags as numpy bools or ints
+    (return_attn_probs by its truth), any negative window entry as unbounded, softmax_scale as a
+    0-d tensor, alibi_slopes that require grad (read as constants, no gradient: FlashAttention
+    returns none), and flash_attn_with_kvcache on tensors that require grad (it has no autograd)."""
+    import numpy as np
+    q, k, v = (bnhd(2, 9, 4, 16, s).requires_grad_() for s in range(3))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], requires_grad=True)
+    out, lse, _ = fa.flash_attn_func(q, k, v, softmax_scale=torch.tensor(0.3), causal=np.bool_(True),
+                                     window_size=(-7, 2), alibi_slopes=slopes, deterministic=1, return_attn_probs=1)
+    bhnd = [x.detach().double().transpose(1, 2) for x in (q, k, v)]
+    ref = attention_ref(*bhnd, causal=True, scale=0.3, window=(-1, 2), alibi_slopes=slopes.detach().double())[0]
+    assert (out.double() - ref.transpose(1, 2)).abs().max() < 1e-5 and lse.shape == (2, 4, 9)
+    mine = flash_cuda.attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=True, scale=0.3,
+                                alibi_slopes=slopes.detach()).transpose(1, 2)
+    assert torch.equal(out, mine)
+    out.sum().backward()
+    assert slopes.grad is None and q.grad is not None
+    assert torch.equal(fa.flash_attn_func(q, k, v, window_size=(-2, -5)), fa.flash_attn_func(q, k, v))
+
+    k_cache, v_cache = (torch.zeros(2, 12, 4, 16, requires_grad=True) for _ in range(2))
+    k_new, v_new = (bnhd(2, 9, 4, 16, s).requires_grad_() for s in (5, 6))
+    out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=0, causal=True,
+                                         return_softmax_lse=np.bool_(True))
+    assert not out.requires_grad and torch.equal(k_cache[:, :9], k_new.detach())
+    assert torch.equal(out, fa.flash_attn_func(q, k_new, v_new, causal=True).detach())
+
+
+def test_bert_padding_helpers():
+    """flash_cuda.bert_padding as FlashAttention's (v2.6+): unpad_input's five values with an
+    unused_mask, the concatenated-sequences variant, index_first_axis / index_put_first_axis and
+    pad_input, each against loops over the tokens; then varlen attention on what it returns
+    equals attention per sequence."""
+    from flash_cuda import bert_padding as bp
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, 2, 8, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+    unused = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    xu, idx, cu, mx, used = bp.unpad_input(x, mask, unused)
+    kept = [(b, s) for b in range(3) for s in range(6) if mask[b, s] or unused[b, s]]
+    assert idx.tolist() == [b * 6 + s for b, s in kept] and torch.equal(xu, torch.stack([x[b, s] for b, s in kept]))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 9, 10] and mx == 5 and used.tolist() == [3, 4, 0]
+    assert torch.equal(bp.pad_input(xu, idx, 3, 6), x * (mask.bool() | unused)[..., None, None])
+    assert torch.equal(bp.index_first_axis(x.reshape(18, 2, 8), idx), xu)
+    assert torch.equal(bp.index_put_first_axis(xu, idx, 18).reshape(3, 6, 2, 8), bp.pad_input(xu, idx, 3, 6))
+    r = bp.unpad_input(x, mask)
+    assert len(r) == 5 and r[0].shape[0] == 7 and r[2].tolist() == [0, 3, 7, 7] and r[4].tolist() == [3, 4, 0]
+    (bp.pad_input(xu, idx, 3, 6) * 2).sum().backward()
+    assert torch.equal(x.grad, 2 * (mask.bool() | unused)[..., None, None].expand_as(x).float())
+
+    in_length = torch.tensor([[2, 3, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    xu, idx, cu, mx = bp.unpad_input_for_concatenated_sequences(x, in_length)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14] and mx == 6
+    assert cu.tolist() == [0, 2, 5, 11, 12, 13, 14]
+    q = xu.detach()
+    out = flash_cuda.varlen_attention(q, q, q, cu, cu, mx, mx, causal=True)
+    c = cu.tolist()
+    for a, b in zip(c, c[1:]):
+        seq = q[a:b].transpose(0, 1)[None].double()
+        ref = attention_ref(seq, seq, seq, causal=True)[0][0].transpose(0, 1)
+        assert (out[a:b].double() - ref).abs().max() < 1e-5
+
+    for call, exc, match in [
+            (lambda: bp.unpad_input(x, mask, unused[:2]), ValueError, "unused_mask must be \\(B, S\\)"),
+            (lambda: bp.unpad_input(x, mask * -1e9), ValueError, "attention_mask must be a padding mask"),
+            (lambda: bp.unpad_input(x[0, 0], mask), ValueError, "attention_mask must be \\(B, S\\) matching "
+                                                                "hidden_states"),
+            (lambda: bp.index_first_axis(x.reshape(18, 2, 8), idx + 5), ValueError, "indices must be in \\[0, 18\\)"),
+            (lambda: bp.index_first_axis(x.reshape(18, 2, 8), idx.int()), TypeError, "indices must be a 1-D int64"),
+            (lambda: bp.index_put_first_axis(xu, idx, -1), ValueError, "first_axis_dim must be a non-negative int"),
+            (lambda: bp.index_put_first_axis(xu, idx[:3], 18), ValueError, "indices must have one entry per row of values"),
+            (lambda: bp.pad_input(xu, idx, 2, 6), ValueError, "indices must be in \\[0, batch \\* seqlen\\)"),
+            (lambda: bp.unpad_input_for_concatenated_sequences(x, in_length * 2), ValueError, "attention_mask_in_length must hold .* sum per row"),
+            (lambda: bp.unpad_input_for_concatenated_sequences(x, in_length.float()), TypeError, "attention_mask_in_length must be an integer tensor")]:
+        with pytest.raises(exc, match=r"flash_cuda.bert_padding.\w+: " + match):
+            call()
