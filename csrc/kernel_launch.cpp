@@ -326,6 +326,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at:
   const double scale_pos = scale > 0 ? scale : (scale < 0 ? -scale : 1.0);
   const at::Tensor q = aligned_input(q_pos), k = aligned_input(k_in), v = aligned_input(v_in);
   at::Tensor o = aligned_output(out);
+  if (packed) {  // rows past cu_seqlens_q[B] (a buffer with room to spare) belong to no launch
+    o.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
   FwdParams p{};
   static_cast<AttnShape&>(p) = attn_shape(q, k, scale_pos, opt, packed);
   p.q = ref(q, packed);
@@ -383,6 +387,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
   const at::Tensor q = aligned_input(q_in), k = aligned_input(k_in), v = aligned_input(v_in);
   const at::Tensor out = aligned_input(out_in), dout = aligned_input(dout_in);
   const at::Tensor dq = aligned_output(dq_out), dk = aligned_output(dk_out), dv = aligned_output(dv_out);
+  if (packed) {  // nor in the backward: rows past cu_seqlens[B] get zero gradients
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
   BwdParams p{};
   static_cast<AttnShape&>(p) = attn_shape(q, k, scale, opt, packed);
   p.mod.dbias = dbias_t.defined() ? dbias_t.data_ptr<float>() : nullptr;

@@ -244,7 +244,9 @@ void check_cu_seqlens_tensor(const at::Tensor& cu, const char* name, const at::T
 }
 
 // The validated cumulative sequence lengths of a CPU tensor (host values): int32 (B + 1,),
-// starting at 0, non-decreasing, ending at total; each length at most max_seqlen.
+// starting at 0, non-decreasing, ending at most at total (rows past the end belong to no
+// sequence, as a caller's buffer with room to spare in FlashAttention); each length at most
+// max_seqlen.
 std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
   const at::Tensor c = cu.to(at::kLong).contiguous();
   std::vector<int64_t> v(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
@@ -255,7 +257,7 @@ std::vector<int64_t> check_cu_seqlens(const at::Tensor& cu, const char* name, in
     TORCH_CHECK(v[b + 1] - v[b] <= max_seqlen, "flash_cuda: sequence ", b, " has ", v[b + 1] - v[b],
                 " tokens, more than max_seqlen (", max_seqlen, ") for ", name);
   }
-  TORCH_CHECK(v.back() == total, "flash_cuda: the last entry of ", name, " must be the total number of tokens (",
+  TORCH_CHECK(v.back() <= total, "flash_cuda: the last entry of ", name, " must be at most the number of tokens (",
               total, "), got ", v.back());
   return v;
 }

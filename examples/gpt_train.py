@@ -90,7 +90,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="30 steps of a smaller model (a smoke run)")
     args = ap.parse_args(argv)
     steps, (B, N, d, layers) = (30, (8, 64, 64, 2)) if args.quick else (200, (16, 256, 128, 4))
-    steps = args.steps or steps
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
+    steps = steps if args.steps is None else args.steps
     vocab, dtype = 32, torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)
     base = GPT(vocab, N, d, layers, 4, 2, "flash_cuda").to(args.device, dtype)

@@ -56,7 +56,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     ap.add_argument("--quick", action="store_true", help="10 steps (a smoke run)")
     args = ap.parse_args(argv)
-    steps = args.steps or (10 if args.quick else 40)
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
+    steps = args.steps if args.steps is not None else (10 if args.quick else 40)
     vocab, B, N = 64, 8, 32
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

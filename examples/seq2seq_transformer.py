@@ -230,16 +230,19 @@ def train(model, steps, B, device, seed, lr=2e-3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 800, 500 with --quick)")
     ap.add_argument("--lengths", choices=("mask", "varlen"), default="mask",
                     help="the encoder's variable lengths: key-padding mask or packed varlen_attention")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and flash_cuda.has_cuda_kernels() else "cpu")
     ap.add_argument("--plot", default="seq2seq_loss.png")
     ap.add_argument("--quick", action="store_true", help="fewer steps, smaller model (CI); still reaches 99%%")
     args = ap.parse_args(argv)
-    steps, B, size = (args.steps, 64, dict(d=128, layers=3, ff=512))
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
+    steps, B, size = (800, 64, dict(d=128, layers=3, ff=512))
     if args.quick:
         steps, B, size = 500, 32, dict(d=64, layers=2, ff=256)
+    steps = steps if args.steps is None else args.steps
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)
     base = Seq2Seq(**size).to(args.device)

@@ -543,7 +543,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D), every sequence's tokens back to back (any
     strides with stride(-1) == 1). cu_seqlens_q, cu_seqlens_k: int32 (B + 1,), starting at 0,
-    non-decreasing, ending at total_q / total_k: sequence b is queries
+    non-decreasing, ending at most at total_q / total_k (rows past the end belong to no sequence:
+    out 0, lse -inf, zero gradients): sequence b is queries
     cu_seqlens_q[b]:cu_seqlens_q[b+1] against keys cu_seqlens_k[b]:cu_seqlens_k[b+1], and
     nothing else. max_seqlen_q/k: ints at least every sequence's length. causal (bottom-right
     per sequence), scale, window, softcap, alibi_slopes ((Hq,) or (B, Hq)) and dropout_p / generator
@@ -591,8 +592,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         lengths = [b - a for a, b in zip(c, c[1:])]
         if any(n < 0 for n in lengths):
             raise ValueError(f"{fn}: {name} must be non-decreasing, got {c}")
-        if c[-1] != total:
-            raise ValueError(f"{fn}: the last entry of {name} must be the total number of tokens ({total}), "
+        if c[-1] > total:
+            raise ValueError(f"{fn}: the last entry of {name} must be at most the number of tokens ({total}), "
                              f"got {c[-1]}")
         if lengths and max(lengths) > mx:
             raise ValueError(f"{fn}: max_seqlen {mx} is smaller than the longest sequence ({max(lengths)}) of {name}")

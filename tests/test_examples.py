@@ -67,3 +67,19 @@ def test_seq2seq_decoding_on_the_cuda_kernels():
                 tokens = torch.cat([tokens, model(src, tokens)[:, -1:].argmax(-1)], 1)
     assert {"flash_fwd_kvcache", "kv_append"} <= {l["kernel"].split("<")[0] for l in emu.launches}
     assert torch.equal(cached, tokens[:, 1:])
+
+
+@pytest.mark.parametrize("name", ["gpt_train", "hf_llama", "seq2seq_transformer"])
+def test_steps_flag(name, tmp_path):
+    """--steps wins over --quick's step count in every example, and 0 is refused (it ran the
+    default count, and seq2seq's --quick ran 500 steps whatever --steps said)."""
+    if name == "hf_llama":
+        pytest.importorskip("transformers")
+    script = load(name)
+    with pytest.raises(SystemExit):
+        script.main(["--quick", "--steps", "0"])
+    plot = [] if name == "hf_llama" else ["--plot", str(tmp_path / "loss.png")]
+    res = script.main(["--quick", "--steps", "3", *plot])
+    losses = {"gpt_train": lambda: res["flash_cuda"], "hf_llama": lambda: res["flash_cuda"][0],
+              "seq2seq_transformer": lambda: res["flash_cuda"]["losses"]}[name]()
+    assert len(losses) == 3

@@ -384,10 +384,43 @@ def test_cu_seqlens_decreasing():
                                                                                                     dtype=torch.int32))
 
 
-def test_cu_seqlens_last_entry_not_total():
-    with pytest.raises(ValueError, match=r"the last entry of cu_seqlens_q must be the total number of tokens \(7\), "
-                                         r"got 6"):
-        call(cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32))
+def test_cu_seqlens_last_entry_past_total():
+    with pytest.raises(ValueError, match=r"the last entry of cu_seqlens_q must be at most the number of tokens \(7\), "
+                                         r"got 8"):
+        call(cu_seqlens_q=torch.tensor([0, 3, 8], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("where", ["cpu", "emulated", "emulated_d40"])
+def test_buffers_with_room_to_spare(where):
+    """cu_seqlens ending before the tensors' ends (a static buffer with room to spare, as
+    FlashAttention allows): the sequences' rows are those of the call on exactly their tokens, bit
+    for bit, and the spare rows belong to no sequence: out 0, lse -inf, zero gradients (the
+    kernels' outputs start zeroed for packed calls: FlashAttention leaves these rows undefined)."""
+    d = 40 if where == "emulated_d40" else 32
+    dtype = torch.float32 if where == "cpu" else torch.bfloat16
+    lens_q, lens_k, spare_q, spare_k = [5, 9], [12, 0], 6, 3
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(sum(lens_q) + spare_q, 2, d, generator=g).to(dtype)
+    k, v = (torch.randn(sum(lens_k) + spare_k, 1, d, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g).to(dtype)
+    cq, ck = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    tq, tk = sum(lens_q), sum(lens_k)
+    ctx = nullcontext() if where == "cpu" else flash_cuda.emulate(check=True)
+
+    def run(q, k, v, dout):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = flash_cuda.varlen_attention(*leaves, cq, ck, 9, 12, causal=True, return_lse=True)
+        return (out, lse, *torch.autograd.grad(out, leaves, dout))
+
+    with ctx:
+        spare = run(q, k, v, dout)
+        exact = run(q[:tq], k[:tk], v[:tk], dout[:tq])
+    out, lse, dq, dk, dv = spare
+    for a, b, n, dim in zip(spare, exact, (tq, None, tq, tk, tk), (0, 1, 0, 0, 0)):
+        n = tq if n is None else n
+        assert torch.equal(a.narrow(dim, 0, n), b)
+    assert not out[tq:].any() and not dq[tq:].any() and not dk[tk:].any() and not dv[tk:].any()
+    assert bool((lse[:, tq:] == float("-inf")).all())
 
 
 def test_cu_seqlens_of_different_lengths():

@@ -1,10 +1,13 @@
 // CPU backend of the packed (varlen) ops: each sequence of the batch is one attention problem on
 // views into the packed tensors, computed by attention_fwd / attention_bwd (no padding, no
-// copies of the inputs). Sequence b: queries [cu_q[b], cu_q[b+1]) to keys [cu_k[b], cu_k[b+1]).
+// copies of the inputs). Sequence b: queries [cu_q[b], cu_q[b+1]) to keys [cu_k[b], cu_k[b+1]);
+// rows past cu[B] belong to no sequence: out 0, lse -inf, gradients 0.
 #include "varlen_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+
+#include <limits>
 
 #include "attention_cpu.h"
 
@@ -39,6 +42,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
     seq_view(out, qs, qe).copy_(o);
     lse.narrow(1, qs, qe - qs).copy_(l[0]);
   }
+  // rows past the last sequence (a buffer with room to spare) see no key
+  const int64_t end = cu_q.back();
+  out.narrow(0, end, q.size(0) - end).zero_();
+  lse.narrow(1, end, q.size(0) - end).fill_(-std::numeric_limits<double>::infinity());
   return {out, lse};
 }
 
