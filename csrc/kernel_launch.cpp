@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "emu/pin_options.h"
 #include "emu/runtime.h"
 #include "kernels/api.h"
 
@@ -305,6 +306,7 @@ emu::Buffer kernel_footprint(const at::Tensor& x, bool writable) {
 std::tuple<at::Tensor, at::Tensor> fwd_kernels(const at::Tensor& q_in, const at::Tensor& k_in,
                                                const at::Tensor& v_in, const AttnOptions& opt_in, Executor executor,
                                                const std::optional<Packed>& packed) {
+  const emu::PinOptions pin;  // (emulated: one device profile for the whole call)
   const Dtype dtype = check_kernel_inputs(q_in, executor, /*fp32=*/true);
   if (q_in.numel() > 0 && k_in.size(2) > 0) check_launch_limits(q_in, k_in, packed);  // (else no launch)
   const AttnOptions opt = kernel_options(opt_in);
@@ -361,6 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_kernels(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt_in,
     bool deterministic_in, Executor executor, const std::optional<Packed>& packed) {
+  const emu::PinOptions pin;  // (emulated: one device profile for the whole call)
   const Dtype dtype = check_kernel_inputs(q_in, executor, /*fp32=*/true);
   if (q_in.numel() > 0 && k_in.numel() > 0) check_launch_limits(q_in, k_in, packed);  // (else no launch)
   const AttnOptions opt = kernel_options(opt_in);
@@ -462,6 +465,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
                                                    const at::Tensor& cache_seqlens,
                                                    const std::optional<at::Tensor>& block_table,
                                                    const AttnOptions& opt_in, int64_t num_splits, Executor executor) {
+  const emu::PinOptions pin;  // (emulated: one device profile for the whole call)
   const Dtype dtype = check_kernel_inputs(q_in, executor);
   const DeviceLimits dev = device_limits(q_in, executor);
   for (const at::Tensor* c : {&k_cache, &v_cache})

@@ -7,7 +7,6 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (registers torch.ops.flash_cuda)
-from .emulate import runs_cuda_kernels
 
 
 def accumulation_dtype(dtype):
@@ -49,11 +48,9 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, determ
     B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if not (bias_grad and bias is not None):
         dbias = q.new_empty((0,), dtype=acc)
-    elif runs_cuda_kernels(q):
-        # as csrc/kernel_launch.cpp returns it: written transposed, [B][Hq][Nk][Nq rounded up to 8]
+    else:  # as both backends return it (one layout: a compiled graph must not depend on emulate())
+        # written transposed, [B][Hq][Nk][Nq rounded up to 8]
         dbias = q.new_empty((B, H, Nk, (Nq + 7) // 8 * 8), dtype=acc)[..., :Nq].transpose(2, 3)
-    else:
-        dbias = q.new_empty((B, H, Nq, Nk), dtype=acc)
     return dq, dk, dv, dbias
 
 

@@ -467,3 +467,48 @@ def test_backward_per_key_chunk_with_the_whole_lse():
         want = {"dq": dS @ kc, "dk": dS.transpose(-1, -2) @ qd, "dv": P.transpose(-1, -2) @ dod}
         for name, a, r in zip(("dq", "dk", "dv"), (gq, gk, gv), want.values()):
             assert (a.double() - r).abs().max() <= 2e-3 * r.abs().max() + 1e-5, (c, name)
+
+
+def test_profile_names_with_control_characters():
+    """The launch records reach Python as JSON: a profile name with a tab or another control
+    character made the context's exit raise a JSONDecodeError (and lose the records)."""
+    q = torch.randn(1, 1, 8, 32).half()
+    name = "tab\there\x01, \"quoted\", é"
+    with emulate(device=DeviceProfile(name, (8, 0), 4, 163 * KIB)) as emu:
+        flash_cuda.attention(q, q, q)
+    assert emu.launches and all(r["device"] == name for r in emu.launches)
+
+
+def test_a_call_keeps_its_profile_while_another_thread_changes_it():
+    """One op runs several kernels under one device profile: a call in flight while another
+    thread entered or left emulate() picked its tiles for one card and was checked against
+    another's limits (about half of such calls failed: "launch exceeds the t4's limits", or a
+    Turing kernel trapping under an sm_80 profile)."""
+    import threading
+    q, k, v, do = (torch.randn(1, 4, 64, 128, generator=torch.Generator().manual_seed(i)).half() for i in range(4))
+    ref = attention_ref(*(x.double() for x in (q, k, v)), causal=True)[0]
+    errors, done, stop = [], [0], threading.Event()
+
+    def worker():
+        while not stop.is_set() and done[0] < 12:
+            try:
+                leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+                out = flash_cuda.attention(*leaves, causal=True)
+                out.backward(do)
+                if (out.double() - ref).abs().max() > 1e-2 or not all(x.grad.isfinite().all() for x in leaves):
+                    errors.append("wrong result")
+            except Exception as err:  # noqa: BLE001 (the test collects what any call raised)
+                errors.append(f"{type(err).__name__}: {str(err)[:120]}")
+            done[0] += 1
+
+    t = threading.Thread(target=worker)
+    with emulate(device="a100"):  # (a context open before the worker's first call)
+        t.start()
+    i = 0
+    while t.is_alive() and i < 20000:
+        with emulate(device=("t4", "a100", "l4", "h100")[i % 4]):
+            pass
+        i += 1
+    stop.set()
+    t.join()
+    assert done[0] > 0 and errors == [], errors

@@ -207,6 +207,44 @@ def test_mask_gradient_compiles_and_passes_opcheck():
     assert eager_grads[3].abs().sum() > 0
 
 
+def test_mask_gradient_has_one_layout_on_both_backends():
+    """dL/d mask in the kernels' transposed layout from the CPU backend too: the fake kernel gives
+    one layout, so a graph compiled on one side of emulate() and replayed on the other (torch
+    caches compiled graphs in memory and on disk, keyed without it) read the CPU backend's dense
+    dbias with the kernels' strides: a size assertion, or with size_asserts off a dbias 5.7 off."""
+    B, Hq, Nq, Nk, D = 1, 2, 9, 11, 16
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, D, torch.float16, seed=9)
+    mask = torch.randn(B, Hq, Nq, Nk, generator=torch.Generator().manual_seed(10))
+    out, lse = torch.ops.flash_cuda.fwd(q, k, v, 0.25, False, True, False, -1, -1, 0.0, None, mask)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, 0.25, False, True, False, -1, -1, 0.0, None, mask, True)
+    cpu = torch.ops.flash_cuda.bwd(*args)[3]
+    with emulate(check=False):
+        kernels = torch.ops.flash_cuda.bwd(*args)[3]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = torch.ops.flash_cuda.bwd(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                          for a in args))[3]
+    assert cpu.shape == kernels.shape == fake.shape == (B, Hq, Nq, Nk)
+    assert cpu.stride() == kernels.stride() == fake.stride() == (Hq * Nk * 16, Nk * 16, 1, 16)
+    assert (cpu - kernels).abs().max() < 1e-3 and cpu.abs().sum() > 0
+
+    def f(q, k, v, mask):
+        return flash_cuda.attention(q, k, v, attn_mask=mask * 3.0)
+
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for inside in (False, True, False):
+        with (emulate(check=False) if inside else torch.enable_grad()):
+            pair = []
+            for fn in (f, compiled):
+                leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, mask)]
+                o = fn(*leaves)
+                pair.append(torch.autograd.grad(o.float().square().sum(), leaves)[3])
+            results.append(pair)
+    for eager, comp in results:
+        assert torch.equal(eager, comp)
+
+
 # ---------------------------------------------------------------- counters
 def fwd_tiles(D, mod):
     """(query rows, keys) per forward tile (csrc/kernels/traits.h FwdTraits)."""

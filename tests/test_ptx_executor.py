@@ -255,6 +255,11 @@ def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
         torch.ops.flash_cuda._emu_ptx_check(module("  add.u32 %r1, %r2"), "t")  # no ';'
     with pytest.raises(ValueError):
         torch.ops.flash_cuda._emu_ptx_check(module("  add.u32 %r1, %nope, 1;"), "t")  # undeclared register
+    # a register count past any kernel's (or past long's range) is refused at once: it looped,
+    # declaring registers until memory ran out
+    for count in ("99999999999999999999", "2000000", "-3", "12x"):
+        with pytest.raises(ValueError, match=r"register count must be an integer in \[0, 1048576\]"):
+            torch.ops.flash_cuda._emu_ptx_check(module("", regs=f"  .reg .b32 %q<{count}>;"), "t")
 
 
 # ---- every instantiation -------------------------------------------------------------------------

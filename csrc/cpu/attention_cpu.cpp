@@ -352,6 +352,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const BandMask band = opt.band(Nq, Nk);
   Mods<acc_t> mods(opt, Hq);
   mods.dbias = dbias.defined() ? dbias.data_ptr<acc_t>() : nullptr;
+  mods.dbias_ld = dbias.defined() ? dbias.stride(3) : 0;
   const Drop<acc_t> drop(opt, Hq);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
@@ -489,9 +490,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             if (z)
               for (int64_t r = 0; r < rows; ++r) mul_row(p + at + r * ld, z + at + r * ld, cols);
           }
-          if (mods.dbias)  // dL/d bias = dS'; every (b, h, i, j) is visited once: plain stores
-            for (int64_t r = 0; r < br; ++r)
-              std::copy(ds + r * ld, ds + r * ld + bc, mods.dbias + ((b * Hq + h) * Nq + i0 + r) * Nk + j0);
+          if (mods.dbias)  // dL/d bias = dS', stored transposed; every (b, h, i, j) is visited once
+            for (int64_t c = 0; c < bc; ++c) {
+              acc_t* col = mods.dbias + ((b * Hq + h) * Nk + j0 + c) * mods.dbias_ld + i0;
+              for (int64_t r = 0; r < br; ++r) col[r] = ds[r * ld + c];
+            }
           if (cap)  // dS = dS' d(capped)/ds (0 where dS' is)
             for (int64_t r = 0; r < br; ++r)
               for (int64_t c = 0; c < bc; ++c) ds[r * ld + c] *= cap[r * ld + c];
@@ -658,8 +661,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt) {
   const auto acc = at::toOpMathType(q.scalar_type());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  // dL/d bias: dense; entries of keys a row never visits (outside the band) stay 0
-  at::Tensor dbias = opt.bias_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options().dtype(acc))
+  // dL/d bias: in the kernels' layout (csrc/kernel_launch.cpp: [B][Hq][Nk][Nq rounded up to 8],
+  // seen as (B, Hq, Nq, Nk)), so that a compiled graph, whose fake function gives one layout, is
+  // right on either backend (a graph compiled inside flash_cuda.emulate() and replayed outside, or
+  // the other way round, read the dense layout with the transposed strides: a dbias 5.7 off);
+  // entries of keys a row never visits (outside the band) stay 0
+  const int64_t nq_pad = (q.size(2) + 7) / 8 * 8;
+  at::Tensor dbias = opt.bias_grad ? at::zeros({q.size(0), q.size(1), k.size(2), nq_pad}, q.options().dtype(acc))
+                                         .narrow(3, 0, q.size(2))
+                                         .transpose(2, 3)
                                    : at::Tensor();
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();

@@ -75,7 +75,8 @@ struct Mods {
   int64_t alibi_bstride = 0;
   const acc_t* bias = nullptr;   // [B][Hq][Nq][Nk] with strides bs (0 on broadcast dims)
   int64_t bs[4] = {0, 0, 0, 0};
-  acc_t* dbias = nullptr;        // dense [B][Hq][Nq][Nk], or nullptr
+  acc_t* dbias = nullptr;        // transposed [B][Hq][Nk][dbias_ld >= Nq], or nullptr
+  int64_t dbias_ld = 0;
   bool any = false;
 
   Mods(const AttnOptions& o, int64_t hq) {

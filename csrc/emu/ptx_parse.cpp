@@ -3,6 +3,7 @@
  * (https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#syntax). */
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -62,6 +63,10 @@ const char* op_name(Op op) {
 }
 
 namespace {
+
+// The most registers of one kind a .reg %r<N> may declare: nvcc's largest in the packaged PTX is
+// about 20 thousand
+constexpr long kMaxRegs = 1L << 20;
 
 [[noreturn]] void fail(int line, const std::string& what) {
   throw std::invalid_argument("PTX line " + std::to_string(line) + ": " + what);
@@ -345,7 +350,13 @@ class Parser {
         const size_t lt = name.find('<');
         if (lt != std::string::npos) {  // %r<N>: %r0 .. %r(N-1)
           const std::string base = name.substr(0, lt);
-          const long count = std::strtol(name.c_str() + lt + 1, nullptr, 10);
+          char* end = nullptr;
+          errno = 0;
+          const long count = std::strtol(name.c_str() + lt + 1, &end, 10);
+          // nvcc declares what a kernel uses (a few thousand at most); past kMaxRegs a typo
+          // or an overflow would insert registers until memory runs out
+          if (errno != 0 || end == name.c_str() + lt + 1 || *end != '>' || count < 0 || count > kMaxRegs)
+            fail(line_, "register count must be an integer in [0, " + std::to_string(kMaxRegs) + "]: " + s);
           for (long k = 0; k < count; ++k) declare(base + std::to_string(k), t);
         } else {
           declare(name, t);

@@ -3,6 +3,8 @@
  * ldmatrix lane/address rules, cp.async groups, shfl.sync pseudo-code and the bank model. */
 #include "runtime.h"
 
+#include "pin_options.h"  // (defined here)
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -11,6 +13,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -690,9 +693,21 @@ void set_options(const Options& o) {
   ptx::clear_cache();  // a new session may replace kernels' PTX
 }
 
+namespace {
+thread_local std::optional<Options> g_pinned;  // the calling op's options (PinOptions)
+}
+
 Options options() {
+  if (g_pinned) return *g_pinned;
   std::lock_guard<std::mutex> g(g_session_mutex);
   return g_options;
+}
+
+PinOptions::PinOptions() : outer_(!g_pinned) {
+  if (outer_) g_pinned = options();
+}
+PinOptions::~PinOptions() {
+  if (outer_) g_pinned.reset();
 }
 
 std::vector<LaunchRecord> take_records() {
@@ -994,8 +1009,8 @@ std::string records_json(const std::vector<LaunchRecord>& records) {
     o << '"';
     for (char ch : s) {
       if (ch == '"' || ch == '\\') o << '\\' << ch;
-      else if (ch == '\n') o << "\\n";
-      else o << ch;
+      else if (static_cast<unsigned char>(ch) < 0x20) o << "\\u00" << "0123456789abcdef"[ch >> 4] << "0123456789abcdef"[ch & 15];
+      else o << ch;  // (UTF-8 bytes pass through: JSON text is UTF-8)
     }
     o << '"';
   };
