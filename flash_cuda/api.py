@@ -9,6 +9,7 @@ import numbers
 import sys
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import ops
 from .emulate import emulate, runs_cuda_kernels
@@ -393,8 +394,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     with stride 0), causal masks aligned to the top-left corner (query i sees keys j <= i),
     enable_gqa as in torch (key and value heads each divide the query heads; without it the
     head dim broadcasts like the others), attn_mask broadcastable to (..., L, S): bool (True =
-    takes part) or floating (added to the scores), not together with is_causal (torch rejects
-    it too); a row whose keys are all masked gives 0, as torch does; dropout_p > 0 applies
+    takes part) or floating (added to the scores), or a torch.nn.attention.bias CausalBias
+    (causal_upper_left, causal_lower_right: the causal mask aligned to that corner), not together
+    with is_causal (torch rejects it too); a row whose keys are all masked gives 0, as torch does; dropout_p > 0 applies
     dropout as attention() does (torch semantics: whenever dropout_p > 0, from the default
     generator of query's device); dropout_p = 1 drops every probability, the output is 0 (as
     torch). Under torch.autocast, floating inputs other than float64 (the mask included) are
@@ -402,6 +404,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Not supported yet, with a NotImplementedError: a value head dim different from the query's.
     """
     fn = "flash_cuda.scaled_dot_product_attention"
+    bottom_right, causal_bias = False, None
+    if isinstance(attn_mask, CausalBias):  # torch.nn.attention.bias.causal_upper_left / causal_lower_right
+        if is_causal is True:
+            raise ValueError(f"{fn}: attn_mask (a CausalBias) must not be used with is_causal=True (torch rejects "
+                             "the combination too)")
+        causal_bias, attn_mask, is_causal = attn_mask, None, True
+        bottom_right = causal_bias.variant == CausalVariant.LOWER_RIGHT
     if attn_mask is not None and is_causal is True:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
                          "too); fold the causal mask into attn_mask instead")
@@ -437,6 +446,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     batch, heads, (k, v) = _sdpa_heads(fn, query, key, value, enable_gqa)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     out_shape = (*batch, heads, L, E) if max(query.dim(), key.dim(), value.dim()) >= 3 else (L, E)
+    if causal_bias is not None and (causal_bias.seq_len_q, causal_bias.seq_len_kv) != (L, S):
+        raise ValueError(f"{fn}: attn_mask (a CausalBias) must be made for the query and key lengths ({L}, {S}), "
+                         f"got one for ({causal_bias.seq_len_q}, {causal_bias.seq_len_kv})")
     B = math.prod(batch)
     # (B, H, N, E) for the op: broadcast dims are stride-0 views (a copy only where several batch
     # dims, some broadcast, cannot be merged); their gradients are summed by autograd
@@ -460,8 +472,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = _check_scale(fn, scale, q.shape[-1], q.dtype)
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, S, out_shape[:-1] + (S,))
     rng_state = _rng_state(q, S, dropout_p, None)
-    out, _ = ops.fwd(q, k, v, scale, is_causal, False, torch.are_deterministic_algorithms_enabled(), -1, -1, 0.0,
-                     None, bias, dropout_p, rng_state)
+    out, _ = ops.fwd(q, k, v, scale, is_causal, bottom_right, torch.are_deterministic_algorithms_enabled(), -1, -1,
+                     0.0, None, bias, dropout_p, rng_state)
     if drop_all:  # torch's P * 0: zeros (NaN where P or V has one), gradients 0
         out = out * 0.0
     return out.reshape(out_shape)

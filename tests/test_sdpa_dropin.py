@@ -445,3 +445,41 @@ def test_randomised_broadcasts(seed):
         for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), ours, ref):
             assert a.shape == b.shape, (desc, name, a.shape, b.shape)
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{desc}: {name}")
+
+
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("L,S", [(5, 9), (9, 5), (7, 7)])
+def test_causal_bias_masks_like_torch(variant, L, S):
+    """torch.nn.attention.bias's CausalBias as attn_mask: the causal mask aligned to the top-left
+    or bottom-right corner (rows that see no key give 0, as torch), against torch's own SDPA in
+    float64, outputs and gradients; fp32 and bf16 (the FA rule) beside it. A CausalBias went into
+    the float-mask path, which read its placeholder shape (B, L, S) and refused it, or lost its
+    variant under a cast."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+    make = {"upper_left": causal_upper_left, "lower_right": causal_lower_right}[variant]
+    g = torch.Generator().manual_seed(L * 10 + S)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 4, L, 16), (2, 2, S, 16), (2, 2, S, 16)))
+    dout = torch.randn(2, 4, L, 16, generator=g, dtype=torch.float64)
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        with pytest.warns(UserWarning) if variant == "lower_right" and L > S else nullcontext():
+            bias = make(L, S)
+        out = fn(*leaves, attn_mask=bias, enable_gqa=True)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = run(F.scaled_dot_product_attention, torch.float64)
+        plain = run(F.scaled_dot_product_attention, torch.bfloat16)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run(flash_cuda.scaled_dot_product_attention, torch.float32), ref):
+        assert_close_fp(name, a, b.float(), rtol=5e-5)
+    for i, (name, a) in enumerate(zip(("out", "dq", "dk", "dv"),
+                                      run(flash_cuda.scaled_dot_product_attention, torch.bfloat16))):
+        assert max_err(a, ref[i]) <= (2 if i == 0 else 3) * max_err(plain[i], ref[i]) + 1e-5, name
+    if variant == "lower_right" and L > S:
+        assert not ref[0][:, :, :L - S].any()
+    with pytest.raises(ValueError, match="attn_mask \\(a CausalBias\\) must not be used with is_causal=True"):
+        flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(L, S), is_causal=True,
+                                                enable_gqa=True)
+    with pytest.raises(ValueError, match=f"made for the query and key lengths \\({L}, {S}\\), got one for"):
+        flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(L + 1, S), enable_gqa=True)
