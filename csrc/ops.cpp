@@ -617,7 +617,8 @@ TORCH_LIBRARY(flash_cuda, m) {
         " Tensor? alibi_slopes=None, Tensor? bias=None, float dropout_p=0.0, Tensor? rng_state=None)"
         " -> (Tensor out, Tensor lse)");
   // dlse: optional gradient flowing into lse (None when lse was not used). dbias: dL/d bias,
-  // dense (B, Hq, Nq, Nk), when bias_grad; else an empty tensor. out and lse may come from a
+  // (B, Hq, Nq, Nk) over the kernels' transposed storage [B][Hq][Nk][Nq rounded up to 8] on every
+  // backend, when bias_grad; else an empty tensor. out and lse may come from a
   // forward over more keys than k and v (blockwise or ring attention: the chunks' gradients sum
   // to the whole's); the CPU backend's exact one-hot rows check lse against the row's own keys.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"

@@ -209,7 +209,9 @@ def exact_match(model, src, tgt_out):
 
 def train(model, steps, B, device, seed, lr=2e-3):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # (OneCycleLR divides by pct_start * total_steps - 1: 0 at 10 steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.1 if steps != 10 else 0.15)
     g = torch.Generator().manual_seed(seed)
     losses, t0 = [], time.perf_counter()
     model.train()

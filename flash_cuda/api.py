@@ -406,6 +406,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     fn = "flash_cuda.scaled_dot_product_attention"
     bottom_right, causal_bias = False, None
     if isinstance(attn_mask, CausalBias):  # torch.nn.attention.bias.causal_upper_left / causal_lower_right
+        _check_flag(fn, "is_causal", is_causal)
         if is_causal is True:
             raise ValueError(f"{fn}: attn_mask (a CausalBias) must not be used with is_causal=True (torch rejects "
                              "the combination too)")
@@ -446,9 +447,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     batch, heads, (k, v) = _sdpa_heads(fn, query, key, value, enable_gqa)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     out_shape = (*batch, heads, L, E) if max(query.dim(), key.dim(), value.dim()) >= 3 else (L, E)
-    if causal_bias is not None and (causal_bias.seq_len_q, causal_bias.seq_len_kv) != (L, S):
-        raise ValueError(f"{fn}: attn_mask (a CausalBias) must be made for the query and key lengths ({L}, {S}), "
-                         f"got one for ({causal_bias.seq_len_q}, {causal_bias.seq_len_kv})")
+    # (torch runs an upper-left CausalBias as is_causal on the inputs' lengths, whatever it was made
+    # for; a lower-right one made for other lengths it refuses)
+    if bottom_right and (causal_bias.seq_len_q, causal_bias.seq_len_kv) != (L, S):
+        raise ValueError(f"{fn}: attn_mask (a lower-right CausalBias) must be made for the query and key lengths "
+                         f"({L}, {S}), got one for ({causal_bias.seq_len_q}, {causal_bias.seq_len_kv})")
     B = math.prod(batch)
     # (B, H, N, E) for the op: broadcast dims are stride-0 views (a copy only where several batch
     # dims, some broadcast, cannot be merged); their gradients are summed by autograd

@@ -152,7 +152,9 @@ class emulate:
     """Context manager; see the module docstring. Process-wide: while one is active, flash_cuda's
     calls on CPU tensors from every thread run the emulated kernels (float64 ones are refused, as
     on a GPU) and are recorded in its launches; contexts do not nest. A call runs all its kernels
-    under the settings it started with, even if another thread leaves or enters a context.
+    under the device profile, executor, order and checks it started with, even if another thread
+    leaves or enters a context meanwhile (ptx= replacements are read at each launch, and
+    launches after the context's exit are not in its launches).
 
     order: the order in which a block's threads (and the grid's blocks) are run between
         synchronisation points: "forward", "reverse" or "random" (seeded by ``seed``).

@@ -501,14 +501,21 @@ def test_a_call_keeps_its_profile_while_another_thread_changes_it():
                 errors.append(f"{type(err).__name__}: {str(err)[:120]}")
             done[0] += 1
 
+    import time
     t = threading.Thread(target=worker)
-    with emulate(device="a100"):  # (a context open before the worker's first call)
+    launches, i = 0, 0
+    with emulate(device="a100") as emu:  # (a context open at the worker's first call)
         t.start()
-    i = 0
-    while t.is_alive() and i < 20000:
-        with emulate(device=("t4", "a100", "l4", "h100")[i % 4]):
-            pass
+        time.sleep(0.03)
+    launches += len(emu.launches)
+    while t.is_alive() and i < 2000:
+        # each context open for a few ms (most of the worker's kernels run emulated, one op's
+        # forward or backward often straddling an exit and the next entry)
+        with emulate(device=("t4", "a100", "l4", "h100")[i % 4]) as emu:
+            time.sleep(0.004 * (1 + i % 8))
+        launches += len(emu.launches)
         i += 1
     stop.set()
     t.join()
-    assert done[0] > 0 and errors == [], errors
+    assert done[0] == 12 and errors == [], errors
+    assert launches >= 24  # (the emulator ran: at least a forward and a backward launch per call)

@@ -79,7 +79,8 @@ def test_steps_flag(name, tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--quick", "--steps", "0"])
     plot = [] if name == "hf_llama" else ["--plot", str(tmp_path / "loss.png")]
-    res = script.main(["--quick", "--steps", "3", *plot])
+    steps = 10 if name == "seq2seq_transformer" else 3  # (10: OneCycleLR's division by zero at pct_start 0.1)
+    res = script.main(["--quick", "--steps", str(steps), *plot])
     losses = {"gpt_train": lambda: res["flash_cuda"], "hf_llama": lambda: res["flash_cuda"][0],
               "seq2seq_transformer": lambda: res["flash_cuda"]["losses"]}[name]()
-    assert len(losses) == 3
+    assert len(losses) == steps

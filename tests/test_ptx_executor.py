@@ -260,6 +260,10 @@ def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
     for count in ("99999999999999999999", "2000000", "-3", "12x"):
         with pytest.raises(ValueError, match=r"register count must be an integer in \[0, 1048576\]"):
             torch.ops.flash_cuda._emu_ptx_check(module("", regs=f"  .reg .b32 %q<{count}>;"), "t")
+    # likewise a thread's local frame past 512 KiB (it was allocated per thread at run time)
+    for align, size in (("4", "99999999999999999999"), ("4", "200000000000"), ("4", "524289"), ("0", "16")):
+        with pytest.raises(ValueError, match=r"PTX line \d+: \.local needs an alignment in \[1, 4096\]"):
+            torch.ops.flash_cuda._emu_ptx_check(module("", regs=f"  .local .align {align} .b8 __depot[{size}];"), "t")
 
 
 # ---- every instantiation -------------------------------------------------------------------------

@@ -481,5 +481,12 @@ def test_causal_bias_masks_like_torch(variant, L, S):
     with pytest.raises(ValueError, match="attn_mask \\(a CausalBias\\) must not be used with is_causal=True"):
         flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(L, S), is_causal=True,
                                                 enable_gqa=True)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(L, S), is_causal=1,
+                                                enable_gqa=True)
+    # as torch: an upper-left one is is_causal on the inputs' lengths, a lower-right one must match them
+    assert torch.equal(flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(L + 1, S),
+                                                               enable_gqa=True),
+                       flash_cuda.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     with pytest.raises(ValueError, match=f"made for the query and key lengths \\({L}, {S}\\), got one for"):
-        flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_upper_left(L + 1, S), enable_gqa=True)
+        flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S + 1), enable_gqa=True)

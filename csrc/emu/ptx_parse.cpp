@@ -67,6 +67,7 @@ namespace {
 // The most registers of one kind a .reg %r<N> may declare: nvcc's largest in the packaged PTX is
 // about 20 thousand
 constexpr long kMaxRegs = 1L << 20;
+constexpr size_t kMaxLocalBytes = 512 * 1024;  // a thread's local memory (.local frames)
 
 [[noreturn]] void fail(int line, const std::string& what) {
   throw std::invalid_argument("PTX line " + std::to_string(line) + ": " + what);
@@ -368,7 +369,14 @@ class Parser {
       std::smatch m;
       static const std::regex re(R"(^\.local\s+\.align\s+(\d+)\s+\.b8\s+([A-Za-z_$%][A-Za-z0-9_$]*)\[(\d+)\]\s*;?$)");
       if (!std::regex_match(s, m, re)) fail(line_, "expects .local .align A .b8 name[N]: " + s);
-      const size_t align = std::stoul(m[1]), bytes = std::stoul(m[3]);
+      // a thread's local memory is at most 512 KiB on every GPU the kernels run on (CUDA's
+      // limits table): past that, a typo or an overflow would allocate per thread until memory ran out
+      const std::string align_s = m[1], bytes_s = m[3];
+      if (align_s.size() > 7 || bytes_s.size() > 7 || std::stoul(bytes_s) > kMaxLocalBytes ||
+          std::stoul(align_s) == 0 || std::stoul(align_s) > 4096)
+        fail(line_, ".local needs an alignment in [1, 4096] and at most " + std::to_string(kMaxLocalBytes) +
+                        " bytes: " + s);
+      const size_t align = std::stoul(align_s), bytes = std::stoul(bytes_s);
       const size_t at = (prog_->local_bytes + align - 1) / align * align;
       symbols_[m[2]] = {Space::local, static_cast<int64_t>(at)};
       prog_->local_bytes = at + bytes;
