@@ -396,7 +396,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     head dim broadcasts like the others), attn_mask broadcastable to (..., L, S): bool (True =
     takes part) or floating (added to the scores), or a torch.nn.attention.bias CausalBias
     (causal_upper_left, causal_lower_right: the causal mask aligned to that corner), not together
-    with is_causal (torch rejects it too); a row whose keys are all masked gives 0, as torch does; dropout_p > 0 applies
+    with is_causal (torch rejects it too); jagged nested tensors (torch.nested, layout=torch.jagged)
+    as torch takes them, run as packed sequences (_sdpa_jagged); a row whose keys are all masked gives 0, as torch does; dropout_p > 0 applies
     dropout as attention() does (torch semantics: whenever dropout_p > 0, from the default
     generator of query's device); dropout_p = 1 drops every probability, the output is 0 (as
     torch). Under torch.autocast, floating inputs other than float64 (the mask included) are
@@ -404,6 +405,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Not supported yet, with a NotImplementedError: a value head dim different from the query's.
     """
     fn = "flash_cuda.scaled_dot_product_attention"
+    if any(getattr(x, "is_nested", False) for x in (query, key, value)):
+        return _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     bottom_right, causal_bias = False, None
     if isinstance(attn_mask, CausalBias):  # torch.nn.attention.bias.causal_upper_left / causal_lower_right
         _check_flag(fn, "is_causal", is_causal)
@@ -480,6 +483,61 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if drop_all:  # torch's P * 0: zeros (NaN where P or V has one), gradients 0
         out = out * 0.0
     return out.reshape(out_shape)
+
+
+def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The SDPA drop-in on jagged nested tensors (torch.nested, layout=torch.jagged), as torch's
+    SDPA takes them: (B, H, j, E) views of (B, j, H, E) sequences of different lengths, key and
+    value with one ragged structure, no attn_mask. They are packed sequences already: their
+    values (total, H, E) and offsets (the cu_seqlens) go to varlen_attention as they are, and
+    the output is a nested tensor on query's offsets. is_causal (top-left per sequence) needs
+    each query sequence as long as its key sequence, where both corners agree."""
+    names = ("query", "key", "value")
+    for name, x in zip(names, (query, key, value)):
+        if not (isinstance(x, torch.Tensor) and x.is_nested and x.layout == torch.jagged):
+            got = (_type_name(x) if not isinstance(x, torch.Tensor) else
+                   "a strided nested tensor" if x.is_nested else "a dense tensor")
+            raise TypeError(f"{fn}: {name} must be a jagged nested tensor (torch.nested, layout=torch.jagged) "
+                            f"when any input is one, got {got}")
+        if x.dim() != 4 or x._ragged_idx != 2:
+            raise ValueError(f"{fn}: {name} must be a (B, H, j, E) nested tensor (a (B, j, H, E) one transposed "
+                             f"with .transpose(1, 2)), got {x.dim()} dims with the ragged dim at {x._ragged_idx}")
+    if attn_mask is not None:
+        raise NotImplementedError(f"{fn}: attn_mask is not supported with nested tensors (as in torch); the "
+                                  "sequences' own lengths are the mask")
+    _check_flag(fn, "is_causal", is_causal)
+    _check_flag(fn, "enable_gqa", enable_gqa)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, j, H, E)
+    off_q, off_k, off_v = (x.offsets() for x in (q, k, v))
+    if off_k is not off_v and not (off_k.shape == off_v.shape and bool(torch.equal(off_k, off_v))):
+        raise ValueError(f"{fn}: key and value must have the same sequence lengths")
+    if off_q.shape != off_k.shape:
+        raise ValueError(f"{fn}: query and key must have the same batch size, got {off_q.numel() - 1} and "
+                         f"{off_k.numel() - 1}")
+    if is_causal and off_q is not off_k and not bool(torch.equal(off_q, off_k)):
+        raise NotImplementedError(f"{fn}: is_causal with nested tensors needs each query sequence as long as its "
+                                  "key sequence (self-attention); use flash_cuda.varlen_attention(causal=True) for "
+                                  "bottom-right alignment")
+    hq, hk, hv = (x.shape[2] for x in (q, k, v))
+    if hk != hv or (hq != hk and not (enable_gqa and hk and hq % hk == 0)):
+        raise ValueError(f"{fn}: key and value must have as many heads as query ({hq}), or with enable_gqa=True "
+                         f"a number that divides it, got {hk} and {hv}")
+    if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{fn}: query, key and value must have one head dim, got {q.shape[-1]}, {k.shape[-1]} and "
+                         f"{v.shape[-1]}")
+    dropout_p = float(dropout_p) if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) \
+        else dropout_p
+    drop_all = dropout_p == 1.0
+    lengths = [x._max_seqlen if getattr(x, "_max_seqlen", None) is not None else
+               int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for x, o in ((q, off_q), (k, off_k))]
+    vq, vk, vv = _autocast(q.values(), k.values(), v.values())
+    out = varlen_attention(vq, vk, vv, off_q.to(torch.int32), off_k.to(torch.int32), lengths[0], lengths[1],
+                           causal=is_causal, scale=scale, dropout_p=0.0 if drop_all else dropout_p)
+    if drop_all:
+        out = out * 0.0
+    nested = torch.nested.nested_tensor_from_jagged(out, off_q, min_seqlen=getattr(q, "_min_seqlen", None),
+                                                    max_seqlen=getattr(q, "_max_seqlen", None))
+    return nested.transpose(1, 2)
 
 
 def _autocast(*tensors):

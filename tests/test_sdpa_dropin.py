@@ -490,3 +490,72 @@ def test_causal_bias_masks_like_torch(variant, L, S):
                        flash_cuda.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     with pytest.raises(ValueError, match=f"made for the query and key lengths \\({L}, {S}\\), got one for"):
         flash_cuda.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S + 1), enable_gqa=True)
+
+
+def _jagged(lens, heads, d, seed, dtype, offsets=None):
+    """A (B, j, H, E) jagged nested tensor over a leaf of values (total, H, E), and the leaf."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(sum(lens), heads, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    if offsets is None:
+        offsets = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    return values, offsets, torch.nested.nested_tensor_from_jagged(values, offsets)
+
+
+@pytest.mark.parametrize("lens_q,lens_k,causal,hq,hk", [
+    ((3, 7, 5), (4, 2, 6), False, 4, 4),
+    ((3, 7, 5), None, True, 4, 2),       # self-attention lengths (key shares query's offsets), GQA
+    ((1, 0, 9, 2), (2, 0, 4, 0), False, 2, 2)], ids=["cross", "causal_gqa", "empty"])
+def test_jagged_nested_tensors_like_torch(lens_q, lens_k, causal, hq, hk):
+    """Jagged nested tensors (B, H, j, E), as torch's SDPA takes them: each sequence against its
+    own keys, outputs and gradients of the values against torch's SDPA per sequence in float64
+    (fp32 close, bf16 within the FA rule of bf16 torch per sequence); the output is nested on
+    query's offsets (the same ragged size: it adds to query). Refused: a mask, dense or strided
+    nested partners, is_causal across different lengths."""
+    gqa = hq != hk
+
+    def run(fn_kind, dtype):
+        qv, oq, q = _jagged(lens_q, hq, 16, 0, dtype)
+        kv, ok, k = _jagged(lens_k or lens_q, hk, 16, 1, dtype, None if lens_k else oq)
+        vv, _, v = _jagged(lens_k or lens_q, hk, 16, 2, dtype, ok)
+        if fn_kind == "ours":
+            out = flash_cuda.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal,
+                                                          enable_gqa=gqa)
+            assert out.is_nested and out.size(2) == q.transpose(1, 2).size(2)
+            out = out.transpose(1, 2).values()
+        else:  # torch per sequence
+            parts = []
+            for b in range(len(lens_q)):
+                qs, ks, vs = (x[o[b]:o[b + 1]].transpose(0, 1) for x, o in ((qv, oq), (kv, ok), (vv, ok)))
+                parts.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa)
+                             .transpose(0, 1) if ks.shape[1] else torch.zeros_like(qs).transpose(0, 1))
+            out = torch.cat(parts)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+        return [out, *torch.autograd.grad(out, (qv, kv, vv), dout)]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, plain = run("torch", torch.float64), run("torch", torch.bfloat16)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run("ours", torch.float32), ref):
+        assert_close_fp(name, a, b.float(), rtol=5e-5)
+    for i, a in enumerate(run("ours", torch.bfloat16)):
+        assert max_err(a, ref[i]) <= (2 if i == 0 else 3) * max_err(plain[i], ref[i]) + 1e-5, i
+
+    fn = flash_cuda.scaled_dot_product_attention
+    _, _, q = _jagged(lens_q, hq, 16, 0, torch.float32)
+    _, _, k = _jagged(lens_k or lens_q, hk, 16, 1, torch.float32)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    torch.manual_seed(0)
+    dropped = fn(q, k, k, dropout_p=0.5, enable_gqa=gqa).transpose(1, 2).values()
+    torch.manual_seed(0)
+    assert torch.equal(dropped, fn(q, k, k, dropout_p=0.5, enable_gqa=gqa).transpose(1, 2).values())
+    assert not torch.equal(dropped, fn(q, k, k, enable_gqa=gqa).transpose(1, 2).values()) or not dropped.any()
+    assert not fn(q, k, k, dropout_p=1.0, enable_gqa=gqa).transpose(1, 2).values().any()
+    with pytest.raises(NotImplementedError, match="attn_mask is not supported with nested tensors"):
+        fn(q, k, k, attn_mask=torch.ones(1, dtype=torch.bool), enable_gqa=gqa)
+    with pytest.raises(TypeError, match="key must be a jagged nested tensor .* got a dense tensor"):
+        fn(q, torch.randn(len(lens_q), hk, 5, 16), k, enable_gqa=gqa)
+    strided = torch.nested.nested_tensor([torch.randn(hk, n, 16) for n in (lens_k or lens_q)])
+    with pytest.raises(TypeError, match="value must be a jagged nested tensor .* got a strided nested tensor"):
+        fn(q, k, strided, enable_gqa=gqa)
+    if lens_k is not None and list(lens_k) != list(lens_q):
+        with pytest.raises(NotImplementedError, match="is_causal with nested tensors needs each query sequence"):
+            fn(q, k, k, is_causal=True, enable_gqa=gqa)
