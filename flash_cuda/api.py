@@ -528,15 +528,17 @@ def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     dropout_p = float(dropout_p) if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) \
         else dropout_p
     drop_all = dropout_p == 1.0
-    lengths = [x._max_seqlen if getattr(x, "_max_seqlen", None) is not None else
-               int((o[1:] - o[:-1]).max()) if o.numel() > 1 else 0 for x, o in ((q, off_q), (k, off_k))]
+    # the longest sequence: the nested tensor's (a host read of its offsets where not cached, as in
+    # torch); compiled, where that read is data-dependent, the total (a bound: it only sizes the
+    # CUDA kernels' grid, whose extra blocks exit at once)
+    lengths = [x.values().shape[0] if torch.compiler.is_compiling() else x._max_seqlen for x in (q, k)]
     vq, vk, vv = _autocast(q.values(), k.values(), v.values())
     out = varlen_attention(vq, vk, vv, off_q.to(torch.int32), off_k.to(torch.int32), lengths[0], lengths[1],
                            causal=is_causal, scale=scale, dropout_p=0.0 if drop_all else dropout_p)
     if drop_all:
         out = out * 0.0
-    nested = torch.nested.nested_tensor_from_jagged(out, off_q, min_seqlen=getattr(q, "_min_seqlen", None),
-                                                    max_seqlen=getattr(q, "_max_seqlen", None))
+    seqlens = {} if torch.compiler.is_compiling() else dict(min_seqlen=q._min_seqlen, max_seqlen=q._max_seqlen)
+    nested = torch.nested.nested_tensor_from_jagged(out, off_q, **seqlens)
     return nested.transpose(1, 2)
 
 
