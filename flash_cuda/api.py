@@ -941,6 +941,15 @@ def pad_input(x_unpad, indices, batch, seqlen):
     return _pad("flash_cuda.pad_input", x_unpad, indices, batch, seqlen, "x_unpad")
 
 
+def _check_index_range(fn, indices, n, what):
+    """Each index in [0, n) (what: n's name), where CPU indices can be read without a sync; CUDA
+    ones are not read (that would synchronise with the GPU)."""
+    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(f"{fn}: indices must be in [0, {what}) = [0, {n}), got values in [{lo}, {hi}]")
+
+
 def _pad(fn, x_unpad, indices, batch, seqlen, x_name):
     if not isinstance(x_unpad, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"{fn}: {x_name} and indices must be torch.Tensors, got {_type_name(x_unpad)} and "
@@ -961,11 +970,7 @@ def _pad(fn, x_unpad, indices, batch, seqlen, x_name):
                          f"them, got {indices.dtype} of shape {_shape(indices)}")
     if indices.device != x_unpad.device:
         raise RuntimeError(f"{fn}: indices must be on the device of {x_name} ({x_unpad.device}), got {indices.device}")
-    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= batch * seqlen:
-            raise ValueError(f"{fn}: indices must be in [0, batch * seqlen) = [0, {batch * seqlen}), got values in "
-                             f"[{lo}, {hi}]")
+    _check_index_range(fn, indices, batch * seqlen, "batch * seqlen")
     shape = (batch * seqlen, *x_unpad.shape[1:])
     try:
         out = x_unpad.new_zeros(shape)

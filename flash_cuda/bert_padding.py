@@ -12,20 +12,17 @@ naming the argument, as flash_cuda's own unpad_input and pad_input.
 """
 import torch
 
-from .api import _index, _pad, _shape, _type_name, _unpad
+from .api import _check_index_range, _index, _pad, _shape, _type_name, _unpad
 
 
-def _check_indices(fn, indices, n, x, rows):
-    """indices: 1-D int64 on x's device, each in [0, n) where CPU ones can be read without a sync."""
+def _check_indices(fn, indices, n, x, what):
+    """indices: 1-D int64 on x's device, each in [0, n) (what: n's name)."""
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         raise TypeError(f"{fn}: indices must be a 1-D int64 tensor, got "
                         f"{indices.dtype if isinstance(indices, torch.Tensor) else _type_name(indices)}")
     if indices.device != x.device:
         raise RuntimeError(f"{fn}: indices must be on the device of the values ({x.device}), got {indices.device}")
-    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"{fn}: indices must be in [0, {n}) ({rows}), got values in [{lo}, {hi}]")
+    _check_index_range(fn, indices, n, what)
 
 
 def index_first_axis(input, indices):
@@ -34,7 +31,7 @@ def index_first_axis(input, indices):
     if not isinstance(input, torch.Tensor) or input.dim() < 2:
         raise ValueError(f"{fn}: input must be a tensor of at least 2 dims (N, ...), got "
                          f"{_shape(input) if isinstance(input, torch.Tensor) else _type_name(input)}")
-    _check_indices(fn, indices, input.shape[0], input, "the rows of input")
+    _check_indices(fn, indices, input.shape[0], input, "input.shape[0]")
     return input[indices]
 
 

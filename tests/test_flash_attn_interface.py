@@ -314,7 +314,7 @@ def test_bert_padding_helpers():
             (lambda: bp.unpad_input(x, mask * -1e9), ValueError, "attention_mask must be a padding mask"),
             (lambda: bp.unpad_input(x[0, 0], mask), ValueError, "attention_mask must be \\(B, S\\) matching "
                                                                 "hidden_states"),
-            (lambda: bp.index_first_axis(x.reshape(18, 2, 8), idx + 5), ValueError, "indices must be in \\[0, 18\\)"),
+            (lambda: bp.index_first_axis(x.reshape(18, 2, 8), idx + 5), ValueError, "indices must be in \\[0, input.shape\\[0\\]\\) = \\[0, 18\\)"),
             (lambda: bp.index_first_axis(x.reshape(18, 2, 8), idx.int()), TypeError, "indices must be a 1-D int64"),
             (lambda: bp.index_put_first_axis(xu, idx, -1), ValueError, "first_axis_dim must be a non-negative int"),
             (lambda: bp.index_put_first_axis(xu, idx[:3], 18), ValueError, "indices must have one entry per row of values"),
