@@ -630,5 +630,7 @@ def test_sparse_and_nested_inputs_name_the_argument():
                                         r"torch.sparse_coo one"):
         flash_cuda.attention(q, q.to_sparse(), q)
     nested = torch.nested.nested_tensor([torch.randn(2, 8, 16), torch.randn(2, 5, 16)])
-    with pytest.raises(TypeError, match=r"query must be a dense \(strided\) tensor, got a nested one"):
+    # (a jagged one runs, as in torch: test_sdpa_dropin.py::test_jagged_nested_tensors_like_torch)
+    with pytest.raises(TypeError, match=r"query must be a jagged nested tensor \(torch.nested, layout=torch.jagged\) "
+                                        r"when any input is one, got a strided nested tensor"):
         flash_cuda.scaled_dot_product_attention(nested, nested, nested)
