@@ -397,7 +397,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     takes part) or floating (added to the scores), or a torch.nn.attention.bias CausalBias
     (causal_upper_left, causal_lower_right: the causal mask aligned to that corner), not together
     with is_causal (torch rejects it too); jagged nested tensors (torch.nested, layout=torch.jagged)
-    as torch takes them, run as packed sequences (_sdpa_jagged); a row whose keys are all masked gives 0, as torch does; dropout_p > 0 applies
+    as torch takes them, run as packed sequences (_sdpa_jagged); a row whose keys are all masked
+    gives 0, as torch does; dropout_p > 0 applies
     dropout as attention() does (torch semantics: whenever dropout_p > 0, from the default
     generator of query's device); dropout_p = 1 drops every probability, the output is 0 (as
     torch). Under torch.autocast, floating inputs other than float64 (the mask included) are
@@ -405,19 +406,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Not supported yet, with a NotImplementedError: a value head dim different from the query's.
     """
     fn = "flash_cuda.scaled_dot_product_attention"
-    if any(getattr(x, "is_nested", False) for x in (query, key, value)):
-        return _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    bottom_right, causal_bias = False, None
-    if isinstance(attn_mask, CausalBias):  # torch.nn.attention.bias.causal_upper_left / causal_lower_right
-        _check_flag(fn, "is_causal", is_causal)
-        if is_causal is True:
-            raise ValueError(f"{fn}: attn_mask (a CausalBias) must not be used with is_causal=True (torch rejects "
-                             "the combination too)")
-        causal_bias, attn_mask, is_causal = attn_mask, None, True
-        bottom_right = causal_bias.variant == CausalVariant.LOWER_RIGHT
-    if attn_mask is not None and is_causal is True:
-        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
-                         "too); fold the causal mask into attn_mask instead")
     # torch takes any real number (a numpy float, a bool or numpy bool, a 0-d tensor that requires
     # no grad) for dropout_p and scale as the float it converts to (an int past float's range is
     # left for the checks to name), and dropout_p = 1 (everything dropped, out 0); the op takes [0, 1)
@@ -430,6 +418,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout_p = _check_dropout(fn, dropout_p, None, False, getattr(query, "device", None), closed=True)
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else dropout_p
+    if any(getattr(x, "is_nested", False) for x in (query, key, value)):
+        return _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, drop_all, is_causal, scale, enable_gqa)
+    bottom_right, causal_bias = False, None
+    if isinstance(attn_mask, CausalBias):  # torch.nn.attention.bias.causal_upper_left / causal_lower_right
+        _check_flag(fn, "is_causal", is_causal)
+        if is_causal is True:
+            raise ValueError(f"{fn}: attn_mask (a CausalBias) must not be used with is_causal=True (torch rejects "
+                             "the combination too)")
+        causal_bias, attn_mask, is_causal = attn_mask, None, True
+        bottom_right = causal_bias.variant == CausalVariant.LOWER_RIGHT
+    if attn_mask is not None and is_causal is True:
+        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (torch rejects the combination "
+                         "too); fold the causal mask into attn_mask instead")
     _check_flag(fn, "is_causal", is_causal)
     _check_flag(fn, "enable_gqa", enable_gqa)
     names = ("query", "key", "value")
@@ -485,7 +486,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.reshape(out_shape)
 
 
-def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, drop_all, is_causal, scale, enable_gqa):
     """The SDPA drop-in on jagged nested tensors (torch.nested, layout=torch.jagged), as torch's
     SDPA takes them: (B, H, j, E) views of (B, j, H, E) sequences of different lengths, key and
     value with one ragged structure, no attn_mask. They are packed sequences already: their
@@ -525,16 +526,13 @@ def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
         raise ValueError(f"{fn}: query, key and value must have one head dim, got {q.shape[-1]}, {k.shape[-1]} and "
                          f"{v.shape[-1]}")
-    dropout_p = float(dropout_p) if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) \
-        else dropout_p
-    drop_all = dropout_p == 1.0
     # the longest sequence: the nested tensor's (a host read of its offsets where not cached, as in
     # torch); compiled, where that read is data-dependent, the total (a bound: it only sizes the
     # CUDA kernels' grid, whose extra blocks exit at once)
     lengths = [x.values().shape[0] if torch.compiler.is_compiling() else x._max_seqlen for x in (q, k)]
     vq, vk, vv = _autocast(q.values(), k.values(), v.values())
     out = varlen_attention(vq, vk, vv, off_q.to(torch.int32), off_k.to(torch.int32), lengths[0], lengths[1],
-                           causal=is_causal, scale=scale, dropout_p=0.0 if drop_all else dropout_p)
+                           causal=is_causal, scale=scale, dropout_p=dropout_p)
     if drop_all:
         out = out * 0.0
     seqlens = {} if torch.compiler.is_compiling() else dict(min_seqlen=q._min_seqlen, max_seqlen=q._max_seqlen)
