@@ -73,13 +73,16 @@ struct OnlineSoftmax {
 
   // O *= out_scale / rowsum (once, at the end) and lse = ln(sum exp(scores)) = (max +
   // log2(sum)) * ln 2 (kNatural: max + log2(sum) ln 2, the max not rounded through base 2).
-  // A row that saw no key has sum 0: its output stays 0 and its lse is -inf.
+  // A row that saw no key has sum 0: its output stays 0 and its lse is -inf. A NaN score (a NaN
+  // in the query row or in a key) makes the sum NaN, and the output and lse with it, as torch's
+  // logsumexp; the test is sum == 0, not sum > 0, which a NaN fails (its lse was -inf, a row
+  // that saw no key, and the split-KV merge then dropped the NaN).
   template <int kDTiles>
   FC_DEVICE void finalize(float (&rO)[kDTiles][4], float (&lse)[2], float out_scale = 1.0f) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float sum = quad_sum(row_sum[i]);
-      const float inv = sum > 0.0f ? out_scale / sum : 0.0f;
+      const float inv = sum == 0.0f ? 0.0f : out_scale / sum;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         rO[dt][2 * i] *= inv;
@@ -87,7 +90,7 @@ struct OnlineSoftmax {
       }
       constexpr float kLn2 = 0.69314718055994531f;
       const float row_lse = kNatural ? row_max[i] + log2f(sum) * kLn2 : (row_max[i] + log2f(sum)) * kLn2;
-      lse[i] = sum > 0.0f ? row_lse : -INFINITY;
+      lse[i] = sum == 0.0f ? -INFINITY : row_lse;
     }
   }
 };

@@ -2,7 +2,7 @@
  *   lse = log sum_s exp(lse_s),   O = sum_s exp(lse_s - lse) O_s,
  * O_s each split's output normalised by its own softmax sum. Splits without keys have
  * lse_s = -inf and weigh nothing; a row no split saw gets O = 0 and lse = -inf, as the
- * unsplit kernel gives it. One warp per row: the lanes share the splits' lse (a max and a sum
+ * unsplit kernel gives it; a split with a NaN lse makes the row's O and lse NaN, as unsplit. One warp per row: the lanes share the splits' lse (a max and a sum
  * over the splits, strided by 32, then across the warp) and own column pairs of O.
  */
 #pragma once
@@ -34,9 +34,15 @@ __global__ void __launch_bounds__(32 * kCombineWarps) splitkv_combine_kernel(con
   const int splits = p.cache.num_splits;
   auto lse_of = [&](int s) { return ld_global(partial_lse(p, s, batch, head, row)); };
 
-  float m = -INFINITY;
-  for (int s = lane; s < splits; s += 32) m = fmaxf(m, lse_of(s));
+  float m = -INFINITY, nan = 0.0f;
+  for (int s = lane; s < splits; s += 32) {
+    const float l = lse_of(s);
+    m = fmaxf(m, l);
+    if (l != l) nan = 1.0f;
+  }
   m = warp_max(m);
+  // a split with a NaN score has lse NaN (softmax.h), which fmaxf drops: the row is NaN, as unsplit
+  if (warp_max(nan) > 0.0f) m = NAN;
   float sum = 0.0f;
   if (m != -INFINITY)
     for (int s = lane; s < splits; s += 32) sum += __expf(lse_of(s) - m);
