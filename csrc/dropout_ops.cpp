@@ -31,7 +31,8 @@ namespace {
 
 void check_nk(int64_t nk) { TORCH_CHECK(nk >= 0, "flash_cuda: philox_state nk must be >= 0, got ", nk); }
 
-at::Tensor philox_state_cpu(const at::Tensor& like, int64_t nk, std::optional<at::Generator> generator) {
+at::Tensor philox_state_cpu(const at::Tensor& like, int64_t nk, at::TensorList /*inputs: for vmap rules*/,
+                              std::optional<at::Generator> generator) {
   check_nk(nk);
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   uint64_t seed;
@@ -85,7 +86,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, double p, int64_t batch
 }
 
 #if defined(FLASH_CUDA_WITH_CUDA)
-at::Tensor philox_state_cuda(const at::Tensor& like, int64_t nk, std::optional<at::Generator> generator) {
+at::Tensor philox_state_cuda(const at::Tensor& like, int64_t nk, at::TensorList /*inputs: for vmap rules*/,
+                               std::optional<at::Generator> generator) {
   check_nk(nk);
   const c10::cuda::CUDAGuard guard(like.device());
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(

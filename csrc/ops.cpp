@@ -485,10 +485,10 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               kMaxNumSplits, "] (0: chosen for the device), got ", num_splits);
   if (k_new) {  // written in place: every position of the caches its own memory, and k's apart from v's
     for (const auto& [name, x] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
-      TORCH_CHECK(!cache_overlaps_itself(*x), "flash_cuda: ", name, " has positions that share memory (strides ",
+      TORCH_CHECK_VALUE(!cache_overlaps_itself(*x), "flash_cuda: ", name, " has positions that share memory (strides ",
                   x->strides(), " for shape ", x->sizes(), ": an expanded view, or overlapping rows), so appending "
                   "k and v would overwrite other positions; pass a cache with memory of its own (e.g. .contiguous())");
-    TORCH_CHECK(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or interleave "
+    TORCH_CHECK_VALUE(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or interleave "
                 "in memory with different strides, which is not searched), so appending v could overwrite keys; "
                 "pass separate caches");
   }
@@ -613,7 +613,7 @@ TORCH_LIBRARY(flash_cuda, m) {
   // = off; alibi_slopes: float32 (1 or B, Hq); bias: additive, a (B, Hq, Nq, Nk) view (stride
   // 0 on broadcast dims) in the accumulation dtype (csrc/attn_options.h).
   m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, bool bottom_right,"
-        " bool deterministic=False, int window_left=-1, int window_right=-1, float softcap=0.0,"
+        " bool deterministic=False, SymInt window_left=-1, SymInt window_right=-1, float softcap=0.0,"
         " Tensor? alibi_slopes=None, Tensor? bias=None, float dropout_p=0.0, Tensor? rng_state=None)"
         " -> (Tensor out, Tensor lse)");
   // dlse: optional gradient flowing into lse (None when lse was not used). dbias: dL/d bias,
@@ -623,29 +623,31 @@ TORCH_LIBRARY(flash_cuda, m) {
   // to the whole's); the CPU backend's exact one-hot rows check lse against the row's own keys.
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
         " float scale, bool causal, bool bottom_right, bool deterministic=False,"
-        " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
+        " SymInt window_left=-1, SymInt window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
         " Tensor? bias=None, bool bias_grad=False, float dropout_p=0.0, Tensor? rng_state=None)"
         " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   // Packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D); sequence b is rows
   // [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q against [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k, v
   // (int32, B + 1 entries), bottom-right causal per sequence; lse (Hq, total_q).
-  m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
-        " int max_seqlen_k, float scale, bool causal, bool deterministic=False, int window_left=-1,"
-        " int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0,"
+  m.def("varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q,"
+        " SymInt max_seqlen_k, float scale, bool causal, bool deterministic=False, SymInt window_left=-1,"
+        " SymInt window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0,"
         " Tensor? rng_state=None) -> (Tensor out, Tensor lse)");
   m.def("varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse,"
-        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal,"
-        " bool deterministic=False, int window_left=-1, int window_right=-1, float softcap=0.0,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal,"
+        " bool deterministic=False, SymInt window_left=-1, SymInt window_right=-1, float softcap=0.0,"
         " Tensor? alibi_slopes=None, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Dropout (csrc/kernels/philox.h): rng_state is (seed, offset), int64 on q's device, from
   // philox_state, which reserves what a call with nk keys per row draws (philox.h
   // dropout_offset_increment) of the generator's offset (CUDA: read on the device,
   // safe under CUDA graph capture; CPU: a fresh seed from the CPU generator, offset 0).
-  m.def("philox_state(Tensor like, int nk, Generator? generator=None) -> Tensor",
+  // inputs: the call's other input tensors, not read: under torch.func.vmap the op's rule
+  // (flash_cuda/ops.py) runs when any of them is batched, not only like.
+  m.def("philox_state(Tensor like, SymInt nk, Tensor[] inputs, Generator? generator=None) -> Tensor",
         {at::Tag::nondeterministic_seeded});
   // The keep mask of (rng_state, dropout_p) as a bool (B, H, Nq, Nk) tensor on rng_state's device;
   // with cu_seqlens (packed sequences) positions past a sequence's lengths are False.
-  m.def("dropout_mask(Tensor rng_state, float dropout_p, int batch, int heads, int nq, int nk,"
+  m.def("dropout_mask(Tensor rng_state, float dropout_p, SymInt batch, SymInt heads, SymInt nq, SymInt nk,"
         " Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> Tensor");
   // KV cache (inference): q (B, Hq, Nq, D) against the first cache_seqlens[b] + Nnew keys of a
   // contiguous (B, Hkv, capacity, D) cache, or of a page pool (num_pages, Hkv, page_size, D)
@@ -653,7 +655,7 @@ TORCH_LIBRARY(flash_cuda, m) {
   // into the cache in place at cache_seqlens[b].. (int32 (B,)). Causal is bottom-right aligned.
   // num_splits: key splits per query tile (0: chosen for the device; 1: none).
   m.def("kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens,"
-        " Tensor? block_table, float scale, bool causal, int window_left=-1, int window_right=-1,"
+        " Tensor? block_table, float scale, bool causal, SymInt window_left=-1, SymInt window_right=-1,"
         " float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=0) -> (Tensor out, Tensor lse)");
   // The build's TORCH_CUDA_ARCH_LIST ("" without CUDA kernels), and whether a list has code for
   // compute capability cc (major x 10 + minor): what the launcher checks before a launch.

@@ -9,6 +9,7 @@ import numbers
 import sys
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import ops
@@ -143,6 +144,20 @@ def _index(x):
     return _plain(x)
 
 
+def _readable(t):
+    """Whether the checks may read t's values: on the CPU (a CUDA read would synchronise), and not
+    while compiling or under a fake mode (FakeTensorMode, make_fx's fake and symbolic tracing),
+    where tensors hold no values."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+
+
+def _is_int(x):
+    """An int argument: a Python int (not a bool) or a torch.SymInt, the size of a dynamic dimension
+    (torch.export's default mode and torch.compile(dynamic=True) pass those; refusing them made
+    e.g. window=(q.shape[2] // 2, 0) unexportable)."""
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
 def _finite(x):
     """math.isfinite for ints past float's range too (False there, where isfinite raises), by
     comparisons: torch.compile(dynamic=True) traces these numbers as symbols, which math.isfinite
@@ -190,13 +205,13 @@ def _check_window(fn, window, name="window"):
     if window is None:
         return -1, -1
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or any(isinstance(w, bool) or not isinstance(_plain(w), int) for w in window)):
+            or not all(_is_int(_plain(w)) for w in window)):
         raise TypeError(f"{fn}: {name} must be a pair of ints (left, right) or None, got {window!r}")
     left, right = map(_plain, window)
     if not (-1 <= left <= _INT64_MAX and -1 <= right <= _INT64_MAX):
         raise ValueError(f"{fn}: {name} entries must be in [-1, 2**63 - 1] (-1 = unbounded on that side), "
                          f"got {tuple(window)}")
-    return int(left), int(right)
+    return left, right
 
 
 def _check_softcap(fn, softcap):
@@ -271,22 +286,31 @@ def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device, closed
     return float(dropout_p)
 
 
-def _rng_state(q, nk, dropout_p, generator):
+def _MAX_SEQLEN_RANGE():
+    return ("flash_cuda.varlen_attention: max_seqlen_q and max_seqlen_k must be in [0, 2**31 - 1] (lengths are int32, "
+            "as cu_seqlens)")
+
+
+def _rng_state(q, nk, dropout_p, generator, inputs=()):
     """(seed, offset) for one call with dropout and nk keys per row (csrc/kernels/philox.h), or None
-    without; the op reserves what the call draws of the generator's offset."""
+    without; the op reserves what the call draws of the generator's offset. inputs: the call's
+    other tensors (None for absent ones), for vmap's `randomness` under torch.compile (the op's
+    rule runs when any input is batched)."""
     if dropout_p == 0.0:
         return None
     if _in_vmap():
-        # a seed from torch's own random op, which follows vmap's `randomness`: the same mask in
-        # every slice ("same"), a mask of its own in each ("different", at every vmap level),
-        # torch's error ("error", vmap's default); the offset 0, as the CPU generator's states have
+        # a seed from torch's own random op, which follows vmap's `randomness` whichever inputs
+        # are batched: the same mask in every slice ("same"), a mask of its own in each
+        # ("different", at every vmap level), torch's error ("error", vmap's default); the offset
+        # 0, as the CPU generator's states have
         seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=q.device, generator=generator)
         return torch.cat([seed, torch.zeros_like(seed)])
-    return torch.ops.flash_cuda.philox_state(q, nk, generator)
+    return torch.ops.flash_cuda.philox_state(q, nk, [x for x in inputs if x is not None], generator)
 
 
 def _in_vmap():
-    """Inside torch.func.vmap (eager: torch.compile traces vmap on its own)."""
+    """Inside torch.func.vmap, eager (dynamo cannot trace the interpreter stack: compiled, the
+    op's vmap rule, ops._philox_state_vmap, follows `randomness`)."""
     if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         return False
     return any(i.key() == torch._C._functorch.TransformType.Vmap
@@ -376,7 +400,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=0.0, al
     dropout_p = _check_dropout(fn, dropout_p, generator, return_dropout_mask, q.device)
     B, hq, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, nk, (B, hq, nq, nk))
-    rng_state = _rng_state(q, nk, dropout_p, generator)
+    rng_state = _rng_state(q, nk, dropout_p, generator, (k, v, bias, slopes))
     out, lse = ops.fwd(q, k, v, scale, causal, True, deterministic or torch.are_deterministic_algorithms_enabled(),
                        left, right, softcap, slopes, bias, dropout_p, rng_state)
     result = (out, lse) if return_lse else (out,)
@@ -478,7 +502,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_shapes(fn, names, q, k, v)
     scale = _check_scale(fn, scale, q.shape[-1], q.dtype)
     bias = _mask_to_bias(fn, "attn_mask", attn_mask, q, S, out_shape[:-1] + (S,))
-    rng_state = _rng_state(q, S, dropout_p, None)
+    rng_state = _rng_state(q, S, dropout_p, None, (k, v, bias))
     out, _ = ops.fwd(q, k, v, scale, is_causal, bottom_right, torch.are_deterministic_algorithms_enabled(), -1, -1,
                      0.0, None, bias, dropout_p, rng_state)
     if drop_all:  # torch's P * 0: zeros (NaN where P or V has one), gradients 0
@@ -651,13 +675,22 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     max_seqlen_q, max_seqlen_k = _index(max_seqlen_q), _index(max_seqlen_k)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        if not _is_int(m):
             raise TypeError(f"{fn}: {name} must be a non-negative int (or a 0-d integer tensor), got {m!r}")
-        if m > _INT32_MAX:
+        if isinstance(m, torch.SymInt) or torch.compiler.is_compiling():
+            # checked as the graph runs (e.g. lengths.max().item(): a comparison guards on the data;
+            # dynamo shows SymInts as ints); no message under strict torch.export, which took the
+            # message function for a tensor input
+            msg = None if torch.compiler.is_exporting() else _MAX_SEQLEN_RANGE
+            torch._check(m >= 0, msg)
+            torch._check(m <= _INT32_MAX, msg)
+        elif m < 0:
+            raise TypeError(f"{fn}: {name} must be a non-negative int (or a 0-d integer tensor), got {m!r}")
+        elif m > _INT32_MAX:
             raise ValueError(f"{fn}: {name} must be at most 2**31 - 1 (lengths are int32, as cu_seqlens), got {m}")
     for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                 ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
-        if torch.compiler.is_compiling() or cu.device.type != "cpu":
+        if not _readable(cu):
             break  # values are data: the op checks CPU ones when it runs, the CUDA kernels clamp theirs
         c = cu.tolist()
         if c[0] != 0:
@@ -673,7 +706,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     scale, left, right, softcap, slopes = _check_options(fn, q, cu_seqlens_q.numel() - 1, causal, return_lse,
                                                          deterministic, scale, window, softcap, alibi_slopes)
     dropout_p = _check_dropout(fn, dropout_p, generator, return_dropout_mask, q.device)
-    rng_state = _rng_state(q, max_seqlen_k, dropout_p, generator)
+    rng_state = _rng_state(q, max_seqlen_k, dropout_p, generator, (k, v, cu_seqlens_q, cu_seqlens_k, slopes))
     out, lse = ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                               deterministic or torch.are_deterministic_algorithms_enabled(), left, right, softcap,
                               slopes, dropout_p, rng_state)
@@ -820,7 +853,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError(f"{fn}: cache_seqlens is required when k and v are given (where to append them)")
         cache_seqlens = capacity
     cache_seqlens = _plain(cache_seqlens)
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+    if _is_int(cache_seqlens):
         if not 0 <= cache_seqlens <= _INT32_MAX:
             raise ValueError(f"{fn}: cache_seqlens must be in [0, {capacity - n_new}] for a cache of {capacity} keys "
                              f"per sequence, got {cache_seqlens}")
@@ -846,7 +879,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                 raise RuntimeError(f"{fn}: {name} requires grad, but attention_with_kvcache is inference only (no "
                                    "autograd); call it under torch.no_grad() / torch.inference_mode() or pass "
                                    "detached tensors")
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _readable(cache_seqlens):
         lengths = cache_seqlens.tolist()
         for b, n in enumerate(lengths):
             if not 0 <= n <= capacity - n_new:
@@ -855,8 +888,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                  f"[0, {capacity - n_new}] for a cache of {capacity} keys per sequence{room}")
         if paged:
             _check_pages(fn, block_table, cache_seqlens, n_new, k_cache.shape[2], k_cache.shape[0])
-    out, lse = torch.ops.flash_cuda.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
-                                                left, right, softcap, slopes, num_splits)
+    try:
+        out, lse = torch.ops.flash_cuda.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
+                                                    causal, left, right, softcap, slopes, num_splits)
+    except ValueError as err:  # the op's checks of the memory the append writes (csrc/ops.cpp), in fn's name
+        raise ValueError(str(err).replace("flash_cuda: ", f"{fn}: ", 1)) from None
     return (out, lse) if return_lse else out
 
 
@@ -910,9 +946,16 @@ def _check_padding_mask(fn, mask, name, x, x_name):
         raise RuntimeError(f"{fn}: {name} must be on {x_name}'s device ({x.device}), got {mask.device}")
     # a floating mask of 0s and 1s is a padding mask; an additive one (0 = keep, -inf = hidden)
     # would be read the other way round (nonzero = a real token)
-    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{fn}: {name} must be a padding mask (bool, or 1 = a real token and 0 = padding), "
-                         "got a floating mask with values other than 0 and 1 (an additive mask?)")
+    if mask.is_floating_point():
+        msg = (f"{fn}: {name} must be a padding mask (bool, or 1 = a real token and 0 = padding), got a floating "
+               "mask with values other than 0 and 1 (an additive mask?)")
+        zero_one = ((mask == 0) | (mask == 1)).all()
+        if torch.compiler.is_compiling() and mask.device.type == "cpu":
+            # checked as the graph runs (a host read broke the graph); not on a GPU, where
+            # Inductor's device assert is off outside debug builds
+            torch._assert_async(zero_one, msg)
+        elif not bool(zero_one):
+            raise ValueError(msg)
     return mask != 0
 
 
@@ -942,7 +985,7 @@ def pad_input(x_unpad, indices, batch, seqlen):
 def _check_index_range(fn, indices, n, what):
     """Each index in [0, n) (what: n's name), where CPU indices can be read without a sync; CUDA
     ones are not read (that would synchronise with the GPU)."""
-    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling():
+    if _readable(indices) and indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"{fn}: indices must be in [0, {what}) = [0, {n}), got values in [{lo}, {hi}]")
@@ -954,7 +997,7 @@ def _pad(fn, x_unpad, indices, batch, seqlen, x_name):
                         f"{_type_name(indices)}")
     batch, seqlen = _index(batch), _index(seqlen)
     for name, n in (("batch", batch), ("seqlen", seqlen)):
-        if isinstance(n, bool) or not isinstance(n, int):
+        if not _is_int(n):
             raise TypeError(f"{fn}: {name} must be a non-negative int, got {n!r}")
         if n < 0:
             raise ValueError(f"{fn}: {name} must be a non-negative int, got {n}")

@@ -12,7 +12,7 @@ naming the argument, as flash_cuda's own unpad_input and pad_input.
 """
 import torch
 
-from .api import _check_index_range, _index, _pad, _shape, _type_name, _unpad
+from .api import _check_index_range, _index, _is_int, _pad, _shape, _type_name, _unpad
 
 
 def _check_indices(fn, indices, n, x, what):
@@ -42,7 +42,7 @@ def index_put_first_axis(values, indices, first_axis_dim):
         raise ValueError(f"{fn}: values must be a tensor of at least 2 dims (len(indices), ...), got "
                          f"{_shape(values) if isinstance(values, torch.Tensor) else _type_name(values)}")
     n = _index(first_axis_dim)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not _is_int(n) or n < 0:
         raise ValueError(f"{fn}: first_axis_dim must be a non-negative int, got {first_axis_dim!r}")
     _check_indices(fn, indices, n, values, "first_axis_dim")
     if indices.shape[0] != values.shape[0]:

@@ -34,15 +34,16 @@ import re
 
 import torch
 
-from .api import _check_window, _plain, _shape, _type_name, attention, attention_with_kvcache, varlen_attention
+from .api import (_check_window, _is_int, _plain, _shape, _type_name, attention, attention_with_kvcache,
+                  varlen_attention)
 
 
 def _window(fn, window_size):
     """FlashAttention's window_size: any negative entry is unbounded on that side."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(_plain(w), int) for w in window_size)):
+            or not all(_is_int(_plain(w)) for w in window_size)):
         raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
-    left, right = _check_window(fn, tuple(max(_plain(w), -1) for w in window_size), "window_size")
+    left, right = _check_window(fn, tuple(torch.sym_max(_plain(w), -1) for w in window_size), "window_size")
     return None if (left, right) == (-1, -1) else (left, right)
 
 

@@ -222,6 +222,8 @@ def _vmap_rule(op, batch_args, alibi_arg, dropout_arg):
         V, x, d = info.batch_size, args[batch_args[0]], in_dims[batch_args[0]]
         B = x.shape[0] if d is None else x.movedim(d, 0).shape[1]
         folded = list(args)
+        if V == 0:  # no slice: no mask to draw (a state per slice would be (0, 2), which the op refuses)
+            folded[dropout_arg], folded[dropout_arg + 1] = 0.0, None
         for i in batch_args:
             x, d = args[i], in_dims[i]
             if x is not None:
@@ -255,8 +257,8 @@ def _eager_autograd(op, n_inputs, setup_context, backward, vmap_rule=None):
     arguments on every call that builds one (torch._library.utils.fill_defaults reads
     op._schema.arguments, which builds a new list, once per argument): about 90 us a call for
     fwd's 14 arguments on an AMD Zen 4 core, time a GPU waits for at short sequences. A tangent
-    (forward-mode AD) on any input raises. torch.compile, opcheck and direct op calls keep the
-    registration."""
+    (forward-mode AD) on any input raises. torch.compile, torch.jit.trace, opcheck and direct op
+    calls keep the registration."""
 
     no_grad_op = _below_autograd(op)
 
@@ -311,8 +313,8 @@ def _eager_autograd(op, n_inputs, setup_context, backward, vmap_rule=None):
 
     def call(*inputs):
         assert len(inputs) == n_inputs  # the backward returns one gradient per input of the op
-        if torch.compiler.is_compiling():
-            return op(*inputs)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return op(*inputs)  # (torch.jit.trace records a Function as a PythonOp it cannot save)
         refuse_forward_ad("flash_cuda", names, inputs)
         # Under a transform always: a wrapped tensor (vmap, functionalize) hides whether the tensor
         # it wraps requires grad, so _needs_graph could not tell, and a graph the caller needs
@@ -355,14 +357,47 @@ _bwd, _varlen_bwd = (_eager_autograd(op, len(op.default._schema.arguments), lamb
 
 
 @torch.library.register_fake("flash_cuda::philox_state")
-def _philox_state_fake(like, nk, generator=None):
+def _philox_state_fake(like, nk, inputs, generator=None):
     return like.new_empty((2,), dtype=torch.int64)
+
+
+def _philox_state_vmap(info, in_dims, like, nk, inputs, generator=None):
+    """philox_state under vmap (run when like or any of inputs is batched), by vmap's `randomness`:
+    one state for every slice ("same"), one for each ("different"), torch's error ("error").
+    Without a rule torch's fallback drew a state per slice whatever `randomness` said (audit:
+    under torch.compile; eager vmap draws its seed with torch.randint, api._rng_state)."""
+    if info.randomness == "error":
+        raise RuntimeError("vmap: called random operation while in randomness error mode. Please either use the "
+                           "'same' or 'different' randomness flags on vmap or perform the randomness operation "
+                           "out of vmap")
+    d = in_dims[0]
+    one = like if d is None else like.movedim(d, 0)[:1]  # (like gives the device alone; [:1]: batch 0 too)
+    if info.randomness == "same":
+        return torch.ops.flash_cuda.philox_state(one, nk, [], generator), None
+    states = [torch.ops.flash_cuda.philox_state(one, nk, [], generator) for _ in range(info.batch_size)]
+    return (torch.stack(states) if states else one.new_empty((0, 2), dtype=torch.int64)), 0
+
+
+torch.library.register_vmap("flash_cuda::philox_state", _philox_state_vmap)
 
 
 @torch.library.register_fake("flash_cuda::dropout_mask")
 def _dropout_mask_fake(rng_state, dropout_p, batch, heads, nq, nk, cu_seqlens_q=None, cu_seqlens_k=None):
     _on_device_of(rng_state, "rng_state", cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return rng_state.new_empty((batch, heads, nq, nk), dtype=torch.bool)
+
+
+def _dropout_mask_vmap(info, in_dims, rng_state, dropout_p, batch, heads, nq, nk, *cu_seqlens):
+    """dropout_mask under vmap: each slice's mask from its own state (one per slice under
+    randomness="different"), stacked; without a rule torch's fallback did so behind a warning."""
+    args = (rng_state, dropout_p, batch, heads, nq, nk) + cu_seqlens
+    masks = [torch.ops.flash_cuda.dropout_mask(*(a.select(d, i) if d is not None else a
+                                                 for a, d in zip(args, in_dims)))
+             for i in range(info.batch_size)]
+    return (torch.stack(masks) if masks else rng_state.new_empty((0, batch, heads, nq, nk), dtype=torch.bool)), 0
+
+
+torch.library.register_vmap("flash_cuda::dropout_mask", _dropout_mask_vmap)
 
 
 @torch.library.register_fake("flash_cuda::kvcache_fwd")

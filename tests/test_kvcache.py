@@ -308,27 +308,36 @@ def test_split_counts_agree():
         torch.testing.assert_close(l, outs[0][1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_nan_query_row_is_nan_for_every_split_count(dtype):
-    """A NaN in one query row makes that row's output NaN whether the keys are split or not (the
-    merge keeps the NaN, as one split does); lse and every other row agree between split counts."""
+@pytest.mark.parametrize("where,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float16),
+                                         ("emulated", torch.bfloat16), ("emulated", torch.float16)])
+def test_nan_query_row_is_nan_for_every_split_count(where, dtype):
+    """A NaN in one query row makes that row's output and lse NaN whether the keys are split or
+    not (the merge keeps the NaN, as one split does); a NaN in one cached key makes the output and
+    lse of every row of its kv head NaN. lse and every other row agree between split counts. The
+    CUDA kernels (emulated) gave such rows lse -inf, and with splits a NaN query row output 0 and a
+    NaN key an lse over the other splits' keys alone (audit)."""
     g = torch.Generator().manual_seed(3)
+    n = 300 if where == "emulated" else 3000
     q = torch.randn(1, 8, 2, 64, generator=g).to(dtype)
-    q[0, 5, 1, 7] = float("nan")
-    kc, vc = (torch.randn(1, 2, 3000, 64, generator=g).to(dtype) for _ in range(2))
-    outs = [FN(q, kc, vc, cache_seqlens=3000, num_splits=s, return_lse=True) for s in (1, 3)]
-    for out, lse in outs:
-        assert torch.isnan(out[0, 5, 1]).all()
-        finite = torch.ones_like(out, dtype=torch.bool)
-        finite[0, 5, 1] = False
-        assert torch.isfinite(out[finite]).all()
-    (o1, l1), (o3, l3) = outs
-    assert torch.equal(l1[0, 5, 1], l3[0, 5, 1]) or (torch.isnan(l1[0, 5, 1]) and torch.isnan(l3[0, 5, 1]))
-    keep = torch.ones_like(l1, dtype=torch.bool)
-    keep[0, 5, 1] = False
-    torch.testing.assert_close(l1[keep], l3[keep], rtol=1e-5, atol=1e-5)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(o1[finite].float(), o3[finite].float(), rtol=tol, atol=tol)
+    kc, vc = (torch.randn(1, 2, n, 64, generator=g).to(dtype) for _ in range(2))
+    for bad in ("query", "key"):
+        qx, kx = q.clone(), kc.clone()
+        nan_rows = torch.zeros(1, 8, 2, dtype=torch.bool)
+        if bad == "query":
+            qx[0, 5, 1, 7] = float("nan")
+            nan_rows[0, 5, 1] = True
+        else:
+            kx[0, 0, 37, 3] = float("nan")  # (in the first split: kv head 0, query heads 0 to 3)
+            nan_rows[0, :4] = True
+        with flash_cuda.emulate() if where == "emulated" else torch.no_grad():
+            outs = [FN(qx, kx, vc, cache_seqlens=n, num_splits=s, return_lse=True) for s in (1, 3)]
+        for out, lse in outs:
+            assert torch.isnan(out[nan_rows]).all() and torch.isnan(lse[nan_rows]).all(), bad
+            assert torch.isfinite(out[~nan_rows]).all() and torch.isfinite(lse[~nan_rows]).all(), bad
+        (o1, l1), (o3, l3) = outs
+        torch.testing.assert_close(l1[~nan_rows], l3[~nan_rows], rtol=1e-5, atol=1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(o1[~nan_rows].float(), o3[~nan_rows].float(), rtol=tol, atol=tol)
 
 
 def test_layouts_bnhd_views():
@@ -494,12 +503,17 @@ def test_append_to_a_cache_whose_positions_share_memory():
                                (vc.clone(), torch.zeros(1, 2, 1, 8).expand(1, 2, 16, 8), r"v_cache has positions that share memory"),
                                (vc, vc, r"k_cache and v_cache share memory")):
         before = (kc.clone(), v_cache.clone())
-        with pytest.raises(RuntimeError, match=match):
+        with pytest.raises(ValueError, match="flash_cuda.attention_with_kvcache: " + match):
             FN(q, kc, v_cache, *new, cache_seqlens=3)
         assert torch.equal(kc, before[0]) and torch.equal(v_cache, before[1])
     out = FN(q, ke, vc, cache_seqlens=5)
     ref, _ = attention_ref(q, ke[:, :, :5], vc[:, :, :5])
     assert_close_fp("out", out, ref)
+    # the drop-in names them as its own (these were the op's RuntimeErrors, "flash_cuda: ...")
+    from flash_cuda.flash_attn_interface import flash_attn_with_kvcache
+    t = (lambda x: x.transpose(1, 2))
+    with pytest.raises(ValueError, match=r"^flash_attn_with_kvcache: k_cache and v_cache share memory"):
+        flash_attn_with_kvcache(t(q), t(vc), t(vc), *map(t, new), cache_seqlens=3)
 
 
 def test_append_to_caches_that_are_views_of_one_buffer_or_padded():
@@ -526,7 +540,7 @@ def test_append_to_caches_that_are_views_of_one_buffer_or_padded():
     other_strides = (buf2[..., :8], buf2.view(2, 2, 32, 8)[:, :, :16])  # (not searched: refused)
     for kc, vc in (shifted, (buf2[..., :8], buf2[..., 4:12]), other_strides):
         before = (kc.clone(), vc.clone())
-        with pytest.raises(RuntimeError, match=r"k_cache and v_cache share memory"):
+        with pytest.raises(ValueError, match=r"attention_with_kvcache: k_cache and v_cache share memory"):
             FN(q, kc, vc, k, v, cache_seqlens=3)
         assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
     FN(q, *interleaved, k, v, cache_seqlens=3)
@@ -543,14 +557,14 @@ def test_append_to_caches_that_share_memory_without_sharing_storage_or_stride_ze
     a = np.random.default_rng(0).standard_normal((1, 2, 8, 16)).astype(np.float32)
     kc, vc = torch.from_numpy(a), torch.from_numpy(a)  # two storages over one memory
     before = kc.clone()
-    with pytest.raises(RuntimeError, match=r"k_cache and v_cache share memory"):
+    with pytest.raises(ValueError, match=r"attention_with_kvcache: k_cache and v_cache share memory"):
         FN(q, kc, vc, k, v, cache_seqlens=1)
     assert torch.equal(kc, before)
     buf = torch.randn(2 * 16 * 16)
     rows = torch.as_strided(buf, (1, 2, 16, 16), (16 * 16, 16 * 8, 8, 1))  # row n + 1 starts mid row n
     for kc, vc, name in ((rows, torch.randn(1, 2, 16, 16), "k_cache"), (torch.randn(1, 2, 16, 16), rows, "v_cache")):
         before = rows.clone()
-        with pytest.raises(RuntimeError, match=rf"{name} has positions that share memory"):
+        with pytest.raises(ValueError, match=rf"attention_with_kvcache: {name} has positions that share memory"):
             FN(q, kc, vc, k, v, cache_seqlens=1)
         assert torch.equal(rows, before)
 

@@ -336,11 +336,21 @@ def test_vmap_dropout_follows_randomness(randomness):
             grad_fn(x, x, x)
         with pytest.raises(RuntimeError, match="randomness error mode"):
             torch.func.vmap(lambda q: flash_cuda.scaled_dot_product_attention(q, q, q, dropout_p=p))(x)
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="randomness error mode"):
+            torch.compile(torch.func.vmap(lambda q: flash_cuda.attention(q, q, q, dropout_p=p)), fullgraph=True)(x)
         return
     grads, (out, keep) = grad_fn(x, x, x)
     same = [torch.equal(keep[0], keep[i]) for i in range(1, 4)]
     assert all(same) if randomness == "same" else not any(same)
     assert 0.45 < keep.double().mean() < 0.75
+    # compiled, the same: torch.compile ran the state's op once per slice whatever `randomness`
+    # said (audit: "error" gave every slice its own mask, "same" too)
+    torch._dynamo.reset()
+    mask_of = (lambda q: flash_cuda.attention(q, q, q, dropout_p=p, return_dropout_mask=True)[1])
+    compiled = torch.compile(torch.func.vmap(mask_of, randomness=randomness), fullgraph=True)
+    masks = compiled(x)
+    assert [torch.equal(masks[0], masks[i]) for i in range(1, 4)] == same
     for i in range(4):
         leaves = [x[i].clone().requires_grad_() for _ in range(3)]
         s = leaves[0] @ leaves[1].transpose(-1, -2) / 8 ** 0.5
@@ -349,6 +359,33 @@ def test_vmap_dropout_follows_randomness(randomness):
         torch.testing.assert_close(out[i], ref, rtol=1e-10, atol=1e-10)
         for a, leaf in zip(grads, leaves):
             torch.testing.assert_close(a[i], leaf.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_vmap_dropout_randomness_whichever_inputs_are_batched(compiled):
+    """vmap's `randomness` holds when q is not batched but k and v are (compiled, the state's op
+    saw only q: "error" did not raise and "different" gave every slice one mask), and a vmap over
+    no slice gives empty outputs (the state per slice, (0, 2), was refused; compiled, an
+    IndexError)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 12, 8, generator=g)
+    kv = torch.randn(1, 2, 3, 12, 8, generator=g).expand(4, 2, 3, 12, 8).contiguous()
+
+    def run(f, *args, randomness):
+        torch._dynamo.reset()
+        fn = torch.func.vmap(f, randomness=randomness)
+        return (torch.compile(fn, fullgraph=True) if compiled else fn)(*args)
+
+    mask_of = (lambda k, v: flash_cuda.attention(q, k, v, dropout_p=0.5, return_dropout_mask=True)[1])
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        run(mask_of, kv, kv, randomness="error")
+    for randomness in ("same", "different"):
+        masks = run(mask_of, kv, kv, randomness=randomness)
+        same = [torch.equal(masks[0], masks[i]) for i in range(1, 4)]
+        assert all(same) if randomness == "same" else not any(same)
+        out, keep = run(lambda x: flash_cuda.attention(x, x, x, dropout_p=0.5, return_dropout_mask=True),
+                        torch.randn(0, 2, 3, 12, 8), randomness=randomness)
+        assert out.shape == (0, 2, 3, 12, 8) and keep.shape == (0, 2, 3, 12, 12)
 
 
 def test_compiles_with_dynamic_shapes():

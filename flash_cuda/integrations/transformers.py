@@ -220,8 +220,8 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, common):
     """(B, H, N, D) -> varlen_attention on the rows laid end to end, (B N, H, D) (views for one
     row) -> (B, N, H, D)."""
     B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
-    max_q = int(max_q) if max_q is not None else Nq
-    max_k = int(max_k) if max_k is not None else Nk
+    max_q = api._index(max_q) if max_q is not None else Nq  # (a SymInt under torch.compile: not int())
+    max_k = api._index(max_k) if max_k is not None else Nk
     rows = lambda x: x.transpose(1, 2).reshape(B * x.shape[2], x.shape[1], x.shape[3])
     out = api.varlen_attention(rows(q), rows(k), rows(v), cu_q, cu_k, max_q, max_k, **common)
     return out.reshape(B, Nq, *out.shape[1:])
