@@ -286,7 +286,8 @@ def _check_dropout(fn, dropout_p, generator, return_dropout_mask, device, closed
     return float(dropout_p)
 
 
-def _MAX_SEQLEN_RANGE():
+def _max_seqlen_range_message():
+    """torch._check's message for a symbolic max_seqlen out of range (a constant: see its use)."""
     return ("flash_cuda.varlen_attention: max_seqlen_q and max_seqlen_k must be in [0, 2**31 - 1] (lengths are int32, "
             "as cu_seqlens)")
 
@@ -681,7 +682,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             # checked as the graph runs (e.g. lengths.max().item(): a comparison guards on the data;
             # dynamo shows SymInts as ints); no message under strict torch.export, which took the
             # message function for a tensor input
-            msg = None if torch.compiler.is_exporting() else _MAX_SEQLEN_RANGE
+            msg = None if torch.compiler.is_exporting() else _max_seqlen_range_message
             torch._check(m >= 0, msg)
             torch._check(m <= _INT32_MAX, msg)
         elif m < 0:
