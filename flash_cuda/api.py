@@ -686,7 +686,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             torch._check(m >= 0, msg)
             torch._check(m <= _INT32_MAX, msg)
         elif m < 0:
-            raise TypeError(f"{fn}: {name} must be a non-negative int (or a 0-d integer tensor), got {m!r}")
+            raise ValueError(f"{fn}: {name} must be a non-negative int (or a 0-d integer tensor), got {m!r}")
         elif m > _INT32_MAX:
             raise ValueError(f"{fn}: {name} must be at most 2**31 - 1 (lengths are int32, as cu_seqlens), got {m}")
     for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
@@ -869,7 +869,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if cache_seqlens.device != q.device:
         raise RuntimeError(f"{fn}: cache_seqlens must be on the device of q ({q.device}), got {cache_seqlens.device}")
     num_splits = _plain(num_splits)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_NUM_SPLITS:
+    if not _is_int(num_splits):
+        raise TypeError(f"{fn}: num_splits must be an int in [0, {MAX_NUM_SPLITS}] (0: chosen for the device, "
+                        f"1: no split), got {_type_name(num_splits)}")
+    if not 0 <= num_splits <= MAX_NUM_SPLITS:
         raise ValueError(f"{fn}: num_splits must be an int in [0, {MAX_NUM_SPLITS}] (0: chosen for the device, "
                          f"1: no split), got {num_splits!r}")
     scale, left, right, softcap, slopes = _check_options(fn, q, B, causal, return_lse, False, scale, window, softcap,
@@ -923,8 +926,12 @@ def _check_pages(fn, block_table, cache_seqlens, n_new, page_size, num_pages):
     if clash.any():
         b, i = clash.nonzero()[0].tolist()
         page = table[b, i].item()
-        wb, wi = next(e for e in (written & (table == page)).nonzero().tolist() if e != [b, i])
-        raise ValueError(f"{fn}: block_table[{b}, {i}] = {page} is also block_table[{wb}, {wi}], a page that "
+        # another entry of the page (there is one: it is used twice), and a writer of it: this
+        # entry itself when it takes new keys (the first clash can be the writer: a StopIteration
+        # when only other writers were searched)
+        ob, oi = next(e for e in (used & (table == page)).nonzero().tolist() if e != [b, i])
+        wb = b if written[b, i] else next(e for e in (written & (table == page)).nonzero().tolist())[0]
+        raise ValueError(f"{fn}: block_table[{b}, {i}] = {page} is also block_table[{ob}, {oi}], a page that "
                          f"sequence {wb}'s new keys are written into: the append would overwrite keys in use; give "
                          "every page that takes new keys to one entry of the table (padding rows of a batch "
                          "included)")

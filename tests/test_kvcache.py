@@ -436,7 +436,8 @@ def bad_call(**over):
     (dict(v=None), ValueError, "k and v .* together"),
     (dict(k=torch.randn(2, 2, 1, 16).double(), v=torch.randn(2, 2, 1, 16).double()), TypeError, "k must have the dtype"),
     (dict(num_splits=-1), ValueError, r"num_splits must be an int in \[0, 128\]"),
-    (dict(num_splits=1.5), ValueError, r"num_splits must be an int in \[0, 128\]"),
+    (dict(num_splits=1.5), TypeError, r"num_splits must be an int in \[0, 128\]"),
+    (dict(num_splits="a"), TypeError, r"num_splits must be an int in \[0, 128\]"),
     (dict(num_splits=129), ValueError, r"num_splits must be an int in \[0, 128\]"),
     (dict(num_splits=2**62), ValueError, r"num_splits must be an int in \[0, 128\]"),  # it crashed the process
     (dict(num_splits=2**63), ValueError, r"num_splits must be an int in \[0, 128\]"),
@@ -677,7 +678,10 @@ def test_pages_that_take_new_keys_are_not_shared(where):
     bad = [(torch.tensor([[2, 2], [3, 4]], dtype=torch.int32), [5, 1],
             r"block_table\[0, 0\] = 2 is also block_table\[0, 1\]"),
            (torch.tensor([[5, 0], [5, 1]], dtype=torch.int32), [0, 0],
-            r"block_table\[0, 0\] = 5 is also block_table\[1, 0\]")]
+            r"block_table\[0, 0\] = 5 is also block_table\[1, 0\]"),
+           # the first clash in row-major order is the writer itself (a StopIteration, audit)
+           (torch.tensor([[0, 1], [1, 3]], dtype=torch.int32), [4, 5],
+            r"block_table\[0, 1\] = 1 is also block_table\[1, 0\]")]
     with ctx:
         for table, lens, msg in bad:
             before = kc.clone(), vc.clone()
