@@ -518,7 +518,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
   const double scale = opt.scale;  // a positive scale for the softmax: see fwd_kernels
   const at::Tensor q_pos = scale > 0 ? q_in : (scale < 0 ? q_in.neg() : at::zeros_like(q_in));
   // packed: (B, Hkv, group Nq, D), rows (head in group, query); contiguous, so they are uniformly strided
-  const at::Tensor q = pack ? q_pos.contiguous().view({B, Hkv, group * Nq, D}) : aligned_input(q_pos);
+  // (and aligned: a contiguous view at an odd offset stays at it, audit)
+  const at::Tensor q = aligned_input(pack ? q_pos.contiguous().view({B, Hkv, group * Nq, D}) : q_pos);
   const at::Tensor o = pack ? out.view({B, Hkv, group * Nq, D}) : out;
   const at::Tensor lse_k = pack ? lse.view({B, Hkv, group * Nq}) : lse;
   // the grids of the append (B x Hkv) and the attention (B x query tiles' heads: Hkv when packed)

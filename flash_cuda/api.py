@@ -50,15 +50,20 @@ def _shape(x):
     return tuple(x.shape)
 
 
+def _check_dense(fn, name, x):
+    """A strided tensor, not a sparse or nested one (whose ops failed in torch's own words)."""
+    if x.layout != torch.strided or x.is_nested:
+        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got a {'nested' if x.is_nested else x.layout} "
+                        "one")
+
+
 def _check_tensors(fn, names, tensors, fp32=False):
     """Type, dtype and device of q, k, v (or query, key, value). fp32: the call has float32
     kernels (TF32 tensor cores)."""
     for name, x in zip(names, tensors):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(x)}")
-        if x.layout != torch.strided or x.is_nested:
-            raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got a "
-                            f"{'nested' if x.is_nested else x.layout} one")
+        _check_dense(fn, name, x)
     first, q = names[0], tensors[0]
     if q.dtype not in _DTYPES:
         raise TypeError(f"{fn}: {first} must have dtype {_DTYPE_NAMES}, got {q.dtype}")
@@ -173,6 +178,7 @@ def _number(x):
 
 
 _F32_MAX = torch.finfo(torch.float32).max  # (scale's bound below float64 inputs; the ops check it too)
+_F32_TINY = torch.finfo(torch.float32).tiny  # (the smallest normal float32)
 
 
 def _check_scale(fn, scale, head_dim, dtype=torch.float64):
@@ -188,6 +194,10 @@ def _check_scale(fn, scale, head_dim, dtype=torch.float64):
     if dtype != torch.float64 and abs(scale) > _F32_MAX:
         raise ValueError(f"{fn}: scale must be finite in float32 (|scale| <= {_F32_MAX:.4g}) "
                          f"for {dtype} inputs, got {scale}")
+    if dtype != torch.float64 and abs(scale) < _F32_TINY:
+        # below float32's normal range the CUDA kernels (flushing denormals) would see 0 where
+        # they need a positive scale, and give NaN (audit); 0 is this scale's limit: uniform rows
+        return 0.0
     return float(scale)
 
 
@@ -214,12 +224,18 @@ def _check_window(fn, window, name="window"):
     return left, right
 
 
-def _check_softcap(fn, softcap):
+def _check_softcap(fn, softcap, dtype=torch.float64):
+    """0 (off) or a finite positive float, in float32's normal range unless the inputs are float64:
+    the backends take it in float32, where a larger one was inf (NaN outputs) and a smaller one 0
+    (softcap silently off; audit)."""
     softcap = _plain(softcap)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"{fn}: softcap must be a float (0.0 disables it), got {_type_name(softcap)}")
     if not _finite(softcap) or softcap < 0:
         raise ValueError(f"{fn}: softcap must be finite and >= 0 (0.0 disables it), got {_number(softcap)}")
+    if dtype != torch.float64 and softcap != 0 and not _F32_TINY <= softcap <= _F32_MAX:
+        raise ValueError(f"{fn}: softcap must be 0 (off) or in float32's normal range [{_F32_TINY:.4g}, "
+                         f"{_F32_MAX:.4g}] for {dtype} inputs, got {softcap}")
     return float(softcap)
 
 
@@ -229,6 +245,7 @@ def _check_alibi(fn, slopes, B, hq, device):
         return None
     if not isinstance(slopes, torch.Tensor):
         raise TypeError(f"{fn}: alibi_slopes must be a torch.Tensor or None, got {_type_name(slopes)}")
+    _check_dense(fn, "alibi_slopes", slopes)
     if slopes.dtype != torch.float32:
         raise TypeError(f"{fn}: alibi_slopes must be float32, got {slopes.dtype}")
     if slopes.device != device:
@@ -250,6 +267,7 @@ def _mask_to_bias(fn, name, mask, q, nk, full_shape):
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {_type_name(mask)}")
+    _check_dense(fn, name, mask)
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} must be bool (True = takes part) or floating (added to the scores), "
                         f"got {mask.dtype}")
@@ -351,7 +369,7 @@ def _check_options(fn, q, batch, causal, return_lse, deterministic, scale, windo
     _check_flag(fn, "deterministic", deterministic)
     scale = _check_scale(fn, scale, q.shape[-1], q.dtype)
     left, right = _check_window(fn, window)
-    softcap = _check_softcap(fn, softcap)
+    softcap = _check_softcap(fn, softcap, q.dtype)
     return scale, left, right, softcap, _check_alibi(fn, alibi_slopes, batch, q.shape[1], q.device)
 
 
@@ -665,6 +683,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(cu)}")
+        _check_dense(fn, name, cu)
         if cu.dtype != torch.int32:
             raise TypeError(f"{fn}: {name} must be int32, got {cu.dtype}")
         if cu.dim() != 1 or cu.numel() < 1:
@@ -736,6 +755,8 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
             return None
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
             return None  # the checked path raises
+        if any(x is not None and _spans_overlap(x, c) for x in (k, v) for c in (k_cache, v_cache)):
+            return None  # (new keys in the caches' memory: the checked path refuses them)
         if type(num_splits) is not int or not (scale is None or type(scale) is float and abs(scale) <= _F32_MAX):
             return None
         if cache_seqlens is None:  # the whole capacity (the checked path refuses it with k and v)
@@ -809,6 +830,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if paged:
         if not isinstance(block_table, torch.Tensor):
             raise TypeError(f"{fn}: block_table must be a torch.Tensor or None, got {_type_name(block_table)}")
+        _check_dense(fn, "block_table", block_table)
         if block_table.dtype != torch.int32:
             raise TypeError(f"{fn}: block_table must be int32, got {block_table.dtype}")
         if block_table.dim() != 2 or block_table.shape[0] != B:
@@ -862,6 +884,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor (B,), an int or None, got "
                         f"{_type_name(cache_seqlens)}")
+    _check_dense(fn, "cache_seqlens", cache_seqlens)
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if _shape(cache_seqlens) != (B,):
@@ -883,6 +906,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                 raise RuntimeError(f"{fn}: {name} requires grad, but attention_with_kvcache is inference only (no "
                                    "autograd); call it under torch.no_grad() / torch.inference_mode() or pass "
                                    "detached tensors")
+    if k is not None and not torch.compiler.is_compiling() and not is_fake(q) and q.device.type != "meta":
+        for name, x in (("k", k), ("v", v)):
+            for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+                if _spans_overlap(x, cache):
+                    raise ValueError(f"{fn}: {name} shares memory with {cache_name}, into which it is appended in "
+                                     f"place (the copy would read what it writes); pass new keys and values of "
+                                     f"their own (e.g. .clone())")
     if _readable(cache_seqlens):
         lengths = cache_seqlens.tolist()
         for b, n in enumerate(lengths):
@@ -898,6 +928,17 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     except ValueError as err:  # the op's checks of the memory the append writes (csrc/ops.cpp), in fn's name
         raise ValueError(str(err).replace("flash_cuda: ", f"{fn}: ", 1)) from None
     return (out, lse) if return_lse else out
+
+
+def _spans_overlap(a, b):
+    """Whether the byte ranges two tensors span intersect (conservative: views of one buffer whose
+    ranges interleave without sharing an element count too)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    lo_a, lo_b = a.data_ptr(), b.data_ptr()
+    hi_a = lo_a + (sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1) * a.element_size()
+    hi_b = lo_b + (sum((n - 1) * st for n, st in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return lo_a < hi_b and lo_b < hi_a
 
 
 def _check_pages(fn, block_table, cache_seqlens, n_new, page_size, num_pages):
@@ -947,6 +988,7 @@ def unpad_input(x, attention_mask):
 def _check_padding_mask(fn, mask, name, x, x_name):
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {_type_name(mask)}")
+    _check_dense(fn, name, mask)
     if mask.dim() != 2 or x.dim() < 2 or tuple(x.shape[:2]) != tuple(mask.shape):
         raise ValueError(f"{fn}: {name} must be (B, S) matching {x_name}'s first two dims, got {_shape(mask)} "
                          f"for {x_name} of shape {_shape(x)}")
@@ -973,6 +1015,7 @@ def _unpad(fn, x, attention_mask, unused_mask, names):
     (B,) int32 of attention_mask alone)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: {names[0]} must be a torch.Tensor, got {_type_name(x)}")
+    _check_dense(fn, names[0], x)
     used = _check_padding_mask(fn, attention_mask, names[1], x, names[0])
     keep = used if unused_mask is None else used | _check_padding_mask(fn, unused_mask, "unused_mask", x, names[0])
     indices = torch.nonzero(keep.reshape(-1)).flatten()
@@ -1003,6 +1046,8 @@ def _pad(fn, x_unpad, indices, batch, seqlen, x_name):
     if not isinstance(x_unpad, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"{fn}: {x_name} and indices must be torch.Tensors, got {_type_name(x_unpad)} and "
                         f"{_type_name(indices)}")
+    _check_dense(fn, x_name, x_unpad)
+    _check_dense(fn, "indices", indices)
     batch, seqlen = _index(batch), _index(seqlen)
     for name, n in (("batch", batch), ("seqlen", seqlen)):
         if not _is_int(n):

@@ -8,6 +8,7 @@ import torch
 
 import flash_cuda
 from conftest import widest_dtype
+from reference import attention_ref
 
 attention = flash_cuda.attention
 sdpa = flash_cuda.scaled_dot_product_attention
@@ -256,6 +257,29 @@ def test_scale_outside_float32():
         sdpa(*qkv(Hkv=4), scale=-1e39)
     q, k, v = qkv(dtype=torch.float64)
     assert torch.isfinite(attention(q * 1e-37, k, v, scale=1e39)).all()
+
+
+def test_scale_and_softcap_below_float32s_normal_range():
+    """fp16/bf16/fp32 inputs take scale and softcap in float32. A nonzero scale below its normal
+    range is its limit 0 (uniform rows; the CUDA kernels, flushing denormals, saw 0 where they need
+    a positive scale and gave NaN, in the emulator); a softcap past float32's range or below its
+    normal range is refused (it made every output NaN, or was silently off). float64 inputs keep
+    both as given."""
+    q, k, v = qkv(dtype=torch.float16, Nq=5, Nk=7)
+    uniform = v.double().mean(2, keepdim=True).repeat_interleave(2, 1).expand(q.shape)
+    with flash_cuda.emulate():
+        for scale in (5e-324, -1e-40, 1e-39):
+            out = attention(q, k, v, scale=scale)
+            assert (out.double() - uniform).abs().max() < 2e-3, scale
+    assert torch.equal(attention(*(x.float() for x in (q, k, v)), scale=5e-324),
+                       attention(*(x.float() for x in (q, k, v)), scale=0.0))
+    for softcap in (1e39, 5e-324, 1e-39):
+        with pytest.raises(ValueError, match=r"softcap must be 0 \(off\) or in float32's normal range .* for "
+                                             r"torch.float32 inputs"):
+            attention(*qkv(), softcap=softcap)
+    q, k, v = qkv(dtype=torch.float64, Nq=5, Nk=7)
+    ref, _ = attention_ref(q, k, v, softcap=1e-300)
+    torch.testing.assert_close(attention(q, k, v, softcap=1e-300), ref)
 
 
 def test_alibi_slopes_requiring_grad():
@@ -634,3 +658,28 @@ def test_sparse_and_nested_inputs_name_the_argument():
     with pytest.raises(TypeError, match=r"query must be a jagged nested tensor \(torch.nested, layout=torch.jagged\) "
                                         r"when any input is one, got a strided nested tensor"):
         flash_cuda.scaled_dot_product_attention(nested, nested, nested)
+
+
+@pytest.mark.parametrize("name", ["attn_mask", "alibi_slopes", "cu_seqlens_q", "cache_seqlens", "block_table",
+                                  "attention_mask", "indices"])
+def test_sparse_tensors_beside_q_k_v(name):
+    """A sparse tensor for an argument other than q, k, v is refused naming it (torch's own ops
+    failed on it first: "Could not run 'aten::bitwise_not' ... SparseCPU", naming nothing)."""
+    q = torch.randn(1, 2, 4, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    rows = q[0].transpose(0, 1)
+    calls = {
+        "attn_mask": lambda s: attention(q, q, q, attn_mask=s(torch.ones(1, 2, 4, 4, dtype=torch.bool))),
+        "alibi_slopes": lambda s: attention(q, q, q, alibi_slopes=s(torch.ones(2))),
+        "cu_seqlens_q": lambda s: flash_cuda.varlen_attention(rows, rows, rows, s(cu), cu, 4, 4),
+        "cache_seqlens": lambda s: flash_cuda.attention_with_kvcache(
+            q[:, :, :1], q, q, cache_seqlens=s(torch.tensor([2], dtype=torch.int32))),
+        "block_table": lambda s: flash_cuda.attention_with_kvcache(
+            q[:, :, :1], q, q, cache_seqlens=2, block_table=s(torch.zeros(1, 1, dtype=torch.int32))),
+        "attention_mask": lambda s: flash_cuda.unpad_input(torch.randn(2, 3, 4), s(torch.ones(2, 3, dtype=torch.bool))),
+        "indices": lambda s: flash_cuda.pad_input(torch.randn(3, 4), s(torch.arange(3)), 1, 3),
+    }
+    calls[name](lambda x: x)  # (valid as dense)
+    with pytest.raises(TypeError, match=rf"^flash_cuda\.\w+: {name} must be a dense \(strided\) tensor, got a "
+                                        r"torch.sparse_coo one"):
+        calls[name](lambda x: x.to_sparse())

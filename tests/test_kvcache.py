@@ -1066,3 +1066,37 @@ def test_multiply_peak_ceiling():
             continue
         instructions = macs / mp.KINDS[kind][1]
         assert 1e8 < instructions < 2 * 6e9, (kind, instructions)
+
+
+def test_new_keys_in_the_caches_memory_are_refused():
+    """k or v that are views of the caches' memory are refused before anything is written, on the
+    direct path too (the CPU copy raised torch's message naming no argument; the CUDA kernels,
+    seen in the emulator, wrote the cache while reading the new keys from it: a race on a GPU)."""
+    for where, dtype in (("cpu", torch.float32), ("emulated", torch.float16)):
+        g = torch.Generator().manual_seed(0)
+        kc, vc = (torch.randn(1, 1, 16, 16, generator=g).to(dtype) for _ in range(2))
+        q, own = torch.randn(1, 2, 1, 16, generator=g).to(dtype), torch.randn(1, 1, 2, 16, generator=g).to(dtype)
+        for k, v, name in ((kc[:, :, 4:6], vc[:, :, 4:6], "k shares memory with k_cache"),
+                           (own, kc[:, :, 8:10], "v shares memory with k_cache")):
+            before = kc.clone(), vc.clone()
+            with flash_cuda.emulate() if where == "emulated" else torch.no_grad():
+                with pytest.raises(ValueError, match=rf"^flash_cuda.attention_with_kvcache: {name}"):
+                    FN(q, kc, vc, k, v, cache_seqlens=5)
+            assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+def test_emulated_packed_queries_at_an_odd_offset():
+    """The CUDA kernels' packed GQA queries (one query, heads of a kv group in one tile) from a q
+    at an odd offset in its storage: the packed copy kept the offset, and the kernels' 16-byte
+    cp.async read was misaligned (the emulator's check, after the append had written the cache).
+    Now q is copied to an aligned buffer as on every other path: the reference's output."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(33, generator=g).half()[1:].view(1, 2, 1, 16)
+    kc, vc = (torch.randn(1, 1, 16, 16, generator=g).half() for _ in range(2))
+    k, v = (torch.randn(1, 1, 1, 16, generator=g).half() for _ in range(2))
+    ref, _ = attention_ref(q.double(), torch.cat([kc[:, :, :3], k], 2).double(),
+                           torch.cat([vc[:, :, :3], v], 2).double())
+    with flash_cuda.emulate():
+        out = FN(q, kc, vc, k, v, cache_seqlens=3)
+    assert torch.equal(kc[:, :, 3:4], k) and torch.equal(vc[:, :, 3:4], v)
+    assert (out.double() - ref).abs().max() < 2e-3
