@@ -633,7 +633,7 @@ def _sdpa_heads(fn, query, key, value, enable_gqa):
                                  f"of query heads ({hq})")
         heads = hq
     else:
-        heads = max(hq, hk, hv) if 0 not in (hq, hk, hv) else 0
+        heads = hq if hq != 1 else (hk if hk != 1 else hv)  # the size the others match or broadcast from
         for name, h in (("key", hk), ("value", hv)):
             if h not in (1, heads):
                 hint = "; pass enable_gqa=True for grouped-query attention" if hq and h and hq % h == 0 else ""
@@ -722,7 +722,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             raise ValueError(f"{fn}: the last entry of {name} must be at most the number of tokens ({total}), "
                              f"got {c[-1]}")
         if lengths and max(lengths) > mx:
-            raise ValueError(f"{fn}: max_seqlen {mx} is smaller than the longest sequence ({max(lengths)}) of {name}")
+            raise ValueError(f"{fn}: max_seqlen_{name[-1]} {mx} is smaller than the longest sequence "
+                             f"({max(lengths)}) of {name}")
     scale, left, right, softcap, slopes = _check_options(fn, q, cu_seqlens_q.numel() - 1, causal, return_lse,
                                                          deterministic, scale, window, softcap, alibi_slopes)
     dropout_p = _check_dropout(fn, dropout_p, generator, return_dropout_mask, q.device)

@@ -429,7 +429,7 @@ def test_cu_seqlens_of_different_lengths():
 
 
 def test_max_seqlen_smaller_than_a_sequence():
-    with pytest.raises(ValueError, match=r"max_seqlen 3 is smaller than the longest sequence \(4\) of cu_seqlens_q"):
+    with pytest.raises(ValueError, match=r"max_seqlen_q 3 is smaller than the longest sequence \(4\) of cu_seqlens_q"):
         call(max_seqlen_q=3)
 
 
