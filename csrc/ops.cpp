@@ -485,12 +485,13 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               kMaxNumSplits, "] (0: chosen for the device), got ", num_splits);
   if (k_new) {  // written in place: every position of the caches its own memory, and k's apart from v's
     for (const auto& [name, x] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
-      TORCH_CHECK_VALUE(!cache_overlaps_itself(*x), "flash_cuda: ", name, " has positions that share memory (strides ",
-                  x->strides(), " for shape ", x->sizes(), ": an expanded view, or overlapping rows), so appending "
-                  "k and v would overwrite other positions; pass a cache with memory of its own (e.g. .contiguous())");
-    TORCH_CHECK_VALUE(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or interleave "
-                "in memory with different strides, which is not searched), so appending v could overwrite keys; "
-                "pass separate caches");
+      TORCH_CHECK_VALUE(!cache_overlaps_itself(*x), "flash_cuda: ", name, " has positions that share memory "
+                        "(strides ", x->strides(), " for shape ", x->sizes(), ": an expanded view, or overlapping "
+                        "rows), so appending k and v would overwrite other positions; pass a cache with memory of "
+                        "its own (e.g. .contiguous())");
+    TORCH_CHECK_VALUE(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or "
+                      "interleave in memory with different strides, which is not searched), so appending v could "
+                      "overwrite keys; pass separate caches");
   }
 }
 

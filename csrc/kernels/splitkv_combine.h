@@ -2,8 +2,9 @@
  *   lse = log sum_s exp(lse_s),   O = sum_s exp(lse_s - lse) O_s,
  * O_s each split's output normalised by its own softmax sum. Splits without keys have
  * lse_s = -inf and weigh nothing; a row no split saw gets O = 0 and lse = -inf, as the
- * unsplit kernel gives it; a split with a NaN lse makes the row's O and lse NaN, as unsplit. One warp per row: the lanes share the splits' lse (a max and a sum
- * over the splits, strided by 32, then across the warp) and own column pairs of O.
+ * unsplit kernel gives it; a split with a NaN lse makes the row's O and lse NaN, as unsplit.
+ * One warp per row: the lanes share the splits' lse (a max and a sum over the splits, strided
+ * by 32, then across the warp) and own column pairs of O.
  */
 #pragma once
 #include "kv_cache.h"
