@@ -756,8 +756,8 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
             return None
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
             return None  # the checked path raises
-        if any(x is not None and _spans_overlap(x, c) for x in (k, v) for c in (k_cache, v_cache)):
-            return None  # (new keys in the caches' memory: the checked path refuses them)
+        if k is not None and any(_spans_overlap(x, c) for x in (k, v, q) if x is not None for c in (k_cache, v_cache)):
+            return None  # (new keys or queries in the caches' memory: the checked path refuses them)
         if type(num_splits) is not int or not (scale is None or type(scale) is float and abs(scale) <= _F32_MAX):
             return None
         if cache_seqlens is None:  # the whole capacity (the checked path refuses it with k and v)
@@ -908,12 +908,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                    "autograd); call it under torch.no_grad() / torch.inference_mode() or pass "
                                    "detached tensors")
     if k is not None and not torch.compiler.is_compiling() and not is_fake(q) and q.device.type != "meta":
-        for name, x in (("k", k), ("v", v)):
+        for name, x in (("k", k), ("v", v), ("q", q)):
             for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
                 if _spans_overlap(x, cache):
-                    raise ValueError(f"{fn}: {name} shares memory with {cache_name}, into which it is appended in "
-                                     f"place (the copy would read what it writes); pass new keys and values of "
-                                     f"their own (e.g. .clone())")
+                    what = "new keys and values" if name != "q" else "queries"
+                    raise ValueError(f"{fn}: {name} shares memory with {cache_name}, into which k and v are appended "
+                                     f"in place (the call would read what it writes); pass {what} of their own "
+                                     f"(e.g. .clone())")
     if _readable(cache_seqlens):
         lengths = cache_seqlens.tolist()
         for b, n in enumerate(lengths):

@@ -1069,19 +1069,21 @@ def test_multiply_peak_ceiling():
 
 
 def test_new_keys_in_the_caches_memory_are_refused():
-    """k or v that are views of the caches' memory are refused before anything is written, on the
-    direct path too (the CPU copy raised torch's message naming no argument; the CUDA kernels,
-    seen in the emulator, wrote the cache while reading the new keys from it: a race on a GPU)."""
+    """k, v or q that are views of the caches' memory are refused before anything is written, on
+    the direct path too (the CPU copy raised torch's message naming no argument; the CUDA kernels,
+    seen in the emulator, wrote the cache while reading the new keys from it: a race on a GPU; a q
+    there was read after the append)."""
     for where, dtype in (("cpu", torch.float32), ("emulated", torch.float16)):
         g = torch.Generator().manual_seed(0)
         kc, vc = (torch.randn(1, 1, 16, 16, generator=g).to(dtype) for _ in range(2))
         q, own = torch.randn(1, 2, 1, 16, generator=g).to(dtype), torch.randn(1, 1, 2, 16, generator=g).to(dtype)
-        for k, v, name in ((kc[:, :, 4:6], vc[:, :, 4:6], "k shares memory with k_cache"),
-                           (own, kc[:, :, 8:10], "v shares memory with k_cache")):
+        for qx, k, v, name in ((q, kc[:, :, 4:6], vc[:, :, 4:6], "k shares memory with k_cache"),
+                               (q, own, kc[:, :, 8:10], "v shares memory with k_cache"),
+                               (vc[:, :, 1:2].expand(1, 2, 1, 16), own, own.clone(), "q shares memory with v_cache")):
             before = kc.clone(), vc.clone()
             with flash_cuda.emulate() if where == "emulated" else torch.no_grad():
                 with pytest.raises(ValueError, match=rf"^flash_cuda.attention_with_kvcache: {name}"):
-                    FN(q, kc, vc, k, v, cache_seqlens=5)
+                    FN(qx, kc, vc, k, v, cache_seqlens=5)
             assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 
