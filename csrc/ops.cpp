@@ -492,6 +492,14 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     TORCH_CHECK_VALUE(!caches_may_overlap(k_cache, v_cache), "flash_cuda: k_cache and v_cache share memory (or "
                       "interleave in memory with different strides, which is not searched), so appending v could "
                       "overwrite keys; pass separate caches");
+    // nor may the call's other inputs lie in the caches' memory: the append would write what the
+    // call reads (a race on a GPU; the CPU copy refused it in torch's words)
+    for (const auto& [name, x] : {std::pair{"k", &*k_new}, std::pair{"v", &*v_new}, std::pair{"q", &q}})
+      for (const auto& [cache_name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
+        TORCH_CHECK_VALUE(!caches_may_overlap(*x, *cache), "flash_cuda: ", name, " shares memory with ", cache_name,
+                          ", into which k and v are appended in place (the call would read what it writes); pass ",
+                          name == std::string("q") ? "queries" : "new keys and values", " of their own (e.g. "
+                          ".clone())");
   }
 }
 

@@ -756,8 +756,6 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
             return None
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k_cache, v_cache, k, v)):
             return None  # the checked path raises
-        if k is not None and any(_spans_overlap(x, c) for x in (k, v, q) if x is not None for c in (k_cache, v_cache)):
-            return None  # (new keys or queries in the caches' memory: the checked path refuses them)
         if type(num_splits) is not int or not (scale is None or type(scale) is float and abs(scale) <= _F32_MAX):
             return None
         if cache_seqlens is None:  # the whole capacity (the checked path refuses it with k and v)
@@ -907,14 +905,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                 raise RuntimeError(f"{fn}: {name} requires grad, but attention_with_kvcache is inference only (no "
                                    "autograd); call it under torch.no_grad() / torch.inference_mode() or pass "
                                    "detached tensors")
-    if k is not None and not torch.compiler.is_compiling() and not is_fake(q) and q.device.type != "meta":
-        for name, x in (("k", k), ("v", v), ("q", q)):
-            for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-                if _spans_overlap(x, cache):
-                    what = "new keys and values" if name != "q" else "queries"
-                    raise ValueError(f"{fn}: {name} shares memory with {cache_name}, into which k and v are appended "
-                                     f"in place (the call would read what it writes); pass {what} of their own "
-                                     f"(e.g. .clone())")
     if _readable(cache_seqlens):
         lengths = cache_seqlens.tolist()
         for b, n in enumerate(lengths):
@@ -930,17 +920,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     except ValueError as err:  # the op's checks of the memory the append writes (csrc/ops.cpp), in fn's name
         raise ValueError(str(err).replace("flash_cuda: ", f"{fn}: ", 1)) from None
     return (out, lse) if return_lse else out
-
-
-def _spans_overlap(a, b):
-    """Whether the byte ranges two tensors span intersect (conservative: views of one buffer whose
-    ranges interleave without sharing an element count too)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    lo_a, lo_b = a.data_ptr(), b.data_ptr()
-    hi_a = lo_a + (sum((n - 1) * st for n, st in zip(a.shape, a.stride())) + 1) * a.element_size()
-    hi_b = lo_b + (sum((n - 1) * st for n, st in zip(b.shape, b.stride())) + 1) * b.element_size()
-    return lo_a < hi_b and lo_b < hi_a
 
 
 def _check_pages(fn, block_table, cache_seqlens, n_new, page_size, num_pages):
