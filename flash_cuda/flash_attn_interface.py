@@ -70,7 +70,8 @@ _CHECKED = (TypeError, ValueError, RuntimeError, NotImplementedError)
 
 def _in_callers_terms(fn, err, renames):
     """An error of flash_cuda's checks ("flash_cuda.attention: scale must be ...") as one of fn's
-    ("flash_attn_func: softmax_scale must be ..."); any other as it is."""
+    ("flash_attn_func: softmax_scale must be ..."); any other as it is. Names of one letter are
+    renamed where they lead the message and in the head dim's "(last dim of q)"."""
     found = re.match(r"flash_cuda\.\w+: (\w+)(.*)", str(err), re.S) if type(err) in _CHECKED else None
     if found is None:
         return err
@@ -78,6 +79,8 @@ def _in_callers_terms(fn, err, renames):
     for name, callers in renames.items():  # (names of several letters anywhere; q, k, v where they lead)
         if len(name) > 1:
             rest = re.sub(rf"\b{name}\b", callers, rest)
+        else:  # the head dim's "(last dim of q)"
+            rest = rest.replace(f"(last dim of {name})", f"(last dim of {callers})")
     return type(err)(f"{fn}: {renames.get(found[1], found[1])}{rest}")
 
 

@@ -171,6 +171,11 @@ def test_errors_name_the_callers_arguments():
     with pytest.raises(ValueError, match=r"^flash_attn_varlen_qkvpacked_func: max_seqlen 4 is smaller than the longest "
                                          r"sequence \(8\) of cu_seqlens$"):
         fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 4)
+    wide = torch.zeros(1, 8, 3, 2, 300)
+    with pytest.raises(ValueError, match=r"^flash_attn_qkvpacked_func: head dim D \(last dim of qkv\) must be in"):
+        fa.flash_attn_qkvpacked_func(wide)
+    with pytest.raises(ValueError, match=r"^flash_attn_varlen_qkvpacked_func: head dim D \(last dim of qkv\) must be"):
+        fa.flash_attn_varlen_qkvpacked_func(wide[0], cu, 8)
     with pytest.raises(ValueError, match=r"^flash_attn_with_kvcache: softmax_scale must be finite"):
         fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=3, softmax_scale=float("inf"))
 

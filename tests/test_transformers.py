@@ -555,6 +555,7 @@ def test_models_mask_functions_beyond_causal_like_sdpa(extra):
         masks[impl] = create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=pad, cache=None, **fns)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks["sdpa"]).transpose(1, 2)
     module = torch.nn.Module()
+    module.is_causal = True  # (as transformers' attention modules)
     module.is_causal = True
     got, _ = attention_forward(module, q, k, v, masks["flash_cuda"], scaling=D ** -0.5)
     rows = torch.ones(B, N, dtype=torch.bool)
@@ -569,6 +570,7 @@ def test_more_unsupported_features_raise():
     sequences' cu_seq_lens (whose mask was ignored), raise instead of computing without them."""
     from flash_cuda.integrations.transformers import attention_forward
     module = torch.nn.Module()
+    module.is_causal = True  # (as transformers' attention modules)
     q = torch.randn(1, 4, 6, 16)
     with pytest.raises(NotImplementedError, match=r"attention sinks \(sinks\) are not supported"):
         attention_forward(module, q, q, q, None, sinks=torch.zeros(4))
@@ -662,6 +664,7 @@ def test_masks_and_kwargs_that_would_be_misread_raise():
     raise instead of running dense attention (all were computed without an error; audit)."""
     from flash_cuda.integrations.transformers import attention_forward
     module = torch.nn.Module()
+    module.is_causal = True  # (as transformers' attention modules)
     q = torch.randn(2, 4, 6, 16)
     with pytest.raises(TypeError, match=r"4-D attention_mask must be bool .* got torch.int64"):
         attention_forward(module, q, q, q, torch.ones(2, 1, 6, 6, dtype=torch.long))
@@ -698,6 +701,7 @@ def test_deterministic_reaches_flash_cuda(monkeypatch):
     monkeypatch.setattr(integration.api, "attention",
                         lambda *a, **kw: seen.append(kw["deterministic"]) or real(*a, **kw))
     module = torch.nn.Module()
+    module.is_causal = True  # (as transformers' attention modules)
     q = torch.randn(1, 2, 5, 16)
     monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
     attention_forward(module, q, q, q, None)
@@ -752,3 +756,59 @@ def test_packed_starts_survive_copies_and_compile_finds_overlays():
     zero = torch.zeros(())
     assert mask_of(zero, packed).item() == 0  # None: packing left to attention_forward
     assert mask_of(zero, or_masks(causal_mask_function, causal_mask_function)).item() > 0  # sdpa's mask
+
+
+def test_attention_without_is_causal_raises_unless_a_4d_mask_says():
+    """A module without is_causal, called without one (Splinter, ALIGN's and CLAP's text encoders,
+    which transformers runs neither FlashAttention nor sdpa on), raised nothing and ran causal: an
+    encoder's first token saw itself only (3.6 off eager; audit by a helper). Now a ValueError; a
+    4-D mask carries its own structure and is applied as it is."""
+    cfg = transformers.SplinterConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4)
+    model = transformers.SplinterModel(cfg).eval()
+    model.set_attn_implementation("flash_cuda")
+    with pytest.raises(ValueError, match=r"SplinterSelfAttention has no is_causal attribute and the model passed "
+                                         r"no is_causal"):
+        model(input_ids=torch.randint(1, V, (2, 6)))
+    from flash_cuda.integrations.transformers import attention_forward
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(1, 1, 5, 5, generator=g) > 0.3
+    mask[..., 0] = True
+    out, _ = attention_forward(torch.nn.Module(), q, k, v, mask)
+    scores = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~mask, float("-inf"))
+    assert max_err(out, (scores.softmax(-1) @ v).transpose(1, 2)) < 1e-12
+
+
+def test_models_that_ask_for_a_materialised_causal_mask(monkeypatch):
+    """Models that pass allow_is_causal_skip=False to build on the causal mask: Doge adds its
+    dynamic mask to it; given None it attended to later tokens (9.3 off eager without a padding
+    mask, eager and compiled; audit by a helper). The mask function now returns sdpa's 4-D mask
+    there; Falcon, which passes it on unchanged, still runs the causal path (no dense mask)."""
+    small = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 initializer_range=0.3)
+    ref, ours = pair_of(transformers.DogeForCausalLM, transformers.DogeConfig(num_key_value_heads=2, **small),
+                        "eager")
+    ids, mask = batch(B=2, N=10, pad="left")
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        assert max_err(ours(input_ids=ids).logits, want) < 1e-4 * want.abs().max()
+        compiled = torch.compile(ours, backend="eager")
+        assert max_err(compiled(input_ids=ids).logits, want) < 1e-4 * want.abs().max()
+        want, got = ref(input_ids=ids, attention_mask=mask).logits, ours(input_ids=ids, attention_mask=mask).logits
+        keep = mask.bool()
+        assert max_err(got[keep], want[keep]) < 1e-4 * want.abs().max()
+    ref, ours = pair_of(transformers.FalconForCausalLM, transformers.FalconConfig(
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+        num_kv_heads=2, alibi=False, initializer_range=0.3), "sdpa")
+    masks = []
+    attention = flash_cuda.attention
+    monkeypatch.setattr(integration.api, "attention",
+                        lambda *a, **kw: masks.append(kw.get("attn_mask")) or attention(*a, **kw))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        assert max_err(ours(input_ids=ids).logits, want) < 1e-4 * want.abs().max()
+        assert masks and all(m is None for m in masks)  # the causal path, no dense mask
+        for c in ("dynamic", "static"):
+            assert torch.equal(ours.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation=c),
+                               ref.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation=c))

@@ -34,6 +34,7 @@ probabilities (`output_attentions`), attention sinks (`s_aux`, `sinks`), paged c
 """
 import functools
 import os
+import weakref
 
 import torch
 
@@ -48,6 +49,28 @@ NAME = "flash_cuda"
 # copies and device moves (an attribute on the tensor did not: a copy became an all-ones padding
 # mask; audit)
 _STARTS_DTYPE = torch.int16
+
+# mask_function's materialised causal masks (a model asked for one with allow_is_causal_skip=False,
+# to add to it: Doge's dynamic mask, Falcon's ALiBi): sdpa's 4-D mask, by id, with the keys seen
+# so far. One that reaches attention_forward unchanged (Falcon without ALiBi) runs as the causal
+# mask it is, without a dense mask; one the model changed is a new tensor, applied as it is.
+# Outside compilation only (a host-side lookup)
+_PLAIN_CAUSAL = {}  # id(mask) -> (weakref to mask, keys seen)
+
+
+def _remember_plain_causal(mask, seen):
+    key = id(mask)
+    _PLAIN_CAUSAL[key] = (weakref.ref(mask, lambda _, key=key: _PLAIN_CAUSAL.pop(key, None)), seen)
+    return mask
+
+
+def _plain_causal_keys(mask):
+    """The keys seen so far where mask is one of mask_function's materialised causal masks, as it
+    returned it; else None."""
+    if torch.compiler.is_compiling():
+        return None
+    entry = _PLAIN_CAUSAL.get(id(mask))
+    return entry[1] if entry is not None and entry[0]() is mask else None
 
 
 def _collects_attentions():
@@ -134,9 +157,24 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     deterministic = kwargs.get("deterministic")
     if deterministic is None:
         deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out_dtype, dtype = query.dtype, _kernel_dtype(query)
     q, k, v = (x.to(dtype) for x in (query, key, value))
+    if attention_mask is not None and attention_mask.dim() == 4:
+        seen = _plain_causal_keys(attention_mask)
+        if seen is not None:  # mask_function's causal mask, unchanged: the causal path (a static cache's tail cut)
+            attention_mask, k, v = None, k[:, :, :seen], v[:, :, :seen]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", None)
+    if is_causal is None:
+        # a custom 4-D mask is applied as it is (causality in it); no mask or a padding one needs to know. The
+        # models without the attribute (Splinter, ALIGN's and CLAP's text encoders) are ones
+        # transformers runs neither FlashAttention nor sdpa on: a default made encoders causal
+        if attention_mask is None or attention_mask.dim() == 2:
+            raise ValueError(f"{fn}: {type(module).__name__} has no is_causal attribute and the model passed no "
+                             "is_causal, so whether its attention is causal is unknown (transformers supports "
+                             "neither FlashAttention nor sdpa on such models); load it with "
+                             "attn_implementation='eager'")
+        is_causal = False
     # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3: the value head dim differs from the
     # query's): flash_cuda takes one head dim, so the narrower side is padded with zeros (zeros in
     # q and k add nothing to the scores; zero value columns give zero output columns, cropped below),
@@ -255,18 +293,19 @@ def _hides_future_keys(mask_fn, seen):
     return mask_fn is None or _sees_the_next_key(mask_fn, 1, 2, seen - 1, "cpu") is False
 
 
-def _composes_an_or_mask(mask_fn, depth=0):
+def _composes_an_or_mask(mask_fn, depth=0, names=("or_mask",)):
     """Whether transformers' mask function is, or is built from, an `or_masks` (its inner function
     `or_mask`; tests/test_transformers.py checks the name): a blockwise overlay where use_vmap is
-    False. Read from the closures, which dynamo traces as constants (no host read of data)."""
+    False (names=("or_mask", "and_mask"): or an `and_masks`, packing). Read from the closures,
+    which dynamo traces as constants (no host read of data)."""
     if not callable(mask_fn) or depth > 8:
         return False
-    if getattr(mask_fn, "__name__", None) == "or_mask":
+    if getattr(mask_fn, "__name__", None) in names:
         return True
     for cell in getattr(mask_fn, "__closure__", None) or ():
         inner = cell.cell_contents
         for f in inner if isinstance(inner, (tuple, list)) else (inner,):
-            if callable(f) and _composes_an_or_mask(f, depth + 1):
+            if callable(f) and _composes_an_or_mask(f, depth + 1, names):
                 return True
     return False
 
@@ -314,6 +353,19 @@ def _packed_sequences(mask_fn, batch_size, q_length, kv_length, q_offset, kv_off
     return starts
 
 
+def _asked_to_materialise(q_length, mask_fn, attention_mask, kwargs):
+    """Whether the model itself asked for a materialised causal mask (allow_is_causal_skip=False
+    from Doge, which adds its dynamic mask to it, or Falcon, ALiBi): what is left after
+    transformers' own reasons to clear the flag (overlays, packing, compiled one-token decoding),
+    which _needs_sdpa_mask and _packed_sequences took; compiled, where those cannot be asked, a
+    bare mask function, composed of no or_masks or and_masks. Returning None there lost Doge's
+    causality (it attended to later tokens; audit)."""
+    if (kwargs.get("allow_is_causal_skip") is not False or kwargs.get("use_vmap") or q_length <= 1
+            or attention_mask is not None or "allow_is_bidirectional_skip" in kwargs or mask_fn is None):
+        return False
+    return not (torch.compiler.is_compiling() and _composes_an_or_mask(mask_fn, names=("or_mask", "and_mask")))
+
+
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                   **kwargs):
     """transformers' FlashAttention mask (`masking_utils.flash_attention_mask`) without host reads when
@@ -334,6 +386,14 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
         segments = _packed_sequences(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, kwargs)
         if segments is not None:
             return segments
+    if _asked_to_materialise(q_length, mask_function, attention_mask, kwargs):
+        from transformers.masking_utils import sdpa_mask
+        mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+                         allow_is_causal_skip=False, device=kwargs.get("device", "cpu"))
+        if torch.compiler.is_compiling():
+            return mask
+        return _remember_plain_causal(mask, min(int(q_offset) + q_length, kv_length) if int(kv_offset) == 0 else
+                                      kv_length)
     if attention_mask is None:
         # No padding mask, but maybe a static cache: kv_length then counts all its slots, filled or
         # not, and the keys seen so far are q_offset + q_length. transformers' FlashAttention path
