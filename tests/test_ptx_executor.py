@@ -185,6 +185,96 @@ def test_cvt_rounding_ties_and_saturation():
     assert got[7] == 0x4100  # 2.5 in fp16
 
 
+def test_saturating_integer_add_and_sub():
+    """add.sat.s32 / sub.sat.s32 clamp to the int32 range (they wrapped: the flag was ignored)."""
+    buf = run(load_r(2) + """
+  add.sat.s32 %r10, %r0, 1;
+  sub.sat.s32 %r11, %r1, 1;
+  add.sat.s32 %r12, %r0, %r1;
+  add.s32 %r13, %r0, 1;""" + "".join(
+        f"\n  st.global.u32 [%rd1+{4 * (2 + i)}], %r{10 + i};" for i in range(4)), words(2 ** 31 - 1, -2 ** 31, 0, 0, 0, 0))
+    assert buf[2:].tolist() == [2 ** 31 - 1, -2 ** 31, -1, -2 ** 31]
+
+
+def test_misaligned_loads_and_stores_fault():
+    """PTX ISA, ld/st: an address aligned to the access's (whole vector's) size, else the GPU faults;
+    the executor read and wrote them (audit). Global, shared and vector accesses."""
+    buf = torch.zeros(16, dtype=torch.int32)
+    run("  ld.global.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1+16];\n  st.global.v2.u32 [%rd1+8], {%r1, %r2};", buf.clone())
+    for body, smem in (("  ld.global.u32 %r1, [%rd1+1];", 0),
+                       ("  ld.global.v4.u32 {%r1, %r2, %r3, %r4}, [%rd1+4];", 0),
+                       ("  ld.global.u64 %rd2, [%rd1+4];", 0),
+                       ("  st.global.v2.u32 [%rd1+4], {%r0, %r0};", 0),
+                       ("  mov.u32 %r0, 0;\n  st.shared.u32 [2], %r0;", 16)):
+        with pytest.raises(RuntimeError, match=r"misaligned address: a \d+-byte access"):
+            run(body if "mov" in body else "  mov.u32 %r0, 0;\n" + body, buf.clone(), smem=smem)
+
+
+def test_modifiers_and_operands_the_executor_does_not_compute_fail_at_load():
+    """A modifier the executor does not compute for an opcode and type was dropped silently
+    (max.relu.s32 kept negatives, .ftz on integers passed); a vector list shorter than .v4 took
+    the next registers' places; an immediate past 64 bits became -1; vote, activemask, constant
+    memory, integer atomics and named barriers parsed and failed only when reached (audit)."""
+    for body in ("max.relu.s32 %r1, %r2, %r3;", "add.ftz.s32 %r1, %r2, %r3;", "mul.approx.lo.u32 %r1, %r2, %r3;",
+                 "and.sat.b32 %r1, %r2, %r3;", "add.sat.u32 %r1, %r2, %r3;", "shl.clamp.b32 %r1, %r2, 3;",
+                 "add.wide.s32 %rd2, %r2, %r3;", "add.f16x2.sat %r1, %r2, %r3;", "max.relu.f32 %f1, %f2, %f3;",
+                 "add.v2.u32 %r1, %r2, %r3;"):
+        with pytest.raises(ValueError, match=r"unsupported modifier \.(relu|ftz|approx|sat|clamp|wide|v2) of"):
+            torch.ops.flash_cuda._emu_ptx_check(module("  " + body), "t")
+    for body, what in (("ld.global.v4.u32 {%r1, %r2}, [%rd1];", "list of 4 registers"),
+                       ("st.global.v2.u32 [%rd1], {%r1, %r2, %r3};", "list of 2 registers"),
+                       ("ld.global.u32 {%r1, %r2}, [%rd1];", "one register"),
+                       ("mov.u32 %r1, 123456789012345678901234567890;", "out of the 64-bit range"),
+                       ("vote.sync.ballot.b32 %r1, %p1, -1;", "vote is not supported"),
+                       ("activemask.b32 %r1;", "activemask is not supported"),
+                       ("ld.const.u32 %r1, [%rd1];", "constant memory is not supported"),
+                       ("atom.global.add.u32 %r1, [%rd1], 1;", "only atom/red .add.f32"),
+                       ("bar.sync 1;", "only bar.sync 0"), ("bar.sync 0, 64;", "only bar.sync 0")):
+        with pytest.raises(ValueError, match=what):
+            torch.ops.flash_cuda._emu_ptx_check(module("  " + body), "t")
+
+
+def test_endless_loops_end_with_an_error():
+    """A loop that never ends (a self-branch; one thread spinning while the others wait at a
+    barrier) hung the process, deaf to Ctrl-C (audit): past FLASH_CUDA_PTX_STEP_LIMIT
+    instructions in a thread it is an error naming the line. In a child process, with a low bound
+    (the default is 2^27); a kernel within it runs."""
+    loop = module("LOOP:\n  add.u32 %r1, %r1, 1;\n  bra.uni LOOP;")
+    spin = module("  mov.u32 %r1, %tid.x;\n  setp.ne.u32 %p1, %r1, 0;\n  @%p1 bra DONE;\nSPIN:\n  bra.uni SPIN;\n"
+                  "DONE:\n  bar.sync 0;")
+    short = module("  mov.u32 %r1, 7;\n  st.global.u32 [%rd1], %r1;")
+    script = f"""
+import torch, flash_cuda
+buf = torch.zeros(4, dtype=torch.int32)
+torch.ops.flash_cuda._emu_ptx_run({short!r}, "t", buf, 64, 2, 0)
+assert buf[0].item() == 7
+for text, threads in (({loop!r}, 1), ({spin!r}, 64)):
+    try:
+        torch.ops.flash_cuda._emu_ptx_run(text, "t", buf, threads, 1, 0)
+    except RuntimeError as e:
+        assert "issued more than 100000 instructions in one thread" in str(e), e
+    else:
+        raise AssertionError("no error")
+print("ok")
+"""
+    env = dict(os.environ, FLASH_CUDA_PTX_STEP_LIMIT="100000")
+    done = subprocess.run(["python3", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_launch_sizes_past_cudas_limits_are_refused():
+    """Grids and blocks past CUDA's limits were truncated to 32 bits or sized a host allocation."""
+    text = module("  ret;")
+    buf = torch.zeros(1, dtype=torch.int32)
+    for threads, blocks in ((0, 1), (1025, 1), (1, 0), (1, 2 ** 31), (1, 2 ** 32 + 1)):
+        with pytest.raises(ValueError, match=r"(grid|block): each size in \[1, \d+\]"):
+            torch.ops.flash_cuda._emu_ptx_run(text, "t", buf, threads, blocks, 0)
+    params = torch.zeros(8, dtype=torch.uint8)
+    for grid, block in (([1, 65536, 1], [1, 1, 1]), ([1, 1, 1], [32, 32, 2]), ([1, 1, 1], [1, 1, 65])):
+        with pytest.raises(ValueError, match=r"(grid: each size|block: at most 1024 threads|block: each size)"):
+            torch.ops.flash_cuda._emu_ptx_launch(text, "t", [buf], params, grid, block, 0)
+
+
 def test_predicated_off_instructions_have_no_effect():
     buf = run(load_r(1) + """
   setp.eq.u32 %p1, %r0, 0;

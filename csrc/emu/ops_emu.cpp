@@ -73,11 +73,25 @@ void ptx_check(std::string text, std::string entry) {
 
 std::vector<std::string> ptx_entries(std::string text) { return emu::ptx::entries(text); }
 
+// CUDA's launch limits (a grid of 2^31 - 1 x 65535 x 65535 blocks of at most 1024 threads, 1024
+// x 1024 x 64): sizes beyond them were truncated to 32 bits or sized a host allocation (audit).
+void check_launch(const std::vector<int64_t>& grid, const std::vector<int64_t>& block, int64_t smem) {
+  const int64_t grid_max[3] = {(int64_t{1} << 31) - 1, 65535, 65535}, block_max[3] = {1024, 1024, 64};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK_VALUE(grid[i] >= 1 && grid[i] <= grid_max[i], "grid: each size in [1, ", grid_max[i], "], got ", grid[i]);
+    TORCH_CHECK_VALUE(block[i] >= 1 && block[i] <= block_max[i], "block: each size in [1, ", block_max[i], "], got ",
+                      block[i]);
+  }
+  TORCH_CHECK_VALUE(block[0] * block[1] * block[2] <= 1024, "block: at most 1024 threads, got ",
+                    block[0] * block[1] * block[2]);
+  TORCH_CHECK_VALUE(smem >= 0 && smem <= 228 * 1024, "smem: in [0, 228 KiB], got ", smem);
+}
+
 // Runs entry of a PTX module on (blocks) x (threads) with one parameter, the address of buf: for
 // the executor's per-instruction tests, whose kernels read inputs from and write results to buf.
 void ptx_run(std::string text, std::string entry, const at::Tensor& buf, int64_t threads, int64_t blocks, int64_t smem) {
   TORCH_CHECK(buf.is_contiguous(), "buf: contiguous");
-  TORCH_CHECK(threads >= 1 && blocks >= 1 && smem >= 0, "threads, blocks >= 1, smem >= 0");
+  check_launch({blocks, 1, 1}, {threads, 1, 1}, smem);
   std::shared_ptr<emu::ptx::Program> program;
   try {
     program = emu::ptx::parse(text, entry);
@@ -97,6 +111,7 @@ void ptx_run(std::string text, std::string entry, const at::Tensor& buf, int64_t
 void ptx_launch(std::string text, std::string entry, std::vector<at::Tensor> buffers, const at::Tensor& params,
                 std::vector<int64_t> grid, std::vector<int64_t> block, int64_t smem) {
   TORCH_CHECK(grid.size() == 3 && block.size() == 3, "grid, block: three sizes each");
+  check_launch(grid, block, smem);
   TORCH_CHECK(params.scalar_type() == at::kByte && params.is_contiguous(), "params: contiguous uint8");
   std::shared_ptr<emu::ptx::Program> program;
   try {

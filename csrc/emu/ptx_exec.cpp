@@ -20,7 +20,10 @@
 #include <dlfcn.h>
 #include <cxxabi.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -281,12 +284,21 @@ class Thread {
     }
   }
 
+  // PTX ISA, ld/st: the address must be aligned to the access's size (a vector's whole size); a
+  // GPU faults ("misaligned address"). Shared, local and param addresses are offsets here, their
+  // bases 16-byte aligned, so the offset's alignment is the address's.
+  void check_aligned(const Instr& in, uint64_t addr, size_t n) {
+    if (addr % n != 0)
+      fatal(in, "misaligned address: a " + std::to_string(n) + "-byte access at an address " + std::to_string(addr % n) +
+                    " bytes past a multiple of " + std::to_string(n));
+  }
   void exec_ld(const Instr& in) {
     const int eb = std::max(1, type_bits(in.type) / 8);
     const size_t n = static_cast<size_t>(eb) * in.vec;
     uint8_t buf[64];
     const uint64_t addr = address(in.o[1], in);
     sink(in, "the address");
+    check_aligned(in, addr, n);
     load(in, buf, addr, n);
     const Operand& d = in.o[0];
     for (int i = 0; i < in.vec; ++i) {
@@ -307,6 +319,7 @@ class Thread {
     }
     const uint64_t addr = address(in.o[0], in);
     sink(in, "the stored value or the address");
+    check_aligned(in, addr, n);
     store(in, buf, addr, n);
   }
   // atom/red .add.f32 (PTX ISA, atom): global through the runtime's atomic; shared as a
@@ -341,6 +354,11 @@ class Thread {
 uint64_t Thread::int_binary(const Instr& in, uint64_t a, uint64_t b) {
   const int nb = type_bits(in.type);
   const bool sgn = is_signed(in.type);
+  if ((in.flags & kSat) && (in.op == Op::add || in.op == Op::sub)) {  // add/sub.sat.s32: clamped, no wrap
+    const int64_t x = sext(a, 32), y = sext(b, 32);
+    const int64_t r = in.op == Op::add ? x + y : x - y;
+    return trunc(static_cast<uint64_t>(std::min<int64_t>(INT32_MAX, std::max<int64_t>(INT32_MIN, r))), 32);
+  }
   switch (in.op) {
     case Op::add: return trunc(a + b, nb);
     case Op::sub: return trunc(a - b, nb);
@@ -615,13 +633,34 @@ void Thread::exec_shfl(const Instr& in) {
   }
 }
 
+// The most instructions one thread may issue in a launch: a loop that never ends (edited PTX; a
+// spin on a flag no other thread sets) is an error naming its line, where it hung the process
+// (audit). The packaged kernels issue at most a few million a thread at any size the emulator
+// runs in minutes; FLASH_CUDA_PTX_STEP_LIMIT raises or lowers the bound.
+static uint64_t step_limit() {
+  static const uint64_t limit = [] {
+    const char* env = std::getenv("FLASH_CUDA_PTX_STEP_LIMIT");
+    if (env == nullptr || *env == '\0') return uint64_t{1} << 27;
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(env, &end, 10);
+    if (*end != '\0' || v == 0) throw std::invalid_argument("FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer");
+    return static_cast<uint64_t>(v);
+  }();
+  return limit;
+}
+
 void Thread::run() {
   const Instr* code = P.code.data();
   const size_t ncode = P.code.size();
+  const uint64_t limit = step_limit();
+  uint64_t steps = 0;
   size_t pc = 0;
   while (pc < ncode) {
     const Instr& in = code[pc++];
     ++executed[in.cls];
+    if (++steps > limit)
+      fatal(in, "issued more than " + std::to_string(limit) + " instructions in one thread (a loop that never ends? "
+                "FLASH_CUDA_PTX_STEP_LIMIT sets the bound)");
     undef_ = false;
     if (in.guard != kNoReg) {
       const bool g = get(Operand{Operand::Kind::reg, false, in.guard}, in) != 0;
