@@ -66,6 +66,8 @@ constexpr int64_t kBwdBc = 256;
 // boundary of as many keys: a micro-kernel panel): a causal diagonal tile then costs about half
 // of a whole one. The backward's products over rows (dV, dK) go in blocks of as many keys.
 constexpr int64_t kEdgeRows = 64;
+// Query tiles whose dK and dV products sum apart in the backward before joining the head's sums
+constexpr int64_t kTilesPerSum = 4;
 // Keys [c0, c1) of a tile of keys [j0, j1) (offsets in it) that some of the query rows [r0, r1)
 // see, c0 on a kEdgeRows boundary, on the band's edge (`edge`); empty (c0 == c1) when they see
 // none. Inside the band, the whole tile.
@@ -401,6 +403,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                           dv.stride(3) == 1;
   struct Scratch {
     TileVector<acc_t> S, dP, dK, dV, Cap, Z;    // (Br, Bc) tiles, dK^T and dV^T (D, ld_t; rows_dkdv: (Bc, D))
+    TileVector<acc_t> dKh, dVh;                 // GQA: one query head's part of dK^T and dV^T (as dK, dV)
+    TileVector<acc_t> dKb, dVb;                 // up to kTilesPerSum query tiles' part of it (as dK, dV)
     TileVector<float> T;                        // fast_store without rows_dkdv: dK or dV (Bc, D), transposed back
     TileVector<in_t> P, dS;                     // P and dS as GEMM operands (Br, Bc), when in_t != acc_t
   };
@@ -413,7 +417,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   auto make_scratch = [&] {
     return Scratch{TileVector<acc_t>(tile), TileVector<acc_t>(tile), TileVector<acc_t>(D * ld_t),
                    TileVector<acc_t>(D * ld_t), TileVector<acc_t>(opt.softcap > 0 ? tile : 0),
-                   TileVector<acc_t>(drop.on ? tile : 0),
+                   TileVector<acc_t>(drop.on ? tile : 0), TileVector<acc_t>(group > 1 ? D * ld_t : 0),
+                   TileVector<acc_t>(group > 1 ? D * ld_t : 0), TileVector<acc_t>(D * ld_t), TileVector<acc_t>(D * ld_t),
                    TileVector<float>(fast_store && !rows_dkdv ? tile_keys * D : 0),
                    TileVector<in_t>(rounded ? tile : 0), TileVector<in_t>(rounded ? tile : 0)};
   };
@@ -434,6 +439,28 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
 
       for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
         acc_t* gdQ = dq_parts_ptr + ((split * B + b) * Hq + h) * Nq * D;  // (Nq, D), unscaled dS K
+        // dK and dV sum in levels: the products of kTilesPerSum query tiles (dKb, dVb), their sums
+        // over the head's rows (dKs, dVs), with GQA each query head's sums into the kv head's
+        // (plain torch's order: per-head products summed over the group). One running sum over
+        // every row of the group's heads had up to 14x plain torch's fp32 error at 16 heads of 8k
+        // rows, one per head 16x at 8k rows and 4 keys on the BLAS path (audit).
+        acc_t* dKs = group > 1 ? t.dKh.data() : dK;  // this head's dK^T and dV^T sums (as dK, dV)
+        acc_t* dVs = group > 1 ? t.dVh.data() : dV;
+        acc_t *dKb = t.dKb.data(), *dVb = t.dVb.data();
+        if (group > 1) {
+          std::fill(t.dKh.begin(), t.dKh.end(), acc_t(0));
+          std::fill(t.dVh.begin(), t.dVh.end(), acc_t(0));
+        }
+        std::fill(t.dKb.begin(), t.dKb.end(), acc_t(0));
+        std::fill(t.dVb.begin(), t.dVb.end(), acc_t(0));
+        int64_t tiles_in_block = 0;
+        auto add_block = [&] {
+          add_row(dKs, dKb, 1, D * ld_t);
+          add_row(dVs, dVb, 1, D * ld_t);
+          std::fill(t.dKb.begin(), t.dKb.end(), acc_t(0));
+          std::fill(t.dVb.begin(), t.dVb.end(), acc_t(0));
+          tiles_in_block = 0;
+        };
         for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
           const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
@@ -510,13 +537,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             if constexpr (std::is_same_v<in_t, float>)
               if (rows_dkdv) {
                 f32_gemm_at_rows(cols, D, rb - ra, gP + ra * ld + c0, ld, at_row<float>(gdO, b, h, i0 + ra), ld_do,
-                                 dV + c0 * D, D, true);
+                                 dVb + c0 * D, D, true);
                 f32_gemm_at_rows(cols, D, rb - ra, dS + ra * ld + c0, ld, at_row<float>(gQ, b, h, i0 + ra), ld_q,
-                                 dK + c0 * D, D, true);
+                                 dKb + c0 * D, D, true);
                 continue;
               }
-            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dV + c0, ld_t, true);
-            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dK + c0, ld_t, true);
+            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dVb + c0, ld_t, true);
+            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dKb + c0, ld_t, true);
           }
           if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);  // the packed K's pad row
           for (int64_t r0 = 0; r0 < br; r0 += block_rows) {  // dQ += dS K, the keys each block sees
@@ -525,6 +552,12 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             if (c1 > c0)
               gK.gemm(b, hkv, rows, dS + r0 * ld + c0, ld, j0 + c0, c1 - c0, 0, D, gdQ + (i0 + r0) * D, D, true);
           }
+          if (++tiles_in_block == kTilesPerSum) add_block();
+        }
+        if (tiles_in_block > 0) add_block();
+        if (group > 1) {
+          add_row(dK, dKs, 1, D * ld_t);
+          add_row(dV, dVs, 1, D * ld_t);
         }
       }
       scale_row(dK, D * ld_t, scale);  // dS was taken with respect to the scaled scores

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -184,6 +185,28 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
 // row stride).
 // kLastRow (bf16 pairs only): the product of A's column K and B's row K alone (the last row of
 // an odd K), A's pair being (A[i][K], 0) and B's second row masked to 0 (a 0 * inf would be NaN).
+// Steps of K summed in registers from zero before the partial sums go into C: accumulating on
+// C's value, an output was one chain of FMAs over all of K (and over every call with accumulate),
+// and its rounding error grew with that length: the attention forward's O over 4k-32k keys had
+// 9x-21x plain torch's fp32 error, the backward's dV and dK over the query rows of a GQA group
+// 10x-75x (audit). Partials of kF32SumChain keep each chain short, as a BLAS's K blocking does.
+// For fp32 operands only: with fp16/bf16 ones the inputs' rounding dwarfs the chain's (the plain
+// torch error the rule compares with is theirs), and the flushes cost their forwards 4%-12% on a
+// Zen 4.
+template <typename Op>
+constexpr int64_t kChainOf = std::is_same_v<typename Op::EA, float> && std::is_same_v<typename Op::EB, float>
+                                 ? kF32SumChain : int64_t{1} << 62;  // (one chain)
+
+// C[0:R, 0:n) = c, plus C's value where add
+template <int R, int V>
+FC_TARGET FC_INLINE void store_tile(__m512 (&c)[R][V], float* C, int64_t ldc, const __mmask16 (&mask)[V], bool add) {
+  FC_UNROLL for (int r = 0; r < R; ++r)
+    FC_UNROLL for (int v = 0; v < V; ++v) {
+      if (add) c[r][v] = _mm512_add_ps(c[r][v], _mm512_maskz_loadu_ps(mask[v], C + r * ldc + 16 * v));
+      _mm512_mask_storeu_ps(C + r * ldc + 16 * v, mask[v], c[r][v]);
+    }
+}
+
 template <typename Op, int R, int V, bool kLastRow, Ahead kAhead = Ahead::kNone>
 FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
                           int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t ahead,
@@ -191,9 +214,10 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
   __mmask16 mask[V];
   FC_UNROLL for (int v = 0; v < V; ++v) mask[v] = column_mask(n - 16 * v);
   __m512 c[R][V];
+  // (an odd K's last row alone: one FMA onto C, rounded once as before)
   FC_UNROLL for (int r = 0; r < R; ++r)
     FC_UNROLL for (int v = 0; v < V; ++v)
-      c[r][v] = accumulate ? _mm512_maskz_loadu_ps(mask[v], C + r * ldc + 16 * v) : _mm512_setzero_ps();
+      c[r][v] = kLastRow && accumulate ? _mm512_maskz_loadu_ps(mask[v], C + r * ldc + 16 * v) : _mm512_setzero_ps();
   if constexpr (kLastRow) {
     static_assert(Op::kStep == 2, "a last row is left over by row pairs only");
     const typename Op::EB* b = B + K / 2 * ldb;
@@ -205,12 +229,21 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
       const __m512 a = _mm512_castsi512_ps(_mm512_set1_epi32(int(A[r * lda + K])));
       FC_UNROLL for (int v = 0; v < V; ++v) c[r][v] = Op::multiply_add(c[r][v], a, bv[v]);
     }
+    store_tile(c, C, ldc, mask, false);
   } else {
-    for (int64_t k = 0; k < K; k += Op::kStep)
-      micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
+    constexpr int64_t chain = kChainOf<Op>;
+    static_assert(chain % Op::kStep == 0, "a partial sum ends on a step");
+    for (int64_t k0 = 0; k0 < K; k0 += chain) {
+      if (k0 > 0) {  // the last partial into C, a new one from zero
+        store_tile(c, C, ldc, mask, accumulate || k0 > chain);
+        FC_UNROLL for (int r = 0; r < R; ++r) FC_UNROLL for (int v = 0; v < V; ++v) c[r][v] = _mm512_setzero_ps();
+      }
+      const int64_t k1 = std::min(K, k0 + chain);
+      for (int64_t k = k0; k < k1; k += Op::kStep)
+        micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
+    }
+    store_tile(c, C, ldc, mask, accumulate || K > chain);
   }
-  FC_UNROLL for (int r = 0; r < R; ++r)
-    FC_UNROLL for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(C + r * ldc + 16 * v, mask[v], c[r][v]);
 }
 
 template <typename Op>

@@ -25,6 +25,11 @@ namespace flash_cuda::cpu {
 // Whether this CPU runs the kernel (AVX512-BF16, checked once).
 bool dpbf16_supported();
 
+// fp32 products sum at most this many terms of K in one chain before the partial goes into C
+// (the micro-kernels' registers, the BLAS path's calls): one chain over all of K had up to 21x
+// plain torch's error in the attention's sums over 4k-32k keys or rows (audit).
+constexpr int64_t kF32SumChain = 128;
+
 constexpr int64_t kPanelCols = 64;                  // columns per panel
 constexpr int64_t kPairsPanel = kPanelCols;
 constexpr int64_t kPairsRow = 2 * kPairsPanel;      // elements per row pair of a panel

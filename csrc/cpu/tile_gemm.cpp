@@ -97,8 +97,15 @@ void blas_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
     return;
   }
-  if constexpr (std::is_same_v<T, float>)
+  if constexpr (std::is_same_v<T, float>) {
+    if (K > kF32SumChain) {  // partial products of kF32SumChain rows of B, each added into C
+      for (int64_t k0 = 0; k0 < K; k0 += kF32SumChain)
+        blas_gemm(M, N, std::min(kF32SumChain, K - k0), A + k0, lda, B + k0 * ldb, ldb, C, ldc, accumulate || k0 > 0,
+                  b_col);
+      return;
+    }
     if (mkl_sgemm(M, N, K, A, lda, B, b_col == 1 ? ldb : b_col, b_col != 1, C, ldc, accumulate)) return;
+  }
   release_tiles();  // at::mm may run oneDNN, which configures the AMX tiles itself
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
