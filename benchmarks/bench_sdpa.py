@@ -355,23 +355,50 @@ def math_need(point, mode):
 
 # ----------------------------------------------------------------------------- accuracy
 
-def reference_rows(q, k, v, causal, rows=ERR_ROWS):
-    """float64 attention for batch 0, head 0, the first min(Nq, rows) queries (bottom-right causal)."""
+def reference_rows(q, k, v, causal, grad, rows=ERR_ROWS):
+    """float64 attention for batch 0, head 0, the first min(Nq, rows) queries (bottom-right causal),
+    and their dQ for the output gradient `grad` (a row's dQ needs that row alone): (out, dq)."""
     nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
     m = min(nq, rows)
-    qs, ks, vs = (x[0, 0].detach().cpu().double() for x in (q[:, :, :m], k, v))
+    ks, vs = (x[0, 0].detach().cpu().double() for x in (k, v))
+    qs = q[0, 0, :m].detach().cpu().double().requires_grad_()
     scores = qs @ ks.T * (1.0 / math.sqrt(d))
     if causal:
         i = torch.arange(m).unsqueeze(1)
         j = torch.arange(nk).unsqueeze(0)
         scores = scores.masked_fill(j > i + (nk - nq), float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key give 0
-    return probs @ vs
+    out = probs @ vs
+    (dq,) = torch.autograd.grad(out, qs, grad[0, 0, :m].detach().cpu().double())
+    return out.detach(), dq
 
 
 def max_error(out, ref):
     m = ref.shape[0]
     return (out[0, 0, :m].detach().cpu().double() - ref).abs().max().item()
+
+
+# flash_cuda's error beyond this many times the best SDPA backend's (+ 1e-5) marks the point wrong:
+# it is reported, not timed (a result that is wrong is no speed; an audit planted a wrong scale and
+# the run printed ratios for it)
+WRONG_FACTOR = 4
+
+
+def validate(results):
+    """Mark flash_cuda's result "wrong" where its output (or, forward+backward, dQ) error passes
+    WRONG_FACTOR x the most accurate SDPA backend's that ran; returns whether it did."""
+    fc = results.get(FLASH_CUDA, {})
+    others = [r for name, r in results.items() if name != FLASH_CUDA and r.get("status") == "ok"]
+    if fc.get("status") != "ok" or not others:
+        return False
+    for key in ("max_err", "max_err_dq"):
+        if key not in fc:
+            continue
+        best = min(r[key] for r in others if key in r)
+        if not fc[key] <= WRONG_FACTOR * best + 1e-5:  # (NaN is wrong too)
+            fc["status"] = f"wrong: {key} {fc[key]:.2e} > {WRONG_FACTOR}x SDPA's {best:.2e} + 1e-5"
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -420,19 +447,26 @@ def prepare(fn, q, k, v, point, mode, grad, args, ref):
     t0 = time.perf_counter()
     out, mem = measure_memory(step, device)
     seconds = min(seconds, time.perf_counter() - t0)
-    err = max_error(out, ref)
+    ref_out, ref_dq = ref
+    result = {"status": "ok", "peak_mem_mib": mem / MIB, "max_err": max_error(out, ref_out)}
+    if mode == "fwdbwd":
+        result["max_err_dq"] = max_error(step.q.grad, ref_dq)
     del out
     step.reset()
     reps = args.reps or auto_reps(seconds, device)
-    return {"status": "ok", "peak_mem_mib": mem / MIB, "max_err": err, "reps": reps}, step, reps
+    result["reps"] = reps
+    return result, step, reps
 
 
 def measure_point(impl_fns, q, k, v, point, mode, grad, args, ref, budget):
     """Results of every implementation at one point and mode.
 
-    Warmup, memory and error are taken one implementation after the other; after one more
-    untimed round of calls, the timed repetitions are then interleaved (round robin) so that
-    slow drifts of the machine affect all implementations alike.
+    Warmup, memory and error are taken one implementation after the other, and flash_cuda's
+    error is validated against SDPA's (validate: a wrong result is not timed); after one more
+    untimed round of calls, the timed repetitions are then interleaved (round robin), every
+    implementation as many times (the fewest any needs), so that slow drifts of the machine
+    affect all of them alike (with counts of their own, the faster one ran its last repetitions
+    back to back; audit).
     """
     results, steps = {}, {}
     for name, fn in impl_fns.items():
@@ -448,13 +482,17 @@ def measure_point(impl_fns, q, k, v, point, mode, grad, args, ref, budget):
     # and caches (release_free_memory) the ones before it had warmed up, so the first in line
     # entered its timed calls cold (1.6x its median on the first call, the reported ratio 0.29x
     # instead of 1.16x at --reps 1; an audit)
+    if validate(results):
+        steps.pop(FLASH_CUDA, None)
     for step, _ in steps.values():
         time_call(step, args.device)
     times = {name: [] for name in steps}
-    for rep in range(max((reps for _, reps in steps.values()), default=0)):
-        for name, (step, reps) in steps.items():
-            if rep < reps:
-                times[name].append(time_call(step, args.device))
+    reps = min((reps for _, reps in steps.values()), default=0)
+    for _ in range(reps):
+        for name, (step, _) in steps.items():
+            times[name].append(time_call(step, args.device))
+    for name in steps:
+        results[name]["reps"] = reps
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         results[name].update(ms=ms, times_ms=[t * 1e3 for t in ts],
@@ -510,7 +548,7 @@ def run_sweep(args, on_point=lambda results: None):
         q, k, v, grad = make_inputs(group, args.device)
         for causal in (False, True):
             point = dict(group, causal=causal)
-            ref = reference_rows(q, k, v, causal)
+            ref = reference_rows(q, k, v, causal, grad)
             for mode in args.modes:
                 i += 1
                 t0 = time.perf_counter()
@@ -536,7 +574,7 @@ def ratio(result, name):
 
 def cell(r, key, fmt):
     if r["status"] != "ok":
-        return {"n/a": "n/a", "skipped": "skip", "oom": "oom"}.get(r["status"].split(":")[0], "err")
+        return {"n/a": "n/a", "skipped": "skip", "oom": "oom", "wrong": "WRONG"}.get(r["status"].split(":")[0], "err")
     return format(r[key], fmt)
 
 

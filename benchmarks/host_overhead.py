@@ -3,8 +3,10 @@
 At short sequences a GPU waits for the host: the Python checks, the autograd layer, the op's
 allocations and launches. This times flash_cuda's calls and the same calls of
 torch.nn.functional.scaled_dot_product_attention on tiny inputs, in one process, interleaved
-round by round: forward without gradients, forward + backward, and KV-cache decoding (one query
-token against a short cache; SDPA gets the cache's kv heads expanded). Per call: the fastest
+round by round: forward without gradients, forward + backward (the gradients of q, k and v), and
+KV-cache decoding (one query token against a short cache), both sides taking the one kv head as
+it is (SDPA with enable_gqa=True; until 2026-12-06 SDPA and flash_cuda both got the kv heads
+expanded, and only q had a gradient). Per call: the fastest
 round's mean (the least disturbed). On a CPU the figures include the tiny kernels' own time; on
 CUDA each round ends with a synchronisation, so a figure is the host's cost where the host is
 slower than the GPU.
@@ -49,11 +51,9 @@ def cases(device, dtype):
     g = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     q, k, v = make(1, 4, 8, 64), make(1, 1, 8, 64), make(1, 1, 8, 64)
-    ke, ve = k.expand(1, 4, 8, 64), v.expand(1, 4, 8, 64)
-    qg = q.clone().requires_grad_()
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     dout = make(1, 4, 8, 64)
     qd, kc, vc = make(1, 4, 1, 64), make(1, 1, 64, 64), make(1, 1, 64, 64)
-    kce, vce = kc.expand(1, 4, 64, 64), vc.expand(1, 4, 64, 64)
 
     def no_grad(fn, *args):
         def call():
@@ -61,14 +61,17 @@ def cases(device, dtype):
                 fn(*args)
         return call
 
-    def fwd_bwd(fn):
-        return lambda: fn(qg, ke, ve).backward(dout)
+    # (both sides take the one kv head as it is: flash_cuda's GQA, SDPA's enable_gqa; gradients of
+    # q, k and v, returned rather than accumulated into .grad)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
 
-    return [("forward, no gradients", no_grad(flash_cuda.attention, q, ke, ve),
-             no_grad(F.scaled_dot_product_attention, q, ke, ve)),
-            ("forward + backward", fwd_bwd(flash_cuda.attention), fwd_bwd(F.scaled_dot_product_attention)),
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), dout)
+
+    return [("forward, no gradients", no_grad(flash_cuda.attention, q, k, v), no_grad(sdpa, q, k, v)),
+            ("forward + backward", fwd_bwd(flash_cuda.attention), fwd_bwd(sdpa)),
             ("KV-cache decoding step", no_grad(lambda: flash_cuda.attention_with_kvcache(qd, kc, vc, cache_seqlens=64)),
-             no_grad(F.scaled_dot_product_attention, qd, kce, vce))]
+             no_grad(sdpa, qd, kc, vc))]
 
 
 def main(argv=None):
