@@ -797,6 +797,10 @@ def test_randomised(seed):
 
 
 _KNOWN_EXCESS = {
+    47998: "trial 18 (bf16, one query against 186 keys, D 8, paged, CPU backend): 3.56e-4 from float64, bit for "
+           "bit the FlashAttention algorithm's error in float64 with P = exp(s - max) rounded to bf16 and the output "
+           "rounded to bf16 (3.56e-4, over one tile or tiles of 64 or 128 keys alike), where plain bf16 torch is "
+           "1.7e-4 off; found by a soak on 2026-12-06, second session (seeds 47696-48695, 7000 runs)",
     44712: "trial 4 (bf16, one query against 69 cached and 3 new keys in 5 splits, D 8, CPU backend): 9.0e-4 "
            "from float64, bit for bit the FlashAttention algorithm's error in float64 with P rounded to bf16 over "
            "the splits' 15 keys and the output rounded to bf16 (9.0e-4), where plain bf16 torch is 3.3e-4 off; "
