@@ -218,7 +218,7 @@ def test_modifiers_and_operands_the_executor_does_not_compute_fail_at_load():
     for body in ("max.relu.s32 %r1, %r2, %r3;", "add.ftz.s32 %r1, %r2, %r3;", "mul.approx.lo.u32 %r1, %r2, %r3;",
                  "and.sat.b32 %r1, %r2, %r3;", "add.sat.u32 %r1, %r2, %r3;", "shl.clamp.b32 %r1, %r2, 3;",
                  "add.wide.s32 %rd2, %r2, %r3;", "add.f16x2.sat %r1, %r2, %r3;", "max.relu.f32 %f1, %f2, %f3;",
-                 "add.v2.u32 %r1, %r2, %r3;"):
+                 "add.v2.u32 %r1, %r2, %r3;", "cvt.rn.sat.f32.s32 %f1, %r2;", "fma.rn.ftz.f16x2 %r1, %r2, %r3, %r4;"):
         with pytest.raises(ValueError, match=r"unsupported modifier \.(relu|ftz|approx|sat|clamp|wide|v2) of"):
             torch.ops.flash_cuda._emu_ptx_check(module("  " + body), "t")
     for body, what in (("ld.global.v4.u32 {%r1, %r2}, [%rd1];", "list of 4 registers"),
@@ -260,6 +260,11 @@ print("ok")
     env = dict(os.environ, FLASH_CUDA_PTX_STEP_LIMIT="100000")
     done = subprocess.run(["python3", "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    # a bound that is no positive integer is an error, not no bound ("-1" read as 2^64 - 1: review)
+    bad = f"import torch, flash_cuda\ntorch.ops.flash_cuda._emu_ptx_run({short!r}, 't', torch.zeros(4, dtype=torch.int32), 1, 1, 0)"
+    done = subprocess.run(["python3", "-c", bad], env=dict(env, FLASH_CUDA_PTX_STEP_LIMIT="-1"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer" in done.stderr
 
 
 def test_launch_sizes_past_cudas_limits_are_refused():

@@ -783,8 +783,10 @@ def test_attention_without_is_causal_raises_unless_a_4d_mask_says():
 def test_models_that_ask_for_a_materialised_causal_mask(monkeypatch):
     """Models that pass allow_is_causal_skip=False to build on the causal mask: Doge adds its
     dynamic mask to it; given None it attended to later tokens (9.3 off eager without a padding
-    mask, eager and compiled; audit by a helper). The mask function now returns sdpa's 4-D mask
-    there; Falcon, which passes it on unchanged, still runs the causal path (no dense mask)."""
+    mask, eager and compiled, with a cache and without (training); audit and review by helpers).
+    The mask function now returns sdpa's 4-D mask there for models transformers runs no
+    FlashAttention on; Falcon, which asks for the same and passes it on unchanged, is one it runs,
+    and keeps the causal path (no dense mask)."""
     small = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  initializer_range=0.3)
     ref, ours = pair_of(transformers.DogeForCausalLM, transformers.DogeConfig(num_key_value_heads=2, **small),
@@ -795,6 +797,8 @@ def test_models_that_ask_for_a_materialised_causal_mask(monkeypatch):
         assert max_err(ours(input_ids=ids).logits, want) < 1e-4 * want.abs().max()
         compiled = torch.compile(ours, backend="eager")
         assert max_err(compiled(input_ids=ids).logits, want) < 1e-4 * want.abs().max()
+        want_train = ref(input_ids=ids, use_cache=False).logits  # (compiled: transformers' packing check)
+        assert max_err(compiled(input_ids=ids, use_cache=False).logits, want_train) < 1e-4 * want.abs().max()
         want, got = ref(input_ids=ids, attention_mask=mask).logits, ours(input_ids=ids, attention_mask=mask).logits
         keep = mask.bool()
         assert max_err(got[keep], want[keep]) < 1e-4 * want.abs().max()

@@ -21,6 +21,8 @@
 #include <cxxabi.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -642,8 +644,10 @@ static uint64_t step_limit() {
     const char* env = std::getenv("FLASH_CUDA_PTX_STEP_LIMIT");
     if (env == nullptr || *env == '\0') return uint64_t{1} << 27;
     char* end = nullptr;
-    const unsigned long long v = std::strtoull(env, &end, 10);
-    if (*end != '\0' || v == 0) throw std::invalid_argument("FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer");
+    errno = 0;
+    const unsigned long long v = std::isdigit(static_cast<unsigned char>(*env)) ? std::strtoull(env, &end, 10) : 0;
+    if (v == 0 || *end != '\0' || errno == ERANGE)  // (strtoull took "-1" as 2^64 - 1)
+      throw std::invalid_argument("FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer");
     return static_cast<uint64_t>(v);
   }();
   return limit;

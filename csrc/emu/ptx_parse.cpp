@@ -644,12 +644,13 @@ class Parser {
     auto refuse = [&](const char* m) { fail(line_, "unsupported modifier ." + std::string(m) + " of " + opcode); };
     const bool any_float = floating(in.type) || (in.op == Op::cvt && floating(in.type2));
     const bool integer = !floating(in.type) && in.type != Type::pred && in.type != Type::none;
-    if ((in.flags & kFtz) && !any_float) refuse("ftz");
+    // .ftz is computed on f32 operands (and a cvt from or to f32), not on 16-bit ones
+    if ((in.flags & kFtz) && !(in.type == Type::f32 || (in.op == Op::cvt && in.type2 == Type::f32))) refuse("ftz");
     if ((in.flags & (kApprox | kFull)) && !any_float) refuse(in.flags & kApprox ? "approx" : "full");
     if (in.flags & kSat) {
       const bool ok = (in.type == Type::f32 && (in.op == Op::add || in.op == Op::sub || in.op == Op::mul ||
                                                  in.op == Op::fma || in.op == Op::mad)) ||
-                      (in.op == Op::cvt && (in.type == Type::f32 || !floating(in.type))) ||
+                      (in.op == Op::cvt && ((in.type == Type::f32 && floating(in.type2)) || !floating(in.type))) ||
                       ((in.op == Op::add || in.op == Op::sub) && in.type == Type::s32);
       if (!ok) refuse("sat");
     }

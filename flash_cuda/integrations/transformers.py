@@ -34,7 +34,6 @@ probabilities (`output_attentions`), attention sinks (`s_aux`, `sinks`), paged c
 """
 import functools
 import os
-import weakref
 
 import torch
 
@@ -49,29 +48,6 @@ NAME = "flash_cuda"
 # copies and device moves (an attribute on the tensor did not: a copy became an all-ones padding
 # mask; audit)
 _STARTS_DTYPE = torch.int16
-
-# mask_function's materialised causal masks (a model asked for one with allow_is_causal_skip=False,
-# to add to it: Doge's dynamic mask, Falcon's ALiBi): sdpa's 4-D mask, by id, with the keys seen
-# so far. One that reaches attention_forward unchanged (Falcon without ALiBi) runs as the causal
-# mask it is, without a dense mask; one the model changed is a new tensor, applied as it is.
-# Outside compilation only (a host-side lookup)
-_PLAIN_CAUSAL = {}  # id(mask) -> (weakref to mask, keys seen)
-
-
-def _remember_plain_causal(mask, seen):
-    key = id(mask)
-    _PLAIN_CAUSAL[key] = (weakref.ref(mask, lambda _, key=key: _PLAIN_CAUSAL.pop(key, None)), seen)
-    return mask
-
-
-def _plain_causal_keys(mask):
-    """The keys seen so far where mask is one of mask_function's materialised causal masks, as it
-    returned it; else None."""
-    if torch.compiler.is_compiling():
-        return None
-    entry = _PLAIN_CAUSAL.get(id(mask))
-    return entry[1] if entry is not None and entry[0]() is mask else None
-
 
 def _collects_attentions():
     """Whether the running model collects attention probabilities (output_attentions, passed to the
@@ -159,21 +135,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
     out_dtype, dtype = query.dtype, _kernel_dtype(query)
     q, k, v = (x.to(dtype) for x in (query, key, value))
-    if attention_mask is not None and attention_mask.dim() == 4:
-        seen = _plain_causal_keys(attention_mask)
-        if seen is not None:  # mask_function's causal mask, unchanged: the causal path (a static cache's tail cut)
-            attention_mask, k, v = None, k[:, :, :seen], v[:, :, :seen]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", None)
     if is_causal is None:
-        # a custom 4-D mask is applied as it is (causality in it); no mask or a padding one needs to know. The
-        # models without the attribute (Splinter, ALIGN's and CLAP's text encoders) are ones
-        # transformers runs neither FlashAttention nor sdpa on: a default made encoders causal
+        # a custom 4-D mask is applied as it is (causality in it); no mask or a padding one needs to
+        # know. Modules without the attribute: Splinter's, ALIGN's and CLAP's text encoders (a
+        # default of True made them causal), Mllama's cross-attention without its mask
         if attention_mask is None or attention_mask.dim() == 2:
             raise ValueError(f"{fn}: {type(module).__name__} has no is_causal attribute and the model passed no "
-                             "is_causal, so whether its attention is causal is unknown (transformers supports "
-                             "neither FlashAttention nor sdpa on such models); load it with "
-                             "attn_implementation='eager'")
+                             "is_causal, so whether its attention is causal is unknown; load the model with "
+                             "attn_implementation='sdpa' or 'eager'")
         is_causal = False
     # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3: the value head dim differs from the
     # query's): flash_cuda takes one head dim, so the narrower side is padded with zeros (zeros in
@@ -293,19 +264,18 @@ def _hides_future_keys(mask_fn, seen):
     return mask_fn is None or _sees_the_next_key(mask_fn, 1, 2, seen - 1, "cpu") is False
 
 
-def _composes_an_or_mask(mask_fn, depth=0, names=("or_mask",)):
+def _composes_an_or_mask(mask_fn, depth=0):
     """Whether transformers' mask function is, or is built from, an `or_masks` (its inner function
     `or_mask`; tests/test_transformers.py checks the name): a blockwise overlay where use_vmap is
-    False (names=("or_mask", "and_mask"): or an `and_masks`, packing). Read from the closures,
-    which dynamo traces as constants (no host read of data)."""
+    False. Read from the closures, which dynamo traces as constants (no host read of data)."""
     if not callable(mask_fn) or depth > 8:
         return False
-    if getattr(mask_fn, "__name__", None) in names:
+    if getattr(mask_fn, "__name__", None) == "or_mask":
         return True
     for cell in getattr(mask_fn, "__closure__", None) or ():
         inner = cell.cell_contents
         for f in inner if isinstance(inner, (tuple, list)) else (inner,):
-            if callable(f) and _composes_an_or_mask(f, depth + 1, names):
+            if callable(f) and _composes_an_or_mask(f, depth + 1):
                 return True
     return False
 
@@ -353,17 +323,38 @@ def _packed_sequences(mask_fn, batch_size, q_length, kv_length, q_offset, kv_off
     return starts
 
 
+_FLASH_NATIVE = {}  # config class -> whether transformers runs its own FlashAttention on its models
+
+
+def _flash_native(config):
+    """Whether transformers supports its own FlashAttention on the model of this config (the base
+    model class's _supports_flash_attn, through the auto mapping; False where unknown). Looked up
+    outside compilation and kept; compiled, a config not seen before counts as unknown."""
+    cls = type(config)
+    if cls not in _FLASH_NATIVE and not torch.compiler.is_compiling():
+        try:
+            from transformers.models.auto.modeling_auto import MODEL_MAPPING
+            model = MODEL_MAPPING[cls]
+            _FLASH_NATIVE[cls] = bool(getattr(model, "_supports_flash_attn", False)
+                                      or getattr(model, "_supports_flash_attn_2", False))
+        except Exception:  # noqa: BLE001 (no such mapping: unknown)
+            _FLASH_NATIVE[cls] = False
+    return _FLASH_NATIVE.get(cls, False)
+
+
 def _asked_to_materialise(q_length, mask_fn, attention_mask, kwargs):
-    """Whether the model itself asked for a materialised causal mask (allow_is_causal_skip=False
-    from Doge, which adds its dynamic mask to it, or Falcon, ALiBi): what is left after
-    transformers' own reasons to clear the flag (overlays, packing, compiled one-token decoding),
-    which _needs_sdpa_mask and _packed_sequences took; compiled, where those cannot be asked, a
-    bare mask function, composed of no or_masks or and_masks. Returning None there lost Doge's
-    causality (it attended to later tokens; audit)."""
+    """Whether a model transformers runs no FlashAttention on asked for a materialised causal mask
+    (allow_is_causal_skip=False) to build on: Doge adds its dynamic mask to it, and given None it
+    attended to later tokens (audit). Outside compilation what is left after transformers' own
+    reasons to clear the flag (overlays, packing: _needs_sdpa_mask and _packed_sequences took
+    those); compiled, where they cannot be asked, every such call (packing then goes into the
+    dense mask too). Models transformers' FlashAttention runs (Falcon, which asks for it for ALiBi)
+    get what that path gets: None, the causal kernels."""
     if (kwargs.get("allow_is_causal_skip") is not False or kwargs.get("use_vmap") or q_length <= 1
             or attention_mask is not None or "allow_is_bidirectional_skip" in kwargs or mask_fn is None):
         return False
-    return not (torch.compiler.is_compiling() and _composes_an_or_mask(mask_fn, names=("or_mask", "and_mask")))
+    config = kwargs.get("config")  # (None: not transformers' call, which passes it)
+    return config is not None and not _flash_native(config)
 
 
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
@@ -388,12 +379,8 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
             return segments
     if _asked_to_materialise(q_length, mask_function, attention_mask, kwargs):
         from transformers.masking_utils import sdpa_mask
-        mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_function,
                          allow_is_causal_skip=False, device=kwargs.get("device", "cpu"))
-        if torch.compiler.is_compiling():
-            return mask
-        return _remember_plain_causal(mask, min(int(q_offset) + q_length, kv_length) if int(kv_offset) == 0 else
-                                      kv_length)
     if attention_mask is None:
         # No padding mask, but maybe a static cache: kv_length then counts all its slots, filled or
         # not, and the keys seen so far are q_offset + q_length. transformers' FlashAttention path
