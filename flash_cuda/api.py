@@ -553,15 +553,16 @@ def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, drop_all, is_causa
     _check_flag(fn, "enable_gqa", enable_gqa)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, j, H, E)
     off_q, off_k, off_v = (x.offsets() for x in (q, k, v))
-    if off_k is not off_v and not (off_k.shape == off_v.shape and bool(torch.equal(off_k, off_v))):
+    if off_k.shape != off_v.shape or not _same_values(off_k, off_v, f"{fn}: key and value must have the same "
+                                                                    "sequence lengths"):
         raise ValueError(f"{fn}: key and value must have the same sequence lengths")
     if off_q.shape != off_k.shape:
         raise ValueError(f"{fn}: query and key must have the same batch size, got {off_q.numel() - 1} and "
                          f"{off_k.numel() - 1}")
-    if is_causal and off_q is not off_k and not bool(torch.equal(off_q, off_k)):
-        raise NotImplementedError(f"{fn}: is_causal with nested tensors needs each query sequence as long as its "
-                                  "key sequence (self-attention); use flash_cuda.varlen_attention(causal=True) for "
-                                  "bottom-right alignment")
+    causal_msg = (f"{fn}: is_causal with nested tensors needs each query sequence as long as its key sequence "
+                  "(self-attention); use flash_cuda.varlen_attention(causal=True) for bottom-right alignment")
+    if is_causal and not _same_values(off_q, off_k, causal_msg):
+        raise NotImplementedError(causal_msg)
     hq, hk, hv = (x.shape[2] for x in (q, k, v))
     if hk != hv or (hq != hk and not (enable_gqa and hk and hq % hk == 0)):
         raise ValueError(f"{fn}: key and value must have as many heads as query ({hq}), or with enable_gqa=True "
@@ -581,6 +582,19 @@ def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, drop_all, is_causa
     seqlens = {} if torch.compiler.is_compiling() else dict(min_seqlen=q._min_seqlen, max_seqlen=q._max_seqlen)
     nested = torch.nested.nested_tensor_from_jagged(out, off_q, **seqlens)
     return nested.transpose(1, 2)
+
+
+def _same_values(a, b, msg):
+    """Whether two offsets tensors of one shape hold the same values: the same tensor, or equal by
+    a host read; compiled on the CPU, checked as the graph runs instead (torch.equal's host read
+    broke the graph), failing with msg there (not on a GPU, where Inductor's device assert is off
+    outside debug builds: the host read stays)."""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling() and a.device.type == "cpu":
+        torch._assert_async((a == b).all(), msg)
+        return True
+    return bool(torch.equal(a, b))
 
 
 def _autocast(*tensors):

@@ -613,3 +613,30 @@ def test_jagged_nested_tensors_compile():
     compiled = torch.compile(f, fullgraph=True)(values, offsets)
     assert torch.equal(eager, compiled)
     assert torch.equal(*(torch.autograd.grad(x.square().sum(), values)[0] for x in (eager, compiled)))
+
+
+def test_jagged_offsets_compared_inside_a_compiled_graph():
+    """Key and value (and, causal, query and key) on offsets tensors of their own, equal: compiled
+    with fullgraph=True, torch.equal's host read of them failed to trace; on the CPU they are
+    compared as the graph runs, and offsets that differ still fail there with the message, as they
+    raise the ValueError in eager mode."""
+    offsets = torch.tensor([0, 5, 14, 17])  # lengths 5, 9, 3
+
+    def nested(offs, seed):
+        values = torch.randn(17, 2, 16, generator=torch.Generator().manual_seed(seed))
+        return torch.nested.nested_tensor_from_jagged(values, offs).transpose(1, 2)
+
+    q, k, v = nested(offsets, 0), nested(offsets.clone(), 1), nested(offsets.clone(), 2)
+    fn = torch.compile(lambda q, k, v, c: flash_cuda.scaled_dot_product_attention(q, k, v, is_causal=c),
+                       fullgraph=True, backend="eager")
+    for causal in (False, True):
+        want = torch.cat([attention_ref(*(x.transpose(1, 2).values()[a:b].transpose(0, 1)[None].double()
+                                          for x in (q, k, v)), causal=causal)[0][0].transpose(0, 1)
+                          for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+        got = fn(q, k, v, causal).transpose(1, 2).values()
+        assert (got.double() - want).abs().max().item() < 1e-5
+    other = nested(torch.tensor([0, 9, 14, 17]), 2)  # the same total, other lengths
+    with pytest.raises(ValueError, match="key and value must have the same sequence lengths"):
+        flash_cuda.scaled_dot_product_attention(q, k, other)
+    with pytest.raises(RuntimeError, match="key and value must have the same sequence lengths"):
+        fn(q, k, other, False)
