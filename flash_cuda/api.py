@@ -553,9 +553,9 @@ def _sdpa_jagged(fn, query, key, value, attn_mask, dropout_p, drop_all, is_causa
     _check_flag(fn, "enable_gqa", enable_gqa)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, j, H, E)
     off_q, off_k, off_v = (x.offsets() for x in (q, k, v))
-    if off_k.shape != off_v.shape or not _same_values(off_k, off_v, f"{fn}: key and value must have the same "
-                                                                    "sequence lengths"):
-        raise ValueError(f"{fn}: key and value must have the same sequence lengths")
+    kv_msg = f"{fn}: key and value must have the same sequence lengths"
+    if off_k.shape != off_v.shape or not _same_values(off_k, off_v, kv_msg):
+        raise ValueError(kv_msg)
     if off_q.shape != off_k.shape:
         raise ValueError(f"{fn}: query and key must have the same batch size, got {off_q.numel() - 1} and "
                          f"{off_k.numel() - 1}")

@@ -434,6 +434,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
       const int64_t j0 = kt * kBwdBc, j1 = std::min(j0 + kBwdBc, Nk), bc = j1 - j0;
       std::fill(t.dK.begin(), t.dK.end(), acc_t(0));
       std::fill(t.dV.begin(), t.dV.end(), acc_t(0));
+      std::fill(t.dKb.begin(), t.dKb.end(), acc_t(0));
+      std::fill(t.dVb.begin(), t.dVb.end(), acc_t(0));
       // Only the query rows that see some key of the tile (a window: a band).
       const int64_t i_first = band.row_begin(j0, Nq) / kBwdBr * kBwdBr, i_end = band.row_end(j1, Nq);
 
@@ -451,8 +453,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           std::fill(t.dKh.begin(), t.dKh.end(), acc_t(0));
           std::fill(t.dVh.begin(), t.dVh.end(), acc_t(0));
         }
-        std::fill(t.dKb.begin(), t.dKb.end(), acc_t(0));
-        std::fill(t.dVb.begin(), t.dVb.end(), acc_t(0));
+        // (dKb, dVb are zero here: filled at the key tile's start, and each head ends with an add_block)
         int64_t tiles_in_block = 0;
         auto add_block = [&] {
           add_row(dKs, dKb, 1, D * ld_t);

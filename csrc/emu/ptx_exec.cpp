@@ -903,8 +903,6 @@ void Thread::run() {
       }
       case Op::membar: break;  // the emulator's memory is sequentially consistent
       case Op::shfl: exec_shfl(in); break;
-      case Op::vote_ballot:
-      case Op::activemask: fatal(in, "vote/activemask are not supported by the PTX executor yet");
       case Op::mma: exec_mma(in); break;
       case Op::ldmatrix: {  // PTX ISA, ldmatrix: lanes give row addresses; the runtime's collective
         const uint64_t a = address(in.o[1], in);

@@ -36,8 +36,8 @@ InstrClass classify(const Instr& in) {
     case Op::ld: case Op::st: case Op::atom: case Op::red: case Op::ldmatrix: case Op::cp_async:
       return InstrClass::memory;
     case Op::bra: case Op::ret: case Op::exit: case Op::trap: return InstrClass::control;
-    case Op::bar_sync: case Op::bar_warp_sync: case Op::membar: case Op::shfl: case Op::vote_ballot:
-    case Op::activemask: case Op::cp_async_commit: case Op::cp_async_wait_group: case Op::cp_async_wait_all:
+    case Op::bar_sync: case Op::bar_warp_sync: case Op::membar: case Op::shfl: case Op::cp_async_commit:
+    case Op::cp_async_wait_group: case Op::cp_async_wait_all:
       return InstrClass::sync;
     case Op::mov: case Op::cvta: return InstrClass::integer;
     default: break;
@@ -57,7 +57,7 @@ const char* op_name(Op op) {
       "and", "or", "xor", "not", "shl", "shr", "bfi", "bfe", "prmt", "popc", "clz", "brev",
       "setp", "selp", "cvt", "cvta", "ex2", "lg2", "rcp", "sqrt", "rsqrt", "sin", "cos", "tanh",
       "ld", "st", "atom", "red", "bra", "ret", "exit", "trap", "bar.sync", "bar.warp.sync", "membar",
-      "shfl", "vote.ballot", "activemask", "mma", "ldmatrix", "cp.async", "cp.async.commit_group",
+      "shfl", "mma", "ldmatrix", "cp.async", "cp.async.commit_group",
       "cp.async.wait_group", "cp.async.wait_all"};
   return names[static_cast<int>(op)];
 }
@@ -668,7 +668,6 @@ class Parser {
     if (in.space == Space::constant) fail(line_, opcode + ": constant memory is not supported by the PTX executor");
     if ((in.op == Op::atom || in.op == Op::red) && in.type != Type::f32)
       fail(line_, opcode + ": only atom/red .add.f32 are supported by the PTX executor");
-    if (in.op == Op::activemask) fail(line_, opcode + ": activemask is not supported by the PTX executor");
   }
 
   void decode(const std::string& opcode, Instr& in) {
@@ -686,7 +685,7 @@ class Parser {
         {"rcp", Op::rcp}, {"sqrt", Op::sqrt}, {"rsqrt", Op::rsqrt}, {"sin", Op::sin}, {"cos", Op::cos}, {"tanh", Op::tanh},
         {"ld", Op::ld}, {"st", Op::st}, {"atom", Op::atom}, {"red", Op::red}, {"bra", Op::bra}, {"ret", Op::ret},
         {"exit", Op::exit}, {"trap", Op::trap}, {"membar", Op::membar}, {"fence", Op::membar}, {"shfl", Op::shfl},
-        {"activemask", Op::activemask}, {"mma", Op::mma}, {"ldmatrix", Op::ldmatrix}};
+        {"mma", Op::mma}, {"ldmatrix", Op::ldmatrix}};
     if (base == "bar" || base == "barrier") {
       if (parts.size() >= 2 && parts[1] == "warp" && parts.size() == 3 && parts[2] == "sync") { in.op = Op::bar_warp_sync; return; }
       if (parts.size() == 2 && (parts[1] == "sync") ) { in.op = Op::bar_sync; return; }
@@ -711,9 +710,8 @@ class Parser {
       if (!shared || !global) fail(line_, opcode + ": only cp.async.{ca,cg}.shared.global is supported");
       return;
     }
-    if (base == "vote") {
-      fail(line_, opcode + ": vote is not supported by the PTX executor");
-    }
+    if (base == "vote" || base == "activemask")  // (no packaged kernel uses them)
+      fail(line_, opcode + ": " + base + " is not supported by the PTX executor");
     auto it = ops.find(base);
     if (it == ops.end()) fail(line_, "unsupported instruction " + opcode);
     in.op = it->second;

@@ -44,7 +44,7 @@ enum class Op : uint8_t {
   ld, st, atom, red,
   bra, ret, exit, trap,
   bar_sync, bar_warp_sync, membar,
-  shfl, vote_ballot, activemask,
+  shfl,
   mma, ldmatrix, cp_async, cp_async_commit, cp_async_wait_group, cp_async_wait_all,
 };
 const char* op_name(Op op);

@@ -49,6 +49,7 @@ NAME = "flash_cuda"
 # mask; audit)
 _STARTS_DTYPE = torch.int16
 
+
 def _collects_attentions():
     """Whether the running model collects attention probabilities (output_attentions, passed to the
     model or set in its config: transformers' output collector, which its layers' kwargs do not
