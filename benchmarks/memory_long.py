@@ -26,6 +26,7 @@ How it measures
 Run (takes roughly 10-30 s on a 2-core CPU):
     python benchmarks/memory_long.py
     python benchmarks/memory_long.py --causal --n 65536 --json /tmp/memory_long.json
+    python benchmarks/memory_long.py --threads 64     # as on a 64-core machine
 """
 import argparse
 import json
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=32768, help="sequence length N (default: %(default)s)")
     p.add_argument("--d", type=int, default=64, help="head dim D (default: %(default)s)")
     p.add_argument("--causal", action="store_true", help="causal attention (default: non-causal)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the children (default: torch's own count)")
     p.add_argument("--limit-mib", type=float, default=1024,
                    help="limit for the peak RSS of the attention run, MiB (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also save the numbers as JSON to PATH")
@@ -62,6 +65,8 @@ def child(args):
 
     import flash_cuda
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = (1, 1, args.n, args.d)
     q, k, v = (torch.randn(shape, dtype=torch.float32, requires_grad=True) for _ in range(3))
@@ -84,7 +89,8 @@ def child(args):
 
 def run_child(kind, args):
     """Run one child; return (its JSON report, RUSAGE_CHILDREN ru_maxrss in KiB afterwards)."""
-    cmd = [sys.executable, __file__, "--child", kind, "--n", str(args.n), "--d", str(args.d)]
+    cmd = [sys.executable, __file__, "--child", kind, "--n", str(args.n), "--d", str(args.d),
+           "--threads", str(args.threads)]
     if args.causal:
         cmd.append("--causal")
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -68,6 +68,13 @@ constexpr int64_t kBwdBc = 256;
 constexpr int64_t kEdgeRows = 64;
 // Query tiles whose dK and dV products sum apart in the backward before joining the head's sums
 constexpr int64_t kTilesPerSum = 4;
+// The backward's key splits each own a float dQ partial as large as dQ, so their count is bounded
+// by memory as well as by the threads: the partials take at most this many dQs, or this many
+// bytes where that is more (small problems keep every split). Splits by threads alone took
+// 1 GiB at B = 1, H = 1, N = 32768, D = 64 on 64 threads (128 splits of 8 MiB), and a peak past
+// the 1 GiB such a backward is promised from 16 threads on; 16 GiB at H 32, D 128.
+constexpr int64_t kDqPartsPerDq = 4;
+constexpr int64_t kDqPartsMinBytes = int64_t(64) << 20;
 // Keys [c0, c1) of a tile of keys [j0, j1) (offsets in it) that some of the query rows [r0, r1)
 // see, c0 on a kEdgeRows boundary, on the band's edge (`edge`); empty (c0 == c1) when they see
 // none. Inside the band, the whole tile.
@@ -380,11 +387,13 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   static_assert(kBwdBc % RightOperand<in_t>::kBlock == 0, "key tiles start at micro-kernel panels");
   static_assert(kEdgeRows % RightOperand<in_t>::kBlock == 0, "an edge block's keys start at a micro-kernel panel");
 
-  // Enough (b, kv head, key split) items to keep every thread busy; each split owns a
-  // dQ partial, summed in split order below.
+  // Enough (b, kv head, key split) items to keep every thread busy, as memory allows; each split
+  // owns a dQ partial, summed in split order below.
   const int64_t threads = at::get_num_threads();
+  const int64_t dq_bytes = std::max<int64_t>(1, B * Hq * Nq * D * int64_t(sizeof(acc_t)));
+  const int64_t max_splits = std::max(kDqPartsPerDq, kDqPartsMinBytes / dq_bytes);
   const int64_t n_splits =
-      std::max<int64_t>(1, std::min<int64_t>(n_ktiles, ceil_div(4 * threads, B * Hkv)));
+      std::max<int64_t>(1, std::min({n_ktiles, ceil_div(4 * threads, B * Hkv), max_splits}));
   at::Tensor dq_parts = scratch_empty({n_splits, B, Hq, Nq, D}, c10::CppTypeToScalarType<acc_t>::value).zero_();
   acc_t* dq_parts_ptr = dq_parts.data_ptr<acc_t>();  // contiguous (n_splits, B, Hq, Nq, D)
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
