@@ -41,8 +41,9 @@ def empty_cpu_cache():
     A call's temporaries (its GEMM operands, partial sums) come from a cache of the blocks earlier
     calls freed: up to 32 MiB of blocks of at most 8 MiB stay allocated between calls, so a loop of
     calls of the same shapes reuses pages the system already mapped instead of faulting fresh ones
-    in (at short sequences that was up to half of a backward). The CPU counterpart of
-    torch.cuda.empty_cache()."""
+    in (at short sequences that was up to half of a backward). Also the buffers of the KV-cache
+    loop (decoding, few-row calls), kept for the next calls: up to about 1 MiB for each thread
+    that ran one, per dtype. The CPU counterpart of torch.cuda.empty_cache()."""
     return torch.ops.flash_cuda._cpu_scratch_release()
 
 

@@ -370,6 +370,74 @@ def test_thread_count_does_not_change_bits():
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
+def test_one_work_item_same_bits_at_any_thread_count():
+    """A call of one work item (one kv head, one split) with more than 32 query rows per kv head
+    multiplies through ATen's GEMMs (fp32, fp16 caches). Run outside a parallel region, MKL spread
+    them over every thread and their sums rounded by the thread count: from 3 threads on, decoding
+    results differed, and so did attention()'s few-row forwards (an ulp of lse), which made a
+    backward at another thread count miss its check of the forward's lse (an audit). Now the same
+    bits at 1, 3, 4 and 8 threads: decoding, a short MQA forward, its gradients with the forward
+    and the backward at different counts; the thread count the GEMMs ran at restored after."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 8, 8, 64, generator=g)
+    kc, vc = (torch.randn(1, 1, 40, 64, generator=g) for _ in range(2))
+    qh, kh, vh = (torch.randn(1, h, n, 128, generator=g).half() for h, n in ((4, 12), (1, 40), (1, 40)))
+    dout = torch.randn(1, 8, 8, 64, generator=g)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 3, 4, 8):
+            torch.set_num_threads(threads)
+            dec = FN(q, kc, vc, cache_seqlens=torch.tensor([40], dtype=torch.int32))
+            assert torch.get_num_threads() == threads, "the thread count was not restored"
+            out_h, lse_h = flash_cuda.attention(qh, kh, vh, return_lse=True)
+            leaves = [x.clone().requires_grad_() for x in (q * 20, kc, vc)]
+            out = flash_cuda.attention(*leaves)
+            torch.set_num_threads(1 if threads > 1 else 4)  # the backward at another count
+            out.backward(dout)
+            results[threads] = [dec, out_h, lse_h, out] + [x.grad for x in leaves]
+    finally:
+        torch.set_num_threads(before)
+    names = ["decode", "MQA out", "MQA lse", "out", "dq", "dk", "dv"]
+    for threads in (3, 4, 8):
+        for name, a, b in zip(names, results[threads], results[1]):
+            assert torch.equal(a, b), f"{name} at {threads} threads differs from 1 thread"
+    ref_q, ref_k, ref_v = (x.double().requires_grad_() for x in (q * 20, kc, vc))
+    ref, _ = attention_ref(ref_q, ref_k, ref_v)
+    ref.backward(dout.double())
+    plain_q, plain_k, plain_v = (x.clone().requires_grad_() for x in (q * 20, kc, vc))
+    plain, _ = attention_ref(plain_q, plain_k, plain_v, dtype=torch.float32)
+    plain.backward(dout)
+    for name, ours, exact, fp32 in zip(("dq", "dk", "dv"), results[1][4:], (ref_q.grad, ref_k.grad, ref_v.grad),
+                                       (plain_q.grad, plain_k.grad, plain_v.grad)):
+        err, plain_err = (ours.double() - exact).abs().max(), (fp32.double() - exact).abs().max()
+        assert err <= 3 * plain_err + 1e-5, f"{name}: {err:.3g} > 3 x {plain_err:.3g} + 1e-5"
+
+
+def test_kept_decoding_buffers_freed_by_empty_cpu_cache():
+    """The KV-cache loop keeps its buffers (up to 64 rows) for the next call, in a pool that
+    empty_cpu_cache() empties (they were each worker thread's own, which it could not free: 174
+    MiB kept at 128 threads over four dtypes, an audit). Counted in the cache's idle bytes while
+    kept; freed by empty_cpu_cache(), which reports them; a call after that allocates afresh and
+    gives the same bits."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 1, 128, generator=g).bfloat16()
+    kc, vc = (torch.randn(2, 2, 300, 128, generator=g).bfloat16() for _ in range(2))
+    flash_cuda.empty_cpu_cache()
+    assert torch.ops.flash_cuda._cpu_scratch_stats()[2] == 0
+    first = FN(q, kc, vc)
+    idle = torch.ops.flash_cuda._cpu_scratch_stats()[2]
+    assert idle >= 4 * 128 * 2, "the decoding buffers are not kept"
+    assert torch.equal(FN(q, kc, vc), first)
+    idle = torch.ops.flash_cuda._cpu_scratch_stats()[2]  # more where another thread took an item now
+    assert flash_cuda.empty_cpu_cache() == idle
+    assert torch.ops.flash_cuda._cpu_scratch_stats()[2] == 0
+    assert torch.equal(FN(q, kc, vc), first)
+    ref, _ = attention_ref(q.double(), kc.double(), vc.double())
+    plain, _ = attention_ref(q, kc, vc, dtype=torch.bfloat16)
+    assert_fa_rule("decode", first, plain, ref, 2)
+
+
 def generation_loop(dtype, steps, D=32, hq=4, hkv=2, prompt=11, page_size=None, atol=None):
     """Prefill with attention(), then `steps` decode steps with attention_with_kvcache, each
     step's query, key and value computed from the previous step's output (a real loop), against

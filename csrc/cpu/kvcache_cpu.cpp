@@ -29,6 +29,7 @@
 #include "avx512_gemm.h"
 #include "online_softmax.h"
 #include "prefetch.h"
+#include "scratch.h"
 #include "tile_gemm.h"
 #include "tiles.h"
 
@@ -43,7 +44,7 @@ constexpr int64_t kMinSplitKeys = 1024; // keys per split at least
 // the GEMMs fill whole vectors while the dot products would reduce every (row, key) on its own.
 constexpr int64_t kDotRows = 16;
 constexpr int64_t kPanelRows = 32;  // up to this many rows, fp32/fp16 caches on the fp32 micro-kernel
-constexpr int64_t kKeptRows = 64;   // up to this many rows a thread keeps its buffers between calls
+constexpr int64_t kKeptRows = 64;   // up to this many rows a call's buffers are kept for the next calls
 
 // The AVX-512 rows kernels below kDotRows rows (avx512_gemm.h: the dot products and P V with V in
 // place) fetch the rows just ahead into L1 (16 rows, or the next block of 32); where a call's cache
@@ -352,8 +353,9 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // measured slower than 4 x 64, key blocks kept in L1 no faster (32 to 256 keys a block).
   const bool pv_pairs_in_registers = dpbf16_pairs && D % 32 == 0;
   const bool pairs_v = amx_v || (dpbf16_pairs && !pv_pairs_in_registers);  // V staged into the pairs layout
-  // Each thread's buffers, kept from call to call up to kKeptRows rows (decoding calls this once
-  // per token); they are written before they are read, so they are only resized.
+  // A thread's buffers: from the pool of those kept between calls up to kKeptRows rows (decoding
+  // calls this once per token; KeptPool, scratch.h), else the call's own. Written before they
+  // are read, so they are only resized.
   struct Buffers {
     TileVector<acc_t> S, P, O;      // scores (rows, Bc), float P (rows, Bc), output (rows, D; its columns
                                     // in the pairs order until the item ends where pv_pairs_in_registers)
@@ -365,23 +367,26 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     TileVector<float> Qp;           // f32_panels: Q^T (D, rows) as one panel of the micro-kernels
     TileVector<float> Stage;        // staged: the K tile (v_staged: then the V tile), in fp32 (Bc, D)
     TileVector<in_t> Vp;            // pairs_v: the V tile in the pairs layout (avx512_gemm.h)
+    int64_t bytes() const {
+      auto of = [](const auto& v) { return int64_t(v.capacity() * sizeof(v[0])); };
+      return of(S) + of(P) + of(O) + of(rows) + of(St) + of(Pn) + Qt.bytes() + of(Qtp) + of(Qp) + of(Stage) + of(Vp);
+    }
   };
   struct Scratch {
-    std::unique_ptr<Buffers> owned;  // a call's own buffers (more rows than a thread keeps)
+    typename KeptPool<Buffers>::Handle buffers;
     Buffers& b;
     at::Tensor sK, sV;              // gathered: the K and V tiles converted to acc_t (Bc, D)
   };
   const bool gathered = !native && !v_in_place;
   auto make_scratch = [&] {
-    thread_local Buffers kept;  // decoding's sizes, kept between calls; larger ones freed after the call
-    std::unique_ptr<Buffers> owned = rows <= kKeptRows ? nullptr : std::make_unique<Buffers>();
-    Buffers& b = owned ? *owned : kept;
+    auto buffers = KeptPool<Buffers>::take(rows <= kKeptRows);
+    Buffers& b = *buffers;
     b.S.resize(rows * kBc), b.P.resize(native ? 0 : rows * kBc), b.O.resize(rows * D), b.rows.resize(rows);
     b.St.resize(native || f32_panels ? kBc * rows : 0), b.Pn.resize(native ? rows * kBc : 0);
     b.Qp.resize(f32_panels ? panels_f32_size(D, rows) : 0), b.Stage.resize(staged ? kBc * D : 0);
     b.Vp.resize(pairs_v ? pairs_size(kBc, D) : 0), b.Qtp.resize(dpbf16_pairs ? pairs_size(D, rows) : 0);
-    if (!gathered) return Scratch{std::move(owned), b, at::Tensor(), at::Tensor()};
-    return Scratch{std::move(owned), b, at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts)};
+    if (!gathered) return Scratch{std::move(buffers), b, at::Tensor(), at::Tensor()};
+    return Scratch{std::move(buffers), b, at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts)};
   };
   const char* k_base = static_cast<const char*>(k_cache.data_ptr());
   const char* v_base = static_cast<const char*>(v_cache.data_ptr());

@@ -149,8 +149,38 @@ at::Tensor scratch_rows(const at::Tensor& x, at::ScalarType dtype) {
   return y;
 }
 
-ScratchStats scratch_stats() { return block_cache().stats(); }
 void scratch_poison(bool on) { g_poison = on; }
-int64_t scratch_release() { return block_cache().release_all(); }
+namespace {
+struct KeptPoolFns {
+  int64_t (*release)();
+  int64_t (*idle_bytes)();
+};
+std::mutex g_kept_mu;
+std::vector<KeptPoolFns>& kept_pools() {
+  static auto* pools = new std::vector<KeptPoolFns>;
+  return *pools;
+}
+std::vector<KeptPoolFns> kept_pools_now() {
+  std::lock_guard<std::mutex> lock(g_kept_mu);
+  return kept_pools();
+}
+}  // namespace
+
+void register_kept_pool(int64_t (*release)(), int64_t (*idle_bytes)()) {
+  std::lock_guard<std::mutex> lock(g_kept_mu);
+  kept_pools().push_back({release, idle_bytes});
+}
+
+ScratchStats scratch_stats() {
+  ScratchStats stats = block_cache().stats();
+  for (const auto& pool : kept_pools_now()) stats.idle_bytes += pool.idle_bytes();
+  return stats;
+}
+
+int64_t scratch_release() {
+  int64_t bytes = block_cache().release_all();
+  for (const auto& pool : kept_pools_now()) bytes += pool.release();
+  return bytes;
+}
 
 }  // namespace flash_cuda::cpu

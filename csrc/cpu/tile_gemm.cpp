@@ -34,6 +34,30 @@ namespace {
 thread_local bool tiles_held = false;
 }  // namespace
 
+// The libraries' thread-count setters, weak: a torch built without OpenMP or MKL lacks them.
+// (MKL's C entry point is MKL_Set_Num_Threads_Local, which mkl_service.h names
+// mkl_set_num_threads_local by a macro; the lower-case symbol is its Fortran one, by pointer.)
+extern "C" {
+int omp_get_max_threads() __attribute__((weak));
+void omp_set_num_threads(int) __attribute__((weak));
+int omp_in_parallel() __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+}
+
+SequentialGemms::SequentialGemms(bool on) {
+  if (!on || (omp_in_parallel && omp_in_parallel())) return;
+  if (omp_get_max_threads && omp_set_num_threads) {
+    omp_before_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+  }
+  if (MKL_Set_Num_Threads_Local) mkl_before_ = MKL_Set_Num_Threads_Local(1);  // 0: none was set
+}
+
+SequentialGemms::~SequentialGemms() {
+  if (omp_before_ > 0) omp_set_num_threads(omp_before_);
+  if (mkl_before_ >= 0) MKL_Set_Num_Threads_Local(mkl_before_);
+}
+
 void release_tiles() {
   if (!tiles_held) return;
   at::native::cpublas::brgemm_release(true);

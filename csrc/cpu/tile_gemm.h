@@ -46,6 +46,21 @@ void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, cons
 // at the end of each worker's items. A no-op when this thread holds none.
 void release_tiles();
 
+// While alive (when `on` and outside a parallel region), the calling thread's own GEMMs through
+// ATen run on that thread alone: its OpenMP thread count (which oneDNN and ATen read) and MKL's
+// thread-local count set to 1, both restored after. Either library missing from torch's build
+// (their symbols weak here) leaves its part out.
+class SequentialGemms {
+ public:
+  explicit SequentialGemms(bool on);
+  ~SequentialGemms();
+  SequentialGemms(const SequentialGemms&) = delete;
+  SequentialGemms& operator=(const SequentialGemms&) = delete;
+
+ private:
+  int omp_before_ = 0, mkl_before_ = -1;
+};
+
 // dst (m x n, row stride ldd) = src (n x m, row stride lds)^T, 16 x 16 blocks on AVX-512.
 void transpose(int64_t n, int64_t m, const float* src, int64_t lds, float* dst, int64_t ldd);
 
@@ -143,6 +158,7 @@ class RowsTransposed {
   static bool supported(int64_t K);
   void pack(int64_t N, int64_t K, const T* B, int64_t ldb);
   void gemm(int64_t M, const T* A, int64_t lda, float* C, int64_t ldc) const;
+  int64_t bytes() const { return int64_t(data_.capacity() * sizeof(uint32_t)); }
 
  private:
   std::vector<uint32_t> data_;  // [K / 2][w][2] in 16-bit units, w = N rounded up to 16
