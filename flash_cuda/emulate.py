@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import re
+import threading
 
 import torch
 
@@ -148,6 +149,9 @@ def ptx_kernels():
     return {entry: _ptx_source(entry) for entry in sorted(_index())}
 
 
+_enter_lock = threading.Lock()
+
+
 class emulate:
     """Context manager; see the module docstring. Process-wide: while one is active, flash_cuda's
     calls on CPU tensors from every thread run the emulated kernels (float64 ones are refused, as
@@ -202,20 +206,26 @@ class emulate:
         self._launches = []
 
     def __enter__(self):
-        if emulate._current is not None:
-            raise RuntimeError("emulate: contexts do not nest")
-        torch.ops.flash_cuda._emu_records()  # drop records of earlier launches
-        _ptx_replacements.clear()
-        _ptx_replacements.update(self.ptx)
-        _configure(True, self.order, self.seed, self.check, self.workers, self.device, self.executor)
-        emulate._current = self
+        # One lock around the check and the switch: two threads entering at once both got in, and
+        # the first to leave turned emulation off under the other (its calls ran the CPU backend).
+        with _enter_lock:
+            if emulate._current is not None:
+                raise RuntimeError("emulate: contexts do not nest (one is active, in this thread or another)")
+            torch.ops.flash_cuda._emu_records()  # drop records of earlier launches
+            _ptx_replacements.clear()
+            _ptx_replacements.update(self.ptx)
+            _configure(True, self.order, self.seed, self.check, self.workers, self.device, self.executor)
+            emulate._current = self
         return self
 
     def __exit__(self, *exc):
-        _configure(False, "forward", 0, True, 1, DEVICES["a100"])
-        _ptx_replacements.clear()
-        emulate._current = None
-        self._collect()
+        with _enter_lock:
+            if emulate._current is not self:  # (a context that failed to enter, or left already)
+                return False
+            _configure(False, "forward", 0, True, 1, DEVICES["a100"])
+            _ptx_replacements.clear()
+            emulate._current = None
+            self._collect()
         return False
 
     def _collect(self):

@@ -439,6 +439,39 @@ def test_emulate_arguments():
     assert flash_cuda.emulate is emulate
 
 
+def test_contexts_do_not_nest_across_threads():
+    """emulate() is process-wide. Two threads entering at once both got in (201 of 300 trials, an
+    audit), and the first to leave turned emulation off under the other, whose calls then ran the
+    CPU backend unchecked. Now one enters, the other gets the error, and leaving restores no
+    emulation; the one inside runs its call emulated."""
+    import threading
+    q = torch.randn(1, 1, 16, 32).half()
+    for _ in range(40):
+        start = threading.Barrier(2)
+        entered, refused, launches = [], [], []
+
+        def body():
+            ctx = emulate(check=False, workers=1)
+            start.wait()
+            try:
+                with ctx:
+                    entered.append(ctx)
+                    flash_cuda.attention(q, q, q)
+                    launches.append(len(ctx.launches))
+            except RuntimeError as e:
+                assert "do not nest" in str(e), e
+                refused.append(e)
+
+        threads = [threading.Thread(target=body) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(entered) + len(refused) == 2 and len(entered) >= 1
+        assert all(n >= 1 for n in launches), "a call inside a context ran unemulated"
+        assert emulate._current is None
+
+
 # ---------------------------------------------------------------- mma.m16n8k8: f16/bf16 (sm_75's shape) and tf32
 def _mma_k8(A, B, C, type_, a_by_lane, b_by_lane, a_regs):
     """One emulated m16n8k8 of A (16x8), B (8x8), C (16x8) given per-lane operand registers."""

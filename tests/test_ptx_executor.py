@@ -237,22 +237,29 @@ def test_modifiers_and_operands_the_executor_does_not_compute_fail_at_load():
 def test_endless_loops_end_with_an_error():
     """A loop that never ends (a self-branch; one thread spinning while the others wait at a
     barrier) hung the process, deaf to Ctrl-C (audit): past FLASH_CUDA_PTX_STEP_LIMIT
-    instructions in a thread it is an error naming the line. In a child process, with a low bound
-    (the default is 2^27); a kernel within it runs."""
+    instructions in a thread, or 1/256 of it in barrier rounds of a block, it is an error naming
+    the line, reported once for the grid. In a child process, with a low bound (the default is
+    2^27); a kernel within it runs."""
     loop = module("LOOP:\n  add.u32 %r1, %r1, 1;\n  bra.uni LOOP;")
     spin = module("  mov.u32 %r1, %tid.x;\n  setp.ne.u32 %p1, %r1, 0;\n  @%p1 bra DONE;\nSPIN:\n  bra.uni SPIN;\n"
                   "DONE:\n  bar.sync 0;")
+    # every thread looping around a barrier: each round switches all of them, so the per-thread
+    # bound took about 10 minutes a block (128 threads), and every block of the grid ran to it (an
+    # audit); the rounds are bounded too (by 1/256 of it), and the launch stops at the first error
+    barrier_loop = module("SPIN:\n  bar.sync 0;\n  bra.uni SPIN;")
     short = module("  mov.u32 %r1, 7;\n  st.global.u32 [%rd1], %r1;")
     script = f"""
 import torch, flash_cuda
 buf = torch.zeros(4, dtype=torch.int32)
 torch.ops.flash_cuda._emu_ptx_run({short!r}, "t", buf, 64, 2, 0)
 assert buf[0].item() == 7
-for text, threads in (({loop!r}, 1), ({spin!r}, 64)):
+for text, threads, blocks, error in (({loop!r}, 1, 1, "issued more than 100000 instructions in one thread"),
+                                    ({spin!r}, 64, 4, "issued more than 100000 instructions in one thread"),
+                                    ({barrier_loop!r}, 128, 8, "released more than 390 times")):
     try:
-        torch.ops.flash_cuda._emu_ptx_run(text, "t", buf, threads, 1, 0)
+        torch.ops.flash_cuda._emu_ptx_run(text, "t", buf, threads, blocks, 0)
     except RuntimeError as e:
-        assert "issued more than 100000 instructions in one thread" in str(e), e
+        assert str(e).count(error) == 1, e
     else:
         raise AssertionError("no error")
 print("ok")
@@ -359,6 +366,15 @@ def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
     for align, size in (("4", "99999999999999999999"), ("4", "200000000000"), ("4", "524289"), ("0", "16")):
         with pytest.raises(ValueError, match=r"PTX line \d+: \.local needs an alignment in \[1, 4096\]"):
             torch.ops.flash_cuda._emu_ptx_check(module("", regs=f"  .local .align {align} .b8 __depot[{size}];"), "t")
+    # the bounds are the kernel's, over all its declarations: each one under them passed, and 14
+    # of them would take this machine's memory (an audit)
+    with pytest.raises(ValueError, match=r"the kernel declares more than 1048576 registers in all"):
+        torch.ops.flash_cuda._emu_ptx_check(module("", regs="  .reg .b32 %q<600000>;\n  .reg .b32 %s<600000>;"), "t")
+    with pytest.raises(ValueError, match=r"the kernel's \.local declarations take more than 524288 bytes in all"):
+        torch.ops.flash_cuda._emu_ptx_check(
+            module("", regs="  .local .align 4 .b8 a[300000];\n  .local .align 4 .b8 b[300000];"), "t")
+    torch.ops.flash_cuda._emu_ptx_check(
+        module("", regs="  .local .align 4 .b8 a[262144];\n  .local .align 4 .b8 b[262144];"), "t")  # 512 KiB
 
 
 # ---- every instantiation -------------------------------------------------------------------------

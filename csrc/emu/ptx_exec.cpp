@@ -635,36 +635,20 @@ void Thread::exec_shfl(const Instr& in) {
   }
 }
 
-// The most instructions one thread may issue in a launch: a loop that never ends (edited PTX; a
-// spin on a flag no other thread sets) is an error naming its line, where it hung the process
-// (audit). The packaged kernels issue at most a few million a thread at any size the emulator
-// runs in minutes; FLASH_CUDA_PTX_STEP_LIMIT raises or lowers the bound.
-static uint64_t step_limit() {
-  static const uint64_t limit = [] {
-    const char* env = std::getenv("FLASH_CUDA_PTX_STEP_LIMIT");
-    if (env == nullptr || *env == '\0') return uint64_t{1} << 27;
-    char* end = nullptr;
-    errno = 0;
-    const unsigned long long v = std::isdigit(static_cast<unsigned char>(*env)) ? std::strtoull(env, &end, 10) : 0;
-    if (v == 0 || *end != '\0' || errno == ERANGE)  // (strtoull took "-1" as 2^64 - 1)
-      throw std::invalid_argument("FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer");
-    return static_cast<uint64_t>(v);
-  }();
-  return limit;
-}
-
 void Thread::run() {
   const Instr* code = P.code.data();
   const size_t ncode = P.code.size();
-  const uint64_t limit = step_limit();
+  const uint64_t limit = ptx_step_limit();
   uint64_t steps = 0;
   size_t pc = 0;
   while (pc < ncode) {
     const Instr& in = code[pc++];
     ++executed[in.cls];
-    if (++steps > limit)
+    if (++steps > limit) {
+      stop_launch();  // every block would run to the bound too
       fatal(in, "issued more than " + std::to_string(limit) + " instructions in one thread (a loop that never ends? "
                 "FLASH_CUDA_PTX_STEP_LIMIT sets the bound)");
+    }
     undef_ = false;
     if (in.guard != kNoReg) {
       const bool g = get(Operand{Operand::Kind::reg, false, in.guard}, in) != 0;

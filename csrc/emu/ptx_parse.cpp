@@ -366,6 +366,10 @@ class Parser {
           // or an overflow would insert registers until memory runs out
           if (errno != 0 || end == name.c_str() + lt + 1 || *end != '>' || count < 0 || count > kMaxRegs)
             fail(line_, "register count must be an integer in [0, " + std::to_string(kMaxRegs) + "]: " + s);
+          // the bound is the kernel's, over all its declarations (each under it took 1.7 GB more
+          // for a 64-row call; an audit)
+          if (prog_->nregs + count > kMaxRegs)
+            fail(line_, "the kernel declares more than " + std::to_string(kMaxRegs) + " registers in all: " + s);
           for (long k = 0; k < count; ++k) declare(base + std::to_string(k), t);
         } else {
           declare(name, t);
@@ -386,6 +390,9 @@ class Parser {
                         " bytes: " + s);
       const size_t align = std::stoul(align_s), bytes = std::stoul(bytes_s);
       const size_t at = (prog_->local_bytes + align - 1) / align * align;
+      if (at + bytes > kMaxLocalBytes)  // over all the kernel's .local declarations
+        fail(line_, "the kernel's .local declarations take more than " + std::to_string(kMaxLocalBytes) +
+                        " bytes in all: " + s);
       symbols_[m[2]] = {Space::local, static_cast<int64_t>(at)};
       prog_->local_bytes = at + bytes;
       return;

@@ -8,7 +8,10 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -143,6 +146,7 @@ struct LaunchCtx {
   std::vector<std::string> errors;
   size_t error_count = 0;
   Counters counters;
+  std::atomic<bool> stop{false};  // stop_launch(): no more blocks start
 
   void error(const std::string& e) {
     std::lock_guard<std::mutex> g(mutex);
@@ -288,6 +292,17 @@ void BlockRunner::stuck() {
     }
   }
   if (at_coll.empty() && done.empty()) {
+    // A loop around bar.sync switches every thread at each round: the per-thread bound alone took
+    // about 10 minutes a block (128 threads) and every block ran to it (an audit). The packaged
+    // kernels take a few barriers a key tile: 2^19 rounds by default is 8M keys of 64-key tiles.
+    const uint64_t max_rounds = std::max<uint64_t>(1, ptx_step_limit() / 256);
+    if (epoch > max_rounds) {
+      error("bar.sync at " + where(threads[0].site) + " released more than " + std::to_string(max_rounds) +
+                " times in block " + dim_str(bidx) + " (a loop that never ends? FLASH_CUDA_PTX_STEP_LIMIT / 256 "
+                "sets the bound)", true);
+      L->stop = true;
+      return;
+    }
     release_barrier();
     return;
   }
@@ -776,7 +791,7 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int ma
   auto worker = [&] {
     BlockRunner R(&L);
     g_runner = &R;
-    for (uint64_t i; (i = next.fetch_add(1)) < nblocks;) R.run(blocks[i]);
+    for (uint64_t i; !L.stop && (i = next.fetch_add(1)) < nblocks;) R.run(blocks[i]);
     g_runner = nullptr;
     std::lock_guard<std::mutex> g(L.mutex);
     L.counters.add(R.counters);
@@ -812,6 +827,22 @@ const Dim3& grid_dim() { return runner().L->grid; }
 void* dynamic_shared() { return runner().smem; }
 size_t dynamic_shared_bytes() { return runner().L->smem; }
 int lane_id() { return runner().cur->lane; }
+
+uint64_t ptx_step_limit() {
+  static const uint64_t limit = [] {
+    const char* env = std::getenv("FLASH_CUDA_PTX_STEP_LIMIT");
+    if (env == nullptr || *env == '\0') return uint64_t{1} << 27;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long v = std::isdigit(static_cast<unsigned char>(*env)) ? std::strtoull(env, &end, 10) : 0;
+    if (v == 0 || *end != '\0' || errno == ERANGE)  // (strtoull took "-1" as 2^64 - 1)
+      throw std::invalid_argument("FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer");
+    return static_cast<uint64_t>(v);
+  }();
+  return limit;
+}
+
+void stop_launch() { runner().L->stop = true; }
 
 void thread_error(const std::string& what, bool fatal) {
   BlockRunner& R = runner();

@@ -175,6 +175,13 @@ int device_cc();
 void thread_error(const std::string& what, bool fatal);
 // __trap(): the launch fails with an error naming the site.
 void trap(Site s);
+// The PTX executor's bound on the instructions one thread issues in a launch, and every
+// launch's on the barrier rounds of a block (1/256 of it): past either, a loop that never ends
+// (edited PTX) is an error naming its line. FLASH_CUDA_PTX_STEP_LIMIT sets it (default 2^27).
+uint64_t ptx_step_limit();
+// The launch ends after the blocks running now: an error every block would repeat (an endless
+// loop, each to the bound) is reported once.
+void stop_launch();
 
 // Shuffle of one 32-bit word: mode 0 up, 1 down, 2 bfly (xor), 3 idx; c as in PTX shfl.sync.
 uint32_t shfl(int mode, unsigned mask, uint32_t value, int b, int c, Site s);
