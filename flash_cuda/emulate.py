@@ -150,6 +150,8 @@ def ptx_kernels():
 
 
 _enter_lock = threading.Lock()
+# a forked child gets a fresh lock: another thread of the parent may have held it at the fork
+os.register_at_fork(after_in_child=lambda: globals().update(_enter_lock=threading.Lock()))
 
 
 class emulate:
@@ -234,9 +236,10 @@ class emulate:
     @property
     def launches(self):
         """One dict per kernel launch so far, in launch order."""
-        if emulate._current is self:
-            self._collect()
-        return list(self._launches)
+        with _enter_lock:  # (another context may be entering: its records are its own)
+            if emulate._current is self:
+                self._collect()
+            return list(self._launches)
 
 
 def runs_cuda_kernels(x):

@@ -271,7 +271,15 @@ print("ok")
     bad = f"import torch, flash_cuda\ntorch.ops.flash_cuda._emu_ptx_run({short!r}, 't', torch.zeros(4, dtype=torch.int32), 1, 1, 0)"
     done = subprocess.run(["python3", "-c", bad], env=dict(env, FLASH_CUDA_PTX_STEP_LIMIT="-1"), capture_output=True,
                           text=True, timeout=300)
-    assert done.returncode != 0 and "FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer" in done.stderr
+    assert done.returncode == 1 and "FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer" in done.stderr
+    # read where the launch starts, in the caller's thread: the source executor's barrier rounds
+    # read it in a worker thread, and a bad value there ended the process (std::terminate; review)
+    bad = ("import torch, flash_cuda\nq = torch.randn(1, 4, 16, 32).half()\n"
+           "with flash_cuda.emulate(workers=2):\n    flash_cuda.attention(q, q, q)")
+    done = subprocess.run(["python3", "-c", bad], env=dict(env, FLASH_CUDA_PTX_STEP_LIMIT="abc"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and "FLASH_CUDA_PTX_STEP_LIMIT must be a positive integer" in done.stderr, \
+        (done.returncode, done.stderr[-2000:])
 
 
 def test_launch_sizes_past_cudas_limits_are_refused():
@@ -370,6 +378,9 @@ def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
     # of them would take this machine's memory (an audit)
     with pytest.raises(ValueError, match=r"the kernel declares more than 1048576 registers in all"):
         torch.ops.flash_cuda._emu_ptx_check(module("", regs="  .reg .b32 %q<600000>;\n  .reg .b32 %s<600000>;"), "t")
+    with pytest.raises(ValueError, match=r"the kernel declares more than 1048576 registers in all"):
+        torch.ops.flash_cuda._emu_ptx_check(module("", regs="  .reg .b32 %q<1048400>;\n  .reg .b32 " +
+                                                   ", ".join(f"%s{i}" for i in range(200)) + ";"), "t")
     with pytest.raises(ValueError, match=r"the kernel's \.local declarations take more than 524288 bytes in all"):
         torch.ops.flash_cuda._emu_ptx_check(
             module("", regs="  .local .align 4 .b8 a[300000];\n  .local .align 4 .b8 b[300000];"), "t")

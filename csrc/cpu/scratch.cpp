@@ -155,19 +155,30 @@ struct KeptPoolFns {
   int64_t (*release)();
   int64_t (*idle_bytes)();
 };
-std::mutex g_kept_mu;
+// The pools' functions, under a lock that a forked child replaces (as the block cache's: another
+// thread may have held it at the fork); the list itself stays valid in the child.
+std::atomic<std::mutex*> g_kept_mu{nullptr};
+std::mutex& kept_mu() {
+  static const bool once = [] {
+    g_kept_mu = new std::mutex;
+    pthread_atfork(nullptr, nullptr, [] { g_kept_mu = new std::mutex; });
+    return true;
+  }();
+  (void)once;
+  return *g_kept_mu;
+}
 std::vector<KeptPoolFns>& kept_pools() {
   static auto* pools = new std::vector<KeptPoolFns>;
   return *pools;
 }
 std::vector<KeptPoolFns> kept_pools_now() {
-  std::lock_guard<std::mutex> lock(g_kept_mu);
+  std::lock_guard<std::mutex> lock(kept_mu());
   return kept_pools();
 }
 }  // namespace
 
 void register_kept_pool(int64_t (*release)(), int64_t (*idle_bytes)()) {
-  std::lock_guard<std::mutex> lock(g_kept_mu);
+  std::lock_guard<std::mutex> lock(kept_mu());
   kept_pools().push_back({release, idle_bytes});
 }
 

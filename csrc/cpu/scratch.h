@@ -70,7 +70,11 @@ class KeptPool {
       }
       Pool& p = pool();
       std::lock_guard<std::mutex> lock(p.mu);
-      p.idle.emplace_back(t);
+      try {
+        p.idle.emplace_back(t);
+      } catch (...) {  // (no memory for the list: a deleter must not throw)
+        delete t;
+      }
     }
   };
   using Handle = std::unique_ptr<T, Return>;
@@ -112,11 +116,14 @@ class KeptPool {
     return bytes;
   }
   static int64_t release() {
-    Pool& p = pool();
-    std::lock_guard<std::mutex> lock(p.mu);
+    std::vector<std::unique_ptr<T>> idle;  // freed after the lock is released
+    {
+      Pool& p = pool();
+      std::lock_guard<std::mutex> lock(p.mu);
+      idle.swap(p.idle);
+    }
     int64_t bytes = 0;
-    for (const auto& t : p.idle) bytes += t->bytes();
-    p.idle.clear();
+    for (const auto& t : idle) bytes += t->bytes();
     return bytes;
   }
 };

@@ -44,8 +44,8 @@ int omp_in_parallel() __attribute__((weak));
 int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
-SequentialGemms::SequentialGemms(bool on) {
-  if (!on || (omp_in_parallel && omp_in_parallel())) return;
+SequentialGemms::SequentialGemms() {
+  if (omp_in_parallel && omp_in_parallel()) return;
   if (omp_get_max_threads && omp_set_num_threads) {
     omp_before_ = omp_get_max_threads();
     omp_set_num_threads(1);

@@ -46,13 +46,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const c10::Half* A, int64_t lda, cons
 // at the end of each worker's items. A no-op when this thread holds none.
 void release_tiles();
 
-// While alive (when `on` and outside a parallel region), the calling thread's own GEMMs through
+// While alive (outside an active OpenMP team), the calling thread's own GEMMs through
 // ATen run on that thread alone: its OpenMP thread count (which oneDNN and ATen read) and MKL's
 // thread-local count set to 1, both restored after. Either library missing from torch's build
 // (their symbols weak here) leaves its part out.
 class SequentialGemms {
  public:
-  explicit SequentialGemms(bool on);
+  SequentialGemms();
   ~SequentialGemms();
   SequentialGemms(const SequentialGemms&) = delete;
   SequentialGemms& operator=(const SequentialGemms&) = delete;

@@ -42,13 +42,15 @@ using TileVector = std::vector<T, CacheLineAllocator<T>>;
 // OpenMP workers do not inherit the dispatcher's thread-local state: without the guard
 // the tile ops below would run through autograd again on tensors that require grad. Each
 // worker releases the AMX tiles its GEMMs held (release_tiles, tile_gemm.h) when it is done.
-// One item runs on the calling thread with its GEMMs sequential there (SequentialGemms): outside
-// a parallel region, the BLAS (MKL) and oneDNN that an item's ATen GEMMs call spread them over
-// every thread, and their sums then round by the thread count (KV-cache results at one item
-// differed from 3 threads on, where the README promises the same bits for any count, and a
-// backward at another count than its forward missed its check of the forward's lse; an audit).
-// A team of two with one thread idle did the same, but at the cost of waking that thread: 44 us
-// decoding calls took 0.1 to 6 ms while other processes kept the cores busy.
+// Items that run outside an OpenMP team (one item; or inline, inside a caller's parallel_for) run
+// their GEMMs sequential on their thread (SequentialGemms): outside a parallel region, the BLAS
+// (MKL) and oneDNN that an item's ATen GEMMs call spread them over every thread, and their sums
+// then round by the thread count (KV-cache results at one item differed from 3 threads on, where
+// the README promises the same bits for any count, and a backward at another count than its
+// forward missed its check of the forward's lse; an audit). A team of two with one thread idle
+// did the same, but at the cost of waking that thread: 44 us decoding calls took 0.1 to 6 ms
+// while other processes kept the cores busy. The price: one large item (B 1, one kv head, a
+// chunked prefill of thousands of rows) no longer spreads its GEMMs over the threads.
 template <typename MakeScratch, typename Work>
 inline void parallel_items(int64_t n, MakeScratch make_scratch, Work work) {
   std::atomic<int64_t> next{0};
@@ -58,7 +60,7 @@ inline void parallel_items(int64_t n, MakeScratch make_scratch, Work work) {
     struct ReleaseTiles {  // also when an item throws
       ~ReleaseTiles() { release_tiles(); }
     } release;
-    SequentialGemms sequential(threads == 1);
+    SequentialGemms sequential;  // (a no-op in a team: the items run in parallel there)
     auto scratch = make_scratch();
     for (int64_t item = next++; item < n; item = next++) work(item, scratch);
   });

@@ -367,7 +367,7 @@ class Parser {
           if (errno != 0 || end == name.c_str() + lt + 1 || *end != '>' || count < 0 || count > kMaxRegs)
             fail(line_, "register count must be an integer in [0, " + std::to_string(kMaxRegs) + "]: " + s);
           // the bound is the kernel's, over all its declarations (each under it took 1.7 GB more
-          // for a 64-row call; an audit)
+          // for a 64-row call; an audit); declare() checks it for single names too
           if (prog_->nregs + count > kMaxRegs)
             fail(line_, "the kernel declares more than " + std::to_string(kMaxRegs) + " registers in all: " + s);
           for (long k = 0; k < count; ++k) declare(base + std::to_string(k), t);
@@ -402,6 +402,8 @@ class Parser {
   }
 
   void declare(const std::string& name, Type t) {
+    if (prog_->nregs >= kMaxRegs)
+      fail(line_, "the kernel declares more than " + std::to_string(kMaxRegs) + " registers in all: " + name);
     if (scopes_.empty()) scopes_.emplace_back();
     scopes_.back()[name] = prog_->nregs++;
     prog_->reg_names.push_back(name);

@@ -147,6 +147,7 @@ struct LaunchCtx {
   size_t error_count = 0;
   Counters counters;
   std::atomic<bool> stop{false};  // stop_launch(): no more blocks start
+  uint64_t max_rounds = 0;        // a block's barrier releases at most (ptx_step_limit() / 256)
 
   void error(const std::string& e) {
     std::lock_guard<std::mutex> g(mutex);
@@ -172,6 +173,7 @@ class BlockRunner {
   std::vector<Cell> shadow;
   std::unordered_map<uintptr_t, Cell> static_shadow;  // static __shared__ (thread_local storage)
   uint32_t epoch = 1;
+  uint64_t rounds = 0;  // barrier releases of this block (epoch wraps at 2^32)
   bool aborted = false;
   Counters counters;
 
@@ -228,6 +230,7 @@ void BlockRunner::run(unsigned block_linear) {
   const Dim3 g = L->grid;
   bidx = {block_linear % g.x, (block_linear / g.x) % g.y, block_linear / (g.x * g.y)};
   epoch = 1;
+  rounds = 0;
   aborted = false;
   static_shadow.clear();
   if (L->opt.check) {
@@ -295,9 +298,8 @@ void BlockRunner::stuck() {
     // A loop around bar.sync switches every thread at each round: the per-thread bound alone took
     // about 10 minutes a block (128 threads) and every block ran to it (an audit). The packaged
     // kernels take a few barriers a key tile: 2^19 rounds by default is 8M keys of 64-key tiles.
-    const uint64_t max_rounds = std::max<uint64_t>(1, ptx_step_limit() / 256);
-    if (epoch > max_rounds) {
-      error("bar.sync at " + where(threads[0].site) + " released more than " + std::to_string(max_rounds) +
+    if (++rounds > L->max_rounds) {
+      error("bar.sync at " + where(threads[0].site) + " released more than " + std::to_string(L->max_rounds) +
                 " times in block " + dim_str(bidx) + " (a loop that never ends? FLASH_CUDA_PTX_STEP_LIMIT / 256 "
                 "sets the bound)", true);
       L->stop = true;
@@ -776,6 +778,9 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int ma
   const std::function<void()>& body = opt.executor == Executor::ptx ? ptx_body : source_body;
 
   LaunchCtx L;
+  // read here, in the caller's thread: a bad FLASH_CUDA_PTX_STEP_LIMIT is its error, not an
+  // exception in a worker thread (std::terminate; a review)
+  L.max_rounds = std::max<uint64_t>(1, ptx_step_limit() / 256);
   L.name = name;
   L.grid = grid;
   L.block = block;
