@@ -51,6 +51,8 @@ int64_t scratch_release();
 // A KeptPool's functions: frees its idle objects (called by scratch_release), counts their bytes
 // (scratch_stats' idle bytes include them); both return those bytes.
 void register_kept_pool(int64_t (*release)(), int64_t (*idle_bytes)());
+// Tests: fill every block handed out from now on with 0xff bytes (NaN in every float dtype).
+void scratch_poison(bool on);
 
 // Objects kept from call to call (the KV-cache loop's buffers: decoding calls once per token),
 // each used by one thread at a time: take(true) hands out an idle one (or a new one) that goes
@@ -127,7 +129,5 @@ class KeptPool {
     return bytes;
   }
 };
-// Tests: fill every block handed out from now on with 0xff bytes (NaN in every float dtype).
-void scratch_poison(bool on);
 
 }  // namespace flash_cuda::cpu
