@@ -297,7 +297,8 @@ void BlockRunner::stuck() {
   if (at_coll.empty() && done.empty()) {
     // A loop around bar.sync switches every thread at each round: the per-thread bound alone took
     // about 10 minutes a block (128 threads) and every block ran to it (an audit). The packaged
-    // kernels take a few barriers a key tile: 2^19 rounds by default is 8M keys of 64-key tiles.
+    // kernels release 9 (forward) to 18 (backward) barriers a block at N = 256: the default 2^19
+    // rounds is millions of keys.
     if (++rounds > L->max_rounds) {
       error("bar.sync at " + where(threads[0].site) + " released more than " + std::to_string(L->max_rounds) +
                 " times in block " + dim_str(bidx) + " (a loop that never ends? FLASH_CUDA_PTX_STEP_LIMIT / 256 "
