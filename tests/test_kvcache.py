@@ -865,6 +865,11 @@ def test_randomised(seed):
 
 
 _KNOWN_EXCESS = {
+    50825: "trial 16 (bf16, one query against the 3 of 6 keys its window (2, 3) leaves, D 24, softcap 4, CPU "
+           "backend): 1.72e-3 from float64, bit for bit the FlashAttention algorithm in float64 with P = exp(s - max) "
+           "rounded to bf16 (in P V and in its row sum) and the output rounded to bf16, where plain bf16 torch is "
+           "7.7e-4 off on that row; found "
+           "by a soak on 2026-12-06, third session (seeds 48696-51352)",
     47998: "trial 18 (bf16, one query against 186 keys, D 8, paged, CPU backend): 3.56e-4 from float64, bit for "
            "bit the FlashAttention algorithm's error in float64 with P = exp(s - max) rounded to bf16 and the output "
            "rounded to bf16 (3.56e-4, over one tile or tiles of 64 or 128 keys alike), where plain bf16 torch is "

@@ -354,6 +354,20 @@ def test_randomised_against_reference(seed):
         assert_fa_rule(f"{name} ({kw}, p={p}, lens {lens_q} {lens_k})", a, pg, b, 3, saturation=st)
 
 
+@pytest.mark.xfail(strict=True, reason="known: FlashAttention's D_i against plain torch's softmax backward in a "
+                                       "nearly saturated row. Seed 49999 (CPU backend, fp32, 7 tokens, D 128, scale "
+                                       "3.0 (scores to 108), window (3, -1), p = 0.8): dQ 2.75e-4 from float64 against "
+                                       "the bound 2.2e-4 (2e-4 of the magnitude; plain fp32 torch 6.0e-5 off). The "
+                                       "worst row has P = 0.9994 on its one kept key, so dS = P (dP - D_i) cancels "
+                                       "dP (about 55 after 1 / (1 - p)) against D_i = rowsum(dO O) and keeps dP's "
+                                       "fp32 rounding; plain torch cancels dP against sum_j P_j dP_j, its own rounded "
+                                       "dP. The FlashAttention algorithm in float64 with only dP = dO V^T rounded "
+                                       "to fp32 is 2.81e-4 off; found by a soak on 2026-12-06 (seeds 48696-51352)")
+@pytest.mark.parametrize("seed", [49999])
+def test_randomised_known_excess(seed):
+    test_randomised_against_reference(seed)
+
+
 # ------------------------------------------------------------------ bad input, one test each
 def args(**over):
     q, k, v, cu_q, cu_k = packed(torch.float32, [3, 4], [5, 2], hq=2, hkv=1, d=8)
