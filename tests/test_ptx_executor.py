@@ -354,6 +354,64 @@ def test_undefined_registers():
             torch.zeros(1, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix_rows_and_bounds(trans):
+    """ldmatrix.x4 (PTX ISA, ldmatrix): lane l gives row l % 8 of matrix l // 8; each lane gets, of
+    matrix m, row l // 4's 16-bit pair 2 (l % 4), 2 (l % 4) + 1 (.trans: that pair of column l // 4).
+    Row addresses outside shared memory are reported at the address the kernel computed, for the
+    lanes whose address is used (x1: lanes 0-7) only."""
+    src = torch.randint(0, 1 << 16, (256,), generator=torch.Generator().manual_seed(5), dtype=torch.int32)
+    buf = torch.cat([src.to(torch.int16).view(torch.int32), torch.zeros(128, dtype=torch.int32)])
+    op = "ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "") + ".shared.b16"
+    body = f"""  mov.u32 %r1, %tid.x;
+  mul.lo.u32 %r2, %r1, 16;
+  cvt.u64.u32 %rd2, %r2;
+  add.s64 %rd3, %rd1, %rd2;
+  ld.global.v4.u32 {{%r4, %r5, %r6, %r7}}, [%rd3];
+  st.shared.v4.u32 [%r2], {{%r4, %r5, %r6, %r7}};
+  bar.sync 0;
+  {op} {{%r8, %r9, %r10, %r11}}, [%r2];
+  st.global.v4.u32 [%rd3+512], {{%r8, %r9, %r10, %r11}};"""
+    out = run(body, buf, threads=32, smem=512)[128:].view(torch.int16).to(torch.int32) & 0xFFFF
+    el = (src & 0xFFFF).reshape(4, 8, 8)  # (matrix, row, column)
+    lane = torch.arange(32)
+    for m in range(4):
+        for h in range(2):
+            want = el[m, lane // 4, 2 * (lane % 4) + h] if not trans else el[m, 2 * (lane % 4) + h, lane // 4]
+            assert torch.equal(out.reshape(32, 4, 2)[:, m, h], want), (m, h)
+    bad = """  mov.u32 %r1, %tid.x;
+  mad.lo.u32 %r2, %r1, 16, 496;
+  ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%r4}, [%r2];
+  st.global.u32 [%rd1], %r4;"""
+    with pytest.raises(RuntimeError) as e:
+        run(bad, torch.zeros(1, dtype=torch.int32), threads=32, smem=512)
+    reported = [int(x) for x in re.findall(r"out-of-bounds shared read of 16 bytes at shared address (\d+)", str(e.value))]
+    assert sorted(reported) == list(range(512, 624, 16)), str(e.value)
+
+
+def test_unwritten_local_memory():
+    """The .local frame as registers: a load of bytes no store wrote (a GPU's frame holds what an
+    earlier kernel left there) gives an undefined value, an error where it reaches memory, naming
+    the first unwritten byte; loaded and unused, or written first, it is none."""
+    depot = "  .local .align 8 .b8 __depot[16];"
+    spill = "  mov.u64 %rd2, __depot;\n  st.local.u32 [%rd2], 7;\n"
+    buf = run(spill + "  ld.local.u32 %r1, [%rd2];\n  ld.local.u32 %r2, [%rd2+8];\n  st.global.u32 [%rd1], %r1;",
+              torch.zeros(1, dtype=torch.int32), regs=depot)
+    assert buf.tolist() == [7]
+    for body, offset, through in (
+            ("  ld.local.u32 %r1, [%rd2+12];\n  st.global.u32 [%rd1], %r1;", 12, ""),
+            ("  ld.local.v2.u32 {%r1, %r2}, [%rd2];\n  st.global.u32 [%rd1], %r2;", 4, ""),
+            ("  ld.local.u32 %r1, [%rd2+6];\n", None, None),  # misaligned: a fault, before any value
+            ("  ld.local.u32 %r1, [__depot+8];\n  add.u32 %r3, %r1, 1;\n  st.global.u32 [%rd1], %r3;", 8, "%r3")):
+        if offset is None:
+            with pytest.raises(RuntimeError, match="misaligned address"):
+                run(spill + body, torch.zeros(1, dtype=torch.int32), regs=depot)
+            continue
+        want = rf"the stored value or the address depends on the \.local frame's bytes at offset {offset}, which no store wrote"
+        with pytest.raises(RuntimeError, match=want + (rf" \(through {through}\)" if through else "")):
+            run(spill + body, torch.zeros(1, dtype=torch.int32), regs=depot)
+
+
 def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
     text = module("  frobnicate.u32 %r1, %r2;")
     line = text.splitlines().index("  frobnicate.u32 %r1, %r2;") + 1
@@ -367,8 +425,8 @@ def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
         torch.ops.flash_cuda._emu_ptx_check(module("  add.u32 %r1, %nope, 1;"), "t")  # undeclared register
     # a register count past any kernel's (or past long's range) is refused at once: it looped,
     # declaring registers until memory ran out
-    for count in ("99999999999999999999", "2000000", "-3", "12x"):
-        with pytest.raises(ValueError, match=r"register count must be an integer in \[0, 1048576\]"):
+    for count in ("99999999999999999999", "2000000", "131073", "-3", "12x"):
+        with pytest.raises(ValueError, match=r"register count must be an integer in \[0, 131072\]"):
             torch.ops.flash_cuda._emu_ptx_check(module("", regs=f"  .reg .b32 %q<{count}>;"), "t")
     # likewise a thread's local frame past 512 KiB (it was allocated per thread at run time)
     for align, size in (("4", "99999999999999999999"), ("4", "200000000000"), ("4", "524289"), ("0", "16")):
@@ -376,10 +434,10 @@ def test_unknown_opcode_and_bad_text_fail_at_load_naming_the_line():
             torch.ops.flash_cuda._emu_ptx_check(module("", regs=f"  .local .align {align} .b8 __depot[{size}];"), "t")
     # the bounds are the kernel's, over all its declarations: each one under them passed, and 14
     # of them would take this machine's memory (an audit)
-    with pytest.raises(ValueError, match=r"the kernel declares more than 1048576 registers in all"):
-        torch.ops.flash_cuda._emu_ptx_check(module("", regs="  .reg .b32 %q<600000>;\n  .reg .b32 %s<600000>;"), "t")
-    with pytest.raises(ValueError, match=r"the kernel declares more than 1048576 registers in all"):
-        torch.ops.flash_cuda._emu_ptx_check(module("", regs="  .reg .b32 %q<1048400>;\n  .reg .b32 " +
+    with pytest.raises(ValueError, match=r"the kernel declares more than 131072 registers in all"):
+        torch.ops.flash_cuda._emu_ptx_check(module("", regs="  .reg .b32 %q<70000>;\n  .reg .b32 %s<70000>;"), "t")
+    with pytest.raises(ValueError, match=r"the kernel declares more than 131072 registers in all"):
+        torch.ops.flash_cuda._emu_ptx_check(module("", regs="  .reg .b32 %q<130900>;\n  .reg .b32 " +
                                                    ", ".join(f"%s{i}" for i in range(200)) + ";"), "t")
     with pytest.raises(ValueError, match=r"the kernel's \.local declarations take more than 524288 bytes in all"):
         torch.ops.flash_cuda._emu_ptx_check(

@@ -12,9 +12,10 @@
  * the extern array, at shared address 0); cvta converts between the two. Param space is the
  * bytes of the kernel's params struct.
  *
- * Checks beyond the runtime's: a value computed from a register that nothing wrote reaching an
- * address, memory, a branch or a collective (Thread::defined_), integer division by zero, an access to param space past the parameters, shared addresses outside the block's
- * shared memory. Semantics are from the PTX ISA
+ * Checks beyond the runtime's: a value computed from a register that nothing wrote, or from
+ * bytes of the thread's .local frame that no store wrote, reaching an address, memory, a branch
+ * or a collective (Thread::defined_), integer division by zero, an access to param space past
+ * the parameters, shared addresses outside the block's shared memory. Semantics are from the PTX ISA
  * (https://docs.nvidia.com/cuda/parallel-thread-execution/), section named at each case.
  */
 #include <dlfcn.h>
@@ -109,7 +110,7 @@ inline float fmin_ptx(float a, float b) {
 class Thread {
  public:
   Thread(const Program& p, const char* params, size_t params_bytes)
-      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), local_(p.local_bytes, 0), defined_(p.nregs, 0), origin_(p.nregs) {
+      : P(p), params_(params), params_bytes_(params_bytes), r_(p.nregs, 0), local_(p.local_bytes, 0), local_written_(p.local_bytes, 0), defined_(p.nregs, 0), origin_(p.nregs) {
     for (uint32_t i = 0; i < p.nregs; ++i) origin_[i] = i;
     smem_ = static_cast<char*>(::emu::dynamic_shared());
     smem_bytes_ = ::emu::dynamic_shared_bytes();
@@ -128,9 +129,14 @@ class Thread {
   // have written (legal: the result is then unused), so reading one is no error; an undefined
   // value reaching an address, memory, a branch or a warp collective is (sink()).
   std::vector<char> local_;  // .local frame
+  // Which bytes of the frame a store wrote: a load of others gives an undefined value, tracked
+  // like an unwritten register's (a GPU's frame holds whatever the last kernel left there;
+  // nvcc may spill and reload an if-converted register's unused value, hence no error at once).
+  std::vector<uint8_t> local_written_;
   std::vector<uint8_t> defined_;
   // For an undefined register: the register nothing wrote that its value comes from (itself
-  // when nothing wrote it), so that errors name the root.
+  // when nothing wrote it), or P.nregs + the offset of the unwritten .local bytes it was loaded
+  // from, so that errors name the root.
   std::vector<uint32_t> origin_;
   bool undef_ = false;  // the current instruction has read an undefined register
   char* smem_;
@@ -171,9 +177,14 @@ class Thread {
   // An instruction whose effect leaves the thread (memory, control flow, collectives): its
   // operands must be defined. Clears the taint, so that what it loads is defined.
   void sink(const Instr& in, const char* what) {
-    if (undef_)
-      error(in, std::string(what) + " depends on register " + P.reg_names[first_undef_] + ", which no instruction wrote" +
-                    (first_read_ != first_undef_ ? " (through " + P.reg_names[first_read_] + ")" : std::string()));
+    if (undef_) {
+      const std::string root =
+          first_undef_ < P.nregs
+              ? "register " + P.reg_names[first_undef_] + ", which no instruction wrote"
+              : "the .local frame's bytes at offset " + std::to_string(first_undef_ - P.nregs) + ", which no store wrote";
+      const bool through = first_read_ != first_undef_ && first_read_ < P.nregs;
+      error(in, std::string(what) + " depends on " + root + (through ? " (through " + P.reg_names[first_read_] + ")" : std::string()));
+    }
     undef_ = false;
   }
 
@@ -257,9 +268,16 @@ class Thread {
         if (addr + n > params_bytes_) fatal(in, "reads past the kernel's parameters (" + std::to_string(params_bytes_) + " bytes)");
         std::memcpy(dst, params_ + addr, n);
         return;
-      case Space::local:
+      case Space::local: {
         std::memcpy(dst, local_ptr(addr, n, in), n);
+        const auto w = local_written_.begin() + static_cast<std::ptrdiff_t>(addr);
+        const auto unwritten = std::find(w, w + static_cast<std::ptrdiff_t>(n), 0);
+        if (unwritten != w + static_cast<std::ptrdiff_t>(n) && !undef_) {  // the loaded registers: undefined
+          undef_ = true;
+          first_undef_ = first_read_ = P.nregs + static_cast<uint32_t>(unwritten - local_written_.begin());
+        }
         return;
+      }
       default: fatal(in, "constant memory is not supported");
     }
   }
@@ -279,7 +297,10 @@ class Thread {
         if (p) ::emu::shared_store(p, src, n, s);
         return;
       }
-      case Space::local: std::memcpy(local_ptr(addr, n, in), src, n); return;
+      case Space::local:
+        std::memcpy(local_ptr(addr, n, in), src, n);
+        std::fill_n(local_written_.begin() + static_cast<std::ptrdiff_t>(addr), n, 1);
+        return;
       default: fatal(in, "stores only to global, shared and local memory are supported");
     }
   }
@@ -889,7 +910,11 @@ void Thread::run() {
       case Op::ldmatrix: {  // PTX ISA, ldmatrix: lanes give row addresses; the runtime's collective
         const uint64_t a = address(in.o[1], in);
         sink(in, "the row address");
-        char* p = a < smem_bytes_ ? smem_ + a : smem_ + smem_bytes_;  // outside: the runtime reports it
+        // lanes 8m..8m+7 give matrix m's rows (the others' addresses are unused): one outside the
+        // block's shared memory is reported here, at the address the kernel computed
+        const bool row_lane = ::emu::lane_id() < 8 * in.mode;
+        const char* p = row_lane ? shared_ptr(a, 16, in, false) : smem_;
+        if (!p) p = ::emu::kReportedRow;
         uint32_t rr[4];
         const Operand& d = in.o[0];
         if (d.count != in.mode) fatal(in, "wrong number of destination registers");

@@ -210,6 +210,9 @@ void mma_m16n8k8(float d[4], const uint32_t* a, const uint32_t* b, const float c
 // NaN and infinities kept (PTX ISA, cvt).
 uint32_t cvt_rna_tf32(float x);
 // ldmatrix.m8n8.x{num}[.trans].b16: lanes 8m..8m+7 give the row addresses of matrix m.
+// kReportedRow as a row address: one the caller has reported as bad already (the PTX executor's
+// out-of-bounds shared addresses, which it names as the kernel computed them); the row reads zeros.
+extern const char kReportedRow[16];
 void ldmatrix(uint32_t* r, int num, bool trans, const void* row_addr, Site s);
 
 // The instructions of sm_80 and later (cp.async, mma.m16n8k16, bf16 and tf32 mma) record an
