@@ -112,8 +112,8 @@ def _check_shapes(fn, names, q, k, v, shown=None):
                          f"got {_shape(shown_v)}")
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"{fn}: the number of query heads ({hq}) must be a positive multiple "
-                         f"of the number of key/value heads ({hkv})")
+        raise ValueError(f"{fn}: the number of query heads ({hq}) must be a multiple "
+                         f"of the number of key/value heads ({hkv}){', at least 1' if hkv == 0 else ''}")
     d = q.shape[3]
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head dim D (last dim of {qn}) must be in [1, {MAX_HEAD_DIM}], got {d}")
@@ -869,8 +869,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError(f"{fn}: {name} must have unit stride in the head dim (stride(-1) == 1: the cache is "
                              f"read and appended to in place, never copied), got strides {tuple(x.stride())}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"{fn}: the number of query heads ({hq}) must be a positive multiple of the number of "
-                         f"key/value heads ({hkv})")
+        raise ValueError(f"{fn}: the number of query heads ({hq}) must be a multiple of the number of "
+                         f"key/value heads ({hkv}){', at least 1' if hkv == 0 else ''}")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head dim D (last dim of q) must be in [1, {MAX_HEAD_DIM}], got {d}")
     if (k is None) != (v is None):

@@ -52,8 +52,24 @@ def test_mismatched_kv_lengths():
 
 def test_heads_not_divisible():
     q, k, v = qkv(Hq=6, Hkv=4)
-    with pytest.raises(ValueError, match=r"query heads \(6\) must be a positive multiple of the number of key/value heads \(4\)"):
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of the number of key/value heads \(4\)"):
         attention(q, k, v)
+    q, k, v = qkv(Hq=2, Hkv=0)
+    with pytest.raises(ValueError, match=r"query heads \(2\) must be a multiple of the number of key/value heads \(0\), at least 1"):
+        attention(q, k, v)
+
+
+def test_zero_query_heads_give_an_empty_output():
+    """As torch SDPA: no query heads (a multiple of any kv head count) is an empty problem, not an error;
+    the KV cache still takes the appended keys."""
+    q, k, v = qkv(Hq=0, Hkv=2)
+    assert attention(q, k, v).shape == q.shape
+    cache = torch.zeros(2, 2, 8, 16)
+    new = torch.randn(2, 2, 1, 16)
+    out = flash_cuda.attention_with_kvcache(q[:, :, :1], cache, cache.clone(), new, new,
+                                            cache_seqlens=torch.tensor([0, 3], dtype=torch.int32))
+    assert out.shape == (2, 0, 1, 16)
+    assert torch.equal(cache[0, :, 0], new[0, :, 0]) and torch.equal(cache[1, :, 3], new[1, :, 0])
 
 
 def test_mismatched_dtypes():
