@@ -280,6 +280,51 @@ def test_fp32_few_rows_gradients_at_larger_scores(nq, seed):
     assert err <= 2 * their_err + 1e-6, ("dv", err, their_err)
 
 
+@pytest.mark.parametrize("D,scale", [(32, None), (96, None), (64, 0.1)])
+@pytest.mark.parametrize("nq", [1, 4, 70])
+def test_fp32_saturated_rows_at_scales_not_powers_of_two(D, scale, nq):
+    """fp32 rows whose one key outscores the rest by 20 or more (P one-hot but for e^-20: plain
+    torch's gradients exact to a rounding), at scores of a few hundred and a scale that is not a
+    power of two: the gradients within 3x plain fp32 torch's error + 1e-6. The backward recomputed P with the
+    scale folded into the exponent, exp(scale s - lse), where lse kept only the rounded
+    m = fl(scale s_max): P at the max was exp(scale s_max - m), up to half an ulp of lse from 1
+    (dV 2e-5 to 5e-5, 62x torch's CPU flash kernel's error at D 32; an audit)."""
+    g = torch.Generator().manual_seed(D + nq)
+    q = torch.randn(1, 2, nq, D, generator=g, dtype=torch.float64) * 12
+    k = torch.randn(1, 2, 130, D, generator=g, dtype=torch.float64) * 12
+    sc = D ** -0.5 if scale is None else scale
+    # row i's key 5 + i scores 20 above the row's best other key (its P e^-20: not 0, no one-hot
+    # shortcut), at scores of a few hundred
+    best = (q @ k.transpose(-1, -2) * sc).amax(-1, keepdim=True)  # (1, 2, nq, 1)
+    k[:, :, 5:5 + nq] = q * (best.abs() + 20) / (sc * (q * q).sum(-1, keepdim=True))
+    v = torch.randn(1, 2, 130, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(1, 2, nq, D, generator=g, dtype=torch.float64)
+
+    def run_with(fn, dtype):
+        leaves = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout.to(dtype))
+        return [out.double()] + [x.grad.double() for x in leaves]
+
+    plain_fn = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * sc, -1) @ v  # noqa: E731
+    ref, plain = run_with(plain_fn, torch.float64), run_with(plain_fn, torch.float32)
+    ours = run_with(lambda q, k, v: flash_cuda.attention(q, k, v, scale=scale), torch.float32)
+    gaps = (q @ k.transpose(-1, -2) * sc).topk(2, -1).values.diff(dim=-1)
+    assert gaps.max() < -19 and gaps.min() > -21 + -2 * best.abs().max()  # saturated rows
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def torch_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc)
+    theirs = run_with(torch_flash, torch.float32)
+    # out and dV against plain torch; dQ and dK against torch's flash kernel, which shares
+    # FlashAttention's dS = P (dP - D_i): dP's fp32 rounding left where the exact dS is 0 (plain
+    # torch cancels dP against its own P dP)
+    for name, a, p_, t, r in zip(("out", "dq", "dk", "dv"), ours, plain, theirs, ref):
+        err, plain_err, their_err = ((x - r).abs().max().item() for x in (a, p_, t))
+        assert err <= (2 * their_err if name in ("dq", "dk") else 3 * plain_err) + 1e-6, (name, err, plain_err, their_err)
+
+
 @pytest.mark.parametrize("scale", [3e8, 1e12, -1e9, 1e30], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("nq,nk,hq,hkv", [(4, 4, 2, 2), (64, 70, 4, 2), (3, 300, 4, 1)])

@@ -398,12 +398,15 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   acc_t* dq_parts_ptr = dq_parts.data_ptr<acc_t>();  // contiguous (n_splits, B, Hq, Nq, D)
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
-  // P = exp(S - lse) must be recomputed with the scores the forward rounded: it ran every tile
-  // prescaled (fwd_impl's second run) when some row's max passed kFoldedScaleMax, which an lse past
-  // it shows (within log Nk of the max, where both roundings are off by an ulp of 2^24 alike).
-  // Folded there, exp(scale s - lse) missed the forward's scores by up to half an ulp of lse:
-  // e^64 and more at 2^31, inf and NaN gradients.
-  const bool prescale = !(scale > 0) || mods.any || any_beyond(lse_ptr, lse.numel(), acc_t(kFoldedScaleMax));
+  // P = exp(S - lse) is recomputed from the scores scaled and rounded first, fl(scale s), as
+  // plain torch rounds them, not with the scale folded into the exponent's FMA as the forward
+  // folds it: lse = m + log(l) keeps the forward's m = fl(scale s_max) and not the residue
+  // scale s_max - m its exponents carried (below half an ulp of lse, lost in its rounding), so
+  // folded, P at a saturated row's max was exp(residue), up to half an ulp of lse from 1: dV 62x
+  // torch's CPU flash kernel's error at scores of a few hundred (fp32, D 32, one query row, any
+  // scale not a power of two; an audit). Rounded, the max's exponent is exactly 0, and past
+  // kFoldedScaleMax (where the forward ran prescaled) the scores are the forward's own.
+  // A multiply per score, against 5 D multiply-adds of the tile's five GEMMs.
   const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
 
   // dK and dV tiles (float) stored by store_rows where their rows have unit stride (transposed
@@ -475,7 +478,6 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
           const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
           const bool modified = band_mask || mods.any;
-          const bool prescaled = modified || prescale;
           const int64_t row0 = (b * Hq + h) * Nq + i0;
           acc_t* p = t.S.data();                                   // (br, bc): S, then P
           acc_t* ds = t.dP.data();                                 // (br, bc): dP, then dS
@@ -495,12 +497,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               }
             if (cols == 0) continue;
             gKt.gemm(b, hkv, rows, at_row<in_t>(gQ, b, h, i0 + r0), ld_q, 0, D, jb, cols, p + at, ld, false);  // S = Q K^T
-            if (prescaled) {
-              for (int64_t r = 0; r < rows; ++r) scale_row(p + at + r * ld, cols, scale);
-              if (modified)
-                modify_tile<acc_t>(p + at, cap ? cap + at : nullptr, ld, rows, cols, i0 + r0, jb, b, h, band,
-                                   band_mask, mods);
-            }
+            for (int64_t r = 0; r < rows; ++r) scale_row(p + at + r * ld, cols, scale);
+            if (modified)
+              modify_tile<acc_t>(p + at, cap ? cap + at : nullptr, ld, rows, cols, i0 + r0, jb, b, h, band,
+                                 band_mask, mods);
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t l = lse_ptr[row0 + r0 + r];
               // -inf guard: a row that sees no key has P = 0 (and lse = -inf).
@@ -508,7 +508,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               if (l == -std::numeric_limits<acc_t>::infinity())
                 std::fill(p + at + r * ld, p + at + r * ld + cols, acc_t(0));
               else
-                exp_affine(p + at + r * ld, cols, prescaled ? acc_t(1) : scale, l);  // P = exp(S - lse)
+                exp_affine(p + at + r * ld, cols, acc_t(1), l);  // P = exp(S - lse)
             }
             gVt.gemm(b, hkv, rows, at_row<in_t>(gdO, b, h, i0 + r0), ld_do, 0, D, jb, cols, ds + at, ld,
                      false);  // dP = dO V^T
