@@ -32,7 +32,7 @@ namespace flash_cuda::cpu {
 constexpr double kFoldedScaleMax = 1 << 24;
 
 // Whether some finite x_i passes +-limit (an lse of -inf, a row that sees no key, does not): how a
-// backward tells that its forward ran prescaled.
+// backward tells that some row's lse is large enough for its rounding to matter.
 template <typename acc_t>
 inline bool any_beyond(const acc_t* x, int64_t n, acc_t limit) {
   for (int64_t i = 0; i < n; ++i)
