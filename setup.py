@@ -203,6 +203,6 @@ if __name__ == "__main__":  # (pip and `python setup.py` run it so; tests import
         packages=["flash_cuda", "flash_cuda.integrations"],
         ext_modules=[extension()],
         cmdclass=build_ext_cmdclass(),
-        python_requires=">=3.9",
+        python_requires=">=3.10",  # torch 2.14.1's
         zip_safe=False,
     )

@@ -398,9 +398,13 @@ def test_unwritten_local_memory():
     buf = run(spill + "  ld.local.u32 %r1, [%rd2];\n  ld.local.u32 %r2, [%rd2+8];\n  st.global.u32 [%rd1], %r1;",
               torch.zeros(1, dtype=torch.int32), regs=depot)
     assert buf.tolist() == [7]
+    # a vector load: each element by its own bytes (%r1's written, %r2's not)
+    buf = run(spill + "  ld.local.v2.u32 {%r1, %r2}, [%rd2];\n  st.global.u32 [%rd1], %r1;",
+              torch.zeros(1, dtype=torch.int32), regs=depot)
+    assert buf.tolist() == [7]
     for body, offset, through in (
-            ("  ld.local.u32 %r1, [%rd2+12];\n  st.global.u32 [%rd1], %r1;", 12, ""),
-            ("  ld.local.v2.u32 {%r1, %r2}, [%rd2];\n  st.global.u32 [%rd1], %r2;", 4, ""),
+            ("  ld.local.u32 %r1, [%rd2+12];\n  st.global.u32 [%rd1], %r1;", 12, "%r1"),
+            ("  ld.local.v2.u32 {%r1, %r2}, [%rd2];\n  st.global.u32 [%rd1], %r2;", 4, "%r2"),
             ("  ld.local.u32 %r1, [%rd2+6];\n", None, None),  # misaligned: a fault, before any value
             ("  ld.local.u32 %r1, [__depot+8];\n  add.u32 %r3, %r1, 1;\n  st.global.u32 [%rd1], %r3;", 8, "%r3")):
         if offset is None:
@@ -408,7 +412,7 @@ def test_unwritten_local_memory():
                 run(spill + body, torch.zeros(1, dtype=torch.int32), regs=depot)
             continue
         want = rf"the stored value or the address depends on the \.local frame's bytes at offset {offset}, which no store wrote"
-        with pytest.raises(RuntimeError, match=want + (rf" \(through {through}\)" if through else "")):
+        with pytest.raises(RuntimeError, match=want + rf" \(through {through}\)"):
             run(spill + body, torch.zeros(1, dtype=torch.int32), regs=depot)
 
 

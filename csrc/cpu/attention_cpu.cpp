@@ -334,18 +334,43 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 // as exp(s - lse) misses 1 by the scores' rounding between the forward and the backward's GEMM (up
 // to 36 eps |lse| in the soaks' draws); a P further from 1 (or NaN) means lse covered other keys
 // (bwd per key chunk with the whole forward's lse, as ring attention calls it) and keeps delta.
-// Where the row has keys in other tiles too, a P near 1 may leave them weight (1 - P, which
-// exp(s - lse)'s slack at large |lse| hid: dQ 0.04 off at scores of 100, an audit), so there P
-// must be 1 within a few ulps: the others' P sum to no more (exactly 0 at huge scores, where the
-// residue times the scale grew to hundreds and more).
-template <typename acc_t>
-acc_t row_delta(acc_t* p, const acc_t* dp, int64_t n, bool whole_row, acc_t delta, acc_t lse, acc_t dlse) {
+// Where the row has keys in other tiles too, a P near 1 may leave them weight delta_o (1 - P,
+// which exp(s - lse)'s slack at large |lse| hid: dQ 0.04 off at scores of 100, an audit), and P
+// within a few ulps of 1 does not bound it either: lse = m + log(l) drops any delta_o below half
+// an ulp of lse (1000: 3e-5), where exp(s - lse) gives 1 (dQ and dK 100% off at scores of 1000
+// and a second key 11 below, a review). There D_i itself tells: rowsum(dO o O) is dO . v_j (times
+// the dropout's Z_j) up to O's rounding where the others' weight is 0, and misses it by
+// delta_o (dP_j - dP_other) where it is not. exact(j): (dO . v_j Z_j, sum |dO_d v_jd Z_j|) in
+// float64; eps_out: the epsilon of O's dtype.
+template <typename acc_t, typename ExactDot>
+acc_t row_delta(acc_t* p, const acc_t* dp, int64_t n, bool whole_row, acc_t delta, acc_t lse, acc_t dlse,
+                double eps_out, ExactDot exact) {
   constexpr acc_t kEps = std::numeric_limits<acc_t>::epsilon();
   const acc_t slack = whole_row ? 128 * kEps * std::max(acc_t(1), std::abs(lse)) : 4 * kEps;
   const int64_t one = single_nonzero(p, n);
   if (one < 0 || !(std::abs(p[one] - acc_t(1)) <= slack)) return delta;
+  if (!whole_row) {
+    const auto [dot, magnitude] = exact(one);
+    const double tol = 4 * eps_out * magnitude + 4 * double(kEps) * (std::abs(double(delta)) + std::abs(double(dlse)));
+    if (!(std::abs(dot - double(dlse) - double(delta)) <= tol)) return delta;
+  }
   p[one] = acc_t(1);
   return dp[one] - dlse;
+}
+
+// (sum_d dO_d v_d, sum_d |dO_d v_d|) in float64 (exact products) for key row `v_row` of v's dtype,
+// element stride vs, against dO's row (D values).
+template <typename T>
+std::pair<double, double> key_dot_f64(const at::Tensor& v, const void* v_row, int64_t vs, const T* dO, int64_t D) {
+  double dot = 0, magnitude = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "key_dot_f64", [&] {
+    const scalar_t* x = static_cast<const scalar_t*>(v_row);
+    for (int64_t d = 0; d < D; ++d) {
+      const double t = double(dO[d]) * double(x[d * vs]);
+      dot += t, magnitude += std::abs(t);
+    }
+  });
+  return {dot, magnitude};
 }
 
 template <typename in_t>
@@ -365,6 +390,11 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const Drop<acc_t> drop(opt, Hq);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
+  // O's dtype (q's: fp16 on the float GEMMs too), for row_delta's test of D_i
+  const double eps_out = q.scalar_type() == at::kHalf       ? std::ldexp(1.0, -10)
+                         : q.scalar_type() == at::kBFloat16 ? std::ldexp(1.0, -7)
+                         : q.scalar_type() == at::kFloat    ? std::ldexp(1.0, -23)
+                                                            : std::ldexp(1.0, -52);
   // Every GEMM below multiplies row-major operands, so the transposed ones are made once here
   // (those that the products below use):
   //   S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K.
@@ -404,8 +434,10 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   // scale s_max - m its exponents carried (below half an ulp of lse, lost in its rounding), so
   // folded, P at a saturated row's max was exp(residue), up to half an ulp of lse from 1: dV 62x
   // torch's CPU flash kernel's error at scores of a few hundred (fp32, D 32, one query row, any
-  // scale not a power of two; an audit). Rounded, the max's exponent is exactly 0, and past
-  // kFoldedScaleMax (where the forward ran prescaled) the scores are the forward's own.
+  // scale not a power of two; an audit). Rounded, the max's exponent is exactly 0 where lse is m
+  // (the others' weight and the residue below half an ulp of lse; where they pass it, lse is m's
+  // neighbour and P an ulp of lse from 1, as in torch's flash kernel), and past kFoldedScaleMax
+  // (where the forward ran prescaled) the scores are the forward's own.
   // A multiply per score, against 5 D multiply-adds of the tile's five GEMMs.
   const acc_t* dlse_ptr = dlse.defined() ? dlse.data_ptr<acc_t>() : nullptr;
 
@@ -520,8 +552,15 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
               const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
               acc_t* dsr = ds + at + r * ld;
+              const auto exact = [&](int64_t c) {  // key jb + c against this row's dO, times its Z
+                const char* v_row = static_cast<const char*>(v.data_ptr()) +
+                                    (b * v.stride(0) + hkv * v.stride(1) + (jb + c) * v.stride(2)) * v.element_size();
+                const auto [dot, magnitude] = key_dot_f64(v, v_row, v.stride(3), at_row<in_t>(gdO, b, h, i), D);
+                const double zc = z ? double(z[at + r * ld + c]) : 1.0;
+                return std::pair<double, double>{dot * zc, magnitude * std::abs(zc)};
+              };
               const acc_t d = row_delta(p + at + r * ld, dsr, cols, whole_row, delta_ptr[row], lse_ptr[row],
-                                        dlse_ptr ? dlse_ptr[row] : acc_t(0));
+                                        dlse_ptr ? dlse_ptr[row] : acc_t(0), eps_out, exact);
               softmax_grad_row(dsr, p + at + r * ld, cols, d);
             }
             if (z)

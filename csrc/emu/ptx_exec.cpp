@@ -130,8 +130,8 @@ class Thread {
   // value reaching an address, memory, a branch or a warp collective is (sink()).
   std::vector<char> local_;  // .local frame
   // Which bytes of the frame a store wrote: a load of others gives an undefined value, tracked
-  // like an unwritten register's (a GPU's frame holds whatever the last kernel left there;
-  // nvcc may spill and reload an if-converted register's unused value, hence no error at once).
+  // like an unwritten register's (a GPU's frame holds whatever the last kernel left there), an
+  // error only where it is used (a vector load may cover a partly written struct), per element.
   std::vector<uint8_t> local_written_;
   std::vector<uint8_t> defined_;
   // For an undefined register: the register nothing wrote that its value comes from (itself
@@ -268,16 +268,7 @@ class Thread {
         if (addr + n > params_bytes_) fatal(in, "reads past the kernel's parameters (" + std::to_string(params_bytes_) + " bytes)");
         std::memcpy(dst, params_ + addr, n);
         return;
-      case Space::local: {
-        std::memcpy(dst, local_ptr(addr, n, in), n);
-        const auto w = local_written_.begin() + static_cast<std::ptrdiff_t>(addr);
-        const auto unwritten = std::find(w, w + static_cast<std::ptrdiff_t>(n), 0);
-        if (unwritten != w + static_cast<std::ptrdiff_t>(n) && !undef_) {  // the loaded registers: undefined
-          undef_ = true;
-          first_undef_ = first_read_ = P.nregs + static_cast<uint32_t>(unwritten - local_written_.begin());
-        }
-        return;
-      }
+      case Space::local: std::memcpy(dst, local_ptr(addr, n, in), n); return;  // exec_ld: unwritten bytes
       default: fatal(in, "constant memory is not supported");
     }
   }
@@ -326,8 +317,17 @@ class Thread {
       uint64_t v = 0;
       std::memcpy(&v, buf + i * eb, eb);
       if (is_signed(in.type)) v = static_cast<uint64_t>(sext(v, eb * 8));
+      // an element of .local bytes no store wrote: its register undefined, the root its first byte
+      undef_ = false;
+      if (in.space == Space::local) {  // (load() checked the bounds)
+        const auto w = local_written_.begin() + static_cast<std::ptrdiff_t>(addr + i * eb);
+        const auto unwritten = std::find(w, w + eb, 0);
+        undef_ = unwritten != w + eb;
+        if (undef_) first_undef_ = first_read_ = P.nregs + static_cast<uint32_t>(unwritten - local_written_.begin());
+      }
       set(in.vec == 1 ? d : elem(d, i), v, in);
     }
+    undef_ = false;
   }
   void exec_st(const Instr& in) {
     const int eb = std::max(1, type_bits(in.type) / 8);

@@ -64,11 +64,10 @@ const char* op_name(Op op) {
 
 namespace {
 
-// The most registers of one kind a .reg %r<N> may declare: nvcc's largest in the packaged PTX is
-// about 20 thousand
-// Registers declared by a kernel, over all its declarations (the packaged ones: 41135 at most,
-// fp32 forward at head dim 128): each takes 13 bytes a thread, 1.7 MB at the bound, 220 MB a
-// block of 128 threads (at 2^20 it was 1.7 GB a block, for each worker).
+// The most registers a .reg %r<N> may declare (nvcc's largest range in the packaged PTX is about
+// 20 thousand) and a kernel over all its declarations (the packaged ones: 41135 at most, the fp32
+// forward at head dim 128): each takes 13 bytes a thread, 1.7 MB at the bound, 220 MB a block of
+// 128 threads (at 2^20 it was 1.7 GB a block, for each worker).
 constexpr long kMaxRegs = 1L << 17;
 constexpr size_t kMaxLocalBytes = 512 * 1024;  // a thread's local memory (.local frames)
 
@@ -365,8 +364,8 @@ class Parser {
           char* end = nullptr;
           errno = 0;
           const long count = std::strtol(name.c_str() + lt + 1, &end, 10);
-          // nvcc declares what a kernel uses (a few thousand at most); past kMaxRegs a typo
-          // or an overflow would insert registers until memory runs out
+          // nvcc declares what a kernel uses (kMaxRegs' comment); past kMaxRegs a typo or an
+          // overflow would insert registers until memory runs out
           if (errno != 0 || end == name.c_str() + lt + 1 || *end != '>' || count < 0 || count > kMaxRegs)
             fail(line_, "register count must be an integer in [0, " + std::to_string(kMaxRegs) + "]: " + s);
           // the bound is the kernel's, over all its declarations (each under it took 1.7 GB more
