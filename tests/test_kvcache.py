@@ -865,6 +865,10 @@ def test_randomised(seed):
 
 
 _KNOWN_EXCESS = {
+    53831: "trial 19 (bf16, one query against 595 keys, D 8, softcap 4, ALiBi, causal, CPU backend): head 0's "
+           "row 1.32e-3 from float64, bit for bit the FlashAttention algorithm in float64 with P = exp(s - max) "
+           "rounded to bf16 and the output rounded to bf16, where plain bf16 torch is 6.4e-4 off on that row; "
+           "found by a soak on 2026-12-06, third session (seeds 51353-54519, 22169 runs)",
     50825: "trial 16 (bf16, one query against the 3 of 6 keys its causal window (2, 3) leaves, D 24, softcap 4, "
            "CPU backend): 1.72e-3 from float64, bit for bit the FlashAttention algorithm in float64 with P = exp(s - max) "
            "rounded to bf16 (in P V and in its row sum) and the output rounded to bf16, where plain bf16 torch is "
