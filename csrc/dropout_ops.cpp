@@ -14,6 +14,7 @@
 
 #include <mutex>
 #include <optional>
+#include <utility>
 
 #include "cpu/dropout_cpu.h"
 #include "kernels/philox.h"
@@ -53,11 +54,13 @@ void check_mask_args(const at::Tensor& rng_state, double p, int64_t batch, int64
   TORCH_CHECK(p >= 0.0 && p < 1.0, "flash_cuda: dropout_p must be in [0, 1), got ", p);
   TORCH_CHECK(batch >= 0 && heads >= 0 && nq >= 0 && nk >= 0, "flash_cuda: dropout_mask sizes must be >= 0");
   TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "flash_cuda: give both cu_seqlens or neither");
-  for (const auto* cu : {&cu_q, &cu_k})
+  for (const auto& [cu, name] : {std::pair{&cu_q, "cu_seqlens_q"}, std::pair{&cu_k, "cu_seqlens_k"}})
     if (cu->has_value())
-      TORCH_CHECK((*cu)->scalar_type() == at::kInt && (*cu)->numel() == batch + 1 &&
+      TORCH_CHECK((*cu)->scalar_type() == at::kInt && (*cu)->dim() == 1 && (*cu)->numel() == batch + 1 &&
                       (*cu)->device() == rng_state.device(),
-                  "flash_cuda: cu_seqlens must be int32 (batch + 1,) on rng_state's device");
+                  "flash_cuda: ", name, " must be int32 (batch + 1,) = (", batch + 1, ",) on rng_state's device (",
+                  rng_state.device(), "), got ", (*cu)->scalar_type(), " of shape ", (*cu)->sizes(), " on ",
+                  (*cu)->device());
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, double p, int64_t batch, int64_t heads, int64_t nq, int64_t nk,

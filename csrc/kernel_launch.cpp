@@ -124,7 +124,8 @@ DeviceLimits device_limits(const at::Tensor& q, Executor executor) {
 // A tensor as the kernels address it; a packed sequence's rows start at its cu_seqlens entry,
 // whatever the batch index: batch stride 0.
 TensorRef ref(const at::Tensor& x, const std::optional<Packed>& packed) {
-  TORCH_CHECK(x.stride(-1) == 1, "flash_cuda: the kernels need unit stride in the head dim");
+  TORCH_CHECK(x.stride(-1) == 1, "flash_cuda: the kernels need unit stride in the head dim, got a tensor of shape ",
+              x.sizes(), " and strides ", x.strides());
   return {x.data_ptr(), packed ? 0 : x.stride(0), x.stride(1), x.stride(2)};
 }
 

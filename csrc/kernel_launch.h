@@ -26,7 +26,7 @@ struct Packed {
   int64_t batch() const { return cu_q.numel() - 1; }
 };
 
-// q, k, v: (B, H, N, D) fp16/bf16 with unit stride in D, checked by the caller (ops.cpp);
+// q, k, v: (B, H, N, D) fp16/bf16/fp32 (fp32 on TF32) with unit stride in D, checked by the caller (ops.cpp);
 // packed: B = 1 views of the packed tensors, out and lse then (1, Hq, total_q, D) and
 // (1, Hq, total_q) views of (total_q, Hq, D) and (Hq, total_q) tensors. opt.bias (if any) is
 // float32 (dense batches only).

@@ -45,7 +45,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
               "flash_cuda: q, k, v must share one floating dtype, got ", q.scalar_type(), ", ",
               k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
-              "flash_cuda: q, k, v must be on one device");
+              "flash_cuda: q, k, v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
   TORCH_CHECK(k.sizes() == v.sizes(), "flash_cuda: k and v must have the same shape, got ",
               k.sizes(), " and ", v.sizes());
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3),

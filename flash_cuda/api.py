@@ -152,9 +152,11 @@ def _index(x):
 
 def _readable(t):
     """Whether the checks may read t's values: on the CPU (a CUDA read would synchronise), and not
-    while compiling or under a fake mode (FakeTensorMode, make_fx's fake and symbolic tracing),
-    where tensors hold no values."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+    while compiling or under a fake mode (FakeTensorMode, make_fx's fake and symbolic tracing), nor
+    a functionalized tensor (torch.func.functionalize: its wrapper has no storage to read, and
+    tolist() raised torch's internal error; audit), where tensors hold no values to read."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+            and not torch._is_functional_tensor(t))
 
 
 def _is_int(x):
@@ -279,7 +281,8 @@ def _mask_to_bias(fn, name, mask, q, nk, full_shape):
         raise ValueError(f"{fn}: {name} of shape {_shape(mask)} is not broadcastable to {tuple(full_shape)}")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=acc, device=mask.device).masked_fill_(~mask, float("-inf"))
+        # out of place: under vmap a batched mask cannot fill an unbatched tensor in place
+        bias = torch.zeros(mask.shape, dtype=acc, device=mask.device).masked_fill(~mask, float("-inf"))
     else:
         bias = mask.to(acc)
     bias = bias.expand(tuple(full_shape))
@@ -364,7 +367,8 @@ def _dropout_mask(fn, rng_state, dropout_p, shape, device, cu_seqlens_q=None, cu
 
 
 def _check_options(fn, q, batch, causal, return_lse, deterministic, scale, window, softcap, alibi_slopes):
-    """The arguments attention and varlen_attention share -> (scale, left, right, softcap, slopes)."""
+    """The arguments attention, varlen_attention and attention_with_kvcache share -> (scale, left, right,
+    softcap, slopes)."""
     _check_flag(fn, "causal", causal)
     _check_flag(fn, "return_lse", return_lse)
     _check_flag(fn, "deterministic", deterministic)
@@ -681,7 +685,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     per sequence), scale, window, softcap, alibi_slopes ((Hq,) or (B, Hq)) and dropout_p / generator
     as in attention() (the keep mask of sequence b is that of batch entry b, rows and columns
     counted within the sequence; return_dropout_mask gives it as (B, Hq, max_seqlen_q,
-    max_seqlen_k), False past each sequence's lengths).
+    max_seqlen_k), False past each sequence's lengths) and deterministic (a bitwise repeatable
+    backward on CUDA) as in attention().
     Zero-length sequences are allowed; queries of a sequence without keys give 0 and lse -inf.
 
     Returns out (total_q, Hq, D), and with return_lse also lse (Hq, total_q) float32 (float64 for
@@ -839,6 +844,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError(f"{fn}: {name} must be 4-D, got shape {_shape(x)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"{fn}: v_cache must have the shape of k_cache {_shape(k_cache)}, got {_shape(v_cache)}")
+    if not torch.compiler.is_compiling() and any(torch._is_functional_tensor(x) for x in (k_cache, v_cache)):
+        # torch.func.functionalize has no rule for a custom op that writes its inputs in place
+        # (torch.compile has: its graphs functionalize the append)
+        raise NotImplementedError(f"{fn}: k_cache and v_cache are written in place, which torch.func.functionalize "
+                                  "does not support for custom ops; call it under torch.compile, which "
+                                  "functionalizes the append, or outside functionalize")
     B, hq, nq, d = q.shape
     paged = block_table is not None
     if paged:

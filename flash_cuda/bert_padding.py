@@ -78,9 +78,11 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
     if lengths.device != hidden_states.device:
         raise RuntimeError(f"{fn}: attention_mask_in_length must be on hidden_states' device "
                            f"({hidden_states.device}), got {lengths.device}")
+    # (one read of the values: on a GPU the function synchronises anyway, for max_seqlen and the
+    # sizes of the indices)
     if lengths.numel() and not torch.compiler.is_compiling():
         per_row = lengths.sum(1)
-        if bool((lengths < 0).any()) or bool((per_row > lengths.shape[1]).any()):
+        if bool((lengths < 0).any() | (per_row > lengths.shape[1]).any()):
             raise ValueError(f"{fn}: attention_mask_in_length must hold non-negative lengths whose sum per row is at "
                              f"most S = {lengths.shape[1]}, got row sums {per_row.tolist()}")
     positions = torch.arange(lengths.shape[1], device=lengths.device)

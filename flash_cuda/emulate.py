@@ -2,12 +2,20 @@
 
     with flash_cuda.emulate(order="forward", check=True) as emu:
         out = flash_cuda.attention(q, k, v, causal=True)   # CPU tensors run the CUDA kernels
-    emu.launches   # one dict per kernel launch: kernel, grid, block, dynamic_smem, counters, errors
+    emu.launches   # one dict per kernel launch (below)
 
 Inside the context, CPU tensors go through the launch code the CUDA build uses (same tile
 choices, same grid) and the kernel source compiled by the host compiler; see csrc/emu/. A
 launch whose checks fail (race, out-of-bounds access, missing cp.async wait, collective or
 barrier not reached by every thread) raises RuntimeError after it completes.
+
+A launch record holds: kernel (a readable name), entry (the mangled kernel function), executor,
+device, grid, block, threads_per_block, dynamic_smem; the counters global_bytes_read,
+global_bytes_written, global_requests, global_sectors, global_sectors_ideal (32-byte sectors the
+accesses touched, and the fewest that could hold the same bytes), mma, barriers, shared (per kind
+of shared-memory access: requests, wavefronts and the ideal wavefronts of their bank model) and
+instructions (per class; counted by the PTX executor, zeros under the source executor); and
+errors (the checks' messages).
 
 executor: what runs each kernel launch. "source" (default): the kernel source compiled by the
 host compiler. "ptx": the PTX that nvcc emitted for that kernel in the extension's sm_80 build

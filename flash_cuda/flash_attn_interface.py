@@ -260,8 +260,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     headdim); k, v: (batch, seqlen_new, nheads_k, headdim), written into the cache in place at
     cache_seqlens (flash_cuda.attention_with_kvcache on (B, H, N, D) views of the same memory).
     Returns out (batch, seqlen_q, nheads, headdim) and, with return_softmax_lse, lse (batch, nheads,
-    seqlen_q). rotary_cos/rotary_sin (apply the rotary embedding to q and k before the call),
-    cache_batch_idx and cache_leftpad are not supported: NotImplementedError."""
+    seqlen_q). softmax_scale (default 1/sqrt(headdim)), causal, window_size, softcap and
+    alibi_slopes ((nheads,) or (batch, nheads) float32) as in flash_attn_func, the mask's diagonal
+    bottom-right aligned against each sequence's cache length after the append; num_splits: the
+    key splits (0: chosen from the shape, else 1 to 128). rotary_cos/rotary_sin (apply the rotary
+    embedding to q and k before the call), cache_batch_idx and cache_leftpad are not supported:
+    NotImplementedError; rotary_interleaved, which only selects the rotary layout, has nothing
+    to act on without them."""
     fn = "flash_attn_with_kvcache"
     for name, arg in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
                       ("cache_leftpad", cache_leftpad)):

@@ -54,8 +54,28 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, determ
     return dq, dk, dv, dbias
 
 
-_BIAS = 11  # index of `bias` in fwd's inputs
-_FWD_INPUTS = 14
+def _schema_names(op):
+    """The op's argument names, in its schema's order (csrc/ops.cpp)."""
+    return [a.name for a in op.default._schema.arguments]
+
+
+def _unpacked_as(op, names):
+    """The argument order the autograd functions below unpack positionally, checked against the
+    op's schema at import: a schema changed in ops.cpp alone fails here, naming the op, rather
+    than as gradients returned for the wrong arguments. -> the number of arguments."""
+    if _schema_names(op) != names:
+        raise ImportError(f"flash_cuda: the schema of {op} has the arguments {_schema_names(op)}, but ops.py "
+                          f"unpacks {names}")
+    return len(names)
+
+
+_FWD_INPUTS = _unpacked_as(torch.ops.flash_cuda.fwd, [
+    "q", "k", "v", "scale", "causal", "bottom_right", "deterministic", "window_left", "window_right", "softcap",
+    "alibi_slopes", "bias", "dropout_p", "rng_state"])
+_BIAS = _schema_names(torch.ops.flash_cuda.fwd).index("bias")
+_unpacked_as(torch.ops.flash_cuda.bwd, [
+    "dout", "q", "k", "v", "out", "lse", "dlse", "scale", "causal", "bottom_right", "deterministic", "window_left",
+    "window_right", "softcap", "alibi_slopes", "bias", "bias_grad", "dropout_p", "rng_state"])
 
 
 def _forward_ad_error(fn, name):
@@ -143,9 +163,9 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     bias_grad = bias is not None and ctx.needs_input_grad[_BIAS]
-    dq, dk, dv, dbias = _bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi, bias, bias_grad,
-                                                 ctx.dropout_p, rng_state)
-    return (dq, dk, dv) + (None,) * 8 + (dbias if bias_grad else None, None, None)
+    dq, dk, dv, dbias = _bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi, bias, bias_grad, ctx.dropout_p,
+                             rng_state)
+    return (dq, dk, dv) + (None,) * (_BIAS - 3) + (dbias if bias_grad else None,) + (None,) * (_FWD_INPUTS - _BIAS - 1)
 
 
 torch.library.register_autograd("flash_cuda::fwd", _backward, setup_context=_setup_context)
@@ -171,7 +191,13 @@ def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
     return tuple(x.new_empty(x.shape) for x in (q, k, v))  # contiguous, as the forward's out
 
 
-_VARLEN_FWD_INPUTS = 16
+_VARLEN_FWD_INPUTS = _unpacked_as(torch.ops.flash_cuda.varlen_fwd, [
+    "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "causal", "deterministic",
+    "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p", "rng_state"])
+_unpacked_as(torch.ops.flash_cuda.varlen_bwd, [
+    "dout", "q", "k", "v", "out", "lse", "dlse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+    "scale", "causal", "deterministic", "window_left", "window_right", "softcap", "alibi_slopes", "dropout_p",
+    "rng_state"])
 
 
 def _varlen_setup_context(ctx, inputs, output):
@@ -191,8 +217,7 @@ def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, rng_state = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args, alibi,
-                                                 ctx.dropout_p, rng_state)
+    dq, dk, dv = _varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args, alibi, ctx.dropout_p, rng_state)
     return (dq, dk, dv) + (None,) * (_VARLEN_FWD_INPUTS - 3)
 
 
@@ -242,10 +267,15 @@ def _vmap_rule(op, batch_args, alibi_arg, dropout_arg):
     return rule
 
 
-# fwd: q, k, v, bias; alibi_slopes; dropout_p. bwd: dout, q, k, v, out, lse, dlse, bias;
-# alibi_slopes; dropout_p (the ops' schemas)
-_fwd_vmap = _vmap_rule(torch.ops.flash_cuda.fwd.default, (0, 1, 2, 11), 10, 12)
-_bwd_vmap = _vmap_rule(torch.ops.flash_cuda.bwd.default, (0, 1, 2, 3, 4, 5, 6, 15), 14, 17)
+def _vmap_rule_of(op, batch_args):
+    """_vmap_rule with the positions of batch_args, alibi_slopes and dropout_p in op's schema."""
+    names = _schema_names(op)
+    return _vmap_rule(op.default, tuple(names.index(n) for n in batch_args), names.index("alibi_slopes"),
+                      names.index("dropout_p"))
+
+
+_fwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.fwd, ("q", "k", "v", "bias"))
+_bwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.bwd, ("dout", "q", "k", "v", "out", "lse", "dlse", "bias"))
 torch.library.register_vmap("flash_cuda::fwd", _fwd_vmap)
 torch.library.register_vmap("flash_cuda::bwd", _bwd_vmap)
 

@@ -351,6 +351,28 @@ def test_vmap_folds_into_the_batch():
             assert torch.allclose(a[i], b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("fn", ["attention", "scaled_dot_product_attention"])
+def test_vmap_over_a_batched_bool_mask(fn):
+    """A bool attn_mask batched by vmap (one mask per slice) against unbatched or batched q, k, v:
+    the mask's additive bias was filled in place into an unbatched tensor, which vmap refused
+    (audit). Equal to a loop over the slices, forward and vmap of grad."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 2, 5, 8, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, 5, generator=g) > 0.4
+    mask[..., 0] = True
+    f = lambda a, m: getattr(flash_cuda, fn)(a, a, a, attn_mask=m)  # noqa: E731
+    out = torch.func.vmap(f)(x, mask)
+    assert torch.equal(out, torch.stack([f(x[i], mask[i]) for i in range(3)]))
+    ref = torch.stack([attention_ref(x[i], x[i], x[i], attn_mask=mask[i])[0] for i in range(3)])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    loss = lambda a, m: f(a, m).pow(2).sum()  # noqa: E731
+    grads = torch.func.vmap(torch.func.grad(loss))(x, mask)
+    for i in range(3):
+        torch.testing.assert_close(grads[i], torch.func.grad(loss)(x[i], mask[i]), rtol=0, atol=1e-12)
+    out = torch.func.vmap(f, in_dims=(None, 0))(x[0], mask)  # one input, a mask per slice
+    assert torch.equal(out, torch.stack([f(x[0], mask[i]) for i in range(3)]))
+
+
 def test_vmap_over_an_empty_dim():
     """vmap over a dimension of size 0 gives the empty batched output (it raised an IndexError in
     the vmap rule; review)."""

@@ -86,6 +86,26 @@ def test_generated_files_are_the_generators():
     assert set(groups) <= compiled and not compiled & set(singles)
 
 
+def _read(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
+
+
+def test_head_dims_and_split_limits_agree_across_files():
+    """The instantiated head dims live in the generator and in the dispatch's switch, the KV-cache
+    split limit in the kernels' heuristic, the launcher and the Python API: each copy agrees (a
+    head dim generated but not dispatched would never run; one dispatched but not generated would
+    be an undefined symbol)."""
+    switch = re.search(r"#define FC_HEADDIM_SWITCH.*?\}\(\)", _read("csrc/kernels/dispatch.h"), re.S).group(0)
+    dispatched = [int(d) for d in re.findall(r"constexpr int NAME = (\d+)", switch)]
+    bounds = [int(d) for d in re.findall(r"D <= (\d+)", switch)]
+    assert tuple(dispatched) == generate.HEAD_DIMS and tuple(bounds) == generate.HEAD_DIMS[:-1]
+    assert generate.HEAD_DIMS[-1] == flash_cuda.api.MAX_HEAD_DIM
+    kernel = int(re.search(r"constexpr int kMaxSplits = (\d+);", _read("csrc/kernels/kv_cache.h")).group(1))
+    launcher = int(re.search(r"constexpr int64_t kMaxNumSplits = (\d+);", _read("csrc/kernel_launch.h")).group(1))
+    assert kernel == launcher == flash_cuda.api.MAX_NUM_SPLITS
+
+
 @pytest.mark.skipif(not flash_cuda.has_cuda_kernels(), reason="a CPU-only build packages no PTX")
 def test_the_build_packaged_what_its_arch_list_asked_for():
     """The packaged PTX (the sm_80 pass of every compiled .cu: the instantiations in groups) has

@@ -280,6 +280,28 @@ def test_fp32_few_rows_gradients_at_larger_scores(nq, seed):
     assert err <= 2 * their_err + 1e-6, ("dv", err, their_err)
 
 
+@pytest.mark.parametrize("nq,nk", [(5, 7), (1, 50), (20, 20)])
+@pytest.mark.parametrize("scale", [1e16, 1e20, 1e30])
+def test_fp64_gradients_at_huge_scales(nq, nk, scale):
+    """float64 at scales where one ulp of a score is past 1: the few-row forward (the KV-cache
+    loop, nq 5 and 1) rounds its scores differently from the backward's tiles, and exp of the
+    difference gave inf and NaN gradients (the backward now takes lse from the tiled forward for
+    fp64 too; audit). Gradients as float64 torch's, to 1e-9 of their size; the tiled forward (20
+    rows) was right before."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, nq, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, nk, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dout = torch.randn(1, 2, nq, 4, generator=g, dtype=torch.float64)
+    out = flash_cuda.attention(q, k, v, scale=scale)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref, _ = attention_ref(q, k, v, scale=scale)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert a.isfinite().all(), name
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * max(b.abs().max().item(), 1.0), msg=name)
+
+
 @pytest.mark.parametrize("D,scale", [(32, None), (96, None), (64, 0.1)])
 @pytest.mark.parametrize("nq", [1, 4, 70])
 def test_fp32_saturated_rows_at_scales_not_powers_of_two(D, scale, nq):
@@ -626,6 +648,50 @@ def test_generic_bf16_exponent_pass():
                         "bfloat16 and (fa_rule or saturated)"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def _calls_reading_the_kernel_choices():
+    """Calls that between them consult every per-call kernel choice: tiled and decoding, fp32,
+    bf16 and fp16."""
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for nq in (300, 1):
+            q = torch.randn(1, 2, nq, 64, generator=g).to(dtype)
+            k = torch.randn(1, 2, 300, 64, generator=g).to(dtype)
+            yield lambda q=q, k=k: flash_cuda.attention(q, k, k)
+
+
+@pytest.mark.parametrize("var,bad", [("FLASH_CUDA_CPU_GEMM", "Native"), ("FLASH_CUDA_CPU_GEMM", "fp32"),
+                                     ("FLASH_CUDA_CPU_BF16_GEMM", "oneDNN"), ("FLASH_CUDA_CPU_F32_GEMM", "mkl"),
+                                     ("FLASH_CUDA_CPU_ROWS", "AVX2"), ("FLASH_CUDA_CPU_ROWS", "0")])
+def test_a_kernel_choice_variable_with_another_value_is_an_error(monkeypatch, var, bad):
+    """A value other than the variable's two (a typo, another case) is a ValueError naming the
+    variable, its values and the value given: it ran the automatic choice silently (audit). Empty
+    means unset."""
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=rf"{var} must be \w+ or \w+ \(or unset.*got '{bad}'"):
+        for call in _calls_reading_the_kernel_choices():
+            call()
+    monkeypatch.setenv(var, "")
+    for call in _calls_reading_the_kernel_choices():
+        call()
+
+
+@pytest.mark.parametrize("value,ok", [("0", True), ("", True), ("yes", False)])
+def test_generic_bf16_variable_values(value, ok):
+    """FLASH_CUDA_CPU_GENERIC_BF16 (read once per process: a child process) takes 1 or 0 (or unset,
+    or empty); any other value is a ValueError naming it (every value, 0 included, turned it on)."""
+    code = ("import torch, flash_cuda; q = torch.randn(1, 2, 300, 64).bfloat16(); "
+            "flash_cuda.attention(q, q, q); print('ran')")
+    env = dict(os.environ, FLASH_CUDA_CPU_GENERIC_BF16=value)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0 and "ran" in r.stdout, r.stderr[-2000:]
+    elif not any(has_cpu_flag(f) for f in ("avx512_bf16", "amx_bf16")):
+        pytest.skip("bf16 is multiplied in fp32 on this CPU: its exponent pass, which reads the variable, never runs")
+    else:
+        assert r.returncode != 0 and "ValueError: flash_cuda: FLASH_CUDA_CPU_GENERIC_BF16 must be 1 or 0" in r.stderr, \
+            r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -49,6 +49,13 @@ def keep_mask_ref(rng_state, p, B, H, nq, nk):
     """The README's mapping: key = seed, counter = (n lo, n hi, ui, b H + h) with n = offset // 4 +
     uj, ui = 8 (i // 16) + i % 8 (uj likewise), draw = output 2 ((i // 8) % 2) + (j // 8) % 2,
     keep iff draw >= floor(p 2^32)."""
+    draw = draws_ref(rng_state, B, H, nq, nk)
+    threshold = min(math.floor(p * 2.0**32), 2**32 - 1)
+    return torch.from_numpy(draw >= threshold).reshape(B, H, nq, nk)
+
+
+def draws_ref(rng_state, B, H, nq, nk):
+    """The 32-bit draw of every element (B H, nq, nk) under keep_mask_ref's mapping."""
     seed, offset = (int(x) & (2**64 - 1) for x in rng_state.cpu().tolist())
     i, j = np.arange(nq)[None, :, None], np.arange(nk)[None, None, :]
     ui, uj = 8 * (i >> 4) + (i & 7), 8 * (j >> 4) + (j & 7)
@@ -58,9 +65,7 @@ def keep_mask_ref(rng_state, p, B, H, nq, nk):
     ctr = [np.broadcast_to(x, shape).astype(np.uint64) for x in (n & np.uint64(MASK32), n >> np.uint64(32), ui, bh)]
     out = philox(ctr, (seed & MASK32, seed >> 32))
     sel = np.broadcast_to(2 * ((i >> 3) & 1) + ((j >> 3) & 1), shape)
-    draw = np.choose(sel, out)
-    threshold = min(math.floor(p * 2.0**32), 2**32 - 1)
-    return torch.from_numpy(draw >= threshold).reshape(B, H, nq, nk)
+    return np.choose(sel, out)
 
 
 # ---------------------------------------------------------------- helpers
@@ -247,6 +252,31 @@ def test_emulated_kernels_exact_and_same_mask_as_cpu(D, dtype):
                    or r["kernel"].startswith("flash_bwd<"))  # dropout alone runs in the band variant
         assert torch.equal(keep, keep_cpu)
         check_exact(q, k, v, dout, 0.2, out, lse, keep, grads, **kw)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulated"])
+def test_a_draw_equal_to_the_threshold_is_kept(backend):
+    """keep iff draw >= floor(p 2^32), the boundary included: p chosen as one element's draw / 2^32
+    (exact in a double), so that element sits on the threshold. The CPU backend and the CUDA kernels
+    (forward, backward with atomic dQ and the deterministic pass) keep it, and their outputs and
+    gradients are those of the documented mask; a kernel testing draw > threshold passed every
+    other test (a draw meets the threshold with probability 2^-32; mutation audit)."""
+    B, H, nq, nk = 1, 2, 33, 40
+    q, k, v, dout = make(B, H, H, nq, nk, 64, torch.float16, seed=4)
+    torch.manual_seed(11)
+    state = torch.ops.flash_cuda.philox_state(q, 0, [])
+    draws = draws_ref(state, B, H, nq, nk)
+    r = int(draws[1, 20, 25])
+    p = r / 2.0**32
+    at = torch.from_numpy(draws == r).reshape(B, H, nq, nk)
+    assert math.floor(p * 2.0**32) == r and at[0, 1, 20, 25]
+    want = keep_mask_ref(state, p, B, H, nq, nk)
+    assert want[at].all() and not want.all()
+    for deterministic in (False, True) if backend == "emulated" else (False,):
+        with emulate(check=True) if backend == "emulated" else contextlib.nullcontext():
+            out, lse, keep, grads = run(q, k, v, dout, p, seed=11, deterministic=deterministic)
+        assert torch.equal(keep, want)
+        check_exact(q, k, v, dout, p, out, lse, keep, grads)
 
 
 @pytest.mark.parametrize("variant", ["band", "mod"])

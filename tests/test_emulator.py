@@ -366,6 +366,14 @@ BUGS = {
     "divergent_syncthreads": r"deadlock: __syncthreads at selftest_kernels\.cpp:\d+ is never reached by 64 thread\(s\) "
                              r"that exited",
     "ldmatrix_misaligned": r"ldmatrix at selftest_kernels\.cpp:\d+: row address of lane \d+ is not 16-byte aligned",
+    "ldmatrix_unordered": r"shared-memory race: thread \(\d+,0,0\) of block \(0,0,0\) at selftest_kernels\.cpp:\d+ "
+                          r"reads a byte written, with no __syncthreads between, by thread \(\d+,0,0\)",
+    # two blocks: the race between them in global memory (any order of the blocks)
+    "global_race": r"global-memory race: byte \d+ of tensor 0 of the launch is written by block \([01],0,0\) and by "
+                   r"thread \(\d+,0,0\) of block \([01],0,0\) at selftest_kernels\.cpp:\d+ without an atomic on both "
+                   r"sides",
+    "global_mixed": r"global-memory race: byte \d+ of tensor 0 .* block \([01],0,0\)( \(atomically\))? and by thread "
+                    r"\(\d+,0,0\) of block \([01],0,0\)( \(atomically\))? at selftest_kernels\.cpp:\d+",
 }
 
 
@@ -376,6 +384,32 @@ def test_checker_reports_planted_bug(bug, order):
     with pytest.raises(RuntimeError, match=BUGS[bug]):
         with emulate(order=order):
             ops._emu_planted_bug(bug, buf)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_ldmatrix_after_syncwarp_does_not_race(order):
+    """The twin of ldmatrix_unordered: lanes' stores, __syncwarp, then ldmatrix rows made of other
+    lanes' words is ordered (only __syncwarp orders a warp's shared-memory accesses; before
+    2026-12-06 every collective did, and the backward preprocess's __syncwarp could be deleted
+    unnoticed: mutation audit). Lane l's fragment is row l / 4's words, b16 pair l % 4."""
+    buf = torch.zeros(256)
+    with emulate(order=order) as emu:
+        ops._emu_planted_bug("ldmatrix_ordered", buf)
+    assert emu.launches[0]["errors"] == []
+    want = torch.tensor([float(4 * (l // 4) + l % 4) for l in range(32)]).view(torch.int32)
+    assert torch.equal(buf[:32].view(torch.int32), want)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_blocks_adding_atomically_do_not_race(order):
+    """The twin of global_race: two blocks add into the same words with atomics, which the race
+    checker accepts (the backward's dQ accumulator; a mutant with plain adds there passed every
+    test before the checker tracked global writes: audit)."""
+    buf = torch.zeros(256)
+    with emulate(order=order, workers=1) as emu:
+        ops._emu_planted_bug("global_atomics", buf)
+    assert emu.launches[0]["errors"] == [] and emu.launches[0]["grid"] == [2, 1, 1]
+    assert torch.equal(buf[:128], torch.full((128,), 2.0)) and not buf[128:].any()
 
 
 @pytest.mark.parametrize("order", ORDERS)

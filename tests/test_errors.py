@@ -503,6 +503,21 @@ def _ops_calls(q, k, v, scale):
                                                   scale, False))]
 
 
+@pytest.mark.parametrize("which", ["cu_seqlens_q", "cu_seqlens_k"])
+@pytest.mark.parametrize("bad", ["dtype", "length", "2-d"])
+def test_dropout_mask_op_names_the_bad_cu_seqlens(which, bad):
+    """The dropout-mask op called directly (as tests and tools do) names which cu_seqlens is wrong,
+    with what it expects and what it got."""
+    rng, B = torch.tensor([1, 2], dtype=torch.int64), 2
+    good = torch.tensor([0, 3, 5], dtype=torch.int32)
+    wrong = {"dtype": good.long(), "length": good[:2], "2-d": good.view(1, 3)}[bad]
+    cu_q, cu_k = (wrong, good) if which == "cu_seqlens_q" else (good, wrong)
+    got = rf"got {'Long' if bad == 'dtype' else 'Int'} of shape \[{'1, 3' if bad == '2-d' else len(wrong.reshape(-1))}\]"
+    with pytest.raises(RuntimeError, match=rf"{which} must be int32 \(batch \+ 1,\) = \(3,\) .*{got}"):
+        torch.ops.flash_cuda.dropout_mask(rng, 0.5, B, 1, 3, 3, cu_q, cu_k)
+    assert torch.ops.flash_cuda.dropout_mask(rng, 0.5, B, 1, 3, 3, good, good).shape == (B, 1, 3, 3)
+
+
 @pytest.mark.parametrize("which", ["k", "v", "out", "lse", "cu_seqlens_q", "alibi_slopes", "bias"])
 def test_a_meta_tensor_among_cpu_tensors_is_an_error(which):
     """A meta tensor among CPU ones dispatches a direct op call to its fake kernel (Meta outranks

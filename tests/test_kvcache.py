@@ -819,6 +819,17 @@ def test_emulated_new_keys_with_a_strided_head_dim():
     torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
 
 
+def test_functionalize_is_refused_naming_the_caches():
+    """torch.func.functionalize has no rule for a custom op that writes its inputs in place: a clear
+    NotImplementedError naming k_cache and v_cache and what to use instead (it was torch's internal
+    "tolist() ... unallocated storage" from the cache_seqlens check; audit)."""
+    kc, vc, new = torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.randn(1, 2, 1, 8)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="k_cache and v_cache are written in place.*"
+                                                                   "torch.compile"):
+        torch.func.functionalize(lambda q, a, b: FN(q, a, b, new, new, cache_seqlens=1))(new, kc, vc)
+    assert not kc.any()
+
+
 def test_opcheck_and_compile():
     kc, vc, table = make_cache(torch.float32, 2, 2, 64, 16, page_size=16)
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
@@ -865,6 +876,18 @@ def test_randomised(seed):
 
 
 _KNOWN_EXCESS = {
+    57940: "trial 16 (bf16, batch 2: the draw of seed 55855 again, the same query and 3 appended keys from the "
+           "trial's generator, here in a cache of 41 with pages of 33 and 2 splits): 3.21e-3, bit for bit the "
+           "FlashAttention algorithm with P rounded to bf16, as there; found by the same soak (seeds 54520-59069)",
+    56860: "trial 20 (bf16, batch 2: one query against 27 cached keys, D 8, softcap 4, page size 1, CPU "
+           "backend): 2.65e-3 from float64, bit for bit the FlashAttention algorithm in float64 with P = "
+           "exp(s - max) rounded to bf16 (in P V and in its row sum) and the output rounded to bf16, where plain "
+           "bf16 torch is 1.26e-3 off; found by a soak on 2026-12-06, fourth session (seeds 54520-57019)",
+    55855: "trial 16 (bf16, batch 2: one query against the 3 keys it appends to an empty cache, D 8, causal, "
+           "5 splits asked, page size 1, CPU backend): 3.21e-3 from float64, bit for bit the FlashAttention "
+           "algorithm in float64 with P = exp(s - max) rounded to bf16 (in P V and in its row sum) and the output "
+           "rounded to bf16, where plain bf16 torch is 1.32e-3 off; found by a soak on 2026-12-06, fourth session "
+           "(seeds 54520-56319, 12600 runs)",
     53831: "trial 19 (bf16, one query against 595 keys, D 8, softcap 4, ALiBi, causal, CPU backend): head 0's "
            "row 1.32e-3 from float64, bit for bit the FlashAttention algorithm in float64 with P = exp(s - max) "
            "rounded to bf16 and the output rounded to bf16, where plain bf16 torch is 6.4e-4 off on that row; "
@@ -1063,6 +1086,7 @@ def test_emulated_bad_lengths_stay_in_bounds():
     (the emulator's bounds checker would raise)."""
     kc, vc, table = make_cache(torch.float16, 2, 2, 64, 16, page_size=16)
     table[1, 2] = 1000
+    table[1, 1] = kc.shape[0]  # the first page past the pool (a clamp to > num_pages let it through; mutation audit)
     table[0, 0] = -5
     q, k, v = (torch.randn(2, h, 1, 16).half() for h in (4, 2, 2))
     seqlens = torch.tensor([-7, 90], dtype=torch.int32)

@@ -493,3 +493,17 @@ def test_bench_varlen_runs(tmp_path):
         assert ours["status"] == padded["status"] == "ok" and ours["err"] < 1e-5 and padded["err"] < 1e-5
         assert ours["tokens_per_s"] > 0 and padded["seconds"] > 0
     assert json.loads(out.read_text())["lengths"] == bench.draw_lengths(1500)
+
+
+def test_under_functionalize():
+    """torch.func.functionalize (and make_fx over it): cu_seqlens arrive as functional tensors, whose
+    values the argument checks must not read (tolist() raised torch's internal error; audit); the
+    result equals the eager call's."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 2, 8, generator=g)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    f = lambda x, c: flash_cuda.varlen_attention(x, x, x, c, c, 3, 3, causal=True)  # noqa: E731
+    assert torch.equal(torch.func.functionalize(f)(q, cu), f(q, cu))
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(torch.func.functionalize(f))(q, cu)
+    assert torch.equal(gm(q, cu), f(q, cu))

@@ -14,7 +14,7 @@ committed.
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # keep in sync with kFwdHeadDims in csrc/kernels/api.h
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)  # keep in sync with FC_HEADDIM_SWITCH in csrc/kernels/dispatch.h
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
 # fp32 inputs on tf32 tensor cores (csrc/kernels/tf32.h): forward and backward, one configuration
 # per head dim for every budget (it fits 99 KiB), so no compact instantiation

@@ -398,7 +398,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   // Every GEMM below multiplies row-major operands, so the transposed ones are made once here
   // (those that the products below use):
   //   S = Q K^T, dP = dO V^T, dV^T += dO^T P, dK^T += Q^T dS, dQ += dS K.
-  // The right operands shared by every tile (K^T, V^T, K) are RightOperands (packed on AMX).
+  // The right operands shared by every tile (K^T, V^T, K) are RightOperand objects (packed on AMX).
   // fp32 on the micro-kernel (rows_dkdv): dV += P^T dO and dK += dS^T Q instead, into (Bc, D) rows,
   // the kernel reading the P and dS tiles transposed where they are and dO and Q as their rows
   // (f32_gemm_at_rows): no transposed Q and dO, no P and dS packed per tile, no dK and dV tiles
@@ -729,6 +729,7 @@ std::tuple<at::Tensor, at::Tensor> tiled_fwd(const at::Tensor& q, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const AttnOptions& opt) {
+  check_kernel_choices();
   if (takes_kvcache_loop(q, k, opt)) {
     // its out is contiguous: returned as is where that is the tiled loop's layout (below), else copied
     auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
@@ -741,6 +742,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt) {
+  check_kernel_choices();
   const auto acc = at::toOpMathType(q.scalar_type());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   // dL/d bias: in the kernels' layout (csrc/kernel_launch.cpp: [B][Hq][Nk][Nq rounded up to 8],
@@ -773,10 +775,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   // several key chunks. fp16/bf16 only where some |lse| passes 2^12: below, their rounding (2^-8)
   // hides the difference (fp32's ulps of the scores), above it does not (exp of a score's ulp:
   // inf gradients at 1e8), and the two forwards cost a few-row bf16 backward 1.4x-1.8x on a Zen 4.
-  // (fp64: too small.)
+  // fp64 always, as fp32: its ulps are small, but at scales of 1e16 and more one of a score is
+  // past 1, and exp of it gave inf and NaN gradients (audit).
   at::Tensor out_t = out, lse_t = lse;
-  if (q.scalar_type() != at::kDouble && takes_kvcache_loop(q, k, opt) &&
-      (q.scalar_type() == at::kFloat || any_beyond(lse.contiguous().data_ptr<float>(), lse.numel(), 4096.0f))) {
+  const auto t = q.scalar_type();
+  if (takes_kvcache_loop(q, k, opt) && (t == at::kFloat || t == at::kDouble ||
+                                        any_beyond(lse.contiguous().data_ptr<float>(), lse.numel(), 4096.0f))) {
     const at::Tensor own_lse =
         std::get<1>(kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0));
     if (at::equal(own_lse, lse)) std::tie(out_t, lse_t) = tiled_fwd(q, k, v, opt);

@@ -13,6 +13,7 @@
 
 #include "avx2_rows.h"    // avx2_rows_supported: the CPU runs AVX2, FMA and F16C
 #include "avx512_gemm.h"  // f32_gemm_supported: the CPU runs x86-64-v4 code
+#include "env_choice.h"
 #include "multiversion.h"
 
 
@@ -165,7 +166,7 @@ FC_INLINE uint16_t fp16_bits(float v) {
 
 // sum_j e_j with e_j = exp(a x[j] - m), each handed to store(j, e_j), which returns the value
 // stored (e_j, or e_j rounded); their sum goes to *stored_sum and max_j x[j] to *x_max. For float,
-// 16 at a time as a v16f (store16(j, e, stored_acc) adds what it stored into stored_acc) with 16
+// 16 at a time as a v16f (store16(j, e, acc_stored) adds what it stored into acc_stored) with 16
 // partial sums and maxima (a fixed order: the same bits run after run). Each x[j] is read before
 // e_j is stored (y may be x).
 template <typename Store, typename Store16, typename Exp16 = Exp2Poly>
@@ -368,10 +369,11 @@ FC_TARGET_BF16 float exp_affine_sum_bf16_avx512(const float* x, int64_t n, float
 
 float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t* y, float* x_max,
                           float* rounded_sum, bool generic) {
+  // FLASH_CUDA_CPU_GENERIC_BF16=1 (read once; 0 or unset: not) takes the generic version here too:
+  // how the tests check it on machines that have AVX512-BF16.
+  static const char* const generic_env = env_choice("FLASH_CUDA_CPU_GENERIC_BF16", "1", "0");
 #ifdef FC_AVX512_BF16
-  // FLASH_CUDA_CPU_GENERIC_BF16=1 (read once) takes the generic version here too: how the tests
-  // check it on machines that have AVX512-BF16.
-  static const bool avx512_bf16 = dpbf16_supported() && !std::getenv("FLASH_CUDA_CPU_GENERIC_BF16");
+  static const bool avx512_bf16 = dpbf16_supported() && !(generic_env && *generic_env == '1');
   if (avx512_bf16 && !generic) return exp_affine_sum_bf16_avx512(x, n, a, m, y, x_max, rounded_sum);
 #endif
   return exp_affine_sum_bf16_generic(x, n, a, m, y, x_max, rounded_sum);

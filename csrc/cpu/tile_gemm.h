@@ -26,6 +26,8 @@
 
 #include <vector>
 
+#include "env_choice.h"
+
 namespace flash_cuda::cpu {
 
 // C (M x N, row stride ldc) = A (M x K, lda) B (K x N, ldb), or C += A B when `accumulate`.

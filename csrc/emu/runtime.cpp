@@ -135,12 +135,27 @@ struct Cell {
   uint8_t readers, pending;  // pending: a cp.async by w_tid has not completed
 };
 
+// Which block of the launch stored each byte of a writable tensor (the race checker's, for global
+// memory): 0 none yet, else (block + 1) << 9 | atomic << 8 | the byte stored. Blocks of one launch have no order between
+// them (no grid-wide barrier), so two blocks' plain stores to one byte, or a plain store and an
+// atomic, race: the survivor depends on the schedule. A plain store of the byte the other block
+// stored is not reported: either order leaves the same memory (the fp32 backward's head-dim
+// split computes the bias gradient in both halves' blocks and both store it). Only writes are tracked (a load of another
+// block's store races too, but loads are most of a kernel's accesses); tensors past
+// kMaxWriterBytes are not tracked (the shadow is 8 bytes a byte).
+constexpr size_t kMaxWriterBytes = size_t(16) << 20;
+struct WriterShadow {
+  std::once_flag made;
+  std::unique_ptr<std::atomic<uint64_t>[]> owner;  // one per byte of the tensor
+};
+
 struct LaunchCtx {
   const char* name;
   Dim3 grid, block;
   size_t smem;
   Options opt;
   std::vector<Buffer> buffers;
+  std::unique_ptr<WriterShadow[]> writers;  // one per buffer (opt.check)
   const std::function<void()>* body;
   std::mutex mutex;
   std::vector<std::string> errors;
@@ -192,9 +207,10 @@ class BlockRunner {
   void record_request(Thread& t, Site s, bool global, SharedKind kind, const void* p, size_t n);
   void flush(Warp& w);
   bool shared_check(int tid, const char* p, size_t n, bool write, Site s);
-  bool global_check(const void* p, size_t n, bool write, Site s);
+  bool global_check(const void* p, size_t n, bool write, Site s, bool atomic = false, const void* src = nullptr);
   void complete(Thread& t, const std::vector<CpOp>& group);
   Cell* cell(const char* p);
+  void record_writer(size_t buffer, size_t offset, size_t n, bool atomic, const void* src, Site s);
   bool ordered(int tid_a, uint32_t wepoch_a, int tid_b) const {
     return threads[tid_a].warp == threads[tid_b].warp && warps[tid_b / kWarp].epoch > wepoch_a;
   }
@@ -426,7 +442,11 @@ void BlockRunner::resolve(Warp& w, unsigned mask, CollKind kind) {
   Coll* lanes[kWarp] = {};
   for (int l = 0; l < kWarp; ++l)
     if (mask >> l & 1) lanes[l] = threads[base + l].coll;
-  ++w.epoch;  // collectives order the warp's earlier accesses before its later ones
+  // __syncwarp orders the warp's earlier shared-memory accesses before its later ones (bar.warp.sync's
+  // memory ordering); shfl, mma and ldmatrix do not (PTX states no memory ordering for them): a
+  // lane's store read by another lane's ldmatrix row with no __syncwarp between races (a mutation
+  // audit's deletion in the backward's preprocess passed every test when every collective ordered)
+  if (kind == CollKind::syncwarp) ++w.epoch;
   const Site site = lanes[__builtin_ctz(mask)]->site;
 
   if (kind == CollKind::shfl) {
@@ -665,9 +685,10 @@ bool BlockRunner::shared_check(int tid, const char* p, size_t n, bool write, Sit
   return true;
 }
 
-bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s) {
+bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s, bool atomic, const void* src) {
   const char* a = static_cast<const char*>(p);
-  for (const Buffer& b : L->buffers) {
+  for (size_t i = 0; i < L->buffers.size(); ++i) {
+    const Buffer& b = L->buffers[i];
     const char* lo = static_cast<const char*>(b.ptr);
     if (a >= lo && a + n <= lo + b.bytes) {
       if (write && !b.writable) {
@@ -676,6 +697,7 @@ bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s) {
       }
       if (write) counters.global_bytes_written += n;
       else counters.global_bytes_read += n;
+      if (write && L->writers && b.bytes <= kMaxWriterBytes) record_writer(i, size_t(a - lo), n, atomic, src, s);
       return true;
     }
   }
@@ -684,6 +706,36 @@ bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s) {
     << " (outside every tensor of the launch) by " << who(cur->linear) << " at " << where(s);
   error(m.str(), false);
   return false;
+}
+
+void BlockRunner::record_writer(size_t buffer, size_t offset, size_t n, bool atomic, const void* src, Site s) {
+  WriterShadow& w = L->writers[buffer];
+  std::call_once(w.made, [&] {
+    const size_t bytes = L->buffers[buffer].bytes;
+    w.owner.reset(new std::atomic<uint64_t>[bytes]);
+    for (size_t i = 0; i < bytes; ++i) w.owner[i].store(0, std::memory_order_relaxed);
+  });
+  const Dim3 g = L->grid;
+  const uint32_t block = bidx.x + g.x * (bidx.y + g.y * bidx.z);
+  const uint64_t tag = (uint64_t(block) + 1) << 9 | uint64_t(atomic) << 8;
+  for (size_t i = offset; i < offset + n; ++i) {
+    // (the byte stored travels with the tag: the other block's may not be in memory yet, its
+    // store running beside this one on another worker)
+    const uint64_t me = tag | (src && !atomic ? static_cast<const unsigned char*>(src)[i - offset] : 0u);
+    const uint64_t before = w.owner[i].exchange(me, std::memory_order_relaxed);
+    const bool before_atomic = before >> 8 & 1;
+    if (before == 0 || before >> 9 == me >> 9 || (before_atomic && atomic)) continue;  // none, this block, atomics
+    if (!atomic && !before_atomic && src && (before & 0xFF) == (me & 0xFF)) continue;  // the same byte
+    const uint32_t other = static_cast<uint32_t>(before >> 9) - 1;
+    const Dim3 o{other % g.x, (other / g.x) % g.y, other / (g.x * g.y)};
+    std::ostringstream m;
+    m << "global-memory race: byte " << i << " of tensor " << buffer << " of the launch is written by block "
+      << dim_str(o) << (before_atomic ? " (atomically)" : "") << " and by " << who(cur->linear)
+      << (atomic ? " (atomically)" : "") << " at " << where(s)
+      << " without an atomic on both sides (blocks of one launch are not ordered)";
+    error(m.str(), false);
+    return;  // one report per access
+  }
 }
 
 void BlockRunner::complete(Thread& t, const std::vector<CpOp>& group) {
@@ -789,6 +841,7 @@ void launch(const char* name, Dim3 grid, Dim3 block, size_t dynamic_smem, int ma
   L.smem = dynamic_smem;
   L.opt = opt;
   L.buffers = g_buffers;
+  if (opt.check) L.writers.reset(new WriterShadow[L.buffers.size()]);
   L.body = &body;
 
   std::vector<unsigned> blocks(nblocks);
@@ -877,11 +930,16 @@ uint32_t shfl(int mode, unsigned mask, uint32_t value, int b, int c, Site s) {
   return k.out;
 }
 
-bool global_access(const void* p, size_t bytes, bool write, Site s) {
+namespace {
+// global_access of a store of the bytes at src (the race checker compares them with the memory)
+bool global_access_from(const void* p, size_t bytes, bool write, Site s, const void* src) {
   BlockRunner& R = runner();
   R.record_request(*R.cur, s, true, SharedKind::load, p, bytes);
-  return R.global_check(p, bytes, write, s);
+  return R.global_check(p, bytes, write, s, false, src);
 }
+}  // namespace
+
+bool global_access(const void* p, size_t bytes, bool write, Site s) { return global_access_from(p, bytes, write, s, nullptr); }
 
 bool shared_access(const void* p, size_t bytes, bool write, SharedKind kind, Site s) {
   BlockRunner& R = runner();
@@ -895,7 +953,7 @@ void global_load(void* dst, const void* src, size_t bytes, Site s) {
 }
 
 void global_store(void* dst, const void* src, size_t bytes, Site s) {
-  if (global_access(dst, bytes, true, s)) std::memcpy(dst, src, bytes);
+  if (global_access_from(dst, bytes, true, s, src)) std::memcpy(dst, src, bytes);
 }
 
 void shared_load(void* dst, const void* src, size_t bytes, Site s) {
@@ -910,7 +968,7 @@ void shared_store(void* dst, const void* src, size_t bytes, Site s) {
 float atomic_add_f32(float* p, float v, Site s) {
   BlockRunner& R = runner();
   R.record_request(*R.cur, s, true, SharedKind::load, p, 4);
-  if (!R.global_check(p, 4, true, s)) return 0.0f;
+  if (!R.global_check(p, 4, true, s, true)) return 0.0f;
   R.counters.global_bytes_read += 4;
   uint32_t* word = reinterpret_cast<uint32_t*>(p);
   uint32_t old = __atomic_load_n(word, __ATOMIC_RELAXED), upd;

@@ -256,7 +256,14 @@ const char* const kBugNames[] = {
     "divergent_syncthreads",   // a __syncthreads reached by half the block
     "ldmatrix_misaligned", // a row address that is not 16-byte aligned
     "uninitialised",       // read shared memory nobody wrote
+    "ldmatrix_unordered",  // ldmatrix rows other lanes stored, with no __syncwarp between
+    "ldmatrix_ordered",    // the same with __syncwarp (correct)
+    "global_race",         // two blocks add into one word with plain loads and stores
+    "global_atomics",      // two blocks add into one word with atomics (correct)
+    "global_mixed",        // one block adds atomically, the other stores plainly
 };
+// The bugs above from this one on run two blocks (the others one).
+constexpr int kFirstTwoBlockBug = 15;
 constexpr int kBugThreads = 128;
 
 __global__ void planted_bug_kernel(int which, float* g_buf, int n) {
@@ -311,6 +318,24 @@ __global__ void planted_bug_kernel(int which, float* g_buf, int n) {
       break;
     }
     case 12: st_global(&g_buf[tid], ld_shared(&s[tid])); break;
+    case 13:
+    case 14:
+      // warp 0: lane l stores word l, so the 16-byte row r is lanes 4r..4r+3's; lanes 0-7 give
+      // ldmatrix rows 0-7: each reads three other lanes' stores
+      if (tid < 32) {
+        uint32_t r[1];
+        st_shared(&s[tid], float(tid));
+        if (which == 14) __syncwarp();
+        ldmatrix<1>(r, s + 4 * (lane % 8));
+        st_global(&g_buf[tid], __uint_as_float(r[0]));
+      }
+      break;
+    case 15: st_global(&g_buf[tid], ld_global(&g_buf[tid]) + 1.0f); break;
+    case 16: atomicAdd(&g_buf[tid], 1.0f); break;
+    case 17:
+      if (blockIdx.x == 0) atomicAdd(&g_buf[tid], 1.0f);
+      else st_global(&g_buf[tid], 1.0f);
+      break;
   }
 }
 
@@ -391,7 +416,8 @@ int bug_index(const char* name) {
 }
 
 void planted_bug(int which, float* g_buf, int n) {
-  launch_kernel("planted_bug", planted_bug_kernel, dim3(1), dim3(kBugThreads), (kBugThreads + 4) * sizeof(float),
+  launch_kernel("planted_bug", planted_bug_kernel, dim3(which >= kFirstTwoBlockBug ? 2 : 1), dim3(kBugThreads),
+                (kBugThreads + 4) * sizeof(float),
                 nullptr, which, g_buf, n);
 }
 

@@ -8,24 +8,21 @@
 
 namespace flash_cuda {
 
-// Head dims the kernels are instantiated for; a head dim d runs in the smallest that fits.
-constexpr int kFwdHeadDims[] = {32, 64, 96, 128, 192, 256};
-inline int fwd_head_dim_bucket(int d) {
-  for (int h : kFwdHeadDims)
-    if (d <= h) return h;
-  return -1;
-}
-
 // The inputs' dtype. fp32 runs on tf32 tensor cores (tf32.h; p.tf32x3 picks the precision) in
 // the forward and the backward (always deterministic); fwd_kvcache returns an error for it.
 enum class Dtype { f16, bf16, f32 };
 
-// Launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator), in
-// the tile configuration that fits dev (device.h). Returns nullptr on success, else the launch
-// error's text (or why no configuration fits dev). Emulator check failures throw.
-// Launch the backward kernels (deterministic: the dQ pass instead of atomics). p.dq_accum
-// must hold bwd_dq_accum_floats(p) floats unless deterministic. The instantiation is picked
-// from p: the band one when p.mask is banded, the modifier one when p.mod has any modifier.
+// fwd: launch the forward kernel for p on `stream` (a cudaStream_t; ignored by the emulator),
+// in the tile configuration that fits dev (device.h). Returns nullptr on success, else the
+// launch error's text (or why no configuration fits dev). Emulator check failures throw.
+//
+// bwd: launch the backward kernels (deterministic: the dQ pass instead of atomics). p.dq_accum
+// must hold bwd_dq_accum_floats(p) floats unless deterministic.
+//
+// Both pick the instantiation from p (dispatch.h, FC_VARIANT_SWITCH): the modifier one when
+// p.mod has any modifier, else the band one when p.mask is banded or dropout is on, else the
+// dense one.
+//
 // KV cache (kv_cache.h): fwd_kvcache runs the split forward and the merge (p.cache's partials
 // hold p.cache.num_splits splits when more than 1); kv_append writes new keys and values into
 // the cache first; kvcache_num_splits is the split count chosen for p on dev.

@@ -1,7 +1,8 @@
 /* The deterministic dQ pass (deterministic=True): dQ without atomics.
  *
- * The forward's shape: grid (query tile, query head, batch), 4 warps of 16 query rows, a loop
- * over the key tiles the rows see. Per key tile, in registers:
+ * The forward's shape: grid (query tile, query head, batch), kWarps warps of 16 query rows (4;
+ * 2 for fp32 and sm_75 above head dim 128: BwdDqTraits), a loop over the key tiles the rows
+ * see. Per key tile, in registers:
  *   S = Q K_j^T,  P = exp2(S scale log2e - lse2),  dP = dO V_j^T,  dS = P (dP - D),
  *   dQ += dS K_j  (dS straight from the accumulators into A registers, K by ldmatrix.trans).
  * Each dQ row is owned by one warp and summed in a fixed order, so the result is bitwise

@@ -180,8 +180,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     }
     const U* sQs = sQ(s);
     const U* sdOs = sdO(s);
-    [[maybe_unused]] const float* lse2 = sLse2(s);  // (!kStatsFromGlobal)
-    [[maybe_unused]] const float* di = sDi(s);
+    [[maybe_unused]] const float* sLse2Stage = sLse2(s);  // [kBlockM] (!kStatsFromGlobal)
+    [[maybe_unused]] const float* sDiStage = sDi(s);      // [kBlockM]
 
     // S^T = K Q^T, then dP^T = V dO^T: keys sdp_key0.. x queries sdp_q0.. of this warp.
     auto kv_times_q = [&](float(&rC)[kSMT][kSNT][4], const U* sA, const U* sB) {  // C += A B^T, A [key][d], B [query][d]
@@ -228,11 +228,11 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     [[maybe_unused]] const float* gDi = kStatsFromGlobal ? gLse2 + p.template scratch_slice_rows<kVarlen>() : nullptr;
     auto lse2_of = [&](int nt) {
       if constexpr (kStatsFromGlobal) return ld_global(reinterpret_cast<const float2*>(gLse2 + nt * 8));
-      else return ld_shared(reinterpret_cast<const float2*>(lse2 + sdp_q0 + nt * 8 + 2 * t));
+      else return ld_shared(reinterpret_cast<const float2*>(sLse2Stage + sdp_q0 + nt * 8 + 2 * t));
     };
     auto di_of = [&](int nt) {
       if constexpr (kStatsFromGlobal) return ld_global(reinterpret_cast<const float2*>(gDi + nt * 8));
-      else return ld_shared(reinterpret_cast<const float2*>(di + sdp_q0 + nt * 8 + 2 * t));
+      else return ld_shared(reinterpret_cast<const float2*>(sDiStage + sdp_q0 + nt * 8 + 2 * t));
     };
     // 16-bit inputs: the pairs of each C tile, (row g: elements 0, 1), (row g + 8: 2, 3)
     [[maybe_unused]] uint32_t rP[kSMT][kSNT][2], rdS[kSMT][kSNT][2];
@@ -458,14 +458,14 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
           }
         }
       }
-      float* acc = p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, (m0 + dq_q0) / 16) + (dq_d0 / 8) * 128 + lane;
+      float* gAcc = p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, (m0 + dq_q0) / 16) + (dq_d0 / 8) * 128 + lane;
 #pragma unroll
       for (int mt = 0; mt < kQMT; ++mt)
 #pragma unroll
         for (int dt = 0; dt < kQNT; ++dt)
 #pragma unroll
           for (int i = 0; i < 4; ++i)  // element (dt, i) of every lane of 16-row block mt
-            atomicAdd(acc + mt * Kt::kAccumTileFloats + (dt * 4 + i) * 32, rdQ[mt][dt][i]);
+            red_add_global(gAcc + mt * Kt::kAccumTileFloats + (dt * 4 + i) * 32, rdQ[mt][dt][i]);
     }
 
     if (kStages == 1) {

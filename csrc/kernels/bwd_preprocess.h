@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const BwdPara
   }
 
   if (p.dq_accum) {  // this block's 64 rows of the accumulator: 4 x 16 x kHeadDim floats
-    float4* acc = reinterpret_cast<float4*>(p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, m_block * 4));
-    for (int i = threadIdx.x; i < 4 * Kt::kAccumTileFloats / 4; i += 128) st_global(&acc[i], make_float4(0.f, 0.f, 0.f, 0.f));
+    float4* gAcc = reinterpret_cast<float4*>(p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, m_block * 4));
+    for (int i = threadIdx.x; i < 4 * Kt::kAccumTileFloats / 4; i += 128) st_global(&gAcc[i], make_float4(0.f, 0.f, 0.f, 0.f));
   }
 }
 
@@ -149,12 +149,12 @@ __global__ void __launch_bounds__(128) flash_bwd_postprocess_kernel(const BwdPar
   if (m_block * Kt::kPrepRows >= p.nq) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   T* sdQ = dynamic_smem<T>();  // [64][kHeadDim] staging, each warp its own 16 rows
-  const float* acc = p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, m_block * 4 + warp);
+  const float* gAcc = p.dq_accum + Kt::template accum_offset<kVarlen>(p, batch, head, m_block * 4 + warp);
   for (int nt = 0; nt < kDTiles; ++nt)
     for (int half = 0; half < 2; ++half) {
       // element i = 2 half + e of this lane: row g + 8 half, column 8 nt + 2 t + e
-      const float lo = ld_global(&acc[(nt * 4 + 2 * half) * 32 + lane]) * p.scale;
-      const float hi = ld_global(&acc[(nt * 4 + 2 * half + 1) * 32 + lane]) * p.scale;
+      const float lo = ld_global(&gAcc[(nt * 4 + 2 * half) * 32 + lane]) * p.scale;
+      const float hi = ld_global(&gAcc[(nt * 4 + 2 * half + 1) * 32 + lane]) * p.scale;
       const int row = warp * 16 + lane / 4 + 8 * half, col = nt * 8 + 2 * (lane % 4);
       st_shared(reinterpret_cast<uint32_t*>(sdQ + Layout::offset(row, col)), pack2<T>(lo, hi));
     }

@@ -16,17 +16,6 @@
 #include "platform.h"
 #include "traits.h"
 
-#define FC_BOOL_SWITCH(COND, NAME, ...) \
-  [&] {                                 \
-    if (COND) {                         \
-      constexpr bool NAME = true;       \
-      return __VA_ARGS__();             \
-    } else {                            \
-      constexpr bool NAME = false;      \
-      return __VA_ARGS__();             \
-    }                                   \
-  }()
-
 // 16-bit dtypes (the caller handles Dtype::f32)
 #define FC_DTYPE_SWITCH(DTYPE, T, ...)      \
   [&] {                                     \
@@ -54,6 +43,7 @@
     else { constexpr bool BAND = false, MOD = false; return __VA_ARGS__(); }                 \
   }()
 
+// The head dims instantiated (tools/generate_kernels.py HEAD_DIMS): d runs in the smallest that fits.
 #define FC_HEADDIM_SWITCH(D, NAME, ...)                                   \
   [&] {                                                                   \
     if (D <= 32) { constexpr int NAME = 32; return __VA_ARGS__(); }       \

@@ -1,7 +1,7 @@
 /* FlashAttention-2 forward kernel (Dao, 2023, Algorithm 1 with the FA2 work split).
  *
- * Grid (query tile of 128 rows, query head, batch); each warp owns kMTiles 16-row m-tiles
- * (FwdTraits). Per block:
+ * Grid (query tile of kBlockM rows, query head, batch); each of kWarps warps owns kMTiles 16-row
+ * m-tiles (FwdTraits: 128, 64 or 32 rows a tile per configuration). Per block:
  *   Q tile -> shared memory once; for each key tile j (kBand: those intersecting the band):
  *     S = Q K_j^T        (mma.m16n8k16, K by ldmatrix: one fragment feeds every m-tile)
  *     kMod: scale and modifiers (softcap, ALiBi, the bias tile staged with K_j)

@@ -14,11 +14,7 @@
 #pragma once
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define FC_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FC_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace flash_cuda {
 

@@ -25,7 +25,7 @@ struct AttnShape {
   float scale_log2;   // scale * log2(e): scores go to the base-2 domain in one multiply
   BandMask mask;      // causal / sliding window (read by the kBand instantiations)
   ScoreMod mod;       // softcap, ALiBi, bias (read by the kMod instantiations)
-  Dropout drop;       // attention dropout (philox.h; read by the kMod instantiations)
+  Dropout drop;       // attention dropout (philox.h; read by the kBand instantiations: band and modifier)
   bool tf32x3;        // fp32 inputs: each product as three TF32 mma (fp32-level), else one (tf32.h)
   // lse (and dlse) of (batch, head) start at batch * lse_batch_stride + head * lse_head_stride.
   int64_t lse_batch_stride, lse_head_stride;

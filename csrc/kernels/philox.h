@@ -21,7 +21,7 @@
 #pragma once
 #include <stdint.h>
 
-#include "mask.h"
+#include "host_device.h"
 
 namespace flash_cuda {
 

@@ -1,6 +1,6 @@
 /* Thin wrappers around the PTX the kernels use: inline asm under nvcc, the emulator on the
  * host (csrc/emu/runtime.h). Kernel code calls only these for tensor-core math, shared-memory
- * matrix loads, async copies and every global/shared memory access, so the emulator sees
+ * matrix loads, async copies, atomics and every global/shared memory access, so the emulator sees
  * (and checks, and counts) everything the kernel does. Semantics and layouts:
  * ../shared/ptx-oracle/README.md; links to the PTX ISA at each wrapper.
  *
@@ -121,6 +121,8 @@ FC_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 #endif
 }
 
+// D = A B + C on tf32 tensor cores (sm_80+), the m16n8k8 fragments of the .tf32 type:
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#warp-level-matrix-fragment-mma-1688
 FC_DEVICE void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                                 const float (&c)[4] FC_SITE) {
 #if defined(FC_SM75_PASS)
@@ -153,6 +155,7 @@ FC_DEVICE uint32_t to_tf32(float x) {
 
 // Two fp32 values rounded to one register of two 16-bit values, lo in bits 15:0 (the mma
 // fragment order; cvt.rn.f16x2.f32 / cvt.rn.bf16x2.f32 underneath).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cvt
 template <class T>
 FC_DEVICE uint32_t pack2(float lo, float hi) {
   uint32_t r;
@@ -240,6 +243,8 @@ FC_DEVICE void ldmatrix(uint32_t (&r)[N], const void* s_row FC_SITE) {
 // Plain loads and stores. On the GPU they compile to ld/st.{global,shared} of sizeof(T)
 // (T of 16 bytes, e.g. uint4, gives the 128-bit access); in the emulator they are checked
 // for bounds and races and counted.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-ld
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-st
 template <class T>
 FC_DEVICE T ld_global(const T* g_p FC_SITE) {
 #if defined(__CUDACC__)
@@ -264,6 +269,27 @@ FC_DEVICE void st_global(T* g_p, const T& v FC_SITE) {
   }
 #else
   ::emu::global_store(g_p, &v, sizeof(T), site);
+#endif
+}
+
+// A global load the compiler may not merge with an earlier load of the same address (a
+// volatile load: ld.volatile.global); in the emulator a checked load like ld_global.
+template <class T>
+FC_DEVICE T ld_global_volatile(const T* g_p FC_SITE) {
+#if defined(__CUDACC__)
+  return *static_cast<const volatile T*>(g_p);
+#else
+  return ld_global(g_p FC_PASS_SITE);
+#endif
+}
+
+// *g_p += v atomically, the result unused (red.global.add.f32: the backward's dQ accumulator).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#parallel-synchronization-and-communication-instructions-red
+FC_DEVICE void red_add_global(float* g_p, float v FC_SITE) {
+#if defined(__CUDACC__)
+  atomicAdd(g_p, v);
+#else
+  atomicAdd(g_p, v, site);
 #endif
 }
 
@@ -348,6 +374,7 @@ FC_DEVICE void cp_async_cg16_zfill(void* s_dst, const void* g_src, bool fill FC_
 }
 
 // cp.async.ca.shared.global [dst], [src], Bytes, src_bytes (Bytes 4, 8 or 16; cached in L1).
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cp-async
 template <int Bytes>
 FC_DEVICE void cp_async_ca(void* s_dst, const void* g_src, int src_bytes FC_SITE) {
   static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
@@ -389,6 +416,7 @@ FC_DEVICE void cp_async_wait(FC_SITE_ONLY) {
 
 // cp.async.wait_all = commit_group + wait_group 0: unlike wait_group 0 it also waits for
 // copies that were never committed.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-cp-async-wait-group
 FC_DEVICE void cp_async_wait_all(FC_SITE_ONLY) {
 #if defined(FC_SM75_PASS)
 #elif defined(__CUDACC__)

@@ -39,10 +39,8 @@ FC_DEVICE int clamp_index(int x, int lo, int hi) { return x < lo ? lo : (x > hi 
 // measured (ptxas -v): it moves the register allocation both ways (traits.h).
 template <bool kVolatile>
 FC_DEVICE int ld_boundary(const int* g_p) {
-#if defined(__CUDACC__)
-  if constexpr (kVolatile) return *static_cast<const volatile int*>(g_p);
-#endif
-  return ld_global(g_p);
+  if constexpr (kVolatile) return ld_global_volatile(g_p);
+  else return ld_global(g_p);
 }
 
 // p narrowed to sequence `batch` of a packed batch; a dense batch's p as it is (kVarlen

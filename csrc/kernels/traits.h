@@ -5,8 +5,8 @@
 
 #include "bias_tile.h"
 #include "device.h"
+#include "host_device.h"
 #include "layout.h"
-#include "mask.h"
 #include "params.h"
 #include "tf32.h"
 
