@@ -583,6 +583,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at
     return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o,
                            num_splits, Executor::emu);
   }
+  cpu::check_kernel_choices();  // before the append: a refused call leaves the cache as it was
   const int64_t n_new = k_new ? k_new->size(2) : 0;
   const int64_t capacity = block_table ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
   const std::vector<int64_t> seqlens =

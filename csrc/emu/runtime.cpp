@@ -16,6 +16,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -121,7 +122,7 @@ struct Request {
 };
 
 struct Warp {
-  uint32_t epoch = 1;     // bumped by every warp-level synchronisation (orders lanes' accesses)
+  uint32_t epoch = 1;     // bumped by __syncwarp and __syncthreads (orders lanes' shared accesses)
   unsigned arrived = 0;   // lanes waiting in a collective
   unsigned exists = 0;    // lanes that exist (a partial last warp has fewer)
   std::unordered_map<uint64_t, Request> requests;
@@ -142,11 +143,13 @@ struct Cell {
 // stored is not reported: either order leaves the same memory (the fp32 backward's head-dim
 // split computes the bias gradient in both halves' blocks and both store it). Only writes are tracked (a load of another
 // block's store races too, but loads are most of a kernel's accesses); tensors past
-// kMaxWriterBytes are not tracked (the shadow is 8 bytes a byte).
+// kMaxWriterBytes are not tracked (the shadow is 8 bytes a byte), nor those past a launch's
+// kMaxShadowBytes of shadow in all, nor any whose shadow cannot be allocated.
 constexpr size_t kMaxWriterBytes = size_t(16) << 20;
+constexpr size_t kMaxShadowBytes = size_t(256) << 20;
 struct WriterShadow {
   std::once_flag made;
-  std::unique_ptr<std::atomic<uint64_t>[]> owner;  // one per byte of the tensor
+  std::unique_ptr<std::atomic<uint64_t>[]> owner;  // one per byte of the tensor, or none (untracked)
 };
 
 struct LaunchCtx {
@@ -156,6 +159,7 @@ struct LaunchCtx {
   Options opt;
   std::vector<Buffer> buffers;
   std::unique_ptr<WriterShadow[]> writers;  // one per buffer (opt.check)
+  std::atomic<size_t> shadow_bytes{0};      // the writers' shadow allocated so far
   const std::function<void()>* body;
   std::mutex mutex;
   std::vector<std::string> errors;
@@ -710,11 +714,14 @@ bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s, bool
 
 void BlockRunner::record_writer(size_t buffer, size_t offset, size_t n, bool atomic, const void* src, Site s) {
   WriterShadow& w = L->writers[buffer];
-  std::call_once(w.made, [&] {
-    const size_t bytes = L->buffers[buffer].bytes;
-    w.owner.reset(new std::atomic<uint64_t>[bytes]);
+  std::call_once(w.made, [&] {  // (nothing in it throws: an exception would leave other workers waiting)
+    const size_t bytes = L->buffers[buffer].bytes, shadow = bytes * sizeof(std::atomic<uint64_t>);
+    if (L->shadow_bytes.fetch_add(shadow) + shadow > kMaxShadowBytes) return;
+    w.owner.reset(new (std::nothrow) std::atomic<uint64_t>[bytes]);
+    if (!w.owner) return;
     for (size_t i = 0; i < bytes; ++i) w.owner[i].store(0, std::memory_order_relaxed);
   });
+  if (!w.owner) return;
   const Dim3 g = L->grid;
   const uint32_t block = bidx.x + g.x * (bidx.y + g.y * bidx.z);
   const uint64_t tag = (uint64_t(block) + 1) << 9 | uint64_t(atomic) << 8;
@@ -725,7 +732,11 @@ void BlockRunner::record_writer(size_t buffer, size_t offset, size_t n, bool ato
     const uint64_t before = w.owner[i].exchange(me, std::memory_order_relaxed);
     const bool before_atomic = before >> 8 & 1;
     if (before == 0 || before >> 9 == me >> 9 || (before_atomic && atomic)) continue;  // none, this block, atomics
-    if (!atomic && !before_atomic && src && (before & 0xFF) == (me & 0xFF)) continue;  // the same byte
+    if (!atomic && !before_atomic && src && (before & 0xFF) == (me & 0xFF)) {  // the same byte: no race,
+      uint64_t mine = me;                                                       // and the first owner stays
+      w.owner[i].compare_exchange_strong(mine, before, std::memory_order_relaxed);  // (its later stores race)
+      continue;
+    }
     const uint32_t other = static_cast<uint32_t>(before >> 9) - 1;
     const Dim3 o{other % g.x, (other / g.x) % g.y, other / (g.x * g.y)};
     std::ostringstream m;

@@ -258,7 +258,7 @@ const char* const kBugNames[] = {
     "uninitialised",       // read shared memory nobody wrote
     "ldmatrix_unordered",  // ldmatrix rows other lanes stored, with no __syncwarp between
     "ldmatrix_ordered",    // the same with __syncwarp (correct)
-    "global_race",         // two blocks add into one word with plain loads and stores
+    "global_race",         // two blocks add 1 and 2 into one word with plain loads and stores
     "global_atomics",      // two blocks add into one word with atomics (correct)
     "global_mixed",        // one block adds atomically, the other stores plainly
 };
@@ -330,7 +330,7 @@ __global__ void planted_bug_kernel(int which, float* g_buf, int n) {
         st_global(&g_buf[tid], __uint_as_float(r[0]));
       }
       break;
-    case 15: st_global(&g_buf[tid], ld_global(&g_buf[tid]) + 1.0f); break;
+    case 15: st_global(&g_buf[tid], ld_global(&g_buf[tid]) + 1.0f + blockIdx.x); break;  // (never the same bytes)
     case 16: atomicAdd(&g_buf[tid], 1.0f); break;
     case 17:
       if (blockIdx.x == 0) atomicAdd(&g_buf[tid], 1.0f);

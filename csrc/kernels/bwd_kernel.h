@@ -245,8 +245,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       // bias gradient), dS^T = dS^T' d(capped)/ds. The bias comes from the stage's tile; the
       // gradient goes to the kernels' transposed dbias ([key][query], ScoreMod::dbias): a C
       // tile's element pair is two adjacent queries of one key, one 8-byte store, and every
-      // element of (b, h) is computed once here: plain stores, written only inside [0, nk) x
-      // [0, nq) (the pair's second query may be padding: its dS^T' is 0).
+      // element of (b, h) is computed by one key tile's block (by both of its head-dim halves'
+      // blocks where kDSplit = 2: the same values, stored twice): plain stores, written only
+      // inside [0, nk) x [0, nq) (the pair's second query may be padding: its dS^T' is 0).
       const float slope = p.mod.slope(batch, head);
       const float* sBiasS = sBias(s);
       const bool has_bias = p.mod.bias != nullptr, bias_row_broadcast = p.mod.bias_stride[2] == 0;
