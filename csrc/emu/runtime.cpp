@@ -137,14 +137,15 @@ struct Cell {
 };
 
 // Which block of the launch stored each byte of a writable tensor (the race checker's, for global
-// memory): 0 none yet, else (block + 1) << 9 | atomic << 8 | the byte stored. Blocks of one launch have no order between
-// them (no grid-wide barrier), so two blocks' plain stores to one byte, or a plain store and an
-// atomic, race: the survivor depends on the schedule. A plain store of the byte the other block
-// stored is not reported: either order leaves the same memory (the fp32 backward's head-dim
-// split computes the bias gradient in both halves' blocks and both store it). Only writes are tracked (a load of another
-// block's store races too, but loads are most of a kernel's accesses); tensors past
-// kMaxWriterBytes are not tracked (the shadow is 8 bytes a byte), nor those past a launch's
-// kMaxShadowBytes of shadow in all, nor any whose shadow cannot be allocated.
+// memory): 0 none yet, else (block + 1) << 9 | atomic << 8 | the byte stored. Blocks of one
+// launch have no order between them (no grid-wide barrier), so two blocks' plain stores to one
+// byte, or a plain store and an atomic, race: the survivor depends on the schedule. A plain store
+// of the byte the other block stored is not reported: either order leaves the same memory (the
+// fp32 backward's head-dim split computes the bias gradient in both halves' blocks and both store
+// it). Only writes are tracked (a load of another block's store races too, but loads are most of
+// a kernel's accesses); tensors past kMaxWriterBytes are not tracked (the shadow is 8 bytes a
+// byte), nor those past a launch's kMaxShadowBytes of shadow in all, nor any whose shadow cannot
+// be allocated.
 constexpr size_t kMaxWriterBytes = size_t(16) << 20;
 constexpr size_t kMaxShadowBytes = size_t(256) << 20;
 struct WriterShadow {
