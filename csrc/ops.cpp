@@ -161,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                      alibi_slopes, bias, false, dropout_p, rng_state);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
     return fwd_kernels(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o, Executor::emu);
+  cpu::check_kernel_choices();
   return cpu::attention_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), o);
 }
 
@@ -195,6 +196,7 @@ BwdResult bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                                   Executor::emu),
                       q);
   // The CPU backend is deterministic for a fixed thread count either way.
+  cpu::check_kernel_choices();
   return with_dbias(cpu::attention_bwd(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k),
                                        unit_last_stride(v), unit_last_stride(out), lse, dlse, o),
                     q);
@@ -316,6 +318,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                        softcap, alibi_slopes, dropout_p, rng_state, &vq, &vk);
   if (emu_active())  // inside flash_cuda.emulate(): the CUDA kernels, run by the emulator
     return varlen_fwd_kernels(q, k, v, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, Executor::emu);
+  cpu::check_kernel_choices();
   return cpu::varlen_fwd(unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), vq, vk, o);
 }
 
@@ -348,6 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     return varlen_bwd_kernels(dout, q, k, v, out, lse, dlse, o, Packed{cu_q.contiguous(), cu_k.contiguous(), max_q, max_k}, deterministic,
                               Executor::emu);
   // The CPU backend is deterministic for a fixed thread count either way.
+  cpu::check_kernel_choices();
   return cpu::varlen_bwd(unit_last_stride(dout), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
                          unit_last_stride(out), lse, dlse, vq, vk, o);
 }

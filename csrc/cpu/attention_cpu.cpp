@@ -729,7 +729,6 @@ std::tuple<at::Tensor, at::Tensor> tiled_fwd(const at::Tensor& q, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const AttnOptions& opt) {
-  check_kernel_choices();
   if (takes_kvcache_loop(q, k, opt)) {
     // its out is contiguous: returned as is where that is the tiled loop's layout (below), else copied
     auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
@@ -742,7 +741,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt) {
-  check_kernel_choices();
   const auto acc = at::toOpMathType(q.scalar_type());
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   // dL/d bias: in the kernels' layout (csrc/kernel_launch.cpp: [B][Hq][Nk][Nq rounded up to 8],

@@ -665,7 +665,6 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                                                const at::Tensor& v_cache, const std::vector<int64_t>& n_keys,
                                                const std::optional<at::Tensor>& block_table, const AttnOptions& opt,
                                                int64_t num_splits) {
-  check_kernel_choices();
   const auto acc = at::toOpMathType(q.scalar_type());
   const int64_t B = q.size(0), Hkv = k_cache.size(1);
   at::Tensor out = at::empty(q.sizes(), q.options());

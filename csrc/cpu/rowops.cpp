@@ -371,9 +371,9 @@ float exp_affine_sum_bf16(const float* x, int64_t n, float a, float m, uint16_t*
                           float* rounded_sum, bool generic) {
   // FLASH_CUDA_CPU_GENERIC_BF16=1 (read once; 0 or unset: not) takes the generic version here too:
   // how the tests check it on machines that have AVX512-BF16.
-  static const char* const generic_env = env_choice("FLASH_CUDA_CPU_GENERIC_BF16", "1", "0");
+  static const bool forced_generic = env_choice(kGenericBf16Choice) == kGenericBf16Choice.a;
 #ifdef FC_AVX512_BF16
-  static const bool avx512_bf16 = dpbf16_supported() && !(generic_env && *generic_env == '1');
+  static const bool avx512_bf16 = dpbf16_supported() && !forced_generic;
   if (avx512_bf16 && !generic) return exp_affine_sum_bf16_avx512(x, n, a, m, y, x_max, rounded_sum);
 #endif
   return exp_affine_sum_bf16_generic(x, n, a, m, y, x_max, rounded_sum);

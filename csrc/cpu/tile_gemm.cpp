@@ -334,62 +334,55 @@ void transpose(int64_t n, int64_t m, const float* src, int64_t lds, float* dst, 
     for (int64_t i = j < m16 ? n16 : 0; i < n; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
-const char* env_choice(const char* var, const char* a, const char* b) {
-  const char* env = std::getenv(var);
+const char* env_choice(const KernelChoice& c) {
+  const char* env = std::getenv(c.var);
   if (env == nullptr || *env == '\0') return nullptr;
-  if (std::strcmp(env, a) == 0) return a;
-  if (std::strcmp(env, b) == 0) return b;
-  TORCH_CHECK_VALUE(false, "flash_cuda: ", var, " must be ", a, " or ", b, " (or unset: the choice made from the CPU's "
-                    "flags), got '", env, "'");
+  if (std::strcmp(env, c.a) == 0) return c.a;
+  if (std::strcmp(env, c.b) == 0) return c.b;
+  TORCH_CHECK_VALUE(false, "flash_cuda: ", c.var, " must be ", c.a, " or ", c.b, " (or unset: the choice made from the "
+                    "CPU's flags), got '", env, "'");
   return nullptr;
 }
 
 void check_kernel_choices() {
-  env_choice("FLASH_CUDA_CPU_GEMM", "native", "float");
-  env_choice("FLASH_CUDA_CPU_BF16_GEMM", "dpbf16", "onednn");
-  env_choice("FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas");
-  env_choice("FLASH_CUDA_CPU_ROWS", "avx2", "off");
-  env_choice("FLASH_CUDA_CPU_GENERIC_BF16", "1", "0");
+  for (const KernelChoice& c : {kGemmChoice, kBf16GemmChoice, kF32GemmChoice, kRowsChoice, kGenericBf16Choice})
+    env_choice(c);
 }
 
 bool native_lowp_gemm(at::ScalarType dtype) {
-  if (const char* env = env_choice("FLASH_CUDA_CPU_GEMM", "native", "float")) return std::strcmp(env, "native") == 0;
+  if (const char* env = env_choice(kGemmChoice)) return env == kGemmChoice.a;
   static const bool bf16 = cpu_has("amx_bf16") || cpu_has("avx512_bf16");
   static const bool fp16 = cpu_has("amx_fp16");
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : false;
 }
 
 namespace {
-// A micro-kernel where the CPU supports it: the environment variable `var` set to `on` or `off`
+// A micro-kernel where the CPU supports it: the choice's variable set to its a (on) or b (off)
 // decides, else the CPU's flags (no AMX: the class of CPU the kernels were measured to win on).
-bool choose_micro_kernel(bool supported, const char* var, const char* on, const char* off) {
-  const char* env = env_choice(var, on, off);  // (checked on every CPU)
+bool choose_micro_kernel(bool supported, const KernelChoice& c) {
   if (!supported) return false;
-  if (env) return env == on;
+  if (const char* env = env_choice(c)) return env == c.a;
   static const bool amx = cpu_has("amx_bf16");
   return !amx;
 }
 }  // namespace
 
-bool use_dpbf16() { return choose_micro_kernel(dpbf16_supported(), "FLASH_CUDA_CPU_BF16_GEMM", "dpbf16", "onednn"); }
-bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), "FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas"); }
+bool use_dpbf16() { return choose_micro_kernel(dpbf16_supported(), kBf16GemmChoice); }
+bool use_avx512_f32() { return choose_micro_kernel(f32_gemm_supported(), kF32GemmChoice); }
 
 bool rows_kernels_allowed(at::ScalarType dtype) {
   if (!f32_gemm_supported()) return false;
   const bool bf16 = dtype == at::kBFloat16;
-  const char* env = bf16 ? env_choice("FLASH_CUDA_CPU_BF16_GEMM", "dpbf16", "onednn")
-                         : env_choice("FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas");
-  return !(env && std::strcmp(env, bf16 ? "onednn" : "blas") == 0);
+  const KernelChoice& c = bf16 ? kBf16GemmChoice : kF32GemmChoice;
+  return env_choice(c) != c.b;  // (b: the library GEMMs)
 }
 
 RowsKernels float_rows_kernels(at::ScalarType dtype) {
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return RowsKernels::kNone;
-  const char* rows_env = env_choice("FLASH_CUDA_CPU_ROWS", "avx2", "off");
-  const char* f32_env = env_choice("FLASH_CUDA_CPU_F32_GEMM", "avx512", "blas");
+  const char* rows_env = env_choice(kRowsChoice);
   const bool avx2 = avx2_rows_supported();
-  if (rows_env && std::strcmp(rows_env, "avx2") == 0) return avx2 ? RowsKernels::kAvx2 : RowsKernels::kNone;
-  if ((rows_env && std::strcmp(rows_env, "off") == 0) || (f32_env && std::strcmp(f32_env, "blas") == 0))
-    return RowsKernels::kNone;
+  if (rows_env == kRowsChoice.a) return avx2 ? RowsKernels::kAvx2 : RowsKernels::kNone;
+  if (rows_env == kRowsChoice.b || env_choice(kF32GemmChoice) == kF32GemmChoice.b) return RowsKernels::kNone;
   if (dtype != at::kBFloat16 && f32_gemm_supported()) return RowsKernels::kAvx512;
   return avx2 ? RowsKernels::kAvx2 : RowsKernels::kNone;
 }
