@@ -14,6 +14,7 @@ the packed V and K), windows whose first key is not on a 64-key block.
 """
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -979,3 +980,68 @@ def test_one_hot_shortcut_keeps_nan_and_blockwise_lse():
     assert_close_fp("dq", dq, ref[0].grad, 1e-5)
     assert_close_fp("dk", torch.cat([d[0] for d in dkv], 2), ref[1].grad, 1e-5)
     assert_close_fp("dv", torch.cat([d[1] for d in dkv], 2), ref[2].grad, 1e-5)
+
+
+def forward_in_chunks(pairs, q, k, v, **kw):
+    """out and lse of the CPU forward with its operands prepared `pairs` (batch, kv head) pairs at
+    a time (0: the automatic chunks)."""
+    before = torch.ops.flash_cuda._cpu_force_fwd_chunk_pairs(pairs)
+    try:
+        return flash_cuda.attention(q, k, v, return_lse=True, **kw)
+    finally:
+        torch.ops.flash_cuda._cpu_force_fwd_chunk_pairs(before)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_forward_operands_in_chunks(monkeypatch, poisoned_scratch, seed):
+    """The tiled forward prepares Q, K^T and V a chunk of (batch, kv head) pairs at a time (whole
+    batches, or some kv heads of one batch): every chunking gives the one-chunk result bit for bit
+    (out, lse, the dropout mask's draws), and that one is the float64 reference's (fp32 close, fp16
+    and bf16 under FlashAttention's rule). Random shapes, GQA, dtypes, GEMM paths, views and
+    options; its temporaries handed out as NaN."""
+    rnd = random.Random(7000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    dtype = rnd.choice([torch.float32, torch.bfloat16, torch.float16, torch.float64])
+    if dtype in LOW:
+        set_path(monkeypatch, rnd.choice(["native", "float"]), dtype)
+    B, Hkv, group = rnd.randint(1, 3), rnd.randint(1, 3), rnd.choice([1, 2, 3])
+    Nq = rnd.randint(16, 300)
+    Nk, D = rnd.randint(1, 2 * Nq), rnd.choice([8, 40, 59, 64, 128])  # self-attention-like: the tiled loop
+
+    def make(h, n):
+        if rnd.random() < 0.3:  # FlashAttention's (B, N, H, D) memory
+            return torch.randn(B, n, h, D, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(B, h, n, D, generator=g).to(dtype)
+
+    q, k, v = make(Hkv * group, Nq), make(Hkv, Nk), make(Hkv, Nk)
+    kw = {}
+    if rnd.random() < 0.4:
+        kw["causal"] = True
+    if rnd.random() < 0.3:
+        kw["window"] = (rnd.choice([-1, 3, 70]), rnd.choice([-1, 0, 9]))
+    if rnd.random() < 0.3:
+        kw["softcap"] = rnd.choice([2.0, 30.0])
+    if rnd.random() < 0.3:
+        kw["alibi_slopes"] = torch.rand(Hkv * group, generator=g) * 0.3
+    if rnd.random() < 0.3:
+        kw["attn_mask"] = torch.randn(B, 1, Nq, Nk, generator=g).to(dtype)
+    drop = rnd.random() < 0.3
+    runs = []
+    for pairs in (B * Hkv, 1, rnd.randint(2, B * Hkv + 1), 0):
+        if drop:
+            kw.update(dropout_p=0.25, generator=torch.Generator().manual_seed(seed))
+        runs.append((pairs, *forward_in_chunks(pairs, q, k, v, **kw)))
+    for pairs, out, lse in runs[1:]:
+        assert torch.equal(out, runs[0][1]) and torch.equal(lse, runs[0][2]), (pairs, B, Hkv, kw)
+    if drop:
+        return  # (the dropout mask's own tests check it against the reference)
+    ref_out, ref_lse = attention_ref(q, k, v, **kw)
+    out, lse = runs[0][1], runs[0][2]
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    if dtype in (torch.float32, torch.float64):
+        assert_close_fp("lse", lse[fin], ref_lse[fin], 1e-5)
+        assert_close_fp("out", out, ref_out, 2e-5)
+    else:
+        plain_out, _ = attention_ref(q, k, v, dtype=dtype, **kw)
+        assert_fa_rule("out", out, plain_out, ref_out, 2)

@@ -318,6 +318,24 @@ def test_backward_dropout_and_bias_gradient():
             check_grads(q, k, v, dict(check_kw, keep=keep), dout, out, grads, precision)
 
 
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_bias_gradient_with_the_head_dim_split(order):
+    """Above head dim 128 the fp32 backward splits the head dim over two blocks per key tile;
+    both compute the bias gradient and the first alone stores it (run_grads' race checker
+    reports two blocks' stores to one byte, equal values too: both halves stored it before
+    2026-12-06), in either block order."""
+    B, Hq, Nq, Nk, D = 1, 2, 40, 70, 200
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, D, torch.float32, seed=6)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(B, Hq, Nq, D, generator=g)
+    kw = dict(attn_mask=torch.randn(B, 1, Nq, Nk, generator=g).requires_grad_(), softcap=4.0)
+    out, grads, launches = run_grads(q, k, v, kw, dout, "3xtf32", order=order)
+    bwd = [r for r in launches if "flash_bwd<" in r["kernel"]]
+    # two blocks per key tile of 32 (the A100 configuration at head dim 256)
+    assert len(bwd) == 1 and "hdim256" in bwd[0]["kernel"] and bwd[0]["grid"][0] == 2 * ((Nk + 31) // 32), bwd
+    check_grads(q, k, v, kw, dout, out, grads, "3xtf32")
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_backward_randomised_differential(seed):
     rnd = random.Random(1000 + seed)

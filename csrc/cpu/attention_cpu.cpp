@@ -201,6 +201,29 @@ void store_rows(const acc_t* o, int64_t rows, int64_t D, at::Tensor& out, int64_
   }
 }
 
+// The tiled forward prepares its GEMM operands (Q in the GEMM dtype, K^T and V packed for the
+// micro-kernels or AMX) for a chunk of (batch, kv head) pairs at a time, not for the whole call:
+// at B 1, H 8, N 8192, D 128 they took 64 MiB in fp32 and 160 MiB in fp16 on a CPU that
+// multiplies it in fp32 (Q, K and V converted, then K^T and V packed), beside a 32 (16) MiB
+// output, where torch's CPU flash kernel needs little beyond its output. A chunk's operands
+// are at most kScratchMaxBlock each, so that the next chunk's come back from the scratch cache
+// (scratch.h) already mapped, but a chunk has at least kFwdChunkItems work items a thread: each
+// chunk ends at a barrier, where the threads wait for its last items. Returns (batches, kv heads)
+// per chunk: whole batches where one fits, else some kv heads of one batch.
+constexpr int64_t kFwdChunkItems = 8;
+std::atomic<int64_t> forced_fwd_chunk_pairs{0};  // force_fwd_chunk_pairs (tests)
+template <typename in_t>
+std::pair<int64_t, int64_t> fwd_chunk(int64_t B, int64_t Hkv, int64_t q_rows_per_kv_head, int64_t Nk, int64_t D,
+                                      int64_t items_per_kv_head) {
+  const int64_t operand = std::max<int64_t>(1, std::max(q_rows_per_kv_head, Nk) * D * int64_t(sizeof(in_t)));
+  const int64_t items = kFwdChunkItems * at::get_num_threads(), forced = forced_fwd_chunk_pairs.load();
+  const int64_t pairs = forced > 0 ? forced
+                                   : std::max({int64_t(1), int64_t(kScratchMaxBlock) / operand,
+                                               ceil_div(items, items_per_kv_head)});
+  if (pairs < Hkv) return {1, pairs};
+  return {std::min(B, pairs / Hkv), Hkv};
+}
+
 // in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
 // the softmax (float, or double for double). prescale: the scale applied to every score tile
 // first. Returns whether a row's max score exceeded kFoldedScaleMax with the scale folded into
@@ -218,12 +241,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const Mods<acc_t> mods(opt, Hq);
   const Drop<acc_t> drop(opt, Hq);
   const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
-  const at::Tensor gQ = rows_operand(q, in_dtype);  // (B, Hq, Nq, D)
-  const int64_t ld_q = gQ.stride(2);
-  // K^T (D x Nk) and V (Nk x D) per head; K^T packed only for an even D (Q rows have no zero
-  // column to pad an odd one with).
-  const RightOperand<in_t> gKt(transposed_view(k, in_dtype), D % 2 == 0, kFwdBc),
-      gV(rows_operand(v, in_dtype), true, kMaxBlockD);
+  const auto [chunk_batches, chunk_kv_heads] = fwd_chunk<in_t>(B, Hkv, group * Nq, Nk, D, n_qtiles * group);
   constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at micro-kernel panels
   static_assert(kEdgeRows % kKeyAlign == 0, "an edge block's keys start at a micro-kernel panel");
 
@@ -248,79 +266,95 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const bool may_fold = !prescale && !mods.any && scale > 0;
   std::atomic<bool> too_large{false};
 
-  // Head by head, so the items a thread takes in turn read the same head's K^T and V (from its
-  // L2, not L3: 1.06x-1.07x faster bf16 forwards at D = 128 on a Xeon with AMX than items taken
-  // across the heads); within a head the heaviest query tiles first (under a causal mask later
-  // rows see more keys), so the last items handed out are light ones.
-  parallel_items(B * Hq * n_qtiles, make_scratch, [&](int64_t item, Scratch& t) {
-    const int64_t bh = item / n_qtiles, qt = n_qtiles - 1 - item % n_qtiles;
-    const int64_t b = bh / Hq, h = bh % Hq, hkv = h / group;
-    const int64_t i0 = qt * kFwdBr, i1 = std::min(i0 + kFwdBr, Nq), br = i1 - i0;
-    const in_t* gQi = at_row<in_t>(gQ, b, h, i0);  // (br, D)
-    acc_t* o = t.O.data();                         // (br, D), unnormalised
-    std::fill(o, o + br * D, acc_t(0));
-    std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
-    constexpr int64_t ld_s = kFwdBc;
-    acc_t* s = t.S.data();    // (br, bc)
-    acc_t* pf = t.Pf.data();  // (br, bc), unless round_in_exp
+  // The operands of one chunk of (batch, kv head) pairs (fwd_chunk) at a time, its items in
+  // parallel: head by head, so the items a thread takes in turn read the same head's K^T and V
+  // (from its L2, not L3: 1.06x-1.07x faster bf16 forwards at D = 128 on a Xeon with AMX than
+  // items taken across the heads); within a head the heaviest query tiles first (under a causal
+  // mask later rows see more keys), so the last items handed out are light ones.
+  for (int64_t b0 = 0; b0 < B; b0 += chunk_batches)
+    for (int64_t g0 = 0; g0 < Hkv; g0 += chunk_kv_heads) {
+      const int64_t nb = std::min(chunk_batches, B - b0), nkv = std::min(chunk_kv_heads, Hkv - g0), nh = nkv * group;
+      const at::Tensor gQ = rows_operand(q.narrow(0, b0, nb).narrow(1, g0 * group, nh), in_dtype);  // (nb, nh, Nq, D)
+      const int64_t ld_q = gQ.stride(2);
+      // K^T (D x Nk) and V (Nk x D) per kv head of the chunk; K^T packed only for an even D (Q rows
+      // have no zero column to pad an odd one with).
+      const at::Tensor k_chunk = k.narrow(0, b0, nb).narrow(1, g0, nkv);
+      const at::Tensor v_chunk = v.narrow(0, b0, nb).narrow(1, g0, nkv);
+      const RightOperand<in_t> gKt(transposed_view(k_chunk, in_dtype), D % 2 == 0, kFwdBc),
+          gV(rows_operand(v_chunk, in_dtype), true, kMaxBlockD);
+      parallel_items(nb * nh * n_qtiles, make_scratch, [&](int64_t item, Scratch& t) {
+        const int64_t bh_local = item / n_qtiles, qt = n_qtiles - 1 - item % n_qtiles;
+        const int64_t lb = bh_local / nh, lh = bh_local % nh, lkv = lh / group;  // in the chunk
+        const int64_t b = b0 + lb, h = g0 * group + lh, bh = b * Hq + h;
+        const int64_t i0 = qt * kFwdBr, i1 = std::min(i0 + kFwdBr, Nq), br = i1 - i0;
+        const in_t* gQi = at_row<in_t>(gQ, lb, lh, i0);  // (br, D)
+        acc_t* o = t.O.data();                            // (br, D), unnormalised
+        std::fill(o, o + br * D, acc_t(0));
+        std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
+        constexpr int64_t ld_s = kFwdBc;
+        acc_t* s = t.S.data();    // (br, bc)
+        acc_t* pf = t.Pf.data();  // (br, bc), unless round_in_exp
 
-    // Only the keys some row of the tile sees (a window: a band of width left + right + br).
-    const int64_t key_end = band.key_end(i1, Nk);
-    for (int64_t j0 = band.key_begin(i0, Nk) / kKeyAlign * kKeyAlign; j0 < key_end; j0 += kFwdBc) {
-      const int64_t j1 = std::min(j0 + kFwdBc, key_end);
-      const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
-      // The scale is folded into the exponent (exp(scale s - m)) unless the modifiers need the
-      // scaled scores or a scale <= 0 turns the row max into a row min.
-      const bool prescaled = prescale || band_mask || mods.any || !(scale > 0);
-      const acc_t a = prescaled ? acc_t(1) : scale;
-      const int64_t block_rows = band_mask ? kEdgeRows : br;
-      for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
-        // rows r0 .. r0 + rows of the tile against the keys c0 .. c1 of it that some of them see
-        const int64_t rows = std::min(block_rows, br - r0);
-        const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
-        if (c1 == c0) continue;  // none of these rows sees a key of this tile
-        const int64_t cols = c1 - c0, jb = j0 + c0;
-        acc_t* sb = s + r0 * ld_s + c0;  // (rows, cols)
-        gKt.gemm(b, hkv, rows, gQi + r0 * ld_q, ld_q, 0, D, jb, cols, sb, ld_s, false);  // S = Q K^T
-        if (prescaled) {
-          for (int64_t r = 0; r < rows; ++r) scale_row(sb + r * ld_s, cols, scale);
-          if (band_mask || mods.any)
-            modify_tile<acc_t>(sb, nullptr, ld_s, rows, cols, i0 + r0, jb, b, h, band, band_mask, mods);
+        // Only the keys some row of the tile sees (a window: a band of width left + right + br).
+        const int64_t key_end = band.key_end(i1, Nk);
+        for (int64_t j0 = band.key_begin(i0, Nk) / kKeyAlign * kKeyAlign; j0 < key_end; j0 += kFwdBc) {
+          const int64_t j1 = std::min(j0 + kFwdBc, key_end);
+          const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
+          // The scale is folded into the exponent (exp(scale s - m)) unless the modifiers need the
+          // scaled scores or a scale <= 0 turns the row max into a row min.
+          const bool prescaled = prescale || band_mask || mods.any || !(scale > 0);
+          const acc_t a = prescaled ? acc_t(1) : scale;
+          const int64_t block_rows = band_mask ? kEdgeRows : br;
+          for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
+            // rows r0 .. r0 + rows of the tile against the keys c0 .. c1 of it that some of them see
+            const int64_t rows = std::min(block_rows, br - r0);
+            const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
+            if (c1 == c0) continue;  // none of these rows sees a key of this tile
+            const int64_t cols = c1 - c0, jb = j0 + c0;
+            acc_t* sb = s + r0 * ld_s + c0;  // (rows, cols)
+            gKt.gemm(lb, lkv, rows, gQi + r0 * ld_q, ld_q, 0, D, jb, cols, sb, ld_s, false);  // S = Q K^T
+            if (prescaled) {
+              for (int64_t r = 0; r < rows; ++r) scale_row(sb + r * ld_s, cols, scale);
+              if (band_mask || mods.any)
+                modify_tile<acc_t>(sb, nullptr, ld_s, rows, cols, i0 + r0, jb, b, h, band, band_mask, mods);
+            }
+            const int64_t at = r0 * ld_s + c0;  // the block in the (Br, Bc) tiles
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t* x = sb + r * ld_s;
+              online_softmax_row(t.rows[r0 + r], o + (r0 + r) * D, D, a, x, cols, rounded,
+                                 [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
+                                   if constexpr (rounded)
+                                     if (round_in_exp)
+                                       return exp_affine_sum_to(x, cols, a, m_ref, t.P.data() + at + r * ld_s, x_max,
+                                                                lp);
+                                   const acc_t l = exp_affine_sum(x, cols, a, m_ref, pf + at + r * ld_s, x_max);
+                                   *lp = l;  // dropout multiplies P after the sums, as on the GPU
+                                   return l;
+                                 });
+            }
+            if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
+              acc_t* z = t.Z.data() + at;
+              drop.tile(z, kFwdBc, rows, cols, i0 + r0, jb, b, h);
+              for (int64_t r = 0; r < rows; ++r) mul_row(pf + at + r * ld_s, z + r * kFwdBc, cols);
+            }
+            // (rows, cols): in P where the exponent pass rounded it, else rounded here (to P's top rows)
+            const in_t* p = round_in_exp ? t.P.data() + at : gemm_operand<in_t>(pf + at, ld_s, rows, cols, t.P);
+            // (the packed V's pad row)
+            if (cols % 2 && !t.P.empty()) zero_column(const_cast<in_t*>(p), ld_s, rows, cols);
+            gV.gemm(lb, lkv, rows, p, ld_s, jb, cols, 0, D, o + r0 * D, D, true);  // O += P V
+          }
         }
-        const int64_t at = r0 * ld_s + c0;  // the block in the (Br, Bc) tiles
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* x = sb + r * ld_s;
-          online_softmax_row(t.rows[r0 + r], o + (r0 + r) * D, D, a, x, cols, rounded,
-                             [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
-                               if constexpr (rounded)
-                                 if (round_in_exp)
-                                   return exp_affine_sum_to(x, cols, a, m_ref, t.P.data() + at + r * ld_s, x_max, lp);
-                               const acc_t l = exp_affine_sum(x, cols, a, m_ref, pf + at + r * ld_s, x_max);
-                               *lp = l;  // dropout multiplies P after the sums, as on the GPU
-                               return l;
-                             });
-        }
-        if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
-          acc_t* z = t.Z.data() + at;
-          drop.tile(z, kFwdBc, rows, cols, i0 + r0, jb, b, h);
-          for (int64_t r = 0; r < rows; ++r) mul_row(pf + at + r * ld_s, z + r * kFwdBc, cols);
-        }
-        // (rows, cols): in P where the exponent pass rounded it, else rounded here (to P's top rows)
-        const in_t* p = round_in_exp ? t.P.data() + at : gemm_operand<in_t>(pf + at, ld_s, rows, cols, t.P);
-        if (cols % 2 && !t.P.empty()) zero_column(const_cast<in_t*>(p), ld_s, rows, cols);  // the packed V's pad row
-        gV.gemm(b, hkv, rows, p, ld_s, jb, cols, 0, D, o + r0 * D, D, true);  // O += P V
-      }
-    }
 
-    for (int64_t r = 0; r < br; ++r) {
-      const SoftmaxRow<acc_t>& row = t.rows[r];
-      const bool empty = row.l == acc_t(0);  // the row sees no key: out 0, lse -inf
-      scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
-      lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : row.m + std::log(row.l);
-      if (may_fold && std::abs(row.m) > kFoldedScaleMax) too_large = true;
+        for (int64_t r = 0; r < br; ++r) {
+          const SoftmaxRow<acc_t>& row = t.rows[r];
+          const bool empty = row.l == acc_t(0);  // the row sees no key: out 0, lse -inf
+          scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
+          lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : row.m + std::log(row.l);
+          if (may_fold && std::abs(row.m) > kFoldedScaleMax) too_large = true;
+        }
+        store_rows(o, br, D, out, b, h, i0);
+      });
     }
-    store_rows(o, br, D, out, b, h, i0);
-  });
   return too_large;
 }
 
@@ -713,6 +747,8 @@ bool takes_kvcache_loop(const at::Tensor& q, const at::Tensor& k, const AttnOpti
 }
 
 }  // namespace
+
+int64_t force_fwd_chunk_pairs(int64_t pairs) { return forced_fwd_chunk_pairs.exchange(std::max<int64_t>(pairs, 0)); }
 
 // The tiled forward (fwd_impl), whose scores the backward's tiles recompute bit for bit.
 std::tuple<at::Tensor, at::Tensor> tiled_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -137,12 +137,11 @@ struct Cell {
 };
 
 // Which block of the launch stored each byte of a writable tensor (the race checker's, for global
-// memory): 0 none yet, else (block + 1) << 9 | atomic << 8 | the byte stored. Blocks of one
-// launch have no order between them (no grid-wide barrier), so two blocks' plain stores to one
-// byte, or a plain store and an atomic, race: the survivor depends on the schedule. A plain store
-// of the byte the other block stored is not reported: either order leaves the same memory (the
-// fp32 backward's head-dim split computes the bias gradient in both halves' blocks and both store
-// it). Only writes are tracked (a load of another block's store races too, but loads are most of
+// memory): 0 none yet, else (block + 1) << 1 | atomic. Blocks of one launch have no order
+// between them (no grid-wide barrier), so two blocks' plain stores to one byte, or a plain store
+// and an atomic, race: the survivor depends on the schedule. Two stores of the same value race
+// too (only the schedule keeps them equal; until 2026-12-06 they were let through, for the fp32
+// backward's head-dim halves, which both stored the bias gradient). Only writes are tracked (a load of another block's store races too, but loads are most of
 // a kernel's accesses); tensors past kMaxWriterBytes are not tracked (the shadow is 8 bytes a
 // byte), nor those past a launch's kMaxShadowBytes of shadow in all, nor any whose shadow cannot
 // be allocated.
@@ -212,10 +211,10 @@ class BlockRunner {
   void record_request(Thread& t, Site s, bool global, SharedKind kind, const void* p, size_t n);
   void flush(Warp& w);
   bool shared_check(int tid, const char* p, size_t n, bool write, Site s);
-  bool global_check(const void* p, size_t n, bool write, Site s, bool atomic = false, const void* src = nullptr);
+  bool global_check(const void* p, size_t n, bool write, Site s, bool atomic = false);
   void complete(Thread& t, const std::vector<CpOp>& group);
   Cell* cell(const char* p);
-  void record_writer(size_t buffer, size_t offset, size_t n, bool atomic, const void* src, Site s);
+  void record_writer(size_t buffer, size_t offset, size_t n, bool atomic, Site s);
   bool ordered(int tid_a, uint32_t wepoch_a, int tid_b) const {
     return threads[tid_a].warp == threads[tid_b].warp && warps[tid_b / kWarp].epoch > wepoch_a;
   }
@@ -690,7 +689,7 @@ bool BlockRunner::shared_check(int tid, const char* p, size_t n, bool write, Sit
   return true;
 }
 
-bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s, bool atomic, const void* src) {
+bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s, bool atomic) {
   const char* a = static_cast<const char*>(p);
   for (size_t i = 0; i < L->buffers.size(); ++i) {
     const Buffer& b = L->buffers[i];
@@ -702,7 +701,7 @@ bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s, bool
       }
       if (write) counters.global_bytes_written += n;
       else counters.global_bytes_read += n;
-      if (write && L->writers && b.bytes <= kMaxWriterBytes) record_writer(i, size_t(a - lo), n, atomic, src, s);
+      if (write && L->writers && b.bytes <= kMaxWriterBytes) record_writer(i, size_t(a - lo), n, atomic, s);
       return true;
     }
   }
@@ -713,7 +712,7 @@ bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s, bool
   return false;
 }
 
-void BlockRunner::record_writer(size_t buffer, size_t offset, size_t n, bool atomic, const void* src, Site s) {
+void BlockRunner::record_writer(size_t buffer, size_t offset, size_t n, bool atomic, Site s) {
   WriterShadow& w = L->writers[buffer];
   std::call_once(w.made, [&] {  // (nothing in it throws: an exception would leave other workers waiting)
     const size_t bytes = L->buffers[buffer].bytes, shadow = bytes * sizeof(std::atomic<uint64_t>);
@@ -725,20 +724,12 @@ void BlockRunner::record_writer(size_t buffer, size_t offset, size_t n, bool ato
   if (!w.owner) return;
   const Dim3 g = L->grid;
   const uint32_t block = bidx.x + g.x * (bidx.y + g.y * bidx.z);
-  const uint64_t tag = (uint64_t(block) + 1) << 9 | uint64_t(atomic) << 8;
+  const uint64_t me = (uint64_t(block) + 1) << 1 | uint64_t(atomic);
   for (size_t i = offset; i < offset + n; ++i) {
-    // (the byte stored travels with the tag: the other block's may not be in memory yet, its
-    // store running beside this one on another worker)
-    const uint64_t me = tag | (src && !atomic ? static_cast<const unsigned char*>(src)[i - offset] : 0u);
     const uint64_t before = w.owner[i].exchange(me, std::memory_order_relaxed);
-    const bool before_atomic = before >> 8 & 1;
-    if (before == 0 || before >> 9 == me >> 9 || (before_atomic && atomic)) continue;  // none, this block, atomics
-    if (!atomic && !before_atomic && src && (before & 0xFF) == (me & 0xFF)) {  // the same byte: no race,
-      uint64_t mine = me;                                                       // and the first owner stays
-      w.owner[i].compare_exchange_strong(mine, before, std::memory_order_relaxed);  // (its later stores race)
-      continue;
-    }
-    const uint32_t other = static_cast<uint32_t>(before >> 9) - 1;
+    const bool before_atomic = before & 1;
+    if (before == 0 || before >> 1 == me >> 1 || (before_atomic && atomic)) continue;  // none, this block, atomics
+    const uint32_t other = static_cast<uint32_t>(before >> 1) - 1;
     const Dim3 o{other % g.x, (other / g.x) % g.y, other / (g.x * g.y)};
     std::ostringstream m;
     m << "global-memory race: byte " << i << " of tensor " << buffer << " of the launch is written by block "
@@ -942,16 +933,11 @@ uint32_t shfl(int mode, unsigned mask, uint32_t value, int b, int c, Site s) {
   return k.out;
 }
 
-namespace {
-// global_access of a store of the bytes at src (the race checker compares them with the memory)
-bool global_access_from(const void* p, size_t bytes, bool write, Site s, const void* src) {
+bool global_access(const void* p, size_t bytes, bool write, Site s) {
   BlockRunner& R = runner();
   R.record_request(*R.cur, s, true, SharedKind::load, p, bytes);
-  return R.global_check(p, bytes, write, s, false, src);
+  return R.global_check(p, bytes, write, s);
 }
-}  // namespace
-
-bool global_access(const void* p, size_t bytes, bool write, Site s) { return global_access_from(p, bytes, write, s, nullptr); }
 
 bool shared_access(const void* p, size_t bytes, bool write, SharedKind kind, Site s) {
   BlockRunner& R = runner();
@@ -965,7 +951,7 @@ void global_load(void* dst, const void* src, size_t bytes, Site s) {
 }
 
 void global_store(void* dst, const void* src, size_t bytes, Site s) {
-  if (global_access_from(dst, bytes, true, s, src)) std::memcpy(dst, src, bytes);
+  if (global_access(dst, bytes, true, s)) std::memcpy(dst, src, bytes);
 }
 
 void shared_load(void* dst, const void* src, size_t bytes, Site s) {

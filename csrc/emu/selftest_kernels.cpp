@@ -261,6 +261,7 @@ const char* const kBugNames[] = {
     "global_race",         // two blocks add 1 and 2 into one word with plain loads and stores
     "global_atomics",      // two blocks add into one word with atomics (correct)
     "global_mixed",        // one block adds atomically, the other stores plainly
+    "global_same_value",   // two blocks store the same value to one word
 };
 // The bugs above from this one on run two blocks (the others one).
 constexpr int kFirstTwoBlockBug = 15;
@@ -336,6 +337,7 @@ __global__ void planted_bug_kernel(int which, float* g_buf, int n) {
       if (blockIdx.x == 0) atomicAdd(&g_buf[tid], 1.0f);
       else st_global(&g_buf[tid], 1.0f);
       break;
+    case 18: st_global(&g_buf[tid], 1.0f); break;  // (equal values: the schedule alone keeps them so)
   }
 }
 

@@ -245,15 +245,16 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
       // bias gradient), dS^T = dS^T' d(capped)/ds. The bias comes from the stage's tile; the
       // gradient goes to the kernels' transposed dbias ([key][query], ScoreMod::dbias): a C
       // tile's element pair is two adjacent queries of one key, one 8-byte store, and every
-      // element of (b, h) is computed by one key tile's block (by both of its head-dim halves'
-      // blocks where kDSplit = 2: the same values, stored twice): plain stores, written only
+      // element of (b, h) is computed by one key tile's block (where kDSplit = 2, both of its
+      // head-dim halves' blocks compute it and the first stores it): plain stores, written only
       // inside [0, nk) x [0, nq) (the pair's second query may be padding: its dS^T' is 0).
       const float slope = p.mod.slope(batch, head);
       const float* sBiasS = sBias(s);
       const bool has_bias = p.mod.bias != nullptr, bias_row_broadcast = p.mod.bias_stride[2] == 0;
-      float* gdBias = p.mod.dbias ? p.mod.dbias + ((int64_t(batch) * p.hq + head) * p.nk + n0 + key_of(0, 0)) *
-                                                       p.mod.dbias_stride + m0 + query_of(0, 0)
-                                  : nullptr;  // this lane's (key, query) of C tile (0, 0)
+      float* gdBias = p.mod.dbias && d_begin == 0
+                          ? p.mod.dbias + ((int64_t(batch) * p.hq + head) * p.nk + n0 + key_of(0, 0)) * p.mod.dbias_stride +
+                                m0 + query_of(0, 0)
+                          : nullptr;  // this lane's (key, query) of C tile (0, 0)
       const int offset_local = n0 - m0 - int(p.mask.offset);  // ALiBi: d = key_local - q_local + this
       KeepBits<kSMT, kSNT> keep;  // dropout's keep mask of this warp's S^T (all kept without)
       if (kDropout && p.drop.enabled) keep.generate_key_rows(dropout_stream(p.drop, batch, p.hq, head), n0 + sdp_key0, m0 + sdp_q0, lane);

@@ -55,8 +55,8 @@ FC_DEVICE float2 row_dots(const T* gO, int64_t o_stride, const T* gdO, int64_t d
 #pragma unroll 1
   for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
     __syncwarp();  // the previous step's fragments are read
-    st_shared(reinterpret_cast<uint4*>(s_o + s_off), o);
-    st_shared(reinterpret_cast<uint4*>(s_do + s_off), d_o);
+    st_shared_v4(reinterpret_cast<uint4*>(s_o + s_off), o);  // (128-bit: see st_shared_v4)
+    st_shared_v4(reinterpret_cast<uint4*>(s_do + s_off), d_o);
     __syncwarp();
     if (k0 + 16 < kHeadDim) load(k0 + 16, o, d_o);
     uint32_t rA[4], rB[4];

@@ -313,6 +313,20 @@ FC_DEVICE void st_shared(T* s_p, const T& v FC_SITE) {
 #endif
 }
 
+// st.shared.v4.b32: one 128-bit store, whatever nvcc makes of the plain 16-byte store above
+// (it split the backward preprocess's staging of O into four st.shared.u32 of 32 bits: four
+// store wavefronts for one; the PTX executor's counters show it). The memory clobber keeps
+// the compiler's other shared accesses on their side of it.
+// https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#data-movement-and-conversion-instructions-st
+FC_DEVICE void st_shared_v4(uint4* s_p, const uint4& v FC_SITE) {
+#if defined(__CUDACC__)
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_u32(s_p)), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  ::emu::shared_store(s_p, &v, sizeof(uint4), site);
+#endif
+}
+
 // sm_75's cp.async: the same copy through registers, at once: src_bytes (0..Bytes) from global,
 // the rest zero. Kernels issue a cp.async where its destination is already free and wait before
 // reading it, so a copy that lands at once keeps their contract (copy.h's TileStage overlaps
