@@ -696,9 +696,9 @@ TORCH_LIBRARY(flash_cuda, m) {
     return std::vector<int64_t>{s.hits, s.misses, s.idle_bytes};
   });
   m.def("_cpu_scratch_release() -> int", [] { return cpu::scratch_release(); });
-  // The CPU forward's operand chunks forced to `pairs` (batch, kv head) pairs each, or
+  // The CPU forward's and backward's operand chunks forced to `pairs` (batch, kv head) pairs each, or
   // automatic at 0 (cpu/attention_cpu.h); returns the previous setting. For the tests.
-  m.def("_cpu_force_fwd_chunk_pairs(int pairs) -> int", [](int64_t pairs) { return cpu::force_fwd_chunk_pairs(pairs); });
+  m.def("_cpu_force_chunk_pairs(int pairs) -> int", [](int64_t pairs) { return cpu::force_chunk_pairs(pairs); });
   // Fills every block the cache hands out with NaN from now on (on) or not (off): a test that
   // results never read temporaries no one wrote.
   m.def("_cpu_scratch_poison(bool on) -> ()", [](bool on) { cpu::scratch_poison(on); });

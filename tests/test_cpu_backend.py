@@ -982,23 +982,32 @@ def test_one_hot_shortcut_keeps_nan_and_blockwise_lse():
     assert_close_fp("dv", torch.cat([d[1] for d in dkv], 2), ref[2].grad, 1e-5)
 
 
-def forward_in_chunks(pairs, q, k, v, **kw):
-    """out and lse of the CPU forward with its operands prepared `pairs` (batch, kv head) pairs at
-    a time (0: the automatic chunks)."""
-    before = torch.ops.flash_cuda._cpu_force_fwd_chunk_pairs(pairs)
+def in_chunks(pairs, q, k, v, dout, **kw):
+    """out, lse and the gradients of q, k, v (and a mask that requires grad) of the CPU forward and
+    backward with their operands prepared `pairs` (batch, kv head) pairs at a time (0: the
+    automatic chunks)."""
+    before = torch.ops.flash_cuda._cpu_force_chunk_pairs(pairs)
     try:
-        return flash_cuda.attention(q, k, v, return_lse=True, **kw)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        mask = kw.get("attn_mask")
+        if mask is not None and mask.requires_grad:
+            mask = mask.detach().requires_grad_()
+            kw = dict(kw, attn_mask=mask)
+        out, lse = flash_cuda.attention(*leaves, return_lse=True, **kw)
+        wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+        return out, lse, torch.autograd.grad((out * dout).sum(), wrt)
     finally:
-        torch.ops.flash_cuda._cpu_force_fwd_chunk_pairs(before)
+        torch.ops.flash_cuda._cpu_force_chunk_pairs(before)
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_forward_operands_in_chunks(monkeypatch, poisoned_scratch, seed):
-    """The tiled forward prepares Q, K^T and V a chunk of (batch, kv head) pairs at a time (whole
-    batches, or some kv heads of one batch): every chunking gives the one-chunk result bit for bit
-    (out, lse, the dropout mask's draws), and that one is the float64 reference's (fp32 close, fp16
-    and bf16 under FlashAttention's rule). Random shapes, GQA, dtypes, GEMM paths, views and
-    options; its temporaries handed out as NaN."""
+@pytest.mark.parametrize("seed", range(12))
+def test_operands_in_chunks(monkeypatch, poisoned_scratch, seed):
+    """The tiled forward and backward prepare their operands (and the backward its dQ partials) a
+    chunk of (batch, kv head) pairs at a time (whole batches, or some kv heads of one batch):
+    every chunking gives the one-chunk result bit for bit (out, lse, the gradients of q, k, v and
+    the mask, with dropout the same draws), and that one is the float64 reference's (fp32 close,
+    fp16 and bf16 under FlashAttention's rule). Random shapes, GQA, dtypes, GEMM paths, views and
+    options; the temporaries handed out as NaN."""
     rnd = random.Random(7000 + seed)
     g = torch.Generator().manual_seed(seed)
     dtype = rnd.choice([torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -1014,6 +1023,7 @@ def test_forward_operands_in_chunks(monkeypatch, poisoned_scratch, seed):
         return torch.randn(B, h, n, D, generator=g).to(dtype)
 
     q, k, v = make(Hkv * group, Nq), make(Hkv, Nk), make(Hkv, Nk)
+    dout = torch.randn(B, Hkv * group, Nq, D, generator=g).to(dtype)
     kw = {}
     if rnd.random() < 0.4:
         kw["causal"] = True
@@ -1024,24 +1034,42 @@ def test_forward_operands_in_chunks(monkeypatch, poisoned_scratch, seed):
     if rnd.random() < 0.3:
         kw["alibi_slopes"] = torch.rand(Hkv * group, generator=g) * 0.3
     if rnd.random() < 0.3:
-        kw["attn_mask"] = torch.randn(B, 1, Nq, Nk, generator=g).to(dtype)
+        kw["attn_mask"] = torch.randn(B, 1, Nq, Nk, generator=g).to(dtype).requires_grad_(rnd.random() < 0.5)
     drop = rnd.random() < 0.3
     runs = []
     for pairs in (B * Hkv, 1, rnd.randint(2, B * Hkv + 1), 0):
         if drop:
             kw.update(dropout_p=0.25, generator=torch.Generator().manual_seed(seed))
-        runs.append((pairs, *forward_in_chunks(pairs, q, k, v, **kw)))
-    for pairs, out, lse in runs[1:]:
-        assert torch.equal(out, runs[0][1]) and torch.equal(lse, runs[0][2]), (pairs, B, Hkv, kw)
+        runs.append((pairs, in_chunks(pairs, q, k, v, dout, **kw)))
+    for pairs, (out, lse, grads) in runs[1:]:
+        assert torch.equal(out, runs[0][1][0]) and torch.equal(lse, runs[0][1][1]), (pairs, B, Hkv, kw)
+        assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1][2])), (pairs, B, Hkv, kw)
     if drop:
-        return  # (the dropout mask's own tests check it against the reference)
-    ref_out, ref_lse = attention_ref(q, k, v, **kw)
-    out, lse = runs[0][1], runs[0][2]
-    fin = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        return  # (the dropout tests check the CPU backend's mask against the reference)
+    out, lse, grads = runs[0][1]
+    ref = in_reference(q, k, v, dout, torch.float64, kw)
+    fin = torch.isfinite(ref[1])
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref[1]))
+    names = ("out", "dq", "dk", "dv", "dmask")
     if dtype in (torch.float32, torch.float64):
-        assert_close_fp("lse", lse[fin], ref_lse[fin], 1e-5)
-        assert_close_fp("out", out, ref_out, 2e-5)
+        assert_close_fp("lse", lse[fin], ref[1][fin], 1e-5)
+        for name, x, r in zip(names, (out, *grads), (ref[0], *ref[2])):
+            assert_close_fp(name, x, r, 2e-5 if name == "out" else 2e-4)
     else:
-        plain_out, _ = attention_ref(q, k, v, dtype=dtype, **kw)
-        assert_fa_rule("out", out, plain_out, ref_out, 2)
+        plain = in_reference(q, k, v, dout, dtype, kw)
+        sat = saturation_terms(out, kw, dout, q, k, v)
+        assert_fa_rule("out", out, plain[0], ref[0], 2)
+        for name, x, p_, r, st in zip(names[1:], grads, plain[2], ref[2], sat):
+            assert_fa_rule(name, x, p_, r, 3, saturation=st)
+
+
+def in_reference(q, k, v, dout, dtype, kw):
+    """(out, lse, gradients) of the reference computed in `dtype` (as in_chunks)."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.requires_grad:
+        mask = mask.detach().requires_grad_()
+        kw = dict(kw, attn_mask=mask)
+    out, lse = attention_ref(*leaves, dtype=dtype, **kw)
+    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+    return out, lse, torch.autograd.grad((out * dout.to(dtype)).sum(), wrt)

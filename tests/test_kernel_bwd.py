@@ -98,6 +98,21 @@ def test_deterministic_is_bitwise_repeatable(D):
     check_grads(q, k, v, dout, first, causal=True)
 
 
+@pytest.mark.parametrize("Nq,Nk", [(113, 150), (2, 64), (200, 262)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_deterministic_dq_at_head_dim_128(Nq, Nk, causal):
+    """The deterministic dQ pass at head dim 128 against the reference, dense and causal (a
+    mutation audit: a lane's second row reading another row's D in the dense kernel, and a key
+    tile classified unmasked one key early in the band kernel, showing where Nk - Nq = 62 mod
+    64, passed every test, which ran this pass at head dims 40, 64 and 256 only)."""
+    dtype = torch.float16 if causal else torch.bfloat16
+    q, k, v = make_qkv(1, 2, 1, Nq, Nk, 128, dtype, seed=Nq + Nk)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    grads, launches = emulated_grads(q, k, v, dout, causal, deterministic=True)
+    assert launches[-1]["kernel"].startswith("flash_bwd_dq<") and "hdim128" in launches[-1]["kernel"]
+    check_grads(q, k, v, dout, grads, causal)
+
+
 # ---------------------------------------------------------------- counters
 def visited_tile_pairs(Nq, Nk, causal, bn, bm):
     """(bn-key tile, bm-query tile) pairs the main kernel visits, per (batch, query head)."""

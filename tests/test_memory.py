@@ -40,3 +40,39 @@ def test_long_sequence_peak_memory_under_1gib(threads):
     assert report["finite"]
     peak_mib = report["peak_kib"] / 1024
     assert peak_mib < 1024, f"peak resident memory {peak_mib:.0f} MiB >= 1 GiB"
+
+
+CHUNK_CHILD = r"""
+import json, torch, flash_cuda
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+q, k, v = (torch.randn(1, 8, 4096, 128, generator=torch.Generator().manual_seed(i)) for i in range(3))
+peaks = {}
+for name, pairs in (("one_chunk", 8), ("automatic", 0)):
+    torch.ops.flash_cuda._cpu_force_chunk_pairs(pairs)
+    flash_cuda.empty_cpu_cache()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = status_kib("VmRSS")
+    out = flash_cuda.attention(q, k, v)
+    peaks[name] = (status_kib("VmHWM") - before) / 1024
+    del out
+print(json.dumps(peaks))
+"""
+
+
+def test_forward_operands_take_a_chunk_at_a_time():
+    """The CPU forward prepares K^T and V per chunk of (batch, kv head) pairs (csrc/cpu/
+    attention_cpu.cpp operand_chunk): fp32, B=1, H=8, N=4096, D=128, the packed operands of the
+    whole call are 32 MiB, those of an automatic chunk (2 MiB an operand: 4 pairs) 16 MiB; the
+    call's peak, its 16 MiB output included, drops by about the difference."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs a writable /proc/self/clear_refs (Linux) to reset the peak")
+    result = subprocess.run([sys.executable, "-c", CHUNK_CHILD], capture_output=True, text=True, check=True)
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert peaks["one_chunk"] >= 16 + 32 - 2, peaks  # output and the whole call's K^T and V
+    assert peaks["automatic"] <= peaks["one_chunk"] - 10, peaks

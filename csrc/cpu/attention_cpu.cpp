@@ -201,25 +201,29 @@ void store_rows(const acc_t* o, int64_t rows, int64_t D, at::Tensor& out, int64_
   }
 }
 
-// The tiled forward prepares its GEMM operands (Q in the GEMM dtype, K^T and V packed for the
-// micro-kernels or AMX) for a chunk of (batch, kv head) pairs at a time, not for the whole call:
-// at B 1, H 8, N 8192, D 128 they took 64 MiB in fp32 and 160 MiB in fp16 on a CPU that
-// multiplies it in fp32 (Q, K and V converted, then K^T and V packed), beside a 32 (16) MiB
-// output, where torch's CPU flash kernel needs little beyond its output. A chunk's operands
-// are at most kScratchMaxBlock each, so that the next chunk's come back from the scratch cache
-// (scratch.h) already mapped, but a chunk has at least kFwdChunkItems work items a thread: each
-// chunk ends at a barrier, where the threads wait for its last items. Returns (batches, kv heads)
-// per chunk: whole batches where one fits, else some kv heads of one batch.
-constexpr int64_t kFwdChunkItems = 8;
-std::atomic<int64_t> forced_fwd_chunk_pairs{0};  // force_fwd_chunk_pairs (tests)
+// The tiled forward and backward prepare their GEMM operands (in the GEMM dtype, K^T, V and the
+// like packed for the micro-kernels or AMX; the backward's dQ partials) for a chunk of (batch, kv
+// head) pairs at a time, not for the whole call: at B 1, H 8, N 8192, D 128 the forward's took
+// 64 MiB in fp32 and 160 MiB in fp16 on a CPU that multiplies it in fp32 (Q, K and V converted,
+// then K^T and V packed) beside a 32 (16) MiB output, where torch's CPU flash kernel needs little
+// beyond its output. A chunk's operands are at most kScratchMaxBlock each (rows: the larger of a
+// kv group's query rows and the keys), so that the next chunk's come back from the scratch cache
+// (scratch.h) already mapped, but a chunk has at least items_per_thread work items a thread: each
+// chunk ends at a barrier, where the threads wait for its last items (the forward's query tiles
+// differ in cost under a causal mask: kFwdChunkItems; the backward's items are a kv head's whole
+// keys or a round-robin share of them: kBwdChunkItems). Returns (batches, kv heads) per chunk:
+// whole batches where one fits, else some kv heads of one batch. Every chunking gives the same
+// bits (each item's work is the same).
+constexpr int64_t kFwdChunkItems = 8, kBwdChunkItems = 1;
+std::atomic<int64_t> forced_chunk_pairs{0};  // force_chunk_pairs (tests)
 template <typename in_t>
-std::pair<int64_t, int64_t> fwd_chunk(int64_t B, int64_t Hkv, int64_t q_rows_per_kv_head, int64_t Nk, int64_t D,
-                                      int64_t items_per_kv_head) {
-  const int64_t operand = std::max<int64_t>(1, std::max(q_rows_per_kv_head, Nk) * D * int64_t(sizeof(in_t)));
-  const int64_t items = kFwdChunkItems * at::get_num_threads(), forced = forced_fwd_chunk_pairs.load();
+std::pair<int64_t, int64_t> operand_chunk(int64_t B, int64_t Hkv, int64_t rows, int64_t D, int64_t items_per_pair,
+                                          int64_t items_per_thread) {
+  const int64_t operand = std::max<int64_t>(1, rows * D * int64_t(sizeof(in_t)));
+  const int64_t items = items_per_thread * at::get_num_threads(), forced = forced_chunk_pairs.load();
   const int64_t pairs = forced > 0 ? forced
                                    : std::max({int64_t(1), int64_t(kScratchMaxBlock) / operand,
-                                               ceil_div(items, items_per_kv_head)});
+                                               ceil_div(items, items_per_pair)});
   if (pairs < Hkv) return {1, pairs};
   return {std::min(B, pairs / Hkv), Hkv};
 }
@@ -241,7 +245,8 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const Mods<acc_t> mods(opt, Hq);
   const Drop<acc_t> drop(opt, Hq);
   const auto in_dtype = c10::CppTypeToScalarType<in_t>::value;
-  const auto [chunk_batches, chunk_kv_heads] = fwd_chunk<in_t>(B, Hkv, group * Nq, Nk, D, n_qtiles * group);
+  const auto [chunk_batches, chunk_kv_heads] =
+      operand_chunk<in_t>(B, Hkv, std::max(group * Nq, Nk), D, n_qtiles * group, kFwdChunkItems);
   constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at micro-kernel panels
   static_assert(kEdgeRows % kKeyAlign == 0, "an edge block's keys start at a micro-kernel panel");
 
@@ -266,7 +271,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   const bool may_fold = !prescale && !mods.any && scale > 0;
   std::atomic<bool> too_large{false};
 
-  // The operands of one chunk of (batch, kv head) pairs (fwd_chunk) at a time, its items in
+  // The operands of one chunk of (batch, kv head) pairs (operand_chunk) at a time, its items in
   // parallel: head by head, so the items a thread takes in turn read the same head's K^T and V
   // (from its L2, not L3: 1.06x-1.07x faster bf16 forwards at D = 128 on a Xeon with AMX than
   // items taken across the heads); within a head the heaviest query tiles first (under a causal
@@ -441,13 +446,6 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   // backward 1.12x-1.17x faster from 32 to 256 tokens (fp32; 1.11x-1.16x for fp16, multiplied in
   // fp32 there), 0.997x-1.014x at 1024 and 2048.
   const bool rows_dkdv = std::is_same_v<in_t, float> && use_avx512_f32();
-  const at::Tensor gQ = rows_operand(q, in_dtype), gdO = rows_operand(dout, in_dtype);  // (.., Nq, D)
-  const at::Tensor gQt = rows_dkdv ? at::Tensor() : transposed_operand(gQ);            // (.., D, Nq)
-  const at::Tensor gdOt = rows_dkdv ? at::Tensor() : transposed_operand(gdO);
-  const RightOperand<in_t> gKt(transposed_view(k, in_dtype), D % 2 == 0, kBwdBc),  // (D, Nk) per head
-      gVt(transposed_view(v, in_dtype), D % 2 == 0, kBwdBc),                         // (D, Nk)
-      gK(rows_operand(k, in_dtype), true, kMaxBlockD);                               // (Nk, D)
-  const int64_t ld_q = gQ.stride(2), ld_do = gdO.stride(2);
   static_assert(kBwdBc % RightOperand<in_t>::kBlock == 0, "key tiles start at micro-kernel panels");
   static_assert(kEdgeRows % RightOperand<in_t>::kBlock == 0, "an edge block's keys start at a micro-kernel panel");
 
@@ -458,8 +456,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
   const int64_t max_splits = std::max(kDqPartsPerDq, kDqPartsMinBytes / dq_bytes);
   const int64_t n_splits =
       std::max<int64_t>(1, std::min({n_ktiles, ceil_div(4 * threads, B * Hkv), max_splits}));
-  at::Tensor dq_parts = scratch_empty({n_splits, B, Hq, Nq, D}, c10::CppTypeToScalarType<acc_t>::value).zero_();
-  acc_t* dq_parts_ptr = dq_parts.data_ptr<acc_t>();  // contiguous (n_splits, B, Hq, Nq, D)
+  const auto [chunk_batches, chunk_kv_heads] =
+      operand_chunk<in_t>(B, Hkv, std::max(group * Nq, Nk), D, n_splits, kBwdChunkItems);
   const acc_t* lse_ptr = lse.data_ptr<acc_t>();
   const acc_t* delta_ptr = delta.data_ptr<acc_t>();
   // P = exp(S - lse) is recomputed from the scores scaled and rounded first, fl(scale s), as
@@ -501,180 +499,205 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                    TileVector<in_t>(rounded ? tile : 0), TileVector<in_t>(rounded ? tile : 0)};
   };
 
-  parallel_items(B * Hkv * n_splits, make_scratch, [&](int64_t item, Scratch& t) {
-    const int64_t split = item % n_splits, bhkv = item / n_splits;
-    const int64_t b = bhkv / Hkv, hkv = bhkv % Hkv;
-    constexpr int64_t ld = kBwdBc;      // of every (Br, Bc) tile
-    acc_t* dK = t.dK.data();            // dK^T (D, bc), ld_t, unscaled Q^T dS; rows_dkdv: dK (bc, D), dS^T Q
-    acc_t* dV = t.dV.data();            // dV^T (D, bc), ld_t; rows_dkdv: dV (bc, D)
-    // Key tiles are dealt round-robin to the splits, which balances causal work.
-    for (int64_t kt = split; kt < n_ktiles; kt += n_splits) {
-      const int64_t j0 = kt * kBwdBc, j1 = std::min(j0 + kBwdBc, Nk), bc = j1 - j0;
-      std::fill(t.dK.begin(), t.dK.end(), acc_t(0));
-      std::fill(t.dV.begin(), t.dV.end(), acc_t(0));
-      std::fill(t.dKb.begin(), t.dKb.end(), acc_t(0));
-      std::fill(t.dVb.begin(), t.dVb.end(), acc_t(0));
-      // Only the query rows that see some key of the tile (a window: a band).
-      const int64_t i_first = band.row_begin(j0, Nq) / kBwdBr * kBwdBr, i_end = band.row_end(j1, Nq);
-
-      for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
-        acc_t* gdQ = dq_parts_ptr + ((split * B + b) * Hq + h) * Nq * D;  // (Nq, D), unscaled dS K
-        // dK and dV sum in levels: the products of kTilesPerSum query tiles (dKb, dVb), their sums
-        // over the head's rows (dKs, dVs), with GQA each query head's sums into the kv head's
-        // (plain torch's order: per-head products summed over the group). One running sum over
-        // every row of the group's heads had up to 14x plain torch's fp32 error at 16 heads of 8k
-        // rows, one per head 16x at 8k rows and 4 keys on the BLAS path (audit).
-        acc_t* dKs = group > 1 ? t.dKh.data() : dK;  // this head's dK^T and dV^T sums (as dK, dV)
-        acc_t* dVs = group > 1 ? t.dVh.data() : dV;
-        acc_t *dKb = t.dKb.data(), *dVb = t.dVb.data();
-        if (group > 1) {
-          std::fill(t.dKh.begin(), t.dKh.end(), acc_t(0));
-          std::fill(t.dVh.begin(), t.dVh.end(), acc_t(0));
-        }
-        // (dKb, dVb are zero here: filled at the key tile's start, and each head ends with an add_block)
-        int64_t tiles_in_block = 0;
-        auto add_block = [&] {
-          add_row(dKs, dKb, 1, D * ld_t);
-          add_row(dVs, dVb, 1, D * ld_t);
+  // The operands of one chunk of (batch, kv head) pairs at a time (operand_chunk), its items in
+  // parallel.
+  for (int64_t b0 = 0; b0 < B; b0 += chunk_batches)
+    for (int64_t g0 = 0; g0 < Hkv; g0 += chunk_kv_heads) {
+      const int64_t nb = std::min(chunk_batches, B - b0), nkv = std::min(chunk_kv_heads, Hkv - g0), nh = nkv * group;
+      const auto chunk_of = [&](const at::Tensor& x, int64_t h0, int64_t heads) {
+        return x.narrow(0, b0, nb).narrow(1, h0, heads);
+      };
+      const at::Tensor gQ = rows_operand(chunk_of(q, g0 * group, nh), in_dtype);  // (nb, nh, Nq, D)
+      const at::Tensor gdO = rows_operand(chunk_of(dout, g0 * group, nh), in_dtype);
+      const at::Tensor gQt = rows_dkdv ? at::Tensor() : transposed_operand(gQ);  // (nb, nh, D, Nq)
+      const at::Tensor gdOt = rows_dkdv ? at::Tensor() : transposed_operand(gdO);
+      // per kv head: K^T (D, Nk), V^T (D, Nk), K (Nk, D)
+      const RightOperand<in_t> gKt(transposed_view(chunk_of(k, g0, nkv), in_dtype), D % 2 == 0, kBwdBc),
+          gVt(transposed_view(chunk_of(v, g0, nkv), in_dtype), D % 2 == 0, kBwdBc),
+          gK(rows_operand(chunk_of(k, g0, nkv), in_dtype), true, kMaxBlockD);
+      const int64_t ld_q = gQ.stride(2), ld_do = gdO.stride(2);
+      at::Tensor dq_parts = scratch_empty({n_splits, nb, nh, Nq, D}, c10::CppTypeToScalarType<acc_t>::value).zero_();
+      acc_t* dq_parts_ptr = dq_parts.data_ptr<acc_t>();  // contiguous (n_splits, nb, nh, Nq, D)
+      parallel_items(nb * nkv * n_splits, make_scratch, [&](int64_t item, Scratch& t) {
+        const int64_t split = item % n_splits, pair = item / n_splits;
+        const int64_t lb = pair / nkv, lkv = pair % nkv, b = b0 + lb, hkv = g0 + lkv;  // lb, lkv: in the chunk
+        constexpr int64_t ld = kBwdBc;      // of every (Br, Bc) tile
+        acc_t* dK = t.dK.data();            // dK^T (D, bc), ld_t, unscaled Q^T dS; rows_dkdv: dK (bc, D), dS^T Q
+        acc_t* dV = t.dV.data();            // dV^T (D, bc), ld_t; rows_dkdv: dV (bc, D)
+        // Key tiles are dealt round-robin to the splits, which balances causal work.
+        for (int64_t kt = split; kt < n_ktiles; kt += n_splits) {
+          const int64_t j0 = kt * kBwdBc, j1 = std::min(j0 + kBwdBc, Nk), bc = j1 - j0;
+          std::fill(t.dK.begin(), t.dK.end(), acc_t(0));
+          std::fill(t.dV.begin(), t.dV.end(), acc_t(0));
           std::fill(t.dKb.begin(), t.dKb.end(), acc_t(0));
           std::fill(t.dVb.begin(), t.dVb.end(), acc_t(0));
-          tiles_in_block = 0;
-        };
-        for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
-          const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
-          const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
-          const bool modified = band_mask || mods.any;
-          const int64_t row0 = (b * Hq + h) * Nq + i0;
-          acc_t* p = t.S.data();                                   // (br, bc): S, then P
-          acc_t* ds = t.dP.data();                                 // (br, bc): dP, then dS
-          acc_t* cap = opt.softcap > 0 ? t.Cap.data() : nullptr;  // d(capped)/ds, ld as p
-          acc_t* z = drop.on ? t.Z.data() : nullptr;              // dropout multipliers Z, ld as p
-          // A tile on the band's edge in blocks of kEdgeRows query rows over the keys they see (as
-          // the forward); P and dS are 0 outside them, for the products over the whole tile.
-          const int64_t block_rows = band_mask ? kEdgeRows : br, block_keys = band_mask ? kEdgeRows : bc;
-          for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
-            const int64_t rows = std::min(block_rows, br - r0);
-            const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
-            const int64_t cols = c1 - c0, jb = j0 + c0, at = r0 * ld + c0;
-            if (band_mask)
-              for (int64_t r = r0; r < r0 + rows; ++r) {
-                std::fill(p + r * ld, p + r * ld + c0, acc_t(0)), std::fill(p + r * ld + c1, p + r * ld + bc, acc_t(0));
-                std::fill(ds + r * ld, ds + r * ld + c0, acc_t(0)), std::fill(ds + r * ld + c1, ds + r * ld + bc, acc_t(0));
+          // Only the query rows that see some key of the tile (a window: a band).
+          const int64_t i_first = band.row_begin(j0, Nq) / kBwdBr * kBwdBr, i_end = band.row_end(j1, Nq);
+
+          for (int64_t h = hkv * group; h < (hkv + 1) * group; ++h) {
+            const int64_t lh = h - g0 * group;  // in the chunk
+            acc_t* gdQ = dq_parts_ptr + ((split * nb + lb) * nh + lh) * Nq * D;  // (Nq, D), unscaled dS K
+            // dK and dV sum in levels: the products of kTilesPerSum query tiles (dKb, dVb), their sums
+            // over the head's rows (dKs, dVs), with GQA each query head's sums into the kv head's
+            // (plain torch's order: per-head products summed over the group). One running sum over
+            // every row of the group's heads had up to 14x plain torch's fp32 error at 16 heads of 8k
+            // rows, one per head 16x at 8k rows and 4 keys on the BLAS path (audit).
+            acc_t* dKs = group > 1 ? t.dKh.data() : dK;  // this head's dK^T and dV^T sums (as dK, dV)
+            acc_t* dVs = group > 1 ? t.dVh.data() : dV;
+            acc_t *dKb = t.dKb.data(), *dVb = t.dVb.data();
+            if (group > 1) {
+              std::fill(t.dKh.begin(), t.dKh.end(), acc_t(0));
+              std::fill(t.dVh.begin(), t.dVh.end(), acc_t(0));
+            }
+            // (dKb, dVb are zero here: filled at the key tile's start, and each head ends with an add_block)
+            int64_t tiles_in_block = 0;
+            auto add_block = [&] {
+              add_row(dKs, dKb, 1, D * ld_t);
+              add_row(dVs, dVb, 1, D * ld_t);
+              std::fill(t.dKb.begin(), t.dKb.end(), acc_t(0));
+              std::fill(t.dVb.begin(), t.dVb.end(), acc_t(0));
+              tiles_in_block = 0;
+            };
+            for (int64_t i0 = i_first; i0 < i_end; i0 += kBwdBr) {
+              const int64_t i1 = std::min(i0 + kBwdBr, Nq), br = i1 - i0;
+              const bool band_mask = band.tile_needs_mask(i0, i1, j0, j1);
+              const bool modified = band_mask || mods.any;
+              const int64_t row0 = (b * Hq + h) * Nq + i0;
+              acc_t* p = t.S.data();                                   // (br, bc): S, then P
+              acc_t* ds = t.dP.data();                                 // (br, bc): dP, then dS
+              acc_t* cap = opt.softcap > 0 ? t.Cap.data() : nullptr;  // d(capped)/ds, ld as p
+              acc_t* z = drop.on ? t.Z.data() : nullptr;              // dropout multipliers Z, ld as p
+              // A tile on the band's edge in blocks of kEdgeRows query rows over the keys they see (as
+              // the forward); P and dS are 0 outside them, for the products over the whole tile.
+              const int64_t block_rows = band_mask ? kEdgeRows : br, block_keys = band_mask ? kEdgeRows : bc;
+              for (int64_t r0 = 0; r0 < br; r0 += block_rows) {
+                const int64_t rows = std::min(block_rows, br - r0);
+                const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
+                const int64_t cols = c1 - c0, jb = j0 + c0, at = r0 * ld + c0;
+                if (band_mask)
+                  for (int64_t r = r0; r < r0 + rows; ++r) {
+                    std::fill(p + r * ld, p + r * ld + c0, acc_t(0));
+                    std::fill(p + r * ld + c1, p + r * ld + bc, acc_t(0));
+                    std::fill(ds + r * ld, ds + r * ld + c0, acc_t(0));
+                    std::fill(ds + r * ld + c1, ds + r * ld + bc, acc_t(0));
+                  }
+                if (cols == 0) continue;
+                const in_t* gQr = at_row<in_t>(gQ, lb, lh, i0 + r0);
+                gKt.gemm(lb, lkv, rows, gQr, ld_q, 0, D, jb, cols, p + at, ld, false);  // S = Q K^T
+                for (int64_t r = 0; r < rows; ++r) scale_row(p + at + r * ld, cols, scale);
+                if (modified)
+                  modify_tile<acc_t>(p + at, cap ? cap + at : nullptr, ld, rows, cols, i0 + r0, jb, b, h, band,
+                                     band_mask, mods);
+                for (int64_t r = 0; r < rows; ++r) {
+                  const acc_t l = lse_ptr[row0 + r0 + r];
+                  // -inf guard: a row that sees no key has P = 0 (and lse = -inf).
+                  // (Filled, not scaled by 0: its masked scores are -inf, and -inf * 0 is NaN.)
+                  if (l == -std::numeric_limits<acc_t>::infinity())
+                    std::fill(p + at + r * ld, p + at + r * ld + cols, acc_t(0));
+                  else
+                    exp_affine(p + at + r * ld, cols, acc_t(1), l);  // P = exp(S - lse)
+                }
+                gVt.gemm(lb, lkv, rows, at_row<in_t>(gdO, lb, lh, i0 + r0), ld_do, 0, D, jb, cols, ds + at, ld,
+                         false);  // dP = dO V^T
+                if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
+                  drop.tile(z + at, ld, rows, cols, i0 + r0, jb, b, h);
+                  for (int64_t r = 0; r < rows; ++r) mul_row(ds + at + r * ld, z + at + r * ld, cols);
+                }
+                for (int64_t r = 0; r < rows; ++r) {  // dS' = dL/d(modified s)
+                  const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
+                  const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
+                  acc_t* dsr = ds + at + r * ld;
+                  const auto exact = [&](int64_t c) {  // key jb + c against this row's dO, times its Z
+                    const int64_t v_at = b * v.stride(0) + hkv * v.stride(1) + (jb + c) * v.stride(2);
+                    const char* v_row = static_cast<const char*>(v.data_ptr()) + v_at * v.element_size();
+                    const auto [dot, magnitude] = key_dot_f64(v, v_row, v.stride(3), at_row<in_t>(gdO, lb, lh, i), D);
+                    const double zc = z ? double(z[at + r * ld + c]) : 1.0;
+                    return std::pair<double, double>{dot * zc, magnitude * std::abs(zc)};
+                  };
+                  const acc_t d = row_delta(p + at + r * ld, dsr, cols, whole_row, delta_ptr[row], lse_ptr[row],
+                                            dlse_ptr ? dlse_ptr[row] : acc_t(0), eps_out, exact);
+                  softmax_grad_row(dsr, p + at + r * ld, cols, d);
+                }
+                if (z)
+                  for (int64_t r = 0; r < rows; ++r) mul_row(p + at + r * ld, z + at + r * ld, cols);
               }
-            if (cols == 0) continue;
-            gKt.gemm(b, hkv, rows, at_row<in_t>(gQ, b, h, i0 + r0), ld_q, 0, D, jb, cols, p + at, ld, false);  // S = Q K^T
-            for (int64_t r = 0; r < rows; ++r) scale_row(p + at + r * ld, cols, scale);
-            if (modified)
-              modify_tile<acc_t>(p + at, cap ? cap + at : nullptr, ld, rows, cols, i0 + r0, jb, b, h, band,
-                                 band_mask, mods);
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t l = lse_ptr[row0 + r0 + r];
-              // -inf guard: a row that sees no key has P = 0 (and lse = -inf).
-              // (Filled, not scaled by 0: its masked scores are -inf, and -inf * 0 is NaN.)
-              if (l == -std::numeric_limits<acc_t>::infinity())
-                std::fill(p + at + r * ld, p + at + r * ld + cols, acc_t(0));
-              else
-                exp_affine(p + at + r * ld, cols, acc_t(1), l);  // P = exp(S - lse)
+              if (mods.dbias)  // dL/d bias = dS', stored transposed; every (b, h, i, j) is visited once
+                for (int64_t c = 0; c < bc; ++c) {
+                  acc_t* col = mods.dbias + ((b * Hq + h) * Nk + j0 + c) * mods.dbias_ld + i0;
+                  for (int64_t r = 0; r < br; ++r) col[r] = ds[r * ld + c];
+                }
+              if (cap)  // dS = dS' d(capped)/ds (0 where dS' is)
+                for (int64_t r = 0; r < br; ++r)
+                  for (int64_t c = 0; c < bc; ++c) ds[r * ld + c] *= cap[r * ld + c];
+              const in_t* gP = gemm_operand<in_t>(p, ld, br, bc, t.P);
+              const in_t* dS = gemm_operand<in_t>(ds, ld, br, bc, t.dS);
+              // dV^T += dO^T (P Z), dK^T += Q^T dS (rows_dkdv: dV += (P Z)^T dO, dK += dS^T Q): on the
+              // band's edge in blocks of kEdgeRows keys over the rows that see them (P and dS are 0 above
+              // and below)
+              for (int64_t c0 = 0; c0 < bc; c0 += block_keys) {
+                const int64_t cols = std::min(block_keys, bc - c0);
+                const auto [ra, rb] = edge_rows(band_mask, band, j0 + c0, j0 + c0 + cols, i0, i1, Nq);
+                if (rb == ra) continue;
+                if constexpr (std::is_same_v<in_t, float>)
+                  if (rows_dkdv) {
+                    f32_gemm_at_rows(cols, D, rb - ra, gP + ra * ld + c0, ld, at_row<float>(gdO, lb, lh, i0 + ra),
+                                     ld_do, dVb + c0 * D, D, true);
+                    f32_gemm_at_rows(cols, D, rb - ra, dS + ra * ld + c0, ld, at_row<float>(gQ, lb, lh, i0 + ra), ld_q,
+                                     dKb + c0 * D, D, true);
+                    continue;
+                  }
+                const in_t *gdOt_c = at_col<in_t>(gdOt, lb, lh, i0 + ra), *gQt_c = at_col<in_t>(gQt, lb, lh, i0 + ra);
+                gemm(D, cols, rb - ra, gdOt_c, Nq, gP + ra * ld + c0, ld, dVb + c0, ld_t, true);
+                gemm(D, cols, rb - ra, gQt_c, Nq, dS + ra * ld + c0, ld, dKb + c0, ld_t, true);
+              }
+              if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);  // the packed K's pad row
+              for (int64_t r0 = 0; r0 < br; r0 += block_rows) {  // dQ += dS K, the keys each block sees
+                const int64_t rows = std::min(block_rows, br - r0);
+                const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
+                if (c1 > c0)
+                  gK.gemm(lb, lkv, rows, dS + r0 * ld + c0, ld, j0 + c0, c1 - c0, 0, D, gdQ + (i0 + r0) * D, D, true);
+              }
+              if (++tiles_in_block == kTilesPerSum) add_block();
             }
-            gVt.gemm(b, hkv, rows, at_row<in_t>(gdO, b, h, i0 + r0), ld_do, 0, D, jb, cols, ds + at, ld,
-                     false);  // dP = dO V^T
-            if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
-              drop.tile(z + at, ld, rows, cols, i0 + r0, jb, b, h);
-              for (int64_t r = 0; r < rows; ++r) mul_row(ds + at + r * ld, z + at + r * ld, cols);
+            if (tiles_in_block > 0) add_block();
+            if (group > 1) {
+              add_row(dK, dKs, 1, D * ld_t);
+              add_row(dV, dVs, 1, D * ld_t);
             }
-            for (int64_t r = 0; r < rows; ++r) {  // dS' = dL/d(modified s)
-              const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
-              const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
-              acc_t* dsr = ds + at + r * ld;
-              const auto exact = [&](int64_t c) {  // key jb + c against this row's dO, times its Z
-                const char* v_row = static_cast<const char*>(v.data_ptr()) +
-                                    (b * v.stride(0) + hkv * v.stride(1) + (jb + c) * v.stride(2)) * v.element_size();
-                const auto [dot, magnitude] = key_dot_f64(v, v_row, v.stride(3), at_row<in_t>(gdO, b, h, i), D);
-                const double zc = z ? double(z[at + r * ld + c]) : 1.0;
-                return std::pair<double, double>{dot * zc, magnitude * std::abs(zc)};
-              };
-              const acc_t d = row_delta(p + at + r * ld, dsr, cols, whole_row, delta_ptr[row], lse_ptr[row],
-                                        dlse_ptr ? dlse_ptr[row] : acc_t(0), eps_out, exact);
-              softmax_grad_row(dsr, p + at + r * ld, cols, d);
-            }
-            if (z)
-              for (int64_t r = 0; r < rows; ++r) mul_row(p + at + r * ld, z + at + r * ld, cols);
           }
-          if (mods.dbias)  // dL/d bias = dS', stored transposed; every (b, h, i, j) is visited once
-            for (int64_t c = 0; c < bc; ++c) {
-              acc_t* col = mods.dbias + ((b * Hq + h) * Nk + j0 + c) * mods.dbias_ld + i0;
-              for (int64_t r = 0; r < br; ++r) col[r] = ds[r * ld + c];
-            }
-          if (cap)  // dS = dS' d(capped)/ds (0 where dS' is)
-            for (int64_t r = 0; r < br; ++r)
-              for (int64_t c = 0; c < bc; ++c) ds[r * ld + c] *= cap[r * ld + c];
-          const in_t* gP = gemm_operand<in_t>(p, ld, br, bc, t.P);
-          const in_t* dS = gemm_operand<in_t>(ds, ld, br, bc, t.dS);
-          // dV^T += dO^T (P Z), dK^T += Q^T dS (rows_dkdv: dV += (P Z)^T dO, dK += dS^T Q): on the
-          // band's edge in blocks of kEdgeRows keys over the rows that see them (P and dS are 0 above
-          // and below)
-          for (int64_t c0 = 0; c0 < bc; c0 += block_keys) {
-            const int64_t cols = std::min(block_keys, bc - c0);
-            const auto [ra, rb] = edge_rows(band_mask, band, j0 + c0, j0 + c0 + cols, i0, i1, Nq);
-            if (rb == ra) continue;
-            if constexpr (std::is_same_v<in_t, float>)
-              if (rows_dkdv) {
-                f32_gemm_at_rows(cols, D, rb - ra, gP + ra * ld + c0, ld, at_row<float>(gdO, b, h, i0 + ra), ld_do,
-                                 dVb + c0 * D, D, true);
-                f32_gemm_at_rows(cols, D, rb - ra, dS + ra * ld + c0, ld, at_row<float>(gQ, b, h, i0 + ra), ld_q,
-                                 dKb + c0 * D, D, true);
+          scale_row(dK, D * ld_t, scale);  // dS was taken with respect to the scaled scores
+          if (rows_dkdv) {
+            if constexpr (std::is_same_v<acc_t, float>)
+              if (fast_store) {
+                store_rows(dK, bc, D, dk, b, hkv, j0);
+                store_rows(dV, bc, D, dv, b, hkv, j0);
                 continue;
               }
-            gemm(D, cols, rb - ra, at_col<in_t>(gdOt, b, h, i0 + ra), Nq, gP + ra * ld + c0, ld, dVb + c0, ld_t, true);
-            gemm(D, cols, rb - ra, at_col<in_t>(gQt, b, h, i0 + ra), Nq, dS + ra * ld + c0, ld, dKb + c0, ld_t, true);
-          }
-          if (bc % 2 && rounded) zero_column(t.dS.data(), ld, br, bc);  // the packed K's pad row
-          for (int64_t r0 = 0; r0 < br; r0 += block_rows) {  // dQ += dS K, the keys each block sees
-            const int64_t rows = std::min(block_rows, br - r0);
-            const auto [c0, c1] = edge_keys(band_mask, band, i0 + r0, i0 + r0 + rows, j0, j1, Nk);
-            if (c1 > c0)
-              gK.gemm(b, hkv, rows, dS + r0 * ld + c0, ld, j0 + c0, c1 - c0, 0, D, gdQ + (i0 + r0) * D, D, true);
-          }
-          if (++tiles_in_block == kTilesPerSum) add_block();
-        }
-        if (tiles_in_block > 0) add_block();
-        if (group > 1) {
-          add_row(dK, dKs, 1, D * ld_t);
-          add_row(dV, dVs, 1, D * ld_t);
-        }
-      }
-      scale_row(dK, D * ld_t, scale);  // dS was taken with respect to the scaled scores
-      if (rows_dkdv) {
-        if constexpr (std::is_same_v<acc_t, float>)
-          if (fast_store) {
-            store_rows(dK, bc, D, dk, b, hkv, j0);
-            store_rows(dV, bc, D, dv, b, hkv, j0);
+            dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dK, {bc, D}, acc_opts));
+            dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dV, {bc, D}, acc_opts));
             continue;
           }
-        dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dK, {bc, D}, acc_opts));
-        dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dV, {bc, D}, acc_opts));
-        continue;
-      }
-      if constexpr (std::is_same_v<acc_t, float>)
-        if (fast_store) {
-          transpose(D, bc, dK, ld_t, t.T.data(), D);
-          store_rows(t.T.data(), bc, D, dk, b, hkv, j0);
-          transpose(D, bc, dV, ld_t, t.T.data(), D);
-          store_rows(t.T.data(), bc, D, dv, b, hkv, j0);
-          continue;
+          if constexpr (std::is_same_v<acc_t, float>)
+            if (fast_store) {
+              transpose(D, bc, dK, ld_t, t.T.data(), D);
+              store_rows(t.T.data(), bc, D, dk, b, hkv, j0);
+              transpose(D, bc, dV, ld_t, t.T.data(), D);
+              store_rows(t.T.data(), bc, D, dv, b, hkv, j0);
+              continue;
+            }
+          dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dK, {D, bc}, {ld_t, 1}, acc_opts).t());
+          dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dV, {D, bc}, {ld_t, 1}, acc_opts).t());
         }
-      dk[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dK, {D, bc}, {ld_t, 1}, acc_opts).t());
-      dv[b][hkv].slice(0, j0, j1).copy_(at::from_blob(dV, {D, bc}, {ld_t, 1}, acc_opts).t());
+      });
+      at::Tensor dq_acc = dq_parts[0];
+      for (int64_t s = 1; s < n_splits; ++s) dq_acc.add_(dq_parts[s]);  // fixed order
+      // one pass into dq's layout: mul_out's Tensor overload (its Scalar one makes a result, then copies it)
+      at::Tensor dq_chunk = chunk_of(dq, g0 * group, nh);
+      if (dq.scalar_type() == dq_acc.scalar_type())
+        at::mul_out(dq_chunk, dq_acc, at::scalar_tensor(scale, dq_acc.options()));
+      else
+        dq_chunk.copy_(dq_acc.mul_(scale));
     }
-  });
-
-  at::Tensor dq_acc = dq_parts[0];
-  for (int64_t s = 1; s < n_splits; ++s) dq_acc.add_(dq_parts[s]);  // fixed order
-  // one pass into dq's layout: mul_out's Tensor overload (its Scalar one makes a result, then copies it)
-  if (dq.scalar_type() == dq_acc.scalar_type())
-    at::mul_out(dq, dq_acc, at::scalar_tensor(scale, dq_acc.options()));
-  else
-    dq.copy_(dq_acc.mul_(scale));
 }
 
 // sum_d g_d o_d of one row with unit stride in float64, each product exact: fp32 rows by
@@ -748,7 +771,7 @@ bool takes_kvcache_loop(const at::Tensor& q, const at::Tensor& k, const AttnOpti
 
 }  // namespace
 
-int64_t force_fwd_chunk_pairs(int64_t pairs) { return forced_fwd_chunk_pairs.exchange(std::max<int64_t>(pairs, 0)); }
+int64_t force_chunk_pairs(int64_t pairs) { return forced_chunk_pairs.exchange(std::max<int64_t>(pairs, 0)); }
 
 // The tiled forward (fwd_impl), whose scores the backward's tiles recompute bit for bit.
 std::tuple<at::Tensor, at::Tensor> tiled_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -20,8 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt);
 
-// Tests: (batch, kv head) pairs per chunk of the tiled forward's operands (attention_cpu.cpp,
-// fwd_chunk) forced to `pairs`, or automatic again at 0; returns the previous setting.
-int64_t force_fwd_chunk_pairs(int64_t pairs);
+// Tests: (batch, kv head) pairs per chunk of the tiled forward's and backward's operands
+// (attention_cpu.cpp, operand_chunk) forced to `pairs`, or automatic again at 0; returns the
+// previous setting.
+int64_t force_chunk_pairs(int64_t pairs);
 
 }  // namespace flash_cuda::cpu
