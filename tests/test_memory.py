@@ -44,6 +44,7 @@ def test_long_sequence_peak_memory_under_1gib(threads):
 
 CHUNK_CHILD = r"""
 import json, torch, flash_cuda
+torch.set_num_threads(2)  # (the chunks follow the thread count: from 9 threads on, one chunk here)
 def status_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -65,8 +66,8 @@ print(json.dumps(peaks))
 def test_forward_operands_take_a_chunk_at_a_time():
     """The CPU forward prepares K^T and V per chunk of (batch, kv head) pairs (csrc/cpu/
     attention_cpu.cpp operand_chunk): fp32, B=1, H=8, N=4096, D=128, the packed operands of the
-    whole call are 32 MiB, those of an automatic chunk (2 MiB an operand: 4 pairs) 16 MiB; the
-    call's peak, its 16 MiB output included, drops by about the difference."""
+    whole call are 32 MiB, those of an automatic chunk at 2 threads (2 MiB an operand: 4 pairs)
+    16 MiB; the call's peak, its 16 MiB output included, drops by about the difference."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -206,26 +206,38 @@ void store_rows(const acc_t* o, int64_t rows, int64_t D, at::Tensor& out, int64_
 // head) pairs at a time, not for the whole call: at B 1, H 8, N 8192, D 128 the forward's took
 // 64 MiB in fp32 and 160 MiB in fp16 on a CPU that multiplies it in fp32 (Q, K and V converted,
 // then K^T and V packed) beside a 32 (16) MiB output, where torch's CPU flash kernel needs little
-// beyond its output. A chunk's operands are at most kScratchMaxBlock each (rows: the larger of a
-// kv group's query rows and the keys), so that the next chunk's come back from the scratch cache
-// (scratch.h) already mapped, but a chunk has at least items_per_thread work items a thread: each
-// chunk ends at a barrier, where the threads wait for its last items (the forward's query tiles
-// differ in cost under a causal mask: kFwdChunkItems; the backward's items are a kv head's whole
-// keys or a round-robin share of them: kBwdChunkItems). Returns (batches, kv heads) per chunk:
-// whole batches where one fits, else some kv heads of one batch. Every chunking gives the same
-// bits (each item's work is the same).
+// beyond its output. A chunk is whole batches or some kv heads of one batch (views of the
+// inputs). Each chunk ends at a barrier, where threads wait for its last items, so the chunks
+// are the smallest whose work, modelled as items of equal cost dealt one a thread per round,
+// takes no more rounds than the whole call's (dealt unchunked: a review found 1.6x as many
+// rounds at 16 threads with chunks cut by memory alone), with at least items_per_thread items a
+// thread (the forward's query tiles differ in cost under a causal mask: kFwdChunkItems; the
+// backward's items are a kv head's keys or a round-robin share of them: kBwdChunkItems), and no
+// smaller than operands of kScratchMaxBlock (rows: the larger of a kv group's query rows and the
+// keys; padding not counted), which come back from the scratch cache (scratch.h) already mapped
+// for the next chunk. Returns (batches, kv heads) per chunk. Every chunking gives the same bits
+// (each item's work is the same).
 constexpr int64_t kFwdChunkItems = 8, kBwdChunkItems = 1;
 std::atomic<int64_t> forced_chunk_pairs{0};  // force_chunk_pairs (tests)
 template <typename in_t>
 std::pair<int64_t, int64_t> operand_chunk(int64_t B, int64_t Hkv, int64_t rows, int64_t D, int64_t items_per_pair,
                                           int64_t items_per_thread) {
+  const int64_t forced = forced_chunk_pairs.load();
+  if (forced > 0) return forced < Hkv ? std::pair{int64_t(1), forced} : std::pair{std::min(B, forced / Hkv), Hkv};
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t operand = std::max<int64_t>(1, rows * D * int64_t(sizeof(in_t)));
-  const int64_t items = items_per_thread * at::get_num_threads(), forced = forced_chunk_pairs.load();
-  const int64_t pairs = forced > 0 ? forced
-                                   : std::max({int64_t(1), int64_t(kScratchMaxBlock) / operand,
-                                               ceil_div(items, items_per_pair)});
-  if (pairs < Hkv) return {1, pairs};
-  return {std::min(B, pairs / Hkv), Hkv};
+  const int64_t min_pairs = std::min(B * Hkv, std::max({int64_t(1), int64_t(kScratchMaxBlock) / operand,
+                                                         ceil_div(items_per_thread * threads, items_per_pair)}));
+  const auto rounds = [&](int64_t pairs) { return ceil_div(pairs * items_per_pair, threads); };
+  const int64_t whole = rounds(B * Hkv);
+  // rounds of chunks of n kv heads of a batch, or of n batches (the last chunk of each the rest)
+  const auto head_rounds = [&](int64_t n) { return B * (Hkv / n * rounds(n) + (Hkv % n ? rounds(Hkv % n) : 0)); };
+  const auto batch_rounds = [&](int64_t n) { return B / n * rounds(n * Hkv) + (B % n ? rounds(B % n * Hkv) : 0); };
+  for (int64_t n = std::max<int64_t>(1, min_pairs); n < Hkv; ++n)
+    if (head_rounds(n) <= whole) return {1, n};
+  for (int64_t n = std::max<int64_t>(1, ceil_div(min_pairs, Hkv)); n < B; ++n)
+    if (batch_rounds(n) <= whole) return {n, Hkv};
+  return {B, Hkv};
 }
 
 // in_t: the dtype of the tile GEMMs' operands (tile_gemm.h); acc_t: of their products and of
