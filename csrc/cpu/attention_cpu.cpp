@@ -215,9 +215,11 @@ void store_rows(const acc_t* o, int64_t rows, int64_t D, at::Tensor& out, int64_
 // backward's items are a kv head's keys or a round-robin share of them: kBwdChunkItems), and no
 // smaller than operands of kScratchMaxBlock (rows: the larger of a kv group's query rows and the
 // keys; padding not counted), which come back from the scratch cache (scratch.h) already mapped
-// for the next chunk. Returns (batches, kv heads) per chunk. Every chunking gives the same bits
-// (each item's work is the same).
+// for the next chunk. Calls whose operands are below kChunkMinOperand a pair (short sequences,
+// where per-call costs count: README, "Short sequences on the CPU") keep one chunk. Returns
+// (batches, kv heads) per chunk. Every chunking gives the same bits (each item's work is the same).
 constexpr int64_t kFwdChunkItems = 8, kBwdChunkItems = 1;
+constexpr int64_t kChunkMinOperand = int64_t(1) << 20;
 std::atomic<int64_t> forced_chunk_pairs{0};  // force_chunk_pairs (tests)
 template <typename in_t>
 std::pair<int64_t, int64_t> operand_chunk(int64_t B, int64_t Hkv, int64_t rows, int64_t D, int64_t items_per_pair,
@@ -226,6 +228,7 @@ std::pair<int64_t, int64_t> operand_chunk(int64_t B, int64_t Hkv, int64_t rows, 
   if (forced > 0) return forced < Hkv ? std::pair{int64_t(1), forced} : std::pair{std::min(B, forced / Hkv), Hkv};
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t operand = std::max<int64_t>(1, rows * D * int64_t(sizeof(in_t)));
+  if (operand < kChunkMinOperand) return {B, Hkv};
   const int64_t min_pairs = std::min(B * Hkv, std::max({int64_t(1), int64_t(kScratchMaxBlock) / operand,
                                                          ceil_div(items_per_thread * threads, items_per_pair)}));
   const auto rounds = [&](int64_t pairs) { return ceil_div(pairs * items_per_pair, threads); };
