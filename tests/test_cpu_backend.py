@@ -982,20 +982,25 @@ def test_one_hot_shortcut_keeps_nan_and_blockwise_lse():
     assert_close_fp("dv", torch.cat([d[1] for d in dkv], 2), ref[2].grad, 1e-5)
 
 
+def with_grads(fn, q, k, v, dout, kw):
+    """out, lse and the gradients of q, k, v (and of a mask that requires grad) of
+    fn(q, k, v, **kw) -> (out, lse)."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.requires_grad:
+        mask = mask.detach().requires_grad_()
+        kw = dict(kw, attn_mask=mask)
+    out, lse = fn(*leaves, **kw)
+    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
+    return out, lse, torch.autograd.grad((out * dout.to(out.dtype)).sum(), wrt)
+
+
 def in_chunks(pairs, q, k, v, dout, **kw):
-    """out, lse and the gradients of q, k, v (and a mask that requires grad) of the CPU forward and
-    backward with their operands prepared `pairs` (batch, kv head) pairs at a time (0: the
-    automatic chunks)."""
+    """with_grads of the CPU forward and backward with their operands prepared `pairs` (batch, kv
+    head) pairs at a time (0: the automatic chunks)."""
     before = torch.ops.flash_cuda._cpu_force_chunk_pairs(pairs)
     try:
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        mask = kw.get("attn_mask")
-        if mask is not None and mask.requires_grad:
-            mask = mask.detach().requires_grad_()
-            kw = dict(kw, attn_mask=mask)
-        out, lse = flash_cuda.attention(*leaves, return_lse=True, **kw)
-        wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
-        return out, lse, torch.autograd.grad((out * dout).sum(), wrt)
+        return with_grads(lambda *a, **o: flash_cuda.attention(*a, return_lse=True, **o), q, k, v, dout, kw)
     finally:
         torch.ops.flash_cuda._cpu_force_chunk_pairs(before)
 
@@ -1068,12 +1073,5 @@ def test_operands_in_chunks(monkeypatch, poisoned_scratch, seed):
 
 
 def in_reference(q, k, v, dout, dtype, kw):
-    """(out, lse, gradients) of the reference computed in `dtype` (as in_chunks)."""
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    mask = kw.get("attn_mask")
-    if mask is not None and mask.requires_grad:
-        mask = mask.detach().requires_grad_()
-        kw = dict(kw, attn_mask=mask)
-    out, lse = attention_ref(*leaves, dtype=dtype, **kw)
-    wrt = leaves + ([mask] if mask is not None and mask.requires_grad else [])
-    return out, lse, torch.autograd.grad((out * dout.to(dtype)).sum(), wrt)
+    """with_grads of the reference computed in `dtype`."""
+    return with_grads(lambda *a, **o: attention_ref(*a, dtype=dtype, **o), q, k, v, dout, kw)
