@@ -896,26 +896,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         if v.shape != k.shape:
             raise ValueError(f"{fn}: v must have the shape of k {_shape(k)}, got {_shape(v)}")
         n_new = k.shape[2]
-    if cache_seqlens is None:
-        if n_new:
-            raise ValueError(f"{fn}: cache_seqlens is required when k and v are given (where to append them)")
-        cache_seqlens = capacity
-    cache_seqlens = _plain(cache_seqlens)
-    if _is_int(cache_seqlens):
-        if not 0 <= cache_seqlens <= _INT32_MAX:
-            raise ValueError(f"{fn}: cache_seqlens must be in [0, {capacity - n_new}] for a cache of {capacity} keys "
-                             f"per sequence, got {cache_seqlens}")
-        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor (B,), an int or None, got "
-                        f"{_type_name(cache_seqlens)}")
-    _check_dense(fn, "cache_seqlens", cache_seqlens)
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if _shape(cache_seqlens) != (B,):
-        raise ValueError(f"{fn}: cache_seqlens must have shape (B,) = ({B},), got {_shape(cache_seqlens)}")
-    if cache_seqlens.device != q.device:
-        raise RuntimeError(f"{fn}: cache_seqlens must be on the device of q ({q.device}), got {cache_seqlens.device}")
+    cache_seqlens = _cache_seqlens(fn, cache_seqlens, B, capacity, n_new, q.device)
     num_splits = _plain(num_splits)
     if not _is_int(num_splits):
         raise TypeError(f"{fn}: num_splits must be an int in [0, {MAX_NUM_SPLITS}] (0: chosen for the device, "
@@ -932,12 +913,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                    "autograd); call it under torch.no_grad() / torch.inference_mode() or pass "
                                    "detached tensors")
     if _readable(cache_seqlens):
-        lengths = cache_seqlens.tolist()
-        for b, n in enumerate(lengths):
-            if not 0 <= n <= capacity - n_new:
-                room = f" with room for the {n_new} new keys" if n_new else ""
-                raise ValueError(f"{fn}: cache_seqlens[{b}] = {n} is out of range: it must be in "
-                                 f"[0, {capacity - n_new}] for a cache of {capacity} keys per sequence{room}")
+        _check_cache_seqlens(fn, cache_seqlens, capacity, n_new)
         if paged:
             _check_pages(fn, block_table, cache_seqlens, n_new, k_cache.shape[2], k_cache.shape[0])
     try:
@@ -946,6 +922,41 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     except ValueError as err:  # the op's checks of the memory the append writes (csrc/ops.cpp), in fn's name
         raise ValueError(str(err).replace("flash_cuda: ", f"{fn}: ", 1)) from None
     return (out, lse) if return_lse else out
+
+
+def _cache_seqlens(fn, cache_seqlens, B, capacity, n_new, device):
+    """attention_with_kvcache's cache_seqlens (an int, an int32 (B,) tensor or None: the whole
+    capacity, without new keys) as the int32 (B,) tensor on `device` the kernels read."""
+    if cache_seqlens is None:
+        if n_new:
+            raise ValueError(f"{fn}: cache_seqlens is required when k and v are given (where to append them)")
+        cache_seqlens = capacity
+    cache_seqlens = _plain(cache_seqlens)
+    if _is_int(cache_seqlens):
+        if not 0 <= cache_seqlens <= _INT32_MAX:
+            raise ValueError(f"{fn}: cache_seqlens must be in [0, {capacity - n_new}] for a cache of {capacity} keys "
+                             f"per sequence, got {cache_seqlens}")
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor (B,), an int or None, got "
+                        f"{_type_name(cache_seqlens)}")
+    _check_dense(fn, "cache_seqlens", cache_seqlens)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if _shape(cache_seqlens) != (B,):
+        raise ValueError(f"{fn}: cache_seqlens must have shape (B,) = ({B},), got {_shape(cache_seqlens)}")
+    if cache_seqlens.device != device:
+        raise RuntimeError(f"{fn}: cache_seqlens must be on the device of q ({device}), got {cache_seqlens.device}")
+    return cache_seqlens
+
+
+def _check_cache_seqlens(fn, cache_seqlens, capacity, n_new):
+    """The values of readable (CPU) cache_seqlens: each sequence's keys and its new ones fit the cache."""
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if not 0 <= n <= capacity - n_new:
+            room = f" with room for the {n_new} new keys" if n_new else ""
+            raise ValueError(f"{fn}: cache_seqlens[{b}] = {n} is out of range: it must be in "
+                             f"[0, {capacity - n_new}] for a cache of {capacity} keys per sequence{room}")
 
 
 def _check_pages(fn, block_table, cache_seqlens, n_new, page_size, num_pages):

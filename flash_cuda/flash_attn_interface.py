@@ -21,7 +21,8 @@ Every argument is honoured or rejected with an exception naming it:
   the boolean mask. Without dropout S_dmask is None and nothing is materialised, as in
   FlashAttention (callers that want only softmax_lse, e.g. to merge blocks, pay nothing more).
 - flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
-  split-KV); its rotary_cos/rotary_sin, cache_batch_idx and cache_leftpad raise NotImplementedError.
+  split-KV); its rotary_cos/rotary_sin (applied to q and k before the call), cache_batch_idx and
+  cache_leftpad (a paged call on the same memory) as in FlashAttention-2, see its docstring.
   flash_attn_varlen_func's block_table (paged keys for packed sequences) raises NotImplementedError.
 - Arguments are read as FlashAttention's bindings read them: flags also as numpy bools or ints
   (return_attn_probs by its truth), any negative window_size entry as unbounded, softmax_scale
@@ -34,8 +35,8 @@ import re
 
 import torch
 
-from .api import (_check_window, _is_int, _plain, _shape, _type_name, attention, attention_with_kvcache,
-                  varlen_attention)
+from .api import (_INT32_MAX, _cache_seqlens, _check_cache_seqlens, _check_window, _is_int, _plain, _readable,
+                  _shape, _type_name, attention, attention_with_kvcache, varlen_attention)
 
 
 def _window(fn, window_size):
@@ -228,14 +229,15 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                    dict(_SCALE, k="kv", v="kv"))
 
 
-def _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, paged):
+def _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, indexed):
     """The shapes of flash_attn_with_kvcache's 4-D tensors against each other, in the caller's
-    (batch, seqlen, nheads, headdim) terms (flash_cuda's checks see the transposed views)."""
+    (batch, seqlen, nheads, headdim) terms (flash_cuda's checks see the transposed views).
+    indexed: the cache's first dim is not q's batch (a paged pool, or cache_batch_idx)."""
     B, _, H, D = q.shape
-    if not paged and k_cache.shape[0] != B:
+    if not indexed and k_cache.shape[0] != B:
         raise ValueError(f"{fn}: k_cache must be (batch, seqlen_cache, nheads_k, headdim) with the batch of q ({B}), "
                          f"got {_shape(k_cache)} (a paged pool (num_blocks, page_block_size, nheads_k, headdim) "
-                         "needs block_table)")
+                         "needs block_table; a cache of other sequences, cache_batch_idx)")
     if k_cache.shape[3] != D:
         raise ValueError(f"{fn}: k_cache must have the headdim of q ({D}), got {_shape(k_cache)}")
     if v_cache.shape != k_cache.shape:
@@ -251,11 +253,134 @@ def _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, paged):
                              f"{D}){', the shape of k' if name == 'v' else ''}, got {_shape(x)}")
 
 
+def _rotary(x, cos, sin, positions, interleaved):
+    """x (batch, seqlen, nheads, headdim) with its first rotary_dim = 2 cos.shape[1] features turned
+    by the angles of rows `positions` (batch, seqlen) of cos and sin, as FlashAttention-2's kvcache
+    kernels do: in fp32 (fp64 for fp64 x), rounded once to x's dtype; pairs (2i, 2i + 1) when
+    interleaved (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX). The rest of x is unchanged."""
+    half = cos.shape[1]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    c, s = (t[positions].to(wide)[:, :, None] for t in (cos, sin))  # (batch, seqlen, 1, half)
+    rot = x[..., :2 * half].to(wide)
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else (rot[..., :half], rot[..., half:])
+    y1, y2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rot = torch.stack((y1, y2), -1).flatten(-2) if interleaved else torch.cat((y1, y2), -1)
+    return torch.cat((rot.to(x.dtype), x[..., 2 * half:]), -1)
+
+
+def _check_rotary(fn, q, k, rotary_cos, rotary_sin, seqlen_k):
+    """FlashAttention-2's rotary arguments: cos and sin (seqlen_ro, rotary_dim / 2) in q's dtype and
+    on its device, rotary_dim <= headdim, rows for every cache position (seqlen_ro >= seqlen_k,
+    the cache's capacity), and new keys to rotate."""
+    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if x is None:
+            other = "rotary_sin" if name == "rotary_cos" else "rotary_cos"
+            raise ValueError(f"{fn}: {name} must be given with {other} (seqlen_ro, rotary_dim / 2)")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {_type_name(x)}")
+    if k is None:
+        raise ValueError(f"{fn}: rotary_cos and rotary_sin need k and v (new keys and values to rotate and "
+                         "append), as in FlashAttention-2")
+    D = q.shape[3]
+    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if x.layout != torch.strided or x.is_nested:
+            raise TypeError(f"{fn}: {name} must be a strided (dense) tensor, got layout {x.layout}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise RuntimeError(f"{fn}: {name} must be on the device of q ({q.device}), got {x.device}")
+        if x.dim() != 2 or 2 * x.shape[1] > D or x.shape[0] < seqlen_k:
+            raise ValueError(f"{fn}: {name} must be (seqlen_ro, rotary_dim / 2) with seqlen_ro at least the cache's "
+                             f"{seqlen_k} positions and rotary_dim at most headdim ({D}), got {_shape(x)}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise ValueError(f"{fn}: rotary_sin must have the shape of rotary_cos {_shape(rotary_cos)}, got "
+                         f"{_shape(rotary_sin)}")
+
+
+def _check_cache_index(fn, name, x, B, device):
+    """cache_batch_idx or cache_leftpad: an int32 (batch,) tensor on q's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be an int32 tensor (batch,) or None, got {_type_name(x)}")
+    if x.layout != torch.strided or x.is_nested:
+        raise TypeError(f"{fn}: {name} must be a strided (dense) tensor, got layout {x.layout}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{fn}: {name} must be int32, got {x.dtype}")
+    if _shape(x) != (B,):
+        raise ValueError(f"{fn}: {name} must have shape (batch,) = ({B},), got {_shape(x)}")
+    if x.device != device:
+        raise RuntimeError(f"{fn}: {name} must be on the device of q ({device}), got {x.device}")
+
+
+def _row_pages(fn, k_cache, v_cache):
+    """The (batch_c, seqlen_cache, nheads_k, headdim) caches as pools of one-row pages in
+    FlashAttention's paged layout (pages, 1, nheads_k, headdim), page b R + n holding row n of batch
+    b, R = stride(0) / stride(1) (the seqlen of the memory the caches are rows of). A row's heads
+    must lie within its stride, so that no two pages share memory."""
+    Bc, cap, hkv, D = k_cache.shape
+    strides = k_cache.stride()
+    rows = strides[0] // strides[1] if Bc > 1 and strides[1] else cap
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        s0, s1, s2, _ = x.stride()
+        if s1 <= 0 or (hkv - 1) * s2 + D > s1 or (Bc > 1 and s0 != rows * s1) or rows < cap:
+            raise ValueError(f"{fn}: cache_leftpad needs k_cache and v_cache whose positions are rows: stride(1) "
+                             "at least the span of a position's heads, stride(0) a multiple of it, the same in both "
+                             f"(a (batch, seqlen, nheads_k, headdim) tensor or a slice of one), got {name} strides "
+                             f"{tuple(x.stride())} (k_cache's {tuple(strides)}) for shape {_shape(x)}")
+    pages = (Bc - 1) * rows + cap
+    if pages > _INT32_MAX:
+        raise ValueError(f"{fn}: cache_leftpad indexes cache rows with int32: the caches' {pages} rows are too many")
+    pool = [x.as_strided((pages, 1, hkv, D), (x.stride(1), x.stride(1), x.stride(2), x.stride(3)))
+            for x in (k_cache, v_cache)]
+    return pool[0], pool[1], rows
+
+
+def _indexed_cache(fn, k_cache, v_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad):
+    """cache_batch_idx and cache_leftpad as a paged call on the same memory (no copy, the append in
+    place): sequence b reads batch cache_batch_idx[b] of the cache (b without it) from row
+    cache_leftpad[b] (0 without it) up to cache_seqlens[b], and appends at cache_seqlens[b].
+    Without left padding a page is a whole batch of the cache (the block table one column of
+    batch indices); with it a page is one row (a (batch, seqlen_cache) table built on q's
+    device). Returns the two pools (caller's layout), the table and the lengths from the left pad.
+    Table entries stay inside the rows of their batch (and the kernels clamp to the pool), so
+    wrong CUDA values give wrong results, never an access outside the caches; CPU values are
+    checked."""
+    Bc, cap = k_cache.shape[:2]
+    B, n_new = cache_seqlens.shape[0], 0 if k is None else k.shape[1]
+    for x in (cache_batch_idx, cache_leftpad):
+        if x is not None and _readable(x):
+            if x is cache_batch_idx:
+                idx = x.tolist()
+                bad = next((b for b, i in enumerate(idx) if not 0 <= i < Bc), None)
+                if bad is not None:
+                    raise ValueError(f"{fn}: cache_batch_idx[{bad}] = {idx[bad]} is out of range: it must index "
+                                     f"the {Bc} sequences of k_cache (dim 0)")
+                seen = {}
+                for b, i in enumerate(idx if n_new else ()):
+                    if i in seen:
+                        raise ValueError(f"{fn}: cache_batch_idx[{seen[i]}] = cache_batch_idx[{b}] = {i}: both "
+                                         "sequences would append their new keys to one cache; give each sequence "
+                                         "that appends a cache of its own")
+                    seen[i] = b
+            else:
+                lengths = cache_seqlens.tolist()
+                bad = next((b for b, p in enumerate(x.tolist()) if not 0 <= p <= lengths[b]), None)
+                if bad is not None:
+                    raise ValueError(f"{fn}: cache_leftpad[{bad}] = {x[bad].item()} is out of range: it must be in "
+                                     f"[0, cache_seqlens[{bad}] = {lengths[bad]}]")
+    if cache_leftpad is None:  # (a contiguous cache is a pool of batch_c pages of seqlen_cache rows)
+        return k_cache, v_cache, cache_batch_idx[:, None], cache_seqlens
+    pool_k, pool_v, rows = _row_pages(fn, k_cache, v_cache)
+    seq = torch.arange(B, device=k_cache.device) if cache_batch_idx is None else cache_batch_idx.long()
+    first = seq.clamp(0, Bc - 1)[:, None] * rows  # each batch's first row, its entries kept within its rows
+    table = first + (cache_leftpad.long()[:, None] + torch.arange(cap, device=k_cache.device)).clamp(0, cap - 1)
+    return pool_k, pool_v, table.to(torch.int32), cache_seqlens - cache_leftpad
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
-    """q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch, seqlen_cache, nheads_k, headdim),
+    """q: (batch, seqlen_q, nheads, headdim); k_cache, v_cache: (batch_c, seqlen_cache, nheads_k, headdim),
     or with block_table (batch, max_blocks) int32 a pool (num_blocks, page_block_size, nheads_k,
     headdim); k, v: (batch, seqlen_new, nheads_k, headdim), written into the cache in place at
     cache_seqlens (flash_cuda.attention_with_kvcache on (B, H, N, D) views of the same memory).
@@ -263,28 +388,74 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     seqlen_q). softmax_scale (default 1/sqrt(headdim)), causal, window_size, softcap and
     alibi_slopes ((nheads,) or (batch, nheads) float32) as in flash_attn_func, the mask's diagonal
     bottom-right aligned against each sequence's cache length after the append; num_splits: the
-    key splits (0: chosen from the shape, else 1 to 128). rotary_cos/rotary_sin (apply the rotary
-    embedding to q and k before the call), cache_batch_idx and cache_leftpad are not supported:
-    NotImplementedError; rotary_interleaved, which only selects the rotary layout, has nothing
-    to act on without them."""
+    key splits (0: chosen from the shape, else 1 to 128).
+
+    As FlashAttention-2's (with a contiguous cache only, not with block_table):
+    - cache_batch_idx int32 (batch,): sequence b uses batch cache_batch_idx[b] of the cache (batch_c
+      may differ from batch); sequences that append need distinct ones.
+    - cache_leftpad int32 (batch,): sequence b's keys start at row cache_leftpad[b] of its cache
+      (the rows before are padding); cache_seqlens[b] still counts from row 0, the new keys go to
+      row cache_seqlens[b], and masks and ALiBi count positions from the left pad. It runs as a
+      paged cache of one-row pages with a (batch, seqlen_cache) int32 table built per call: the
+      same memory, slower than a plain cache (a table read per key row).
+    - rotary_cos, rotary_sin (seqlen_ro >= the cache's seqlen, rotary_dim / 2) in q's dtype, with k
+      and v: the rotary embedding of the first rotary_dim features of k (positions cache_seqlens[b]
+      + i) before the append, and of q (the same positions when causal or local, else all at
+      cache_seqlens[b]); rotary_interleaved: pairs (2i, 2i + 1) (GPT-J) rather than (i, i +
+      rotary_dim / 2) (GPT-NeoX). Computed before the call, in fp32, rounded once to q's dtype.
+    """
     fn = "flash_attn_with_kvcache"
-    for name, arg in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
-                      ("cache_leftpad", cache_leftpad)):
-        if arg is not None:
-            hint = " (apply the rotary embedding to q and k before the call)" if name.startswith("rotary") else ""
-            raise NotImplementedError(f"{fn}: {name} is not supported by flash_cuda{hint}")
     layout = {"q": "(batch, seqlen_q, nheads, headdim)", "k_cache": "(batch or num_blocks, seqlen, nheads_k, headdim)",
               "v_cache": "(batch or num_blocks, seqlen, nheads_k, headdim)", "k": "(batch, seqlen_new, nheads_k, headdim)",
               "v": "(batch, seqlen_new, nheads_k, headdim)"}
     _check_dims(fn, [(n, x) for n, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v))
                      if x is not None or n in ("q", "k_cache", "v_cache")], 4, layout)
     return_softmax_lse = bool(return_softmax_lse)
-    _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, block_table is not None)
+    rotary_interleaved = _flag(fn, "rotary_interleaved", rotary_interleaved)
+    paged = block_table is not None
+    for name, x in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if x is not None and paged:
+            raise ValueError(f"{fn}: {name} indexes a contiguous cache; a paged one (block_table) takes none, as in "
+                             "FlashAttention-2")
+    _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, paged or cache_batch_idx is not None)
+    B = q.shape[0]
+    for name, x in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if x is not None:
+            _check_cache_index(fn, name, x, B, q.device)
     # FlashAttention's kvcache call has no autograd: it reads tensors that require grad (q from a
     # trainable projection in a decode loop outside no_grad) as constants, and so does this one
-    t = lambda x: None if x is None else x.detach().transpose(1, 2)  # noqa: E731
+    q, k_cache, v_cache, k, v = (None if x is None else x.detach() for x in (q, k_cache, v_cache, k, v))
     window = _window(fn, window_size)
     softmax_scale, causal, _, alibi_slopes = _options(fn, softmax_scale, causal, False, alibi_slopes)
+    rotary = rotary_cos is not None or rotary_sin is not None
+    table_ok = not paged or (isinstance(block_table, torch.Tensor) and block_table.dim() == 2)
+    # (a malformed block_table goes to flash_cuda's checks, which name it)
+    if (rotary or cache_leftpad is not None or cache_batch_idx is not None) and table_ok:
+        seqlen_k = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+        n_new = 0 if k is None else k.shape[1]
+        cache_seqlens = _cache_seqlens(fn, cache_seqlens, B, seqlen_k, n_new, q.device)
+        if _readable(cache_seqlens):
+            _check_cache_seqlens(fn, cache_seqlens, seqlen_k, n_new)
+        if rotary:
+            _check_rotary(fn, q, k, rotary_cos, rotary_sin, seqlen_k)
+            # FlashAttention-2's "local": a window bound below the cache's seqlen on either side
+            local = causal or (window is not None and any(0 <= w < seqlen_k for w in window))
+            rows = rotary_cos.shape[0]
+            if local and _readable(cache_seqlens) and q.shape[1] and cache_seqlens.numel():
+                b = int(cache_seqlens.argmax())
+                if cache_seqlens[b] + q.shape[1] > rows:
+                    raise ValueError(f"{fn}: rotary_cos and rotary_sin have {rows} positions, but the last query of "
+                                     f"sequence {b} is at position cache_seqlens[{b}] + seqlen_q - 1 = "
+                                     f"{int(cache_seqlens[b]) + q.shape[1] - 1}")
+            # (CUDA lengths are not read: positions clamped, as the kernels clamp what they index)
+            at = lambda n: (cache_seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp(0, rows - 1)  # noqa: E731
+            q = _rotary(q, rotary_cos, rotary_sin, at(q.shape[1]) if local else at(1).expand(B, q.shape[1]),
+                        rotary_interleaved)
+            k = _rotary(k, rotary_cos, rotary_sin, at(n_new), rotary_interleaved)
+        if cache_leftpad is not None or cache_batch_idx is not None:
+            k_cache, v_cache, block_table, cache_seqlens = _indexed_cache(fn, k_cache, v_cache, k, cache_seqlens,
+                                                                          cache_batch_idx, cache_leftpad)
+    t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
     try:
         out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
                                           block_table=block_table, causal=causal, scale=softmax_scale, window=window,
@@ -296,7 +467,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # (batch, seqlen_q, nheads * headdim)); a copy only where seqlen_q > 1
     out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_softmax_lse else out
-
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]

@@ -146,10 +146,6 @@ def test_rejected_arguments():
         fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"flash_attn_varlen_func: q must be 3-D"):
         fa.flash_attn_varlen_func(q, k[0], v[0], cu, cu, 8, 8)
-    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: rotary_cos"):
-        fa.flash_attn_with_kvcache(q, k, v, rotary_cos=torch.zeros(8, 8), rotary_sin=torch.zeros(8, 8))
-    with pytest.raises(NotImplementedError, match="cache_batch_idx"):
-        fa.flash_attn_with_kvcache(q, k, v, cache_batch_idx=torch.zeros(1, dtype=torch.int32))
 
 
 def test_errors_name_the_callers_arguments():

@@ -1,0 +1,347 @@
+"""flash_attn_with_kvcache's arguments beyond flash_cuda.attention_with_kvcache's: the rotary
+embedding (rotary_cos, rotary_sin, rotary_interleaved), cache_batch_idx and cache_leftpad, as
+FlashAttention-2 defines them. A seeded randomised differential test (dtypes, shapes, GQA, cache
+layouts the caller slices or packs, masks and score modifiers, split counts) against a float64
+reference written independently (the rotation as a complex product, attention per sequence over
+the keys from the left pad), with the cache checked row by row after the append; the same through
+the CUDA kernels in the emulator; then layouts and every rejected argument."""
+import random
+
+import pytest
+import torch
+
+import flash_cuda
+from flash_cuda import flash_attn_interface as fa
+from reference import assert_close_fp, assert_fa_rule, attention_ref
+
+
+def rotary_ref(x, cos, sin, positions, interleaved):
+    """float64: feature pairs (a, b) of x (B, N, H, D), (2i, 2i + 1) interleaved, else (i, i + half),
+    as complex numbers times exp(i theta) at rows `positions` (B, N) of cos and sin."""
+    x, half = x.double(), cos.shape[1]
+    head = x[..., :2 * half]
+    z = torch.complex(head[..., 0::2], head[..., 1::2]) if interleaved else torch.complex(head[..., :half],
+                                                                                         head[..., half:])
+    z = z * torch.complex(cos.double()[positions], sin.double()[positions])[:, :, None]
+    turned = torch.stack((z.real, z.imag), -1).flatten(-2) if interleaved else torch.cat((z.real, z.imag), -1)
+    return torch.cat((turned, x[..., 2 * half:]), -1)
+
+
+def caches(layout, Bc, cap, hkv, D, dtype, g):
+    """k_cache, v_cache (Bc, cap, hkv, D) in FlashAttention's layout: separate tensors, slices of a
+    longer buffer along seqlen, or the halves of a packed (Bc, cap, 2, hkv, D) one."""
+    if layout == "plain":
+        return tuple(torch.randn(Bc, cap, hkv, D, generator=g).to(dtype) for _ in range(2))
+    if layout == "sliced":
+        return tuple(torch.randn(Bc, cap + 5, hkv, D, generator=g).to(dtype)[:, 2:cap + 2] for _ in range(2))
+    kv = torch.randn(Bc, cap, 2, hkv, D, generator=g).to(dtype)
+    return kv[:, :, 0], kv[:, :, 1]
+
+
+def draw(seed, dtypes):
+    rnd, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    dtype = rnd.choice(dtypes)
+    B, hkv, group = rnd.randint(1, 4), rnd.randint(1, 3), rnd.choice([1, 2, 3])
+    D = rnd.choice([16, 32, 40, 64])
+    rotary_dim = rnd.choice([0, D, D // 2, 2 * rnd.randint(1, D // 2)])
+    n_new = rnd.randint(1 if rotary_dim else 0, 4)
+    nq = rnd.choice([1, 1, 2, 5])
+    cap = rnd.randint(max(n_new, 1), 80)
+    indexed = rnd.random() < 0.6
+    Bc = B + (rnd.randint(0, 3) if indexed else 0)
+    seqlens = [rnd.choice([0, cap - n_new, rnd.randint(0, cap - n_new)]) for _ in range(B)]
+    leftpad = [rnd.choice([0, s, rnd.randint(0, s)]) for s in seqlens] if rnd.random() < 0.6 else None
+    kw = {}
+    if rnd.random() < 0.4:
+        kw["causal"] = True
+    elif rnd.random() < 0.3:
+        kw["window_size"] = (rnd.randint(0, 12), rnd.choice([-1, 0, 3]))
+    if rnd.random() < 0.3:
+        kw["softcap"] = rnd.choice([2.0, 15.0])
+    if rnd.random() < 0.3:
+        kw["alibi_slopes"] = torch.rand(hkv * group, generator=g) * 0.3
+    kw["num_splits"] = rnd.choice([0, 1, 3])
+    case = dict(dtype=dtype, B=B, Bc=Bc, hkv=hkv, hq=hkv * group, D=D, nq=nq, n_new=n_new, cap=cap,
+                layout=rnd.choice(["plain", "sliced", "packed"]), interleaved=rnd.random() < 0.5,
+                batch_idx=torch.randperm(Bc, generator=g)[:B].to(torch.int32) if indexed else None,
+                seqlens=torch.tensor(seqlens, dtype=torch.int32),
+                leftpad=None if leftpad is None else torch.tensor(leftpad, dtype=torch.int32))
+    kc, vc = caches(case["layout"], Bc, cap, hkv, D, dtype, g)
+    q = torch.randn(B, nq, hkv * group, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, n_new, hkv, D, generator=g).to(dtype) if n_new else None for _ in range(2))
+    rot = None
+    if rotary_dim:
+        # (FlashAttention-2's seqlen_ro >= seqlen_cache; causal and local queries may reach nq - 1 past it)
+        angle = torch.rand(cap + nq + rnd.randint(-1, 2), rotary_dim // 2, generator=g, dtype=torch.float64) * 6.3
+        rot = (angle.cos().to(dtype), angle.sin().to(dtype))
+    return case, kw, kc, vc, q, k, v, rot
+
+
+def check_case(seed, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16), emulated=False):
+    c, kw, kc, vc, q, k, v, rot = draw(seed, dtypes)
+    B, dtype, seqlens, n_new = c["B"], c["dtype"], c["seqlens"].tolist(), c["n_new"]
+    before_k, before_v = kc.clone(), vc.clone()
+    call = dict(kw, cache_seqlens=c["seqlens"], cache_batch_idx=c["batch_idx"], cache_leftpad=c["leftpad"],
+                rotary_interleaved=c["interleaved"], return_softmax_lse=True)
+    if rot is not None:
+        call.update(rotary_cos=rot[0], rotary_sin=rot[1])
+    with flash_cuda.emulate() if emulated else torch.no_grad():
+        out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k, v, **call)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, c["hq"], c["nq"])
+
+    # the positions FlashAttention-2 turns q and the new keys by
+    local = kw.get("causal", False) or any(0 <= w < c["cap"] for w in kw.get("window_size", ()))
+    at = lambda n: c["seqlens"].long()[:, None] + torch.arange(n)  # noqa: E731
+    q_pos = at(c["nq"]) if local else at(1).expand(B, c["nq"])
+    turn = (lambda x, pos: x.double()) if rot is None else (lambda x, pos: rotary_ref(x, *rot, pos, c["interleaved"]))
+    q_ref = turn(q, q_pos)
+    k_ref = None if k is None else turn(k, at(n_new))
+
+    # the cache: new keys (turned) at rows seqlens[b].. of batch batch_idx[b], every other row as before
+    index = c["batch_idx"].tolist() if c["batch_idx"] is not None else list(range(B))
+    want_k, want_v = before_k.clone(), before_v.clone()
+    for b, i in enumerate(index):
+        s = seqlens[b]
+        if n_new:
+            new_rows = kc[i, s:s + n_new].double()
+            bound = torch.finfo(dtype).eps * k_ref[b].abs() + 2.0**-20 * k[b].double().abs().max()
+            assert ((new_rows - k_ref[b]).abs() <= bound).all(), f"seed {seed}: appended keys of sequence {b}"
+            want_k[i, s:s + n_new] = kc[i, s:s + n_new]
+            want_v[i, s:s + n_new] = v[b]
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v), f"seed {seed}: the append wrote elsewhere"
+
+    # attention per sequence over its keys from the left pad, the mask and ALiBi counting from there
+    ref_kw = dict(causal=kw.get("causal", False), softcap=kw.get("softcap", 0.0),
+                  window=None if "window_size" not in kw else tuple(max(w, -1) for w in kw["window_size"]))
+    slopes = kw.get("alibi_slopes")
+    outs = {}
+    for name, rdtype in (("ref", torch.float64), ("plain", dtype)):
+        per = []
+        for b, i in enumerate(index):
+            lp = 0 if c["leftpad"] is None else c["leftpad"][b].item()
+            keys, vals = before_k[i, lp:seqlens[b]].double(), before_v[i, lp:seqlens[b]].double()
+            if n_new:
+                keys, vals = torch.cat([keys, k_ref[b]]), torch.cat([vals, v[b].double()])
+            qb = q_ref[b:b + 1]
+            if rdtype != torch.float64:  # plain torch: the turned values rounded to the dtype, as ours
+                qb, keys, vals = qb.to(dtype), keys.to(dtype), vals.to(dtype)
+            o, lse_b = attention_ref(qb.transpose(1, 2), keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
+                                     dtype=rdtype, alibi_slopes=slopes, **ref_kw)
+            per.append((o.transpose(1, 2), lse_b))
+        outs[name] = (torch.cat([o for o, _ in per]), torch.cat([lse_b for _, lse_b in per]))
+    ref_o, ref_l = outs["ref"]
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_l)), f"seed {seed}: rows without keys"
+    zero = lambda x: x.masked_fill(torch.isinf(ref_l), 0)  # noqa: E731
+    if dtype in (torch.float32, torch.float64):
+        assert_close_fp(f"seed {seed}: out", out, ref_o)
+        assert_close_fp(f"seed {seed}: lse", zero(lse), zero(ref_l))
+    else:
+        assert_fa_rule(f"seed {seed}: out", out, outs["plain"][0], ref_o, 2)
+        assert_fa_rule(f"seed {seed}: lse", zero(lse), zero(outs["plain"][1]), zero(ref_l), 2)
+    return c
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_randomised_against_the_reference(seed):
+    check_case(seed)
+
+
+def test_the_draws_cover_every_feature():
+    """The seeds above draw each feature and its absence (a guard against a draw that never
+    exercises one)."""
+    cases = [draw(s, (torch.float32, torch.float64, torch.float16, torch.bfloat16)) for s in range(100)]
+    assert {c["layout"] for c, *_ in cases} == {"plain", "sliced", "packed"}
+    for has in (lambda c, kw, rot: rot is not None, lambda c, kw, rot: c["leftpad"] is not None,
+                lambda c, kw, rot: c["batch_idx"] is not None, lambda c, kw, rot: c["interleaved"],
+                lambda c, kw, rot: kw.get("causal", False), lambda c, kw, rot: "window_size" in kw,
+                lambda c, kw, rot: c["leftpad"] is not None and c["leftpad"].max() > 0,
+                lambda c, kw, rot: c["n_new"] > 1, lambda c, kw, rot: c["nq"] > 1 and rot is not None):
+        hits = [has(c, kw, rot) for c, kw, *_, rot in cases]
+        assert any(hits) and not all(hits)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_emulated_kernels_against_the_reference(seed):
+    """The same through the CUDA kernels in the emulator (fp16/bf16): a cache indexed by batch runs
+    the paged kernels with one page per batch, one with a left pad with one-row pages."""
+    check_case(1000 + seed, dtypes=(torch.float16, torch.bfloat16), emulated=True)
+
+
+def test_rotary_on_a_decode_step_as_documented():
+    """One decode step, structured: cos = 1, sin = 0 at every position but the current one
+    (position cache_seqlens[b]), where the angle is a quarter turn: non-interleaved (GPT-NeoX) the
+    first half of the rotary features becomes minus the second half and the second the first;
+    features past rotary_dim are kept; the appended key is turned the same way."""
+    B, cap, H, D, rd = 2, 8, 2, 16, 8
+    g = torch.Generator().manual_seed(4)
+    cos, sin = torch.ones(cap, rd // 2), torch.zeros(cap, rd // 2)
+    seqlens = torch.tensor([3, 5], dtype=torch.int32)
+    kc, vc = torch.zeros(B, cap, H, D), torch.zeros(B, cap, H, D)
+    q, k, v = (torch.randn(B, 1, H, D, generator=g) for _ in range(3))
+    for b in range(B):
+        cos[seqlens[b]], sin[seqlens[b]] = 0.0, 1.0
+    fa.flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+                               rotary_interleaved=False)
+    for b in range(B):
+        row = kc[b, seqlens[b]]
+        assert torch.equal(row[:, :rd // 2], -k[b, 0, :, rd // 2:rd]) and torch.equal(row[:, rd // 2:rd], k[b, 0, :, :rd // 2])
+        assert torch.equal(row[:, rd:], k[b, 0, :, rd:])
+
+
+@pytest.mark.parametrize("where", ["cpu", "emulated"])
+def test_generation_loop_with_rotary_leftpad_and_batch_index(where):
+    """A left-padded batch generating 6 tokens: the prompts (turned by the reference) written into
+    caches of a larger pool at rows from the pad on, then decode steps with the rotary tables,
+    cache_leftpad and cache_batch_idx; each step's output against causal attention over every
+    token so far (turned at its position), in float64."""
+    dtype = torch.float32 if where == "cpu" else torch.float16
+    g = torch.Generator().manual_seed(12)
+    B, Bc, cap, hq, hkv, D, prompt, steps = 2, 4, 24, 4, 2, 32, 5, 6
+    angle = torch.rand(cap, D // 2, generator=g, dtype=torch.float64) * 6.3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    idx, pad = torch.tensor([3, 1], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32)
+    kc, vc = (torch.randn(Bc, cap, hkv, D, generator=g).to(dtype) for _ in range(2))
+    keys, vals, queries = [], [], []
+    for b in range(B):  # the prompt after the pad, turned at positions pad .. pad + prompt - 1 (cache rows)
+        pos = torch.arange(pad[b], pad[b] + prompt)[None]
+        kb = rotary_ref(torch.randn(1, prompt, hkv, D, generator=g).to(dtype), cos, sin, pos, True)
+        vb = torch.randn(1, prompt, hkv, D, generator=g).to(dtype).double()
+        kc[idx[b], pad[b]:pad[b] + prompt], vc[idx[b], pad[b]:pad[b] + prompt] = kb[0].to(dtype), vb[0].to(dtype)
+        keys.append([kb[0].to(dtype).double()])
+        vals.append([vb[0]])
+    seqlens = pad + prompt
+    for step in range(steps):
+        q = torch.randn(B, 1, hq, D, generator=g).to(dtype)
+        k, v = (torch.randn(B, 1, hkv, D, generator=g).to(dtype) for _ in range(2))
+        with flash_cuda.emulate() if where == "emulated" else torch.no_grad():
+            out = fa.flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+                                             cache_batch_idx=idx, cache_leftpad=pad, causal=True)
+        for b in range(B):
+            pos = seqlens[b:b + 1].long()[:, None]
+            keys[b].append(rotary_ref(k[b:b + 1], cos, sin, pos, True)[0])
+            vals[b].append(v[b].double())
+            kk, vv = torch.cat(keys[b]), torch.cat(vals[b])
+            ref, _ = attention_ref(rotary_ref(q[b:b + 1], cos, sin, pos, True).transpose(1, 2),
+                                   kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], causal=True)
+            err = (out[b].double() - ref[0].transpose(0, 1)).abs().max().item()
+            assert err < (2e-5 if dtype == torch.float32 else 4e-3), f"step {step}, sequence {b}: {err:.3g}"
+        seqlens = seqlens + 1
+
+
+def test_a_cache_shared_by_sequences_that_only_read_it():
+    """cache_batch_idx may repeat an index when nothing is appended (sequences reading one prompt's
+    cache): each equals the call on its own cache."""
+    g = torch.Generator().manual_seed(2)
+    kc, vc = (torch.randn(2, 16, 2, 32, generator=g) for _ in range(2))
+    q = torch.randn(3, 2, 4, 32, generator=g)
+    idx, lens = torch.tensor([1, 1, 0], dtype=torch.int32), torch.tensor([9, 12, 16], dtype=torch.int32)
+    pad = torch.tensor([0, 3, 1], dtype=torch.int32)
+    out = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx, cache_leftpad=pad,
+                                     causal=True)
+    for b in range(3):
+        i, p, n = idx[b].item(), pad[b].item(), lens[b].item()
+        want = fa.flash_attn_with_kvcache(q[b:b + 1], kc[i:i + 1, p:n].contiguous(), vc[i:i + 1, p:n].contiguous(),
+                                          causal=True)
+        torch.testing.assert_close(out[b:b + 1], want, rtol=1e-6, atol=1e-6)
+
+
+def test_under_torch_compile():
+    """The drop-in with all three arguments compiles (the table and the rotation are traced tensor
+    ops; the CPU value checks are skipped while compiling) and gives eager's result."""
+    g = torch.Generator().manual_seed(5)
+    kc, vc = (torch.randn(3, 20, 2, 32, generator=g) for _ in range(2))
+    q, k, v = torch.randn(2, 1, 4, 32, generator=g), torch.randn(2, 1, 2, 32, generator=g), torch.randn(2, 1, 2, 32,
+                                                                                                          generator=g)
+    angle = torch.rand(20, 8, generator=g) * 6.3
+    kw = dict(rotary_cos=angle.cos(), rotary_sin=angle.sin(), cache_seqlens=torch.tensor([7, 12], dtype=torch.int32),
+              cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32),
+              cache_leftpad=torch.tensor([1, 4], dtype=torch.int32), causal=True, rotary_interleaved=False)
+    caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+    eager = fa.flash_attn_with_kvcache(q, *caches[0], k, v, **kw)
+    compiled = torch.compile(fa.flash_attn_with_kvcache)(q, *caches[1], k, v, **kw)
+    assert torch.equal(eager, compiled)
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+def test_leftpad_with_a_cache_whose_heads_are_outside_its_rows():
+    """A cache whose memory is (batch, nheads_k, seqlen, headdim) (a transposed view) has no rows to
+    page: the error says what cache_leftpad needs; cache_batch_idx alone works on it."""
+    kc, vc = (torch.randn(2, 2, 8, 16).transpose(1, 2) for _ in range(2))
+    q = torch.randn(2, 1, 2, 16)
+    with pytest.raises(ValueError, match=r"^flash_attn_with_kvcache: cache_leftpad needs k_cache and v_cache whose "
+                                         r"positions are rows"):
+        fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, cache_leftpad=torch.tensor([1, 0], dtype=torch.int32))
+    idx = torch.tensor([1, 0], dtype=torch.int32)
+    out = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, cache_batch_idx=idx)
+    want = fa.flash_attn_with_kvcache(q, kc[[1, 0]], vc[[1, 0]], cache_seqlens=4)
+    assert torch.equal(out, want)
+
+
+def bad(**over):
+    g = torch.Generator().manual_seed(0)
+    args = dict(q=torch.randn(2, 1, 4, 16, generator=g), k_cache=torch.randn(3, 8, 2, 16, generator=g),
+                v_cache=torch.randn(3, 8, 2, 16, generator=g), k=torch.randn(2, 1, 2, 16, generator=g),
+                v=torch.randn(2, 1, 2, 16, generator=g), cache_seqlens=torch.tensor([2, 5], dtype=torch.int32),
+                cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32))
+    args.update(over)
+    return fa.flash_attn_with_kvcache(**args)
+
+
+COS = torch.ones(8, 4)
+I32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(block_table=I32([0], [1])), ValueError, r"cache_batch_idx indexes a contiguous cache; a paged one"),
+    (dict(cache_batch_idx=None, cache_leftpad=I32(0, 0), block_table=I32([0], [1])), ValueError,
+     r"cache_leftpad indexes a contiguous cache"),
+    (dict(cache_batch_idx=None), ValueError, r"k_cache must be \(batch, seqlen_cache, nheads_k, headdim\) with the "
+                                             r"batch of q \(2\), got \(3, 8, 2, 16\).*cache_batch_idx"),
+    (dict(cache_batch_idx=I32(3, 0)), ValueError, r"cache_batch_idx\[0\] = 3 is out of range: it must index the 3 "
+                                                  r"sequences of k_cache"),
+    (dict(cache_batch_idx=I32(-1, 0)), ValueError, r"cache_batch_idx\[0\] = -1 is out of range"),
+    (dict(cache_batch_idx=I32(1, 1)), ValueError, r"cache_batch_idx\[0\] = cache_batch_idx\[1\] = 1: both sequences "
+                                                  r"would append"),
+    (dict(cache_batch_idx=torch.tensor([1, 0])), TypeError, r"cache_batch_idx must be int32, got torch.int64"),
+    (dict(cache_batch_idx=I32(1)), ValueError, r"cache_batch_idx must have shape \(batch,\) = \(2,\), got \(1,\)"),
+    (dict(cache_batch_idx=[1, 0]), TypeError, r"cache_batch_idx must be an int32 tensor \(batch,\) or None, got list"),
+    (dict(cache_leftpad=I32(3, 0)), ValueError, r"cache_leftpad\[0\] = 3 is out of range: it must be in "
+                                                r"\[0, cache_seqlens\[0\] = 2\]"),
+    (dict(cache_leftpad=I32(0, -1)), ValueError, r"cache_leftpad\[1\] = -1 is out of range"),
+    (dict(cache_leftpad=I32(0, 1), cache_seqlens=I32(2, 8)), ValueError,
+     r"cache_seqlens\[1\] = 8 is out of range: it must be in \[0, 7\] for a cache of 8 keys per sequence with room "
+     r"for the 1 new keys"),
+    (dict(cache_leftpad=I32(0, 1), cache_seqlens=2.0), TypeError, r"cache_seqlens must be an int32 tensor"),
+    (dict(rotary_cos=COS), ValueError, r"rotary_sin must be given with rotary_cos"),
+    (dict(rotary_sin=COS), ValueError, r"rotary_cos must be given with rotary_sin"),
+    (dict(rotary_cos=COS, rotary_sin=COS, k=None, v=None), ValueError, r"rotary_cos and rotary_sin need k and v"),
+    (dict(rotary_cos=COS.double(), rotary_sin=COS), TypeError, r"rotary_cos must have the dtype of q "
+                                                               r"\(torch.float32\), got torch.float64"),
+    (dict(rotary_cos=torch.ones(7, 4), rotary_sin=torch.ones(7, 4)), ValueError,
+     r"rotary_cos must be \(seqlen_ro, rotary_dim / 2\) with seqlen_ro at least the cache's 8 positions and "
+     r"rotary_dim at most headdim \(16\), got \(7, 4\)"),
+    (dict(rotary_cos=torch.ones(8, 9), rotary_sin=torch.ones(8, 9)), ValueError, r"rotary_cos must be .*rotary_dim "
+                                                                                 r"at most headdim \(16\), got \(8, 9\)"),
+    (dict(q=torch.randn(2, 3, 4, 16), rotary_cos=COS, rotary_sin=COS, causal=True, cache_seqlens=I32(2, 6)), ValueError,
+     r"rotary_cos and rotary_sin have 8 positions, but the last query of sequence 1 is at position "
+     r"cache_seqlens\[1\] \+ seqlen_q - 1 = 8"),
+    (dict(rotary_cos=COS, rotary_sin=torch.ones(9, 4)), ValueError, r"rotary_sin must have the shape of rotary_cos "
+                                                                   r"\(8, 4\), got \(9, 4\)"),
+    (dict(rotary_cos=COS, rotary_sin="x"), TypeError, r"rotary_sin must be a torch.Tensor or None, got str"),
+    (dict(rotary_cos=COS, rotary_sin=COS, rotary_interleaved="yes"), TypeError, r"rotary_interleaved must be a bool"),
+])
+def test_bad_input(over, exc, match):
+    with pytest.raises(exc, match=r"^flash_attn_with_kvcache: " + match):
+        bad(**over)
+
+
+def test_nothing_is_written_before_an_error():
+    """A rejected call leaves the caches as they were."""
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(3, 8, 2, 16, generator=g), torch.randn(3, 8, 2, 16, generator=g)
+    before = kc.clone(), vc.clone()
+    with pytest.raises(ValueError):
+        bad(k_cache=kc, v_cache=vc, cache_leftpad=I32(0, 6))
+    with pytest.raises(ValueError):
+        bad(k_cache=kc, v_cache=vc, cache_batch_idx=I32(1, 1))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
