@@ -23,7 +23,8 @@ Every argument is honoured or rejected with an exception naming it:
 - flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
   split-KV); its rotary_cos/rotary_sin (applied to q and k before the call), cache_batch_idx and
   cache_leftpad (a paged call on the same memory) as in FlashAttention-2, see its docstring.
-  flash_attn_varlen_func's block_table (paged keys for packed sequences) raises NotImplementedError.
+  flash_attn_varlen_func's block_table (paged keys for packed sequences) gathers the keys into
+  packed tensors before the call (a copy).
 - Arguments are read as FlashAttention's bindings read them: flags also as numpy bools or ints
   (return_attn_probs by its truth), any negative window_size entry as unbounded, softmax_scale
   also as a 0-d tensor, alibi_slopes that require grad as constants; flash_attn_with_kvcache has
@@ -35,7 +36,7 @@ import re
 
 import torch
 
-from .api import (_INT32_MAX, _cache_seqlens, _check_cache_seqlens, _check_window, _is_int, _plain, _readable,
+from .api import (_INT32_MAX, _cache_seqlens, _check_cache_seqlens, _check_window, _index, _is_int, _plain, _readable,
                   _shape, _type_name, attention, attention_with_kvcache, varlen_attention)
 
 
@@ -189,16 +190,80 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     """q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens int32 (batch + 1,).
-    block_table (a paged KV cache) is not supported yet: NotImplementedError."""
+    With block_table int32 (batch, max_blocks), as FlashAttention-2's: k and v are a paged pool
+    (num_blocks, page_block_size, nheads_k, headdim), sequence b's keys (cu_seqlens_k[b + 1] -
+    cu_seqlens_k[b] of them) in pages block_table[b, 0], block_table[b, 1], ..., which are gathered
+    into packed keys before the call (a copy of the keys each call; gradients reach the pool)."""
     fn = "flash_attn_varlen_func"
     if block_table is not None:
-        raise NotImplementedError(f"{fn}: block_table (a paged KV cache) is not supported yet; pass k and v as "
-                                  "packed (total_k, nheads_k, headdim) tensors")
+        _check_dims(fn, (("q", q),), 3, {"q": "(total_q, nheads, headdim)"})
+        k, v = _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k)
     _check_dims(fn, (("q", q), ("k", k), ("v", v)), 3, {"q": "(total_q, nheads, headdim)",
                                                           "k": "(total_k, nheads_k, headdim)",
                                                           "v": "(total_k, nheads_k, headdim)"})
     return _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                    causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
+    """flash_attn_varlen_func's paged keys as packed ones: row n of sequence b, n < its length
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b], is row n % page_block_size of page
+    block_table[b, n // page_block_size]; it goes to packed row cu_seqlens_k[b] + n of
+    (batch * max_seqlen_k, nheads_k, headdim) tensors (at least every sequence's keys; rows past
+    cu_seqlens_k's end belong to no sequence, read as page 0's first row), so the host never reads
+    the lengths. CPU values are checked; CUDA ones are clamped to the table and the pool."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"{fn}: block_table must be an int32 tensor (batch, max_num_blocks) or None, got "
+                        f"{_type_name(block_table)}")
+    if block_table.layout != torch.strided or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise TypeError(f"{fn}: block_table must be a dense int32 tensor (batch, max_num_blocks), got "
+                        f"{block_table.dtype} of shape {_shape(block_table)}")
+    if block_table.device != q.device:
+        raise RuntimeError(f"{fn}: block_table must be on the device of q ({q.device}), got {block_table.device}")
+    pool = "(num_blocks, page_block_size, nheads_k, headdim)"
+    _check_dims(fn, (("k", k), ("v", v)), 4, {"k": pool, "v": pool})
+    if v.shape != k.shape:
+        raise ValueError(f"{fn}: v must have the shape of k {_shape(k)} (a paged pool {pool}), got {_shape(v)}")
+    if k.shape[0] < 1 or k.shape[1] < 1:
+        raise ValueError(f"{fn}: a paged k {pool} needs at least one block of at least one row, got {_shape(k)}")
+    B, blocks = block_table.shape
+    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.layout != torch.strided:
+        raise TypeError(f"{fn}: cu_seqlens_k must be an int32 tensor (batch + 1,), got {_type_name(cu_seqlens_k)}")
+    if cu_seqlens_k.dtype != torch.int32:
+        raise TypeError(f"{fn}: cu_seqlens_k must be int32, got {cu_seqlens_k.dtype}")
+    if _shape(cu_seqlens_k) != (B + 1,):
+        raise ValueError(f"{fn}: cu_seqlens_k must be (batch + 1,) = ({B + 1},) for the {B} rows of block_table, got "
+                         f"{_shape(cu_seqlens_k)}")
+    if cu_seqlens_k.device != q.device:
+        raise RuntimeError(f"{fn}: cu_seqlens_k must be on the device of q ({q.device}), got {cu_seqlens_k.device}")
+    max_k = _index(max_seqlen_k)
+    if not _is_int(max_k) or max_k < 0:
+        raise TypeError(f"{fn}: max_seqlen_k must be a non-negative int (or a 0-d integer tensor), got {max_k!r}")
+    page_size, capacity = k.shape[1], blocks * k.shape[1]
+    cu = cu_seqlens_k.long()
+    lengths = cu[1:] - cu[:-1]
+    if _readable(cu_seqlens_k) and _readable(block_table) and B:
+        b = int(lengths.argmax())
+        if lengths[b] > max_k:
+            raise ValueError(f"{fn}: max_seqlen_k {max_k} is smaller than the longest sequence ({int(lengths[b])}) "
+                             "of cu_seqlens_k")
+        if lengths[b] > capacity:
+            raise ValueError(f"{fn}: sequence {b} has {int(lengths[b])} keys (cu_seqlens_k), more than the "
+                             f"{capacity} rows of its {blocks} blocks (block_table's columns x page_block_size)")
+        used = torch.arange(blocks) * page_size < lengths.clamp(min=0)[:, None]
+        outside = used & ((block_table < 0) | (block_table >= k.shape[0]))
+        if outside.any():
+            b, i = outside.nonzero()[0].tolist()
+            raise ValueError(f"{fn}: block_table[{b}, {i}] = {int(block_table[b, i])} points outside the pool of "
+                             f"{k.shape[0]} blocks (k.shape[0]) but sequence {b} uses that block")
+    rows = torch.arange(B * max_k, device=q.device)
+    seq = torch.searchsorted(cu, rows, right=True) - 1  # each packed row's sequence (B past cu_seqlens_k's end)
+    at = seq.clamp(0, max(B - 1, 0))
+    n = rows - cu[at]  # its position in the sequence (below its length, by the search)
+    valid = (seq >= 0) & (seq < B)  # (wrong CUDA cu_seqlens_k: any rows, clamped to the table and the pool)
+    n = torch.where(valid, n, 0).clamp(0, capacity - 1)
+    page = torch.where(valid, block_table.long()[at, n // page_size].clamp(0, k.shape[0] - 1), 0)
+    return k[page, n % page_size], v[page, n % page_size]
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

@@ -142,8 +142,6 @@ def test_rejected_arguments():
     with pytest.raises(ValueError, match=r"kv must be \(batch, seqlen_k, 2, nheads_k, headdim\)"):
         fa.flash_attn_kvpacked_func(q, torch.zeros(1, 8, 3, 2, 16))
     cu = torch.tensor([0, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"flash_attn_varlen_func: q must be 3-D"):
         fa.flash_attn_varlen_func(q, k[0], v[0], cu, cu, 8, 8)
 

@@ -1,10 +1,12 @@
-"""flash_attn_with_kvcache's arguments beyond flash_cuda.attention_with_kvcache's: the rotary
-embedding (rotary_cos, rotary_sin, rotary_interleaved), cache_batch_idx and cache_leftpad, as
-FlashAttention-2 defines them. A seeded randomised differential test (dtypes, shapes, GQA, cache
-layouts the caller slices or packs, masks and score modifiers, split counts) against a float64
-reference written independently (the rotation as a complex product, attention per sequence over
-the keys from the left pad), with the cache checked row by row after the append; the same through
-the CUDA kernels in the emulator; then layouts and every rejected argument."""
+"""FlashAttention-2's inference arguments that flash_cuda's own API lacks. flash_attn_with_kvcache's
+rotary embedding (rotary_cos, rotary_sin, rotary_interleaved), cache_batch_idx and cache_leftpad: a
+seeded randomised differential test (dtypes, shapes, GQA, cache layouts the caller slices or packs,
+masks and score modifiers, split counts) against a float64 reference written independently (the
+rotation as a complex product, attention per sequence over the keys from the left pad), the cache
+checked row by row after the append, the same through the CUDA kernels in the emulator, a
+generation loop, compile, layouts and every rejected argument. flash_attn_varlen_func's
+block_table: outputs and gradients (into the pools) against the reference reading each key from
+its page, emulated, and every rejected argument."""
 import random
 
 import pytest
@@ -345,3 +347,123 @@ def test_nothing_is_written_before_an_error():
     with pytest.raises(ValueError):
         bad(k_cache=kc, v_cache=vc, cache_batch_idx=I32(1, 1))
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+def paged_varlen_case(seed, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """Packed queries against keys in a shuffled paged pool: (q, k_pool, v_pool, table, cu_q, cu_k,
+    max_q, max_k, kwargs, dtype, the keys of each sequence as (page, row) pairs)."""
+    rnd, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    dtype = rnd.choice(dtypes)
+    B, hkv, group, D = rnd.randint(1, 4), rnd.randint(1, 2), rnd.choice([1, 2]), rnd.choice([16, 32, 40])
+    page_size, blocks = rnd.choice([1, 3, 16]), rnd.randint(1, 4)
+    lens_k = [rnd.choice([0, blocks * page_size, rnd.randint(0, blocks * page_size)]) for _ in range(B)]
+    lens_q = [rnd.randint(0, 6) for _ in range(B)]
+    num_blocks = B * blocks + 2
+    table = torch.randperm(num_blocks, generator=g)[:B * blocks].reshape(B, blocks).to(torch.int32)
+    kp, vp = (torch.randn(num_blocks, page_size, hkv, D, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(sum(lens_q), hkv * group, D, generator=g).to(dtype)
+    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)  # noqa: E731
+    kw = rnd.choice([{}, dict(causal=True), dict(window_size=(3, 1)), dict(softcap=5.0, causal=True),
+                     dict(alibi_slopes=torch.rand(hkv * group, generator=g) * 0.3)])
+    where = [[(table[b, n // page_size].item(), n % page_size) for n in range(lens_k[b])] for b in range(B)]
+    return (q, kp, vp, table, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k) + rnd.randint(0, 2), kw, dtype,
+            where)
+
+
+def paged_varlen_reference(q, kp, vp, cu_q, where, rdtype, kw):
+    """Per sequence, attention_ref over its keys read page by page (float64 leaves for gradients)."""
+    outs = []
+    slopes = kw.get("alibi_slopes")
+    ref_kw = dict(causal=kw.get("causal", False), softcap=kw.get("softcap", 0.0), window=kw.get("window_size"))
+    for b, rows in enumerate(where):
+        qb = q[cu_q[b]:cu_q[b + 1]]
+        kb = torch.stack([kp[p, r] for p, r in rows]) if rows else kp[:0, 0]
+        vb = torch.stack([vp[p, r] for p, r in rows]) if rows else vp[:0, 0]
+        o, _ = attention_ref(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                             dtype=rdtype, alibi_slopes=slopes, **ref_kw)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_varlen_with_block_table_against_the_reference(seed):
+    """flash_attn_varlen_func with block_table (FlashAttention-2's paged varlen keys): outputs, and
+    gradients of q and of the pools (which the gather passes back to the pages the sequences
+    use, zero elsewhere), against the float64 reference reading each key from its page."""
+    q, kp, vp, table, cu_q, cu_k, max_q, max_k, kw, dtype, where = paged_varlen_case(seed)
+    leaves = [x.clone().requires_grad_() for x in (q, kp, vp)]
+    out = fa.flash_attn_varlen_func(*leaves, cu_q, cu_k, max_q, max_k, block_table=table, **kw)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+    results = {}
+    for name, rdtype in (("ref", torch.float64), ("plain", dtype)):
+        ref_leaves = [x.detach().to(rdtype).requires_grad_() for x in (q, kp, vp)]
+        ref = paged_varlen_reference(*ref_leaves, cu_q, where, rdtype, kw)
+        results[name] = (ref, torch.autograd.grad(ref, ref_leaves, dout.to(rdtype), allow_unused=True))
+    zero = lambda g_, like: torch.zeros_like(like) if g_ is None else g_  # noqa: E731
+    pairs = [("out", out, results["ref"][0], results["plain"][0], 2)] + [
+        (name, zero(a, x), zero(r, x).double(), zero(p, x), 3)
+        for name, a, r, p, x in zip(("dq", "dk_pool", "dv_pool"), grads, results["ref"][1], results["plain"][1],
+                                    (q, kp, vp))]
+    for name, ours, ref, plain, factor in pairs:
+        if dtype == torch.float32:
+            assert_close_fp(f"seed {seed}: {name}", ours, ref, rtol=5e-5)
+        else:
+            assert_fa_rule(f"seed {seed}: {name}", ours, plain, ref, factor)
+    used = torch.zeros(kp.shape[:2], dtype=torch.bool)
+    for rows in where:
+        for p, r in rows:
+            used[p, r] = True
+    assert (zero(grads[1], kp)[~used] == 0).all() and (zero(grads[2], vp)[~used] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_emulated_varlen_with_block_table(seed):
+    """The same forward through the CUDA kernels in the emulator (fp16/bf16)."""
+    q, kp, vp, table, cu_q, cu_k, max_q, max_k, kw, dtype, where = paged_varlen_case(
+        50 + seed, (torch.float16, torch.bfloat16))
+    with flash_cuda.emulate():
+        out = fa.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max_q, max_k, block_table=table, **kw)
+    ref = paged_varlen_reference(q, kp, vp, cu_q, where, torch.float64, kw)
+    plain = paged_varlen_reference(q, kp, vp, cu_q, where, dtype, kw)
+    assert_fa_rule(f"seed {seed}: out", out, plain, ref, 2)
+
+
+def bad_varlen(**over):
+    g = torch.Generator().manual_seed(0)
+    args = dict(q=torch.randn(5, 4, 16, generator=g), k=torch.randn(6, 4, 2, 16, generator=g),
+                v=torch.randn(6, 4, 2, 16, generator=g), cu_seqlens_q=I32(0, 2, 5), cu_seqlens_k=I32(0, 7, 9),
+                max_seqlen_q=3, max_seqlen_k=7, block_table=I32([0, 3], [5, 1]))
+    args.update(over)
+    return fa.flash_attn_varlen_func(**args)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(block_table=[[0, 3], [5, 1]]), TypeError, r"block_table must be an int32 tensor \(batch, max_num_blocks\) "
+                                                   r"or None, got list"),
+    (dict(block_table=I32(0, 3)), TypeError, r"block_table must be a dense int32 tensor \(batch, max_num_blocks\), "
+                                             r"got torch.int32 of shape \(2,\)"),
+    (dict(k=torch.randn(24, 2, 16)), ValueError, r"k must be 4-D \(num_blocks, page_block_size, nheads_k, headdim\)"),
+    (dict(v=torch.randn(6, 2, 2, 16)), ValueError, r"v must have the shape of k \(6, 4, 2, 16\)"),
+    (dict(cu_seqlens_k=I32(0, 7)), ValueError, r"cu_seqlens_k must be \(batch \+ 1,\) = \(3,\) for the 2 rows of "
+                                               r"block_table, got \(2,\)"),
+    (dict(cu_seqlens_k=torch.tensor([0, 7, 9])), TypeError, r"cu_seqlens_k must be int32, got torch.int64"),
+    (dict(max_seqlen_k=6), ValueError, r"max_seqlen_k 6 is smaller than the longest sequence \(7\) of cu_seqlens_k"),
+    (dict(max_seqlen_k=-1), TypeError, r"max_seqlen_k must be a non-negative int"),
+    (dict(cu_seqlens_k=I32(0, 9, 10), max_seqlen_k=9), ValueError,
+     r"sequence 0 has 9 keys \(cu_seqlens_k\), more than the 8 rows of its 2 blocks"),
+    (dict(block_table=I32([0, 6], [5, 1])), ValueError, r"block_table\[0, 1\] = 6 points outside the pool of 6 blocks "
+                                                        r"\(k.shape\[0\]\) but sequence 0 uses that block"),
+    (dict(block_table=I32([0, 3], [-1, 1])), ValueError, r"block_table\[1, 0\] = -1 points outside the pool"),
+    (dict(cu_seqlens_k=I32(1, 7, 9)), ValueError, r"cu_seqlens_k must start at 0, got 1"),
+])
+def test_bad_varlen_block_table(over, exc, match):
+    with pytest.raises(exc, match=r"^flash_attn_varlen_func: " + match):
+        bad_varlen(**over)
+
+
+def test_varlen_block_table_entries_past_the_lengths_are_not_read():
+    """Entries of block_table past a sequence's keys may hold anything (-1, past the pool), as in
+    vLLM's padded tables: the result equals the call with valid entries there."""
+    want = bad_varlen(block_table=I32([0, 3], [5, 1]), cu_seqlens_k=I32(0, 4, 6), max_seqlen_k=4)
+    assert torch.equal(bad_varlen(block_table=I32([0, -1], [5, 99]), cu_seqlens_k=I32(0, 4, 6), max_seqlen_k=4), want)
