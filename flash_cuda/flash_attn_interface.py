@@ -40,13 +40,19 @@ from .api import (_INT32_MAX, _cache_seqlens, _check_cache_seqlens, _check_windo
                   _shape, _type_name, attention, attention_with_kvcache, varlen_attention)
 
 
-def _window(fn, window_size):
-    """FlashAttention's window_size: any negative entry is unbounded on that side."""
+def _window(fn, window_size, seqlen_k):
+    """FlashAttention's window_size: any negative entry is unbounded on that side, and so is any
+    entry at least seqlen_k (the keys' length; max_seqlen_k in varlen calls, the cache's capacity
+    in kvcache ones), as FlashAttention-2's bindings set them before the kernels (which matters to
+    the right bound where queries outnumber keys: query 0 of 4 against 2 keys with window (-1, 2)
+    sees key 1 there, not by the window's formula)."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(_is_int(_plain(w)) for w in window_size)):
         raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
-    left, right = _check_window(fn, tuple(torch.sym_max(_plain(w), -1) for w in window_size), "window_size")
-    return None if (left, right) == (-1, -1) else (left, right)
+    window = _check_window(fn, tuple(torch.sym_max(_plain(w), -1) for w in window_size), "window_size")
+    if _is_int(seqlen_k):
+        window = tuple(-1 if w >= seqlen_k else w for w in window)
+    return None if window == (-1, -1) else window
 
 
 def _flag(fn, name, value):
@@ -74,7 +80,7 @@ def _in_callers_terms(fn, err, renames):
     """An error of flash_cuda's checks ("flash_cuda.attention: scale must be ...") as one of fn's
     ("flash_attn_func: softmax_scale must be ..."); any other as it is. Names of one letter are
     renamed where they lead the message and in the head dim's "(last dim of q)"."""
-    found = re.match(r"flash_cuda\.\w+: (\w+)(.*)", str(err), re.S) if type(err) in _CHECKED else None
+    found = re.match(r"flash_cuda(?:\.\w+)?: (\w+)(.*)", str(err), re.S) if type(err) in _CHECKED else None
     if found is None:
         return err
     rest = found[2]
@@ -111,7 +117,7 @@ def _with_mask(return_attn_probs, dropout_p):
 def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
            return_attn_probs, renames=_SCALE):
     """q (B, Nq, H, D), k and v (B, Nk, Hkv, D): flash_cuda.attention on (B, H, N, D) views."""
-    window = _window(fn, window_size)
+    window = _window(fn, window_size, k.shape[1])
     softmax_scale, causal, deterministic, alibi_slopes = _options(fn, softmax_scale, causal, deterministic, alibi_slopes)
     return_attn_probs = bool(return_attn_probs)  # (FlashAttention tests only its truth)
     with_mask = _with_mask(return_attn_probs, dropout_p)
@@ -169,7 +175,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, renames=_SCALE):
-    window = _window(fn, window_size)
+    window = _window(fn, window_size, _index(max_seqlen_k))
     softmax_scale, causal, deterministic, alibi_slopes = _options(fn, softmax_scale, causal, deterministic, alibi_slopes)
     return_attn_probs = bool(return_attn_probs)
     with_mask = _with_mask(return_attn_probs, dropout_p)
@@ -399,7 +405,29 @@ def _row_pages(fn, k_cache, v_cache):
     return pool[0], pool[1], rows
 
 
-def _indexed_cache(fn, k_cache, v_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad):
+def _check_cache_index_values(fn, k_cache, cache_seqlens, n_new, cache_batch_idx, cache_leftpad):
+    """CPU values of cache_batch_idx (each a batch of the cache; no two sequences that append
+    sharing one) and cache_leftpad (within each sequence's length)."""
+    if cache_batch_idx is not None and _readable(cache_batch_idx):
+        idx, seen = cache_batch_idx.tolist(), {}
+        for b, i in enumerate(idx):
+            if not 0 <= i < k_cache.shape[0]:
+                raise ValueError(f"{fn}: cache_batch_idx[{b}] = {i} is out of range: it must index the "
+                                 f"{k_cache.shape[0]} sequences of k_cache (dim 0)")
+            if n_new and i in seen:
+                raise ValueError(f"{fn}: cache_batch_idx[{seen[i]}] = cache_batch_idx[{b}] = {i}: both sequences "
+                                 "would append their new keys to one cache; give each sequence that appends a "
+                                 "cache of its own")
+            seen[i] = b
+    if cache_leftpad is not None and _readable(cache_leftpad) and _readable(cache_seqlens):
+        lengths = cache_seqlens.tolist()
+        for b, pad in enumerate(cache_leftpad.tolist()):
+            if not 0 <= pad <= lengths[b]:
+                raise ValueError(f"{fn}: cache_leftpad[{b}] = {pad} is out of range: it must be in "
+                                 f"[0, cache_seqlens[{b}] = {lengths[b]}]")
+
+
+def _indexed_cache(fn, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad):
     """cache_batch_idx and cache_leftpad as a paged call on the same memory (no copy, the append in
     place): sequence b reads batch cache_batch_idx[b] of the cache (b without it) from row
     cache_leftpad[b] (0 without it) up to cache_seqlens[b], and appends at cache_seqlens[b].
@@ -407,38 +435,33 @@ def _indexed_cache(fn, k_cache, v_cache, k, cache_seqlens, cache_batch_idx, cach
     batch indices); with it a page is one row (a (batch, seqlen_cache) table built on q's
     device). Returns the two pools (caller's layout), the table and the lengths from the left pad.
     Table entries stay inside the rows of their batch (and the kernels clamp to the pool), so
-    wrong CUDA values give wrong results, never an access outside the caches; CPU values are
-    checked."""
+    wrong CUDA values give wrong results, never an access outside the caches."""
     Bc, cap = k_cache.shape[:2]
-    B, n_new = cache_seqlens.shape[0], 0 if k is None else k.shape[1]
-    for x in (cache_batch_idx, cache_leftpad):
-        if x is not None and _readable(x):
-            if x is cache_batch_idx:
-                idx = x.tolist()
-                bad = next((b for b, i in enumerate(idx) if not 0 <= i < Bc), None)
-                if bad is not None:
-                    raise ValueError(f"{fn}: cache_batch_idx[{bad}] = {idx[bad]} is out of range: it must index "
-                                     f"the {Bc} sequences of k_cache (dim 0)")
-                seen = {}
-                for b, i in enumerate(idx if n_new else ()):
-                    if i in seen:
-                        raise ValueError(f"{fn}: cache_batch_idx[{seen[i]}] = cache_batch_idx[{b}] = {i}: both "
-                                         "sequences would append their new keys to one cache; give each sequence "
-                                         "that appends a cache of its own")
-                    seen[i] = b
-            else:
-                lengths = cache_seqlens.tolist()
-                bad = next((b for b, p in enumerate(x.tolist()) if not 0 <= p <= lengths[b]), None)
-                if bad is not None:
-                    raise ValueError(f"{fn}: cache_leftpad[{bad}] = {x[bad].item()} is out of range: it must be in "
-                                     f"[0, cache_seqlens[{bad}] = {lengths[bad]}]")
     if cache_leftpad is None:  # (a contiguous cache is a pool of batch_c pages of seqlen_cache rows)
         return k_cache, v_cache, cache_batch_idx[:, None], cache_seqlens
     pool_k, pool_v, rows = _row_pages(fn, k_cache, v_cache)
+    B = cache_seqlens.shape[0]
     seq = torch.arange(B, device=k_cache.device) if cache_batch_idx is None else cache_batch_idx.long()
     first = seq.clamp(0, Bc - 1)[:, None] * rows  # each batch's first row, its entries kept within its rows
     table = first + (cache_leftpad.long()[:, None] + torch.arange(cap, device=k_cache.device)).clamp(0, cap - 1)
     return pool_k, pool_v, table.to(torch.int32), cache_seqlens - cache_leftpad
+
+
+def _check_rotary_positions(fn, q, cache_seqlens, rows, local):
+    """The rotary tables' rows reach q's last position: cache_seqlens[b] + seqlen_q - 1 when causal
+    or local, else cache_seqlens[b] (the new keys' positions lie inside the cache, which the
+    tables cover). CPU lengths only; without rows, any query is past them."""
+    if not q.shape[1] or not cache_seqlens.numel():
+        return
+    if rows == 0:
+        raise ValueError(f"{fn}: rotary_cos and rotary_sin have no positions (seqlen_ro = 0) for the queries")
+    if _readable(cache_seqlens):
+        b = int(cache_seqlens.argmax())
+        last = int(cache_seqlens[b]) + (q.shape[1] - 1 if local else 0)
+        if last >= rows:
+            at = f"cache_seqlens[{b}]{' + seqlen_q - 1' if local else ''}"
+            raise ValueError(f"{fn}: rotary_cos and rotary_sin have {rows} positions, but the last query of "
+                             f"sequence {b} is at position {at} = {last}")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -462,7 +485,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
       (the rows before are padding); cache_seqlens[b] still counts from row 0, the new keys go to
       row cache_seqlens[b], and masks and ALiBi count positions from the left pad. It runs as a
       paged cache of one-row pages with a (batch, seqlen_cache) int32 table built per call: the
-      same memory, slower than a plain cache (a table read per key row).
+      same memory, but slower than a plain cache (a table read per key row; on the CPU backend
+      about 6x at 8k keys), and only for caches whose positions are rows of their memory (a
+      (batch, seqlen, nheads_k, headdim) tensor or a slice of one, k_cache and v_cache alike).
     - rotary_cos, rotary_sin (seqlen_ro >= the cache's seqlen, rotary_dim / 2) in q's dtype, with k
       and v: the rotary embedding of the first rotary_dim features of k (positions cache_seqlens[b]
       + i) before the append, and of q (the same positions when causal or local, else all at
@@ -484,42 +509,46 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              "FlashAttention-2")
     _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, paged or cache_batch_idx is not None)
     B = q.shape[0]
-    for name, x in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
-        if x is not None:
-            _check_cache_index(fn, name, x, B, q.device)
+    if cache_batch_idx is not None:
+        _check_cache_index(fn, "cache_batch_idx", cache_batch_idx, B, q.device)
+    if cache_leftpad is not None:
+        _check_cache_index(fn, "cache_leftpad", cache_leftpad, B, q.device)
     # FlashAttention's kvcache call has no autograd: it reads tensors that require grad (q from a
     # trainable projection in a decode loop outside no_grad) as constants, and so does this one
-    q, k_cache, v_cache, k, v = (None if x is None else x.detach() for x in (q, k_cache, v_cache, k, v))
-    window = _window(fn, window_size)
+    q, k_cache, v_cache, k, v, rotary_cos, rotary_sin = (
+        x.detach() if isinstance(x, torch.Tensor) else x for x in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin))
+    # (a malformed block_table goes to flash_cuda's checks, which name it)
+    table_ok = not paged or (isinstance(block_table, torch.Tensor) and block_table.dim() == 2)
+    seqlen_k = (block_table.shape[1] if paged else 1) * k_cache.shape[1] if table_ok else None
+    window = _window(fn, window_size, seqlen_k)
     softmax_scale, causal, _, alibi_slopes = _options(fn, softmax_scale, causal, False, alibi_slopes)
     rotary = rotary_cos is not None or rotary_sin is not None
-    table_ok = not paged or (isinstance(block_table, torch.Tensor) and block_table.dim() == 2)
-    # (a malformed block_table goes to flash_cuda's checks, which name it)
-    if (rotary or cache_leftpad is not None or cache_batch_idx is not None) and table_ok:
-        seqlen_k = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    indexed = cache_leftpad is not None or cache_batch_idx is not None
+    if (rotary or indexed) and table_ok:
         n_new = 0 if k is None else k.shape[1]
         cache_seqlens = _cache_seqlens(fn, cache_seqlens, B, seqlen_k, n_new, q.device)
         if _readable(cache_seqlens):
             _check_cache_seqlens(fn, cache_seqlens, seqlen_k, n_new)
         if rotary:
             _check_rotary(fn, q, k, rotary_cos, rotary_sin, seqlen_k)
-            # FlashAttention-2's "local": a window bound below the cache's seqlen on either side
-            local = causal or (window is not None and any(0 <= w < seqlen_k for w in window))
+            # FlashAttention-2 turns each query at its own position when causal or local (a window
+            # bound, after the cut at seqlen_k above), else all of a sequence's at cache_seqlens[b]
+            local = causal or window is not None
             rows = rotary_cos.shape[0]
-            if local and _readable(cache_seqlens) and q.shape[1] and cache_seqlens.numel():
-                b = int(cache_seqlens.argmax())
-                if cache_seqlens[b] + q.shape[1] > rows:
-                    raise ValueError(f"{fn}: rotary_cos and rotary_sin have {rows} positions, but the last query of "
-                                     f"sequence {b} is at position cache_seqlens[{b}] + seqlen_q - 1 = "
-                                     f"{int(cache_seqlens[b]) + q.shape[1] - 1}")
+            _check_rotary_positions(fn, q, cache_seqlens, rows, local)
             # (CUDA lengths are not read: positions clamped, as the kernels clamp what they index)
-            at = lambda n: (cache_seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp(0, rows - 1)  # noqa: E731
+            at = lambda n: (cache_seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp(0, max(rows - 1, 0))  # noqa: E731,E501
             q = _rotary(q, rotary_cos, rotary_sin, at(q.shape[1]) if local else at(1).expand(B, q.shape[1]),
                         rotary_interleaved)
             k = _rotary(k, rotary_cos, rotary_sin, at(n_new), rotary_interleaved)
-        if cache_leftpad is not None or cache_batch_idx is not None:
-            k_cache, v_cache, block_table, cache_seqlens = _indexed_cache(fn, k_cache, v_cache, k, cache_seqlens,
-                                                                          cache_batch_idx, cache_leftpad)
+        if indexed:
+            _check_cache_index_values(fn, k_cache, cache_seqlens, n_new, cache_batch_idx, cache_leftpad)
+            if B == 0 or k_cache.shape[1] == 0:  # no key to read nor room to append: no pages needed
+                k_cache, v_cache = (x.new_empty((B,) + x.shape[1:]) for x in (k_cache, v_cache))
+                indexed = False
+            else:
+                k_cache, v_cache, block_table, cache_seqlens = _indexed_cache(fn, k_cache, v_cache, cache_seqlens,
+                                                                              cache_batch_idx, cache_leftpad)
     t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
     try:
         out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
@@ -527,11 +556,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                           softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
                                           return_lse=True)
     except _CHECKED as err:
-        raise _in_callers_terms(fn, err, _SCALE) from None
+        err = _in_callers_terms(fn, err, _SCALE)
+        if indexed and type(err) in _CHECKED:  # (its shapes and strides are those of the pages)
+            err = type(err)(f"{err} (with cache_batch_idx or cache_leftpad, k_cache and v_cache are read as a paged "
+                            "pool: batches as pages, or rows as pages with cache_leftpad)")
+        raise err from None
     # (batch, seqlen_q, nheads, headdim) contiguous, as FlashAttention returns it (callers view it as
     # (batch, seqlen_q, nheads * headdim)); a copy only where seqlen_q > 1
     out = out.transpose(1, 2).contiguous()
     return (out, lse) if return_softmax_lse else out
+
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]

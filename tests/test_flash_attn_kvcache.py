@@ -57,7 +57,7 @@ def draw(seed, dtypes):
     if rnd.random() < 0.4:
         kw["causal"] = True
     elif rnd.random() < 0.3:
-        kw["window_size"] = (rnd.randint(0, 12), rnd.choice([-1, 0, 3]))
+        kw["window_size"] = (rnd.choice([rnd.randint(0, 12), 100]), rnd.choice([-1, 0, 3, 100]))
     if rnd.random() < 0.3:
         kw["softcap"] = rnd.choice([2.0, 15.0])
     if rnd.random() < 0.3:
@@ -106,15 +106,17 @@ def check_case(seed, dtypes=(torch.float32, torch.float64, torch.float16, torch.
         s = seqlens[b]
         if n_new:
             new_rows = kc[i, s:s + n_new].double()
-            bound = torch.finfo(dtype).eps * k_ref[b].abs() + 2.0**-20 * k[b].double().abs().max()
+            wide = torch.finfo(torch.promote_types(dtype, torch.float32)).eps  # (the rotation's precision)
+            bound = torch.finfo(dtype).eps * k_ref[b].abs() + 4 * wide * k[b].double().abs().max()
             assert ((new_rows - k_ref[b]).abs() <= bound).all(), f"seed {seed}: appended keys of sequence {b}"
             want_k[i, s:s + n_new] = kc[i, s:s + n_new]
             want_v[i, s:s + n_new] = v[b]
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v), f"seed {seed}: the append wrote elsewhere"
 
     # attention per sequence over its keys from the left pad, the mask and ALiBi counting from there
-    ref_kw = dict(causal=kw.get("causal", False), softcap=kw.get("softcap", 0.0),
-                  window=None if "window_size" not in kw else tuple(max(w, -1) for w in kw["window_size"]))
+    # FlashAttention-2's bindings: window bounds at least the cache's capacity are unbounded
+    window = tuple(-1 if w >= c["cap"] else w for w in kw.get("window_size", (-1, -1)))
+    ref_kw = dict(causal=kw.get("causal", False), softcap=kw.get("softcap", 0.0), window=window)
     slopes = kw.get("alibi_slopes")
     outs = {}
     for name, rdtype in (("ref", torch.float64), ("plain", dtype)):
@@ -135,8 +137,9 @@ def check_case(seed, dtypes=(torch.float32, torch.float64, torch.float16, torch.
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_l)), f"seed {seed}: rows without keys"
     zero = lambda x: x.masked_fill(torch.isinf(ref_l), 0)  # noqa: E731
     if dtype in (torch.float32, torch.float64):
-        assert_close_fp(f"seed {seed}: out", out, ref_o)
-        assert_close_fp(f"seed {seed}: lse", zero(lse), zero(ref_l))
+        rtol = 2e-5 if dtype == torch.float32 else 1e-12
+        assert_close_fp(f"seed {seed}: out", out, ref_o, rtol)
+        assert_close_fp(f"seed {seed}: lse", zero(lse), zero(ref_l), rtol)
     else:
         assert_fa_rule(f"seed {seed}: out", out, outs["plain"][0], ref_o, 2)
         assert_fa_rule(f"seed {seed}: lse", zero(lse), zero(outs["plain"][1]), zero(ref_l), 2)
@@ -157,7 +160,9 @@ def test_the_draws_cover_every_feature():
                 lambda c, kw, rot: c["batch_idx"] is not None, lambda c, kw, rot: c["interleaved"],
                 lambda c, kw, rot: kw.get("causal", False), lambda c, kw, rot: "window_size" in kw,
                 lambda c, kw, rot: c["leftpad"] is not None and c["leftpad"].max() > 0,
-                lambda c, kw, rot: c["n_new"] > 1, lambda c, kw, rot: c["nq"] > 1 and rot is not None):
+                lambda c, kw, rot: c["n_new"] > 1, lambda c, kw, rot: c["nq"] > 1 and rot is not None,
+                lambda c, kw, rot: max(kw.get("window_size", (-1, -1))) >= c["cap"] and rot is not None,
+                lambda c, kw, rot: c["dtype"] == torch.float64 and rot is not None):
         hits = [has(c, kw, rot) for c, kw, *_, rot in cases]
         assert any(hits) and not all(hits)
 
@@ -203,7 +208,7 @@ def test_generation_loop_with_rotary_leftpad_and_batch_index(where):
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     idx, pad = torch.tensor([3, 1], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32)
     kc, vc = (torch.randn(Bc, cap, hkv, D, generator=g).to(dtype) for _ in range(2))
-    keys, vals, queries = [], [], []
+    keys, vals = [], []
     for b in range(B):  # the prompt after the pad, turned at positions pad .. pad + prompt - 1 (cache rows)
         pos = torch.arange(pad[b], pad[b] + prompt)[None]
         kb = rotary_ref(torch.randn(1, prompt, hkv, D, generator=g).to(dtype), cos, sin, pos, True)
@@ -260,9 +265,85 @@ def test_under_torch_compile():
               cache_leftpad=torch.tensor([1, 4], dtype=torch.int32), causal=True, rotary_interleaved=False)
     caches = [(kc.clone(), vc.clone()) for _ in range(2)]
     eager = fa.flash_attn_with_kvcache(q, *caches[0], k, v, **kw)
-    compiled = torch.compile(fa.flash_attn_with_kvcache)(q, *caches[1], k, v, **kw)
+    compiled = torch.compile(fa.flash_attn_with_kvcache, dynamic=True)(q, *caches[1], k, v, **kw)
     assert torch.equal(eager, compiled)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+@pytest.mark.parametrize("B,Bc,cap", [(0, 0, 8), (0, 2, 8), (2, 3, 0), (2, 2, 0)])
+def test_empty_batches_and_caches(B, Bc, cap):
+    """No sequences, or caches without rows: the arguments are checked and the call returns empty
+    or all-zero rows (lse -inf), as without them (the paged translation needs at least one page)."""
+    q = torch.randn(B, 2, 4, 16)
+    kc, vc = torch.randn(Bc, cap, 2, 16), torch.randn(Bc, cap, 2, 16)
+    kw = dict(cache_seqlens=torch.zeros(B, dtype=torch.int32), cache_leftpad=torch.zeros(B, dtype=torch.int32),
+              return_softmax_lse=True)
+    if B <= Bc:
+        kw["cache_batch_idx"] = torch.arange(B, dtype=torch.int32)
+    if B > 0 and Bc != B and "cache_batch_idx" not in kw:
+        return
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, **kw)
+    assert out.shape == q.shape and lse.shape == (B, 4, 2)
+    assert (out == 0).all() and torch.isinf(lse).all()
+    if B:  # (tables of the caches' 0 rows place no query: an error)
+        k, cos = torch.randn(B, 0, 2, 16), torch.ones(cap, 4)
+        with pytest.raises(ValueError, match=r"rotary_cos and rotary_sin have no positions \(seqlen_ro = 0\)"):
+            fa.flash_attn_with_kvcache(q, kc, vc, k, k, rotary_cos=cos, rotary_sin=cos, **kw)
+        out = fa.flash_attn_with_kvcache(q, kc, vc, k, k, rotary_cos=torch.ones(1, 4), rotary_sin=torch.ones(1, 4),
+                                         **kw)[0]
+        assert (out == 0).all()
+
+
+def test_rotary_tables_too_short_for_the_queries():
+    """Queries past the rotary tables are an error on the CPU, where each query sits (causal or
+    local) or where all of a sequence's sit (otherwise), and with tables of no rows."""
+    kc, vc = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+    q, k = torch.randn(2, 1, 4, 16), torch.randn(2, 0, 2, 16)
+    cos = torch.ones(8, 4)
+    for causal in (False, True):
+        where = r"cache_seqlens\[1\] \+ seqlen_q - 1" if causal else r"cache_seqlens\[1\]"
+        with pytest.raises(ValueError, match=r"rotary_cos and rotary_sin have 8 positions, but the last query of "
+                                             rf"sequence 1 is at position {where} = 8"):
+            fa.flash_attn_with_kvcache(q, kc, vc, k, k, rotary_cos=cos, rotary_sin=cos, causal=causal,
+                                       cache_seqlens=torch.tensor([3, 8], dtype=torch.int32))
+    empty = torch.ones(0, 4)
+    with pytest.raises(ValueError, match=r"rotary_cos and rotary_sin have no positions \(seqlen_ro = 0\)"):
+        fa.flash_attn_with_kvcache(q, kc[:, :0], vc[:, :0], k, k, rotary_cos=empty, rotary_sin=empty, cache_seqlens=0)
+
+
+def test_tensors_that_require_grad_are_constants():
+    """Like FlashAttention's kvcache call (no autograd), every tensor that requires grad is read as
+    a constant, the rotary tables included (they were taken for q requiring grad)."""
+    g = torch.Generator().manual_seed(3)
+    kc, vc = torch.randn(2, 8, 2, 16, generator=g), torch.randn(2, 8, 2, 16, generator=g)
+    q, k, v = torch.randn(2, 1, 4, 16, generator=g), torch.randn(2, 1, 2, 16, generator=g), torch.randn(
+        2, 1, 2, 16, generator=g)
+    angle = torch.rand(8, 8, generator=g)
+    lens = torch.tensor([2, 5], dtype=torch.int32)
+    want = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, rotary_cos=angle.cos(), rotary_sin=angle.sin(),
+                                      cache_seqlens=lens, cache_leftpad=torch.tensor([1, 0], dtype=torch.int32))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, angle.cos(), angle.sin())]
+    out = fa.flash_attn_with_kvcache(leaves[0], kc.clone(), vc.clone(), leaves[1], leaves[2], rotary_cos=leaves[3],
+                                     rotary_sin=leaves[4], cache_seqlens=lens,
+                                     cache_leftpad=torch.tensor([1, 0], dtype=torch.int32))
+    assert not out.requires_grad and torch.equal(out, want)
+
+
+def test_windows_past_the_keys_are_unbounded_as_in_flash_attention():
+    """FlashAttention-2's bindings set a window bound of at least the keys' length to -1 (seqlen_k;
+    max_seqlen_k for varlen, the cache's capacity for kvcache) before the kernels: where queries
+    outnumber keys, window (-1, 2) with 2 keys then lets query 0 see key 1, which the window's
+    formula (key j <= i + Nk - Nq + 2) would hide."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 2, 16, generator=g), torch.randn(
+        1, 2, 2, 16, generator=g)
+    full = fa.flash_attn_func(q, k, v)
+    assert torch.equal(fa.flash_attn_func(q, k, v, window_size=(-1, 2)), full)
+    assert not torch.equal(fa.flash_attn_func(q, k, v, window_size=(-1, 1)), full)
+    cu = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32)
+    assert torch.equal(fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, 4, 2, window_size=(-1, 2)), full[0])
+    assert torch.equal(fa.flash_attn_with_kvcache(q, k, v, window_size=(-1, 2)), full)
+    assert torch.equal(fa.flash_attn_with_kvcache(q, k, v, window_size=(5, 2)), full)
 
 
 def test_leftpad_with_a_cache_whose_heads_are_outside_its_rows():
