@@ -41,17 +41,19 @@ from .api import (_INT32_MAX, _cache_seqlens, _check_cache_seqlens, _check_windo
 
 
 def _window(fn, window_size, seqlen_k):
-    """FlashAttention's window_size: any negative entry is unbounded on that side, and so is any
-    entry at least seqlen_k (the keys' length; max_seqlen_k in varlen calls, the cache's capacity
-    in kvcache ones), as FlashAttention-2's bindings set them before the kernels (which matters to
-    the right bound where queries outnumber keys: query 0 of 4 against 2 keys with window (-1, 2)
-    sees key 1 there, not by the window's formula)."""
+    """FlashAttention's window_size as FlashAttention-2's bindings hand it to the kernels, with
+    seqlen_k the keys' length (max_seqlen_k in varlen calls, the cache's capacity in kvcache
+    ones): a negative entry is unbounded, so is an entry of at least seqlen_k, and then a window
+    bounded on the left alone gets the right bound seqlen_k. Both matter where queries outnumber
+    keys by more than the bound: with 2 keys and 4 queries, query 0 sees key 1 under (-1, 2) (the
+    window's formula, key j <= i + Nk - Nq + 2, would hide it) and does not under (1, -1)."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(_is_int(_plain(w)) for w in window_size)):
         raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
     window = _check_window(fn, tuple(torch.sym_max(_plain(w), -1) for w in window_size), "window_size")
     if _is_int(seqlen_k):
-        window = tuple(-1 if w >= seqlen_k else w for w in window)
+        left, right = (-1 if w >= seqlen_k else w for w in window)
+        window = (left, seqlen_k if left >= 0 and right < 0 else right)
     return None if window == (-1, -1) else window
 
 
@@ -217,7 +219,8 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
     block_table[b, n // page_block_size]; it goes to packed row cu_seqlens_k[b] + n of
     (batch * max_seqlen_k, nheads_k, headdim) tensors (at least every sequence's keys; rows past
     cu_seqlens_k's end belong to no sequence, read as page 0's first row), so the host never reads
-    the lengths. CPU values are checked; CUDA ones are clamped to the table and the pool."""
+    the lengths on a GPU; on the CPU, cu_seqlens_k[-1] rows. CPU values are checked (not while
+    compiling, where they are data); CUDA ones are clamped to the table and the pool."""
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"{fn}: block_table must be an int32 tensor (batch, max_num_blocks) or None, got "
                         f"{_type_name(block_table)}")
@@ -245,9 +248,15 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
     max_k = _index(max_seqlen_k)
     if not _is_int(max_k) or max_k < 0:
         raise TypeError(f"{fn}: max_seqlen_k must be a non-negative int (or a 0-d integer tensor), got {max_k!r}")
+    if max_k > _INT32_MAX:
+        raise ValueError(f"{fn}: max_seqlen_k must be at most 2**31 - 1 (lengths are int32, as cu_seqlens), got {max_k}")
+    if k.shape[3] != q.shape[2] or k.shape[2] == 0 or q.shape[1] % k.shape[2]:
+        raise ValueError(f"{fn}: k must be a paged pool {pool} with the headdim of q ({q.shape[2]}) and nheads_k "
+                         f"dividing its nheads ({q.shape[1]}), got {_shape(k)}")
     page_size, capacity = k.shape[1], blocks * k.shape[1]
     cu = cu_seqlens_k.long()
     lengths = cu[1:] - cu[:-1]
+    total = B * max_k  # packed rows: every sequence's keys, whatever the lengths (not read on a GPU)
     if _readable(cu_seqlens_k) and _readable(block_table) and B:
         b = int(lengths.argmax())
         if lengths[b] > max_k:
@@ -262,13 +271,15 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
             b, i = outside.nonzero()[0].tolist()
             raise ValueError(f"{fn}: block_table[{b}, {i}] = {int(block_table[b, i])} points outside the pool of "
                              f"{k.shape[0]} blocks (k.shape[0]) but sequence {b} uses that block")
-    rows = torch.arange(B * max_k, device=q.device)
+        total = max(int(cu[-1]), 0)  # (CPU: the keys there are, not a row more)
+    rows = torch.arange(total, device=q.device)
     seq = torch.searchsorted(cu, rows, right=True) - 1  # each packed row's sequence (B past cu_seqlens_k's end)
     at = seq.clamp(0, max(B - 1, 0))
     n = rows - cu[at]  # its position in the sequence (below its length, by the search)
     valid = (seq >= 0) & (seq < B)  # (wrong CUDA cu_seqlens_k: any rows, clamped to the table and the pool)
-    n = torch.where(valid, n, 0).clamp(0, capacity - 1)
-    page = torch.where(valid, block_table.long()[at, n // page_size].clamp(0, k.shape[0] - 1), 0)
+    n = torch.where(valid, n, 0).clamp(0, max(capacity - 1, 0))
+    page = block_table.long()[at, n // page_size].clamp(0, k.shape[0] - 1) if blocks else torch.zeros_like(n)
+    page = torch.where(valid, page, 0)
     return k[page, n % page_size], v[page, n % page_size]
 
 

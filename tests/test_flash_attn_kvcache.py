@@ -29,6 +29,14 @@ def rotary_ref(x, cos, sin, positions, interleaved):
     return torch.cat((turned, x[..., 2 * half:]), -1)
 
 
+def fa2_window(window, seqlen_k):
+    """The window FlashAttention-2's kernels get (flash_api.cpp: mha_fwd, mha_varlen_fwd and
+    mha_fwd_kvcache set a bound >= seqlen_k to -1, then set_params_fprop bounds a window open on
+    the right at seqlen_k when its left is bounded), for the reference's mask formula."""
+    left, right = (-1 if w < 0 or w >= seqlen_k else w for w in window)
+    return (left, seqlen_k if left >= 0 and right < 0 else right)
+
+
 def caches(layout, Bc, cap, hkv, D, dtype, g):
     """k_cache, v_cache (Bc, cap, hkv, D) in FlashAttention's layout: separate tensors, slices of a
     longer buffer along seqlen, or the halves of a packed (Bc, cap, 2, hkv, D) one."""
@@ -57,7 +65,7 @@ def draw(seed, dtypes):
     if rnd.random() < 0.4:
         kw["causal"] = True
     elif rnd.random() < 0.3:
-        kw["window_size"] = (rnd.choice([rnd.randint(0, 12), 100]), rnd.choice([-1, 0, 3, 100]))
+        kw["window_size"] = (rnd.choice([rnd.randint(0, 12), 100, -1]), rnd.choice([-1, 0, 3, 100]))
     if rnd.random() < 0.3:
         kw["softcap"] = rnd.choice([2.0, 15.0])
     if rnd.random() < 0.3:
@@ -114,8 +122,7 @@ def check_case(seed, dtypes=(torch.float32, torch.float64, torch.float16, torch.
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v), f"seed {seed}: the append wrote elsewhere"
 
     # attention per sequence over its keys from the left pad, the mask and ALiBi counting from there
-    # FlashAttention-2's bindings: window bounds at least the cache's capacity are unbounded
-    window = tuple(-1 if w >= c["cap"] else w for w in kw.get("window_size", (-1, -1)))
+    window = fa2_window(kw.get("window_size", (-1, -1)), c["cap"])
     ref_kw = dict(causal=kw.get("causal", False), softcap=kw.get("softcap", 0.0), window=window)
     slopes = kw.get("alibi_slopes")
     outs = {}
@@ -329,21 +336,24 @@ def test_tensors_that_require_grad_are_constants():
     assert not out.requires_grad and torch.equal(out, want)
 
 
-def test_windows_past_the_keys_are_unbounded_as_in_flash_attention():
-    """FlashAttention-2's bindings set a window bound of at least the keys' length to -1 (seqlen_k;
-    max_seqlen_k for varlen, the cache's capacity for kvcache) before the kernels: where queries
-    outnumber keys, window (-1, 2) with 2 keys then lets query 0 see key 1, which the window's
-    formula (key j <= i + Nk - Nq + 2) would hide."""
-    g = torch.Generator().manual_seed(8)
-    q, k, v = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 2, 16, generator=g), torch.randn(
-        1, 2, 2, 16, generator=g)
-    full = fa.flash_attn_func(q, k, v)
-    assert torch.equal(fa.flash_attn_func(q, k, v, window_size=(-1, 2)), full)
-    assert not torch.equal(fa.flash_attn_func(q, k, v, window_size=(-1, 1)), full)
+def test_windows_as_flash_attention_hands_them_to_its_kernels():
+    """FlashAttention-2's bindings set a window bound of at least the keys' length (seqlen_k;
+    max_seqlen_k for varlen, the cache's capacity for kvcache) to -1, then bound a window open on
+    the right at seqlen_k where its left is bounded. Where queries outnumber keys (4 against 2),
+    key j holding the value 10^j shows what query 0 sees: (-1, 2) both keys (the window's formula
+    would hide key 1), (1, -1) and (1, 2) key 0 alone (unbounded on the right would show both),
+    (-1, 1) none."""
+    q = torch.zeros(1, 4, 1, 16)
+    k = torch.zeros(1, 2, 1, 16)
+    v = torch.tensor([1.0, 10.0]).reshape(1, 2, 1, 1).expand(1, 2, 1, 16).contiguous()
     cu = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32)
-    assert torch.equal(fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, 4, 2, window_size=(-1, 2)), full[0])
-    assert torch.equal(fa.flash_attn_with_kvcache(q, k, v, window_size=(-1, 2)), full)
-    assert torch.equal(fa.flash_attn_with_kvcache(q, k, v, window_size=(5, 2)), full)
+    for window, seen in (((-1, 2), 5.5), ((1, -1), 1.0), ((1, 2), 1.0), ((5, 2), 5.5), ((-1, 1), 0.0)):
+        for out in (fa.flash_attn_func(q, k, v, window_size=window)[0],
+                    fa.flash_attn_varlen_func(q[0], k[0], v[0], *cu, 4, 2, window_size=window),
+                    fa.flash_attn_with_kvcache(q, k, v, window_size=window)[0]):
+            assert out[0, 0, 0].item() == seen, (window, out[0, 0, 0].item())
+    for window, want in (((-1, 2), (-1, -1)), ((1, -1), (1, 2)), ((1, 2), (1, 2)), ((5, 2), (-1, -1)), ((0, 0), (0, 0))):
+        assert fa2_window(window, 2) == want
 
 
 def test_leftpad_with_a_cache_whose_heads_are_outside_its_rows():
@@ -440,55 +450,74 @@ def paged_varlen_case(seed, dtypes=(torch.float32, torch.float16, torch.bfloat16
     lens_k = [rnd.choice([0, blocks * page_size, rnd.randint(0, blocks * page_size)]) for _ in range(B)]
     lens_q = [rnd.randint(0, 6) for _ in range(B)]
     num_blocks = B * blocks + 2
-    table = torch.randperm(num_blocks, generator=g)[:B * blocks].reshape(B, blocks).to(torch.int32)
+    if rnd.random() < 0.5:  # pages of their own, or drawn with repeats (a shared prefix, a page twice)
+        table = torch.randperm(num_blocks, generator=g)[:B * blocks].reshape(B, blocks).to(torch.int32)
+    else:
+        table = torch.randint(0, num_blocks, (B, blocks), generator=g, dtype=torch.int32)
+    for b in range(B):  # entries past a sequence's pages hold anything
+        if rnd.random() < 0.5:
+            table[b, -(-lens_k[b] // page_size):] = rnd.choice([-1, 10**6])
     kp, vp = (torch.randn(num_blocks, page_size, hkv, D, generator=g).to(dtype) for _ in range(2))
     q = torch.randn(sum(lens_q), hkv * group, D, generator=g).to(dtype)
     cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)  # noqa: E731
     kw = rnd.choice([{}, dict(causal=True), dict(window_size=(3, 1)), dict(softcap=5.0, causal=True),
-                     dict(alibi_slopes=torch.rand(hkv * group, generator=g) * 0.3)])
+                     dict(window_size=(rnd.randint(0, 4), -1)), dict(window_size=(-1, rnd.randint(0, 70))),
+                     dict(alibi_slopes=torch.rand(hkv * group, generator=g) * 0.3),
+                     dict(alibi_slopes=torch.rand(B, hkv * group, generator=g) * 0.3)])
     where = [[(table[b, n // page_size].item(), n % page_size) for n in range(lens_k[b])] for b in range(B)]
-    return (q, kp, vp, table, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k) + rnd.randint(0, 2), kw, dtype,
-            where)
+    max_k = max(lens_k) + rnd.randint(0, 2)
+    if "window_size" in kw:  # (the window FlashAttention-2's kernels get, for the reference)
+        kw["reference_window"] = fa2_window(kw["window_size"], max_k)
+    return q, kp, vp, table, cu(lens_q), cu(lens_k), max(lens_q), max_k, kw, dtype, where
 
 
 def paged_varlen_reference(q, kp, vp, cu_q, where, rdtype, kw):
-    """Per sequence, attention_ref over its keys read page by page (float64 leaves for gradients)."""
-    outs = []
+    """Per sequence, attention_ref over its keys read page by page (float64 leaves for gradients):
+    out (total_q, H, D) and lse (H, total_q)."""
+    outs, lses = [], []
     slopes = kw.get("alibi_slopes")
-    ref_kw = dict(causal=kw.get("causal", False), softcap=kw.get("softcap", 0.0), window=kw.get("window_size"))
+    ref_kw = dict(causal=kw.get("causal", False), softcap=kw.get("softcap", 0.0), window=kw.get("reference_window"))
     for b, rows in enumerate(where):
         qb = q[cu_q[b]:cu_q[b + 1]]
         kb = torch.stack([kp[p, r] for p, r in rows]) if rows else kp[:0, 0]
         vb = torch.stack([vp[p, r] for p, r in rows]) if rows else vp[:0, 0]
-        o, _ = attention_ref(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
-                             dtype=rdtype, alibi_slopes=slopes, **ref_kw)
+        sl = slopes if slopes is None or slopes.dim() == 1 else slopes[b]
+        o, lse = attention_ref(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                               dtype=rdtype, alibi_slopes=sl, **ref_kw)
         outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs)
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, -1)
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(60))
 def test_varlen_with_block_table_against_the_reference(seed):
     """flash_attn_varlen_func with block_table (FlashAttention-2's paged varlen keys): outputs, and
     gradients of q and of the pools (which the gather passes back to the pages the sequences
     use, zero elsewhere), against the float64 reference reading each key from its page."""
-    q, kp, vp, table, cu_q, cu_k, max_q, max_k, kw, dtype, where = paged_varlen_case(seed)
+    q, kp, vp, table, cu_q, cu_k, max_q, max_k, kw, dtype, where = paged_varlen_case(
+        seed, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
     leaves = [x.clone().requires_grad_() for x in (q, kp, vp)]
-    out = fa.flash_attn_varlen_func(*leaves, cu_q, cu_k, max_q, max_k, block_table=table, **kw)
+    call = {name: x for name, x in kw.items() if name != "reference_window"}
+    out, lse, _ = fa.flash_attn_varlen_func(*leaves, cu_q, cu_k, max_q, max_k, block_table=table,
+                                            return_attn_probs=True, **call)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
     results = {}
     for name, rdtype in (("ref", torch.float64), ("plain", dtype)):
         ref_leaves = [x.detach().to(rdtype).requires_grad_() for x in (q, kp, vp)]
-        ref = paged_varlen_reference(*ref_leaves, cu_q, where, rdtype, kw)
-        results[name] = (ref, torch.autograd.grad(ref, ref_leaves, dout.to(rdtype), allow_unused=True))
+        ref, ref_lse = paged_varlen_reference(*ref_leaves, cu_q, where, rdtype, kw)
+        results[name] = (ref, ref_lse, torch.autograd.grad(ref, ref_leaves, dout.to(rdtype), allow_unused=True))
     zero = lambda g_, like: torch.zeros_like(like) if g_ is None else g_  # noqa: E731
-    pairs = [("out", out, results["ref"][0], results["plain"][0], 2)] + [
+    finite = torch.isfinite(results["ref"][1])
+    assert torch.equal(torch.isinf(lse), ~finite), f"seed {seed}: rows without keys"
+    pairs = [("out", out, results["ref"][0], results["plain"][0], 2),
+             ("lse", lse[finite], results["ref"][1][finite], results["plain"][1][finite], 2)] + [
         (name, zero(a, x), zero(r, x).double(), zero(p, x), 3)
-        for name, a, r, p, x in zip(("dq", "dk_pool", "dv_pool"), grads, results["ref"][1], results["plain"][1],
+        for name, a, r, p, x in zip(("dq", "dk_pool", "dv_pool"), grads, results["ref"][2], results["plain"][2],
                                     (q, kp, vp))]
     for name, ours, ref, plain, factor in pairs:
-        if dtype == torch.float32:
-            assert_close_fp(f"seed {seed}: {name}", ours, ref, rtol=5e-5)
+        if dtype in (torch.float32, torch.float64):
+            assert_close_fp(f"seed {seed}: {name}", ours, ref, rtol=5e-5 if dtype == torch.float32 else 1e-12)
         else:
             assert_fa_rule(f"seed {seed}: {name}", ours, plain, ref, factor)
     used = torch.zeros(kp.shape[:2], dtype=torch.bool)
@@ -503,10 +532,11 @@ def test_emulated_varlen_with_block_table(seed):
     """The same forward through the CUDA kernels in the emulator (fp16/bf16)."""
     q, kp, vp, table, cu_q, cu_k, max_q, max_k, kw, dtype, where = paged_varlen_case(
         50 + seed, (torch.float16, torch.bfloat16))
+    call = {name: x for name, x in kw.items() if name != "reference_window"}
     with flash_cuda.emulate():
-        out = fa.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max_q, max_k, block_table=table, **kw)
-    ref = paged_varlen_reference(q, kp, vp, cu_q, where, torch.float64, kw)
-    plain = paged_varlen_reference(q, kp, vp, cu_q, where, dtype, kw)
+        out = fa.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max_q, max_k, block_table=table, **call)
+    ref = paged_varlen_reference(q, kp, vp, cu_q, where, torch.float64, kw)[0]
+    plain = paged_varlen_reference(q, kp, vp, cu_q, where, dtype, kw)[0]
     assert_fa_rule(f"seed {seed}: out", out, plain, ref, 2)
 
 
@@ -537,10 +567,21 @@ def bad_varlen(**over):
                                                         r"\(k.shape\[0\]\) but sequence 0 uses that block"),
     (dict(block_table=I32([0, 3], [-1, 1])), ValueError, r"block_table\[1, 0\] = -1 points outside the pool"),
     (dict(cu_seqlens_k=I32(1, 7, 9)), ValueError, r"cu_seqlens_k must start at 0, got 1"),
+    (dict(max_seqlen_k=2**31), ValueError, r"max_seqlen_k must be at most 2\*\*31 - 1"),
+    (dict(k=torch.randn(6, 4, 2, 8), v=torch.randn(6, 4, 2, 8)), ValueError,
+     r"k must be a paged pool \(num_blocks, page_block_size, nheads_k, headdim\) with the headdim of q \(16\) and "
+     r"nheads_k dividing its nheads \(4\), got \(6, 4, 2, 8\)"),
 ])
 def test_bad_varlen_block_table(over, exc, match):
     with pytest.raises(exc, match=r"^flash_attn_varlen_func: " + match):
         bad_varlen(**over)
+
+
+def test_varlen_block_table_without_columns():
+    """A table of no columns with sequences of no keys (a batch of queries only): their rows see
+    nothing (out 0); the gather had indexed column -1 of the empty table."""
+    out = bad_varlen(block_table=torch.zeros(2, 0, dtype=torch.int32), cu_seqlens_k=I32(0, 0, 0), max_seqlen_k=3)
+    assert out.shape == (5, 4, 16) and (out == 0).all()
 
 
 def test_varlen_block_table_entries_past_the_lengths_are_not_read():
