@@ -497,7 +497,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
       row cache_seqlens[b], and masks and ALiBi count positions from the left pad. It runs as a
       paged cache of one-row pages with a (batch, seqlen_cache) int32 table built per call: the
       same memory, but slower than a plain cache (a table read per key row; on the CPU backend
-      about 6x at 8k keys), and only for caches whose positions are rows of their memory (a
+      about 1.5x at 8k keys), and only for caches whose positions are rows of their memory (a
       (batch, seqlen, nheads_k, headdim) tensor or a slice of one, k_cache and v_cache alike).
     - rotary_cos, rotary_sin (seqlen_ro >= the cache's seqlen, rotary_dim / 2) in q's dtype, with k
       and v: the rotary embedding of the first rotary_dim features of k (positions cache_seqlens[b]
