@@ -87,7 +87,10 @@ def draw(seed, dtypes):
     return case, kw, kc, vc, q, k, v, rot
 
 
-def check_case(seed, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16), emulated=False):
+def check_case(seed, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16), emulated=False,
+               device="cpu"):
+    """One draw through the drop-in (on `device`: tensors made on the CPU, moved there, the
+    caches brought back after the call) against the reference."""
     c, kw, kc, vc, q, k, v, rot = draw(seed, dtypes)
     B, dtype, seqlens, n_new = c["B"], c["dtype"], c["seqlens"].tolist(), c["n_new"]
     before_k, before_v = kc.clone(), vc.clone()
@@ -95,8 +98,11 @@ def check_case(seed, dtypes=(torch.float32, torch.float64, torch.float16, torch.
                 rotary_interleaved=c["interleaved"], return_softmax_lse=True)
     if rot is not None:
         call.update(rotary_cos=rot[0], rotary_sin=rot[1])
+    on = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    dkc, dvc = on(kc), on(vc)
     with flash_cuda.emulate() if emulated else torch.no_grad():
-        out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k, v, **call)
+        out, lse = fa.flash_attn_with_kvcache(on(q), dkc, dvc, on(k), on(v), **{n: on(x) for n, x in call.items()})
+    out, lse, kc, vc = out.cpu(), lse.cpu(), dkc.cpu(), dvc.cpu()
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, c["hq"], c["nq"])
 
     # the positions FlashAttention-2 turns q and the new keys by
@@ -179,6 +185,14 @@ def test_emulated_kernels_against_the_reference(seed):
     """The same through the CUDA kernels in the emulator (fp16/bf16): a cache indexed by batch runs
     the paged kernels with one page per batch, one with a left pad with one-row pages."""
     check_case(1000 + seed, dtypes=(torch.float16, torch.bfloat16), emulated=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed", range(12))
+def test_cuda_kernels_against_the_reference(seed):
+    """The same on a GPU (fp16/bf16): the CUDA kernels, the rotation and the tables on the device
+    (caches moved there contiguous; CUDA values are not checked, so only valid draws)."""
+    check_case(2000 + seed, dtypes=(torch.float16, torch.bfloat16), device="cuda")
 
 
 def test_rotary_on_a_decode_step_as_documented():
@@ -535,6 +549,20 @@ def test_emulated_varlen_with_block_table(seed):
     call = {name: x for name, x in kw.items() if name != "reference_window"}
     with flash_cuda.emulate():
         out = fa.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max_q, max_k, block_table=table, **call)
+    ref = paged_varlen_reference(q, kp, vp, cu_q, where, torch.float64, kw)[0]
+    plain = paged_varlen_reference(q, kp, vp, cu_q, where, dtype, kw)[0]
+    assert_fa_rule(f"seed {seed}: out", out, plain, ref, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed", range(6))
+def test_cuda_varlen_with_block_table(seed):
+    """The paged varlen forward on a GPU (fp16/bf16): the gather sized B x max_seqlen_k there."""
+    q, kp, vp, table, cu_q, cu_k, max_q, max_k, kw, dtype, where = paged_varlen_case(
+        80 + seed, (torch.float16, torch.bfloat16))
+    call = {name: x.cuda() if isinstance(x, torch.Tensor) else x for name, x in kw.items() if name != "reference_window"}
+    out = fa.flash_attn_varlen_func(q.cuda(), kp.cuda(), vp.cuda(), cu_q.cuda(), cu_k.cuda(), max_q, max_k,
+                                    block_table=table.cuda(), **call).cpu()
     ref = paged_varlen_reference(q, kp, vp, cu_q, where, torch.float64, kw)[0]
     plain = paged_varlen_reference(q, kp, vp, cu_q, where, dtype, kw)[0]
     assert_fa_rule(f"seed {seed}: out", out, plain, ref, 2)
