@@ -130,15 +130,16 @@ def test_cpu_dtypes(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("page_size", [1, 5, 63, 64])
-@pytest.mark.parametrize("nq,hq", [(1, 4), (4, 4), (5, 16), (17, 4)])
-def test_cpu_small_pages_staged(dtype, page_size, nq, hq):
-    """Pages of fewer than 64 rows are copied a tile at a time into contiguous rows before the
-    kernels read them (kvcache_cpu.cpp stage_rows; 64 and more are read in place): every CPU path
-    (4, 16, 20 and 68 rows per kv group; each dtype) over caches of several tiles of 512 keys,
-    shuffled pages, with new keys, against the reference."""
-    run_case(dtype, B=2, hq=hq, nq=nq, n_new=2, D=64, capacity=1200, page_size=page_size, seqlens=[1100, 517],
-             causal=nq > 1, num_splits=2)
+@pytest.mark.parametrize("page_size", [1, 5, 31, 32])
+@pytest.mark.parametrize("nq,hq,D", [(1, 4, 64), (4, 4, 40), (5, 16, 72), (17, 4, 64), (4, 8, 128)])
+def test_cpu_small_pages_staged(dtype, page_size, nq, hq, D):
+    """Pages of fewer than 32 rows are copied a tile at a time into contiguous rows before the
+    kernels read them (kvcache_cpu.cpp stage_rows; 32 and more are read in place): the CPU paths
+    at 4, 16, 20, 68 and 32 rows per kv group (hq / 4 kv heads), each dtype, head dims 40, 64, 72
+    and 128, over caches of several 512-key tiles, shuffled pages, with new keys, against the
+    reference."""
+    run_case(dtype, B=2, hq=hq, hkv=hq // 4, nq=nq, n_new=2, D=D, capacity=1200, page_size=page_size,
+             seqlens=[1100, 517], causal=nq > 1, num_splits=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -46,7 +46,8 @@ constexpr int64_t kMinSplitKeys = 1024; // keys per split at least
 constexpr int64_t kDotRows = 16;
 constexpr int64_t kPanelRows = 32;  // up to this many rows, fp32/fp16 caches on the fp32 micro-kernel
 constexpr int64_t kKeptRows = 64;   // up to this many rows a call's buffers are kept for the next calls
-constexpr int64_t kStagePageRows = 64;  // pages of fewer rows: tiles staged contiguous (kvcache_impl)
+constexpr int64_t kStagePageRows = 32;  // pages of fewer rows: tiles staged contiguous (kvcache_impl)
+constexpr int64_t kStageAhead = 64;     // rows fetched ahead of the run being staged (stage_rows)
 
 // The AVX-512 rows kernels below kDotRows rows (avx512_gemm.h: the dot products and P V with V in
 // place) fetch the rows just ahead into L1 (16 rows, or the next block of 32); where a call's cache
@@ -177,7 +178,6 @@ RowsAhead first_run(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int64_
 // rows up to kStageAhead ahead of each run (to fetch_end at most: the item's next tile too)
 // fetched into L2 first: the runs of a paged cache lie apart, where the hardware's fetches ahead
 // stop.
-constexpr int64_t kStageAhead = 64;
 void stage_rows(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t fetch_end, char* dst) {
   const int64_t row_bytes = c.D * c.elem;
   int64_t fetched = r0;  // rows [r0, fetched) requested
@@ -404,7 +404,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     TileVector<float> Qp;           // f32_panels: Q^T (D, rows) as one panel of the micro-kernels
     TileVector<float> Stage;        // staged: the K tile (v_staged: then the V tile), in fp32 (Bc, D)
     TileVector<in_t> Vp;            // pairs_v: the V tile in the pairs layout (avx512_gemm.h)
-    TileVector<in_t> Kst, Vst;      // stage_pages: the K and V tiles' rows, (Bc, D) contiguous
+    TileVector<char> Kst, Vst;      // stage_k, stage_v: the K and V tiles' rows, (Bc, D) contiguous
     int64_t bytes() const {
       auto of = [](const auto& v) { return int64_t(v.capacity() * sizeof(v[0])); };
       return of(S) + of(P) + of(O) + of(rows) + of(St) + of(Pn) + Qt.bytes() + of(Qtp) + of(Qp) + of(Stage) + of(Vp) +
@@ -414,19 +414,21 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   struct Scratch {
     typename KeptPool<Buffers>::Handle buffers;
     Buffers& b;
-    at::Tensor sK, sV;                        // gathered: the K and V tiles converted to acc_t (Bc, D)
-    std::optional<CacheRows> k_tile, v_tile;  // stage_pages: the staged tiles as caches
+    at::Tensor sK, sV;              // gathered: the K and V tiles converted to acc_t (Bc, D)
   };
   const bool gathered = !native && !v_in_place;
   // Pages of fewer than kStagePageRows rows: each tile's rows staged contiguous first (stage_rows),
-  // then read as one run by the paths below. Measured on a Zen 4 (2 cores, B 4, GQA 32/8, D 128, 8k
-  // keys, the pool's pages shuffled; medians of three interleaved runs of separate builds, this VM's
-  // speed drifting 20% between runs) against the runs read in place: pages of 16 rows 1.1x-1.6x
-  // faster (bf16 Nq = 1 14.4 -> 11.8 ms, a contiguous cache 6.1; fp32 Nq = 4 1.1x), pages of one
-  // row (flash_attn_with_kvcache's cache_leftpad) 2.5x-6x (bf16 Nq = 1 83 -> 20 ms); fetching 64
-  // rows ahead during the staging against the next run alone 1.0x-1.2x, 256 rows no better than 64.
-  // Pages of 64 rows and more are read in place, unmeasured against staging.
+  // then read as one run by the paths below (not where a path widens its tile run by run into fp32
+  // anyway: staged, v_staged). Measured on a Zen 4 (2 cores, B 4, GQA 32/8, D 128, 8k keys, the
+  // pool's pages shuffled; medians of interleaved runs of separate builds, this VM's speed drifting
+  // up to 20% between runs) against the runs read in place: pages of 16 rows 1.1x-1.6x faster
+  // (bf16 Nq = 1 14.4 -> 11.8 ms, a contiguous cache 6.1; fp32 Nq = 4 1.0x-1.1x), pages of one row
+  // (flash_attn_with_kvcache's cache_leftpad) 2.5x-6x (bf16 Nq = 1 83 -> 20 ms); pages of 32 to 63
+  // rows staged were 5%-15% faster at Nq = 1 (fp32, bf16; fp16 even) but 5%-33% slower at Nq = 4
+  // (16 rows a kv group, whose kernels stream a run's rows themselves), hence 32; fetching 64 rows
+  // ahead during the staging against the next run alone 1.0x-1.2x, 256 no better than 64.
   const bool stage_pages = table_ptr != nullptr && k_cache.size(2) < kStagePageRows;
+  const bool stage_k = stage_pages && !staged, stage_v = stage_pages && !v_staged;  // (staged: widened run by run)
   auto make_scratch = [&] {
     auto buffers = KeptPool<Buffers>::take(rows <= kKeptRows);
     Buffers& b = *buffers;
@@ -434,9 +436,9 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     b.St.resize(native || f32_panels ? kBc * rows : 0), b.Pn.resize(native ? rows * kBc : 0);
     b.Qp.resize(f32_panels ? panels_f32_size(D, rows) : 0), b.Stage.resize(staged ? kBc * D : 0);
     b.Vp.resize(pairs_v ? pairs_size(kBc, D) : 0), b.Qtp.resize(dpbf16_pairs ? pairs_size(D, rows) : 0);
-    b.Kst.resize(stage_pages ? kBc * D : 0), b.Vst.resize(stage_pages ? kBc * D : 0);
-    if (!gathered) return Scratch{std::move(buffers), b, at::Tensor(), at::Tensor(), {}, {}};
-    return Scratch{std::move(buffers), b, at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts), {}, {}};
+    b.Kst.resize(stage_k ? kBc * D * k_cache.element_size() : 0), b.Vst.resize(stage_v ? kBc * D * k_cache.element_size() : 0);
+    if (!gathered) return Scratch{std::move(buffers), b, at::Tensor(), at::Tensor()};
+    return Scratch{std::move(buffers), b, at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts)};
   };
   const CacheRows k_rows(k_cache, table_ptr, table_stride), v_rows(v_cache, table_ptr, table_stride);
   const int64_t elem = k_cache.element_size();
@@ -477,9 +479,10 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     acc_t* s = t.b.S.data();  // (rows, bc)
     constexpr int64_t ld_s = kBc;
     // far fetches `ahead` rows ahead of the run of rows that starts at key r and holds n: to this
-    // item's last key in a contiguous cache, to the run's end in a paged one
+    // item's last key in a contiguous cache, to the run's end in a paged one, none in staged tiles
+    // (in cache already; the staging fetched ahead)
     const auto far_from = [&](int64_t ahead, int64_t r, int64_t n) {
-      return FarRows{ahead, table_ptr ? n : k_end - r};
+      return stage_pages ? FarRows{} : FarRows{ahead, table_ptr ? n : k_end - r};
     };
     int64_t k_fetched = k_begin;  // amx_v: the key rows up to here were fetched by the last tile's staging
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kBc) {
@@ -487,15 +490,11 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       at::Tensor rV;
       // small pages: the tile's rows copied contiguous first (each run of rows costs every kernel
       // below a call and its fetches ahead stop at a run's end), then read as one run
-      if (stage_pages) {
-        const int64_t fetch_end = std::min(j1 + kStageAhead, k_end);
-        stage_rows(k_rows, b, hkv, j0, j1, fetch_end, reinterpret_cast<char*>(t.b.Kst.data()));
-        stage_rows(v_rows, b, hkv, j0, j1, fetch_end, reinterpret_cast<char*>(t.b.Vst.data()));
-      }
-      const CacheRows& kr = stage_pages ? t.k_tile.emplace(reinterpret_cast<const char*>(t.b.Kst.data()), k_rows, j0)
-                                        : k_rows;
-      const CacheRows& vr = stage_pages ? t.v_tile.emplace(reinterpret_cast<const char*>(t.b.Vst.data()), v_rows, j0)
-                                        : v_rows;
+      const int64_t fetch_end = std::min(j1 + kStageAhead, k_end);
+      if (stage_k) stage_rows(k_rows, b, hkv, j0, j1, fetch_end, t.b.Kst.data());
+      if (stage_v) stage_rows(v_rows, b, hkv, j0, j1, fetch_end, t.b.Vst.data());
+      const CacheRows kr = stage_k ? CacheRows(t.b.Kst.data(), k_rows, j0) : k_rows;
+      const CacheRows vr = stage_v ? CacheRows(t.b.Vst.data(), v_rows, j0) : v_rows;
       if (rows_dot) {
         if constexpr (std::is_same_v<in_t, c10::BFloat16>) {  // (rows_dot is false for other types)
           for_each_run(kr, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
@@ -508,7 +507,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
         for_each_run(kr, b, hkv, j0, j1, [&](int64_t off, int64_t r, int64_t n) {
           const in_t* k = reinterpret_cast<const in_t*>(kr.base + off * elem);
           acc_t* st = t.b.St.data() + (r - j0) * rows;  // S^T = K Q^T
-          if (amx_v)  // the rows of this run no staging fetched, into L2
+          if (amx_v && !stage_k)  // the rows of this run no staging fetched, into L2
             for (int64_t i = std::max<int64_t>(k_fetched - r, 0); i < n; ++i)
               prefetch_l2(k + i * kr.row_stride, D * elem);
           if (amx_s)
