@@ -170,6 +170,33 @@ def test_randomised_against_the_reference(seed):
     check_case(seed)
 
 
+# Draws beyond the seeds above where the output exceeds FlashAttention's rule (2x plain torch's
+# error + 1e-5), found by soaks of this test on 2026-12-06 (CPU seeds 100-6099, emulated 1100-5499):
+# one query row of few keys, where the FlashAttention algorithm's own rounding of P to the dtype
+# before P V costs more than plain torch's roundings happen to on that row.
+_KNOWN_EXCESS = {
+    3698: ("CPU backend", "fp16, sequence 0 one query against the 3 keys it appends, D 64, rotary: 1.38e-3 "
+                          "from float64 where plain fp16 torch is 5.9e-4 off; 8.4e-4 from exact attention on "
+                          "the rounded turned values, as the FlashAttention algorithm in float64 with P = "
+                          "exp(s - max) rounded to fp16 before P V (8.4e-4; it and ours 1 fp16 ulp apart)"),
+    4919: ("emulated CUDA kernels", "fp16, one query against 13 keys (window (12, -1) bounded on the right "
+                                    "at the capacity 16), D 16, rotary: 4.0e-4 from float64 where plain fp16 "
+                                    "torch is 1.3e-4 off; bit for bit the FlashAttention algorithm in float64 "
+                                    "with P rounded to fp16 before P V (2.6e-4 from exact attention on the "
+                                    "rounded turned values)"),
+}
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
+    strict=True, reason=f"known: the FA rule's max over one row of 16 to 128 outputs. Seed {s}, {where}: {why}"))
+    for s, (where, why) in _KNOWN_EXCESS.items()])
+def test_randomised_known_excess(seed):
+    if _KNOWN_EXCESS[seed][0] == "CPU backend":
+        check_case(seed)
+    else:
+        check_case(seed, dtypes=(torch.float16, torch.bfloat16), emulated=True)
+
+
 def test_the_draws_cover_every_feature():
     """The seeds above draw each feature and its absence (a guard against a draw that never
     exercises one)."""
