@@ -548,7 +548,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             rows = rotary_cos.shape[0]
             _check_rotary_positions(fn, q, cache_seqlens, rows, local)
             # (CUDA lengths are not read: positions clamped, as the kernels clamp what they index)
-            at = lambda n: (cache_seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp(0, max(rows - 1, 0))  # noqa: E731,E501
+            last = max(rows - 1, 0)
+            at = lambda n: (cache_seqlens.long()[:, None] + torch.arange(n, device=q.device)).clamp(0, last)  # noqa: E731
             q = _rotary(q, rotary_cos, rotary_sin, at(q.shape[1]) if local else at(1).expand(B, q.shape[1]),
                         rotary_interleaved)
             k = _rotary(k, rotary_cos, rotary_sin, at(n_new), rotary_interleaved)
