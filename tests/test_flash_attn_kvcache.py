@@ -332,10 +332,8 @@ def test_empty_batches_and_caches(B, Bc, cap):
     kc, vc = torch.randn(Bc, cap, 2, 16), torch.randn(Bc, cap, 2, 16)
     kw = dict(cache_seqlens=torch.zeros(B, dtype=torch.int32), cache_leftpad=torch.zeros(B, dtype=torch.int32),
               return_softmax_lse=True)
-    if B <= Bc:
+    if B <= Bc:  # (every case: a cache of another batch size needs cache_batch_idx)
         kw["cache_batch_idx"] = torch.arange(B, dtype=torch.int32)
-    if B > 0 and Bc != B and "cache_batch_idx" not in kw:
-        return
     out, lse = fa.flash_attn_with_kvcache(q, kc, vc, **kw)
     assert out.shape == q.shape and lse.shape == (B, 4, 2)
     assert (out == 0).all() and torch.isinf(lse).all()
