@@ -23,11 +23,15 @@ kernel on the backend's instructions reaches the read.
 Points whose inputs do not fit the memory budget are skipped and listed. The machine (CPU model
 and ISA flags, or GPU) is printed first and stored in the JSON.
 
-    python benchmarks/bench_kvcache.py [--device cpu|cuda] [--json PATH] [--quick | --grid decode]
+    python benchmarks/bench_kvcache.py [--device cpu|cuda] [--json PATH] [--quick | --grid decode] [--leftpad]
 
 --grid decode: issue 15's decoding grid instead, B = 1, Nq in {1, 4} new query tokens (all of
 them attending to the whole cache: speculative decoding's verification step without its causal
 mask, which SDPA would align top-left), Nk in {2048, 8192, 32768}, bf16, fp16 and fp32.
+
+--leftpad: also flash_cuda with cache_leftpad in the same rounds: each sequence's Nk keys after a
+pad of 1 to 64 rows (a different one per sequence) of a cache of Nk + 64 rows, the same keys and
+values; reported as its time over the plain cache's (and the largest difference of the outputs).
 """
 import argparse
 import json
@@ -106,6 +110,7 @@ def main(argv=None):
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="two small points (CI smoke run)")
     which.add_argument("--grid", choices=("decode",), default=None, help="issue 15's decoding grid (Nq 1 and 4)")
+    ap.add_argument("--leftpad", action="store_true", help="also time a left-padded cache (cache_leftpad)")
     args = ap.parse_args(argv)
     device = bs.pick_device(ap, args.device)
     meta = bm.machine(device)
@@ -120,7 +125,18 @@ def main(argv=None):
         kc, vc = (torch.randn(B, HKV, N, D, device=device, dtype=dtype) for _ in range(2))
         calls = {"flash_cuda": Call(lambda: flash_cuda.attention_with_kvcache(q, kc, vc, cache_seqlens=N)),
                  "sdpa": Call(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True))}
+        pad_rows = 64
+        padded = args.leftpad and cache_bytes * (N + pad_rows) // N * 2 <= budget_bytes(device)
+        if padded:  # the same keys after a pad of 1 to 64 rows, a different one per sequence
+            pad = torch.tensor([(37 * b + 5) % pad_rows + 1 for b in range(B)], dtype=torch.int32, device=device)
+            kp, vp = (torch.zeros(B, HKV, N + pad_rows, D, device=device, dtype=dtype) for _ in range(2))
+            for b in range(B):
+                kp[b, :, int(pad[b]):int(pad[b]) + N], vp[b, :, int(pad[b]):int(pad[b]) + N] = kc[b], vc[b]
+            lens = pad + N
+            calls["flash_cuda_leftpad"] = Call(lambda: flash_cuda.attention_with_kvcache(
+                q, kp, vp, cache_seqlens=lens, cache_leftpad=pad))
         out = calls["flash_cuda"]()
+        pad_diff = (calls["flash_cuda_leftpad"]().double() - out.double()).abs().max().item() if padded else None
         ref = F.scaled_dot_product_attention(q[:1].double(), kc[:1].double(), vc[:1].double(), enable_gqa=True)
         err = (out[:1].double() - ref).abs().max().item()
         # a plain read of as many bytes, timed in the same interleaved rounds: what the machine
@@ -153,12 +169,18 @@ def main(argv=None):
              "machine_gbps": peak / 1e9, "machine_bandwidth": how, "read_gbps": read / 1e9, "max_err": err,
              "ceiling_gbps": ceiling / 1e9 if ceiling else None,
              "ceiling_instruction": mp.KINDS[kind][2] if ceiling else None}
+        if padded:
+            r.update(leftpad_ms=t["flash_cuda_leftpad"] * 1e3,
+                     leftpad_over_plain=t["flash_cuda_leftpad"] / t["flash_cuda"], leftpad_max_diff=pad_diff)
+            del kp, vp
         results.append(r)
         print(f"{r['dtype']:8s} B={B:<3d} Nq={NQ} Nk={N:<6d} ours {r['ours_ms']:8.3f} ms  sdpa {r['sdpa_ms']:8.3f} ms  "
               f"ratio {r['speed_ratio_sdpa_over_ours']:5.2f}x  tokens/s ours {r['ours_tokens_per_s']:9.0f} "
               f"sdpa {r['sdpa_tokens_per_s']:9.0f}  GB/s ours {r['ours_gbps']:7.1f} sdpa {r['sdpa_gbps']:7.1f} "
               f"machine {r['machine_gbps']:7.1f} read {r['read_gbps']:7.1f}"
-              + (f" ceiling {r['ceiling_gbps']:7.1f}" if ceiling else "") + f"  err {err:.1e}", flush=True)
+              + (f" ceiling {r['ceiling_gbps']:7.1f}" if ceiling else "") + f"  err {err:.1e}"
+              + (f"  leftpad {r['leftpad_ms']:8.3f} ms ({r['leftpad_over_plain']:.2f}x plain, diff "
+                 f"{pad_diff:.1e})" if padded else ""), flush=True)
     for s in skipped:
         print(f"skipped (cache of {s['cache_gib']:.1f} GiB over the memory budget): {s}", flush=True)
     meta["skipped"] = skipped

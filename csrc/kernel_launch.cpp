@@ -464,6 +464,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
                                                    const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new_in,
                                                    const std::optional<at::Tensor>& v_new_in,
                                                    const at::Tensor& cache_seqlens,
+                                                   const std::optional<at::Tensor>& cache_leftpad,
                                                    const std::optional<at::Tensor>& block_table,
                                                    const AttnOptions& opt_in, int64_t num_splits, Executor executor) {
   const emu::PinOptions pin;  // (emulated: one device profile for the whole call)
@@ -481,6 +482,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
   TORCH_CHECK(capacity < (int64_t(1) << 31) - 256, "flash_cuda: a KV cache must hold fewer than 2^31 - 256 keys per sequence");
   const int64_t n_new = k_new_in && k_new_in->numel() > 0 ? k_new_in->size(2) : 0;
   const at::Tensor seqlens = cache_seqlens.contiguous();
+  const at::Tensor leftpad = cache_leftpad ? cache_leftpad->contiguous() : at::Tensor();
   const at::Tensor table = paged ? block_table->contiguous() : at::Tensor();
   KvCache cache{};
   if (paged) {
@@ -504,6 +506,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
     more.push_back(tensor_footprint(k_cache, n_new > 0));
     more.push_back(tensor_footprint(v_cache, n_new > 0));
     more.push_back(tensor_footprint(seqlens, false));
+    if (leftpad.defined()) more.push_back(tensor_footprint(leftpad, false));
     if (paged) more.push_back(tensor_footprint(table, false));
     emu::set_buffers(std::move(more));
   };
@@ -531,10 +534,11 @@ std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q_in, const
   if (out.numel() > 0) {
     const double scale_pos = scale > 0 ? scale : (scale < 0 ? -scale : 1.0);
     static_cast<AttnShape&>(p) = attn_shape(q, k_cache, scale_pos, opt, std::nullopt);
-    p.nk = static_cast<int>(capacity);  // narrowed per sequence to cache_seqlens[b] + Nnew (seqlen.h)
+    p.nk = static_cast<int>(capacity);  // narrowed per sequence to cache_seqlens[b] + Nnew - leftpad (seqlen.h)
     p.total_k = p.nk;
     p.mask = kernel_band(opt, p.nq, p.nk);
     p.seqused_k = seqlens.data_ptr<int>();
+    p.leftpad_k = leftpad.defined() ? leftpad.data_ptr<int>() : nullptr;
     p.seqused_k_add = static_cast<int>(n_new);
     p.q = ref(q, std::nullopt);
     p.k = ref(k_cache, std::nullopt);

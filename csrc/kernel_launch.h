@@ -49,13 +49,15 @@ constexpr int64_t kMaxNumSplits = 128;
 // k_cache, v_cache contiguous (B, Hkv, capacity, D) or, with block_table (B, pages per
 // sequence) int32, a page pool (num_pages, Hkv, page_size, D); D a multiple of 8 and rows 16-byte
 // aligned (the cache is written in place, so it cannot be copied to fix either). k_new, v_new
-// (B, Hkv, Nnew, D) are written at positions cache_seqlens[b].. first. num_splits 0: chosen for
-// the device (the emulator: the profile's SM count), at most kMaxNumSplits. All on q's device;
-// checked by the caller.
+// (B, Hkv, Nnew, D) are written at positions cache_seqlens[b].. first. cache_leftpad (B,) int32:
+// sequence b's keys are rows [cache_leftpad[b], cache_seqlens[b] + Nnew) of its cache.
+// num_splits 0: chosen for the device (the emulator: the profile's SM count), at most
+// kMaxNumSplits. All on q's device; checked by the caller.
 std::tuple<at::Tensor, at::Tensor> kvcache_kernels(const at::Tensor& q, const at::Tensor& k_cache,
                                                    const at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
                                                    const std::optional<at::Tensor>& v_new,
                                                    const at::Tensor& cache_seqlens,
+                                                   const std::optional<at::Tensor>& cache_leftpad,
                                                    const std::optional<at::Tensor>& block_table,
                                                    const AttnOptions& opt, int64_t num_splits, Executor executor);
 

@@ -446,10 +446,12 @@ bool caches_may_overlap(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // Shapes, dtypes and devices of a KV-cache call (csrc/kernel_launch.h kvcache_kernels). CPU
-// tensors: cache_seqlens and the pages they reach are checked by value too (kvcache_seqlens).
+// tensors: cache_seqlens, cache_leftpad and the pages they reach are checked by value too
+// (kvcache_lengths).
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
-                      const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, int64_t num_splits) {
+                      const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,
+                      const std::optional<at::Tensor>& block_table, int64_t num_splits) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "flash_cuda: q, k_cache, v_cache must be 4-D, got ", q.sizes(), ", ", k_cache.sizes(), ", ",
               v_cache.sizes());
@@ -485,6 +487,12 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                   cache_seqlens.device() == q.device(),
               "flash_cuda: cache_seqlens must be an int32 (B,) tensor on q's device, got ", cache_seqlens.sizes(), " ",
               cache_seqlens.scalar_type(), " on ", cache_seqlens.device());
+  if (cache_leftpad) {
+    const at::Tensor& t = *cache_leftpad;
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == B && t.device() == q.device(),
+                "flash_cuda: cache_leftpad must be an int32 (B,) tensor on q's device, got ", t.sizes(), " ",
+                t.scalar_type(), " on ", t.device());
+  }
   TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxNumSplits, "flash_cuda: num_splits must be in [0, ",
               kMaxNumSplits, "] (0: chosen for the device), got ", num_splits);
   if (k_new) {  // written in place: every position of the caches its own memory, and k's apart from v's
@@ -510,22 +518,33 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 // The checked arguments of a KV-cache call as the options every backend takes (no dropout).
 AttnOptions kvcache_options(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
-                            const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table, double scale,
-                            bool causal, int64_t window_left, int64_t window_right, double softcap,
+                            const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,
+                            const std::optional<at::Tensor>& block_table, double scale, bool causal,
+                            int64_t window_left, int64_t window_right, double softcap,
                             const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
-  check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, num_splits);
+  check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table, num_splits);
   return base_options(q, q.size(0), scale, causal, true, window_left, window_right, softcap, alibi_slopes, 0.0,
                       std::nullopt);
 }
 
-// CPU tensors: cache_seqlens' values, each in [0, capacity - Nnew], with every page the first
-// cache_seqlens[b] + Nnew keys reach inside the pool, and no page that takes new keys reached by
-// any other entry of the table (the append would overwrite keys in use, or race on a GPU); pages
-// only read may be shared (a common prefix).
-std::vector<int64_t> kvcache_seqlens(const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
-                                     int64_t n_new, int64_t capacity, int64_t num_pages, int64_t page_size) {
+// CPU tensors: cache_seqlens' values, each in [0, capacity - Nnew], and cache_leftpad's, each in
+// [0, cache_seqlens[b]]; with every page that sequence b's keys (cache rows cache_leftpad[b] ..
+// cache_seqlens[b] + Nnew; from row 0 without a pad) reach inside the pool, and no page that takes
+// new keys reached by any other entry of the table (the append would overwrite keys in use, or
+// race on a GPU); pages only read may be shared (a common prefix), and pages only the pad covers
+// are never read. Returns the lengths and the first rows (empty without cache_leftpad).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> kvcache_lengths(const at::Tensor& cache_seqlens,
+                                                                      const std::optional<at::Tensor>& cache_leftpad,
+                                                                      const std::optional<at::Tensor>& block_table,
+                                                                      int64_t n_new, int64_t capacity,
+                                                                      int64_t num_pages, int64_t page_size) {
   const at::Tensor s = cache_seqlens.to(at::kLong).contiguous();
-  std::vector<int64_t> n(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + s.numel());
+  std::vector<int64_t> n(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + s.numel()), first;
+  if (cache_leftpad) {
+    const at::Tensor f = cache_leftpad->to(at::kLong).contiguous();
+    first.assign(f.data_ptr<int64_t>(), f.data_ptr<int64_t>() + f.numel());
+  }
+  const auto first_page = [&](size_t b) { return first.empty() ? 0 : first[b] / page_size; };
   const at::Tensor table = block_table ? block_table->to(at::kLong).contiguous() : at::Tensor();
   for (size_t b = 0; b < n.size(); ++b) {
     TORCH_CHECK_VALUE(n[b] >= 0 && n[b] + n_new <= capacity, "flash_cuda: cache_seqlens[", b, "] = ", n[b],
@@ -533,9 +552,13 @@ std::vector<int64_t> kvcache_seqlens(const at::Tensor& cache_seqlens, const std:
                       " does not fit the cache of ", capacity, " keys per sequence",
                       n_new > 0 ? c10::str(": cache_seqlens must be in [0, ", capacity - n_new, "]")
                                 : c10::str(": cache_seqlens must be in [0, ", capacity, "]"));
+    if (!first.empty())
+      TORCH_CHECK_VALUE(first[b] >= 0 && first[b] <= n[b], "flash_cuda: cache_leftpad[", b, "] = ", first[b],
+                        " is out of range: it must be in [0, cache_seqlens[", b, "] = ", n[b], "] (sequence ", b,
+                        "'s keys are cache rows cache_leftpad[", b, "] .. cache_seqlens[", b, "] + Nnew - 1)");
     if (!block_table) continue;
     const int64_t* row = table.data_ptr<int64_t>() + b * table.size(1);
-    for (int64_t page = 0; page * page_size < n[b] + n_new; ++page)
+    for (int64_t page = first_page(b); page * page_size < n[b] + n_new; ++page)
       TORCH_CHECK_VALUE(row[page] >= 0 && row[page] < num_pages, "flash_cuda: block_table[", b, ", ", page, "] = ",
                         row[page], " is outside the pool of ", num_pages, " pages (k_cache.shape[0])");
   }
@@ -548,7 +571,7 @@ std::vector<int64_t> kvcache_seqlens(const at::Tensor& cache_seqlens, const std:
     std::sort(written.begin(), written.end());
     for (size_t b = 0; b < n.size(); ++b) {
       const int64_t* row = table.data_ptr<int64_t>() + b * table.size(1);
-      for (int64_t e = 0; e * page_size < n[b] + n_new; ++e) {
+      for (int64_t e = first_page(b); e * page_size < n[b] + n_new; ++e) {
         auto w = std::lower_bound(written.begin(), written.end(), std::array<int64_t, 3>{row[e], -1, -1});
         for (; w != written.end() && (*w)[0] == row[e]; ++w)
           TORCH_CHECK_VALUE((*w)[1] == int64_t(b) && (*w)[2] == e, "flash_cuda: block_table[", b, ", ", e, "] = ",
@@ -558,7 +581,7 @@ std::vector<int64_t> kvcache_seqlens(const at::Tensor& cache_seqlens, const std:
       }
     }
   }
-  return n;
+  return {n, first};
 }
 
 // The caches are appended to in place: their version counters move, as ATen's in-place ops move
@@ -576,29 +599,29 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& block_table, double scale,
                                                    bool causal, int64_t window_left, int64_t window_right,
                                                    double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                                   int64_t num_splits) {
-  const AttnOptions o = kvcache_options(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale, causal,
-                                        window_left, window_right, softcap, alibi_slopes, num_splits);
+                                                   int64_t num_splits, const std::optional<at::Tensor>& cache_leftpad) {
+  const AttnOptions o = kvcache_options(q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table,
+                                        scale, causal, window_left, window_right, softcap, alibi_slopes, num_splits);
   // Inside flash_cuda.emulate(): the CUDA kernels, run by the emulator, which like a GPU do not
   // read the lengths and the table on the host (they clamp them; flash_cuda's Python API checks
   // CPU values before any op runs).
   if (emu_active()) {
     if (k_new && k_new->size(2) > 0) bump_cache_versions(k_cache, v_cache);
-    return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o,
-                           num_splits, Executor::emu);
+    return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad,
+                           block_table, o, num_splits, Executor::emu);
   }
   cpu::check_kernel_choices();  // before the append: a refused call leaves the cache as it was
   const int64_t n_new = k_new ? k_new->size(2) : 0;
   const int64_t capacity = block_table ? block_table->size(1) * k_cache.size(2) : k_cache.size(2);
-  const std::vector<int64_t> seqlens =
-      kvcache_seqlens(cache_seqlens, block_table, n_new, capacity, k_cache.size(0), k_cache.size(2));
+  const auto [seqlens, first_keys] =
+      kvcache_lengths(cache_seqlens, cache_leftpad, block_table, n_new, capacity, k_cache.size(0), k_cache.size(2));
   std::vector<int64_t> n_keys(seqlens);  // what each sequence attends to: its cache and the new keys
-  for (int64_t& n : n_keys) n += n_new;
+  for (size_t b = 0; b < n_keys.size(); ++b) n_keys[b] += n_new - (first_keys.empty() ? 0 : first_keys[b]);
   if (n_new > 0) {
     bump_cache_versions(k_cache, v_cache);  // first: the copies below would refuse an inference tensor half-way
     cpu::kv_append(k_cache, v_cache, *k_new, *v_new, seqlens, block_table);
   }
-  return cpu::kvcache_fwd(unit_last_stride(q), k_cache, v_cache, n_keys, block_table, o, num_splits);
+  return cpu::kvcache_fwd(unit_last_stride(q), k_cache, v_cache, n_keys, first_keys, block_table, o, num_splits);
 }
 
 #if defined(FLASH_CUDA_WITH_CUDA)
@@ -609,12 +632,12 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cuda(const at::Tensor& q, const a
                                                     const std::optional<at::Tensor>& block_table, double scale,
                                                     bool causal, int64_t window_left, int64_t window_right,
                                                     double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                                    int64_t num_splits) {
-  const AttnOptions o = kvcache_options(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale, causal,
-                                        window_left, window_right, softcap, alibi_slopes, num_splits);
+                                                    int64_t num_splits, const std::optional<at::Tensor>& cache_leftpad) {
+  const AttnOptions o = kvcache_options(q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table,
+                                        scale, causal, window_left, window_right, softcap, alibi_slopes, num_splits);
   if (k_new && k_new->size(2) > 0) bump_cache_versions(k_cache, v_cache);
-  return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, o, num_splits,
-                         Executor::cuda);
+  return kvcache_kernels(unit_last_stride(q), k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table,
+                         o, num_splits, Executor::cuda);
 }
 #endif
 
@@ -667,10 +690,12 @@ TORCH_LIBRARY(flash_cuda, m) {
   // contiguous (B, Hkv, capacity, D) cache, or of a page pool (num_pages, Hkv, page_size, D)
   // through block_table (B, pages per sequence) int32; k, v (B, Hkv, Nnew, D) are first written
   // into the cache in place at cache_seqlens[b].. (int32 (B,)). Causal is bottom-right aligned.
-  // num_splits: key splits per query tile (0: chosen for the device; 1: none).
+  // num_splits: key splits per query tile (0: chosen for the device; 1: none). cache_leftpad
+  // (int32 (B,), either layout): sequence b's keys start at row cache_leftpad[b] of its cache.
   m.def("kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens,"
         " Tensor? block_table, float scale, bool causal, SymInt window_left=-1, SymInt window_right=-1,"
-        " float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=0) -> (Tensor out, Tensor lse)");
+        " float softcap=0.0, Tensor? alibi_slopes=None, int num_splits=0, Tensor? cache_leftpad=None)"
+        " -> (Tensor out, Tensor lse)");
   // The build's TORCH_CUDA_ARCH_LIST ("" without CUDA kernels), and whether a list has code for
   // compute capability cc (major x 10 + minor): what the launcher checks before a launch.
   m.def("_cuda_arch_list() -> str", [] {

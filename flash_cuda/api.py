@@ -758,17 +758,18 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return result if len(result) > 1 else out
 
 
-def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits):
+def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale, num_splits,
+                           cache_leftpad):
     """attention_with_kvcache's common CPU call (no window, softcap or ALiBi) straight to the op, or
     None when it takes the checked path. Decoding calls it once per token and layer, and each call
     reads the whole cache: the Python checks then run on an evicted cache and took 50-65 us a step
     (of ~500 at 2k keys, B = 1, 8 kv heads; README "KV cache"). The op checks every shape, dtype,
     device and CPU value the backend relies on before it writes the cache (csrc/ops.cpp
-    check_kvcache, kvcache_seqlens); when it refuses, the caller's checks run and say exactly what
+    check_kvcache, kvcache_lengths); when it refuses, the caller's checks run and say exactly what
     is wrong. CUDA calls take it too: the op checks what the Python checks do there (neither reads
     CUDA values, which would synchronise), and a step's fixed cost is what a GPU waits for at small
     batches. Not inside flash_cuda.emulate(), whose kernels do not check the values of
-    cache_seqlens and block_table (the Python checks do, on CPU tensors), nor for tensor
+    cache_seqlens, cache_leftpad and block_table (the Python checks do, on CPU tensors), nor for tensor
     subclasses (fake tensors run the op's fake function, which checks devices only)."""
     try:
         if (type(q) is not torch.Tensor or q.device.type not in ("cpu", "cuda") or emulate._current is not None
@@ -788,9 +789,11 @@ def _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table
             cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
         elif not isinstance(cache_seqlens, torch.Tensor):
             return None
+        if cache_leftpad is not None and type(cache_leftpad) is not torch.Tensor:
+            return None
         return _kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
                             1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal, -1, -1, 0.0, None,
-                            num_splits)
+                            num_splits, cache_leftpad)
     except Exception:  # noqa: BLE001 (any refusal: the checked path names the argument)
         return None
 
@@ -800,7 +803,7 @@ _kvcache_fwd = torch.ops.flash_cuda.kvcache_fwd.default
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, scale=None, window=None, softcap=0.0, alibi_slopes=None, num_splits=0,
-                           return_lse=False):
+                           return_lse=False, cache_leftpad=None):
     """Attention of new queries to a KV cache, appending new keys and values in place (inference).
 
     q: (B, Hq, Nq, D). The cache, in either layout (any strides with stride(-1) == 1, so
@@ -818,6 +821,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     causal: bottom-right aligned to each sequence's keys (query i of Nq sees keys up to
         cache_seqlens[b] + Nnew - Nq + i), so prefill chunks and multi-token (speculative)
         steps work. scale, window, softcap, alibi_slopes: as in attention().
+    cache_leftpad: int32 (B,) tensor or None (FlashAttention-2's cache_leftpad, which it takes
+        with contiguous caches only; here paged ones too): sequence b's keys start at row
+        cache_leftpad[b] of its cache, a batch of left-padded prompts cached as they are.
+        cache_seqlens[b] still counts from row 0 (the append goes to rows cache_seqlens[b] ..),
+        so sequence b attends to rows cache_leftpad[b] .. cache_seqlens[b] + Nnew - 1 and nothing
+        before them, and causal, window and ALiBi count positions from its first key. Each entry
+        in [0, cache_seqlens[b]].
     num_splits: key splits per query tile (Flash-Decoding), at most 128: 0 picks them from the
         shapes and the device (README "KV cache"), 1 disables splitting; results agree up to fp32
         rounding. The CPU backend takes at most one split per 512-key tile.
@@ -826,15 +836,16 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     of 8); every dtype on CPU.
 
     Returns out (B, Hq, Nq, D), and with return_lse also lse (B, Hq, Nq). The values of CPU
-    cache_seqlens and block_table are checked; CUDA ones are not (that would synchronise with
-    the GPU): the kernels clamp them, so wrong ones give wrong values, never an illegal access.
+    cache_seqlens, cache_leftpad and block_table are checked; CUDA ones are not (that would
+    synchronise with the GPU): the kernels clamp them, so wrong ones give wrong values, never an
+    illegal access.
     """
     ops.refuse_forward_ad("flash_cuda.attention_with_kvcache", ("q", "k_cache", "v_cache", "k", "v", "alibi_slopes"),
                           (q, k_cache, v_cache, k, v, alibi_slopes))
     if (window is None and alibi_slopes is None and type(softcap) is float and softcap == 0.0
             and (causal is False or causal is True) and (return_lse is False or return_lse is True)):
         result = _kvcache_checked_by_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, scale,
-                                        num_splits)
+                                        num_splits, cache_leftpad)
         if result is not None:
             return result if return_lse else result[0]
     fn = "flash_cuda.attention_with_kvcache"
@@ -897,6 +908,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             raise ValueError(f"{fn}: v must have the shape of k {_shape(k)}, got {_shape(v)}")
         n_new = k.shape[2]
     cache_seqlens = _cache_seqlens(fn, cache_seqlens, B, capacity, n_new, q.device)
+    if cache_leftpad is not None:
+        _check_int32_rows(fn, "cache_leftpad", cache_leftpad, B, q.device)
     num_splits = _plain(num_splits)
     if not _is_int(num_splits):
         raise TypeError(f"{fn}: num_splits must be an int in [0, {MAX_NUM_SPLITS}] (0: chosen for the device, "
@@ -914,11 +927,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                    "detached tensors")
     if _readable(cache_seqlens):
         _check_cache_seqlens(fn, cache_seqlens, capacity, n_new)
+        if cache_leftpad is not None:
+            _check_cache_leftpad_values(fn, cache_leftpad, cache_seqlens)
         if paged:
-            _check_pages(fn, block_table, cache_seqlens, n_new, k_cache.shape[2], k_cache.shape[0])
+            _check_pages(fn, block_table, cache_seqlens, n_new, k_cache.shape[2], k_cache.shape[0], cache_leftpad)
     try:
         out, lse = torch.ops.flash_cuda.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale,
-                                                    causal, left, right, softcap, slopes, num_splits)
+                                                    causal, left, right, softcap, slopes, num_splits, cache_leftpad)
     except ValueError as err:  # the op's checks of the memory the append writes (csrc/ops.cpp), in fn's name
         raise ValueError(str(err).replace("flash_cuda: ", f"{fn}: ", 1)) from None
     return (out, lse) if return_lse else out
@@ -937,17 +952,33 @@ def _cache_seqlens(fn, cache_seqlens, B, capacity, n_new, device):
             raise ValueError(f"{fn}: cache_seqlens must be in [0, {capacity - n_new}] for a cache of {capacity} keys "
                              f"per sequence, got {cache_seqlens}")
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor (B,), an int or None, got "
-                        f"{_type_name(cache_seqlens)}")
-    _check_dense(fn, "cache_seqlens", cache_seqlens)
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"{fn}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if _shape(cache_seqlens) != (B,):
-        raise ValueError(f"{fn}: cache_seqlens must have shape (B,) = ({B},), got {_shape(cache_seqlens)}")
-    if cache_seqlens.device != device:
-        raise RuntimeError(f"{fn}: cache_seqlens must be on the device of q ({device}), got {cache_seqlens.device}")
+    _check_int32_rows(fn, "cache_seqlens", cache_seqlens, B, device, "an int32 tensor (B,), an int or None")
     return cache_seqlens
+
+
+def _check_int32_rows(fn, name, x, B, device, what="an int32 tensor (B,) or None", rows="B"):
+    """A per-sequence int32 argument (cache_seqlens, cache_leftpad; the drop-in's indices): a dense
+    int32 tensor of shape (B,) on q's device; `what` names what the argument may be, `rows` the
+    caller's name for B."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be {what}, got {_type_name(x)}")
+    _check_dense(fn, name, x)
+    if x.dtype != torch.int32:
+        raise TypeError(f"{fn}: {name} must be int32, got {x.dtype}")
+    if _shape(x) != (B,):
+        raise ValueError(f"{fn}: {name} must have shape ({rows},) = ({B},), got {_shape(x)}")
+    if x.device != device:
+        raise RuntimeError(f"{fn}: {name} must be on the device of q ({device}), got {x.device}")
+
+
+def _check_cache_leftpad_values(fn, cache_leftpad, cache_seqlens):
+    """The values of readable (CPU) cache_leftpad: each sequence's first row within its length."""
+    bad = ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).nonzero()
+    if bad.numel():
+        b = bad[0, 0].item()
+        raise ValueError(f"{fn}: cache_leftpad[{b}] = {cache_leftpad[b].item()} is out of range: it must be in "
+                         f"[0, cache_seqlens[{b}] = {cache_seqlens[b].item()}] (sequence {b}'s keys are cache rows "
+                         f"cache_leftpad[{b}] .. cache_seqlens[{b}] + Nnew - 1)")
 
 
 def _check_cache_seqlens(fn, cache_seqlens, capacity, n_new):
@@ -959,16 +990,19 @@ def _check_cache_seqlens(fn, cache_seqlens, capacity, n_new):
                              f"[0, {capacity - n_new}] for a cache of {capacity} keys per sequence{room}")
 
 
-def _check_pages(fn, block_table, cache_seqlens, n_new, page_size, num_pages):
+def _check_pages(fn, block_table, cache_seqlens, n_new, page_size, num_pages, cache_leftpad=None):
     """CPU values of a paged call (tensor ops: a Python loop over B x pages took 160 us at 8 x 256):
-    every entry a sequence uses (its first cache_seqlens[b] + Nnew keys) inside the pool, and no
-    page the new keys are written into reached by another used entry, of the same sequence or
-    another (the append would overwrite keys in use; on a GPU, race). Pages only read may be shared
-    (a common prefix). Each message names the first offending entry in row-major order."""
+    every entry a sequence uses (rows cache_leftpad[b] (0 without it) .. cache_seqlens[b] + Nnew;
+    pages only a left pad covers are never read) inside the pool, and no page the new keys are
+    written into reached by another used entry, of the same sequence or another (the append would
+    overwrite keys in use; on a GPU, race). Pages only read may be shared (a common prefix). Each
+    message names the first offending entry in row-major order."""
     table = block_table.long()
     entries = torch.arange(table.shape[1])
     lengths = cache_seqlens.long()[:, None]
     used = entries * page_size < lengths + n_new  # (B, pages per sequence)
+    if cache_leftpad is not None:
+        used &= (entries + 1) * page_size > cache_leftpad.long()[:, None]
     outside = used & ((table < 0) | (table >= num_pages))
     if outside.any():
         b, i = outside.nonzero()[0].tolist()

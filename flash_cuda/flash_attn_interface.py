@@ -21,8 +21,8 @@ Every argument is honoured or rejected with an exception naming it:
   the boolean mask. Without dropout S_dmask is None and nothing is materialised, as in
   FlashAttention (callers that want only softmax_lse, e.g. to merge blocks, pay nothing more).
 - flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
-  split-KV); its rotary_cos/rotary_sin (applied to q and k before the call), cache_batch_idx and
-  cache_leftpad (a paged call on the same memory) as in FlashAttention-2, see its docstring.
+  split-KV); its rotary_cos/rotary_sin (applied to q and k before the call), cache_batch_idx (a
+  paged call on the same memory) and cache_leftpad as in FlashAttention-2, see its docstring.
   flash_attn_varlen_func's block_table (paged keys for packed sequences) gathers the keys into
   packed tensors before the call (a copy).
 - Arguments are read as FlashAttention's bindings read them: flags also as numpy bools or ints
@@ -36,8 +36,8 @@ import re
 
 import torch
 
-from .api import (_INT32_MAX, _cache_seqlens, _check_cache_seqlens, _check_window, _index, _is_int, _plain, _readable,
-                  _shape, _type_name, attention, attention_with_kvcache, varlen_attention)
+from .api import (_INT32_MAX, _cache_seqlens, _check_cache_seqlens, _check_int32_rows, _check_window, _index, _is_int,
+                  _plain, _readable, _shape, _type_name, attention, attention_with_kvcache, varlen_attention)
 
 
 def _window(fn, window_size, seqlen_k):
@@ -379,83 +379,21 @@ def _check_rotary(fn, q, k, rotary_cos, rotary_sin, seqlen_k):
                          f"{_shape(rotary_sin)}")
 
 
-def _check_cache_index(fn, name, x, B, device):
-    """cache_batch_idx or cache_leftpad: an int32 (batch,) tensor on q's device."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be an int32 tensor (batch,) or None, got {_type_name(x)}")
-    if x.layout != torch.strided or x.is_nested:
-        raise TypeError(f"{fn}: {name} must be a strided (dense) tensor, got layout {x.layout}")
-    if x.dtype != torch.int32:
-        raise TypeError(f"{fn}: {name} must be int32, got {x.dtype}")
-    if _shape(x) != (B,):
-        raise ValueError(f"{fn}: {name} must have shape (batch,) = ({B},), got {_shape(x)}")
-    if x.device != device:
-        raise RuntimeError(f"{fn}: {name} must be on the device of q ({device}), got {x.device}")
-
-
-def _row_pages(fn, k_cache, v_cache):
-    """The (batch_c, seqlen_cache, nheads_k, headdim) caches as pools of one-row pages in
-    FlashAttention's paged layout (pages, 1, nheads_k, headdim), page b R + n holding row n of batch
-    b, R = stride(0) / stride(1) (the seqlen of the memory the caches are rows of). A row's heads
-    must lie within its stride, so that no two pages share memory."""
-    Bc, cap, hkv, D = k_cache.shape
-    strides = k_cache.stride()
-    rows = strides[0] // strides[1] if Bc > 1 and strides[1] else cap
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        s0, s1, s2, _ = x.stride()
-        if s1 <= 0 or (hkv - 1) * s2 + D > s1 or (Bc > 1 and s0 != rows * s1) or rows < cap:
-            raise ValueError(f"{fn}: cache_leftpad needs k_cache and v_cache whose positions are rows: stride(1) "
-                             "at least the span of a position's heads, stride(0) a multiple of it, the same in both "
-                             f"(a (batch, seqlen, nheads_k, headdim) tensor or a slice of one), got {name} strides "
-                             f"{tuple(x.stride())} (k_cache's {tuple(strides)}) for shape {_shape(x)}")
-    pages = (Bc - 1) * rows + cap
-    if pages > _INT32_MAX:
-        raise ValueError(f"{fn}: cache_leftpad indexes cache rows with int32: the caches' {pages} rows are too many")
-    pool = [x.as_strided((pages, 1, hkv, D), (x.stride(1), x.stride(1), x.stride(2), x.stride(3)))
-            for x in (k_cache, v_cache)]
-    return pool[0], pool[1], rows
-
-
-def _check_cache_index_values(fn, k_cache, cache_seqlens, n_new, cache_batch_idx, cache_leftpad):
-    """CPU values of cache_batch_idx (each a batch of the cache; no two sequences that append
-    sharing one) and cache_leftpad (within each sequence's length)."""
-    if cache_batch_idx is not None and _readable(cache_batch_idx):
-        idx, seen = cache_batch_idx.tolist(), {}
-        for b, i in enumerate(idx):
-            if not 0 <= i < k_cache.shape[0]:
-                raise ValueError(f"{fn}: cache_batch_idx[{b}] = {i} is out of range: it must index the "
-                                 f"{k_cache.shape[0]} sequences of k_cache (dim 0)")
-            if n_new and i in seen:
-                raise ValueError(f"{fn}: cache_batch_idx[{seen[i]}] = cache_batch_idx[{b}] = {i}: both sequences "
-                                 "would append their new keys to one cache; give each sequence that appends a "
-                                 "cache of its own")
-            seen[i] = b
-    if cache_leftpad is not None and _readable(cache_leftpad) and _readable(cache_seqlens):
-        lengths = cache_seqlens.tolist()
-        for b, pad in enumerate(cache_leftpad.tolist()):
-            if not 0 <= pad <= lengths[b]:
-                raise ValueError(f"{fn}: cache_leftpad[{b}] = {pad} is out of range: it must be in "
-                                 f"[0, cache_seqlens[{b}] = {lengths[b]}]")
-
-
-def _indexed_cache(fn, k_cache, v_cache, cache_seqlens, cache_batch_idx, cache_leftpad):
-    """cache_batch_idx and cache_leftpad as a paged call on the same memory (no copy, the append in
-    place): sequence b reads batch cache_batch_idx[b] of the cache (b without it) from row
-    cache_leftpad[b] (0 without it) up to cache_seqlens[b], and appends at cache_seqlens[b].
-    Without left padding a page is a whole batch of the cache (the block table one column of
-    batch indices); with it a page is one row (a (batch, seqlen_cache) table built on q's
-    device). Returns the two pools (caller's layout), the table and the lengths from the left pad.
-    Table entries stay inside the rows of their batch (and the kernels clamp to the pool), so
-    wrong CUDA values give wrong results, never an access outside the caches."""
-    Bc, cap = k_cache.shape[:2]
-    if cache_leftpad is None:  # (a contiguous cache is a pool of batch_c pages of seqlen_cache rows)
-        return k_cache, v_cache, cache_batch_idx[:, None], cache_seqlens
-    pool_k, pool_v, rows = _row_pages(fn, k_cache, v_cache)
-    B = cache_seqlens.shape[0]
-    seq = torch.arange(B, device=k_cache.device) if cache_batch_idx is None else cache_batch_idx.long()
-    first = seq.clamp(0, Bc - 1)[:, None] * rows  # each batch's first row, its entries kept within its rows
-    table = first + (cache_leftpad.long()[:, None] + torch.arange(cap, device=k_cache.device)).clamp(0, cap - 1)
-    return pool_k, pool_v, table.to(torch.int32), cache_seqlens - cache_leftpad
+def _check_cache_batch_idx_values(fn, k_cache, n_new, cache_batch_idx):
+    """CPU values of cache_batch_idx: each a batch of the cache, no two sequences that append
+    sharing one."""
+    if not _readable(cache_batch_idx):
+        return
+    seen = {}
+    for b, i in enumerate(cache_batch_idx.tolist()):
+        if not 0 <= i < k_cache.shape[0]:
+            raise ValueError(f"{fn}: cache_batch_idx[{b}] = {i} is out of range: it must index the "
+                             f"{k_cache.shape[0]} sequences of k_cache (dim 0)")
+        if n_new and i in seen:
+            raise ValueError(f"{fn}: cache_batch_idx[{seen[i]}] = cache_batch_idx[{b}] = {i}: both sequences "
+                             "would append their new keys to one cache; give each sequence that appends a "
+                             "cache of its own")
+        seen[i] = b
 
 
 def _check_rotary_positions(fn, q, cache_seqlens, rows, local):
@@ -494,11 +432,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
       may differ from batch); sequences that append need distinct ones.
     - cache_leftpad int32 (batch,): sequence b's keys start at row cache_leftpad[b] of its cache
       (the rows before are padding); cache_seqlens[b] still counts from row 0, the new keys go to
-      row cache_seqlens[b], and masks and ALiBi count positions from the left pad. It runs as a
-      paged cache of one-row pages with a (batch, seqlen_cache) int32 table built per call: the
-      same memory, but slower than a plain cache (a table read per key row; on the CPU backend
-      about 1.5x at 8k keys), and only for caches whose positions are rows of their memory (a
-      (batch, seqlen, nheads_k, headdim) tensor or a slice of one, k_cache and v_cache alike).
+      row cache_seqlens[b], and masks and ALiBi count positions from the left pad (the kernels'
+      own argument, flash_cuda.attention_with_kvcache's cache_leftpad).
     - rotary_cos, rotary_sin (seqlen_ro >= the cache's seqlen, rotary_dim / 2) in q's dtype, with k
       and v: the rotary embedding of the first rotary_dim features of k (positions cache_seqlens[b]
       + i) before the append, and of q (the same positions when causal or local, else all at
@@ -521,9 +456,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_kvcache_shapes(fn, q, k_cache, v_cache, k, v, paged or cache_batch_idx is not None)
     B = q.shape[0]
     if cache_batch_idx is not None:
-        _check_cache_index(fn, "cache_batch_idx", cache_batch_idx, B, q.device)
+        _check_int32_rows(fn, "cache_batch_idx", cache_batch_idx, B, q.device, "an int32 tensor (batch,) or None",
+                          "batch")
     if cache_leftpad is not None:
-        _check_cache_index(fn, "cache_leftpad", cache_leftpad, B, q.device)
+        _check_int32_rows(fn, "cache_leftpad", cache_leftpad, B, q.device, "an int32 tensor (batch,) or None",
+                          "batch")
     # FlashAttention's kvcache call has no autograd: it reads tensors that require grad (q from a
     # trainable projection in a decode loop outside no_grad) as constants, and so does this one
     q, k_cache, v_cache, k, v, rotary_cos, rotary_sin = (
@@ -534,7 +471,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window = _window(fn, window_size, seqlen_k)
     softmax_scale, causal, _, alibi_slopes = _options(fn, softmax_scale, causal, False, alibi_slopes)
     rotary = rotary_cos is not None or rotary_sin is not None
-    indexed = cache_leftpad is not None or cache_batch_idx is not None
+    indexed = cache_batch_idx is not None
     if (rotary or indexed) and table_ok:
         n_new = 0 if k is None else k.shape[1]
         cache_seqlens = _cache_seqlens(fn, cache_seqlens, B, seqlen_k, n_new, q.device)
@@ -553,25 +490,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             q = _rotary(q, rotary_cos, rotary_sin, at(q.shape[1]) if local else at(1).expand(B, q.shape[1]),
                         rotary_interleaved)
             k = _rotary(k, rotary_cos, rotary_sin, at(n_new), rotary_interleaved)
-        if indexed:
-            _check_cache_index_values(fn, k_cache, cache_seqlens, n_new, cache_batch_idx, cache_leftpad)
+        if indexed:  # a paged call whose pages are the cache's batches: the same memory, the append in place
+            _check_cache_batch_idx_values(fn, k_cache, n_new, cache_batch_idx)
             if B == 0 or k_cache.shape[1] == 0:  # no key to read nor room to append: no pages needed
                 k_cache, v_cache = (x.new_empty((B,) + x.shape[1:]) for x in (k_cache, v_cache))
                 indexed = False
             else:
-                k_cache, v_cache, block_table, cache_seqlens = _indexed_cache(fn, k_cache, v_cache, cache_seqlens,
-                                                                              cache_batch_idx, cache_leftpad)
+                block_table = cache_batch_idx[:, None]
     t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
     try:
         out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
                                           block_table=block_table, causal=causal, scale=softmax_scale, window=window,
                                           softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
-                                          return_lse=True)
+                                          return_lse=True, cache_leftpad=cache_leftpad)
     except _CHECKED as err:
         err = _in_callers_terms(fn, err, _SCALE)
-        if indexed and type(err) in _CHECKED:  # (its shapes and strides are those of the pages)
-            err = type(err)(f"{err} (with cache_batch_idx or cache_leftpad, k_cache and v_cache are read as a paged "
-                            "pool: batches as pages, or rows as pages with cache_leftpad)")
+        if indexed and type(err) in _CHECKED and "cache_leftpad" not in str(err):  # (shapes and strides of the pages)
+            err = type(err)(f"{err} (with cache_batch_idx, k_cache and v_cache are read as a paged pool of the "
+                            "cache's batches)")
         raise err from None
     # (batch, seqlen_q, nheads, headdim) contiguous, as FlashAttention returns it (callers view it as
     # (batch, seqlen_q, nheads * headdim)); a copy only where seqlen_q > 1

@@ -432,9 +432,9 @@ torch.library.register_vmap("flash_cuda::dropout_mask", _dropout_mask_vmap)
 
 @torch.library.register_fake("flash_cuda::kvcache_fwd")
 def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window_left=-1,
-                      window_right=-1, softcap=0.0, alibi_slopes=None, num_splits=0):
+                      window_right=-1, softcap=0.0, alibi_slopes=None, num_splits=0, cache_leftpad=None):
     _on_device_of(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
-                  alibi_slopes=alibi_slopes)
+                  alibi_slopes=alibi_slopes, cache_leftpad=cache_leftpad)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse

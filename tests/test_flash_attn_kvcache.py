@@ -216,7 +216,7 @@ def test_the_draws_cover_every_feature():
 @pytest.mark.parametrize("seed", range(10))
 def test_emulated_kernels_against_the_reference(seed):
     """The same through the CUDA kernels in the emulator (fp16/bf16): a cache indexed by batch runs
-    the paged kernels with one page per batch, one with a left pad with one-row pages."""
+    the paged kernels with one page per batch; a left pad is the kernels' row offset."""
     check_case(1000 + seed, dtypes=(torch.float16, torch.bfloat16), emulated=True)
 
 
@@ -402,17 +402,24 @@ def test_windows_as_flash_attention_hands_them_to_its_kernels():
 
 
 def test_leftpad_with_a_cache_whose_heads_are_outside_its_rows():
-    """A cache whose memory is (batch, nheads_k, seqlen, headdim) (a transposed view) has no rows to
-    page: the error says what cache_leftpad needs; cache_batch_idx alone works on it."""
-    kc, vc = (torch.randn(2, 2, 8, 16).transpose(1, 2) for _ in range(2))
-    q = torch.randn(2, 1, 2, 16)
-    with pytest.raises(ValueError, match=r"^flash_attn_with_kvcache: cache_leftpad needs k_cache and v_cache whose "
-                                         r"positions are rows"):
-        fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, cache_leftpad=torch.tensor([1, 0], dtype=torch.int32))
-    idx = torch.tensor([1, 0], dtype=torch.int32)
-    out = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, cache_batch_idx=idx)
-    want = fa.flash_attn_with_kvcache(q, kc[[1, 0]], vc[[1, 0]], cache_seqlens=4)
-    assert torch.equal(out, want)
+    """A cache whose memory is (batch, nheads_k, seqlen, headdim) (a transposed view): cache_leftpad
+    is the kernels' own argument, so any strides work (until 2026-12-06 it ran as a paged call of
+    one-row pages and refused this layout), alone and with cache_batch_idx; the append in place."""
+    g = torch.Generator().manual_seed(3)
+    kc, vc = (torch.randn(2, 2, 8, 16, generator=g).transpose(1, 2) for _ in range(2))
+    q, k, v = (torch.randn(2, 1, 2, 16, generator=g) for _ in range(3))
+    pad, lens = torch.tensor([1, 0], dtype=torch.int32), torch.tensor([4, 6], dtype=torch.int32)
+    for idx in (None, torch.tensor([1, 0], dtype=torch.int32)):
+        k1, v1 = kc.clone(), vc.clone()
+        out = fa.flash_attn_with_kvcache(q, k1, v1, k, v, cache_seqlens=lens, cache_leftpad=pad, cache_batch_idx=idx)
+        rows = [0, 1] if idx is None else idx.tolist()
+        for b in range(2):
+            n, p = int(lens[b]), int(pad[b])
+            assert torch.equal(k1[rows[b], n], k[b, 0]) and torch.equal(v1[rows[b], n], v[b, 0])
+            keys, vals = k1[rows[b], p:n + 1], v1[rows[b], p:n + 1]
+            ref = torch.softmax(torch.einsum("hd,nhd->hn", q[b, 0].double(), keys.double()) / 4, -1)
+            ref = torch.einsum("hn,nhd->hd", ref, vals.double())
+            torch.testing.assert_close(out[b, 0].double(), ref, atol=1e-5, rtol=0)
 
 
 def bad(**over):

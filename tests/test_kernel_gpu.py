@@ -326,8 +326,8 @@ def test_dropout_under_cuda_graph_capture(dev):
 @pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged256"])
 def test_kvcache_vs_reference(dev, dtype, D, layout, capacity=700):
     """attention_with_kvcache: every KV-cache instantiation, decoding (GQA packed, split chosen
-    by the device and forced to 3) and a causal 5-token step with ALiBi (heads apart), the append
-    bitwise (tests/test_kvcache.py's run_case, tensors on `dev`)."""
+    by the device and forced to 3), a causal 5-token step with ALiBi (heads apart) and a step of
+    left-padded sequences, the append bitwise (tests/test_kvcache.py's run_case, tensors on `dev`)."""
     import test_kvcache as kv
     ps = {"contiguous": None, "paged16": 16, "paged256": 256}[layout]
     for splits in (0, 3):
@@ -335,6 +335,9 @@ def test_kvcache_vs_reference(dev, dtype, D, layout, capacity=700):
                     num_splits=splits, dev=dev)
     kv.run_case(dtype, B=3, hq=8, hkv=2, nq=5, n_new=5, D=D, capacity=capacity, page_size=ps, causal=True,
                 alibi_slopes=torch.rand(8) * 0.2, dev=dev)
+    kv.run_case(dtype, B=3, hq=8, hkv=2, nq=2, n_new=1, D=D, capacity=capacity, page_size=ps, causal=True,
+                seqlens=[0, capacity // 2, capacity - 1], leftpad=[0, capacity // 2, capacity // 5], num_splits=3,
+                dev=dev)
 
 
 def test_kvcache_common_call_skips_the_python_checks(dev, monkeypatch):
@@ -380,3 +383,9 @@ def test_kvcache_wrong_lengths_stay_in_bounds(dev):
                                            table, 0.125, True)[0]
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
+    for pad in ([7, 2 ** 30], [-(2 ** 30), 3]):  # left pads past the lengths, negative: clamped too
+        out = torch.ops.flash_cuda.kvcache_fwd(q, kc, vc, None, None, torch.tensor([5, 900], dtype=torch.int32,
+                                                                                   device=dev), table, 0.125, True,
+                                               cache_leftpad=torch.tensor(pad, dtype=torch.int32, device=dev))[0]
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()

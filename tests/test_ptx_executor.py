@@ -755,6 +755,41 @@ def test_one_key_rows_get_exact_gradients(dtype, D, deterministic, order):
 
 
 @needs_ptx
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_kernels_with_leftpad(paged):
+    """cache_leftpad (each sequence's keys from its pad): the shipped PTX against the source
+    executor and the float64 reference, split-KV, causal."""
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, N, bs, D = 2, 4, 2, 96, 16, 64
+    q = torch.randn(B, Hq, 3, D, generator=g).half()
+    kn, vn = (torch.randn(B, Hkv, 1, D, generator=g).half() for _ in range(2))
+    if paged:
+        kc0, vc0 = (torch.randn(B * N // bs, Hkv, bs, D, generator=g).half() for _ in range(2))
+        table = torch.randperm(B * N // bs, generator=g).to(torch.int32).view(B, N // bs)
+    else:
+        kc0, vc0 = (torch.randn(B, Hkv, N, D, generator=g).half() for _ in range(2))
+        table = None
+    lens, pad = torch.tensor([50, 90], dtype=torch.int32), torch.tensor([13, 70], dtype=torch.int32)
+    results = []
+    for executor in ("ptx", "source"):
+        kc, vc = kc0.clone(), vc0.clone()
+        with emulate(executor=executor) as emu:
+            out = flash_cuda.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table,
+                                                    cache_leftpad=pad, causal=True, num_splits=2)
+        assert all(r["errors"] == [] for r in emu.launches)
+        results.append((out, kc, vc))
+    assert_agree(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+    out, kc, vc = results[0]
+    for b in range(B):
+        n, p = int(lens[b]) + 1, int(pad[b])
+        keys, vals = ((torch.cat([x[i] for i in table[b]], dim=1) if paged else x[b])[:, p:n][None] for x in (kc, vc))
+        ref, _ = attention_ref(q[b:b + 1], keys, vals, causal=True)
+        plain, _ = attention_ref(q[b:b + 1], keys, vals, causal=True, dtype=torch.float16)
+        assert_fa_rule("out", out[b:b + 1], plain, ref, 2)
+
+
+@needs_ptx
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_kvcache_kernels(D, dtype):

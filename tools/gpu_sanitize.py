@@ -67,8 +67,8 @@ def run_varlen(dev, D, dtype, lens_q=(17, 0, 113, 1), lens_k=(20, 5, 0, 9)):
 def run_kvcache(dev, D, dtype):
     """KV cache: a paged pool (page size 16, pages shuffled) and a contiguous cache, appends, split
     and unsplit, decoding (GQA packed) and a causal 5-token step; then lengths past the capacity,
-    negative ones and table entries past the pool, which the kernels must clamp (direct op calls:
-    the Python API would reject them)."""
+    negative ones, table entries past the pool and left pads past the lengths or negative, which
+    the kernels must clamp (direct op calls: the Python API would reject them)."""
     g = torch.Generator(device=dev).manual_seed(D)
     mk = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=g)  # noqa: E731
     kp, vp = mk(13, 2, 16, D), mk(13, 2, 16, D)
@@ -80,12 +80,20 @@ def run_kvcache(dev, D, dtype):
         flash_cuda.attention_with_kvcache(q, kp, vp, k, v, cache_seqlens=seqlens, block_table=table, causal=True,
                                           num_splits=splits)
         flash_cuda.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, causal=True, num_splits=splits)
+        pad = torch.tensor([0, 5, 61 - nq], dtype=torch.int32, device=dev)  # left pads: none, some, all
+        flash_cuda.attention_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table, cache_leftpad=pad,
+                                          causal=True, num_splits=splits)
+        flash_cuda.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens, cache_leftpad=pad, num_splits=splits)
     bad_table = table.clone()
     bad_table[1, 1], bad_table[2, 0] = 1000, -3
     bad_lengths = torch.tensor([-5, 70, 2 ** 30], dtype=torch.int32, device=dev)
     q, k, v = mk(3, 4, 1, D), mk(3, 2, 1, D), mk(3, 2, 1, D)
     torch.ops.flash_cuda.kvcache_fwd(q, kp, vp, k, v, bad_lengths, bad_table, 0.1, True, num_splits=2)
     torch.ops.flash_cuda.kvcache_fwd(q, kc, vc, k, v, bad_lengths, None, 0.1, False)
+    bad_pads = torch.tensor([7, -(2 ** 30), 2 ** 30], dtype=torch.int32, device=dev)  # left pads clamped too
+    torch.ops.flash_cuda.kvcache_fwd(q, kp, vp, None, None, bad_lengths, bad_table, 0.1, True, num_splits=2,
+                                     cache_leftpad=bad_pads)
+    torch.ops.flash_cuda.kvcache_fwd(q, kc, vc, None, None, bad_lengths, None, 0.1, False, cache_leftpad=bad_pads)
 
 
 def main():

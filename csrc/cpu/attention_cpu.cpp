@@ -805,7 +805,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const AttnOptions& opt) {
   if (takes_kvcache_loop(q, k, opt)) {
     // its out is contiguous: returned as is where that is the tiled loop's layout (below), else copied
-    auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0);
+    auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), {}, std::nullopt, opt, 0);
     if (q.stride(3) != 1 || q.strides() == o.strides()) return {o, l};
     return {at::empty_like(q).copy_(o), l};
   }
@@ -854,7 +854,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   if (takes_kvcache_loop(q, k, opt) && (t == at::kFloat || t == at::kDouble ||
                                         any_beyond(lse.contiguous().data_ptr<float>(), lse.numel(), 4096.0f))) {
     const at::Tensor own_lse =
-        std::get<1>(kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), std::nullopt, opt, 0));
+        std::get<1>(kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), {}, std::nullopt, opt, 0));
     if (at::equal(own_lse, lse)) std::tie(out_t, lse_t) = tiled_fwd(q, k, v, opt);
   }
   at::Tensor delta = dout.scalar_type() == out_t.scalar_type() ? row_dots(dout, out_t, acc)

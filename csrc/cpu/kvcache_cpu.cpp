@@ -114,39 +114,47 @@ at::Tensor scaled_rows(const at::Tensor& q, acc_t scale) {
 }
 
 // Where the rows of a cache lie: its base, element strides (batch or page, kv head, row) and
-// block table (nullptr: contiguous, [B][Hkv][capacity][D]; else a pool of pages). A tile staged
-// contiguous (stage_rows) is a cache of one sequence and head whose row `origin` is at base.
+// block table (nullptr: contiguous, [B][Hkv][capacity][D]; else a pool of pages). Key r of
+// sequence b is row r of its cache, or with a left pad row first[b] + r (through the table when
+// paged). A tile staged contiguous (stage_rows) is a cache of one sequence and head whose key
+// `origin` is at base.
 struct CacheRows {
   const char* base;
   at::ScalarType dtype;
   int64_t elem, s0, s1, row_stride, D;
   const int32_t* table = nullptr;
   int64_t table_stride = 0, page_size = 0, origin = 0;
-  CacheRows(const at::Tensor& cache, const int32_t* table_ptr, int64_t table_stride_)
+  const int64_t* first = nullptr;
+  CacheRows(const at::Tensor& cache, const int32_t* table_ptr, int64_t table_stride_, const int64_t* first_)
       : base(static_cast<const char*>(cache.data_ptr())), dtype(cache.scalar_type()), elem(cache.element_size()),
         s0(cache.stride(0)), s1(cache.stride(1)), row_stride(cache.stride(2)), D(cache.size(3)), table(table_ptr),
-        table_stride(table_stride_), page_size(cache.size(2)) {}
-  CacheRows(const char* tile, const CacheRows& of, int64_t first_row)
-      : base(tile), dtype(of.dtype), elem(of.elem), s0(0), s1(0), row_stride(of.D), D(of.D), origin(first_row) {}
+        table_stride(table_stride_), page_size(cache.size(2)), first(first_) {}
+  CacheRows(const char* tile, const CacheRows& of, int64_t first_key)
+      : base(tile), dtype(of.dtype), elem(of.elem), s0(0), s1(0), row_stride(of.D), D(of.D), origin(first_key) {}
+  // the row of key r of sequence b in its cache (paged: the logical row, page by page)
+  int64_t row(int64_t b, int64_t r) const { return r - origin + (first ? first[b] : 0); }
+  // the element offset of key r of sequence b, kv head h, in a contiguous cache or staged tile
+  int64_t contiguous_offset(int64_t b, int64_t h, int64_t r) const { return b * s0 + h * s1 + row(b, r) * row_stride; }
 };
 
-// Calls fn(row offset, first row, count) for the runs of rows [r0, r1) of sequence b's cache
-// (kv head h) that are contiguous in memory: one run, or one per page when paged.
+// Calls fn(element offset, first key, count) for the runs of keys [r0, r1) of sequence b's cache
+// (kv head h) whose rows are contiguous in memory: one run, or one per page when paged. (Keys,
+// here and below: key r is cache row r, or first[b] + r with a left pad: CacheRows::row.)
 template <typename Fn>
 void for_each_run(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int64_t r1, Fn fn) {
   if (c.table == nullptr) {
-    fn(b * c.s0 + h * c.s1 + (r0 - c.origin) * c.row_stride, r0, r1 - r0);
+    fn(c.contiguous_offset(b, h, r0), r0, r1 - r0);
     return;
   }
   for (int64_t r = r0; r < r1;) {
-    const int64_t page = c.table[b * c.table_stride + r / c.page_size], off = r % c.page_size;
+    const int64_t row = c.row(b, r), page = c.table[b * c.table_stride + row / c.page_size], off = row % c.page_size;
     const int64_t n = std::min(r1 - r, c.page_size - off);
     fn(page * c.s0 + h * c.s1 + off * c.row_stride, r, n);
     r += n;
   }
 }
 
-// Rows [r0, r1) of sequence b's cache (kv head h) as an acc_t (rows, D) tile: a view of
+// Keys [r0, r1) of sequence b's cache (kv head h) as an acc_t (keys, D) tile: a view of
 // contiguous rows already in acc_t, else gathered (run by run) and converted into buf.
 at::Tensor gather_rows(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int64_t r1, const at::Tensor& buf) {
   const auto run = [&](int64_t off, int64_t n) {
@@ -154,33 +162,33 @@ at::Tensor gather_rows(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int
                          buf.options().dtype(c.dtype));
   };
   if (c.table == nullptr)
-    return load_rows(run(b * c.s0 + h * c.s1 + (r0 - c.origin) * c.row_stride, r1 - r0), 0, r1 - r0, buf);
+    return load_rows(run(c.contiguous_offset(b, h, r0), r1 - r0), 0, r1 - r0, buf);
   for_each_run(c, b, h, r0, r1, [&](int64_t off, int64_t r, int64_t n) {
     buf.slice(0, r - r0, r - r0 + n).copy_(run(off, n));
   });
   return buf.slice(0, 0, r1 - r0);
 }
 
-// The first run of rows [r0, r1) (r0 <= r1) of sequence b's cache (kv head h), as rows to fetch
+// The first run of keys [r0, r1) (r0 <= r1) of sequence b's cache (kv head h), as rows to fetch
 // ahead (prefetch.h): decoding's next tile of key rows, fetched while this tile's values are used.
 RowsAhead first_run(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int64_t r1) {
   if (r0 >= r1) return {};
-  int64_t off = b * c.s0 + h * c.s1 + (r0 - c.origin) * c.row_stride, n = r1 - r0;
+  int64_t off = c.contiguous_offset(b, h, r0), n = r1 - r0;
   if (c.table != nullptr) {
-    const int64_t page = c.table[b * c.table_stride + r0 / c.page_size], row = r0 % c.page_size;
+    const int64_t page = c.table[b * c.table_stride + c.row(b, r0) / c.page_size], row = c.row(b, r0) % c.page_size;
     off = page * c.s0 + h * c.s1 + row * c.row_stride;
     n = std::min(n, c.page_size - row);
   }
   return {c.base + off * c.elem, c.row_stride * c.elem, n, c.D * c.elem};
 }
 
-// Rows [r0, r1) of sequence b's cache (kv head h) copied into dst, (r1 - r0, D) contiguous, the
-// rows up to kStageAhead ahead of each run (to fetch_end at most: the item's next tile too)
+// Keys [r0, r1) of sequence b's cache (kv head h) copied into dst, (r1 - r0, D) contiguous, the
+// keys up to kStageAhead ahead of each run (to fetch_end at most: the item's next tile too)
 // fetched into L2 first: the runs of a paged cache lie apart, where the hardware's fetches ahead
 // stop.
 void stage_rows(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int64_t r1, int64_t fetch_end, char* dst) {
   const int64_t row_bytes = c.D * c.elem;
-  int64_t fetched = r0;  // rows [r0, fetched) requested
+  int64_t fetched = r0;  // keys [r0, fetched) requested
   for_each_run(c, b, h, r0, r1, [&](int64_t off, int64_t r, int64_t n) {
     for (const int64_t want = std::min(r + n + kStageAhead, fetch_end); fetched < want;) {
       const RowsAhead run = first_run(c, b, h, fetched, want);
@@ -264,7 +272,8 @@ void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, in
 // the exponent (the caller then runs it again prescaled).
 template <typename in_t>
 bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const std::vector<int64_t>& n_keys, const std::optional<at::Tensor>& block_table,
+                  const std::vector<int64_t>& n_keys, const std::vector<int64_t>& first_keys,
+                  const std::optional<at::Tensor>& block_table,
                   const AttnOptions& opt, int64_t splits, bool prescale, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<in_t>;
   constexpr bool native = !std::is_same_v<in_t, acc_t>;
@@ -423,7 +432,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // pool's pages shuffled; medians of interleaved runs of separate builds, this VM's speed drifting
   // up to 20% between runs) against the runs read in place: pages of 16 rows 1.1x-1.6x faster
   // (bf16 Nq = 1 14.4 -> 11.8 ms, a contiguous cache 6.1; fp32 Nq = 4 1.0x-1.1x), pages of one row
-  // (flash_attn_with_kvcache's cache_leftpad) 2.5x-6x (bf16 Nq = 1 83 -> 20 ms); pages of 32 to 63
+  // (flash_attn_with_kvcache's cache_leftpad then) 2.5x-6x (bf16 Nq = 1 83 -> 20 ms); pages of 32 to 63
   // rows staged were 5%-15% faster at Nq = 1 (fp32, bf16; fp16 even) but 5%-33% slower at Nq = 4
   // (16 rows a kv group, whose kernels stream a run's rows themselves), hence 32; fetching 64 rows
   // ahead during the staging against the next run alone 1.0x-1.2x, 256 no better than 64.
@@ -440,7 +449,8 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     if (!gathered) return Scratch{std::move(buffers), b, at::Tensor(), at::Tensor()};
     return Scratch{std::move(buffers), b, at::empty({kBc, D}, acc_opts), at::empty({kBc, D}, acc_opts)};
   };
-  const CacheRows k_rows(k_cache, table_ptr, table_stride), v_rows(v_cache, table_ptr, table_stride);
+  const int64_t* first = first_keys.empty() ? nullptr : first_keys.data();
+  const CacheRows k_rows(k_cache, table_ptr, table_stride, first), v_rows(v_cache, table_ptr, table_stride, first);
   const int64_t elem = k_cache.element_size();
   parallel_items(B * Hkv * splits, make_scratch, [&](int64_t item, Scratch& t) {
     const int64_t split = item % splits, bh = item / splits, b = bh / Hkv, hkv = bh % Hkv;
@@ -722,6 +732,7 @@ void kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::T
 
 std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const std::vector<int64_t>& n_keys,
+                                               const std::vector<int64_t>& first_keys,
                                                const std::optional<at::Tensor>& block_table, const AttnOptions& opt,
                                                int64_t num_splits) {
   const auto acc = at::toOpMathType(q.scalar_type());
@@ -737,8 +748,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   num_splits = std::min(num_splits, std::max<int64_t>(1, ceil_div(longest, kBc)));
   with_gemm_type(q.scalar_type(), [&](auto in) {
     using T = decltype(in);
-    if (kvcache_impl<T>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, false, out, lse))
-      kvcache_impl<T>(q, k_cache, v_cache, n_keys, block_table, opt, num_splits, true, out, lse);
+    if (kvcache_impl<T>(q, k_cache, v_cache, n_keys, first_keys, block_table, opt, num_splits, false, out, lse))
+      kvcache_impl<T>(q, k_cache, v_cache, n_keys, first_keys, block_table, opt, num_splits, true, out, lse);
   });
   return {out, lse};
 }

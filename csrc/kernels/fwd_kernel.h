@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   // kCache: blockIdx.x runs over (query tile, key split) pairs, the splits of a tile adjacent
   const int m_block = kCache ? blockIdx.x / params.cache.num_splits : blockIdx.x;
   const int head = blockIdx.y, batch = blockIdx.z;
-  const FwdParams& p = for_sequence<kVarlen, true>(params, batch);  // packed batches: this block's sequence (volatile loads: traits.h)
+  const FwdParams& p = for_sequence<kVarlen, true, kCache>(params, batch);  // packed batches: this block's sequence (volatile loads: traits.h)
   const int m0 = m_block * kBlockM;
   if (kVarlen && m0 >= p.nq) return;  // past a packed sequence's end
   const int kv_head = head / (p.hq / p.hkv);  // GQA: query heads share kv heads in groups
@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   auto load_kv = [&](U* s_tile, const TensorRef& t, const U* g_head, int n0) {
     if constexpr (kCache) {
       static_assert(!Kt::kTf32, "KV caches hold 16-bit values");
-      load_cache_tile<KVLayout, kThreads>(s_tile, t, p.cache, batch, kv_head, n0, p.nk, p.d);
+      const int first = cache_first_row<false>(params, batch);  // (a left pad: key n is cache row first + n)
+      load_cache_tile<KVLayout, kThreads>(s_tile, t, p.cache, batch, kv_head, first + n0, first + p.nk, p.d);
     } else {
       kv_stage.load(s_tile, g_head, t.row_stride * kUnits, n0, p.nk, d_units);
     }
@@ -302,7 +303,7 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_fwd_k
   // the compact configuration (sm_80/86; ptxas -v). The other variants keep theirs (reading
   // again spilled 168 bytes in the packed band forward at head dim 128, sm_80).
   constexpr bool kAgain = kVarlen && (kCache || kMod);
-  const auto& pe = narrowed_again<kAgain, kVarlen>(p, params, batch);
+  const auto& pe = narrowed_again<kAgain, kVarlen, kCache>(p, params, batch);
   if constexpr (kAgain) gO = o_rows(pe), gLse = lse_rows(pe);
   if (kCache && pe.cache.num_splits > 1) {  // a split's rows, normalised by its own sum, for the merge
     const int split = blockIdx.x % pe.cache.num_splits;

@@ -8,7 +8,8 @@
  * block_table[b][n / page_size]. Table entries are clamped to the pool (never validated on the
  * GPU, where that would need a synchronising copy): a wrong entry reads the wrong page, never
  * outside the pool. Any page size works; a key tile may span pages (vLLM's 16), so paged
- * tiles are gathered row by row.
+ * tiles are gathered row by row. With a left pad (cache_leftpad) a sequence's keys start at row
+ * cache_first_row of its cache, either layout (seqlen.h).
  *
  * Splits (Flash-Decoding). One query tile of a decoding step is a few rows: B x Hkv tiles
  * leave most SMs idle. The key tiles of a sequence are cut into num_splits ranges, one block
@@ -35,6 +36,7 @@ FC_DEVICE const T* cache_row(const TensorRef& t, const KvCache& c, int batch, in
 // Rows [row0, row0 + kRows) of a cached (batch, head) into a swizzled shared tile (load_tile's
 // contract: rows past n_rows and columns past d zero-filled). Contiguous caches take load_tile
 // itself; paged ones address each row through the table (chunks of one row share its lookup).
+// With a left pad the caller passes rows, not keys: row0 and n_rows both moved by the pad.
 template <class Layout, int kThreads, class T>
 FC_DEVICE void load_cache_tile(T* s_tile, const TensorRef& t, const KvCache& c, int batch, int head, int row0,
                                int n_rows, int d) {

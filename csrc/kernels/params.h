@@ -37,9 +37,11 @@ struct AttnShape {
   const int* cu_seqlens_k;
   int total_q, total_k;
   int q_row0, k_row0;  // this sequence's first query and key rows (seqlen.h); 0 for dense batches
-  // KV cache (attention_with_kvcache), else nullptr: sequence b of a dense batch attends to its
-  // first seqused_k[b] + seqused_k_add keys, clamped to [0, nk] (nk: the cache's capacity).
+  // KV cache (attention_with_kvcache), else nullptr: sequence b of a dense batch attends to rows
+  // [leftpad_k[b], seqused_k[b] + seqused_k_add) of its cache (leftpad_k nullptr: from row 0),
+  // clamped to [0, nk] (nk: the cache's capacity); FlashAttention-2's cache_leftpad.
   const int* seqused_k;
+  const int* leftpad_k;
   int seqused_k_add;
 };
 

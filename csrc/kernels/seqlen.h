@@ -10,8 +10,9 @@
  * the longest sequence (max_seqlen, not trusted either); blocks past their sequence's end exit
  * at once (their rows do not exist). Causal and windows are bottom-right aligned per sequence.
  *
- * A KV-cache launch (seqused_k, kv_cache.h) narrows the key count alone: sequence b attends to
- * the first seqused_k[b] + seqused_k_add keys of its cache, clamped to the capacity.
+ * A KV-cache launch (seqused_k, kv_cache.h) narrows the keys alone: sequence b attends to rows
+ * [leftpad_k[b], seqused_k[b] + seqused_k_add) of its cache, clamped to the capacity
+ * (cache_first_row: the first, which kv_cache.h adds to every cache row it reads).
  *
  * Only scalars change (lengths, diagonal offset, first rows): the pointers stay the params'
  * own and the first rows enter the addresses where they are formed (head_ptr,
@@ -43,11 +44,22 @@ FC_DEVICE int ld_boundary(const int* g_p) {
   else return ld_global(g_p);
 }
 
+// The cache row of sequence `batch`'s first key in a KV-cache launch: its left pad clamped to the
+// capacity (params.nk before narrowing), 0 without one. The kernel reads it again where it
+// addresses a key tile (kv_cache.h) rather than hold it through the loop: held, it took the sm_75
+// KV-cache kernel at head dim 256 from 40 to 60 bytes of spill stores (ptxas -v).
+template <bool kVolatile = true>
+FC_DEVICE int cache_first_row(const AttnShape& params, int batch) {
+  return params.leftpad_k == nullptr ? 0 : clamp_index(ld_boundary<kVolatile>(&params.leftpad_k[batch]), 0, params.nk);
+}
+
 // p narrowed to sequence `batch` of a packed batch; a dense batch's p as it is (kVarlen
 // instantiations take both: the emulator runs them for dense batches too). Without kVarlen it
 // returns p itself, not a copy: a copy of the whole struct costs the largest kernels spills.
-// Bind the result to a const reference (a copy's lifetime is extended).
-template <bool kVarlen, bool kVolatile = false, class P>
+// Bind the result to a const reference (a copy's lifetime is extended). kCache: the KV-cache
+// forward, the one kernel that reads a left pad (the others compile without it: its code in the
+// packed backward at head dims 64 and 256 made ptxas spill 4 to 16 bytes).
+template <bool kVarlen, bool kVolatile = false, bool kCache = false, class P>
 FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params, int batch) {
   if constexpr (!kVarlen) {
     return params;
@@ -55,8 +67,9 @@ FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params,
     P p = params;
     if (p.seqused_k != nullptr) {  // a KV cache: dense queries, this sequence's valid keys
       const int64_t used = int64_t(ld_boundary<kVolatile>(&p.seqused_k[batch])) + p.seqused_k_add;
-      p.nk = int(used < 0 ? 0 : (used > p.nk ? p.nk : used));
-      p.mask.offset = p.nk - p.nq;  // bottom-right, per sequence
+      const int first = kCache ? cache_first_row<kVolatile>(p, batch) : 0;
+      p.nk = int(used < first ? 0 : (used > p.nk ? p.nk - first : used - first));
+      p.mask.offset = p.nk - p.nq;  // bottom-right, per sequence (and ALiBi's origin)
       return p;
     }
     if (p.cu_seqlens_q == nullptr) return p;
@@ -76,9 +89,9 @@ FC_DEVICE std::conditional_t<kVarlen, P, const P&> for_sequence(const P& params,
 // The params for code after a long loop: p itself, or with kAgain the sequence narrowed again
 // from params (ld_boundary: new loads), so that nothing derived from the narrowing is held in
 // registers through the loop for that code.
-template <bool kAgain, bool kVarlen, class P>
+template <bool kAgain, bool kVarlen, bool kCache = false, class P>
 FC_DEVICE std::conditional_t<kAgain && kVarlen, P, const P&> narrowed_again(const P& p, const P& params, int batch) {
-  if constexpr (kAgain && kVarlen) return for_sequence<true, true>(params, batch);
+  if constexpr (kAgain && kVarlen) return for_sequence<true, true, kCache>(params, batch);
   else return p;
 }
 
