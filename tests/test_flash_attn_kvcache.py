@@ -184,6 +184,12 @@ _KNOWN_EXCESS = {
                                     "torch is 1.3e-4 off; bit for bit the FlashAttention algorithm in float64 "
                                     "with P rounded to fp16 before P V (2.6e-4 from exact attention on the "
                                     "rounded turned values)"),
+    6489: ("emulated CUDA kernels", "bf16, one query against the 4 keys it appends to an empty cache (batches as "
+                                    "pages), D 16, rotary, 3 splits asked: 1.03e-2 from float64 where plain bf16 "
+                                    "torch is 4.8e-3 off; every head's row bit for bit the FlashAttention "
+                                    "algorithm in float64 on the rounded turned values with P = exp(s - max) "
+                                    "rounded to bf16 before P V (its sum unrounded); found by a soak on "
+                                    "2026-12-07 (emulated seeds 5500-6499)"),
 }
 
 
