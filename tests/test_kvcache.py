@@ -1094,15 +1094,16 @@ def test_emulated(dtype, layout, nq, n_new, num_splits):
     assert all(l["errors"] == [] for l in emu.launches)
 
 
+@pytest.mark.parametrize("leftpad", [None, [0, 20, 100]], ids=["no_pad", "leftpad"])
 @pytest.mark.parametrize("order", ["reverse", "random"])
-def test_emulated_thread_orders(order):
+def test_emulated_thread_orders(order, leftpad):
     """The append, the split forward and the merge in other thread and block orders (race checker
-    on): the same result as the forward order, bit for bit."""
+    on), with and without left pads: the same result as the forward order, bit for bit."""
     outs = []
     for o in ("forward", order):
         with flash_cuda.emulate(order=o, seed=3, workers=2):
             outs.append(run_case(torch.float16, nq=4, n_new=4, D=64, capacity=200, page_size=16, num_splits=3,
-                                 causal=True))
+                                 causal=True, leftpad=leftpad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
