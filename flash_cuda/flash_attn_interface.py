@@ -504,7 +504,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                           softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
                                           return_lse=True, cache_leftpad=cache_leftpad)
     except _CHECKED as err:
-        err = _in_callers_terms(fn, err, _SCALE)
+        err = _in_callers_terms(fn, err, dict(_SCALE, Nnew="seqlen_new"))
         if indexed and type(err) in _CHECKED and "cache_leftpad" not in str(err):  # (shapes and strides of the pages)
             err = type(err)(f"{err} (with cache_batch_idx, k_cache and v_cache are read as a paged pool of the "
                             "cache's batches)")

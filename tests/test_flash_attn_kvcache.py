@@ -457,7 +457,8 @@ I32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     (dict(cache_batch_idx=I32(1)), ValueError, r"cache_batch_idx must have shape \(batch,\) = \(2,\), got \(1,\)"),
     (dict(cache_batch_idx=[1, 0]), TypeError, r"cache_batch_idx must be an int32 tensor \(batch,\) or None, got list"),
     (dict(cache_leftpad=I32(3, 0)), ValueError, r"cache_leftpad\[0\] = 3 is out of range: it must be in "
-                                                r"\[0, cache_seqlens\[0\] = 2\]"),
+                                                r"\[0, cache_seqlens\[0\] = 2\] \(sequence 0's keys are cache rows "
+                                                r"cache_leftpad\[0\] \.\. cache_seqlens\[0\] \+ seqlen_new - 1\)$"),
     (dict(cache_leftpad=I32(0, -1)), ValueError, r"cache_leftpad\[1\] = -1 is out of range"),
     (dict(cache_leftpad=I32(0, 1), cache_seqlens=I32(2, 8)), ValueError,
      r"cache_seqlens\[1\] = 8 is out of range: it must be in \[0, 7\] for a cache of 8 keys per sequence with room "
