@@ -45,10 +45,11 @@ FC_DEVICE int ld_boundary(const int* g_p) {
 }
 
 // The cache row of sequence `batch`'s first key in a KV-cache launch: its left pad clamped to the
-// capacity (params.nk before narrowing), 0 without one. The kernel reads it again where it
-// addresses a key tile (kv_cache.h) rather than hold it through the loop: held, it took the sm_75
-// KV-cache kernel at head dim 256 from 40 to 60 bytes of spill stores (ptxas -v).
-template <bool kVolatile = true>
+// capacity (params.nk before narrowing), 0 without one. The forward reads it again where it loads
+// a key tile and folds it into the tile's row arguments (fwd_kernel.h load_kv) rather than hold it
+// through the loop or add it to each row: held, it took the sm_75 KV-cache kernel at head dim 256
+// from 40 to 60 bytes of spill stores, added per row to 48 (ptxas -v); folded, 40 as before.
+template <bool kVolatile>
 FC_DEVICE int cache_first_row(const AttnShape& params, int batch) {
   return params.leftpad_k == nullptr ? 0 : clamp_index(ld_boundary<kVolatile>(&params.leftpad_k[batch]), 0, params.nk);
 }
