@@ -35,6 +35,16 @@ def skip_unless_supported(device, dtype):
         pytest.skip(f"the {device} kernels do not take {dtype}")
 
 
+def cpu_has(*flags):
+    """Whether this CPU's /proc/cpuinfo lists every one of flags (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return all(flag in line.split() for flag in flags)
+
+
 def load_script(folder, name):
     """<folder>/<name>.py of the repository as a module (benchmarks and examples are scripts, not
     packages), so a test can run its main() end to end."""

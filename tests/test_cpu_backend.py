@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import flash_cuda
+from conftest import cpu_has
 from reference import assert_close_fp, assert_fa_rule, attention_ref, saturation_terms
 
 LOW = (torch.bfloat16, torch.float16)
@@ -35,14 +36,6 @@ SHAPES = [  # B, Hq, Hkv, Nq, Nk, D, causal, window
 ]
 
 
-def has_cpu_flag(flag):
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in line.split() for line in f if line.startswith("flags"))
-    except OSError:
-        return False
-
-
 # "native" and "float": FLASH_CUDA_CPU_GEMM (fp16/bf16). The others force one GEMM for one dtype:
 # path -> (dtype, the CPU flag it needs, environment variable).
 CHOICES = {"onednn": (torch.bfloat16, None, "FLASH_CUDA_CPU_BF16_GEMM"),
@@ -54,7 +47,7 @@ PATHS = ["native", "float", "onednn", "dpbf16"]
 
 def set_path(monkeypatch, path, dtype):
     if path == "avx2":  # the decoding loop's AVX2 kernels (any dtype, in the float path)
-        if not all(has_cpu_flag(f) for f in ("avx2", "fma", "f16c")):
+        if not all(cpu_has(f) for f in ("avx2", "fma", "f16c")):
             pytest.skip("the AVX2 kernels need avx2, fma and f16c")
         monkeypatch.setenv("FLASH_CUDA_CPU_ROWS", "avx2")
         path = "float" if dtype != torch.float32 else "native"
@@ -62,7 +55,7 @@ def set_path(monkeypatch, path, dtype):
         want, flag, var = CHOICES[path]
         if dtype != want:
             pytest.skip(f"the {path} GEMM is a choice for {want} only")
-        if flag and not has_cpu_flag(flag):
+        if flag and not cpu_has(flag):
             pytest.skip(f"the {path} micro-kernel needs {flag}")
         monkeypatch.setenv(var, path)
         path = "native"
@@ -573,8 +566,8 @@ def test_exp2_versions_agree_bit_for_bit():
 
 def has_vector_rounding(dtype):
     """Whether rowops has an AVX-512 version of the rounding passes for `dtype` on this CPU."""
-    avx512 = all(has_cpu_flag(f) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
-    return avx512 and (dtype != "bfloat16" or has_cpu_flag("avx512_bf16"))
+    avx512 = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+    return avx512 and (dtype != "bfloat16" or cpu_has("avx512_bf16"))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -1017,7 +1010,7 @@ def test_operands_in_chunks(monkeypatch, poisoned_scratch, seed):
     if dtype in LOW:
         set_path(monkeypatch, rnd.choice(["native", "float"]), dtype)
     elif dtype == torch.float32:  # the BLAS or the AVX-512 micro-kernel (which transposes no operand)
-        monkeypatch.setenv("FLASH_CUDA_CPU_F32_GEMM", rnd.choice(["blas", "avx512"]) if has_cpu_flag("avx512bw")
+        monkeypatch.setenv("FLASH_CUDA_CPU_F32_GEMM", rnd.choice(["blas", "avx512"]) if cpu_has("avx512bw")
                            else "blas")
     B, Hkv, group = rnd.randint(1, 3), rnd.randint(1, 3), rnd.choice([1, 2, 3])
     Hkv += B * Hkv == 1  # at least two pairs to chunk

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flash_cuda
-from conftest import load_benchmark
+from conftest import cpu_has, load_benchmark
 from reference import assert_close_fp, assert_fa_rule, attention_ref
 
 FN = flash_cuda.attention_with_kvcache
@@ -158,15 +158,6 @@ def test_cpu_rows_per_group(dtype, layout, nq):
     tiles, over several key tiles and splits."""
     run_case(dtype, hq=8, hkv=2, nq=nq, n_new=1, D=40, capacity=1300, page_size=33 if layout == "paged33" else None,
              causal=True, num_splits=2)
-
-
-def cpu_has(*flags):
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return all(flag in line.split() for flag in flags)
 
 
 @pytest.mark.parametrize("choice", ["onednn", "dpbf16"])

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from conftest import cpu_has
+
 CHILD = r"""
 import json, resource, sys, torch, flash_cuda
 if int(sys.argv[1]):
@@ -67,14 +69,9 @@ print(json.dumps(peaks))
 def _packs_fp32_operands():
     """Whether the CPU forward packs fp32 K^T and V (the AVX-512 micro-kernel's panels: an AVX-512
     CPU without AMX, csrc/cpu/tile_gemm.h use_avx512_f32); elsewhere the BLAS reads them in place."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
     choice = os.environ.get("FLASH_CUDA_CPU_F32_GEMM")
-    return (all(x in flags for x in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
-            and (choice == "avx512" if choice else "amx_bf16" not in flags))
+    return (cpu_has("avx512f", "avx512bw", "avx512dq", "avx512vl")
+            and (choice == "avx512" if choice else not cpu_has("amx_bf16")))
 
 
 def test_forward_operands_take_a_chunk_at_a_time():
