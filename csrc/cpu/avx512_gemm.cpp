@@ -145,11 +145,13 @@ template <typename Op, int R, int V, Ahead kAhead>
 FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
                                     int64_t ldb, const __mmask16 (&mask)[V], int64_t ahead, const char* also,
                                     int64_t ld_also, int64_t far, __m512 (&c)[R][V]) {
-  const typename Op::EB* b = B + k / Op::kStep * ldb;
+  const uint64_t uk = uint64_t(k);  // (k >= 0: unsigned divisions and remainders are shifts and masks)
+  const typename Op::EB* b = B + int64_t(uk / Op::kStep) * ldb;
   if constexpr (kAhead == Ahead::kRowsOfA) {
     static_assert(!kTransposedA<Op>, "A's rows are fetched where they are rows");
-    constexpr int64_t kLine = 64 / sizeof(typename Op::EA);
-    if (k % kLine < Op::kStep) {
+    constexpr uint64_t kLine = 64 / sizeof(typename Op::EA);
+    static_assert(kLine % (2 * Op::kStep) == 0, "a pair of steps (micro_tile's two sets) starts at most one line");
+    if (uk % kLine < Op::kStep) {
       FC_UNROLL for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(A + (r + ahead) * lda + k), _MM_HINT_T0);
       if (also)  // the partner rows of this block's own rows (ld_also bytes apart), into L2
@@ -162,8 +164,8 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
   }
   if constexpr (kAhead == Ahead::kStream) {  // also: kStreamLines lines per step into L2, ld_also lines
     FC_UNROLL for (int i = 0; i < kStreamLines; ++i)
-      if (k / Op::kStep * kStreamLines + i < ld_also)
-        _mm_prefetch(also + (k / Op::kStep * kStreamLines + i) * 64, _MM_HINT_T1);
+      if (int64_t(uk / Op::kStep) * kStreamLines + i < ld_also)
+        _mm_prefetch(also + (int64_t(uk / Op::kStep) * kStreamLines + i) * 64, _MM_HINT_T1);
   }
   if constexpr (kAhead == Ahead::kRowsOfB) {
     FC_UNROLL for (int v = 0; v < V; ++v)
@@ -207,6 +209,16 @@ FC_TARGET FC_INLINE void store_tile(__m512 (&c)[R][V], float* C, int64_t ldc, co
     }
 }
 
+// The bf16 tiles of at most kTwoChainsMax accumulators take two sets of them (micro_tile). A chain
+// of multiply-adds issues one a latency: a Zen 5 issues two vdpbf16ps on zmm a cycle
+// (benchmarks/multiply_peak.py) at a latency of about 6 cycles, so it needs about 12 chains in
+// flight, and the 6 x 1 tile of decoding's S^T at 16 query rows a kv group had 6 (a Zen 4 issues
+// one a cycle: 6 were enough). Measured on a Zen 5 (2 cores): that S^T alone 1.2x faster (one
+// thread, cache in L2, benchmarks/cpu_harness/decode_bf16_phases.cpp); in-process bf16 decoding at
+// Nq = 4 (GQA 32/8, D 128; with P V's broadcasts read from memory, pairs_in_registers_tile)
+// 1.06x-1.12x at 2k to 32k keys. fp32's 6 x 1 tile (FMA latency 4) measured no faster with two.
+constexpr int kTwoChainsMax = 8;
+
 template <typename Op, int R, int V, bool kLastRow, Ahead kAhead = Ahead::kNone>
 FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
                           int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t ahead,
@@ -232,16 +244,40 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
     store_tile(c, C, ldc, mask, false);
   } else {
     constexpr int64_t chain = kChainOf<Op>;
-    static_assert(chain % Op::kStep == 0, "a partial sum ends on a step");
+    static_assert(chain % (2 * Op::kStep) == 0, "a partial sum ends on a pair of steps");
+    // Narrow bf16 tiles alternate their steps between two sets of accumulators, added at the end:
+    // with one set, the multiply-adds of a step all wait on the last step's (kTwoChainsMax).
+    constexpr int kSets = Op::kStep == 2 && R * V <= kTwoChainsMax ? 2 : 1;
+    __m512 more[kSets][R][V];  // sets 1 .. kSets - 1 (more[0] unused)
+    const auto fold = [&]() FC_TARGET_LAMBDA {  // c += the other sets, which restart at 0
+      FC_UNROLL for (int i = 1; i < kSets; ++i)
+        FC_UNROLL for (int r = 0; r < R; ++r) FC_UNROLL for (int v = 0; v < V; ++v) {
+          c[r][v] = _mm512_add_ps(c[r][v], more[i][r][v]);
+          more[i][r][v] = _mm512_setzero_ps();
+        }
+    };
+    FC_UNROLL for (int i = 1; i < kSets; ++i)
+      FC_UNROLL for (int r = 0; r < R; ++r) FC_UNROLL for (int v = 0; v < V; ++v) more[i][r][v] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += chain) {
       if (k0 > 0) {  // the last partial into C, a new one from zero
+        fold();
         store_tile(c, C, ldc, mask, accumulate || k0 > chain);
         FC_UNROLL for (int r = 0; r < R; ++r) FC_UNROLL for (int v = 0; v < V; ++v) c[r][v] = _mm512_setzero_ps();
       }
       const int64_t k1 = std::min(K, k0 + chain);
-      for (int64_t k = k0; k < k1; k += Op::kStep)
+      int64_t k = k0;
+      if constexpr (kSets > 1)
+        for (; k + (kSets - 1) * Op::kStep < k1; k += kSets * Op::kStep) {
+          micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
+          // (A's rows: a pair of steps starts at most one line, whose fetches the first step made)
+          constexpr Ahead kThen = kAhead == Ahead::kRowsOfA ? Ahead::kNone : kAhead;
+          FC_UNROLL for (int i = 1; i < kSets; ++i)
+            micro_step<Op, R, V, kThen>(k + i * Op::kStep, A, lda, B, ldb, mask, ahead, also, ld_also, far, more[i]);
+        }
+      for (; k < k1; k += Op::kStep)
         micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
     }
+    fold();
     store_tile(c, C, ldc, mask, accumulate || K > chain);
   }
 }
@@ -410,7 +446,10 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
         acc[r][2 * v] = acc[r][2 * v + 1] = _mm512_setzero_ps();
       }
     }
-  const auto step = [&](const uint16_t* b0, const uint16_t* b1, const int32_t (&a)[R]) FC_TARGET_LAMBDA {
+  // a(r): row r's pair of A for the step, broadcast straight from memory (vpbroadcastd m32, a load
+  // alone; read into a general register first, GCC broadcast it from there, a vector-pipe move per
+  // row: on a Zen 5 P V 1.13x faster in the harness of decode_bf16_phases.cpp, in L2)
+  const auto step = [&](const uint16_t* b0, const uint16_t* b1, auto a) FC_TARGET_LAMBDA {
     __m512i lo[V], hi[V];
     FC_UNROLL for (int v = 0; v < V; ++v) {
       const __m512i x0 = _mm512_maskz_loadu_epi16(mask[v], b0 + 32 * v);
@@ -418,7 +457,7 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
       lo[v] = _mm512_unpacklo_epi16(x0, x1), hi[v] = _mm512_unpackhi_epi16(x0, x1);
     }
     FC_UNROLL for (int r = 0; r < R; ++r) {
-      const __m512bh x = (__m512bh)_mm512_set1_epi32(a[r]);
+      const __m512bh x = (__m512bh)a(r);
       FC_UNROLL for (int v = 0; v < V; ++v) {
         acc[r][2 * v] = _mm512_dpbf16_ps(acc[r][2 * v], x, (__m512bh)lo[v]);
         acc[r][2 * v + 1] = _mm512_dpbf16_ps(acc[r][2 * v + 1], x, (__m512bh)hi[v]);
@@ -433,15 +472,14 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
       for (int64_t j = k + far.ahead; j < std::min(k + far.ahead + 2, far.end); ++j)
         prefetch_l2(B + j * ldb, N * sizeof(uint16_t));
     if (k / 2 < stream_lines) prefetch_l2(stream + k / 2 * kCacheLine, 1);
-    int32_t a[R];
-    FC_UNROLL for (int r = 0; r < R; ++r) std::memcpy(&a[r], A + r * lda + k, sizeof(int32_t));  // (A[r][k], A[r][k+1])
-    step(B + k * ldb, B + (k + 1) * ldb, a);
+    step(B + k * ldb, B + (k + 1) * ldb, [&](int r) FC_TARGET_LAMBDA {  // (A[r][k], A[r][k+1])
+      int32_t x;
+      std::memcpy(&x, A + r * lda + k, sizeof(x));
+      return _mm512_set1_epi32(x);
+    });
   }
-  if (k < K) {
-    int32_t a[R];
-    FC_UNROLL for (int r = 0; r < R; ++r) a[r] = int32_t(A[r * lda + k]);  // (A[r][k], 0)
-    step(B + k * ldb, nullptr, a);
-  }
+  if (k < K)
+    step(B + k * ldb, nullptr, [&](int r) FC_TARGET_LAMBDA { return _mm512_set1_epi32(int32_t(A[r * lda + k])); });  // (A[r][k], 0)
   FC_UNROLL for (int r = 0; r < R; ++r)
     FC_UNROLL for (int v = 0; v < V; ++v) {
       _mm512_mask_storeu_ps(C + r * ldc + 32 * v, lanes16(n - 32 * v),
