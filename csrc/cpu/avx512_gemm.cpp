@@ -214,9 +214,10 @@ FC_TARGET FC_INLINE void store_tile(__m512 (&c)[R][V], float* C, int64_t ldc, co
 // (benchmarks/multiply_peak.py) at a latency of about 6 cycles, so it needs about 12 chains in
 // flight, and the 6 x 1 tile of decoding's S^T at 16 query rows a kv group had 6 (a Zen 4 issues
 // one a cycle: 6 were enough). Measured on a Zen 5 (2 cores): that S^T alone 1.2x faster (one
-// thread, cache in L2, benchmarks/cpu_harness/decode_bf16_phases.cpp); in-process bf16 decoding at
-// Nq = 4 (GQA 32/8, D 128; with P V's broadcasts read from memory, pairs_in_registers_tile)
-// 1.06x-1.12x at 2k to 32k keys. fp32's 6 x 1 tile (FMA latency 4) measured no faster with two.
+// thread, cache in L2, benchmarks/cpu_harness/decode_bf16_phases.cpp); bf16 decoding at Nq = 4
+// (GQA 32/8, D 128; with P V's broadcasts read from memory, pairs_in_registers_tile) 1.04x-1.12x at
+// 2k to 32k keys (two builds' calls alternated, 5 and 8 rounds, medians). fp32's 6 x 1 tile (FMA
+// latency 4) measured no faster with two.
 constexpr int kTwoChainsMax = 8;
 
 template <typename Op, int R, int V, bool kLastRow, Ahead kAhead = Ahead::kNone>
