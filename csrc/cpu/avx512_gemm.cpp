@@ -150,7 +150,7 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
   if constexpr (kAhead == Ahead::kRowsOfA) {
     static_assert(!kTransposedA<Op>, "A's rows are fetched where they are rows");
     constexpr uint64_t kLine = 64 / sizeof(typename Op::EA);
-    static_assert(kLine % (2 * Op::kStep) == 0, "a pair of steps (micro_tile's two sets) starts at most one line");
+    static_assert(kLine % (2 * Op::kStep) == 0, "a line starts only at the first step of a pair (micro_tile: the second fetches nothing)");
     if (uk % kLine < Op::kStep) {
       FC_UNROLL for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(A + (r + ahead) * lda + k), _MM_HINT_T0);
@@ -197,7 +197,7 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
 // Zen 4.
 template <typename Op>
 constexpr int64_t kChainOf = std::is_same_v<typename Op::EA, float> && std::is_same_v<typename Op::EB, float>
-                                 ? kF32SumChain : int64_t{1} << 62;  // (one chain)
+                                 ? kF32SumChain : int64_t{1} << 62;  // (no partials)
 
 // C[0:R, 0:n) = c, plus C's value where add
 template <int R, int V>
@@ -209,16 +209,16 @@ FC_TARGET FC_INLINE void store_tile(__m512 (&c)[R][V], float* C, int64_t ldc, co
     }
 }
 
-// The bf16 tiles of at most kTwoChainsMax accumulators take two sets of them (micro_tile). A chain
+// The bf16 tiles one vector wide (16 columns) take two sets of accumulators (micro_tile). A chain
 // of multiply-adds issues one a latency: a Zen 5 issues two vdpbf16ps on zmm a cycle
 // (benchmarks/multiply_peak.py) at a latency of about 6 cycles, so it needs about 12 chains in
 // flight, and the 6 x 1 tile of decoding's S^T at 16 query rows a kv group had 6 (a Zen 4 issues
-// one a cycle: 6 were enough). Measured on a Zen 5 (2 cores): that S^T alone 1.2x faster (one
+// one a cycle: 6 were enough). Measured on a Zen 5 (2 cores): that S^T alone 1.2x-1.3x faster (one
 // thread, cache in L2, benchmarks/cpu_harness/decode_bf16_phases.cpp); bf16 decoding at Nq = 4
 // (GQA 32/8, D 128; with P V's broadcasts read from memory, pairs_in_registers_tile) 1.04x-1.12x at
 // 2k to 32k keys (two builds' calls alternated, 5 and 8 rounds, medians). fp32's 6 x 1 tile (FMA
-// latency 4) measured no faster with two.
-constexpr int kTwoChainsMax = 8;
+// latency 4) measured no faster with two. By width rather than by accumulator count, so every row
+// block of a panel sums in the same order: a row's bits do not depend on the block it falls in.
 
 template <typename Op, int R, int V, bool kLastRow, Ahead kAhead = Ahead::kNone>
 FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
@@ -246,9 +246,9 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
   } else {
     constexpr int64_t chain = kChainOf<Op>;
     static_assert(chain % (2 * Op::kStep) == 0, "a partial sum ends on a pair of steps");
-    // Narrow bf16 tiles alternate their steps between two sets of accumulators, added at the end:
-    // with one set, the multiply-adds of a step all wait on the last step's (kTwoChainsMax).
-    constexpr int kSets = Op::kStep == 2 && R * V <= kTwoChainsMax ? 2 : 1;
+    // bf16 tiles one vector wide alternate their steps between two sets of accumulators, added at
+    // the end: with one set, the multiply-adds of a step all wait on the last step's (see above).
+    constexpr int kSets = Op::kStep == 2 && V == 1 ? 2 : 1;
     __m512 more[kSets][R][V];  // sets 1 .. kSets - 1 (more[0] unused)
     const auto fold = [&]() FC_TARGET_LAMBDA {  // c += the other sets, which restart at 0
       FC_UNROLL for (int i = 1; i < kSets; ++i)
@@ -270,7 +270,8 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
       if constexpr (kSets > 1)
         for (; k + (kSets - 1) * Op::kStep < k1; k += kSets * Op::kStep) {
           micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
-          // (A's rows: a pair of steps starts at most one line, whose fetches the first step made)
+          // (A's rows: pairs start at multiples of 2 steps, which divide a line, so a line starts
+          // only at a pair's first step, which fetches it)
           constexpr Ahead kThen = kAhead == Ahead::kRowsOfA ? Ahead::kNone : kAhead;
           FC_UNROLL for (int i = 1; i < kSets; ++i)
             micro_step<Op, R, V, kThen>(k + i * Op::kStep, A, lda, B, ldb, mask, ahead, also, ld_also, far, more[i]);
@@ -449,7 +450,7 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
     }
   // a(r): row r's pair of A for the step, broadcast straight from memory (vpbroadcastd m32, a load
   // alone; read into a general register first, GCC broadcast it from there, a vector-pipe move per
-  // row: on a Zen 5 P V 1.13x faster in the harness of decode_bf16_phases.cpp, in L2)
+  // row: on a Zen 5 P V 1.13x-1.23x faster in the harness of decode_bf16_phases.cpp, in L2, -O2 and -O3)
   const auto step = [&](const uint16_t* b0, const uint16_t* b1, auto a) FC_TARGET_LAMBDA {
     __m512i lo[V], hi[V];
     FC_UNROLL for (int v = 0; v < V; ++v) {

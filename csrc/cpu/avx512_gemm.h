@@ -115,8 +115,8 @@ void f32_gemm_at_rows(int64_t M, int64_t N, int64_t K, const float* At, int64_t 
 // Requires f32_gemm_supported().
 void bf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                     float* C, int64_t ldc, bool accumulate, const FarRows& far = {});
-// The same product on vdpbf16ps (two products a lane, each exact; the sums rounded as
-// dpbf16_gemm's, denormals flushed), B's row pairs interleaved in registers rather than packed.
+// The same product on vdpbf16ps (two products a lane, each exact, each instruction's sum rounded as
+// in dpbf16_gemm, denormals flushed), B's row pairs interleaved in registers rather than packed.
 // Requires dpbf16_supported().
 void dpbf16_gemm_rows(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
                       float* C, int64_t ldc, bool accumulate, const FarRows& far = {});
