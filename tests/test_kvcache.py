@@ -1019,6 +1019,32 @@ def test_randomised_leftpad(seed):
                  num_splits=rnd.choice([0, 1, 2, 5]), seed=trial, bnhd=rnd.random() < 0.3, **kw)
 
 
+# Draws of test_randomised_leftpad past the FA rule, of _KNOWN_EXCESS's kind (bf16 on the AVX512-BF16
+# micro-kernel, strict where _EXCESS_PATH): the output bit for bit the FlashAttention algorithm in
+# float64 with P = exp(s - max) rounded to bf16 (in P V and in its row sum) and the output rounded
+# to bf16 (an independent float64 emulation), against plain bf16 torch's luck on a row of 8 outputs.
+_KNOWN_LEFTPAD_EXCESS = {
+    4734: "trial 8 (bf16, one query against the 3 keys it appends to an empty cache, pad 0, D 8, causal, "
+          "softcap 4): 4.44e-3 from float64, where plain bf16 torch is 9.7e-4 off; found by a soak on 2026-12-07 "
+          "on a Zen 5 (seeds 4300-13890; the same with the micro-kernels before c17422a)",
+    7115: "trial 7 (bf16, sequence 1: one query against the 10 of its 119 keys behind a pad of 407 that its "
+          "window (9, 3) leaves, pages of one row, D 8): 1.75e-3 from float64, where plain bf16 torch is 7.2e-4 "
+          "off; found by the same soak (the same before c17422a)",
+    10851: "trial 8 (bf16, one query against 99 keys, pad 0, pages of 16, BNHD pool, D 8): 7.54e-4 from float64, "
+           "where plain bf16 torch is 3.39e-4 off; found by the same soak",
+    13283: "trial 5 (bf16, batch 4: sequence 1's one query against the 3 keys it appends to an empty cache, "
+           "pages of 33, 2 splits asked, D 8, causal, softcap 4): 4.34e-3 from float64, where plain bf16 torch is "
+           "1.68e-3 off on that row (2.09e-3 on another, the rule's); found by the same soak",
+}
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
+    strict=_EXCESS_PATH, reason=f"known: the FA rule's max over one row of 8 outputs. Seed {s}: {why}"))
+    for s, why in _KNOWN_LEFTPAD_EXCESS.items()])
+def test_randomised_leftpad_known_excess(seed):
+    test_randomised_leftpad(seed)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "paged16", "bnhd"])
 def test_leftpad_is_a_shift_of_the_cache(layout):
     """A left pad of p rows gives bit for bit the result of the same cache with those rows cut away
