@@ -981,9 +981,13 @@ _EXCESS_PATH = (cpu_has("avx512_bf16") and os.environ.get("FLASH_CUDA_CPU_GEMM",
                 and (_BF16_CHOICE == "dpbf16" if _BF16_CHOICE else not cpu_has("amx_bf16")))
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
-    strict=_EXCESS_PATH, reason=f"known: the FA rule's max over one row of 8 or 24 outputs. Seed {s}: {why}"))
-    for s, why in _KNOWN_EXCESS.items()])
+def _known_excess(table, outputs):
+    """The seeds of a table of known excess as parameters, strict expected failures where _EXCESS_PATH."""
+    return [pytest.param(s, marks=pytest.mark.xfail(strict=_EXCESS_PATH, reason=(
+        f"known: the FA rule's max over one row of {outputs} outputs. Seed {s}: {why}"))) for s, why in table.items()]
+
+
+@pytest.mark.parametrize("seed", _known_excess(_KNOWN_EXCESS, "8 or 24"))
 def test_randomised_known_excess(seed):
     test_randomised(seed)
 
@@ -1038,9 +1042,7 @@ _KNOWN_LEFTPAD_EXCESS = {
 }
 
 
-@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
-    strict=_EXCESS_PATH, reason=f"known: the FA rule's max over one row of 8 outputs. Seed {s}: {why}"))
-    for s, why in _KNOWN_LEFTPAD_EXCESS.items()])
+@pytest.mark.parametrize("seed", _known_excess(_KNOWN_LEFTPAD_EXCESS, "8"))
 def test_randomised_leftpad_known_excess(seed):
     test_randomised_leftpad(seed)
 
