@@ -150,7 +150,8 @@ FC_TARGET FC_INLINE void micro_step(int64_t k, const typename Op::EA* A, int64_t
   if constexpr (kAhead == Ahead::kRowsOfA) {
     static_assert(!kTransposedA<Op>, "A's rows are fetched where they are rows");
     constexpr uint64_t kLine = 64 / sizeof(typename Op::EA);
-    static_assert(kLine % (2 * Op::kStep) == 0, "a line starts only at the first step of a pair (micro_tile: the second fetches nothing)");
+    static_assert(kLine % (2 * Op::kStep) == 0,
+                  "a line starts only at the first step of a pair (micro_tile: the second fetches nothing)");
     if (uk % kLine < Op::kStep) {
       FC_UNROLL for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(A + (r + ahead) * lda + k), _MM_HINT_T0);
@@ -248,17 +249,17 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
     static_assert(chain % (2 * Op::kStep) == 0, "a partial sum ends on a pair of steps");
     // bf16 tiles one vector wide alternate their steps between two sets of accumulators, added at
     // the end: with one set, the multiply-adds of a step all wait on the last step's (see above).
-    constexpr int kSets = Op::kStep == 2 && V == 1 ? 2 : 1;
-    __m512 more[kSets][R][V];  // sets 1 .. kSets - 1 (more[0] unused)
-    const auto fold = [&]() FC_TARGET_LAMBDA {  // c += the other sets, which restart at 0
-      FC_UNROLL for (int i = 1; i < kSets; ++i)
+    constexpr bool kTwoSets = Op::kStep == 2 && V == 1;
+    __m512 c2[R][V];  // kTwoSets: the second set (the odd steps)
+    const auto fold = [&]() FC_TARGET_LAMBDA {  // c += c2, which restarts at 0
+      if constexpr (kTwoSets)
         FC_UNROLL for (int r = 0; r < R; ++r) FC_UNROLL for (int v = 0; v < V; ++v) {
-          c[r][v] = _mm512_add_ps(c[r][v], more[i][r][v]);
-          more[i][r][v] = _mm512_setzero_ps();
+          c[r][v] = _mm512_add_ps(c[r][v], c2[r][v]);
+          c2[r][v] = _mm512_setzero_ps();
         }
     };
-    FC_UNROLL for (int i = 1; i < kSets; ++i)
-      FC_UNROLL for (int r = 0; r < R; ++r) FC_UNROLL for (int v = 0; v < V; ++v) more[i][r][v] = _mm512_setzero_ps();
+    if constexpr (kTwoSets)
+      FC_UNROLL for (int r = 0; r < R; ++r) FC_UNROLL for (int v = 0; v < V; ++v) c2[r][v] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += chain) {
       if (k0 > 0) {  // the last partial into C, a new one from zero
         fold();
@@ -267,14 +268,13 @@ FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
       }
       const int64_t k1 = std::min(K, k0 + chain);
       int64_t k = k0;
-      if constexpr (kSets > 1)
-        for (; k + (kSets - 1) * Op::kStep < k1; k += kSets * Op::kStep) {
+      if constexpr (kTwoSets)
+        for (; k + Op::kStep < k1; k += 2 * Op::kStep) {
           micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
           // (A's rows: pairs start at multiples of 2 steps, which divide a line, so a line starts
           // only at a pair's first step, which fetches it)
           constexpr Ahead kThen = kAhead == Ahead::kRowsOfA ? Ahead::kNone : kAhead;
-          FC_UNROLL for (int i = 1; i < kSets; ++i)
-            micro_step<Op, R, V, kThen>(k + i * Op::kStep, A, lda, B, ldb, mask, ahead, also, ld_also, far, more[i]);
+          micro_step<Op, R, V, kThen>(k + Op::kStep, A, lda, B, ldb, mask, ahead, also, ld_also, far, c2);
         }
       for (; k < k1; k += Op::kStep)
         micro_step<Op, R, V, kAhead>(k, A, lda, B, ldb, mask, ahead, also, ld_also, far, c);
@@ -480,8 +480,8 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
       return _mm512_set1_epi32(x);
     });
   }
-  if (k < K)
-    step(B + k * ldb, nullptr, [&](int r) FC_TARGET_LAMBDA { return _mm512_set1_epi32(int32_t(A[r * lda + k])); });  // (A[r][k], 0)
+  if (k < K)  // (A[r][k], 0)
+    step(B + k * ldb, nullptr, [&](int r) FC_TARGET_LAMBDA { return _mm512_set1_epi32(int32_t(A[r * lda + k])); });
   FC_UNROLL for (int r = 0; r < R; ++r)
     FC_UNROLL for (int v = 0; v < V; ++v) {
       _mm512_mask_storeu_ps(C + r * ldc + 32 * v, lanes16(n - 32 * v),
