@@ -176,8 +176,8 @@ def test_cpu_bf16_scores_choice(monkeypatch, choice, layout, nq, D):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged33", "paged16", "bnhd"])
-@pytest.mark.parametrize("hq,nq,D", [(8, 4, 128), (8, 4, 59), (8, 8, 64), (8, 17, 40), (8, 5, 96), (6, 7, 64),
-                                     (6, 6, 96), (2, 19, 128)])
+@pytest.mark.parametrize("hq,nq,D", [(8, 4, 128), (8, 4, 59), (8, 4, 40), (8, 4, 66), (4, 8, 256), (8, 8, 64),
+                                     (8, 17, 40), (8, 5, 96), (6, 7, 64), (6, 6, 96), (2, 19, 128)])
 def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, hq, nq, D):
     """bf16 from 16 rows per kv group on the AVX512-BF16 micro-kernel (the default on a CPU with
     avx512_bf16 and no AMX; forced here where the CPU has the instructions): S^T = K Q^T with the
@@ -188,6 +188,8 @@ def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, hq, nq, D):
     its last row paired with zeros); the others (59, 40) stage V into the pairs layout (whole
     pairs, and a row alone where a run starts or ends inside a pair). 16, 18, 19, 20, 21, 32 and 68
     rows (register tiles of 4 rows and partial ones of 1 to 3), odd head dims (an odd K of the packed Q^T),
+    16 rows with a head dim that is a multiple of 4 (128, 40, 256: S^T in quads, blocks of 8 key rows
+    and partial ones) and one that is not (66: the pairs tiles, an odd count of pairs),
     three key tiles of 512 (the last of 275 keys: an odd K of P V, whose last row is multiplied
     alone) and two splits."""
     if not cpu_has("avx512_bf16", "avx512bw"):

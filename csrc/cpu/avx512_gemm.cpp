@@ -535,6 +535,97 @@ FC_TARGET void pairs_rows_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* 
   }
 }
 
+// Decoding's S^T = K Q^T at one vector of query rows (N <= 16, bf16, K a multiple of 4), in quads.
+// Why: the one-vector tile of pairs (micro_tile, 6 x 1) broadcasts a pair of A from memory for each
+// vdpbf16ps, 7 loads for 6 of them, and a Zen 5 ran that loop at the pace of its loads: 6.1-6.3 G
+// vdpbf16ps/s a core with A in L1 (6.2 with the broadcast embedded in the vdpbf16ps), against 8.4
+// with A in registers, its peak; a broadcast of two pairs at once (vpbroadcastq) for two vdpbf16ps,
+// 8 rows of A at a time (10 loads for 16), ran 8.4 (benchmarks/cpu_harness/broadcast_loads.cpp).
+// Decoding's S^T alone, one thread, cache in L2 (decode_bf16_phases.cpp): 7.2-7.3 G/s against 4.6.
+// The quads layout of B (N <= 16 columns): for each step j along K (elements 4j .. 4j + 3), two
+// vectors; in vector h, dword lane 2i + s holds column 8h + i's pair 2j + s. A broadcast quad of A's
+// row (its pairs 2j and 2j + 1, alternating by lane) times vector h adds pair 2j of column 8h + i into
+// lane 2i and pair 2j + 1 into lane 2i + 1: the even and odd pairs summed apart, as micro_tile's two
+// sets of a one-vector tile do, and added at the end in the same order (even + odd, then C), so
+// every output has the bits micro_tile<Bf16Pairs, R, 1> gives it.
+constexpr int kQuadRows = 8;  // rows of A a tile: 16 accumulators (16 chains of vdpbf16ps)
+constexpr int64_t kQuadsMaxK = 256;  // B's quads on the stack: 8 KiB at most
+alignas(64) constexpr int32_t kQuadsFromPairs[2][16] = {{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23},
+                                                        {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31}};
+alignas(64) constexpr int32_t kEvenOddLanes[2][16] = {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+                                                      {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
+
+// Bq (quads, K / 4 x 64 elements) = the first N <= 16 columns of a panel in the pairs layout, the
+// other lanes zero.
+FC_TARGET void pairs_to_quads(int64_t K, int64_t N, const uint16_t* Bp, uint16_t* Bq) {
+  const __m512i to0 = _mm512_load_si512(kQuadsFromPairs[0]), to1 = _mm512_load_si512(kQuadsFromPairs[1]);
+  const __mmask16 m = column_mask(N);
+  for (int64_t j = 0; j < K / 4; ++j) {
+    const __m512i x0 = _mm512_maskz_loadu_epi32(m, Bp + 2 * j * kPairsRow);  // pair 2j of each column
+    const __m512i x1 = _mm512_maskz_loadu_epi32(m, Bp + (2 * j + 1) * kPairsRow);
+    _mm512_store_si512(Bq + 64 * j, _mm512_permutex2var_epi32(x0, to0, x1));
+    _mm512_store_si512(Bq + 64 * j + 32, _mm512_permutex2var_epi32(x0, to1, x1));
+  }
+}
+
+// C[0:R, 0:n) (+)= A[0:R, 0:K) B for B in quads. kStream: as micro_tile's Ahead::kRowsOfA, a line
+// of each of the rows `ahead` below into L1 and of the rows of `also` (ld_also bytes apart) into L2
+// at each line's first step.
+template <int R, bool kStream>
+FC_TARGET void quads_tile(int64_t K, int64_t n, const uint16_t* A, int64_t lda, const uint16_t* Bq, float* C,
+                          int64_t ldc, bool accumulate, int64_t ahead, const char* also, int64_t ld_also) {
+  __m512 acc[R][2];
+  FC_UNROLL for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 4) {
+    if (kStream && k % 32 == 0) {  // 32 elements: a line of each row
+      FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(A + (r + ahead) * lda + k), _MM_HINT_T0);
+      if (also)
+        FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(also + r * ld_also + k * 2, _MM_HINT_T1);
+    }
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(Bq + 16 * k), b1 = (__m512bh)_mm512_load_si512(Bq + 16 * k + 32);
+    FC_UNROLL for (int r = 0; r < R; ++r) {
+      int64_t quad;  // pairs 2j and 2j + 1 of row r
+      std::memcpy(&quad, A + r * lda + k, sizeof(quad));
+      const __m512bh a = (__m512bh)_mm512_set1_epi64(quad);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  const __m512i even = _mm512_load_si512(kEvenOddLanes[0]), odd = _mm512_load_si512(kEvenOddLanes[1]);
+  const __mmask16 m = column_mask(n);
+  FC_UNROLL for (int r = 0; r < R; ++r) {
+    __m512 c = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][0], even, acc[r][1]),
+                             _mm512_permutex2var_ps(acc[r][0], odd, acc[r][1]));
+    if (accumulate) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, C + r * ldc));
+    _mm512_mask_storeu_ps(C + r * ldc, m, c);
+  }
+}
+using QuadsTile = void (*)(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t, bool, int64_t,
+                           const char*, int64_t);
+template <int... R>
+constexpr std::array<QuadsTile, sizeof...(R)> quads_tiles(std::integer_sequence<int, R...>) {
+  return {&quads_tile<R + 1, false>...};
+}
+constexpr auto kQuadsTiles = quads_tiles(std::make_integer_sequence<int, kQuadRows>{});  // [R - 1], no fetches
+
+// dpbf16_gemm_stream_a for N <= 16 and K a multiple of 4 (at most kQuadsMaxK): blocks of 8 rows
+// of A, each block's rows fetched two blocks ahead (the last 16 rows of a call are not), and the
+// rows of `also` with them.
+FC_TARGET void quads_stream_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                                 float* C, int64_t ldc, bool accumulate, const RowsAhead& also) {
+  alignas(64) uint16_t Bq[kQuadsMaxK * 16];
+  pairs_to_quads(K, N, Bp, Bq);
+  constexpr int64_t kAheadRows = 2 * kQuadRows;
+  for (int64_t m0 = 0; m0 < M; m0 += kQuadRows) {
+    const int64_t rows = std::min<int64_t>(kQuadRows, M - m0);
+    if (rows == kQuadRows && m0 + kAheadRows < M)
+      quads_tile<kQuadRows, true>(K, N, A + m0 * lda, lda, Bq, C + m0 * ldc, ldc, accumulate, kAheadRows,
+                                  also.base ? also.base + m0 * also.stride : nullptr, also.stride);
+    else
+      kQuadsTiles[rows - 1](K, N, A + m0 * lda, lda, Bq, C + m0 * ldc, ldc, accumulate, 0, nullptr, 0);
+  }
+}
+
 }  // namespace
 
 FC_TARGET void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t ldb, uint16_t* Bp) {
@@ -735,6 +826,8 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 
 void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                           int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also) {
+  if (N <= 16 && K % 4 == 0 && K <= kQuadsMaxK)
+    return quads_stream_gemm(M, N, K, A, lda, Bp, C, ldc, accumulate, also);
   panel_gemm<Bf16Pairs, true>(M, N, K, A, lda, Bp, panel_stride, kPairsRow, C, ldc, accumulate, also);
 }
 

@@ -67,9 +67,10 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 // operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, as f32_gemm_stream_a,
 // and the rows of `also` with the same indices (the value rows, read after the scores) into L2
 // alongside, where also.base is set (also.rows is not checked: it holds M rows). Both only in
-// the row blocks that stream (an even K, at least 2 blocks of rows below): a run's last 12 rows,
-// and all of a run of 12 or fewer (small pages), are left to what reads them next (a staging's
-// own fetches; P V in registers reads them on demand).
+// the row blocks that stream (an even K, at least 2 blocks of rows below): a run's last 12 rows or
+// more, and all of a run of 12 or fewer (small pages), are left to what reads them next (a
+// staging's own fetches; P V in registers reads them on demand). Blocks of 6 rows; of 8 where N
+// <= 16 and K is a multiple of 4 (at most 256; avx512_gemm.cpp: quads), the last 16 rows or more.
 void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                           int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 
