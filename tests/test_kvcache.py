@@ -188,7 +188,7 @@ def test_cpu_bf16_dpbf16_pairs(monkeypatch, layout, hq, nq, D):
     its last row paired with zeros); the others (59, 40) stage V into the pairs layout (whole
     pairs, and a row alone where a run starts or ends inside a pair). 16, 18, 19, 20, 21, 32 and 68
     rows (register tiles of 4 rows and partial ones of 1 to 3), odd head dims (an odd K of the packed Q^T),
-    16 rows with a head dim that is a multiple of 4 (128, 40, 256: S^T in quads, blocks of 8 key rows
+    16 rows with a head dim that is a multiple of 4 (128, 40, 256: S^T in split steps, blocks of 8 key rows
     and partial ones) and one that is not (66: the pairs tiles, an odd count of pairs),
     three key tiles of 512 (the last of 275 keys: an odd K of P V, whose last row is multiplied
     alone) and two splits."""
@@ -220,6 +220,26 @@ def test_cpu_bf16_pv_pairs_in_registers(layout, hq, hkv, nq, D):
              causal=True, num_splits=2)
     run_case(torch.bfloat16, B=2, hq=hq, hkv=hkv, nq=nq, n_new=0, D=D, capacity=1300, page_size=page,
              bnhd=layout == "bnhd", seqlens=[1299, 1025], num_splits=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "paged33", "bnhd"])
+@pytest.mark.parametrize("hq,nq,D", [(8, 4, 128), (8, 4, 40), (4, 8, 2), (8, 4, 59), (8, 4, 130), (4, 8, 256),
+                                     (8, 5, 64)])
+def test_cpu_f32_scores_at_16_rows(dtype, layout, hq, nq, D):
+    """fp32 and fp16 caches at 16 rows per kv group on the AVX-512 kernels (fp32's key rows read in
+    place, fp16's staged in fp32): S^T = K Q^T in split steps where the head dim is even up to 128
+    (128, 40, 2: each score the sum of its even and its odd steps; blocks of 8 key rows, whole and
+    partial, streaming but the last two of a run), on the panel tiles where it is odd or larger (59,
+    130, 256), and 20 rows (the panel tiles at any head dim), against the float64 reference; pages
+    of 33 keys, (B, N, H, D) caches, three key tiles of 512 and two splits."""
+    if not cpu_has("avx512f", "avx512bw", "avx512dq", "avx512vl"):
+        pytest.skip("the kernels need AVX-512")
+    page = 33 if layout == "paged33" else None
+    run_case(dtype, hq=hq, hkv=2, nq=nq, n_new=1, D=D, capacity=1300, page_size=page, bnhd=layout == "bnhd",
+             causal=True, num_splits=2)
+    run_case(dtype, B=2, hq=hq, hkv=2, nq=nq, n_new=0, D=D, capacity=1300, page_size=page, bnhd=layout == "bnhd",
+             seqlens=[1299, 1025], num_splits=1)
 
 
 def last_level_cache_bytes():

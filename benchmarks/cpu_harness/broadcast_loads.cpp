@@ -1,11 +1,13 @@
 // How fast a core runs vdpbf16ps when one operand is broadcast from memory, the inner loop of
 // decoding's S^T = K Q^T at 16 query rows a kv group (csrc/cpu/avx512_gemm.cpp: micro_tile's
-// one-vector tiles of pairs and quads_tile). Every operand in L1 (one 128-element row per
+// one-vector tiles and split_tile). Every operand in L1 (one 128-element row per
 // accumulator row, read over and over), so the figures are the loop's alone:
 //   pairs, vpbroadcastd: a pair of A broadcast per vdpbf16ps (two sets of R accumulators), as micro_tile
 //   pairs, {1to16}:      the same with the broadcast embedded in the vdpbf16ps
 //   A in registers:      no broadcasts (the multiplies' own peak)
-//   quads, vpbroadcastq: two pairs of A broadcast for two vdpbf16ps (R rows x 2 vectors), as quads_tile
+//   split, vpbroadcastq: two pairs of A broadcast for two vdpbf16ps (R rows x 2 vectors), as split_tile
+// and the same for fp32 FMAs: a step of A broadcast per FMA (one set of R accumulators, as
+// micro_tile<F32, R, 1>), and two steps broadcast for two FMAs (split_tile<F32>).
 // Build and run (x86-64 with AVX512-BF16; from the repository root):
 //   g++ -O2 -std=c++17 benchmarks/cpu_harness/broadcast_loads.cpp -o /tmp/broadcast_loads && /tmp/broadcast_loads
 #include <immintrin.h>
@@ -21,7 +23,7 @@
 #define TARGET __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline))
 #define UNROLL _Pragma("GCC unroll 16")
 
-enum Mode { kPairs, kEmbedded, kRegisters, kQuads };
+enum Mode { kPairs, kEmbedded, kRegisters, kSplit };
 constexpr int64_t kK = 128, kLda = 128;
 
 template <Mode M, int R>
@@ -34,7 +36,7 @@ TARGET float run(const uint16_t* A, const uint16_t* B, int reps) {
       const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + 16 * k), b1 = (__m512bh)_mm512_loadu_si512(B + 16 * k + 32);
       UNROLL for (int r = 0; r < R; ++r) {
         const uint16_t* a = A + r * kLda + k;
-        if constexpr (M == kQuads) {
+        if constexpr (M == kSplit) {
           int64_t quad;
           std::memcpy(&quad, a, sizeof(quad));
           const __m512bh x = (__m512bh)_mm512_set1_epi64(quad);
@@ -58,6 +60,42 @@ TARGET float run(const uint16_t* A, const uint16_t* B, int reps) {
   __m512 sum = _mm512_setzero_ps();
   UNROLL for (int r = 0; r < R; ++r) sum = _mm512_add_ps(sum, _mm512_add_ps(c[r][0], c[r][1]));
   return _mm512_reduce_add_ps(sum);
+}
+
+// fp32: kPairs broadcasts one step of A per FMA into one set of R accumulators, kSplit two steps
+template <Mode M, int R>
+TARGET float run_f32(const float* A, const float* B, int reps) {
+  __m512 c[R][2];
+  UNROLL for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
+  for (int rep = 0; rep < reps; ++rep)
+    for (int64_t k = 0; k < kK; k += 2) {
+      const __m512 b0 = _mm512_loadu_ps(B + 16 * k), b1 = _mm512_loadu_ps(B + 16 * k + 16);
+      UNROLL for (int r = 0; r < R; ++r) {
+        const float* a = A + r * kLda + k;
+        if constexpr (M == kSplit) {
+          double two;
+          std::memcpy(&two, a, sizeof(two));
+          const __m512 x = _mm512_castpd_ps(_mm512_set1_pd(two));
+          c[r][0] = _mm512_fmadd_ps(x, b0, c[r][0]), c[r][1] = _mm512_fmadd_ps(x, b1, c[r][1]);
+        } else {
+          c[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), b0, c[r][0]);
+          c[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), b1, c[r][0]);
+        }
+      }
+    }
+  __m512 sum = _mm512_setzero_ps();
+  UNROLL for (int r = 0; r < R; ++r) sum = _mm512_add_ps(sum, _mm512_add_ps(c[r][0], c[r][1]));
+  return _mm512_reduce_add_ps(sum);
+}
+
+template <typename F>
+void report_f32(const char* name, int rows, F run) {
+  const int reps = 200000;
+  run(reps / 10);
+  const auto t = std::chrono::steady_clock::now();
+  const float x = run(reps);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  std::printf("%-22s %2d rows: %5.2f G FMA/s  (checksum %g)\n", name, rows, double(reps) * kK * rows / s / 1e9, x);
 }
 
 template <Mode M, int R>
@@ -86,7 +124,11 @@ int main() {
   report<kPairs, 6>("pairs, vpbroadcastd", A.data(), B.data());
   report<kEmbedded, 6>("pairs, {1to16}", A.data(), B.data());
   report<kRegisters, 6>("A in registers", A.data(), B.data());
-  report<kQuads, 6>("quads, vpbroadcastq", A.data(), B.data());
-  report<kQuads, 8>("quads, vpbroadcastq", A.data(), B.data());
+  report<kSplit, 6>("split, vpbroadcastq", A.data(), B.data());
+  report<kSplit, 8>("split, vpbroadcastq", A.data(), B.data());
+  std::vector<float> Af(16 * kLda, 1.0f), Bf(kK * 32, 1e-6f);
+  report_f32("fp32, vbroadcastss", 6, [&](int reps) { return run_f32<kPairs, 6>(Af.data(), Bf.data(), reps); });
+  report_f32("fp32, vbroadcastss", 12, [&](int reps) { return run_f32<kPairs, 12>(Af.data(), Bf.data(), reps); });
+  report_f32("fp32 split, vbroadcastsd", 8, [&](int reps) { return run_f32<kSplit, 8>(Af.data(), Bf.data(), reps); });
   return 0;
 }

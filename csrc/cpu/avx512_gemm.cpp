@@ -535,60 +535,75 @@ FC_TARGET void pairs_rows_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* 
   }
 }
 
-// Decoding's S^T = K Q^T at one vector of query rows (N <= 16, bf16, K a multiple of 4), in quads.
-// Why: the one-vector tile of pairs (micro_tile, 6 x 1) broadcasts a pair of A from memory for each
-// vdpbf16ps, 7 loads for 6 of them, and a Zen 5 ran that loop at the pace of its loads: 6.1-6.3 G
-// vdpbf16ps/s a core with A in L1 (6.2 with the broadcast embedded in the vdpbf16ps), against 8.4
-// with A in registers, its peak; a broadcast of two pairs at once (vpbroadcastq) for two vdpbf16ps,
-// 8 rows of A at a time (10 loads for 16), ran 8.4 (benchmarks/cpu_harness/broadcast_loads.cpp).
-// Decoding's S^T alone, one thread, cache in L2 (decode_bf16_phases.cpp): 7.2-7.3 G/s against 4.6.
-// The quads layout of B (N <= 16 columns): for each step j along K (elements 4j .. 4j + 3), two
-// vectors; in vector h, dword lane 2i + s holds column 8h + i's pair 2j + s. A broadcast quad of A's
-// row (its pairs 2j and 2j + 1, alternating by lane) times vector h adds pair 2j of column 8h + i into
-// lane 2i and pair 2j + 1 into lane 2i + 1: the even and odd pairs summed apart, as micro_tile's two
-// sets of a one-vector tile do, and added at the end in the same order (even + odd, then C), so
-// every output has the bits micro_tile<Bf16Pairs, R, 1> gives it.
-constexpr int kQuadRows = 8;  // rows of A a tile: 16 accumulators (16 chains of vdpbf16ps)
-constexpr int64_t kQuadsMaxK = 256;  // B's quads on the stack: 8 KiB at most
-alignas(64) constexpr int32_t kQuadsFromPairs[2][16] = {{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23},
-                                                        {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31}};
+// Decoding's S^T = K Q^T at one vector of query rows (N <= 16: 16 rows a kv group), in split steps.
+// Why: the one-vector tiles (micro_tile, 6 x 1) broadcast one step of A from memory for each
+// multiply-add, 7 loads for 6, and a Zen 5 ran them at the pace of its loads: bf16 6.1-6.3 G
+// vdpbf16ps/s a core with A in L1 (6.2 with the broadcast embedded in the vdpbf16ps), fp32 6.1-6.2 G
+// FMA/s (7.1 with 12 rows), against 8.3-8.4 with A in registers, the peak of both. One 8-byte
+// broadcast of two steps of A for two multiply-adds, 8 rows of A a tile (10 loads for 16): 8.2-8.4
+// (benchmarks/cpu_harness/broadcast_loads.cpp, one thread, best of runs: the VM's figures vary). Decoding's bf16 S^T alone, one thread,
+// cache in L2 (decode_bf16_phases.cpp): 7.2-7.3 G/s against 4.6.
+// The split-steps layout of B (N <= 16 columns), in dwords (a step of Op: a bf16 pair or an fp32
+// element), both source layouts 64 dwords a step: for each two steps 2j, 2j + 1, two vectors; in
+// vector h, lane 2i + s holds column 8h + i's step 2j + s. A's row broadcast 8 bytes at a time
+// (its steps 2j and 2j + 1, alternating by lane) times vector h adds step 2j of column 8h + i into
+// lane 2i and step 2j + 1 into lane 2i + 1: the even and odd steps summed apart and added at the
+// end (even + odd, then C). For bf16 that is what micro_tile's two sets of a one-vector tile do, so
+// every output has the bits micro_tile<Bf16Pairs, R, 1> gives it; fp32 sums in two chains of half
+// the length where micro_tile summed in one (each within kF32SumChain, as there).
+constexpr int kSplitRows = 8;  // rows of A a tile: 16 accumulators (16 chains)
+constexpr int64_t kSplitMaxSteps = 128;  // B on the stack: 8 KiB at most
+alignas(64) constexpr int32_t kSplitFromRows[2][16] = {{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23},
+                                                       {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31}};
 alignas(64) constexpr int32_t kEvenOddLanes[2][16] = {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
                                                       {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
+static_assert(kPairsRow / 2 == kPanelCols, "a step of either source layout is 64 dwords");
+// Whether a product of K along A's rows goes in split steps: an even count of steps, within B's
+// buffer and within one chain of partial sums (micro_tile: kChainOf).
+template <typename Op>
+bool split_steps_fit(int64_t N, int64_t K) {
+  return N <= 16 && K % (2 * Op::kStep) == 0 && K / Op::kStep <= kSplitMaxSteps && K <= kChainOf<Op>;
+}
 
-// Bq (quads, K / 4 x 64 elements) = the first N <= 16 columns of a panel in the pairs layout, the
-// other lanes zero.
-FC_TARGET void pairs_to_quads(int64_t K, int64_t N, const uint16_t* Bp, uint16_t* Bq) {
-  const __m512i to0 = _mm512_load_si512(kQuadsFromPairs[0]), to1 = _mm512_load_si512(kQuadsFromPairs[1]);
+// Bs (split steps, steps / 2 x 32 dwords) = the first N <= 16 columns of one panel of B (pairs or
+// panels layout: steps of 64 dwords), the other lanes zero.
+FC_TARGET void pack_split_steps(int64_t steps, int64_t N, const void* Bp, int32_t* Bs) {
+  const __m512i to0 = _mm512_load_si512(kSplitFromRows[0]), to1 = _mm512_load_si512(kSplitFromRows[1]);
   const __mmask16 m = column_mask(N);
-  for (int64_t j = 0; j < K / 4; ++j) {
-    const __m512i x0 = _mm512_maskz_loadu_epi32(m, Bp + 2 * j * kPairsRow);  // pair 2j of each column
-    const __m512i x1 = _mm512_maskz_loadu_epi32(m, Bp + (2 * j + 1) * kPairsRow);
-    _mm512_store_si512(Bq + 64 * j, _mm512_permutex2var_epi32(x0, to0, x1));
-    _mm512_store_si512(Bq + 64 * j + 32, _mm512_permutex2var_epi32(x0, to1, x1));
+  const int32_t* b = static_cast<const int32_t*>(Bp);
+  for (int64_t j = 0; j < steps; j += 2) {
+    const __m512i x0 = _mm512_maskz_loadu_epi32(m, b + j * kPanelCols);  // step j of each column
+    const __m512i x1 = _mm512_maskz_loadu_epi32(m, b + (j + 1) * kPanelCols);
+    _mm512_store_si512(Bs + 16 * j, _mm512_permutex2var_epi32(x0, to0, x1));
+    _mm512_store_si512(Bs + 16 * j + 16, _mm512_permutex2var_epi32(x0, to1, x1));
   }
 }
 
-// C[0:R, 0:n) (+)= A[0:R, 0:K) B for B in quads. kStream: as micro_tile's Ahead::kRowsOfA, a line
-// of each of the rows `ahead` below into L1 and of the rows of `also` (ld_also bytes apart) into L2
-// at each line's first step.
-template <int R, bool kStream>
-FC_TARGET void quads_tile(int64_t K, int64_t n, const uint16_t* A, int64_t lda, const uint16_t* Bq, float* C,
-                          int64_t ldc, bool accumulate, int64_t ahead, const char* also, int64_t ld_also) {
+// C[0:R, 0:n) (+)= A[0:R, 0:K) B for B in split steps. kStream: as micro_tile's Ahead::kRowsOfA, at
+// each line's first step a line of each of the rows `ahead` below into L1, of the rows of `also`
+// (ld_also bytes apart) into L2, and, where far > 0, of the rows `far` below into L2.
+template <typename Op, int R, bool kStream>
+FC_TARGET void split_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_t lda, const int32_t* Bs, float* C,
+                          int64_t ldc, bool accumulate, int64_t ahead, const char* also, int64_t ld_also, int64_t far) {
+  using EA = typename Op::EA;
   __m512 acc[R][2];
   FC_UNROLL for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 4) {
-    if (kStream && k % 32 == 0) {  // 32 elements: a line of each row
+  for (int64_t k = 0; k < K; k += 2 * Op::kStep) {
+    if (kStream && k * sizeof(EA) % kCacheLine == 0) {
       FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(A + (r + ahead) * lda + k), _MM_HINT_T0);
       if (also)
-        FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(also + r * ld_also + k * 2, _MM_HINT_T1);
+        FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(also + r * ld_also + k * sizeof(EA), _MM_HINT_T1);
+      if (far)
+        FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(A + (r + far) * lda + k), _MM_HINT_T1);
     }
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(Bq + 16 * k), b1 = (__m512bh)_mm512_load_si512(Bq + 16 * k + 32);
+    const int32_t* b = Bs + 16 * (k / Op::kStep);
+    const __m512 b0 = _mm512_castsi512_ps(_mm512_load_si512(b)), b1 = _mm512_castsi512_ps(_mm512_load_si512(b + 16));
     FC_UNROLL for (int r = 0; r < R; ++r) {
-      int64_t quad;  // pairs 2j and 2j + 1 of row r
-      std::memcpy(&quad, A + r * lda + k, sizeof(quad));
-      const __m512bh a = (__m512bh)_mm512_set1_epi64(quad);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      int64_t two;  // steps 2j and 2j + 1 of row r
+      std::memcpy(&two, A + r * lda + k, sizeof(two));
+      const __m512 a = _mm512_castsi512_ps(_mm512_set1_epi64(two));
+      acc[r][0] = Op::multiply_add(acc[r][0], a, b0);
+      acc[r][1] = Op::multiply_add(acc[r][1], a, b1);
     }
   }
   const __m512i even = _mm512_load_si512(kEvenOddLanes[0]), odd = _mm512_load_si512(kEvenOddLanes[1]);
@@ -600,29 +615,39 @@ FC_TARGET void quads_tile(int64_t K, int64_t n, const uint16_t* A, int64_t lda, 
     _mm512_mask_storeu_ps(C + r * ldc, m, c);
   }
 }
-using QuadsTile = void (*)(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t, bool, int64_t,
-                           const char*, int64_t);
-template <int... R>
-constexpr std::array<QuadsTile, sizeof...(R)> quads_tiles(std::integer_sequence<int, R...>) {
-  return {&quads_tile<R + 1, false>...};
+template <typename Op>
+using SplitTile = void (*)(int64_t, int64_t, const typename Op::EA*, int64_t, const int32_t*, float*, int64_t, bool,
+                           int64_t, const char*, int64_t, int64_t);
+template <typename Op, int... R>
+constexpr std::array<SplitTile<Op>, sizeof...(R)> split_tiles(std::integer_sequence<int, R...>) {
+  return {&split_tile<Op, R + 1, false>...};
 }
-constexpr auto kQuadsTiles = quads_tiles(std::make_integer_sequence<int, kQuadRows>{});  // [R - 1], no fetches
+template <typename Op>  // [R - 1]: no fetches
+constexpr auto kSplitTiles = split_tiles<Op>(std::make_integer_sequence<int, kSplitRows>{});
 
-// dpbf16_gemm_stream_a for N <= 16 and K a multiple of 4 (at most kQuadsMaxK): blocks of 8 rows
-// of A, each block's rows fetched two blocks ahead (the last 16 rows of a call are not), and the
-// rows of `also` with them.
-FC_TARGET void quads_stream_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
-                                 float* C, int64_t ldc, bool accumulate, const RowsAhead& also) {
-  alignas(64) uint16_t Bq[kQuadsMaxK * 16];
-  pairs_to_quads(K, N, Bp, Bq);
-  constexpr int64_t kAheadRows = 2 * kQuadRows;
-  for (int64_t m0 = 0; m0 < M; m0 += kQuadRows) {
-    const int64_t rows = std::min<int64_t>(kQuadRows, M - m0);
-    if (rows == kQuadRows && m0 + kAheadRows < M)
-      quads_tile<kQuadRows, true>(K, N, A + m0 * lda, lda, Bq, C + m0 * ldc, ldc, accumulate, kAheadRows,
-                                  also.base ? also.base + m0 * also.stride : nullptr, also.stride);
+// The *_gemm_stream_a products where split_steps_fit: blocks of 8 rows of A, each block's rows
+// fetched two blocks ahead (the last 16 rows or more of a call are not), the rows of `also` with
+// them, and those far.ahead below into L2 as panel_gemm fetches them.
+template <typename Op>
+FC_TARGET void split_stream_gemm(int64_t M, int64_t N, int64_t K, const typename Op::EA* A, int64_t lda,
+                                 const typename Op::EB* Bp, float* C, int64_t ldc, bool accumulate,
+                                 const RowsAhead& also, const FarRows& far) {
+  alignas(64) int32_t Bs[kSplitMaxSteps * 16];
+  pack_split_steps(K / Op::kStep, N, Bp, Bs);
+  constexpr int64_t kAheadRows = 2 * kSplitRows;
+  for (int64_t m0 = 0; m0 < M; m0 += kSplitRows) {
+    const int64_t rows = std::min<int64_t>(kSplitRows, M - m0);
+    const bool streams = rows == kSplitRows && m0 + kAheadRows < M;
+    const bool far_in_steps = m0 + far.ahead + rows <= far.end;
+    if (far.ahead > 0 && !(streams && far_in_steps))
+      for (int64_t i = m0 + far.ahead; i < std::min(m0 + far.ahead + rows, far.end); ++i)
+        prefetch_l2(A + i * lda, K * sizeof(*A));
+    if (streams)
+      split_tile<Op, kSplitRows, true>(K, N, A + m0 * lda, lda, Bs, C + m0 * ldc, ldc, accumulate, kAheadRows,
+                                       also.base ? also.base + m0 * also.stride : nullptr, also.stride,
+                                       far_in_steps ? far.ahead : 0);
     else
-      kQuadsTiles[rows - 1](K, N, A + m0 * lda, lda, Bq, C + m0 * ldc, ldc, accumulate, 0, nullptr, 0);
+      kSplitTiles<Op>[rows - 1](K, N, A + m0 * lda, lda, Bs, C + m0 * ldc, ldc, accumulate, 0, nullptr, 0, 0);
   }
 }
 
@@ -826,8 +851,8 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 
 void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                           int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also) {
-  if (N <= 16 && K % 4 == 0 && K <= kQuadsMaxK)
-    return quads_stream_gemm(M, N, K, A, lda, Bp, C, ldc, accumulate, also);
+  if (split_steps_fit<Bf16Pairs>(N, K))
+    return split_stream_gemm<Bf16Pairs>(M, N, K, A, lda, Bp, C, ldc, accumulate, also, {});
   panel_gemm<Bf16Pairs, true>(M, N, K, A, lda, Bp, panel_stride, kPairsRow, C, ldc, accumulate, also);
 }
 
@@ -847,6 +872,7 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                        int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also,
                        const FarRows& far) {
+  if (split_steps_fit<F32>(N, K)) return split_stream_gemm<F32>(M, N, K, A, lda, Bp, C, ldc, accumulate, also, far);
   panel_gemm<F32, true>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate, also, nullptr, 0, far);
 }
 

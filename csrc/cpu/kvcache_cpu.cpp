@@ -555,9 +555,7 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                                    const FarRows& far_k) {
             if (avx2_panels)
               avx2_panel_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
-            else if (staged)  // the tile just staged, in cache
-              f32_gemm(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false);
-            else  // the cache's rows, read once from memory
+            else  // the cache's rows, read once from memory, or the tile just staged (nothing alongside)
               f32_gemm_stream_a(n, rows, D, k, ldk, t.b.Qp.data(), panel, st, rows, false, v_rows, far_k);
           };
           if (staged) {
