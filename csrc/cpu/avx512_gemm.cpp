@@ -538,11 +538,13 @@ FC_TARGET void pairs_rows_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* 
 // Decoding's S^T = K Q^T at one vector of query rows (N <= 16: 16 rows a kv group), in split steps.
 // Why: the one-vector tiles (micro_tile, 6 x 1) broadcast one step of A from memory for each
 // multiply-add, 7 loads for 6, and a Zen 5 ran them at the pace of its loads: bf16 6.1-6.3 G
-// vdpbf16ps/s a core with A in L1 (6.2 with the broadcast embedded in the vdpbf16ps), fp32 6.1-6.2 G
-// FMA/s (7.1 with 12 rows), against 8.3-8.4 with A in registers, the peak of both. One 8-byte
+// vdpbf16ps/s a core with A in L1 (6.2 with the broadcast embedded in the vdpbf16ps) against 8.3-8.4
+// with A in registers. fp32 6.1-6.2 G FMA/s (7.1 with 12 rows; 6 chains of FMA's latency 4 at two a
+// cycle would allow 6.2 as well), its peak 8.2 (multiply_peak.py's FMA over two cores). One 8-byte
 // broadcast of two steps of A for two multiply-adds, 8 rows of A a tile (10 loads for 16): 8.2-8.4
-// (benchmarks/cpu_harness/broadcast_loads.cpp, one thread, best of runs: the VM's figures vary). Decoding's bf16 S^T alone, one thread,
-// cache in L2 (decode_bf16_phases.cpp): 7.2-7.3 G/s against 4.6.
+// for both (benchmarks/cpu_harness/broadcast_loads.cpp, one thread, best of runs: the VM's figures
+// vary). Decoding's bf16 S^T alone, one thread, cache in L2 (`decode_bf16_phases 1 2048 1`): 7.2-7.3
+// G/s against 4.6.
 // The split-steps layout of B (N <= 16 columns), in dwords (a step of Op: a bf16 pair or an fp32
 // element), both source layouts 64 dwords a step: for each two steps 2j, 2j + 1, two vectors; in
 // vector h, lane 2i + s holds column 8h + i's step 2j + s. A's row broadcast 8 bytes at a time
@@ -560,9 +562,11 @@ alignas(64) constexpr int32_t kEvenOddLanes[2][16] = {{0, 2, 4, 6, 8, 10, 12, 14
 static_assert(kPairsRow / 2 == kPanelCols, "a step of either source layout is 64 dwords");
 // Whether a product of K along A's rows goes in split steps: an even count of steps, within B's
 // buffer and within one chain of partial sums (micro_tile: kChainOf).
+// (Empty products go to panel_gemm, which leaves C as it is or zeroes it.)
 template <typename Op>
-bool split_steps_fit(int64_t N, int64_t K) {
-  return N <= 16 && K % (2 * Op::kStep) == 0 && K / Op::kStep <= kSplitMaxSteps && K <= kChainOf<Op>;
+bool split_steps_fit(int64_t M, int64_t N, int64_t K) {
+  return M > 0 && N > 0 && N <= 16 && K > 0 && K % (2 * Op::kStep) == 0 && K / Op::kStep <= kSplitMaxSteps &&
+         K <= kChainOf<Op>;
 }
 
 // Bs (split steps, steps / 2 x 32 dwords) = the first N <= 16 columns of one panel of B (pairs or
@@ -851,7 +855,7 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 
 void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                           int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also) {
-  if (split_steps_fit<Bf16Pairs>(N, K))
+  if (split_steps_fit<Bf16Pairs>(M, N, K))
     return split_stream_gemm<Bf16Pairs>(M, N, K, A, lda, Bp, C, ldc, accumulate, also, {});
   panel_gemm<Bf16Pairs, true>(M, N, K, A, lda, Bp, panel_stride, kPairsRow, C, ldc, accumulate, also);
 }
@@ -872,7 +876,7 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                        int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also,
                        const FarRows& far) {
-  if (split_steps_fit<F32>(N, K)) return split_stream_gemm<F32>(M, N, K, A, lda, Bp, C, ldc, accumulate, also, far);
+  if (split_steps_fit<F32>(M, N, K)) return split_stream_gemm<F32>(M, N, K, A, lda, Bp, C, ldc, accumulate, also, far);
   panel_gemm<F32, true>(M, N, K, A, lda, Bp, panel_stride, kPanelCols, C, ldc, accumulate, also, nullptr, 0, far);
 }
 

@@ -67,10 +67,11 @@ void dpbf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda
 // operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, as f32_gemm_stream_a,
 // and the rows of `also` with the same indices (the value rows, read after the scores) into L2
 // alongside, where also.base is set (also.rows is not checked: it holds M rows). Both only in
-// the row blocks that stream (an even K, at least 2 blocks of rows below): a run's last 12 rows or
-// more, and all of a run of 12 or fewer (small pages), are left to what reads them next (a
-// staging's own fetches; P V in registers reads them on demand). Blocks of 6 rows; of 8 where N
-// <= 16 and K is a multiple of 4 up to 256 (avx512_gemm.cpp: split steps), the last 16 rows or more.
+// the row blocks that stream (an even K, and rows of A past the block after the next): a run's
+// last 12 rows or more, and all of a run of 12 or fewer (small pages), are left to what reads
+// them next (a staging's own fetches; P V in registers reads them on demand). Blocks of 6 rows; of
+// 8 where N <= 16 and K is a multiple of 4 up to 256 (avx512_gemm.cpp: split steps), the last 16
+// rows or more.
 void dpbf16_gemm_stream_a(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* Bp,
                           int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {});
 
@@ -99,8 +100,9 @@ void f32_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
 // The same for an A whose rows are read once from memory (decoding's cache rows as the broadcast
 // operand of S^T = K Q^T): each block of A's rows fetched ahead of its use, and `also` as in
 // dpbf16_gemm_stream_a; when far.ahead > 0, the rows far.ahead below each block's into L2 as well.
-// Where N <= 16 and K is even up to 128, in split steps (avx512_gemm.cpp): each output the sum of
-// its even and its odd steps, summed apart.
+// Where N <= 16 and K is even up to 128, in split steps (avx512_gemm.cpp): blocks of 8 rows (the
+// last 16 rows or more not fetched ahead), each output the sum of its even and its odd steps,
+// summed apart.
 void f32_gemm_stream_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                        int64_t panel_stride, float* C, int64_t ldc, bool accumulate, const RowsAhead& also = {},
                        const FarRows& far = {});

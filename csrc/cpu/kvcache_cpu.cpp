@@ -56,8 +56,9 @@ constexpr int64_t kStageAhead = 64;     // rows fetched ahead of the run being s
 // Nq = 1, outputs bit-identical; 128 rows against none): fp32 1.15x-1.22x at 8k and 32k keys, fp16
 // and bf16 0.98x-1.06x; at 2k keys, whose 8 MB (16 in fp32) stayed in the 32 MB L3 between calls,
 // 0.87x-0.95x, hence only past the last level; fp32 P V at 16 rows (Nq = 4) 0.98x-1.00x, hence
-// not there. From 16 rows, fp32 S^T streams the key rows (f32_gemm_stream_a: two blocks of 6 rows
-// ahead into L1) and fetches those kFarKeyRows ahead into L2: at Nq = 4 (five runs, 8k and 32k
+// not there. From 16 rows, fp32 S^T streams the key rows (f32_gemm_stream_a: two blocks of rows
+// ahead into L1, 6 rows a block, 8 in its split steps since 65f939a: the figures that follow are
+// from the 6-row blocks) and fetches those kFarKeyRows ahead into L2: at Nq = 4 (five runs, 8k and 32k
 // keys) 1.05x-1.16x with 64, 1.08x with 32, 1.05x-1.07x with 96; 0.96x-1.03x at 2k; the same for
 // bf16's S^T 0.99x-1.00x (its key rows are half the bytes for the same products), so not there.
 // In a contiguous cache the far fetches go on past a run's end into the item's next keys (so the
