@@ -929,6 +929,38 @@ def test_randomised(seed):
                  seqlens=seqlens, num_splits=rnd.choice([0, 1, 2, 5]), seed=trial, bnhd=rnd.random() < 0.3, **kw)
 
 
+@pytest.mark.parametrize("seed", [91])
+def test_randomised_group_of_16(seed):
+    """16 query rows per kv group (4 query heads a kv head and 4 new tokens, 2 and 8, 1 and 16:
+    speculative decoding's shapes, where S^T = K Q^T goes in split steps for even head dims up to
+    128 in fp32/fp16 and multiples of 4 up to 256 in bf16, avx512_gemm.cpp), random head dims on
+    both sides of those limits, dtypes, layouts, lengths (runs of 8-row blocks whole and partial,
+    several key tiles), splits and options, against the reference (10 draws a seed; tools/soak.py
+    runs more). test_randomised's ratios and token counts never make 16 rows."""
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(10):
+        hkv = rnd.choice([1, 2, 3])
+        ratio, nq = rnd.choice([(4, 4), (4, 4), (2, 8), (1, 16)])
+        hq, n_new = hkv * ratio, rnd.choice([0, 1, 4])
+        capacity = rnd.randint(n_new + 1, 1200)
+        B = rnd.randint(1, 3)
+        seqlens = [rnd.choice([0, capacity - n_new, rnd.randint(0, capacity - n_new)]) for _ in range(B)]
+        kw = {}
+        if rnd.random() < 0.5:
+            kw["causal"] = True
+        if rnd.random() < 0.2:
+            kw["window"] = (rnd.randint(0, 300), rnd.choice([-1, 0, 3]))
+        if rnd.random() < 0.2:
+            kw["softcap"] = 4.0
+        if rnd.random() < 0.2:
+            kw["alibi_slopes"] = torch.rand(hq, generator=g) * 0.2
+        run_case(rnd.choice([torch.float32, torch.bfloat16, torch.float16]), B=B, hq=hq, hkv=hkv, nq=nq, n_new=n_new,
+                 D=rnd.choice([8, 24, 40, 64, 66, 96, 128, 130, 256]), capacity=capacity,
+                 page_size=rnd.choice([None, None, 16, 33, 256]), seqlens=seqlens, num_splits=rnd.choice([0, 1, 2, 5]),
+                 seed=trial, bnhd=rnd.random() < 0.3, **kw)
+
+
 _KNOWN_EXCESS = {
     63770: "trial 5 (bf16, batch 4: sequence 0's one query against the 3 keys it appends to an empty cache, D 8, "
            "ALiBi, 2 query heads a kv head, pages of 33, BNHD pool, CPU backend): head 1's row 5.61e-3 from "

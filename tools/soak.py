@@ -27,6 +27,7 @@ TESTS = [("test_masks", "test_randomised_against_reference"),
          ("test_sm75", "test_randomised_t4_against_reference"),
          ("test_kvcache", "test_randomised"),
          ("test_kvcache", "test_randomised_leftpad"),
+         ("test_kvcache", "test_randomised_group_of_16"),
          ("test_varlen", "test_randomised_against_reference"),
          ("test_sdpa_dropin", "test_randomised_against_reference"),
          ("test_sdpa_dropin", "test_randomised_broadcasts")]
