@@ -901,6 +901,23 @@ def test_opcheck_and_compile():
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 
+def draw_lengths_and_options(rnd, g, hq, n_new, capacity, B, p_window=0.2, window_max=50, p_alibi=0.2):
+    """The randomised tests' cache lengths (empty, full or between, per sequence) and options
+    (causal, a window, softcap, ALiBi slopes from `g`), drawn from `rnd` in one fixed order, so a
+    seed names the same draw in every test that uses it."""
+    seqlens = [rnd.choice([0, capacity - n_new, rnd.randint(0, capacity - n_new)]) for _ in range(B)]
+    kw = {}
+    if rnd.random() < 0.5:
+        kw["causal"] = True
+    if rnd.random() < p_window:
+        kw["window"] = (rnd.randint(0, window_max), rnd.choice([-1, 0, 3]))
+    if rnd.random() < 0.2:
+        kw["softcap"] = 4.0
+    if rnd.random() < p_alibi:
+        kw["alibi_slopes"] = torch.rand(hq, generator=g) * 0.2
+    return seqlens, kw
+
+
 @pytest.mark.parametrize("seed", [1234])
 def test_randomised(seed):
     """Random shapes, GQA ratios, dtypes, layouts, page sizes, lengths, splits and options (25
@@ -914,16 +931,7 @@ def test_randomised(seed):
         nq, n_new = rnd.choice([1, 1, 2, 5, 17]), rnd.choice([0, 1, 3])
         capacity = rnd.randint(n_new + 1, 700)
         B = rnd.randint(1, 4)
-        seqlens = [rnd.choice([0, capacity - n_new, rnd.randint(0, capacity - n_new)]) for _ in range(B)]
-        kw = {}
-        if rnd.random() < 0.5:
-            kw["causal"] = True
-        if rnd.random() < 0.2:
-            kw["window"] = (rnd.randint(0, 50), rnd.choice([-1, 0, 3]))
-        if rnd.random() < 0.2:
-            kw["softcap"] = 4.0
-        if rnd.random() < 0.2:
-            kw["alibi_slopes"] = torch.rand(hq, generator=g) * 0.2
+        seqlens, kw = draw_lengths_and_options(rnd, g, hq, n_new, capacity, B)
         run_case(rnd.choice([torch.float32, torch.bfloat16, torch.float16]), B=B, hq=hq, hkv=hkv, nq=nq, n_new=n_new,
                  D=rnd.choice([8, 24, 64]), capacity=capacity, page_size=rnd.choice([None, 1, 16, 33, 256]),
                  seqlens=seqlens, num_splits=rnd.choice([0, 1, 2, 5]), seed=trial, bnhd=rnd.random() < 0.3, **kw)
@@ -945,16 +953,7 @@ def test_randomised_group_of_16(seed):
         hq, n_new = hkv * ratio, rnd.choice([0, 1, 4])
         capacity = rnd.randint(n_new + 1, 1200)
         B = rnd.randint(1, 3)
-        seqlens = [rnd.choice([0, capacity - n_new, rnd.randint(0, capacity - n_new)]) for _ in range(B)]
-        kw = {}
-        if rnd.random() < 0.5:
-            kw["causal"] = True
-        if rnd.random() < 0.2:
-            kw["window"] = (rnd.randint(0, 300), rnd.choice([-1, 0, 3]))
-        if rnd.random() < 0.2:
-            kw["softcap"] = 4.0
-        if rnd.random() < 0.2:
-            kw["alibi_slopes"] = torch.rand(hq, generator=g) * 0.2
+        seqlens, kw = draw_lengths_and_options(rnd, g, hq, n_new, capacity, B, window_max=300)
         run_case(rnd.choice([torch.float32, torch.bfloat16, torch.float16]), B=B, hq=hq, hkv=hkv, nq=nq, n_new=n_new,
                  D=rnd.choice([8, 24, 40, 64, 66, 96, 128, 130, 256]), capacity=capacity,
                  page_size=rnd.choice([None, None, 16, 33, 256]), seqlens=seqlens, num_splits=rnd.choice([0, 1, 2, 5]),
