@@ -1092,6 +1092,10 @@ _KNOWN_LEFTPAD_EXCESS = {
     13283: "trial 5 (bf16, batch 4: sequence 1's one query against the 3 keys it appends to an empty cache, "
            "pages of 33, 2 splits asked, D 8, causal, softcap 4): 4.34e-3 from float64, where plain bf16 torch is "
            "1.68e-3 off on that row (2.09e-3 on another, the rule's); found by the same soak",
+    22724: "trial 8 (bf16, batch 4: sequence 1's one query against the 44 of its 571 keys behind a pad of 376 "
+           "that its causal window (43, -1) leaves, pages of 256, 5 splits asked, D 8): 1.40e-3 from float64, "
+           "where plain bf16 torch is 5.56e-4 off; found by a soak on 2026-12-07 (second session, seeds "
+           "22463-23719), the same with the build from before that session's split steps",
 }
 
 

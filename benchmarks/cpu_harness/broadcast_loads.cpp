@@ -45,7 +45,8 @@ TARGET float run(const uint16_t* A, const uint16_t* B, int reps) {
           UNROLL for (int s = 0; s < 2; ++s) {
             const __m512bh b = s ? b1 : b0;
             if constexpr (M == kEmbedded) {
-              asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(c[r][s]) : "v"(b), "m"(*reinterpret_cast<const uint32_t*>(a + 2 * s)));
+              const uint32_t& pair = *reinterpret_cast<const uint32_t*>(a + 2 * s);
+              asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(c[r][s]) : "v"(b), "m"(pair));
             } else if constexpr (M == kPairs) {
               uint32_t pair;
               std::memcpy(&pair, a + 2 * s, sizeof(pair));

@@ -594,11 +594,12 @@ FC_TARGET void split_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_
   FC_UNROLL for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 2 * Op::kStep) {
     if (kStream && k * sizeof(EA) % kCacheLine == 0) {
-      FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(A + (r + ahead) * lda + k), _MM_HINT_T0);
+      const auto row = [&](int64_t r) { return reinterpret_cast<const char*>(A + r * lda + k); };
+      FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(row(r + ahead), _MM_HINT_T0);
       if (also)
         FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(also + r * ld_also + k * sizeof(EA), _MM_HINT_T1);
       if (far)
-        FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(A + (r + far) * lda + k), _MM_HINT_T1);
+        FC_UNROLL for (int r = 0; r < R; ++r) _mm_prefetch(row(r + far), _MM_HINT_T1);
     }
     const int32_t* b = Bs + 16 * (k / Op::kStep);
     const __m512 b0 = _mm512_castsi512_ps(_mm512_load_si512(b)), b1 = _mm512_castsi512_ps(_mm512_load_si512(b + 16));

@@ -377,11 +377,11 @@ bool kvcache_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   // bf16 on the AVX512-BF16 micro-kernel (no AMX) from kDotRows rows on: amx_s and amx_v's flow
   // on dpbf16 GEMMs, each phase's multiplies covering the next phase's memory reads. S^T = K Q^T
   // (Q^T packed once per item) fetches its key rows ahead into L1 and the same rows of V into L2
-  // (dpbf16_gemm_stream_a: the rows of a run but its last 12 or 16 or more, for an even D); P V multiplies V from
-  // there (pv_pairs_in_registers, below, reading those last rows on demand; else V staged into the
-  // pairs layout first, the staging fetching them) and fetches the next tile's first run of key rows
-  // into L2 where its rows are contiguous (a contiguous cache, or one page: the GEMMs' stream;
-  // (B, N, H, D) caches: S^T's own fetches alone).
+  // (dpbf16_gemm_stream_a: the rows of a run but its last 12 or 16 or more, for an even D); P V
+  // multiplies V from there (pv_pairs_in_registers, below, reading those last rows on demand; else
+  // V staged into the pairs layout first, the staging fetching them) and fetches the next tile's
+  // first run of key rows into L2 where its rows are contiguous (a contiguous cache, or one page:
+  // the GEMMs' stream; (B, N, H, D) caches: S^T's own fetches alone).
   // Before, RightOperand's GEMM and V packed by pack_pairs_bf16 waited on memory in turn (half the
   // call in those two: perf on a Zen 4, GQA 32/8, D 128, Nq = 4, 8k keys). Measured there, in-process
   // A/B one step at a time on a 2-core VM whose bandwidth varied run to run: this flow with V
