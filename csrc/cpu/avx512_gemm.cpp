@@ -220,6 +220,9 @@ FC_TARGET FC_INLINE void store_tile(__m512 (&c)[R][V], float* C, int64_t ldc, co
 // 2k to 32k keys (two builds' calls alternated, 5 and 8 rounds, medians). fp32's 6 x 1 tile (FMA
 // latency 4) measured no faster with two. By width rather than by accumulator count, so every row
 // block of a panel sums in the same order: a row's bits do not depend on the block it falls in.
+// That S^T now goes in split steps (split_tile, below: the same sums, so the same bits, with half
+// the loads); the two sets serve the other bf16 tiles one vector wide (dpbf16_gemm's last 16
+// columns, dpbf16_gemm_stream_a outside split steps' head dims).
 
 template <typename Op, int R, int V, bool kLastRow, Ahead kAhead = Ahead::kNone>
 FC_TARGET void micro_tile(int64_t K, int64_t n, const typename Op::EA* A, int64_t lda, const typename Op::EB* B,
