@@ -9,7 +9,7 @@
 // and the same for fp32 FMAs: a step of A broadcast per FMA (one set of R accumulators, as
 // micro_tile<F32, R, 1>), and two steps broadcast for two FMAs (split_tile<F32>).
 // Build and run (x86-64 with AVX512-BF16; from the repository root):
-//   g++ -O2 -std=c++17 benchmarks/cpu_harness/broadcast_loads.cpp -o /tmp/broadcast_loads && /tmp/broadcast_loads
+//   g++ -O2 -std=c++17 -Icsrc/cpu benchmarks/cpu_harness/broadcast_loads.cpp -o /tmp/broadcast_loads && /tmp/broadcast_loads
 #include <immintrin.h>
 
 #include <chrono>
@@ -19,6 +19,10 @@
 #include <fstream>
 #include <string>
 #include <vector>
+
+#include "cache_line.h"
+
+using flash_cuda::cpu::TileVector;
 
 #define TARGET __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline))
 #define UNROLL _Pragma("GCC unroll 16")
@@ -121,13 +125,13 @@ int main() {
       std::printf("%s (one thread)\n", line.c_str());
       break;
     }
-  std::vector<uint16_t> A(16 * kLda, 0x3f80), B(kK * 32, 0x3c00);  // bf16 1.0 and 2^-7: no overflow
+  TileVector<uint16_t> A(16 * kLda, 0x3f80), B(kK * 32, 0x3c00);  // bf16 1.0 and 2^-7: no overflow
   report<kPairs, 6>("pairs, vpbroadcastd", A.data(), B.data());
   report<kEmbedded, 6>("pairs, {1to16}", A.data(), B.data());
   report<kRegisters, 6>("A in registers", A.data(), B.data());
   report<kSplit, 6>("split, vpbroadcastq", A.data(), B.data());
   report<kSplit, 8>("split, vpbroadcastq", A.data(), B.data());
-  std::vector<float> Af(16 * kLda, 1.0f), Bf(kK * 32, 1e-6f);
+  TileVector<float> Af(16 * kLda, 1.0f), Bf(kK * 32, 1e-6f);
   report_f32("fp32, vbroadcastss", 6, [&](int reps) { return run_f32<kPairs, 6>(Af.data(), Bf.data(), reps); });
   report_f32("fp32, vbroadcastss", 12, [&](int reps) { return run_f32<kPairs, 12>(Af.data(), Bf.data(), reps); });
   report_f32("fp32 split, vbroadcastsd", 8, [&](int reps) { return run_f32<kSplit, 8>(Af.data(), Bf.data(), reps); });

@@ -9,7 +9,9 @@
 //   g++ -O2 -std=c++17 -Icsrc/cpu benchmarks/cpu_harness/decode_bf16_phases.cpp csrc/cpu/avx512_gemm.cpp -o /tmp/phases
 //   /tmp/phases KV_HEADS KEYS MODE [REPS]     e.g. /tmp/phases 8 8192 7
 // MODE is a sum of 1 (S^T), 2 (V's staging), 4 (P V from the staged tile), 8 (P V with V's row
-// pairs interleaved in registers, dpbf16_gemm_rows, no staging). Prints the best of REPS passes.
+// pairs interleaved in registers, dpbf16_gemm_rows, no staging), 16 (the same in the pairs order,
+// fetching the next tile's key rows into L2: the loop's P V at 16 rows and D 128, so 17 is the
+// loop's two GEMMs). Prints the best of REPS passes.
 #include <x86intrin.h>
 
 #include <chrono>
@@ -17,6 +19,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "cache_line.h"
 #include "avx512_gemm.h"
 
 using namespace flash_cuda::cpu;
@@ -33,14 +36,14 @@ int main(int argc, char** argv) {
   const int64_t heads = std::atol(argv[1]), keys = std::atol(argv[2]), mode = std::atol(argv[3]);
   const int reps = argc > 4 ? std::atoi(argv[4]) : 20;
   constexpr int64_t D = 128, R = 16, Bc = 512;
-  std::vector<uint16_t> K(heads * keys * D), V(heads * keys * D), Q(R * D), P(R * Bc);
-  std::vector<uint16_t> Qtp(pairs_size(D, R)), Vp(pairs_size(Bc, D));
+  TileVector<uint16_t> K(heads * keys * D), V(heads * keys * D), Q(R * D), P(R * Bc);
+  TileVector<uint16_t> Qtp(pairs_size(D, R)), Vp(pairs_size(Bc, D));
   for (auto& x : K) x = 0x3f80 + (std::rand() & 0x7f);  // bf16 values in [1, 2)
   for (auto& x : V) x = 0x3f80 + (std::rand() & 0x7f);
   for (auto& x : Q) x = 0x3f80 + (std::rand() & 0x7f);
   for (auto& x : P) x = 0x3f00 + (std::rand() & 0x7f);  // [0.5, 1)
   pack_pairs_bf16_transposed(D, R, Q.data(), D, Qtp.data());
-  std::vector<float> St(Bc * R), O(R * D);
+  TileVector<float> St(Bc * R), O(R * D);
   double best = 1e30, phase[3] = {0, 0, 0}, best_phase[3] = {0, 0, 0};
   for (int rep = 0; rep < reps; ++rep) {
     phase[0] = phase[1] = phase[2] = 0;
@@ -58,6 +61,12 @@ int main(int argc, char** argv) {
         if (mode & 2) stage_rows_pairs(bc, D, v + j0 * D, D, 0, Vp.data(), pairs_panel_size(Bc));
         const uint64_t t2 = __rdtsc();
         if (mode & 8) dpbf16_gemm_rows(R, D, bc, P.data(), Bc, v + j0 * D, D, O.data(), D, true);
+        if (mode & 16) {
+          const bool next = j0 + Bc < keys;
+          dpbf16_gemm_rows_pairs_order(R, D, bc, P.data(), Bc, v + j0 * D, D, O.data(), D,
+                                       next ? reinterpret_cast<const char*>(k + (j0 + Bc) * D) : nullptr,
+                                       next ? Bc * D * 2 : 0);
+        }
         if (mode & 4) {
           const bool next = j0 + Bc < keys;
           dpbf16_gemm(R, D, bc, P.data(), Bc, Vp.data(), pairs_panel_size(Bc), O.data(), D, true,

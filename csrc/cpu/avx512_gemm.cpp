@@ -214,8 +214,9 @@ FC_TARGET FC_INLINE void store_tile(__m512 (&c)[R][V], float* C, int64_t ldc, co
 // of multiply-adds issues one a latency: a Zen 5 issues two vdpbf16ps on zmm a cycle
 // (benchmarks/multiply_peak.py) at a latency of about 6 cycles, so it needs about 12 chains in
 // flight, and the 6 x 1 tile of decoding's S^T at 16 query rows a kv group had 6 (a Zen 4 issues
-// one a cycle: 6 were enough). Measured on a Zen 5 (2 cores): that S^T alone 1.2x-1.3x faster (one
-// thread, cache in L2, benchmarks/cpu_harness/decode_bf16_phases.cpp); bf16 decoding at Nq = 4
+// one a cycle: 6 were enough). Measured on a Zen 5 (2 cores): that S^T alone 1.13x-1.18x faster (one
+// thread, cache in L2, benchmarks/cpu_harness/decode_bf16_phases.cpp, medians of five runs with its
+// buffers aligned; 1.2x-1.3x as first measured, off a cache line); bf16 decoding at Nq = 4
 // (GQA 32/8, D 128; with P V's broadcasts read from memory, pairs_in_registers_tile) 1.04x-1.12x at
 // 2k to 32k keys (two builds' calls alternated, 5 and 8 rounds, medians). fp32's 6 x 1 tile (FMA
 // latency 4) measured no faster with two. By width rather than by accumulator count, so every row
@@ -453,7 +454,8 @@ FC_TARGET void pairs_in_registers_tile(int64_t K, int64_t n, const uint16_t* A, 
     }
   // a(r): row r's pair of A for the step, broadcast straight from memory (vpbroadcastd m32, a load
   // alone; read into a general register first, GCC broadcast it from there, a vector-pipe move per
-  // row: on a Zen 5 P V 1.13x-1.23x faster in the harness of decode_bf16_phases.cpp, in L2, -O2 and -O3)
+  // row: on a Zen 5 P V in the pairs order 1.06x-1.09x faster in the harness of decode_bf16_phases.cpp,
+  // in L2, medians of five runs; 1.13x-1.23x as first measured, with the harness's V off a cache line)
   const auto step = [&](const uint16_t* b0, const uint16_t* b1, auto a) FC_TARGET_LAMBDA {
     __m512i lo[V], hi[V];
     FC_UNROLL for (int v = 0; v < V; ++v) {
@@ -540,14 +542,16 @@ FC_TARGET void pairs_rows_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* 
 
 // Decoding's S^T = K Q^T at one vector of query rows (N <= 16: 16 rows a kv group), in split steps.
 // Why: the one-vector tiles (micro_tile, 6 x 1) broadcast one step of A from memory for each
-// multiply-add, 7 loads for 6, and a Zen 5 ran them at the pace of its loads: bf16 6.1-6.3 G
-// vdpbf16ps/s a core with A in L1 (6.2 with the broadcast embedded in the vdpbf16ps) against 8.3-8.4
-// with A in registers. fp32 6.1-6.2 G FMA/s (7.1 with 12 rows; 6 chains of FMA's latency 4 at two a
-// cycle would allow 6.2 as well), its peak 8.2 (multiply_peak.py's FMA over two cores). One 8-byte
-// broadcast of two steps of A for two multiply-adds, 8 rows of A a tile (10 loads for 16): 8.2-8.4
-// for both (benchmarks/cpu_harness/broadcast_loads.cpp, one thread, best of runs: the VM's figures
-// vary). Decoding's bf16 S^T alone, one thread, cache in L2 (`decode_bf16_phases 1 2048 1`): 7.2-7.3
-// G/s against 4.6.
+// multiply-add, 7 loads for 6, and a Zen 5 ran them at the pace of its loads: bf16 6.4-6.8 G
+// vdpbf16ps/s a core with A in L1 (7.0-7.3 with the broadcast embedded in the vdpbf16ps) against
+// 8.2-8.7 with A in registers. fp32 6.0-6.5 G FMA/s (7.5-7.9 with 12 rows; 6 chains of FMA's
+// latency 4 at two a cycle would allow 6.2 as well), its peak 8.2 (multiply_peak.py's FMA over two
+// cores). One 8-byte broadcast of two steps of A for two multiply-adds, 8 rows of A a tile (10 loads
+// for 16): bf16 8.1-8.6, fp32 7.8-8.4 (benchmarks/cpu_harness/broadcast_loads.cpp, one thread, best
+// of runs, five runs: the VM's figures vary). Decoding's bf16 S^T alone, one thread, cache in L2
+// (`decode_bf16_phases 1 2048 1`, five runs): 7.4-7.7 G/s against 4.9-5.2. (Both harnesses' buffers
+// 64-byte aligned, as torch's tensors are; the figures first given here came from buffers 16 bytes
+// off a cache line: cache_line.h.)
 // The split-steps layout of B (N <= 16 columns), in dwords (a step of Op: a bf16 pair or an fp32
 // element), both source layouts 64 dwords a step: for each two steps 2j, 2j + 1, two vectors; in
 // vector h, lane 2i + s holds column 8h + i's step 2j + s. A's row broadcast 8 bytes at a time

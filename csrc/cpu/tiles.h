@@ -7,34 +7,17 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
-#include <new>
 #include <vector>
 
 #include "../attn_options.h"
 #include "../kernels/mask.h"
+#include "cache_line.h"
 #include "rowops.h"
 #include "tile_gemm.h"
 
 namespace flash_cuda::cpu {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Scratch tiles on 64-byte (cache line, AVX-512 vector) boundaries: the BLAS's no-copy kernels
-// read and write them in place, and a C tile at malloc's 16-byte alignment splits every vector
-// access across two lines.
-template <typename T>
-struct CacheLineAllocator {
-  using value_type = T;
-  CacheLineAllocator() = default;
-  template <typename U>
-  CacheLineAllocator(const CacheLineAllocator<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-  template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const { return true; }
-};
-template <typename T>
-using TileVector = std::vector<T, CacheLineAllocator<T>>;
 
 // Runs work(item, scratch) for item in [0, n) on all intra-op threads. Items are handed
 // out dynamically (causal tiles differ in cost), which keeps results deterministic
