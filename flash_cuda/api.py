@@ -1087,11 +1087,15 @@ def pad_input(x_unpad, indices, batch, seqlen):
 
 def _check_index_range(fn, indices, n, what):
     """Each index in [0, n) (what: n's name), where CPU indices can be read without a sync; CUDA
-    ones are not read (that would synchronise with the GPU)."""
+    ones are not read (that would synchronise with the GPU). Compiled on the CPU, checked as the
+    graph runs (Inductor's own bounds check would fail there too, without naming indices)."""
     if _readable(indices) and indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"{fn}: indices must be in [0, {what}) = [0, {n}), got values in [{lo}, {hi}]")
+    elif torch.compiler.is_compiling() and indices.device.type == "cpu":
+        # (n not shown: dynamo shows a symbolic size as an int, and formatting it specialises it)
+        torch._assert_async(((indices >= 0) & (indices < n)).all(), f"{fn}: indices must be in [0, {what})")
 
 
 def _pad(fn, x_unpad, indices, batch, seqlen, x_name):

@@ -272,6 +272,21 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
             raise ValueError(f"{fn}: block_table[{b}, {i}] = {int(block_table[b, i])} points outside the pool of "
                              f"{k.shape[0]} blocks (k.shape[0]) but sequence {b} uses that block")
         total = max(int(cu[-1]), 0)  # (CPU: the keys there are, not a row more)
+    elif torch.compiler.is_compiling() and cu_seqlens_k.device.type == "cpu" and B:
+        # the same checks as the graph runs (a host read would break it; the gather below clamps,
+        # so a table past the pool gave a silently wrong result); not on a GPU, where Inductor's
+        # device assert is off outside debug builds
+        # (no sizes in the messages: dynamo shows a symbolic size as an int, and formatting it
+        # specialises it to the value it was traced at)
+        torch._assert_async((lengths <= max_k).all(),
+                            f"{fn}: max_seqlen_k is smaller than the longest sequence of cu_seqlens_k")
+        torch._assert_async((lengths <= capacity).all(),
+                            f"{fn}: a sequence has more keys (cu_seqlens_k) than the rows of its blocks (block_table's "
+                            "columns x page_block_size)")
+        used = torch.arange(blocks) * page_size < lengths.clamp(min=0)[:, None]
+        outside = used & ((block_table < 0) | (block_table >= k.shape[0]))
+        torch._assert_async(~outside.any(), f"{fn}: block_table points outside the pool of blocks (k.shape[0]) in a "
+                            "block that its sequence uses")
     rows = torch.arange(total, device=q.device)
     seq = torch.searchsorted(cu, rows, right=True) - 1  # each packed row's sequence (B past cu_seqlens_k's end)
     at = seq.clamp(0, max(B - 1, 0))

@@ -619,13 +619,17 @@ def test_cuda_varlen_with_block_table(seed):
     assert_fa_rule(f"seed {seed}: out", out, plain, ref, 2)
 
 
-def bad_varlen(**over):
+def varlen_args(**over):
     g = torch.Generator().manual_seed(0)
     args = dict(q=torch.randn(5, 4, 16, generator=g), k=torch.randn(6, 4, 2, 16, generator=g),
                 v=torch.randn(6, 4, 2, 16, generator=g), cu_seqlens_q=I32(0, 2, 5), cu_seqlens_k=I32(0, 7, 9),
                 max_seqlen_q=3, max_seqlen_k=7, block_table=I32([0, 3], [5, 1]))
     args.update(over)
-    return fa.flash_attn_varlen_func(**args)
+    return args
+
+
+def bad_varlen(**over):
+    return fa.flash_attn_varlen_func(**varlen_args(**over))
 
 
 @pytest.mark.parametrize("over,exc,match", [
@@ -654,6 +658,33 @@ def bad_varlen(**over):
 def test_bad_varlen_block_table(over, exc, match):
     with pytest.raises(exc, match=r"^flash_attn_varlen_func: " + match):
         bad_varlen(**over)
+
+
+def test_bad_varlen_block_table_compiled():
+    """Compiled on the CPU, where the checks cannot read the table and lengths on the host without
+    breaking the graph: the same bad input still fails, as the graph runs, naming the argument (the
+    gather clamps its indices, and a table past the pool gave a silently wrong result before). The
+    valid call compiled equals eager."""
+    compiled = torch.compile(lambda **kw: fa.flash_attn_varlen_func(**kw), fullgraph=True, backend="eager")
+
+    def fn(**over):
+        return compiled(**varlen_args(**over))
+
+    torch._dynamo.reset()
+    assert torch.equal(fn(), bad_varlen())
+    for over, match in ((dict(block_table=I32([0, 6], [5, 1])), r"block_table points outside the pool of blocks "
+                                                                r"\(k.shape\[0\]\) in a block that its sequence uses"),
+                        (dict(block_table=I32([0, 3], [-1, 1])), r"block_table points outside the pool"),
+                        (dict(cu_seqlens_k=I32(0, 9, 10), max_seqlen_k=9),
+                         r"a sequence has more keys \(cu_seqlens_k\) than the rows of its blocks"),
+                        (dict(max_seqlen_k=6), r"max_seqlen_k is smaller than the longest sequence of cu_seqlens_k")):
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=r"^flash_attn_varlen_func: " + match):
+            fn(**over)
+    # entries past a sequence's keys may still hold anything (as eager: vLLM's padded tables)
+    torch._dynamo.reset()
+    assert torch.equal(fn(block_table=I32([0, -1], [5, 99]), cu_seqlens_k=I32(0, 4, 6), max_seqlen_k=4),
+                       bad_varlen(block_table=I32([0, 3], [5, 1]), cu_seqlens_k=I32(0, 4, 6), max_seqlen_k=4))
 
 
 def test_varlen_block_table_without_columns():
