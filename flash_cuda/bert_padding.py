@@ -85,12 +85,21 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
         if bool((lengths < 0).any() | (per_row > lengths.shape[1]).any()):
             raise ValueError(f"{fn}: attention_mask_in_length must hold non-negative lengths whose sum per row is at "
                              f"most S = {lengths.shape[1]}, got row sums {per_row.tolist()}")
+    elif lengths.numel() and lengths.device.type == "cpu":
+        # compiled: checked as the graph runs (the lengths made decreasing cu_seqlens or ones past the
+        # rows, silently); no sizes in the message (formatting a symbolic one specialises it). Not
+        # on a GPU, where Inductor's device assert is off outside debug builds.
+        torch._assert_async(((lengths >= 0).all() & (lengths.sum(1) <= lengths.shape[1]).all()),
+                            f"{fn}: attention_mask_in_length must hold non-negative lengths whose sum per row is at "
+                            "most S")
     positions = torch.arange(lengths.shape[1], device=lengths.device)
     real = positions < lengths.sum(1, keepdim=True)  # (B, S): the first sum(lengths[b]) tokens of row b
     seqlens = lengths.reshape(-1)[lengths.reshape(-1) != 0].to(torch.int32)  # row by row, in order
     indices = torch.nonzero(real.reshape(-1)).flatten()
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    # (the largest entry of the lengths themselves, non-negative: no branch on how many sequences
+    # there are, which a compiled graph could not take)
+    max_seqlen = int(lengths.max().clamp(min=0)) if lengths.numel() else 0
     return hidden_states.reshape(-1, *hidden_states.shape[2:])[indices], indices, cu_seqlens, max_seqlen
 
 

@@ -426,6 +426,13 @@ def _check_rotary_positions(fn, q, cache_seqlens, rows, local):
             at = f"cache_seqlens[{b}]{' + seqlen_q - 1' if local else ''}"
             raise ValueError(f"{fn}: rotary_cos and rotary_sin have {rows} positions, but the last query of "
                              f"sequence {b} is at position {at} = {last}")
+    elif torch.compiler.is_compiling() and cache_seqlens.device.type == "cpu":
+        # the same check as the graph runs (a host read would break it; the positions are clamped to
+        # the tables' last row, which gave a silently wrong result); no sizes in the message (dynamo
+        # shows a symbolic size as an int, and formatting it specialises it)
+        torch._assert_async((cache_seqlens + (q.shape[1] - 1 if local else 0) < rows).all(),
+                            f"{fn}: rotary_cos and rotary_sin have fewer positions than the last query of a sequence "
+                            f"(cache_seqlens{' + seqlen_q - 1' if local else ''}) needs")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

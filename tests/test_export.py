@@ -203,6 +203,25 @@ def test_unpad_compiles_without_graph_breaks_and_keeps_its_mask_check():
             torch.compile(f, fullgraph=True)(x, (mask - 1) * 1e9)
 
 
+def test_concatenated_sequences_compile_and_keep_their_check():
+    """unpad_input_for_concatenated_sequences under torch.compile(fullgraph=True) (with dynamo's
+    capture of scalars and data-dependent shapes): it branched on how many sequences there were,
+    which no graph could trace; bad lengths were not checked there (decreasing cu_seqlens, or ones
+    past the rows, silently: an audit's finding), now they fail as the graph runs."""
+    x = rand(2, 5, 8)
+    lengths = torch.tensor([[2, 3, 0, 0, 0], [1, 1, 0, 0, 0]])
+    f = bert_padding.unpad_input_for_concatenated_sequences
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        torch._dynamo.reset()
+        got, want = torch.compile(f, fullgraph=True)(x, lengths), f(x, lengths)
+        assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3])) and got[3] == want[3] == 3
+        for bad in (torch.tensor([[2, -1, 3, 0, 0], [1, 1, 0, 0, 0]]), torch.tensor([[3, 4, 0, 0, 0], [1, 1, 0, 0, 0]])):
+            torch._dynamo.reset()
+            with pytest.raises(RuntimeError, match="attention_mask_in_length must hold non-negative lengths whose "
+                                                   "sum per row is at most S"):
+                torch.compile(f, fullgraph=True)(x, bad)
+
+
 def test_aot_inductor_package(tmp_path):
     """An exported program with a dynamic sequence length, compiled by AOTInductor into a package
     (the op called from the generated C++), loaded and run at another length: eager's output."""

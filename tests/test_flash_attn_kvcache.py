@@ -369,6 +369,34 @@ def test_rotary_tables_too_short_for_the_queries():
         fa.flash_attn_with_kvcache(q, kc[:, :0], vc[:, :0], k, k, rotary_cos=empty, rotary_sin=empty, cache_seqlens=0)
 
 
+def test_rotary_tables_too_short_for_the_queries_compiled():
+    """Compiled on the CPU (the lengths not read on the host there): queries past the rotary
+    tables still fail, as the graph runs (their positions were clamped to the tables' last row: a
+    silently wrong result, found by an audit); tables long enough give eager's result."""
+    g = torch.Generator().manual_seed(4)
+    kc, vc = torch.randn(1, 8, 2, 16, generator=g), torch.randn(1, 8, 2, 16, generator=g)
+    q, k, v = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 2, 16, generator=g), torch.randn(1, 2, 2, 16)
+    angles = torch.arange(16.0)[:, None] * torch.rand(4, generator=g)[None]
+    fn = torch.compile(lambda q, kc, vc, k, v, lens, cos, sin, causal: fa.flash_attn_with_kvcache(
+        q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens, causal=causal), fullgraph=True,
+        backend="eager")
+    lens = torch.tensor([6], dtype=torch.int32)
+    cos, sin = angles[:8].cos(), angles[:8].sin()  # 8 rows, the cache's capacity
+    # causal: the 4 queries at positions 6..9 after 2 new keys; else all at the full cache's 8
+    for causal, new, at in ((True, 2, 6), (False, 0, 8)):
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=r"^flash_attn_with_kvcache: rotary_cos and rotary_sin have fewer positions "
+                                               r"than the last query of a sequence \(cache_seqlens"
+                                               + (r" \+ seqlen_q - 1" if causal else "") + r"\) needs"):
+            fn(q, kc.clone(), vc.clone(), k[:, :new], v[:, :new], torch.tensor([at], dtype=torch.int32), cos, sin,
+               causal)
+    cos, sin = angles.cos(), angles.sin()
+    torch._dynamo.reset()
+    want = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, rotary_cos=cos, rotary_sin=sin,
+                                      cache_seqlens=lens, causal=True)
+    assert torch.equal(fn(q, kc.clone(), vc.clone(), k, v, lens, cos, sin, True), want)
+
+
 def test_tensors_that_require_grad_are_constants():
     """Like FlashAttention's kvcache call (no autograd), every tensor that requires grad is read as
     a constant, the rotary tables included (they were taken for q requiring grad)."""

@@ -579,6 +579,16 @@ def test_more_unsupported_features_raise():
     with pytest.raises(NotImplementedError, match=r"a padding attention_mask together with packed sequences"):
         attention_forward(module, q, q, q, mask, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=3,
                           max_length_k=3)
+    # compiled, the mask function keeps an all-ones mask (no host read): it runs as no mask, and one
+    # with padding fails as the graph runs (it was dropped, its padding attended: an audit's finding)
+    fn = torch.compile(lambda q, mask: attention_forward(module, q, q, q, mask, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                                         max_length_q=3, max_length_k=3)[0],
+                       fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    assert torch.equal(fn(q, torch.ones_like(mask)), fn(q, None))
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"a padding attention_mask together with packed sequences"):
+        fn(q, mask)
 
 
 def test_paligemma_prefix_lm_like_eager():

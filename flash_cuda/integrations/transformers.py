@@ -178,9 +178,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if position_bias is not None and packed:
         raise NotImplementedError(f"{fn}: a position bias (T5) with packed sequences is not supported")
     if cu_q is not None and cu_k is not None:  # packed sequences, lengths given (DataCollatorWithFlattening)
+        message = (f"{fn}: a padding attention_mask together with packed sequences (cu_seq_lens_q/k) is not "
+                   "supported; pack the real tokens only")
         if attention_mask is not None and not torch.compiler.is_compiling():  # (all ones became None)
-            raise NotImplementedError(f"{fn}: a padding attention_mask together with packed sequences "
-                                      "(cu_seq_lens_q/k) is not supported; pack the real tokens only")
+            raise NotImplementedError(message)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.device.type == "cpu":
+            # compiled, the mask function keeps an all-ones mask (no host read): checked as the graph
+            # runs instead (a mask with padding was dropped, its padding attended, silently). Not on
+            # a GPU, where Inductor's device assert is off outside debug builds.
+            torch._assert_async((attention_mask != 0).all(), message)
         if B != 1:
             raise ValueError(f"{fn}: packed sequences (cu_seq_lens_q/k) need a batch of one row, got query of "
                              f"shape {tuple(q.shape)}")
