@@ -396,8 +396,18 @@ def _check_rotary(fn, q, k, rotary_cos, rotary_sin, seqlen_k):
 
 def _check_cache_batch_idx_values(fn, k_cache, n_new, cache_batch_idx):
     """CPU values of cache_batch_idx: each a batch of the cache, no two sequences that append
-    sharing one."""
+    sharing one. Compiled on the CPU, checked as the graph runs (the op would name the block table
+    built from it); no values or sizes in the messages there (a host read breaks the graph, and
+    formatting a symbolic size specialises it)."""
     if not _readable(cache_batch_idx):
+        if torch.compiler.is_compiling() and cache_batch_idx.device.type == "cpu":
+            torch._assert_async(((cache_batch_idx >= 0) & (cache_batch_idx < k_cache.shape[0])).all(),
+                                f"{fn}: cache_batch_idx is out of range: it must index the sequences of k_cache (dim 0)")
+            if n_new and cache_batch_idx.numel() > 1:
+                ordered = cache_batch_idx.sort().values
+                torch._assert_async((ordered[1:] != ordered[:-1]).all(),
+                                    f"{fn}: two sequences with the same cache_batch_idx would append their new keys "
+                                    "to one cache; give each sequence that appends a cache of its own")
         return
     seen = {}
     for b, i in enumerate(cache_batch_idx.tolist()):

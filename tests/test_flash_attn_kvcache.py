@@ -456,14 +456,18 @@ def test_leftpad_with_a_cache_whose_heads_are_outside_its_rows():
             torch.testing.assert_close(out[b, 0].double(), ref, atol=1e-5, rtol=0)
 
 
-def bad(**over):
+def bad_args(**over):
     g = torch.Generator().manual_seed(0)
     args = dict(q=torch.randn(2, 1, 4, 16, generator=g), k_cache=torch.randn(3, 8, 2, 16, generator=g),
                 v_cache=torch.randn(3, 8, 2, 16, generator=g), k=torch.randn(2, 1, 2, 16, generator=g),
                 v=torch.randn(2, 1, 2, 16, generator=g), cache_seqlens=torch.tensor([2, 5], dtype=torch.int32),
                 cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32))
     args.update(over)
-    return fa.flash_attn_with_kvcache(**args)
+    return args
+
+
+def bad(**over):
+    return fa.flash_attn_with_kvcache(**bad_args(**over))
 
 
 COS = torch.ones(8, 4)
@@ -513,6 +517,23 @@ I32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
 def test_bad_input(over, exc, match):
     with pytest.raises(exc, match=r"^flash_attn_with_kvcache: " + match):
         bad(**over)
+
+
+def test_bad_cache_batch_idx_compiled():
+    """Compiled on the CPU, cache_batch_idx out of range or shared by sequences that append still
+    fails in its own name, as the graph runs (the op named the block table built from it, an audit's
+    finding); the valid call and a shared index with nothing appended equal eager."""
+    fn = torch.compile(lambda **kw: fa.flash_attn_with_kvcache(**kw), fullgraph=True, backend="eager")
+    for over, match in ((dict(cache_batch_idx=I32(3, 0)), r"cache_batch_idx is out of range: it must index the "
+                                                          r"sequences of k_cache \(dim 0\)"),
+                        (dict(cache_batch_idx=I32(-1, 0)), r"cache_batch_idx is out of range"),
+                        (dict(cache_batch_idx=I32(1, 1)), r"two sequences with the same cache_batch_idx would append")):
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=r"^flash_attn_with_kvcache: " + match):
+            fn(**bad_args(**over))
+    for over in ({}, dict(cache_batch_idx=I32(1, 1), k=None, v=None)):
+        torch._dynamo.reset()
+        assert torch.equal(fn(**bad_args(**over)), bad(**over))
 
 
 def test_nothing_is_written_before_an_error():
