@@ -174,13 +174,11 @@ at::Tensor gather_rows(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int
 // ahead (prefetch.h): decoding's next tile of key rows, fetched while this tile's values are used.
 RowsAhead first_run(const CacheRows& c, int64_t b, int64_t h, int64_t r0, int64_t r1) {
   if (r0 >= r1) return {};
-  int64_t off = c.contiguous_offset(b, h, r0), n = r1 - r0;
-  if (c.table != nullptr) {
-    const int64_t page = c.table[b * c.table_stride + c.row(b, r0) / c.page_size], row = c.row(b, r0) % c.page_size;
-    off = page * c.s0 + h * c.s1 + row * c.row_stride;
-    n = std::min(n, c.page_size - row);
-  }
-  return {c.base + off * c.elem, c.row_stride * c.elem, n, c.D * c.elem};
+  if (c.table == nullptr) return {c.base + c.contiguous_offset(b, h, r0) * c.elem, c.row_stride * c.elem, r1 - r0,
+                                  c.D * c.elem};
+  const int64_t at = c.row(b, r0), page = c.table[b * c.table_stride + at / c.page_size], row = at % c.page_size;
+  return {c.base + (page * c.s0 + h * c.s1 + row * c.row_stride) * c.elem, c.row_stride * c.elem,
+          std::min(r1 - r0, c.page_size - row), c.D * c.elem};
 }
 
 // Keys [r0, r1) of sequence b's cache (kv head h) copied into dst, (r1 - r0, D) contiguous, the
