@@ -265,7 +265,7 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
         if lengths[b] > capacity:
             raise ValueError(f"{fn}: sequence {b} has {int(lengths[b])} keys (cu_seqlens_k), more than the "
                              f"{capacity} rows of its {blocks} blocks (block_table's columns x page_block_size)")
-        used = torch.arange(blocks) * page_size < lengths.clamp(min=0)[:, None]
+        used = torch.arange(blocks, device=cu.device) * page_size < lengths.clamp(min=0)[:, None]
         outside = used & ((block_table < 0) | (block_table >= k.shape[0]))
         if outside.any():
             b, i = outside.nonzero()[0].tolist()
@@ -283,7 +283,7 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
         torch._assert_async((lengths <= capacity).all(),
                             f"{fn}: a sequence has more keys (cu_seqlens_k) than the rows of its blocks (block_table's "
                             "columns x page_block_size)")
-        used = torch.arange(blocks) * page_size < lengths.clamp(min=0)[:, None]
+        used = torch.arange(blocks, device=cu.device) * page_size < lengths.clamp(min=0)[:, None]
         outside = used & ((block_table < 0) | (block_table >= k.shape[0]))
         torch._assert_async(~outside.any(), f"{fn}: block_table points outside the pool of blocks (k.shape[0]) in a "
                             "block that its sequence uses")
@@ -509,6 +509,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = _cache_seqlens(fn, cache_seqlens, B, seqlen_k, n_new, q.device)
         if _readable(cache_seqlens):
             _check_cache_seqlens(fn, cache_seqlens, seqlen_k, n_new)
+        elif torch.compiler.is_compiling() and cache_seqlens.device.type == "cpu":
+            # as the graph runs, before the rotary and cache_batch_idx checks below (the op checks
+            # it too, but after them: a rotary message blamed the tables for a length out of range);
+            # no sizes in the message (formatting a symbolic one specialises it)
+            torch._assert_async(((cache_seqlens >= 0) & (cache_seqlens <= seqlen_k - n_new)).all(),
+                                f"{fn}: cache_seqlens is out of range: it must be in [0, seqlen_cache - seqlen_new] "
+                                "(each sequence's keys and its new ones fit the cache)")
         if rotary:
             _check_rotary(fn, q, k, rotary_cos, rotary_sin, seqlen_k)
             # FlashAttention-2 turns each query at its own position when causal or local (a window

@@ -390,6 +390,11 @@ def test_rotary_tables_too_short_for_the_queries_compiled():
                                                + (r" \+ seqlen_q - 1" if causal else "") + r"\) needs"):
             fn(q, kc.clone(), vc.clone(), k[:, :new], v[:, :new], torch.tensor([at], dtype=torch.int32), cos, sin,
                causal)
+    # a length out of range is blamed on cache_seqlens, not on the tables (its check runs first)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"^flash_attn_with_kvcache: cache_seqlens is out of range: it must be in "
+                                           r"\[0, seqlen_cache - seqlen_new\]"):
+        fn(q, kc.clone(), vc.clone(), k, v, torch.tensor([7], dtype=torch.int32), cos, sin, True)
     cos, sin = angles.cos(), angles.sin()
     torch._dynamo.reset()
     want = fa.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, rotary_cos=cos, rotary_sin=sin,

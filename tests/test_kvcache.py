@@ -1096,6 +1096,13 @@ _KNOWN_LEFTPAD_EXCESS = {
            "that its causal window (43, -1) leaves, pages of 256, 5 splits asked, D 8): 1.40e-3 from float64, "
            "where plain bf16 torch is 5.56e-4 off; found by a soak on 2026-12-07 (second session, seeds "
            "22463-23719), the same with the build from before that session's split steps",
+    27363: "trial 13 (bf16, one query against the 3 keys it appends to an empty cache, pad 0, pages of 33, BNHD "
+           "pool, 5 splits asked, D 8, ALiBi slope 0.0082): 4.86e-3 from float64, where plain bf16 torch is 1.4e-3 "
+           "off; found by a soak on 2026-12-07 (third session, seeds from 26621), the same with that session's "
+           "first build",
+    27547: "trial 12 (bf16, one query against a full cache of 428 keys and the one it appends, BNHD, causal, D 24, "
+           "2 query heads on one kv head, ALiBi slopes 0.016 and 0.18): the steep head 3.0e-3 from float64, where "
+           "plain bf16 torch is 1.1e-3 off; found by the same soak, the same with that session's first build",
 }
 
 

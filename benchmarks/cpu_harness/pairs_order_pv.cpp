@@ -8,10 +8,10 @@
 // Build and run (x86-64 with AVX512-BF16; from the repository root):
 //   g++ -O2 -std=c++17 -Icsrc/cpu benchmarks/cpu_harness/pairs_order_pv.cpp csrc/cpu/avx512_gemm.cpp -o /tmp/pv
 //   /tmp/pv KEYS [ROWS [COPIES [STREAM]]]      e.g. /tmp/pv 512 16 8 1
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <vector>
 
 #include "cache_line.h"
 #include "avx512_gemm.h"
@@ -27,10 +27,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "this CPU has no AVX512-BF16\n");
     return 1;
   }
-  constexpr int64_t D = 128, kStreamBlock = 1 << 20, kStreamBlocks = 64;
+  constexpr int64_t D = 128, kStreamBlocks = 64;
   const int64_t keys = std::atol(argv[1]), rows = argc > 2 ? std::atol(argv[2]) : 16;
   const int64_t copies = argc > 3 ? std::atol(argv[3]) : 1;
   const bool stream = argc > 4 && std::atoi(argv[4]);
+  if (keys < 1 || rows < 1 || copies < 1) {
+    std::fprintf(stderr, "KEYS, ROWS and COPIES must be at least 1\n");
+    return 2;
+  }
+  const int64_t kStreamBlock = std::max<int64_t>(1 << 20, keys * D * 2);  // a call's stream, fresh each call
   TileVector<uint16_t> V(copies * keys * D), P(rows * keys);
   for (auto& x : V) x = 0x3f80 + (std::rand() & 0x7f);  // bf16 values in [1, 2)
   for (auto& x : P) x = 0x3f00 + (std::rand() & 0x7f);  // [0.5, 1)

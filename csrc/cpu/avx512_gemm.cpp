@@ -545,13 +545,14 @@ FC_TARGET void pairs_rows_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* 
 // multiply-add, 7 loads for 6, and a Zen 5 ran them at the pace of its loads: bf16 6.4-6.8 G
 // vdpbf16ps/s a core with A in L1 (7.0-7.3 with the broadcast embedded in the vdpbf16ps) against
 // 8.2-8.7 with A in registers. fp32 6.0-6.5 G FMA/s (7.5-7.9 with 12 rows; 6 chains of FMA's
-// latency 4 at two a cycle would allow 6.2 as well), its peak 8.2 (multiply_peak.py's FMA over two
-// cores). One 8-byte broadcast of two steps of A for two multiply-adds, 8 rows of A a tile (10 loads
-// for 16): bf16 8.1-8.6, fp32 7.8-8.4 (benchmarks/cpu_harness/broadcast_loads.cpp, one thread, best
-// of runs, five runs: the VM's figures vary). Decoding's bf16 S^T alone, one thread, cache in L2
-// (`decode_bf16_phases 1 2048 1`, five runs): 7.4-7.7 G/s against 4.9-5.2. (Both harnesses' buffers
-// 64-byte aligned, as torch's tensors are; the figures first given here came from buffers 16 bytes
-// off a cache line: cache_line.h.)
+// latency 4 allow 1.5 a cycle, about as much), against about 8.2 at peak (multiply_peak.py's FMA
+// over two cores; one thread's clock varies run to run). One 8-byte broadcast of two steps of A for
+// two multiply-adds, 8 rows of A a tile (10 loads for 16): bf16 8.1-8.6, fp32 7.8-8.4
+// (benchmarks/cpu_harness/broadcast_loads.cpp, one thread, best of runs, five runs: the VM's figures
+// vary). Decoding's bf16 S^T alone, one thread, cache in L2 (`decode_bf16_phases 1 2048 1`, five
+// runs): 7.4-7.7 G/s against 4.9-5.2. (Both harnesses' buffers 64-byte aligned, as torch's tensors
+// are; the figures first given here came from buffers 16 bytes off a cache line, cache_line.h:
+// bf16 6.1-6.3, 6.2 embedded, fp32 6.1-6.2, 7.1 with 12 rows, split 8.2-8.4; S^T 7.2-7.3 against 4.6.)
 // The split-steps layout of B (N <= 16 columns), in dwords (a step of Op: a bf16 pair or an fp32
 // element), both source layouts 64 dwords a step: for each two steps 2j, 2j + 1, two vectors; in
 // vector h, lane 2i + s holds column 8h + i's step 2j + s. A's row broadcast 8 bytes at a time

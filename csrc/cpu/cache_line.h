@@ -1,9 +1,9 @@
 // Buffers on 64-byte (cache line, AVX-512 vector) boundaries, as torch's CPU tensors are (c10's
 // allocator aligns to 64). Torch-free, so the standalone harnesses (benchmarks/cpu_harness) keep
-// their operands in them too: a plain std::vector starts 16 bytes off a line under glibc (into a
-// page above 128 KiB), splitting every 64-byte load of its rows across two lines, which slowed
-// some of the library's loops there but never in the library (a Zen 5: P V's register tiles 5.0-5.3
-// G vdpbf16ps/s with V so placed, 6.4 aligned).
+// their operands in them too: a plain std::vector starts 16 bytes off a line under glibc (16 bytes
+// into a page above its mmap threshold, 128 KiB at first), splitting every 64-byte load of its
+// rows across two lines, which slowed some of the library's loops there but never in the library
+// (a Zen 5: P V's register tiles 5.0-5.3 G vdpbf16ps/s with V so placed, 6.4 aligned).
 #pragma once
 
 #include <cstddef>

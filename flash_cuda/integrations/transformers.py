@@ -180,12 +180,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if cu_q is not None and cu_k is not None:  # packed sequences, lengths given (DataCollatorWithFlattening)
         message = (f"{fn}: a padding attention_mask together with packed sequences (cu_seq_lens_q/k) is not "
                    "supported; pack the real tokens only")
-        if attention_mask is not None and not torch.compiler.is_compiling():  # (all ones became None)
+        # (outside compilation an all-ones mask became None; compiled, the mask function keeps a 2-D
+        # one, no host read: it is checked as the graph runs instead, where a mask with padding had
+        # been dropped and its padding attended, silently. Not on a GPU, where Inductor's device
+        # assert is off outside debug builds. Any other mask is refused, compiled or not.)
+        if attention_mask is not None and (not torch.compiler.is_compiling() or attention_mask.dim() != 2):
             raise NotImplementedError(message)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.device.type == "cpu":
-            # compiled, the mask function keeps an all-ones mask (no host read): checked as the graph
-            # runs instead (a mask with padding was dropped, its padding attended, silently). Not on
-            # a GPU, where Inductor's device assert is off outside debug builds.
+        if attention_mask is not None and attention_mask.device.type == "cpu":
             torch._assert_async((attention_mask != 0).all(), message)
         if B != 1:
             raise ValueError(f"{fn}: packed sequences (cu_seq_lens_q/k) need a batch of one row, got query of "
