@@ -257,6 +257,9 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
     cu = cu_seqlens_k.long()
     lengths = cu[1:] - cu[:-1]
     total = B * max_k  # packed rows: every sequence's keys, whatever the lengths (not read on a GPU)
+    # the table entries outside the pool in blocks their sequences use, (B, blocks) bool
+    outside = lambda: ((torch.arange(blocks, device=cu.device) * page_size < lengths.clamp(min=0)[:, None])  # noqa: E731
+                       & ((block_table < 0) | (block_table >= k.shape[0])))
     if _readable(cu_seqlens_k) and _readable(block_table) and B:
         b = int(lengths.argmax())
         if lengths[b] > max_k:
@@ -265,10 +268,9 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
         if lengths[b] > capacity:
             raise ValueError(f"{fn}: sequence {b} has {int(lengths[b])} keys (cu_seqlens_k), more than the "
                              f"{capacity} rows of its {blocks} blocks (block_table's columns x page_block_size)")
-        used = torch.arange(blocks, device=cu.device) * page_size < lengths.clamp(min=0)[:, None]
-        outside = used & ((block_table < 0) | (block_table >= k.shape[0]))
-        if outside.any():
-            b, i = outside.nonzero()[0].tolist()
+        bad = outside()
+        if bad.any():
+            b, i = bad.nonzero()[0].tolist()
             raise ValueError(f"{fn}: block_table[{b}, {i}] = {int(block_table[b, i])} points outside the pool of "
                              f"{k.shape[0]} blocks (k.shape[0]) but sequence {b} uses that block")
         total = max(int(cu[-1]), 0)  # (CPU: the keys there are, not a row more)
@@ -283,10 +285,8 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
         torch._assert_async((lengths <= capacity).all(),
                             f"{fn}: a sequence has more keys (cu_seqlens_k) than the rows of its blocks (block_table's "
                             "columns x page_block_size)")
-        used = torch.arange(blocks, device=cu.device) * page_size < lengths.clamp(min=0)[:, None]
-        outside = used & ((block_table < 0) | (block_table >= k.shape[0]))
-        torch._assert_async(~outside.any(), f"{fn}: block_table points outside the pool of blocks (k.shape[0]) in a "
-                            "block that its sequence uses")
+        torch._assert_async(~outside().any(), f"{fn}: block_table points outside the pool of blocks (k.shape[0]) in "
+                            "a block that its sequence uses")
     rows = torch.arange(total, device=q.device)
     seq = torch.searchsorted(cu, rows, right=True) - 1  # each packed row's sequence (B past cu_seqlens_k's end)
     at = seq.clamp(0, max(B - 1, 0))
