@@ -257,9 +257,10 @@ def _gather_pages(fn, q, k, v, block_table, cu_seqlens_k, max_seqlen_k):
     cu = cu_seqlens_k.long()
     lengths = cu[1:] - cu[:-1]
     total = B * max_k  # packed rows: every sequence's keys, whatever the lengths (not read on a GPU)
-    # the table entries outside the pool in blocks their sequences use, (B, blocks) bool
-    outside = lambda: ((torch.arange(blocks, device=cu.device) * page_size < lengths.clamp(min=0)[:, None])  # noqa: E731
-                       & ((block_table < 0) | (block_table >= k.shape[0])))
+    def outside():  # the table entries outside the pool in blocks their sequences use, (B, blocks) bool
+        used = torch.arange(blocks, device=cu.device) * page_size < lengths.clamp(min=0)[:, None]
+        return used & ((block_table < 0) | (block_table >= k.shape[0]))
+
     if _readable(cu_seqlens_k) and _readable(block_table) and B:
         b = int(lengths.argmax())
         if lengths[b] > max_k:
@@ -402,7 +403,8 @@ def _check_cache_batch_idx_values(fn, k_cache, n_new, cache_batch_idx):
     if not _readable(cache_batch_idx):
         if torch.compiler.is_compiling() and cache_batch_idx.device.type == "cpu":
             torch._assert_async(((cache_batch_idx >= 0) & (cache_batch_idx < k_cache.shape[0])).all(),
-                                f"{fn}: cache_batch_idx is out of range: it must index the sequences of k_cache (dim 0)")
+                                f"{fn}: cache_batch_idx is out of range: it must index the sequences of k_cache "
+                                "(dim 0)")
             if n_new and cache_batch_idx.numel() > 1:
                 ordered = cache_batch_idx.sort().values
                 torch._assert_async((ordered[1:] != ordered[:-1]).all(),

@@ -324,7 +324,8 @@ def test_bert_padding_helpers():
             call()
     # compiled on the CPU the index checks run in the graph (Inductor's own bounds check failed
     # there too, without naming indices)
-    for f, args, match in [(bp.index_first_axis, (x.reshape(18, 2, 8), idx + 5), r"indices must be in \[0, input.shape\[0\]\)"),
+    for f, args, match in [(bp.index_first_axis, (x.reshape(18, 2, 8), idx + 5),
+                            r"indices must be in \[0, input.shape\[0\]\)"),
                            (bp.pad_input, (xu, idx, 2, 6), r"indices must be in \[0, batch \* seqlen\)")]:
         torch._dynamo.reset()
         with pytest.raises(RuntimeError, match=r"flash_cuda.bert_padding.\w+: " + match):

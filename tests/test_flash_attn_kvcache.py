@@ -385,8 +385,8 @@ def test_rotary_tables_too_short_for_the_queries_compiled():
     # causal: the 4 queries at positions 6..9 after 2 new keys; else all at the full cache's 8
     for causal, new, at in ((True, 2, 6), (False, 0, 8)):
         torch._dynamo.reset()
-        with pytest.raises(RuntimeError, match=r"^flash_attn_with_kvcache: rotary_cos and rotary_sin have fewer positions "
-                                               r"than the last query of a sequence \(cache_seqlens"
+        with pytest.raises(RuntimeError, match=r"^flash_attn_with_kvcache: rotary_cos and rotary_sin have fewer "
+                                               r"positions than the last query of a sequence \(cache_seqlens"
                                                + (r" \+ seqlen_q - 1" if causal else "") + r"\) needs"):
             fn(q, kc.clone(), vc.clone(), k[:, :new], v[:, :new], torch.tensor([at], dtype=torch.int32), cos, sin,
                causal)

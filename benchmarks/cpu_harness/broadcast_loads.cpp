@@ -9,7 +9,8 @@
 // and the same for fp32 FMAs: a step of A broadcast per FMA (one set of R accumulators, as
 // micro_tile<F32, R, 1>), and two steps broadcast for two FMAs (split_tile<F32>).
 // Build and run (x86-64 with AVX512-BF16; from the repository root):
-//   g++ -O2 -std=c++17 -Icsrc/cpu benchmarks/cpu_harness/broadcast_loads.cpp -o /tmp/broadcast_loads && /tmp/broadcast_loads
+//   g++ -O2 -std=c++17 -Icsrc/cpu benchmarks/cpu_harness/broadcast_loads.cpp -o /tmp/broadcast_loads
+//   /tmp/broadcast_loads
 #include <immintrin.h>
 
 #include <chrono>
