@@ -392,6 +392,16 @@ def test_randomised_one_key_rows(seed):
     test_randomised_against_reference(seed)
 
 
+# A soak over seeds 90000-91652 (2026-12-06) found seed 91260 (CPU backend, bf16, 46 queries against
+# 33 keys, causal, D 8, p = 0.05): out 1.10e-2 from float64 where plain bf16 torch is 4.6e-3 off. The
+# backend multiplied P by keep / (1 - p) before rounding it to bf16 for P V, a second rounding of every
+# kept probability; it now rounds P as it is, zeroes the dropped and scales O (and dV) by 1 / (1 - p)
+# in fp32, as the CUDA kernels do. Kept as a regression test.
+@pytest.mark.parametrize("seed", [91260])
+def test_randomised_rounding_order(seed):
+    test_randomised_against_reference(seed)
+
+
 @pytest.mark.xfail(strict=True, reason="known: the FA rule against plain fp16 torch's luck. Seed 40059 (emulated "
                                        "fp16, 3 queries against 6 keys, p = 0.9, ALiBi and a float mask) returns "
                                        "bit for bit the FlashAttention algorithm's output (P = exp(s - max) rounded "

@@ -18,8 +18,9 @@
 // Causal masks and sliding windows (mask.h) limit the keys a query tile visits and the query
 // rows a key tile visits; softcap, ALiBi and the additive bias are applied to each score tile
 // after its GEMM (modify_tile), and the backward writes the bias gradient tile by tile.
-// Dropout multiplies each probability tile by its keep mask / (1 - p) (philox.h, the bits the
-// CUDA kernels draw) after the row sums, so lse is unaffected; the backward regenerates it.
+// Dropout zeroes the dropped elements of each probability tile (its keep mask: philox.h, the bits
+// the CUDA kernels draw) after the row sums, so lse is unaffected, and 1 / (1 - p) scales O at its
+// normalisation and dV at its store, as in the CUDA kernels; the backward regenerates the mask.
 //
 // fp16/bf16 tiles are multiplied in their own precision with fp32 accumulation where the CPU
 // has native dot products for them (P and dS rounded to the input dtype before their GEMMs, as
@@ -96,14 +97,18 @@ std::pair<int64_t, int64_t> edge_rows(bool edge, const BandMask& band, int64_t k
 // Packed blocks of the operands with D columns (V, K): every head dim up to 256 in one block.
 constexpr int64_t kMaxBlockD = 256;
 
-// Dropout of one call: the stream of (b, h) and the multiplier of kept values.
+// Dropout of one call: the stream of (b, h) and the multiplier of kept values. As in the CUDA
+// kernels (and FlashAttention-2), P is rounded for its GEMMs as it is and only zeroed where dropped,
+// and 1 / (1 - p) multiplies the fp32 results (O's normalisation, dV at its store): multiplied into
+// P before the rounding, a bf16 P V took a second rounding of every kept P (1.1e-2 off float64 where
+// plain bf16 torch was 4.6e-3 off, a soak's draw).
 template <typename acc_t>
 struct Drop {
   bool on = false;
   uint64_t seed = 0, offset = 0;
   uint32_t threshold = 0;
   int64_t batch0 = 0, hq = 1;
-  acc_t scale = 1;
+  acc_t scale = 1;  // 1 / (1 - p), 1 without dropout
 
   Drop(const AttnOptions& o, int64_t heads) : on(o.dropout()), batch0(o.dropout_batch0), hq(heads) {
     if (!on) return;
@@ -112,9 +117,10 @@ struct Drop {
     threshold = dropout_threshold(o.dropout_p);
     scale = acc_t(1.0 / (1.0 - o.dropout_p));
   }
-  // z (rows x cols, leading dimension ld) = the multipliers of queries i0.., keys j0.. of (b, h)
-  void tile(acc_t* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b, int64_t h) const {
-    dropout_tile(z, ld, rows, cols, i0, j0, PhiloxStream::make(seed, offset, (batch0 + b) * hq + h, threshold), scale);
+  // z (rows x cols, leading dimension ld) = `kept` where query i0 + r, key j0 + c of (b, h) is kept, else 0
+  void tile(acc_t* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b, int64_t h,
+            acc_t kept) const {
+    dropout_tile(z, ld, rows, cols, i0, j0, PhiloxStream::make(seed, offset, (batch0 + b) * hq + h, threshold), kept);
   }
 };
 
@@ -266,7 +272,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   static_assert(kEdgeRows % kKeyAlign == 0, "an edge block's keys start at a micro-kernel panel");
 
   // Probabilities: rounded straight into P for fp16/bf16 GEMMs, else in fp32 Pf (also where
-  // dropout multiplies them before the rounding). The scores S stay intact for a redone row.
+  // dropout zeroes some of them before the rounding). The scores S stay intact for a redone row.
   constexpr bool rounded = !std::is_same_v<in_t, acc_t>;
   const bool round_in_exp = rounded && !drop.on;
   struct Scratch {
@@ -348,13 +354,13 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
                                        return exp_affine_sum_to(x, cols, a, m_ref, t.P.data() + at + r * ld_s, x_max,
                                                                 lp);
                                    const acc_t l = exp_affine_sum(x, cols, a, m_ref, pf + at + r * ld_s, x_max);
-                                   *lp = l;  // dropout multiplies P after the sums, as on the GPU
+                                   *lp = l;  // dropout zeroes P after the sums, as on the GPU
                                    return l;
                                  });
             }
-            if (drop.on) {  // P <- P Z (after the row sums: lse is unaffected)
+            if (drop.on) {  // P <- P Z, Z the keep mask (after the row sums: lse is unaffected)
               acc_t* z = t.Z.data() + at;
-              drop.tile(z, kFwdBc, rows, cols, i0 + r0, jb, b, h);
+              drop.tile(z, kFwdBc, rows, cols, i0 + r0, jb, b, h, acc_t(1));
               for (int64_t r = 0; r < rows; ++r) mul_row(pf + at + r * ld_s, z + r * kFwdBc, cols);
             }
             // (rows, cols): in P where the exponent pass rounded it, else rounded here (to P's top rows)
@@ -368,7 +374,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         for (int64_t r = 0; r < br; ++r) {
           const SoftmaxRow<acc_t>& row = t.rows[r];
           const bool empty = row.l == acc_t(0);  // the row sees no key: out 0, lse -inf
-          scale_row(o + r * D, D, empty ? acc_t(0) : acc_t(1) / row.lp);
+          scale_row(o + r * D, D, empty ? acc_t(0) : drop.scale / row.lp);  // kept values / (1 - p)
           lse_ptr[bh * Nq + i0 + r] = empty ? kNegInf : row.m + std::log(row.l);
           if (may_fold && std::abs(row.m) > kFoldedScaleMax) too_large = true;
         }
@@ -393,7 +399,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
 // within a few ulps of 1 does not bound it either: lse = m + log(l) drops any delta_o below half
 // an ulp of lse (1000: 3e-5), where exp(s - lse) gives 1 (dQ and dK 100% off at scores of 1000
 // and a second key 11 below, a review). There D_i itself tells: rowsum(dO o O) is dO . v_j (times
-// the dropout's Z_j) up to O's rounding where the others' weight is 0, and misses it by
+// the dropout's multiplier Z_j, keep / (1 - p)) up to O's rounding where the others' weight is 0, and misses it by
 // delta_o (dP_j - dP_other) where it is not. exact(j): (dO . v_j Z_j, sum |dO_d v_jd Z_j|) in
 // float64; eps_out: the epsilon of O's dtype.
 template <typename acc_t, typename ExactDot>
@@ -614,15 +620,15 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                 }
                 gVt.gemm(lb, lkv, rows, at_row<in_t>(gdO, lb, lh, i0 + r0), ld_do, 0, D, jb, cols, ds + at, ld,
                          false);  // dP = dO V^T
-                if (z) {  // the forward's O = (P Z) V: dP <- Z dP, and dV sees P Z
-                  drop.tile(z + at, ld, rows, cols, i0 + r0, jb, b, h);
+                if (z) {  // the forward's O = (P Z) V / (1 - p): dP <- Z dP / (1 - p), and dV sees P Z
+                  drop.tile(z + at, ld, rows, cols, i0 + r0, jb, b, h, drop.scale);
                   for (int64_t r = 0; r < rows; ++r) mul_row(ds + at + r * ld, z + at + r * ld, cols);
                 }
                 for (int64_t r = 0; r < rows; ++r) {  // dS' = dL/d(modified s)
                   const int64_t i = i0 + r0 + r, row = row0 + r0 + r;
                   const bool whole_row = band.key_begin(i, Nk) >= j0 && band.key_end(i + 1, Nk) <= j1;
                   acc_t* dsr = ds + at + r * ld;
-                  const auto exact = [&](int64_t c) {  // key jb + c against this row's dO, times its Z
+                  const auto exact = [&](int64_t c) {  // key jb + c against this row's dO, times its Z (keep / (1 - p))
                     const int64_t v_at = b * v.stride(0) + hkv * v.stride(1) + (jb + c) * v.stride(2);
                     const char* v_row = static_cast<const char*>(v.data_ptr()) + v_at * v.element_size();
                     const auto [dot, magnitude] = key_dot_f64(v, v_row, v.stride(3), at_row<in_t>(gdO, lb, lh, i), D);
@@ -633,8 +639,8 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                             dlse_ptr ? dlse_ptr[row] : acc_t(0), eps_out, exact);
                   softmax_grad_row(dsr, p + at + r * ld, cols, d);
                 }
-                if (z)
-                  for (int64_t r = 0; r < rows; ++r) mul_row(p + at + r * ld, z + at + r * ld, cols);
+                if (z)  // P Z: the dropped zeroed, the kept as they are (1 / (1 - p) scales dV at its store)
+                  for (int64_t r = 0; r < rows; ++r) keep_row(p + at + r * ld, z + at + r * ld, cols);
               }
               if (mods.dbias)  // dL/d bias = dS', stored transposed; every (b, h, i, j) is visited once
                 for (int64_t c = 0; c < bc; ++c) {
@@ -681,6 +687,7 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
             }
           }
           scale_row(dK, D * ld_t, scale);  // dS was taken with respect to the scaled scores
+          if (drop.on) scale_row(dV, D * ld_t, drop.scale);  // the kept values / (1 - p)
           if (rows_dkdv) {
             if constexpr (std::is_same_v<acc_t, float>)
               if (fast_store) {

@@ -40,15 +40,15 @@ FC_MULTIVERSION void philox_batch(const PhiloxStream& s, uint32_t ui, uint32_t u
   }
 }
 
-// z[c] = keep(r[c]) ? scale : 0 for c < n: one run of 8 columns of a row (vectorisable).
+// z[c] = keep(r[c]) ? kept : 0 for c < n: one run of 8 columns of a row (vectorisable).
 template <typename acc_t>
-inline void keep_run(acc_t* z, const uint32_t* r, int n, uint32_t threshold, acc_t scale) {
-  for (int c = 0; c < n; ++c) z[c] = r[c] >= threshold ? scale : acc_t(0);
+inline void keep_run(acc_t* z, const uint32_t* r, int n, uint32_t threshold, acc_t kept) {
+  for (int c = 0; c < n; ++c) z[c] = r[c] >= threshold ? kept : acc_t(0);
 }
 
 template <typename acc_t>
 void dropout_tile_impl(acc_t* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
-                       const PhiloxStream& s, acc_t scale) {
+                       const PhiloxStream& s, acc_t kept) {
   if (rows <= 0 || cols <= 0) return;
   // Units: rows i0.. in 16-row groups [a0, a1], columns j0.. in 16-column groups [b0, b1]; the
   // column units of groups b0..b1 are the consecutive uj = 8 b0 .. 8 b1 + 7, drawn in batches of
@@ -74,10 +74,10 @@ void dropout_tile_impl(acc_t* z, int64_t ld, int64_t rows, int64_t cols, int64_t
               const uint32_t* draws = r[2 * h + half] + 8 * g;
               const int64_t c0 = col + 8 * half;
               if (c0 >= 0 && c0 + 8 <= cols) {
-                keep_run(zr + c0, draws, 8, s.threshold, scale);
+                keep_run(zr + c0, draws, 8, s.threshold, kept);
               } else {
                 for (int c = 0; c < 8; ++c)
-                  if (c0 + c >= 0 && c0 + c < cols) zr[c0 + c] = s.keep(draws[c]) ? scale : acc_t(0);
+                  if (c0 + c >= 0 && c0 + c < cols) zr[c0 + c] = s.keep(draws[c]) ? kept : acc_t(0);
               }
             }
           }
@@ -91,18 +91,25 @@ inline void mul_row_impl(T* x, const T* z, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] *= z[j];
 }
 
+template <typename T>
+inline void keep_row_impl(T* x, const T* z, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = z[j] != T(0) ? x[j] : T(0);
+}
+
 }  // namespace
 
 void dropout_tile(float* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const PhiloxStream& s,
-                  float scale) {
-  dropout_tile_impl(z, ld, rows, cols, i0, j0, s, scale);
+                  float kept) {
+  dropout_tile_impl(z, ld, rows, cols, i0, j0, s, kept);
 }
 void dropout_tile(double* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const PhiloxStream& s,
-                  double scale) {
-  dropout_tile_impl(z, ld, rows, cols, i0, j0, s, scale);
+                  double kept) {
+  dropout_tile_impl(z, ld, rows, cols, i0, j0, s, kept);
 }
 
 FC_MULTIVERSION void mul_row(float* x, const float* z, int64_t n) { mul_row_impl(x, z, n); }
 void mul_row(double* x, const double* z, int64_t n) { mul_row_impl(x, z, n); }
+FC_MULTIVERSION void keep_row(float* x, const float* z, int64_t n) { keep_row_impl(x, z, n); }
+void keep_row(double* x, const double* z, int64_t n) { keep_row_impl(x, z, n); }
 
 }  // namespace flash_cuda::cpu
