@@ -829,8 +829,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         before them, and causal, window and ALiBi count positions from its first key. Each entry
         in [0, cache_seqlens[b]].
     num_splits: key splits per query tile (Flash-Decoding), at most 128: 0 picks them from the
-        shapes and the device (README "KV cache"), 1 disables splitting; results agree up to fp32
-        rounding. The CPU backend takes at most one split per 512-key tile.
+        shapes and the device (README "KV cache"), 1 disables splitting; results differ between
+        split counts by the rounding of P (each split rounds it to fp16/bf16 against its own
+        running max) and of the fp32 merge, each within FlashAttention's rule. The CPU backend
+        takes at most one split per 512-key tile.
     Inference only: no autograd (a RuntimeError if an input requires grad while grad is
     enabled). fp16/bf16 on CUDA and in flash_cuda.emulate() (a cache head dim that is a multiple
     of 8); every dtype on CPU.
