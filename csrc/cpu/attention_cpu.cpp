@@ -271,10 +271,9 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   constexpr int64_t kKeyAlign = RightOperand<in_t>::kBlock;  // key tiles start at micro-kernel panels
   static_assert(kEdgeRows % kKeyAlign == 0, "an edge block's keys start at a micro-kernel panel");
 
-  // Probabilities: rounded straight into P for fp16/bf16 GEMMs, else in fp32 Pf (also where
-  // dropout zeroes some of them before the rounding). The scores S stay intact for a redone row.
+  // Probabilities: rounded straight into P for fp16/bf16 GEMMs (dropout then zeroes the dropped
+  // ones there), else in Pf. The scores S stay intact for a redone row.
   constexpr bool rounded = !std::is_same_v<in_t, acc_t>;
-  const bool round_in_exp = rounded && !drop.on;
   struct Scratch {
     TileVector<acc_t> S, Pf, O, Z;  // scores, probabilities (Br, Bc), unnormalised out (Br, D), dropout (Br, Bc)
     TileVector<in_t> P;             // probabilities as the P V operand (Br, Bc), when in_t != acc_t
@@ -282,7 +281,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
   };
   auto make_scratch = [&] {
     constexpr int64_t tile = kFwdBr * kFwdBc;
-    return Scratch{TileVector<acc_t>(tile), TileVector<acc_t>(round_in_exp ? 0 : tile), TileVector<acc_t>(kFwdBr * D),
+    return Scratch{TileVector<acc_t>(tile), TileVector<acc_t>(rounded ? 0 : tile), TileVector<acc_t>(kFwdBr * D),
                    TileVector<acc_t>(drop.on ? tile : 0), TileVector<in_t>(rounded ? tile : 0),
                    std::vector<SoftmaxRow<acc_t>>(kFwdBr)};
   };
@@ -319,7 +318,7 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
         std::fill(t.rows.begin(), t.rows.end(), SoftmaxRow<acc_t>{});
         constexpr int64_t ld_s = kFwdBc;
         acc_t* s = t.S.data();    // (br, bc)
-        acc_t* pf = t.Pf.data();  // (br, bc), unless round_in_exp
+        acc_t* pf = t.Pf.data();  // (br, bc), unless rounded
 
         // Only the keys some row of the tile sees (a window: a band of width left + right + br).
         const int64_t key_end = band.key_end(i1, Nk);
@@ -350,21 +349,25 @@ bool fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at:
               online_softmax_row(t.rows[r0 + r], o + (r0 + r) * D, D, a, x, cols, rounded,
                                  [&](acc_t m_ref, acc_t* x_max, acc_t* lp) {
                                    if constexpr (rounded)
-                                     if (round_in_exp)
-                                       return exp_affine_sum_to(x, cols, a, m_ref, t.P.data() + at + r * ld_s, x_max,
-                                                                lp);
+                                     return exp_affine_sum_to(x, cols, a, m_ref, t.P.data() + at + r * ld_s, x_max,
+                                                              lp);
                                    const acc_t l = exp_affine_sum(x, cols, a, m_ref, pf + at + r * ld_s, x_max);
-                                   *lp = l;  // dropout zeroes P after the sums, as on the GPU
+                                   *lp = l;
                                    return l;
                                  });
             }
-            if (drop.on) {  // P <- P Z, Z the keep mask (after the row sums: lse is unaffected)
+            if (drop.on) {  // P <- P Z, Z the keep mask (after the row sums, as on the GPU: lse is unaffected)
               acc_t* z = t.Z.data() + at;
               drop.tile(z, kFwdBc, rows, cols, i0 + r0, jb, b, h, acc_t(1));
-              for (int64_t r = 0; r < rows; ++r) mul_row(pf + at + r * ld_s, z + r * kFwdBc, cols);
+              for (int64_t r = 0; r < rows; ++r) {
+                if constexpr (rounded)
+                  keep_row(reinterpret_cast<uint16_t*>(t.P.data() + at + r * ld_s), z + r * kFwdBc, cols);
+                else
+                  keep_row(pf + at + r * ld_s, z + r * kFwdBc, cols);
+              }
             }
-            // (rows, cols): in P where the exponent pass rounded it, else rounded here (to P's top rows)
-            const in_t* p = round_in_exp ? t.P.data() + at : gemm_operand<in_t>(pf + at, ld_s, rows, cols, t.P);
+            // (rows, cols): in P where the exponent pass rounded it, else Pf itself (fp32, float64)
+            const in_t* p = rounded ? t.P.data() + at : gemm_operand<in_t>(pf + at, ld_s, rows, cols, t.P);
             // (the packed V's pad row)
             if (cols % 2 && !t.P.empty()) zero_column(const_cast<in_t*>(p), ld_s, rows, cols);
             gV.gemm(lb, lkv, rows, p, ld_s, jb, cols, 0, D, o + r0 * D, D, true);  // O += P V

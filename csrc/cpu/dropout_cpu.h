@@ -20,5 +20,6 @@ void mul_row(double* x, const double* z, int64_t n);
 // x[j] = 0 where z[j] is 0 (dropped), else unchanged, whatever z's multiplier of the kept.
 void keep_row(float* x, const float* z, int64_t n);
 void keep_row(double* x, const double* z, int64_t n);
+void keep_row(uint16_t* x, const float* z, int64_t n);  // a row of fp16/bf16 values (any 16-bit type)
 
 }  // namespace flash_cuda::cpu
