@@ -59,8 +59,9 @@ __attribute__((always_inline)) inline void keep_run(acc_t* z, const uint32_t* r,
 }
 
 template <typename acc_t>
-__attribute__((always_inline)) inline void dropout_tile_impl(acc_t* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
-                       const PhiloxStream& s, acc_t kept) {
+__attribute__((always_inline)) inline void dropout_tile_impl(acc_t* z, int64_t ld, int64_t rows, int64_t cols,
+                                                             int64_t i0, int64_t j0, const PhiloxStream& s,
+                                                             acc_t kept) {
   if (rows <= 0 || cols <= 0) return;
   // Units: rows i0.. in 16-row groups [a0, a1], columns j0.. in 16-column groups [b0, b1]; the
   // column units of groups b0..b1 are the consecutive uj = 8 b0 .. 8 b1 + 7, drawn in batches of
@@ -110,8 +111,8 @@ inline void keep_row_impl(T* x, const Z* z, int64_t n) {
 
 }  // namespace
 
-FC_MULTIVERSION void dropout_tile(float* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const PhiloxStream& s,
-                  float kept) {
+FC_MULTIVERSION void dropout_tile(float* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
+                                  const PhiloxStream& s, float kept) {
   dropout_tile_impl(z, ld, rows, cols, i0, j0, s, kept);
 }
 void dropout_tile(double* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const PhiloxStream& s,
