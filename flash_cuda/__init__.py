@@ -13,7 +13,7 @@
         ...
     flash_cuda.EMULATED_DEVICES, flash_cuda.DeviceProfile: the GPUs emulate(device=...) knows
     flash_cuda.cuda_arch_list(): the TORCH_CUDA_ARCH_LIST the CUDA kernels were built for
-    flash_cuda.empty_cpu_cache(): frees the blocks the CPU backend keeps for its next calls
+    flash_cuda.empty_cpu_cache(): frees the buffers the CPU backend keeps for its next calls
 """
 from . import ops  # noqa: F401  (registers the ops, their fake and autograd functions)
 from .api import (attention, attention_with_kvcache, cuda_arch_list, empty_cpu_cache, has_cuda_kernels, pad_input,

@@ -44,8 +44,8 @@ FC_MULTIVERSION void philox_batch(const PhiloxStream& s, uint32_t ui, uint32_t u
 
 // z[c] = keep(r[c]) ? kept : 0 for c < n: one run of 8 columns of a row (vectorisable: inlined
 // into each ISA's clone of dropout_tile, where a compare and a masked move do a run).
-// As bit masks: GCC turns the select of two floats into a branch per element (profiled: half the
-// time of a dropout forward in this function).
+// As bit masks: GCC turns the select of two floats into a branch per element (profiled on a Zen 5:
+// a third of a bf16 dropout forward's samples in this function).
 template <typename acc_t>
 __attribute__((always_inline)) inline void keep_run(acc_t* z, const uint32_t* r, int n, uint32_t threshold,
                                                     acc_t kept) {

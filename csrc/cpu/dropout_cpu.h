@@ -14,7 +14,7 @@ void dropout_tile(float* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, 
 void dropout_tile(double* z, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const PhiloxStream& s,
                   double kept);
 
-// x[j] *= z[j]: a row of probabilities or of dP times its dropout multipliers.
+// x[j] *= z[j]: a row of dP times its dropout multipliers.
 void mul_row(float* x, const float* z, int64_t n);
 void mul_row(double* x, const double* z, int64_t n);
 // x[j] = 0 where z[j] is 0 (dropped), else unchanged, whatever z's multiplier of the kept.
