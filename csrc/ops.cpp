@@ -714,6 +714,16 @@ TORCH_LIBRARY(flash_cuda, m) {
     cpu::exp2_row(xc.data_ptr<float>(), xc.numel(), y.data_ptr<float>(), generic);
     return y;
   });
+  // The CPU backend's softcap on a row (rowops.h: c tanh(x / c), and 1 - tanh^2), for the tests of
+  // its tanh.
+  m.def("_cpu_softcap(Tensor x, float c) -> (Tensor, Tensor)", [](const at::Tensor& x, double c) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "flash_cuda._cpu_softcap: x must be a float32 "
+                "CPU tensor, got ", x.scalar_type(), " on ", x.device());
+    TORCH_CHECK(c > 0, "flash_cuda._cpu_softcap: c must be > 0, got ", c);
+    at::Tensor y = x.contiguous().clone(), dcap = at::empty_like(y);
+    cpu::softcap_row(y.data_ptr<float>(), dcap.data_ptr<float>(), y.numel(), static_cast<float>(c));
+    return std::make_tuple(y, dcap);
+  });
   // The CPU backend's cache of per-call temporaries (cpu/scratch.h): blocks served from it and
   // allocated since the process started, bytes idle in it now; for the tests.
   m.def("_cpu_scratch_stats() -> int[]", [] {

@@ -564,6 +564,33 @@ def test_exp2_versions_agree_bit_for_bit():
     assert ((generic[normal].double() - ref).abs() / ref).max().item() < 2.5e-7
 
 
+def test_softcap_tanh_accuracy():
+    """The softcap's tanh (rowops.cpp tanh_poly: a polynomial below |y| = 0.625, 1 - 2 / (e^(2|y|) + 1)
+    above, 16 lanes at a time and a scalar tail): within 2 float ulps of tanh (float64) on a dense
+    grid over [-12, 12], at magnitudes from 1e-40 (subnormal) up, on both sides of the branch point
+    and at every position of a 16-lane chunk; +-inf give +-c, NaN stays NaN; c tanh(x / c) for a cap
+    c (then rounded), and 1 - tanh^2 (the backward's factor) within 2.5e-7."""
+    grid = torch.arange(-12 * 8192, 12 * 8192 + 1, dtype=torch.float64) / 8192
+    tiny = 10.0 ** torch.arange(-40, 2, 0.05, dtype=torch.float64)
+    at_branch = torch.tensor([0.625, 0.62499994, 0.62500006], dtype=torch.float64)
+    y = torch.cat([grid, tiny, -tiny, at_branch, -at_branch]).float()
+    for c in (1.0, 30.0):
+        x = y * c  # (30 y rounded: the reference takes x / c as the op does)
+        t_ref = torch.tanh((x / c).double())
+        for n in (x.numel(), 17, 5):  # whole chunks and tails
+            out, dcap = torch.ops.flash_cuda._cpu_softcap(x[:n], c)
+            ulp = lambda v: (v.abs().nextafter(torch.tensor(float("inf"))) - v.abs()).double()  # noqa: E731
+            # tanh within 2 ulps, then c times it rounded (half an ulp of out)
+            bound = 2 * c * ulp(t_ref[:n].float()) + 0.5 * ulp(out)
+            assert ((out.double() - c * t_ref[:n]).abs() <= bound).all(), (c, n)
+            assert (dcap.double() - (1 - t_ref[:n] ** 2)).abs().max().item() < 2.5e-7, (c, n)
+            assert torch.equal(torch.sign(out), torch.sign(x[:n]))
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, 1e30, -1e30])
+    out, dcap = torch.ops.flash_cuda._cpu_softcap(special, 4.0)
+    assert out[:2].tolist() == [4.0, -4.0] and torch.isnan(out[2]) and out[3].item() == 0.0
+    assert out[4:].tolist() == [4.0, -4.0] and dcap[[0, 1, 3]].tolist() == [0.0, 0.0, 1.0]
+
+
 def has_vector_rounding(dtype):
     """Whether rowops has an AVX-512 version of the rounding passes for `dtype` on this CPU."""
     avx512 = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))

@@ -523,13 +523,48 @@ void softmax_grad_row(double* dp, const double* p, int64_t n, double d) {
 }
 
 namespace {
+// tanh(y) (T = float or v16f): |y| < 0.625 as y + y^3 Q(y^2), Q of degree 4 (a weighted least-squares
+// fit of (tanh(y) - y) / y^3 in y^2, iterated toward minimax: 4.4e-9 relative in float64, 0.77 ulp in
+// this float arithmetic on a grid of 2e6 points); else 1 - 2 / (e^(2|y|) + 1) by exp2_poly, the sign
+// restored. +-inf give +-1, NaN stays NaN. libm's tanhf, called per element, had taken a third of
+// the samples of softcapped calls (and its expm1f as much again).
+constexpr float kTanhPoly[5] = {-5.704992058612872e-3f, 2.0639092314699684e-2f, -5.3739716861307255e-2f,
+                                1.3331442223235293e-1f, -3.3333281943152265e-1f};  // Q's, degree 4 down to 0
+FC_INLINE float abs_of(float y) { return __builtin_fabsf(y); }
+FC_INLINE v16f abs_of(v16f y) { return reinterpret_cast<v16f>(reinterpret_cast<v16u>(y) & 0x7fffffffu); }
+FC_INLINE float sign_of(float y, float a) { return __builtin_copysignf(a, y); }  // a >= 0 with y's sign
+FC_INLINE v16f sign_of(v16f y, v16f a) {
+  return reinterpret_cast<v16f>((reinterpret_cast<v16u>(y) & 0x80000000u) | reinterpret_cast<v16u>(a));
+}
 template <typename T>
-inline void softcap_row_impl(T* x, T* dcap, int64_t n, T c) {
-  const T inv = T(1) / c;
-  for (int64_t j = 0; j < n; ++j) {
-    const T t = std::tanh(x[j] * inv);
+FC_INLINE T tanh_poly(T y) {
+  const T a = abs_of(y), z = y * y;
+  T q = splat<T>(kTanhPoly[0]);
+  for (int i = 1; i < 5; ++i) q = q * z + kTanhPoly[i];
+  const T near0 = y + y * z * q;
+  const T far = sign_of(y, 1.0f - 2.0f / (exp2_poly(a * (2.0f * kLog2e)) + 1.0f));
+  return a < 0.625f ? near0 : far;
+}
+FC_INLINE void softcap_row_impl(float* x, float* dcap, int64_t n, float c) {
+  const float inv = 1.0f / c;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16f t = tanh_poly(load16(x + j) * inv);
+    store16(x + j, c * t);
+    if (dcap) store16(dcap + j, 1.0f - t * t);
+  }
+  for (; j < n; ++j) {
+    const float t = tanh_poly(x[j] * inv);
     x[j] = c * t;
-    if (dcap) dcap[j] = T(1) - t * t;
+    if (dcap) dcap[j] = 1.0f - t * t;
+  }
+}
+inline void softcap_row_impl(double* x, double* dcap, int64_t n, double c) {
+  const double inv = 1.0 / c;
+  for (int64_t j = 0; j < n; ++j) {
+    const double t = std::tanh(x[j] * inv);
+    x[j] = c * t;
+    if (dcap) dcap[j] = 1.0 - t * t;
   }
 }
 template <typename T>
