@@ -6,7 +6,7 @@ through the BLAS and through the AVX-512 FMA micro-kernel (FLASH_CUDA_CPU_F32_GE
 exponent pass with and without AVX512-BF16 instructions (FLASH_CUDA_CPU_GENERIC_BF16); the online
 softmax's one-pass tiles and the rows it redoes; the KV-cache loop that few query rows per kv
 group take; the exponent and rounding passes' AVX-512 versions against their portable ones, bit for
-bit (test-only ops _cpu_exp2 and _cpu_round_row).
+bit (test-only ops _cpu_exp2 and _cpu_round_row); the softcap's tanh against float64 (_cpu_softcap).
 
 Shapes are picked for the edges of the packed layout: head dims that are odd (K^T left unpacked)
 or not a multiple of 16 (padded packing widths), key counts that are odd (the zero pad row of
