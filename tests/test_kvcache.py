@@ -1113,6 +1113,10 @@ _KNOWN_LEFTPAD_EXCESS = {
     27547: "trial 12 (bf16, one query against a full cache of 428 keys and the one it appends, BNHD, causal, D 24, "
            "2 query heads on one kv head, ALiBi slopes 0.016 and 0.18): the steep head 3.0e-3 from float64, where "
            "plain bf16 torch is 1.1e-3 off; found by the same soak, the same with that session's first build",
+    94777: "trial 2 (bf16, one query against the 2 cached keys behind a pad of 5 and the one it appends, D 8, 2 "
+           "query heads on one kv head, no modifier): head 0's row 4.09e-3 from float64 (P 0.336, 1, 0.570 in "
+           "bf16), where plain bf16 torch is 1.57e-3 off; found by a soak on 2026-12-07 (fourth session, seeds "
+           "from 94700), the same with the build from before that session's softcap change",
 }
 
 
