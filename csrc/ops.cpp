@@ -720,7 +720,7 @@ TORCH_LIBRARY(flash_cuda, m) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "flash_cuda._cpu_softcap: x must be a float32 "
                 "CPU tensor, got ", x.scalar_type(), " on ", x.device());
     TORCH_CHECK(c > 0, "flash_cuda._cpu_softcap: c must be > 0, got ", c);
-    at::Tensor y = x.contiguous().clone(), dcap = at::empty_like(y);
+    at::Tensor y = x.clone(at::MemoryFormat::Contiguous), dcap = at::empty_like(y);  // (one copy, contiguous)
     cpu::softcap_row(y.data_ptr<float>(), dcap.data_ptr<float>(), y.numel(), static_cast<float>(c));
     return std::make_tuple(y, dcap);
   });
