@@ -451,7 +451,8 @@ bool caches_may_overlap(const at::Tensor& a, const at::Tensor& b) {
 void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cache_leftpad,
-                      const std::optional<at::Tensor>& block_table, int64_t num_splits) {
+                      const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& alibi_slopes,
+                      int64_t num_splits) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "flash_cuda: q, k_cache, v_cache must be 4-D, got ", q.sizes(), ", ", k_cache.sizes(), ", ",
               v_cache.sizes());
@@ -512,6 +513,18 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                           ", into which k and v are appended in place (the call would read what it writes); pass ",
                           name == std::string("q") ? "queries" : "new keys and values", " of their own (e.g. "
                           ".clone())");
+    // the same for the tensors that say where and how to attend: pages re-read after the append
+    // reached past the pool (a crash), ALiBi slopes read after it were the new keys' values
+    const std::optional<at::Tensor> seqlens = cache_seqlens;
+    const std::pair<const char*, const std::optional<at::Tensor>*> others[] = {
+        {"block_table", &block_table}, {"cache_seqlens", &seqlens}, {"cache_leftpad", &cache_leftpad},
+        {"alibi_slopes", &alibi_slopes}};
+    for (const auto& [name, x] : others)
+      for (const auto& [cache_name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
+        TORCH_CHECK_VALUE(!x->has_value() || (*x)->device() != cache->device() || !caches_may_overlap(**x, *cache),
+                          "flash_cuda: ", name,
+                          " shares memory with ", cache_name, ", into which k and v are appended in place (the call "
+                          "would read what it writes); give it memory of its own (e.g. .clone())");
   }
 }
 
@@ -522,7 +535,7 @@ AttnOptions kvcache_options(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const std::optional<at::Tensor>& block_table, double scale, bool causal,
                             int64_t window_left, int64_t window_right, double softcap,
                             const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits) {
-  check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table, num_splits);
+  check_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, cache_leftpad, block_table, alibi_slopes, num_splits);
   return base_options(q, q.size(0), scale, causal, true, window_left, window_right, softcap, alibi_slopes, 0.0,
                       std::nullopt);
 }

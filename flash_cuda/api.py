@@ -1087,14 +1087,23 @@ def pad_input(x_unpad, indices, batch, seqlen):
     return _pad("flash_cuda.pad_input", x_unpad, indices, batch, seqlen, "x_unpad")
 
 
-def _check_index_range(fn, indices, n, what):
-    """Each index in [0, n) (what: n's name), where CPU indices can be read without a sync; CUDA
-    ones are not read (that would synchronise with the GPU). Compiled on the CPU, checked as the
-    graph runs (Inductor's own bounds check would fail there too, without naming indices)."""
+def _check_index_range(fn, indices, n, what, distinct=False):
+    """Each index in [0, n) (what: n's name), and with `distinct` no index twice (rows written
+    at the indices: a repeated one kept one of its rows, which torch leaves unspecified, and
+    dropped the others), where CPU indices can be read without a sync; CUDA ones are not read
+    (that would synchronise with the GPU). Compiled on the CPU, the range is checked as the graph
+    runs (Inductor's own bounds check would fail there too, without naming indices); repeats
+    are not checked there."""
     if _readable(indices) and indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"{fn}: indices must be in [0, {what}) = [0, {n}), got values in [{lo}, {hi}]")
+        # unpad_input's indices increase: one pass; others are counted by a sort
+        if distinct and not bool((indices[1:] > indices[:-1]).all()):
+            repeated = indices.numel() - torch.unique(indices).numel()
+            if repeated:
+                raise ValueError(f"{fn}: indices must be distinct (each names the row one value is written to), "
+                                 f"got {repeated} repeated")
     elif torch.compiler.is_compiling() and indices.device.type == "cpu":
         # (n not shown: dynamo shows a symbolic size as an int, and formatting it specialises it)
         torch._assert_async(((indices >= 0) & (indices < n)).all(), f"{fn}: indices must be in [0, {what})")
@@ -1122,7 +1131,7 @@ def _pad(fn, x_unpad, indices, batch, seqlen, x_name):
                          f"them, got {indices.dtype} of shape {_shape(indices)}")
     if indices.device != x_unpad.device:
         raise RuntimeError(f"{fn}: indices must be on the device of {x_name} ({x_unpad.device}), got {indices.device}")
-    _check_index_range(fn, indices, batch * seqlen, "batch * seqlen")
+    _check_index_range(fn, indices, batch * seqlen, "batch * seqlen", distinct=True)
     shape = (batch * seqlen, *x_unpad.shape[1:])
     try:
         out = x_unpad.new_zeros(shape)

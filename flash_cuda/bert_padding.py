@@ -15,14 +15,15 @@ import torch
 from .api import _check_index_range, _index, _is_int, _pad, _shape, _type_name, _unpad
 
 
-def _check_indices(fn, indices, n, x, what):
-    """indices: 1-D int64 on x's device, each in [0, n) (what: n's name)."""
+def _check_indices(fn, indices, n, x, what, distinct=False):
+    """indices: 1-D int64 on x's device, each in [0, n) (what: n's name), with `distinct` none
+    twice (api._check_index_range)."""
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         raise TypeError(f"{fn}: indices must be a 1-D int64 tensor, got "
                         f"{indices.dtype if isinstance(indices, torch.Tensor) else _type_name(indices)}")
     if indices.device != x.device:
         raise RuntimeError(f"{fn}: indices must be on the device of the values ({x.device}), got {indices.device}")
-    _check_index_range(fn, indices, n, what)
+    _check_index_range(fn, indices, n, what, distinct)
 
 
 def index_first_axis(input, indices):
@@ -44,7 +45,7 @@ def index_put_first_axis(values, indices, first_axis_dim):
     n = _index(first_axis_dim)
     if not _is_int(n) or n < 0:
         raise ValueError(f"{fn}: first_axis_dim must be a non-negative int, got {first_axis_dim!r}")
-    _check_indices(fn, indices, n, values, "first_axis_dim")
+    _check_indices(fn, indices, n, values, "first_axis_dim", distinct=True)
     if indices.shape[0] != values.shape[0]:
         raise ValueError(f"{fn}: indices must have one entry per row of values ({values.shape[0]}), got "
                          f"{indices.shape[0]}")

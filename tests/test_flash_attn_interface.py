@@ -317,6 +317,8 @@ def test_bert_padding_helpers():
             (lambda: bp.index_first_axis(x.reshape(18, 2, 8), idx.int()), TypeError, "indices must be a 1-D int64"),
             (lambda: bp.index_put_first_axis(xu, idx, -1), ValueError, "first_axis_dim must be a non-negative int"),
             (lambda: bp.index_put_first_axis(xu, idx[:3], 18), ValueError, "indices must have one entry per row of values"),
+            (lambda: bp.index_put_first_axis(xu, idx.flip(0).clamp(max=idx[1]), 18), ValueError,
+             "indices must be distinct"),
             (lambda: bp.pad_input(xu, idx, 2, 6), ValueError, "indices must be in \\[0, batch \\* seqlen\\)"),
             (lambda: bp.unpad_input_for_concatenated_sequences(x, in_length * 2), ValueError, "attention_mask_in_length must hold .* sum per row"),
             (lambda: bp.unpad_input_for_concatenated_sequences(x, in_length.float()), TypeError, "attention_mask_in_length must be an integer tensor")]:

@@ -1570,6 +1570,49 @@ def test_new_keys_in_the_caches_memory_are_refused():
             assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 
+def test_tables_and_slopes_in_the_caches_memory_are_refused():
+    """block_table, cache_seqlens, cache_leftpad and alibi_slopes that are views of the caches'
+    memory are refused when k and v are appended, before anything is written (an audit's finds: a
+    block table in the pool's last page, overwritten by the append, sent the CPU backend's reads
+    past the pool, a crash; ALiBi slopes there were read as the new keys' values, 1.36 off)."""
+    for where, dtype in (("cpu", torch.float32), ("emulated", torch.float16)):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 2, 1, 16, generator=g).to(dtype)
+        k, v = (torch.randn(1, 2, 1, 16, generator=g).to(dtype) for _ in range(2))
+        own_table = torch.tensor([[0, 1]], dtype=torch.int32)
+
+        def inside(cache, kind, values):  # a tensor of `values` in the cache's memory, head 1's last row
+            x = cache.view(kind)[-1, 1, -1, :len(values)]
+            x.copy_(torch.tensor(values, dtype=kind))
+            return x
+
+        cases = []
+        for name, cache_name in (("block_table", "k_cache"), ("cache_seqlens", "v_cache"),
+                                 ("cache_leftpad", "k_cache"), ("alibi_slopes", "v_cache")):
+            paged = name == "block_table"
+            shape = (4, 2, 16, 16) if paged else (1, 2, 32, 16)  # 4 pages of 16 keys, or one sequence
+            kc, vc = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+            cache = kc if cache_name == "k_cache" else vc
+            kw = dict(cache_seqlens=torch.tensor([5], dtype=torch.int32), block_table=own_table if paged else None)
+            if name == "alibi_slopes":
+                kw[name] = inside(cache, torch.float32, [0.5, 0.25])
+            elif name == "block_table":
+                kw[name] = inside(cache, torch.int32, [0, 1]).view(1, 2)
+            else:
+                kw[name] = inside(cache, torch.int32, [5 if name == "cache_seqlens" else 2])
+            cases.append((name, cache_name, kc, vc, kw))
+        for name, cache_name, kc, vc, kw in cases:
+            before = kc.clone(), vc.clone()
+            with flash_cuda.emulate() if where == "emulated" else torch.no_grad():
+                with pytest.raises(ValueError, match=rf"^flash_cuda.attention_with_kvcache: {name} shares memory "
+                                                     rf"with {cache_name}, into which k and v are appended"):
+                    FN(q, kc, vc, k, v, **kw)
+            assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]), (where, name)
+            # without an append nothing is written, so the same views are read as they are
+            with flash_cuda.emulate() if where == "emulated" else torch.no_grad():
+                FN(q, kc, vc, **kw)
+
+
 def test_emulated_packed_queries_at_an_odd_offset():
     """The CUDA kernels' packed GQA queries (one query, heads of a kv group in one tile) from a q
     at an odd offset in its storage: the packed copy kept the offset, and the kernels' 16-byte

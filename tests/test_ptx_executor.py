@@ -989,6 +989,28 @@ BATCH_TERM = re.compile(r"mov\.u32\s+(%r\d+), %ctaid\.z;\s*cvt\.s64\.s32\s+(%rd\
 
 
 @needs_ptx
+@pytest.mark.parametrize("access, what", [("ld.global.u64 %rwild, [%rwild];", "read"),
+                                          ("ld.u64 %rwild, [%rwild];", "read"),
+                                          ("st.global.u64 [%rwild], %rwild;", "write"),
+                                          ("cp.async.ca.shared.global [0], [%rwild], 8;", "read")])
+def test_global_address_near_the_top_is_caught(access, what):
+    """A wild global address 8 bytes below 2^64: the bounds check formed address + size, which
+    wrapped past zero, so the access passed as inside a tensor and the executor touched host
+    memory there (a crash; the store was reported as a write to a read-only input). An audit's
+    find: now reported as outside every tensor, as a wild address anywhere else is."""
+    q = torch.randn(1, 1, 16, 16).half()
+    with emulate(executor="ptx", workers=1) as emu:
+        flash_cuda.attention(q, q, q)
+    entry = emu.launches[0]["entry"]
+    text = KERNELS[entry]
+    body = text.index("{", text.index(")", text.index(".entry"))) + 1
+    planted = text[:body] + f"\n\t.reg .b64 %rwild;\n\tmov.u64 %rwild, -8;\n\t{access}\n" + text[body:]
+    with emulate(executor="ptx", workers=1, ptx={entry: planted}):
+        with pytest.raises(RuntimeError, match=rf"out-of-bounds global {what} of 8 bytes .*outside every tensor"):
+            flash_cuda.attention(q, q, q)
+
+
+@needs_ptx
 def test_32_bit_batch_offset_is_caught():
     """A 32-bit overflow in an address computation that exists only in nvcc's build: the dense
     (kVarlen = false) forward kernels are compiled for the GPU alone (the source executor runs

@@ -622,8 +622,11 @@ Cell* BlockRunner::cell(const char* p) {
 }
 
 bool BlockRunner::shared_check(int tid, const char* p, size_t n, bool write, Site s) {
-  const bool dynamic = p >= smem && p + n <= smem + L->smem;
-  const bool near_arena = p + n > arena.get() && p < smem + L->smem + kSmemGuard;
+  // (as integers, no end formed: see global_check)
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), lo = reinterpret_cast<uintptr_t>(smem);
+  const bool dynamic = a >= lo && n <= L->smem && a - lo <= L->smem - n;
+  const uintptr_t arena_lo = reinterpret_cast<uintptr_t>(arena.get());
+  const bool near_arena = a < lo + L->smem + kSmemGuard && (a >= arena_lo || arena_lo - a < n);
   if (!dynamic && near_arena) {
     std::ostringstream m;
     m << "out-of-bounds shared " << (write ? "write" : "read") << " of " << n << " bytes at offset "
@@ -690,11 +693,13 @@ bool BlockRunner::shared_check(int tid, const char* p, size_t n, bool write, Sit
 }
 
 bool BlockRunner::global_check(const void* p, size_t n, bool write, Site s, bool atomic) {
-  const char* a = static_cast<const char*>(p);
+  // Addresses as integers, the end not formed: a wild address near 2^64 (a PTX kernel's) wrapped
+  // a + n past zero, passed as inside a buffer, and was read (the executor crashed).
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   for (size_t i = 0; i < L->buffers.size(); ++i) {
     const Buffer& b = L->buffers[i];
-    const char* lo = static_cast<const char*>(b.ptr);
-    if (a >= lo && a + n <= lo + b.bytes) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(b.ptr);
+    if (a >= lo && n <= b.bytes && a - lo <= b.bytes - n) {
       if (write && !b.writable) {
         error("global write to a read-only input by " + who(cur->linear) + " at " + where(s), false);
         return false;
