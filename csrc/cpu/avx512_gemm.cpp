@@ -684,10 +684,15 @@ FC_TARGET void pack_pairs_bf16(int64_t K, int64_t N, const uint16_t* B, int64_t 
 
 void pack_pairs_bf16_transposed(int64_t K, int64_t N, const uint16_t* Bt, int64_t ldbt, uint16_t* Bp) {
   const int64_t panel = pairs_panel_size(K);
+  const int64_t pairs = K / 2;
   for (int64_t n = 0; n < N; ++n) {
     uint16_t* col = Bp + n / kPairsPanel * panel + 2 * (n % kPairsPanel);  // column n's pair of row pair 0
-    for (int64_t k = 0; k < K; ++k) col[k / 2 * kPairsRow + k % 2] = Bt[n * ldbt + k];
-    if (K % 2) col[K / 2 * kPairsRow + 1] = 0;  // an odd K's last pair: (row, 0)
+    const uint16_t* row = Bt + n * ldbt;
+    // A pair is two adjacent elements of Bt's row: copied as one 32-bit word. Element by element
+    // this loop had 1.6%-2.7% of a bf16 decoding step's samples (GQA 32/8, D 128, Nq = 4, 2k keys:
+    // one pack per item of 1024 keys; perf, Zen 5), 0.5% now; the step 1.01x-1.03x faster.
+    for (int64_t kk = 0; kk < pairs; ++kk) std::memcpy(col + kk * kPairsRow, row + 2 * kk, 4);
+    if (K % 2) col[pairs * kPairsRow] = row[K - 1], col[pairs * kPairsRow + 1] = 0;  // an odd K's last pair: (row, 0)
   }
 }
 

@@ -511,8 +511,33 @@ inline int64_t single_nonzero_impl(const T* x, int64_t n) {
     }
   return found;
 }
+FC_MULTIVERSION int64_t single_nonzero_generic(const float* x, int64_t n) { return single_nonzero_impl(x, n); }
+#ifdef FC_AVX512_BF16
+// The same, 16 entries a compare: a row whose probabilities underflow to 0 over most of its keys
+// (ALiBi's far keys, a causal diagonal's) is mostly skipped a vector at a time, where the loop
+// above tested each entry: 4.9% of a bf16 causal ALiBi forward + backward's samples (B 1, H 8,
+// N 2048, D 128; perf, Zen 5), 0.5% now; in-process A/B 1.02x-1.03x faster (fp32, bf16), within
+// the runs' drift.
+// NaN counts as nonzero (unordered not-equal), -0 as zero, as in the loop.
+FC_TARGET_V4 int64_t single_nonzero_avx512(const float* x, int64_t n) {
+  int64_t found = -1;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 in = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const uint32_t nonzero = _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, x + j), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    if (!nonzero) continue;
+    if (found >= 0 || (nonzero & (nonzero - 1))) return -1;
+    found = j + __builtin_ctz(nonzero);
+  }
+  return found;
+}
+#endif
 }  // namespace
-FC_MULTIVERSION int64_t single_nonzero(const float* x, int64_t n) { return single_nonzero_impl(x, n); }
+int64_t single_nonzero(const float* x, int64_t n) {
+#ifdef FC_AVX512_BF16
+  if (f32_gemm_supported()) return single_nonzero_avx512(x, n);
+#endif
+  return single_nonzero_generic(x, n);
+}
 int64_t single_nonzero(const double* x, int64_t n) { return single_nonzero_impl(x, n); }
 
 FC_MULTIVERSION void softmax_grad_row(float* dp, const float* p, int64_t n, float d) {
