@@ -224,17 +224,21 @@ def _varlen_backward(ctx, dout, dlse):
 torch.library.register_autograd("flash_cuda::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)
 
 
-def _vmap_rule(op, batch_args, alibi_arg, dropout_arg):
+def _vmap_rule(op, batch_args, alibi_arg, dropout_arg, run=None):
     """A torch.func.vmap rule for op (fwd, bwd): the vmapped dim folded into the batch dim of the
     (B, ...) tensors at batch_args (unbatched ones expanded; the ALiBi slopes, (Hq,) or (B, Hq),
     to (V B, Hq)), one call, the outputs unfolded. Without a rule torch looped over the slices
     behind a warning, and jvp(vmap(attention)) failed in torch's own code rather than with
     flash_cuda's forward-AD error (audit). With dropout each slice is a call of its own: the mask
     is a function of the batch index, which folding would renumber (vmap's randomness="same"
-    means one mask for every slice)."""
+    means one mask for every slice). run (default op): what the rule calls, below the vmap level;
+    fwd's is the eager wrapper, whose Function carries the gradient to a transform outside the
+    vmap (grad(vmap(attention))), which the op's own autograd wrapper cannot (torch.func refuses
+    a Function without setup_context: an audit)."""
+    run = op if run is None else run
 
     def by_slices(info, in_dims, args):
-        outs = [op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
+        outs = [run(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
                 for i in range(info.batch_size)]
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
 
@@ -259,7 +263,7 @@ def _vmap_rule(op, batch_args, alibi_arg, dropout_arg):
             slopes = slopes.movedim(d, 0) if d is not None else slopes.expand(V, *slopes.shape)
             folded[alibi_arg] = slopes.reshape(V, -1, slopes.shape[-1]).expand(V, B, slopes.shape[-1]).reshape(
                 V * B, slopes.shape[-1])
-        outs = op(*folded)
+        outs = run(*folded)
         # (an empty output, bwd's dbias without a bias gradient, is the same for every slice)
         return (tuple(o.reshape(V, B, *o.shape[1:]) if o.dim() > 1 else o for o in outs),
                 tuple(0 if o.dim() > 1 else None for o in outs))
@@ -267,14 +271,14 @@ def _vmap_rule(op, batch_args, alibi_arg, dropout_arg):
     return rule
 
 
-def _vmap_rule_of(op, batch_args):
+def _vmap_rule_of(op, batch_args, run=None):
     """_vmap_rule with the positions of batch_args, alibi_slopes and dropout_p in op's schema."""
     names = _schema_names(op)
     return _vmap_rule(op.default, tuple(names.index(n) for n in batch_args), names.index("alibi_slopes"),
-                      names.index("dropout_p"))
+                      names.index("dropout_p"), run)
 
 
-_fwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.fwd, ("q", "k", "v", "bias"))
+_fwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.fwd, ("q", "k", "v", "bias"), run=lambda *args: fwd(*args))
 _bwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.bwd, ("dout", "q", "k", "v", "out", "lse", "dlse", "bias"))
 torch.library.register_vmap("flash_cuda::fwd", _fwd_vmap)
 torch.library.register_vmap("flash_cuda::bwd", _bwd_vmap)

@@ -352,6 +352,53 @@ def test_vmap_folds_into_the_batch():
 
 
 @pytest.mark.parametrize("fn", ["attention", "scaled_dot_product_attention"])
+def test_transforms_outside_a_vmap(fn):
+    """grad, vjp and jacrev of a function that vmaps attention (an ensemble by vmap, then its
+    gradient), vmap of vmap, and with dropout (a mask per slice): before, the vmap rule called the
+    op, whose autograd wrapper torch.func refuses ("must override the setup_context
+    staticmethod": an audit). Against the float64 reference; with dropout, against the reference
+    on the masks the same call returns."""
+    g = torch.Generator().manual_seed(5)
+    V = 3
+    q, k, v = (torch.randn(V, 2, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    f = getattr(flash_cuda, fn)
+    ref = lambda q, k, v: attention_ref(q, k, v)[0]  # noqa: E731
+    loss = lambda attn: lambda q, k, v: torch.func.vmap(attn)(q, k, v).pow(2).sum()  # noqa: E731
+    for got, want in zip(torch.func.grad(loss(f), argnums=(0, 1, 2))(q, k, v),
+                         torch.func.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+        assert_close_fp("grad(vmap)", got, want)
+    dout = torch.randn(V, 2, 2, 5, 8, generator=g, dtype=torch.float64)
+    for got, want in zip(torch.func.vjp(torch.func.vmap(f), q, k, v)[1](dout),
+                         torch.func.vjp(torch.func.vmap(ref), q, k, v)[1](dout)):
+        assert_close_fp("vjp(vmap)", got, want)
+    one = lambda attn: lambda x: torch.func.vmap(attn)(x, k[:, :1], v[:, :1])  # noqa: E731
+    assert_close_fp("jacrev(vmap)", torch.func.jacrev(one(f))(q[:, :1]), torch.func.jacrev(one(ref))(q[:, :1]))
+    twice = lambda attn: lambda q: torch.func.vmap(torch.func.vmap(attn))(  # noqa: E731
+        q, k.expand(2, *k.shape), v.expand(2, *v.shape)).pow(2).sum()
+    assert_close_fp("grad(vmap(vmap))", torch.func.grad(twice(f))(q.expand(2, *q.shape).clone()),
+                    torch.func.grad(twice(ref))(q.expand(2, *q.shape).clone()))
+    if fn == "attention":  # a mask per slice: the reference on the masks the call returns
+        p = 0.3
+
+        def dropped(q, k, v):
+            out, mask = f(q, k, v, dropout_p=p, return_dropout_mask=True)
+            return out, mask
+
+        def ref_dropped(q, k, v, mask):
+            return attention_ref(q, k, v, dropout_mask=mask, dropout_p=p)[0]
+
+        torch.manual_seed(11)
+        out, pullback, mask = torch.func.vjp(torch.func.vmap(dropped, randomness="different"), q, k, v, has_aux=True)
+        assert not all(torch.equal(mask[0], mask[i]) for i in range(1, V))
+        slices = lambda q, k, v: torch.func.vmap(ref_dropped)(q, k, v, mask)  # noqa: E731
+        assert_close_fp("vmap dropout out", out, slices(q, k, v))
+        got = pullback(dout)
+        want = torch.func.vjp(slices, q, k, v)[1](dout)
+        for a, b in zip(got, want):
+            assert_close_fp("vjp(vmap dropout)", a, b)
+
+
+@pytest.mark.parametrize("fn", ["attention", "scaled_dot_product_attention"])
 def test_vmap_over_a_batched_bool_mask(fn):
     """A bool attn_mask batched by vmap (one mask per slice) against unbatched or batched q, k, v:
     the mask's additive bias was filled in place into an unbatched tensor, which vmap refused
