@@ -32,9 +32,15 @@ namespace {
 
 void check_nk(int64_t nk) { TORCH_CHECK(nk >= 0, "flash_cuda: philox_state nk must be >= 0, got ", nk); }
 
+// A call with no query or no key draws nothing: its state is zeros and the generator is left as
+// it is, as torch's SDPA leaves it on empty inputs (before, every later mask of a run moved by one
+// draw against the same code on SDPA: an audit).
+bool draws_nothing(const at::Tensor& like, int64_t nk) { return like.numel() == 0 || nk == 0; }
+
 at::Tensor philox_state_cpu(const at::Tensor& like, int64_t nk, at::TensorList /*inputs: for vmap rules*/,
                               std::optional<at::Generator> generator) {
   check_nk(nk);
+  if (draws_nothing(like, nk)) return at::zeros({2}, like.options().dtype(at::kLong));
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   uint64_t seed;
   {
@@ -93,6 +99,7 @@ at::Tensor philox_state_cuda(const at::Tensor& like, int64_t nk, at::TensorList 
                                std::optional<at::Generator> generator) {
   check_nk(nk);
   const c10::cuda::CUDAGuard guard(like.device());
+  if (draws_nothing(like, nk)) return at::zeros({2}, like.options().dtype(at::kLong));
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       generator, at::cuda::detail::getDefaultCUDAGenerator(like.device().index()));
   at::PhiloxCudaState st;

@@ -163,7 +163,7 @@ def test_mask_of_a_call_is_the_mapping_of_its_generator_state(device):
     q, k, v, _ = make(B, H, H, nq, nk, 16, torch.float32 if device == "cpu" else torch.float16, device)
     torch.manual_seed(3)
     if device == "cpu":
-        state = torch.ops.flash_cuda.philox_state(q, 0, [])
+        state = torch.ops.flash_cuda.philox_state(q, nk, [])
         assert state[1].item() == 0
         torch.manual_seed(3)
     else:
@@ -264,7 +264,7 @@ def test_a_draw_equal_to_the_threshold_is_kept(backend):
     B, H, nq, nk = 1, 2, 33, 40
     q, k, v, dout = make(B, H, H, nq, nk, 64, torch.float16, seed=4)
     torch.manual_seed(11)
-    state = torch.ops.flash_cuda.philox_state(q, 0, [])
+    state = torch.ops.flash_cuda.philox_state(q, nk, [])
     draws = draws_ref(state, B, H, nq, nk)
     r = int(draws[1, 20, 25])
     p = r / 2.0**32
@@ -429,6 +429,33 @@ def test_seed_reproducibility_and_fresh_masks(device):
     x = flash_cuda.attention(q, k, v, dropout_p=0.5, generator=g1)
     y = flash_cuda.attention(q, k, v, dropout_p=0.5, generator=g2)
     assert torch.equal(x, y)
+
+
+def test_empty_calls_leave_the_generator_as_it_is():
+    """A call with dropout but no query or no key draws nothing: the default generator and an
+    explicit one are left as they are, as torch's SDPA leaves them (before, each such call moved
+    every later mask of a run by one draw: an audit). A call with work still draws."""
+    cases = [((0, 2, 4, 8), (0, 2, 5, 8)), ((1, 2, 0, 8), (1, 2, 5, 8)), ((1, 2, 3, 8), (1, 2, 0, 8))]
+    calls = [lambda q, k, v, **kw: flash_cuda.attention(q, k, v, dropout_p=0.5, **kw),
+             lambda q, k, v, **kw: flash_cuda.scaled_dot_product_attention(q, k, v, dropout_p=0.5)]
+    for (qs, ks), call in itertools.product(cases, calls):
+        q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(ks)
+        state = torch.get_rng_state()
+        call(q, k, v)
+        assert torch.equal(state, torch.get_rng_state()), (qs, ks)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5)  # (torch's, the same)
+        assert torch.equal(state, torch.get_rng_state()), (qs, ks)
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    flash_cuda.attention(torch.randn(1, 2, 0, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), dropout_p=0.5,
+                         generator=g)
+    assert torch.equal(state, g.get_state())
+    empty, cu = torch.randn(0, 2, 8), torch.zeros(2, dtype=torch.int32)
+    state = torch.get_rng_state()
+    flash_cuda.varlen_attention(empty, empty, empty, cu, cu, 0, 0, dropout_p=0.5)
+    assert torch.equal(state, torch.get_rng_state())
+    flash_cuda.attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), dropout_p=0.5)
+    assert not torch.equal(state, torch.get_rng_state())
 
 
 def test_deterministic_backward_with_dropout_is_bitwise_repeatable():
