@@ -146,7 +146,9 @@ def _index(x):
     the tensor is on a GPU, as in FlashAttention)."""
     if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and not x.is_complex() \
             and x.dtype != torch.bool:
-        return int(x)
+        # item(), not int(): traced by non-strict torch.export, the value is data-dependent, where
+        # int() asked for a concrete value and raised (an audit); item() gives a symbolic int
+        return x.item()
     return _plain(x)
 
 

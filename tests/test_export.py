@@ -59,6 +59,24 @@ def test_export_with_sizes_of_dynamic_dims_as_arguments(strict):
             torch.testing.assert_close(program.module()(*args), module(*args), rtol=0, atol=0)
 
 
+class DataMax(torch.nn.Module):
+    def forward(self, q, k, v, cu):
+        longest = (cu[1:] - cu[:-1]).max()  # a 0-d tensor, as varlen_attention's docstring allows
+        return flash_cuda.varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_with_a_data_dependent_max_seqlen(strict):
+    """max_seqlen as a 0-d tensor computed from cu_seqlens in the exported code: non-strict
+    export raised (int() of the tensor asked for a concrete value of a data-dependent one: an
+    audit). The program matches eager at other lengths."""
+    q, k, v = rand(10, 4, 8), rand(10, 2, 8, seed=1), rand(10, 2, 8, seed=2)
+    program = torch.export.export(DataMax(), (q, k, v, torch.tensor([0, 3, 10], dtype=torch.int32)), strict=strict)
+    for lengths in ([0, 6, 10], [0, 1, 10], [0, 10, 10]):
+        cu = torch.tensor(lengths, dtype=torch.int32)
+        torch.testing.assert_close(program.module()(q, k, v, cu), DataMax()(q, k, v, cu), rtol=0, atol=0)
+
+
 def test_window_from_a_size_against_the_reference():
     """The exported window (q.shape[2] // 2 left, 0 right) is the window of each size, not of the
     size it was exported at: against the float64 reference at two other sizes."""
