@@ -250,10 +250,14 @@ void merge_splits(const acc_t* o_part, const acc_t* lse_part, int64_t splits, in
       }
       acc_t sum = 0;
       for (int64_t s = 0; s < splits; ++s) sum += std::exp(lse_part[s * n_rows + r] - m);
+      acc_t* __restrict y = row.data();
+      const int64_t n = D;
       for (int64_t s = 0; s < splits; ++s) {
         const acc_t w = std::exp(lse_part[s * n_rows + r] - m) / sum;
-        const acc_t* o = o_part + (s * n_rows + r) * D;
-        for (int64_t d = 0; d < D; ++d) row[d] += w * o[d];
+        const acc_t* __restrict o = o_part + (s * n_rows + r) * D;
+        // (through row[d] the compiler reloaded D and the vector's data each element, one scalar
+        // multiply-add at a time: 2.3% of a bf16 decoding step's samples at Nq = 4, 2k keys)
+        for (int64_t d = 0; d < n; ++d) y[d] += w * o[d];
       }
       lse[r] = m + std::log(sum);
       out_rows.store(row.data(), r);
