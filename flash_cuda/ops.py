@@ -278,7 +278,8 @@ def _vmap_rule_of(op, batch_args, run=None):
                       names.index("dropout_p"), run)
 
 
-_fwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.fwd, ("q", "k", "v", "bias"), run=lambda *args: fwd(*args))
+_FWD_BATCH_ARGS = ("q", "k", "v", "bias")
+_fwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.fwd, _FWD_BATCH_ARGS)
 _bwd_vmap = _vmap_rule_of(torch.ops.flash_cuda.bwd, ("dout", "q", "k", "v", "out", "lse", "dlse", "bias"))
 torch.library.register_vmap("flash_cuda::fwd", _fwd_vmap)
 torch.library.register_vmap("flash_cuda::bwd", _bwd_vmap)
@@ -364,7 +365,13 @@ def _eager_autograd(op, n_inputs, setup_context, backward, vmap_rule=None):
     return call
 
 
-fwd = _eager_autograd(torch.ops.flash_cuda.fwd, _FWD_INPUTS, _setup_context, _backward, _fwd_vmap)
+# Two rules for fwd: the op's own (registered above: the raw op under vmap, as torch.compile,
+# functionalize and direct calls reach it) calls the op; the eager wrapper's calls the wrapper,
+# whose Function carries the gradient to a transform outside the vmap. Calling the wrapper from
+# the op's rule failed where no Function may run (vmap of the raw op, vmap of functionalize,
+# compiled vmap: a review).
+fwd = _eager_autograd(torch.ops.flash_cuda.fwd, _FWD_INPUTS, _setup_context, _backward,
+                      _vmap_rule_of(torch.ops.flash_cuda.fwd, _FWD_BATCH_ARGS, run=lambda *args: fwd(*args)))
 varlen_fwd = _eager_autograd(torch.ops.flash_cuda.varlen_fwd, _VARLEN_FWD_INPUTS, _varlen_setup_context,
                              _varlen_backward)
 

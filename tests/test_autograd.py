@@ -398,6 +398,26 @@ def test_transforms_outside_a_vmap(fn):
             assert_close_fp("vjp(vmap dropout)", a, b)
 
 
+def test_vmap_where_no_function_may_run():
+    """vmap reaching the raw op (a direct call, functionalize inside vmap, a compiled vmap), where
+    the op's own rule runs and no autograd.Function may: a version of the transforms fix above
+    called the eager wrapper from that rule too and raised there (a review). Each equals the loop
+    over the slices; a backward through vmap of the op reaches q."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 1, 2, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    loop = lambda fn: torch.stack([fn(q[i], k[i], v[i]) for i in range(2)])  # noqa: E731
+    op = lambda q, k, v: torch.ops.flash_cuda.fwd(q, k, v, 0.25, False, True)[0]  # noqa: E731
+    assert torch.equal(torch.func.vmap(op)(q, k, v), loop(op))
+    want = loop(flash_cuda.attention)
+    assert torch.equal(torch.func.vmap(torch.func.functionalize(flash_cuda.attention))(q, k, v), want)
+    compiled = torch.compile(torch.func.vmap(flash_cuda.attention), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(q, k, v), want)
+    qg = q.clone().requires_grad_()
+    got, = torch.autograd.grad(torch.func.vmap(op)(qg, k, v).pow(2).sum(), qg)
+    ref = lambda x: attention_ref(x, k[0], v[0], scale=0.25)[0].pow(2).sum()  # noqa: E731
+    assert_close_fp("vmap(op) backward", got[0], torch.func.grad(ref)(q[0]))
+
+
 @pytest.mark.parametrize("fn", ["attention", "scaled_dot_product_attention"])
 def test_vmap_over_a_batched_bool_mask(fn):
     """A bool attn_mask batched by vmap (one mask per slice) against unbatched or batched q, k, v:
