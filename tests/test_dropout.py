@@ -454,6 +454,13 @@ def test_empty_calls_leave_the_generator_as_it_is():
     state = torch.get_rng_state()
     flash_cuda.varlen_attention(empty, empty, empty, cu, cu, 0, 0, dropout_p=0.5)
     assert torch.equal(state, torch.get_rng_state())
+    x, y = torch.randn(2, 1, 2, 0, 8), torch.randn(2, 1, 2, 5, 8)
+    state = torch.get_rng_state()
+    for randomness in ("error", "same", "different"):  # under vmap too (its seeds come another way)
+        torch.func.vmap(lambda a, b: flash_cuda.attention(a, b, b, dropout_p=0.5), randomness=randomness)(x, y)
+        torch.func.vmap(lambda a, b: torch.nn.functional.scaled_dot_product_attention(a, b, b, dropout_p=0.5),
+                        randomness=randomness)(x, y)
+        assert torch.equal(state, torch.get_rng_state()), randomness
     flash_cuda.attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), dropout_p=0.5)
     assert not torch.equal(state, torch.get_rng_state())
 
