@@ -988,16 +988,21 @@ BATCH_TERM = re.compile(r"mov\.u32\s+(%r\d+), %ctaid\.z;\s*cvt\.s64\.s32\s+(%rd\
                         r"ld\.param\.u64\s+(%rd\d+), \[([^\]]+)\];\s*mul\.lo\.s64\s+(%rd\d+), \3, \2;")
 
 
+OUTSIDE = r"out-of-bounds global {} of 8 bytes .*outside every tensor"
+
+
 @needs_ptx
-@pytest.mark.parametrize("access, what", [("ld.global.u64 %rwild, [%rwild];", "read"),
-                                          ("ld.u64 %rwild, [%rwild];", "read"),
-                                          ("st.global.u64 [%rwild], %rwild;", "write"),
-                                          ("cp.async.ca.shared.global [0], [%rwild], 8;", "read")])
-def test_global_address_near_the_top_is_caught(access, what):
-    """A wild global address 8 bytes below 2^64: the bounds check formed address + size, which
-    wrapped past zero, so the access passed as inside a tensor and the executor touched host
-    memory there (a crash; the store was reported as a write to a read-only input). An audit's
-    find: now reported as outside every tensor, as a wild address anywhere else is."""
+@pytest.mark.parametrize("access, message", [("ld.global.u64 %rwild, [%rwild];", OUTSIDE.format("read")),
+                                             ("ld.u64 %rwild, [%rwild];", OUTSIDE.format("read")),
+                                             ("st.global.u64 [%rwild], %rwild;", OUTSIDE.format("write")),
+                                             ("cp.async.ca.shared.global [0], [%rwild], 8;", OUTSIDE.format("read")),
+                                             ("ld.param.u64 %rwild, [%rwild];", r"reads past the kernel's parameters")])
+def test_global_address_near_the_top_is_caught(access, message):
+    """A wild address 8 bytes below 2^64: the bounds checks formed address + size, which wrapped
+    past zero, so the access passed as inside a tensor and the executor touched host memory there
+    (a crash; the store was reported as a write to a read-only input). An audit's find, and a
+    review's for the parameter space: now reported as outside every tensor (past the parameters),
+    as a wild address anywhere else is."""
     q = torch.randn(1, 1, 16, 16).half()
     with emulate(executor="ptx", workers=1) as emu:
         flash_cuda.attention(q, q, q)
@@ -1006,7 +1011,7 @@ def test_global_address_near_the_top_is_caught(access, what):
     body = text.index("{", text.index(")", text.index(".entry"))) + 1
     planted = text[:body] + f"\n\t.reg .b64 %rwild;\n\tmov.u64 %rwild, -8;\n\t{access}\n" + text[body:]
     with emulate(executor="ptx", workers=1, ptx={entry: planted}):
-        with pytest.raises(RuntimeError, match=rf"out-of-bounds global {what} of 8 bytes .*outside every tensor"):
+        with pytest.raises(RuntimeError, match=message):
             flash_cuda.attention(q, q, q)
 
 

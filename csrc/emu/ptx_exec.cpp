@@ -265,7 +265,8 @@ class Thread {
         return;
       }
       case Space::param:
-        if (addr + n > params_bytes_) fatal(in, "reads past the kernel's parameters (" + std::to_string(params_bytes_) + " bytes)");
+        if (addr > params_bytes_ || n > params_bytes_ - addr)  // (no end formed: it wrapped near 2^64, a review)
+          fatal(in, "reads past the kernel's parameters (" + std::to_string(params_bytes_) + " bytes)");
         std::memcpy(dst, params_ + addr, n);
         return;
       case Space::local: std::memcpy(dst, local_ptr(addr, n, in), n); return;  // exec_ld: unwritten bytes
