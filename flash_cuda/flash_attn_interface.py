@@ -51,6 +51,8 @@ def _window(fn, window_size, seqlen_k):
             or not all(_is_int(_plain(w)) for w in window_size)):
         raise TypeError(f"{fn}: window_size must be a pair of ints (left, right), -1 = infinite, got {window_size!r}")
     window = _check_window(fn, tuple(torch.sym_max(_plain(w), -1) for w in window_size), "window_size")
+    if window == (-1, -1):  # no window: nothing to compare (seqlen_k may be data-dependent, a 0-d tensor
+        return None         # read under torch.export, where a comparison raised: a review)
     if _is_int(seqlen_k):
         left, right = (-1 if w >= seqlen_k else w for w in window)
         window = (left, seqlen_k if left >= 0 and right < 0 else right)
@@ -177,7 +179,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, renames=_SCALE):
-    window = _window(fn, window_size, _index(max_seqlen_k))
+    max_seqlen_k = _index(max_seqlen_k)  # (read once: a 0-d tensor's item() under export is a new symbol each time)
+    window = _window(fn, window_size, max_seqlen_k)
     softmax_scale, causal, deterministic, alibi_slopes = _options(fn, softmax_scale, causal, deterministic, alibi_slopes)
     return_attn_probs = bool(return_attn_probs)
     with_mask = _with_mask(return_attn_probs, dropout_p)
@@ -545,7 +548,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                           softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
                                           return_lse=True, cache_leftpad=cache_leftpad)
     except _CHECKED as err:
-        err = _in_callers_terms(fn, err, dict(_SCALE, Nnew="seqlen_new"))
+        # (with cache_batch_idx the table is a view of it: "block_table shares memory with k_cache"
+        # named an argument the caller never passed, a review)
+        err = _in_callers_terms(fn, err, dict(_SCALE, Nnew="seqlen_new", **({"block_table": "cache_batch_idx"}
+                                                                            if indexed else {})))
         if indexed and type(err) in _CHECKED and "cache_leftpad" not in str(err):  # (shapes and strides of the pages)
             err = type(err)(f"{err} (with cache_batch_idx, k_cache and v_cache are read as a paged pool of the "
                             "cache's batches)")

@@ -9,7 +9,7 @@ import torch
 from torch.export import Dim
 
 import flash_cuda
-from flash_cuda import bert_padding
+from flash_cuda import bert_padding, flash_attn_interface
 from reference import assert_close_fp, attention_ref
 
 
@@ -60,21 +60,31 @@ def test_export_with_sizes_of_dynamic_dims_as_arguments(strict):
 
 
 class DataMax(torch.nn.Module):
+    def __init__(self, fa2):
+        super().__init__()
+        self.fa2 = fa2
+
     def forward(self, q, k, v, cu):
         longest = (cu[1:] - cu[:-1]).max()  # a 0-d tensor, as varlen_attention's docstring allows
+        if self.fa2:
+            return flash_attn_interface.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)
         return flash_cuda.varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
 
 
+@pytest.mark.parametrize("fa2", [False, True])
 @pytest.mark.parametrize("strict", [False, True])
-def test_export_with_a_data_dependent_max_seqlen(strict):
-    """max_seqlen as a 0-d tensor computed from cu_seqlens in the exported code: non-strict
-    export raised (int() of the tensor asked for a concrete value of a data-dependent one: an
-    audit). The program matches eager at other lengths."""
+def test_export_with_a_data_dependent_max_seqlen(strict, fa2):
+    """max_seqlen as a 0-d tensor computed from cu_seqlens in the exported code, through
+    varlen_attention and FlashAttention's flash_attn_varlen_func (no window): non-strict export
+    raised (int() of the tensor asked for a concrete value of a data-dependent one: an audit),
+    and flash_attn_varlen_func in both modes (its window normalisation compared against it: a
+    review). The program matches eager at other lengths."""
     q, k, v = rand(10, 4, 8), rand(10, 2, 8, seed=1), rand(10, 2, 8, seed=2)
-    program = torch.export.export(DataMax(), (q, k, v, torch.tensor([0, 3, 10], dtype=torch.int32)), strict=strict)
+    module = DataMax(fa2)
+    program = torch.export.export(module, (q, k, v, torch.tensor([0, 3, 10], dtype=torch.int32)), strict=strict)
     for lengths in ([0, 6, 10], [0, 1, 10], [0, 10, 10]):
         cu = torch.tensor(lengths, dtype=torch.int32)
-        torch.testing.assert_close(program.module()(q, k, v, cu), DataMax()(q, k, v, cu), rtol=0, atol=0)
+        torch.testing.assert_close(program.module()(q, k, v, cu), module(q, k, v, cu), rtol=0, atol=0)
 
 
 def test_window_from_a_size_against_the_reference():

@@ -524,6 +524,19 @@ def test_bad_input(over, exc, match):
         bad(**over)
 
 
+def test_cache_batch_idx_in_the_caches_memory_is_refused_by_its_name():
+    """A cache_batch_idx that is a view of k_cache's memory is refused as flash_cuda refuses a
+    block table there (the table a cache_batch_idx becomes), under its own name: the message
+    named block_table, which the caller never passed (a review)."""
+    args = bad_args()
+    idx = args["k_cache"].view(torch.int32)[2, 7, 1, :2]
+    idx.copy_(I32(2, 0))
+    before = args["k_cache"].clone()
+    with pytest.raises(ValueError, match=r"^flash_attn_with_kvcache: cache_batch_idx shares memory with k_cache"):
+        fa.flash_attn_with_kvcache(**dict(args, cache_batch_idx=idx))
+    assert torch.equal(args["k_cache"], before)
+
+
 def test_bad_cache_batch_idx_compiled():
     """Compiled on the CPU, cache_batch_idx out of range or shared by sequences that append still
     fails in its own name, as the graph runs (the op named the block table built from it, an audit's
