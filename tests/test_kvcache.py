@@ -1511,6 +1511,10 @@ def test_bench_smoke():
     rows = bench.main(["--quick", "--leftpad"])
     assert rows and all(r["ours_ms"] > 0 and r["sdpa_ms"] > 0 and r["leftpad_ms"] > 0 for r in rows)
     assert all(r["leftpad_max_diff"] == 0 for r in rows), "the same keys after a pad: the same output"
+    # both SDPA forms timed and checked, the ratio against the faster, and the validation ran
+    for r in rows:
+        assert r["status"] == "ok" and r["sdpa_ms"] == min(r["sdpa_gqa_ms"], r["sdpa_packed_ms"])
+        assert r["sdpa_packed_max_err"] <= 4 * r["sdpa_max_err"] + 1e-5, "the packed view computes the same"
     mp = load_benchmark("multiply_peak")
     for r in rows:  # the multiplies' ceiling beside each CPU point, where the probe has a kind
         if mp.instruction_kind(getattr(torch, r["dtype"]), r["Hq"] // r["Hkv"] * r["Nq"]) and mp.library():
