@@ -144,10 +144,15 @@ def case_scaling(device, dtype, quick, reps=None):
 def row(case, shape, mode, dtype, res, ref):
     (t_ours, m_ours, o_ours), (t_sdpa, m_sdpa, o_sdpa) = res["flash_cuda"], res["sdpa"]
     err = lambda o: (o[0, 0, -ref.shape[0]:].double() - ref).abs().max().item()  # noqa: E731
+    e_ours, e_sdpa = err(o_ours), err(o_sdpa)
+    # bench_sdpa's rule: an output further from the reference than 4x SDPA's + 1e-5 is wrong, and
+    # its time is not a result (a benchmark review: the error was printed beside the ratio, unchecked)
+    wrong = not e_ours <= bs.WRONG_FACTOR * e_sdpa + 1e-5
     return {"case": case, "shape": shape, "mode": mode, "dtype": str(dtype).split(".")[-1],
+            "status": f"wrong: err {e_ours:.2e} > {bs.WRONG_FACTOR}x SDPA's {e_sdpa:.2e} + 1e-5" if wrong else "ok",
             "flash_cuda_s": t_ours, "sdpa_s": t_sdpa, "speed_ratio_sdpa_over_ours": t_sdpa / t_ours,
             "flash_cuda_peak_mib": m_ours / 2 ** 20, "sdpa_peak_mib": m_sdpa / 2 ** 20,
-            "flash_cuda_err": err(o_ours), "sdpa_err": err(o_sdpa)}
+            "flash_cuda_err": e_ours, "sdpa_err": e_sdpa}
 
 
 def fmt_row(r):
@@ -155,7 +160,7 @@ def fmt_row(r):
     return (f"{r['case']:8s} {shape:28s} {r['mode']:7s} {r['dtype']:9s} ours {r['flash_cuda_s'] * 1e3:9.1f} ms  "
             f"sdpa {r['sdpa_s'] * 1e3:9.1f} ms  ratio {r['speed_ratio_sdpa_over_ours']:6.2f}x  peak MiB ours "
             f"{r['flash_cuda_peak_mib']:8.1f} sdpa {r['sdpa_peak_mib']:8.1f}  err {r['flash_cuda_err']:.1e} / "
-            f"{r['sdpa_err']:.1e}")
+            f"{r['sdpa_err']:.1e}" + ("  WRONG" if r["status"] != "ok" else ""))
 
 
 def main(argv=None):

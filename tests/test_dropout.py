@@ -678,6 +678,7 @@ def test_bench_dropout_runs(tmp_path):
     rows = bench.main(["--device", "cpu", "--quick", "--json", str(out)])
     assert [r["mode"] for r in rows] == ["fwd", "fwdbwd"]
     assert all(r["flash_cuda_err_vs_own_mask"] < 1e-5 and r["flash_cuda_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
+    assert all(r["status"] == "ok" for r in rows)
     assert json.loads(out.read_text())["meta"]["device"]
 
 

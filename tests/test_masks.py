@@ -377,4 +377,9 @@ def test_bench_masks_runs(tmp_path):
     for r in rows:
         if r["case"] != "scaling":
             assert r["speed_ratio_sdpa_over_ours"] > 0 and r["flash_cuda_err"] < 1e-4 and r["sdpa_err"] < 1e-4
+            assert r["status"] == "ok"
     assert json.loads(out.read_text())["meta"]["device"]
+    # a wrong output is marked so (its error is checked against SDPA's, not only printed)
+    good = torch.randn(1, 1, 8, 4, dtype=torch.float64)
+    res = {"flash_cuda": (1.0, 0, torch.zeros_like(good)), "sdpa": (2.0, 0, good)}
+    assert bench.row("x", {}, "fwd", torch.float64, res, good[0, 0])["status"].startswith("wrong")
