@@ -252,3 +252,24 @@ def test_bench_keeps_the_points_of_a_stopped_run(tmp_path):
         bench.main(["--reps", "1", "--warmup", "1", "--out", str(tmp_path), "--no-plot"])
     data = json.loads((tmp_path / "bench_cuda_fa.json").read_text())
     assert data["meta"]["complete"] is False and len(data["results"]) == 2
+
+
+def test_bench_validates_the_last_batch_head_and_rows(tmp_path):
+    """bench_sdpa's validation compares batch 0 head 0's first rows and the last batch and head's
+    last rows with the float64 reference: an output wrong only past row 255 of the last head (a
+    benchmark review's plant passed the first slice alone) is marked wrong, not timed; the
+    correct one passes (CPU path, a tiny preset)."""
+    bench = load_bench()
+    tiny = {"shapes": [(2, 300, 2, 32)], "dtypes": ["float32"], "sdpa": ["flash"]}
+    real = bench.flash_cuda_fn
+
+    def wrong_late(q, k, v, causal):
+        out = real(q, k, v, causal)
+        return torch.cat([out[:, :, :256], torch.zeros_like(out[:, :, 256:])], dim=2)
+
+    for fn, wrong in ((real, False), (wrong_late, True)):
+        with mock.patch.dict(bench.PRESETS, {"cpu-tiny": tiny}), mock.patch.object(bench, "flash_cuda_fn", fn):
+            bench.main(["--device", "cpu", "--preset", "cpu-tiny", "--reps", "1", "--out", str(tmp_path), "--no-plot"])
+        data = json.loads((tmp_path / "bench_cpu_cpu-tiny.json").read_text())
+        statuses = [r["impls"]["flash_cuda"]["status"] for r in data["results"]]
+        assert statuses and all(s.startswith("wrong") == wrong for s in statuses), statuses
