@@ -522,9 +522,9 @@ void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     for (const auto& [name, x] : others)
       for (const auto& [cache_name, cache] : {std::pair{"k_cache", &k_cache}, std::pair{"v_cache", &v_cache}})
         TORCH_CHECK_VALUE(!x->has_value() || (*x)->device() != cache->device() || !caches_may_overlap(**x, *cache),
-                          "flash_cuda: ", name,
-                          " shares memory with ", cache_name, ", into which k and v are appended in place (the call "
-                          "would read what it writes); give it memory of its own (e.g. .clone())");
+                          "flash_cuda: ", name, " shares memory with ", cache_name, ", into which k and v are "
+                          "appended in place (the call would read what it writes); give it memory of its own (e.g. "
+                          ".clone())");
   }
 }
 

@@ -324,7 +324,7 @@ def _rng_state(q, nk, dropout_p, generator, inputs=()):
     if dropout_p == 0.0:
         return None
     if _in_vmap():
-        if q.numel() == 0 or nk == 0:  # nothing to mask: no draw (the op's own rule below, eager here)
+        if q.numel() == 0 or nk == 0:  # nothing to mask: no draw, as philox_state draws none there
             return torch.zeros(2, dtype=torch.int64, device=q.device)
         # a seed from torch's own random op, which follows vmap's `randomness` whichever inputs
         # are batched: the same mask in every slice ("same"), a mask of its own in each
