@@ -11,12 +11,13 @@ over 8 kv heads (GQA), head dim 128, every sequence's cache holding Nk keys, con
                  enable_gqa=True): whichever backend torch picks for it
     sdpa_packed  the same SDPA with the query heads of a kv group packed into its rows, as
                  flash_cuda packs them: q viewed as (B, Hkv, (Hq / Hkv) Nq, D) against the caches
-                 as they are, no GQA, the output viewed back (no copy either way; the same result
-                 wherever no causal mask is applied, as at every point here). Torch's CPU kernel
-                 takes one query head at a time under enable_gqa, a tile of one row at Nq = 1;
-                 packed, it fills its tiles as flash_cuda does (a review found the plain call up to
-                 13x slower than packed on the CPU). The ratio reported against SDPA is against the
-                 faster of the two forms, each form's time stored too.
+                 as they are, no GQA, the output reshaped back (no copy where it is contiguous;
+                 the same result wherever no causal mask is applied, as at every point here).
+                 Torch's CPU kernel takes one query head at a time under enable_gqa, a tile of one
+                 row at Nq = 1; packed, it fills its tiles as flash_cuda does (a review found the
+                 plain call up to 13x slower than packed on one CPU thread). The ratio reported
+                 against SDPA is against the faster of the two forms where the packed one's error
+                 is within 4x the plain one's + 1e-5, each form's time stored too.
 
 Reported: median time of interleaved calls after a warm-up (bench_sdpa.py's timing), tokens per
 second (B Nq / time), and the bandwidth achieved on the cache, 2 B Hkv Nk D bytes per step (the
@@ -136,7 +137,8 @@ def main(argv=None):
         calls = {"flash_cuda": Call(lambda: flash_cuda.attention_with_kvcache(q, kc, vc, cache_seqlens=N)),
                  "sdpa": Call(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)),
                  "sdpa_packed": Call(lambda: F.scaled_dot_product_attention(
-                     q.view(B, HKV, G * NQ, D), kc, vc).view(B, HQ, NQ, D))}
+                     q.view(B, HKV, G * NQ, D), kc, vc).reshape(B, HQ, NQ, D))}  # (reshape: SDPA's
+        # memory-efficient CUDA kernel returns a transposed layout, which view refused)
         pad_rows = 64
         padded = args.leftpad and cache_bytes * (N + pad_rows) // N * 2 <= budget_bytes(device)
         if padded:  # the same keys after a pad of 1 to 64 rows, a different one per sequence
@@ -152,7 +154,11 @@ def main(argv=None):
         ref = F.scaled_dot_product_attention(q[:1].double(), kc[:1].double(), vc[:1].double(), enable_gqa=True)
         err = (out[:1].double() - ref).abs().max().item()
         sdpa_errs = {n: (calls[n]()[:1].double() - ref).abs().max().item() for n in ("sdpa", "sdpa_packed")}
-        wrong = not err <= 4 * min(sdpa_errs.values()) + 1e-5  # (NaN is wrong too)
+        # the packed form races only where it computes what the plain call does (no causal point
+        # here, but the ratio must not rest on a faster wrong result)
+        packed_ok = sdpa_errs["sdpa_packed"] <= bs.WRONG_FACTOR * sdpa_errs["sdpa"] + 1e-5
+        bound = min(e for e in sdpa_errs.values() if e == e) if any(e == e for e in sdpa_errs.values()) else None
+        wrong = bound is not None and not err <= bs.WRONG_FACTOR * bound + 1e-5  # (a NaN of ours is wrong too)
         # a plain read of as many bytes, timed in the same interleaved rounds: what the machine
         # reads in practice (on a GPU, beside its peak)
         x = torch.ones(max(cache_bytes // 4, 1), dtype=torch.float32, device=device)
@@ -175,7 +181,7 @@ def main(argv=None):
             peak, how = read, "streaming read (sum) of the same bytes, timed in the same interleaved rounds"
         del x
         ceiling = mp.decode_ceiling(dtype, HQ // HKV, NQ, macs) if macs else None
-        sdpa_form = min(("sdpa", "sdpa_packed"), key=lambda n: t[n])  # the faster form
+        sdpa_form = min(("sdpa", "sdpa_packed") if packed_ok else ("sdpa",), key=lambda n: t[n])  # the faster form
         r = {"dtype": str(dtype).split(".")[-1], "B": B, "Hq": HQ, "Hkv": HKV, "Nq": NQ, "Nk": N, "D": D,
              "status": "wrong" if wrong else "ok",
              "ours_ms": t["flash_cuda"] * 1e3, "sdpa_ms": t[sdpa_form] * 1e3, "sdpa_form": sdpa_form,
