@@ -679,6 +679,15 @@ def test_bench_dropout_runs(tmp_path):
     assert [r["mode"] for r in rows] == ["fwd", "fwdbwd"]
     assert all(r["flash_cuda_err_vs_own_mask"] < 1e-5 and r["flash_cuda_s"] > 0 and r["sdpa_s"] > 0 for r in rows)
     assert all(r["status"] == "ok" for r in rows)
+    from unittest import mock  # a wrong output is marked so
+    real = flash_cuda.attention
+
+    def doubled(*a, **kw):
+        out = real(*a, **kw)
+        return (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2
+
+    with mock.patch.object(bench.flash_cuda, "attention", doubled):
+        assert all(r["status"].startswith("wrong") for r in bench.main(["--device", "cpu", "--quick"]))
     assert json.loads(out.read_text())["meta"]["device"]
 
 

@@ -1515,6 +1515,11 @@ def test_bench_smoke():
     for r in rows:
         assert r["status"] == "ok" and r["sdpa_ms"] == min(r["sdpa_gqa_ms"], r["sdpa_packed_ms"])
         assert r["sdpa_packed_max_err"] <= 4 * r["sdpa_max_err"] + 1e-5, "the packed view computes the same"
+    # a wrong output is marked so
+    from unittest import mock
+    real = flash_cuda.attention_with_kvcache
+    with mock.patch.object(bench.flash_cuda, "attention_with_kvcache", lambda *a, **kw: real(*a, **kw) * 2):
+        assert all(r["status"] == "wrong" for r in bench.main(["--quick"]))
     mp = load_benchmark("multiply_peak")
     for r in rows:  # the multiplies' ceiling beside each CPU point, where the probe has a kind
         if mp.instruction_kind(getattr(torch, r["dtype"]), r["Hq"] // r["Hkv"] * r["Nq"]) and mp.library():

@@ -493,6 +493,11 @@ def test_bench_varlen_runs(tmp_path):
         assert ours["status"] == padded["status"] == "ok" and ours["err"] < 1e-5 and padded["err"] < 1e-5
         assert ours["tokens_per_s"] > 0 and padded["seconds"] > 0
     assert json.loads(out.read_text())["lengths"] == bench.draw_lengths(1500)
+    from unittest import mock  # a wrong output is marked so
+    real = flash_cuda.varlen_attention
+    with mock.patch.object(bench.flash_cuda, "varlen_attention", lambda *a, **kw: real(*a, **kw) * 2):
+        _, rows = bench.main(["--device", "cpu", "--tokens", "1500", "--reps", "1"])
+    assert all(r["results"]["flash_cuda"]["status"].startswith("wrong") for r in rows)
 
 
 def test_under_functionalize():
