@@ -1117,6 +1117,11 @@ _KNOWN_LEFTPAD_EXCESS = {
            "query heads on one kv head, no modifier): head 0's row 4.09e-3 from float64 (P 0.336, 1, 0.570 in "
            "bf16), where plain bf16 torch is 1.57e-3 off; found by a soak on 2026-12-07 (fourth session, seeds "
            "from 94700), the same with the build from before that session's softcap change",
+    97571: "trial 8 (bf16, one query against the 3 keys it appends after a pad of 198 that leaves no cached key, "
+           "2 splits asked, BNHD, D 8, causal, softcap 4): 4.44e-3 from float64, where plain bf16 torch is 9.7e-4 "
+           "off: seed 4734's query and keys (trial 8's generator) behind a pad, which is a shift; bit for bit the "
+           "FlashAttention algorithm with P rounded to bf16 (1, 0.898, 0.555); found by a soak on 2026-12-07 (fifth "
+           "session, seeds from 97427)",
 }
 
 
