@@ -78,7 +78,7 @@ def main(argv=None):
         err, plain_err = check_rows(q, k, v, causal)
         # bench_sdpa's rule against plain torch's rounding: further than 4x it + 1e-5 is wrong, its
         # time not a result (a benchmark review: the error was printed, unchecked)
-        wrong = not err <= bm.bs.WRONG_FACTOR * plain_err + 1e-5
+        status = bm.bs.wrong_status(err, [plain_err], whose="plain torch's")
         for mode in ("fwd", "fwdbwd"):
             res = bm.run_point(impls, q, k, v, mode, device, reps=3 if device == "cpu" else 20)
             t, t_sdpa, t_nodrop, t_band = (res[n][0] for n in ("flash_cuda", "sdpa", "flash_cuda_nodrop",
@@ -89,15 +89,14 @@ def main(argv=None):
                  "dropout_cost": t / t_nodrop, "draw_cost": t / t_band,
                  "flash_cuda_peak_mib": res["flash_cuda"][1] / 2 ** 20, "sdpa_peak_mib": res["sdpa"][1] / 2 ** 20,
                  "flash_cuda_err_vs_own_mask": err, "plain_err_vs_own_mask": plain_err,
-                 "status": f"wrong: err {err:.2e} > {bm.bs.WRONG_FACTOR}x plain torch's {plain_err:.2e} + 1e-5"
-                 if wrong else "ok"}
+                 "status": status}
             results.append(r)
             shape = " ".join(f"{k_}={v_}" for k_, v_ in r["shape"].items())
             print(f"{shape:40s} {r['dtype']:8s} {mode:7s} ours {t * 1e3:8.2f} ms  sdpa {t_sdpa * 1e3:8.2f} ms  "
                   f"ratio {r['speed_ratio_sdpa_over_ours']:5.2f}x  dropout cost {r['dropout_cost']:5.2f}x "
                   f"(draws {r['draw_cost']:5.2f}x)  "
                   f"peak MiB ours {r['flash_cuda_peak_mib']:7.1f} sdpa {r['sdpa_peak_mib']:7.1f}  err {err:.1e}"
-                  + ("  WRONG" if wrong else ""),
+                  + ("  WRONG" if status != "ok" else ""),
                   flush=True)
     bm.save_json(args.json, meta, results)
     return results

@@ -406,6 +406,15 @@ def max_error(x, ref, which):
 WRONG_FACTOR = 4
 
 
+def wrong_status(err, bounds, key="err", whose="SDPA's"):
+    """"ok", or "wrong: ..." where err passes WRONG_FACTOR x the smallest of bounds + 1e-5 (a NaN
+    err is wrong; a NaN bound is no bound; no bound, no verdict): the rule every harness applies."""
+    bounds = [b for b in bounds if b == b]
+    if not bounds or err <= WRONG_FACTOR * min(bounds) + 1e-5:
+        return "ok"
+    return f"wrong: {key} {err:.2e} > {WRONG_FACTOR}x {whose} {min(bounds):.2e} + 1e-5"
+
+
 def validate(results):
     """Mark flash_cuda's result "wrong" where its output (or, forward+backward, dQ) error passes
     WRONG_FACTOR x the most accurate SDPA backend's that ran; returns whether it did."""
@@ -416,12 +425,9 @@ def validate(results):
     for key in ("max_err", "max_err_dq"):
         if key not in fc:
             continue
-        errs = [r[key] for r in others if key in r and r[key] == r[key]]  # (a NaN of SDPA's is no bound)
-        if not errs:
-            continue
-        best = min(errs)
-        if not fc[key] <= WRONG_FACTOR * best + 1e-5:  # (NaN is wrong too)
-            fc["status"] = f"wrong: {key} {fc[key]:.2e} > {WRONG_FACTOR}x SDPA's {best:.2e} + 1e-5"
+        status = wrong_status(fc[key], [r[key] for r in others if key in r], key)
+        if status != "ok":
+            fc["status"] = status
             return True
     return False
 
