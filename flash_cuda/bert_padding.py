@@ -4,10 +4,11 @@ imports them beside the functions of flash_cuda.flash_attn_interface:
     # from flash_attn.bert_padding import index_first_axis, pad_input, unpad_input
     from flash_cuda.bert_padding import index_first_axis, pad_input, unpad_input
 
-Same signatures and results: unpad_input returns five values (the fifth: the lengths of
-attention_mask alone, where unused_mask marks tokens that are allocated but not attended to),
-unpad_input_for_concatenated_sequences reads a mask that lists the lengths of the sequences packed
-into each row. Everything is differentiable in the hidden states; bad input raises an exception
+Same names (index_first_axis_residual and the classes IndexFirstAxis, IndexPutFirstAxis and
+IndexFirstAxisResidual with their apply() too), signatures and results: unpad_input returns five
+values (the fifth: the lengths of attention_mask alone, where unused_mask marks tokens that are
+allocated but not attended to), unpad_input_for_concatenated_sequences reads a mask that lists the
+lengths of the sequences packed into each row. Everything is differentiable in the hidden states; bad input raises an exception
 naming the argument, as flash_cuda's own unpad_input and pad_input.
 """
 import torch
@@ -34,6 +35,34 @@ def index_first_axis(input, indices):
                          f"{_shape(input) if isinstance(input, torch.Tensor) else _type_name(input)}")
     _check_indices(fn, indices, input.shape[0], input, "input.shape[0]")
     return input[indices]
+
+
+class IndexFirstAxisResidual(torch.autograd.Function):
+    """index_first_axis_residual's gradient: the residual's and the rows' scattered back."""
+
+    @staticmethod
+    def forward(ctx, input, indices):
+        ctx.save_for_backward(indices)
+        # (the residual is input itself, detached: the Function returns its gradient below)
+        return input[indices], input.detach()
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_residual):
+        (indices,) = ctx.saved_tensors
+        grad = grad_residual.clone()
+        grad.index_add_(0, indices, grad_rows)  # (a row taken twice gets both gradients)
+        return grad, None
+
+
+def index_first_axis_residual(input, indices):
+    """input (N, ...) -> (input[indices], input): the rows and the whole tensor, both differentiable
+    in input (the residual of a layer applied to the rows alone, as FlashAttention's BERT uses it)."""
+    fn = "flash_cuda.bert_padding.index_first_axis_residual"
+    if not isinstance(input, torch.Tensor) or input.dim() < 2:
+        raise ValueError(f"{fn}: input must be a tensor of at least 2 dims (N, ...), got "
+                         f"{_shape(input) if isinstance(input, torch.Tensor) else _type_name(input)}")
+    _check_indices(fn, indices, input.shape[0], input, "input.shape[0]")
+    return IndexFirstAxisResidual.apply(input, indices)
 
 
 def index_put_first_axis(values, indices, first_axis_dim):
@@ -109,5 +138,17 @@ def pad_input(hidden_states, indices, batch, seqlen):
     return _pad("flash_cuda.bert_padding.pad_input", hidden_states, indices, batch, seqlen, "hidden_states")
 
 
-__all__ = ["index_first_axis", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
-           "pad_input"]
+class IndexFirstAxis:
+    """FlashAttention's name for index_first_axis's Function: IndexFirstAxis.apply(input, indices)."""
+    apply = staticmethod(index_first_axis)
+
+
+class IndexPutFirstAxis:
+    """FlashAttention's name for index_put_first_axis's Function: IndexPutFirstAxis.apply(values,
+    indices, first_axis_dim)."""
+    apply = staticmethod(index_put_first_axis)
+
+
+__all__ = ["index_first_axis", "index_first_axis_residual", "index_put_first_axis", "unpad_input",
+           "unpad_input_for_concatenated_sequences", "pad_input", "IndexFirstAxis", "IndexFirstAxisResidual",
+           "IndexPutFirstAxis"]

@@ -6,9 +6,11 @@ that code written for FlashAttention-2 switches with one import:
 Same signatures, argument order and defaults, same layouts: q (B, Nq, H, D), k and v (B, Nk, Hkv, D);
 packed qkv (B, N, 3, H, D) and kv (B, Nk, 2, Hkv, D); varlen q (total_q, H, D) with cu_seqlens int32.
 The (B, N, H, D) tensors reach flash_cuda.attention as transposed views (no copy) and the output is
-(B, Nq, H, D) in that memory layout; packed tensors are split into views, so the gradients of qkv/kv
-are written into one tensor by autograd. Causal masks and windows are bottom-right aligned, ALiBi
-is -slope |i + Nk - Nq - j|, as in FlashAttention-2 >= 2.1.
+a contiguous (B, Nq, H, D) tensor, as FlashAttention's (callers view it as (B, Nq, H * D); a copy
+only where q's memory is not (B, Nq, H, D)-ordered, e.g. a transposed (B, H, Nq, D) tensor); packed
+tensors are split into views, so the gradients of qkv/kv are written into one tensor by autograd.
+Causal masks and windows are bottom-right aligned, ALiBi is -slope |i + Nk - Nq - j|, as in
+FlashAttention-2 >= 2.1.
 
 Every argument is honoured or rejected with an exception naming it:
 - return_attn_probs=True returns (out, softmax_lse, S_dmask). softmax_lse is FlashAttention's
@@ -18,17 +20,21 @@ Every argument is honoured or rejected with an exception naming it:
   convention for the dropout pattern, +1 where kept and -1 where dropped: flash_cuda does not
   materialise probabilities (FlashAttention documents its S_dmask as "for testing only, not
   guaranteed to have the right scaling"); use flash_cuda.attention(return_dropout_mask=True) for
-  the boolean mask. Without dropout S_dmask is None and nothing is materialised, as in
-  FlashAttention (callers that want only softmax_lse, e.g. to merge blocks, pay nothing more).
+  the boolean mask. Without dropout S_dmask is an empty tensor (shape (0,), q's dtype and device)
+  and nothing is materialised, as in FlashAttention 2.7+ (2.6 returned None there): callers that
+  want only softmax_lse, e.g. to merge blocks, pay nothing more.
 - flash_attn_with_kvcache runs flash_cuda.attention_with_kvcache (in-place append, paged caches,
   split-KV); its rotary_cos/rotary_sin (applied to q and k before the call), cache_batch_idx (a
   paged call on the same memory) and cache_leftpad as in FlashAttention-2, see its docstring.
   flash_attn_varlen_func's block_table (paged keys for packed sequences) gathers the keys into
   packed tensors before the call (a copy).
 - Arguments are read as FlashAttention's bindings read them: flags also as numpy bools or ints
-  (return_attn_probs by its truth), any negative window_size entry as unbounded, softmax_scale
+  (return_attn_probs by its truth), any negative window_size entry as unbounded, a softcap <= 0 as
+  none ("anything > 0 activates softcapping"; NaN and inf are refused), softmax_scale
   also as a 0-d tensor, alibi_slopes that require grad as constants; flash_attn_with_kvcache has
   no autograd and reads tensors that require grad as constants, as FlashAttention's.
+FlashAttention's autograd Function classes (FlashAttnFunc, FlashAttnVarlenFunc, ...) are not
+provided: their apply() arguments are internal and change between its releases; call the functions.
 Errors from flash_cuda's checks name the function called and its argument (softmax_scale, qkv, kv,
 cu_seqlens, max_seqlen) where they name one of flash_cuda's.
 """
@@ -64,6 +70,21 @@ def _flag(fn, name, value):
     if isinstance(_plain(value), int) or _type_name(value) in ("numpy.bool", "numpy.bool_"):
         return bool(value)
     raise TypeError(f"{fn}: {name} must be a bool, got {_type_name(value)}")
+
+
+def _softcap(softcap):
+    """FlashAttention's softcap: any value <= 0 turns it off (its bindings test softcap > 0), so a
+    negative one runs as 0.0 here, where flash_cuda.attention refuses it; NaN, inf and non-numbers
+    go on to flash_cuda's check, which names them."""
+    value = _plain(softcap)
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool) and value <= 0:
+        return 0.0
+    return softcap
+
+
+def _no_s_dmask(q):
+    """S_dmask without dropout: FlashAttention 2.7+ returns an empty tensor of q's dtype and device."""
+    return torch.empty((0,), dtype=q.dtype, device=q.device)
 
 
 def _options(fn, softmax_scale, causal, deterministic, alibi_slopes):
@@ -131,15 +152,16 @@ def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
                              f"{_shape(q)} and k, got {_shape(x)}")
     try:
         result = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                           scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                           dropout_p=dropout_p, return_lse=return_attn_probs, return_dropout_mask=with_mask,
-                           deterministic=deterministic)
+                           scale=softmax_scale, window=window, softcap=_softcap(softcap),
+                           alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_attn_probs,
+                           return_dropout_mask=with_mask, deterministic=deterministic)
     except _CHECKED as err:
         raise _in_callers_terms(fn, err, renames) from None
+    # (contiguous (B, Nq, H, D), as FlashAttention allocates it: the output follows q's memory)
     if return_attn_probs:
         out, lse, *keep = result
-        return out.transpose(1, 2), lse, _s_dmask(keep[0]) if with_mask else None
-    return result.transpose(1, 2)
+        return out.transpose(1, 2).contiguous(), lse, _s_dmask(keep[0]) if with_mask else _no_s_dmask(q)
+    return result.transpose(1, 2).contiguous()
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -186,15 +208,15 @@ def _varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     with_mask = _with_mask(return_attn_probs, dropout_p)
     try:
         result = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                  scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                                  dropout_p=dropout_p, return_lse=return_attn_probs,
+                                  scale=softmax_scale, window=window, softcap=_softcap(softcap),
+                                  alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_attn_probs,
                                   return_dropout_mask=with_mask, deterministic=deterministic)
     except _CHECKED as err:
         raise _in_callers_terms(fn, err, renames) from None
     if not return_attn_probs:
         return result
     out, lse, *keep = result
-    return out, lse, _s_dmask(keep[0]) if with_mask else None
+    return out, lse, _s_dmask(keep[0]) if with_mask else _no_s_dmask(q)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -545,7 +567,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     try:
         out, lse = attention_with_kvcache(t(q), t(k_cache), t(v_cache), t(k), t(v), cache_seqlens=cache_seqlens,
                                           block_table=block_table, causal=causal, scale=softmax_scale, window=window,
-                                          softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
+                                          softcap=_softcap(softcap), alibi_slopes=alibi_slopes, num_splits=num_splits,
                                           return_lse=True, cache_leftpad=cache_leftpad)
     except _CHECKED as err:
         # (with cache_batch_idx the table is a view of it: "block_table shares memory with k_cache"

@@ -82,7 +82,7 @@ def test_varlen_functions():
     out, lse, s = fa.flash_attn_varlen_func(q, k, v, *args, causal=True, window_size=(4, 0), return_attn_probs=True)
     ref, ref_lse = flash_cuda.varlen_attention(q, k, v, *args, causal=True, window=(4, 0), return_lse=True)
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse) and lse.shape == (4, sum(lens_q))
-    assert s is None  # no dropout: no S_dmask, as FlashAttention (nothing materialised)
+    assert s.shape == (0,)  # no dropout: an empty S_dmask, as FlashAttention 2.7+ (nothing materialised)
     torch.manual_seed(4)
     s = fa.flash_attn_varlen_func(q, k, v, *args, dropout_p=0.25, causal=True, return_attn_probs=True)[2]
     torch.manual_seed(4)
@@ -111,16 +111,24 @@ def test_return_attn_probs_and_dropout():
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0])
 def test_return_attn_probs_without_dropout_materialises_nothing(dropout_p, monkeypatch):
-    """Without dropout S_dmask is None, as FlashAttention's (which passes return_softmax only with
-    dropout): callers that want softmax_lse (to merge blocks) allocate no (B, H, Nq, Nk) tensor
-    (it was all +1 float32 here: 128 GiB at 32k tokens and 32 heads). The lse is the call's."""
-    q, k, v = bnhd(1, 40, 2, 16, 0), bnhd(1, 50, 2, 16, 1), bnhd(1, 50, 2, 16, 2)
+    """Without dropout S_dmask is an empty tensor of q's dtype and device, as FlashAttention
+    2.7+'s (which passes return_softmax only with dropout; it was None here, 2.6's, and
+    S_dmask.numel() raised): callers that want softmax_lse (to merge blocks) allocate no
+    (B, H, Nq, Nk) tensor (it was all +1 float32 here: 128 GiB at 32k tokens and 32 heads). The
+    lse is the call's. The varlen functions the same."""
+    q, k, v = bnhd(1, 40, 2, 16, 0, torch.bfloat16), bnhd(1, 50, 2, 16, 1, torch.bfloat16), \
+        bnhd(1, 50, 2, 16, 2, torch.bfloat16)
     made = []
     monkeypatch.setattr(flash_cuda.api, "_dropout_mask", lambda *a, **kw: made.append(a))
     out, lse, s = fa.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True, return_attn_probs=True)
     ref, ref_lse = flash_cuda.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
                                         return_lse=True)
-    assert s is None and not made and torch.equal(out, ref.transpose(1, 2)) and torch.equal(lse, ref_lse)
+    assert s.shape == (0,) and s.dtype == torch.bfloat16 and s.device == q.device and s.numel() == 0
+    assert not made and torch.equal(out, ref.transpose(1, 2)) and torch.equal(lse, ref_lse)
+    cu_q, cu_k = torch.tensor([0, 40], dtype=torch.int32), torch.tensor([0, 50], dtype=torch.int32)
+    out, lse, s = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 40, 50, dropout_p, causal=True,
+                                            return_attn_probs=True)
+    assert s.shape == (0,) and s.dtype == torch.bfloat16 and not made and torch.equal(out, ref.transpose(1, 2)[0])
     with pytest.raises(TypeError, match=r"dropout_p must be a float"):
         fa.flash_attn_func(q, k, v, dropout_p="0", return_attn_probs=True)
 
@@ -246,6 +254,57 @@ def test_with_kvcache_output_is_contiguous():
     assert out.view(2, 3, 64).shape == (2, 3, 64)
 
 
+def test_outputs_are_contiguous_as_flash_attention_allocates_them():
+    """FlashAttention allocates out as a contiguous (batch, seqlen_q, nheads, headdim) tensor, which
+    callers view as (batch, seqlen_q, nheads * headdim). Where q's memory is (B, H, N, D) (a
+    transposed view, which FlashAttention takes without a copy) or a permuted packed qkv, the
+    output followed q's memory and that view raised: it is contiguous now, the same values and
+    gradients."""
+    B, N, H, D = 2, 13, 4, 16
+    q_mem, k_mem, v_mem = (torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(s)).requires_grad_()
+                           for s in range(3))
+    q, k, v = (x.transpose(1, 2) for x in (q_mem, k_mem, v_mem))  # (B, N, H, D) views of (B, H, N, D) memory
+    plain = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    for kw in ({}, dict(causal=True, return_attn_probs=True)):
+        out, mine = fa.flash_attn_func(q, k, v, **kw), fa.flash_attn_func(*plain, **kw)
+        if kw:
+            (out, lse, _), (mine, mine_lse, _) = out, mine
+            assert torch.equal(lse, mine_lse)
+        assert out.is_contiguous() and out.view(B, N, H * D).shape == (B, N, H * D) and torch.equal(out, mine)
+        for a, b in zip(grads(out, (q_mem, k_mem, v_mem)), grads(mine, plain)):
+            assert torch.equal(a.transpose(1, 2), b)
+    qkv = torch.randn(B, 3, H, N, D, generator=torch.Generator().manual_seed(4)).permute(0, 3, 1, 2, 4)
+    kv = qkv[:, :, 1:]
+    for out in (fa.flash_attn_qkvpacked_func(qkv, causal=True), fa.flash_attn_kvpacked_func(qkv[:, :, 0], kv)):
+        assert out.is_contiguous() and out.view(B, N, H * D).shape == (B, N, H * D)
+    assert torch.equal(fa.flash_attn_qkvpacked_func(qkv, causal=True),
+                       fa.flash_attn_qkvpacked_func(qkv.contiguous(), causal=True))
+
+
+def test_negative_softcap_is_off_as_in_flash_attention():
+    """FlashAttention: "softcap: anything > 0 activates softcapping" (its bindings test softcap > 0),
+    so a negative one runs without it; it was refused here. Every function, as Python and numpy
+    numbers, bit for bit the softcap=0 call; NaN and inf stay refused, naming softcap."""
+    import numpy as np
+    q, k, v = bnhd(2, 9, 4, 16, 0), bnhd(2, 11, 2, 16, 1), bnhd(2, 11, 2, 16, 2)
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    cu_k = torch.tensor([0, 11, 22], dtype=torch.int32)
+    calls = [lambda c: fa.flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), c),
+             lambda c: fa.flash_attn_kvpacked_func(q, torch.stack((k, v), 2), softcap=c),
+             lambda c: fa.flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), softcap=c),
+             lambda c: fa.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu_k, 9, 11,
+                                                 softcap=c, causal=True),
+             lambda c: fa.flash_attn_with_kvcache(q, k.clone(), v.clone(), cache_seqlens=7, softcap=c)]
+    for call in calls:
+        off = call(0.0)
+        for c in (-1.0, -3, np.float32(-0.5), -0.0):
+            assert torch.equal(call(c), off), c
+        assert not torch.equal(call(1.0), off)
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=r"flash_attn_\w+: softcap must be finite"):
+                call(bad)
+
+
 def test_arguments_as_flash_attention_takes_them():
     """What FlashAttention-2's bindings accept runs unchanged: flags as numpy bools or ints
     (return_attn_probs by its truth), any negative window entry as unbounded, softmax_scale as a
@@ -274,6 +333,32 @@ def test_arguments_as_flash_attention_takes_them():
     assert torch.equal(out, fa.flash_attn_func(q, k_new, v_new, causal=True).detach())
 
 
+def test_index_first_axis_residual():
+    """FlashAttention's index_first_axis_residual (its BERT's last layer: the rows a head reads and
+    the whole tensor for the residual): both results differentiable in input, the gradient the
+    residual's plus the rows' scattered back (a row taken twice gets both), checked against the
+    same sum by hand and by gradcheck in float64; bad indices named."""
+    from flash_cuda import bert_padding as bp
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([5, 1, 1, 6])
+    rows, res = bp.index_first_axis_residual(x, idx)
+    assert torch.equal(rows, x[idx].detach()) and torch.equal(res, x.detach()) and res.requires_grad
+    w_rows, w_res = torch.randn(rows.shape, generator=g, dtype=x.dtype), torch.randn(x.shape, generator=g,
+                                                                                     dtype=x.dtype)
+    ((rows * w_rows).sum() + (res * w_res).sum()).backward()
+    expected = w_res.clone()
+    for i, r in enumerate(idx.tolist()):
+        expected[r] += w_rows[i]
+    assert torch.allclose(x.grad, expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a: bp.index_first_axis_residual(a, idx), (x,))
+    assert torch.equal(bp.IndexFirstAxisResidual.apply(x, idx)[0], rows)
+    with pytest.raises(ValueError, match=r"index_first_axis_residual: indices must be in \[0, input.shape\[0\]\)"):
+        bp.index_first_axis_residual(x, idx + 2)
+    with pytest.raises(ValueError, match=r"index_first_axis_residual: input must be a tensor of at least 2 dims"):
+        bp.index_first_axis_residual(x[0, 0], idx)
+
+
 def test_bert_padding_helpers():
     """flash_cuda.bert_padding as FlashAttention's (v2.6+): unpad_input's five values with an
     unused_mask, the concatenated-sequences variant, index_first_axis / index_put_first_axis and
@@ -291,6 +376,8 @@ def test_bert_padding_helpers():
     assert torch.equal(bp.pad_input(xu, idx, 3, 6), x * (mask.bool() | unused)[..., None, None])
     assert torch.equal(bp.index_first_axis(x.reshape(18, 2, 8), idx), xu)
     assert torch.equal(bp.index_put_first_axis(xu, idx, 18).reshape(3, 6, 2, 8), bp.pad_input(xu, idx, 3, 6))
+    assert torch.equal(bp.IndexFirstAxis.apply(x.reshape(18, 2, 8), idx), xu)
+    assert torch.equal(bp.IndexPutFirstAxis.apply(xu, idx, 18), bp.index_put_first_axis(xu, idx, 18))
     r = bp.unpad_input(x, mask)
     assert len(r) == 5 and r[0].shape[0] == 7 and r[2].tolist() == [0, 3, 7, 7] and r[4].tolist() == [3, 4, 0]
     (bp.pad_input(xu, idx, 3, 6) * 2).sum().backward()
