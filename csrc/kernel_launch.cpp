@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "empty_like.h"
 #include "emu/pin_options.h"
 #include "emu/runtime.h"
 #include "kernels/api.h"
@@ -129,11 +130,10 @@ TensorRef ref(const at::Tensor& x, const std::optional<Packed>& packed) {
   return {x.data_ptr(), packed ? 0 : x.stride(0), x.stride(1), x.stride(2)};
 }
 
-// An output like x, in x's memory layout when x is dense (FlashAttention's (B, N, H, D) memory
-// passed as a transposed view gives an output in that layout, as on the CPU backend); packed: a
-// (1, H, total, D) view of (total, H, D).
+// An output like x, in x's memory layout with unit stride in D (empty_like.h), as on the CPU
+// backend; packed: a (1, H, total, D) view of (total, H, D).
 at::Tensor empty_output(const at::Tensor& x, const std::optional<Packed>& packed) {
-  if (!packed) return at::empty_like(x);
+  if (!packed) return empty_like_unit_stride(x);
   return at::empty({x.size(2), x.size(1), x.size(3)}, x.options()).permute({1, 0, 2}).unsqueeze(0);
 }
 

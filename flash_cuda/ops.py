@@ -19,6 +19,13 @@ def _unit_last_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _empty_like_unit_stride(x):
+    # Mirrors csrc/empty_like.h: x's layout with unit stride in D (a self-overlapping x, whose
+    # empty_like may order another dim innermost, gets a contiguous tensor).
+    y = torch.empty_like(x)
+    return y if y.shape[-1] <= 1 or y.stride(-1) == 1 else x.new_empty(x.shape)
+
+
 def _on_device_of(q, _ref="q", **tensors):
     """The C++ ops' device check, in their fake kernels: an op given a meta tensor among real ones
     dispatches to the fake kernel (Meta outranks CPU and CUDA), which would otherwise return
@@ -32,7 +39,7 @@ def _on_device_of(q, _ref="q", **tensors):
 def _fwd_fake(q, k, v, scale, causal, bottom_right, deterministic=False, window_left=-1, window_right=-1,
               softcap=0.0, alibi_slopes=None, bias=None, dropout_p=0.0, rng_state=None):
     _on_device_of(q, k=k, v=v, alibi_slopes=alibi_slopes, bias=bias, rng_state=rng_state if dropout_p > 0 else None)
-    out = torch.empty_like(_unit_last_stride(q))
+    out = _empty_like_unit_stride(_unit_last_stride(q))
     lse = q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
     return out, lse
 
@@ -43,7 +50,7 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, determ
               rng_state=None):
     _on_device_of(q, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse, alibi_slopes=alibi_slopes, bias=bias,
                   rng_state=rng_state if dropout_p > 0 else None)
-    dq, dk, dv = (torch.empty_like(_unit_last_stride(x)) for x in (q, k, v))
+    dq, dk, dv = (_empty_like_unit_stride(_unit_last_stride(x)) for x in (q, k, v))
     acc = accumulation_dtype(q.dtype)
     B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if not (bias_grad and bias is not None):

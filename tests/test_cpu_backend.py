@@ -503,6 +503,82 @@ def test_out_layout_is_the_fakes(nq):
         assert_close_fp(f"{name} lse", lse, ref_lse)
 
 
+def self_overlapping_layouts(g, B, H, N, D, dtype):
+    """Inputs whose head dim ties in stride with another dim, possible only where they overlap:
+    heads as sliding windows over the features (x.unfold(-1, D, 1)), and as_strided ones with
+    stride 1 or 0 elsewhere. at::empty_like orders another dim innermost for them."""
+    x = torch.randn(B, N, D + H - 1, generator=g).to(dtype)
+    return {"unfold_heads": x.unfold(-1, D, 1).transpose(1, 2),  # strides (N F, 1, F, 1)
+            "heads_stride_1_batch_stride_0": x.flatten().as_strided((B, H, N, D), (0, 1, D + H - 1, 1)),
+            "batch_stride_1_rows_stride_0": x.flatten().as_strided((B, H, N, D), (1, D, 0, 1))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("nq", [3, 300], ids=["kvcache_loop", "tiled_loop"])
+def test_self_overlapping_inputs(dtype, nq):
+    """Overlapping q, k, v with unit stride in D (any such strides are used as they are): the
+    forward's out and the gradients were allocated by at::empty_like, which put another dim
+    innermost, and the row stores' internal assert fired ("out.stride(3) == 1 INTERNAL ASSERT
+    FAILED ... report a bug to PyTorch"). They get unit stride in D now (contiguous where
+    empty_like would not give it), as the ops' fakes do (strides compared); values and gradients
+    (summed over the overlaps by autograd) against the float64 reference through the same views.
+    varlen too ((T, H, D) q of strides (D, 1, 1))."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    g = torch.Generator().manual_seed(8)
+    k_all = self_overlapping_layouts(g, 2, 2, 310, 32, dtype)  # (more keys than queries: every row sees one)
+    for name, q in self_overlapping_layouts(g, 2, 4, nq, 32, dtype).items():
+        k = v = k_all[name]
+        leaves = [q._base if q._base is not None else q, k._base if k._base is not None else k]
+        leaves = [x.detach().clone().requires_grad_() for x in leaves]
+        views = lambda xq, xk: (xq.as_strided(q.shape, q.stride(), q.storage_offset()),  # noqa: E731
+                                xk.as_strided(k.shape, k.stride(), k.storage_offset()))
+        qv, kv = views(*leaves)
+        out, lse = flash_cuda.attention(qv, kv, kv, causal=True, return_lse=True)
+        assert out.stride(-1) == 1, name
+        dout = torch.randn(out.shape, generator=g).to(dtype)
+        torch.autograd.backward((out,), (dout,))
+        grads = [x.grad for x in leaves]
+        ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+        ref_out, ref_lse = attention_ref(*views(*ref_leaves), views(*ref_leaves)[1], causal=True)
+        ref_out.backward(dout.double())
+        assert_close_fp(f"{name} lse", lse, ref_lse, 1e-5)
+        if dtype in (torch.float32, torch.float64):
+            assert_close_fp(f"{name} out", out, ref_out)
+            for what, g_, rl in zip(("dq", "dkv"), grads, ref_leaves):
+                assert_close_fp(f"{name} {what}", g_, rl.grad, 2e-4)
+        else:
+            plain = [x.detach().requires_grad_() for x in leaves]
+            plain_out, _ = attention_ref(*views(*plain), views(*plain)[1], causal=True, dtype=dtype)
+            plain_out.backward(dout)
+            assert_fa_rule(f"{name} out", out, plain_out, ref_out, 2)
+            for what, g_, pl, rl in zip(("dq", "dkv"), grads, plain, ref_leaves):
+                assert_fa_rule(f"{name} {what}", g_, pl.grad, rl.grad, 3)
+        # the ops' strides are their fakes' (what torch.compile assumes)
+        fwd, bwd = torch.ops.flash_cuda.fwd.default, torch.ops.flash_cuda.bwd.default
+        o, l_ = fwd(q, k, v, 0.25, True, True)
+        grads = bwd(dout, q, k, v, o, l_, None, 0.25, True, True)
+        with FakeTensorMode() as mode:
+            fq, fk, fv, fdout = (mode.from_tensor(x) for x in (q, k, v, dout))
+            fo, fl = fwd(fq, fk, fv, 0.25, True, True)
+            fgrads = bwd(fdout, fq, fk, fv, fo, fl, None, 0.25, True, True)
+        for what, real, fake in zip(("out", "dq", "dk", "dv"), (o, *grads[:3]), (fo, *fgrads[:3])):
+            assert real.stride(-1) == 1 and [s for s, n in zip(real.stride(), real.shape) if n > 1] == \
+                [s for s, n in zip(fake.stride(), fake.shape) if n > 1], (name, what, real.stride(), fake.stride())
+    # varlen: (total, H, D) with heads as windows
+    x = torch.randn(nq + 5, 32 + 3, generator=g).to(dtype)
+    qp = x.unfold(-1, 32, 1)  # (T, 4, 32), strides (35, 1, 1)
+    cu = torch.tensor([0, 5, nq + 5], dtype=torch.int32)
+    out = flash_cuda.varlen_attention(qp, qp[:, :2], qp[:, :2], cu, cu, max(nq, 5), max(nq, 5), causal=True)
+    for a, b in ((0, 5), (5, nq + 5)):
+        seq = qp[a:b].transpose(0, 1)[None]
+        ref = attention_ref(seq.double(), seq[:, :2].double(), seq[:, :2].double(), causal=True)[0]
+        plain = attention_ref(seq, seq[:, :2], seq[:, :2], causal=True, dtype=dtype)[0]
+        if dtype in (torch.float32, torch.float64):
+            assert_close_fp("varlen out", out[a:b].transpose(0, 1)[None], ref)
+        else:
+            assert_fa_rule("varlen out", out[a:b].transpose(0, 1)[None], plain, ref, 2)
+
+
 @pytest.mark.parametrize("nq", [3, 300], ids=["kvcache_loop", "tiled_loop"])
 def test_backward_without_lse_gradient_matches_a_zero_one(nq):
     """An unused lse reaches the backward as None (no tensor of zeros made and subtracted): the

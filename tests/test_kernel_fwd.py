@@ -102,6 +102,32 @@ def test_strided_layouts():
     assert leaves[0].grad.transpose(1, 2).is_contiguous()
 
 
+def test_self_overlapping_inputs():
+    """Heads as sliding windows over the features (x.unfold(-1, D, 1): q's heads and D both of
+    stride 1): at::empty_like ordered the heads innermost in out and dq (stride 2 in D; the
+    kernels wrote an aligned copy), where the CPU backend's row stores failed on the same
+    layout. out and the gradients get unit stride in D on both now (csrc/empty_like.h); values
+    and gradients (summed over the overlaps by autograd) against the float64 reference through
+    the same views."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 40, 64 + 1, generator=g).half().requires_grad_()
+    kv = torch.randn(1, 2, 50, 64, generator=g).half().requires_grad_()
+    view = lambda x_: x_.unfold(-1, 64, 1).transpose(1, 2)  # noqa: E731  (1, 2, 40, 64), strides (2600, 1, 65, 1)
+    with emulate(check=True):
+        out = flash_cuda.attention(view(x), kv, kv, causal=True)
+        assert out.stride(-1) == 1
+        dout = torch.randn(out.shape, generator=g).half()
+        out.backward(dout)
+    refs = {}
+    for name, dtype in (("ref", torch.float64), ("plain", torch.float16)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, kv)]
+        o = attention_ref(view(leaves[0]), leaves[1], leaves[1], causal=True, dtype=dtype)[0]
+        o.backward(dout.to(dtype))
+        refs[name] = (o, *(t.grad for t in leaves))
+    for i, (what, ours) in enumerate((("out", out), ("dx", x.grad), ("dkv", kv.grad))):
+        assert_fa_rule(what, ours, refs["plain"][i], refs["ref"][i], 2 if i == 0 else 3)
+
+
 def test_top_left_causal_and_rows_without_keys():
     q, k, v = make_qkv(1, 2, 2, 150, 60, 64, torch.float16, seed=9)
     out, lse, _ = emulated(q, k, v, causal=True)  # bottom-right: the first 90 rows see no key

@@ -40,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "../empty_like.h"
 #include "../kernels/mask.h"
 #include "avx512_gemm.h"
 #include "dropout_cpu.h"
@@ -802,7 +803,7 @@ int64_t force_chunk_pairs(int64_t pairs) { return forced_chunk_pairs.exchange(st
 std::tuple<at::Tensor, at::Tensor> tiled_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const AttnOptions& opt) {
   // q's layout where it has unit stride in D (store_rows writes rows), else a contiguous one
-  at::Tensor out = q.stride(3) == 1 ? at::empty_like(q) : at::empty(q.sizes(), q.options());
+  at::Tensor out = q.stride(3) == 1 ? empty_like_unit_stride(q) : at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (q.numel() == 0) return {out, lse};
   with_gemm_type(q.scalar_type(), [&](auto in) {
@@ -817,7 +818,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     // its out is contiguous: returned as is where that is the tiled loop's layout (below), else copied
     auto [o, l] = kvcache_fwd(q, k, v, std::vector<int64_t>(q.size(0), k.size(2)), {}, std::nullopt, opt, 0);
     if (q.stride(3) != 1 || q.strides() == o.strides()) return {o, l};
-    return {at::empty_like(q).copy_(o), l};
+    return {empty_like_unit_stride(q).copy_(o), l};
   }
   return tiled_fwd(q, k, v, opt);
 }
@@ -826,7 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const AttnOptions& opt) {
   const auto acc = at::toOpMathType(q.scalar_type());
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = empty_like_unit_stride(q), dk = empty_like_unit_stride(k), dv = empty_like_unit_stride(v);
   // dL/d bias: in the kernels' layout (csrc/kernel_launch.cpp: [B][Hq][Nk][Nq rounded up to 8],
   // seen as (B, Hq, Nq, Nk)), so that a compiled graph, whose fake function gives one layout, is
   // right on either backend (a graph compiled inside flash_cuda.emulate() and replayed outside, or
