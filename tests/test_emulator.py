@@ -237,9 +237,9 @@ def test_host_fp16_bf16_round_to_nearest_even():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_pair_math_matches_torch(dtype):
-    """unpack2 (two 16-bit values of a register as fp32, exactly) and mul2 (their elementwise
-    product, rounded once: the backward's dS = P (dP - D) at head dims 96 to 128) against
-    torch's own 16-bit multiply, on random, tiny, huge and special values."""
+    """unpack2 (two 16-bit values of a register as fp32, exactly) and pack2 of their fp32
+    products (rounded once: the backward's dS = P (dP - D) from the rounded P at head dims 64
+    and 128) against torch's own 16-bit multiply, on random, tiny, huge and special values."""
     g = torch.Generator().manual_seed(1)
     special = torch.tensor([0.0, -0.0, 1.0, -1.0, 2 ** -14, 2 ** -24, 3e-5, 1 + 2 ** -7, 1 + 2 ** -10, 60000.0, 300.0,
                             float("inf"), float("-inf")])

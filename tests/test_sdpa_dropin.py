@@ -214,6 +214,17 @@ def test_randomised_one_key_row(seed):
     test_randomised_against_reference(seed)
 
 
+# A soak (2026-12-07, seeds 99210-101109) found seed 100205 outside the rule: an emulated fp16 call, one
+# query against 46 keys, head dim 64, dK 5.7e-4 from float64 where plain fp16 torch is 1.6e-4 off (dQ
+# 5.4e-4 against 3.0e-4). The backward at head dims 64 and 128 (kRoundPFirst, traits.h) formed dS^T as a
+# 16-bit multiply of the rounded P^T and dP^T - D rounded to 16 bits (every element of dK bit for bit
+# that), two roundings more than FlashAttention-2's dS; it now widens the rounded P^T and rounds dS^T once
+# (dK 1.6e-4, dQ 1.9e-4). Kept as a regression test.
+@pytest.mark.parametrize("seed", [100205])
+def test_randomised_ds_rounded_once(seed):
+    test_randomised_against_reference(seed)
+
+
 # ------------------------------------------------------------------ torch's broadcasting, autocast, vmap, compile
 BROADCASTS = [  # (query, key, value shapes, enable_gqa): each accepted by torch (2.14) and by the drop-in
     ((2, 4, 5, 8), (1, 4, 6, 8), (1, 4, 6, 8), False),   # key/value batch 1 against query batch 2

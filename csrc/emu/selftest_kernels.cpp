@@ -123,7 +123,9 @@ __global__ void pair_math_probe_kernel(const uint32_t* __restrict__ g_a, const u
     uint32_t lo_bits, hi_bits;
     std::memcpy(&lo_bits, &lo, 4);
     std::memcpy(&hi_bits, &hi, 4);
-    st_global(&g_out[3 * i], mul2<T>(a, ld_global(&g_b[i])));
+    float b_lo, b_hi;
+    unpack2<T>(ld_global(&g_b[i]), b_lo, b_hi);
+    st_global(&g_out[3 * i], pack2<T>(lo * b_lo, hi * b_hi));
     st_global(&g_out[3 * i + 1], lo_bits);
     st_global(&g_out[3 * i + 2], hi_bits);
   }

@@ -36,8 +36,9 @@ void shared_load_probe(const int32_t* g_offset, int width, int smem_bytes, uint3
 void convert_probe(const float* g_x, int n, uint32_t* g_out);
 
 // One block: for registers a[i], b[i] of two 16-bit values (fp16, or bf16 if bf16),
-// g_out[3*i] = mul2(a[i], b[i]) and g_out[3*i + 1], g_out[3*i + 2] = the fp32 bits of
-// unpack2(a[i]) (low, high): the pair math of the backward kernel.
+// g_out[3*i] = pack2 of the fp32 products of unpack2(a[i]) and unpack2(b[i]) (each rounded once)
+// and g_out[3*i + 1], g_out[3*i + 2] = the fp32 bits of unpack2(a[i]) (low, high): the pair math
+// of the backward kernel's dS^T from the rounded P^T.
 void pair_math_probe(const uint32_t* g_a, const uint32_t* g_b, int n, bool bf16, uint32_t* g_out);
 
 // One thread replays ptx-oracle's cp.async example (three groups, wait_group 1, wait_group 0)

@@ -205,8 +205,9 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
     // P^T = exp2(S^T scale log2e - lse2), 0 where masked; dS^T = P^T (dP^T - D) in fp32; both
     // rounded to 16-bit pairs (rP, rdS), the A operands of dV = P^T dO and dK = dS^T Q.
     // kRoundPFirst: P^T is rounded before dP^T is computed, and dS^T uses the rounded P^T that
-    // dV sees; holding the pairs (half the registers of fp32 values) through the dP^T product is
-    // what lets it unroll without spilling where the accumulators leave least room.
+    // dV sees (widened to fp32 for the product); holding the pairs (half the registers of fp32
+    // values) through the dP^T product is what lets it unroll without spilling where the
+    // accumulators leave least room.
     // key n0 + key_local is hidden from row m0 + q_local iff it is past the end or
     // key_local - q_local is outside [lo, hi] (the band, relative to this tile): 32-bit compares
     const int key_lim = p.nk - n0;
@@ -328,9 +329,15 @@ __global__ void __launch_bounds__(Kt::kThreads, Kt::kMinBlocksPerSm) flash_bwd_k
             const float ds0 = dropped_dp(mt, nt, 2 * h) - d.x, ds1 = dropped_dp(mt, nt, 2 * h + 1) - d.y;  // dP^T - D
             if constexpr (kF32) {  // dS^T in fp32, in place of dP^T
               rdP[mt][nt][2 * h] = rS[mt][nt][2 * h] * ds0, rdP[mt][nt][2 * h + 1] = rS[mt][nt][2 * h + 1] * ds1;
+            } else if constexpr (kRoundPFirst) {
+              // the rounded P^T (exact in fp32) times dP^T - D in fp32, rounded once: a 16-bit
+              // multiply of the pair with dP^T - D rounded first (mul.f16x2, until 2026-12-07) added
+              // two roundings, 3.7x plain fp16 torch's dK error on a soak's draw (the rule: 3x)
+              float p0, p1;
+              unpack2<T>(rP[mt][nt][h], p0, p1);
+              rdS[mt][nt][h] = pack2<T>(p0 * ds0, p1 * ds1);
             } else {
-              rdS[mt][nt][h] = kRoundPFirst ? mul2<T>(rP[mt][nt][h], pack2<T>(ds0, ds1))
-                                            : pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
+              rdS[mt][nt][h] = pack2<T>(rS[mt][nt][2 * h] * ds0, rS[mt][nt][2 * h + 1] * ds1);
             }
           }
       }

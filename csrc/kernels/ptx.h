@@ -182,36 +182,6 @@ FC_DEVICE void unpack2(uint32_t r, float& lo, float& hi) {
   hi = to_float(h[1]);
 }
 
-// Elementwise product of two registers of two 16-bit values, rounded once to nearest
-// (https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#half-precision-floating-point-instructions-mul,
-// #half-precision-floating-point-instructions-fma).
-// The product of two 16-bit floats is exact in fp32, so the host's fp32 multiply and one
-// rounding give the same bits.
-template <class T>
-FC_DEVICE uint32_t mul2(uint32_t a, uint32_t b) {
-#if defined(FC_SM75_PASS)
-  uint32_t r = 0;
-  if constexpr (std::is_same<T, __half>::value)
-    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  else
-    __trap();  // (fma.rn.bf16x2: sm_80)
-  return r;
-#elif defined(__CUDACC__)
-  uint32_t r;
-  if constexpr (std::is_same<T, __half>::value)
-    asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  else
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));  // a b + (-0): sm_80 has no mul.bf16x2
-  return r;
-#else
-  float a0, a1, b0, b1;
-  unpack2<T>(a, a0, a1);
-  unpack2<T>(b, b0, b1);
-  return pack2<T>(a0 * b0, a1 * b1);
-#endif
-}
-
-
 // ldmatrix.sync.aligned.m8n8.x{N}[.trans].shared.b16: N 8x8 matrices of 16-bit values; lanes
 // 8m..8m+7 pass the (16-byte aligned) row addresses of matrix m, register m of every lane
 // receives its part of matrix m (the mma A/B fragment shape; .trans gives the transpose).
