@@ -8,8 +8,8 @@ Same names (index_first_axis_residual and the classes IndexFirstAxis, IndexPutFi
 IndexFirstAxisResidual with their apply() too), signatures and results: unpad_input returns five
 values (the fifth: the lengths of attention_mask alone, where unused_mask marks tokens that are
 allocated but not attended to), unpad_input_for_concatenated_sequences reads a mask that lists the
-lengths of the sequences packed into each row. Everything is differentiable in the hidden states; bad input raises an exception
-naming the argument, as flash_cuda's own unpad_input and pad_input.
+lengths of the sequences packed into each row. Everything is differentiable in the hidden states;
+bad input raises an exception naming the argument, as flash_cuda's own unpad_input and pad_input.
 """
 import torch
 

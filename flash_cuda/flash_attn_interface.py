@@ -6,9 +6,9 @@ that code written for FlashAttention-2 switches with one import:
 Same signatures, argument order and defaults, same layouts: q (B, Nq, H, D), k and v (B, Nk, Hkv, D);
 packed qkv (B, N, 3, H, D) and kv (B, Nk, 2, Hkv, D); varlen q (total_q, H, D) with cu_seqlens int32.
 The (B, N, H, D) tensors reach flash_cuda.attention as transposed views (no copy) and the output is
-a contiguous (B, Nq, H, D) tensor, as FlashAttention's (callers view it as (B, Nq, H * D); a copy
-only where q's memory is not (B, Nq, H, D)-ordered, e.g. a transposed (B, H, Nq, D) tensor); packed
-tensors are split into views, so the gradients of qkv/kv are written into one tensor by autograd.
+(B, Nq, H, D) in q's memory layout, as FlashAttention's (its forward allocates torch.empty_like(q));
+packed tensors are split into views, so the gradients of qkv/kv are written into one tensor by
+autograd.
 Causal masks and windows are bottom-right aligned, ALiBi is -slope |i + Nk - Nq - j|, as in
 FlashAttention-2 >= 2.1.
 
@@ -30,7 +30,8 @@ Every argument is honoured or rejected with an exception naming it:
   packed tensors before the call (a copy).
 - Arguments are read as FlashAttention's bindings read them: flags also as numpy bools or ints
   (return_attn_probs by its truth), any negative window_size entry as unbounded, a softcap <= 0 as
-  none ("anything > 0 activates softcapping"; NaN and inf are refused), softmax_scale
+  none ("anything > 0 activates softcapping"; NaN, which FlashAttention reads as none too, and +inf
+  are refused), softmax_scale
   also as a 0-d tensor, alibi_slopes that require grad as constants; flash_attn_with_kvcache has
   no autograd and reads tensors that require grad as constants, as FlashAttention's.
 FlashAttention's autograd Function classes (FlashAttnFunc, FlashAttnVarlenFunc, ...) are not
@@ -73,11 +74,12 @@ def _flag(fn, name, value):
 
 
 def _softcap(softcap):
-    """FlashAttention's softcap: any value <= 0 turns it off (its bindings test softcap > 0), so a
-    negative one runs as 0.0 here, where flash_cuda.attention refuses it; NaN, inf and non-numbers
-    go on to flash_cuda's check, which names them."""
+    """FlashAttention's softcap: any value <= 0 (-inf too) turns it off (its bindings test
+    softcap > 0), so a negative one runs as 0.0 here, where flash_cuda.attention refuses it. NaN
+    (off in FlashAttention), +inf and non-numbers go on to flash_cuda's check, which refuses them
+    by name."""
     value = _plain(softcap)
-    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool) and value <= 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
         return 0.0
     return softcap
 
@@ -157,11 +159,10 @@ def _dense(fn, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
                            return_dropout_mask=with_mask, deterministic=deterministic)
     except _CHECKED as err:
         raise _in_callers_terms(fn, err, renames) from None
-    # (contiguous (B, Nq, H, D), as FlashAttention allocates it: the output follows q's memory)
     if return_attn_probs:
         out, lse, *keep = result
-        return out.transpose(1, 2).contiguous(), lse, _s_dmask(keep[0]) if with_mask else _no_s_dmask(q)
-    return result.transpose(1, 2).contiguous()
+        return out.transpose(1, 2), lse, _s_dmask(keep[0]) if with_mask else _no_s_dmask(q)
+    return result.transpose(1, 2)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,

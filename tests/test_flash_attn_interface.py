@@ -254,31 +254,31 @@ def test_with_kvcache_output_is_contiguous():
     assert out.view(2, 3, 64).shape == (2, 3, 64)
 
 
-def test_outputs_are_contiguous_as_flash_attention_allocates_them():
-    """FlashAttention allocates out as a contiguous (batch, seqlen_q, nheads, headdim) tensor, which
-    callers view as (batch, seqlen_q, nheads * headdim). Where q's memory is (B, H, N, D) (a
-    transposed view, which FlashAttention takes without a copy) or a permuted packed qkv, the
-    output followed q's memory and that view raised: it is contiguous now, the same values and
-    gradients."""
+def test_output_layout_is_flash_attentions():
+    """FlashAttention's forward allocates out as torch.empty_like(q) (its fake too): q's memory
+    layout, contiguous (B, Nq, H, D) for a contiguous or packed q, (B, H, Nq, D) memory for a
+    transposed one (a 2026-12-07 change that made it contiguous was reverted: callers of
+    flash-attn that transpose back and view rely on q's layout). Values and gradients the same
+    in every layout."""
     B, N, H, D = 2, 13, 4, 16
-    q_mem, k_mem, v_mem = (torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(s)).requires_grad_()
-                           for s in range(3))
-    q, k, v = (x.transpose(1, 2) for x in (q_mem, k_mem, v_mem))  # (B, N, H, D) views of (B, H, N, D) memory
-    plain = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
-    for kw in ({}, dict(causal=True, return_attn_probs=True)):
-        out, mine = fa.flash_attn_func(q, k, v, **kw), fa.flash_attn_func(*plain, **kw)
-        if kw:
-            (out, lse, _), (mine, mine_lse, _) = out, mine
-            assert torch.equal(lse, mine_lse)
-        assert out.is_contiguous() and out.view(B, N, H * D).shape == (B, N, H * D) and torch.equal(out, mine)
-        for a, b in zip(grads(out, (q_mem, k_mem, v_mem)), grads(mine, plain)):
-            assert torch.equal(a.transpose(1, 2), b)
-    qkv = torch.randn(B, 3, H, N, D, generator=torch.Generator().manual_seed(4)).permute(0, 3, 1, 2, 4)
-    kv = qkv[:, :, 1:]
-    for out in (fa.flash_attn_qkvpacked_func(qkv, causal=True), fa.flash_attn_kvpacked_func(qkv[:, :, 0], kv)):
-        assert out.is_contiguous() and out.view(B, N, H * D).shape == (B, N, H * D)
-    assert torch.equal(fa.flash_attn_qkvpacked_func(qkv, causal=True),
-                       fa.flash_attn_qkvpacked_func(qkv.contiguous(), causal=True))
+    g = torch.Generator().manual_seed(4)
+    bnhd_q = torch.randn(B, N, H, D, generator=g)
+    layouts = {"contiguous": bnhd_q, "transposed": bnhd_q.transpose(1, 2).contiguous().transpose(1, 2)}
+    k, v = (torch.randn(B, N, 2, D, generator=g) for _ in range(2))
+    for name, q in layouts.items():
+        q = q.clone().requires_grad_() if q.is_contiguous() else q.transpose(1, 2).clone().requires_grad_()
+        q_in = q if name == "contiguous" else q.transpose(1, 2)
+        out = fa.flash_attn_func(q_in, k, v, causal=True)
+        assert out.stride() == torch.empty_like(q_in).stride(), (name, out.stride())
+        plain = q_in.detach().contiguous().requires_grad_()
+        mine = fa.flash_attn_func(plain, k, v, causal=True)
+        assert torch.equal(out, mine)
+        assert torch.equal(grads(out, (q_in,))[0], grads(mine, (plain,))[0])
+    qkv = torch.randn(B, 3, H, N, D, generator=g).permute(0, 3, 1, 2, 4)  # (B, N, 3, H, D) of (B, 3, H, N, D)
+    for buf in (qkv, qkv.contiguous()):
+        out = fa.flash_attn_qkvpacked_func(buf, causal=True)
+        assert out.stride() == torch.empty_like(buf[:, :, 0]).stride()
+        assert torch.equal(out, fa.flash_attn_qkvpacked_func(qkv.contiguous(), causal=True))
 
 
 def test_negative_softcap_is_off_as_in_flash_attention():
