@@ -1122,6 +1122,11 @@ _KNOWN_LEFTPAD_EXCESS = {
            "off: seed 4734's query and keys (trial 8's generator) behind a pad, which is a shift; bit for bit the "
            "FlashAttention algorithm with P rounded to bf16 (1, 0.898, 0.555); found by a soak on 2026-12-07 (fifth "
            "session, seeds from 97427)",
+    102535: "trial 11 (bf16, sequence 0: one query against the 19 of its 259 keys behind a pad of 27 that its "
+            "window (18, -1) leaves, ALiBi slope 0.059, D 24): 2.63e-3 from float64, where plain bf16 torch is "
+            "1.27e-3 off; bit for bit the FlashAttention algorithm with P rounded to bf16 in P V and in its row sum "
+            "(the CPU backend's lp, online_softmax.h); found by a soak on 2026-12-07 (sixth session, seeds from "
+            "101110, after that session's backward change, which this path does not run)",
 }
 
 
