@@ -8,9 +8,8 @@ packed qkv (B, N, 3, H, D) and kv (B, Nk, 2, Hkv, D); varlen q (total_q, H, D) w
 The (B, N, H, D) tensors reach flash_cuda.attention as transposed views (no copy) and the output is
 (B, Nq, H, D) in q's memory layout, as FlashAttention's (its forward allocates torch.empty_like(q));
 packed tensors are split into views, so the gradients of qkv/kv are written into one tensor by
-autograd.
-Causal masks and windows are bottom-right aligned, ALiBi is -slope |i + Nk - Nq - j|, as in
-FlashAttention-2 >= 2.1.
+autograd. Causal masks and windows are bottom-right aligned, ALiBi is -slope |i + Nk - Nq - j|, as
+in FlashAttention-2 >= 2.1.
 
 Every argument is honoured or rejected with an exception naming it:
 - return_attn_probs=True returns (out, softmax_lse, S_dmask). softmax_lse is FlashAttention's
@@ -31,9 +30,9 @@ Every argument is honoured or rejected with an exception naming it:
 - Arguments are read as FlashAttention's bindings read them: flags also as numpy bools or ints
   (return_attn_probs by its truth), any negative window_size entry as unbounded, a softcap <= 0 as
   none ("anything > 0 activates softcapping"; NaN, which FlashAttention reads as none too, and +inf
-  are refused), softmax_scale
-  also as a 0-d tensor, alibi_slopes that require grad as constants; flash_attn_with_kvcache has
-  no autograd and reads tensors that require grad as constants, as FlashAttention's.
+  are refused), softmax_scale also as a 0-d tensor, alibi_slopes that require grad as constants;
+  flash_attn_with_kvcache has no autograd and reads tensors that require grad as constants, as
+  FlashAttention's.
 FlashAttention's autograd Function classes (FlashAttnFunc, FlashAttnVarlenFunc, ...) are not
 provided: their apply() arguments are internal and change between its releases; call the functions.
 Errors from flash_cuda's checks name the function called and its argument (softmax_scale, qkv, kv,

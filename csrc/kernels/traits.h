@@ -286,8 +286,9 @@ struct BwdTraits {
   static constexpr int kSdpUnrollMasked = kHeadDim == 256 && !kMod ? 4 : 2, kDqUnrollMasked = 4;
   // Round P^T to 16 bits before dP^T is computed and take dS^T = P^T (dP^T - D) from the rounded
   // P^T (as dV sees it, widened to fp32 for the product, dS^T rounded once): the pairs hold half
-  // the registers of fp32 P^T through the dP^T product. Where S^T, dP^T, dV and dK take 192 accumulator
-  // registers (head dims 64 and 128), that is what lets the loops unroll whole without spills.
+  // the registers of fp32 P^T through the dP^T product. Where S^T, dP^T, dV and dK take 192
+  // accumulator registers (head dims 64 and 128), that is what lets the loops unroll whole without
+  // spills.
   // (Not with kMod: it computes P^T and dS^T of an element together, bwd_kernel.h.)
   static constexpr bool kRoundPFirst = (kAccRegs == 192 || kTightest) && !kMod && !kTf32;
   // Blocks per SM the register allocation must allow (__launch_bounds__): 4 warps x 255
