@@ -245,11 +245,13 @@ def pipe_of(op):
         return "conv"
     if op.startswith("SHFL"):
         return "shfl"
-    if op.startswith(("LDSM", "LDS", "STS", "LDGSTS", "LDG", "STG", "RED", "ATOM", "LD.", "ST.", "LDL", "STL")):
-        return "mem"
+    # (before the memory classes: LDGDEPBAR, which starts like LDG, only closes a group of
+    # cp.async copies; until 2026-12-07 it was charged a wavefront)
     if op.startswith(("BAR", "BRA", "EXIT", "NOP", "DEPBAR", "WARPSYNC", "BSYNC", "BSSY", "YIELD", "RET", "CALL",
                       "LDGDEPBAR", "MEMBAR", "ERRBAR", "CCTL")):
         return None  # issue slot only
+    if op.startswith(("LDSM", "LDS", "STS", "LDGSTS", "LDG", "STG", "RED", "ATOM", "LD.", "ST.", "LDL", "STL")):
+        return "mem"
     if op.startswith("U") or op.startswith(("R2UR", "S2UR")):
         return "uniform"
     return "alu"
