@@ -41,8 +41,9 @@ ARCH = {  # per-SM limits and shared memory per block (CUDA C++ Programming Guid
 # The emulator profile whose dispatch launches an instantiation's budget (csrc/kernels/device.h):
 # the compact (99 KiB) ones run on sm_86/89/120 cards; with the default build they run there as
 # sm_80 SASS (sm_86 and sm_89 execute sm_80 code), so their sm_80 build is the one users get.
-# The sm_75 ones (fp16, 64 KiB) run on T4s and RTX 20xx cards as sm_75 SASS.
-BUDGET_DEVICE = {"": "a100", "_99kib": "l4", "_sm75": "t4"}
+# The sm_75 ones (fp16, 64 KiB) run on T4s and RTX 20xx cards as sm_75 SASS. The large ones
+# (227 KiB) run on sm_90 and sm_100 cards (H100, H200, B200).
+BUDGET_DEVICE = {"": "a100", "_99kib": "l4", "_sm75": "t4", "_227kib": "h100"}
 SASS_OPS = {"HMMA": r"\bHMMA\.", "LDSM": r"\bLDSM\.", "LDGSTS": r"\bLDGSTS\.", "LDG.128": r"\bLDG\.E\.128\b", "EX2": r"\bMUFU\.EX2\b",
             "SHFL": r"\bSHFL\.", "BAR": r"\bBAR\.SYNC", "STG.128": r"\bSTG\.E\.128\b", "LDS.128": r"\bLDS\.128\b"}
 
@@ -158,7 +159,7 @@ def launch_records(name, n=8, executor="source"):
     without the checkers (the instruction counts: under executor="ptx")."""
     import torch
     import flash_cuda
-    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16|fp32)(_band|_mod)?(_99kib|_sm75)?$", name)
+    m = re.match(r"(fwd|bwd|fwd_kvcache)_hdim(\d+)_(fp16|bf16|fp32)(_band|_mod)?(_99kib|_227kib|_sm75)?$", name)
     kind, d, dtype, variant = m.group(1), int(m.group(2)), m.group(3), m.group(4) or ""
     device = BUDGET_DEVICE[m.group(5) or ""]
     if kind == "fwd_kvcache":

@@ -221,19 +221,19 @@ def tile_from_launch(kind, d, grid_x, mma, causal):
 
 def sources_for(arch, filt):
     """The instantiations the dispatcher launches on arch's card: dense and band (causal) ones;
-    on sm_86 (99 KiB per block) the compact ones where they exist; on sm_75 the Turing ones
+    on sm_86 (99 KiB per block) the compact ones where they exist, on sm_90 (227 KiB) the large
+    ones where they exist (the backward at head dim 128); on sm_75 the Turing ones
     (fp16; torch's FlashAttention-2 has no sm_75 kernels to set beside them). The modifier variant
     (softcap, ALiBi, bias) and the KV-cache one have no counterpart among the kernels SDPA
     launches for a plain or causal problem."""
     srcs = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_hdim*.cu"))
-            if filt in os.path.basename(p) and not p.endswith(("_mod.cu", "_mod_99kib.cu", "_mod_sm75.cu"))
+            if filt in os.path.basename(p) and "_mod." not in p and "_mod_" not in p
             and "_kvcache_" not in p and "_fp32" not in p}
     if arch == "75":
         return [srcs[n] for n in sorted(srcs) if n.endswith("_sm75")]
-    wide = sorted(n for n in srcs if not n.endswith(("_99kib", "_sm75")))
-    if arch != "86":
-        return [srcs[n] for n in wide]
-    return [srcs.get(n + "_99kib", srcs[n]) for n in wide]
+    budget = {"86": "_99kib", "90": "_227kib"}.get(arch, "")
+    wide = sorted({re.sub(r"_(99kib|227kib)$", "", n) for n in srcs if not n.endswith("_sm75")})
+    return [srcs.get(n + budget, srcs.get(n)) for n in wide if n + budget in srcs or n in srcs]
 
 
 def our_rows(archs, filt, jobs, nvcc, cuobjdump):
@@ -246,7 +246,7 @@ def our_rows(archs, filt, jobs, nvcc, cuobjdump):
     rows = []
     for s, a in jobs_list:
         name = os.path.basename(s)[:-3]
-        m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band)?(_99kib|_sm75)?$", name)
+        m = re.match(r"(fwd|bwd)_hdim(\d+)_(fp16|bf16)(_band)?(_99kib|_227kib|_sm75)?$", name)
         kind, d, dtype, causal = m.group(1), int(m.group(2)), m.group(3), bool(m.group(4))
         rec = launch_records(name, N_PROBE)
         role = "fwd" if kind == "fwd" else "bwd main (atomic dQ)"

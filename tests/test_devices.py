@@ -27,6 +27,11 @@ COMPACT = {
     "bwd": {(d, v) for d in (128, 192, 256) for v in ("dense", "band")} | {(d, "mod") for d in (96, 128, 192, 256)},
     "kvcache": set(),  # one configuration within 99 KiB since 2026-12-04 (traits.h KvCacheConfigFor)
 }
+# The kernels with a large configuration of their own (227 KiB a block: sm_90, sm_100; traits.h
+# kBwdLargeConfig), 16-bit only: the backward at head dim 128 with padded tiles. Its bytes per
+# block (the main kernel's: K, V, P^T, dS^T and two Q_i/dO_i stages, 8 elements of padding a row).
+LARGE = {"fwd": set(), "bwd": {(128, "dense"), (128, "band")}, "kvcache": set()}
+LARGE_SMEM = (2 * 128 * 136 + 2 * 128 * 72) * 2 + 2 * (2 * 64 * 136 * 2 + 2 * 64 * 4)  # 177152 (173 KiB)
 VARIANT_KW = {"dense": {}, "band": dict(causal=True), "mod": dict(softcap=5.0)}
 
 
@@ -125,8 +130,11 @@ def test_gpus_older_than_the_kernels_are_refused(fn):
 
 # ---------------------------------------------------------------- which configuration each profile gets
 def expected_budget(profile, kind, key):
-    """True when `profile` runs the compact configuration of that kernel."""
-    return profile.smem_per_block < 163 * KIB and key in COMPACT[kind]
+    """The launch-name suffix of the configuration `profile` runs for that kernel: ",227KiB" (large),
+    "" (wide) or ",99KiB" (compact)."""
+    if key in LARGE[kind] and profile.smem_per_block >= LARGE_SMEM:
+        return ",227KiB"
+    return ",99KiB" if profile.smem_per_block < 163 * KIB and key in COMPACT[kind] else ""
 
 
 @pytest.mark.parametrize("device", ["a100", "h100", "l4", "rtx4090", "a10", "rtx5090", "b200"])
@@ -137,12 +145,12 @@ def test_dispatch_per_profile(device):
         dout = torch.randn(q.shape).to(torch.bfloat16)
         for variant, kw in VARIANT_KW.items():
             _, _, _, launches = run(device, q, k, v, kw, dout, check=False)
-            compact = {"fwd": expected_budget(profile, "fwd", (D, variant)),
-                       "bwd": expected_budget(profile, "bwd", (D, variant))}
+            budget = {"fwd": expected_budget(profile, "fwd", (D, variant)),
+                      "bwd": expected_budget(profile, "bwd", (D, variant))}
             suffix = "" if variant == "dense" else f",{variant}"
             names = [r["kernel"] for r in launches]
-            assert names == [f"flash_fwd<bf16,hdim{D}{suffix}{',99KiB' if compact['fwd'] else ''}>"] + [
-                f"{n}<bf16,hdim{D}{suffix}{',99KiB' if compact['bwd'] else ''}>"
+            assert names == [f"flash_fwd<bf16,hdim{D}{suffix}{budget['fwd']}>"] + [
+                f"{n}<bf16,hdim{D}{suffix}{budget['bwd']}>"
                 for n in ("flash_bwd_preprocess", "flash_bwd", "flash_bwd_postprocess")], (device, names)
             for r in launches:
                 assert r["device"] == device and r["dynamic_smem"] <= profile.smem_per_block, r
@@ -150,7 +158,7 @@ def test_dispatch_per_profile(device):
         with emulate(device=device, check=False) as emu:
             flash_cuda.attention_with_kvcache(q[:, :, :1], kc, vc, cache_seqlens=64)
         main = emu.launches[0]
-        assert main["kernel"] == f"flash_fwd_kvcache<bf16,hdim{D}{',99KiB' if expected_budget(profile, 'kvcache', D) else ''}>"
+        assert main["kernel"] == f"flash_fwd_kvcache<bf16,hdim{D}{expected_budget(profile, 'kvcache', D)}>"
         assert main["dynamic_smem"] <= profile.smem_per_block
 
 
@@ -183,6 +191,68 @@ def test_compact_configurations(kind, D, variant):
         assert_fa_rule("lse", lse, plain_lse.float(), ref_lse, 2)
         out_r, lse_r, _, _ = run("l4", q, k, v, kw, order="reverse")
         assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
+
+
+# ---------------------------------------------------------------- the large configurations
+@pytest.mark.parametrize("variant", ["dense", "band"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_configurations(variant, dtype):
+    """On an H100 profile (227 KiB a block): the backward at head dim 128 in its large
+    configuration (padded tiles, traits.h kBwdLargeConfig), out, lse, dq, dk, dv against the
+    float64 reference under the FA rule, race checker on, atomic and deterministic dQ (the
+    latter in the reverse thread order)."""
+    B, Hq, Nq, Nk = 1, 2, 77, 150
+    q, k, v = make_qkv(B, Hq, 1, Nq, Nk, 128, dtype, seed=7)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    kw = {"dense": {}, "band": dict(causal=True)}[variant]
+    t = "fp16" if dtype == torch.float16 else "bf16"
+    name = f"<{t},hdim128{'' if variant == 'dense' else ',band'},227KiB>"
+    for deterministic, order in ((False, "forward"), (True, "reverse")):
+        out, lse, grads, launches = run("h100", q, k, v, kw, dout, deterministic=deterministic, order=order)
+        names = [r["kernel"] for r in launches]
+        assert "flash_bwd" + name in names and ("flash_bwd_dq" + name in names) == deterministic, names
+        assert max(r["dynamic_smem"] for r in launches) == LARGE_SMEM
+        check_all(q, k, v, kw, dout, out, lse, grads)
+
+
+def test_large_configuration_equals_the_wide_one_bit_for_bit():
+    """The padded tiles change where the tiles lie in shared memory, not the arithmetic: on an
+    H100 profile the large kernels give bit for bit what the wide ones give on an A100 profile,
+    with dropout, packed sequences, GQA, windows and both dQ paths (the features the dense and
+    band tests above leave out)."""
+    g = torch.Generator().manual_seed(3)
+    D, lens_q, lens_k = 128, [37, 0, 70], [50, 9, 66]
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    cases = [("attention", torch.bfloat16, dict(dropout_p=0.3, causal=True), False),
+             ("attention", torch.float16, dict(window=(20, 3)), True),
+             ("varlen", torch.float16, dict(causal=True), False),
+             ("varlen", torch.bfloat16, dict(dropout_p=0.2), True)]
+    for fn, dtype, kw, deterministic in cases:
+        if fn == "attention":
+            q = torch.randn(2, 4, 45, D, generator=g).to(dtype)
+            k, v = (torch.randn(2, 2, 61, D, generator=g).to(dtype) for _ in range(2))
+        else:
+            q = torch.randn(sum(lens_q), 4, D, generator=g).to(dtype)
+            k, v = (torch.randn(sum(lens_k), 2, D, generator=g).to(dtype) for _ in range(2))
+        dout = torch.randn(q.shape, generator=g).to(dtype)
+        results = {}
+        for device in ("a100", "h100"):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            gen = torch.Generator().manual_seed(11)
+            with emulate(device=device) as emu:
+                if fn == "attention":
+                    out = flash_cuda.attention(*leaves, deterministic=deterministic, generator=gen, **kw)
+                else:
+                    out = flash_cuda.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                      deterministic=deterministic, generator=gen, **kw)
+                grads = torch.autograd.grad(out, leaves, dout)
+            assert all(r["errors"] == [] for r in emu.launches)
+            mains = [r["kernel"] for r in emu.launches if r["kernel"].startswith("flash_bwd<")]
+            assert len(mains) == 1 and mains[0].endswith(",227KiB>") == (device == "h100"), mains
+            results[device] = (out, *grads)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results["a100"], results["h100"]):
+            assert torch.equal(a, b), (fn, kw, name, (a.float() - b.float()).abs().max())
 
 
 @pytest.mark.parametrize("D", [128, 192, 256])
@@ -307,13 +377,19 @@ def test_randomised_profiles_against_reference(seed):
                                     order=rnd.choice(["forward", "reverse"]))
     for r in launches:
         assert r["device"] == profile.name and r["dynamic_smem"] <= smem, r
-    # the compact configuration exactly where the wide one needs more than the device has
+    # the large configuration where the kernel has one and it fits, else the compact one exactly
+    # where the wide one needs more than the device has
     wide_launches = run("a100", q, k, v, kw, dout, check=False)[3]
     wide_smem = {r["kernel"].split("<")[0]: r["dynamic_smem"] for r in wide_launches}
+    wide_name = {r["kernel"].split("<")[0]: r["kernel"] for r in wide_launches}
     for r in launches:
         base = r["kernel"].split("<")[0]
         if base in ("flash_fwd", "flash_bwd"):
-            assert r["kernel"].endswith(",99KiB>") == (wide_smem[base] > smem), (r["kernel"], wide_smem, smem)
+            has_large = base == "flash_bwd" and wide_name[base] in ("flash_bwd<fp16,hdim128>", "flash_bwd<bf16,hdim128>",
+                                                                  "flash_bwd<fp16,hdim128,band>",
+                                                                  "flash_bwd<bf16,hdim128,band>")
+            budget = ",227KiB>" if has_large and smem >= LARGE_SMEM else ",99KiB>" if wide_smem[base] > smem else ">"
+            assert r["kernel"] == wide_name[base][:-1] + budget, (r["kernel"], wide_smem, smem)
     ref_out, _, ref_grads = masks_reference(q, k, v, kw, dout, torch.float64)
     plain_out, _, plain_grads = masks_reference(q, k, v, kw, dout, dtype)
     assert_fa_rule("out", out, plain_out, ref_out, 2)

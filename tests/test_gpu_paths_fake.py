@@ -110,6 +110,16 @@ def test_gpu_compact_test_runs_the_compact_kernels(monkeypatch):
         gpu.test_compact_configurations_vs_reference("cpu", monkeypatch, torch.float16, "causal", 128, True)
     assert {r["kernel"] for r in emu.launches} >= {"flash_bwd<fp16,hdim128,band,99KiB>",
                                                    "flash_bwd_dq<fp16,hdim128,band,99KiB>"}
+    monkeypatch.undo()
+    # the wide-configuration test, emulated on an H100 profile, runs the wide kernels at 128
+    # where the profile's default is the large ones
+    with flash_cuda.emulate(device="h100", check=False) as emu:
+        gpu.test_backward_vs_reference_and_sdpa("cpu", torch.bfloat16, True, 128, False)
+    assert "flash_bwd<bf16,hdim128,band,227KiB>" in {r["kernel"] for r in emu.launches}
+    with flash_cuda.emulate(device="h100", check=False) as emu:
+        gpu.test_wide_configurations_vs_reference("cpu", monkeypatch, torch.bfloat16, True, 128, False)
+    assert "flash_bwd<bf16,hdim128,band>" in {r["kernel"] for r in emu.launches}
+    assert not any(r["kernel"].endswith("KiB>") for r in emu.launches)
     monkeypatch.setenv("FLASH_CUDA_SMEM_PER_BLOCK", "lots")
     with flash_cuda.emulate(), pytest.raises(RuntimeError, match="FLASH_CUDA_SMEM_PER_BLOCK must be a positive "
                                                                  "number of bytes, got 'lots'"):
@@ -144,13 +154,21 @@ def test_gpu_tests_cover_every_instantiation():
     variants = params(gpu.test_variants_forward_backward_vs_reference)
     assert set(variants["D"]) == set(gpu.HEAD_DIMS) and set(variants["variant"]) == {"band", "mod"}
     assert variants["deterministic"] == (False, True) and variants["dtype"] == (torch.float16, torch.bfloat16)
-    wide = [f.replace("_99kib", "") for f in files]
+    wide = [f.replace("_99kib", "").replace("_227kib", "") for f in files]
     suffixes = {f[:-3].split("_", 3)[3] if f.count("_") == 3 else "" for f in wide}
     assert suffixes == {"", "band", "mod"}
     # the compact (99 KiB) instantiations: every head dim that has one is in the compact GPU test
     compact = params(gpu.test_compact_configurations_vs_reference)
     assert {int(f.split("_")[1][4:]) for f in files if f.endswith("_99kib.cu")} <= set(compact["D"])
     assert set(compact["variant"]) == {"dense", "causal", "mod"} and compact["deterministic"] == (False, True)
+    # the large (227 KiB) instantiations: a GPU with that much runs them in the tests above, and the
+    # wide ones they replace there in the wide-configuration test
+    large = {f[:-3] for f in files if f.endswith("_227kib.cu")}
+    wide_test = params(gpu.test_wide_configurations_vs_reference)
+    assert large and {f"bwd_hdim{d}_{t}{s}_227kib" for d in wide_test["D"] for t in ("fp16", "bf16")
+                      for s in ("", "_band")} == large
+    assert wide_test["dtype"] == (torch.float16, torch.bfloat16) and wide_test["causal"] == (False, True)
+    assert wide_test["deterministic"] == (False, True)
     kvcache_files = {f[:-3] for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if "_kvcache_" in f and "_sm75" not in f}
     kv = params(gpu.test_kvcache_vs_reference)
     assert {f.replace("_99kib", "") for f in kvcache_files} == {

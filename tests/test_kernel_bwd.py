@@ -15,10 +15,11 @@ BWD_TILES = {32: (128, 32, 4), 64: (128, 32, 4), 96: (64, 64, 8), 128: (128, 64,
              256: (64, 64, 8)}
 
 
-def emulated_grads(q, k, v, dout, causal, order="forward", deterministic=False, use_lse=False, seed=0, workers=1):
+def emulated_grads(q, k, v, dout, causal, order="forward", deterministic=False, use_lse=False, seed=0, workers=1,
+                   device="a100"):
     """dq, dk, dv and the launch records of one emulated forward + backward."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    with emulate(order=order, seed=seed, workers=workers) as emu:
+    with emulate(order=order, seed=seed, workers=workers, device=device) as emu:
         out, lse = flash_cuda.attention(*leaves, causal=causal, return_lse=True, deterministic=deterministic)
         loss = (out.float() * dout.float()).sum() + ((lse * 0.1).sum() if use_lse else 0)
         grads = torch.autograd.grad(loss, leaves)
@@ -124,13 +125,15 @@ def visited_tile_pairs(Nq, Nk, causal, bn, bm):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [32, 64, 128, 256])
-def test_counters(D, causal):
+@pytest.mark.parametrize("D,device", [(32, "a100"), (64, "a100"), (128, "a100"), (256, "a100"), (128, "h100")])
+def test_counters(D, device, causal):
+    """(On an H100 profile at 128: the large configuration's padded tiles, traits.h.)"""
     B, Hq, Hkv, N = 1, 2, 1, 256
     q, k, v = make_qkv(B, Hq, Hkv, N, N, D, torch.float16)
     dout = torch.randn(q.shape).half()
-    _, launches = emulated_grads(q, k, v, dout, causal)
+    _, launches = emulated_grads(q, k, v, dout, causal, device=device)
     fwd, pre, main, post = launches
+    assert main["kernel"].endswith(",227KiB>") == (device == "h100"), main["kernel"]
     bn, bm, warps = BWD_TILES[D]
     pairs = B * Hq * visited_tile_pairs(N, N, causal, bn, bm)
     # Five products per (bn keys x bm queries) pair, each bn * bm * D MACs: 2.5x the forward's

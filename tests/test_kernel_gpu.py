@@ -208,6 +208,22 @@ def test_compact_configurations_vs_reference(dev, monkeypatch, dtype, variant, D
         test_backward_vs_reference_and_sdpa(dev, dtype, variant == "causal", D, deterministic)
 
 
+# The wide configurations that a GPU with 227 KiB a block (sm_90, sm_100) replaces by large ones of
+# its own (the backward at head dim 128: padded tiles, traits.h kBwdLargeConfig): at sm_80's 163
+# KiB the dispatcher picks the wide ones, which an A100 runs by default; on such a GPU the other
+# tests run the large ones.
+WIDE_SMEM = 163 * 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", (128,))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_wide_configurations_vs_reference(dev, monkeypatch, dtype, causal, D, deterministic):
+    monkeypatch.setenv("FLASH_CUDA_SMEM_PER_BLOCK", str(WIDE_SMEM))
+    test_backward_vs_reference_and_sdpa(dev, dtype, causal, D, deterministic)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", (128, 192, 256))
 def test_compact_kvcache_vs_reference(dev, monkeypatch, dtype, D):

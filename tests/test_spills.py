@@ -3,7 +3,8 @@ L4, L40S), at head dim 256, where their registers are tightest: no spills, dense
 batches, with dropout's code and without (issue 16's compact configurations; every compact file at
 sm_80, sm_86 and sm_89: `python benchmarks/kernel_report.py --arch 80 86 89 --filter 99kib`); and
 of the wide backward at head dim 64 (padded tiles, traits.h) and the dense kernels of the one at
-128 (lse and D loaded per lane, bwd_kernel.h) at sm_80 and sm_90.
+128 (lse and D loaded per lane, bwd_kernel.h) at sm_80 and sm_90, and of the large one at 128
+(227 KiB, padded tiles) at sm_90.
 Needs nvcc, not a GPU; skipped without nvcc."""
 import os
 import re
@@ -69,3 +70,12 @@ def test_wide_backward_at_128_dense_kernels_do_not_spill(arch, tmp_path):
     spilling = spilling_kernels("bwd_hdim128_bf16.cu", arch, 8, tmp_path)
     dense = {k: v for k, v in spilling.items() if not k.endswith("Lb1EEEvNS_9BwdParamsE")}
     assert not dense, f"stack, spill stores, spill loads (bytes): {dense}"
+
+
+# The large backward at head dim 128 (227 KiB: sm_90 and sm_100 run it; padded tiles, traits.h
+# kBwdLargeConfig) at sm_90: none of its 8 kernels spills, packed batches' included (the wide
+# one's packed atomic-dQ kernel spills, above).
+@pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc (CUDA_HOME)")
+def test_large_backward_at_128_does_not_spill(tmp_path):
+    spilling = spilling_kernels("bwd_hdim128_bf16_227kib.cu", "90", 8, tmp_path)
+    assert not spilling, f"stack, spill stores, spill loads (bytes): {spilling}"

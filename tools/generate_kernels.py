@@ -27,9 +27,12 @@ KERNELS = {  # kind: the launcher's parameters after the template arguments
 }
 # Shared-memory budgets (csrc/kernels/device.h): every instantiation in the wide one (sm_80's
 # 163 KiB); in the compact one (99 KiB: sm_86, sm_89, sm_120) those whose wide configuration
-# needs more than 99 KiB, as (head dim, variant suffix). The launchers static_assert that a
-# compact one is needed; a missing one is an undefined symbol when the extension loads.
-WIDE, COMPACT, SM75 = 163, 99, 64
+# needs more than 99 KiB, as (head dim, variant suffix); in the large one (227 KiB: sm_90,
+# sm_100) the 16-bit ones whose configuration differs from the wide one's (csrc/kernels/traits.h
+# kBwdLargeConfig). The launchers static_assert that a compact or large one is needed; a missing
+# one is an undefined symbol when the extension loads.
+WIDE, COMPACT, SM75, LARGE = 163, 99, 64, 227
+LARGE_INSTANCES = {"fwd": set(), "bwd": {(128, ""), (128, "_band")}, "fwd_kvcache": set()}
 COMPACT_INSTANCES = {
     "fwd": {(256, ""), (256, "_band"), (128, "_mod"), (192, "_mod"), (256, "_mod")},
     "bwd": {(h, v) for h in (128, 192, 256) for v in ("", "_band")} | {(h, "_mod") for h in (96, 128, 192, 256)},
@@ -51,6 +54,7 @@ SM75_DTYPE = "fp16"
 def budgets(kind, hdim, suffix, dname):
     """(file-name suffix, KiB) of each budget instantiated for one kernel."""
     out = [("", WIDE)] + ([("_99kib", COMPACT)] if (hdim, suffix) in COMPACT_INSTANCES[kind] else [])
+    out += [("_227kib", LARGE)] if (hdim, suffix) in LARGE_INSTANCES[kind] else []
     if dname == SM75_DTYPE and not (kind == "bwd" and hdim == 256):
         out.append(("_sm75", SM75))
     return out

@@ -16,8 +16,11 @@ template <class T, int kHeadDim, bool kBand, bool kMod, int kSmemKiB>
 cudaError_t run_bwd(const BwdParams& p, bool deterministic, cudaStream_t stream) {
   using Kt = BwdTraits<T, kHeadDim, kMod, kSmemKiB>;
   using Dq = BwdDqTraits<T, kHeadDim, kMod, kSmemKiB>;
-  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBSm75 || bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>() > kSmemKiBCompact * 1024,
-                "a compact instantiation only where the wide one needs more (tools/generate_kernels.py)");
+  static_assert(kSmemKiB == kSmemKiBWide || kSmemKiB == kSmemKiBSm75 ||
+                    (kSmemKiB == kSmemKiBLarge ? kBwdLargeConfig<T, kHeadDim, kMod>
+                                               : bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>() > kSmemKiBCompact * 1024),
+                "a compact instantiation only where the wide one needs more, a large one only where it differs "
+                "(tools/generate_kernels.py, traits.h kBwdLargeConfig)");
   static_assert(Kt::kFits, "an sm_75 backward only where one fits 64 KiB (traits.h)");
   static const std::string suffix = std::string("<") + Elem<T>::kName + ",hdim" +
                                     std::to_string(kHeadDim) + variant_suffix(kBand, kMod) +

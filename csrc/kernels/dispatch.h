@@ -83,17 +83,21 @@ constexpr bool kBuiltSm75 = true;
 #endif
 
 // Calls f(std::integral_constant<int, budget>) with the budget whose configuration runs on dev:
-// below sm_80 the sm_75 one (kSmemSm75 bytes; kHasSm75: the dtype has one, fp16); else the wide
-// one where the device allows its kSmemWide bytes of shared memory per block, else the compact
-// one (kSmemCompact), which is instantiated only where the wide one needs more than
-// kSmemKiBCompact; none(bytes the smallest needs) when none fits.
-template <size_t kSmemWide, size_t kSmemCompact, bool kHasSm75, size_t kSmemSm75, class F, class None>
+// below sm_80 the sm_75 one (kSmemSm75 bytes; kHasSm75: the dtype has one, fp16); else the large
+// one where the kernel has one (kSmemLarge bytes, 0: none; traits.h kBwdLargeConfig) and the
+// device allows it, else the wide one where the device allows its kSmemWide bytes of shared
+// memory per block, else the compact one (kSmemCompact), which is instantiated only where the
+// wide one needs more than kSmemKiBCompact; none(bytes the smallest needs) when none fits.
+template <size_t kSmemWide, size_t kSmemCompact, bool kHasSm75, size_t kSmemSm75, size_t kSmemLarge = 0, class F,
+          class None>
 auto with_smem_budget(const DeviceLimits& dev, F&& f, None&& none) {
   if (dev.cc < kSm80) {  // (the launcher refuses bf16 and fp32 there first)
     if constexpr (kHasSm75 && kBuiltSm75)
       if (kSmemSm75 <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBSm75>{});
     return none(kSmemSm75);
   }
+  if constexpr (kSmemLarge > 0)
+    if (kSmemLarge <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBLarge>{});
   if (kSmemWide <= dev.smem_per_block) return f(std::integral_constant<int, kSmemKiBWide>{});
   constexpr bool kHasCompact = kSmemWide > size_t(kSmemKiBCompact) * 1024;
   if constexpr (kHasCompact)
@@ -143,7 +147,9 @@ const char* bwd(const BwdParams& p, Dtype dtype, bool deterministic, const Devic
         return with_smem_budget<bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBWide>(),
                                 bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>(),
                                 kIsHalf<T> && BwdTraits<__half, kHeadDim, kMod, kSmemKiBSm75>::kFits,  // (not 256)
-                                bwd_smem_bytes<__half, kHeadDim, kMod, kSmemKiBSm75>()>(
+                                bwd_smem_bytes<__half, kHeadDim, kMod, kSmemKiBSm75>(),
+                                kBwdLargeConfig<T, kHeadDim, kMod> ? bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBLarge>()
+                                                                   : 0>(
             dev,
             [&](auto kib) {
               return error_text(run_bwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(

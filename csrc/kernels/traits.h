@@ -231,6 +231,13 @@ using BwdSm75ConfigFor =
     std::conditional_t<(kHeadDim == 32), std::conditional_t<kMod, BwdModConfigFor<32>, BwdConfigFor<32>>,
     std::conditional_t<(kHeadDim == 64), BwdConfig<4, 64, 32, 4, 4, 2>, BwdConfig<4, 32, 32, 2, 2, 2>>>;
 
+// The large budget (227 KiB: sm_90, sm_100) has a backward configuration of its own where the
+// wide one leaves out what the extra 64 KiB pay for: at head dim 128 (16-bit, no score
+// modifiers) the padded tiles (kPaddedTiles below), which the wide budget has no room for
+// beside two Q_i/dO_i stages. Everywhere else the large budget runs the wide configuration.
+template <class T, int kHeadDim, bool kMod>
+constexpr bool kBwdLargeConfig = !Elem<T>::kTf32 && kHeadDim == 128 && !kMod;
+
 template <class T_, int kHeadDim_, bool kMod_ = false, int kSmemKiB_ = kSmemKiBWide>
 struct BwdTraits {
   using T = T_;
@@ -246,7 +253,7 @@ struct BwdTraits {
   static_assert(!kSm75 || std::is_same<T, __half>::value, "sm_75's tensor cores take fp16 (no bf16, no tf32)");
   using Config = std::conditional_t<kTf32, BwdTf32ConfigFor<kHeadDim>,
                  std::conditional_t<kSm75, BwdSm75ConfigFor<kHeadDim, kMod>,
-                 std::conditional_t<kSmemKiB != kSmemKiBWide, BwdCompactConfigFor<kHeadDim, kMod>,
+                 std::conditional_t<(kSmemKiB < kSmemKiBWide), BwdCompactConfigFor<kHeadDim, kMod>,
                                     std::conditional_t<kMod_, BwdModConfigFor<kHeadDim>, BwdConfigFor<kHeadDim>>>>>;
   static constexpr int kDSplit = kTf32 && kHeadDim > 128 ? 2 : 1;  // blocks per key tile, each kHeadDim / kDSplit of dV, dK
   static constexpr int kWarps = Config::kWarps;
@@ -299,9 +306,12 @@ struct BwdTraits {
   // registers and rebuilt the swizzled fragment offsets inside the loop; padded, an ldmatrix
   // address is the lane's offset plus a constant (benchmarks/sass_compare.py, 2026-12-01, bf16
   // at sm_90: 840 -> 756 ALU instructions per unit of work; shared memory 56.5 -> 64.5 KiB).
-  // Not at 128, where it would save more (940 -> 624) but its 12 KiB do not fit beside two
-  // Q_i/dO_i stages in 163 KiB (the second stage would go).
-  static constexpr bool kPaddedTiles = !kTf32 && kSmemKiB == kSmemKiBWide && kHeadDim == 64;
+  // At 128 only in the large budget (kBwdLargeConfig): its 12 KiB do not fit beside two Q_i/dO_i
+  // stages in 163 KiB (161 -> 173 KiB); in 227 they do (2026-12-07, bf16 at sm_90: 3880 -> 3540
+  // instructions per unit, ALU 564 -> 372, uniform 196 -> 112).
+  static constexpr bool kPaddedTiles =
+      !kTf32 && ((kSmemKiB >= kSmemKiBWide && kHeadDim == 64) ||
+                 (kSmemKiB == kSmemKiBLarge && kBwdLargeConfig<T, kHeadDim, kMod>));
   template <int kRows, int kCols>
   using TileLayout = std::conditional_t<kPaddedTiles, PaddedLayout<kRows, kCols>, SmemLayout<kRows, kCols>>;
   using QLayout = TileLayout<kBlockM, kHeadDim * kUnits>;   // Q_i and dO_i

@@ -3,7 +3,9 @@
 
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, false, false, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, false, false, 99>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, false, false, 227>(const flash_cuda::BwdParams&, bool, cudaStream_t);
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, true, false, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, true, false, 99>(const flash_cuda::BwdParams&, bool, cudaStream_t);
+template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, true, false, 227>(const flash_cuda::BwdParams&, bool, cudaStream_t);
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, true, true, 163>(const flash_cuda::BwdParams&, bool, cudaStream_t);
 template cudaError_t flash_cuda::FC_BACKEND::run_bwd<__nv_bfloat16, 128, true, true, 99>(const flash_cuda::BwdParams&, bool, cudaStream_t);
