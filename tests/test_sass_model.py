@@ -177,3 +177,21 @@ def test_summary_table_per_dtype_and_without_torch_rows(tmp_path):
     assert "no torch kernel" in table[3]
     with pytest.raises(SystemExit, match="no flash_cuda rows in bf16"):
         sass_compare.summary(str(path))
+
+
+def test_summary_judges_occupancy_on_the_rows_card(tmp_path):
+    """An sm_90 row's A100 occupancy is information only (a large configuration does not fit an
+    A100, which runs the wide one: its sm_80 row); an sm_80 row's H100 occupancy likewise."""
+    import json
+    import sass_compare
+    rows = []
+    for arch, ours in (("sm_90", dict(occupancy_a100=0.0)), ("sm_80", dict(occupancy_h100=0.0)),
+                       ("sm_90", dict(occupancy_h100=0.0625))):
+        head_dim = 64 if not rows else 128 if len(rows) == 2 else 256
+        rows += [dict(_row("flash_cuda", "bf16", head_dim, 1000), arch=arch, **ours),
+                 dict(_row("torch", "bf16", head_dim, 1100), arch=arch)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(rows))
+    table = sass_compare.summary(str(path)).splitlines()[2:]
+    lost = {line.split("|")[1].strip() + "/" + line.split("|")[3].strip(): line.split("|")[-2].strip() for line in table}
+    assert lost == {"sm_90/64": "none", "sm_80/128": "none", "sm_90/256": "occupancy"}, lost

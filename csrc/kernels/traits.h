@@ -307,8 +307,8 @@ struct BwdTraits {
   // address is the lane's offset plus a constant (benchmarks/sass_compare.py, 2026-12-01, bf16
   // at sm_90: 840 -> 756 ALU instructions per unit of work; shared memory 56.5 -> 64.5 KiB).
   // At 128 only in the large budget (kBwdLargeConfig): its 12 KiB do not fit beside two Q_i/dO_i
-  // stages in 163 KiB (161 -> 173 KiB); in 227 they do (2026-12-07, bf16 at sm_90: 3880 -> 3540
-  // instructions per unit, ALU 564 -> 372, uniform 196 -> 112).
+  // stages in 163 KiB (161 -> 173 KiB); in 227 they do (2026-12-07, bf16 at sm_90: 3880 -> 3628
+  // instructions per unit, ALU 564 -> 396, uniform 196 -> 156).
   static constexpr bool kPaddedTiles =
       !kTf32 && ((kSmemKiB >= kSmemKiBWide && kHeadDim == 64) ||
                  (kSmemKiB == kSmemKiBLarge && kBwdLargeConfig<T, kHeadDim, kMod>));
