@@ -227,7 +227,7 @@ def sources_for(arch, filt):
     (softcap, ALiBi, bias) and the KV-cache one have no counterpart among the kernels SDPA
     launches for a plain or causal problem."""
     srcs = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_hdim*.cu"))
-            if filt in os.path.basename(p) and "_mod." not in p and "_mod_" not in p
+            if filt in os.path.basename(p) and not re.search(r"_mod[._]", os.path.basename(p))
             and "_kvcache_" not in p and "_fp32" not in p}
     if arch == "75":
         return [srcs[n] for n in sorted(srcs) if n.endswith("_sm75")]

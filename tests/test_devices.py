@@ -9,6 +9,7 @@ on (atomic and deterministic dQ, two thread orders); the KV-cache split count fr
 SMs; GPUs the kernels cannot run on; the build's arch list; and a seeded randomised
 differential test over random devices, head dims, shapes and features."""
 import random
+import re
 
 import pytest
 import torch
@@ -358,8 +359,8 @@ def test_randomised_profiles_against_reference(seed):
     through the emulated kernels with the race checker on, against the float64 reference under
     the FA rule with the saturated-softmax term (Nk = 1 and causal windows of left 0 included:
     rows that see one key, test_one_key_rows); every launch within the
-    device's shared memory, and the compact configuration exactly where the wide one does not
-    fit."""
+    device's shared memory, the large configuration where the kernel has one and it fits, else
+    the compact configuration exactly where the wide one does not fit."""
     rnd = random.Random(seed)
     smem = rnd.choice([99 * KIB, rnd.randint(99 * KIB, 227 * KIB), 163 * KIB, 227 * KIB])
     profile = DeviceProfile(f"random{seed}", rnd.choice([(8, 0), (8, 6), (8, 9), (9, 0), (12, 0)]),
@@ -385,9 +386,8 @@ def test_randomised_profiles_against_reference(seed):
     for r in launches:
         base = r["kernel"].split("<")[0]
         if base in ("flash_fwd", "flash_bwd"):
-            has_large = base == "flash_bwd" and wide_name[base] in ("flash_bwd<fp16,hdim128>", "flash_bwd<bf16,hdim128>",
-                                                                  "flash_bwd<fp16,hdim128,band>",
-                                                                  "flash_bwd<bf16,hdim128,band>")
+            m = re.match(r"flash_bwd<(?:fp16|bf16),hdim(\d+)(?:,(band|mod))?>$", wide_name[base])
+            has_large = bool(m) and (int(m.group(1)), m.group(2) or "dense") in LARGE["bwd"]
             budget = ",227KiB>" if has_large and smem >= LARGE_SMEM else ",99KiB>" if wide_smem[base] > smem else ">"
             assert r["kernel"] == wide_name[base][:-1] + budget, (r["kernel"], wide_smem, smem)
     ref_out, _, ref_grads = masks_reference(q, k, v, kw, dout, torch.float64)

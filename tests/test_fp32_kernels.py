@@ -149,7 +149,7 @@ def test_one_configuration_for_every_sm80_device(device):
     for variant in VARIANTS:
         kw = VARIANTS[variant](1, 40, 40, torch.Generator().manual_seed(0))
         out, lse, launches = emulated(q, k, v, kw, "3xtf32", device=device)
-        assert launches[0]["device"] == device and ",99KiB" not in launches[0]["kernel"]
+        assert launches[0]["device"] == device and "KiB" not in launches[0]["kernel"]  # (one configuration)
         sizes[variant] = launches[0]["dynamic_smem"]
         check(q, k, v, kw, out, lse, "3xtf32")
     # head dim 256: 64 query rows x 16 keys, the bias tile too with modifiers at 32 rows

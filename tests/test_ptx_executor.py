@@ -560,7 +560,8 @@ def test_forward_differences_are_nvccs_contraction(D, dtype, kw):
 
 # Every packaged forward/backward entry: dense batches (as a GPU runs them: the kVarlen = false
 # kernels, which the source executor never runs) and packed ones, atomic and deterministic dQ,
-# on an A100 and on a 99 KiB card (the compact instantiations), each call against the float64
+# on an A100, on a 99 KiB card (the compact instantiations) and at head dim 128 on an H100 (the
+# large ones, 16-bit), each call against the float64
 # reference and the source executor.
 # "dropout": the band variant's kernels with dropout's code (csrc/kernels/dropout.h), against the
 # source executor alone (the reference has no mask; test_dropout.py checks them against it)

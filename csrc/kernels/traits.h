@@ -323,7 +323,9 @@ struct BwdTraits {
   // and the wide one at 64: with plain ones their atomic-dQ kernels spilled 4 bytes (the compact
   // band kernel at 256, sm_80/86/89) and 8 to 16 (at 64 with padded tiles, sm_80 and sm_90),
   // while the wide configurations' atomic-dQ kernels at 128 and 256 spill 4 to 12 bytes more at
-  // sm_80 with volatile ones (ptxas -v). (The forward takes them everywhere: fwd_kernel.h.)
+  // sm_80 with volatile ones (ptxas -v). The large configuration at 128 (padded) takes them too:
+  // with plain ones its band kernels' packed atomic-dQ kernel spilled 8 + 4 bytes at sm_90 (bf16;
+  // with dropout's code 24 + 20 either way). (The forward takes them everywhere: fwd_kernel.h.)
   static constexpr bool kVolatileBoundaries = kTightest || kPaddedTiles;
   static constexpr size_t kTileBytes = QLayout::kElems * sizeof(Unit);
   // fp32: no dS^T tile (dQ comes from the deterministic pass)
