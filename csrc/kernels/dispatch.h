@@ -148,8 +148,7 @@ const char* bwd(const BwdParams& p, Dtype dtype, bool deterministic, const Devic
                                 bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBCompact>(),
                                 kIsHalf<T> && BwdTraits<__half, kHeadDim, kMod, kSmemKiBSm75>::kFits,  // (not 256)
                                 bwd_smem_bytes<__half, kHeadDim, kMod, kSmemKiBSm75>(),
-                                kBwdLargeConfig<T, kHeadDim, kMod> ? bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBLarge>()
-                                                                   : 0>(
+                                bwd_large_smem_bytes<T, kHeadDim, kMod>()>(
             dev,
             [&](auto kib) {
               return error_text(run_bwd<T, kHeadDim, kBand, kMod, decltype(kib)::value>(

@@ -436,5 +436,12 @@ constexpr size_t bwd_smem_bytes() {
   return Kt::kSmemBytes > Dq::kSmemBytes ? (Kt::kSmemBytes > post ? Kt::kSmemBytes : post)
                                           : (Dq::kSmemBytes > post ? Dq::kSmemBytes : post);
 }
+// The large budget's bytes where the backward has a configuration there (kBwdLargeConfig), else 0
+// (none; the traits of a large budget that has none are never instantiated).
+template <class T, int kHeadDim, bool kMod>
+constexpr size_t bwd_large_smem_bytes() {
+  if constexpr (kBwdLargeConfig<T, kHeadDim, kMod>) return bwd_smem_bytes<T, kHeadDim, kMod, kSmemKiBLarge>();
+  else return 0;
+}
 
 }  // namespace flash_cuda
